@@ -1,0 +1,124 @@
+"""The ``quantscope`` command: the window by default, and the headless subcommands.
+
+Errors on bad input are one line on stderr naming the file (and tensor) with exit status 2; a
+traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from quantscope.backend.errors import QuantscopeError
+
+SUBCOMMANDS = ("info", "dequant", "compare", "doctor", "convert", "demo")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantscope", description="Inspect quantized LLM checkpoints.")
+    _add_common(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    pi = sub.add_parser("info", help="files, tensors and layers of a checkpoint")
+    pi.add_argument("path", help=".safetensors file, model folder, index .json, or HF-cache repo id")
+    pi.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_common(pi)
+    return p
+
+
+def build_window_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantscope", description="Open the quantscope window.",
+                                epilog="Subcommands: " + ", ".join(SUBCOMMANDS) + " (quantscope COMMAND -h)")
+    p.add_argument("paths", nargs="*", help="checkpoints to open (none: the demo workspace)")
+    p.add_argument("--reference", help="the dense reference checkpoint")
+    p.add_argument("--select", help="layer to select")
+    p.add_argument("--compare", action="store_true", help="run 'Compare all layers'")
+    p.add_argument("--screenshot", help="save a PNG of the window when all jobs are done, then exit")
+    _add_common(p)
+    return p
+
+
+def cmd_info(args) -> int:
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.info import checkpoint_summary, human_bytes, human_count
+
+    with open_checkpoint(args.path) as ckpt:
+        s = checkpoint_summary(ckpt)
+    if args.json:
+        json.dump(s, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    out = [f"{s['path']}"]
+    for n in s["notes"]:
+        out.append(f"  note: {n}")
+    for w in s["warnings"]:
+        out.append(f"  warning: {w}")
+    out.append(f"files ({len(s['files'])}):")
+    for f in s["files"]:
+        fmt = (f["metadata"] or {}).get("format", "—")
+        out.append(f"  {f['name']:<40} {human_bytes(f['size']):>10}  {f['tensors']:>6} tensors  format={fmt}")
+    if s["configs"]:
+        out.append("configs: " + ", ".join(s["configs"]))
+    out.append(f"tensors: {s['tensor_count']}   data: {human_bytes(s['total_bytes'])}")
+    out.append("by dtype:")
+    for dt, d in s["dtypes"].items():
+        out.append(f"  {dt:<12} {d['tensors']:>7} tensors  {human_bytes(d['bytes']):>10}  "
+                   f"{human_count(d['params']):>9} elements")
+    out.append("modules:")
+    by_name = {t["name"]: t for t in s["tensors"]}
+    for mpath, comps in s["modules"].items():
+        out.append(f"  {mpath}")
+        for c in comps:
+            t = by_name[f"{mpath}.{c}" if c else mpath]
+            shape = "×".join(map(str, t["shape"])) or "scalar"
+            out.append(f"      .{c:<22} {t['dtype']:<8} {shape:<18} {human_bytes(t['bytes']):>10}  {t['file']}")
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+COMMANDS = {"info": cmd_info}
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    is_sub = any(a in SUBCOMMANDS for a in argv[:1]) or (argv[:1] and argv[0] in ("-h", "--help"))
+    debug = "--debug" in argv
+    try:
+        if is_sub:
+            args = build_parser().parse_args(argv)
+            if args.command is None:
+                build_parser().print_help()
+                return 0
+            _setup_logging(args.verbose)
+            return COMMANDS[args.command](args)
+        args = build_window_parser().parse_args(argv)
+        _setup_logging(args.verbose)
+        from quantscope.app.window_main import run_window
+        return run_window(args)
+    except QuantscopeError as exc:
+        if debug:
+            raise
+        print(f"quantscope: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantscope: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # never a bare traceback for the user
+        if debug:
+            raise
+        print(f"quantscope: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+              file=sys.stderr)
+        return 3

@@ -1,0 +1,355 @@
+"""One ``.safetensors`` file: header parsed once into an index, tensor bytes reached through mmap.
+
+The header is parsed with ``struct`` + ``json`` (formats.md §8.1) rather than through the
+``safetensors`` package, because a checkpoint inspector must (a) give a precise, actionable error
+for each way a file can be broken and (b) read dtypes (fp8, fp4, fp6, e8m0) that the package's
+numpy path rejects. No tensor data is read when a file is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from itertools import chain
+from operator import attrgetter
+
+import msgspec
+import numpy as np
+
+from .bitpack import unpack_bits
+from .dtypes import DTYPES, DType
+from .errors import HeaderError, CheckpointError
+
+
+class Entry(msgspec.Struct, gc=False):
+    """One header entry as msgspec decodes it (types checked in C while parsing)."""
+
+    dtype: str = ""
+    shape: list[int] = []
+    data_offsets: tuple[int, int] = (0, 0)
+
+
+class _MetaOnly(msgspec.Struct, rename={"metadata": "__metadata__"}):
+    metadata: dict[str, str] | None = None
+
+
+# `__metadata__` decodes as an (empty) Entry with the typed decoder; a second, allocation-free
+# pass that skips every other key reads it as a string map.
+_HEADER = msgspec.json.Decoder(dict[str, Entry])
+_META = msgspec.json.Decoder(_MetaOnly)
+_get_dtype = attrgetter("dtype")
+_get_shape = attrgetter("shape")
+_get_offsets = attrgetter("data_offsets")
+_DTYPE_NAMES = frozenset(DTYPES)
+_BITS = {k: v.bits for k, v in DTYPES.items()}
+
+#: The reference parser's MAX_HEADER_SIZE (safetensors ``tensor.rs``).
+MAX_HEADER_SIZE = 100_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """Where one tensor lives and what it is. Offsets are absolute positions in ``file``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def dtype_info(self) -> DType:
+        return DTYPES[self.dtype]
+
+
+def _likely_cause(head: bytes) -> str:
+    """Name what a file that is not safetensors most likely is, from its first bytes."""
+    text = head.lstrip().lower()
+    if text.startswith(b"version https://git-lfs"):
+        return " — this is a Git LFS pointer file, not the weights: run `git lfs pull` or download the real file"
+    if text.startswith((b"<!doctype", b"<html", b"<?xml", b"<head")):
+        return " — this is an HTML/XML page saved under a .safetensors name (a failed download?)"
+    if head[:2] == b"PK":
+        return " — this is a zip archive (a PyTorch .bin/.pt checkpoint?), not safetensors"
+    if head[:1] == b"\x80":
+        return " — this is a Python pickle, not safetensors"
+    return ""
+
+
+class SafetensorsFile:
+    """A parsed safetensors header plus lazy, read-only access to the tensor bytes.
+
+    Parameters
+    ----------
+    path
+        The ``.safetensors`` file.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing or unreadable.
+    HeaderError
+        If the header is malformed or does not describe the file exactly.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._mm: mmap.mmap | None = None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CheckpointError("file not found", file=self.path, rule="container.missing") from None
+        except IsADirectoryError:
+            raise CheckpointError("is a folder, not a .safetensors file", file=self.path,
+                                  rule="container.missing") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot open: {exc.strerror}", file=self.path,
+                                  rule="container.missing") from None
+        try:
+            st = os.fstat(fd)
+            self.size = st.st_size
+            self.identity = (str(self.path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+            head = os.pread(fd, 8, 0)
+            if len(head) < 8:
+                raise HeaderError(f"file is {self.size} bytes, shorter than the 8-byte header length"
+                                  " field; it is empty or truncated", file=self.path,
+                                  rule="container.too-short")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_SIZE or n > self.size - 8:
+                what = "larger than the 100 MB limit" if n > MAX_HEADER_SIZE else \
+                    f"larger than the file ({self.size} bytes)"
+                cause = _likely_cause(os.pread(fd, 64, 0))
+                if not cause and n <= MAX_HEADER_SIZE:
+                    cause = " — the file is truncated (incomplete download?)"
+                raise HeaderError(f"header length {n} is {what}{cause}", file=self.path,
+                                  rule="container.header-too-large")
+            raw = os.pread(fd, n, 8)
+        finally:
+            os.close(fd)
+        self.header_len = n
+        self.data_offset = 8 + n
+        self.metadata, self._entries = self._parse(raw)
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    def _err(self, message: str, tensor: str | None = None, rule: str = "container.header"):
+        return HeaderError(message, file=self.path, tensor=tensor, rule=rule)
+
+    def _parse(self, raw: bytes):
+        if raw[:1] != b"{":
+            raise self._err("header is not a JSON object (it must start with '{')" + _likely_cause(raw[:64]),
+                            rule="container.header-json")
+        try:
+            obj = _HEADER.decode(raw)
+            meta = _META.decode(raw).metadata if "__metadata__" in obj else None
+            obj.pop("__metadata__", None)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, ValueError):
+            # Not a well-typed header: the stdlib parser and the per-entry check say exactly why.
+            self._explain_invalid_json(raw)
+        data_size = self.size - self.data_offset
+        if not self._fast_valid(obj, data_size):
+            self._explain_invalid_json(raw)  # raises the precise error
+        return meta, obj
+
+    def _explain_invalid_json(self, raw: bytes) -> None:
+        try:
+            obj = json.loads(raw)
+        except UnicodeDecodeError:
+            raise self._err("header is not valid UTF-8", rule="container.header-json") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            msg = getattr(exc, "msg", "too deeply nested")
+            raise self._err(f"header is not valid JSON ({msg})", rule="container.header-json") from None
+        if not isinstance(obj, dict):
+            raise self._err("header is JSON but not an object", rule="container.header-json")
+        meta = obj.pop("__metadata__", None)
+        if meta is not None:
+            if not isinstance(meta, dict):
+                raise self._err("__metadata__ must be an object of strings", rule="container.metadata")
+            for k, v in meta.items():
+                if not isinstance(v, str):
+                    raise self._err(f"__metadata__ value of {k!r} is {type(v).__name__}, not a string "
+                                    "(the safetensors reference parser rejects the file)",
+                                    rule="container.metadata")
+        self._explain_invalid(obj, self.size - self.data_offset)
+
+    def _fast_valid(self, obj: dict, data_size: int) -> bool:
+        """Vectorised check of every rule; False means "run the precise per-entry check".
+
+        Headers of 20,000+ tensors are common (MoE models); a per-entry Python loop costs more
+        than the JSON parse itself, so the well-formed case is checked with C-level iteration and
+        numpy, and only a failing header pays for the loop that names the culprit.
+        """
+        n = len(obj)
+        if n == 0:
+            return data_size == 0
+        try:
+            vals = list(obj.values())
+            dtypes = list(map(_get_dtype, vals))
+            if not _DTYPE_NAMES.issuperset(dtypes):
+                return False
+            shapes = list(map(_get_shape, vals))
+            flat_shape = list(chain.from_iterable(shapes))
+            if flat_shape and min(flat_shape) < 0:
+                return False
+            offs = np.fromiter(chain.from_iterable(map(_get_offsets, vals)), dtype=np.int64,
+                               count=2 * n).reshape(n, 2)
+            numel = np.fromiter(map(math.prod, shapes), dtype=np.int64, count=n)
+            bits = np.fromiter(map(_BITS.__getitem__, dtypes), dtype=np.int64, count=n)
+        except (TypeError, KeyError, ValueError, OverflowError):
+            return False
+        begin, end = offs[:, 0], offs[:, 1]
+        if (begin < 0).any() or (end < begin).any() or (end > data_size).any():
+            return False
+        if not np.array_equal(numel * bits, (end - begin) * 8):
+            return False
+        order = np.lexsort((end, begin))
+        b, e = begin[order], end[order]
+        return bool(b[0] == 0 and np.array_equal(b[1:], e[:-1]) and e[-1] == data_size)
+
+    def _explain_invalid(self, obj: dict, data_size: int) -> None:
+        entries = {}
+        dtypes = DTYPES
+        if not isinstance(obj, dict):
+            raise self._err("header is JSON but not an object", rule="container.header-json")
+        obj = {k: v for k, v in obj.items() if k != "__metadata__"}
+        for name, e in obj.items():
+            try:
+                dtype = e["dtype"]
+                shape = e["shape"]
+                begin, end = e["data_offsets"]
+            except (TypeError, KeyError, ValueError):
+                raise self._err("entry must be an object with 'dtype', 'shape' and a two-element "
+                                "'data_offsets'", name, rule="container.entry") from None
+            dt = dtypes.get(dtype) if type(dtype) is str else None
+            if dt is None:
+                raise self._err(f"unknown dtype {dtype!r} (known: {', '.join(dtypes)})", name,
+                                rule="container.dtype")
+            if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+                raise self._err(f"shape {shape!r} is not a list of non-negative integers", name,
+                                rule="container.entry")
+            if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+                raise self._err(f"data_offsets {[begin, end]!r} are not two integers 0 <= begin <= end",
+                                name, rule="container.offsets")
+            bits = math.prod(shape) * dt.bits
+            if bits != (end - begin) * 8:
+                raise self._err(f"shape {shape} × {dtype} needs {bits / 8:g} bytes but data_offsets "
+                                f"[{begin}, {end}] span {end - begin}", name, rule="container.size-mismatch")
+            if end > data_size:
+                raise self._err(f"data_offsets [{begin}, {end}] run past the end of the file "
+                                f"({data_size} data bytes; truncated or incomplete download?)", name,
+                                rule="container.out-of-file")
+            entries[name] = (begin, end)
+        pos = 0
+        prev = None
+        # The reference parser requires the tensors, in offset order, to cover the data buffer
+        # exactly: no gaps, no overlaps, nothing after the last tensor.
+        for name, (begin, end) in sorted(entries.items(), key=lambda kv: kv[1]):
+            if begin < pos:
+                raise self._err(f"byte range [{begin}, {end}] overlaps tensor {prev!r} (which ends at {pos})",
+                                name, rule="container.overlap")
+            if begin > pos:
+                raise self._err(f"{begin - pos} bytes of unreferenced data before this tensor "
+                                f"(gap at [{pos}, {begin}])", name, rule="container.gap")
+            pos = end
+            prev = name
+        if pos != data_size:
+            raise self._err(f"{data_size - pos} bytes after the last tensor are not covered by any "
+                            "tensor (file not fully covered)", rule="container.trailing")
+        raise self._err("header failed validation", rule="container.header")  # pragma: no cover
+
+    # -- access ------------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in header order."""
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype, shape and absolute byte range of one tensor (no data read)."""
+        try:
+            e = self._entries[name]
+        except KeyError:
+            raise CheckpointError("no such tensor in this file", file=self.path, tensor=name,
+                                  rule="container.no-tensor") from None
+        begin, end = e.data_offsets
+        return TensorInfo(name, e.dtype, tuple(e.shape), self.path,
+                          self.data_offset + begin, self.data_offset + end)
+
+    def raw_entries(self) -> dict[str, Entry]:
+        """The validated header entries: ``name -> Entry(dtype, shape, data_offsets)``."""
+        return self._entries
+
+    def _buffer(self) -> mmap.mmap:
+        if self._mm is None:
+            with open(self.path, "rb") as fh:
+                # Read-only mapping: nothing quantscope does can write into an opened checkpoint.
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Return a tensor (or rows ``[start, stop)`` of its first axis) as a read-only numpy array.
+
+        Only the requested bytes are touched; the array is a view of the mmap for byte-sized
+        dtypes, and an unpacked copy for sub-byte dtypes (F4, F6).
+        """
+        info = self.info(name)
+        dt = info.dtype_info
+        shape = info.shape
+        start, n_el = info.start, info.numel
+        if rows is not None:
+            if not shape:
+                raise CheckpointError("a scalar has no rows", file=self.path, tensor=name)
+            r0, r1 = rows
+            r0, r1 = max(0, r0), min(shape[0], r1)
+            r1 = max(r0, r1)
+            row_el = math.prod(shape[1:])
+            row_bits = row_el * dt.bits
+            if row_bits % 8:
+                raise CheckpointError(f"rows of {dt.name} {list(shape)} do not start on byte boundaries",
+                                      file=self.path, tensor=name)
+            start += r0 * row_bits // 8
+            n_el = (r1 - r0) * row_el
+            shape = (r1 - r0,) + shape[1:]
+        if n_el == 0:
+            return np.empty(shape, dtype=dt.numpy)
+        buf = self._buffer()
+        if dt.packed:
+            nbytes = -(-n_el * dt.bits // 8)
+            raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start)
+            codes = unpack_bits(raw, dt.bits, n_el)
+            return codes.view(dt.numpy).reshape(shape)
+        arr = np.frombuffer(buf, dtype=dt.numpy, count=n_el, offset=start)
+        return arr.reshape(shape)
+
+    def close(self) -> None:
+        """Drop the mapping (arrays still referencing it keep it alive until they are freed)."""
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # views are still alive; the mapping is released when they are
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({str(self.path)!r}, {len(self)} tensors)"

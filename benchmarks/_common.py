@@ -1,0 +1,44 @@
+"""Shared helpers for the benchmark scripts (each script prints one JSON object)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+CACHE = Path(os.environ.get("QUANTSCOPE_BENCH_CACHE", Path(__file__).parent / ".cache"))
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def timeit(fn, repeat: int = 5, warmup: int = 1) -> dict:
+    """Run ``fn`` ``warmup + repeat`` times; return min and median seconds of the timed runs."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return {"min_s": min(ts), "median_s": statistics.median(ts)}
+
+
+def emit(result: dict) -> None:
+    json.dump(result, sys.stdout, indent=1)
+    sys.stdout.write("\n")

@@ -1,0 +1,19 @@
+import os
+import sys
+from pathlib import Path
+
+# Qt must never try to reach a display in tests (CI has none).
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REAL = SHARED / "fixtures" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_fixtures() -> Path:
+    if not REAL.is_dir():
+        pytest.skip("../shared/fixtures/real is not beside the checkout")
+    return REAL

@@ -1,0 +1,46 @@
+"""Small builders for test checkpoints (imported by tests; not a test module)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from quantscope.backend.dtypes import DTYPES
+
+_BYTE_DTYPES = [(np.dtype(d.numpy), name) for name, d in DTYPES.items() if not d.packed]
+
+
+def st_dtype(a: np.ndarray) -> str:
+    # ml_dtypes' fp8 types share a dtype.str ('|V1'), so compare the dtype objects themselves.
+    return next(name for dt, name in _BYTE_DTYPES if dt == a.dtype)
+
+
+def write_raw(path: Path, header: dict | bytes, data: bytes = b"", *, length: int | None = None) -> Path:
+    """Write a safetensors-like file with full control over header bytes and length field."""
+    hb = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(hb) if length is None else length
+    Path(path).write_bytes(struct.pack("<Q", n) + hb + data)
+    return Path(path)
+
+
+def write_st(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None,
+             *, pad: bool = True) -> Path:
+    """Write a valid safetensors file (our own writer, used only to build fixtures)."""
+    header: dict = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    off = 0
+    chunks = []
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a)
+        b = a.tobytes()
+        header[name] = {"dtype": st_dtype(a), "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        chunks.append(b)
+        off += len(b)
+    hb = json.dumps(header).encode()
+    if pad:
+        hb += b" " * (-len(hb) % 8)
+    return write_raw(path, hb, b"".join(chunks))

@@ -1,0 +1,51 @@
+"""The command line: `quantscope info` output and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from helpers import write_raw, write_st
+from quantscope.app.cli import main
+
+
+def test_info_text_and_json(tmp_path, capsys):
+    write_st(tmp_path / "model.safetensors", {
+        "model.layers.0.mlp.up_proj.weight": np.zeros((4, 8), np.float16),
+        "model.layers.0.mlp.up_proj.bias": np.zeros(4, np.float32)}, {"format": "pt"})
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.mlp.up_proj" in out and ".weight" in out and "F16" in out
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tensor_count"] == 2
+    assert data["dtypes"]["F16"] == {"bytes": 64, "params": 32, "tensors": 1}
+    assert data["total_bytes"] == 64 + 16
+    t = {x["name"]: x for x in data["tensors"]}
+    assert t["model.layers.0.mlp.up_proj.weight"]["shape"] == [4, 8]
+    assert data["files"][0]["metadata"] == {"format": "pt"}
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    p = write_raw(tmp_path / "bad.safetensors", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, bytes(8))
+    assert main(["info", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "bad.safetensors" in err[0] and "tensor 'a'" in err[0] and "Traceback" not in err[0]
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "quantscope", "info", str(tmp_path / "missing")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith("quantscope: error:") and "missing" in r.stderr
+
+
+def test_backend_imports_without_qt():
+    code = ("import sys, pkgutil, importlib, quantscope.backend as b;"
+            "[importlib.import_module(m.name) for m in pkgutil.walk_packages(b.__path__, 'quantscope.backend.')];"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('PySide6', 'pyqtgraph', 'shiboken6')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

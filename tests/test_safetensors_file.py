@@ -1,0 +1,229 @@
+"""The header parser: every bad input gives our typed error naming the file and tensor."""
+
+import json
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from safetensors.numpy import load_file, save_file
+
+from helpers import write_raw, write_st
+from quantscope.backend.errors import CheckpointError, HeaderError, QuantscopeError
+from quantscope.backend.safetensors_file import SafetensorsFile
+
+
+def good_header(nbytes=16):
+    return {"__metadata__": {"format": "pt"},
+            "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, nbytes]}}
+
+
+def test_reads_file_written_by_safetensors_itself(tmp_path):
+    arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "i": np.arange(5, dtype=np.int64),
+              "h": np.linspace(-1, 1, 6, dtype=np.float16).reshape(2, 3)}
+    save_file(arrays, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    assert f.metadata == {"format": "pt"}
+    assert sorted(f.names) == ["h", "i", "w"]
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(f.read(k), v)
+    np.testing.assert_array_equal(f.read("w", rows=(1, 3)), arrays["w"][1:3])
+    assert not f.read("w").flags.writeable
+
+
+def test_every_byte_dtype_roundtrips(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for name, t in [("bf16", ml_dtypes.bfloat16), ("e4m3", ml_dtypes.float8_e4m3fn),
+                    ("e5m2", ml_dtypes.float8_e5m2), ("f64", np.float64), ("u16", np.uint16),
+                    ("i16", np.int16), ("u64", np.uint64), ("b", np.bool_), ("u8", np.uint8), ("i8", np.int8)]:
+        arrays[name] = rng.normal(size=(3, 5)).astype(t) if t not in (np.bool_,) else rng.normal(size=(3, 5)) > 0
+    write_st(tmp_path / "d.safetensors", arrays)
+    f = SafetensorsFile(tmp_path / "d.safetensors")
+    for k, v in arrays.items():
+        got = f.read(k)
+        assert got.dtype == v.dtype
+        np.testing.assert_array_equal(got.view(np.uint8), v.view(np.uint8))
+    # bf16 matches what the safetensors package itself decodes (its numpy path rejects fp8)
+    save_file({"bf16": arrays["bf16"]}, tmp_path / "b.safetensors")
+    ref = load_file(tmp_path / "b.safetensors")["bf16"]
+    np.testing.assert_array_equal(SafetensorsFile(tmp_path / "b.safetensors").read("bf16").astype(np.float32),
+                                  ref.astype(np.float32))
+
+
+def test_e8m0_and_fp4_values(tmp_path):
+    # E8M0: byte s means 2**(s-127); F4 (E2M1) packs two per byte, low nibble first.
+    e8 = np.array([127, 128, 126, 0], np.uint8)
+    f4 = np.array([0x21, 0xF7], np.uint8)  # codes 1,2,7,15 -> 0.5, 1.0, 6.0, -6.0
+    hdr = {"s": {"dtype": "F8_E8M0", "shape": [4], "data_offsets": [0, 4]},
+           "q": {"dtype": "F4", "shape": [4], "data_offsets": [4, 6]}}
+    write_raw(tmp_path / "x.safetensors", hdr, e8.tobytes() + f4.tobytes())
+    f = SafetensorsFile(tmp_path / "x.safetensors")
+    np.testing.assert_array_equal(f.read("s").astype(np.float64), [1.0, 2.0, 0.5, 2.0 ** -127])
+    np.testing.assert_array_equal(f.read("q").astype(np.float32), [0.5, 1.0, 6.0, -6.0])
+
+
+def test_unpadded_header_and_unsorted_offsets_are_fine(tmp_path):
+    # mx.save_safetensors writes unpadded headers and non-sorted offsets.
+    hdr = {"b": {"dtype": "U8", "shape": [2], "data_offsets": [3, 5]},
+           "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]}}
+    write_raw(tmp_path / "u.safetensors", hdr, bytes([1, 2, 3, 4, 5]))
+    f = SafetensorsFile(tmp_path / "u.safetensors")
+    assert f.read("b").tolist() == [4, 5]
+    assert f.metadata is None
+
+
+def test_scalars_and_empty_tensors(tmp_path):
+    hdr = {"s": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+           "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [4, 4]}}
+    write_raw(tmp_path / "s.safetensors", hdr, struct.pack("<f", 2.5))
+    f = SafetensorsFile(tmp_path / "s.safetensors")
+    assert f.read("s").item() == 2.5
+    assert f.read("e").shape == (0, 3)
+
+
+@pytest.mark.parametrize("case, rule, fragment", [
+    ("short", "container.too-short", "shorter than the 8-byte"),
+    ("lfs", "container.header-too-large", "Git LFS pointer"),
+    ("html", "container.header-too-large", "HTML"),
+    ("len-past-file", "container.header-too-large", "larger than the file"),
+    ("not-json", "container.header-json", "not valid JSON"),
+    ("not-object", "container.header-json", "not a JSON object"),
+    ("bad-utf8", "container.header-json", "UTF-8"),
+    ("unknown-dtype", "container.dtype", "unknown dtype 'F12'"),
+    ("size-mismatch", "container.size-mismatch", "needs 16 bytes but data_offsets"),
+    ("out-of-file", "container.out-of-file", "past the end of the file"),
+    ("overlap", "container.overlap", "overlaps tensor"),
+    ("gap", "container.gap", "unreferenced data"),
+    ("trailing", "container.trailing", "not covered"),
+    ("meta-nonstring", "container.metadata", "not a string"),
+    ("entry-shape", "container.entry", "not a list of non-negative integers"),
+    ("entry-missing", "container.entry", "must be an object"),
+    ("offsets-reversed", "container.offsets", "begin <= end"),
+])
+def test_bad_input(tmp_path, case, rule, fragment):
+    p = tmp_path / f"{case}.safetensors"
+    data16 = bytes(16)
+    if case == "short":
+        p.write_bytes(b"\x01\x02\x03")
+    elif case == "lfs":
+        p.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 12\n")
+    elif case == "html":
+        p.write_bytes(b"<!DOCTYPE html><html><body>Not found</body></html>")
+    elif case == "len-past-file":
+        write_raw(p, good_header(), data16, length=10_000)
+    elif case == "not-json":
+        write_raw(p, b'{"a": {"dtype": "F32",', data16)
+    elif case == "not-object":
+        write_raw(p, b"[1, 2, 3]", data16)
+    elif case == "bad-utf8":
+        write_raw(p, b'{"\xff\xfe": 1}', data16)
+    elif case == "unknown-dtype":
+        h = good_header(); h["a"]["dtype"] = "F12"; write_raw(p, h, data16)
+    elif case == "size-mismatch":
+        h = good_header(); h["a"]["data_offsets"] = [0, 12]; write_raw(p, h, bytes(12))
+    elif case == "out-of-file":
+        write_raw(p, good_header(), bytes(8))
+    elif case == "overlap":
+        h = good_header(); h["b"] = {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}
+        write_raw(p, h, data16)
+    elif case == "gap":
+        h = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}; write_raw(p, h, data16)
+    elif case == "trailing":
+        write_raw(p, good_header(), data16 + b"junk")
+    elif case == "meta-nonstring":
+        h = good_header(); h["__metadata__"] = {"format": "pt", "step": 5}; write_raw(p, h, data16)
+    elif case == "entry-shape":
+        h = good_header(); h["a"]["shape"] = [2, -2]; write_raw(p, h, data16)
+    elif case == "entry-missing":
+        h = good_header(); del h["a"]["data_offsets"]; write_raw(p, h, data16)
+    elif case == "offsets-reversed":
+        h = good_header(); h["a"]["data_offsets"] = [16, 0]; write_raw(p, h, data16)
+    with pytest.raises(HeaderError) as ei:
+        SafetensorsFile(p)
+    err = ei.value
+    assert err.rule == rule
+    assert str(p) in str(err)
+    assert fragment in str(err)
+    if case in ("unknown-dtype", "size-mismatch", "out-of-file", "overlap", "entry-shape"):
+        assert err.tensor in ("a", "b")
+        assert "tensor 'a'" in str(err) or "tensor 'b'" in str(err)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="file not found") as ei:
+        SafetensorsFile(tmp_path / "nope.safetensors")
+    assert "nope.safetensors" in str(ei.value)
+
+
+def test_header_over_100mb_limit_named(tmp_path):
+    p = tmp_path / "big.safetensors"
+    with open(p, "wb") as fh:
+        fh.write(struct.pack("<Q", 100_000_001))
+        fh.truncate(100_000_100)  # sparse: costs no disk
+    with pytest.raises(HeaderError, match="100 MB limit"):
+        SafetensorsFile(p)
+
+
+def test_open_reads_no_tensor_data(tmp_path, monkeypatch):
+    write_st(tmp_path / "m.safetensors", {"w": np.ones((64, 64), np.float32)})
+    import os as _os
+    calls = []
+    real = _os.pread
+    monkeypatch.setattr(_os, "pread", lambda fd, n, off: calls.append((n, off)) or real(fd, n, off))
+    f = SafetensorsFile(tmp_path / "m.safetensors")
+    assert all(off < f.data_offset for _, off in calls)
+    assert sum(n for n, _ in calls) <= f.data_offset
+    assert f._mm is None  # no mapping until a tensor is read
+
+
+# -- fuzzing -------------------------------------------------------------------------------------
+
+def _valid_file_bytes():
+    h = {"__metadata__": {"format": "pt"},
+         "x": {"dtype": "F16", "shape": [2, 3], "data_offsets": [0, 12]},
+         "y": {"dtype": "I32", "shape": [2], "data_offsets": [12, 20]}}
+    hb = json.dumps(h).encode()
+    return struct.pack("<Q", len(hb)) + hb + bytes(range(20))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_mutated_headers_only_raise_our_error(tmp_path, data):
+    raw = bytearray(_valid_file_bytes())
+    n_mut = data.draw(st.integers(1, 6))
+    for _ in range(n_mut):
+        kind = data.draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        if not raw:
+            break
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        if kind == "flip":
+            raw[pos] = data.draw(st.integers(0, 255))
+        elif kind == "insert":
+            raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
+        elif kind == "delete":
+            del raw[pos:pos + data.draw(st.integers(1, 8))]
+        else:
+            del raw[pos:]
+    p = tmp_path / "fuzz.safetensors"
+    p.write_bytes(bytes(raw))
+    try:
+        f = SafetensorsFile(p)
+    except QuantscopeError:
+        return
+    for name in f.names:  # whatever parsed must be readable without crashing
+        f.read(name)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20))
+def test_fuzz_arbitrary_json_headers(tmp_path, header):
+    write_raw(tmp_path / "j.safetensors", json.dumps(header).encode(), bytes(32))
+    try:
+        SafetensorsFile(tmp_path / "j.safetensors")
+    except QuantscopeError:
+        pass
