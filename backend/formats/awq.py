@@ -1,0 +1,124 @@
+"""AWQ (AutoAWQ / GPTQModel AWQ): GEMM and GEMV layouts — formats.md §4.
+
+``W[n,k] = s[k//G, n] * (q[k,n] - z[k//G, n])``, no +1 on zeros, no g_idx. The torch reference
+(``dequantize_gemm``) computes in fp16: one rounding of a product that is exact in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..bitpack import unpack_bits
+from .common import check
+from .mlx import codes_as_float
+
+#: Nibble slot i of a GEMM word holds column 8c + ORDER[i]; logical column j sits in slot REV[j].
+ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])
+REV = np.argsort(ORDER)
+_BLOCK_ELEMS = 1 << 17
+
+
+def gemm_dims(qweight_shape, scales_shape, name=None) -> tuple[int, int, int]:
+    """(N, K, G) of an AWQ GEMM layer: qweight ``[K, N/8]``, scales ``[K/G, N]``."""
+    check(len(qweight_shape) == 2 and len(scales_shape) == 2, "AWQ tensors must be 2-D", name)
+    k, n8 = qweight_shape
+    n = n8 * 8
+    check(scales_shape[1] == n, f"scales {list(scales_shape)} should have N={n} columns (qweight {list(qweight_shape)} × 8)", name)
+    check(scales_shape[0] > 0 and k % scales_shape[0] == 0,
+          f"K={k} rows of qweight are not a whole number of scale groups ({scales_shape[0]})", name)
+    return n, k, k // scales_shape[0]
+
+
+def unpack_gemm(packed: np.ndarray, n: int) -> np.ndarray:
+    """Codes ``uint8 [rows, N]`` in logical column order from GEMM-interleaved words."""
+    slots = unpack_bits(packed, 4, n).reshape(packed.shape[0], n // 8, 8)
+    return np.ascontiguousarray(slots[:, :, REV]).reshape(packed.shape[0], n)
+
+
+def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Dequantize AWQ GEMM (4-bit) to float32 ``[N, K]``. ``qzeros`` None means symmetric (z = 8)."""
+    n, k, g = gemm_dims(qweight.shape, scales.shape, name)
+    if group_size not in (None, -1):
+        check(g == group_size, f"scales imply group size {g}, config says {group_size}", name)
+    ng = k // g
+    if qzeros is None:
+        z = np.full((ng, n), 8, np.float32)
+    else:
+        check(qzeros.shape == (ng, n // 8), f"qzeros {list(qzeros.shape)} should be [{ng}, {n // 8}]", name)
+        z = unpack_gemm(qzeros, n).astype(np.float32)
+    s = scales.astype(np.float32)
+    bias = -(s * z)
+    sdt = scales.dtype
+    if out is None:
+        out = np.empty((n, k), np.float32)
+    # Work in [K, N] blocks of whole groups, then write each block transposed into out.
+    rows = max(g, (_BLOCK_ELEMS // n) // g * g)
+    for k0 in range(0, k, rows):
+        k1 = min(k, k0 + rows)
+        slots = codes_as_float(qweight[k0:k1], 4, n).reshape(k1 - k0, n // 8, 8)
+        q = slots[:, :, REV].reshape(k1 - k0, n)
+        gs = slice(k0 // g, k1 // g)
+        blk = (q.reshape(-1, g, n) * s[gs, None, :] + bias[gs, None, :]).reshape(k1 - k0, n)
+        if sdt != np.float32:
+            blk = blk.astype(sdt).astype(np.float32)
+        out[:, k0:k1] = blk.T
+    return out
+
+
+def gemv_dims(qweight_shape, scales_shape, group_size: int, name=None) -> tuple[int, int, int]:
+    check(len(qweight_shape) == 2 and len(scales_shape) == 2, "AWQ tensors must be 2-D", name)
+    n, k8 = qweight_shape
+    k = k8 * 8
+    check(scales_shape[0] == n, f"GEMV scales {list(scales_shape)} should have N={n} rows", name)
+    check(group_size > 0 and k % group_size == 0, f"K={k} is not a multiple of group size {group_size}", name)
+    ng = k // group_size
+    check(scales_shape[1] >= ng, f"GEMV scales have {scales_shape[1]} columns, K/G needs {ng}", name)
+    return n, k, ng
+
+
+def decode_gemv(qweight, qzeros, scales, *, group_size: int, name=None) -> np.ndarray:
+    """Dequantize AWQ GEMV (qweight ``[N, K/8]`` sequential along K; padded zeros/scales)."""
+    n, k, ng = gemv_dims(qweight.shape, scales.shape, group_size, name)
+    s = scales[:, :ng].astype(np.float32)
+    if qzeros is None:
+        z = np.full((n, ng), 8, np.float32)
+    else:
+        check(qzeros.shape[0] == n and qzeros.shape[1] * 8 >= ng, f"GEMV qzeros {list(qzeros.shape)} do not fit [N={n}, ≥{ng}/8]", name)
+        z = unpack_bits(qzeros, 4, ng).astype(np.float32)
+    q = codes_as_float(qweight, 4, k).reshape(n, ng, group_size)
+    out = (q * s[:, :, None] + (-(s * z))[:, :, None]).reshape(n, k)
+    if scales.dtype != np.float32:
+        out = out.astype(scales.dtype).astype(np.float32)
+    return out
+
+
+def codes_gemm(qweight) -> np.ndarray:
+    """Stored codes ``uint8 [N, K]`` of a GEMM weight."""
+    return unpack_gemm(qweight, qweight.shape[1] * 8).T.copy()
+
+
+def codes_gemv(qweight) -> np.ndarray:
+    return unpack_bits(qweight, 4, qweight.shape[1] * 8)
+
+
+def gemm_to_mlx_affine(qweight, qzeros, scales, *, name=None):
+    """Exact MLX-affine equivalent (weight u32 [N, K/8], scales f32 [N, K/G], biases f32) or None."""
+    from ..bitpack import pack_bits
+    n, k, g = gemm_dims(qweight.shape, scales.shape, name)
+    if g not in (32, 64, 128):
+        return None
+    q = unpack_gemm(qweight, n)  # [K, N]
+    w = pack_bits(np.ascontiguousarray(q.T), 4)
+    s = np.ascontiguousarray(scales.astype(np.float32).T)
+    z = np.full((k // g, n), 8, np.float32) if qzeros is None else unpack_gemm(qzeros, n).astype(np.float32)
+    return w, s, -(s * z.T)
+
+
+def gemv_to_mlx_affine(qweight, qzeros, scales, *, group_size: int, name=None):
+    n, k, ng = gemv_dims(qweight.shape, scales.shape, group_size, name)
+    if group_size not in (32, 64, 128):
+        return None
+    s = np.ascontiguousarray(scales[:, :ng].astype(np.float32))
+    z = np.full((n, ng), 8, np.float32) if qzeros is None else unpack_bits(qzeros, 4, ng).astype(np.float32)
+    return np.ascontiguousarray(qweight).view(np.uint32), s, -(s * z)

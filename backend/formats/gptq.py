@@ -1,0 +1,137 @@
+"""GPTQ (AutoGPTQ / GPTQModel / optimum): qweight, qzeros, scales, g_idx — formats.md §3.
+
+``W[n,k] = s[g,n] * (q[k,n] - z[g,n])`` with ``g = g_idx[k]``; v1 ("gptq") files store ``z-1``.
+The reference torch kernels compute this in the scale dtype (fp16), i.e. one rounding of the
+product, which is exact in float32 — so the decode is ``round_to(s*(q-z), scale dtype)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..bitpack import unpack_bits
+from .common import check
+from .mlx import codes_as_float
+
+GPTQ_BITS = (2, 3, 4, 8)
+_BLOCK_ELEMS = 1 << 17
+
+
+def word_bits(arr: np.ndarray) -> int:
+    return arr.dtype.itemsize * 8
+
+
+def gptq_dims(qweight_shape, scales_shape, bits: int, word: int = 32, name=None) -> tuple[int, int]:
+    """(N, K) of a GPTQ layer from its packed shapes."""
+    check(len(qweight_shape) == 2, f"qweight has rank {len(qweight_shape)}, expected 2", name)
+    kp, n = qweight_shape
+    check((kp * word) % bits == 0, f"qweight rows {kp} are not a whole number of {bits}-bit codes", name)
+    k = kp * word // bits
+    check(len(scales_shape) == 2 and scales_shape[1] == n,
+          f"scales {list(scales_shape)} do not have N={n} columns like qweight {list(qweight_shape)}", name)
+    return n, k
+
+
+def unpack_zeros(qzeros: np.ndarray, bits: int, n: int, version: int, name=None) -> np.ndarray:
+    """Zero points ``[groups, N]`` as integers, with v1's stored ``z-1`` undone (may yield 2**b)."""
+    check(qzeros.ndim == 2, f"qzeros has rank {qzeros.ndim}, expected 2", name)
+    need = -(-n * bits // word_bits(qzeros))
+    check(qzeros.shape[1] >= need,
+          f"qzeros {list(qzeros.shape)} has {qzeros.shape[1]} columns, N={n} at {bits} bits needs {need}", name)
+    z = unpack_bits(qzeros, bits, n).astype(np.int32)
+    if version == 1:
+        z += 1  # v1 readers add 1 after unpacking; a stored -1 (true zero 0) wraps to 2**b (R1)
+    return z
+
+
+def unpack_qweight(qweight: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Codes ``uint8 [N, K]`` (logical orientation) from ``qweight [K*b/32, N]`` packed along K."""
+    return unpack_bits(np.ascontiguousarray(qweight.T), bits, k)
+
+
+def is_trivial_g_idx(g_idx: np.ndarray | None, k: int, group_size: int) -> bool:
+    """True when g_idx is absent or equals ``k // G`` (no act-order permutation)."""
+    if g_idx is None:
+        return True
+    return g_idx.shape == (k,) and np.array_equal(g_idx, np.arange(k) // group_size)
+
+
+def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None, *,
+           bits: int, group_size: int, version: int = 1, name: str | None = None,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """Dequantize a GPTQ layer to float32 ``[N, K]``.
+
+    Parameters
+    ----------
+    qweight
+        ``int32 [K*b/32, N]`` (GPTQModel's ``pack_dtype`` may use 8/16/64-bit words).
+    qzeros
+        ``int32 [ceil(K/G), N*b/32]``.
+    scales
+        ``[ceil(K/G), N]`` fp16/bf16/fp32.
+    g_idx
+        ``int32 [K]`` or None; act-order when not ``k // G``.
+    bits, group_size
+        ``group_size`` -1 means one group over all of K.
+    version
+        1 for ``checkpoint_format: gptq`` (zeros stored minus one), 2 for ``gptq_v2``.
+    """
+    check(bits in GPTQ_BITS, f"GPTQ bits {bits} not supported (2, 3, 4, 8)", name)
+    n, k = gptq_dims(qweight.shape, scales.shape, bits, word_bits(qweight), name)
+    g = k if group_size in (-1, 0, None) else group_size
+    ng = -(-k // g)
+    check(scales.shape[0] == ng, f"scales have {scales.shape[0]} groups, K={k} with group size {group_size} needs {ng}", name)
+    z = unpack_zeros(qzeros, bits, n, version, name)
+    check(z.shape[0] == ng, f"qzeros have {z.shape[0]} groups, expected {ng}", name)
+    if g_idx is not None:
+        check(g_idx.shape == (k,), f"g_idx has shape {list(g_idx.shape)}, expected [{k}]", name)
+        check(int(g_idx.min(initial=0)) >= 0 and int(g_idx.max(initial=0)) < ng,
+              f"g_idx values outside 0..{ng - 1}", name)
+    sdt = scales.dtype
+    s_t = np.ascontiguousarray(scales.astype(np.float32).T)  # [N, ng]
+    bias_t = -(s_t * z.T.astype(np.float32))                  # exact: |z| ≤ 256, s has ≤ 24 bits
+    if out is None:
+        out = np.empty((n, k), np.float32)
+    trivial = is_trivial_g_idx(g_idx, k, g) and k % g == 0
+    gi = None if trivial else (g_idx if g_idx is not None else np.arange(k) // g)
+    qt = np.ascontiguousarray(qweight.T)  # [N, K*b/32]: each row one LSB-first stream
+    step = max(1, _BLOCK_ELEMS // k)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        q = codes_as_float(qt[r0:r1], bits, k)
+        blk = out[r0:r1]
+        if trivial:
+            b3 = blk.reshape(r1 - r0, ng, g)
+            np.multiply(q.reshape(r1 - r0, ng, g), s_t[r0:r1, :, None], out=b3)
+            b3 += bias_t[r0:r1, :, None]
+        else:
+            np.multiply(q, s_t[r0:r1][:, gi], out=blk)
+            blk += bias_t[r0:r1][:, gi]
+        if sdt != np.float32:
+            blk[...] = blk.astype(sdt)
+    return out
+
+
+def codes(qweight: np.ndarray, *, bits: int, name=None) -> np.ndarray:
+    """Stored codes ``uint8 [N, K]``."""
+    k = qweight.shape[0] * word_bits(qweight) // bits
+    return unpack_qweight(qweight, bits, k)
+
+
+def to_mlx_affine(qweight, qzeros, scales, g_idx, *, bits, group_size, version=1, name=None):
+    """Exact MLX-affine equivalent ``(weight u32 [N, K*b/32], scales f32, biases f32)`` or None.
+
+    Representable when g_idx is trivial, words are 32-bit and G ∈ {32, 64, 128} (formats.md §9):
+    ``qweight.T`` is bit-identical to an MLX weight. Scales/biases are float32 so that
+    ``s*q + (-s*z)`` is exact; rounding to the checkpoint dtype is left to the caller.
+    """
+    n, k = gptq_dims(qweight.shape, scales.shape, bits, word_bits(qweight), name)
+    if word_bits(qweight) != 32 or group_size not in (32, 64, 128) or k % group_size:
+        return None
+    if not is_trivial_g_idx(g_idx, k, group_size):
+        return None
+    z = unpack_zeros(qzeros, bits, n, version, name)
+    s_t = np.ascontiguousarray(scales.astype(np.float32).T)
+    b_t = -(s_t * z.T.astype(np.float32))
+    w = np.ascontiguousarray(qweight.T).view(np.uint32)
+    return w, s_t, b_t

@@ -1,0 +1,151 @@
+"""MLX quantized layouts: affine (1-8 bits) and the block-float modes mxfp4, mxfp8, nvfp4.
+
+Layouts and formulas: formats.md §1 and §2. The decoders here are checked bit-for-bit against
+``mx.dequantize`` (tests/test_formats_mlx.py).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from ..bitpack import _as_bytes, unpack_bits
+from .common import check
+
+#: Defaults per mode when a per-layer config entry omits a value (formats.md §1.5).
+MODE_DEFAULTS = {"affine": (4, 64), "mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
+AFFINE_BITS = (1, 2, 3, 4, 5, 6, 8)
+AFFINE_GROUPS = (32, 64, 128)
+
+# Byte -> the codes it holds, as float32 (exact small integers): one gather per output element
+# instead of shift/mask/convert passes.
+_BYTE_LUTS = {b: unpack_bits(np.arange(256, dtype=np.uint8)[:, None], b, 8 // b).astype(np.float32)
+              for b in (1, 2, 4)}
+
+#: OCP E2M1 values of codes 0..15 (bit 3 = sign).
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+#: E4M3 "fn" values of bytes 0..255 (NaN for 0x7F/0xFF) and E8M0 values (2**(s-127); 255 NaN).
+E4M3 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+E8M0 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
+
+#: Rows per block: keeps a block's codes and products in cache while it is scaled.
+_BLOCK_ELEMS = 1 << 17
+
+
+def codes_as_float(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Unpack LSB-first codes along the last axis straight to float32."""
+    by = _as_bytes(packed)
+    lut = _BYTE_LUTS.get(bits)
+    if lut is not None:
+        per = 8 // bits
+        nb = -(-count // per)
+        f = lut[by[..., :nb]]
+        return f.reshape(by.shape[:-1] + (nb * per,))[..., :count]
+    if bits == 8:
+        return by[..., :count].astype(np.float32)
+    return unpack_bits(by, bits, count).astype(np.float32)
+
+
+def affine_shape(weight_shape, scales_shape, bits: int, group_size: int, name=None) -> tuple[int, ...]:
+    """Logical shape of an MLX affine weight, checking ``32*Wp/b == G*S`` (R18)."""
+    check(len(weight_shape) >= 2, f"packed weight has rank {len(weight_shape)}; quantized weights need rank ≥ 2", name)
+    check(tuple(scales_shape[:-1]) == tuple(weight_shape[:-1]),
+          f"scales {list(scales_shape)} do not match the packed weight {list(weight_shape)} in their leading dims", name)
+    wp, s = weight_shape[-1], scales_shape[-1]
+    check((wp * 32) % bits == 0, f"packed width {wp} words is not a whole number of {bits}-bit codes", name)
+    k = wp * 32 // bits
+    check(k == group_size * s,
+          f"packed weight {list(weight_shape)} holds K={k} inputs at {bits} bits, but scales {list(scales_shape)} "
+          f"× group {group_size} cover {group_size * s} (bits/group do not fit: 32·W/b ≠ G·S)", name)
+    return tuple(weight_shape[:-1]) + (k,)
+
+
+def decode_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, *, bits: int,
+                  group_size: int, name: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Dequantize an MLX affine weight exactly as ``mx.dequantize`` does on the CPU.
+
+    ``W = s*q + b`` per group, where MLX rounds ``s*q`` to the scale dtype and then the sum
+    (verified: 0 differences against mx.dequantize for bf16/fp16/fp32 scales).
+
+    Parameters
+    ----------
+    weight
+        ``uint32 [..., N, K*bits/32]``.
+    scales, biases
+        ``[..., N, K/G]`` in the model dtype.
+    bits, group_size
+        The layer's effective settings.
+    out
+        Optional float32 ``[..., N, K]`` array to write into.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``[..., N, K]``.
+    """
+    check(weight.dtype == np.uint32, f"packed weight is {weight.dtype}, expected uint32", name)
+    check(biases is not None and biases.shape == scales.shape,
+          "affine layer needs .biases with the shape of .scales", name)
+    shape = affine_shape(weight.shape, scales.shape, bits, group_size, name)
+    sdt = scales.dtype
+    n_rows = int(np.prod(shape[:-1]))
+    k = shape[-1]
+    ng = k // group_size
+    w2 = weight.reshape(n_rows, weight.shape[-1])
+    s2 = scales.reshape(n_rows, ng).astype(np.float32)
+    b2 = biases.reshape(n_rows, ng).astype(np.float32)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    o2 = out.reshape(n_rows, k)
+    step = max(1, _BLOCK_ELEMS // k)
+    exact = sdt == np.float32
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        q = codes_as_float(w2[r0:r1], bits, k).reshape(r1 - r0, ng, group_size)
+        blk = o2[r0:r1].reshape(r1 - r0, ng, group_size)
+        np.multiply(q, s2[r0:r1, :, None], out=blk)
+        if not exact:
+            blk[...] = blk.astype(sdt)
+        blk += b2[r0:r1, :, None]
+        if not exact:
+            blk[...] = blk.astype(sdt)
+    return out
+
+
+def fp_shape(weight_shape, scales_shape, mode: str, name=None) -> tuple[int, ...]:
+    bits, group = MODE_DEFAULTS[mode]
+    return affine_shape(weight_shape, scales_shape, bits, group, name)
+
+
+def decode_fp(weight: np.ndarray, scales: np.ndarray, *, mode: str, global_scale: float | None = None,
+              name: str | None = None) -> np.ndarray:
+    """Dequantize mxfp4 / mxfp8 / nvfp4 (formats.md §2) to float32.
+
+    mx modes: ``elem(q) * 2**(s-127)``; nvfp4: ``E2M1[q] * E4M3(s)`` (× ``global_scale/2688``
+    when a global scale is given). Products of these small formats are exact in float32, so the
+    result equals ``mx.dequantize(..., dtype=float32)``.
+    """
+    check(mode in ("mxfp4", "mxfp8", "nvfp4"), f"unknown block-float mode {mode!r}", name)
+    check(weight.dtype == np.uint32, f"packed weight is {weight.dtype}, expected uint32", name)
+    check(scales.dtype == np.uint8, f"{mode} scales are {scales.dtype}, expected uint8 (E8M0/E4M3 bytes)", name)
+    bits, group = MODE_DEFAULTS[mode]
+    shape = fp_shape(weight.shape, scales.shape, mode, name)
+    by = _as_bytes(weight)
+    if bits == 4:
+        codes = unpack_bits(by, 4, shape[-1])
+        elems = E2M1[codes]
+    else:
+        elems = by[..., :shape[-1]].view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    table = E4M3 if mode == "nvfp4" else E8M0
+    sc = table[scales]
+    if mode == "nvfp4" and global_scale is not None:
+        # MLX computes global/2688 once and folds it into the block scale before multiplying
+        # the element (verified bit-exact against mx.dequantize; other orders differ by 1 ulp).
+        sc = sc * (np.float32(global_scale) / np.float32(2688.0))
+    out = elems.reshape(shape[:-1] + (shape[-1] // group, group)) * sc[..., None]
+    return out.reshape(shape).astype(np.float32, copy=False)
+
+
+def affine_codes(weight: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The stored codes ``uint8 [..., N, K]`` of an affine or block-float weight."""
+    return unpack_bits(weight, bits, k)

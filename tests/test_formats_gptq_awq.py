@@ -1,0 +1,181 @@
+"""GPTQ and AWQ decoding against independent packers and the formula of formats.md §3/§4.
+
+The packers below follow AutoGPTQ's ``pack()`` loop (including its 3-bit split values) and
+AutoAWQ's GEMM interleave word by word, independently of quantscope's bit-stream code.
+"""
+
+import ml_dtypes
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mx_util import to_np
+from quantscope.backend.errors import LayerError
+from quantscope.backend.formats import awq, gptq
+
+RNG = np.random.default_rng(3)
+
+
+def autogptq_pack_rows(intweight: np.ndarray, bits: int) -> np.ndarray:
+    """AutoGPTQ's packing along axis 0 (rows of ``intweight`` [K, N]) into uint32 words."""
+    k, n = intweight.shape
+    iw = intweight.astype(np.uint64)
+    out = np.zeros((k * bits // 32, n), np.uint64)
+    i = row = 0
+    while row < out.shape[0]:
+        if bits in (2, 4, 8):
+            for j in range(i, i + 32 // bits):
+                out[row] |= iw[j] << np.uint64(bits * (j - i))
+            i += 32 // bits
+            row += 1
+        else:  # 3-bit: 10 values, a split value, 10 values shifted by 1, a split value, 10 shifted by 2
+            for j in range(i, i + 10):
+                out[row] |= iw[j] << np.uint64(3 * (j - i))
+            i += 10
+            out[row] |= iw[i] << np.uint64(30)
+            row += 1
+            out[row] |= (iw[i] >> np.uint64(2)) & np.uint64(1)
+            i += 1
+            for j in range(i, i + 10):
+                out[row] |= iw[j] << np.uint64(3 * (j - i) + 1)
+            i += 10
+            out[row] |= iw[i] << np.uint64(31)
+            row += 1
+            out[row] |= (iw[i] >> np.uint64(1)) & np.uint64(3)
+            i += 1
+            for j in range(i, i + 10):
+                out[row] |= iw[j] << np.uint64(3 * (j - i) + 2)
+            i += 10
+            row += 1
+    return (out & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
+
+
+def make_gptq(n, k, bits, group, *, sym, actorder=False, version=1):
+    q = RNG.integers(0, 2 ** bits, size=(k, n))
+    ng = -(-k // group)
+    z = np.full((ng, n), 2 ** (bits - 1)) if sym else RNG.integers(1, 2 ** bits, size=(ng, n))
+    s = (RNG.random((ng, n)) * 0.02 + 0.001).astype(np.float16)
+    g_idx = np.arange(k) // group
+    if actorder:
+        perm = RNG.permutation(k)
+        g_idx = np.empty(k, np.int64)
+        g_idx[perm] = np.arange(k) // group
+    stored_z = z - 1 if version == 1 else z
+    qweight = autogptq_pack_rows(q, bits)
+    qzeros = autogptq_pack_rows(stored_z.T.copy(), bits).T.copy()  # zeros pack along N
+    expected = (s[g_idx].astype(np.float64).T * (q.T - z[g_idx].T)).astype(np.float16).astype(np.float32)
+    return qweight, qzeros, s, g_idx.astype(np.int32), expected
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("version", [1, 2])
+def test_gptq_decode_matches_formula(bits, version):
+    qweight, qzeros, s, g_idx, expected = make_gptq(64, 256, bits, 64, sym=False, version=version)
+    got = gptq.decode(qweight, qzeros, s, g_idx, bits=bits, group_size=64, version=version)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_gptq_act_order_and_group_minus_one():
+    qweight, qzeros, s, g_idx, expected = make_gptq(32, 256, 4, 32, sym=False, actorder=True)
+    np.testing.assert_array_equal(gptq.decode(qweight, qzeros, s, g_idx, bits=4, group_size=32), expected)
+    assert not gptq.is_trivial_g_idx(g_idx, 256, 32)
+    qweight, qzeros, s, g_idx, expected = make_gptq(32, 256, 4, 256, sym=True)
+    np.testing.assert_array_equal(gptq.decode(qweight, qzeros, s, None, bits=4, group_size=-1), expected)
+
+
+def test_gptq_v1_symmetric_zero_words():
+    qweight, qzeros, s, g_idx, expected = make_gptq(32, 128, 4, 64, sym=True)
+    assert (qzeros.view(np.uint32) == 0x77777777).all()  # formats.md §3.3
+    np.testing.assert_array_equal(gptq.decode(qweight, qzeros, s, g_idx, bits=4, group_size=64), expected)
+
+
+def test_gptq_v1_zero_wrap_decodes_like_readers_do():
+    # A true zero point of 0 is stored as -1 in v1, masks to 15 and reads back as 16 (R1).
+    q = np.zeros((128, 8), np.int64) + 3
+    stored = np.full((1, 8), -1) & 0xF
+    qweight = autogptq_pack_rows(q, 4)
+    qzeros = autogptq_pack_rows(stored.T.copy(), 4).T.copy()
+    s = np.full((1, 8), 0.5, np.float16)
+    got = gptq.decode(qweight, qzeros, s, None, bits=4, group_size=128, version=1)
+    assert (got == 0.5 * (3 - 16)).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_gptq_repack_is_exact_through_mx_dequantize(bits):
+    qweight, qzeros, s, g_idx, expected = make_gptq(64, 256, bits, 64, sym=False)
+    w, sc, bi = gptq.to_mlx_affine(qweight, qzeros, s, g_idx, bits=bits, group_size=64)
+    out = to_np(mx.dequantize(mx.array(w), mx.array(sc), mx.array(bi), group_size=64, bits=bits))
+    np.testing.assert_array_equal(out.astype(np.float16).astype(np.float32), expected)
+    _, _, _, gi, _ = make_gptq(64, 256, bits, 64, sym=False, actorder=True)
+    assert gptq.to_mlx_affine(qweight, qzeros, s, gi, bits=bits, group_size=64) is None
+
+
+def test_gptq_bad_shapes():
+    qweight, qzeros, s, g_idx, _ = make_gptq(32, 128, 4, 64, sym=True)
+    with pytest.raises(LayerError, match="groups"):
+        gptq.decode(qweight, qzeros, s[:1], g_idx, bits=4, group_size=64, name="x.q_proj")
+    with pytest.raises(LayerError, match="g_idx"):
+        gptq.decode(qweight, qzeros, s, g_idx[:10], bits=4, group_size=64)
+
+
+def autoawq_pack_gemm(intweight: np.ndarray) -> np.ndarray:
+    """AutoAWQ's GEMM packing of ``intweight`` [K, N]: 8 columns per word, order_map interleave."""
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    k, n = intweight.shape
+    out = np.zeros((k, n // 8), np.uint64)
+    for col in range(n // 8):
+        for i in range(8):
+            out[:, col] |= intweight[:, col * 8 + order_map[i]].astype(np.uint64) << np.uint64(i * 4)
+    return out.astype(np.uint32).view(np.int32)
+
+
+def make_awq(n, k, group):
+    q = RNG.integers(0, 16, size=(k, n))
+    z = RNG.integers(0, 16, size=(k // group, n))
+    s = (RNG.random((k // group, n)) * 0.02 + 0.001).astype(np.float16)
+    gi = np.arange(k) // group
+    expected = (s[gi].astype(np.float64) * (q - z[gi])).T.astype(np.float16).astype(np.float32)
+    return autoawq_pack_gemm(q), autoawq_pack_gemm(z), s, q, z, expected
+
+
+def test_awq_gemm_matches_formula():
+    qweight, qzeros, s, q, z, expected = make_awq(64, 256, 128)
+    np.testing.assert_array_equal(awq.decode_gemm(qweight, qzeros, s), expected)
+    np.testing.assert_array_equal(awq.codes_gemm(qweight), q.T)
+
+
+def test_awq_gemm_repack_is_exact_through_mx_dequantize():
+    qweight, qzeros, s, q, z, expected = make_awq(64, 256, 64)
+    w, sc, bi = awq.gemm_to_mlx_affine(qweight, qzeros, s)
+    out = to_np(mx.dequantize(mx.array(w), mx.array(sc), mx.array(bi), group_size=64, bits=4))
+    np.testing.assert_array_equal(out.astype(np.float16).astype(np.float32), expected)
+
+
+def test_awq_gemv():
+    n, k, g = 16, 256, 64
+    q = RNG.integers(0, 16, size=(n, k))
+    z = RNG.integers(0, 16, size=(n, k // g))
+    s = (RNG.random((n, k // g)) * 0.02).astype(np.float16)
+    # GEMV: qweight sequential along K (8 per word), zeros sequential, scales/zeros padded.
+    qweight = np.zeros((n, k // 8), np.uint64)
+    for i in range(8):
+        qweight |= q[:, i::8].astype(np.uint64) << np.uint64(4 * i)
+    zpad = np.zeros((n, 8), np.int64)
+    zpad[:, :k // g] = z
+    qzeros = np.zeros((n, 1), np.uint64)
+    for i in range(8):
+        qzeros[:, 0] |= zpad[:, i].astype(np.uint64) << np.uint64(4 * i)
+    spad = np.zeros((n, 8), np.float16)
+    spad[:, :k // g] = s
+    expected = (np.repeat(s, g, 1).astype(np.float64) * (q - np.repeat(z, g, 1))).astype(np.float16).astype(np.float32)
+    got = awq.decode_gemv(qweight.astype(np.uint32).view(np.int32), qzeros.astype(np.uint32).view(np.int32), spad,
+                          group_size=g)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_bf16_scales_round_to_bf16():
+    qweight, qzeros, s, q, z, _ = make_awq(16, 128, 128)
+    sb = s.astype(ml_dtypes.bfloat16)
+    exact = (sb.astype(np.float64)[np.arange(128) // 128] * (q - z[np.arange(128) // 128])).T
+    got = awq.decode_gemm(qweight, qzeros, sb)
+    np.testing.assert_array_equal(got, exact.astype(ml_dtypes.bfloat16).astype(np.float32))
