@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("path", help=".safetensors file, model folder, index .json, or HF-cache repo id")
     pi.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(pi)
+    pd = sub.add_parser("dequant", help="write one layer's float32 weights as .npy")
+    pd.add_argument("path", help="checkpoint")
+    pd.add_argument("layer", help="module path without the component suffix, e.g. model.layers.0.self_attn.q_proj")
+    pd.add_argument("-o", "--output", required=True, help="output .npy file")
+    pd.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto")
+    _add_common(pd)
     return p
 
 
@@ -70,19 +76,54 @@ def cmd_info(args) -> int:
     for dt, d in s["dtypes"].items():
         out.append(f"  {dt:<12} {d['tensors']:>7} tensors  {human_bytes(d['bytes']):>10}  "
                    f"{human_count(d['params']):>9} elements")
-    out.append("modules:")
+    q = s["quantization"]
+    if q["kind"]:
+        g = ", ".join(f"{k}={v}" for k, v in q["globals"].items() if v is not None)
+        out.append(f"quantization: {q['kind']} from {q['file']}: {g}")
+        if q["overrides"]:
+            out.append(f"  {len(q['overrides'])} per-layer override(s)")
+        for n in q["notes"]:
+            out.append(f"  note: {n}")
+    out.append("schemes: " + ", ".join(f"{k} ×{v}" for k, v in s["schemes"].items()))
+    out.append(f"logical parameters: {human_count(s['logical_params'])}")
     by_name = {t["name"]: t for t in s["tensors"]}
-    for mpath, comps in s["modules"].items():
-        out.append(f"  {mpath}")
-        for c in comps:
+    out.append("layers:")
+    for layer in s["layers"]:
+        mpath = layer["name"]
+        shape = "×".join(map(str, layer["shape"])) if layer["shape"] else "?"
+        bits = f"{layer['bits']}b" if layer["bits"] else ""
+        group = f"g{layer['group_size']}" if layer["group_size"] else ""
+        bpw = f"{layer['bits_per_weight']:.2f} bpw" if layer["bits_per_weight"] else ""
+        out.append(f"  {mpath:<48} {layer['scheme']:<11} {bits:>4} {group:>5} {shape:>14} {bpw:>10}")
+        if layer["problem"]:
+            out.append(f"      problem: {layer['problem']}")
+        for c in layer["tensors"]:
             t = by_name[f"{mpath}.{c}" if c else mpath]
-            shape = "×".join(map(str, t["shape"])) or "scalar"
-            out.append(f"      .{c:<22} {t['dtype']:<8} {shape:<18} {human_bytes(t['bytes']):>10}  {t['file']}")
+            tshape = "×".join(map(str, t["shape"])) or "scalar"
+            out.append(f"      .{c:<22} {t['dtype']:<8} {tshape:<16} {human_bytes(t['bytes']):>10}  {t['file']}")
     sys.stdout.write("\n".join(out) + "\n")
     return 0
 
 
-COMMANDS = {"info": cmd_info}
+def cmd_dequant(args) -> int:
+    import numpy as np
+
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.engines import get_engine
+    from quantscope.backend.schemes import analyze
+
+    with open_checkpoint(args.path) as ckpt:
+        model = analyze(ckpt)
+        layer = model.layer(args.layer)
+        engine = get_engine(args.engine)
+        w = engine.dequantize(model, layer)
+        np.save(args.output, w)
+    print(f"{args.layer}: {layer.scheme} {'×'.join(map(str, w.shape))} float32 -> {args.output} "
+          f"(engine {engine.name})")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "dequant": cmd_dequant}
 
 
 def _setup_logging(verbose: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from .checkpoint import Checkpoint
+from .schemes import analyze
 
 
 def checkpoint_summary(ckpt: Checkpoint) -> dict:
@@ -16,8 +17,13 @@ def checkpoint_summary(ckpt: Checkpoint) -> dict:
         ``path``, ``files`` (name, size, tensors, metadata), ``tensor_count``, ``total_bytes``,
         ``dtypes`` (bytes and element count per dtype), ``tensors`` (name, dtype, shape, bytes,
         file, byte range), ``modules`` (path → component names), ``notes``, ``warnings``,
-        ``configs`` (file names found), ``unsupported`` (pickles not opened).
+        ``configs`` (file names found), ``unsupported`` (pickles not opened), ``layers`` (one
+        object per module: ``name``, ``scheme``, ``bits``, ``group_size``, ``shape`` (logical),
+        ``dtype``, ``bits_per_weight``, ``source``, ``problem``…), ``quantization`` (the parsed
+        config: kind, file, globals, overrides, notes).
     """
+    model = analyze(ckpt)
+    cfg = model.config
     per_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes": 0, "params": 0, "tensors": 0})
     tensors = []
     for name in ckpt.names:
@@ -44,6 +50,11 @@ def checkpoint_summary(ckpt: Checkpoint) -> dict:
         "notes": list(ckpt.notes),
         "warnings": list(ckpt.warnings),
         "unsupported": [str(p) for p in ckpt.unsupported],
+        "quantization": {"kind": cfg.kind, "file": cfg.file, "globals": cfg.globals,
+                         "overrides": [[k, v] for k, v in cfg.overrides], "notes": cfg.notes},
+        "schemes": model.schemes,
+        "layers": [layer.summary() for layer in model.layers.values()],
+        "logical_params": sum(layer.numel for layer in model.layers.values()),
     }
 
 

@@ -12,42 +12,9 @@ import pytest
 from mx_util import to_np
 from quantscope.backend.errors import LayerError
 from quantscope.backend.formats import awq, gptq
+from ref_packers import autoawq_pack_gemm, autogptq_pack_rows
 
 RNG = np.random.default_rng(3)
-
-
-def autogptq_pack_rows(intweight: np.ndarray, bits: int) -> np.ndarray:
-    """AutoGPTQ's packing along axis 0 (rows of ``intweight`` [K, N]) into uint32 words."""
-    k, n = intweight.shape
-    iw = intweight.astype(np.uint64)
-    out = np.zeros((k * bits // 32, n), np.uint64)
-    i = row = 0
-    while row < out.shape[0]:
-        if bits in (2, 4, 8):
-            for j in range(i, i + 32 // bits):
-                out[row] |= iw[j] << np.uint64(bits * (j - i))
-            i += 32 // bits
-            row += 1
-        else:  # 3-bit: 10 values, a split value, 10 values shifted by 1, a split value, 10 shifted by 2
-            for j in range(i, i + 10):
-                out[row] |= iw[j] << np.uint64(3 * (j - i))
-            i += 10
-            out[row] |= iw[i] << np.uint64(30)
-            row += 1
-            out[row] |= (iw[i] >> np.uint64(2)) & np.uint64(1)
-            i += 1
-            for j in range(i, i + 10):
-                out[row] |= iw[j] << np.uint64(3 * (j - i) + 1)
-            i += 10
-            out[row] |= iw[i] << np.uint64(31)
-            row += 1
-            out[row] |= (iw[i] >> np.uint64(1)) & np.uint64(3)
-            i += 1
-            for j in range(i, i + 10):
-                out[row] |= iw[j] << np.uint64(3 * (j - i) + 2)
-            i += 10
-            row += 1
-    return (out & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
 
 
 def make_gptq(n, k, bits, group, *, sym, actorder=False, version=1):
@@ -116,17 +83,6 @@ def test_gptq_bad_shapes():
         gptq.decode(qweight, qzeros, s[:1], g_idx, bits=4, group_size=64, name="x.q_proj")
     with pytest.raises(LayerError, match="g_idx"):
         gptq.decode(qweight, qzeros, s, g_idx[:10], bits=4, group_size=64)
-
-
-def autoawq_pack_gemm(intweight: np.ndarray) -> np.ndarray:
-    """AutoAWQ's GEMM packing of ``intweight`` [K, N]: 8 columns per word, order_map interleave."""
-    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
-    k, n = intweight.shape
-    out = np.zeros((k, n // 8), np.uint64)
-    for col in range(n // 8):
-        for i in range(8):
-            out[:, col] |= intweight[:, col * 8 + order_map[i]].astype(np.uint64) << np.uint64(i * 4)
-    return out.astype(np.uint32).view(np.int32)
 
 
 def make_awq(n, k, group):

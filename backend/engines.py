@@ -1,0 +1,211 @@
+"""Two engines behind one interface turn a layer into float32 weights.
+
+* :class:`NumpyEngine` — vectorised numpy decoders of ``formats/`` (also the cross-check).
+* :class:`MlxEngine` — ``mx.dequantize`` for MLX layouts, and for GPTQ/AWQ layers that are
+  exactly representable as MLX affine (repacked first); everything else falls back to numpy.
+  MLX arrays are created and evaluated on one dedicated thread and leave it as numpy (MLX issue
+  #3529: arrays crossing threads can fail).
+
+Both return the same float32 values (0 ULP, tested): the MLX path repacks with float32
+scales/biases so ``s*q + (-s*z)`` is exact, then rounds to the checkpoint's scale dtype like the
+numpy path does.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import ml_dtypes
+import numpy as np
+
+from .errors import LayerError
+from .formats import awq, gptq
+from .formats import mlx as mlxfmt
+from .schemes import Layer, Model
+
+ENGINES = ("auto", "numpy", "mlx")
+
+
+def read_parts(model: Model, layer: Layer) -> dict[str, np.ndarray]:
+    """Every stored component of a layer as numpy arrays (mmap views)."""
+    return {c: model.ckpt.tensor(t.name) for c, t in layer.tensors.items()}
+
+
+def _require_decodable(model: Model, layer: Layer) -> None:
+    if not layer.decodable:
+        why = layer.problem or f"scheme {layer.scheme!r} is not decodable"
+        raise LayerError(why, file=model.ckpt.source, tensor=layer.path, rule="layer.undecodable")
+
+
+def _gptq_version(layer: Layer) -> int:
+    return int(layer.settings.get("version", 1))
+
+
+# -- numpy -------------------------------------------------------------------------------------
+
+def _np_dense(layer, p):
+    return np.asarray(p["weight"]).astype(np.float32)
+
+
+def _np_mlx_affine(layer, p):
+    return mlxfmt.decode_affine(p["weight"], p["scales"], p["biases"], bits=layer.bits,
+                                group_size=layer.group_size, name=layer.path)
+
+
+def _np_mlx_fp(layer, p):
+    return mlxfmt.decode_fp(p["weight"], p["scales"], mode=layer.mode, name=layer.path)
+
+
+def _np_gptq(layer, p):
+    return gptq.decode(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
+                       group_size=layer.group_size, version=_gptq_version(layer), name=layer.path)
+
+
+def _np_awq_gemm(layer, p):
+    return awq.decode_gemm(p["qweight"], p.get("qzeros"), p["scales"], group_size=layer.group_size, name=layer.path)
+
+
+def _np_awq_gemv(layer, p):
+    return awq.decode_gemv(p["qweight"], p.get("qzeros"), p["scales"], group_size=layer.group_size, name=layer.path)
+
+
+NUMPY_DECODERS = {
+    "dense": _np_dense,
+    "mlx-affine": _np_mlx_affine,
+    "mlx-mxfp4": _np_mlx_fp, "mlx-mxfp8": _np_mlx_fp, "mlx-nvfp4": _np_mlx_fp,
+    "gptq": _np_gptq,
+    "awq-gemm": _np_awq_gemm,
+    "awq-gemv": _np_awq_gemv,
+}
+
+
+class NumpyEngine:
+    """Decode with the numpy implementations of every format."""
+
+    name = "numpy"
+    device = "cpu (numpy)"
+
+    def dequantize(self, model: Model, layer: Layer) -> np.ndarray:
+        """float32 weights of ``layer`` in ``[..., out, in]`` orientation."""
+        _require_decodable(model, layer)
+        fn = NUMPY_DECODERS.get(layer.scheme)
+        if fn is None:
+            raise LayerError(f"no decoder for scheme {layer.scheme!r}", file=model.ckpt.source, tensor=layer.path)
+        try:
+            return fn(layer, read_parts(model, layer))
+        except LayerError as exc:
+            if exc.file is None:
+                exc = LayerError(exc.message, file=model.ckpt.source, tensor=layer.path, rule=exc.rule)
+            raise exc from None
+
+    def close(self) -> None:
+        pass
+
+
+# -- mlx ---------------------------------------------------------------------------------------
+
+def _mx_array(a: np.ndarray):
+    import mlx.core as mx
+    a = np.ascontiguousarray(a)
+    if a.dtype == np.dtype(ml_dtypes.bfloat16):
+        return mx.array(a.view(np.uint16)).view(mx.bfloat16)
+    return mx.array(a)
+
+
+def _mx_to_numpy_f32(x) -> np.ndarray:
+    import mlx.core as mx
+    x = x.astype(mx.float32)
+    mx.eval(x)
+    return np.array(x, copy=True)
+
+
+class MlxEngine:
+    """Decode with ``mx.dequantize`` on one dedicated MLX thread; numpy for what MLX cannot express."""
+
+    name = "mlx"
+
+    def __init__(self) -> None:
+        import mlx.core as mx  # fail early and clearly if MLX is missing
+        self._mx = mx
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantscope-mlx")
+        self._numpy = NumpyEngine()
+        self.last_path = ""  # which route the last decode took (for reports and tests)
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> str:
+        return f"mlx {self._mx.default_device()}"
+
+    def dequantize(self, model: Model, layer: Layer) -> np.ndarray:
+        _require_decodable(model, layer)
+        return self._pool.submit(self._run, model, layer).result()
+
+    def _run(self, model: Model, layer: Layer) -> np.ndarray:
+        mx = self._mx
+        p = read_parts(model, layer)
+        s = layer.scheme
+        if s == "mlx-affine":
+            self.last_path = "mx.dequantize"
+            y = mx.dequantize(_mx_array(p["weight"]), _mx_array(p["scales"]), _mx_array(p["biases"]),
+                              group_size=layer.group_size, bits=layer.bits)
+            return _mx_to_numpy_f32(y)
+        if s in ("mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4"):
+            self.last_path = "mx.dequantize"
+            y = mx.dequantize(_mx_array(p["weight"]), _mx_array(p["scales"]), mode=layer.mode, dtype=mx.float32)
+            return _mx_to_numpy_f32(y)
+        rep = None
+        if s == "gptq":
+            rep = gptq.to_mlx_affine(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
+                                     group_size=layer.group_size, version=_gptq_version(layer), name=layer.path)
+            sdt = p["scales"].dtype
+        elif s == "awq-gemm":
+            rep = awq.gemm_to_mlx_affine(p["qweight"], p.get("qzeros"), p["scales"], name=layer.path)
+            sdt = p["scales"].dtype
+        elif s == "awq-gemv":
+            rep = awq.gemv_to_mlx_affine(p["qweight"], p.get("qzeros"), p["scales"], group_size=layer.group_size,
+                                         name=layer.path)
+            sdt = p["scales"].dtype
+        if rep is not None:
+            self.last_path = "repacked to MLX affine + mx.dequantize"
+            w, sc, bi = rep
+            y = mx.dequantize(_mx_array(w), _mx_array(sc), _mx_array(bi), group_size=layer.group_size,
+                              bits=layer.bits)
+            if sdt != np.float32:
+                y = y.astype(mx.bfloat16 if sdt == np.dtype(ml_dtypes.bfloat16) else mx.float16)
+            return _mx_to_numpy_f32(y)
+        self.last_path = "numpy fallback"
+        return self._numpy.dequantize(model, layer)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+_default_engines: dict[str, object] = {}
+_engines_lock = threading.Lock()
+
+
+def mlx_has_gpu() -> bool:
+    try:
+        import mlx.core as mx
+        return mx.default_device() == mx.gpu
+    except Exception:
+        return False
+
+
+def get_engine(name: str = "auto"):
+    """A shared engine by name. ``auto`` is MLX on a GPU, numpy on a CPU (see bench_dequant)."""
+    if name not in ENGINES:
+        raise LayerError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
+    if name == "auto":
+        name = "mlx" if mlx_has_gpu() else "numpy"
+    with _engines_lock:
+        eng = _default_engines.get(name)
+        if eng is None:
+            eng = _default_engines[name] = MlxEngine() if name == "mlx" else NumpyEngine()
+        return eng
+
+
+def dequantize(model: Model, path: str, engine: str = "auto") -> np.ndarray:
+    """float32 weights of the layer at ``path`` (module path without component suffix)."""
+    return get_engine(engine).dequantize(model, model.layer(path))

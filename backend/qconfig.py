@@ -1,0 +1,392 @@
+"""Quantization configs of every format, resolved to the effective settings of each layer.
+
+Each resolution says where its values came from ("per-layer override `…`", "default 4 bit / 64",
+"`language_model.` prefix stripped"), so the window's config panel can show the rule that
+produced a layer's settings — the question people debugging a mixed-precision checkpoint ask.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .formats.mlx import MODE_DEFAULTS
+
+_MLX_RESERVED = {"group_size", "bits", "mode", "quant_method", "quantize_activations"}
+_STRIP_SUFFIXES = (".weight", ".scales", ".biases")
+
+
+@dataclass
+class Effective:
+    """A layer's effective quantization settings and the rule that produced them.
+
+    ``quantized`` is True/False when the config decides, None when it does not say (then the
+    tensors decide). ``settings`` holds the format's other knobs (sym, desc_act, version, …).
+    """
+
+    quantized: bool | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    mode: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    source: str = "no quantization config"
+
+
+@dataclass
+class QuantConfig:
+    """The quantization config found next to a checkpoint.
+
+    Attributes
+    ----------
+    kind
+        ``mlx``, ``mlx-native``, ``gptq``, ``awq``, ``compressed-tensors``, ``fp8``,
+        ``bitsandbytes``, another ``quant_method`` string, or None.
+    file
+        Config file (and key) it was read from, e.g. ``config.json["quantization"]``.
+    raw
+        The quantization block as stored.
+    globals
+        The global settings (for display).
+    overrides
+        Per-layer overrides as ``(key, value)`` pairs, in file order.
+    notes
+        Things a person should know (keys missing and what was assumed, mirrors, …).
+    """
+
+    kind: str | None = None
+    file: str | None = None
+    raw: dict = field(default_factory=dict)
+    globals: dict = field(default_factory=dict)
+    overrides: list[tuple[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def effective(self, path: str) -> Effective:
+        """Effective settings for the module at ``path`` (the path as stored in the checkpoint)."""
+        fn = _RESOLVERS.get(self.kind)
+        if fn is None:
+            return Effective(source="no quantization config" if self.kind is None else
+                             f"{self.file}: quant_method {self.kind!r} (settings read from the tensors)")
+        return fn(self, path)
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+def parse_configs(configs: dict[str, dict]) -> QuantConfig:
+    """Find and parse the quantization config among a checkpoint's JSON files."""
+    cfg = configs.get("config.json") or {}
+    qc = cfg.get("quantization_config")
+    if qc is None and isinstance(cfg.get("text_config"), dict):
+        qc = cfg["text_config"].get("quantization_config")  # VLM layout (formats.md §1.5)
+    if isinstance(cfg.get("quantization"), dict):
+        out = _parse_mlx(cfg["quantization"], 'config.json["quantization"]')
+        if isinstance(qc, dict):
+            out.notes.append('config.json also has "quantization_config"'
+                             + (" (an identical mirror, as mlx-lm writes)" if qc == cfg["quantization"]
+                                else " that DIFFERS from \"quantization\"; MLX loaders use \"quantization\""))
+        return out
+    qcj = configs.get("quantization_config.json")
+    if isinstance(qcj, dict) and ("per_tensor" in qcj or "quant_method" not in qcj):
+        return _parse_mlx_native(qcj)
+    if isinstance(qc, dict):
+        method = str(qc.get("quant_method", "")).lower()
+        if not method and "bits" in qc and "group_size" in qc:
+            return _parse_mlx(qc, 'config.json["quantization_config"]')
+        parsed = _parse_method(method, qc, 'config.json["quantization_config"]')
+        if parsed is not None:
+            if "quantize_config.json" in configs:
+                parsed.notes.append("quantize_config.json is present too; config.json's block is used")
+            return parsed
+    for name in ("quantize_config.json", "quant_config.json"):
+        q = configs.get(name)
+        if isinstance(q, dict):
+            method = str(q.get("quant_method", "")).lower()
+            if not method:
+                awq_keys = {"w_bit", "q_group_size", "zero_point", "version"}
+                method = "awq" if (name == "quant_config.json" and awq_keys & q.keys()
+                                   and "desc_act" not in q) else "gptq"
+            parsed = _parse_method(method, q, name)
+            if parsed is not None:
+                return parsed
+    return QuantConfig()
+
+
+def _parse_method(method: str, qc: dict, where: str) -> QuantConfig | None:
+    if method in ("gptq", "gptq_v2"):
+        return _parse_gptq(qc, where)
+    if method == "awq":
+        return _parse_awq(qc, where)
+    if method == "compressed-tensors":
+        return _parse_ct(qc, where)
+    if method == "fp8":
+        return _parse_fp8(qc, where)
+    if method == "bitsandbytes":
+        return _parse_bnb(qc, where)
+    if method:
+        return QuantConfig(kind=method, file=where, raw=qc, globals=dict(qc))
+    return None
+
+
+def _parse_mlx(q: dict, where: str) -> QuantConfig:
+    out = QuantConfig(kind="mlx", file=where, raw=q)
+    mode = q.get("mode", "affine")
+    out.globals = {"bits": q.get("bits"), "group_size": q.get("group_size"), "mode": mode}
+    if "mode" not in q:
+        out.notes.append('no "mode": affine assumed (files written before mlx-lm added modes)')
+    for key in ("bits", "group_size"):
+        if key not in q:
+            out.notes.append(f'top-level "{key}" missing: MLX loaders index it directly and fail')
+    out.overrides = [(k, v) for k, v in q.items() if k not in _MLX_RESERVED]
+    return out
+
+
+def _parse_mlx_native(q: dict) -> QuantConfig:
+    out = QuantConfig(kind="mlx-native", file="quantization_config.json", raw=q)
+    out.globals = {"bits": q.get("bits", 4), "group_size": q.get("group_size", 64), "mode": q.get("mode", "affine")}
+    per = q.get("per_tensor") or {}
+    out.overrides = list(per.items()) if isinstance(per, dict) else []
+    return out
+
+
+def _first(d: dict, *keys, default=None):
+    for k in keys:
+        if k in d:
+            return d[k]
+    return default
+
+
+def _parse_gptq(q: dict, where: str) -> QuantConfig:
+    out = QuantConfig(kind="gptq", file=where, raw=q)
+    fmt = _first(q, "checkpoint_format", "format", "version")
+    if str(q.get("quant_method", "")).lower() == "gptq_v2" and fmt is None:
+        fmt = "gptq_v2"
+    missing = [k for k in ("sym", "checkpoint_format", "quant_method") if k not in q]
+    if missing:
+        out.notes.append(f"GPTQ config lacks {', '.join(missing)}: loaders assume "
+                         "sym=true and checkpoint_format=gptq (v1), as GPTQModel does (R4)")
+    if q.get("is_marlin_format"):
+        fmt = "marlin"
+    out.globals = {
+        "bits": _first(q, "bits", "w_bit", "wbits"),
+        "group_size": _first(q, "group_size", "q_group_size"),
+        "sym": q.get("sym", True),
+        "desc_act": bool(q.get("desc_act", False)),
+        "static_groups": bool(q.get("static_groups", False)),
+        "checkpoint_format": fmt or "gptq",
+        "pack_dtype": q.get("pack_dtype", "int32"),
+        "lm_head": bool(q.get("lm_head", False)),
+    }
+    dyn = q.get("dynamic")
+    if isinstance(dyn, dict):
+        out.overrides = list(dyn.items())
+    return out
+
+
+def _parse_awq(q: dict, where: str) -> QuantConfig:
+    out = QuantConfig(kind="awq", file=where, raw=q)
+    version = str(_first(q, "version", default="gemm")).lower()
+    out.globals = {"bits": _first(q, "bits", "w_bit"), "group_size": _first(q, "group_size", "q_group_size"),
+                   "zero_point": q.get("zero_point", True), "version": version,
+                   "modules_to_not_convert": q.get("modules_to_not_convert")}
+    if "w_bit" in q and "bits" not in q:
+        out.notes.append(f"{where} uses AutoAWQ's own keys (w_bit/q_group_size); transformers reads "
+                         "config.json quantization_config with bits/group_size (R7)")
+    return out
+
+
+def _parse_ct(q: dict, where: str) -> QuantConfig:
+    out = QuantConfig(kind="compressed-tensors", file=where, raw=q)
+    out.globals = {"format": q.get("format"), "version": q.get("version"),
+                   "quantization_status": q.get("quantization_status"), "ignore": q.get("ignore") or []}
+    groups = q.get("config_groups") or {}
+    out.overrides = list(groups.items()) if isinstance(groups, dict) else []
+    return out
+
+
+def _parse_fp8(q: dict, where: str) -> QuantConfig:
+    out = QuantConfig(kind="fp8", file=where, raw=q)
+    out.globals = {"fmt": q.get("fmt", "e4m3"), "weight_block_size": q.get("weight_block_size"),
+                   "activation_scheme": q.get("activation_scheme"), "scale_fmt": q.get("scale_fmt"),
+                   "modules_to_not_convert": q.get("modules_to_not_convert")}
+    return out
+
+
+def _parse_bnb(q: dict, where: str) -> QuantConfig:
+    out = QuantConfig(kind="bitsandbytes", file=where, raw=q)
+    out.globals = {"load_in_4bit": q.get("load_in_4bit"), "load_in_8bit": q.get("load_in_8bit"),
+                   "bnb_4bit_quant_type": q.get("bnb_4bit_quant_type"),
+                   "bnb_4bit_use_double_quant": q.get("bnb_4bit_use_double_quant"),
+                   "bnb_4bit_compute_dtype": q.get("bnb_4bit_compute_dtype"),
+                   "llm_int8_skip_modules": q.get("llm_int8_skip_modules")}
+    return out
+
+
+# -- resolution --------------------------------------------------------------------------------
+
+def _prefix_variants(path: str):
+    """The paths a per-layer key may use for ``path``, with the rule that maps them."""
+    yield path, None
+    if path.startswith("language_model."):
+        yield path[len("language_model."):], "`language_model.` prefix stripped"
+    if path.startswith("model.language_model."):
+        yield "language_model.model." + path[len("model.language_model."):], \
+            "`model.language_model.` read as `language_model.model.`"
+    if not path.startswith("language_model."):
+        yield "language_model." + path, "`language_model.` prefix added"
+
+
+def _mlx_entry(cfg: QuantConfig, key: str, value, rule: str | None) -> Effective:
+    how = f"per-layer override `{key}`" + (f" ({rule})" if rule else "")
+    if value is False:
+        return Effective(quantized=False, source=f"{how}: false (not quantized)")
+    if value is True:
+        g = cfg.globals
+        return Effective(quantized=True, bits=g["bits"], group_size=g["group_size"], mode=g["mode"],
+                         source=f"{how}: true (global settings)")
+    if not isinstance(value, dict):
+        return Effective(source=f"{how}: unreadable value {value!r}")
+    mode = value.get("mode", "affine")
+    dbits, dgroup = MODE_DEFAULTS.get(mode, (None, None))
+    defaulted = [k for k in ("bits", "group_size") if k not in value]
+    src = how
+    if defaulted:
+        # Missing keys fall back to the mode's defaults, not to the global values (formats.md §1.5).
+        src += "; " + ", ".join(f"{k}: {mode} default" for k in defaulted)
+    return Effective(quantized=True, bits=value.get("bits", dbits), group_size=value.get("group_size", dgroup),
+                     mode=mode, source=src)
+
+
+def _resolve_mlx(cfg: QuantConfig, path: str) -> Effective:
+    entries = dict(cfg.overrides)
+    for key, rule in _prefix_variants(path):
+        if key in entries:
+            return _mlx_entry(cfg, key, entries[key], rule)
+    g = cfg.globals
+    return Effective(quantized=None, bits=g["bits"], group_size=g["group_size"], mode=g["mode"],
+                     source=f"global {g['bits']} bit / {g['group_size']} {g['mode']} ({cfg.file}); "
+                            "quantized if `.scales` is stored")
+
+
+def _resolve_mlx_native(cfg: QuantConfig, path: str) -> Effective:
+    entries = dict(cfg.overrides)
+    # Matching order of seed mlx_native: exact tensor name, name without .weight/.scales/.biases,
+    # then without and with a `language_model.` prefix; else the defaults.
+    tried = [(path + ".weight", "exact tensor name"), (path, "name without .weight/.scales/.biases")]
+    if path.startswith("language_model."):
+        tried.append((path[len("language_model."):], "`language_model.` prefix stripped"))
+    else:
+        tried.append(("language_model." + path, "`language_model.` prefix added"))
+    for key, rule in tried:
+        if key in entries:
+            v = entries[key]
+            if v is False:
+                return Effective(quantized=False, source=f"per_tensor `{key}` ({rule}): false")
+            if isinstance(v, dict):
+                return Effective(quantized=True, bits=v.get("bits", cfg.globals["bits"]),
+                                 group_size=v.get("group_size", cfg.globals["group_size"]),
+                                 mode=v.get("mode", cfg.globals["mode"]), source=f"per_tensor `{key}` ({rule})")
+    g = cfg.globals
+    src = "default 4 bit / 64" if (g["bits"], g["group_size"]) == (4, 64) and "bits" not in cfg.raw \
+        else f"global {g['bits']} bit / {g['group_size']} (quantization_config.json)"
+    return Effective(quantized=None, bits=g["bits"], group_size=g["group_size"], mode=g["mode"], source=src)
+
+
+def _resolve_gptq(cfg: QuantConfig, path: str) -> Effective:
+    g = cfg.globals
+    fmt = str(g["checkpoint_format"]).lower()
+    settings = {"sym": g["sym"], "desc_act": g["desc_act"], "static_groups": g["static_groups"],
+                "checkpoint_format": fmt, "version": 2 if fmt == "gptq_v2" else 1, "pack_dtype": g["pack_dtype"]}
+    eff = Effective(quantized=None, bits=g["bits"], group_size=g["group_size"], settings=settings,
+                    source=f"{cfg.file}: {g['bits']} bit, group {g['group_size']}, sym={g['sym']}, "
+                           f"desc_act={g['desc_act']}, format {fmt}")
+    for pattern, value in cfg.overrides:
+        neg = pattern.startswith("-:")
+        rx = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
+        try:
+            hit = re.search(rx, path) is not None
+        except re.error:
+            continue
+        if not hit:
+            continue
+        if neg:
+            return Effective(quantized=False, settings=settings, source=f"dynamic `{pattern}`: not quantized")
+        if isinstance(value, dict):
+            eff.bits = value.get("bits", eff.bits)
+            eff.group_size = value.get("group_size", eff.group_size)
+            for k in ("sym", "desc_act"):
+                if k in value:
+                    settings[k] = value[k]
+            eff.source = f"dynamic override `{pattern}` ({cfg.file})"
+        break
+    return eff
+
+
+def _resolve_awq(cfg: QuantConfig, path: str) -> Effective:
+    g = cfg.globals
+    skip = g.get("modules_to_not_convert") or []
+    for key in skip:
+        if key in path:  # AutoAWQ matches by substring
+            return Effective(quantized=False, source=f"modules_to_not_convert contains `{key}`")
+    return Effective(quantized=None, bits=g["bits"], group_size=g["group_size"],
+                     settings={"zero_point": g["zero_point"], "version": g["version"]},
+                     source=f"{cfg.file}: {g['bits']} bit, group {g['group_size']}, version {g['version']}, "
+                            f"zero_point={g['zero_point']}")
+
+
+def _ct_matches(target: str, path: str) -> bool:
+    if target.startswith("re:"):
+        try:
+            return re.match(target[3:], path) is not None
+        except re.error:
+            return False
+    if "." not in target and target[:1].isupper():
+        return True  # a module class name such as "Linear": the tensors decide
+    return path == target or path.endswith("." + target)
+
+
+def _resolve_ct(cfg: QuantConfig, path: str) -> Effective:
+    for pat in cfg.globals.get("ignore") or []:
+        if isinstance(pat, str) and not (pat[:1].isupper() and "." not in pat) and _ct_matches(pat, path):
+            return Effective(quantized=False, source=f"ignore `{pat}` ({cfg.file})")
+    for gname, group in cfg.overrides:
+        if not isinstance(group, dict):
+            continue
+        targets = group.get("targets") or []
+        hit = next((t for t in targets if isinstance(t, str) and _ct_matches(t, path)), None)
+        if hit is None:
+            continue
+        w = group.get("weights") or {}
+        fmt = group.get("format") or cfg.globals.get("format")
+        settings = {"type": w.get("type"), "symmetric": w.get("symmetric"), "strategy": w.get("strategy"),
+                    "block_structure": w.get("block_structure"), "actorder": w.get("actorder"),
+                    "format": fmt, "version": cfg.globals.get("version")}
+        return Effective(quantized=None, bits=w.get("num_bits"), group_size=w.get("group_size"),
+                         settings=settings,
+                         source=f"config_groups.{gname} (target `{hit}`), format {fmt}, "
+                                f"compressed-tensors {cfg.globals.get('version')}")
+    return Effective(quantized=False, source="matches no config_groups target")
+
+
+def _resolve_fp8(cfg: QuantConfig, path: str) -> Effective:
+    g = cfg.globals
+    for key in g.get("modules_to_not_convert") or []:
+        if key in path:
+            return Effective(quantized=False, source=f"modules_to_not_convert contains `{key}`")
+    bs = g.get("weight_block_size")
+    return Effective(quantized=None, bits=8, settings={"weight_block_size": bs, "fmt": g.get("fmt")},
+                     source=f"{cfg.file}: fp8 {g.get('fmt')}, weight_block_size {bs}")
+
+
+def _resolve_bnb(cfg: QuantConfig, path: str) -> Effective:
+    g = cfg.globals
+    for key in g.get("llm_int8_skip_modules") or []:
+        if key in path:
+            return Effective(quantized=False, source=f"llm_int8_skip_modules contains `{key}`")
+    bits = 4 if g.get("load_in_4bit") else 8 if g.get("load_in_8bit") else None
+    return Effective(quantized=None, bits=bits, settings=dict(g),
+                     source=f"{cfg.file}: bitsandbytes {bits}-bit; per-layer state from the quant_state tensor")
+
+
+_RESOLVERS = {"mlx": _resolve_mlx, "mlx-native": _resolve_mlx_native, "gptq": _resolve_gptq,
+              "awq": _resolve_awq, "compressed-tensors": _resolve_ct, "fp8": _resolve_fp8,
+              "bitsandbytes": _resolve_bnb}

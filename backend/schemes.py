@@ -1,0 +1,449 @@
+"""Recognise how each module of a checkpoint is quantized.
+
+Detection follows formats.md §10's order — tensor suffixes, dtypes and shapes first, then the
+config — and produces one :class:`Layer` per module with its scheme, logical shape, effective
+settings, the rule they came from, and (if something does not fit) the problem, never an
+exception: anything not recognised is ``unknown`` with its raw tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checkpoint import Checkpoint, Module
+from .dtypes import DTYPES
+from .errors import LayerError, QuantscopeError
+from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS, affine_shape
+from .qconfig import Effective, QuantConfig, parse_configs
+from .safetensors_file import TensorInfo
+
+_logger = logging.getLogger(__name__)
+
+SCHEMES = ("dense", "mlx-affine", "mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4", "gptq", "awq-gemm", "awq-gemv",
+           "ct-pack", "ct-nvfp4", "ct-fp8", "fp8-block", "bnb-nf4", "bnb-fp4", "bnb-int8")
+#: Components that are not part of the quantized weight (a Linear's own bias, activation scales).
+AUX_COMPONENTS = {"bias", "input_scale", "input_zero_point", "input_global_scale", "output_scale", "k_scale",
+                  "v_scale"}
+
+
+@dataclass
+class Layer:
+    """One module: how it is stored, how it decodes, and where its settings came from.
+
+    Attributes
+    ----------
+    path
+        Module path as stored (``model.layers.0.self_attn.q_proj``).
+    scheme
+        One of :data:`SCHEMES`, ``unknown`` or a named undecodable variant (``gptq-marlin``).
+    tensors
+        Stored tensors by component suffix.
+    shape
+        Logical weight shape ``[..., out_features, in_features]`` (None when unknown).
+    bits, group_size, mode
+        Effective quantization settings (None where they do not apply).
+    dtype
+        The dtype the format computes in (scale dtype) or the dense weight dtype.
+    settings
+        Other effective settings (sym, desc_act, version, act_order, packing, block size…).
+    source
+        The rule that produced the settings, in words.
+    problem
+        Why the layer cannot be decoded as it is (None when it can).
+    """
+
+    path: str
+    scheme: str
+    tensors: dict[str, TensorInfo]
+    shape: tuple[int, ...] | None = None
+    bits: int | None = None
+    group_size: int | None = None
+    mode: str | None = None
+    dtype: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    problem: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme not in ("dense", "unknown")
+
+    @property
+    def decodable(self) -> bool:
+        return self.problem is None and self.scheme != "unknown" and self.shape is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape else 0
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of everything stored for the weight (codes, scales, zeros, g_idx…), not the bias."""
+        return sum(t.nbytes for c, t in self.tensors.items() if c not in AUX_COMPONENTS)
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        n = self.numel
+        return self.stored_bytes * 8 / n if n else None
+
+    @property
+    def is_matrix(self) -> bool:
+        return self.shape is not None and len(self.shape) >= 2
+
+    def summary(self) -> dict:
+        """Plain data for JSON output."""
+        return {"name": self.path, "scheme": self.scheme, "bits": self.bits, "group_size": self.group_size,
+                "mode": self.mode, "shape": list(self.shape) if self.shape else None, "dtype": self.dtype,
+                "bits_per_weight": self.bits_per_weight, "stored_bytes": self.stored_bytes,
+                "settings": self.settings, "source": self.source, "problem": self.problem,
+                "tensors": sorted(self.tensors)}
+
+
+class Model:
+    """A checkpoint's layers with their schemes and its parsed quantization config."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.config: QuantConfig = parse_configs(ckpt.configs)
+        self.dims = _model_dims(ckpt.configs.get("config.json") or {})
+        self.layers: dict[str, Layer] = {}
+        for path, module in ckpt.modules().items():
+            try:
+                layer = detect(module, self.config, self.dims, ckpt)
+            except QuantscopeError as exc:
+                layer = Layer(path, "unknown", module.tensors, problem=str(exc))
+            except (KeyError, ValueError, TypeError, IndexError) as exc:  # never crash on odd files
+                _logger.debug("detection failed for %s", path, exc_info=True)
+                layer = Layer(path, "unknown", module.tensors, problem=f"could not recognise: {exc}")
+            self.layers[path] = layer
+
+    def layer(self, path: str) -> Layer:
+        try:
+            return self.layers[path]
+        except KeyError:
+            raise LayerError("no such layer in this checkpoint (give the module path without the component "
+                             "suffix, e.g. model.layers.0.self_attn.q_proj)", file=self.ckpt.source,
+                             tensor=path, rule="layer.missing") from None
+
+    @property
+    def schemes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for layer in self.layers.values():
+            out[layer.scheme] = out.get(layer.scheme, 0) + 1
+        return out
+
+    @property
+    def main_scheme(self) -> str:
+        """The most common quantized scheme (or ``dense``)."""
+        q = {k: v for k, v in self.schemes.items() if k not in ("dense", "unknown")}
+        return max(q, key=q.get) if q else "dense"
+
+
+def analyze(ckpt: Checkpoint) -> Model:
+    """Detect the scheme of every module (cached on the checkpoint)."""
+    m = getattr(ckpt, "_model", None)
+    if m is None:
+        m = Model(ckpt)
+        ckpt._model = m
+    return m
+
+
+def _model_dims(cfg: dict) -> set[int]:
+    """Input dimensions a layer of this model can have (from config.json), for shape inference."""
+    dims = set()
+    for c in (cfg, cfg.get("text_config") or {}):
+        for k in ("hidden_size", "intermediate_size", "moe_intermediate_size", "vocab_size", "d_model",
+                  "ffn_dim", "shared_expert_intermediate_size"):
+            v = c.get(k)
+            if isinstance(v, int) and v > 0:
+                dims.add(v)
+        h, d = c.get("num_attention_heads"), c.get("head_dim")
+        if isinstance(h, int) and isinstance(d, int):
+            dims.add(h * d)
+    return dims
+
+
+def _float_name(t: TensorInfo) -> bool:
+    return t.dtype in ("F16", "BF16", "F32", "F64")
+
+
+# -- detection ---------------------------------------------------------------------------------
+
+def detect(module: Module, cfg: QuantConfig, dims: set[int], ckpt: Checkpoint) -> Layer:
+    """Decide a module's scheme and settings (see module docstring)."""
+    comps = module.tensors
+    eff = cfg.effective(module.path)
+    c = set(comps)
+    if {"B", "s"} <= c or (cfg.kind == "gptq" and cfg.globals.get("checkpoint_format") == "marlin"
+                           and "qweight" in c):
+        return Layer(module.path, "gptq-marlin", comps, bits=eff.bits, group_size=eff.group_size,
+                     source=eff.source, problem="Marlin-serialized GPTQ (tile-permuted `.B`/`.s`) is not "
+                     "decodable as plain GPTQ (R6); convert it back to GPTQ first")
+    if "qweight" in c:
+        return _detect_gptq_awq(module, cfg, eff)
+    if "weight_packed" in c:
+        return _detect_ct_packed(module, cfg, eff, ckpt)
+    if "weight" not in c:
+        return Layer(module.path, "unknown", comps, source=eff.source,
+                     problem=None if not c - AUX_COMPONENTS else "no weight tensor recognised")
+    w = comps["weight"]
+    if any(k.startswith("weight.quant_state.") for k in c) or "weight.absmax" in c:
+        return _detect_bnb4(module, eff, ckpt)
+    if "SCB" in c and w.dtype == "I8":
+        return Layer(module.path, "bnb-int8", comps, shape=w.shape, bits=8, dtype="F32",
+                     source=eff.source, settings={"weight_format": "row"})
+    if w.dtype in ("F8_E4M3", "F8_E5M2"):
+        return _detect_fp8(module, cfg, eff)
+    if w.dtype == "I8" and "weight_scale" in c:
+        return _detect_ct_naive(module, cfg, eff)
+    if w.dtype == "U32" and "scales" in c:
+        return _detect_mlx(module, cfg, eff, dims)
+    if _float_name(w):
+        layer = Layer(module.path, "dense", comps, shape=w.shape, bits=DTYPES[w.dtype].bits, dtype=w.dtype,
+                      source=eff.source if eff.quantized is False else "not quantized")
+        if "scales" in c:
+            layer.problem = "float weight next to `.scales`: a quantized layer saved unquantized, or a stale file"
+        return layer
+    return Layer(module.path, "unknown", comps, source=eff.source,
+                 problem=f"weight dtype {w.dtype} with components {sorted(c)} matches no known scheme")
+
+
+def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]) -> Layer:
+    comps = module.tensors
+    w, s = comps["weight"], comps["scales"]
+    has_biases = "biases" in comps
+    mode = eff.mode
+    if mode is None or (mode == "affine" and not has_biases and s.dtype == "U8"):
+        mode = "affine" if has_biases else _guess_fp_mode(w.shape, s.shape)
+    scheme = "mlx-affine" if mode == "affine" else f"mlx-{mode}"
+    layer = Layer(module.path, scheme, comps, mode=mode, dtype=s.dtype if mode == "affine" else "F32",
+                  source=eff.source)
+    if mode == "affine":
+        bits, group = eff.bits, eff.group_size
+        if bits is None or group is None:
+            bits, group, how = _infer_affine(w.shape, s.shape, dims)
+            layer.source = how
+        layer.bits, layer.group_size = bits, group
+        if not has_biases:
+            layer.problem = "affine layer without `.biases` (an mxfp4/nvfp4 layer missing its per-layer mode?)"
+            return layer
+        if eff.quantized is False:
+            layer.problem = "config marks this layer not quantized but `.scales` are stored (R18)"
+        try:
+            layer.shape = affine_shape(w.shape, s.shape, bits, group)
+        except LayerError as exc:
+            alt = _infer_affine(w.shape, s.shape, dims)
+            hint = f"; the shapes fit {alt[0]} bit / group {alt[1]}" if alt[0] else ""
+            layer.problem = f"{exc.message}{hint} (R18)"
+        return layer
+    layer.bits, layer.group_size = MODE_DEFAULTS.get(mode, (None, None))
+    if has_biases:
+        layer.problem = f"{mode} layer with `.biases` (only affine has biases)"
+    if s.dtype != "U8":
+        layer.problem = f"{mode} scales are {s.dtype}, expected U8 exponent/E4M3 bytes"
+    try:
+        layer.shape = affine_shape(w.shape, s.shape, layer.bits, layer.group_size)
+    except LayerError as exc:
+        layer.problem = exc.message
+    return layer
+
+
+def _guess_fp_mode(wshape, sshape) -> str:
+    wp, sc = wshape[-1], sshape[-1]
+    if wp * 8 == sc * 32:
+        return "mxfp4"
+    if wp * 4 == sc * 32:
+        return "mxfp8"
+    if wp * 8 == sc * 16:
+        return "nvfp4"
+    return "affine"
+
+
+def _infer_affine(wshape, sshape, dims: set[int]):
+    """(bits, group, rule) from shapes and the model's dimensions; (None, None, why) if ambiguous."""
+    wp, s = wshape[-1], sshape[-1]
+    fits = [(b, g) for b in AFFINE_BITS for g in AFFINE_GROUPS if wp * 32 % b == 0 and wp * 32 // b == g * s]
+    with_dim = [(b, g) for b, g in fits if wp * 32 // b in dims]
+    if len(with_dim) == 1:
+        b, g = with_dim[0]
+        return b, g, f"inferred from shapes and the model's dimension K={wp * 32 // b}: {b} bit / {g}"
+    if (4, 64) in (with_dim or fits):
+        return 4, 64, "no bits/group in config: default 4 bit / 64 fits the shapes" + (
+            f" (also possible: {[f for f in (with_dim or fits) if f != (4, 64)]})" if len(with_dim or fits) > 1 else "")
+    if len(fits) == 1:
+        return fits[0][0], fits[0][1], f"inferred from shapes: {fits[0][0]} bit / {fits[0][1]}"
+    return None, None, f"bits/group not in config and ambiguous from shapes ({fits})"
+
+
+def _detect_gptq_awq(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
+    comps = module.tensors
+    qw = comps["qweight"]
+    sc = comps.get("scales")
+    path = module.path
+    if qw.dtype == "I16" or "scaled_zeros" in comps:
+        return Layer(path, "awq-gemv-fast", comps, bits=4, source=eff.source,
+                     problem="AWQ GEMV_FAST (int16, interleaved) is not decodable yet (R7)")
+    if sc is None or len(qw.shape) != 2 or len(sc.shape) != 2:
+        return Layer(path, "unknown", comps, source=eff.source, problem="qweight without 2-D scales")
+    (r, c2), (ng, n) = qw.shape, sc.shape
+    word = DTYPES[qw.dtype].bits
+    gptq_fit = c2 == n
+    gemm_fit = c2 * 8 == n and r % ng == 0
+    gemv_fit = r == ng
+    version = str(eff.settings.get("version", "")).lower()
+    if cfg.kind == "awq":
+        scheme = "awq-gemv" if version == "gemv" else "awq-gemm"
+    elif cfg.kind == "gptq":
+        scheme = "gptq"
+    else:
+        scheme = "gptq" if gptq_fit else "awq-gemm" if gemm_fit else "awq-gemv" if gemv_fit else "unknown"
+    layer = Layer(path, scheme, comps, dtype=sc.dtype, source=eff.source, settings=dict(eff.settings))
+    if scheme == "gptq":
+        bits = eff.bits
+        k = None
+        if "g_idx" in comps:
+            k = comps["g_idx"].shape[0]
+        if bits is None:
+            z = comps.get("qzeros")
+            if k:
+                bits = r * word // k
+            elif z is not None and n:
+                bits = z.shape[1] * word // n
+            layer.source = (layer.source + "; " if cfg.kind else "") + f"bits inferred from shapes: {bits}"
+        layer.bits = bits
+        if not gptq_fit:
+            layer.problem = (f"qweight {list(qw.shape)} does not fit GPTQ's [K·b/32, N] with scales {list(sc.shape)}"
+                             + ("; it has AWQ GEMM's layout — mislabelled quant_method?" if gemm_fit else ""))
+            return layer
+        if not bits or (r * word) % bits:
+            layer.problem = f"cannot determine bits for qweight {list(qw.shape)}"
+            return layer
+        k = r * word // bits
+        g = eff.group_size
+        if g is None:
+            g = -1 if ng == 1 else k // ng
+        layer.group_size = g
+        layer.shape = (n, k)
+        gi_trivial = None
+        settings = layer.settings
+        settings.setdefault("version", 1)
+        if "qzeros" not in comps:
+            layer.problem = "GPTQ layer without qzeros"
+        exp_ng = 1 if g in (-1, 0) else -(-k // g)
+        if ng != exp_ng:
+            layer.problem = f"scales have {ng} groups; K={k} with group size {g} needs {exp_ng}"
+        if "g_idx" in comps and comps["g_idx"].shape != (k,):
+            layer.problem = f"g_idx has shape {list(comps['g_idx'].shape)}, expected [{k}]"
+        settings["act_order"] = gi_trivial  # decided lazily by reading g_idx (see engines)
+        settings["word_bits"] = word
+        return layer
+    if scheme == "awq-gemm":
+        layer.bits = 4
+        if not gemm_fit:
+            layer.problem = (f"qweight {list(qw.shape)} does not fit AWQ GEMM's [K, N/8] with scales {list(sc.shape)}"
+                             + (" — it has GPTQ's layout (quant_method mislabelled?)" if gptq_fit else "")
+                             + (" — it has the GEMV layout; config version says gemm (R7)" if gemv_fit else ""))
+            return layer
+        layer.shape = (n, r)
+        layer.group_size = r // ng
+        if eff.group_size not in (None, layer.group_size):
+            layer.problem = f"scales imply group size {layer.group_size} but the config says {eff.group_size}"
+        return layer
+    if scheme == "awq-gemv":
+        layer.bits = 4
+        g = eff.group_size
+        if not gemv_fit or g is None:
+            layer.problem = f"qweight {list(qw.shape)} / scales {list(sc.shape)} do not fit AWQ GEMV (group {g})"
+            return layer
+        layer.shape = (r, c2 * 8)
+        layer.group_size = g
+        return layer
+    layer.problem = f"qweight {list(qw.shape)} with scales {list(sc.shape)} fits neither GPTQ nor AWQ layouts"
+    return layer
+
+
+def _detect_ct_packed(module: Module, cfg: QuantConfig, eff: Effective, ckpt: Checkpoint) -> Layer:
+    comps = module.tensors
+    wp = comps["weight_packed"]
+    path = module.path
+    settings = dict(eff.settings)
+    shape = None
+    if "weight_shape" in comps:
+        try:
+            shape = tuple(int(x) for x in ckpt.tensor(f"{path}.weight_shape").reshape(-1))
+        except QuantscopeError:
+            shape = None
+    scale = comps.get("weight_scale")
+    if wp.dtype == "U8":
+        if "weight_global_scale" in comps:
+            scheme, bits, group = "ct-nvfp4", 4, 16
+        else:
+            scheme, bits, group = "ct-mxfp4", 4, 32
+        layer = Layer(path, scheme, comps, bits=bits, group_size=group, dtype="F32", settings=settings,
+                      source=eff.source, shape=shape or (wp.shape[0], wp.shape[1] * 2))
+        return layer
+    layer = Layer(path, "ct-pack", comps, bits=eff.bits, group_size=eff.group_size,
+                  dtype=scale.dtype if scale else None, settings=settings, source=eff.source, shape=shape)
+    if layer.bits is None:
+        layer.problem = "compressed-tensors config gives no num_bits for this layer"
+    if shape is None:
+        layer.problem = "weight_shape missing: logical shape unknown"
+    if scale is None:
+        layer.problem = "weight_scale missing"
+    return layer
+
+
+def _detect_ct_naive(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
+    w = module.tensors["weight"]
+    s = module.tensors["weight_scale"]
+    return Layer(module.path, "ct-int", module.tensors, shape=w.shape, bits=eff.bits or 8,
+                 group_size=eff.group_size, dtype=s.dtype, settings=dict(eff.settings), source=eff.source)
+
+
+def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
+    comps = module.tensors
+    w = comps["weight"]
+    if "weight_scale_inv" in comps:
+        bs = eff.settings.get("weight_block_size") or cfg.globals.get("weight_block_size")
+        s = comps["weight_scale_inv"]
+        layer = Layer(module.path, "fp8-block", comps, shape=w.shape, bits=8, dtype="F32",
+                      settings={"weight_block_size": bs, "scale_dtype": s.dtype}, source=eff.source)
+        if not bs:
+            layer.problem = "weight_block_size missing from the config; the block size cannot be read (R12)"
+        return layer
+    s = comps.get("weight_scale")
+    if s is not None and s.dtype == "U8":
+        return Layer(module.path, "ct-mxfp8", comps, shape=w.shape, bits=8, group_size=32, dtype="F32",
+                     settings={"scale": "E8M0"}, source=eff.source)
+    if s is not None:
+        return Layer(module.path, "ct-fp8", comps, shape=w.shape, bits=8, group_size=eff.group_size,
+                     dtype=s.dtype, settings=dict(eff.settings), source=eff.source)
+    return Layer(module.path, "dense", comps, shape=w.shape, bits=8, dtype=w.dtype,
+                 source="fp8 weight without a scale: read as plain fp8 values")
+
+
+def _detect_bnb4(module: Module, eff: Effective, ckpt: Checkpoint) -> Layer:
+    comps = module.tensors
+    states = [k for k in comps if k.startswith("weight.quant_state.bitsandbytes__")]
+    qtype = states[0].rsplit("__", 1)[1] if len(states) == 1 else None
+    scheme = {"nf4": "bnb-nf4", "fp4": "bnb-fp4"}.get(qtype or "", "bnb-nf4")
+    layer = Layer(module.path, scheme, comps, bits=4, source="quant_state tensor", settings={})
+    if len(states) != 1:
+        layer.problem = f"expected exactly one weight.quant_state.bitsandbytes__* tensor, found {len(states)} (R25)"
+        return layer
+    import json
+    try:
+        raw = ckpt.tensor(f"{module.path}.{states[0]}")
+        state = json.loads(bytes(raw.astype("uint8").reshape(-1)).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, QuantscopeError) as exc:
+        layer.problem = f"quant_state is not readable JSON: {exc}"
+        return layer
+    layer.settings = state
+    layer.group_size = state.get("blocksize")
+    shape = state.get("shape")
+    layer.shape = tuple(shape) if isinstance(shape, list) else None
+    layer.dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(str(state.get("dtype")), "F32")
+    return layer

@@ -1,0 +1,119 @@
+"""Config parsing and per-layer resolution, with the rule that produced each setting."""
+
+from quantscope.backend.qconfig import parse_configs
+
+
+def mlx_cfg(q):
+    return parse_configs({"config.json": {"quantization": q, "quantization_config": q}})
+
+
+def test_mlx_global_and_mirror_note():
+    c = mlx_cfg({"group_size": 64, "bits": 4, "mode": "affine"})
+    e = c.effective("model.layers.0.self_attn.q_proj")
+    assert (c.kind, e.bits, e.group_size, e.mode, e.quantized) == ("mlx", 4, 64, "affine", None)
+    assert "global 4 bit / 64" in e.source
+    assert any("identical mirror" in n for n in c.notes)
+
+
+def test_mlx_per_layer_override_false_and_mode_defaults():
+    c = mlx_cfg({"group_size": 32, "bits": 3,
+                 "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 6, "mode": "affine"},
+                 "model.layers.0.mlp.gate": {"bits": 8},
+                 "model.layers.1.mlp.up_proj": {"mode": "mxfp4"},
+                 "model.layers.3.mlp.gate": False})
+    e = c.effective("model.layers.0.mlp.down_proj")
+    assert (e.bits, e.group_size, e.quantized) == (6, 64, True)
+    assert e.source == "per-layer override `model.layers.0.mlp.down_proj`"
+    # A missing group_size falls back to the MODE's default (64 for affine), not the global 32.
+    e = c.effective("model.layers.0.mlp.gate")
+    assert (e.bits, e.group_size) == (8, 64)
+    assert "group_size: affine default" in e.source
+    e = c.effective("model.layers.1.mlp.up_proj")
+    assert (e.bits, e.group_size, e.mode) == (4, 32, "mxfp4")
+    e = c.effective("model.layers.3.mlp.gate")
+    assert e.quantized is False and "false" in e.source
+    assert c.notes[0].startswith('no "mode"')
+
+
+def test_mlx_language_model_prefix_rules():
+    c = mlx_cfg({"group_size": 64, "bits": 4, "mode": "affine",
+                 "model.layers.2.mlp.down_proj": {"group_size": 64, "bits": 8}})
+    e = c.effective("language_model.model.layers.2.mlp.down_proj")
+    assert e.bits == 8 and "`language_model.` prefix stripped" in e.source
+    c = mlx_cfg({"group_size": 64, "bits": 4, "language_model.model.layers.2.mlp.down_proj": {"bits": 6}})
+    e = c.effective("model.layers.2.mlp.down_proj")
+    assert e.bits == 6 and "prefix added" in e.source
+
+
+def test_mlx_native_per_tensor_matching_order():
+    q = {"per_tensor": {"model.layers.0.mlp.down_proj.weight": {"bits": 8, "group_size": 32},
+                        "model.layers.1.mlp.down_proj": {"bits": 6},
+                        "language_model.model.layers.2.mlp.up_proj": {"bits": 2}}}
+    c = parse_configs({"quantization_config.json": q})
+    assert c.kind == "mlx-native"
+    e = c.effective("model.layers.0.mlp.down_proj")
+    assert (e.bits, e.group_size) == (8, 32) and "exact tensor name" in e.source
+    e = c.effective("model.layers.1.mlp.down_proj")
+    assert (e.bits, e.group_size) == (6, 64) and "without .weight" in e.source
+    e = c.effective("model.layers.2.mlp.up_proj")
+    assert e.bits == 2 and "prefix added" in e.source
+    e = c.effective("model.layers.5.mlp.up_proj")
+    assert (e.bits, e.group_size) == (4, 64) and e.source == "default 4 bit / 64"
+
+
+def test_gptq_config_versions_dynamic_and_missing_keys():
+    c = parse_configs({"quantize_config.json": {"bits": 4, "group_size": 128, "desc_act": True}})
+    assert c.kind == "gptq"
+    e = c.effective("model.layers.0.self_attn.q_proj")
+    assert e.settings["version"] == 1 and e.settings["sym"] is True and e.settings["desc_act"] is True
+    assert any("R4" in n and "sym" in n for n in c.notes)
+    c = parse_configs({"config.json": {"quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False, "checkpoint_format": "gptq_v2",
+        "dynamic": {r"-:.*lm_head": {}, r"+:.*down_proj": {"bits": 8, "group_size": 32}}}}})
+    e = c.effective("model.layers.3.mlp.down_proj")
+    assert (e.bits, e.group_size, e.settings["version"]) == (8, 32, 2)
+    assert "dynamic override" in e.source
+    assert c.effective("lm_head").quantized is False
+    c = parse_configs({"quant_config.json": {"wbits": 3, "q_group_size": 64, "desc_act": False}})
+    assert c.kind == "gptq" and c.globals["bits"] == 3 and c.globals["group_size"] == 64
+
+
+def test_awq_configs_both_key_styles():
+    c = parse_configs({"config.json": {"quantization_config": {
+        "quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "GEMM",
+        "modules_to_not_convert": ["visual"]}}})
+    e = c.effective("model.layers.0.self_attn.q_proj")
+    assert (c.kind, e.bits, e.group_size, e.settings["version"]) == ("awq", 4, 128, "gemm")
+    assert c.effective("visual.blocks.0.attn").quantized is False
+    c = parse_configs({"quant_config.json": {"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMV"}})
+    assert c.kind == "awq" and c.globals["group_size"] == 64 and c.globals["version"] == "gemv"
+    assert any("w_bit" in n for n in c.notes)
+
+
+def test_compressed_tensors_targets_and_ignore():
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "version": "0.19.0",
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+              "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}},
+          "ignore": ["lm_head", "re:.*mlp.gate$"]}
+    c = parse_configs({"config.json": {"quantization_config": qc}})
+    e = c.effective("model.layers.0.self_attn.q_proj")
+    assert (e.bits, e.group_size, e.settings["symmetric"], e.settings["format"]) == (4, 128, True, "pack-quantized")
+    assert "config_groups.group_0" in e.source
+    assert c.effective("lm_head").quantized is False
+    assert c.effective("model.layers.0.mlp.gate").quantized is False
+
+
+def test_fp8_and_bnb_configs():
+    c = parse_configs({"config.json": {"quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}}})
+    assert c.effective("model.layers.0.mlp.up_proj").settings["weight_block_size"] == [128, 128]
+    c = parse_configs({"config.json": {"quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+        "llm_int8_skip_modules": ["lm_head"]}}})
+    assert c.effective("model.layers.0.mlp.up_proj").bits == 4
+    assert c.effective("lm_head").quantized is False
+
+
+def test_no_config():
+    c = parse_configs({})
+    assert c.kind is None and c.effective("x").source == "no quantization config"
