@@ -44,26 +44,31 @@ def _gptq_version(layer: Layer) -> int:
 
 # -- numpy -------------------------------------------------------------------------------------
 
-def _np_dense(layer, p):
-    return np.asarray(p["weight"]).astype(np.float32)
+def _np_dense(layer, p, out=None):
+    w = np.asarray(p["weight"])
+    if out is None:
+        return w.astype(np.float32)
+    out[...] = w
+    return out
 
 
-def _np_mlx_affine(layer, p):
+def _np_mlx_affine(layer, p, out=None):
     return mlxfmt.decode_affine(p["weight"], p["scales"], p["biases"], bits=layer.bits,
-                                group_size=layer.group_size, name=layer.path)
+                                group_size=layer.group_size, name=layer.path, out=out)
 
 
 def _np_mlx_fp(layer, p):
     return mlxfmt.decode_fp(p["weight"], p["scales"], mode=layer.mode, name=layer.path)
 
 
-def _np_gptq(layer, p):
+def _np_gptq(layer, p, out=None):
     return gptq.decode(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
-                       group_size=layer.group_size, version=_gptq_version(layer), name=layer.path)
+                       group_size=layer.group_size, version=_gptq_version(layer), name=layer.path, out=out)
 
 
-def _np_awq_gemm(layer, p):
-    return awq.decode_gemm(p["qweight"], p.get("qzeros"), p["scales"], group_size=layer.group_size, name=layer.path)
+def _np_awq_gemm(layer, p, out=None):
+    return awq.decode_gemm(p["qweight"], p.get("qzeros"), p["scales"], group_size=layer.group_size,
+                           name=layer.path, out=out)
 
 
 def _np_awq_gemv(layer, p):
@@ -79,6 +84,8 @@ NUMPY_DECODERS = {
     "awq-gemv": _np_awq_gemv,
 }
 
+_OUT_CAPABLE = {_np_dense, _np_mlx_affine, _np_gptq, _np_awq_gemm}
+
 
 class NumpyEngine:
     """Decode with the numpy implementations of every format."""
@@ -86,14 +93,21 @@ class NumpyEngine:
     name = "numpy"
     device = "cpu (numpy)"
 
-    def dequantize(self, model: Model, layer: Layer) -> np.ndarray:
-        """float32 weights of ``layer`` in ``[..., out, in]`` orientation."""
+    def dequantize(self, model: Model, layer: Layer, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 weights of ``layer`` in ``[..., out, in]`` orientation.
+
+        ``out`` (float32, the logical shape) is written into where the decoder supports it,
+        which saves the page faults of a fresh allocation on repeated decodes (sweeps).
+        """
         _require_decodable(model, layer)
         fn = NUMPY_DECODERS.get(layer.scheme)
         if fn is None:
             raise LayerError(f"no decoder for scheme {layer.scheme!r}", file=model.ckpt.source, tensor=layer.path)
         try:
-            return fn(layer, read_parts(model, layer))
+            parts = read_parts(model, layer)
+            if out is not None and fn in _OUT_CAPABLE:
+                return fn(layer, parts, out=out)
+            return fn(layer, parts)
         except LayerError as exc:
             if exc.file is None:
                 exc = LayerError(exc.message, file=model.ckpt.source, tensor=layer.path, rule=exc.rule)

@@ -10,12 +10,13 @@ import numpy as np
 
 from ..bitpack import unpack_bits
 from .common import check
+from .kernel import for_row_blocks, fp16_normal_range, round_inplace
 from .mlx import codes_as_float
 
 #: Nibble slot i of a GEMM word holds column 8c + ORDER[i]; logical column j sits in slot REV[j].
 ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])
 REV = np.argsort(ORDER)
-_BLOCK_ELEMS = 1 << 17
+_SHIFTS = (4 * REV).astype(np.uint32)
 
 
 def gemm_dims(qweight_shape, scales_shape, name=None) -> tuple[int, int, int]:
@@ -47,22 +48,29 @@ def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=
     else:
         check(qzeros.shape == (ng, n // 8), f"qzeros {list(qzeros.shape)} should be [{ng}, {n // 8}]", name)
         z = unpack_gemm(qzeros, n).astype(np.float32)
-    s = scales.astype(np.float32)
-    bias = -(s * z)
+    s_t = np.ascontiguousarray(scales.astype(np.float32).T)  # [N, ng]
+    bias_t = -(s_t * z.T)
     sdt = scales.dtype
     if out is None:
         out = np.empty((n, k), np.float32)
-    # Work in [K, N] blocks of whole groups, then write each block transposed into out.
-    rows = max(g, (_BLOCK_ELEMS // n) // g * g)
-    for k0 in range(0, k, rows):
-        k1 = min(k, k0 + rows)
-        slots = codes_as_float(qweight[k0:k1], 4, n).reshape(k1 - k0, n // 8, 8)
-        q = slots[:, :, REV].reshape(k1 - k0, n)
-        gs = slice(k0 // g, k1 // g)
-        blk = (q.reshape(-1, g, n) * s[gs, None, :] + bias[gs, None, :]).reshape(k1 - k0, n)
-        if sdt != np.float32:
-            blk = blk.astype(sdt).astype(np.float32)
-        out[:, k0:k1] = blk.T
+    u = qweight.view(np.uint32)
+    normal = fp16_normal_range(scales, 16)
+
+    def block(r0, r1):
+        # Output rows 8c..8c+7 come from word column c of qweight [K, N/8]: transpose the packed
+        # words (8x less data than the output), then shift out each logical column's nibble.
+        c0, c1 = r0 // 8, r1 // 8
+        words = np.ascontiguousarray(u[:, c0:c1].T)  # [C, K]
+        codes = np.right_shift(words[:, None, :], _SHIFTS[None, :, None])
+        codes &= 0xF
+        blk = out[r0:r1]
+        np.copyto(blk, codes.reshape(r1 - r0, k))
+        b3 = blk.reshape(r1 - r0, ng, g)
+        np.multiply(b3, s_t[r0:r1, :, None], out=b3)
+        b3 += bias_t[r0:r1, :, None]
+        round_inplace(blk, sdt, normal_only=normal)
+
+    for_row_blocks(n, k, block, align=8, min_rows=16)
     return out
 
 

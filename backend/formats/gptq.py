@@ -11,10 +11,9 @@ import numpy as np
 
 from ..bitpack import unpack_bits
 from .common import check
-from .mlx import codes_as_float
+from .kernel import for_row_blocks, fp16_normal_range, round_inplace, unpack_codes_into
 
 GPTQ_BITS = (2, 3, 4, 8)
-_BLOCK_ELEMS = 1 << 17
 
 
 def word_bits(arr: np.ndarray) -> int:
@@ -94,21 +93,22 @@ def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: n
         out = np.empty((n, k), np.float32)
     trivial = is_trivial_g_idx(g_idx, k, g) and k % g == 0
     gi = None if trivial else (g_idx if g_idx is not None else np.arange(k) // g)
-    qt = np.ascontiguousarray(qweight.T)  # [N, K*b/32]: each row one LSB-first stream
-    step = max(1, _BLOCK_ELEMS // k)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        q = codes_as_float(qt[r0:r1], bits, k)
+    normal = fp16_normal_range(scales, 2 ** bits + 1)
+
+    def block(r0, r1):
         blk = out[r0:r1]
+        # qweight is [K*b/32, N]: the codes of output row n are column n, one LSB-first stream.
+        unpack_codes_into(np.ascontiguousarray(qweight[:, r0:r1].T), bits, k, blk)
         if trivial:
             b3 = blk.reshape(r1 - r0, ng, g)
-            np.multiply(q.reshape(r1 - r0, ng, g), s_t[r0:r1, :, None], out=b3)
+            np.multiply(b3, s_t[r0:r1, :, None], out=b3)
             b3 += bias_t[r0:r1, :, None]
         else:
-            np.multiply(q, s_t[r0:r1][:, gi], out=blk)
+            blk *= s_t[r0:r1][:, gi]
             blk += bias_t[r0:r1][:, gi]
-        if sdt != np.float32:
-            blk[...] = blk.astype(sdt)
+        round_inplace(blk, sdt, normal_only=normal)  # s*q - s*z is exact in f32; the library rounds once
+
+    for_row_blocks(n, k, block, min_rows=16)
     return out
 
 

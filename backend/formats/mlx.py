@@ -11,6 +11,7 @@ import numpy as np
 
 from ..bitpack import _as_bytes, unpack_bits
 from .common import check
+from .kernel import for_row_blocks, round_inplace, unpack_codes_into
 
 #: Defaults per mode when a per-layer config entry omits a value (formats.md §1.5).
 MODE_DEFAULTS = {"affine": (4, 64), "mxfp4": (4, 32), "nvfp4": (4, 16), "mxfp8": (8, 32)}
@@ -97,18 +98,17 @@ def decode_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, *,
     if out is None:
         out = np.empty(shape, np.float32)
     o2 = out.reshape(n_rows, k)
-    step = max(1, _BLOCK_ELEMS // k)
-    exact = sdt == np.float32
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
-        q = codes_as_float(w2[r0:r1], bits, k).reshape(r1 - r0, ng, group_size)
-        blk = o2[r0:r1].reshape(r1 - r0, ng, group_size)
-        np.multiply(q, s2[r0:r1, :, None], out=blk)
-        if not exact:
-            blk[...] = blk.astype(sdt)
-        blk += b2[r0:r1, :, None]
-        if not exact:
-            blk[...] = blk.astype(sdt)
+
+    def block(r0, r1):
+        blk = o2[r0:r1]
+        unpack_codes_into(w2[r0:r1], bits, k, blk)
+        b3 = blk.reshape(r1 - r0, ng, group_size)
+        np.multiply(b3, s2[r0:r1, :, None], out=b3)
+        round_inplace(blk, sdt)  # MLX rounds s*q to the scale dtype, then the sum
+        b3 += b2[r0:r1, :, None]
+        round_inplace(blk, sdt)
+
+    for_row_blocks(n_rows, k, block)
     return out
 
 

@@ -1,0 +1,47 @@
+"""The shared kernel's rounding must equal numpy's / ml_dtypes' casts exactly."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from quantscope.backend.formats.kernel import for_row_blocks, fp16_normal_range, round_inplace
+
+RNG = np.random.default_rng(5)
+
+
+def sample():
+    wide = RNG.normal(size=100_000).astype(np.float32) * np.float32(10.0) ** RNG.integers(-9, 5, size=100_000)
+    tiny = (RNG.random(50_000) * 2 ** -13).astype(np.float32) * RNG.choice([-1, 1], 50_000)
+    edges = np.float32([0, -0.0, 65504, 65519, 65520, -70000, 2 ** -24, 2 ** -25, 3 * 2 ** -26, 1.5 * 2 ** -24,
+                        1 + 2 ** -11, 1 + 3 * 2 ** -11, 1 + 2 ** -8, 1 + 3 * 2 ** -8])
+    return np.concatenate([wide, tiny, edges]).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_round_inplace_equals_cast(dtype):
+    x = sample()
+    with np.errstate(over="ignore"):
+        ref = x.astype(dtype).astype(np.float32)
+    y = x.copy()
+    round_inplace(y, dtype)
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_round_normal_only_fast_path():
+    s = (RNG.random(1000) * 0.01 + 2 ** -13).astype(np.float16)
+    assert fp16_normal_range(s, 17)
+    assert not fp16_normal_range(np.float16([1e-6, 0.1]), 17)
+    x = (s.astype(np.float32)[:, None] * np.arange(-16, 17, dtype=np.float32)[None, :]).ravel()
+    y = x.copy()
+    round_inplace(y, np.float16, normal_only=True)
+    np.testing.assert_array_equal(y, x.astype(np.float16).astype(np.float32))
+
+
+def test_row_blocks_cover_everything_once():
+    seen = np.zeros(1000, int)
+
+    def fn(r0, r1):
+        seen[r0:r1] += 1
+
+    for_row_blocks(1000, 1 << 14, fn, align=8, min_rows=16)
+    assert (seen == 1).all()
