@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_dtypes
 import numpy as np
 
+from .dtypes import DTYPES
 from .errors import LayerError
-from .formats import awq, gptq
+from .formats import awq, bnb, ct, fp8, gptq
+from .formats.common import round_to
 from .formats import mlx as mlxfmt
 from .schemes import Layer, Model
 
@@ -75,7 +77,53 @@ def _np_awq_gemv(layer, p):
     return awq.decode_gemv(p["qweight"], p.get("qzeros"), p["scales"], group_size=layer.group_size, name=layer.path)
 
 
+def _np_ct_pack(layer, p):
+    st = layer.settings
+    return ct.decode_pack_quantized(p["weight_packed"], p["weight_scale"], layer.shape, bits=layer.bits,
+                                    group_size=layer.group_size, strategy=st.get("strategy") or "group",
+                                    weight_zero_point=p.get("weight_zero_point"), g_idx=p.get("weight_g_idx"),
+                                    packing=st.get("packing", "auto"), name=layer.path)
+
+
+def _np_ct_naive(layer, p):
+    st = layer.settings
+    return ct.decode_naive(p["weight"], p["weight_scale"], p.get("weight_zero_point"), p.get("weight_g_idx"),
+                           strategy=st.get("strategy") or "channel", group_size=layer.group_size,
+                           block_structure=st.get("block_structure"), name=layer.path)
+
+
+def _np_ct_nvfp4(layer, p):
+    return ct.decode_nvfp4(p["weight_packed"], p["weight_scale"], p["weight_global_scale"], name=layer.path)
+
+
+def _np_ct_mxfp4(layer, p):
+    return ct.decode_mxfp4(p["weight_packed"], p["weight_scale"], name=layer.path)
+
+
+def _np_ct_mxfp8(layer, p):
+    return ct.decode_mxfp8(p["weight"], p["weight_scale"], name=layer.path)
+
+
+def _np_fp8_block(layer, p):
+    out = fp8.decode_fp8_block(p["weight"], p["weight_scale_inv"], tuple(layer.settings["weight_block_size"]),
+                               name=layer.path)
+    return round_to(out, DTYPES[layer.dtype].numpy)  # DeepSeek's weight_dequant writes the model dtype
+
+
+def _np_bnb4(layer, p):
+    out = bnb.decode_4bit(p["weight"], p["weight.absmax"], p["weight.quant_map"], layer.settings,
+                          p.get("weight.nested_absmax"), p.get("weight.nested_quant_map"), name=layer.path)
+    return round_to(out, bnb.module_dtype(layer.settings))  # bitsandbytes casts to the module dtype
+
+
+def _np_bnb8(layer, p):
+    return bnb.decode_int8(p["weight"], p["SCB"], name=layer.path)
+
+
 NUMPY_DECODERS = {
+    "ct-pack": _np_ct_pack, "ct-int": _np_ct_naive, "ct-fp8": _np_ct_naive, "ct-nvfp4": _np_ct_nvfp4,
+    "ct-mxfp4": _np_ct_mxfp4, "ct-mxfp8": _np_ct_mxfp8, "fp8-block": _np_fp8_block,
+    "bnb-nf4": _np_bnb4, "bnb-fp4": _np_bnb4, "bnb-int8": _np_bnb8,
     "dense": _np_dense,
     "mlx-affine": _np_mlx_affine,
     "mlx-mxfp4": _np_mlx_fp, "mlx-mxfp8": _np_mlx_fp, "mlx-nvfp4": _np_mlx_fp,

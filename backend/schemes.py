@@ -166,6 +166,13 @@ def _model_dims(cfg: dict) -> set[int]:
     return dims
 
 
+def _model_dtype(ckpt: Checkpoint) -> str:
+    """The model's compute dtype from config.json (``torch_dtype``/``dtype``), default bf16."""
+    cfg = ckpt.configs.get("config.json") or {}
+    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    return {"float16": "F16", "float32": "F32"}.get(name, "BF16")
+
+
 def _float_name(t: TensorInfo) -> bool:
     return t.dtype in ("F16", "BF16", "F32", "F64")
 
@@ -196,7 +203,7 @@ def detect(module: Module, cfg: QuantConfig, dims: set[int], ckpt: Checkpoint) -
         return Layer(module.path, "bnb-int8", comps, shape=w.shape, bits=8, dtype="F32",
                      source=eff.source, settings={"weight_format": "row"})
     if w.dtype in ("F8_E4M3", "F8_E5M2"):
-        return _detect_fp8(module, cfg, eff)
+        return _detect_fp8(module, cfg, eff, _model_dtype(ckpt))
     if w.dtype == "I8" and "weight_scale" in c:
         return _detect_ct_naive(module, cfg, eff)
     if w.dtype == "U32" and "scales" in c:
@@ -389,10 +396,19 @@ def _detect_ct_packed(module: Module, cfg: QuantConfig, eff: Effective, ckpt: Ch
                   dtype=scale.dtype if scale else None, settings=settings, source=eff.source, shape=shape)
     if layer.bits is None:
         layer.problem = "compressed-tensors config gives no num_bits for this layer"
-    if shape is None:
+    elif shape is None:
         layer.problem = "weight_shape missing: logical shape unknown"
-    if scale is None:
+    elif scale is None:
         layer.problem = "weight_scale missing"
+    else:
+        from .formats.ct import detect_packing
+        try:
+            settings["packing"] = detect_packing(wp.shape[-1], shape[-1], layer.bits,
+                                                 version=settings.get("version"), name=path)
+        except LayerError as exc:
+            layer.problem = f"{exc.message} (R9)"
+        if settings.get("strategy") in ("channel", "tensor"):
+            layer.group_size = None
     return layer
 
 
@@ -400,27 +416,39 @@ def _detect_ct_naive(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
     w = module.tensors["weight"]
     s = module.tensors["weight_scale"]
     return Layer(module.path, "ct-int", module.tensors, shape=w.shape, bits=eff.bits or 8,
-                 group_size=eff.group_size, dtype=s.dtype, settings=dict(eff.settings), source=eff.source)
+                 group_size=eff.group_size, dtype=s.dtype, settings=_naive_settings(eff, s),
+                 source=eff.source)
 
 
-def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
+def _naive_settings(eff: Effective, scale: TensorInfo) -> dict:
+    """Strategy of an unpacked int/float weight: from the config, else from the scale's shape."""
+    st = dict(eff.settings)
+    if not st.get("strategy"):
+        n = math.prod(scale.shape)
+        st["strategy"] = "tensor" if n == 1 else "channel" if scale.shape[-1:] == (1,) else "group"
+    return st
+
+
+def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: str = "BF16") -> Layer:
     comps = module.tensors
     w = comps["weight"]
     if "weight_scale_inv" in comps:
         bs = eff.settings.get("weight_block_size") or cfg.globals.get("weight_block_size")
         s = comps["weight_scale_inv"]
-        layer = Layer(module.path, "fp8-block", comps, shape=w.shape, bits=8, dtype="F32",
+        layer = Layer(module.path, "fp8-block", comps, shape=w.shape, bits=8, dtype=model_dtype,
                       settings={"weight_block_size": bs, "scale_dtype": s.dtype}, source=eff.source)
         if not bs:
             layer.problem = "weight_block_size missing from the config; the block size cannot be read (R12)"
         return layer
     s = comps.get("weight_scale")
     if s is not None and s.dtype == "U8":
-        return Layer(module.path, "ct-mxfp8", comps, shape=w.shape, bits=8, group_size=32, dtype="F32",
+        return Layer(module.path, "ct-mxfp8", comps, shape=w.shape, bits=8, group_size=32, dtype="BF16",
                      settings={"scale": "E8M0"}, source=eff.source)
     if s is not None:
-        return Layer(module.path, "ct-fp8", comps, shape=w.shape, bits=8, group_size=eff.group_size,
-                     dtype=s.dtype, settings=dict(eff.settings), source=eff.source)
+        st = _naive_settings(eff, s)
+        return Layer(module.path, "ct-fp8", comps, shape=w.shape, bits=8,
+                     group_size=eff.group_size if st.get("strategy") == "group" else None,
+                     dtype=s.dtype, settings=st, source=eff.source)
     return Layer(module.path, "dense", comps, shape=w.shape, bits=8, dtype=w.dtype,
                  source="fp8 weight without a scale: read as plain fp8 values")
 

@@ -1,0 +1,52 @@
+"""Every golden checkpoint (written by compressed-tensors / bitsandbytes / DeepSeek's FP8 code)
+is recognised from its files and config and decoded through the engines to the library's values."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantscope.backend.checkpoint import open_checkpoint
+from quantscope.backend.engines import MlxEngine, NumpyEngine
+from quantscope.backend.schemes import analyze
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+CASES = sorted(p.name for p in GOLDEN.iterdir() if (p / "expected.npz").exists())
+EXPECTED_SCHEME = {"bnb_fp4": "bnb-fp4", "bnb_int8": "bnb-int8", "ct_fp8": "ct-fp8", "ct_int8": "ct-int",
+                   "ct_mxfp4": "ct-mxfp4", "ct_mxfp8": "ct-mxfp8", "ct_nvfp4": "ct-nvfp4", "fp8_block": "fp8-block",
+                   "fp8_mxfp8": "ct-mxfp8", "bnb_nf4": "bnb-nf4", "ct": "ct-pack"}
+
+
+def expected_scheme(case):
+    for prefix in sorted(EXPECTED_SCHEME, key=len, reverse=True):
+        if case.startswith(prefix) or case.startswith(prefix.replace("ct", "ct016")):
+            return EXPECTED_SCHEME[prefix]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_case_through_the_pipeline(case):
+    with np.load(GOLDEN / case / "expected.npz") as z:
+        exp = dict(z)
+    model = analyze(open_checkpoint(GOLDEN / case))
+    quantized = [layer for layer in model.layers.values() if layer.quantized]
+    assert quantized, model.schemes
+    ne = NumpyEngine()
+    for layer in quantized:
+        assert layer.scheme == expected_scheme(case), (case, layer.scheme)
+        assert layer.decodable, layer.problem
+        got = ne.dequantize(model, layer)
+        key = f"{layer.path}.weight"
+        # The library's value in the dtype it hands to the model (module/scale dtype).
+        want = exp.get(key + "_bf16", exp[key]) if layer.scheme == "fp8-block" else exp[key]
+        assert got.shape == want.shape == layer.shape
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+def test_mlx_engine_falls_back_to_numpy_for_other_formats():
+    model = analyze(open_checkpoint(GOLDEN / "ct_w4a16_g128"))
+    layer = next(layer for layer in model.layers.values() if layer.quantized)
+    me = MlxEngine()
+    try:
+        np.testing.assert_array_equal(me.dequantize(model, layer), NumpyEngine().dequantize(model, layer))
+    finally:
+        me.close()
