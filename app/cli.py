@@ -35,6 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("-o", "--output", required=True, help="output .npy file")
     pd.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto")
     _add_common(pd)
+    pc = sub.add_parser("compare", help="per-layer error of variants against a reference")
+    pc.add_argument("--reference", required=True, help="the dense reference checkpoint")
+    pc.add_argument("variants", nargs="+", metavar="CKPT", help="quantized checkpoints to compare")
+    pc.add_argument("--json", dest="json_out", metavar="OUT", help="write the per-layer metrics as JSON")
+    pc.add_argument("--csv", dest="csv_out", metavar="OUT", help="write the per-layer metrics as CSV")
+    pc.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto")
+    _add_common(pc)
+    pdoc = sub.add_parser("doctor", help="find what is wrong with a checkpoint (exit 0 ok, 1 errors, 2 cannot open)")
+    pdoc.add_argument("path", help="checkpoint")
+    pdoc.add_argument("--json", action="store_true", help="machine-readable findings")
+    pdoc.add_argument("--full", action="store_true", help="check every value, not a time-boxed sample")
+    _add_common(pdoc)
+    pdemo = sub.add_parser("demo", help="write the demo workspace (reference + GPTQ/AWQ/MLX variants) to DIR")
+    pdemo.add_argument("dir", help="a folder that does not exist yet")
+    _add_common(pdemo)
     return p
 
 
@@ -123,7 +138,32 @@ def cmd_dequant(args) -> int:
     return 0
 
 
-COMMANDS = {"info": cmd_info, "dequant": cmd_dequant}
+def cmd_compare(args) -> int:
+    from quantscope.app.compare_cli import run_compare
+    return run_compare(args)
+
+
+def cmd_doctor(args) -> int:
+    from quantscope.app.doctor_cli import run_doctor
+    return run_doctor(args)
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    from quantscope.backend.demo import build_demo
+
+    t0 = time.perf_counter()
+    ws = build_demo(args.dir)
+    print(f"demo workspace written to {ws.root} in {time.perf_counter() - t0:.1f} s")
+    print(f"  reference  {ws.reference}")
+    for label, path in ws.variants.items():
+        print(f"  {label:<22} {path}")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "dequant": cmd_dequant, "compare": cmd_compare, "doctor": cmd_doctor,
+            "demo": cmd_demo}
 
 
 def _setup_logging(verbose: int) -> None:
