@@ -268,6 +268,13 @@ def get_engine(name: str = "auto"):
         return eng
 
 
+def run_on_mlx_thread(fn, *args):
+    """Run ``fn(*args)`` on the MLX engine's thread (MLX arrays must not cross threads); its
+    result must be plain numpy/Python data."""
+    eng = get_engine("mlx")
+    return eng._pool.submit(fn, *args).result()
+
+
 def dequantize(model: Model, path: str, engine: str = "auto") -> np.ndarray:
     """float32 weights of the layer at ``path`` (module path without component suffix)."""
     return get_engine(engine).dequantize(model, model.layer(path))

@@ -1,0 +1,117 @@
+"""The functions the window runs on worker threads. Plain backend calls plus the reductions the
+views need (histograms on shared edges, heatmaps reduced to screen resolution); no Qt here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantscope.backend.engines import get_engine, run_on_mlx_thread
+from quantscope.backend.errors import Cancelled, QuantscopeError
+from quantscope.backend.workspace import load_workspace
+
+MAX_HEATMAP_ROWS = 768
+
+
+def job_load(paths, reference=None, *, progress=None, cancel=None):
+    """Open checkpoints (headers and configs only) into a Workspace."""
+    if not paths and not reference:
+        from quantscope.backend.demo import demo_workspace
+        demo = demo_workspace()
+        return load_workspace([str(p) for p in demo.variants.values()], str(demo.reference),
+                              progress=progress, cancel=cancel)
+    return load_workspace(list(paths), reference, progress=progress, cancel=cancel)
+
+
+def reduce_rows(m: np.ndarray, max_rows: int = MAX_HEATMAP_ROWS) -> tuple[np.ndarray, int]:
+    """Reduce a [rows, groups] map to at most ``max_rows`` rows by the max over row blocks
+    (a hot group stays visible when the map is shrunk to the screen)."""
+    rows = m.shape[0]
+    per = max(1, -(-rows // max_rows))
+    if per == 1:
+        return m, 1
+    pad = (-rows) % per
+    if pad:
+        m = np.concatenate([m, np.full((pad, m.shape[1]), np.nan, m.dtype)])
+    return np.nanmax(m.reshape(-1, per, m.shape[1]), axis=1), per
+
+
+def shared_histogram(arrays: dict[str, np.ndarray], bins: int = 128):
+    """Exact histograms of several arrays on one set of edges."""
+    finite = [a[np.isfinite(a)] for a in arrays.values() if a is not None and a.size]
+    if not finite:
+        return None, {}
+    lo = min(float(a.min()) for a in finite)
+    hi = max(float(a.max()) for a in finite)
+    if hi <= lo:
+        hi = lo + 1.0
+    edges = np.linspace(lo, hi, bins + 1)
+    return edges, {k: np.histogram(a[np.isfinite(a)], bins=edges)[0] for k, a in arrays.items()
+                   if a is not None and a.size}
+
+
+def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=None, cancel=None) -> dict:
+    """Everything the layer views show for one layer."""
+    from quantscope.backend.compare import layer_detail
+
+    if reference is None:
+        raise QuantscopeError("no reference checkpoint: open one with File ▸ Set reference… to compare")
+    d = layer_detail(reference, variants, name, engine=engine, cancel=cancel)
+    if progress:
+        progress(0.9)
+    scale_edges, scale_counts = shared_histogram({k: np.asarray(v, np.float64).ravel() for k, v in d.scales.items()
+                                                  if v is not None})
+    maps = {k: reduce_rows(np.asarray(v, np.float64)) for k, v in d.group_error.items() if v is not None}
+    return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts, "maps": maps}
+
+
+def job_sweep(reference, variants: dict, *, engine="auto", cache=None, progress=None, cancel=None):
+    from quantscope.backend.compare import sweep
+    return sweep(reference, variants, engine=engine, progress=progress, cancel=cancel, cache=cache)
+
+
+def job_doctor(path: str, *, progress=None, cancel=None) -> list[dict]:
+    from quantscope.backend.doctor import diagnose
+    return [f.to_dict() for f in diagnose(path, progress=progress, cancel=cancel)]
+
+
+def job_whatif(reference, name: str, bits: int, group_size: int, mode: str, *, progress=None, cancel=None) -> dict:
+    """Requantize the reference layer with mx.quantize and measure the error (float64)."""
+    layer = reference.layer(name)
+    w = get_engine("numpy").dequantize(reference, layer)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+    if w.ndim < 2:
+        raise QuantscopeError("only matrices can be quantized", tensor=name)
+
+    def requantize():
+        import mlx.core as mx
+        x = mx.array(w)
+        try:
+            if mode == "affine":
+                q = mx.quantize(x, group_size=group_size, bits=bits)
+                y = mx.dequantize(*q, group_size=group_size, bits=bits)
+            else:
+                q = mx.quantize(x, mode=mode)
+                y = mx.dequantize(q[0], q[1], mode=mode, dtype=mx.float32)
+        except ValueError as exc:
+            raise QuantscopeError(f"MLX cannot quantize this layer that way: {exc}", tensor=name) from None
+        y = y.astype(mx.float32)
+        mx.eval(y)
+        return np.array(y)
+
+    y = run_on_mlx_thread(requantize)
+    err = (y.astype(np.float64) - w)
+    rel = float(np.linalg.norm(err) / max(np.linalg.norm(w.astype(np.float64)), 1e-30))
+    return {"name": name, "bits": bits, "group_size": group_size, "mode": mode, "rel_fro": rel,
+            "sqnr_db": float(-20 * np.log10(rel)) if rel > 0 else float("inf")}
+
+
+def job_export_dequant(model, name: str, out_path: str, *, engine="auto", progress=None, cancel=None) -> str:
+    w = get_engine(engine).dequantize(model, model.layer(name))
+    np.save(out_path, w)
+    return out_path
+
+
+def job_export_tensor(model, tensor: str, out_path: str, *, progress=None, cancel=None) -> str:
+    np.save(out_path, np.array(model.ckpt.tensor(tensor)))
+    return out_path

@@ -1,0 +1,417 @@
+"""MainWindow: composes the docks and views, wires intents to jobs. No backend work here."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, Qt, Signal
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (QApplication, QDockWidget, QFileDialog, QInputDialog, QMainWindow, QMessageBox,
+                               QTabWidget)
+
+from quantscope.backend.workspace import Workspace
+from quantscope.widgets.code_usage_view import CodeUsageView
+from quantscope.widgets.doctor_panel import DoctorPanel
+from quantscope.widgets.group_error_heatmap import GroupErrorHeatmap
+from quantscope.widgets.histogram_view import HistogramView
+from quantscope.widgets.jobs_bar import JobsBar
+from quantscope.widgets.layer_error_plot import LayerErrorPlot
+from quantscope.widgets.palette import REFERENCE_COLOR, colors_for, is_dark
+from quantscope.widgets.quant_config_panel import QuantConfigPanel
+from quantscope.widgets.tensor_tree import TensorTree
+
+from . import jobs
+from .service import JobService
+
+_logger = logging.getLogger(__name__)
+MAX_RECENT = 10
+
+
+class MainWindow(QMainWindow):
+    """The quantscope window. ``settings`` is injected (tests pass an isolated QSettings)."""
+
+    workspace_loaded = Signal()
+    detail_shown = Signal(str)
+    sweep_done = Signal()
+    doctor_done = Signal()
+    failed = Signal(str)
+
+    def __init__(self, settings, service: JobService | None = None, engine: str = "auto") -> None:
+        super().__init__()
+        self.settings = settings
+        self.service = service or JobService(self)
+        self.engine = engine
+        self.workspace = Workspace()
+        self.colors: dict = {}
+        self.current_layer: str | None = None
+        self.sweep_result = None
+        self._sweep_cache: dict = {}
+        self.setWindowTitle("quantscope")
+        self.setAcceptDrops(True)
+        self._build_views()
+        self._build_menus()
+        self.statusBar().addPermanentWidget(JobsBar(self.service), 1)
+        self.service.error.connect(self._show_error)
+        geo = settings.value("window/geometry")
+        if isinstance(geo, QByteArray):
+            self.restoreGeometry(geo)
+        state = settings.value("window/state")
+        if isinstance(state, QByteArray):
+            self.restoreState(state)
+
+    # -- composition -----------------------------------------------------------------------------
+
+    def _dock(self, title: str, widget, area) -> QDockWidget:
+        d = QDockWidget(title, self)
+        d.setObjectName(title.replace(" ", "_"))
+        d.setWidget(widget)
+        self.addDockWidget(area, d)
+        return d
+
+    def _build_views(self) -> None:
+        self.tree = TensorTree()
+        self.config = QuantConfigPanel()
+        self.doctor = DoctorPanel()
+        self.hist = HistogramView("weight value")
+        self.err_hist = HistogramView("error Ŵ − W")
+        self.codes = CodeUsageView()
+        self.scales = HistogramView("scale value")
+        self.heatmap = GroupErrorHeatmap()
+        self.layers = LayerErrorPlot()
+        self.tabs = QTabWidget()
+        for w, name in ((self.hist, "Values"), (self.err_hist, "Error"), (self.codes, "Code usage"),
+                        (self.scales, "Scales"), (self.heatmap, "Group error"), (self.layers, "Layers")):
+            self.tabs.addTab(w, name)
+        self.setCentralWidget(self.tabs)
+        self.tree_dock = self._dock("Tensors", self.tree, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.config_dock = self._dock("Quantization config", self.config, Qt.DockWidgetArea.RightDockWidgetArea)
+        self.doctor_dock = self._dock("Doctor", self.doctor, Qt.DockWidgetArea.RightDockWidgetArea)
+        self.tabifyDockWidget(self.config_dock, self.doctor_dock)
+        self.config_dock.raise_()
+        self.resizeDocks([self.tree_dock, self.config_dock], [430, 380], Qt.Orientation.Horizontal)
+        self.tree.layer_selected.connect(self.select_layer)
+        self.tree.checkpoint_changed.connect(self._checkpoint_changed)
+        self.tree.export_tensor_requested.connect(self.export_tensor)
+        self.tree.dequant_export_requested.connect(self.export_dequant)
+        self.layers.layer_selected.connect(self.select_layer_everywhere)
+        self.doctor.layer_activated.connect(self.select_layer_everywhere)
+        self.config.whatif_requested.connect(self.run_whatif)
+
+    def _action(self, menu, text, slot, shortcut=None) -> QAction:
+        a = QAction(text, self)
+        if shortcut is not None:
+            a.setShortcut(QKeySequence(shortcut))
+        a.triggered.connect(slot)
+        menu.addAction(a)
+        return a
+
+    def _build_menus(self) -> None:
+        mb = self.menuBar()
+        f = mb.addMenu("&File")
+        self._action(f, "Add variant…", self.add_variant_dialog, QKeySequence.StandardKey.Open)
+        self._action(f, "Add variant folder…", lambda: self.add_variant_dialog(folder=True))
+        self._action(f, "Set reference…", self.set_reference_dialog, "Ctrl+R")
+        self._action(f, "Open from Hugging Face cache…", self.open_hf_cache_dialog)
+        self.recent_menu = f.addMenu("Open recent")
+        self._refresh_recent()
+        self._action(f, "Open demo workspace", lambda: self.open_workspace([], None))
+        f.addSeparator()
+        ex = f.addMenu("Export")
+        self._action(ex, "Metrics as CSV…", lambda: self.export_metrics("csv"))
+        self._action(ex, "Metrics as JSON…", lambda: self.export_metrics("json"))
+        self._action(ex, "Current plot as PNG…", lambda: self.export_plot("png"), "Ctrl+E")
+        self._action(ex, "Current plot as SVG…", lambda: self.export_plot("svg"))
+        self._action(ex, "Selected layer, dequantized (.npy)…", lambda: self.export_dequant(self.current_layer))
+        f.addSeparator()
+        self._action(f, "Quit", self.close, QKeySequence.StandardKey.Quit)
+        e = mb.addMenu("&Edit")
+        self._action(e, "Find layer", self._focus_search, QKeySequence.StandardKey.Find)
+        t = mb.addMenu("&Tools")
+        self.compare_action = self._action(t, "Compare all layers", self.compare_all, "Ctrl+Shift+C")
+        self._action(t, "Run doctor on shown checkpoint", self.run_doctor, "Ctrl+D")
+        self._action(t, "Cancel all jobs", self.service.cancel_all, "Esc")
+        v = mb.addMenu("&View")
+        for d in (self.tree_dock, self.config_dock, self.doctor_dock):
+            v.addAction(d.toggleViewAction())
+        h = mb.addMenu("&Help")
+        self._action(h, "About quantscope", lambda: QMessageBox.about(
+            self, "quantscope", "quantscope — see what quantization did to a model.\n"
+            "GPTQ, AWQ, MLX, compressed-tensors, FP8 and bitsandbytes checkpoints in safetensors."))
+
+    # -- workspace -------------------------------------------------------------------------------
+
+    def open_workspace(self, paths: list[str], reference: str | None) -> None:
+        """Open checkpoints (none: the demo workspace) on a worker thread."""
+        title = "Opening demo workspace" if not paths and not reference else "Opening checkpoints"
+        self.service.submit("workspace", title, jobs.job_load, list(paths), reference,
+                            on_result=self.set_workspace, on_error=self._job_failed)
+
+    def add_paths(self, paths: list[str], as_reference: bool = False) -> None:
+        ws = self.workspace
+
+        def merge(new: Workspace) -> None:
+            for label, m in new.variants.items():
+                if as_reference:
+                    ws.set_reference(m)
+                else:
+                    ws.add_variant(m)
+            for p in paths:
+                self._remember(p)
+            self.set_workspace(ws)
+
+        self.service.submit("add", "Opening checkpoint", jobs.job_load, list(paths), None,
+                            on_result=merge, on_error=self._job_failed)
+
+    def set_workspace(self, ws: Workspace) -> None:
+        self.workspace = ws
+        self.sweep_result = None
+        self._sweep_cache = {}
+        self.colors = colors_for(list(ws.variants))
+        if ws.reference_label:
+            self.colors["reference"] = REFERENCE_COLOR
+            self.colors[ws.reference_label] = REFERENCE_COLOR
+        self.tree.model.dark = is_dark(self.palette())
+        self.tree.model.set_variants(list(ws.variants))
+        first = next(iter(ws.variants), ws.reference_label)
+        self.tree.set_checkpoints(ws.models(), current=first)
+        self.layers.set_rows([], self.colors)
+        self.setWindowTitle("quantscope — " + ", ".join(ws.models()))
+        self.workspace_loaded.emit()
+
+    def _checkpoint_changed(self, label: str) -> None:
+        self.config.set_checkpoint(label, self.workspace.models().get(label))
+
+    # -- selection and views ----------------------------------------------------------------------
+
+    def select_layer_everywhere(self, path: str) -> None:
+        """Select a layer from any view (layers plot, doctor): tree, config panel and views."""
+        path = path.rsplit(".", 1)[0] if path not in self._all_paths() and "." in path else path
+        if not self.tree.select(path):
+            self.select_layer(path)
+
+    def _all_paths(self) -> set[str]:
+        out = set()
+        for m in self.workspace.models().values():
+            out.update(m.layers)
+        return out
+
+    def select_layer(self, path: str) -> None:
+        self.current_layer = path
+        self.config.set_layer(path, self.workspace.models())
+        ws = self.workspace
+        if ws.reference is None or path not in ws.reference.layers:
+            self._clear_views(f"{path}: no reference layer to compare with")
+            return
+        if not ws.reference.layers[path].is_matrix:
+            self._clear_views(f"{path} is not a weight matrix")
+            return
+        self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ws.reference, dict(ws.variants), path,
+                            engine=self.engine, on_result=self._show_detail, on_error=self._job_failed)
+
+    def _clear_views(self, why: str) -> None:
+        for v in (self.hist, self.err_hist, self.scales):
+            v.set_histograms(None, {}, {}, note=why)
+        self.codes.set_counts({}, {})
+        self.heatmap.set_maps({})
+
+    def _show_detail(self, r: dict) -> None:
+        d = r["detail"]
+        ref_label = "reference"
+        colors = dict(self.colors)
+        colors[ref_label] = REFERENCE_COLOR
+        self.hist.set_histograms(d.value_edges, d.value_counts, colors, note=r["name"])
+        self.err_hist.set_histograms(d.error_edges, d.error_counts, colors, note=r["name"])
+        self.codes.set_counts(d.code_counts, colors)
+        self.scales.set_histograms(r["scale_edges"], r["scale_counts"], colors,
+                                   note="per-group scales" if r["scale_counts"] else "no scales")
+        self.heatmap.set_maps(r["maps"])
+        lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
+            f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "")
+            for v, m in d.metrics.items()]
+        self.config.set_whatif_result("Current: " + "; ".join(lines))
+        self.detail_shown.emit(r["name"])
+
+    # -- tools -----------------------------------------------------------------------------------
+
+    def compare_all(self) -> None:
+        ws = self.workspace
+        if ws.reference is None or not ws.variants:
+            self._show_error("Compare all layers", "Open a reference and at least one variant first.", "")
+            return
+        self.service.submit("sweep", "Comparing all layers", jobs.job_sweep, ws.reference, dict(ws.variants),
+                            engine=self.engine, cache=self._sweep_cache, on_result=self._show_sweep,
+                            on_error=self._job_failed)
+
+    def _show_sweep(self, result) -> None:
+        self.sweep_result = result
+        self.layers.set_rows(result.rows, self.colors)
+        per: dict[str, dict[str, float]] = {}
+        for r in result.rows:
+            per.setdefault(r.variant, {})[r.variant_layer] = r.rel_fro
+            per[r.variant].setdefault(r.name, r.rel_fro)
+        for label, errors in per.items():
+            self.tree.model.set_errors(label, errors)
+        self.tabs.setCurrentWidget(self.layers)
+        self.sweep_done.emit()
+
+    def run_doctor(self) -> None:
+        label = self.tree.current_label()
+        m = self.workspace.models().get(label)
+        if m is None:
+            return
+        self.doctor_dock.raise_()
+
+        def show(findings):
+            self.doctor.set_findings(label, findings)
+            worst: dict[str, tuple[str, str]] = {}
+            rank = {"error": 3, "warning": 2, "info": 1}
+            for f in findings:
+                key = f.get("layer") or f.get("tensor")
+                if key and rank.get(f["severity"], 0) > rank.get(worst.get(key, ("", ""))[0], 0):
+                    worst[key] = (f["severity"], f["message"])
+            self.tree.model.set_findings(worst)
+            self.doctor_done.emit()
+
+        self.service.submit("doctor", f"Doctor: {label}", jobs.job_doctor, m.ckpt.source, on_result=show,
+                            on_error=self._job_failed)
+
+    def run_whatif(self, bits: int, group: int, mode: str) -> None:
+        if self.current_layer is None or self.workspace.reference is None:
+            self.config.set_whatif_result("Select a layer of a workspace with a reference first.")
+            return
+
+        def show(r):
+            self.config.set_whatif_result(
+                f"What-if {r['mode']} {r['bits']} bit / {r['group_size']}: rel_fro {r['rel_fro']:.4f} "
+                f"({r['sqnr_db']:.1f} dB)\n" + self.config.whatif_result.text().split("\n")[-1])
+
+        self.service.submit("whatif", "Requantizing (what-if)", jobs.job_whatif, self.workspace.reference,
+                            self.current_layer, bits, group, mode, on_result=show, on_error=self._job_failed)
+
+    # -- export ----------------------------------------------------------------------------------
+
+    def export_metrics(self, kind: str) -> None:
+        if self.sweep_result is None:
+            self._show_error("Export", "Run “Compare all layers” first.", "")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Export metrics", f"quantscope-metrics.{kind}")
+        if not path:
+            return
+        if kind == "csv":
+            self.sweep_result.to_csv(path)
+        else:
+            Path(path).write_text(json.dumps(self.sweep_result.to_json(), indent=1))
+
+    def export_plot(self, kind: str, path: str | None = None) -> None:
+        import pyqtgraph.exporters as ex
+        w = self.tabs.currentWidget()
+        plot = getattr(w, "plot", None)
+        scene_item = getattr(plot, "plotItem", plot)
+        if scene_item is None:
+            return
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Export plot", f"quantscope-plot.{kind}")
+            if not path:
+                return
+        exporter = ex.ImageExporter(scene_item) if kind == "png" else ex.SVGExporter(scene_item)
+        exporter.export(path)
+
+    def _ask_npy(self, default: str) -> str | None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save as .npy", default, "NumPy arrays (*.npy)")
+        return path or None
+
+    def export_dequant(self, path: str | None) -> None:
+        label = self.tree.current_label()
+        m = self.workspace.models().get(label)
+        if not path or m is None:
+            return
+        out = self._ask_npy(f"{path}.npy")
+        if out:
+            self.service.submit("export", f"Exporting {path}", jobs.job_export_dequant, m, path, out,
+                                engine=self.engine, on_error=self._job_failed)
+
+    def export_tensor(self, tensor: str) -> None:
+        m = self.workspace.models().get(self.tree.current_label())
+        out = self._ask_npy(f"{tensor}.npy") if m else None
+        if out:
+            self.service.submit("export", f"Exporting {tensor}", jobs.job_export_tensor, m, tensor, out,
+                                on_error=self._job_failed)
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def add_variant_dialog(self, folder: bool = False) -> None:
+        if folder:
+            p = QFileDialog.getExistingDirectory(self, "Add variant folder")
+            paths = [p] if p else []
+        else:
+            paths, _ = QFileDialog.getOpenFileNames(self, "Add variant", "", "safetensors (*.safetensors *.json)")
+        if paths:
+            self.add_paths(paths)
+
+    def set_reference_dialog(self) -> None:
+        p = QFileDialog.getExistingDirectory(self, "Reference checkpoint folder")
+        if p:
+            self.add_paths([p], as_reference=True)
+
+    def open_hf_cache_dialog(self) -> None:
+        from quantscope.backend.checkpoint import list_hf_cache_models
+        models = list_hf_cache_models()
+        if not models:
+            QMessageBox.information(self, "Hugging Face cache", "No models with safetensors files in the local cache.")
+            return
+        item, ok = QInputDialog.getItem(self, "Open from Hugging Face cache", "Model:",
+                                        [m["repo_id"] for m in models], 0, False)
+        if ok and item:
+            self.add_paths([item])
+
+    def _remember(self, path: str) -> None:
+        recent = [p for p in (self.settings.value("recent", []) or []) if p != path]
+        self.settings.setValue("recent", ([path] + recent)[:MAX_RECENT])
+        self._refresh_recent()
+
+    def _refresh_recent(self) -> None:
+        self.recent_menu.clear()
+        recent = self.settings.value("recent", []) or []
+        if isinstance(recent, str):
+            recent = [recent]
+        for p in recent:
+            self.recent_menu.addAction(p, lambda p=p: self.add_paths([p]))
+        self.recent_menu.setEnabled(bool(recent))
+
+    def dragEnterEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+        if ev.mimeData().hasUrls():
+            ev.acceptProposedAction()
+
+    def dropEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+        paths = [u.toLocalFile() for u in ev.mimeData().urls() if u.isLocalFile()]
+        if paths:
+            self.add_paths(paths)
+
+    def _focus_search(self) -> None:
+        self.tree_dock.raise_()
+        self.tree.search.setFocus()
+        self.tree.search.selectAll()
+
+    # -- errors and shutdown ---------------------------------------------------------------------
+
+    def _job_failed(self, message: str, details: str) -> None:
+        self._show_error("quantscope", message, details)
+
+    def _show_error(self, title: str, message: str, details: str) -> None:
+        self.failed.emit(message)
+        self.statusBar().showMessage(message, 15000)
+        if QApplication.platformName() in ("offscreen", "minimal") or getattr(self, "quiet_errors", False):
+            _logger.error("%s: %s", title, message)
+            return
+        box = QMessageBox(QMessageBox.Icon.Warning, title, message, parent=self)
+        if details:
+            box.setDetailedText(details)
+        box.open()
+
+    def closeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/state", self.saveState())
+        self.service.shutdown()
+        super().closeEvent(ev)

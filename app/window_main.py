@@ -1,0 +1,120 @@
+"""Start the window: ``quantscope [PATH ...] [--reference REF] [--select LAYER] [--compare]
+[--screenshot FILE]``. With ``--screenshot`` the script runs, waits for every job, saves a PNG of
+the whole window and exits (non-zero with a message if anything failed)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _app():
+    from PySide6.QtWidgets import QApplication
+    app = QApplication.instance()
+    if app is None:
+        app = QApplication([sys.argv[0]])
+        app.setApplicationName("quantscope")
+        app.setOrganizationName("quantscope")
+    import pyqtgraph as pg
+    from PySide6.QtGui import QPalette
+    pal = app.palette()
+    pg.setConfigOptions(background=pal.color(QPalette.ColorRole.Base), foreground=pal.color(QPalette.ColorRole.Text),
+                        antialias=True)
+    return app
+
+
+class Script:
+    """Runs the command-line steps in order, each after the previous one's job finished."""
+
+    def __init__(self, win, args, app) -> None:
+        self.win, self.args, self.app = win, args, app
+        self.errors: list[str] = []
+        self.steps = []
+        if args.select:
+            self.steps.append(self._select)
+        if args.compare:
+            self.steps.append(self._compare)
+        win.failed.connect(self.errors.append)
+
+    def start(self) -> None:
+        self.win.workspace_loaded.connect(self._next_when_idle)
+        self.win.open_workspace(self.args.paths, self.args.reference)
+
+    def _next_when_idle(self) -> None:
+        from PySide6.QtCore import QTimer
+        svc = self.win.service
+        if not svc.is_idle():
+            svc.idle.connect(self._on_idle)
+            return
+        QTimer.singleShot(0, self._advance)
+
+    def _on_idle(self) -> None:
+        self.win.service.idle.disconnect(self._on_idle)
+        from PySide6.QtCore import QTimer
+        QTimer.singleShot(0, self._advance)
+
+    def _advance(self) -> None:
+        if self.errors and self.args.screenshot:
+            return self._finish()
+        if self.steps:
+            step = self.steps.pop(0)
+            step()
+            return self._next_when_idle()
+        if self.args.screenshot:
+            self._finish()
+
+    def _select(self) -> None:
+        layer = self.args.select
+        models = self.win.workspace.models()
+        if not any(layer in m.layers for m in models.values()):
+            self.errors.append(f"--select: no layer {layer!r} in the opened checkpoints")
+            return
+        self.win.select_layer_everywhere(layer)
+
+    def _compare(self) -> None:
+        self.win.compare_all()
+
+    def _finish(self) -> None:
+        from PySide6.QtCore import QTimer
+        if self.args.select and not self.errors:
+            self.win.tabs.setCurrentWidget(self.win.layers if self.args.compare else self.win.hist)
+        self.app.processEvents()
+        QTimer.singleShot(50, self._save)
+
+    def _save(self) -> None:
+        code = 0
+        if self.errors:
+            print("quantscope: error: " + "; ".join(self.errors), file=sys.stderr)
+            code = 1
+        ok = self.win.grab().save(self.args.screenshot)
+        if not ok:
+            print(f"quantscope: error: could not write {self.args.screenshot}", file=sys.stderr)
+            code = 1
+        elif code == 0:
+            print(f"screenshot saved to {self.args.screenshot}")
+        self.app.exit(code)
+
+
+def run_window(args) -> int:
+    """Open the window (the demo workspace when no path is given)."""
+    if args.screenshot and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from PySide6.QtCore import QSettings
+
+    from .main_window import MainWindow
+
+    app = _app()
+    settings = QSettings()
+    win = MainWindow(settings)
+    win.quiet_errors = bool(args.screenshot)
+    app.aboutToQuit.connect(win.service.shutdown)
+    if not settings.value("window/geometry"):
+        win.resize(1280, 800)
+    if args.screenshot:
+        win.resize(1600, 1000)
+    win.show()
+    script = Script(win, args, app)
+    script.start()
+    code = app.exec()
+    win.service.shutdown()
+    return code

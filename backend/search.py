@@ -1,0 +1,31 @@
+"""Instant search over full dotted paths, run in the backend (style.md: never by filtering
+display text in a proxy, which takes seconds on a 70k-tensor MoE and misses queries like
+``experts.127.down_proj``)."""
+
+from __future__ import annotations
+
+import re
+
+
+class PathIndex:
+    """Case-insensitive substring search over many paths.
+
+    Space-separated terms must all match, in any order. The longest term is scanned first over
+    all paths (a C-level ``in`` per path: ~5 ms for 70,000), the others only over its hits.
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = list(paths)
+        self._lower = [p.lower() for p in self.paths]
+
+    def search(self, query: str) -> list[int] | None:
+        """Ids (ascending) of paths matching every term of ``query``; None for an empty query."""
+        terms = sorted({t for t in re.split(r"\s+", query.strip().lower()) if t}, key=len, reverse=True)
+        if not terms:
+            return None
+        low = self._lower
+        first = terms[0]
+        hits = [i for i, p in enumerate(low) if first in p]
+        for t in terms[1:]:
+            hits = [i for i in hits if t in low[i]]
+        return hits

@@ -1,0 +1,87 @@
+"""TensorTreeModel passes qtmodeltester; search runs in the backend and answers fast."""
+
+import time
+
+import numpy as np
+import pytest
+
+from helpers import write_st
+from quantscope.backend.checkpoint import open_checkpoint
+from quantscope.backend.schemes import analyze
+from quantscope.backend.search import PathIndex
+from quantscope.widgets.tensor_tree import TensorTree
+from quantscope.widgets.tensor_tree_model import TensorTreeModel
+
+
+@pytest.fixture
+def model_ckpt(tmp_path):
+    t = {}
+    for i in range(12):
+        for p in ("self_attn.q_proj", "mlp.down_proj"):
+            t[f"model.layers.{i}.{p}.weight"] = np.zeros((8, 16), np.float16)
+        t[f"model.layers.{i}.input_layernorm.weight"] = np.ones(16, np.float16)
+    write_st(tmp_path / "model.safetensors", t)
+    return analyze(open_checkpoint(tmp_path))
+
+
+def test_qtmodeltester(qtmodeltester, model_ckpt):
+    m = TensorTreeModel()
+    m.set_checkpoint(model_ckpt)
+    m.set_variants(["a", "b"])
+    m.set_errors("a", {"model.layers.3.mlp.down_proj": 0.1})
+    qtmodeltester.check(m, force_py=True)
+    m.set_visible([0, 5, 7])
+    qtmodeltester.check(m, force_py=True)
+
+
+def test_natural_order_children_and_columns(model_ckpt):
+    m = TensorTreeModel()
+    m.set_checkpoint(model_ckpt)
+    m.set_variants(["gptq"])
+    names = [m.index(r, 0).data() for r in range(m.rowCount())]
+    assert names.index("model.layers.2.mlp.down_proj") < names.index("model.layers.10.mlp.down_proj")
+    row = names.index("model.layers.2.mlp.down_proj")
+    parent = m.index(row, 0)
+    assert m.rowCount(parent) == 1
+    child = m.index(0, 0, parent)
+    assert child.data() == ".weight" and m.index(0, 1, parent).data() == "F16"
+    assert "model.safetensors [" in m.index(0, 6, parent).data()
+    assert m.headerData(7, pg_orientation()) == "Error · gptq"
+    m.set_errors("gptq", {"model.layers.2.mlp.down_proj": 0.0312})
+    assert m.index(row, 7).data() == "0.0312"
+    assert m.index(row, 7).data(pg_role()) is not None  # coloured background
+
+
+def pg_orientation():
+    from PySide6.QtCore import Qt
+    return Qt.Orientation.Horizontal
+
+
+def pg_role():
+    from PySide6.QtCore import Qt
+    return Qt.ItemDataRole.BackgroundRole
+
+
+def test_search_finds_multi_segment_paths_quickly():
+    paths = [f"model.layers.{layer}.mlp.experts.{e}.{p}" for layer in range(48) for e in range(512)
+             for p in ("gate_proj", "up_proj", "down_proj")][:70_000]
+    idx = PathIndex(paths)
+    t0 = time.perf_counter()
+    hits = idx.search("experts.127.down_proj")
+    t = time.perf_counter() - t0
+    assert hits and all(paths[i].endswith("experts.127.down_proj") for i in hits)
+    assert idx.search("DOWN_PROJ layers.3.") == [i for i, p in enumerate(paths) if "down_proj" in p and "layers.3." in p]
+    assert idx.search("   ") is None
+    assert t < 0.5  # ~10 ms here; the budget is loose for shared CI machines
+
+
+def test_tree_widget_search_and_select(qtbot, model_ckpt):
+    w = TensorTree()
+    qtbot.addWidget(w)
+    w.set_checkpoints({"ckpt": model_ckpt})
+    qtbot.keyClicks(w.search, "layers.1.mlp.down_proj")
+    qtbot.waitUntil(lambda: w.model.rowCount() == 1, timeout=2000)
+    assert w.model.index(0, 0).data() == "model.layers.1.mlp.down_proj"
+    with qtbot.waitSignal(w.layer_selected) as sig:
+        assert w.select("model.layers.7.self_attn.q_proj")  # clears a search that hides it
+    assert sig.args == ["model.layers.7.self_attn.q_proj"]

@@ -1,0 +1,58 @@
+"""CodeUsageView: how often each quantization level is used, per variant (exact counts)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+
+
+class CodeUsageView(QWidget):
+    """Bars per level and variant; dead levels (count 0) and saturation are listed."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.plot = pg.PlotWidget()
+        self.plot.setLabel("bottom", "code level")
+        self.plot.setLabel("left", "share of weights", units="%")
+        self.plot.showGrid(y=True, alpha=0.2)
+        self.legend = self.plot.addLegend(offset=(-10, 10))
+        self.log_y = QCheckBox("log y")
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+        bar = QHBoxLayout()
+        bar.addWidget(self.log_y)
+        bar.addStretch(1)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addLayout(bar)
+        lay.addWidget(self.plot, 1)
+        lay.addWidget(self.summary)
+        self.log_y.toggled.connect(lambda _: self._redraw())
+        self._counts: dict[str, np.ndarray] = {}
+        self._colors: dict = {}
+
+    def set_counts(self, counts: dict[str, np.ndarray], colors: dict) -> None:
+        self._counts, self._colors = dict(counts), dict(colors)
+        self._redraw()
+
+    def _redraw(self) -> None:
+        self.plot.clear()
+        self.legend.clear()
+        n = max(1, len(self._counts))
+        width = 0.8 / n
+        lines = []
+        for i, (label, c) in enumerate(self._counts.items()):
+            c = np.asarray(c, dtype=np.float64)
+            share = 100.0 * c / max(1.0, c.sum())
+            y = np.log10(np.maximum(share, 1e-6)) + 6 if self.log_y.isChecked() else share
+            x = np.arange(len(c)) - 0.4 + width * (i + 0.5)
+            item = pg.BarGraphItem(x=x, height=y, width=width, brush=self._colors.get(label), pen=None)
+            self.plot.addItem(item)
+            self.legend.addItem(pg.PlotDataItem(pen=pg.mkPen(self._colors.get(label), width=6)), label)
+            dead = [int(k) for k in np.flatnonzero(c == 0)]
+            edge = share[0] + share[-1] if len(share) else 0
+            lines.append(f"<b>{label}</b>: {len(c)} levels, unused {dead if dead else 'none'}, "
+                         f"extremes (0 and {len(c) - 1}) hold {edge:.1f}%")
+        self.plot.setLabel("left", "log10(share %) + 6" if self.log_y.isChecked() else "share of weights")
+        self.summary.setText("<br>".join(lines) if lines else "No stored codes for this layer (dense or not decodable).")

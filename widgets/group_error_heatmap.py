@@ -1,0 +1,73 @@
+"""GroupErrorHeatmap: relative error per quantization group (rows × groups) with a colour bar."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+
+
+class GroupErrorHeatmap(QWidget):
+    """One variant at a time; the map arrives already reduced to screen resolution."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.variant = QComboBox()
+        self.hover = QLabel(" ")
+        self.glw = pg.GraphicsLayoutWidget()
+        self.plot = self.glw.addPlot()
+        self.plot.setLabel("bottom", "group (along in_features)")
+        self.plot.setLabel("left", "output row")
+        self.plot.invertY(True)
+        self.image = pg.ImageItem(axisOrder="row-major")
+        self.plot.addItem(self.image)
+        self.cbar = pg.ColorBarItem(colorMap=pg.colormap.get("viridis"), label="relative error per group",
+                                    interactive=False)
+        self.cbar.setImageItem(self.image, insert_in=self.plot)
+        bar = QHBoxLayout()
+        bar.addWidget(QLabel("variant"))
+        bar.addWidget(self.variant)
+        bar.addStretch(1)
+        bar.addWidget(self.hover)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addLayout(bar)
+        lay.addWidget(self.glw, 1)
+        self._maps: dict[str, tuple[np.ndarray, int]] = {}
+        self.variant.currentTextChanged.connect(self._show)
+        self.glw.scene().sigMouseMoved.connect(self._on_move)
+
+    def set_maps(self, maps: dict[str, tuple[np.ndarray, int]]) -> None:
+        """``maps``: variant → (map [rows', groups], rows per displayed row)."""
+        self._maps = dict(maps)
+        cur = self.variant.currentText()
+        self.variant.blockSignals(True)
+        self.variant.clear()
+        self.variant.addItems(list(maps))
+        self.variant.blockSignals(False)
+        if cur in maps:
+            self.variant.setCurrentText(cur)
+        self._show(self.variant.currentText())
+
+    def _show(self, label: str) -> None:
+        m = self._maps.get(label)
+        if m is None:
+            self.image.clear()
+            return
+        data, _ = m
+        finite = data[np.isfinite(data)]
+        hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+        self.image.setImage(data, autoLevels=False)
+        self.cbar.setLevels((0.0, max(hi, 1e-12)))
+        self.plot.autoRange()
+
+    def _on_move(self, pos) -> None:
+        m = self._maps.get(self.variant.currentText())
+        if m is None or not self.plot.sceneBoundingRect().contains(pos):
+            return
+        p = self.plot.vb.mapSceneToView(pos)
+        data, per = m
+        r, g = int(p.y()), int(p.x())
+        if 0 <= r < data.shape[0] and 0 <= g < data.shape[1]:
+            rows = f"rows {r * per}–{(r + 1) * per - 1}" if per > 1 else f"row {r}"
+            self.hover.setText(f"{rows}, group {g}: {data[r, g]:.4g}" + (" (max over rows)" if per > 1 else ""))

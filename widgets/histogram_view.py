@@ -1,0 +1,82 @@
+"""HistogramView: histograms of several variants overlaid on shared bin edges."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+
+class HistogramView(QWidget):
+    """Step histograms (one colour per variant) with log-y and x-range controls."""
+
+    def __init__(self, xlabel: str, ylabel: str = "count", parent=None) -> None:
+        super().__init__(parent)
+        self.plot = pg.PlotWidget()
+        self.plot.setLabel("bottom", xlabel)
+        self.plot.setLabel("left", ylabel)
+        self.plot.showGrid(x=True, y=True, alpha=0.2)
+        self.legend = self.plot.addLegend(offset=(-10, 10))
+        self.log_y = QCheckBox("log y")
+        self.log_y.setChecked(True)
+        self.lo = QDoubleSpinBox(decimals=6, minimum=-1e9, maximum=1e9)
+        self.hi = QDoubleSpinBox(decimals=6, minimum=-1e9, maximum=1e9)
+        self.apply = QPushButton("Apply range")
+        self.reset = QPushButton("Full range")
+        self.note = QLabel()
+        bar = QHBoxLayout()
+        bar.addWidget(self.log_y)
+        bar.addWidget(QLabel("x from"))
+        bar.addWidget(self.lo)
+        bar.addWidget(QLabel("to"))
+        bar.addWidget(self.hi)
+        bar.addWidget(self.apply)
+        bar.addWidget(self.reset)
+        bar.addStretch(1)
+        bar.addWidget(self.note)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addLayout(bar)
+        lay.addWidget(self.plot, 1)
+        self.log_y.toggled.connect(lambda _: self._redraw())
+        self.apply.clicked.connect(lambda: self.plot.setXRange(self.lo.value(), self.hi.value(), padding=0))
+        self.reset.clicked.connect(self._full_range)
+        self._edges = None
+        self._counts: dict[str, np.ndarray] = {}
+        self._colors: dict = {}
+
+    def set_histograms(self, edges: np.ndarray | None, counts: dict[str, np.ndarray], colors: dict,
+                       note: str = "") -> None:
+        self._edges, self._counts, self._colors = edges, dict(counts), dict(colors)
+        self.note.setText(note)
+        self._redraw()
+        self._full_range()
+
+    def clear(self) -> None:
+        self.set_histograms(None, {}, {})
+
+    def _full_range(self) -> None:
+        if self._edges is not None and len(self._edges) > 1:
+            lo, hi = float(self._edges[0]), float(self._edges[-1])
+            self.lo.setValue(lo)
+            self.hi.setValue(hi)
+            self.plot.setXRange(lo, hi, padding=0.02)
+        self.plot.enableAutoRange(axis="y")
+
+    def _redraw(self) -> None:
+        self.plot.clear()
+        self.legend.clear()
+        if self._edges is None:
+            return
+        log = self.log_y.isChecked()
+        for label, c in self._counts.items():
+            y = np.asarray(c, dtype=np.float64)
+            if log:
+                y = np.log10(np.where(y > 0, y, np.nan))  # empty bins are gaps, not -inf
+            color = self._colors.get(label)
+            pen = pg.mkPen(color, width=2 if label != "reference" else 1.5,
+                           style=pg.QtCore.Qt.PenStyle.DashLine if label == "reference" else pg.QtCore.Qt.PenStyle.SolidLine)
+            item = pg.PlotDataItem(self._edges, y, stepMode="center", pen=pen, connect="finite")
+            self.plot.addItem(item)
+            self.legend.addItem(item, label)
+        self.plot.setLabel("left", "log10(count)" if log else "count")

@@ -1,0 +1,62 @@
+"""JobsBar: the status-bar strip showing running jobs with progress and a cancel button."""
+
+from __future__ import annotations
+
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QToolButton, QWidget
+
+
+class JobsBar(QWidget):
+    """Connect to a JobService's signals; ``cancel_requested(job_id)`` goes back to it."""
+
+    def __init__(self, service, parent=None) -> None:
+        super().__init__(parent)
+        self.service = service
+        self.label = QLabel("")
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1000)
+        self.bar.setMaximumWidth(180)
+        self.bar.setTextVisible(False)
+        self.cancel = QToolButton()
+        self.cancel.setText("Cancel")
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.label)
+        lay.addWidget(self.bar)
+        lay.addWidget(self.cancel)
+        self._titles: dict[int, str] = {}
+        self._progress: dict[int, float] = {}
+        service.job_started.connect(self._started)
+        service.job_progress.connect(self._progressed)
+        service.job_done.connect(self._done)
+        self.cancel.clicked.connect(self._cancel_latest)
+        self._refresh()
+
+    def _started(self, jid: int, title: str) -> None:
+        self._titles[jid] = title
+        self._progress[jid] = 0.0
+        self._refresh()
+
+    def _progressed(self, jid: int, f: float) -> None:
+        self._progress[jid] = f
+        self._refresh()
+
+    def _done(self, jid: int) -> None:
+        self._titles.pop(jid, None)
+        self._progress.pop(jid, None)
+        self._refresh()
+
+    def _cancel_latest(self) -> None:
+        if self._titles:
+            self.service.cancel(max(self._titles))
+
+    def _refresh(self) -> None:
+        busy = bool(self._titles)
+        self.bar.setVisible(busy)
+        self.cancel.setVisible(busy)
+        if not busy:
+            self.label.setText("Ready")
+            return
+        jid = max(self._titles)
+        more = f" (+{len(self._titles) - 1} more)" if len(self._titles) > 1 else ""
+        self.label.setText(f"{self._titles[jid]}{more}")
+        self.bar.setValue(int(1000 * self._progress.get(jid, 0.0)))

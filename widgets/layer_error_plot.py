@@ -1,0 +1,152 @@
+"""LayerErrorPlot: per-layer error across depth, one series per variant, split by projection;
+and a layers × projections heatmap. Clicking a point or a cell selects that layer."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSplitter, QVBoxLayout, QWidget
+
+METRICS = {"rel_fro": "relative Frobenius error ‖Ŵ−W‖/‖W‖", "sqnr_db": "SQNR (dB)",
+           "rel_fro_raw": "rel. error without undoing smoothing"}
+
+
+class LayerErrorPlot(QWidget):
+    """Receives sweep rows (objects with name, variant, layer_index, proj and metrics)."""
+
+    layer_selected = Signal(str)
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.metric = QComboBox()
+        for k, v in METRICS.items():
+            self.metric.addItem(v, k)
+        self.proj = QComboBox()
+        self.hm_variant = QComboBox()
+        self.info = QLabel("Run “Compare all layers” to fill this view.")
+        self.plot = pg.PlotWidget()
+        self.plot.setLabel("bottom", "decoder layer")
+        self.plot.showGrid(x=True, y=True, alpha=0.25)
+        self.legend = self.plot.addLegend(offset=(-10, 10))
+        self.hm = pg.PlotWidget()
+        self.hm.setLabel("left", "decoder layer")
+        self.hm.invertY(True)
+        self.hm_image = pg.ImageItem(axisOrder="row-major")
+        self.hm.addItem(self.hm_image)
+        self.hm_bar = pg.ColorBarItem(colorMap=pg.colormap.get("viridis"), interactive=False)
+        self.hm_bar.setImageItem(self.hm_image, insert_in=self.hm.getPlotItem())
+        bar = QHBoxLayout()
+        bar.addWidget(QLabel("y:"))
+        bar.addWidget(self.metric)
+        bar.addWidget(QLabel("projection:"))
+        bar.addWidget(self.proj)
+        bar.addWidget(QLabel("heatmap variant:"))
+        bar.addWidget(self.hm_variant)
+        bar.addStretch(1)
+        split = QSplitter()
+        split.addWidget(self.plot)
+        split.addWidget(self.hm)
+        split.setSizes([640, 360])
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addLayout(bar)
+        lay.addWidget(split, 1)
+        lay.addWidget(self.info)
+        self.metric.currentIndexChanged.connect(lambda _: self._redraw())
+        self.proj.currentIndexChanged.connect(lambda _: self._redraw())
+        self.hm_variant.currentIndexChanged.connect(lambda _: self._redraw_heatmap())
+        self.hm.scene().sigMouseClicked.connect(self._hm_clicked)
+        self._rows = []
+        self._colors = {}
+        self._hm_names: dict[tuple[int, int], str] = {}
+        self.series: dict[str, pg.PlotDataItem] = {}
+
+    def set_rows(self, rows, colors: dict) -> None:
+        self._rows = [r for r in rows if r.layer_index is not None]
+        self._colors = dict(colors)
+        projs = sorted({r.proj for r in self._rows})
+        variants = list(dict.fromkeys(r.variant for r in self._rows))
+        for combo, items, first in ((self.proj, projs, "all projections"), (self.hm_variant, variants, None)):
+            cur = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            if first:
+                combo.addItem(first)
+            combo.addItems(items)
+            if cur and combo.findText(cur) >= 0:
+                combo.setCurrentText(cur)
+            combo.blockSignals(False)
+        other = len(rows) - len(self._rows)
+        self.info.setText(f"{len(self._rows)} (layer, variant) points from {len(variants)} variant(s)"
+                          + (f"; {other} outside decoder layers (embeddings, head) not plotted" if other else "")
+                          + ". Click a point or a heatmap cell to select the layer.")
+        self._redraw()
+
+    def _value(self, r) -> float:
+        return float(getattr(r, self.metric.currentData()))
+
+    def _redraw(self) -> None:
+        self.plot.clear()
+        self.legend.clear()
+        self.series = {}
+        proj = self.proj.currentText() if self.proj.currentIndex() > 0 else None
+        key = self.metric.currentData()
+        self.plot.setLabel("left", METRICS.get(key, key))
+        by_var: dict[str, list] = {}
+        for r in self._rows:
+            if proj is None or r.proj == proj:
+                by_var.setdefault(r.variant, []).append(r)
+        n = max(1, len(by_var))
+        for i, (variant, rows) in enumerate(by_var.items()):
+            rows.sort(key=lambda r: (r.layer_index, r.proj))
+            # small horizontal offset per variant so overlapping points stay visible
+            x = np.array([r.layer_index for r in rows], float) + (i - (n - 1) / 2) * 0.08
+            y = np.array([self._value(r) for r in rows])
+            color = self._colors.get(variant)
+            item = pg.PlotDataItem(x, y, pen=pg.mkPen(color, width=1.5) if proj else None, symbol="o",
+                                   symbolSize=7, symbolBrush=color, symbolPen=None, data=[r.name for r in rows],
+                                   name=variant)
+            item.sigPointsClicked.connect(self._points_clicked)
+            self.plot.addItem(item)
+            self.series[variant] = item
+        self._redraw_heatmap()
+
+    def _points_clicked(self, item, points, *_) -> None:
+        if points:
+            self.layer_selected.emit(points[0].data())
+
+    def _redraw_heatmap(self) -> None:
+        variant = self.hm_variant.currentText()
+        rows = [r for r in self._rows if r.variant == variant]
+        if not rows:
+            self.hm_image.clear()
+            return
+        layers = sorted({r.layer_index for r in rows})
+        projs = sorted({r.proj for r in rows})
+        grid = np.full((len(layers), len(projs)), np.nan)
+        self._hm_names = {}
+        for r in rows:
+            i, j = layers.index(r.layer_index), projs.index(r.proj)
+            grid[i, j] = self._value(r)
+            self._hm_names[(i, j)] = r.name
+        self.hm_image.setImage(grid, autoLevels=False)
+        finite = grid[np.isfinite(grid)]
+        if finite.size:
+            lo, hi = float(finite.min()), float(finite.max())
+            self.hm_bar.setLevels((lo, hi if hi > lo else lo + 1e-12))
+        ax = self.hm.getAxis("bottom")
+        ax.setTicks([[(j + 0.5, p.replace("_proj", "")) for j, p in enumerate(projs)]])
+        self.hm.getAxis("left").setTicks([[(i + 0.5, str(layer)) for i, layer in enumerate(layers)]
+                                          if len(layers) <= 40 else None] if len(layers) <= 40 else None)
+        self.hm.setTitle(f"{variant}: {self.metric.currentText()}")
+        self.hm.autoRange()
+
+    def _hm_clicked(self, ev) -> None:
+        p = self.hm.getPlotItem().vb.mapSceneToView(ev.scenePos())
+        i, j = int(math.floor(p.y())), int(math.floor(p.x()))
+        name = self._hm_names.get((i, j))
+        if name:
+            self.layer_selected.emit(name)

@@ -1,0 +1,145 @@
+"""QuantConfigPanel: detected scheme and config, per-layer overrides, the selected layer's
+effective settings with the rule that produced them, the raw JSON, and a what-if requantizer."""
+
+from __future__ import annotations
+
+import json
+
+from PySide6.QtCore import Signal
+from PySide6.QtGui import QTextDocument
+from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
+                               QPlainTextEdit, QPushButton, QTableWidget, QTableWidgetItem, QTabWidget,
+                               QVBoxLayout, QWidget)
+
+from quantscope.backend.schemes import Model
+
+
+def _short(v) -> str:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+class QuantConfigPanel(QWidget):
+    """Shows data handed to it; emits ``whatif_requested(bits, group_size, mode)``."""
+
+    whatif_requested = Signal(int, int, str)
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+        self.layer_title = QLabel("<i>Select a layer</i>")
+        self.layer_title.setWordWrap(True)
+        self.layer_table = QTableWidget(0, 6)
+        self.layer_table.setHorizontalHeaderLabels(["Checkpoint", "Scheme", "Bits", "Group", "Shape", "Rule"])
+        self.layer_table.horizontalHeader().setSectionResizeMode(5, QHeaderView.ResizeMode.Stretch)
+        self.layer_table.verticalHeader().setVisible(False)
+        self.layer_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.globals = QLabel()
+        self.globals.setWordWrap(True)
+        self.overrides = QTableWidget(0, 2)
+        self.overrides.setHorizontalHeaderLabels(["Override (path / pattern)", "Value"])
+        self.overrides.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.overrides.verticalHeader().setVisible(False)
+        self.overrides.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.raw = QPlainTextEdit(readOnly=True)
+        self.raw_search = QLineEdit(placeholderText="Find in the raw JSON (Enter: next)…")
+        self.raw_search.returnPressed.connect(self._find_next)
+        # what-if
+        self.bits = QComboBox()
+        self.bits.addItems(["2", "3", "4", "5", "6", "8"])
+        self.bits.setCurrentText("4")
+        self.group = QComboBox()
+        self.group.addItems(["32", "64", "128"])
+        self.group.setCurrentText("64")
+        self.mode = QComboBox()
+        self.mode.addItems(["affine", "mxfp4", "nvfp4", "mxfp8"])
+        self.run = QPushButton("Requantize from reference")
+        self.run.clicked.connect(lambda: self.whatif_requested.emit(int(self.bits.currentText()),
+                                                                    int(self.group.currentText()),
+                                                                    self.mode.currentText()))
+        self.whatif_result = QLabel("")
+        self.whatif_result.setWordWrap(True)
+
+        layer_box = QWidget()
+        lv = QVBoxLayout(layer_box)
+        lv.setContentsMargins(0, 0, 0, 0)
+        lv.addWidget(self.layer_title)
+        lv.addWidget(self.layer_table, 1)
+        wi = QGroupBox("What if: requantize this layer from the reference with MLX")
+        wl = QHBoxLayout(wi)
+        form = QFormLayout()
+        form.addRow("bits", self.bits)
+        form.addRow("group", self.group)
+        form.addRow("mode", self.mode)
+        wl.addLayout(form)
+        wv = QVBoxLayout()
+        wv.addWidget(self.run)
+        wv.addWidget(self.whatif_result, 1)
+        wl.addLayout(wv, 1)
+        lv.addWidget(wi)
+        cfg_box = QWidget()
+        cv = QVBoxLayout(cfg_box)
+        cv.setContentsMargins(0, 0, 0, 0)
+        cv.addWidget(self.globals)
+        cv.addWidget(self.overrides, 1)
+        raw_box = QWidget()
+        rv = QVBoxLayout(raw_box)
+        rv.setContentsMargins(0, 0, 0, 0)
+        rv.addWidget(self.raw_search)
+        rv.addWidget(self.raw, 1)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(layer_box, "Selected layer")
+        self.tabs.addTab(cfg_box, "Config")
+        self.tabs.addTab(raw_box, "Raw JSON")
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addWidget(self.summary)
+        lay.addWidget(self.tabs, 1)
+
+    def set_checkpoint(self, label: str, model: Model | None) -> None:
+        """The config of the checkpoint shown in the tree."""
+        if model is None:
+            self.summary.setText("")
+            return
+        cfg = model.config
+        schemes = ", ".join(f"{k} ×{v}" for k, v in model.schemes.items())
+        self.summary.setText(f"<b>{label}</b>: {model.main_scheme} · config: {cfg.file or 'none'}<br>"
+                             f"<small>{schemes}</small>")
+        g = ", ".join(f"{k}={_short(v)}" for k, v in cfg.globals.items() if v is not None)
+        notes = "".join(f"<br>• {n}" for n in cfg.notes)
+        self.globals.setText(f"<b>{cfg.kind or 'no quantization config'}</b> {g}{notes}")
+        self.overrides.setRowCount(len(cfg.overrides))
+        for r, (k, v) in enumerate(cfg.overrides):
+            self.overrides.setItem(r, 0, QTableWidgetItem(str(k)))
+            self.overrides.setItem(r, 1, QTableWidgetItem(_short(v)))
+        self.raw.setPlainText(json.dumps({name: data for name, data in model.ckpt.configs.items()}, indent=2))
+
+    def set_layer(self, path: str, models: dict[str, Model]) -> None:
+        """Effective settings of ``path`` in every open checkpoint, with the rule behind them."""
+        self.layer_title.setText(f"<b>{path}</b>")
+        rows = [(label, m.layers.get(path)) for label, m in models.items()]
+        self.layer_table.setRowCount(len(rows))
+        for r, (label, layer) in enumerate(rows):
+            if layer is None:
+                vals = [label, "absent", "", "", "", "no module with this path"]
+            else:
+                rule = layer.source + (f" — problem: {layer.problem}" if layer.problem else "")
+                vals = [label, layer.scheme, "" if layer.bits is None else str(layer.bits),
+                        "" if layer.group_size is None else str(layer.group_size),
+                        "×".join(map(str, layer.shape or ())), rule]
+            for c, v in enumerate(vals):
+                item = QTableWidgetItem(v)
+                item.setToolTip(v)
+                self.layer_table.setItem(r, c, item)
+        self.layer_table.resizeColumnsToContents()
+        self.whatif_result.setText("")
+
+    def set_whatif_result(self, text: str) -> None:
+        self.whatif_result.setText(text)
+
+    def _find_next(self) -> None:
+        if not self.raw.find(self.raw_search.text()):
+            cur = self.raw.textCursor()
+            cur.movePosition(cur.MoveOperation.Start)
+            self.raw.setTextCursor(cur)
+            self.raw.find(self.raw_search.text(), QTextDocument.FindFlag(0))

@@ -1,0 +1,115 @@
+"""TensorTree: the dock with the checkpoint chooser, instant search and the module tree."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QModelIndex, Qt, QTimer, Signal
+from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu, QTreeView, QVBoxLayout,
+                               QWidget)
+
+from quantscope.backend.search import PathIndex
+
+from .tensor_tree_model import TensorTreeModel
+
+
+class TensorTree(QWidget):
+    """Emits intent only: it never reads files."""
+
+    layer_selected = Signal(str)            # module path
+    checkpoint_changed = Signal(str)        # label of the checkpoint shown
+    export_tensor_requested = Signal(str)   # stored tensor name
+    dequant_export_requested = Signal(str)  # module path
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.model = TensorTreeModel(self)
+        self.combo = QComboBox()
+        self.combo.setToolTip("Which checkpoint's modules the tree lists")
+        self.search = QLineEdit()
+        self.search.setPlaceholderText("Search paths (e.g. layers.1.mlp.down_proj)…")
+        self.search.setClearButtonEnabled(True)
+        self.count = QLabel()
+        self.view = QTreeView()
+        self.view.setModel(self.model)
+        self.view.setUniformRowHeights(True)
+        self.view.setAlternatingRowColors(True)
+        self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.view.header().setStretchLastSection(False)
+        top = QHBoxLayout()
+        top.addWidget(self.combo, 1)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addLayout(top)
+        lay.addWidget(self.search)
+        lay.addWidget(self.view, 1)
+        lay.addWidget(self.count)
+        self._index = PathIndex([])
+        self._debounce = QTimer(self, singleShot=True, interval=30)
+        self._debounce.timeout.connect(self._apply_search)
+        self.search.textChanged.connect(lambda _: self._debounce.start())
+        self.combo.currentTextChanged.connect(self._on_combo)
+        self.view.selectionModel().currentChanged.connect(self._on_current)
+        self.view.customContextMenuRequested.connect(self._menu)
+        self._models = {}
+
+    def set_checkpoints(self, models: dict, current: str | None = None) -> None:
+        """``models``: label → backend Model (reference first)."""
+        self._models = dict(models)
+        self.combo.blockSignals(True)
+        self.combo.clear()
+        self.combo.addItems(list(models))
+        self.combo.blockSignals(False)
+        if current in models:
+            self.combo.setCurrentText(current)
+        self._on_combo(self.combo.currentText())
+
+    def _on_combo(self, label: str) -> None:
+        self.model.set_checkpoint(self._models.get(label))
+        self._index = PathIndex(self.model.paths())
+        self._apply_search()
+        for c in range(1, self.model.columnCount()):
+            self.view.resizeColumnToContents(c)
+        self.view.setColumnWidth(0, min(300, max(200, self.view.columnWidth(0))))
+        self.checkpoint_changed.emit(label)
+
+    def _apply_search(self) -> None:
+        ids = self._index.search(self.search.text())
+        self.model.set_visible(ids)
+        total = len(self._index.paths)
+        shown = total if ids is None else len(ids)
+        self.count.setText(f"{shown} of {total} modules")
+
+    def current_label(self) -> str:
+        return self.combo.currentText()
+
+    def select(self, path: str) -> bool:
+        """Select a module by path (clearing the search if it hides it)."""
+        idx = self.model.row_of(path)
+        if not idx.isValid() and self.search.text():
+            self.search.clear()
+            self._apply_search()
+            idx = self.model.row_of(path)
+        if not idx.isValid():
+            return False
+        self.view.setCurrentIndex(idx)
+        self.view.scrollTo(idx)
+        return True
+
+    def _on_current(self, cur: QModelIndex, _prev) -> None:
+        path = cur.data(TensorTreeModel.PathRole) if cur.isValid() else None
+        if path:
+            self.layer_selected.emit(path)
+
+    def _menu(self, pos) -> None:
+        idx = self.view.indexAt(pos)
+        if not idx.isValid():
+            return
+        path = idx.data(TensorTreeModel.PathRole)
+        is_tensor = idx.internalId() != 0
+        name = f"{path}{self.model.index(idx.row(), 0, idx.parent()).data()}" if is_tensor else path
+        menu = QMenu(self)
+        menu.addAction("Copy name", lambda: QGuiApplication.clipboard().setText(name))
+        if is_tensor:
+            menu.addAction("Export tensor as .npy…", lambda: self.export_tensor_requested.emit(name))
+        menu.addAction("Dequantize and export as .npy…", lambda: self.dequant_export_requested.emit(path))
+        menu.exec(self.view.viewport().mapToGlobal(pos))

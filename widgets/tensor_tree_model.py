@@ -1,0 +1,198 @@
+"""TensorTreeModel: a lazy QAbstractItemModel over one checkpoint's modules.
+
+Rows are modules (natural order, from the backend); a module's children are its stored tensors,
+built only when the view asks. Structure comes from headers; errors and doctor flags arrive
+later through ``dataChanged``. Filtering is a list of visible module ids computed by the
+backend's :class:`~quantscope.backend.search.PathIndex`, never a recursive proxy.
+"""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QAbstractItemModel, QModelIndex, Qt
+
+from quantscope.backend.info import human_bytes
+from quantscope.backend.schemes import Layer, Model
+
+from .palette import error_color
+
+BASE_COLUMNS = ["Name", "Scheme", "Bits", "Group", "Shape", "Bytes", "Bits/weight"]
+_SEVERITY_ORDER = {"error": 3, "warning": 2, "info": 1}
+
+
+def _shape(shape) -> str:
+    return "×".join(str(d) for d in shape) if shape else ""
+
+
+class TensorTreeModel(QAbstractItemModel):
+    """Modules of one checkpoint with per-variant error and doctor columns."""
+
+    #: Role returning the module path of an index (tensor rows return their module's path).
+    PathRole = Qt.ItemDataRole.UserRole + 1
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self._model: Model | None = None
+        self._layers: list[Layer] = []
+        self._visible: list[int] = []
+        self._children: dict[int, list] = {}
+        self._variants: list[str] = []
+        self._errors: dict[str, dict[str, float]] = {}
+        self._flags: dict[str, tuple[str, str]] = {}
+        self.dark = False
+
+    # -- content -------------------------------------------------------------------------------
+
+    def set_checkpoint(self, model: Model | None) -> None:
+        self.beginResetModel()
+        self._model = model
+        self._layers = list(model.layers.values()) if model else []
+        self._visible = list(range(len(self._layers)))
+        self._children.clear()
+        self.endResetModel()
+
+    def paths(self) -> list[str]:
+        return [layer.path for layer in self._layers]
+
+    def set_visible(self, ids: list[int] | None) -> None:
+        """Show only these module ids (None: all)."""
+        self.beginResetModel()
+        self._visible = list(range(len(self._layers))) if ids is None else list(ids)
+        self.endResetModel()
+
+    def set_variants(self, labels: list[str]) -> None:
+        self.beginResetModel()
+        self._variants = list(labels)
+        self._errors = {k: v for k, v in self._errors.items() if k in labels}
+        self.endResetModel()
+
+    def set_errors(self, label: str, errors: dict[str, float]) -> None:
+        """rel_fro per module path for one variant (updates the column in place)."""
+        self._errors[label] = dict(errors)
+        if label in self._variants and self._visible:
+            col = len(BASE_COLUMNS) + self._variants.index(label)
+            self.dataChanged.emit(self.index(0, col), self.index(len(self._visible) - 1, col))
+
+    def set_findings(self, flags: dict[str, tuple[str, str]]) -> None:
+        """Worst (severity, message) per module path."""
+        self._flags = dict(flags)
+        if self._visible:
+            col = self.columnCount() - 1
+            self.dataChanged.emit(self.index(0, col), self.index(len(self._visible) - 1, col))
+
+    def row_of(self, path: str) -> QModelIndex:
+        for r, i in enumerate(self._visible):
+            if self._layers[i].path == path:
+                return self.index(r, 0)
+        return QModelIndex()
+
+    # -- Qt model API ----------------------------------------------------------------------------
+
+    def columnCount(self, parent=QModelIndex()) -> int:
+        return len(BASE_COLUMNS) + len(self._variants) + 1
+
+    def rowCount(self, parent=QModelIndex()) -> int:
+        if not parent.isValid():
+            return len(self._visible)
+        if parent.internalId() == 0 and parent.column() == 0:
+            return len(self._tensors(parent.row()))
+        return 0
+
+    def hasChildren(self, parent=QModelIndex()) -> bool:
+        if not parent.isValid():
+            return bool(self._visible)
+        return parent.internalId() == 0 and parent.column() == 0
+
+    def index(self, row: int, column: int, parent=QModelIndex()) -> QModelIndex:
+        if not self.hasIndex(row, column, parent):
+            return QModelIndex()
+        if not parent.isValid():
+            return self.createIndex(row, column, 0)
+        return self.createIndex(row, column, parent.row() + 1)
+
+    def parent(self, index: QModelIndex) -> QModelIndex:  # noqa: A003 - Qt's name
+        if not index.isValid() or index.internalId() == 0:
+            return QModelIndex()
+        return self.createIndex(index.internalId() - 1, 0, 0)
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if orientation != Qt.Orientation.Horizontal or role != Qt.ItemDataRole.DisplayRole:
+            return None
+        if section < len(BASE_COLUMNS):
+            return BASE_COLUMNS[section]
+        if section < len(BASE_COLUMNS) + len(self._variants):
+            return f"Error · {self._variants[section - len(BASE_COLUMNS)]}"
+        return "Doctor"
+
+    def flags(self, index: QModelIndex):
+        if not index.isValid():
+            return Qt.ItemFlag.NoItemFlags
+        return Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable
+
+    def _tensors(self, row: int):
+        lid = self._visible[row]
+        kids = self._children.get(lid)
+        if kids is None:
+            layer = self._layers[lid]
+            kids = self._children[lid] = [(c, layer.tensors[c]) for c in sorted(layer.tensors)]
+        return kids
+
+    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
+        if not index.isValid():
+            return None
+        col = index.column()
+        if index.internalId() == 0:
+            layer = self._layers[self._visible[index.row()]]
+            if role == self.PathRole:
+                return layer.path
+            return self._module_data(layer, col, role)
+        prow = index.internalId() - 1
+        if prow >= len(self._visible) or index.row() >= len(self._tensors(prow)):
+            return None
+        comp, t = self._tensors(prow)[index.row()]
+        if role == self.PathRole:
+            return self._layers[self._visible[prow]].path
+        if role == Qt.ItemDataRole.DisplayRole:
+            return {0: f".{comp}" if comp else t.name, 1: t.dtype, 4: _shape(t.shape),
+                    5: human_bytes(t.nbytes)}.get(col, f"{t.file.name} [{t.start}, {t.end})" if col == 6 else None)
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return f"{t.name}\n{t.dtype} {list(t.shape)}\n{t.file}\nbytes [{t.start}, {t.end})"
+        return None
+
+    def _module_data(self, layer: Layer, col: int, role):
+        nb = len(BASE_COLUMNS)
+        if role == Qt.ItemDataRole.DisplayRole:
+            if col == 0:
+                return layer.path
+            if col == 1:
+                return layer.scheme
+            if col == 2:
+                return "" if layer.bits is None else str(layer.bits)
+            if col == 3:
+                return "" if layer.group_size is None else str(layer.group_size)
+            if col == 4:
+                return _shape(layer.shape)
+            if col == 5:
+                return human_bytes(layer.stored_bytes)
+            if col == 6:
+                bpw = layer.bits_per_weight
+                return "" if bpw is None else f"{bpw:.2f}"
+            if col < nb + len(self._variants):
+                v = self._errors.get(self._variants[col - nb], {}).get(layer.path)
+                return "" if v is None else f"{v:.4f}"
+            flag = self._flags.get(layer.path)
+            return flag[0] if flag else ""
+        if role == Qt.ItemDataRole.BackgroundRole and nb <= col < nb + len(self._variants):
+            return error_color(self._errors.get(self._variants[col - nb], {}).get(layer.path), self.dark)
+        if role == Qt.ItemDataRole.ToolTipRole:
+            if col == self.columnCount() - 1 and layer.path in self._flags:
+                return self._flags[layer.path][1]
+            tip = f"{layer.path}\n{layer.scheme}: {layer.source}"
+            if layer.problem:
+                tip += f"\nproblem: {layer.problem}"
+            return tip
+        if role == Qt.ItemDataRole.TextAlignmentRole and col >= 2:
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        if role == Qt.ItemDataRole.ForegroundRole and layer.problem and col in (0, 1):
+            from PySide6.QtGui import QColor
+            return QColor("#D55E00")
+        return None
