@@ -6,9 +6,11 @@
   MLX arrays are created and evaluated on one dedicated thread and leave it as numpy (MLX issue
   #3529: arrays crossing threads can fail).
 
-Both return the same float32 values (0 ULP, tested): the MLX path repacks with float32
-scales/biases so ``s*q + (-s*z)`` is exact, then rounds to the checkpoint's scale dtype like the
-numpy path does.
+Every non-MLX decoder returns the exact value of its format's formula in float32 (the product of
+a stored code and an fp16/bf16/fp8 scale is exact in float32); the cast a runtime applies to its
+compute dtype is left out. MLX affine is the exception: mx.dequantize itself rounds in the scale
+dtype, and that is what it defines. Both engines return the same float32 values (0 ULP, tested): the MLX path repacks with float32
+scales/biases so ``s*q + (-s*z)`` is exact, like the numpy path.
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import ml_dtypes
 import numpy as np
 
-from .dtypes import DTYPES
 from .errors import LayerError
 from .formats import awq, bnb, ct, fp8, gptq
-from .formats.common import round_to
 from .formats import mlx as mlxfmt
 from .schemes import Layer, Model
 
@@ -105,15 +105,13 @@ def _np_ct_mxfp8(layer, p):
 
 
 def _np_fp8_block(layer, p):
-    out = fp8.decode_fp8_block(p["weight"], p["weight_scale_inv"], tuple(layer.settings["weight_block_size"]),
-                               name=layer.path)
-    return round_to(out, DTYPES[layer.dtype].numpy)  # DeepSeek's weight_dequant writes the model dtype
+    return fp8.decode_fp8_block(p["weight"], p["weight_scale_inv"], tuple(layer.settings["weight_block_size"]),
+                                name=layer.path)
 
 
 def _np_bnb4(layer, p):
-    out = bnb.decode_4bit(p["weight"], p["weight.absmax"], p["weight.quant_map"], layer.settings,
-                          p.get("weight.nested_absmax"), p.get("weight.nested_quant_map"), name=layer.path)
-    return round_to(out, bnb.module_dtype(layer.settings))  # bitsandbytes casts to the module dtype
+    return bnb.decode_4bit(p["weight"], p["weight.absmax"], p["weight.quant_map"], layer.settings,
+                           p.get("weight.nested_absmax"), p.get("weight.nested_quant_map"), name=layer.path)
 
 
 def _np_bnb8(layer, p):
@@ -220,21 +218,16 @@ class MlxEngine:
         if s == "gptq":
             rep = gptq.to_mlx_affine(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
                                      group_size=layer.group_size, version=_gptq_version(layer), name=layer.path)
-            sdt = p["scales"].dtype
         elif s == "awq-gemm":
             rep = awq.gemm_to_mlx_affine(p["qweight"], p.get("qzeros"), p["scales"], name=layer.path)
-            sdt = p["scales"].dtype
         elif s == "awq-gemv":
             rep = awq.gemv_to_mlx_affine(p["qweight"], p.get("qzeros"), p["scales"], group_size=layer.group_size,
                                          name=layer.path)
-            sdt = p["scales"].dtype
         if rep is not None:
             self.last_path = "repacked to MLX affine + mx.dequantize"
             w, sc, bi = rep
             y = mx.dequantize(_mx_array(w), _mx_array(sc), _mx_array(bi), group_size=layer.group_size,
                               bits=layer.bits)
-            if sdt != np.float32:
-                y = y.astype(mx.bfloat16 if sdt == np.dtype(ml_dtypes.bfloat16) else mx.float16)
             return _mx_to_numpy_f32(y)
         self.last_path = "numpy fallback"
         return self._numpy.dequantize(model, layer)

@@ -14,6 +14,7 @@ import pytest
 
 from quantscope.backend.errors import LayerError
 from quantscope.backend.formats import ct
+from quantscope.backend.formats.common import round_to
 from quantscope.backend.safetensors_file import SafetensorsFile
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden"
@@ -29,7 +30,26 @@ def load(case):
     cfg = json.loads((d / "config.json").read_text())["quantization_config"]
     with np.load(d / "expected.npz") as z:
         exp = z[f"{LAYER}.weight"]
-    return t, cfg, exp
+        lib = str(z["library_dtype"]).replace("torch.", "")
+    return t, cfg, Expected(exp, lib)
+
+
+class Expected(np.ndarray):
+    """The library's output, with the dtype the library cast the exact product to."""
+
+    def __new__(cls, a, lib):
+        obj = np.asarray(a).view(cls)
+        obj.lib = lib
+        return obj
+
+    def __array_finalize__(self, obj):
+        self.lib = getattr(obj, "lib", "float32")
+
+
+def as_library(out, exp):
+    """quantscope's exact float32 product cast like the library casts it."""
+    cast = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(exp.lib)
+    return round_to(out.copy(), cast) if cast else out
 
 
 def decode_case(t, cfg):
@@ -64,7 +84,7 @@ def test_matches_library_exactly(case):
     out = decode_case(t, cfg)
     assert out.dtype == np.float32 and out.shape == exp.shape
     assert np.std(exp) > 0                      # golden is not trivially zero
-    np.testing.assert_array_equal(out, exp)
+    np.testing.assert_array_equal(as_library(out, exp), np.asarray(exp))
 
 
 @pytest.mark.parametrize("case,layout", [
@@ -138,7 +158,7 @@ def test_unpacked_zero_points_equal_packed():
     np.testing.assert_array_equal(ct.pack_zero_points(zp_signed, 4), zp_packed)
     out = ct.decode_pack_quantized(t["weight_packed"], t["weight_scale"], t["weight_shape"],
                                    bits=4, group_size=128, weight_zero_point=zp_signed)
-    np.testing.assert_array_equal(out, exp)
+    np.testing.assert_array_equal(as_library(out, exp), np.asarray(exp))
 
 
 def test_g_idx_act_order_matters_and_minus_one_is_ignored():
@@ -148,10 +168,10 @@ def test_g_idx_act_order_matters_and_minus_one_is_ignored():
     kw = dict(bits=4, group_size=128, weight_zero_point=t["weight_zero_point"])
     with_g = ct.decode_pack_quantized(t["weight_packed"], t["weight_scale"],
                                       t["weight_shape"], g_idx=gi, **kw)
-    np.testing.assert_array_equal(with_g, exp)
+    np.testing.assert_array_equal(as_library(with_g, exp), np.asarray(exp))
     without = ct.decode_pack_quantized(t["weight_packed"], t["weight_scale"],
                                        t["weight_shape"], **kw)
-    assert not np.array_equal(without, exp)
+    assert not np.array_equal(as_library(without, exp), np.asarray(exp))
     # the library treats an uninitialised g_idx (-1) as "no act-order"
     minus = ct.decode_pack_quantized(t["weight_packed"], t["weight_scale"], t["weight_shape"],
                                      g_idx=np.full_like(gi, -1), **kw)
@@ -202,13 +222,13 @@ def test_naive_block_partial_tiles_and_zero_points():
     np.testing.assert_array_equal(out, want)
 
 
-def test_rounds_to_scale_dtype():
-    # bf16 scale: (q - zp) * s is rounded to bf16, as torch does in the scale dtype
+def test_returns_the_exact_product_not_the_libraries_cast():
+    # bf16 scale: torch rounds (q - zp) * s to bf16; quantscope keeps the exact float32 product.
     s = np.array([[1.0078125]], ml_dtypes.bfloat16)    # 1 + 2^-7
     q = np.array([[127]], np.int8)
     out = ct.decode_naive(q, s, strategy="channel")
-    assert out[0, 0] == np.float32(np.float32(127 * 1.0078125).astype(ml_dtypes.bfloat16))
-    assert out[0, 0] != np.float32(127 * 1.0078125)
+    assert out[0, 0] == np.float32(127 * 1.0078125)
+    assert round_to(out.copy(), ml_dtypes.bfloat16)[0, 0] != out[0, 0]
 
 
 def test_wrong_shapes_raise_helpful_errors():

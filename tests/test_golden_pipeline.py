@@ -3,9 +3,11 @@ is recognised from its files and config and decoded through the engines to the l
 
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
+from quantscope.backend.formats.common import round_to
 from quantscope.backend.checkpoint import open_checkpoint
 from quantscope.backend.engines import MlxEngine, NumpyEngine
 from quantscope.backend.schemes import analyze
@@ -36,10 +38,17 @@ def test_golden_case_through_the_pipeline(case):
         assert layer.decodable, layer.problem
         got = ne.dequantize(model, layer)
         key = f"{layer.path}.weight"
-        # The library's value in the dtype it hands to the model (module/scale dtype).
-        want = exp.get(key + "_bf16", exp[key]) if layer.scheme == "fp8-block" else exp[key]
+        # quantscope returns the exact float32 product; the library also casts it to the model's
+        # dtype, so compare after the same cast (and the float32 product where the library saved it).
+        lib_dtype = str(exp.get("library_dtype", "torch.float32")).replace("torch.", "")
+        want = exp[key]
         assert got.shape == want.shape == layer.shape
-        np.testing.assert_array_equal(got, want.astype(np.float32))
+        if key + "_f32" in exp:
+            np.testing.assert_array_equal(got, exp[key + "_f32"])
+        if key + "_bf16" in exp:
+            np.testing.assert_array_equal(round_to(got.copy(), ml_dtypes.bfloat16), exp[key + "_bf16"])
+        cast = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(lib_dtype)
+        np.testing.assert_array_equal(round_to(got.copy(), cast) if cast else got, want.astype(np.float32))
 
 
 def test_mlx_engine_falls_back_to_numpy_for_other_formats():

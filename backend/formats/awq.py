@@ -1,7 +1,8 @@
 """AWQ (AutoAWQ / GPTQModel AWQ): GEMM and GEMV layouts — formats.md §4.
 
-``W[n,k] = s[k//G, n] * (q[k,n] - z[k//G, n])``, no +1 on zeros, no g_idx. The torch reference
-(``dequantize_gemm``) computes in fp16: one rounding of a product that is exact in float32.
+``W[n,k] = s[k//G, n] * (q[k,n] - z[k//G, n])``, no +1 on zeros, no g_idx. The product is exact
+in float32 and equals AutoAWQ's own dequantization run in float32 (verified on the real fixture);
+a runtime's fp16 cast is not applied (see gptq.py).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 
 from ..bitpack import unpack_bits
 from .common import check
-from .kernel import for_row_blocks, fp16_normal_range, round_inplace
+from .kernel import for_row_blocks
 from .mlx import codes_as_float
 
 #: Nibble slot i of a GEMM word holds column 8c + ORDER[i]; logical column j sits in slot REV[j].
@@ -50,11 +51,9 @@ def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=
         z = unpack_gemm(qzeros, n).astype(np.float32)
     s_t = np.ascontiguousarray(scales.astype(np.float32).T)  # [N, ng]
     bias_t = -(s_t * z.T)
-    sdt = scales.dtype
     if out is None:
         out = np.empty((n, k), np.float32)
     u = qweight.view(np.uint32)
-    normal = fp16_normal_range(scales, 16)
 
     def block(r0, r1):
         # Output rows 8c..8c+7 come from word column c of qweight [K, N/8]: transpose the packed
@@ -68,7 +67,6 @@ def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=
         b3 = blk.reshape(r1 - r0, ng, g)
         np.multiply(b3, s_t[r0:r1, :, None], out=b3)
         b3 += bias_t[r0:r1, :, None]
-        round_inplace(blk, sdt, normal_only=normal)
 
     for_row_blocks(n, k, block, align=8, min_rows=16)
     return out
@@ -95,10 +93,7 @@ def decode_gemv(qweight, qzeros, scales, *, group_size: int, name=None) -> np.nd
         check(qzeros.shape[0] == n and qzeros.shape[1] * 8 >= ng, f"GEMV qzeros {list(qzeros.shape)} do not fit [N={n}, ≥{ng}/8]", name)
         z = unpack_bits(qzeros, 4, ng).astype(np.float32)
     q = codes_as_float(qweight, 4, k).reshape(n, ng, group_size)
-    out = (q * s[:, :, None] + (-(s * z))[:, :, None]).reshape(n, k)
-    if scales.dtype != np.float32:
-        out = out.astype(scales.dtype).astype(np.float32)
-    return out
+    return (q * s[:, :, None] + (-(s * z))[:, :, None]).reshape(n, k)
 
 
 def codes_gemm(qweight) -> np.ndarray:

@@ -5,14 +5,14 @@ Covers ``pack-quantized`` (INT 1–8 bit in int32 words, both packing generation
 ``mxfp8-quantized`` (F8_E4M3 + E8M0 scale bytes), ``nvfp4-pack-quantized`` and
 ``mxfp4-pack-quantized``.
 
-Numerics follow compressed-tensors' own ``dequantize`` (``forward_helpers._dequantize``): the
-stored signed codes are cast to the scale dtype, the zero point is subtracted in that dtype, and
-the product with the scale is rounded to that dtype. For every integer format the difference
-``q - zp`` is an integer of at most 9 bits (exact in bf16/fp16), and the product of such an
-integer with a bf16/fp16 scale is exact in float32, so ``round_to(s * (q - zp), scale dtype)``
-reproduces the library bit for bit; with float32 scales both sides round the product once.
-Verified against compressed-tensors 0.19.0 (and 0.16.0 for the legacy packing and ``g_idx``)
-by the golden files in ``tests/fixtures/golden``.
+Numerics: quantscope returns the exact value of the format's formula in float32, like every
+integer decoder here (see gptq.py): ``q - zp`` is an integer of at most 9 bits and its product
+with a bf16/fp16 scale is exact in float32 (fp8 × bf16 likewise). compressed-tensors' own
+``dequantize`` computes the same product in the scale dtype, i.e. ``round_to(result, scale
+dtype)`` equals the library's output bit for bit — verified against compressed-tensors 0.19.0
+(and 0.16.0 for the legacy packing and ``g_idx``) by the golden files in
+``tests/fixtures/golden``, and the unrounded value equals llm-compressor's decode run in float32
+on the real fixtures in ``tests/fixtures/real``.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def decode_pack_quantized(weight_packed: np.ndarray, weight_scale: np.ndarray, w
                           name: str | None = None) -> np.ndarray:
     """Dequantize a compressed-tensors ``pack-quantized`` weight (formats.md §5.2).
 
-    ``W[n, k] = round_to((q[n, k] - 2^(b-1) - zp[n, g(k)]) * s[n, g(k)], scale dtype)`` with
+    ``W[n, k] = (q[n, k] - 2^(b-1) - zp[n, g(k)]) * s[n, g(k)]`` (exact in float32) with
     ``g(k) = g_idx[k]`` when act-order ``g_idx`` is given, else ``k // group_size``.
 
     Parameters
@@ -259,7 +259,7 @@ def decode_pack_quantized(weight_packed: np.ndarray, weight_scale: np.ndarray, w
     Returns
     -------
     numpy.ndarray
-        float32 ``[..., N, K]``: the library's result in the scale dtype, as float32.
+        float32 ``[..., N, K]``: the exact product (the library rounds it to the scale dtype).
 
     Raises
     ------
@@ -277,7 +277,7 @@ def decode_pack_quantized(weight_packed: np.ndarray, weight_scale: np.ndarray, w
 
 def _apply_scale_zp(q, weight_scale, weight_zero_point, g_idx, shape, strategy, group_size,
                     bits, layout, name):
-    """``round_to((q - zp) * s)`` with the scale broadcast by strategy (q is float32, signed)."""
+    """``(q - zp) * s`` with the scale broadcast by strategy (q is float32, signed)."""
     *lead, N, K = shape
     lead = tuple(lead)
     s = np.asarray(weight_scale)
@@ -336,7 +336,7 @@ def _apply_scale_zp(q, weight_scale, weight_zero_point, g_idx, shape, strategy, 
     if zp is not None:
         q -= zp
     q *= s_full
-    return round_to(q, sdt)
+    return q
 
 
 # --------------------------------------------------------------------------- naive / int / fp8
@@ -347,7 +347,7 @@ def decode_naive(weight: np.ndarray, weight_scale: np.ndarray,
                  block_structure=None, name: str | None = None) -> np.ndarray:
     """Dequantize an unpacked ``int-quantized`` / ``float-quantized`` / ``naive-quantized`` weight.
 
-    ``W = round_to((float(q) - zp) * s, scale dtype)`` with the scale broadcast by strategy
+    ``W = (float(q) - zp) * s`` (float32) with the scale broadcast by strategy
     (formats.md §5.3). For block strategy the stored weight is ``[N, K]`` (unpadded) while the
     scale grid is ``[ceil(N/bn), ceil(K/bk)]``: edge tiles are partial (compressed-tensors
     PR #547 pads internally, then truncates).
@@ -402,7 +402,7 @@ def decode_naive(weight: np.ndarray, weight_scale: np.ndarray,
               f"{list(s.shape)} like weight_scale", name)
         q -= _tile(zp.astype(np.float32), bn, bk, N, K)
     q *= full
-    return round_to(q, sdt)
+    return q
 
 
 def _tile(grid: np.ndarray, bn: int, bk: int, N: int, K: int) -> np.ndarray:
@@ -471,7 +471,7 @@ def decode_nvfp4(weight_packed: np.ndarray, weight_scale: np.ndarray,
     eff = s.astype(np.float32) / gs.reshape(())
     out = E2M1_VALUES[codes]
     out *= _expand_cols(eff, K, group_size)
-    return round_to(out, _BF16)
+    return out
 
 
 def decode_mxfp4(weight_packed: np.ndarray, weight_scale: np.ndarray, *, group_size: int = 32,
@@ -514,7 +514,7 @@ def decode_mxfp4(weight_packed: np.ndarray, weight_scale: np.ndarray, *, group_s
         scale = np.ldexp(np.float32(1), e).astype(np.float32)  # 2^128 -> inf, like the library
     out = E2M1_VALUES[codes]
     out *= _expand_cols(scale, K, group_size)
-    return round_to(out, _BF16)
+    return out
 
 
 def decode_mxfp8(weight: np.ndarray, weight_scale: np.ndarray, *, group_size: int = 32,
@@ -526,7 +526,7 @@ def decode_mxfp8(weight: np.ndarray, weight_scale: np.ndarray, *, group_size: in
     rounded to bf16.
     """
     from .fp8 import decode_mxfp8 as _fp8_mx
-    return round_to(_fp8_mx(weight, weight_scale, group_size=group_size, name=name), _BF16)
+    return _fp8_mx(weight, weight_scale, group_size=group_size, name=name)
 
 
 # ------------------------------------------------------------------------------------ packers

@@ -1,8 +1,10 @@
 """GPTQ (AutoGPTQ / GPTQModel / optimum): qweight, qzeros, scales, g_idx — formats.md §3.
 
 ``W[n,k] = s[g,n] * (q[k,n] - z[g,n])`` with ``g = g_idx[k]``; v1 ("gptq") files store ``z-1``.
-The reference torch kernels compute this in the scale dtype (fp16), i.e. one rounding of the
-product, which is exact in float32 — so the decode is ``round_to(s*(q-z), scale dtype)``.
+The product is exact in float32 (an fp16/bf16 scale times a small integer), and that exact value
+is what GPTQModel's own dequantization gives when run in float32 (verified bit-for-bit on the
+real fixtures in tests/fixtures/real). A runtime computing in fp16 rounds it once more; that
+cast belongs to the runtime, not to the format, so it is not applied here.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import numpy as np
 
 from ..bitpack import unpack_bits
 from .common import check
-from .kernel import for_row_blocks, fp16_normal_range, round_inplace, unpack_codes_into
+from .kernel import for_row_blocks, unpack_codes_into
 
 GPTQ_BITS = (2, 3, 4, 8)
+#: The per-word constant GPTQModel adds to convert v1 zero points to v2 (formats.md §3.3).
+_V1_WORD_ADD = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
 
 
 def word_bits(arr: np.ndarray) -> int:
@@ -37,9 +41,17 @@ def unpack_zeros(qzeros: np.ndarray, bits: int, n: int, version: int, name=None)
     need = -(-n * bits // word_bits(qzeros))
     check(qzeros.shape[1] >= need,
           f"qzeros {list(qzeros.shape)} has {qzeros.shape[1]} columns, N={n} at {bits} bits needs {need}", name)
+    if version == 1 and bits in _V1_WORD_ADD and qzeros.dtype.itemsize == 4:
+        # GPTQModel writes v1 by subtracting 0x11111111 (4-bit) from each packed v2 word and reads
+        # it back by adding it again, so a true zero of 0 (stored as 0xF) borrows from, and is
+        # restored through, its neighbour field. Doing the same word-level addition decodes
+        # GPTQModel's files exactly (tests/fixtures/real: the act-order fixture has such a field);
+        # per-field "+1" readers (exllama-era kernels) get 2**b there instead — rule R1.
+        words = qzeros.view(np.uint32) + np.uint32(_V1_WORD_ADD[bits])
+        return unpack_bits(words, bits, n).astype(np.int32)
     z = unpack_bits(qzeros, bits, n).astype(np.int32)
     if version == 1:
-        z += 1  # v1 readers add 1 after unpacking; a stored -1 (true zero 0) wraps to 2**b (R1)
+        z += 1  # per-field for 3-bit (fields straddle words) and other word sizes
     return z
 
 
@@ -86,15 +98,12 @@ def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: n
         check(g_idx.shape == (k,), f"g_idx has shape {list(g_idx.shape)}, expected [{k}]", name)
         check(int(g_idx.min(initial=0)) >= 0 and int(g_idx.max(initial=0)) < ng,
               f"g_idx values outside 0..{ng - 1}", name)
-    sdt = scales.dtype
     s_t = np.ascontiguousarray(scales.astype(np.float32).T)  # [N, ng]
     bias_t = -(s_t * z.T.astype(np.float32))                  # exact: |z| ≤ 256, s has ≤ 24 bits
     if out is None:
         out = np.empty((n, k), np.float32)
     trivial = is_trivial_g_idx(g_idx, k, g) and k % g == 0
     gi = None if trivial else (g_idx if g_idx is not None else np.arange(k) // g)
-    normal = fp16_normal_range(scales, 2 ** bits + 1)
-
     def block(r0, r1):
         blk = out[r0:r1]
         # qweight is [K*b/32, N]: the codes of output row n are column n, one LSB-first stream.
@@ -106,7 +115,6 @@ def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: n
         else:
             blk *= s_t[r0:r1][:, gi]
             blk += bias_t[r0:r1][:, gi]
-        round_inplace(blk, sdt, normal_only=normal)  # s*q - s*z is exact in f32; the library rounds once
 
     for_row_blocks(n, k, block, min_rows=16)
     return out
@@ -123,7 +131,7 @@ def to_mlx_affine(qweight, qzeros, scales, g_idx, *, bits, group_size, version=1
 
     Representable when g_idx is trivial, words are 32-bit and G ∈ {32, 64, 128} (formats.md §9):
     ``qweight.T`` is bit-identical to an MLX weight. Scales/biases are float32 so that
-    ``s*q + (-s*z)`` is exact; rounding to the checkpoint dtype is left to the caller.
+    ``s*q + (-s*z)`` is exact and equals :func:`decode`.
     """
     n, k = gptq_dims(qweight.shape, scales.shape, bits, word_bits(qweight), name)
     if word_bits(qweight) != 32 or group_size not in (32, 64, 128) or k % group_size:
