@@ -1,0 +1,108 @@
+"""The real window, offscreen: demo workspace, selection, views, compare, doctor, errors, jobs."""
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QSettings
+
+from quantscope.app.main_window import MainWindow
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    from quantscope.backend.demo import build_demo
+    return build_demo(tmp_path_factory.mktemp("demo") / "ws")
+
+
+@pytest.fixture
+def win(qtbot, tmp_path, demo):
+    settings = QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat)
+    w = MainWindow(settings)
+    w.quiet_errors = True
+    qtbot.addWidget(w)
+    w.resize(1280, 800)
+    w.show()
+    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
+        w.open_workspace([str(p) for p in demo.variants.values()], str(demo.reference))
+    yield w
+    w.service.shutdown()
+    assert w.service.is_idle()  # no job left running
+
+
+def test_tree_lists_every_layer_and_search_finds_one(win, qtbot, demo):
+    model = win.tree.model
+    first_variant = next(iter(win.workspace.variants.values()))
+    assert model.rowCount() == len(first_variant.layers)
+    qtbot.keyClicks(win.tree.search, "layers.1.mlp.down_proj")
+    qtbot.waitUntil(lambda: model.rowCount() == 1, timeout=2000)
+    assert model.index(0, 0).data() == "model.layers.1.mlp.down_proj"
+
+
+def test_selecting_a_layer_fills_config_and_every_view(win, qtbot):
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    t = win.config.layer_table
+    rows = {t.item(r, 0).text(): [t.item(r, c).text() for c in range(6)] for r in range(t.rowCount())}
+    gptq = rows["gptq-w4g128"]
+    assert gptq[1:4] == ["gptq", "4", "128"] and "quantize_config.json" in gptq[5] or "config.json" in gptq[5]
+    mixed = rows["mlx-mixed-3-6"]
+    assert mixed[1] == "mlx-affine" and mixed[2] in ("3", "6") and "override" in mixed[5]
+    variants = list(win.workspace.variants)
+    assert set(variants) <= set(win.hist._counts) and "reference" in win.hist._counts
+    assert set(variants) <= set(win.err_hist._counts)
+    assert set(variants) <= set(win.codes._counts)
+    assert len(win.heatmap._maps) == len(variants)
+    for label in variants:
+        assert win.hist._counts[label].sum() == 512 * 1536
+
+
+def test_compare_all_layers_and_click_selects(win, qtbot):
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    plot = win.layers
+    assert set(plot.series) == set(win.workspace.variants)
+    plot.proj.setCurrentText("down_proj")
+    for label, item in plot.series.items():
+        x, y = item.getData()
+        assert len(x) == 4 and np.isfinite(y).all()   # one point per decoder layer
+    item = plot.series["awq-w4g128"]
+    pts = item.scatter.points()
+    with qtbot.waitSignal(win.tree.layer_selected, timeout=5000) as sig:
+        item.sigPointsClicked.emit(item, [pts[2]], None)
+    assert sig.args == ["model.layers.2.mlp.down_proj"]
+    assert win.tree.model.index(0, 7).data()  # error column filled
+
+
+def test_cancelling_a_sweep_stops_it(win, qtbot):
+    win.compare_all()
+    job = next(j for j in win.service.running() if j.channel == "sweep")
+    win.service.cancel(job.id)
+    qtbot.waitUntil(win.service.is_idle, timeout=30_000)
+    assert win.sweep_result is None
+
+
+def test_doctor_panel_lists_findings_of_a_broken_checkpoint(win, qtbot, tmp_path, demo):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(demo.variants["mlx-affine-q4g64"], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) - 100])  # truncated download
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(p) for p in demo.variants.values()], str(demo.reference))
+    # the doctor does not need the file to open: it reports what is wrong
+    with qtbot.waitSignal(win.doctor_done, timeout=30_000):
+        win.service.submit("doctor", "doctor", __import__("quantscope.app.jobs", fromlist=["x"]).job_doctor,
+                           str(broken), on_result=lambda f: (win.doctor.set_findings("broken", f),
+                                                             win.doctor_done.emit()))
+    assert "error" in win.doctor.title.text() and win.doctor.tree.topLevelItem(0).childCount() >= 1
+
+
+def test_corrupt_file_gives_a_message_and_the_window_stays_usable(win, qtbot, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with qtbot.waitSignal(win.failed, timeout=10_000) as sig:
+        win.add_paths([str(bad)])
+    assert "Git LFS pointer" in sig.args[0]
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        win.tree.select("model.layers.0.self_attn.q_proj")
