@@ -90,7 +90,7 @@ class MainWindow(QMainWindow):
         self.doctor_dock = self._dock("Doctor", self.doctor, Qt.DockWidgetArea.RightDockWidgetArea)
         self.tabifyDockWidget(self.config_dock, self.doctor_dock)
         self.config_dock.raise_()
-        self.resizeDocks([self.tree_dock, self.config_dock], [430, 380], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.tree_dock, self.config_dock], [520, 400], Qt.Orientation.Horizontal)
         self.tree.layer_selected.connect(self.select_layer)
         self.tree.checkpoint_changed.connect(self._checkpoint_changed)
         self.tree.export_tensor_requested.connect(self.export_tensor)

@@ -94,8 +94,13 @@ def parse_configs(configs: dict[str, dict]) -> QuantConfig:
             return _parse_mlx(qc, 'config.json["quantization_config"]')
         parsed = _parse_method(method, qc, 'config.json["quantization_config"]')
         if parsed is not None:
-            if "quantize_config.json" in configs:
-                parsed.notes.append("quantize_config.json is present too; config.json's block is used")
+            other = configs.get("quantize_config.json")
+            if isinstance(other, dict):
+                keys = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")
+                diff = [k for k in keys if k in other and k in qc and other[k] != qc[k]]
+                if diff:
+                    parsed.notes.append("quantize_config.json disagrees with config.json on "
+                                        + ", ".join(diff) + "; config.json's block is used (as transformers does)")
             return parsed
     for name in ("quantize_config.json", "quant_config.json"):
         q = configs.get(name)
