@@ -1,0 +1,1373 @@
+"""The checkpoint doctor: every problem of a checkpoint as a list of findings, never an exception.
+
+A finding has a stable rule id (``container.overlap``, ``gptq.v1-zero-wrap`` …), a severity
+(``error``: loaders fail or decode garbage; ``warning``: some loaders fail, or the data looks
+wrong; ``info``: worth knowing), the file / tensor / layer it concerns, the formats.md rule
+number it implements (R1–R26) and a message saying what is wrong, why it breaks loaders and what
+to do. :data:`RULES` lists every rule; ``docs/doctor.md`` documents them.
+
+Unlike :func:`~quantscope.backend.checkpoint.open_checkpoint`, which stops at the first broken
+shard, the doctor parses every shard on its own, turns each reader error into a finding (and
+re-scans a broken header to list *all* of its problems), then analyses the shards that did
+parse. Work is done in three phases:
+
+1. structure — headers, index ↔ shards, configs, scheme detection: reads no tensor data;
+2. format checks that read small tensors exhaustively (GPTQ qzeros and g_idx, NVFP4 global
+   scales, bitsandbytes quant states);
+3. value checks (NaN/Inf, zero/denormal/outlier scales, constant tensors, code usage) on a
+   sample of rows per tensor within a time budget, or on every row with ``full=True``.
+
+``values=False`` skips phases 2 and 3 (no tensor data is read at all).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import re
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+
+from .bitpack import unpack_bits
+from .checkpoint import (INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within,
+                         natural_key, split_name)
+from .dtypes import DTYPES
+from .errors import Cancelled, QuantscopeError
+from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, E4M3, E8M0, MODE_DEFAULTS
+from .safetensors_file import MAX_HEADER_SIZE, SafetensorsFile, _likely_cause
+
+_logger = logging.getLogger(__name__)
+
+SEVERITIES = ("error", "warning", "info")
+
+
+# ---------------------------------------------------------------------------------- the rules
+
+@dataclass(frozen=True)
+class Rule:
+    """A doctor rule: its id, default severity, formats.md reference and one-line why."""
+
+    id: str
+    severity: str
+    ref: str | None
+    why: str
+
+
+def _rules(*rows) -> dict[str, Rule]:
+    return {r[0]: Rule(*r) for r in rows}
+
+
+#: Every rule the doctor can report. docs/doctor.md lists the same table with sources.
+RULES: dict[str, Rule] = _rules(
+    # container (ids shared with the header reader)
+    ("container.missing", "error", "R23", "the path, or a file it names, does not exist"),
+    ("container.unsupported", "error", None, "pickle checkpoints are never unpickled"),
+    ("container.too-short", "error", "R21", "file shorter than the 8-byte header length: empty or truncated"),
+    ("container.header-too-large", "error", "R21", "header length beyond the file or 100 MB: Git-LFS pointer, HTML page, truncation"),
+    ("container.header-json", "error", "R21", "header is not a UTF-8 JSON object"),
+    ("container.metadata", "error", "R22", "__metadata__ is not a flat string→string map"),
+    ("container.entry", "error", None, "a header entry lacks dtype/shape/data_offsets or has a bad shape"),
+    ("container.duplicate-key", "error", None, "the same tensor name appears twice in one header"),
+    ("container.dtype", "error", None, "unknown dtype string"),
+    ("container.offsets", "error", None, "data_offsets are not two integers 0 ≤ begin ≤ end"),
+    ("container.size-mismatch", "error", None, "shape × dtype size differs from the byte range"),
+    ("container.out-of-file", "error", "R21", "byte range runs past the end of the file (truncated download)"),
+    ("container.overlap", "error", None, "two tensors share bytes"),
+    ("container.gap", "error", None, "bytes between tensors belong to no tensor"),
+    ("container.trailing", "error", "R21", "bytes after the last tensor / file not fully covered"),
+    ("container.no-metadata", "info", "R22", "no __metadata__: some loaders warn or require format"),
+    ("container.metadata-format", "error", "R22", "__metadata__.format not pt/tf/flax/mlx: transformers refuses the file"),
+    ("container.header-padding", "info", None, "header padded beyond the 8-byte alignment"),
+    ("container.offset-order", "info", None, "header order differs from the data order"),
+    ("container.pickle-beside", "info", None, "pickle checkpoint files next to the safetensors"),
+    # index ↔ shards
+    ("index.json", "error", "R23", "the index file is not valid JSON of the expected shape"),
+    ("index.no-weight-map", "error", "R23", "the index has no (or an empty) weight_map"),
+    ("index.entry", "error", "R23", "a weight_map value is not a file name"),
+    ("index.unsafe-path", "error", "R23", "a weight_map entry points outside the model folder"),
+    ("index.missing-shard", "error", "R23", "a shard named by the index is missing"),
+    ("index.tensor-missing", "error", "R23", "a tensor listed in the index is absent from its shard"),
+    ("index.tensor-unlisted", "warning", "R23", "a tensor stored in a shard is not in the index"),
+    ("index.duplicate-tensor", "error", "R23", "the same tensor is stored in two files"),
+    ("index.stray-file", "warning", "R23", "a .safetensors file not in the index sits beside the shards"),
+    ("index.total-size", "warning", "R23", "metadata.total_size differs from the tensors' bytes"),
+    ("index.several", "warning", "R23", "several index files in one folder"),
+    ("config.unreadable", "warning", None, "a JSON config could not be parsed"),
+    # MLX quantization triples
+    ("mlx.biases-without-scales", "error", "R18", "`.biases` stored without `.scales`"),
+    ("mlx.scales-not-quantized", "error", "R18", "`.scales` on a layer the config (or its float weight) marks unquantized"),
+    ("mlx.missing-biases", "error", "R17", "affine layer without `.biases`"),
+    ("mlx.fp-with-biases", "error", "R17", "mxfp4/mxfp8/nvfp4 layer with `.biases`"),
+    ("mlx.weight-dtype", "error", "R18", "packed `.weight` next to `.scales` is not uint32"),
+    ("mlx.rank", "error", "R18", "quantized weight of rank below 2"),
+    ("mlx.scales-shape", "error", "R18", "`.scales`/`.biases` rank or leading dims differ from `.weight`"),
+    ("mlx.bits-group", "error", "R18", "32·W/b ≠ G·S for the effective bits/group, or K is not a model dimension"),
+    ("mlx.override-unmatched", "error", "R17", "a per-layer override names no module of the checkpoint"),
+    # GPTQ / AWQ
+    ("gptq.v1-zero-wrap", "error", "R1", "v1 qzeros field 2^b−1: a true zero of 0 wrapped by the −1"),
+    ("gptq.sym-zeros", "error", "R3", "sym=true but the zero points are not the constant 2^(b−1)"),
+    ("gptq.config-keys", "warning", "R4", "GPTQ config lacks sym / checkpoint_format / quant_method"),
+    ("gptq.act-order", "info", "R5", "non-monotonic g_idx (desc_act): MLX/AWQ-style converters cannot keep it"),
+    ("gptq.g-idx-invalid", "error", "R5", "g_idx values out of range or groups of the wrong size"),
+    ("gptq.marlin", "error", "R6", "Marlin-serialized GPTQ is tile-permuted, not plain GPTQ"),
+    ("awq.version", "error", "R7", "AWQ version disagrees with the stored layout, or is not GEMM"),
+    ("awq.legacy-config", "warning", "R7", "AWQ settings only in AutoAWQ's quant_config.json"),
+    # compressed-tensors / NVFP4 / FP8 / MX / bnb
+    ("ct.packing", "error", "R9", "weight_packed width fits neither packing generation, or contradicts `version`"),
+    ("ct.zero-point", "error", "R10", "weight_zero_point layout (packed vs unpacked) contradicts `version`"),
+    ("nvfp4.global-scale", "error", "R11", "NVFP4 global scale looks inverted (divisor vs multiplier)"),
+    ("fp8.block-size", "error", "R12", "FP8 block scales do not tile the weight with weight_block_size"),
+    ("fp8.converted", "error", "R13", "quant_method fp8 but no FP8 weights (converted checkpoint)"),
+    ("mx.e8m0-scale", "error", "R14", "MX scales are not E8M0 exponent bytes"),
+    ("config.tied-lm-head", "error", "R24", "lm_head present with tie_word_embeddings: true (or absent while false)"),
+    ("bnb.quant-state", "error", "R25", "bitsandbytes 4-bit quant state incomplete or inconsistent"),
+    ("layer.inconsistent", "error", None, "a layer's tensors do not fit together (see message)"),
+    # values
+    ("values.non-finite", "error", None, "NaN or Inf in weights, scales or biases"),
+    ("values.zero-scale", "warning", None, "scales equal to zero: whole groups decode to 0"),
+    ("values.denormal-scale", "warning", None, "subnormal scales: precision loss, flushed to 0 by some kernels"),
+    ("values.constant", "warning", None, "a weight or scale tensor is all zero or constant"),
+    ("values.few-levels", "warning", None, "a layer's codes use only a few of the 2^b levels"),
+    ("values.saturated", "warning", None, "most codes sit at the ends of the range"),
+    ("values.scale-outlier", "warning", None, "median |scale| ≥100× off the median of the same projection"),
+    ("doctor.budget", "info", None, "value checks stopped at the time budget (use --full)"),
+)
+
+#: Rules that mean "this file could not be read at all".
+_OPEN_RULES = {r for r in RULES if r.startswith("container.") and RULES[r].severity == "error"} | {
+    "index.json", "index.no-weight-map"}
+_MAX_PER_RULE = 20  # per (rule, file): beyond this, one summary finding
+
+
+@dataclass
+class Finding:
+    """One problem the doctor found.
+
+    Attributes
+    ----------
+    rule
+        Stable kebab-case id (a key of :data:`RULES`).
+    severity
+        ``error``, ``warning`` or ``info``.
+    message
+        What is wrong, why it breaks loaders, what to do.
+    file, tensor, layer
+        What it concerns (file path, full tensor name, module path), where known.
+    ref
+        The formats.md §10 rule number (``R1`` …), where one applies.
+    """
+
+    rule: str
+    severity: str
+    message: str
+    file: str | None = None
+    tensor: str | None = None
+    layer: str | None = None
+    ref: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        where = " › ".join(x for x in (self.file and Path(self.file).name, self.tensor or self.layer) if x)
+        ref = f" ({self.ref})" if self.ref else ""
+        return f"[{self.rule}]{ref} {where + ': ' if where else ''}{self.message}"
+
+
+@dataclass
+class Report:
+    """Everything :func:`run_diagnosis` found, plus whether anything could be opened."""
+
+    path: str
+    findings: list[Finding] = field(default_factory=list)
+    opened: bool = False
+    files: int = 0
+    layers: int = 0
+
+    @property
+    def summary(self) -> dict[str, int]:
+        out = dict.fromkeys(SEVERITIES, 0)
+        for f in self.findings:
+            out[f.severity] += 1
+        return out
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "findings": [f.to_dict() for f in self.findings], "summary": self.summary}
+
+
+class _Collector:
+    """Accumulates findings, capping each (rule, file) at _MAX_PER_RULE individual entries."""
+
+    def __init__(self) -> None:
+        self.findings: list[Finding] = []
+        self._counts: dict[tuple, int] = {}
+        self._overflow: dict[tuple, Finding] = {}
+
+    def add(self, rule: str, message: str, *, file=None, tensor=None, layer=None, severity=None) -> None:
+        r = RULES[rule]
+        key = (rule, str(file) if file else None)
+        n = self._counts.get(key, 0) + 1
+        self._counts[key] = n
+        f = Finding(rule, severity or r.severity, message, str(file) if file is not None else None,
+                    tensor, layer, r.ref)
+        if n <= _MAX_PER_RULE:
+            self.findings.append(f)
+        else:
+            self._overflow[key] = f
+
+    def has(self, rule: str | None = None, *, layer: str | None = None, severity: str | None = None) -> bool:
+        return any((rule is None or f.rule == rule) and (layer is None or f.layer == layer)
+                   and (severity is None or f.severity == severity) for f in self.findings)
+
+    def finish(self) -> list[Finding]:
+        for key, last in self._overflow.items():
+            extra = self._counts[key] - _MAX_PER_RULE
+            self.findings.append(Finding(last.rule, last.severity,
+                                         f"… and {extra} more finding(s) of this rule in this file "
+                                         f"(only the first {_MAX_PER_RULE} are listed)", last.file,
+                                         None, None, last.ref))
+        order = {s: i for i, s in enumerate(SEVERITIES)}
+        return sorted(self.findings, key=lambda f: order[f.severity])  # stable within a severity
+
+
+# ---------------------------------------------------------------------------------- public API
+
+def diagnose(path: str | os.PathLike, *, full: bool = False, values: bool = True,
+             progress: Callable[[float], None] | None = None, cancel=None,
+             budget_s: float = 2.0, rows_per_tensor: int = 64) -> list[Finding]:
+    """Find what is wrong with a checkpoint.
+
+    Parameters
+    ----------
+    path
+        A ``.safetensors`` file, a model folder, an index ``.json`` or a repo id in the local
+        Hugging Face cache.
+    full
+        Check every value of every tensor (no time budget, no sampling).
+    values
+        False: structure only — headers, index, configs, shapes; no tensor data is read.
+    progress
+        Called with the fraction done (0..1).
+    cancel
+        An object with ``is_set()`` (e.g. ``threading.Event``), checked between tensors.
+    budget_s, rows_per_tensor
+        Limits of the sampled value checks (ignored with ``full``).
+
+    Returns
+    -------
+    list of Finding
+        Errors first, then warnings, then info. Never raises on a broken checkpoint; when
+        nothing can be opened at all, the list holds a single error.
+
+    Raises
+    ------
+    Cancelled
+        When ``cancel`` was set.
+    """
+    return run_diagnosis(path, full=full, values=values, progress=progress, cancel=cancel,
+                         budget_s=budget_s, rows_per_tensor=rows_per_tensor).findings
+
+
+def run_diagnosis(path: str | os.PathLike, *, full: bool = False, values: bool = True,
+                  progress: Callable[[float], None] | None = None, cancel=None,
+                  budget_s: float = 2.0, rows_per_tensor: int = 64) -> Report:
+    """Like :func:`diagnose`, returning a :class:`Report` (findings, whether anything opened)."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # see Checkpoint.__init__: big headers, no cycles
+    try:
+        return _Doctor(path, full=full, values=values, progress=progress, cancel=cancel,
+                       budget_s=budget_s, rows_per_tensor=rows_per_tensor).run()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def _metadata_findings(col: _Collector, sf: SafetensorsFile) -> None:
+    meta = sf.metadata
+    if meta is None:
+        col.add("container.no-metadata", "no __metadata__ in the header; transformers defaults to 'pt' with a "
+                "warning, but some versions and the TF/Flax loaders require it (mlx #743, accelerate #1151). "
+                "Re-save with metadata {'format': 'pt'} (or 'mlx') if a loader complains", file=sf.path)
+    elif meta.get("format") not in ("pt", "tf", "flax", "mlx"):
+        col.add("container.metadata-format", f"__metadata__['format'] is {meta.get('format')!r}; transformers "
+                "only accepts pt, tf, flax or mlx and refuses this file ('does not contain the valid "
+                "metadata'). Set it to 'pt' (PyTorch) or 'mlx'", file=sf.path)
+
+
+def _layout_findings(col: _Collector, sf: SafetensorsFile) -> None:
+    entries = sf.raw_entries()
+    n = sf.header_len
+    if n >= 16:
+        try:
+            with open(sf.path, "rb") as fh:
+                fh.seek(8 + n - 64 if n > 64 else 8)
+                tail = fh.read(min(64, n))
+        except OSError:
+            tail = b""
+        pad = len(tail) - len(tail.rstrip(b" "))
+        if pad >= 8:
+            col.add("container.header-padding", f"the header ends in {pad}{'+' if pad == 64 else ''} padding "
+                    "spaces, more than the ≤7 the writer uses for 8-byte alignment; harmless for readers, "
+                    "but unusual (a header reserved for in-place edits?)", file=sf.path)
+    if len(entries) > 1:
+        begins = np.fromiter((e.data_offsets[0] for e in entries.values()), dtype=np.int64, count=len(entries))
+        if (np.diff(begins) < 0).any():
+            col.add("container.offset-order", "tensors are listed in a different order than their data "
+                    "(as mx.save_safetensors writes); readers do not care, but sequential streaming "
+                    "readers seek back and forth", file=sf.path)
+
+
+def _scan_broken(col: _Collector, path: Path, exc: QuantscopeError) -> None:
+    """A header the reader rejected: list every problem of it, not only the first."""
+    rule = exc.rule if exc.rule in RULES else "container.header-json"
+    first_only = rule in ("container.missing", "container.too-short", "container.header-too-large",
+                          "container.header-json", "container.unsupported")
+    findings_before = len(col.findings)
+    if not first_only:
+        try:
+            _rescan(col, path)
+        except Exception:  # the rescan is best effort; the reader's own error is reported below
+            _logger.debug("rescan of %s failed", path, exc_info=True)
+    if len(col.findings) == findings_before:
+        col.add(rule, exc.message + _hint(rule), file=path, tensor=exc.tensor)
+
+
+def _hint(rule: str) -> str:
+    return {
+        "container.too-short": " — re-download the file",
+        "container.header-too-large": "; loaders fail with HeaderTooLarge / 'incomplete metadata' — "
+                                      "re-download it (git lfs pull for LFS pointers)",
+        "container.header-json": "; every safetensors reader rejects it — re-download or re-save the file",
+        "container.missing": "",
+    }.get(rule, "; safetensors readers refuse the whole file — re-download or re-save it")
+
+
+def _rescan(col: _Collector, path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(n)
+    pairs_seen: list[str] = []
+
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            pairs_seen.extend(k for k in set(keys) if keys.count(k) > 1)
+        return dict(pairs)
+
+    obj = json.loads(raw, object_pairs_hook=hook)
+    for k in sorted(set(pairs_seen)):
+        col.add("container.duplicate-key", f"tensor name {k!r} appears more than once in the header; the "
+                "reference parser rejects duplicate keys", file=path, tensor=k)
+    meta = obj.pop("__metadata__", None)
+    if meta is not None:
+        if not isinstance(meta, dict):
+            col.add("container.metadata", "__metadata__ must be an object of strings; the reference parser "
+                    "rejects the file — re-save it with string metadata", file=path)
+        else:
+            for k, v in meta.items():
+                if not isinstance(v, str):
+                    col.add("container.metadata", f"__metadata__ value of {k!r} is {type(v).__name__}, not a "
+                            "string; the safetensors reference parser rejects the file (safetensors #549) — "
+                            "re-save it with string values", file=path)
+    data_size = size - 8 - n
+    ranges = []
+    # Coverage (gaps, trailing bytes) is only meaningful when every entry has a usable range.
+    coverage = not pairs_seen
+    for name, e in obj.items():
+        try:
+            dtype, shape = e["dtype"], e["shape"]
+            begin, end = e["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            col.add("container.entry", "entry must be an object with 'dtype', 'shape' and a two-element "
+                    "'data_offsets'", file=path, tensor=name)
+            coverage = False
+            continue
+        dt = DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if dt is None:
+            col.add("container.dtype", f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)}); no reader can "
+                    "interpret this tensor", file=path, tensor=name)
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            col.add("container.entry", f"shape {shape!r} is not a list of non-negative integers", file=path,
+                    tensor=name)
+            shape = None
+        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+            col.add("container.offsets", f"data_offsets {[begin, end]!r} are not two integers 0 <= begin <= end",
+                    file=path, tensor=name)
+            coverage = False
+            continue
+        if dt is not None and shape is not None and math.prod(shape) * dt.bits != (end - begin) * 8:
+            col.add("container.size-mismatch", f"shape {shape} × {dtype} needs {math.prod(shape) * dt.bits / 8:g} "
+                    f"bytes but data_offsets [{begin}, {end}] span {end - begin}; readers refuse the file",
+                    file=path, tensor=name)
+        if end > data_size:
+            col.add("container.out-of-file", f"data_offsets [{begin}, {end}] run past the end of the data "
+                    f"({data_size} bytes): the file is truncated (incomplete download?) — re-download it",
+                    file=path, tensor=name)
+        ranges.append((begin, end, name))
+    ranges.sort()
+    pos, prev = 0, None
+    for begin, end, name in ranges:
+        if begin < pos:
+            col.add("container.overlap", f"byte range [{begin}, {end}] overlaps tensor {prev!r} (which ends at "
+                    f"{pos}); the reference parser rejects the file and the tensors would alias",
+                    file=path, tensor=name)
+        elif begin > pos and coverage:
+            col.add("container.gap", f"{begin - pos} bytes of unreferenced data before this tensor (gap at "
+                    f"[{pos}, {begin}]); the reference parser rejects the file", file=path, tensor=name)
+        if end >= pos:
+            pos, prev = end, name
+    if pos < data_size and coverage:
+        col.add("container.trailing", f"{data_size - pos} bytes after the last tensor are not covered by any "
+                "tensor ('file not fully covered'); the reference parser rejects the file", file=path)
+
+
+def _is_set(cancel) -> bool:
+    if cancel is None:
+        return False
+    fn = getattr(cancel, "is_set", None)
+    return bool(fn() if fn is not None else cancel())
+
+
+_DIGIT_SEG = re.compile(r"\.\d+(?=\.|$)")
+
+
+def _proj_type(path: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` → ``model.layers.*.self_attn.q_proj``."""
+    return _DIGIT_SEG.sub(".*", path)
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(np.float32)
+
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+_NORMAL_MIN = {"BF16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).tiny), "F32": float(np.finfo(np.float32).tiny),
+               "F64": float(np.finfo(np.float64).tiny)}
+# fp16 subnormal scales occur legitimately (MLX floors an all-zero group's scale at 1e-7), so
+# they are not flagged.
+
+
+# ---------------------------------------------------------------------------------- the doctor
+
+class _Doctor:
+    def __init__(self, path, *, full, values, progress, cancel, budget_s, rows_per_tensor) -> None:
+        self.source = str(path)
+        self.full, self.values = full, values
+        self.progress, self.cancel = progress, cancel
+        self.budget_s, self.rows = budget_s, rows_per_tensor
+        self.col = _Collector()
+        self.report = Report(self.source)
+        self.files: list[SafetensorsFile] = []
+        self.failed: list[Path] = []     # shards that exist but could not be parsed
+        self.missing: list[str] = []     # shards named by the index that are not there
+        self.index: dict | None = None
+        self.index_path: Path | None = None
+        self.root: Path | None = None
+        self.ckpt: Checkpoint | None = None
+        self.model = None
+
+    def _tick(self, frac: float) -> None:
+        if _is_set(self.cancel):
+            raise Cancelled("doctor cancelled")
+        if self.progress is not None:
+            self.progress(min(1.0, max(0.0, frac)))
+
+    # -- phase 1: files ------------------------------------------------------------------------
+
+    def run(self) -> Report:
+        self._tick(0.0)
+        shard_paths = self._locate()
+        if shard_paths is not None:
+            n = max(1, len(shard_paths))
+            for i, p in enumerate(shard_paths):
+                self._open_shard(p)
+                if i % 16 == 0:
+                    self._tick(0.2 * (i + 1) / n)
+        self.report.files = len(self.files)
+        if self.files:
+            self.report.opened = True
+            self._index_checks()
+            self._build_checkpoint()
+            if self.ckpt is not None and self.model is None:
+                self._check_config(self.qconfig, self.ckpt)
+            elif self.ckpt is not None:
+                self._tick(0.25)
+                self._layer_checks()
+                self._tick(0.3)
+                if self.values:
+                    self._format_data_checks()
+                    self._value_checks()
+        for f in self.files:
+            f.close()  # findings hold no arrays; release the mappings now rather than at GC
+        self._tick(1.0)
+        self.report.findings = self.col.finish()
+        return self.report
+
+    def _locate(self) -> list[Path] | None:
+        """The shard files to parse (None: nothing to open; a finding says why)."""
+        p = Path(self.source).expanduser()
+        containment = None
+        if not p.exists():
+            resolved = _resolve_hf_repo(self.source)
+            if resolved is None:
+                self.col.add("container.missing", "no such file or folder (and no model with that repo id in the "
+                             "local Hugging Face cache)", file=self.source)
+                return None
+            p, containment = resolved
+        if p.is_dir():
+            self.root = p
+            return self._locate_folder(p, containment)
+        self.root = p.parent
+        if p.name.endswith(".index.json"):
+            return self._read_index(p, containment)
+        if p.suffix in PICKLE_SUFFIXES:
+            self.col.add("container.unsupported", "pickle checkpoints are never unpickled (they can run arbitrary "
+                         "code); convert it to safetensors first", file=p)
+            return None
+        return [p]
+
+    def _locate_folder(self, folder: Path, containment) -> list[Path] | None:
+        indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+        st_files = sorted(folder.glob("*.safetensors"), key=lambda q: natural_key(q.name))
+        pickles = sorted(q.name for q in folder.iterdir() if q.suffix in PICKLE_SUFFIXES and q.is_file())
+        if indexes:
+            if len(indexes) > 1:
+                self.col.add("index.several", "several index files here (" + ", ".join(q.name for q in indexes)
+                             + f"); {indexes[0].name} is used — delete the stale one", file=folder)
+            out = self._read_index(indexes[0], containment)
+        elif st_files:
+            out = st_files
+        else:
+            if pickles:
+                self.col.add("container.unsupported", f"only pickle checkpoints here ({', '.join(pickles)}); they "
+                             "are never unpickled — convert to safetensors first", file=folder)
+            else:
+                self.col.add("container.missing", "no .safetensors files in this folder", file=folder)
+            return None
+        if pickles and out:
+            self.col.add("container.pickle-beside", f"pickle files not opened (never unpickled): {', '.join(pickles)}",
+                         file=folder)
+        return out
+
+    def _read_index(self, index_path: Path, containment) -> list[Path] | None:
+        self.index_path = index_path
+        self.root = index_path.parent
+        try:
+            data = json.loads(index_path.read_bytes())
+        except FileNotFoundError:
+            self.col.add("container.missing", "index file not found", file=index_path)
+            return None
+        except (ValueError, OSError) as exc:
+            self.col.add("index.json", f"index is not valid JSON ({exc}); loaders cannot find the shards — "
+                         "re-download it", file=index_path)
+            return self._fallback_shards(index_path.parent)
+        wm = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            self.col.add("index.no-weight-map", "index has no non-empty 'weight_map' object (tensor name → shard "
+                         "file); loaders cannot find the tensors — re-download or regenerate it", file=index_path)
+            return self._fallback_shards(index_path.parent)
+        self.index = {"weight_map": wm, "metadata": data.get("metadata")}
+        folder = index_path.parent
+        root = (containment or folder).resolve()
+        first_tensor: dict = {}
+        for tensor, shard in wm.items():
+            key = shard if isinstance(shard, str) else repr(shard)
+            first_tensor.setdefault(key, (tensor, shard))
+        out = []
+        self._listed: dict[str, Path] = {}
+        for key, (tensor, shard) in first_tensor.items():
+            if not isinstance(shard, str) or not shard:
+                self.col.add("index.entry", f"weight_map value is {shard!r}, not a file name", file=index_path,
+                             tensor=tensor)
+                continue
+            rel = Path(shard)
+            target = folder / rel
+            if rel.is_absolute() or ".." in rel.parts or not _within(target.resolve(), root):
+                self.col.add("index.unsafe-path", f"shard path {shard!r} resolves outside the model folder; it is "
+                             "refused, never followed — fix the index", file=index_path, tensor=tensor)
+                continue
+            if not target.is_file():
+                self.missing.append(shard)
+                n = sum(1 for s in wm.values() if s == shard)
+                self.col.add("index.missing-shard", f"index names shard {shard!r} ({n} tensor(s), e.g. {tensor!r}), "
+                             "which is missing; some loaders skip it silently and the model loads with missing "
+                             "weights — download the missing shard", file=index_path, tensor=tensor)
+                continue
+            self._listed[shard] = target
+            out.append(target)
+        listed = {t.name for t in out} | set(self.missing)
+        for q in sorted(folder.glob("*.safetensors")):
+            if q.name not in listed:
+                self.col.add("index.stray-file", f"{q.name} is not in the index but sits beside the shards; loaders "
+                             "that glob model*.safetensors (mlx-lm) merge it with the shards, which duplicates or "
+                             "overrides tensors — delete it or move it away", file=q)
+        return out
+
+    def _fallback_shards(self, folder: Path) -> list[Path]:
+        return sorted(folder.glob("*.safetensors"), key=lambda q: natural_key(q.name))
+
+    def _open_shard(self, p: Path) -> None:
+        try:
+            sf = SafetensorsFile(p)
+        except QuantscopeError as exc:
+            self.failed.append(p)
+            _scan_broken(self.col, p, exc)
+            return
+        except OSError as exc:
+            self.failed.append(p)
+            self.col.add("container.missing", f"cannot read: {exc.strerror or exc}", file=p)
+            return
+        self.files.append(sf)
+        _metadata_findings(self.col, sf)
+        _layout_findings(self.col, sf)
+
+    # -- phase 1: index ↔ shards ---------------------------------------------------------------
+
+    def _index_checks(self) -> None:
+        where: dict[str, SafetensorsFile] = {}
+        for f in self.files:
+            names = f.raw_entries()
+            if not where.keys().isdisjoint(names):
+                for n in names:
+                    if n in where:
+                        self.col.add("index.duplicate-tensor", f"stored in both {where[n].path.name} and "
+                                     f"{f.path.name}; loaders disagree on which copy wins (and a stale copy may "
+                                     "be the one used) — remove one", file=f.path, tensor=n)
+            where.update(dict.fromkeys(names, f))
+        self._where = where
+        if self.index is None:
+            return
+        wm = self.index["weight_map"]
+        listed = getattr(self, "_listed", {})
+        by_shard = {s: next((f for f in self.files if f.path == p), None) for s, p in listed.items()}
+        actual = {}
+        for s, f in by_shard.items():
+            if f is not None:
+                actual.update(dict.fromkeys(f.raw_entries(), s))
+        if actual != wm:
+            for t, s in wm.items():
+                f = by_shard.get(s) if isinstance(s, str) else None
+                if f is None or t in f:
+                    continue  # shard missing/broken (already reported) or tensor present
+                other = where.get(t)
+                elsewhere = f"; it is stored in {other.path.name} instead (stale index?)" if other else ""
+                self.col.add("index.tensor-missing", f"the index puts this tensor in {s}, which does not hold it"
+                             f"{elsewhere}; loaders fail with a missing parameter — regenerate the index",
+                             file=f.path, tensor=t)
+            for t, f in where.items():
+                if t not in wm:
+                    self.col.add("index.tensor-unlisted", f"stored in {f.path.name} but not in the index; loaders "
+                                 "that follow the index ignore it or report an unexpected key — regenerate the "
+                                 "index (stale after re-quantization?)", file=f.path, tensor=t)
+        meta = self.index.get("metadata")
+        total = meta.get("total_size") if isinstance(meta, dict) else None
+        if total is not None and not self.failed and not self.missing:
+            actual_total = sum(e.data_offsets[1] - e.data_offsets[0] for f in self.files
+                               for e in f.raw_entries().values())
+            try:
+                ok = int(total) == actual_total
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                self.col.add("index.total-size", f"metadata.total_size is {total!r} but the shards' tensors hold "
+                             f"{actual_total} bytes; a stale index (re-quantized or edited shards?) — "
+                             "regenerate it", file=self.index_path)
+
+    def _build_checkpoint(self) -> None:
+        """A Checkpoint over the shards that parsed (broken ones left out) for scheme analysis."""
+        try:
+            ck = Checkpoint.__new__(Checkpoint)
+            ck.source = self.source
+            ck.notes, ck.warnings, ck.unsupported = [], [], []
+            ck.index, ck.index_path, ck._containment = None, self.index_path, None
+            ck.path, ck.root, ck.files = Path(self.source), self.root, list(self.files)
+            ck._build_tensor_map()
+            ck.configs = ck._read_configs()
+        except Exception as exc:  # never crash on odd files; report structure findings only
+            _logger.debug("could not assemble a checkpoint", exc_info=True)
+            self.col.add("layer.inconsistent", f"layers not analysed: {exc}", file=self.source)
+            return
+        for w in ck.warnings:
+            if " ignored: " in w:
+                name = w.split(" ignored: ")[0]
+                self.col.add("config.unreadable", f"{w}; its quantization settings are not used by quantscope, and "
+                             "loaders will fail on it — fix the JSON", file=self.root / name)
+        self.ckpt = ck
+        from .qconfig import parse_configs
+        from .schemes import analyze
+        self.qconfig = parse_configs(ck.configs)
+        if not self.values and self.qconfig.kind is None and self._all_dense():
+            # Structure only, and nothing quantized: scheme detection has nothing to find, and on a
+            # 20,000-tensor checkpoint it costs several times the header parse.
+            self.model = None
+            return
+        self.model = analyze(ck)
+        self.report.layers = len(self.model.layers)
+
+    def _all_dense(self) -> bool:
+        for f in self.files:
+            entries = f.raw_entries()
+            if not _FLOAT_DTYPES.issuperset({e.dtype for e in entries.values()}):
+                return False
+            if not all(n.endswith((".weight", ".bias")) for n in entries):
+                return False
+        return True
+
+    @property
+    def complete(self) -> bool:
+        """True when every shard parsed (absence-based rules are only trusted then)."""
+        return not self.failed and not self.missing
+
+    # -- phase 1: layers and configs -----------------------------------------------------------
+
+    def _layer_checks(self) -> None:
+        model, cfg, col = self.model, self.model.config, self.col
+        ck = self.ckpt
+        for path, layer in model.layers.items():
+            before = len(col.findings)
+            comps = layer.tensors
+            file = next(iter(comps.values())).file if comps else None
+            self._check_mlx_triple(layer, cfg, file)
+            self._check_formats(layer, cfg, file)
+            if layer.problem and len(col.findings) == before and layer.problem != "no weight tensor recognised":
+                # A module no scheme recognises may be a format quantscope does not know: a warning.
+                col.add("layer.inconsistent", f"{layer.problem}; loaders fail on this layer or decode it wrongly",
+                        file=file, layer=path, severity="warning" if layer.scheme == "unknown" else None)
+        self._check_overrides(cfg)
+        self._check_config(cfg, ck)
+
+    def _check_mlx_triple(self, layer, cfg, file) -> None:
+        comps, path, col = layer.tensors, layer.path, self.col
+        if "qweight" in comps or "weight_packed" in comps:
+            return
+        has_s, has_b, w = "scales" in comps, "biases" in comps, comps.get("weight")
+        if has_b and not has_s:
+            col.add("mlx.biases-without-scales", "`.biases` without `.scales`: MLX loaders report missing "
+                    f"{path}.scales (or unexpected biases) — the scales were lost in conversion; re-convert",
+                    file=comps["biases"].file, tensor=f"{path}.biases", layer=path)
+            return
+        if not has_s or w is None:
+            return
+        eff = cfg.effective(path)
+        tname = f"{path}.scales"
+        if eff.quantized is False:
+            col.add("mlx.scales-not-quantized", f"the config marks this layer not quantized ({eff.source}) but "
+                    "`.scales` are stored: MLX builds a plain Linear and fails with 'parameters not in model: "
+                    f"{path}.scales' — drop the override or the stale tensors", file=file, tensor=tname, layer=path)
+            return
+        if w.dtype in _FLOAT_DTYPES:
+            col.add("mlx.scales-not-quantized", f"float ({w.dtype}) weight next to `.scales`: an unquantized layer "
+                    "with stale quantization tensors; MLX's legacy rule quantizes every module with `.scales` and "
+                    f"then fails on the shapes (mlx-examples #367) — remove {path}.scales/.biases", file=file,
+                    tensor=tname, layer=path)
+            return
+        if w.dtype != "U32":
+            col.add("mlx.weight-dtype", f"packed weight is {w.dtype}; MLX quantized weights are uint32 words — "
+                    "a GPTQ/AWQ int32 tensor renamed without repacking? Re-convert the layer", file=file,
+                    tensor=f"{path}.weight", layer=path)
+            return
+        if len(w.shape) < 2:
+            col.add("mlx.rank", f"packed weight has shape {list(w.shape)}; quantized weights need rank ≥ 2 "
+                    "(mx.quantize refuses rank 1) — the tensor was flattened; re-convert", file=file,
+                    tensor=f"{path}.weight", layer=path)
+            return
+        s = comps["scales"]
+        bad = [c for c in ("scales", "biases") if c in comps and (len(comps[c].shape) != len(w.shape)
+                                                                 or comps[c].shape[:-1] != w.shape[:-1])]
+        if has_b and comps["biases"].shape != s.shape and "biases" not in bad:
+            bad.append("biases")
+        if bad:
+            col.add("mlx.scales-shape", "; ".join(f"{c} {list(comps[c].shape)}" for c in bad)
+                    + f" do not match the packed weight {list(w.shape)} (same rank and leading dims, biases "
+                    "like scales): mx.dequantize fails with 'Shape of scales and biases does not match' — "
+                    "re-convert", file=file, tensor=f"{path}.{bad[0]}", layer=path)
+            return
+        mode = layer.mode or eff.mode or "affine"
+        if mode == "affine" and not has_b and s.dtype != "U8":
+            col.add("mlx.missing-biases", "affine layer (per the config) without `.biases`: MLX fails with "
+                    f"'Missing parameters: {path}.biases'. If the layer is mxfp4/nvfp4/mxfp8, its per-layer "
+                    "config entry (with \"mode\") is missing (R17) — add it; otherwise re-convert", file=file,
+                    tensor=tname, layer=path)
+            return
+        if mode != "affine" and has_b:
+            col.add("mlx.fp-with-biases", f"{mode} layer with `.biases`; only affine layers have biases, MLX "
+                    "rejects them as parameters not in model — the layer is affine and its per-layer mode is "
+                    "wrong, or the biases are stale", file=file, tensor=f"{path}.biases", layer=path)
+            return
+        if mode != "affine" and s.dtype != "U8":
+            col.add("mx.e8m0-scale", f"{mode} scales are {s.dtype}; they must be U8 exponent (E8M0) / E4M3 bytes. "
+                    "Decoded-to-linear scales read as exponents give weights off by ~10^5 (omlx #2159) — store "
+                    "the raw scale bytes", file=file, tensor=tname, layer=path)
+            return
+        bits, group = (layer.bits, layer.group_size) if mode == "affine" else MODE_DEFAULTS.get(mode, (None, None))
+        if not bits or not group:
+            return
+        wp, S = w.shape[-1], s.shape[-1]
+        k_bits = wp * 32 / bits
+        dims = self.model.dims
+        skip_dim = any(x in path for x in ("vision", "visual", "audio", "mm_projector"))
+        if k_bits != group * S:
+            fits = [(b, g) for b in AFFINE_BITS for g in AFFINE_GROUPS if wp * 32 == b * g * S] if mode == "affine" else []
+            hint = f"; the shapes fit {', '.join(f'{b} bit/G{g}' for b, g in fits)}" if fits else ""
+            col.add("mlx.bits-group", f"packed weight {list(w.shape)} at {bits} bit holds K={k_bits:g} inputs but "
+                    f"scales {list(s.shape)} × group {group} cover {group * S} (32·W/b ≠ G·S) with the effective "
+                    f"settings ({layer.source}){hint}; MLX fails with a shape error — fix the per-layer "
+                    "bits/group_size in config.json", file=file, tensor=tname, layer=path)
+            return
+        if mode == "affine" and dims and not skip_dim and int(k_bits) not in dims:
+            alt = [(b, g) for b in AFFINE_BITS for g in AFFINE_GROUPS
+                   if wp * 32 == b * g * S and wp * 32 // b in dims]
+            if alt:
+                b, g = alt[0]
+                col.add("mlx.bits-group", f"with the effective {bits} bit / group {group} ({layer.source}) the "
+                        f"layer has K={int(k_bits)} inputs, which is not a dimension of this model; {b} bit / group "
+                        f"{g} gives K={wp * 32 // b}. The shapes fit both, so loaders decode silent garbage "
+                        "(b·G swapped) — fix bits/group_size in config.json", file=file, tensor=tname, layer=path)
+
+    def _check_overrides(self, cfg) -> None:
+        if cfg.kind != "mlx" or not self.complete:
+            return
+        from .qconfig import _prefix_variants
+        known = set()
+        for path in self.model.layers:
+            known.update(k for k, _ in _prefix_variants(path))
+        for key, value in cfg.overrides:
+            if key in known:
+                continue
+            sev = "warning" if value is False else None
+            close = [p for p in self.model.layers if p.endswith(key.split(".")[-1])][:1]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.col.add("mlx.override-unmatched", f"per-layer override {key!r} matches no module of the "
+                         f"checkpoint{hint}; the loader ignores it and applies the global settings, so a layer "
+                         "stored with other bits/mode fails with 'Expected shape … but received …' — key it by "
+                         "the module path as stored (after sanitize)", file=self.root / "config.json",
+                         layer=key, severity=sev)
+
+    def _check_config(self, cfg, ck) -> None:
+        """Config-level rules; use only names and configs (also run when layers are not analysed)."""
+        col = self.col
+        if cfg.kind == "gptq":
+            missing = [k for k in ("sym", "checkpoint_format", "quant_method") if k not in cfg.raw]
+            if missing:
+                col.add("gptq.config-keys", f"{cfg.file} lacks {', '.join(missing)}: loaders guess sym=true and "
+                        "checkpoint_format=gptq (v1) (GPTQModel warns); a v2 or asymmetric file then decodes "
+                        "wrongly — add the keys", file=self.root / _cfg_file(cfg))
+        if cfg.kind == "awq" and not isinstance((ck.configs.get("config.json") or {}).get("quantization_config"), dict):
+            col.add("awq.legacy-config", f"AWQ settings are only in {cfg.file} (AutoAWQ's deprecated keys "
+                    "w_bit/q_group_size); transformers and vLLM read config.json's quantization_config with "
+                    "quant_method/bits/group_size/version — add it", file=self.root / _cfg_file(cfg))
+        if cfg.kind == "awq":
+            v = str(cfg.globals.get("version", "gemm")).lower()
+            if v not in ("gemm", "gemv", "gemv_fast"):
+                pass
+            elif v != "gemm":
+                col.add("awq.version", f"AWQ version {v!r}: vLLM and most runtimes only load GEMM checkpoints "
+                        "(AutoAWQ #217) and mlx-lm's converter assumes GEMM — re-export as GEMM",
+                        file=self.root / _cfg_file(cfg), severity="warning")
+        if cfg.kind == "fp8":
+            has_fp8 = any(e.dtype.startswith("F8_") for f in self.files for e in f.raw_entries().values())
+            if not has_fp8 and self.complete:
+                col.add("fp8.converted", "quantization_config says quant_method 'fp8' but no tensor is FP8: the "
+                        "checkpoint was converted to bf16 (fp8_cast_bf16.py) without removing the block; loaders "
+                        "take the FP8 path and fail ('Unknown quantization type, got fp8') — delete "
+                        "quantization_config from config.json", file=self.root / "config.json")
+        conf = ck.configs.get("config.json") or {}
+        tie = conf.get("tie_word_embeddings")
+        if tie is None and isinstance(conf.get("text_config"), dict):
+            tie = conf["text_config"].get("tie_word_embeddings")
+        heads = [n for n in ck.names if n.startswith("lm_head.") or ".lm_head." in n]
+        embeds = any("embed_tokens." in n for n in ck.names) if tie is False and not heads else False
+        if tie is True and heads:
+            h = split_name(heads[0])[0]
+            col.add("config.tied-lm-head", "tie_word_embeddings is true but lm_head tensors are stored: MLX "
+                    "fails with 'Received 1 parameters not in model: lm_head.weight' and other loaders silently "
+                    "drop them — set tie_word_embeddings to false or delete lm_head",
+                    file=ck.info(heads[0]).file, tensor=f"{h}.weight" if f"{h}.weight" in ck else heads[0], layer=h)
+        elif tie is False and not heads and embeds and self.complete:
+            col.add("config.tied-lm-head", "tie_word_embeddings is false but no lm_head is stored: loaders fail "
+                    "with a missing lm_head.weight (KeyError) — set tie_word_embeddings to true if the head "
+                    "is the embedding, or restore lm_head", file=self.root / "config.json", layer="lm_head")
+
+    def _check_formats(self, layer, cfg, file) -> None:
+        col, path, comps, sch = self.col, layer.path, layer.tensors, layer.scheme
+        if sch == "gptq-marlin":
+            col.add("gptq.marlin", "Marlin-serialized GPTQ (tile-permuted `.B`/`.s`, or checkpoint_format "
+                    "'marlin'): plain GPTQ decoders produce silent garbage — convert it back to plain GPTQ with "
+                    "the tool that wrote it", file=file, layer=path)
+        elif sch == "awq-gemv-fast":
+            col.add("awq.version", "AWQ GEMV_FAST layout (int16, interleaved): only llm-awq style kernels read it; "
+                    "GEMM loaders fail or mis-read — re-export as GEMM", file=file, layer=path)
+        elif sch in ("awq-gemm", "awq-gemv") and "qweight" in comps and "scales" in comps:
+            qw, sc = comps["qweight"].shape, comps["scales"].shape
+            if len(qw) == 2 and len(sc) == 2:
+                (r, c2), (ng, n) = qw, sc
+                gemm_fit = c2 * 8 == n and ng and r % ng == 0
+                gemv_fit = r == ng
+                if sch == "awq-gemm" and not gemm_fit and gemv_fit:
+                    col.add("awq.version", f"qweight {list(qw)} has the GEMV layout [N, K/8] but the config's version "
+                            "is gemm; GEMM loaders transpose it wrongly — set version to gemv (and expect few "
+                            "runtimes to load it) or re-export", file=file, tensor=f"{path}.qweight", layer=path)
+                elif sch == "awq-gemv" and gemm_fit and not gemv_fit:
+                    col.add("awq.version", f"qweight {list(qw)} has the GEMM layout [K, N/8] but the config's version "
+                            "is gemv — set version to gemm", file=file, tensor=f"{path}.qweight", layer=path)
+        elif sch == "ct-pack":
+            self._check_ct_pack(layer, file)
+        elif sch == "fp8-block":
+            self._check_fp8_block(layer, file)
+        elif sch in ("ct-mxfp8", "ct-mxfp4"):
+            s = comps.get("weight_scale")
+            if s is not None and s.dtype not in ("U8", "F8_E8M0"):
+                col.add("mx.e8m0-scale", f"MX scales are {s.dtype}: MX formats store E8M0 exponent bytes (U8); a "
+                        "float scale here was decoded to linear values — store the raw exponent bytes",
+                        file=file, tensor=f"{path}.weight_scale", layer=path)
+        elif sch in ("bnb-nf4", "bnb-fp4"):
+            from .formats.bnb import check_4bit_state
+            full = {f"{path}.{c}": t for c, t in comps.items()}
+            probs = check_4bit_state(f"{path}.weight", full, layer.settings or None)
+            if layer.problem and not probs:
+                probs = [layer.problem]
+            for p in probs:
+                col.add("bnb.quant-state", f"{p}; bitsandbytes/transformers fail to rebuild the QuantState — "
+                        "re-save the model with bitsandbytes ≥ 0.41.3", file=file, layer=path,
+                        tensor=f"{path}.weight")
+        # a layer whose problem is one of these rules is fully reported by them
+        if layer.problem and "(R9)" in layer.problem and not col.has("ct.packing", layer=path):
+            col.add("ct.packing", f"{layer.problem}; unpacking with the wrong generation gives silent garbage",
+                    file=file, tensor=f"{path}.weight_packed", layer=path)
+        if sch == "fp8-block" and layer.problem and "weight_block_size" in layer.problem \
+                and not col.has("fp8.block-size", layer=path):
+            col.add("fp8.block-size", "quantization_config has no weight_block_size: the block size cannot be "
+                    "derived from shapes when N or K is not a multiple of it — add weight_block_size",
+                    file=file, layer=path)
+
+    def _check_ct_pack(self, layer, file) -> None:
+        from .formats.ct import _dense_cols, _legacy_cols, _version_tuple
+        col, path, comps = self.col, layer.path, layer.tensors
+        bits, shape, st = layer.bits, layer.shape, layer.settings
+        if not bits or not shape or "weight_packed" not in comps:
+            return
+        version = st.get("version")
+        vt = _version_tuple(version) if version else None
+        K, N = shape[-1], shape[-2] if len(shape) >= 2 else 1
+        cols = comps["weight_packed"].shape[-1]
+        dense, legacy = _dense_cols(K, bits), _legacy_cols(K, bits)
+        if 32 % bits and dense != legacy and vt is not None and not layer.problem:
+            if cols == legacy and vt >= (0, 17):
+                col.add("ct.packing", f"weight_packed has the pre-0.17 width ({cols} words: {32 // bits} values per "
+                        f"int32) but the config says compressed-tensors {version}, which packs densely ({dense}); "
+                        "loaders trusting the version unpack garbage — fix `version`", file=file,
+                        tensor=f"{path}.weight_packed", layer=path)
+            elif cols == dense and vt < (0, 17):
+                col.add("ct.packing", f"weight_packed has the dense ≥0.17 width ({cols} words) but the config says "
+                        f"compressed-tensors {version} (legacy packing needs {legacy}); loaders trusting the "
+                        "version unpack garbage — fix `version`", file=file, tensor=f"{path}.weight_packed",
+                        layer=path)
+        zp = comps.get("weight_zero_point")
+        strategy = st.get("strategy")
+        if zp is not None and strategy == "group" and layer.group_size and len(zp.shape) == 2:
+            ng = -(-K // layer.group_size)
+            packed_rows = {_dense_cols(N, bits), _legacy_cols(N, bits)}
+            is_unpacked = tuple(zp.shape) == (N, ng) and N not in packed_rows
+            is_packed = zp.shape[1] == ng and zp.shape[0] in packed_rows and zp.shape[0] != N
+            if not is_unpacked and not is_packed:
+                col.add("ct.zero-point", f"weight_zero_point {list(zp.shape)} is neither packed along N "
+                        f"[{'/'.join(map(str, sorted(packed_rows)))}, {ng}] (≥0.9.4) nor unpacked [{N}, {ng}]; "
+                        "loaders fail — re-export", file=file, tensor=f"{path}.weight_zero_point", layer=path)
+            elif vt is not None and is_unpacked and vt >= (0, 9, 4):
+                col.add("ct.zero-point", f"weight_zero_point is unpacked {list(zp.shape)} but the config says "
+                        f"compressed-tensors {version}, which packs zero points along N (PR #296); loaders fail "
+                        "with a shape error — fix `version` or repack", file=file,
+                        tensor=f"{path}.weight_zero_point", layer=path)
+            elif vt is not None and is_packed and vt < (0, 9, 4):
+                col.add("ct.zero-point", f"weight_zero_point is packed {list(zp.shape)} but the config says "
+                        f"compressed-tensors {version} (< 0.9.4 stores them unpacked [{N}, {ng}]) — fix `version`",
+                        file=file, tensor=f"{path}.weight_zero_point", layer=path)
+
+    def _check_fp8_block(self, layer, file) -> None:
+        comps, path = layer.tensors, layer.path
+        bs = layer.settings.get("weight_block_size")
+        w, s = comps.get("weight"), comps.get("weight_scale_inv")
+        if not bs or w is None or s is None:
+            return
+        try:
+            bn, bk = (int(v) for v in bs)
+        except (TypeError, ValueError):
+            self.col.add("fp8.block-size", f"weight_block_size {bs!r} is not two integers", file=file, layer=path)
+            return
+        *lead, N, K = w.shape
+        grid = tuple(lead) + (-(-N // bn), -(-K // bk))
+        if tuple(s.shape) != grid:
+            floor = tuple(lead) + (N // bn, K // bk)
+            why = (" — edge tiles are missing (the scale grid was floored, not ceiled)" if tuple(s.shape) == floor
+                   else "")
+            self.col.add("fp8.block-size", f"weight_scale_inv {list(s.shape)} does not tile weight [{N}, {K}] with "
+                         f"weight_block_size [{bn}, {bk}]: expected {list(grid)} (ceil; edge tiles are partial)"
+                         f"{why}. Loaders mis-scale rows or reject the layer — fix weight_block_size or the "
+                         "scales", file=file, tensor=f"{path}.weight_scale_inv", layer=path)
+
+    # -- phase 2: small tensors read in full ---------------------------------------------------
+
+    def _read(self, name: str, rows=None) -> np.ndarray:
+        return self.ckpt.tensor(name, rows)
+
+    def _format_data_checks(self) -> None:
+        self._act_order: list[tuple] = []
+        self._format_data_loop()
+        if self._act_order:
+            # One finding for the checkpoint: act-order is a property of the export, not a layer.
+            file, tname, path = self._act_order[0]
+            n = len(self._act_order)
+            self.col.add("gptq.act-order", f"non-monotonic g_idx (desc_act / act-order) in {n} layer(s), e.g. "
+                         f"{path}: fine for GPTQ kernels, but contiguous-group formats (MLX affine, AWQ) cannot "
+                         "represent it — mlx-lm refuses any g_idx, and conversion must dequantize and "
+                         "re-quantize (lossy)", file=file, tensor=tname, layer=path)
+
+    def _format_data_loop(self) -> None:
+        for path, layer in self.model.layers.items():
+            if _is_set(self.cancel):
+                raise Cancelled("doctor cancelled")
+            try:
+                if layer.scheme == "gptq" and layer.shape and layer.bits:
+                    self._check_gptq_zeros(layer)
+                    self._check_g_idx(layer, "g_idx")
+                elif layer.scheme == "ct-pack" and layer.shape and "weight_g_idx" in layer.tensors:
+                    self._check_g_idx(layer, "weight_g_idx")
+                self._check_nvfp4(layer)
+            except (QuantscopeError, ValueError, IndexError, TypeError) as exc:
+                _logger.debug("format data check of %s failed: %s", path, exc)
+
+    def _check_gptq_zeros(self, layer) -> None:
+        comps, path = layer.tensors, layer.path
+        if "qzeros" not in comps:
+            return
+        b, n = layer.bits, layer.shape[0]
+        qz = self._read(f"{path}.qzeros")
+        z = unpack_bits(np.ascontiguousarray(qz), b, n)
+        version = int(layer.settings.get("version", 1))
+        file = comps["qzeros"].file
+        if version == 1:
+            wrapped = z == (1 << b) - 1
+            if wrapped.any():
+                g, col_ = np.argwhere(wrapped)[0]
+                self.col.add("gptq.v1-zero-wrap", f"{int(wrapped.sum())} of {z.size} stored zero points are {(1 << b) - 1} "
+                             f"(first: group {g}, column {col_}) in a v1 (checkpoint_format 'gptq') file: v1 stores "
+                             f"z−1, so these are true zeros of 0 wrapped to {1 << b} — outside the code range; "
+                             "those groups decode silently wrong (AutoGPTQ #325/#640). Re-quantize, or export as "
+                             "gptq_v2 (zeros stored as-is)", file=file, tensor=f"{path}.qzeros", layer=path)
+                return
+        if layer.settings.get("sym") is True:
+            want = (1 << (b - 1)) - (1 if version == 1 else 0)
+            if not (z == want).all():
+                bad = int((z != want).sum())
+                self.col.add("gptq.sym-zeros", f"config says sym=true but {bad} of {z.size} stored zero points differ "
+                             f"from the constant {want} (v{version}); runtimes that ignore qzeros for symmetric "
+                             "models decode those groups wrongly (vLLM #45656) — set sym=false or re-quantize",
+                             file=file, tensor=f"{path}.qzeros", layer=path)
+
+    def _check_g_idx(self, layer, comp: str) -> None:
+        comps, path = layer.tensors, layer.path
+        if comp not in comps:
+            return
+        K = layer.shape[-1]
+        G = layer.group_size if layer.group_size and layer.group_size > 0 else K
+        ng = -(-K // G)
+        gi = np.asarray(self._read(f"{path}.{comp}")).astype(np.int64).reshape(-1)
+        file, tname = comps[comp].file, f"{path}.{comp}"
+        if gi.size != K or (gi.size and (gi.min() < 0 or gi.max() >= ng)):
+            lo, hi = (int(gi.min()), int(gi.max())) if gi.size else (0, 0)
+            self.col.add("gptq.g-idx-invalid", f"{comp} has {gi.size} values in [{lo}, {hi}]; K={K} with group size "
+                         f"{G} needs {K} values in [0, {ng - 1}]: decoders index scales out of range — re-export",
+                         file=file, tensor=tname, layer=path)
+            return
+        counts = np.bincount(gi, minlength=ng)
+        want = np.full(ng, G)
+        want[-1] = K - G * (ng - 1)
+        if not np.array_equal(counts, want):
+            bad = int(np.flatnonzero(counts != want)[0])
+            self.col.add("gptq.g-idx-invalid", f"{comp} puts {int(counts[bad])} columns in group {bad}, expected "
+                         f"{int(want[bad])} (group size {G}); act-order kernels (exllama) that sort by g_idx "
+                         "mis-assign scales — re-export", file=file, tensor=tname, layer=path)
+            return
+        if (np.diff(gi) < 0).any():
+            self._act_order.append((file, tname, path))
+
+    def _check_nvfp4(self, layer) -> None:
+        comps, path = layer.tensors, layer.path
+        gs_name = "weight_global_scale" if "weight_global_scale" in comps else (
+            "weight_scale_2" if "weight_scale_2" in comps else None)
+        s = comps.get("weight_scale")
+        if gs_name is None or s is None or s.dtype not in ("F8_E4M3", "U8"):
+            return
+        gs = float(_f32(self._read(f"{path}.{gs_name}")).reshape(-1)[0])
+        rows = s.shape[0] if s.shape else 1
+        take = rows if self.full else min(rows, self.rows)
+        sc = np.asarray(self._read(f"{path}.weight_scale", (0, take)))
+        sb = sc.view(np.uint8) if sc.dtype != np.uint8 else sc
+        vals = E4M3[sb.reshape(-1)]
+        vals = np.abs(vals[np.isfinite(vals) & (vals != 0)])
+        if not vals.size or not math.isfinite(gs) or gs == 0:
+            return
+        med = float(np.median(vals))
+        eff = med / gs if gs_name == "weight_global_scale" else med * gs
+        if not 1e-7 <= eff <= 10.0:
+            conv = ("compressed-tensors stores weight_global_scale as a divisor (448·6/amax)"
+                    if gs_name == "weight_global_scale" else
+                    "ModelOpt stores weight_scale_2 as a multiplier (amax/2688)")
+            self.col.add("nvfp4.global-scale", f"effective block scale ≈ {eff:.3g} (median E4M3 scale {med:.3g} with "
+                         f"{gs_name} {gs:.3g}); block scales of LLM weights are ≈ amax/6, about 1e-4…1e-1. "
+                         f"{conv}: this one looks like the reciprocal convention (modular #6600, vLLM #42549) — "
+                         "invert it", file=comps[gs_name].file, tensor=f"{path}.{gs_name}", layer=path)
+
+    # -- phase 3: sampled values ---------------------------------------------------------------
+
+    def _row_ranges(self, n_rows: int, row_bytes: int) -> list[tuple[int, int]]:
+        if n_rows <= 0:
+            return []
+        if self.full:
+            step = max(1, (64 << 20) // max(1, row_bytes))
+            return [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
+        if n_rows <= self.rows:
+            return [(0, n_rows)]
+        # at most ~1 MB per block, so stacked-expert tensors ([E, N, K]) are sampled, not read
+        blocks, per = 4, max(1, min(self.rows // 4, (1 << 20) // max(1, row_bytes)))
+        starts = np.linspace(0, n_rows - per, blocks).astype(int)
+        return [(int(s), int(s) + per) for s in dict.fromkeys(starts.tolist())]
+
+    def _sample(self, t) -> Iterable[np.ndarray]:
+        """Chunks of a tensor: all rows with ``full``, else a few evenly spaced row blocks."""
+        dt = DTYPES[t.dtype]
+        if not t.shape or t.numel <= 1024 or (len(t.shape) == 1 and not self.full and t.numel <= 1 << 20):
+            yield np.asarray(self._read(t.name))
+            return
+        row_el = math.prod(t.shape[1:])
+        if (row_el * dt.bits) % 8:
+            yield np.asarray(self._read(t.name))
+            return
+        for r0, r1 in self._row_ranges(t.shape[0], row_el * dt.bits // 8):
+            yield np.asarray(self._read(t.name, (r0, r1)))
+
+    def _value_checks(self) -> None:
+        layers = list(self.model.layers.values())
+        t0 = time.perf_counter()
+        medians: dict[tuple, list[tuple[str, float]]] = {}
+        done = 0
+        for i, layer in enumerate(layers):
+            if not self.full and time.perf_counter() - t0 > self.budget_s:
+                self.col.add("doctor.budget", f"value checks stopped after {self.budget_s:g} s: {done} of "
+                             f"{len(layers)} layers sampled ({self.rows} rows per tensor); run with --full to "
+                             "check every value", file=self.source)
+                break
+            self._tick(0.3 + 0.7 * i / max(1, len(layers)))
+            try:
+                med = self._check_layer_values(layer)
+            except (QuantscopeError, ValueError, IndexError, TypeError) as exc:
+                _logger.debug("value check of %s failed: %s", layer.path, exc)
+                med = None
+            done += 1
+            if med is not None:
+                medians.setdefault((layer.scheme, _proj_type(layer.path)), []).append((layer.path, med))
+        self._scale_outliers(medians)
+
+    def _scale_outliers(self, medians) -> None:
+        for (scheme, proj), items in medians.items():
+            vals = np.array([m for _, m in items if m > 0 and math.isfinite(m)])
+            if len(vals) < 3:
+                continue
+            ref = float(np.median(vals))
+            for path, m in items:
+                if m > 0 and math.isfinite(m) and (m > 100 * ref or m < ref / 100):
+                    layer = self.model.layers[path]
+                    comp = _scale_component(layer)
+                    t = layer.tensors.get(comp)
+                    self.col.add("values.scale-outlier", f"median |scale| {m:.3g} is {m / ref:.3g}× the median "
+                                 f"{ref:.3g} of the {len(vals)} {proj} layers: a scale stored in the wrong unit or "
+                                 "dtype, or a corrupted layer — compare this layer with its peers",
+                                 file=t.file if t else None, tensor=f"{path}.{comp}", layer=path)
+
+    def _check_layer_values(self, layer) -> float | None:
+        """Check one layer's sampled values; return its median |scale| (for the peer comparison)."""
+        comps, path, sch = layer.tensors, layer.path, layer.scheme
+        if sch == "dense":
+            w = comps.get("weight")
+            if w is not None and w.dtype in _FLOAT_DTYPES:
+                self._check_floats(layer, "weight", constant=len(w.shape) >= 2)
+            return None
+        med = None
+        comp = _scale_component(layer)
+        if comp:
+            med = self._check_scales(layer, comp)
+        if "biases" in comps:
+            self._check_floats(layer, "biases", constant=False)
+        if sch in ("fp8-block", "ct-fp8") and "weight" in comps:
+            self._check_floats(layer, "weight", constant=False)
+        if layer.bits and layer.bits >= 2 and layer.shape and sch in ("mlx-affine", "gptq", "awq-gemm", "ct-pack"):
+            self._check_codes(layer)
+        return med
+
+    def _check_floats(self, layer, comp, *, constant: bool) -> None:
+        t = layer.tensors[comp]
+        bad = 0
+        lo = hi = None
+        n = 0
+        for a in self._sample(t):
+            f = _f32(a)
+            fin = np.isfinite(f)
+            bad += int(f.size - np.count_nonzero(fin))
+            if f.size:
+                n += f.size
+                mn, mx = float(np.min(f, initial=np.inf, where=fin)), float(np.max(f, initial=-np.inf, where=fin))
+                lo = mn if lo is None else min(lo, mn)
+                hi = mx if hi is None else max(hi, mx)
+        if bad:
+            self.col.add("values.non-finite", f"{bad} NaN/Inf value(s) in the checked {n} values of {comp}: every "
+                         "output using them becomes NaN (NaN logits) — re-convert from a clean source",
+                         file=t.file, tensor=t.name, layer=layer.path)
+        elif constant and n >= 16 and lo is not None and lo == hi:
+            what = "all zero" if lo == 0 else f"constant ({lo:g})"
+            self.col.add("values.constant", f"{comp} is {what} in every checked value: the weights were lost "
+                         "(zeroed or never written) — re-convert", file=t.file, tensor=t.name, layer=layer.path)
+
+    def _check_scales(self, layer, comp) -> float | None:
+        t = layer.tensors[comp]
+        chunks = []
+        for a in self._sample(t):
+            a = np.asarray(a)
+            if a.dtype == np.uint8:
+                table = E4M3 if layer.scheme in ("mlx-nvfp4", "ct-nvfp4") else E8M0
+                if comp == "weight.absmax":
+                    return None  # nested (double-quantized) absmax codes, not scales
+                chunks.append(table[a.reshape(-1)])
+            else:
+                chunks.append(_f32(a).reshape(-1))
+        if not chunks:
+            return None
+        f = np.concatenate(chunks)
+        if not f.size:
+            return None
+        fin = np.isfinite(f)
+        common = dict(file=t.file, tensor=t.name, layer=layer.path)
+        if not fin.all():
+            self.col.add("values.non-finite", f"{int(f.size - fin.sum())} NaN/Inf scale(s) among {f.size} checked: "
+                         "the groups using them decode to NaN (NaN logits) — re-quantize the layer", **common)
+            f = f[fin]
+            if not f.size:
+                return None
+        a = np.abs(f)
+        zeros = int(np.count_nonzero(a == 0))
+        if zeros and layer.scheme not in ("mlx-affine",):
+            self.col.add("values.zero-scale", f"{zeros} of {f.size} checked scales are 0: those whole groups decode "
+                         "to 0 whatever the codes (quantizers clamp scales away from 0) — re-quantize the layer",
+                         **common)
+        tiny = _NORMAL_MIN.get(t.dtype)
+        if tiny is not None:
+            den = int(np.count_nonzero((a > 0) & (a < tiny)))
+            if den:
+                self.col.add("values.denormal-scale", f"{den} of {f.size} checked scales are subnormal in {t.dtype} "
+                             f"(< {tiny:.3g}); kernels that flush denormals to zero zero the groups — re-quantize",
+                             **common)
+        if f.size >= 16 and np.all(f == f[0]) and comp != "weight.absmax" and layer.scheme not in (
+                "mlx-mxfp4", "mlx-mxfp8", "ct-mxfp4", "ct-mxfp8"):
+            self.col.add("values.constant", f"all {f.size} checked scales equal {f[0]:g}: the quantizer's scales "
+                         "were lost or overwritten — re-quantize the layer", **common)
+        nz = a[a > 0]
+        return float(np.median(nz)) if nz.size else None
+
+    def _check_codes(self, layer) -> None:
+        from .formats import awq as awqfmt, ct as ctfmt, gptq as gptqfmt
+        comps, path, sch, b = layer.tensors, layer.path, layer.scheme, layer.bits
+        K = layer.shape[-1]
+        seen = np.zeros(1 << b, dtype=np.int64)
+        if sch == "mlx-affine":
+            t = comps["weight"]
+            for a in self._sample(t):
+                seen += np.bincount(unpack_bits(np.asarray(a), b, K).reshape(-1), minlength=1 << b)[: 1 << b]
+        elif sch == "gptq":
+            t = comps["qweight"]
+            for a in self._sample(t):  # rows of qweight hold 32/b consecutive K for every N
+                codes = unpack_bits(np.ascontiguousarray(np.asarray(a).T), b, a.shape[0] * (32 // b)) \
+                    if 32 % b == 0 else None
+                if codes is None:
+                    return
+                seen += np.bincount(codes.reshape(-1), minlength=1 << b)[: 1 << b]
+        elif sch == "awq-gemm":
+            t = comps["qweight"]
+            n = layer.shape[0]
+            for a in self._sample(t):
+                seen += np.bincount(awqfmt.unpack_gemm(np.asarray(a).view(np.uint32), n).reshape(-1),
+                                    minlength=16)[:16]
+        elif sch == "ct-pack":
+            t = comps["weight_packed"]
+            for a in self._sample(t):
+                a = np.asarray(a)
+                codes = ctfmt.codes_pack_quantized(a, a.shape[:-1] + (K,), bits=b,
+                                                   packing=layer.settings.get("packing", "auto"), name=path)
+                seen += np.bincount(codes.reshape(-1), minlength=1 << b)[: 1 << b]
+        else:
+            return
+        total = int(seen.sum())
+        if total < 256:
+            return
+        used = int(np.count_nonzero(seen))
+        common = dict(file=t.file, tensor=t.name, layer=path)
+        if b >= 3 and used <= (1 << b) // 4:
+            self.col.add("values.few-levels", f"the checked codes use only {used} of the {1 << b} levels: the "
+                         "layer carries almost no information (scales far too large, or codes overwritten) — "
+                         "re-quantize it", **common)
+            return
+        ends = int(seen[0] + seen[-1])
+        if b >= 3 and ends > 0.5 * total:
+            self.col.add("values.saturated", f"{100 * ends / total:.0f}% of the checked codes sit at 0 or "
+                         f"{(1 << b) - 1}: the quantizer clipped most weights (scales far too small) — re-quantize",
+                         **common)
+
+
+def _scale_component(layer) -> str | None:
+    comps = layer.tensors
+    for c in ("scales", "weight_scale", "weight_scale_inv", "SCB", "weight.absmax"):
+        if c in comps:
+            return c
+    return None
+
+
+def _cfg_file(cfg) -> str:
+    return (cfg.file or "config.json").split("[")[0]
+
+
+# ---------------------------------------------------------------------------------- text report
+
+def format_report(report: Report) -> str:
+    """The findings as readable text, grouped by severity."""
+    lines = [f"quantscope doctor: {report.path}"]
+    titles = {"error": "Errors", "warning": "Warnings", "info": "Info"}
+    for sev in SEVERITIES:
+        group = [f for f in report.findings if f.severity == sev]
+        if not group:
+            continue
+        lines.append("")
+        lines.append(f"{titles[sev]} ({len(group)}):")
+        for f in group:
+            ref = f" ({f.ref})" if f.ref else ""
+            where = f.tensor or f.layer
+            loc = " › ".join(x for x in (Path(f.file).name if f.file else None, where) if x)
+            lines.append(f"  [{f.rule}]{ref} {loc}")
+            lines.append(f"      {f.message}")
+    s = report.summary
+    lines.append("")
+    if not report.findings:
+        lines.append(f"no problems found ({report.files} file(s), {report.layers} layer(s))")
+    else:
+        lines.append(f"{s['error']} error(s), {s['warning']} warning(s), {s['info']} info "
+                     f"({report.files} file(s), {report.layers} layer(s))")
+    return "\n".join(lines)

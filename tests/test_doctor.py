@@ -1,0 +1,912 @@
+"""The checkpoint doctor: one broken fixture per rule, and clean checkpoints of every scheme.
+
+Each broken fixture corrupts a small clean checkpoint the way the real failure looks (truncated
+shard, Git-LFS pointer, deleted shard, wrapped GPTQ v1 zero, dropped `.biases`, …) and asserts
+that exactly that rule fires on that tensor/layer, with no other error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from helpers import write_raw, write_st
+from quantscope.backend import doctor
+from quantscope.backend.bitpack import pack_bits
+from quantscope.backend.doctor import RULES, Finding, diagnose, run_diagnosis
+from quantscope.backend.errors import Cancelled
+from quantscope.backend.safetensors_file import SafetensorsFile
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+DOCS = Path(__file__).parents[1] / "docs" / "doctor.md"
+BF16 = ml_dtypes.bfloat16
+HIDDEN, INTER, VOCAB, NLAYERS = 128, 256, 96, 3
+
+
+# ---------------------------------------------------------------------------------- builders
+
+def _cfg(**extra) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+            "intermediate_size": INTER, "num_attention_heads": 2, "head_dim": 64, "vocab_size": VOCAB,
+            "num_hidden_layers": NLAYERS, "tie_word_embeddings": False, "torch_dtype": "bfloat16", **extra}
+
+
+def _write_cfg(folder: Path, cfg: dict, name="config.json") -> None:
+    (folder / name).write_text(json.dumps(cfg, indent=1))
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _mlx_layer(rng, n, k, bits=4, group=64):
+    codes = rng.integers(0, 1 << bits, size=(n, k), dtype=np.uint8)
+    w = pack_bits(codes, bits)
+    s = (rng.uniform(0.005, 0.02, size=(n, k // group)) * rng.choice([-1, 1], size=(n, k // group))).astype(BF16)
+    b = rng.normal(0, 0.05, size=(n, k // group)).astype(BF16)
+    return w, s, b
+
+
+def _mlx_tensors(seed=0, bits=4, group=64):
+    rng = _rng(seed)
+    t = {}
+
+    def q(path, n, k, b=bits, g=group):
+        t[f"{path}.weight"], t[f"{path}.scales"], t[f"{path}.biases"] = _mlx_layer(rng, n, k, b, g)
+
+    q("model.embed_tokens", VOCAB, HIDDEN)
+    for i in range(NLAYERS):
+        p = f"model.layers.{i}"
+        t[f"{p}.input_layernorm.weight"] = (1 + rng.normal(0, 0.1, HIDDEN)).astype(BF16)
+        q(f"{p}.self_attn.q_proj", HIDDEN, HIDDEN)
+        q(f"{p}.mlp.up_proj", INTER, HIDDEN)
+        q(f"{p}.mlp.down_proj", HIDDEN, INTER)
+    t["model.norm.weight"] = (1 + rng.normal(0, 0.1, HIDDEN)).astype(BF16)
+    q("lm_head", VOCAB, HIDDEN)
+    return t
+
+
+def make_mlx(folder: Path, tensors=None, quant=None, cfg_extra=None, metadata=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = _mlx_tensors() if tensors is None else tensors
+    meta = {"format": "mlx"} if metadata is None else (metadata or None)  # False: no __metadata__
+    write_st(folder / "model.safetensors", tensors, meta)
+    q = {"group_size": 64, "bits": 4, "mode": "affine"} if quant is None else quant
+    _write_cfg(folder, _cfg(quantization=q, quantization_config=q, **(cfg_extra or {})))
+    return folder
+
+
+def _gptq_tensors(seed=0, sym=True, version=1, bits=4, group=64, g_idx=None):
+    rng = _rng(seed)
+    t = {}
+    ng = HIDDEN // group
+    for i in range(NLAYERS):
+        for proj, (n, k) in {"self_attn.q_proj": (HIDDEN, HIDDEN), "mlp.up_proj": (INTER, HIDDEN)}.items():
+            p = f"model.layers.{i}.{proj}"
+            codes = rng.integers(0, 1 << bits, size=(n, k), dtype=np.uint8)
+            t[f"{p}.qweight"] = pack_bits(codes, bits).T.copy().view(np.int32)  # [K*b/32, N]
+            if sym:
+                z = np.full((ng, n), 1 << (bits - 1))
+            else:
+                z = rng.integers(1, (1 << bits) - 1, size=(ng, n))
+            stored = z - 1 if version == 1 else z
+            t[f"{p}.qzeros"] = pack_bits(stored.astype(np.uint8), bits).view(np.int32)
+            t[f"{p}.scales"] = rng.uniform(0.005, 0.02, size=(ng, n)).astype(np.float16)
+            t[f"{p}.g_idx"] = (np.arange(k) // group if g_idx is None else g_idx).astype(np.int32)
+    t["model.norm.weight"] = np.ones(HIDDEN, np.float16)
+    return t
+
+
+def make_gptq(folder: Path, tensors=None, qcfg=None, **kw) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = _gptq_tensors(**kw) if tensors is None else tensors
+    write_st(folder / "model.safetensors", tensors, {"format": "pt"})
+    sym = kw.get("sym", True)
+    version = kw.get("version", 1)
+    q = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": sym, "desc_act": False,
+         "checkpoint_format": "gptq" if version == 1 else "gptq_v2"} if qcfg is None else qcfg
+    _write_cfg(folder, _cfg(quantization_config=q))
+    return folder
+
+
+def make_awq(folder: Path, gemv_layout=False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = _rng(1)
+    n, k, g = HIDDEN, HIDDEN, 64
+    p = "model.layers.0.self_attn.q_proj"
+    if gemv_layout:
+        t = {f"{p}.qweight": pack_bits(rng.integers(0, 16, (n, k), dtype=np.uint8), 4).view(np.int32),
+             f"{p}.qzeros": pack_bits(rng.integers(0, 16, (n, 16), dtype=np.uint8), 4).view(np.int32),
+             f"{p}.scales": rng.uniform(0.005, 0.02, (n, 16)).astype(np.float16)}
+    else:
+        t = {f"{p}.qweight": pack_bits(rng.integers(0, 16, (k, n), dtype=np.uint8), 4).view(np.int32),
+             f"{p}.qzeros": pack_bits(rng.integers(0, 16, (k // g, n), dtype=np.uint8), 4).view(np.int32),
+             f"{p}.scales": rng.uniform(0.005, 0.02, (k // g, n)).astype(np.float16)}
+    write_st(folder / "model.safetensors", t, {"format": "pt"})
+    _write_cfg(folder, _cfg(quantization_config={"quant_method": "awq", "bits": 4, "group_size": g,
+                                                 "zero_point": True, "version": "gemm"}))
+    return folder
+
+
+def make_dense_sharded(folder: Path, n_shards=2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = _rng(2)
+    wm = {}
+    total = 0
+    for s in range(n_shards):
+        name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        t = {f"model.layers.{s}.mlp.up_proj.weight": rng.normal(0, 0.02, (INTER, HIDDEN)).astype(BF16),
+             f"model.layers.{s}.mlp.down_proj.weight": rng.normal(0, 0.02, (HIDDEN, INTER)).astype(BF16)}
+        write_st(folder / name, t, {"format": "pt"})
+        wm.update(dict.fromkeys(t, name))
+        total += sum(a.nbytes for a in t.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": wm}))
+    _write_cfg(folder, _cfg())
+    return folder
+
+
+def read_all(path: Path) -> tuple[dict, dict | None]:
+    sf = SafetensorsFile(path)
+    out = {n: np.array(sf.read(n)) for n in sf.names}
+    meta = sf.metadata
+    sf.close()
+    return out, meta
+
+
+def copy_golden(name: str, dest: Path) -> Path:
+    shutil.copytree(GOLDEN / name, dest)
+    (dest / "expected.npz").unlink(missing_ok=True)
+    return dest
+
+
+def rewrite(folder: Path, fn, file="model.safetensors") -> Path:
+    t, meta = read_all(folder / file)
+    fn(t)
+    write_st(folder / file, t, meta)
+    return folder
+
+
+def edit_cfg(folder: Path, fn, name="config.json") -> Path:
+    cfg = json.loads((folder / name).read_text())
+    fn(cfg)
+    _write_cfg(folder, cfg, name)
+    return folder
+
+
+# ---------------------------------------------------------------------------------- corruptions
+# Each returns (checkpoint path, expected rule, expected tensor or layer or None, match field).
+
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
+def c_missing(tmp):
+    return tmp / "nope", "container.missing", None
+
+
+def c_too_short(tmp):
+    make_mlx(tmp / "m")
+    (tmp / "m" / "model.safetensors").write_bytes(b"\x01\x02")
+    return tmp / "m", "container.too-short", None
+
+
+def c_lfs_pointer(tmp):
+    make_mlx(tmp / "m")
+    (tmp / "m" / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "a" * 64 + "\nsize 123456\n")
+    return tmp / "m", "container.header-too-large", None
+
+
+def c_html_page(tmp):
+    make_mlx(tmp / "m")
+    (tmp / "m" / "model.safetensors").write_text("<!DOCTYPE html><html><body>Rate limited</body></html>" * 4)
+    return tmp / "m", "container.header-too-large", None
+
+
+def c_header_not_object(tmp):
+    write_raw(tmp / "x.safetensors", b"[1, 2, 3]")
+    return tmp / "x.safetensors", "container.header-json", None
+
+
+def c_unknown_dtype(tmp):
+    write_raw(tmp / "x.safetensors", {"__metadata__": {"format": "pt"},
+                                      "a": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
+    return tmp / "x.safetensors", "container.dtype", "a"
+
+
+def c_size_mismatch(tmp):
+    write_raw(tmp / "x.safetensors", {"__metadata__": {"format": "pt"},
+                                      "a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8)
+    return tmp / "x.safetensors", "container.size-mismatch", "a"
+
+
+def c_truncated(tmp):
+    make_dense_sharded(tmp / "m")
+    p = tmp / "m" / "model-00002-of-00002.safetensors"
+    p.write_bytes(p.read_bytes()[:-1000])
+    return tmp / "m", "container.out-of-file", "model.layers.1.mlp.down_proj.weight"
+
+
+def c_overlap(tmp):
+    write_raw(tmp / "x.safetensors", {"__metadata__": {"format": "pt"},
+                                      "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12)
+    return tmp / "x.safetensors", "container.overlap", "b"
+
+
+def c_gap(tmp):
+    write_raw(tmp / "x.safetensors", {"__metadata__": {"format": "pt"},
+                                      "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                      "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}}, b"\0" * 20)
+    return tmp / "x.safetensors", "container.gap", "b"
+
+
+def c_trailing(tmp):
+    write_raw(tmp / "x.safetensors", {"__metadata__": {"format": "pt"},
+                                      "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 16)
+    return tmp / "x.safetensors", "container.trailing", None
+
+
+def c_metadata_nonstring(tmp):
+    write_raw(tmp / "x.safetensors", {"__metadata__": {"format": "pt", "step": 5},
+                                      "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)
+    return tmp / "x.safetensors", "container.metadata", None
+
+
+def c_duplicate_key(tmp):
+    hb = (b'{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+          b'"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}')
+    write_raw(tmp / "x.safetensors", hb, b"\0" * 16)
+    return tmp / "x.safetensors", "container.duplicate-key", "a"
+
+
+def c_metadata_format(tmp):
+    make_mlx(tmp / "m", metadata={"format": "numpy"})
+    return tmp / "m", "container.metadata-format", None
+
+
+def c_pickle(tmp):
+    (tmp / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    return tmp / "pytorch_model.bin", "container.unsupported", None
+
+
+def c_index_no_weight_map(tmp):
+    make_dense_sharded(tmp / "m")
+    (tmp / "m" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    return tmp / "m", "index.no-weight-map", None
+
+
+def c_index_bad_json(tmp):
+    make_dense_sharded(tmp / "m")
+    (tmp / "m" / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
+    return tmp / "m", "index.json", None
+
+
+def c_missing_shard(tmp):
+    make_dense_sharded(tmp / "m")
+    (tmp / "m" / "model-00002-of-00002.safetensors").unlink()
+    return tmp / "m", "index.missing-shard", None
+
+
+def c_unsafe_path(tmp):
+    make_dense_sharded(tmp / "m")
+    idx = tmp / "m" / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    d["weight_map"]["model.layers.1.mlp.up_proj.weight"] = "../../etc/passwd"
+    idx.write_text(json.dumps(d))
+    return tmp / "m", "index.unsafe-path", "model.layers.1.mlp.up_proj.weight"
+
+
+def c_tensor_missing(tmp):
+    make_dense_sharded(tmp / "m")
+    idx = tmp / "m" / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    d["weight_map"]["model.layers.0.self_attn.q_proj.weight"] = "model-00001-of-00002.safetensors"
+    idx.write_text(json.dumps(d))
+    return tmp / "m", "index.tensor-missing", "model.layers.0.self_attn.q_proj.weight"
+
+
+def c_tensor_unlisted(tmp):
+    make_dense_sharded(tmp / "m")
+    idx = tmp / "m" / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    del d["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+    d["metadata"] = {}
+    idx.write_text(json.dumps(d))
+    return tmp / "m", "index.tensor-unlisted", "model.layers.1.mlp.down_proj.weight"
+
+
+def c_duplicate_tensor(tmp):
+    make_dense_sharded(tmp / "m")
+    f2 = tmp / "m" / "model-00002-of-00002.safetensors"
+    t, meta = read_all(f2)
+    t["model.layers.0.mlp.up_proj.weight"] = np.zeros((INTER, HIDDEN), BF16) + BF16(0.01)
+    write_st(f2, t, meta)
+    d = json.loads((tmp / "m" / "model.safetensors.index.json").read_text())
+    d["metadata"] = {}
+    (tmp / "m" / "model.safetensors.index.json").write_text(json.dumps(d))
+    return tmp / "m", "index.duplicate-tensor", "model.layers.0.mlp.up_proj.weight"
+
+
+def c_stray_file(tmp):
+    make_dense_sharded(tmp / "m")
+    write_st(tmp / "m" / "model.safetensors", {"model.norm.weight": np.ones(HIDDEN, BF16)}, {"format": "pt"})
+    return tmp / "m", "index.stray-file", None
+
+
+def c_total_size(tmp):
+    make_dense_sharded(tmp / "m")
+    idx = tmp / "m" / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    d["metadata"]["total_size"] += 4096
+    idx.write_text(json.dumps(d))
+    return tmp / "m", "index.total-size", None
+
+
+def c_config_unreadable(tmp):
+    make_mlx(tmp / "m")
+    (tmp / "m" / "config.json").write_text('{"quantization": {"bits": 4,')
+    return tmp / "m", "config.unreadable", None
+
+
+# MLX triples
+
+def c_biases_without_scales(tmp):
+    t = _mlx_tensors()
+    del t[f"{Q0}.scales"]
+    return make_mlx(tmp / "m", t), "mlx.biases-without-scales", f"{Q0}.biases"
+
+
+def c_scales_not_quantized(tmp):
+    q = {"group_size": 64, "bits": 4, "mode": "affine", Q0: False}
+    return make_mlx(tmp / "m", quant=q), "mlx.scales-not-quantized", f"{Q0}.scales"
+
+
+def c_missing_biases(tmp):
+    t = _mlx_tensors()
+    del t[f"{Q0}.biases"]
+    return make_mlx(tmp / "m", t), "mlx.missing-biases", f"{Q0}.scales"
+
+
+def c_fp_with_biases(tmp):
+    t = _mlx_tensors()
+    rng = _rng(5)
+    t[f"{Q0}.weight"] = pack_bits(rng.integers(0, 16, (HIDDEN, HIDDEN), dtype=np.uint8), 4)
+    t[f"{Q0}.scales"] = rng.integers(118, 124, (HIDDEN, HIDDEN // 32)).astype(np.uint8)
+    t[f"{Q0}.biases"] = np.zeros((HIDDEN, HIDDEN // 32), BF16)
+    q = {"group_size": 64, "bits": 4, "mode": "affine", Q0: {"group_size": 32, "bits": 4, "mode": "mxfp4"}}
+    return make_mlx(tmp / "m", t, quant=q), "mlx.fp-with-biases", f"{Q0}.biases"
+
+
+def c_weight_dtype(tmp):
+    t = _mlx_tensors()
+    t[f"{Q0}.weight"] = t[f"{Q0}.weight"].view(np.int32)
+    return make_mlx(tmp / "m", t), "mlx.weight-dtype", f"{Q0}.weight"
+
+
+def c_rank(tmp):
+    t = _mlx_tensors()
+    t[f"{Q0}.weight"] = t[f"{Q0}.weight"].reshape(-1)
+    return make_mlx(tmp / "m", t), "mlx.rank", f"{Q0}.weight"
+
+
+def c_scales_shape(tmp):
+    t = _mlx_tensors()
+    t[f"{Q0}.scales"] = t[f"{Q0}.scales"][:-1]
+    t[f"{Q0}.biases"] = t[f"{Q0}.biases"][:-1]
+    return make_mlx(tmp / "m", t), "mlx.scales-shape", f"{Q0}.scales"
+
+
+def c_bits_group_mismatch(tmp):
+    q = {"group_size": 64, "bits": 4, "mode": "affine", Q0: {"group_size": 128, "bits": 4}}
+    return make_mlx(tmp / "m", quant=q), "mlx.bits-group", f"{Q0}.scales"
+
+
+def c_bits_group_swapped(tmp):
+    # 8 bit / group 32 fits the 4 bit / group 64 shapes, but gives K = 64, not a model dimension.
+    q = {"group_size": 64, "bits": 4, "mode": "affine", Q0: {"group_size": 32, "bits": 8}}
+    return make_mlx(tmp / "m", quant=q), "mlx.bits-group", f"{Q0}.scales"
+
+
+def c_override_unmatched(tmp):
+    q = {"group_size": 64, "bits": 4, "mode": "affine",
+         "model.layers.0.mlp.down_prj": {"group_size": 64, "bits": 4}}
+    return make_mlx(tmp / "m", quant=q), "mlx.override-unmatched", "model.layers.0.mlp.down_prj"
+
+
+def c_e8m0_scale(tmp):
+    t = _mlx_tensors()
+    rng = _rng(6)
+    t[f"{Q0}.weight"] = pack_bits(rng.integers(0, 16, (HIDDEN, HIDDEN), dtype=np.uint8), 4)
+    exps = rng.integers(118, 124, (HIDDEN, HIDDEN // 32))
+    t[f"{Q0}.scales"] = (2.0 ** (exps - 127)).astype(BF16)  # decoded to linear, stored as floats
+    del t[f"{Q0}.biases"]
+    q = {"group_size": 64, "bits": 4, "mode": "affine", Q0: {"group_size": 32, "bits": 4, "mode": "mxfp4"}}
+    return make_mlx(tmp / "m", t, quant=q), "mx.e8m0-scale", f"{Q0}.scales"
+
+
+def c_tied_lm_head(tmp):
+    return make_mlx(tmp / "m", cfg_extra={"tie_word_embeddings": True}), "config.tied-lm-head", "lm_head.weight"
+
+
+def c_untied_no_head(tmp):
+    t = _mlx_tensors()
+    for c in ("weight", "scales", "biases"):
+        del t[f"lm_head.{c}"]
+    return make_mlx(tmp / "m", t), "config.tied-lm-head", "lm_head"
+
+
+# GPTQ / AWQ
+
+def c_v1_zero_wrap(tmp):
+    t = _gptq_tensors(sym=False)
+    z = t[f"{Q0}.qzeros"].view(np.uint32).copy()
+    z[1, 3] = (z[1, 3] & ~np.uint32(0xF0)) | np.uint32(0xF0)  # group 1, column 25 -> stored 15
+    t[f"{Q0}.qzeros"] = z.view(np.int32)
+    return make_gptq(tmp / "m", t, sym=False), "gptq.v1-zero-wrap", f"{Q0}.qzeros"
+
+
+def c_sym_zeros(tmp):
+    t = _gptq_tensors(sym=True)
+    z = t[f"{Q0}.qzeros"].view(np.uint32).copy()
+    z[0, 0] = np.uint32(0x77777776)
+    t[f"{Q0}.qzeros"] = z.view(np.int32)
+    return make_gptq(tmp / "m", t), "gptq.sym-zeros", f"{Q0}.qzeros"
+
+
+def c_gptq_config_keys(tmp):
+    return make_gptq(tmp / "m", qcfg={"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": False}), \
+        "gptq.config-keys", None
+
+
+def c_g_idx_out_of_range(tmp):
+    t = _gptq_tensors()
+    g = t[f"{Q0}.g_idx"].copy()
+    g[5] = 7
+    t[f"{Q0}.g_idx"] = g
+    return make_gptq(tmp / "m", t), "gptq.g-idx-invalid", f"{Q0}.g_idx"
+
+
+def c_g_idx_group_sizes(tmp):
+    t = _gptq_tensors()
+    g = t[f"{Q0}.g_idx"].copy()
+    g[:70] = 0  # group 0 gets 70 columns, group 1 only 58
+    t[f"{Q0}.g_idx"] = g
+    return make_gptq(tmp / "m", t), "gptq.g-idx-invalid", f"{Q0}.g_idx"
+
+
+def c_act_order(tmp):
+    perm = _rng(9).permutation(HIDDEN)
+    g = np.empty(HIDDEN, np.int64)
+    g[perm] = np.arange(HIDDEN) // 64
+    return make_gptq(tmp / "m", _gptq_tensors(g_idx=g)), "gptq.act-order", None
+
+
+def c_marlin(tmp):
+    q = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "checkpoint_format": "marlin"}
+    return make_gptq(tmp / "m", qcfg=q), "gptq.marlin", Q0
+
+
+def c_awq_version(tmp):
+    return make_awq(tmp / "m", gemv_layout=True), "awq.version", f"{Q0}.qweight"
+
+
+def c_awq_legacy_config(tmp):
+    make_awq(tmp / "m")
+    edit_cfg(tmp / "m", lambda c: c.pop("quantization_config"))
+    _write_cfg(tmp / "m", {"zero_point": True, "q_group_size": 64, "w_bit": 4, "version": "GEMM"},
+               "quant_config.json")
+    return tmp / "m", "awq.legacy-config", None
+
+
+# compressed-tensors, NVFP4, FP8, bnb
+
+UP = "model.layers.0.mlp.up_proj"
+DOWN = "model.layers.0.mlp.down_proj"
+
+
+def c_ct_packing(tmp):
+    copy_golden("ct016_w3a16_asym_legacy", tmp / "m")
+    edit_cfg(tmp / "m", lambda c: c["quantization_config"].update(version="0.19.0"))
+    return tmp / "m", "ct.packing", f"{UP}.weight_packed"
+
+
+def c_ct_zero_point(tmp):
+    copy_golden("ct_w4a16_asym", tmp / "m")
+
+    def unpack_zp(t):
+        zp = t[f"{UP}.weight_zero_point"]
+        t[f"{UP}.weight_zero_point"] = np.zeros((64, zp.shape[1]), np.int8)  # pre-0.9.4 unpacked form
+    return rewrite(tmp / "m", unpack_zp), "ct.zero-point", f"{UP}.weight_zero_point"
+
+
+def c_nvfp4_global_scale(tmp):
+    copy_golden("ct_nvfp4", tmp / "m")
+
+    def invert(t):
+        t[f"{UP}.weight_global_scale"] = (1.0 / t[f"{UP}.weight_global_scale"]).astype(np.float32)
+    return rewrite(tmp / "m", invert), "nvfp4.global-scale", f"{UP}.weight_global_scale"
+
+
+def c_fp8_block_size(tmp):
+    copy_golden("fp8_block_partial", tmp / "m")
+
+    def floor_grid(t):
+        t[f"{DOWN}.weight_scale_inv"] = np.ascontiguousarray(t[f"{DOWN}.weight_scale_inv"][:1, :2])
+    return rewrite(tmp / "m", floor_grid), "fp8.block-size", f"{DOWN}.weight_scale_inv"
+
+
+def c_fp8_converted(tmp):
+    copy_golden("fp8_block_aligned_bf16scale", tmp / "m")
+
+    def to_bf16(t):
+        w = t.pop(f"{DOWN}.weight").astype(np.float32)
+        s = t.pop(f"{DOWN}.weight_scale_inv").astype(np.float32)
+        t[f"{DOWN}.weight"] = (w * np.repeat(np.repeat(s, 128, 0), 128, 1)[:w.shape[0], :w.shape[1]]).astype(BF16)
+    return rewrite(tmp / "m", to_bf16), "fp8.converted", None
+
+
+def c_bnb_quant_state(tmp):
+    copy_golden("bnb_nf4", tmp / "m")
+    return rewrite(tmp / "m", lambda t: t.pop(f"{UP}.weight.quant_map")), "bnb.quant-state", f"{UP}.weight"
+
+
+def c_bnb_nested_half(tmp):
+    copy_golden("bnb_nf4_dq", tmp / "m")
+    return rewrite(tmp / "m", lambda t: t.pop(f"{UP}.weight.nested_quant_map")), "bnb.quant-state", f"{UP}.weight"
+
+
+# values
+
+def c_nan_scale(tmp):
+    t = _mlx_tensors()
+    s = t[f"{Q0}.scales"].copy()
+    s[3, 1] = np.nan
+    t[f"{Q0}.scales"] = s
+    return make_mlx(tmp / "m", t), "values.non-finite", f"{Q0}.scales"
+
+
+def c_inf_dense(tmp):
+    make_dense_sharded(tmp / "m")
+
+    def inf(t):
+        w = t["model.layers.0.mlp.up_proj.weight"].copy()
+        w[0, 0] = np.inf
+        t["model.layers.0.mlp.up_proj.weight"] = w
+    return rewrite(tmp / "m", inf, "model-00001-of-00002.safetensors"), "values.non-finite", \
+        "model.layers.0.mlp.up_proj.weight"
+
+
+def c_nan_bias(tmp):
+    t = _mlx_tensors()
+    b = t[f"{Q0}.biases"].copy()
+    b[0, 0] = np.nan
+    t[f"{Q0}.biases"] = b
+    return make_mlx(tmp / "m", t), "values.non-finite", f"{Q0}.biases"
+
+
+def c_zero_scale(tmp):
+    t = _gptq_tensors()
+    s = t[f"{Q0}.scales"].copy()
+    s[0, :5] = 0
+    t[f"{Q0}.scales"] = s
+    return make_gptq(tmp / "m", t), "values.zero-scale", f"{Q0}.scales"
+
+
+def c_denormal_scale(tmp):
+    t = _mlx_tensors()
+    s = t[f"{Q0}.scales"].copy()
+    s[2, 0] = BF16(1e-39)
+    t[f"{Q0}.scales"] = s
+    return make_mlx(tmp / "m", t), "values.denormal-scale", f"{Q0}.scales"
+
+
+def c_constant_dense(tmp):
+    make_dense_sharded(tmp / "m")
+
+    def zero(t):
+        t["model.layers.1.mlp.down_proj.weight"] = np.zeros((HIDDEN, INTER), BF16)
+    return rewrite(tmp / "m", zero, "model-00002-of-00002.safetensors"), "values.constant", \
+        "model.layers.1.mlp.down_proj.weight"
+
+
+def c_constant_scales(tmp):
+    t = _gptq_tensors()
+    t[f"{Q0}.scales"] = np.full_like(t[f"{Q0}.scales"], 0.01)
+    return make_gptq(tmp / "m", t), "values.constant", f"{Q0}.scales"
+
+
+def c_few_levels(tmp):
+    t = _mlx_tensors()
+    codes = _rng(3).integers(7, 9, (HIDDEN, HIDDEN), dtype=np.uint8)
+    t[f"{Q0}.weight"] = pack_bits(codes, 4)
+    return make_mlx(tmp / "m", t), "values.few-levels", f"{Q0}.weight"
+
+
+def c_saturated(tmp):
+    t = _mlx_tensors()
+    rng = _rng(4)
+    codes = np.where(rng.random((HIDDEN, HIDDEN)) < 0.7, rng.choice([0, 15], (HIDDEN, HIDDEN)),
+                     rng.integers(1, 15, (HIDDEN, HIDDEN))).astype(np.uint8)
+    t[f"{Q0}.weight"] = pack_bits(codes, 4)
+    return make_mlx(tmp / "m", t), "values.saturated", f"{Q0}.weight"
+
+
+def c_scale_outlier(tmp):
+    t = _mlx_tensors()
+    t[f"{Q0}.scales"] = (t[f"{Q0}.scales"].astype(np.float32) * 1000).astype(BF16)
+    return make_mlx(tmp / "m", t), "values.scale-outlier", f"{Q0}.scales"
+
+
+# info
+
+def c_padding(tmp):
+    hb = json.dumps({"__metadata__": {"format": "pt"},
+                     "a.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode() + b" " * 40
+    write_raw(tmp / "x.safetensors", hb, np.array([0.5, 1.5], np.float32).tobytes())
+    return tmp / "x.safetensors", "container.header-padding", None
+
+
+def c_offset_order(tmp):
+    write_raw(tmp / "x.safetensors", {"__metadata__": {"format": "pt"},
+                                      "a.bias": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+                                      "b.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+              np.arange(4, dtype=np.float32).tobytes())
+    return tmp / "x.safetensors", "container.offset-order", None
+
+
+def c_no_metadata(tmp):
+    return make_mlx(tmp / "m", metadata=False), "container.no-metadata", None
+
+
+def c_bad_entry(tmp):
+    write_raw(tmp / "x.safetensors", {"__metadata__": {"format": "pt"},
+                                      "a": {"dtype": "F32", "data_offsets": [0, 8]}}, b"\0" * 8)
+    return tmp / "x.safetensors", "container.entry", "a"
+
+
+def c_bad_offsets(tmp):
+    write_raw(tmp / "x.safetensors", {"__metadata__": {"format": "pt"},
+                                      "a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8)
+    return tmp / "x.safetensors", "container.offsets", "a"
+
+
+def c_index_entry(tmp):
+    make_dense_sharded(tmp / "m")
+    idx = tmp / "m" / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    d["weight_map"]["model.layers.1.mlp.up_proj.weight"] = 5
+    d["metadata"] = {}
+    idx.write_text(json.dumps(d))
+    return tmp / "m", "index.entry", "model.layers.1.mlp.up_proj.weight"
+
+
+def c_several_indexes(tmp):
+    make_dense_sharded(tmp / "m")
+    shutil.copy(tmp / "m" / "model.safetensors.index.json", tmp / "m" / "old.safetensors.index.json")
+    return tmp / "m", "index.several", None
+
+
+def c_pickle_beside(tmp):
+    make_mlx(tmp / "m")
+    (tmp / "m" / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    return tmp / "m", "container.pickle-beside", None
+
+
+CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object, c_unknown_dtype,
+         c_size_mismatch, c_truncated, c_overlap, c_gap, c_trailing, c_metadata_nonstring, c_duplicate_key,
+         c_metadata_format, c_pickle, c_index_no_weight_map, c_index_bad_json, c_missing_shard, c_unsafe_path,
+         c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable,
+         c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
+         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched,
+         c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_gptq_config_keys,
+         c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config,
+         c_ct_packing, c_ct_zero_point, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,
+         c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale,
+         c_denormal_scale, c_constant_dense, c_constant_scales, c_few_levels, c_saturated, c_scale_outlier,
+         c_padding, c_offset_order, c_no_metadata, c_bad_entry, c_bad_offsets, c_index_entry, c_several_indexes,
+         c_pickle_beside]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__[2:])
+def test_rule_fires(case, tmp_path):
+    path, rule, where = case(tmp_path)
+    findings = diagnose(path)
+    hits = [f for f in findings if f.rule == rule]
+    assert hits, f"{rule} did not fire; got {[str(f) for f in findings]}"
+    if where is not None:
+        assert any(where in (f.tensor, f.layer) for f in hits), [str(f) for f in hits]
+    sev = RULES[rule].severity
+    assert all(f.severity in (sev, "warning") for f in hits)
+    others = [str(f) for f in findings if f.rule != rule and f.severity == "error"]
+    assert not others, others
+    if sev != "error":
+        assert not [f for f in findings if f.severity == "error"]
+
+
+# ---------------------------------------------------------------------------------- clean
+
+CLEAN_GOLDEN = sorted(p.name for p in GOLDEN.iterdir() if (p / "model.safetensors").is_file())
+
+
+def _no_problems(path, **kw):
+    findings = diagnose(path, **kw)
+    bad = [str(f) for f in findings if f.severity in ("error", "warning")]
+    assert not bad, bad
+    return findings
+
+
+@pytest.mark.parametrize("name", CLEAN_GOLDEN)
+def test_golden_clean(name):
+    _no_problems(GOLDEN / name, full=True)
+
+
+@pytest.mark.parametrize("name", ["base-bf16", "mlx-affine-q4-g64"])
+def test_real_clean(name, real_fixtures):
+    _no_problems(real_fixtures / name, full=True)
+
+
+@pytest.mark.parametrize("builder", ["mlx", "gptq-sym-v1", "gptq-asym-v1", "gptq-asym-v2", "awq", "sharded"])
+def test_built_clean(builder, tmp_path):
+    p = tmp_path / "m"
+    {"mlx": lambda: make_mlx(p), "gptq-sym-v1": lambda: make_gptq(p),
+     "gptq-asym-v1": lambda: make_gptq(p, sym=False), "gptq-asym-v2": lambda: make_gptq(p, sym=False, version=2),
+     "awq": lambda: make_awq(p), "sharded": lambda: make_dense_sharded(p)}[builder]()
+    assert _no_problems(p) == []
+
+
+@pytest.mark.slow
+def test_demo_workspace_clean(tmp_path_factory):
+    demo = pytest.importorskip("quantscope.backend.demo")
+    ws = demo.build_demo(tmp_path_factory.mktemp("demo") / "ws")
+    for path in [ws.reference, *ws.variants.values()]:
+        findings = _no_problems(path)
+        assert {f.rule for f in findings} <= {"gptq.act-order", "container.offset-order"}, path
+
+
+# ---------------------------------------------------------------------------------- behaviour
+
+def test_every_shard_reported(tmp_path):
+    """Two broken shards and a missing one: all reported, the good shard still analysed."""
+    make_dense_sharded(tmp_path / "m", n_shards=4)
+    (tmp_path / "m" / "model-00001-of-00004.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    p3 = tmp_path / "m" / "model-00003-of-00004.safetensors"
+    p3.write_bytes(p3.read_bytes()[:-10])
+    (tmp_path / "m" / "model-00004-of-00004.safetensors").unlink()
+    findings = diagnose(tmp_path / "m")
+    rules = [(f.rule, Path(f.file).name) for f in findings if f.severity == "error"]
+    assert ("container.header-too-large", "model-00001-of-00004.safetensors") in rules
+    assert ("container.out-of-file", "model-00003-of-00004.safetensors") in rules
+    assert ("index.missing-shard", "model.safetensors.index.json") in rules
+    assert len(rules) == 3, rules
+
+
+def test_all_problems_of_one_header(tmp_path):
+    write_raw(tmp_path / "x.safetensors", {"a": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]},
+                                           "b": {"dtype": "F32", "shape": [3], "data_offsets": [8, 16]},
+                                           "c": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}},
+              b"\0" * 24)
+    rules = {(f.rule, f.tensor) for f in diagnose(tmp_path / "x.safetensors")}
+    assert {("container.dtype", "a"), ("container.size-mismatch", "b"), ("container.overlap", "c"),
+            ("container.trailing", None)} <= rules
+
+
+def test_lfs_message_is_actionable(tmp_path):
+    path, _, _ = c_lfs_pointer(tmp_path)
+    (f,) = [f for f in diagnose(path) if f.severity == "error"]
+    assert "Git LFS" in f.message and "git lfs pull" in f.message and f.ref == "R21"
+
+
+def test_finding_dict_and_refs(tmp_path):
+    path, _, _ = c_v1_zero_wrap(tmp_path)
+    (f,) = [f for f in diagnose(path) if f.rule == "gptq.v1-zero-wrap"]
+    d = f.to_dict()
+    assert d["ref"] == "R1" and d["severity"] == "error" and d["layer"] == Q0 and d["tensor"] == f"{Q0}.qzeros"
+    assert d["file"].endswith("model.safetensors") and "wrapped" in d["message"]
+    assert isinstance(f, Finding) and set(d) == {"rule", "severity", "message", "file", "tensor", "layer", "ref"}
+
+
+def test_structure_only_reads_no_data(tmp_path, monkeypatch):
+    path, _, _ = c_v1_zero_wrap(tmp_path)
+
+    def boom(*a, **k):
+        raise AssertionError("tensor data read")
+    monkeypatch.setattr(SafetensorsFile, "read", boom)
+    monkeypatch.setattr(SafetensorsFile, "_buffer", boom)
+    findings = diagnose(path, values=False)
+    assert not [f for f in findings if f.severity == "error"]  # the wrap needs data: not seen
+
+
+def test_sampling_limits_rows(tmp_path, monkeypatch):
+    make_mlx(tmp_path / "m")
+    seen = []
+    orig = SafetensorsFile.read
+
+    def spy(self, name, rows=None):
+        seen.append((name, rows))
+        return orig(self, name, rows)
+    monkeypatch.setattr(SafetensorsFile, "read", spy)
+    diagnose(tmp_path / "m", rows_per_tensor=8)
+    up = [r for n, r in seen if n == "model.layers.0.mlp.up_proj.weight"]
+    assert up and all(r is not None and r[1] - r[0] <= 2 for r in up)
+    seen.clear()
+    diagnose(tmp_path / "m", full=True)
+    up = [r for n, r in seen if n == "model.layers.0.mlp.up_proj.weight"]
+    assert sum(r[1] - r[0] for r in up) == INTER
+
+
+def test_budget_exhausted_is_reported(tmp_path):
+    make_mlx(tmp_path / "m")
+    findings = diagnose(tmp_path / "m", budget_s=0.0)
+    assert [f.rule for f in findings] == ["doctor.budget"]
+
+
+def test_progress_and_cancel(tmp_path):
+    make_mlx(tmp_path / "m")
+    seen = []
+    diagnose(tmp_path / "m", progress=seen.append)
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    ev = threading.Event()
+    ev.set()
+    with pytest.raises(Cancelled):
+        diagnose(tmp_path / "m", cancel=ev)
+
+
+def test_never_raises_on_garbage(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes(bytes(range(256)) * 3)
+    (tmp_path / "m" / "config.json").write_text("[]")
+    report = run_diagnosis(tmp_path / "m")
+    assert not report.opened and report.summary["error"] == 1
+
+
+def test_overflow_is_summarised(tmp_path):
+    header = {f"t{i}": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]} for i in range(30)}
+    write_raw(tmp_path / "x.safetensors", header, b"\0" * 8)
+    f = [f for f in diagnose(tmp_path / "x.safetensors") if f.rule == "container.overlap"]
+    assert len(f) == doctor._MAX_PER_RULE + 1 and "more finding" in f[-1].message
+
+
+# ---------------------------------------------------------------------------------- CLI + docs
+
+def _cli(capsys, *argv):
+    from quantscope.app.cli import main
+    rc = main(["doctor", *map(str, argv)])
+    return rc, capsys.readouterr().out
+
+
+def test_cli_exit_codes_and_json(tmp_path, capsys):
+    clean = make_mlx(tmp_path / "clean")
+    rc, out = _cli(capsys, clean)
+    assert rc == 0 and "no problems found" in out
+    broken, _, _ = c_v1_zero_wrap(tmp_path / "b")
+    rc, out = _cli(capsys, broken)
+    assert rc == 1 and "Errors (1)" in out and "[gptq.v1-zero-wrap] (R1)" in out
+    rc, out = _cli(capsys, broken, "--json", "--full")
+    d = json.loads(out)
+    assert rc == 1 and set(d) == {"path", "findings", "summary"}
+    assert d["summary"] == {"error": 1, "warning": 0, "info": 0}
+    assert d["findings"][0]["rule"] == "gptq.v1-zero-wrap"
+    rc, out = _cli(capsys, tmp_path / "does-not-exist", "--json")
+    assert rc == 2 and json.loads(out)["findings"][0]["rule"] == "container.missing"
+
+
+def test_cli_warning_only_exits_0(tmp_path, capsys):
+    path, _, _ = c_total_size(tmp_path / "a")
+    rc, out = _cli(capsys, path)
+    assert rc == 0 and "Warnings (1)" in out and "[index.total-size] (R23)" in out
+
+
+def test_docs_list_every_rule():
+    text = DOCS.read_text()
+    for rule_id, rule in RULES.items():
+        assert f"`{rule_id}`" in text, rule_id
+        if rule.ref:
+            row = next(line for line in text.splitlines() if line.startswith(f"| `{rule_id}` |"))
+            assert rule.ref in row and rule.severity in row, rule_id
