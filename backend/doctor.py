@@ -1063,7 +1063,7 @@ class _Doctor:
                 g, col_ = np.argwhere(wrapped)[0]
                 self.col.add("gptq.v1-zero-wrap", f"{int(wrapped.sum())} of {z.size} stored zero points are {(1 << b) - 1} "
                              f"(first: group {g}, column {col_}) in a v1 (checkpoint_format 'gptq') file: v1 stores "
-                             f"z−1, so these are true zeros of 0 stored as −1. Readers that add 1 per field "
+                             f"z−1, so these are true zeros of 0, wrapped when stored as −1. Readers that add 1 per field "
                              f"(AutoGPTQ/exllama-era kernels) read {1 << b}, outside the code range, and those "
                              "groups decode silently wrong (AutoGPTQ #325/#640); GPTQModel's word-level v1→v2 "
                              "conversion (which quantscope follows) restores them. Re-export as gptq_v2 (zeros "
