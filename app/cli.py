@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     pdoc.add_argument("--json", action="store_true", help="machine-readable findings")
     pdoc.add_argument("--full", action="store_true", help="check every value, not a time-boxed sample")
     _add_common(pdoc)
+    pconv = sub.add_parser("convert", help="convert to MLX (exact repack where possible) or to dense")
+    pconv.add_argument("src", help="source checkpoint")
+    pconv.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+    pconv.add_argument("--to", required=True, choices=["mlx", "dense"])
+    pconv.add_argument("--bits", type=int, help="bits for requantized layers (default 4)")
+    pconv.add_argument("--group-size", type=int, help="group size for requantized layers (default: mode's)")
+    pconv.add_argument("--mode", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], default="affine")
+    pconv.add_argument("--recipe", help="mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6, or a JSON file path → bits/group/mode or false")
+    pconv.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16", help="dense output dtype (--to dense)")
+    pconv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    pconv.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto")
+    _add_common(pconv)
     pdemo = sub.add_parser("demo", help="write the demo workspace (reference + GPTQ/AWQ/MLX variants) to DIR")
     pdemo.add_argument("dir", help="a folder that does not exist yet")
     _add_common(pdemo)
@@ -148,6 +160,11 @@ def cmd_doctor(args) -> int:
     return run_doctor(args)
 
 
+def cmd_convert(args) -> int:
+    from quantscope.app.convert_cli import run_convert
+    return run_convert(args)
+
+
 def cmd_demo(args) -> int:
     import time
 
@@ -163,7 +180,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"info": cmd_info, "dequant": cmd_dequant, "compare": cmd_compare, "doctor": cmd_doctor,
-            "demo": cmd_demo}
+            "convert": cmd_convert, "demo": cmd_demo}
 
 
 def _setup_logging(verbose: int) -> None:
