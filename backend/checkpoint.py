@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,48 @@ class Module:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+class _OneFile(Mapping):
+    """name → file for a single-file checkpoint, without building a dict."""
+
+    def __init__(self, f: SafetensorsFile) -> None:
+        self._f = f
+        self._names = f.raw_entries()
+
+    def __getitem__(self, name: str) -> SafetensorsFile:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._f
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class _IndexMap(Mapping):
+    """name → file through a consistent index's weight_map (already a dict) and shard names."""
+
+    def __init__(self, weight_map: dict[str, str], shards: dict[str, SafetensorsFile]) -> None:
+        self._wm = weight_map
+        self._shards = shards
+
+    def __getitem__(self, name: str) -> SafetensorsFile:
+        return self._shards[self._wm[name]]
+
+    def __contains__(self, name) -> bool:
+        return name in self._wm
+
+    def __iter__(self):
+        return iter(self._wm)
+
+    def __len__(self) -> int:
+        return len(self._wm)
 
 
 def _within(path: Path, root: Path) -> bool:
@@ -231,13 +274,29 @@ class Checkpoint:
         return files
 
     def _build_tensor_map(self) -> None:
-        # Dict operations only (no per-tensor Python loop) in the common, consistent case:
-        # a 100-shard MoE index has 100,000 entries.
+        # No per-tensor Python loop and no 100,000-entry dict rebuilt in the common cases: a
+        # single file maps every name to itself, and a consistent index is its own map.
+        if len(self.files) == 1 and self.index is None:
+            self._where = _OneFile(self.files[0])
+        elif self.index is not None and self._index_consistent():
+            self._where = _IndexMap(self.index["weight_map"], self._shard_names)
+        else:
+            self._where = self._merge_files()
+        self._modules: dict[str, Module] | None = None
+
+    def _index_consistent(self) -> bool:
+        """True when every shard holds exactly the tensors the index assigns to it."""
+        wm = self.index["weight_map"]
+        if sum(len(f) for f in self.files) != len(wm):
+            return False
+        # Each shard's names all map back to that shard; with equal totals and unique names per
+        # file this is a bijection (C-level map/set, no Python loop per tensor).
+        return all(set(map(wm.get, f.raw_entries())) == {shard} for shard, f in self._shard_names.items())
+
+    def _merge_files(self) -> dict[str, SafetensorsFile]:
         where: dict[str, SafetensorsFile] = {}
-        total = 0
         for f in self.files:
             names = f.raw_entries()
-            total += len(names)
             if not where.keys().isdisjoint(names):
                 dupes = [n for n in names if n in where]
                 self.warnings.append(f"{len(dupes)} tensor(s) stored in more than one file, e.g. "
@@ -248,25 +307,20 @@ class Checkpoint:
         if self.index is not None:
             wm = self.index["weight_map"]
             by_name = self._shard_names
-            actual = {}
-            for shard, f in by_name.items():
-                actual.update(dict.fromkeys(f.raw_entries(), shard))
-            if actual != wm:
-                missing = [t for t, s in wm.items() if t not in by_name[s]]
-                if missing:
-                    self.warnings.append(f"{len(missing)} tensor(s) listed in the index are absent from "
-                                         f"their shard, e.g. {missing[0]!r}")
-                extra = [t for t in where if t not in wm]
-                if extra:
-                    self.warnings.append(f"{len(extra)} tensor(s) in the shards are not in the index, "
-                                         f"e.g. {extra[0]!r}")
-                # Where the index names a shard that does hold the tensor, the index wins.
-                for t, s in wm.items():
-                    f = by_name[s]
-                    if t in f:
-                        where[t] = f
-        self._where = where
-        self._modules: dict[str, Module] | None = None
+            missing = [t for t, s in wm.items() if t not in by_name[s]]
+            if missing:
+                self.warnings.append(f"{len(missing)} tensor(s) listed in the index are absent from "
+                                     f"their shard, e.g. {missing[0]!r}")
+            extra = [t for t in where if t not in wm]
+            if extra:
+                self.warnings.append(f"{len(extra)} tensor(s) in the shards are not in the index, "
+                                     f"e.g. {extra[0]!r}")
+            # Where the index names a shard that does hold the tensor, the index wins.
+            for t, s in wm.items():
+                f = by_name[s]
+                if t in f:
+                    where[t] = f
+        return where
 
     def _read_configs(self) -> dict[str, dict]:
         configs: dict[str, dict] = {}

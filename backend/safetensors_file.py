@@ -123,7 +123,7 @@ class SafetensorsFile:
         try:
             st = os.fstat(fd)
             self.size = st.st_size
-            self.identity = (str(self.path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+            self._stat = (st.st_size, st.st_mtime_ns, st.st_ino)
             head = os.pread(fd, 8, 0)
             if len(head) < 8:
                 raise HeaderError(f"file is {self.size} bytes, shorter than the 8-byte header length"
@@ -144,6 +144,11 @@ class SafetensorsFile:
         self.header_len = n
         self.data_offset = 8 + n
         self.metadata, self._entries = self._parse(raw)
+
+    @property
+    def identity(self) -> tuple:
+        """(resolved path, size, mtime, inode): changes whenever the file is replaced or edited."""
+        return (str(self.path.resolve()),) + self._stat
 
     # -- parsing -----------------------------------------------------------------------------
 
