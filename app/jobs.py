@@ -106,6 +106,11 @@ def job_whatif(reference, name: str, bits: int, group_size: int, mode: str, *, p
             "sqnr_db": float(-20 * np.log10(rel)) if rel > 0 else float("inf")}
 
 
+def job_convert(src: str, dst: str, options: dict, *, engine="auto", progress=None, cancel=None):
+    from quantscope.backend.convert import convert
+    return convert(src, dst, engine=engine, progress=progress, cancel=cancel, **options)
+
+
 def job_export_dequant(model, name: str, out_path: str, *, engine="auto", progress=None, cancel=None) -> str:
     w = get_engine(engine).dequantize(model, model.layer(name))
     np.save(out_path, w)

@@ -36,6 +36,7 @@ class MainWindow(QMainWindow):
     detail_shown = Signal(str)
     sweep_done = Signal()
     doctor_done = Signal()
+    convert_done = Signal(object)
     failed = Signal(str)
 
     def __init__(self, settings, service: JobService | None = None, engine: str = "auto") -> None:
@@ -131,6 +132,7 @@ class MainWindow(QMainWindow):
         t = mb.addMenu("&Tools")
         self.compare_action = self._action(t, "Compare all layers", self.compare_all, "Ctrl+Shift+C")
         self._action(t, "Run doctor on shown checkpoint", self.run_doctor, "Ctrl+D")
+        self._action(t, "Convert…", self.convert_dialog, "Ctrl+Shift+K")
         self._action(t, "Cancel all jobs", self.service.cancel_all, "Esc")
         v = mb.addMenu("&View")
         for d in (self.tree_dock, self.config_dock, self.doctor_dock):
@@ -289,6 +291,30 @@ class MainWindow(QMainWindow):
 
         self.service.submit("whatif", "Requantizing (what-if)", jobs.job_whatif, self.workspace.reference,
                             self.current_layer, bits, group, mode, on_result=show, on_error=self._job_failed)
+
+    def convert_dialog(self) -> None:
+        from quantscope.widgets.convert_dialog import ConvertDialog
+        sources = {label: m.ckpt.source for label, m in self.workspace.models().items()}
+        if not sources:
+            return
+        dlg = ConvertDialog(sources, self.tree.current_label(), self)
+        if dlg.exec() == ConvertDialog.DialogCode.Accepted:
+            self.run_convert(dlg.options())
+
+    def run_convert(self, options: dict) -> None:
+        """Convert on a worker thread; the result opens as a new variant with its error."""
+        opts = dict(options)
+        src, dst = opts.pop("src"), opts.pop("dst")
+
+        def done(report) -> None:
+            text = report.summary() if hasattr(report, "summary") else str(report)
+            self.statusBar().showMessage(f"Converted to {dst}", 15000)
+            self.config.set_whatif_result(text)
+            self.add_paths([dst])
+            self.convert_done.emit(report)
+
+        self.service.submit("convert", f"Converting to {Path(dst).name}", jobs.job_convert, src, dst, opts,
+                            engine=self.engine, on_result=done, on_error=self._job_failed)
 
     # -- export ----------------------------------------------------------------------------------
 

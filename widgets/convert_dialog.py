@@ -1,0 +1,93 @@
+"""ConvertDialog: choose a source checkpoint, a destination and the conversion's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout,
+                               QHBoxLayout, QLineEdit, QPushButton, QWidget)
+
+RECIPES = ["uniform", "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]
+
+
+class ConvertDialog(QDialog):
+    """Collects options only; the window runs the conversion on a worker thread."""
+
+    def __init__(self, sources: dict[str, str], current: str | None = None, parent=None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Convert checkpoint")
+        self.sources = dict(sources)
+        self.source = QComboBox()
+        self.source.addItems(list(sources))
+        if current in sources:
+            self.source.setCurrentText(current)
+        self.dst = QLineEdit()
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        dst_row = QWidget()
+        h = QHBoxLayout(dst_row)
+        h.setContentsMargins(0, 0, 0, 0)
+        h.addWidget(self.dst, 1)
+        h.addWidget(browse)
+        self.to = QComboBox()
+        self.to.addItems(["mlx", "dense"])
+        self.bits = QComboBox()
+        self.bits.addItems(["2", "3", "4", "5", "6", "8"])
+        self.bits.setCurrentText("4")
+        self.group = QComboBox()
+        self.group.addItems(["default", "32", "64", "128"])
+        self.mode = QComboBox()
+        self.mode.addItems(["affine", "mxfp4", "nvfp4", "mxfp8"])
+        self.recipe = QComboBox()
+        self.recipe.addItems(RECIPES)
+        self.dtype = QComboBox()
+        self.dtype.addItems(["bf16", "f16", "f32"])
+        self.overwrite = QCheckBox("replace an existing destination")
+        form = QFormLayout(self)
+        form.addRow("Source", self.source)
+        form.addRow("Destination folder", dst_row)
+        form.addRow("Convert to", self.to)
+        form.addRow("Bits (requantized layers)", self.bits)
+        form.addRow("Group size", self.group)
+        form.addRow("Mode", self.mode)
+        form.addRow("Recipe (dense → MLX)", self.recipe)
+        form.addRow("Dense dtype", self.dtype)
+        form.addRow("", self.overwrite)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+        buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Convert")
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        form.addRow(buttons)
+        self.to.currentTextChanged.connect(self._sync)
+        self.source.currentTextChanged.connect(self._suggest)
+        self._sync(self.to.currentText())
+        self._suggest(self.source.currentText())
+
+    def _browse(self) -> None:
+        p = QFileDialog.getExistingDirectory(self, "Parent folder of the destination")
+        if p:
+            self.dst.setText(str(Path(p) / Path(self.dst.text() or "converted").name))
+
+    def _suggest(self, label: str) -> None:
+        src = self.sources.get(label)
+        if src:
+            p = Path(src)
+            base = p.parent if p.suffix else p
+            self.dst.setText(str(base.parent / f"{base.name}-{self.to.currentText()}"))
+
+    def _sync(self, to: str) -> None:
+        mlx = to == "mlx"
+        for w in (self.bits, self.group, self.mode, self.recipe):
+            w.setEnabled(mlx)
+        self.dtype.setEnabled(not mlx)
+        self._suggest(self.source.currentText())
+
+    def options(self) -> dict:
+        """Keyword arguments for ``quantscope.backend.convert.convert`` (plus src/dst)."""
+        g = self.group.currentText()
+        recipe = self.recipe.currentText()
+        return {"src": self.sources[self.source.currentText()], "dst": self.dst.text().strip(),
+                "to": self.to.currentText(), "bits": int(self.bits.currentText()),
+                "group_size": None if g == "default" else int(g), "mode": self.mode.currentText(),
+                "recipe": None if recipe == "uniform" else recipe, "dtype": self.dtype.currentText(),
+                "overwrite": self.overwrite.isChecked()}
