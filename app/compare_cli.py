@@ -1,0 +1,97 @@
+"""``quantscope compare``: per-layer error of variants against a reference, as a table, JSON or CSV."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import threading
+
+_logger = logging.getLogger(__name__)
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last = -1
+
+    def __call__(self, fraction: float) -> None:
+        if not self.enabled:
+            return
+        pct = int(fraction * 100)
+        if pct == self._last:
+            return
+        self._last = pct
+        width = 30
+        fill = int(width * fraction)
+        self.stream.write(f"\rcomparing [{'#' * fill}{'.' * (width - fill)}] {pct:3d}%")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._last >= 0:
+            self.stream.write("\r" + " " * 50 + "\r")
+            self.stream.flush()
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return format(v, spec)
+
+
+def format_table(result, labels: list[str]) -> str:
+    """Layers × variants with rel_fro and sqnr_db per variant."""
+    short = {lb: (os.path.basename(os.path.normpath(lb)) or lb) for lb in labels}
+    by = {(r.name, r.variant): r for r in result.rows}
+    names = list(dict.fromkeys(r.name for r in result.rows))
+    w0 = max([len("layer")] + [len(n) for n in names])
+    cols = [max(17, len(short[lb])) for lb in labels]
+    lines = ["  ".join([" " * w0] + [short[lb].rjust(c) for lb, c in zip(labels, cols)]),
+             "  ".join(["layer".ljust(w0)] + [f"{'rel_fro':>8} {'sqnr_dB':>8}".rjust(c) for c in cols])]
+    for n in names:
+        cells = []
+        for lb, c in zip(labels, cols):
+            r = by.get((n, lb))
+            cells.append((f"{_fmt(r.rel_fro, '8.5f')} {_fmt(r.sqnr_db, '8.2f')}" if r else "—").rjust(c))
+        lines.append("  ".join([n.ljust(w0)] + cells))
+    if result.unmatched:
+        lines.append("")
+        lines.append(f"without partner ({len(result.unmatched)}):")
+        for u in result.unmatched:
+            lines.append(f"  {short.get(u.variant, u.variant)}: {u.layer}: {u.reason}")
+    return "\n".join(lines)
+
+
+def run_compare(args) -> int:
+    """Run ``quantscope compare`` (args: reference, variants, json_out, csv_out, engine); exit status."""
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.compare import sweep
+    from quantscope.backend.schemes import analyze
+
+    ref = analyze(open_checkpoint(args.reference))
+    variants = {}
+    for path in args.variants:
+        variants[path] = analyze(open_checkpoint(path))
+    bar = _ProgressBar()
+    cancel = threading.Event()
+    try:
+        result = sweep(ref, variants, engine=getattr(args, "engine", "auto") or "auto", progress=bar, cancel=cancel)
+    finally:
+        bar.close()
+    data = result.to_json()
+    data = {"reference": args.reference, "variants": list(args.variants), **data}
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump(data, fh, indent=1)
+            fh.write("\n")
+    if args.csv_out:
+        result.to_csv(args.csv_out)
+    sys.stdout.write(format_table(result, list(args.variants)) + "\n")
+    return 0

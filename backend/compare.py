@@ -1,0 +1,786 @@
+"""Per-layer quantization error of any number of variants against a reference.
+
+:func:`sweep` walks the reference's layers one decoder layer at a time, reads each reference
+layer once for all variants, decodes each variant layer once (row blocks for layers over
+:data:`BLOCK_ELEMENTS`), undoes equivalent transformations (see :mod:`.compare_align`) and keeps
+only the metrics, so memory stays flat in model size. :func:`layer_detail` gives one layer's
+histograms, code usage, scales and per-group error map.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import mmap
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import natural_key
+from .compare_align import Alignment, Segment, Target, Unmatched, align, layer_index, proj_of
+from .engines import get_engine
+from .errors import Cancelled, QuantscopeError
+from .metrics import ErrorStats, error_metrics, histogram_counts, uniform_edges
+from .schemes import Layer, Model
+
+__all__ = ["LayerMetrics", "Unmatched", "SweepResult", "LayerDetail", "Alignment", "CompareError", "align",
+           "sweep", "layer_detail", "LAYER_KEYS", "BLOCK_ELEMENTS"]
+
+_logger = logging.getLogger(__name__)
+
+#: Layers with more elements than this are decoded and compared in row blocks.
+BLOCK_ELEMENTS = 64 * 1024 * 1024
+#: Rows per block are chosen so a block holds at most this many elements.
+_ROW_BLOCK_ELEMENTS = 16 * 1024 * 1024
+#: Significance of a least-squares smoothing estimate: median |log s| above this.
+_LSTSQ_THRESHOLD = 0.02
+CACHE_FILE = "compare-cache.json"
+CACHE_VERSION = 1
+
+#: Keys of one JSON/CSV row, in order (the command-line contract plus what the window uses).
+LAYER_KEYS = ("name", "variant", "scheme", "bits", "group_size", "rel_fro", "sqnr_db", "cosine", "max_abs", "mse",
+              "p50", "p95", "p99", "bits_per_weight", "rel_fro_raw", "smoothing", "variant_layer", "layer_index",
+              "proj")
+
+
+class CompareError(QuantscopeError):
+    """A variant cannot be compared with the reference (different model, nothing in common)."""
+
+    default_rule = "compare"
+
+
+@dataclass
+class LayerMetrics:
+    """Error of one variant on one reference layer (after undoing equivalent transformations)."""
+
+    name: str
+    variant: str
+    variant_layer: str
+    scheme: str
+    bits: int | None
+    group_size: int | None
+    rel_fro: float
+    sqnr_db: float
+    cosine: float
+    max_abs: float
+    mse: float
+    p50: float
+    p95: float
+    p99: float
+    bits_per_weight: float | None
+    rel_fro_raw: float
+    smoothing: str
+    layer_index: int | None
+    proj: str
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: d[k] for k in LAYER_KEYS}
+
+
+def _json_safe(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+@dataclass
+class SweepResult:
+    """Rows (layer × variant) in reference order, and every layer that found no partner."""
+
+    rows: list[LayerMetrics] = field(default_factory=list)
+    unmatched: list[Unmatched] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """Plain JSON data: ``layers`` (one object per row) and ``unmatched`` (with ``reason``).
+
+        Non-finite floats (sqnr of an exact copy: +inf) are written as null.
+        """
+        return {"layers": [{k: _json_safe(v) for k, v in r.to_dict().items()} for r in self.rows],
+                "unmatched": [dataclasses.asdict(u) for u in self.unmatched]}
+
+    def to_csv(self, path) -> None:
+        """One line per row with :data:`LAYER_KEYS`; unmatched layers follow with their ``reason``."""
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(LAYER_KEYS + ("reason",))
+            for r in self.rows:
+                d = r.to_dict()
+                w.writerow(["" if d[k] is None else d[k] for k in LAYER_KEYS] + [""])
+            for u in self.unmatched:
+                row = dict.fromkeys(LAYER_KEYS, "")
+                row.update(name=u.layer, variant=u.variant)
+                w.writerow([row[k] for k in LAYER_KEYS] + [u.reason])
+
+    def by_variant(self) -> dict[str, list[LayerMetrics]]:
+        out: dict[str, list[LayerMetrics]] = {}
+        for r in self.rows:
+            out.setdefault(r.variant, []).append(r)
+        return out
+
+
+# -- decoding rows ---------------------------------------------------------------------------------
+
+class _PartsCkpt:
+    def __init__(self, source: str, parts: dict[str, np.ndarray]) -> None:
+        self.source = source
+        self._parts = parts
+
+    def tensor(self, name, rows=None):
+        return self._parts[name]
+
+
+class _PartsModel:
+    """Stand-in for a Model whose tensors are slices, so any engine decodes a row block."""
+
+    def __init__(self, model: Model, parts: dict[str, np.ndarray]) -> None:
+        self.ckpt = _PartsCkpt(model.ckpt.source, parts)
+        self.config = model.config
+
+
+def _granule(layer: Layer) -> int:
+    return {"gptq": 32, "awq-gemm": 8}.get(layer.scheme, 1)
+
+
+def _sliced(model: Model, layer: Layer, r0: int, r1: int):
+    """(model, layer) views whose decode is flattened rows [r0, r1) of ``layer``; None if unsupported."""
+    rows, k = int(math.prod(layer.shape[:-1])), layer.shape[-1]
+    t = layer.tensors
+    ck = model.ckpt
+    parts = {}
+    if layer.scheme == "dense" or layer.scheme in ("mlx-affine", "mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4"):
+        for c, info in t.items():
+            if c in ("weight", "scales", "biases"):
+                a = ck.tensor(info.name)
+                parts[info.name] = a.reshape(rows, a.shape[-1])[r0:r1]
+            else:
+                parts[info.name] = ck.tensor(info.name)
+    elif layer.scheme == "gptq":
+        bits = layer.bits
+        for c, info in t.items():
+            a = ck.tensor(info.name)
+            if c in ("qweight", "scales"):
+                parts[info.name] = a[:, r0:r1]
+            elif c == "qzeros":
+                wb = a.dtype.itemsize * 8
+                parts[info.name] = a[:, r0 * bits // wb: -(-r1 * bits // wb)]
+            else:
+                parts[info.name] = a
+    elif layer.scheme == "awq-gemm":
+        for c, info in t.items():
+            a = ck.tensor(info.name)
+            if c in ("qweight", "qzeros"):
+                parts[info.name] = a[:, r0 // 8: r1 // 8]
+            elif c == "scales":
+                parts[info.name] = a[:, r0:r1]
+            else:
+                parts[info.name] = a
+    else:
+        return None
+    return _PartsModel(model, parts), dataclasses.replace(layer, shape=(r1 - r0, k))
+
+
+class _Rows:
+    """Flattened rows ``[R, K]`` of one layer as float32: whole-layer decode (kept while the
+    current group needs it) or row-block decodes for layers over :data:`BLOCK_ELEMENTS`."""
+
+    def __init__(self, model: Model, layer: Layer, engine, keep: bool, counter: dict) -> None:
+        self.model, self.layer, self.engine = model, layer, engine
+        self.rows = int(math.prod(layer.shape[:-1]))
+        self.cols = int(layer.shape[-1])
+        self.big = layer.numel > BLOCK_ELEMENTS
+        self.keep = keep
+        self._full: np.ndarray | None = None
+        self._counter = counter
+
+    def _decode(self, model, layer) -> np.ndarray:
+        self._counter["bytes"] = self._counter.get("bytes", 0) + layer.numel * 4
+        if layer.scheme == "dense":  # a plain read: no engine needed
+            w = np.asarray(model.ckpt.tensor(layer.tensors["weight"].name))
+            return w.reshape(-1, w.shape[-1]).astype(np.float32)
+        out = self.engine.dequantize(model, layer)
+        return np.asarray(out, np.float32).reshape(-1, layer.shape[-1])
+
+    def full(self) -> np.ndarray:
+        if self._full is not None:
+            return self._full
+        a = self._decode(self.model, self.layer)
+        if self.keep:
+            self._full = a
+        return a
+
+    def get(self, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) (float32, may be a view)."""
+        if not self.big or self._full is not None:
+            return self.full()[r0:r1]
+        g = _granule(self.layer)
+        a0, a1 = r0 // g * g, min(self.rows, -(-r1 // g) * g)
+        sl = _sliced(self.model, self.layer, a0, a1)
+        if sl is None:  # no row slicing for this scheme: decode once and keep
+            self.keep = True
+            return self.full()[r0:r1]
+        return self._decode(*sl)[r0 - a0:r1 - a0]
+
+
+def _resolve_engine(engine):
+    if isinstance(engine, str):
+        return get_engine(engine)
+    return engine
+
+
+def _engine_name(engine) -> str:
+    eng = _resolve_engine(engine)
+    return getattr(eng, "name", type(eng).__name__)
+
+
+def _identity(model: Model) -> list:
+    return [list(f.identity[:3]) for f in model.ckpt.files]
+
+
+def _release_pages(models) -> None:
+    """Drop this process's mapped pages of the checkpoints' files (they stay in the OS page cache).
+
+    Every tensor is read through mmap; without this, the resident set of a sweep would grow to
+    the size of all files touched. The reads of finished layers are never needed again.
+    """
+    for m in models:
+        for f in getattr(m.ckpt, "files", ()):
+            mm = getattr(f, "_mm", None)  # TODO: a public SafetensorsFile.release_pages()
+            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                try:
+                    mm.madvise(mmap.MADV_DONTNEED)
+                except (OSError, ValueError):
+                    pass
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("comparison cancelled")
+
+
+# -- the sweep -----------------------------------------------------------------------------------
+
+def _group_key(name: str):
+    m = layer_index(name)
+    if m is None:
+        return (1, natural_key(name))
+    return (0, natural_key(name[:name.index(f".{m}.") + len(str(m)) + 1]))
+
+
+_PROJ_RANK = {p: i for i, p in enumerate(("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj",
+                                          "gate_up_proj", "down_proj"))}
+
+
+def _order_key(name: str):
+    proj = proj_of(name)
+    return (_group_key(name), _PROJ_RANK.get(proj, 99), natural_key(name))
+
+
+def _assemble(t: Target, rows_of: Callable[[str], _Rows], r0: int, r1: int) -> np.ndarray:
+    """The variant's rows matching reference rows [r0, r1) of target ``t`` (float32)."""
+    if len(t.segments) == 1:
+        s = t.segments[0]
+        if s.ref_rows == (0, t.rows, 1) and s.var_rows[2] == 1:
+            v0 = s.var_rows[0]
+            return rows_of(s.var_layer).get(v0 + r0, v0 + r1)
+    out = np.empty((r1 - r0, t.cols), np.float32)
+    for s in t.segments:
+        a, b, st = s.ref_rows
+        # ref rows of this segment inside [r0, r1): indices i with a + i*st in [r0, r1)
+        i0 = max(0, -(-(r0 - a) // st))
+        i1 = min(len(range(a, b, st)), -(-(r1 - a) // st))
+        if i1 <= i0:
+            continue
+        va, _, vst = s.var_rows
+        lo, hi = va + i0 * vst, va + (i1 - 1) * vst + 1
+        src = rows_of(s.var_layer).get(lo, hi)[::vst]
+        out[a + i0 * st - r0: a + (i1 - 1) * st + 1 - r0: st] = src
+    return out
+
+
+def _row_fit(w: np.ndarray, wh: np.ndarray) -> np.ndarray:
+    """Per row, s minimising ‖ŵ_r − w_r / s‖ (least squares in 1/s): s = (w·w) / (w·ŵ)."""
+    w64, h64 = w.astype(np.float64), wh.astype(np.float64)
+    num = np.einsum("ij,ij->i", w64, w64)
+    den = np.einsum("ij,ij->i", w64, h64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where((den > 0) & (num > 0), num / den, 1.0)
+    return s
+
+
+class _VariantState:
+    def __init__(self, label: str, model: Model, alignment: Alignment) -> None:
+        self.label, self.model, self.alignment = label, model, alignment
+        self.row_scales: dict[str, np.ndarray] = {}   # consumer target -> s (its input columns)
+        self.row_smoothing: dict[str, str] = {}
+
+
+def _smoothing_for(vs: _VariantState, t: Target) -> tuple[np.ndarray | None, str]:
+    col = t.col_scale
+    label = t.smoothing
+    if t.col_fit_from is not None and t.name in vs.row_scales:
+        s = vs.row_scales[t.name]
+        col = s if col is None else col * s
+        fit = f"lstsq:{t.col_fit_from}"
+        label = fit if label == "none" else f"{label}+{fit}"
+    return col, label
+
+
+def _measure_target(t_name: str, ref_rows: _Rows, states: list[_VariantState], todo: list[_VariantState],
+                    rows_cache: Callable[[_VariantState, str], _Rows], cancel, on_block) -> dict[str, dict]:
+    """Metrics of every variant in ``todo`` on reference target ``t_name``."""
+    R = ref_rows.rows
+    K = ref_rows.cols
+    step = max(1, _ROW_BLOCK_ELEMENTS // max(K, 1)) if ref_rows.layer.numel > BLOCK_ELEMENTS else R
+    blocks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)] or [(0, 0)]
+    stats = {vs.label: (ErrorStats(), ErrorStats(raw_only=True)) for vs in todo}
+    extra = {}
+
+    def variant_block(vs: _VariantState, w: np.ndarray, r0: int, r1: int, fit_rows: bool):
+        t = vs.alignment.targets[t_name]
+        wh = _assemble(t, lambda p: rows_cache(vs, p), r0, r1)
+        raw = wh
+        col, label = _smoothing_for(vs, t)
+        if col is not None:
+            wh = wh / col[None, :].astype(np.float32)
+        if t.row_fit_for is not None and fit_rows:
+            s = _row_fit(w, wh)
+            key = t.row_fit_for
+            ok = float(np.median(np.abs(np.log(s)))) > _LSTSQ_THRESHOLD if s.size else False
+            if ok:
+                prev = vs.row_scales.get(key)
+                full = prev if prev is not None and prev.size == R else np.ones(R)
+                full[r0:r1] = s
+                vs.row_scales[key] = full
+                wh = wh * s[:, None].astype(np.float32)
+                extra.setdefault(vs.label, set()).add(f"rows:{key}")
+        return wh, raw, label
+
+    labels = {}
+    two_pass_later = len(blocks) > 1
+    for r0, r1 in blocks:
+        _check_cancel(cancel)
+        w = ref_rows.get(r0, r1)
+        for vs in todo:
+            _check_cancel(cancel)
+            wh, raw, label = variant_block(vs, w, r0, r1, True)
+            labels[vs.label] = label
+            st, st_raw = stats[vs.label]
+            st.add(w, wh)
+            if raw is not wh:
+                st_raw.add(w, raw)
+            if not two_pass_later:
+                st.plan()
+                st.gather(w, wh)
+            del wh, raw
+        on_block(r1 - r0)
+    if two_pass_later:  # exact percentiles: second look at the row blocks
+        for st, _ in stats.values():
+            st.plan()
+        for r0, r1 in blocks:
+            _check_cancel(cancel)
+            w = ref_rows.get(r0, r1)
+            for vs in todo:
+                t = vs.alignment.targets[t_name]
+                wh = _assemble(t, lambda p: rows_cache(vs, p), r0, r1)
+                col, _ = _smoothing_for(vs, t)
+                if col is not None:
+                    wh = wh / col[None, :].astype(np.float32)
+                if t.row_fit_for is not None and f"rows:{t.row_fit_for}" in extra.get(vs.label, ()):
+                    wh = wh * vs.row_scales[t.row_fit_for][r0:r1, None].astype(np.float32)
+                stats[vs.label][0].gather(w, wh)
+    out = {}
+    for vs in todo:
+        st, st_raw = stats[vs.label]
+        res = st.result()
+        res["rel_fro_raw"] = st_raw.rel_fro if st_raw.n else res["rel_fro"]
+        label = labels.get(vs.label, "none")
+        for e in sorted(extra.get(vs.label, ())):
+            label = e if label == "none" else f"{label}+{e}"
+        res["smoothing"] = label
+        out[vs.label] = res
+    return out
+
+
+def _row(t: Target, vs: _VariantState, res: dict) -> LayerMetrics:
+    vm = vs.model
+    layers = [vm.layers[p] for p in t.var_layers]
+    first = layers[0]
+    nb = sum(l.stored_bytes for l in layers)
+    ne = sum(l.numel for l in layers)
+    bpw = nb * 8 / ne if ne else None
+    return LayerMetrics(name=t.name, variant=vs.label, variant_layer=",".join(t.var_layers), scheme=first.scheme,
+                        bits=first.bits, group_size=first.group_size,
+                        rel_fro=res["rel_fro"], sqnr_db=res["sqnr_db"], cosine=res["cosine"], max_abs=res["max_abs"],
+                        mse=res["mse"], p50=res["p50"], p95=res["p95"], p99=res["p99"], bits_per_weight=bpw,
+                        rel_fro_raw=res["rel_fro_raw"], smoothing=res["smoothing"], layer_index=layer_index(t.name),
+                        proj=proj_of(t.name))
+
+
+def _cache_key(ref_id, var_id, name: str, engine_name: str) -> str:
+    return json.dumps([CACHE_VERSION, ref_id, var_id, name, engine_name])
+
+
+def load_cache(folder) -> dict:
+    """The persisted sweep cache in ``folder`` (empty when absent or unreadable)."""
+    p = Path(folder) / CACHE_FILE
+    try:
+        data = json.loads(p.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_cache(folder, cache: dict) -> None:
+    """Write ``cache`` as JSON into ``folder`` (atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CACHE_FILE + ".tmp")
+    tmp.write_text(json.dumps(cache))
+    tmp.replace(folder / CACHE_FILE)
+
+
+def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progress=None, cancel=None,
+          cache: dict | None = None, cache_dir=None) -> SweepResult:
+    """Per-layer error of every variant against ``reference``.
+
+    Parameters
+    ----------
+    reference
+        The analyzed reference checkpoint (usually dense).
+    variants
+        Analyzed variants by label (the command line uses the path given).
+    engine
+        ``"auto"``, ``"numpy"``, ``"mlx"`` or an engine object with ``dequantize(model, layer)``.
+    progress
+        Called with the fraction done (0..1, weighted by elements compared).
+    cancel
+        Object with ``is_set()``; checked before every block, so a cancelled sweep stops within
+        one block and raises :class:`~quantscope.backend.errors.Cancelled`.
+    cache
+        Dict of finished (layer, variant) metrics keyed by file identity (path, size, mtime) of
+        both checkpoints, layer and engine; filled as layers finish, so a cancelled sweep resumed
+        with the same dict skips them.
+    cache_dir
+        Optional folder where the cache is loaded from and saved to as JSON (``compare-cache.json``).
+
+    Returns
+    -------
+    SweepResult
+
+    Raises
+    ------
+    CompareError
+        A variant has no layer in common with the reference (names the variant's file).
+    Cancelled
+        ``cancel`` was set.
+    """
+    eng = _resolve_engine(engine)
+    eng_name = _engine_name(engine)
+    if cache is None:
+        cache = {}
+    if cache_dir is not None:
+        for k, v in load_cache(cache_dir).items():
+            cache.setdefault(k, v)
+    states = []
+    result = SweepResult()
+    for label, vm in variants.items():
+        al = align(reference, vm, label=label)
+        if not al.targets:
+            reasons = sorted({u.reason.split(":")[0] for u in al.unmatched})
+            raise CompareError("no layer matches the reference"
+                               + (f" ({'; '.join(reasons[:3])})" if reasons else "")
+                               + " — is it a quantization of a different model?", file=vm.ckpt.source,
+                               rule="compare.no-common-layers")
+        states.append(_VariantState(label, vm, al))
+        result.unmatched.extend(al.unmatched)
+    ref_id = _identity(reference)
+    var_ids = {vs.label: _identity(vs.model) for vs in states}
+    names = sorted({n for vs in states for n in vs.alignment.targets}, key=_order_key)
+    total = sum(max(vs.alignment.targets[n].rows * vs.alignment.targets[n].cols
+                    for vs in states if n in vs.alignment.targets) for n in names) or 1
+    done = 0
+    counter: dict = {}
+    group = None
+    caches: dict[tuple[str, str], _Rows] = OrderedDict()
+    uses: dict[tuple[str, str], int] = {}
+    rows_out: dict[str, dict[str, LayerMetrics]] = {}
+
+    def report(n_el: int) -> None:
+        nonlocal done
+        done += n_el
+        if progress is not None:
+            progress(min(1.0, done / total))
+
+    def rows_cache(vs: _VariantState, path: str) -> _Rows:
+        key = (vs.label, path)
+        r = caches.get(key)
+        if r is None:
+            layer = vs.model.layers[path]
+            r = caches[key] = _Rows(vs.model, layer, eng, keep=uses.get(key, 0) > 1, counter=counter)
+        return r
+
+    try:
+        for name in names:
+            g = _group_key(name)
+            if g != group:  # a new decoder layer: drop kept decodes, count shared variant layers
+                group = g
+                caches.clear()
+                _release_pages([reference] + [vs.model for vs in states])
+                uses.clear()
+                for n2 in names:
+                    if _group_key(n2) == g:
+                        for vs in states:
+                            t2 = vs.alignment.targets.get(n2)
+                            if t2 is not None:
+                                for p in t2.var_layers:
+                                    uses[(vs.label, p)] = uses.get((vs.label, p), 0) + 1
+            present = [vs for vs in states if name in vs.alignment.targets]
+            todo = []
+            for vs in present:
+                key = _cache_key(ref_id, var_ids[vs.label], name, eng_name)
+                hit = cache.get(key)
+                t = vs.alignment.targets[name]
+                if hit is not None:
+                    rows_out.setdefault(name, {})[vs.label] = LayerMetrics(**hit["metrics"])
+                    if hit.get("row_scale") is not None and t.row_fit_for:
+                        vs.row_scales[t.row_fit_for] = np.asarray(hit["row_scale"], np.float64)
+                else:
+                    todo.append(vs)
+            t0 = present[0].alignment.targets[name]
+            n_el = t0.rows * t0.cols
+            if not todo:
+                report(n_el)
+                continue
+            ref_layer = reference.layers[t0.ref_layer]
+            ref_rows = _Rows(reference, ref_layer, eng, keep=True, counter={})
+            res = _measure_target(name, ref_rows, states, todo, rows_cache, cancel,
+                                  lambda k: report(k * t0.cols))
+            del ref_rows
+            for vs in todo:
+                t = vs.alignment.targets[name]
+                row = _row(t, vs, res[vs.label])
+                rows_out.setdefault(name, {})[vs.label] = row
+                entry = {"metrics": dataclasses.asdict(row)}
+                if t.row_fit_for:
+                    rs = vs.row_scales.get(t.row_fit_for)
+                    entry["row_scale"] = None if rs is None else rs.tolist()
+                cache[_cache_key(ref_id, var_ids[vs.label], name, eng_name)] = entry
+            for vs in present:  # release variant decodes this target was the last user of
+                for p in vs.alignment.targets[name].var_layers:
+                    k = (vs.label, p)
+                    uses[k] = uses.get(k, 1) - 1
+                    if uses[k] <= 0:
+                        caches.pop(k, None)
+    finally:
+        if cache_dir is not None:
+            save_cache(cache_dir, cache)
+    for name in names:
+        for vs in states:
+            r = rows_out.get(name, {}).get(vs.label)
+            if r is not None:
+                result.rows.append(r)
+    return result
+
+
+# -- one layer in detail ---------------------------------------------------------------------------
+
+@dataclass
+class LayerDetail:
+    """Everything the views show for one reference layer.
+
+    Attributes
+    ----------
+    name
+        The reference module path.
+    value_edges, value_counts
+        Shared bin edges and exact counts of weight values: key ``"reference"`` and each variant.
+    error_edges, error_counts
+        Shared bin edges and exact counts of the signed error ``Ŵ − W`` per variant.
+    code_counts
+        Per quantized variant, exact counts of each stored code level ``0 .. 2**bits - 1``.
+    scales, zeros
+        Per variant, the stored scales and zero points (MLX affine: biases; None where absent),
+        float32 in their stored orientation.
+    group_error
+        Per variant, ``[rows, groups]`` relative error ``‖Ŵ_g − W_g‖ / ‖W_g‖`` of each group.
+    metrics
+        Per variant, the same row :func:`sweep` gives.
+    """
+
+    name: str
+    value_edges: np.ndarray
+    value_counts: dict[str, np.ndarray]
+    error_edges: np.ndarray
+    error_counts: dict[str, np.ndarray]
+    code_counts: dict[str, np.ndarray]
+    scales: dict[str, np.ndarray]
+    zeros: dict[str, np.ndarray | None]
+    group_error: dict[str, np.ndarray]
+    metrics: dict[str, LayerMetrics]
+
+
+def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
+    """The stored integer codes of a quantized layer (uint8, logical ``[..., N, K]``), or None."""
+    from .formats import awq, bnb, ct, gptq
+    from .formats import mlx as mlxfmt
+    ck = model.ckpt
+    t = {c: ck.tensor(i.name) for c, i in layer.tensors.items()}
+    s = layer.scheme
+    if s == "gptq":
+        return gptq.codes(t["qweight"], bits=layer.bits).reshape(layer.shape)
+    if s == "awq-gemm":
+        return awq.codes_gemm(t["qweight"])
+    if s == "awq-gemv":
+        return awq.codes_gemv(t["qweight"])
+    if s.startswith("mlx-"):
+        return mlxfmt.affine_codes(t["weight"], layer.bits, layer.shape[-1])
+    if s == "ct-pack":
+        return ct.codes_pack_quantized(t["weight_packed"], layer.shape, bits=layer.bits,
+                                       packing=layer.settings.get("packing", "auto"))
+    if s in ("bnb-nf4", "bnb-fp4"):
+        return bnb.codes_4bit(t["weight"], layer.settings)
+    return None
+
+
+def _scales_zeros(model: Model, layer: Layer) -> tuple[np.ndarray | None, np.ndarray | None]:
+    from .formats import awq, gptq
+    ck = model.ckpt
+    t = {c: ck.tensor(i.name) for c, i in layer.tensors.items()}
+    s = layer.scheme
+    f32 = (lambda a: None if a is None else np.asarray(a).astype(np.float32))
+    if s == "gptq":
+        n = layer.shape[-2]
+        z = gptq.unpack_zeros(t["qzeros"], layer.bits, n, int(layer.settings.get("version", 1)))
+        return f32(t["scales"]), f32(z)
+    if s == "awq-gemm":
+        z = None if "qzeros" not in t else awq.unpack_gemm(t["qzeros"], t["scales"].shape[1])
+        return f32(t["scales"]), f32(z)
+    if s == "mlx-affine":
+        return f32(t["scales"]), f32(t["biases"])
+    for c in ("scales", "weight_scale", "weight_scale_inv", "weight.absmax", "SCB"):
+        if c in t:
+            return f32(t[c]), f32(t.get("weight_zero_point"))
+    return None, None
+
+
+def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> np.ndarray:
+    K = w.shape[-1]
+    d2 = np.square(wh.astype(np.float64) - w.astype(np.float64))
+    w2 = np.square(w.astype(np.float64))
+    gs = layer.group_size if layer.group_size and layer.group_size > 0 else None
+    g_idx = None
+    if layer.scheme == "gptq" and "g_idx" in layer.tensors:
+        g_idx = np.asarray(model.ckpt.tensor(layer.tensors["g_idx"].name)).astype(np.int64)
+        if g_idx.shape != (K,):
+            g_idx = None
+    if g_idx is None:
+        if gs is None or K % gs:
+            gs = K
+        g_idx = np.arange(K) // gs
+    ng = int(g_idx.max()) + 1 if K else 0
+    onehot = np.zeros((K, ng))
+    onehot[np.arange(K), g_idx] = 1.0
+    num, den = d2 @ onehot, w2 @ onehot
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, 0.0))
+
+
+def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bins: int = 256, engine="auto",
+                 cancel=None) -> LayerDetail:
+    """Histograms, code usage, scales and group error of one reference layer for every variant.
+
+    Parameters
+    ----------
+    reference, variants
+        As for :func:`sweep`.
+    name
+        The reference module path.
+    bins
+        Number of histogram bins (shared by the reference and all variants).
+    engine, cancel
+        As for :func:`sweep`.
+
+    Returns
+    -------
+    LayerDetail
+        Variants that do not cover ``name`` are left out of every dict.
+    """
+    eng = _resolve_engine(engine)
+    ref_layer = reference.layer(name) if name in reference.layers or name != "lm_head" else None
+    states = []
+    for label, vm in variants.items():
+        al = align(reference, vm, label=label)
+        if name in al.targets:
+            states.append(_VariantState(label, vm, al))
+    _check_cancel(cancel)
+    if ref_layer is None:
+        if not states:
+            raise CompareError("no variant covers this layer", file=reference.ckpt.source, tensor=name)
+        ref_layer = reference.layers[states[0].alignment.targets[name].ref_layer]
+    ref_rows = _Rows(reference, ref_layer, eng, keep=True, counter={})
+    w = ref_rows.full()
+    counter: dict = {}
+    wh_of: dict[str, np.ndarray] = {}
+    metrics: dict[str, LayerMetrics] = {}
+    for vs in states:
+        _check_cancel(cancel)
+        t = vs.alignment.targets[name]
+        # v_proj/o_proj smoothing needs the preceding layer's fit: measure it first.
+        if t.col_fit_from is not None:
+            pt = vs.alignment.targets[t.col_fit_from]
+            pref = _Rows(reference, reference.layers[pt.ref_layer], eng, keep=True, counter={})
+            cache_rows: dict = {}
+            _measure_target(pt.name, pref, [vs], [vs],
+                            lambda v, p: cache_rows.setdefault(p, _Rows(v.model, v.model.layers[p], eng, True, counter)),
+                            cancel, lambda k: None)
+        cache_rows = {}
+        rows_of = (lambda v, p, c=cache_rows: c.setdefault(p, _Rows(v.model, v.model.layers[p], eng, True, counter)))
+        res = _measure_target(name, ref_rows, [vs], [vs], rows_of, cancel, lambda k: None)
+        metrics[vs.label] = _row(t, vs, res[vs.label])
+        wh = _assemble(t, lambda p: rows_of(vs, p), 0, t.rows)
+        col, _ = _smoothing_for(vs, t)
+        if col is not None:
+            wh = wh / col[None, :].astype(np.float32)
+        if t.row_fit_for is not None and "rows:" in metrics[vs.label].smoothing:
+            wh = wh * vs.row_scales[t.row_fit_for][:, None].astype(np.float32)
+        wh_of[vs.label] = wh
+    finite = [a[np.isfinite(a)] for a in [w] + list(wh_of.values())]
+    lo = min((float(a.min()) for a in finite if a.size), default=0.0)
+    hi = max((float(a.max()) for a in finite if a.size), default=1.0)
+    value_edges = uniform_edges(lo, hi, bins)
+    value_counts = {"reference": histogram_counts(w, value_edges)}
+    for k, a in wh_of.items():
+        value_counts[k] = histogram_counts(a, value_edges)
+    errs = {k: a.astype(np.float64) - w.astype(np.float64) for k, a in wh_of.items()}
+    elo = min((float(np.nanmin(e)) for e in errs.values() if e.size), default=-1.0)
+    ehi = max((float(np.nanmax(e)) for e in errs.values() if e.size), default=1.0)
+    error_edges = uniform_edges(elo, ehi, bins)
+    error_counts = {k: histogram_counts(e, error_edges) for k, e in errs.items()}
+    del errs
+    code_counts, scales, zeros, group_error = {}, {}, {}, {}
+    for vs in states:
+        _check_cancel(cancel)
+        t = vs.alignment.targets[name]
+        vl = vs.model.layers[t.var_layers[0]]
+        if vl.quantized and vl.bits and vl.bits <= 8:
+            codes = [stored_codes(vs.model, vs.model.layers[p]) for p in t.var_layers]
+            if all(c is not None for c in codes):
+                code_counts[vs.label] = sum(np.bincount(c.reshape(-1), minlength=2 ** vl.bits)[:2 ** vl.bits]
+                                            for c in codes)
+        sc, zp = _scales_zeros(vs.model, vl)
+        if sc is not None:
+            scales[vs.label] = sc
+            zeros[vs.label] = zp
+        group_error[vs.label] = _group_errors(w, wh_of[vs.label], vl, vs.model)
+    return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
+                       group_error, metrics)
+
+
+__all__ += ["error_metrics", "stored_codes", "load_cache", "save_cache"]

@@ -1,0 +1,360 @@
+"""Match a variant's layers to a reference's, and find the equivalent transformations to undo.
+
+A *target* is one reference layer (its module path is the row name everywhere); a variant covers
+it with *segments*: rows of the reference's flattened weight ``[R, K]`` paired with rows of one
+variant layer's flattened weight. That one shape covers every alignment case:
+
+* same path, or the same path under a ``language_model.`` / ``model.language_model.`` prefix;
+* fused ``qkv_proj`` / ``gate_up_proj`` on either side (row concatenation, or gpt-oss's
+  interleaved gate/up rows: gate = even rows, up = odd rows);
+* per-expert ``experts.{e}.proj`` against stacked ``switch_mlp.proj`` ``[E, N, K]``;
+* tied embeddings: a reference without ``lm_head`` is compared through its ``embed_tokens``, and
+  a variant without ``lm_head`` through its own.
+
+Equivalent transformations (AWQ-style smoothing, stored weight ``W·diag(s)``) are found here
+too: a norm whose weight differs from the reference's beyond dtype rounding gives ``s`` exactly
+(``reference norm / variant norm``) for the Linears it feeds; the pair (preceding Linear,
+consumer) such as ``v_proj → o_proj`` is marked so the sweep can estimate ``s`` from the
+preceding layer's rows by least squares.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .checkpoint import natural_key
+from .schemes import Layer, Model
+
+_logger = logging.getLogger(__name__)
+
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_PART_OF = {p: f for f, parts in _FUSED.items() for p in parts}
+#: consumer -> the Linear before it whose output rows can carry the consumer's input scale.
+PRECEDING = {"o_proj": "v_proj", "down_proj": "up_proj", "fc2": "fc1", "w2": "w3"}
+_ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "wq", "wk", "wv", "Wqkv"}
+_MLP_IN = {"gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc"}
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
+_EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
+_SWITCH_RE = re.compile(r"^(?P<pre>.*)\.switch_mlp\.(?P<proj>[^.]+)$")
+#: A stored norm equals the reference's up to this relative difference when nothing was folded
+#: (bf16 → fp16 is exact; fp16/bf16 re-rounding moves a value by at most 2^-8).
+NORM_TOLERANCE = 2.0 ** -6
+
+
+def canonical(path: str) -> str:
+    """Path without a multimodal wrapper prefix (``model.language_model.`` → ``model.``)."""
+    if path.startswith("model.language_model."):
+        return "model." + path[len("model.language_model."):]
+    if path.startswith("language_model.model."):
+        return "model." + path[len("language_model.model."):]
+    if path.startswith("language_model."):
+        return path[len("language_model."):]
+    return path
+
+
+def layer_index(path: str) -> int | None:
+    """Decoder layer number of a module path (``…layers.{i}.…``), None outside the decoder."""
+    m = _LAYER_RE.search(path)
+    return int(m.group(1)) if m else None
+
+
+def proj_of(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Reference rows ``ref_rows`` (start, stop, step) of the flattened reference weight are
+    compared with rows ``var_rows`` of the flattened weight of variant layer ``var_layer``."""
+
+    ref_rows: tuple[int, int, int]
+    var_layer: str
+    var_rows: tuple[int, int, int]
+
+    @property
+    def count(self) -> int:
+        return len(range(*self.ref_rows))
+
+
+@dataclass
+class Target:
+    """One reference layer and how a variant covers it."""
+
+    name: str                 # the reference module path reported as the row's name
+    ref_layer: str            # the reference layer holding the weights (differs for tied heads)
+    rows: int                 # flattened rows R
+    cols: int                 # K
+    segments: list[Segment]
+    col_scale: np.ndarray | None = None     # undo Ŵ·diag(s): divide variant columns by this
+    smoothing: str = "none"
+    row_fit_for: str | None = None          # this is a preceding layer: fit s for that consumer
+    col_fit_from: str | None = None         # consumer: its s comes from this target's row fit
+
+    @property
+    def var_layers(self) -> list[str]:
+        return list(dict.fromkeys(s.var_layer for s in self.segments))
+
+
+@dataclass
+class Unmatched:
+    """A layer without a partner, and why."""
+
+    variant: str
+    layer: str
+    reason: str
+
+
+@dataclass
+class Alignment:
+    """How one variant covers the reference: targets by reference name, plus what did not match."""
+
+    targets: dict[str, Target] = field(default_factory=dict)
+    unmatched: list[Unmatched] = field(default_factory=list)
+    folded_norms: dict[str, np.ndarray] = field(default_factory=dict)  # ref norm path -> s
+    shows_folding: bool = False
+
+
+def _flat_rows(shape) -> tuple[int, int]:
+    return int(math.prod(shape[:-1])), int(shape[-1])
+
+
+def _comparable(layer: Layer) -> bool:
+    return layer.is_matrix
+
+
+def _interleaved(reference: Model, variant: Model) -> bool:
+    for m in (reference, variant):
+        for name in ("config.json",):
+            cfg = m.ckpt.configs.get(name) or {}
+            mt = str(cfg.get("model_type", "")) + str((cfg.get("text_config") or {}).get("model_type", ""))
+            if "gpt_oss" in mt:
+                return True
+    return False
+
+
+def _norm_vector(model: Model, layer: Layer) -> np.ndarray | None:
+    t = layer.tensors.get("weight")
+    if t is None or len(t.shape) != 1:
+        return None
+    return np.asarray(model.ckpt.tensor(t.name)).astype(np.float64)
+
+
+def align(reference: Model, variant: Model, *, label: str = "", interleaved: bool | None = None) -> Alignment:
+    """Match ``variant``'s layers to ``reference``'s (see the module docstring).
+
+    Parameters
+    ----------
+    reference, variant
+        Analyzed checkpoints.
+    label
+        The variant's label, used in :class:`Unmatched` entries.
+    interleaved
+        Whether fused ``gate_up_proj`` rows interleave gate and up (gpt-oss); None decides from
+        ``model_type`` in either config.
+
+    Returns
+    -------
+    Alignment
+    """
+    if interleaved is None:
+        interleaved = _interleaved(reference, variant)
+    al = Alignment()
+    ref = {canonical(p): l for p, l in reference.layers.items()}
+    var = {canonical(p): l for p, l in variant.layers.items()}
+    var_dense_model = not any(l.quantized for l in variant.layers.values())
+    used_var: set[str] = set()
+
+    def usable(vl: Layer, ref_name: str) -> str | None:
+        """Why the variant layer cannot be used (None when it can)."""
+        if not vl.decodable:
+            return f"the variant's layer {vl.path} cannot be decoded: {vl.problem or vl.scheme}"
+        if not vl.quantized and not var_dense_model:
+            return f"skipped by the variant: {vl.path} is stored unquantized ({vl.dtype})"
+        return None
+
+    def add_target(rname: str, rl: Layer, segs: list[Segment], ref_layer: str | None = None) -> None:
+        r, k = _flat_rows(rl.shape)
+        al.targets[rl.path] = Target(rl.path, rl.path, r, k, segs)
+
+    # Tied heads: an lm_head on one side only stands for the other side's embed_tokens.
+    tied_ref_head = None
+    if "lm_head" in var and "lm_head" not in ref and "model.embed_tokens" in ref:
+        tied_ref_head = ref["model.embed_tokens"]
+    if "lm_head" in ref and "lm_head" not in var and "model.embed_tokens" in var:
+        var = dict(var)
+        var["lm_head"] = var["model.embed_tokens"]
+
+    for cname, rl in ref.items():
+        if not _comparable(rl):
+            continue
+        if not rl.decodable:
+            al.unmatched.append(Unmatched(label, rl.path, f"the reference layer cannot be decoded: {rl.problem}"))
+            continue
+        rr, rk = _flat_rows(rl.shape)
+        proj = proj_of(cname)
+        parent = cname[:-len(proj) - 1] if "." in cname else ""
+        segs: list[Segment] | None = None
+        reason = None
+        vl = var.get(cname)
+        if vl is not None:
+            why = usable(vl, cname)
+            if why:
+                reason = why
+            elif vl.shape is None or _flat_rows(vl.shape) != (rr, rk):
+                reason = f"shape mismatch: reference {list(rl.shape)} vs variant {list(vl.shape or ())}"
+            else:
+                segs = [Segment((0, rr, 1), vl.path, (0, rr, 1))]
+        elif proj in _PART_OF and f"{parent}.{_PART_OF[proj]}" in var:
+            # Reference split, variant fused: this reference layer is a row range of the fused one.
+            fused = var[f"{parent}.{_PART_OF[proj]}"]
+            parts = _FUSED[_PART_OF[proj]]
+            sizes = [ref[f"{parent}.{p}"].shape[-2] if f"{parent}.{p}" in ref and ref[f"{parent}.{p}"].shape
+                     else None for p in parts]
+            why = usable(fused, cname)
+            if why:
+                reason = why
+            elif None in sizes or fused.shape is None or fused.shape[-1] != rk or sum(sizes) != fused.shape[-2] \
+                    or len(fused.shape) != 2:
+                reason = (f"shape mismatch: fused {fused.path} {list(fused.shape or ())} is not the row "
+                          f"concatenation of the reference's {', '.join(parts)}")
+            else:
+                i = parts.index(proj)
+                if interleaved and _PART_OF[proj] == "gate_up_proj":
+                    segs = [Segment((0, rr, 1), fused.path, (i, 2 * rr, 2))]
+                else:
+                    off = sum(sizes[:i])
+                    segs = [Segment((0, rr, 1), fused.path, (off, off + rr, 1))]
+        elif proj in _FUSED and all(f"{parent}.{p}" in var for p in _FUSED[proj]):
+            # Reference fused, variant split: the variant's parts concatenate (or interleave).
+            pl = [var[f"{parent}.{p}"] for p in _FUSED[proj]]
+            bad = [w for w in (usable(p, cname) for p in pl) if w]
+            sizes = [p.shape[-2] if p.shape else 0 for p in pl]
+            if bad:
+                reason = bad[0]
+            elif any(p.shape is None or len(p.shape) != 2 or p.shape[-1] != rk for p in pl) or sum(sizes) != rr:
+                reason = f"shape mismatch: the variant's {', '.join(_FUSED[proj])} do not make up {list(rl.shape)}"
+            else:
+                segs = []
+                off = 0
+                for i, (p, n) in enumerate(zip(pl, sizes)):
+                    if interleaved and proj == "gate_up_proj":
+                        segs.append(Segment((i, rr, 2), p.path, (0, n, 1)))
+                    else:
+                        segs.append(Segment((off, off + n, 1), p.path, (0, n, 1)))
+                        off += n
+        elif (m := _EXPERT_RE.match(cname)) and f"{m['pre']}.switch_mlp.{m['proj']}" in var:
+            st = var[f"{m['pre']}.switch_mlp.{m['proj']}"]
+            e = int(m["e"])
+            why = usable(st, cname)
+            if why:
+                reason = why
+            elif st.shape is None or len(st.shape) != 3 or tuple(st.shape[1:]) != (rr, rk) or e >= st.shape[0]:
+                reason = f"shape mismatch: stacked {st.path} {list(st.shape or ())} has no expert {e} of shape {[rr, rk]}"
+            else:
+                segs = [Segment((0, rr, 1), st.path, (e * rr, (e + 1) * rr, 1))]
+        elif (m := _SWITCH_RE.match(cname)) and len(rl.shape) == 3:
+            n_exp, n = rl.shape[0], rl.shape[1]
+            parts = [var.get(f"{m['pre']}.experts.{e}.{m['proj']}") for e in range(n_exp)]
+            if all(p is not None for p in parts):
+                bad = [w for w in (usable(p, cname) for p in parts) if w]
+                if bad:
+                    reason = bad[0]
+                elif any(p.shape is None or tuple(p.shape) != (n, rk) for p in parts):
+                    reason = f"shape mismatch: the variant's experts do not make up {list(rl.shape)}"
+                else:
+                    segs = [Segment((e * n, (e + 1) * n, 1), p.path, (0, n, 1)) for e, p in enumerate(parts)]
+        if segs is None:
+            if reason is None:
+                reason = "absent in the variant"
+            al.unmatched.append(Unmatched(label, rl.path, reason))
+            continue
+        add_target(cname, rl, segs)
+        used_var.update(s.var_layer for s in segs)
+
+    if tied_ref_head is not None:
+        vl = var["lm_head"]
+        rr, rk = _flat_rows(tied_ref_head.shape)
+        why = usable(vl, "lm_head")
+        if why:
+            al.unmatched.append(Unmatched(label, "lm_head", why + " (reference head tied to embed_tokens)"))
+        elif vl.shape is None or _flat_rows(vl.shape) != (rr, rk):
+            al.unmatched.append(Unmatched(label, "lm_head", "shape mismatch with the reference's tied embed_tokens"))
+        else:
+            al.targets["lm_head"] = Target("lm_head", tied_ref_head.path, rr, rk,
+                                           [Segment((0, rr, 1), vl.path, (0, rr, 1))])
+            used_var.add(vl.path)
+
+    for cname, vl in var.items():
+        if vl.path in used_var or not vl.quantized:
+            continue
+        if cname in ref and _comparable(ref[cname]):
+            continue  # already reported from the reference side
+        al.unmatched.append(Unmatched(label, vl.path, "quantized in the variant but absent in the reference"))
+
+    _find_smoothing(reference, variant, al, ref, var)
+    return al
+
+
+# -- equivalent transformations -------------------------------------------------------------------
+
+def _norm_rules(layer_prefix: str, ref: dict[str, Layer]) -> list[tuple[str, set[str], tuple[str, ...]]]:
+    """(norm path, consumer projection names, sub-module prefixes) of one decoder layer."""
+    def has(n):
+        return f"{layer_prefix}.{n}" in ref
+    rules = []
+    for n in ("input_layernorm", "self_attn_layer_norm", "ln_1", "attention_norm"):
+        if has(n):
+            rules.append((f"{layer_prefix}.{n}", _ATTN_IN, ("self_attn.", "attn.", "attention.", "self_attention.")))
+            break
+    mlp_norm = next((n for n in ("pre_feedforward_layernorm", "post_attention_layernorm", "final_layer_norm",
+                                 "ln_2", "ffn_norm") if has(n)), None)
+    if mlp_norm:
+        rules.append((f"{layer_prefix}.{mlp_norm}", _MLP_IN, ("mlp.", "block_sparse_moe.", "feed_forward.", "")))
+    return rules
+
+
+def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[str, Layer],
+                    var: dict[str, Layer]) -> None:
+    by_prefix: dict[str, list[Target]] = {}
+    for t in al.targets.values():
+        m = _LAYER_RE.search(t.name)
+        if m:
+            by_prefix.setdefault(t.name[:m.end() - 1], []).append(t)
+    for prefix in sorted(by_prefix, key=natural_key):
+        cprefix = canonical(prefix)
+        for norm, consumers, subs in _norm_rules(cprefix, ref):
+            rn, vn = ref.get(norm), var.get(norm)
+            if rn is None or vn is None:
+                continue
+            a, b = _norm_vector(reference, rn), _norm_vector(variant, vn)
+            if a is None or b is None or a.shape != b.shape:
+                continue
+            if np.all(np.abs(a - b) <= NORM_TOLERANCE * np.abs(a) + 1e-30):
+                continue
+            with np.errstate(divide="ignore", invalid="ignore"):
+                s = np.where((b != 0) & (a != 0), a / b, 1.0)
+            al.folded_norms[rn.path] = s
+            al.shows_folding = True
+            for t in by_prefix.get(prefix, []):
+                rel = canonical(t.name)[len(cprefix) + 1:]
+                if proj_of(rel) in consumers and any(rel.startswith(p) for p in subs) and t.cols == s.size:
+                    t.col_scale = s
+                    t.smoothing = f"norm:{rn.path}"
+    if not al.shows_folding:
+        return
+    # Folding into a preceding Linear (v -> o, up -> down): estimated from rows in the sweep.
+    for t in al.targets.values():
+        proj = proj_of(t.name)
+        prev = PRECEDING.get(proj)
+        if prev is None:
+            continue
+        pt = al.targets.get(t.name[:-len(proj)] + prev)
+        if pt is None or pt.rows != t.cols or pt.row_fit_for is not None:
+            continue
+        pt.row_fit_for = t.name
+        t.col_fit_from = pt.name

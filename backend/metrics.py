@@ -1,0 +1,210 @@
+"""Error metrics of a decoded weight against a reference, streamed over blocks.
+
+Everything is accumulated in float64 from float32 inputs so the figures agree with a direct
+float64 numpy computation to ~1e-12 relative; the |error| percentiles are exact order statistics
+(numpy's default "linear" interpolation) found without sorting or holding the whole error:
+
+1. pass one counts ``|Ŵ−W|`` per bucket of the top 16 bits of its float32 rounding (rounding is
+   monotone, so buckets are ordered like the exact float64 values);
+2. pass two gathers the exact float64 values of only the buckets that hold the wanted ranks.
+
+Pass two needs the same blocks again; for a layer held in memory that is a second look at the
+same arrays, for a layer decoded in row blocks it is a second decode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Elements per inner chunk: float64 temporaries stay in the CPU cache.
+CHUNK = 1 << 16
+PERCENTILES = (50.0, 95.0, 99.0)
+_NKEYS = 1 << 15  # |d| as float32 has a clear sign bit: bits >> 16 < 2**15
+
+
+def _keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d32 = np.subtract(b, a, dtype=np.float32)
+    np.abs(d32, out=d32)
+    return d32.view(np.uint32) >> 16
+
+
+class ErrorStats:
+    """Streaming accumulator of the error of ``Ŵ`` (variant) against ``W`` (reference).
+
+    Call :meth:`add` for every block, then (for percentiles) :meth:`gather` for every block again
+    in any order, then :meth:`result`. ``raw_only`` accumulators keep just ‖d‖² and ‖W‖².
+    """
+
+    def __init__(self, *, raw_only: bool = False) -> None:
+        self.raw_only = raw_only
+        self.n = 0
+        self.sww = 0.0  # Σ W²
+        self.sdd = 0.0  # Σ d², d = Ŵ − W
+        self.swd = 0.0  # Σ W·d
+        self.max_abs = 0.0
+        self.counts = None if raw_only else np.zeros(_NKEYS, np.int64)
+        self._plan = None
+        self._found: dict[int, list[np.ndarray]] = {}
+
+    # -- pass one ---------------------------------------------------------------------------
+    def add(self, w: np.ndarray, wh: np.ndarray) -> None:
+        """Accumulate one block (float32 arrays of the same shape)."""
+        a1 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+        b1 = np.ascontiguousarray(wh, dtype=np.float32).reshape(-1)
+        n = a1.size
+        self.n += n
+        sdd = sww = swd = 0.0
+        mx = self.max_abs
+        for i in range(0, n, CHUNK):
+            a, b = a1[i:i + CHUNK], b1[i:i + CHUNK]
+            d = np.subtract(b, a, dtype=np.float64)  # exact for float32 inputs of similar size
+            a64 = a.astype(np.float64)
+            sdd += float(np.vdot(d, d))
+            sww += float(np.vdot(a64, a64))
+            if self.raw_only:
+                continue
+            swd += float(np.vdot(a64, d))
+            np.abs(d, out=d)
+            m = float(d.max())
+            if m > mx or m != m:
+                mx = m
+            self.counts += np.bincount(_keys(a, b), minlength=_NKEYS)
+        self.sdd += sdd
+        self.sww += sww
+        self.swd += swd
+        self.max_abs = mx
+
+    # -- pass two ---------------------------------------------------------------------------
+    def _ranks(self) -> list[tuple[float, int, int, float]]:
+        out = []
+        for p in PERCENTILES:
+            pos = p / 100.0 * (self.n - 1)
+            lo = int(math.floor(pos))
+            out.append((p, lo, min(lo + 1, self.n - 1), pos - lo))
+        return out
+
+    def plan(self) -> None:
+        """After pass one: decide which buckets pass two must gather."""
+        cum = np.cumsum(self.counts)
+        need = set()
+        for _, lo, hi, _ in self._ranks():
+            for r in (lo, hi):
+                need.add(int(np.searchsorted(cum, r, side="right")))
+        lut = np.zeros(_NKEYS, bool)
+        lut[list(need)] = True
+        self._plan = (lut, cum)
+        self._found = {k: [] for k in need}
+
+    @property
+    def needs_gather(self) -> bool:
+        return not self.raw_only and self.n > 0
+
+    def gather(self, w: np.ndarray, wh: np.ndarray) -> None:
+        """Pass two over one block: keep the exact |error| of elements in the wanted buckets."""
+        if self._plan is None:
+            self.plan()
+        lut = self._plan[0]
+        a1 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+        b1 = np.ascontiguousarray(wh, dtype=np.float32).reshape(-1)
+        for i in range(0, a1.size, CHUNK):
+            a, b = a1[i:i + CHUNK], b1[i:i + CHUNK]
+            k = _keys(a, b)
+            idx = np.flatnonzero(lut[k])
+            if idx.size:
+                vals = np.abs(b[idx].astype(np.float64) - a[idx].astype(np.float64))
+                kk = k[idx]
+                for key in np.unique(kk):
+                    self._found[int(key)].append(vals[kk == key])
+
+    def percentiles(self) -> dict[float, float]:
+        if self.n == 0:
+            return {p: math.nan for p in PERCENTILES}
+        if self._plan is None:
+            raise RuntimeError("percentiles need gather() over every block first")
+        cum = self._plan[1]
+        sorted_found = {k: np.sort(np.concatenate(v)) if v else np.empty(0) for k, v in self._found.items()}
+
+        def order_stat(r: int) -> float:
+            key = int(np.searchsorted(cum, r, side="right"))
+            before = int(cum[key - 1]) if key else 0
+            return float(sorted_found[key][r - before])
+
+        out = {}
+        for p, lo, hi, t in self._ranks():
+            a, b = order_stat(lo), order_stat(hi)
+            out[p] = _lerp(a, b, t)
+        return out
+
+    # -- results ----------------------------------------------------------------------------
+    @property
+    def rel_fro(self) -> float:
+        if self.sww == 0.0:
+            return 0.0 if self.sdd == 0.0 else math.inf
+        return math.sqrt(self.sdd / self.sww)
+
+    def result(self) -> dict[str, float]:
+        """``rel_fro, sqnr_db, cosine, max_abs, mse, p50, p95, p99`` as floats."""
+        rel = self.rel_fro
+        sqnr = math.inf if rel == 0.0 else (-20.0 * math.log10(rel) if math.isfinite(rel) else -math.inf)
+        whwh = self.sww + 2.0 * self.swd + self.sdd  # Σ Ŵ² = Σ (W + d)²
+        wwh = self.sww + self.swd                    # Σ W·Ŵ
+        denom = math.sqrt(self.sww) * math.sqrt(max(whwh, 0.0))
+        cosine = wwh / denom if denom > 0 else math.nan
+        pct = self.percentiles()
+        return {"rel_fro": rel, "sqnr_db": sqnr, "cosine": cosine, "max_abs": self.max_abs,
+                "mse": self.sdd / self.n if self.n else math.nan,
+                "p50": pct[50.0], "p95": pct[95.0], "p99": pct[99.0]}
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    # numpy's _lerp (used by np.percentile's "linear" method), for bit-for-bit agreement.
+    d = b - a
+    return b - d * (1.0 - t) if t >= 0.5 else a + d * t
+
+
+def error_metrics(w: np.ndarray, wh: np.ndarray) -> dict[str, float]:
+    """All metrics of ``wh`` against ``w`` for arrays in memory (both passes)."""
+    st = ErrorStats()
+    st.add(w, wh)
+    st.plan()
+    st.gather(w, wh)
+    return st.result()
+
+
+# -- histograms --------------------------------------------------------------------------------
+
+def uniform_edges(lo: float, hi: float, bins: int) -> np.ndarray:
+    """``bins + 1`` evenly spaced float64 edges covering [lo, hi] (widened if lo == hi)."""
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo, hi = 0.0, 1.0
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
+
+
+def histogram_counts(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Exact counts of ``x`` in uniform bins ``edges`` (last bin closed, like np.histogram).
+
+    Bin indices are computed arithmetically and counted with ``np.bincount`` chunk by chunk,
+    then corrected at the edges so the result equals ``np.histogram(x, edges)`` exactly; values
+    outside the edges (and NaN) are not counted.
+    """
+    bins = len(edges) - 1
+    lo, hi = float(edges[0]), float(edges[-1])
+    scale = bins / (hi - lo)
+    counts = np.zeros(bins, np.int64)
+    flat = np.asarray(x).reshape(-1)
+    step = 1 << 20
+    for i in range(0, flat.size, step):
+        c = flat[i:i + step].astype(np.float64)
+        c = c[(c >= lo) & (c <= hi)]
+        idx = ((c - lo) * scale).astype(np.int64)
+        np.clip(idx, 0, bins - 1, out=idx)
+        # Arithmetic can land one bin off next to an edge: compare with the edges themselves.
+        idx -= c < edges[idx]
+        idx += (c >= edges[np.minimum(idx + 1, bins)]) & (idx < bins - 1)
+        counts += np.bincount(idx, minlength=bins)
+    return counts

@@ -1,0 +1,168 @@
+"""Comparison sweep cost against dequantization alone, and its memory, at two model sizes.
+
+A Llama-shaped bf16 reference (hidden 2048, intermediate 5632, no embeddings) of ~0.5 GB
+(5 decoder layers) and ~2 GB (20 layers), and three variants in their real layouts — GPTQ 4-bit
+g128 (v1), AWQ GEMM 4-bit g128, MLX affine 4-bit g64 — quantized by fast round-to-nearest (not
+the slow algorithms), one shard per decoder layer, built once under ``benchmarks/.cache``.
+
+Each size is measured in a fresh subprocess: the files are read once (page cache warm), then
+``sweep`` over all three variants is timed and the peak RSS taken, then the same variant layers
+are dequantized alone with the same engine. Targets (issue 4): sweep ≤ 1.3× dequantization,
+peak RSS < 1.5 GB and flat in model size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import CACHE, emit, peak_rss_bytes
+
+H, F = 2048, 5632
+SIZES = {"0.5GB": 5, "2GB": 20}
+LINEARS = (("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (H, H)), ("self_attn.v_proj", (H, H)),
+           ("self_attn.o_proj", (H, H)), ("mlp.gate_proj", (F, H)), ("mlp.up_proj", (F, H)),
+           ("mlp.down_proj", (H, F)))
+
+
+def _rtn(w: np.ndarray, group: int):
+    """Asymmetric min/max RTN 4-bit: codes uint8 [N, K], scales fp16 [K/G, N], zeros int [K/G, N]."""
+    n, k = w.shape
+    g = w.reshape(n, k // group, group)
+    mn, mx = g.min(-1), g.max(-1)
+    scale = np.maximum(mx - mn, 1e-5) / 15
+    scale = scale.astype(np.float16).astype(np.float32)
+    zero = np.clip(np.rint(-mn / scale), 1, 15)
+    q = np.rint(g / scale[..., None])
+    q += zero[..., None]
+    np.clip(q, 0, 15, out=q)
+    return q.astype(np.uint8).reshape(n, k), scale.T.astype(np.float16), zero.T.astype(np.uint8)
+
+
+def build(folder: Path, n_layers: int) -> dict[str, Path]:
+    import ml_dtypes
+    import mlx.core as mx
+
+    from quantscope.backend.bitpack import pack_bits
+    from quantscope.backend.formats.awq import ORDER
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from helpers import write_st
+
+    names = ("reference", "gptq", "awq", "mlx")
+    paths = {n: folder / n for n in names}
+    if (folder / "done").exists():
+        return paths
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    cfg = {"model_type": "llama", "hidden_size": H, "intermediate_size": F, "num_hidden_layers": n_layers,
+           "torch_dtype": "bfloat16"}
+    qcfg = {"gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": False,
+                     "checkpoint_format": "gptq"},
+            "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True}}
+    for n, p in paths.items():
+        p.mkdir(parents=True, exist_ok=True)
+        c = dict(cfg)
+        if n in qcfg:
+            c["quantization_config"] = qcfg[n]
+        if n == "mlx":
+            c["quantization"] = {"group_size": 64, "bits": 4}
+        (p / "config.json").write_text(json.dumps(c))
+    rng = np.random.default_rng(0)
+    maps: dict[str, dict] = {n: {} for n in names}
+    for i in range(n_layers):
+        t = {n: {} for n in names}
+        for m, shape in LINEARS:
+            key = f"model.layers.{i}.{m}"
+            w = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(bf16)
+            t["reference"][f"{key}.weight"] = w
+            wf = w.astype(np.float32)
+            q, s, z = _rtn(wf, 128)
+            t["gptq"][f"{key}.qweight"] = np.ascontiguousarray(pack_bits(q, 4).T).view(np.int32)
+            t["gptq"][f"{key}.qzeros"] = pack_bits(z - 1, 4).view(np.int32)
+            t["gptq"][f"{key}.scales"] = s
+            t["gptq"][f"{key}.g_idx"] = (np.arange(shape[1]) // 128).astype(np.int32)
+            qt = np.ascontiguousarray(q.T)
+            t["awq"][f"{key}.qweight"] = pack_bits(qt.reshape(shape[1], -1, 8)[:, :, ORDER].reshape(qt.shape),
+                                                   4).view(np.int32)
+            t["awq"][f"{key}.qzeros"] = pack_bits(z.reshape(z.shape[0], -1, 8)[:, :, ORDER].reshape(z.shape),
+                                                  4).view(np.int32)
+            t["awq"][f"{key}.scales"] = s
+            a = mx.array(w.view(np.uint16)).view(mx.bfloat16)
+            wq, ms, mb = mx.quantize(a, group_size=64, bits=4)
+            mx.eval(wq, ms, mb)
+            t["mlx"][f"{key}.weight"] = np.array(wq)
+            t["mlx"][f"{key}.scales"] = np.array(ms.view(mx.uint16)).view(bf16)
+            t["mlx"][f"{key}.biases"] = np.array(mb.view(mx.uint16)).view(bf16)
+        for n in names:
+            shard = f"model-{i:05d}.safetensors"
+            write_st(paths[n] / shard, t[n], {"format": "pt" if n != "mlx" else "mlx"})
+            maps[n].update(dict.fromkeys(t[n], shard))
+    for n in names:
+        (paths[n] / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": maps[n]}))
+    (folder / "done").write_text("ok")
+    return paths
+
+
+def _warm(folder: Path) -> None:
+    for f in sorted(folder.rglob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+def measure(folder: Path, engine: str) -> dict:
+    """In this (fresh) process: sweep time and peak RSS, then dequantization alone."""
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.compare import sweep
+    from quantscope.backend.engines import get_engine
+    from quantscope.backend.schemes import analyze
+
+    _warm(folder)
+    ref = analyze(open_checkpoint(folder / "reference"))
+    variants = {n: analyze(open_checkpoint(folder / n)) for n in ("gptq", "awq", "mlx")}
+    rss0 = peak_rss_bytes()
+    t0 = time.perf_counter()
+    res = sweep(ref, variants, engine=engine)
+    t_sweep = time.perf_counter() - t0
+    rss_sweep = peak_rss_bytes()
+    eng = get_engine(engine)
+    t0 = time.perf_counter()
+    for r in res.rows:
+        m = variants[r.variant]
+        eng.dequantize(m, m.layers[r.variant_layer])
+    t_deq = time.perf_counter() - t0
+    return {"layers": len(res.rows) // 3, "elements": int(sum(ref.layers[r.name].numel for r in res.rows) // 3),
+            "sweep_s": round(t_sweep, 3), "dequant_alone_s": round(t_deq, 3), "ratio": round(t_sweep / t_deq, 3),
+            "peak_rss_after_open_mb": round(rss0 / 2**20), "peak_rss_sweep_mb": round(rss_sweep / 2**20),
+            "rel_fro_mean": {n: round(float(np.mean([r.rel_fro for r in res.rows if r.variant == n])), 5)
+                             for n in variants}}
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--measure":
+        emit(measure(Path(sys.argv[2]), sys.argv[3]))
+        return
+    engine = os.environ.get("QUANTSCOPE_BENCH_ENGINE", "numpy")
+    out = {"benchmark": "sweep", "engine": engine, "cpus": os.cpu_count(), "sizes": {}}
+    for label, n_layers in SIZES.items():
+        folder = CACHE / f"sweep_{label}"
+        t0 = time.perf_counter()
+        build(folder, n_layers)
+        build_s = time.perf_counter() - t0
+        r = subprocess.run([sys.executable, __file__, "--measure", str(folder), engine], capture_output=True,
+                           text=True, check=True)
+        res = json.loads(r.stdout)
+        res["build_s"] = round(build_s, 1)
+        res["reference_gb"] = round(sum(f.stat().st_size for f in (folder / "reference").glob("*.safetensors")) / 1e9, 2)
+        out["sizes"][label] = res
+    out["targets"] = {"ratio_max": 1.3, "peak_rss_mb_max": 1536}
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()
