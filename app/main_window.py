@@ -39,7 +39,8 @@ class MainWindow(QMainWindow):
     convert_done = Signal(object)
     failed = Signal(str)
 
-    def __init__(self, settings, service: JobService | None = None, engine: str = "auto") -> None:
+    def __init__(self, settings, service: JobService | None = None, engine: str = "auto",
+                 restore: bool = True) -> None:
         super().__init__()
         self.settings = settings
         self.service = service or JobService(self)
@@ -55,12 +56,17 @@ class MainWindow(QMainWindow):
         self._build_menus()
         self.statusBar().addPermanentWidget(JobsBar(self.service), 1)
         self.service.error.connect(self._show_error)
-        geo = settings.value("window/geometry")
+        geo = settings.value("window/geometry") if restore else None
+        state = settings.value("window/state") if restore else None
         if isinstance(geo, QByteArray):
             self.restoreGeometry(geo)
-        state = settings.value("window/state")
         if isinstance(state, QByteArray):
             self.restoreState(state)
+        else:
+            # Dock sizes only apply once the window has a size: set them after the first show.
+            from PySide6.QtCore import QTimer
+            QTimer.singleShot(0, lambda: self.resizeDocks([self.tree_dock, self.config_dock], [520, 420],
+                                                          Qt.Orientation.Horizontal))
 
     # -- composition -----------------------------------------------------------------------------
 
@@ -73,7 +79,9 @@ class MainWindow(QMainWindow):
 
     def _build_views(self) -> None:
         self.tree = TensorTree()
+        self.tree.setMinimumWidth(400)
         self.config = QuantConfigPanel()
+        self.config.setMinimumWidth(380)
         self.doctor = DoctorPanel()
         self.hist = HistogramView("weight value")
         self.err_hist = HistogramView("error Ŵ − W")
@@ -91,7 +99,6 @@ class MainWindow(QMainWindow):
         self.doctor_dock = self._dock("Doctor", self.doctor, Qt.DockWidgetArea.RightDockWidgetArea)
         self.tabifyDockWidget(self.config_dock, self.doctor_dock)
         self.config_dock.raise_()
-        self.resizeDocks([self.tree_dock, self.config_dock], [520, 400], Qt.Orientation.Horizontal)
         self.tree.layer_selected.connect(self.select_layer)
         self.tree.checkpoint_changed.connect(self._checkpoint_changed)
         self.tree.export_tensor_requested.connect(self.export_tensor)
@@ -437,7 +444,8 @@ class MainWindow(QMainWindow):
         box.open()
 
     def closeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
-        self.settings.setValue("window/geometry", self.saveGeometry())
-        self.settings.setValue("window/state", self.saveState())
+        if not getattr(self, "quiet_errors", False):  # screenshot/test runs leave the layout alone
+            self.settings.setValue("window/geometry", self.saveGeometry())
+            self.settings.setValue("window/state", self.saveState())
         self.service.shutdown()
         super().closeEvent(ev)

@@ -105,7 +105,8 @@ def run_window(args) -> int:
 
     app = _app()
     settings = QSettings()
-    win = MainWindow(settings)
+    # A screenshot must not depend on (or change) the user's saved window layout.
+    win = MainWindow(settings, restore=not args.screenshot)
     win.quiet_errors = bool(args.screenshot)
     app.aboutToQuit.connect(win.service.shutdown)
     if not settings.value("window/geometry"):
@@ -116,5 +117,8 @@ def run_window(args) -> int:
     script = Script(win, args, app)
     script.start()
     code = app.exec()
-    win.service.shutdown()
+    if args.screenshot:
+        win.service.shutdown()
+    else:
+        win.close()
     return code

@@ -49,7 +49,7 @@ class LayerErrorPlot(QWidget):
         split = QSplitter()
         split.addWidget(self.plot)
         split.addWidget(self.hm)
-        split.setSizes([640, 360])
+        split.setSizes([560, 440])
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(bar)
@@ -141,7 +141,7 @@ class LayerErrorPlot(QWidget):
         ax.setTicks([[(j + 0.5, p.replace("_proj", "")) for j, p in enumerate(projs)]])
         self.hm.getAxis("left").setTicks([[(i + 0.5, str(layer)) for i, layer in enumerate(layers)]
                                           if len(layers) <= 40 else None] if len(layers) <= 40 else None)
-        self.hm.setTitle(f"{variant}: {self.metric.currentText()}")
+        self.hm.setTitle(f"{variant} · {self.metric.currentData()}")
         self.hm.autoRange()
 
     def _hm_clicked(self, ev) -> None:

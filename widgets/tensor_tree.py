@@ -32,7 +32,7 @@ class TensorTree(QWidget):
         self.view = QTreeView()
         self.view.setModel(self.model)
         self.view.setUniformRowHeights(True)
-        self.view.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # keep the layer number and projection visible
+        self.view.setTextElideMode(Qt.TextElideMode.ElideLeft)  # keep the layer number and projection visible
         self.view.setAlternatingRowColors(True)
         self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.view.header().setStretchLastSection(False)
