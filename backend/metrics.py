@@ -20,6 +20,7 @@ import numpy as np
 
 #: Elements per inner chunk: float64 temporaries stay in the CPU cache.
 CHUNK = 1 << 16
+HIST_CHUNK = 1 << 21
 PERCENTILES = (50.0, 95.0, 99.0)
 _NKEYS = 1 << 15  # |d| as float32 has a clear sign bit: bits >> 16 < 2**15
 
@@ -70,7 +71,11 @@ class ErrorStats:
             m = float(d.max())
             if m > mx or m != m:
                 mx = m
-            self.counts += np.bincount(_keys(a, b), minlength=_NKEYS)
+        if not self.raw_only:
+            # Bucket counts over larger chunks: a bincount's fixed cost (a 2**15-long result)
+            # would otherwise cost more than the chunk it counts.
+            for i in range(0, n, HIST_CHUNK):
+                self.counts += np.bincount(_keys(a1[i:i + HIST_CHUNK], b1[i:i + HIST_CHUNK]), minlength=_NKEYS)
         self.sdd += sdd
         self.sww += sww
         self.swd += swd

@@ -4,6 +4,7 @@ from pathlib import Path
 
 # Qt must never try to reach a display in tests (CI has none).
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see quantscope/__init__.py
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
