@@ -223,6 +223,12 @@ class MlxEngine:
         elif s == "awq-gemv":
             rep = awq.gemv_to_mlx_affine(p["qweight"], p.get("qzeros"), p["scales"], group_size=layer.group_size,
                                          name=layer.path)
+        elif s == "ct-pack":
+            st = layer.settings
+            rep = ct.to_mlx_affine(p["weight_packed"], p["weight_scale"], layer.shape, bits=layer.bits,
+                                   group_size=layer.group_size, strategy=st.get("strategy") or "group",
+                                   weight_zero_point=p.get("weight_zero_point"), g_idx=p.get("weight_g_idx"),
+                                   packing=st.get("packing", "auto"), name=layer.path)
         if rep is not None:
             self.last_path = "repacked to MLX affine + mx.dequantize"
             w, sc, bi = rep

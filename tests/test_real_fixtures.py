@@ -41,6 +41,8 @@ def test_decode_equals_the_tools_own(case, mlx_engine):
         got = NumpyEngine().dequantize(model, layer)
         np.testing.assert_array_equal(got, want, err_msg=name)
         np.testing.assert_array_equal(mlx_engine.dequantize(model, layer), got)
+        if scheme in ("gptq", "awq-gemm", "ct-pack") and not layer.settings.get("desc_act"):
+            assert mlx_engine.last_path == "repacked to MLX affine + mx.dequantize", name
 
 
 def test_actorder_fixture_has_the_v1_zero_wrap_and_it_decodes_like_gptqmodel():

@@ -572,3 +572,33 @@ def pack_zero_points(zp_signed: np.ndarray, bits: int, packing: str = "dense") -
     t = np.swapaxes(np.asarray(zp_signed), -1, -2)
     return np.ascontiguousarray(np.swapaxes(pack_quantized(t, bits, packing), -1, -2))
 
+
+
+def to_mlx_affine(weight_packed: np.ndarray, weight_scale: np.ndarray, weight_shape, *, bits: int,
+                  group_size: int | None, strategy: str = "group", weight_zero_point=None, g_idx=None,
+                  packing: str = "auto", name: str | None = None):
+    """Exact MLX-affine equivalent ``(weight u32, scales f32, biases f32)`` of a pack-quantized
+    layer, or None when it has no such form (formats.md §9).
+
+    Representable when the codes form a dense LSB-first stream (bits 1/2/4/8, or the ≥ 0.17
+    layout), groups are contiguous with G ∈ {32, 64, 128} and there is no act-order ``g_idx``:
+    then ``weight_packed`` viewed as uint32 *is* the MLX weight, and
+    ``biases = -(2^(b-1) + zp) * s`` is exact in float32.
+    """
+    shape = _shape_of(weight_shape)
+    *lead, n, k = shape
+    if strategy != "group" or group_size not in (32, 64, 128) or k % group_size:
+        return None
+    if g_idx is not None and np.any(np.asarray(g_idx) >= 0):
+        if not np.array_equal(g_idx, np.arange(k) // group_size):
+            return None
+    wp = np.asarray(weight_packed)
+    layout = _resolve_packing(packing, wp.shape[-1], k, bits, name)
+    if layout != "dense" or wp.shape[-1] * 32 != k * bits:
+        return None
+    ng = k // group_size
+    s = np.asarray(weight_scale).astype(np.float32).reshape(tuple(lead) + (n, ng))
+    zp = np.zeros((1, 1), np.int16) if weight_zero_point is None else \
+        _zero_points(weight_zero_point, n, ng, bits, layout, tuple(lead), name)
+    biases = -((zp.astype(np.float32) + np.float32(1 << (bits - 1))) * s)
+    return np.ascontiguousarray(wp).view(np.uint32), np.ascontiguousarray(s), np.ascontiguousarray(biases)
