@@ -107,3 +107,24 @@ def test_corrupt_file_gives_a_message_and_the_window_stays_usable(win, qtbot, tm
     assert "Git LFS pointer" in sig.args[0]
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         win.tree.select("model.layers.0.self_attn.q_proj")
+
+
+def test_whatif_requantizes_from_the_reference(win, qtbot):
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        win.tree.select("model.layers.0.mlp.up_proj")
+    win.config.bits.setCurrentText("8")
+    win.config.group.setCurrentText("32")
+    qtbot.mouseClick(win.config.run, __import__("PySide6.QtCore", fromlist=["Qt"]).Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "What-if affine 8 bit / 32" in win.config.whatif_result.text(), timeout=30_000)
+    rel = float(win.config.whatif_result.text().split("rel_fro ")[1].split()[0])
+    assert 0 < rel < 0.02  # 8-bit is far better than any 4-bit variant
+
+
+def test_exports(win, qtbot, tmp_path):
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    win.export_plot("png", str(tmp_path / "layers.png"))
+    assert (tmp_path / "layers.png").stat().st_size > 1000
+    win.sweep_result.to_csv(tmp_path / "m.csv")
+    header = (tmp_path / "m.csv").read_text().splitlines()[0]
+    assert "rel_fro" in header and "variant" in header
