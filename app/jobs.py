@@ -61,7 +61,18 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
     scale_edges, scale_counts = shared_histogram({k: np.asarray(v, np.float64).ravel() for k, v in d.scales.items()
                                                   if v is not None})
     maps = {k: reduce_rows(np.asarray(v, np.float64)) for k, v in d.group_error.items() if v is not None}
-    return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts, "maps": maps}
+    # Integer zero points (GPTQ/AWQ/compressed-tensors) on one bin per level; MLX's float biases
+    # are offsets in weight units, not zero points, so they are left out of this plot.
+    zeros = {k: np.asarray(v).ravel() for k, v in d.zeros.items()
+             if v is not None and variants[k].layers.get(name) is not None
+             and variants[k].layers[name].scheme != "mlx-affine"}
+    zero_edges, zero_counts = None, {}
+    if zeros:
+        hi = max(float(z.max()) for z in zeros.values())
+        zero_edges = np.arange(-0.5, hi + 1.5, 1.0)
+        zero_counts = {k: np.histogram(z, bins=zero_edges)[0] for k, z in zeros.items()}
+    return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts, "maps": maps,
+            "zero_edges": zero_edges, "zero_counts": zero_counts}
 
 
 def job_sweep(reference, variants: dict, *, engine="auto", cache=None, progress=None, cancel=None):

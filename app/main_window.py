@@ -9,7 +9,7 @@ from pathlib import Path
 from PySide6.QtCore import QByteArray, Qt, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QApplication, QDockWidget, QFileDialog, QInputDialog, QMainWindow, QMessageBox,
-                               QTabWidget)
+                               QSplitter, QTabWidget)
 
 from quantscope.backend.workspace import Workspace
 from quantscope.widgets.code_usage_view import CodeUsageView
@@ -87,11 +87,15 @@ class MainWindow(QMainWindow):
         self.err_hist = HistogramView("error Ŵ − W")
         self.codes = CodeUsageView()
         self.scales = HistogramView("scale value")
+        self.zeros = HistogramView("zero point (integer level)")
+        scales_tab = QSplitter(Qt.Orientation.Vertical)
+        scales_tab.addWidget(self.scales)
+        scales_tab.addWidget(self.zeros)
         self.heatmap = GroupErrorHeatmap()
         self.layers = LayerErrorPlot()
         self.tabs = QTabWidget()
         for w, name in ((self.hist, "Values"), (self.err_hist, "Error"), (self.codes, "Code usage"),
-                        (self.scales, "Scales"), (self.heatmap, "Group error"), (self.layers, "Layers")):
+                        (scales_tab, "Scales & zeros"), (self.heatmap, "Group error"), (self.layers, "Layers")):
             self.tabs.addTab(w, name)
         self.setCentralWidget(self.tabs)
         self.tree_dock = self._dock("Tensors", self.tree, Qt.DockWidgetArea.LeftDockWidgetArea)
@@ -220,7 +224,7 @@ class MainWindow(QMainWindow):
                             engine=self.engine, on_result=self._show_detail, on_error=self._job_failed)
 
     def _clear_views(self, why: str) -> None:
-        for v in (self.hist, self.err_hist, self.scales):
+        for v in (self.hist, self.err_hist, self.scales, self.zeros):
             v.set_histograms(None, {}, {}, note=why)
         self.codes.set_counts({}, {})
         self.heatmap.set_maps({})
@@ -235,6 +239,8 @@ class MainWindow(QMainWindow):
         self.codes.set_counts(d.code_counts, colors)
         self.scales.set_histograms(r["scale_edges"], r["scale_counts"], colors,
                                    note="per-group scales" if r["scale_counts"] else "no scales")
+        self.zeros.set_histograms(r["zero_edges"], r["zero_counts"], colors,
+                                  note="integer zero points" if r["zero_counts"] else "no integer zero points")
         self.heatmap.set_maps(r["maps"])
         lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
             f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "")

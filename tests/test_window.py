@@ -53,6 +53,9 @@ def test_selecting_a_layer_fills_config_and_every_view(win, qtbot):
     assert set(variants) <= set(win.err_hist._counts)
     assert set(variants) <= set(win.codes._counts)
     assert len(win.heatmap._maps) == len(variants)
+    assert set(win.scales._counts) == set(variants)
+    assert {"gptq-w4g128", "awq-w4g128"} <= set(win.zeros._counts)
+    assert win.zeros._counts["gptq-w4g128"][8] == win.zeros._counts["gptq-w4g128"].sum()  # sym: all 8
     for label in variants:
         assert win.hist._counts[label].sum() == 512 * 1536
 
