@@ -79,9 +79,9 @@ class MainWindow(QMainWindow):
 
     def _build_views(self) -> None:
         self.tree = TensorTree()
-        self.tree.setMinimumWidth(400)
+        self.tree.setMinimumWidth(320)
         self.config = QuantConfigPanel()
-        self.config.setMinimumWidth(380)
+        self.config.setMinimumWidth(300)
         self.doctor = DoctorPanel()
         self.hist = HistogramView("weight value")
         self.err_hist = HistogramView("error Ŵ − W")
@@ -95,7 +95,7 @@ class MainWindow(QMainWindow):
         self.layers = LayerErrorPlot()
         self.tabs = QTabWidget()
         for w, name in ((self.hist, "Values"), (self.err_hist, "Error"), (self.codes, "Code usage"),
-                        (scales_tab, "Scales & zeros"), (self.heatmap, "Group error"), (self.layers, "Layers")):
+                        (scales_tab, "Scales && zeros"), (self.heatmap, "Group error"), (self.layers, "Layers")):
             self.tabs.addTab(w, name)
         self.setCentralWidget(self.tabs)
         self.tree_dock = self._dock("Tensors", self.tree, Qt.DockWidgetArea.LeftDockWidgetArea)

@@ -21,6 +21,8 @@ class HistogramView(QWidget):
         self.log_y.setChecked(True)
         self.lo = QDoubleSpinBox(decimals=6, minimum=-1e9, maximum=1e9)
         self.hi = QDoubleSpinBox(decimals=6, minimum=-1e9, maximum=1e9)
+        for box in (self.lo, self.hi):
+            box.setMaximumWidth(120)
         self.apply = QPushButton("Apply range")
         self.reset = QPushButton("Full range")
         self.note = QLabel()

@@ -8,7 +8,7 @@ import json
 from PySide6.QtCore import Signal
 from PySide6.QtGui import QTextDocument
 from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
-                               QPlainTextEdit, QPushButton, QTableWidget, QTableWidgetItem, QTabWidget,
+                               QPlainTextEdit, QPushButton, QScrollArea, QTableWidget, QTableWidgetItem, QTabWidget,
                                QVBoxLayout, QWidget)
 
 from quantscope.backend.schemes import Model
@@ -59,6 +59,7 @@ class QuantConfigPanel(QWidget):
                                                                     self.mode.currentText()))
         self.whatif_result = QLabel("")
         self.whatif_result.setWordWrap(True)
+        self.whatif_result.setMinimumWidth(120)
 
         layer_box = QWidget()
         lv = QVBoxLayout(layer_box)
@@ -74,7 +75,11 @@ class QuantConfigPanel(QWidget):
         wl.addLayout(form)
         wv = QVBoxLayout()
         wv.addWidget(self.run)
-        wv.addWidget(self.whatif_result, 1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setWidget(self.whatif_result)
+        wv.addWidget(scroll, 1)
         wl.addLayout(wv, 1)
         lv.addWidget(wi)
         cfg_box = QWidget()
