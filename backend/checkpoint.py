@@ -166,6 +166,20 @@ class Checkpoint:
             if gc_was_enabled:
                 gc.enable()
 
+    @classmethod
+    def from_files(cls, source: str | os.PathLike, root: str | os.PathLike,
+                   files: list[SafetensorsFile]) -> "Checkpoint":
+        """A checkpoint over shards already parsed (no index), e.g. the healthy subset of a
+        broken checkpoint that the doctor still analyses layer by layer."""
+        ck = cls.__new__(cls)
+        ck.source, ck.path, ck.root = str(source), Path(source), Path(root)
+        ck.notes, ck.warnings, ck.unsupported = [], [], []
+        ck.index, ck.index_path, ck._containment = None, None, None
+        ck.files = list(files)
+        ck._build_tensor_map()
+        ck.configs = ck._read_configs()
+        return ck
+
     def _open(self, path: str | os.PathLike) -> None:
         self.source = str(path)
         self.notes: list[str] = []

@@ -688,13 +688,8 @@ class _Doctor:
     def _build_checkpoint(self) -> None:
         """A Checkpoint over the shards that parsed (broken ones left out) for scheme analysis."""
         try:
-            ck = Checkpoint.__new__(Checkpoint)
-            ck.source = self.source
-            ck.notes, ck.warnings, ck.unsupported = [], [], []
-            ck.index, ck.index_path, ck._containment = None, self.index_path, None
-            ck.path, ck.root, ck.files = Path(self.source), self.root, list(self.files)
-            ck._build_tensor_map()
-            ck.configs = ck._read_configs()
+            ck = Checkpoint.from_files(self.source, self.root, self.files)
+            ck.index_path = self.index_path
         except Exception as exc:  # never crash on odd files; report structure findings only
             _logger.debug("could not assemble a checkpoint", exc_info=True)
             self.col.add("layer.inconsistent", f"layers not analysed: {exc}", file=self.source)
