@@ -1,0 +1,1193 @@
+"""Convert a checkpoint to MLX (exact repack where the source fits MLX affine) or to dense.
+
+``convert(src, dst, to="mlx")`` turns each layer into MLX's layout (formats.md §1, §9):
+
+* **exact repacks** — GPTQ v1/v2 (2/3/4/8 bit, trivial or absent g_idx, G ∈ {32, 64, 128}), AWQ
+  GEMM/GEMV 4-bit, compressed-tensors pack-quantized (group strategy, power-of-two bits or the
+  dense ≥ 0.17 layout) and MLX layers already in the requested settings. The codes are moved
+  bit for bit, zero points become ``biases = -s·z``. ``mx.dequantize`` of the output equals
+  quantscope's decode of the source to the bit: the scale dtype of the source is kept when
+  MLX's double rounding (``round(round(s·q) + b)`` in that dtype) reproduces every stored value
+  of the layer, else that layer's scales and biases are written in float32 (the report says which);
+* **requantized** — everything else that is quantized (act-order g_idx, group −1/16, FP8 block,
+  bitsandbytes, other target settings): decoded to float, then ``mx.quantize``;
+* **quantized** — dense matrices of a dense source, uniformly or by a recipe (mlx-lm's
+  ``mixed_*`` predicates, or a JSON file of per-layer settings);
+* **carried** — norms, biases, 1-D tensors and anything not recognised, byte for byte.
+
+``to="dense"`` decodes every quantized layer and casts every float tensor to the chosen dtype.
+
+Output is streamed: every tensor's dtype and shape are planned first (one cheap pass over
+scales and zero points decides the scale dtype of each repack), so each shard's header is
+written before its data and memory stays bounded by one layer. Everything is written into
+``.DST.quantscope-partial-<pid>`` beside ``DST``, verified there against the source with
+:func:`~quantscope.backend.compare.sweep`, and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+
+from .bitpack import unpack_bits
+from .checkpoint import Checkpoint, open_checkpoint
+from .dtypes import DTYPES
+from .errors import Cancelled, QuantscopeError
+from .formats import awq, ct, gptq
+from .formats.kernel import for_row_blocks, round_inplace
+from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS
+from .schemes import AUX_COMPONENTS, Layer, Model, analyze
+
+__all__ = ["convert", "ConversionReport", "LayerResult", "ConversionError", "RECIPES", "MAX_SHARD_BYTES",
+           "PARTIAL_TAG", "mixed_recipe_settings"]
+
+_logger = logging.getLogger(__name__)
+
+#: mlx-lm's ``save_model`` shard limit (``5 << 30`` bytes).
+MAX_SHARD_BYTES = 5 << 30
+#: Marker in the name of the temporary folder beside DST: ``.DST.quantscope-partial-<pid>``.
+PARTIAL_TAG = "quantscope-partial"
+#: mlx-lm's mixed recipes: name -> (low bits, high bits); group 64.
+RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
+_DTYPE_ARG = {"bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
+_TORCH_NAME = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+_FLOAT_ST = ("F16", "BF16", "F32", "F64")
+#: Source files that are weights or quantization configs of the source: never copied.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".npz")
+_SKIP_FILES = {"config.json", "quantize_config.json", "quant_config.json", "quantization_config.json"}
+#: What a single-file source copies from its folder (the folder may be anything, e.g. Downloads).
+_SINGLE_FILE_COPIES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|generation_config\.json|"
+                                 r"chat_template.*|.*\.jinja|vocab\.json|merges\.txt|added_tokens\.json)$")
+_ST_OF_NUMPY = [(d.numpy, name) for name, d in DTYPES.items() if not d.packed]
+
+
+class ConversionError(QuantscopeError):
+    """A conversion cannot be done as asked (bad settings, destination, disk space, layer)."""
+
+    default_rule = "convert"
+
+
+@dataclass
+class LayerResult:
+    """What happened to one module.
+
+    Attributes
+    ----------
+    path
+        Module path (as stored in both checkpoints).
+    source_scheme
+        The source layer's scheme (``gptq``, ``awq-gemm``, ``dense``…).
+    action
+        ``"repacked exact"``, ``"copied exact"``, ``"requantized 4/64 affine"``, ``"quantized 3/64 affine"``,
+        ``"kept dense (reason)"``, ``"dequantized to bf16"``, ``"cast to bf16"`` or ``"carried"``.
+    bits, group_size, mode
+        Settings of the output layer (None when it is dense).
+    scales_dtype
+        safetensors dtype of the written scales (None when not quantized).
+    widened
+        True when the scales were written in float32 although the source's were narrower, because
+        MLX's rounding in the source dtype would not reproduce the source values (see module doc).
+    rel_fro, max_abs, sqnr_db
+        Error of the output against the source from the verification sweep (None when not measured).
+    """
+
+    path: str
+    source_scheme: str
+    action: str
+    bits: int | None = None
+    group_size: int | None = None
+    mode: str | None = None
+    scales_dtype: str | None = None
+    widened: bool = False
+    rel_fro: float | None = None
+    max_abs: float | None = None
+    sqnr_db: float | None = None
+
+    @property
+    def kind(self) -> str:
+        """The action without its details: ``repacked``, ``requantized``, ``quantized``, ``kept dense``…"""
+        a = self.action
+        for k in ("repacked", "copied", "requantized", "quantized", "kept dense", "dequantized", "cast", "carried"):
+            if a.startswith(k):
+                return k
+        return a
+
+
+@dataclass
+class ConversionReport:
+    """The result of :func:`convert`.
+
+    Attributes
+    ----------
+    src, dst, to
+        As given (paths resolved).
+    layers
+        One :class:`LayerResult` per module of the source, in natural order.
+    quantization
+        The ``config.json["quantization"]`` block written (None for dense output).
+    files
+        Files written into ``dst`` (relative names).
+    output_bytes, source_bytes
+        Total size of the output folder / of the source's tensors.
+    timings
+        Seconds: ``plan``, ``write``, ``verify``, ``total``.
+    notes
+        Things a person should know (dropped tensors, layers left dense and why, …).
+    verified
+        Whether the verification sweep ran.
+    """
+
+    src: str
+    dst: str
+    to: str
+    layers: list[LayerResult] = field(default_factory=list)
+    quantization: dict | None = None
+    files: list[str] = field(default_factory=list)
+    output_bytes: int = 0
+    source_bytes: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    verified: bool = False
+
+    def by_kind(self) -> dict[str, int]:
+        """Number of modules per action kind."""
+        out: dict[str, int] = {}
+        for r in self.layers:
+            out[r.kind] = out.get(r.kind, 0) + 1
+        return out
+
+    @property
+    def exact_repacks(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.kind in ("repacked", "copied")]
+
+    @property
+    def widened(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.widened]
+
+    @property
+    def kept_dense(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.kind == "kept dense"]
+
+    @property
+    def max_rel_fro(self) -> float | None:
+        v = [r.rel_fro for r in self.layers if r.rel_fro is not None]
+        return max(v) if v else None
+
+    def to_dict(self) -> dict:
+        import dataclasses
+        return dataclasses.asdict(self)
+
+
+# -- settings -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Q:
+    bits: int
+    group_size: int
+    mode: str = "affine"
+
+    def as_config(self) -> dict:
+        return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
+
+    def label(self) -> str:
+        return f"{self.bits}/{self.group_size} {self.mode}"
+
+
+def _make_q(bits, group_size, mode, where: str) -> _Q:
+    if mode not in MODE_DEFAULTS:
+        raise ConversionError(f"{where}: mode {mode!r} is not one of {', '.join(MODE_DEFAULTS)}")
+    dbits, dgroup = MODE_DEFAULTS[mode]
+    bits = dbits if bits is None else int(bits)
+    group_size = dgroup if group_size is None else int(group_size)
+    if mode == "affine":
+        if bits not in AFFINE_BITS:
+            raise ConversionError(f"{where}: affine bits must be one of {AFFINE_BITS}, not {bits}")
+        if group_size not in AFFINE_GROUPS:
+            raise ConversionError(f"{where}: affine group size must be one of {AFFINE_GROUPS}, not {group_size}")
+    elif (bits, group_size) != (dbits, dgroup):
+        raise ConversionError(f"{where}: {mode} is always {dbits} bit / group {dgroup} "
+                              f"(got {bits} bit / group {group_size})")
+    return _Q(bits, group_size, mode)
+
+
+def mixed_recipe_settings(recipe: str, path: str, n_layers: int) -> _Q:
+    """Settings mlx-lm's ``mixed_*`` recipe gives module ``path`` (group 64).
+
+    ``use_more_bits = i < L//8 or i >= 7*L//8 or (i - L//8) % 3 == 2`` for decoder layer ``i``;
+    v_proj/down_proj with ``use_more_bits`` and lm_head get the high bits, the rest the low bits.
+    """
+    low, high = RECIPES[recipe]
+    parts = path.split(".")
+    index = 0
+    if "layers" in parts:
+        i = parts.index("layers") + 1
+        if i < len(parts) and parts[i].isdigit():
+            index = int(parts[i])
+    more = index < n_layers // 8 or index >= 7 * n_layers // 8 or (index - n_layers // 8) % 3 == 2
+    if more and ("v_proj" in path or "down_proj" in path):
+        return _Q(high, 64)
+    if "lm_head" in path:
+        return _Q(high, 64)
+    return _Q(low, 64)
+
+
+def _n_layers(model: Model) -> int:
+    cfg = model.ckpt.configs.get("config.json") or {}
+    for c in (cfg, cfg.get("text_config") or {}):
+        v = c.get("num_hidden_layers") if isinstance(c, dict) else None
+        if isinstance(v, int) and v > 0:
+            return v
+    idx = set()
+    for p in model.layers:
+        parts = p.split(".")
+        if "layers" in parts:
+            i = parts.index("layers") + 1
+            if i < len(parts) and parts[i].isdigit():
+                idx.add(int(parts[i]))
+    return max(idx) + 1 if idx else 1
+
+
+class _Targets:
+    """Per-layer target settings: a ``_Q``, False (leave dense) or None (not specified)."""
+
+    def __init__(self, *, bits, group_size, mode, recipe, model: Model) -> None:
+        self.explicit = bits is not None or group_size is not None or mode != "affine"
+        self.default = _make_q(bits, group_size, mode, "--bits/--group-size/--mode")
+        self.recipe_name = None
+        self.table: dict[str, Any] | None = None
+        self.n_layers = _n_layers(model)
+        self.per_layer = False  # write a config entry for every quantized layer (mlx-lm does for recipes)
+        if recipe is None:
+            return
+        self.per_layer = True
+        if recipe in RECIPES:
+            if bits is not None or group_size is not None or mode != "affine":
+                raise ConversionError(f"recipe {recipe} fixes bits and group size; drop --bits/--group-size/--mode")
+            self.recipe_name = recipe
+            self.default = _Q(RECIPES[recipe][0], 64)
+            return
+        p = Path(recipe).expanduser()
+        if not p.is_file():
+            raise ConversionError(f"recipe {recipe!r} is neither one of {', '.join(RECIPES)} nor a JSON file")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConversionError(f"recipe file is not readable JSON ({exc})", file=p) from None
+        if not isinstance(data, dict):
+            raise ConversionError("recipe file must hold a JSON object: module path → "
+                                  "{bits, group_size, mode} or false", file=p)
+        self.table = {}
+        for k, v in data.items():
+            if v is False:
+                self.table[k] = False
+            elif isinstance(v, dict):
+                self.table[k] = _make_q(v.get("bits"), v.get("group_size"), v.get("mode", "affine"), f"{p}: {k}")
+            else:
+                raise ConversionError(f"entry {k!r} is {v!r}; expected {{bits, group_size, mode}} or false", file=p)
+        self.explicit = True
+
+    def for_layer(self, path: str):
+        if self.recipe_name is not None:
+            return mixed_recipe_settings(self.recipe_name, path, self.n_layers)
+        if self.table is not None and path in self.table:
+            return self.table[path]
+        return self.default if self.explicit else None
+
+
+# -- numpy / MLX helpers --------------------------------------------------------------------------
+
+def _st_name(dt: np.dtype) -> str:
+    for npdt, name in _ST_OF_NUMPY:
+        if npdt == dt:
+            return name
+    raise ConversionError(f"no safetensors dtype for numpy {dt}")
+
+
+def _np_dtype(st: str) -> np.dtype:
+    return np.dtype(DTYPES[st].numpy)
+
+
+def _to_mx(a: np.ndarray):
+    import mlx.core as mx
+    a = np.ascontiguousarray(a)
+    if a.dtype == np.dtype(ml_dtypes.bfloat16):
+        return mx.array(a.view(np.uint16)).view(mx.bfloat16)
+    return mx.array(a)
+
+
+def _from_mx(x) -> np.ndarray:
+    import mlx.core as mx
+    if x.dtype == mx.bfloat16:
+        return np.array(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
+    return np.array(x)
+
+
+def _mx_quantize(w: np.ndarray, dtype: np.dtype, q: _Q) -> list[np.ndarray]:
+    """``mx.quantize`` of ``w`` cast to ``dtype``, run on the MLX thread; numpy results."""
+    from .engines import run_on_mlx_thread
+
+    def run():
+        import mlx.core as mx
+        a = _to_mx(w.astype(dtype, copy=False))
+        r = mx.quantize(a, group_size=q.group_size, bits=q.bits, mode=q.mode)
+        mx.eval(*r)
+        return [_from_mx(x) for x in r]
+
+    return run_on_mlx_thread(run)
+
+
+def _quant_outputs(path: str, shape: tuple[int, ...], dtype: str, q: _Q) -> list[tuple[str, str, tuple]]:
+    lead, k = tuple(shape[:-1]), shape[-1]
+    outs = [(f"{path}.weight", "U32", lead + (k * q.bits // 32,))]
+    if q.mode == "affine":
+        outs += [(f"{path}.scales", dtype, lead + (k // q.group_size,)),
+                 (f"{path}.biases", dtype, lead + (k // q.group_size,))]
+    else:
+        outs.append((f"{path}.scales", "U8", lead + (k // q.group_size,)))
+    return outs
+
+
+# -- exact repacks --------------------------------------------------------------------------------
+
+def _awq_gemm_weight(qweight: np.ndarray) -> np.ndarray:
+    """AWQ GEMM ``qweight [K, N/8]`` → MLX 4-bit ``weight uint32 [N, K/8]`` without unpacking to codes.
+
+    Byte b of GEMM word c holds columns ``8c+ORDER[2b]`` (low nibble) and ``8c+ORDER[2b+1]``; two
+    consecutive K rows A, B of one byte give the MLX bytes ``lo(A)|lo(B)<<4`` (for the low-nibble
+    column) and ``hi(A)|hi(B)&0xF0`` (for the high one) at byte ``k/2`` of those columns' rows.
+    """
+    k, n8 = qweight.shape
+    by = np.ascontiguousarray(qweight).view(np.uint8).reshape(k, n8, 4)
+    out = np.empty((n8 * 8, k // 2), np.uint8)
+    o3 = out.reshape(n8, 8, k // 2)
+    order = awq.ORDER
+
+    tile = 256  # square tiles: numpy's strided transposes are several times faster in cache
+
+    def block(h0, h1):  # pairs of K rows [h0, h1)
+        for c0 in range(0, n8, tile):
+            c1 = min(n8, c0 + tile)
+            a, b = by[2 * h0:2 * h1:2, c0:c1], by[2 * h0 + 1:2 * h1:2, c0:c1]
+            ev = (a & 0x0F) | (b << 4)
+            od = (a >> 4) | (b & 0xF0)
+            for j in range(4):
+                o3[c0:c1, order[2 * j], h0:h1] = ev[:, :, j].T
+                o3[c0:c1, order[2 * j + 1], h0:h1] = od[:, :, j].T
+
+    for_row_blocks(k // 2, n8 * 8, block, min_rows=tile)
+    return out.view(np.uint32)
+
+
+@dataclass
+class _Repack:
+    """Inputs of an exact repack: how to make the weight, and the float32 scales and zero points."""
+
+    weight: Callable[[], np.ndarray]        # uint32 [N, K*b/32]
+    scales: np.ndarray                      # float32 [N, K/G] (exactly representable in src_dtype)
+    zeros: np.ndarray                       # float32 [N, K/G]
+    src_dtype: np.dtype
+    group_codes: Callable[[np.ndarray, np.ndarray], np.ndarray]   # (rows, groups) -> uint8 [P, G]
+
+
+def _seq_group_codes(packed_rows: Callable[[np.ndarray], np.ndarray], bits: int, g: int):
+    """Codes of (row, group) pairs for layouts packed sequentially along K, ``packed_rows(ns)``
+    giving the uint32 words of rows ``ns`` ``[P, K*b/32]``."""
+    wpg = g * bits // 32
+
+    def fn(ns, gs):
+        words = packed_rows(ns)
+        idx = gs[:, None] * wpg + np.arange(wpg)[None, :]
+        return unpack_bits(np.take_along_axis(words, idx, axis=1), bits, g)
+
+    return fn
+
+
+def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, str]:
+    """An exact repack of ``layer`` into MLX affine, or (None, why not)."""
+    s, ck = layer.scheme, model.ckpt
+    t = layer.tensors
+    bits, g = layer.bits, layer.group_size
+    if s not in ("gptq", "awq-gemm", "awq-gemv", "ct-pack"):
+        return None, f"{s} is not representable as MLX affine"
+    if not layer.shape or len(layer.shape) != 2:
+        return None, "not a 2-D layer"
+    n, k = layer.shape
+    if g not in AFFINE_GROUPS or k % g:
+        return None, f"group size {g} is not one of {AFFINE_GROUPS}"
+    if bits not in AFFINE_BITS:
+        return None, f"{bits} bit is not an MLX affine width"
+    if target is not None and target != _Q(bits, g):
+        return None, f"settings {target.label()} requested"
+    read = ck.tensor
+    if s == "gptq":
+        if int(layer.settings.get("word_bits", 32)) != 32 or bits not in gptq.GPTQ_BITS:
+            return None, "GPTQ pack_dtype is not int32"
+        gi = read(t["g_idx"].name) if "g_idx" in t else None
+        if not gptq.is_trivial_g_idx(gi, k, g):
+            return None, "act-order g_idx"
+        qw = read(t["qweight"].name)
+        sc = read(t["scales"].name)
+        z = gptq.unpack_zeros(read(t["qzeros"].name), bits, n, int(layer.settings.get("version", 1)), layer.path)
+        return _Repack(lambda: np.ascontiguousarray(qw.T).view(np.uint32),
+                       np.ascontiguousarray(sc.astype(np.float32).T), np.ascontiguousarray(z.T.astype(np.float32)),
+                       sc.dtype, _seq_group_codes(lambda ns: np.ascontiguousarray(qw[:, ns].T).view(np.uint32),
+                                                  bits, g)), ""
+    if s == "awq-gemm":
+        qw = read(t["qweight"].name)
+        sc = read(t["scales"].name)
+        z = (np.full((k // g, n), 8, np.float32) if "qzeros" not in t
+             else awq.unpack_gemm(read(t["qzeros"].name), n).astype(np.float32))
+
+        def gemm_codes(ns, gs):
+            rows = gs[:, None] * g + np.arange(g)[None, :]                  # [P, G] K indices
+            words = qw.view(np.uint32)[rows, (ns // 8)[:, None]]
+            return ((words >> (4 * awq.REV[ns % 8]).astype(np.uint32)[:, None]) & 0xF).astype(np.uint8)
+
+        return _Repack(lambda: _awq_gemm_weight(qw), np.ascontiguousarray(sc.astype(np.float32).T),
+                       np.ascontiguousarray(z.T), sc.dtype, gemm_codes), ""
+    if s == "awq-gemv":
+        qw = read(t["qweight"].name)
+        sc = read(t["scales"].name)
+        ng = k // g
+        z = (np.full((n, ng), 8, np.float32) if "qzeros" not in t
+             else unpack_bits(read(t["qzeros"].name), 4, ng).astype(np.float32))
+        u = qw.view(np.uint32)
+        return _Repack(lambda: np.ascontiguousarray(u), np.ascontiguousarray(sc[:, :ng].astype(np.float32)), z,
+                       sc.dtype, _seq_group_codes(lambda ns: u[ns], 4, g)), ""
+    # compressed-tensors pack-quantized
+    st = layer.settings
+    if (st.get("strategy") or "group") != "group":
+        return None, f"{st.get('strategy')} strategy"
+    if st.get("packing") == "legacy" and 32 % bits:
+        return None, "pre-0.17 packing of a 3/5/6-bit layer"
+    if "weight_g_idx" in t and not gptq.is_trivial_g_idx(read(t["weight_g_idx"].name), k, g):
+        return None, "act-order g_idx"
+    wp = read(t["weight_packed"].name)
+    sc = read(t["weight_scale"].name)
+    if wp.shape[-1] * 32 != k * bits or sc.shape != (n, k // g) or _st_name(sc.dtype) not in _FLOAT_ST:
+        return None, "packed layout does not match MLX's"
+    zp = t.get("weight_zero_point")
+    zs = np.zeros((n, k // g), np.int16) if zp is None else ct._zero_points(
+        read(zp.name), n, k // g, bits, "dense", (), layer.path)
+    z = (np.broadcast_to(zs, (n, k // g)).astype(np.float32) + np.float32(1 << (bits - 1)))
+    u = wp.view(np.uint32)
+    return _Repack(lambda: np.ascontiguousarray(u), sc.astype(np.float32), np.ascontiguousarray(z), sc.dtype,
+                   _seq_group_codes(lambda ns: u[ns], bits, g)), ""
+
+
+def _affine_values(s: np.ndarray, b: np.ndarray, codes: np.ndarray, dtype) -> np.ndarray:
+    """``round(round(s*q) + b)`` in ``dtype`` as mx.dequantize computes it; s, b float32 [...]."""
+    t = s[..., None] * codes
+    round_inplace(t, dtype)
+    t += b[..., None]
+    round_inplace(t, dtype)
+    return t
+
+
+def _keeps_dtype(rp: _Repack, bits: int, g: int) -> bool:
+    """True when MLX affine with scales/biases in the source's dtype reproduces every stored value.
+
+    The exact value is ``s*q + (-s*z)`` in float32 (what quantscope's decoders compute). For
+    each group, every code 0..2^b-1 is checked first; where some code would come out differently,
+    the codes that group actually stores decide (a few groups are looked at to find a witness;
+    only without one is the whole layer compared).
+    """
+    dt = np.dtype(rp.src_dtype)
+    if dt == np.float32 or dt == np.float64:
+        return True
+    s, z = rp.scales, rp.zeros
+    b_exact = -(s * z)
+    b_dt = b_exact.astype(dt).astype(np.float32)
+    codes = np.arange(1 << bits, dtype=np.float32)
+    n = s.shape[0]
+    # Small row chunks: nearly every narrow-dtype layer fails in its first groups, and one
+    # stored code that comes out differently decides the layer.
+    step = max(1, (1 << 16) // max(1, s.shape[1] * codes.size))
+    unresolved = False
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        got = _affine_values(s[r0:r1], b_dt[r0:r1], codes, dt)
+        want = s[r0:r1, :, None] * codes + b_exact[r0:r1, :, None]
+        bad = got != want
+        # A kernel that rounds once (fma in float32, then the dtype: GPU paths) needs the exact
+        # value to be representable in the dtype as well.
+        single = want.copy()
+        round_inplace(single, dt)
+        bad |= single != want
+        if not bad.any():
+            continue
+        rows, grps = np.nonzero(bad.any(-1))
+        rows, grps = rows[:256], grps[:256]
+        used = rp.group_codes(rows + r0, grps)                            # [P, G] stored codes
+        if np.take_along_axis(bad[rows, grps], used.astype(np.intp), axis=1).any():
+            return False
+        unresolved = True
+    if not unresolved:
+        return True
+    # No witness among the first failing groups: compare the whole layer.
+    w = rp.weight()
+    from .formats.mlx import decode_affine
+    got = decode_affine(w, s.astype(dt), b_dt.astype(dt), bits=bits, group_size=g)
+    want = decode_affine(w, s, b_exact, bits=bits, group_size=g)
+    return bool(np.array_equal(got, want))
+
+
+# -- planning -------------------------------------------------------------------------------------
+
+@dataclass
+class _Item:
+    """One module's part of the output: its tensors (planned) and how to make them."""
+
+    result: LayerResult
+    outputs: list[tuple[str, str, tuple]]       # (name, safetensors dtype, shape), in write order
+    make: Callable[[], dict[str, np.ndarray]]
+    config: Any = None                          # _Q, False or None: its entry in "quantization"
+    raw: dict[str, str] = field(default_factory=dict)   # output name -> source tensor carried byte for byte
+
+
+def _carry(model: Model, layer: Layer, comps, item_outputs, raw):
+    for c in comps:
+        info = layer.tensors[c]
+        name = info.name
+        item_outputs.append((name, info.dtype, info.shape))
+        raw[name] = name
+
+
+def _model_float_dtype(model: Model) -> np.dtype:
+    cfg = model.ckpt.configs.get("config.json") or {}
+    name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    return {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}.get(
+        name, np.dtype(ml_dtypes.bfloat16))
+
+
+def _plan_mlx(model: Model, targets: _Targets, engine, notes: list[str], cancel, progress) -> list[_Item]:
+    items: list[_Item] = []
+    source_quantized = any(lay.quantized for lay in model.layers.values())
+    model_dtype = _model_float_dtype(model)
+    layers = list(model.layers.values())
+    for i, layer in enumerate(layers):
+        _check(cancel)
+        if progress is not None and i % 16 == 0:
+            progress(i / max(1, len(layers)))
+        items.append(_plan_layer_mlx(model, layer, targets, engine, notes, source_quantized, model_dtype))
+    return items
+
+
+def _aux(layer: Layer, keep_all: bool) -> tuple[list[str], list[str]]:
+    """Components carried next to a quantized/converted weight, and those dropped."""
+    keep = [c for c in ("bias",) if c in layer.tensors]
+    dropped = [layer.tensors[c].name for c in layer.tensors if c in AUX_COMPONENTS and c != "bias"]
+    return keep, dropped
+
+
+def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, source_quantized, model_dtype) -> _Item:
+    path = layer.path
+    res = LayerResult(path, layer.scheme, "carried")
+    outputs: list = []
+    raw: dict = {}
+    target = targets.for_layer(path)
+    if layer.scheme == "unknown" or (layer.scheme == "dense" and (layer.problem or not layer.is_matrix
+                                                                   or "weight" not in layer.tensors)):
+        _carry(model, layer, list(layer.tensors), outputs, raw)
+        return _Item(res, outputs, dict, raw=raw)
+    if layer.scheme == "dense":
+        w = layer.tensors["weight"]
+        others = [c for c in layer.tensors if c != "weight"]
+        k = layer.shape[-1]
+        reason = None
+        if w.dtype not in _FLOAT_ST:
+            reason = f"{w.dtype} weight"
+        elif len(layer.shape) > 3:
+            reason = f"{len(layer.shape)}-D weight"
+        elif target is False:
+            reason = "recipe: false"
+        elif target is None and source_quantized:
+            reason = "not quantized in the source"
+        q = target if isinstance(target, _Q) else targets.default
+        if reason is None and k % q.group_size:
+            reason = f"input dimension {k} is not a multiple of group size {q.group_size}"
+        if reason is not None:
+            res.action = f"kept dense ({reason})"
+            _carry(model, layer, list(layer.tensors), outputs, raw)
+            return _Item(res, outputs, dict, config=False, raw=raw)
+        dt = w.dtype if q.mode == "affine" else "U8"
+        outputs = _quant_outputs(path, layer.shape, dt, q)
+        _carry(model, layer, others, outputs, raw)
+        res.action, res.bits, res.group_size, res.mode, res.scales_dtype = \
+            f"quantized {q.label()}", q.bits, q.group_size, q.mode, dt
+
+        def make_dense_q():
+            a = model.ckpt.tensor(w.name)
+            parts = _mx_quantize(a, a.dtype, q)
+            return dict(zip([o[0] for o in outputs], parts))
+
+        return _Item(res, outputs, make_dense_q, config=q, raw=raw)
+    # quantized source layer
+    if not layer.decodable:
+        raise ConversionError(f"cannot convert: {layer.problem or 'not decodable'}", file=model.ckpt.source,
+                              tensor=path, rule="convert.undecodable")
+    keep, dropped = _aux(layer, False)
+    if dropped:
+        notes.append(f"{path}: dropped {', '.join(n.rsplit('.', 1)[1] for n in dropped)} (not part of MLX layers)")
+    if target is False:
+        res.action = "kept dense (recipe: false; dequantized)"
+        dt = _st_name(model_dtype)
+        outputs = [(f"{path}.weight", dt, layer.shape)]
+        _carry(model, layer, keep, outputs, raw)
+        return _Item(res, outputs, lambda: {f"{path}.weight": engine.dequantize(model, layer).astype(model_dtype)},
+                     config=False, raw=raw)
+    # MLX already in the requested settings: copy.
+    if layer.scheme.startswith("mlx-"):
+        same = _Q(layer.bits, layer.group_size, layer.mode)
+        if target is None or target == same:
+            res.action, res.bits, res.group_size, res.mode = "copied exact", same.bits, same.group_size, same.mode
+            res.scales_dtype = layer.tensors["scales"].dtype
+            _carry(model, layer, list(layer.tensors), outputs, raw)
+            return _Item(res, outputs, dict, config=same, raw=raw)
+    rp, why = _repack_plan(model, layer, target)
+    if rp is not None:
+        bits, g = layer.bits, layer.group_size
+        keep_dt = _keeps_dtype(rp, bits, g)
+        sdt = rp.src_dtype if keep_dt else np.dtype(np.float32)
+        st = _st_name(sdt)
+        q = _Q(bits, g)
+        outputs = _quant_outputs(path, layer.shape, st, q)
+        _carry(model, layer, keep, outputs, raw)
+        res.action, res.bits, res.group_size, res.mode, res.scales_dtype = "repacked exact", bits, g, "affine", st
+        res.widened = not keep_dt
+
+        def make_repack():
+            r, _ = _repack_plan(model, layer, target)
+            s = r.scales
+            b = -(s * r.zeros)
+            return {f"{path}.weight": r.weight(), f"{path}.scales": s.astype(sdt), f"{path}.biases": b.astype(sdt)}
+
+        return _Item(res, outputs, make_repack, config=q, raw=raw)
+    q = target if isinstance(target, _Q) else targets.default
+    k = layer.shape[-1]
+    if k % q.group_size:
+        # Cannot quantize at this group size: keep the decoded weights.
+        res.action = f"kept dense (input dimension {k} is not a multiple of group size {q.group_size}; dequantized)"
+        dt = _st_name(model_dtype)
+        outputs = [(f"{path}.weight", dt, layer.shape)]
+        _carry(model, layer, keep, outputs, raw)
+        return _Item(res, outputs, lambda: {f"{path}.weight": engine.dequantize(model, layer).astype(model_dtype)},
+                     config=False, raw=raw)
+    st = _st_name(model_dtype) if q.mode == "affine" else "U8"
+    outputs = _quant_outputs(path, layer.shape, st, q)
+    _carry(model, layer, keep, outputs, raw)
+    res.action = f"requantized {q.label()} ({why})" if why else f"requantized {q.label()}"
+    res.bits, res.group_size, res.mode, res.scales_dtype = q.bits, q.group_size, q.mode, st
+
+    def make_requant():
+        wf = engine.dequantize(model, layer)
+        parts = _mx_quantize(wf, model_dtype, q)
+        return dict(zip([o[0] for o in outputs], parts))
+
+    return _Item(res, outputs, make_requant, config=q, raw=raw)
+
+
+def _plan_dense(model: Model, dtype: np.dtype, engine, notes: list[str], cancel) -> list[_Item]:
+    items = []
+    st = _st_name(dtype)
+    dname = [k for k, v in _DTYPE_ARG.items() if v == dtype][0]
+    for layer in model.layers.values():
+        _check(cancel)
+        path = layer.path
+        res = LayerResult(path, layer.scheme, "carried")
+        outputs, raw, casts = [], {}, {}
+        if layer.quantized:
+            if not layer.decodable:
+                raise ConversionError(f"cannot convert: {layer.problem or 'not decodable'}", file=model.ckpt.source,
+                                      tensor=path, rule="convert.undecodable")
+            keep, dropped = _aux(layer, False)
+            if dropped:
+                notes.append(f"{path}: dropped {', '.join(n.rsplit('.', 1)[1] for n in dropped)}")
+            res.action = f"dequantized to {dname}"
+            outputs.append((f"{path}.weight", st, tuple(layer.shape)))
+            comps = keep
+
+            def make(layer=layer, path=path):
+                return {f"{path}.weight": engine.dequantize(model, layer).astype(dtype)}
+        else:
+            comps = list(layer.tensors)
+
+            def make():
+                return {}
+        for c in comps:
+            info = layer.tensors[c]
+            if info.dtype in _FLOAT_ST:
+                outputs.append((info.name, st, info.shape))
+                casts[info.name] = info.name
+                if not layer.quantized and info.dtype != st:
+                    res.action = f"cast to {dname}"
+            else:
+                outputs.append((info.name, info.dtype, info.shape))
+                raw[info.name] = info.name
+
+        def make_all(make=make, casts=casts):
+            out = make()
+            for name in casts:
+                out[name] = np.asarray(model.ckpt.tensor(name)).astype(dtype)
+            return out
+
+        items.append(_Item(res, outputs, make_all, raw=raw))
+    return items
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+def _nbytes(dtype: str, shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * DTYPES[dtype].bits // 8
+
+
+def _shard_plan(items: list[_Item], limit: int) -> list[list[tuple[str, str, tuple]]]:
+    shards: list[list] = [[]]
+    size = 0
+    for it in items:
+        for o in it.outputs:
+            nb = _nbytes(o[1], o[2])
+            if shards[-1] and size + nb > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(o)
+            size += nb
+    return shards if shards[0] else []
+
+
+class _ShardWriter:
+    """Writes planned tensors in order: each shard's header first, then tensor bytes as they come."""
+
+    def __init__(self, folder: Path, shards, metadata: dict[str, str]) -> None:
+        self.folder = folder
+        self.shards = shards
+        self.metadata = metadata
+        n = len(shards)
+        self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                           for i in range(n)]
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self._i = -1
+        self._j = 0
+        self._fh = None
+
+    def _open_next(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._i += 1
+        self._j = 0
+        entries = self.shards[self._i]
+        header: dict = {"__metadata__": self.metadata}
+        off = 0
+        for name, dt, shape in entries:
+            nb = _nbytes(dt, shape)
+            header[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + nb]}
+            off += nb
+            self.weight_map[name] = self.names[self._i]
+        self.total += off
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        self._fh = open(self.folder / self.names[self._i], "wb")
+        self._fh.write(struct.pack("<Q", len(hb)) + hb)
+
+    def write(self, name: str, data) -> None:
+        if self._fh is None or self._j >= len(self.shards[self._i]):
+            self._open_next()
+        exp_name, exp_dt, exp_shape = self.shards[self._i][self._j]
+        if isinstance(data, np.ndarray):
+            if name != exp_name or _st_name(data.dtype) != exp_dt or tuple(data.shape) != tuple(exp_shape):
+                raise ConversionError(f"internal: produced {name} {_st_name(data.dtype)} {list(data.shape)}, "
+                                      f"planned {exp_name} {exp_dt} {list(exp_shape)}", tensor=name)
+            a = np.ascontiguousarray(data)
+            if sys.byteorder != "little":
+                a = a.astype(a.dtype.newbyteorder("<"))
+            self._fh.write(a.reshape(-1).view(np.uint8).data)
+        else:  # raw bytes of a carried tensor
+            if name != exp_name or len(data) != _nbytes(exp_dt, exp_shape):
+                raise ConversionError(f"internal: carried {name} does not match its plan", tensor=name)
+            self._fh.write(data)
+        self._j += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def finish(self) -> list[str]:
+        self.close()
+        if self._i != len(self.shards) - 1 or (self.shards and self._j != len(self.shards[-1])):
+            raise ConversionError("internal: not every planned tensor was written")
+        if len(self.names) > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n",
+                                                                       encoding="utf-8")
+            return self.names + ["model.safetensors.index.json"]
+        return list(self.names)
+
+
+def _raw_bytes(ckpt: Checkpoint, name: str) -> memoryview:
+    info = ckpt.info(name)
+    buf = ckpt.file_of(name)._buffer()
+    return memoryview(buf)[info.start:info.end]
+
+
+# -- files, destination, safety -------------------------------------------------------------------
+
+def _check(cancel) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("conversion cancelled")
+
+
+def _copy_list(ckpt: Checkpoint, src: Path) -> list[Path]:
+    root = ckpt.root
+    single = not (src.is_dir() or src.name.endswith(".json"))
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        if p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json"):
+            continue
+        if len(rel.parts) == 1 and p.name in _SKIP_FILES:
+            continue
+        if single and (len(rel.parts) > 1 or not _SINGLE_FILE_COPIES.match(p.name)):
+            continue
+        out.append(p)
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _clean_stale(dst: Path) -> None:
+    """Remove ``.DST.quantscope-partial-<pid>`` folders left by killed conversions."""
+    for p in dst.parent.glob(f".{dst.name}.{PARTIAL_TAG}-*"):
+        tail = p.name.rsplit("-", 1)[-1]
+        if tail.isdigit() and not _pid_alive(int(tail)):
+            _logger.info("removing stale partial conversion %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_within(a: Path, b: Path) -> bool:
+    try:
+        a.relative_to(b)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) -> None:
+    s, d = src_root.resolve(), dst.resolve()
+    if d == s or _is_within(d, s):
+        raise ConversionError("the destination is the source folder or inside it; choose a folder elsewhere",
+                              file=dst, rule="convert.dst-in-src")
+    if _is_within(s, d) or _is_within(src.resolve(), d):
+        raise ConversionError("the source is inside the destination; it would be replaced", file=dst,
+                              rule="convert.src-in-dst")
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise ConversionError("already exists; pass --overwrite (overwrite=True) to replace it", file=dst,
+                                  rule="convert.dst-exists")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _write_config(model: Model, folder: Path, to: str, quantization: dict | None, dtype_arg: str) -> None:
+    cfg = dict(model.ckpt.configs.get("config.json") or {})
+    cfg.pop("quantization_config", None)
+    cfg.pop("quantization", None)
+    if isinstance(cfg.get("text_config"), dict) and "quantization_config" in cfg["text_config"]:
+        cfg["text_config"] = {k: v for k, v in cfg["text_config"].items() if k != "quantization_config"}
+    if to == "mlx":
+        cfg["quantization"] = quantization
+        cfg["quantization_config"] = json.loads(json.dumps(quantization))
+    else:
+        name = _TORCH_NAME[dtype_arg]
+        if "torch_dtype" in cfg or "dtype" not in cfg:
+            cfg["torch_dtype"] = name
+        if "dtype" in cfg:
+            cfg["dtype"] = name
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def _quantization_block(items: list[_Item], targets: _Targets) -> dict:
+    qs = [it.config for it in items if isinstance(it.config, _Q)]
+    if targets.explicit or not qs:
+        glob = targets.default
+    else:
+        counts: dict[_Q, int] = {}
+        for q in qs:
+            counts[q] = counts.get(q, 0) + 1
+        glob = max(counts, key=counts.get)
+    block: dict = {"group_size": glob.group_size, "bits": glob.bits, "mode": glob.mode}
+    for it in items:
+        c = it.config
+        if c is False:
+            block[it.result.path] = False
+        elif isinstance(c, _Q) and (targets.per_layer or c != glob):
+            block[it.result.path] = c.as_config()
+    return block
+
+
+# -- the conversion -------------------------------------------------------------------------------
+
+def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: int | None = None,
+            mode: str = "affine", recipe: str | None = None, dtype: str = "bf16", overwrite: bool = False,
+            engine="auto", verify: bool = True, progress: Callable[[float], None] | None = None,
+            cancel=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> ConversionReport:
+    """Convert the checkpoint ``src`` into a new folder ``dst``.
+
+    Parameters
+    ----------
+    src
+        A checkpoint quantscope can open (folder, ``.safetensors`` file, index, HF-cache repo id).
+    dst
+        The output folder; must not exist unless ``overwrite``; must not be inside ``src``.
+    to
+        ``"mlx"`` (MLX affine / block-float layers, mlx-lm's config) or ``"dense"``.
+    bits, group_size, mode
+        Settings for layers that are (re)quantized: bits default 4 (the mode's), group size the
+        mode's default (affine 64). Given explicitly, quantized source layers in other settings
+        are requantized to them instead of repacked.
+    recipe
+        ``mixed_2_6``, ``mixed_3_4``, ``mixed_3_6``, ``mixed_4_6`` (mlx-lm's predicates, group 64) or
+        a JSON file mapping module path → ``{bits, group_size, mode}`` or ``false``.
+    dtype
+        ``"bf16"``, ``"f16"`` or ``"f32"``: the dtype of every float tensor with ``to="dense"``.
+    overwrite
+        Replace an existing ``dst`` (atomically: the old folder is renamed away, the new one in,
+        then the old one deleted).
+    engine
+        Decoder for requantized/dequantized layers and the verification (``auto``/``numpy``/``mlx``).
+    verify
+        Reopen the output and compare it with the source layer by layer (``compare.sweep``).
+    progress
+        Called with the fraction done, 0..1.
+    cancel
+        Object with ``is_set()``, checked between tensors; cancelling leaves nothing at ``dst``.
+    max_shard_bytes
+        Shard size limit (mlx-lm's ``5 << 30``).
+
+    Returns
+    -------
+    ConversionReport
+
+    Raises
+    ------
+    ConversionError
+        Bad settings, a refused destination, too little disk space, or an undecodable layer.
+    Cancelled
+        ``cancel`` was set (the partial output has been removed).
+    """
+    t_start = time.perf_counter()
+    if to not in ("mlx", "dense"):
+        raise ConversionError(f"--to must be mlx or dense, not {to!r}")
+    if dtype not in _DTYPE_ARG:
+        raise ConversionError(f"--dtype must be one of {', '.join(_DTYPE_ARG)}, not {dtype!r}")
+    if to == "dense" and (recipe is not None or bits is not None or group_size is not None or mode != "affine"):
+        raise ConversionError("--bits/--group-size/--mode/--recipe apply to --to mlx only")
+    from .engines import get_engine
+    eng = get_engine(engine) if isinstance(engine, str) else engine
+    src_p = Path(src).expanduser()
+    dst_p = Path(dst).expanduser()
+    report_progress = progress or (lambda f: None)
+    ckpt = open_checkpoint(src_p)
+    try:
+        model = analyze(ckpt)
+        _check_destination(ckpt.root, src_p, dst_p, overwrite)
+        rep = ConversionReport(src=str(ckpt.root if src_p.is_dir() else src_p.resolve()),
+                               dst=str(dst_p.resolve()), to=to, source_bytes=ckpt.total_bytes)
+        w_plan, w_write = (0.05, 0.65) if verify else (0.05, 0.95)
+        if to == "mlx":
+            targets = _Targets(bits=bits, group_size=group_size, mode=mode, recipe=recipe, model=model)
+            items = _plan_mlx(model, targets, eng, rep.notes, cancel, lambda f: report_progress(w_plan * f))
+            rep.quantization = _quantization_block(items, targets)
+        else:
+            items = _plan_dense(model, _DTYPE_ARG[dtype], eng, rep.notes, cancel)
+        rep.layers = [it.result for it in items]
+        shards = _shard_plan(items, max_shard_bytes)
+        copies = _copy_list(ckpt, src_p)
+        estimate = sum(_nbytes(o[1], o[2]) for it in items for o in it.outputs) + sum(
+            p.stat().st_size for p in copies) + 1_000_000
+        dst_p.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(dst_p.parent).free
+        if free < estimate * 1.02 + (16 << 20):
+            raise ConversionError(f"not enough free disk space: the output needs about {_human(estimate)}, "
+                                  f"{_human(free)} is free", file=dst_p.parent, rule="convert.disk-space")
+        rep.timings["plan"] = time.perf_counter() - t_start
+        report_progress(w_plan)
+        _clean_stale(dst_p)
+        tmp = dst_p.parent / f".{dst_p.name}.{PARTIAL_TAG}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            t0 = time.perf_counter()
+            meta = {"format": "mlx" if to == "mlx" else "pt"}
+            writer = _ShardWriter(tmp, shards, meta)
+            total = sum(_nbytes(o[1], o[2]) for it in items for o in it.outputs) or 1
+            done = 0
+            try:
+                for it, produced in _produce_ahead(items, cancel):
+                    for name, dt, shape in it.outputs:
+                        if name in it.raw:
+                            writer.write(name, _raw_bytes(ckpt, it.raw[name]))
+                        else:
+                            writer.write(name, produced.pop(name))
+                        done += _nbytes(dt, shape)
+                    del produced
+                    report_progress(w_plan + (w_write - w_plan) * done / total)
+                names = writer.finish()
+            finally:
+                writer.close()
+            for p in copies:
+                _check(cancel)
+                target = tmp / p.relative_to(ckpt.root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, target)
+            _write_config(model, tmp, to, rep.quantization, dtype)
+            rep.files = sorted(names + [str(p.relative_to(ckpt.root)) for p in copies] + ["config.json"])
+            rep.output_bytes = sum(q.stat().st_size for q in tmp.rglob("*") if q.is_file())
+            rep.timings["write"] = time.perf_counter() - t0
+            report_progress(w_write)
+            if verify:
+                t0 = time.perf_counter()
+                _verify(model, tmp, rep, eng, cancel, lambda f: report_progress(w_write + (1 - w_write) * f))
+                rep.timings["verify"] = time.perf_counter() - t0
+            _check(cancel)
+            _move_into_place(tmp, dst_p)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        ckpt.close()
+    rep.timings["total"] = time.perf_counter() - t_start
+    report_progress(1.0)
+    return rep
+
+
+def _produce_ahead(items: list[_Item], cancel):
+    """Yield ``(item, tensors)`` in order, making the next item's tensors on a helper thread
+    while the caller writes the current ones (numpy and file writes release the GIL); at most
+    two layers are in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantscope-convert") as pool:
+        _check(cancel)
+        fut = pool.submit(items[0].make)
+        try:
+            for i, it in enumerate(items):
+                produced = fut.result()
+                fut = None
+                _check(cancel)
+                if i + 1 < len(items):
+                    fut = pool.submit(items[i + 1].make)
+                yield it, produced
+        finally:
+            if fut is not None:
+                fut.cancel()
+
+
+def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, progress) -> None:
+    from .compare import sweep
+    out = open_checkpoint(folder)
+    try:
+        res = sweep(model, {"converted": analyze(out)}, engine=eng, progress=progress, cancel=cancel)
+    finally:
+        out.close()
+    by = {r.name: r for r in res.rows}
+    for lr in rep.layers:
+        m = by.get(lr.path)
+        if m is not None:
+            lr.rel_fro, lr.max_abs, lr.sqnr_db = float(m.rel_fro_raw), float(m.max_abs), float(m.sqnr_db)
+    converted = {lr.path for lr in rep.layers if lr.kind not in ("kept dense", "carried", "cast")}
+    for u in res.unmatched:
+        if u.layer in converted:
+            rep.notes.append(f"not compared: {u.layer} ({u.reason})")
+    rep.verified = True
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    os.chmod(tmp, 0o755)
+    if dst.exists() or dst.is_symlink():
+        old = dst.parent / f".{dst.name}.quantscope-old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(dst, old)
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            os.rename(old, dst)  # put the previous output back
+            raise
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.rename(tmp, dst)
+
+
+def summary_lines(rep: ConversionReport, *, max_layers: int | None = None) -> list[str]:
+    """A human-readable summary and per-layer table of a report (the command line prints it)."""
+    t = rep.timings
+    lines = [f"converted {rep.src} -> {rep.dst} (--to {rep.to}) in {t.get('total', 0):.2f} s "
+             f"(plan {t.get('plan', 0):.2f} s, write {t.get('write', 0):.2f} s"
+             + (f", verify {t['verify']:.2f} s" if "verify" in t else "") + ")",
+             f"output: {len(rep.files)} files, {_human(rep.output_bytes)} (source tensors {_human(rep.source_bytes)})",
+             "layers: " + ", ".join(f"{k} ×{v}" for k, v in rep.by_kind().items())]
+    ex = rep.exact_repacks
+    if ex:
+        lines.append(f"exact repacks: {len(ex)}; scales widened to float32: {len(rep.widened)} "
+                     f"(kept in the source dtype: {len(ex) - len(rep.widened)})")
+    if rep.verified:
+        mx_ = rep.max_rel_fro
+        lines.append("verification: " + ("no layer compared" if mx_ is None else f"max rel_fro {mx_:.3g}"))
+    lines.append(f"{'layer':<44} {'source':<10} {'action':<40} {'scales':<6} {'rel_fro':>9} {'max_abs':>9}")
+    shown = [r for r in rep.layers if r.kind != "carried"]
+    for r in shown[:max_layers] if max_layers else shown:
+        rf = "" if r.rel_fro is None else f"{r.rel_fro:.3g}"
+        ma = "" if r.max_abs is None else f"{r.max_abs:.3g}"
+        sd = (r.scales_dtype or "") + ("*" if r.widened else "")
+        lines.append(f"{r.path:<44} {r.source_scheme:<10} {r.action[:40]:<40} {sd:<6} {rf:>9} {ma:>9}")
+    if max_layers and len(shown) > max_layers:
+        lines.append(f"... {len(shown) - max_layers} more")
+    carried = sum(1 for r in rep.layers if r.kind == "carried")
+    if carried:
+        lines.append(f"carried unchanged: {carried} module(s) (norms, 1-D tensors, …)")
+    if rep.widened:
+        lines.append("* float32 scales/biases: MLX's rounding in the source dtype would not reproduce the source")
+    for n in rep.notes:
+        lines.append(f"note: {n}")
+    return lines

@@ -1,0 +1,341 @@
+"""Conversion to MLX / dense (backend/convert.py, app/convert_cli.py).
+
+Exactness is checked against MLX itself: the output is read with ``mx.load`` (not quantscope's
+reader) and dequantized with ``mx.dequantize``, then compared bit for bit with quantscope's
+numpy decode of the source.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from quantscope.backend.checkpoint import open_checkpoint
+from quantscope.backend.convert import (PARTIAL_TAG, ConversionError, convert, mixed_recipe_settings)
+from quantscope.backend.engines import NumpyEngine
+from quantscope.backend.errors import Cancelled
+from quantscope.backend.schemes import analyze
+
+mx = pytest.importorskip("mlx.core")
+
+REAL = Path(__file__).parent / "fixtures" / "real"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from quantscope.backend.demo import build_demo
+    return build_demo(tmp_path_factory.mktemp("demo") / "ws")
+
+
+@pytest.fixture(scope="module")
+def out_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("conv")
+
+
+def _mx_f32(a) -> np.ndarray:
+    return np.array(a.astype(mx.float32))
+
+
+def _load_mlx(folder: Path) -> tuple[dict, dict]:
+    tensors, meta = {}, {}
+    for f in sorted(folder.glob("*.safetensors")):
+        t, m = mx.load(str(f), return_metadata=True)
+        tensors.update(t)
+        meta = m
+    return tensors, meta
+
+
+def assert_exact(src: Path, dst: Path, rep) -> int:
+    """Every repacked layer: mx.dequantize(mx.load(dst)) == quantscope decode of src, bit for bit."""
+    tensors, meta = _load_mlx(dst)
+    assert meta == {"format": "mlx"}
+    model = analyze(open_checkpoint(src))
+    eng = NumpyEngine()
+    q = json.loads((dst / "config.json").read_text())["quantization"]
+    n = 0
+    for r in rep.layers:
+        if r.kind not in ("repacked", "copied"):
+            continue
+        entry = q.get(r.path, q)
+        assert (entry["bits"], entry["group_size"]) == (r.bits, r.group_size)
+        w = mx.dequantize(tensors[f"{r.path}.weight"], tensors[f"{r.path}.scales"], tensors[f"{r.path}.biases"],
+                          group_size=r.group_size, bits=r.bits)
+        got = _mx_f32(w)
+        want = eng.dequantize(model, model.layers[r.path])
+        assert got.shape == want.shape
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), r.path
+        n += 1
+    return n
+
+
+# -- exact repacks -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", ["awq-w4g128", "gptq-w4g128", "rtn-w4g128"])
+def test_demo_exact_repack(demo, out_root, variant):
+    src = demo.variants[variant]
+    dst = out_root / f"{variant}-mlx"
+    rep = convert(src, dst, to="mlx", verify=variant == "awq-w4g128", engine="numpy")
+    kinds = rep.by_kind()
+    assert kinds.get("repacked") == 28 and "requantized" not in kinds
+    assert assert_exact(src, dst, rep) == 28
+    for r in rep.exact_repacks:
+        assert r.action == "repacked exact"
+        # fp16 scales: MLX's double rounding in fp16 cannot reproduce s*(q-z) -> widened
+        assert r.scales_dtype in ("F16", "F32") and r.widened == (r.scales_dtype == "F32")
+    if rep.verified:
+        assert all(r.rel_fro == 0.0 for r in rep.exact_repacks)
+    names = set(_load_mlx(dst)[0])
+    assert "model.layers.0.self_attn.q_proj.scales" in names and "model.layers.3.mlp.down_proj.biases" in names
+    assert not any(n.endswith((".qweight", ".qzeros", ".g_idx")) for n in names)
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["quantization"] == cfg["quantization_config"]
+    assert cfg["quantization"]["bits"] == 4 and cfg["quantization"]["group_size"] == 128
+    assert cfg["quantization"]["lm_head"] is False  # left dense by the source
+    assert not (dst / "quantize_config.json").exists() and not (dst / "quant_config.json").exists()
+    assert (dst / "README.md").read_bytes() == (src / "README.md").read_bytes()
+    # quantscope reads the output back with the same settings
+    m2 = analyze(open_checkpoint(dst))
+    assert m2.layers["model.layers.0.mlp.up_proj"].scheme == "mlx-affine"
+    assert m2.layers["lm_head"].scheme == "dense"
+
+
+def test_actorder_is_requantized_with_error(demo, out_root):
+    dst = out_root / "actorder-mlx"
+    rep = convert(demo.variants["gptq-w4g128-actorder"], dst, to="mlx", engine="numpy")
+    q = [r for r in rep.layers if r.source_scheme == "gptq"]
+    assert len(q) == 28
+    for r in q:
+        assert r.action.startswith("requantized 4/64 affine") and "act-order" in r.action
+        assert r.rel_fro is not None and math.isfinite(r.rel_fro) and 0 < r.rel_fro < 0.5
+    tensors, _ = _load_mlx(dst)
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].shape == (512, 512 * 4 // 32)
+    assert tensors["model.layers.0.self_attn.q_proj.scales"].shape == (512, 512 // 64)
+
+
+def test_mlx_to_mlx_same_settings_is_a_copy(demo, out_root):
+    src = demo.variants["mlx-mixed-3-6"]
+    dst = out_root / "mixed-copy"
+    rep = convert(src, dst, to="mlx", verify=False)
+    assert rep.by_kind().get("copied") == 30
+    assert assert_exact(src, dst, rep) == 30
+    m = analyze(open_checkpoint(dst))
+    assert m.layers["model.layers.2.self_attn.v_proj"].bits == 6
+
+
+# -- dense -> MLX recipes ------------------------------------------------------------------------------
+
+def test_dense_mixed_3_6_config_round_trips(demo, out_root):
+    dst = out_root / "ref-mixed"
+    rep = convert(demo.reference, dst, to="mlx", recipe="mixed_3_6", verify=False)
+    q = json.loads((dst / "config.json").read_text())["quantization"]
+    assert (q["bits"], q["group_size"], q["mode"]) == (3, 64, "affine")
+    model = analyze(open_checkpoint(dst))
+    quantized = [r for r in rep.layers if r.kind == "quantized"]
+    assert len(quantized) == 30  # 28 linears, embed_tokens, lm_head
+    for r in quantized:
+        want = mixed_recipe_settings("mixed_3_6", r.path, 4)
+        layer = model.layers[r.path]
+        assert layer.scheme == "mlx-affine"
+        assert (layer.bits, layer.group_size) == (want.bits, 64) == (r.bits, r.group_size)
+        assert "per-layer override" in layer.source
+    assert model.layers["lm_head"].bits == 6 and model.layers["model.layers.3.mlp.down_proj"].bits == 6
+    assert model.layers["model.layers.1.mlp.down_proj"].bits == 3
+    # the same values mx.quantize gives for the bf16 weight
+    tensors, _ = _load_mlx(dst)
+    ref = open_checkpoint(demo.reference)
+    w = ref.tensor("model.layers.2.self_attn.v_proj.weight")
+    wq, s, b = mx.quantize(mx.array(np.ascontiguousarray(w).view(np.uint16)).view(mx.bfloat16), group_size=64, bits=6)
+    assert np.array_equal(np.array(wq), np.array(tensors["model.layers.2.self_attn.v_proj.weight"]))
+    assert tensors["model.layers.2.self_attn.v_proj.scales"].dtype == mx.bfloat16
+    assert tensors["model.norm.weight"].dtype == mx.bfloat16  # dense tensors keep their dtype
+
+
+def test_json_recipe_false_and_overrides(demo, out_root, tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model.layers.0.mlp.down_proj": False,
+                                  "model.layers.1.self_attn.q_proj": {"bits": 8, "group_size": 32},
+                                  "model.layers.1.self_attn.k_proj": {"mode": "mxfp4"}}))
+    dst = out_root / "ref-json"
+    rep = convert(demo.reference, dst, to="mlx", recipe=str(recipe), verify=False)
+    q = json.loads((dst / "config.json").read_text())["quantization"]
+    assert q["model.layers.0.mlp.down_proj"] is False
+    assert q["model.layers.1.self_attn.q_proj"] == {"group_size": 32, "bits": 8, "mode": "affine"}
+    assert q["model.layers.1.self_attn.k_proj"]["mode"] == "mxfp4"
+    m = analyze(open_checkpoint(dst))
+    assert m.layers["model.layers.0.mlp.down_proj"].scheme == "dense"
+    assert (m.layers["model.layers.1.self_attn.q_proj"].bits, m.layers["model.layers.1.self_attn.q_proj"].group_size) == (8, 32)
+    assert m.layers["model.layers.1.self_attn.k_proj"].scheme == "mlx-mxfp4"
+    assert m.layers["model.layers.2.mlp.up_proj"].bits == 4  # default for unlisted layers
+    assert {r.path: r.kind for r in rep.layers}["model.layers.0.mlp.down_proj"] == "kept dense"
+
+
+def test_group_size_not_dividing_stays_dense(tmp_path):
+    from helpers import write_st
+    src = tmp_path / "src"
+    src.mkdir()
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(0)
+    write_st(src / "model.safetensors", {
+        "model.layers.0.mlp.down_proj.weight": rng.standard_normal((64, 96)).astype(bf16),
+        "model.layers.0.mlp.up_proj.weight": rng.standard_normal((96, 128)).astype(bf16),
+        "model.layers.0.mlp.experts.down.weight": rng.standard_normal((2, 32, 128)).astype(bf16),
+        "model.norm.weight": np.ones(64, bf16)}, {"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    (src / "tokenizer.json").write_text("{}")
+    rep = convert(src, tmp_path / "out", to="mlx", bits=4, group_size=128, engine="numpy")
+    by = {r.path: r for r in rep.layers}
+    assert by["model.layers.0.mlp.down_proj"].action.startswith("kept dense (input dimension 96")
+    assert by["model.layers.0.mlp.up_proj"].kind == "quantized"
+    assert by["model.layers.0.mlp.experts.down"].kind == "quantized"  # stacked [E, N, K]
+    t, _ = _load_mlx(tmp_path / "out")
+    assert t["model.layers.0.mlp.experts.down.weight"].shape == (2, 32, 16)
+    assert t["model.layers.0.mlp.experts.down.scales"].shape == (2, 32, 1)
+    q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    assert q["model.layers.0.mlp.down_proj"] is False
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+# -- dense output --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_quantized_to_dense_round_trip(demo, out_root, dtype):
+    src = demo.variants["awq-w4g128"]
+    dst = out_root / f"awq-dense-{dtype}"
+    rep = convert(src, dst, to="dense", dtype=dtype, verify=dtype == "f32", engine="numpy")
+    npdt = {"f32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}[dtype]
+    model = analyze(open_checkpoint(src))
+    out = open_checkpoint(dst)
+    assert out.files[0].metadata == {"format": "pt"}
+    eng = NumpyEngine()
+    for path in ("model.layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj"):
+        got = out.tensor(f"{path}.weight")
+        assert got.dtype == npdt
+        want = eng.dequantize(model, model.layers[path]).astype(npdt)
+        assert np.array_equal(got, want)
+    assert out.tensor("model.norm.weight").dtype == npdt
+    cfg = json.loads((dst / "config.json").read_text())
+    assert "quantization_config" not in cfg and "quantization" not in cfg
+    assert cfg["torch_dtype"] == {"f32": "float32", "bf16": "bfloat16"}[dtype]
+    if rep.verified:
+        assert all(r.rel_fro == 0.0 for r in rep.layers if r.rel_fro is not None)
+
+
+# -- sharding, safety -------------------------------------------------------------------------------
+
+def test_sharded_output(demo, tmp_path):
+    dst = tmp_path / "sharded"
+    convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False, max_shard_bytes=4 << 20)
+    shards = sorted(dst.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and shards[0].name == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    sizes = 0
+    for f in shards:
+        t = mx.load(str(f))
+        sizes += sum(a.nbytes for a in t.values())
+        assert all(index["weight_map"][k] == f.name for k in t)
+    assert index["metadata"]["total_size"] == sizes
+    assert not (dst / "model.safetensors").exists()
+    assert analyze(open_checkpoint(dst)).layers["model.layers.1.mlp.gate_proj"].scheme == "mlx-affine"
+
+
+def test_cancel_midway_leaves_nothing(demo, tmp_path):
+    ev = threading.Event()
+
+    def progress(f):
+        if f > 0.3:
+            ev.set()
+
+    dst = tmp_path / "cancelled"
+    with pytest.raises(Cancelled):
+        convert(demo.variants["gptq-w4g128-actorder"], dst, to="mlx", progress=progress, cancel=ev)
+    assert not dst.exists()
+    assert not list(tmp_path.glob(f".*{PARTIAL_TAG}*"))
+
+
+def test_existing_destination_and_overwrite(demo, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    with pytest.raises(ConversionError, match="already exists"):
+        convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False)
+    assert (dst / "old.txt").exists()
+    convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False, overwrite=True)
+    assert not (dst / "old.txt").exists() and (dst / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_refuses_destination_inside_source(demo, tmp_path):
+    src = demo.variants["gptq-w4g128"]
+    before = sorted((p.name, p.stat().st_size) for p in src.iterdir())
+    with pytest.raises(ConversionError, match="inside"):
+        convert(src, src / "sub", to="mlx")
+    with pytest.raises(ConversionError):
+        convert(src, src, to="mlx", overwrite=True)
+    with pytest.raises(ConversionError, match="source is inside"):
+        convert(src, src.parent, to="mlx", overwrite=True)
+    assert sorted((p.name, p.stat().st_size) for p in src.iterdir()) == before
+
+
+def test_stale_partial_is_cleaned(demo, tmp_path):
+    dst = tmp_path / "out"
+    stale = tmp_path / f".out.{PARTIAL_TAG}-999999999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x")
+    convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False)
+    assert not stale.exists() and dst.exists()
+
+
+def test_bad_settings(demo, tmp_path):
+    with pytest.raises(ConversionError, match="group size"):
+        convert(demo.reference, tmp_path / "a", to="mlx", group_size=48)
+    with pytest.raises(ConversionError, match="mxfp4"):
+        convert(demo.reference, tmp_path / "b", to="mlx", mode="mxfp4", bits=8)
+    with pytest.raises(ConversionError, match="recipe"):
+        convert(demo.reference, tmp_path / "c", to="mlx", recipe="mixed_9_9")
+    assert not list(tmp_path.iterdir())
+
+
+# -- real fixtures -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["autoawq-gemm-w4g128", "gptqmodel-gptq-w4g128", "gptqmodel-gptq-w3g128",
+                                  "llmcompressor-w4a16", "llmcompressor-w4a16-asym"])
+def test_real_fixture_exact(name, tmp_path):
+    src = REAL / name
+    if not src.is_dir():
+        pytest.skip("real fixtures not present")
+    rep = convert(src, tmp_path / "out", to="mlx", verify=False)
+    assert rep.by_kind().get("repacked") == 14
+    assert assert_exact(src, tmp_path / "out", rep) == 14
+    # and against the tool's own decode (decoded.npz)
+    dec = np.load(src / "decoded.npz")
+    tensors, _ = _load_mlx(tmp_path / "out")
+    r = {x.path: x for x in rep.layers}
+    for key in dec.files:
+        lr = r[key]
+        got = _mx_f32(mx.dequantize(tensors[f"{key}.weight"], tensors[f"{key}.scales"], tensors[f"{key}.biases"],
+                                    group_size=lr.group_size, bits=lr.bits))
+        np.testing.assert_allclose(got, dec[key], rtol=0, atol=1e-6 * float(np.abs(dec[key]).max()))
+
+
+# -- command line --------------------------------------------------------------------------------------
+
+def test_cli_convert(demo, tmp_path, capsys):
+    from quantscope.app.cli import main
+    src, dst = str(demo.variants["awq-w4g128"]), str(tmp_path / "cli-out")
+    assert main(["convert", src, dst, "--to", "mlx"]) == 0
+    out = capsys.readouterr().out
+    assert "repacked exact" in out and "max rel_fro 0" in out and "scales widened to float32" in out
+    assert main(["convert", src, dst, "--to", "mlx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+    assert main(["convert", src, dst, "--to", "dense", "--dtype", "f16", "--overwrite"]) == 0
+    assert open_checkpoint(dst).tensor("model.layers.0.self_attn.q_proj.weight").dtype == np.float16
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert os.path.isdir(dst)
