@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from .checkpoint import natural_key
-from .compare_align import Alignment, Segment, Target, Unmatched, align, layer_index, proj_of
+from .compare_align import Alignment, Target, Unmatched, align, layer_index, proj_of
 from .engines import get_engine
 from .errors import Cancelled, QuantscopeError
 from .metrics import ErrorStats, error_metrics, histogram_counts, uniform_edges

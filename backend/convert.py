@@ -319,31 +319,16 @@ def _np_dtype(st: str) -> np.dtype:
     return np.dtype(DTYPES[st].numpy)
 
 
-def _to_mx(a: np.ndarray):
-    import mlx.core as mx
-    a = np.ascontiguousarray(a)
-    if a.dtype == np.dtype(ml_dtypes.bfloat16):
-        return mx.array(a.view(np.uint16)).view(mx.bfloat16)
-    return mx.array(a)
-
-
-def _from_mx(x) -> np.ndarray:
-    import mlx.core as mx
-    if x.dtype == mx.bfloat16:
-        return np.array(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
-    return np.array(x)
-
-
 def _mx_quantize(w: np.ndarray, dtype: np.dtype, q: _Q) -> list[np.ndarray]:
     """``mx.quantize`` of ``w`` cast to ``dtype``, run on the MLX thread; numpy results."""
-    from .engines import run_on_mlx_thread
+    from .engines import from_mx, run_on_mlx_thread, to_mx
 
     def run():
         import mlx.core as mx
-        a = _to_mx(w.astype(dtype, copy=False))
+        a = to_mx(w.astype(dtype, copy=False))
         r = mx.quantize(a, group_size=q.group_size, bits=q.bits, mode=q.mode)
         mx.eval(*r)
-        return [_from_mx(x) for x in r]
+        return [from_mx(x) for x in r]
 
     return run_on_mlx_thread(run)
 

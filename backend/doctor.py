@@ -43,7 +43,7 @@ from .checkpoint import (INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_
 from .dtypes import DTYPES
 from .errors import Cancelled, QuantscopeError
 from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, E4M3, E8M0, MODE_DEFAULTS
-from .safetensors_file import MAX_HEADER_SIZE, SafetensorsFile, _likely_cause
+from .safetensors_file import SafetensorsFile
 
 _logger = logging.getLogger(__name__)
 
@@ -1195,7 +1195,7 @@ class _Doctor:
 
     def _check_layer_values(self, layer) -> float | None:
         """Check one layer's sampled values; return its median |scale| (for the peer comparison)."""
-        comps, path, sch = layer.tensors, layer.path, layer.scheme
+        comps, sch = layer.tensors, layer.scheme
         if sch == "dense":
             w = comps.get("weight")
             if w is not None and w.dtype in _FLOAT_DTYPES:
@@ -1282,7 +1282,7 @@ class _Doctor:
         return float(np.median(nz)) if nz.size else None
 
     def _check_codes(self, layer) -> None:
-        from .formats import awq as awqfmt, ct as ctfmt, gptq as gptqfmt
+        from .formats import awq as awqfmt, ct as ctfmt
         comps, path, sch, b = layer.tensors, layer.path, layer.scheme, layer.bits
         K = layer.shape[-1]
         seen = np.zeros(1 << b, dtype=np.int64)

@@ -165,12 +165,22 @@ class NumpyEngine:
 
 # -- mlx ---------------------------------------------------------------------------------------
 
-def _mx_array(a: np.ndarray):
+def to_mx(a: np.ndarray):
+    """numpy → MLX array, bf16 included (through a uint16 view: mx.array cannot take ml_dtypes).
+    Call only on the MLX thread (:func:`run_on_mlx_thread`)."""
     import mlx.core as mx
     a = np.ascontiguousarray(a)
     if a.dtype == np.dtype(ml_dtypes.bfloat16):
         return mx.array(a.view(np.uint16)).view(mx.bfloat16)
     return mx.array(a)
+
+
+def from_mx(x) -> np.ndarray:
+    """MLX array → numpy with the same dtype (bf16 through a uint16 view); evaluates it."""
+    import mlx.core as mx
+    if x.dtype == mx.bfloat16:
+        return np.array(x.view(mx.uint16)).view(ml_dtypes.bfloat16)
+    return np.array(x)
 
 
 def _mx_to_numpy_f32(x) -> np.ndarray:
@@ -207,12 +217,12 @@ class MlxEngine:
         s = layer.scheme
         if s == "mlx-affine":
             self.last_path = "mx.dequantize"
-            y = mx.dequantize(_mx_array(p["weight"]), _mx_array(p["scales"]), _mx_array(p["biases"]),
+            y = mx.dequantize(to_mx(p["weight"]), to_mx(p["scales"]), to_mx(p["biases"]),
                               group_size=layer.group_size, bits=layer.bits)
             return _mx_to_numpy_f32(y)
         if s in ("mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4"):
             self.last_path = "mx.dequantize"
-            y = mx.dequantize(_mx_array(p["weight"]), _mx_array(p["scales"]), mode=layer.mode, dtype=mx.float32)
+            y = mx.dequantize(to_mx(p["weight"]), to_mx(p["scales"]), mode=layer.mode, dtype=mx.float32)
             return _mx_to_numpy_f32(y)
         rep = None
         if s == "gptq":
@@ -232,7 +242,7 @@ class MlxEngine:
         if rep is not None:
             self.last_path = "repacked to MLX affine + mx.dequantize"
             w, sc, bi = rep
-            y = mx.dequantize(_mx_array(w), _mx_array(sc), _mx_array(bi), group_size=layer.group_size,
+            y = mx.dequantize(to_mx(w), to_mx(sc), to_mx(bi), group_size=layer.group_size,
                               bits=layer.bits)
             return _mx_to_numpy_f32(y)
         self.last_path = "numpy fallback"

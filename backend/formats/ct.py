@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import bitpack
 from ..errors import LayerError
-from .common import check, round_to
+from .common import check
 
 __all__ = [
     "E2M1_VALUES", "detect_packing", "codes_pack_quantized", "decode_pack_quantized",
@@ -281,7 +281,7 @@ def _apply_scale_zp(q, weight_scale, weight_zero_point, g_idx, shape, strategy, 
     *lead, N, K = shape
     lead = tuple(lead)
     s = np.asarray(weight_scale)
-    sdt = _scale_dtype(s, name)
+    _scale_dtype(s, name)  # refuses non-float scales
     s32 = s.astype(np.float32)
     if strategy == "tensor":
         check(s.size == 1, f"tensor-strategy weight_scale must hold one value, has shape "
@@ -390,7 +390,7 @@ def decode_naive(weight: np.ndarray, weight_scale: np.ndarray,
     bn, bk = (int(v) for v in block_structure)
     *lead, N, K = w.shape
     s = np.asarray(weight_scale)
-    sdt = _scale_dtype(s, name)
+    _scale_dtype(s, name)  # refuses non-float scales
     grid = (-(-N // bn), -(-K // bk))
     check(s.shape == tuple(lead) + grid,
           f"block weight_scale has shape {list(s.shape)} but [N, K] = [{N}, {K}] with "
@@ -458,7 +458,7 @@ def decode_nvfp4(weight_packed: np.ndarray, weight_scale: np.ndarray,
     """
     codes = _unpack_fp4(weight_packed, name)
     s = np.asarray(weight_scale)
-    N, K = codes.shape[-2], codes.shape[-1]
+    K = codes.shape[-1]
     ng = -(-K // group_size)
     check(s.shape == codes.shape[:-1] + (ng,),
           f"weight_scale has shape {list(s.shape)} but weight_packed {list(np.shape(weight_packed))}"
