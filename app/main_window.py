@@ -320,7 +320,8 @@ class MainWindow(QMainWindow):
         src, dst = opts.pop("src"), opts.pop("dst")
 
         def done(report) -> None:
-            text = report.summary() if hasattr(report, "summary") else str(report)
+            from quantscope.backend.convert import summary_lines
+            text = "\n".join(summary_lines(report)[:5])
             self.statusBar().showMessage(f"Converted to {dst}", 15000)
             self.config.set_whatif_result(text)
             self.add_paths([dst])

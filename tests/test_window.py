@@ -131,3 +131,18 @@ def test_exports(win, qtbot, tmp_path):
     win.sweep_result.to_csv(tmp_path / "m.csv")
     header = (tmp_path / "m.csv").read_text().splitlines()[0]
     assert "rel_fro" in header and "variant" in header
+
+
+def test_convert_from_the_window_opens_the_result_with_its_error(win, qtbot, tmp_path, demo):
+    dst = tmp_path / "awq-mlx"
+    n_before = len(win.workspace.variants)
+    with qtbot.waitSignal(win.convert_done, timeout=120_000) as sig:
+        from quantscope.widgets.convert_dialog import ConvertDialog
+        dlg = ConvertDialog({"awq": str(demo.variants["awq-w4g128"])}, "awq")
+        dlg.dst.setText(str(dst))
+        win.run_convert(dlg.options())
+    report = sig.args[0]
+    assert report.verified and report.max_rel_fro == 0.0  # exact repack: zero error
+    assert "exact repacks: 28" in win.config.whatif_result.text()
+    qtbot.waitUntil(lambda: len(win.workspace.variants) == n_before + 1, timeout=30_000)
+    assert (dst / "config.json").exists()

@@ -8,6 +8,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, 
                                QHBoxLayout, QLineEdit, QPushButton, QWidget)
 
 RECIPES = ["uniform", "mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]
+KEEP = "exact where possible"
 
 
 class ConvertDialog(QDialog):
@@ -31,11 +32,12 @@ class ConvertDialog(QDialog):
         h.addWidget(browse)
         self.to = QComboBox()
         self.to.addItems(["mlx", "dense"])
+        # "keep" converts exactly where the source is representable as MLX and requantizes the
+        # rest at 4 bits; a number requantizes every layer whose settings differ from it.
         self.bits = QComboBox()
-        self.bits.addItems(["2", "3", "4", "5", "6", "8"])
-        self.bits.setCurrentText("4")
+        self.bits.addItems([KEEP, "2", "3", "4", "5", "6", "8"])
         self.group = QComboBox()
-        self.group.addItems(["default", "32", "64", "128"])
+        self.group.addItems([KEEP, "32", "64", "128"])
         self.mode = QComboBox()
         self.mode.addItems(["affine", "mxfp4", "nvfp4", "mxfp8"])
         self.recipe = QComboBox()
@@ -47,7 +49,7 @@ class ConvertDialog(QDialog):
         form.addRow("Source", self.source)
         form.addRow("Destination folder", dst_row)
         form.addRow("Convert to", self.to)
-        form.addRow("Bits (requantized layers)", self.bits)
+        form.addRow("Bits", self.bits)
         form.addRow("Group size", self.group)
         form.addRow("Mode", self.mode)
         form.addRow("Recipe (dense → MLX)", self.recipe)
@@ -84,10 +86,10 @@ class ConvertDialog(QDialog):
 
     def options(self) -> dict:
         """Keyword arguments for ``quantscope.backend.convert.convert`` (plus src/dst)."""
-        g = self.group.currentText()
+        g, b = self.group.currentText(), self.bits.currentText()
         recipe = self.recipe.currentText()
         return {"src": self.sources[self.source.currentText()], "dst": self.dst.text().strip(),
-                "to": self.to.currentText(), "bits": int(self.bits.currentText()),
-                "group_size": None if g == "default" else int(g), "mode": self.mode.currentText(),
+                "to": self.to.currentText(), "bits": None if b == KEEP else int(b),
+                "group_size": None if g == KEEP else int(g), "mode": self.mode.currentText(),
                 "recipe": None if recipe == "uniform" else recipe, "dtype": self.dtype.currentText(),
                 "overwrite": self.overwrite.isChecked()}
