@@ -24,14 +24,12 @@ rebuilds on one machine); the build is written beside ``dest`` and renamed into 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
 import struct
 import sys
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,6 +39,7 @@ import numpy as np
 
 from .bitpack import pack_bits
 from .dtypes import DTYPES
+from .blas import single_threaded_blas
 from .errors import Cancelled, CheckpointError
 from .formats.awq import ORDER
 
@@ -786,44 +785,6 @@ def _mlx_config(global_bits: int, per_module: dict[str, int] | None) -> dict:
 
 # -- the build ------------------------------------------------------------------------------------
 
-def _openblas_thread_controls():
-    """``(get, set)`` for the OpenBLAS bundled with numpy's wheels, or None when not found."""
-    here = Path(np.__file__).resolve().parent
-    for lib in sorted([*here.parent.glob("numpy.libs/*openblas*"), *here.glob(".dylibs/*openblas*")]):
-        try:
-            dll = ctypes.CDLL(str(lib))
-        except OSError:
-            continue
-        for get, put in (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-                         ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-                         ("openblas_get_num_threads", "openblas_set_num_threads")):
-            if hasattr(dll, get) and hasattr(dll, put):
-                return getattr(dll, get), getattr(dll, put)
-    return None
-
-
-@contextmanager
-def _single_threaded_blas():
-    """Run BLAS on one thread for the duration (then restore the previous count).
-
-    The build is thousands of small and medium BLAS calls between Python steps. OpenBLAS's worker
-    threads then mostly wait and spin, and on a busy machine they take the CPU from the main
-    thread: measured 14-44 s instead of 6 s on a loaded 2-core machine. Without numpy's OpenBLAS
-    (e.g. Accelerate on macOS) this does nothing.
-    """
-    controls = _openblas_thread_controls()
-    if controls is None:
-        yield
-        return
-    get, put = controls
-    before = get()
-    put(1)
-    try:
-        yield
-    finally:
-        put(before)
-
-
 # Relative cost of each stage (measured), so progress moves evenly.
 _COST = {"model": 5.0, "calib": 3.0, "write": 0.3, "gptq": 4.5, "rtn": 0.3, "awq": 2.0, "mlx": 0.4}
 
@@ -944,7 +905,7 @@ def build_demo(dest: Path, *, seed: int = 0, progress: Callable[[float], None] |
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
     try:
         ctx = _Context(seed, progress, cancel, _total_cost())
-        with _single_threaded_blas():
+        with single_threaded_blas():
             manifest = _build_into(tmp, ctx)
         _write_json(tmp / MANIFEST, manifest)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder

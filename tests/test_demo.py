@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from quantscope.backend.blas import single_threaded_blas
 from quantscope.backend import demo
 from quantscope.backend.checkpoint import open_checkpoint
 from quantscope.backend.errors import Cancelled, CheckpointError
@@ -28,7 +29,7 @@ def ref(ws):
     with open_checkpoint(ws.reference) as c:
         weights = {n: np.array(c.tensor(n)) for n in c.names}
     # The build runs BLAS on one thread; float sums depend on the split, so recompute likewise.
-    with demo._single_threaded_blas():
+    with single_threaded_blas():
         return weights, demo.calibration_inputs(weights, 0)
 
 
@@ -168,7 +169,7 @@ def test_gptq_v1_round_trip_and_file_contents(ws, ref):
     weights, xs = ref
     m = f"{L0}.self_attn.o_proj"
     w = weights[f"{m}.weight"].astype(np.float32)
-    with demo._single_threaded_blas():
+    with single_threaded_blas():
         codes, scales, zeros, g_idx = demo.gptq_quantize(w, demo.hessian(xs[m]), sym=True)
     assert (zeros == 8).all() and np.array_equal(g_idx, np.arange(512) // 128)
     qweight, qzeros = demo.pack_gptq(codes, zeros, version=1)

@@ -68,6 +68,14 @@ def fp16_normal_range(scales: np.ndarray, max_code_distance: int) -> bool:
     return bool(nz.size == 0 or (nz.min() >= 2.0 ** -14 and nz.max() * max_code_distance <= 65504.0))
 
 
+def map_pieces(fn, n: int, piece: int) -> list:
+    """``[fn(i0, i1) for each piece of [0, n)]``, on the pool when there is more than one piece."""
+    bounds = [(i, min(n, i + piece)) for i in range(0, n, piece)] or [(0, 0)]
+    if len(bounds) == 1 or workers() == 1:
+        return [fn(i0, i1) for i0, i1 in bounds]
+    return list(_get_pool().map(lambda b: fn(*b), bounds))
+
+
 def round_inplace(x: np.ndarray, dtype, *, normal_only: bool = False) -> None:
     """Round float32 ``x`` in place to the nearest value of ``dtype`` (bf16, fp16 or float32).
 
