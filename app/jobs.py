@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+# Imported here, at window start-up, not inside the job functions: a worker thread importing a
+# module holds the GIL for the whole import and froze the GUI for ~70 ms (bench_gui).
+from quantscope.backend.compare import layer_detail, sweep
+from quantscope.backend.convert import convert
+from quantscope.backend.demo import demo_workspace
+from quantscope.backend.doctor import diagnose
 from quantscope.backend.engines import get_engine, run_on_mlx_thread
 from quantscope.backend.errors import Cancelled, QuantscopeError
 from quantscope.backend.workspace import load_workspace
@@ -15,7 +21,6 @@ MAX_HEATMAP_ROWS = 768
 def job_load(paths, reference=None, *, progress=None, cancel=None):
     """Open checkpoints (headers and configs only) into a Workspace."""
     if not paths and not reference:
-        from quantscope.backend.demo import demo_workspace
         demo = demo_workspace()
         return load_workspace([str(p) for p in demo.variants.values()], str(demo.reference),
                               progress=progress, cancel=cancel)
@@ -51,8 +56,6 @@ def shared_histogram(arrays: dict[str, np.ndarray], bins: int = 128):
 
 def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=None, cancel=None) -> dict:
     """Everything the layer views show for one layer."""
-    from quantscope.backend.compare import layer_detail
-
     if reference is None:
         raise QuantscopeError("no reference checkpoint: open one with File ▸ Set reference… to compare")
     d = layer_detail(reference, variants, name, engine=engine, cancel=cancel)
@@ -76,12 +79,10 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
 
 
 def job_sweep(reference, variants: dict, *, engine="auto", cache=None, progress=None, cancel=None):
-    from quantscope.backend.compare import sweep
     return sweep(reference, variants, engine=engine, progress=progress, cancel=cancel, cache=cache)
 
 
 def job_doctor(path: str, *, progress=None, cancel=None) -> list[dict]:
-    from quantscope.backend.doctor import diagnose
     return [f.to_dict() for f in diagnose(path, progress=progress, cancel=cancel)]
 
 
@@ -118,7 +119,6 @@ def job_whatif(reference, name: str, bits: int, group_size: int, mode: str, *, p
 
 
 def job_convert(src: str, dst: str, options: dict, *, engine="auto", progress=None, cancel=None):
-    from quantscope.backend.convert import convert
     return convert(src, dst, engine=engine, progress=progress, cancel=cancel, **options)
 
 

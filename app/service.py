@@ -22,6 +22,7 @@ from typing import Any, Callable
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal, Slot
 
 from quantscope.backend.errors import Cancelled, QuantscopeError
+from quantscope.backend.formats.kernel import lower_thread_priority
 
 _logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class _Runnable(QRunnable):
         self.job, self.fn, self.args, self.kwargs, self.bridge = job, fn, args, kwargs, bridge
 
     def run(self) -> None:
+        lower_thread_priority()  # the GUI thread must win the CPU on a busy machine
         job = self.job
         last = [0.0]
 

@@ -24,6 +24,7 @@ import numpy as np
 from .errors import LayerError
 from .formats import awq, bnb, ct, fp8, gptq
 from .formats import mlx as mlxfmt
+from .formats.kernel import lower_thread_priority
 from .schemes import Layer, Model
 
 ENGINES = ("auto", "numpy", "mlx")
@@ -198,7 +199,8 @@ class MlxEngine:
     def __init__(self) -> None:
         import mlx.core as mx  # fail early and clearly if MLX is missing
         self._mx = mx
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantscope-mlx")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantscope-mlx",
+                                        initializer=lower_thread_priority)
         self._numpy = NumpyEngine()
         self.last_path = ""  # which route the last decode took (for reports and tests)
         self._lock = threading.Lock()

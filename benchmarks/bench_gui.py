@@ -73,6 +73,12 @@ def main():
     win.quiet_errors = True
     win.resize(1280, 800)
     win.show()
+    # Let the first paint of the freshly shown window happen before measuring: it is start-up,
+    # not the opening or comparing that the heartbeat is about.
+    t_settle = time.perf_counter()
+    while time.perf_counter() - t_settle < 0.5:
+        app.processEvents()
+        time.sleep(0.005)
     gaps: list[float] = []
     clock = QElapsedTimer()
     clock.start()

@@ -59,18 +59,23 @@ class TensorTree(QWidget):
         self.combo.blockSignals(True)
         self.combo.clear()
         self.combo.addItems(list(models))
-        self.combo.blockSignals(False)
         if current in models:
             self.combo.setCurrentText(current)
+        self.combo.blockSignals(False)
         self._on_combo(self.combo.currentText())
 
     def _on_combo(self, label: str) -> None:
         self.model.set_checkpoint(self._models.get(label))
         self._index = PathIndex(self.model.paths())
         self._apply_search()
-        for c in range(1, self.model.columnCount()):
-            self.view.resizeColumnToContents(c)
-        self.view.setColumnWidth(0, min(300, max(200, self.view.columnWidth(0))))
+        # Widths from the font, not resizeColumnToContents: that walks every row (25 ms on a
+        # small model, seconds on a 70k-module MoE) on the GUI thread.
+        fm = self.view.fontMetrics()
+        widths = {0: 260, 1: fm.horizontalAdvance("mlx-affine__"), 4: fm.horizontalAdvance("14336×4096__"),
+                  5: fm.horizontalAdvance("100.0 MB__")}
+        for c in range(self.model.columnCount()):
+            text = str(self.model.headerData(c, Qt.Orientation.Horizontal) or "")
+            self.view.setColumnWidth(c, max(widths.get(c, 0), fm.horizontalAdvance(text) + 24))
         self.checkpoint_changed.emit(label)
 
     def _apply_search(self) -> None:
