@@ -9,33 +9,9 @@ import os
 import sys
 import threading
 
+from .progress_bar import ProgressBar
+
 _logger = logging.getLogger(__name__)
-
-
-class _ProgressBar:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal."""
-
-    def __init__(self, stream=None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last = -1
-
-    def __call__(self, fraction: float) -> None:
-        if not self.enabled:
-            return
-        pct = int(fraction * 100)
-        if pct == self._last:
-            return
-        self._last = pct
-        width = 30
-        fill = int(width * fraction)
-        self.stream.write(f"\rcomparing [{'#' * fill}{'.' * (width - fill)}] {pct:3d}%")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self._last >= 0:
-            self.stream.write("\r" + " " * 50 + "\r")
-            self.stream.flush()
 
 
 def _fmt(v, spec: str) -> str:
@@ -79,7 +55,7 @@ def run_compare(args) -> int:
     variants = {}
     for path in args.variants:
         variants[path] = analyze(open_checkpoint(path))
-    bar = _ProgressBar()
+    bar = ProgressBar("comparing")
     cancel = threading.Event()
     try:
         result = sweep(ref, variants, engine=getattr(args, "engine", "auto") or "auto", progress=bar, cancel=cancel)

@@ -200,7 +200,9 @@ class MainWindow(QMainWindow):
 
     def select_layer_everywhere(self, path: str) -> None:
         """Select a layer from any view (layers plot, doctor): tree, config panel and views."""
-        path = path.rsplit(".", 1)[0] if path not in self._all_paths() and "." in path else path
+        if path not in self._all_paths():  # a tensor name (e.g. from the doctor): its module
+            from quantscope.backend.checkpoint import split_name
+            path = split_name(path)[0]
         if not self.tree.select(path):
             self.select_layer(path)
 

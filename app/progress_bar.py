@@ -1,0 +1,34 @@
+"""A terminal progress bar for the long command-line jobs (compare, convert)."""
+
+from __future__ import annotations
+
+import sys
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal.
+
+    Call it with a fraction 0..1 (it is a backend ``progress`` callback); ``close()`` erases it.
+    """
+
+    def __init__(self, label: str, stream=None) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last = -1
+
+    def __call__(self, fraction: float) -> None:
+        if not self.enabled:
+            return
+        pct = int(fraction * 100)
+        if pct == self._last:
+            return
+        self._last = pct
+        fill = int(30 * fraction)
+        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (30 - fill)}] {pct:3d}%")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._last >= 0:
+            self.stream.write("\r" + " " * 50 + "\r")
+            self.stream.flush()
