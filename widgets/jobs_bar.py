@@ -2,7 +2,34 @@
 
 from __future__ import annotations
 
-from PySide6.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QToolButton, QWidget
+from PySide6.QtCore import QRectF
+from PySide6.QtGui import QPainter
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QToolButton, QWidget
+
+
+class _Bar(QWidget):
+    """A minimal progress bar. QProgressBar.setValue() repaints synchronously, which flushed every
+    pending paint of the window (plots included) from inside each progress update (bench_gui)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fraction = 0.0
+        self.setFixedSize(160, 12)
+        self.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)
+
+    def set_fraction(self, f: float) -> None:
+        if abs(f - self.fraction) >= 0.005 or f in (0.0, 1.0):
+            self.fraction = f
+            self.update()  # asynchronous, merged with the next paint
+
+    def paintEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+        p = QPainter(self)
+        pal = self.palette()
+        p.setPen(pal.mid().color())
+        p.setBrush(pal.base())
+        p.drawRect(QRectF(0.5, 0.5, self.width() - 1, self.height() - 1))
+        p.fillRect(QRectF(1, 1, (self.width() - 2) * self.fraction, self.height() - 2), pal.highlight())
+        p.end()
 
 
 class JobsBar(QWidget):
@@ -12,10 +39,7 @@ class JobsBar(QWidget):
         super().__init__(parent)
         self.service = service
         self.label = QLabel("")
-        self.bar = QProgressBar()
-        self.bar.setRange(0, 1000)
-        self.bar.setMaximumWidth(180)
-        self.bar.setTextVisible(False)
+        self.bar = _Bar()
         self.cancel = QToolButton()
         self.cancel.setText("Cancel")
         lay = QHBoxLayout(self)
@@ -59,4 +83,4 @@ class JobsBar(QWidget):
         jid = max(self._titles)
         more = f" (+{len(self._titles) - 1} more)" if len(self._titles) > 1 else ""
         self.label.setText(f"{self._titles[jid]}{more}")
-        self.bar.setValue(int(1000 * self._progress.get(jid, 0.0)))
+        self.bar.set_fraction(self._progress.get(jid, 0.0))
