@@ -367,25 +367,20 @@ class Checkpoint:
     def __len__(self) -> int:
         return len(self._where)
 
-    def info(self, name: str) -> TensorInfo:
+    def file_of(self, name: str) -> SafetensorsFile:
+        """The shard holding ``name`` (a CheckpointError naming it if there is none)."""
         try:
-            f = self._where[name]
+            return self._where[name]
         except KeyError:
             raise CheckpointError("no such tensor in this checkpoint", file=self.source, tensor=name,
                                   rule="container.no-tensor") from None
-        return f.info(name)
 
-    def file_of(self, name: str) -> SafetensorsFile:
-        return self._where[name]
+    def info(self, name: str) -> TensorInfo:
+        return self.file_of(name).info(name)
 
     def tensor(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Read one tensor (or rows ``[start, stop)`` of it) through mmap; read-only array."""
-        try:
-            f = self._where[name]
-        except KeyError:
-            raise CheckpointError("no such tensor in this checkpoint", file=self.source, tensor=name,
-                                  rule="container.no-tensor") from None
-        return f.read(name, rows)
+        return self.file_of(name).read(name, rows)
 
     def modules(self) -> dict[str, Module]:
         """Modules in natural order, each with its stored tensors by component."""

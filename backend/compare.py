@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import mmap
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,12 +250,7 @@ def _release_pages(models) -> None:
     """
     for m in models:
         for f in getattr(m.ckpt, "files", ()):
-            mm = getattr(f, "_mm", None)  # TODO: a public SafetensorsFile.release_pages()
-            if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-                try:
-                    mm.madvise(mmap.MADV_DONTNEED)
-                except (OSError, ValueError):
-                    pass
+            f.release_pages()
 
 
 def _check_cancel(cancel) -> None:

@@ -826,9 +826,7 @@ class _ShardWriter:
 
 
 def _raw_bytes(ckpt: Checkpoint, name: str) -> memoryview:
-    info = ckpt.info(name)
-    buf = ckpt.file_of(name)._buffer()
-    return memoryview(buf)[info.start:info.end]
+    return ckpt.file_of(name).raw_bytes(name)
 
 
 # -- files, destination, safety -------------------------------------------------------------------

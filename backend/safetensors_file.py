@@ -347,6 +347,24 @@ class SafetensorsFile:
         arr = np.frombuffer(buf, dtype=dt.numpy, count=n_el, offset=start)
         return arr.reshape(shape)
 
+    def raw_bytes(self, name: str) -> memoryview:
+        """The stored bytes of one tensor, as a read-only view of the mapping (no copy)."""
+        info = self.info(name)
+        return memoryview(self._buffer())[info.start:info.end]
+
+    def release_pages(self) -> None:
+        """Drop this process's mapped pages of the file (they stay in the OS page cache).
+
+        A sweep reads every tensor through mmap once; without this the resident set would grow to
+        the size of all files touched.
+        """
+        mm = self._mm
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
     def close(self) -> None:
         """Drop the mapping (arrays still referencing it keep it alive until they are freed)."""
         mm, self._mm = self._mm, None
