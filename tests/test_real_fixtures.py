@@ -65,3 +65,21 @@ def test_mlx_lm_fixture_matches_mx_dequantize(real_fixtures):
             p = layer.path
             want = mx.dequantize(ref[p + ".weight"], ref[p + ".scales"], ref[p + ".biases"], group_size=64, bits=4)
             np.testing.assert_array_equal(NumpyEngine().dequantize(model, layer), np.array(want.astype(mx.float32)))
+
+
+def test_autoawq_smoothing_is_undone_against_the_base(real_fixtures):
+    # AutoAWQ folded its smoothing scales into the layernorms: recovered exactly from the norm
+    # ratio, undoing them brings q_proj from ~0.215 to ~0.142 (the issue quotes 0.199 -> 0.126 for
+    # GPTQModel's AWQ of the same base), below the naive figure that would rank AWQ behind GPTQ.
+    from quantscope.backend.compare import sweep
+    from quantscope.backend.workspace import open_model
+    ref = open_model(real_fixtures / "base-bf16")
+    res = sweep(ref, {"awq": open_model(REAL / "autoawq-gemm-w4g128")}, engine="numpy")
+    rows = {r.name: r for r in res.rows}
+    q = rows["model.layers.0.self_attn.q_proj"]
+    assert q.smoothing == "norm:model.layers.0.input_layernorm"
+    assert 0.13 < q.rel_fro < 0.15 and 0.20 < q.rel_fro_raw < 0.23
+    gate = rows["model.layers.1.mlp.gate_proj"]
+    assert gate.smoothing.startswith("norm:") and gate.rel_fro < gate.rel_fro_raw
+    down = rows["model.layers.0.mlp.down_proj"]
+    assert down.smoothing.startswith("lstsq:") and down.rel_fro < down.rel_fro_raw / 2
