@@ -450,7 +450,7 @@ class MainWindow(QMainWindow):
         self.failed.emit(message)
         self.statusBar().showMessage(message, 15000)
         if QApplication.platformName() in ("offscreen", "minimal") or getattr(self, "quiet_errors", False):
-            _logger.error("%s: %s", title, message)
+            _logger.info("%s: %s", title, message)  # the screenshot run prints its errors once, at the end
             return
         box = QMessageBox(QMessageBox.Icon.Warning, title, message, parent=self)
         if details:

@@ -34,11 +34,23 @@ class Script:
             self.steps.append(self._select)
         if args.compare:
             self.steps.append(self._compare)
-        win.failed.connect(self.errors.append)
+        win.failed.connect(self._failed)
+        self._loaded = False
+        self._finishing = False
 
     def start(self) -> None:
-        self.win.workspace_loaded.connect(self._next_when_idle)
+        self.win.workspace_loaded.connect(self._on_loaded)
         self.win.open_workspace(self.args.paths, self.args.reference)
+
+    def _on_loaded(self) -> None:
+        self._loaded = True
+        self._next_when_idle()
+
+    def _failed(self, message: str) -> None:
+        self.errors.append(message)
+        # A workspace that could not be opened never reports "loaded": finish from here.
+        if not self._loaded and self.args.screenshot:
+            self._finish()
 
     def _next_when_idle(self) -> None:
         from PySide6.QtCore import QTimer
@@ -76,6 +88,9 @@ class Script:
 
     def _finish(self) -> None:
         from PySide6.QtCore import QTimer
+        if self._finishing:
+            return
+        self._finishing = True
         if self.args.select and not self.errors:
             self.win.tabs.setCurrentWidget(self.win.layers if self.args.compare else self.win.hist)
         self.app.processEvents()

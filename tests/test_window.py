@@ -146,3 +146,14 @@ def test_convert_from_the_window_opens_the_result_with_its_error(win, qtbot, tmp
     assert "exact repacks: 28" in win.config.whatif_result.text()
     qtbot.waitUntil(lambda: len(win.workspace.variants) == n_before + 1, timeout=30_000)
     assert (dst / "config.json").exists()
+
+
+def test_screenshot_mode_exits_nonzero_with_a_message_when_nothing_opens(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "quantscope", str(tmp_path / "missing"), "--screenshot",
+                        str(tmp_path / "s.png")], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert r.returncode == 1
+    assert "quantscope: error:" in r.stderr and "missing" in r.stderr
+    assert (tmp_path / "s.png").exists()  # the window (with its error) is still saved
