@@ -18,3 +18,14 @@ def real_fixtures() -> Path:
     if not REAL.is_dir():
         pytest.skip("../shared/fixtures/real is not beside the checkout")
     return REAL
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def kernel_path(request, monkeypatch):
+    """Run a decoder test through the numba kernels and through the vectorised numpy fallback."""
+    from quantscope.backend.formats import fast
+    if request.param == "numpy":
+        monkeypatch.setattr(fast, "AVAILABLE", False)
+    elif not fast.AVAILABLE:
+        pytest.skip("numba is not installed")
+    return request.param

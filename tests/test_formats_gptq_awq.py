@@ -14,6 +14,8 @@ from quantscope.backend.errors import LayerError
 from quantscope.backend.formats import awq, gptq
 from ref_packers import autoawq_pack_gemm, autogptq_pack_rows
 
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 RNG = np.random.default_rng(3)
 
 

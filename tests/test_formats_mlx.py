@@ -8,6 +8,8 @@ from mx_util import to_np
 from quantscope.backend.errors import LayerError
 from quantscope.backend.formats.mlx import decode_affine, decode_fp
 
+pytestmark = pytest.mark.usefixtures("kernel_path")
+
 RNG = np.random.default_rng(7)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..bitpack import unpack_bits
+from . import fast
 from .common import check
 from .kernel import for_row_blocks
 from .mlx import codes_as_float
@@ -54,6 +55,8 @@ def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=
     if out is None:
         out = np.empty((n, k), np.float32)
     u = qweight.view(np.uint32)
+    if fast.awq_gemm(qweight, s_t, bias_t, g, _SHIFTS, out):
+        return out
 
     def block(r0, r1):
         # Output rows 8c..8c+7 come from word column c of qweight [K, N/8]: transpose the packed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..bitpack import unpack_bits
+from . import fast
 from .common import check
 from .kernel import for_row_blocks, unpack_codes_into
 
@@ -104,6 +105,9 @@ def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: n
         out = np.empty((n, k), np.float32)
     trivial = is_trivial_g_idx(g_idx, k, g) and k % g == 0
     gi = None if trivial else (g_idx if g_idx is not None else np.arange(k) // g)
+    if fast.gptq(qweight, s_t, bias_t, np.arange(k) // g if gi is None else gi, bits, out,
+                 trivial_group=g if trivial else 0):
+        return out
     def block(r0, r1):
         blk = out[r0:r1]
         # qweight is [K*b/32, N]: the codes of output row n are column n, one LSB-first stream.

@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 
 from ..bitpack import _as_bytes, unpack_bits
+from . import fast
 from .common import check
 from .kernel import for_row_blocks, round_inplace, unpack_codes_into
 
@@ -98,6 +99,8 @@ def decode_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, *,
     if out is None:
         out = np.empty(shape, np.float32)
     o2 = out.reshape(n_rows, k)
+    if fast.mlx_affine(_as_bytes(w2), s2, b2, bits, group_size, k, sdt, o2):
+        return out
 
     def block(r0, r1):
         blk = o2[r0:r1]
@@ -144,6 +147,8 @@ def decode_fp(weight: np.ndarray, scales: np.ndarray, *, mode: str, global_scale
     out = np.empty(shape, np.float32)
     o2 = out.reshape(n_rows, k)
     elem_table = E2M1 if bits == 4 else E4M3
+    if fast.block_float(w2, s2, elem_table, table, gs, bits, group, k, o2):
+        return out
 
     def block(r0, r1):
         # Element and scale values through np.take on 16/256-entry tables: a fancy-index gather
