@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from .formats import fast
 from .formats.kernel import map_pieces
 
 #: Elements per inner chunk: float64 temporaries stay in the CPU cache.
@@ -65,6 +66,10 @@ class ErrorStats:
         raw = self.raw_only
 
         def piece(i0: int, i1: int):
+            counts = None if raw else np.zeros(_NKEYS, np.int64)
+            compiled = fast.error_stats(a1[i0:i1], b1[i0:i1], counts)
+            if compiled is not None:  # one pass, same sums (two-level float64) and buckets
+                return (*compiled, counts)
             sdd = sww = swd = 0.0
             mx = 0.0
             for i in range(i0, i1, CHUNK):
@@ -126,6 +131,9 @@ class ErrorStats:
         b1 = np.ascontiguousarray(wh, dtype=np.float32).reshape(-1)
 
         def piece(i0: int, i1: int):
+            compiled = fast.gather(a1[i0:i1], b1[i0:i1], lut)
+            if compiled is not None:
+                return compiled if compiled[0].size else None
             k = _keys(a1[i0:i1], b1[i0:i1])
             idx = np.flatnonzero(lut[k])
             if not idx.size:

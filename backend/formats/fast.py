@@ -234,3 +234,81 @@ def block_float(by: np.ndarray, sc: np.ndarray, elem_table: np.ndarray, scale_ta
     _rows(out.shape[0], k,
           lambda r0, r1: _block_float(by, sc, elem_table, scale_table, g, bits, group, k, out, r0, r1))
     return True
+
+
+# -- error statistics (compare) ----------------------------------------------------------------
+
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _stats(a, b, counts, want_counts):
+        # Σd², ΣW², ΣW·d in float64 (two-level sums: per 4096 elements, then total) and max|d|;
+        # bucket counts of |float32(b - a)| by its top 16 bits (metrics._keys).
+        n = a.size
+        sdd = 0.0
+        sww = 0.0
+        swd = 0.0
+        mx = 0.0
+        tmp = np.empty(4096, np.float32)
+        tu = tmp.view(np.uint32)
+        for j0 in range(0, n, 4096):
+            j1 = min(n, j0 + 4096)
+            p_dd = 0.0
+            p_ww = 0.0
+            p_wd = 0.0
+            for j in range(j0, j1):
+                x = np.float64(a[j])
+                d = np.float64(b[j]) - x
+                p_dd += d * d
+                p_ww += x * x
+                p_wd += x * d
+                ad = abs(d)
+                if ad > mx or ad != ad:
+                    if mx == mx:
+                        mx = ad
+                tmp[j - j0] = abs(b[j] - a[j])
+            sdd += p_dd
+            sww += p_ww
+            swd += p_wd
+            if want_counts:
+                for j in range(j1 - j0):
+                    counts[tu[j] >> np.uint32(16)] += 1
+        return sdd, sww, swd, mx
+
+    @njit(nogil=True, cache=True)
+    def _gather(a, b, lut):
+        # Exact float64 |d| and bucket key of the elements whose bucket is wanted.
+        n = a.size
+        tmp = np.empty(1, np.float32)
+        tu = tmp.view(np.uint32)
+        m = 0
+        for j in range(n):
+            tmp[0] = abs(b[j] - a[j])
+            if lut[tu[0] >> np.uint32(16)]:
+                m += 1
+        vals = np.empty(m, np.float64)
+        keys = np.empty(m, np.int64)
+        m = 0
+        for j in range(n):
+            tmp[0] = abs(b[j] - a[j])
+            k = tu[0] >> np.uint32(16)
+            if lut[k]:
+                vals[m] = abs(np.float64(b[j]) - np.float64(a[j]))
+                keys[m] = k
+                m += 1
+        return vals, keys
+
+
+def error_stats(a: np.ndarray, b: np.ndarray, counts: np.ndarray | None):
+    """(Σd², ΣW², ΣW·d, max|d|) of float32 1-D ``a`` (reference) and ``b``; bucket counts added
+    into ``counts`` when given. None without numba."""
+    if not AVAILABLE:
+        return None
+    c = counts if counts is not None else np.zeros(1 << 15, np.int64)
+    return _stats(a, b, c, counts is not None)
+
+
+def gather(a: np.ndarray, b: np.ndarray, lut: np.ndarray):
+    """(exact |d| float64, bucket keys) of the wanted buckets; None without numba."""
+    if not AVAILABLE:
+        return None
+    return _gather(a, b, lut)
