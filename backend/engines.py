@@ -184,13 +184,6 @@ def from_mx(x) -> np.ndarray:
     return np.array(x)
 
 
-def _mx_to_numpy_f32(x) -> np.ndarray:
-    import mlx.core as mx
-    x = x.astype(mx.float32)
-    mx.eval(x)
-    return np.array(x, copy=True)
-
-
 class MlxEngine:
     """Decode with ``mx.dequantize`` on one dedicated MLX thread; numpy for what MLX cannot express."""
 
@@ -221,11 +214,11 @@ class MlxEngine:
             self.last_path = "mx.dequantize"
             y = mx.dequantize(to_mx(p["weight"]), to_mx(p["scales"]), to_mx(p["biases"]),
                               group_size=layer.group_size, bits=layer.bits)
-            return _mx_to_numpy_f32(y)
+            return from_mx(y.astype(mx.float32))
         if s in ("mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4"):
             self.last_path = "mx.dequantize"
             y = mx.dequantize(to_mx(p["weight"]), to_mx(p["scales"]), mode=layer.mode, dtype=mx.float32)
-            return _mx_to_numpy_f32(y)
+            return from_mx(y.astype(mx.float32))
         rep = None
         if s == "gptq":
             rep = gptq.to_mlx_affine(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
@@ -246,7 +239,7 @@ class MlxEngine:
             w, sc, bi = rep
             y = mx.dequantize(to_mx(w), to_mx(sc), to_mx(bi), group_size=layer.group_size,
                               bits=layer.bits)
-            return _mx_to_numpy_f32(y)
+            return from_mx(y.astype(mx.float32))
         self.last_path = "numpy fallback"
         return self._numpy.dequantize(model, layer)
 

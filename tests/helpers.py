@@ -44,3 +44,9 @@ def write_st(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None =
     if pad:
         hb += b" " * (-len(hb) % 8)
     return write_raw(path, hb, b"".join(chunks))
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz, with the file closed (ResourceWarning is an error in the suite)."""
+    with np.load(path) as z:
+        return dict(z)

@@ -12,6 +12,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from helpers import load_npz
+
 from quantscope.backend.errors import LayerError
 from quantscope.backend.formats import bnb
 from quantscope.backend.formats.common import round_to
@@ -22,11 +24,6 @@ LAYER = "model.layers.0.mlp.up_proj"
 CASES4 = sorted(p.name for p in GOLDEN.iterdir() if p.name.startswith("bnb_") and "int8" not in p.name)
 
 
-def _npz(path):
-    with np.load(path) as z:          # closes the file (ResourceWarning is an error here)
-        return dict(z)
-
-
 def load(case):
     d = GOLDEN / case
     f = SafetensorsFile(d / "model.safetensors")
@@ -34,7 +31,7 @@ def load(case):
     infos = {n: f.info(n) for n in f.names}
     f.close()
     return t, infos, json.loads((d / "config.json").read_text())["quantization_config"], \
-        _npz(d / "expected.npz")
+        load_npz(d / "expected.npz")
 
 
 def qs_of(t):

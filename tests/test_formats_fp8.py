@@ -11,6 +11,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from helpers import load_npz
+
 from quantscope.backend.errors import LayerError
 from quantscope.backend.formats import fp8
 from quantscope.backend.formats.common import round_to
@@ -21,18 +23,13 @@ LAYER = "model.layers.0.mlp.down_proj"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if p.name.startswith("fp8"))
 
 
-def _npz(path):
-    with np.load(path) as z:          # closes the file (ResourceWarning is an error here)
-        return dict(z)
-
-
 def load(case):
     d = GOLDEN / case
     f = SafetensorsFile(d / "model.safetensors")
     t = {n[len(LAYER) + 1:]: f.read(n) for n in f.names}
     f.close()
     return t, json.loads((d / "config.json").read_text())["quantization_config"], \
-        _npz(d / "expected.npz")
+        load_npz(d / "expected.npz")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if "block" in c])

@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from quantscope.backend.formats.kernel import for_row_blocks, fp16_normal_range, round_inplace
+from quantscope.backend.formats.kernel import for_row_blocks, round_inplace
 
 RNG = np.random.default_rng(5)
 
@@ -25,16 +25,6 @@ def test_round_inplace_equals_cast(dtype):
     y = x.copy()
     round_inplace(y, dtype)
     np.testing.assert_array_equal(y, ref)
-
-
-def test_round_normal_only_fast_path():
-    s = (RNG.random(1000) * 0.01 + 2 ** -13).astype(np.float16)
-    assert fp16_normal_range(s, 17)
-    assert not fp16_normal_range(np.float16([1e-6, 0.1]), 17)
-    x = (s.astype(np.float32)[:, None] * np.arange(-16, 17, dtype=np.float32)[None, :]).ravel()
-    y = x.copy()
-    round_inplace(y, np.float16, normal_only=True)
-    np.testing.assert_array_equal(y, x.astype(np.float16).astype(np.float32))
 
 
 def test_row_blocks_cover_everything_once():

@@ -7,9 +7,6 @@ import numpy as np
 
 from ..errors import LayerError
 
-_FLOAT_DTYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float64)}
-
-
 def round_to(x: np.ndarray, dtype) -> np.ndarray:
     """Round float32 ``x`` to ``dtype`` (float16 / bfloat16 / float32) and back, in place if possible.
 
@@ -32,19 +29,7 @@ def round_to(x: np.ndarray, dtype) -> np.ndarray:
     raise ValueError(f"cannot round to {dt}")
 
 
-def as_f32(a: np.ndarray) -> np.ndarray:
-    """Any float array (incl. bf16/fp8 from ml_dtypes) as float32."""
-    return np.asarray(a).astype(np.float32)
-
-
 def check(cond: bool, message: str, name: str | None = None) -> None:
     """Raise a LayerError naming the layer when a shape/dtype expectation does not hold."""
     if not cond:
         raise LayerError(message, tensor=name)
-
-
-def float_dtype_of(a: np.ndarray) -> np.dtype:
-    dt = np.asarray(a).dtype
-    if dt not in _FLOAT_DTYPES:
-        raise LayerError(f"expected a float tensor, got {dt}")
-    return dt

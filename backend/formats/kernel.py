@@ -77,14 +77,6 @@ def for_row_blocks(n_rows: int, row_elems: int, fn, *, align: int = 1, min_rows:
         f.result()
 
 
-def fp16_normal_range(scales: np.ndarray, max_code_distance: int) -> bool:
-    """True when every nonzero ``s*(q-z)`` is a normal fp16 number (no subnormal or overflow
-    handling needed): nonzero |s| ≥ 2**-14 and |s|·max|q-z| ≤ 65504."""
-    a = np.abs(scales.astype(np.float32))
-    nz = a[a > 0]
-    return bool(nz.size == 0 or (nz.min() >= 2.0 ** -14 and nz.max() * max_code_distance <= 65504.0))
-
-
 def map_pieces(fn, n: int, piece: int) -> list:
     """``[fn(i0, i1) for each piece of [0, n)]``, on the pool when there is more than one piece."""
     bounds = [(i, min(n, i + piece)) for i in range(0, n, piece)] or [(0, 0)]
@@ -93,12 +85,11 @@ def map_pieces(fn, n: int, piece: int) -> list:
     return list(_get_pool().map(lambda b: fn(*b), bounds))
 
 
-def round_inplace(x: np.ndarray, dtype, *, normal_only: bool = False) -> None:
+def round_inplace(x: np.ndarray, dtype) -> None:
     """Round float32 ``x`` in place to the nearest value of ``dtype`` (bf16, fp16 or float32).
 
     Round-half-to-even like numpy's and ml_dtypes' casts (and MLX's and torch's), checked
-    against them in tests. ``normal_only`` promises that fp16 results are zero or normal
-    numbers (see :func:`fp16_normal_range`), which skips the subnormal/overflow passes.
+    against them in tests.
     """
     dt = np.dtype(dtype)
     if dt == np.float32 or dt == np.float64:
@@ -110,13 +101,6 @@ def round_inplace(x: np.ndarray, dtype, *, normal_only: bool = False) -> None:
         t += 0x7FFF
         u += t
         u &= np.uint32(0xFFFF0000)
-        return
-    if dt == _F16 and normal_only:
-        t = np.right_shift(u, 13)
-        t &= 1
-        t += 0xFFF
-        u += t
-        u &= np.uint32(0xFFFFE000)
         return
     if dt == _F16:
         # Normal fp16 range: keep 10 mantissa bits (round half to even at bit 13). Below 2**-14
