@@ -60,8 +60,8 @@ def _np_mlx_affine(layer, p, out=None):
                                 group_size=layer.group_size, name=layer.path, out=out)
 
 
-def _np_mlx_fp(layer, p):
-    return mlxfmt.decode_fp(p["weight"], p["scales"], mode=layer.mode, name=layer.path)
+def _np_mlx_fp(layer, p, out=None):
+    return mlxfmt.decode_fp(p["weight"], p["scales"], mode=layer.mode, name=layer.path, out=out)
 
 
 def _np_gptq(layer, p, out=None):
@@ -131,7 +131,7 @@ NUMPY_DECODERS = {
     "awq-gemv": _np_awq_gemv,
 }
 
-_OUT_CAPABLE = {_np_dense, _np_mlx_affine, _np_gptq, _np_awq_gemm}
+_OUT_CAPABLE = {_np_dense, _np_mlx_affine, _np_mlx_fp, _np_gptq, _np_awq_gemm}
 
 
 class NumpyEngine:

@@ -50,13 +50,14 @@ def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=
     else:
         check(qzeros.shape == (ng, n // 8), f"qzeros {list(qzeros.shape)} should be [{ng}, {n // 8}]", name)
         z = unpack_gemm(qzeros, n).astype(np.float32)
-    s_t = np.ascontiguousarray(scales.astype(np.float32).T)  # [N, ng]
-    bias_t = -(s_t * z.T)
     if out is None:
         out = np.empty((n, k), np.float32)
     u = qweight.view(np.uint32)
-    if fast.awq_gemm(qweight, s_t, bias_t, g, _SHIFTS, out):
+    s32 = np.ascontiguousarray(scales, np.float32)
+    if fast.awq_gemm(qweight, s32, z, g, _SHIFTS, out):
         return out
+    s_t = np.ascontiguousarray(s32.T)  # [N, ng]
+    bias_t = -(s_t * z.T)
 
     def block(r0, r1):
         # Output rows 8c..8c+7 come from word column c of qweight [K, N/8]: transpose the packed

@@ -99,15 +99,17 @@ def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: n
         check(g_idx.shape == (k,), f"g_idx has shape {list(g_idx.shape)}, expected [{k}]", name)
         check(int(g_idx.min(initial=0)) >= 0 and int(g_idx.max(initial=0)) < ng,
               f"g_idx values outside 0..{ng - 1}", name)
-    s_t = np.ascontiguousarray(scales.astype(np.float32).T)  # [N, ng]
-    bias_t = -(s_t * z.T.astype(np.float32))                  # exact: |z| ≤ 256, s has ≤ 24 bits
     if out is None:
         out = np.empty((n, k), np.float32)
     trivial = is_trivial_g_idx(g_idx, k, g) and k % g == 0
     gi = None if trivial else (g_idx if g_idx is not None else np.arange(k) // g)
-    if fast.gptq(qweight, s_t, bias_t, np.arange(k) // g if gi is None else gi, bits, out,
+    s32 = np.ascontiguousarray(scales, np.float32)
+    z32 = z.astype(np.float32)  # s*z is exact: |z| <= 256 and s has at most 24 significant bits
+    if fast.gptq(qweight, s32, z32, np.arange(k) // g if gi is None else gi, bits, out,
                  trivial_group=g if trivial else 0):
         return out
+    s_t = np.ascontiguousarray(s32.T)  # [N, ng]
+    bias_t = -(s_t * z32.T)
     def block(r0, r1):
         blk = out[r0:r1]
         # qweight is [K*b/32, N]: the codes of output row n are column n, one LSB-first stream.

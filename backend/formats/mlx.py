@@ -121,7 +121,7 @@ def fp_shape(weight_shape, scales_shape, mode: str, name=None) -> tuple[int, ...
 
 
 def decode_fp(weight: np.ndarray, scales: np.ndarray, *, mode: str, global_scale: float | None = None,
-              name: str | None = None) -> np.ndarray:
+              name: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Dequantize mxfp4 / mxfp8 / nvfp4 (formats.md §2) to float32.
 
     mx modes: ``elem(q) * 2**(s-127)``; nvfp4: ``E2M1[q] * E4M3(s)`` (× ``global_scale/2688``
@@ -144,7 +144,9 @@ def decode_fp(weight: np.ndarray, scales: np.ndarray, *, mode: str, global_scale
     n_rows = int(np.prod(shape[:-1]))
     w2 = _as_bytes(weight).reshape(n_rows, -1)
     s2 = scales.reshape(n_rows, ng)
-    out = np.empty(shape, np.float32)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    check(out.shape == tuple(shape) and out.dtype == np.float32, f"output buffer {out.shape} is not float32 {shape}", name)
     o2 = out.reshape(n_rows, k)
     elem_table = E2M1 if bits == 4 else E4M3
     if fast.block_float(w2, s2, elem_table, table, gs, bits, group, k, o2):
