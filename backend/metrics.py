@@ -115,7 +115,8 @@ class ErrorStats:
                 need.add(int(np.searchsorted(cum, r, side="right")))
         lut = np.zeros(_NKEYS, bool)
         lut[list(need)] = True
-        self._plan = (lut, cum)
+        bound = int(self.counts[list(need)].sum())  # elements pass two can find, in all
+        self._plan = (lut, cum, bound)
         self._found = {k: [] for k in need}
 
     @property
@@ -126,12 +127,12 @@ class ErrorStats:
         """Pass two over one block: keep the exact |error| of elements in the wanted buckets."""
         if self._plan is None:
             self.plan()
-        lut = self._plan[0]
+        lut, _, bound = self._plan
         a1 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
         b1 = np.ascontiguousarray(wh, dtype=np.float32).reshape(-1)
 
         def piece(i0: int, i1: int):
-            compiled = fast.gather(a1[i0:i1], b1[i0:i1], lut)
+            compiled = fast.gather(a1[i0:i1], b1[i0:i1], lut, bound)
             if compiled is not None:
                 return compiled if compiled[0].size else None
             k = _keys(a1[i0:i1], b1[i0:i1])
@@ -146,8 +147,10 @@ class ErrorStats:
             if found is None:
                 continue
             vals, kk = found
-            for key in np.unique(kk):
-                self._found[int(key)].append(vals[kk == key])
+            for key, parts in self._found.items():  # at most six wanted buckets
+                sel = vals[kk == key]
+                if sel.size:
+                    parts.append(sel)
 
     def percentiles(self) -> dict[float, float]:
         if self.n == 0:
