@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import gc
+import sys
 import json
 import logging
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Qt, Signal
+from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QApplication, QDockWidget, QFileDialog, QInputDialog, QMainWindow, QMessageBox,
                                QSplitter, QTabWidget)
@@ -61,6 +62,17 @@ class MainWindow(QMainWindow):
         # the window: keep it out of the cyclic GC's scans, which otherwise stall the GUI thread
         # for 40-50 ms per full collection (measured with gc.callbacks under bench_gui).
         gc.freeze()
+        # Every Python callback Qt makes on the GUI thread (each model data() call, each slot)
+        # must take the GIL back from busy workers, and CPython hands it over only every
+        # switch interval (5 ms by default): a paint of the tree made hundreds of such waits
+        # (90+ ms, bench_gui). 0.5 ms bounds each wait; workers spend their time in numpy and
+        # compiled kernels that release the GIL anyway.
+        if sys.getswitchinterval() > 0.0005:
+            sys.setswitchinterval(0.0005)
+        # Load the compiled kernels now, in the background (0.3 s), rather than with the GIL held
+        # in the middle of the first decode or comparison the user asks for.
+        from quantscope.backend.formats import fast
+        self.service.submit("warm-up", "Loading compiled kernels", fast.warm_up, pass_tokens=False)
         geo = settings.value("window/geometry") if restore else None
         state = settings.value("window/state") if restore else None
         if isinstance(geo, QByteArray):
@@ -69,7 +81,6 @@ class MainWindow(QMainWindow):
             self.restoreState(state)
         else:
             # Dock sizes only apply once the window has a size: set them after the first show.
-            from PySide6.QtCore import QTimer
             QTimer.singleShot(0, lambda: self.resizeDocks([self.tree_dock, self.config_dock], [520, 420],
                                                           Qt.Orientation.Horizontal))
 
@@ -195,6 +206,10 @@ class MainWindow(QMainWindow):
         first = next(iter(ws.variants), ws.reference_label)
         self.tree.set_checkpoints(ws.models(), current=first)
         self.layers.set_rows([], self.colors)
+        # The layers plot's series are built in a later turn of the event loop, so that no
+        # single GUI-thread step (this one, or the first sweep result) carries all the work.
+        variants, colors = list(ws.variants), dict(self.colors)
+        QTimer.singleShot(0, lambda: self.layers.prepare(variants, colors))
         self.setWindowTitle("quantscope — " + ", ".join(ws.models()))
         self.workspace_loaded.emit()
 
@@ -273,8 +288,7 @@ class MainWindow(QMainWindow):
         for r in result.rows:
             per.setdefault(r.variant, {})[r.variant_layer] = r.rel_fro
             per[r.variant].setdefault(r.name, r.rel_fro)
-        for label, errors in per.items():
-            self.tree.model.set_errors(label, errors)
+        self.tree.model.set_all_errors(per)
         self.tabs.setCurrentWidget(self.layers)
         self.sweep_done.emit()
 

@@ -46,6 +46,7 @@ class HistogramView(QWidget):
         self._edges = None
         self._counts: dict[str, np.ndarray] = {}
         self._colors: dict = {}
+        self._items: dict[str, pg.PlotDataItem] = {}
 
     def set_histograms(self, edges: np.ndarray | None, counts: dict[str, np.ndarray], colors: dict,
                        note: str = "") -> None:
@@ -66,8 +67,18 @@ class HistogramView(QWidget):
         self.plot.enableAutoRange(axis="y")
 
     def _redraw(self) -> None:
-        self.plot.clear()
-        self.legend.clear()
+        labels = list(self._counts) if self._edges is not None else []
+        if labels != list(self._items):
+            # Creating pyqtgraph items is the costly part of an update: only a new set of
+            # variants rebuilds them; otherwise the existing curves get new data in place.
+            self.plot.clear()
+            self.legend.clear()
+            self._items = {}
+            for label in labels:
+                item = pg.PlotDataItem(stepMode="center", connect="finite")
+                self.plot.addItem(item)
+                self.legend.addItem(item, label)
+                self._items[label] = item
         if self._edges is None:
             return
         log = self.log_y.isChecked()
@@ -76,9 +87,8 @@ class HistogramView(QWidget):
             if log:
                 y = np.log10(np.where(y > 0, y, np.nan))  # empty bins are gaps, not -inf
             color = self._colors.get(label)
-            pen = pg.mkPen(color, width=2 if label != "reference" else 1.5,
-                           style=pg.QtCore.Qt.PenStyle.DashLine if label == "reference" else pg.QtCore.Qt.PenStyle.SolidLine)
-            item = pg.PlotDataItem(self._edges, y, stepMode="center", pen=pen, connect="finite")
-            self.plot.addItem(item)
-            self.legend.addItem(item, label)
+            ref = label == "reference"
+            pen = pg.mkPen(color, width=1.5 if ref else 2,
+                           style=pg.QtCore.Qt.PenStyle.DashLine if ref else pg.QtCore.Qt.PenStyle.SolidLine)
+            self._items[label].setData(self._edges, y, pen=pen)
         self.plot.setLabel("left", "log10(count)" if log else "count")

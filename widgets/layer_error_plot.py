@@ -88,17 +88,37 @@ class LayerErrorPlot(QWidget):
     def _value(self, r) -> float:
         return float(getattr(r, self.metric.currentData()))
 
-    def _redraw(self) -> None:
+    def prepare(self, variants: list[str], colors: dict) -> None:
+        """Create the (empty) series of these variants ahead of the first sweep result:
+        creating pyqtgraph items is the costly part of a redraw (tens of ms on the GUI thread)."""
+        self._colors = dict(colors)
+        self._ensure_series(list(variants))
+
+    def _ensure_series(self, variants: list[str]) -> None:
+        if list(self.series) == variants:
+            return
         self.plot.clear()
         self.legend.clear()
         self.series = {}
+        for variant in variants:
+            color = self._colors.get(variant)
+            item = pg.PlotDataItem([], [], symbol="o", symbolSize=7, symbolBrush=color, symbolPen=None,
+                                   name=variant)
+            item.sigPointsClicked.connect(self._points_clicked)
+            self.plot.addItem(item)
+            self.series[variant] = item
+
+    def _redraw(self) -> None:
         proj = self.proj.currentText() if self.proj.currentIndex() > 0 else None
         key = self.metric.currentData()
         self.plot.setLabel("left", METRICS.get(key, key))
-        by_var: dict[str, list] = {}
+        by_var: dict[str, list] = {v: [] for v in self.series}
         for r in self._rows:
             if proj is None or r.proj == proj:
                 by_var.setdefault(r.variant, []).append(r)
+        by_var = {v: rows for v, rows in by_var.items() if rows or v in self.series}
+        # Existing items are updated in place (setData); only a new set of variants rebuilds them.
+        self._ensure_series(list(by_var))
         n = max(1, len(by_var))
         for i, (variant, rows) in enumerate(by_var.items()):
             rows.sort(key=lambda r: (r.layer_index, r.proj))
@@ -106,12 +126,8 @@ class LayerErrorPlot(QWidget):
             x = np.array([r.layer_index for r in rows], float) + (i - (n - 1) / 2) * 0.08
             y = np.array([self._value(r) for r in rows])
             color = self._colors.get(variant)
-            item = pg.PlotDataItem(x, y, pen=pg.mkPen(color, width=1.5) if proj else None, symbol="o",
-                                   symbolSize=7, symbolBrush=color, symbolPen=None, data=[r.name for r in rows],
-                                   name=variant)
-            item.sigPointsClicked.connect(self._points_clicked)
-            self.plot.addItem(item)
-            self.series[variant] = item
+            self.series[variant].setData(x, y, pen=pg.mkPen(color, width=1.5) if proj else None,
+                                         symbolBrush=color, data=[r.name for r in rows])
         self._redraw_heatmap()
 
     def _points_clicked(self, item, points, *_) -> None:

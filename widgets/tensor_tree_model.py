@@ -72,6 +72,14 @@ class TensorTreeModel(QAbstractItemModel):
             col = len(BASE_COLUMNS) + self._variants.index(label)
             self.dataChanged.emit(self.index(0, col), self.index(len(self._visible) - 1, col))
 
+    def set_all_errors(self, per: dict[str, dict[str, float]]) -> None:
+        """rel_fro per module path for several variants, with one ``dataChanged`` for all."""
+        for label, errors in per.items():
+            self._errors[label] = dict(errors)
+        cols = [len(BASE_COLUMNS) + self._variants.index(v) for v in per if v in self._variants]
+        if cols and self._visible:
+            self.dataChanged.emit(self.index(0, min(cols)), self.index(len(self._visible) - 1, max(cols)))
+
     def set_findings(self, flags: dict[str, tuple[str, str]]) -> None:
         """Worst (severity, message) per module path."""
         self._flags = dict(flags)

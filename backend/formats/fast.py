@@ -537,3 +537,32 @@ def gather(a: np.ndarray, b: np.ndarray, lut: np.ndarray, bound: int):
     if not AVAILABLE:
         return None
     return _gather(a, b, lut, bound)
+
+
+def warm_up() -> None:
+    """Load the compiled kernels the common decodes and the metrics use (numba's on-disk cache,
+    compiling on a first run), on tiny arrays through the real decoders so the signatures match.
+
+    The first call of each kernel otherwise costs tenths of a second with the GIL held, in the
+    middle of the user's first comparison; the window runs this in the background at start.
+    """
+    if not AVAILABLE:
+        return
+    import ml_dtypes
+
+    from . import awq, gptq, mlx
+    from .. import metrics
+
+    rng = np.random.default_rng(0)
+    n, k = 16, 256
+    w = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32)
+    s = np.full((n, k // 64), 0.01, ml_dtypes.bfloat16)
+    mlx.decode_affine(w, s, s, bits=4, group_size=64)
+    mlx.decode_fp(w, np.full((n, k // 32), 127, np.uint8), mode="mxfp4")
+    qw = rng.integers(0, 2**31, size=(k // 8, n), dtype=np.int32)
+    qz = np.zeros((k // 128, n // 8), np.int32)
+    sc = np.full((k // 128, n), 0.01, np.float16)
+    gptq.decode(qw, qz, sc, None, bits=4, group_size=128)
+    awq.decode_gemm(rng.integers(0, 2**31, size=(k, n // 8), dtype=np.int32), qz, sc, group_size=128)
+    a = rng.standard_normal(4096).astype(np.float32)
+    metrics.error_metrics(a, a + np.float32(0.01))
