@@ -39,18 +39,8 @@ def lower_thread_priority(nice: int = 10) -> None:
         pass
 
 
-_reserved = 0
-
-
-def reserve_cores(n: int) -> None:
-    """Leave ``n`` cores to other threads (the GUI): the decode pool then uses
-    ``cpu_count - n`` threads (at least one). Call before the first decode."""
-    global _reserved
-    _reserved = max(0, int(n))
-
-
 def workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 1) - _reserved))
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _get_pool() -> ThreadPoolExecutor:
