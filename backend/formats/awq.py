@@ -45,17 +45,21 @@ def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=
     if group_size not in (None, -1):
         check(g == group_size, f"scales imply group size {g}, config says {group_size}", name)
     ng = k // g
-    if qzeros is None:
-        z = np.full((ng, n), 8, np.float32)
-    else:
+    if qzeros is not None:
         check(qzeros.shape == (ng, n // 8), f"qzeros {list(qzeros.shape)} should be [{ng}, {n // 8}]", name)
-        z = unpack_gemm(qzeros, n).astype(np.float32)
+
+    def zeros() -> np.ndarray:
+        if qzeros is None:
+            return np.full((ng, n), 8, np.float32)
+        return unpack_gemm(qzeros, n).astype(np.float32)
+
     if out is None:
         out = np.empty((n, k), np.float32)
     u = qweight.view(np.uint32)
     s32 = np.ascontiguousarray(scales, np.float32)
-    if fast.awq_gemm(qweight, s32, z, g, _SHIFTS, out):
+    if fast.awq_gemm(qweight, s32, qzeros, g, _SHIFTS, out, zeros):
         return out
+    z = zeros()
     s_t = np.ascontiguousarray(s32.T)  # [N, ng]
     bias_t = -(s_t * z.T)
 

@@ -261,7 +261,7 @@ if AVAILABLE:
                                   orow[g * group:(g + 1) * group])
 
     @njit(nogil=True, cache=True)
-    def _awq_tiled(qw, s, z, group, shifts, out, c_lo, c_hi, tile, gpc):
+    def _awq_tiled(qw, s, qz, zconst, group, shifts, out, c_lo, c_hi, tile, gpc):
         # qw: uint32 [K, N/8]; word column c holds output rows 8c..8c+7 (row 8c+j at shift
         # shifts[j]). Per (tile of word columns, chunk of gpc groups): a [tile, words] buffer,
         # then one vectorised pass per output row and group.
@@ -286,7 +286,10 @@ if AVAILABLE:
                             n = c * 8 + j
                             sh = shifts[j]
                             sg = s[g, n]
-                            bg = -(sg * z[g, n])
+                            # zero point straight from the packed qzeros word (same nibble
+                            # order as qweight), or the symmetric constant
+                            zq = zconst if zconst >= 0 else np.int32((qz[g, c] >> sh) & np.uint32(15))
+                            bg = -(sg * np.float32(zq))
                             seg = out[n, g * group:(g + 1) * group]
                             for kk in range(group):
                                 seg[kk] = np.float32(np.int32((wg[kk] >> sh) & np.uint32(15))) * sg + bg
@@ -407,20 +410,24 @@ def gptq(qweight: np.ndarray, s: np.ndarray, z: np.ndarray, g_idx: np.ndarray, b
     return True
 
 
-def awq_gemm(qweight: np.ndarray, s: np.ndarray, z: np.ndarray, group: int, shifts: np.ndarray,
-             out: np.ndarray) -> bool:
-    """AWQ GEMM 4-bit into ``out`` [N, K]; ``s``, ``z`` float32 ``[groups, N]`` in logical column
-    order. False when there is no kernel."""
-    if not AVAILABLE:
+def awq_gemm(qweight: np.ndarray, s: np.ndarray, qzeros: np.ndarray | None, group: int, shifts: np.ndarray,
+             out: np.ndarray, unpack_zeros) -> bool:
+    """AWQ GEMM 4-bit into ``out`` [N, K]; ``s`` float32 ``[groups, N]`` in logical column order,
+    ``qzeros`` the packed ``[groups, N/8]`` words (None: symmetric, z = 8); ``unpack_zeros()``
+    gives float32 ``[groups, N]`` zeros for the fallback kernel. False when there is no kernel."""
+    if not AVAILABLE or (qzeros is not None and qzeros.dtype.itemsize != 4):
         return False
     qw = np.ascontiguousarray(qweight).view(np.uint32)
     sh = shifts.astype(np.uint32)
     if out.shape[1] % group == 0:
+        qz = np.zeros((1, 1), np.uint32) if qzeros is None else np.ascontiguousarray(qzeros).view(np.uint32)
+        zc = 8 if qzeros is None else -1
         _rows(out.shape[0], out.shape[1],
-              lambda r0, r1: _awq_tiled(qw, s, z, group, sh, out, r0 // 8, r1 // 8, AWQ_TILE,
+              lambda r0, r1: _awq_tiled(qw, s, qz, zc, group, sh, out, r0 // 8, r1 // 8, AWQ_TILE,
                                         _chunk(8 * AWQ_TILE, group)),
               align=8, min_rows=8 * AWQ_TILE)
         return True
+    z = unpack_zeros()
     s_t = np.ascontiguousarray(s.T)
     bias_t = -(s_t * z.T)
     _rows(out.shape[0], out.shape[1],
@@ -566,3 +573,48 @@ def warm_up() -> None:
     awq.decode_gemm(rng.integers(0, 2**31, size=(k, n // 8), dtype=np.int32), qz, sc, group_size=128)
     a = rng.standard_normal(4096).astype(np.float32)
     metrics.error_metrics(a, a + np.float32(0.01))
+
+
+# -- conversion (AWQ GEMM -> MLX 4-bit) --------------------------------------------------------
+
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _awq_to_mlx(qw, shifts, out, c_lo, c_hi, tile):
+        # qw: uint32 [K, N/8] (AWQ GEMM); out: uint32 [N, K/8] (MLX 4-bit rows, LSB first).
+        # Row 8c+j of the output takes nibble shifts[j] of word column c: MLX word q of that
+        # row holds codes 8q..8q+7 at bits 0, 4, ..., 28. A [tile, K] buffer of word columns makes the reads
+        # contiguous; each output row is then written front to back.
+        k = qw.shape[0]
+        local = np.empty((tile, k), np.uint32)
+        for c0 in range(c_lo, c_hi, tile):
+            c1 = min(c_hi, c0 + tile)
+            for kk in range(k):
+                qr = qw[kk]
+                for c in range(c0, c1):
+                    local[c - c0, kk] = qr[c]
+            for c in range(c0, c1):
+                words = local[c - c0]
+                for j in range(8):
+                    sh = shifts[j]
+                    orow = out[c * 8 + j]
+                    # one output word = 8 consecutive codes: constant inner trip count (SLP)
+                    for q in range(k // 8):
+                        wq = words[8 * q:8 * q + 8]
+                        acc = np.uint32(0)
+                        for i in range(8):
+                            acc |= ((wq[i] >> sh) & np.uint32(15)) << np.uint32(4 * i)
+                        orow[q] = acc
+
+
+def awq_to_mlx_weight(qweight: np.ndarray, shifts: np.ndarray) -> np.ndarray | None:
+    """AWQ GEMM ``qweight [K, N/8]`` → MLX 4-bit ``uint32 [N, K/8]``; None without numba or for
+    an odd K."""
+    if not AVAILABLE or qweight.shape[0] % 8 or sys.byteorder != "little":
+        return None
+    qw = np.ascontiguousarray(qweight).view(np.uint32)
+    k, n8 = qw.shape
+    out = np.empty((n8 * 8, k // 8), np.uint32)
+    sh = shifts.astype(np.uint32)
+    _rows(n8 * 8, k, lambda r0, r1: _awq_to_mlx(qw, sh, out, r0 // 8, r1 // 8, AWQ_TILE),
+          align=8, min_rows=8 * AWQ_TILE)
+    return out
