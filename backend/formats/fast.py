@@ -557,8 +557,8 @@ def warm_up() -> None:
         return
     import ml_dtypes
 
-    from . import awq, gptq, mlx
     from .. import metrics
+    from . import awq, gptq, mlx
 
     rng = np.random.default_rng(0)
     n, k = 16, 256
