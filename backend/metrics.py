@@ -48,6 +48,7 @@ class ErrorStats:
         self.sdd = 0.0  # Σ d², d = Ŵ − W
         self.swd = 0.0  # Σ W·d
         self.max_abs = 0.0
+        self.nzero = 0  # elements with d == 0 exactly: the lowest ranks, never gathered
         self.counts = None if raw_only else np.zeros(_NKEYS, np.int64)
         self._plan = None
         self._found: dict[int, list[np.ndarray]] = {}
@@ -68,7 +69,7 @@ class ErrorStats:
         def piece(i0: int, i1: int):
             counts = None if raw else np.zeros(_NKEYS, np.int64)
             compiled = fast.error_stats(a1[i0:i1], b1[i0:i1], counts)
-            if compiled is not None:  # one pass, same sums (two-level float64) and buckets
+            if compiled is not None:  # one pass, same sums (float64) and buckets
                 return (*compiled, counts)
             sdd = sww = swd = 0.0
             mx = 0.0
@@ -85,10 +86,14 @@ class ErrorStats:
                 m = float(d.max())
                 if m > mx or m != m:
                     mx = m
-            counts = None if raw else np.bincount(_keys(a1[i0:i1], b1[i0:i1]), minlength=_NKEYS)
-            return sdd, sww, swd, mx, counts
+            nz = 0
+            if not raw:
+                keys = _keys(a1[i0:i1], b1[i0:i1])
+                counts = np.bincount(keys, minlength=_NKEYS)
+                nz = int(np.count_nonzero(a1[i0:i1] == b1[i0:i1]))
+            return sdd, sww, swd, mx, nz, counts
 
-        for sdd, sww, swd, mx, counts in map_pieces(piece, n, HIST_CHUNK):
+        for sdd, sww, swd, mx, nz, counts in map_pieces(piece, n, HIST_CHUNK):
             self.sdd += sdd
             self.sww += sww
             self.swd += swd
@@ -96,6 +101,7 @@ class ErrorStats:
                 self.max_abs = mx
             if counts is not None:
                 self.counts += counts
+                self.nzero += nz
 
     # -- pass two ---------------------------------------------------------------------------
     def _ranks(self) -> list[tuple[float, int, int, float]]:
@@ -112,10 +118,12 @@ class ErrorStats:
         need = set()
         for _, lo, hi, _ in self._ranks():
             for r in (lo, hi):
-                need.add(int(np.searchsorted(cum, r, side="right")))
+                if r >= self.nzero:  # ranks below nzero are exact zeros
+                    need.add(int(np.searchsorted(cum, r, side="right")))
         lut = np.zeros(_NKEYS, bool)
         lut[list(need)] = True
-        bound = int(self.counts[list(need)].sum())  # elements pass two can find, in all
+        # Elements pass two can find, in all (zeros, all in bucket 0, are not gathered).
+        bound = int(self.counts[list(need)].sum()) - (self.nzero if 0 in need else 0)
         self._plan = (lut, cum, bound)
         self._found = {k: [] for k in need}
 
@@ -136,7 +144,7 @@ class ErrorStats:
             if compiled is not None:
                 return compiled if compiled[0].size else None
             k = _keys(a1[i0:i1], b1[i0:i1])
-            idx = np.flatnonzero(lut[k])
+            idx = np.flatnonzero(lut[k] & (a1[i0:i1] != b1[i0:i1]))
             if not idx.size:
                 return None
             idx += i0
@@ -161,8 +169,11 @@ class ErrorStats:
         sorted_found = {k: np.sort(np.concatenate(v)) if v else np.empty(0) for k, v in self._found.items()}
 
         def order_stat(r: int) -> float:
+            if r < self.nzero:
+                return 0.0
             key = int(np.searchsorted(cum, r, side="right"))
-            before = int(cum[key - 1]) if key else 0
+            # bucket 0 starts with the exact zeros, which were not gathered
+            before = int(cum[key - 1]) if key else self.nzero
             return float(sorted_found[key][r - before])
 
         out = {}

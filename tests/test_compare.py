@@ -114,6 +114,31 @@ def test_metrics_blocks_equal_one_pass_and_ties():
     assert error_metrics(w, w)["rel_fro"] == 0 and error_metrics(w, w)["sqnr_db"] == np.inf
 
 
+@pytest.mark.parametrize("zero_fraction", [1.0, 0.995, 0.5, 0.0])
+def test_percentiles_with_exact_zeros(zero_fraction, kernel_path):
+    # An exact conversion compares equal arrays: every |d| is 0. The zeros are counted, not
+    # gathered (gathering all of them made verifying a 2 GB conversion take minutes).
+    rng = np.random.default_rng(7)
+    n = 50_000
+    w = rng.standard_normal(n).astype(np.float32)
+    wh = w.copy()
+    k = int(round(n * (1 - zero_fraction)))
+    idx = rng.choice(n, k, replace=False)
+    wh[idx] += (rng.standard_normal(k) * 1e-3).astype(np.float32)
+    sub = idx[: k // 10]  # subnormal differences: bucket 0, like the zeros, but not zeros
+    w[sub] = 0.0
+    wh[sub] = np.float32(1e-39) * (1 + np.arange(sub.size, dtype=np.float32) % 3)
+    m = error_metrics(w, wh)
+    d = np.abs(wh.astype(np.float64) - w.astype(np.float64))
+    for p in (50, 95, 99):
+        assert m[f"p{p}"] == np.percentile(d, p), p
+    st = ErrorStats()
+    st.add(w, wh)
+    st.plan()
+    assert st.nzero == np.count_nonzero(d == 0) >= n - k - 5
+    assert st._plan[2] <= k  # pass two never holds the zeros
+
+
 def test_histogram_counts_equal_np_histogram():
     rng = np.random.default_rng(0)
     x = rng.standard_normal(200_000).astype(np.float32)

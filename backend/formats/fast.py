@@ -480,6 +480,7 @@ if AVAILABLE:
         swd = 0.0
         m32 = np.float32(-1.0)
         m64 = 0.0
+        nz = 0
         tmp = np.empty(4096, np.float32)
         tu = tmp.view(np.uint32)
         for j0 in range(0, n, 4096):
@@ -495,6 +496,7 @@ if AVAILABLE:
             for i in range(j1 - j0):
                 v = tmp[i]
                 counts[tu[i] >> np.uint32(16)] += 1
+                nz += v == np.float32(0.0)  # b == a exactly (float32 b - a is 0 only then)
                 # float32 |d| is the exact |d| rounded (monotone): the exact maximum is among
                 # the elements reaching the running float32 maximum, so only those (rare after
                 # the first few) are evaluated in float64.
@@ -506,12 +508,13 @@ if AVAILABLE:
         # A NaN difference makes Σd² NaN (the other terms are >= 0 and cannot cancel to NaN);
         # report NaN like numpy's max does.
         mx = np.nan if sdd != sdd else m64
-        return sdd, sww, swd, mx
+        return sdd, sww, swd, mx, nz
 
     @njit(nogil=True, cache=True)
     def _gather(a, b, lut, bound):
-        # One pass: exact float64 |d| and bucket key of the elements whose bucket is wanted;
-        # ``bound`` (wanted elements in the whole layer) sizes the output.
+        # One pass: exact float64 |d| and bucket key of the nonzero elements whose bucket is
+        # wanted (exact zeros are counted in pass one and never gathered: an exact conversion
+        # would otherwise gather and sort every element); ``bound`` sizes the output.
         n = a.size
         m = min(n, bound)
         vals = np.empty(m, np.float64)
@@ -522,7 +525,7 @@ if AVAILABLE:
         for j in range(n):
             tmp[0] = abs(b[j] - a[j])
             key = tu[0] >> np.uint32(16)
-            if lut[key] and k < m:
+            if lut[key] and k < m and tmp[0] != np.float32(0.0):
                 vals[k] = abs(np.float64(b[j]) - np.float64(a[j]))
                 keys[k] = key
                 k += 1
@@ -530,8 +533,9 @@ if AVAILABLE:
 
 
 def error_stats(a: np.ndarray, b: np.ndarray, counts: np.ndarray | None):
-    """(Σd², ΣW², ΣW·d, max|d|) of float32 1-D ``a`` (reference) and ``b``; bucket counts added
-    into ``counts`` (int64 [2**15]) when given. None without numba."""
+    """(Σd², ΣW², ΣW·d, max|d|, number of exact zeros of d) of float32 1-D ``a`` (reference) and
+    ``b``; bucket counts added into ``counts`` (int64 [2**15]) when given (the zero count only
+    then). None without numba."""
     if not AVAILABLE:
         return None
     c = counts if counts is not None else np.zeros(1, np.int64)
@@ -539,8 +543,8 @@ def error_stats(a: np.ndarray, b: np.ndarray, counts: np.ndarray | None):
 
 
 def gather(a: np.ndarray, b: np.ndarray, lut: np.ndarray, bound: int):
-    """(exact |d| float64, bucket keys) of the wanted buckets (at most ``bound`` elements);
-    None without numba."""
+    """(exact |d| float64, bucket keys) of the nonzero elements of the wanted buckets (at most
+    ``bound``); None without numba."""
     if not AVAILABLE:
         return None
     return _gather(a, b, lut, bound)
