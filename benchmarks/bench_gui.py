@@ -73,12 +73,14 @@ def main():
     win.quiet_errors = True
     win.resize(1280, 800)
     win.show()
-    # Let the first paint of the freshly shown window happen before measuring: it is start-up,
-    # not the opening or comparing that the heartbeat is about.
+    # Let start-up finish before measuring (the first paint of the freshly shown window, and the
+    # background job that loads the compiled kernels): the heartbeat is about opening and
+    # comparing, not about starting the application.
     t_settle = time.perf_counter()
-    while time.perf_counter() - t_settle < 0.5:
+    while time.perf_counter() - t_settle < 0.5 or (not win.service.is_idle() and time.perf_counter() - t_settle < 60):
         app.processEvents()
         time.sleep(0.005)
+    out_startup_s = time.perf_counter() - t_settle
     gaps: list[float] = []
     clock = QElapsedTimer()
     clock.start()
@@ -93,7 +95,7 @@ def main():
     timer.setInterval(5)
     timer.timeout.connect(beat)
     timer.start()
-    out = {"benchmark": "gui", "phases": {}}
+    out = {"benchmark": "gui", "startup_settle_s": round(out_startup_s, 2), "phases": {}}
 
     def wait(signal, start):
         done = []

@@ -574,6 +574,11 @@ def warm_up() -> None:
     qz = np.zeros((k // 128, n // 8), np.int32)
     sc = np.full((k // 128, n), 0.01, np.float16)
     gptq.decode(qw, qz, sc, None, bits=4, group_size=128)
+    gptq.decode(qw, qz, sc, rng.permutation(np.arange(k) // 128).astype(np.int32), bits=4, group_size=128)
+    w3 = rng.integers(0, 2**32, size=(n, k * 3 // 32), dtype=np.uint32)  # 3/5/6-bit: byte path
+    mlx.decode_affine(w3, s, s, bits=3, group_size=64)
+    mlx.decode_fp(rng.integers(0, 2**32, size=(n, k // 4), dtype=np.uint32), np.full((n, k // 32), 127, np.uint8),
+                  mode="mxfp8")
     awq.decode_gemm(rng.integers(0, 2**31, size=(k, n // 8), dtype=np.int32), qz, sc, group_size=128)
     a = rng.standard_normal(4096).astype(np.float32)
     metrics.error_metrics(a, a + np.float32(0.01))
