@@ -13,18 +13,21 @@ import math
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
-from pathlib import Path
-
 from itertools import chain
 from operator import attrgetter
+from pathlib import Path
 
 import msgspec
 import numpy as np
 
 from .bitpack import unpack_bits
 from .dtypes import DTYPES, DType
-from .errors import HeaderError, CheckpointError
+from .errors import CheckpointError, HeaderError
+
+#: Guards the lazy creation of each file's mapping.
+_MAP_LOCK = threading.Lock()
 
 
 class Entry(msgspec.Struct, gc=False):
@@ -306,11 +309,15 @@ class SafetensorsFile:
         return self._entries
 
     def _buffer(self) -> mmap.mmap:
-        if self._mm is None:
-            with open(self.path, "rb") as fh:
-                # Read-only mapping: nothing quantscope does can write into an opened checkpoint.
-                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mm
+        mm = self._mm
+        if mm is None:
+            with _MAP_LOCK:  # several worker threads may read a file first at the same time
+                if self._mm is None:
+                    with open(self.path, "rb") as fh:
+                        # Read-only mapping: nothing quantscope does can write into an opened checkpoint.
+                        self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                mm = self._mm
+        return mm
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Return a tensor (or rows ``[start, stop)`` of its first axis) as a read-only numpy array.
