@@ -104,7 +104,9 @@ def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: n
     trivial = is_trivial_g_idx(g_idx, k, g) and k % g == 0
     gi = None if trivial else (g_idx if g_idx is not None else np.arange(k) // g)
     s32 = np.ascontiguousarray(scales, np.float32)
-    z32 = z.astype(np.float32)  # s*z is exact: |z| <= 256 and s has at most 24 significant bits
+    # s*q and s*z are exact in float32 for fp16/bf16 scales (<= 11 significant bits, |z| <= 256),
+    # so s*q + (-(s*z)) is the exact s*(q-z); float32 scales can differ from it by one ulp.
+    z32 = z.astype(np.float32)
     if fast.gptq(qweight, s32, z32, np.arange(k) // g if gi is None else gi, bits, out,
                  trivial_group=g if trivial else 0):
         return out
