@@ -48,18 +48,13 @@ def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=
     if qzeros is not None:
         check(qzeros.shape == (ng, n // 8), f"qzeros {list(qzeros.shape)} should be [{ng}, {n // 8}]", name)
 
-    def zeros() -> np.ndarray:
-        if qzeros is None:
-            return np.full((ng, n), 8, np.float32)
-        return unpack_gemm(qzeros, n).astype(np.float32)
-
     if out is None:
         out = np.empty((n, k), np.float32)
     u = qweight.view(np.uint32)
     s32 = np.ascontiguousarray(scales, np.float32)
-    if fast.awq_gemm(qweight, s32, qzeros, g, _SHIFTS, out, zeros):
+    if fast.awq_gemm(qweight, s32, qzeros, g, _SHIFTS, out):  # reads the packed zeros itself
         return out
-    z = zeros()
+    z = np.full((ng, n), 8, np.float32) if qzeros is None else unpack_gemm(qzeros, n).astype(np.float32)
     s_t = np.ascontiguousarray(s32.T)  # [N, ng]
     bias_t = -(s_t * z.T)
 

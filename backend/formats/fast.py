@@ -44,14 +44,19 @@ F32, BF16, F16 = 0, 1, 2
 
 if AVAILABLE:
     @njit(cache=True, inline="always")
+    def _round_bf16(seg):
+        # uint32 arithmetic (wraps exactly like the uint64 form masked to 32 bits) so LLVM can
+        # keep 8 lanes per AVX2 register.
+        u = seg.view(np.uint32)
+        for i in range(u.size):
+            x = u[i]
+            u[i] = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+
+    @njit(cache=True, inline="always")
     def _round_row(row, mode):
         # Same bit operations as kernel.round_inplace (round half to even).
         if mode == BF16:
-            u = row.view(np.uint32)
-            for i in range(u.size):
-                x = np.uint64(u[i])
-                u[i] = np.uint32((x + np.uint64(0x7FFF) + ((x >> np.uint64(16)) & np.uint64(1)))
-                                 & np.uint64(0xFFFF0000))
+            _round_bf16(row)
         elif mode == F16:
             u = row.view(np.uint32)
             for i in range(u.size):
@@ -78,15 +83,6 @@ if AVAILABLE:
             if sh + bits > 16:
                 v |= np.int64(by[i + 2]) << (16 - sh)
         return v & mask
-
-    @njit(cache=True, inline="always")
-    def _round_bf16(seg):
-        # uint32 arithmetic (wraps exactly like the uint64 form masked to 32 bits) so LLVM can
-        # keep 8 lanes per AVX2 register.
-        u = seg.view(np.uint32)
-        for i in range(u.size):
-            x = u[i]
-            u[i] = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
 
     @njit(cache=True, inline="always")
     def _words_to(wr, w0, nw, bits, sg, bg, add, seg):
@@ -139,19 +135,15 @@ if AVAILABLE:
                 _words_to(wr, g * wpg, wpg, bits, s[r, g], np.float32(0.0), False, seg)
                 # MLX rounds s*q to the scale dtype, then the sum; per group, while in L1.
                 bg = b[r, g]
-                if mode == BF16:
-                    _round_bf16(seg)
-                    for i in range(group):
-                        seg[i] = seg[i] + bg
-                    _round_bf16(seg)
-                else:
-                    _round_row(seg, mode)
-                    for i in range(group):
-                        seg[i] = seg[i] + bg
-                    _round_row(seg, mode)
+                _round_row(seg, mode)
+                for i in range(group):
+                    seg[i] = seg[i] + bg
+                _round_row(seg, mode)
 
     @njit(nogil=True, cache=True)
     def _mlx_affine(by, s, b, bits, group, k, mode, out, r0, r1):
+        # Widths whose groups are not whole uint32 words of codes (1, 3, 5, 6 bit; 2/4/8 take
+        # _mlx_affine_words): each code read from the bytes it straddles.
         mask = (1 << bits) - 1
         ng = k // group
         for r in range(r0, r1):
@@ -160,18 +152,8 @@ if AVAILABLE:
             for g in range(ng):
                 sg = s[r, g]
                 base = g * group
-                if bits == 4:  # two codes per byte, low nibble first
-                    b0 = base >> 1
-                    for i in range(group >> 1):
-                        v = brow[b0 + i]
-                        row[base + 2 * i] = np.float32(v & 15) * sg
-                        row[base + 2 * i + 1] = np.float32(v >> 4) * sg
-                elif bits == 8:
-                    for i in range(group):
-                        row[base + i] = np.float32(brow[base + i]) * sg
-                else:
-                    for i in range(group):
-                        row[base + i] = np.float32(_code(brow, base + i, bits, mask)) * sg
+                for i in range(group):
+                    row[base + i] = np.float32(_code(brow, base + i, bits, mask)) * sg
                 # Per group, while it is in L1: MLX rounds s*q to the scale dtype, then the sum.
                 bg = b[r, g]
                 seg = row[base:base + group]
@@ -181,9 +163,10 @@ if AVAILABLE:
                 _round_row(seg, mode)
 
     @njit(nogil=True, cache=True)
-    def _gptq(qw, s_t, bias_t, g_idx, trivial_group, bits, out, r0, r1):
-        # qw: uint32 [K*b/32, N] packed along K; out: float32 [N, K]. Sub-blocks of 16 output
-        # rows read 64 contiguous bytes of each packed row.
+    def _gptq(qw, s_t, bias_t, g_idx, bits, out, r0, r1):
+        # Act-order (or groups that are not whole words; trivial g_idx takes _gptq_tiled): the
+        # group looked up per input column. qw: uint32 [K*b/32, N] packed along K; out: float32
+        # [N, K]. Sub-blocks of 16 output rows read 64 contiguous bytes of each packed row.
         per = 32 // bits
         mask = np.uint32((1 << bits) - 1)
         for n0 in range(r0, r1, 16):
@@ -193,45 +176,21 @@ if AVAILABLE:
             for c in range(n0, n1):
                 for r in range(qw.shape[0]):
                     k0 = r * per
-                    gw = k0 // trivial_group if trivial_group > 0 else 0
                     w = qw[r, c]
                     # 2-D indexing: a row view per (word, column) costs more than the decode.
-                    if trivial_group > 0:  # the word's codes share one group
-                        sg = s_t[c, gw]
-                        bg = bias_t[c, gw]
-                        for i in range(per):
-                            out[c, k0 + i] = np.float32(w & mask) * sg + bg
-                            w = w >> np.uint32(bits)
-                    else:                   # act-order: look the group up per input column
-                        for i in range(per):
-                            g = g_idx[k0 + i]
-                            out[c, k0 + i] = np.float32(w & mask) * s_t[c, g] + bias_t[c, g]
-                            w = w >> np.uint32(bits)
+                    for i in range(per):
+                        g = g_idx[k0 + i]
+                        out[c, k0 + i] = np.float32(w & mask) * s_t[c, g] + bias_t[c, g]
+                        w = w >> np.uint32(bits)
 
-    @njit(nogil=True, cache=True)
-    def _awq_gemm(qw, s_t, bias_t, group, shifts, out, c_lo, c_hi):
-        # qw: uint32 [K, N/8]; word c holds output rows 8c..8c+7 (logical column j at shift
-        # shifts[j]); out: float32 [N, K]. Word columns [c_lo, c_hi): copy them to a local
-        # [C, K] buffer once, then write each output row sequentially.
-        k = qw.shape[0]
-        ng = k // group
-        for c0 in range(c_lo, c_hi, 16):  # 16 words: one 64-byte line of each packed row
-            c1 = min(c_hi, c0 + 16)
-            local = np.empty((c1 - c0, k), np.uint32)
-            for kk in range(k):
-                for c in range(c0, c1):
-                    local[c - c0, kk] = qw[kk, c]
+    @njit(cache=True, inline="always")
+    def _gather_cols(qw, r0, nr, c0, c1, local):
+        # local[c - c0, r] = qw[r0 + r, c] for r < nr, c in [c0, c1): the transposed layouts'
+        # words of a tile of columns, read as contiguous runs of each packed row.
+        for r in range(nr):
+            qr = qw[r0 + r]
             for c in range(c0, c1):
-                words = local[c - c0]
-                for j in range(8):
-                    n = c * 8 + j
-                    orow = out[n]
-                    sh = shifts[j]
-                    for g in range(ng):
-                        sg = s_t[n, g]
-                        bg = bias_t[n, g]
-                        for kk in range(g * group, (g + 1) * group):
-                            orow[kk] = np.float32((words[kk] >> sh) & np.uint32(0xF)) * sg + bg
+                local[c - c0, r] = qr[c]
 
     @njit(nogil=True, cache=True)
     def _gptq_tiled(qw, s, z, group, bits, out, c_lo, c_hi, tile, gpc):
@@ -247,11 +206,7 @@ if AVAILABLE:
             c1 = min(c_hi, c0 + tile)
             for gb in range(0, ng, gpc):
                 ge = min(ng, gb + gpc)
-                r0 = gb * wpg
-                for r in range((ge - gb) * wpg):
-                    qr = qw[r0 + r]
-                    for c in range(c0, c1):
-                        local[c - c0, r] = qr[c]
+                _gather_cols(qw, gb * wpg, (ge - gb) * wpg, c0, c1, local)
                 for c in range(c0, c1):
                     wl = local[c - c0]
                     orow = out[c]
@@ -272,11 +227,7 @@ if AVAILABLE:
             c1 = min(c_hi, c0 + tile)
             for gb in range(0, ng, gpc):
                 ge = min(ng, gb + gpc)
-                k0 = gb * group
-                for kk in range((ge - gb) * group):
-                    qr = qw[k0 + kk]
-                    for c in range(c0, c1):
-                        local[c - c0, kk] = qr[c]
+                _gather_cols(qw, gb * group, (ge - gb) * group, c0, c1, local)
                 for c in range(c0, c1):
                     words = local[c - c0]
                     for g in range(gb, ge):
@@ -305,15 +256,8 @@ if AVAILABLE:
                 if gscale != np.float32(0.0):
                     scale = scale * gscale
                 base = g * group
-                if bits == 4:  # two E2M1 codes per byte, low nibble first
-                    b0 = base >> 1
-                    for i in range(group >> 1):
-                        v = brow[b0 + i]
-                        orow[base + 2 * i] = elem_table[v & 15] * scale
-                        orow[base + 2 * i + 1] = elem_table[v >> 4] * scale
-                else:  # 8-bit element codes: table lookup
-                    for i in range(group):
-                        orow[base + i] = elem_table[brow[base + i]] * scale
+                for i in range(group):  # 8-bit element codes (mxfp8): table lookup
+                    orow[base + i] = elem_table[brow[base + i]] * scale
 
 
 if AVAILABLE:
@@ -385,12 +329,13 @@ def mlx_affine(by: np.ndarray, s32: np.ndarray, b32: np.ndarray, bits: int, grou
     return True
 
 
-def gptq(qweight: np.ndarray, s: np.ndarray, z: np.ndarray, g_idx: np.ndarray, bits: int,
+def gptq(qweight: np.ndarray, s: np.ndarray, z: np.ndarray, g_idx: np.ndarray | None, bits: int,
          out: np.ndarray, trivial_group: int = 0) -> bool:
     """GPTQ (2/4/8-bit, any g_idx) into ``out`` [N, K]; False when there is no kernel.
 
     ``s`` and ``z`` are float32 ``[groups, N]`` (stored orientation, zeros already unpacked);
-    each value is ``s*q + (-(s*z))``, the exact product ``s*(q-z)``.
+    each value is ``s*q + (-(s*z))``, the exact product ``s*(q-z)``. ``trivial_group`` is the
+    group size when ``g_idx`` is trivial (``g_idx`` may then be None), else 0.
     """
     if not AVAILABLE or bits not in (2, 4, 8) or qweight.dtype.itemsize != 4:
         return False
@@ -405,33 +350,27 @@ def gptq(qweight: np.ndarray, s: np.ndarray, z: np.ndarray, g_idx: np.ndarray, b
         return True
     s_t = np.ascontiguousarray(s.T)
     bias_t = -(s_t * z.T)
-    gi = np.ascontiguousarray(g_idx, np.int64)
-    _rows(out.shape[0], k, lambda r0, r1: _gptq(qw, s_t, bias_t, gi, tg, bits, out, r0, r1))
+    gi = np.arange(k) // trivial_group if g_idx is None else np.ascontiguousarray(g_idx, np.int64)
+    _rows(out.shape[0], k, lambda r0, r1: _gptq(qw, s_t, bias_t, gi, bits, out, r0, r1))
     return True
 
 
 def awq_gemm(qweight: np.ndarray, s: np.ndarray, qzeros: np.ndarray | None, group: int, shifts: np.ndarray,
-             out: np.ndarray, unpack_zeros) -> bool:
+             out: np.ndarray) -> bool:
     """AWQ GEMM 4-bit into ``out`` [N, K]; ``s`` float32 ``[groups, N]`` in logical column order,
-    ``qzeros`` the packed ``[groups, N/8]`` words (None: symmetric, z = 8); ``unpack_zeros()``
-    gives float32 ``[groups, N]`` zeros for the fallback kernel. False when there is no kernel."""
-    if not AVAILABLE or (qzeros is not None and qzeros.dtype.itemsize != 4):
+    ``qzeros`` the packed ``[groups, N/8]`` words (None: symmetric, z = 8). False when there is
+    no kernel."""
+    if (not AVAILABLE or (qzeros is not None and qzeros.dtype.itemsize != 4)
+            or out.shape[1] % group):  # gemm_dims makes K a whole number of groups
         return False
     qw = np.ascontiguousarray(qweight).view(np.uint32)
     sh = shifts.astype(np.uint32)
-    if out.shape[1] % group == 0:
-        qz = np.zeros((1, 1), np.uint32) if qzeros is None else np.ascontiguousarray(qzeros).view(np.uint32)
-        zc = 8 if qzeros is None else -1
-        _rows(out.shape[0], out.shape[1],
-              lambda r0, r1: _awq_tiled(qw, s, qz, zc, group, sh, out, r0 // 8, r1 // 8, AWQ_TILE,
-                                        _chunk(8 * AWQ_TILE, group)),
-              align=8, min_rows=8 * AWQ_TILE)
-        return True
-    z = unpack_zeros()
-    s_t = np.ascontiguousarray(s.T)
-    bias_t = -(s_t * z.T)
+    qz = np.zeros((1, 1), np.uint32) if qzeros is None else np.ascontiguousarray(qzeros).view(np.uint32)
+    zc = 8 if qzeros is None else -1
     _rows(out.shape[0], out.shape[1],
-          lambda r0, r1: _awq_gemm(qw, s_t, bias_t, group, sh, out, r0 // 8, r1 // 8), align=8)
+          lambda r0, r1: _awq_tiled(qw, s, qz, zc, group, sh, out, r0 // 8, r1 // 8, AWQ_TILE,
+                                    _chunk(8 * AWQ_TILE, group)),
+          align=8, min_rows=8 * AWQ_TILE)
     return True
 
 
@@ -442,7 +381,9 @@ def block_float(by: np.ndarray, sc: np.ndarray, elem_table: np.ndarray, scale_ta
         return False
     by, sc = np.ascontiguousarray(by), np.ascontiguousarray(sc)
     g = np.float32(gscale or 0.0)
-    if bits == 4 and by.shape[-1] % 4 == 0 and group % 8 == 0 and sys.byteorder == "little":
+    if bits == 4:
+        if by.shape[-1] % 4 or group % 8 or sys.byteorder != "little":
+            return False  # numpy path
         wd = by.view(np.uint32)
         _rows(out.shape[0], k, lambda r0, r1: _fp4_words(wd, sc, scale_table, g, group, out, r0, r1))
         return True
@@ -597,10 +538,7 @@ if AVAILABLE:
         local = np.empty((tile, k), np.uint32)
         for c0 in range(c_lo, c_hi, tile):
             c1 = min(c_hi, c0 + tile)
-            for kk in range(k):
-                qr = qw[kk]
-                for c in range(c0, c1):
-                    local[c - c0, kk] = qr[c]
+            _gather_cols(qw, 0, k, c0, c1, local)
             for c in range(c0, c1):
                 words = local[c - c0]
                 for j in range(8):

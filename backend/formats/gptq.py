@@ -107,8 +107,7 @@ def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: n
     # s*q and s*z are exact in float32 for fp16/bf16 scales (<= 11 significant bits, |z| <= 256),
     # so s*q + (-(s*z)) is the exact s*(q-z); float32 scales can differ from it by one ulp.
     z32 = z.astype(np.float32)
-    if fast.gptq(qweight, s32, z32, np.arange(k) // g if gi is None else gi, bits, out,
-                 trivial_group=g if trivial else 0):
+    if fast.gptq(qweight, s32, z32, gi, bits, out, trivial_group=g if trivial else 0):
         return out
     s_t = np.ascontiguousarray(s32.T)  # [N, ng]
     bias_t = -(s_t * z32.T)
