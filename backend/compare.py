@@ -14,17 +14,22 @@ import dataclasses
 import json
 import logging
 import math
-from collections import OrderedDict
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 
+from . import fused
 from .checkpoint import natural_key
 from .compare_align import Alignment, Target, Unmatched, align, layer_index, proj_of
 from .engines import get_engine
 from .errors import Cancelled, QuantscopeError
+from .formats.kernel import lower_thread_priority, workers
 from .metrics import ErrorStats, error_metrics, histogram_counts, uniform_edges
 from .schemes import Layer, Model
 
@@ -39,6 +44,7 @@ BLOCK_ELEMENTS = 64 * 1024 * 1024
 _ROW_BLOCK_ELEMENTS = 16 * 1024 * 1024
 #: Significance of a least-squares smoothing estimate: median |log s| above this.
 _LSTSQ_THRESHOLD = 0.02
+_BF16 = np.dtype(ml_dtypes.bfloat16)
 CACHE_FILE = "compare-cache.json"
 CACHE_VERSION = 1
 
@@ -227,6 +233,18 @@ class _Rows:
         return self._decode(*sl)[r0 - a0:r1 - a0]
 
 
+_LAYER_POOL: ThreadPoolExecutor | None = None
+
+
+def _layer_pool() -> ThreadPoolExecutor:
+    """Threads for whole-layer measuring jobs (:func:`fused.measure` with ``parallel=False``)."""
+    global _LAYER_POOL
+    if _LAYER_POOL is None:
+        _LAYER_POOL = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="quantscope-layer",
+                                         initializer=lower_thread_priority)
+    return _LAYER_POOL
+
+
 def _resolve_engine(engine):
     if isinstance(engine, str):
         return get_engine(engine)
@@ -326,9 +344,66 @@ def _smoothing_for(vs: _VariantState, t: Target) -> tuple[np.ndarray | None, str
     return col, label
 
 
+#: Layers from this size are measured in one fused pass where they can be (:mod:`.fused`).
+FUSED_MIN_ELEMENTS = 1 << 20
+
+
+def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], engine):
+    """(reference rows, {label: (decoder, v0, col)}, {label: smoothing label}) for the variants
+    the one-pass path (:mod:`.fused`) can measure; ({} when none)."""
+    lay = ref_rows.layer
+    row_decoder = getattr(engine, "row_decoder", None)
+    if row_decoder is None or lay.scheme != "dense" or lay.numel < FUSED_MIN_ELEMENTS:
+        return None, {}, {}
+    ref = np.asarray(ref_rows.model.ckpt.tensor(lay.tensors["weight"].name))
+    if ref.dtype not in (np.dtype(np.float32), _BF16):
+        return None, {}, {}
+    R, K = ref_rows.rows, ref_rows.cols
+    ref = ref.reshape(R, K)
+    picked, labels = {}, {}
+    for vs in todo:
+        t = vs.alignment.targets[t_name]
+        if len(t.segments) != 1 or t.row_fit_for is not None or t.cols != K:
+            continue
+        seg = t.segments[0]
+        if seg.ref_rows != (0, R, 1) or seg.var_rows[2] != 1:
+            continue
+        dec = row_decoder(vs.model, vs.model.layers[seg.var_layer])
+        v0 = seg.var_rows[0]
+        if dec is None or dec.cols != K or v0 + R > dec.rows or v0 % dec.granule \
+                or ((v0 + R) % dec.granule and v0 + R != dec.rows):
+            continue
+        col, label = _smoothing_for(vs, t)
+        picked[vs.label] = (dec, v0, col)
+        labels[vs.label] = label
+    return ref, picked, labels
+
+
 def _measure_target(t_name: str, ref_rows: _Rows, states: list[_VariantState], todo: list[_VariantState],
-                    rows_cache: Callable[[_VariantState, str], _Rows], cancel, on_block) -> dict[str, dict]:
-    """Metrics of every variant in ``todo`` on reference target ``t_name``."""
+                    rows_cache: Callable[[_VariantState, str], _Rows], cancel, on_block,
+                    engine=None) -> dict[str, dict]:
+    """Metrics of every variant in ``todo`` on reference target ``t_name``: in one fused pass
+    where the layout allows (:mod:`.fused`), else decoded whole or by row blocks."""
+    out: dict[str, dict] = {}
+    ref, picked, labels = _fused_candidates(t_name, ref_rows, todo, engine)
+    # Progress counts the layer's rows once: from the fused pass when it takes every variant.
+    fused_reports = bool(picked) and len(picked) == len(todo)
+    if picked:
+        res = fused.measure(ref, picked, cancel=cancel, on_rows=on_block if fused_reports else None)
+        for lb, r in res.items():
+            if r is not None:  # None: its percentiles need the general path
+                r["smoothing"] = labels[lb]
+                out[lb] = r
+    rest = [vs for vs in todo if vs.label not in out]
+    if rest:
+        out.update(_measure_general(t_name, ref_rows, rest, rows_cache, cancel,
+                                    (lambda k: None) if fused_reports else on_block))
+    return out
+
+
+def _measure_general(t_name: str, ref_rows: _Rows, todo: list[_VariantState],
+                     rows_cache: Callable[[_VariantState, str], _Rows], cancel, on_block) -> dict[str, dict]:
+    """Metrics of every variant in ``todo`` on reference target ``t_name`` (decoded layers)."""
     R = ref_rows.rows
     K = ref_rows.cols
     step = max(1, _ROW_BLOCK_ELEMENTS // max(K, 1)) if ref_rows.layer.numel > BLOCK_ELEMENTS else R
@@ -506,11 +581,15 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     uses: dict[tuple[str, str], int] = {}
     rows_out: dict[str, dict[str, LayerMetrics]] = {}
 
-    def report(n_el: int) -> None:
+    report_lock = threading.Lock()
+
+    def report(n_el: int) -> None:  # also from the layer jobs' threads
         nonlocal done
-        done += n_el
+        with report_lock:
+            done += n_el
+            frac = min(1.0, done / total)
         if progress is not None:
-            progress(min(1.0, done / total))
+            progress(frac)
 
     def rows_cache(vs: _VariantState, path: str) -> _Rows:
         key = (vs.label, path)
@@ -519,6 +598,33 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             layer = vs.model.layers[path]
             r = caches[key] = _Rows(vs.model, layer, eng, keep=uses.get(key, 0) > 1, counter=counter)
         return r
+
+    pending: deque = deque()
+
+    def finish(name: str, todo: list[_VariantState], res: dict[str, dict]) -> None:
+        for vs in todo:
+            t = vs.alignment.targets[name]
+            row = _row(t, vs, res[vs.label])
+            rows_out.setdefault(name, {})[vs.label] = row
+            entry = {"metrics": dataclasses.asdict(row)}
+            if t.row_fit_for:
+                rs = vs.row_scales.get(t.row_fit_for)
+                entry["row_scale"] = None if rs is None else rs.tolist()
+            cache[_cache_key(ref_id, var_ids[vs.label], name, eng_name)] = entry
+
+    def drain(limit: int) -> None:
+        """Finish layer jobs, oldest first, until at most ``limit`` are in flight."""
+        while len(pending) > limit:
+            name, todo, ref_rows, fut, labels = pending.popleft()
+            out = {}
+            for lb, r in fut.result().items():
+                if r is not None:  # None: its percentiles need the general path
+                    r["smoothing"] = labels[lb]
+                    out[lb] = r
+            rest = [vs for vs in todo if vs.label not in out]
+            if rest:
+                out.update(_measure_general(name, ref_rows, rest, rows_cache, cancel, lambda k: None))
+            finish(name, todo, out)
 
     try:
         for name in names:
@@ -554,24 +660,27 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 continue
             ref_layer = reference.layers[t0.ref_layer]
             ref_rows = _Rows(reference, ref_layer, eng, keep=True, counter={})
-            res = _measure_target(name, ref_rows, states, todo, rows_cache, cancel,
-                                  lambda k: report(k * t0.cols))
+            ref, picked, labels = _fused_candidates(name, ref_rows, todo, eng)
+            if picked and len(picked) == len(todo):
+                # one job per layer on its own thread: while one layer's serial steps run,
+                # another's blocks keep the other cores busy
+                fut = _layer_pool().submit(fused.measure, ref, picked, cancel=cancel,
+                                           on_rows=lambda k, c=t0.cols: report(k * c), parallel=False)
+                pending.append((name, todo, ref_rows, fut, labels))
+                drain(workers())
+            else:
+                drain(0)
+                res = _measure_target(name, ref_rows, states, todo, rows_cache, cancel,
+                                      lambda k: report(k * t0.cols), engine=eng)
+                finish(name, todo, res)
             del ref_rows
-            for vs in todo:
-                t = vs.alignment.targets[name]
-                row = _row(t, vs, res[vs.label])
-                rows_out.setdefault(name, {})[vs.label] = row
-                entry = {"metrics": dataclasses.asdict(row)}
-                if t.row_fit_for:
-                    rs = vs.row_scales.get(t.row_fit_for)
-                    entry["row_scale"] = None if rs is None else rs.tolist()
-                cache[_cache_key(ref_id, var_ids[vs.label], name, eng_name)] = entry
             for vs in present:  # release variant decodes this target was the last user of
                 for p in vs.alignment.targets[name].var_layers:
                     k = (vs.label, p)
                     uses[k] = uses.get(k, 1) - 1
                     if uses[k] <= 0:
                         caches.pop(k, None)
+        drain(0)
     finally:
         if cache_dir is not None:
             save_cache(cache_dir, cache)

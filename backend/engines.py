@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from .errors import LayerError
-from .formats import awq, bnb, ct, fp8, gptq
+from .formats import awq, bnb, ct, fast, fp8, gptq
 from .formats import mlx as mlxfmt
 from .formats.kernel import lower_thread_priority
 from .schemes import Layer, Model
@@ -131,6 +131,18 @@ NUMPY_DECODERS = {
     "awq-gemv": _np_awq_gemv,
 }
 
+_ROW_DECODERS = {
+    "mlx-affine": lambda layer, p: mlxfmt.affine_rows(p["weight"], p["scales"], p["biases"], bits=layer.bits,
+                                                       group_size=layer.group_size, name=layer.path),
+    "mlx-mxfp4": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode, name=layer.path),
+    "mlx-mxfp8": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode, name=layer.path),
+    "mlx-nvfp4": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode, name=layer.path),
+    "gptq": lambda layer, p: gptq.rows(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
+                                       group_size=layer.group_size, version=_gptq_version(layer), name=layer.path),
+    "awq-gemm": lambda layer, p: awq.gemm_rows(p["qweight"], p.get("qzeros"), p["scales"],
+                                               group_size=layer.group_size, name=layer.path),
+}
+
 _OUT_CAPABLE = {_np_dense, _np_mlx_affine, _np_mlx_fp, _np_gptq, _np_awq_gemm}
 
 
@@ -159,6 +171,18 @@ class NumpyEngine:
             if exc.file is None:
                 exc = LayerError(exc.message, file=model.ckpt.source, tensor=layer.path, rule=exc.rule)
             raise exc from None
+
+    def row_decoder(self, model: Model, layer: Layer) -> fast.RowDecoder | None:
+        """A prepared compiled decode of ``layer`` by row ranges (see :class:`fast.RowDecoder`),
+        or None where the layer's scheme or layout has no such kernel. A sweep decodes row
+        blocks into a small buffer and measures them while they are still in the CPU cache."""
+        fn = _ROW_DECODERS.get(layer.scheme)
+        if fn is None or not fast.AVAILABLE or not layer.decodable:
+            return None
+        try:
+            return fn(layer, read_parts(model, layer))
+        except LayerError:
+            return None  # the whole-layer decode reports it, with the file named
 
     def close(self) -> None:
         pass

@@ -52,6 +52,8 @@ class ErrorStats:
         self.counts = None if raw_only else np.zeros(_NKEYS, np.int64)
         self._plan = None
         self._found: dict[int, list[np.ndarray]] = {}
+        #: Set by a caller that found the percentiles another way (:mod:`.fused`).
+        self.exact_percentiles: dict[float, float] | None = None
 
     # -- pass one ---------------------------------------------------------------------------
     def add(self, w: np.ndarray, wh: np.ndarray) -> None:
@@ -161,6 +163,8 @@ class ErrorStats:
                     parts.append(sel)
 
     def percentiles(self) -> dict[float, float]:
+        if self.exact_percentiles is not None:
+            return dict(self.exact_percentiles)
         if self.n == 0:
             return {p: math.nan for p in PERCENTILES}
         if self._plan is None:

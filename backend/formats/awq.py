@@ -38,20 +38,30 @@ def unpack_gemm(packed: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(slots[:, :, REV]).reshape(packed.shape[0], n)
 
 
-def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=None,
-                out: np.ndarray | None = None) -> np.ndarray:
-    """Dequantize AWQ GEMM (4-bit) to float32 ``[N, K]``. ``qzeros`` None means symmetric (z = 8)."""
+def _gemm_prep(qweight, qzeros, scales, group_size, name):
     n, k, g = gemm_dims(qweight.shape, scales.shape, name)
     if group_size not in (None, -1):
         check(g == group_size, f"scales imply group size {g}, config says {group_size}", name)
     ng = k // g
     if qzeros is not None:
         check(qzeros.shape == (ng, n // 8), f"qzeros {list(qzeros.shape)} should be [{ng}, {n // 8}]", name)
+    return n, k, g, ng, np.ascontiguousarray(scales, np.float32)
 
+
+def gemm_rows(qweight, qzeros, scales, *, group_size: int | None = None, name=None) -> fast.RowDecoder | None:
+    """The compiled row decoder of an AWQ GEMM layer (row ranges in multiples of 8), or None."""
+    n, k, g, _, s32 = _gemm_prep(qweight, qzeros, scales, group_size, name)
+    fn = fast.awq_gemm_rows(qweight, s32, qzeros, g, _SHIFTS, k)
+    return None if fn is None else fast.RowDecoder(fn, n, k, 8)
+
+
+def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Dequantize AWQ GEMM (4-bit) to float32 ``[N, K]``. ``qzeros`` None means symmetric (z = 8)."""
+    n, k, g, ng, s32 = _gemm_prep(qweight, qzeros, scales, group_size, name)
     if out is None:
         out = np.empty((n, k), np.float32)
     u = qweight.view(np.uint32)
-    s32 = np.ascontiguousarray(scales, np.float32)
     if fast.awq_gemm(qweight, s32, qzeros, g, _SHIFTS, out):  # reads the packed zeros itself
         return out
     z = np.full((ng, n), 8, np.float32) if qzeros is None else unpack_gemm(qzeros, n).astype(np.float32)

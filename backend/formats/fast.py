@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -119,14 +120,14 @@ if AVAILABLE:
                         seg[4 * q + j] = np.float32(np.int32((w >> np.uint32(8 * j)) & np.uint32(255))) * sg
 
     @njit(nogil=True, cache=True)
-    def _mlx_affine_words(wd, s, b, bits, group, mode, out, r0, r1):
+    def _mlx_affine_words(wd, s, b, bits, group, mode, out, r0, r1, o0):
         # bits 2/4/8: wd uint32 [rows, K*bits/32]; a group is a whole number of words.
         per = 32 // bits
         wpg = group // per
         ng = out.shape[1] // group
         for r in range(r0, r1):
             wr = wd[r]
-            orow = out[r]
+            orow = out[r - o0]
             for g in range(ng):
                 seg = orow[g * group:(g + 1) * group]
                 if mode == F32:  # s*q + b with two float32 roundings (no FMA), as MLX does
@@ -141,13 +142,13 @@ if AVAILABLE:
                 _round_row(seg, mode)
 
     @njit(nogil=True, cache=True)
-    def _mlx_affine(by, s, b, bits, group, k, mode, out, r0, r1):
+    def _mlx_affine(by, s, b, bits, group, k, mode, out, r0, r1, o0):
         # Widths whose groups are not whole uint32 words of codes (1, 3, 5, 6 bit; 2/4/8 take
         # _mlx_affine_words): each code read from the bytes it straddles.
         mask = (1 << bits) - 1
         ng = k // group
         for r in range(r0, r1):
-            row = out[r]
+            row = out[r - o0]
             brow = by[r]
             for g in range(ng):
                 sg = s[r, g]
@@ -163,7 +164,7 @@ if AVAILABLE:
                 _round_row(seg, mode)
 
     @njit(nogil=True, cache=True)
-    def _gptq(qw, s_t, bias_t, g_idx, bits, out, r0, r1):
+    def _gptq(qw, s_t, bias_t, g_idx, bits, out, r0, r1, o0):
         # Act-order (or groups that are not whole words; trivial g_idx takes _gptq_tiled): the
         # group looked up per input column. qw: uint32 [K*b/32, N] packed along K; out: float32
         # [N, K]. Sub-blocks of 16 output rows read 64 contiguous bytes of each packed row.
@@ -180,7 +181,7 @@ if AVAILABLE:
                     # 2-D indexing: a row view per (word, column) costs more than the decode.
                     for i in range(per):
                         g = g_idx[k0 + i]
-                        out[c, k0 + i] = np.float32(w & mask) * s_t[c, g] + bias_t[c, g]
+                        out[c - o0, k0 + i] = np.float32(w & mask) * s_t[c, g] + bias_t[c, g]
                         w = w >> np.uint32(bits)
 
     @njit(cache=True, inline="always")
@@ -193,7 +194,7 @@ if AVAILABLE:
                 local[c - c0, r] = qr[c]
 
     @njit(nogil=True, cache=True)
-    def _gptq_tiled(qw, s, z, group, bits, out, c_lo, c_hi, tile, gpc):
+    def _gptq_tiled(qw, s, z, group, bits, out, c_lo, c_hi, tile, gpc, o0):
         # Trivial g_idx, whole words per group. qw: uint32 [K*b/32, N]; column c, read down, is
         # output row c's LSB-first code stream. Per (tile of columns, chunk of gpc groups): copy
         # those words into a small [tile, words] buffer (contiguous reads of each packed row),
@@ -209,14 +210,14 @@ if AVAILABLE:
                 _gather_cols(qw, gb * wpg, (ge - gb) * wpg, c0, c1, local)
                 for c in range(c0, c1):
                     wl = local[c - c0]
-                    orow = out[c]
+                    orow = out[c - o0]
                     for g in range(gb, ge):
                         sg = s[g, c]  # scales and zeros in their stored [groups, N] orientation
                         _words_to(wl, (g - gb) * wpg, wpg, bits, sg, -(sg * z[g, c]), True,
                                   orow[g * group:(g + 1) * group])
 
     @njit(nogil=True, cache=True)
-    def _awq_tiled(qw, s, qz, zconst, group, shifts, out, c_lo, c_hi, tile, gpc):
+    def _awq_tiled(qw, s, qz, zconst, group, shifts, out, c_lo, c_hi, tile, gpc, o0):
         # qw: uint32 [K, N/8]; word column c holds output rows 8c..8c+7 (row 8c+j at shift
         # shifts[j]). Per (tile of word columns, chunk of gpc groups): a [tile, words] buffer,
         # then one vectorised pass per output row and group.
@@ -241,16 +242,16 @@ if AVAILABLE:
                             # order as qweight), or the symmetric constant
                             zq = zconst if zconst >= 0 else np.int32((qz[g, c] >> sh) & np.uint32(15))
                             bg = -(sg * np.float32(zq))
-                            seg = out[n, g * group:(g + 1) * group]
+                            seg = out[n - o0, g * group:(g + 1) * group]
                             for kk in range(group):
                                 seg[kk] = np.float32(np.int32((wg[kk] >> sh) & np.uint32(15))) * sg + bg
 
     @njit(nogil=True, cache=True)
-    def _block_float(by, sc, elem_table, scale_table, gscale, bits, group, k, out, r0, r1):
+    def _block_float(by, sc, elem_table, scale_table, gscale, bits, group, k, out, r0, r1, o0):
         ng = k // group
         for r in range(r0, r1):
             brow = by[r]
-            orow = out[r]
+            orow = out[r - o0]
             for g in range(ng):
                 scale = scale_table[sc[r, g]]
                 if gscale != np.float32(0.0):
@@ -262,7 +263,7 @@ if AVAILABLE:
 
 if AVAILABLE:
     @njit(nogil=True, cache=True)
-    def _fp4_words(wd, sc, scale_table, gscale, group, out, r0, r1):
+    def _fp4_words(wd, sc, scale_table, gscale, group, out, r0, r1, o0):
         # 4-bit block floats (mxfp4, nvfp4) read as uint32 words, 8 codes each. E2M1 without a
         # table, in float32 lanes so that 8 codes vectorise: magnitude code m gives
         # m/2 + relu(m-4)/2 + relu(m-6) (0, .5, 1, 1.5, 2, 3, 4, 6); bit 3 multiplies by -1 (0 becomes -0 like the
@@ -271,7 +272,7 @@ if AVAILABLE:
         ng = out.shape[1] // group
         for r in range(r0, r1):
             wr = wd[r]
-            orow = out[r]
+            orow = out[r - o0]
             for g in range(ng):
                 scale = scale_table[sc[r, g]]
                 if gscale != np.float32(0.0):
@@ -314,82 +315,118 @@ def _rows(n_rows: int, row_elems: int, fn, align: int = 1, min_rows: int = 16) -
     for_row_blocks(n_rows, row_elems, fn, align=align, min_rows=min_rows)
 
 
-def mlx_affine(by: np.ndarray, s32: np.ndarray, b32: np.ndarray, bits: int, group: int, k: int, sdtype,
-               out: np.ndarray) -> bool:
-    """MLX affine into ``out`` [rows, K]; False when this case has no kernel (use numpy)."""
-    mode = _mode(sdtype)
-    if not AVAILABLE or mode < 0 or bits > 8:
+class RowDecoder(NamedTuple):
+    """A prepared compiled decode of one layer: ``fn(r0, r1, dst)`` writes flattened rows
+    ``[r0, r1)`` into ``dst`` (float32 ``[r1-r0, cols]``); ``r0`` and ``r1`` must be multiples of
+    ``granule`` (or ``r1 == rows``)."""
+
+    fn: Callable
+    rows: int
+    cols: int
+    granule: int
+
+
+def _whole(n_rows: int, k: int, fn, out: np.ndarray, **kw) -> bool:
+    """Run a row decoder over all of ``out`` on the decode pool; False when ``fn`` is None."""
+    if fn is None:
         return False
-    by, s32, b32 = np.ascontiguousarray(by), np.ascontiguousarray(s32), np.ascontiguousarray(b32)
-    if bits in (2, 4, 8) and by.shape[-1] % 4 == 0 and group % (32 // bits) == 0 and sys.byteorder == "little":
-        wd = by.view(np.uint32)
-        _rows(out.shape[0], k, lambda r0, r1: _mlx_affine_words(wd, s32, b32, bits, group, mode, out, r0, r1))
-        return True
-    _rows(out.shape[0], k, lambda r0, r1: _mlx_affine(by, s32, b32, bits, group, k, mode, out, r0, r1))
+    _rows(n_rows, k, lambda r0, r1: fn(r0, r1, out[r0:r1]), **kw)
     return True
 
 
-def gptq(qweight: np.ndarray, s: np.ndarray, z: np.ndarray, g_idx: np.ndarray | None, bits: int,
-         out: np.ndarray, trivial_group: int = 0) -> bool:
-    """GPTQ (2/4/8-bit, any g_idx) into ``out`` [N, K]; False when there is no kernel.
+def mlx_affine_rows(by: np.ndarray, s32: np.ndarray, b32: np.ndarray, bits: int, group: int, k: int, sdtype):
+    """A row decoder ``fn(r0, r1, dst)`` of MLX affine (rows ``[r0, r1)`` into ``dst``
+    ``[r1-r0, K]``), or None when this case has no kernel (use numpy)."""
+    mode = _mode(sdtype)
+    if not AVAILABLE or mode < 0 or bits > 8:
+        return None
+    by, s32, b32 = np.ascontiguousarray(by), np.ascontiguousarray(s32), np.ascontiguousarray(b32)
+    if bits in (2, 4, 8) and by.shape[-1] % 4 == 0 and group % (32 // bits) == 0 and sys.byteorder == "little":
+        wd = by.view(np.uint32)
+        return lambda r0, r1, dst: _mlx_affine_words(wd, s32, b32, bits, group, mode, dst, r0, r1, r0)
+    return lambda r0, r1, dst: _mlx_affine(by, s32, b32, bits, group, k, mode, dst, r0, r1, r0)
+
+
+def mlx_affine(by: np.ndarray, s32: np.ndarray, b32: np.ndarray, bits: int, group: int, k: int, sdtype,
+               out: np.ndarray) -> bool:
+    """MLX affine into ``out`` [rows, K]; False when this case has no kernel (use numpy)."""
+    return _whole(out.shape[0], k, mlx_affine_rows(by, s32, b32, bits, group, k, sdtype), out)
+
+
+def gptq_rows(qweight: np.ndarray, s: np.ndarray, z: np.ndarray, g_idx: np.ndarray | None, bits: int, k: int,
+              trivial_group: int = 0):
+    """A row decoder ``fn(r0, r1, dst)`` of GPTQ (2/4/8-bit, any g_idx), or None.
 
     ``s`` and ``z`` are float32 ``[groups, N]`` (stored orientation, zeros already unpacked);
     each value is ``s*q + (-(s*z))``, the exact product ``s*(q-z)``. ``trivial_group`` is the
     group size when ``g_idx`` is trivial (``g_idx`` may then be None), else 0.
     """
     if not AVAILABLE or bits not in (2, 4, 8) or qweight.dtype.itemsize != 4:
-        return False
+        return None
     qw = np.ascontiguousarray(qweight).view(np.uint32)
-    k = out.shape[1]
     per = 32 // bits
     # Trivial g_idx with whole words per group: one group per packed word (no per-code lookup).
     tg = trivial_group if (trivial_group and trivial_group % per == 0) else 0
     if tg and k % tg == 0 and qw.shape[0] * per == k:
-        _rows(out.shape[0], k, lambda r0, r1: _gptq_tiled(qw, s, z, tg, bits, out, r0, r1, TILE, _chunk(TILE, tg)),
-              min_rows=TILE)
-        return True
+        gpc = min(_chunk(TILE, tg), k // tg)  # the tile buffer no larger than the layer needs
+        return lambda r0, r1, dst: _gptq_tiled(qw, s, z, tg, bits, dst, r0, r1, TILE, gpc, r0)
     s_t = np.ascontiguousarray(s.T)
     bias_t = -(s_t * z.T)
     gi = np.arange(k) // trivial_group if g_idx is None else np.ascontiguousarray(g_idx, np.int64)
-    _rows(out.shape[0], k, lambda r0, r1: _gptq(qw, s_t, bias_t, gi, bits, out, r0, r1))
-    return True
+    return lambda r0, r1, dst: _gptq(qw, s_t, bias_t, gi, bits, dst, r0, r1, r0)
 
 
-def awq_gemm(qweight: np.ndarray, s: np.ndarray, qzeros: np.ndarray | None, group: int, shifts: np.ndarray,
-             out: np.ndarray) -> bool:
-    """AWQ GEMM 4-bit into ``out`` [N, K]; ``s`` float32 ``[groups, N]`` in logical column order,
-    ``qzeros`` the packed ``[groups, N/8]`` words (None: symmetric, z = 8). False when there is
-    no kernel."""
+def gptq(qweight: np.ndarray, s: np.ndarray, z: np.ndarray, g_idx: np.ndarray | None, bits: int,
+         out: np.ndarray, trivial_group: int = 0) -> bool:
+    """GPTQ into ``out`` [N, K] (see :func:`gptq_rows`); False when there is no kernel."""
+    k = out.shape[1]
+    return _whole(out.shape[0], k, gptq_rows(qweight, s, z, g_idx, bits, k, trivial_group), out, min_rows=TILE)
+
+
+def awq_gemm_rows(qweight: np.ndarray, s: np.ndarray, qzeros: np.ndarray | None, group: int, shifts: np.ndarray,
+                  k: int):
+    """A row decoder ``fn(r0, r1, dst)`` of AWQ GEMM 4-bit (``r0``, ``r1`` multiples of 8), or None.
+
+    ``s`` float32 ``[groups, N]`` in logical column order, ``qzeros`` the packed ``[groups, N/8]``
+    words (None: symmetric, z = 8).
+    """
     if (not AVAILABLE or (qzeros is not None and qzeros.dtype.itemsize != 4)
-            or out.shape[1] % group):  # gemm_dims makes K a whole number of groups
-        return False
+            or k % group):  # gemm_dims makes K a whole number of groups
+        return None
     qw = np.ascontiguousarray(qweight).view(np.uint32)
     sh = shifts.astype(np.uint32)
     qz = np.zeros((1, 1), np.uint32) if qzeros is None else np.ascontiguousarray(qzeros).view(np.uint32)
     zc = 8 if qzeros is None else -1
-    _rows(out.shape[0], out.shape[1],
-          lambda r0, r1: _awq_tiled(qw, s, qz, zc, group, sh, out, r0 // 8, r1 // 8, AWQ_TILE,
-                                    _chunk(8 * AWQ_TILE, group)),
-          align=8, min_rows=8 * AWQ_TILE)
-    return True
+    gpc = min(_chunk(8 * AWQ_TILE, group), k // group)  # the tile buffer no larger than needed
+    return lambda r0, r1, dst: _awq_tiled(qw, s, qz, zc, group, sh, dst, r0 // 8, r1 // 8, AWQ_TILE, gpc, r0)
+
+
+def awq_gemm(qweight: np.ndarray, s: np.ndarray, qzeros: np.ndarray | None, group: int, shifts: np.ndarray,
+             out: np.ndarray) -> bool:
+    """AWQ GEMM 4-bit into ``out`` [N, K] (see :func:`awq_gemm_rows`); False when there is no kernel."""
+    fn = awq_gemm_rows(qweight, s, qzeros, group, shifts, out.shape[1])
+    return _whole(out.shape[0], out.shape[1], fn, out, align=8, min_rows=8 * AWQ_TILE)
+
+
+def block_float_rows(by: np.ndarray, sc: np.ndarray, elem_table: np.ndarray, scale_table: np.ndarray,
+                     gscale: float | None, bits: int, group: int, k: int):
+    """A row decoder ``fn(r0, r1, dst)`` of mxfp4 / mxfp8 / nvfp4, or None."""
+    if not AVAILABLE:
+        return None
+    by, sc = np.ascontiguousarray(by), np.ascontiguousarray(sc)
+    g = np.float32(gscale or 0.0)
+    if bits == 4:
+        if by.shape[-1] % 4 or group % 8 or sys.byteorder != "little":
+            return None  # numpy path
+        wd = by.view(np.uint32)
+        return lambda r0, r1, dst: _fp4_words(wd, sc, scale_table, g, group, dst, r0, r1, r0)
+    return lambda r0, r1, dst: _block_float(by, sc, elem_table, scale_table, g, bits, group, k, dst, r0, r1, r0)
 
 
 def block_float(by: np.ndarray, sc: np.ndarray, elem_table: np.ndarray, scale_table: np.ndarray,
                 gscale: float | None, bits: int, group: int, k: int, out: np.ndarray) -> bool:
     """mxfp4 / mxfp8 / nvfp4 into ``out`` [rows, K]; False when there is no kernel."""
-    if not AVAILABLE:
-        return False
-    by, sc = np.ascontiguousarray(by), np.ascontiguousarray(sc)
-    g = np.float32(gscale or 0.0)
-    if bits == 4:
-        if by.shape[-1] % 4 or group % 8 or sys.byteorder != "little":
-            return False  # numpy path
-        wd = by.view(np.uint32)
-        _rows(out.shape[0], k, lambda r0, r1: _fp4_words(wd, sc, scale_table, g, group, out, r0, r1))
-        return True
-    _rows(out.shape[0], k,
-          lambda r0, r1: _block_float(by, sc, elem_table, scale_table, g, bits, group, k, out, r0, r1))
-    return True
+    return _whole(out.shape[0], k, block_float_rows(by, sc, elem_table, scale_table, gscale, bits, group, k), out)
 
 
 # -- error statistics (compare) ----------------------------------------------------------------
@@ -473,6 +510,301 @@ if AVAILABLE:
         return vals[:k], keys[:k]
 
 
+if AVAILABLE:
+    @njit(nogil=True, cache=True, fastmath={"reassoc"})
+    def _row_sums(w, x, want_ww):
+        # Σd², ΣW², ΣW·d of one row in float64 (vector partial sums, as in _sums).
+        sdd = 0.0
+        sww = 0.0
+        swd = 0.0
+        if want_ww:
+            for j in range(w.size):
+                a = np.float64(w[j])
+                d = np.float64(x[j]) - a
+                sdd += d * d
+                sww += a * a
+                swd += a * d
+        else:
+            for j in range(w.size):
+                a = np.float64(w[j])
+                d = np.float64(x[j]) - a
+                sdd += d * d
+                swd += a * d
+        return sdd, sww, swd
+
+    @njit(nogil=True, cache=True)
+    def _pair_stats(ref, bf16, v, col, lo, hi, flags, acc, cnt, buf):
+        # One block of rows of the reference ``ref`` ([rows, K]: bf16 bits as uint16 when bf16,
+        # else float32) against the decoded variant rows ``v`` (float32 [rows, K]), while ``v`` is
+        # still in the CPU cache. ``col`` (float32 [K], or empty): divide the variant by it first,
+        # keeping Σ(v-W)² of the undivided variant in acc[3]. flags: 1 = the float64 sums,
+        # 2 = Σ W² too. acc: Σd², ΣW², ΣW·d, Σd_raw², max|d| (float64). cnt: number of exact zeros,
+        # number collected (beyond buf.size: overflowed, not stored), float32 bits of the running
+        # max |d|, then per interval q how many |d| < lo[q]. The exact float64 |d| of the nonzero
+        # elements whose float32 |d| lies in a [lo[q], hi[q]] (disjoint, ascending, float32) go to
+        # buf: float32 rounding is monotone, so every element not collected is ranked strictly
+        # below or above all collected ones, and the percentiles' order statistics are found
+        # exactly among them.
+        rows, k = v.shape
+        m = lo.size
+        w = np.empty(k, np.float32)
+        wu = w.view(np.uint32)
+        xs = np.empty(k, np.float32)
+        t = np.empty(k, np.float32)
+        f = np.zeros((k + 7) // 8 * 8, np.uint8)
+        fu = f.view(np.uint64)
+        has_col = col.size > 0
+        cap = buf.size
+        nb = cnt[1]
+        mb = np.uint32(cnt[2])
+        # At most three intervals, as integer ranges of the float32 bits (|d| >= 0: its bit
+        # pattern orders like its value) in scalars so that the loops vectorise in int32 lanes;
+        # unused ones have a negative start and hold nothing.
+        lb = np.full(3, -1, np.int32)
+        wb = np.zeros(3, np.int32)
+        for q in range(m):
+            lb[q] = lo[q:q + 1].view(np.int32)[0]
+            wb[q] = hi[q:q + 1].view(np.int32)[0] - lb[q]
+        l0, l1, l2 = lb[0], lb[1], lb[2]
+        w0, w1, w2 = np.uint32(wb[0]), np.uint32(wb[1]), np.uint32(wb[2])
+        ti = t.view(np.int32)
+        for r in range(rows):
+            rr = ref[r]
+            if bf16:
+                for j in range(k):
+                    wu[j] = np.uint32(rr[j]) << np.uint32(16)
+            else:
+                for j in range(k):
+                    w[j] = rr[j]
+            vr = v[r]
+            if has_col:
+                if flags & 1:
+                    p_dd, p_ww, p_wd = _row_sums(w, vr, False)
+                    acc[3] += p_dd
+                for j in range(k):
+                    xs[j] = vr[j] / col[j]
+                x = xs
+            else:
+                x = vr
+            if flags & 1:
+                p_dd, p_ww, p_wd = _row_sums(w, x, flags & 2)
+                acc[0] += p_dd
+                acc[1] += p_ww
+                acc[2] += p_wd
+            for j in range(k):
+                t[j] = abs(x[j] - w[j])  # float32 |d|: the exact |d| rounded
+            rm = np.int32(0)
+            nz = np.int32(0)
+            for j in range(k):  # int32 lanes (numba would widen a plain count to 64 bits)
+                u = ti[j]
+                rm = max(rm, u)  # NaN's bits are above every number's
+                nz = np.int32(nz + np.int32(u == 0))
+            cnt[0] += nz
+            if np.uint32(rm) >= mb:  # the exact maximum is among the elements reaching the float32 one
+                mb = np.uint32(rm)
+                for j in range(k):
+                    if ti[j] == rm:
+                        e = abs(np.float64(x[j]) - np.float64(w[j]))
+                        if e > acc[4] or e != e:
+                            acc[4] = e
+            if m == 0:
+                continue
+            c0 = np.int32(0)
+            c1 = np.int32(0)
+            c2 = np.int32(0)
+            for j in range(k):
+                u = ti[j]
+                c0 = np.int32(c0 + np.int32(u < l0))
+                c1 = np.int32(c1 + np.int32(u < l1))
+                c2 = np.int32(c2 + np.int32(u < l2))
+                hit = ((np.uint32(u - l0) <= w0) | (np.uint32(u - l1) <= w1)
+                       | (np.uint32(u - l2) <= w2))
+                f[j] = np.uint8(hit & (u != 0))
+            cnt[4] += c0
+            if m > 1:
+                cnt[5] += c1
+            if m > 2:
+                cnt[6] += c2
+            for q in range((k + 7) // 8):
+                if fu[q] != 0:
+                    j1 = min(k, 8 * q + 8)
+                    if nb + 8 <= cap:  # branch-free: store every element, advance past hits
+                        for j in range(8 * q, j1):
+                            buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
+                            nb += np.int64(f[j])
+                    else:
+                        for j in range(8 * q, j1):
+                            if f[j]:
+                                if nb < cap:
+                                    buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
+                                nb += 1
+        cnt[1] = nb
+        cnt[2] = np.int64(mb)
+
+
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _kth(vals, pos, out):
+        # out[i] = the pos[i]-th smallest of vals (float64 >= 0, pos ascending); False (nothing
+        # written) for NaN/inf or a range too wide. Zeros rank first; the rest are bucketed by
+        # their top float64 bits (monotone for non-negative floats, 4096 buckets per octave) and
+        # only the buckets holding a wanted position are gathered (one pass) and sorted.
+        n = vals.size
+        bits = vals.view(np.uint64)
+        sh = np.uint64(40)
+        kmin = np.uint64(0xFFFFFFFFFFFFFFFF)
+        kmax = np.uint64(0)
+        nz = 0
+        for i in range(n):
+            u = bits[i]
+            nz += u == 0
+            if u != 0:
+                kmin = min(kmin, u >> sh)
+            kmax = max(kmax, u >> sh)
+        if kmax >= np.uint64(0x7FF0000000000000) >> sh:
+            return False  # inf or NaN (or a negative value)
+        if nz == n:
+            out[:] = 0.0
+            return True
+        nk = np.int64(kmax - kmin) + 1
+        if nk > (1 << 24):
+            return False
+        counts = np.zeros(nk, np.int64)
+        for i in range(n):
+            if bits[i] != 0:
+                counts[np.int64((bits[i] >> sh) - kmin)] += 1
+        m = pos.size
+        wb = np.full(m, -1, np.int64)  # bucket of each wanted position (-1: a zero)
+        start = np.zeros(m, np.int64)
+        c = nz
+        b = 0
+        for i in range(m):
+            if pos[i] < nz:
+                continue
+            while c + counts[b] <= pos[i]:
+                c += counts[b]
+                b += 1
+            wb[i] = b
+            start[i] = c
+        ub = np.unique(wb[wb >= 0])
+        slot = np.full(nk, -1, np.int32)  # bucket -> its index in ub (-1: not wanted)
+        for q in range(ub.size):
+            slot[ub[q]] = q
+        # a bucket of equal values (ties: bf16-rounded decodes) needs no gathering or sorting
+        bmin = np.full(ub.size, np.inf)
+        bmax = np.zeros(ub.size)
+        for j in range(n):
+            u = bits[j]
+            if u != 0:
+                q = slot[np.int64((u >> sh) - kmin)]
+                if q >= 0:
+                    bmin[q] = min(bmin[q], vals[j])
+                    bmax[q] = max(bmax[q], vals[j])
+        # one pass gathers every other wanted bucket into its own slice of sel
+        off = np.zeros(ub.size + 1, np.int64)
+        for q in range(ub.size):
+            off[q + 1] = off[q] + (counts[ub[q]] if bmin[q] != bmax[q] else 0)
+        sel = np.empty(off[ub.size], np.float64)
+        fill = off[:ub.size].copy()
+        if off[ub.size]:
+            for j in range(n):
+                u = bits[j]
+                if u != 0:
+                    q = slot[np.int64((u >> sh) - kmin)]
+                    if q >= 0 and bmin[q] != bmax[q]:
+                        sel[fill[q]] = vals[j]
+                        fill[q] += 1
+        for q in range(ub.size):
+            sel[off[q]:off[q + 1]].sort()
+        for i in range(m):
+            if wb[i] < 0:
+                out[i] = 0.0
+            else:
+                q = np.searchsorted(ub, wb[i])
+                out[i] = bmin[q] if bmin[q] == bmax[q] else sel[off[q] + pos[i] - start[i]]
+        return True
+
+
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _count_lt32(vals, lims, out):
+        # out[q] = how many of vals (float64) round to a float32 below lims[q] (float32)
+        for q in range(lims.size):
+            out[q] = 0
+        for i in range(vals.size):
+            v = np.float32(vals[i])
+            for q in range(lims.size):
+                out[q] += v < lims[q]
+
+    @njit(nogil=True, cache=True)
+    def _restrict(vals, home_lo, new_lo, new_hi, below_add, out):
+        # Keep the values whose float32 lies in a new interval (into out; returns how many) and
+        # count, per new interval j, those in [home_lo[j], new_lo[j]) (now below it).
+        for j in range(new_lo.size):
+            below_add[j] = 0
+        k = 0
+        for i in range(vals.size):
+            v = np.float32(vals[i])
+            keep = False
+            for j in range(new_lo.size):
+                below_add[j] += (v >= home_lo[j]) & (v < new_lo[j])
+                keep |= (v >= new_lo[j]) & (v <= new_hi[j])
+            if keep:
+                out[k] = vals[i]
+                k += 1
+        return k
+
+
+def count_lt32(vals: np.ndarray, lims: np.ndarray) -> np.ndarray:
+    """Per float32 limit, how many float64 ``vals`` round (to float32) below it."""
+    out = np.zeros(lims.size, np.int64)
+    if AVAILABLE:
+        _count_lt32(vals, lims.astype(np.float32), out)
+        return out
+    v32 = vals.astype(np.float32)
+    return np.array([np.count_nonzero(v32 < a) for a in lims], np.int64)
+
+
+def restrict(vals: np.ndarray, home_lo: np.ndarray, new_lo: np.ndarray, new_hi: np.ndarray):
+    """(kept values, per new interval the count now below it): see ``_restrict``."""
+    if AVAILABLE:
+        out = np.empty(vals.size)
+        below = np.zeros(new_lo.size, np.int64)
+        k = _restrict(vals, home_lo.astype(np.float32), new_lo.astype(np.float32), new_hi.astype(np.float32),
+                      below, out)
+        return out[:k], below
+    v32 = vals.astype(np.float32)
+    below = np.array([np.count_nonzero((v32 >= h) & (v32 < a)) for h, a in zip(home_lo, new_lo)], np.int64)
+    keep = np.zeros(vals.size, bool)
+    for a, b in zip(new_lo, new_hi):
+        keep |= (v32 >= a) & (v32 <= b)
+    return vals[keep], below
+
+
+def kth_values(vals: np.ndarray, pos) -> np.ndarray | None:
+    """The ``pos``-th smallest values (exact) of non-negative float64 ``vals``, or None where
+    the compiled path does not apply (no numba, NaN/inf, or a range of thousands of octaves)."""
+    if not AVAILABLE or vals.size == 0:
+        return None
+    p = np.asarray(pos, np.int64)
+    order = np.argsort(p, kind="stable")
+    out = np.empty(p.size)
+    if not _kth(np.ascontiguousarray(vals, np.float64), p[order], out):
+        return None
+    res = np.empty(p.size)
+    res[order] = out
+    return res
+
+
+def pair_stats(ref: np.ndarray, v: np.ndarray, col: np.ndarray, lo: np.ndarray, hi: np.ndarray, flags: int,
+               acc: np.ndarray, cnt: np.ndarray, buf: np.ndarray) -> None:
+    """Accumulate one block's error statistics into ``acc``/``cnt``/``buf`` (see ``_pair_stats``);
+    ``ref`` is float32 or bfloat16 ``[rows, K]``."""
+    import ml_dtypes
+    bf16 = ref.dtype == np.dtype(ml_dtypes.bfloat16)
+    _pair_stats(ref.view(np.uint16) if bf16 else ref, bf16, v, col, lo, hi, flags, acc, cnt, buf)
+
+
 def error_stats(a: np.ndarray, b: np.ndarray, counts: np.ndarray | None):
     """(Σd², ΣW², ΣW·d, max|d|, number of exact zeros of d) of float32 1-D ``a`` (reference) and
     ``b``; bucket counts added into ``counts`` (int64 [2**15]) when given (the zero count only
@@ -505,25 +837,34 @@ def warm_up() -> None:
     from .. import metrics
     from . import awq, gptq, mlx
 
+    def ro(x):  # checkpoint tensors are read-only mmap views: a distinct compiled signature
+        x.flags.writeable = False
+        return x
+
     rng = np.random.default_rng(0)
     n, k = 16, 256
-    w = rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32)
-    s = np.full((n, k // 64), 0.01, ml_dtypes.bfloat16)
+    w = ro(rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32))
+    s = ro(np.full((n, k // 64), 0.01, ml_dtypes.bfloat16))
     mlx.decode_affine(w, s, s, bits=4, group_size=64)
-    mlx.decode_fp(w, np.full((n, k // 32), 127, np.uint8), mode="mxfp4")
-    qw = rng.integers(0, 2**31, size=(k // 8, n), dtype=np.int32)
-    qz = np.zeros((k // 128, n // 8), np.int32)
-    sc = np.full((k // 128, n), 0.01, np.float16)
+    mlx.decode_fp(w, ro(np.full((n, k // 32), 127, np.uint8)), mode="mxfp4")
+    qw = ro(rng.integers(0, 2**31, size=(k // 8, n), dtype=np.int32))
+    qz = ro(np.zeros((k // 128, n // 8), np.int32))
+    sc = ro(np.full((k // 128, n), 0.01, np.float16))
     gptq.decode(qw, qz, sc, None, bits=4, group_size=128)
-    gptq.decode(qw, qz, sc, rng.permutation(np.arange(k) // 128).astype(np.int32), bits=4, group_size=128)
-    w3 = rng.integers(0, 2**32, size=(n, k * 3 // 32), dtype=np.uint32)  # 3/5/6-bit: byte path
+    gptq.decode(qw, qz, sc, ro(rng.permutation(np.arange(k) // 128).astype(np.int32)), bits=4, group_size=128)
+    w3 = ro(rng.integers(0, 2**32, size=(n, k * 3 // 32), dtype=np.uint32))  # 3/5/6-bit: byte path
     mlx.decode_affine(w3, s, s, bits=3, group_size=64)
-    mlx.decode_fp(rng.integers(0, 2**32, size=(n, k // 4), dtype=np.uint32), np.full((n, k // 32), 127, np.uint8),
-                  mode="mxfp8")
-    awq.decode_gemm(rng.integers(0, 2**31, size=(k, n // 8), dtype=np.int32), qz, sc, group_size=128)
+    mlx.decode_fp(ro(rng.integers(0, 2**32, size=(n, k // 4), dtype=np.uint32)),
+                  ro(np.full((n, k // 32), 127, np.uint8)), mode="mxfp8")
+    awq.decode_gemm(ro(rng.integers(0, 2**31, size=(k, n // 8), dtype=np.int32)), qz, sc, group_size=128)
     a = rng.standard_normal(4096).astype(np.float32)
     metrics.error_metrics(a, a + np.float32(0.01))
-
+    # the sweep's one-pass path: block decode, pair statistics, interval selection
+    from .. import fused
+    ref = ro((rng.standard_normal((64, k)) * 0.02).astype(ml_dtypes.bfloat16))
+    wq = ro(rng.integers(0, 2**32, size=(64, k // 8), dtype=np.uint32))
+    sq = ro(np.full((64, k // 64), 0.01, ml_dtypes.bfloat16))
+    fused.measure(ref, {"w": (mlx.affine_rows(wq, sq, sq, bits=4, group_size=64), 0, None)}, parallel=False)
 
 # -- conversion (AWQ GEMM -> MLX 4-bit) --------------------------------------------------------
 

@@ -68,6 +68,35 @@ def is_trivial_g_idx(g_idx: np.ndarray | None, k: int, group_size: int) -> bool:
     return g_idx.shape == (k,) and np.array_equal(g_idx, np.arange(k) // group_size)
 
 
+def _prep(qweight, qzeros, scales, g_idx, bits, group_size, version, name):
+    check(bits in GPTQ_BITS, f"GPTQ bits {bits} not supported (2, 3, 4, 8)", name)
+    n, k = gptq_dims(qweight.shape, scales.shape, bits, word_bits(qweight), name)
+    g = k if group_size in (-1, 0, None) else group_size
+    ng = -(-k // g)
+    check(scales.shape[0] == ng, f"scales have {scales.shape[0]} groups, K={k} with group size {group_size} needs {ng}", name)
+    z = unpack_zeros(qzeros, bits, n, version, name)
+    check(z.shape[0] == ng, f"qzeros have {z.shape[0]} groups, expected {ng}", name)
+    if g_idx is not None:
+        check(g_idx.shape == (k,), f"g_idx has shape {list(g_idx.shape)}, expected [{k}]", name)
+        check(int(g_idx.min(initial=0)) >= 0 and int(g_idx.max(initial=0)) < ng,
+              f"g_idx values outside 0..{ng - 1}", name)
+    trivial = is_trivial_g_idx(g_idx, k, g) and k % g == 0
+    gi = None if trivial else (g_idx if g_idx is not None else np.arange(k) // g)
+    s32 = np.ascontiguousarray(scales, np.float32)
+    # s*q and s*z are exact in float32 for fp16/bf16 scales (<= 11 significant bits, |z| <= 256),
+    # so s*q + (-(s*z)) is the exact s*(q-z); float32 scales can differ from it by one ulp.
+    z32 = z.astype(np.float32)
+    return n, k, g, ng, trivial, gi, s32, z32
+
+
+def rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None, *, bits: int,
+         group_size: int, version: int = 1, name: str | None = None) -> fast.RowDecoder | None:
+    """The compiled row decoder of a GPTQ layer, or None (no kernel for it)."""
+    n, k, g, _, trivial, gi, s32, z32 = _prep(qweight, qzeros, scales, g_idx, bits, group_size, version, name)
+    fn = fast.gptq_rows(qweight, s32, z32, gi, bits, k, trivial_group=g if trivial else 0)
+    return None if fn is None else fast.RowDecoder(fn, n, k, fast.TILE)
+
+
 def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None, *,
            bits: int, group_size: int, version: int = 1, name: str | None = None,
            out: np.ndarray | None = None) -> np.ndarray:
@@ -88,25 +117,9 @@ def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: n
     version
         1 for ``checkpoint_format: gptq`` (zeros stored minus one), 2 for ``gptq_v2``.
     """
-    check(bits in GPTQ_BITS, f"GPTQ bits {bits} not supported (2, 3, 4, 8)", name)
-    n, k = gptq_dims(qweight.shape, scales.shape, bits, word_bits(qweight), name)
-    g = k if group_size in (-1, 0, None) else group_size
-    ng = -(-k // g)
-    check(scales.shape[0] == ng, f"scales have {scales.shape[0]} groups, K={k} with group size {group_size} needs {ng}", name)
-    z = unpack_zeros(qzeros, bits, n, version, name)
-    check(z.shape[0] == ng, f"qzeros have {z.shape[0]} groups, expected {ng}", name)
-    if g_idx is not None:
-        check(g_idx.shape == (k,), f"g_idx has shape {list(g_idx.shape)}, expected [{k}]", name)
-        check(int(g_idx.min(initial=0)) >= 0 and int(g_idx.max(initial=0)) < ng,
-              f"g_idx values outside 0..{ng - 1}", name)
+    n, k, g, ng, trivial, gi, s32, z32 = _prep(qweight, qzeros, scales, g_idx, bits, group_size, version, name)
     if out is None:
         out = np.empty((n, k), np.float32)
-    trivial = is_trivial_g_idx(g_idx, k, g) and k % g == 0
-    gi = None if trivial else (g_idx if g_idx is not None else np.arange(k) // g)
-    s32 = np.ascontiguousarray(scales, np.float32)
-    # s*q and s*z are exact in float32 for fp16/bf16 scales (<= 11 significant bits, |z| <= 256),
-    # so s*q + (-(s*z)) is the exact s*(q-z); float32 scales can differ from it by one ulp.
-    z32 = z.astype(np.float32)
     if fast.gptq(qweight, s32, z32, gi, bits, out, trivial_group=g if trivial else 0):
         return out
     s_t = np.ascontiguousarray(s32.T)  # [N, ng]

@@ -62,6 +62,27 @@ def affine_shape(weight_shape, scales_shape, bits: int, group_size: int, name=No
     return tuple(weight_shape[:-1]) + (k,)
 
 
+def _affine_prep(weight, scales, biases, bits, group_size, name):
+    check(weight.dtype == np.uint32, f"packed weight is {weight.dtype}, expected uint32", name)
+    check(biases is not None and biases.shape == scales.shape,
+          "affine layer needs .biases with the shape of .scales", name)
+    shape = affine_shape(weight.shape, scales.shape, bits, group_size, name)
+    n_rows = int(np.prod(shape[:-1]))
+    ng = shape[-1] // group_size
+    w2 = weight.reshape(n_rows, weight.shape[-1])
+    s2 = scales.reshape(n_rows, ng).astype(np.float32)
+    b2 = biases.reshape(n_rows, ng).astype(np.float32)
+    return shape, w2, s2, b2
+
+
+def affine_rows(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, *, bits: int, group_size: int,
+                name: str | None = None) -> fast.RowDecoder | None:
+    """The compiled row decoder of an MLX affine layer (flattened rows), or None (no kernel)."""
+    shape, w2, s2, b2 = _affine_prep(weight, scales, biases, bits, group_size, name)
+    fn = fast.mlx_affine_rows(_as_bytes(w2), s2, b2, bits, group_size, shape[-1], scales.dtype)
+    return None if fn is None else fast.RowDecoder(fn, w2.shape[0], shape[-1], 1)
+
+
 def decode_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, *, bits: int,
                   group_size: int, name: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Dequantize an MLX affine weight exactly as ``mx.dequantize`` does on the CPU.
@@ -85,17 +106,10 @@ def decode_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, *,
     numpy.ndarray
         float32 ``[..., N, K]``.
     """
-    check(weight.dtype == np.uint32, f"packed weight is {weight.dtype}, expected uint32", name)
-    check(biases is not None and biases.shape == scales.shape,
-          "affine layer needs .biases with the shape of .scales", name)
-    shape = affine_shape(weight.shape, scales.shape, bits, group_size, name)
+    shape, w2, s2, b2 = _affine_prep(weight, scales, biases, bits, group_size, name)
     sdt = scales.dtype
-    n_rows = int(np.prod(shape[:-1]))
-    k = shape[-1]
+    n_rows, k = w2.shape[0], shape[-1]
     ng = k // group_size
-    w2 = weight.reshape(n_rows, weight.shape[-1])
-    s2 = scales.reshape(n_rows, ng).astype(np.float32)
-    b2 = biases.reshape(n_rows, ng).astype(np.float32)
     if out is None:
         out = np.empty(shape, np.float32)
     o2 = out.reshape(n_rows, k)
@@ -120,14 +134,7 @@ def fp_shape(weight_shape, scales_shape, mode: str, name=None) -> tuple[int, ...
     return affine_shape(weight_shape, scales_shape, bits, group, name)
 
 
-def decode_fp(weight: np.ndarray, scales: np.ndarray, *, mode: str, global_scale: float | None = None,
-              name: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """Dequantize mxfp4 / mxfp8 / nvfp4 (formats.md §2) to float32.
-
-    mx modes: ``elem(q) * 2**(s-127)``; nvfp4: ``E2M1[q] * E4M3(s)`` (× ``global_scale/2688``
-    when a global scale is given). Products of these small formats are exact in float32, so the
-    result equals ``mx.dequantize(..., dtype=float32)``.
-    """
+def _fp_prep(weight, scales, mode, global_scale, name):
     check(mode in ("mxfp4", "mxfp8", "nvfp4"), f"unknown block-float mode {mode!r}", name)
     check(weight.dtype == np.uint32, f"packed weight is {weight.dtype}, expected uint32", name)
     check(scales.dtype == np.uint8, f"{mode} scales are {scales.dtype}, expected uint8 (E8M0/E4M3 bytes)", name)
@@ -139,16 +146,37 @@ def decode_fp(weight: np.ndarray, scales: np.ndarray, *, mode: str, global_scale
         # MLX computes global/2688 once and folds it into the block scale before multiplying
         # the element (verified bit-exact against mx.dequantize; other orders differ by 1 ulp).
         gs = np.float32(global_scale) / np.float32(2688.0)
-    k = shape[-1]
-    ng = k // group
     n_rows = int(np.prod(shape[:-1]))
     w2 = _as_bytes(weight).reshape(n_rows, -1)
-    s2 = scales.reshape(n_rows, ng)
+    s2 = scales.reshape(n_rows, shape[-1] // group)
+    elem_table = E2M1 if bits == 4 else E4M3
+    return bits, group, shape, table, elem_table, gs, w2, s2
+
+
+def fp_rows(weight: np.ndarray, scales: np.ndarray, *, mode: str, global_scale: float | None = None,
+            name: str | None = None) -> fast.RowDecoder | None:
+    """The compiled row decoder of an mxfp4/mxfp8/nvfp4 layer (flattened rows), or None."""
+    bits, group, shape, table, elem_table, gs, w2, s2 = _fp_prep(weight, scales, mode, global_scale, name)
+    fn = fast.block_float_rows(w2, s2, elem_table, table, gs, bits, group, shape[-1])
+    return None if fn is None else fast.RowDecoder(fn, w2.shape[0], shape[-1], 1)
+
+
+def decode_fp(weight: np.ndarray, scales: np.ndarray, *, mode: str, global_scale: float | None = None,
+              name: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Dequantize mxfp4 / mxfp8 / nvfp4 (formats.md §2) to float32.
+
+    mx modes: ``elem(q) * 2**(s-127)``; nvfp4: ``E2M1[q] * E4M3(s)`` (× ``global_scale/2688``
+    when a global scale is given). Products of these small formats are exact in float32, so the
+    result equals ``mx.dequantize(..., dtype=float32)``.
+    """
+    bits, group, shape, table, elem_table, gs, w2, s2 = _fp_prep(weight, scales, mode, global_scale, name)
+    k = shape[-1]
+    ng = k // group
+    n_rows = w2.shape[0]
     if out is None:
         out = np.empty(shape, np.float32)
     check(out.shape == tuple(shape) and out.dtype == np.float32, f"output buffer {out.shape} is not float32 {shape}", name)
     o2 = out.reshape(n_rows, k)
-    elem_table = E2M1 if bits == 4 else E4M3
     if fast.block_float(w2, s2, elem_table, table, gs, bits, group, k, o2):
         return out
 

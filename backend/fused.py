@@ -1,0 +1,419 @@
+"""One-pass error metrics of a layer: decode row blocks into a small buffer and measure them
+while they are still in the CPU cache.
+
+The general sweep (:mod:`.compare`) decodes a whole variant layer into memory, reads it back
+to accumulate the metrics, then reads it again for the exact percentiles. Here each block of
+rows is decoded by the compiled row decoder (:class:`~.formats.fast.RowDecoder`) into a
+per-thread buffer of ~1 MB and measured at once by one compiled kernel
+(:func:`~.formats.fast.pair_stats`), on all cores; the decoded layer never reaches main memory.
+
+Exact percentiles without a second pass. The |error| percentiles are order statistics, unknown
+until every element has been seen, and a full histogram costs more than the decode (~1.7 ns per
+element of scattered increments). Instead the kernel counts the elements below a few intervals
+of |error| and collects the exact float64 values of those inside; the wanted order statistics
+are then read from the collected values by rank. The intervals come in three steps:
+
+0. *sample blocks*, spread evenly over the layer, are decoded first and kept; a strided
+   subsample of their |error| gives each percentile and, from how much it varies between the
+   blocks, a wide interval around it;
+1. a sixth of the other blocks, also spread out, are measured with those intervals: the values
+   they collect fix each percentile of that part of the layer exactly, so much narrower
+   intervals (nested in the first) follow from its size;
+2. the remaining blocks and the kept sample blocks are measured with the narrow intervals, and
+   step 1's collections are cut down to them.
+
+If an interval misses its rank in the end (a layer whose blocks differ more than the samples
+showed) or a buffer overflows, :func:`measure` returns None for that variant and the caller
+takes the general path: the figures are exact either way; the shortcut only changes the time.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import ml_dtypes
+import numpy as np
+
+from .errors import Cancelled
+from .formats import fast
+from .formats.kernel import _get_pool, workers
+from .metrics import PERCENTILES, ErrorStats, _lerp
+
+#: Elements per block: the decoded block (float32) stays within L2/L3 of the core decoding it.
+BLOCK_ELEMENTS = 1 << 17
+#: Sample blocks per layer (at most), and the subsample size the first intervals come from.
+MAX_SAMPLE_BLOCKS = 8
+SUBSAMPLE = 1 << 15
+#: Interval half-width in standard errors of the estimated rank.
+Z = 5.0
+#: Least design effect assumed: quantization errors in a group share its scale (measured 2-4
+#: on round-to-nearest 4-bit layers), so a block holds fewer independent errors than elements.
+DEFF = 4.0
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_QS = [p / 100.0 for p in PERCENTILES]
+
+
+def _ranks(n: int) -> list[tuple[float, int, int, float]]:
+    out = []
+    for p in PERCENTILES:
+        pos = p / 100.0 * (n - 1)
+        lo = int(math.floor(pos))
+        out.append((p, lo, min(lo + 1, n - 1), pos - lo))
+    return out
+
+
+def _kth(vals: np.ndarray, pos: list[int]) -> np.ndarray:
+    got = fast.kth_values(vals, pos)
+    if got is None:
+        return np.sort(vals)[np.asarray(pos, np.int64)]
+    return got
+
+
+def _merge(ivs: list[list]) -> tuple[np.ndarray, np.ndarray]:
+    ivs = sorted(ivs, key=lambda iv: float(iv[0]))
+    merged = [list(ivs[0])]
+    for lo, hi in ivs[1:]:
+        if lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return (np.array([iv[0] for iv in merged], np.float32), np.array([iv[1] for iv in merged], np.float32))
+
+
+def first_intervals(sample: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Wide float32 intervals ``(lo, hi)`` of |error| around each percentile, from per-block
+    subsamples of float32 |error| (the exact values rounded: enough for an estimate), and the
+    share of the sample inside them. The margin is ``Z`` standard errors of the estimate's rank,
+    from how the share below it varies between the sample blocks."""
+    s = np.sort(np.concatenate(sample))
+    m = s.size
+    ivs = []
+    for q in _QS:
+        e = s[min(m - 1, int(round(q * (m - 1))))]
+        fb = np.array([np.count_nonzero(b < e) / b.size for b in sample if b.size])
+        se = math.sqrt(float(np.var(fb, ddof=1)) / len(fb)) if len(fb) > 1 else 0.5
+        delta = Z * max(se, math.sqrt(q * (1 - q) / m)) + 2.0 / m + 1.0 / n
+        a, b = q - delta, q + delta
+        lo = np.float32(0.0) if a <= 0 else s[int(math.floor(a * (m - 1)))]
+        hi = np.float32(np.inf) if b >= 1 else s[min(m - 1, int(math.ceil(b * (m - 1))))]
+        ivs.append([lo, hi])
+    lo, hi = _merge(ivs)
+    # share of the sample inside (ties, as in bf16-rounded decodes, can make it far more than
+    # the width in rank): sizes the buffers of collected values
+    inside = sum(int(np.searchsorted(s, b, "right") - np.searchsorted(s, max(a, np.float32(0)), "left"))
+                 for a, b in zip(lo, hi))
+    return lo, hi, min(1.0, inside / m)
+
+
+class _Acc:
+    """Accumulators of one variant on one worker (see ``fast._pair_stats``)."""
+
+    def __init__(self, m: int, cap: int) -> None:
+        self.acc = np.zeros(5)
+        self.cnt = np.zeros(4 + m, np.int64)
+        self.buf = np.empty(cap)
+
+    def collected(self) -> np.ndarray | None:
+        k = int(self.cnt[1])
+        return None if k > self.buf.size else self.buf[:k]
+
+
+class _Found:
+    """What is known of one variant's |error| order statistics over the elements measured with
+    the intervals ``lo``/``hi``: elements with exact zero error, how many fall below each
+    interval, and the exact values inside (float32 rounding decides "inside", as in the kernel)."""
+
+    def __init__(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        self.lo, self.hi = lo, hi
+        self.n = 0
+        self.nzero = 0
+        self.below = np.zeros(lo.size, np.int64)
+        self.parts: list[np.ndarray] = []
+        self.ok = True
+
+    def add(self, acc: _Acc, n_el: int) -> None:
+        self.n += n_el
+        self.nzero += int(acc.cnt[0])
+        self.below += acc.cnt[4:4 + self.lo.size]
+        c = acc.collected()
+        if c is None:
+            self.ok = False
+        elif c.size:
+            self.parts.append(c)
+
+    def values(self) -> np.ndarray:
+        if len(self.parts) != 1:
+            self.parts = [np.concatenate(self.parts) if self.parts else np.empty(0)]
+        return self.parts[0]
+
+    def _spans(self, vals: np.ndarray) -> list[tuple[int, int, int]]:
+        # per interval: (rank of its first element, how many, offset among the sorted values)
+        offs = [int(c) for c in fast.count_lt32(vals, self.lo)] + [vals.size]
+        return [(int(self.below[q]) + (self.nzero if self.lo[q] <= 0 else 0), offs[q + 1] - offs[q], offs[q])
+                for q in range(self.lo.size)]
+
+    def at_ranks(self, ranks: list[int]) -> dict[int, float | None]:
+        """Exact |error| of the given ranks among these elements (None: not inside an interval)."""
+        vals = self.values()
+        spans = self._spans(vals)
+        where = {}
+        for r in ranks:
+            if r < self.nzero:
+                where[r] = -1
+                continue
+            where[r] = None
+            for base, cnt, off in spans:
+                if base <= r < base + cnt:
+                    where[r] = off + r - base
+        kth = sorted({p for p in where.values() if p is not None and p >= 0})
+        got = dict(zip(kth, _kth(vals, kth))) if kth else {}
+        return {r: (None if p is None else 0.0 if p < 0 else float(got[p])) for r, p in where.items()}
+
+    def narrowed(self, block_below: list[np.ndarray], block_sizes: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Intervals nested in the current ones, holding each percentile of the whole layer with a
+        margin of ``Z`` standard errors of its rank estimated from the elements known here.
+
+        The standard error comes from how the share below each interval varies between the
+        blocks measured (``block_below``: per block, the counts below each interval): errors
+        within a quantization group share its scale, so they are far from independent and the
+        binomial error alone (its floor here) would be several times too small."""
+        if not self.ok or self.n < 2:
+            return None
+        n = self.n
+        spans = self._spans(self.values())
+        sizes = np.asarray(block_sizes, np.float64)
+        fr = np.asarray(block_below, np.float64) / sizes[:, None]  # [blocks, intervals]
+        nb = len(sizes)
+        want, bounds = [], []
+        for q in _QS:
+            r = int(q * (n - 1))
+            home = next((j for j, (base, cnt, _) in enumerate(spans) if base <= r < base + cnt), None)
+            if home is None:
+                return None  # the estimate itself is outside the intervals: no narrowing
+            # variance of the share per block: measured, but never below DEFF times the
+            # binomial one (a few blocks estimate a variance poorly)
+            var_b = DEFF * q * (1 - q) / float(sizes.mean())
+            if nb > 1:
+                var_b = max(var_b, float(np.var(fr[:, home], ddof=1)))
+            se = math.sqrt(var_b / nb)
+            delta = Z * se + 2.0 / n
+            a = int(math.floor(max(0.0, q - delta) * (n - 1)))
+            b = int(math.ceil(min(1.0, q + delta) * (n - 1)))
+            bounds.append((home, a, b, q - delta <= 0, q + delta >= 1))
+            want += [a, b]
+        val = self.at_ranks(want)
+        ivs = []
+        for home, a, b, open_lo, open_hi in bounds:
+            # nest in the interval that holds the estimate; keep its bound where ours is outside
+            h_lo, h_hi = self.lo[home], self.hi[home]
+            lo = h_lo if (open_lo or val[a] is None) else min(h_hi, max(h_lo, np.float32(val[a])))
+            hi = h_hi if (open_hi or val[b] is None) else max(h_lo, min(h_hi, np.float32(val[b])))
+            ivs.append([lo, hi])
+        return _merge(ivs)
+
+    def restrict(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Keep only what lies in ``lo``/``hi`` (nested in the current intervals)."""
+        home = np.searchsorted(self.lo, lo, "right") - 1  # the old interval holding each new one
+        kept, moved = fast.restrict(self.values(), self.lo[home], lo, hi)
+        below = self.below[home] + moved
+        below += np.where((self.lo[home] <= 0) & (lo > 0), self.nzero, 0)
+        self.lo, self.hi, self.below = lo, hi, below
+        self.parts = [kept]
+
+
+def measure(ref: np.ndarray, variants: dict[str, tuple[fast.RowDecoder, int, np.ndarray | None]], *,
+            cancel=None, on_rows=None, parallel: bool = True) -> dict[str, dict | None]:
+    """Metrics of each variant against the reference rows ``ref`` (float32 or bfloat16 ``[R, K]``).
+
+    ``variants`` maps a label to ``(decoder, v0, col)``: reference row ``r`` is the decoder's row
+    ``v0 + r``; ``col`` (float32 ``[K]`` or None) divides the variant first (undone smoothing).
+    Returns per label the :meth:`ErrorStats.result` dict plus ``rel_fro_raw``, or None where
+    the exact percentiles need the general path. ``on_rows(k)`` reports progress (any thread);
+    ``cancel.is_set()`` is checked before every block. ``parallel=False`` keeps all the work on
+    the calling thread (a sweep then measures several layers at once instead).
+    """
+    nwork = workers() if parallel else 1
+    R, K = ref.shape
+    n = R * K
+    labels = list(variants)
+    gran = math.lcm(*(d.granule for d, _, _ in variants.values()))
+    step = max(gran, -(-max(1, BLOCK_ELEMENTS // K) // gran) * gran)
+    blocks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
+    nbk = len(blocks)
+    ns = min(nbk, MAX_SAMPLE_BLOCKS, max(3, nbk // 16))
+    sample_ids = sorted({int(round(i)) for i in np.linspace(0, nbk - 1, ns)})
+    rest = [i for i in range(nbk) if i not in set(sample_ids)]
+    n1 = min(len(rest), max(4, len(rest) // 6))
+    pick = {int(round(i)) for i in np.linspace(0, len(rest) - 1, n1)} if rest else set()
+    step1 = [rest[i] for i in sorted(pick)]
+    step2 = [i for i in rest if i not in set(step1)]
+    stride = max(1, (len(sample_ids) * step * K) // SUBSAMPLE)
+    stride = min(stride, max(1, K // 8))
+    cols = {lb: (np.empty(0, np.float32) if c is None else np.ascontiguousarray(c, np.float32))
+            for lb, (_, _, c) in variants.items()}
+    first = labels[0]
+    lock = threading.Lock()
+    empty = np.empty(0, np.float32)
+    kept: dict[tuple[str, int], np.ndarray] = {}
+
+    def check_cancel():
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("comparison cancelled")
+
+    def progress(rows: int) -> None:
+        if on_rows is not None and rows:
+            with lock:
+                on_rows(rows)
+
+    def spread(ids: list[int], task) -> list:
+        nw = min(nwork, len(ids))
+        if nw <= 1:
+            return [task(ids)] if ids else []
+        per = -(-len(ids) // nw)
+        futs = [_get_pool().submit(task, ids[i * per:(i + 1) * per]) for i in range(nw)]
+        return [f.result() for f in futs]
+
+    def rows_of(ids) -> int:
+        return sum(blocks[i][1] - blocks[i][0] for i in ids)
+
+    # -- 0: sample blocks, kept, with their float64 sums and a subsample of |d| ---------------
+    def sample_task(ids):
+        accs = {lb: _Acc(0, 0) for lb in labels}
+        subs = {lb: [] for lb in labels}
+        for i in ids:
+            check_cancel()
+            r0, r1 = blocks[i]
+            w = ref[r0:r1]
+            wsub = w[:, ::stride]
+            wsub = ((wsub.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if w.dtype == _BF16
+                    else wsub.astype(np.float32))
+            for lb in labels:
+                dec, v0, _ = variants[lb]
+                dst = np.empty((r1 - r0, K), np.float32)
+                dec.fn(v0 + r0, v0 + r1, dst)
+                a = accs[lb]
+                fast.pair_stats(w, dst, cols[lb], empty, empty, 3 if lb == first else 1, a.acc, a.cnt, a.buf)
+                x = dst[:, ::stride]
+                if cols[lb].size:
+                    x = x / cols[lb][::stride]
+                subs[lb].append(np.abs(x - wsub).reshape(-1))
+                kept[(lb, i)] = dst
+        progress(rows_of(ids))
+        return accs, subs
+
+    parts0 = spread(sample_ids, sample_task)
+    def each(fn) -> dict:
+        # per-variant serial work (numba and numpy release the GIL) spread over the pool
+        if len(labels) == 1 or nwork == 1:
+            return {lb: fn(lb) for lb in labels}
+        futs = {lb: _get_pool().submit(fn, lb) for lb in labels}
+        return {lb: f.result() for lb, f in futs.items()}
+
+    first_iv = each(lambda lb: first_intervals([s for _, subs in parts0 for s in subs[lb]], n))
+    found = {lb: _Found(lo, hi) for lb, (lo, hi, _) in first_iv.items()}
+
+    # -- 1 and 2: the other blocks measured in full; at the end, the sample blocks' intervals --
+    def measure_task(ids, plan, record=False):
+        n_el = rows_of(ids) * K
+        accs = {}
+        per_block = {lb: [] for lb in labels}
+        for lb in labels:
+            lo, hi, frac = plan[lb]
+            cap = int(frac * n_el * 1.5) + 65536
+            accs[lb] = _Acc(lo.size, cap)
+        scratch = np.empty((step, K), np.float32)
+        for i in ids:
+            check_cancel()
+            r0, r1 = blocks[i]
+            w = ref[r0:r1]
+            for lb in labels:
+                lo, hi, _ = plan[lb]
+                a = accs[lb]
+                if (lb, i) in kept:  # sums already taken: only the intervals
+                    fast.pair_stats(w, kept[(lb, i)], cols[lb], lo, hi, 0, a.acc, a.cnt, a.buf)
+                    continue
+                dec, v0, _ = variants[lb]
+                dst = scratch[:r1 - r0]
+                dec.fn(v0 + r0, v0 + r1, dst)
+                before = a.cnt[4:].copy() if record else None
+                fast.pair_stats(w, dst, cols[lb], lo, hi, 3 if lb == first else 1, a.acc, a.cnt, a.buf)
+                if record:
+                    per_block[lb].append((a.cnt[4:] - before, (r1 - r0) * K))
+            if (first, i) not in kept:
+                progress(r1 - r0)
+        return (accs, per_block) if record else accs
+
+    sums = {lb: np.zeros(5) for lb in labels}
+    zeros = {lb: 0 for lb in labels}
+
+    def take_sums(lb, a: _Acc) -> None:
+        sums[lb][:4] += a.acc[:4]
+        m = a.acc[4]
+        if m > sums[lb][4] or m != m:
+            sums[lb][4] = m
+
+    for accs, _ in parts0:
+        for lb in labels:
+            take_sums(lb, accs[lb])
+            zeros[lb] += int(accs[lb].cnt[0])
+    parts1 = spread(step1, lambda ids: measure_task(ids, first_iv, record=True))
+    n_step1 = rows_of(step1) * K
+    for lb in labels:
+        for accs, _ in parts1:
+            take_sums(lb, accs[lb])
+            zeros[lb] += int(accs[lb].cnt[0])
+            found[lb].add(accs[lb], 0)
+        found[lb].n = n_step1
+
+    def narrow(lb):
+        f = found[lb]
+        blk = [b for _, per in parts1 for b in per[lb]]
+        nar = f.narrowed([c for c, _ in blk], [k for _, k in blk]) if n_step1 else None
+        if nar is None:
+            return first_iv[lb]
+        f.restrict(*nar)
+        # share of step 1's elements inside the new intervals sizes step 2's buffers
+        return (*nar, f.values().size / n_step1)
+
+    plan2 = each(narrow)
+    # step 2 with the sample blocks last (their sums are in already)
+    parts2 = spread(step2 + sample_ids, lambda ids: measure_task(ids, plan2))
+
+    for lb in labels:
+        f = found[lb]
+        for accs in parts2:
+            take_sums(lb, accs[lb])
+            f.add(accs[lb], 0)
+        # step 2 counted the sample blocks' zeros again (step 0 had them)
+        zeros[lb] += sum(int(accs[lb].cnt[0]) for accs in parts2)
+        zeros[lb] -= sum(int(accs[lb].cnt[0]) for accs, _ in parts0)
+        f.n = n
+        f.nzero = zeros[lb]
+    sww = float(sums[first][1])
+    ranks = sorted({r for _, a, b, _ in _ranks(n) for r in (a, b)})
+
+    def order_stats(lb):
+        f = found[lb]
+        if not f.ok or not math.isfinite(sums[lb][0]):
+            return None  # overflowed, or NaN/inf errors: numpy's semantics via the general path
+        val = f.at_ranks(ranks)
+        return None if any(v is None for v in val.values()) else val
+
+    out: dict[str, dict | None] = {}
+    for lb, val in each(order_stats).items():
+        acc = sums[lb]
+        if val is None:
+            out[lb] = None
+            continue
+        st = ErrorStats()
+        st.n, st.sdd, st.sww, st.swd, st.max_abs, st.nzero = n, float(acc[0]), sww, float(acc[2]), float(acc[4]), f.nzero
+        st.exact_percentiles = {p: _lerp(val[a], val[b], t) for p, a, b, t in _ranks(n)}
+        res = st.result()
+        if cols[lb].size:
+            res["rel_fro_raw"] = math.sqrt(acc[3] / sww) if sww > 0 else (0.0 if acc[3] == 0 else math.inf)
+        else:
+            res["rel_fro_raw"] = res["rel_fro"]
+        out[lb] = res
+    return out
+
