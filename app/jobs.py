@@ -13,6 +13,7 @@ from quantscope.backend.demo import demo_workspace
 from quantscope.backend.doctor import diagnose
 from quantscope.backend.engines import get_engine, run_on_mlx_thread
 from quantscope.backend.errors import Cancelled, QuantscopeError
+from quantscope.backend.formats.kernel import workers
 from quantscope.backend.workspace import load_workspace
 
 MAX_HEATMAP_ROWS = 768
@@ -79,7 +80,10 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
 
 
 def job_sweep(reference, variants: dict, *, engine="auto", cache=None, progress=None, cancel=None):
-    return sweep(reference, variants, engine=engine, progress=progress, cancel=cancel, cache=cache)
+    # One core fewer than the command line uses: the window's own thread keeps one to itself
+    # (on 2 cores, two layer jobs at once starved the GUI thread of CPU and of the GIL: bench_gui).
+    return sweep(reference, variants, engine=engine, progress=progress, cancel=cancel, cache=cache,
+                 jobs=max(1, workers() - 1))
 
 
 def job_doctor(path: str, *, progress=None, cancel=None) -> list[dict]:

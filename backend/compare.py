@@ -516,7 +516,7 @@ def save_cache(folder, cache: dict) -> None:
 
 
 def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progress=None, cancel=None,
-          cache: dict | None = None, cache_dir=None) -> SweepResult:
+          cache: dict | None = None, cache_dir=None, jobs: int | None = None) -> SweepResult:
     """Per-layer error of every variant against ``reference``.
 
     Parameters
@@ -538,6 +538,9 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         with the same dict skips them.
     cache_dir
         Optional folder where the cache is loaded from and saved to as JSON (``compare-cache.json``).
+    jobs
+        Layers measured at once by the one-pass path (default: one per core; the window uses
+        one fewer, to keep a core for itself).
 
     Returns
     -------
@@ -600,6 +603,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         return r
 
     pending: deque = deque()
+    n_jobs = max(1, jobs if jobs is not None else workers())
 
     def finish(name: str, todo: list[_VariantState], res: dict[str, dict]) -> None:
         for vs in todo:
@@ -667,7 +671,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 fut = _layer_pool().submit(fused.measure, ref, picked, cancel=cancel,
                                            on_rows=lambda k, c=t0.cols: report(k * c), parallel=False)
                 pending.append((name, todo, ref_rows, fut, labels))
-                drain(workers())
+                drain(n_jobs - 1)  # at most n_jobs running
             else:
                 drain(0)
                 res = _measure_target(name, ref_rows, states, todo, rows_cache, cancel,

@@ -41,7 +41,7 @@ from .formats.kernel import _get_pool, workers
 from .metrics import PERCENTILES, ErrorStats, _lerp
 
 #: Elements per block: the decoded block (float32) stays within L2/L3 of the core decoding it.
-BLOCK_ELEMENTS = 1 << 17
+BLOCK_ELEMENTS = 1 << 18
 #: Sample blocks per layer (at most), and the subsample size the first intervals come from.
 MAX_SAMPLE_BLOCKS = 8
 SUBSAMPLE = 1 << 15
