@@ -244,8 +244,9 @@ def measure(ref: np.ndarray, variants: dict[str, tuple[fast.RowDecoder, int, np.
     ns = min(nbk, MAX_SAMPLE_BLOCKS, max(3, nbk // 16))
     sample_ids = sorted({int(round(i)) for i in np.linspace(0, nbk - 1, ns)})
     rest = [i for i in range(nbk) if i not in set(sample_ids)]
-    n1 = min(len(rest), max(4, len(rest) // 6))
-    pick = {int(round(i)) for i in np.linspace(0, len(rest) - 1, n1)} if rest else set()
+    # narrowing pays off only with blocks enough to measure both before and after it
+    n1 = max(4, len(rest) // 6) if len(rest) >= 12 else 0
+    pick = {int(round(i)) for i in np.linspace(0, len(rest) - 1, n1)} if n1 else set()
     step1 = [rest[i] for i in sorted(pick)]
     step2 = [i for i in rest if i not in set(step1)]
     stride = max(1, (len(sample_ids) * step * K) // SUBSAMPLE)

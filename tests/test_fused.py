@@ -22,7 +22,12 @@ pytestmark = pytest.mark.skipif(not fast.AVAILABLE, reason="the one-pass path ne
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 RNG = np.random.default_rng(7)
-N, K = 512, 2048  # 1M elements: 8 blocks of 128K, so every step of the interval logic runs
+N, K = 512, 2048  # 1M elements: 16 blocks of 64K (small_blocks), so every step of the interval logic runs
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1 << 16)
 
 
 def _ref(n=N, k=K, seed=0, rows_scale=None):
@@ -101,7 +106,10 @@ def _awq(w, group=128):
 
 
 @pytest.mark.parametrize("kind", ["mlx4", "mlx3", "mxfp4", "gptq", "gptq-actorder", "awq"])
-def test_one_pass_metrics_equal_numpy(kind):
+def test_one_pass_metrics_equal_numpy(kind, monkeypatch):
+    narrowed = []
+    real = fused._Found.restrict
+    monkeypatch.setattr(fused._Found, "restrict", lambda self, lo, hi: narrowed.append(lo) or real(self, lo, hi))
     w = _ref()
     dec, full = {"mlx4": lambda: _mlx(w), "mlx3": lambda: _mlx(w, bits=3), "mxfp4": lambda: _mlx(w, mode="mxfp4"),
                  "gptq": lambda: _gptq(w), "gptq-actorder": lambda: _gptq(w, actorder=True),
@@ -111,6 +119,18 @@ def test_one_pass_metrics_equal_numpy(kind):
     assert res is not None  # homogeneous random weights: the intervals hold
     _check(res, w, full)
     assert res["rel_fro_raw"] == res["rel_fro"]
+    assert narrowed  # the second intervals were used
+
+
+@pytest.mark.parametrize("block", [1 << 14, 1 << 18, 1 << 22])
+def test_block_sizes_from_many_to_one(monkeypatch, block):
+    # many blocks (sample, narrowing, the rest), a few (no narrowing), one (all sample)
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", block)
+    w = _ref(seed=2)
+    dec, full = _gptq(w)
+    res = fused.measure(w, {"v": (dec, 0, None)})["v"]
+    assert res is not None
+    _check(res, w, full)
 
 
 def test_several_variants_share_one_pass_and_one_thread_gives_the_same():
