@@ -353,13 +353,18 @@ def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], e
     the one-pass path (:mod:`.fused`) can measure; ({} when none)."""
     lay = ref_rows.layer
     row_decoder = getattr(engine, "row_decoder", None)
-    if row_decoder is None or lay.scheme != "dense" or lay.numel < FUSED_MIN_ELEMENTS:
-        return None, {}, {}
-    ref = np.asarray(ref_rows.model.ckpt.tensor(lay.tensors["weight"].name))
-    if ref.dtype not in (np.dtype(np.float32), _BF16):
+    if row_decoder is None or lay.numel < FUSED_MIN_ELEMENTS:
         return None, {}, {}
     R, K = ref_rows.rows, ref_rows.cols
-    ref = ref.reshape(R, K)
+    if lay.scheme == "dense":
+        ref = np.asarray(ref_rows.model.ckpt.tensor(lay.tensors["weight"].name))
+        if ref.dtype not in (np.dtype(np.float32), _BF16):
+            return None, {}, {}
+        ref = ref.reshape(R, K)
+    else:  # a quantized reference (verifying a conversion): decoded block by block too
+        ref = row_decoder(ref_rows.model, lay)
+        if ref is None or (ref.rows, ref.cols) != (R, K):
+            return None, {}, {}
     picked, labels = {}, {}
     for vs in todo:
         t = vs.alignment.targets[t_name]

@@ -222,9 +222,11 @@ class _Found:
         self.parts = [kept]
 
 
-def measure(ref: np.ndarray, variants: dict[str, tuple[fast.RowDecoder, int, np.ndarray | None]], *,
+def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.RowDecoder, int, np.ndarray | None]], *,
             cancel=None, on_rows=None, parallel: bool = True) -> dict[str, dict | None]:
-    """Metrics of each variant against the reference rows ``ref`` (float32 or bfloat16 ``[R, K]``).
+    """Metrics of each variant against the reference rows ``ref``: float32 or bfloat16 ``[R, K]``,
+    or a row decoder (a quantized reference, as when verifying a conversion), decoded block by
+    block alongside the variants.
 
     ``variants`` maps a label to ``(decoder, v0, col)``: reference row ``r`` is the decoder's row
     ``v0 + r``; ``col`` (float32 ``[K]`` or None) divides the variant first (undone smoothing).
@@ -234,10 +236,22 @@ def measure(ref: np.ndarray, variants: dict[str, tuple[fast.RowDecoder, int, np.
     the calling thread (a sweep then measures several layers at once instead).
     """
     nwork = workers() if parallel else 1
-    R, K = ref.shape
+    if isinstance(ref, fast.RowDecoder):
+        R, K = ref.rows, ref.cols
+        ref_gran = ref.granule
+
+        def ref_block(r0, r1, buf):
+            ref.fn(r0, r1, buf[:r1 - r0])
+            return buf[:r1 - r0]
+    else:
+        R, K = ref.shape
+        ref_gran = 1
+
+        def ref_block(r0, r1, buf):
+            return ref[r0:r1]
     n = R * K
     labels = list(variants)
-    gran = math.lcm(*(d.granule for d, _, _ in variants.values()))
+    gran = math.lcm(ref_gran, *(d.granule for d, _, _ in variants.values()))
     step = max(gran, -(-max(1, BLOCK_ELEMENTS // K) // gran) * gran)
     blocks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
     nbk = len(blocks)
@@ -279,13 +293,17 @@ def measure(ref: np.ndarray, variants: dict[str, tuple[fast.RowDecoder, int, np.
         return sum(blocks[i][1] - blocks[i][0] for i in ids)
 
     # -- 0: sample blocks, kept, with their float64 sums and a subsample of |d| ---------------
+    def ref_buffer():
+        return np.empty((step, K), np.float32) if isinstance(ref, fast.RowDecoder) else None
+
     def sample_task(ids):
         accs = {lb: _Acc(0, 0) for lb in labels}
         subs = {lb: [] for lb in labels}
+        wbuf = ref_buffer()
         for i in ids:
             check_cancel()
             r0, r1 = blocks[i]
-            w = ref[r0:r1]
+            w = ref_block(r0, r1, wbuf)
             wsub = w[:, ::stride]
             wsub = ((wsub.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if w.dtype == _BF16
                     else wsub.astype(np.float32))
@@ -324,10 +342,11 @@ def measure(ref: np.ndarray, variants: dict[str, tuple[fast.RowDecoder, int, np.
             cap = int(frac * n_el * 1.5) + 65536
             accs[lb] = _Acc(lo.size, cap)
         scratch = np.empty((step, K), np.float32)
+        wbuf = ref_buffer()
         for i in ids:
             check_cancel()
             r0, r1 = blocks[i]
-            w = ref[r0:r1]
+            w = ref_block(r0, r1, wbuf)
             for lb in labels:
                 lo, hi, _ = plan[lb]
                 a = accs[lb]

@@ -279,3 +279,13 @@ def test_sweep_one_pass_equals_general_path(tmp_path, monkeypatch):
         for key in ("rel_fro", "mse", "cosine", "sqnr_db"):
             assert getattr(r, key) == pytest.approx(getattr(g, key), rel=1e-9), (name, key)
         assert r.variant_layer == g.variant_layer and r.smoothing == g.smoothing
+
+
+def test_quantized_reference_decoded_alongside():
+    # verifying a conversion: the reference itself is quantized (here GPTQ), decoded block by block
+    w = _ref(seed=13)
+    gdec, gfull = _gptq(w)
+    mdec, mfull = _mlx(gfull.astype(BF16))  # a requantization of the GPTQ weights
+    res = fused.measure(gdec, {"mlx": (mdec, 0, None), "same": (gdec, 0, None)})
+    _check(res["mlx"], gfull, mfull)
+    assert res["same"]["rel_fro"] == 0.0 and res["same"]["p99"] == 0.0 and res["same"]["max_abs"] == 0.0
