@@ -612,19 +612,30 @@ if AVAILABLE:
             c0 = np.int32(0)
             c1 = np.int32(0)
             c2 = np.int32(0)
+            nh = np.int32(0)
             for j in range(k):
                 u = ti[j]
                 c0 = np.int32(c0 + np.int32(u < l0))
                 c1 = np.int32(c1 + np.int32(u < l1))
                 c2 = np.int32(c2 + np.int32(u < l2))
                 hit = ((np.uint32(u - l0) <= w0) | (np.uint32(u - l1) <= w1)
-                       | (np.uint32(u - l2) <= w2))
-                f[j] = np.uint8(hit & (u != 0))
+                       | (np.uint32(u - l2) <= w2)) & (u != 0)
+                f[j] = np.uint8(hit)
+                nh = np.int32(nh + np.int32(hit))
             cnt[4] += c0
             if m > 1:
                 cnt[5] += c1
             if m > 2:
                 cnt[6] += c2
+            if nh == 0:
+                continue
+            if nh * 16 > k and nb + nh < cap:
+                # many hits: a branch-free pass over the whole row (a branch per chunk of 8
+                # would be taken at random and mispredicted); writes stay below nb + nh
+                for j in range(k):
+                    buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
+                    nb += np.int64(f[j])
+                continue
             for q in range((k + 7) // 8):
                 if fu[q] != 0:
                     j1 = min(k, 8 * q + 8)
