@@ -11,16 +11,18 @@ Exact percentiles without a second pass. The |error| percentiles are order stati
 until every element has been seen, and a full histogram costs more than the decode (~1.7 ns per
 element of scattered increments). Instead the kernel counts the elements below a few intervals
 of |error| and collects the exact float64 values of those inside; the wanted order statistics
-are then read from the collected values by rank. The intervals come in three steps:
+are then read from the collected values by rank. The intervals narrow in steps:
 
 0. *sample blocks*, spread evenly over the layer, are decoded first and kept; a strided
    subsample of their |error| gives each percentile and, from how much it varies between the
    blocks, a wide interval around it;
-1. a sixth of the other blocks, also spread out, are measured with those intervals: the values
-   they collect fix each percentile of that part of the layer exactly, so much narrower
-   intervals (nested in the first) follow from its size;
-2. the remaining blocks and the kept sample blocks are measured with the narrow intervals, and
-   step 1's collections are cut down to them.
+1. spread-out subsets of the other blocks (an eighth, then a quarter of them; a sixth for
+   smaller layers) are measured in turn; the values they collect fix each percentile of the
+   part measured so far exactly, so narrower intervals, nested in the previous ones, follow
+   from its size and from how the blocks differ (errors in a quantization group share its
+   scale, so they are far from independent);
+2. the remaining blocks and the kept sample blocks are measured with the narrowest intervals,
+   and the earlier collections are cut down to them.
 
 If an interval misses its rank in the end (a layer whose blocks differ more than the samples
 showed) or a buffer overflows, :func:`measure` returns None for that variant and the caller
@@ -132,8 +134,7 @@ class _Found:
         self.parts: list[np.ndarray] = []
         self.ok = True
 
-    def add(self, acc: _Acc, n_el: int) -> None:
-        self.n += n_el
+    def add(self, acc: _Acc) -> None:
         self.nzero += int(acc.cnt[0])
         self.below += acc.cnt[4:4 + self.lo.size]
         c = acc.collected()
@@ -222,6 +223,19 @@ class _Found:
         self.parts = [kept]
 
 
+def _steps(rest: list[int]) -> list[list[int]]:
+    """Blocks measured in turn: narrowing pays off only with blocks enough to measure both before
+    and after it (an eighth, then a quarter, then the rest; or a sixth, then the rest)."""
+    fracs = [1 / 8, 1 / 4] if len(rest) >= 32 else [1 / 6] if len(rest) >= 12 else []
+    steps, left = [], list(rest)
+    for fr in fracs:
+        k = max(4, int(len(rest) * fr))
+        pick = sorted({int(round(i)) for i in np.linspace(0, len(left) - 1, k)})
+        steps.append([left[i] for i in pick])
+        left = [b for j, b in enumerate(left) if j not in set(pick)]
+    return steps + [left]
+
+
 def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.RowDecoder, int, np.ndarray | None]], *,
             cancel=None, on_rows=None, parallel: bool = True) -> dict[str, dict | None]:
     """Metrics of each variant against the reference rows ``ref``: float32 or bfloat16 ``[R, K]``,
@@ -258,11 +272,7 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
     ns = min(nbk, MAX_SAMPLE_BLOCKS, max(3, nbk // 16))
     sample_ids = sorted({int(round(i)) for i in np.linspace(0, nbk - 1, ns)})
     rest = [i for i in range(nbk) if i not in set(sample_ids)]
-    # narrowing pays off only with blocks enough to measure both before and after it
-    n1 = max(4, len(rest) // 6) if len(rest) >= 12 else 0
-    pick = {int(round(i)) for i in np.linspace(0, len(rest) - 1, n1)} if n1 else set()
-    step1 = [rest[i] for i in sorted(pick)]
-    step2 = [i for i in rest if i not in set(step1)]
+    steps = _steps(rest)
     stride = max(1, (len(sample_ids) * step * K) // SUBSAMPLE)
     stride = min(stride, max(1, K // 8))
     cols = {lb: (np.empty(0, np.float32) if c is None else np.ascontiguousarray(c, np.float32))
@@ -362,7 +372,7 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
                     per_block[lb].append((a.cnt[4:] - before, (r1 - r0) * K))
             if (first, i) not in kept:
                 progress(r1 - r0)
-        return (accs, per_block) if record else accs
+        return accs, per_block
 
     sums = {lb: np.zeros(5) for lb in labels}
     zeros = {lb: 0 for lb in labels}
@@ -377,36 +387,35 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
         for lb in labels:
             take_sums(lb, accs[lb])
             zeros[lb] += int(accs[lb].cnt[0])
-    parts1 = spread(step1, lambda ids: measure_task(ids, first_iv, record=True))
-    n_step1 = rows_of(step1) * K
+    # steps of spread-out blocks, each measured with intervals narrowed from all before it;
+    # the last also takes the kept sample blocks (their sums are in already)
+    plan = first_iv
+    for si, ids in enumerate(steps):
+        last = si == len(steps) - 1
+        parts = spread(ids + (sample_ids if last else []), lambda b, p=plan, r=not last: measure_task(b, p, r))
+        for lb in labels:
+            for accs, _ in parts:
+                take_sums(lb, accs[lb])
+                zeros[lb] += int(accs[lb].cnt[0])
+                found[lb].add(accs[lb])
+            found[lb].n += rows_of(ids) * K
+        if last:
+            break
+
+        def narrow(lb, parts=parts, plan=plan):
+            f = found[lb]
+            blk = [b for _, per in parts for b in per[lb]]
+            nar = f.narrowed([c for c, _ in blk], [k for _, k in blk])
+            if nar is None:
+                return plan[lb]
+            f.restrict(*nar)
+            # share of the elements so far inside the new intervals sizes the next buffers
+            return (*nar, f.values().size / f.n)
+
+        plan = each(narrow)
     for lb in labels:
-        for accs, _ in parts1:
-            take_sums(lb, accs[lb])
-            zeros[lb] += int(accs[lb].cnt[0])
-            found[lb].add(accs[lb], 0)
-        found[lb].n = n_step1
-
-    def narrow(lb):
         f = found[lb]
-        blk = [b for _, per in parts1 for b in per[lb]]
-        nar = f.narrowed([c for c, _ in blk], [k for _, k in blk]) if n_step1 else None
-        if nar is None:
-            return first_iv[lb]
-        f.restrict(*nar)
-        # share of step 1's elements inside the new intervals sizes step 2's buffers
-        return (*nar, f.values().size / n_step1)
-
-    plan2 = each(narrow)
-    # step 2 with the sample blocks last (their sums are in already)
-    parts2 = spread(step2 + sample_ids, lambda ids: measure_task(ids, plan2))
-
-    for lb in labels:
-        f = found[lb]
-        for accs in parts2:
-            take_sums(lb, accs[lb])
-            f.add(accs[lb], 0)
-        # step 2 counted the sample blocks' zeros again (step 0 had them)
-        zeros[lb] += sum(int(accs[lb].cnt[0]) for accs in parts2)
+        # the last step counted the sample blocks' zeros again (step 0 had them)
         zeros[lb] -= sum(int(accs[lb].cnt[0]) for accs, _ in parts0)
         f.n = n
         f.nzero = zeros[lb]
