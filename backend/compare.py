@@ -344,8 +344,11 @@ def _smoothing_for(vs: _VariantState, t: Target) -> tuple[np.ndarray | None, str
     return col, label
 
 
-#: Layers from this size are measured in one fused pass where they can be (:mod:`.fused`).
+#: Layers from this size are measured in one fused pass where they can be (:mod:`.fused`); up
+#: to the other: the values it collects (a few % of the elements, float64) stay well under the
+#: memory a sweep may use, where the general path's row blocks are bounded whatever the size.
 FUSED_MIN_ELEMENTS = 1 << 20
+FUSED_MAX_ELEMENTS = 1 << 27
 
 
 def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], engine):
@@ -353,7 +356,7 @@ def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], e
     the one-pass path (:mod:`.fused`) can measure; ({} when none)."""
     lay = ref_rows.layer
     row_decoder = getattr(engine, "row_decoder", None)
-    if row_decoder is None or lay.numel < FUSED_MIN_ELEMENTS:
+    if row_decoder is None or not FUSED_MIN_ELEMENTS <= lay.numel <= FUSED_MAX_ELEMENTS:
         return None, {}, {}
     R, K = ref_rows.rows, ref_rows.cols
     if lay.scheme == "dense":
