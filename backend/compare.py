@@ -594,13 +594,12 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
 
     report_lock = threading.Lock()
 
-    def report(n_el: int) -> None:  # also from the layer jobs' threads
+    def report(n_el: int) -> None:  # also from the layer jobs' threads: one at a time, in order
         nonlocal done
         with report_lock:
             done += n_el
-            frac = min(1.0, done / total)
-        if progress is not None:
-            progress(frac)
+            if progress is not None:
+                progress(min(1.0, done / total))
 
     def rows_cache(vs: _VariantState, path: str) -> _Rows:
         key = (vs.label, path)

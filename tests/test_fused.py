@@ -266,8 +266,10 @@ def test_sweep_one_pass_equals_general_path(tmp_path, monkeypatch):
     real = fused.measure
     monkeypatch.setattr(fused, "measure", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     monkeypatch.setattr(compare, "FUSED_MIN_ELEMENTS", 1 << 19)
-    fast_rows = {r.name: r for r in compare.sweep(ref, {"m": var}, engine="numpy").rows}
+    seen = []
+    fast_rows = {r.name: r for r in compare.sweep(ref, {"m": var}, engine="numpy", progress=seen.append).rows}
     assert len(calls) == 4  # q, k, v (inside qkv_proj) and up_proj all took the one-pass path
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0)  # from the jobs' threads, in order
     monkeypatch.setattr(compare, "FUSED_MIN_ELEMENTS", 1 << 40)
     slow_rows = {r.name: r for r in compare.sweep(ref, {"m": var}, engine="numpy").rows}
     assert len(calls) == 4
