@@ -291,3 +291,30 @@ def test_quantized_reference_decoded_alongside():
     res = fused.measure(gdec, {"mlx": (mdec, 0, None), "same": (gdec, 0, None)})
     _check(res["mlx"], gfull, mfull)
     assert res["same"]["rel_fro"] == 0.0 and res["same"]["p99"] == 0.0 and res["same"]["max_abs"] == 0.0
+
+
+@pytest.mark.parametrize("case", ["autoawq-gemm-w4g128", "gptqmodel-gptq-w4g128-actorder", "mlx"])
+def test_real_checkpoints_one_pass_equals_general_path(real_fixtures, monkeypatch, case):
+    # the tools' own files against the trained base: real error distributions, AutoAWQ's norm-
+    # folded smoothing (undone by column scales inside the pass) and lstsq-fitted down/o_proj
+    from pathlib import Path
+
+    from quantscope.backend.workspace import open_model
+    ref = open_model(real_fixtures / "base-bf16")
+    var = open_model(real_fixtures / "mlx-affine-q4-g64" if case == "mlx"
+                     else Path(__file__).parent / "fixtures" / "real" / case)
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1 << 12)  # many blocks even in these small layers
+    monkeypatch.setattr(compare, "FUSED_MIN_ELEMENTS", 1 << 14)
+    calls = []
+    real = fused.measure
+    monkeypatch.setattr(fused, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    one = {(r.name, r.variant): r for r in compare.sweep(ref, {"v": var}, engine="numpy").rows}
+    assert len(calls) > 5
+    monkeypatch.setattr(compare, "FUSED_MIN_ELEMENTS", 1 << 40)
+    gen = {(r.name, r.variant): r for r in compare.sweep(ref, {"v": var}, engine="numpy").rows}
+    assert one.keys() == gen.keys()
+    for key, r in one.items():
+        g = gen[key]
+        assert (r.p50, r.p95, r.p99, r.max_abs) == (g.p50, g.p95, g.p99, g.max_abs), key
+        assert r.rel_fro == pytest.approx(g.rel_fro, rel=1e-9) and r.cosine == pytest.approx(g.cosine, rel=1e-9)
+        assert r.rel_fro_raw == pytest.approx(g.rel_fro_raw, rel=1e-9) and r.smoothing == g.smoothing, key
