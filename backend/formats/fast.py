@@ -551,8 +551,9 @@ if AVAILABLE:
         wu = w.view(np.uint32)
         xs = np.empty(k, np.float32)
         t = np.empty(k, np.float32)
-        f = np.zeros((k + 7) // 8 * 8, np.uint8)
+        f = np.zeros((k + 31) // 32 * 32, np.uint8)  # hit flags; the tail stays 0
         fu = f.view(np.uint64)
+        idx = np.empty(k, np.int32)
         has_col = col.size > 0
         cap = buf.size
         nb = cnt[1]
@@ -629,26 +630,31 @@ if AVAILABLE:
                 cnt[6] += c2
             if nh == 0:
                 continue
-            if nh * 16 > k and nb + nh < cap:
-                # many hits: a branch-free pass over the whole row (a branch per chunk of 8
-                # would be taken at random and mispredicted); writes stay below nb + nh
+            if nb + nh > cap:  # overflow: count on, store what fits (the caller gives up anyway)
                 for j in range(k):
-                    buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
-                    nb += np.int64(f[j])
-                continue
-            for q in range((k + 7) // 8):
-                if fu[q] != 0:
-                    j1 = min(k, 8 * q + 8)
-                    if nb + 8 <= cap:  # branch-free: store every element, advance past hits
-                        for j in range(8 * q, j1):
+                    if f[j]:
+                        if nb < cap:
                             buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
-                            nb += np.int64(f[j])
-                    else:
-                        for j in range(8 * q, j1):
+                        nb += 1
+            elif nh * 64 < k:
+                # few hits: look only into the chunks of 32 that hold one (measured fastest
+                # below ~1.5% of the row; a branch per chunk of 8 mispredicts more)
+                for q in range(0, fu.size, 4):
+                    if (fu[q] | fu[q + 1] | fu[q + 2] | fu[q + 3]) != 0:
+                        for j in range(8 * q, 8 * q + 32):
                             if f[j]:
-                                if nb < cap:
-                                    buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
+                                buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
                                 nb += 1
+            else:
+                # many: their positions first, branch-free, then their exact values
+                p = 0
+                for j in range(k):
+                    idx[p] = j
+                    p += np.int32(f[j])
+                for i in range(p):
+                    j = idx[i]
+                    buf[nb + i] = abs(np.float64(x[j]) - np.float64(w[j]))
+                nb += p
         cnt[1] = nb
         cnt[2] = np.int64(mb)
 
