@@ -157,3 +157,20 @@ def test_screenshot_mode_exits_nonzero_with_a_message_when_nothing_opens(tmp_pat
     assert r.returncode == 1
     assert "quantscope: error:" in r.stderr and "missing" in r.stderr
     assert (tmp_path / "s.png").exists()  # the window (with its error) is still saved
+
+
+def test_no_widget_attribute_hides_a_qt_virtual(qtbot):
+    # an attribute named like a QWidget method (``metric`` was one) replaces Qt's virtual:
+    # Qt then calls the attribute while painting and gets an error instead of the device metric
+    from PySide6.QtGui import QPaintDevice
+    from PySide6.QtWidgets import QWidget
+
+    from quantscope.widgets.histogram_view import HistogramView
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot
+    from quantscope.widgets.tensor_tree import TensorTree
+    for w in (LayerErrorPlot(), HistogramView("value"), TensorTree()):
+        qtbot.addWidget(w)
+        w.resize(300, 200)
+        clash = [a for a in vars(w) if type(getattr(QWidget, a, None)).__name__ == "method_descriptor"]
+        assert not clash, (type(w).__name__, clash)
+        assert w.metric(QPaintDevice.PaintDeviceMetric.PdmWidth) == 300

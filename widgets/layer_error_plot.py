@@ -21,9 +21,9 @@ class LayerErrorPlot(QWidget):
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.metric = QComboBox()
+        self.metric_box = QComboBox()
         for k, v in METRICS.items():
-            self.metric.addItem(v, k)
+            self.metric_box.addItem(v, k)
         self.proj = QComboBox()
         self.hm_variant = QComboBox()
         self.info = QLabel("Run “Compare all layers” to fill this view.")
@@ -40,7 +40,7 @@ class LayerErrorPlot(QWidget):
         self.hm_bar.setImageItem(self.hm_image, insert_in=self.hm.getPlotItem())
         bar = QHBoxLayout()
         bar.addWidget(QLabel("y:"))
-        bar.addWidget(self.metric)
+        bar.addWidget(self.metric_box)
         bar.addWidget(QLabel("projection:"))
         bar.addWidget(self.proj)
         bar.addWidget(QLabel("heatmap variant:"))
@@ -55,7 +55,7 @@ class LayerErrorPlot(QWidget):
         lay.addLayout(bar)
         lay.addWidget(split, 1)
         lay.addWidget(self.info)
-        self.metric.currentIndexChanged.connect(lambda _: self._redraw())
+        self.metric_box.currentIndexChanged.connect(lambda _: self._redraw())
         self.proj.currentIndexChanged.connect(lambda _: self._redraw())
         self.hm_variant.currentIndexChanged.connect(lambda _: self._redraw_heatmap())
         self.hm.scene().sigMouseClicked.connect(self._hm_clicked)
@@ -86,7 +86,7 @@ class LayerErrorPlot(QWidget):
         self._redraw()
 
     def _value(self, r) -> float:
-        return float(getattr(r, self.metric.currentData()))
+        return float(getattr(r, self.metric_box.currentData()))
 
     def prepare(self, variants: list[str], colors: dict) -> None:
         """Create the (empty) series of these variants ahead of the first sweep result:
@@ -110,7 +110,7 @@ class LayerErrorPlot(QWidget):
 
     def _redraw(self) -> None:
         proj = self.proj.currentText() if self.proj.currentIndex() > 0 else None
-        key = self.metric.currentData()
+        key = self.metric_box.currentData()
         self.plot.setLabel("left", METRICS.get(key, key))
         by_var: dict[str, list] = {v: [] for v in self.series}
         for r in self._rows:
@@ -157,7 +157,7 @@ class LayerErrorPlot(QWidget):
         ax.setTicks([[(j + 0.5, p.replace("_proj", "")) for j, p in enumerate(projs)]])
         self.hm.getAxis("left").setTicks([[(i + 0.5, str(layer)) for i, layer in enumerate(layers)]
                                           if len(layers) <= 40 else None] if len(layers) <= 40 else None)
-        self.hm.setTitle(f"{variant} · {self.metric.currentData()}")
+        self.hm.setTitle(f"{variant} · {self.metric_box.currentData()}")
         self.hm.autoRange()
 
     def _hm_clicked(self, ev) -> None:
