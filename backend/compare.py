@@ -389,11 +389,12 @@ def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], e
 
 def _measure_target(t_name: str, ref_rows: _Rows, states: list[_VariantState], todo: list[_VariantState],
                     rows_cache: Callable[[_VariantState, str], _Rows], cancel, on_block,
-                    engine=None) -> dict[str, dict]:
+                    engine=None, candidates=None) -> dict[str, dict]:
     """Metrics of every variant in ``todo`` on reference target ``t_name``: in one fused pass
-    where the layout allows (:mod:`.fused`), else decoded whole or by row blocks."""
+    where the layout allows (:mod:`.fused`), else decoded whole or by row blocks.
+    ``candidates``: :func:`_fused_candidates`'s answer, when the caller has it already."""
     out: dict[str, dict] = {}
-    ref, picked, labels = _fused_candidates(t_name, ref_rows, todo, engine)
+    ref, picked, labels = candidates or _fused_candidates(t_name, ref_rows, todo, engine)
     # Progress counts the layer's rows once: from the fused pass when it takes every variant.
     fused_reports = bool(picked) and len(picked) == len(todo)
     if picked:
@@ -682,7 +683,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             else:
                 drain(0)
                 res = _measure_target(name, ref_rows, states, todo, rows_cache, cancel,
-                                      lambda k: report(k * t0.cols), engine=eng)
+                                      lambda k: report(k * t0.cols), engine=eng, candidates=(ref, picked, labels))
                 finish(name, todo, res)
             del ref_rows
             for vs in present:  # release variant decodes this target was the last user of
