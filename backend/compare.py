@@ -16,7 +16,6 @@ import logging
 import math
 import threading
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,7 +28,7 @@ from .checkpoint import natural_key
 from .compare_align import Alignment, Target, Unmatched, align, layer_index, proj_of
 from .engines import get_engine
 from .errors import Cancelled, QuantscopeError
-from .formats.kernel import lower_thread_priority, workers
+from .formats.kernel import pool, workers
 from .metrics import ErrorStats, error_metrics, histogram_counts, uniform_edges
 from .schemes import Layer, Model
 
@@ -231,18 +230,6 @@ class _Rows:
             self.keep = True
             return self.full()[r0:r1]
         return self._decode(*sl)[r0 - a0:r1 - a0]
-
-
-_LAYER_POOL: ThreadPoolExecutor | None = None
-
-
-def _layer_pool() -> ThreadPoolExecutor:
-    """Threads for whole-layer measuring jobs (:func:`fused.measure` with ``parallel=False``)."""
-    global _LAYER_POOL
-    if _LAYER_POOL is None:
-        _LAYER_POOL = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="quantscope-layer",
-                                         initializer=lower_thread_priority)
-    return _LAYER_POOL
 
 
 def _resolve_engine(engine):
@@ -676,8 +663,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             if picked and len(picked) == len(todo):
                 # one job per layer on its own thread: while one layer's serial steps run,
                 # another's blocks keep the other cores busy
-                fut = _layer_pool().submit(fused.measure, ref, picked, cancel=cancel,
-                                           on_rows=lambda k, c=t0.cols: report(k * c), parallel=False)
+                fut = pool("layer").submit(fused.measure, ref, picked, cancel=cancel,
+                                          on_rows=lambda k, c=t0.cols: report(k * c), parallel=False)
                 pending.append((name, todo, ref_rows, fut, labels))
                 drain(n_jobs - 1)  # at most n_jobs running
             else:

@@ -39,8 +39,8 @@ import numpy as np
 
 from .errors import Cancelled
 from .formats import fast
-from .formats.kernel import _get_pool, workers
-from .metrics import PERCENTILES, ErrorStats, _lerp
+from .formats.kernel import pool, workers
+from .metrics import PERCENTILES, ErrorStats, _lerp, percentile_ranks
 
 #: Elements per block: the decoded block (float32) stays within L2/L3 of the core decoding it.
 BLOCK_ELEMENTS = 1 << 18
@@ -54,15 +54,6 @@ Z = 5.0
 DEFF = 4.0
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _QS = [p / 100.0 for p in PERCENTILES]
-
-
-def _ranks(n: int) -> list[tuple[float, int, int, float]]:
-    out = []
-    for p in PERCENTILES:
-        pos = p / 100.0 * (n - 1)
-        lo = int(math.floor(pos))
-        out.append((p, lo, min(lo + 1, n - 1), pos - lo))
-    return out
 
 
 def _kth(vals: np.ndarray, pos: list[int]) -> np.ndarray:
@@ -296,7 +287,7 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
         if nw <= 1:
             return [task(ids)] if ids else []
         per = -(-len(ids) // nw)
-        futs = [_get_pool().submit(task, ids[i * per:(i + 1) * per]) for i in range(nw)]
+        futs = [pool().submit(task, ids[i * per:(i + 1) * per]) for i in range(nw)]
         return [f.result() for f in futs]
 
     def rows_of(ids) -> int:
@@ -336,7 +327,7 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
         # per-variant serial work (numba and numpy release the GIL) spread over the pool
         if len(labels) == 1 or nwork == 1:
             return {lb: fn(lb) for lb in labels}
-        futs = {lb: _get_pool().submit(fn, lb) for lb in labels}
+        futs = {lb: pool().submit(fn, lb) for lb in labels}
         return {lb: f.result() for lb, f in futs.items()}
 
     first_iv = each(lambda lb: first_intervals([s for _, subs in parts0 for s in subs[lb]], n))
@@ -420,7 +411,7 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
         f.n = n
         f.nzero = zeros[lb]
     sww = float(sums[first][1])
-    ranks = sorted({r for _, a, b, _ in _ranks(n) for r in (a, b)})
+    ranks = sorted({r for _, a, b, _ in percentile_ranks(n) for r in (a, b)})
 
     def order_stats(lb):
         f = found[lb]
@@ -437,7 +428,7 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
             continue
         st = ErrorStats()
         st.n, st.sdd, st.sww, st.swd, st.max_abs, st.nzero = n, float(acc[0]), sww, float(acc[2]), float(acc[4]), f.nzero
-        st.exact_percentiles = {p: _lerp(val[a], val[b], t) for p, a, b, t in _ranks(n)}
+        st.exact_percentiles = {p: _lerp(val[a], val[b], t) for p, a, b, t in percentile_ranks(n)}
         res = st.result()
         if cols[lb].size:
             res["rel_fro_raw"] = math.sqrt(acc[3] / sww) if sww > 0 else (0.0 if acc[3] == 0 else math.inf)

@@ -107,12 +107,7 @@ class ErrorStats:
 
     # -- pass two ---------------------------------------------------------------------------
     def _ranks(self) -> list[tuple[float, int, int, float]]:
-        out = []
-        for p in PERCENTILES:
-            pos = p / 100.0 * (self.n - 1)
-            lo = int(math.floor(pos))
-            out.append((p, lo, min(lo + 1, self.n - 1), pos - lo))
-        return out
+        return percentile_ranks(self.n)
 
     def plan(self) -> None:
         """After pass one: decide which buckets pass two must gather."""
@@ -205,6 +200,17 @@ class ErrorStats:
         return {"rel_fro": rel, "sqnr_db": sqnr, "cosine": cosine, "max_abs": self.max_abs,
                 "mse": self.sdd / self.n if self.n else math.nan,
                 "p50": pct[50.0], "p95": pct[95.0], "p99": pct[99.0]}
+
+
+def percentile_ranks(n: int) -> list[tuple[float, int, int, float]]:
+    """Per percentile of :data:`PERCENTILES` over ``n`` values: ``(p, lower rank, upper rank,
+    weight of the upper)``, numpy's "linear" interpolation between two order statistics."""
+    out = []
+    for p in PERCENTILES:
+        pos = p / 100.0 * (n - 1)
+        lo = int(math.floor(pos))
+        out.append((p, lo, min(lo + 1, n - 1), pos - lo))
+    return out
 
 
 def _lerp(a: float, b: float, t: float) -> float:

@@ -21,7 +21,7 @@ _F16 = np.dtype(np.float16)
 #: Elements per block: 256 KB of float32, comfortably inside L2.
 BLOCK_ELEMS = 1 << 16
 _MIN_PARALLEL = 1 << 21
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[str, ThreadPoolExecutor] = {}
 
 
 def lower_thread_priority(nice: int = 10) -> None:
@@ -43,12 +43,17 @@ def workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _get_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="quantscope-decode",
-                                   initializer=lower_thread_priority)
-    return _pool
+def pool(name: str = "decode") -> ThreadPoolExecutor:
+    """The process's worker pool ``name`` (one thread per core, lower priority), made on first use.
+
+    ``decode`` runs row blocks; ``layer`` runs a sweep's whole-layer jobs, which must not wait on
+    threads of their own pool.
+    """
+    p = _pools.get(name)
+    if p is None:
+        p = _pools[name] = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix=f"quantscope-{name}",
+                                              initializer=lower_thread_priority)
+    return p
 
 
 def for_row_blocks(n_rows: int, row_elems: int, fn, *, align: int = 1, min_rows: int = 1) -> None:
@@ -73,7 +78,7 @@ def for_row_blocks(n_rows: int, row_elems: int, fn, *, align: int = 1, min_rows:
         for r0 in starts[i * per:(i + 1) * per]:
             fn(r0, min(n_rows, r0 + step))
 
-    for f in [_get_pool().submit(run, i) for i in range(nw)]:
+    for f in [pool().submit(run, i) for i in range(nw)]:
         f.result()
 
 
@@ -82,7 +87,7 @@ def map_pieces(fn, n: int, piece: int) -> list:
     bounds = [(i, min(n, i + piece)) for i in range(0, n, piece)] or [(0, 0)]
     if len(bounds) == 1 or workers() == 1:
         return [fn(i0, i1) for i0, i1 in bounds]
-    return list(_get_pool().map(lambda b: fn(*b), bounds))
+    return list(pool().map(lambda b: fn(*b), bounds))
 
 
 def round_inplace(x: np.ndarray, dtype) -> None:
