@@ -433,19 +433,27 @@ def block_float(by: np.ndarray, sc: np.ndarray, elem_table: np.ndarray, scale_ta
 
 if AVAILABLE:
     @njit(nogil=True, cache=True, fastmath={"reassoc"})
-    def _sums(a, b, j0, j1):
-        # Σd², ΣW², ΣW·d of one block in float64. "reassoc" (only that: no FMA contraction, no
-        # NaN/inf assumptions) lets LLVM keep vector partial sums: the order of the float64
-        # additions changes, ~1e-12 relative, far inside the 1e-9 the metrics promise.
+    def _row_sums(w, x, want_ww):
+        # Σd², ΣW² (when want_ww), ΣW·d of reference w and variant x in float64. "reassoc"
+        # (only that: no FMA contraction, no NaN/inf assumptions) lets LLVM keep vector partial
+        # sums: the order of the float64 additions changes, ~1e-12 relative, far inside the 1e-9
+        # the metrics promise.
         sdd = 0.0
         sww = 0.0
         swd = 0.0
-        for j in range(j0, j1):
-            x = np.float64(a[j])
-            d = np.float64(b[j]) - x
-            sdd += d * d
-            sww += x * x
-            swd += x * d
+        if want_ww:
+            for j in range(w.size):
+                a = np.float64(w[j])
+                d = np.float64(x[j]) - a
+                sdd += d * d
+                sww += a * a
+                swd += a * d
+        else:
+            for j in range(w.size):
+                a = np.float64(w[j])
+                d = np.float64(x[j]) - a
+                sdd += d * d
+                swd += a * d
         return sdd, sww, swd
 
     @njit(nogil=True, cache=True)
@@ -463,7 +471,7 @@ if AVAILABLE:
         tu = tmp.view(np.uint32)
         for j0 in range(0, n, 4096):
             j1 = min(n, j0 + 4096)
-            p_dd, p_ww, p_wd = _sums(a, b, j0, j1)
+            p_dd, p_ww, p_wd = _row_sums(a[j0:j1], b[j0:j1], True)
             sdd += p_dd
             sww += p_ww
             swd += p_wd
@@ -511,27 +519,6 @@ if AVAILABLE:
 
 
 if AVAILABLE:
-    @njit(nogil=True, cache=True, fastmath={"reassoc"})
-    def _row_sums(w, x, want_ww):
-        # Σd², ΣW², ΣW·d of one row in float64 (vector partial sums, as in _sums).
-        sdd = 0.0
-        sww = 0.0
-        swd = 0.0
-        if want_ww:
-            for j in range(w.size):
-                a = np.float64(w[j])
-                d = np.float64(x[j]) - a
-                sdd += d * d
-                sww += a * a
-                swd += a * d
-        else:
-            for j in range(w.size):
-                a = np.float64(w[j])
-                d = np.float64(x[j]) - a
-                sdd += d * d
-                swd += a * d
-        return sdd, sww, swd
-
     @njit(nogil=True, cache=True)
     def _pair_stats(ref, bf16, v, col, lo, hi, flags, acc, cnt, buf):
         # One block of rows of the reference ``ref`` ([rows, K]: bf16 bits as uint16 when bf16,
