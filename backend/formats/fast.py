@@ -760,29 +760,20 @@ if AVAILABLE:
 
 
 def count_lt32(vals: np.ndarray, lims: np.ndarray) -> np.ndarray:
-    """Per float32 limit, how many float64 ``vals`` round (to float32) below it."""
+    """Per float32 limit, how many float64 ``vals`` round (to float32) below it. Needs numba,
+    like the one-pass sweep that uses it (:mod:`..fused`)."""
     out = np.zeros(lims.size, np.int64)
-    if AVAILABLE:
-        _count_lt32(vals, lims.astype(np.float32), out)
-        return out
-    v32 = vals.astype(np.float32)
-    return np.array([np.count_nonzero(v32 < a) for a in lims], np.int64)
+    _count_lt32(vals, lims.astype(np.float32), out)
+    return out
 
 
 def restrict(vals: np.ndarray, home_lo: np.ndarray, new_lo: np.ndarray, new_hi: np.ndarray):
-    """(kept values, per new interval the count now below it): see ``_restrict``."""
-    if AVAILABLE:
-        out = np.empty(vals.size)
-        below = np.zeros(new_lo.size, np.int64)
-        k = _restrict(vals, home_lo.astype(np.float32), new_lo.astype(np.float32), new_hi.astype(np.float32),
-                      below, out)
-        return out[:k], below
-    v32 = vals.astype(np.float32)
-    below = np.array([np.count_nonzero((v32 >= h) & (v32 < a)) for h, a in zip(home_lo, new_lo)], np.int64)
-    keep = np.zeros(vals.size, bool)
-    for a, b in zip(new_lo, new_hi):
-        keep |= (v32 >= a) & (v32 <= b)
-    return vals[keep], below
+    """(kept values, per new interval the count now below it): see ``_restrict``. Needs numba."""
+    out = np.empty(vals.size)
+    below = np.zeros(new_lo.size, np.int64)
+    k = _restrict(vals, home_lo.astype(np.float32), new_lo.astype(np.float32), new_hi.astype(np.float32),
+                  below, out)
+    return out[:k], below
 
 
 def kth_values(vals: np.ndarray, pos) -> np.ndarray | None:
