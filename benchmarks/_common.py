@@ -39,6 +39,25 @@ def timeit(fn, repeat: int = 5, warmup: int = 1) -> dict:
     return {"min_s": min(ts), "median_s": statistics.median(ts)}
 
 
+def paired_ratio(fn, base, repeat: int = 9, warmup: int = 1) -> dict:
+    """Time ``fn`` and ``base`` alternately, ``repeat`` pairs: the median of the per-pair ratios
+    (each pair ran back to back, under the same load of a shared machine) and of each time."""
+    for _ in range(warmup):
+        fn()
+        base()
+    tf, tb = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        base()
+        t2 = time.perf_counter()
+        tf.append(t1 - t0)
+        tb.append(t2 - t1)
+    return {"ratio": statistics.median(a / b for a, b in zip(tf, tb)),
+            "median_s": statistics.median(tf), "base_median_s": statistics.median(tb)}
+
+
 def emit(result: dict) -> None:
     json.dump(result, sys.stdout, indent=1)
     sys.stdout.write("\n")
