@@ -354,7 +354,7 @@ def _awq_gemm_weight(qweight: np.ndarray) -> np.ndarray:
     column) and ``hi(A)|hi(B)&0xF0`` (for the high one) at byte ``k/2`` of those columns' rows.
     """
     from .formats import fast
-    compiled = fast.awq_to_mlx_weight(qweight, awq._SHIFTS)
+    compiled = fast.awq_to_mlx_weight(qweight, awq.ORDER)
     if compiled is not None:  # one pass, same bytes (tested against this numpy path)
         return compiled
     k, n8 = qweight.shape
@@ -430,22 +430,23 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
         sc = read(t["scales"].name)
         z = gptq.unpack_zeros(read(t["qzeros"].name), bits, n, int(layer.settings.get("version", 1)), layer.path)
         return _Repack(lambda: np.ascontiguousarray(qw.T).view(np.uint32),
-                       np.ascontiguousarray(sc.astype(np.float32).T), np.ascontiguousarray(z.T.astype(np.float32)),
+                       sc.T.astype(np.float32, order="C"), z.T.astype(np.float32, order="C"),
                        sc.dtype, _seq_group_codes(lambda ns: np.ascontiguousarray(qw[:, ns].T).view(np.uint32),
                                                   bits, g)), ""
     if s == "awq-gemm":
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
         z = (np.full((k // g, n), 8, np.float32) if "qzeros" not in t
-             else awq.unpack_gemm(read(t["qzeros"].name), n).astype(np.float32))
+             else awq.unpack_gemm(read(t["qzeros"].name), n))
 
         def gemm_codes(ns, gs):
             rows = gs[:, None] * g + np.arange(g)[None, :]                  # [P, G] K indices
             words = qw.view(np.uint32)[rows, (ns // 8)[:, None]]
             return ((words >> (4 * awq.REV[ns % 8]).astype(np.uint32)[:, None]) & 0xF).astype(np.uint8)
 
-        return _Repack(lambda: _awq_gemm_weight(qw), np.ascontiguousarray(sc.astype(np.float32).T),
-                       np.ascontiguousarray(z.T), sc.dtype, gemm_codes), ""
+        # [N, K/G] float32 in one pass each (cast and transpose together)
+        return _Repack(lambda: _awq_gemm_weight(qw), sc.T.astype(np.float32, order="C"),
+                       z.T.astype(np.float32, order="C"), sc.dtype, gemm_codes), ""
     if s == "awq-gemv":
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
@@ -497,8 +498,6 @@ def _keeps_dtype(rp: _Repack, bits: int, g: int) -> bool:
     if dt == np.float32 or dt == np.float64:
         return True
     s, z = rp.scales, rp.zeros
-    b_exact = -(s * z)
-    b_dt = b_exact.astype(dt).astype(np.float32)
     codes = np.arange(1 << bits, dtype=np.float32)
     n = s.shape[0]
     # Small row chunks: nearly every narrow-dtype layer fails in its first groups, and one
@@ -507,8 +506,10 @@ def _keeps_dtype(rp: _Repack, bits: int, g: int) -> bool:
     unresolved = False
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        got = _affine_values(s[r0:r1], b_dt[r0:r1], codes, dt)
-        want = s[r0:r1, :, None] * codes + b_exact[r0:r1, :, None]
+        # the biases of these rows only: most layers are decided in their first chunk
+        b_exact = -(s[r0:r1] * z[r0:r1])
+        got = _affine_values(s[r0:r1], b_exact.astype(dt).astype(np.float32), codes, dt)
+        want = s[r0:r1, :, None] * codes + b_exact[..., None]
         bad = got != want
         # A kernel that rounds once (fma in float32, then the dtype: GPU paths) needs the exact
         # value to be representable in the dtype as well.
@@ -528,7 +529,8 @@ def _keeps_dtype(rp: _Repack, bits: int, g: int) -> bool:
     # No witness among the first failing groups: compare the whole layer.
     w = rp.weight()
     from .formats.mlx import decode_affine
-    got = decode_affine(w, s.astype(dt), b_dt.astype(dt), bits=bits, group_size=g)
+    b_exact = -(s * z)
+    got = decode_affine(w, s.astype(dt), b_exact.astype(dt), bits=bits, group_size=g)
     want = decode_affine(w, s, b_exact, bits=bits, group_size=g)
     return bool(np.array_equal(got, want))
 
@@ -669,7 +671,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             r, _ = _repack_plan(model, layer, target)
             s = r.scales
             b = -(s * r.zeros)
-            return {f"{path}.weight": r.weight(), f"{path}.scales": s.astype(sdt), f"{path}.biases": b.astype(sdt)}
+            return {f"{path}.weight": r.weight(), f"{path}.scales": s.astype(sdt, copy=False),
+                    f"{path}.biases": b.astype(sdt, copy=False)}
 
         return _Item(res, outputs, make_repack, config=q, raw=raw)
     q = target if isinstance(target, _Q) else targets.default

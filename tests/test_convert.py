@@ -77,7 +77,8 @@ def assert_exact(src: Path, dst: Path, rep) -> int:
 
 # -- exact repacks -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("k,n", [(256, 72), (1024, 520)])  # N not a multiple of the kernel's tile
+@pytest.mark.parametrize("k,n", [(256, 72), (1024, 520), (2440, 136)])  # N not a multiple of the kernel's tile,
+# K several panels and a part
 def test_awq_weight_repack_compiled_equals_numpy(k, n, monkeypatch):
     from quantscope.backend import convert as conv
     from quantscope.backend.formats import awq, fast

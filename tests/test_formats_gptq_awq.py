@@ -107,6 +107,23 @@ def test_awq_gemm_matches_formula():
     np.testing.assert_array_equal(awq.codes_gemm(qweight), q.T)
 
 
+@pytest.mark.parametrize("n,k,group", [(88, 2432, 128), (200, 1088, 64)])
+def test_awq_gemm_large_layers_and_row_blocks(n, k, group):
+    # K spans several of the compiled kernel's panels plus a partial one, N a partial tile of
+    # word columns; every value against the formula, also through the row decoder's blocks.
+    qweight, qzeros, s, q, _, expected = make_awq(n, k, group)
+    np.testing.assert_array_equal(awq.decode_gemm(qweight, qzeros, s), expected)
+    sym = awq.decode_gemm(qweight, None, s)
+    gi = np.arange(k) // group
+    np.testing.assert_array_equal(sym, (s[gi].astype(np.float64) * (q - 8)).T.astype(np.float32))
+    dec = awq.gemm_rows(qweight, qzeros, s)
+    if dec is not None:  # compiled path only
+        for r0, r1 in ((0, 8), (8, 72), (72, n)):
+            dst = np.full((r1 - r0, k), np.nan, np.float32)
+            dec.fn(r0, r1, dst)
+            np.testing.assert_array_equal(dst, expected[r0:r1])
+
+
 def test_awq_gemm_repack_is_exact_through_mx_dequantize():
     qweight, qzeros, s, q, z, expected = make_awq(64, 256, 64)
     w, sc, bi = awq.gemm_to_mlx_affine(qweight, qzeros, s)
