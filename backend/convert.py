@@ -381,13 +381,28 @@ def _awq_gemm_weight(qweight: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Repack:
-    """Inputs of an exact repack: how to make the weight, and the float32 scales and zero points."""
+    """Inputs of an exact repack: how to make the weight, and the float32 scales and zero points.
+
+    ``part(r0, r1)`` gives the scales and zero points of output rows ``[r0, r1)`` (float32
+    ``[r1-r0, K/G]``, the scales exactly representable in ``src_dtype``): planning usually
+    decides a layer from its first rows, so the whole layer's are made only when written.
+    """
 
     weight: Callable[[], np.ndarray]        # uint32 [N, K*b/32]
-    scales: np.ndarray                      # float32 [N, K/G] (exactly representable in src_dtype)
-    zeros: np.ndarray                       # float32 [N, K/G]
+    part: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+    n: int                                  # output rows
     src_dtype: np.dtype
     group_codes: Callable[[np.ndarray, np.ndarray], np.ndarray]   # (rows, groups) -> uint8 [P, G]
+
+    def whole(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.part(0, self.n)
+
+
+def _stored_part(sc: np.ndarray, z: np.ndarray):
+    """``part`` of scales and zero points stored ``[G, N]``: a row slice, cast and transposed in
+    one pass each."""
+    return lambda r0, r1: (sc[:, r0:r1].T.astype(np.float32, order="C"),
+                           z[:, r0:r1].T.astype(np.float32, order="C"))
 
 
 def _seq_group_codes(packed_rows: Callable[[np.ndarray], np.ndarray], bits: int, g: int):
@@ -429,24 +444,28 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
         z = gptq.unpack_zeros(read(t["qzeros"].name), bits, n, int(layer.settings.get("version", 1)), layer.path)
-        return _Repack(lambda: np.ascontiguousarray(qw.T).view(np.uint32),
-                       sc.T.astype(np.float32, order="C"), z.T.astype(np.float32, order="C"),
+        return _Repack(lambda: np.ascontiguousarray(qw.T).view(np.uint32), _stored_part(sc, z), n,
                        sc.dtype, _seq_group_codes(lambda ns: np.ascontiguousarray(qw[:, ns].T).view(np.uint32),
                                                   bits, g)), ""
     if s == "awq-gemm":
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
-        z = (np.full((k // g, n), 8, np.float32) if "qzeros" not in t
-             else awq.unpack_gemm(read(t["qzeros"].name), n))
+        qz = read(t["qzeros"].name) if "qzeros" in t else None
+
+        def part(r0, r1):
+            s_p = sc[:, r0:r1].T.astype(np.float32, order="C")
+            if qz is None:
+                return s_p, np.full(s_p.shape, 8, np.float32)
+            w0, w1 = r0 // 8, -(-r1 // 8)  # the packed words holding these rows (8 per word)
+            z_p = awq.unpack_gemm(qz[:, w0:w1], 8 * (w1 - w0))[:, r0 - 8 * w0:r1 - 8 * w0]
+            return s_p, z_p.T.astype(np.float32, order="C")
 
         def gemm_codes(ns, gs):
             rows = gs[:, None] * g + np.arange(g)[None, :]                  # [P, G] K indices
             words = qw.view(np.uint32)[rows, (ns // 8)[:, None]]
             return ((words >> (4 * awq.REV[ns % 8]).astype(np.uint32)[:, None]) & 0xF).astype(np.uint8)
 
-        # [N, K/G] float32 in one pass each (cast and transpose together)
-        return _Repack(lambda: _awq_gemm_weight(qw), sc.T.astype(np.float32, order="C"),
-                       z.T.astype(np.float32, order="C"), sc.dtype, gemm_codes), ""
+        return _Repack(lambda: _awq_gemm_weight(qw), part, n, sc.dtype, gemm_codes), ""
     if s == "awq-gemv":
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
@@ -454,8 +473,8 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
         z = (np.full((n, ng), 8, np.float32) if "qzeros" not in t
              else unpack_bits(read(t["qzeros"].name), 4, ng).astype(np.float32))
         u = qw.view(np.uint32)
-        return _Repack(lambda: np.ascontiguousarray(u), np.ascontiguousarray(sc[:, :ng].astype(np.float32)), z,
-                       sc.dtype, _seq_group_codes(lambda ns: u[ns], 4, g)), ""
+        return _Repack(lambda: np.ascontiguousarray(u), lambda r0, r1: (sc[r0:r1, :ng].astype(np.float32), z[r0:r1]),
+                       n, sc.dtype, _seq_group_codes(lambda ns: u[ns], 4, g)), ""
     # compressed-tensors pack-quantized
     st = layer.settings
     if (st.get("strategy") or "group") != "group":
@@ -473,8 +492,8 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
         read(zp.name), n, k // g, bits, "dense", (), layer.path)
     z = (np.broadcast_to(zs, (n, k // g)).astype(np.float32) + np.float32(1 << (bits - 1)))
     u = wp.view(np.uint32)
-    return _Repack(lambda: np.ascontiguousarray(u), sc.astype(np.float32), np.ascontiguousarray(z), sc.dtype,
-                   _seq_group_codes(lambda ns: u[ns], bits, g)), ""
+    return _Repack(lambda: np.ascontiguousarray(u), lambda r0, r1: (sc[r0:r1].astype(np.float32), z[r0:r1]), n,
+                   sc.dtype, _seq_group_codes(lambda ns: u[ns], bits, g)), ""
 
 
 def _affine_values(s: np.ndarray, b: np.ndarray, codes: np.ndarray, dtype) -> np.ndarray:
@@ -497,19 +516,23 @@ def _keeps_dtype(rp: _Repack, bits: int, g: int) -> bool:
     dt = np.dtype(rp.src_dtype)
     if dt == np.float32 or dt == np.float64:
         return True
-    s, z = rp.scales, rp.zeros
     codes = np.arange(1 << bits, dtype=np.float32)
-    n = s.shape[0]
-    # Small row chunks: nearly every narrow-dtype layer fails in its first groups, and one
-    # stored code that comes out differently decides the layer.
-    step = max(1, (1 << 16) // max(1, s.shape[1] * codes.size))
+    n = rp.n
+    ng = rp.part(0, min(n, 1))[0].shape[1]
+    # Small row chunks, growing: nearly every narrow-dtype layer fails in its first groups, and
+    # one stored code that comes out differently decides the layer.
+    step = max(1, (1 << 12) // max(1, ng * codes.size))
+    max_step = max(1, (1 << 16) // max(1, ng * codes.size))
     unresolved = False
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        # the biases of these rows only: most layers are decided in their first chunk
-        b_exact = -(s[r0:r1] * z[r0:r1])
-        got = _affine_values(s[r0:r1], b_exact.astype(dt).astype(np.float32), codes, dt)
-        want = s[r0:r1, :, None] * codes + b_exact[..., None]
+    r1 = 0
+    while r1 < n:
+        r0, r1 = r1, min(n, r1 + step)
+        step = min(max_step, 2 * step)
+        # these rows only: most layers are decided in their first chunk
+        s, z = rp.part(r0, r1)
+        b_exact = -(s * z)
+        got = _affine_values(s, b_exact.astype(dt).astype(np.float32), codes, dt)
+        want = s[..., None] * codes + b_exact[..., None]
         bad = got != want
         # A kernel that rounds once (fma in float32, then the dtype: GPU paths) needs the exact
         # value to be representable in the dtype as well.
@@ -519,7 +542,7 @@ def _keeps_dtype(rp: _Repack, bits: int, g: int) -> bool:
         if not bad.any():
             continue
         rows, grps = np.nonzero(bad.any(-1))
-        rows, grps = rows[:256], grps[:256]
+        rows, grps = rows[:64], grps[:64]
         used = rp.group_codes(rows + r0, grps)                            # [P, G] stored codes
         if np.take_along_axis(bad[rows, grps], used.astype(np.intp), axis=1).any():
             return False
@@ -529,6 +552,7 @@ def _keeps_dtype(rp: _Repack, bits: int, g: int) -> bool:
     # No witness among the first failing groups: compare the whole layer.
     w = rp.weight()
     from .formats.mlx import decode_affine
+    s, z = rp.whole()
     b_exact = -(s * z)
     got = decode_affine(w, s.astype(dt), b_exact.astype(dt), bits=bits, group_size=g)
     want = decode_affine(w, s, b_exact, bits=bits, group_size=g)
@@ -669,8 +693,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
 
         def make_repack():
             r, _ = _repack_plan(model, layer, target)
-            s = r.scales
-            b = -(s * r.zeros)
+            s, z = r.whole()
+            b = -(s * z)
             return {f"{path}.weight": r.weight(), f"{path}.scales": s.astype(sdt, copy=False),
                     f"{path}.biases": b.astype(sdt, copy=False)}
 

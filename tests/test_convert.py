@@ -364,3 +364,31 @@ def test_cli_convert(demo, tmp_path, capsys):
     assert open_checkpoint(dst).tensor("model.layers.0.self_attn.q_proj.weight").dtype == np.float16
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert os.path.isdir(dst)
+
+
+def test_keeps_dtype_reads_rows_in_growing_chunks():
+    # The dtype check asks the repack for row ranges only; it keeps fp16 where MLX's double
+    # rounding reproduces every stored value (power-of-two scales), and widens as soon as one
+    # stored code would come out differently (random scales, found in the first rows).
+    from quantscope.backend import convert as conv
+    n, g, ng = 1000, 64, 4
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, size=(n, ng * g), dtype=np.uint8)
+    z = rng.integers(0, 16, size=(n, ng)).astype(np.float32)
+    asked = []
+
+    def repack(s):
+        def part(r0, r1):
+            asked.append((r0, r1))
+            return s[r0:r1], z[r0:r1]
+        return conv._Repack(lambda: None, part, n, np.dtype(np.float16),
+                            lambda rows, grps: codes[rows[:, None], grps[:, None] * g + np.arange(g)])
+
+    exact = np.full((n, ng), 2.0 ** -7, np.float32)
+    assert conv._keeps_dtype(repack(exact), 4, g)
+    spans = [b - a for a, b in asked[1:]]
+    assert asked[-1][1] == n and spans[0] < max(spans)  # every row, in chunks that grow
+    asked.clear()
+    noisy = (rng.random((n, ng)) * 0.01 + 0.001).astype(np.float16).astype(np.float32)
+    assert not conv._keeps_dtype(repack(noisy), 4, g)
+    assert max(b for _, b in asked) < n  # decided from the first rows
