@@ -78,6 +78,22 @@ def test_compare_all_layers_and_click_selects(win, qtbot):
     assert float(win.tree.model.index(row, 7).data()) > 0  # error column filled
 
 
+def test_results_and_jobs_never_resize_the_window(win, qtbot):
+    # A long summary line or a job starting and ending must not relayout the window: that
+    # widened it past 1280 px and repainted every plot at each job (bench_gui).
+    qtbot.waitUntil(win.service.is_idle, timeout=30_000)
+    size, bar_height = win.size(), win.statusBar().height()
+    seen = []
+    win.service.job_started.connect(lambda *a: seen.append(win.statusBar().height()))
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    qtbot.waitUntil(win.service.is_idle, timeout=30_000)
+    qtbot.wait(50)
+    assert "variant" in win.layers.info.text()  # the long summary is shown
+    assert win.size() == size and win.minimumSizeHint().width() <= 1280
+    assert seen and set(seen) == {bar_height} and win.statusBar().height() == bar_height
+
+
 def test_cancelling_a_sweep_stops_it(win, qtbot):
     win.compare_all()
     job = next(j for j in win.service.running() if j.channel == "sweep")

@@ -47,6 +47,16 @@ class JobsBar(QWidget):
         lay.addWidget(self.label)
         lay.addWidget(self.bar)
         lay.addWidget(self.cancel)
+        # The strip never changes the window's layout: a job's title cannot widen the window (the
+        # label asks for no width of its own), and the bar and button keep their room while
+        # hidden, at a fixed height. Each relayout of the status bar resized the central area,
+        # and so repainted every plot, at the start and end of every job (bench_gui).
+        self.label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        for w in (self.bar, self.cancel):
+            sp = w.sizePolicy()
+            sp.setRetainSizeWhenHidden(True)
+            w.setSizePolicy(sp)
+        self.setFixedHeight(max(self.cancel.sizeHint().height(), self.label.sizeHint().height()))
         self._titles: dict[int, str] = {}
         self._progress: dict[int, float] = {}
         service.job_started.connect(self._started)
@@ -83,4 +93,5 @@ class JobsBar(QWidget):
         jid = max(self._titles)
         more = f" (+{len(self._titles) - 1} more)" if len(self._titles) > 1 else ""
         self.label.setText(f"{self._titles[jid]}{more}")
+        self.label.setToolTip(self.label.text())
         self.bar.set_fraction(self._progress.get(jid, 0.0))

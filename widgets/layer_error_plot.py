@@ -27,6 +27,10 @@ class LayerErrorPlot(QWidget):
         self.proj = QComboBox()
         self.hm_variant = QComboBox()
         self.info = QLabel("Run “Compare all layers” to fill this view.")
+        # Wrapped in a fixed two lines: a long summary must neither widen the window (an
+        # unwrapped label's minimum width is its text's) nor change the plots' height.
+        self.info.setWordWrap(True)
+        self.info.setFixedHeight(2 * self.info.fontMetrics().lineSpacing() + 4)
         self.plot = pg.PlotWidget()
         self.plot.setLabel("bottom", "decoder layer")
         self.plot.showGrid(x=True, y=True, alpha=0.25)
