@@ -121,6 +121,11 @@ class MainWindow(QMainWindow):
                         (scales_tab, "Scales && zeros"), (self.heatmap, "Group error"), (self.layers, "Layers")):
             self.tabs.addTab(w, name)
         self.setCentralWidget(self.tabs)
+        self._page = {self.hist: self.hist, self.err_hist: self.err_hist, self.codes: self.codes,
+                      self.scales: scales_tab, self.zeros: scales_tab, self.heatmap: self.heatmap}
+        self._pending: dict = {}  # tab page -> {view: update}, applied when the page is shown
+        self._turn_gen: dict[str, int] = {}
+        self.tabs.currentChanged.connect(self._apply_pending)
         self.tree_dock = self._dock("Tensors", self.tree, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.config_dock = self._dock("Quantization config", self.config, Qt.DockWidgetArea.RightDockWidgetArea)
         self.doctor_dock = self._dock("Doctor", self.doctor, Qt.DockWidgetArea.RightDockWidgetArea)
@@ -212,13 +217,33 @@ class MainWindow(QMainWindow):
         self.tree.model.set_variants(list(ws.variants))
         first = next(iter(ws.variants), ws.reference_label)
         self.tree.set_checkpoints(ws.models(), current=first)
-        self.layers.set_rows([], self.colors)
-        # The layers plot's series are built in a later turn of the event loop, so that no
-        # single GUI-thread step (this one, or the first sweep result) carries all the work.
-        variants, colors = list(ws.variants), dict(self.colors)
-        QTimer.singleShot(0, lambda: self.layers.prepare(variants, colors))
         self.setWindowTitle("quantscope — " + ", ".join(ws.models()))
-        self.workspace_loaded.emit()
+        # The layers plot (emptied, then one series per variant, built ahead of the first sweep
+        # result) in later turns of the event loop: each turn and its repaint stay short.
+        variants, colors = list(ws.variants), dict(self.colors)
+        self._in_turns("workspace", [lambda: self.layers.set_rows([], colors),
+                                     *self.layers.prepare_steps(variants, colors),
+                                     self.workspace_loaded.emit])
+
+    def _in_turns(self, channel: str, steps: list) -> None:
+        """Run ``steps`` one per turn of the event loop, the first now: the window repaints what
+        each changed before the next runs, so no single GUI-thread step (work plus repaint) is
+        long. A later call on the same channel drops the steps not yet run."""
+        gen = self._turn_gen.get(channel, 0) + 1
+        self._turn_gen[channel] = gen
+
+        def run(i: int) -> None:
+            if self._turn_gen.get(channel) != gen:
+                return
+            steps[i]()
+            if i + 1 < len(steps):
+                # 1 ms, not 0: a zero-delay single shot is a posted call, run back to back with
+                # the repaint it should follow; a timer lets pending repaints and other timers
+                # run first.
+                QTimer.singleShot(1, lambda: run(i + 1))
+
+        if steps:
+            run(0)
 
     def _checkpoint_changed(self, label: str) -> None:
         self.config.set_checkpoint(label, self.workspace.models().get(label))
@@ -252,25 +277,42 @@ class MainWindow(QMainWindow):
         self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ws.reference, dict(ws.variants), path,
                             engine=self.engine, on_result=self._show_detail, on_error=self._job_failed)
 
+    def _update_view(self, view, fn) -> None:
+        """Update ``view`` now if its tab is showing, else when the tab is shown (only the latest
+        update is kept): a layer's result then costs the GUI thread one view, not six."""
+        page = self._page[view]
+        if self.tabs.currentWidget() is page:
+            self._pending.get(page, {}).pop(view, None)
+            fn()
+        else:
+            self._pending.setdefault(page, {})[view] = fn
+
+    def _apply_pending(self, index: int) -> None:
+        for fn in self._pending.pop(self.tabs.widget(index), {}).values():
+            fn()
+
     def _clear_views(self, why: str) -> None:
         for v in (self.hist, self.err_hist, self.scales, self.zeros):
-            v.set_histograms(None, {}, {}, note=why)
-        self.codes.set_counts({}, {})
-        self.heatmap.set_maps({})
+            self._update_view(v, lambda v=v: v.set_histograms(None, {}, {}, note=why))
+        self._update_view(self.codes, lambda: self.codes.set_counts({}, {}))
+        self._update_view(self.heatmap, lambda: self.heatmap.set_maps({}))
 
     def _show_detail(self, r: dict) -> None:
         d = r["detail"]
         ref_label = "reference"
         colors = dict(self.colors)
         colors[ref_label] = REFERENCE_COLOR
-        self.hist.set_histograms(d.value_edges, d.value_counts, colors, note=r["name"])
-        self.err_hist.set_histograms(d.error_edges, d.error_counts, colors, note=r["name"])
-        self.codes.set_counts(d.code_counts, colors)
-        self.scales.set_histograms(r["scale_edges"], r["scale_counts"], colors,
-                                   note="per-group scales" if r["scale_counts"] else "no scales")
-        self.zeros.set_histograms(r["zero_edges"], r["zero_counts"], colors,
-                                  note="integer zero points" if r["zero_counts"] else "no integer zero points")
-        self.heatmap.set_maps(r["maps"])
+        upd = self._update_view
+        upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors, note=r["name"]))
+        upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
+                                                                note=r["name"]))
+        upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors))
+        upd(self.scales, lambda: self.scales.set_histograms(
+            r["scale_edges"], r["scale_counts"], colors, note="per-group scales" if r["scale_counts"] else "no scales"))
+        upd(self.zeros, lambda: self.zeros.set_histograms(
+            r["zero_edges"], r["zero_counts"], colors,
+            note="integer zero points" if r["zero_counts"] else "no integer zero points"))
+        upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"]))
         lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
             f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "")
             for v, m in d.metrics.items()]
@@ -290,14 +332,18 @@ class MainWindow(QMainWindow):
 
     def _show_sweep(self, result) -> None:
         self.sweep_result = result
-        self.layers.set_rows(result.rows, self.colors)
         per: dict[str, dict[str, float]] = {}
         for r in result.rows:
             per.setdefault(r.variant, {})[r.variant_layer] = r.rel_fro
             per[r.variant].setdefault(r.name, r.rel_fro)
-        self.tree.model.set_all_errors(per)
-        self.tabs.setCurrentWidget(self.layers)
-        self.sweep_done.emit()
+        colors = dict(self.colors)
+        # In turns, each repainted before the next: the tab, the per-layer plot, its heatmap,
+        # the tree's error columns.
+        self._in_turns("sweep", [lambda: self.tabs.setCurrentWidget(self.layers),
+                                 lambda: self.layers.set_rows(result.rows, colors, heatmap=False),
+                                 self.layers.redraw_heatmap,
+                                 lambda: self.tree.model.set_all_errors(per),
+                                 self.sweep_done.emit])
 
     def run_doctor(self) -> None:
         label = self.tree.current_label()

@@ -50,6 +50,12 @@ def test_natural_order_children_and_columns(model_ckpt):
     m.set_errors("gptq", {"model.layers.2.mlp.down_proj": 0.0312})
     assert m.index(row, 7).data() == "0.0312"
     assert m.index(row, 7).data(pg_role()) is not None  # coloured background
+    from PySide6.QtCore import Qt
+    align = m.index(row, 2).data(Qt.ItemDataRole.TextAlignmentRole)  # numbers right-aligned
+    assert align is not None and int(align) & int(Qt.AlignmentFlag.AlignRight.value)
+    assert m.index(row, 0).data(Qt.ItemDataRole.TextAlignmentRole) is None
+    assert m.index(row, 0).data(Qt.ItemDataRole.DecorationRole) is None
+    assert m.index(row, 0).data(m.PathRole) == m.index(row, 0).data(0) == "model.layers.2.mlp.down_proj"
 
 
 def pg_orientation():

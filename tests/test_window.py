@@ -49,6 +49,11 @@ def test_selecting_a_layer_fills_config_and_every_view(win, qtbot):
     mixed = rows["mlx-mixed-3-6"]
     assert mixed[1] == "mlx-affine" and mixed[2] in ("3", "6") and "override" in mixed[5]
     variants = list(win.workspace.variants)
+    # the showing tab is filled at once; the others when they are shown
+    assert win.tabs.currentWidget() is win.hist and set(variants) <= set(win.hist._counts)
+    assert not win.err_hist._counts
+    for i in range(win.tabs.count()):
+        win.tabs.setCurrentIndex(i)
     assert set(variants) <= set(win.hist._counts) and "reference" in win.hist._counts
     assert set(variants) <= set(win.err_hist._counts)
     assert set(variants) <= set(win.codes._counts)
@@ -190,3 +195,15 @@ def test_no_widget_attribute_hides_a_qt_virtual(qtbot):
         clash = [a for a in vars(w) if type(getattr(QWidget, a, None)).__name__ == "method_descriptor"]
         assert not clash, (type(w).__name__, clash)
         assert w.metric(QPaintDevice.PaintDeviceMetric.PdmWidth) == 300
+
+
+def test_updates_in_turns_run_in_order_and_a_newer_call_drops_the_rest(win, qtbot):
+    # Results are shown in steps, one per turn of the event loop (each repainted before the
+    # next); a newer result on the same channel replaces what an older one had left to do.
+    ran = []
+    win._in_turns("t", [lambda: ran.append("a1"), lambda: ran.append("a2"), lambda: ran.append("a3")])
+    assert ran == ["a1"]  # the first step runs at once, the rest later
+    win._in_turns("t", [lambda: ran.append("b1"), lambda: ran.append("b2")])
+    qtbot.waitUntil(lambda: "b2" in ran, timeout=2000)
+    qtbot.wait(20)
+    assert ran == ["a1", "b1", "b2"]

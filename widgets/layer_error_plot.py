@@ -61,14 +61,17 @@ class LayerErrorPlot(QWidget):
         lay.addWidget(self.info)
         self.metric_box.currentIndexChanged.connect(lambda _: self._redraw())
         self.proj.currentIndexChanged.connect(lambda _: self._redraw())
-        self.hm_variant.currentIndexChanged.connect(lambda _: self._redraw_heatmap())
+        self.hm_variant.currentIndexChanged.connect(lambda _: self.redraw_heatmap())
         self.hm.scene().sigMouseClicked.connect(self._hm_clicked)
         self._rows = []
         self._colors = {}
         self._hm_names: dict[tuple[int, int], str] = {}
         self.series: dict[str, pg.PlotDataItem] = {}
+        self._ylabel = None
 
-    def set_rows(self, rows, colors: dict) -> None:
+    def set_rows(self, rows, colors: dict, heatmap: bool = True) -> None:
+        """Show these sweep rows; ``heatmap=False`` leaves the heatmap to :meth:`redraw_heatmap`
+        (a separate step, so that each repaints on its own)."""
         self._rows = [r for r in rows if r.layer_index is not None]
         self._colors = dict(colors)
         projs = sorted({r.proj for r in self._rows})
@@ -87,35 +90,52 @@ class LayerErrorPlot(QWidget):
         self.info.setText(f"{len(self._rows)} (layer, variant) points from {len(variants)} variant(s)"
                           + (f"; {other} outside decoder layers (embeddings, head) not plotted" if other else "")
                           + ". Click a point or a heatmap cell to select the layer.")
-        self._redraw()
+        self._redraw(heatmap)
 
     def _value(self, r) -> float:
         return float(getattr(r, self.metric_box.currentData()))
 
-    def prepare(self, variants: list[str], colors: dict) -> None:
-        """Create the (empty) series of these variants ahead of the first sweep result:
-        creating pyqtgraph items is the costly part of a redraw (tens of ms on the GUI thread)."""
-        self._colors = dict(colors)
-        self._ensure_series(list(variants))
+    def prepare_steps(self, variants: list[str], colors: dict) -> list:
+        """Steps (to run one per event-loop turn) creating the empty series of these variants
+        ahead of the first sweep result: clear, then one series per variant. Creating pyqtgraph
+        items is the costly part of a redraw (tens of ms on the GUI thread)."""
+        variants = list(variants)
+
+        def clear() -> None:
+            self._colors = dict(colors)
+            if list(self.series) != variants:
+                self._clear_series()
+
+        return [clear, *(lambda v=v: self._add_series(v) for v in variants)]
+
+    def _clear_series(self) -> None:
+        self.plot.clear()
+        self.legend.clear()
+        self.series = {}
+
+    def _add_series(self, variant: str) -> None:
+        if variant in self.series:
+            return
+        color = self._colors.get(variant)
+        item = pg.PlotDataItem([], [], symbol="o", symbolSize=7, symbolBrush=color, symbolPen=None, name=variant)
+        item.sigPointsClicked.connect(self._points_clicked)
+        self.plot.addItem(item)
+        self.series[variant] = item
 
     def _ensure_series(self, variants: list[str]) -> None:
         if list(self.series) == variants:
             return
-        self.plot.clear()
-        self.legend.clear()
-        self.series = {}
+        self._clear_series()
         for variant in variants:
-            color = self._colors.get(variant)
-            item = pg.PlotDataItem([], [], symbol="o", symbolSize=7, symbolBrush=color, symbolPen=None,
-                                   name=variant)
-            item.sigPointsClicked.connect(self._points_clicked)
-            self.plot.addItem(item)
-            self.series[variant] = item
+            self._add_series(variant)
 
-    def _redraw(self) -> None:
+    def _redraw(self, heatmap: bool = True) -> None:
         proj = self.proj.currentText() if self.proj.currentIndex() > 0 else None
         key = self.metric_box.currentData()
-        self.plot.setLabel("left", METRICS.get(key, key))
+        label = METRICS.get(key, key)
+        if label != self._ylabel:  # a label set again relays out the whole plot item
+            self._ylabel = label
+            self.plot.setLabel("left", label)
         by_var: dict[str, list] = {v: [] for v in self.series}
         for r in self._rows:
             if proj is None or r.proj == proj:
@@ -124,6 +144,7 @@ class LayerErrorPlot(QWidget):
         # Existing items are updated in place (setData); only a new set of variants rebuilds them.
         self._ensure_series(list(by_var))
         n = max(1, len(by_var))
+        self.plot.disableAutoRange()  # one range update for all series, below
         for i, (variant, rows) in enumerate(by_var.items()):
             rows.sort(key=lambda r: (r.layer_index, r.proj))
             # small horizontal offset per variant so overlapping points stay visible
@@ -132,13 +153,20 @@ class LayerErrorPlot(QWidget):
             color = self._colors.get(variant)
             self.series[variant].setData(x, y, pen=pg.mkPen(color, width=1.5) if proj else None,
                                          symbolBrush=color, data=[r.name for r in rows])
-        self._redraw_heatmap()
+        # The range set now, from the new data: left to auto-range, it is found while painting,
+        # which then changes the axes and repaints the whole plot a second time.
+        self.plot.getViewBox().autoRange(padding=0.05)
+        # pyqtgraph defers range, matrix and axis updates to the start of a paint, where they
+        # dirty the scene again: a cascade of repaints. Done here, the next paint is the only one.
+        self.plot.scene().prepareForPaint()
+        if heatmap:
+            self.redraw_heatmap()
 
     def _points_clicked(self, item, points, *_) -> None:
         if points:
             self.layer_selected.emit(points[0].data())
 
-    def _redraw_heatmap(self) -> None:
+    def redraw_heatmap(self) -> None:
         variant = self.hm_variant.currentText()
         rows = [r for r in self._rows if r.variant == variant]
         if not rows:

@@ -17,6 +17,16 @@ from .palette import error_color
 
 BASE_COLUMNS = ["Name", "Scheme", "Bits", "Group", "Shape", "Bytes", "Bits/weight"]
 _SEVERITY_ORDER = {"error": 3, "warning": 2, "info": 1}
+# Roles as plain ints: views ask data() for eight roles per painted cell and PySide passes ints;
+# comparing them with the enum members goes through enum.__eq__, which was most of data()'s cost.
+_DISPLAY = int(Qt.ItemDataRole.DisplayRole.value)
+_TOOLTIP = int(Qt.ItemDataRole.ToolTipRole.value)
+_BACKGROUND = int(Qt.ItemDataRole.BackgroundRole.value)
+_ALIGN = int(Qt.ItemDataRole.TextAlignmentRole.value)
+_FOREGROUND = int(Qt.ItemDataRole.ForegroundRole.value)
+_PATH = int(Qt.ItemDataRole.UserRole.value) + 1
+_SERVED = frozenset((_DISPLAY, _TOOLTIP, _BACKGROUND, _ALIGN, _FOREGROUND, _PATH))
+_RIGHT = int((Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter).value)
 
 
 def _shape(shape) -> str:
@@ -27,7 +37,7 @@ class TensorTreeModel(QAbstractItemModel):
     """Modules of one checkpoint with per-variant error and doctor columns."""
 
     #: Role returning the module path of an index (tensor rows return their module's path).
-    PathRole = Qt.ItemDataRole.UserRole + 1
+    PathRole = _PATH
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -144,31 +154,32 @@ class TensorTreeModel(QAbstractItemModel):
             kids = self._children[lid] = [(c, layer.tensors[c]) for c in sorted(layer.tensors)]
         return kids
 
-    def data(self, index: QModelIndex, role=Qt.ItemDataRole.DisplayRole):
-        if not index.isValid():
+    def data(self, index: QModelIndex, role=_DISPLAY):
+        role = int(role)
+        if role not in _SERVED or not index.isValid():
             return None
         col = index.column()
         if index.internalId() == 0:
             layer = self._layers[self._visible[index.row()]]
-            if role == self.PathRole:
+            if role == _PATH:
                 return layer.path
             return self._module_data(layer, col, role)
         prow = index.internalId() - 1
         if prow >= len(self._visible) or index.row() >= len(self._tensors(prow)):
             return None
         comp, t = self._tensors(prow)[index.row()]
-        if role == self.PathRole:
+        if role == _PATH:
             return self._layers[self._visible[prow]].path
-        if role == Qt.ItemDataRole.DisplayRole:
+        if role == _DISPLAY:
             return {0: f".{comp}" if comp else t.name, 1: t.dtype, 4: _shape(t.shape),
                     5: human_bytes(t.nbytes)}.get(col, f"{t.file.name} [{t.start}, {t.end})" if col == 6 else None)
-        if role == Qt.ItemDataRole.ToolTipRole:
+        if role == _TOOLTIP:
             return f"{t.name}\n{t.dtype} {list(t.shape)}\n{t.file}\nbytes [{t.start}, {t.end})"
         return None
 
     def _module_data(self, layer: Layer, col: int, role):
         nb = len(BASE_COLUMNS)
-        if role == Qt.ItemDataRole.DisplayRole:
+        if role == _DISPLAY:
             if col == 0:
                 return layer.path
             if col == 1:
@@ -189,18 +200,18 @@ class TensorTreeModel(QAbstractItemModel):
                 return "" if v is None else f"{v:.4f}"
             flag = self._flags.get(layer.path)
             return flag[0] if flag else ""
-        if role == Qt.ItemDataRole.BackgroundRole and nb <= col < nb + len(self._variants):
+        if role == _BACKGROUND and nb <= col < nb + len(self._variants):
             return error_color(self._errors.get(self._variants[col - nb], {}).get(layer.path), self.dark)
-        if role == Qt.ItemDataRole.ToolTipRole:
+        if role == _TOOLTIP:
             if col == self.columnCount() - 1 and layer.path in self._flags:
                 return self._flags[layer.path][1]
             tip = f"{layer.path}\n{layer.scheme}: {layer.source}"
             if layer.problem:
                 tip += f"\nproblem: {layer.problem}"
             return tip
-        if role == Qt.ItemDataRole.TextAlignmentRole and col >= 2:
-            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        if role == Qt.ItemDataRole.ForegroundRole and layer.problem and col in (0, 1):
+        if role == _ALIGN and col >= 2:
+            return _RIGHT
+        if role == _FOREGROUND and layer.problem and col in (0, 1):
             from PySide6.QtGui import QColor
             return QColor("#D55E00")
         return None
