@@ -68,6 +68,7 @@ class LayerErrorPlot(QWidget):
         self._hm_names: dict[tuple[int, int], str] = {}
         self.series: dict[str, pg.PlotDataItem] = {}
         self._ylabel = None
+        self._hm_frame = None
 
     def set_rows(self, rows, colors: dict, heatmap: bool = True) -> None:
         """Show these sweep rows; ``heatmap=False`` leaves the heatmap to :meth:`redraw_heatmap`
@@ -185,12 +186,18 @@ class LayerErrorPlot(QWidget):
         if finite.size:
             lo, hi = float(finite.min()), float(finite.max())
             self.hm_bar.setLevels((lo, hi if hi > lo else lo + 1e-12))
-        ax = self.hm.getAxis("bottom")
-        ax.setTicks([[(j + 0.5, p.replace("_proj", "")) for j, p in enumerate(projs)]])
-        self.hm.getAxis("left").setTicks([[(i + 0.5, str(layer)) for i, layer in enumerate(layers)]
-                                          if len(layers) <= 40 else None] if len(layers) <= 40 else None)
-        self.hm.setTitle(f"{variant} · {self.metric_box.currentData()}")
-        self.hm.autoRange()
+        # Ticks, title and range only when they change: each relays out the plot item, and
+        # pyqtgraph's deferred updates then run now, not at the start of the paint (where they
+        # would dirty the scene again and repaint it twice).
+        frame = (tuple(projs), tuple(layers), f"{variant} · {self.metric_box.currentData()}")
+        if frame != self._hm_frame:
+            self._hm_frame = frame
+            self.hm.getAxis("bottom").setTicks([[(j + 0.5, p.replace("_proj", "")) for j, p in enumerate(projs)]])
+            self.hm.getAxis("left").setTicks([[(i + 0.5, str(layer)) for i, layer in enumerate(layers)]]
+                                             if len(layers) <= 40 else None)
+            self.hm.setTitle(frame[2])
+            self.hm.autoRange()
+        self.hm.scene().prepareForPaint()
 
     def _hm_clicked(self, ev) -> None:
         p = self.hm.getPlotItem().vb.mapSceneToView(ev.scenePos())
