@@ -226,9 +226,10 @@ class MainWindow(QMainWindow):
                                      self.workspace_loaded.emit])
 
     def _in_turns(self, channel: str, steps: list) -> None:
-        """Run ``steps`` one per turn of the event loop, the first now: the window repaints what
-        each changed before the next runs, so no single GUI-thread step (work plus repaint) is
-        long. A later call on the same channel drops the steps not yet run."""
+        """Run ``steps`` one per turn of the event loop, from the next one on: the window repaints
+        what the caller and then each step changed before the next runs, so no single GUI-thread
+        step (work plus repaint) is long. A later call on the same channel drops the steps not
+        yet run."""
         gen = self._turn_gen.get(channel, 0) + 1
         self._turn_gen[channel] = gen
 
@@ -239,11 +240,11 @@ class MainWindow(QMainWindow):
             if i + 1 < len(steps):
                 # 1 ms, not 0: a zero-delay single shot is a posted call, run back to back with
                 # the repaint it should follow; a timer lets pending repaints and other timers
-                # run first.
-                QTimer.singleShot(1, lambda: run(i + 1))
+                # run first. The window as context: no step runs once it is gone.
+                QTimer.singleShot(1, self, lambda: run(i + 1))
 
         if steps:
-            run(0)
+            QTimer.singleShot(1, self, lambda: run(0))
 
     def _checkpoint_changed(self, label: str) -> None:
         self.config.set_checkpoint(label, self.workspace.models().get(label))

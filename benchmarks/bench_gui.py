@@ -59,12 +59,12 @@ def build_larger(folder):
 
 def main():
     from PySide6.QtCore import QElapsedTimer, QSettings, QTimer
-    from PySide6.QtWidgets import QApplication
 
     from quantscope.app.main_window import MainWindow
     from quantscope.backend.demo import build_demo
 
-    app = QApplication.instance() or QApplication([])
+    from quantscope.app.window_main import _app
+    app = _app()  # the application exactly as `quantscope` sets it up (palette, antialiasing)
     demo_dir = CACHE / "gui_demo"
     if not demo_dir.exists():
         build_demo(demo_dir)

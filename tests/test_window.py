@@ -201,9 +201,13 @@ def test_updates_in_turns_run_in_order_and_a_newer_call_drops_the_rest(win, qtbo
     # Results are shown in steps, one per turn of the event loop (each repainted before the
     # next); a newer result on the same channel replaces what an older one had left to do.
     ran = []
-    win._in_turns("t", [lambda: ran.append("a1"), lambda: ran.append("a2"), lambda: ran.append("a3")])
-    assert ran == ["a1"]  # the first step runs at once, the rest later
-    win._in_turns("t", [lambda: ran.append("b1"), lambda: ran.append("b2")])
+
+    def a2():
+        ran.append("a2")
+        win._in_turns("t", [lambda: ran.append("b1"), lambda: ran.append("b2")])
+
+    win._in_turns("t", [lambda: ran.append("a1"), a2, lambda: ran.append("a3")])
+    assert ran == []  # from the next turn on
     qtbot.waitUntil(lambda: "b2" in ran, timeout=2000)
     qtbot.wait(20)
-    assert ran == ["a1", "b1", "b2"]
+    assert ran == ["a1", "a2", "b1", "b2"]

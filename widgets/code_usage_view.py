@@ -6,13 +6,15 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
+from .plots import plot_widget
+
 
 class CodeUsageView(QWidget):
     """Bars per level and variant; dead levels (count 0) and saturation are listed."""
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.plot = pg.PlotWidget()
+        self.plot = plot_widget()
         self.plot.setLabel("bottom", "code level")
         self.plot.setLabel("left", "share of weights", units="%")
         self.plot.showGrid(y=True, alpha=0.2)

@@ -6,13 +6,15 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from .plots import plot_widget
+
 
 class HistogramView(QWidget):
     """Step histograms (one colour per variant) with log-y and x-range controls."""
 
     def __init__(self, xlabel: str, ylabel: str = "count", parent=None) -> None:
         super().__init__(parent)
-        self.plot = pg.PlotWidget()
+        self.plot = plot_widget()
         self.plot.setLabel("bottom", xlabel)
         self.plot.setLabel("left", ylabel)
         self.plot.showGrid(x=True, y=True, alpha=0.2)

@@ -8,7 +8,16 @@ import math
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSplitter, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QComboBox,
+    QHBoxLayout,
+    QLabel,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .plots import plot_widget
 
 METRICS = {"rel_fro": "relative Frobenius error ‖Ŵ−W‖/‖W‖", "sqnr_db": "SQNR (dB)",
            "rel_fro_raw": "rel. error without undoing smoothing"}
@@ -31,11 +40,11 @@ class LayerErrorPlot(QWidget):
         # unwrapped label's minimum width is its text's) nor change the plots' height.
         self.info.setWordWrap(True)
         self.info.setFixedHeight(2 * self.info.fontMetrics().lineSpacing() + 4)
-        self.plot = pg.PlotWidget()
+        self.plot = plot_widget()
         self.plot.setLabel("bottom", "decoder layer")
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.legend = self.plot.addLegend(offset=(-10, 10))
-        self.hm = pg.PlotWidget()
+        self.hm = plot_widget()
         self.hm.setLabel("left", "decoder layer")
         self.hm.invertY(True)
         self.hm_image = pg.ImageItem(axisOrder="row-major")
