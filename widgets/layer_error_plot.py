@@ -87,6 +87,9 @@ class LayerErrorPlot(QWidget):
         projs = sorted({r.proj for r in self._rows})
         variants = list(dict.fromkeys(r.variant for r in self._rows))
         for combo, items, first in ((self.proj, projs, "all projections"), (self.hm_variant, variants, None)):
+            want = ([first] if first else []) + items
+            if [combo.itemText(i) for i in range(combo.count())] == want:
+                continue  # same choices: no relayout, no repaint
             cur = combo.currentText()
             combo.blockSignals(True)
             combo.clear()
