@@ -125,6 +125,7 @@ class MainWindow(QMainWindow):
                       self.scales: scales_tab, self.zeros: scales_tab, self.heatmap: self.heatmap}
         self._pending: dict = {}  # tab page -> {view: update}, applied when the page is shown
         self._turn_gen: dict[str, int] = {}
+        self._turns_left: dict[str, int] = {}
         self.tabs.currentChanged.connect(self._apply_pending)
         self.tree_dock = self._dock("Tensors", self.tree, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.config_dock = self._dock("Quantization config", self.config, Qt.DockWidgetArea.RightDockWidgetArea)
@@ -218,6 +219,7 @@ class MainWindow(QMainWindow):
         first = next(iter(ws.variants), ws.reference_label)
         self.tree.set_checkpoints(ws.models(), current=first)
         self.setWindowTitle("quantscope — " + ", ".join(ws.models()))
+        self._drop_turns("sweep")  # an older workspace's sweep result, still being shown
         # The layers plot (emptied, then one series per variant, built ahead of the first sweep
         # result) in later turns of the event loop: each turn and its repaint stay short.
         variants, colors = list(ws.variants), dict(self.colors)
@@ -232,10 +234,12 @@ class MainWindow(QMainWindow):
         yet run."""
         gen = self._turn_gen.get(channel, 0) + 1
         self._turn_gen[channel] = gen
+        self._turns_left[channel] = len(steps)
 
         def run(i: int) -> None:
             if self._turn_gen.get(channel) != gen:
                 return
+            self._turns_left[channel] = len(steps) - i - 1
             steps[i]()
             if i + 1 < len(steps):
                 # 1 ms, not 0: a zero-delay single shot is a posted call, run back to back with
@@ -245,6 +249,14 @@ class MainWindow(QMainWindow):
 
         if steps:
             QTimer.singleShot(1, self, lambda: run(0))
+
+    def _drop_turns(self, channel: str) -> None:
+        self._turn_gen[channel] = self._turn_gen.get(channel, 0) + 1
+        self._turns_left[channel] = 0
+
+    def turns_pending(self) -> bool:
+        """Whether a result is still being shown in turns (see :meth:`_in_turns`)."""
+        return any(self._turns_left.values())
 
     def _checkpoint_changed(self, label: str) -> None:
         self.config.set_checkpoint(label, self.workspace.models().get(label))

@@ -66,6 +66,10 @@ class Script:
         QTimer.singleShot(0, self._advance)
 
     def _advance(self) -> None:
+        if self.win.turns_pending():  # a result is still being shown, step by step
+            from PySide6.QtCore import QTimer
+            QTimer.singleShot(10, self._advance)
+            return
         if self.errors and self.args.screenshot:
             return self._finish()
         if self.steps:

@@ -207,7 +207,16 @@ def test_updates_in_turns_run_in_order_and_a_newer_call_drops_the_rest(win, qtbo
         win._in_turns("t", [lambda: ran.append("b1"), lambda: ran.append("b2")])
 
     win._in_turns("t", [lambda: ran.append("a1"), a2, lambda: ran.append("a3")])
-    assert ran == []  # from the next turn on
+    assert ran == [] and win.turns_pending()  # from the next turn on
     qtbot.waitUntil(lambda: "b2" in ran, timeout=2000)
     qtbot.wait(20)
-    assert ran == ["a1", "a2", "b1", "b2"]
+    assert ran == ["a1", "a2", "b1", "b2"] and not win.turns_pending()
+    # a new workspace drops what an older sweep result had left to show
+    def s1():
+        ran.append("s1")
+        win._drop_turns("sweep")  # as set_workspace does
+
+    win._in_turns("sweep", [s1, lambda: ran.append("s2")])
+    qtbot.waitUntil(lambda: "s1" in ran, timeout=2000)
+    qtbot.wait(30)
+    assert ran[-1] == "s1" and not win.turns_pending()
