@@ -238,8 +238,8 @@ if AVAILABLE:
         # shifts[j]). Panels of gpp groups of packed rows (a few hundred KB: their pages stay in
         # the TLB and their lines in cache), and within a panel tiles of 8 word columns: an
         # [8, words] buffer, then one vectorised pass per output row and group. Walking each
-        # tile down the whole of K instead re-missed the TLB on every packed row (AWQ 1.7x the
-        # copy, 1.2-1.5x this way, same run).
+        # tile down the whole of K instead re-missed the TLB on every packed row (bench_dequant,
+        # paired: 2.0-2.1x the copy that way, 1.3-1.6x this way).
         k = qw.shape[0]
         ng = k // group
         local = np.empty((AWQ_TILE, group * gpp), np.uint32)
