@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict, deque
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -612,9 +613,13 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             cache[_cache_key(ref_id, var_ids[vs.label], name, eng_name)] = entry
 
     def drain(limit: int) -> None:
-        """Finish layer jobs, oldest first, until at most ``limit`` are in flight."""
+        """Finish layer jobs, in the order they end, until at most ``limit`` are in flight (a
+        short layer ending before a long one frees its core for the next at once)."""
         while len(pending) > limit:
-            name, todo, ref_rows, fut, labels = pending.popleft()
+            done, _ = futures.wait([p[3] for p in pending], return_when=futures.FIRST_COMPLETED)
+            job = next(p for p in pending if p[3] in done)
+            pending.remove(job)
+            name, todo, ref_rows, fut, labels = job
             out = {}
             for lb, r in fut.result().items():
                 if r is not None:  # None: its percentiles need the general path

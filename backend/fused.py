@@ -44,9 +44,10 @@ from .metrics import PERCENTILES, ErrorStats, _lerp, percentile_ranks
 
 #: Elements per block: the decoded block (float32) stays within L2/L3 of the core decoding it.
 BLOCK_ELEMENTS = 1 << 18
-#: Sample blocks per layer (at most), and the subsample size the first intervals come from.
-MAX_SAMPLE_BLOCKS = 8
-SUBSAMPLE = 1 << 15
+#: Share of a layer's blocks sampled first (at least 3, at most MAX_SAMPLE_BLOCKS; they stay
+#: decoded until the end).
+SAMPLE_SHARE = 1 / 8
+MAX_SAMPLE_BLOCKS = 16
 #: Interval half-width in standard errors of the estimated rank.
 Z = 5.0
 #: Least design effect assumed: quantization errors in a group share its scale (measured 2-4
@@ -74,38 +75,115 @@ def _merge(ivs: list[list]) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([iv[0] for iv in merged], np.float32), np.array([iv[1] for iv in merged], np.float32))
 
 
-def first_intervals(sample: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Wide float32 intervals ``(lo, hi)`` of |error| around each percentile, from per-block
-    subsamples of float32 |error| (the exact values rounded: enough for an estimate), and the
-    share of the sample inside them. The margin is ``Z`` standard errors of the estimate's rank,
-    from how the share below it varies between the sample blocks."""
-    s = np.sort(np.concatenate(sample))
-    m = s.size
+def hist_intervals(hists: np.ndarray, n_blocks: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """First float32 intervals ``(lo, hi)`` of |error| around each percentile of a layer of
+    ``n_blocks`` blocks, from the exact histograms (``fast.HIST_BINS`` bins of float32 |d|) of
+    the sample blocks, one row each; and the share of the sample inside them.
+
+    Each percentile's sample estimate gets a margin of ``Z`` standard errors of the whole
+    layer's share below it: measured from how that share varies between the sample blocks
+    (never below ``DEFF`` times the binomial variance), for the blocks not sampled (a finite
+    population: none left, no margin). The bounds are rounded out to whole bins."""
+    hists = np.asarray(hists, np.int64)
+    nsb = hists.shape[0]
+    cb = np.cumsum(hists, axis=1)
+    sizes = cb[:, -1].astype(np.float64)
+    c = cb.sum(0)
+    m = int(c[-1])
+    f = nsb / n_blocks
+    rest = n_blocks - nsb
     ivs = []
     for q in _QS:
-        e = s[min(m - 1, int(round(q * (m - 1))))]
-        fb = np.array([np.count_nonzero(b < e) / b.size for b in sample if b.size])
-        se = math.sqrt(float(np.var(fb, ddof=1)) / len(fb)) if len(fb) > 1 else 0.5
-        delta = Z * max(se, math.sqrt(q * (1 - q) / m)) + 2.0 / m + 1.0 / n
-        a, b = q - delta, q + delta
-        lo = np.float32(0.0) if a <= 0 else s[int(math.floor(a * (m - 1)))]
-        hi = np.float32(np.inf) if b >= 1 else s[min(m - 1, int(math.ceil(b * (m - 1))))]
-        ivs.append([lo, hi])
-    lo, hi = _merge(ivs)
-    # share of the sample inside (ties, as in bf16-rounded decodes, can make it far more than
-    # the width in rank): sizes the buffers of collected values
-    inside = sum(int(np.searchsorted(s, b, "right") - np.searchsorted(s, max(a, np.float32(0)), "left"))
-                 for a, b in zip(lo, hi))
-    return lo, hi, min(1.0, inside / m)
+        r = q * (m - 1)
+        b = int(np.searchsorted(c, r, "right"))  # the bin holding the sample's rank r
+        var_b = DEFF * q * (1 - q) / float(sizes.mean())
+        if nsb > 1:
+            for edge in (cb[:, b - 1] if b > 0 else None, cb[:, b]):
+                if edge is not None:
+                    var_b = max(var_b, float(np.var(edge / sizes, ddof=1)))
+        se = (1 - f) * math.sqrt(var_b * (1 / nsb + (1 / rest if rest else 0.0)))
+        delta = Z * se + 2.0 / m
+        bl = 0 if q - delta <= 0 else int(np.searchsorted(c, math.floor((q - delta) * (m - 1)), "right"))
+        bh = fast.HIST_BINS - 1 if q + delta >= 1 else int(np.searchsorted(c, math.ceil((q + delta) * (m - 1)), "right"))
+        ivs.append((bl, min(bh, fast.HIST_BINS - 1)))
+    inside = np.zeros(fast.HIST_BINS, bool)
+    for bl, bh in ivs:
+        inside[bl:bh + 1] = True
+    share = float(hists.sum(0)[inside].sum() - (hists[:, 0].sum() if inside[0] else 0)) / max(1, m)
+    lo, hi = fast.hist_edges(np.array([iv[0] for iv in ivs]))[0], fast.hist_edges(np.array([iv[1] for iv in ivs]))[1]
+    lo, hi = _merge([[a, b] for a, b in zip(lo, hi)])
+    return lo, hi, min(1.0, share)
+
+
+#: Bytes of buffers kept for reuse between measurements (:class:`_Spare`).
+SPARE_BYTES = 256 << 20
+
+
+class _Spare:
+    """Large buffers handed back at the end of a measurement and reused by the next.
+
+    A fresh array costs the kernel a page fault for each 4 KiB first written, zeroing included:
+    the sample blocks kept decoded, the collected values and the scratch blocks of one layer
+    are tens of MB, and faulting them in took a quarter of a sweep's time. Up to
+    ``SPARE_BYTES`` stay mapped between layers (and sweeps) instead."""
+
+    def __init__(self) -> None:
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A uint8 buffer of at least ``nbytes`` (contents undefined)."""
+        with self._lock:
+            fit = [b for b in self._free if b.size >= nbytes]
+            if fit:
+                b = min(fit, key=lambda x: x.size)
+                self._free = [x for x in self._free if x is not b]
+                return b
+        return np.empty(max(nbytes, 1), np.uint8)
+
+    def give(self, bufs) -> None:
+        with self._lock:
+            self._free.extend(bufs)
+            self._free.sort(key=lambda x: x.size)
+            while sum(b.size for b in self._free) > SPARE_BYTES:
+                self._free.pop()  # the largest goes first
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free = []
+
+
+SPARE = _Spare()
+
+
+class _Held:
+    """The buffers one measurement took from :data:`SPARE`, typed views of them."""
+
+    def __init__(self) -> None:
+        self.bufs: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def array(self, shape, dtype) -> np.ndarray:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) * dt.itemsize
+        b = SPARE.take(n)
+        with self._lock:
+            self.bufs.append(b)
+        return b[:n].view(dt).reshape(shape)
+
+    def release(self) -> None:
+        with self._lock:
+            bufs, self.bufs = self.bufs, []
+        SPARE.give(bufs)
 
 
 class _Acc:
     """Accumulators of one variant on one worker (see ``fast._pair_stats``)."""
 
-    def __init__(self, m: int, cap: int) -> None:
+    def __init__(self, m: int, cap: int, held: _Held | None = None) -> None:
         self.acc = np.zeros(5)
         self.cnt = np.zeros(4 + m, np.int64)
-        self.buf = np.empty(cap)
+        self.buf = held.array(cap, np.float64) if held is not None and cap else np.empty(cap)
 
     def collected(self) -> np.ndarray | None:
         k = int(self.cnt[1])
@@ -117,8 +195,9 @@ class _Found:
     the intervals ``lo``/``hi``: elements with exact zero error, how many fall below each
     interval, and the exact values inside (float32 rounding decides "inside", as in the kernel)."""
 
-    def __init__(self, lo: np.ndarray, hi: np.ndarray) -> None:
+    def __init__(self, lo: np.ndarray, hi: np.ndarray, held: _Held | None = None) -> None:
         self.lo, self.hi = lo, hi
+        self.held = held
         self.n = 0
         self.nzero = 0
         self.below = np.zeros(lo.size, np.int64)
@@ -136,7 +215,11 @@ class _Found:
 
     def values(self) -> np.ndarray:
         if len(self.parts) != 1:
-            self.parts = [np.concatenate(self.parts) if self.parts else np.empty(0)]
+            total = sum(p.size for p in self.parts)
+            out = self.held.array(total, np.float64) if self.held is not None else np.empty(total)
+            if self.parts:
+                np.concatenate(self.parts, out=out)
+            self.parts = [out]
         return self.parts[0]
 
     def _spans(self, vals: np.ndarray) -> list[tuple[int, int, int]]:
@@ -162,9 +245,11 @@ class _Found:
         got = dict(zip(kth, _kth(vals, kth))) if kth else {}
         return {r: (None if p is None else 0.0 if p < 0 else float(got[p])) for r, p in where.items()}
 
-    def narrowed(self, block_below: list[np.ndarray], block_sizes: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
-        """Intervals nested in the current ones, holding each percentile of the whole layer with a
-        margin of ``Z`` standard errors of its rank estimated from the elements known here.
+    def narrowed(self, block_below: list[np.ndarray], block_sizes: list[int], n_blocks: int
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Intervals nested in the current ones, holding each percentile of the whole layer (of
+        ``n_blocks`` blocks) with a margin of ``Z`` standard errors of its rank estimated from the
+        elements known here (a finite population: only the blocks not measured add error).
 
         The standard error comes from how the share below each interval varies between the
         blocks measured (``block_below``: per block, the counts below each interval): errors
@@ -177,6 +262,7 @@ class _Found:
         sizes = np.asarray(block_sizes, np.float64)
         fr = np.asarray(block_below, np.float64) / sizes[:, None]  # [blocks, intervals]
         nb = len(sizes)
+        done = max(nb, round(n / float(sizes.mean())))  # blocks measured so far, in all steps
         want, bounds = [], []
         for q in _QS:
             r = int(q * (n - 1))
@@ -188,7 +274,8 @@ class _Found:
             var_b = DEFF * q * (1 - q) / float(sizes.mean())
             if nb > 1:
                 var_b = max(var_b, float(np.var(fr[:, home], ddof=1)))
-            se = math.sqrt(var_b / nb)
+            left = max(0, n_blocks - done)
+            se = left / n_blocks * math.sqrt(var_b * (1 / done + (1 / left if left else 0.0)))
             delta = Z * se + 2.0 / n
             a = int(math.floor(max(0.0, q - delta) * (n - 1)))
             b = int(math.ceil(min(1.0, q + delta) * (n - 1)))
@@ -207,7 +294,9 @@ class _Found:
     def restrict(self, lo: np.ndarray, hi: np.ndarray) -> None:
         """Keep only what lies in ``lo``/``hi`` (nested in the current intervals)."""
         home = np.searchsorted(self.lo, lo, "right") - 1  # the old interval holding each new one
-        kept, moved = fast.restrict(self.values(), self.lo[home], lo, hi)
+        vals = self.values()
+        kept, moved = fast.restrict(vals, self.lo[home], lo, hi,
+                                    self.held.array(vals.size, np.float64) if self.held is not None else None)
         below = self.below[home] + moved
         below += np.where((self.lo[home] <= 0) & (lo > 0), self.nzero, 0)
         self.lo, self.hi, self.below = lo, hi, below
@@ -217,7 +306,7 @@ class _Found:
 def _steps(rest: list[int]) -> list[list[int]]:
     """Blocks measured in turn: narrowing pays off only with blocks enough to measure both before
     and after it (an eighth, then a quarter, then the rest; or a sixth, then the rest)."""
-    fracs = [1 / 8, 1 / 4] if len(rest) >= 32 else [1 / 6] if len(rest) >= 12 else []
+    fracs = [1 / 4] if len(rest) >= 12 else []
     steps, left = [], list(rest)
     for fr in fracs:
         k = max(4, int(len(rest) * fr))
@@ -240,6 +329,14 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
     ``cancel.is_set()`` is checked before every block. ``parallel=False`` keeps all the work on
     the calling thread (a sweep then measures several layers at once instead).
     """
+    held = _Held()
+    try:
+        return _measure(ref, variants, cancel, on_rows, parallel, held)
+    finally:
+        held.release()
+
+
+def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held) -> dict[str, dict | None]:
     nwork = workers() if parallel else 1
     if isinstance(ref, fast.RowDecoder):
         R, K = ref.rows, ref.cols
@@ -260,12 +357,10 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
     step = max(gran, -(-max(1, BLOCK_ELEMENTS // K) // gran) * gran)
     blocks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
     nbk = len(blocks)
-    ns = min(nbk, MAX_SAMPLE_BLOCKS, max(3, nbk // 16))
+    ns = min(nbk, MAX_SAMPLE_BLOCKS, max(3, math.ceil(nbk * SAMPLE_SHARE)))
     sample_ids = sorted({int(round(i)) for i in np.linspace(0, nbk - 1, ns)})
     rest = [i for i in range(nbk) if i not in set(sample_ids)]
     steps = _steps(rest)
-    stride = max(1, (len(sample_ids) * step * K) // SUBSAMPLE)
-    stride = min(stride, max(1, K // 8))
     cols = {lb: (np.empty(0, np.float32) if c is None else np.ascontiguousarray(c, np.float32))
             for lb, (_, _, c) in variants.items()}
     first = labels[0]
@@ -293,36 +388,33 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
     def rows_of(ids) -> int:
         return sum(blocks[i][1] - blocks[i][0] for i in ids)
 
-    # -- 0: sample blocks, kept, with their float64 sums and a subsample of |d| ---------------
+    # -- 0: sample blocks, kept, with their float64 sums and the histogram of |d| ----------------
     def ref_buffer():
-        return np.empty((step, K), np.float32) if isinstance(ref, fast.RowDecoder) else None
+        return held.array((step, K), np.float32) if isinstance(ref, fast.RowDecoder) else None
+
+    hists = {lb: np.zeros((len(sample_ids), fast.HIST_BINS), np.int32) for lb in labels}
+    row_of = {i: j for j, i in enumerate(sample_ids)}
 
     def sample_task(ids):
         accs = {lb: _Acc(0, 0) for lb in labels}
-        subs = {lb: [] for lb in labels}
         wbuf = ref_buffer()
         for i in ids:
             check_cancel()
             r0, r1 = blocks[i]
             w = ref_block(r0, r1, wbuf)
-            wsub = w[:, ::stride]
-            wsub = ((wsub.view(np.uint16).astype(np.uint32) << 16).view(np.float32) if w.dtype == _BF16
-                    else wsub.astype(np.float32))
             for lb in labels:
                 dec, v0, _ = variants[lb]
-                dst = np.empty((r1 - r0, K), np.float32)
+                dst = held.array((r1 - r0, K), np.float32)
                 dec.fn(v0 + r0, v0 + r1, dst)
                 a = accs[lb]
-                fast.pair_stats(w, dst, cols[lb], empty, empty, 3 if lb == first else 1, a.acc, a.cnt, a.buf)
-                x = dst[:, ::stride]
-                if cols[lb].size:
-                    x = x / cols[lb][::stride]
-                subs[lb].append(np.abs(x - wsub).reshape(-1))
+                fast.pair_stats(w, dst, cols[lb], empty, empty, 3 if lb == first else 1, a.acc, a.cnt, a.buf,
+                                hists[lb][row_of[i]])
                 kept[(lb, i)] = dst
         progress(rows_of(ids))
-        return accs, subs
+        return accs
 
     parts0 = spread(sample_ids, sample_task)
+
     def each(fn) -> dict:
         # per-variant serial work (numba and numpy release the GIL) spread over the pool
         if len(labels) == 1 or nwork == 1:
@@ -330,8 +422,8 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
         futs = {lb: pool().submit(fn, lb) for lb in labels}
         return {lb: f.result() for lb, f in futs.items()}
 
-    first_iv = each(lambda lb: first_intervals([s for _, subs in parts0 for s in subs[lb]], n))
-    found = {lb: _Found(lo, hi) for lb, (lo, hi, _) in first_iv.items()}
+    first_iv = each(lambda lb: hist_intervals(hists[lb], nbk))
+    found = {lb: _Found(lo, hi, held) for lb, (lo, hi, _) in first_iv.items()}
 
     # -- 1 and 2: the other blocks measured in full; at the end, the sample blocks' intervals --
     def measure_task(ids, plan, record=False):
@@ -341,8 +433,8 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
         for lb in labels:
             lo, hi, frac = plan[lb]
             cap = int(frac * n_el * 1.5) + 65536
-            accs[lb] = _Acc(lo.size, cap)
-        scratch = np.empty((step, K), np.float32)
+            accs[lb] = _Acc(lo.size, cap, held)
+        scratch = held.array((step, K), np.float32)
         wbuf = ref_buffer()
         for i in ids:
             check_cancel()
@@ -374,7 +466,7 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
         if m > sums[lb][4] or m != m:
             sums[lb][4] = m
 
-    for accs, _ in parts0:
+    for accs in parts0:
         for lb in labels:
             take_sums(lb, accs[lb])
             zeros[lb] += int(accs[lb].cnt[0])
@@ -396,7 +488,7 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
         def narrow(lb, parts=parts, plan=plan):
             f = found[lb]
             blk = [b for _, per in parts for b in per[lb]]
-            nar = f.narrowed([c for c, _ in blk], [k for _, k in blk])
+            nar = f.narrowed([c for c, _ in blk], [k for _, k in blk], nbk)
             if nar is None:
                 return plan[lb]
             f.restrict(*nar)
@@ -407,7 +499,7 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
     for lb in labels:
         f = found[lb]
         # the last step counted the sample blocks' zeros again (step 0 had them)
-        zeros[lb] -= sum(int(accs[lb].cnt[0]) for accs, _ in parts0)
+        zeros[lb] -= sum(int(accs[lb].cnt[0]) for accs in parts0)
         f.n = n
         f.nzero = zeros[lb]
     sww = float(sums[first][1])

@@ -222,6 +222,68 @@ def test_kth_values_exact():
     assert fast.kth_values(np.array([1.0, np.nan]), [0]) is None
 
 
+def test_pair_stats_histogram_counts_float32_error_bits():
+    # the sample blocks' histogram: bin (bits >> HIST_SHIFT) - HIST_BASE of float32 |d|, clipped
+    w = _ref(n=64, seed=13)
+    wf = w.astype(np.float32)
+    x = wf + (RNG.standard_normal(wf.shape) * 1e-3).astype(np.float32)
+    x[0, :5] = wf[0, :5]  # exact zeros: the first bin
+    x[1, 0] = np.float32(1e30)  # above 2**24: the last bin
+    hist = np.zeros(fast.HIST_BINS, np.int32)
+    acc, cnt, empty = np.zeros(5), np.zeros(4, np.int64), np.empty(0, np.float32)
+    fast.pair_stats(w, x, empty, empty, empty, 1, acc, cnt, np.empty(0), hist)
+    bits = np.abs(x - wf).view(np.int32).ravel()
+    want = np.bincount(np.clip((bits >> fast.HIST_SHIFT) - fast.HIST_BASE, 0, fast.HIST_BINS - 1),
+                       minlength=fast.HIST_BINS)
+    np.testing.assert_array_equal(hist, want)
+    assert hist[0] >= 5 and hist[-1] == 1
+    lo, hi = fast.hist_edges(np.array([0, 1, fast.HIST_BINS - 1]))
+    assert lo[0] == 0 and hi[-1] == np.inf
+    assert np.nextafter(hi[0], np.float32(1)) == lo[1]  # bins meet: no |d| falls between them
+
+
+def test_hist_intervals_hold_the_ranks_and_shrink_to_bins_when_all_is_sampled():
+    rng = np.random.default_rng(14)
+    blocks = [np.abs(rng.standard_normal(50_000) * s).astype(np.float32) for s in (1e-3, 1.1e-3, 0.9e-3, 1e-3)]
+
+    def hist(b):
+        return np.bincount(np.clip((b.view(np.int32) >> fast.HIST_SHIFT) - fast.HIST_BASE, 0, fast.HIST_BINS - 1),
+                           minlength=fast.HIST_BINS)
+
+    allv = np.sort(np.concatenate(blocks))
+    hists = np.stack([hist(b) for b in blocks])
+    # every block sampled: no margin beyond the bins holding each rank
+    lo, hi, share = fused.hist_intervals(hists, len(blocks))
+    for p in (50, 95, 99):
+        v = allv[int(p / 100 * (allv.size - 1))]
+        assert any(a <= v <= b for a, b in zip(lo, hi)), p
+    assert share < 0.02  # three bins of 256 per octave
+    # 4 of 40 blocks sampled: wider, still around the estimates
+    lo2, hi2, share2 = fused.hist_intervals(hists, 40)
+    assert share2 > share
+    for p in (50, 95, 99):
+        v = allv[int(p / 100 * (allv.size - 1))]
+        assert any(a <= v <= b for a, b in zip(lo2, hi2)), p
+
+
+def test_spare_buffers_are_reused_between_measurements(monkeypatch):
+    spare = fused._Spare()
+    monkeypatch.setattr(fused, "SPARE", spare)
+    w = _ref(seed=15)
+    dec, full = _gptq(w)
+    _check(fused.measure(w, {"v": (dec, 0, None)})["v"], w, full)
+    kept = {id(b) for b in spare._free}
+    assert kept  # handed back at the end
+    took = []
+    real = spare.take
+    monkeypatch.setattr(spare, "take", lambda n: took.append(r := real(n)) or r)
+    _check(fused.measure(w, {"v": (dec, 0, None)})["v"], w, full)  # the same figures from reused memory
+    assert sum(id(b) in kept for b in took) >= len(kept) // 2
+    monkeypatch.setattr(fused, "SPARE_BYTES", 1 << 20)
+    spare.give([np.empty(3 << 20, np.uint8)])
+    assert sum(b.size for b in spare._free) <= 1 << 20  # never more than the limit stays
+
+
 # -- through the sweep ------------------------------------------------------------------------
 
 def _big_model(folder, tensors, cfg=None):

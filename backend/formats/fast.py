@@ -450,6 +450,28 @@ def block_float(by: np.ndarray, sc: np.ndarray, elem_table: np.ndarray, scale_ta
 
 # -- error statistics (compare) ----------------------------------------------------------------
 
+#: Histogram of float32 |d| by its top bits (:func:`pair_stats`): bin ``(bits >> HIST_SHIFT) -
+#: HIST_BASE``, so 256 bins per octave (8 mantissa bits, 0.4% of the value) from 2**-40 up;
+#: what lies below goes to the first bin (zeros too), what lies above 2**24 (inf, NaN) to the last.
+HIST_SHIFT = 15
+HIST_BASE = (127 - 40) << (23 - HIST_SHIFT)
+HIST_BINS = 64 << (23 - HIST_SHIFT)
+#: ``(low * BYTE_INDEX) >> 56`` is b for ``low == 1 << 8b`` (b = 0..7): the index of the lowest
+#: set byte of a word of 0/1 bytes.
+BYTE_INDEX = np.uint64(0x0001020304050607)
+
+
+def hist_edges(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (lowest, highest) |d| of the histogram bins ``b``: 0 for the first bin's lowest,
+    inf for the last bin's highest."""
+    b = np.asarray(b, np.int64)
+    lo = (((b + HIST_BASE) << HIST_SHIFT).astype(np.uint32)).view(np.float32).copy()
+    hi = ((((b + HIST_BASE + 1) << HIST_SHIFT) - 1).astype(np.uint32)).view(np.float32).copy()
+    lo[b <= 0] = 0.0
+    hi[b >= HIST_BINS - 1] = np.inf
+    return lo, hi
+
+
 if AVAILABLE:
     @njit(nogil=True, cache=True, fastmath={"reassoc"})
     def _row_sums(w, x, want_ww):
@@ -539,7 +561,7 @@ if AVAILABLE:
 
 if AVAILABLE:
     @njit(nogil=True, cache=True)
-    def _pair_stats(ref, bf16, v, col, lo, hi, flags, acc, cnt, buf):
+    def _pair_stats(ref, bf16, v, col, lo, hi, flags, acc, cnt, buf, hist):
         # One block of rows of the reference ``ref`` ([rows, K]: bf16 bits as uint16 when bf16,
         # else float32) against the decoded variant rows ``v`` (float32 [rows, K]), while ``v`` is
         # still in the CPU cache. ``col`` (float32 [K], or empty): divide the variant by it first,
@@ -550,8 +572,10 @@ if AVAILABLE:
         # elements whose float32 |d| lies in a [lo[q], hi[q]] (disjoint, ascending, float32) go to
         # buf: float32 rounding is monotone, so every element not collected is ranked strictly
         # below or above all collected ones, and the percentiles' order statistics are found
-        # exactly among them.
+        # exactly among them. ``hist`` (int32 [HIST_BINS], or empty): add the block's float32 |d|
+        # into bins of its top bits (see HIST_SHIFT); int32 keeps the bins in use in L1.
         rows, k = v.shape
+        nbins = hist.size
         m = lo.size
         w = np.empty(k, np.float32)
         wu = w.view(np.uint32)
@@ -559,7 +583,6 @@ if AVAILABLE:
         t = np.empty(k, np.float32)
         f = np.zeros((k + 31) // 32 * 32, np.uint8)  # hit flags; the tail stays 0
         fu = f.view(np.uint64)
-        idx = np.empty(k, np.int32)
         has_col = col.size > 0
         cap = buf.size
         nb = cnt[1]
@@ -600,12 +623,36 @@ if AVAILABLE:
                 acc[2] += p_wd
             for j in range(k):
                 t[j] = abs(x[j] - w[j])  # float32 |d|: the exact |d| rounded
+            if nbins:
+                for j in range(k):
+                    hb = (ti[j] >> HIST_SHIFT) - HIST_BASE
+                    hist[min(max(hb, 0), nbins - 1)] += 1
+            # one pass (int32 lanes: numba would widen a plain count to 64 bits): the largest
+            # bits (NaN's are above every number's), exact zeros, and per interval the count
+            # below it and the hits inside
             rm = np.int32(0)
             nz = np.int32(0)
-            for j in range(k):  # int32 lanes (numba would widen a plain count to 64 bits)
-                u = ti[j]
-                rm = max(rm, u)  # NaN's bits are above every number's
-                nz = np.int32(nz + np.int32(u == 0))
+            c0 = np.int32(0)
+            c1 = np.int32(0)
+            c2 = np.int32(0)
+            nh = np.int32(0)
+            if m == 0:
+                for j in range(k):
+                    u = ti[j]
+                    rm = max(rm, u)
+                    nz = np.int32(nz + np.int32(u == 0))
+            else:
+                for j in range(k):
+                    u = ti[j]
+                    rm = max(rm, u)
+                    nz = np.int32(nz + np.int32(u == 0))
+                    c0 = np.int32(c0 + np.int32(u < l0))
+                    c1 = np.int32(c1 + np.int32(u < l1))
+                    c2 = np.int32(c2 + np.int32(u < l2))
+                    hit = ((np.uint32(u - l0) <= w0) | (np.uint32(u - l1) <= w1)
+                           | (np.uint32(u - l2) <= w2)) & (u != 0)
+                    f[j] = np.uint8(hit)
+                    nh = np.int32(nh + np.int32(hit))
             cnt[0] += nz
             if np.uint32(rm) >= mb:  # the exact maximum is among the elements reaching the float32 one
                 mb = np.uint32(rm)
@@ -616,19 +663,6 @@ if AVAILABLE:
                             acc[4] = e
             if m == 0:
                 continue
-            c0 = np.int32(0)
-            c1 = np.int32(0)
-            c2 = np.int32(0)
-            nh = np.int32(0)
-            for j in range(k):
-                u = ti[j]
-                c0 = np.int32(c0 + np.int32(u < l0))
-                c1 = np.int32(c1 + np.int32(u < l1))
-                c2 = np.int32(c2 + np.int32(u < l2))
-                hit = ((np.uint32(u - l0) <= w0) | (np.uint32(u - l1) <= w1)
-                       | (np.uint32(u - l2) <= w2)) & (u != 0)
-                f[j] = np.uint8(hit)
-                nh = np.int32(nh + np.int32(hit))
             cnt[4] += c0
             if m > 1:
                 cnt[5] += c1
@@ -642,25 +676,18 @@ if AVAILABLE:
                         if nb < cap:
                             buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
                         nb += 1
-            elif nh * 64 < k:
-                # few hits: look only into the chunks of 32 that hold one (measured fastest
-                # below ~1.5% of the row; a branch per chunk of 8 mispredicts more)
-                for q in range(0, fu.size, 4):
-                    if (fu[q] | fu[q + 1] | fu[q + 2] | fu[q + 3]) != 0:
-                        for j in range(8 * q, 8 * q + 32):
-                            if f[j]:
-                                buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
-                                nb += 1
             else:
-                # many: their positions first, branch-free, then their exact values
-                p = 0
-                for j in range(k):
-                    idx[p] = j
-                    p += np.int32(f[j])
-                for i in range(p):
-                    j = idx[i]
-                    buf[nb + i] = abs(np.float64(x[j]) - np.float64(w[j]))
-                nb += p
+                # each word of 8 hit flags (bytes 0/1) that holds one: its set bytes in turn,
+                # lowest first (the lowest set byte's index from a multiply: no branch per
+                # element, which mispredicted on every hit)
+                for q in range(fu.size):
+                    hw = fu[q]
+                    while hw:
+                        low = hw & (~hw + np.uint64(1))
+                        j = 8 * q + np.int64((low * BYTE_INDEX) >> np.uint64(56))
+                        buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
+                        nb += 1
+                        hw ^= low
         cnt[1] = nb
         cnt[2] = np.int64(mb)
 
@@ -786,9 +813,12 @@ def count_lt32(vals: np.ndarray, lims: np.ndarray) -> np.ndarray:
     return out
 
 
-def restrict(vals: np.ndarray, home_lo: np.ndarray, new_lo: np.ndarray, new_hi: np.ndarray):
-    """(kept values, per new interval the count now below it): see ``_restrict``. Needs numba."""
-    out = np.empty(vals.size)
+def restrict(vals: np.ndarray, home_lo: np.ndarray, new_lo: np.ndarray, new_hi: np.ndarray,
+             out: np.ndarray | None = None):
+    """(kept values, per new interval the count now below it): see ``_restrict``; written into
+    ``out`` (float64, at least ``vals.size``) when given. Needs numba."""
+    if out is None:
+        out = np.empty(vals.size)
     below = np.zeros(new_lo.size, np.int64)
     k = _restrict(vals, home_lo.astype(np.float32), new_lo.astype(np.float32), new_hi.astype(np.float32),
                   below, out)
@@ -810,13 +840,18 @@ def kth_values(vals: np.ndarray, pos) -> np.ndarray | None:
     return res
 
 
+_NO_HIST = np.zeros(0, np.int32)
+
+
 def pair_stats(ref: np.ndarray, v: np.ndarray, col: np.ndarray, lo: np.ndarray, hi: np.ndarray, flags: int,
-               acc: np.ndarray, cnt: np.ndarray, buf: np.ndarray) -> None:
-    """Accumulate one block's error statistics into ``acc``/``cnt``/``buf`` (see ``_pair_stats``);
-    ``ref`` is float32 or bfloat16 ``[rows, K]``."""
+               acc: np.ndarray, cnt: np.ndarray, buf: np.ndarray, hist: np.ndarray | None = None) -> None:
+    """Accumulate one block's error statistics into ``acc``/``cnt``/``buf`` (and the histogram
+    ``hist`` of float32 |d|, int32 [HIST_BINS], when given; see ``_pair_stats``); ``ref`` is
+    float32 or bfloat16 ``[rows, K]``."""
     import ml_dtypes
     bf16 = ref.dtype == np.dtype(ml_dtypes.bfloat16)
-    _pair_stats(ref.view(np.uint16) if bf16 else ref, bf16, v, col, lo, hi, flags, acc, cnt, buf)
+    _pair_stats(ref.view(np.uint16) if bf16 else ref, bf16, v, col, lo, hi, flags, acc, cnt, buf,
+                _NO_HIST if hist is None else hist)
 
 
 def error_stats(a: np.ndarray, b: np.ndarray, counts: np.ndarray | None):
