@@ -686,6 +686,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                         caches.pop(k, None)
         drain(0)
     finally:
+        fused.SPARE.clear()  # the buffers reused from layer to layer go back to the system
         if cache_dir is not None:
             save_cache(cache_dir, cache)
     for name in names:

@@ -8,19 +8,21 @@ per-thread buffer of ~1 MB and measured at once by one compiled kernel
 (:func:`~.formats.fast.pair_stats`), on all cores; the decoded layer never reaches main memory.
 
 Exact percentiles without a second pass. The |error| percentiles are order statistics, unknown
-until every element has been seen, and a full histogram costs more than the decode (~1.7 ns per
+until every element has been seen, and a full histogram costs more than the decode (~1.4 ns per
 element of scattered increments). Instead the kernel counts the elements below a few intervals
 of |error| and collects the exact float64 values of those inside; the wanted order statistics
 are then read from the collected values by rank. The intervals narrow in steps:
 
-0. *sample blocks*, spread evenly over the layer, are decoded first and kept; a strided
-   subsample of their |error| gives each percentile and, from how much it varies between the
-   blocks, a wide interval around it;
-1. spread-out subsets of the other blocks (an eighth, then a quarter of them; a sixth for
-   smaller layers) are measured in turn; the values they collect fix each percentile of the
-   part measured so far exactly, so narrower intervals, nested in the previous ones, follow
-   from its size and from how the blocks differ (errors in a quantization group share its
-   scale, so they are far from independent);
+0. *sample blocks* (an eighth of the layer, at least 3 and at most 16 blocks), spread evenly,
+   are decoded first and kept; the kernel adds their float32 |error| into an exact histogram
+   of 256 bins per octave (the full histogram is paid on this eighth only). Each percentile's
+   interval is the bins around the sample's estimate, with a margin of ``Z`` standard errors
+   of the whole layer's share below it, from how that share varies between the sample blocks
+   (errors in a quantization group share its scale, so they are far from independent) and
+   from how many blocks are still unseen;
+1. for larger layers, a spread-out quarter of the other blocks is measured; the values it
+   collects fix each percentile of the part measured so far exactly, so narrower intervals,
+   nested in the first ones, follow;
 2. the remaining blocks and the kept sample blocks are measured with the narrowest intervals,
    and the earlier collections are cut down to them.
 
@@ -84,11 +86,11 @@ def hist_intervals(hists: np.ndarray, n_blocks: int) -> tuple[np.ndarray, np.nda
     layer's share below it: measured from how that share varies between the sample blocks
     (never below ``DEFF`` times the binomial variance), for the blocks not sampled (a finite
     population: none left, no margin). The bounds are rounded out to whole bins."""
-    hists = np.asarray(hists, np.int64)
+    hists = np.asarray(hists)
     nsb = hists.shape[0]
-    cb = np.cumsum(hists, axis=1)
-    sizes = cb[:, -1].astype(np.float64)
-    c = cb.sum(0)
+    sizes = hists.sum(1, dtype=np.int64).astype(np.float64)
+    h = hists.sum(0, dtype=np.int64)
+    c = np.cumsum(h)
     m = int(c[-1])
     f = nsb / n_blocks
     rest = n_blocks - nsb
@@ -98,9 +100,9 @@ def hist_intervals(hists: np.ndarray, n_blocks: int) -> tuple[np.ndarray, np.nda
         b = int(np.searchsorted(c, r, "right"))  # the bin holding the sample's rank r
         var_b = DEFF * q * (1 - q) / float(sizes.mean())
         if nsb > 1:
-            for edge in (cb[:, b - 1] if b > 0 else None, cb[:, b]):
-                if edge is not None:
-                    var_b = max(var_b, float(np.var(edge / sizes, ddof=1)))
+            below = hists[:, :b].sum(1, dtype=np.int64)  # per block, below the bin and through it
+            for edge in (below, below + hists[:, b]):
+                var_b = max(var_b, float(np.var(edge / sizes, ddof=1)))
         se = (1 - f) * math.sqrt(var_b * (1 / nsb + (1 / rest if rest else 0.0)))
         delta = Z * se + 2.0 / m
         bl = 0 if q - delta <= 0 else int(np.searchsorted(c, math.floor((q - delta) * (m - 1)), "right"))
@@ -109,7 +111,7 @@ def hist_intervals(hists: np.ndarray, n_blocks: int) -> tuple[np.ndarray, np.nda
     inside = np.zeros(fast.HIST_BINS, bool)
     for bl, bh in ivs:
         inside[bl:bh + 1] = True
-    share = float(hists.sum(0)[inside].sum() - (hists[:, 0].sum() if inside[0] else 0)) / max(1, m)
+    share = float(h[inside].sum() - (h[0] if inside[0] else 0)) / max(1, m)
     lo, hi = fast.hist_edges(np.array([iv[0] for iv in ivs]))[0], fast.hist_edges(np.array([iv[1] for iv in ivs]))[1]
     lo, hi = _merge([[a, b] for a, b in zip(lo, hi)])
     return lo, hi, min(1.0, share)
@@ -125,7 +127,8 @@ class _Spare:
     A fresh array costs the kernel a page fault for each 4 KiB first written, zeroing included:
     the sample blocks kept decoded, the collected values and the scratch blocks of one layer
     are tens of MB, and faulting them in took a quarter of a sweep's time. Up to
-    ``SPARE_BYTES`` stay mapped between layers (and sweeps) instead."""
+    ``SPARE_BYTES`` stay mapped from one layer to the next instead; a sweep hands them back
+    (:meth:`clear`) when it ends."""
 
     def __init__(self) -> None:
         self._free: list[np.ndarray] = []
@@ -203,8 +206,10 @@ class _Found:
         self.below = np.zeros(lo.size, np.int64)
         self.parts: list[np.ndarray] = []
         self.ok = True
+        self._counted: tuple | None = None
 
     def add(self, acc: _Acc) -> None:
+        self._counted = None
         self.nzero += int(acc.cnt[0])
         self.below += acc.cnt[4:4 + self.lo.size]
         c = acc.collected()
@@ -223,8 +228,12 @@ class _Found:
         return self.parts[0]
 
     def _spans(self, vals: np.ndarray) -> list[tuple[int, int, int]]:
-        # per interval: (rank of its first element, how many, offset among the sorted values)
-        offs = [int(c) for c in fast.count_lt32(vals, self.lo)] + [vals.size]
+        # per interval: (rank of its first element, how many, offset among the sorted values);
+        # the counts are kept until the values or the intervals change (a narrowing asks twice)
+        key = (id(vals), vals.size, self.lo.tobytes())
+        if self._counted is None or self._counted[0] != key:
+            self._counted = (key, [int(c) for c in fast.count_lt32(vals, self.lo)] + [vals.size])
+        offs = self._counted[1]
         return [(int(self.below[q]) + (self.nzero if self.lo[q] <= 0 else 0), offs[q + 1] - offs[q], offs[q])
                 for q in range(self.lo.size)]
 
@@ -301,6 +310,7 @@ class _Found:
         below += np.where((self.lo[home] <= 0) & (lo > 0), self.nzero, 0)
         self.lo, self.hi, self.below = lo, hi, below
         self.parts = [kept]
+        self._counted = None
 
 
 def _steps(rest: list[int]) -> list[list[int]]:
