@@ -206,10 +206,10 @@ class _Found:
         self.below = np.zeros(lo.size, np.int64)
         self.parts: list[np.ndarray] = []
         self.ok = True
-        self._counted: tuple | None = None
+        self._offs: list[int] | None = None
 
     def add(self, acc: _Acc) -> None:
-        self._counted = None
+        self._offs = None
         self.nzero += int(acc.cnt[0])
         self.below += acc.cnt[4:4 + self.lo.size]
         c = acc.collected()
@@ -229,11 +229,11 @@ class _Found:
 
     def _spans(self, vals: np.ndarray) -> list[tuple[int, int, int]]:
         # per interval: (rank of its first element, how many, offset among the sorted values);
-        # the counts are kept until the values or the intervals change (a narrowing asks twice)
-        key = (id(vals), vals.size, self.lo.tobytes())
-        if self._counted is None or self._counted[0] != key:
-            self._counted = (key, [int(c) for c in fast.count_lt32(vals, self.lo)] + [vals.size])
-        offs = self._counted[1]
+        # the counts are kept until add() or restrict() changes the values or the intervals (a
+        # narrowing asks twice)
+        if self._offs is None:
+            self._offs = [int(c) for c in fast.count_lt32(vals, self.lo)] + [vals.size]
+        offs = self._offs
         return [(int(self.below[q]) + (self.nzero if self.lo[q] <= 0 else 0), offs[q + 1] - offs[q], offs[q])
                 for q in range(self.lo.size)]
 
@@ -310,7 +310,7 @@ class _Found:
         below += np.where((self.lo[home] <= 0) & (lo > 0), self.nzero, 0)
         self.lo, self.hi, self.below = lo, hi, below
         self.parts = [kept]
-        self._counted = None
+        self._offs = None
 
 
 def _steps(rest: list[int]) -> list[list[int]]:
