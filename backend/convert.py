@@ -45,7 +45,7 @@ from .bitpack import unpack_bits
 from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import DTYPES
 from .errors import Cancelled, QuantscopeError
-from .formats import awq, ct, gptq
+from .formats import awq, ct, fast, gptq
 from .formats.kernel import for_row_blocks, round_inplace
 from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS
 from .schemes import AUX_COMPONENTS, Layer, Model, analyze
@@ -393,9 +393,21 @@ class _Repack:
     n: int                                  # output rows
     src_dtype: np.dtype
     group_codes: Callable[[np.ndarray, np.ndarray], np.ndarray]   # (rows, groups) -> uint8 [P, G]
+    #: the whole layer's (scales, biases = -scales*zero) in one pass, where a kernel does it
+    scales_biases: Callable[[], tuple[np.ndarray, np.ndarray] | None] = lambda: None
 
     def whole(self) -> tuple[np.ndarray, np.ndarray]:
         return self.part(0, self.n)
+
+    def biased(self) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``(scales, biases)`` ``[N, K/G]`` of the whole layer, biases ``-s*z``."""
+        got = self.scales_biases()
+        if got is not None:
+            return got
+        s, z = self.whole()
+        b = s * z  # z may be a view of a cached array: not changed in place
+        np.negative(b, out=b)
+        return s, b
 
 
 def _stored_part(sc: np.ndarray, z: np.ndarray):
@@ -465,7 +477,8 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
             words = qw.view(np.uint32)[rows, (ns // 8)[:, None]]
             return ((words >> (4 * awq.REV[ns % 8]).astype(np.uint32)[:, None]) & 0xF).astype(np.uint8)
 
-        return _Repack(lambda: _awq_gemm_weight(qw), part, n, sc.dtype, gemm_codes), ""
+        return _Repack(lambda: _awq_gemm_weight(qw), part, n, sc.dtype, gemm_codes,
+                       lambda: fast.awq_scales_biases(sc, qz, awq._SHIFTS)), ""
     if s == "awq-gemv":
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
@@ -693,8 +706,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
 
         def make_repack():
             r, _ = _repack_plan(model, layer, target)
-            s, z = r.whole()
-            b = -(s * z)
+            s, b = r.biased()
             return {f"{path}.weight": r.weight(), f"{path}.scales": s.astype(sdt, copy=False),
                     f"{path}.biases": b.astype(sdt, copy=False)}
 

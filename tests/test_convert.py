@@ -96,6 +96,27 @@ def test_awq_weight_repack_compiled_equals_numpy(k, n, monkeypatch):
     assert np.array_equal((words & 0xF).reshape(n, k), codes.T)
 
 
+@pytest.mark.parametrize("zeros", [True, False])
+@pytest.mark.parametrize("n,ng", [(72, 3), (4104, 2)])  # rows not a multiple of the pool's blocks
+def test_awq_scales_biases_kernel(n, ng, zeros):
+    """The one-pass AWQ scales/biases equal the formula on codes unpacked the slow way: scale
+    ``s[g, n]`` and zero nibble ``REV[n % 8]`` of word ``qzeros[g, n // 8]`` (8 without qzeros)."""
+    from quantscope.backend.formats import awq, fast
+    if not fast.AVAILABLE:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(n)
+    sc = (rng.random((ng, n)) * 0.01 + 1e-4).astype(np.float16)
+    qz = rng.integers(0, 2**32, size=(ng, n // 8), dtype=np.uint32).view(np.int32) if zeros else None
+    s, b = fast.awq_scales_biases(sc, qz, awq._SHIFTS)
+    cols = np.arange(n)
+    z = (np.full((ng, n), 8, np.float32) if qz is None else
+         ((qz.view(np.uint32)[:, cols // 8] >> (4 * awq.REV[cols % 8]).astype(np.uint32)) & 0xF).astype(np.float32))
+    want_s = sc.astype(np.float32).T
+    assert s.shape == b.shape == (n, ng)
+    assert np.array_equal(s, want_s)
+    assert np.array_equal(b.view(np.uint32), (-(want_s * z.T)).view(np.uint32))
+
+
 @pytest.mark.parametrize("variant", ["awq-w4g128", "gptq-w4g128", "rtn-w4g128"])
 def test_demo_exact_repack(demo, out_root, variant):
     src = demo.variants[variant]

@@ -985,6 +985,42 @@ if AVAILABLE:
                         o4[q], o5[q], o6[q], o7[q] = w4, w5, w6, w7
 
 
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _awq_scales_biases(sc, qz, shifts, s_out, b_out, c_lo, c_hi):
+        # sc: scales [G, N] (fp16/bf16 bits widened by the caller's view: float32 here);
+        # qz: uint32 [G, N/8] (AWQ GEMM zero words; empty: symmetric, z = 8). Output rows
+        # [8*c_lo, 8*c_hi) of s_out = scales and b_out = -(s*z), float32 [N, G]: MLX's layout.
+        ng = sc.shape[0]
+        has_z = qz.shape[0] > 0
+        for c in range(c_lo, c_hi):
+            for g in range(ng):
+                w = qz[g, c] if has_z else np.uint32(0)
+                for i in range(8):
+                    n = 8 * c + i
+                    s = sc[g, n]
+                    z = np.float32((w >> shifts[i]) & np.uint32(15)) if has_z else np.float32(8.0)
+                    s_out[n, g] = s
+                    b_out[n, g] = -(s * z)
+
+
+def awq_scales_biases(scales: np.ndarray, qzeros: np.ndarray | None, shifts: np.ndarray):
+    """AWQ GEMM ``scales [G, N]`` and packed ``qzeros [G, N/8]`` (None: symmetric, zero 8) as
+    MLX's float32 ``scales`` and ``biases = -scales*zero``, both ``[N, G]``, in one pass; None
+    without numba."""
+    if not AVAILABLE:
+        return None
+    ng, n = scales.shape
+    s32 = np.ascontiguousarray(scales, np.float32)
+    qz = (np.zeros((0, n // 8), np.uint32) if qzeros is None else np.ascontiguousarray(qzeros).view(np.uint32))
+    s_out = np.empty((n, ng), np.float32)
+    b_out = np.empty((n, ng), np.float32)
+    sh = np.ascontiguousarray(shifts, np.uint32)
+    _rows(n, 8 * ng, lambda r0, r1: _awq_scales_biases(s32, qz, sh, s_out, b_out, r0 // 8, r1 // 8),
+          align=8, min_rows=256)
+    return s_out, b_out
+
+
 def awq_to_mlx_weight(qweight: np.ndarray, order: np.ndarray) -> np.ndarray | None:
     """AWQ GEMM ``qweight [K, N/8]`` → MLX 4-bit ``uint32 [N, K/8]`` (nibble slot p of word column
     c is output row ``8c + order[p]``); None without numba or for a K not a multiple of 8."""
