@@ -222,6 +222,41 @@ def test_kth_values_exact():
     assert fast.kth_values(np.array([1.0, np.nan]), [0]) is None
 
 
+def _near_limits(lims, n, seed):
+    """float64 values around float32 limits: exactly on them, a hair below (rounding up onto
+    them in float32) and above, plus a spread."""
+    rng = np.random.default_rng(seed)
+    l64 = lims.astype(np.float64)
+    edge = np.concatenate([l64, l64 * (1 - 2.0**-26), l64 * (1 + 2.0**-26), l64 * (1 - 2.0**-22)])
+    return rng.permutation(np.concatenate([edge, rng.random(n) * 2 * float(lims.max())]))
+
+
+@pytest.mark.parametrize("nlims", [1, 2, 3, 5])
+def test_count_lt32_equals_numpy(nlims):
+    lims = np.sort(np.random.default_rng(nlims).random(nlims).astype(np.float32)) + np.float32(0.1)
+    vals = _near_limits(lims, 5000, nlims)
+    want = [(vals.astype(np.float32) < lim).sum() for lim in lims]
+    assert fast.count_lt32(vals, lims).tolist() == want
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_restrict_keeps_and_counts_like_numpy(m):
+    home_lo = np.array([0.1, 0.5, 0.8][:m], np.float32)
+    home_hi = np.array([0.3, 0.7, 0.9][:m], np.float32)
+    new_lo = np.array([0.15, 0.55, 0.8][:m], np.float32)
+    new_hi = np.array([0.25, 0.55, 0.85][:m], np.float32)  # a point interval too
+    vals = _near_limits(np.concatenate([home_lo, home_hi, new_lo, new_hi]), 4000, m)
+    v32 = vals.astype(np.float32)
+    vals = vals[((v32[:, None] >= home_lo) & (v32[:, None] <= home_hi)).any(1)]  # what was collected
+    v32 = vals.astype(np.float32)
+    kept, below = fast.restrict(vals, home_lo, new_lo, new_hi)
+    inside = ((v32[:, None] >= new_lo) & (v32[:, None] <= new_hi)).any(1)
+    assert np.array_equal(kept, vals[inside])  # in order, float64 values unchanged
+    assert below.tolist() == [((v32 >= h) & (v32 < n)).sum() for h, n in zip(home_lo, new_lo)]
+    with pytest.raises(ValueError):
+        fast.restrict(vals, np.zeros(4, np.float32), np.zeros(4, np.float32), np.ones(4, np.float32))
+
+
 def test_pair_stats_histogram_counts_float32_error_bits():
     # the sample blocks' histogram: bin (bits >> HIST_SHIFT) - HIST_BASE of float32 |d|, clipped
     w = _ref(n=64, seed=13)

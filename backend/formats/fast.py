@@ -777,39 +777,65 @@ if AVAILABLE:
 
 if AVAILABLE:
     @njit(nogil=True, cache=True)
+    def _lims3(lims):
+        # up to three float32 limits as scalars (unused: +inf, below which every finite value
+        # lies; the caller ignores their counts) so that the loops below vectorise
+        big = np.float32(np.inf)
+        return (lims[0] if lims.size > 0 else big, lims[1] if lims.size > 1 else big,
+                lims[2] if lims.size > 2 else big)
+
+    @njit(nogil=True, cache=True)
     def _count_lt32(vals, lims, out):
-        # out[q] = how many of vals (float64) round to a float32 below lims[q] (float32)
-        for q in range(lims.size):
-            out[q] = 0
+        # out[q] = how many of vals (float64) round to a float32 below lims[q] (float32, at most 3)
+        l0, l1, l2 = _lims3(lims)
+        c0 = 0
+        c1 = 0
+        c2 = 0
         for i in range(vals.size):
             v = np.float32(vals[i])
-            for q in range(lims.size):
-                out[q] += v < lims[q]
+            c0 += v < l0
+            c1 += v < l1
+            c2 += v < l2
+        cs = (c0, c1, c2)
+        for q in range(lims.size):
+            out[q] = cs[q]
 
     @njit(nogil=True, cache=True)
     def _restrict(vals, home_lo, new_lo, new_hi, below_add, out):
         # Keep the values whose float32 lies in a new interval (into out; returns how many) and
-        # count, per new interval j, those in [home_lo[j], new_lo[j]) (now below it).
-        for j in range(new_lo.size):
-            below_add[j] = 0
+        # count, per new interval j, those in [home_lo[j], new_lo[j]) (now below it). At most
+        # three intervals; unused ones are empty ([inf, -inf]) and count nothing.
+        h0, h1, h2 = _lims3(home_lo)
+        a0, a1, a2 = _lims3(new_lo)
+        ninf = -np.float32(np.inf)
+        b0 = new_hi[0] if new_hi.size > 0 else ninf
+        b1 = new_hi[1] if new_hi.size > 1 else ninf
+        b2 = new_hi[2] if new_hi.size > 2 else ninf
+        m0 = 0
+        m1 = 0
+        m2 = 0
         k = 0
         for i in range(vals.size):
-            v = np.float32(vals[i])
-            keep = False
-            for j in range(new_lo.size):
-                below_add[j] += (v >= home_lo[j]) & (v < new_lo[j])
-                keep |= (v >= new_lo[j]) & (v <= new_hi[j])
-            if keep:
-                out[k] = vals[i]
-                k += 1
+            x = vals[i]
+            v = np.float32(x)
+            m0 += (v >= h0) & (v < a0)
+            m1 += (v >= h1) & (v < a1)
+            m2 += (v >= h2) & (v < a2)
+            out[k] = x  # written always, kept by advancing: no branch per value
+            k += ((v >= a0) & (v <= b0)) | ((v >= a1) & (v <= b1)) | ((v >= a2) & (v <= b2))
+        ms = (m0, m1, m2)
+        for j in range(new_lo.size):
+            below_add[j] = ms[j]
         return k
 
 
 def count_lt32(vals: np.ndarray, lims: np.ndarray) -> np.ndarray:
     """Per float32 limit, how many float64 ``vals`` round (to float32) below it. Needs numba,
     like the one-pass sweep that uses it (:mod:`..fused`)."""
+    lims = np.asarray(lims, np.float32)
     out = np.zeros(lims.size, np.int64)
-    _count_lt32(vals, lims.astype(np.float32), out)
+    for q in range(0, lims.size, 3):  # the kernel takes three at a time
+        _count_lt32(vals, lims[q:q + 3], out[q:q + 3])
     return out
 
 
@@ -817,6 +843,8 @@ def restrict(vals: np.ndarray, home_lo: np.ndarray, new_lo: np.ndarray, new_hi: 
              out: np.ndarray | None = None):
     """(kept values, per new interval the count now below it): see ``_restrict``; written into
     ``out`` (float64, at least ``vals.size``) when given. Needs numba."""
+    if new_lo.size > 3:
+        raise ValueError("restrict takes at most three intervals")
     if out is None:
         out = np.empty(vals.size)
     below = np.zeros(new_lo.size, np.int64)
