@@ -115,6 +115,8 @@ def test_awq_scales_biases_kernel(n, ng, zeros):
     assert s.shape == b.shape == (n, ng)
     assert np.array_equal(s, want_s)
     assert np.array_equal(b.view(np.uint32), (-(want_s * z.T)).view(np.uint32))
+    # zero words that do not fit the scales: no kernel (it does not check its indices)
+    assert fast.awq_scales_biases(sc, np.zeros((ng + 1, n // 8), np.int32), awq._SHIFTS) is None
 
 
 @pytest.mark.parametrize("variant", ["awq-w4g128", "gptq-w4g128", "rtn-w4g128"])

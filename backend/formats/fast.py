@@ -1016,7 +1016,7 @@ if AVAILABLE:
 if AVAILABLE:
     @njit(nogil=True, cache=True)
     def _awq_scales_biases(sc, qz, shifts, s_out, b_out, c_lo, c_hi):
-        # sc: scales [G, N] (fp16/bf16 bits widened by the caller's view: float32 here);
+        # sc: scales [G, N] (cast to float32 by the caller: exact for fp16/bf16);
         # qz: uint32 [G, N/8] (AWQ GEMM zero words; empty: symmetric, z = 8). Output rows
         # [8*c_lo, 8*c_hi) of s_out = scales and b_out = -(s*z), float32 [N, G]: MLX's layout.
         ng = sc.shape[0]
@@ -1035,10 +1035,12 @@ if AVAILABLE:
 def awq_scales_biases(scales: np.ndarray, qzeros: np.ndarray | None, shifts: np.ndarray):
     """AWQ GEMM ``scales [G, N]`` and packed ``qzeros [G, N/8]`` (None: symmetric, zero 8) as
     MLX's float32 ``scales`` and ``biases = -scales*zero``, both ``[N, G]``, in one pass; None
-    without numba."""
-    if not AVAILABLE:
+    without numba or for shapes that do not fit (the kernel does not check its indices)."""
+    if not AVAILABLE or scales.ndim != 2 or scales.shape[1] % 8:
         return None
     ng, n = scales.shape
+    if qzeros is not None and tuple(qzeros.shape) != (ng, n // 8):
+        return None
     s32 = np.ascontiguousarray(scales, np.float32)
     qz = (np.zeros((0, n // 8), np.uint32) if qzeros is None else np.ascontiguousarray(qzeros).view(np.uint32))
     s_out = np.empty((n, ng), np.float32)
