@@ -22,6 +22,7 @@ _F16 = np.dtype(np.float16)
 BLOCK_ELEMS = 1 << 16
 _MIN_PARALLEL = 1 << 21
 _pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
 
 def lower_thread_priority(nice: int = 10) -> None:
@@ -49,10 +50,11 @@ def pool(name: str = "decode") -> ThreadPoolExecutor:
     ``decode`` runs row blocks; ``layer`` runs a sweep's whole-layer jobs, which must not wait on
     threads of their own pool.
     """
-    p = _pools.get(name)
-    if p is None:
-        p = _pools[name] = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix=f"quantscope-{name}",
-                                              initializer=lower_thread_priority)
+    with _pools_lock:  # first use may come from several threads at once: one pool each name
+        p = _pools.get(name)
+        if p is None:
+            p = _pools[name] = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix=f"quantscope-{name}",
+                                                  initializer=lower_thread_priority)
     return p
 
 
