@@ -616,8 +616,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         """Finish layer jobs, in the order they end, until at most ``limit`` are in flight (a
         short layer ending before a long one frees its core for the next at once)."""
         while len(pending) > limit:
-            done, _ = futures.wait([p[3] for p in pending], return_when=futures.FIRST_COMPLETED)
-            job = next(p for p in pending if p[3] in done)
+            ended, _ = futures.wait([p[3] for p in pending], return_when=futures.FIRST_COMPLETED)
+            job = next(p for p in pending if p[3] in ended)
             pending.remove(job)
             name, todo, ref_rows, fut, labels = job
             out = {}

@@ -565,8 +565,7 @@ def _keeps_dtype(rp: _Repack, bits: int, g: int) -> bool:
     # No witness among the first failing groups: compare the whole layer.
     w = rp.weight()
     from .formats.mlx import decode_affine
-    s, z = rp.whole()
-    b_exact = -(s * z)
+    s, b_exact = rp.biased()
     got = decode_affine(w, s.astype(dt), b_exact.astype(dt), bits=bits, group_size=g)
     want = decode_affine(w, s, b_exact, bits=bits, group_size=g)
     return bool(np.array_equal(got, want))

@@ -314,16 +314,13 @@ class _Found:
 
 
 def _steps(rest: list[int]) -> list[list[int]]:
-    """Blocks measured in turn: narrowing pays off only with blocks enough to measure both before
-    and after it (an eighth, then a quarter, then the rest; or a sixth, then the rest)."""
-    fracs = [1 / 4] if len(rest) >= 12 else []
-    steps, left = [], list(rest)
-    for fr in fracs:
-        k = max(4, int(len(rest) * fr))
-        pick = sorted({int(round(i)) for i in np.linspace(0, len(left) - 1, k)})
-        steps.append([left[i] for i in pick])
-        left = [b for j, b in enumerate(left) if j not in set(pick)]
-    return steps + [left]
+    """Blocks measured in turn: a spread-out quarter, then the rest, with the intervals narrowed
+    in between; all at once when there are too few blocks to measure both before and after a
+    narrowing (fewer than 12)."""
+    if len(rest) < 12:
+        return [rest]
+    pick = {int(round(i)) for i in np.linspace(0, len(rest) - 1, max(4, len(rest) // 4))}
+    return [[rest[i] for i in sorted(pick)], [b for j, b in enumerate(rest) if j not in pick]]
 
 
 def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.RowDecoder, int, np.ndarray | None]], *,

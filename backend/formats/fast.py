@@ -777,17 +777,16 @@ if AVAILABLE:
 
 if AVAILABLE:
     @njit(nogil=True, cache=True)
-    def _lims3(lims):
-        # up to three float32 limits as scalars (unused: +inf, below which every finite value
-        # lies; the caller ignores their counts) so that the loops below vectorise
-        big = np.float32(np.inf)
-        return (lims[0] if lims.size > 0 else big, lims[1] if lims.size > 1 else big,
-                lims[2] if lims.size > 2 else big)
+    def _lims3(lims, fill):
+        # up to three float32 limits as scalars, ``fill`` for the unused ones, so that the loops
+        # below vectorise
+        return (lims[0] if lims.size > 0 else fill, lims[1] if lims.size > 1 else fill,
+                lims[2] if lims.size > 2 else fill)
 
     @njit(nogil=True, cache=True)
     def _count_lt32(vals, lims, out):
         # out[q] = how many of vals (float64) round to a float32 below lims[q] (float32, at most 3)
-        l0, l1, l2 = _lims3(lims)
+        l0, l1, l2 = _lims3(lims, np.float32(np.inf))  # unused: counted, never read
         c0 = 0
         c1 = 0
         c2 = 0
@@ -805,12 +804,10 @@ if AVAILABLE:
         # Keep the values whose float32 lies in a new interval (into out; returns how many) and
         # count, per new interval j, those in [home_lo[j], new_lo[j]) (now below it). At most
         # three intervals; unused ones are empty ([inf, -inf]) and count nothing.
-        h0, h1, h2 = _lims3(home_lo)
-        a0, a1, a2 = _lims3(new_lo)
-        ninf = -np.float32(np.inf)
-        b0 = new_hi[0] if new_hi.size > 0 else ninf
-        b1 = new_hi[1] if new_hi.size > 1 else ninf
-        b2 = new_hi[2] if new_hi.size > 2 else ninf
+        inf = np.float32(np.inf)
+        h0, h1, h2 = _lims3(home_lo, inf)
+        a0, a1, a2 = _lims3(new_lo, inf)
+        b0, b1, b2 = _lims3(new_hi, -inf)
         m0 = 0
         m1 = 0
         m2 = 0
