@@ -257,6 +257,46 @@ def test_restrict_keeps_and_counts_like_numpy(m):
         fast.restrict(vals, np.zeros(4, np.float32), np.zeros(4, np.float32), np.ones(4, np.float32))
 
 
+@pytest.mark.parametrize("k", [2 * fast.PIECE + 452, 300])
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("with_col", [False, True])
+def test_pair_stats_equals_numpy_on_rows_in_pieces(k, bf16, with_col):
+    # every count, sum and collected value of one block against numpy, on rows taken in pieces
+    # of PIECE with a ragged tail (not a whole word of 8 flags), with a first interval from 0
+    # (zeros counted apart, never collected), a point interval and one up to inf
+    rng = np.random.default_rng(k)
+    w = (rng.standard_normal((24, k)) * 0.02).astype(BF16 if bf16 else np.float32)
+    wf = w.astype(np.float32)
+    col = (0.5 + rng.random(k)).astype(np.float32) if with_col else np.empty(0, np.float32)
+    v = wf + (rng.standard_normal(wf.shape) * 1e-3).astype(np.float32)
+    v[:, ::7] = wf[:, ::7]  # exact zeros everywhere
+    if with_col:
+        v *= col
+    t = np.abs((v / col if with_col else v) - wf)
+    point = np.float32(np.sort(t[t > 0])[t.size // 2])
+    v[3, -1] = (wf[3, -1] + point) * (col[-1] if with_col else 1)  # a hit in the last flag word of a row
+    x = v / col if with_col else v
+    t = np.abs(x - wf)
+    d64 = np.abs(x.astype(np.float64) - wf.astype(np.float64))
+    lo = np.array([0.0, point, np.float32(2.5e-3)], np.float32)
+    hi = np.array([np.float32(2e-4), point, np.inf], np.float32)
+    acc, cnt, buf = np.zeros(5), np.zeros(7, np.int64), np.empty(v.size)
+    fast.pair_stats(w, v, col, lo, hi, 3, acc, cnt, buf)
+    nz = int((t == 0).sum())
+    assert cnt[0] == nz
+    assert cnt[4:].tolist() == [0, int((t < lo[1]).sum()), int((t < lo[2]).sum())]
+    inside = ((t >= lo[:, None, None]) & (t <= hi[:, None, None])).any(0) & (t > 0)
+    assert cnt[1] == inside.sum() and inside[3, -1]
+    np.testing.assert_array_equal(np.sort(buf[:cnt[1]]), np.sort(d64[inside]))
+    a, d = wf.astype(np.float64), x.astype(np.float64) - wf.astype(np.float64)
+    assert acc[:3] == pytest.approx([(d * d).sum(), (a * a).sum(), (a * d).sum()], rel=1e-12)
+    if with_col:
+        raw = v.astype(np.float64) - a
+        assert acc[3] == pytest.approx((raw * raw).sum(), rel=1e-12)
+    assert acc[4] == d64.max()
+    assert np.uint32(cnt[2]).view(np.float32) == t.max()
+
+
 def test_pair_stats_histogram_counts_float32_error_bits():
     # the sample blocks' histogram: bin (bits >> HIST_SHIFT) - HIST_BASE of float32 |d|, clipped
     w = _ref(n=64, seed=13)

@@ -19,8 +19,10 @@ import numpy as np
 try:  # numba is optional: without it (or with QUANTSCOPE_NO_NUMBA=1) the numpy path runs
     if os.environ.get("QUANTSCOPE_NO_NUMBA"):
         raise ImportError("disabled by QUANTSCOPE_NO_NUMBA")
-    from numba import njit
+    from llvmlite import ir
+    from numba import njit, types
     from numba.core import config as _numba_config
+    from numba.extending import intrinsic
     # numba leaves LLVM's SLP vectorizer off by default. The decoders unpack each packed word
     # with a constant-length inner loop, which only SLP turns into 8-lane vector code: 4-5x
     # faster per element here. It changes no arithmetic (no fast-math), so the results stay
@@ -459,6 +461,8 @@ HIST_BINS = 64 << (23 - HIST_SHIFT)
 #: ``(low * BYTE_INDEX) >> 56`` is b for ``low == 1 << 8b`` (b = 0..7): the index of the lowest
 #: set byte of a word of 0/1 bytes.
 BYTE_INDEX = np.uint64(0x0001020304050607)
+#: Elements of a row that ``_pair_stats`` takes at a time (its buffers then stay in L1).
+PIECE = 1024
 
 
 def hist_edges(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -560,6 +564,21 @@ if AVAILABLE:
 
 
 if AVAILABLE:
+    @intrinsic
+    def _bits(typingctx, x):
+        # the float32's bit pattern as int32 (for |d| >= 0 it orders like the value; NaN's above
+        # every number's): numba has no scalar view, and a store and load through a view array
+        # splits the loop that uses it
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+        return types.int32(types.float32), codegen
+
+    @intrinsic
+    def _from_bits(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+        return types.float32(types.int32), codegen
+
     @njit(nogil=True, cache=True)
     def _pair_stats(ref, bf16, v, col, lo, hi, flags, acc, cnt, buf, hist):
         # One block of rows of the reference ``ref`` ([rows, K]: bf16 bits as uint16 when bf16,
@@ -574,113 +593,138 @@ if AVAILABLE:
         # below or above all collected ones, and the percentiles' order statistics are found
         # exactly among them. ``hist`` (int32 [HIST_BINS], or empty): add the block's float32 |d|
         # into bins of its top bits (see HIST_SHIFT); int32 keeps the bins in use in L1.
+        #
+        # Each row is taken in pieces of PIECE elements, so that every pass over a piece (the
+        # reference widened to float32, the float64 sums, one pass for |d|'s maximum, zeros,
+        # counts and hit flags, the hits' collection) finds it in L1.
         rows, k = v.shape
         nbins = hist.size
         m = lo.size
-        w = np.empty(k, np.float32)
+        w = np.empty(PIECE, np.float32)
         wu = w.view(np.uint32)
-        xs = np.empty(k, np.float32)
-        t = np.empty(k, np.float32)
-        f = np.zeros((k + 31) // 32 * 32, np.uint8)  # hit flags; the tail stays 0
+        xs = np.empty(PIECE, np.float32)
+        t = np.empty(PIECE, np.float32)
+        ti = t.view(np.int32)
+        f = np.zeros(PIECE + 8, np.uint8)  # hit flags, 8 to a word
         fu = f.view(np.uint64)
+        words = np.empty(PIECE // 8 + 1, np.int64)
         has_col = col.size > 0
         cap = buf.size
         nb = cnt[1]
         mb = np.uint32(cnt[2])
-        # At most three intervals, as integer ranges of the float32 bits (|d| >= 0: its bit
-        # pattern orders like its value) in scalars so that the loops vectorise in int32 lanes;
-        # unused ones have a negative start and hold nothing.
-        lb = np.full(3, -1, np.int32)
-        wb = np.zeros(3, np.int32)
+        # At most three intervals, in scalars so that the loop vectorises; unused ones are empty
+        # ([inf, -inf]). Exact zeros are never collected: the lowest bound is at least the
+        # smallest positive float32, and a first interval from 0 has the zeros taken back out
+        # of its count below.
+        inf = np.float32(np.inf)
+        tiny = _from_bits(np.int32(1))
+        lq = np.full(3, inf, np.float32)
+        hq = np.full(3, -inf, np.float32)
         for q in range(m):
-            lb[q] = lo[q:q + 1].view(np.int32)[0]
-            wb[q] = hi[q:q + 1].view(np.int32)[0] - lb[q]
-        l0, l1, l2 = lb[0], lb[1], lb[2]
-        w0, w1, w2 = np.uint32(wb[0]), np.uint32(wb[1]), np.uint32(wb[2])
-        ti = t.view(np.int32)
+            lq[q] = max(lo[q], tiny)
+            hq[q] = hi[q]
+        zero_lo = m > 0 and lo[0] <= 0
+        l0, l1, l2 = lq[0], lq[1], lq[2]
+        h0, h1, h2 = hq[0], hq[1], hq[2]
         for r in range(rows):
             rr = ref[r]
-            if bf16:
-                for j in range(k):
-                    wu[j] = np.uint32(rr[j]) << np.uint32(16)
-            else:
-                for j in range(k):
-                    w[j] = rr[j]
             vr = v[r]
-            if has_col:
+            for o in range(0, k, PIECE):
+                n = min(PIECE, k - o)
+                rp = rr[o:o + n]
+                vp = vr[o:o + n]
+                if bf16:
+                    for j in range(n):
+                        wu[j] = np.uint32(rp[j]) << np.uint32(16)
+                else:
+                    for j in range(n):
+                        w[j] = rp[j]
+                if has_col:
+                    cp = col[o:o + n]
+                    if flags & 1:
+                        p_dd, p_ww, p_wd = _row_sums(w[:n], vp, False)
+                        acc[3] += p_dd
+                    for j in range(n):
+                        xs[j] = vp[j] / cp[j]
+                    x = xs[:n]
+                else:
+                    x = vp
                 if flags & 1:
-                    p_dd, p_ww, p_wd = _row_sums(w, vr, False)
-                    acc[3] += p_dd
-                for j in range(k):
-                    xs[j] = vr[j] / col[j]
-                x = xs
-            else:
-                x = vr
-            if flags & 1:
-                p_dd, p_ww, p_wd = _row_sums(w, x, flags & 2)
-                acc[0] += p_dd
-                acc[1] += p_ww
-                acc[2] += p_wd
-            for j in range(k):
-                t[j] = abs(x[j] - w[j])  # float32 |d|: the exact |d| rounded
-            if nbins:
-                for j in range(k):
-                    hb = (ti[j] >> HIST_SHIFT) - HIST_BASE
-                    hist[min(max(hb, 0), nbins - 1)] += 1
-            # one pass (int32 lanes: numba would widen a plain count to 64 bits): the largest
-            # bits (NaN's are above every number's), exact zeros, and per interval the count
-            # below it and the hits inside
-            rm = np.int32(0)
-            nz = np.int32(0)
-            c0 = np.int32(0)
-            c1 = np.int32(0)
-            c2 = np.int32(0)
-            nh = np.int32(0)
-            if m == 0:
-                for j in range(k):
-                    u = ti[j]
-                    rm = max(rm, u)
-                    nz = np.int32(nz + np.int32(u == 0))
-            else:
-                for j in range(k):
-                    u = ti[j]
-                    rm = max(rm, u)
-                    nz = np.int32(nz + np.int32(u == 0))
-                    c0 = np.int32(c0 + np.int32(u < l0))
-                    c1 = np.int32(c1 + np.int32(u < l1))
-                    c2 = np.int32(c2 + np.int32(u < l2))
-                    hit = ((np.uint32(u - l0) <= w0) | (np.uint32(u - l1) <= w1)
-                           | (np.uint32(u - l2) <= w2)) & (u != 0)
-                    f[j] = np.uint8(hit)
-                    nh = np.int32(nh + np.int32(hit))
-            cnt[0] += nz
-            if np.uint32(rm) >= mb:  # the exact maximum is among the elements reaching the float32 one
-                mb = np.uint32(rm)
-                for j in range(k):
-                    if ti[j] == rm:
-                        e = abs(np.float64(x[j]) - np.float64(w[j]))
-                        if e > acc[4] or e != e:
-                            acc[4] = e
-            if m == 0:
-                continue
-            cnt[4] += c0
-            if m > 1:
-                cnt[5] += c1
-            if m > 2:
-                cnt[6] += c2
-            if nh == 0:
-                continue
-            if nb + nh > cap:  # overflow: count on, store what fits (the caller gives up anyway)
-                for j in range(k):
-                    if f[j]:
-                        if nb < cap:
-                            buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
-                        nb += 1
-            else:
-                # each word of 8 hit flags (bytes 0/1) that holds one: its set bytes in turn,
-                # lowest first (the lowest set byte's index from a multiply: no branch per
-                # element, which mispredicted on every hit)
-                for q in range(fu.size):
+                    p_dd, p_ww, p_wd = _row_sums(w[:n], x, flags & 2)
+                    acc[0] += p_dd
+                    acc[1] += p_ww
+                    acc[2] += p_wd
+                if nbins:
+                    for j in range(n):
+                        t[j] = abs(x[j] - w[j])
+                    for j in range(n):
+                        hb = (ti[j] >> HIST_SHIFT) - HIST_BASE
+                        hist[min(max(hb, 0), nbins - 1)] += 1
+                # one pass (int32 lanes: numba would widen a plain count to 64 bits): the largest
+                # bits, exact zeros, and per interval the count below it and the hits inside
+                rm = np.int32(0)
+                nz = np.int32(0)
+                c0 = np.int32(0)
+                c1 = np.int32(0)
+                c2 = np.int32(0)
+                nh = np.int32(0)
+                if m == 0:
+                    for j in range(n):
+                        u = _bits(abs(x[j] - w[j]))
+                        rm = max(rm, u)
+                        nz = np.int32(nz + np.int32(u == 0))
+                else:
+                    for j in range(n):
+                        d = abs(x[j] - w[j])
+                        u = _bits(d)
+                        rm = max(rm, u)
+                        nz = np.int32(nz + np.int32(u == 0))
+                        b0 = np.int32(d < l0)
+                        b1 = np.int32(d < l1)
+                        b2 = np.int32(d < l2)
+                        c0 = np.int32(c0 + b0)
+                        c1 = np.int32(c1 + b1)
+                        c2 = np.int32(c2 + b2)
+                        hit = ((np.int32(d <= h0) & ~b0) | (np.int32(d <= h1) & ~b1)
+                               | (np.int32(d <= h2) & ~b2))
+                        f[j] = np.uint8(hit)
+                        nh = np.int32(nh + hit)
+                cnt[0] += nz
+                if np.uint32(rm) >= mb:  # the exact maximum is among the elements reaching the float32 one
+                    mb = np.uint32(rm)
+                    for j in range(n):
+                        if _bits(abs(x[j] - w[j])) == rm:
+                            e = abs(np.float64(x[j]) - np.float64(w[j]))
+                            if e > acc[4] or e != e:
+                                acc[4] = e
+                if m == 0:
+                    continue
+                cnt[4] += c0 - (nz if zero_lo else 0)
+                if m > 1:
+                    cnt[5] += c1
+                if m > 2:
+                    cnt[6] += c2
+                if nh == 0:
+                    continue
+                nw = (n + 7) // 8
+                for j in range(n, 8 * nw):
+                    f[j] = 0
+                if nb + nh > cap:  # overflow: count on, store what fits (the caller gives up anyway)
+                    for j in range(n):
+                        if f[j]:
+                            if nb < cap:
+                                buf[nb] = abs(np.float64(x[j]) - np.float64(w[j]))
+                            nb += 1
+                    continue
+                # the words of 8 hit flags (bytes 0/1) that hold one, listed without a branch
+                # (a branch per word mispredicted on most words with a hit); then each one's set
+                # bytes in turn, lowest first (the lowest set byte's index from a multiply)
+                nsw = 0
+                for q in range(nw):
+                    words[nsw] = q
+                    nsw += fu[q] != 0
+                for i in range(nsw):
+                    q = words[i]
                     hw = fu[q]
                     while hw:
                         low = hw & (~hw + np.uint64(1))
