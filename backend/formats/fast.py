@@ -477,6 +477,21 @@ def hist_edges(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 if AVAILABLE:
+    @intrinsic
+    def _bits(typingctx, x):
+        # the float32's bit pattern as int32 (for |d| >= 0 it orders like the value; NaN's above
+        # every number's): numba has no scalar view, and a store and load through a view array
+        # splits the loop that uses it
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+        return types.int32(types.float32), codegen
+
+    @intrinsic
+    def _from_bits(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+        return types.float32(types.int32), codegen
+
     @njit(nogil=True, cache=True, fastmath={"reassoc"})
     def _row_sums(w, x, want_ww):
         # Σd², ΣW² (when want_ww), ΣW·d of reference w and variant x in float64. "reassoc"
@@ -550,13 +565,11 @@ if AVAILABLE:
         m = min(n, bound)
         vals = np.empty(m, np.float64)
         keys = np.empty(m, np.int32)
-        tmp = np.empty(1, np.float32)
-        tu = tmp.view(np.uint32)
         k = 0
         for j in range(n):
-            tmp[0] = abs(b[j] - a[j])
-            key = tu[0] >> np.uint32(16)
-            if lut[key] and k < m and tmp[0] != np.float32(0.0):
+            u = np.uint32(_bits(abs(b[j] - a[j])))
+            key = u >> np.uint32(16)
+            if lut[key] and k < m and u != 0:
                 vals[k] = abs(np.float64(b[j]) - np.float64(a[j]))
                 keys[k] = key
                 k += 1
@@ -564,21 +577,6 @@ if AVAILABLE:
 
 
 if AVAILABLE:
-    @intrinsic
-    def _bits(typingctx, x):
-        # the float32's bit pattern as int32 (for |d| >= 0 it orders like the value; NaN's above
-        # every number's): numba has no scalar view, and a store and load through a view array
-        # splits the loop that uses it
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-        return types.int32(types.float32), codegen
-
-    @intrinsic
-    def _from_bits(typingctx, x):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.FloatType())
-        return types.float32(types.int32), codegen
-
     @njit(nogil=True, cache=True)
     def _pair_stats(ref, bf16, v, col, lo, hi, flags, acc, cnt, buf, hist):
         # One block of rows of the reference ``ref`` ([rows, K]: bf16 bits as uint16 when bf16,
