@@ -667,9 +667,11 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             ref, picked, labels = _fused_candidates(name, ref_rows, todo, eng)
             if picked and len(picked) == len(todo):
                 # one job per layer on its own thread: while one layer's serial steps run,
-                # another's blocks keep the other cores busy
+                # another's blocks keep the other cores busy. The last layer spreads its blocks
+                # over all cores: alone at the end, on one thread it would leave the others idle.
                 fut = pool("layer").submit(fused.measure, ref, picked, cancel=cancel,
-                                          on_rows=lambda k, c=t0.cols: report(k * c), parallel=False)
+                                          on_rows=lambda k, c=t0.cols: report(k * c),
+                                          parallel=n_jobs > 1 and name == names[-1])
                 pending.append((name, todo, ref_rows, fut, labels))
                 drain(n_jobs - 1)  # at most n_jobs running
             else:
