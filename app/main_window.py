@@ -106,11 +106,15 @@ class MainWindow(QMainWindow):
         self.config = QuantConfigPanel()
         self.config.setMinimumWidth(300)
         self.doctor = DoctorPanel()
-        self.hist = HistogramView("weight value")
-        self.err_hist = HistogramView("error Ŵ − W")
+        pick = "Select a weight matrix in the Tensors tree: "
+        self.hist = HistogramView("weight value", empty_hint=pick + "its values in the reference and in every "
+                                  "variant, on shared bin edges (exact counts)")
+        self.err_hist = HistogramView("error Ŵ − W", empty_hint=pick + "the error of every variant against the "
+                                      "reference, on shared bin edges")
         self.codes = CodeUsageView()
-        self.scales = HistogramView("scale value")
-        self.zeros = HistogramView("zero point (integer level)")
+        self.scales = HistogramView("scale value", empty_hint="Select a quantized layer in the Tensors tree: "
+                                    "the distribution of its per-group scales in every variant")
+        self.zeros = HistogramView("zero point (integer level)", empty_hint="… and of its integer zero points")
         scales_tab = QSplitter(Qt.Orientation.Vertical)
         scales_tab.addWidget(self.scales)
         scales_tab.addWidget(self.zeros)
@@ -307,8 +311,8 @@ class MainWindow(QMainWindow):
     def _clear_views(self, why: str) -> None:
         for v in (self.hist, self.err_hist, self.scales, self.zeros):
             self._update_view(v, lambda v=v: v.set_histograms(None, {}, {}, note=why))
-        self._update_view(self.codes, lambda: self.codes.set_counts({}, {}))
-        self._update_view(self.heatmap, lambda: self.heatmap.set_maps({}))
+        self._update_view(self.codes, lambda: self.codes.set_counts({}, {}, empty_note=why))
+        self._update_view(self.heatmap, lambda: self.heatmap.set_maps({}, empty_note=why))
 
     def _show_detail(self, r: dict) -> None:
         d = r["detail"]
@@ -319,13 +323,16 @@ class MainWindow(QMainWindow):
         upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors, note=r["name"]))
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
                                                                 note=r["name"]))
-        upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors))
+        upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors, empty_note="No variant stores "
+                                                       "integer codes for this layer (dense, or a float format)"))
         upd(self.scales, lambda: self.scales.set_histograms(
-            r["scale_edges"], r["scale_counts"], colors, note="per-group scales" if r["scale_counts"] else "no scales"))
+            r["scale_edges"], r["scale_counts"], colors,
+            note="per-group scales" if r["scale_counts"] else "No variant stores per-group scales for this layer"))
         upd(self.zeros, lambda: self.zeros.set_histograms(
             r["zero_edges"], r["zero_counts"], colors,
-            note="integer zero points" if r["zero_counts"] else "no integer zero points"))
-        upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"]))
+            note="integer zero points" if r["zero_counts"] else "No variant stores integer zero points for this layer"))
+        upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note="No variant quantizes this layer "
+                                                        "in groups"))
         lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
             f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "")
             for v, m in d.metrics.items()]

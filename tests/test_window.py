@@ -83,6 +83,27 @@ def test_compare_all_layers_and_click_selects(win, qtbot):
     assert float(win.tree.model.index(row, 7).data()) > 0  # error column filled
 
 
+def test_empty_views_say_what_fills_them_and_why_they_are_empty(win, qtbot):
+    # before any selection: each view says what to do; the range controls wait for data
+    assert "Select a weight matrix" in win.hist.hint.text() and not win.hist.apply.isEnabled()
+    assert "Select a quantized layer" in win.codes.hint.text() and "Select" in win.heatmap.hint.text()
+    assert "Compare all layers" in win.layers.hint.text() and "Compare all layers" in win.layers.info.text()
+    win.tabs.setCurrentWidget(win.hist)
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.0.mlp.up_proj")
+    assert win.hist.hint.text() == "" and win.hist.apply.isEnabled()
+    win.tree.select("model.norm")  # not a matrix: every view says so, at once or when shown
+    qtbot.waitUntil(lambda: win.hist.hint.text() == "model.norm is not a weight matrix", timeout=5000)
+    for i in range(win.tabs.count()):
+        win.tabs.setCurrentIndex(i)
+    for v in (win.err_hist, win.scales, win.zeros, win.codes, win.heatmap):
+        assert v.hint.text() == "model.norm is not a weight matrix", v
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
+    assert win.layers.hint.text() == "" and "points from" in win.layers.info.text()
+
+
 def test_results_and_jobs_never_resize_the_window(win, qtbot):
     # A long summary line or a job starting and ending must not relayout the window: that
     # widened it past 1280 px and repainted every plot at each job (bench_gui).

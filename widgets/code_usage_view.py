@@ -6,7 +6,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
-from .plots import plot_widget
+from .plots import Hint, plot_widget
 
 
 class CodeUsageView(QWidget):
@@ -18,6 +18,9 @@ class CodeUsageView(QWidget):
         self.plot.setLabel("bottom", "code level")
         self.plot.setLabel("left", "share of weights", units="%")
         self.plot.showGrid(y=True, alpha=0.2)
+        self.empty_hint = ("Select a quantized layer in the Tensors tree: how often each code level is used "
+                           "in every variant (dead levels, saturation at the extremes)")
+        self.hint = Hint(self.plot, self.empty_hint)
         self.legend = self.plot.addLegend(offset=(-10, 10))
         self.log_y = QCheckBox("log y")
         self.summary = QLabel()
@@ -33,9 +36,11 @@ class CodeUsageView(QWidget):
         self.log_y.toggled.connect(lambda _: self._redraw())
         self._counts: dict[str, np.ndarray] = {}
         self._colors: dict = {}
+        self._empty_note = ""
 
-    def set_counts(self, counts: dict[str, np.ndarray], colors: dict) -> None:
-        self._counts, self._colors = dict(counts), dict(colors)
+    def set_counts(self, counts: dict[str, np.ndarray], colors: dict, empty_note: str = "") -> None:
+        """``empty_note``: what the view says over the plot when ``counts`` is empty."""
+        self._counts, self._colors, self._empty_note = dict(counts), dict(colors), empty_note
         self._redraw()
 
     def _redraw(self) -> None:
@@ -58,3 +63,4 @@ class CodeUsageView(QWidget):
                          f"extremes (0 and {len(c) - 1}) hold {edge:.1f}%")
         self.plot.setLabel("left", "log10(share %) + 6" if self.log_y.isChecked() else "share of weights")
         self.summary.setText("<br>".join(lines) if lines else "No stored codes for this layer (dense or not decodable).")
+        self.hint.set("" if lines else self._empty_note or self.empty_hint)

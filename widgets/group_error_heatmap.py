@@ -6,6 +6,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
+from .plots import Hint
+
 
 class GroupErrorHeatmap(QWidget):
     """One variant at a time; the map arrives already reduced to screen resolution."""
@@ -34,12 +36,18 @@ class GroupErrorHeatmap(QWidget):
         lay.addLayout(bar)
         lay.addWidget(self.glw, 1)
         self._maps: dict[str, tuple[np.ndarray, int]] = {}
+        self.empty_hint = ("Select a quantized layer in the Tensors tree: the relative error of each "
+                           "quantization group (rows × groups), one variant at a time")
+        self.hint = Hint(self.glw, self.empty_hint)
+        self._empty_note = ""
         self.variant.currentTextChanged.connect(self._show)
         self.glw.scene().sigMouseMoved.connect(self._on_move)
 
-    def set_maps(self, maps: dict[str, tuple[np.ndarray, int]]) -> None:
-        """``maps``: variant → (map [rows', groups], rows per displayed row)."""
+    def set_maps(self, maps: dict[str, tuple[np.ndarray, int]], empty_note: str = "") -> None:
+        """``maps``: variant → (map [rows', groups], rows per displayed row); ``empty_note``: what
+        the view says when there is none."""
         self._maps = dict(maps)
+        self._empty_note = empty_note
         cur = self.variant.currentText()
         self.variant.blockSignals(True)
         self.variant.clear()
@@ -53,7 +61,9 @@ class GroupErrorHeatmap(QWidget):
         m = self._maps.get(label)
         if m is None:
             self.image.clear()
+            self.hint.set(self._empty_note or self.empty_hint)
             return
+        self.hint.set("")
         data, _ = m
         finite = data[np.isfinite(data)]
         hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0

@@ -6,15 +6,17 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from .plots import plot_widget
+from .plots import Hint, plot_widget
 
 
 class HistogramView(QWidget):
     """Step histograms (one colour per variant) with log-y and x-range controls."""
 
-    def __init__(self, xlabel: str, ylabel: str = "count", parent=None) -> None:
+    def __init__(self, xlabel: str, ylabel: str = "count", empty_hint: str = "", parent=None) -> None:
         super().__init__(parent)
         self.plot = plot_widget()
+        self.empty_hint = empty_hint
+        self.hint = Hint(self.plot, empty_hint)
         self.plot.setLabel("bottom", xlabel)
         self.plot.setLabel("left", ylabel)
         self.plot.showGrid(x=True, y=True, alpha=0.2)
@@ -49,11 +51,21 @@ class HistogramView(QWidget):
         self._counts: dict[str, np.ndarray] = {}
         self._colors: dict = {}
         self._items: dict[str, pg.PlotDataItem] = {}
+        self._enable_range(False)
+
+    def _enable_range(self, on: bool) -> None:
+        for w in (self.lo, self.hi, self.apply, self.reset):
+            w.setEnabled(on)
 
     def set_histograms(self, edges: np.ndarray | None, counts: dict[str, np.ndarray], colors: dict,
                        note: str = "") -> None:
         self._edges, self._counts, self._colors = edges, dict(counts), dict(colors)
         self.note.setText(note)
+        empty = edges is None or not counts
+        # an empty view says why (the caller's note: "not a weight matrix", "no scales"), or
+        # what to do to fill it
+        self.hint.set((note or self.empty_hint) if empty else "")
+        self._enable_range(not empty)
         self._redraw()
         self._full_range()
 

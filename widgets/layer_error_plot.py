@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .plots import plot_widget
+from .plots import Hint, plot_widget
 
 METRICS = {"rel_fro": "relative Frobenius error ‖Ŵ−W‖/‖W‖", "sqnr_db": "SQNR (dB)",
            "rel_fro_raw": "rel. error without undoing smoothing"}
@@ -44,6 +44,9 @@ class LayerErrorPlot(QWidget):
         self.plot.setLabel("bottom", "decoder layer")
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.legend = self.plot.addLegend(offset=(-10, 10))
+        self.empty_hint = ("Tools ▸ Compare all layers (Ctrl+Shift+C) measures every layer of every variant "
+                           "against the reference and plots the error here by depth")
+        self.hint = Hint(self.plot, self.empty_hint)
         self.hm = plot_widget()
         self.hm.setLabel("left", "decoder layer")
         self.hm.invertY(True)
@@ -84,6 +87,8 @@ class LayerErrorPlot(QWidget):
         (a separate step, so that each repaints on its own)."""
         self._rows = [r for r in rows if r.layer_index is not None]
         self._colors = dict(colors)
+        self.hint.set(self.empty_hint if not rows else "" if self._rows
+                      else "None of the compared layers is in a numbered decoder layer: nothing to plot by depth")
         projs = sorted({r.proj for r in self._rows})
         variants = list(dict.fromkeys(r.variant for r in self._rows))
         for combo, items, first in ((self.proj, projs, "all projections"), (self.hm_variant, variants, None)):
@@ -100,7 +105,8 @@ class LayerErrorPlot(QWidget):
                 combo.setCurrentText(cur)
             combo.blockSignals(False)
         other = len(rows) - len(self._rows)
-        self.info.setText(f"{len(self._rows)} (layer, variant) points from {len(variants)} variant(s)"
+        self.info.setText("Run “Compare all layers” to fill this view." if not rows else
+                          f"{len(self._rows)} (layer, variant) points from {len(variants)} variant(s)"
                           + (f"; {other} outside decoder layers (embeddings, head) not plotted" if other else "")
                           + ". Click a point or a heatmap cell to select the layer.")
         self._redraw(heatmap)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pyqtgraph as pg
+from PySide6.QtCore import QEvent, QObject, Qt
+from PySide6.QtGui import QPalette
+from PySide6.QtWidgets import QLabel, QWidget
 
 #: Fixed axis sizes (px). pyqtgraph sizes an axis to its widest tick label by default; new data
 #: then changes the axis width, which relays out the plot, resizes its view box, and makes the
@@ -18,3 +21,39 @@ def plot_widget() -> pg.PlotWidget:
     w.getAxis("left").setWidth(LEFT_AXIS_WIDTH)
     w.getAxis("bottom").setHeight(BOTTOM_AXIS_HEIGHT)
     return w
+
+
+class Hint(QObject):
+    """A message centred over an empty view ("Select a layer…"), in the palette's placeholder
+    colour; it lets the mouse through and follows the view's size. ``set("")`` hides it."""
+
+    def __init__(self, view: QWidget, text: str = "") -> None:
+        super().__init__(view)
+        self.label = QLabel(view)
+        self.label.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.label.setWordWrap(True)
+        self.label.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
+        pal = self.label.palette()
+        pal.setColor(QPalette.ColorRole.WindowText, pal.color(QPalette.ColorRole.PlaceholderText))
+        self.label.setPalette(pal)
+        view.installEventFilter(self)
+        self.set(text)
+
+    def text(self) -> str:
+        """The message shown, or "" while hidden."""
+        return self.label.text() if not self.label.isHidden() else ""
+
+    def set(self, text: str) -> None:
+        self.label.setText(text)
+        self.label.setHidden(not text)
+        self._place()
+
+    def eventFilter(self, obj, event) -> bool:
+        if event.type() == QEvent.Type.Resize:
+            self._place()
+        return False
+
+    def _place(self) -> None:
+        r = self.parent().rect()
+        self.label.setGeometry(r.adjusted(LEFT_AXIS_WIDTH, 0, -16, -BOTTOM_AXIS_HEIGHT))
+        self.label.raise_()
