@@ -37,6 +37,13 @@ def format_table(result, labels: list[str]) -> str:
             r = by.get((n, lb))
             cells.append((f"{_fmt(r.rel_fro, '8.5f')} {_fmt(r.sqnr_db, '8.2f')}" if r else "—").rjust(c))
         lines.append("  ".join([n.ljust(w0)] + cells))
+    bad = [r for r in result.rows if not math.isfinite(r.rel_fro)]
+    if bad:
+        lines.append("")
+        lines.append(f"non-finite error ({len(bad)}): the variant decodes to NaN/inf there — "
+                     "`quantscope doctor VARIANT` names the tensors:")
+        for r in bad:
+            lines.append(f"  {short.get(r.variant, r.variant)}: {r.name}")
     if result.unmatched:
         lines.append("")
         lines.append(f"without partner ({len(result.unmatched)}):")

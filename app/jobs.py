@@ -119,7 +119,7 @@ def job_whatif(reference, name: str, bits: int, group_size: int, mode: str, *, p
     err = (y.astype(np.float64) - w)
     rel = float(np.linalg.norm(err) / max(np.linalg.norm(w.astype(np.float64)), 1e-30))
     return {"name": name, "bits": bits, "group_size": group_size, "mode": mode, "rel_fro": rel,
-            "sqnr_db": float(-20 * np.log10(rel)) if rel > 0 else float("inf")}
+            "sqnr_db": float(-20 * np.log10(rel)) if rel != 0 else float("inf")}  # NaN stays NaN
 
 
 def job_convert(src: str, dst: str, options: dict, *, engine="auto", progress=None, cancel=None):

@@ -191,7 +191,13 @@ class ErrorStats:
     def result(self) -> dict[str, float]:
         """``rel_fro, sqnr_db, cosine, max_abs, mse, p50, p95, p99`` as floats."""
         rel = self.rel_fro
-        sqnr = math.inf if rel == 0.0 else (-20.0 * math.log10(rel) if math.isfinite(rel) else -math.inf)
+        # as numpy's -20·log10 gives: inf for no error, -inf for an infinite one, NaN for NaN
+        if rel == 0.0:
+            sqnr = math.inf
+        elif math.isfinite(rel):
+            sqnr = -20.0 * math.log10(rel)
+        else:
+            sqnr = -math.inf if rel > 0 else math.nan
         whwh = self.sww + 2.0 * self.swd + self.sdd  # Σ Ŵ² = Σ (W + d)²
         wwh = self.sww + self.swd                    # Σ W·Ŵ
         denom = math.sqrt(self.sww) * math.sqrt(max(whwh, 0.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -462,6 +463,31 @@ def test_cli_json_csv_and_error(ref_pair, mlx_variant, tmp_path, capsys):
     rc = main(["compare", "--reference", str(root / "ref"), str(other)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(other) in err[0]
+
+
+def test_nan_in_a_variant_is_reported_not_hidden(ref_pair, mlx_variant, tmp_path, capsys):
+    # one NaN scale: that layer's error is NaN (sqnr NaN too, as numpy's -20·log10 gives, not
+    # -inf or inf), the others stay exact, and the table says where and what to run
+    from safetensors.numpy import load_file
+
+    from quantscope.app.cli import main
+    root, rw, ref, vw, var = ref_pair
+    t = load_file(str(root / "mlx" / "model.safetensors"))
+    s = t["model.layers.1.self_attn.v_proj.scales"].view(BF16).copy()
+    s[3, 0] = np.nan
+    t["model.layers.1.self_attn.v_proj.scales"] = s
+    t = {k: (v.view(BF16) if k.endswith((".scales", ".biases")) else v) for k, v in t.items()}
+    bad = _model(tmp_path / "nan", t, {"quantization": {"group_size": 64, "bits": 4}})
+    rows = {r.name: r for r in sweep(ref, {"m": bad}, engine="numpy").rows}
+    good = {r.name: r for r in sweep(ref, {"m": mlx_variant}, engine="numpy").rows}
+    r = rows["model.layers.1.self_attn.v_proj"]
+    assert math.isnan(r.rel_fro) and math.isnan(r.sqnr_db)
+    assert rows["model.layers.1.self_attn.q_proj"].rel_fro == good["model.layers.1.self_attn.q_proj"].rel_fro
+    rc = main(["compare", "--reference", str(root / "ref"), str(tmp_path / "nan"), "--engine", "numpy"])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("model.layers.1.self_attn.v_proj"))
+    assert rc == 0 and line.split()[1:] == ["nan", "nan"]
+    assert "non-finite error (1)" in out and "  nan: model.layers.1.self_attn.v_proj" in out
 
 
 # -- the demo workspace and real fixtures ------------------------------------------------------------
