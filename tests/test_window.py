@@ -241,3 +241,17 @@ def test_updates_in_turns_run_in_order_and_a_newer_call_drops_the_rest(win, qtbo
     qtbot.waitUntil(lambda: "s1" in ran, timeout=2000)
     qtbot.wait(30)
     assert ran[-1] == "s1" and not win.turns_pending()
+
+
+def test_layers_view_names_layers_whose_error_is_not_finite(qtbot):
+    from types import SimpleNamespace
+
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+    rows = [SimpleNamespace(name=f"model.layers.{i}.mlp.down_proj", variant="v", layer_index=i, proj="down_proj",
+                            rel_fro=r, sqnr_db=-20 * np.log10(r), rel_fro_raw=r) for i, r in enumerate([0.1, np.nan, 0.2])]
+    plot.set_rows(rows, {"v": "#f00"})
+    assert "1 with a non-finite error" in plot.info.text() and "v: model.layers.1.mlp.down_proj" in plot.info.text()
+    x, y = plot.series["v"].getData()
+    assert list(x) == [0, 1, 2] and np.isnan(y[1]) and plot.hint.text() == ""
