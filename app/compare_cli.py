@@ -22,9 +22,22 @@ def _fmt(v, spec: str) -> str:
     return format(v, spec)
 
 
+def short_names(labels: list[str]) -> dict[str, str]:
+    """Each path's last components, as few as keep the names apart (``a/model``, ``b/model``)."""
+    parts = {lb: os.path.normpath(lb).split(os.sep) for lb in labels}
+    out = {}
+    for lb in labels:
+        for k in range(1, len(parts[lb]) + 1):
+            name = "/".join(parts[lb][-k:])
+            if not any(o != lb and "/".join(parts[o][-k:]) == name for o in labels):
+                break
+        out[lb] = name or lb
+    return out
+
+
 def format_table(result, labels: list[str]) -> str:
     """Layers × variants with rel_fro and sqnr_db per variant."""
-    short = {lb: (os.path.basename(os.path.normpath(lb)) or lb) for lb in labels}
+    short = short_names(labels)
     by = {(r.name, r.variant): r for r in result.rows}
     names = list(dict.fromkeys(r.name for r in result.rows))
     w0 = max([len("layer")] + [len(n) for n in names])

@@ -465,6 +465,12 @@ def test_cli_json_csv_and_error(ref_pair, mlx_variant, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and str(other) in err[0]
 
 
+def test_table_names_keep_variants_with_the_same_folder_name_apart():
+    from quantscope.app.compare_cli import short_names
+    assert short_names(["/x/a/model", "/y/b/model", "mlx", "./q4/"]) == {
+        "/x/a/model": "a/model", "/y/b/model": "b/model", "mlx": "mlx", "./q4/": "q4"}
+
+
 def test_nan_in_a_variant_is_reported_not_hidden(ref_pair, mlx_variant, tmp_path, capsys):
     # one NaN scale: that layer's error is NaN (sqnr NaN too, as numpy's -20·log10 gives, not
     # -inf or inf), the others stay exact, and the table says where and what to run
