@@ -810,7 +810,12 @@ def _build_into(root: Path, ctx: _Context) -> dict:
     ctx.advance(write)
 
     gptq_specs = [("gptq-w4g128", dict(sym=True, act_order=False, version=1), "GPTQ",
-                   "GPTQ 4-bit, group 128, symmetric, no act-order, GPTQ v1 layout (qzeros hold z-1)."),
+                   "GPTQ 4-bit, group 128, symmetric, no act-order, GPTQ v1 layout (qzeros hold z-1).\n\n"
+                   "Its weight error (what compare plots) is larger than rtn-w4g128's, by design: GPTQ "
+                   "minimises the layer's output error on calibration inputs and moves weight error into "
+                   "directions they rarely excite, and it is symmetric here where that baseline is "
+                   "asymmetric. On the layer outputs for the calibration inputs its error is lower than "
+                   "round-to-nearest's on the same grid."),
                   ("gptq-w4g128-actorder", dict(sym=False, act_order=True, version=1), "GPTQ with act-order",
                    "GPTQ 4-bit, group 128, asymmetric, desc_act (non-monotonic g_idx), v1 layout; "
                    "zero points are clamped to ≥ 1 because v1 stores z-1 and cannot hold 0."),
