@@ -53,8 +53,8 @@ def format_table(result, labels: list[str]) -> str:
     bad = [r for r in result.rows if not math.isfinite(r.rel_fro)]
     if bad:
         lines.append("")
-        lines.append(f"non-finite error ({len(bad)}): the variant decodes to NaN/inf there — "
-                     "`quantscope doctor VARIANT` names the tensors:")
+        lines.append(f"non-finite error ({len(bad)}): NaN/inf in the variant's decode or in the reference, "
+                     "or an all-zero reference layer — `quantscope doctor` on each names the tensors:")
         for r in bad:
             lines.append(f"  {short.get(r.variant, r.variant)}: {r.name}")
     if result.unmatched:

@@ -109,7 +109,7 @@ class LayerErrorPlot(QWidget):
         self.info.setText("Run “Compare all layers” to fill this view." if not rows else
                           f"{len(self._rows)} (layer, variant) points from {len(variants)} variant(s)"
                           + (f"; {other} outside decoder layers (embeddings, head) not plotted" if other else "")
-                          + (f"; {len(bad)} with a non-finite error, not plotted (NaN/inf decode, e.g. "
+                          + (f"; {len(bad)} with a non-finite error, not plotted (NaN/inf weights, e.g. "
                              f"{bad[0].variant}: {bad[0].name}; Tools ▸ Run doctor)" if bad else "")
                           + ". Click a point or a heatmap cell to select the layer.")
         self._redraw(heatmap)
