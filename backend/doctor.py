@@ -164,6 +164,9 @@ class Finding:
         What it concerns (file path, full tensor name, module path), where known.
     ref
         The formats.md §10 rule number (``R1`` …), where one applies.
+    count
+        How many findings this entry stands for: 1, or for the "… and N more" entry that ends a
+        rule's list in one file, N (the summary counts them all).
     """
 
     rule: str
@@ -173,6 +176,7 @@ class Finding:
     tensor: str | None = None
     layer: str | None = None
     ref: str | None = None
+    count: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -197,7 +201,7 @@ class Report:
     def summary(self) -> dict[str, int]:
         out = dict.fromkeys(SEVERITIES, 0)
         for f in self.findings:
-            out[f.severity] += 1
+            out[f.severity] += f.count
         return out
 
     def to_dict(self) -> dict:
@@ -234,7 +238,7 @@ class _Collector:
             self.findings.append(Finding(last.rule, last.severity,
                                          f"… and {extra} more finding(s) of this rule in this file "
                                          f"(only the first {_MAX_PER_RULE} are listed)", last.file,
-                                         None, None, last.ref))
+                                         None, None, last.ref, count=extra))
         order = {s: i for i, s in enumerate(SEVERITIES)}
         return sorted(self.findings, key=lambda f: order[f.severity])  # stable within a severity
 
@@ -1353,7 +1357,7 @@ def format_report(report: Report) -> str:
         if not group:
             continue
         lines.append("")
-        lines.append(f"{titles[sev]} ({len(group)}):")
+        lines.append(f"{titles[sev]} ({sum(f.count for f in group)}):")
         for f in group:
             ref = f" ({f.ref})" if f.ref else ""
             where = f.tensor or f.layer

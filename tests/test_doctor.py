@@ -809,7 +809,8 @@ def test_finding_dict_and_refs(tmp_path):
     d = f.to_dict()
     assert d["ref"] == "R1" and d["severity"] == "error" and d["layer"] == Q0 and d["tensor"] == f"{Q0}.qzeros"
     assert d["file"].endswith("model.safetensors") and "wrapped" in d["message"]
-    assert isinstance(f, Finding) and set(d) == {"rule", "severity", "message", "file", "tensor", "layer", "ref"}
+    assert isinstance(f, Finding) and set(d) == {"rule", "severity", "message", "file", "tensor", "layer", "ref",
+                                                 "count"} and d["count"] == 1
 
 
 def test_structure_only_reads_no_data(tmp_path, monkeypatch):
@@ -871,6 +872,14 @@ def test_overflow_is_summarised(tmp_path):
     write_raw(tmp_path / "x.safetensors", header, b"\0" * 8)
     f = [f for f in diagnose(tmp_path / "x.safetensors") if f.rule == "container.overlap"]
     assert len(f) == doctor._MAX_PER_RULE + 1 and "more finding" in f[-1].message
+    # the summary and the text report count every finding, the ones not listed too
+    extra = int(f[-1].message.split("and ")[1].split(" more")[0])
+    assert extra > 0 and f[-1].count == extra and all(x.count == 1 for x in f[:-1])
+    report = run_diagnosis(tmp_path / "x.safetensors")
+    n = report.summary["error"]
+    assert n == sum(x.count for x in report.findings if x.severity == "error") >= doctor._MAX_PER_RULE + extra
+    text = doctor.format_report(report)
+    assert f"Errors ({n}):" in text and f"{n} error(s)" in text
 
 
 # ---------------------------------------------------------------------------------- CLI + docs
