@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from quantscope.app.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "real"
@@ -20,7 +19,7 @@ HOWS = ["trunc_data", "trunc_header", "flip_header", "bad_len", "huge_len", "fli
 
 
 def _mutate(folder: Path, how: str, rng: random.Random) -> None:
-    st = sorted(folder.glob("*.safetensors"))[0]
+    st = min(folder.glob("*.safetensors"))
     b = bytearray(st.read_bytes())
     n = int.from_bytes(b[:8], "little")
     if how == "trunc_data":
