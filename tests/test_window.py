@@ -255,3 +255,13 @@ def test_layers_view_names_layers_whose_error_is_not_finite(qtbot):
     assert "1 with a non-finite error" in plot.info.text() and "v: model.layers.1.mlp.down_proj" in plot.info.text()
     x, y = plot.series["v"].getData()
     assert list(x) == [0, 1, 2] and np.isnan(y[1]) and plot.hint.text() == ""
+
+
+def test_doctor_panel_counts_the_findings_a_summary_entry_stands_for(qtbot):
+    from quantscope.widgets.doctor_panel import DoctorPanel
+    panel = DoctorPanel()
+    qtbot.addWidget(panel)
+    panel.set_findings("x", [{"rule": "container.overlap", "severity": "error", "message": "a", "count": 1},
+                             {"rule": "container.overlap", "severity": "error", "message": "… and 9 more", "count": 9},
+                             {"rule": "gptq.act-order", "severity": "info", "message": "b"}])
+    assert "10 error(s)" in panel.title.text() and "1 info" in panel.title.text()

@@ -38,7 +38,7 @@ class DoctorPanel(QWidget):
             groups[s].setForeground(0, QColor(_COLORS[s]))
         for f in findings:
             sev = f.get("severity", "info")
-            counts[sev] = counts.get(sev, 0) + 1
+            counts[sev] = counts.get(sev, 0) + f.get("count", 1)  # "… and N more" stands for N
             where = f.get("layer") or f.get("tensor") or f.get("file") or ""
             item = QTreeWidgetItem(groups.get(sev, groups["info"]), [f.get("message", ""), f.get("rule", ""), where])
             item.setToolTip(0, f.get("message", ""))
