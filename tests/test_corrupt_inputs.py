@@ -76,3 +76,87 @@ def test_every_command_answers_corrupt_checkpoints_cleanly(source, real_fixtures
                 lines = err.strip().splitlines()
                 assert len(lines) == 1 and str(folder) in lines[0], (how, argv[0], err)
     assert {0, 1, 2} <= seen  # the damage is read (errors, findings) and some of it is harmless
+
+
+def _sharded(src: Path, dst: Path) -> list[str]:
+    """``src``'s one file split into two shards with an index, as real uploads are."""
+    import ml_dtypes  # noqa: F401 - lets numpy name bfloat16 for safetensors
+    from helpers import write_st
+    from safetensors.numpy import load_file
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst / "config.json")
+    t = load_file(str(src / "model.safetensors"))
+    names = sorted(t)
+    wm = {}
+    for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        fn = f"model-0000{i + 1}-of-00002.safetensors"
+        write_st(dst / fn, {k: t[k] for k in part}, {"format": "mlx"})
+        wm.update(dict.fromkeys(part, fn))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    return names
+
+
+@pytest.mark.slow
+def test_broken_shard_indexes_get_a_clear_answer(real_fixtures, tmp_path, capsys):
+    # the index pointing at a missing, empty or wrong shard, or outside the folder; a shard it
+    # does not list; a tensor in two shards; an index that is not JSON or has no weight_map
+    ref = real_fixtures / "base-bf16"
+    second = "model-00002-of-00002.safetensors"
+
+    def index(d):
+        return json.loads((d / "model.safetensors.index.json").read_text())
+
+    def write_index(d, idx):
+        (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+
+    def missing(d, names):
+        (d / second).unlink()
+
+    def empty(d, names):
+        (d / second).write_bytes(b"")
+
+    def wrong_shard(d, names):
+        idx = index(d)
+        idx["weight_map"][names[0]] = second
+        write_index(d, idx)
+
+    def outside(d, names):
+        idx = index(d)
+        idx["weight_map"][names[0]] = "../../etc/passwd"
+        write_index(d, idx)
+
+    def unlisted(d, names):
+        idx = index(d)
+        idx["weight_map"] = {k: v for k, v in idx["weight_map"].items() if v != second}
+        write_index(d, idx)
+
+    def twice(d, names):
+        from helpers import write_st
+        from safetensors.numpy import load_file
+        a, b = load_file(str(d / "model-00001-of-00002.safetensors")), load_file(str(d / second))
+        b[names[0]] = a[names[0]]
+        write_st(d / second, b, {"format": "mlx"})
+
+    def not_json(d, names):
+        (d / "model.safetensors.index.json").write_text("{oops")
+
+    def no_map(d, names):
+        write_index(d, {"metadata": {}})
+
+    # doctor: 1 (errors found) or 0 (only a warning); the other commands refuse (2) what would
+    # be read wrongly or not at all, and work around what the doctor only reports
+    expect = {missing: (1, 2), empty: (1, 2), outside: (1, 2), not_json: (1, 2), no_map: (1, 2),
+              wrong_shard: (1, 0), twice: (1, 0), unlisted: (0, 0)}
+    for breakage, (doctor_rc, rc_want) in expect.items():
+        d = tmp_path / breakage.__name__
+        breakage(d, _sharded(real_fixtures / "mlx-affine-q4-g64", d))
+        assert main(["doctor", str(d)]) == doctor_rc, breakage.__name__
+        out = capsys.readouterr().out
+        assert ("Errors (" in out) == (doctor_rc == 1) and ("Warnings (" in out or doctor_rc), (breakage.__name__, out)
+        for argv in (["info", str(d)], ["compare", "--reference", str(ref), str(d), "--engine", "numpy"],
+                     ["dequant", str(d), "model.layers.0.mlp.down_proj", "-o", str(tmp_path / "o.npy")]):
+            rc = main(argv)
+            err = capsys.readouterr().err
+            assert rc == rc_want and "internal error" not in err, (breakage.__name__, argv[0], rc, err)
+            if rc == 2:  # one line naming the file
+                assert len(err.strip().splitlines()) == 1 and str(d) in err, (breakage.__name__, argv[0], err)
