@@ -14,6 +14,7 @@ from quantscope.backend.doctor import diagnose
 from quantscope.backend.engines import get_engine, run_on_mlx_thread
 from quantscope.backend.errors import Cancelled, QuantscopeError
 from quantscope.backend.formats.kernel import workers
+from quantscope.backend.metrics import sqnr_db
 from quantscope.backend.workspace import load_workspace
 
 MAX_HEATMAP_ROWS = 768
@@ -119,7 +120,7 @@ def job_whatif(reference, name: str, bits: int, group_size: int, mode: str, *, p
     err = (y.astype(np.float64) - w)
     rel = float(np.linalg.norm(err) / max(np.linalg.norm(w.astype(np.float64)), 1e-30))
     return {"name": name, "bits": bits, "group_size": group_size, "mode": mode, "rel_fro": rel,
-            "sqnr_db": float(-20 * np.log10(rel)) if rel != 0 else float("inf")}  # NaN stays NaN
+            "sqnr_db": sqnr_db(rel)}
 
 
 def job_convert(src: str, dst: str, options: dict, *, engine="auto", progress=None, cancel=None):

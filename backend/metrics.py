@@ -191,13 +191,7 @@ class ErrorStats:
     def result(self) -> dict[str, float]:
         """``rel_fro, sqnr_db, cosine, max_abs, mse, p50, p95, p99`` as floats."""
         rel = self.rel_fro
-        # as numpy's -20·log10 gives: inf for no error, -inf for an infinite one, NaN for NaN
-        if rel == 0.0:
-            sqnr = math.inf
-        elif math.isfinite(rel):
-            sqnr = -20.0 * math.log10(rel)
-        else:
-            sqnr = -math.inf if rel > 0 else math.nan
+        sqnr = sqnr_db(rel)
         whwh = self.sww + 2.0 * self.swd + self.sdd  # Σ Ŵ² = Σ (W + d)²
         wwh = self.sww + self.swd                    # Σ W·Ŵ
         denom = math.sqrt(self.sww) * math.sqrt(max(whwh, 0.0))
@@ -206,6 +200,15 @@ class ErrorStats:
         return {"rel_fro": rel, "sqnr_db": sqnr, "cosine": cosine, "max_abs": self.max_abs,
                 "mse": self.sdd / self.n if self.n else math.nan,
                 "p50": pct[50.0], "p95": pct[95.0], "p99": pct[99.0]}
+
+
+def sqnr_db(rel_fro: float) -> float:
+    """−20·log10(rel_fro) as numpy gives it: inf for no error, −inf for an infinite one, NaN for NaN."""
+    if rel_fro == 0.0:
+        return math.inf
+    if math.isfinite(rel_fro):
+        return -20.0 * math.log10(rel_fro)
+    return -math.inf if rel_fro > 0 else math.nan
 
 
 def percentile_ranks(n: int) -> list[tuple[float, int, int, float]]:

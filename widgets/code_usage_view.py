@@ -18,9 +18,8 @@ class CodeUsageView(QWidget):
         self.plot.setLabel("bottom", "code level")
         self.plot.setLabel("left", "share of weights", units="%")
         self.plot.showGrid(y=True, alpha=0.2)
-        self.empty_hint = ("Select a quantized layer in the Tensors tree: how often each code level is used "
-                           "in every variant (dead levels, saturation at the extremes)")
-        self.hint = Hint(self.plot, self.empty_hint)
+        self.hint = Hint(self.plot, "Select a quantized layer in the Tensors tree: how often each code level is "
+                                    "used in every variant (dead levels, saturation at the extremes)")
         self.legend = self.plot.addLegend(offset=(-10, 10))
         self.log_y = QCheckBox("log y")
         self.summary = QLabel()
@@ -36,11 +35,14 @@ class CodeUsageView(QWidget):
         self.log_y.toggled.connect(lambda _: self._redraw())
         self._counts: dict[str, np.ndarray] = {}
         self._colors: dict = {}
-        self._empty_note = ""
 
     def set_counts(self, counts: dict[str, np.ndarray], colors: dict, empty_note: str = "") -> None:
         """``empty_note``: what the view says over the plot when ``counts`` is empty."""
-        self._counts, self._colors, self._empty_note = dict(counts), dict(colors), empty_note
+        self._counts, self._colors = dict(counts), dict(colors)
+        if counts:
+            self.hint.set("")
+        else:
+            self.hint.empty(empty_note)
         self._redraw()
 
     def _redraw(self) -> None:
@@ -63,4 +65,3 @@ class CodeUsageView(QWidget):
                          f"extremes (0 and {len(c) - 1}) hold {edge:.1f}%")
         self.plot.setLabel("left", "log10(share %) + 6" if self.log_y.isChecked() else "share of weights")
         self.summary.setText("<br>".join(lines) if lines else "No stored codes for this layer (dense or not decodable).")
-        self.hint.set("" if lines else self._empty_note or self.empty_hint)

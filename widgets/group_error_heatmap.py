@@ -36,10 +36,8 @@ class GroupErrorHeatmap(QWidget):
         lay.addLayout(bar)
         lay.addWidget(self.glw, 1)
         self._maps: dict[str, tuple[np.ndarray, int]] = {}
-        self.empty_hint = ("Select a quantized layer in the Tensors tree: the relative error of each "
-                           "quantization group (rows × groups), one variant at a time")
-        self.hint = Hint(self.glw, self.empty_hint)
-        self._empty_note = ""
+        self.hint = Hint(self.glw, "Select a quantized layer in the Tensors tree: the relative error of each "
+                                   "quantization group (rows × groups), one variant at a time", right=110)
         self.variant.currentTextChanged.connect(self._show)
         self.glw.scene().sigMouseMoved.connect(self._on_move)
 
@@ -47,7 +45,10 @@ class GroupErrorHeatmap(QWidget):
         """``maps``: variant → (map [rows', groups], rows per displayed row); ``empty_note``: what
         the view says when there is none."""
         self._maps = dict(maps)
-        self._empty_note = empty_note
+        if maps:
+            self.hint.set("")
+        else:
+            self.hint.empty(empty_note)
         cur = self.variant.currentText()
         self.variant.blockSignals(True)
         self.variant.clear()
@@ -61,9 +62,7 @@ class GroupErrorHeatmap(QWidget):
         m = self._maps.get(label)
         if m is None:
             self.image.clear()
-            self.hint.set(self._empty_note or self.empty_hint)
             return
-        self.hint.set("")
         data, _ = m
         finite = data[np.isfinite(data)]
         hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0

@@ -15,7 +15,6 @@ class HistogramView(QWidget):
     def __init__(self, xlabel: str, ylabel: str = "count", empty_hint: str = "", parent=None) -> None:
         super().__init__(parent)
         self.plot = plot_widget()
-        self.empty_hint = empty_hint
         self.hint = Hint(self.plot, empty_hint)
         self.plot.setLabel("bottom", xlabel)
         self.plot.setLabel("left", ylabel)
@@ -64,7 +63,10 @@ class HistogramView(QWidget):
         empty = edges is None or not counts
         # an empty view says why (the caller's note: "not a weight matrix", "no scales"), or
         # what to do to fill it
-        self.hint.set((note or self.empty_hint) if empty else "")
+        if empty:
+            self.hint.empty(note)
+        else:
+            self.hint.set("")
         self._enable_range(not empty)
         self._redraw()
         self._full_range()

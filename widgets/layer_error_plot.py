@@ -44,9 +44,8 @@ class LayerErrorPlot(QWidget):
         self.plot.setLabel("bottom", "decoder layer")
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.legend = self.plot.addLegend(offset=(-10, 10))
-        self.empty_hint = ("Tools ▸ Compare all layers (Ctrl+Shift+C) measures every layer of every variant "
-                           "against the reference and plots the error here by depth")
-        self.hint = Hint(self.plot, self.empty_hint)
+        self.hint = Hint(self.plot, "Tools ▸ Compare all layers (Ctrl+Shift+C) measures every layer of every "
+                                    "variant against the reference and plots the error here by depth")
         self.hm = plot_widget()
         self.hm.setLabel("left", "decoder layer")
         self.hm.invertY(True)
@@ -87,8 +86,11 @@ class LayerErrorPlot(QWidget):
         (a separate step, so that each repaints on its own)."""
         self._rows = [r for r in rows if r.layer_index is not None]
         self._colors = dict(colors)
-        self.hint.set(self.empty_hint if not rows else "" if self._rows
-                      else "None of the compared layers is in a numbered decoder layer: nothing to plot by depth")
+        if not rows:
+            self.hint.empty()
+        else:
+            self.hint.set("" if self._rows else
+                          "None of the compared layers is in a numbered decoder layer: nothing to plot by depth")
         projs = sorted({r.proj for r in self._rows})
         variants = list(dict.fromkeys(r.variant for r in self._rows))
         for combo, items, first in ((self.proj, projs, "all projections"), (self.hm_variant, variants, None)):

@@ -24,11 +24,14 @@ def plot_widget() -> pg.PlotWidget:
 
 
 class Hint(QObject):
-    """A message centred over an empty view ("Select a layer…"), in the palette's placeholder
-    colour; it lets the mouse through and follows the view's size. ``set("")`` hides it."""
+    """A message centred over an empty view, in the palette's placeholder colour; it lets the
+    mouse through and follows the view's size. ``default`` says what fills the view ("Select a
+    layer…"); :meth:`empty` shows a reason instead, or the default; ``set("")`` hides it."""
 
-    def __init__(self, view: QWidget, text: str = "") -> None:
+    def __init__(self, view: QWidget, default: str = "", right: int = 16) -> None:
         super().__init__(view)
+        self.default = default
+        self.right = right  # px kept clear on the right (a colour bar)
         self.label = QLabel(view)
         self.label.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.label.setWordWrap(True)
@@ -37,11 +40,15 @@ class Hint(QObject):
         pal.setColor(QPalette.ColorRole.WindowText, pal.color(QPalette.ColorRole.PlaceholderText))
         self.label.setPalette(pal)
         view.installEventFilter(self)
-        self.set(text)
+        self.set(default)
 
     def text(self) -> str:
         """The message shown, or "" while hidden."""
         return self.label.text() if not self.label.isHidden() else ""
+
+    def empty(self, why: str = "") -> None:
+        """The view has nothing to show: say ``why``, or what fills it."""
+        self.set(why or self.default)
 
     def set(self, text: str) -> None:
         self.label.setText(text)
@@ -55,5 +62,5 @@ class Hint(QObject):
 
     def _place(self) -> None:
         r = self.parent().rect()
-        self.label.setGeometry(r.adjusted(LEFT_AXIS_WIDTH, 0, -16, -BOTTOM_AXIS_HEIGHT))
+        self.label.setGeometry(r.adjusted(LEFT_AXIS_WIDTH, 0, -self.right, -BOTTOM_AXIS_HEIGHT))
         self.label.raise_()
