@@ -56,6 +56,22 @@ def shared_histogram(arrays: dict[str, np.ndarray], bins: int = 128):
                    if a is not None and a.size}
 
 
+def zero_histogram(zeros: dict[str, np.ndarray]):
+    """(edges, counts per key) of zero points: one bin per level when they are integers within
+    1024 levels of each other (as every format stores them), else 128 shared bins (a damaged
+    file: never one bin per value). (None, {}) when there are none."""
+    finite = [z[np.isfinite(z)] for z in zeros.values() if z is not None]
+    finite = [z for z in finite if z.size]
+    if not finite:
+        return None, {}
+    lo = min(float(z.min()) for z in finite)
+    hi = max(float(z.max()) for z in finite)
+    if hi - lo > 1024 or not all(np.array_equal(z, np.round(z)) for z in finite):
+        return shared_histogram(zeros)
+    edges = np.arange(lo - 0.5, hi + 1.0, 1.0)
+    return edges, {k: np.histogram(z, bins=edges)[0] for k, z in zeros.items() if z is not None and z.size}
+
+
 def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=None, cancel=None) -> dict:
     """Everything the layer views show for one layer."""
     if reference is None:
@@ -71,11 +87,7 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
     zeros = {k: np.asarray(v).ravel() for k, v in d.zeros.items()
              if v is not None and variants[k].layers.get(name) is not None
              and variants[k].layers[name].scheme != "mlx-affine"}
-    zero_edges, zero_counts = None, {}
-    if zeros:
-        hi = max(float(z.max()) for z in zeros.values())
-        zero_edges = np.arange(-0.5, hi + 1.5, 1.0)
-        zero_counts = {k: np.histogram(z, bins=zero_edges)[0] for k, z in zeros.items()}
+    zero_edges, zero_counts = zero_histogram(zeros)
     return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts, "maps": maps,
             "zero_edges": zero_edges, "zero_counts": zero_counts}
 

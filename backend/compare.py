@@ -760,7 +760,7 @@ def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
 
 
 def _scales_zeros(model: Model, layer: Layer) -> tuple[np.ndarray | None, np.ndarray | None]:
-    from .formats import awq, gptq
+    from .formats import awq, ct, gptq
     ck = model.ckpt
     t = {c: ck.tensor(i.name) for c, i in layer.tensors.items()}
     s = layer.scheme
@@ -774,6 +774,11 @@ def _scales_zeros(model: Model, layer: Layer) -> tuple[np.ndarray | None, np.nda
         return f32(t["scales"]), f32(z)
     if s == "mlx-affine":
         return f32(t["scales"]), f32(t["biases"])
+    if s == "ct-pack" and "weight_zero_point" in t:  # packed words: unpacked to code levels
+        z = ct.zero_levels(t["weight_zero_point"], t["weight_packed"], t["weight_scale"], t["weight_shape"],
+                           bits=layer.bits, packing=layer.settings.get("packing", "auto"),
+                           name=layer.tensors["weight_zero_point"].name)
+        return f32(t["weight_scale"]), f32(z)
     for c in ("scales", "weight_scale", "weight_scale_inv", "weight.absmax", "SCB"):
         if c in t:
             return f32(t[c]), f32(t.get("weight_zero_point"))

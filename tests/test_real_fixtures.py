@@ -83,3 +83,24 @@ def test_autoawq_smoothing_is_undone_against_the_base(real_fixtures):
     assert gate.smoothing.startswith("norm:") and gate.rel_fro < gate.rel_fro_raw
     down = rows["model.layers.0.mlp.down_proj"]
     assert down.smoothing.startswith("lstsq:") and down.rel_fro < down.rel_fro_raw / 2
+
+
+@pytest.mark.parametrize("case", ["llmcompressor-w4a16-asym", "autoawq-gemm-w4g128", "gptqmodel-gptq-w4g128"])
+def test_detail_zero_points_are_code_levels_that_give_the_tools_decode(case, real_fixtures):
+    # The Scales & zeros view shows every scheme's zero points as unsigned code levels. For the
+    # compressed-tensors checkpoint they are packed int32 words (about ±2e9 read raw, which once
+    # sized a histogram of billions of bins); unpacked, (code - zero) * scale must give the
+    # tool's own decode.
+    from quantscope.backend.compare import layer_detail, stored_codes
+    from quantscope.backend.workspace import open_model
+    model = open_model(REAL / case)
+    name = "model.layers.1.mlp.down_proj"
+    d = layer_detail(open_model(real_fixtures / "base-bf16"), {"v": model}, name, engine="numpy")
+    z, s = d.zeros["v"], d.scales["v"]
+    assert z.min() >= 0 and z.max() <= 15 and np.array_equal(z, np.round(z))
+    codes = stored_codes(model, model.layers[name]).astype(np.float32)
+    if z.shape[-1] != codes.shape[-1] // 128:  # GPTQ/AWQ store [groups, N]
+        z, s = z.T, s.T
+    g = np.arange(codes.shape[-1]) // 128
+    with np.load(REAL / case / "decoded.npz") as dec:
+        np.testing.assert_array_equal((codes - z[:, g]) * s[:, g], dec[name])

@@ -220,6 +220,19 @@ def _zero_points(zp: np.ndarray, N: int, ng: int, bits: int, layout: str, lead: 
     return np.swapaxes(codes, -1, -2).astype(np.int16) - (1 << (bits - 1))
 
 
+def zero_levels(weight_zero_point: np.ndarray, weight_packed: np.ndarray, weight_scale: np.ndarray,
+                weight_shape, *, bits: int, packing: str = "auto", name: str | None = None) -> np.ndarray:
+    """A ``pack-quantized`` layer's zero points as unsigned code levels ``[..., N, groups]``
+    (signed zero point + 2^(b-1)): the scale GPTQ's and AWQ's zero points use, so that one
+    histogram compares them. Either storage generation (see :func:`_zero_points`)."""
+    shape = _shape_of(weight_shape)
+    *lead, N, K = shape
+    layout = _resolve_packing(packing, np.asarray(weight_packed).shape[-1], K, bits, name)
+    s = np.asarray(weight_scale)
+    ng = s.shape[-1] if s.ndim >= 2 else 1
+    return _zero_points(weight_zero_point, N, ng, bits, layout, tuple(lead), name) + (1 << (bits - 1))
+
+
 def decode_pack_quantized(weight_packed: np.ndarray, weight_scale: np.ndarray, weight_shape, *,
                           bits: int, group_size: int | None = None, strategy: str = "group",
                           weight_zero_point: np.ndarray | None = None,
