@@ -14,6 +14,7 @@ from quantscope.backend.doctor import diagnose
 from quantscope.backend.engines import get_engine, run_on_mlx_thread
 from quantscope.backend.errors import Cancelled, QuantscopeError
 from quantscope.backend.formats.kernel import workers
+from quantscope.backend.formats.mlx import MODE_DEFAULTS
 from quantscope.backend.metrics import sqnr_db
 from quantscope.backend.workspace import load_workspace
 
@@ -131,6 +132,8 @@ def job_whatif(reference, name: str, bits: int, group_size: int, mode: str, *, p
     y = run_on_mlx_thread(requantize)
     err = (y.astype(np.float64) - w)
     rel = float(np.linalg.norm(err) / max(np.linalg.norm(w.astype(np.float64)), 1e-30))
+    if mode != "affine":  # the block-float mode's own bits and block size, not the ones it ignored
+        bits, group_size = MODE_DEFAULTS[mode]
     return {"name": name, "bits": bits, "group_size": group_size, "mode": mode, "rel_fro": rel,
             "sqnr_db": sqnr_db(rel)}
 

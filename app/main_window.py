@@ -38,6 +38,17 @@ _logger = logging.getLogger(__name__)
 MAX_RECENT = 10
 
 
+def _worst_per_layer(findings: list[dict]) -> dict[str, tuple[str, str]]:
+    """The most severe (severity, message) per layer or tensor, for the tree's Doctor column."""
+    worst: dict[str, tuple[str, str]] = {}
+    rank = {"error": 3, "warning": 2, "info": 1}
+    for f in findings:
+        key = f.get("layer") or f.get("tensor")
+        if key and rank.get(f["severity"], 0) > rank.get(worst.get(key, ("", ""))[0], 0):
+            worst[key] = (f["severity"], f["message"])
+    return worst
+
+
 class MainWindow(QMainWindow):
     """The quantscope window. ``settings`` is injected (tests pass an isolated QSettings)."""
 
@@ -59,11 +70,16 @@ class MainWindow(QMainWindow):
         self.current_layer: str | None = None
         self.sweep_result = None
         self._sweep_cache: dict = {}
+        self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
         self.setWindowTitle("quantscope")
         self.setAcceptDrops(True)
         self._build_views()
         self._build_menus()
-        self.statusBar().addPermanentWidget(JobsBar(self.service), 1)
+        # A fixed width at the right: stretched over the whole bar it covered the status messages
+        # (an open that failed, "Converted to …"), which are shown on the left.
+        jobs_bar = JobsBar(self.service)
+        jobs_bar.setFixedWidth(440)
+        self.statusBar().addPermanentWidget(jobs_bar)
         self.service.error.connect(self._show_error)
         # Everything built so far (Qt wrappers, pyqtgraph, numpy, our modules) lives as long as
         # the window: keep it out of the cyclic GC's scans, which otherwise stall the GUI thread
@@ -102,9 +118,9 @@ class MainWindow(QMainWindow):
 
     def _build_views(self) -> None:
         self.tree = TensorTree()
-        self.tree.setMinimumWidth(320)
+        self.tree.setMinimumWidth(240)
         self.config = QuantConfigPanel()
-        self.config.setMinimumWidth(300)
+        self.config.setMinimumWidth(240)
         self.doctor = DoctorPanel()
         pick = "Select a weight matrix in the Tensors tree: "
         self.hist = HistogramView("weight value", empty_hint=pick + "its values in the reference and in every "
@@ -212,6 +228,7 @@ class MainWindow(QMainWindow):
 
     def set_workspace(self, ws: Workspace) -> None:
         self.workspace = ws
+        self._doctor_found = {}
         self.sweep_result = None
         self._sweep_cache = {}
         self.colors = colors_for(list(ws.variants))
@@ -264,6 +281,14 @@ class MainWindow(QMainWindow):
 
     def _checkpoint_changed(self, label: str) -> None:
         self.config.set_checkpoint(label, self.workspace.models().get(label))
+        # The doctor's findings belong to one checkpoint: show that one's, or none.
+        found = self._doctor_found.get(label)
+        if found is None:
+            self.doctor.not_run(label)
+            self.tree.model.set_findings({})
+        else:
+            self.doctor.set_findings(label, found)
+            self.tree.model.set_findings(_worst_per_layer(found))
 
     # -- selection and views ----------------------------------------------------------------------
 
@@ -323,8 +348,10 @@ class MainWindow(QMainWindow):
         upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors, note=r["name"]))
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
                                                                 note=r["name"]))
+        no_codes = [v for v in d.metrics if v not in d.code_counts]
         upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors, empty_note="No variant stores "
-                                                       "integer codes for this layer (dense, or a float format)"))
+                                                       "integer codes for this layer (dense, or a float format)",
+                                                       absent=no_codes))
         upd(self.scales, lambda: self.scales.set_histograms(
             r["scale_edges"], r["scale_counts"], colors,
             note="per-group scales" if r["scale_counts"] else "No variant stores per-group scales for this layer"))
@@ -373,14 +400,10 @@ class MainWindow(QMainWindow):
         self.doctor_dock.raise_()
 
         def show(findings):
-            self.doctor.set_findings(label, findings)
-            worst: dict[str, tuple[str, str]] = {}
-            rank = {"error": 3, "warning": 2, "info": 1}
-            for f in findings:
-                key = f.get("layer") or f.get("tensor")
-                if key and rank.get(f["severity"], 0) > rank.get(worst.get(key, ("", ""))[0], 0):
-                    worst[key] = (f["severity"], f["message"])
-            self.tree.model.set_findings(worst)
+            self._doctor_found[label] = findings
+            if self.tree.current_label() == label:  # the user may have switched meanwhile
+                self.doctor.set_findings(label, findings)
+                self.tree.model.set_findings(_worst_per_layer(findings))
             self.doctor_done.emit()
 
         self.service.submit("doctor", f"Doctor: {label}", jobs.job_doctor, m.ckpt.source, on_result=show,

@@ -60,7 +60,8 @@ def test_selecting_a_layer_fills_config_and_every_view(win, qtbot):
     assert len(win.heatmap._maps) == len(variants)
     assert set(win.scales._counts) == set(variants)
     assert {"gptq-w4g128", "awq-w4g128"} <= set(win.zeros._counts)
-    assert win.zeros._counts["gptq-w4g128"][8] == win.zeros._counts["gptq-w4g128"].sum()  # sym: all 8
+    level8 = int(np.flatnonzero((win.zeros._edges[:-1] < 8) & (win.zeros._edges[1:] > 8))[0])  # one bin per level
+    assert win.zeros._counts["gptq-w4g128"][level8] == win.zeros._counts["gptq-w4g128"].sum()  # sym: all 8
     for label in variants:
         assert win.hist._counts[label].sum() == 512 * 1536
 
@@ -265,3 +266,74 @@ def test_doctor_panel_counts_the_findings_a_summary_entry_stands_for(qtbot):
                              {"rule": "container.overlap", "severity": "error", "message": "… and 9 more", "count": 9},
                              {"rule": "gptq.act-order", "severity": "info", "message": "b"}])
     assert "10 error(s)" in panel.title.text() and "1 info" in panel.title.text()
+
+
+def test_window_fits_1024_wide_whatever_is_selected(win, qtbot):
+    # A layer name in a toolbar, a long metric name or checkpoint path in a combo box once set
+    # the window's minimum width (1256 px, 1577 px after selecting a layernorm).
+    win.tabs.setCurrentWidget(win.hist)
+    for name in ("model.layers.2.self_attn.q_proj", "model.layers.0.post_attention_layernorm"):
+        win.tree.select(name)
+        qtbot.waitUntil(lambda: win.hist.note.text().startswith(name), timeout=30_000)
+        assert win.minimumSizeHint().width() <= 1024, name
+    assert win.hist.note.toolTip() == "model.layers.0.post_attention_layernorm is not a weight matrix"
+
+
+def test_doctor_findings_stay_with_their_checkpoint(win, qtbot):
+    win.tree.combo.setCurrentText("gptq-w4g128-actorder")
+    with qtbot.waitSignal(win.doctor_done, timeout=60_000):
+        win.run_doctor()
+    flags = dict(win.tree.model._flags)
+    assert flags and "gptq-w4g128-actorder" in win.doctor.title.text()
+    win.tree.combo.setCurrentText("mlx-affine-q4g64")  # not checked: none of the other's findings
+    assert win.tree.model._flags == {} and win.doctor.tree.topLevelItemCount() == 0
+    assert "not checked yet" in win.doctor.title.text()
+    win.tree.combo.setCurrentText("gptq-w4g128-actorder")  # back: its findings again
+    assert win.tree.model._flags == flags and "gptq-w4g128-actorder" in win.doctor.title.text()
+
+
+def test_status_messages_are_not_covered_by_the_jobs_strip(win, qtbot):
+    win._show_error("x", "cannot open /nowhere/model.safetensors", "")
+    bar = win.statusBar()
+    assert bar.currentMessage() == "cannot open /nowhere/model.safetensors"
+    jobs = next(w for w in bar.children() if type(w).__name__ == "JobsBar")
+    assert jobs.width() <= bar.width() // 2  # the message has the rest of the bar
+
+
+def test_whatif_block_float_modes_show_their_own_bits_and_block(win, qtbot):
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        win.tree.select("model.layers.0.mlp.up_proj")
+    win.config.bits.setCurrentText("3")
+    win.config.mode.setCurrentText("nvfp4")
+    assert not win.config.bits.isEnabled() and win.config.bits.currentText() == "4"
+    assert win.config.group.currentText() == "16"
+    qtbot.mouseClick(win.config.run, __import__("PySide6.QtCore", fromlist=["Qt"]).Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: "What-if nvfp4 4 bit / 16" in win.config.whatif_result.text(), timeout=30_000)
+    win.config.mode.setCurrentText("affine")
+    assert win.config.bits.isEnabled() and win.config.group.isEnabled()
+
+
+def test_plots_read_in_the_data_units_and_layers_are_whole_numbers(qtbot):
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot, _proj_labels, _proj_order
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+    left = plot.plot.getAxis("left")
+    assert not left.autoSIPrefix  # 0.29 is shown as 0.29, not 290 "(x0.001)"
+    ticks = plot.plot.getAxis("bottom").tickValues(-0.3, 3.3, 400)
+    assert ticks and all(float(v).is_integer() for _, vals in ticks for v in vals)
+    projs = sorted(["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], key=_proj_order)
+    assert projs == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert _proj_labels(projs) == (["q", "k", "v", "o", "g", "up", "d"], "g = gate, d = down")
+
+
+def test_code_usage_of_different_bit_widths_is_drawn_on_each_ones_range(qtbot):
+    from quantscope.widgets.code_usage_view import CodeUsageView
+    view = CodeUsageView()
+    qtbot.addWidget(view)
+    view.set_counts({"w3": np.ones(8), "w4": np.ones(16)}, {"w3": "#f00", "w4": "#00f"}, absent=["fp8"])
+    bars = [i for i in view.plot.getPlotItem().items if type(i).__name__ == "BarGraphItem"]
+    xs = [np.asarray(b.opts["x"]) for b in bars]
+    assert all(x.min() > -0.1 and x.max() < 1.1 for x in xs)  # both on 0..1: top level meets top level
+    assert "fraction" in view.plot.getAxis("bottom").labelText and "fp8" in view.summary.text()
+    view.set_counts({"w4": np.ones(16)}, {"w4": "#00f"})
+    assert view.plot.getAxis("bottom").labelText == "code level"

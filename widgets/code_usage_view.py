@@ -16,7 +16,7 @@ class CodeUsageView(QWidget):
         super().__init__(parent)
         self.plot = plot_widget()
         self.plot.setLabel("bottom", "code level")
-        self.plot.setLabel("left", "share of weights", units="%")
+        self.plot.setLabel("left", "share of weights (%)")
         self.plot.showGrid(y=True, alpha=0.2)
         self.hint = Hint(self.plot, "Select a quantized layer in the Tensors tree: how often each code level is "
                                     "used in every variant (dead levels, saturation at the extremes)")
@@ -35,10 +35,13 @@ class CodeUsageView(QWidget):
         self.log_y.toggled.connect(lambda _: self._redraw())
         self._counts: dict[str, np.ndarray] = {}
         self._colors: dict = {}
+        self._absent: list[str] = []
 
-    def set_counts(self, counts: dict[str, np.ndarray], colors: dict, empty_note: str = "") -> None:
-        """``empty_note``: what the view says over the plot when ``counts`` is empty."""
-        self._counts, self._colors = dict(counts), dict(colors)
+    def set_counts(self, counts: dict[str, np.ndarray], colors: dict, empty_note: str = "",
+                   absent: list[str] | None = None) -> None:
+        """``empty_note``: what the view says over the plot when ``counts`` is empty; ``absent``:
+        variants with this layer but no integer codes (float formats), named under the plot."""
+        self._counts, self._colors, self._absent = dict(counts), dict(colors), list(absent or [])
         if counts:
             self.hint.set("")
         else:
@@ -49,13 +52,19 @@ class CodeUsageView(QWidget):
         self.plot.clear()
         self.legend.clear()
         n = max(1, len(self._counts))
-        width = 0.8 / n
+        sizes = {len(c) for c in self._counts.values()}
+        # Variants with different bit widths (3- and 4-bit) on one integer axis would put a 3-bit
+        # top level under a 4-bit middle one: then each level is placed at its position in its
+        # own range, 0 (lowest) to 1 (highest).
+        norm = len(sizes) > 1
         lines = []
         for i, (label, c) in enumerate(self._counts.items()):
             c = np.asarray(c, dtype=np.float64)
             share = 100.0 * c / max(1.0, c.sum())
             y = np.log10(np.maximum(share, 1e-6)) + 6 if self.log_y.isChecked() else share
-            x = np.arange(len(c)) - 0.4 + width * (i + 0.5)
+            step = 1.0 / max(1, len(c) - 1) if norm else 1.0
+            width = 0.8 * step / n
+            x = np.arange(len(c)) * step - 0.4 * step + width * (i + 0.5)
             item = pg.BarGraphItem(x=x, height=y, width=width, brush=self._colors.get(label), pen=None)
             self.plot.addItem(item)
             self.legend.addItem(pg.PlotDataItem(pen=pg.mkPen(self._colors.get(label), width=6)), label)
@@ -63,5 +72,9 @@ class CodeUsageView(QWidget):
             edge = share[0] + share[-1] if len(share) else 0
             lines.append(f"<b>{label}</b>: {len(c)} levels, unused {dead if dead else 'none'}, "
                          f"extremes (0 and {len(c) - 1}) hold {edge:.1f}%")
-        self.plot.setLabel("left", "log10(share %) + 6" if self.log_y.isChecked() else "share of weights")
+        if self._absent:
+            lines.append("No integer codes (a float format or dense): " + ", ".join(self._absent))
+        self.plot.setLabel("bottom", "code level, as a fraction of each variant's range (0 = lowest, 1 = highest)"
+                           if norm else "code level")
+        self.plot.setLabel("left", "log10(share %) + 6" if self.log_y.isChecked() else "share of weights (%)")
         self.summary.setText("<br>".join(lines) if lines else "No stored codes for this layer (dense or not decodable).")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import QLabel, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QHeaderView,
+    QLabel,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 SEVERITIES = ("error", "warning", "info")
 _COLORS = {"error": "#D55E00", "warning": "#E69F00", "info": "#0072B2"}
@@ -21,8 +28,16 @@ class DoctorPanel(QWidget):
         self.title.setWordWrap(True)
         self.tree = QTreeWidget()
         self.tree.setHeaderLabels(["Finding", "Rule", "Where"])
-        self.tree.setColumnWidth(0, 420)
+        # The finding takes the width left by the rule id and the place (a 420 px first column put
+        # them outside a 300 px dock), and wraps.
+        head = self.tree.header()
+        head.setStretchLastSection(False)
+        head.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        head.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        head.setSectionResizeMode(2, QHeaderView.ResizeMode.Interactive)
+        self.tree.setColumnWidth(2, 120)
         self.tree.setWordWrap(True)
+        self.tree.setUniformRowHeights(False)
         self.tree.itemDoubleClicked.connect(self._activated)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
@@ -46,8 +61,14 @@ class DoctorPanel(QWidget):
         for s, item in groups.items():
             item.setText(0, f"{s} ({counts[s]})")
             item.setExpanded(s != "info")
+            item.setHidden(counts[s] == 0)
         self.title.setText(f"<b>{label}</b>: {counts['error']} error(s), {counts['warning']} warning(s), "
-                           f"{counts['info']} info")
+                           f"{counts['info']} info" if findings else f"<b>{label}</b>: no problems found.")
+
+    def not_run(self, label: str) -> None:
+        """The checkpoint shown has not been checked (another one's findings must not stay up)."""
+        self.tree.clear()
+        self.title.setText(f"<b>{label}</b>: not checked yet. Tools ▸ Run doctor (Ctrl+D) checks it.")
 
     def _activated(self, item, _col) -> None:
         target = item.data(0, Qt.ItemDataRole.UserRole)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
+from PySide6.QtCore import QRectF
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
-from .plots import Hint
+from .plots import Hint, IntAxis, plain_axes, shrinkable
 
 
 class GroupErrorHeatmap(QWidget):
@@ -14,10 +15,10 @@ class GroupErrorHeatmap(QWidget):
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.variant = QComboBox()
+        self.variant = shrinkable(QComboBox())
         self.hover = QLabel(" ")
         self.glw = pg.GraphicsLayoutWidget()
-        self.plot = self.glw.addPlot()
+        self.plot = self.glw.addPlot(axisItems={"bottom": IntAxis("bottom"), "left": IntAxis("left")})
         self.plot.setLabel("bottom", "group (along in_features)")
         self.plot.setLabel("left", "output row")
         self.plot.invertY(True)
@@ -26,6 +27,8 @@ class GroupErrorHeatmap(QWidget):
         self.cbar = pg.ColorBarItem(colorMap=pg.colormap.get("viridis"), label="relative error per group",
                                     interactive=False)
         self.cbar.setImageItem(self.image, insert_in=self.plot)
+        plain_axes(self.plot)
+        plain_axes(self.cbar)
         bar = QHBoxLayout()
         bar.addWidget(QLabel("variant"))
         bar.addWidget(self.variant)
@@ -63,10 +66,12 @@ class GroupErrorHeatmap(QWidget):
         if m is None:
             self.image.clear()
             return
-        data, _ = m
+        data, per = m
         finite = data[np.isfinite(data)]
         hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
         self.image.setImage(data, autoLevels=False)
+        # in the layer's own units: a displayed row covers ``per`` output rows
+        self.image.setRect(QRectF(0, 0, data.shape[1], data.shape[0] * per))
         self.cbar.setLevels((0.0, max(hi, 1e-12)))
         self.plot.autoRange()
 
@@ -76,7 +81,7 @@ class GroupErrorHeatmap(QWidget):
             return
         p = self.plot.vb.mapSceneToView(pos)
         data, per = m
-        r, g = int(p.y()), int(p.x())
+        r, g = int(p.y() // per), int(p.x())
         if 0 <= r < data.shape[0] and 0 <= g < data.shape[1]:
             rows = f"rows {r * per}–{(r + 1) * per - 1}" if per > 1 else f"row {r}"
             self.hover.setText(f"{rows}, group {g}: {data[r, g]:.4g}" + (" (max over rows)" if per > 1 else ""))

@@ -6,7 +6,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from .plots import Hint, plot_widget
+from .plots import ElidedLabel, Hint, plot_widget
 
 
 class HistogramView(QWidget):
@@ -25,20 +25,22 @@ class HistogramView(QWidget):
         self.lo = QDoubleSpinBox(decimals=6, minimum=-1e9, maximum=1e9)
         self.hi = QDoubleSpinBox(decimals=6, minimum=-1e9, maximum=1e9)
         for box in (self.lo, self.hi):
-            box.setMaximumWidth(120)
-        self.apply = QPushButton("Apply range")
+            box.setFixedWidth(96)  # its own size hint fits ±1e9 with 6 decimals: 160 px
+        self.apply = QPushButton("Apply")
+        self.apply.setToolTip("Show only this x range")
         self.reset = QPushButton("Full range")
-        self.note = QLabel()
+        for b in (self.apply, self.reset):  # the style's 80 px minimum is wider than "Apply"
+            b.setMinimumWidth(b.fontMetrics().horizontalAdvance(b.text()) + 20)
+        self.note = ElidedLabel()  # the layer's name and bin width: never widens the window
         bar = QHBoxLayout()
         bar.addWidget(self.log_y)
-        bar.addWidget(QLabel("x from"))
+        bar.addWidget(QLabel("x:"))
         bar.addWidget(self.lo)
-        bar.addWidget(QLabel("to"))
+        bar.addWidget(QLabel("–"))
         bar.addWidget(self.hi)
         bar.addWidget(self.apply)
         bar.addWidget(self.reset)
-        bar.addStretch(1)
-        bar.addWidget(self.note)
+        bar.addWidget(self.note, 1)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(bar)
@@ -92,6 +94,8 @@ class HistogramView(QWidget):
             self._items = {}
             for label in labels:
                 item = pg.PlotDataItem(stepMode="center", connect="finite")
+                if label == "reference":
+                    item.setZValue(1)  # drawn over the variants, not buried under six of them
                 self.plot.addItem(item)
                 self.legend.addItem(item, label)
                 self._items[label] = item

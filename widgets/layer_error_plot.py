@@ -17,10 +17,37 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .plots import Hint, plot_widget
+from .palette import variant_symbol
+from .plots import Hint, plain_axes, plot_widget, shrinkable
 
 METRICS = {"rel_fro": "relative Frobenius error ‖Ŵ−W‖/‖W‖", "sqnr_db": "SQNR (dB)",
            "rel_fro_raw": "rel. error without undoing smoothing"}
+
+
+_PROJ_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
+
+
+def _proj_order(proj: str):
+    """Projections in the order a block computes them (q k v o, gate up down), others after."""
+    p = proj.replace("_proj", "")
+    return (_PROJ_ORDER.index(p), "") if p in _PROJ_ORDER else (len(_PROJ_ORDER), p)
+
+
+def _proj_labels(projs: list[str]) -> tuple[list[str], str]:
+    """Column labels short enough for a narrow heatmap (about 3 characters: longer names ran
+    into each other, "dowgate"), and the key to the ones shortened."""
+    names = [p.replace("_proj", "") for p in projs]
+    if len(names) <= 3 or all(len(n) <= 2 for n in names):
+        return names, ""
+    short, key = [], []
+    for n in names:
+        s = n if len(n) <= 2 else ("gu" if n == "gate_up" else n[0])
+        if s in short or s in names:  # a clash: keep the name
+            s = n
+        short.append(s)
+        if s != n:
+            key.append(f"{s} = {n}")
+    return short, ", ".join(key)
 
 
 class LayerErrorPlot(QWidget):
@@ -30,17 +57,17 @@ class LayerErrorPlot(QWidget):
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.metric_box = QComboBox()
+        self.metric_box = shrinkable(QComboBox(), 10)
         for k, v in METRICS.items():
             self.metric_box.addItem(v, k)
-        self.proj = QComboBox()
-        self.hm_variant = QComboBox()
+        self.proj = shrinkable(QComboBox(), 8)
+        self.hm_variant = shrinkable(QComboBox(), 8)
         self.info = QLabel("Run “Compare all layers” to fill this view.")
         # Wrapped in a fixed two lines: a long summary must neither widen the window (an
         # unwrapped label's minimum width is its text's) nor change the plots' height.
         self.info.setWordWrap(True)
         self.info.setFixedHeight(2 * self.info.fontMetrics().lineSpacing() + 4)
-        self.plot = plot_widget()
+        self.plot = plot_widget(int_x=True)
         self.plot.setLabel("bottom", "decoder layer")
         self.plot.showGrid(x=True, y=True, alpha=0.25)
         self.legend = self.plot.addLegend(offset=(-10, 10))
@@ -53,12 +80,12 @@ class LayerErrorPlot(QWidget):
         self.hm.addItem(self.hm_image)
         self.hm_bar = pg.ColorBarItem(colorMap=pg.colormap.get("viridis"), interactive=False)
         self.hm_bar.setImageItem(self.hm_image, insert_in=self.hm.getPlotItem())
+        plain_axes(self.hm_bar)
         bar = QHBoxLayout()
-        bar.addWidget(QLabel("y:"))
         bar.addWidget(self.metric_box)
         bar.addWidget(QLabel("projection:"))
         bar.addWidget(self.proj)
-        bar.addWidget(QLabel("heatmap variant:"))
+        bar.addWidget(QLabel("heatmap:"))
         bar.addWidget(self.hm_variant)
         bar.addStretch(1)
         split = QSplitter()
@@ -141,7 +168,8 @@ class LayerErrorPlot(QWidget):
         if variant in self.series:
             return
         color = self._colors.get(variant)
-        item = pg.PlotDataItem([], [], symbol="o", symbolSize=7, symbolBrush=color, symbolPen=None, name=variant)
+        item = pg.PlotDataItem([], [], symbol=variant_symbol(len(self.series)), symbolSize=7, symbolBrush=color,
+                               symbolPen=None, name=variant)
         item.sigPointsClicked.connect(self._points_clicked)
         self.plot.addItem(item)
         self.series[variant] = item
@@ -197,7 +225,7 @@ class LayerErrorPlot(QWidget):
             self.hm_image.clear()
             return
         layers = sorted({r.layer_index for r in rows})
-        projs = sorted({r.proj for r in rows})
+        projs = sorted({r.proj for r in rows}, key=_proj_order)
         grid = np.full((len(layers), len(projs)), np.nan)
         self._hm_names = {}
         for r in rows:
@@ -212,13 +240,17 @@ class LayerErrorPlot(QWidget):
         # Ticks, title and range only when they change: each relays out the plot item, and
         # pyqtgraph's deferred updates then run now, not at the start of the paint (where they
         # would dirty the scene again and repaint it twice).
-        frame = (tuple(projs), tuple(layers), f"{variant} · {self.metric_box.currentData()}")
+        metric = self.metric_box.currentText()
+        frame = (tuple(projs), tuple(layers), variant, metric)
         if frame != self._hm_frame:
             self._hm_frame = frame
-            self.hm.getAxis("bottom").setTicks([[(j + 0.5, p.replace("_proj", "")) for j, p in enumerate(projs)]])
+            short, legend = _proj_labels(projs)
+            self.hm.getAxis("bottom").setTicks([[(j + 0.5, t) for j, t in enumerate(short)]])
+            self.hm.setLabel("bottom", "projection" + (f" ({legend})" if legend else ""))
+            self.hm_bar.setLabel("right", metric)
             self.hm.getAxis("left").setTicks([[(i + 0.5, str(layer)) for i, layer in enumerate(layers)]]
                                              if len(layers) <= 40 else None)
-            self.hm.setTitle(frame[2])
+            self.hm.setTitle(variant)
             self.hm.autoRange()
         self.hm.scene().prepareForPaint()
 

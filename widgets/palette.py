@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from PySide6.QtGui import QColor, QPalette
 
-#: Okabe & Ito (2008): distinguishable under the common colour-vision deficiencies.
-VARIANT_COLORS = ["#E69F00", "#0072B2", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+#: Okabe & Ito (2008): distinguishable under the common colour-vision deficiencies; their yellow
+#: (#F0E442) all but vanishes on a white plot, so Tol's wine (#882255) takes its place.
+VARIANT_COLORS = ["#E69F00", "#0072B2", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#882255", "#000000"]
+#: Marker shapes, one per variant beside its colour: two similar hues (orange and vermilion, blue
+#: and sky blue) are still told apart as 7 px dots.
+VARIANT_SYMBOLS = ["o", "s", "t", "d", "t1", "p", "h", "star"]
 REFERENCE_COLOR = "#7f7f7f"
 
 
 def variant_color(index: int) -> QColor:
     return QColor(VARIANT_COLORS[index % len(VARIANT_COLORS)])
+
+
+def variant_symbol(index: int) -> str:
+    return VARIANT_SYMBOLS[index % len(VARIANT_SYMBOLS)]
 
 
 def colors_for(labels: list[str]) -> dict[str, QColor]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, QObject, Qt
-from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import QLabel, QWidget
+from PySide6.QtGui import QPainter, QPalette
+from PySide6.QtWidgets import QComboBox, QLabel, QWidget
 
 #: Fixed axis sizes (px). pyqtgraph sizes an axis to its widest tick label by default; new data
 #: then changes the axis width, which relays out the plot, resizes its view box, and makes the
@@ -15,11 +16,38 @@ LEFT_AXIS_WIDTH = 64
 BOTTOM_AXIS_HEIGHT = 40
 
 
-def plot_widget() -> pg.PlotWidget:
-    """A PlotWidget whose axes keep their size whatever the data."""
-    w = pg.PlotWidget()
+class IntAxis(pg.AxisItem):
+    """An axis of whole numbers (decoder layers, groups, code levels): ticks only at integers,
+    never closer than 1, whatever the zoom."""
+
+    def tickValues(self, minVal, maxVal, size):
+        out = []
+        for spacing, values in super().tickValues(minVal, maxVal, size):
+            if spacing < 1:
+                continue
+            out.append((spacing, [v for v in values if float(v).is_integer()]))
+        if not out and maxVal - minVal < 2 * size:  # zoomed in below one unit: every integer
+            lo, hi = int(np.ceil(minVal)), int(np.floor(maxVal))
+            out = [(1.0, list(range(lo, hi + 1)))] if hi - lo <= 50 else []
+        return out
+
+
+def plain_axes(item) -> None:
+    """No automatic SI prefix on a plot's axes: pyqtgraph would show a relative error of 0.29 as
+    290 with "(x0.001)" in the axis label, which reads wrong beside the 0.29 in the table."""
+    for name in ("left", "bottom", "right", "top"):
+        ax = item.getAxis(name)
+        if ax is not None:
+            ax.enableAutoSIPrefix(False)
+
+
+def plot_widget(int_x: bool = False) -> pg.PlotWidget:
+    """A PlotWidget whose axes keep their size whatever the data, without SI prefixes;
+    ``int_x``: the x axis counts whole things (ticks at integers only)."""
+    w = pg.PlotWidget(axisItems={"bottom": IntAxis("bottom")} if int_x else None)
     w.getAxis("left").setWidth(LEFT_AXIS_WIDTH)
     w.getAxis("bottom").setHeight(BOTTOM_AXIS_HEIGHT)
+    plain_axes(w.getPlotItem())
     return w
 
 
@@ -64,3 +92,37 @@ class Hint(QObject):
         r = self.parent().rect()
         self.label.setGeometry(r.adjusted(LEFT_AXIS_WIDTH, 0, -self.right, -BOTTOM_AXIS_HEIGHT))
         self.label.raise_()
+
+
+class ElidedLabel(QLabel):
+    """One line of text that never widens its layout: cut with "…" to the width it is given,
+    the whole text in its tooltip (a plain QLabel's minimum width is its text's, so a long layer
+    name in a toolbar widened the window)."""
+
+    def __init__(self, text: str = "", parent=None) -> None:
+        super().__init__(text, parent)
+        self.setMinimumWidth(40)
+        self.setToolTip(text)
+
+    def setText(self, text: str) -> None:
+        super().setText(text)
+        self.setToolTip(text)
+
+    def minimumSizeHint(self):
+        h = super().minimumSizeHint()
+        h.setWidth(40)
+        return h
+
+    def paintEvent(self, event) -> None:
+        p = QPainter(self)
+        p.setPen(self.palette().color(QPalette.ColorRole.WindowText))
+        shown = self.fontMetrics().elidedText(self.text(), Qt.TextElideMode.ElideRight, self.width())
+        p.drawText(self.rect(), int(self.alignment()), shown)
+
+
+def shrinkable(combo: QComboBox, chars: int = 12) -> QComboBox:
+    """A combo box sized for ``chars`` characters, not its longest item (a long metric name or
+    checkpoint path otherwise sets the window's minimum width); the list still shows all."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
+    return combo

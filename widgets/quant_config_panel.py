@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, Q
                                QPlainTextEdit, QPushButton, QScrollArea, QTableWidget, QTableWidgetItem, QTabWidget,
                                QVBoxLayout, QWidget)
 
+from quantscope.backend.formats.mlx import MODE_DEFAULTS
 from quantscope.backend.schemes import Model
 
 
@@ -53,7 +54,9 @@ class QuantConfigPanel(QWidget):
         self.group.setCurrentText("64")
         self.mode = QComboBox()
         self.mode.addItems(["affine", "mxfp4", "nvfp4", "mxfp8"])
-        self.run = QPushButton("Requantize from reference")
+        self.mode.currentTextChanged.connect(self._mode_changed)
+        self.run = QPushButton("Requantize")
+        self.run.setToolTip("Quantize the reference's layer with mx.quantize and measure its error")
         self.run.clicked.connect(lambda: self.whatif_requested.emit(int(self.bits.currentText()),
                                                                     int(self.group.currentText()),
                                                                     self.mode.currentText()))
@@ -138,6 +141,17 @@ class QuantConfigPanel(QWidget):
                 self.layer_table.setItem(r, c, item)
         self.layer_table.resizeColumnsToContents()
         self.whatif_result.setText("")
+
+    def _mode_changed(self, mode: str) -> None:
+        """mxfp4/nvfp4/mxfp8 fix their bits and block size: shown, and not offered as choices."""
+        fixed = None if mode == "affine" else MODE_DEFAULTS.get(mode)
+        for box, value in ((self.bits, None if fixed is None else fixed[0]),
+                           (self.group, None if fixed is None else fixed[1])):
+            box.setEnabled(fixed is None)
+            if value is not None:
+                if box.findText(str(value)) < 0:
+                    box.addItem(str(value))
+                box.setCurrentText(str(value))
 
     def set_whatif_result(self, text: str) -> None:
         self.whatif_result.setText(text)

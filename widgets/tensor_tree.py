@@ -9,7 +9,8 @@ from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu,
 
 from quantscope.backend.search import PathIndex
 
-from .tensor_tree_model import TensorTreeModel
+from .plots import shrinkable
+from .tensor_tree_model import BASE_COLUMNS, TensorTreeModel
 
 
 class TensorTree(QWidget):
@@ -23,7 +24,7 @@ class TensorTree(QWidget):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.model = TensorTreeModel(self)
-        self.combo = QComboBox()
+        self.combo = shrinkable(QComboBox(), 20)
         self.combo.setToolTip("Which checkpoint's modules the tree lists")
         self.search = QLineEdit()
         self.search.setPlaceholderText("Search paths (e.g. layers.1.mlp.down_proj)…")
@@ -71,12 +72,25 @@ class TensorTree(QWidget):
         # Widths from the font, not resizeColumnToContents: that walks every row (25 ms on a
         # small model, seconds on a 70k-module MoE) on the GUI thread.
         fm = self.view.fontMetrics()
-        widths = {0: 260, 1: fm.horizontalAdvance("mlx-affine__"), 4: fm.horizontalAdvance("14336×4096__"),
+        widths = {0: 220, 1: fm.horizontalAdvance("mlx-affine__"), 4: fm.horizontalAdvance("14336×4096__"),
                   5: fm.horizontalAdvance("100.0 MB__")}
         for c in range(self.model.columnCount()):
             text = str(self.model.headerData(c, Qt.Orientation.Horizontal) or "")
             self.view.setColumnWidth(c, max(widths.get(c, 0), fm.horizontalAdvance(text) + 24))
+        self._order_columns()
         self.checkpoint_changed.emit(label)
+
+    def _order_columns(self) -> None:
+        """Shown in the order a reader wants them: name, scheme, bits, then each variant's error
+        and the doctor's flag (what the tool is for, visible without scrolling a narrow dock),
+        then group, shape, bytes and bits per weight. Only the view's order changes."""
+        h = self.view.header()
+        n = self.model.columnCount()
+        nb = len(BASE_COLUMNS)
+        order = [0, 1, 2, *range(nb, n), *range(3, nb)]
+        for pos, logical in enumerate(order):
+            if h.visualIndex(logical) != pos:
+                h.moveSection(h.visualIndex(logical), pos)
 
     def _apply_search(self) -> None:
         ids = self._index.search(self.search.text())
