@@ -833,6 +833,7 @@ def test_sampling_limits_rows(tmp_path, monkeypatch):
         seen.append((name, rows))
         return orig(self, name, rows)
     monkeypatch.setattr(SafetensorsFile, "read", spy)
+    monkeypatch.setattr(doctor, "FULL_CHECK_BYTES", 0)  # sampled, however small the model
     diagnose(tmp_path / "m", rows_per_tensor=8)
     up = [r for n, r in seen if n == "model.layers.0.mlp.up_proj.weight"]
     assert up and all(r is not None and r[1] - r[0] <= 2 for r in up)
@@ -842,8 +843,9 @@ def test_sampling_limits_rows(tmp_path, monkeypatch):
     assert sum(r[1] - r[0] for r in up) == INTER
 
 
-def test_budget_exhausted_is_reported(tmp_path):
+def test_budget_exhausted_is_reported(tmp_path, monkeypatch):
     make_mlx(tmp_path / "m")
+    monkeypatch.setattr(doctor, "FULL_CHECK_BYTES", 0)
     findings = diagnose(tmp_path / "m", budget_s=0.0)
     assert [f.rule for f in findings] == ["doctor.budget"]
 
@@ -899,7 +901,7 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     assert rc == 1 and "Errors (1)" in out and "[gptq.v1-zero-wrap] (R1)" in out
     rc, out = _cli(capsys, broken, "--json", "--full")
     d = json.loads(out)
-    assert rc == 1 and set(d) == {"path", "findings", "summary"}
+    assert rc == 1 and set(d) == {"path", "findings", "summary", "values_checked"}
     assert d["summary"] == {"error": 1, "warning": 0, "info": 0}
     assert d["findings"][0]["rule"] == "gptq.v1-zero-wrap"
     rc, out = _cli(capsys, tmp_path / "does-not-exist", "--json")
