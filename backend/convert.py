@@ -957,6 +957,12 @@ def _is_within(a: Path, b: Path) -> bool:
         return False
 
 
+#: What a model folder holds (weights, configs, tokenizer, model card): --overwrite replaces a
+#: folder of only these.
+_MODEL_FILE_SUFFIXES = {".safetensors", ".json", ".md", ".txt", ".model", ".tiktoken", ".jinja", ".py", ".npz"}
+_MODEL_FILE_NAMES = {"LICENSE", "NOTICE", "USE_POLICY", ".gitattributes"}
+
+
 def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) -> None:
     s, d = src_root.resolve(), dst.resolve()
     if d == s or _is_within(d, s):
@@ -967,8 +973,20 @@ def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) ->
                               rule="convert.src-in-dst")
     if dst.exists() or dst.is_symlink():
         if not overwrite:
-            raise ConversionError("already exists; pass --overwrite (overwrite=True) to replace it", file=dst,
+            raise ConversionError("already exists; pass --overwrite to replace it", file=dst,
                                   rule="convert.dst-exists")
+        # --overwrite replaces a model folder (an earlier output), never anything else: a typo
+        # such as ~ or a project folder would otherwise be deleted whole.
+        if dst.is_symlink() or not dst.is_dir():
+            raise ConversionError("is not a folder; --overwrite replaces only a model folder", file=dst,
+                                  rule="convert.dst-not-model")
+        other = [q.name for q in dst.iterdir()
+                 if q.is_dir() or (q.suffix.lower() not in _MODEL_FILE_SUFFIXES and q.name not in _MODEL_FILE_NAMES)]
+        if other:
+            raise ConversionError(f"holds what is not part of a model ({', '.join(sorted(other)[:3])}"
+                                  f"{', …' if len(other) > 3 else ''}); --overwrite replaces only a model folder: "
+                                  "choose another destination or remove it yourself", file=dst,
+                                  rule="convert.dst-not-model")
 
 
 def _human(n: float) -> str:

@@ -415,3 +415,23 @@ def test_keeps_dtype_reads_rows_in_growing_chunks():
     noisy = (rng.random((n, ng)) * 0.01 + 0.001).astype(np.float16).astype(np.float32)
     assert not conv._keeps_dtype(repack(noisy), 4, g)
     assert max(b for _, b in asked) < n  # decided from the first rows
+
+
+def test_overwrite_replaces_only_a_model_folder(demo, tmp_path, capsys):
+    from quantscope.app.cli import main
+    src = str(demo.variants["awq-w4g128"])
+    work = tmp_path / "thesis"
+    work.mkdir()
+    (work / "ch1.tex").write_text("x")
+    assert main(["convert", src, str(work), "--to", "mlx", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "ch1.tex" in err and "only a model folder" in err and (work / "ch1.tex").read_text() == "x"
+    (work / "ch1.tex").unlink()
+    (work / "sub").mkdir()
+    assert main(["convert", src, str(work), "--to", "mlx", "--overwrite"]) == 2 and (work / "sub").is_dir()
+    capsys.readouterr()
+    (work / "sub").rmdir()
+    for name in ("model.safetensors", "config.json", "README.md", "LICENSE", ".gitattributes"):
+        (work / name).write_text("old")
+    assert main(["convert", src, str(work), "--to", "mlx", "--overwrite"]) == 0  # an earlier output: replaced
+    assert open_checkpoint(str(work)).tensor("model.layers.0.self_attn.q_proj.weight").dtype == np.uint32
