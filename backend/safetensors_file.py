@@ -91,6 +91,12 @@ def _likely_cause(head: bytes) -> str:
         return " — this is a zip archive (a PyTorch .bin/.pt checkpoint?), not safetensors"
     if head[:1] == b"\x80":
         return " — this is a Python pickle, not safetensors"
+    if text.startswith((b"{", b"[")):
+        return " — this is a JSON file (a config or an index?), not safetensors"
+    if head[:4] == b"GGUF":
+        return " — this is a GGUF file, not safetensors"
+    if head and all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        return " — this is a text file, not safetensors"
     return ""
 
 

@@ -87,6 +87,8 @@ def test_scalars_and_empty_tensors(tmp_path):
     ("short", "container.too-short", "shorter than the 8-byte"),
     ("lfs", "container.header-too-large", "Git LFS pointer"),
     ("html", "container.header-too-large", "HTML"),
+    ("json", "container.header-too-large", "JSON file"),
+    ("gguf", "container.header-too-large", "GGUF"),
     ("len-past-file", "container.header-too-large", "larger than the file"),
     ("not-json", "container.header-json", "not valid JSON"),
     ("not-object", "container.header-json", "not a JSON object"),
@@ -111,6 +113,10 @@ def test_bad_input(tmp_path, case, rule, fragment):
         p.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 12\n")
     elif case == "html":
         p.write_bytes(b"<!DOCTYPE html><html><body>Not found</body></html>")
+    elif case == "json":  # config.json given where a .safetensors was meant
+        p.write_bytes(b'{\n  "architectures": ["LlamaForCausalLM"],\n  "hidden_size": 384\n}\n')
+    elif case == "gguf":
+        p.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
     elif case == "len-past-file":
         write_raw(p, good_header(), data16, length=10_000)
     elif case == "not-json":
