@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 
 from quantscope.backend.errors import QuantscopeError
@@ -19,6 +21,10 @@ SUBCOMMANDS = ("info", "dequant", "compare", "doctor", "convert", "demo")
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+
+
+ENGINE_HELP = ("numpy: compiled kernels / vectorised numpy; mlx: mx.dequantize (formats MLX cannot take fall back "
+               "to numpy, as the output says); auto (default): mlx on a GPU, numpy on a CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,14 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("path", help="checkpoint")
     pd.add_argument("layer", help="module path without the component suffix, e.g. model.layers.0.self_attn.q_proj")
     pd.add_argument("-o", "--output", required=True, help="output .npy file")
-    pd.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto")
+    pd.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)
     _add_common(pd)
     pc = sub.add_parser("compare", help="per-layer error of variants against a reference")
     pc.add_argument("--reference", required=True, help="the dense reference checkpoint")
     pc.add_argument("variants", nargs="+", metavar="CKPT", help="quantized checkpoints to compare")
-    pc.add_argument("--json", dest="json_out", metavar="OUT", help="write the per-layer metrics as JSON")
-    pc.add_argument("--csv", dest="csv_out", metavar="OUT", help="write the per-layer metrics as CSV")
-    pc.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto")
+    pc.add_argument("--json", dest="json_out", metavar="OUT",
+                    help="write the per-layer metrics as JSON (-: to stdout, the table then goes to stderr)")
+    pc.add_argument("--csv", dest="csv_out", metavar="OUT",
+                    help="write the per-layer metrics as CSV (-: to stdout, the table then goes to stderr)")
+    pc.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)
     _add_common(pc)
     pdoc = sub.add_parser("doctor", help="find what is wrong with a checkpoint (exit 0 ok, 1 errors, 2 cannot open)")
     pdoc.add_argument("path", help="checkpoint")
@@ -51,13 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     pconv.add_argument("src", help="source checkpoint")
     pconv.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     pconv.add_argument("--to", required=True, choices=["mlx", "dense"])
-    pconv.add_argument("--bits", type=int, help="bits for requantized layers (default 4)")
-    pconv.add_argument("--group-size", type=int, help="group size for requantized layers (default: mode's)")
-    pconv.add_argument("--mode", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], default="affine")
+    pconv.add_argument("--bits", type=int,
+                       help="quantize every layer to B bits, the ones the source kept dense (embeddings, lm_head) "
+                            "too, as mlx_lm.convert does; without --bits/--group-size/--mode, quantized layers keep "
+                            "their settings (repacked exactly where possible, else 4 bit) and dense ones stay dense")
+    pconv.add_argument("--group-size", type=int, help="group size, with the same reach as --bits (default: mode's)")
+    pconv.add_argument("--mode", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], default="affine",
+                       help="affine (default), or a block-float mode (fixed bits and group), with the same reach as --bits")
+    pconv.add_argument("--overwrite", action="store_true",
+                       help="replace an existing DST, if it holds only model files (an earlier output)")
     pconv.add_argument("--recipe", help="mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6, or a JSON file path → bits/group/mode or false")
     pconv.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16", help="dense output dtype (--to dense)")
-    pconv.add_argument("--overwrite", action="store_true", help="replace an existing DST")
-    pconv.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto")
+    pconv.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)
     _add_common(pconv)
     pdemo = sub.add_parser("demo", help="write the demo workspace (reference + GPTQ/AWQ/MLX variants) to DIR")
     pdemo.add_argument("dir", help="a folder that does not exist yet")
@@ -139,15 +152,34 @@ def cmd_dequant(args) -> int:
     from quantscope.backend.engines import get_engine
     from quantscope.backend.schemes import analyze
 
+    check_output_path(args.output)
     with open_checkpoint(args.path) as ckpt:
         model = analyze(ckpt)
         layer = model.layer(args.layer)
         engine = get_engine(args.engine)
         w = engine.dequantize(model, layer)
-        np.save(args.output, w)
+        with open(args.output, "wb") as fh:  # the name given: np.save(path) would add ".npy"
+            np.save(fh, w)
+    route = getattr(engine, "last_path", "")
     print(f"{args.layer}: {layer.scheme} {'×'.join(map(str, w.shape))} float32 -> {args.output} "
-          f"(engine {engine.name})")
+          f"(engine {engine.name}{': ' + route if route else ''})")
     return 0
+
+
+def check_output_path(path: str) -> None:
+    """Refuse, before any work, an output file that cannot be written (a folder that does not
+    exist, a path that is a folder): the error used to come after the whole comparison, as an
+    internal error."""
+    from quantscope.backend.errors import QuantscopeError
+    if path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise QuantscopeError(f"{path} is a folder; give a file name to write")
+    if not os.path.isdir(parent):
+        raise QuantscopeError(f"cannot write {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise QuantscopeError(f"cannot write {path}: the folder {parent} is not writable")
 
 
 def cmd_compare(args) -> int:
@@ -190,6 +222,13 @@ def _setup_logging(verbose: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Options every command takes may come before the command (`quantscope --debug info X`, as the
+    # usage line shows): move them after it, or "info" would be opened as a path in the window.
+    i = 0
+    while i < len(argv) and (argv[i] in ("--debug", "--verbose") or re.fullmatch(r"-v+", argv[i])):
+        i += 1
+    if 0 < i < len(argv) and argv[i] in SUBCOMMANDS:
+        argv = [argv[i], *argv[:i], *argv[i + 1:]]
     is_sub = any(a in SUBCOMMANDS for a in argv[:1]) or (argv[:1] and argv[0] in ("-h", "--help"))
     debug = "--debug" in argv
     try:

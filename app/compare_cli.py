@@ -9,6 +9,8 @@ import os
 import sys
 import threading
 
+from quantscope.backend.errors import QuantscopeError
+
 from .progress_bar import ProgressBar
 
 _logger = logging.getLogger(__name__)
@@ -17,8 +19,8 @@ _logger = logging.getLogger(__name__)
 def _fmt(v, spec: str) -> str:
     if v is None:
         return "—"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
+    if isinstance(v, float) and math.isinf(v):  # as wide as the numbers around it
+        return format("inf" if v > 0 else "-inf", ">" + spec.split(".")[0])
     return format(v, spec)
 
 
@@ -48,8 +50,19 @@ def format_table(result, labels: list[str]) -> str:
         cells = []
         for lb, c in zip(labels, cols):
             r = by.get((n, lb))
-            cells.append((f"{_fmt(r.rel_fro, '8.5f')} {_fmt(r.sqnr_db, '8.2f')}" if r else "—").rjust(c))
+            mark = "*" if r and r.smoothing != "none" else " "
+            cells.append((f"{_fmt(r.rel_fro, '8.5f')}{mark}{_fmt(r.sqnr_db, '8.2f')}" if r else "—").rjust(c))
         lines.append("  ".join([n.ljust(w0)] + cells))
+    undone = [r for r in result.rows if r.smoothing != "none"]
+    if undone:
+        kinds = sorted({k.split(":")[0] for r in undone for k in r.smoothing.split("+")})
+        how = {"norm": "norm: exact, the reference's norm weights over the variant's",
+               "lstsq": "lstsq: estimated by least squares from the preceding layer's rows",
+               "rows": "rows: the rows of that preceding layer, rescaled by the same estimate"}
+        lines.append("")
+        lines.append(f"* {len(undone)} measured after undoing AWQ-style smoothing ("
+                     + "; ".join(how.get(k, k) for k in kinds)
+                     + "); rel_fro_raw in --json/--csv is the error without undoing it")
     bad = [r for r in result.rows if not math.isfinite(r.rel_fro)]
     if bad:
         lines.append("")
@@ -71,9 +84,22 @@ def run_compare(args) -> int:
     from quantscope.backend.compare import sweep
     from quantscope.backend.schemes import analyze
 
+    from .cli import check_output_path
+
+    for out in (args.json_out, args.csv_out):
+        if out:
+            check_output_path(out)
+    if args.json_out == "-" and args.csv_out == "-":
+        raise QuantscopeError("--json - and --csv - cannot both write to stdout")
     ref = analyze(open_checkpoint(args.reference))
     variants = {}
+    seen: dict[str, str] = {}  # the reference itself may be a variant: a check that gives 0 error
     for path in args.variants:
+        real = os.path.realpath(path)
+        if real in seen:  # the same folder twice: one column, said so (the rows were merged silently)
+            print(f"quantscope: {path} is {seen[real]} again: compared once", file=sys.stderr)
+            continue
+        seen[real] = path
         variants[path] = analyze(open_checkpoint(path))
     bar = ProgressBar("comparing")
     cancel = threading.Event()
@@ -82,12 +108,16 @@ def run_compare(args) -> int:
     finally:
         bar.close()
     data = result.to_json()
-    data = {"reference": args.reference, "variants": list(args.variants), **data}
-    if args.json_out:
+    data = {"reference": args.reference, "variants": list(variants), **data}
+    if args.json_out == "-":
+        json.dump(data, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    elif args.json_out:
         with open(args.json_out, "w") as fh:
             json.dump(data, fh, indent=1)
             fh.write("\n")
     if args.csv_out:
-        result.to_csv(args.csv_out)
-    sys.stdout.write(format_table(result, list(args.variants)) + "\n")
+        result.to_csv(sys.stdout if args.csv_out == "-" else args.csv_out)
+    table = sys.stderr if "-" in (args.json_out, args.csv_out) else sys.stdout
+    table.write(format_table(result, list(variants)) + "\n")
     return 0

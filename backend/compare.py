@@ -111,17 +111,24 @@ class SweepResult:
                 "unmatched": [dataclasses.asdict(u) for u in self.unmatched]}
 
     def to_csv(self, path) -> None:
-        """One line per row with :data:`LAYER_KEYS`; unmatched layers follow with their ``reason``."""
+        """One line per row with :data:`LAYER_KEYS`; unmatched layers follow with their ``reason``.
+        ``path``: a file name, or an open text stream (stdout)."""
+        if hasattr(path, "write"):
+            self._write_csv(path)
+            return
         with open(path, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(LAYER_KEYS + ("reason",))
-            for r in self.rows:
-                d = r.to_dict()
-                w.writerow(["" if d[k] is None else d[k] for k in LAYER_KEYS] + [""])
-            for u in self.unmatched:
-                row = dict.fromkeys(LAYER_KEYS, "")
-                row.update(name=u.layer, variant=u.variant)
-                w.writerow([row[k] for k in LAYER_KEYS] + [u.reason])
+            self._write_csv(fh)
+
+    def _write_csv(self, fh) -> None:
+        w = csv.writer(fh)
+        w.writerow(LAYER_KEYS + ("reason",))
+        for r in self.rows:
+            d = r.to_dict()
+            w.writerow(["" if d[k] is None else d[k] for k in LAYER_KEYS] + [""])
+        for u in self.unmatched:
+            row = dict.fromkeys(LAYER_KEYS, "")
+            row.update(name=u.layer, variant=u.variant)
+            w.writerow([row[k] for k in LAYER_KEYS] + [u.reason])
 
     def by_variant(self) -> dict[str, list[LayerMetrics]]:
         out: dict[str, list[LayerMetrics]] = {}

@@ -195,8 +195,13 @@ class ErrorStats:
         whwh = self.sww + 2.0 * self.swd + self.sdd  # Σ Ŵ² = Σ (W + d)²
         wwh = self.sww + self.swd                    # Σ W·Ŵ
         denom = math.sqrt(self.sww) * math.sqrt(max(whwh, 0.0))
-        cosine = wwh / denom if denom > 0 else math.nan
+        # the rounding of the sums can put identical arrays a hair past 1 (1.0000000000000002)
+        cosine = min(1.0, max(-1.0, wwh / denom)) if denom > 0 else math.nan
+        if self.sdd == 0.0 and self.sww > 0:  # identical: exactly 1, not 0.9999999999999999
+            cosine = 1.0
         pct = self.percentiles()
+        if math.isnan(self.sdd):  # a NaN error: its percentiles are NaN too, as numpy gives them
+            pct = dict.fromkeys(pct, math.nan)
         return {"rel_fro": rel, "sqnr_db": sqnr, "cosine": cosine, "max_abs": self.max_abs,
                 "mse": self.sdd / self.n if self.n else math.nan,
                 "p50": pct[50.0], "p95": pct[95.0], "p99": pct[99.0]}

@@ -49,3 +49,46 @@ def test_backend_imports_without_qt():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_options_before_the_command_run_the_command(tmp_path, capsys):
+    # the usage line reads `quantscope [--debug] [-v] COMMAND`: "info" was opened as a path in the window
+    p = tmp_path / "m.safetensors"
+    write_st(p, {"w": np.zeros((4, 4), np.float32)})
+    assert main(["--debug", "-v", "info", str(p)]) == 0
+    assert "tensors: 1" in capsys.readouterr().out
+
+
+def test_outputs_are_checked_before_any_work_and_written_where_named(tmp_path, capsys, real_fixtures):
+    ref = str(real_fixtures / "base-bf16")
+    var = str(real_fixtures / "mlx-affine-q4-g64")
+    assert main(["compare", "--reference", ref, var, "--json", str(tmp_path / "no" / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0] and "internal" not in err[0]
+    # -o is the file written, as given (np.save would have added .npy and the report named another file)
+    out = tmp_path / "layer"
+    assert main(["dequant", var, "model.layers.0.mlp.up_proj", "-o", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out and np.load(out).shape == (1536, 384)
+    # --json -: JSON on stdout, the table on stderr; the same folder twice is compared once, said so
+    assert main(["compare", "--reference", ref, var, var + "/", "--json", "-"]) == 0
+    cap = capsys.readouterr()
+    data = json.loads(cap.out)
+    assert data["variants"] == [var] and len({r["variant"] for r in data["layers"]}) == 1
+    assert "compared once" in cap.err and "rel_fro" in cap.err
+
+
+def test_doctor_reads_a_small_model_whole_and_says_what_it_checked(tmp_path, capsys, real_fixtures):
+    import shutil
+    import struct
+    dst = tmp_path / "m"
+    shutil.copytree(real_fixtures / "base-bf16", dst)
+    f = dst / "model.safetensors"
+    b = bytearray(f.read_bytes())
+    n = struct.unpack("<Q", b[:8])[0]
+    t = json.loads(b[8:8 + n])["model.layers.1.mlp.down_proj.weight"]
+    off = 8 + n + t["data_offsets"][0] + 2 * 300_000  # one bf16 NaN in a row a sample skips
+    b[off:off + 2] = b"\xc0\x7f"
+    f.write_bytes(bytes(b))
+    assert main(["doctor", str(dst)]) == 1
+    out = capsys.readouterr().out
+    assert "values.non-finite" in out and "every value checked" in out

@@ -488,6 +488,7 @@ def test_nan_in_a_variant_is_reported_not_hidden(ref_pair, mlx_variant, tmp_path
     good = {r.name: r for r in sweep(ref, {"m": mlx_variant}, engine="numpy").rows}
     r = rows["model.layers.1.self_attn.v_proj"]
     assert math.isnan(r.rel_fro) and math.isnan(r.sqnr_db)
+    assert math.isnan(r.p50) and math.isnan(r.p99)  # as np.percentile gives them over a NaN
     assert rows["model.layers.1.self_attn.q_proj"].rel_fro == good["model.layers.1.self_attn.q_proj"].rel_fro
     rc = main(["compare", "--reference", str(root / "ref"), str(tmp_path / "nan"), "--engine", "numpy"])
     out = capsys.readouterr().out
@@ -541,3 +542,20 @@ def test_real_mlx_fixture(real_fixtures):
         res = sweep(ref, {"awq": analyze(open_checkpoint(awq_p))}, engine="numpy")
         q = next(r for r in res.rows if r.proj == "q_proj")
         assert q.rel_fro < q.rel_fro_raw
+
+
+def test_table_marks_undone_smoothing_aligns_inf_and_cosine_stays_in_range(ref_pair, tmp_path, capsys):
+    from quantscope.app.cli import main
+    from quantscope.backend.demo import build_demo
+    root = ref_pair[0]
+    assert main(["compare", "--reference", str(root / "ref"), str(root / "ref"), "--json", str(tmp_path / "s.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = next(ln for ln in lines if ln.startswith("model.layers.0.mlp.down_proj"))
+    assert row.endswith("0.00000      inf")  # inf as wide as the numbers, not drifting left
+    layers = json.loads((tmp_path / "s.json").read_text())["layers"]
+    assert all(r["cosine"] == 1.0 for r in layers)  # not 1.0000000000000002 or 0.9999999999999999
+    ws = build_demo(tmp_path / "demo")
+    assert main(["compare", "--reference", str(ws.reference), str(ws.variants["awq-w4g128"])]) == 0
+    out = capsys.readouterr().out
+    q = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.self_attn.q_proj"))
+    assert "*" in q and "measured after undoing AWQ-style smoothing" in out and "norm: exact" in out

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from PySide6.QtCore import QSettings
-
 from quantscope.app.main_window import MainWindow
 
 pytestmark = pytest.mark.slow
@@ -207,7 +206,6 @@ def test_no_widget_attribute_hides_a_qt_virtual(qtbot):
     # Qt then calls the attribute while painting and gets an error instead of the device metric
     from PySide6.QtGui import QPaintDevice
     from PySide6.QtWidgets import QWidget
-
     from quantscope.widgets.histogram_view import HistogramView
     from quantscope.widgets.layer_error_plot import LayerErrorPlot
     from quantscope.widgets.tensor_tree import TensorTree
@@ -274,7 +272,7 @@ def test_window_fits_1024_wide_whatever_is_selected(win, qtbot):
     win.tabs.setCurrentWidget(win.hist)
     for name in ("model.layers.2.self_attn.q_proj", "model.layers.0.post_attention_layernorm"):
         win.tree.select(name)
-        qtbot.waitUntil(lambda: win.hist.note.text().startswith(name), timeout=30_000)
+        qtbot.waitUntil(lambda name=name: win.hist.note.text().startswith(name), timeout=30_000)
         assert win.minimumSizeHint().width() <= 1024, name
     assert win.hist.note.toolTip() == "model.layers.0.post_attention_layernorm is not a weight matrix"
 
@@ -314,7 +312,11 @@ def test_whatif_block_float_modes_show_their_own_bits_and_block(win, qtbot):
 
 
 def test_plots_read_in_the_data_units_and_layers_are_whole_numbers(qtbot):
-    from quantscope.widgets.layer_error_plot import LayerErrorPlot, _proj_labels, _proj_order
+    from quantscope.widgets.layer_error_plot import (
+        LayerErrorPlot,
+        _proj_labels,
+        _proj_order,
+    )
     plot = LayerErrorPlot()
     qtbot.addWidget(plot)
     left = plot.plot.getAxis("left")
