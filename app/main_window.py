@@ -71,6 +71,7 @@ class MainWindow(QMainWindow):
         self.sweep_result = None
         self._sweep_cache: dict = {}
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
+        self._current_errors = ""  # the selected layer's error per variant, under a what-if result
         self.setWindowTitle("quantscope")
         self.setAcceptDrops(True)
         self._build_views()
@@ -130,7 +131,8 @@ class MainWindow(QMainWindow):
         self.codes = CodeUsageView()
         self.scales = HistogramView("scale value", empty_hint="Select a quantized layer in the Tensors tree: "
                                     "the distribution of its per-group scales in every variant")
-        self.zeros = HistogramView("zero point (integer level)", empty_hint="… and of its integer zero points")
+        self.zeros = HistogramView("zero point (code level)", empty_hint="… and of its integer zero points",
+                                   discrete=True)
         scales_tab = QSplitter(Qt.Orientation.Vertical)
         scales_tab.addWidget(self.scales)
         scales_tab.addWidget(self.zeros)
@@ -363,7 +365,9 @@ class MainWindow(QMainWindow):
         lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
             f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "")
             for v, m in d.metrics.items()]
-        self.config.set_whatif_result("Current: " + "; ".join(lines))
+        # one line per variant (a ";"-joined line for six variants ran through a 3-line box)
+        self._current_errors = "Current error of each variant:\n" + "\n".join(lines)
+        self.config.set_whatif_result(self._current_errors)
         self.detail_shown.emit(r["name"])
 
     # -- tools -----------------------------------------------------------------------------------
@@ -417,7 +421,7 @@ class MainWindow(QMainWindow):
         def show(r):
             self.config.set_whatif_result(
                 f"What-if {r['mode']} {r['bits']} bit / {r['group_size']}: rel_fro {r['rel_fro']:.4f} "
-                f"({r['sqnr_db']:.1f} dB)\n" + self.config.whatif_result.text().split("\n")[-1])
+                f"({r['sqnr_db']:.1f} dB)\n\n" + self._current_errors)
 
         self.service.submit("whatif", "Requantizing (what-if)", jobs.job_whatif, self.workspace.reference,
                             self.current_layer, bits, group, mode, on_result=show, on_error=self._job_failed)

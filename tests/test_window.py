@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QSettings
+from PySide6.QtCore import QSettings, Qt
 from quantscope.app.main_window import MainWindow
 
 pytestmark = pytest.mark.slow
@@ -336,6 +336,14 @@ def test_code_usage_of_different_bit_widths_is_drawn_on_each_ones_range(qtbot):
     bars = [i for i in view.plot.getPlotItem().items if type(i).__name__ == "BarGraphItem"]
     xs = [np.asarray(b.opts["x"]) for b in bars]
     assert all(x.min() > -0.1 and x.max() < 1.1 for x in xs)  # both on 0..1: top level meets top level
-    assert "fraction" in view.plot.getAxis("bottom").labelText and "fp8" in view.summary.text()
+    assert "highest level" in view.plot.getAxis("bottom").labelText and "fp8" in view.summary.text()
     view.set_counts({"w4": np.ones(16)}, {"w4": "#00f"})
     assert view.plot.getAxis("bottom").labelText == "code level"
+
+
+def test_tree_shows_name_scheme_bits_then_the_shown_checkpoints_error(win, qtbot):
+    h, model = win.tree.view.header(), win.tree.model
+    for label in ("awq-w4g128", "gptq-w4g128"):
+        win.tree.combo.setCurrentText(label)
+        first = [model.headerData(h.logicalIndex(i), Qt.Orientation.Horizontal) for i in range(4)]
+        assert first == ["Name", "Scheme", "Bits", f"Error · {label}"]

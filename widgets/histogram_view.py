@@ -9,11 +9,18 @@ from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QP
 from .plots import ElidedLabel, Hint, plot_widget
 
 
+#: Where an empty bin is drawn on the log10(count) axis: just under a count of 1.
+LOG_FLOOR = -0.25
+
+
 class HistogramView(QWidget):
     """Step histograms (one colour per variant) with log-y and x-range controls."""
 
-    def __init__(self, xlabel: str, ylabel: str = "count", empty_hint: str = "", parent=None) -> None:
+    def __init__(self, xlabel: str, ylabel: str = "count", empty_hint: str = "", discrete: bool = False,
+                 parent=None) -> None:
+        """``discrete``: one bin per level (zero points): empty bins are drawn on a floor."""
         super().__init__(parent)
+        self.discrete = discrete
         self.plot = plot_widget()
         self.hint = Hint(self.plot, empty_hint)
         self.plot.setLabel("bottom", xlabel)
@@ -104,8 +111,12 @@ class HistogramView(QWidget):
         log = self.log_y.isChecked()
         for label, c in self._counts.items():
             y = np.asarray(c, dtype=np.float64)
-            if log:
-                y = np.log10(np.where(y > 0, y, np.nan))  # empty bins are gaps, not -inf
+            if log and self.discrete:
+                # Empty bins on a floor just under log10(1) = 0: with gaps, a variant whose values
+                # sit in one level (every zero point 8) was drawn as a lone floating dash.
+                y = np.where(y > 0, np.log10(np.maximum(y, 1)), LOG_FLOOR)
+            elif log:
+                y = np.log10(np.where(y > 0, y, np.nan))  # sparse tails: gaps, not a comb to a floor
             color = self._colors.get(label)
             # The reference in its own colour, thinner; solid (a dashed curve cost 40% of the
             # plot's paint time).

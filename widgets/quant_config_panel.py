@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QTextDocument
 from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
                                QPlainTextEdit, QPushButton, QScrollArea, QTableWidget, QTableWidgetItem, QTabWidget,
@@ -34,6 +34,13 @@ class QuantConfigPanel(QWidget):
         self.layer_table.setHorizontalHeaderLabels(["Checkpoint", "Scheme", "Bits", "Group", "Shape", "Rule"])
         self.layer_table.horizontalHeader().setSectionResizeMode(5, QHeaderView.ResizeMode.Stretch)
         self.layer_table.verticalHeader().setVisible(False)
+        self.layer_table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        self.layer_table.setWordWrap(False)
+        # The rule behind the selected row's settings, in full: a sentence does not fit a column
+        # of a narrow dock.
+        self.rule = QLabel()
+        self.rule.setWordWrap(True)
+        self.layer_table.currentCellChanged.connect(lambda row, *_: self._show_rule(row))
         self.layer_table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.globals = QLabel()
         self.globals.setWordWrap(True)
@@ -69,6 +76,7 @@ class QuantConfigPanel(QWidget):
         lv.setContentsMargins(0, 0, 0, 0)
         lv.addWidget(self.layer_title)
         lv.addWidget(self.layer_table, 1)
+        lv.addWidget(self.rule)
         wi = QGroupBox("What if: requantize this layer from the reference with MLX")
         wl = QHBoxLayout(wi)
         form = QFormLayout()
@@ -140,8 +148,20 @@ class QuantConfigPanel(QWidget):
                 item.setToolTip(v)
                 self.layer_table.setItem(r, c, item)
         self.layer_table.resizeColumnsToContents()
+        # Capped so that the Rule column (why these settings) keeps a share of a narrow dock;
+        # long checkpoint names are elided in the middle, whole in their tooltip.
+        for c, cap in enumerate((150, 80, 40, 50, 80)):
+            if self.layer_table.columnWidth(c) > cap:
+                self.layer_table.setColumnWidth(c, cap)
         self.whatif_result.setText("")
+        # the first variant that has the layer (row 0 is usually the reference)
+        first = next((r for r, (_, layer) in enumerate(rows) if layer is not None and r > 0), 0)
+        self.layer_table.setCurrentCell(first, 0)
+        self._show_rule(first)
 
+    def _show_rule(self, row: int) -> None:
+        name, rule = self.layer_table.item(row, 0), self.layer_table.item(row, 5)
+        self.rule.setText(f"<b>{name.text()}</b>: {rule.text()}" if name and rule else "")
     def _mode_changed(self, mode: str) -> None:
         """mxfp4/nvfp4/mxfp8 fix their bits and block size: shown, and not offered as choices."""
         fixed = None if mode == "affine" else MODE_DEFAULTS.get(mode)

@@ -87,7 +87,13 @@ class TensorTree(QWidget):
         h = self.view.header()
         n = self.model.columnCount()
         nb = len(BASE_COLUMNS)
-        order = [0, 1, 2, *range(nb, n), *range(3, nb)]
+        errors = list(range(nb, n - 1))
+        shown = self.combo.currentText()
+        variants = self.model.variants
+        if shown in variants:  # the shown checkpoint's own error first
+            errors.remove(nb + variants.index(shown))
+            errors.insert(0, nb + variants.index(shown))
+        order = [0, 1, 2, *errors, n - 1, *range(3, nb)]
         for pos, logical in enumerate(order):
             if h.visualIndex(logical) != pos:
                 h.moveSection(h.visualIndex(logical), pos)

@@ -69,6 +69,11 @@ class TensorTreeModel(QAbstractItemModel):
         self._visible = list(range(len(self._layers))) if ids is None else list(ids)
         self.endResetModel()
 
+    @property
+    def variants(self) -> list[str]:
+        """The variants with an error column, in column order."""
+        return list(self._variants)
+
     def set_variants(self, labels: list[str]) -> None:
         self.beginResetModel()
         self._variants = list(labels)
