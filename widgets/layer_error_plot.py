@@ -246,7 +246,7 @@ class LayerErrorPlot(QWidget):
             self._hm_frame = frame
             short, legend = _proj_labels(projs)
             self.hm.getAxis("bottom").setTicks([[(j + 0.5, t) for j, t in enumerate(short)]])
-            self.hm.setLabel("bottom", "projection" + (f" ({legend})" if legend else ""))
+            self.hm.setLabel("bottom", legend or "projection")  # the key to short labels, else what they are
             self.hm.getAxis("left").setTicks([[(i + 0.5, str(layer)) for i, layer in enumerate(layers)]]
                                              if len(layers) <= 40 else None)
             self.hm.setTitle(variant)
