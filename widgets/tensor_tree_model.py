@@ -49,6 +49,10 @@ class TensorTreeModel(QAbstractItemModel):
         self._errors: dict[str, dict[str, float]] = {}
         self._flags: dict[str, tuple[str, str]] = {}
         self.dark = False
+        # per variant, per module path: (text, background) of its error cell, made at its first
+        # paint, not in every data() call of every repaint (a visible error column is asked for
+        # both, for each row, at each paint, while workers hold the GIL)
+        self._shown: dict[str, dict[str, tuple[str, object]]] = {}
 
     # -- content -------------------------------------------------------------------------------
 
@@ -78,19 +82,33 @@ class TensorTreeModel(QAbstractItemModel):
         self.beginResetModel()
         self._variants = list(labels)
         self._errors = {k: v for k, v in self._errors.items() if k in labels}
+        self._shown = {k: v for k, v in self._shown.items() if k in labels}
         self.endResetModel()
 
     def set_errors(self, label: str, errors: dict[str, float]) -> None:
         """rel_fro per module path for one variant (updates the column in place)."""
         self._errors[label] = dict(errors)
+        self._shown[label] = {}
         if label in self._variants and self._visible:
             col = len(BASE_COLUMNS) + self._variants.index(label)
             self.dataChanged.emit(self.index(0, col), self.index(len(self._visible) - 1, col))
+
+    def _cell(self, label: str, path: str) -> tuple[str, object] | None:
+        """(text, background) of an error cell, made on its first paint and kept."""
+        shown = self._shown.setdefault(label, {})
+        cell = shown.get(path)
+        if cell is None:
+            v = self._errors.get(label, {}).get(path)
+            if v is None:
+                return None
+            cell = shown[path] = (f"{v:.4f}", error_color(v, self.dark))
+        return cell
 
     def set_all_errors(self, per: dict[str, dict[str, float]]) -> None:
         """rel_fro per module path for several variants, with one ``dataChanged`` for all."""
         for label, errors in per.items():
             self._errors[label] = dict(errors)
+            self._shown[label] = {}
         cols = [len(BASE_COLUMNS) + self._variants.index(v) for v in per if v in self._variants]
         if cols and self._visible:
             self.dataChanged.emit(self.index(0, min(cols)), self.index(len(self._visible) - 1, max(cols)))
@@ -201,12 +219,13 @@ class TensorTreeModel(QAbstractItemModel):
                 bpw = layer.bits_per_weight
                 return "" if bpw is None else f"{bpw:.2f}"
             if col < nb + len(self._variants):
-                v = self._errors.get(self._variants[col - nb], {}).get(layer.path)
-                return "" if v is None else f"{v:.4f}"
+                cell = self._cell(self._variants[col - nb], layer.path)
+                return "" if cell is None else cell[0]
             flag = self._flags.get(layer.path)
             return flag[0] if flag else ""
         if role == _BACKGROUND and nb <= col < nb + len(self._variants):
-            return error_color(self._errors.get(self._variants[col - nb], {}).get(layer.path), self.dark)
+            cell = self._cell(self._variants[col - nb], layer.path)
+            return None if cell is None else cell[1]
         if role == _TOOLTIP:
             if col == self.columnCount() - 1 and layer.path in self._flags:
                 return self._flags[layer.path][1]
