@@ -120,7 +120,16 @@ def cmd_info(args) -> int:
     if q["kind"]:
         g = ", ".join(f"{k}={v}" for k, v in q["globals"].items() if v is not None)
         out.append(f"quantization: {q['kind']} from {q['file']}: {g}")
-        if q["overrides"]:
+        if q["overrides"] and q["kind"] == "compressed-tensors":
+            # config groups are the scheme itself (group_0 → Linear), not overrides of a global one
+            for name, grp in q["overrides"]:
+                grp = grp if isinstance(grp, dict) else {}
+                w = grp.get("weights") or {}
+                parts = [f"{w.get('num_bits')} bit {w.get('type', '')}".strip() if w else "no weight scheme",
+                         f"group {w['group_size']}" if w.get("group_size") else w.get("strategy"),
+                         None if w.get("symmetric") is None else "symmetric" if w["symmetric"] else "asymmetric"]
+                out.append(f"  config group {name}: targets {grp.get('targets')} → {', '.join(p for p in parts if p)}")
+        elif q["overrides"]:
             out.append(f"  {len(q['overrides'])} per-layer override(s)")
         for n in q["notes"]:
             out.append(f"  note: {n}")

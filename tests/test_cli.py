@@ -92,3 +92,13 @@ def test_doctor_reads_a_small_model_whole_and_says_what_it_checked(tmp_path, cap
     assert main(["doctor", str(dst)]) == 1
     out = capsys.readouterr().out
     assert "values.non-finite" in out and "every value checked" in out
+
+
+def test_info_describes_compressed_tensors_config_groups(capsys):
+    # a config group is the scheme itself, not a "per-layer override" of one
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    assert main(["info", str(real / "llmcompressor-w4a16-asym")]) == 0
+    out = capsys.readouterr().out
+    assert "config group group_0: targets ['Linear'] → 4 bit int, group 128, asymmetric" in out
+    assert "override" not in out
