@@ -223,6 +223,11 @@ class LayerErrorPlot(QWidget):
         rows = [r for r in self._rows if r.variant == variant]
         if not rows:
             self.hm_image.clear()
+            if self._hm_frame != "empty":  # no numbered axes around nothing (they read -0.5..0.5)
+                self._hm_frame = "empty"
+                for side in ("bottom", "left"):
+                    self.hm.getAxis(side).setTicks([[]])
+                self.hm.setTitle("")
             return
         layers = sorted({r.layer_index for r in rows})
         projs = sorted({r.proj for r in rows}, key=_proj_order)
