@@ -26,9 +26,9 @@ class IntAxis(pg.AxisItem):
             if spacing < 1:
                 continue
             out.append((spacing, [v for v in values if float(v).is_integer()]))
-        if not out and maxVal - minVal < 2 * size:  # zoomed in below one unit: every integer
+        if not out:  # zoomed in to a few units: every integer in view
             lo, hi = int(np.ceil(minVal)), int(np.floor(maxVal))
-            out = [(1.0, list(range(lo, hi + 1)))] if hi - lo <= 50 else []
+            out = [(1.0, list(range(lo, hi + 1)))] if 0 <= hi - lo <= 50 else []
         return out
 
 
