@@ -307,8 +307,11 @@ def test_whatif_block_float_modes_show_their_own_bits_and_block(win, qtbot):
     assert win.config.group.currentText() == "16"
     qtbot.mouseClick(win.config.run, __import__("PySide6.QtCore", fromlist=["Qt"]).Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: "What-if nvfp4 4 bit / 16" in win.config.whatif_result.text(), timeout=30_000)
-    win.config.mode.setCurrentText("affine")
+    win.config.mode.setCurrentText("mxfp8")
+    win.config.mode.setCurrentText("affine")  # its choices and last setting return (3 bit / 64)
     assert win.config.bits.isEnabled() and win.config.group.isEnabled()
+    assert win.config.bits.currentText() == "3" and win.config.group.currentText() == "64"
+    assert [win.config.group.itemText(i) for i in range(win.config.group.count())] == ["32", "64", "128"]
 
 
 def test_plots_read_in_the_data_units_and_layers_are_whole_numbers(qtbot):
@@ -347,3 +350,23 @@ def test_tree_shows_name_scheme_bits_then_the_shown_checkpoints_error(win, qtbot
         win.tree.combo.setCurrentText(label)
         first = [model.headerData(h.logicalIndex(i), Qt.Orientation.Horizontal) for i in range(4)]
         assert first == ["Name", "Scheme", "Bits", f"Error · {label}"]
+
+
+def test_config_panel_highlights_the_checkpoint_the_tree_shows(win, qtbot):
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        win.tree.select("model.layers.0.mlp.up_proj")
+    for label in ("mlx-mixed-3-6", "awq-w4g128"):
+        win.tree.combo.setCurrentText(label)
+        t = win.config.layer_table
+        assert t.item(t.currentRow(), 0).text() == label and win.config.rule.text().startswith(f"<b>{label}</b>")
+
+
+def test_layers_view_stacks_its_plots_when_narrow(qtbot):
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+    plot.resize(600, 700)
+    plot.show()
+    qtbot.waitUntil(lambda: plot.split.orientation() == Qt.Orientation.Vertical, timeout=2000)
+    plot.resize(1200, 700)
+    qtbot.waitUntil(lambda: plot.split.orientation() == Qt.Orientation.Horizontal, timeout=2000)

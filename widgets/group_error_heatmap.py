@@ -15,7 +15,7 @@ class GroupErrorHeatmap(QWidget):
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.variant = shrinkable(QComboBox())
+        self.variant = shrinkable(QComboBox(), 24)  # long variant names differ at their ends
         self.hover = QLabel(" ")
         self.glw = pg.GraphicsLayoutWidget()
         self.plot = self.glw.addPlot(axisItems={"bottom": IntAxis("bottom"), "left": IntAxis("left")})
@@ -29,6 +29,7 @@ class GroupErrorHeatmap(QWidget):
         self.cbar.setImageItem(self.image, insert_in=self.plot)
         plain_axes(self.plot)
         plain_axes(self.cbar)
+        self.cbar.getAxis("right").setWidth(56)  # room for "0.0925"
         bar = QHBoxLayout()
         bar.addWidget(QLabel("variant"))
         bar.addWidget(self.variant)

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox,
     QHBoxLayout,
@@ -81,6 +81,7 @@ class LayerErrorPlot(QWidget):
         self.hm_bar = pg.ColorBarItem(colorMap=pg.colormap.get("viridis"), interactive=False)
         self.hm_bar.setImageItem(self.hm_image, insert_in=self.hm.getPlotItem())
         plain_axes(self.hm_bar)
+        self.hm_bar.getAxis("right").setWidth(56)  # room for "0.0925" (the numbers were cut to "0.")
         bar = QHBoxLayout()
         bar.addWidget(self.metric_box)
         bar.addWidget(QLabel("projection:"))
@@ -88,7 +89,7 @@ class LayerErrorPlot(QWidget):
         bar.addWidget(QLabel("heatmap:"))
         bar.addWidget(self.hm_variant)
         bar.addStretch(1)
-        split = QSplitter()
+        split = self.split = QSplitter()
         split.addWidget(self.plot)
         split.addWidget(self.hm)
         split.setSizes([560, 440])
@@ -107,6 +108,17 @@ class LayerErrorPlot(QWidget):
         self.series: dict[str, pg.PlotDataItem] = {}
         self._ylabel = None
         self._hm_frame = None
+
+    #: Below this width the plot and the heatmap are stacked, each getting the whole width (side by
+    #: side at 1280 px the legend ran off the plot and the heatmap lost columns and colour bar).
+    STACK_BELOW = 900
+
+    def resizeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+        want = Qt.Orientation.Vertical if ev.size().width() < self.STACK_BELOW else Qt.Orientation.Horizontal
+        if self.split.orientation() != want:
+            self.split.setOrientation(want)
+            self.split.setSizes([600, 400])
+        super().resizeEvent(ev)
 
     def set_rows(self, rows, colors: dict, heatmap: bool = True) -> None:
         """Show these sweep rows; ``heatmap=False`` leaves the heatmap to :meth:`redraw_heatmap`

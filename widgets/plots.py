@@ -125,4 +125,5 @@ def shrinkable(combo: QComboBox, chars: int = 12) -> QComboBox:
     checkpoint path otherwise sets the window's minimum width); the list still shows all."""
     combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
     combo.setMinimumContentsLength(chars)
+    combo.currentTextChanged.connect(combo.setToolTip)  # the whole choice, when it is cut
     return combo

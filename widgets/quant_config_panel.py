@@ -19,6 +19,10 @@ def _short(v) -> str:
     return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
 
 
+_AFFINE_BITS = ["2", "3", "4", "5", "6", "8"]
+_AFFINE_GROUPS = ["32", "64", "128"]
+
+
 class QuantConfigPanel(QWidget):
     """Shows data handed to it; emits ``whatif_requested(bits, group_size, mode)``."""
 
@@ -36,6 +40,7 @@ class QuantConfigPanel(QWidget):
         self.layer_table.verticalHeader().setVisible(False)
         self.layer_table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.layer_table.setWordWrap(False)
+        self._shown = ""  # the checkpoint the tree shows
         # The rule behind the selected row's settings, in full: a sentence does not fit a column
         # of a narrow dock.
         self.rule = QLabel()
@@ -54,11 +59,12 @@ class QuantConfigPanel(QWidget):
         self.raw_search.returnPressed.connect(self._find_next)
         # what-if
         self.bits = QComboBox()
-        self.bits.addItems(["2", "3", "4", "5", "6", "8"])
+        self.bits.addItems(_AFFINE_BITS)
         self.bits.setCurrentText("4")
         self.group = QComboBox()
-        self.group.addItems(["32", "64", "128"])
+        self.group.addItems(_AFFINE_GROUPS)
         self.group.setCurrentText("64")
+        self._affine_choice = ("4", "64")  # restored when the mode returns to affine
         self.mode = QComboBox()
         self.mode.addItems(["affine", "mxfp4", "nvfp4", "mxfp8"])
         self.mode.currentTextChanged.connect(self._mode_changed)
@@ -114,6 +120,8 @@ class QuantConfigPanel(QWidget):
 
     def set_checkpoint(self, label: str, model: Model | None) -> None:
         """The config of the checkpoint shown in the tree."""
+        self._shown = label
+        self._select_shown()
         if model is None:
             self.summary.setText("")
             return
@@ -154,24 +162,46 @@ class QuantConfigPanel(QWidget):
             if self.layer_table.columnWidth(c) > cap:
                 self.layer_table.setColumnWidth(c, cap)
         self.whatif_result.setText("")
-        # the first variant that has the layer (row 0 is usually the reference)
-        first = next((r for r, (_, layer) in enumerate(rows) if layer is not None and r > 0), 0)
-        self.layer_table.setCurrentCell(first, 0)
-        self._show_rule(first)
+        self._select_shown()
+
+    def _select_shown(self) -> None:
+        """Highlight, and state the rule of, the checkpoint the tree shows (the panel's header
+        names it); else the first variant with the layer (row 0 is usually the reference)."""
+        t = self.layer_table
+        labels = [t.item(r, 0).text() if t.item(r, 0) else "" for r in range(t.rowCount())]
+        if not labels:
+            return
+        row = labels.index(self._shown) if self._shown in labels else next(
+            (r for r in range(1, len(labels)) if t.item(r, 1) and t.item(r, 1).text() != "absent"), 0)
+        t.setCurrentCell(row, 0)
+        self._show_rule(row)
 
     def _show_rule(self, row: int) -> None:
         name, rule = self.layer_table.item(row, 0), self.layer_table.item(row, 5)
         self.rule.setText(f"<b>{name.text()}</b>: {rule.text()}" if name and rule else "")
     def _mode_changed(self, mode: str) -> None:
-        """mxfp4/nvfp4/mxfp8 fix their bits and block size: shown, and not offered as choices."""
+        """mxfp4/nvfp4/mxfp8 fix their bits and block size: shown as the only choice, disabled;
+        back on affine, its choices and the last affine setting return."""
         fixed = None if mode == "affine" else MODE_DEFAULTS.get(mode)
-        for box, value in ((self.bits, None if fixed is None else fixed[0]),
-                           (self.group, None if fixed is None else fixed[1])):
-            box.setEnabled(fixed is None)
-            if value is not None:
-                if box.findText(str(value)) < 0:
-                    box.addItem(str(value))
-                box.setCurrentText(str(value))
+        if fixed is None:
+            bits, group = self._affine_choice
+            self._fill(self.bits, _AFFINE_BITS, bits)
+            self._fill(self.group, _AFFINE_GROUPS, group)
+        else:
+            if self.bits.isEnabled():  # leaving affine: remember its setting
+                self._affine_choice = (self.bits.currentText(), self.group.currentText())
+            self._fill(self.bits, [str(fixed[0])], str(fixed[0]))
+            self._fill(self.group, [str(fixed[1])], str(fixed[1]))
+        self.bits.setEnabled(fixed is None)
+        self.group.setEnabled(fixed is None)
+
+    @staticmethod
+    def _fill(box: QComboBox, items: list[str], current: str) -> None:
+        box.blockSignals(True)
+        box.clear()
+        box.addItems(items)
+        box.setCurrentText(current)
+        box.blockSignals(False)
 
     def set_whatif_result(self, text: str) -> None:
         self.whatif_result.setText(text)

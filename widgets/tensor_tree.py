@@ -37,6 +37,7 @@ class TensorTree(QWidget):
         self.view.setAlternatingRowColors(True)
         self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.view.header().setStretchLastSection(False)
+        self.view.header().setTextElideMode(Qt.TextElideMode.ElideMiddle)
         top = QHBoxLayout()
         top.addWidget(self.combo, 1)
         lay = QVBoxLayout(self)
@@ -72,11 +73,18 @@ class TensorTree(QWidget):
         # Widths from the font, not resizeColumnToContents: that walks every row (25 ms on a
         # small model, seconds on a 70k-module MoE) on the GUI thread.
         fm = self.view.fontMetrics()
-        widths = {0: 220, 1: fm.horizontalAdvance("mlx-affine__"), 4: fm.horizontalAdvance("14336×4096__"),
+        widths = {0: 200, 1: fm.horizontalAdvance("mlx-affine__"), 4: fm.horizontalAdvance("14336×4096__"),
                   5: fm.horizontalAdvance("100.0 MB__")}
-        for c in range(self.model.columnCount()):
+        # An error column is as wide as its numbers, not its header ("Error · <long variant name>"
+        # put the right-aligned numbers past the dock's edge: colour without figures); the header
+        # is elided, whole in its tooltip.
+        n, nb = self.model.columnCount(), len(BASE_COLUMNS)
+        for c in range(n):
             text = str(self.model.headerData(c, Qt.Orientation.Horizontal) or "")
-            self.view.setColumnWidth(c, max(widths.get(c, 0), fm.horizontalAdvance(text) + 24))
+            want = max(widths.get(c, 0), fm.horizontalAdvance(text) + 24)
+            if nb <= c < n - 1:
+                want = min(want, fm.horizontalAdvance("Error · q4g__"))
+            self.view.setColumnWidth(c, want)
         self._order_columns()
         self.checkpoint_changed.emit(label)
 

@@ -156,7 +156,8 @@ class TensorTreeModel(QAbstractItemModel):
         return self.createIndex(index.internalId() - 1, 0, 0)
 
     def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
-        if orientation != Qt.Orientation.Horizontal or role != Qt.ItemDataRole.DisplayRole:
+        if orientation != Qt.Orientation.Horizontal or role not in (Qt.ItemDataRole.DisplayRole,
+                                                                    Qt.ItemDataRole.ToolTipRole):
             return None
         if section < len(BASE_COLUMNS):
             return BASE_COLUMNS[section]
