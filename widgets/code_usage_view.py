@@ -6,7 +6,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
-from .plots import Hint, plot_widget
+from .plots import Hint, plot_widget, show_values
 
 
 class CodeUsageView(QWidget):
@@ -36,12 +36,14 @@ class CodeUsageView(QWidget):
         self._counts: dict[str, np.ndarray] = {}
         self._colors: dict = {}
         self._absent: list[str] = []
+        show_values(self.plot, False)
 
     def set_counts(self, counts: dict[str, np.ndarray], colors: dict, empty_note: str = "",
                    absent: list[str] | None = None) -> None:
         """``empty_note``: what the view says over the plot when ``counts`` is empty; ``absent``:
         variants with this layer but no integer codes (float formats), named under the plot."""
         self._counts, self._colors, self._absent = dict(counts), dict(colors), list(absent or [])
+        show_values(self.plot, bool(counts))
         if counts:
             self.hint.set("")
         else:

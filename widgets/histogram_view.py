@@ -6,7 +6,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from .plots import ElidedLabel, Hint, plot_widget
+from .plots import ElidedLabel, Hint, plot_widget, show_values
 
 
 #: Where an empty bin is drawn on the log10(count) axis: just under a count of 1.
@@ -60,6 +60,7 @@ class HistogramView(QWidget):
         self._colors: dict = {}
         self._items: dict[str, pg.PlotDataItem] = {}
         self._enable_range(False)
+        show_values(self.plot, False)
 
     def _enable_range(self, on: bool) -> None:
         for w in (self.lo, self.hi, self.apply, self.reset):
@@ -77,6 +78,7 @@ class HistogramView(QWidget):
         else:
             self.hint.set("")
         self._enable_range(not empty)
+        show_values(self.plot, not empty)
         self._redraw()
         self._full_range()
 

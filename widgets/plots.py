@@ -41,6 +41,15 @@ def plain_axes(item) -> None:
             ax.enableAutoSIPrefix(False)
 
 
+def show_values(plot, on: bool) -> None:
+    """Tick numbers on a plot's left and bottom axes, or none (an empty view drew 0..1 scales
+    around nothing); only a change is applied (each relays out the plot)."""
+    for name in ("left", "bottom"):
+        ax = plot.getAxis(name)
+        if ax.style.get("showValues", True) != on:
+            ax.setStyle(showValues=on)
+
+
 def plot_widget(int_x: bool = False) -> pg.PlotWidget:
     """A PlotWidget whose axes keep their size whatever the data, without SI prefixes;
     ``int_x``: the x axis counts whole things (ticks at integers only)."""
