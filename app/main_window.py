@@ -443,7 +443,7 @@ class MainWindow(QMainWindow):
         def done(report) -> None:
             from quantscope.backend.convert import summary_lines
             text = "\n".join(summary_lines(report)[:5])
-            self.statusBar().showMessage(f"Converted to {dst}", 15000)
+            self._status(f"Converted to {dst}")
             self.config.set_whatif_result(text)
             self.add_paths([dst])
             self.convert_done.emit(report)
@@ -557,12 +557,20 @@ class MainWindow(QMainWindow):
 
     # -- errors and shutdown ---------------------------------------------------------------------
 
+    def _status(self, message: str) -> None:
+        """A message for 15 s on the status bar's left, cut with "…" to the room beside the jobs
+        strip (it was cut mid-word), whole in the bar's tooltip."""
+        bar = self.statusBar()
+        room = bar.width() - sum(w.width() for w in bar.findChildren(JobsBar)) - 24
+        bar.showMessage(bar.fontMetrics().elidedText(message, Qt.TextElideMode.ElideRight, max(80, room)), 15000)
+        bar.setToolTip(message)
+
     def _job_failed(self, message: str, details: str) -> None:
         self._show_error("quantscope", message, details)
 
     def _show_error(self, title: str, message: str, details: str) -> None:
         self.failed.emit(message)
-        self.statusBar().showMessage(message, 15000)
+        self._status(message)
         if QApplication.platformName() in ("offscreen", "minimal") or getattr(self, "quiet_errors", False):
             _logger.info("%s: %s", title, message)  # the screenshot run prints its errors once, at the end
             return
