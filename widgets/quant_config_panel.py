@@ -3,6 +3,7 @@ effective settings with the rule that produced them, the raw JSON, and a what-if
 
 from __future__ import annotations
 
+import html
 import json
 
 from PySide6.QtCore import Qt, Signal
@@ -178,7 +179,8 @@ class QuantConfigPanel(QWidget):
 
     def _show_rule(self, row: int) -> None:
         name, rule = self.layer_table.item(row, 0), self.layer_table.item(row, 5)
-        self.rule.setText(f"<b>{name.text()}</b>: {rule.text()}" if name and rule else "")
+        self.rule.setText(f"<b>{html.escape(name.text())}</b>: {html.escape(rule.text())}" if name and rule else "")
+
     def _mode_changed(self, mode: str) -> None:
         """mxfp4/nvfp4/mxfp8 fix their bits and block size: shown as the only choice, disabled;
         back on affine, its choices and the last affine setting return."""
