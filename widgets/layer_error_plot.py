@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (
 )
 
 from .palette import variant_symbol
-from .plots import Hint, plain_axes, plot_widget, shrinkable
+from .plots import Hint, plain_axes, plot_widget, show_values, shrinkable
 
 METRICS = {"rel_fro": "relative Frobenius error ‖Ŵ−W‖/‖W‖", "sqnr_db": "SQNR (dB)",
            "rel_fro_raw": "rel. error without undoing smoothing"}
@@ -125,6 +125,7 @@ class LayerErrorPlot(QWidget):
         (a separate step, so that each repaints on its own)."""
         self._rows = [r for r in rows if r.layer_index is not None]
         self._colors = dict(colors)
+        show_values(self.plot, bool(self._rows))
         if not rows:
             self.hint.empty()
         else:
@@ -182,6 +183,10 @@ class LayerErrorPlot(QWidget):
         color = self._colors.get(variant)
         item = pg.PlotDataItem([], [], symbol=variant_symbol(len(self.series)), symbolSize=7, symbolBrush=color,
                                symbolPen=None, name=variant)
+        # The legend draws its sample from the scatter's own brush, which an item without data
+        # has not been given yet (every variant showed the same grey before a comparison).
+        item.scatter.setBrush(pg.mkBrush(color))
+        item.scatter.setPen(None)
         item.sigPointsClicked.connect(self._points_clicked)
         self.plot.addItem(item)
         self.series[variant] = item
