@@ -38,7 +38,7 @@ class HistogramView(QWidget):
         self.reset = QPushButton("Full range")
         for b in (self.apply, self.reset):  # the style's 80 px minimum is wider than "Apply"
             b.setMinimumWidth(b.fontMetrics().horizontalAdvance(b.text()) + 20)
-        self.note = ElidedLabel()  # the layer's name and bin width: never widens the window
+        self.note = ElidedLabel()  # the layer's name, or why the view is empty: never widens the window
         bar = QHBoxLayout()
         bar.addWidget(self.log_y)
         bar.addWidget(QLabel("x:"))
