@@ -113,7 +113,7 @@ class LayerErrorPlot(QWidget):
     #: side at 1280 px the legend ran off the plot and the heatmap lost columns and colour bar).
     STACK_BELOW = 900
 
-    def resizeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+    def resizeEvent(self, ev) -> None:
         want = Qt.Orientation.Vertical if ev.size().width() < self.STACK_BELOW else Qt.Orientation.Horizontal
         if self.split.orientation() != want:
             self.split.setOrientation(want)
