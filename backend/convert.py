@@ -1249,13 +1249,15 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None) -> li
     if rep.verified:
         mx_ = rep.max_rel_fro
         lines.append("verification: " + ("no layer compared" if mx_ is None else f"max rel_fro {mx_:.3g}"))
-    lines.append(f"{'layer':<44} {'source':<10} {'action':<40} {'scales':<6} {'rel_fro':>9} {'max_abs':>9}")
     shown = [r for r in rep.layers if r.kind != "carried"]
+    if shown:  # no header over no rows (a dense model converted to dense carries everything)
+        lines.append(f"{'layer':<44} {'source':<10} {'action':<40} {'scales':<6} {'rel_fro':>9} {'max_abs':>9}")
     for r in shown[:max_layers] if max_layers else shown:
         rf = "" if r.rel_fro is None else f"{r.rel_fro:.3g}"
         ma = "" if r.max_abs is None else f"{r.max_abs:.3g}"
         sd = (r.scales_dtype or "") + ("*" if r.widened else "")
-        lines.append(f"{r.path:<44} {r.source_scheme:<10} {r.action[:40]:<40} {sd:<6} {rf:>9} {ma:>9}")
+        action = r.action if len(r.action) <= 40 else r.action[:39] + "…"  # cut, not run into "scales"
+        lines.append(f"{r.path:<44} {r.source_scheme:<10} {action:<40} {sd:<6} {rf:>9} {ma:>9}")
     if max_layers and len(shown) > max_layers:
         lines.append(f"... {len(shown) - max_layers} more")
     carried = sum(1 for r in rep.layers if r.kind == "carried")
