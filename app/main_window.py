@@ -419,6 +419,8 @@ class MainWindow(QMainWindow):
             return
 
         def show(r):
+            if r["name"] != self.current_layer:  # another layer is selected by now: its figures stand
+                return
             self.config.set_whatif_result(
                 f"What-if {r['mode']} {r['bits']} bit / {r['group_size']}: rel_fro {r['rel_fro']:.4f} "
                 f"({r['sqnr_db']:.1f} dB)\n\n" + self._current_errors)
