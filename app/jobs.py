@@ -43,13 +43,21 @@ def reduce_rows(m: np.ndarray, max_rows: int = MAX_HEATMAP_ROWS) -> tuple[np.nda
     return np.nanmax(m.reshape(-1, per, m.shape[1]), axis=1), per
 
 
+def _finite_range(arrays: dict[str, np.ndarray]):
+    """(the finite values of each non-empty array, their overall min, max); (None, 0, 0) when
+    there are none."""
+    finite = [a[np.isfinite(a)] for a in arrays.values() if a is not None and a.size]
+    finite = [a for a in finite if a.size]
+    if not finite:
+        return None, 0.0, 0.0
+    return finite, min(float(a.min()) for a in finite), max(float(a.max()) for a in finite)
+
+
 def shared_histogram(arrays: dict[str, np.ndarray], bins: int = 128):
     """Exact histograms of several arrays on one set of edges."""
-    finite = [a[np.isfinite(a)] for a in arrays.values() if a is not None and a.size]
-    if not finite:
+    finite, lo, hi = _finite_range(arrays)
+    if finite is None:
         return None, {}
-    lo = min(float(a.min()) for a in finite)
-    hi = max(float(a.max()) for a in finite)
     if hi <= lo:
         hi = lo + 1.0
     edges = np.linspace(lo, hi, bins + 1)
@@ -61,12 +69,9 @@ def zero_histogram(zeros: dict[str, np.ndarray]):
     """(edges, counts per key) of zero points: one bin per level when they are integers within
     1024 levels of each other (as every format stores them), else 128 shared bins (a damaged
     file: never one bin per value). (None, {}) when there are none."""
-    finite = [z[np.isfinite(z)] for z in zeros.values() if z is not None]
-    finite = [z for z in finite if z.size]
-    if not finite:
+    finite, lo, hi = _finite_range(zeros)
+    if finite is None:
         return None, {}
-    lo = min(float(z.min()) for z in finite)
-    hi = max(float(z.max()) for z in finite)
     if hi - lo > 1024 or not all(np.array_equal(z, np.round(z)) for z in finite):
         return shared_histogram(zeros)
     edges = np.arange(lo - 0.5, hi + 1.0, 1.0)

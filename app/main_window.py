@@ -78,9 +78,9 @@ class MainWindow(QMainWindow):
         self._build_menus()
         # A fixed width at the right: stretched over the whole bar it covered the status messages
         # (an open that failed, "Converted to …"), which are shown on the left.
-        jobs_bar = JobsBar(self.service)
-        jobs_bar.setFixedWidth(440)
-        self.statusBar().addPermanentWidget(jobs_bar)
+        self.jobs_bar = JobsBar(self.service)
+        self.jobs_bar.setFixedWidth(440)
+        self.statusBar().addPermanentWidget(self.jobs_bar)
         self.service.error.connect(self._show_error)
         # Everything built so far (Qt wrappers, pyqtgraph, numpy, our modules) lives as long as
         # the window: keep it out of the cyclic GC's scans, which otherwise stall the GUI thread
@@ -563,7 +563,7 @@ class MainWindow(QMainWindow):
         """A message for 15 s on the status bar's left, cut with "…" to the room beside the jobs
         strip (it was cut mid-word), whole in the bar's tooltip."""
         bar = self.statusBar()
-        room = bar.width() - sum(w.width() for w in bar.findChildren(JobsBar)) - 24
+        room = bar.width() - self.jobs_bar.width() - 24
         bar.showMessage(bar.fontMetrics().elidedText(message, Qt.TextElideMode.ElideRight, max(80, room)), 15000)
         bar.setToolTip(message)
 
