@@ -370,3 +370,31 @@ def test_layers_view_stacks_its_plots_when_narrow(qtbot):
     qtbot.waitUntil(lambda: plot.split.orientation() == Qt.Orientation.Vertical, timeout=2000)
     plot.resize(1200, 700)
     qtbot.waitUntil(lambda: plot.split.orientation() == Qt.Orientation.Horizontal, timeout=2000)
+
+
+def test_legends_sit_outside_the_plots_with_each_variants_colour_and_mark(win, qtbot):
+    """pyqtgraph's legend covered the data of narrow plots: the legend is a row above each plot,
+    onto more lines when narrow, never an item in the plot's scene."""
+    import pyqtgraph as pg
+    from quantscope.widgets.palette import VARIANT_SYMBOLS
+    from quantscope.widgets.plots import SYMBOL_GLYPHS
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    plot = win.layers
+    entries = plot.legend.entries()
+    assert [e[0] for e in entries] == list(plot.series)
+    for i, (name, color, glyph) in enumerate(entries):
+        item = plot.series[name]
+        assert item.opts["symbol"] == VARIANT_SYMBOLS[i] and glyph == SYMBOL_GLYPHS[VARIANT_SYMBOLS[i]]
+        assert pg.mkBrush(item.opts["symbolBrush"]).color().name() == color
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    win.tabs.setCurrentWidget(win.hist)
+    qtbot.waitUntil(lambda: bool(win.hist._counts), timeout=30_000)
+    assert [e[0] for e in win.hist.legend.entries()] == list(win.hist._counts)
+    for view in (plot.plot, win.hist.plot):
+        assert not any(isinstance(it, pg.LegendItem) for it in view.scene().items())
+    # narrow: the entries wrap onto more lines, and the legend grows to hold them
+    legend = plot.legend
+    wide, narrow = legend.heightForWidth(2000), legend.heightForWidth(300)
+    assert narrow > wide > 0

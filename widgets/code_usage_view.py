@@ -6,7 +6,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
-from .plots import Hint, plot_widget, show_values
+from .plots import BAR_GLYPH, Hint, Legend, plot_widget, show_values
 
 
 class CodeUsageView(QWidget):
@@ -20,7 +20,7 @@ class CodeUsageView(QWidget):
         self.plot.showGrid(y=True, alpha=0.2)
         self.hint = Hint(self.plot, "Select a quantized layer in the Tensors tree: how often each code level is "
                                     "used in every variant (dead levels, saturation at the extremes)")
-        self.legend = self.plot.addLegend(offset=(-10, 10))
+        self.legend = Legend()
         self.log_y = QCheckBox("log y")
         self.summary = QLabel()
         self.summary.setWordWrap(True)
@@ -30,6 +30,7 @@ class CodeUsageView(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(bar)
+        lay.addWidget(self.legend)
         lay.addWidget(self.plot, 1)
         lay.addWidget(self.summary)
         self.log_y.toggled.connect(lambda _: self._redraw())
@@ -52,7 +53,7 @@ class CodeUsageView(QWidget):
 
     def _redraw(self) -> None:
         self.plot.clear()
-        self.legend.clear()
+        self.legend.set_entries([(label, self._colors.get(label), BAR_GLYPH) for label in self._counts])
         n = max(1, len(self._counts))
         sizes = {len(c) for c in self._counts.values()}
         # Variants with different bit widths (3- and 4-bit) on one integer axis would put a 3-bit
@@ -69,7 +70,6 @@ class CodeUsageView(QWidget):
             x = np.arange(len(c)) * step - 0.4 * step + width * (i + 0.5)
             item = pg.BarGraphItem(x=x, height=y, width=width, brush=self._colors.get(label), pen=None)
             self.plot.addItem(item)
-            self.legend.addItem(pg.PlotDataItem(pen=pg.mkPen(self._colors.get(label), width=6)), label)
             dead = [int(k) for k in np.flatnonzero(c == 0)]
             edge = share[0] + share[-1] if len(share) else 0
             lines.append(f"<b>{label}</b>: {len(c)} levels, unused {dead if dead else 'none'}, "

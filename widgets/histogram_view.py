@@ -6,7 +6,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from .plots import ElidedLabel, Hint, plot_widget, show_values
+from .plots import LINE_GLYPH, ElidedLabel, Hint, Legend, plot_widget, show_values
 
 
 #: Where an empty bin is drawn on the log10(count) axis: just under a count of 1.
@@ -26,7 +26,7 @@ class HistogramView(QWidget):
         self.plot.setLabel("bottom", xlabel)
         self.plot.setLabel("left", ylabel)
         self.plot.showGrid(x=True, y=True, alpha=0.2)
-        self.legend = self.plot.addLegend(offset=(-10, 10))
+        self.legend = Legend()
         self.log_y = QCheckBox("log y")
         self.log_y.setChecked(True)
         self.lo = QDoubleSpinBox(decimals=6, minimum=-1e9, maximum=1e9)
@@ -51,6 +51,7 @@ class HistogramView(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(bar)
+        lay.addWidget(self.legend)
         lay.addWidget(self.plot, 1)
         self.log_y.toggled.connect(lambda _: self._redraw())
         self.apply.clicked.connect(lambda: self.plot.setXRange(self.lo.value(), self.hi.value(), padding=0))
@@ -99,15 +100,14 @@ class HistogramView(QWidget):
             # Creating pyqtgraph items is the costly part of an update: only a new set of
             # variants rebuilds them; otherwise the existing curves get new data in place.
             self.plot.clear()
-            self.legend.clear()
             self._items = {}
             for label in labels:
                 item = pg.PlotDataItem(stepMode="center", connect="finite")
                 if label == "reference":
                     item.setZValue(1)  # drawn over the variants, not buried under six of them
                 self.plot.addItem(item)
-                self.legend.addItem(item, label)
                 self._items[label] = item
+        self.legend.set_entries([(label, self._colors.get(label), LINE_GLYPH) for label in labels])
         if self._edges is None:
             return
         log = self.log_y.isChecked()

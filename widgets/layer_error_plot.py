@@ -18,7 +18,15 @@ from PySide6.QtWidgets import (
 )
 
 from .palette import variant_symbol
-from .plots import Hint, plain_axes, plot_widget, show_values, shrinkable
+from .plots import (
+    SYMBOL_GLYPHS,
+    Hint,
+    Legend,
+    plain_axes,
+    plot_widget,
+    show_values,
+    shrinkable,
+)
 
 METRICS = {"rel_fro": "relative Frobenius error ‖Ŵ−W‖/‖W‖", "sqnr_db": "SQNR (dB)",
            "rel_fro_raw": "rel. error without undoing smoothing"}
@@ -70,7 +78,7 @@ class LayerErrorPlot(QWidget):
         self.plot = plot_widget(int_x=True)
         self.plot.setLabel("bottom", "decoder layer")
         self.plot.showGrid(x=True, y=True, alpha=0.25)
-        self.legend = self.plot.addLegend(offset=(-10, 10))
+        self.legend = Legend()
         self.hint = Hint(self.plot, "Tools ▸ Compare all layers (Ctrl+Shift+C) measures every layer of every "
                                     "variant against the reference and plots the error here by depth")
         self.hm = plot_widget()
@@ -96,6 +104,7 @@ class LayerErrorPlot(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(bar)
+        lay.addWidget(self.legend)
         lay.addWidget(split, 1)
         lay.addWidget(self.info)
         self.metric_box.currentIndexChanged.connect(lambda _: self._redraw())
@@ -169,24 +178,25 @@ class LayerErrorPlot(QWidget):
             self._colors = dict(colors)
             if list(self.series) != variants:
                 self._clear_series()
+            self._show_legend(variants)
 
         return [clear, *(lambda v=v: self._add_series(v) for v in variants)]
 
     def _clear_series(self) -> None:
         self.plot.clear()
-        self.legend.clear()
         self.series = {}
+
+    def _show_legend(self, variants: list[str]) -> None:
+        # the marker of each variant is the one _add_series gives it: by its place in the list
+        self.legend.set_entries([(v, self._colors.get(v), SYMBOL_GLYPHS.get(variant_symbol(i), "●"))
+                                 for i, v in enumerate(variants)])
 
     def _add_series(self, variant: str) -> None:
         if variant in self.series:
             return
         color = self._colors.get(variant)
         item = pg.PlotDataItem([], [], symbol=variant_symbol(len(self.series)), symbolSize=7, symbolBrush=color,
-                               symbolPen=None, name=variant)
-        # The legend draws its sample from the scatter's own brush, which an item without data
-        # has not been given yet (every variant showed the same grey before a comparison).
-        item.scatter.setBrush(pg.mkBrush(color))
-        item.scatter.setPen(None)
+                               symbolPen=None)
         item.sigPointsClicked.connect(self._points_clicked)
         self.plot.addItem(item)
         self.series[variant] = item
@@ -197,6 +207,7 @@ class LayerErrorPlot(QWidget):
         self._clear_series()
         for variant in variants:
             self._add_series(variant)
+        self._show_legend(variants)
 
     def _redraw(self, heatmap: bool = True) -> None:
         proj = self.proj.currentText() if self.proj.currentIndex() > 0 else None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from html import escape
+
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QEvent, QObject, Qt
-from PySide6.QtGui import QPainter, QPalette
-from PySide6.QtWidgets import QComboBox, QLabel, QWidget
+from PySide6.QtCore import QEvent, QObject, QPoint, QRect, QSize, Qt
+from PySide6.QtGui import QColor, QPainter, QPalette
+from PySide6.QtWidgets import QComboBox, QLabel, QLayout, QWidget
 
 #: Fixed axis sizes (px). pyqtgraph sizes an axis to its widest tick label by default; new data
 #: then changes the axis width, which relays out the plot, resizes its view box, and makes the
@@ -136,3 +138,116 @@ def shrinkable(combo: QComboBox, chars: int = 12) -> QComboBox:
     combo.setMinimumContentsLength(chars)
     combo.currentTextChanged.connect(combo.setToolTip)  # the whole choice, when it is cut
     return combo
+
+
+#: Each marker shape of :data:`.palette.VARIANT_SYMBOLS` as a text glyph, for :class:`Legend`.
+SYMBOL_GLYPHS = {"o": "●", "s": "■", "t": "▼", "d": "◆", "t1": "▲", "p": "⬟", "h": "⬢", "star": "★"}
+#: The glyph of a curve (histograms) and of a bar (code usage).
+LINE_GLYPH = "━━"
+BAR_GLYPH = "■"
+#: Longer names are cut in the middle in a legend (the whole name in its tooltip): one entry is
+#: never broken, so its width is the legend's least.
+LEGEND_NAME_CHARS = 36
+
+
+def _middle(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n // 2 - 1] + "…" + text[-(n - n // 2):]
+
+
+class FlowLayout(QLayout):
+    """Widgets left to right, onto a new line where the next does not fit (Qt has no such
+    layout); its height follows from the width it is given."""
+
+    def __init__(self, parent=None, hspace: int = 14, vspace: int = 2) -> None:
+        super().__init__(parent)
+        self._items: list = []
+        self._hspace, self._vspace = hspace, vspace
+
+    def addItem(self, item) -> None:
+        self._items.append(item)
+
+    def count(self) -> int:
+        return len(self._items)
+
+    def itemAt(self, i: int):
+        return self._items[i] if 0 <= i < len(self._items) else None
+
+    def takeAt(self, i: int):
+        return self._items.pop(i) if 0 <= i < len(self._items) else None
+
+    def expandingDirections(self):
+        return Qt.Orientation(0)
+
+    def hasHeightForWidth(self) -> bool:
+        return True
+
+    def heightForWidth(self, width: int) -> int:
+        return self._place(QRect(0, 0, width, 0), move=False)
+
+    def setGeometry(self, rect) -> None:
+        super().setGeometry(rect)
+        self._place(rect, move=True)
+
+    def sizeHint(self):
+        return self.minimumSize()
+
+    def minimumSize(self):
+        size = QSize()
+        for item in self._items:
+            size = size.expandedTo(item.minimumSize())
+        m = self.contentsMargins()
+        return size + QSize(m.left() + m.right(), m.top() + m.bottom())
+
+    def _place(self, rect, move: bool) -> int:
+        m = self.contentsMargins()
+        r = rect.adjusted(m.left(), m.top(), -m.right(), -m.bottom())
+        x, y, line = r.x(), r.y(), 0
+        for item in self._items:
+            hint = item.sizeHint()
+            if x > r.x() and x + hint.width() > r.right() + 1:
+                x, y, line = r.x(), y + line + self._vspace, 0
+            if move:
+                item.setGeometry(QRect(QPoint(x, y), hint))
+            x += hint.width() + self._hspace
+            line = max(line, hint.height())
+        return y + line - rect.y() + m.bottom()
+
+
+class Legend(QWidget):
+    """Which colour and mark is which variant: entries in a row above a plot, onto more lines
+    when the plot is narrow. pyqtgraph's legend sits inside the plot and covered its data in the
+    narrow views (the stacked Layers view, the Scales & zeros pair, a 1024 px window).
+
+    Entries are ``(name, colour, glyph)``; :meth:`set_entries` rebuilds only when they change (a
+    new set may change the legend's height, which relays out the plot below it)."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self._flow = FlowLayout(self)
+        self._flow.setContentsMargins(LEFT_AXIS_WIDTH, 0, 4, 0)  # aligned with the plot's view box
+        self._entries: list[tuple[str, str, str]] = []
+        self.setHidden(True)
+
+    def entries(self) -> list[tuple[str, str, str]]:
+        """``(name, colour as #rrggbb, glyph)`` shown, in order."""
+        return list(self._entries)
+
+    def set_entries(self, entries) -> None:
+        norm = [(str(name), QColor(color).name() if color is not None else "#7f7f7f", glyph)
+                for name, color, glyph in entries]
+        if norm == self._entries:
+            return
+        self._entries = norm
+        while self._flow.count():
+            w = self._flow.takeAt(0).widget()
+            if w is not None:
+                w.deleteLater()
+        for name, color, glyph in norm:
+            label = QLabel(f'<span style="color:{color}">{glyph}</span>&nbsp;{escape(_middle(name, LEGEND_NAME_CHARS))}')
+            label.setTextFormat(Qt.TextFormat.RichText)
+            label.setToolTip(name)
+            self._flow.addWidget(label)
+        self.setHidden(not norm)
+
+    def clear(self) -> None:
+        self.set_entries([])
