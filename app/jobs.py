@@ -15,7 +15,7 @@ from quantscope.backend.engines import get_engine, run_on_mlx_thread
 from quantscope.backend.errors import Cancelled, QuantscopeError
 from quantscope.backend.formats.kernel import workers
 from quantscope.backend.formats.mlx import MODE_DEFAULTS
-from quantscope.backend.metrics import sqnr_db
+from quantscope.backend.metrics import bulk_histograms, sqnr_db
 from quantscope.backend.workspace import load_workspace
 
 MAX_HEATMAP_ROWS = 768
@@ -54,15 +54,10 @@ def _finite_range(arrays: dict[str, np.ndarray]):
 
 
 def shared_histogram(arrays: dict[str, np.ndarray], bins: int = 128):
-    """Exact histograms of several arrays on one set of edges."""
-    finite, lo, hi = _finite_range(arrays)
-    if finite is None:
-        return None, {}
-    if hi <= lo:
-        hi = lo + 1.0
-    edges = np.linspace(lo, hi, bins + 1)
-    return edges, {k: np.histogram(a[np.isfinite(a)], bins=edges)[0] for k, a in arrays.items()
-                   if a is not None and a.size}
+    """Exact histograms of several arrays on one set of edges: ``(edges, counts, view)``, fine
+    where the values are, ``view`` the bulk's range when outliers stretch the edges (see
+    :func:`~quantscope.backend.metrics.bulk_histograms`)."""
+    return bulk_histograms(arrays, bins)
 
 
 def zero_histogram(zeros: dict[str, np.ndarray]):
@@ -73,7 +68,7 @@ def zero_histogram(zeros: dict[str, np.ndarray]):
     if finite is None:
         return None, {}
     if hi - lo > 1024 or not all(np.array_equal(z, np.round(z)) for z in finite):
-        return shared_histogram(zeros)
+        return shared_histogram(zeros)[:2]
     edges = np.arange(lo - 0.5, hi + 1.0, 1.0)
     return edges, {k: np.histogram(z, bins=edges)[0] for k, z in zeros.items() if z is not None and z.size}
 
@@ -85,8 +80,8 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
     d = layer_detail(reference, variants, name, engine=engine, cancel=cancel)
     if progress:
         progress(0.9)
-    scale_edges, scale_counts = shared_histogram({k: np.asarray(v, np.float64).ravel() for k, v in d.scales.items()
-                                                  if v is not None})
+    scale_edges, scale_counts, scale_view = shared_histogram(
+        {k: np.asarray(v, np.float64).ravel() for k, v in d.scales.items() if v is not None})
     maps = {k: reduce_rows(np.asarray(v, np.float64)) for k, v in d.group_error.items() if v is not None}
     # Integer zero points (GPTQ/AWQ/compressed-tensors) on one bin per level; MLX's float biases
     # are offsets in weight units, not zero points, so they are left out of this plot.
@@ -94,8 +89,8 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
              if v is not None and variants[k].layers.get(name) is not None
              and variants[k].layers[name].scheme != "mlx-affine"}
     zero_edges, zero_counts = zero_histogram(zeros)
-    return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts, "maps": maps,
-            "zero_edges": zero_edges, "zero_counts": zero_counts}
+    return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts,
+            "scale_view": scale_view, "maps": maps, "zero_edges": zero_edges, "zero_counts": zero_counts}
 
 
 def job_sweep(reference, variants: dict, *, engine="auto", cache=None, progress=None, cancel=None):

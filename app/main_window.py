@@ -347,16 +347,19 @@ class MainWindow(QMainWindow):
         colors = dict(self.colors)
         colors[ref_label] = REFERENCE_COLOR
         upd = self._update_view
-        upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors, note=r["name"]))
+        upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors, note=r["name"],
+                                                        view=d.value_view, nonfinite=d.nonfinite))
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
-                                                                note=r["name"]))
+                                                                note=r["name"], view=d.error_view,
+                                                                nonfinite=d.nonfinite))
         no_codes = [v for v in d.metrics if v not in d.code_counts]
         upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors, empty_note="No variant stores "
                                                        "integer codes for this layer (dense, or a float format)",
                                                        absent=no_codes))
         upd(self.scales, lambda: self.scales.set_histograms(
             r["scale_edges"], r["scale_counts"], colors,
-            note="per-group scales" if r["scale_counts"] else "No variant stores per-group scales for this layer"))
+            note="per-group scales" if r["scale_counts"] else "No variant stores per-group scales for this layer",
+            view=r.get("scale_view")))
         upd(self.zeros, lambda: self.zeros.set_histograms(
             r["zero_edges"], r["zero_counts"], colors,
             note="integer zero points" if r["zero_counts"] else "No variant stores integer zero points for this layer"))

@@ -30,7 +30,7 @@ from .compare_align import Alignment, Target, Unmatched, align, layer_index, pro
 from .engines import get_engine
 from .errors import Cancelled, QuantscopeError
 from .formats.kernel import pool, workers
-from .metrics import ErrorStats, error_metrics, histogram_counts, uniform_edges
+from .metrics import ErrorStats, bulk_histograms, error_metrics
 from .schemes import Layer, Model
 
 __all__ = ["LayerMetrics", "Unmatched", "SweepResult", "LayerDetail", "Alignment", "CompareError", "align",
@@ -729,6 +729,12 @@ class LayerDetail:
         Per variant, ``[rows, groups]`` relative error ``‖Ŵ_g − W_g‖ / ‖W_g‖`` of each group.
     metrics
         Per variant, the same row :func:`sweep` gives.
+    value_view, error_view
+        The range holding the bulk of the values / errors where a few outliers stretch the edges
+        far beyond it (:func:`~.metrics.bulk_histograms`), else None.
+    nonfinite
+        Per key (``"reference"`` or a variant) with any, how many decoded weights are NaN or
+        ±inf: they are in no bin.
     """
 
     name: str
@@ -741,6 +747,9 @@ class LayerDetail:
     zeros: dict[str, np.ndarray | None]
     group_error: dict[str, np.ndarray]
     metrics: dict[str, LayerMetrics]
+    value_view: tuple[float, float] | None = None
+    error_view: tuple[float, float] | None = None
+    nonfinite: dict[str, int] = field(default_factory=dict)
 
 
 def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
@@ -873,18 +882,10 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
         if t.row_fit_for is not None and "rows:" in metrics[vs.label].smoothing:
             wh = wh * vs.row_scales[t.row_fit_for][:, None].astype(np.float32)
         wh_of[vs.label] = wh
-    finite = [a[np.isfinite(a)] for a in [w] + list(wh_of.values())]
-    lo = min((float(a.min()) for a in finite if a.size), default=0.0)
-    hi = max((float(a.max()) for a in finite if a.size), default=1.0)
-    value_edges = uniform_edges(lo, hi, bins)
-    value_counts = {"reference": histogram_counts(w, value_edges)}
-    for k, a in wh_of.items():
-        value_counts[k] = histogram_counts(a, value_edges)
+    value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of}, bins)
     errs = {k: a.astype(np.float64) - w.astype(np.float64) for k, a in wh_of.items()}
-    elo = min((float(np.nanmin(e)) for e in errs.values() if e.size), default=-1.0)
-    ehi = max((float(np.nanmax(e)) for e in errs.values() if e.size), default=1.0)
-    error_edges = uniform_edges(elo, ehi, bins)
-    error_counts = {k: histogram_counts(e, error_edges) for k, e in errs.items()}
+    error_edges, error_counts, error_view = bulk_histograms(errs, bins)
+    nonfinite = {k: int(a.size - np.count_nonzero(np.isfinite(a))) for k, a in {"reference": w, **wh_of}.items()}
     del errs
     code_counts, scales, zeros, group_error = {}, {}, {}, {}
     for vs in states:
@@ -902,7 +903,7 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
             zeros[vs.label] = zp
         group_error[vs.label] = _group_errors(w, wh_of[vs.label], vl, vs.model)
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
-                       group_error, metrics)
+                       group_error, metrics, value_view, error_view, {k: n for k, n in nonfinite.items() if n})
 
 
 __all__ += ["error_metrics", "stored_codes", "load_cache", "save_cache"]

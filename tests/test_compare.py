@@ -559,3 +559,30 @@ def test_table_marks_undone_smoothing_aligns_inf_and_cosine_stays_in_range(ref_p
     out = capsys.readouterr().out
     q = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.self_attn.q_proj"))
     assert "*" in q and "measured after undoing AWQ-style smoothing" in out and "norm: exact" in out
+
+
+def test_bulk_histograms_are_exact_on_their_edges_and_find_the_bulk_beside_outliers():
+    from quantscope.backend.metrics import bulk_histograms
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(200_000) * 0.05
+    b = rng.standard_normal(150_000) * 0.04
+    b[:3] = [4.3, 2.0, -2.5]  # a few outliers stretch min/max edges 15x beyond the bulk
+    b[3] = np.nan
+    edges, counts, view = bulk_histograms({"a": a, "b": b}, bins=256)
+    for k, x in (("a", a), ("b", b)):  # exact: np.histogram on the same edges
+        assert np.array_equal(counts[k], np.histogram(x[np.isfinite(x)], bins=edges)[0])
+    assert edges[0] == -2.5 and edges[-1] >= 4.3
+    lo, hi = view
+    assert -0.35 < lo < -0.15 and 0.15 < hi < 0.35  # the bulk of both, not the outliers
+    inside = (edges[:-1] >= lo) & (edges[1:] <= hi)
+    assert inside.sum() >= 128  # the bulk keeps a useful number of bins
+    assert counts["b"][~inside].sum() <= 3 + 2  # outliers (and at most a value or two of the tails)
+    # no outliers: the usual bins over min..max, and nothing to zoom to
+    edges2, counts2, view2 = bulk_histograms({"a": a}, bins=256)
+    assert len(edges2) == 257 and view2 is None and counts2["a"].sum() == a.size
+    assert bulk_histograms({"a": np.array([np.nan])}) == (None, {}, None)
+    # far outliers (100x): still exact, at most MAX_BINS drawn, a bulk of tens of bins
+    b[:3] = [12.3, 7.0, -9.5]
+    edges3, counts3, (lo3, hi3) = bulk_histograms({"b": b}, bins=256)
+    assert len(edges3) - 1 <= 4096 and np.array_equal(counts3["b"], np.histogram(b[np.isfinite(b)], bins=edges3)[0])
+    assert ((edges3[:-1] >= lo3) & (edges3[1:] <= hi3)).sum() >= 48

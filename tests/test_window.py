@@ -398,3 +398,30 @@ def test_legends_sit_outside_the_plots_with_each_variants_colour_and_mark(win, q
     legend = plot.legend
     wide, narrow = legend.heightForWidth(2000), legend.heightForWidth(300)
     assert narrow > wide > 0
+
+
+def test_histograms_open_on_the_bulk_and_say_what_lies_outside(qtbot):
+    """A few outliers (a weight of 12 among weights within ±0.7) set the histogram's edges: the
+    view opens on the bulk, says how many values lie beyond it and how many are NaN/inf, and
+    "All" shows everything."""
+    from quantscope.backend.metrics import bulk_histograms
+    from quantscope.widgets.histogram_view import HistogramView
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(100_000) * 0.1
+    a[:2] = [12.0, -3.0]
+    edges, counts, view = bulk_histograms({"awq": a, "reference": rng.standard_normal(100_000) * 0.1})
+    h = HistogramView("weight value")
+    qtbot.addWidget(h)
+    h.resize(700, 400)
+    h.show()
+    h.set_histograms(edges, counts, {"awq": "#D55E00", "reference": "#7f7f7f"}, view=view, nonfinite={"awq": 7})
+    (x0, x1), _ = h.plot.getViewBox().viewRange()
+    assert -1.0 < x0 < -0.3 and 0.3 < x1 < 1.0  # the bulk, not -3..12
+    assert h.lo.value() == pytest.approx(view[0], abs=1e-6) and h.bulk.isEnabled()
+    text = h.footer.toolTip()
+    n_out = int(text.split(" of ")[0])
+    assert 2 <= n_out <= 4 and text.startswith(f"{n_out} of 200,000 values (awq) lie outside")  # tails stay
+    assert text.endswith("NaN/inf, in no bin: awq 7")
+    h.reset.click()
+    (x0, x1), _ = h.plot.getViewBox().viewRange()
+    assert x0 < -3.0 and x1 > 12.0

@@ -35,8 +35,11 @@ class HistogramView(QWidget):
             box.setFixedWidth(96)  # its own size hint fits ±1e9 with 6 decimals: 160 px
         self.apply = QPushButton("Apply")
         self.apply.setToolTip("Show only this x range")
-        self.reset = QPushButton("Full range")
-        for b in (self.apply, self.reset):  # the style's 80 px minimum is wider than "Apply"
+        self.reset = QPushButton("All")
+        self.reset.setToolTip("Show the full range: every value, outliers included")
+        self.bulk = QPushButton("Bulk")
+        self.bulk.setToolTip("Show the range that holds all but the few most extreme values")
+        for b in (self.apply, self.reset, self.bulk):  # the style's 80 px minimum is wider than "Apply"
             b.setMinimumWidth(b.fontMetrics().horizontalAdvance(b.text()) + 20)
         self.note = ElidedLabel()  # the layer's name, or why the view is empty: never widens the window
         bar = QHBoxLayout()
@@ -47,16 +50,24 @@ class HistogramView(QWidget):
         bar.addWidget(self.hi)
         bar.addWidget(self.apply)
         bar.addWidget(self.reset)
+        bar.addWidget(self.bulk)
         bar.addWidget(self.note, 1)
+        # what the default range leaves out, and values in no bin (NaN/inf): one line, always
+        # there (shown and hidden, it would change the plot's height at every selection)
+        self.footer = ElidedLabel()
+        self.footer.setFixedHeight(self.footer.fontMetrics().lineSpacing() + 2)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(bar)
         lay.addWidget(self.legend)
         lay.addWidget(self.plot, 1)
+        lay.addWidget(self.footer)
         self.log_y.toggled.connect(lambda _: self._redraw())
         self.apply.clicked.connect(lambda: self.plot.setXRange(self.lo.value(), self.hi.value(), padding=0))
         self.reset.clicked.connect(self._full_range)
+        self.bulk.clicked.connect(self._bulk_range)
         self._edges = None
+        self._view: tuple[float, float] | None = None
         self._counts: dict[str, np.ndarray] = {}
         self._colors: dict = {}
         self._items: dict[str, pg.PlotDataItem] = {}
@@ -66,11 +77,18 @@ class HistogramView(QWidget):
     def _enable_range(self, on: bool) -> None:
         for w in (self.lo, self.hi, self.apply, self.reset):
             w.setEnabled(on)
+        self.bulk.setEnabled(on and self._view is not None)
 
     def set_histograms(self, edges: np.ndarray | None, counts: dict[str, np.ndarray], colors: dict,
-                       note: str = "") -> None:
+                       note: str = "", view: tuple[float, float] | None = None,
+                       nonfinite: dict[str, int] | None = None) -> None:
+        """``view``: the range shown first, where the bulk of the values is (a few outliers
+        stretch ``edges`` far beyond it); ``nonfinite``: per key, values that are NaN or ±inf,
+        in no bin. Both are said in the line under the plot."""
         self._edges, self._counts, self._colors = edges, dict(counts), dict(colors)
+        self._view = view if edges is not None else None
         self.note.setText(note)
+        self.footer.setText(self._footer(nonfinite or {}))
         empty = edges is None or not counts
         # an empty view says why (the caller's note: "not a weight matrix", "no scales"), or
         # what to do to fill it
@@ -81,18 +99,44 @@ class HistogramView(QWidget):
         self._enable_range(not empty)
         show_values(self.plot, not empty)
         self._redraw()
-        self._full_range()
+        if self._view is not None:
+            self._bulk_range()
+        else:
+            self._full_range()
+
+    def _footer(self, nonfinite: dict[str, int]) -> str:
+        parts = []
+        if self._view is not None:
+            e = np.asarray(self._edges)
+            lo, hi = self._view
+            outside = (e[1:] <= lo) | (e[:-1] >= hi)
+            n = sum(int(np.asarray(c)[outside].sum()) for c in self._counts.values())
+            total = sum(int(np.asarray(c).sum()) for c in self._counts.values())
+            who = [k for k, c in self._counts.items() if np.asarray(c)[outside].any()]
+            parts.append(f"{n:,} of {total:,} values ({', '.join(who)}) lie outside the bulk shown first; "
+                         f"all lie in {float(e[0]):.4g} … {float(e[-1]):.4g} (“All” shows them)")
+        if nonfinite:
+            parts.append("NaN/inf, in no bin: " + ", ".join(f"{k} {n:,}" for k, n in nonfinite.items()))
+        return ". ".join(parts)
 
     def clear(self) -> None:
         self.set_histograms(None, {}, {})
 
+    def _show_range(self, lo: float, hi: float) -> None:
+        self.lo.setValue(lo)
+        self.hi.setValue(hi)
+        self.plot.setXRange(lo, hi, padding=0.02)
+        self.plot.enableAutoRange(axis="y")
+
     def _full_range(self) -> None:
         if self._edges is not None and len(self._edges) > 1:
-            lo, hi = float(self._edges[0]), float(self._edges[-1])
-            self.lo.setValue(lo)
-            self.hi.setValue(hi)
-            self.plot.setXRange(lo, hi, padding=0.02)
-        self.plot.enableAutoRange(axis="y")
+            self._show_range(float(self._edges[0]), float(self._edges[-1]))
+        else:
+            self.plot.enableAutoRange(axis="y")
+
+    def _bulk_range(self) -> None:
+        if self._view is not None:
+            self._show_range(*self._view)
 
     def _redraw(self) -> None:
         labels = list(self._counts) if self._edges is not None else []
