@@ -63,6 +63,9 @@ def format_table(result, labels: list[str]) -> str:
         lines.append(f"* {len(undone)} measured after undoing AWQ-style smoothing ("
                      + "; ".join(how.get(k, k) for k in kinds)
                      + "); rel_fro_raw in --json/--csv is the error without undoing it")
+    for variant, warning in result.warnings().items():
+        lines.append("")
+        lines.append(f"! {short.get(variant, variant)}: {warning}")
     bad = [r for r in result.rows if not math.isfinite(r.rel_fro)]
     if bad:
         lines.append("")

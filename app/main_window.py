@@ -246,7 +246,7 @@ class MainWindow(QMainWindow):
         # The layers plot (emptied, then one series per variant, built ahead of the first sweep
         # result) in later turns of the event loop: each turn and its repaint stay short.
         variants, colors = list(ws.variants), dict(self.colors)
-        self._in_turns("workspace", [lambda: self.layers.set_rows([], colors),
+        self._in_turns("workspace", [lambda: self.layers.set_rows([], colors), lambda: self.layers.set_warnings({}),
                                      *self.layers.prepare_steps(variants, colors),
                                      self.workspace_loaded.emit])
 
@@ -395,6 +395,8 @@ class MainWindow(QMainWindow):
         # the tree's error columns.
         self._in_turns("sweep", [lambda: self.tabs.setCurrentWidget(self.layers),
                                  lambda: self.layers.set_rows(result.rows, colors, heatmap=False),
+                                 lambda: self.layers.set_warnings({v: (c.short, c.warning) for v, c in
+                                                                   result.smoothing_checks.items() if c.warning}),
                                  self.layers.redraw_heatmap,
                                  lambda: self.tree.model.set_all_errors(per),
                                  self.sweep_done.emit])

@@ -34,7 +34,7 @@ from .metrics import ErrorStats, bulk_histograms, error_metrics
 from .schemes import Layer, Model
 
 __all__ = ["LayerMetrics", "Unmatched", "SweepResult", "LayerDetail", "Alignment", "CompareError", "align",
-           "sweep", "layer_detail", "LAYER_KEYS", "BLOCK_ELEMENTS"]
+           "sweep", "layer_detail", "LAYER_KEYS", "BLOCK_ELEMENTS", "SmoothingCheck", "smoothing_power"]
 
 _logger = logging.getLogger(__name__)
 
@@ -101,14 +101,23 @@ class SweepResult:
 
     rows: list[LayerMetrics] = field(default_factory=list)
     unmatched: list[Unmatched] = field(default_factory=list)
+    #: Per variant whose norms show folded smoothing: :func:`smoothing_power`'s check.
+    smoothing_checks: dict[str, SmoothingCheck] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        """Plain JSON data: ``layers`` (one object per row) and ``unmatched`` (with ``reason``).
+        """Plain JSON data: ``layers`` (one object per row), ``unmatched`` (with ``reason``) and
+        ``smoothing_checks`` (per variant whose smoothing was checked: ``smoothing_power``, the
+        layer it was measured on, and a ``warning`` where it is not 1).
 
         Non-finite floats (sqnr of an exact copy: +inf) are written as null.
         """
         return {"layers": [{k: _json_safe(v) for k, v in r.to_dict().items()} for r in self.rows],
-                "unmatched": [dataclasses.asdict(u) for u in self.unmatched]}
+                "unmatched": [dataclasses.asdict(u) for u in self.unmatched],
+                "smoothing_checks": {v: c.to_dict() for v, c in self.smoothing_checks.items()}}
+
+    def warnings(self) -> dict[str, str]:
+        """Per variant whose checkpoint does not compute what the reference does: why."""
+        return {v: c.warning for v, c in self.smoothing_checks.items() if c.warning}
 
     def to_csv(self, path) -> None:
         """One line per row with :data:`LAYER_KEYS`; unmatched layers follow with their ``reason``.
@@ -135,6 +144,92 @@ class SweepResult:
         for r in self.rows:
             out.setdefault(r.variant, []).append(r)
         return out
+
+
+# -- is the smoothing folded consistently? --------------------------------------------------------
+
+#: Least spread of log s over a norm's channels for the power to be measured at all.
+_POWER_MIN_SPREAD = 0.02
+#: |power − 1| above this is reported: a consistent fold gives 1 within a few hundredths.
+_POWER_TOLERANCE = 0.25
+#: Rows of the checked layer used (spread over the layer).
+_POWER_ROWS = 512
+
+
+@dataclass
+class SmoothingCheck:
+    """How the stored weights of a norm-folded layer scale with the smoothing ``s`` recovered
+    from the norms: weights ∝ ``s ** power`` per input channel. A consistent fold gives 1 (the
+    norm is divided by s, the weights multiplied by s); 2 means the weights got s twice while
+    the norm was divided once, so the checkpoint does not compute the reference's function."""
+
+    variant: str
+    layer: str
+    power: float
+    warning: str = ""
+
+    @property
+    def short(self) -> str:
+        """The warning in one line (the window's banner; the whole in its tooltip)."""
+        if not self.warning:
+            return ""
+        what = "smoothing applied twice" if abs(self.power - 2) <= _POWER_TOLERANCE else "smoothing folded unevenly"
+        return f"{what} (weights × s^{self.power:.2f}, norm ÷ s): not the reference's function, errors include it"
+
+    def to_dict(self) -> dict:
+        return {"smoothing_power": round(self.power, 3), "checked_on": self.layer, "warning": self.warning or None}
+
+
+def smoothing_power(w: np.ndarray, wh: np.ndarray, s: np.ndarray) -> float | None:
+    """Slope ``b`` of ``log c_j = a + b log s_j`` over input channels ``j``, where ``c_j`` is the
+    least-squares scale of the variant's column j against the reference's (``wh ≈ w · c``) and
+    ``s`` the smoothing recovered from the norms; None when ``s`` hardly varies (nothing to
+    measure) or too few channels are usable."""
+    w64, h64 = w.astype(np.float64), wh.astype(np.float64)
+    den = np.einsum("ij,ij->j", w64, w64)
+    num = np.einsum("ij,ij->j", w64, h64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = num / den
+    ok = np.isfinite(c) & (c > 0) & np.isfinite(s) & (s > 0) & (den > 0)
+    if ok.sum() < 16:
+        return None
+    x, y = np.log(s[ok]), np.log(c[ok])
+    if x.std() < _POWER_MIN_SPREAD:
+        return None
+    return float(np.cov(x, y, bias=True)[0, 1] / x.var())
+
+
+def _check_smoothing(reference: Model, vs, eng) -> SmoothingCheck | None:
+    """The smoothing power of ``vs`` measured on its first norm-folded layer (every layer of a
+    file is folded by the same code, so one is enough), on up to :data:`_POWER_ROWS` rows."""
+    al = vs.alignment
+    if not al.folded_norms:
+        return None
+    cand = [t for t in al.targets.values() if t.col_scale is not None]
+    if not cand:
+        return None
+    t = min(cand, key=lambda t: _order_key(t.name))
+    ref_rows = _Rows(reference, reference.layers[t.ref_layer], eng, keep=True, counter={})
+    pick = np.unique(np.linspace(0, t.rows - 1, min(t.rows, _POWER_ROWS)).astype(np.int64))
+    cache: dict = {}
+    try:
+        w = ref_rows.full()[pick]
+        wh = _assemble(t, lambda p: cache.setdefault(p, _Rows(vs.model, vs.model.layers[p], eng, True, {})),
+                       0, t.rows)[pick]
+    except QuantscopeError:
+        return None  # the sweep reports an undecodable layer itself
+    b = smoothing_power(w, wh, np.asarray(t.col_scale, np.float64))
+    if b is None:
+        return None
+    warn = ""
+    if abs(b - 1) > _POWER_TOLERANCE:
+        warn = (f"its weights carry the smoothing scales to the power {b:.2f}, not 1 (measured on "
+                f"{t.name}: weights × s^{b:.2f} while the norm is divided by s once), so the checkpoint does not "
+                f"compute the reference's function and its errors include that")
+        if abs(b - 2) <= _POWER_TOLERANCE:
+            warn += (". AutoAWQ up to 0.2.9 quantizing on a CPU writes such files: its scale search restores "
+                     "the weights from tensors that alias them, so the scales are applied twice")
+    return SmoothingCheck(vs.label, t.name, b, warn)
 
 
 # -- decoding rows ---------------------------------------------------------------------------------
@@ -576,6 +671,11 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                                rule="compare.no-common-layers")
         states.append(_VariantState(label, vm, al))
         result.unmatched.extend(al.unmatched)
+    for vs in states:
+        _check_cancel(cancel)
+        chk = _check_smoothing(reference, vs, eng)
+        if chk is not None:
+            result.smoothing_checks[vs.label] = chk
     ref_id = _identity(reference)
     var_ids = {vs.label: _identity(vs.model) for vs in states}
     names = sorted({n for vs in states for n in vs.alignment.targets}, key=_order_key)

@@ -528,6 +528,22 @@ def test_demo_end_to_end(demo):
     c, sc, z = rtn_quantize(w * s, bits=4, group_size=128)
     expect = _direct(w, dequantize(c, sc, z, 128) / s)
     assert r.rel_fro == pytest.approx(expect, rel=0.02)
+    # the demo folds its smoothing the way AWQ means to (weights × s, norm ÷ s): power 1, no warning
+    chk = res.smoothing_checks["awq-w4g128"]
+    assert abs(chk.power - 1) < 0.05 and not chk.warning and not res.warnings()
+    assert set(res.smoothing_checks) == {"awq-w4g128"}  # nothing else shows folded norms
+
+
+def test_smoothing_power_measures_how_the_weights_scale_with_the_norm_smoothing():
+    from quantscope.backend.compare import smoothing_power
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 512)).astype(np.float32) * 0.02
+    s = np.exp(rng.normal(0, 0.25, 512))
+    noise = rng.standard_normal(w.shape).astype(np.float32) * 0.003  # ~15% relative, like 4-bit
+    for b in (1.0, 2.0, 0.0):
+        wh = (w * s ** b + noise * s ** b).astype(np.float32)
+        assert smoothing_power(w, wh, s) == pytest.approx(b, abs=0.03)
+    assert smoothing_power(w, w * 1.5, np.full(512, 1.3)) is None  # s constant: nothing to measure
 
 
 def test_real_mlx_fixture(real_fixtures):

@@ -71,6 +71,7 @@ def test_autoawq_smoothing_is_undone_against_the_base(real_fixtures):
     # AutoAWQ folded its smoothing scales into the layernorms: recovered exactly from the norm
     # ratio, undoing them brings q_proj from ~0.215 to ~0.142 (the issue quotes 0.199 -> 0.126 for
     # GPTQModel's AWQ of the same base), below the naive figure that would rank AWQ behind GPTQ.
+    # What remains above a 4-bit error comes from the file: see the next test.
     from quantscope.backend.compare import sweep
     from quantscope.backend.workspace import open_model
     ref = open_model(real_fixtures / "base-bf16")
@@ -83,6 +84,35 @@ def test_autoawq_smoothing_is_undone_against_the_base(real_fixtures):
     assert gate.smoothing.startswith("norm:") and gate.rel_fro < gate.rel_fro_raw
     down = rows["model.layers.0.mlp.down_proj"]
     assert down.smoothing.startswith("lstsq:") and down.rel_fro < down.rel_fro_raw / 2
+
+
+def test_autoawq_on_cpu_applied_its_smoothing_twice_and_compare_says_so(real_fixtures):
+    # This fixture was quantized by AutoAWQ 0.2.9 on a CPU. Its scale search keeps "the original
+    # weights" as tensor.cpu() of the parameters, which on a CPU is the parameter itself: the
+    # first grid point's in-place W·s leaks into them, that point wins, and apply_scale multiplies
+    # by s again. So every smoothed weight holds W·s² while its norm is divided by s once: per input
+    # channel the stored weight scales with the norm ratio to the power 2 (measured here
+    # independently of the check, from the base weights), and the file computes another function.
+    from quantscope.backend.compare import sweep
+    from quantscope.backend.engines import NumpyEngine
+    from quantscope.backend.workspace import open_model
+    ref = open_model(real_fixtures / "base-bf16")
+    awq = open_model(REAL / "autoawq-gemm-w4g128")
+    eng = NumpyEngine()
+    name = "model.layers.0.self_attn.q_proj"
+    w = np.asarray(ref.ckpt.tensor(name + ".weight"), np.float64)
+    wh = np.asarray(eng.dequantize(awq, awq.layers[name]), np.float64)
+    s = (np.asarray(ref.ckpt.tensor("model.layers.0.input_layernorm.weight"), np.float64)
+         / np.asarray(awq.ckpt.tensor("model.layers.0.input_layernorm.weight"), np.float64))
+    c = (w * wh).sum(0) / (w * w).sum(0)
+    assert np.polyfit(np.log(s), np.log(c), 1)[0] == pytest.approx(2.0, abs=0.05)
+    err = lambda x: np.linalg.norm(x - w) / np.linalg.norm(w)  # noqa: E731
+    assert 0.10 < err(wh / s ** 2) < 0.115 < 0.13 < err(wh / s) < 0.15  # s² leaves 4-bit error only
+    res = sweep(ref, {"awq": awq}, engine="numpy")
+    chk = res.smoothing_checks["awq"]
+    assert chk.power == pytest.approx(2.0, abs=0.05) and chk.layer == name
+    assert "AutoAWQ" in res.warnings()["awq"] and "applied twice" in chk.short
+    assert res.to_json()["smoothing_checks"]["awq"]["smoothing_power"] == pytest.approx(2.0, abs=0.05)
 
 
 @pytest.mark.parametrize("case", ["llmcompressor-w4a16-asym", "autoawq-gemm-w4g128", "gptqmodel-gptq-w4g128"])

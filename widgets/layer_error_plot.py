@@ -74,7 +74,14 @@ class LayerErrorPlot(QWidget):
         # Wrapped in a fixed two lines: a long summary must neither widen the window (an
         # unwrapped label's minimum width is its text's) nor change the plots' height.
         self.info.setWordWrap(True)
-        self.info.setFixedHeight(2 * self.info.fontMetrics().lineSpacing() + 4)
+        self.info.setFixedHeight(3 * self.info.fontMetrics().lineSpacing() + 4)
+        # What the sweep found wrong with a variant as a whole (smoothing applied twice): shown
+        # only then, above the plots, in full.
+        self.warn = QLabel()
+        self.warn.setWordWrap(True)
+        self.warn.setTextFormat(Qt.TextFormat.PlainText)
+        self.warn.setStyleSheet("color: #b35900")
+        self.warn.setHidden(True)
         self.plot = plot_widget(int_x=True)
         self.plot.setLabel("bottom", "decoder layer")
         self.plot.showGrid(x=True, y=True, alpha=0.25)
@@ -104,6 +111,7 @@ class LayerErrorPlot(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(bar)
+        lay.addWidget(self.warn)
         lay.addWidget(self.legend)
         lay.addWidget(split, 1)
         lay.addWidget(self.info)
@@ -164,6 +172,15 @@ class LayerErrorPlot(QWidget):
                              f"{bad[0].variant}: {bad[0].name}; Tools ▸ Run doctor)" if bad else "")
                           + ". Click a point or a heatmap cell to select the layer.")
         self._redraw(heatmap)
+
+    def set_warnings(self, warnings: dict[str, tuple[str, str]]) -> None:
+        """Per variant, ``(short, full)``: what makes its figures more than quantization error;
+        the short line shown, the full text in the tooltip."""
+        text = "\n".join(f"⚠ {v}: {short}" for v, (short, _) in warnings.items())
+        if text != self.warn.text():
+            self.warn.setText(text)
+            self.warn.setToolTip("\n\n".join(f"{v}: {full}" for v, (_, full) in warnings.items()))
+        self.warn.setHidden(not text)
 
     def _value(self, r) -> float:
         return float(getattr(r, self.metric_box.currentData()))
