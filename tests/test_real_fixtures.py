@@ -108,6 +108,14 @@ def test_autoawq_on_cpu_applied_its_smoothing_twice_and_compare_says_so(real_fix
     assert np.polyfit(np.log(s), np.log(c), 1)[0] == pytest.approx(2.0, abs=0.05)
     err = lambda x: np.linalg.norm(x - w) / np.linalg.norm(w)  # noqa: E731
     assert 0.10 < err(wh / s ** 2) < 0.115 < 0.13 < err(wh / s) < 0.15  # s² leaves 4-bit error only
+    # and s is the first grid point's scale (ratio 0 of duo scaling: 1 / the mean group-normalised
+    # |W| of q, k, v per input channel, normalised by sqrt(max·min)), from the base weights alone
+    qkv = np.vstack([np.asarray(ref.ckpt.tensor(f"model.layers.0.self_attn.{p}.weight"), np.float64)
+                     for p in ("q_proj", "k_proj", "v_proj")])
+    g = np.abs(qkv).reshape(-1, 128)
+    s_grid0 = 1.0 / ((g / (g.max(1, keepdims=True) + 1e-6)).reshape(qkv.shape).mean(0) + 1e-4)
+    s_grid0 /= np.sqrt(s_grid0.max() * s_grid0.min())
+    assert np.max(np.abs(s_grid0 / s - 1)) < 0.02
     res = sweep(ref, {"awq": awq}, engine="numpy")
     chk = res.smoothing_checks["awq"]
     assert chk.power == pytest.approx(2.0, abs=0.05) and chk.layer == name
