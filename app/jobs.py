@@ -22,12 +22,13 @@ MAX_HEATMAP_ROWS = 768
 
 
 def job_load(paths, reference=None, *, progress=None, cancel=None):
-    """Open checkpoints (headers and configs only) into a Workspace."""
+    """Open checkpoints (headers and configs only) into a Workspace; those that cannot be opened
+    are listed in its ``failed`` (an error only when none opens)."""
     if not paths and not reference:
         demo = demo_workspace()
         return load_workspace([str(p) for p in demo.variants.values()], str(demo.reference),
                               progress=progress, cancel=cancel)
-    return load_workspace(list(paths), reference, progress=progress, cancel=cancel)
+    return load_workspace(list(paths), reference, progress=progress, cancel=cancel, keep_going=True)
 
 
 def reduce_rows(m: np.ndarray, max_rows: int = MAX_HEATMAP_ROWS) -> tuple[np.ndarray, int]:

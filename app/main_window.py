@@ -209,8 +209,24 @@ class MainWindow(QMainWindow):
     def open_workspace(self, paths: list[str], reference: str | None) -> None:
         """Open checkpoints (none: the demo workspace) on a worker thread."""
         title = "Opening demo workspace" if not paths and not reference else "Opening checkpoints"
+        n = len(paths) + bool(reference)
+
+        def opened(ws: Workspace) -> None:
+            self.set_workspace(ws)
+            self._report_failed(ws.failed, n)
+
         self.service.submit("workspace", title, jobs.job_load, list(paths), reference,
-                            on_result=self.set_workspace, on_error=self._job_failed)
+                            on_result=opened, on_error=self._job_failed)
+
+    def _report_failed(self, failed: list[tuple[str, str]], asked: int) -> None:
+        """Say which checkpoints could not be opened (the others are): each with its reason."""
+        if not failed:
+            return
+        head = (f"{len(failed)} of {asked} checkpoints could not be opened; the others are open. "
+                if asked > 1 else "")
+        self._show_error("Open checkpoints", head + " · ".join(msg for _, msg in failed),
+                         "\n\n".join(f"{path}:\n{msg}" for path, msg in failed)
+                         + "\n\n`quantscope doctor PATH` lists every problem of a checkpoint.")
 
     def add_paths(self, paths: list[str], as_reference: bool = False) -> None:
         ws = self.workspace
@@ -222,8 +238,10 @@ class MainWindow(QMainWindow):
                 else:
                     ws.add_variant(m)
             for p in paths:
-                self._remember(p)
+                if p not in {f for f, _ in new.failed}:
+                    self._remember(p)
             self.set_workspace(ws)
+            self._report_failed(new.failed, len(paths))
 
         self.service.submit("add", "Opening checkpoint", jobs.job_load, list(paths), None,
                             on_result=merge, on_error=self._job_failed)

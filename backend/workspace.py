@@ -34,6 +34,8 @@ class Workspace:
     reference: Model | None = None
     reference_label: str | None = None
     variants: dict[str, Model] = field(default_factory=dict)
+    #: Checkpoints that could not be opened (``keep_going``): ``(path, message)``.
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
     def add_variant(self, model: Model, label: str | None = None) -> str:
         label = label or label_for(model.ckpt.source, set(self.variants) | {self.reference_label or ""})
@@ -57,19 +59,35 @@ class Workspace:
         return out
 
 
-def load_workspace(paths: list[str], reference: str | None = None, progress=None, cancel=None) -> Workspace:
-    """Open the given checkpoints (and reference) into a workspace."""
+def load_workspace(paths: list[str], reference: str | None = None, progress=None, cancel=None,
+                   keep_going: bool = False) -> Workspace:
+    """Open the given checkpoints (and reference) into a workspace.
+
+    ``keep_going``: a checkpoint that cannot be opened is listed in ``failed`` and the others
+    are opened (one broken file among five should not leave the window empty); the first error
+    is raised only when none opens."""
+    from .errors import QuantscopeError
     ws = Workspace()
     todo = ([reference] if reference else []) + list(paths)
+    first_error = None
     for i, p in enumerate(todo):
         if cancel is not None and cancel.is_set():
             from .errors import Cancelled
             raise Cancelled()
-        m = open_model(p)
+        try:
+            m = open_model(p)
+        except QuantscopeError as e:
+            if not keep_going:
+                raise
+            first_error = first_error or e
+            ws.failed.append((str(p), str(e)))
+            continue
         if reference and i == 0:
             ws.set_reference(m)
         else:
             ws.add_variant(m)
         if progress:
             progress((i + 1) / len(todo))
+    if first_error is not None and ws.reference is None and not ws.variants:
+        raise first_error
     return ws

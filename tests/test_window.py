@@ -154,6 +154,24 @@ def test_corrupt_file_gives_a_message_and_the_window_stays_usable(win, qtbot, tm
         win.tree.select("model.layers.0.self_attn.q_proj")
 
 
+def test_one_broken_checkpoint_does_not_keep_the_others_from_opening(win, qtbot, tmp_path, demo):
+    """Opening a reference and two variants, one of them truncated, opens the other two and names
+    the broken file; before, the whole workspace stayed empty."""
+    import shutil
+    src = demo.variants["gptq-w4g128"]
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    f = next(broken.glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:3_000_000])
+    with qtbot.waitSignal(win.failed, timeout=30_000) as sig:
+        win.open_workspace([str(demo.variants["awq-w4g128"]), str(broken)], str(demo.reference))
+    assert sig.args[0].startswith("1 of 3 checkpoints could not be opened") and "broken" in sig.args[0]
+    qtbot.waitUntil(lambda: list(win.workspace.variants) == ["awq-w4g128"], timeout=10_000)
+    assert win.workspace.reference is not None and win.workspace.failed[0][0] == str(broken)
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.0.self_attn.q_proj")
+
+
 def test_whatif_requantizes_from_the_reference(win, qtbot):
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         win.tree.select("model.layers.0.mlp.up_proj")
