@@ -28,6 +28,7 @@ from quantscope.widgets.histogram_view import HistogramView
 from quantscope.widgets.jobs_bar import JobsBar
 from quantscope.widgets.layer_error_plot import LayerErrorPlot
 from quantscope.widgets.palette import REFERENCE_COLOR, colors_for, is_dark
+from quantscope.widgets.plots import render_figure
 from quantscope.widgets.quant_config_panel import QuantConfigPanel
 from quantscope.widgets.tensor_tree import TensorTree
 
@@ -491,18 +492,25 @@ class MainWindow(QMainWindow):
             Path(path).write_text(json.dumps(self.sweep_result.to_json(), indent=1))
 
     def export_plot(self, kind: str, path: str | None = None) -> None:
-        import pyqtgraph.exporters as ex
-        w = self.tabs.currentWidget()
-        plot = getattr(w, "plot", None)
-        scene_item = getattr(plot, "plotItem", plot)
-        if scene_item is None:
-            return
+        """The current tab's figure (legend, plots and notes, under a title naming the view and
+        the layer) as PNG or SVG."""
+        page = self.tabs.currentWidget()
+        views = [self.scales, self.zeros] if page is self._page[self.scales] else [page]
+        parts = [p for v in views for p in (v.figure_parts() if hasattr(v, "figure_parts") else [v])]
+        name = self.tabs.tabText(self.tabs.currentIndex()).replace("&&", "&")
+        if page is self.heatmap:
+            name += f" of {self.heatmap.variant.currentText()}"
+        title = f"{name} — {self.current_layer}" if page is not self.layers and self.current_layer else name
         if path is None:
             path, _ = QFileDialog.getSaveFileName(self, "Export plot", f"quantscope-plot.{kind}")
             if not path:
                 return
-        exporter = ex.ImageExporter(scene_item) if kind == "png" else ex.SVGExporter(scene_item)
-        exporter.export(path)
+        try:
+            render_figure(parts, title, path, kind)
+        except OSError as e:
+            self._show_error("Export", str(e), "")
+            return
+        self._status(f"Saved {path}")
 
     def _ask_npy(self, default: str) -> str | None:
         path, _ = QFileDialog.getSaveFileName(self, "Save as .npy", default, "NumPy arrays (*.npy)")

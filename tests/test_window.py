@@ -184,10 +184,31 @@ def test_whatif_requantizes_from_the_reference(win, qtbot):
 
 
 def test_exports(win, qtbot, tmp_path):
+    """Every tab exports its figure, legend and title included, as PNG (twice the screen size)
+    and SVG (pyqtgraph's SVG exporter failed with this PySide6; the Scales & zeros tab wrote
+    nothing; the legend, now outside the plot, was missing from the file)."""
+    from PySide6.QtGui import QImage
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):
         win.compare_all()
-    win.export_plot("png", str(tmp_path / "layers.png"))
-    assert (tmp_path / "layers.png").stat().st_size > 1000
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    for i in range(win.tabs.count()):
+        win.tabs.setCurrentIndex(i)
+        qtbot.wait(50)
+        for kind in ("png", "svg"):
+            out = tmp_path / f"tab{i}.{kind}"
+            win.export_plot(kind, str(out))
+            assert out.stat().st_size > 1000, out
+        img = QImage(str(tmp_path / f"tab{i}.png"))
+        page = win.tabs.currentWidget()
+        assert 2 * (page.width() - 8) <= img.width() <= 2 * page.width()
+        svg = (tmp_path / f"tab{i}.svg").read_text()
+        assert "model.layers.1.mlp.down_proj" in svg or win.tabs.currentWidget() is win.layers
+        if page is not win.heatmap:  # every view with a legend has it in the file
+            assert "awq-w4g128" in svg
+    with qtbot.waitSignal(win.failed, timeout=5000) as sig:
+        win.export_plot("png", str(tmp_path / "no-such-dir" / "x.png"))
+    assert "no-such-dir" in sig.args[0]
     win.sweep_result.to_csv(tmp_path / "m.csv")
     header = (tmp_path / "m.csv").read_text().splitlines()[0]
     assert "rel_fro" in header and "variant" in header

@@ -39,6 +39,10 @@ class CodeUsageView(QWidget):
         self._absent: list[str] = []
         show_values(self.plot, False)
 
+    def figure_parts(self) -> list:
+        """The widgets an exported figure shows (not the controls)."""
+        return [self.legend, self.plot, self.summary]
+
     def set_counts(self, counts: dict[str, np.ndarray], colors: dict, empty_note: str = "",
                    absent: list[str] | None = None) -> None:
         """``empty_note``: what the view says over the plot when ``counts`` is empty; ``absent``:

@@ -45,6 +45,10 @@ class GroupErrorHeatmap(QWidget):
         self.variant.currentTextChanged.connect(self._show)
         self.glw.scene().sigMouseMoved.connect(self._on_move)
 
+    def figure_parts(self) -> list:
+        """The widgets an exported figure shows (not the controls)."""
+        return [self.glw]
+
     def set_maps(self, maps: dict[str, tuple[np.ndarray, int]], empty_note: str = "") -> None:
         """``maps``: variant → (map [rows', groups], rows per displayed row); ``empty_note``: what
         the view says when there is none."""

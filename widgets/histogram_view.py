@@ -74,6 +74,10 @@ class HistogramView(QWidget):
         self._enable_range(False)
         show_values(self.plot, False)
 
+    def figure_parts(self) -> list:
+        """The widgets an exported figure shows (not the controls)."""
+        return [self.legend, self.plot, self.footer.text()]
+
     def _enable_range(self, on: bool) -> None:
         for w in (self.lo, self.hi, self.apply, self.reset):
             w.setEnabled(on)

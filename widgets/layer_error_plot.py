@@ -173,6 +173,10 @@ class LayerErrorPlot(QWidget):
                           + ". Click a point or a heatmap cell to select the layer.")
         self._redraw(heatmap)
 
+    def figure_parts(self) -> list:
+        """The widgets an exported figure shows (not the controls)."""
+        return [self.warn, self.legend, self.split, self.info]
+
     def set_warnings(self, warnings: dict[str, tuple[str, str]]) -> None:
         """Per variant, ``(short, full)``: what makes its figures more than quantization error;
         the short line shown, the full text in the tooltip."""

@@ -6,8 +6,8 @@ from html import escape
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QEvent, QObject, QPoint, QRect, QSize, Qt
-from PySide6.QtGui import QColor, QPainter, QPalette
+from PySide6.QtCore import QEvent, QObject, QPoint, QRect, QRectF, QSize, Qt
+from PySide6.QtGui import QColor, QFontMetricsF, QPainter, QPalette
 from PySide6.QtWidgets import QComboBox, QLabel, QLayout, QWidget
 
 #: Fixed axis sizes (px). pyqtgraph sizes an axis to its widest tick label by default; new data
@@ -251,3 +251,74 @@ class Legend(QWidget):
 
     def clear(self) -> None:
         self.set_entries([])
+
+
+#: Scale of an exported PNG over the widget's size on screen (a figure for a paper or a slide).
+EXPORT_SCALE = 2
+_TITLE_PT = 11
+
+
+def render_figure(parts: list, title: str, path: str, kind: str) -> None:
+    """Write the visible ``parts`` (legend, plot, notes...), stacked as on screen under a line
+    of ``title``, to ``path`` as PNG (at :data:`EXPORT_SCALE`) or SVG (vector: pyqtgraph's
+    items are painted as paths and text). A part may be a string: a note drawn in full, wrapped
+    (on screen it is one elided line). Raises OSError where the file cannot be written.
+
+    The whole widgets are drawn, legends and notes included: pyqtgraph's own exporters see only
+    a plot's scene (no legend, no title since the legend left it), and its SVG exporter fails
+    with this PySide6 ("not enough values to unpack")."""
+    from PySide6.QtGui import QFont, QImage
+    widgets = [p for p in parts if isinstance(p, QWidget) and p.isVisible() and p.width() > 0 and p.height() > 0]
+    if not widgets:
+        raise OSError(f"{path}: nothing to export in this view")
+    width = max(p.width() for p in widgets)
+    pal = widgets[0].palette()
+    font = QFont(widgets[0].font())
+    font.setPointSize(_TITLE_PT)
+    font.setBold(True)
+    flags = int(Qt.TextFlag.TextWordWrap)
+
+    def text_h(text: str, f: QFont) -> int:
+        return int(QFontMetricsF(f).boundingRect(QRectF(0, 0, width - 16, 1e6), flags, text).height()) + 6
+
+    items: list[tuple[object, int]] = [(title, text_h(title, font) + 2)] if title else []
+    for p in parts:
+        if isinstance(p, str) and p:
+            items.append((p, text_h(p, widgets[0].font())))
+        elif p in widgets:
+            items.append((p, p.height()))
+    height = sum(h for _, h in items)
+
+    def paint(painter: QPainter) -> None:
+        painter.fillRect(QRect(0, 0, width, height), pal.color(QPalette.ColorRole.Window))
+        painter.setPen(pal.color(QPalette.ColorRole.WindowText))
+        y = 0
+        for item, h in items:
+            if isinstance(item, str):
+                painter.setFont(font if item is title else widgets[0].font())
+                painter.drawText(QRectF(8, y + 3, width - 16, h - 3), flags, item)
+            else:
+                QWidget.render(item, painter, QPoint(0, y))  # a QGraphicsView overrides render()
+            y += h
+
+    if kind == "svg":
+        from PySide6.QtSvg import QSvgGenerator
+        gen = QSvgGenerator()
+        gen.setFileName(path)
+        gen.setSize(QSize(width, height))
+        gen.setViewBox(QRect(0, 0, width, height))
+        gen.setTitle(title)
+        painter = QPainter()
+        if not painter.begin(gen):
+            raise OSError(f"{path}: cannot be written")
+        paint(painter)
+        painter.end()
+        return
+    img = QImage(width * EXPORT_SCALE, height * EXPORT_SCALE, QImage.Format.Format_ARGB32)
+    img.setDevicePixelRatio(EXPORT_SCALE)
+    painter = QPainter(img)
+    painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+    paint(painter)
+    painter.end()
+    if not img.save(path, "PNG"):
+        raise OSError(f"{path}: cannot be written")
