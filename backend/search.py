@@ -14,9 +14,14 @@ class PathIndex:
     all paths (a C-level ``in`` per path: ~5 ms for 70,000), the others only over its hits.
     """
 
-    def __init__(self, paths: list[str]) -> None:
+    def __init__(self, paths: list[str], also: list[list[str]] | None = None) -> None:
+        """``also``: per path, more names that find it (its stored tensors: a name pasted from
+        an error message, ``…down_proj.qweight``, or a component, ``qweight``)."""
         self.paths = list(paths)
-        self._lower = [p.lower() for p in self.paths]
+        if also is None:
+            self._lower = [p.lower() for p in self.paths]
+        else:
+            self._lower = ["\n".join([p, *extra]).lower() for p, extra in zip(self.paths, also)]
 
     def search(self, query: str) -> list[int] | None:
         """Ids (ascending) of paths matching every term of ``query``; None for an empty query."""

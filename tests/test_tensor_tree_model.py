@@ -91,3 +91,14 @@ def test_tree_widget_search_and_select(qtbot, model_ckpt):
     with qtbot.waitSignal(w.layer_selected) as sig:
         assert w.select("model.layers.7.self_attn.q_proj")  # clears a search that hides it
     assert sig.args == ["model.layers.7.self_attn.q_proj"]
+
+
+def test_search_finds_a_module_by_its_stored_tensor_names():
+    # a tensor name pasted from an error message, or a component, finds its module
+    paths = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.norm"]
+    also = [[f"{p}.qweight", f"{p}.scales"] for p in paths[:2]] + [["model.norm.weight"]]
+    idx = PathIndex(paths, also)
+    assert idx.search("model.layers.1.mlp.down_proj.qweight") == [1]
+    assert idx.search("qweight") == [0, 1]
+    assert idx.search("norm.weight") == [2]
+    assert PathIndex(paths).search("qweight") == []

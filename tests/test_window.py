@@ -128,6 +128,19 @@ def test_cancelling_a_sweep_stops_it(win, qtbot):
     assert win.sweep_result is None
 
 
+def test_esc_in_the_search_box_clears_it_and_cancels_no_job(win, qtbot):
+    """Esc is the window's "Cancel all jobs"; typed in the search box it used to cancel a running
+    comparison. There it clears the search, and the comparison finishes."""
+    win.activateWindow()
+    win.tree.search.setFocus()
+    qtbot.keyClicks(win.tree.search, "down")
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+        qtbot.keyClick(win.tree.search, Qt.Key.Key_Escape)
+        assert win.tree.search.text() == ""
+    assert win.sweep_result is not None
+
+
 def test_doctor_panel_lists_findings_of_a_broken_checkpoint(win, qtbot, tmp_path, demo):
     import shutil
     broken = tmp_path / "broken"

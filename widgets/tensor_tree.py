@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import QModelIndex, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QModelIndex, Qt, QTimer, Signal
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu, QTreeView, QVBoxLayout,
                                QWidget)
@@ -27,7 +27,7 @@ class TensorTree(QWidget):
         self.combo = shrinkable(QComboBox(), 20)
         self.combo.setToolTip("Which checkpoint's modules the tree lists")
         self.search = QLineEdit()
-        self.search.setPlaceholderText("Search paths (e.g. layers.1.mlp.down_proj)…")
+        self.search.setPlaceholderText("Search modules or tensors (e.g. layers.1.mlp.down_proj)…")
         self.search.setClearButtonEnabled(True)
         self.count = QLabel()
         self.view = QTreeView()
@@ -53,7 +53,23 @@ class TensorTree(QWidget):
         self.combo.currentTextChanged.connect(self._on_combo)
         self.view.selectionModel().currentChanged.connect(self._on_current)
         self.view.customContextMenuRequested.connect(self._menu)
+        self.search.installEventFilter(self)
         self._models = {}
+
+    def eventFilter(self, obj, event) -> bool:
+        # Esc in the search box clears it (or, when empty, goes back to the tree); the window's
+        # Esc shortcut ("Cancel all jobs") used to take it and cancel a running comparison.
+        if obj is self.search and event.type() in (QEvent.Type.ShortcutOverride, QEvent.Type.KeyPress) \
+                and event.key() == Qt.Key.Key_Escape:
+            if event.type() == QEvent.Type.ShortcutOverride:
+                event.accept()  # the key goes to the search box, not to a shortcut
+                return False
+            if self.search.text():
+                self.search.clear()
+            else:
+                self.view.setFocus()
+            return True
+        return super().eventFilter(obj, event)
 
     def set_checkpoints(self, models: dict, current: str | None = None) -> None:
         """``models``: label → backend Model (reference first)."""
@@ -68,7 +84,7 @@ class TensorTree(QWidget):
 
     def _on_combo(self, label: str) -> None:
         self.model.set_checkpoint(self._models.get(label))
-        self._index = PathIndex(self.model.paths())
+        self._index = PathIndex(self.model.paths(), self.model.tensor_names())
         self._apply_search()
         # Widths from the font, not resizeColumnToContents: that walks every row (25 ms on a
         # small model, seconds on a 70k-module MoE) on the GUI thread.

@@ -67,6 +67,10 @@ class TensorTreeModel(QAbstractItemModel):
     def paths(self) -> list[str]:
         return [layer.path for layer in self._layers]
 
+    def tensor_names(self) -> list[list[str]]:
+        """Per module (as :meth:`paths`), the names of its stored tensors."""
+        return [[t.name for t in layer.tensors.values()] for layer in self._layers]
+
     def set_visible(self, ids: list[int] | None) -> None:
         """Show only these module ids (None: all)."""
         self.beginResetModel()
