@@ -959,8 +959,9 @@ def _is_within(a: Path, b: Path) -> bool:
 
 #: What a model folder holds (weights, configs, tokenizer, model card): --overwrite replaces a
 #: folder of only these.
-_MODEL_FILE_SUFFIXES = {".safetensors", ".json", ".md", ".txt", ".model", ".tiktoken", ".jinja", ".py", ".npz"}
-_MODEL_FILE_NAMES = {"LICENSE", "NOTICE", "USE_POLICY", ".gitattributes"}
+#: Written into every output folder: ``--overwrite`` replaces only a folder that holds it (an
+#: earlier output), never a folder of other files, nor another model that happens to look alike.
+CONVERT_MARKER = ".quantscope-convert.json"
 
 
 def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) -> None:
@@ -975,18 +976,18 @@ def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) ->
         if not overwrite:
             raise ConversionError("already exists; pass --overwrite to replace it", file=dst,
                                   rule="convert.dst-exists")
-        # --overwrite replaces a model folder (an earlier output), never anything else: a typo
-        # such as ~ or a project folder would otherwise be deleted whole.
+        # --overwrite replaces an earlier output of quantscope convert (it holds CONVERT_MARKER)
+        # or an empty folder, never anything else: a typo such as ~, a project folder or another
+        # checkpoint would otherwise be deleted whole.
         if dst.is_symlink() or not dst.is_dir():
-            raise ConversionError("is not a folder; --overwrite replaces only a model folder", file=dst,
-                                  rule="convert.dst-not-model")
-        other = [q.name for q in dst.iterdir()
-                 if q.is_dir() or (q.suffix.lower() not in _MODEL_FILE_SUFFIXES and q.name not in _MODEL_FILE_NAMES)]
-        if other:
-            raise ConversionError(f"holds what is not part of a model ({', '.join(sorted(other)[:3])}"
-                                  f"{', …' if len(other) > 3 else ''}); --overwrite replaces only a model folder: "
-                                  "choose another destination or remove it yourself", file=dst,
-                                  rule="convert.dst-not-model")
+            raise ConversionError("is not a folder; --overwrite replaces only an earlier output of "
+                                  "quantscope convert", file=dst, rule="convert.dst-not-output")
+        entries = sorted(q.name for q in dst.iterdir())
+        if entries and not (dst / CONVERT_MARKER).is_file():
+            raise ConversionError(f"was not written by quantscope convert (it holds {', '.join(entries[:3])}"
+                                  f"{', …' if len(entries) > 3 else ''} and no {CONVERT_MARKER}); --overwrite "
+                                  "replaces only an earlier output: choose another destination or remove it "
+                                  "yourself", file=dst, rule="convert.dst-not-output")
 
 
 def _human(n: float) -> str:
@@ -1151,6 +1152,9 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(p, target)
             _write_config(model, tmp, to, rep.quantization, dtype)
+            (tmp / CONVERT_MARKER).write_text(json.dumps(
+                {"written_by": "quantscope convert", "source": str(src_p.resolve()), "to": to,
+                 "quantization": rep.quantization, "files": sorted(names)}, indent=1) + "\n", encoding="utf-8")
             rep.files = sorted(names + [str(p.relative_to(ckpt.root)) for p in copies] + ["config.json"])
             rep.output_bytes = sum(q.stat().st_size for q in tmp.rglob("*") if q.is_file())
             rep.timings["write"] = time.perf_counter() - t0

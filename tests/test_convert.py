@@ -309,14 +309,17 @@ def test_cancel_midway_leaves_nothing(demo, tmp_path):
 
 def test_existing_destination_and_overwrite(demo, tmp_path):
     dst = tmp_path / "out"
-    dst.mkdir()
+    convert(demo.variants["awq-w4g128"], dst, to="dense", verify=False)
     (dst / "old.txt").write_text("old")
     with pytest.raises(ConversionError, match="already exists"):
         convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False)
     assert (dst / "old.txt").exists()
-    convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False, overwrite=True)
+    convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False, overwrite=True)  # an earlier output
     assert not (dst / "old.txt").exists() and (dst / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    marker = json.loads((dst / ".quantscope-convert.json").read_text())
+    assert marker["written_by"] == "quantscope convert" and marker["to"] == "mlx"
+    assert marker["source"] == str(Path(demo.variants["gptq-w4g128"]).resolve())
 
 
 def test_refuses_destination_inside_source(demo, tmp_path):
@@ -417,21 +420,35 @@ def test_keeps_dtype_reads_rows_in_growing_chunks():
     assert max(b for _, b in asked) < n  # decided from the first rows
 
 
-def test_overwrite_replaces_only_a_model_folder(demo, tmp_path, capsys):
+def test_overwrite_replaces_only_an_earlier_output(demo, tmp_path, capsys):
+    """--overwrite replaced any folder of "model-like" files: a project folder of .md/.py/.json/.npz
+    files, or another checkpoint, was deleted whole. Now only a folder quantscope convert wrote
+    (it holds .quantscope-convert.json), or an empty one."""
+    import shutil
+
     from quantscope.app.cli import main
     src = str(demo.variants["awq-w4g128"])
-    work = tmp_path / "thesis"
+    work = tmp_path / "project"
     work.mkdir()
-    (work / "ch1.tex").write_text("x")
+    for name in ("README.md", "train.py", "results.json", "notes.txt", "activations.npz"):
+        (work / name).write_text("mine")
     assert main(["convert", src, str(work), "--to", "mlx", "--overwrite"]) == 2
     err = capsys.readouterr().err
-    assert "ch1.tex" in err and "only a model folder" in err and (work / "ch1.tex").read_text() == "x"
-    (work / "ch1.tex").unlink()
-    (work / "sub").mkdir()
-    assert main(["convert", src, str(work), "--to", "mlx", "--overwrite"]) == 2 and (work / "sub").is_dir()
+    assert "not written by quantscope convert" in err and "README.md" in err
+    assert sorted(p.name for p in work.iterdir()) == ["README.md", "activations.npz", "notes.txt", "results.json",
+                                                      "train.py"]
+    other = tmp_path / "other-checkpoint"  # a real checkpoint that is not an earlier output
+    shutil.copytree(demo.variants["gptq-w4g128"], other)
+    before = sorted((p.name, p.stat().st_size) for p in other.iterdir())
+    assert main(["convert", src, str(other), "--to", "mlx", "--overwrite"]) == 2
+    assert sorted((p.name, p.stat().st_size) for p in other.iterdir()) == before
     capsys.readouterr()
-    (work / "sub").rmdir()
-    for name in ("model.safetensors", "config.json", "README.md", "LICENSE", ".gitattributes"):
-        (work / name).write_text("old")
-    assert main(["convert", src, str(work), "--to", "mlx", "--overwrite"]) == 0  # an earlier output: replaced
-    assert open_checkpoint(str(work)).tensor("model.layers.0.self_attn.q_proj.weight").dtype == np.uint32
+    out = tmp_path / "out"
+    assert main(["convert", src, str(out), "--to", "dense"]) == 0
+    assert main(["convert", src, str(out), "--to", "mlx", "--overwrite"]) == 0  # an earlier output: replaced
+    assert open_checkpoint(str(out)).tensor("model.layers.0.self_attn.q_proj.weight").dtype == np.uint32
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["convert", src, str(empty), "--to", "mlx", "--overwrite"]) == 0
+
+
