@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd = sub.add_parser("dequant", help="write one layer's float32 weights as .npy")
     pd.add_argument("path", help="checkpoint")
     pd.add_argument("layer", help="module path without the component suffix, e.g. model.layers.0.self_attn.q_proj")
-    pd.add_argument("-o", "--output", required=True, help="output .npy file")
+    pd.add_argument("-o", "--output", required=True, help="output .npy file (- for stdout)")
     pd.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)
     _add_common(pd)
     pc = sub.add_parser("compare", help="per-layer error of variants against a reference")
@@ -157,21 +157,26 @@ def cmd_info(args) -> int:
 def cmd_dequant(args) -> int:
     import numpy as np
 
-    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.checkpoint import open_checkpoint, refuse_writing_into
     from quantscope.backend.engines import get_engine
     from quantscope.backend.schemes import analyze
 
     check_output_path(args.output)
     with open_checkpoint(args.path) as ckpt:
+        refuse_writing_into(args.output, [ckpt])
         model = analyze(ckpt)
         layer = model.layer(args.layer)
         engine = get_engine(args.engine)
         w = engine.dequantize(model, layer)
-        with open(args.output, "wb") as fh:  # the name given: np.save(path) would add ".npy"
-            np.save(fh, w)
+        if args.output == "-":  # the .npy bytes to stdout, the report to stderr
+            np.save(sys.stdout.buffer, w)
+            sys.stdout.buffer.flush()
+        else:
+            with open(args.output, "wb") as fh:  # the name given: np.save(path) would add ".npy"
+                np.save(fh, w)
     route = getattr(engine, "last_path", "")
     print(f"{args.layer}: {layer.scheme} {'×'.join(map(str, w.shape))} float32 -> {args.output} "
-          f"(engine {engine.name}{': ' + route if route else ''})")
+          f"(engine {engine.name}{': ' + route if route else ''})", file=sys.stderr if args.output == "-" else sys.stdout)
     return 0
 
 

@@ -83,7 +83,7 @@ def format_table(result, labels: list[str]) -> str:
 
 def run_compare(args) -> int:
     """Run ``quantscope compare`` (args: reference, variants, json_out, csv_out, engine); exit status."""
-    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.checkpoint import open_checkpoint, refuse_writing_into
     from quantscope.backend.compare import sweep
     from quantscope.backend.schemes import analyze
 
@@ -104,6 +104,8 @@ def run_compare(args) -> int:
             continue
         seen[real] = path
         variants[path] = analyze(open_checkpoint(path))
+    for out in (args.json_out, args.csv_out):
+        refuse_writing_into(out, [ref, *variants.values()])
     bar = ProgressBar("comparing")
     cancel = threading.Event()
     try:

@@ -20,6 +20,8 @@ from PySide6.QtWidgets import (
     QSplitter,
     QTabWidget,
 )
+from quantscope.backend.checkpoint import refuse_writing_into
+from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.workspace import Workspace
 from quantscope.widgets.code_usage_view import CodeUsageView
 from quantscope.widgets.doctor_panel import DoctorPanel
@@ -484,12 +486,26 @@ class MainWindow(QMainWindow):
             self._show_error("Export", "Run “Compare all layers” first.", "")
             return
         path, _ = QFileDialog.getSaveFileName(self, "Export metrics", f"quantscope-metrics.{kind}")
-        if not path:
+        if not path or not self._may_write(path):
             return
-        if kind == "csv":
-            self.sweep_result.to_csv(path)
-        else:
-            Path(path).write_text(json.dumps(self.sweep_result.to_json(), indent=1))
+        try:
+            if kind == "csv":
+                self.sweep_result.to_csv(path)
+            else:
+                Path(path).write_text(json.dumps(self.sweep_result.to_json(), indent=1))
+        except OSError as e:
+            self._show_error("Export", f"{path}: {e.strerror or e}", "")
+            return
+        self._status(f"Saved {path}")
+
+    def _may_write(self, path: str) -> bool:
+        """False (and says why) when ``path`` lies in a checkpoint the window has open."""
+        try:
+            refuse_writing_into(path, self.workspace.models().values())
+        except QuantscopeError as e:
+            self._show_error("Export", str(e), "")
+            return False
+        return True
 
     def export_plot(self, kind: str, path: str | None = None) -> None:
         """The current tab's figure (legend, plots and notes, under a title naming the view and
@@ -505,6 +521,8 @@ class MainWindow(QMainWindow):
             path, _ = QFileDialog.getSaveFileName(self, "Export plot", f"quantscope-plot.{kind}")
             if not path:
                 return
+        if not self._may_write(path):
+            return
         try:
             render_figure(parts, title, path, kind)
         except OSError as e:
@@ -522,14 +540,14 @@ class MainWindow(QMainWindow):
         if not path or m is None:
             return
         out = self._ask_npy(f"{path}.npy")
-        if out:
+        if out and self._may_write(out):
             self.service.submit("export", f"Exporting {path}", jobs.job_export_dequant, m, path, out,
                                 engine=self.engine, on_error=self._job_failed)
 
     def export_tensor(self, tensor: str) -> None:
         m = self.workspace.models().get(self.tree.current_label())
         out = self._ask_npy(f"{tensor}.npy") if m else None
-        if out:
+        if out and self._may_write(out):
             self.service.submit("export", f"Exporting {tensor}", jobs.job_export_tensor, m, tensor, out,
                                 on_error=self._job_failed)
 

@@ -400,6 +400,25 @@ class Checkpoint:
         return sum(e.data_offsets[1] - e.data_offsets[0] for f in self.files
                    for e in f.raw_entries().values())
 
+    def holds(self, out: str | os.PathLike) -> bool:
+        """Whether writing ``out`` would write into this checkpoint: a path inside the folder it
+        was opened as (a model folder, or an index's folder), or one of the files it reads (a
+        single ``.safetensors`` file and the configs beside it)."""
+        o = Path(os.path.abspath(Path(out).expanduser()))
+        try:
+            o = o.parent.resolve() / o.name  # a link to the folder, or .. in the path
+        except OSError:
+            pass
+        roots = [self._containment] if self._containment is not None else []
+        if self.path.is_dir() or self.index_path is not None:
+            roots.append(self.root)
+        for r in roots:
+            r = r.resolve()
+            if o == r or r in o.parents:
+                return True
+        read = [f.path for f in self.files] + [self.root / n for n in CONFIG_FILES]
+        return any(o == q.resolve() for q in read if q.exists())
+
     def close(self) -> None:
         for f in self.files:
             f.close()
@@ -462,3 +481,17 @@ def list_hf_cache_models() -> list[dict]:
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a checkpoint; see :class:`Checkpoint`."""
     return Checkpoint(path)
+
+
+def refuse_writing_into(out: str | os.PathLike, checkpoints) -> None:
+    """Raise when ``out`` lies in one of the open ``checkpoints`` (Checkpoint or Model): quantscope
+    never writes into a checkpoint it opened (``dequant -o wsrc/model.safetensors`` replaced the
+    weights it had just read with an .npy). ``"-"`` (stdout) and None pass."""
+    if out is None or str(out) == "-":
+        return
+    for c in checkpoints:
+        ck = getattr(c, "ckpt", c)
+        if ck is not None and ck.holds(out):
+            raise CheckpointError(f"is in the checkpoint {ck.source} that this reads; quantscope never writes "
+                                  "into a checkpoint it opened: choose a path elsewhere", file=out,
+                                  rule="output.into-checkpoint")

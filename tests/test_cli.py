@@ -77,6 +77,43 @@ def test_outputs_are_checked_before_any_work_and_written_where_named(tmp_path, c
     assert "compared once" in cap.err and "rel_fro" in cap.err
 
 
+def test_no_output_is_written_into_a_checkpoint_that_was_opened(tmp_path, capsys, real_fixtures):
+    """dequant -o wsrc/model.safetensors replaced the weights it had just read with an .npy, and
+    compare --json into the reference's folder overwrote it: both are refused before any work."""
+    import hashlib
+    import shutil
+    src = tmp_path / "wsrc"
+    shutil.copytree(real_fixtures / "mlx-affine-q4-g64", src)
+    ref = tmp_path / "wref"
+    shutil.copytree(real_fixtures / "base-bf16", ref)
+
+    def digest(folder):
+        return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    before = digest(src), digest(ref)
+    layer = "model.layers.0.mlp.up_proj"
+    for argv in (["dequant", str(src), layer, "-o", str(src / "model.safetensors")],
+                 ["dequant", str(src), layer, "-o", str(src / "new.npy")],
+                 ["compare", "--reference", str(ref), str(src), "--json", str(ref / "model.safetensors")],
+                 ["compare", "--reference", str(ref), str(src), "--csv", str(src / "config.json")],
+                 ["dequant", str(src / "model.safetensors"), layer, "-o", str(src / "config.json")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "never writes into a checkpoint it opened" in err[0], err
+    assert (digest(src), digest(ref)) == before
+    # beside a single opened file (not one of its files): allowed
+    assert main(["dequant", str(src / "model.safetensors"), layer, "-o", str(tmp_path / "x.npy")]) == 0
+    capsys.readouterr()
+
+
+def test_dequant_to_stdout(tmp_path, real_fixtures):
+    import io
+    r = subprocess.run([sys.executable, "-m", "quantscope", "dequant", str(real_fixtures / "mlx-affine-q4-g64"),
+                        "model.layers.0.mlp.up_proj", "-o", "-"], capture_output=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and not (tmp_path / "-").exists()
+    assert np.load(io.BytesIO(r.stdout)).shape == (1536, 384) and b"-> -" in r.stderr
+
+
 def test_doctor_reads_a_small_model_whole_and_says_what_it_checked(tmp_path, capsys, real_fixtures):
     import shutil
     import struct
