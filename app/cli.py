@@ -267,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # a file or folder that cannot be read or written: the user's to fix
+        if debug:
+            raise
+        where = exc.filename if exc.filename is not None else ""
+        print(f"quantscope: error: {where}{': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # never a bare traceback for the user
         if debug:
             raise

@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -120,7 +121,9 @@ class SafetensorsFile:
         self.path = Path(path)
         self._mm: mmap.mmap | None = None
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            # O_NONBLOCK: a FIFO named x.safetensors would block the open until a writer came
+            # (it is refused below); regular files ignore the flag
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             raise CheckpointError("file not found", file=self.path, rule="container.missing") from None
         except IsADirectoryError:
@@ -131,6 +134,9 @@ class SafetensorsFile:
                                   rule="container.missing") from None
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError("is not a regular file (a pipe, socket or device); quantscope reads "
+                                      ".safetensors files", file=self.path, rule="container.missing")
             self.size = st.st_size
             self._stat = (st.st_size, st.st_mtime_ns, st.st_ino)
             head = os.pread(fd, 8, 0)

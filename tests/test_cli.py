@@ -139,3 +139,20 @@ def test_info_describes_compressed_tensors_config_groups(capsys):
     out = capsys.readouterr().out
     assert "config group group_0: targets ['Linear'] → 4 bit int, group 128, asymmetric" in out
     assert "override" not in out
+
+
+def test_a_pipe_or_device_is_refused_not_waited_on(tmp_path, capsys):
+    """A FIFO named x.safetensors (or in a model folder) made info and doctor block forever."""
+    import os
+    if not hasattr(os, "mkfifo"):
+        import pytest
+        pytest.skip("no FIFOs here")
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    os.mkfifo(folder / "model.safetensors")
+    for argv in (["info", str(fifo)], ["doctor", str(fifo)], ["info", str(folder)], ["info", "/dev/zero"]):
+        code = main(argv)
+        cap = capsys.readouterr()
+        assert code == 2 and "not a regular file" in cap.err + cap.out, (argv, cap)
