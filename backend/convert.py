@@ -44,8 +44,9 @@ import numpy as np
 from .bitpack import unpack_bits
 from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import DTYPES
-from .errors import Cancelled, QuantscopeError
+from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import awq, ct, fast, gptq
+from .formats.common import check
 from .formats.kernel import for_row_blocks, round_inplace
 from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS
 from .schemes import AUX_COMPONENTS, Layer, Model, analyze
@@ -455,7 +456,11 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
             return None, "act-order g_idx"
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
-        z = gptq.unpack_zeros(read(t["qzeros"].name), bits, n, int(layer.settings.get("version", 1)), layer.path)
+        version = int(layer.settings.get("version", 1))
+        # the checks a decode makes (groups of scales and zeros against K): a layer that fails
+        # them is named, not broadcast into a ValueError
+        gptq._prep(qw, read(t["qzeros"].name), sc, gi, bits, g, version, layer.path)
+        z = gptq.unpack_zeros(read(t["qzeros"].name), bits, n, version, layer.path)
         return _Repack(lambda: np.ascontiguousarray(qw.T).view(np.uint32), _stored_part(sc, z), n,
                        sc.dtype, _seq_group_codes(lambda ns: np.ascontiguousarray(qw[:, ns].T).view(np.uint32),
                                                   bits, g)), ""
@@ -463,6 +468,7 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
         qz = read(t["qzeros"].name) if "qzeros" in t else None
+        awq._gemm_prep(qw, qz, sc, g, layer.path)  # a decode's checks
 
         def part(r0, r1):
             s_p = sc[:, r0:r1].T.astype(np.float32, order="C")
@@ -483,8 +489,12 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
         ng = k // g
-        z = (np.full((n, ng), 8, np.float32) if "qzeros" not in t
-             else unpack_bits(read(t["qzeros"].name), 4, ng).astype(np.float32))
+        awq.gemv_dims(qw.shape, sc.shape, g, layer.path)  # a decode's checks
+        qz = read(t["qzeros"].name) if "qzeros" in t else None
+        if qz is not None:
+            check(qz.shape[0] == n and qz.shape[1] * 8 >= ng, f"GEMV qzeros {list(qz.shape)} do not fit "
+                  f"[N={n}, ≥{ng}/8]", layer.path)
+        z = (np.full((n, ng), 8, np.float32) if qz is None else unpack_bits(qz, 4, ng).astype(np.float32))
         u = qw.view(np.uint32)
         return _Repack(lambda: np.ascontiguousarray(u), lambda r0, r1: (sc[r0:r1, :ng].astype(np.float32), z[r0:r1]),
                        n, sc.dtype, _seq_group_codes(lambda ns: u[ns], 4, g)), ""
@@ -610,7 +620,13 @@ def _plan_mlx(model: Model, targets: _Targets, engine, notes: list[str], cancel,
         _check(cancel)
         if progress is not None and i % 16 == 0:
             progress(i / max(1, len(layers)))
-        return _plan_layer_mlx(model, layer, targets, engine, notes, source_quantized, model_dtype)
+        try:
+            return _plan_layer_mlx(model, layer, targets, engine, notes, source_quantized, model_dtype)
+        except LayerError as exc:  # the file named, as a decode names it
+            if exc.file is None:
+                raise LayerError(exc.message, file=model.ckpt.source, tensor=exc.tensor or layer.path,
+                                 rule=exc.rule) from None
+            raise
 
     # Planning reads and checks every layer's scales and zeros (numpy, GIL released): two
     # layers at a time halve it on a 2-core machine. map keeps the layers' order.
@@ -627,8 +643,18 @@ def _aux(layer: Layer, keep_all: bool) -> tuple[list[str], list[str]]:
     return keep, dropped
 
 
+def _refuse_broken(model: Model, layer: Layer) -> None:
+    """A layer with packed codes (qweight, weight_packed) that no scheme decodes (its scales are
+    missing, say) is broken, not unknown: carrying it through (its int32 words in a "dense"
+    output) hid that."""
+    if layer.scheme == "unknown" and any(c in layer.tensors for c in ("qweight", "weight_packed")):
+        raise ConversionError(f"cannot convert: {layer.problem or 'packed codes that nothing decodes'}",
+                              file=model.ckpt.source, tensor=layer.path, rule="convert.undecodable")
+
+
 def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, source_quantized, model_dtype) -> _Item:
     path = layer.path
+    _refuse_broken(model, layer)
     res = LayerResult(path, layer.scheme, "carried")
     outputs: list = []
     raw: dict = {}
@@ -741,6 +767,7 @@ def _plan_dense(model: Model, dtype: np.dtype, engine, notes: list[str], cancel)
     for layer in model.layers.values():
         _check(cancel)
         path = layer.path
+        _refuse_broken(model, layer)
         res = LayerResult(path, layer.scheme, "carried")
         outputs, raw, casts = [], {}, {}
         if layer.quantized:

@@ -131,6 +131,8 @@ RULES: dict[str, Rule] = _rules(
     ("config.tied-lm-head", "error", "R24", "lm_head present with tie_word_embeddings: true (or absent while false)"),
     ("bnb.quant-state", "error", "R25", "bitsandbytes 4-bit quant state incomplete or inconsistent"),
     ("layer.inconsistent", "error", None, "a layer's tensors do not fit together (see message)"),
+    ("layer.undecodable", "error", None, ("the layer's decoder refuses its tensors (see message): loaders fail or "
+                                          "decode it wrongly")),
     # values
     ("values.non-finite", "error", None, "NaN or Inf in weights, scales or biases"),
     ("values.zero-scale", "warning", None, "scales equal to zero: whole groups decode to 0"),
@@ -755,8 +757,10 @@ class _Doctor:
             self._check_formats(layer, cfg, file)
             if layer.problem and len(col.findings) == before and layer.problem != "no weight tensor recognised":
                 # A module no scheme recognises may be a format quantscope does not know: a warning.
+                # ...but a packed qweight (GPTQ/AWQ) without what decodes it is a broken layer
+                unknown = layer.scheme == "unknown" and not any(c in comps for c in ("qweight", "weight_packed"))
                 col.add("layer.inconsistent", f"{layer.problem}; loaders fail on this layer or decode it wrongly",
-                        file=file, layer=path, severity="warning" if layer.scheme == "unknown" else None)
+                        file=file, layer=path, severity="warning" if unknown else None)
         self._check_overrides(cfg)
         self._check_config(cfg, ck)
 
@@ -1047,6 +1051,7 @@ class _Doctor:
                          "re-quantize (lossy)", file=file, tensor=tname, layer=path)
 
     def _format_data_loop(self) -> None:
+        from .engines import check_layer
         for path, layer in self.model.layers.items():
             if _is_set(self.cancel):
                 raise Cancelled("doctor cancelled")
@@ -1059,6 +1064,18 @@ class _Doctor:
                 self._check_nvfp4(layer)
             except (QuantscopeError, ValueError, IndexError, TypeError) as exc:
                 _logger.debug("format data check of %s failed: %s", path, exc)
+            if layer.decodable and layer.quantized and not self.col.has(layer=path, severity="error"):
+                # After the specific checks (they name a problem better): what a decode would
+                # refuse. Zero points with the wrong number of groups passed every check, then
+                # dequant and compare failed on them. Small models are decoded whole.
+                file = next(iter(layer.tensors.values())).file if layer.tensors else None
+                try:
+                    check_layer(self.model, layer, decode=self.full)
+                except QuantscopeError as exc:
+                    self.col.add("layer.undecodable", exc.message, file=file, layer=path)
+                except (ValueError, IndexError, TypeError) as exc:  # a decoder's unforeseen failure
+                    self.col.add("layer.undecodable", f"decoding fails: {type(exc).__name__}: {exc}", file=file,
+                                 layer=path)
 
     def _check_gptq_zeros(self, layer) -> None:
         comps, path = layer.tensors, layer.path

@@ -45,6 +45,38 @@ def _gptq_version(layer: Layer) -> int:
     return int(layer.settings.get("version", 1))
 
 
+def check_layer(model: Model, layer: Layer, *, decode: bool = False) -> None:
+    """Raise the LayerError a decode of ``layer`` would raise (its tensors do not fit together:
+    zero points or scales with the wrong number of groups, ...), naming the file.
+
+    GPTQ and AWQ layers are checked from their shapes and zero points (cheap whatever the
+    size); other schemes only by decoding them, when ``decode`` is set (doctor does that for
+    models it reads whole)."""
+    from .formats.common import check
+    _require_decodable(model, layer)
+    s = layer.scheme
+    if s not in ("gptq", "awq-gemm", "awq-gemv") and not (decode and layer.quantized):
+        return
+    p = read_parts(model, layer)
+    try:
+        if s == "gptq":
+            gptq._prep(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), layer.bits, layer.group_size,
+                       _gptq_version(layer), layer.path)
+        elif s == "awq-gemm":
+            awq._gemm_prep(p["qweight"], p.get("qzeros"), p["scales"], layer.group_size, layer.path)
+        elif s == "awq-gemv":
+            n, _, ng = awq.gemv_dims(p["qweight"].shape, p["scales"].shape, layer.group_size, layer.path)
+            qz = p.get("qzeros")
+            if qz is not None:
+                check(qz.shape[0] == n and qz.shape[1] * 8 >= ng,
+                      f"GEMV qzeros {list(qz.shape)} do not fit [N={n}, ≥{ng}/8]", layer.path)
+        elif decode and layer.quantized:
+            NUMPY_DECODERS[s](layer, p)
+    except LayerError as exc:
+        raise LayerError(exc.message, file=model.ckpt.source, tensor=exc.tensor or layer.path,
+                         rule="layer.undecodable") from None
+
+
 # -- numpy -------------------------------------------------------------------------------------
 
 def _np_dense(layer, p, out=None):
@@ -228,7 +260,12 @@ class MlxEngine:
 
     def dequantize(self, model: Model, layer: Layer) -> np.ndarray:
         _require_decodable(model, layer)
-        return self._pool.submit(self._run, model, layer).result()
+        try:
+            return self._pool.submit(self._run, model, layer).result()
+        except LayerError as exc:  # the file named, as the numpy engine names it
+            if exc.file is None:
+                raise LayerError(exc.message, file=model.ckpt.source, tensor=layer.path, rule=exc.rule) from None
+            raise
 
     def _run(self, model: Model, layer: Layer) -> np.ndarray:
         mx = self._mx

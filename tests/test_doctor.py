@@ -839,7 +839,8 @@ def test_sampling_limits_rows(tmp_path, monkeypatch):
     assert up and all(r is not None and r[1] - r[0] <= 2 for r in up)
     seen.clear()
     diagnose(tmp_path / "m", full=True)
-    up = [r for n, r in seen if n == "model.layers.0.mlp.up_proj.weight"]
+    # the value check reads every row once, by ranges (the decode check reads the tensor whole)
+    up = [r for n, r in seen if n == "model.layers.0.mlp.up_proj.weight" and r is not None]
     assert sum(r[1] - r[0] for r in up) == INTER
 
 

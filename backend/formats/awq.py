@@ -121,7 +121,7 @@ def codes_gemv(qweight) -> np.ndarray:
 def gemm_to_mlx_affine(qweight, qzeros, scales, *, name=None):
     """Exact MLX-affine equivalent (weight u32 [N, K/8], scales f32 [N, K/G], biases f32) or None."""
     from ..bitpack import pack_bits
-    n, k, g = gemm_dims(qweight.shape, scales.shape, name)
+    n, k, g, _, _ = _gemm_prep(qweight, qzeros, scales, None, name)  # decode_gemm's checks (qzeros shape)
     if g not in (32, 64, 128):
         return None
     q = unpack_gemm(qweight, n)  # [K, N]
@@ -135,6 +135,9 @@ def gemv_to_mlx_affine(qweight, qzeros, scales, *, group_size: int, name=None):
     n, k, ng = gemv_dims(qweight.shape, scales.shape, group_size, name)
     if group_size not in (32, 64, 128):
         return None
+    if qzeros is not None:
+        check(qzeros.shape[0] == n and qzeros.shape[1] * 8 >= ng, f"GEMV qzeros {list(qzeros.shape)} do not fit "
+              f"[N={n}, ≥{ng}/8]", name)
     s = np.ascontiguousarray(scales[:, :ng].astype(np.float32))
     z = np.full((n, ng), 8, np.float32) if qzeros is None else unpack_bits(qzeros, 4, ng).astype(np.float32)
     return np.ascontiguousarray(qweight).view(np.uint32), s, -(s * z)

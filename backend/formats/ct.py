@@ -17,6 +17,8 @@ on the real fixtures in ``tests/fixtures/real``.
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
@@ -610,6 +612,8 @@ def to_mlx_affine(weight_packed: np.ndarray, weight_scale: np.ndarray, weight_sh
     if layout != "dense" or wp.shape[-1] * 32 != k * bits:
         return None
     ng = k // group_size
+    check(np.asarray(weight_scale).size == math.prod(lead) * n * ng,
+          f"weight_scale {list(np.shape(weight_scale))} does not hold {n}×{ng} group scales", name)
     s = np.asarray(weight_scale).astype(np.float32).reshape(tuple(lead) + (n, ng))
     zp = np.zeros((1, 1), np.int16) if weight_zero_point is None else \
         _zero_points(weight_zero_point, n, ng, bits, layout, tuple(lead), name)
