@@ -245,6 +245,21 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
             alt = _infer_affine(w.shape, s.shape, dims)
             hint = f"; the shapes fit {alt[0]} bit / group {alt[1]}" if alt[0] else ""
             layer.problem = f"{exc.message}{hint} (R18)"
+            return layer
+        k = layer.shape[-1]
+        if dims and k not in dims and module.path.rsplit(".", 1)[-1] not in ("lm_head", "embed_tokens"):
+            # 4 bit / 64 and 8 bit / 32 (and others) fit the same shapes: a config that names the
+            # wrong pair decodes silent garbage of the wrong width. Only when another pair gives a
+            # dimension of this model is it called wrong.
+            wp = w.shape[-1]
+            alt = [(b, g) for b in AFFINE_BITS for g in AFFINE_GROUPS
+                   if (b, g) != (bits, group) and wp * 32 % b == 0 and wp * 32 // b == g * s.shape[-1]
+                   and wp * 32 // b in dims]
+            if alt:
+                b, g = alt[0]
+                layer.problem = (f"{bits} bit / group {group} ({layer.source}) give K={k} inputs, not a dimension of "
+                                 f"this model; {b} bit / group {g} give K={wp * 32 // b}. The shapes fit both, so "
+                                 "the config's bits/group_size are wrong (R18)")
         return layer
     layer.bits, layer.group_size = MODE_DEFAULTS.get(mode, (None, None))
     if has_biases:
@@ -321,6 +336,13 @@ def _detect_gptq_awq(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
                 bits = z.shape[1] * word // n
             layer.source = (layer.source + "; " if cfg.kind else "") + f"bits inferred from shapes: {bits}"
         layer.bits = bits
+        z = comps.get("qzeros")
+        if bits and gptq_fit and z is not None and len(z.shape) == 2 and n and (z.shape[1] * word) % n == 0:
+            zb = z.shape[1] * word // n  # the width the stored zero points are packed at
+            if zb != bits and zb in (2, 3, 4, 8):
+                layer.problem = (f"{bits} bit ({layer.source}) but qzeros {list(z.shape)} hold {zb}-bit zero points "
+                                 f"for N={n}: the config's bits are wrong?")
+                return layer
         if not gptq_fit:
             layer.problem = (f"qweight {list(qw.shape)} does not fit GPTQ's [K·b/32, N] with scales {list(sc.shape)}"
                              + ("; it has AWQ GEMM's layout — mislabelled quant_method?" if gemm_fit else ""))

@@ -209,3 +209,27 @@ def test_tensors_that_do_not_fit_together_are_named_by_every_command(how, real_f
         assert rc == 2 and len(err) == 1 and str(folder) in err[0] and "internal" not in err[0], (argv, err)
         assert "model.layers.0.self_attn" in err[0], (argv, err)
     assert not (tmp_path / "to-mlx").exists() and not (tmp_path / "to-dense").exists()
+
+
+@pytest.mark.parametrize("case", ["gptq", "mlx"])
+def test_a_config_whose_bits_the_tensors_contradict_is_named_not_decoded(case, real_fixtures, tmp_path, capsys):
+    """config.json says 8 bit where the tensors are 4-bit: info showed 8b layers of half the
+    width and dequant wrote them (MLX 4/64 and 8/32 fit the same shapes), or failed on g_idx.
+    Now the layer says what contradicts the config, and dequant refuses."""
+    src = FIXTURES / "gptqmodel-gptq-w4g128" if case == "gptq" else real_fixtures / "mlx-affine-q4-g64"
+    folder = tmp_path / case
+    shutil.copytree(src, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if case == "gptq":
+        cfg["quantization_config"]["bits"] = 8
+        want = "hold 4-bit zero points"
+    else:
+        cfg["quantization"] = {"bits": 8, "group_size": 32}
+        cfg.pop("quantization_config", None)
+        want = "4 bit / group 64 give K=384"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert main(["info", str(folder)]) == 0
+    assert want in capsys.readouterr().out
+    assert main(["dequant", str(folder), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0] and str(folder) in err[0] and not (tmp_path / "o.npy").exists()
