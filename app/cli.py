@@ -175,6 +175,10 @@ def cmd_dequant(args) -> int:
             with open(args.output, "wb") as fh:  # the name given: np.save(path) would add ".npy"
                 np.save(fh, w)
     route = getattr(engine, "last_path", "")
+    bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+    if bad:  # the file's values, written as they are: but said
+        print(f"quantscope: warning: {bad:,} of {w.size:,} values of {args.layer} are NaN or inf "
+              f"(`quantscope doctor {args.path}` names the tensors)", file=sys.stderr)
     print(f"{args.layer}: {layer.scheme} {'×'.join(map(str, w.shape))} float32 -> {args.output} "
           f"(engine {engine.name}{': ' + route if route else ''})", file=sys.stderr if args.output == "-" else sys.stdout)
     return 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -183,8 +184,17 @@ class ConversionReport:
 
     @property
     def max_rel_fro(self) -> float | None:
+        """The largest error of a converted layer; NaN when any is NaN (max() skipped it and
+        reported 0 for a source with NaN scales)."""
         v = [r.rel_fro for r in self.layers if r.rel_fro is not None]
+        if any(x != x for x in v):
+            return math.nan
         return max(v) if v else None
+
+    @property
+    def nonfinite_layers(self) -> list[str]:
+        """Layers whose error is not finite (NaN/inf values in the source or the output)."""
+        return [r.path for r in self.layers if r.rel_fro is not None and not math.isfinite(r.rel_fro)]
 
     def to_dict(self) -> dict:
         import dataclasses
@@ -720,7 +730,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
     rp, why = _repack_plan(model, layer, target)
     if rp is not None:
         bits, g = layer.bits, layer.group_size
-        keep_dt = _keeps_dtype(rp, bits, g)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf scales: the verification says so
+            keep_dt = _keeps_dtype(rp, bits, g)
         sdt = rp.src_dtype if keep_dt else np.dtype(np.float32)
         st = _st_name(sdt)
         q = _Q(bits, g)
@@ -1280,6 +1291,10 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None) -> li
     if rep.verified:
         mx_ = rep.max_rel_fro
         lines.append("verification: " + ("no layer compared" if mx_ is None else f"max rel_fro {mx_:.3g}"))
+        bad = rep.nonfinite_layers
+        if bad:
+            lines.append(f"  not finite in {len(bad)} layer(s), e.g. {bad[0]}: NaN/inf values in the source "
+                         "(`quantscope doctor` on it names the tensors)")
     shown = [r for r in rep.layers if r.kind != "carried"]
     if shown:  # no header over no rows (a dense model converted to dense carries everything)
         lines.append(f"{'layer':<44} {'source':<10} {'action':<40} {'scales':<6} {'rel_fro':>9} {'max_abs':>9}")

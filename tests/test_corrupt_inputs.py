@@ -233,3 +233,31 @@ def test_a_config_whose_bits_the_tensors_contradict_is_named_not_decoded(case, r
     assert main(["dequant", str(folder), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "o.npy")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and want in err[0] and str(folder) in err[0] and not (tmp_path / "o.npy").exists()
+
+
+def test_nan_scales_are_said_by_dequant_and_by_the_conversion_summary(tmp_path, capsys):
+    """NaN scales: convert's summary said "max rel_fro 0" (max() skipped the NaN) and numpy
+    warnings leaked; dequant wrote NaN silently."""
+    import ml_dtypes  # noqa: F401
+    import numpy as np
+    from helpers import write_st
+    from safetensors.numpy import load_file
+    folder = tmp_path / "nan"
+    shutil.copytree(FIXTURES / "gptqmodel-gptq-w4g128", folder)
+    t = load_file(str(folder / "model.safetensors"))
+    q = "model.layers.0.self_attn.q_proj"
+    sc = t[f"{q}.scales"].copy()
+    sc[0, :4] = np.nan
+    t[f"{q}.scales"] = sc
+    write_st(folder / "model.safetensors", t, {"format": "pt"})
+    assert main(["dequant", str(folder), q, "-o", str(tmp_path / "o.npy")]) == 0
+    err = capsys.readouterr().err
+    assert "512 of 147,456 values" in err and "NaN or inf" in err  # 4 columns × a group of 128 rows
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's invalid-value warnings leaked onto stderr
+        assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "mlx"]) == 0
+    cap = capsys.readouterr()
+    assert "max rel_fro nan" in cap.out and "not finite in 1 layer(s), e.g. " + q in cap.out
+    assert "RuntimeWarning" not in cap.err
+
