@@ -100,7 +100,8 @@ def run_compare(args) -> int:
     for path in args.variants:
         real = os.path.realpath(path)
         if real in seen:  # the same folder twice: one column, said so (the rows were merged silently)
-            print(f"quantscope: {path} is {seen[real]} again: compared once", file=sys.stderr)
+            again = f"{path} given twice" if path == seen[real] else f"{path} is {seen[real]} again"
+            print(f"quantscope: {again}: compared once", file=sys.stderr)
             continue
         seen[real] = path
         variants[path] = analyze(open_checkpoint(path))

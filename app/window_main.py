@@ -102,13 +102,13 @@ class Script:
 
     def _save(self) -> None:
         code = 0
-        if self.errors:
+        if self.errors:  # bad input: exit 2, as every command gives it
             print("quantscope: error: " + "; ".join(self.errors), file=sys.stderr)
-            code = 1
+            code = 2
         ok = self.win.grab().save(self.args.screenshot)
         if not ok:
             print(f"quantscope: error: could not write {self.args.screenshot}", file=sys.stderr)
-            code = 1
+            code = 2
         elif code == 0:
             print(f"screenshot saved to {self.args.screenshot}")
         self.app.exit(code)

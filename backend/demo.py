@@ -904,8 +904,9 @@ def build_demo(dest: Path, *, seed: int = 0, progress: Callable[[float], None] |
     """
     dest = Path(dest).expanduser()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise CheckpointError("already exists and is not empty; the demo workspace needs a new or empty "
-                              "folder", file=dest, rule="demo.dest-exists")
+        what = "is a folder that is not empty" if dest.is_dir() else "is a file"
+        raise CheckpointError(f"{what}; the demo workspace needs a new or empty folder", file=dest,
+                              rule="demo.dest-exists")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
     try:

@@ -248,7 +248,7 @@ def test_screenshot_mode_exits_nonzero_with_a_message_when_nothing_opens(tmp_pat
     r = subprocess.run([sys.executable, "-m", "quantscope", str(tmp_path / "missing"), "--screenshot",
                         str(tmp_path / "s.png")], capture_output=True, text=True, timeout=120,
                        env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
-    assert r.returncode == 1
+    assert r.returncode == 2  # bad input, as for every command
     assert "quantscope: error:" in r.stderr and "missing" in r.stderr
     assert (tmp_path / "s.png").exists()  # the window (with its error) is still saved
 
