@@ -341,6 +341,32 @@ def _layout_findings(col: _Collector, sf: SafetensorsFile) -> None:
                     "readers seek back and forth", file=sf.path)
 
 
+def _duplicate_keys(col: _Collector, sf: SafetensorsFile) -> None:
+    """A name given twice in a header that parses (both entries alike: the parser keeps one).
+    Each entry has one "data_offsets": more of them than entries means duplicates, and only
+    then is the header parsed again, keeping every pair, to name them."""
+    with open(sf.path, "rb") as fh:
+        fh.seek(8)
+        raw = fh.read(sf.header_len)
+    if raw.count(b'"data_offsets"') <= len(sf):
+        return
+    dupes: set[str] = set()
+
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        dupes.update(k for k in set(keys) if keys.count(k) > 1)
+        return dict(pairs)
+
+    try:
+        json.loads(raw, object_pairs_hook=hook)
+    except ValueError:
+        return
+    for k in sorted(dupes):
+        col.add("container.duplicate-key", f"tensor name {k!r} appears more than once in the header (the entries "
+                "agree, so this reader kept one); the safetensors reference format disallows duplicate keys and "
+                "other readers may refuse the file — re-save it", file=sf.path, tensor=k)
+
+
 def _scan_broken(col: _Collector, path: Path, exc: QuantscopeError) -> None:
     """A header the reader rejected: list every problem of it, not only the first."""
     rule = exc.rule if exc.rule in RULES else "container.header-json"
@@ -651,6 +677,7 @@ class _Doctor:
         self.files.append(sf)
         _metadata_findings(self.col, sf)
         _layout_findings(self.col, sf)
+        _duplicate_keys(self.col, sf)
 
     # -- phase 1: index ↔ shards ---------------------------------------------------------------
 

@@ -922,3 +922,23 @@ def test_docs_list_every_rule():
         if rule.ref:
             row = next(line for line in text.splitlines() if line.startswith(f"| `{rule_id}` |"))
             assert rule.ref in row and rule.severity in row, rule_id
+
+
+def test_a_name_given_twice_in_a_header_that_parses_is_found(tmp_path):
+    """Two identical entries for one name: the file opens (the parser keeps one) and doctor used
+    to find nothing, though the reference format disallows it."""
+    import struct
+    from helpers import write_st
+    p = tmp_path / "m.safetensors"
+    write_st(p, {"a.weight": np.ones((2, 2), np.float32), "b.weight": np.zeros((2, 2), np.float32)}, {"format": "pt"})
+    b = p.read_bytes()
+    (n,) = struct.unpack("<Q", b[:8])
+    head = b[8:8 + n].decode().rstrip()
+    entry = head[head.index('"a.weight"'):]
+    entry = entry[:entry.index("}") + 1]
+    head = head[:-1] + "," + entry + "}"
+    head += " " * (-len(head) % 8)
+    p.write_bytes(struct.pack("<Q", len(head)) + head.encode() + b[8 + n:])
+    findings = diagnose(p)
+    assert [(f.rule, f.tensor) for f in findings if f.rule == "container.duplicate-key"] == [
+        ("container.duplicate-key", "a.weight")]
