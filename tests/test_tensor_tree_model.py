@@ -46,7 +46,7 @@ def test_natural_order_children_and_columns(model_ckpt):
     child = m.index(0, 0, parent)
     assert child.data() == ".weight" and m.index(0, 1, parent).data() == "F16"
     assert "model.safetensors [" in m.index(0, 6, parent).data()
-    assert m.headerData(7, pg_orientation()) == "Error · gptq"
+    assert m.headerData(7, pg_orientation()) == "gptq"
     m.set_errors("gptq", {"model.layers.2.mlp.down_proj": 0.0312})
     assert m.index(row, 7).data() == "0.0312"
     assert m.index(row, 7).data(pg_role()) is not None  # coloured background
@@ -102,3 +102,18 @@ def test_search_finds_a_module_by_its_stored_tensor_names():
     assert idx.search("qweight") == [0, 1]
     assert idx.search("norm.weight") == [2]
     assert PathIndex(paths).search("qweight") == []
+
+
+def test_error_colours_tell_real_errors_apart_and_keep_figures_readable():
+    """The green-red ramp ended at 0.3 and was not colour-blind safe: 0.15, 0.38 and 0.60 came out
+    the same red. A light-to-dark ramp over 0.01..1 (log) separates them; text stays readable."""
+    from quantscope.widgets.palette import error_color, text_color_on
+    errs = [0.01, 0.03, 0.09, 0.15, 0.38, 0.60, 1.0]
+    light = [error_color(e).lightness() for e in errs]
+    assert all(a > b for a, b in zip(light, light[1:]))  # monotone: darker is worse
+    assert min(a - b for a, b in zip(light[2:], light[3:])) >= 10  # 0.09 / 0.15 / 0.38 / 0.60 / 1.0 apart
+    for e in errs:
+        bg = error_color(e)
+        fg = text_color_on(bg)
+        assert abs(bg.lightness() - fg.lightness()) >= 100  # contrast for the figure
+    assert error_color(None) is None and error_color(float("nan")) is None

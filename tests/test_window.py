@@ -401,7 +401,7 @@ def test_tree_shows_name_scheme_bits_then_the_shown_checkpoints_error(win, qtbot
     for label in ("awq-w4g128", "gptq-w4g128"):
         win.tree.combo.setCurrentText(label)
         first = [model.headerData(h.logicalIndex(i), Qt.Orientation.Horizontal) for i in range(4)]
-        assert first == ["Name", "Scheme", "Bits", f"Error · {label}"]
+        assert first == ["Name", "Scheme", "Bits", label]
 
 
 def test_config_panel_highlights_the_checkpoint_the_tree_shows(win, qtbot):
@@ -477,3 +477,22 @@ def test_histograms_open_on_the_bulk_and_say_what_lies_outside(qtbot):
     h.reset.click()
     (x0, x1), _ = h.plot.getViewBox().viewRange()
     assert x0 < -3.0 and x1 > 12.0
+
+
+def test_layers_heatmap_colours_on_its_own_or_a_shared_scale(qtbot):
+    """Each variant's heatmap stretched its colours over its own range, so a noise-level spread
+    (0.0910-0.0912) looked dramatic and two variants could not be compared by colour."""
+    from types import SimpleNamespace
+
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+    rows = [SimpleNamespace(name=f"model.layers.{i}.self_attn.{p}", variant=v, layer_index=i, proj=p, rel_fro=e + i * d,
+                            sqnr_db=0.0, rel_fro_raw=e)
+            for v, e, d in (("q4", 0.0910, 0.0001), ("q3", 0.30, 0.02)) for i in range(3) for p in ("q_proj", "k_proj")]
+    plot.set_rows(rows, {"q4": "#E69F00", "q3": "#0072B2"})
+    plot.hm_variant.setCurrentText("q4")
+    assert not plot.hm_scale.isChecked()  # its own range: which of its layers it hurts
+    assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.0912))
+    plot.hm_scale.setChecked(True)
+    assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.34))

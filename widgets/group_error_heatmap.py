@@ -16,6 +16,13 @@ class GroupErrorHeatmap(QWidget):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.variant = shrinkable(QComboBox(), 24)  # long variant names differ at their ends
+        # One colour scale for every variant (a colour reads the same whichever is shown), or
+        # this variant's own (its structure in full)
+        self.scale = shrinkable(QComboBox(), 10)
+        self.scale.addItem("scale: all variants", "shared")
+        self.scale.addItem("scale: this variant", "own")
+        self.scale.setToolTip("Colour scale 0 … 99.5th percentile of every variant's group errors, or of the "
+                              "shown variant's only")
         self.hover = QLabel(" ")
         self.glw = pg.GraphicsLayoutWidget()
         self.plot = self.glw.addPlot(axisItems={"bottom": IntAxis("bottom"), "left": IntAxis("left")})
@@ -33,6 +40,7 @@ class GroupErrorHeatmap(QWidget):
         bar = QHBoxLayout()
         bar.addWidget(QLabel("variant"))
         bar.addWidget(self.variant)
+        bar.addWidget(self.scale)
         bar.addStretch(1)
         bar.addWidget(self.hover)
         lay = QVBoxLayout(self)
@@ -43,6 +51,7 @@ class GroupErrorHeatmap(QWidget):
         self.hint = Hint(self.glw, "Select a quantized layer in the Tensors tree: the relative error of each "
                                    "quantization group (rows × groups), one variant at a time", right=110)
         self.variant.currentTextChanged.connect(self._show)
+        self.scale.currentIndexChanged.connect(lambda _: self._show(self.variant.currentText()))
         self.glw.scene().sigMouseMoved.connect(self._on_move)
 
     def figure_parts(self) -> list:
@@ -72,13 +81,23 @@ class GroupErrorHeatmap(QWidget):
             self.image.clear()
             return
         data, per = m
-        finite = data[np.isfinite(data)]
-        hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+        hi = self._top(label if self.scale.currentData() == "own" else None)
         self.image.setImage(data, autoLevels=False)
         # in the layer's own units: a displayed row covers ``per`` output rows
         self.image.setRect(QRectF(0, 0, data.shape[1], data.shape[0] * per))
         self.cbar.setLevels((0.0, max(hi, 1e-12)))
         self.plot.autoRange()
+
+    def _top(self, label: str | None) -> float:
+        """The colour scale's top: the 99.5th percentile of one variant's finite group errors, or
+        the largest of those of every variant (None)."""
+        tops = []
+        for lb, (data, _) in self._maps.items():
+            if label is None or lb == label:
+                finite = data[np.isfinite(data)]
+                if finite.size:
+                    tops.append(float(np.percentile(finite, 99.5)))
+        return max(tops) if tops else 1.0
 
     def _on_move(self, pos) -> None:
         m = self._maps.get(self.variant.currentText())

@@ -9,6 +9,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QHBoxLayout,
     QLabel,
@@ -65,11 +66,15 @@ class LayerErrorPlot(QWidget):
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.metric_box = shrinkable(QComboBox(), 10)
+        self.metric_box = shrinkable(QComboBox(), 8)
         for k, v in METRICS.items():
             self.metric_box.addItem(v, k)
         self.proj = shrinkable(QComboBox(), 8)
         self.hm_variant = shrinkable(QComboBox(), 8)
+        self.hm_scale = QCheckBox("shared scale")
+        self.hm_scale.setToolTip("Heatmap colours on the range of every variant (a colour reads the same whichever "
+                                 "is shown); unchecked, on the shown variant's own range (which layers it hurts)")
+        self.proj.setToolTip("Which projections the plot shows (all, or one with its points joined by depth)")
         self.info = QLabel("Run “Compare all layers” to fill this view.")
         # Wrapped in a fixed two lines: a long summary must neither widen the window (an
         # unwrapped label's minimum width is its text's) nor change the plots' height.
@@ -99,10 +104,10 @@ class LayerErrorPlot(QWidget):
         self.hm_bar.getAxis("right").setWidth(56)  # room for "0.0925" (the numbers were cut to "0.")
         bar = QHBoxLayout()
         bar.addWidget(self.metric_box)
-        bar.addWidget(QLabel("projection:"))
-        bar.addWidget(self.proj)
+        bar.addWidget(self.proj)  # its first item, "all projections", says what it is
         bar.addWidget(QLabel("heatmap:"))
         bar.addWidget(self.hm_variant)
+        bar.addWidget(self.hm_scale)
         bar.addStretch(1)
         split = self.split = QSplitter()
         split.addWidget(self.plot)
@@ -118,6 +123,7 @@ class LayerErrorPlot(QWidget):
         self.metric_box.currentIndexChanged.connect(lambda _: self._redraw())
         self.proj.currentIndexChanged.connect(lambda _: self._redraw())
         self.hm_variant.currentIndexChanged.connect(lambda _: self.redraw_heatmap())
+        self.hm_scale.toggled.connect(lambda _: self.redraw_heatmap())
         self.hm.scene().sigMouseClicked.connect(self._hm_clicked)
         self._rows = []
         self._colors = {}
@@ -287,7 +293,9 @@ class LayerErrorPlot(QWidget):
             grid[i, j] = self._value(r)
             self._hm_names[(i, j)] = r.name
         self.hm_image.setImage(grid, autoLevels=False)
-        finite = grid[np.isfinite(grid)]
+        shared = self.hm_scale.isChecked()
+        values = np.array([self._value(r) for r in self._rows]) if shared else grid
+        finite = values[np.isfinite(values)]
         if finite.size:
             lo, hi = float(finite.min()), float(finite.max())
             self.hm_bar.setLevels((lo, hi if hi > lo else lo + 1e-12))

@@ -29,13 +29,34 @@ def is_dark(palette: QPalette) -> bool:
     return palette.color(QPalette.ColorRole.Window).lightness() < 128
 
 
+#: Paul Tol's sequential YlOrBr (colour-blind safe, light to dark): error cells, small to large.
+ERROR_RAMP = ["#FFFFE5", "#FFF7BC", "#FEE391", "#FEC44F", "#FB9A29", "#EC7014", "#CC4C02", "#993404", "#662506"]
+#: The ramp spans relative errors 0.01 (40 dB) to 1 (0 dB) on a log scale: 8-bit and FP8 layers
+#: sit at the light end, 4-bit in the middle, 3-bit and broken layers at the dark end (the old
+#: green-red ramp ended at 0.3, so 0.15, 0.38 and 0.60 all came out the same red).
+ERROR_RANGE = (1e-2, 1.0)
+
+
 def error_color(rel_fro: float | None, dark: bool = False) -> QColor | None:
-    """Background for an error cell: green (small) → yellow → red (large), on a log scale."""
+    """Background for an error cell on :data:`ERROR_RAMP` (log scale over :data:`ERROR_RANGE`);
+    the same in a dark theme, where :func:`text_color_on` keeps the figures readable."""
     if rel_fro is None or not rel_fro == rel_fro:
         return None
     import math
-    # 1e-3 (60 dB) → 0, 3e-1 (~10 dB) → 1
-    t = (math.log10(max(rel_fro, 1e-6)) + 3.0) / 2.5
-    t = min(1.0, max(0.0, t))
-    c = QColor.fromHsvF((1 - t) * 0.33, 0.55 if not dark else 0.7, 0.95 if not dark else 0.45)
-    return c
+    lo, hi = (math.log10(x) for x in ERROR_RANGE)
+    t = (math.log10(max(rel_fro, 1e-12)) - lo) / (hi - lo)
+    t = min(1.0, max(0.0, t)) * (len(ERROR_RAMP) - 1)
+    i = min(int(t), len(ERROR_RAMP) - 2)
+    a, b = QColor(ERROR_RAMP[i]), QColor(ERROR_RAMP[i + 1])
+    f = t - i
+    return QColor.fromRgbF(a.redF() + f * (b.redF() - a.redF()), a.greenF() + f * (b.greenF() - a.greenF()),
+                           a.blueF() + f * (b.blueF() - a.blueF()))
+
+
+def text_color_on(background: QColor) -> QColor:
+    """Black or white, whichever reads on ``background``."""
+    return QColor("#000000") if background.lightness() > 150 else QColor("#FFFFFF")
+
+
+ERROR_KEY = ("cell colour: relative error on a log scale, light yellow ≤ 0.01 (40 dB) → orange ≈ 0.1 → dark "
+             "brown ≥ 1 (0 dB)")

@@ -91,15 +91,15 @@ class TensorTree(QWidget):
         fm = self.view.fontMetrics()
         widths = {0: 200, 1: fm.horizontalAdvance("mlx-affine__"), 4: fm.horizontalAdvance("14336×4096__"),
                   5: fm.horizontalAdvance("100.0 MB__")}
-        # An error column is as wide as its numbers, not its header ("Error · <long variant name>"
-        # put the right-aligned numbers past the dock's edge: colour without figures); the header
-        # is elided, whole in its tooltip.
+        # An error column is as wide as its numbers, not its header (a long variant name put the
+        # right-aligned numbers past the dock's edge: colour without figures); the header is
+        # elided in the middle, whole in its tooltip.
         n, nb = self.model.columnCount(), len(BASE_COLUMNS)
         for c in range(n):
             text = str(self.model.headerData(c, Qt.Orientation.Horizontal) or "")
             want = max(widths.get(c, 0), fm.horizontalAdvance(text) + 24)
             if nb <= c < n - 1:
-                want = min(want, fm.horizontalAdvance("Error · q4g__"))
+                want = min(want, fm.horizontalAdvance("gptq…w4g128__"))
             self.view.setColumnWidth(c, want)
         self._order_columns()
         self.checkpoint_changed.emit(label)

@@ -13,7 +13,7 @@ from PySide6.QtCore import QAbstractItemModel, QModelIndex, Qt
 from quantscope.backend.info import human_bytes
 from quantscope.backend.schemes import Layer, Model
 
-from .palette import error_color
+from .palette import ERROR_KEY, error_color, text_color_on
 
 BASE_COLUMNS = ["Name", "Scheme", "Bits", "Group", "Shape", "Bytes", "Bits/weight"]
 _SEVERITY_ORDER = {"error": 3, "warning": 2, "info": 1}
@@ -97,15 +97,16 @@ class TensorTreeModel(QAbstractItemModel):
             col = len(BASE_COLUMNS) + self._variants.index(label)
             self.dataChanged.emit(self.index(0, col), self.index(len(self._visible) - 1, col))
 
-    def _cell(self, label: str, path: str) -> tuple[str, object] | None:
-        """(text, background) of an error cell, made on its first paint and kept."""
+    def _cell(self, label: str, path: str) -> tuple[str, object, object] | None:
+        """(text, background, text colour) of an error cell, made on its first paint and kept."""
         shown = self._shown.setdefault(label, {})
         cell = shown.get(path)
         if cell is None:
             v = self._errors.get(label, {}).get(path)
             if v is None:
                 return None
-            cell = shown[path] = (f"{v:.4f}", error_color(v, self.dark))
+            bg = error_color(v, self.dark)
+            cell = shown[path] = (f"{v:.4f}", bg, None if bg is None else text_color_on(bg))
         return cell
 
     def set_all_errors(self, per: dict[str, dict[str, float]]) -> None:
@@ -166,7 +167,12 @@ class TensorTreeModel(QAbstractItemModel):
         if section < len(BASE_COLUMNS):
             return BASE_COLUMNS[section]
         if section < len(BASE_COLUMNS) + len(self._variants):
-            return f"Error · {self._variants[section - len(BASE_COLUMNS)]}"
+            # the variant's name alone: elided in the middle it keeps both ends (gptq…w4g128), where
+            # "Error · " first left "Erro…g128" for three variants alike
+            name = self._variants[section - len(BASE_COLUMNS)]
+            if role == Qt.ItemDataRole.ToolTipRole:
+                return f"Error of {name}: ‖Ŵ−W‖/‖W‖ of each layer against the reference\n{ERROR_KEY}"
+            return name
         return "Doctor"
 
     def flags(self, index: QModelIndex):
@@ -240,6 +246,9 @@ class TensorTreeModel(QAbstractItemModel):
             return tip
         if role == _ALIGN and col >= 2:
             return _RIGHT
+        if role == _FOREGROUND and nb <= col < nb + len(self._variants):
+            cell = self._cell(self._variants[col - nb], layer.path)
+            return None if cell is None else cell[2]
         if role == _FOREGROUND and layer.problem and col in (0, 1):
             from PySide6.QtGui import QColor
             return QColor("#D55E00")
