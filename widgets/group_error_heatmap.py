@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QRectF
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 from .plots import Hint, IntAxis, plain_axes, shrinkable
 
@@ -16,13 +16,11 @@ class GroupErrorHeatmap(QWidget):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.variant = shrinkable(QComboBox(), 24)  # long variant names differ at their ends
-        # One colour scale for every variant (a colour reads the same whichever is shown), or
-        # this variant's own (its structure in full)
-        self.scale = shrinkable(QComboBox(), 10)
-        self.scale.addItem("scale: all variants", "shared")
-        self.scale.addItem("scale: this variant", "own")
-        self.scale.setToolTip("Colour scale 0 … 99.5th percentile of every variant's group errors, or of the "
-                              "shown variant's only")
+        # the shown variant's own colour scale (its structure in full), or one for every variant
+        # (a colour reads the same whichever is shown)
+        self.scale = QCheckBox("shared scale")
+        self.scale.setToolTip("Colours from 0 to the 99.5th percentile of every variant's group errors; unchecked, "
+                              "of the shown variant's only")
         self.hover = QLabel(" ")
         self.glw = pg.GraphicsLayoutWidget()
         self.plot = self.glw.addPlot(axisItems={"bottom": IntAxis("bottom"), "left": IntAxis("left")})
@@ -51,7 +49,7 @@ class GroupErrorHeatmap(QWidget):
         self.hint = Hint(self.glw, "Select a quantized layer in the Tensors tree: the relative error of each "
                                    "quantization group (rows × groups), one variant at a time", right=110)
         self.variant.currentTextChanged.connect(self._show)
-        self.scale.currentIndexChanged.connect(lambda _: self._show(self.variant.currentText()))
+        self.scale.toggled.connect(lambda _: self._show(self.variant.currentText()))
         self.glw.scene().sigMouseMoved.connect(self._on_move)
 
     def figure_parts(self) -> list:
@@ -81,7 +79,7 @@ class GroupErrorHeatmap(QWidget):
             self.image.clear()
             return
         data, per = m
-        hi = self._top(label if self.scale.currentData() == "own" else None)
+        hi = self._top(None if self.scale.isChecked() else label)
         self.image.setImage(data, autoLevels=False)
         # in the layer's own units: a displayed row covers ``per`` output rows
         self.image.setRect(QRectF(0, 0, data.shape[1], data.shape[0] * per))
