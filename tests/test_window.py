@@ -154,7 +154,7 @@ def test_doctor_panel_lists_findings_of_a_broken_checkpoint(win, qtbot, tmp_path
         win.service.submit("doctor", "doctor", __import__("quantscope.app.jobs", fromlist=["x"]).job_doctor,
                            str(broken), on_result=lambda f: (win.doctor.set_findings("broken", f),
                                                              win.doctor_done.emit()))
-    assert "error" in win.doctor.title.text() and win.doctor.tree.topLevelItem(0).childCount() >= 1
+    assert "error" in win.doctor.title.text() and len(win.doctor.groups()["error"]) >= 1
 
 
 def test_corrupt_file_gives_a_message_and_the_window_stays_usable(win, qtbot, tmp_path):
@@ -318,6 +318,29 @@ def test_doctor_panel_counts_the_findings_a_summary_entry_stands_for(qtbot):
     assert "10 error(s)" in panel.title.text() and "1 info" in panel.title.text()
 
 
+def test_doctor_findings_read_in_full_in_a_narrow_dock_and_link_to_their_layer(qtbot):
+    """In a 300 px dock the findings table showed "32 …" and cut the tensor's suffix: each
+    finding is now wrapped text with its whole place, and the place selects the layer."""
+    from PySide6.QtCore import QUrl
+
+    from quantscope.widgets.doctor_panel import DoctorPanel
+    panel = DoctorPanel()
+    qtbot.addWidget(panel)
+    panel.resize(300, 500)
+    panel.show()
+    msg = "32 of 3072 scales are NaN: " + "whole groups decode to NaN and every figure of this layer is NaN " * 3
+    panel.set_findings("gptq", [{"rule": "values.non-finite", "severity": "error", "message": msg,
+                                 "file": "/m/model.safetensors", "tensor": "model.layers.0.self_attn.q_proj.scales",
+                                 "layer": "model.layers.0.self_attn.q_proj"}])
+    text = panel.text.toPlainText()
+    assert msg.strip() in text.replace("\n", " ") and "model.layers.0.self_attn.q_proj.scales" in text
+    assert "warning" not in text and "info" not in text  # no empty headings
+    assert panel.text.document().size().width() <= panel.text.viewport().width() + 1  # wrapped, no side scroll
+    with qtbot.waitSignal(panel.layer_activated) as sig:
+        panel.text.anchorClicked.emit(QUrl("layer:model.layers.0.self_attn.q_proj"))
+    assert sig.args == ["model.layers.0.self_attn.q_proj"]
+
+
 def test_window_fits_1024_wide_whatever_is_selected(win, qtbot):
     # A layer name in a toolbar, a long metric name or checkpoint path in a combo box once set
     # the window's minimum width (1256 px, 1577 px after selecting a layernorm).
@@ -336,7 +359,7 @@ def test_doctor_findings_stay_with_their_checkpoint(win, qtbot):
     flags = dict(win.tree.model._flags)
     assert flags and "gptq-w4g128-actorder" in win.doctor.title.text()
     win.tree.combo.setCurrentText("mlx-affine-q4g64")  # not checked: none of the other's findings
-    assert win.tree.model._flags == {} and win.doctor.tree.topLevelItemCount() == 0
+    assert win.tree.model._flags == {} and win.doctor.groups() == {}
     assert "not checked yet" in win.doctor.title.text()
     win.tree.combo.setCurrentText("gptq-w4g128-actorder")  # back: its findings again
     assert win.tree.model._flags == flags and "gptq-w4g128-actorder" in win.doctor.title.text()

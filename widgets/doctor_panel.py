@@ -1,24 +1,25 @@
-"""DoctorPanel: findings grouped by severity; double-click jumps to the layer."""
+"""DoctorPanel: findings grouped by severity, each in full; a click on its place jumps to the layer."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (
-    QHeaderView,
-    QLabel,
-    QTreeWidget,
-    QTreeWidgetItem,
-    QVBoxLayout,
-    QWidget,
-)
+from html import escape
+
+from PySide6.QtCore import QUrl, Signal
+from PySide6.QtWidgets import QLabel, QTextBrowser, QVBoxLayout, QWidget
 
 SEVERITIES = ("error", "warning", "info")
-_COLORS = {"error": "#D55E00", "warning": "#E69F00", "info": "#0072B2"}
+_COLORS = {"error": "#D55E00", "warning": "#B35900", "info": "#0072B2"}
+_SCHEME = "layer"
 
 
 class DoctorPanel(QWidget):
-    """Receives finding dicts (rule, severity, message, file, tensor, layer)."""
+    """Receives finding dicts (rule, severity, message, file, tensor, layer).
+
+    The findings are text that wraps to the dock's width, not rows of a table: in a 300 px dock
+    a table's message column showed "32 …" and its place column lost the tensor's suffix
+    (".scales"). Each finding reads: its place (a link to the layer) and rule id, then the
+    message in full; the text can be selected and copied.
+    """
 
     layer_activated = Signal(str)
 
@@ -26,51 +27,57 @@ class DoctorPanel(QWidget):
         super().__init__(parent)
         self.title = QLabel("Run the doctor (Tools ▸ Run doctor) to check the selected checkpoint.")
         self.title.setWordWrap(True)
-        self.tree = QTreeWidget()
-        self.tree.setHeaderLabels(["Finding", "Rule", "Where"])
-        # The finding takes the width left by the rule id and the place (a 420 px first column put
-        # them outside a 300 px dock), and wraps.
-        head = self.tree.header()
-        head.setStretchLastSection(False)
-        head.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        head.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
-        head.setSectionResizeMode(2, QHeaderView.ResizeMode.Interactive)
-        self.tree.setColumnWidth(2, 120)
-        self.tree.setWordWrap(True)
-        self.tree.setUniformRowHeights(False)
-        self.tree.itemDoubleClicked.connect(self._activated)
+        self.text = QTextBrowser()
+        self.text.setOpenLinks(False)
+        self.text.anchorClicked.connect(self._activated)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.title)
-        lay.addWidget(self.tree, 1)
+        lay.addWidget(self.text, 1)
+        self._groups: dict[str, list[dict]] = {}
+
+    def groups(self) -> dict[str, list[dict]]:
+        """The findings shown, by severity (empty severities left out)."""
+        return {s: list(fs) for s, fs in self._groups.items() if fs}
 
     def set_findings(self, label: str, findings: list[dict]) -> None:
-        self.tree.clear()
         counts = {s: 0 for s in SEVERITIES}
-        groups = {}
-        for s in SEVERITIES:
-            groups[s] = QTreeWidgetItem(self.tree, [s])
-            groups[s].setForeground(0, QColor(_COLORS[s]))
+        self._groups = {s: [] for s in SEVERITIES}
         for f in findings:
             sev = f.get("severity", "info")
-            counts[sev] = counts.get(sev, 0) + f.get("count", 1)  # "… and N more" stands for N
-            where = f.get("layer") or f.get("tensor") or f.get("file") or ""
-            item = QTreeWidgetItem(groups.get(sev, groups["info"]), [f.get("message", ""), f.get("rule", ""), where])
-            item.setToolTip(0, f.get("message", ""))
-            item.setData(0, Qt.ItemDataRole.UserRole, f.get("layer") or f.get("tensor"))
-        for s, item in groups.items():
-            item.setText(0, f"{s} ({counts[s]})")
-            item.setExpanded(s != "info")
-            item.setHidden(counts[s] == 0)
-        self.title.setText(f"<b>{label}</b>: {counts['error']} error(s), {counts['warning']} warning(s), "
-                           f"{counts['info']} info" if findings else f"<b>{label}</b>: no problems found.")
+            sev = sev if sev in counts else "info"
+            counts[sev] += f.get("count", 1)  # "… and N more" stands for N
+            self._groups[sev].append(f)
+        parts = []
+        for sev in SEVERITIES:
+            if not self._groups[sev]:
+                continue  # no empty headings
+            parts.append(f'<h4 style="color:{_COLORS[sev]}; margin-bottom:2px">{sev} ({counts[sev]})</h4>')
+            for f in self._groups[sev]:
+                parts.append(self._finding(f))
+        self.text.setHtml("".join(parts))
+        self.title.setText(f"<b>{escape(label)}</b>: {counts['error']} error(s), {counts['warning']} warning(s), "
+                           f"{counts['info']} info" if findings else f"<b>{escape(label)}</b>: no problems found.")
+
+    @staticmethod
+    def _finding(f: dict) -> str:
+        layer, tensor, file = f.get("layer"), f.get("tensor"), f.get("file")
+        where = tensor or layer or file or ""
+        target = layer or tensor
+        place = (f'<a href="{_SCHEME}:{escape(target, quote=True)}">{escape(where)}</a>' if target
+                 else escape(where))
+        if file and where != file:
+            place += f' <span style="color:gray">in {escape(file.rsplit("/", 1)[-1])}</span>'
+        rule = escape(f.get("rule", ""))
+        return (f'<p style="margin-top:4px; margin-bottom:4px">{place} <span style="color:gray">[{rule}]</span>'
+                f'<br>{escape(f.get("message", ""))}</p>')
 
     def not_run(self, label: str) -> None:
         """The checkpoint shown has not been checked (another one's findings must not stay up)."""
-        self.tree.clear()
-        self.title.setText(f"<b>{label}</b>: not checked yet. Tools ▸ Run doctor (Ctrl+D) checks it.")
+        self._groups = {}
+        self.text.clear()
+        self.title.setText(f"<b>{escape(label)}</b>: not checked yet. Tools ▸ Run doctor (Ctrl+D) checks it.")
 
-    def _activated(self, item, _col) -> None:
-        target = item.data(0, Qt.ItemDataRole.UserRole)
-        if target:
-            self.layer_activated.emit(target)
+    def _activated(self, url: QUrl) -> None:
+        if url.scheme() == _SCHEME:
+            self.layer_activated.emit(url.toString()[len(_SCHEME) + 1:])
