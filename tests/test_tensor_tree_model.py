@@ -117,3 +117,35 @@ def test_error_colours_tell_real_errors_apart_and_keep_figures_readable():
         fg = text_color_on(bg)
         assert abs(bg.lightness() - fg.lightness()) >= 100  # contrast for the figure
     assert error_color(None) is None and error_color(float("nan")) is None
+
+
+def test_tree_sorts_by_a_column_keeps_the_selection_and_puts_missing_values_last(qtbot, model_ckpt):
+    """Finding the worst layer meant reading every row: a header click sorts by that column."""
+    w = TensorTree()
+    qtbot.addWidget(w)
+    w.set_checkpoints({"ckpt": model_ckpt})
+    m = w.model
+    natural = [m.index(r, 0).data() for r in range(m.rowCount())]
+    paths = m.paths()
+    from PySide6.QtCore import Qt
+
+    from quantscope.widgets.tensor_tree_model import BASE_COLUMNS
+    m.set_variants(["v"])
+    col = len(BASE_COLUMNS)
+    errs = {p: (i % 7) / 10 for i, p in enumerate(paths) if "mlp" in p}  # only some rows have an error
+    m.set_all_errors({"v": errs})
+    assert w.select("model.layers.1.mlp.down_proj")
+    with qtbot.assertNotEmitted(w.layer_selected):
+        w.view.sortByColumn(col, Qt.SortOrder.DescendingOrder)
+    shown = [m.index(r, 0).data(TensorTreeModel.PathRole) for r in range(m.rowCount())]
+    vals = [errs[p] for p in shown if p in errs]
+    assert vals == sorted(vals, reverse=True) and all(p not in errs for p in shown[len(vals):])
+    assert w.view.currentIndex().data(TensorTreeModel.PathRole) == "model.layers.1.mlp.down_proj"
+    qtbot.keyClicks(w.search, "layers.1.")  # a search keeps the sort
+    qtbot.waitUntil(lambda: m.rowCount() < len(paths), timeout=2000)
+    sub = [errs[p] for r in range(m.rowCount()) if (p := m.index(r, 0).data(TensorTreeModel.PathRole)) in errs]
+    assert sub == sorted(sub, reverse=True)
+    w.search.clear()
+    w.view.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # back to the checkpoint's order
+    qtbot.waitUntil(lambda: m.rowCount() == len(paths), timeout=2000)
+    assert [m.index(r, 0).data() for r in range(m.rowCount())] == natural

@@ -37,6 +37,11 @@ class TensorTree(QWidget):
         self.view.setAlternatingRowColors(True)
         self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.view.header().setStretchLastSection(False)
+        # Sort by a header click (the largest error first, say); unsorted (the checkpoint's order)
+        # until then: an indicator on no column, or Qt would sort by name at once
+        self.view.header().setSortIndicator(-1, Qt.SortOrder.AscendingOrder)
+        self.view.setSortingEnabled(True)
+        self.view.header().setSortIndicatorClearable(True)
         self.view.header().setTextElideMode(Qt.TextElideMode.ElideMiddle)
         top = QHBoxLayout()
         top.addWidget(self.combo, 1)
@@ -55,6 +60,11 @@ class TensorTree(QWidget):
         self.view.customContextMenuRequested.connect(self._menu)
         self.search.installEventFilter(self)
         self._models = {}
+        # A sort or a search rebuilds the rows: the selected module stays selected (and is not
+        # announced again: the window would decode it again)
+        self._keep: str | None = None
+        self.model.modelAboutToBeReset.connect(self._remember_current)
+        self.model.modelReset.connect(self._restore_current)
 
     def eventFilter(self, obj, event) -> bool:
         # Esc in the search box clears it (or, when empty, goes back to the tree); the window's
@@ -149,6 +159,23 @@ class TensorTree(QWidget):
         path = cur.data(TensorTreeModel.PathRole) if cur.isValid() else None
         if path:
             self.layer_selected.emit(path)
+
+    def _remember_current(self) -> None:
+        cur = self.view.currentIndex()
+        self._keep = cur.data(TensorTreeModel.PathRole) if cur.isValid() else None
+
+    def _restore_current(self) -> None:
+        path, self._keep = self._keep, None
+        if not path:
+            return
+        idx = self.model.row_of(path)
+        if idx.isValid():
+            sm = self.view.selectionModel()
+            sm.blockSignals(True)
+            self.view.setCurrentIndex(idx)
+            sm.blockSignals(False)
+            self.view.viewport().update()
+            self.view.scrollTo(idx)
 
     def _menu(self, pos) -> None:
         idx = self.view.indexAt(pos)

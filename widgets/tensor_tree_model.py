@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QAbstractItemModel, QModelIndex, Qt
 
+from quantscope.backend.checkpoint import natural_key
 from quantscope.backend.info import human_bytes
 from quantscope.backend.schemes import Layer, Model
 
@@ -49,6 +50,7 @@ class TensorTreeModel(QAbstractItemModel):
         self._errors: dict[str, dict[str, float]] = {}
         self._flags: dict[str, tuple[str, str]] = {}
         self.dark = False
+        self._sort: tuple[int, object] = (-1, Qt.SortOrder.AscendingOrder)  # -1: the checkpoint's order
         # per variant, per module path: (text, background) of its error cell, made at its first
         # paint, not in every data() call of every repaint (a visible error column is asked for
         # both, for each row, at each paint, while workers hold the GIL)
@@ -72,10 +74,56 @@ class TensorTreeModel(QAbstractItemModel):
         return [[t.name for t in layer.tensors.values()] for layer in self._layers]
 
     def set_visible(self, ids: list[int] | None) -> None:
-        """Show only these module ids (None: all)."""
+        """Show only these module ids (None: all), in the current sort order."""
         self.beginResetModel()
-        self._visible = list(range(len(self._layers))) if ids is None else list(ids)
+        self._visible = self._sorted(list(range(len(self._layers))) if ids is None else list(ids))
         self.endResetModel()
+
+    # -- sorting ---------------------------------------------------------------------------------
+
+    def sort(self, column: int, order=Qt.SortOrder.AscendingOrder) -> None:
+        """Rows by a column (a header click): errors, bits, sizes by value, the doctor column by
+        severity; rows without a value (no error yet) last either way. Column -1: the
+        checkpoint's own order."""
+        self._sort = (column, order)
+        self.beginResetModel()
+        self._visible = self._sorted(self._visible)
+        self.endResetModel()
+
+    def sort_column(self) -> int:
+        return self._sort[0]
+
+    def _key(self, column: int, layer: Layer):
+        nb = len(BASE_COLUMNS)
+        if column == 0:
+            return natural_key(layer.path)
+        if column == 1:
+            return layer.scheme
+        if column == 2:
+            return layer.bits
+        if column == 3:
+            return layer.group_size
+        if column == 4:
+            return layer.numel if layer.shape else None
+        if column == 5:
+            return layer.stored_bytes
+        if column == 6:
+            return layer.bits_per_weight
+        if nb <= column < nb + len(self._variants):
+            v = self._errors.get(self._variants[column - nb], {}).get(layer.path)
+            return None if v is None or v != v else v
+        flag = self._flags.get(layer.path)
+        return _SEVERITY_ORDER.get(flag[0]) if flag else None
+
+    def _sorted(self, ids: list[int]) -> list[int]:
+        column, order = self._sort
+        if column < 0 or column >= self.columnCount():
+            return sorted(ids)
+        keyed = [(self._key(column, self._layers[i]), i) for i in ids]
+        present = [(k, i) for k, i in keyed if k is not None]
+        missing = [i for k, i in keyed if k is None]
+        present.sort(key=lambda ki: ki[0], reverse=order == Qt.SortOrder.DescendingOrder)
+        return [i for _, i in present] + missing
 
     @property
     def variants(self) -> list[str]:
@@ -115,6 +163,9 @@ class TensorTreeModel(QAbstractItemModel):
             self._errors[label] = dict(errors)
             self._shown[label] = {}
         cols = [len(BASE_COLUMNS) + self._variants.index(v) for v in per if v in self._variants]
+        if self._sort[0] in cols:  # sorted by an error that just changed
+            self.sort(*self._sort)
+            return
         if cols and self._visible:
             self.dataChanged.emit(self.index(0, min(cols)), self.index(len(self._visible) - 1, max(cols)))
 
