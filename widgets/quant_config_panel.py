@@ -8,9 +8,9 @@ import json
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QTextDocument
-from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
-                               QPlainTextEdit, QPushButton, QScrollArea, QTableWidget, QTableWidgetItem, QTabWidget,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QComboBox, QGridLayout, QGroupBox, QHeaderView, QLabel, QLineEdit, QPlainTextEdit,
+                               QPushButton, QScrollArea, QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout,
+                               QWidget)
 
 from quantscope.backend.formats.mlx import MODE_DEFAULTS
 from quantscope.backend.schemes import Model
@@ -76,7 +76,8 @@ class QuantConfigPanel(QWidget):
                                                                     self.mode.currentText()))
         self.whatif_result = QLabel("")
         self.whatif_result.setWordWrap(True)
-        self.whatif_result.setMinimumWidth(120)
+        self.whatif_result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.whatif_result.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
 
         layer_box = QWidget()
         lv = QVBoxLayout(layer_box)
@@ -84,21 +85,25 @@ class QuantConfigPanel(QWidget):
         lv.addWidget(self.layer_title)
         lv.addWidget(self.layer_table, 1)
         lv.addWidget(self.rule)
+        # the controls in two rows, the result under them at the group's whole width (beside the
+        # controls it was 40 px wide in a 1024 px window, three lines tall at 1280)
         wi = QGroupBox("What if: requantize this layer from the reference with MLX")
-        wl = QHBoxLayout(wi)
-        form = QFormLayout()
-        form.addRow("bits", self.bits)
-        form.addRow("group", self.group)
-        form.addRow("mode", self.mode)
-        wl.addLayout(form)
-        wv = QVBoxLayout()
-        wv.addWidget(self.run)
+        wg = QGridLayout(wi)
+        wg.addWidget(QLabel("bits"), 0, 0)
+        wg.addWidget(self.bits, 0, 1)
+        wg.addWidget(QLabel("group"), 0, 2)
+        wg.addWidget(self.group, 0, 3)
+        wg.addWidget(QLabel("mode"), 1, 0)
+        wg.addWidget(self.mode, 1, 1)
+        wg.addWidget(self.run, 1, 2, 1, 2)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         scroll.setWidget(self.whatif_result)
-        wv.addWidget(scroll, 1)
-        wl.addLayout(wv, 1)
+        scroll.setMinimumHeight(6 * self.whatif_result.fontMetrics().lineSpacing())
+        wg.addWidget(scroll, 2, 0, 1, 4)
+        wg.setColumnStretch(1, 1)
+        wg.setColumnStretch(3, 1)
         lv.addWidget(wi)
         cfg_box = QWidget()
         cv = QVBoxLayout(cfg_box)
