@@ -419,12 +419,15 @@ def test_code_usage_of_different_bit_widths_is_drawn_on_each_ones_range(qtbot):
     assert view.plot.getAxis("bottom").labelText == "code level"
 
 
-def test_tree_shows_name_scheme_bits_then_the_shown_checkpoints_error(win, qtbot):
+def test_tree_shows_name_then_the_shown_checkpoints_error_then_scheme_and_bits(win, qtbot):
     h, model = win.tree.view.header(), win.tree.model
     for label in ("awq-w4g128", "gptq-w4g128"):
         win.tree.combo.setCurrentText(label)
         first = [model.headerData(h.logicalIndex(i), Qt.Orientation.Horizontal) for i in range(4)]
-        assert first == ["Name", "Scheme", "Bits", label]
+        assert first == ["Name", label, "Scheme", "Bits"]
+    win.tree.combo.setCurrentIndex(0)  # the reference: no error of its own
+    first = [model.headerData(h.logicalIndex(i), Qt.Orientation.Horizontal) for i in range(3)]
+    assert first == ["Name", "Scheme", "Bits"]
 
 
 def test_config_panel_highlights_the_checkpoint_the_tree_shows(win, qtbot):
@@ -519,3 +522,16 @@ def test_layers_heatmap_colours_on_its_own_or_a_shared_scale(qtbot):
     assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.0912))
     plot.hm_scale.setChecked(True)
     assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.34))
+
+
+def test_config_table_rows_copy_whole_with_their_header(win, qtbot):
+    from PySide6.QtGui import QGuiApplication
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    t = win.config.layer_table
+    t.setFocus()
+    t.selectRow(1)
+    qtbot.keySequence(t, __import__("PySide6.QtGui", fromlist=["QKeySequence"]).QKeySequence.StandardKey.Copy)
+    lines = QGuiApplication.clipboard().text().splitlines()
+    assert lines[0].split("\t")[:3] == ["Checkpoint", "Scheme", "Bits"]
+    assert len(lines) == 2 and lines[1].split("\t")[0] == t.item(1, 0).text() and lines[1].count("\t") == 5

@@ -24,6 +24,28 @@ _AFFINE_BITS = ["2", "3", "4", "5", "6", "8"]
 _AFFINE_GROUPS = ["32", "64", "128"]
 
 
+def table_text(table: QTableWidget, rows: list[int] | None = None) -> str:
+    """Rows of a table as tab-separated text under its header (all rows when ``rows`` is None)."""
+    cols = range(table.columnCount())
+    head = [table.horizontalHeaderItem(c).text() if table.horizontalHeaderItem(c) else "" for c in cols]
+    lines = ["\t".join(head)]
+    for r in range(table.rowCount()) if rows is None else rows:
+        lines.append("\t".join(table.item(r, c).text() if table.item(r, c) else "" for c in cols))
+    return "\n".join(lines)
+
+
+def copyable(table: QTableWidget) -> None:
+    """Ctrl+C copies the selected rows whole, with the header, as tab-separated text (Qt copies
+    one cell), ready for a spreadsheet or a note."""
+    from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
+
+    def copy() -> None:
+        rows = sorted({i.row() for i in table.selectedIndexes()}) or list(range(table.rowCount()))
+        QGuiApplication.clipboard().setText(table_text(table, rows))
+
+    QShortcut(QKeySequence.StandardKey.Copy, table, copy, context=Qt.ShortcutContext.WidgetWithChildrenShortcut)
+
+
 class QuantConfigPanel(QWidget):
     """Shows data handed to it; emits ``whatif_requested(bits, group_size, mode)``."""
 
@@ -123,6 +145,8 @@ class QuantConfigPanel(QWidget):
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.summary)
         lay.addWidget(self.tabs, 1)
+        for table in (self.layer_table, self.overrides):
+            copyable(table)
 
     def set_checkpoint(self, label: str, model: Model | None) -> None:
         """The config of the checkpoint shown in the tree."""

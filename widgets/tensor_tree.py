@@ -115,19 +115,21 @@ class TensorTree(QWidget):
         self.checkpoint_changed.emit(label)
 
     def _order_columns(self) -> None:
-        """Shown in the order a reader wants them: name, scheme, bits, then each variant's error
-        and the doctor's flag (what the tool is for, visible without scrolling a narrow dock),
-        then group, shape, bytes and bits per weight. Only the view's order changes."""
+        """Shown in the order a reader wants them: the name, the shown checkpoint's own error
+        (what the tool is for: at 1024 px a narrow dock showed no error column without
+        scrolling), scheme, bits, the other variants' errors and the doctor's flag, then group,
+        shape, bytes and bits per weight. Only the view's order changes."""
         h = self.view.header()
         n = self.model.columnCount()
         nb = len(BASE_COLUMNS)
         errors = list(range(nb, n - 1))
         shown = self.combo.currentText()
         variants = self.model.variants
-        if shown in variants:  # the shown checkpoint's own error first
-            errors.remove(nb + variants.index(shown))
-            errors.insert(0, nb + variants.index(shown))
-        order = [0, 1, 2, *errors, n - 1, *range(3, nb)]
+        own = []
+        if shown in variants:
+            own = [nb + variants.index(shown)]
+            errors.remove(own[0])
+        order = [0, *own, 1, 2, *errors, n - 1, *range(3, nb)]
         for pos, logical in enumerate(order):
             if h.visualIndex(logical) != pos:
                 h.moveSection(h.visualIndex(logical), pos)
