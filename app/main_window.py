@@ -111,6 +111,17 @@ class MainWindow(QMainWindow):
             QTimer.singleShot(0, lambda: self.resizeDocks([self.tree_dock, self.config_dock], [520, 420],
                                                           Qt.Orientation.Horizontal))
 
+    def resizeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+        super().resizeEvent(ev)
+        # Qt gives all of a window's new width to the central tabs: the docks stayed 240 px
+        # wide in a window made 1920 px wide. They keep their share instead.
+        old, new = ev.oldSize().width(), ev.size().width()
+        if old > 0 and abs(new - old) > 50 and self.isVisible():
+            docks = [d for d in (self.tree_dock, self.config_dock) if d.isVisible() and not d.isFloating()]
+            widths = [max(240, round(d.width() * new / old)) for d in docks]
+            if docks:
+                QTimer.singleShot(0, lambda: self.resizeDocks(docks, widths, Qt.Orientation.Horizontal))
+
     # -- composition -----------------------------------------------------------------------------
 
     def _dock(self, title: str, widget, area) -> QDockWidget:

@@ -535,3 +535,16 @@ def test_config_table_rows_copy_whole_with_their_header(win, qtbot):
     lines = QGuiApplication.clipboard().text().splitlines()
     assert lines[0].split("\t")[:3] == ["Checkpoint", "Scheme", "Bits"]
     assert len(lines) == 2 and lines[1].split("\t")[0] == t.item(1, 0).text() and lines[1].count("\t") == 5
+
+
+def test_side_panels_keep_their_share_when_the_window_grows(win, qtbot):
+    """Made 1920 px wide, the window gave all the new width to the plots: the tree stayed narrow."""
+    win.resize(1024, 700)
+    qtbot.wait(100)
+    share = win.tree_dock.width() / win.width()
+    win.resize(1920, 1000)
+    qtbot.waitUntil(lambda: win.tree_dock.width() > 1.5 * share * 1024, timeout=3000)
+    assert abs(win.tree_dock.width() / win.width() - share) < 0.05
+    win.resize(1024, 700)  # and back: the window still fits
+    qtbot.waitUntil(lambda: win.width() == 1024, timeout=3000)
+    assert win.minimumSizeHint().width() <= 1024
