@@ -28,7 +28,7 @@ from . import fused
 from .checkpoint import natural_key
 from .compare_align import Alignment, Target, Unmatched, align, layer_index, proj_of
 from .engines import get_engine
-from .errors import Cancelled, QuantscopeError
+from .errors import Cancelled, LayerError, QuantscopeError
 from .formats.kernel import pool, workers
 from .metrics import ErrorStats, bulk_histograms, error_metrics
 from .schemes import Layer, Model
@@ -734,8 +734,26 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                     out[lb] = r
             rest = [vs for vs in todo if vs.label not in out]
             if rest:
-                out.update(_measure_general(name, ref_rows, rest, rows_cache, cancel, lambda k: None))
-            finish(name, todo, out)
+                out.update(dropping_undecodable(name, rest, lambda vs_: _measure_general(
+                    name, ref_rows, vs_, rows_cache, cancel, lambda k: None)))
+            finish(name, [vs for vs in todo if vs.label in out], out)
+
+    def dropping_undecodable(name: str, todo: list[_VariantState], measure) -> dict[str, dict]:
+        """``measure(todo)``; a variant whose layer its decoder refuses (LayerError naming its
+        file) is listed without partner, with the reason, and the others are measured: one
+        broken layer of one variant used to abort the whole comparison."""
+        while todo:
+            try:
+                return measure(todo)
+            except LayerError as exc:
+                bad = next((vs for vs in todo if exc.file is not None and vs.model.ckpt.source == exc.file), None)
+                if bad is None:
+                    raise  # the reference's, or not one variant's: nothing to compare against
+                with report_lock:
+                    result.unmatched.append(Unmatched(bad.label, name, f"the variant's layer cannot be decoded: "
+                                                                        f"{exc.message}"))
+                todo = [vs for vs in todo if vs is not bad]
+        return {}
 
     try:
         for name in names:
@@ -783,9 +801,10 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 drain(n_jobs - 1)  # at most n_jobs running
             else:
                 drain(0)
-                res = _measure_target(name, ref_rows, states, todo, rows_cache, cancel,
-                                      lambda k: report(k * t0.cols), engine=eng, candidates=(ref, picked, labels))
-                finish(name, todo, res)
+                res = dropping_undecodable(name, todo, lambda vs_: _measure_target(
+                    name, ref_rows, states, vs_, rows_cache, cancel, lambda k: report(k * t0.cols), engine=eng,
+                    candidates=(ref, {k: v for k, v in picked.items() if k in {x.label for x in vs_}}, labels)))
+                finish(name, [vs for vs in todo if vs.label in res], res)
             del ref_rows
             for vs in present:  # release variant decodes this target was the last user of
                 for p in vs.alignment.targets[name].var_layers:
