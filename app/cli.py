@@ -146,6 +146,8 @@ def cmd_info(args) -> int:
         out.append(f"  {mpath:<48} {layer['scheme']:<11} {bits:>4} {group:>5} {shape:>14} {bpw:>10}")
         if layer["problem"]:
             out.append(f"      problem: {layer['problem']}")
+        if layer.get("warning"):
+            out.append(f"      warning: {layer['warning']}")
         for c in layer["tensors"]:
             t = by_name[f"{mpath}.{c}" if c else mpath]
             tshape = "×".join(map(str, t["shape"])) or "scalar"
@@ -166,6 +168,8 @@ def cmd_dequant(args) -> int:
         refuse_writing_into(args.output, [ckpt])
         model = analyze(ckpt)
         layer = model.layer(args.layer)
+        if layer.warning:
+            print(f"quantscope: warning: {ckpt.source}: {layer.path}: {layer.warning}", file=sys.stderr)
         engine = get_engine(args.engine)
         w = engine.dequantize(model, layer)
         if args.output == "-":  # the .npy bytes to stdout, the report to stderr

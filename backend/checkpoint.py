@@ -403,21 +403,18 @@ class Checkpoint:
     def holds(self, out: str | os.PathLike) -> bool:
         """Whether writing ``out`` would write into this checkpoint: a path inside the folder it
         was opened as (a model folder, or an index's folder), or one of the files it reads (a
-        single ``.safetensors`` file and the configs beside it)."""
-        o = Path(os.path.abspath(Path(out).expanduser()))
-        try:
-            o = o.parent.resolve() / o.name  # a link to the folder, or .. in the path
-        except OSError:
-            pass
+        single ``.safetensors`` file and the configs beside it) — through symbolic links too
+        (a link named out.npy to a shard; an HF cache snapshot, whose files link to its blobs)."""
+        o = Path(os.path.realpath(Path(out).expanduser()))  # every link on the way, the last too
         roots = [self._containment] if self._containment is not None else []
         if self.path.is_dir() or self.index_path is not None:
             roots.append(self.root)
         for r in roots:
-            r = r.resolve()
+            r = Path(os.path.realpath(r))
             if o == r or r in o.parents:
                 return True
         read = [f.path for f in self.files] + [self.root / n for n in CONFIG_FILES]
-        return any(o == q.resolve() for q in read if q.exists())
+        return any(o == Path(os.path.realpath(q)) for q in read if q.exists())
 
     def close(self) -> None:
         for f in self.files:

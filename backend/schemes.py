@@ -53,6 +53,9 @@ class Layer:
         The rule that produced the settings, in words.
     problem
         Why the layer cannot be decoded as it is (None when it can).
+    warning
+        What looks wrong but does not stop the decode (a config whose bits/group give an
+        input width that is not a dimension of the model); None when nothing does.
     """
 
     path: str
@@ -66,6 +69,7 @@ class Layer:
     settings: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     problem: str | None = None
+    warning: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -98,7 +102,7 @@ class Layer:
         return {"name": self.path, "scheme": self.scheme, "bits": self.bits, "group_size": self.group_size,
                 "mode": self.mode, "shape": list(self.shape) if self.shape else None, "dtype": self.dtype,
                 "bits_per_weight": self.bits_per_weight, "stored_bytes": self.stored_bytes,
-                "settings": self.settings, "source": self.source, "problem": self.problem,
+                "settings": self.settings, "source": self.source, "problem": self.problem, "warning": self.warning,
                 "tensors": sorted(self.tensors)}
 
 
@@ -156,13 +160,16 @@ def _model_dims(cfg: dict) -> set[int]:
     dims = set()
     for c in (cfg, cfg.get("text_config") or {}):
         for k in ("hidden_size", "intermediate_size", "moe_intermediate_size", "vocab_size", "d_model",
-                  "ffn_dim", "shared_expert_intermediate_size"):
+                  "ffn_dim", "shared_expert_intermediate_size", "intermediate_size_mlp", "mamba_d_ssm", "d_inner",
+                  "d_ssm"):
             v = c.get(k)
             if isinstance(v, int) and v > 0:
                 dims.add(v)
-        h, d = c.get("num_attention_heads"), c.get("head_dim")
-        if isinstance(h, int) and isinstance(d, int):
-            dims.add(h * d)
+        for heads, size in (("num_attention_heads", "head_dim"), ("num_heads", "head_dim"),
+                            ("mamba_num_heads", "mamba_head_dim")):
+            h, d = c.get(heads), c.get(size)
+            if isinstance(h, int) and isinstance(d, int):
+                dims.add(h * d)
     return dims
 
 
@@ -256,10 +263,13 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
                    if (b, g) != (bits, group) and wp * 32 % b == 0 and wp * 32 // b == g * s.shape[-1]
                    and wp * 32 // b in dims]
             if alt:
+                # a warning, not a refusal: the model's dimensions come from config keys, and an
+                # architecture with a width under another key (Llama 4's intermediate_size_mlp,
+                # a Mamba mixer) would otherwise have a healthy layer refused
                 b, g = alt[0]
-                layer.problem = (f"{bits} bit / group {group} ({layer.source}) give K={k} inputs, not a dimension of "
-                                 f"this model; {b} bit / group {g} give K={wp * 32 // b}. The shapes fit both, so "
-                                 "the config's bits/group_size are wrong (R18)")
+                layer.warning = (f"{bits} bit / group {group} ({layer.source}) give K={k} inputs, not a dimension of "
+                                 f"this model; {b} bit / group {g} give K={wp * 32 // b}. The shapes fit both: if "
+                                 "the config's bits/group_size are wrong, this decode is garbage (R18)")
         return layer
     layer.bits, layer.group_size = MODE_DEFAULTS.get(mode, (None, None))
     if has_biases:

@@ -100,6 +100,13 @@ def test_no_output_is_written_into_a_checkpoint_that_was_opened(tmp_path, capsys
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "never writes into a checkpoint it opened" in err[0], err
+    # through a link: a link named like a new file that points at a shard or a config
+    (tmp_path / "link.npy").symlink_to(src / "model.safetensors")
+    (tmp_path / "cfglink.json").symlink_to(ref / "config.json")
+    for argv in (["dequant", str(src), layer, "-o", str(tmp_path / "link.npy")],
+                 ["compare", "--reference", str(ref), str(src), "--json", str(tmp_path / "cfglink.json")]):
+        assert main(argv) == 2, argv
+        assert "never writes into a checkpoint it opened" in capsys.readouterr().err
     assert (digest(src), digest(ref)) == before
     # beside a single opened file (not one of its files): allowed
     assert main(["dequant", str(src / "model.safetensors"), layer, "-o", str(tmp_path / "x.npy")]) == 0

@@ -236,9 +236,13 @@ def test_a_config_whose_bits_the_tensors_contradict_is_named_not_decoded(case, r
     (folder / "config.json").write_text(json.dumps(cfg))
     assert main(["info", str(folder)]) == 0
     assert want in capsys.readouterr().out
-    assert main(["dequant", str(folder), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "o.npy")]) == 2
+    rc = main(["dequant", str(folder), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "o.npy")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and want in err[0] and str(folder) in err[0] and not (tmp_path / "o.npy").exists()
+    if case == "gptq":  # the zero points prove it: refused
+        assert rc == 2 and len(err) == 1 and want in err[0] and str(folder) in err[0]
+        assert not (tmp_path / "o.npy").exists()
+    else:  # MLX: the model's dimensions come from config keys, which may miss one: a warning
+        assert rc == 0 and err[0].startswith("quantscope: warning:") and want in err[0] and str(folder) in err[0]
 
 
 def test_nan_scales_are_said_by_dequant_and_by_the_conversion_summary(tmp_path, capsys):

@@ -192,3 +192,11 @@ def test_dequant_cli_writes_logical_orientation(mlx_mixed, tmp_path, capsys):
     assert layers["model.layers.0.mlp.down_proj"]["scheme"] == "mlx-affine"
     assert layers["model.layers.0.mlp.down_proj"]["bits"] == 6 and layers["model.layers.0.mlp.down_proj"]["shape"] == [256, 512]
     assert layers["model.layers.0.mlp.gate_proj"]["scheme"] == "mlx-mxfp4"
+
+
+def test_model_dimensions_include_widths_named_by_other_architectures():
+    # a K missing from these made the MLX bits/group check call a healthy Llama 4 or Mamba layer wrong
+    from quantscope.backend.schemes import _model_dims
+    cfg = {"hidden_size": 1024, "text_config": {"intermediate_size_mlp": 8192, "num_heads": 32, "head_dim": 64,
+                                                "mamba_num_heads": 48, "mamba_head_dim": 64, "mamba_d_ssm": 3072}}
+    assert {1024, 8192, 2048, 3072} <= _model_dims(cfg)

@@ -294,6 +294,8 @@ class TensorTreeModel(QAbstractItemModel):
             tip = f"{layer.path}\n{layer.scheme}: {layer.source}"
             if layer.problem:
                 tip += f"\nproblem: {layer.problem}"
+            if layer.warning:
+                tip += f"\nwarning: {layer.warning}"
             return tip
         if role == _ALIGN and col >= 2:
             return _RIGHT
