@@ -172,20 +172,60 @@ def cmd_dequant(args) -> int:
             print(f"quantscope: warning: {ckpt.source}: {layer.path}: {layer.warning}", file=sys.stderr)
         engine = get_engine(args.engine)
         w = engine.dequantize(model, layer)
-        if args.output == "-":  # the .npy bytes to stdout, the report to stderr
-            np.save(sys.stdout.buffer, w)
-            sys.stdout.buffer.flush()
-        else:
-            with open(args.output, "wb") as fh:  # the name given: np.save(path) would add ".npy"
-                np.save(fh, w)
+        _save_npy(args.output, w)
     route = getattr(engine, "last_path", "")
     bad = int(w.size - np.count_nonzero(np.isfinite(w)))
     if bad:  # the file's values, written as they are: but said
         print(f"quantscope: warning: {bad:,} of {w.size:,} values of {args.layer} are NaN or inf "
               f"(`quantscope doctor {args.path}` names the tensors)", file=sys.stderr)
     print(f"{args.layer}: {layer.scheme} {'×'.join(map(str, w.shape))} float32 -> {args.output} "
-          f"(engine {engine.name}{': ' + route if route else ''})", file=sys.stderr if args.output == "-" else sys.stdout)
+          f"(engine {engine.name}{': ' + route if route else ''})",
+          file=sys.stderr if args.output == "-" or _is_stdout(args.output) else sys.stdout)  # not into the data
     return 0
+
+
+class _Stream:
+    """A file object seen only through ``write``: numpy then writes an array in chunks instead
+    of ``tofile``, which needs a seekable file (a pipe, /dev/stdout, a FIFO failed with
+    "obtaining file position failed")."""
+
+    def __init__(self, fh) -> None:
+        self._fh = fh
+
+    def write(self, b) -> int:
+        return self._fh.write(b)
+
+
+def _is_stdout(path: str) -> bool:
+    """Whether ``path`` is where stdout goes (/dev/stdout, or the file stdout is redirected to)."""
+    try:
+        a, b = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _save_npy(path: str, w) -> None:
+    """``w`` as .npy to ``path`` (the name given: np.save(path) would add ".npy"), or to stdout
+    for "-"; a path that cannot be written is named."""
+    import stat
+
+    import numpy as np
+    from quantscope.backend.errors import QuantscopeError
+    if path == "-":
+        np.lib.format.write_array(_Stream(sys.stdout.buffer), w, allow_pickle=False)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        with open(path, "wb") as fh:
+            if stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                np.save(fh, w)
+            else:
+                np.lib.format.write_array(_Stream(fh), w, allow_pickle=False)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise QuantscopeError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def check_output_path(path: str) -> None:
@@ -273,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("quantscope: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader went away (| head): quietly, and no second error at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
         return 0
     except OSError as exc:  # a file or folder that cannot be read or written: the user's to fix
         if debug:

@@ -1017,15 +1017,42 @@ def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) ->
         # --overwrite replaces an earlier output of quantscope convert (it holds CONVERT_MARKER)
         # or an empty folder, never anything else: a typo such as ~, a project folder or another
         # checkpoint would otherwise be deleted whole.
-        if dst.is_symlink() or not dst.is_dir():
+        if dst.is_symlink():
+            raise ConversionError("is a link; --overwrite replaces only a folder itself: give the folder it points "
+                                  "to", file=dst, rule="convert.dst-not-output")
+        if not dst.is_dir():
             raise ConversionError("is not a folder; --overwrite replaces only an earlier output of "
                                   "quantscope convert", file=dst, rule="convert.dst-not-output")
         entries = sorted(q.name for q in dst.iterdir())
-        if entries and not (dst / CONVERT_MARKER).is_file():
+        if not entries:
+            return
+        listed = _marker_files(dst)
+        if listed is None:
             raise ConversionError(f"was not written by quantscope convert (it holds {', '.join(entries[:3])}"
-                                  f"{', …' if len(entries) > 3 else ''} and no {CONVERT_MARKER}); --overwrite "
-                                  "replaces only an earlier output: choose another destination or remove it "
-                                  "yourself", file=dst, rule="convert.dst-not-output")
+                                  f"{', …' if len(entries) > 3 else ''} and no readable {CONVERT_MARKER}); "
+                                  "--overwrite replaces only an earlier output: choose another destination or "
+                                  "remove it yourself", file=dst, rule="convert.dst-not-output")
+        extra = [e for e in entries if e != CONVERT_MARKER and e not in listed]
+        if extra:  # added since (evaluation results, notes): they would be deleted with it
+            raise ConversionError(f"is an earlier output, but it now also holds {', '.join(extra[:3])}"
+                                  f"{', …' if len(extra) > 3 else ''}, which quantscope did not write; --overwrite "
+                                  "would delete them: move them out first", file=dst, rule="convert.dst-not-output")
+
+
+def _marker_files(folder: Path) -> set[str] | None:
+    """The top-level names an earlier output's marker lists, or None when ``folder`` holds no
+    marker quantscope wrote (missing, a link or a folder, not its JSON)."""
+    m = folder / CONVERT_MARKER
+    if m.is_symlink() or not m.is_file() or m.stat().st_size > (1 << 20):
+        return None
+    try:
+        data = json.loads(m.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("written_by") != "quantscope convert" \
+            or not isinstance(data.get("files"), list):
+        return None
+    return {str(f).split("/", 1)[0] for f in data["files"]}
 
 
 def _human(n: float) -> str:
@@ -1190,10 +1217,11 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(p, target)
             _write_config(model, tmp, to, rep.quantization, dtype)
+            rep.files = sorted(names + [str(p.relative_to(ckpt.root)) for p in copies] + ["config.json"])
+            # every file written: --overwrite later replaces this folder only while it holds no other
             (tmp / CONVERT_MARKER).write_text(json.dumps(
                 {"written_by": "quantscope convert", "source": str(src_p.resolve()), "to": to,
-                 "quantization": rep.quantization, "files": sorted(names)}, indent=1) + "\n", encoding="utf-8")
-            rep.files = sorted(names + [str(p.relative_to(ckpt.root)) for p in copies] + ["config.json"])
+                 "quantization": rep.quantization, "files": rep.files}, indent=1) + "\n", encoding="utf-8")
             rep.output_bytes = sum(q.stat().st_size for q in tmp.rglob("*") if q.is_file())
             rep.timings["write"] = time.perf_counter() - t0
             report_progress(w_write)

@@ -134,6 +134,8 @@ class SafetensorsFile:
                                   rule="container.missing") from None
         try:
             st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise CheckpointError("is a folder, not a .safetensors file", file=self.path, rule="container.missing")
             if not stat.S_ISREG(st.st_mode):
                 raise CheckpointError("is not a regular file (a pipe, socket or device); quantscope reads "
                                       ".safetensors files", file=self.path, rule="container.missing")

@@ -120,6 +120,16 @@ def test_dequant_to_stdout(tmp_path, real_fixtures):
                        check=False)
     assert r.returncode == 0 and not (tmp_path / "-").exists()
     assert np.load(io.BytesIO(r.stdout)).shape == (1536, 384) and b"-> -" in r.stderr
+    # /dev/stdout into a pipe: the array alone (numpy's tofile needed a seekable file)
+    r = subprocess.run([sys.executable, "-m", "quantscope", "dequant", str(real_fixtures / "mlx-affine-q4-g64"),
+                        "model.layers.0.mlp.up_proj", "-o", "/dev/stdout"], capture_output=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0 and np.load(io.BytesIO(r.stdout)).shape == (1536, 384)
+    # a reader that stops early (| head): a quiet exit 0
+    sh = (f"{sys.executable} -m quantscope dequant {real_fixtures / 'mlx-affine-q4-g64'} "
+          "model.layers.0.mlp.up_proj -o - | head -c 10 > /dev/null; echo ${PIPESTATUS[0]}")
+    r = subprocess.run(["bash", "-c", sh], capture_output=True, text=True, timeout=120, check=False)
+    assert r.stdout.strip() == "0" and "error" not in r.stderr, r.stderr
 
 
 def test_doctor_reads_a_small_model_whole_and_says_what_it_checked(tmp_path, capsys, real_fixtures):

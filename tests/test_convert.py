@@ -310,12 +310,12 @@ def test_cancel_midway_leaves_nothing(demo, tmp_path):
 def test_existing_destination_and_overwrite(demo, tmp_path):
     dst = tmp_path / "out"
     convert(demo.variants["awq-w4g128"], dst, to="dense", verify=False)
-    (dst / "old.txt").write_text("old")
+    before = (dst / "model.safetensors").read_bytes()
     with pytest.raises(ConversionError, match="already exists"):
         convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False)
-    assert (dst / "old.txt").exists()
+    assert (dst / "model.safetensors").read_bytes() == before
     convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False, overwrite=True)  # an earlier output
-    assert not (dst / "old.txt").exists() and (dst / "model.safetensors").exists()
+    assert (dst / "model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     marker = json.loads((dst / ".quantscope-convert.json").read_text())
     assert marker["written_by"] == "quantscope convert" and marker["to"] == "mlx"
@@ -450,5 +450,20 @@ def test_overwrite_replaces_only_an_earlier_output(demo, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["convert", src, str(empty), "--to", "mlx", "--overwrite"]) == 0
+    capsys.readouterr()
+    # an earlier output with files added since (results, notes): they would go with it
+    (out / "eval.json").write_text("mine")
+    assert main(["convert", src, str(out), "--to", "mlx", "--overwrite"]) == 2
+    assert "eval.json" in capsys.readouterr().err and (out / "eval.json").read_text() == "mine"
+    # a marker quantscope did not write (any text, a link, a folder) makes no folder replaceable
+    for i, make in enumerate((lambda m: m.write_text("x"), lambda m: m.symlink_to(out / "config.json"),
+                              lambda m: m.mkdir())):
+        d = tmp_path / f"fake{i}"
+        d.mkdir()
+        (d / "thesis.tex").write_text("mine")
+        make(d / ".quantscope-convert.json")
+        assert main(["convert", src, str(d), "--to", "mlx", "--overwrite"]) == 2
+        assert "no readable .quantscope-convert.json" in capsys.readouterr().err
+        assert (d / "thesis.tex").read_text() == "mine"
 
 
