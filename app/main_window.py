@@ -526,8 +526,13 @@ class MainWindow(QMainWindow):
         parts = [p for v in views for p in (v.figure_parts() if hasattr(v, "figure_parts") else [v])]
         name = self.tabs.tabText(self.tabs.currentIndex()).replace("&&", "&")
         if page is self.heatmap:
-            name += f" of {self.heatmap.variant.currentText()}"
+            name = f"Group error of {self.heatmap.variant.currentText()}"
+        elif page is self.layers:
+            name = "Error by layer"
+        ref = self.workspace.reference_label
         title = f"{name} — {self.current_layer}" if page is not self.layers and self.current_layer else name
+        if ref:
+            title += f" (against {ref})"
         if path is None:
             path, _ = QFileDialog.getSaveFileName(self, "Export plot", f"quantscope-plot.{kind}")
             if not path:

@@ -112,10 +112,10 @@ def test_error_colours_tell_real_errors_apart_and_keep_figures_readable():
     light = [error_color(e).lightness() for e in errs]
     assert all(a > b for a, b in zip(light, light[1:]))  # monotone: darker is worse
     assert min(a - b for a, b in zip(light[2:], light[3:])) >= 10  # 0.09 / 0.15 / 0.38 / 0.60 / 1.0 apart
-    for e in errs:
+    from quantscope.widgets.palette import contrast
+    for e in errs + [0.12, 0.2, 0.25]:
         bg = error_color(e)
-        fg = text_color_on(bg)
-        assert abs(bg.lightness() - fg.lightness()) >= 100  # contrast for the figure
+        assert contrast(bg, text_color_on(bg)) >= 4.5, e  # WCAG AA for the figure
     assert error_color(None) is None and error_color(float("nan")) is None
 
 

@@ -53,8 +53,9 @@ class GroupErrorHeatmap(QWidget):
         self.glw.scene().sigMouseMoved.connect(self._on_move)
 
     def figure_parts(self) -> list:
-        """The widgets an exported figure shows (not the controls)."""
-        return [self.glw]
+        """What an exported figure shows: the heatmap and which colour scale it uses."""
+        return [self.glw, "colour scale shared by all variants" if self.scale.isChecked()
+                else f"colour scale: {self.variant.currentText()}'s own"]
 
     def set_maps(self, maps: dict[str, tuple[np.ndarray, int]], empty_note: str = "") -> None:
         """``maps``: variant → (map [rows', groups], rows per displayed row); ``empty_note``: what

@@ -86,6 +86,7 @@ class LayerErrorPlot(QWidget):
         self.warn.setWordWrap(True)
         self.warn.setTextFormat(Qt.TextFormat.PlainText)
         self.warn.setStyleSheet("color: #b35900")
+        self.warn.setContentsMargins(6, 0, 6, 0)
         self.warn.setHidden(True)
         self.plot = plot_widget(int_x=True)
         self.plot.setLabel("bottom", "decoder layer")
@@ -180,8 +181,12 @@ class LayerErrorPlot(QWidget):
         self._redraw(heatmap)
 
     def figure_parts(self) -> list:
-        """The widgets an exported figure shows (not the controls)."""
-        return [self.warn, self.legend, self.split, self.info]
+        """What an exported figure shows: the warning, legend, plot and heatmap (stacked), and
+        what the controls chose; not the controls, the splitter handle or the instructions."""
+        proj = self.proj.currentText() if self.proj.currentIndex() > 0 else "all projections"
+        scale = "shared by all variants" if self.hm_scale.isChecked() else f"{self.hm_variant.currentText()}'s own"
+        return [self.warn, self.legend, self.plot, self.hm,
+                f"{self.metric_box.currentText()}, {proj}; heatmap colour scale {scale}"]
 
     def set_warnings(self, warnings: dict[str, tuple[str, str]]) -> None:
         """Per variant, ``(short, full)``: what makes its figures more than quantization error;

@@ -53,9 +53,23 @@ def error_color(rel_fro: float | None, dark: bool = False) -> QColor | None:
                            a.blueF() + f * (b.blueF() - a.blueF()))
 
 
+def _luminance(c: QColor) -> float:
+    def lin(v: float) -> float:
+        return v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4
+    return 0.2126 * lin(c.redF()) + 0.7152 * lin(c.greenF()) + 0.0722 * lin(c.blueF())
+
+
+def contrast(a: QColor, b: QColor) -> float:
+    """WCAG contrast ratio of two colours (1 to 21)."""
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
 def text_color_on(background: QColor) -> QColor:
-    """Black or white, whichever reads on ``background``."""
-    return QColor("#000000") if background.lightness() > 150 else QColor("#FFFFFF")
+    """Black or white, whichever contrasts more with ``background`` (by relative luminance: HSL
+    lightness put white figures on the orange of every 4-bit layer, at 2-4:1)."""
+    black, white = QColor("#000000"), QColor("#FFFFFF")
+    return black if contrast(background, black) >= contrast(background, white) else white
 
 
 ERROR_KEY = ("cell colour: relative error on a log scale, light yellow ≤ 0.01 (40 dB) → orange ≈ 0.1 → dark "

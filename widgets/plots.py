@@ -272,8 +272,12 @@ def render_figure(parts: list, title: str, path: str, kind: str) -> None:
     if not widgets:
         raise OSError(f"{path}: nothing to export in this view")
     width = max(p.width() for p in widgets)
-    pal = widgets[0].palette()
-    font = QFont(widgets[0].font())
+    # the window's colours and font, not the first part's (a warning label's orange titled the
+    # Layers figure)
+    from PySide6.QtWidgets import QApplication
+    pal = QApplication.palette()
+    base_font = QApplication.font()
+    font = QFont(base_font)
     font.setPointSize(_TITLE_PT)
     font.setBold(True)
     flags = int(Qt.TextFlag.TextWordWrap)
@@ -284,7 +288,7 @@ def render_figure(parts: list, title: str, path: str, kind: str) -> None:
     items: list[tuple[object, int]] = [(title, text_h(title, font) + 2)] if title else []
     for p in parts:
         if isinstance(p, str) and p:
-            items.append((p, text_h(p, widgets[0].font())))
+            items.append((p, text_h(p, base_font)))
         elif p in widgets:
             items.append((p, p.height()))
     height = sum(h for _, h in items)
@@ -295,7 +299,7 @@ def render_figure(parts: list, title: str, path: str, kind: str) -> None:
         y = 0
         for item, h in items:
             if isinstance(item, str):
-                painter.setFont(font if item is title else widgets[0].font())
+                painter.setFont(font if item is title else base_font)
                 painter.drawText(QRectF(8, y + 3, width - 16, h - 3), flags, item)
             else:
                 QWidget.render(item, painter, QPoint(0, y))  # a QGraphicsView overrides render()
