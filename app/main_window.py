@@ -227,17 +227,21 @@ class MainWindow(QMainWindow):
 
         def opened(ws: Workspace) -> None:
             self.set_workspace(ws)
-            self._report_failed(ws.failed, n)
+            self._report_failed(ws.failed, n, reference)
 
         self.service.submit("workspace", title, jobs.job_load, list(paths), reference,
                             on_result=opened, on_error=self._job_failed)
 
-    def _report_failed(self, failed: list[tuple[str, str]], asked: int) -> None:
-        """Say which checkpoints could not be opened (the others are): each with its reason."""
+    def _report_failed(self, failed: list[tuple[str, str]], asked: int, reference: str | None = None) -> None:
+        """Say which checkpoints could not be opened (the others are): each with its reason; the
+        reference first, since without it nothing can be compared."""
         if not failed:
             return
         head = (f"{len(failed)} of {asked} checkpoints could not be opened; the others are open. "
                 if asked > 1 else "")
+        if reference is not None and any(p == str(reference) for p, _ in failed):
+            head = ("The reference could not be opened, so no error can be measured (File ▸ Set reference… "
+                    "opens another). " + head)
         self._show_error("Open checkpoints", head + " · ".join(msg for _, msg in failed),
                          "\n\n".join(f"{path}:\n{msg}" for path, msg in failed)
                          + "\n\n`quantscope doctor PATH` lists every problem of a checkpoint.")

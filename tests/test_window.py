@@ -183,6 +183,10 @@ def test_one_broken_checkpoint_does_not_keep_the_others_from_opening(win, qtbot,
     assert win.workspace.reference is not None and win.workspace.failed[0][0] == str(broken)
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         assert win.tree.select("model.layers.0.self_attn.q_proj")
+    # a broken reference is named as the reference: without it nothing can be compared
+    with qtbot.waitSignal(win.failed, timeout=30_000) as sig:
+        win.open_workspace([str(demo.variants["awq-w4g128"])], str(broken))
+    assert sig.args[0].startswith("The reference could not be opened, so no error can be measured")
 
 
 def test_whatif_requantizes_from_the_reference(win, qtbot):
@@ -497,9 +501,11 @@ def test_histograms_open_on_the_bulk_and_say_what_lies_outside(qtbot):
     assert -1.0 < x0 < -0.3 and 0.3 < x1 < 1.0  # the bulk, not -3..12
     assert h.lo.value() == pytest.approx(view[0], abs=1e-6) and h.bulk.isEnabled()
     text = h.footer.toolTip()
-    n_out = int(text.split(" of ")[0])
-    assert 2 <= n_out <= 4 and text.startswith(f"{n_out} of 200,000 values (awq) lie outside")  # tails stay
+    assert text.startswith("Beyond the bulk ") and "awq " in text and "(to 12)" in text, text
+    assert "reference" not in text.split(";")[0] or "reference 1 " in text  # only series with values beyond
     assert text.endswith("NaN/inf, in no bin: awq 7")
+    xs, _ = h._marks["awq"].getData()  # the outliers get dots, visible with "All"
+    assert any(abs(x - 12.0) < 0.05 for x in xs) and any(abs(x + 3.0) < 0.05 for x in xs)
     h.reset.click()
     (x0, x1), _ = h.plot.getViewBox().viewRange()
     assert x0 < -3.0 and x1 > 12.0
@@ -566,3 +572,20 @@ def test_qt_hands_python_empty_values_without_losing_a_reference_to_none(qtbot):
         combo.currentData()
         QModelIndex().data()
     assert sys.getrefcount(None) >= before - 10  # immortal on 3.12+: any drain shows on 3.11
+
+
+def test_a_narrow_tree_keeps_room_for_the_figures_of_the_shown_error(win, qtbot):
+    """At 1024 px the dock is ~235 px: Name (200 px) left 30 px of colour and no figures."""
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    win.tree.combo.setCurrentText("gptq-w4g128")
+    win.resize(1024, 700)
+    win.resizeDocks([win.tree_dock], [235], Qt.Orientation.Horizontal)
+    qtbot.waitUntil(lambda: win.tree_dock.width() <= 260, timeout=3000)
+    qtbot.wait(50)
+    view = win.tree.view
+    col = win.tree.view.header().logicalIndex(1)  # the shown checkpoint's error, after Name
+    fm = view.fontMetrics()
+    shown = view.viewport().width() - view.columnWidth(0)
+    assert shown >= fm.horizontalAdvance("0.0000") + 4, (view.viewport().width(), view.columnWidth(0))
+    assert win.tree.model.headerData(col, Qt.Orientation.Horizontal) == "gptq-w4g128"

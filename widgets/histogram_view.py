@@ -71,6 +71,7 @@ class HistogramView(QWidget):
         self._counts: dict[str, np.ndarray] = {}
         self._colors: dict = {}
         self._items: dict[str, pg.PlotDataItem] = {}
+        self._marks: dict[str, pg.ScatterPlotItem] = {}
         self._enable_range(False)
         show_values(self.plot, False)
 
@@ -108,17 +109,36 @@ class HistogramView(QWidget):
         else:
             self._full_range()
 
+    def _outside(self) -> np.ndarray | None:
+        """Bins wholly outside the bulk view (None without one)."""
+        if self._view is None or self._edges is None:
+            return None
+        e = np.asarray(self._edges)
+        lo, hi = self._view
+        return (e[1:] <= lo) | (e[:-1] >= hi)
+
     def _footer(self, nonfinite: dict[str, int]) -> str:
+        """What lies beyond the bulk, per series that has any (how many, how far), and the full
+        range; then values in no bin. Said the same whichever range is shown (it goes into
+        exported figures too)."""
         parts = []
-        if self._view is not None:
+        outside = self._outside()
+        if outside is not None:
             e = np.asarray(self._edges)
+            centres = (e[:-1] + e[1:]) / 2
             lo, hi = self._view
-            outside = (e[1:] <= lo) | (e[:-1] >= hi)
-            n = sum(int(np.asarray(c)[outside].sum()) for c in self._counts.values())
-            total = sum(int(np.asarray(c).sum()) for c in self._counts.values())
-            who = [k for k, c in self._counts.items() if np.asarray(c)[outside].any()]
-            parts.append(f"{n:,} of {total:,} values ({', '.join(who)}) lie outside the bulk shown first; "
-                         f"all lie in {float(e[0]):.4g} … {float(e[-1]):.4g} (“All” shows them)")
+            beyond = []
+            for k, c in self._counts.items():
+                c = np.asarray(c)
+                n = int(c[outside].sum())
+                if n:
+                    far = centres[outside & (c > 0)]
+                    reach = far[np.argmax(np.abs(far - (lo + hi) / 2))]
+                    beyond.append((n, f"{k} {n:,} (to {reach:.4g})"))
+            beyond.sort(key=lambda nb: -nb[0])
+            shown = [t for _, t in beyond[:4]] + ([f"{len(beyond) - 4} more"] if len(beyond) > 4 else [])
+            parts.append(f"Beyond the bulk {lo:.4g} … {hi:.4g}: {', '.join(shown)}; full range "
+                         f"{float(e[0]):.4g} … {float(e[-1]):.4g} (All)")
         if nonfinite:
             parts.append("NaN/inf, in no bin: " + ", ".join(f"{k} {n:,}" for k, n in nonfinite.items()))
         return ". ".join(parts)
@@ -149,12 +169,19 @@ class HistogramView(QWidget):
             # variants rebuilds them; otherwise the existing curves get new data in place.
             self.plot.clear()
             self._items = {}
+            self._marks = {}
             for label in labels:
                 item = pg.PlotDataItem(stepMode="center", connect="finite")
                 if label == "reference":
                     item.setZValue(1)  # drawn over the variants, not buried under six of them
                 self.plot.addItem(item)
                 self._items[label] = item
+                # a dot on each non-empty bin beyond the bulk: with "All", a single outlier was a
+                # one-pixel step at count 1 beside the empty-bin floor
+                mark = pg.ScatterPlotItem(size=7, pen=None)
+                mark.setZValue(2)
+                self.plot.addItem(mark)
+                self._marks[label] = mark
         self.legend.set_entries([(label, self._colors.get(label), LINE_GLYPH) for label in labels])
         if self._edges is None:
             return
@@ -172,4 +199,10 @@ class HistogramView(QWidget):
             # plot's paint time).
             pen = pg.mkPen(color, width=1.5 if label == "reference" else 2)
             self._items[label].setData(self._edges, y, pen=pen)
+            outside = self._outside()
+            mark = self._marks.get(label)
+            if mark is not None:
+                e = np.asarray(self._edges)
+                sel = np.flatnonzero(outside & (np.asarray(c) > 0)) if outside is not None else np.zeros(0, int)
+                mark.setData((e[sel] + e[sel + 1]) / 2, y[sel], brush=pg.mkBrush(color))
         self.plot.setLabel("left", "log10(count)" if log else "count")

@@ -109,7 +109,8 @@ class QuantConfigPanel(QWidget):
         lv.addWidget(self.rule)
         # the controls in two rows, the result under them at the group's whole width (beside the
         # controls it was 40 px wide in a 1024 px window, three lines tall at 1280)
-        wi = QGroupBox("What if: requantize this layer from the reference with MLX")
+        wi = QGroupBox("What if")
+        wi.setToolTip("Requantize the selected layer from the reference with MLX and measure its error")
         wg = QGridLayout(wi)
         wg.addWidget(QLabel("bits"), 0, 0)
         wg.addWidget(self.bits, 0, 1)
@@ -121,6 +122,7 @@ class QuantConfigPanel(QWidget):
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # wraps instead
         scroll.setWidget(self.whatif_result)
         scroll.setMinimumHeight(6 * self.whatif_result.fontMetrics().lineSpacing())
         wg.addWidget(scroll, 2, 0, 1, 4)
@@ -235,7 +237,12 @@ class QuantConfigPanel(QWidget):
         box.blockSignals(False)
 
     def set_whatif_result(self, text: str) -> None:
-        self.whatif_result.setText(text)
+        # in a long word a break is allowed after each dot and colon: "lstsq:model.layers.1.mlp.
+        # up_proj" has no space and widened the box past the panel (numbers are left whole)
+        import re
+        self.whatif_result.setText(re.sub(r"\S{25,}", lambda m: m.group(0).replace(".", ".\u200b")
+                                          .replace(":", ":\u200b"), text))
+        self.whatif_result.setToolTip(text)
 
     def _find_next(self) -> None:
         if not self.raw.find(self.raw_search.text()):

@@ -99,7 +99,7 @@ class TensorTree(QWidget):
         # Widths from the font, not resizeColumnToContents: that walks every row (25 ms on a
         # small model, seconds on a 70k-module MoE) on the GUI thread.
         fm = self.view.fontMetrics()
-        widths = {0: 200, 1: fm.horizontalAdvance("mlx-affine__"), 4: fm.horizontalAdvance("14336×4096__"),
+        widths = {0: self._name_width(), 1: fm.horizontalAdvance("mlx-affine__"), 4: fm.horizontalAdvance("14336×4096__"),
                   5: fm.horizontalAdvance("100.0 MB__")}
         # An error column is as wide as its numbers, not its header (a long variant name put the
         # right-aligned numbers past the dock's edge: colour without figures); the header is
@@ -113,6 +113,22 @@ class TensorTree(QWidget):
             self.view.setColumnWidth(c, want)
         self._order_columns()
         self.checkpoint_changed.emit(label)
+
+    #: The Name column's width: up to this, as the dock allows.
+    NAME_WIDTH = 200
+
+    def _name_width(self) -> int:
+        """Name's width: 200 px, less in a narrow dock so the shown checkpoint's error (the column
+        after it) keeps room for its figures (in a 235 px dock it showed 30 px of colour)."""
+        own = self.view.fontMetrics().horizontalAdvance("0.0000__") + 8
+        avail = self.view.viewport().width() - own
+        return max(110, min(self.NAME_WIDTH, avail))
+
+    def resizeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+        super().resizeEvent(ev)
+        want = self._name_width()
+        if abs(self.view.columnWidth(0) - want) > 4 and ev.oldSize().width() != ev.size().width():
+            self.view.setColumnWidth(0, want)
 
     def _order_columns(self) -> None:
         """Shown in the order a reader wants them: the name, the shown checkpoint's own error
