@@ -588,4 +588,5 @@ def test_a_narrow_tree_keeps_room_for_the_figures_of_the_shown_error(win, qtbot)
     fm = view.fontMetrics()
     shown = view.viewport().width() - view.columnWidth(0)
     assert shown >= fm.horizontalAdvance("0.0000") + 4, (view.viewport().width(), view.columnWidth(0))
+    assert view.columnWidth(col) <= shown  # the right-aligned figures inside the dock, not past it
     assert win.tree.model.headerData(col, Qt.Orientation.Horizontal) == "gptq-w4g128"

@@ -105,10 +105,14 @@ class TensorTree(QWidget):
         # right-aligned numbers past the dock's edge: colour without figures); the header is
         # elided in the middle, whole in its tooltip.
         n, nb = self.model.columnCount(), len(BASE_COLUMNS)
+        variants = self.model.variants
+        own = nb + variants.index(label) if label in variants else None
         for c in range(n):
             text = str(self.model.headerData(c, Qt.Orientation.Horizontal) or "")
             want = max(widths.get(c, 0), fm.horizontalAdvance(text) + 24)
-            if nb <= c < n - 1:
+            if c == own:  # beside Name: exactly as wide as its figures, which must show in a narrow dock
+                want = self._own_width()
+            elif nb <= c < n - 1:
                 want = min(want, fm.horizontalAdvance("gptq…w4g128__"))
             self.view.setColumnWidth(c, want)
         self._order_columns()
@@ -117,11 +121,14 @@ class TensorTree(QWidget):
     #: The Name column's width: up to this, as the dock allows.
     NAME_WIDTH = 200
 
+    def _own_width(self) -> int:
+        """The shown checkpoint's error column: as wide as its figures."""
+        return self.view.fontMetrics().horizontalAdvance("0.0000") + 16
+
     def _name_width(self) -> int:
         """Name's width: 200 px, less in a narrow dock so the shown checkpoint's error (the column
         after it) keeps room for its figures (in a 235 px dock it showed 30 px of colour)."""
-        own = self.view.fontMetrics().horizontalAdvance("0.0000__") + 8
-        avail = self.view.viewport().width() - own
+        avail = self.view.viewport().width() - self._own_width()
         return max(110, min(self.NAME_WIDTH, avail))
 
     def resizeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
