@@ -111,7 +111,7 @@ class MainWindow(QMainWindow):
             QTimer.singleShot(0, lambda: self.resizeDocks([self.tree_dock, self.config_dock], [520, 420],
                                                           Qt.Orientation.Horizontal))
 
-    def resizeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+    def resizeEvent(self, ev) -> None:
         super().resizeEvent(ev)
         # Qt gives all of a window's new width to the central tabs: the docks stayed 240 px
         # wide in a window made 1920 px wide. They keep their share instead.

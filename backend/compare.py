@@ -734,7 +734,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                     out[lb] = r
             rest = [vs for vs in todo if vs.label not in out]
             if rest:
-                out.update(dropping_undecodable(name, rest, lambda vs_: _measure_general(
+                out.update(dropping_undecodable(name, rest, lambda vs_, name=name, ref_rows=ref_rows: _measure_general(
                     name, ref_rows, vs_, rows_cache, cancel, lambda k: None)))
             finish(name, [vs for vs in todo if vs.label in out], out)
 
@@ -801,9 +801,13 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 drain(n_jobs - 1)  # at most n_jobs running
             else:
                 drain(0)
-                res = dropping_undecodable(name, todo, lambda vs_: _measure_target(
-                    name, ref_rows, states, vs_, rows_cache, cancel, lambda k: report(k * t0.cols), engine=eng,
-                    candidates=(ref, {k: v for k, v in picked.items() if k in {x.label for x in vs_}}, labels)))
+                def measure(vs_, name=name, ref_rows=ref_rows, cols=t0.cols, ref=ref, picked=picked, labels=labels):
+                    mine = {x.label for x in vs_}
+                    return _measure_target(name, ref_rows, states, vs_, rows_cache, cancel,
+                                           lambda k: report(k * cols), engine=eng,
+                                           candidates=(ref, {k: v for k, v in picked.items() if k in mine}, labels))
+
+                res = dropping_undecodable(name, todo, measure)
                 finish(name, [vs for vs in todo if vs.label in res], res)
             del ref_rows
             for vs in present:  # release variant decodes this target was the last user of

@@ -187,7 +187,7 @@ class ConversionReport:
         """The largest error of a converted layer; NaN when any is NaN (max() skipped it and
         reported 0 for a source with NaN scales)."""
         v = [r.rel_fro for r in self.layers if r.rel_fro is not None]
-        if any(x != x for x in v):
+        if any(math.isnan(x) for x in v):
             return math.nan
         return max(v) if v else None
 

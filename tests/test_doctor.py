@@ -15,7 +15,6 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-
 from helpers import write_raw, write_st
 from quantscope.backend import doctor
 from quantscope.backend.bitpack import pack_bits
@@ -928,6 +927,7 @@ def test_a_name_given_twice_in_a_header_that_parses_is_found(tmp_path):
     """Two identical entries for one name: the file opens (the parser keeps one) and doctor used
     to find nothing, though the reference format disallows it."""
     import struct
+
     from helpers import write_st
     p = tmp_path / "m.safetensors"
     write_st(p, {"a.weight": np.ones((2, 2), np.float32), "b.weight": np.zeros((2, 2), np.float32)}, {"format": "pt"})

@@ -4,7 +4,6 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import write_st
 from quantscope.backend.checkpoint import open_checkpoint
 from quantscope.backend.schemes import analyze
@@ -110,8 +109,9 @@ def test_error_colours_tell_real_errors_apart_and_keep_figures_readable():
     from quantscope.widgets.palette import error_color, text_color_on
     errs = [0.01, 0.03, 0.09, 0.15, 0.38, 0.60, 1.0]
     light = [error_color(e).lightness() for e in errs]
-    assert all(a > b for a, b in zip(light, light[1:]))  # monotone: darker is worse
-    assert min(a - b for a, b in zip(light[2:], light[3:])) >= 10  # 0.09 / 0.15 / 0.38 / 0.60 / 1.0 apart
+    from itertools import pairwise
+    assert all(a > b for a, b in pairwise(light))  # monotone: darker is worse
+    assert min(a - b for a, b in pairwise(light[2:])) >= 10  # 0.09 / 0.15 / 0.38 / 0.60 / 1.0 apart
     from quantscope.widgets.palette import contrast
     for e in errs + [0.12, 0.2, 0.25]:
         bg = error_color(e)
@@ -128,7 +128,6 @@ def test_tree_sorts_by_a_column_keeps_the_selection_and_puts_missing_values_last
     natural = [m.index(r, 0).data() for r in range(m.rowCount())]
     paths = m.paths()
     from PySide6.QtCore import Qt
-
     from quantscope.widgets.tensor_tree_model import BASE_COLUMNS
     m.set_variants(["v"])
     col = len(BASE_COLUMNS)

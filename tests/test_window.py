@@ -326,7 +326,6 @@ def test_doctor_findings_read_in_full_in_a_narrow_dock_and_link_to_their_layer(q
     """In a 300 px dock the findings table showed "32 …" and cut the tensor's suffix: each
     finding is now wrapped text with its whole place, and the place selects the layer."""
     from PySide6.QtCore import QUrl
-
     from quantscope.widgets.doctor_panel import DoctorPanel
     panel = DoctorPanel()
     qtbot.addWidget(panel)

@@ -131,7 +131,7 @@ class TensorTree(QWidget):
         avail = self.view.viewport().width() - self._own_width()
         return max(110, min(self.NAME_WIDTH, avail))
 
-    def resizeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+    def resizeEvent(self, ev) -> None:
         super().resizeEvent(ev)
         want = self._name_width()
         if abs(self.view.columnWidth(0) - want) > 4 and ev.oldSize().width() != ev.size().width():

@@ -8,6 +8,8 @@ backend's :class:`~quantscope.backend.search.PathIndex`, never a recursive proxy
 
 from __future__ import annotations
 
+import math
+
 from PySide6.QtCore import QAbstractItemModel, QModelIndex, Qt
 
 from quantscope.backend.checkpoint import natural_key
@@ -111,7 +113,7 @@ class TensorTreeModel(QAbstractItemModel):
             return layer.bits_per_weight
         if nb <= column < nb + len(self._variants):
             v = self._errors.get(self._variants[column - nb], {}).get(layer.path)
-            return None if v is None or v != v else v
+            return None if v is None or math.isnan(v) else v
         flag = self._flags.get(layer.path)
         return _SEVERITY_ORDER.get(flag[0]) if flag else None
 
