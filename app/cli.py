@@ -238,6 +238,10 @@ def check_output_path(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise QuantscopeError(f"{path} is a folder; give a file name to write")
+    if os.path.exists(path):  # written in place (/dev/stdout, a FIFO, a file): its own permission counts
+        if not os.access(path, os.W_OK):
+            raise QuantscopeError(f"cannot write {path}: it is not writable")
+        return
     if not os.path.isdir(parent):
         raise QuantscopeError(f"cannot write {path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK):

@@ -71,6 +71,9 @@ class MainWindow(QMainWindow):
         self.workspace = Workspace()
         self.colors: dict = {}
         self.current_layer: str | None = None
+        self._resize_from: int | None = None  # the window's width when a resize began
+        self._resize_timer = QTimer(self, singleShot=True, interval=120)
+        self._resize_timer.timeout.connect(self._rescale_docks)
         self.sweep_result = None
         self._sweep_cache: dict = {}
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
@@ -113,14 +116,24 @@ class MainWindow(QMainWindow):
 
     def resizeEvent(self, ev) -> None:
         super().resizeEvent(ev)
-        # Qt gives all of a window's new width to the central tabs: the docks stayed 240 px
-        # wide in a window made 1920 px wide. They keep their share instead.
-        old, new = ev.oldSize().width(), ev.size().width()
-        if old > 0 and abs(new - old) > 50 and self.isVisible():
-            docks = [d for d in (self.tree_dock, self.config_dock) if d.isVisible() and not d.isFloating()]
-            widths = [max(240, round(d.width() * new / old)) for d in docks]
-            if docks:
-                QTimer.singleShot(0, lambda: self.resizeDocks(docks, widths, Qt.Orientation.Horizontal))
+        # Qt gives all of a window's new width to the central tabs: the docks stayed 240 px wide
+        # in a window made 1920 px wide. They keep their share instead, rescaled once the
+        # resizing stops (a drag sends many small steps; each alone is too small to act on).
+        if not self.isVisible() or ev.oldSize().width() <= 0:
+            return
+        if self._resize_from is None:
+            self._resize_from = ev.oldSize().width()
+        self._resize_timer.start()
+
+    def _rescale_docks(self) -> None:
+        old, self._resize_from = self._resize_from, None
+        new = self.width()
+        if not old or abs(new - old) < 8:
+            return
+        docks = [d for d in (self.tree_dock, self.config_dock) if d.isVisible() and not d.isFloating()]
+        if docks:
+            self.resizeDocks(docks, [max(240, round(d.width() * new / old)) for d in docks],
+                             Qt.Orientation.Horizontal)
 
     # -- composition -----------------------------------------------------------------------------
 

@@ -152,7 +152,7 @@ class SweepResult:
 _POWER_MIN_SPREAD = 0.02
 #: |power − 1| above this is reported: a consistent fold gives 1 within a few hundredths.
 _POWER_TOLERANCE = 0.25
-#: Rows of the checked layer used (spread over the layer).
+#: Rows of the checked layer used (its first ones: each input channel's scale is fitted over them).
 _POWER_ROWS = 512
 
 
@@ -201,7 +201,7 @@ def smoothing_power(w: np.ndarray, wh: np.ndarray, s: np.ndarray) -> float | Non
 
 def _check_smoothing(reference: Model, vs, eng) -> SmoothingCheck | None:
     """The smoothing power of ``vs`` measured on its first norm-folded layer (every layer of a
-    file is folded by the same code, so one is enough), on up to :data:`_POWER_ROWS` rows."""
+    file is folded by the same code, so one is enough), on its first :data:`_POWER_ROWS` rows."""
     al = vs.alignment
     if not al.folded_norms:
         return None
@@ -209,13 +209,14 @@ def _check_smoothing(reference: Model, vs, eng) -> SmoothingCheck | None:
     if not cand:
         return None
     t = min(cand, key=lambda t: _order_key(t.name))
-    ref_rows = _Rows(reference, reference.layers[t.ref_layer], eng, keep=True, counter={})
-    pick = np.unique(np.linspace(0, t.rows - 1, min(t.rows, _POWER_ROWS)).astype(np.int64))
+    # the first rows only: a layer over BLOCK_ELEMENTS is decoded by row blocks (a smaller one is
+    # decoded whole by the engine, as the sweep itself would)
+    r1 = min(t.rows, _POWER_ROWS)
+    ref_rows = _Rows(reference, reference.layers[t.ref_layer], eng, keep=False, counter={})
     cache: dict = {}
     try:
-        w = ref_rows.full()[pick]
-        wh = _assemble(t, lambda p: cache.setdefault(p, _Rows(vs.model, vs.model.layers[p], eng, True, {})),
-                       0, t.rows)[pick]
+        w = ref_rows.get(0, r1)
+        wh = _assemble(t, lambda p: cache.setdefault(p, _Rows(vs.model, vs.model.layers[p], eng, False, {})), 0, r1)
     except QuantscopeError:
         return None  # the sweep reports an undecodable layer itself
     b = smoothing_power(w, wh, np.asarray(t.col_scale, np.float64))

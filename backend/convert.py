@@ -469,7 +469,7 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
         version = int(layer.settings.get("version", 1))
         # the checks a decode makes (groups of scales and zeros against K): a layer that fails
         # them is named, not broadcast into a ValueError
-        gptq._prep(qw, read(t["qzeros"].name), sc, gi, bits, g, version, layer.path)
+        gptq.check_layer(qw, read(t["qzeros"].name), sc, gi, bits, g, layer.path)
         z = gptq.unpack_zeros(read(t["qzeros"].name), bits, n, version, layer.path)
         return _Repack(lambda: np.ascontiguousarray(qw.T).view(np.uint32), _stored_part(sc, z), n,
                        sc.dtype, _seq_group_codes(lambda ns: np.ascontiguousarray(qw[:, ns].T).view(np.uint32),
@@ -478,7 +478,7 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
         qz = read(t["qzeros"].name) if "qzeros" in t else None
-        awq._gemm_prep(qw, qz, sc, g, layer.path)  # a decode's checks
+        awq.check_gemm(qw, qz, sc, g, layer.path)  # a decode's checks, from shapes
 
         def part(r0, r1):
             s_p = sc[:, r0:r1].T.astype(np.float32, order="C")
@@ -1023,9 +1023,11 @@ def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) ->
         if not dst.is_dir():
             raise ConversionError("is not a folder; --overwrite replaces only an earlier output of "
                                   "quantscope convert", file=dst, rule="convert.dst-not-output")
-        entries = sorted(q.name for q in dst.iterdir())
-        if not entries:
+        top = sorted(q.name for q in dst.iterdir())
+        if not top:
             return
+        # every file, in subfolders too (an output may hold copies like original/params.json)
+        entries = sorted(str(q.relative_to(dst)) for q in dst.rglob("*") if not q.is_dir()) or top
         listed = _marker_files(dst)
         if listed is None:
             raise ConversionError(f"was not written by quantscope convert (it holds {', '.join(entries[:3])}"
@@ -1040,8 +1042,8 @@ def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) ->
 
 
 def _marker_files(folder: Path) -> set[str] | None:
-    """The top-level names an earlier output's marker lists, or None when ``folder`` holds no
-    marker quantscope wrote (missing, a link or a folder, not its JSON)."""
+    """The files (paths relative to ``folder``) an earlier output's marker lists, or None when
+    ``folder`` holds no marker quantscope wrote (missing, a link or a folder, not its JSON)."""
     m = folder / CONVERT_MARKER
     if m.is_symlink() or not m.is_file() or m.stat().st_size > (1 << 20):
         return None
@@ -1052,7 +1054,7 @@ def _marker_files(folder: Path) -> set[str] | None:
     if not isinstance(data, dict) or data.get("written_by") != "quantscope convert" \
             or not isinstance(data.get("files"), list):
         return None
-    return {str(f).split("/", 1)[0] for f in data["files"]}
+    return {str(f) for f in data["files"]}
 
 
 def _human(n: float) -> str:

@@ -224,6 +224,7 @@ class _Collector:
         self.findings: list[Finding] = []
         self._counts: dict[tuple, int] = {}
         self._overflow: dict[tuple, Finding] = {}
+        self._error_layers: set[str] = set()  # capped findings too
 
     def add(self, rule: str, message: str, *, file=None, tensor=None, layer=None, severity=None) -> None:
         r = RULES[rule]
@@ -232,10 +233,16 @@ class _Collector:
         self._counts[key] = n
         f = Finding(rule, severity or r.severity, message, str(file) if file is not None else None,
                     tensor, layer, r.ref)
+        if layer is not None and f.severity == "error":
+            self._error_layers.add(layer)
         if n <= _MAX_PER_RULE:
             self.findings.append(f)
         else:
             self._overflow[key] = f
+
+    def has_error(self, layer: str) -> bool:
+        """Whether ``layer`` has an error finding (a set lookup: asked once per layer)."""
+        return layer in self._error_layers
 
     def has(self, rule: str | None = None, *, layer: str | None = None, severity: str | None = None) -> bool:
         return any((rule is None or f.rule == rule) and (layer is None or f.layer == layer)
@@ -1091,7 +1098,7 @@ class _Doctor:
                 self._check_nvfp4(layer)
             except (QuantscopeError, ValueError, IndexError, TypeError) as exc:
                 _logger.debug("format data check of %s failed: %s", path, exc)
-            if layer.decodable and layer.quantized and not self.col.has(layer=path, severity="error"):
+            if layer.decodable and layer.quantized and not self.col.has_error(path):
                 # After the specific checks (they name a problem better): what a decode would
                 # refuse. Zero points with the wrong number of groups passed every check, then
                 # dequant and compare failed on them. Small models are decoded whole.

@@ -49,9 +49,9 @@ def check_layer(model: Model, layer: Layer, *, decode: bool = False) -> None:
     """Raise the LayerError a decode of ``layer`` would raise (its tensors do not fit together:
     zero points or scales with the wrong number of groups, ...), naming the file.
 
-    GPTQ and AWQ layers are checked from their shapes and zero points (cheap whatever the
-    size); other schemes only by decoding them, when ``decode`` is set (doctor does that for
-    models it reads whole)."""
+    GPTQ and AWQ layers are checked from their shapes (and g_idx; cheap whatever the size);
+    other schemes only by decoding them, when ``decode`` is set (doctor does that for models it
+    reads whole)."""
     from .formats.common import check
     _require_decodable(model, layer)
     s = layer.scheme
@@ -60,10 +60,10 @@ def check_layer(model: Model, layer: Layer, *, decode: bool = False) -> None:
     p = read_parts(model, layer)
     try:
         if s == "gptq":
-            gptq._prep(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), layer.bits, layer.group_size,
-                       _gptq_version(layer), layer.path)
+            gptq.check_layer(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), layer.bits, layer.group_size,
+                             layer.path)
         elif s == "awq-gemm":
-            awq._gemm_prep(p["qweight"], p.get("qzeros"), p["scales"], layer.group_size, layer.path)
+            awq.check_gemm(p["qweight"], p.get("qzeros"), p["scales"], layer.group_size, layer.path)
         elif s == "awq-gemv":
             n, _, ng = awq.gemv_dims(p["qweight"].shape, p["scales"].shape, layer.group_size, layer.path)
             qz = p.get("qzeros")

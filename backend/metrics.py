@@ -337,6 +337,10 @@ def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: 
     out = {key: c.reshape(-1, k).sum(1) for key, c in counts.items()}
     coarse = edges[::k]
     view = None
-    if 0 < width < fine // 2:
+    if 0 < width < fine // 2 and hi > lo:
         view = (float(coarse[b0 // k]), float(coarse[min(len(coarse) - 1, b1 // k + 1)]))
+        e = coarse
+        beyond = (e[1:] <= view[0]) | (e[:-1] >= view[1])
+        if not any(c[beyond].any() for c in out.values()):
+            view = None  # nothing lies beyond it (constant values): the whole range it is
     return coarse, out, view

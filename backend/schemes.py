@@ -347,8 +347,9 @@ def _detect_gptq_awq(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
             layer.source = (layer.source + "; " if cfg.kind else "") + f"bits inferred from shapes: {bits}"
         layer.bits = bits
         z = comps.get("qzeros")
-        if bits and gptq_fit and z is not None and len(z.shape) == 2 and n and (z.shape[1] * word) % n == 0:
-            zb = z.shape[1] * word // n  # the width the stored zero points are packed at
+        zword = DTYPES[z.dtype].bits if z is not None and z.dtype in DTYPES else word
+        if bits and gptq_fit and z is not None and len(z.shape) == 2 and n and (z.shape[1] * zword) % n == 0:
+            zb = z.shape[1] * zword // n  # the width the stored zero points are packed at (their own words)
             if zb != bits and zb in (2, 3, 4, 8):
                 layer.problem = (f"{bits} bit ({layer.source}) but qzeros {list(z.shape)} hold {zb}-bit zero points "
                                  f"for N={n}: the config's bits are wrong?")

@@ -597,6 +597,7 @@ def test_bulk_histograms_are_exact_on_their_edges_and_find_the_bulk_beside_outli
     edges2, counts2, view2 = bulk_histograms({"a": a}, bins=256)
     assert len(edges2) == 257 and view2 is None and counts2["a"].sum() == a.size
     assert bulk_histograms({"a": np.array([np.nan])}) == (None, {}, None)
+    assert bulk_histograms({"a": np.zeros(1000)})[2] is None  # constant: no bulk to zoom to
     # far outliers (100x): still exact, at most MAX_BINS drawn, a bulk of tens of bins
     b[:3] = [12.3, 7.0, -9.5]
     edges3, counts3, (lo3, hi3) = bulk_histograms({"b": b}, bins=256)

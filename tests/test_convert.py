@@ -455,6 +455,12 @@ def test_overwrite_replaces_only_an_earlier_output(demo, tmp_path, capsys):
     (out / "eval.json").write_text("mine")
     assert main(["convert", src, str(out), "--to", "mlx", "--overwrite"]) == 2
     assert "eval.json" in capsys.readouterr().err and (out / "eval.json").read_text() == "mine"
+    # ...in a subfolder too
+    (out / "eval.json").unlink()
+    (out / "notes").mkdir()
+    (out / "notes" / "run1.md").write_text("mine")
+    assert main(["convert", src, str(out), "--to", "mlx", "--overwrite"]) == 2
+    assert "notes/run1.md" in capsys.readouterr().err and (out / "notes" / "run1.md").read_text() == "mine"
     # a marker quantscope did not write (any text, a link, a folder) makes no folder replaceable
     for i, make in enumerate((lambda m: m.write_text("x"), lambda m: m.symlink_to(out / "config.json"),
                               lambda m: m.mkdir())):

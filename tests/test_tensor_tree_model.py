@@ -145,6 +145,11 @@ def test_tree_sorts_by_a_column_keeps_the_selection_and_puts_missing_values_last
     sub = [errs[p] for r in range(m.rowCount()) if (p := m.index(r, 0).data(TensorTreeModel.PathRole)) in errs]
     assert sub == sorted(sub, reverse=True)
     w.search.clear()
+    # sorted by the doctor column, new findings re-sort it
+    doc = m.columnCount() - 1
+    w.view.sortByColumn(doc, Qt.SortOrder.DescendingOrder)
+    m.set_findings({paths[5]: ("warning", "w"), paths[9]: ("error", "e")})
+    assert [m.index(r, 0).data(TensorTreeModel.PathRole) for r in range(2)] == [paths[9], paths[5]]
     w.view.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # back to the checkpoint's order
     qtbot.waitUntil(lambda: m.rowCount() == len(paths), timeout=2000)
     assert [m.index(r, 0).data() for r in range(m.rowCount())] == natural

@@ -545,9 +545,11 @@ def test_config_table_rows_copy_whole_with_their_header(win, qtbot):
 def test_side_panels_keep_their_share_when_the_window_grows(win, qtbot):
     """Made 1920 px wide, the window gave all the new width to the plots: the tree stayed narrow."""
     win.resize(1024, 700)
-    qtbot.wait(100)
+    qtbot.wait(300)
     share = win.tree_dock.width() / win.width()
-    win.resize(1920, 1000)
+    for w in range(1044, 1921, 20):  # a drag: many small steps
+        win.resize(w, 1000)
+        qtbot.wait(5)
     qtbot.waitUntil(lambda: win.tree_dock.width() > 1.5 * share * 1024, timeout=3000)
     assert abs(win.tree_dock.width() / win.width() - share) < 0.05
     win.resize(1024, 700)  # and back: the window still fits

@@ -137,8 +137,9 @@ class HistogramView(QWidget):
                     beyond.append((n, f"{k} {n:,} (to {reach:.4g})"))
             beyond.sort(key=lambda nb: -nb[0])
             shown = [t for _, t in beyond[:4]] + ([f"{len(beyond) - 4} more"] if len(beyond) > 4 else [])
-            parts.append(f"Beyond the bulk {lo:.4g} … {hi:.4g}: {', '.join(shown)}; full range "
-                         f"{float(e[0]):.4g} … {float(e[-1]):.4g} (All)")
+            if shown:
+                parts.append(f"Beyond the bulk {lo:.4g} … {hi:.4g}: {', '.join(shown)}; full range "
+                             f"{float(e[0]):.4g} … {float(e[-1]):.4g} (All)")
         if nonfinite:
             parts.append("NaN/inf, in no bin: " + ", ".join(f"{k} {n:,}" for k, n in nonfinite.items()))
         return ". ".join(parts)

@@ -133,8 +133,10 @@ class TensorTree(QWidget):
 
     def resizeEvent(self, ev) -> None:
         super().resizeEvent(ev)
+        # narrowed only when it would push the shown error's figures out of the dock (a width the
+        # user gave it, wider, stays while there is room)
         want = self._name_width()
-        if abs(self.view.columnWidth(0) - want) > 4 and ev.oldSize().width() != ev.size().width():
+        if self.view.columnWidth(0) > want and ev.oldSize().width() != ev.size().width():
             self.view.setColumnWidth(0, want)
 
     def _order_columns(self) -> None:

@@ -174,6 +174,9 @@ class TensorTreeModel(QAbstractItemModel):
     def set_findings(self, flags: dict[str, tuple[str, str]]) -> None:
         """Worst (severity, message) per module path."""
         self._flags = dict(flags)
+        if self._sort[0] == self.columnCount() - 1:  # sorted by the doctor column: by the new flags
+            self.sort(*self._sort)
+            return
         if self._visible:
             col = self.columnCount() - 1
             self.dataChanged.emit(self.index(0, col), self.index(len(self._visible) - 1, col))

@@ -38,13 +38,20 @@ def unpack_gemm(packed: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(slots[:, :, REV]).reshape(packed.shape[0], n)
 
 
-def _gemm_prep(qweight, qzeros, scales, group_size, name):
+def check_gemm(qweight, qzeros, scales, group_size, name=None) -> tuple[int, int, int, int]:
+    """(N, K, G, groups) of an AWQ GEMM layer after the checks a decode makes, from shapes alone
+    (nothing is read: doctor and convert run it on every layer of any size)."""
     n, k, g = gemm_dims(qweight.shape, scales.shape, name)
     if group_size not in (None, -1):
         check(g == group_size, f"scales imply group size {g}, config says {group_size}", name)
     ng = k // g
     if qzeros is not None:
         check(qzeros.shape == (ng, n // 8), f"qzeros {list(qzeros.shape)} should be [{ng}, {n // 8}]", name)
+    return n, k, g, ng
+
+
+def _gemm_prep(qweight, qzeros, scales, group_size, name):
+    n, k, g, ng = check_gemm(qweight, qzeros, scales, group_size, name)
     return n, k, g, ng, np.ascontiguousarray(scales, np.float32)
 
 
@@ -121,7 +128,7 @@ def codes_gemv(qweight) -> np.ndarray:
 def gemm_to_mlx_affine(qweight, qzeros, scales, *, name=None):
     """Exact MLX-affine equivalent (weight u32 [N, K/8], scales f32 [N, K/G], biases f32) or None."""
     from ..bitpack import pack_bits
-    n, k, g, _, _ = _gemm_prep(qweight, qzeros, scales, None, name)  # decode_gemm's checks (qzeros shape)
+    n, k, g, _ = check_gemm(qweight, qzeros, scales, None, name)  # decode_gemm's checks (qzeros shape)
     if g not in (32, 64, 128):
         return None
     q = unpack_gemm(qweight, n)  # [K, N]

@@ -68,18 +68,29 @@ def is_trivial_g_idx(g_idx: np.ndarray | None, k: int, group_size: int) -> bool:
     return g_idx.shape == (k,) and np.array_equal(g_idx, np.arange(k) // group_size)
 
 
-def _prep(qweight, qzeros, scales, g_idx, bits, group_size, version, name):
+def check_layer(qweight, qzeros, scales, g_idx, bits, group_size, name=None) -> tuple[int, int, int, int]:
+    """(N, K, G, groups) after the checks a decode makes, from shapes (and g_idx's K values):
+    no scales are read or converted, so doctor and convert run it on every layer of any size."""
     check(bits in GPTQ_BITS, f"GPTQ bits {bits} not supported (2, 3, 4, 8)", name)
     n, k = gptq_dims(qweight.shape, scales.shape, bits, word_bits(qweight), name)
     g = k if group_size in (-1, 0, None) else group_size
     ng = -(-k // g)
     check(scales.shape[0] == ng, f"scales have {scales.shape[0]} groups, K={k} with group size {group_size} needs {ng}", name)
-    z = unpack_zeros(qzeros, bits, n, version, name)
-    check(z.shape[0] == ng, f"qzeros have {z.shape[0]} groups, expected {ng}", name)
+    check(qzeros.ndim == 2, f"qzeros has rank {qzeros.ndim}, expected 2", name)
+    need = -(-n * bits // word_bits(qzeros))
+    check(qzeros.shape[1] >= need,
+          f"qzeros {list(qzeros.shape)} has {qzeros.shape[1]} columns, N={n} at {bits} bits needs {need}", name)
+    check(qzeros.shape[0] == ng, f"qzeros have {qzeros.shape[0]} groups, expected {ng}", name)
     if g_idx is not None:
         check(g_idx.shape == (k,), f"g_idx has shape {list(g_idx.shape)}, expected [{k}]", name)
         check(int(g_idx.min(initial=0)) >= 0 and int(g_idx.max(initial=0)) < ng,
               f"g_idx values outside 0..{ng - 1}", name)
+    return n, k, g, ng
+
+
+def _prep(qweight, qzeros, scales, g_idx, bits, group_size, version, name):
+    n, k, g, ng = check_layer(qweight, qzeros, scales, g_idx, bits, group_size, name)
+    z = unpack_zeros(qzeros, bits, n, version, name)
     trivial = is_trivial_g_idx(g_idx, k, g) and k % g == 0
     gi = None if trivial else (g_idx if g_idx is not None else np.arange(k) // g)
     s32 = np.ascontiguousarray(scales, np.float32)
