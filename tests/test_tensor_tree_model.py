@@ -145,6 +145,7 @@ def test_tree_sorts_by_a_column_keeps_the_selection_and_puts_missing_values_last
     sub = [errs[p] for r in range(m.rowCount()) if (p := m.index(r, 0).data(TensorTreeModel.PathRole)) in errs]
     assert sub == sorted(sub, reverse=True)
     w.search.clear()
+    qtbot.waitUntil(lambda: m.rowCount() == len(paths), timeout=2000)
     # sorted by the doctor column, new findings re-sort it
     doc = m.columnCount() - 1
     w.view.sortByColumn(doc, Qt.SortOrder.DescendingOrder)
