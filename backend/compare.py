@@ -212,10 +212,14 @@ def _check_smoothing(reference: Model, vs, eng) -> SmoothingCheck | None:
     # the first rows only: a layer over BLOCK_ELEMENTS is decoded by row blocks (a smaller one is
     # decoded whole by the engine, as the sweep itself would)
     r1 = min(t.rows, _POWER_ROWS)
-    ref_rows = _Rows(reference, reference.layers[t.ref_layer], eng, keep=False, counter={})
+    rl = reference.layers[t.ref_layer]
+    ref_rows = _Rows(reference, rl, eng, keep=False, counter={})
     cache: dict = {}
     try:
-        w = ref_rows.get(0, r1)
+        if rl.scheme == "dense" and "weight" in rl.tensors:  # the rows straight from the file
+            w = np.asarray(reference.ckpt.tensor(rl.tensors["weight"].name)).reshape(-1, t.cols)[:r1].astype(np.float32)
+        else:
+            w = ref_rows.get(0, r1)
         wh = _assemble(t, lambda p: cache.setdefault(p, _Rows(vs.model, vs.model.layers[p], eng, False, {})), 0, r1)
     except QuantscopeError:
         return None  # the sweep reports an undecodable layer itself
