@@ -330,8 +330,15 @@ class MainWindow(QMainWindow):
         """Whether a result is still being shown in turns (see :meth:`_in_turns`)."""
         return any(self._turns_left.values())
 
+    def _compare_note(self, label: str) -> str:
+        """The last comparison's warning about checkpoint ``label`` as a whole, or ""."""
+        res = self.sweep_result
+        chk = res.smoothing_checks.get(label) if res is not None else None
+        return chk.warning if chk is not None and chk.warning else ""
+
     def _checkpoint_changed(self, label: str) -> None:
         self.config.set_checkpoint(label, self.workspace.models().get(label))
+        self.doctor.set_compare_note(self._compare_note(label))
         # The doctor's findings belong to one checkpoint: show that one's, or none.
         found = self._doctor_found.get(label)
         if found is None:
@@ -446,6 +453,7 @@ class MainWindow(QMainWindow):
                                  lambda: self.layers.set_rows(result.rows, colors, heatmap=False),
                                  lambda: self.layers.set_warnings({v: (c.short, c.warning) for v, c in
                                                                    result.smoothing_checks.items() if c.warning}),
+                                 lambda: self.doctor.set_compare_note(self._compare_note(self.tree.current_label())),
                                  self.layers.redraw_heatmap,
                                  lambda: self.tree.model.set_all_errors(per),
                                  self.sweep_done.emit])

@@ -591,3 +591,17 @@ def test_a_narrow_tree_keeps_room_for_the_figures_of_the_shown_error(win, qtbot)
     assert shown >= fm.horizontalAdvance("0.0000") + 4, (view.viewport().width(), view.columnWidth(0))
     assert view.columnWidth(col) <= shown  # the right-aligned figures inside the dock, not past it
     assert win.tree.model.headerData(col, Qt.Orientation.Horizontal) == "gptq-w4g128"
+
+
+def test_doctor_panel_says_what_the_comparison_found_about_the_checkpoint(win, qtbot):
+    """Doubled AWQ smoothing needs the reference to be seen: the doctor (one checkpoint) said
+    "no problems found" while the Layers view warned. The doctor panel now repeats the warning."""
+    from quantscope.backend.compare import SmoothingCheck, SweepResult
+    res = SweepResult()
+    res.smoothing_checks["awq-w4g128"] = SmoothingCheck("awq-w4g128", "model.layers.0.self_attn.q_proj", 2.0,
+                                                        "its weights carry the smoothing scales to the power 2.00")
+    win.sweep_result = res
+    win.tree.combo.setCurrentText("awq-w4g128")
+    assert not win.doctor.compare_note.isHidden() and "power 2.00" in win.doctor.compare_note.text()
+    win.tree.combo.setCurrentText("gptq-w4g128")
+    assert win.doctor.compare_note.isHidden()

@@ -27,12 +27,19 @@ class DoctorPanel(QWidget):
         super().__init__(parent)
         self.title = QLabel("Run the doctor (Tools ▸ Run doctor) to check the selected checkpoint.")
         self.title.setWordWrap(True)
+        # what "Compare all layers" found about this checkpoint as a whole (the doctor reads one
+        # checkpoint and cannot see it: doubled AWQ smoothing needs the reference)
+        self.compare_note = QLabel()
+        self.compare_note.setWordWrap(True)
+        self.compare_note.setStyleSheet("color: #b35900")
+        self.compare_note.setHidden(True)
         self.text = QTextBrowser()
         self.text.setOpenLinks(False)
         self.text.anchorClicked.connect(self._activated)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.title)
+        lay.addWidget(self.compare_note)
         lay.addWidget(self.text, 1)
         self._groups: dict[str, list[dict]] = {}
 
@@ -71,6 +78,11 @@ class DoctorPanel(QWidget):
         rule = escape(f.get("rule", ""))
         return (f'<p style="margin-top:4px; margin-bottom:4px">{place} <span style="color:gray">[{rule}]</span>'
                 f'<br>{escape(f.get("message", ""))}</p>')
+
+    def set_compare_note(self, text: str) -> None:
+        """What the comparison found about the shown checkpoint (empty: nothing)."""
+        self.compare_note.setText(f"⚠ Compare all layers: {text}" if text else "")
+        self.compare_note.setHidden(not text)
 
     def not_run(self, label: str) -> None:
         """The checkpoint shown has not been checked (another one's findings must not stay up)."""
