@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
+from PySide6.QtCore import QByteArray, QEvent, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
@@ -74,6 +74,9 @@ class MainWindow(QMainWindow):
         self._resize_from: int | None = None  # the window's width when a resize began
         self._resize_timer = QTimer(self, singleShot=True, interval=120)
         self._resize_timer.timeout.connect(self._rescale_docks)
+        self._dock_widths: dict = {}  # dock -> its width before the window's resize began...
+        self._dock_win_w: int | None = None  # ...and the window's width then
+        self._rescaling = False
         self.sweep_result = None
         self._sweep_cache: dict = {}
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
@@ -116,24 +119,42 @@ class MainWindow(QMainWindow):
 
     def resizeEvent(self, ev) -> None:
         super().resizeEvent(ev)
-        # Qt gives all of a window's new width to the central tabs: the docks stayed 240 px wide
-        # in a window made 1920 px wide. They keep their share instead, rescaled once the
-        # resizing stops (a drag sends many small steps; each alone is too small to act on).
+        # Qt gives all of a window's new width to the central tabs (and, shrinking, takes it from
+        # the docks once the tabs reach their minimum): the docks stayed 240 px wide in a window
+        # made 1920 px wide. They keep their share instead: the widths they had when the resize
+        # began, rescaled once it stops (a drag sends many small steps).
         if not self.isVisible() or ev.oldSize().width() <= 0:
             return
         if self._resize_from is None:
             self._resize_from = ev.oldSize().width()
         self._resize_timer.start()
 
+    def eventFilter(self, obj, ev) -> bool:
+        # A dock resized while the window keeps its width: the user dragged its separator (or the
+        # first layout): its width is the one to keep. Resized by a window resize (the window's
+        # width has changed already when the docks hear of it): not recorded.
+        if ev.type() == QEvent.Type.Resize and obj in (self.tree_dock, self.config_dock) and not self._rescaling \
+                and (self._dock_win_w is None or self.width() == self._dock_win_w):
+            self._dock_widths[obj] = obj.width()
+            self._dock_win_w = self.width()
+        return super().eventFilter(obj, ev)
+
     def _rescale_docks(self) -> None:
-        old, self._resize_from = self._resize_from, None
-        new = self.width()
-        if not old or abs(new - old) < 8:
-            return
+        self._resize_from = None
+        old, new = self._dock_win_w, self.width()
         docks = [d for d in (self.tree_dock, self.config_dock) if d.isVisible() and not d.isFloating()]
-        if docks:
-            self.resizeDocks(docks, [max(240, round(d.width() * new / old)) for d in docks],
-                             Qt.Orientation.Horizontal)
+        if not old or abs(new - old) < 8 or not docks:
+            return
+        widths = [max(240, round(self._dock_widths.get(d, d.width()) * new / old)) for d in docks]
+        self._rescaling = True
+        self.resizeDocks(docks, widths, Qt.Orientation.Horizontal)
+
+        def settled() -> None:
+            self._rescaling = False
+            for d in docks:
+                self._dock_widths[d] = d.width()
+            self._dock_win_w = self.width()
+        QTimer.singleShot(0, settled)
 
     # -- composition -----------------------------------------------------------------------------
 
@@ -178,6 +199,8 @@ class MainWindow(QMainWindow):
         self.tabs.currentChanged.connect(self._apply_pending)
         self.tree_dock = self._dock("Tensors", self.tree, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.config_dock = self._dock("Quantization config", self.config, Qt.DockWidgetArea.RightDockWidgetArea)
+        for d in (self.tree_dock, self.config_dock):
+            d.installEventFilter(self)
         self.doctor_dock = self._dock("Doctor", self.doctor, Qt.DockWidgetArea.RightDockWidgetArea)
         self.tabifyDockWidget(self.config_dock, self.doctor_dock)
         self.config_dock.raise_()

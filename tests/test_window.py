@@ -501,6 +501,7 @@ def test_histograms_open_on_the_bulk_and_say_what_lies_outside(qtbot):
     assert h.lo.value() == pytest.approx(view[0], abs=1e-6) and h.bulk.isEnabled()
     text = h.footer.toolTip()
     assert text.startswith("Beyond the bulk ") and "awq " in text and "(to 12)" in text, text
+    assert text.split(": ", 1)[1].startswith("awq ")  # whose value sets the full range: listed first
     assert "reference" not in text.split(";")[0] or "reference 1 " in text  # only series with values beyond
     assert text.endswith("NaN/inf, in no bin: awq 7")
     xs, _ = h._marks["awq"].getData()  # the outliers get dots, visible with "All"
@@ -552,8 +553,14 @@ def test_side_panels_keep_their_share_when_the_window_grows(win, qtbot):
         qtbot.wait(5)
     qtbot.waitUntil(lambda: win.tree_dock.width() > 1.5 * share * 1024, timeout=3000)
     assert abs(win.tree_dock.width() / win.width() - share) < 0.05
-    win.resize(1024, 700)  # and back: the window still fits
-    qtbot.waitUntil(lambda: win.width() == 1024, timeout=3000)
+    wide = win.tree_dock.width()
+    for w in range(1900, 1023, -25):  # and back by steps: the same share, no width lost for good
+        win.resize(w, 700)
+        qtbot.wait(5)
+    win.resize(1024, 700)
+    qtbot.waitUntil(lambda: win.tree_dock.width() < wide * 0.7, timeout=3000)
+    qtbot.wait(300)
+    assert abs(win.tree_dock.width() / win.width() - share) < 0.05
     assert win.minimumSizeHint().width() <= 1024
 
 

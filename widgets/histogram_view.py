@@ -134,9 +134,14 @@ class HistogramView(QWidget):
                 if n:
                     far = centres[outside & (c > 0)]
                     reach = far[np.argmax(np.abs(far - (lo + hi) / 2))]
-                    beyond.append((n, f"{k} {n:,} (to {reach:.4g})"))
-            beyond.sort(key=lambda nb: -nb[0])
-            shown = [t for _, t in beyond[:4]] + ([f"{len(beyond) - 4} more"] if len(beyond) > 4 else [])
+                    beyond.append((n, abs(reach - (lo + hi) / 2), f"{k} {n:,} (to {reach:.4g})"))
+            # the series that reaches farthest first (whose value sets the full range), then by count
+            beyond.sort(key=lambda b: -b[0])
+            if beyond:
+                far_one = max(beyond, key=lambda b: b[1])
+                beyond.remove(far_one)
+                beyond.insert(0, far_one)
+            shown = [t for _, _, t in beyond[:4]] + ([f"{len(beyond) - 4} more"] if len(beyond) > 4 else [])
             if shown:
                 parts.append(f"Beyond the bulk {lo:.4g} … {hi:.4g}: {', '.join(shown)}; full range "
                              f"{float(e[0]):.4g} … {float(e[-1]):.4g} (All)")

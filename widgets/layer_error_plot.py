@@ -185,8 +185,10 @@ class LayerErrorPlot(QWidget):
         what the controls chose; not the controls, the splitter handle or the instructions."""
         proj = self.proj.currentText() if self.proj.currentIndex() > 0 else "all projections"
         scale = "shared by all variants" if self.hm_scale.isChecked() else f"{self.hm_variant.currentText()}'s own"
-        return [self.warn, self.legend, self.plot, self.hm,
-                f"{self.metric_box.currentText()}, {proj}; heatmap colour scale {scale}"]
+        # as on screen: side by side in a wide view (stacked at their on-screen sizes, a 1920 px
+        # export was half empty with the heatmap 1300 px tall), stacked in a narrow one
+        plots = [self.split] if self.split.orientation() == Qt.Orientation.Horizontal else [self.plot, self.hm]
+        return [self.warn, self.legend, *plots, f"{self.metric_box.currentText()}, {proj}; heatmap colour scale {scale}"]
 
     def set_warnings(self, warnings: dict[str, tuple[str, str]]) -> None:
         """Per variant, ``(short, full)``: what makes its figures more than quantization error;

@@ -128,7 +128,7 @@ class QuantConfigPanel(QWidget):
         wg.addWidget(scroll, 2, 0, 1, 4)
         wg.setColumnStretch(1, 1)
         wg.setColumnStretch(3, 1)
-        lv.addWidget(wi)
+        lv.addWidget(wi, 1)  # extra height shared with the table (the result box stayed 6 lines at 1920 px)
         cfg_box = QWidget()
         cv = QVBoxLayout(cfg_box)
         cv.setContentsMargins(0, 0, 0, 0)
