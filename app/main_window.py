@@ -71,7 +71,6 @@ class MainWindow(QMainWindow):
         self.workspace = Workspace()
         self.colors: dict = {}
         self.current_layer: str | None = None
-        self._resize_from: int | None = None  # the window's width when a resize began
         self._resize_timer = QTimer(self, singleShot=True, interval=120)
         self._resize_timer.timeout.connect(self._rescale_docks)
         self._dock_widths: dict = {}  # dock -> its width before the window's resize began...
@@ -123,11 +122,8 @@ class MainWindow(QMainWindow):
         # the docks once the tabs reach their minimum): the docks stayed 240 px wide in a window
         # made 1920 px wide. They keep their share instead: the widths they had when the resize
         # began, rescaled once it stops (a drag sends many small steps).
-        if not self.isVisible() or ev.oldSize().width() <= 0:
-            return
-        if self._resize_from is None:
-            self._resize_from = ev.oldSize().width()
-        self._resize_timer.start()
+        if self.isVisible() and ev.oldSize().width() > 0:
+            self._resize_timer.start()
 
     def eventFilter(self, obj, ev) -> bool:
         # A dock resized while the window keeps its width: the user dragged its separator (or the
@@ -140,7 +136,6 @@ class MainWindow(QMainWindow):
         return super().eventFilter(obj, ev)
 
     def _rescale_docks(self) -> None:
-        self._resize_from = None
         old, new = self._dock_win_w, self.width()
         docks = [d for d in (self.tree_dock, self.config_dock) if d.isVisible() and not d.isFloating()]
         if not old or abs(new - old) < 8 or not docks:

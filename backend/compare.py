@@ -1013,7 +1013,10 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of}, bins)
     errs = {k: a.astype(np.float64) - w.astype(np.float64) for k, a in wh_of.items()}
     error_edges, error_counts, error_view = bulk_histograms(errs, bins)
-    nonfinite = {k: int(a.size - np.count_nonzero(np.isfinite(a))) for k, a in {"reference": w, **wh_of}.items()}
+    # every finite value lies within the edges: what the counts miss is NaN or inf
+    # (no counts at all: no finite value anywhere)
+    nonfinite = {k: a.size - int(value_counts[k].sum()) if k in value_counts else a.size
+                 for k, a in {"reference": w, **wh_of}.items()}
     del errs
     code_counts, scales, zeros, group_error = {}, {}, {}, {}
     for vs in states:

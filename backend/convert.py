@@ -47,7 +47,6 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .dtypes import DTYPES
 from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import awq, ct, fast, gptq
-from .formats.common import check
 from .formats.kernel import for_row_blocks, round_inplace
 from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS
 from .schemes import AUX_COMPONENTS, Layer, Model, analyze
@@ -499,11 +498,8 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
         qw = read(t["qweight"].name)
         sc = read(t["scales"].name)
         ng = k // g
-        awq.gemv_dims(qw.shape, sc.shape, g, layer.path)  # a decode's checks
         qz = read(t["qzeros"].name) if "qzeros" in t else None
-        if qz is not None:
-            check(qz.shape[0] == n and qz.shape[1] * 8 >= ng, f"GEMV qzeros {list(qz.shape)} do not fit "
-                  f"[N={n}, ≥{ng}/8]", layer.path)
+        awq.check_gemv(qw, qz, sc, g, layer.path)  # a decode's checks
         z = (np.full((n, ng), 8, np.float32) if qz is None else unpack_bits(qz, 4, ng).astype(np.float32))
         u = qw.view(np.uint32)
         return _Repack(lambda: np.ascontiguousarray(u), lambda r0, r1: (sc[r0:r1, :ng].astype(np.float32), z[r0:r1]),
@@ -633,10 +629,7 @@ def _plan_mlx(model: Model, targets: _Targets, engine, notes: list[str], cancel,
         try:
             return _plan_layer_mlx(model, layer, targets, engine, notes, source_quantized, model_dtype)
         except LayerError as exc:  # the file named, as a decode names it
-            if exc.file is None:
-                raise LayerError(exc.message, file=model.ckpt.source, tensor=exc.tensor or layer.path,
-                                 rule=exc.rule) from None
-            raise
+            raise exc.naming(model.ckpt.source, layer.path) from None
 
     # Planning reads and checks every layer's scales and zeros (numpy, GIL released): two
     # layers at a time halve it on a 2-core machine. map keeps the layers' order.

@@ -42,7 +42,7 @@ from .checkpoint import (INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_
                          natural_key, split_name)
 from .dtypes import DTYPES
 from .errors import Cancelled, QuantscopeError
-from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, E4M3, E8M0, MODE_DEFAULTS
+from .formats.mlx import E4M3, E8M0, MODE_DEFAULTS, affine_fits
 from .safetensors_file import SafetensorsFile
 
 _logger = logging.getLogger(__name__)
@@ -348,6 +348,19 @@ def _layout_findings(col: _Collector, sf: SafetensorsFile) -> None:
                     "readers seek back and forth", file=sf.path)
 
 
+def _parse_keeping_duplicates(raw: bytes) -> tuple[dict, list[str]]:
+    """(the header as JSON, the names given more than once in any of its objects, sorted)."""
+    dupes: set[str] = set()
+
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            dupes.update(k for k in set(keys) if keys.count(k) > 1)
+        return dict(pairs)
+
+    return json.loads(raw, object_pairs_hook=hook), sorted(dupes)
+
+
 def _duplicate_keys(col: _Collector, sf: SafetensorsFile) -> None:
     """A name given twice in a header that parses (both entries alike: the parser keeps one).
     Each entry has one "data_offsets": more of them than entries means duplicates, and only
@@ -357,18 +370,11 @@ def _duplicate_keys(col: _Collector, sf: SafetensorsFile) -> None:
         raw = fh.read(sf.header_len)
     if raw.count(b'"data_offsets"') <= len(sf):
         return
-    dupes: set[str] = set()
-
-    def hook(pairs):
-        keys = [k for k, _ in pairs]
-        dupes.update(k for k in set(keys) if keys.count(k) > 1)
-        return dict(pairs)
-
     try:
-        json.loads(raw, object_pairs_hook=hook)
+        dupes = _parse_keeping_duplicates(raw)[1]
     except ValueError:
         return
-    for k in sorted(dupes):
+    for k in dupes:
         col.add("container.duplicate-key", f"tensor name {k!r} appears more than once in the header (the entries "
                 "agree, so this reader kept one); the safetensors reference format disallows duplicate keys and "
                 "other readers may refuse the file — re-save it", file=sf.path, tensor=k)
@@ -404,16 +410,8 @@ def _rescan(col: _Collector, path: Path) -> None:
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         raw = fh.read(n)
-    pairs_seen: list[str] = []
-
-    def hook(pairs):
-        keys = [k for k, _ in pairs]
-        if len(keys) != len(set(keys)):
-            pairs_seen.extend(k for k in set(keys) if keys.count(k) > 1)
-        return dict(pairs)
-
-    obj = json.loads(raw, object_pairs_hook=hook)
-    for k in sorted(set(pairs_seen)):
+    obj, pairs_seen = _parse_keeping_duplicates(raw)
+    for k in pairs_seen:
         col.add("container.duplicate-key", f"tensor name {k!r} appears more than once in the header; the "
                 "reference parser rejects duplicate keys", file=path, tensor=k)
     meta = obj.pop("__metadata__", None)
@@ -869,7 +867,7 @@ class _Doctor:
         dims = self.model.dims
         skip_dim = any(x in path for x in ("vision", "visual", "audio", "mm_projector"))
         if k_bits != group * S:
-            fits = [(b, g) for b in AFFINE_BITS for g in AFFINE_GROUPS if wp * 32 == b * g * S] if mode == "affine" else []
+            fits = affine_fits(wp, S) if mode == "affine" else []
             hint = f"; the shapes fit {', '.join(f'{b} bit/G{g}' for b, g in fits)}" if fits else ""
             col.add("mlx.bits-group", f"packed weight {list(w.shape)} at {bits} bit holds K={k_bits:g} inputs but "
                     f"scales {list(s.shape)} × group {group} cover {group * S} (32·W/b ≠ G·S) with the effective "
@@ -877,8 +875,7 @@ class _Doctor:
                     "bits/group_size in config.json", file=file, tensor=tname, layer=path)
             return
         if mode == "affine" and dims and not skip_dim and int(k_bits) not in dims:
-            alt = [(b, g) for b in AFFINE_BITS for g in AFFINE_GROUPS
-                   if wp * 32 == b * g * S and wp * 32 // b in dims]
+            alt = [(b, g) for b, g in affine_fits(wp, S) if wp * 32 // b in dims]
             if alt:
                 b, g = alt[0]
                 col.add("mlx.bits-group", f"with the effective {bits} bit / group {group} ({layer.source}) the "

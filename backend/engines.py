@@ -52,7 +52,6 @@ def check_layer(model: Model, layer: Layer, *, decode: bool = False) -> None:
     GPTQ and AWQ layers are checked from their shapes (and g_idx; cheap whatever the size);
     other schemes only by decoding them, when ``decode`` is set (doctor does that for models it
     reads whole)."""
-    from .formats.common import check
     _require_decodable(model, layer)
     s = layer.scheme
     if s not in ("gptq", "awq-gemm", "awq-gemv") and not (decode and layer.quantized):
@@ -65,16 +64,11 @@ def check_layer(model: Model, layer: Layer, *, decode: bool = False) -> None:
         elif s == "awq-gemm":
             awq.check_gemm(p["qweight"], p.get("qzeros"), p["scales"], layer.group_size, layer.path)
         elif s == "awq-gemv":
-            n, _, ng = awq.gemv_dims(p["qweight"].shape, p["scales"].shape, layer.group_size, layer.path)
-            qz = p.get("qzeros")
-            if qz is not None:
-                check(qz.shape[0] == n and qz.shape[1] * 8 >= ng,
-                      f"GEMV qzeros {list(qz.shape)} do not fit [N={n}, ≥{ng}/8]", layer.path)
+            awq.check_gemv(p["qweight"], p.get("qzeros"), p["scales"], layer.group_size, layer.path)
         elif decode and layer.quantized:
             NUMPY_DECODERS[s](layer, p)
     except LayerError as exc:
-        raise LayerError(exc.message, file=model.ckpt.source, tensor=exc.tensor or layer.path,
-                         rule="layer.undecodable") from None
+        raise exc.naming(model.ckpt.source, layer.path, rule="layer.undecodable") from None
 
 
 # -- numpy -------------------------------------------------------------------------------------
@@ -200,9 +194,7 @@ class NumpyEngine:
                 return fn(layer, parts, out=out)
             return fn(layer, parts)
         except LayerError as exc:
-            if exc.file is None:
-                exc = LayerError(exc.message, file=model.ckpt.source, tensor=layer.path, rule=exc.rule)
-            raise exc from None
+            raise exc.naming(model.ckpt.source, layer.path) from None
 
     def row_decoder(self, model: Model, layer: Layer) -> fast.RowDecoder | None:
         """A prepared compiled decode of ``layer`` by row ranges (see :class:`fast.RowDecoder`),
@@ -263,9 +255,7 @@ class MlxEngine:
         try:
             return self._pool.submit(self._run, model, layer).result()
         except LayerError as exc:  # the file named, as the numpy engine names it
-            if exc.file is None:
-                raise LayerError(exc.message, file=model.ckpt.source, tensor=layer.path, rule=exc.rule) from None
-            raise
+            raise exc.naming(model.ckpt.source, layer.path) from None
 
     def _run(self, model: Model, layer: Layer) -> np.ndarray:
         mx = self._mx

@@ -81,6 +81,14 @@ class LayerError(QuantscopeError):
 
     default_rule = "layer"
 
+    def naming(self, file, tensor: str | None = None, rule: str | None = None) -> LayerError:
+        """This error with its file (and tensor, rule) filled in where the decoder, which sees
+        arrays only, left them out; itself when it names a file already and no rule is given."""
+        if self.file is not None and rule is None:
+            return self
+        return LayerError(self.message, file=self.file or file, tensor=self.tensor or tensor,
+                          rule=rule or self.rule)
+
 
 class Cancelled(QuantscopeError):
     """Raised inside long work when its cancel token was set."""

@@ -16,7 +16,7 @@ from typing import Any
 from .checkpoint import Checkpoint, Module
 from .dtypes import DTYPES
 from .errors import LayerError, QuantscopeError
-from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS, affine_shape
+from .formats.mlx import MODE_DEFAULTS, affine_fits, affine_shape
 from .qconfig import Effective, QuantConfig, parse_configs
 from .safetensors_file import TensorInfo
 
@@ -259,9 +259,7 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
             # wrong pair decodes silent garbage of the wrong width. Only when another pair gives a
             # dimension of this model is it called wrong.
             wp = w.shape[-1]
-            alt = [(b, g) for b in AFFINE_BITS for g in AFFINE_GROUPS
-                   if (b, g) != (bits, group) and wp * 32 % b == 0 and wp * 32 // b == g * s.shape[-1]
-                   and wp * 32 // b in dims]
+            alt = [(b, g) for b, g in affine_fits(wp, s.shape[-1]) if (b, g) != (bits, group) and wp * 32 // b in dims]
             if alt:
                 # a warning, not a refusal: the model's dimensions come from config keys, and an
                 # architecture with a width under another key (Llama 4's intermediate_size_mlp,
@@ -297,7 +295,7 @@ def _guess_fp_mode(wshape, sshape) -> str:
 def _infer_affine(wshape, sshape, dims: set[int]):
     """(bits, group, rule) from shapes and the model's dimensions; (None, None, why) if ambiguous."""
     wp, s = wshape[-1], sshape[-1]
-    fits = [(b, g) for b in AFFINE_BITS for g in AFFINE_GROUPS if wp * 32 % b == 0 and wp * 32 // b == g * s]
+    fits = affine_fits(wp, s)
     with_dim = [(b, g) for b, g in fits if wp * 32 // b in dims]
     if len(with_dim) == 1:
         b, g = with_dim[0]

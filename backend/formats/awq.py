@@ -105,13 +105,9 @@ def gemv_dims(qweight_shape, scales_shape, group_size: int, name=None) -> tuple[
 
 def decode_gemv(qweight, qzeros, scales, *, group_size: int, name=None) -> np.ndarray:
     """Dequantize AWQ GEMV (qweight ``[N, K/8]`` sequential along K; padded zeros/scales)."""
-    n, k, ng = gemv_dims(qweight.shape, scales.shape, group_size, name)
+    n, k, ng = check_gemv(qweight, qzeros, scales, group_size, name)
     s = scales[:, :ng].astype(np.float32)
-    if qzeros is None:
-        z = np.full((n, ng), 8, np.float32)
-    else:
-        check(qzeros.shape[0] == n and qzeros.shape[1] * 8 >= ng, f"GEMV qzeros {list(qzeros.shape)} do not fit [N={n}, ≥{ng}/8]", name)
-        z = unpack_bits(qzeros, 4, ng).astype(np.float32)
+    z = np.full((n, ng), 8, np.float32) if qzeros is None else unpack_bits(qzeros, 4, ng).astype(np.float32)
     q = codes_as_float(qweight, 4, k).reshape(n, ng, group_size)
     return (q * s[:, :, None] + (-(s * z))[:, :, None]).reshape(n, k)
 
@@ -138,13 +134,19 @@ def gemm_to_mlx_affine(qweight, qzeros, scales, *, name=None):
     return w, s, -(s * z.T)
 
 
-def gemv_to_mlx_affine(qweight, qzeros, scales, *, group_size: int, name=None):
+def check_gemv(qweight, qzeros, scales, group_size, name=None) -> tuple[int, int, int]:
+    """(N, K, groups) of an AWQ GEMV layer after the checks a decode makes, from shapes alone."""
     n, k, ng = gemv_dims(qweight.shape, scales.shape, group_size, name)
-    if group_size not in (32, 64, 128):
-        return None
     if qzeros is not None:
         check(qzeros.shape[0] == n and qzeros.shape[1] * 8 >= ng, f"GEMV qzeros {list(qzeros.shape)} do not fit "
               f"[N={n}, ≥{ng}/8]", name)
+    return n, k, ng
+
+
+def gemv_to_mlx_affine(qweight, qzeros, scales, *, group_size: int, name=None):
+    n, k, ng = check_gemv(qweight, qzeros, scales, group_size, name)
+    if group_size not in (32, 64, 128):
+        return None
     s = np.ascontiguousarray(scales[:, :ng].astype(np.float32))
     z = np.full((n, ng), 8, np.float32) if qzeros is None else unpack_bits(qzeros, 4, ng).astype(np.float32)
     return np.ascontiguousarray(qweight).view(np.uint32), s, -(s * z)

@@ -169,11 +169,8 @@ def to_mlx_affine(qweight, qzeros, scales, g_idx, *, bits, group_size, version=1
         return None
     if not is_trivial_g_idx(g_idx, k, group_size):
         return None
-    ng = k // group_size  # the checks decode() makes: the mlx engine and convert came here without them
-    check(scales.shape[0] == ng, f"scales have {scales.shape[0]} groups, K={k} with group size {group_size} needs {ng}",
-          name)
+    check_layer(qweight, qzeros, scales, g_idx, bits, group_size, name)  # decode()'s checks (the mlx engine's way)
     z = unpack_zeros(qzeros, bits, n, version, name)
-    check(z.shape[0] == ng, f"qzeros have {z.shape[0]} groups, expected {ng}", name)
     s_t = np.ascontiguousarray(scales.astype(np.float32).T)
     b_t = -(s_t * z.T.astype(np.float32))
     w = np.ascontiguousarray(qweight.T).view(np.uint32)

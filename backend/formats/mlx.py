@@ -48,6 +48,12 @@ def codes_as_float(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return unpack_bits(by, bits, count).astype(np.float32)
 
 
+def affine_fits(wp: int, s: int) -> list[tuple[int, int]]:
+    """The MLX affine (bits, group) pairs that fit a packed weight of ``wp`` uint32 words and ``s``
+    scales per row: 32·W = b·G·S (4/64 and 8/32 fit the same shapes)."""
+    return [(b, g) for b in AFFINE_BITS for g in AFFINE_GROUPS if wp * 32 == b * g * s]
+
+
 def affine_shape(weight_shape, scales_shape, bits: int, group_size: int, name=None) -> tuple[int, ...]:
     """Logical shape of an MLX affine weight, checking ``32*Wp/b == G*S`` (R18)."""
     check(len(weight_shape) >= 2, f"packed weight has rank {len(weight_shape)}; quantized weights need rank ≥ 2", name)
