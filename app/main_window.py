@@ -352,7 +352,7 @@ class MainWindow(QMainWindow):
         """The last comparison's warning about checkpoint ``label`` as a whole, or ""."""
         res = self.sweep_result
         chk = res.smoothing_checks.get(label) if res is not None else None
-        return chk.warning if chk is not None and chk.warning else ""
+        return chk.message if chk is not None and chk.warning else ""
 
     def _checkpoint_changed(self, label: str) -> None:
         self.config.set_checkpoint(label, self.workspace.models().get(label))
@@ -469,7 +469,7 @@ class MainWindow(QMainWindow):
         # the tree's error columns.
         self._in_turns("sweep", [lambda: self.tabs.setCurrentWidget(self.layers),
                                  lambda: self.layers.set_rows(result.rows, colors, heatmap=False),
-                                 lambda: self.layers.set_warnings({v: (c.short, c.warning) for v, c in
+                                 lambda: self.layers.set_warnings({v: (c.short, c.message) for v, c in
                                                                    result.smoothing_checks.items() if c.warning}),
                                  lambda: self.doctor.set_compare_note(self._compare_note(self.tree.current_label())),
                                  self.layers.redraw_heatmap,

@@ -51,7 +51,7 @@ CACHE_VERSION = 1
 #: Keys of one JSON/CSV row, in order (the command-line contract plus what the window uses).
 LAYER_KEYS = ("name", "variant", "scheme", "bits", "group_size", "rel_fro", "sqnr_db", "cosine", "max_abs", "mse",
               "p50", "p95", "p99", "bits_per_weight", "rel_fro_raw", "smoothing", "variant_layer", "layer_index",
-              "proj")
+              "proj", "rel_fro_quant")
 
 
 class CompareError(QuantscopeError):
@@ -83,6 +83,9 @@ class LayerMetrics:
     smoothing: str
     layer_index: int | None
     proj: str
+    #: Where the smoothing is folded inconsistently (:class:`SmoothingCheck`): the error once the
+    #: smoothing is undone to the power measured, i.e. the quantization's alone; else None.
+    rel_fro_quant: float | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -117,7 +120,7 @@ class SweepResult:
 
     def warnings(self) -> dict[str, str]:
         """Per variant whose checkpoint does not compute what the reference does: why."""
-        return {v: c.warning for v, c in self.smoothing_checks.items() if c.warning}
+        return {v: c.message for v, c in self.smoothing_checks.items() if c.warning}
 
     def to_csv(self, path) -> None:
         """One line per row with :data:`LAYER_KEYS`; unmatched layers follow with their ``reason``.
@@ -167,6 +170,8 @@ class SmoothingCheck:
     layer: str
     power: float
     warning: str = ""
+    #: Median, least and largest ``rel_fro_quant`` over the variant's layers (set by the sweep).
+    quant_only: tuple[float, float, float] | None = None
 
     @property
     def short(self) -> str:
@@ -174,10 +179,25 @@ class SmoothingCheck:
         if not self.warning:
             return ""
         what = "smoothing applied twice" if abs(self.power - 2) <= _POWER_TOLERANCE else "smoothing folded unevenly"
-        return f"{what} (weights × s^{self.power:.2f}, norm ÷ s): not the reference's function, errors include it"
+        line = f"{what} (weights × s^{self.power:.2f}, norm ÷ s): not the reference's function, errors include it"
+        if self.quant_only is not None:
+            line += f"; the quantization alone: rel_fro {self.quant_only[0]:.3f} (median)"
+        return line
+
+    @property
+    def message(self) -> str:
+        """The whole warning, with what undoing the measured power leaves (the quantization's error)."""
+        if not self.warning or self.quant_only is None:
+            return self.warning
+        med, lo, hi = self.quant_only
+        return (f"{self.warning}. Undoing s^{self.power:.2f} instead of s leaves the quantization's error alone: "
+                f"rel_fro {lo:.3f}–{hi:.3f}, median {med:.3f} (rel_fro_quant per layer in the JSON/CSV)")
 
     def to_dict(self) -> dict:
-        return {"smoothing_power": round(self.power, 3), "checked_on": self.layer, "warning": self.warning or None}
+        d = {"smoothing_power": round(self.power, 3), "checked_on": self.layer, "warning": self.message or None}
+        if self.quant_only is not None:
+            d["rel_fro_quant_median"] = self.quant_only[0]
+        return d
 
 
 def smoothing_power(w: np.ndarray, wh: np.ndarray, s: np.ndarray) -> float | None:
@@ -685,7 +705,10 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     var_ids = {vs.label: _identity(vs.model) for vs in states}
     names = sorted({n for vs in states for n in vs.alignment.targets}, key=_order_key)
     total = sum(max(vs.alignment.targets[n].rows * vs.alignment.targets[n].cols
-                    for vs in states if n in vs.alignment.targets) for n in names) or 1
+                    for vs in states if n in vs.alignment.targets) for n in names)
+    total += sum(t.rows * t.cols for vs in states if vs.label in result.warnings()
+                 for t in vs.alignment.targets.values())  # the quantization-only pass
+    total = total or 1
     done = 0
     counter: dict = {}
     group = None
@@ -822,6 +845,15 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                     if uses[k] <= 0:
                         caches.pop(k, None)
         drain(0)
+        for vs in states:  # inconsistent smoothing: the quantization's own error besides
+            chk = result.smoothing_checks.get(vs.label)
+            if chk is not None and chk.warning:
+                _add_quant_only(reference, vs, chk, names, rows_out, eng, cancel, report)
+                for name in names:
+                    r = rows_out.get(name, {}).get(vs.label)
+                    key = _cache_key(ref_id, var_ids[vs.label], name, eng_name)
+                    if r is not None and key in cache:
+                        cache[key]["metrics"]["rel_fro_quant"] = r.rel_fro_quant
     finally:
         fused.SPARE.clear()  # the buffers reused from layer to layer go back to the system
         if cache_dir is not None:
@@ -832,6 +864,59 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             if r is not None:
                 result.rows.append(r)
     return result
+
+
+def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, names: list[str],
+                    rows_out: dict[str, dict[str, LayerMetrics]], eng, cancel, report) -> None:
+    """Set ``rel_fro_quant`` on the rows of ``vs``, whose smoothing is folded to the power
+    ``chk.power`` instead of 1: each layer measured again with its smoothing scales undone to that
+    power (and the least-squares row scales re-estimated in that light), which leaves the error
+    the quantization made; ``chk.quant_only`` gets their median, least and largest.
+
+    A second pass over the variant's layers, paid for broken checkpoints only (rel_fro alone, in
+    float64 sums); skipped when every row has the figure already (a resumed sweep)."""
+    mine = [(n, rows_out[n][vs.label]) for n in names if vs.label in rows_out.get(n, {})]
+    if any(r.rel_fro_quant is None for _, r in mine):
+        row_scales: dict[str, np.ndarray] = {}
+        for name, row in mine:
+            t = vs.alignment.targets[name]
+            col = t.col_scale
+            if t.col_fit_from is not None and name in row_scales:
+                col = row_scales[name] if col is None else col * row_scales[name]
+            colp = None if col is None else (np.asarray(col, np.float64) ** chk.power).astype(np.float32)
+            fit = t.row_fit_for is not None and t.row_fit_for in vs.row_scales  # as the sweep did
+            ref_rows = _Rows(reference, reference.layers[t.ref_layer], eng, keep=False, counter={})
+            var_rows: dict[str, _Rows] = {}
+            step = max(1, _ROW_BLOCK_ELEMENTS // max(t.cols, 1)) if ref_rows.big else t.rows
+            sdd = sww = 0.0
+            s_all = np.ones(t.rows) if fit else None
+            try:
+                for r0 in range(0, t.rows, step):
+                    _check_cancel(cancel)
+                    r1 = min(t.rows, r0 + step)
+                    w = ref_rows.get(r0, r1)
+                    x = _assemble(t, lambda p, kept=var_rows: kept.setdefault(
+                        p, _Rows(vs.model, vs.model.layers[p], eng, keep=True, counter={})), r0, r1)
+                    if colp is not None:
+                        x = x / colp[None, :]
+                    if fit:
+                        s_all[r0:r1] = s = _row_fit(w, x)
+                        x = x * s[:, None].astype(np.float32)
+                    w64 = w.astype(np.float64)
+                    d = x.astype(np.float64) - w64
+                    sdd += float(np.einsum("ij,ij->", d, d))
+                    sww += float(np.einsum("ij,ij->", w64, w64))
+                    report((r1 - r0) * t.cols)
+            except LayerError:
+                continue  # listed without partner already, or the sweep's row stands as it is
+            if fit:
+                row_scales[t.row_fit_for] = s_all
+            row.rel_fro_quant = math.sqrt(sdd / sww) if sww > 0 else (0.0 if sdd == 0 else math.inf)
+    else:
+        report(sum(vs.alignment.targets[n].rows * vs.alignment.targets[n].cols for n, _ in mine))
+    got = [r.rel_fro_quant for _, r in mine if r.rel_fro_quant is not None and math.isfinite(r.rel_fro_quant)]
+    if got:
+        chk.quant_only = (float(np.median(got)), min(got), max(got))
 
 
 # -- one layer in detail ---------------------------------------------------------------------------

@@ -122,6 +122,55 @@ def test_autoawq_on_cpu_applied_its_smoothing_twice_and_compare_says_so(real_fix
     assert chk.power == pytest.approx(2.0, abs=0.05) and chk.layer == name
     assert "AutoAWQ" in res.warnings()["awq"] and "applied twice" in chk.short
     assert res.to_json()["smoothing_checks"]["awq"]["smoothing_power"] == pytest.approx(2.0, abs=0.05)
+    # undoing s to the measured power instead leaves the quantization's own error: for q_proj the
+    # figure computed above from the base weights (the power measured is 2 within 0.002)
+    by = {r.name: r for r in res.rows}
+    assert by[name].rel_fro_quant == pytest.approx(err(wh / s ** chk.power), rel=1e-6)
+    assert by[name].rel_fro_quant == pytest.approx(err(wh / s ** 2), rel=2e-3)
+    for r in res.rows:  # every layer back to an ordinary 4-bit error, down_proj from 0.45-0.60
+        assert 0.10 < r.rel_fro_quant < 0.125, r.name
+        if r.smoothing == "none":  # o_proj: nothing folded, nothing changes
+            assert r.rel_fro_quant == pytest.approx(r.rel_fro, rel=1e-9)
+    assert by["model.layers.0.mlp.down_proj"].rel_fro > 4 * by["model.layers.0.mlp.down_proj"].rel_fro_quant
+    js = res.to_json()
+    assert js["smoothing_checks"]["awq"]["rel_fro_quant_median"] == pytest.approx(chk.quant_only[0])
+    assert all(0.10 < row["rel_fro_quant"] < 0.125 for row in js["layers"])
+    assert "leaves the quantization's error alone" in res.warnings()["awq"] and "quantization alone" in chk.short
+
+
+def test_quantization_only_errors_survive_cancel_and_resume(real_fixtures):
+    # the second pass over a doubly smoothed variant is part of the sweep: cancelled inside it,
+    # the resumed sweep gives the same figures; resumed once more, it takes them from the cache
+    from quantscope.backend.compare import sweep
+    from quantscope.backend.errors import Cancelled
+    from quantscope.backend.workspace import open_model
+    ref = open_model(real_fixtures / "base-bf16")
+    awq = open_model(REAL / "autoawq-gemm-w4g128")
+    full = {r.name: r.rel_fro_quant for r in sweep(ref, {"awq": awq}, engine="numpy").rows}
+
+    class Late:  # set once the progress passes 80%: inside the second pass (it is half the work)
+        def __init__(self):
+            self.on = False
+
+        def is_set(self):
+            return self.on
+
+    cancel, seen = Late(), []
+
+    def progress(f):
+        seen.append(f)
+        cancel.on = f > 0.8
+    cache: dict = {}
+    with pytest.raises(Cancelled):
+        sweep(ref, {"awq": awq}, engine="numpy", cache=cache, cancel=cancel, progress=progress)
+    assert cache and all(e["metrics"].get("rel_fro_quant") is None for e in cache.values())
+    again = sweep(ref, {"awq": awq}, engine="numpy", cache=cache)
+    assert {r.name: r.rel_fro_quant for r in again.rows} == pytest.approx(full, rel=1e-12)
+    assert all(e["metrics"]["rel_fro_quant"] is not None for e in cache.values())
+    ends = []
+    third = sweep(ref, {"awq": awq}, engine="numpy", cache=cache, progress=ends.append)
+    assert {r.name: r.rel_fro_quant for r in third.rows} == pytest.approx(full, rel=1e-12)
+    assert ends[-1] == pytest.approx(1.0) and third.smoothing_checks["awq"].quant_only is not None
 
 
 @pytest.mark.parametrize("case", ["llmcompressor-w4a16-asym", "autoawq-gemm-w4g128", "gptqmodel-gptq-w4g128"])

@@ -312,6 +312,29 @@ def test_layers_view_names_layers_whose_error_is_not_finite(qtbot):
     assert list(x) == [0, 1, 2] and np.isnan(y[1]) and plot.hint.text() == ""
 
 
+def test_layers_view_offers_the_quantization_own_error_only_when_a_variant_has_it(qtbot):
+    # a doubly smoothed variant has rel_fro_quant; the others' own error is their rel_fro
+    from types import SimpleNamespace
+
+    from quantscope.widgets.layer_error_plot import QUANT_ONLY, LayerErrorPlot
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+
+    def rows(quant):
+        return [SimpleNamespace(name=f"model.layers.{i}.mlp.down_proj", variant=v, layer_index=i, proj="down_proj",
+                                rel_fro=r, sqnr_db=-20 * np.log10(r), rel_fro_raw=r, rel_fro_quant=q)
+                for v, r, q in (("bad", 0.6, quant), ("ok", 0.15, None)) for i in range(2)]
+    plot.set_rows(rows(None), {"bad": "#f00", "ok": "#00f"})
+    assert plot.metric_box.findData(QUANT_ONLY[0]) < 0
+    plot.set_rows(rows(0.11), {"bad": "#f00", "ok": "#00f"})
+    plot.metric_box.setCurrentIndex(plot.metric_box.findData(QUANT_ONLY[0]))
+    assert list(plot.series["bad"].getData()[1]) == [0.11, 0.11] and list(plot.series["ok"].getData()[1]) == [0.15, 0.15]
+    assert plot.plot.getAxis("left").labelText == QUANT_ONLY[1]
+    plot.set_rows(rows(None), {"bad": "#f00", "ok": "#00f"})  # a new comparison without: the choice goes
+    assert plot.metric_box.findData(QUANT_ONLY[0]) < 0 and plot.metric_box.currentData() in ("rel_fro", "sqnr_db",
+                                                                                              "rel_fro_raw")
+
+
 def test_doctor_panel_counts_the_findings_a_summary_entry_stands_for(qtbot):
     from quantscope.widgets.doctor_panel import DoctorPanel
     panel = DoctorPanel()

@@ -31,6 +31,9 @@ from .plots import (
 
 METRICS = {"rel_fro": "relative Frobenius error ‖Ŵ−W‖/‖W‖", "sqnr_db": "SQNR (dB)",
            "rel_fro_raw": "rel. error without undoing smoothing"}
+#: Offered only when a compared variant folds its smoothing inconsistently (the sweep's
+#: ``rel_fro_quant``); the other variants' points are their rel_fro, which is their quantization's.
+QUANT_ONLY = ("rel_fro_quant", "quantization's own error (smoothing undone to its measured power)")
 
 
 _PROJ_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
@@ -170,6 +173,14 @@ class LayerErrorPlot(QWidget):
             if cur and combo.findText(cur) >= 0:
                 combo.setCurrentText(cur)
             combo.blockSignals(False)
+        has_quant = any(getattr(r, QUANT_ONLY[0], None) is not None for r in self._rows)
+        at = self.metric_box.findData(QUANT_ONLY[0])
+        if has_quant and at < 0:
+            self.metric_box.addItem(QUANT_ONLY[1], QUANT_ONLY[0])
+        elif not has_quant and at >= 0:
+            self.metric_box.blockSignals(True)  # back to the first metric when it was the one shown
+            self.metric_box.removeItem(at)
+            self.metric_box.blockSignals(False)
         other = len(rows) - len(self._rows)
         bad = [r for r in rows if not math.isfinite(r.rel_fro)]
         self.info.setText("Run “Compare all layers” to fill this view." if not rows else
@@ -200,7 +211,11 @@ class LayerErrorPlot(QWidget):
         self.warn.setHidden(not text)
 
     def _value(self, r) -> float:
-        return float(getattr(r, self.metric_box.currentData()))
+        key = self.metric_box.currentData()
+        v = getattr(r, key)
+        if v is None and key == QUANT_ONLY[0]:
+            v = r.rel_fro  # smoothing folded consistently (or none): rel_fro is the quantization's
+        return float(v)
 
     def prepare_steps(self, variants: list[str], colors: dict) -> list:
         """Steps (to run one per event-loop turn) creating the empty series of these variants
@@ -245,8 +260,7 @@ class LayerErrorPlot(QWidget):
 
     def _redraw(self, heatmap: bool = True) -> None:
         proj = self.proj.currentText() if self.proj.currentIndex() > 0 else None
-        key = self.metric_box.currentData()
-        label = METRICS.get(key, key)
+        label = self.metric_box.currentText()
         if label != self._ylabel:  # a label set again relays out the whole plot item
             self._ylabel = label
             self.plot.setLabel("left", label)
