@@ -125,5 +125,7 @@ def run_compare(args) -> int:
     if args.csv_out:
         result.to_csv(sys.stdout if args.csv_out == "-" else args.csv_out)
     table = sys.stderr if "-" in (args.json_out, args.csv_out) else sys.stdout
-    table.write(format_table(result, list(variants)) + "\n")
-    return 0
+    table.write(format_table(result, [v for v in variants if v not in result.failed]) + "\n")
+    for err in result.failed.values():  # the others were compared: still a failure to say
+        print(f"quantscope: error: {err}", file=sys.stderr)
+    return 2 if result.failed else 0

@@ -7,7 +7,7 @@ import numpy as np
 
 # Imported here, at window start-up, not inside the job functions: a worker thread importing a
 # module holds the GIL for the whole import and froze the GUI for ~70 ms (bench_gui).
-from quantscope.backend.compare import layer_detail, sweep
+from quantscope.backend.compare import layer_alone, layer_detail, sweep
 from quantscope.backend.convert import convert
 from quantscope.backend.demo import demo_workspace
 from quantscope.backend.doctor import diagnose
@@ -75,10 +75,12 @@ def zero_histogram(zeros: dict[str, np.ndarray]):
 
 
 def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=None, cancel=None) -> dict:
-    """Everything the layer views show for one layer."""
+    """Everything the layer views show for one layer; with ``reference`` None, what the
+    checkpoints ``variants`` hold of it without a reference (values, codes, scales, zeros)."""
     if reference is None:
-        raise QuantscopeError("no reference checkpoint: open one with File ▸ Set reference… to compare")
-    d = layer_detail(reference, variants, name, engine=engine, cancel=cancel)
+        d = layer_alone(variants, name, engine=engine, cancel=cancel)
+    else:
+        d = layer_detail(reference, variants, name, engine=engine, cancel=cancel)
     if progress:
         progress(0.9)
     scale_edges, scale_counts, scale_view = shared_histogram(

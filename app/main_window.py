@@ -41,6 +41,19 @@ _logger = logging.getLogger(__name__)
 MAX_RECENT = 10
 
 
+def _sweep_warnings(result) -> dict[str, tuple[str, str]]:
+    """Per variant, (short, full): why it was not compared at all, or why its figures are more
+    than quantization error (smoothing folded inconsistently)."""
+    out = {}
+    for v, err in result.failed.items():
+        short = err.message if len(err.message) <= 200 else err.message[:199] + "…"
+        out[v] = (f"not compared: {short}", str(err))
+    for v, c in result.smoothing_checks.items():
+        if c.warning:
+            out[v] = (c.short, c.message)
+    return out
+
+
 def _worst_per_layer(findings: list[dict]) -> dict[str, tuple[str, str]]:
     """The most severe (severity, message) per layer or tensor, for the tree's Doctor column."""
     worst: dict[str, tuple[str, str]] = {}
@@ -71,6 +84,8 @@ class MainWindow(QMainWindow):
         self.workspace = Workspace()
         self.colors: dict = {}
         self.current_layer: str | None = None
+        self._convert_note: tuple[str | None, str] | None = None  # (layer shown, summary) of a conversion
+        self._unopened: list[str] = []  # the checkpoints of the last open that failed: for the doctor
         self._resize_timer = QTimer(self, singleShot=True, interval=120)
         self._resize_timer.timeout.connect(self._rescale_docks)
         self._dock_widths: dict = {}  # dock -> its width before the window's resize began...
@@ -238,7 +253,8 @@ class MainWindow(QMainWindow):
         self._action(e, "Find layer", self._focus_search, QKeySequence.StandardKey.Find)
         t = mb.addMenu("&Tools")
         self.compare_action = self._action(t, "Compare all layers", self.compare_all, "Ctrl+Shift+C")
-        self._action(t, "Run doctor on shown checkpoint", self.run_doctor, "Ctrl+D")
+        self._action(t, "Run doctor on shown checkpoint", lambda: self.run_doctor(), "Ctrl+D")
+        self._action(t, "Doctor on a checkpoint folder…", self.doctor_dialog)
         self._action(t, "Convert…", self.convert_dialog, "Ctrl+Shift+K")
         self._action(t, "Cancel all jobs", self.service.cancel_all, "Esc")
         v = mb.addMenu("&View")
@@ -261,21 +277,34 @@ class MainWindow(QMainWindow):
             self._report_failed(ws.failed, n, reference)
 
         self.service.submit("workspace", title, jobs.job_load, list(paths), reference,
-                            on_result=opened, on_error=self._job_failed)
+                            on_result=opened, on_error=self._open_failed([*paths, *([reference] if reference else [])]))
+
+    def _open_failed(self, paths: list[str]):
+        """The error handler of a load where none of ``paths`` opened: they are what the doctor
+        checks next (Tools ▸ Run doctor with nothing open)."""
+        def failed(message: str, details: str) -> None:
+            self._unopened = [str(p) for p in paths]
+            self._job_failed(message, details)
+        return failed
 
     def _report_failed(self, failed: list[tuple[str, str]], asked: int, reference: str | None = None) -> None:
         """Say which checkpoints could not be opened (the others are): each with its reason; the
         reference first, since without it nothing can be compared."""
         if not failed:
             return
-        head = (f"{len(failed)} of {asked} checkpoints could not be opened; the others are open. "
+        self._unopened = [p for p, _ in failed]
+        rest = asked - len(failed)
+        head = (f"{len(failed)} of {asked} checkpoints could not be opened; "
+                + ("none is open. " if rest <= 0 else "the other is open. " if rest == 1 else "the others are open. ")
                 if asked > 1 else "")
         if reference is not None and any(p == str(reference) for p, _ in failed):
             head = ("The reference could not be opened, so no error can be measured (File ▸ Set reference… "
                     "opens another). " + head)
         self._show_error("Open checkpoints", head + " · ".join(msg for _, msg in failed),
                          "\n\n".join(f"{path}:\n{msg}" for path, msg in failed)
-                         + "\n\n`quantscope doctor PATH` lists every problem of a checkpoint.")
+                         + "\n\nTools ▸ " + ("Run doctor (Ctrl+D)" if not self.workspace.models() else
+                                              "Doctor on a checkpoint folder…")
+                         + " lists every problem of a checkpoint (`quantscope doctor PATH` on the command line).")
 
     def add_paths(self, paths: list[str], as_reference: bool = False) -> None:
         ws = self.workspace
@@ -293,7 +322,7 @@ class MainWindow(QMainWindow):
             self._report_failed(new.failed, len(paths))
 
         self.service.submit("add", "Opening checkpoint", jobs.job_load, list(paths), None,
-                            on_result=merge, on_error=self._job_failed)
+                            on_result=merge, on_error=self._open_failed(paths))
 
     def set_workspace(self, ws: Workspace) -> None:
         self.workspace = ws
@@ -306,6 +335,7 @@ class MainWindow(QMainWindow):
             self.colors[ws.reference_label] = REFERENCE_COLOR
         self.tree.model.dark = is_dark(self.palette())
         self.tree.model.set_variants(list(ws.variants))
+        self.tree.model.set_all_errors({v: {} for v in ws.variants})  # the last comparison's, gone with it
         first = next(iter(ws.variants), ws.reference_label)
         self.tree.set_checkpoints(ws.models(), current=first)
         self.setWindowTitle("quantscope — " + ", ".join(ws.models()))
@@ -315,7 +345,22 @@ class MainWindow(QMainWindow):
         variants, colors = list(ws.variants), dict(self.colors)
         self._in_turns("workspace", [lambda: self.layers.set_rows([], colors), lambda: self.layers.set_warnings({}),
                                      *self.layers.prepare_steps(variants, colors),
-                                     self.workspace_loaded.emit])
+                                     self._reselect, self.workspace_loaded.emit])
+
+    def _reselect(self) -> None:
+        """After the workspace changed (a variant added, a conversion opened): the layer shown
+        again with every checkpoint now open, or the views emptied when it is gone."""
+        path = self.current_layer
+        if path is None:
+            return
+        if path in self._all_paths():
+            self.tree.blockSignals(True)  # the tree may keep it selected (no signal) or not: once here
+            self.tree.select(path)
+            self.tree.blockSignals(False)
+            self.select_layer(path)
+        else:
+            self.current_layer = None
+            self._clear_views("Select a layer in the tree")
 
     def _in_turns(self, channel: str, steps: list) -> None:
         """Run ``steps`` one per turn of the event loop, from the next one on: the window repaints
@@ -386,13 +431,19 @@ class MainWindow(QMainWindow):
         self.current_layer = path
         self.config.set_layer(path, self.workspace.models())
         ws = self.workspace
-        if ws.reference is None or path not in ws.reference.layers:
-            self._clear_views(f"{path}: no reference layer to compare with")
-            return
-        if not ws.reference.layers[path].is_matrix:
-            self._clear_views(f"{path} is not a weight matrix")
-            return
-        self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ws.reference, dict(ws.variants), path,
+        if ws.reference is not None and path in ws.reference.layers:
+            if not ws.reference.layers[path].is_matrix:
+                self._clear_views(f"{path} is not a weight matrix")
+                return
+            ref, models = ws.reference, dict(ws.variants)
+        else:  # no reference for it: what the checkpoints hold (values, codes, scales), no error
+            ref, models = None, ws.models()
+            held = [m.layers[path] for m in models.values() if path in m.layers]
+            if not any(lay.is_matrix and lay.decodable for lay in held):
+                self._clear_views(f"{path} is not a weight matrix" if held and not any(lay.is_matrix for lay in held)
+                                  else f"{path} cannot be decoded (the Quantization config panel says why)")
+                return
+        self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ref, models, path,
                             engine=self.engine, on_result=self._show_detail, on_error=self._job_failed)
 
     def _update_view(self, view, fn) -> None:
@@ -423,10 +474,13 @@ class MainWindow(QMainWindow):
         upd = self._update_view
         upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors, note=r["name"],
                                                         view=d.value_view, nonfinite=d.nonfinite))
+        alone = d.error_edges is None  # no reference layer: nothing to measure the error against
+        no_ref = (f"{r['name']}: no reference layer to measure the error against (File ▸ Set reference… "
+                  "opens the original model)")
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
-                                                                note=r["name"], view=d.error_view,
-                                                                nonfinite=d.nonfinite))
-        no_codes = [v for v in d.metrics if v not in d.code_counts]
+                                                                note=no_ref if alone else r["name"],
+                                                                view=d.error_view, nonfinite=d.nonfinite))
+        no_codes = [v for v in (d.value_counts if alone else d.metrics) if v not in d.code_counts]
         upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors, empty_note="No variant stores "
                                                        "integer codes for this layer (dense, or a float format)",
                                                        absent=no_codes))
@@ -437,13 +491,23 @@ class MainWindow(QMainWindow):
         upd(self.zeros, lambda: self.zeros.set_histograms(
             r["zero_edges"], r["zero_counts"], colors,
             note="integer zero points" if r["zero_counts"] else "No variant stores integer zero points for this layer"))
-        upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note="No variant quantizes this layer "
-                                                        "in groups"))
+        upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note=no_ref if alone else
+                                                        "No variant quantizes this layer in groups"))
+        # a variant whose smoothing is folded inconsistently: what the last comparison found the
+        # quantization alone did to this layer
+        quant = {(q.name, q.variant): q.rel_fro_quant for q in (self.sweep_result.rows if self.sweep_result else ())
+                 if q.rel_fro_quant is not None}
         lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
-            f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "")
+            f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "") + (
+            f"; the quantization alone: {quant[(d.name, v)]:.4f}" if (d.name, v) in quant else "")
             for v, m in d.metrics.items()]
         # one line per variant (a ";"-joined line for six variants ran through a 3-line box)
-        self._current_errors = "Current error of each variant:\n" + "\n".join(lines)
+        self._current_errors = (no_ref if alone else "Current error of each variant:\n" + "\n".join(lines))
+        note = self._convert_note
+        if note is not None and note[0] == d.name:
+            self._current_errors += "\n\nLast conversion: " + note[1]
+        else:
+            self._convert_note = None  # another layer: the conversion's summary has been read
         self.config.set_whatif_result(self._current_errors)
         self.detail_shown.emit(r["name"])
 
@@ -469,29 +533,46 @@ class MainWindow(QMainWindow):
         # the tree's error columns.
         self._in_turns("sweep", [lambda: self.tabs.setCurrentWidget(self.layers),
                                  lambda: self.layers.set_rows(result.rows, colors, heatmap=False),
-                                 lambda: self.layers.set_warnings({v: (c.short, c.message) for v, c in
-                                                                   result.smoothing_checks.items() if c.warning}),
+                                 lambda: self.layers.set_warnings(_sweep_warnings(result)),
                                  lambda: self.doctor.set_compare_note(self._compare_note(self.tree.current_label())),
                                  self.layers.redraw_heatmap,
                                  lambda: self.tree.model.set_all_errors(per),
                                  self.sweep_done.emit])
 
-    def run_doctor(self) -> None:
+    def run_doctor(self, path: str | None = None) -> None:
+        """The doctor on the checkpoint the tree shows; on ``path`` when given, or when none is
+        open, on the last one that could not be opened (when it is most needed)."""
         label = self.tree.current_label()
         m = self.workspace.models().get(label)
-        if m is None:
-            return
+        if path is None and m is None:
+            if not self._unopened:
+                return
+            path = self._unopened[-1]
+        if path is not None:
+            label, source, m = Path(path).name, path, None
+        else:
+            source = m.ckpt.source
         self.doctor_dock.raise_()
 
         def show(findings):
-            self._doctor_found[label] = findings
-            if self.tree.current_label() == label:  # the user may have switched meanwhile
+            if m is None:  # a checkpoint not in the tree: its findings stand until another is shown
                 self.doctor.set_findings(label, findings)
-                self.tree.model.set_findings(_worst_per_layer(findings))
+            else:
+                self._doctor_found[label] = findings
+                if self.tree.current_label() == label:  # the user may have switched meanwhile
+                    self.doctor.set_findings(label, findings)
+                    self.tree.model.set_findings(_worst_per_layer(findings))
             self.doctor_done.emit()
 
-        self.service.submit("doctor", f"Doctor: {label}", jobs.job_doctor, m.ckpt.source, on_result=show,
+        self.service.submit("doctor", f"Doctor: {label}", jobs.job_doctor, source, on_result=show,
                             on_error=self._job_failed)
+
+    def doctor_dialog(self) -> None:
+        """Tools ▸ Doctor on a file or folder…: any checkpoint, open or not (one that fails to open)."""
+        start = self._unopened[-1] if self._unopened else ""
+        path = QFileDialog.getExistingDirectory(self, "Doctor on a checkpoint folder", start)
+        if path:
+            self.run_doctor(path)
 
     def run_whatif(self, bits: int, group: int, mode: str) -> None:
         if self.current_layer is None or self.workspace.reference is None:
@@ -524,9 +605,11 @@ class MainWindow(QMainWindow):
 
         def done(report) -> None:
             from quantscope.backend.convert import summary_lines
-            text = "\n".join(summary_lines(report)[:5])
+            text = "\n".join(summary_lines(report, table=False))
             self._status(f"Converted to {dst}")
             self.config.set_whatif_result(text)
+            # shown again under the errors of the layer shown, once the result has opened beside it
+            self._convert_note = (self.current_layer, text)
             self.add_paths([dst])
             self.convert_done.emit(report)
 

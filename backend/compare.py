@@ -106,17 +106,21 @@ class SweepResult:
     unmatched: list[Unmatched] = field(default_factory=list)
     #: Per variant whose norms show folded smoothing: :func:`smoothing_power`'s check.
     smoothing_checks: dict[str, SmoothingCheck] = field(default_factory=dict)
+    #: Variants of which no layer could be compared (the others were), with why (naming the file).
+    failed: dict[str, CompareError] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """Plain JSON data: ``layers`` (one object per row), ``unmatched`` (with ``reason``) and
         ``smoothing_checks`` (per variant whose smoothing was checked: ``smoothing_power``, the
-        layer it was measured on, and a ``warning`` where it is not 1).
+        layer it was measured on, and a ``warning`` where it is not 1) and ``failed`` (the
+        variants of which no layer could be compared, with the reason).
 
         Non-finite floats (sqnr of an exact copy: +inf) are written as null.
         """
         return {"layers": [{k: _json_safe(v) for k, v in r.to_dict().items()} for r in self.rows],
                 "unmatched": [dataclasses.asdict(u) for u in self.unmatched],
-                "smoothing_checks": {v: c.to_dict() for v, c in self.smoothing_checks.items()}}
+                "smoothing_checks": {v: c.to_dict() for v, c in self.smoothing_checks.items()},
+                "failed": [{"variant": v, "file": e.file, "reason": e.message} for v, e in self.failed.items()]}
 
     def warnings(self) -> dict[str, str]:
         """Per variant whose checkpoint does not compute what the reference does: why."""
@@ -147,6 +151,26 @@ class SweepResult:
         for r in self.rows:
             out.setdefault(r.variant, []).append(r)
         return out
+
+
+def _nothing_matches(vm: Model, unmatched: list[Unmatched]) -> CompareError:
+    """Why no layer of ``vm`` has a partner: each kind of reason in full, with how many layers
+    it stands for (the kind is the reason before its first colon, the layer's own name left out)."""
+    kinds: dict[str, list[Unmatched]] = {}
+    for u in unmatched:
+        kinds.setdefault(u.reason.split(":")[0].replace(u.layer, "…"), []).append(u)
+    parts = []
+    for us in sorted(kinds.values(), key=len, reverse=True)[:3]:
+        u = us[0]
+        n = len(us) - 1
+        more = f" ({n} more layer{'s' if n > 1 else ''} like it)" if n else ""
+        parts.append(f"{u.reason if u.layer in u.reason else f'{u.layer}: {u.reason}'}{more}")
+    names_differ = all(u.reason == "absent in the variant" or u.reason.startswith("shape mismatch")
+                       for u in unmatched)
+    return CompareError("no layer can be compared with the reference"
+                        + (f" — {'; '.join(parts)}" if parts else "")
+                        + (" — is it a quantization of a different model?" if names_differ else ""),
+                        file=vm.ckpt.source, rule="compare.no-common-layers")
 
 
 # -- is the smoothing folded consistently? --------------------------------------------------------
@@ -688,14 +712,17 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     result = SweepResult()
     for label, vm in variants.items():
         al = align(reference, vm, label=label)
-        if not al.targets:
-            reasons = sorted({u.reason.split(":")[0] for u in al.unmatched})
-            raise CompareError("no layer matches the reference"
-                               + (f" ({'; '.join(reasons[:3])})" if reasons else "")
-                               + " — is it a quantization of a different model?", file=vm.ckpt.source,
-                               rule="compare.no-common-layers")
+        if not al.targets:  # this one cannot be compared; the others still are
+            result.failed[label] = _nothing_matches(vm, al.unmatched)
+            continue
         states.append(_VariantState(label, vm, al))
         result.unmatched.extend(al.unmatched)
+    if not states:
+        errs = list(result.failed.values())
+        if len(errs) == 1:
+            raise errs[0]
+        raise CompareError("no variant can be compared with the reference: " + "; ".join(map(str, errs)),
+                           rule="compare.no-common-layers")
     for vs in states:
         _check_cancel(cancel)
         chk = _check_smoothing(reference, vs, eng)
@@ -1108,18 +1135,48 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
         vl = vs.model.layers[t.var_layers[0]]
-        if vl.quantized and vl.bits and vl.bits <= 8:
-            codes = [stored_codes(vs.model, vs.model.layers[p]) for p in t.var_layers]
-            if all(c is not None for c in codes):
-                code_counts[vs.label] = sum(np.bincount(c.reshape(-1), minlength=2 ** vl.bits)[:2 ** vl.bits]
-                                            for c in codes)
-        sc, zp = _scales_zeros(vs.model, vl)
-        if sc is not None:
-            scales[vs.label] = sc
-            zeros[vs.label] = zp
+        _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros)
         group_error[vs.label] = _group_errors(w, wh_of[vs.label], vl, vs.model)
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
                        group_error, metrics, value_view, error_view, {k: n for k, n in nonfinite.items() if n})
 
 
-__all__ += ["error_metrics", "stored_codes", "load_cache", "save_cache"]
+def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scales: dict, zeros: dict) -> None:
+    """Add what ``model`` stores for the layers ``paths`` (one target's) under ``label``: the
+    exact count of each code level, and the scales and zero points of the first."""
+    vl = model.layers[paths[0]]
+    if vl.quantized and vl.bits and vl.bits <= 8:
+        codes = [stored_codes(model, model.layers[p]) for p in paths]
+        if all(c is not None for c in codes):
+            code_counts[label] = sum(np.bincount(c.reshape(-1), minlength=2 ** vl.bits)[:2 ** vl.bits] for c in codes)
+    sc, zp = _scales_zeros(model, vl)
+    if sc is not None:
+        scales[label] = sc
+        zeros[label] = zp
+
+
+def layer_alone(models: dict[str, Model], name: str, *, bins: int = 256, engine="auto", cancel=None) -> LayerDetail:
+    """What the views can show of layer ``name`` without a reference: each model's decoded values
+    on shared bin edges, its code usage, scales and zero points (no error, no metrics).
+
+    Models without the layer, or whose layer is not a decodable matrix, are left out; a
+    :class:`CompareError` when none is left."""
+    eng = _resolve_engine(engine)
+    values: dict[str, np.ndarray] = {}
+    code_counts, scales, zeros = {}, {}, {}
+    for label, m in models.items():
+        _check_cancel(cancel)
+        lay = m.layers.get(name)
+        if lay is None or not lay.is_matrix or not lay.decodable:
+            continue
+        values[label] = _Rows(m, lay, eng, keep=False, counter={}).full()
+        _stored(label, m, [name], code_counts, scales, zeros)
+    if not values:
+        raise CompareError("no open checkpoint holds this layer as a decodable matrix", tensor=name)
+    edges, counts, view = bulk_histograms(values, bins)
+    nonfinite = {k: a.size - int(counts[k].sum()) if k in counts else a.size for k, a in values.items()}
+    return LayerDetail(name, edges, counts, None, {}, code_counts, scales, zeros, {}, {}, view, None,
+                       {k: n for k, n in nonfinite.items() if n})
+
+
+__all__ += ["error_metrics", "stored_codes", "load_cache", "save_cache", "layer_alone"]

@@ -1005,7 +1005,7 @@ def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) ->
                               rule="convert.src-in-dst")
     if dst.exists() or dst.is_symlink():
         if not overwrite:
-            raise ConversionError("already exists; pass --overwrite to replace it", file=dst,
+            raise ConversionError("already exists; --overwrite replaces it if it is an earlier output of quantscope convert", file=dst,
                                   rule="convert.dst-exists")
         # --overwrite replaces an earlier output of quantscope convert (it holds CONVERT_MARKER)
         # or an empty folder, never anything else: a typo such as ~, a project folder or another
@@ -1299,8 +1299,9 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
         os.rename(tmp, dst)
 
 
-def summary_lines(rep: ConversionReport, *, max_layers: int | None = None) -> list[str]:
-    """A human-readable summary and per-layer table of a report (the command line prints it)."""
+def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table: bool = True) -> list[str]:
+    """A human-readable summary and per-layer table of a report (the command line prints it;
+    ``table=False``: the summary alone, as the window shows it)."""
     t = rep.timings
     lines = [f"converted {rep.src} -> {rep.dst} (--to {rep.to}) in {t.get('total', 0):.2f} s "
              f"(plan {t.get('plan', 0):.2f} s, write {t.get('write', 0):.2f} s"
@@ -1313,11 +1314,14 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None) -> li
                      f"(kept in the source dtype: {len(ex) - len(rep.widened)})")
     if rep.verified:
         mx_ = rep.max_rel_fro
-        lines.append("verification: " + ("no layer compared" if mx_ is None else f"max rel_fro {mx_:.3g}"))
+        lines.append("verification against the source: "
+                     + ("no layer compared" if mx_ is None else f"max rel_fro {mx_:.3g}"))
         bad = rep.nonfinite_layers
         if bad:
             lines.append(f"  not finite in {len(bad)} layer(s), e.g. {bad[0]}: NaN/inf values in the source "
                          "(`quantscope doctor` on it names the tensors)")
+    if not table:
+        return lines
     shown = [r for r in rep.layers if r.kind != "carried"]
     if shown:  # no header over no rows (a dense model converted to dense carries everything)
         lines.append(f"{'layer':<44} {'source':<10} {'action':<40} {'scales':<6} {'rel_fro':>9} {'max_abs':>9}")

@@ -462,7 +462,17 @@ def test_cli_json_csv_and_error(ref_pair, mlx_variant, tmp_path, capsys):
     _model(other, {"transformer.h.0.attn.c_attn.weight": np.ones((8, 8), np.float32)})
     rc = main(["compare", "--reference", str(root / "ref"), str(other)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and str(other) in err[0]
+    assert rc == 2 and len(err) == 1 and str(other) in err[0] and "different model" in err[0]
+    # beside a variant that compares, the other is still compared, and the failure said (exit 2)
+    rc = main(["compare", "--reference", str(root / "ref"), str(root / "mlx"), str(other), "--json", str(js),
+               "--engine", "numpy"])
+    out = capsys.readouterr()
+    assert rc == 2 and "model.layers.0.self_attn.q_proj" in out.out and "other" not in out.out.splitlines()[0]
+    err = out.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"quantscope: error: {other}: no layer can be compared")
+    data = json.loads(js.read_text())
+    assert {r["variant"] for r in data["layers"]} == {str(root / "mlx")}
+    assert [f["variant"] for f in data["failed"]] == [str(other)] and "different model" in data["failed"][0]["reason"]
 
 
 def test_table_names_keep_variants_with_the_same_folder_name_apart():

@@ -2,6 +2,7 @@
 compressed-tensors 0.19, mlx-lm 0.32) decode to exactly the tools' own dequantized values.
 How they were made: tests/fixtures/real/README.md and ../shared/fixtures/real/README.md."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,26 @@ def test_detail_zero_points_are_code_levels_that_give_the_tools_decode(case, rea
     g = np.arange(codes.shape[-1]) // 128
     with np.load(REAL / case / "decoded.npz") as dec:
         np.testing.assert_array_equal((codes - z[:, g]) * s[:, g], dec[name])
+
+
+def test_a_variant_whose_config_contradicts_every_layer_is_named_and_the_others_compared(real_fixtures, tmp_path):
+    # GPTQModel's 4-bit files with "bits": 8 in both configs: no layer decodes. The sweep compares
+    # the good variant and says, in full, why the other has nothing to compare (it aborted all)
+    import shutil
+
+    from quantscope.backend.compare import CompareError, sweep
+    from quantscope.backend.workspace import open_model
+    bad = tmp_path / "bits8"
+    shutil.copytree(REAL / "gptqmodel-gptq-w4g128", bad)
+    for f in ("config.json", "quantize_config.json"):
+        d = json.loads((bad / f).read_text())
+        (d.get("quantization_config") or d)["bits"] = 8
+        (bad / f).write_text(json.dumps(d))
+    ref = open_model(real_fixtures / "base-bf16")
+    res = sweep(ref, {"good": open_model(REAL / "gptqmodel-gptq-w4g128"), "bad": open_model(bad)}, engine="numpy")
+    assert {r.variant for r in res.rows} == {"good"} and len(res.rows) == 14
+    msg = str(res.failed["bad"])
+    assert msg.startswith(str(bad)) and "hold 4-bit zero points" in msg and "13 more layers like it" in msg
+    assert "different model" not in msg
+    with pytest.raises(CompareError, match="the config's bits are wrong"):
+        sweep(ref, {"bad": open_model(bad)}, engine="numpy")

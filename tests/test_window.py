@@ -635,3 +635,112 @@ def test_doctor_panel_says_what_the_comparison_found_about_the_checkpoint(win, q
     assert not win.doctor.compare_note.isHidden() and "power 2.00" in win.doctor.compare_note.text()
     win.tree.combo.setCurrentText("gptq-w4g128")
     assert win.doctor.compare_note.isHidden()
+
+
+def test_adding_a_variant_shows_it_in_the_views_and_drops_the_old_comparison(win, qtbot, demo):
+    # The views of the shown layer, the config table and the tree's error columns were left as
+    # they were before the variant came in (and the Layers view kept an empty heatmap).
+    labels = list(win.workspace.variants)
+    keep, new = labels[:-1], labels[-1]
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(demo.variants[v]) for v in keep], str(demo.reference))
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    assert win.tree.model._errors[keep[0]]
+    with qtbot.waitSignal(win.detail_shown, timeout=60_000) as sig:
+        win.add_paths([str(demo.variants[new])])
+    win.tabs.setCurrentWidget(win.hist)  # the Layers tab showed the comparison
+    assert sig.args[0] == "model.layers.1.mlp.down_proj" and new in win.hist._counts
+    assert new in win.config.whatif_result.text()
+    t = win.config.layer_table
+    assert new in {t.item(r, 0).text() for r in range(t.rowCount())}
+    assert win.sweep_result is None and not any(win.tree.model._errors.values())
+    qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
+    assert not win.layers._rows and "Compare all layers" in win.layers.info.text()
+
+
+def test_without_a_reference_the_views_show_what_the_checkpoint_holds(win, qtbot, demo):
+    # one quantized checkpoint, no reference: values, code usage, scales and zeros need none
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(demo.variants["gptq-w4g128"])], None)
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.0.mlp.up_proj")
+    for i in range(win.tabs.count()):
+        win.tabs.setCurrentIndex(i)
+    assert win.hist._counts["gptq-w4g128"].sum() == 1536 * 512 and win.hist.hint.text() == ""
+    assert win.codes._counts["gptq-w4g128"].sum() == 1536 * 512
+    assert "gptq-w4g128" in win.scales._counts and "gptq-w4g128" in win.zeros._counts
+    assert "no reference layer" in win.err_hist.hint.text() and "no reference layer" in win.heatmap.hint.text()
+    assert "no reference layer" in win.config.whatif_result.text()
+
+
+def test_a_variant_that_cannot_be_compared_is_named_and_the_others_compared(win, qtbot, tmp_path, demo):
+    import json
+    import shutil
+    bad = tmp_path / "bits8"
+    shutil.copytree(demo.variants["gptq-w4g128"], bad)
+    for f in bad.glob("*config.json"):
+        d = json.loads(f.read_text())
+        q = d.get("quantization_config", d)
+        if "bits" in q:
+            q["bits"] = 8
+            f.write_text(json.dumps(d))
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(demo.variants["awq-w4g128"]), str(bad)], str(demo.reference))
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
+    assert {r.variant for r in win.sweep_result.rows} == {"awq-w4g128"}
+    assert "bits8: not compared: no layer can be compared" in win.layers.warn.text()
+    assert "zero points" in win.layers.warn.toolTip() and str(bad) in win.layers.warn.toolTip()
+
+
+def test_the_doctor_runs_on_a_checkpoint_that_could_not_be_opened(win, qtbot, tmp_path, demo):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(demo.variants["gptq-w4g128"], broken)
+    f = next(broken.glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:3_000_000])
+    from quantscope.backend.workspace import Workspace
+    win.set_workspace(Workspace())  # as a window started on that checkpoint alone: nothing open
+    with qtbot.waitSignal(win.failed, timeout=30_000):
+        win.open_workspace([str(broken)], None)
+    assert not win.workspace.models()
+    with qtbot.waitSignal(win.doctor_done, timeout=60_000):
+        win.run_doctor()
+    assert "broken" in win.doctor.title.text() and "error" in win.doctor.title.text()
+    assert str(f.name) in win.doctor.text.toPlainText()
+
+
+def test_names_cut_to_fit_keep_their_layer_number_and_end(qtbot):
+    # cut at the left, every post_attention_layernorm row read "….post_attention_layernorm"
+    from PySide6.QtGui import QFont, QFontMetrics
+    from quantscope.widgets.tensor_tree import elide_path
+    fm = QFontMetrics(QFont())
+    name = "model.layers.17.post_attention_layernorm"
+    assert elide_path(name, fm, fm.horizontalAdvance(name)) == name
+    cut = elide_path(name, fm, fm.horizontalAdvance("…17.post_attention_layernorm"))
+    assert cut == "…17.post_attention_layernorm"
+    cut = elide_path(name, fm, fm.horizontalAdvance("…layers.17.post_attention_layernorm") + 2)
+    assert cut == "…layers.17.post_attention_layernorm"
+    w = fm.horizontalAdvance("…17.post_attentio")
+    cut = elide_path(name, fm, w)
+    assert cut.startswith("…17.") and cut.endswith("norm") and fm.horizontalAdvance(cut) <= w
+    moe = "model.layers.3.mlp.experts.117.down_proj"  # the last number: the expert
+    cut = elide_path(moe, fm, fm.horizontalAdvance("…117.down_proj") + 1)
+    assert cut == "…117.down_proj"
+
+
+def test_tree_colours_the_names_of_layers_the_doctor_flagged(win, qtbot):
+    from PySide6.QtCore import Qt
+    m = win.tree.model
+    path = m.index(3, 0).data()
+    m.set_findings({path: ("error", "32 scales are NaN")})
+    fg = m.index(3, 0).data(Qt.ItemDataRole.ForegroundRole)
+    assert fg is not None and fg.name().lower() == "#d55e00"
+    assert "doctor (error): 32 scales are NaN" in m.index(3, 0).data(Qt.ItemDataRole.ToolTipRole)
+    assert m.index(4, 0).data(Qt.ItemDataRole.ForegroundRole) is None
+    m.set_findings({})
+    assert m.index(3, 0).data(Qt.ItemDataRole.ForegroundRole) is None

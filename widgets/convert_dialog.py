@@ -44,7 +44,7 @@ class ConvertDialog(QDialog):
         self.recipe.addItems(RECIPES)
         self.dtype = QComboBox()
         self.dtype.addItems(["bf16", "f16", "f32"])
-        self.overwrite = QCheckBox("replace an existing destination")
+        self.overwrite = QCheckBox("replace an earlier output (--overwrite)")
         form = QFormLayout(self)
         form.addRow("Source", self.source)
         form.addRow("Destination folder", dst_row)

@@ -7,8 +7,10 @@ from html import escape
 from PySide6.QtCore import QUrl, Signal
 from PySide6.QtWidgets import QLabel, QTextBrowser, QVBoxLayout, QWidget
 
+from .palette import SEVERITY_COLORS
+
 SEVERITIES = ("error", "warning", "info")
-_COLORS = {"error": "#D55E00", "warning": "#B35900", "info": "#0072B2"}
+_COLORS = SEVERITY_COLORS
 _SCHEME = "layer"
 
 

@@ -74,3 +74,8 @@ def text_color_on(background: QColor) -> QColor:
 
 ERROR_KEY = ("cell colour: relative error on a log scale, light yellow ≤ 0.01 (40 dB) → orange ≈ 0.1 → dark "
              "brown ≥ 1 (0 dB)")
+
+
+#: Doctor finding severities (Okabe-Ito vermillion, a dark orange, blue): the doctor panel's
+#: headings and the tree's names of flagged layers.
+SEVERITY_COLORS = {"error": "#D55E00", "warning": "#B35900", "info": "#0072B2"}

@@ -3,14 +3,52 @@
 from __future__ import annotations
 
 from PySide6.QtCore import QEvent, QModelIndex, Qt, QTimer, Signal
-from PySide6.QtGui import QGuiApplication
-from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu, QTreeView, QVBoxLayout,
-                               QWidget)
+from PySide6.QtGui import QFontMetrics, QGuiApplication
+from PySide6.QtWidgets import (QApplication, QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu, QStyle,
+                               QStyledItemDelegate, QTreeView, QVBoxLayout, QWidget)
 
 from quantscope.backend.search import PathIndex
 
 from .plots import shrinkable
 from .tensor_tree_model import BASE_COLUMNS, TensorTreeModel
+
+
+def elide_path(text: str, fm: QFontMetrics, width: int) -> str:
+    """``text`` (a dotted module path) cut to ``width`` pixels, keeping what tells rows apart: the
+    end, and the last number in it (the layer index). Whole leading parts go first ("…layers.1.
+    mlp.down_proj", "…1.post_attention_layernorm"); when even that is too long, the rest after
+    the number is cut in the middle. A plain left cut made every post_attention_layernorm row
+    read the same."""
+    if fm.horizontalAdvance(text) <= width:
+        return text
+    parts = text.split(".")
+    num = max((i for i, p in enumerate(parts) if p.isdigit()), default=None)
+    for k in range(1, len(parts) if num is None else num + 1):
+        cand = "…" + ".".join(parts[k:])
+        if fm.horizontalAdvance(cand) <= width:
+            return cand
+    if num is not None and num + 1 < len(parts):
+        head = f"…{parts[num]}."
+        room = width - fm.horizontalAdvance(head)
+        if room >= fm.horizontalAdvance("m…m"):
+            return head + fm.elidedText(".".join(parts[num + 1:]), Qt.TextElideMode.ElideMiddle, room)
+    return fm.elidedText(text, Qt.TextElideMode.ElideLeft, width)
+
+
+class _PathDelegate(QStyledItemDelegate):
+    """The Name column's cells, cut by :func:`elide_path` (module rows only: a tensor row's
+    ".qweight" is short)."""
+
+    def initStyleOption(self, option, index) -> None:
+        super().initStyleOption(option, index)
+        if not index.parent().isValid():
+            w = option.widget
+            style = w.style() if w is not None else QApplication.style()
+            # the room the style gives the text: its sub-rectangle, less a margin each side
+            room = style.subElementRect(QStyle.SubElement.SE_ItemViewItemText, option, w).width()
+            # (and 2 px: glyph advances are fractional, the metrics' sums rounded)
+            room -= 2 * (style.pixelMetric(QStyle.PixelMetric.PM_FocusFrameHMargin, None, w) + 1) + 2
+            option.text = elide_path(option.text, option.fontMetrics, room)
 
 
 class TensorTree(QWidget):
@@ -33,7 +71,9 @@ class TensorTree(QWidget):
         self.view = QTreeView()
         self.view.setModel(self.model)
         self.view.setUniformRowHeights(True)
-        self.view.setTextElideMode(Qt.TextElideMode.ElideLeft)  # keep the layer number and projection visible
+        self.view.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self._paths = _PathDelegate(self.view)  # names keep their end and layer number (elide_path)
+        self.view.setItemDelegateForColumn(0, self._paths)
         self.view.setAlternatingRowColors(True)
         self.view.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.view.header().setStretchLastSection(False)
@@ -99,7 +139,9 @@ class TensorTree(QWidget):
         # Widths from the font, not resizeColumnToContents: that walks every row (25 ms on a
         # small model, seconds on a 70k-module MoE) on the GUI thread.
         fm = self.view.fontMetrics()
-        widths = {0: self._name_width(), 1: fm.horizontalAdvance("mlx-affine__"), 4: fm.horizontalAdvance("14336×4096__"),
+        schemes = {lay.scheme for lay in getattr(self._models.get(label), "layers", {}).values()} or {"mlx-affine"}
+        widths = {0: self._name_width(), 1: max(fm.horizontalAdvance(x) for x in schemes) + 16,
+                  4: fm.horizontalAdvance("14336×4096__"),
                   5: fm.horizontalAdvance("100.0 MB__")}
         # An error column is as wide as its numbers, not its header (a long variant name put the
         # right-aligned numbers past the dock's edge: colour without figures); the header is
@@ -126,10 +168,14 @@ class TensorTree(QWidget):
         return self.view.fontMetrics().horizontalAdvance("0.0000") + 16
 
     def _name_width(self) -> int:
-        """Name's width: 200 px, less in a narrow dock so the shown checkpoint's error (the column
-        after it) keeps room for its figures (in a 235 px dock it showed 30 px of colour)."""
-        avail = self.view.viewport().width() - self._own_width()
-        return max(110, min(self.NAME_WIDTH, avail))
+        """Name's width: the longest name's, within 200 px or half a wide dock; less in a narrow
+        dock so the shown checkpoint's error (the column after it) keeps room for its figures (in
+        a 235 px dock it showed 30 px of colour)."""
+        vw = self.view.viewport().width()
+        avail = vw - self._own_width()
+        longest = max(self.model.paths(), key=len, default="")
+        need = self.view.fontMetrics().horizontalAdvance(longest) + 32  # + the branch arrow
+        return max(110, min(need, max(self.NAME_WIDTH, vw // 2), avail))
 
     def resizeEvent(self, ev) -> None:
         super().resizeEvent(ev)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 
 from PySide6.QtCore import QAbstractItemModel, QModelIndex, Qt
+from PySide6.QtGui import QColor
 
 from quantscope.backend.checkpoint import natural_key
 from quantscope.backend.info import human_bytes
 from quantscope.backend.schemes import Layer, Model
 
-from .palette import ERROR_KEY, error_color, text_color_on
+from .palette import ERROR_KEY, SEVERITY_COLORS, error_color, text_color_on
 
 BASE_COLUMNS = ["Name", "Scheme", "Bits", "Group", "Shape", "Bytes", "Bits/weight"]
 _SEVERITY_ORDER = {"error": 3, "warning": 2, "info": 1}
+_SEVERITY_COLOR = {k: QColor(v) for k, v in SEVERITY_COLORS.items() if k != "info"}
 # Roles as plain ints: views ask data() for eight roles per painted cell and PySide passes ints;
 # comparing them with the enum members goes through enum.__eq__, which was most of data()'s cost.
 _DISPLAY = int(Qt.ItemDataRole.DisplayRole.value)
@@ -177,9 +179,10 @@ class TensorTreeModel(QAbstractItemModel):
         if self._sort[0] == self.columnCount() - 1:  # sorted by the doctor column: by the new flags
             self.sort(*self._sort)
             return
-        if self._visible:
-            col = self.columnCount() - 1
-            self.dataChanged.emit(self.index(0, col), self.index(len(self._visible) - 1, col))
+        if self._visible:  # the flag column, and the names coloured by it
+            last = len(self._visible) - 1
+            self.dataChanged.emit(self.index(0, 0), self.index(last, 0))
+            self.dataChanged.emit(self.index(0, self.columnCount() - 1), self.index(last, self.columnCount() - 1))
 
     def row_of(self, path: str) -> QModelIndex:
         for r, i in enumerate(self._visible):
@@ -297,6 +300,8 @@ class TensorTreeModel(QAbstractItemModel):
             if col == self.columnCount() - 1 and layer.path in self._flags:
                 return self._flags[layer.path][1]
             tip = f"{layer.path}\n{layer.scheme}: {layer.source}"
+            if layer.path in self._flags:
+                tip += f"\ndoctor ({self._flags[layer.path][0]}): {self._flags[layer.path][1]}"
             if layer.problem:
                 tip += f"\nproblem: {layer.problem}"
             if layer.warning:
@@ -307,7 +312,9 @@ class TensorTreeModel(QAbstractItemModel):
         if role == _FOREGROUND and nb <= col < nb + len(self._variants):
             cell = self._cell(self._variants[col - nb], layer.path)
             return None if cell is None else cell[2]
-        if role == _FOREGROUND and layer.problem and col in (0, 1):
-            from PySide6.QtGui import QColor
-            return QColor("#D55E00")
+        if role == _FOREGROUND and col in (0, 1, self.columnCount() - 1):
+            # a layer that cannot be decoded, or one the doctor found an error or warning in
+            flag = self._flags.get(layer.path)
+            sev = "error" if layer.problem and col in (0, 1) else flag[0] if flag else None
+            return _SEVERITY_COLOR.get(sev)
         return None
