@@ -472,13 +472,16 @@ class MainWindow(QMainWindow):
         colors = dict(self.colors)
         colors[ref_label] = REFERENCE_COLOR
         upd = self._update_view
-        upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors, note=r["name"],
-                                                        view=d.value_view, nonfinite=d.nonfinite))
+        # a variant without this layer (cannot be decoded, no partner) is said, not just missing
+        absent = f" · not shown: {', '.join(d.left_out)} (see Current error)" if d.left_out else ""
+        upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors,
+                                                        note=r["name"] + absent, view=d.value_view,
+                                                        nonfinite=d.nonfinite))
         alone = d.error_edges is None  # no reference layer: nothing to measure the error against
         no_ref = (f"{r['name']}: no reference layer to measure the error against (File ▸ Set reference… "
                   "opens the original model)")
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
-                                                                note=no_ref if alone else r["name"],
+                                                                note=no_ref if alone else r["name"] + absent,
                                                                 view=d.error_view, nonfinite=d.nonfinite))
         no_codes = [v for v in (d.value_counts if alone else d.metrics) if v not in d.code_counts]
         upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors, empty_note="No variant stores "
@@ -501,6 +504,7 @@ class MainWindow(QMainWindow):
             f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "") + (
             f"; the quantization alone: {quant[(d.name, v)]:.4f}" if (d.name, v) in quant else "")
             for v, m in d.metrics.items()]
+        lines += [f"{v}: not shown, {why}" for v, why in d.left_out.items()]
         # one line per variant (a ";"-joined line for six variants ran through a 3-line box)
         self._current_errors = (no_ref if alone else "Current error of each variant:\n" + "\n".join(lines))
         note = self._convert_note
@@ -754,7 +758,9 @@ class MainWindow(QMainWindow):
         """A message for 15 s on the status bar's left, cut with "…" to the room beside the jobs
         strip (it was cut mid-word), whole in the bar's tooltip."""
         bar = self.statusBar()
-        room = bar.width() - self.jobs_bar.width() - 24
+        # up to where the jobs strip begins (its left edge, once laid out), less the bar's margins
+        left = self.jobs_bar.x() if self.jobs_bar.x() > 0 else bar.width() - self.jobs_bar.width() - 24
+        room = left - 16
         bar.showMessage(bar.fontMetrics().elidedText(message, Qt.TextElideMode.ElideRight, max(80, room)), 15000)
         bar.setToolTip(message)
 

@@ -959,7 +959,8 @@ class LayerDetail:
     value_edges, value_counts
         Shared bin edges and exact counts of weight values: key ``"reference"`` and each variant.
     error_edges, error_counts
-        Shared bin edges and exact counts of the signed error ``Ŵ − W`` per variant.
+        Shared bin edges and exact counts of the signed error ``Ŵ − W`` per variant (None and
+        empty without a reference: :func:`layer_alone`).
     code_counts
         Per quantized variant, exact counts of each stored code level ``0 .. 2**bits - 1``.
     scales, zeros
@@ -975,6 +976,8 @@ class LayerDetail:
     nonfinite
         Per key (``"reference"`` or a variant) with any, how many decoded weights are NaN or
         ±inf: they are in no bin.
+    left_out
+        Per variant without this layer in the views: why (the sweep's unmatched reason).
     """
 
     name: str
@@ -990,6 +993,8 @@ class LayerDetail:
     value_view: tuple[float, float] | None = None
     error_view: tuple[float, float] | None = None
     nonfinite: dict[str, int] = field(default_factory=dict)
+    #: Variants left out of every view of this layer, with why (no partner, cannot be decoded).
+    left_out: dict[str, str] = field(default_factory=dict)
 
 
 def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
@@ -1086,10 +1091,13 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     eng = _resolve_engine(engine)
     ref_layer = reference.layer(name) if name in reference.layers or name != "lm_head" else None
     states = []
+    left_out: dict[str, str] = {}
     for label, vm in variants.items():
         al = align(reference, vm, label=label)
         if name in al.targets:
             states.append(_VariantState(label, vm, al))
+        else:
+            left_out[label] = next((u.reason for u in al.unmatched if u.layer == name), "absent in the variant")
     _check_cancel(cancel)
     if ref_layer is None:
         if not states:
@@ -1138,7 +1146,8 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
         _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros)
         group_error[vs.label] = _group_errors(w, wh_of[vs.label], vl, vs.model)
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
-                       group_error, metrics, value_view, error_view, {k: n for k, n in nonfinite.items() if n})
+                       group_error, metrics, value_view, error_view, {k: n for k, n in nonfinite.items() if n},
+                       left_out)
 
 
 def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scales: dict, zeros: dict) -> None:

@@ -329,7 +329,7 @@ def test_layers_view_offers_the_quantization_own_error_only_when_a_variant_has_i
     plot.set_rows(rows(0.11), {"bad": "#f00", "ok": "#00f"})
     plot.metric_box.setCurrentIndex(plot.metric_box.findData(QUANT_ONLY[0]))
     assert list(plot.series["bad"].getData()[1]) == [0.11, 0.11] and list(plot.series["ok"].getData()[1]) == [0.15, 0.15]
-    assert plot.plot.getAxis("left").labelText == QUANT_ONLY[1]
+    assert plot.plot.getAxis("left").labelText == QUANT_ONLY[1][1]
     plot.set_rows(rows(None), {"bad": "#f00", "ok": "#00f"})  # a new comparison without: the choice goes
     assert plot.metric_box.findData(QUANT_ONLY[0]) < 0 and plot.metric_box.currentData() in ("rel_fro", "sqnr_db",
                                                                                               "rel_fro_raw")
@@ -397,6 +397,12 @@ def test_status_messages_are_not_covered_by_the_jobs_strip(win, qtbot):
     assert bar.currentMessage() == "cannot open /nowhere/model.safetensors"
     jobs = next(w for w in bar.children() if type(w).__name__ == "JobsBar")
     assert jobs.width() <= bar.width() // 2  # the message has the rest of the bar
+    # a long one is cut with "…" before the strip begins (it ran into "Ready", cut mid-word)
+    long = "/tmp/x/contra_bits: no layer can be compared with the reference — " + "the variant's layer cannot " * 20
+    win._show_error("x", long, "")
+    shown = bar.currentMessage()
+    assert shown.endswith("…") and bar.fontMetrics().horizontalAdvance(shown) < jobs.x() - 8
+    assert bar.toolTip() == long
 
 
 def test_whatif_block_float_modes_show_their_own_bits_and_block(win, qtbot):
@@ -695,6 +701,13 @@ def test_a_variant_that_cannot_be_compared_is_named_and_the_others_compared(win,
     assert {r.variant for r in win.sweep_result.rows} == {"awq-w4g128"}
     assert "bits8: not compared: no layer can be compared" in win.layers.warn.text()
     assert "zero points" in win.layers.warn.toolTip() and str(bad) in win.layers.warn.toolTip()
+    # selecting a layer says why that variant is not in the views (it was just missing)
+    win.tabs.setCurrentWidget(win.hist)
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.0.mlp.up_proj")
+    assert "not shown: bits8" in win.hist.note.text() and "bits8" not in win.hist._counts
+    assert "bits8: not shown, the variant's layer model.layers.0.mlp.up_proj cannot be decoded" in \
+        win.config.whatif_result.text().replace("\u200b", "")  # (break chances in long words)
 
 
 def test_the_doctor_runs_on_a_checkpoint_that_could_not_be_opened(win, qtbot, tmp_path, demo):

@@ -29,11 +29,12 @@ from .plots import (
     shrinkable,
 )
 
-METRICS = {"rel_fro": "relative Frobenius error ‖Ŵ−W‖/‖W‖", "sqnr_db": "SQNR (dB)",
-           "rel_fro_raw": "rel. error without undoing smoothing"}
+#: key: (the chooser's short name, the axis label and the item's tooltip)
+METRICS = {"rel_fro": ("rel. error", "relative Frobenius error ‖Ŵ−W‖/‖W‖"), "sqnr_db": ("SQNR (dB)", "SQNR (dB)"),
+           "rel_fro_raw": ("rel. error, raw", "rel. error without undoing smoothing")}
 #: Offered only when a compared variant folds its smoothing inconsistently (the sweep's
 #: ``rel_fro_quant``); the other variants' points are their rel_fro, which is their quantization's.
-QUANT_ONLY = ("rel_fro_quant", "quantization's own error (smoothing undone to its measured power)")
+QUANT_ONLY = ("rel_fro_quant", ("quantization alone", "quantization's own error (smoothing undone to its measured power)"))
 
 
 _PROJ_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
@@ -70,8 +71,8 @@ class LayerErrorPlot(QWidget):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.metric_box = shrinkable(QComboBox(), 8)
-        for k, v in METRICS.items():
-            self.metric_box.addItem(v, k)
+        for k, names in METRICS.items():
+            self._add_metric(k, names)
         self.proj = shrinkable(QComboBox(), 8)
         self.hm_variant = shrinkable(QComboBox(), 8)
         self.hm_scale = QCheckBox("shared scale")
@@ -176,7 +177,7 @@ class LayerErrorPlot(QWidget):
         has_quant = any(getattr(r, QUANT_ONLY[0], None) is not None for r in self._rows)
         at = self.metric_box.findData(QUANT_ONLY[0])
         if has_quant and at < 0:
-            self.metric_box.addItem(QUANT_ONLY[1], QUANT_ONLY[0])
+            self._add_metric(*QUANT_ONLY)
         elif not has_quant and at >= 0:
             self.metric_box.blockSignals(True)  # back to the first metric when it was the one shown
             self.metric_box.removeItem(at)
@@ -199,7 +200,7 @@ class LayerErrorPlot(QWidget):
         # as on screen: side by side in a wide view (stacked at their on-screen sizes, a 1920 px
         # export was half empty with the heatmap 1300 px tall), stacked in a narrow one
         plots = [self.split] if self.split.orientation() == Qt.Orientation.Horizontal else [self.plot, self.hm]
-        return [self.warn, self.legend, *plots, f"{self.metric_box.currentText()}, {proj}; heatmap colour scale {scale}"]
+        return [self.warn, self.legend, *plots, f"{self._metric_label()}, {proj}; heatmap colour scale {scale}"]
 
     def set_warnings(self, warnings: dict[str, tuple[str, str]]) -> None:
         """Per variant, ``(short, full)``: what makes its figures more than quantization error;
@@ -209,6 +210,15 @@ class LayerErrorPlot(QWidget):
             self.warn.setText(text)
             self.warn.setToolTip("\n\n".join(f"{v}: {full}" for v, (_, full) in warnings.items()))
         self.warn.setHidden(not text)
+
+    def _add_metric(self, key: str, names: tuple[str, str]) -> None:
+        self.metric_box.addItem(names[0], key)
+        self.metric_box.setItemData(self.metric_box.count() - 1, names[1], Qt.ItemDataRole.ToolTipRole)
+
+    def _metric_label(self) -> str:
+        """The shown metric in full (the axis label; the chooser has short names)."""
+        i = self.metric_box.currentIndex()
+        return str(self.metric_box.itemData(i, Qt.ItemDataRole.ToolTipRole) or "") if i >= 0 else ""
 
     def _value(self, r) -> float:
         key = self.metric_box.currentData()
@@ -260,7 +270,7 @@ class LayerErrorPlot(QWidget):
 
     def _redraw(self, heatmap: bool = True) -> None:
         proj = self.proj.currentText() if self.proj.currentIndex() > 0 else None
-        label = self.metric_box.currentText()
+        label = self._metric_label()
         if label != self._ylabel:  # a label set again relays out the whole plot item
             self._ylabel = label
             self.plot.setLabel("left", label)
@@ -323,7 +333,7 @@ class LayerErrorPlot(QWidget):
         # Ticks, title and range only when they change: each relays out the plot item, and
         # pyqtgraph's deferred updates then run now, not at the start of the paint (where they
         # would dirty the scene again and repaint it twice).
-        metric = self.metric_box.currentText()
+        metric = self._metric_label()
         frame = (tuple(projs), tuple(layers), variant, metric)
         if frame != self._hm_frame:
             self._hm_frame = frame
