@@ -45,7 +45,9 @@ class _MetaOnly(msgspec.Struct, rename={"metadata": "__metadata__"}):
 
 # `__metadata__` decodes as an (empty) Entry with the typed decoder; a second, allocation-free
 # pass that skips every other key reads it as a string map.
-_HEADER = msgspec.json.Decoder(dict[str, Entry])
+# (None: ``"__metadata__": null``, which mlx's save_safetensors writes without metadata and
+# every reader accepts; a null tensor entry is refused by the checks that follow.)
+_HEADER = msgspec.json.Decoder(dict[str, Entry | None])
 _META = msgspec.json.Decoder(_MetaOnly)
 _get_dtype = attrgetter("dtype")
 _get_shape = attrgetter("shape")
@@ -232,7 +234,7 @@ class SafetensorsFile:
                                count=2 * n).reshape(n, 2)
             numel = np.fromiter(map(math.prod, shapes), dtype=np.int64, count=n)
             bits = np.fromiter(map(_BITS.__getitem__, dtypes), dtype=np.int64, count=n)
-        except (TypeError, KeyError, ValueError, OverflowError):
+        except (TypeError, KeyError, ValueError, OverflowError, AttributeError):
             return False
         begin, end = offs[:, 0], offs[:, 1]
         if (begin < 0).any() or (end < begin).any() or (end > data_size).any():

@@ -32,6 +32,21 @@ def test_reads_file_written_by_safetensors_itself(tmp_path):
     assert not f.read("w").flags.writeable
 
 
+def test_reads_a_file_mlx_saved_without_metadata(tmp_path):
+    # mx.save_safetensors (and so nn.Module.save_weights) writes "__metadata__": null when given
+    # none; safetensors and mx.load read it, and so must we (it was "header failed validation")
+    import mlx.core as mx
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    mx.save_safetensors(str(tmp_path / "w.safetensors"), {"w": mx.array(w)})
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert json.loads(raw[8:8 + n])["__metadata__"] is None  # what mlx wrote
+    f = SafetensorsFile(tmp_path / "w.safetensors")
+    assert not f.metadata and f.names == ["w"]
+    np.testing.assert_array_equal(f.read("w"), w)
+    np.testing.assert_array_equal(load_file(tmp_path / "w.safetensors")["w"], w)  # the reference reader agrees
+
+
 def test_every_byte_dtype_roundtrips(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {}
@@ -103,6 +118,7 @@ def test_scalars_and_empty_tensors(tmp_path):
     ("entry-shape", "container.entry", "not a list of non-negative integers"),
     ("entry-missing", "container.entry", "must be an object"),
     ("offsets-reversed", "container.offsets", "begin <= end"),
+    ("entry-null", "container.entry", "must be an object"),
 ])
 def test_bad_input(tmp_path, case, rule, fragment):
     p = tmp_path / f"{case}.safetensors"
@@ -146,6 +162,8 @@ def test_bad_input(tmp_path, case, rule, fragment):
         h = good_header(); del h["a"]["data_offsets"]; write_raw(p, h, data16)
     elif case == "offsets-reversed":
         h = good_header(); h["a"]["data_offsets"] = [16, 0]; write_raw(p, h, data16)
+    elif case == "entry-null":
+        h = good_header(); h["a"] = None; write_raw(p, h, b"")
     with pytest.raises(HeaderError) as ei:
         SafetensorsFile(p)
     err = ei.value
