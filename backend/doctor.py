@@ -889,7 +889,7 @@ class _Doctor:
         from .qconfig import _prefix_variants
         known = set()
         for path in self.model.layers:
-            known.update(k for k, _ in _prefix_variants(path))
+            known.update(k for k, _ in _prefix_variants(path, cfg.multimodal))
         for key, value in cfg.overrides:
             if key in known:
                 continue

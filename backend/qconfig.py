@@ -60,6 +60,9 @@ class QuantConfig:
     globals: dict = field(default_factory=dict)
     overrides: list[tuple[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: config.json describes a multimodal model (``text_config``/``vision_config``): its per-layer
+    #: keys may carry the `language_model.` prefixes loaders map between; a text model's may not.
+    multimodal: bool = False
 
     def effective(self, path: str) -> Effective:
         """Effective settings for the module at ``path`` (the path as stored in the checkpoint)."""
@@ -74,6 +77,20 @@ class QuantConfig:
 
 def parse_configs(configs: dict[str, dict]) -> QuantConfig:
     """Find and parse the quantization config among a checkpoint's JSON files."""
+    out = _parse_configs(configs)
+    cfg = configs.get("config.json") or {}
+    out.multimodal = isinstance(cfg, dict) and any(isinstance(cfg.get(k), dict) for k in ("text_config", "vision_config"))
+    return out
+
+
+#: Keys only GPTQ's config has / only AWQ's: a quantization_config without quant_method is read
+#: by them (it was taken for MLX's, whose block also has bits and group_size).
+_GPTQ_KEYS = ("desc_act", "sym", "checkpoint_format", "damp_percent", "static_groups", "true_sequential",
+              "pack_dtype", "act_group_aware")
+_AWQ_KEYS = ("zero_point", "version", "w_bit", "q_group_size", "modules_to_not_convert")
+
+
+def _parse_configs(configs: dict[str, dict]) -> QuantConfig:
     cfg = configs.get("config.json") or {}
     qc = cfg.get("quantization_config")
     if qc is None and isinstance(cfg.get("text_config"), dict):
@@ -90,9 +107,18 @@ def parse_configs(configs: dict[str, dict]) -> QuantConfig:
         return _parse_mlx_native(qcj)
     if isinstance(qc, dict):
         method = str(qc.get("quant_method", "")).lower()
-        if not method and "bits" in qc and "group_size" in qc:
-            return _parse_mlx(qc, 'config.json["quantization_config"]')
+        guessed = ""
+        if not method:
+            gk, ak = [k for k in _GPTQ_KEYS if k in qc], [k for k in _AWQ_KEYS if k in qc]
+            if gk or ak:
+                method = "gptq" if len(gk) >= len(ak) else "awq"
+                guessed = (f'config.json["quantization_config"] has no quant_method; read as {method} from its keys '
+                           f"({', '.join(gk or ak)})")
+            elif "bits" in qc and "group_size" in qc:
+                return _parse_mlx(qc, 'config.json["quantization_config"]')
         parsed = _parse_method(method, qc, 'config.json["quantization_config"]')
+        if parsed is not None and guessed:
+            parsed.notes.append(guessed)
         if parsed is not None:
             other = configs.get("quantize_config.json")
             if isinstance(other, dict):
@@ -228,9 +254,13 @@ def _parse_bnb(q: dict, where: str) -> QuantConfig:
 
 # -- resolution --------------------------------------------------------------------------------
 
-def _prefix_variants(path: str):
-    """The paths a per-layer key may use for ``path``, with the rule that maps them."""
+def _prefix_variants(path: str, multimodal: bool = True):
+    """The paths a per-layer key may use for ``path``, with the rule that maps them: the path
+    itself, and for a multimodal model the `language_model.` prefixes its loaders map (mlx-lm
+    looks a text model's keys up by the module path alone: another key is ignored)."""
     yield path, None
+    if not multimodal:
+        return
     if path.startswith("language_model."):
         yield path[len("language_model."):], "`language_model.` prefix stripped"
     if path.startswith("model.language_model."):
@@ -263,7 +293,7 @@ def _mlx_entry(cfg: QuantConfig, key: str, value, rule: str | None) -> Effective
 
 def _resolve_mlx(cfg: QuantConfig, path: str) -> Effective:
     entries = dict(cfg.overrides)
-    for key, rule in _prefix_variants(path):
+    for key, rule in _prefix_variants(path, cfg.multimodal):
         if key in entries:
             return _mlx_entry(cfg, key, entries[key], rule)
     g = cfg.globals

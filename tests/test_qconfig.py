@@ -35,14 +35,37 @@ def test_mlx_per_layer_override_false_and_mode_defaults():
     assert c.notes[0].startswith('no "mode"')
 
 
+def vlm_cfg(q):
+    return parse_configs({"config.json": {"quantization": q, "text_config": {"hidden_size": 8},
+                                          "vision_config": {"hidden_size": 8}}})
+
+
 def test_mlx_language_model_prefix_rules():
-    c = mlx_cfg({"group_size": 64, "bits": 4, "mode": "affine",
+    # a multimodal model's loaders map the `language_model.` prefixes
+    c = vlm_cfg({"group_size": 64, "bits": 4, "mode": "affine",
                  "model.layers.2.mlp.down_proj": {"group_size": 64, "bits": 8}})
     e = c.effective("language_model.model.layers.2.mlp.down_proj")
     assert e.bits == 8 and "`language_model.` prefix stripped" in e.source
-    c = mlx_cfg({"group_size": 64, "bits": 4, "language_model.model.layers.2.mlp.down_proj": {"bits": 6}})
+    c = vlm_cfg({"group_size": 64, "bits": 4, "language_model.model.layers.2.mlp.down_proj": {"bits": 6}})
     e = c.effective("model.layers.2.mlp.down_proj")
     assert e.bits == 6 and "prefix added" in e.source
+    # a text model's (mlx-lm) looks a key up by the module path alone: another is ignored (it
+    # decoded a 4-bit/64 layer of a Llama as 6 bit)
+    c = mlx_cfg({"group_size": 64, "bits": 4, "language_model.model.layers.2.mlp.down_proj": {"bits": 6}})
+    e = c.effective("model.layers.2.mlp.down_proj")
+    assert (e.bits, e.group_size) == (4, 64) and e.source.startswith("global")
+
+
+def test_a_quantization_config_without_quant_method_is_read_by_its_keys():
+    # GPTQModel's block without quant_method was taken for MLX's (both have bits and group_size)
+    q = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+    c = parse_configs({"config.json": {"quantization_config": q}})
+    assert c.kind == "gptq" and any("no quant_method; read as gptq" in n for n in c.notes)
+    c = parse_configs({"config.json": {"quantization_config": {"bits": 4, "group_size": 128, "zero_point": True,
+                                                               "version": "gemm"}}})
+    assert c.kind == "awq"
+    c = parse_configs({"config.json": {"quantization_config": {"bits": 4, "group_size": 64}}})
+    assert c.kind == "mlx"
 
 
 def test_mlx_native_per_tensor_matching_order():
