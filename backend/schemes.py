@@ -313,7 +313,8 @@ def _detect_gptq_awq(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
     qw = comps["qweight"]
     sc = comps.get("scales")
     path = module.path
-    if qw.dtype == "I16" or "scaled_zeros" in comps:
+    # int16 words: AWQ's GEMV_FAST, unless the config says GPTQ (GPTQModel's pack_dtype int16)
+    if (qw.dtype == "I16" and cfg.kind != "gptq") or "scaled_zeros" in comps:
         return Layer(path, "awq-gemv-fast", comps, bits=4, source=eff.source,
                      problem="AWQ GEMV_FAST (int16, interleaved) is not decodable yet (R7)")
     if sc is None or len(qw.shape) != 2 or len(sc.shape) != 2:

@@ -159,3 +159,28 @@ def test_bf16_scales_give_the_exact_product():
     exact = (sb.astype(np.float64)[np.arange(128) // 128] * (q - z[np.arange(128) // 128])).T
     got = awq.decode_gemm(qweight, qzeros, sb)
     np.testing.assert_array_equal(got, exact.astype(np.float32))
+
+
+def test_gptq_packed_in_int16_words_is_gptq_not_awq_gemv_fast(tmp_path):
+    # GPTQModel's pack_dtype int16: qweight [K·b/16, N] and qzeros [G, N·b/16] in 16-bit words.
+    # int16 qweight used to be taken for AWQ GEMV_FAST ("not decodable yet") whatever the config.
+    import json
+
+    from helpers import write_st
+    from quantscope.backend.engines import NumpyEngine
+    from quantscope.backend.workspace import open_model
+    n, k = 64, 256
+    qweight, qzeros, s, g_idx, expected = make_gptq(n, k, 4, 128, sym=False)
+    # the same bits in 16-bit words: each 32-bit word of 8 codes along K is two words of 4
+    q16 = qweight.view(np.uint16).reshape(k // 8, n, 2).transpose(0, 2, 1).reshape(k // 4, n).view(np.int16)
+    z16 = qzeros.view(np.int16)  # zeros pack along N: the halves follow in place
+    key = "model.layers.0.self_attn.q_proj"
+    write_st(tmp_path / "model.safetensors", {f"{key}.qweight": q16, f"{key}.qzeros": z16, f"{key}.scales": s,
+                                              f"{key}.g_idx": g_idx}, {"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False, "desc_act": False,
+        "checkpoint_format": "gptq", "pack_dtype": "int16"}}))
+    m = open_model(tmp_path)
+    lay = m.layers[key]
+    assert lay.scheme == "gptq" and lay.problem is None and lay.shape == (n, k)
+    np.testing.assert_array_equal(NumpyEngine().dequantize(m, lay), expected)
