@@ -44,6 +44,7 @@ from .dtypes import DTYPES
 from .errors import Cancelled, QuantscopeError
 from .formats.mlx import E4M3, E8M0, MODE_DEFAULTS, affine_fits
 from .safetensors_file import SafetensorsFile
+from .schemes import QUANT_PARTS
 
 _logger = logging.getLogger(__name__)
 
@@ -790,7 +791,8 @@ class _Doctor:
             if layer.problem and len(col.findings) == before and layer.problem != "no weight tensor recognised":
                 # A module no scheme recognises may be a format quantscope does not know: a warning.
                 # ...but a packed qweight (GPTQ/AWQ) without what decodes it is a broken layer
-                unknown = layer.scheme == "unknown" and not any(c in comps for c in ("qweight", "weight_packed"))
+                unknown = layer.scheme == "unknown" and not any(c in comps for c in ("qweight", "weight_packed")) \
+                    and not (comps.keys() & QUANT_PARTS)
                 col.add("layer.inconsistent", f"{layer.problem}; loaders fail on this layer or decode it wrongly",
                         file=file, layer=path, severity="warning" if unknown else None)
         self._check_overrides(cfg)

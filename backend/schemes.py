@@ -25,6 +25,9 @@ _logger = logging.getLogger(__name__)
 SCHEMES = ("dense", "mlx-affine", "mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4", "gptq", "awq-gemm", "awq-gemv",
            "ct-pack", "ct-nvfp4", "ct-fp8", "fp8-block", "bnb-nf4", "bnb-fp4", "bnb-int8")
 #: Components that are not part of the quantized weight (a Linear's own bias, activation scales).
+#: Components that only decode a layer's packed weights: stored without them, the weights are lost.
+QUANT_PARTS = {"qzeros", "scales", "g_idx", "scaled_zeros", "biases", "weight_scale", "weight_scale_inv",
+               "weight_zero_point", "weight_global_scale", "weight_shape", "weight_g_idx"}
 AUX_COMPONENTS = {"bias", "input_scale", "input_zero_point", "input_global_scale", "output_scale", "k_scale",
                   "v_scale"}
 
@@ -201,6 +204,11 @@ def detect(module: Module, cfg: QuantConfig, dims: set[int], ckpt: Checkpoint) -
     if "weight_packed" in c:
         return _detect_ct_packed(module, cfg, eff, ckpt)
     if "weight" not in c:
+        orphans = sorted(c & QUANT_PARTS)
+        if orphans:  # what decodes packed weights, without them (a tensor lost in a merge or a rename)
+            return Layer(module.path, "unknown", comps, source=eff.source,
+                         problem=f"{', '.join(orphans)} stored without the weights they decode (no qweight, "
+                                 "weight_packed or weight): the layer's packed weights are missing")
         return Layer(module.path, "unknown", comps, source=eff.source,
                      problem=None if not c - AUX_COMPONENTS else "no weight tensor recognised")
     w = comps["weight"]

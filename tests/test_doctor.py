@@ -496,6 +496,13 @@ def c_awq_version(tmp):
     return make_awq(tmp / "m", gemv_layout=True), "awq.version", f"{Q0}.qweight"
 
 
+def c_qweight_missing(tmp):
+    # its qzeros, scales and g_idx left without the packed weights: "no problems found" before
+    t = _gptq_tensors()
+    del t[f"{Q0}.qweight"]
+    return make_gptq(tmp / "m", t), "layer.inconsistent", Q0
+
+
 def c_awq_legacy_config(tmp):
     make_awq(tmp / "m")
     edit_cfg(tmp / "m", lambda c: c.pop("quantization_config"))
@@ -705,7 +712,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
          c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched,
          c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_gptq_config_keys,
-         c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config,
+         c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
          c_ct_packing, c_ct_zero_point, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,
          c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale,
          c_denormal_scale, c_constant_dense, c_constant_scales, c_few_levels, c_saturated, c_scale_outlier,
