@@ -440,6 +440,11 @@ def _detect_ct_packed(module: Module, cfg: QuantConfig, eff: Effective, ckpt: Ch
         layer.problem = "weight_shape missing: logical shape unknown"
     elif scale is None:
         layer.problem = "weight_scale missing"
+    elif settings.get("symmetric") is False and "weight_zero_point" not in comps:
+        # asymmetric quantization always stores its zero points: decoded as symmetric, every
+        # group would be off by its zero point
+        layer.problem = ("the config says symmetric: false but no weight_zero_point is stored; decoding it as "
+                         "symmetric would give wrong values (a tensor lost in a merge or a rename?)")
     else:
         from .formats.ct import detect_packing
         try:

@@ -532,6 +532,12 @@ def c_ct_zero_point(tmp):
     return rewrite(tmp / "m", unpack_zp), "ct.zero-point", f"{UP}.weight_zero_point"
 
 
+def c_ct_zero_point_missing(tmp):
+    # asymmetric, without its zero points: decoded as symmetric it was off by 0.4, silently
+    copy_golden("ct_w4a16_asym", tmp / "m")
+    return rewrite(tmp / "m", lambda t: t.pop(f"{UP}.weight_zero_point")), "layer.inconsistent", UP
+
+
 def c_nvfp4_global_scale(tmp):
     copy_golden("ct_nvfp4", tmp / "m")
 
@@ -713,7 +719,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched,
          c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_gptq_config_keys,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
-         c_ct_packing, c_ct_zero_point, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,
+         c_ct_packing, c_ct_zero_point, c_ct_zero_point_missing, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,
          c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale,
          c_denormal_scale, c_constant_dense, c_constant_scales, c_few_levels, c_saturated, c_scale_outlier,
          c_padding, c_offset_order, c_no_metadata, c_bad_entry, c_bad_offsets, c_index_entry, c_several_indexes,
