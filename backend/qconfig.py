@@ -161,7 +161,7 @@ def _parse_method(method: str, qc: dict, where: str) -> QuantConfig | None:
 def _parse_mlx(q: dict, where: str) -> QuantConfig:
     out = QuantConfig(kind="mlx", file=where, raw=q)
     mode = q.get("mode", "affine")
-    out.globals = {"bits": q.get("bits"), "group_size": q.get("group_size"), "mode": mode}
+    out.globals = {"bits": _number(out, q, "bits"), "group_size": _number(out, q, "group_size"), "mode": mode}
     if "mode" not in q:
         out.notes.append('no "mode": affine assumed (files written before mlx-lm added modes)')
     for key in ("bits", "group_size"):
@@ -186,6 +186,17 @@ def _first(d: dict, *keys, default=None):
     return default
 
 
+def _number(out: QuantConfig, q: dict, *keys: str):
+    """The first of ``keys`` in ``q`` as an int: a number written as a string ("4") is read as
+    one, with a note (comparing "4" with 4 made a 4-bit file contradict its own 4-bit zeros)."""
+    v = _first(q, *keys)
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        out.notes.append(f'{out.file}: {keys[0]} is the string "{v}", read as {int(v)} (loaders expect a number '
+                         "and may fail on it)")
+        return int(v)
+    return v
+
+
 def _parse_gptq(q: dict, where: str) -> QuantConfig:
     out = QuantConfig(kind="gptq", file=where, raw=q)
     fmt = _first(q, "checkpoint_format", "format", "version")
@@ -198,8 +209,8 @@ def _parse_gptq(q: dict, where: str) -> QuantConfig:
     if q.get("is_marlin_format"):
         fmt = "marlin"
     out.globals = {
-        "bits": _first(q, "bits", "w_bit", "wbits"),
-        "group_size": _first(q, "group_size", "q_group_size"),
+        "bits": _number(out, q, "bits", "w_bit", "wbits"),
+        "group_size": _number(out, q, "group_size", "q_group_size"),
         "sym": q.get("sym", True),
         "desc_act": bool(q.get("desc_act", False)),
         "static_groups": bool(q.get("static_groups", False)),
@@ -216,7 +227,7 @@ def _parse_gptq(q: dict, where: str) -> QuantConfig:
 def _parse_awq(q: dict, where: str) -> QuantConfig:
     out = QuantConfig(kind="awq", file=where, raw=q)
     version = str(_first(q, "version", default="gemm")).lower()
-    out.globals = {"bits": _first(q, "bits", "w_bit"), "group_size": _first(q, "group_size", "q_group_size"),
+    out.globals = {"bits": _number(out, q, "bits", "w_bit"), "group_size": _number(out, q, "group_size", "q_group_size"),
                    "zero_point": q.get("zero_point", True), "version": version,
                    "modules_to_not_convert": q.get("modules_to_not_convert")}
     if "w_bit" in q and "bits" not in q:

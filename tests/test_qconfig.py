@@ -140,3 +140,12 @@ def test_fp8_and_bnb_configs():
 def test_no_config():
     c = parse_configs({})
     assert c.kind is None and c.effective("x").source == "no quantization config"
+
+
+def test_numbers_written_as_strings_are_read_as_numbers_with_a_note():
+    # "bits": "4" made a 4-bit GPTQ file contradict its own 4-bit zero points ("4" != 4)
+    c = parse_configs({"config.json": {"quantization_config": {"quant_method": "gptq", "bits": "4",
+                                                               "group_size": "128", "sym": True}}})
+    e = c.effective("model.layers.0.self_attn.q_proj")
+    assert (e.bits, e.group_size) == (4, 128)
+    assert any('bits is the string "4", read as 4' in n for n in c.notes)
