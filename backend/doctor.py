@@ -1135,6 +1135,14 @@ class _Doctor:
             want = (1 << (b - 1)) - (1 if version == 1 else 0)
             if not (z == want).all():
                 bad = int((z != want).sum())
+                other = (1 << (b - 1)) - (1 if version == 2 else 0)  # the other version's constant
+                if (z == other).all():  # the whole file is the other version, labelled wrongly
+                    fmt, label = ("gptq", "gptq_v2") if version == 2 else ("gptq_v2", "gptq")
+                    self.col.add("gptq.sym-zeros", f"every stored zero point is {other}, the symmetric constant of "
+                                 f"checkpoint_format {fmt!r} (v{3 - version}), not of {label!r} as the config says: "
+                                 f"every weight decodes one scale step off — set checkpoint_format to {fmt!r}",
+                                 file=file, tensor=f"{path}.qzeros", layer=path)
+                    return
                 self.col.add("gptq.sym-zeros", f"config says sym=true but {bad} of {z.size} stored zero points differ "
                              f"from the constant {want} (v{version}); runtimes that ignore qzeros for symmetric "
                              "models decode those groups wrongly (vLLM #45656) — set sym=false or re-quantize",

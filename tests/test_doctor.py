@@ -459,6 +459,18 @@ def c_sym_zeros(tmp):
     return make_gptq(tmp / "m", t), "gptq.sym-zeros", f"{Q0}.qzeros"
 
 
+def c_v1_labelled_v2(tmp):
+    # a symmetric v1 file (every zero word 0x77777777) whose config says gptq_v2: the advice was
+    # "set sym=false"; the fix is the label
+    t = _gptq_tensors(sym=True, version=1)
+    q = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "desc_act": False,
+         "checkpoint_format": "gptq_v2"}
+    path = make_gptq(tmp / "m", t, qcfg=q)
+    msg = next(f.message for f in diagnose(path) if f.rule == "gptq.sym-zeros")
+    assert "set checkpoint_format to 'gptq'" in msg and "sym=false" not in msg
+    return path, "gptq.sym-zeros", f"{Q0}.qzeros"
+
+
 def c_gptq_config_keys(tmp):
     return make_gptq(tmp / "m", qcfg={"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": False}), \
         "gptq.config-keys", None
@@ -717,7 +729,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable,
          c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
          c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched,
-         c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_gptq_config_keys,
+         c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
          c_ct_packing, c_ct_zero_point, c_ct_zero_point_missing, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,
          c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale,
