@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     pconv.add_argument("--overwrite", action="store_true",
                        help="replace an existing DST, if it holds only model files (an earlier output)")
     pconv.add_argument("--recipe", help="mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6, or a JSON file path → bits/group/mode or false")
-    pconv.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16", help="dense output dtype (--to dense)")
+    pconv.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None,
+                       help="dense output dtype (--to dense; default bf16)")
     pconv.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)
     _add_common(pconv)
     pdemo = sub.add_parser("demo", help="write the demo workspace (reference + GPTQ/AWQ/MLX variants) to DIR")

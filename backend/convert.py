@@ -26,6 +26,7 @@ written before its data and memory stays bounded by one layer. Everything is wri
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -306,6 +307,12 @@ class _Targets:
                 self.table[k] = _make_q(v.get("bits"), v.get("group_size"), v.get("mode", "affine"), f"{p}: {k}")
             else:
                 raise ConversionError(f"entry {k!r} is {v!r}; expected {{bits, group_size, mode}} or false", file=p)
+        unknown = [k for k in self.table if k not in model.layers]
+        if unknown:  # a typo would quantize that layer by the defaults without a word
+            near = difflib.get_close_matches(unknown[0], list(model.layers), n=1)
+            raise ConversionError(f"{len(unknown)} recipe key(s) name no module of the source: "
+                                  + ", ".join(repr(k) for k in unknown[:3]) + ("…" if len(unknown) > 3 else "")
+                                  + (f" (did you mean {near[0]!r}?)" if near else ""), file=p)
         self.explicit = True
 
     def for_layer(self, path: str):
@@ -1098,7 +1105,7 @@ def _quantization_block(items: list[_Item], targets: _Targets) -> dict:
 # -- the conversion -------------------------------------------------------------------------------
 
 def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: int | None = None,
-            mode: str = "affine", recipe: str | None = None, dtype: str = "bf16", overwrite: bool = False,
+            mode: str = "affine", recipe: str | None = None, dtype: str | None = None, overwrite: bool = False,
             engine="auto", verify: bool = True, progress: Callable[[float], None] | None = None,
             cancel=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> ConversionReport:
     """Convert the checkpoint ``src`` into a new folder ``dst``.
@@ -1119,7 +1126,8 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
         ``mixed_2_6``, ``mixed_3_4``, ``mixed_3_6``, ``mixed_4_6`` (mlx-lm's predicates, group 64) or
         a JSON file mapping module path → ``{bits, group_size, mode}`` or ``false``.
     dtype
-        ``"bf16"``, ``"f16"`` or ``"f32"``: the dtype of every float tensor with ``to="dense"``.
+        ``"bf16"`` (None: the default), ``"f16"`` or ``"f32"``: the dtype of every float tensor
+        with ``to="dense"``; refused with ``to="mlx"``.
     overwrite
         Replace an existing ``dst`` (atomically: the old folder is renamed away, the new one in,
         then the old one deleted).
@@ -1148,6 +1156,9 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
     t_start = time.perf_counter()
     if to not in ("mlx", "dense"):
         raise ConversionError(f"--to must be mlx or dense, not {to!r}")
+    if to == "mlx" and dtype is not None:  # it was accepted and ignored
+        raise ConversionError("--dtype applies to --to dense only (an MLX output keeps each tensor's dtype)")
+    dtype = dtype or "bf16"
     if dtype not in _DTYPE_ARG:
         raise ConversionError(f"--dtype must be one of {', '.join(_DTYPE_ARG)}, not {dtype!r}")
     if to == "dense" and (recipe is not None or bits is not None or group_size is not None or mode != "affine"):

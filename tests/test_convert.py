@@ -350,6 +350,15 @@ def test_bad_settings(demo, tmp_path):
         convert(demo.reference, tmp_path / "b", to="mlx", mode="mxfp4", bits=8)
     with pytest.raises(ConversionError, match="recipe"):
         convert(demo.reference, tmp_path / "c", to="mlx", recipe="mixed_9_9")
+    # accepted and ignored before: --dtype with --to mlx, a recipe key that names no module
+    with pytest.raises(ConversionError, match="--dtype applies to --to dense only"):
+        convert(demo.reference, tmp_path / "d", to="mlx", dtype="f16")
+    recipe = tmp_path.parent / f"{tmp_path.name}-recipe.json"
+    recipe.write_text(json.dumps({"model.layers.0.mlp.down_proj": {"bits": 8},
+                                  "model.layers.0.mlp.dwn_proj": {"bits": 2}}))
+    with pytest.raises(ConversionError, match=r"1 recipe key\(s\) name no module.*'model.layers.0.mlp.dwn_proj'.*"
+                                              r"did you mean"):
+        convert(demo.reference, tmp_path / "e", to="mlx", recipe=str(recipe))
     assert not list(tmp_path.iterdir())
 
 
