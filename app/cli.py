@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("path", help=".safetensors file, model folder, index .json, or HF-cache repo id")
     pi.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(pi)
-    pd = sub.add_parser("dequant", help="write one layer's float32 weights as .npy")
+    pd = sub.add_parser("dequant", help="write one layer's float32 weights as .npy",
+                        description="Write one layer's float32 weights as .npy. Exit 0: written; 1: written as "
+                                    "the config says, but the shapes suggest the config is wrong (the warning on "
+                                    "stderr says why); 2: refused or failed, nothing written.")
     pd.add_argument("path", help="checkpoint")
     pd.add_argument("layer", help="module path without the component suffix, e.g. model.layers.0.self_attn.q_proj")
     pd.add_argument("-o", "--output", required=True, help="output .npy file (- for stdout)")
@@ -182,7 +185,8 @@ def cmd_dequant(args) -> int:
     print(f"{args.layer}: {layer.scheme} {'×'.join(map(str, w.shape))} float32 -> {args.output} "
           f"(engine {engine.name}{': ' + route if route else ''})",
           file=sys.stderr if args.output == "-" or _is_stdout(args.output) else sys.stdout)  # not into the data
-    return 0
+    # written as the config says, but likely not what the file holds: a script must not take it as success
+    return 1 if layer.warning else 0
 
 
 class _Stream:
