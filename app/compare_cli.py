@@ -115,6 +115,10 @@ def run_compare(args) -> int:
         bar.close()
     data = result.to_json()
     data = {"reference": args.reference, "variants": list(variants), **data}
+    to_stdout = "-" in (args.json_out, args.csv_out)
+    labels = [v for v in variants if v not in result.failed]
+    if to_stdout:  # the table first, on stderr: a reader that closes the pipe early (| head) must not lose it
+        sys.stderr.write(format_table(result, labels) + "\n")
     if args.json_out == "-":
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -124,8 +128,8 @@ def run_compare(args) -> int:
             fh.write("\n")
     if args.csv_out:
         result.to_csv(sys.stdout if args.csv_out == "-" else args.csv_out)
-    table = sys.stderr if "-" in (args.json_out, args.csv_out) else sys.stdout
-    table.write(format_table(result, [v for v in variants if v not in result.failed]) + "\n")
+    if not to_stdout:
+        sys.stdout.write(format_table(result, labels) + "\n")
     for err in result.failed.values():  # the others were compared: still a failure to say
         print(f"quantscope: error: {err}", file=sys.stderr)
     return 2 if result.failed else 0

@@ -31,6 +31,24 @@ from .errors import CheckpointError, HeaderError
 _MAP_LOCK = threading.Lock()
 
 
+def _length_hint(raw: bytes) -> str:
+    """When a whole JSON object ends before the header's declared end and other bytes follow
+    (tensor data read as header), say that the 8-byte length is too large, not only that the
+    header does not parse."""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        _, end = json.JSONDecoder().raw_decode(text)
+    except (ValueError, RecursionError):
+        return ""
+    used = len(text[:end].encode("utf-8"))
+    rest = raw[used:].lstrip(b" \t\r\n")  # padding spaces belong to the header
+    if not rest:
+        return ""
+    used = len(raw) - len(rest)
+    return (f"; its JSON object ends after {used} bytes but the 8-byte length field says {len(raw)}: the length "
+            f"is {len(raw) - used} bytes too large (the writer's bug), so tensor data was read as header")
+
+
 class Entry(msgspec.Struct, gc=False):
     """One header entry as msgspec decodes it (types checked in C while parsing)."""
 
@@ -194,10 +212,11 @@ class SafetensorsFile:
         try:
             obj = json.loads(raw)
         except UnicodeDecodeError:
-            raise self._err("header is not valid UTF-8", rule="container.header-json") from None
+            raise self._err("header is not valid UTF-8" + _length_hint(raw), rule="container.header-json") from None
         except (json.JSONDecodeError, RecursionError) as exc:
             msg = getattr(exc, "msg", "too deeply nested")
-            raise self._err(f"header is not valid JSON ({msg})", rule="container.header-json") from None
+            raise self._err(f"header is not valid JSON ({msg})" + _length_hint(raw),
+                            rule="container.header-json") from None
         if not isinstance(obj, dict):
             raise self._err("header is JSON but not an object", rule="container.header-json")
         meta = obj.pop("__metadata__", None)

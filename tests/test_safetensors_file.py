@@ -119,6 +119,7 @@ def test_scalars_and_empty_tensors(tmp_path):
     ("entry-missing", "container.entry", "must be an object"),
     ("offsets-reversed", "container.offsets", "begin <= end"),
     ("entry-null", "container.entry", "must be an object"),
+    ("length-too-large", "container.header-json", "the length is 4 bytes too large"),
 ])
 def test_bad_input(tmp_path, case, rule, fragment):
     p = tmp_path / f"{case}.safetensors"
@@ -162,6 +163,9 @@ def test_bad_input(tmp_path, case, rule, fragment):
         h = good_header(); del h["a"]["data_offsets"]; write_raw(p, h, data16)
     elif case == "offsets-reversed":
         h = good_header(); h["a"]["data_offsets"] = [16, 0]; write_raw(p, h, data16)
+    elif case == "length-too-large":  # the length field counts 4 bytes of tensor data into the header
+        hb = json.dumps(good_header()).encode()
+        p.write_bytes(struct.pack("<Q", len(hb) + 4) + hb + b"\xff\xfe\x00\x80" + data16[4:])
     elif case == "entry-null":
         h = good_header(); h["a"] = None; write_raw(p, h, b"")
     with pytest.raises(HeaderError) as ei:
