@@ -67,6 +67,9 @@ def _rules(*rows) -> dict[str, Rule]:
     return {r[0]: Rule(*r) for r in rows}
 
 
+#: Median |scale| outside this range: the scales are not read as they were written.
+_SCALE_SANE = (1e-9, 1e4)
+
 #: Every rule the doctor can report. docs/doctor.md lists the same table with sources.
 RULES: dict[str, Rule] = _rules(
     # container (ids shared with the header reader)
@@ -142,6 +145,8 @@ RULES: dict[str, Rule] = _rules(
     ("values.few-levels", "warning", None, "a layer's codes use only a few of the 2^b levels"),
     ("values.saturated", "warning", None, "most codes sit at the ends of the range"),
     ("values.scale-outlier", "warning", None, "median |scale| ≥100× off the median of the same projection"),
+    ("values.scale-magnitude", "warning", None, "median |scale| outside 1e-9…1e4: scales stored in another dtype "
+                                                "(F16 labelled BF16) or unit"),
     ("doctor.budget", "info", None, "value checks stopped at the time budget (use --full)"),
 )
 
@@ -1354,7 +1359,16 @@ class _Doctor:
             self.col.add("values.constant", f"all {f.size} checked scales equal {f[0]:g}: the quantizer's scales "
                          "were lost or overwritten — re-quantize the layer", **common)
         nz = a[a > 0]
-        return float(np.median(nz)) if nz.size else None
+        med = float(np.median(nz)) if nz.size else None
+        if med is not None and not _SCALE_SANE[0] <= med <= _SCALE_SANE[1]:
+            # whatever the scheme, a weight's scale is about its group's range over the levels
+            # (1e-4…1e-1 for LLM weights; E4M3 block scales up to 448): far outside, the bytes are
+            # read in another dtype than written (F16 as BF16 gives ~1e-19) or another unit
+            self.col.add("values.scale-magnitude", f"median |scale| {med:.3g} is implausible for weights (they lie "
+                         f"about 1e-4…1e-1, and every decoded weight scales with them): the scales were written in "
+                         f"another dtype than the header's {t.dtype} (F16 labelled BF16?) or another unit — compare "
+                         "with the tool's own decode", **common)
+        return med
 
     def _check_codes(self, layer) -> None:
         from .formats import awq as awqfmt, ct as ctfmt

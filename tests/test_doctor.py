@@ -623,6 +623,15 @@ def c_zero_scale(tmp):
     return make_gptq(tmp / "m", t), "values.zero-scale", f"{Q0}.scales"
 
 
+def c_scale_dtype(tmp):
+    # F16 scales written under a BF16 label: every layer's scales read ~1e-19 (no outlier among peers)
+    t = _gptq_tensors()
+    for k in list(t):
+        if k.endswith(".scales"):
+            t[k] = t[k].view(np.uint16).view(BF16)
+    return make_gptq(tmp / "m", t), "values.scale-magnitude", f"{Q0}.scales"
+
+
 def c_denormal_scale(tmp):
     t = _mlx_tensors()
     s = t[f"{Q0}.scales"].copy()
@@ -732,7 +741,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
          c_ct_packing, c_ct_zero_point, c_ct_zero_point_missing, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,
-         c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale,
+         c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale, c_scale_dtype,
          c_denormal_scale, c_constant_dense, c_constant_scales, c_few_levels, c_saturated, c_scale_outlier,
          c_padding, c_offset_order, c_no_metadata, c_bad_entry, c_bad_offsets, c_index_entry, c_several_indexes,
          c_pickle_beside]
