@@ -63,7 +63,9 @@ def format_table(result, labels: list[str]) -> str:
         lines.append(f"* {len(undone)} measured after undoing AWQ-style smoothing ("
                      + "; ".join(how.get(k, k) for k in kinds)
                      + "); rel_fro_raw in --json/--csv is the error without undoing it")
-    for variant, warning in result.warnings().items():
+    for variant, (_, warning) in result.warnings().items():
+        if variant in result.failed:
+            continue  # said on stderr, as an error
         lines.append("")
         lines.append(f"! {short.get(variant, variant)}: {warning}")
     bad = [r for r in result.rows if not math.isfinite(r.rel_fro)]
@@ -73,10 +75,11 @@ def format_table(result, labels: list[str]) -> str:
                      "or an all-zero reference layer — `quantscope doctor` on each names the tensors:")
         for r in bad:
             lines.append(f"  {short.get(r.variant, r.variant)}: {r.name}")
-    if result.unmatched:
+    unmatched = [u for u in result.unmatched if u.variant not in result.failed]  # (those: one error each)
+    if unmatched:
         lines.append("")
-        lines.append(f"without partner ({len(result.unmatched)}):")
-        for u in result.unmatched:
+        lines.append(f"without partner ({len(unmatched)}):")
+        for u in unmatched:
             lines.append(f"  {short.get(u.variant, u.variant)}: {u.layer}: {u.reason}")
     return "\n".join(lines)
 

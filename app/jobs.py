@@ -7,7 +7,7 @@ import numpy as np
 
 # Imported here, at window start-up, not inside the job functions: a worker thread importing a
 # module holds the GIL for the whole import and froze the GUI for ~70 ms (bench_gui).
-from quantscope.backend.compare import layer_alone, layer_detail, sweep
+from quantscope.backend.compare import CompareError, layer_alone, layer_detail, sweep
 from quantscope.backend.convert import convert
 from quantscope.backend.demo import demo_workspace
 from quantscope.backend.doctor import diagnose
@@ -77,10 +77,14 @@ def zero_histogram(zeros: dict[str, np.ndarray]):
 def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=None, cancel=None) -> dict:
     """Everything the layer views show for one layer; with ``reference`` None, what the
     checkpoints ``variants`` hold of it without a reference (values, codes, scales, zeros)."""
-    if reference is None:
+    d = None
+    if reference is not None:
+        try:
+            d = layer_detail(reference, variants, name, engine=engine, cancel=cancel)
+        except CompareError:  # no variant covers it (an untied lm_head the reference lacks): values alone
+            variants = {"reference": reference, **variants}
+    if d is None:
         d = layer_alone(variants, name, engine=engine, cancel=cancel)
-    else:
-        d = layer_detail(reference, variants, name, engine=engine, cancel=cancel)
     if progress:
         progress(0.9)
     scale_edges, scale_counts, scale_view = shared_histogram(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -41,19 +42,6 @@ _logger = logging.getLogger(__name__)
 MAX_RECENT = 10
 
 
-def _sweep_warnings(result) -> dict[str, tuple[str, str]]:
-    """Per variant, (short, full): why it was not compared at all, or why its figures are more
-    than quantization error (smoothing folded inconsistently)."""
-    out = {}
-    for v, err in result.failed.items():
-        short = err.message if len(err.message) <= 200 else err.message[:199] + "…"
-        out[v] = (f"not compared: {short}", str(err))
-    for v, c in result.smoothing_checks.items():
-        if c.warning:
-            out[v] = (c.short, c.message)
-    return out
-
-
 def _worst_per_layer(findings: list[dict]) -> dict[str, tuple[str, str]]:
     """The most severe (severity, message) per layer or tensor, for the tree's Doctor column."""
     worst: dict[str, tuple[str, str]] = {}
@@ -86,6 +74,7 @@ class MainWindow(QMainWindow):
         self.current_layer: str | None = None
         self._convert_note: tuple[str | None, str] | None = None  # (layer shown, summary) of a conversion
         self._unopened: list[str] = []  # the checkpoints of the last open that failed: for the doctor
+        self._quant_only: dict[tuple[str, str], float] = {}  # the last comparison's rel_fro_quant by (layer, variant)
         self._resize_timer = QTimer(self, singleShot=True, interval=120)
         self._resize_timer.timeout.connect(self._rescale_docks)
         self._dock_widths: dict = {}  # dock -> its width before the window's resize began...
@@ -327,7 +316,9 @@ class MainWindow(QMainWindow):
     def set_workspace(self, ws: Workspace) -> None:
         self.workspace = ws
         self._doctor_found = {}
+        self.service.cancel_channel("sweep")  # a comparison of the old set of checkpoints: its result would land here
         self.sweep_result = None
+        self._quant_only = {}
         self._sweep_cache = {}
         self.colors = colors_for(list(ws.variants))
         if ws.reference_label:
@@ -396,8 +387,7 @@ class MainWindow(QMainWindow):
     def _compare_note(self, label: str) -> str:
         """The last comparison's warning about checkpoint ``label`` as a whole, or ""."""
         res = self.sweep_result
-        chk = res.smoothing_checks.get(label) if res is not None else None
-        return chk.message if chk is not None and chk.warning else ""
+        return res.warnings().get(label, ("", ""))[1] if res is not None else ""
 
     def _checkpoint_changed(self, label: str) -> None:
         self.config.set_checkpoint(label, self.workspace.models().get(label))
@@ -431,8 +421,14 @@ class MainWindow(QMainWindow):
         self.current_layer = path
         self.config.set_layer(path, self.workspace.models())
         ws = self.workspace
-        if ws.reference is not None and path in ws.reference.layers:
-            if not ws.reference.layers[path].is_matrix:
+        if self._convert_note is not None:  # a conversion's summary stays under its layer only
+            if self._convert_note[0] == path:
+                self.config.set_whatif_result("Last conversion: " + self._convert_note[1])
+            else:
+                self._convert_note = None
+        if ws.reference is not None and (path in ws.reference.layers or path == "lm_head"):
+            # (lm_head: a tied reference compares it with its embeddings)
+            if path in ws.reference.layers and not ws.reference.layers[path].is_matrix:
                 self._clear_views(f"{path} is not a weight matrix")
                 return
             ref, models = ws.reference, dict(ws.variants)
@@ -478,8 +474,10 @@ class MainWindow(QMainWindow):
                                                         note=r["name"] + absent, view=d.value_view,
                                                         nonfinite=d.nonfinite))
         alone = d.error_edges is None  # no reference layer: nothing to measure the error against
-        no_ref = (f"{r['name']}: no reference layer to measure the error against (File ▸ Set reference… "
-                  "opens the original model)")
+        no_ref = f"{r['name']}: " + ("no reference to measure the error against (File ▸ Set reference… opens the "
+                                     "original model)" if self.workspace.reference is None else
+                                     "the reference has no layer of that name to measure the error against "
+                                     "(a variant's own name: select the reference's layer it stands for)")
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
                                                                 note=no_ref if alone else r["name"] + absent,
                                                                 view=d.error_view, nonfinite=d.nonfinite))
@@ -498,8 +496,7 @@ class MainWindow(QMainWindow):
                                                         "No variant quantizes this layer in groups"))
         # a variant whose smoothing is folded inconsistently: what the last comparison found the
         # quantization alone did to this layer
-        quant = {(q.name, q.variant): q.rel_fro_quant for q in (self.sweep_result.rows if self.sweep_result else ())
-                 if q.rel_fro_quant is not None}
+        quant = self._quant_only
         lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
             f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "") + (
             f"; the quantization alone: {quant[(d.name, v)]:.4f}" if (d.name, v) in quant else "")
@@ -510,8 +507,6 @@ class MainWindow(QMainWindow):
         note = self._convert_note
         if note is not None and note[0] == d.name:
             self._current_errors += "\n\nLast conversion: " + note[1]
-        else:
-            self._convert_note = None  # another layer: the conversion's summary has been read
         self.config.set_whatif_result(self._current_errors)
         self.detail_shown.emit(r["name"])
 
@@ -528,6 +523,8 @@ class MainWindow(QMainWindow):
 
     def _show_sweep(self, result) -> None:
         self.sweep_result = result
+        self._quant_only = {(q.name, q.variant): q.rel_fro_quant for q in result.rows
+                            if q.rel_fro_quant is not None and math.isfinite(q.rel_fro_quant)}
         per: dict[str, dict[str, float]] = {}
         for r in result.rows:
             per.setdefault(r.variant, {})[r.variant_layer] = r.rel_fro
@@ -537,7 +534,7 @@ class MainWindow(QMainWindow):
         # the tree's error columns.
         self._in_turns("sweep", [lambda: self.tabs.setCurrentWidget(self.layers),
                                  lambda: self.layers.set_rows(result.rows, colors, heatmap=False),
-                                 lambda: self.layers.set_warnings(_sweep_warnings(result)),
+                                 lambda: self.layers.set_warnings(result.warnings()),
                                  lambda: self.doctor.set_compare_note(self._compare_note(self.tree.current_label())),
                                  self.layers.redraw_heatmap,
                                  lambda: self.tree.model.set_all_errors(per),
@@ -572,7 +569,7 @@ class MainWindow(QMainWindow):
                             on_error=self._job_failed)
 
     def doctor_dialog(self) -> None:
-        """Tools ▸ Doctor on a file or folder…: any checkpoint, open or not (one that fails to open)."""
+        """Tools ▸ Doctor on a checkpoint folder…: any checkpoint, open or not (one that fails to open)."""
         start = self._unopened[-1] if self._unopened else ""
         path = QFileDialog.getExistingDirectory(self, "Doctor on a checkpoint folder", start)
         if path:

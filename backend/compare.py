@@ -122,9 +122,18 @@ class SweepResult:
                 "smoothing_checks": {v: c.to_dict() for v, c in self.smoothing_checks.items()},
                 "failed": [{"variant": v, "file": e.file, "reason": e.message} for v, e in self.failed.items()]}
 
-    def warnings(self) -> dict[str, str]:
-        """Per variant whose checkpoint does not compute what the reference does: why."""
-        return {v: c.message for v, c in self.smoothing_checks.items() if c.warning}
+    def warnings(self) -> dict[str, tuple[str, str]]:
+        """Per variant not compared, or whose checkpoint does not compute what the reference
+        does: ``(short, full)``, the short line for a banner, the full text for the table and
+        tooltips."""
+        out = {}
+        for v, err in self.failed.items():
+            short = err.message if len(err.message) <= 200 else err.message[:199] + "…"
+            out[v] = (f"not compared: {short}", str(err))
+        for v, c in self.smoothing_checks.items():
+            if c.warning:
+                out[v] = (c.short, c.message)
+        return out
 
     def to_csv(self, path) -> None:
         """One line per row with :data:`LAYER_KEYS`; unmatched layers follow with their ``reason``.
@@ -220,7 +229,7 @@ class SmoothingCheck:
     def to_dict(self) -> dict:
         d = {"smoothing_power": round(self.power, 3), "checked_on": self.layer, "warning": self.message or None}
         if self.quant_only is not None:
-            d["rel_fro_quant_median"] = self.quant_only[0]
+            d["rel_fro_quant_median"], d["rel_fro_quant_min"], d["rel_fro_quant_max"] = self.quant_only
         return d
 
 
@@ -472,11 +481,15 @@ class _VariantState:
         self.row_smoothing: dict[str, str] = {}
 
 
-def _smoothing_for(vs: _VariantState, t: Target) -> tuple[np.ndarray | None, str]:
+def _smoothing_for(vs: _VariantState, t: Target, row_scales: dict | None = None) -> tuple[np.ndarray | None, str]:
+    """The per-input-channel smoothing to undo on target ``t`` (None: none) and how it was found:
+    the norms' ratio, times the least-squares estimate from the preceding layer's rows
+    (``row_scales``: those estimates by consumer target; the sweep's by default)."""
+    row_scales = vs.row_scales if row_scales is None else row_scales
     col = t.col_scale
     label = t.smoothing
-    if t.col_fit_from is not None and t.name in vs.row_scales:
-        s = vs.row_scales[t.name]
+    if t.col_fit_from is not None and t.name in row_scales:
+        s = row_scales[t.name]
         col = s if col is None else col * s
         fit = f"lstsq:{t.col_fit_from}"
         label = fit if label == "none" else f"{label}+{fit}"
@@ -697,7 +710,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     Raises
     ------
     CompareError
-        A variant has no layer in common with the reference (names the variant's file).
+        No variant has a layer in common with the reference (names the variant's file). When
+        only some have none, the others are compared and those are in ``result.failed``.
     Cancelled
         ``cancel`` was set.
     """
@@ -712,11 +726,11 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     result = SweepResult()
     for label, vm in variants.items():
         al = align(reference, vm, label=label)
+        result.unmatched.extend(al.unmatched)  # (a failed variant's too: the JSON/CSV list them)
         if not al.targets:  # this one cannot be compared; the others still are
             result.failed[label] = _nothing_matches(vm, al.unmatched)
             continue
         states.append(_VariantState(label, vm, al))
-        result.unmatched.extend(al.unmatched)
     if not states:
         errs = list(result.failed.values())
         if len(errs) == 1:
@@ -733,7 +747,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     names = sorted({n for vs in states for n in vs.alignment.targets}, key=_order_key)
     total = sum(max(vs.alignment.targets[n].rows * vs.alignment.targets[n].cols
                     for vs in states if n in vs.alignment.targets) for n in names)
-    total += sum(t.rows * t.cols for vs in states if vs.label in result.warnings()
+    total += sum(t.rows * t.cols for vs in states if vs.label in result.smoothing_checks
+                 and result.smoothing_checks[vs.label].warning
                  for t in vs.alignment.targets.values())  # the quantization-only pass
     total = total or 1
     done = 0
@@ -875,12 +890,9 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         for vs in states:  # inconsistent smoothing: the quantization's own error besides
             chk = result.smoothing_checks.get(vs.label)
             if chk is not None and chk.warning:
-                _add_quant_only(reference, vs, chk, names, rows_out, eng, cancel, report)
-                for name in names:
-                    r = rows_out.get(name, {}).get(vs.label)
-                    key = _cache_key(ref_id, var_ids[vs.label], name, eng_name)
-                    if r is not None and key in cache:
-                        cache[key]["metrics"]["rel_fro_quant"] = r.rel_fro_quant
+                entries = {n: cache.get(_cache_key(ref_id, var_ids[vs.label], n, eng_name)) for n in names}
+                _add_quant_only(reference, vs, chk, names, rows_out, {n: e for n, e in entries.items() if e},
+                                eng, cancel, report)
     finally:
         fused.SPARE.clear()  # the buffers reused from layer to layer go back to the system
         if cache_dir is not None:
@@ -894,24 +906,36 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
 
 
 def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, names: list[str],
-                    rows_out: dict[str, dict[str, LayerMetrics]], eng, cancel, report) -> None:
+                    rows_out: dict[str, dict[str, LayerMetrics]], entries: dict[str, dict], eng, cancel,
+                    report) -> None:
     """Set ``rel_fro_quant`` on the rows of ``vs``, whose smoothing is folded to the power
-    ``chk.power`` instead of 1: each layer measured again with its smoothing scales undone to that
-    power (and the least-squares row scales re-estimated in that light), which leaves the error
-    the quantization made; ``chk.quant_only`` gets their median, least and largest.
+    ``chk.power`` instead of 1: each smoothed layer measured again with its smoothing undone to
+    that power (the least-squares row scales re-estimated in that light), which leaves the error
+    the quantization made; a layer without smoothing has its rel_fro. ``chk.quant_only`` gets
+    their median, least and largest.
 
-    A second pass over the variant's layers, paid for broken checkpoints only (rel_fro alone, in
-    float64 sums); skipped when every row has the figure already (a resumed sweep)."""
-    mine = [(n, rows_out[n][vs.label]) for n in names if vs.label in rows_out.get(n, {})]
-    if any(r.rel_fro_quant is None for _, r in mine):
-        row_scales: dict[str, np.ndarray] = {}
-        for name, row in mine:
-            t = vs.alignment.targets[name]
-            col = t.col_scale
-            if t.col_fit_from is not None and name in row_scales:
-                col = row_scales[name] if col is None else col * row_scales[name]
+    A second pass, paid for such broken checkpoints only (rel_fro alone, float64 sums). Each
+    row's figure (and its row scales) goes into its cache entry (``entries``) as it is found, so
+    a resumed sweep measures only what is missing; NaN marks a layer that could not be decoded."""
+    row_scales: dict[str, np.ndarray] = {}  # this pass's least-squares estimates, by consumer target
+    for name in names:
+        row = rows_out.get(name, {}).get(vs.label)
+        if row is None:
+            continue
+        t = vs.alignment.targets[name]
+        entry = entries.get(name)
+        fit = t.row_fit_for is not None and t.row_fit_for in vs.row_scales  # as the sweep did
+        if row.rel_fro_quant is not None and (not fit or (entry or {}).get("row_scale_quant") is not None):
+            if fit:
+                row_scales[t.row_fit_for] = np.asarray(entry["row_scale_quant"], np.float64)
+            report(t.rows * t.cols)
+            continue
+        col, _ = _smoothing_for(vs, t, row_scales)
+        if col is None and not fit:  # nothing folded here: the sweep's figure is the quantization's
+            row.rel_fro_quant = row.rel_fro
+            report(t.rows * t.cols)
+        else:
             colp = None if col is None else (np.asarray(col, np.float64) ** chk.power).astype(np.float32)
-            fit = t.row_fit_for is not None and t.row_fit_for in vs.row_scales  # as the sweep did
             ref_rows = _Rows(reference, reference.layers[t.ref_layer], eng, keep=False, counter={})
             var_rows: dict[str, _Rows] = {}
             step = max(1, _ROW_BLOCK_ELEMENTS // max(t.cols, 1)) if ref_rows.big else t.rows
@@ -934,14 +958,18 @@ def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, na
                     sdd += float(np.einsum("ij,ij->", d, d))
                     sww += float(np.einsum("ij,ij->", w64, w64))
                     report((r1 - r0) * t.cols)
+                row.rel_fro_quant = math.sqrt(sdd / sww) if sww > 0 else (0.0 if sdd == 0 else math.inf)
             except LayerError:
-                continue  # listed without partner already, or the sweep's row stands as it is
+                row.rel_fro_quant = math.nan  # the sweep's own row says what is wrong with the layer
+                fit = False
             if fit:
                 row_scales[t.row_fit_for] = s_all
-            row.rel_fro_quant = math.sqrt(sdd / sww) if sww > 0 else (0.0 if sdd == 0 else math.inf)
-    else:
-        report(sum(vs.alignment.targets[n].rows * vs.alignment.targets[n].cols for n, _ in mine))
-    got = [r.rel_fro_quant for _, r in mine if r.rel_fro_quant is not None and math.isfinite(r.rel_fro_quant)]
+        if entry is not None:
+            entry["metrics"]["rel_fro_quant"] = row.rel_fro_quant
+            if fit:
+                entry["row_scale_quant"] = row_scales[t.row_fit_for].tolist()
+    got = [r.rel_fro_quant for n in names if (r := rows_out.get(n, {}).get(vs.label)) is not None
+           and r.rel_fro_quant is not None and math.isfinite(r.rel_fro_quant)]
     if got:
         chk.quant_only = (float(np.median(got)), min(got), max(got))
 
@@ -1108,22 +1136,28 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     counter: dict = {}
     wh_of: dict[str, np.ndarray] = {}
     metrics: dict[str, LayerMetrics] = {}
-    for vs in states:
+    for vs in list(states):
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
-        # v_proj/o_proj smoothing needs the preceding layer's fit: measure it first.
-        if t.col_fit_from is not None:
-            pt = vs.alignment.targets[t.col_fit_from]
-            pref = _Rows(reference, reference.layers[pt.ref_layer], eng, keep=True, counter={})
-            cache_rows: dict = {}
-            _measure_target(pt.name, pref, [vs], [vs],
-                            lambda v, p: cache_rows.setdefault(p, _Rows(v.model, v.model.layers[p], eng, True, counter)),
-                            cancel, lambda k: None)
-        cache_rows = {}
-        rows_of = (lambda v, p, c=cache_rows: c.setdefault(p, _Rows(v.model, v.model.layers[p], eng, True, counter)))
-        res = _measure_target(name, ref_rows, [vs], [vs], rows_of, cancel, lambda k: None)
+        try:
+            # v_proj/o_proj smoothing needs the preceding layer's fit: measure it first.
+            if t.col_fit_from is not None:
+                pt = vs.alignment.targets[t.col_fit_from]
+                pref = _Rows(reference, reference.layers[pt.ref_layer], eng, keep=True, counter={})
+                cache_rows: dict = {}
+                _measure_target(pt.name, pref, [vs], [vs], lambda v, p: cache_rows.setdefault(
+                    p, _Rows(v.model, v.model.layers[p], eng, True, counter)), cancel, lambda k: None)
+            cache_rows = {}
+            rows_of = (lambda v, p, c=cache_rows: c.setdefault(p, _Rows(v.model, v.model.layers[p], eng, True, counter)))
+            res = _measure_target(name, ref_rows, [vs], [vs], rows_of, cancel, lambda k: None)
+            wh = _assemble(t, lambda p: rows_of(vs, p), 0, t.rows)
+        except LayerError as exc:  # this variant's decoder refuses it: the others are still shown
+            if exc.file is not None and exc.file != vs.model.ckpt.source:
+                raise  # the reference's
+            left_out[vs.label] = f"cannot be decoded: {exc.message}"
+            states.remove(vs)
+            continue
         metrics[vs.label] = _row(t, vs, res[vs.label])
-        wh = _assemble(t, lambda p: rows_of(vs, p), 0, t.rows)
         col, _ = _smoothing_for(vs, t)
         if col is not None:
             wh = wh / col[None, :].astype(np.float32)
@@ -1173,19 +1207,29 @@ def layer_alone(models: dict[str, Model], name: str, *, bins: int = 256, engine=
     eng = _resolve_engine(engine)
     values: dict[str, np.ndarray] = {}
     code_counts, scales, zeros = {}, {}, {}
+    left_out: dict[str, str] = {}
     for label, m in models.items():
         _check_cancel(cancel)
         lay = m.layers.get(name)
-        if lay is None or not lay.is_matrix or not lay.decodable:
+        if lay is None:
             continue
-        values[label] = _Rows(m, lay, eng, keep=False, counter={}).full()
-        _stored(label, m, [name], code_counts, scales, zeros)
+        if not lay.decodable:
+            left_out[label] = f"cannot be decoded: {lay.problem or 'not decodable'}"
+            continue
+        if not lay.is_matrix:
+            continue
+        try:
+            values[label] = _Rows(m, lay, eng, keep=False, counter={}).full()
+            _stored(label, m, [name], code_counts, scales, zeros)
+        except LayerError as exc:
+            left_out[label] = f"cannot be decoded: {exc.message}"
     if not values:
-        raise CompareError("no open checkpoint holds this layer as a decodable matrix", tensor=name)
+        raise CompareError("no open checkpoint holds this layer as a decodable matrix"
+                           + "".join(f"; {k}: {why}" for k, why in left_out.items()), tensor=name)
     edges, counts, view = bulk_histograms(values, bins)
     nonfinite = {k: a.size - int(counts[k].sum()) if k in counts else a.size for k, a in values.items()}
     return LayerDetail(name, edges, counts, None, {}, code_counts, scales, zeros, {}, {}, view, None,
-                       {k: n for k, n in nonfinite.items() if n})
+                       {k: n for k, n in nonfinite.items() if n}, left_out)
 
 
 __all__ += ["error_metrics", "stored_codes", "load_cache", "save_cache", "layer_alone"]

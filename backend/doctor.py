@@ -145,8 +145,8 @@ RULES: dict[str, Rule] = _rules(
     ("values.few-levels", "warning", None, "a layer's codes use only a few of the 2^b levels"),
     ("values.saturated", "warning", None, "most codes sit at the ends of the range"),
     ("values.scale-outlier", "warning", None, "median |scale| ≥100× off the median of the same projection"),
-    ("values.scale-magnitude", "warning", None, "median |scale| outside 1e-9…1e4: scales stored in another dtype "
-                                                "(F16 labelled BF16) or unit"),
+    ("values.scale-magnitude", "warning", None, ("median |scale| outside 1e-9…1e4: scales stored in another dtype "
+                                                 "(F16 labelled BF16) or unit")),
     ("doctor.budget", "info", None, "value checks stopped at the time budget (use --full)"),
 )
 

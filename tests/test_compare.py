@@ -473,6 +473,13 @@ def test_cli_json_csv_and_error(ref_pair, mlx_variant, tmp_path, capsys):
     data = json.loads(js.read_text())
     assert {r["variant"] for r in data["layers"]} == {str(root / "mlx")}
     assert [f["variant"] for f in data["failed"]] == [str(other)] and "different model" in data["failed"][0]["reason"]
+    assert any(u["variant"] == str(other) for u in data["unmatched"])  # its layers without partner, with why
+    # the CSV too has a line for it (it had none), and the table leaves its unmatched to the error
+    rc = main(["compare", "--reference", str(root / "ref"), str(root / "mlx"), str(other), "--csv", str(cs),
+               "--engine", "numpy"])
+    out = capsys.readouterr()
+    assert rc == 2 and any(r["variant"] == str(other) and r["reason"] for r in csv.DictReader(cs.read_text().splitlines()))
+    assert f"{other.name}:" not in out.out
 
 
 def test_table_names_keep_variants_with_the_same_folder_name_apart():

@@ -234,6 +234,8 @@ def test_exports(win, qtbot, tmp_path):
 def test_convert_from_the_window_opens_the_result_with_its_error(win, qtbot, tmp_path, demo):
     dst = tmp_path / "awq-mlx"
     n_before = len(win.workspace.variants)
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.0.mlp.up_proj")
     with qtbot.waitSignal(win.convert_done, timeout=120_000) as sig:
         from quantscope.widgets.convert_dialog import ConvertDialog
         dlg = ConvertDialog({"awq": str(demo.variants["awq-w4g128"])}, "awq")
@@ -242,8 +244,17 @@ def test_convert_from_the_window_opens_the_result_with_its_error(win, qtbot, tmp
     report = sig.args[0]
     assert report.verified and report.max_rel_fro == 0.0  # exact repack: zero error
     assert "exact repacks: 28" in win.config.whatif_result.text()
+    assert "layer " not in win.config.whatif_result.text()  # the summary, without the per-layer table's header
     qtbot.waitUntil(lambda: len(win.workspace.variants) == n_before + 1, timeout=30_000)
     assert (dst / "config.json").exists()
+    # the result opens beside the others: the shown layer's errors now include it, and the
+    # conversion's summary stays under them (the refresh wiped it)
+    qtbot.waitUntil(lambda: "awq-mlx: rel_fro" in win.config.whatif_result.text().replace("\u200b", ""),
+                    timeout=30_000)
+    assert "Last conversion: converted" in win.config.whatif_result.text().replace("\u200b", "")
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):  # another layer: the summary has been read
+        assert win.tree.select("model.layers.1.mlp.up_proj")
+    assert "Last conversion" not in win.config.whatif_result.text()
 
 
 def test_screenshot_mode_exits_nonzero_with_a_message_when_nothing_opens(tmp_path):
@@ -330,9 +341,14 @@ def test_layers_view_offers_the_quantization_own_error_only_when_a_variant_has_i
     plot.metric_box.setCurrentIndex(plot.metric_box.findData(QUANT_ONLY[0]))
     assert list(plot.series["bad"].getData()[1]) == [0.11, 0.11] and list(plot.series["ok"].getData()[1]) == [0.15, 0.15]
     assert plot.plot.getAxis("left").labelText == QUANT_ONLY[1][1]
+    # a row of the inconsistent variant without the figure (its layer not decodable) has no point,
+    # not its smoothing-laden rel_fro
+    r2 = rows(0.11)
+    r2[1].rel_fro_quant = None
+    plot.set_rows(r2, {"bad": "#f00", "ok": "#00f"})
+    assert np.isnan(plot.series["bad"].getData()[1]).sum() == 1
     plot.set_rows(rows(None), {"bad": "#f00", "ok": "#00f"})  # a new comparison without: the choice goes
-    assert plot.metric_box.findData(QUANT_ONLY[0]) < 0 and plot.metric_box.currentData() in ("rel_fro", "sqnr_db",
-                                                                                              "rel_fro_raw")
+    assert plot.metric_box.findData(QUANT_ONLY[0]) < 0 and plot.metric_box.currentData() == "rel_fro"
 
 
 def test_doctor_panel_counts_the_findings_a_summary_entry_stands_for(qtbot):
@@ -678,8 +694,13 @@ def test_without_a_reference_the_views_show_what_the_checkpoint_holds(win, qtbot
     assert win.hist._counts["gptq-w4g128"].sum() == 1536 * 512 and win.hist.hint.text() == ""
     assert win.codes._counts["gptq-w4g128"].sum() == 1536 * 512
     assert "gptq-w4g128" in win.scales._counts and "gptq-w4g128" in win.zeros._counts
-    assert "no reference layer" in win.err_hist.hint.text() and "no reference layer" in win.heatmap.hint.text()
-    assert "no reference layer" in win.config.whatif_result.text()
+    for text in (win.err_hist.hint.text(), win.heatmap.hint.text(), win.config.whatif_result.text()):
+        assert "no reference to measure the error against" in text.replace("\u200b", "")
+    # a layer no open checkpoint has any more (the workspace changed under it): views emptied
+    win.current_layer = "model.layers.9.mlp.up_proj"
+    win._reselect()
+    win.tabs.setCurrentWidget(win.hist)
+    assert win.current_layer is None and "Select a layer" in win.hist.note.text() + win.hist.hint.text()
 
 
 def test_a_variant_that_cannot_be_compared_is_named_and_the_others_compared(win, qtbot, tmp_path, demo):

@@ -71,6 +71,7 @@ class LayerErrorPlot(QWidget):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.metric_box = shrinkable(QComboBox(), 8)
+        self._quant_variants: set[str] = set()
         for k, names in METRICS.items():
             self._add_metric(k, names)
         self.proj = shrinkable(QComboBox(), 8)
@@ -179,9 +180,14 @@ class LayerErrorPlot(QWidget):
         if has_quant and at < 0:
             self._add_metric(*QUANT_ONLY)
         elif not has_quant and at >= 0:
-            self.metric_box.blockSignals(True)  # back to the first metric when it was the one shown
+            self.metric_box.blockSignals(True)
+            was = self.metric_box.currentIndex() == at
             self.metric_box.removeItem(at)
+            if was:  # back to the first metric (Qt picks the neighbour)
+                self.metric_box.setCurrentIndex(0)
             self.metric_box.blockSignals(False)
+        # variants whose smoothing is inconsistent: a row without the figure (not decodable) has none
+        self._quant_variants = {r.variant for r in self._rows if getattr(r, QUANT_ONLY[0], None) is not None}
         other = len(rows) - len(self._rows)
         bad = [r for r in rows if not math.isfinite(r.rel_fro)]
         self.info.setText("Run “Compare all layers” to fill this view." if not rows else
@@ -224,7 +230,8 @@ class LayerErrorPlot(QWidget):
         key = self.metric_box.currentData()
         v = getattr(r, key)
         if v is None and key == QUANT_ONLY[0]:
-            v = r.rel_fro  # smoothing folded consistently (or none): rel_fro is the quantization's
+            # smoothing folded consistently (or none): rel_fro is the quantization's
+            v = math.nan if r.variant in self._quant_variants else r.rel_fro
         return float(v)
 
     def prepare_steps(self, variants: list[str], colors: dict) -> list:

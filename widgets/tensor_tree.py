@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 from PySide6.QtCore import QEvent, QModelIndex, Qt, QTimer, Signal
 from PySide6.QtGui import QFontMetrics, QGuiApplication
 from PySide6.QtWidgets import (QApplication, QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu, QStyle,
@@ -92,6 +94,7 @@ class TensorTree(QWidget):
         lay.addWidget(self.view, 1)
         lay.addWidget(self.count)
         self._index = PathIndex([])
+        self._name_need = self.NAME_WIDTH
         self._debounce = QTimer(self, singleShot=True, interval=30)
         self._debounce.timeout.connect(self._apply_search)
         self.search.textChanged.connect(lambda _: self._debounce.start())
@@ -134,6 +137,10 @@ class TensorTree(QWidget):
 
     def _on_combo(self, label: str) -> None:
         self.model.set_checkpoint(self._models.get(label))
+        # the longest name's width, once per checkpoint (a resize asks again; a MoE has 70k names)
+        fm = self.view.fontMetrics()
+        longest = heapq.nlargest(8, self.model.paths(), key=len)  # by characters, then measured
+        self._name_need = max((fm.horizontalAdvance(p) for p in longest), default=0) + 32  # + the branch arrow
         self._index = PathIndex(self.model.paths(), self.model.tensor_names())
         self._apply_search()
         # Widths from the font, not resizeColumnToContents: that walks every row (25 ms on a
@@ -173,9 +180,7 @@ class TensorTree(QWidget):
         a 235 px dock it showed 30 px of colour)."""
         vw = self.view.viewport().width()
         avail = vw - self._own_width()
-        longest = max(self.model.paths(), key=len, default="")
-        need = self.view.fontMetrics().horizontalAdvance(longest) + 32  # + the branch arrow
-        return max(110, min(need, max(self.NAME_WIDTH, vw // 2), avail))
+        return max(110, min(self._name_need, max(self.NAME_WIDTH, vw // 2), avail))
 
     def resizeEvent(self, ev) -> None:
         super().resizeEvent(ev)

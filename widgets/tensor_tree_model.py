@@ -312,8 +312,9 @@ class TensorTreeModel(QAbstractItemModel):
         if role == _FOREGROUND and nb <= col < nb + len(self._variants):
             cell = self._cell(self._variants[col - nb], layer.path)
             return None if cell is None else cell[2]
-        if role == _FOREGROUND and col in (0, 1, self.columnCount() - 1):
-            # a layer that cannot be decoded, or one the doctor found an error or warning in
+        if role == _FOREGROUND and (col in (0, self.columnCount() - 1) or (col == 1 and layer.problem)):
+            # a layer that cannot be decoded (name and scheme), or one the doctor found an error or
+            # warning in (name and flag: set_findings repaints those two columns)
             flag = self._flags.get(layer.path)
             sev = "error" if layer.problem and col in (0, 1) else flag[0] if flag else None
             return _SEVERITY_COLOR.get(sev)
