@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -83,7 +84,12 @@ class MainWindow(QMainWindow):
         self.sweep_result = None
         self._sweep_cache: dict = {}
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
-        self._current_errors = ""  # the selected layer's error per variant, under a what-if result
+        # The what-if box holds, for the layer shown, each of these that belongs to it: a what-if
+        # result, the variants' errors (from its detail), a conversion's summary (_result_text).
+        self._whatif_line: tuple[str, str] | None = None  # (layer, result line)
+        self._detail_errors: tuple[str, object, bool] | None = None  # (layer, LayerDetail, without reference)
+        self._detail_job: int | None = None
+        self._shown_layer: str | None = None  # the layer the views show
         self.setWindowTitle("quantscope")
         self.setAcceptDrops(True)
         self._build_views()
@@ -94,6 +100,7 @@ class MainWindow(QMainWindow):
         self.jobs_bar.setFixedWidth(440)
         self.statusBar().addPermanentWidget(self.jobs_bar)
         self.service.error.connect(self._show_error)
+        self.service.job_done.connect(self._job_ended)
         # Everything built so far (Qt wrappers, pyqtgraph, numpy, our modules) lives as long as
         # the window: keep it out of the cyclic GC's scans, which otherwise stall the GUI thread
         # for 40-50 ms per full collection (measured with gc.callbacks under bench_gui).
@@ -266,13 +273,17 @@ class MainWindow(QMainWindow):
             self._report_failed(ws.failed, n, reference)
 
         self.service.submit("workspace", title, jobs.job_load, list(paths), reference,
-                            on_result=opened, on_error=self._open_failed([*paths, *([reference] if reference else [])]))
+                            on_result=opened, on_error=self._open_failed([*([reference] if reference else []), *paths],
+                                                                         reference))
 
-    def _open_failed(self, paths: list[str]):
-        """The error handler of a load where none of ``paths`` opened: they are what the doctor
-        checks next (Tools ▸ Run doctor with nothing open)."""
+    def _open_failed(self, paths: list[str], reference: str | None = None):
+        """The error handler of a load where none of ``paths`` opened (in the order they were
+        tried: the error names the first): they are what the doctor checks next (Tools ▸ Run
+        doctor with nothing open), the one named first."""
         def failed(message: str, details: str) -> None:
             self._unopened = [str(p) for p in paths]
+            if reference is not None and message.startswith(str(reference)):
+                message = "The reference could not be opened: " + message
             self._job_failed(message, details)
         return failed
 
@@ -299,11 +310,17 @@ class MainWindow(QMainWindow):
         ws = self.workspace
 
         def merge(new: Workspace) -> None:
+            open_ = {os.path.realpath(m.ckpt.source): lb for lb, m in ws.models().items()}
+            again = []
             for label, m in new.variants.items():
                 if as_reference:
                     ws.set_reference(m)
+                elif os.path.realpath(m.ckpt.source) in open_:  # it opened as "name (2)", twice the same
+                    again.append(f"{m.ckpt.source} is open already (as {open_[os.path.realpath(m.ckpt.source)]})")
                 else:
                     ws.add_variant(m)
+            if again:
+                self._status("; ".join(again))
             for p in paths:
                 if p not in {f for f, _ in new.failed}:
                     self._remember(p)
@@ -319,12 +336,17 @@ class MainWindow(QMainWindow):
         self.service.cancel_channel("sweep")  # a comparison of the old set of checkpoints: its result would land here
         self.sweep_result = None
         self._quant_only = {}
+        self._detail_errors = self._whatif_line = None  # of the checkpoints before (the reference may differ)
         self._sweep_cache = {}
         self.colors = colors_for(list(ws.variants))
         if ws.reference_label:
             self.colors["reference"] = REFERENCE_COLOR
             self.colors[ws.reference_label] = REFERENCE_COLOR
         self.tree.model.dark = is_dark(self.palette())
+        if ws.reference is not None and any(lay.quantized for lay in ws.reference.layers.values()):
+            schemes = sorted({lay.scheme for lay in ws.reference.layers.values() if lay.quantized})
+            self._status(f"The reference is quantized ({', '.join(schemes)}): errors are measured against its "
+                         "decode, and the what-if requantizes that")
         self.tree.model.set_variants(list(ws.variants))
         self.tree.model.set_all_errors({v: {} for v in ws.variants})  # the last comparison's, gone with it
         first = next(iter(ws.variants), ws.reference_label)
@@ -421,11 +443,7 @@ class MainWindow(QMainWindow):
         self.current_layer = path
         self.config.set_layer(path, self.workspace.models())
         ws = self.workspace
-        if self._convert_note is not None:  # a conversion's summary stays under its layer only
-            if self._convert_note[0] == path:
-                self.config.set_whatif_result("Last conversion: " + self._convert_note[1])
-            else:
-                self._convert_note = None
+        self._refresh_result()  # what belongs to this layer (a conversion's summary), nothing of another's
         if ws.reference is not None and (path in ws.reference.layers or path == "lm_head"):
             # (lm_head: a tied reference compares it with its embeddings)
             if path in ws.reference.layers and not ws.reference.layers[path].is_matrix:
@@ -439,8 +457,23 @@ class MainWindow(QMainWindow):
                 self._clear_views(f"{path} is not a weight matrix" if held and not any(lay.is_matrix for lay in held)
                                   else f"{path} cannot be decoded (the Quantization config panel says why)")
                 return
-        self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ref, models, path,
-                            engine=self.engine, on_result=self._show_detail, on_error=self._job_failed)
+        job = self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ref, models, path,
+                                  engine=self.engine, on_result=self._show_detail, on_error=self._job_failed)
+        self._detail_job = job.id
+
+    def _job_ended(self, job_id: int) -> None:
+        # A layer's decode that ended without showing it (cancelled, Esc): the views still show
+        # the layer before, so they say so (after the result, if any, has been delivered).
+        if job_id == self._detail_job:
+            QTimer.singleShot(0, self, self._check_shown)
+
+    def _check_shown(self) -> None:
+        path = self.current_layer
+        if path is not None and self._shown_layer != path and "detail" not in self._busy_channels():
+            self._clear_views(f"{path}: decoding was cancelled — select the layer again")
+
+    def _busy_channels(self) -> set[str]:
+        return {j.channel for j in self.service.running()}
 
     def _update_view(self, view, fn) -> None:
         """Update ``view`` now if its tab is showing, else when the tab is shown (only the latest
@@ -457,6 +490,7 @@ class MainWindow(QMainWindow):
             fn()
 
     def _clear_views(self, why: str) -> None:
+        self._shown_layer = None
         for v in (self.hist, self.err_hist, self.scales, self.zeros):
             self._update_view(v, lambda v=v: v.set_histograms(None, {}, {}, note=why))
         self._update_view(self.codes, lambda: self.codes.set_counts({}, {}, empty_note=why))
@@ -469,18 +503,19 @@ class MainWindow(QMainWindow):
         colors[ref_label] = REFERENCE_COLOR
         upd = self._update_view
         # a variant without this layer (cannot be decoded, no partner) is said, not just missing
-        absent = f" · not shown: {', '.join(d.left_out)} (see Current error)" if d.left_out else ""
+        absent = f"Not shown: {', '.join(d.left_out)} (the what-if box says why)" if d.left_out else ""
         upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors,
-                                                        note=r["name"] + absent, view=d.value_view,
-                                                        nonfinite=d.nonfinite))
+                                                        note=r["name"], view=d.value_view,
+                                                        nonfinite=d.nonfinite, absent=absent))
         alone = d.error_edges is None  # no reference layer: nothing to measure the error against
         no_ref = f"{r['name']}: " + ("no reference to measure the error against (File ▸ Set reference… opens the "
                                      "original model)" if self.workspace.reference is None else
                                      "the reference has no layer of that name to measure the error against "
                                      "(a variant's own name: select the reference's layer it stands for)")
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
-                                                                note=no_ref if alone else r["name"] + absent,
-                                                                view=d.error_view, nonfinite=d.nonfinite))
+                                                                note=no_ref if alone else r["name"],
+                                                                view=d.error_view, nonfinite=d.nonfinite,
+                                                                absent=absent))
         no_codes = [v for v in (d.value_counts if alone else d.metrics) if v not in d.code_counts]
         upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors, empty_note="No variant stores "
                                                        "integer codes for this layer (dense, or a float format)",
@@ -494,21 +529,35 @@ class MainWindow(QMainWindow):
             note="integer zero points" if r["zero_counts"] else "No variant stores integer zero points for this layer"))
         upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note=no_ref if alone else
                                                         "No variant quantizes this layer in groups"))
-        # a variant whose smoothing is folded inconsistently: what the last comparison found the
-        # quantization alone did to this layer
-        quant = self._quant_only
-        lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
-            f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "") + (
-            f"; the quantization alone: {quant[(d.name, v)]:.4f}" if (d.name, v) in quant else "")
-            for v, m in d.metrics.items()]
-        lines += [f"{v}: not shown, {why}" for v, why in d.left_out.items()]
-        # one line per variant (a ";"-joined line for six variants ran through a 3-line box)
-        self._current_errors = (no_ref if alone else "Current error of each variant:\n" + "\n".join(lines))
-        note = self._convert_note
-        if note is not None and note[0] == d.name:
-            self._current_errors += "\n\nLast conversion: " + note[1]
-        self.config.set_whatif_result(self._current_errors)
+        self._shown_layer = d.name
+        self._detail_errors = (d.name, d, no_ref if alone else None)
+        self._refresh_result()
         self.detail_shown.emit(r["name"])
+
+    def _result_text(self) -> str:
+        """The what-if box for the layer shown: its what-if result, each variant's error (with what
+        the last comparison found the quantization alone did, where the smoothing is inconsistent)
+        and a conversion's summary, each only when it belongs to this layer."""
+        name = self.current_layer
+        parts = []
+        if self._whatif_line is not None and self._whatif_line[0] == name:
+            parts.append(self._whatif_line[1])
+        if self._detail_errors is not None and self._detail_errors[0] == name:
+            _, d, no_ref = self._detail_errors
+            quant = self._quant_only
+            lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
+                f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "") + (
+                f"; the quantization alone: {quant[(d.name, v)]:.4f}" if (d.name, v) in quant else "")
+                for v, m in d.metrics.items()]
+            lines += [f"{v}: not shown, {why}" for v, why in d.left_out.items()]
+            # one line per variant (a ";"-joined line for six variants ran through a 3-line box)
+            parts.append(no_ref or "Current error of each variant:\n" + "\n".join(lines))
+        if self._convert_note is not None and self._convert_note[0] == name:
+            parts.append("Last conversion: " + self._convert_note[1])
+        return "\n\n".join(parts)
+
+    def _refresh_result(self) -> None:
+        self.config.set_whatif_result(self._result_text())
 
     # -- tools -----------------------------------------------------------------------------------
 
@@ -525,6 +574,7 @@ class MainWindow(QMainWindow):
         self.sweep_result = result
         self._quant_only = {(q.name, q.variant): q.rel_fro_quant for q in result.rows
                             if q.rel_fro_quant is not None and math.isfinite(q.rel_fro_quant)}
+        self._refresh_result()  # the layer shown: what the comparison found the quantization alone did
         per: dict[str, dict[str, float]] = {}
         for r in result.rows:
             per.setdefault(r.variant, {})[r.variant_layer] = r.rel_fro
@@ -542,13 +592,13 @@ class MainWindow(QMainWindow):
 
     def run_doctor(self, path: str | None = None) -> None:
         """The doctor on the checkpoint the tree shows; on ``path`` when given, or when none is
-        open, on the last one that could not be opened (when it is most needed)."""
+        open, on the one that could not be opened (when it is most needed)."""
         label = self.tree.current_label()
         m = self.workspace.models().get(label)
         if path is None and m is None:
             if not self._unopened:
                 return
-            path = self._unopened[-1]
+            path = self._unopened[0]  # the one the error named
         if path is not None:
             label, source, m = Path(path).name, path, None
         else:
@@ -570,22 +620,27 @@ class MainWindow(QMainWindow):
 
     def doctor_dialog(self) -> None:
         """Tools ▸ Doctor on a checkpoint folder…: any checkpoint, open or not (one that fails to open)."""
-        start = self._unopened[-1] if self._unopened else ""
+        start = self._unopened[0] if self._unopened else ""
         path = QFileDialog.getExistingDirectory(self, "Doctor on a checkpoint folder", start)
         if path:
             self.run_doctor(path)
 
     def run_whatif(self, bits: int, group: int, mode: str) -> None:
-        if self.current_layer is None or self.workspace.reference is None:
-            self.config.set_whatif_result("Select a layer of a workspace with a reference first.")
+        ws = self.workspace
+        if self.current_layer is None or ws.reference is None or self.current_layer not in ws.reference.layers:
+            why = ("Select a layer first." if self.current_layer is None else
+                   "The what-if requantizes the reference's layer: open a reference (File ▸ Set reference…)."
+                   if ws.reference is None else "The reference has no layer of that name to requantize.")
+            self.config.set_whatif_result(why + ("\n\n" + self._result_text() if self._result_text() else ""))
             return
 
         def show(r):
             if r["name"] != self.current_layer:  # another layer is selected by now: its figures stand
                 return
-            self.config.set_whatif_result(
-                f"What-if {r['mode']} {r['bits']} bit / {r['group_size']}: rel_fro {r['rel_fro']:.4f} "
-                f"({r['sqnr_db']:.1f} dB)\n\n" + self._current_errors)
+            line = (f"What-if {r['mode']} {r['bits']} bit / {r['group_size']}: rel_fro {r['rel_fro']:.4f} "
+                    f"({r['sqnr_db']:.1f} dB)")
+            self._whatif_line = (r["name"], line)
+            self._refresh_result()
 
         self.service.submit("whatif", "Requantizing (what-if)", jobs.job_whatif, self.workspace.reference,
                             self.current_layer, bits, group, mode, on_result=show, on_error=self._job_failed)
@@ -608,9 +663,9 @@ class MainWindow(QMainWindow):
             from quantscope.backend.convert import summary_lines
             text = "\n".join(summary_lines(report, table=False))
             self._status(f"Converted to {dst}")
-            self.config.set_whatif_result(text)
-            # shown again under the errors of the layer shown, once the result has opened beside it
+            # under the errors of the layer shown (until another is selected), the result beside them
             self._convert_note = (self.current_layer, text)
+            self._refresh_result()
             self.add_paths([dst])
             self.convert_done.emit(report)
 

@@ -726,7 +726,7 @@ def test_a_variant_that_cannot_be_compared_is_named_and_the_others_compared(win,
     win.tabs.setCurrentWidget(win.hist)
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         assert win.tree.select("model.layers.0.mlp.up_proj")
-    assert "not shown: bits8" in win.hist.note.text() and "bits8" not in win.hist._counts
+    assert "Not shown: bits8" in win.hist.footer.text() and "bits8" not in win.hist._counts
     assert "bits8: not shown, the variant's layer model.layers.0.mlp.up_proj cannot be decoded" in \
         win.config.whatif_result.text().replace("\u200b", "")  # (break chances in long words)
 
@@ -778,3 +778,43 @@ def test_tree_colours_the_names_of_layers_the_doctor_flagged(win, qtbot):
     assert m.index(4, 0).data(Qt.ItemDataRole.ForegroundRole) is None
     m.set_findings({})
     assert m.index(3, 0).data(Qt.ItemDataRole.ForegroundRole) is None
+
+
+def test_the_whatif_box_holds_only_what_belongs_to_the_layer_shown(win, qtbot):
+    # a what-if result stood beside the previous layer's errors when a decode was cancelled, and a
+    # decode landing after the what-if wiped it
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.0.self_attn.k_proj")
+    with qtbot.waitSignal(win.service.job_done, timeout=60_000):
+        win.run_whatif(4, 64, "affine")
+    qtbot.waitUntil(lambda: "What-if affine 4 bit / 64" in win.config.whatif_result.text(), timeout=10_000)
+    assert "Current error of each variant" in win.config.whatif_result.text()
+    win.tree.select("model.layers.1.mlp.down_proj")
+    win.service.cancel_channel("detail")  # Esc before the decode lands
+    qtbot.waitUntil(lambda: "decoding was cancelled" in win.hist.hint.text() + win.hist.note.text(), timeout=10_000)
+    assert "What-if" not in win.config.whatif_result.text()  # k_proj's, not shown under down_proj
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):  # back to k_proj: its what-if is still its own
+        assert win.tree.select("model.layers.0.self_attn.k_proj")
+    assert "What-if affine 4 bit / 64" in win.config.whatif_result.text()
+
+
+def test_a_comparison_adds_the_quantization_alone_to_the_layer_shown(qtbot, tmp_path, real_fixtures):
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    w.quiet_errors = True
+    qtbot.addWidget(w)
+    w.resize(1280, 800)
+    w.show()
+    try:
+        with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
+            w.open_workspace([str(real / "autoawq-gemm-w4g128")], str(real_fixtures / "base-bf16"))
+        with qtbot.waitSignal(w.detail_shown, timeout=30_000):
+            assert w.tree.select("model.layers.1.mlp.down_proj")
+        assert "quantization alone" not in w.config.whatif_result.text()
+        with qtbot.waitSignal(w.sweep_done, timeout=120_000):
+            w.compare_all()
+        text = w.config.whatif_result.text().replace("\u200b", "")
+        assert "the quantization alone: 0.12" in text  # without selecting the layer again
+    finally:
+        w.service.shutdown()

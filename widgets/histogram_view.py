@@ -86,14 +86,15 @@ class HistogramView(QWidget):
 
     def set_histograms(self, edges: np.ndarray | None, counts: dict[str, np.ndarray], colors: dict,
                        note: str = "", view: tuple[float, float] | None = None,
-                       nonfinite: dict[str, int] | None = None) -> None:
+                       nonfinite: dict[str, int] | None = None, absent: str = "") -> None:
         """``view``: the range shown first, where the bulk of the values is (a few outliers
         stretch ``edges`` far beyond it); ``nonfinite``: per key, values that are NaN or ±inf,
-        in no bin. Both are said in the line under the plot."""
+        in no bin; ``absent``: which series are left out and why. All are said in the line under
+        the plot (the toolbar's note has no room in a 1280 px window)."""
         self._edges, self._counts, self._colors = edges, dict(counts), dict(colors)
         self._view = view if edges is not None else None
         self.note.setText(note)
-        self.footer.setText(self._footer(nonfinite or {}))
+        self.footer.setText(". ".join(p for p in (absent, self._footer(nonfinite or {})) if p))
         empty = edges is None or not counts
         # an empty view says why (the caller's note: "not a weight matrix", "no scales"), or
         # what to do to fill it

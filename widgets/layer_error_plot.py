@@ -34,7 +34,7 @@ METRICS = {"rel_fro": ("rel. error", "relative Frobenius error ‖Ŵ−W‖/‖W
            "rel_fro_raw": ("rel. error, raw", "rel. error without undoing smoothing")}
 #: Offered only when a compared variant folds its smoothing inconsistently (the sweep's
 #: ``rel_fro_quant``); the other variants' points are their rel_fro, which is their quantization's.
-QUANT_ONLY = ("rel_fro_quant", ("quantization alone", "quantization's own error (smoothing undone to its measured power)"))
+QUANT_ONLY = ("rel_fro_quant", ("quantization alone", "rel. error of the quantization alone"))
 
 
 _PROJ_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
@@ -285,7 +285,9 @@ class LayerErrorPlot(QWidget):
         for r in self._rows:
             if proj is None or r.proj == proj:
                 by_var.setdefault(r.variant, []).append(r)
-        by_var = {v: rows for v, rows in by_var.items() if rows or v in self.series}
+        # before any result, the series made ahead (prepare_steps) stay; after, only those with
+        # points (a variant that could not be compared is not in the legend)
+        by_var = {v: rows for v, rows in by_var.items() if rows or (v in self.series and not self._rows)}
         # Existing items are updated in place (setData); only a new set of variants rebuilds them.
         self._ensure_series(list(by_var))
         n = max(1, len(by_var))
