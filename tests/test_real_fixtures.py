@@ -198,19 +198,24 @@ def test_detail_zero_points_are_code_levels_that_give_the_tools_decode(case, rea
         np.testing.assert_array_equal((codes - z[:, g]) * s[:, g], dec[name])
 
 
-def test_a_variant_whose_config_contradicts_every_layer_is_named_and_the_others_compared(real_fixtures, tmp_path):
-    # GPTQModel's 4-bit files with "bits": 8 in both configs: no layer decodes. The sweep compares
-    # the good variant and says, in full, why the other has nothing to compare (it aborted all)
+def _bits8(tmp_path) -> Path:
+    """GPTQModel's 4-bit fixture with "bits": 8 in both its configs: no layer decodes."""
     import shutil
-
-    from quantscope.backend.compare import CompareError, sweep
-    from quantscope.backend.workspace import open_model
     bad = tmp_path / "bits8"
     shutil.copytree(REAL / "gptqmodel-gptq-w4g128", bad)
     for f in ("config.json", "quantize_config.json"):
         d = json.loads((bad / f).read_text())
         (d.get("quantization_config") or d)["bits"] = 8
         (bad / f).write_text(json.dumps(d))
+    return bad
+
+
+def test_a_variant_whose_config_contradicts_every_layer_is_named_and_the_others_compared(real_fixtures, tmp_path):
+    # GPTQModel's 4-bit files with "bits": 8 in both configs: no layer decodes. The sweep compares
+    # the good variant and says, in full, why the other has nothing to compare (it aborted all)
+    from quantscope.backend.compare import CompareError, sweep
+    from quantscope.backend.workspace import open_model
+    bad = _bits8(tmp_path)
     ref = open_model(real_fixtures / "base-bf16")
     res = sweep(ref, {"good": open_model(REAL / "gptqmodel-gptq-w4g128"), "bad": open_model(bad)}, engine="numpy")
     assert {r.variant for r in res.rows} == {"good"} and len(res.rows) == 14
@@ -224,16 +229,9 @@ def test_a_variant_whose_config_contradicts_every_layer_is_named_and_the_others_
 def test_a_layer_without_a_reference_shows_what_each_checkpoint_holds(real_fixtures, tmp_path):
     # layer_alone: the window's views of a checkpoint opened without a reference; one that cannot
     # be decoded is named, not dropped
-    import shutil
-
     from quantscope.backend.compare import layer_alone
     from quantscope.backend.workspace import open_model
-    bad = tmp_path / "bits8"
-    shutil.copytree(REAL / "gptqmodel-gptq-w4g128", bad)
-    for f in ("config.json", "quantize_config.json"):
-        d = json.loads((bad / f).read_text())
-        (d.get("quantization_config") or d)["bits"] = 8
-        (bad / f).write_text(json.dumps(d))
+    bad = _bits8(tmp_path)
     good = open_model(REAL / "gptqmodel-gptq-w4g128")
     name = "model.layers.0.self_attn.q_proj"
     d = layer_alone({"good": good, "bad": open_model(bad)}, name, engine="numpy")
