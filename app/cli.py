@@ -291,6 +291,21 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (timeout, a CI runner, docker stop) takes the path of Ctrl+C: a conversion then
+    removes its partial output as it does when interrupted (it was left behind, hidden)."""
+    import signal
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup and exit are not interrupted again
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, interrupt)
+    except (ValueError, OSError):  # not the main thread (an embedding caller): leave it as it is
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Options every command takes may come before the command (`quantscope --debug info X`, as the
@@ -309,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 build_parser().print_help()
                 return 0
             _setup_logging(args.verbose)
+            _terminate_as_interrupt()
             return COMMANDS[args.command](args)
         args = build_window_parser().parse_args(argv)
         _setup_logging(args.verbose)

@@ -41,6 +41,9 @@ _MLP_IN = {"gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc"}
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
 _EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
 _SWITCH_RE = re.compile(r"^(?P<pre>.*)\.switch_mlp\.(?P<proj>[^.]+)$")
+#: Mixtral-style experts (w1/w3/w2) stack into switch_mlp's gate/up/down (mlx-lm's sanitize), and back.
+_SWITCH_OF_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_EXPERT_OF_SWITCH = {v: k for k, v in _SWITCH_OF_EXPERT.items()}
 #: A stored norm equals the reference's up to this relative difference when nothing was folded
 #: (bf16 → fp16 is exact; fp16/bf16 re-rounding moves a value by at most 2^-8).
 NORM_TOLERANCE = 2.0 ** -6
@@ -247,8 +250,10 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                     else:
                         segs.append(Segment((off, off + n, 1), p.path, (0, n, 1)))
                         off += n
-        elif (m := _EXPERT_RE.match(cname)) and f"{m['pre']}.switch_mlp.{m['proj']}" in var:
-            st = var[f"{m['pre']}.switch_mlp.{m['proj']}"]
+        elif (m := _EXPERT_RE.match(cname)) and (
+                (sw := f"{m['pre']}.switch_mlp.{m['proj']}") in var
+                or (sw := f"{m['pre']}.switch_mlp.{_SWITCH_OF_EXPERT.get(m['proj'], m['proj'])}") in var):
+            st = var[sw]
             e = int(m["e"])
             why = usable(st, cname)
             if why:
@@ -260,6 +265,8 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
         elif (m := _SWITCH_RE.match(cname)) and len(rl.shape) == 3:
             n_exp, n = rl.shape[0], rl.shape[1]
             parts = [var.get(f"{m['pre']}.experts.{e}.{m['proj']}") for e in range(n_exp)]
+            if not all(p is not None for p in parts) and m["proj"] in _EXPERT_OF_SWITCH:
+                parts = [var.get(f"{m['pre']}.experts.{e}.{_EXPERT_OF_SWITCH[m['proj']]}") for e in range(n_exp)]
             if all(p is not None for p in parts):
                 bad = [w for w in (usable(p, cname) for p in parts) if w]
                 if bad:

@@ -61,6 +61,9 @@ _logger = logging.getLogger(__name__)
 MAX_SHARD_BYTES = 5 << 30
 #: Marker in the name of the temporary folder beside DST: ``.DST.quantscope-partial-<pid>``.
 PARTIAL_TAG = "quantscope-partial"
+#: A per-expert MoE layer (transformers' layout): mlx-lm wants them stacked into switch_mlp.
+_PER_EXPERT = re.compile(r".*\.experts\.\d+\.[^.]+$")
+
 #: mlx-lm's mixed recipes: name -> (low bits, high bits); group 64.
 RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
 _DTYPE_ARG = {"bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
@@ -1171,6 +1174,13 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
     ckpt = open_checkpoint(src_p)
     try:
         model = analyze(ckpt)
+        if to == "mlx":
+            experts = [p for p, lay in model.layers.items() if _PER_EXPERT.match(p) and lay.is_matrix]
+            if experts:  # written one by one, mlx-lm could not load them: refused, not written broken
+                raise ConversionError(f"{len(experts)} per-expert MoE layers (e.g. {experts[0]}): mlx-lm loads experts "
+                                      "stacked into switch_mlp (its sanitize stacks only dense .weight tensors), and "
+                                      "quantscope does not stack them — convert MoE models with mlx_lm.convert "
+                                      "(--to dense works)", file=ckpt.source, rule="convert.moe-experts")
         _check_destination(ckpt.root, src_p, dst_p, overwrite)
         rep = ConversionReport(src=str(ckpt.root if src_p.is_dir() else src_p.resolve()),
                                dst=str(dst_p.resolve()), to=to, source_bytes=ckpt.total_bytes)

@@ -225,6 +225,30 @@ def test_experts_against_switch_mlp(tmp_path):
                                            ("gate_proj", "up_proj", "down_proj")]
 
 
+def test_mixtral_experts_against_switch_mlp(tmp_path):
+    # transformers' Mixtral names experts w1/w3/w2; mlx-lm stacks them as switch_mlp gate/up/down:
+    # every expert row was "absent in the variant"
+    rng = np.random.default_rng(6)
+    E = 3
+    shapes = {"w1": (F, H), "w3": (F, H), "w2": (H, F)}
+    per = {f"model.layers.0.block_sparse_moe.experts.{e}.{p}.weight":
+           (rng.standard_normal(shp) * 0.02).astype(BF16) for e in range(E) for p, shp in shapes.items()}
+    ref = _model(tmp_path / "per", per)
+    names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    stacked = {f"model.layers.0.block_sparse_moe.switch_mlp.{names[p]}.weight":
+               np.stack([_f32(per[f"model.layers.0.block_sparse_moe.experts.{e}.{p}.weight"]) for e in range(E)])
+               + np.float32(0.001) for p in shapes}
+    var = _model(tmp_path / "stk", stacked)
+    res = sweep(ref, {"s": var}, engine="numpy")
+    assert len(res.rows) == 3 * E and not res.unmatched
+    r = next(r for r in res.rows if r.name == "model.layers.0.block_sparse_moe.experts.1.w3")
+    assert r.variant_layer == "model.layers.0.block_sparse_moe.switch_mlp.up_proj"
+    w = _f32(per["model.layers.0.block_sparse_moe.experts.1.w3.weight"])
+    assert r.rel_fro == pytest.approx(_direct(w, w + np.float32(0.001)), rel=1e-6)
+    back = sweep(var, {"p": ref}, engine="numpy")  # and the other way round
+    assert len(back.rows) == 3 and not back.unmatched
+
+
 def test_tied_embeddings_both_ways(ref_pair, tmp_path):
     root, rw, ref, vw, var = ref_pair
     tied_rw = {k: v for k, v in rw.items() if k != "lm_head.weight"}

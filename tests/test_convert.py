@@ -482,3 +482,21 @@ def test_overwrite_replaces_only_an_earlier_output(demo, tmp_path, capsys):
         assert (d / "thesis.tex").read_text() == "mine"
 
 
+
+
+def test_per_expert_moe_to_mlx_is_refused_not_written_broken(tmp_path):
+    # transformers' experts.{e}.* written one by one: mlx-lm stacks experts into switch_mlp (its
+    # sanitize stacks only dense weights), so such an output would not load
+    from helpers import write_st
+    src = tmp_path / "moe"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    t = {f"model.layers.0.mlp.experts.{e}.{p}.weight": (rng.standard_normal((128, 64)) * 0.02).astype(np.float32)
+         for e in range(2) for p in ("gate_proj", "up_proj")}
+    write_st(src / "model.safetensors", t, {"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64}))
+    with pytest.raises(ConversionError, match="per-expert MoE layers.*switch_mlp"):
+        convert(src, tmp_path / "out", to="mlx", bits=4)
+    assert not (tmp_path / "out").exists()
+    convert(src, tmp_path / "dense", to="dense", verify=False)  # decoding to dense is fine
+    assert (tmp_path / "dense" / "model.safetensors").exists()
