@@ -87,7 +87,7 @@ class MainWindow(QMainWindow):
         # The what-if box holds, for the layer shown, each of these that belongs to it: a what-if
         # result, the variants' errors (from its detail), a conversion's summary (_result_text).
         self._whatif_line: tuple[str, str] | None = None  # (layer, result line)
-        self._detail_errors: tuple[str, object, bool] | None = None  # (layer, LayerDetail, without reference)
+        self._detail_errors: tuple[str, object, str | None] | None = None  # (layer, LayerDetail, why no error)
         self._detail_job: int | None = None
         self._shown_layer: str | None = None  # the layer the views show
         self.setWindowTitle("quantscope")
@@ -462,15 +462,15 @@ class MainWindow(QMainWindow):
         self._detail_job = job.id
 
     def _job_ended(self, job_id: int) -> None:
-        # A layer's decode that ended without showing it (cancelled, Esc): the views still show
-        # the layer before, so they say so (after the result, if any, has been delivered).
+        # A layer's decode that ended without showing it (cancelled with Esc, or failed): the views
+        # still show the layer before, so they say so (checked once the result, if any, is shown).
         if job_id == self._detail_job:
             QTimer.singleShot(0, self, self._check_shown)
 
     def _check_shown(self) -> None:
         path = self.current_layer
         if path is not None and self._shown_layer != path and "detail" not in self._busy_channels():
-            self._clear_views(f"{path}: decoding was cancelled — select the layer again")
+            self._clear_views(f"{path}: not shown, its decoding was cancelled or failed — select it again")
 
     def _busy_channels(self) -> set[str]:
         return {j.channel for j in self.service.running()}

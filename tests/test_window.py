@@ -792,6 +792,7 @@ def test_the_whatif_box_holds_only_what_belongs_to_the_layer_shown(win, qtbot):
     win.tree.select("model.layers.1.mlp.down_proj")
     win.service.cancel_channel("detail")  # Esc before the decode lands
     qtbot.waitUntil(lambda: "decoding was cancelled" in win.hist.hint.text() + win.hist.note.text(), timeout=10_000)
+    assert "model.layers.1.mlp.down_proj: not shown" in win.hist.hint.text() + win.hist.note.text()
     assert "What-if" not in win.config.whatif_result.text()  # k_proj's, not shown under down_proj
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):  # back to k_proj: its what-if is still its own
         assert win.tree.select("model.layers.0.self_attn.k_proj")
