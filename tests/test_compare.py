@@ -644,3 +644,24 @@ def test_bulk_histograms_are_exact_on_their_edges_and_find_the_bulk_beside_outli
     edges3, counts3, (lo3, hi3) = bulk_histograms({"b": b}, bins=256)
     assert len(edges3) - 1 <= 4096 and np.array_equal(counts3["b"], np.histogram(b[np.isfinite(b)], bins=edges3)[0])
     assert ((edges3[:-1] >= lo3) & (edges3[1:] <= hi3)).sum() >= 48
+
+
+def test_cache_keys_stay_short_however_many_shards(tmp_path):
+    # each key held the (path, size, mtime) list of every file of both checkpoints: 32 KB a key
+    # for 200 shards, 2 GB of keys for a 50,000-layer comparison
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    wmap = {}
+    for i in range(40):
+        name = f"model-{i:05d}-of-00040.safetensors"
+        key = f"model.layers.{i}.mlp.down_proj.weight"
+        write_st(folder / name, {key: (rng.standard_normal((8, 64)) * 0.02).astype(BF16)}, {"format": "pt"})
+        wmap[key] = name
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    m = analyze(open_checkpoint(folder))
+    cache: dict = {}
+    res = sweep(m, {"same": m}, engine="numpy", cache=cache)
+    assert len(res.rows) == 40 and all(r.rel_fro == 0 for r in res.rows)
+    assert len(cache) == 40 and max(len(k) for k in cache) < 200
