@@ -116,6 +116,8 @@ RULES: dict[str, Rule] = _rules(
     ("mlx.scales-shape", "error", "R18", "`.scales`/`.biases` rank or leading dims differ from `.weight`"),
     ("mlx.bits-group", "error", "R18", "32·W/b ≠ G·S for the effective bits/group, or K is not a model dimension"),
     ("mlx.override-unmatched", "error", "R17", "a per-layer override names no module of the checkpoint"),
+    ("mlx.per-expert", "warning", "R17", ("MoE experts quantized one by one: mlx-lm stacks only their .weight into "
+                                          "switch_mlp, their scales/biases match no parameter")),
     # GPTQ / AWQ
     ("gptq.v1-zero-wrap", "error", "R1", "v1 qzeros field 2^b−1: a true zero of 0 wrapped by the −1"),
     ("gptq.sym-zeros", "error", "R3", "sym=true but the zero points are not the constant 2^(b−1)"),
@@ -801,6 +803,7 @@ class _Doctor:
                 col.add("layer.inconsistent", f"{layer.problem}; loaders fail on this layer or decode it wrongly",
                         file=file, layer=path, severity="warning" if unknown else None)
         self._check_overrides(cfg)
+        self._check_per_expert()
         self._check_config(cfg, ck)
 
     def _check_mlx_triple(self, layer, cfg, file) -> None:
@@ -889,6 +892,19 @@ class _Doctor:
                         f"layer has K={int(k_bits)} inputs, which is not a dimension of this model; {b} bit / group "
                         f"{g} gives K={wp * 32 // b}. The shapes fit both, so loaders decode silent garbage "
                         "(b·G swapped) — fix bits/group_size in config.json", file=file, tensor=tname, layer=path)
+
+    def _check_per_expert(self) -> None:
+        """MLX-quantized experts stored one by one (experts.{e}.*.scales): mlx-lm's MoE models
+        (qwen2/qwen3_moe, mixtral, …) stack only the experts' .weight into switch_mlp in their
+        sanitize, so the scales and biases are left over ("parameters not in model")."""
+        per = [p for p, lay in self.model.layers.items()
+               if lay.scheme.startswith("mlx-") and re.search(r"\.experts\.\d+\.[^.]+$", p)]
+        if per:
+            self.col.add("mlx.per-expert", f"{len(per)} MoE expert layers are MLX-quantized one by one (e.g. "
+                         f"{per[0]}); mlx-lm loads experts stacked as switch_mlp.{{gate,up,down}}_proj and its "
+                         "sanitize stacks only their .weight, so their .scales/.biases match no parameter and loading "
+                         "fails — convert the model with mlx_lm.convert (which stacks before quantizing)",
+                         file=next(iter(self.model.layers[per[0]].tensors.values())).file, layer=per[0])
 
     def _check_overrides(self, cfg) -> None:
         if cfg.kind != "mlx" or not self.complete:
