@@ -116,6 +116,8 @@ RULES: dict[str, Rule] = _rules(
     ("mlx.scales-shape", "error", "R18", "`.scales`/`.biases` rank or leading dims differ from `.weight`"),
     ("mlx.bits-group", "error", "R18", "32·W/b ≠ G·S for the effective bits/group, or K is not a model dimension"),
     ("mlx.override-unmatched", "error", "R17", "a per-layer override names no module of the checkpoint"),
+    ("layer.fused-and-split", "warning", None, "a projection stored both fused (qkv_proj, gate_up_proj) and split: "
+                                               "one set matches no parameter of the model"),
     ("mlx.per-expert", "warning", "R17", ("MoE experts quantized one by one: mlx-lm stacks only their .weight into "
                                           "switch_mlp, their scales/biases match no parameter")),
     # GPTQ / AWQ
@@ -804,6 +806,7 @@ class _Doctor:
                         file=file, layer=path, severity="warning" if unknown else None)
         self._check_overrides(cfg)
         self._check_per_expert()
+        self._check_fused_and_split()
         self._check_config(cfg, ck)
 
     def _check_mlx_triple(self, layer, cfg, file) -> None:
@@ -892,6 +895,22 @@ class _Doctor:
                         f"layer has K={int(k_bits)} inputs, which is not a dimension of this model; {b} bit / group "
                         f"{g} gives K={wp * 32 // b}. The shapes fit both, so loaders decode silent garbage "
                         "(b·G swapped) — fix bits/group_size in config.json", file=file, tensor=tname, layer=path)
+
+    def _check_fused_and_split(self) -> None:
+        """``X.qkv_proj`` beside ``X.q_proj`` (or gate_up_proj beside gate_proj/up_proj): a model
+        has one or the other, so a strict loader refuses the extra parameters and a lenient one
+        uses whichever it looks for, silently."""
+        from .compare_align import _FUSED
+        layers = self.model.layers
+        for path in layers:
+            parent, _, proj = path.rpartition(".")
+            if proj in _FUSED:
+                split = [f"{parent}.{p}" for p in _FUSED[proj] if f"{parent}.{p}" in layers]
+                if split:
+                    self.col.add("layer.fused-and-split", f"{path} is stored, and so {'is' if len(split) == 1 else 'are'} {', '.join(split)}: a model "
+                                 "has either the fused projection or its parts, so one set matches no parameter "
+                                 "(strict loaders refuse the file; others use one set silently) — keep one",
+                                 file=next(iter(layers[path].tensors.values())).file, layer=path)
 
     def _check_per_expert(self) -> None:
         """MLX-quantized experts stored one by one (experts.{e}.*.scales): mlx-lm's MoE models
