@@ -116,8 +116,8 @@ RULES: dict[str, Rule] = _rules(
     ("mlx.scales-shape", "error", "R18", "`.scales`/`.biases` rank or leading dims differ from `.weight`"),
     ("mlx.bits-group", "error", "R18", "32·W/b ≠ G·S for the effective bits/group, or K is not a model dimension"),
     ("mlx.override-unmatched", "error", "R17", "a per-layer override names no module of the checkpoint"),
-    ("layer.fused-and-split", "warning", None, "a projection stored both fused (qkv_proj, gate_up_proj) and split: "
-                                               "one set matches no parameter of the model"),
+    ("layer.fused-and-split", "warning", None, ("a projection stored both fused (qkv_proj, gate_up_proj) and split: "
+                                                "one set matches no parameter of the model")),
     ("mlx.per-expert", "warning", "R17", ("MoE experts quantized one by one: mlx-lm stacks only their .weight into "
                                           "switch_mlp, their scales/biases match no parameter")),
     # GPTQ / AWQ
