@@ -1179,10 +1179,6 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of}, bins)
     errs = {k: a.astype(np.float64) - w.astype(np.float64) for k, a in wh_of.items()}
     error_edges, error_counts, error_view = bulk_histograms(errs, bins)
-    # every finite value lies within the edges: what the counts miss is NaN or inf
-    # (no counts at all: no finite value anywhere)
-    nonfinite = {k: a.size - int(value_counts[k].sum()) if k in value_counts else a.size
-                 for k, a in {"reference": w, **wh_of}.items()}
     del errs
     code_counts, scales, zeros, group_error = {}, {}, {}, {}
     for vs in states:
@@ -1192,8 +1188,15 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
         _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros)
         group_error[vs.label] = _group_errors(w, wh_of[vs.label], vl, vs.model)
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
-                       group_error, metrics, value_view, error_view, {k: n for k, n in nonfinite.items() if n},
-                       left_out)
+                       group_error, metrics, value_view, error_view,
+                       _nonfinite({"reference": w, **wh_of}, value_counts), left_out)
+
+
+def _nonfinite(values: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, int]:
+    """Per key with any, how many values are NaN or inf: every finite value lies within the
+    histogram's edges, so what its counts miss is (no counts at all: no finite value anywhere)."""
+    out = {k: a.size - int(counts[k].sum()) if k in counts else a.size for k, a in values.items()}
+    return {k: n for k, n in out.items() if n}
 
 
 def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scales: dict, zeros: dict) -> None:
@@ -1239,9 +1242,8 @@ def layer_alone(models: dict[str, Model], name: str, *, bins: int = 256, engine=
         raise CompareError("no open checkpoint holds this layer as a decodable matrix"
                            + "".join(f"; {k}: {why}" for k, why in left_out.items()), tensor=name)
     edges, counts, view = bulk_histograms(values, bins)
-    nonfinite = {k: a.size - int(counts[k].sum()) if k in counts else a.size for k, a in values.items()}
     return LayerDetail(name, edges, counts, None, {}, code_counts, scales, zeros, {}, {}, view, None,
-                       {k: n for k, n in nonfinite.items() if n}, left_out)
+                       _nonfinite(values, counts), left_out)
 
 
 __all__ += ["error_metrics", "stored_codes", "load_cache", "save_cache", "layer_alone"]

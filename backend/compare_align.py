@@ -39,7 +39,8 @@ PRECEDING = {"o_proj": "v_proj", "down_proj": "up_proj", "fc2": "fc1", "w2": "w3
 _ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "wq", "wk", "wv", "Wqkv"}
 _MLP_IN = {"gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc"}
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
-_EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
+#: A per-expert MoE layer path (transformers' layout; mlx-lm stacks them into switch_mlp).
+EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
 _SWITCH_RE = re.compile(r"^(?P<pre>.*)\.switch_mlp\.(?P<proj>[^.]+)$")
 #: Mixtral-style experts (w1/w3/w2) stack into switch_mlp's gate/up/down (mlx-lm's sanitize), and back.
 _SWITCH_OF_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
@@ -250,7 +251,7 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                     else:
                         segs.append(Segment((off, off + n, 1), p.path, (0, n, 1)))
                         off += n
-        elif (m := _EXPERT_RE.match(cname)) and (
+        elif (m := EXPERT_RE.match(cname)) and (
                 (sw := f"{m['pre']}.switch_mlp.{m['proj']}") in var
                 or (sw := f"{m['pre']}.switch_mlp.{_SWITCH_OF_EXPERT.get(m['proj'], m['proj'])}") in var):
             st = var[sw]

@@ -45,6 +45,7 @@ import numpy as np
 
 from .bitpack import unpack_bits
 from .checkpoint import Checkpoint, open_checkpoint
+from .compare_align import EXPERT_RE
 from .dtypes import DTYPES
 from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import awq, ct, fast, gptq
@@ -61,9 +62,6 @@ _logger = logging.getLogger(__name__)
 MAX_SHARD_BYTES = 5 << 30
 #: Marker in the name of the temporary folder beside DST: ``.DST.quantscope-partial-<pid>``.
 PARTIAL_TAG = "quantscope-partial"
-#: A per-expert MoE layer (transformers' layout): mlx-lm wants them stacked into switch_mlp.
-_PER_EXPERT = re.compile(r".*\.experts\.\d+\.[^.]+$")
-
 #: mlx-lm's mixed recipes: name -> (low bits, high bits); group 64.
 RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
 _DTYPE_ARG = {"bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
@@ -1175,7 +1173,7 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
     try:
         model = analyze(ckpt)
         if to == "mlx":
-            experts = [p for p, lay in model.layers.items() if _PER_EXPERT.match(p) and lay.is_matrix]
+            experts = [p for p, lay in model.layers.items() if EXPERT_RE.match(p) and lay.is_matrix]
             if experts:  # written one by one, mlx-lm could not load them: refused, not written broken
                 raise ConversionError(f"{len(experts)} per-expert MoE layers (e.g. {experts[0]}): mlx-lm loads experts "
                                       "stacked into switch_mlp (its sanitize stacks only dense .weight tensors), and "

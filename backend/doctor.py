@@ -40,6 +40,7 @@ import numpy as np
 from .bitpack import unpack_bits
 from .checkpoint import (INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within,
                          natural_key, split_name)
+from .compare_align import _FUSED, EXPERT_RE
 from .dtypes import DTYPES
 from .errors import Cancelled, QuantscopeError
 from .formats.mlx import E4M3, E8M0, MODE_DEFAULTS, affine_fits
@@ -900,7 +901,6 @@ class _Doctor:
         """``X.qkv_proj`` beside ``X.q_proj`` (or gate_up_proj beside gate_proj/up_proj): a model
         has one or the other, so a strict loader refuses the extra parameters and a lenient one
         uses whichever it looks for, silently."""
-        from .compare_align import _FUSED
         layers = self.model.layers
         for path in layers:
             parent, _, proj = path.rpartition(".")
@@ -916,8 +916,7 @@ class _Doctor:
         """MLX-quantized experts stored one by one (experts.{e}.*.scales): mlx-lm's MoE models
         (qwen2/qwen3_moe, mixtral, …) stack only the experts' .weight into switch_mlp in their
         sanitize, so the scales and biases are left over ("parameters not in model")."""
-        per = [p for p, lay in self.model.layers.items()
-               if lay.scheme.startswith("mlx-") and re.search(r"\.experts\.\d+\.[^.]+$", p)]
+        per = [p for p, lay in self.model.layers.items() if lay.scheme.startswith("mlx-") and EXPERT_RE.match(p)]
         if per:
             self.col.add("mlx.per-expert", f"{len(per)} MoE expert layers are MLX-quantized one by one (e.g. "
                          f"{per[0]}); mlx-lm loads experts stacked as switch_mlp.{{gate,up,down}}_proj and its "

@@ -202,18 +202,22 @@ def test_fused_variant_against_split_reference(ref_pair, tmp_path, interleaved):
     assert row.rel_fro == pytest.approx(_direct(gu, expect), rel=1e-9)
 
 
+def _experts_and_switch(tmp_path, seed: int, block: str, E: int, shapes: dict, switch_of: dict, offset):
+    """A reference with per-expert layers ``{block}.experts.{e}.{p}`` (bf16, shapes by p) and a
+    variant stacking them as ``{block}.switch_mlp.{switch_of[p]}`` [E, N, K], plus ``offset``."""
+    rng = np.random.default_rng(seed)
+    per = {f"{block}.experts.{e}.{p}.weight": (rng.standard_normal(shp) * 0.02).astype(BF16)
+           for e in range(E) for p, shp in shapes.items()}
+    stacked = {f"{block}.switch_mlp.{switch_of[p]}.weight":
+               np.stack([_f32(per[f"{block}.experts.{e}.{p}.weight"]) for e in range(E)]) + offset for p in shapes}
+    return per, _model(tmp_path / "per", per), _model(tmp_path / "stk", stacked)
+
+
 def test_experts_against_switch_mlp(tmp_path):
-    rng = np.random.default_rng(5)
     E = 4
-    per = {f"model.layers.0.mlp.experts.{e}.{p}.weight": (rng.standard_normal((F, H) if p != "down_proj" else (H, F))
-                                                           * 0.02).astype(BF16)
-           for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")}
-    ref = _model(tmp_path / "per", per)
-    stacked = {f"model.layers.0.mlp.switch_mlp.{p}.weight":
-               np.stack([_f32(per[f"model.layers.0.mlp.experts.{e}.{p}.weight"]) for e in range(E)])
-               + np.float32(0.001) * np.arange(E, dtype=np.float32)[:, None, None]
-               for p in ("gate_proj", "up_proj", "down_proj")}
-    var = _model(tmp_path / "stk", stacked)
+    shapes = {"gate_proj": (F, H), "up_proj": (F, H), "down_proj": (H, F)}
+    per, ref, var = _experts_and_switch(tmp_path, 5, "model.layers.0.mlp", E, shapes, {p: p for p in shapes},
+                                        np.float32(0.001) * np.arange(E, dtype=np.float32)[:, None, None])
     res = sweep(ref, {"s": var}, engine="numpy")
     assert len(res.rows) == 3 * E and not res.unmatched
     r2 = next(r for r in res.rows if r.name == "model.layers.0.mlp.experts.2.up_proj")
@@ -228,17 +232,10 @@ def test_experts_against_switch_mlp(tmp_path):
 def test_mixtral_experts_against_switch_mlp(tmp_path):
     # transformers' Mixtral names experts w1/w3/w2; mlx-lm stacks them as switch_mlp gate/up/down:
     # every expert row was "absent in the variant"
-    rng = np.random.default_rng(6)
     E = 3
-    shapes = {"w1": (F, H), "w3": (F, H), "w2": (H, F)}
-    per = {f"model.layers.0.block_sparse_moe.experts.{e}.{p}.weight":
-           (rng.standard_normal(shp) * 0.02).astype(BF16) for e in range(E) for p, shp in shapes.items()}
-    ref = _model(tmp_path / "per", per)
-    names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-    stacked = {f"model.layers.0.block_sparse_moe.switch_mlp.{names[p]}.weight":
-               np.stack([_f32(per[f"model.layers.0.block_sparse_moe.experts.{e}.{p}.weight"]) for e in range(E)])
-               + np.float32(0.001) for p in shapes}
-    var = _model(tmp_path / "stk", stacked)
+    per, ref, var = _experts_and_switch(tmp_path, 6, "model.layers.0.block_sparse_moe", E,
+                                        {"w1": (F, H), "w3": (F, H), "w2": (H, F)},
+                                        {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}, np.float32(0.001))
     res = sweep(ref, {"s": var}, engine="numpy")
     assert len(res.rows) == 3 * E and not res.unmatched
     r = next(r for r in res.rows if r.name == "model.layers.0.block_sparse_moe.experts.1.w3")
