@@ -91,5 +91,6 @@ class ConvertDialog(QDialog):
         return {"src": self.sources[self.source.currentText()], "dst": self.dst.text().strip(),
                 "to": self.to.currentText(), "bits": None if b == KEEP else int(b),
                 "group_size": None if g == KEEP else int(g), "mode": self.mode.currentText(),
-                "recipe": None if recipe == "uniform" else recipe, "dtype": self.dtype.currentText() if self.to.currentText() == "dense" else None,
+                "recipe": None if recipe == "uniform" else recipe,
+                "dtype": self.dtype.currentText() if self.to.currentText() == "dense" else None,
                 "overwrite": self.overwrite.isChecked()}

@@ -175,19 +175,18 @@ class LayerErrorPlot(QWidget):
             if cur and combo.findText(cur) >= 0:
                 combo.setCurrentText(cur)
             combo.blockSignals(False)
-        has_quant = any(getattr(r, QUANT_ONLY[0], None) is not None for r in self._rows)
+        # variants whose smoothing is inconsistent: a row without the figure (not decodable) has none
+        self._quant_variants = {r.variant for r in self._rows if getattr(r, QUANT_ONLY[0], None) is not None}
         at = self.metric_box.findData(QUANT_ONLY[0])
-        if has_quant and at < 0:
+        if self._quant_variants and at < 0:
             self._add_metric(*QUANT_ONLY)
-        elif not has_quant and at >= 0:
+        elif not self._quant_variants and at >= 0:
             self.metric_box.blockSignals(True)
             was = self.metric_box.currentIndex() == at
             self.metric_box.removeItem(at)
             if was:  # back to the first metric (Qt picks the neighbour)
                 self.metric_box.setCurrentIndex(0)
             self.metric_box.blockSignals(False)
-        # variants whose smoothing is inconsistent: a row without the figure (not decodable) has none
-        self._quant_variants = {r.variant for r in self._rows if getattr(r, QUANT_ONLY[0], None) is not None}
         other = len(rows) - len(self._rows)
         bad = [r for r in rows if not math.isfinite(r.rel_fro)]
         self.info.setText("Run “Compare all layers” to fill this view." if not rows else
