@@ -70,6 +70,12 @@ def _rules(*rows) -> dict[str, Rule]:
 
 #: Median |scale| outside this range: the scales are not read as they were written.
 _SCALE_SANE = (1e-9, 1e4)
+#: Model types whose mlx-lm class (0.32) stacks per-expert weight, scales and biases alike when it
+#: loads (its ``sanitize``), so experts MLX-quantized one by one load; mlx-lm's aliases included.
+STACKS_QUANTIZED_EXPERTS = frozenset((
+    "afmoe bailing_hybrid bailing_moe bailing_moe_linear deepseek deepseek_v2 deepseek_v3 deepseek_v32 dots1 "
+    "exaone_moe glm4_moe glm4_moe_lite hunyuan jamba kimi_vl longcat_flash mimo_v2_flash mistral4 mixtral "
+    "olmoe phimoe qwen2_moe kimi_k2 joyai_llm_flash").split())
 
 #: Every rule the doctor can report. docs/doctor.md lists the same table with sources.
 RULES: dict[str, Rule] = _rules(
@@ -119,8 +125,8 @@ RULES: dict[str, Rule] = _rules(
     ("mlx.override-unmatched", "error", "R17", "a per-layer override names no module of the checkpoint"),
     ("layer.fused-and-split", "warning", None, ("a projection stored both fused (qkv_proj, gate_up_proj) and split: "
                                                 "one set matches no parameter of the model")),
-    ("mlx.per-expert", "warning", "R17", ("MoE experts quantized one by one: mlx-lm stacks only their .weight into "
-                                          "switch_mlp, their scales/biases match no parameter")),
+    ("mlx.per-expert", "warning", "R17", ("MoE experts quantized one by one for a model whose mlx-lm class stacks "
+                                          "only their .weight into switch_mlp: their scales/biases match no parameter")),
     # GPTQ / AWQ
     ("gptq.v1-zero-wrap", "error", "R1", "v1 qzeros field 2^b−1: a true zero of 0 wrapped by the −1"),
     ("gptq.sym-zeros", "error", "R3", "sym=true but the zero points are not the constant 2^(b−1)"),
@@ -913,15 +919,19 @@ class _Doctor:
                                  file=next(iter(layers[path].tensors.values())).file, layer=path)
 
     def _check_per_expert(self) -> None:
-        """MLX-quantized experts stored one by one (experts.{e}.*.scales): mlx-lm's MoE models
-        (qwen2/qwen3_moe, mixtral, …) stack only the experts' .weight into switch_mlp in their
-        sanitize, so the scales and biases are left over ("parameters not in model")."""
+        """MLX-quantized experts stored one by one (experts.{e}.*.scales). When mlx-lm loads a
+        model, its class's ``sanitize`` stacks per-expert tensors into switch_mlp: for some model
+        types the weight, scales and biases (:data:`STACKS_QUANTIZED_EXPERTS`), for the others
+        (qwen3_moe, qwen3_next, minimax, …) only the .weight, which leaves the scales and biases
+        over ("parameters not in model")."""
         per = [p for p, lay in self.model.layers.items() if lay.scheme.startswith("mlx-") and EXPERT_RE.match(p)]
-        if per:
+        mt = str((self.model.ckpt.configs.get("config.json") or {}).get("model_type") or "")
+        if per and mt not in STACKS_QUANTIZED_EXPERTS:
             self.col.add("mlx.per-expert", f"{len(per)} MoE expert layers are MLX-quantized one by one (e.g. "
-                         f"{per[0]}); mlx-lm loads experts stacked as switch_mlp.{{gate,up,down}}_proj and its "
-                         "sanitize stacks only their .weight, so their .scales/.biases match no parameter and loading "
-                         "fails — convert the model with mlx_lm.convert (which stacks before quantizing)",
+                         f"{per[0]}); mlx-lm loads experts stacked as switch_mlp.{{gate,up,down}}_proj, and for "
+                         f"model type {mt or '(none)'!r} it stacks only their .weight, so their .scales/.biases "
+                         "match no parameter and loading fails — convert the source with `quantscope convert "
+                         "--to mlx` or mlx_lm.convert (both stack the experts)",
                          file=next(iter(self.model.layers[per[0]].tensors.values())).file, layer=per[0])
 
     def _check_overrides(self, cfg) -> None:

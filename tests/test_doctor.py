@@ -782,6 +782,17 @@ def test_rule_fires(case, tmp_path):
         assert not [f for f in findings if f.severity == "error"]
 
 
+
+def test_per_expert_is_fine_where_mlx_lm_stacks_scales_too(tmp_path):
+    # mixtral's and qwen2_moe's sanitize stack weight, scales and biases: such a file loads
+    path, rule, _ = c_per_expert(tmp_path)
+    for mt in ("mixtral", "qwen2_moe"):
+        _write_cfg(path, {**json.loads((path / "config.json").read_text()), "model_type": mt})
+        assert not [f for f in diagnose(path) if f.rule == rule]
+    _write_cfg(path, {**json.loads((path / "config.json").read_text()), "model_type": "qwen3_moe"})
+    hit = [f for f in diagnose(path) if f.rule == rule]
+    assert hit and "'qwen3_moe'" in hit[0].message and "quantscope convert" in hit[0].message
+
 # ---------------------------------------------------------------------------------- clean
 
 CLEAN_GOLDEN = sorted(p.name for p in GOLDEN.iterdir() if (p / "model.safetensors").is_file())
