@@ -45,7 +45,7 @@ import numpy as np
 
 from .bitpack import unpack_bits
 from .checkpoint import Checkpoint, open_checkpoint
-from .compare_align import EXPERT_RE
+from .compare_align import switch_path
 from .dtypes import DTYPES
 from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import awq, ct, fast, gptq
@@ -64,6 +64,28 @@ MAX_SHARD_BYTES = 5 << 30
 PARTIAL_TAG = "quantscope-partial"
 #: mlx-lm's mixed recipes: name -> (low bits, high bits); group 64.
 RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6)}
+#: mlx-lm's own per-model choices (each model class's ``quant_predicate``, mlx-lm 0.32), applied
+#: where a layer gets the uniform settings: module paths ending so get 8 bits (group 64) — MoE
+#: routers, whose choice of experts is discrete — or stay dense (False). ``=name``: that exact path.
+_ROUTER8 = (("mlp.gate", 8),)
+MODEL_RULES: dict[str, tuple[tuple[str, int | bool], ...]] = {
+    "qwen3_moe": _ROUTER8, "qwen3_vl_moe": _ROUTER8, "kimi_linear": _ROUTER8, "mellum": _ROUTER8,
+    "Klear": _ROUTER8,
+    "qwen3_next": (("mlp.gate", 8), ("shared_expert_gate", 8)),
+    "qwen3_5": (("mlp.gate", 8), ("shared_expert_gate", 8)),
+    "qwen3_5_moe": (("mlp.gate", 8), ("shared_expert_gate", 8)),
+    "gpt_oss": (("router", 8),), "jamba": (("router", 8),),
+    "granitemoe": (("block_sparse_moe.router.layer", 8), ("self_attn.o_proj", 8), ("mlp.down_proj", 8),
+                   ("=lm_head", 8)),
+    "granitemoehybrid": (("router.layer", 8),),
+    "lfm2_moe": (("feed_forward.gate", 8),),
+    "bailing_moe": (("mlp.gate.gate_proj", 8),), "bailing_moe_linear": (("mlp.gate.gate_proj", 8),),
+    "bailing_hybrid": (("mlp.gate.gate_proj", 8), ("attention.embed_q", False), ("attention.unembed_out", False)),
+    "minimax": (("block_sparse_moe.gate", 8),), "minimax_m2": (("block_sparse_moe.gate", 8),),
+    "gemma4": (("router.proj", 8),), "gemma4_text": (("router.proj", 8),),
+    "laguna": (("mlp.gate.proj", 8),), "longcat_flash": (("classifier", 8),),
+    "afmoe": (("router.gate", 8),), "step3p5": (("mlp.gate.gate", 8),),
+}
 _DTYPE_ARG = {"bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
 _TORCH_NAME = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 _FLOAT_ST = ("F16", "BF16", "F32", "F64")
@@ -103,7 +125,11 @@ class LayerResult:
         True when the scales were written in float32 although the source's were narrower, because
         MLX's rounding in the source dtype would not reproduce the source values (see module doc).
     rel_fro, max_abs, sqnr_db
-        Error of the output against the source from the verification sweep (None when not measured).
+        Error of the output against the source from the verification sweep (None when not measured;
+        for stacked experts the worst expert's).
+    experts
+        Source modules stacked into this one (per-expert MoE layers written as mlx-lm's
+        ``switch_mlp`` ``[E, N, K]``), in expert order; empty otherwise.
     """
 
     path: str
@@ -117,6 +143,7 @@ class LayerResult:
     rel_fro: float | None = None
     max_abs: float | None = None
     sqnr_db: float | None = None
+    experts: list[str] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -280,6 +307,9 @@ class _Targets:
         self.recipe_name = None
         self.table: dict[str, Any] | None = None
         self.n_layers = _n_layers(model)
+        cfg = model.ckpt.configs.get("config.json") or {}
+        self.model_type = str(cfg.get("model_type") or "")
+        self.rules = MODEL_RULES.get(self.model_type, ())
         self.per_layer = False  # write a config entry for every quantized layer (mlx-lm does for recipes)
         if recipe is None:
             return
@@ -321,7 +351,21 @@ class _Targets:
             return mixed_recipe_settings(self.recipe_name, path, self.n_layers)
         if self.table is not None and path in self.table:
             return self.table[path]
-        return self.default if self.explicit else None
+        return self.uniform(path) if self.explicit else None
+
+    def uniform(self, path: str):
+        """What the uniform settings give ``path``: the defaults, or this model's rule (see
+        :data:`MODEL_RULES`) where one applies."""
+        rule = self.rule(path)
+        return self.default if rule is None else rule
+
+    def rule(self, path: str):
+        if self.recipe_name is not None:  # mlx-lm: a recipe replaces the model's choices
+            return None
+        for pat, bits in self.rules:
+            if (path == pat[1:]) if pat.startswith("=") else (path == pat or path.endswith("." + pat)):
+                return False if bits is False else _Q(bits, 64)
+        return None
 
 
 # -- numpy / MLX helpers --------------------------------------------------------------------------
@@ -683,10 +727,13 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             reason = f"{w.dtype} weight"
         elif len(layer.shape) > 3:
             reason = f"{len(layer.shape)}-D weight"
-        elif target is False:
-            reason = "recipe: false"
         elif target is None and source_quantized:
             reason = "not quantized in the source"
+        elif target is None:
+            target = targets.uniform(path)
+        if reason is None and target is False:
+            reason = (f"mlx-lm keeps it dense for {targets.model_type}" if targets.rule(path) is False
+                      else "recipe: false")
         q = target if isinstance(target, _Q) else targets.default
         if reason is None and k % q.group_size:
             reason = f"input dimension {k} is not a multiple of group size {q.group_size}"
@@ -748,7 +795,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
                     f"{path}.biases": b.astype(sdt, copy=False)}
 
         return _Item(res, outputs, make_repack, config=q, raw=raw)
-    q = target if isinstance(target, _Q) else targets.default
+    q = target if isinstance(target, _Q) else targets.uniform(path) or targets.default
     k = layer.shape[-1]
     if k % q.group_size:
         # Cannot quantize at this group size: keep the decoded weights.
@@ -770,6 +817,83 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         return dict(zip([o[0] for o in outputs], parts))
 
     return _Item(res, outputs, make_requant, config=q, raw=raw)
+
+
+def _stack_experts(model: Model, items: list[_Item]) -> list[_Item]:
+    """Per-expert MoE modules (``….experts.{e}.gate_proj``; Mixtral's ``w1/w3/w2``) as mlx-lm
+    loads them: one ``….switch_mlp.{gate,up,down}_proj`` module per projection, each tensor the
+    experts' stacked along a new first axis (``[E, N, K·bits/32]``, scales and biases
+    ``[E, N, K/G]``), in the place of expert 0. mlx-lm stacks only dense per-expert weights when
+    it loads a model (its models' ``sanitize``), so experts written one by one would not load.
+    The experts must be 0..E-1 and converted alike (one setting, the same tensors); scales whose
+    dtype differs between experts (some widened to float32, see the module doc) are all
+    written in float32, which holds every source value exactly."""
+    groups: dict[str, dict[int, int]] = {}
+    for i, it in enumerate(items):
+        sp = switch_path(it.result.path)
+        if sp is not None:
+            groups.setdefault(sp[0], {})[sp[1]] = i
+    replace: dict[int, _Item] = {}
+    for spath, by_e in groups.items():
+        members = [items[by_e[e]] for e in sorted(by_e)]
+        first = members[0].result
+
+        def refuse(why: str, spath=spath, first=first):
+            raise ConversionError(f"cannot stack the experts into {spath} (the layout mlx-lm loads): {why}",
+                                  file=model.ckpt.source, tensor=first.path, rule="convert.moe-experts")
+
+        n_exp = len(members)
+        if sorted(by_e) != list(range(n_exp)):
+            missing = sorted(set(range(max(by_e) + 1)) - set(by_e))
+            refuse(f"expert(s) {', '.join(map(str, missing[:8]))}{' …' if len(missing) > 8 else ''} missing")
+        if spath in model.layers:
+            refuse("the source has that module too")
+        configs = {m.config for m in members}
+        if len(configs) > 1:
+            refuse("the experts are converted with different settings ("
+                   + ", ".join(sorted(c.label() if isinstance(c, _Q) else "dense" for c in configs)) + ")")
+        suffixes = [name[len(first.path) + 1:] for name, _, _ in members[0].outputs]
+        plan = []
+        for j, suf in enumerate(suffixes):
+            dts, shapes = set(), set()
+            for m in members:
+                outs = m.outputs
+                if [n[len(m.result.path) + 1:] for n, _, _ in outs] != suffixes:
+                    refuse(f"{m.result.path} has tensors {[n.rsplit('.', 1)[1] for n, _, _ in outs]}, "
+                           f"expert 0 {suffixes}")
+                dts.add(outs[j][1])
+                shapes.add(tuple(outs[j][2]))
+            if len(shapes) > 1:
+                refuse(f"the experts' {suf} shapes differ ({', '.join(str(list(x)) for x in sorted(shapes))})")
+            if len(dts) > 1 and not dts <= set(_FLOAT_ST):
+                refuse(f"the experts' {suf} dtypes differ ({', '.join(sorted(dts))})")
+            plan.append((suf, dts.pop() if len(dts) == 1 else "F32", (n_exp, *shapes.pop())))
+        actions: dict[str, int] = {}
+        for m in members:
+            actions[m.result.action] = actions.get(m.result.action, 0) + 1
+        action = (next(iter(actions)) if len(actions) == 1
+                  else "; ".join(f"{a} ×{c}" for a, c in sorted(actions.items(), key=lambda x: -x[1])))
+        sdt = {suf: dt for suf, dt, _ in plan}.get("scales", first.scales_dtype)
+        res = LayerResult(spath, first.source_scheme, f"{action}, {n_exp} experts stacked", first.bits,
+                          first.group_size, first.mode, sdt,
+                          any(m.result.widened for m in members) or sdt != first.scales_dtype,
+                          experts=[m.result.path for m in members])
+
+        def make(members=members, suffixes=suffixes, spath=spath, plan=plan):
+            parts: dict[str, list] = {suf: [] for suf in suffixes}
+            for m in members:
+                got = m.make()
+                for (name, _, _), suf in zip(m.outputs, suffixes):
+                    parts[suf].append(model.ckpt.tensor(m.raw[name]) if name in m.raw else got[name])
+            return {f"{spath}.{suf}": np.stack(parts.pop(suf)).astype(_np_dtype(dt), copy=False)
+                    for suf, dt, _ in plan}
+
+        replace[by_e[0]] = _Item(res, [(f"{spath}.{suf}", dt, shape) for suf, dt, shape in plan], make,
+                                 config=members[0].config)
+    if not replace:
+        return items
+    gone = {i for by_e in groups.values() for i in by_e.values()}
+    return [replace.get(i, it) for i, it in enumerate(items) if i in replace or i not in gone]
 
 
 def _plan_dense(model: Model, dtype: np.dtype, engine, notes: list[str], cancel) -> list[_Item]:
@@ -1172,20 +1296,14 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
     ckpt = open_checkpoint(src_p)
     try:
         model = analyze(ckpt)
-        if to == "mlx":
-            experts = [p for p, lay in model.layers.items() if EXPERT_RE.match(p) and lay.is_matrix]
-            if experts:  # written one by one, mlx-lm could not load them: refused, not written broken
-                raise ConversionError(f"{len(experts)} per-expert MoE layers (e.g. {experts[0]}): mlx-lm loads experts "
-                                      "stacked into switch_mlp (its sanitize stacks only dense .weight tensors), and "
-                                      "quantscope does not stack them — convert MoE models with mlx_lm.convert "
-                                      "(--to dense works)", file=ckpt.source, rule="convert.moe-experts")
         _check_destination(ckpt.root, src_p, dst_p, overwrite)
         rep = ConversionReport(src=str(ckpt.root if src_p.is_dir() else src_p.resolve()),
                                dst=str(dst_p.resolve()), to=to, source_bytes=ckpt.total_bytes)
         w_plan, w_write = (0.05, 0.65) if verify else (0.05, 0.95)
         if to == "mlx":
             targets = _Targets(bits=bits, group_size=group_size, mode=mode, recipe=recipe, model=model)
-            items = _plan_mlx(model, targets, eng, rep.notes, cancel, lambda f: report_progress(w_plan * f))
+            items = _stack_experts(model, _plan_mlx(model, targets, eng, rep.notes, cancel,
+                                                    lambda f: report_progress(w_plan * f)))
             rep.quantization = _quantization_block(items, targets)
         else:
             items = _plan_dense(model, _DTYPE_ARG[dtype], eng, rep.notes, cancel)
@@ -1288,14 +1406,23 @@ def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, prog
         out.close()
     by = {r.name: r for r in res.rows}
     for lr in rep.layers:
-        m = by.get(lr.path)
-        if m is not None:
-            lr.rel_fro, lr.max_abs, lr.sqnr_db = float(m.rel_fro_raw), float(m.max_abs), float(m.sqnr_db)
-    converted = {lr.path for lr in rep.layers if lr.kind not in ("kept dense", "carried", "cast")}
+        got = [by[p] for p in lr.experts or [lr.path] if p in by]  # stacked experts: the worst one's
+        if got:
+            lr.rel_fro = _worst([m.rel_fro_raw for m in got], max)
+            lr.max_abs = _worst([m.max_abs for m in got], max)
+            lr.sqnr_db = _worst([m.sqnr_db for m in got], min)
+    converted = {p for lr in rep.layers if lr.kind not in ("kept dense", "carried", "cast")
+                 for p in lr.experts or [lr.path]}
     for u in res.unmatched:
         if u.layer in converted:
             rep.notes.append(f"not compared: {u.layer} ({u.reason})")
     rep.verified = True
+
+
+def _worst(xs, pick) -> float:
+    """``pick`` (max or min) of floats, NaN if any is NaN (max/min would keep or drop it by order)."""
+    xs = [float(x) for x in xs]
+    return math.nan if any(math.isnan(x) for x in xs) else pick(xs)
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:

@@ -384,6 +384,29 @@ def test_real_fixture_exact(name, tmp_path):
         np.testing.assert_allclose(got, dec[key], rtol=0, atol=1e-6 * float(np.abs(dec[key]).max()))
 
 
+def test_moe_conversion_equals_mlx_lm_convert(tmp_path):
+    # the tiny Qwen3-MoE in transformers' per-expert layout and what `mlx_lm.convert -q` made of it
+    # (make/mlxlm_moe_make.py): experts stacked into switch_mlp, the routers at 8 bits as
+    # qwen3_moe's own quant_predicate says; every tensor must be the same to the bit
+    src, theirs = REAL / "qwen3moe-bf16", REAL / "mlxlm-qwen3moe-q4-g64"
+    rep = convert(src, tmp_path / "out", to="mlx", bits=4)
+    ours, _ = _load_mlx(tmp_path / "out")
+    want, _ = _load_mlx(theirs)
+    assert sorted(ours) == sorted(want)
+    for k, v in want.items():
+        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape, k
+        assert mx.array_equal(ours[k], v).item(), k
+    q_ours = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    q_theirs = json.loads((theirs / "config.json").read_text())["quantization"]
+    assert {k: (v if not isinstance(v, dict) else {**v, "mode": "affine"}) for k, v in q_theirs.items()} == q_ours
+    by = {r.path: r for r in rep.layers}
+    assert by["model.layers.1.mlp.gate"].action == "quantized 8/64 affine"
+    assert by["model.layers.1.mlp.switch_mlp.down_proj"].action == "quantized 4/64 affine, 4 experts stacked"
+    # a recipe replaces the model's own choices, as in mlx-lm
+    rep = convert(src, tmp_path / "mixed", to="mlx", recipe="mixed_3_6", verify=False)
+    assert {r.bits for r in rep.layers if r.path.endswith("mlp.gate")} == {3}
+
+
 # -- command line --------------------------------------------------------------------------------------
 
 def test_cli_convert(demo, tmp_path, capsys):
@@ -484,19 +507,105 @@ def test_overwrite_replaces_only_an_earlier_output(demo, tmp_path, capsys):
 
 
 
-def test_per_expert_moe_to_mlx_is_refused_not_written_broken(tmp_path):
-    # transformers' experts.{e}.* written one by one: mlx-lm stacks experts into switch_mlp (its
-    # sanitize stacks only dense weights), so such an output would not load
+def _moe_source(folder: Path, projs, n_exp=3, *, gptq=False, model_type="qwen3_moe", layer_path="mlp"):
+    """A one-layer MoE checkpoint with per-expert modules ``model.layers.0.{layer_path}.experts.{e}.{p}``
+    ([64, 128] each): float32 dense, or GPTQ 4-bit g64 v1 packed by AutoGPTQ's own loop (with the
+    expected decode per module, from the formula). Also a dense attention projection."""
     from helpers import write_st
-    src = tmp_path / "moe"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    t = {f"model.layers.0.mlp.experts.{e}.{p}.weight": (rng.standard_normal((128, 64)) * 0.02).astype(np.float32)
-         for e in range(2) for p in ("gate_proj", "up_proj")}
-    write_st(src / "model.safetensors", t, {"format": "pt"})
-    (src / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": 64}))
-    with pytest.raises(ConversionError, match="per-expert MoE layers.*switch_mlp"):
-        convert(src, tmp_path / "out", to="mlx", bits=4)
+    from ref_packers import autogptq_pack_rows
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    n, k, g = 64, 128, 64
+    t, want = {}, {}
+    for e in range(n_exp):
+        for p in projs:
+            path = f"model.layers.0.{layer_path}.experts.{e}.{p}"
+            if not gptq:
+                t[f"{path}.weight"] = want[path] = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+                continue
+            q = rng.integers(0, 16, size=(k, n))
+            z = rng.integers(1, 16, size=(k // g, n))
+            sc = (rng.random((k // g, n)) * 0.02 + 0.001).astype(np.float16)
+            t[f"{path}.qweight"] = autogptq_pack_rows(q, 4)
+            t[f"{path}.qzeros"] = autogptq_pack_rows((z - 1).T.copy(), 4).T.copy()
+            t[f"{path}.scales"] = sc
+            t[f"{path}.g_idx"] = (np.arange(k) // g).astype(np.int32)
+            gi = np.arange(k) // g
+            want[path] = (sc[gi].astype(np.float64).T * (q.T - z[gi].T)).astype(np.float32)
+    t["model.layers.0.self_attn.q_proj.weight"] = (rng.standard_normal((k, k)) * 0.02).astype(np.float32)
+    write_st(folder / "model.safetensors", t, {"format": "pt"})
+    cfg = {"model_type": model_type, "hidden_size": k, "num_hidden_layers": 1}
+    if gptq:
+        cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": g, "desc_act": False,
+                                      "sym": False, "checkpoint_format": "gptq"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return want
+
+
+def _slices(tensors, spath, q):
+    w = mx.dequantize(tensors[f"{spath}.weight"], tensors[f"{spath}.scales"], tensors[f"{spath}.biases"],
+                      group_size=q["group_size"], bits=q["bits"])
+    return _mx_f32(w)
+
+
+def test_per_expert_moe_stacks_into_switch_mlp(tmp_path):
+    # transformers' experts.{e}.* become mlx-lm's switch_mlp [E, N, K/8] (mlx-lm's sanitize stacks
+    # only dense weights when it loads, so experts written one by one would not load)
+    want = _moe_source(tmp_path / "moe", ("gate_proj", "up_proj", "down_proj"))
+    rep = convert(tmp_path / "moe", tmp_path / "out", to="mlx", bits=4)
+    tensors, _ = _load_mlx(tmp_path / "out")
+    assert not [n for n in tensors if ".experts." in n]
+    q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    by = {r.path: r for r in rep.layers}
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        spath = f"model.layers.0.mlp.switch_mlp.{p}"
+        assert tensors[f"{spath}.weight"].shape == (3, 64, 16) and tensors[f"{spath}.scales"].shape == (3, 64, 2)
+        lr = by[spath]
+        assert lr.experts == [f"model.layers.0.mlp.experts.{e}.{p}" for e in range(3)]
+        assert lr.action == "quantized 4/64 affine, 3 experts stacked" and lr.kind == "quantized"
+        for e in range(3):  # each slice is mx.quantize of that expert, as mlx_lm.convert writes it
+            ref = mx.quantize(mx.array(want[f"model.layers.0.mlp.experts.{e}.{p}"]), group_size=64, bits=4)
+            for got, exp in zip((tensors[f"{spath}.{c}"][e] for c in ("weight", "scales", "biases")), ref):
+                assert np.array_equal(np.array(got), np.array(exp))
+        got = _slices(tensors, spath, q)
+        worst = max(np.linalg.norm(got[e] - want[f"model.layers.0.mlp.experts.{e}.{p}"])
+                    / np.linalg.norm(want[f"model.layers.0.mlp.experts.{e}.{p}"]) for e in range(3))
+        assert lr.rel_fro == pytest.approx(worst, rel=1e-6)  # the verification's worst expert
+    assert by["model.layers.0.self_attn.q_proj"].kind == "quantized"
+
+
+def test_gptq_experts_repack_exactly_into_switch_mlp_mixtral_names(tmp_path):
+    want = _moe_source(tmp_path / "moe", ("w1", "w2", "w3"), 4, gptq=True, model_type="mixtral",
+                       layer_path="block_sparse_moe")
+    rep = convert(tmp_path / "moe", tmp_path / "out", to="mlx")
+    tensors, _ = _load_mlx(tmp_path / "out")
+    q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    for w, p in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+        spath = f"model.layers.0.block_sparse_moe.switch_mlp.{p}"
+        got = _slices(tensors, spath, q)
+        assert got.shape == (4, 64, 128)
+        for e in range(4):  # bit for bit the formula's decode of each GPTQ expert
+            assert np.array_equal(got[e], want[f"model.layers.0.block_sparse_moe.experts.{e}.{w}"])
+        lr = next(r for r in rep.layers if r.path == spath)
+        assert lr.kind == "repacked" and lr.rel_fro == 0.0 and len(lr.experts) == 4
+
+
+def test_per_expert_moe_that_cannot_stack_is_refused(tmp_path):
+    want = _moe_source(tmp_path / "moe", ("gate_proj",), 3)
+    # a recipe that sets one expert apart: a stacked module has one setting
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"model.layers.0.mlp.experts.1.gate_proj": {"bits": 8, "group_size": 64}}))
+    with pytest.raises(ConversionError, match="switch_mlp.gate_proj.*different settings.*4/64.*8/64"):
+        convert(tmp_path / "moe", tmp_path / "out", to="mlx", recipe=str(recipe))
     assert not (tmp_path / "out").exists()
-    convert(src, tmp_path / "dense", to="dense", verify=False)  # decoding to dense is fine
+    # expert 1 missing
+    from helpers import write_st
+    src = tmp_path / "gap"
+    src.mkdir()
+    write_st(src / "model.safetensors", {f"model.layers.0.mlp.experts.{e}.gate_proj.weight":
+                                         want[f"model.layers.0.mlp.experts.{e}.gate_proj"] for e in (0, 2)})
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    with pytest.raises(ConversionError, match=r"expert\(s\) 1 missing"):
+        convert(src, tmp_path / "out2", to="mlx", bits=4)
+    convert(src, tmp_path / "dense", to="dense", verify=False)  # decoding to dense keeps them one by one
     assert (tmp_path / "dense" / "model.safetensors").exists()

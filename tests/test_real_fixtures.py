@@ -241,3 +241,26 @@ def test_a_layer_without_a_reference_shows_what_each_checkpoint_holds(real_fixtu
     np.testing.assert_array_equal(d.value_counts["good"], np.histogram(tool, d.value_edges)[0])
     assert d.code_counts["good"].sum() == tool.size and d.scales["good"] is not None
     assert set(d.value_counts) == {"good"} and "hold 4-bit zero points" in d.left_out["bad"]
+
+
+def test_mlx_lm_moe_conversion_compares_expert_by_expert():
+    # mlx-lm's switch_mlp [E, N, K/8] against the per-expert bf16 source: every expert aligned,
+    # each one's error that of its own slice (mx.dequantize, measured here with numpy)
+    import mlx.core as mx
+
+    from quantscope.backend.compare import sweep
+    src, conv = REAL / "qwen3moe-bf16", REAL / "mlxlm-qwen3moe-q4-g64"
+    res = sweep(analyze(open_checkpoint(src)), {"mlx": analyze(open_checkpoint(conv))}, engine="numpy")
+    assert not res.unmatched
+    rows = {r.name: r for r in res.rows}
+    assert len([n for n in rows if ".experts." in n]) == 2 * 4 * 3
+    base = mx.load(str(src / "model.safetensors"))
+    q = mx.load(str(conv / "model.safetensors"))
+    for l, e, p in ((0, 0, "gate_proj"), (1, 3, "down_proj"), (1, 2, "up_proj")):
+        sw = f"model.layers.{l}.mlp.switch_mlp.{p}"
+        got = np.array(mx.dequantize(q[f"{sw}.weight"][e], q[f"{sw}.scales"][e], q[f"{sw}.biases"][e],
+                                     group_size=64, bits=4).astype(mx.float32), np.float64)
+        ref = np.array(base[f"model.layers.{l}.mlp.experts.{e}.{p}.weight"].astype(mx.float32), np.float64)
+        want = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert rows[f"model.layers.{l}.mlp.experts.{e}.{p}"].rel_fro == pytest.approx(want, rel=1e-9)
+    assert rows["model.layers.0.mlp.gate"].bits == 8  # the router, at qwen3_moe's own 8 bits
