@@ -70,6 +70,46 @@ def canonical(path: str) -> str:
     return path
 
 
+def counterpart(path: str, model: Model) -> tuple[str, str] | None:
+    """The module of ``model`` that holds the weights of module ``path`` (named as in another
+    checkpoint) and how, by name alone — ``(path, "")`` when it is there as such, else
+    ``(other path, note)`` across the naming differences :func:`align` handles (a wrapper prefix,
+    experts stacked in switch_mlp or stored one by one, q/k/v or gate/up fused); None when none is.
+    For showing, not measuring (shapes are not checked)."""
+    if path in model.layers:
+        return path, ""
+    by_can = None
+
+    def find(p: str) -> str | None:  # p, or the module named p under another wrapper prefix
+        nonlocal by_can
+        if p in model.layers:
+            return p
+        if by_can is None:  # one pass, only when a name is not there as such
+            by_can = {canonical(n): n for n in model.layers}
+        return by_can.get(canonical(p))
+
+    can = canonical(path)
+    if hit := find(path):
+        return hit, "the same module under another prefix"
+    sw = switch_path(can)
+    if sw is not None and (hit := find(sw[0])):
+        return hit, f"expert {sw[1]} of the stacked experts"
+    m = _SWITCH_RE.match(can)
+    if m is not None:
+        for proj in dict.fromkeys((m["proj"], _EXPERT_OF_SWITCH.get(m["proj"], m["proj"]))):
+            if hit := find(f"{m['pre']}.experts.0.{proj}"):
+                return hit, "the experts are stored one by one; expert 0 shown"
+    parent, _, proj = can.rpartition(".")
+    if proj in _PART_OF and (hit := find(f"{parent}.{_PART_OF[proj]}")):
+        return hit, f"its rows of the fused {_PART_OF[proj]}"
+    for fused, parts in _FUSED.items():
+        if proj == fused and (hit := find(f"{parent}.{parts[0]}")):
+            return hit, f"stored split; {parts[0]} shown"
+    if proj == "lm_head" and (hit := find(f"{parent + '.' if parent else ''}model.embed_tokens")):
+        return hit, "no lm_head: tied to the embeddings"
+    return None
+
+
 def layer_index(path: str) -> int | None:
     """Decoder layer number of a module path (``…layers.{i}.…``), None outside the decoder."""
     m = _LAYER_RE.search(path)

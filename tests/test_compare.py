@@ -16,6 +16,7 @@ from helpers import write_st
 from quantscope.backend.bitpack import pack_bits
 from quantscope.backend.checkpoint import open_checkpoint
 from quantscope.backend.compare import (LAYER_KEYS, CompareError, align, layer_detail, stored_codes, sweep)
+from quantscope.backend.compare_align import counterpart
 from quantscope.backend.engines import NumpyEngine
 from quantscope.backend.errors import Cancelled
 from quantscope.backend.metrics import ErrorStats, error_metrics, histogram_counts, uniform_edges
@@ -163,6 +164,10 @@ def test_same_names_and_prefix(ref_pair, tmp_path):
     assert row.variant_layer == "model.language_model.layers.0.self_attn.q_proj"
     assert row.rel_fro == pytest.approx(_direct(_f32(rw[name + ".weight"]), vw[name + ".weight"]), rel=1e-9)
     assert row.layer_index == 0 and row.proj == "q_proj"
+    # the config panel finds it by name alone
+    assert counterpart(name, pref) == ("model.language_model.layers.0.self_attn.q_proj",
+                                       "the same module under another prefix")
+    assert counterpart(name, ref) == (name, "") and counterpart("model.layers.9.mlp.up_proj", ref) is None
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
@@ -189,6 +194,9 @@ def test_fused_variant_against_split_reference(ref_pair, tmp_path, interleaved):
         assert row.rel_fro == pytest.approx(_direct(_f32(rw[name + ".weight"]), vw[name + ".weight"]), rel=1e-9)
     # and the other way round: the fused model as the reference, the split one as the variant
     res2 = sweep(fused, {"s": ref}, engine="numpy")
+    assert counterpart("model.layers.1.self_attn.k_proj", fused) == ("model.layers.1.self_attn.qkv_proj",
+                                                                      "its rows of the fused qkv_proj")
+    assert counterpart("model.layers.0.mlp.gate_up_proj", ref)[0] == "model.layers.0.mlp.gate_proj"
     assert {r.name for r in res2.rows} >= {"model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"}
     row = next(r for r in res2.rows if r.name == "model.layers.0.mlp.gate_up_proj")
     assert row.variant_layer == "model.layers.0.mlp.gate_proj,model.layers.0.mlp.up_proj"
@@ -227,6 +235,9 @@ def test_experts_against_switch_mlp(tmp_path):
     back = sweep(var, {"p": ref}, engine="numpy")
     assert [r.name for r in back.rows] == [f"model.layers.0.mlp.switch_mlp.{p}" for p in
                                            ("gate_proj", "up_proj", "down_proj")]
+    assert counterpart("model.layers.0.mlp.experts.3.down_proj", var) == (
+        "model.layers.0.mlp.switch_mlp.down_proj", "expert 3 of the stacked experts")
+    assert counterpart("model.layers.0.mlp.switch_mlp.up_proj", ref)[0] == "model.layers.0.mlp.experts.0.up_proj"
 
 
 def test_mixtral_experts_against_switch_mlp(tmp_path):
@@ -244,6 +255,10 @@ def test_mixtral_experts_against_switch_mlp(tmp_path):
     assert r.rel_fro == pytest.approx(_direct(w, w + np.float32(0.001)), rel=1e-6)
     back = sweep(var, {"p": ref}, engine="numpy")  # and the other way round
     assert len(back.rows) == 3 and not back.unmatched
+    assert counterpart("model.layers.0.block_sparse_moe.experts.1.w3", var)[0] == \
+        "model.layers.0.block_sparse_moe.switch_mlp.up_proj"
+    assert counterpart("model.layers.0.block_sparse_moe.switch_mlp.down_proj", ref)[0] == \
+        "model.layers.0.block_sparse_moe.experts.0.w2"
 
 
 def test_tied_embeddings_both_ways(ref_pair, tmp_path):
@@ -259,6 +274,7 @@ def test_tied_embeddings_both_ways(ref_pair, tmp_path):
     res = sweep(ref, {"v": tied_var}, engine="numpy")
     head = next(r for r in res.rows if r.name == "lm_head")
     assert head.variant_layer == "model.embed_tokens"
+    assert counterpart("lm_head", tied_var) == ("model.embed_tokens", "no lm_head: tied to the embeddings")
 
 
 def _mlx_quant(w_bf16, bits=4, group=64):

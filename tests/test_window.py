@@ -819,3 +819,25 @@ def test_a_comparison_adds_the_quantization_alone_to_the_layer_shown(qtbot, tmp_
         assert "the quantization alone: 0.12" in text  # without selecting the layer again
     finally:
         w.service.shutdown()
+
+
+def test_config_panel_finds_a_layer_under_another_name(qtbot):
+    # per-expert reference, mlx-lm's stacked switch_mlp variant: the panel showed "absent"
+    from pathlib import Path
+
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.schemes import analyze
+    from quantscope.widgets.quant_config_panel import QuantConfigPanel
+    real = Path(__file__).parent / "fixtures" / "real"
+    models = {"bf16": analyze(open_checkpoint(real / "qwen3moe-bf16")),
+              "mlx": analyze(open_checkpoint(real / "mlxlm-qwen3moe-q4-g64"))}
+    panel = QuantConfigPanel()
+    qtbot.addWidget(panel)
+    panel.set_layer("model.layers.1.mlp.experts.2.down_proj", models)
+    t = panel.layer_table
+    rows = {t.item(r, 0).text(): [t.item(r, c).text() for c in range(6)] for r in range(t.rowCount())}
+    assert rows["mlx"][1:5] == ["mlx-affine", "4", "64", "4×128×64"]
+    assert rows["mlx"][5].startswith("model.layers.1.mlp.switch_mlp.down_proj (expert 2 of the stacked experts): ")
+    assert rows["bf16"][1] == "dense" and not rows["bf16"][5].startswith("model.")
+    panel.set_layer("model.layers.1.mlp.switch_mlp.up_proj", models)
+    assert "expert 0 shown" in t.item(0, 5).text()

@@ -12,6 +12,7 @@ from PySide6.QtWidgets import (QComboBox, QGridLayout, QGroupBox, QHeaderView, Q
                                QPushButton, QScrollArea, QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout,
                                QWidget)
 
+from quantscope.backend.compare_align import counterpart
 from quantscope.backend.formats.mlx import MODE_DEFAULTS
 from quantscope.backend.schemes import Model
 
@@ -179,13 +180,17 @@ class QuantConfigPanel(QWidget):
     def set_layer(self, path: str, models: dict[str, Model]) -> None:
         """Effective settings of ``path`` in every open checkpoint, with the rule behind them."""
         self.layer_title.setText(f"<b>{path}</b>")
-        rows = [(label, m.layers.get(path)) for label, m in models.items()]
+        rows = []
+        for label, m in models.items():
+            found = counterpart(path, m)  # by name across prefixes, stacked experts, fused q/k/v
+            rows.append((label, None, "") if found is None else (label, m.layers[found[0]],
+                                                                  f"{found[0]} ({found[1]}): " if found[1] else ""))
         self.layer_table.setRowCount(len(rows))
-        for r, (label, layer) in enumerate(rows):
+        for r, (label, layer, where) in enumerate(rows):
             if layer is None:
                 vals = [label, "absent", "", "", "", "no module with this path"]
             else:
-                rule = layer.source + (f" — problem: {layer.problem}" if layer.problem else "")
+                rule = where + layer.source + (f" — problem: {layer.problem}" if layer.problem else "")
                 vals = [label, layer.scheme, "" if layer.bits is None else str(layer.bits),
                         "" if layer.group_size is None else str(layer.group_size),
                         "×".join(map(str, layer.shape or ())), rule]
