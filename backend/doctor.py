@@ -72,10 +72,11 @@ def _rules(*rows) -> dict[str, Rule]:
 _SCALE_SANE = (1e-9, 1e4)
 #: Model types whose mlx-lm class (0.32) stacks per-expert weight, scales and biases alike when it
 #: loads (its ``sanitize``), so experts MLX-quantized one by one load; mlx-lm's aliases included.
-STACKS_QUANTIZED_EXPERTS = frozenset((
-    "afmoe bailing_hybrid bailing_moe bailing_moe_linear deepseek deepseek_v2 deepseek_v3 deepseek_v32 dots1 "
-    "exaone_moe glm4_moe glm4_moe_lite hunyuan jamba kimi_vl longcat_flash mimo_v2_flash mistral4 mixtral "
-    "olmoe phimoe qwen2_moe kimi_k2 joyai_llm_flash").split())
+STACKS_QUANTIZED_EXPERTS = frozenset({
+    "afmoe", "bailing_hybrid", "bailing_moe", "bailing_moe_linear", "deepseek", "deepseek_v2", "deepseek_v3",
+    "deepseek_v32", "dots1", "exaone_moe", "glm4_moe", "glm4_moe_lite", "hunyuan", "jamba", "kimi_vl",
+    "longcat_flash", "mimo_v2_flash", "mistral4", "mixtral", "olmoe", "phimoe", "qwen2_moe", "kimi_k2",
+    "joyai_llm_flash"})
 
 #: Every rule the doctor can report. docs/doctor.md lists the same table with sources.
 RULES: dict[str, Rule] = _rules(

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from quantscope.backend.checkpoint import open_checkpoint
 from quantscope.backend.engines import MlxEngine, NumpyEngine
 from quantscope.backend.schemes import analyze
@@ -247,7 +246,6 @@ def test_mlx_lm_moe_conversion_compares_expert_by_expert():
     # mlx-lm's switch_mlp [E, N, K/8] against the per-expert bf16 source: every expert aligned,
     # each one's error that of its own slice (mx.dequantize, measured here with numpy)
     import mlx.core as mx
-
     from quantscope.backend.compare import sweep
     src, conv = REAL / "qwen3moe-bf16", REAL / "mlxlm-qwen3moe-q4-g64"
     res = sweep(analyze(open_checkpoint(src)), {"mlx": analyze(open_checkpoint(conv))}, engine="numpy")
