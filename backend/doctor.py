@@ -1388,7 +1388,9 @@ class _Doctor:
                 return None
         a = np.abs(f)
         zeros = int(np.count_nonzero(a == 0))
-        if zeros and layer.scheme not in ("mlx-affine",):
+        # (MLX affine: the group's bias still holds its value, so a constant group decodes exactly;
+        # nvfp4: the E4M3 scale encodes amax/6, which is 0 for a group of zeros)
+        if zeros and layer.scheme not in ("mlx-affine", "mlx-nvfp4", "ct-nvfp4"):
             self.col.add("values.zero-scale", f"{zeros} of {f.size} checked scales are 0: those whole groups decode "
                          "to 0 whatever the codes (quantizers clamp scales away from 0) — re-quantize the layer",
                          **common)

@@ -8,6 +8,25 @@ from .checkpoint import Checkpoint
 from .schemes import analyze
 
 
+def _decide_act_order(model) -> None:
+    """Fill each GPTQ layer's ``act_order`` setting (left None by the analysis, which reads no
+    data) from its g_idx: a permutation other than ``k // G`` is act-order. g_idx is K int32 per
+    layer, the only data ``info`` reads; one that cannot be read leaves it None."""
+    from .errors import QuantscopeError
+    from .formats.gptq import is_trivial_g_idx
+    for layer in model.layers.values():
+        if layer.scheme != "gptq" or layer.settings.get("act_order") is not None or layer.problem:
+            continue
+        g_idx = layer.tensors.get("g_idx")
+        try:
+            gi = None if g_idx is None else model.ckpt.tensor(g_idx.name)
+        except (QuantscopeError, OSError, ValueError):
+            continue
+        k = layer.shape[-1]
+        g = k if layer.group_size in (-1, 0, None) else layer.group_size
+        layer.settings["act_order"] = not is_trivial_g_idx(gi, k, g)
+
+
 def checkpoint_summary(ckpt: Checkpoint) -> dict:
     """Plain-data description of a checkpoint (everything ``info --json`` prints).
 
@@ -24,6 +43,7 @@ def checkpoint_summary(ckpt: Checkpoint) -> dict:
     """
     model = analyze(ckpt)
     cfg = model.config
+    _decide_act_order(model)
     per_dtype: dict[str, dict[str, int]] = defaultdict(lambda: {"bytes": 0, "params": 0, "tensors": 0})
     tensors = []
     for name in ckpt.names:

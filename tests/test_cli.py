@@ -159,6 +159,16 @@ def test_info_describes_compressed_tensors_config_groups(capsys):
     assert "override" not in out
 
 
+def test_info_json_says_which_gptq_layers_are_act_order(capsys):
+    # settings.act_order was always null ("decided lazily", and never decided)
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    for name, want in (("gptqmodel-gptq-w4g128-actorder", True), ("gptqmodel-gptq-w4g128", False)):
+        assert main(["info", str(real / name), "--json"]) == 0
+        layers = [x for x in json.loads(capsys.readouterr().out)["layers"] if x["scheme"] == "gptq"]
+        assert len(layers) == 14 and {x["settings"]["act_order"] for x in layers} == {want}
+
+
 def test_a_pipe_or_device_is_refused_not_waited_on(tmp_path, capsys):
     """A FIFO named x.safetensors (or in a model folder) made info and doctor block forever."""
     import os

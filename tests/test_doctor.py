@@ -1006,3 +1006,15 @@ def test_a_name_given_twice_in_a_header_that_parses_is_found(tmp_path):
     findings = diagnose(p)
     assert [(f.rule, f.tensor) for f in findings if f.rule == "container.duplicate-key"] == [
         ("container.duplicate-key", "a.weight")]
+
+
+def test_nvfp4_zero_scales_of_empty_groups_are_not_flagged(tmp_path):
+    # AWQ's smoothing leaves whole groups of zeros in the real fixture; mx.quantize's nvfp4 gives
+    # them scale 0 (amax/6), which decodes exactly: doctor warned "re-quantize the layer"
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.convert import convert
+    real = Path(__file__).parent / "fixtures" / "real" / "autoawq-gemm-w4g128"
+    convert(real, tmp_path / "nv", to="mlx", mode="nvfp4", verify=False)
+    sc = open_checkpoint(tmp_path / "nv").tensor("model.layers.1.mlp.down_proj.scales")
+    assert (sc == 0).any()  # the case is there
+    assert not [f for f in diagnose(tmp_path / "nv") if f.severity in ("error", "warning")]
