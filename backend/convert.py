@@ -1190,6 +1190,23 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _mlx_lm_names(cfg: dict) -> None:
+    """Add the config keys mlx-lm (0.32) reads where a transformers-5 config has renamed them:
+    ``rope_theta`` (and ``rope_scaling``) from ``rope_parameters``, ``num_experts`` from
+    ``num_local_experts`` (Qwen MoE models saved by transformers 5). Nothing is removed, so
+    transformers reads the file as before; mlx-lm's model classes failed on the missing
+    arguments (found converting GPTQModel's Qwen3-MoE, saved by transformers 5.25)."""
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict):
+        if "rope_theta" not in cfg and isinstance(rope.get("rope_theta"), (int, float)):
+            cfg["rope_theta"] = rope["rope_theta"]
+        kind = rope.get("rope_type", rope.get("type"))
+        if "rope_scaling" not in cfg and kind not in (None, "default"):
+            cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if "num_experts" not in cfg and isinstance(cfg.get("num_local_experts"), int):
+        cfg["num_experts"] = cfg["num_local_experts"]
+
+
 def _write_config(model: Model, folder: Path, to: str, quantization: dict | None, dtype_arg: str) -> None:
     cfg = dict(model.ckpt.configs.get("config.json") or {})
     cfg.pop("quantization_config", None)
@@ -1199,6 +1216,9 @@ def _write_config(model: Model, folder: Path, to: str, quantization: dict | None
     if to == "mlx":
         cfg["quantization"] = quantization
         cfg["quantization_config"] = json.loads(json.dumps(quantization))
+        for c in (cfg, cfg.get("text_config")):
+            if isinstance(c, dict):
+                _mlx_lm_names(c)
     else:
         name = _TORCH_NAME[dtype_arg]
         if "torch_dtype" in cfg or "dtype" not in cfg:

@@ -407,6 +407,31 @@ def test_moe_conversion_equals_mlx_lm_convert(tmp_path):
     assert {r.bits for r in rep.layers if r.path.endswith("mlp.gate")} == {3}
 
 
+
+def test_gptqmodel_moe_repacks_exactly_into_mlx_lm_layout(tmp_path):
+    # GPTQModel's per-expert GPTQ (config saved by transformers 5.25: num_local_experts and
+    # rope_parameters, which mlx-lm 0.32's qwen3_moe cannot read) -> switch_mlp stacks whose every
+    # expert slice is GPTQModel's own decode, and the config keys mlx-lm reads. (Checked once by
+    # hand with mlx-lm 0.32.2: mlx_lm.load of the output gives logits within 0.008 of
+    # GPTQModel's own bf16 forward.)
+    src = REAL / "gptqmodel-qwen3moe-w4g64"
+    rep = convert(src, tmp_path / "out", to="mlx")
+    assert rep.by_kind() == {"repacked": 14, "kept dense": 4, "carried": 9}
+    tensors, _ = _load_mlx(tmp_path / "out")
+    dec = np.load(src / "decoded.npz")
+    for layer in range(2):
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            sw = f"model.layers.{layer}.mlp.switch_mlp.{p}"
+            got = _mx_f32(mx.dequantize(tensors[f"{sw}.weight"], tensors[f"{sw}.scales"], tensors[f"{sw}.biases"],
+                                        group_size=64, bits=4))
+            for e in range(4):
+                np.testing.assert_array_equal(got[e], dec[f"model.layers.{layer}.mlp.experts.{e}.{p}"])
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["num_experts"] == cfg["num_local_experts"] == 4
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] and "rope_scaling" not in cfg
+    assert cfg["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine", "model.layers.0.mlp.gate": False,
+                                   "model.layers.1.mlp.gate": False, "model.embed_tokens": False, "lm_head": False}
+
 # -- command line --------------------------------------------------------------------------------------
 
 def test_cli_convert(demo, tmp_path, capsys):

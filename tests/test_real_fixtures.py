@@ -262,3 +262,20 @@ def test_mlx_lm_moe_conversion_compares_expert_by_expert():
         want = np.linalg.norm(got - ref) / np.linalg.norm(ref)
         assert rows[f"model.layers.{l}.mlp.experts.{e}.{p}"].rel_fro == pytest.approx(want, rel=1e-9)
     assert rows["model.layers.0.mlp.gate"].bits == 8  # the router, at qwen3_moe's own 8 bits
+
+
+def test_gptqmodel_moe_decodes_like_gptqmodel(mlx_engine):
+    # GPTQModel 7.6.0's 4-bit of the tiny Qwen3-MoE: 24 per-expert modules and 8 attention ones,
+    # each equal to the tool's own dequantize_weight() (decoded.npz), router left dense
+    folder = REAL / "gptqmodel-qwen3moe-w4g64"
+    model = analyze(open_checkpoint(folder))
+    with np.load(folder / "decoded.npz") as z:
+        decoded = dict(z)
+    quantized = {p for p, layer in model.layers.items() if layer.quantized}
+    assert quantized == set(decoded) and len(decoded) == 32
+    assert model.layers["model.layers.0.mlp.gate"].scheme == "dense"
+    for name, want in decoded.items():
+        layer = model.layers[name]
+        assert (layer.scheme, layer.bits, layer.group_size) == ("gptq", 4, 64), name
+        np.testing.assert_array_equal(NumpyEngine().dequantize(model, layer), want, err_msg=name)
+        np.testing.assert_array_equal(mlx_engine.dequantize(model, layer), want, err_msg=name)
