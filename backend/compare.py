@@ -31,7 +31,7 @@ from .compare_align import Alignment, Target, Unmatched, align, layer_index, pro
 from .engines import get_engine
 from .errors import Cancelled, LayerError, QuantscopeError
 from .formats.kernel import pool, workers
-from .metrics import ErrorStats, bulk_histograms, error_metrics
+from .metrics import SMALL_ELEMENTS, ErrorStats, bulk_histograms, error_metrics
 from .schemes import Layer, Model
 
 __all__ = ["LayerMetrics", "Unmatched", "SweepResult", "LayerDetail", "Alignment", "CompareError", "align",
@@ -612,10 +612,13 @@ def _measure_general(t_name: str, ref_rows: _Rows, todo: list[_VariantState],
             wh, raw, label = variant_block(vs, w, r0, r1, True)
             labels[vs.label] = label
             st, st_raw = stats[vs.label]
-            st.add(w, wh)
+            if not two_pass_later and w.size <= SMALL_ELEMENTS:
+                st.add_small(w, wh)
+            else:
+                st.add(w, wh)
             if raw is not wh:
                 st_raw.add(w, raw)
-            if not two_pass_later:
+            if not two_pass_later and st.exact_percentiles is None:
                 st.plan()
                 st.gather(w, wh)
             del wh, raw

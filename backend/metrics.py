@@ -34,6 +34,10 @@ def _keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return d32.view(np.uint32) >> 16
 
 
+#: Layers up to this many elements are measured by :meth:`ErrorStats.add_small`.
+SMALL_ELEMENTS = 1 << 16
+
+
 class ErrorStats:
     """Streaming accumulator of the error of ``Ŵ`` (variant) against ``W`` (reference).
 
@@ -104,6 +108,31 @@ class ErrorStats:
             if counts is not None:
                 self.counts += counts
                 self.nzero += nz
+
+    def add_small(self, w: np.ndarray, wh: np.ndarray) -> None:
+        """:meth:`add`, :meth:`plan` and :meth:`gather` at once for a whole small layer (at most
+        :data:`SMALL_ELEMENTS`): the exact percentiles straight from all its float64 |error|
+        values, sorted. The bucket histogram costs a scan of 2^15 counts
+        per layer, more than such a layer's own work; a 128-expert MoE has tens of thousands of
+        them."""
+        if self.n or self.raw_only:
+            raise RuntimeError("add_small takes a whole layer, on a fresh full accumulator")
+        a = np.asarray(w, dtype=np.float32).reshape(-1).astype(np.float64)
+        d = np.asarray(wh, dtype=np.float32).reshape(-1).astype(np.float64)
+        d -= a  # exact: the difference of two float32 values fits a float64
+        self.n = d.size
+        self.sdd = float(np.vdot(d, d))
+        self.sww = float(np.vdot(a, a))
+        self.swd = float(np.vdot(a, d))
+        np.abs(d, out=d)
+        self.max_abs = float(d.max()) if d.size else 0.0
+        if not d.size:
+            self.exact_percentiles = {p: math.nan for p in PERCENTILES}
+            return
+        # a whole sort (numpy's vectorised one): 3x faster here than np.partition at six ranks;
+        # NaN sorts last, as in np.percentile's own partition
+        d.sort()
+        self.exact_percentiles = {p: _lerp(float(d[lo]), float(d[hi]), t) for p, lo, hi, t in self._ranks()}
 
     # -- pass two ---------------------------------------------------------------------------
     def _ranks(self) -> list[tuple[float, int, int, float]]:

@@ -116,6 +116,35 @@ def test_metrics_blocks_equal_one_pass_and_ties():
     assert error_metrics(w, w)["rel_fro"] == 0 and error_metrics(w, w)["sqnr_db"] == np.inf
 
 
+@pytest.mark.parametrize("case", ["noise", "ties", "zeros", "nan", "inf", "one"])
+def test_small_layer_path_equals_the_bucket_path_and_numpy(case):
+    # ErrorStats.add_small (layers up to SMALL_ELEMENTS: selection on all |d|) against the
+    # histogram path (add/plan/gather) and np.percentile
+    rng = np.random.default_rng(11)
+    n = 1 if case == "one" else 8192
+    w = (rng.standard_normal(n) * 0.02).astype(np.float32)
+    wh = (w + rng.standard_normal(n).astype(np.float32) * 0.002).astype(np.float32)
+    if case == "ties":
+        wh = w + np.float32(0.25) * (rng.integers(0, 3, n) - 1).astype(np.float32)
+    if case == "zeros":
+        wh[: n * 9 // 10] = w[: n * 9 // 10]
+    if case == "nan":
+        wh[5] = np.nan
+    if case == "inf":
+        wh[7] = np.inf
+    small = ErrorStats()
+    small.add_small(w, wh)
+    want = error_metrics(w, wh)
+    got = small.result()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert (math.isnan(got[k]) and math.isnan(want[k])) or got[k] == pytest.approx(want[k], rel=1e-12), k
+    d = np.abs(wh.astype(np.float64) - w)
+    with np.errstate(invalid="ignore"):
+        for p in (50, 95, 99):
+            assert np.array_equal(got[f"p{p}"], np.percentile(d, p), equal_nan=True), p
+
+
 @pytest.mark.parametrize("zero_fraction", [1.0, 0.995, 0.5, 0.0])
 def test_percentiles_with_exact_zeros(zero_fraction, kernel_path):
     # An exact conversion compares equal arrays: every |d| is 0. The zeros are counted, not
