@@ -54,6 +54,20 @@ def _worst_per_layer(findings: list[dict]) -> dict[str, tuple[str, str]]:
     return worst
 
 
+def errors_by_module(rows) -> dict[str, dict[str, float]]:
+    """Per variant, the rel_fro the tree shows beside each module path: a compared layer's under
+    both its reference name and the variant's module; a module holding several compared layers
+    (experts stacked in switch_mlp, fused q/k/v) shows the worst of them, NaN first."""
+    per: dict[str, dict[str, float]] = {}
+    for r in rows:
+        got = per.setdefault(r.variant, {})
+        old = got.get(r.variant_layer)
+        if old is None or math.isnan(r.rel_fro) or (not math.isnan(old) and r.rel_fro > old):
+            got[r.variant_layer] = r.rel_fro
+        got.setdefault(r.name, r.rel_fro)
+    return per
+
+
 class MainWindow(QMainWindow):
     """The quantscope window. ``settings`` is injected (tests pass an isolated QSettings)."""
 
@@ -575,10 +589,7 @@ class MainWindow(QMainWindow):
         self._quant_only = {(q.name, q.variant): q.rel_fro_quant for q in result.rows
                             if q.rel_fro_quant is not None and math.isfinite(q.rel_fro_quant)}
         self._refresh_result()  # the layer shown: what the comparison found the quantization alone did
-        per: dict[str, dict[str, float]] = {}
-        for r in result.rows:
-            per.setdefault(r.variant, {})[r.variant_layer] = r.rel_fro
-            per[r.variant].setdefault(r.name, r.rel_fro)
+        per = errors_by_module(result.rows)
         colors = dict(self.colors)
         # In turns, each repainted before the next: the tab, the per-layer plot, its heatmap,
         # the tree's error columns.

@@ -1,5 +1,7 @@
 """The real window, offscreen: demo workspace, selection, views, compare, doctor, errors, jobs."""
 
+import math
+
 import numpy as np
 import pytest
 from PySide6.QtCore import QSettings, Qt
@@ -454,6 +456,31 @@ def test_plots_read_in_the_data_units_and_layers_are_whole_numbers(qtbot):
     assert _proj_labels(projs) == (["q", "k", "v", "o", "g", "up", "d"], "g = gate, d = down")
 
 
+
+def test_moe_heatmap_cells_hold_the_worst_expert_and_the_router_is_named(qtbot):
+    # 40 layers x (router + 3 expert projections x 4 experts): a cell showed its last expert, the
+    # router was labelled like gate_proj, and 40 row labels ran into each other
+    from types import SimpleNamespace
+
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+    rows = [SimpleNamespace(name=f"model.layers.{i}.mlp.gate", variant="v", layer_index=i, proj="gate",
+                            rel_fro=0.01, sqnr_db=40.0, rel_fro_raw=0.01) for i in range(40)]
+    for i in range(40):
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            for e, r in enumerate((0.09, 0.13 if (i, p) == (3, "up_proj") else 0.1, 0.08, 0.095)):
+                rows.append(SimpleNamespace(name=f"model.layers.{i}.mlp.experts.{e}.{p}", variant="v", layer_index=i,
+                                            proj=p, rel_fro=r, sqnr_db=-20 * np.log10(r), rel_fro_raw=r))
+    plot.set_rows(rows, {"v": "#f00"})
+    grid = plot.hm_image.image
+    assert grid.shape == (40, 4) and grid[3, 2] == 0.13 and grid[5, 2] == 0.1 and grid[0, 0] == 0.01
+    assert plot._hm_names[(3, 2)] == "model.layers.3.mlp.experts.1.up_proj"  # a click selects the worst
+    assert "r = router" in plot.hm.getAxis("bottom").labelText
+    assert "worst expert" in plot.info.text()
+    left = plot.hm.getAxis("left")._tickLevels[0]
+    assert 8 <= len(left) <= 16 and left[0][1] == "0"
+
 def test_code_usage_of_different_bit_widths_is_drawn_on_each_ones_range(qtbot):
     from quantscope.widgets.code_usage_view import CodeUsageView
     view = CodeUsageView()
@@ -841,3 +868,16 @@ def test_config_panel_finds_a_layer_under_another_name(qtbot):
     assert rows["bf16"][1] == "dense" and not rows["bf16"][5].startswith("model.")
     panel.set_layer("model.layers.1.mlp.switch_mlp.up_proj", models)
     assert "expert 0 shown" in t.item(0, 5).text()
+
+
+def test_tree_error_of_a_stacked_module_is_its_worst_expert():
+    from types import SimpleNamespace
+
+    from quantscope.app.main_window import errors_by_module
+    sw = "model.layers.0.mlp.switch_mlp.up_proj"
+    rows = [SimpleNamespace(variant="v", name=f"model.layers.0.mlp.experts.{e}.up_proj", variant_layer=sw, rel_fro=r)
+            for e, r in enumerate((0.09, 0.12, 0.1))]
+    per = errors_by_module(rows)["v"]
+    assert per[sw] == 0.12 and per["model.layers.0.mlp.experts.2.up_proj"] == 0.1
+    rows[1].rel_fro = float("nan")
+    assert math.isnan(errors_by_module(rows)["v"][sw])

@@ -37,19 +37,20 @@ METRICS = {"rel_fro": ("rel. error", "relative Frobenius error ‖Ŵ−W‖/‖W
 QUANT_ONLY = ("rel_fro_quant", ("quantization alone", "rel. error of the quantization alone"))
 
 
-_PROJ_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
+_PROJ_ORDER = ["q", "k", "v", "qkv", "o", "router", "gate", "up", "gate_up", "down"]
 
 
 def _proj_order(proj: str):
-    """Projections in the order a block computes them (q k v o, gate up down), others after."""
-    p = proj.replace("_proj", "")
+    """Projections in the order a block computes them (q k v o, router, gate up down), others after."""
+    p = "router" if proj == "gate" else proj.replace("_proj", "")
     return (_PROJ_ORDER.index(p), "") if p in _PROJ_ORDER else (len(_PROJ_ORDER), p)
 
 
 def _proj_labels(projs: list[str]) -> tuple[list[str], str]:
     """Column labels short enough for a narrow heatmap (about 3 characters: longer names ran
     into each other, "dowgate"), and the key to the ones shortened."""
-    names = [p.replace("_proj", "") for p in projs]
+    # a bare "gate" (mlp.gate, block_sparse_moe.gate) is an MoE router, not gate_proj
+    names = ["router" if p == "gate" else p.replace("_proj", "") for p in projs]
     if len(names) <= 3 or all(len(n) <= 2 for n in names):
         return names, ""
     short, key = [], []
@@ -189,11 +190,13 @@ class LayerErrorPlot(QWidget):
             self.metric_box.blockSignals(False)
         other = len(rows) - len(self._rows)
         bad = [r for r in rows if not math.isfinite(r.rel_fro)]
+        moe = any(".experts." in r.name for r in self._rows)
         self.info.setText("Run “Compare all layers” to fill this view." if not rows else
                           f"{len(self._rows)} (layer, variant) points from {len(variants)} variant(s)"
                           + (f"; {other} outside decoder layers (embeddings, head) not plotted" if other else "")
                           + (f"; {len(bad)} with a non-finite error, not plotted (NaN/inf weights, e.g. "
                              f"{bad[0].variant}: {bad[0].name}; Tools ▸ Run doctor)" if bad else "")
+                          + ("; a heatmap cell holds its layer's worst expert" if moe else "")
                           + ". Click a point or a heatmap cell to select the layer.")
         self._redraw(heatmap)
 
@@ -327,10 +330,14 @@ class LayerErrorPlot(QWidget):
         projs = sorted({r.proj for r in rows}, key=_proj_order)
         grid = np.full((len(layers), len(projs)), np.nan)
         self._hm_names = {}
-        for r in rows:
-            i, j = layers.index(r.layer_index), projs.index(r.proj)
-            grid[i, j] = self._value(r)
-            self._hm_names[(i, j)] = r.name
+        li = {x: i for i, x in enumerate(layers)}
+        pj = {x: j for j, x in enumerate(projs)}
+        for r in rows:  # several rows to a cell (MoE experts): the worst one, NaN first
+            i, j = li[r.layer_index], pj[r.proj]
+            v, old = self._value(r), grid[i, j]
+            if (i, j) not in self._hm_names or math.isnan(v) or (not math.isnan(old) and v > old):
+                grid[i, j] = v
+                self._hm_names[(i, j)] = r.name
         self.hm_image.setImage(grid, autoLevels=False)
         shared = self.hm_scale.isChecked()
         values = np.array([self._value(r) for r in self._rows]) if shared else grid
@@ -348,8 +355,9 @@ class LayerErrorPlot(QWidget):
             short, legend = _proj_labels(projs)
             self.hm.getAxis("bottom").setTicks([[(j + 0.5, t) for j, t in enumerate(short)]])
             self.hm.setLabel("bottom", legend or "projection")  # the key to short labels, else what they are
-            self.hm.getAxis("left").setTicks([[(i + 0.5, str(layer)) for i, layer in enumerate(layers)]]
-                                             if len(layers) <= 40 else None)
+            every = max(1, math.ceil(len(layers) / 16))  # labels ~14 px tall: no more than fit
+            self.hm.getAxis("left").setTicks([[(i + 0.5, str(layer)) for i, layer in enumerate(layers)
+                                               if i % every == 0]])
             self.hm.setTitle(variant)
             self.hm.autoRange()
         self.hm.scene().prepareForPaint()
