@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
     QTabWidget,
 )
 from quantscope.backend.checkpoint import refuse_writing_into
+from quantscope.backend.compare_align import counterpart
 from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.workspace import Workspace
 from quantscope.widgets.code_usage_view import CodeUsageView
@@ -454,9 +455,13 @@ class MainWindow(QMainWindow):
         return out
 
     def select_layer(self, path: str) -> None:
+        ws = self.workspace
+        stands = self._reference_layer_for(path)
+        if stands is not None:  # a variant's own module (stacked experts, fused q/k/v): its error
+            path, message = stands
+            self._status(message)
         self.current_layer = path
         self.config.set_layer(path, self.workspace.models())
-        ws = self.workspace
         self._refresh_result()  # what belongs to this layer (a conversion's summary), nothing of another's
         if ws.reference is not None and (path in ws.reference.layers or path == "lm_head"):
             # (lm_head: a tied reference compares it with its embeddings)
@@ -474,6 +479,27 @@ class MainWindow(QMainWindow):
         job = self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ref, models, path,
                                   engine=self.engine, on_result=self._show_detail, on_error=self._job_failed)
         self._detail_job = job.id
+
+    def _reference_layer_for(self, path: str) -> tuple[str, str] | None:
+        """(the reference layer a variant's module named otherwise stands for, a status message
+        saying so): the expert with the largest error of a switch_mlp stack once compared (else
+        expert 0), q_proj of a fused qkv_proj, the same module under another prefix; None when
+        the reference has ``path`` itself (or nothing like it)."""
+        ref = self.workspace.reference
+        if ref is None or path in ref.layers or path == "lm_head":
+            return None
+        found = counterpart(path, ref)
+        if found is None:
+            return None
+        res = self.sweep_result
+        rows = [r for r in res.rows if r.variant_layer == path and r.name in ref.layers] if res is not None else []
+        if len(rows) > 1:
+            worst = max(rows, key=lambda r: (math.isnan(r.rel_fro), r.rel_fro))
+            return worst.name, f"{path} holds {len(rows)} layers of the reference: showing the worst, {worst.name}"
+        if ".experts." in found[0]:
+            return found[0], (f"{path} stacks the reference's experts: showing {found[0]} "
+                              "(once compared: the worst expert)")
+        return found[0], f"{path}: showing the reference's {found[0]}"
 
     def _job_ended(self, job_id: int) -> None:
         # A layer's decode that ended without showing it (cancelled with Esc, or failed): the views

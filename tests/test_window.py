@@ -881,3 +881,32 @@ def test_tree_error_of_a_stacked_module_is_its_worst_expert():
     assert per[sw] == 0.12 and per["model.layers.0.mlp.experts.2.up_proj"] == 0.1
     rows[1].rel_fro = float("nan")
     assert math.isnan(errors_by_module(rows)["v"][sw])
+
+
+def test_selecting_a_stacked_module_shows_an_expert_of_the_reference(qtbot, tmp_path):
+    # the tree shows the variant's switch_mlp.down_proj; the reference has experts one by one:
+    # "no layer of that name to measure the error against" before
+    from pathlib import Path
+    from types import SimpleNamespace
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    w.quiet_errors = True
+    qtbot.addWidget(w)
+    w.resize(1280, 800)
+    w.show()
+    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
+        w.open_workspace([str(real / "mlxlm-qwen3moe-q4-g64")], str(real / "qwen3moe-bf16"))
+    sw = "model.layers.1.mlp.switch_mlp.down_proj"
+    with qtbot.waitSignal(w.detail_shown, timeout=30_000):
+        w.select_layer(sw)
+    assert w.current_layer == "model.layers.1.mlp.experts.0.down_proj"
+    assert "stacks the reference's experts" in w.statusBar().currentMessage()
+    assert "mlxlm-qwen3moe-q4-g64" in w.hist._counts and "reference" in w.hist._counts
+    # once compared, the expert with the largest error
+    w.sweep_result = SimpleNamespace(rows=[SimpleNamespace(name=f"model.layers.1.mlp.experts.{e}.down_proj",
+                                                           variant_layer=sw, rel_fro=r)
+                                           for e, r in enumerate((0.09, 0.08, 0.095, 0.091))])
+    with qtbot.waitSignal(w.detail_shown, timeout=30_000):
+        w.select_layer(sw)
+    assert w.current_layer == "model.layers.1.mlp.experts.2.down_proj"
+    w.service.shutdown()
