@@ -823,8 +823,10 @@ def _stack_experts(model: Model, items: list[_Item]) -> list[_Item]:
     """Per-expert MoE modules (``….experts.{e}.gate_proj``; Mixtral's ``w1/w3/w2``) as mlx-lm
     loads them: one ``….switch_mlp.{gate,up,down}_proj`` module per projection, each tensor the
     experts' stacked along a new first axis (``[E, N, K·bits/32]``, scales and biases
-    ``[E, N, K/G]``), in the place of expert 0. mlx-lm stacks only dense per-expert weights when
-    it loads a model (its models' ``sanitize``), so experts written one by one would not load.
+    ``[E, N, K/G]``), in the place of expert 0: what mlx-lm writes itself and every model class
+    of it loads. Experts written one by one load only where the class's ``sanitize`` stacks
+    their scales and biases too (mixtral, qwen2_moe, …); qwen3_moe's, for one, stacks only
+    ``.weight``.
     The experts must be 0..E-1 and converted alike (one setting, the same tensors); scales whose
     dtype differs between experts (some widened to float32, see the module doc) are all
     written in float32, which holds every source value exactly."""
