@@ -114,6 +114,8 @@ RULES: dict[str, Rule] = _rules(
     ("index.total-size", "warning", "R23", "metadata.total_size differs from the tensors' bytes"),
     ("index.several", "warning", "R23", "several index files in one folder"),
     ("config.unreadable", "warning", None, "a JSON config could not be parsed"),
+    ("config.bad-value", "error", None, "a bits / group size setting no loader can use (0 bits, \"x\", 4.5)"),
+    ("config.number-type", "warning", None, "a bits / group size setting written as a string or a float (\"4\", 4.0)"),
     # MLX quantization triples
     ("mlx.biases-without-scales", "error", "R18", "`.biases` stored without `.scales`"),
     ("mlx.scales-not-quantized", "error", "R18", "`.scales` on a layer the config (or its float weight) marks unquantized"),
@@ -957,6 +959,12 @@ class _Doctor:
     def _check_config(self, cfg, ck) -> None:
         """Config-level rules; use only names and configs (also run when layers are not analysed)."""
         col = self.col
+        for message, usable in cfg.bad_values:
+            if usable:
+                col.add("config.number-type", f"{message} — write it as an integer", file=self.root / _cfg_file(cfg))
+            else:
+                col.add("config.bad-value", f"{message}; loaders fail on it or misread the file — set the value "
+                        "the tensors were quantized with", file=self.root / _cfg_file(cfg))
         if cfg.kind == "gptq":
             missing = [k for k in ("sym", "checkpoint_format", "quant_method") if k not in cfg.raw]
             if missing:

@@ -52,6 +52,9 @@ class QuantConfig:
         Per-layer overrides as ``(key, value)`` pairs, in file order.
     notes
         Things a person should know (keys missing and what was assumed, mirrors, …).
+    bad_values
+        ``(message, usable)`` per bits / group size value not written as an integer: usable ones
+        (``"4"``, ``4.0``) were read as the number, the others (``0``, ``"x"``) ignored.
     """
 
     kind: str | None = None
@@ -60,6 +63,7 @@ class QuantConfig:
     globals: dict = field(default_factory=dict)
     overrides: list[tuple[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    bad_values: list = field(default_factory=list)
     #: config.json describes a multimodal model (``text_config``/``vision_config``): its per-layer
     #: keys may carry the `language_model.` prefixes loaders map between; a text model's may not.
     multimodal: bool = False
@@ -167,7 +171,18 @@ def _parse_mlx(q: dict, where: str) -> QuantConfig:
     for key in ("bits", "group_size"):
         if key not in q:
             out.notes.append(f'top-level "{key}" missing: MLX loaders index it directly and fail')
-    out.overrides = [(k, v) for k, v in q.items() if k not in _MLX_RESERVED]
+    out.overrides = []
+    for k, v in q.items():
+        if k in _MLX_RESERVED:
+            continue
+        if isinstance(v, dict):  # a layer's own settings: the same reading as the globals'
+            v = dict(v)
+            for key in ("bits", "group_size"):
+                if key in v:
+                    v[key] = _setting(out, key, v[key], f"[{k!r}]")
+                    if v[key] is None:
+                        del v[key]
+        out.overrides.append((k, v))
     return out
 
 
@@ -187,14 +202,33 @@ def _first(d: dict, *keys, default=None):
 
 
 def _number(out: QuantConfig, q: dict, *keys: str):
-    """The first of ``keys`` in ``q`` as an int: a number written as a string ("4") is read as
-    one, with a note (comparing "4" with 4 made a 4-bit file contradict its own 4-bit zeros)."""
-    v = _first(q, *keys)
+    """The first of ``keys`` in ``q`` as an int (see :func:`_setting`)."""
+    return _setting(out, keys[0], _first(q, *keys))
+
+
+def _setting(out: QuantConfig, name: str, v, where: str = ""):
+    """A bits / group size value as an int: a number written as a string ("4") or as a whole
+    float (4.0) is read as one, with a note (comparing "4" with 4 made a 4-bit file contradict its
+    own 4-bit zeros; 64.0 reached the kernels as a float and crashed them). A value no loader could
+    use (0 bits, "x", 4.5, a group of -2) is dropped with a note: the tensors' shapes decide."""
+    if v is None:
+        return None
+    at = f"{out.file}: {where + ' ' if where else ''}{name}"
+    got = v
     if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        out.notes.append(f'{out.file}: {keys[0]} is the string "{v}", read as {int(v)} (loaders expect a number '
-                         "and may fail on it)")
-        return int(v)
-    return v
+        got = int(v)
+        out.notes.append(f'{at} is the string "{v}", read as {got} (loaders expect a number and may fail on it)')
+        out.bad_values.append((out.notes[-1], True))
+    elif isinstance(v, float) and v.is_integer():
+        got = int(v)
+        out.notes.append(f"{at} is {v!r}, read as {got} (loaders expect an integer and may fail on it)")
+        out.bad_values.append((out.notes[-1], True))
+    bits = name in ("bits", "w_bit", "wbits", "num_bits")
+    if isinstance(got, bool) or not isinstance(got, int) or (bits and not 1 <= got <= 16) or (not bits and got < -1):
+        out.notes.append(f"{at} is {v!r}, which no loader can use: ignored (the tensors' shapes decide)")
+        out.bad_values.append((out.notes[-1], False))
+        return None
+    return got
 
 
 def _parse_gptq(q: dict, where: str) -> QuantConfig:
@@ -241,7 +275,16 @@ def _parse_ct(q: dict, where: str) -> QuantConfig:
     out.globals = {"format": q.get("format"), "version": q.get("version"),
                    "quantization_status": q.get("quantization_status"), "ignore": q.get("ignore") or []}
     groups = q.get("config_groups") or {}
-    out.overrides = list(groups.items()) if isinstance(groups, dict) else []
+    out.overrides = []
+    for name, grp in (groups.items() if isinstance(groups, dict) else ()):
+        w = grp.get("weights") if isinstance(grp, dict) else None
+        if isinstance(w, dict) and any(k in w for k in ("num_bits", "group_size")):
+            w = dict(w)  # the same reading of its numbers as the other formats' (see _setting)
+            for key in ("num_bits", "group_size"):
+                if w.get(key) is not None:
+                    w[key] = _setting(out, key, w[key], f"config_groups[{name!r}].weights")
+            grp = {**grp, "weights": w}
+        out.overrides.append((name, grp))
     return out
 
 
@@ -367,10 +410,15 @@ def _resolve_gptq(cfg: QuantConfig, path: str) -> Effective:
     return eff
 
 
+def _names(v) -> list[str]:
+    """A config's list of module names (modules_to_not_convert), its strings only: a malformed
+    entry (a number) matches nothing instead of failing the lookup of every layer."""
+    return [x for x in v if isinstance(x, str)] if isinstance(v, (list, tuple)) else []
+
+
 def _resolve_awq(cfg: QuantConfig, path: str) -> Effective:
     g = cfg.globals
-    skip = g.get("modules_to_not_convert") or []
-    for key in skip:
+    for key in _names(g.get("modules_to_not_convert")):
         if key in path:  # AutoAWQ matches by substring
             return Effective(quantized=False, source=f"modules_to_not_convert contains `{key}`")
     return Effective(quantized=None, bits=g["bits"], group_size=g["group_size"],
@@ -415,7 +463,7 @@ def _resolve_ct(cfg: QuantConfig, path: str) -> Effective:
 
 def _resolve_fp8(cfg: QuantConfig, path: str) -> Effective:
     g = cfg.globals
-    for key in g.get("modules_to_not_convert") or []:
+    for key in _names(g.get("modules_to_not_convert")):
         if key in path:
             return Effective(quantized=False, source=f"modules_to_not_convert contains `{key}`")
     bs = g.get("weight_block_size")

@@ -419,6 +419,16 @@ def c_override_unmatched(tmp):
     return make_mlx(tmp / "m", quant=q), "mlx.override-unmatched", "model.layers.0.mlp.down_prj"
 
 
+def c_config_bad_value(tmp):
+    q = {"group_size": 64, "bits": 0, "mode": "affine"}  # crashed every command (modulo by zero)
+    return make_mlx(tmp / "m", quant=q), "config.bad-value", None
+
+
+def c_config_number_type(tmp):
+    q = {"group_size": 64.0, "bits": 4, "mode": "affine"}  # reached the kernels as a float
+    return make_mlx(tmp / "m", quant=q), "config.number-type", None
+
+
 def c_per_expert(tmp):
     # experts quantized one by one (what a converter that does not stack writes): mlx-lm's
     # sanitize stacks only their .weight into switch_mlp, the scales/biases are left over
@@ -756,7 +766,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_metadata_format, c_pickle, c_index_no_weight_map, c_index_bad_json, c_missing_shard, c_unsafe_path,
          c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable,
          c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
-         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched, c_per_expert, c_fused_and_split,
+         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_fused_and_split,
          c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
          c_ct_packing, c_ct_zero_point, c_ct_zero_point_missing, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,

@@ -149,3 +149,34 @@ def test_numbers_written_as_strings_are_read_as_numbers_with_a_note():
     e = c.effective("model.layers.0.self_attn.q_proj")
     assert (e.bits, e.group_size) == (4, 128)
     assert any('bits is the string "4", read as 4' in n for n in c.notes)
+
+
+def test_whole_floats_are_read_as_integers_and_unusable_values_dropped():
+    # 128.0 reached the numba kernels as a float (a typing error dump, exit 3); 0 bits divided by zero
+    c = parse_configs({"config.json": {"quantization_config": {"quant_method": "gptq", "bits": 4.0,
+                                                               "group_size": 128.0, "sym": True}}})
+    e = c.effective("model.layers.0.self_attn.q_proj")
+    assert (e.bits, e.group_size) == (4, 128) and type(e.bits) is int and type(e.group_size) is int
+    assert [u for _, u in c.bad_values] == [True, True] and any("is 128.0, read as 128" in n for n in c.notes)
+    c = mlx_cfg({"group_size": 64.0, "bits": 0, "model.layers.0.mlp.gate": {"group_size": 32.0, "bits": "x"}})
+    assert c.globals["bits"] is None and c.globals["group_size"] == 64
+    e = c.effective("model.layers.0.mlp.gate")
+    assert e.group_size == 32 and type(e.group_size) is int and e.bits != "x"
+    assert sorted(u for _, u in c.bad_values) == [False, False, True, True]
+    for bad in (4.5, -2, True, "four"):
+        c = parse_configs({"config.json": {"quantization_config": {"quant_method": "awq", "bits": 4,
+                                                                   "group_size": bad, "version": "gemm"}}})
+        assert c.globals["group_size"] is None and c.bad_values == [(c.notes[-1], False)], bad
+
+
+def test_compressed_tensors_group_numbers_and_malformed_skip_lists():
+    c = parse_configs({"config.json": {"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4.0, "group_size": 128.0,
+                                                                          "type": "int", "strategy": "group"}}}}}})
+    e = c.effective("model.layers.0.self_attn.q_proj")
+    assert (e.bits, e.group_size) == (4, 128) and type(e.bits) is int
+    c = parse_configs({"config.json": {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128,
+                                                               "version": "gemm", "modules_to_not_convert": [1, "lm_head"]}}})
+    assert c.effective("model.layers.0.mlp.up_proj").bits == 4  # was: 'in <string>' requires string, not int
+    assert c.effective("lm_head").quantized is False
