@@ -216,21 +216,16 @@ def _save_npy(path: str, w) -> None:
     import stat
 
     import numpy as np
-    from quantscope.backend.errors import QuantscopeError
+    from quantscope.backend.outfile import atomic_output
     if path == "-":
         np.lib.format.write_array(_Stream(sys.stdout.buffer), w, allow_pickle=False)
         sys.stdout.buffer.flush()
         return
-    try:
-        with open(path, "wb") as fh:
-            if stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                np.save(fh, w)
-            else:
-                np.lib.format.write_array(_Stream(fh), w, allow_pickle=False)
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise QuantscopeError(f"cannot write {path}: {exc.strerror or exc}") from None
+    with atomic_output(path, "wb") as fh:  # whole or not at all; names the path when it fails
+        if stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            np.save(fh, w)
+        else:
+            np.lib.format.write_array(_Stream(fh), w, allow_pickle=False)
 
 
 def check_output_path(path: str) -> None:
@@ -306,6 +301,20 @@ def _terminate_as_interrupt() -> None:
         pass
 
 
+def _stdout_failing(exc: OSError) -> bool:
+    """Whether an OSError without a file name came from standard output (a full disk, /dev/full):
+    the files quantscope writes name themselves when they fail (:mod:`..backend.outfile`). Output
+    still buffered for it is dropped, so that the exit does not fail on it a second time."""
+    import errno
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        return False
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Options every command takes may come before the command (`quantscope --debug info X`, as the
@@ -347,12 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a file or folder that cannot be read or written: the user's to fix
         if debug:
             raise
-        where = exc.filename if exc.filename is not None else ""
+        where = exc.filename if exc.filename is not None else ("standard output" if _stdout_failing(exc) else "")
         print(f"quantscope: error: {where}{': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # never a bare traceback for the user
         if debug:
             raise
+        if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl+C inside a compiled kernel (SystemError)
+            print("quantscope: interrupted", file=sys.stderr)
+            return 130
         print(f"quantscope: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
               file=sys.stderr)
         return 3

@@ -10,6 +10,7 @@ import sys
 import threading
 
 from quantscope.backend.errors import QuantscopeError
+from quantscope.backend.outfile import atomic_output
 
 from .progress_bar import ProgressBar
 
@@ -126,7 +127,7 @@ def run_compare(args) -> int:
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")
     elif args.json_out:
-        with open(args.json_out, "w") as fh:
+        with atomic_output(args.json_out) as fh:  # a full disk or an interrupt leaves no half report
             json.dump(data, fh, indent=1)
             fh.write("\n")
     if args.csv_out:

@@ -151,10 +151,17 @@ def job_convert(src: str, dst: str, options: dict, *, engine="auto", progress=No
 
 def job_export_dequant(model, name: str, out_path: str, *, engine="auto", progress=None, cancel=None) -> str:
     w = get_engine(engine).dequantize(model, model.layer(name))
-    np.save(out_path, w)
-    return out_path
+    return _save_npy(out_path, w)
 
 
 def job_export_tensor(model, tensor: str, out_path: str, *, progress=None, cancel=None) -> str:
-    np.save(out_path, np.array(model.ckpt.tensor(tensor)))
+    return _save_npy(out_path, np.array(model.ckpt.tensor(tensor)))
+
+
+def _save_npy(out_path: str, a: np.ndarray) -> str:
+    """``a`` as ``out_path`` (".npy" added when missing, as np.save does), whole or not at all."""
+    from quantscope.backend.outfile import atomic_output
+    out_path = str(out_path) if str(out_path).endswith(".npy") else f"{out_path}.npy"
+    with atomic_output(out_path, "wb") as fh:
+        np.save(fh, a)
     return out_path

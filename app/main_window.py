@@ -718,13 +718,15 @@ class MainWindow(QMainWindow):
         path, _ = QFileDialog.getSaveFileName(self, "Export metrics", f"quantscope-metrics.{kind}")
         if not path or not self._may_write(path):
             return
+        from quantscope.backend.outfile import atomic_output
         try:
             if kind == "csv":
                 self.sweep_result.to_csv(path)
             else:
-                Path(path).write_text(json.dumps(self.sweep_result.to_json(), indent=1))
-        except OSError as e:
-            self._show_error("Export", f"{path}: {e.strerror or e}", "")
+                with atomic_output(path) as fh:
+                    json.dump(self.sweep_result.to_json(), fh, indent=1)
+        except QuantscopeError as e:  # names the file; nothing half-written is left
+            self._show_error("Export", str(e), "")
             return
         self._status(f"Saved {path}")
 

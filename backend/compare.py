@@ -149,7 +149,8 @@ class SweepResult:
         if hasattr(path, "write"):
             self._write_csv(path)
             return
-        with open(path, "w", newline="") as fh:
+        from .outfile import atomic_output
+        with atomic_output(path, "w", newline="") as fh:
             self._write_csv(fh)
 
     def _write_csv(self, fh) -> None:

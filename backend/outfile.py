@@ -1,0 +1,58 @@
+"""Output files written whole or not at all.
+
+A report or array is written into a hidden temporary file beside its destination and renamed
+over it only once complete: a full disk, an interrupt or an error leaves the previous file (if
+any) untouched and no truncated one behind ("262144 requested and 61408 written" used to leave
+a 245 KB .npy where the old file was, and a SIGTERM a two-line CSV). Destinations that are not
+regular files (/dev/stdout, a FIFO, /dev/null) are written directly: they cannot be replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+from .errors import QuantscopeError
+
+#: Marker in the temporary file's name: ``.NAME.quantscope-tmp-<pid>``.
+TMP_TAG = "quantscope-tmp"
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "w", **open_kw):
+    """``with atomic_output(p, "w") as fh:`` — ``fh`` writes a temporary file that replaces ``p``
+    when the block ends without an exception (and is removed when it raises). OSError becomes a
+    :class:`QuantscopeError` that names ``p``."""
+    p = Path(path)
+    try:
+        direct = p.exists() and not stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        direct = False
+    if direct:
+        try:
+            with open(p, mode, **open_kw) as fh:
+                yield fh
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise QuantscopeError(f"cannot write {p}: {exc.strerror or exc}") from None
+        return
+    tmp = p.parent / f".{p.name}.{TMP_TAG}-{os.getpid()}"
+    try:
+        with open(tmp, mode, **open_kw) as fh:
+            yield fh
+            fh.flush()
+        if p.exists():  # keep the old file's permissions, as an in-place rewrite would
+            with contextlib.suppress(OSError):
+                os.chmod(tmp, stat.S_IMODE(os.stat(p).st_mode))
+        os.replace(tmp, p)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+            raise QuantscopeError(f"cannot write {p}: {exc.strerror or exc}"
+                                  + (" (nothing written; a previous file is kept)" if p.exists() else
+                                     " (nothing written)")) from None
+        raise
