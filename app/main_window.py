@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
     QTabWidget,
 )
 from quantscope.backend.checkpoint import refuse_writing_into
-from quantscope.backend.compare_align import counterpart
+from quantscope.backend.compare_align import containers, counterpart
 from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.workspace import Workspace
 from quantscope.widgets.code_usage_view import CodeUsageView
@@ -57,14 +57,16 @@ def _worst_per_layer(findings: list[dict]) -> dict[str, tuple[str, str]]:
 
 def errors_by_module(rows) -> dict[str, dict[str, float]]:
     """Per variant, the rel_fro the tree shows beside each module path: a compared layer's under
-    both its reference name and the variant's module; a module holding several compared layers
-    (experts stacked in switch_mlp, fused q/k/v) shows the worst of them, NaN first."""
+    its reference name, the variant's module, and the modules other checkpoints hold it in (a
+    switch_mlp stack, a fused qkv_proj: another checkpoint's tree may show those); a module
+    holding several compared layers shows the worst of them, NaN first."""
     per: dict[str, dict[str, float]] = {}
     for r in rows:
         got = per.setdefault(r.variant, {})
-        old = got.get(r.variant_layer)
-        if old is None or math.isnan(r.rel_fro) or (not math.isnan(old) and r.rel_fro > old):
-            got[r.variant_layer] = r.rel_fro
+        for key in dict.fromkeys([r.variant_layer, *containers(r.name)]):
+            old = got.get(key)
+            if old is None or math.isnan(r.rel_fro) or (not math.isnan(old) and r.rel_fro > old):
+                got[key] = r.rel_fro
         got.setdefault(r.name, r.rel_fro)
     return per
 

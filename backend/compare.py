@@ -27,7 +27,7 @@ import numpy as np
 
 from . import fused
 from .checkpoint import natural_key
-from .compare_align import Alignment, Target, Unmatched, align, layer_index, proj_of
+from .compare_align import Alignment, Segment, Target, Unmatched, align, layer_index, proj_of
 from .engines import get_engine
 from .errors import Cancelled, LayerError, QuantscopeError
 from .formats.kernel import pool, workers
@@ -1189,7 +1189,7 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
         vl = vs.model.layers[t.var_layers[0]]
-        _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros)
+        _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments)
         group_error[vs.label] = _group_errors(w, wh_of[vs.label], vl, vs.model)
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
                        group_error, metrics, value_view, error_view,
@@ -1203,18 +1203,41 @@ def _nonfinite(values: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> 
     return {k: n for k, n in out.items() if n}
 
 
-def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scales: dict, zeros: dict) -> None:
+def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scales: dict, zeros: dict,
+            segments: list[Segment] | None = None) -> None:
     """Add what ``model`` stores for the layers ``paths`` (one target's) under ``label``: the
-    exact count of each code level, and the scales and zero points of the first."""
+    exact count of each code level, and the scales and zero points of the first. ``segments``
+    (the target's): only the rows the target compares — one expert of a switch_mlp stack, q's
+    rows of a fused qkv_proj — not the whole stored tensor."""
+    rows = {}
+    for sg in segments or []:
+        rows.setdefault(sg.var_layer, []).append(np.arange(*sg.var_rows))
+    pick = {p: np.concatenate(r) for p, r in rows.items()}
     vl = model.layers[paths[0]]
     if vl.quantized and vl.bits and vl.bits <= 8:
-        codes = [stored_codes(model, model.layers[p]) for p in paths]
+        codes = [_take_rows(stored_codes(model, model.layers[p]), pick.get(p), model.layers[p]) for p in paths]
         if all(c is not None for c in codes):
             code_counts[label] = sum(np.bincount(c.reshape(-1), minlength=2 ** vl.bits)[:2 ** vl.bits] for c in codes)
     sc, zp = _scales_zeros(model, vl)
     if sc is not None:
-        scales[label] = sc
-        zeros[label] = zp
+        scales[label] = _take_rows(sc, pick.get(paths[0]), vl, per_group=True)
+        zeros[label] = None if zp is None else _take_rows(zp, pick.get(paths[0]), vl, per_group=True)
+
+
+def _take_rows(a: np.ndarray | None, rows: np.ndarray | None, layer: Layer, per_group: bool = False):
+    """The output rows ``rows`` (of the flattened ``[R, K]`` weight) of a layer's codes
+    (``[..., N, K]``) or, with ``per_group``, of its scales or zero points: ``[G, N]`` for
+    GPTQ/AWQ (a column per output row), ``[..., N, G]`` otherwise. Unchanged when ``rows`` is
+    None or covers every row, or when the array's layout is not one of these."""
+    if a is None or rows is None:
+        return a
+    n_rows = int(np.prod(layer.shape[:-1])) if layer.shape else 0
+    if rows.size == n_rows and np.array_equal(rows, np.arange(n_rows)):
+        return a
+    if per_group and layer.scheme in ("gptq", "awq-gemm", "awq-gemv"):
+        return a[:, rows] if a.ndim == 2 and a.shape[1] == n_rows else a
+    flat = a.reshape(-1, a.shape[-1]) if a.ndim >= 2 else a
+    return flat[rows] if flat.ndim == 2 and flat.shape[0] == n_rows else a
 
 
 def layer_alone(models: dict[str, Model], name: str, *, bins: int = 256, engine="auto", cancel=None) -> LayerDetail:

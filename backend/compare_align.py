@@ -70,6 +70,19 @@ def canonical(path: str) -> str:
     return path
 
 
+def containers(path: str) -> list[str]:
+    """Modules that hold layer ``path`` in the other layouts :func:`align` matches: the
+    switch_mlp stack of an expert, the fused qkv_proj / gate_up_proj of a part."""
+    out = []
+    sw = switch_path(path)
+    if sw is not None:
+        out.append(sw[0])
+    parent, _, proj = path.rpartition(".")
+    if proj in _PART_OF:
+        out.append(f"{parent}.{_PART_OF[proj]}")
+    return out
+
+
 def counterpart(path: str, model: Model) -> tuple[str, str] | None:
     """The module of ``model`` that holds the weights of module ``path`` (named as in another
     checkpoint) and how, by name alone — ``(path, "")`` when it is there as such, else

@@ -279,3 +279,22 @@ def test_gptqmodel_moe_decodes_like_gptqmodel(mlx_engine):
         assert (layer.scheme, layer.bits, layer.group_size) == ("gptq", 4, 64), name
         np.testing.assert_array_equal(NumpyEngine().dequantize(model, layer), want, err_msg=name)
         np.testing.assert_array_equal(mlx_engine.dequantize(model, layer), want, err_msg=name)
+
+
+def test_an_experts_codes_and_scales_are_its_own_not_the_stacks():
+    # Code usage and Scales & zeros of experts.2 of a switch_mlp stack counted all 4 experts
+    import mlx.core as mx
+
+    from quantscope.backend.compare import layer_detail
+    ref = analyze(open_checkpoint(REAL / "qwen3moe-bf16"))
+    mlx = analyze(open_checkpoint(REAL / "mlxlm-qwen3moe-q4-g64"))
+    gptq = analyze(open_checkpoint(REAL / "gptqmodel-qwen3moe-w4g64"))
+    d = layer_detail(ref, {"mlx": mlx, "gptq": gptq}, "model.layers.1.mlp.experts.2.up_proj")
+    t = mx.load(str(REAL / "mlxlm-qwen3moe-q4-g64" / "model.safetensors"))
+    sw = "model.layers.1.mlp.switch_mlp.up_proj"
+    want_sc = np.array(t[f"{sw}.scales"][2].astype(mx.float32))
+    codes = np.array(t[f"{sw}.weight"][2]).view(np.uint8)  # 4-bit codes, two to a byte, low nibble first
+    want_codes = np.bincount(np.stack([codes & 15, codes >> 4], -1).reshape(-1), minlength=16)
+    assert np.array_equal(d.scales["mlx"].reshape(want_sc.shape), want_sc)
+    assert np.array_equal(d.code_counts["mlx"], want_codes)
+    assert d.code_counts["gptq"].sum() == 64 * 128 and d.scales["gptq"].size == 128  # per-expert: its own anyway

@@ -881,6 +881,11 @@ def test_tree_error_of_a_stacked_module_is_its_worst_expert():
     assert per[sw] == 0.12 and per["model.layers.0.mlp.experts.2.up_proj"] == 0.1
     rows[1].rel_fro = float("nan")
     assert math.isnan(errors_by_module(rows)["v"][sw])
+    # a per-expert variant, shown beside a stacked checkpoint's tree: its worst expert there too
+    per_expert = [SimpleNamespace(variant="g", name=f"model.layers.0.mlp.experts.{e}.up_proj",
+                                  variant_layer=f"model.layers.0.mlp.experts.{e}.up_proj", rel_fro=r)
+                  for e, r in enumerate((0.11, 0.13))]
+    assert errors_by_module(per_expert)["g"][sw] == 0.13
 
 
 def test_selecting_a_stacked_module_shows_an_expert_of_the_reference(qtbot, tmp_path):
