@@ -149,9 +149,12 @@ def job_convert(src: str, dst: str, options: dict, *, engine="auto", progress=No
     return convert(src, dst, engine=engine, progress=progress, cancel=cancel, **options)
 
 
-def job_export_dequant(model, name: str, out_path: str, *, engine="auto", progress=None, cancel=None) -> str:
+def job_export_dequant(model, name: str, out_path: str, *, expert: int | None = None, engine="auto", progress=None,
+                       cancel=None) -> str:
+    """Layer ``name`` of ``model`` decoded, as .npy; ``expert``: that expert's ``[N, K]`` of a
+    stacked ``[E, N, K]`` layer."""
     w = get_engine(engine).dequantize(model, model.layer(name))
-    return _save_npy(out_path, w)
+    return _save_npy(out_path, w if expert is None else w[expert])
 
 
 def job_export_tensor(model, tensor: str, out_path: str, *, progress=None, cancel=None) -> str:

@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (
     QTabWidget,
 )
 from quantscope.backend.checkpoint import refuse_writing_into
-from quantscope.backend.compare_align import containers, counterpart
+from quantscope.backend.compare_align import canonical, containers, counterpart, switch_path
 from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.workspace import Workspace
 from quantscope.widgets.code_usage_view import CodeUsageView
@@ -99,6 +99,7 @@ class MainWindow(QMainWindow):
         self._dock_win_w: int | None = None  # ...and the window's width then
         self._rescaling = False
         self.sweep_result = None
+        self._said_stands = False  # the status bar says which reference layer a selected module stands for
         self._sweep_cache: dict = {}
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
         # The what-if box holds, for the layer shown, each of these that belongs to it: a what-if
@@ -447,8 +448,15 @@ class MainWindow(QMainWindow):
         if path not in self._all_paths():  # a tensor name (e.g. from the doctor): its module
             from quantscope.backend.checkpoint import split_name
             path = split_name(path)[0]
-        if not self.tree.select(path):
-            self.select_layer(path)
+        if self.tree.select(path):
+            return
+        # the shown checkpoint holds it under another name (a switch_mlp stack, a fused qkv_proj):
+        # that module highlighted, this layer shown
+        shown = self.workspace.models().get(self.tree.current_label())
+        hit = counterpart(path, shown) if shown is not None else None
+        if hit is None or not self.tree.select(hit[0], quiet=True):
+            self.tree.unselect()  # no row of the tree is the layer shown
+        self.select_layer(path)
 
     def _all_paths(self) -> set[str]:
         out = set()
@@ -462,6 +470,10 @@ class MainWindow(QMainWindow):
         if stands is not None:  # a variant's own module (stacked experts, fused q/k/v): its error
             path, message = stands
             self._status(message)
+            self._said_stands = True
+        elif self._said_stands:  # that message was about the selection before
+            self.statusBar().clearMessage()
+            self._said_stands = False
         self.current_layer = path
         self.config.set_layer(path, self.workspace.models())
         self._refresh_result()  # what belongs to this layer (a conversion's summary), nothing of another's
@@ -778,10 +790,21 @@ class MainWindow(QMainWindow):
         m = self.workspace.models().get(label)
         if not path or m is None:
             return
-        out = self._ask_npy(f"{path}.npy")
+        expert = None
+        if path not in m.layers:  # the layer shown is the reference's name: this checkpoint's module
+            hit = counterpart(path, m)
+            if hit is None:
+                self._show_error("Export", f"{label} has no layer {path}", "")
+                return
+            sw = switch_path(canonical(path))
+            if sw is not None and hit[0].split(".")[-2:-1] == ["switch_mlp"]:
+                expert = sw[1]  # that expert's slice of the stack, as the views show it
+            self._status(f"Exporting {hit[0]}" + (f", expert {expert}" if expert is not None else f" ({hit[1]})"))
+            path = hit[0]
+        out = self._ask_npy(f"{path}.npy" if expert is None else f"{path}.{expert}.npy")
         if out and self._may_write(out):
             self.service.submit("export", f"Exporting {path}", jobs.job_export_dequant, m, path, out,
-                                engine=self.engine, on_error=self._job_failed)
+                                expert=expert, engine=self.engine, on_error=self._job_failed)
 
     def export_tensor(self, tensor: str) -> None:
         m = self.workspace.models().get(self.tree.current_label())

@@ -792,6 +792,9 @@ def test_names_cut_to_fit_keep_their_layer_number_and_end(qtbot):
     moe = "model.layers.3.mlp.experts.117.down_proj"  # the last number: the expert
     cut = elide_path(moe, fm, fm.horizontalAdvance("…117.down_proj") + 1)
     assert cut == "…117.down_proj"
+    # with room, the layer number stays too (sorted by error, "…experts.19.gate_proj" hid layer 33)
+    for shown in ("…3.mlp.experts.117.down_proj", "…3.…experts.117.down_proj", "…3.…117.down_proj"):
+        assert elide_path(moe, fm, fm.horizontalAdvance(shown) + 1) == shown
 
 
 def test_tree_colours_the_names_of_layers_the_doctor_flagged(win, qtbot):
@@ -914,4 +917,21 @@ def test_selecting_a_stacked_module_shows_an_expert_of_the_reference(qtbot, tmp_
     with qtbot.waitSignal(w.detail_shown, timeout=30_000):
         w.select_layer(sw)
     assert w.current_layer == "model.layers.1.mlp.experts.2.down_proj"
+    # a point of the Layers plot (or a heatmap cell) names an expert: the tree highlights the stack
+    # holding it, and that expert is shown (the tree stayed on the row before)
+    with qtbot.waitSignal(w.detail_shown, timeout=30_000):
+        w.select_layer_everywhere("model.layers.0.mlp.experts.3.up_proj")
+    assert w.tree.view.currentIndex().data() == "model.layers.0.mlp.switch_mlp.up_proj"
+    assert w.current_layer == "model.layers.0.mlp.experts.3.up_proj"
+    assert "stacks" not in w.statusBar().currentMessage()  # the message about the selection before, gone
+    # File > Export > selected layer: that expert's slice of the stack (it failed: "no such layer")
+    out = tmp_path / "e3.npy"
+    w._ask_npy = lambda default: str(out)
+    with qtbot.waitSignal(w.service.job_done, timeout=30_000):
+        w.export_dequant(w.current_layer)
+    import mlx.core as mx
+    t = mx.load(str(real / "mlxlm-qwen3moe-q4-g64" / "model.safetensors"))
+    sw = "model.layers.0.mlp.switch_mlp.up_proj"
+    want = mx.dequantize(t[f"{sw}.weight"][3], t[f"{sw}.scales"][3], t[f"{sw}.biases"][3], group_size=64, bits=4)
+    assert np.array_equal(np.load(out), np.array(want.astype(mx.float32)))
     w.service.shutdown()

@@ -300,7 +300,10 @@ class LayerErrorPlot(QWidget):
             x = np.array([r.layer_index for r in rows], float) + (i - (n - 1) / 2) * 0.08
             y = np.array([self._value(r) for r in rows])
             color = self._colors.get(variant)
-            self.series[variant].setData(x, y, pen=pg.mkPen(color, width=1.5) if proj else None,
+            # one projection: a line along depth, unless a layer has several (MoE experts), where
+            # joining them in name order would zigzag meaninglessly
+            along = proj and len({r.layer_index for r in rows}) == len(rows)
+            self.series[variant].setData(x, y, pen=pg.mkPen(color, width=1.5) if along else None,
                                          symbolBrush=color, data=[r.name for r in rows])
         # The range set now, from the new data: left to auto-range, it is found while painting,
         # which then changes the axes and repaints the whole plot a second time.

@@ -7,7 +7,7 @@ from html import escape
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, QObject, QPoint, QRect, QRectF, QSize, Qt
-from PySide6.QtGui import QColor, QFontMetricsF, QPainter, QPalette
+from PySide6.QtGui import QColor, QFontMetrics, QFontMetricsF, QPainter, QPalette
 from PySide6.QtWidgets import QComboBox, QLabel, QLayout, QWidget
 
 #: Fixed axis sizes (px). pyqtgraph sizes an axis to its widest tick label by default; new data
@@ -105,6 +105,40 @@ class Hint(QObject):
         self.label.raise_()
 
 
+def elide_path(text: str, fm: QFontMetrics, width: int) -> str:
+    """``text`` (a dotted module path) cut to ``width`` pixels, keeping what tells rows apart: the
+    end, and the last number in it (the layer index; with two, as in an MoE expert's path, the
+    layer's and the expert's). Whole leading parts go first ("…layers.1.
+    mlp.down_proj", "…1.post_attention_layernorm"); when even that is too long, the rest after
+    the number is cut in the middle. A plain left cut made every post_attention_layernorm row
+    read the same."""
+    if fm.horizontalAdvance(text) <= width:
+        return text
+    parts = text.split(".")
+    nums = [i for i, p in enumerate(parts) if p.isdigit()]
+    if len(nums) >= 2:  # a layer number and an expert's: both kept ("…33.…19.gate_proj")
+        first, last = nums[0], nums[-1]
+        for k in range(1, first + 1):
+            cand = "…" + ".".join(parts[k:])
+            if fm.horizontalAdvance(cand) <= width:
+                return cand
+        for k in range(first + 1, last + 1):
+            cand = f"…{parts[first]}.…" + ".".join(parts[k:])
+            if fm.horizontalAdvance(cand) <= width:
+                return cand
+    num = nums[-1] if nums else None
+    for k in range(1, len(parts) if num is None else num + 1):
+        cand = "…" + ".".join(parts[k:])
+        if fm.horizontalAdvance(cand) <= width:
+            return cand
+    if num is not None and num + 1 < len(parts):
+        head = f"…{parts[num]}."
+        room = width - fm.horizontalAdvance(head)
+        if room >= fm.horizontalAdvance("m…m"):
+            return head + fm.elidedText(".".join(parts[num + 1:]), Qt.TextElideMode.ElideMiddle, room)
+    return fm.elidedText(text, Qt.TextElideMode.ElideLeft, width)
+
+
 class ElidedLabel(QLabel):
     """One line of text that never widens its layout: cut with "…" to the width it is given,
     the whole text in its tooltip (a plain QLabel's minimum width is its text's, so a long layer
@@ -127,7 +161,12 @@ class ElidedLabel(QLabel):
     def paintEvent(self, event) -> None:
         p = QPainter(self)
         p.setPen(self.palette().color(QPalette.ColorRole.WindowText))
-        shown = self.fontMetrics().elidedText(self.text(), Qt.TextElideMode.ElideRight, self.width())
+        text, fm = self.text(), self.fontMetrics()
+        # a module path keeps its end and layer number ("…1.mlp.experts.2.up_proj"): cut at the
+        # right, every layer read "model.layer…"
+        dotted = " " not in text and "." in text
+        shown = elide_path(text, fm, self.width()) if dotted else fm.elidedText(text, Qt.TextElideMode.ElideRight,
+                                                                                  self.width())
         p.drawText(self.rect(), int(self.alignment()), shown)
 
 

@@ -5,36 +5,14 @@ from __future__ import annotations
 import heapq
 
 from PySide6.QtCore import QEvent, QModelIndex, Qt, QTimer, Signal
-from PySide6.QtGui import QFontMetrics, QGuiApplication
+from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (QApplication, QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu, QStyle,
                                QStyledItemDelegate, QTreeView, QVBoxLayout, QWidget)
 
 from quantscope.backend.search import PathIndex
 
-from .plots import shrinkable
+from .plots import elide_path, shrinkable
 from .tensor_tree_model import BASE_COLUMNS, TensorTreeModel
-
-
-def elide_path(text: str, fm: QFontMetrics, width: int) -> str:
-    """``text`` (a dotted module path) cut to ``width`` pixels, keeping what tells rows apart: the
-    end, and the last number in it (the layer index). Whole leading parts go first ("…layers.1.
-    mlp.down_proj", "…1.post_attention_layernorm"); when even that is too long, the rest after
-    the number is cut in the middle. A plain left cut made every post_attention_layernorm row
-    read the same."""
-    if fm.horizontalAdvance(text) <= width:
-        return text
-    parts = text.split(".")
-    num = max((i for i, p in enumerate(parts) if p.isdigit()), default=None)
-    for k in range(1, len(parts) if num is None else num + 1):
-        cand = "…" + ".".join(parts[k:])
-        if fm.horizontalAdvance(cand) <= width:
-            return cand
-    if num is not None and num + 1 < len(parts):
-        head = f"…{parts[num]}."
-        room = width - fm.horizontalAdvance(head)
-        if room >= fm.horizontalAdvance("m…m"):
-            return head + fm.elidedText(".".join(parts[num + 1:]), Qt.TextElideMode.ElideMiddle, room)
-    return fm.elidedText(text, Qt.TextElideMode.ElideLeft, width)
 
 
 class _PathDelegate(QStyledItemDelegate):
@@ -100,6 +78,7 @@ class TensorTree(QWidget):
         self.search.textChanged.connect(lambda _: self._debounce.start())
         self.combo.currentTextChanged.connect(self._on_combo)
         self.view.selectionModel().currentChanged.connect(self._on_current)
+        self._quiet = False  # select(quiet=True) in progress: no layer_selected
         self.view.customContextMenuRequested.connect(self._menu)
         self.search.installEventFilter(self)
         self._models = {}
@@ -161,8 +140,8 @@ class TensorTree(QWidget):
             want = max(widths.get(c, 0), fm.horizontalAdvance(text) + 24)
             if c == own:  # beside Name: exactly as wide as its figures, which must show in a narrow dock
                 want = self._own_width()
-            elif nb <= c < n - 1:
-                want = min(want, fm.horizontalAdvance("gptq…w4g128__"))
+            elif nb <= c < n - 1:  # another variant's: its header cut, never its figures ("0.09…")
+                want = max(self._own_width(), min(want, fm.horizontalAdvance("gptq…w4g128__")))
             self.view.setColumnWidth(c, want)
         self._order_columns()
         self.checkpoint_changed.emit(label)
@@ -220,8 +199,9 @@ class TensorTree(QWidget):
     def current_label(self) -> str:
         return self.combo.currentText()
 
-    def select(self, path: str) -> bool:
-        """Select a module by path (clearing the search if it hides it)."""
+    def select(self, path: str, quiet: bool = False) -> bool:
+        """Select a module by path (clearing the search if it hides it); ``quiet``: highlight it
+        without announcing it (the caller shows a layer of its own, which this module holds)."""
         idx = self.model.row_of(path)
         if not idx.isValid() and self.search.text():
             self.search.clear()
@@ -229,13 +209,26 @@ class TensorTree(QWidget):
             idx = self.model.row_of(path)
         if not idx.isValid():
             return False
-        self.view.setCurrentIndex(idx)
+        self._quiet = quiet
+        try:
+            self.view.setCurrentIndex(idx)
+        finally:
+            self._quiet = False
         self.view.scrollTo(idx)
         return True
 
+    def unselect(self) -> None:
+        """No current row (quietly): the layer shown is none of the tree's modules, and a click on
+        the row that was current must still select it."""
+        self._quiet = True
+        try:
+            self.view.setCurrentIndex(QModelIndex())
+        finally:
+            self._quiet = False
+
     def _on_current(self, cur: QModelIndex, _prev) -> None:
         path = cur.data(TensorTreeModel.PathRole) if cur.isValid() else None
-        if path:
+        if path and not self._quiet:
             self.layer_selected.emit(path)
 
     def _remember_current(self) -> None:
