@@ -23,7 +23,12 @@ from PySide6.QtWidgets import (
     QTabWidget,
 )
 from quantscope.backend.checkpoint import refuse_writing_into
-from quantscope.backend.compare_align import canonical, containers, counterpart, switch_path
+from quantscope.backend.compare_align import (
+    canonical,
+    containers,
+    counterpart,
+    switch_path,
+)
 from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.workspace import Workspace
 from quantscope.widgets.code_usage_view import CodeUsageView

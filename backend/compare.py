@@ -27,7 +27,15 @@ import numpy as np
 
 from . import fused
 from .checkpoint import natural_key
-from .compare_align import Alignment, Segment, Target, Unmatched, align, layer_index, proj_of
+from .compare_align import (
+    Alignment,
+    Segment,
+    Target,
+    Unmatched,
+    align,
+    layer_index,
+    proj_of,
+)
 from .engines import get_engine
 from .errors import Cancelled, LayerError, QuantscopeError
 from .formats.kernel import pool, workers
