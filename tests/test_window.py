@@ -866,7 +866,7 @@ def test_config_panel_finds_a_layer_under_another_name(qtbot):
     panel.set_layer("model.layers.1.mlp.experts.2.down_proj", models)
     t = panel.layer_table
     rows = {t.item(r, 0).text(): [t.item(r, c).text() for c in range(6)] for r in range(t.rowCount())}
-    assert rows["mlx"][1:5] == ["mlx-affine", "4", "64", "4×128×64"]
+    assert rows["mlx"][1:5] == ["mlx-affine", "4", "64", "128×64"]
     assert rows["mlx"][5].startswith("model.layers.1.mlp.switch_mlp.down_proj (expert 2 of the stacked experts): ")
     assert rows["bf16"][1] == "dense" and not rows["bf16"][5].startswith("model.")
     panel.set_layer("model.layers.1.mlp.switch_mlp.up_proj", models)

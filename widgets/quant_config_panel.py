@@ -183,17 +183,19 @@ class QuantConfigPanel(QWidget):
         rows = []
         for label, m in models.items():
             found = counterpart(path, m)  # by name across prefixes, stacked experts, fused q/k/v
-            rows.append((label, None, "") if found is None else (label, m.layers[found[0]],
-                                                                  f"{found[0]} ({found[1]}): " if found[1] else ""))
+            rows.append((label, None, None) if found is None else (label, m.layers[found[0]], found))
         self.layer_table.setRowCount(len(rows))
-        for r, (label, layer, where) in enumerate(rows):
+        for r, (label, layer, found) in enumerate(rows):
             if layer is None:
                 vals = [label, "absent", "", "", "", "no module with this path"]
             else:
+                where = f"{found[0]} ({found[1]}): " if found[1] else ""
                 rule = where + layer.source + (f" — problem: {layer.problem}" if layer.problem else "")
+                shape = "×".join(map(str, layer.shape or ()))
+                if found[1].startswith("expert ") and layer.shape and len(layer.shape) == 3:
+                    shape = f"{layer.shape[1]}×{layer.shape[2]}"  # the expert's own (the rule says which)
                 vals = [label, layer.scheme, "" if layer.bits is None else str(layer.bits),
-                        "" if layer.group_size is None else str(layer.group_size),
-                        "×".join(map(str, layer.shape or ())), rule]
+                        "" if layer.group_size is None else str(layer.group_size), shape, rule]
             for c, v in enumerate(vals):
                 item = QTableWidgetItem(v)
                 item.setToolTip(v)
