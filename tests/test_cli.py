@@ -217,3 +217,19 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, capsys,
                  "--json", str(rep)]) == 2
     assert rep.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.npy"]
     assert f"cannot write {rep}" in capsys.readouterr().err
+
+
+def test_runs_for_a_user_who_can_write_neither_the_install_nor_a_home(tmp_path):
+    # numba's cache=True raised "cannot cache function ...: no locator available" at import
+    import os
+    import shutil
+    import pytest
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run as nobody")
+    fixture = __import__("pathlib").Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    env.update(HOME="/nonexistent", XDG_CACHE_HOME="/nonexistent/.cache")
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                        "quantscope", "info", str(fixture)], capture_output=True, text=True, env=env, cwd="/")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "model.layers.0.self_attn.q_proj" in r.stdout

@@ -16,9 +16,31 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+
+
+def _numba_cache_somewhere() -> None:
+    """numba's on-disk cache (``cache=True``) goes beside this file or under ~/.cache; with
+    neither writable (a read-only install run by a user without a home) every kernel's
+    decoration raised "cannot cache function: no locator available", at import, so every
+    command failed. Then the cache goes to a per-user folder in the temporary directory."""
+    if "NUMBA_CACHE_DIR" in os.environ or os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK):
+        return
+    base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "numba")
+    try:
+        os.makedirs(base, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return
+    except OSError:
+        pass
+    import tempfile
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"quantscope-numba-{uid}")
+
+
 try:  # numba is optional: without it (or with QUANTSCOPE_NO_NUMBA=1) the numpy path runs
     if os.environ.get("QUANTSCOPE_NO_NUMBA"):
         raise ImportError("disabled by QUANTSCOPE_NO_NUMBA")
+    _numba_cache_somewhere()
     from llvmlite import ir
     from numba import njit, types
     from numba.core import config as _numba_config
