@@ -26,4 +26,7 @@ def run_convert(args) -> int:
     finally:
         bar.close()
     sys.stdout.write("\n".join(summary_lines(rep)) + "\n")
-    return 0
+    for w in rep.suspect[:3]:  # on stderr too: a script reading only the exit status must not miss it
+        print(f"quantscope: warning: {w}", file=sys.stderr)
+    # written as the config says, but likely not what the file holds (as dequant): not a success
+    return 1 if rep.suspect else 0

@@ -177,6 +177,10 @@ class ConversionReport:
         Things a person should know (dropped tensors, layers left dense and why, …).
     verified
         Whether the verification sweep ran.
+    suspect
+        ``"path: why"`` per layer whose decode the source's own shapes put in doubt (its config's
+        bits/group size give an input width the model does not have): converted as the config
+        says, but likely wrong (the command line exits 1, as ``dequant`` does).
     """
 
     src: str
@@ -190,6 +194,7 @@ class ConversionReport:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     verified: bool = False
+    suspect: list[str] = field(default_factory=list)
 
     def by_kind(self) -> dict[str, int]:
         """Number of modules per action kind."""
@@ -1321,6 +1326,7 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
         _check_destination(ckpt.root, src_p, dst_p, overwrite)
         rep = ConversionReport(src=str(ckpt.root if src_p.is_dir() else src_p.resolve()),
                                dst=str(dst_p.resolve()), to=to, source_bytes=ckpt.total_bytes)
+        rep.suspect = [f"{p}: {lay.warning}" for p, lay in model.layers.items() if lay.warning]
         w_plan, w_write = (0.05, 0.65) if verify else (0.05, 0.95)
         if to == "mlx":
             targets = _Targets(bits=bits, group_size=group_size, mode=mode, recipe=recipe, model=model)
@@ -1488,6 +1494,10 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table
         if bad:
             lines.append(f"  not finite in {len(bad)} layer(s), e.g. {bad[0]}: NaN/inf values in the source "
                          "(`quantscope doctor` on it names the tensors)")
+    for w in rep.suspect[:3]:  # the window's summary too
+        lines.append(f"warning: {w}")
+    if len(rep.suspect) > 3:
+        lines.append(f"warning: … and {len(rep.suspect) - 3} more layers like it")
     if not table:
         return lines
     shown = [r for r in rep.layers if r.kind != "carried"]

@@ -634,3 +634,26 @@ def test_per_expert_moe_that_cannot_stack_is_refused(tmp_path):
         convert(src, tmp_path / "out2", to="mlx", bits=4)
     convert(src, tmp_path / "dense", to="dense", verify=False)  # decoding to dense keeps them one by one
     assert (tmp_path / "dense" / "model.safetensors").exists()
+
+def test_a_config_the_shapes_contradict_is_converted_but_said(tmp_path, capsys):
+    # 8 bit / group 32 on 4-bit / 64 data: --to dense wrote garbage of the wrong width, exit 0,
+    # "max rel_fro 0" against its own misreading
+    import shutil
+
+    from quantscope.app.cli import main
+    shared = Path(__file__).parents[1].parent / "shared" / "fixtures" / "real" / "mlx-affine-q4-g64"
+    if not shared.is_dir():
+        pytest.skip("../shared fixtures not present")
+    src = tmp_path / "wm"
+    shutil.copytree(shared, src)
+    for f in src.iterdir():
+        f.chmod(0o644)
+    cfg = json.loads((src / "config.json").read_text())
+    for k in ("quantization", "quantization_config"):
+        if k in cfg:
+            cfg[k].update(bits=8, group_size=32)
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert main(["convert", str(src), str(tmp_path / "d"), "--to", "dense"]) == 1
+    io = capsys.readouterr()
+    assert "quantscope: warning: model.layers.0.mlp" in io.err and "not a dimension of this model" in io.err
+    assert "warning: " in io.out and (tmp_path / "d" / "config.json").exists()
