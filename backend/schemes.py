@@ -149,6 +149,11 @@ class Model:
         return max(q, key=q.get) if q else "dense"
 
 
+def _awq_bits(bits) -> str:
+    return (f"the config says {bits} bit, but AWQ's GEMM/GEMV layouts pack 4-bit codes, 8 to an int32 (AutoAWQ "
+            "supports only w_bit 4): loaders that follow the config misread the layer — set bits to 4")
+
+
 def analyze(ckpt: Checkpoint) -> Model:
     """Detect the scheme of every module (cached on the checkpoint)."""
     m = getattr(ckpt, "_model", None)
@@ -398,9 +403,14 @@ def _detect_gptq_awq(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
         layer.group_size = r // ng
         if eff.group_size not in (None, layer.group_size):
             layer.problem = f"scales imply group size {layer.group_size} but the config says {eff.group_size}"
+        if eff.bits not in (None, 4):
+            layer.problem = _awq_bits(eff.bits)
         return layer
     if scheme == "awq-gemv":
         layer.bits = 4
+        if eff.bits not in (None, 4):
+            layer.problem = _awq_bits(eff.bits)
+            return layer
         g = eff.group_size
         if not gemv_fit or g is None:
             layer.problem = f"qweight {list(qw.shape)} / scales {list(sc.shape)} do not fit AWQ GEMV (group {g})"

@@ -298,3 +298,18 @@ def test_an_experts_codes_and_scales_are_its_own_not_the_stacks():
     assert np.array_equal(d.scales["mlx"].reshape(want_sc.shape), want_sc)
     assert np.array_equal(d.code_counts["mlx"], want_codes)
     assert d.code_counts["gptq"].sum() == 64 * 128 and d.scales["gptq"].size == 128  # per-expert: its own anyway
+
+
+def test_awq_config_bits_other_than_4_are_refused_not_ignored(tmp_path):
+    # AutoAWQ packs only 4-bit codes; "bits": 8 was ignored silently (info showed bits=8 beside 4b layers)
+    import shutil
+
+    from quantscope.backend.doctor import diagnose
+    src = tmp_path / "a8"
+    shutil.copytree(REAL / "autoawq-gemm-w4g128", src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 8
+    (src / "config.json").write_text(json.dumps(cfg))
+    layer = analyze(open_checkpoint(src)).layers["model.layers.0.self_attn.q_proj"]
+    assert not layer.decodable and "config says 8 bit" in layer.problem
+    assert len([f for f in diagnose(src) if f.rule == "layer.inconsistent"]) == 14
