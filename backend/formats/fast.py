@@ -17,7 +17,6 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 
-
 def _numba_cache_somewhere() -> None:
     """numba's on-disk cache (``cache=True``) goes beside this file or under ~/.cache; with
     neither writable (a read-only install run by a user without a home) every kernel's
