@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -97,6 +98,19 @@ def build_window_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _strict_json(obj):
+    """``obj`` with NaN and ±inf (a config may hold them: Python's json reads the bare tokens)
+    as the strings "NaN", "Infinity", "-Infinity": the bare tokens are not JSON, and jq or a
+    browser refuses the whole output."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if obj != obj else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
 def cmd_info(args) -> int:
     from quantscope.backend.checkpoint import open_checkpoint
     from quantscope.backend.info import checkpoint_summary, human_bytes, human_count
@@ -104,7 +118,7 @@ def cmd_info(args) -> int:
     with open_checkpoint(args.path) as ckpt:
         s = checkpoint_summary(ckpt)
     if args.json:
-        json.dump(s, sys.stdout, indent=1)
+        json.dump(_strict_json(s), sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")
         return 0
     out = [f"{s['path']}"]

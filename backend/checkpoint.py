@@ -348,6 +348,12 @@ class Checkpoint:
                 data = json.loads(q.read_bytes())
                 if not isinstance(data, dict):
                     raise ValueError("not a JSON object")
+            except RecursionError:  # a pathologically nested file: json recurses per level
+                self.warnings.append(f"{name} ignored: nested too deeply to read")
+                continue
+            except PermissionError as exc:
+                self.warnings.append(f"{name} ignored: cannot be read ({exc.strerror or exc})")
+                continue
             except (ValueError, OSError) as exc:
                 self.warnings.append(f"{name} ignored: {exc}")
                 continue

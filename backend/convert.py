@@ -1349,9 +1349,13 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
         report_progress(w_plan)
         _clean_stale(dst_p)
         tmp = dst_p.parent / f".{dst_p.name}.{PARTIAL_TAG}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        try:  # the hidden folder it is written in, beside dst: a refusal names dst's folder, not that one
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as exc:
+            raise ConversionError(f"cannot write into {dst_p.parent} ({exc.strerror or exc})", file=dst_p,
+                                  rule="convert.destination") from None
         try:
             t0 = time.perf_counter()
             meta = {"format": "mlx" if to == "mlx" else "pt"}
@@ -1427,6 +1431,9 @@ def _produce_ahead(items: list[_Item], cancel):
 
 def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, progress) -> None:
     from .compare import sweep
+    if not any(lay.is_matrix for lay in model.layers.values()):  # nothing a sweep could compare
+        rep.notes.append("no weight matrix in the source: nothing to verify")
+        return
     out = open_checkpoint(folder)
     try:
         res = sweep(model, {"converted": analyze(out)}, engine=eng, progress=progress, cancel=cancel)

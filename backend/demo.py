@@ -907,8 +907,12 @@ def build_demo(dest: Path, *, seed: int = 0, progress: Callable[[float], None] |
         what = "is a folder that is not empty" if dest.is_dir() else "is a file"
         raise CheckpointError(f"{what}; the demo workspace needs a new or empty folder", file=dest,
                               rule="demo.dest-exists")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
+    try:  # the hidden folder it is built in, beside dest: a refusal names dest's folder, not that one
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write into {dest.parent} ({exc.strerror or exc})", file=dest,
+                              rule="demo.dest-exists") from None
     try:
         ctx = _Context(seed, progress, cancel, _total_cost())
         with single_threaded_blas():

@@ -513,7 +513,8 @@ def _proj_type(path: str) -> str:
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
-    return np.asarray(a).astype(np.float32)
+    with np.errstate(over="ignore"):  # F64 beyond float32's range becomes inf, which the checks report
+        return np.asarray(a).astype(np.float32)
 
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
@@ -639,10 +640,14 @@ class _Doctor:
         except FileNotFoundError:
             self.col.add("container.missing", "index file not found", file=index_path)
             return None
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, RecursionError) as exc:
             self.col.add("index.json", f"index is not valid JSON ({exc}); loaders cannot find the shards — "
                          "re-download it", file=index_path)
             return self._fallback_shards(index_path.parent)
+        if isinstance(data, dict) and data.get("metadata") is not None and not isinstance(data["metadata"], dict):
+            self.col.add("index.json", f"index 'metadata' is {type(data['metadata']).__name__}, not an object: "
+                         "loaders (and quantscope's other commands) refuse the index — make it an object or null",
+                         file=index_path)
         wm = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wm, dict) or not wm:
             self.col.add("index.no-weight-map", "index has no non-empty 'weight_map' object (tensor name → shard "
@@ -768,8 +773,9 @@ class _Doctor:
         for w in ck.warnings:
             if " ignored: " in w:
                 name = w.split(" ignored: ")[0]
+                fix = "make it readable" if "cannot be read" in w else "fix the JSON"
                 self.col.add("config.unreadable", f"{w}; its quantization settings are not used by quantscope, and "
-                             "loaders will fail on it — fix the JSON", file=self.root / name)
+                             f"loaders will fail on it — {fix}", file=self.root / name)
         self.ckpt = ck
         from .qconfig import parse_configs
         from .schemes import analyze

@@ -321,6 +321,9 @@ def _infer_affine(wshape, sshape, dims: set[int]):
     return None, None, f"bits/group not in config and ambiguous from shapes ({fits})"
 
 
+_INT_WORDS = ("I32", "U32", "I16", "U16", "I8", "U8", "I64", "U64")
+
+
 def _detect_gptq_awq(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
     comps = module.tensors
     qw = comps["qweight"]
@@ -332,6 +335,14 @@ def _detect_gptq_awq(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
                      problem="AWQ GEMV_FAST (int16, interleaved) is not decodable yet (R7)")
     if sc is None or len(qw.shape) != 2 or len(sc.shape) != 2:
         return Layer(path, "unknown", comps, source=eff.source, problem="qweight without 2-D scales")
+    # packed codes are integer words and scales floats: F32 codes were read as integers and I32
+    # scales decoded every weight to 0, both silently
+    bad = ([f"qweight is {qw.dtype}, not integer words"] if qw.dtype not in _INT_WORDS else []) + (
+        [f"scales are {sc.dtype}, not floating point"] if sc.dtype not in ("F16", "BF16", "F32") else [])
+    if bad:
+        return Layer(path, "unknown", comps, source=eff.source,
+                     problem=" and ".join(bad) + ": no GPTQ/AWQ layout stores these; the file was damaged in a "
+                             "conversion")
     (r, c2), (ng, n) = qw.shape, sc.shape
     word = DTYPES[qw.dtype].bits
     gptq_fit = c2 == n

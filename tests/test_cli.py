@@ -235,3 +235,13 @@ def test_runs_for_a_user_who_can_write_neither_the_install_nor_a_home(tmp_path):
                        check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "model.layers.0.self_attn.q_proj" in r.stdout
+
+
+def test_info_json_is_strict_json_when_a_config_holds_nan(tmp_path, capsys):
+    write_st(tmp_path / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": np.ones((8, 8), np.float32)})
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "quantization_config": '
+                                          '{"quant_method": "hqq", "damp": NaN, "clip": Infinity}}')
+    assert main(["info", str(tmp_path), "--json"]) == 0
+    out = capsys.readouterr().out
+    json.loads(out, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # no bare NaN/Infinity
+    assert '"damp": "NaN"' in out and '"clip": "Infinity"' in out

@@ -184,3 +184,27 @@ def test_gptq_packed_in_int16_words_is_gptq_not_awq_gemv_fast(tmp_path):
     lay = m.layers[key]
     assert lay.scheme == "gptq" and lay.problem is None and lay.shape == (n, k)
     np.testing.assert_array_equal(NumpyEngine().dequantize(m, lay), expected)
+
+
+@pytest.mark.parametrize("what", ["int_scales", "float_qweight"])
+def test_packed_layers_of_impossible_dtypes_are_refused(tmp_path, what):
+    # I32 scales decoded every weight to 0 and F32 qweight words were read as integers, silently
+    import json
+
+    from helpers import write_st
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.doctor import diagnose
+    from quantscope.backend.schemes import analyze
+    qweight, qzeros, s, g_idx, _ = make_gptq(64, 256, 4, 64, sym=False)
+    if what == "int_scales":
+        s = np.ones_like(s, np.int16)
+    else:
+        qweight = qweight.view(np.float32)
+    p = "model.layers.0.mlp.up_proj"
+    write_st(tmp_path / "model.safetensors", {f"{p}.qweight": qweight, f"{p}.qzeros": qzeros, f"{p}.scales": s,
+                                              f"{p}.g_idx": g_idx})
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 64, "sym": False, "checkpoint_format": "gptq"}}))
+    layer = analyze(open_checkpoint(tmp_path)).layers[p]
+    assert not layer.decodable and ("not floating point" in layer.problem or "not integer words" in layer.problem)
+    assert [f.rule for f in diagnose(tmp_path) if f.severity == "error"] == ["layer.inconsistent"]
