@@ -103,7 +103,7 @@ def _strict_json(obj):
     as the strings "NaN", "Infinity", "-Infinity": the bare tokens are not JSON, and jq or a
     browser refuses the whole output."""
     if isinstance(obj, float) and not math.isfinite(obj):
-        return "NaN" if obj != obj else ("Infinity" if obj > 0 else "-Infinity")
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
     if isinstance(obj, dict):
         return {k: _strict_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
