@@ -95,6 +95,7 @@ RULES: dict[str, Rule] = _rules(
     ("container.out-of-file", "error", "R21", "byte range runs past the end of the file (truncated download)"),
     ("container.overlap", "error", None, "two tensors share bytes"),
     ("container.gap", "error", None, "bytes between tensors belong to no tensor"),
+    ("container.empty", "error", None, "a quantization config but no tensor stored"),
     ("container.trailing", "error", "R21", "bytes after the last tensor / file not fully covered"),
     ("container.no-metadata", "info", "R22", "no __metadata__: some loaders warn or require format"),
     ("container.metadata-format", "error", "R22", "__metadata__.format not pt/tf/flax/mlx: transformers refuses the file"),
@@ -114,7 +115,7 @@ RULES: dict[str, Rule] = _rules(
     ("index.total-size", "warning", "R23", "metadata.total_size differs from the tensors' bytes"),
     ("index.several", "warning", "R23", "several index files in one folder"),
     ("config.unreadable", "warning", None, "a JSON config could not be parsed"),
-    ("config.bad-value", "error", None, "a bits / group size setting no loader can use (0 bits, \"x\", 4.5)"),
+    ("config.bad-value", "error", None, "a quantization setting no loader can use (0 bits, \"x\", a list for the block)"),
     ("config.number-type", "warning", None, "a bits / group size setting written as a string or a float (\"4\", 4.0)"),
     # MLX quantization triples
     ("mlx.biases-without-scales", "error", "R18", "`.biases` stored without `.scales`"),
@@ -135,6 +136,7 @@ RULES: dict[str, Rule] = _rules(
     ("gptq.sym-zeros", "error", "R3", "sym=true but the zero points are not the constant 2^(b−1)"),
     ("gptq.config-keys", "warning", "R4", "GPTQ config lacks sym / checkpoint_format / quant_method"),
     ("gptq.act-order", "info", "R5", "non-monotonic g_idx (desc_act): MLX/AWQ-style converters cannot keep it"),
+    ("gptq.act-order-no-g-idx", "warning", "R5", "desc_act true but layers store no g_idx: loaders assume k // group"),
     ("gptq.g-idx-invalid", "error", "R5", "g_idx values out of range or groups of the wrong size"),
     ("gptq.marlin", "error", "R6", "Marlin-serialized GPTQ is tile-permuted, not plain GPTQ"),
     ("awq.version", "error", "R7", "AWQ version disagrees with the stored layout, or is not GEMM"),
@@ -965,11 +967,15 @@ class _Doctor:
     def _check_config(self, cfg, ck) -> None:
         """Config-level rules; use only names and configs (also run when layers are not analysed)."""
         col = self.col
+        if cfg.kind and self.complete and not ck.names:
+            col.add("container.empty", f"the config describes a {cfg.kind} model but the checkpoint stores no "
+                    "tensor: loaders find no weights — the download or conversion is incomplete",
+                    file=self.root / _cfg_file(cfg))
         for message, usable in cfg.bad_values:
             if usable:
                 col.add("config.number-type", f"{message} — write it as an integer", file=self.root / _cfg_file(cfg))
             else:
-                col.add("config.bad-value", f"{message}; loaders fail on it or misread the file — set the value "
+                col.add("config.bad-value", f"{message} — loaders fail on it or misread the file; write what "
                         "the tensors were quantized with", file=self.root / _cfg_file(cfg))
         if cfg.kind == "gptq":
             missing = [k for k in ("sym", "checkpoint_format", "quant_method") if k not in cfg.raw]
@@ -1138,6 +1144,15 @@ class _Doctor:
     def _format_data_checks(self) -> None:
         self._act_order: list[tuple] = []
         self._format_data_loop()
+        cfg = self.model.config
+        if cfg.kind == "gptq" and cfg.globals.get("desc_act"):
+            bare = [p for p, lay in self.model.layers.items() if lay.scheme == "gptq" and "g_idx" not in lay.tensors]
+            if bare:  # one finding for the checkpoint, as for act-order itself
+                lay = self.model.layers[bare[0]]
+                self.col.add("gptq.act-order-no-g-idx", f"desc_act is true but {len(bare)} GPTQ layer(s) store no "
+                             f"g_idx (e.g. {bare[0]}): loaders then assume k // group_size, which is right only if "
+                             "the columns were never reordered — restore g_idx, or set desc_act false if they were not",
+                             file=next(iter(lay.tensors.values())).file, layer=bare[0])
         if self._act_order:
             # One finding for the checkpoint: act-order is a property of the export, not a layer.
             file, tname, path = self._act_order[0]

@@ -95,6 +95,17 @@ _AWQ_KEYS = ("zero_point", "version", "w_bit", "q_group_size", "modules_to_not_c
 
 
 def _parse_configs(configs: dict[str, dict]) -> QuantConfig:
+    out = _parse_found(configs)
+    cfg = configs.get("config.json") or {}
+    qc = cfg.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):  # a list or a string: loaders index it and fail
+        out.notes.append(f'config.json["quantization_config"] is a {type(qc).__name__}, not an object: ignored '
+                         "(loaders fail on it)")
+        out.bad_values.append((out.notes[-1], False))
+    return out
+
+
+def _parse_found(configs: dict[str, dict]) -> QuantConfig:
     cfg = configs.get("config.json") or {}
     qc = cfg.get("quantization_config")
     if qc is None and isinstance(cfg.get("text_config"), dict):

@@ -180,3 +180,9 @@ def test_compressed_tensors_group_numbers_and_malformed_skip_lists():
                                                                "version": "gemm", "modules_to_not_convert": [1, "lm_head"]}}})
     assert c.effective("model.layers.0.mlp.up_proj").bits == 4  # was: 'in <string>' requires string, not int
     assert c.effective("lm_head").quantized is False
+
+
+def test_a_quantization_config_that_is_not_an_object_is_named():
+    for bad in (["gptq"], "gptq"):
+        c = parse_configs({"config.json": {"quantization_config": bad}})
+        assert c.kind is None and c.bad_values and "not an object" in c.notes[-1]
