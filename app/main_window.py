@@ -334,26 +334,30 @@ class MainWindow(QMainWindow):
 
         def merge(new: Workspace) -> None:
             open_ = {os.path.realpath(m.ckpt.source): lb for lb, m in ws.models().items()}
-            again = []
+            again, added = [], []
             for label, m in new.variants.items():
                 if as_reference:
                     ws.set_reference(m)
                 elif os.path.realpath(m.ckpt.source) in open_:  # it opened as "name (2)", twice the same
                     again.append(f"{m.ckpt.source} is open already (as {open_[os.path.realpath(m.ckpt.source)]})")
                 else:
-                    ws.add_variant(m)
+                    added.append(ws.add_variant(m))
             if again:
                 self._status("; ".join(again))
             for p in paths:
                 if p not in {f for f, _ in new.failed}:
                     self._remember(p)
-            self.set_workspace(ws)
+            # the tree shows what was just added (a conversion's output), not the first variant
+            self.set_workspace(ws, show=added[0] if added else None)
             self._report_failed(new.failed, len(paths))
 
         self.service.submit("add", "Opening checkpoint", jobs.job_load, list(paths), None,
                             on_result=merge, on_error=self._open_failed(paths))
 
-    def set_workspace(self, ws: Workspace) -> None:
+    def set_workspace(self, ws: Workspace, show: str | None = None) -> None:
+        """Show ``ws``; the tree shows the checkpoint ``show``, else the one it showed (when still
+        open), else the first variant."""
+        kept = self.tree.current_label()
         self.workspace = ws
         self._doctor_found = {}
         self.service.cancel_channel("sweep")  # a comparison of the old set of checkpoints: its result would land here
@@ -372,8 +376,9 @@ class MainWindow(QMainWindow):
                          "decode, and the what-if requantizes that")
         self.tree.model.set_variants(list(ws.variants))
         self.tree.model.set_all_errors({v: {} for v in ws.variants})  # the last comparison's, gone with it
-        first = next(iter(ws.variants), ws.reference_label)
-        self.tree.set_checkpoints(ws.models(), current=first)
+        models = ws.models()
+        first = show if show in models else kept if kept in models else next(iter(ws.variants), ws.reference_label)
+        self.tree.set_checkpoints(models, current=first)
         self.setWindowTitle("quantscope — " + ", ".join(ws.models()))
         self._drop_turns("sweep")  # an older workspace's sweep result, still being shown
         # The layers plot (emptied, then one series per variant, built ahead of the first sweep

@@ -249,6 +249,7 @@ def test_convert_from_the_window_opens_the_result_with_its_error(win, qtbot, tmp
     assert "layer " not in win.config.whatif_result.text()  # the summary, without the per-layer table's header
     qtbot.waitUntil(lambda: len(win.workspace.variants) == n_before + 1, timeout=30_000)
     assert (dst / "config.json").exists()
+    assert win.tree.current_label() == "awq-mlx"  # the tree shows the result (it jumped to the first variant)
     # the result opens beside the others: the shown layer's errors now include it, and the
     # conversion's summary stays under them (the refresh wiped it)
     qtbot.waitUntil(lambda: "awq-mlx: rel_fro" in win.config.whatif_result.text().replace("\u200b", ""),
@@ -924,6 +925,11 @@ def test_selecting_a_stacked_module_shows_an_expert_of_the_reference(qtbot, tmp_
     assert w.tree.view.currentIndex().data() == "model.layers.0.mlp.switch_mlp.up_proj"
     assert w.current_layer == "model.layers.0.mlp.experts.3.up_proj"
     assert "stacks" not in w.statusBar().currentMessage()  # the message about the selection before, gone
+    w.tree.search.setText("experts.3")  # no module of the stacked checkpoint is called so: say why
+    w.tree._apply_search()
+    assert w.tree.count.text().startswith("0 of 27 modules") and "switch_mlp" in w.tree.count.text()
+    w.tree.search.clear()
+    w.tree._apply_search()
     # File > Export > selected layer: that expert's slice of the stack (it failed: "no such layer")
     out = tmp_path / "e3.npy"
     w._ask_npy = lambda default: str(out)

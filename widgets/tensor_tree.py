@@ -194,7 +194,12 @@ class TensorTree(QWidget):
         self.model.set_visible(ids)
         total = len(self._index.paths)
         shown = total if ids is None else len(ids)
-        self.count.setText(f"{shown} of {total} modules")
+        hint = ""
+        query = self.search.text()
+        if shown == 0 and "expert" in query and any(".switch_mlp." in p for p in self._index.paths):
+            # the experts of this checkpoint are stacked: no module is called experts.N
+            hint = " (experts stacked: try switch_mlp)"
+        self.count.setText(f"{shown} of {total} modules{hint}")
 
     def current_label(self) -> str:
         return self.combo.currentText()
