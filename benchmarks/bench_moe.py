@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import CACHE, emit, peak_rss_bytes
 
 LAYERS, EXPERTS, HIDDEN, MOE_INTER = 40, 128, 128, 64
