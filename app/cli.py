@@ -181,18 +181,32 @@ def cmd_dequant(args) -> int:
     import numpy as np
 
     from quantscope.backend.checkpoint import open_checkpoint, refuse_writing_into
+    from quantscope.backend.compare_align import switch_path
     from quantscope.backend.engines import get_engine
+    from quantscope.backend.errors import QuantscopeError
     from quantscope.backend.schemes import analyze
 
     check_output_path(args.output)
     with open_checkpoint(args.path) as ckpt:
         refuse_writing_into(args.output, [ckpt])
         model = analyze(ckpt)
-        layer = model.layer(args.layer)
+        expert = None
+        sw = switch_path(args.layer) if args.layer not in model.layers else None
+        if sw is not None and sw[0] in model.layers:  # an expert of a checkpoint that stacks them
+            expert = sw[1]
+            layer = model.layers[sw[0]]
+            if not layer.shape or len(layer.shape) != 3 or expert >= layer.shape[0]:
+                raise QuantscopeError(f"{sw[0]} holds no expert {expert} (shape {list(layer.shape or ())})",
+                                      file=ckpt.source, tensor=args.layer)
+            print(f"quantscope: {args.layer} is expert {expert} of {sw[0]} in this checkpoint", file=sys.stderr)
+        else:
+            layer = model.layer(args.layer)
         if layer.warning:
             print(f"quantscope: warning: {ckpt.source}: {layer.path}: {layer.warning}", file=sys.stderr)
         engine = get_engine(args.engine)
         w = engine.dequantize(model, layer)
+        if expert is not None:
+            w = np.ascontiguousarray(w[expert])
         _save_npy(args.output, w)
     route = getattr(engine, "last_path", "")
     bad = int(w.size - np.count_nonzero(np.isfinite(w)))

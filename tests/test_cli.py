@@ -245,3 +245,20 @@ def test_info_json_is_strict_json_when_a_config_holds_nan(tmp_path, capsys):
     out = capsys.readouterr().out
     json.loads(out, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # no bare NaN/Infinity
     assert '"damp": "NaN"' in out and '"clip": "Infinity"' in out
+
+
+def test_dequant_an_expert_of_a_checkpoint_that_stacks_them(tmp_path, capsys):
+    # transformers' expert path on mlx-lm's switch_mlp stack: that expert's slice (was "no such layer")
+    from pathlib import Path
+
+    import mlx.core as mx
+    real = Path(__file__).parent / "fixtures" / "real" / "mlxlm-qwen3moe-q4-g64"
+    out = tmp_path / "e2.npy"
+    assert main(["dequant", str(real), "model.layers.1.mlp.experts.2.down_proj", "-o", str(out)]) == 0
+    assert "is expert 2 of model.layers.1.mlp.switch_mlp.down_proj" in capsys.readouterr().err
+    t = mx.load(str(real / "model.safetensors"))
+    sw = "model.layers.1.mlp.switch_mlp.down_proj"
+    want = mx.dequantize(t[f"{sw}.weight"][2], t[f"{sw}.scales"][2], t[f"{sw}.biases"][2], group_size=64, bits=4)
+    assert np.array_equal(np.load(out), np.array(want.astype(mx.float32)))
+    assert main(["dequant", str(real), "model.layers.1.mlp.experts.9.down_proj", "-o", str(out)]) == 2
+    assert "holds no expert 9" in capsys.readouterr().err
