@@ -116,6 +116,7 @@ RULES: dict[str, Rule] = _rules(
     ("index.several", "warning", "R23", "several index files in one folder"),
     ("config.unreadable", "warning", None, "a JSON config could not be parsed"),
     ("config.bad-value", "error", None, "a quantization setting no loader can use (0 bits, \"x\", a list for the block)"),
+    ("config.method-mismatch", "warning", None, "quant_method names a format the tensors do not have"),
     ("config.number-type", "warning", None, "a bits / group size setting written as a string or a float (\"4\", 4.0)"),
     # MLX quantization triples
     ("mlx.biases-without-scales", "error", "R18", "`.biases` stored without `.scales`"),
@@ -967,6 +968,15 @@ class _Doctor:
     def _check_config(self, cfg, ck) -> None:
         """Config-level rules; use only names and configs (also run when layers are not analysed)."""
         col = self.col
+        model = self.model
+        known = {"mlx", "mlx-native", "gptq", "awq", "compressed-tensors", "fp8", "bitsandbytes"}
+        if cfg.kind and cfg.kind not in known and model is not None:
+            found = sorted({lay.scheme for lay in model.layers.values() if lay.quantized})
+            if found:
+                col.add("config.method-mismatch", f"quant_method {cfg.kind!r} is not a format quantscope reads, but "
+                        f"the tensors have the {', '.join(found)} layout and were decoded as that — loaders that "
+                        f"follow the config treat them as {cfg.kind}; fix quant_method",
+                        file=self.root / _cfg_file(cfg))
         if cfg.kind and self.complete and not ck.names:
             col.add("container.empty", f"the config describes a {cfg.kind} model but the checkpoint stores no "
                     "tensor: loaders find no weights — the download or conversion is incomplete",
