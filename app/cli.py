@@ -184,7 +184,7 @@ def cmd_dequant(args) -> int:
     from quantscope.backend.compare_align import switch_path
     from quantscope.backend.engines import get_engine
     from quantscope.backend.errors import QuantscopeError
-    from quantscope.backend.schemes import analyze
+    from quantscope.backend.schemes import analyze, data_warning
 
     check_output_path(args.output)
     with open_checkpoint(args.path) as ckpt:
@@ -201,8 +201,9 @@ def cmd_dequant(args) -> int:
             print(f"quantscope: {args.layer} is expert {expert} of {sw[0]} in this checkpoint", file=sys.stderr)
         else:
             layer = model.layer(args.layer)
-        if layer.warning:
-            print(f"quantscope: warning: {ckpt.source}: {layer.path}: {layer.warning}", file=sys.stderr)
+        suspect = layer.warning or data_warning(model, layer)
+        if suspect:
+            print(f"quantscope: warning: {ckpt.source}: {layer.path}: {suspect}", file=sys.stderr)
         engine = get_engine(args.engine)
         w = engine.dequantize(model, layer)
         if expert is not None:
@@ -217,7 +218,7 @@ def cmd_dequant(args) -> int:
           f"(engine {engine.name}{': ' + route if route else ''})",
           file=sys.stderr if args.output == "-" or _is_stdout(args.output) else sys.stdout)  # not into the data
     # written as the config says, but likely not what the file holds: a script must not take it as success
-    return 1 if layer.warning else 0
+    return 1 if suspect else 0
 
 
 class _Stream:

@@ -105,6 +105,8 @@ class MainWindow(QMainWindow):
         self._rescaling = False
         self.sweep_result = None
         self._said_stands = False  # the status bar says which reference layer a selected module stands for
+        # the status bar's tooltip (the whole message) goes with its message, cleared or timed out
+        self.statusBar().messageChanged.connect(lambda m: m or self.statusBar().setToolTip(""))
         self._sweep_cache: dict = {}
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
         # The what-if box holds, for the layer shown, each of these that belongs to it: a what-if

@@ -51,7 +51,7 @@ from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import awq, ct, fast, gptq
 from .formats.kernel import for_row_blocks, round_inplace
 from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS
-from .schemes import AUX_COMPONENTS, Layer, Model, analyze
+from .schemes import AUX_COMPONENTS, Layer, Model, analyze, data_warning
 
 __all__ = ["convert", "ConversionReport", "LayerResult", "ConversionError", "RECIPES", "MAX_SHARD_BYTES",
            "PARTIAL_TAG", "mixed_recipe_settings"]
@@ -1326,7 +1326,8 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
         _check_destination(ckpt.root, src_p, dst_p, overwrite)
         rep = ConversionReport(src=str(ckpt.root if src_p.is_dir() else src_p.resolve()),
                                dst=str(dst_p.resolve()), to=to, source_bytes=ckpt.total_bytes)
-        rep.suspect = [f"{p}: {lay.warning}" for p, lay in model.layers.items() if lay.warning]
+        rep.suspect = [f"{p}: {w}" for p, lay in model.layers.items()
+                       if (w := lay.warning or data_warning(model, lay))]
         w_plan, w_write = (0.05, 0.65) if verify else (0.05, 0.95)
         if to == "mlx":
             targets = _Targets(bits=bits, group_size=group_size, mode=mode, recipe=recipe, model=model)

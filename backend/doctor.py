@@ -95,7 +95,7 @@ RULES: dict[str, Rule] = _rules(
     ("container.out-of-file", "error", "R21", "byte range runs past the end of the file (truncated download)"),
     ("container.overlap", "error", None, "two tensors share bytes"),
     ("container.gap", "error", None, "bytes between tensors belong to no tensor"),
-    ("container.empty", "error", None, "a quantization config but no tensor stored"),
+    ("container.empty", "error", None, "no tensor stored"),
     ("container.trailing", "error", "R21", "bytes after the last tensor / file not fully covered"),
     ("container.no-metadata", "info", "R22", "no __metadata__: some loaders warn or require format"),
     ("container.metadata-format", "error", "R22", "__metadata__.format not pt/tf/flax/mlx: transformers refuses the file"),
@@ -977,10 +977,10 @@ class _Doctor:
                         f"the tensors have the {', '.join(found)} layout and were decoded as that — loaders that "
                         f"follow the config treat them as {cfg.kind}; fix quant_method",
                         file=self.root / _cfg_file(cfg))
-        if cfg.kind and self.complete and not ck.names:
-            col.add("container.empty", f"the config describes a {cfg.kind} model but the checkpoint stores no "
-                    "tensor: loaders find no weights — the download or conversion is incomplete",
-                    file=self.root / _cfg_file(cfg))
+        if self.complete and not ck.names:
+            col.add("container.empty", (f"the config describes a {cfg.kind} model but " if cfg.kind else "")
+                    + "the checkpoint stores no tensor: loaders find no weights — the download or conversion is "
+                    "incomplete", file=self.root / _cfg_file(cfg) if cfg.kind else self.source)
         for message, usable in cfg.bad_values:
             if usable:
                 col.add("config.number-type", f"{message} — write it as an integer", file=self.root / _cfg_file(cfg))

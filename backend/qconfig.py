@@ -225,20 +225,23 @@ def _setting(out: QuantConfig, name: str, v, where: str = ""):
     if v is None:
         return None
     at = f"{out.file}: {where + ' ' if where else ''}{name}"
-    got = v
+    got, how = v, None
     if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-        got = int(v)
-        out.notes.append(f'{at} is the string "{v}", read as {got} (loaders expect a number and may fail on it)')
-        out.bad_values.append((out.notes[-1], True))
+        got, how = int(v), "the string"
     elif isinstance(v, float) and v.is_integer():
-        got = int(v)
-        out.notes.append(f"{at} is {v!r}, read as {got} (loaders expect an integer and may fail on it)")
-        out.bad_values.append((out.notes[-1], True))
+        got, how = int(v), "written as"
     bits = name in ("bits", "w_bit", "wbits", "num_bits")
-    if isinstance(got, bool) or not isinstance(got, int) or (bits and not 1 <= got <= 16) or (not bits and got < -1):
+    if isinstance(got, bool) or not isinstance(got, int) or (bits and not 1 <= got <= 16) or (
+            not bits and not -1 <= got <= 1 << 24):  # no layer has a row of 16M inputs
         out.notes.append(f"{at} is {v!r}, which no loader can use: ignored (the tensors' shapes decide)")
         out.bad_values.append((out.notes[-1], False))
         return None
+    if how == "the string":
+        out.notes.append(f'{at} is the string "{v}", read as {got} (loaders expect a number and may fail on it)')
+        out.bad_values.append((out.notes[-1], True))
+    elif how:
+        out.notes.append(f"{at} is {v!r}, read as {got} (loaders expect an integer and may fail on it)")
+        out.bad_values.append((out.notes[-1], True))
     return got
 
 

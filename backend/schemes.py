@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .checkpoint import Checkpoint, Module
 from .dtypes import DTYPES
 from .errors import LayerError, QuantscopeError
@@ -147,6 +149,30 @@ class Model:
         """The most common quantized scheme (or ``dense``)."""
         q = {k: v for k, v in self.schemes.items() if k not in ("dense", "unknown")}
         return max(q, key=q.get) if q else "dense"
+
+
+def data_warning(model: Model, layer: Layer) -> str | None:
+    """What a layer's small side tensors say against its config, read cheaply before a decode
+    (``dequant`` and ``convert`` warn and exit 1 on it, as for :attr:`Layer.warning`): a
+    symmetric GPTQ layer whose every stored zero point is the other checkpoint_format's
+    constant decodes one scale step off (the doctor's ``gptq.sym-zeros``)."""
+    if layer.scheme != "gptq" or layer.settings.get("sym") is not True or "qzeros" not in layer.tensors:
+        return None
+    if not layer.bits or not layer.shape or layer.problem:
+        return None
+    from .bitpack import unpack_bits
+    b, version = layer.bits, int(layer.settings.get("version", 1))
+    try:
+        z = unpack_bits(np.ascontiguousarray(model.ckpt.tensor(layer.tensors["qzeros"].name)), b, layer.shape[0])
+    except (QuantscopeError, ValueError):
+        return None
+    other = (1 << (b - 1)) - (1 if version == 2 else 0)
+    if z.size and other != (1 << (b - 1)) - (1 if version == 1 else 0) and (z == other).all():
+        fmt = "gptq" if version == 2 else "gptq_v2"
+        return (f"every stored zero point is {other}, the symmetric constant of checkpoint_format {fmt!r}, not of "
+                f"the configured v{version}: decoded as configured, every weight is one scale step off — set "
+                f"checkpoint_format to {fmt!r}")
+    return None
 
 
 def _awq_bits(bits) -> str:

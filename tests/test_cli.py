@@ -262,3 +262,20 @@ def test_dequant_an_expert_of_a_checkpoint_that_stacks_them(tmp_path, capsys):
     assert np.array_equal(np.load(out), np.array(want.astype(mx.float32)))
     assert main(["dequant", str(real), "model.layers.1.mlp.experts.9.down_proj", "-o", str(out)]) == 2
     assert "holds no expert 9" in capsys.readouterr().err
+
+
+def test_a_gptq_file_labelled_with_the_other_format_version_is_decoded_but_said(tmp_path, capsys):
+    # symmetric v1 zero points under checkpoint_format gptq_v2: one scale step off, exit 0 before
+    import shutil
+    from pathlib import Path
+    src = tmp_path / "g"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128", src)
+    for name in ("config.json", "quantize_config.json"):
+        cfg = json.loads((src / name).read_text())
+        block = cfg.get("quantization_config", cfg)
+        block["checkpoint_format"] = "gptq_v2"
+        (src / name).write_text(json.dumps(cfg))
+    assert main(["dequant", str(src), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "q.npy")]) == 1
+    assert "the symmetric constant of checkpoint_format 'gptq'" in capsys.readouterr().err
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "dense"]) == 1
+    assert "set checkpoint_format to 'gptq'" in capsys.readouterr().err

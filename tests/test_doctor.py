@@ -534,6 +534,12 @@ def c_act_order_no_g_idx(tmp):
     return make_gptq(tmp / "m", t, q), "gptq.act-order-no-g-idx", None
 
 
+def c_empty_bare(tmp):
+    (tmp / "m").mkdir()
+    write_raw(tmp / "m" / "model.safetensors", {})
+    return tmp / "m", "container.empty", None
+
+
 def c_empty(tmp):
     (tmp / "m").mkdir()
     write_raw(tmp / "m" / "model.safetensors", {})
@@ -784,7 +790,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_metadata_format, c_pickle, c_index_no_weight_map, c_index_bad_json, c_missing_shard, c_unsafe_path,
          c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable,
          c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
-         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_method_mismatch, c_fused_and_split,
+         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_fused_and_split,
          c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
          c_ct_packing, c_ct_zero_point, c_ct_zero_point_missing, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,

@@ -163,7 +163,7 @@ def test_whole_floats_are_read_as_integers_and_unusable_values_dropped():
     e = c.effective("model.layers.0.mlp.gate")
     assert e.group_size == 32 and type(e.group_size) is int and e.bits != "x"
     assert sorted(u for _, u in c.bad_values) == [False, False, True, True]
-    for bad in (4.5, -2, True, "four"):
+    for bad in (4.5, -2, True, "four", 1e30):
         c = parse_configs({"config.json": {"quantization_config": {"quant_method": "awq", "bits": 4,
                                                                    "group_size": bad, "version": "gemm"}}})
         assert c.globals["group_size"] is None and c.bad_values == [(c.notes[-1], False)], bad

@@ -925,6 +925,7 @@ def test_selecting_a_stacked_module_shows_an_expert_of_the_reference(qtbot, tmp_
     assert w.tree.view.currentIndex().data() == "model.layers.0.mlp.switch_mlp.up_proj"
     assert w.current_layer == "model.layers.0.mlp.experts.3.up_proj"
     assert "stacks" not in w.statusBar().currentMessage()  # the message about the selection before, gone
+    assert "stacks" not in w.statusBar().toolTip()  # and its tooltip
     w.tree.search.setText("experts.3")  # no module of the stacked checkpoint is called so: say why
     w.tree._apply_search()
     assert w.tree.count.text().startswith("0 of 27 modules") and "switch_mlp" in w.tree.count.text()

@@ -161,10 +161,13 @@ class LayerErrorPlot(QWidget):
         else:
             self.hint.set("" if self._rows else
                           "None of the compared layers is in a numbered decoder layer: nothing to plot by depth")
-        projs = sorted({r.proj for r in self._rows})
+        # in the order a block computes them, an MoE router (a bare "gate") named so; the item's
+        # data is the projection's name in the rows
+        projs = sorted({r.proj for r in self._rows}, key=_proj_order)
         variants = list(dict.fromkeys(r.variant for r in self._rows))
         for combo, items, first in ((self.proj, projs, "all projections"), (self.hm_variant, variants, None)):
-            want = ([first] if first else []) + items
+            shown = ["gate (router)" if combo is self.proj and x == "gate" else x for x in items]
+            want = ([first] if first else []) + shown
             if [combo.itemText(i) for i in range(combo.count())] == want:
                 continue  # same choices: no relayout, no repaint
             cur = combo.currentText()
@@ -172,7 +175,8 @@ class LayerErrorPlot(QWidget):
             combo.clear()
             if first:
                 combo.addItem(first)
-            combo.addItems(items)
+            for text, value in zip(shown, items):
+                combo.addItem(text, value)
             if cur and combo.findText(cur) >= 0:
                 combo.setCurrentText(cur)
             combo.blockSignals(False)
@@ -278,7 +282,7 @@ class LayerErrorPlot(QWidget):
         self._show_legend(variants)
 
     def _redraw(self, heatmap: bool = True) -> None:
-        proj = self.proj.currentText() if self.proj.currentIndex() > 0 else None
+        proj = self.proj.currentData() if self.proj.currentIndex() > 0 else None
         label = self._metric_label()
         if label != self._ylabel:  # a label set again relays out the whole plot item
             self._ylabel = label
