@@ -830,17 +830,23 @@ def test_the_whatif_box_holds_only_what_belongs_to_the_layer_shown(win, qtbot):
     assert "What-if affine 4 bit / 64" in win.config.whatif_result.text()
 
 
-def test_a_comparison_adds_the_quantization_alone_to_the_layer_shown(qtbot, tmp_path, real_fixtures):
-    from pathlib import Path
-    real = Path(__file__).parent / "fixtures" / "real"
+def _window_on(qtbot, tmp_path, variants: list, reference) -> MainWindow:
+    """A shown 1280×800 window with its own settings, the checkpoints opened."""
     w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
     w.quiet_errors = True
     qtbot.addWidget(w)
     w.resize(1280, 800)
     w.show()
+    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
+        w.open_workspace([str(v) for v in variants], str(reference))
+    return w
+
+
+def test_a_comparison_adds_the_quantization_alone_to_the_layer_shown(qtbot, tmp_path, real_fixtures):
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "autoawq-gemm-w4g128"], real_fixtures / "base-bf16")
     try:
-        with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
-            w.open_workspace([str(real / "autoawq-gemm-w4g128")], str(real_fixtures / "base-bf16"))
         with qtbot.waitSignal(w.detail_shown, timeout=30_000):
             assert w.tree.select("model.layers.1.mlp.down_proj")
         assert "quantization alone" not in w.config.whatif_result.text()
@@ -898,13 +904,7 @@ def test_selecting_a_stacked_module_shows_an_expert_of_the_reference(qtbot, tmp_
     from pathlib import Path
     from types import SimpleNamespace
     real = Path(__file__).parent / "fixtures" / "real"
-    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    w.quiet_errors = True
-    qtbot.addWidget(w)
-    w.resize(1280, 800)
-    w.show()
-    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
-        w.open_workspace([str(real / "mlxlm-qwen3moe-q4-g64")], str(real / "qwen3moe-bf16"))
+    w = _window_on(qtbot, tmp_path, [real / "mlxlm-qwen3moe-q4-g64"], real / "qwen3moe-bf16")
     sw = "model.layers.1.mlp.switch_mlp.down_proj"
     with qtbot.waitSignal(w.detail_shown, timeout=30_000):
         w.select_layer(sw)
