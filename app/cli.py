@@ -181,24 +181,23 @@ def cmd_dequant(args) -> int:
     import numpy as np
 
     from quantscope.backend.checkpoint import open_checkpoint, refuse_writing_into
-    from quantscope.backend.compare_align import switch_path
+    from quantscope.backend.compare_align import stacked_expert
     from quantscope.backend.engines import get_engine
-    from quantscope.backend.errors import QuantscopeError
+    from quantscope.backend.errors import LayerError
     from quantscope.backend.schemes import analyze, data_warning
 
     check_output_path(args.output)
     with open_checkpoint(args.path) as ckpt:
         refuse_writing_into(args.output, [ckpt])
         model = analyze(ckpt)
+        try:
+            stacked = stacked_expert(args.layer, model)
+        except LayerError as exc:
+            raise exc.naming(ckpt.source, args.layer) from None
         expert = None
-        sw = switch_path(args.layer) if args.layer not in model.layers else None
-        if sw is not None and sw[0] in model.layers:  # an expert of a checkpoint that stacks them
-            expert = sw[1]
-            layer = model.layers[sw[0]]
-            if not layer.shape or len(layer.shape) != 3 or expert >= layer.shape[0]:
-                raise QuantscopeError(f"{sw[0]} holds no expert {expert} (shape {list(layer.shape or ())})",
-                                      file=ckpt.source, tensor=args.layer)
-            print(f"quantscope: {args.layer} is expert {expert} of {sw[0]} in this checkpoint", file=sys.stderr)
+        if stacked is not None:  # an expert of a checkpoint that stacks them
+            layer, expert = stacked
+            print(f"quantscope: {args.layer} is expert {expert} of {layer.path} in this checkpoint", file=sys.stderr)
         else:
             layer = model.layer(args.layer)
         suspect = layer.warning or data_warning(model, layer)

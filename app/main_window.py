@@ -27,9 +27,10 @@ from quantscope.backend.compare_align import (
     canonical,
     containers,
     counterpart,
-    switch_path,
+    stacked_expert,
 )
 from quantscope.backend.errors import QuantscopeError
+from quantscope.backend.metrics import worse
 from quantscope.backend.workspace import Workspace
 from quantscope.widgets.code_usage_view import CodeUsageView
 from quantscope.widgets.doctor_panel import DoctorPanel
@@ -69,8 +70,7 @@ def errors_by_module(rows) -> dict[str, dict[str, float]]:
     for r in rows:
         got = per.setdefault(r.variant, {})
         for key in dict.fromkeys([r.variant_layer, *containers(r.name)]):
-            old = got.get(key)
-            if old is None or math.isnan(r.rel_fro) or (not math.isnan(old) and r.rel_fro > old):
+            if worse(r.rel_fro, got.get(key)):
                 got[key] = r.rel_fro
         got.setdefault(r.name, r.rel_fro)
     return per
@@ -517,11 +517,15 @@ class MainWindow(QMainWindow):
         found = counterpart(path, ref)
         if found is None:
             return None
-        res = self.sweep_result
-        rows = [r for r in res.rows if r.variant_layer == path and r.name in ref.layers] if res is not None else []
-        if len(rows) > 1:
-            worst = max(rows, key=lambda r: (math.isnan(r.rel_fro), r.rel_fro))
-            return worst.name, f"{path} holds {len(rows)} layers of the reference: showing the worst, {worst.name}"
+        res, shown = self.sweep_result, self.tree.current_label()
+        rows = [r for r in res.rows if r.variant == shown and r.variant_layer == path and r.name in ref.layers] \
+            if res is not None else []  # the shown checkpoint's own rows (another variant's differ)
+        if len({r.name for r in rows}) > 1:
+            top = None
+            for r in rows:
+                if top is None or worse(r.rel_fro, top.rel_fro):
+                    top = r
+            return top.name, f"{path} holds {len(rows)} layers of the reference: showing the worst, {top.name}"
         if ".experts." in found[0]:
             return found[0], (f"{path} stacks the reference's experts: showing {found[0]} "
                               "(once compared: the worst expert)")
@@ -804,14 +808,20 @@ class MainWindow(QMainWindow):
             return
         expert = None
         if path not in m.layers:  # the layer shown is the reference's name: this checkpoint's module
-            hit = counterpart(path, m)
+            try:
+                stacked = stacked_expert(canonical(path), m)
+            except QuantscopeError as exc:
+                self._show_error("Export", f"{label}: {exc}", "")
+                return
+            hit = (stacked[0].path, "") if stacked is not None else counterpart(path, m)
             if hit is None:
                 self._show_error("Export", f"{label} has no layer {path}", "")
                 return
-            sw = switch_path(canonical(path))
-            if sw is not None and hit[0].split(".")[-2:-1] == ["switch_mlp"]:
-                expert = sw[1]  # that expert's slice of the stack, as the views show it
-            self._status(f"Exporting {hit[0]}" + (f", expert {expert}" if expert is not None else f" ({hit[1]})"))
+            if stacked is not None:
+                expert = stacked[1]  # that expert's slice of the stack, as the views show it
+                self._status(f"Exporting expert {expert} of {hit[0]}")
+            else:
+                self._status(f"Exporting the whole of {hit[0]} ({hit[1]})")
             path = hit[0]
         out = self._ask_npy(f"{path}.npy" if expert is None else f"{path}.{expert}.npy")
         if out and self._may_write(out):

@@ -83,6 +83,23 @@ def containers(path: str) -> list[str]:
     return out
 
 
+def stacked_expert(path: str, model: Model) -> tuple[Layer, int] | None:
+    """(the switch_mlp stack of ``model`` holding expert ``path``, its index) when ``model``
+    stores experts stacked and ``path`` names one of them by transformers' per-expert path; None
+    when ``model`` has ``path`` itself or no such stack. A :class:`LayerError` when the stack
+    has fewer experts."""
+    from .errors import LayerError
+    if path in model.layers:
+        return None
+    sw = switch_path(path)
+    if sw is None or sw[0] not in model.layers:
+        return None
+    layer = model.layers[sw[0]]
+    if not layer.shape or len(layer.shape) != 3 or sw[1] >= layer.shape[0]:
+        raise LayerError(f"{sw[0]} holds no expert {sw[1]} (shape {list(layer.shape or ())})", tensor=path)
+    return layer, sw[1]
+
+
 def counterpart(path: str, model: Model) -> tuple[str, str] | None:
     """The module of ``model`` that holds the weights of module ``path`` (named as in another
     checkpoint) and how, by name alone — ``(path, "")`` when it is there as such, else
@@ -106,6 +123,9 @@ def counterpart(path: str, model: Model) -> tuple[str, str] | None:
         return hit, "the same module under another prefix"
     sw = switch_path(can)
     if sw is not None and (hit := find(sw[0])):
+        shape = model.layers[hit].shape
+        if shape and len(shape) == 3 and sw[1] >= shape[0]:
+            return None  # the stack has fewer experts
         return hit, f"expert {sw[1]} of the stacked experts"
     m = _SWITCH_RE.match(can)
     if m is not None:

@@ -51,6 +51,7 @@ from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import awq, ct, fast, gptq
 from .formats.kernel import for_row_blocks, round_inplace
 from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS
+from .metrics import worst
 from .schemes import AUX_COMPONENTS, Layer, Model, analyze, data_warning
 
 __all__ = ["convert", "ConversionReport", "LayerResult", "ConversionError", "RECIPES", "MAX_SHARD_BYTES",
@@ -832,9 +833,10 @@ def _stack_experts(model: Model, items: list[_Item]) -> list[_Item]:
     of it loads. Experts written one by one load only where the class's ``sanitize`` stacks
     their scales and biases too (mixtral, qwen2_moe, …); qwen3_moe's, for one, stacks only
     ``.weight``.
-    The experts must be 0..E-1 and converted alike (one setting, the same tensors); scales whose
-    dtype differs between experts (some widened to float32, see the module doc) are all
-    written in float32, which holds every source value exactly."""
+    The experts must be 0..E-1 and converted alike (one setting, the same tensors); a tensor whose
+    float dtype differs between experts (scales widened to float32 for some, see the module doc;
+    a carried bias in bf16 here and f16 there) is written in float32 (float64 if one is), which
+    holds every source value exactly."""
     groups: dict[str, dict[int, int]] = {}
     for i, it in enumerate(items):
         sp = switch_path(it.result.path)
@@ -874,7 +876,8 @@ def _stack_experts(model: Model, items: list[_Item]) -> list[_Item]:
                 refuse(f"the experts' {suf} shapes differ ({', '.join(str(list(x)) for x in sorted(shapes))})")
             if len(dts) > 1 and not dts <= set(_FLOAT_ST):
                 refuse(f"the experts' {suf} dtypes differ ({', '.join(sorted(dts))})")
-            plan.append((suf, dts.pop() if len(dts) == 1 else "F32", (n_exp, *shapes.pop())))
+            wide = "F64" if "F64" in dts else "F32"  # holds every value of the narrower floats exactly
+            plan.append((suf, dts.pop() if len(dts) == 1 else wide, (n_exp, *shapes.pop())))
         actions: dict[str, int] = {}
         for m in members:
             actions[m.result.action] = actions.get(m.result.action, 0) + 1
@@ -892,8 +895,9 @@ def _stack_experts(model: Model, items: list[_Item]) -> list[_Item]:
                 got = m.make()
                 for (name, _, _), suf in zip(m.outputs, suffixes):
                     parts[suf].append(model.ckpt.tensor(m.raw[name]) if name in m.raw else got[name])
-            return {f"{spath}.{suf}": np.stack(parts.pop(suf)).astype(_np_dtype(dt), copy=False)
-                    for suf, dt, _ in plan}
+            # each part cast first: numpy cannot promote bfloat16 with float16 in one stack
+            return {f"{spath}.{suf}": np.stack([np.asarray(x).astype(_np_dtype(dt), copy=False)
+                                                for x in parts.pop(suf)]) for suf, dt, _ in plan}
 
         replace[by_e[0]] = _Item(res, [(f"{spath}.{suf}", dt, shape) for suf, dt, shape in plan], make,
                                  config=members[0].config)
@@ -1444,21 +1448,15 @@ def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, prog
     for lr in rep.layers:
         got = [by[p] for p in lr.experts or [lr.path] if p in by]  # stacked experts: the worst one's
         if got:
-            lr.rel_fro = _worst([m.rel_fro_raw for m in got], max)
-            lr.max_abs = _worst([m.max_abs for m in got], max)
-            lr.sqnr_db = _worst([m.sqnr_db for m in got], min)
+            lr.rel_fro = worst(m.rel_fro_raw for m in got)
+            lr.max_abs = worst(m.max_abs for m in got)
+            lr.sqnr_db = worst((m.sqnr_db for m in got), min)
     converted = {p for lr in rep.layers if lr.kind not in ("kept dense", "carried", "cast")
                  for p in lr.experts or [lr.path]}
     for u in res.unmatched:
         if u.layer in converted:
             rep.notes.append(f"not compared: {u.layer} ({u.reason})")
     rep.verified = True
-
-
-def _worst(xs, pick) -> float:
-    """``pick`` (max or min) of floats, NaN if any is NaN (max/min would keep or drop it by order)."""
-    xs = [float(x) for x in xs]
-    return math.nan if any(math.isnan(x) for x in xs) else pick(xs)
 
 
 def _move_into_place(tmp: Path, dst: Path) -> None:

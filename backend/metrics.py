@@ -236,6 +236,19 @@ class ErrorStats:
                 "p50": pct[50.0], "p95": pct[95.0], "p99": pct[99.0]}
 
 
+def worse(new: float, old: float | None) -> bool:
+    """Whether error ``new`` replaces ``old`` (None: none yet) as the worst of several — the
+    largest, and NaN above everything (a NaN error must never hide behind a finite one)."""
+    return old is None or math.isnan(new) or (not math.isnan(old) and new > old)
+
+
+def worst(xs, pick=max) -> float:
+    """The worst of floats ``xs`` by ``pick`` (max for an error, min for an SQNR), NaN if any is:
+    max/min would keep or drop a NaN by its position."""
+    xs = [float(x) for x in xs]
+    return math.nan if any(math.isnan(x) for x in xs) else pick(xs)
+
+
 def sqnr_db(rel_fro: float) -> float:
     """−20·log10(rel_fro) as numpy gives it: inf for no error, −inf for an infinite one, NaN for NaN."""
     if rel_fro == 0.0:

@@ -27,9 +27,11 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", **open_kw):
     :class:`QuantscopeError` that names ``p``."""
     p = Path(path)
     try:
-        direct = p.exists() and not stat.S_ISREG(os.stat(p).st_mode)
+        direct = p.exists() and not stat.S_ISREG(os.stat(p).st_mode)  # /dev/stdout (a link to a pipe), a FIFO
     except OSError:
         direct = False
+    if not direct and p.is_symlink():  # a link to a file: written through, as open(p, "w") would, link kept
+        p = Path(os.path.realpath(p))
     if direct:
         try:
             with open(p, mode, **open_kw) as fh:

@@ -279,3 +279,14 @@ def test_a_gptq_file_labelled_with_the_other_format_version_is_decoded_but_said(
     assert "the symmetric constant of checkpoint_format 'gptq'" in capsys.readouterr().err
     assert main(["convert", str(src), str(tmp_path / "out"), "--to", "dense"]) == 1
     assert "set checkpoint_format to 'gptq'" in capsys.readouterr().err
+
+
+def test_an_output_through_a_symlink_writes_its_target(tmp_path):
+    from quantscope.backend.outfile import atomic_output
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    with atomic_output(link) as fh:
+        fh.write("new")
+    assert link.is_symlink() and target.read_text() == "new"

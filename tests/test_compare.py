@@ -266,6 +266,7 @@ def test_experts_against_switch_mlp(tmp_path):
                                            ("gate_proj", "up_proj", "down_proj")]
     assert counterpart("model.layers.0.mlp.experts.3.down_proj", var) == (
         "model.layers.0.mlp.switch_mlp.down_proj", "expert 3 of the stacked experts")
+    assert counterpart("model.layers.0.mlp.experts.4.down_proj", var) is None  # a stack of 4 has no expert 4
     assert counterpart("model.layers.0.mlp.switch_mlp.up_proj", ref)[0] == "model.layers.0.mlp.experts.0.up_proj"
 
 
@@ -707,3 +708,23 @@ def test_cache_keys_stay_short_however_many_shards(tmp_path):
     res = sweep(m, {"same": m}, engine="numpy", cache=cache)
     assert len(res.rows) == 40 and all(r.rel_fro == 0 for r in res.rows)
     assert len(cache) == 40 and max(len(k) for k in cache) < 200
+
+
+def test_a_targets_own_rows_of_stored_codes_scales_and_zeros():
+    # compare._take_rows: GPTQ/AWQ GEMM scales are [G, N] (a column per output row), the others
+    # [..., N, G] (AWQ GEMV's too: it took GEMV's [N, G] for [G, N])
+    from types import SimpleNamespace
+
+    from quantscope.backend.compare import _take_rows
+    rows = np.arange(8, 16)
+    for scheme, shape, layout in (("gptq", (24, 64), "GN"), ("awq-gemm", (24, 64), "GN"), ("awq-gemv", (24, 64), "NG"),
+                                  ("mlx-affine", (3, 8, 64), "NG"), ("ct-pack", (24, 64), "NG")):
+        lay = SimpleNamespace(scheme=scheme, shape=shape)
+        n = int(np.prod(shape[:-1]))
+        a = np.arange(n * 4).reshape((4, n) if layout == "GN" else (*shape[:-1], 4))
+        got = _take_rows(a, rows, lay, per_group=True)
+        want = a[:, rows] if layout == "GN" else a.reshape(-1, 4)[rows]
+        assert np.array_equal(got, want), scheme
+        codes = np.arange(n * 64).reshape(*shape)
+        assert np.array_equal(_take_rows(codes, rows, lay), codes.reshape(-1, 64)[rows]), scheme
+        assert _take_rows(a, np.arange(n), lay, per_group=True) is a  # every row: unchanged

@@ -657,3 +657,29 @@ def test_a_config_the_shapes_contradict_is_converted_but_said(tmp_path, capsys):
     io = capsys.readouterr()
     assert "quantscope: warning: model.layers.0.mlp" in io.err and "not a dimension of this model" in io.err
     assert "warning: " in io.out and (tmp_path / "d" / "config.json").exists()
+
+
+def test_experts_stored_in_different_float_dtypes_stack_in_float32(tmp_path):
+    # bf16 experts and one f16 expert: numpy cannot stack bfloat16 with float16 (internal error before)
+    from helpers import write_st
+    src = tmp_path / "mix"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    t, want = {}, {}
+    for e, dt in enumerate((ml_dtypes.bfloat16, np.float16, ml_dtypes.bfloat16)):
+        a = (rng.standard_normal((64, 128)) * 0.02).astype(dt)
+        t[f"model.layers.0.mlp.experts.{e}.up_proj.weight"] = a
+        want[e] = a
+    write_st(src / "model.safetensors", t, {"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    rep = convert(src, tmp_path / "out", to="mlx", bits=4)
+    lr = next(r for r in rep.layers if r.experts)
+    assert lr.scales_dtype == "F32" and lr.widened
+    tensors, _ = _load_mlx(tmp_path / "out")
+    sw = "model.layers.0.mlp.switch_mlp.up_proj"
+    assert tensors[f"{sw}.scales"].dtype == mx.float32
+    for e, a in want.items():  # each expert's scales: its own mx.quantize's, exactly (widened)
+        ref = mx.quantize(mx.array(a.astype(np.float32)).astype(mx.bfloat16 if a.dtype != np.float16 else mx.float16),
+                          group_size=64, bits=4)
+        assert mx.array_equal(tensors[f"{sw}.weight"][e], ref[0]).item()
+        assert mx.array_equal(tensors[f"{sw}.scales"][e], ref[1].astype(mx.float32)).item()

@@ -912,12 +912,16 @@ def test_selecting_a_stacked_module_shows_an_expert_of_the_reference(qtbot, tmp_
     assert "stacks the reference's experts" in w.statusBar().currentMessage()
     assert "mlxlm-qwen3moe-q4-g64" in w.hist._counts and "reference" in w.hist._counts
     # once compared, the expert with the largest error
+    shown = w.tree.current_label()
     w.sweep_result = SimpleNamespace(rows=[SimpleNamespace(name=f"model.layers.1.mlp.experts.{e}.down_proj",
-                                                           variant_layer=sw, rel_fro=r)
-                                           for e, r in enumerate((0.09, 0.08, 0.095, 0.091))])
+                                                           variant=v, variant_layer=sw, rel_fro=r)
+                                           for v, rs in ((shown, (0.09, 0.08, 0.095, 0.091)),
+                                                         ("another", (0.5, 0.1, 0.1, 0.1)))
+                                           for e, r in enumerate(rs)])  # another variant's rows: not counted
     with qtbot.waitSignal(w.detail_shown, timeout=30_000):
         w.select_layer(sw)
     assert w.current_layer == "model.layers.1.mlp.experts.2.down_proj"
+    assert "holds 4 layers" in w.statusBar().currentMessage()
     # a point of the Layers plot (or a heatmap cell) names an expert: the tree highlights the stack
     # holding it, and that expert is shown (the tree stayed on the row before)
     with qtbot.waitSignal(w.detail_shown, timeout=30_000):
@@ -925,6 +929,12 @@ def test_selecting_a_stacked_module_shows_an_expert_of_the_reference(qtbot, tmp_
     assert w.tree.view.currentIndex().data() == "model.layers.0.mlp.switch_mlp.up_proj"
     assert w.current_layer == "model.layers.0.mlp.experts.3.up_proj"
     assert "stacks" not in w.statusBar().currentMessage()  # the message about the selection before, gone
+    # a click on that highlighted row selects it (no current-row change: nothing happened)
+    with qtbot.waitSignal(w.detail_shown, timeout=30_000):
+        w.tree.view.clicked.emit(w.tree.view.currentIndex())
+    assert w.current_layer == "model.layers.0.mlp.experts.0.up_proj"
+    with qtbot.waitSignal(w.detail_shown, timeout=30_000):
+        w.select_layer_everywhere("model.layers.0.mlp.experts.3.up_proj")
     assert "stacks" not in w.statusBar().toolTip()  # and its tooltip
     w.tree.search.setText("experts.3")  # no module of the stacked checkpoint is called so: say why
     w.tree._apply_search()

@@ -17,6 +17,7 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from quantscope.backend.metrics import worse
 
 from .palette import variant_symbol
 from .plots import (
@@ -341,8 +342,8 @@ class LayerErrorPlot(QWidget):
         pj = {x: j for j, x in enumerate(projs)}
         for r in rows:  # several rows to a cell (MoE experts): the worst one, NaN first
             i, j = li[r.layer_index], pj[r.proj]
-            v, old = self._value(r), grid[i, j]
-            if (i, j) not in self._hm_names or math.isnan(v) or (not math.isnan(old) and v > old):
+            v = self._value(r)
+            if worse(v, grid[i, j] if (i, j) in self._hm_names else None):
                 grid[i, j] = v
                 self._hm_names[(i, j)] = r.name
         self.hm_image.setImage(grid, autoLevels=False)

@@ -79,6 +79,8 @@ class TensorTree(QWidget):
         self.combo.currentTextChanged.connect(self._on_combo)
         self.view.selectionModel().currentChanged.connect(self._on_current)
         self._quiet = False  # select(quiet=True) in progress: no layer_selected
+        self._quiet_path: str | None = None  # the current row, set quietly: a click on it must still select it
+        self.view.clicked.connect(self._on_click)
         self.view.customContextMenuRequested.connect(self._menu)
         self.search.installEventFilter(self)
         self._models = {}
@@ -219,6 +221,7 @@ class TensorTree(QWidget):
             self.view.setCurrentIndex(idx)
         finally:
             self._quiet = False
+        self._quiet_path = path if quiet else None
         self.view.scrollTo(idx)
         return True
 
@@ -230,10 +233,20 @@ class TensorTree(QWidget):
             self.view.setCurrentIndex(QModelIndex())
         finally:
             self._quiet = False
+        self._quiet_path = None
 
     def _on_current(self, cur: QModelIndex, _prev) -> None:
         path = cur.data(TensorTreeModel.PathRole) if cur.isValid() else None
         if path and not self._quiet:
+            self._quiet_path = None
+            self.layer_selected.emit(path)
+
+    def _on_click(self, index: QModelIndex) -> None:
+        # the row made current quietly (it holds the layer shown, an expert of its stack): a click
+        # changes no current row, so currentChanged stays silent; the click selects the row itself
+        path = index.data(TensorTreeModel.PathRole) if index.isValid() else None
+        if path and path == self._quiet_path:
+            self._quiet_path = None
             self.layer_selected.emit(path)
 
     def _remember_current(self) -> None:
