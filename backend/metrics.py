@@ -53,7 +53,8 @@ class ErrorStats:
         self.swd = 0.0  # Σ W·d
         self.max_abs = 0.0
         self.nzero = 0  # elements with d == 0 exactly: the lowest ranks, never gathered
-        self.counts = None if raw_only else np.zeros(_NKEYS, np.int64)
+        # bucket counts of |d| (2^15 int64: 256 KB), made by the first add(); add_small needs none
+        self.counts: np.ndarray | None = None
         self._plan = None
         self._found: dict[int, list[np.ndarray]] = {}
         #: Set by a caller that found the percentiles another way (:mod:`.fused`).
@@ -106,6 +107,8 @@ class ErrorStats:
             if mx > self.max_abs or mx != mx:
                 self.max_abs = mx
             if counts is not None:
+                if self.counts is None:
+                    self.counts = np.zeros(_NKEYS, np.int64)
                 self.counts += counts
                 self.nzero += nz
 
@@ -140,6 +143,8 @@ class ErrorStats:
 
     def plan(self) -> None:
         """After pass one: decide which buckets pass two must gather."""
+        if self.counts is None:  # nothing added (an empty layer)
+            self.counts = np.zeros(_NKEYS, np.int64)
         cum = np.cumsum(self.counts)
         need = set()
         for _, lo, hi, _ in self._ranks():
