@@ -45,6 +45,9 @@ _SWITCH_RE = re.compile(r"^(?P<pre>.*)\.switch_mlp\.(?P<proj>[^.]+)$")
 #: Mixtral-style experts (w1/w3/w2) stack into switch_mlp's gate/up/down (mlx-lm's sanitize), and back.
 _SWITCH_OF_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _EXPERT_OF_SWITCH = {v: k for k, v in _SWITCH_OF_EXPERT.items()}
+#: A stored norm equals the reference's up to this relative difference when nothing was folded
+#: (bf16 → fp16 is exact; fp16/bf16 re-rounding moves a value by at most 2^-8).
+NORM_TOLERANCE = 2.0 ** -6
 
 
 def switch_path(expert_path: str) -> tuple[str, int] | None:
@@ -54,9 +57,6 @@ def switch_path(expert_path: str) -> tuple[str, int] | None:
     if m is None:
         return None
     return f"{m['pre']}.switch_mlp.{_SWITCH_OF_EXPERT.get(m['proj'], m['proj'])}", int(m["e"])
-#: A stored norm equals the reference's up to this relative difference when nothing was folded
-#: (bf16 → fp16 is exact; fp16/bf16 re-rounding moves a value by at most 2^-8).
-NORM_TOLERANCE = 2.0 ** -6
 
 
 def canonical(path: str) -> str:

@@ -53,8 +53,9 @@ class QuantConfig:
     notes
         Things a person should know (keys missing and what was assumed, mirrors, …).
     bad_values
-        ``(message, usable)`` per bits / group size value not written as an integer: usable ones
-        (``"4"``, ``4.0``) were read as the number, the others (``0``, ``"x"``) ignored.
+        ``(message, usable)`` per bits / group size value not written as an integer — usable ones
+        (``"4"``, ``4.0``) were read as the number, the others (``0``, ``"x"``) ignored — and for
+        a ``quantization_config`` that is not an object (ignored).
     """
 
     kind: str | None = None
