@@ -890,14 +890,16 @@ def _stack_experts(model: Model, items: list[_Item]) -> list[_Item]:
                           experts=[m.result.path for m in members])
 
         def make(members=members, suffixes=suffixes, spath=spath, plan=plan):
-            parts: dict[str, list] = {suf: [] for suf in suffixes}
-            for m in members:
+            # each expert written into its slot of the stack as it is made: the stack and one
+            # expert in memory, not every expert's arrays and then their stack (a DeepSeek-sized
+            # projection is gigabytes); each cast on the way (numpy cannot stack bf16 with f16)
+            out = {suf: np.empty(shape, _np_dtype(dt)) for suf, dt, shape in plan}
+            for e, m in enumerate(members):
                 got = m.make()
                 for (name, _, _), suf in zip(m.outputs, suffixes):
-                    parts[suf].append(model.ckpt.tensor(m.raw[name]) if name in m.raw else got[name])
-            # each part cast first: numpy cannot promote bfloat16 with float16 in one stack
-            return {f"{spath}.{suf}": np.stack([np.asarray(x).astype(_np_dtype(dt), copy=False)
-                                                for x in parts.pop(suf)]) for suf, dt, _ in plan}
+                    out[suf][e] = model.ckpt.tensor(m.raw[name]) if name in m.raw else got[name]
+                del got
+            return {f"{spath}.{suf}": a for suf, a in out.items()}
 
         replace[by_e[0]] = _Item(res, [(f"{spath}.{suf}", dt, shape) for suf, dt, shape in plan], make,
                                  config=members[0].config)
