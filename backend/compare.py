@@ -1235,8 +1235,9 @@ def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scale
 def _take_rows(a: np.ndarray | None, rows: np.ndarray | None, layer: Layer, per_group: bool = False):
     """The output rows ``rows`` (of the flattened ``[R, K]`` weight) of a layer's codes
     (``[..., N, K]``) or, with ``per_group``, of its scales or zero points: ``[G, N]`` for GPTQ
-    and AWQ GEMM (a column per output row), ``[..., N, G]`` otherwise (AWQ GEMV's included). Unchanged when ``rows`` is
-    None or covers every row, or when the array's layout is not one of these."""
+    and AWQ GEMM (a column per output row), ``[..., N, G]`` otherwise (AWQ GEMV's included).
+    Unchanged when ``rows`` is None or covers every row, or when the array's layout is not one
+    of these."""
     if a is None or rows is None:
         return a
     n_rows = int(np.prod(layer.shape[:-1])) if layer.shape else 0

@@ -115,9 +115,8 @@ class ErrorStats:
     def add_small(self, w: np.ndarray, wh: np.ndarray) -> None:
         """:meth:`add`, :meth:`plan` and :meth:`gather` at once for a whole small layer (at most
         :data:`SMALL_ELEMENTS`): the exact percentiles straight from all its float64 |error|
-        values, sorted. The bucket histogram costs a scan of 2^15 counts
-        per layer, more than such a layer's own work; a 128-expert MoE has tens of thousands of
-        them."""
+        values, sorted. The bucket histogram costs a scan of 2^15 counts per layer, more than
+        such a layer's own work; a 128-expert MoE has tens of thousands of them."""
         if self.n or self.raw_only:
             raise RuntimeError("add_small takes a whole layer, on a fresh full accumulator")
         a = np.asarray(w, dtype=np.float32).reshape(-1).astype(np.float64)
