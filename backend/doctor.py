@@ -43,6 +43,7 @@ from .checkpoint import (INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_
 from .compare_align import _FUSED, EXPERT_RE
 from .dtypes import DTYPES
 from .errors import Cancelled, QuantscopeError
+from .formats.gptq import mislabelled_format
 from .formats.mlx import E4M3, E8M0, MODE_DEFAULTS, affine_fits
 from .safetensors_file import SafetensorsFile
 from .schemes import QUANT_PARTS
@@ -1224,9 +1225,10 @@ class _Doctor:
             want = (1 << (b - 1)) - (1 if version == 1 else 0)
             if not (z == want).all():
                 bad = int((z != want).sum())
-                other = (1 << (b - 1)) - (1 if version == 2 else 0)  # the other version's constant
-                if (z == other).all():  # the whole file is the other version, labelled wrongly
-                    fmt, label = ("gptq", "gptq_v2") if version == 2 else ("gptq_v2", "gptq")
+                fmt = mislabelled_format(z, b, version)
+                if fmt is not None:  # the whole file is the other version, labelled wrongly
+                    label = "gptq_v2" if version == 2 else "gptq"
+                    other = int(z.flat[0])
                     self.col.add("gptq.sym-zeros", f"every stored zero point is {other}, the symmetric constant of "
                                  f"checkpoint_format {fmt!r} (v{3 - version}), not of {label!r} as the config says: "
                                  f"every weight decodes one scale step off — set checkpoint_format to {fmt!r}",

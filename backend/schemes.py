@@ -161,18 +161,18 @@ def data_warning(model: Model, layer: Layer) -> str | None:
     if not layer.bits or not layer.shape or layer.problem:
         return None
     from .bitpack import unpack_bits
+    from .formats.gptq import mislabelled_format
     b, version = layer.bits, int(layer.settings.get("version", 1))
     try:
         z = unpack_bits(np.ascontiguousarray(model.ckpt.tensor(layer.tensors["qzeros"].name)), b, layer.shape[0])
     except (QuantscopeError, ValueError):
         return None
-    other = (1 << (b - 1)) - (1 if version == 2 else 0)
-    if z.size and other != (1 << (b - 1)) - (1 if version == 1 else 0) and (z == other).all():
-        fmt = "gptq" if version == 2 else "gptq_v2"
-        return (f"every stored zero point is {other}, the symmetric constant of checkpoint_format {fmt!r}, not of "
-                f"the configured v{version}: decoded as configured, every weight is one scale step off — set "
-                f"checkpoint_format to {fmt!r}")
-    return None
+    fmt = mislabelled_format(z, b, version)
+    if fmt is None:
+        return None
+    return (f"every stored zero point is {int(z.flat[0])}, the symmetric constant of checkpoint_format {fmt!r}, "
+            f"not of the configured v{version}: decoded as configured, every weight is one scale step off — set "
+            f"checkpoint_format to {fmt!r}")
 
 
 def _awq_bits(bits) -> str:

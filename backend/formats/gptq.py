@@ -61,6 +61,17 @@ def unpack_qweight(qweight: np.ndarray, bits: int, k: int) -> np.ndarray:
     return unpack_bits(np.ascontiguousarray(qweight.T), bits, k)
 
 
+def mislabelled_format(zeros: np.ndarray, bits: int, version: int) -> str | None:
+    """The checkpoint_format a symmetric layer's stored zero points ``zeros`` (unpacked fields)
+    belong to when it is not the configured ``version``'s: every one is the other version's
+    constant (v1 stores 2^(b-1) − 1, v2 2^(b-1)), so the file decodes one scale step off as
+    labelled. None when they are not all that constant."""
+    other = (1 << (bits - 1)) - (1 if version == 2 else 0)
+    if zeros.size and (zeros == other).all():
+        return "gptq" if version == 2 else "gptq_v2"
+    return None
+
+
 def is_trivial_g_idx(g_idx: np.ndarray | None, k: int, group_size: int) -> bool:
     """True when g_idx is absent or equals ``k // G`` (no act-order permutation)."""
     if g_idx is None:
