@@ -220,18 +220,6 @@ def cmd_dequant(args) -> int:
     return 1 if suspect else 0
 
 
-class _Stream:
-    """A file object seen only through ``write``: numpy then writes an array in chunks instead
-    of ``tofile``, which needs a seekable file (a pipe, /dev/stdout, a FIFO failed with
-    "obtaining file position failed")."""
-
-    def __init__(self, fh) -> None:
-        self._fh = fh
-
-    def write(self, b) -> int:
-        return self._fh.write(b)
-
-
 def _is_stdout(path: str) -> bool:
     """Whether ``path`` is where stdout goes (/dev/stdout, or the file stdout is redirected to)."""
     try:
@@ -242,21 +230,14 @@ def _is_stdout(path: str) -> bool:
 
 
 def _save_npy(path: str, w) -> None:
-    """``w`` as .npy to ``path`` (the name given: np.save(path) would add ".npy"), or to stdout
-    for "-"; a path that cannot be written is named."""
-    import stat
-
-    import numpy as np
-    from quantscope.backend.outfile import atomic_output
+    """``w`` as .npy to ``path`` (whole or not at all; a path that cannot be written is named),
+    or to stdout for "-"."""
+    from quantscope.backend.outfile import save_npy, write_npy
     if path == "-":
-        np.lib.format.write_array(_Stream(sys.stdout.buffer), w, allow_pickle=False)
+        write_npy(sys.stdout.buffer, w)
         sys.stdout.buffer.flush()
         return
-    with atomic_output(path, "wb") as fh:  # whole or not at all; names the path when it fails
-        if stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            np.save(fh, w)
-        else:
-            np.lib.format.write_array(_Stream(fh), w, allow_pickle=False)
+    save_npy(path, w)
 
 
 def check_output_path(path: str) -> None:
@@ -339,11 +320,17 @@ def _stdout_failing(exc: OSError) -> bool:
     import errno
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
         return False
+    _drop_stdout()
+    return True
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null: what is still buffered for a reader that went away
+    (| head) or a full disk is discarded at exit instead of failing a second time."""
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except OSError:
         pass
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,10 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         print("quantscope: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (| head): quietly, and no second error at exit
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except OSError:
-            pass
+        _drop_stdout()
         return 0
     except OSError as exc:  # a file or folder that cannot be read or written: the user's to fix
         if debug:

@@ -163,8 +163,7 @@ def job_export_tensor(model, tensor: str, out_path: str, *, progress=None, cance
 
 def _save_npy(out_path: str, a: np.ndarray) -> str:
     """``a`` as ``out_path`` (".npy" added when missing, as np.save does), whole or not at all."""
-    from quantscope.backend.outfile import atomic_output
+    from quantscope.backend.outfile import save_npy
     out_path = str(out_path) if str(out_path).endswith(".npy") else f"{out_path}.npy"
-    with atomic_output(out_path, "wb") as fh:
-        np.save(fh, a)
+    save_npy(out_path, a)
     return out_path

@@ -58,3 +58,35 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", **open_kw):
                                   + (" (nothing written; a previous file is kept)" if p.exists() else
                                      " (nothing written)")) from None
         raise
+
+
+class _Stream:
+    """A file object seen only through ``write``: numpy then writes an array in chunks instead
+    of ``tofile``, which needs a seekable file (a pipe, /dev/stdout, a FIFO failed with
+    "obtaining file position failed")."""
+
+    def __init__(self, fh) -> None:
+        self._fh = fh
+
+    def write(self, b) -> int:
+        return self._fh.write(b)
+
+
+def write_npy(fh, a) -> None:
+    """``a`` as .npy into the open binary file ``fh``: ``np.save`` for a regular file, chunks
+    through :class:`_Stream` for a pipe or a device."""
+    import numpy as np
+    try:
+        regular = stat.S_ISREG(os.fstat(fh.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a wrapped stream)
+        regular = False
+    if regular:
+        np.save(fh, a)
+    else:
+        np.lib.format.write_array(_Stream(fh), a, allow_pickle=False)
+
+
+def save_npy(path: str | os.PathLike, a) -> None:
+    """``a`` as .npy at ``path`` exactly (np.save(path) would add ".npy"), whole or not at all."""
+    with atomic_output(path, "wb") as fh:
+        write_npy(fh, a)
