@@ -277,7 +277,11 @@ class _Found:
             r = int(q * (n - 1))
             home = next((j for j, (base, cnt, _) in enumerate(spans) if base <= r < base + cnt), None)
             if home is None:
-                return None  # the estimate itself is outside the intervals: no narrowing
+                # the estimate is outside every interval: keep the nearest one whole, narrow the
+                # other percentiles' (giving up on all left every interval wide to the end)
+                home = min(range(len(spans)), key=lambda j: max(spans[j][0] - r, r - (spans[j][0] + spans[j][1] - 1)))
+                bounds.append((home, None, None, True, True))
+                continue
             # variance of the share per block: measured, but never below DEFF times the
             # binomial one (a few blocks estimate a variance poorly)
             var_b = DEFF * q * (1 - q) / float(sizes.mean())
@@ -290,6 +294,8 @@ class _Found:
             b = int(math.ceil(min(1.0, q + delta) * (n - 1)))
             bounds.append((home, a, b, q - delta <= 0, q + delta >= 1))
             want += [a, b]
+        if not want:
+            return None
         val = self.at_ranks(want)
         ivs = []
         for home, a, b, open_lo, open_hi in bounds:

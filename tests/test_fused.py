@@ -458,3 +458,32 @@ def test_real_checkpoints_one_pass_equals_general_path(real_fixtures, monkeypatc
         assert (r.p50, r.p95, r.p99, r.max_abs) == (g.p50, g.p95, g.p99, g.max_abs), key
         assert r.rel_fro == pytest.approx(g.rel_fro, rel=1e-9) and r.cosine == pytest.approx(g.cosine, rel=1e-9)
         assert r.rel_fro_raw == pytest.approx(g.rel_fro_raw, rel=1e-9) and r.smoothing == g.smoothing, key
+
+
+def test_narrowing_keeps_only_the_missed_percentile_whole():
+    """A percentile whose estimate so far lies outside every interval keeps its interval whole;
+    the others still narrow (giving up on all left the whole layer's intervals wide)."""
+    rng = np.random.default_rng(3)
+    d = np.sort(rng.uniform(0.0, 1.0, 100_000))
+    n = d.size
+    # intervals around p50 and p95 hold their ranks; the p99 one stops short of rank 0.99 (n - 1)
+    ivs = [(0.45, 0.55), (0.93, 0.97), (0.975, 0.985)]
+    lo = np.array([a for a, _ in ivs], np.float32)
+    hi = np.array([b for _, b in ivs], np.float32)
+    f32 = d.astype(np.float32)
+    found = fused._Found(lo, hi)
+    found.n = n
+    found.below = np.array([int(np.count_nonzero(f32 < a)) for a in lo], np.int64)
+    found.parts = [np.concatenate([d[(f32 >= a) & (f32 <= b)] for a, b in zip(lo, hi)])]
+    sizes = [n // 10] * 10
+    per_block = [found.below * 0 + found.below // 10 for _ in sizes]
+    got = found.narrowed(per_block, sizes, 40)
+    assert got is not None
+    new_lo, new_hi = got
+    assert new_lo.size == 3
+    # p50 and p95 narrowed, nested in their intervals, still holding their ranks
+    for q, (a, b) in zip((0.5, 0.95), ivs[:2]):
+        j = int(np.searchsorted(new_lo, np.float32(a), "left"))
+        assert a <= new_lo[j] and new_hi[j] <= b and (new_hi[j] - new_lo[j]) < (b - a)
+        assert new_lo[j] <= d[int(q * (n - 1))] <= new_hi[j]
+    assert (new_lo[2], new_hi[2]) == (lo[2], hi[2])  # p99's missed: kept whole
