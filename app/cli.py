@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--csv", dest="csv_out", metavar="OUT",
                     help="write the per-layer metrics as CSV (-: to stdout, the table then goes to stderr)")
     pc.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)
+    pc.add_argument("--layers", metavar="REGEX",
+                    help="compare only the layers whose reference name matches this regular expression "
+                         r"(searched anywhere in the name: 'down_proj', 'layers\.(0|1)\.', 'mlp'); "
+                         "a layer whose AWQ smoothing is undone from the layer before it brings that one along")
     _add_common(pc)
     pdoc = sub.add_parser("doctor", help="find what is wrong with a checkpoint (exit 0 ok, 1 errors, 2 cannot open)")
     pdoc.add_argument("path", help="checkpoint")

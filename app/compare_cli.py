@@ -76,6 +76,10 @@ def format_table(result, labels: list[str]) -> str:
                      "or an all-zero reference layer — `quantscope doctor` on each names the tensors:")
         for r in bad:
             lines.append(f"  {short.get(r.variant, r.variant)}: {r.name}")
+    if result.added:
+        lines.append("")
+        lines.append(f"+ also measured, beyond --layers ({len(result.added)}): "
+                     + ", ".join(result.added) + " — the smoothing of a chosen layer is undone from its rows")
     unmatched = [u for u in result.unmatched if u.variant not in result.failed]  # (those: one error each)
     if unmatched:
         lines.append("")
@@ -114,11 +118,15 @@ def run_compare(args) -> int:
     bar = ProgressBar("comparing")
     cancel = threading.Event()
     try:
-        result = sweep(ref, variants, engine=getattr(args, "engine", "auto") or "auto", progress=bar, cancel=cancel)
+        result = sweep(ref, variants, engine=getattr(args, "engine", "auto") or "auto", progress=bar, cancel=cancel,
+                       layers=getattr(args, "layers", None))
     finally:
         bar.close()
     data = result.to_json()
     data = {"reference": args.reference, "variants": list(variants), **data}
+    if getattr(args, "layers", None) is not None:  # what was asked, and what came along with it
+        data["layers_pattern"] = args.layers
+        data["added_layers"] = result.added
     to_stdout = "-" in (args.json_out, args.csv_out)
     labels = [v for v in variants if v not in result.failed]
     if to_stdout:  # the table first, on stderr: a reader that closes the pipe early (| head) must not lose it

@@ -124,6 +124,9 @@ class SweepResult:
     smoothing_checks: dict[str, SmoothingCheck] = field(default_factory=dict)
     #: Variants of which no layer could be compared (the others were), with why (naming the file).
     failed: dict[str, CompareError] = field(default_factory=dict)
+    #: Layers measured beyond a ``layers`` filter, because a chosen layer's smoothing is undone
+    #: from their rows.
+    added: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """Plain JSON data: ``layers`` (one object per row), ``unmatched`` (with ``reason``) and
@@ -698,8 +701,44 @@ def save_cache(folder, cache: dict) -> None:
     tmp.replace(folder / CACHE_FILE)
 
 
+def _only_layers(states: list, pattern: str, result: SweepResult) -> list:
+    """Keep the targets whose reference name matches ``pattern`` (and the layers their smoothing
+    is estimated from, named in ``result.added``); the unmatched entries likewise. A variant left
+    without a target goes to ``result.failed``; none left at all is an error."""
+    import re
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise CompareError(f"--layers {pattern!r} is not a regular expression: {e}", rule="compare.bad-pattern") from None
+    chosen = {n for vs in states for n in vs.alignment.targets if rx.search(n)}
+    if not chosen:
+        some = sorted({n for vs in states for n in vs.alignment.targets}, key=_order_key)[:3]
+        raise CompareError(f"no layer of the reference matches --layers {pattern!r} (names look like: "
+                           + ", ".join(some) + ")", rule="compare.no-layer-matches")
+    for vs in states:  # the producers of a chosen layer's row-scale estimate come along
+        for t in vs.alignment.targets.values():
+            if t.row_fit_for in chosen and t.name not in chosen:
+                chosen.add(t.name)
+                result.added.append(t.name)
+    result.added = sorted(set(result.added), key=_order_key)
+    result.unmatched = [u for u in result.unmatched if rx.search(u.layer)]
+    kept = []
+    for vs in states:
+        vs.alignment.targets = {n: t for n, t in vs.alignment.targets.items() if n in chosen}
+        if vs.alignment.targets:
+            kept.append(vs)
+        else:
+            result.failed[vs.label] = CompareError(
+                f"no layer matching --layers {pattern!r} in common with the reference",
+                file=str(vs.model.ckpt.root), rule="compare.no-common-layers")
+    if not kept:
+        raise CompareError(f"no variant has a layer matching --layers {pattern!r} in common with the reference",
+                           rule="compare.no-common-layers")
+    return kept
+
+
 def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progress=None, cancel=None,
-          cache: dict | None = None, cache_dir=None, jobs: int | None = None) -> SweepResult:
+          cache: dict | None = None, cache_dir=None, jobs: int | None = None, layers: str | None = None) -> SweepResult:
     """Per-layer error of every variant against ``reference``.
 
     Parameters
@@ -724,6 +763,11 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     jobs
         Layers measured at once by the one-pass path (default: one per core; the window uses
         one fewer, to keep a core for itself).
+    layers
+        A regular expression: only the reference layers whose name it matches (``re.search``)
+        are compared, and only their unmatched entries listed. A layer whose smoothing is
+        undone from a preceding layer's rows (o_proj from v_proj, down_proj from up_proj) brings
+        that layer along, so its figures equal a whole sweep's; :attr:`SweepResult.added` names it.
 
     Returns
     -------
@@ -764,6 +808,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         chk = _check_smoothing(reference, vs, eng)
         if chk is not None:
             result.smoothing_checks[vs.label] = chk
+    if layers is not None:
+        states = _only_layers(states, layers, result)
     ref_id = _identity(reference)
     var_ids = {vs.label: _identity(vs.model) for vs in states}
     names = sorted({n for vs in states for n in vs.alignment.targets}, key=_order_key)

@@ -77,6 +77,21 @@ def test_outputs_are_checked_before_any_work_and_written_where_named(tmp_path, c
     assert "compared once" in cap.err and "rel_fro" in cap.err
 
 
+def test_compare_layers_takes_a_pattern_and_says_when_nothing_matches(capsys, real_fixtures):
+    ref = str(real_fixtures / "base-bf16")
+    var = str(real_fixtures / "mlx-affine-q4-g64")
+    assert main(["compare", "--reference", ref, var, "--layers", r"layers\.1\.mlp", "--json", "-"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    names = {r["name"] for r in data["layers"]}
+    assert names == {f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")}
+    assert data["layers_pattern"] == r"layers\.1\.mlp" and data["added_layers"] == []
+    for pattern, says in (("nothing_like_this", "no layer of the reference matches --layers"),
+                          ("[", "is not a regular expression")):
+        assert main(["compare", "--reference", ref, var, "--layers", pattern]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0]
+
+
 def test_no_output_is_written_into_a_checkpoint_that_was_opened(tmp_path, capsys, real_fixtures):
     """dequant -o wsrc/model.safetensors replaced the weights it had just read with an .npy, and
     compare --json into the reference's folder overwrote it: both are refused before any work."""

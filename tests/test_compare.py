@@ -618,6 +618,34 @@ def test_demo_end_to_end(demo):
     assert set(res.smoothing_checks) == {"awq-w4g128"}  # nothing else shows folded norms
 
 
+def test_layers_filter_measures_the_chosen_layers_as_a_whole_sweep_does(demo):
+    """``layers``: only the matching reference layers, with the figures of a whole sweep; AWQ's
+    down_proj (smoothing undone from up_proj's rows) brings up_proj along, named in ``added``."""
+    from quantscope.backend.compare import CompareError
+    ref = analyze(open_checkpoint(demo.reference))
+    labels = ["awq-w4g128", "gptq-w4g128"]
+    variants = {lb: analyze(open_checkpoint(demo.variants[lb])) for lb in labels}
+    whole = {(r.name, r.variant): r for r in sweep(ref, variants, engine="numpy").rows}
+    variants = {lb: analyze(open_checkpoint(demo.variants[lb])) for lb in labels}  # fresh alignments
+    part = sweep(ref, variants, engine="numpy", layers=r"layers\.1\.mlp\.down_proj$")
+    names = {r.name for r in part.rows}
+    assert names == {"model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"}
+    assert part.added == ["model.layers.1.mlp.up_proj"]
+    down = {r.variant: r for r in part.rows if r.name.endswith("down_proj")}
+    assert down["awq-w4g128"].smoothing.startswith("lstsq")  # undone as in the whole sweep, not skipped
+    for r in part.rows:
+        w = whole[(r.name, r.variant)]
+        assert (r.rel_fro, r.rel_fro_raw, r.smoothing, r.p99) == (w.rel_fro, w.rel_fro_raw, w.smoothing, w.p99)
+    # q_proj's smoothing is undone from the norms: nothing comes along
+    variants = {lb: analyze(open_checkpoint(demo.variants[lb])) for lb in labels}
+    part = sweep(ref, variants, engine="numpy", layers="q_proj")
+    assert {r.name for r in part.rows} == {n for n, _ in whole if n.endswith("q_proj")} and not part.added
+    for bad, rule in (("(", "compare.bad-pattern"), ("no_such_layer", "compare.no-layer-matches")):
+        with pytest.raises(CompareError) as e:
+            sweep(ref, variants, engine="numpy", layers=bad)
+        assert e.value.rule == rule and "--layers" in str(e.value)
+
+
 def test_smoothing_power_measures_how_the_weights_scale_with_the_norm_smoothing():
     from quantscope.backend.compare import smoothing_power
     rng = np.random.default_rng(0)
