@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +101,18 @@ def stacked_expert(path: str, model: Model) -> tuple[Layer, int] | None:
     return layer, sw[1]
 
 
+_BY_CANONICAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _canonical_names(model: Model) -> dict[str, str]:
+    """Each module of ``model`` by its :func:`canonical` name, made once per model (the window
+    asks on every selection; a 40-layer, 128-expert MoE has 15k modules, ~8 ms to map)."""
+    got = _BY_CANONICAL.get(model)
+    if got is None or got[0] != len(model.layers):
+        got = _BY_CANONICAL[model] = (len(model.layers), {canonical(n): n for n in model.layers})
+    return got[1]
+
+
 def counterpart(path: str, model: Model) -> tuple[str, str] | None:
     """The module of ``model`` that holds the weights of module ``path`` (named as in another
     checkpoint) and how, by name alone — ``(path, "")`` when it is there as such, else
@@ -108,15 +121,11 @@ def counterpart(path: str, model: Model) -> tuple[str, str] | None:
     For showing, not measuring (shapes are not checked)."""
     if path in model.layers:
         return path, ""
-    by_can = None
 
     def find(p: str) -> str | None:  # p, or the module named p under another wrapper prefix
-        nonlocal by_can
         if p in model.layers:
             return p
-        if by_can is None:  # one pass, only when a name is not there as such
-            by_can = {canonical(n): n for n in model.layers}
-        return by_can.get(canonical(p))
+        return _canonical_names(model).get(canonical(p))
 
     can = canonical(path)
     if hit := find(path):

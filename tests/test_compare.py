@@ -197,6 +197,12 @@ def test_same_names_and_prefix(ref_pair, tmp_path):
     assert counterpart(name, pref) == ("model.language_model.layers.0.self_attn.q_proj",
                                        "the same module under another prefix")
     assert counterpart(name, ref) == (name, "") and counterpart("model.layers.9.mlp.up_proj", ref) is None
+    # the name map is made once per model (the window asks on every selection), again if it grows
+    from quantscope.backend.compare_align import _canonical_names
+    first = _canonical_names(pref)
+    assert _canonical_names(pref) is first
+    pref.layers["model.language_model.layers.0.extra_proj"] = pref.layers[row.variant_layer]
+    assert counterpart("model.layers.0.extra_proj", pref)[0] == "model.language_model.layers.0.extra_proj"
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
