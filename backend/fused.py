@@ -46,6 +46,10 @@ from .metrics import PERCENTILES, ErrorStats, _lerp, percentile_ranks
 
 #: Elements per block: the decoded block (float32) stays within L2/L3 of the core decoding it.
 BLOCK_ELEMENTS = 1 << 18
+#: A smaller layer is cut into blocks of at least MIN_BLOCK_ELEMENTS so that it has MIN_BLOCKS:
+#: with only a few, most of it is sampled (histogram and a second look) and nothing narrows.
+MIN_BLOCKS = 24
+MIN_BLOCK_ELEMENTS = 1 << 15
 #: Share of a layer's blocks sampled first (at least 3, at most MAX_SAMPLE_BLOCKS; they stay
 #: decoded until the end).
 SAMPLE_SHARE = 1 / 8
@@ -367,7 +371,8 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held) -> dic
     n = R * K
     labels = list(variants)
     gran = math.lcm(ref_gran, *(d.granule for d, _, _ in variants.values()))
-    step = max(gran, -(-max(1, BLOCK_ELEMENTS // K) // gran) * gran)
+    per = min(BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, n // MIN_BLOCKS))
+    step = max(gran, -(-max(1, per // K) // gran) * gran)
     blocks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
     nbk = len(blocks)
     ns = min(nbk, MAX_SAMPLE_BLOCKS, max(3, math.ceil(nbk * SAMPLE_SHARE)))

@@ -1,7 +1,8 @@
 """Comparison sweep cost against dequantization alone, and its memory, at two model sizes.
 
 A Llama-shaped bf16 reference (hidden 2048, intermediate 5632, no embeddings) of ~0.5 GB
-(5 decoder layers) and ~2 GB (20 layers), and three variants in their real layouts — GPTQ 4-bit
+(5 decoder layers) and ~2 GB (20 layers), and a third of 0.2 GB shaped like Qwen2.5-0.5B
+(8 decoder layers, hidden 896, k/v 128 rows), whose layers are mostly small; three variants in their real layouts — GPTQ 4-bit
 g128 (v1), AWQ GEMM 4-bit g128, MLX affine 4-bit g64 — quantized by fast round-to-nearest (not
 the slow algorithms), one shard per decoder layer, built once under ``benchmarks/.cache``.
 
@@ -26,10 +27,16 @@ import numpy as np
 from _common import CACHE, emit, peak_rss_bytes
 
 H, F = 2048, 5632
-SIZES = {"0.5GB": 5, "2GB": 20}
-LINEARS = (("self_attn.q_proj", (H, H)), ("self_attn.k_proj", (H, H)), ("self_attn.v_proj", (H, H)),
-           ("self_attn.o_proj", (H, H)), ("mlp.gate_proj", (F, H)), ("mlp.up_proj", (F, H)),
-           ("mlp.down_proj", (H, F)))
+#: label: (decoder layers, hidden, intermediate, k/v rows). The third is shaped like Qwen2.5-0.5B
+#: (hidden 896, k/v 128 rows): most of its layers are under 1M elements, where a sweep's cost per
+#: layer weighs most.
+SIZES = {"0.5GB": (5, H, F, H), "2GB": (20, H, F, H), "small-0.2GB": (8, 896, 4864, 128)}
+
+
+def linears(h: int, f: int, kv: int):
+    return (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (f, h)), ("mlp.up_proj", (f, h)),
+            ("mlp.down_proj", (h, f)))
 
 
 def _rtn(w: np.ndarray, group: int):
@@ -46,7 +53,7 @@ def _rtn(w: np.ndarray, group: int):
     return q.astype(np.uint8).reshape(n, k), scale.T.astype(np.float16), zero.T.astype(np.uint8)
 
 
-def build(folder: Path, n_layers: int) -> dict[str, Path]:
+def build(folder: Path, n_layers: int, h: int = H, f: int = F, kv: int = H) -> dict[str, Path]:
     import ml_dtypes
     import mlx.core as mx
 
@@ -60,7 +67,7 @@ def build(folder: Path, n_layers: int) -> dict[str, Path]:
     if (folder / "done").exists():
         return paths
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    cfg = {"model_type": "llama", "hidden_size": H, "intermediate_size": F, "num_hidden_layers": n_layers,
+    cfg = {"model_type": "llama", "hidden_size": h, "intermediate_size": f, "num_hidden_layers": n_layers,
            "torch_dtype": "bfloat16"}
     qcfg = {"gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": False,
                      "checkpoint_format": "gptq"},
@@ -77,7 +84,7 @@ def build(folder: Path, n_layers: int) -> dict[str, Path]:
     maps: dict[str, dict] = {n: {} for n in names}
     for i in range(n_layers):
         t = {n: {} for n in names}
-        for m, shape in LINEARS:
+        for m, shape in linears(h, f, kv):
             key = f"model.layers.{i}.{m}"
             w = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(bf16)
             t["reference"][f"{key}.weight"] = w
@@ -174,10 +181,10 @@ def main() -> None:
         return
     engine = os.environ.get("QUANTSCOPE_BENCH_ENGINE", "numpy")
     out = {"benchmark": "sweep", "engine": engine, "cpus": os.cpu_count(), "sizes": {}}
-    for label, n_layers in SIZES.items():
+    for label, dims in SIZES.items():
         folder = CACHE / f"sweep_{label}"
         t0 = time.perf_counter()
-        build(folder, n_layers)
+        build(folder, *dims)
         build_s = time.perf_counter() - t0
         r = subprocess.run([sys.executable, __file__, "--measure", str(folder), engine], capture_output=True,
                            text=True, check=True)

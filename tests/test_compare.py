@@ -639,9 +639,10 @@ def test_layers_filter_measures_the_chosen_layers_as_a_whole_sweep_does(demo):
     assert part.added == ["model.layers.1.mlp.up_proj"]
     down = {r.variant: r for r in part.rows if r.name.endswith("down_proj")}
     assert down["awq-w4g128"].smoothing.startswith("lstsq")  # undone as in the whole sweep, not skipped
-    for r in part.rows:
+    for r in part.rows:  # (float64 sums in another order where a layer's blocks are spread over the cores)
         w = whole[(r.name, r.variant)]
-        assert (r.rel_fro, r.rel_fro_raw, r.smoothing, r.p99) == (w.rel_fro, w.rel_fro_raw, w.smoothing, w.p99)
+        assert (r.smoothing, r.p50, r.p99, r.max_abs) == (w.smoothing, w.p50, w.p99, w.max_abs)
+        assert r.rel_fro == pytest.approx(w.rel_fro, rel=1e-12) and r.rel_fro_raw == pytest.approx(w.rel_fro_raw, rel=1e-12)
     # q_proj's smoothing is undone from the norms: nothing comes along
     variants = {lb: analyze(open_checkpoint(demo.variants[lb])) for lb in labels}
     part = sweep(ref, variants, engine="numpy", layers="q_proj")

@@ -133,6 +133,23 @@ def test_block_sizes_from_many_to_one(monkeypatch, block):
     _check(res, w, full)
 
 
+@pytest.mark.parametrize("rows", [96, 768])
+def test_mid_size_layers_are_cut_into_enough_blocks(monkeypatch, rows):
+    """A layer of 0.1-1M elements (q/k/v of a small model) is cut into blocks of at least 32k
+    elements, up to MIN_BLOCKS of them, not a few of 256k (all sampled, nothing narrowed)."""
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1 << 18)  # the default, not the tests' small blocks
+    w = _ref(n=rows, k=1024, seed=5)
+    dec, full = _mlx(w)
+    calls = []
+    res = fused.measure(w, {"v": (dec._replace(fn=lambda r0, r1, out: calls.append(r1 - r0) or dec.fn(r0, r1, out)),
+                                  0, None)}, parallel=False)["v"]
+    assert res is not None
+    _check(res, w, full)
+    per = max(fused.MIN_BLOCK_ELEMENTS, rows * 1024 // fused.MIN_BLOCKS) // 1024
+    assert len(calls) == -(-rows // per) and max(calls) == per  # each block decoded once
+    assert len(calls) == (3 if rows == 96 else fused.MIN_BLOCKS)
+
+
 def test_several_variants_share_one_pass_and_one_thread_gives_the_same():
     w = _ref(seed=3)
     decs, fulls = {}, {}
