@@ -408,12 +408,15 @@ class Checkpoint:
 
     def holds(self, out: str | os.PathLike) -> bool:
         """Whether writing ``out`` would write into this checkpoint: a path inside the folder it
-        was opened as (a model folder, or an index's folder), or one of the files it reads (a
-        single ``.safetensors`` file and the configs beside it) — through symbolic links too
+        was opened as (a model folder, an index's folder, or the folder of a single ``.safetensors``
+        file opened beside its config), or one of the files it reads (a lone ``.safetensors`` file
+        and the configs beside it) — through symbolic links too
         (a link named out.npy to a shard; an HF cache snapshot, whose files link to its blobs)."""
         o = Path(os.path.realpath(Path(out).expanduser()))  # every link on the way, the last too
         roots = [self._containment] if self._containment is not None else []
-        if self.path.is_dir() or self.index_path is not None:
+        # a single file opened in a model folder (its config beside it) stands for that folder;
+        # a lone file (in ~/Downloads, say) only for itself and the configs it reads
+        if self.path.is_dir() or self.index_path is not None or any((self.root / n).is_file() for n in CONFIG_FILES):
             roots.append(self.root)
         for r in roots:
             r = Path(os.path.realpath(r))

@@ -111,7 +111,11 @@ def test_no_output_is_written_into_a_checkpoint_that_was_opened(tmp_path, capsys
                  ["dequant", str(src), layer, "-o", str(src / "new.npy")],
                  ["compare", "--reference", str(ref), str(src), "--json", str(ref / "model.safetensors")],
                  ["compare", "--reference", str(ref), str(src), "--csv", str(src / "config.json")],
-                 ["dequant", str(src / "model.safetensors"), layer, "-o", str(src / "config.json")]):
+                 ["dequant", str(src / "model.safetensors"), layer, "-o", str(src / "config.json")],
+                 # a single file opened in its model folder stands for the folder
+                 ["dequant", str(src / "model.safetensors"), layer, "-o", str(src / "y.npy")],
+                 ["compare", "--reference", str(ref / "model.safetensors"), str(src / "model.safetensors"),
+                  "--json", str(ref / "c.json")]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "never writes into a checkpoint it opened" in err[0], err
@@ -123,6 +127,16 @@ def test_no_output_is_written_into_a_checkpoint_that_was_opened(tmp_path, capsys
         assert main(argv) == 2, argv
         assert "never writes into a checkpoint it opened" in capsys.readouterr().err
     assert (digest(src), digest(ref)) == before
+    # a lone file (no config beside it) is only itself: writing beside it is fine
+    lone = tmp_path / "downloads"
+    lone.mkdir()
+    shutil.copy(src / "model.safetensors", lone / "model.safetensors")
+    assert main(["info", str(lone / "model.safetensors")]) == 0
+    capsys.readouterr()
+    from quantscope.backend.checkpoint import open_checkpoint, refuse_writing_into
+    ck = open_checkpoint(lone / "model.safetensors")
+    refuse_writing_into(lone / "beside.npy", [ck])  # no error
+    assert ck.holds(lone / "model.safetensors") and not ck.holds(lone / "beside.npy")
     # beside a single opened file (not one of its files): allowed
     assert main(["dequant", str(src / "model.safetensors"), layer, "-o", str(tmp_path / "x.npy")]) == 0
     capsys.readouterr()
