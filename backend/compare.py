@@ -182,9 +182,10 @@ class SweepResult:
         return out
 
 
-def _nothing_matches(vm: Model, unmatched: list[Unmatched]) -> CompareError:
-    """Why no layer of ``vm`` has a partner: each kind of reason in full, with how many layers
-    it stands for (the kind is the reason before its first colon, the layer's own name left out)."""
+def _nothing_matches(vm: Model, unmatched: list[Unmatched], pattern: str | None = None) -> CompareError:
+    """Why no layer of ``vm`` (matching ``pattern``, a sweep's ``layers``) has a partner: each kind
+    of reason in full, with how many layers it stands for (the kind is the reason before its
+    first colon, the layer's own name left out)."""
     kinds: dict[str, list[Unmatched]] = {}
     for u in unmatched:
         kinds.setdefault(u.reason.split(":")[0].replace(u.layer, "…"), []).append(u)
@@ -196,7 +197,8 @@ def _nothing_matches(vm: Model, unmatched: list[Unmatched]) -> CompareError:
         parts.append(f"{u.reason if u.layer in u.reason else f'{u.layer}: {u.reason}'}{more}")
     names_differ = all(u.reason == "absent in the variant" or u.reason.startswith("shape mismatch")
                        for u in unmatched)
-    return CompareError("no layer can be compared with the reference"
+    which = "no layer" if pattern is None else f"no layer matching --layers {pattern!r}"
+    return CompareError(f"{which} can be compared with the reference"
                         + (f" — {'; '.join(parts)}" if parts else "")
                         + (" — is it a quantization of a different model?" if names_differ else ""),
                         file=vm.ckpt.source, rule="compare.no-common-layers")
@@ -704,40 +706,43 @@ def save_cache(folder, cache: dict) -> None:
     tmp.replace(folder / CACHE_FILE)
 
 
-def _only_layers(states: list, pattern: str, result: SweepResult) -> list:
-    """Keep the targets whose reference name matches ``pattern`` (and the layers their smoothing
-    is estimated from, named in ``result.added``); the unmatched entries likewise. A variant left
-    without a target goes to ``result.failed``; none left at all is an error."""
+def _layers_pattern(reference: Model, pattern: str):
+    """The compiled ``layers`` pattern of a sweep; an error when it is not a regular expression
+    or matches no layer of the reference at all."""
     import re
     try:
         rx = re.compile(pattern)
     except re.error as e:
         raise CompareError(f"--layers {pattern!r} is not a regular expression: {e}", rule="compare.bad-pattern") from None
-    chosen = {n for vs in states for n in vs.alignment.targets if rx.search(n)}
-    if not chosen:
-        some = sorted({n for vs in states for n in vs.alignment.targets}, key=_order_key)[:3]
+    if not any(rx.search(n) for n in reference.layers):
+        some = sorted(reference.layers, key=_order_key)[:3]
         raise CompareError(f"no layer of the reference matches --layers {pattern!r} (names look like: "
-                           + ", ".join(some) + ")", rule="compare.no-layer-matches")
+                           + ", ".join(some) + ")", file=reference.ckpt.source, rule="compare.no-layer-matches")
+    return rx
+
+
+def _nothing_selected(reference: Model, vm: Model, rx) -> CompareError:
+    """Why no layer matching ``rx`` is compared, where none of them is even listed without
+    partner: they are not weight matrices (norms, biases)."""
+    hit = sorted((n for n in reference.layers if rx.search(n)), key=_order_key)
+    shown = ", ".join(hit[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
+    return CompareError(f"none of the reference's layers matching --layers {rx.pattern!r} ({shown}) is one "
+                        "that compare measures: only weight matrices (linear layers, embeddings, experts) are",
+                        file=vm.ckpt.source, rule="compare.no-common-layers")
+
+
+def _only_layers(states: list, rx, result: SweepResult) -> None:
+    """Keep the targets whose reference name matches ``rx``, and the layers their smoothing is
+    estimated from (named in ``result.added``). Every variant in ``states`` has one at least."""
+    chosen = {n for vs in states for n in vs.alignment.targets if rx.search(n)}
     for vs in states:  # the producers of a chosen layer's row-scale estimate come along
         for t in vs.alignment.targets.values():
             if t.row_fit_for in chosen and t.name not in chosen:
                 chosen.add(t.name)
                 result.added.append(t.name)
     result.added = sorted(set(result.added), key=_order_key)
-    result.unmatched = [u for u in result.unmatched if rx.search(u.layer)]
-    kept = []
     for vs in states:
         vs.alignment.targets = {n: t for n, t in vs.alignment.targets.items() if n in chosen}
-        if vs.alignment.targets:
-            kept.append(vs)
-        else:
-            result.failed[vs.label] = CompareError(
-                f"no layer matching --layers {pattern!r} in common with the reference",
-                file=str(vs.model.ckpt.root), rule="compare.no-common-layers")
-    if not kept:
-        raise CompareError(f"no variant has a layer matching --layers {pattern!r} in common with the reference",
-                           rule="compare.no-common-layers")
-    return kept
 
 
 def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progress=None, cancel=None,
@@ -793,11 +798,14 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             cache.setdefault(k, v)
     states = []
     result = SweepResult()
+    rx = _layers_pattern(reference, layers) if layers is not None else None
     for label, vm in variants.items():
         al = align(reference, vm, label=label)
-        result.unmatched.extend(al.unmatched)  # (a failed variant's too: the JSON/CSV list them)
-        if not al.targets:  # this one cannot be compared; the others still are
-            result.failed[label] = _nothing_matches(vm, al.unmatched)
+        unmatched = al.unmatched if rx is None else [u for u in al.unmatched if rx.search(u.layer)]
+        result.unmatched.extend(unmatched)  # (a failed variant's too: the JSON/CSV list them)
+        if not any(rx is None or rx.search(n) for n in al.targets):  # cannot be compared; the others still are
+            result.failed[label] = (_nothing_matches(vm, unmatched, layers) if rx is None or unmatched
+                                    else _nothing_selected(reference, vm, rx))
             continue
         states.append(_VariantState(label, vm, al))
     if not states:
@@ -811,8 +819,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         chk = _check_smoothing(reference, vs, eng)
         if chk is not None:
             result.smoothing_checks[vs.label] = chk
-    if layers is not None:
-        states = _only_layers(states, layers, result)
+    if rx is not None:
+        _only_layers(states, rx, result)
     ref_id = _identity(reference)
     var_ids = {vs.label: _identity(vs.model) for vs in states}
     names = sorted({n for vs in states for n in vs.alignment.targets}, key=_order_key)
@@ -975,6 +983,20 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             r = rows_out.get(name, {}).get(vs.label)
             if r is not None:
                 result.rows.append(r)
+    # a variant none of whose layers could be decoded (found only now: compressed-tensors, for
+    # one, checks its shapes in the decode) was not compared either: said as such, not as a table
+    # with no figures of it
+    got = {r.variant for r in result.rows}
+    for vs in states:
+        if vs.label not in got:
+            result.failed[vs.label] = _nothing_matches(vs.model, [u for u in result.unmatched if u.variant == vs.label],
+                                                       layers)
+    if not got:
+        errs = list(result.failed.values())
+        if len(errs) == 1:
+            raise errs[0]
+        raise CompareError("no variant can be compared with the reference: " + "; ".join(map(str, errs)),
+                           rule="compare.no-common-layers")
     return result
 
 

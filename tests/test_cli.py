@@ -92,6 +92,48 @@ def test_compare_layers_takes_a_pattern_and_says_when_nothing_matches(capsys, re
         assert len(err) == 1 and says in err[0]
 
 
+def test_a_variant_whose_every_layer_fails_to_decode_is_not_compared(tmp_path, capsys, real_fixtures):
+    """compressed-tensors finds a wrong group size only when it decodes: every layer failed there,
+    and compare printed an empty table and exited 0 (a GPTQ file with the same fault: exit 2)."""
+    import shutil
+    from pathlib import Path
+    ref = str(real_fixtures / "base-bf16")
+    bad = tmp_path / "ct-g64"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "real" / "llmcompressor-w4a16", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert main(["compare", "--reference", ref, str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "no layer can be compared" in err[0]
+    assert "cannot be decoded" in err[0] and "group_size=64" in err[0]
+    # beside a good variant: the good one is compared, the bad one named, exit 2
+    good = str(real_fixtures / "mlx-affine-q4-g64")
+    assert main(["compare", "--reference", ref, str(bad), good, "--json", "-"]) == 2
+    cap = capsys.readouterr()
+    data = json.loads(cap.out)
+    assert {r["variant"] for r in data["layers"]} == {good}
+    assert [f["variant"] for f in data["failed"]] == [str(bad)]
+    # --layers: the reason names only what was asked for
+    assert main(["compare", "--reference", ref, str(bad), "--layers", "q_proj"]) == 2
+    err = capsys.readouterr().err
+    assert "no layer matching --layers 'q_proj' can be compared" in err and "down_proj" not in err
+
+
+def test_compare_layers_explains_layers_that_are_not_compared(capsys, real_fixtures):
+    from pathlib import Path
+    ref = str(real_fixtures / "base-bf16")
+    gptq = str(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128")
+    # the reference has them; GPTQModel left them unquantized: said so, not "no layer matches"
+    assert main(["compare", "--reference", ref, gptq, "--layers", "embed|lm_head"]) == 2
+    err = capsys.readouterr().err
+    assert "no layer matching --layers 'embed|lm_head' can be compared" in err and "stored unquantized" in err
+    # norms are never compared: said so
+    assert main(["compare", "--reference", ref, gptq, "--layers", "norm"]) == 2
+    err = capsys.readouterr().err
+    assert "only weight matrices" in err and "input_layernorm" in err
+
+
 def test_no_output_is_written_into_a_checkpoint_that_was_opened(tmp_path, capsys, real_fixtures):
     """dequant -o wsrc/model.safetensors replaced the weights it had just read with an .npy, and
     compare --json into the reference's folder overwrote it: both are refused before any work."""
