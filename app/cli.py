@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("-o", "--output", required=True, help="output .npy file (- for stdout)")
     pd.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)
     _add_common(pd)
-    pc = sub.add_parser("compare", help="per-layer error of variants against a reference")
+    pc = sub.add_parser("compare", help="per-layer error of variants against a reference",
+                        description="Per-layer error of each variant against the reference. Exit 0: all compared; "
+                                    "1: compared, but a variant's config is contradicted by its own tensors (the "
+                                    "table's '!' line says how; its figures are of the misread file); 2: a variant "
+                                    "could not be compared (named on stderr).")
     pc.add_argument("--reference", required=True, help="the dense reference checkpoint")
     pc.add_argument("variants", nargs="+", metavar="CKPT", help="quantized checkpoints to compare")
     pc.add_argument("--json", dest="json_out", metavar="OUT",

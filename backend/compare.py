@@ -127,6 +127,10 @@ class SweepResult:
     #: Layers measured beyond a ``layers`` filter, because a chosen layer's smoothing is undone
     #: from their rows.
     added: list[str] = field(default_factory=list)
+    #: Per variant whose config its own tensors contradict (a GPTQ file labelled with the other
+    #: checkpoint_format; bits/group that the shapes rule out): what ``dequant`` warns of, as its
+    #: figures are then the misreading's, not the quantization's.
+    data_warnings: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """Plain JSON data: ``layers`` (one object per row), ``unmatched`` (with ``reason``) and
@@ -139,7 +143,8 @@ class SweepResult:
         return {"layers": [{k: _json_safe(v) for k, v in r.to_dict().items()} for r in self.rows],
                 "unmatched": [{"variant": u.variant, "layer": u.layer, "reason": u.reason} for u in self.unmatched],
                 "smoothing_checks": {v: c.to_dict() for v, c in self.smoothing_checks.items()},
-                "failed": [{"variant": v, "file": e.file, "reason": e.message} for v, e in self.failed.items()]}
+                "failed": [{"variant": v, "file": e.file, "reason": e.message} for v, e in self.failed.items()],
+                "data_warnings": dict(self.data_warnings)}
 
     def warnings(self) -> dict[str, tuple[str, str]]:
         """Per variant not compared, or whose checkpoint does not compute what the reference
@@ -152,6 +157,11 @@ class SweepResult:
         for v, c in self.smoothing_checks.items():
             if c.warning:
                 out[v] = (c.short, c.message)
+        for v, msg in self.data_warnings.items():
+            if v in self.failed:
+                continue
+            short = msg if len(msg) <= 200 else msg[:199] + "…"
+            out[v] = (f"{out[v][0]}; {short}", f"{out[v][1]}\n{msg}") if v in out else (short, msg)
         return out
 
     def to_csv(self, path) -> None:
@@ -706,6 +716,37 @@ def save_cache(folder, cache: dict) -> None:
     tmp.replace(folder / CACHE_FILE)
 
 
+#: Layers of a variant whose side tensors are read for :func:`~.schemes.data_warning` (one tool
+#: wrote them all: the first few tell).
+_DATA_CHECK_LAYERS = 3
+
+
+def _config_warning(vs) -> str | None:
+    """What ``dequant`` would warn of for the layers compared of ``vs``: a config the shapes
+    contradict (:attr:`Layer.warning`), or one the stored zero points contradict
+    (:func:`~.schemes.data_warning`); with how many layers, the first one named."""
+    from .schemes import data_warning
+    model = vs.model
+    paths = sorted({p for t in vs.alignment.targets.values() for p in t.var_layers}, key=_order_key)
+    shaped = [p for p in paths if model.layers[p].warning]
+    if shaped:
+        n = len(shaped)
+        return (f"{n} layer{'s' if n > 1 else ''} read as the config says though the shapes disagree "
+                f"(first {shaped[0]}): {model.layers[shaped[0]].warning}")
+    checked = 0
+    for p in paths:
+        lay = model.layers[p]
+        if lay.scheme != "gptq":
+            continue
+        w = data_warning(model, lay)
+        if w is not None:
+            return f"the figures are of a misread file ({p}): {w}"
+        checked += 1
+        if checked >= _DATA_CHECK_LAYERS:
+            break
+    return None
+
+
 def _layers_pattern(reference: Model, pattern: str):
     """The compiled ``layers`` pattern of a sweep; an error when it is not a regular expression
     or matches no layer of the reference at all."""
@@ -814,6 +855,9 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             raise errs[0]
         raise CompareError("no variant can be compared with the reference: " + "; ".join(map(str, errs)),
                            rule="compare.no-common-layers")
+    for vs in states:
+        if (w := _config_warning(vs)) is not None:
+            result.data_warnings[vs.label] = w
     for vs in states:
         _check_cancel(cancel)
         chk = _check_smoothing(reference, vs, eng)

@@ -120,6 +120,32 @@ def test_a_variant_whose_every_layer_fails_to_decode_is_not_compared(tmp_path, c
     assert "no layer matching --layers 'q_proj' can be compared" in err and "down_proj" not in err
 
 
+def test_compare_warns_of_a_file_its_own_tensors_contradict(tmp_path, capsys, real_fixtures):
+    """A symmetric GPTQ file labelled gptq_v2 (its zero points are v1's constant) decodes one scale
+    step off: dequant warned and exited 1, compare showed its 3x larger error silently."""
+    import shutil
+    from pathlib import Path
+    ref = str(real_fixtures / "base-bf16")
+    src = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
+    bad = tmp_path / "gptq-labelled-v2"
+    shutil.copytree(src, bad)
+    for name in ("config.json", "quantize_config.json"):
+        f = bad / name
+        if f.exists():
+            cfg = json.loads(f.read_text())
+            (cfg.get("quantization_config", cfg))["checkpoint_format"] = "gptq_v2"
+            f.write_text(json.dumps(cfg))
+    assert main(["compare", "--reference", ref, str(src), str(bad), "--layers", r"layers\.0\.self_attn", "--json", "-"]) == 1
+    cap = capsys.readouterr()
+    data = json.loads(cap.out)
+    assert list(data["data_warnings"]) == [str(bad)] and "set checkpoint_format to 'gptq'" in data["data_warnings"][str(bad)]
+    assert "! gptq-labelled-v2:" in cap.err or f"! {bad.name}" in cap.err
+    good = {r["name"]: r["rel_fro"] for r in data["layers"] if r["variant"] == str(src)}
+    off = {r["name"]: r["rel_fro"] for r in data["layers"] if r["variant"] == str(bad)}
+    assert all(off[n] > 2 * good[n] for n in good)  # the misread figures, shown, with the warning
+    assert main(["compare", "--reference", ref, str(src), "--layers", r"layers\.0\.self_attn"]) == 0
+
+
 def test_compare_layers_explains_layers_that_are_not_compared(capsys, real_fixtures):
     from pathlib import Path
     ref = str(real_fixtures / "base-bf16")
