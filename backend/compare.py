@@ -1219,9 +1219,12 @@ def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> 
     w2 = np.square(w.astype(np.float64))
     gs = layer.group_size if layer.group_size and layer.group_size > 0 else None
     g_idx = None
-    if layer.scheme == "gptq" and "g_idx" in layer.tensors:
-        g_idx = np.asarray(model.ckpt.tensor(layer.tensors["g_idx"].name)).astype(np.int64)
-        if g_idx.shape != (K,):
+    # act-order: each column's group from the file (GPTQ's g_idx, compressed-tensors' weight_g_idx;
+    # -1, uninitialised, means none, as the library reads it)
+    key = "g_idx" if layer.scheme == "gptq" else "weight_g_idx" if layer.scheme.startswith("ct-") else None
+    if key is not None and key in layer.tensors:
+        g_idx = np.asarray(model.ckpt.tensor(layer.tensors[key].name)).astype(np.int64).reshape(-1)
+        if g_idx.shape != (K,) or (g_idx < 0).any():
             g_idx = None
     if g_idx is None:
         if gs is None or K % gs:

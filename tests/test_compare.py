@@ -763,3 +763,24 @@ def test_a_targets_own_rows_of_stored_codes_scales_and_zeros():
         codes = np.arange(n * 64).reshape(*shape)
         assert np.array_equal(_take_rows(codes, rows, lay), codes.reshape(-1, 64)[rows]), scheme
         assert _take_rows(a, np.arange(n), lay, per_group=True) is a  # every row: unchanged
+
+
+def test_group_error_follows_compressed_tensors_act_order(tmp_path):
+    """The Group error map of a compressed-tensors act-order file groups columns by its
+    weight_g_idx (it took contiguous blocks of 128, GPTQ's g_idx alone was read): a reference
+    that differs from the file only on the columns of group 0 shows the error in group 0 alone."""
+    golden = Path(__file__).parent / "fixtures" / "golden" / "ct016_w4a16_actorder"
+    var = analyze(open_checkpoint(golden))
+    name = "model.layers.0.mlp.up_proj"
+    exp = np.load(golden / "expected.npz")[name + ".weight"].astype(np.float32)  # the library's decode
+    gi = np.asarray(var.ckpt.tensor(var.layers[name].tensors["weight_g_idx"].name)).astype(np.int64)
+    assert not np.array_equal(gi, np.arange(gi.size) // 128)
+    w = exp.copy()
+    rng = np.random.default_rng(0)
+    w[:, gi == 0] += rng.standard_normal((w.shape[0], int((gi == 0).sum()))).astype(np.float32) * 0.5 * np.abs(
+        exp[:, gi == 0]).mean()
+    ref = _model(tmp_path / "ref", {name + ".weight": w})
+    ge = layer_detail(ref, {"ct": var}, name, engine="numpy").group_error["ct"]
+    assert ge.shape == (w.shape[0], 3)
+    # outside group 0 only the library output dtype rounding of the expected decode (~1e-3)
+    assert ge[:, 0].min() > 0.1 and ge[:, 1:].max() < 0.01

@@ -31,7 +31,7 @@ class GroupErrorHeatmap(QWidget):
         self.hover = QLabel(" ")
         self.glw = pg.GraphicsLayoutWidget()
         self.plot = self.glw.addPlot(axisItems={"bottom": IntAxis("bottom"), "left": IntAxis("left")})
-        self.plot.setLabel("bottom", "group (along in_features)")
+        self.plot.setLabel("bottom", "group of in_features columns (act-order: by g_idx)")
         self.plot.setLabel("left", "output row")
         self.plot.invertY(True)
         self.image = pg.ImageItem(axisOrder="row-major")
