@@ -48,9 +48,22 @@ class Script:
 
     def _failed(self, message: str) -> None:
         self.errors.append(message)
-        # A workspace that could not be opened never reports "loaded": finish from here.
+        # A workspace none of whose checkpoints opened never reports "loaded": finish once the
+        # jobs are done and it still has not (one that failed among others: they open, and the
+        # steps go on; the exit status is 2 all the same).
         if not self._loaded and self.args.screenshot:
-            self._finish()
+            from PySide6.QtCore import QTimer
+            QTimer.singleShot(0, self._finish_unless_loaded)
+
+    def _finish_unless_loaded(self) -> None:
+        svc = self.win.service
+        if self._loaded or self._finishing:
+            return
+        if not svc.is_idle():
+            from PySide6.QtCore import QTimer
+            QTimer.singleShot(20, self._finish_unless_loaded)
+            return
+        self._finish()
 
     def _next_when_idle(self) -> None:
         from PySide6.QtCore import QTimer
@@ -70,8 +83,6 @@ class Script:
             from PySide6.QtCore import QTimer
             QTimer.singleShot(10, self._advance)
             return
-        if self.errors and self.args.screenshot:
-            return self._finish()
         if self.steps:
             step = self.steps.pop(0)
             step()
@@ -95,7 +106,7 @@ class Script:
         if self._finishing:
             return
         self._finishing = True
-        if self.args.select and not self.errors:
+        if self.args.select and self._loaded:
             self.win.tabs.setCurrentWidget(self.win.layers if self.args.compare else self.win.hist)
         self.app.processEvents()
         QTimer.singleShot(50, self._save)

@@ -271,6 +271,35 @@ def test_screenshot_mode_exits_nonzero_with_a_message_when_nothing_opens(tmp_pat
     assert (tmp_path / "s.png").exists()  # the window (with its error) is still saved
 
 
+def test_screenshot_script_goes_on_when_one_checkpoint_of_several_fails(qtbot, tmp_path, demo, monkeypatch):
+    """One path that cannot be opened stopped the script: the others opened, but --select and
+    --compare were skipped and an empty window was saved. Now they run; the exit status is 2."""
+    import argparse
+
+    from PySide6.QtWidgets import QApplication
+    from quantscope.app.window_main import Script
+    win = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    win.quiet_errors = True
+    qtbot.addWidget(win)
+    win.resize(1280, 800)
+    win.show()
+    app = QApplication.instance()
+    codes = []
+    monkeypatch.setattr(app, "exit", lambda code=0: codes.append(code))
+    layer = "model.layers.1.mlp.down_proj"
+    args = argparse.Namespace(paths=[str(tmp_path / "missing"), str(demo.variants["gptq-w4g128"])],
+                              reference=str(demo.reference), select=layer, compare=True,
+                              screenshot=str(tmp_path / "s.png"))
+    sc = Script(win, args, app)
+    sc.start()
+    qtbot.waitUntil(lambda: bool(codes), timeout=180_000)  # (a fresh clone compiles the kernels first)
+    assert codes == [2] and (tmp_path / "s.png").exists()
+    assert win.sweep_result is not None and win.sweep_result.rows  # compared
+    from quantscope.widgets.tensor_tree import TensorTreeModel
+    assert win.tree.view.currentIndex().data(TensorTreeModel.PathRole) == layer  # selected
+    win.service.shutdown()
+
+
 def test_no_widget_attribute_hides_a_qt_virtual(qtbot):
     # an attribute named like a QWidget method (``metric`` was one) replaces Qt's virtual:
     # Qt then calls the attribute while painting and gets an error instead of the device metric
