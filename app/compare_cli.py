@@ -26,11 +26,13 @@ def _fmt(v, spec: str) -> str:
 
 
 def short_names(labels: list[str]) -> dict[str, str]:
-    """Each path's last components, as few as keep the names apart (``a/model``, ``b/model``)."""
+    """Each path's last components, as few as keep the names apart (``a/model``, ``b/model``); a
+    file (``model.safetensors``, an index) with its folder, which is what names the model."""
     parts = {lb: os.path.normpath(lb).split(os.sep) for lb in labels}
     out = {}
     for lb in labels:
-        for k in range(1, len(parts[lb]) + 1):
+        first = 2 if len(parts[lb]) > 1 and parts[lb][-1].endswith((".safetensors", ".json")) else 1
+        for k in range(first, len(parts[lb]) + 1):
             name = "/".join(parts[lb][-k:])
             if not any(o != lb and "/".join(parts[o][-k:]) == name for o in labels):
                 break

@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
     QTabWidget,
 )
 from quantscope.backend.checkpoint import refuse_writing_into
+from quantscope.backend.compare import describe_smoothing
 from quantscope.backend.compare_align import (
     canonical,
     containers,
@@ -616,7 +617,8 @@ class MainWindow(QMainWindow):
             _, d, no_ref = self._detail_errors
             quant = self._quant_only
             lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
-                f", raw {m.rel_fro_raw:.4f}, smoothing undone: {m.smoothing}" if m.smoothing != "none" else "") + (
+                f", raw {m.rel_fro_raw:.4f}, smoothing undone ({describe_smoothing(m.smoothing)})"
+                if m.smoothing != "none" else "") + (
                 f"; the quantization alone: {quant[(d.name, v)]:.4f}" if (d.name, v) in quant else "")
                 for v, m in d.metrics.items()]
             lines += [f"{v}: not shown, {why}" for v, why in d.left_out.items()]

@@ -471,6 +471,19 @@ _PROJ_RANK = {p: i for i, p in enumerate(("q_proj", "k_proj", "v_proj", "qkv_pro
                                           "gate_up_proj", "down_proj"))}
 
 
+def describe_smoothing(label: str) -> str:
+    """A row's ``smoothing`` label (``norm:PATH``, ``lstsq:PATH``, ``rows:PATH`` joined by ``+``)
+    in words, short enough for a one-line summary: ``"none"`` for none."""
+    if not label or label == "none":
+        return "none"
+    words = {"norm": "exact, from {}", "lstsq": "fitted to {}'s rows", "rows": "{}'s rows rescaled alike"}
+    out = []
+    for part in label.split("+"):
+        kind, _, path = part.partition(":")
+        out.append(words.get(kind, kind + " {}").format(path.rpartition(".")[2] or path))
+    return "; ".join(out)
+
+
 def _order_key(name: str):
     proj = proj_of(name)
     return (_group_key(name), _PROJ_RANK.get(proj, 99), natural_key(name))

@@ -559,6 +559,10 @@ def test_table_names_keep_variants_with_the_same_folder_name_apart():
     from quantscope.app.compare_cli import short_names
     assert short_names(["/x/a/model", "/y/b/model", "mlx", "./q4/"]) == {
         "/x/a/model": "a/model", "/y/b/model": "b/model", "mlx": "mlx", "./q4/": "q4"}
+    # a file is named with its folder: "model.safetensors" alone names no model
+    assert short_names(["/m/gptq-4bit/model.safetensors", "/m/awq/model.safetensors.index.json"]) == {
+        "/m/gptq-4bit/model.safetensors": "gptq-4bit/model.safetensors",
+        "/m/awq/model.safetensors.index.json": "awq/model.safetensors.index.json"}
 
 
 def test_nan_in_a_variant_is_reported_not_hidden(ref_pair, mlx_variant, tmp_path, capsys):
@@ -784,3 +788,12 @@ def test_group_error_follows_compressed_tensors_act_order(tmp_path):
     assert ge.shape == (w.shape[0], 3)
     # outside group 0 only the library output dtype rounding of the expected decode (~1e-3)
     assert ge[:, 0].min() > 0.1 and ge[:, 1:].max() < 0.01
+
+
+def test_smoothing_labels_in_words():
+    from quantscope.backend.compare import describe_smoothing
+    assert describe_smoothing("none") == "none"
+    assert describe_smoothing("norm:model.layers.1.post_attention_layernorm") == "exact, from post_attention_layernorm"
+    assert describe_smoothing("lstsq:model.layers.1.mlp.up_proj") == "fitted to up_proj's rows"
+    assert describe_smoothing("norm:m.input_layernorm+rows:m.mlp.down_proj") == \
+        "exact, from input_layernorm; down_proj's rows rescaled alike"
