@@ -1519,6 +1519,11 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table
         lines.append(f"{r.path:<44} {r.source_scheme:<10} {action:<40} {sd:<6} {rf:>9} {ma:>9}")
     if max_layers and len(shown) > max_layers:
         lines.append(f"... {len(shown) - max_layers} more")
+    cut = list(dict.fromkeys(r.action for r in shown if len(r.action) > 40))
+    for a in cut[:5]:  # each action the table cut, once in full
+        lines.append(f"action in full: {a}")
+    if len(cut) > 5:
+        lines.append(f"action in full: … and {len(cut) - 5} more")
     carried = sum(1 for r in rep.layers if r.kind == "carried")
     if carried:
         lines.append(f"carried unchanged: {carried} module(s) (norms, 1-D tensors, …)")

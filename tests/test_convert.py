@@ -165,6 +165,11 @@ def test_actorder_is_requantized_with_error(demo, out_root):
     tensors, _ = _load_mlx(dst)
     assert tensors["model.layers.0.self_attn.q_proj.weight"].shape == (512, 512 * 4 // 32)
     assert tensors["model.layers.0.self_attn.q_proj.scales"].shape == (512, 512 // 64)
+    # the table cuts the action to its column: said once in full below it
+    from quantscope.backend.convert import summary_lines
+    lines = summary_lines(rep)
+    assert any(line.endswith("…") and "requantized 4/64 affine" in line for line in lines)
+    assert lines.count(f"action in full: {q[0].action}") == 1
 
 
 def test_mlx_to_mlx_same_settings_is_a_copy(demo, out_root):
