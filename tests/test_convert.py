@@ -168,7 +168,7 @@ def test_actorder_is_requantized_with_error(demo, out_root):
     # the table cuts the action to its column: said once in full below it
     from quantscope.backend.convert import summary_lines
     lines = summary_lines(rep)
-    assert any(line.endswith("…") and "requantized 4/64 affine" in line for line in lines)
+    assert any("requantized 4/64 affine (act-order g_id…" in line for line in lines)
     assert lines.count(f"action in full: {q[0].action}") == 1
 
 
