@@ -938,6 +938,10 @@ def pair_stats(ref: np.ndarray, v: np.ndarray, col: np.ndarray, lo: np.ndarray, 
     float32 or bfloat16 ``[rows, K]``."""
     import ml_dtypes
     bf16 = ref.dtype == np.dtype(ml_dtypes.bfloat16)
+    if col.size == 0 and ref.flags.c_contiguous and v.flags.c_contiguous:
+        # no per-column divisor: the rows are one run of elements, taken in whole pieces (short
+        # rows, e.g. K = 896, cost a piece's setup each)
+        ref, v = ref.reshape(1, -1), v.reshape(1, -1)
     _pair_stats(ref.view(np.uint16) if bf16 else ref, bf16, v, col, lo, hi, flags, acc, cnt, buf,
                 _NO_HIST if hist is None else hist)
 
