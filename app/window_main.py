@@ -49,9 +49,10 @@ class Script:
     def _failed(self, message: str) -> None:
         self.errors.append(message)
         # A workspace none of whose checkpoints opened never reports "loaded": finish once the
-        # jobs are done and it still has not (one that failed among others: they open, and the
-        # steps go on; the exit status is 2 all the same).
-        if not self._loaded and self.args.screenshot:
+        # jobs are done and it still has not. One that failed among others is already set (they
+        # are open) and reports "loaded" in a later turn: the steps go on from there, and the
+        # exit status is 2 all the same.
+        if not self._loaded and self.args.screenshot and not self.win.workspace.models():
             from PySide6.QtCore import QTimer
             QTimer.singleShot(0, self._finish_unless_loaded)
 
@@ -59,7 +60,7 @@ class Script:
         svc = self.win.service
         if self._loaded or self._finishing:
             return
-        if not svc.is_idle():
+        if not svc.is_idle() or self.win.turns_pending():
             from PySide6.QtCore import QTimer
             QTimer.singleShot(20, self._finish_unless_loaded)
             return

@@ -284,6 +284,9 @@ def test_screenshot_script_goes_on_when_one_checkpoint_of_several_fails(qtbot, t
     win.resize(1280, 800)
     win.show()
     app = QApplication.instance()
+    # the kernels' warm-up done first: the service idle when the open fails (a script that only
+    # waited for an idle service then finished before the others had loaded)
+    qtbot.waitUntil(win.service.is_idle, timeout=180_000)
     codes = []
     monkeypatch.setattr(app, "exit", lambda code=0: codes.append(code))
     layer = "model.layers.1.mlp.down_proj"
