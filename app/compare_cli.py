@@ -80,8 +80,9 @@ def format_table(result, labels: list[str]) -> str:
             lines.append(f"  {short.get(r.variant, r.variant)}: {r.name}")
     if result.added:
         lines.append("")
-        lines.append(f"+ also measured, beyond --layers ({len(result.added)}): "
-                     + ", ".join(result.added) + " — the smoothing of a chosen layer is undone from its rows")
+        lines.append(f"+ also measured, beyond --layers, for every variant ({len(result.added)}): "
+                     + ", ".join(result.added) + " — an AWQ-style variant's smoothing of a chosen layer is undone "
+                     "from its rows")
     unmatched = [u for u in result.unmatched if u.variant not in result.failed]  # (those: one error each)
     if unmatched:
         lines.append("")

@@ -408,20 +408,23 @@ class Checkpoint:
 
     def holds(self, out: str | os.PathLike) -> bool:
         """Whether writing ``out`` would write into this checkpoint: a path inside the folder it
-        was opened as (a model folder, an index's folder, or the folder of a single ``.safetensors``
-        file opened beside its config), or one of the files it reads (a lone ``.safetensors`` file
-        and the configs beside it) — through symbolic links too
+        was opened as (a model folder, an index's folder), a path directly in the folder of a
+        single ``.safetensors`` file opened beside its config, or one of the files it reads (a lone
+        ``.safetensors`` file and the configs beside it) — through symbolic links too
         (a link named out.npy to a shard; an HF cache snapshot, whose files link to its blobs)."""
         o = Path(os.path.realpath(Path(out).expanduser()))  # every link on the way, the last too
         roots = [self._containment] if self._containment is not None else []
-        # a single file opened in a model folder (its config beside it) stands for that folder;
-        # a lone file (in ~/Downloads, say) only for itself and the configs it reads
-        if self.path.is_dir() or self.index_path is not None or any((self.root / n).is_file() for n in CONFIG_FILES):
+        if self.path.is_dir() or self.index_path is not None:
             roots.append(self.root)
         for r in roots:
             r = Path(os.path.realpath(r))
             if o == r or r in o.parents:
                 return True
+        # a single file opened in a model folder (its config beside it) stands for that folder's
+        # own entries (a stray ~/config.json must not lock all of ~); a lone file (in ~/Downloads,
+        # say) only for itself and the configs it reads
+        if any((self.root / n).is_file() for n in CONFIG_FILES) and o.parent == Path(os.path.realpath(self.root)):
+            return True
         read = [f.path for f in self.files] + [self.root / n for n in CONFIG_FILES]
         return any(o == Path(os.path.realpath(q)) for q in read if q.exists())
 

@@ -33,6 +33,7 @@ from .compare_align import (
     Target,
     Unmatched,
     align,
+    canonical,
     layer_index,
     proj_of,
 )
@@ -155,7 +156,7 @@ class SweepResult:
             short = err.message if len(err.message) <= 200 else err.message[:199] + "…"
             out[v] = (f"not compared: {short}", str(err))
         for v, c in self.smoothing_checks.items():
-            if c.warning:
+            if c.warning and v not in self.failed:
                 out[v] = (c.short, c.message)
         for v, msg in self.data_warnings.items():
             if v in self.failed:
@@ -207,7 +208,7 @@ def _nothing_matches(vm: Model, unmatched: list[Unmatched], pattern: str | None 
         parts.append(f"{u.reason if u.layer in u.reason else f'{u.layer}: {u.reason}'}{more}")
     names_differ = all(u.reason == "absent in the variant" or u.reason.startswith("shape mismatch")
                        for u in unmatched)
-    which = "no layer" if pattern is None else f"no layer matching --layers {pattern!r}"
+    which = "no layer" if pattern is None else f"no layer matching --layers '{pattern}'"
     return CompareError(f"{which} can be compared with the reference"
                         + (f" — {'; '.join(parts)}" if parts else "")
                         + (" — is it a quantization of a different model?" if names_differ else ""),
@@ -476,7 +477,9 @@ def describe_smoothing(label: str) -> str:
     in words, short enough for a one-line summary: ``"none"`` for none."""
     if not label or label == "none":
         return "none"
-    words = {"norm": "exact, from {}", "lstsq": "fitted to {}'s rows", "rows": "{}'s rows rescaled alike"}
+    # rows:CONSUMER marks a preceding layer (up_proj) whose own rows were rescaled by the estimate
+    # made for its consumer (down_proj)
+    words = {"norm": "exact, from {}", "lstsq": "fitted to {}'s rows", "rows": "rows rescaled by the estimate for {}"}
     out = []
     for part in label.split("+"):
         kind, _, path = part.partition(":")
@@ -740,12 +743,12 @@ def _config_warning(vs) -> str | None:
     (:func:`~.schemes.data_warning`); with how many layers, the first one named."""
     from .schemes import data_warning
     model = vs.model
-    paths = sorted({p for t in vs.alignment.targets.values() for p in t.var_layers}, key=_order_key)
+    paths = list(dict.fromkeys(p for t in vs.alignment.targets.values() for p in t.var_layers))  # reference order
     shaped = [p for p in paths if model.layers[p].warning]
     if shaped:
-        n = len(shaped)
+        n, first = len(shaped), min(shaped, key=_order_key)
         return (f"{n} layer{'s' if n > 1 else ''} read as the config says though the shapes disagree "
-                f"(first {shaped[0]}): {model.layers[shaped[0]].warning}")
+                f"(first {first}): {model.layers[first].warning}")
     checked = 0
     for p in paths:
         lay = model.layers[p]
@@ -767,10 +770,14 @@ def _layers_pattern(reference: Model, pattern: str):
     try:
         rx = re.compile(pattern)
     except re.error as e:
-        raise CompareError(f"--layers {pattern!r} is not a regular expression: {e}", rule="compare.bad-pattern") from None
-    if not any(rx.search(n) for n in reference.layers):
+        raise CompareError(f"--layers '{pattern}' is not a regular expression: {e}", rule="compare.bad-pattern") from None
+    names = list(reference.layers)
+    can = {canonical(n) for n in names}
+    if "lm_head" not in can and "model.embed_tokens" in can:
+        names.append("lm_head")  # a tied head: compared as the embeddings (see compare_align.align)
+    if not any(rx.search(n) for n in names):
         some = sorted(reference.layers, key=_order_key)[:3]
-        raise CompareError(f"no layer of the reference matches --layers {pattern!r} (names look like: "
+        raise CompareError(f"no layer of the reference matches --layers '{pattern}' (names look like: "
                            + ", ".join(some) + ")", file=reference.ckpt.source, rule="compare.no-layer-matches")
     return rx
 
@@ -780,7 +787,7 @@ def _nothing_selected(reference: Model, vm: Model, rx) -> CompareError:
     partner: they are not weight matrices (norms, biases)."""
     hit = sorted((n for n in reference.layers if rx.search(n)), key=_order_key)
     shown = ", ".join(hit[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
-    return CompareError(f"none of the reference's layers matching --layers {rx.pattern!r} ({shown}) is one "
+    return CompareError(f"none of the reference's layers matching --layers '{rx.pattern}' ({shown}) is one "
                         "that compare measures: only weight matrices (linear layers, embeddings, experts) are",
                         file=vm.ckpt.source, rule="compare.no-common-layers")
 
@@ -869,15 +876,15 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         raise CompareError("no variant can be compared with the reference: " + "; ".join(map(str, errs)),
                            rule="compare.no-common-layers")
     for vs in states:
-        if (w := _config_warning(vs)) is not None:
-            result.data_warnings[vs.label] = w
-    for vs in states:
         _check_cancel(cancel)
         chk = _check_smoothing(reference, vs, eng)
         if chk is not None:
             result.smoothing_checks[vs.label] = chk
     if rx is not None:
         _only_layers(states, rx, result)
+    for vs in states:  # of the layers compared
+        if (w := _config_warning(vs)) is not None:
+            result.data_warnings[vs.label] = w
     ref_id = _identity(reference)
     var_ids = {vs.label: _identity(vs.model) for vs in states}
     names = sorted({n for vs in states for n in vs.alignment.targets}, key=_order_key)
@@ -1046,6 +1053,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     got = {r.variant for r in result.rows}
     for vs in states:
         if vs.label not in got:
+            result.smoothing_checks.pop(vs.label, None)  # of a variant not compared: not to be reported
+            result.data_warnings.pop(vs.label, None)
             result.failed[vs.label] = _nothing_matches(vs.model, [u for u in result.unmatched if u.variant == vs.label],
                                                        layers)
     if not got:

@@ -1511,7 +1511,8 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table
     shown = [r for r in rep.layers if r.kind != "carried"]
     if shown:  # no header over no rows (a dense model converted to dense carries everything)
         lines.append(f"{'layer':<44} {'source':<10} {'action':<40} {'scales':<6} {'rel_fro':>9} {'max_abs':>9}")
-    for r in shown[:max_layers] if max_layers else shown:
+    listed = shown[:max_layers] if max_layers else shown
+    for r in listed:
         rf = "" if r.rel_fro is None else f"{r.rel_fro:.3g}"
         ma = "" if r.max_abs is None else f"{r.max_abs:.3g}"
         sd = (r.scales_dtype or "") + ("*" if r.widened else "")
@@ -1519,7 +1520,7 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table
         lines.append(f"{r.path:<44} {r.source_scheme:<10} {action:<40} {sd:<6} {rf:>9} {ma:>9}")
     if max_layers and len(shown) > max_layers:
         lines.append(f"... {len(shown) - max_layers} more")
-    cut = list(dict.fromkeys(r.action for r in shown if len(r.action) > 40))
+    cut = list(dict.fromkeys(r.action for r in listed if len(r.action) > 40))
     for a in cut[:5]:  # each action the table cut, once in full
         lines.append(f"action in full: {a}")
     if len(cut) > 5:

@@ -281,10 +281,13 @@ class _Found:
             r = int(q * (n - 1))
             home = next((j for j, (base, cnt, _) in enumerate(spans) if base <= r < base + cnt), None)
             if home is None:
-                # the estimate is outside every interval: keep the nearest one whole, narrow the
-                # other percentiles' (giving up on all left every interval wide to the end)
-                home = min(range(len(spans)), key=lambda j: max(spans[j][0] - r, r - (spans[j][0] + spans[j][1] - 1)))
-                bounds.append((home, None, None, True, True))
+                # the estimate is outside every interval: the intervals either side of it stay
+                # whole (its own is one of them), the other percentiles' narrow (giving up on all
+                # left every interval wide to the end)
+                below = [j for j, (base, cnt, _) in enumerate(spans) if base + cnt <= r]
+                above = [j for j, (base, _, _) in enumerate(spans) if base > r]
+                for j in ([below[-1]] if below else []) + ([above[0]] if above else []):
+                    bounds.append((j, None, None, True, True))
                 continue
             # variance of the share per block: measured, but never below DEFF times the
             # binomial one (a few blocks estimate a variance poorly)
@@ -372,7 +375,10 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held) -> dic
     labels = list(variants)
     gran = math.lcm(ref_gran, *(d.granule for d, _, _ in variants.values()))
     per = min(BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, n // MIN_BLOCKS))
-    step = max(gran, -(-max(1, per // K) // gran) * gran)
+    # rows per block: a whole number of granules (GPTQ decodes 32 rows at a time), the nearer of
+    # the two around ``per`` (rounding up halved a 896-row layer's blocks: no narrowing step)
+    want = max(1, per // K)
+    step = max(gran, min((want // gran * gran, -(-want // gran) * gran), key=lambda r: (abs(r - want), r)))
     blocks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
     nbk = len(blocks)
     ns = min(nbk, MAX_SAMPLE_BLOCKS, max(3, math.ceil(nbk * SAMPLE_SHARE)))

@@ -205,6 +205,9 @@ def test_no_output_is_written_into_a_checkpoint_that_was_opened(tmp_path, capsys
     ck = open_checkpoint(lone / "model.safetensors")
     refuse_writing_into(lone / "beside.npy", [ck])  # no error
     assert ck.holds(lone / "model.safetensors") and not ck.holds(lone / "beside.npy")
+    # beside its config, a file stands for its folder's own entries, not all below (~/config.json)
+    single = open_checkpoint(src / "model.safetensors")
+    assert single.holds(src / "y.npy") and not single.holds(src / "projects" / "q.npy")
     # beside a single opened file (not one of its files): allowed
     assert main(["dequant", str(src / "model.safetensors"), layer, "-o", str(tmp_path / "x.npy")]) == 0
     capsys.readouterr()

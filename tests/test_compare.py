@@ -795,5 +795,18 @@ def test_smoothing_labels_in_words():
     assert describe_smoothing("none") == "none"
     assert describe_smoothing("norm:model.layers.1.post_attention_layernorm") == "exact, from post_attention_layernorm"
     assert describe_smoothing("lstsq:model.layers.1.mlp.up_proj") == "fitted to up_proj's rows"
+    # rows:CONSUMER is on the preceding layer: its own rows rescaled by the consumer's estimate
     assert describe_smoothing("norm:m.input_layernorm+rows:m.mlp.down_proj") == \
-        "exact, from input_layernorm; down_proj's rows rescaled alike"
+        "exact, from input_layernorm; rows rescaled by the estimate for down_proj"
+
+
+def test_layers_pattern_knows_a_tied_head(tmp_path):
+    """A reference without lm_head (tied to embed_tokens) is still compared on an "lm_head" row:
+    --layers lm_head said no layer of the reference matched."""
+    from quantscope.backend.compare import _layers_pattern
+    rng = np.random.default_rng(0)
+    ref = _model(tmp_path / "tied", {"model.embed_tokens.weight": rng.standard_normal((64, 32)).astype(np.float32),
+                                     "model.layers.0.mlp.up_proj.weight": rng.standard_normal((64, 32)).astype(np.float32)})
+    assert _layers_pattern(ref, "lm_head").pattern == "lm_head"
+    with pytest.raises(CompareError, match="no layer of the reference matches --layers 'down_proj'"):
+        _layers_pattern(ref, "down_proj")

@@ -150,6 +150,24 @@ def test_mid_size_layers_are_cut_into_enough_blocks(monkeypatch, rows):
     assert len(calls) == (3 if rows == 96 else fused.MIN_BLOCKS)
 
 
+def test_mid_size_blocks_round_to_the_nearer_whole_granules(monkeypatch):
+    """GPTQ decodes 32 rows at a time: a 896x896 layer (Qwen2.5-0.5B's q_proj) wants 36-row blocks;
+    rounded up to 64 it had 14 blocks and no narrowing step, rounded to the nearer 32 it has 28."""
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1 << 18)
+    w = _ref(n=896, k=896, seed=6)
+    dec, full = _gptq(w)
+    assert dec.granule == 32
+    calls, narrowed = [], []
+    real = fused._Found.restrict
+    monkeypatch.setattr(fused._Found, "restrict", lambda self, lo, hi: narrowed.append(lo) or real(self, lo, hi))
+    res = fused.measure(w, {"v": (dec._replace(fn=lambda r0, r1, out: calls.append(r1 - r0) or dec.fn(r0, r1, out)),
+                                  0, None)}, parallel=False)["v"]
+    assert res is not None
+    _check(res, w, full)
+    assert set(calls) == {32} and len(calls) == 28
+    assert narrowed  # enough blocks left after the sample for a narrowing step
+
+
 def test_several_variants_share_one_pass_and_one_thread_gives_the_same():
     w = _ref(seed=3)
     decs, fulls = {}, {}
