@@ -100,11 +100,11 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
             "scale_view": scale_view, "maps": maps, "zero_edges": zero_edges, "zero_counts": zero_counts}
 
 
-def job_sweep(reference, variants: dict, *, engine="auto", cache=None, progress=None, cancel=None):
+def job_sweep(reference, variants: dict, *, engine="auto", cache=None, layers=None, progress=None, cancel=None):
     # One core fewer than the command line uses: the window's own thread keeps one to itself
     # (on 2 cores, two layer jobs at once starved the GUI thread of CPU and of the GIL: bench_gui).
     return sweep(reference, variants, engine=engine, progress=progress, cancel=cancel, cache=cache,
-                 jobs=max(1, workers() - 1))
+                 jobs=max(1, workers() - 1), layers=layers)
 
 
 def job_doctor(path: str, *, progress=None, cancel=None) -> list[dict]:

@@ -193,9 +193,9 @@ class SweepResult:
         return out
 
 
-def _nothing_matches(vm: Model, unmatched: list[Unmatched], pattern: str | None = None) -> CompareError:
-    """Why no layer of ``vm`` (matching ``pattern``, a sweep's ``layers``) has a partner: each kind
-    of reason in full, with how many layers it stands for (the kind is the reason before its
+def _nothing_matches(vm: Model, unmatched: list[Unmatched], rx=None) -> CompareError:
+    """Why no layer of ``vm`` (matching ``rx``, a sweep's ``layers`` filter) has a partner: each
+    kind of reason in full, with how many layers it stands for (the kind is the reason before its
     first colon, the layer's own name left out)."""
     kinds: dict[str, list[Unmatched]] = {}
     for u in unmatched:
@@ -208,7 +208,7 @@ def _nothing_matches(vm: Model, unmatched: list[Unmatched], pattern: str | None 
         parts.append(f"{u.reason if u.layer in u.reason else f'{u.layer}: {u.reason}'}{more}")
     names_differ = all(u.reason == "absent in the variant" or u.reason.startswith("shape mismatch")
                        for u in unmatched)
-    which = "no layer" if pattern is None else f"no layer matching --layers '{pattern}'"
+    which = "no layer" if rx is None else f"no layer matching {_selection(rx)}"
     return CompareError(f"{which} can be compared with the reference"
                         + (f" — {'; '.join(parts)}" if parts else "")
                         + (" — is it a quantization of a different model?" if names_differ else ""),
@@ -763,21 +763,32 @@ def _config_warning(vs) -> str | None:
     return None
 
 
-def _layers_pattern(reference: Model, pattern: str):
-    """The compiled ``layers`` pattern of a sweep; an error when it is not a regular expression
-    or matches no layer of the reference at all."""
+def _selection(rx) -> str:
+    """How a sweep's ``layers`` filter is named in messages: the command line's option, or what
+    the object says (the window's search)."""
+    return getattr(rx, "what", None) or f"--layers '{rx.pattern}'"
+
+
+def _layers_pattern(reference: Model, pattern):
+    """The ``layers`` filter of a sweep, compiled where it is a regular expression (else any
+    object with ``search(name)``, ``pattern`` and ``what``); an error when it is not a regular
+    expression or matches no layer of the reference at all."""
     import re
-    try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        raise CompareError(f"--layers '{pattern}' is not a regular expression: {e}", rule="compare.bad-pattern") from None
+    if isinstance(pattern, str):
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise CompareError(f"--layers '{pattern}' is not a regular expression: {e}",
+                               rule="compare.bad-pattern") from None
+    else:
+        rx = pattern
     names = list(reference.layers)
     can = {canonical(n) for n in names}
     if "lm_head" not in can and "model.embed_tokens" in can:
         names.append("lm_head")  # a tied head: compared as the embeddings (see compare_align.align)
     if not any(rx.search(n) for n in names):
         some = sorted(reference.layers, key=_order_key)[:3]
-        raise CompareError(f"no layer of the reference matches --layers '{pattern}' (names look like: "
+        raise CompareError(f"no layer of the reference matches {_selection(rx)} (names look like: "
                            + ", ".join(some) + ")", file=reference.ckpt.source, rule="compare.no-layer-matches")
     return rx
 
@@ -787,7 +798,7 @@ def _nothing_selected(reference: Model, vm: Model, rx) -> CompareError:
     partner: they are not weight matrices (norms, biases)."""
     hit = sorted((n for n in reference.layers if rx.search(n)), key=_order_key)
     shown = ", ".join(hit[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
-    return CompareError(f"none of the reference's layers matching --layers '{rx.pattern}' ({shown}) is one "
+    return CompareError(f"none of the reference's layers matching {_selection(rx)} ({shown}) is one "
                         "that compare measures: only weight matrices (linear layers, embeddings, experts) are",
                         file=vm.ckpt.source, rule="compare.no-common-layers")
 
@@ -807,7 +818,7 @@ def _only_layers(states: list, rx, result: SweepResult) -> None:
 
 
 def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progress=None, cancel=None,
-          cache: dict | None = None, cache_dir=None, jobs: int | None = None, layers: str | None = None) -> SweepResult:
+          cache: dict | None = None, cache_dir=None, jobs: int | None = None, layers=None) -> SweepResult:
     """Per-layer error of every variant against ``reference``.
 
     Parameters
@@ -834,7 +845,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         one fewer, to keep a core for itself).
     layers
         A regular expression: only the reference layers whose name it matches (``re.search``)
-        are compared, and only their unmatched entries listed. A layer whose smoothing is
+        are compared, and only their unmatched entries listed; or an object with ``search(name)``,
+        ``pattern`` and ``what`` (:class:`~.search.NameTerms`, the window's search). A layer whose smoothing is
         undone from a preceding layer's rows (o_proj from v_proj, down_proj from up_proj) brings
         that layer along, so its figures equal a whole sweep's; :attr:`SweepResult.added` names it.
 
@@ -865,7 +877,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         unmatched = al.unmatched if rx is None else [u for u in al.unmatched if rx.search(u.layer)]
         result.unmatched.extend(unmatched)  # (a failed variant's too: the JSON/CSV list them)
         if not any(rx is None or rx.search(n) for n in al.targets):  # cannot be compared; the others still are
-            result.failed[label] = (_nothing_matches(vm, unmatched, layers) if rx is None or unmatched
+            result.failed[label] = (_nothing_matches(vm, unmatched, rx) if rx is None or unmatched
                                     else _nothing_selected(reference, vm, rx))
             continue
         states.append(_VariantState(label, vm, al))
@@ -1056,7 +1068,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             result.smoothing_checks.pop(vs.label, None)  # of a variant not compared: not to be reported
             result.data_warnings.pop(vs.label, None)
             result.failed[vs.label] = _nothing_matches(vs.model, [u for u in result.unmatched if u.variant == vs.label],
-                                                       layers)
+                                                       rx)
     if not got:
         errs = list(result.failed.values())
         if len(errs) == 1:

@@ -34,3 +34,17 @@ class PathIndex:
         for t in terms[1:]:
             hits = [i for i in hits if t in low[i]]
         return hits
+
+
+class NameTerms:
+    """The search's rule as a filter of names (a sweep's ``layers``): every space-separated term
+    in the name, case-insensitive."""
+
+    def __init__(self, query: str) -> None:
+        self.pattern = query.strip()
+        self.terms = sorted({t for t in re.split(r"\s+", self.pattern.lower()) if t}, key=len, reverse=True)
+        self.what = f"the search '{self.pattern}'"
+
+    def search(self, name: str) -> bool:
+        low = name.lower()
+        return bool(self.terms) and all(t in low for t in self.terms)

@@ -67,6 +67,28 @@ def test_selecting_a_layer_fills_config_and_every_view(win, qtbot):
         assert win.hist._counts[label].sum() == 512 * 1536
 
 
+def test_compare_only_the_layers_matching_the_search(win, qtbot):
+    """Tools ▸ Compare layers matching the search: the layers whose names hold every term typed;
+    a later Compare all reuses them. With nothing typed it says what to do."""
+    errors = []
+    win.failed.connect(errors.append)
+    win.compare_matching()
+    assert errors and "Type in the Tensors search first" in errors[-1] and win.sweep_result is None
+    win.tree.search.setText("layers.1. mlp")
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_matching()
+    names = {r.name for r in win.sweep_result.rows}
+    assert names == {f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")}
+    assert {r.variant for r in win.sweep_result.rows} == set(win.workspace.variants)
+    assert "Compared the 3 layer(s) matching the search “layers.1. mlp”" in win.statusBar().toolTip()
+    before = len(win._sweep_cache)
+    assert before == 3 * len(win.workspace.variants)  # measured once, kept for a comparison of all
+    win.tree.search.clear()
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    assert len({r.name for r in win.sweep_result.rows}) > 3
+
+
 def test_compare_all_layers_and_click_selects(win, qtbot):
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):
         win.compare_all()
