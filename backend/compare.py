@@ -769,6 +769,16 @@ def _selection(rx) -> str:
     return getattr(rx, "what", None) or f"--layers '{rx.pattern}'"
 
 
+def _none_compared(result: SweepResult) -> CompareError:
+    """The error of a sweep in which no variant could be compared: that variant's own reason, or
+    every variant's."""
+    errs = list(result.failed.values())
+    if len(errs) == 1:
+        return errs[0]
+    return CompareError("no variant can be compared with the reference: " + "; ".join(map(str, errs)),
+                        rule="compare.no-common-layers")
+
+
 def _layers_pattern(reference: Model, pattern):
     """The ``layers`` filter of a sweep, compiled where it is a regular expression (else any
     object with ``search(name)``, ``pattern`` and ``what``); an error when it is not a regular
@@ -882,11 +892,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             continue
         states.append(_VariantState(label, vm, al))
     if not states:
-        errs = list(result.failed.values())
-        if len(errs) == 1:
-            raise errs[0]
-        raise CompareError("no variant can be compared with the reference: " + "; ".join(map(str, errs)),
-                           rule="compare.no-common-layers")
+        raise _none_compared(result)
     for vs in states:
         _check_cancel(cancel)
         chk = _check_smoothing(reference, vs, eng)
@@ -1070,11 +1076,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             result.failed[vs.label] = _nothing_matches(vs.model, [u for u in result.unmatched if u.variant == vs.label],
                                                        rx)
     if not got:
-        errs = list(result.failed.values())
-        if len(errs) == 1:
-            raise errs[0]
-        raise CompareError("no variant can be compared with the reference: " + "; ".join(map(str, errs)),
-                           rule="compare.no-common-layers")
+        raise _none_compared(result)
     return result
 
 
