@@ -856,9 +856,10 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     layers
         A regular expression: only the reference layers whose name it matches (``re.search``)
         are compared, and only their unmatched entries listed; or an object with ``search(name)``,
-        ``pattern`` and ``what`` (:class:`~.search.NameTerms`, the window's search). A layer whose smoothing is
-        undone from a preceding layer's rows (o_proj from v_proj, down_proj from up_proj) brings
-        that layer along, so its figures equal a whole sweep's; :attr:`SweepResult.added` names it.
+        ``pattern`` and ``what`` (:class:`~.search.NameTerms`, the window's search). A layer
+        whose smoothing is undone from a preceding layer's rows (o_proj from v_proj, down_proj
+        from up_proj) brings that layer along, so its figures equal a whole sweep's;
+        :attr:`SweepResult.added` names it.
 
     Returns
     -------
