@@ -28,6 +28,7 @@ from quantscope.backend.compare_align import (
     canonical,
     containers,
     counterpart,
+    expert_of_stack,
     stacked_expert,
 )
 from quantscope.backend.errors import QuantscopeError
@@ -492,7 +493,8 @@ class MainWindow(QMainWindow):
         self.current_layer = path
         self.config.set_layer(path, self.workspace.models())
         self._refresh_result()  # what belongs to this layer (a conversion's summary), nothing of another's
-        if ws.reference is not None and (path in ws.reference.layers or path == "lm_head"):
+        if ws.reference is not None and (path in ws.reference.layers or path == "lm_head"
+                                         or expert_of_stack(path, ws.reference) is not None):
             # (lm_head: a tied reference compares it with its embeddings)
             if path in ws.reference.layers and not ws.reference.layers[path].is_matrix:
                 self._clear_views(f"{path} is not a weight matrix")
@@ -517,6 +519,9 @@ class MainWindow(QMainWindow):
         ref = self.workspace.reference
         if ref is None or path in ref.layers or path == "lm_head":
             return None
+        expert = expert_of_stack(path, ref)
+        if expert is not None:  # the reference stacks the experts: compared one by one all the same
+            return expert, f"{path}: expert {expert.rsplit('.', 2)[1]} of the reference's stacked experts"
         found = counterpart(path, ref)
         if found is None:
             return None

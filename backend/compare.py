@@ -28,6 +28,7 @@ import numpy as np
 from . import fused
 from .checkpoint import natural_key
 from .compare_align import (
+    EXPERT_RE,
     Alignment,
     Segment,
     Target,
@@ -36,6 +37,7 @@ from .compare_align import (
     canonical,
     layer_index,
     proj_of,
+    stack_expert_names,
 )
 from .engines import get_engine
 from .errors import Cancelled, LayerError, QuantscopeError
@@ -299,11 +301,12 @@ def _check_smoothing(reference: Model, vs, eng) -> SmoothingCheck | None:
     # decoded whole by the engine, as the sweep itself would)
     r1 = min(t.rows, _POWER_ROWS)
     rl = reference.layers[t.ref_layer]
-    ref_rows = _Rows(reference, rl, eng, keep=False, counter={})
+    ref_rows = _reference_rows(reference, t, eng, keep=False)
     cache: dict = {}
     try:
         if rl.scheme == "dense" and "weight" in rl.tensors:  # the rows straight from the file
-            w = np.asarray(reference.ckpt.tensor(rl.tensors["weight"].name)).reshape(-1, t.cols)[:r1].astype(np.float32)
+            w = np.asarray(reference.ckpt.tensor(rl.tensors["weight"].name)).reshape(-1, t.cols)[
+                t.ref_row0:t.ref_row0 + r1].astype(np.float32)
         else:
             w = ref_rows.get(0, r1)
         wh = _assemble(t, lambda p: cache.setdefault(p, _Rows(vs.model, vs.model.layers[p], eng, False, {})), 0, r1)
@@ -424,6 +427,35 @@ class _Rows:
             self.keep = True
             return self.full()[r0:r1]
         return self._decode(*sl)[r0 - a0:r1 - a0]
+
+
+class _RowView:
+    """Rows ``[row0, row0 + rows)`` of a layer's :class:`_Rows` (one expert of a stacked reference),
+    read through it: the experts of a stack share one."""
+
+    def __init__(self, base: _Rows, row0: int, rows: int) -> None:
+        self.base, self.row0, self.rows = base, row0, rows
+        self.cols, self.model, self.layer, self.big = base.cols, base.model, base.layer, base.big
+
+    def get(self, r0: int, r1: int) -> np.ndarray:
+        return self.base.get(self.row0 + r0, self.row0 + r1)
+
+    def full(self) -> np.ndarray:
+        return self.get(0, self.rows)
+
+
+def _reference_rows(reference: Model, t: Target, eng, keep: bool, shared: dict | None = None):
+    """The reference's rows of target ``t``: its layer's, or an expert's rows of a stack (through
+    one :class:`_Rows` of the stack, kept in ``shared`` by layer path when given)."""
+    rl = reference.layers[t.ref_layer]
+    if t.ref_row0 == 0 and t.rows == int(math.prod(rl.shape[:-1])):
+        return _Rows(reference, rl, eng, keep=keep, counter={})
+    base = None if shared is None else shared.get(rl.path)
+    if base is None:
+        base = _Rows(reference, rl, eng, keep=True, counter={})
+        if shared is not None:
+            shared[rl.path] = base
+    return _RowView(base, t.ref_row0, t.rows)
 
 
 def _resolve_engine(engine):
@@ -564,13 +596,14 @@ def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], e
     if row_decoder is None or not FUSED_MIN_ELEMENTS <= lay.numel <= FUSED_MAX_ELEMENTS:
         return None, {}, {}
     R, K = ref_rows.rows, ref_rows.cols
+    row0 = getattr(ref_rows, "row0", 0)
     if lay.scheme == "dense":
         ref = np.asarray(ref_rows.model.ckpt.tensor(lay.tensors["weight"].name))
         if ref.dtype not in (np.dtype(np.float32), _BF16):
             return None, {}, {}
-        ref = ref.reshape(R, K)
+        ref = ref.reshape(-1, K)[row0:row0 + R]  # (an expert's rows of a stack)
     else:  # a quantized reference (verifying a conversion): decoded block by block too
-        ref = row_decoder(ref_rows.model, lay)
+        ref = row_decoder(ref_rows.model, lay) if not row0 else None
         if ref is None or (ref.rows, ref.cols) != (R, K):
             return None, {}, {}
     picked, labels = {}, {}
@@ -792,7 +825,7 @@ def _layers_pattern(reference: Model, pattern):
                                rule="compare.bad-pattern") from None
     else:
         rx = pattern
-    names = list(reference.layers)
+    names = list(reference.layers) + stack_expert_names(reference)  # (stacked: compared expert by expert)
     can = {canonical(n) for n in names}
     if "lm_head" not in can and "model.embed_tokens" in can:
         names.append("lm_head")  # a tied head: compared as the embeddings (see compare_align.align)
@@ -920,6 +953,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     counter: dict = {}
     group = None
     caches: dict[tuple[str, str], _Rows] = OrderedDict()
+    ref_stacks: dict[str, _Rows] = {}  # a stacked reference layer, shared by its experts' rows (this group)
     uses: dict[tuple[str, str], int] = {}
     rows_out: dict[str, dict[str, LayerMetrics]] = {}
 
@@ -996,6 +1030,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             if g != group:  # a new decoder layer: drop kept decodes, count shared variant layers
                 group = g
                 caches.clear()
+                ref_stacks.clear()
                 _release_pages([reference] + [vs.model for vs in states])
                 uses.clear()
                 for n2 in by_group[repr(g)]:
@@ -1021,8 +1056,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             if not todo:
                 report(n_el)
                 continue
-            ref_layer = reference.layers[t0.ref_layer]
-            ref_rows = _Rows(reference, ref_layer, eng, keep=True, counter={})
+            ref_rows = _reference_rows(reference, t0, eng, keep=True, shared=ref_stacks)
             ref, picked, labels = _fused_candidates(name, ref_rows, todo, eng)
             if picked and len(picked) == len(todo):
                 # one job per layer on its own thread: while one layer's serial steps run,
@@ -1112,7 +1146,7 @@ def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, na
             report(t.rows * t.cols)
         else:
             colp = None if col is None else (np.asarray(col, np.float64) ** chk.power).astype(np.float32)
-            ref_rows = _Rows(reference, reference.layers[t.ref_layer], eng, keep=False, counter={})
+            ref_rows = _reference_rows(reference, t, eng, keep=False)
             var_rows: dict[str, _Rows] = {}
             step = max(1, _ROW_BLOCK_ELEMENTS // max(t.cols, 1)) if ref_rows.big else t.rows
             sdd = sww = 0.0
@@ -1250,6 +1284,28 @@ def _scales_zeros(model: Model, layer: Layer) -> tuple[np.ndarray | None, np.nda
     return None, None
 
 
+def _expert_of_stack_target(al: Alignment, name: str, reference: Model) -> Target | None:
+    """Expert ``name`` (``{block}.experts.{e}.{proj}``, as a sweep names an expert of a stacked
+    reference) of a variant that stacks the experts as the reference does: its rows of the stack
+    target. None otherwise."""
+    m = EXPERT_RE.match(name)
+    if m is None:
+        return None
+    st = al.targets.get(f"{m['pre']}.switch_mlp.{m['proj']}")
+    if st is None or len(st.segments) != 1 or st.col_scale is not None:
+        return None
+    seg, e = st.segments[0], int(m["e"])
+    a, b, step = seg.var_rows
+    if seg.ref_rows != (0, st.rows, 1) or step != 1 or b - a != st.rows:
+        return None
+    shape = reference.layers[st.ref_layer].shape
+    if not shape or len(shape) != 3 or e >= shape[0] or shape[0] * shape[1] != st.rows:
+        return None
+    n = int(shape[1])
+    return Target(name, st.ref_layer, n, st.cols, [Segment((0, n, 1), seg.var_layer, (a + e * n, a + (e + 1) * n, 1))],
+                  ref_row0=e * n)
+
+
 def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> np.ndarray:
     K = w.shape[-1]
     d2 = np.square(wh.astype(np.float64) - w.astype(np.float64))
@@ -1296,11 +1352,15 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
         Variants that do not cover ``name`` are left out of every dict.
     """
     eng = _resolve_engine(engine)
-    ref_layer = reference.layer(name) if name in reference.layers or name != "lm_head" else None
+    ref_layer = reference.layers.get(name)
+    if ref_layer is None and name != "lm_head" and not EXPERT_RE.match(name):
+        reference.layer(name)  # raises: no such layer (an expert or a tied head: from a variant's target)
     states = []
     left_out: dict[str, str] = {}
     for label, vm in variants.items():
         al = align(reference, vm, label=label)
+        if name not in al.targets and ref_layer is None and (t := _expert_of_stack_target(al, name, reference)) is not None:
+            al.targets[name] = t  # a variant that stacks the experts as the reference does: its slice
         if name in al.targets:
             states.append(_VariantState(label, vm, al))
         else:
@@ -1309,8 +1369,9 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     if ref_layer is None:
         if not states:
             raise CompareError("no variant covers this layer", file=reference.ckpt.source, tensor=name)
-        ref_layer = reference.layers[states[0].alignment.targets[name].ref_layer]
-    ref_rows = _Rows(reference, ref_layer, eng, keep=True, counter={})
+        ref_rows = _reference_rows(reference, states[0].alignment.targets[name], eng, keep=True)
+    else:
+        ref_rows = _Rows(reference, ref_layer, eng, keep=True, counter={})
     w = ref_rows.full()
     counter: dict = {}
     wh_of: dict[str, np.ndarray] = {}
@@ -1322,7 +1383,7 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
             # v_proj/o_proj smoothing needs the preceding layer's fit: measure it first.
             if t.col_fit_from is not None:
                 pt = vs.alignment.targets[t.col_fit_from]
-                pref = _Rows(reference, reference.layers[pt.ref_layer], eng, keep=True, counter={})
+                pref = _reference_rows(reference, pt, eng, keep=True)
                 cache_rows: dict = {}
                 _measure_target(pt.name, pref, [vs], [vs], lambda v, p: cache_rows.setdefault(
                     p, _Rows(v.model, v.model.layers[p], eng, True, counter)), cancel, lambda k: None)

@@ -101,6 +101,37 @@ def stacked_expert(path: str, model: Model) -> tuple[Layer, int] | None:
     return layer, sw[1]
 
 
+def expert_of_stack(path: str, reference: Model) -> str | None:
+    """The name a sweep gives expert ``path`` (per-expert, in any checkpoint's naming) where
+    ``reference`` stacks the experts (``{block}.experts.{e}.{proj}`` beside its
+    ``{block}.switch_mlp.{proj}``, as :func:`align` names such rows); None when the reference
+    holds ``path`` itself or stacks no such experts."""
+    if path in reference.layers:
+        return None
+    sw = switch_path(canonical(path))
+    if sw is None:
+        return None
+    stack = _canonical_names(reference).get(canonical(sw[0]))
+    if stack is None:
+        return None
+    shape = reference.layers[stack].shape
+    if not shape or len(shape) != 3 or sw[1] >= shape[0]:
+        return None
+    proj = stack.rsplit(".", 1)[1]
+    return f"{stack[:len(stack) - len(f'switch_mlp.{proj}')]}experts.{sw[1]}.{proj}"
+
+
+def stack_expert_names(reference: Model) -> list[str]:
+    """The rows :func:`align` makes of the experts a reference stacks (``{block}.experts.{e}.{proj}``
+    for each ``{block}.switch_mlp.{proj}`` ``[E, N, K]``), against a variant storing them one by one."""
+    out = []
+    for path, layer in reference.layers.items():
+        m = _SWITCH_RE.match(path)
+        if m is not None and layer.shape and len(layer.shape) == 3:
+            out += [f"{m['pre']}.experts.{e}.{m['proj']}" for e in range(layer.shape[0])]
+    return out
+
+
 _BY_CANONICAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -189,6 +220,7 @@ class Target:
     smoothing: str = "none"
     row_fit_for: str | None = None          # this is a preceding layer: fit s for that consumer
     col_fit_from: str | None = None         # consumer: its s comes from this target's row fit
+    ref_row0: int = 0                       # its rows begin here in the reference layer (an expert of a stack)
 
     @property
     def var_layers(self) -> list[str]:
@@ -366,7 +398,15 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                 elif any(p.shape is None or tuple(p.shape) != (n, rk) for p in parts):
                     reason = f"shape mismatch: the variant's experts do not make up {list(rl.shape)}"
                 else:
-                    segs = [Segment((e * n, (e + 1) * n, 1), p.path, (0, n, 1)) for e, p in enumerate(parts)]
+                    # expert by expert, as against a reference that stores them one by one: each a
+                    # row of its own, named experts.{e}.{proj} beside the reference's stack
+                    base = rl.path[:len(rl.path) - len(f"switch_mlp.{m['proj']}")]
+                    for e, p in enumerate(parts):
+                        name = f"{base}experts.{e}.{m['proj']}"
+                        al.targets[name] = Target(name, rl.path, n, rk, [Segment((0, n, 1), p.path, (0, n, 1))],
+                                                  ref_row0=e * n)
+                        used_var.add(p.path)
+                    continue
         if segs is None:
             if reason is None:
                 reason = "absent in the variant"

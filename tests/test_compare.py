@@ -267,9 +267,27 @@ def test_experts_against_switch_mlp(tmp_path):
     assert r2.variant_layer == "model.layers.0.mlp.switch_mlp.up_proj"
     w = _f32(per["model.layers.0.mlp.experts.2.up_proj.weight"])
     assert r2.rel_fro == pytest.approx(_direct(w, w + np.float32(0.002)), rel=1e-6)
+    # the other way round (a stacked reference, mlx-lm's bf16 for one): expert by expert too,
+    # each row its expert's own figures (they were one row per stack, over all its experts)
     back = sweep(var, {"p": ref}, engine="numpy")
-    assert [r.name for r in back.rows] == [f"model.layers.0.mlp.switch_mlp.{p}" for p in
-                                           ("gate_proj", "up_proj", "down_proj")]
+    assert [r.name for r in back.rows] == [f"model.layers.0.mlp.experts.{e}.{p}" for p in
+                                           ("gate_proj", "up_proj", "down_proj") for e in range(E)]
+    assert not back.unmatched
+    for r in back.rows:
+        e, p = int(r.name.split(".")[5]), r.name.rsplit(".", 1)[1]
+        assert r.variant_layer == f"model.layers.0.mlp.experts.{e}.{p}"
+        w = _f32(per[f"model.layers.0.mlp.experts.{e}.{p}.weight"])
+        assert r.rel_fro == pytest.approx(_direct(w + np.float32(0.001 * e), w), rel=1e-6)
+    d = layer_detail(var, {"p": ref, "s": var}, "model.layers.0.mlp.experts.2.up_proj", engine="numpy")
+    assert d.metrics["p"].rel_fro == pytest.approx(
+        next(r.rel_fro for r in back.rows if r.name.endswith("experts.2.up_proj")), rel=1e-12)
+    assert d.metrics["s"].rel_fro == 0.0 and not d.left_out  # stacked as the reference: its expert's slice
+    # the value histogram of the stacked variant's slice is the reference expert's, count for count
+    np.testing.assert_array_equal(d.value_counts["s"], d.value_counts["reference"])
+    assert d.value_counts["s"].sum() == F * H
+    # --layers finds the experts of a stacked reference by the names the rows get
+    part = sweep(var, {"p": ref}, engine="numpy", layers=r"experts\.1\.down_proj$")
+    assert [r.name for r in part.rows] == ["model.layers.0.mlp.experts.1.down_proj"]
     assert counterpart("model.layers.0.mlp.experts.3.down_proj", var) == (
         "model.layers.0.mlp.switch_mlp.down_proj", "expert 3 of the stacked experts")
     assert counterpart("model.layers.0.mlp.experts.4.down_proj", var) is None  # a stack of 4 has no expert 4
@@ -289,8 +307,12 @@ def test_mixtral_experts_against_switch_mlp(tmp_path):
     assert r.variant_layer == "model.layers.0.block_sparse_moe.switch_mlp.up_proj"
     w = _f32(per["model.layers.0.block_sparse_moe.experts.1.w3.weight"])
     assert r.rel_fro == pytest.approx(_direct(w, w + np.float32(0.001)), rel=1e-6)
-    back = sweep(var, {"p": ref}, engine="numpy")  # and the other way round
-    assert len(back.rows) == 3 and not back.unmatched
+    back = sweep(var, {"p": ref}, engine="numpy")  # and the other way round: named as the stack names them
+    assert len(back.rows) == 3 * E and not back.unmatched
+    r = next(r for r in back.rows if r.name == "model.layers.0.block_sparse_moe.experts.1.up_proj")
+    assert r.variant_layer == "model.layers.0.block_sparse_moe.experts.1.w3"
+    w = _f32(per["model.layers.0.block_sparse_moe.experts.1.w3.weight"])
+    assert r.rel_fro == pytest.approx(_direct(w + np.float32(0.001), w), rel=1e-6)
     assert counterpart("model.layers.0.block_sparse_moe.experts.1.w3", var)[0] == \
         "model.layers.0.block_sparse_moe.switch_mlp.up_proj"
     assert counterpart("model.layers.0.block_sparse_moe.switch_mlp.down_proj", ref)[0] == \

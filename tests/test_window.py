@@ -952,6 +952,37 @@ def test_tree_error_of_a_stacked_module_is_its_worst_expert():
     assert errors_by_module(per_expert)["g"][sw] == 0.13
 
 
+def test_an_expert_against_a_stacked_reference(qtbot, tmp_path):
+    """The reference stacks the experts (mlx-lm's), the variant stores them one by one: selecting
+    an expert shows that expert against its rows of the reference's stack (it showed the whole
+    stack, or nothing), and a comparison gives each expert its own point."""
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "qwen3moe-bf16", real / "mlxlm-qwen3moe-q4-g64"],
+                   real / "mlxlm-qwen3moe-q4-g64")
+    try:
+        expert = "model.layers.1.mlp.experts.2.down_proj"
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.select_layer(expert)
+        assert w.current_layer == expert
+        assert "expert 2 of the reference's stacked experts" in w.statusBar().currentMessage()
+        d = w._detail_errors[1]
+        # the per-expert variant, and the stacked one (as the reference stacks them): its slice
+        assert sorted(d.metrics) == ["mlxlm-qwen3moe-q4-g64 (2)", "qwen3moe-bf16"] and not d.left_out
+        assert d.metrics["mlxlm-qwen3moe-q4-g64 (2)"].rel_fro == 0.0  # the reference itself
+        from quantscope.backend.compare import sweep
+        res = sweep(w.workspace.reference, {"bf16": w.workspace.models()["qwen3moe-bf16"]}, engine="numpy",
+                    layers=r"layers\.1\.mlp\.experts\.2\.down_proj$")
+        assert [r.name for r in res.rows] == [expert]
+        assert d.metrics["qwen3moe-bf16"].rel_fro == pytest.approx(res.rows[0].rel_fro, rel=1e-9)
+        with qtbot.waitSignal(w.sweep_done, timeout=120_000):
+            w.compare_all()
+        names = {r.name for r in w.sweep_result.rows if r.variant == "qwen3moe-bf16"}
+        assert {f"model.layers.1.mlp.experts.{e}.down_proj" for e in range(4)} <= names
+    finally:
+        w.service.shutdown()
+
+
 def test_selecting_a_stacked_module_shows_an_expert_of_the_reference(qtbot, tmp_path):
     # the tree shows the variant's switch_mlp.down_proj; the reference has experts one by one:
     # "no layer of that name to measure the error against" before
