@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import threading
 from collections import OrderedDict, deque
 from concurrent import futures
@@ -38,6 +39,7 @@ from .compare_align import (
     layer_index,
     proj_of,
     stack_expert_names,
+    switch_path,
 )
 from .engines import get_engine
 from .errors import Cancelled, LayerError, QuantscopeError
@@ -593,7 +595,8 @@ def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], e
     the one-pass path (:mod:`.fused`) can measure; ({} when none)."""
     lay = ref_rows.layer
     row_decoder = getattr(engine, "row_decoder", None)
-    if row_decoder is None or not FUSED_MIN_ELEMENTS <= lay.numel <= FUSED_MAX_ELEMENTS:
+    # (the rows measured: one expert's where the reference stacks them)
+    if row_decoder is None or not FUSED_MIN_ELEMENTS <= ref_rows.rows * ref_rows.cols <= FUSED_MAX_ELEMENTS:
         return None, {}, {}
     R, K = ref_rows.rows, ref_rows.cols
     row0 = getattr(ref_rows, "row0", 0)
@@ -603,7 +606,8 @@ def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], e
             return None, {}, {}
         ref = ref.reshape(-1, K)[row0:row0 + R]  # (an expert's rows of a stack)
     else:  # a quantized reference (verifying a conversion): decoded block by block too
-        ref = row_decoder(ref_rows.model, lay) if not row0 else None
+        # (an expert of a quantized stack: the general path; the decoder reads whole stacks)
+        ref = row_decoder(ref_rows.model, lay) if not isinstance(ref_rows, _RowView) else None
         if ref is None or (ref.rows, ref.cols) != (R, K):
             return None, {}, {}
     picked, labels = {}, {}
@@ -846,10 +850,17 @@ def _nothing_selected(reference: Model, vm: Model, rx) -> CompareError:
                         file=vm.ckpt.source, rule="compare.no-common-layers")
 
 
+def _picked(rx, t: Target) -> bool:
+    """Whether a ``layers`` filter takes target ``t``: by its name, or an expert of a stacked
+    reference by the stack's (the name ``quantscope info`` shows)."""
+    return bool(rx.search(t.name)) or (t.name != t.ref_layer and ".switch_mlp." in t.ref_layer
+                                       and bool(rx.search(t.ref_layer)))
+
+
 def _only_layers(states: list, rx, result: SweepResult) -> None:
-    """Keep the targets whose reference name matches ``rx``, and the layers their smoothing is
-    estimated from (named in ``result.added``). Every variant in ``states`` has one at least."""
-    chosen = {n for vs in states for n in vs.alignment.targets if rx.search(n)}
+    """Keep the targets whose reference name matches ``rx`` (:func:`_picked`), and the layers their
+    smoothing is estimated from (named in ``result.added``). Every variant in ``states`` has one."""
+    chosen = {n for vs in states for n, t in vs.alignment.targets.items() if _picked(rx, t)}
     for vs in states:  # the producers of a chosen layer's row-scale estimate come along
         for t in vs.alignment.targets.values():
             if t.row_fit_for in chosen and t.name not in chosen:
@@ -918,9 +929,10 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     rx = _layers_pattern(reference, layers) if layers is not None else None
     for label, vm in variants.items():
         al = align(reference, vm, label=label)
-        unmatched = al.unmatched if rx is None else [u for u in al.unmatched if rx.search(u.layer)]
+        unmatched = al.unmatched if rx is None else [u for u in al.unmatched if rx.search(u.layer) or (
+            (sw := switch_path(u.layer)) is not None and rx.search(sw[0]))]  # (an expert: by its stack's name too)
         result.unmatched.extend(unmatched)  # (a failed variant's too: the JSON/CSV list them)
-        if not any(rx is None or rx.search(n) for n in al.targets):  # cannot be compared; the others still are
+        if not any(rx is None or _picked(rx, t) for t in al.targets.values()):  # not compared; the others are
             result.failed[label] = (_nothing_matches(vm, unmatched, rx) if rx is None or unmatched
                                     else _nothing_selected(reference, vm, rx))
             continue
@@ -1128,10 +1140,15 @@ def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, na
     row's figure (and its row scales) goes into its cache entry (``entries``) as it is found, so
     a resumed sweep measures only what is missing; NaN marks a layer that could not be decoded."""
     row_scales: dict[str, np.ndarray] = {}  # this pass's least-squares estimates, by consumer target
+    stacks: dict[str, _Rows] = {}  # a stacked reference layer, read once for its experts (this group)
+    group = None
     for name in names:
         row = rows_out.get(name, {}).get(vs.label)
         if row is None:
             continue
+        if _group_key(name) != group:
+            group = _group_key(name)
+            stacks.clear()
         t = vs.alignment.targets[name]
         entry = entries.get(name)
         fit = t.row_fit_for is not None and t.row_fit_for in vs.row_scales  # as the sweep did
@@ -1146,7 +1163,7 @@ def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, na
             report(t.rows * t.cols)
         else:
             colp = None if col is None else (np.asarray(col, np.float64) ** chk.power).astype(np.float32)
-            ref_rows = _reference_rows(reference, t, eng, keep=False)
+            ref_rows = _reference_rows(reference, t, eng, keep=False, shared=stacks)
             var_rows: dict[str, _Rows] = {}
             step = max(1, _ROW_BLOCK_ELEMENTS // max(t.cols, 1)) if ref_rows.big else t.rows
             sdd = sww = 0.0
@@ -1306,6 +1323,28 @@ def _expert_of_stack_target(al: Alignment, name: str, reference: Model) -> Targe
                   ref_row0=e * n)
 
 
+def _stack_of_experts_target(al: Alignment, name: str, reference: Model) -> Target | None:
+    """Stack ``name`` of the reference (``{block}.switch_mlp.{proj}`` [E, N, K]) as a whole, for a
+    variant that stores its experts one by one (the sweep's rows are per expert): their targets
+    joined, when every expert has one (no smoothing to undo per expert). None otherwise."""
+    rl = reference.layers.get(name)
+    m = _SWITCH_RE_NAME.match(name)
+    if rl is None or m is None or not rl.shape or len(rl.shape) != 3:
+        return None
+    E, n, k = (int(x) for x in rl.shape)
+    segs = []
+    for e in range(E):
+        t = al.targets.get(f"{m['pre']}.experts.{e}.{m['proj']}")
+        if t is None or len(t.segments) != 1 or t.col_scale is not None or t.col_fit_from or t.rows != n:
+            return None
+        seg = t.segments[0]
+        segs.append(Segment((e * n, (e + 1) * n, 1), seg.var_layer, seg.var_rows))
+    return Target(name, name, E * n, k, segs)
+
+
+_SWITCH_RE_NAME = re.compile(r"^(?P<pre>.*)\.switch_mlp\.(?P<proj>[^.]+)$")
+
+
 def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> np.ndarray:
     K = w.shape[-1]
     d2 = np.square(wh.astype(np.float64) - w.astype(np.float64))
@@ -1359,8 +1398,13 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     left_out: dict[str, str] = {}
     for label, vm in variants.items():
         al = align(reference, vm, label=label)
-        if name not in al.targets and ref_layer is None and (t := _expert_of_stack_target(al, name, reference)) is not None:
-            al.targets[name] = t  # a variant that stacks the experts as the reference does: its slice
+        if name not in al.targets:
+            # an expert of a stacked reference in a variant that stacks them too (its slice), or a
+            # stack of the reference in a variant that stores its experts one by one (all of them)
+            t = (_expert_of_stack_target(al, name, reference) if ref_layer is None
+                 else _stack_of_experts_target(al, name, reference))
+            if t is not None:
+                al.targets[name] = t
         if name in al.targets:
             states.append(_VariantState(label, vm, al))
         else:

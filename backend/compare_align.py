@@ -389,24 +389,27 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
         elif (m := _SWITCH_RE.match(cname)) and len(rl.shape) == 3:
             n_exp, n = rl.shape[0], rl.shape[1]
             parts = [var.get(f"{m['pre']}.experts.{e}.{m['proj']}") for e in range(n_exp)]
-            if not all(p is not None for p in parts) and m["proj"] in _EXPERT_OF_SWITCH:
-                parts = [var.get(f"{m['pre']}.experts.{e}.{_EXPERT_OF_SWITCH[m['proj']]}") for e in range(n_exp)]
-            if all(p is not None for p in parts):
-                bad = [w for w in (usable(p, cname) for p in parts) if w]
-                if bad:
-                    reason = bad[0]
-                elif any(p.shape is None or tuple(p.shape) != (n, rk) for p in parts):
-                    reason = f"shape mismatch: the variant's experts do not make up {list(rl.shape)}"
-                else:
-                    # expert by expert, as against a reference that stores them one by one: each a
-                    # row of its own, named experts.{e}.{proj} beside the reference's stack
-                    base = rl.path[:len(rl.path) - len(f"switch_mlp.{m['proj']}")]
-                    for e, p in enumerate(parts):
-                        name = f"{base}experts.{e}.{m['proj']}"
-                        al.targets[name] = Target(name, rl.path, n, rk, [Segment((0, n, 1), p.path, (0, n, 1))],
-                                                  ref_row0=e * n)
-                        used_var.add(p.path)
-                    continue
+            if m["proj"] in _EXPERT_OF_SWITCH:  # Mixtral's w1/w3/w2, where those name more of them
+                alt = [var.get(f"{m['pre']}.experts.{e}.{_EXPERT_OF_SWITCH[m['proj']]}") for e in range(n_exp)]
+                if sum(p is not None for p in alt) > sum(p is not None for p in parts):
+                    parts = alt
+            if any(p is not None for p in parts):
+                # expert by expert, as against a reference that stores them one by one: each a
+                # row of its own, named experts.{e}.{proj} beside the reference's stack; one the
+                # variant lacks (or cannot use) is listed without partner, the others compared
+                base = rl.path[:len(rl.path) - len(f"switch_mlp.{m['proj']}")]
+                for e, p in enumerate(parts):
+                    name = f"{base}experts.{e}.{m['proj']}"
+                    why = "absent in the variant" if p is None else usable(p, cname)
+                    if why is None and (p.shape is None or tuple(p.shape) != (n, rk)):
+                        why = f"shape mismatch: reference expert {[n, rk]} of {rl.path} vs variant {list(p.shape or ())}"
+                    if why is not None:
+                        al.unmatched.append(Unmatched(label, name, why))
+                        continue
+                    al.targets[name] = Target(name, rl.path, n, rk, [Segment((0, n, 1), p.path, (0, n, 1))],
+                                              ref_row0=e * n)
+                    used_var.add(p.path)
+                continue
         if segs is None:
             if reason is None:
                 reason = "absent in the variant"

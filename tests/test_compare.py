@@ -285,9 +285,23 @@ def test_experts_against_switch_mlp(tmp_path):
     # the value histogram of the stacked variant's slice is the reference expert's, count for count
     np.testing.assert_array_equal(d.value_counts["s"], d.value_counts["reference"])
     assert d.value_counts["s"].sum() == F * H
-    # --layers finds the experts of a stacked reference by the names the rows get
+    # --layers finds the experts of a stacked reference by the names the rows get, and by the
+    # stack's own name (what `quantscope info` shows)
     part = sweep(var, {"p": ref}, engine="numpy", layers=r"experts\.1\.down_proj$")
     assert [r.name for r in part.rows] == ["model.layers.0.mlp.experts.1.down_proj"]
+    part = sweep(var, {"p": ref}, engine="numpy", layers=r"switch_mlp\.down_proj")
+    assert [r.name for r in part.rows] == [f"model.layers.0.mlp.experts.{e}.down_proj" for e in range(E)]
+    # the reference's stack selected as a whole: the per-expert variant's experts, all of them
+    whole = layer_detail(var, {"p": ref}, "model.layers.0.mlp.switch_mlp.up_proj", engine="numpy")
+    stack = np.stack([_f32(per[f"model.layers.0.mlp.experts.{e}.up_proj.weight"]) for e in range(E)])
+    assert whole.metrics["p"].rel_fro == pytest.approx(
+        _direct(stack + np.float32(0.001) * np.arange(E, dtype=np.float32)[:, None, None], stack), rel=1e-6)
+    # a variant lacking one expert: the others compared, that one listed without partner
+    lacking = _model(tmp_path / "short", {k: v for k, v in per.items() if ".experts.2.up_proj." not in k})
+    res3 = sweep(var, {"p": lacking}, engine="numpy")
+    assert len(res3.rows) == 3 * E - 1
+    assert [(u.layer, u.reason) for u in res3.unmatched] == [("model.layers.0.mlp.experts.2.up_proj",
+                                                             "absent in the variant")]
     assert counterpart("model.layers.0.mlp.experts.3.down_proj", var) == (
         "model.layers.0.mlp.switch_mlp.down_proj", "expert 3 of the stacked experts")
     assert counterpart("model.layers.0.mlp.experts.4.down_proj", var) is None  # a stack of 4 has no expert 4
@@ -832,3 +846,35 @@ def test_layers_pattern_knows_a_tied_head(tmp_path):
     assert _layers_pattern(ref, "lm_head").pattern == "lm_head"
     with pytest.raises(CompareError, match="no layer of the reference matches --layers 'down_proj'"):
         _layers_pattern(ref, "down_proj")
+
+
+def test_experts_of_a_stacked_reference_take_the_one_pass_by_their_own_size(tmp_path, monkeypatch):
+    """The one pass is chosen by the rows measured (an expert's), not the whole stack's size: a
+    stack over the limit left every expert to the general path."""
+    from quantscope.backend import compare as cmp
+    from quantscope.backend import fused
+    from quantscope.backend.formats import fast
+    if not fast.AVAILABLE:
+        pytest.skip("compiled kernels absent")
+    E = 4
+    shapes = {"up_proj": (F, H)}
+    per, _, var = _experts_and_switch(tmp_path, 7, "model.layers.0.mlp", E, shapes, {p: p for p in shapes},
+                                      np.float32(0.001))
+    q = {}  # the experts one by one, MLX 4-bit (the one pass measures quantized variants)
+    for k, w in per.items():
+        m = k[:-len(".weight")]
+        q[f"{m}.weight"], q[f"{m}.scales"], q[f"{m}.biases"] = _mlx_quant(w)
+    ref = _model(tmp_path / "q", q, {"quantization": {"group_size": 64, "bits": 4}})
+    calls = []
+    real = fused.measure
+    monkeypatch.setattr(fused, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cmp, "FUSED_MIN_ELEMENTS", 1 << 10)
+    monkeypatch.setattr(cmp, "FUSED_MAX_ELEMENTS", F * H * 2)  # an expert fits, the stack (4x) does not
+    res = sweep(var, {"p": ref}, engine="numpy")
+    assert len(res.rows) == E and len(calls) == E
+    monkeypatch.setattr(cmp, "FUSED_MIN_ELEMENTS", 1 << 40)  # the general path gives the same figures
+    slow = {r.name: r for r in sweep(var, {"p": ref}, engine="numpy").rows}
+    for r in res.rows:
+        g = slow[r.name]
+        assert (r.p50, r.p99, r.max_abs) == (g.p50, g.p99, g.max_abs)
+        assert r.rel_fro == pytest.approx(g.rel_fro, rel=1e-9)
