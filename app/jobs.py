@@ -8,6 +8,7 @@ import numpy as np
 # Imported here, at window start-up, not inside the job functions: a worker thread importing a
 # module holds the GIL for the whole import and froze the GUI for ~70 ms (bench_gui).
 from quantscope.backend.compare import CompareError, layer_alone, layer_detail, sweep
+from quantscope.backend.compare_align import stacked_expert
 from quantscope.backend.convert import convert
 from quantscope.backend.demo import demo_workspace
 from quantscope.backend.doctor import diagnose
@@ -112,9 +113,13 @@ def job_doctor(path: str, *, progress=None, cancel=None) -> list[dict]:
 
 
 def job_whatif(reference, name: str, bits: int, group_size: int, mode: str, *, progress=None, cancel=None) -> dict:
-    """Requantize the reference layer with mx.quantize and measure the error (float64)."""
-    layer = reference.layer(name)
+    """Requantize the reference layer with mx.quantize and measure the error (float64); an expert
+    of a reference that stacks them: its slice of the stack."""
+    held = stacked_expert(name, reference)
+    layer = reference.layer(name) if held is None else held[0]
     w = get_engine("numpy").dequantize(reference, layer)
+    if held is not None:
+        w = w[held[1]]
     if cancel is not None and cancel.is_set():
         raise Cancelled()
     if w.ndim < 2:

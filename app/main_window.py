@@ -730,7 +730,8 @@ class MainWindow(QMainWindow):
 
     def run_whatif(self, bits: int, group: int, mode: str) -> None:
         ws = self.workspace
-        if self.current_layer is None or ws.reference is None or self.current_layer not in ws.reference.layers:
+        if self.current_layer is None or ws.reference is None or (
+                self.current_layer not in ws.reference.layers and expert_of_stack(self.current_layer, ws.reference) is None):
             why = ("Select a layer first." if self.current_layer is None else
                    "The what-if requantizes the reference's layer: open a reference (File ▸ Set reference…)."
                    if ws.reference is None else "The reference has no layer of that name to requantize.")

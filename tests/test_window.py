@@ -970,6 +970,8 @@ def test_an_expert_against_a_stacked_reference(qtbot, tmp_path):
         # the per-expert variant, and the stacked one (as the reference stacks them): its slice
         assert sorted(d.metrics) == ["mlxlm-qwen3moe-q4-g64 (2)", "qwen3moe-bf16"] and not d.left_out
         assert d.metrics["mlxlm-qwen3moe-q4-g64 (2)"].rel_fro == 0.0  # the reference itself
+        w.run_whatif(8, 64, "affine")  # requantizes that expert's slice of the reference's stack
+        qtbot.waitUntil(lambda: "What-if affine 8 bit / 64" in w.config.whatif_result.text(), timeout=30_000)
         from quantscope.backend.compare import sweep
         res = sweep(w.workspace.reference, {"bf16": w.workspace.models()["qwen3moe-bf16"]}, engine="numpy",
                     layers=r"layers\.1\.mlp\.experts\.2\.down_proj$")
