@@ -39,6 +39,7 @@ from .compare_align import (
     layer_index,
     proj_of,
     stack_expert_names,
+    stack_expert_row,
     switch_path,
 )
 from .engines import get_engine
@@ -302,15 +303,11 @@ def _check_smoothing(reference: Model, vs, eng) -> SmoothingCheck | None:
     # the first rows only: a layer over BLOCK_ELEMENTS is decoded by row blocks (a smaller one is
     # decoded whole by the engine, as the sweep itself would)
     r1 = min(t.rows, _POWER_ROWS)
-    rl = reference.layers[t.ref_layer]
     ref_rows = _reference_rows(reference, t, eng, keep=False)
     cache: dict = {}
     try:
-        if rl.scheme == "dense" and "weight" in rl.tensors:  # the rows straight from the file
-            w = np.asarray(reference.ckpt.tensor(rl.tensors["weight"].name)).reshape(-1, t.cols)[
-                t.ref_row0:t.ref_row0 + r1].astype(np.float32)
-        else:
-            w = ref_rows.get(0, r1)
+        w = ref_rows.stored(0, r1)  # a dense reference: the rows straight from the file
+        w = ref_rows.get(0, r1) if w is None else w.astype(np.float32)
         wh = _assemble(t, lambda p: cache.setdefault(p, _Rows(vs.model, vs.model.layers[p], eng, False, {})), 0, r1)
     except QuantscopeError:
         return None  # the sweep reports an undecodable layer itself
@@ -418,6 +415,13 @@ class _Rows:
             self._full = a
         return a
 
+    def stored(self, r0: int, r1: int) -> np.ndarray | None:
+        """Rows [r0, r1) of a dense layer as its file stores them (a view, its own dtype); None
+        for a quantized one."""
+        if self.layer.scheme != "dense" or "weight" not in self.layer.tensors:
+            return None
+        return np.asarray(self.model.ckpt.tensor(self.layer.tensors["weight"].name)).reshape(-1, self.cols)[r0:r1]
+
     def get(self, r0: int, r1: int) -> np.ndarray:
         """Rows [r0, r1) (float32, may be a view)."""
         if not self.big or self._full is not None:
@@ -441,6 +445,9 @@ class _RowView:
 
     def get(self, r0: int, r1: int) -> np.ndarray:
         return self.base.get(self.row0 + r0, self.row0 + r1)
+
+    def stored(self, r0: int, r1: int) -> np.ndarray | None:
+        return self.base.stored(self.row0 + r0, self.row0 + r1)
 
     def full(self) -> np.ndarray:
         return self.get(0, self.rows)
@@ -599,12 +606,10 @@ def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], e
     if row_decoder is None or not FUSED_MIN_ELEMENTS <= ref_rows.rows * ref_rows.cols <= FUSED_MAX_ELEMENTS:
         return None, {}, {}
     R, K = ref_rows.rows, ref_rows.cols
-    row0 = getattr(ref_rows, "row0", 0)
     if lay.scheme == "dense":
-        ref = np.asarray(ref_rows.model.ckpt.tensor(lay.tensors["weight"].name))
-        if ref.dtype not in (np.dtype(np.float32), _BF16):
+        ref = ref_rows.stored(0, R)  # (an expert's rows, of a stack)
+        if ref is None or ref.dtype not in (np.dtype(np.float32), _BF16):
             return None, {}, {}
-        ref = ref.reshape(-1, K)[row0:row0 + R]  # (an expert's rows of a stack)
     else:  # a quantized reference (verifying a conversion): decoded block by block too
         # (an expert of a quantized stack: the general path; the decoder reads whole stacks)
         ref = row_decoder(ref_rows.model, lay) if not isinstance(ref_rows, _RowView) else None
@@ -820,7 +825,6 @@ def _layers_pattern(reference: Model, pattern):
     """The ``layers`` filter of a sweep, compiled where it is a regular expression (else any
     object with ``search(name)``, ``pattern`` and ``what``); an error when it is not a regular
     expression or matches no layer of the reference at all."""
-    import re
     if isinstance(pattern, str):
         try:
             rx = re.compile(pattern)
@@ -1305,13 +1309,11 @@ def _expert_of_stack_target(al: Alignment, name: str, reference: Model) -> Targe
     """Expert ``name`` (``{block}.experts.{e}.{proj}``, as a sweep names an expert of a stacked
     reference) of a variant that stacks the experts as the reference does: its rows of the stack
     target. None otherwise."""
-    m = EXPERT_RE.match(name)
-    if m is None:
-        return None
-    st = al.targets.get(f"{m['pre']}.switch_mlp.{m['proj']}")
+    sw = switch_path(name)
+    st = None if sw is None else al.targets.get(sw[0])
     if st is None or len(st.segments) != 1 or st.col_scale is not None:
         return None
-    seg, e = st.segments[0], int(m["e"])
+    seg, e = st.segments[0], sw[1]
     a, b, step = seg.var_rows
     if seg.ref_rows != (0, st.rows, 1) or step != 1 or b - a != st.rows:
         return None
@@ -1328,21 +1330,17 @@ def _stack_of_experts_target(al: Alignment, name: str, reference: Model) -> Targ
     variant that stores its experts one by one (the sweep's rows are per expert): their targets
     joined, when every expert has one (no smoothing to undo per expert). None otherwise."""
     rl = reference.layers.get(name)
-    m = _SWITCH_RE_NAME.match(name)
-    if rl is None or m is None or not rl.shape or len(rl.shape) != 3:
+    if rl is None or stack_expert_row(name, 0) is None or not rl.shape or len(rl.shape) != 3:
         return None
     E, n, k = (int(x) for x in rl.shape)
     segs = []
     for e in range(E):
-        t = al.targets.get(f"{m['pre']}.experts.{e}.{m['proj']}")
+        t = al.targets.get(stack_expert_row(name, e))
         if t is None or len(t.segments) != 1 or t.col_scale is not None or t.col_fit_from or t.rows != n:
             return None
         seg = t.segments[0]
         segs.append(Segment((e * n, (e + 1) * n, 1), seg.var_layer, seg.var_rows))
     return Target(name, name, E * n, k, segs)
-
-
-_SWITCH_RE_NAME = re.compile(r"^(?P<pre>.*)\.switch_mlp\.(?P<proj>[^.]+)$")
 
 
 def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> np.ndarray:

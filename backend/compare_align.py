@@ -101,6 +101,14 @@ def stacked_expert(path: str, model: Model) -> tuple[Layer, int] | None:
     return layer, sw[1]
 
 
+def stack_expert_row(stack: str, e: int) -> str | None:
+    """The row name :func:`align` gives expert ``e`` of a reference's stack
+    ``{block}.switch_mlp.{proj}`` (against a variant storing the experts one by one):
+    ``{block}.experts.{e}.{proj}``, in the reference's naming. None for a path that is no stack."""
+    m = _SWITCH_RE.match(stack)
+    return None if m is None else f"{m['pre']}.experts.{e}.{m['proj']}"
+
+
 def expert_of_stack(path: str, reference: Model) -> str | None:
     """The name a sweep gives expert ``path`` (per-expert, in any checkpoint's naming) where
     ``reference`` stacks the experts (``{block}.experts.{e}.{proj}`` beside its
@@ -117,8 +125,7 @@ def expert_of_stack(path: str, reference: Model) -> str | None:
     shape = reference.layers[stack].shape
     if not shape or len(shape) != 3 or sw[1] >= shape[0]:
         return None
-    proj = stack.rsplit(".", 1)[1]
-    return f"{stack[:len(stack) - len(f'switch_mlp.{proj}')]}experts.{sw[1]}.{proj}"
+    return stack_expert_row(stack, sw[1])
 
 
 def stack_expert_names(reference: Model) -> list[str]:
@@ -126,9 +133,8 @@ def stack_expert_names(reference: Model) -> list[str]:
     for each ``{block}.switch_mlp.{proj}`` ``[E, N, K]``), against a variant storing them one by one."""
     out = []
     for path, layer in reference.layers.items():
-        m = _SWITCH_RE.match(path)
-        if m is not None and layer.shape and len(layer.shape) == 3:
-            out += [f"{m['pre']}.experts.{e}.{m['proj']}" for e in range(layer.shape[0])]
+        if _SWITCH_RE.match(path) and layer.shape and len(layer.shape) == 3:
+            out += [stack_expert_row(path, e) for e in range(layer.shape[0])]
     return out
 
 
@@ -397,9 +403,8 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                 # expert by expert, as against a reference that stores them one by one: each a
                 # row of its own, named experts.{e}.{proj} beside the reference's stack; one the
                 # variant lacks (or cannot use) is listed without partner, the others compared
-                base = rl.path[:len(rl.path) - len(f"switch_mlp.{m['proj']}")]
                 for e, p in enumerate(parts):
-                    name = f"{base}experts.{e}.{m['proj']}"
+                    name = stack_expert_row(rl.path, e)
                     why = "absent in the variant" if p is None else usable(p, cname)
                     if why is None and (p.shape is None or tuple(p.shape) != (n, rk)):
                         why = f"shape mismatch: reference expert {[n, rk]} of {rl.path} vs variant {list(p.shape or ())}"

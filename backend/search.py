@@ -7,6 +7,12 @@ from __future__ import annotations
 import re
 
 
+def _terms(query: str) -> list[str]:
+    """A query's space-separated terms, lower case, distinct, the longest first (scanned first:
+    it narrows most)."""
+    return sorted({t for t in re.split(r"\s+", query.strip().lower()) if t}, key=len, reverse=True)
+
+
 class PathIndex:
     """Case-insensitive substring search over many paths.
 
@@ -25,7 +31,7 @@ class PathIndex:
 
     def search(self, query: str) -> list[int] | None:
         """Ids (ascending) of paths matching every term of ``query``; None for an empty query."""
-        terms = sorted({t for t in re.split(r"\s+", query.strip().lower()) if t}, key=len, reverse=True)
+        terms = _terms(query)
         if not terms:
             return None
         low = self._lower
@@ -42,7 +48,7 @@ class NameTerms:
 
     def __init__(self, query: str) -> None:
         self.pattern = query.strip()
-        self.terms = sorted({t for t in re.split(r"\s+", self.pattern.lower()) if t}, key=len, reverse=True)
+        self.terms = _terms(query)
         self.what = f"the search '{self.pattern}'"
 
     def search(self, name: str) -> bool:
