@@ -202,6 +202,37 @@ def test_mostly_zero_errors_and_ties():
     _check(res, w, wh)
 
 
+@pytest.mark.parametrize("share", [0.3, 0.49, 0.6])
+def test_many_zero_errors_around_the_median(share):
+    # exact zeros just under, or just over, half of the layer: the median is the smallest
+    # nonzero error or zero; with intervals that start above 0 the zeros are counted below them
+    w = _ref(seed=7)
+    wf = w.astype(np.float32)
+    wh = wf + (RNG.standard_normal(wf.shape) * 1e-3).astype(np.float32)
+    same = RNG.random(wf.shape) < share
+    wh[same] = wf[same]
+    dec = fast.RowDecoder(lambda r0, r1, dst: np.copyto(dst, wh[r0:r1]), N, K, 1)
+    res = fused.measure(w, {"v": (dec, 0, None)})["v"]
+    assert res is not None
+    _check(res, w, wh)
+    assert (res["p50"] == 0.0) == (share > 0.5)
+
+
+def test_pair_stats_counts_zeros_below_an_interval_above_0():
+    # with intervals above 0 the zeros are counted apart and also below every interval
+    rng = np.random.default_rng(3)
+    wf = (rng.standard_normal((8, 512)) * 0.02).astype(np.float32)
+    v = wf + (rng.standard_normal(wf.shape) * 1e-3).astype(np.float32)
+    v[:, ::3] = wf[:, ::3]
+    t = np.abs(v - wf)
+    lo, hi = np.array([1e-4, 1e-3], np.float32), np.array([2e-4, 2e-3], np.float32)
+    acc, cnt, buf = np.zeros(5), np.zeros(6, np.int64), np.empty(v.size)
+    fast.pair_stats(wf, v, np.empty(0, np.float32), lo, hi, 1, acc, cnt, buf)
+    assert cnt[0] == (t == 0).sum()
+    assert cnt[4:].tolist() == [int((t < lo[0]).sum()), int((t < lo[1]).sum())]
+    assert cnt[4] > (t == 0).sum() > 0
+
+
 def test_float32_reference_and_undone_smoothing():
     w = _ref(seed=6).astype(np.float32)
     col = (0.5 + RNG.random(K)).astype(np.float32)

@@ -891,6 +891,84 @@ if AVAILABLE:
         return k
 
 
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _hist_intervals(hists, qs, n_blocks, z, deff, bins):
+        # fused.hist_intervals' arithmetic (see there): bins[k] = (lowest, highest) bin of
+        # percentile qs[k]'s interval; returns the sample's count inside their union, zeros
+        # (bin 0's) left out, and its size.
+        nsb, nb = hists.shape
+        h = np.zeros(nb, np.int64)
+        sizes = np.zeros(nsb)
+        for i in range(nsb):
+            t = 0
+            for j in range(nb):
+                h[j] += hists[i, j]
+                t += hists[i, j]
+            sizes[i] = t
+        c = np.cumsum(h)
+        m = c[-1]
+        mean_size = sizes.mean()
+        f = nsb / n_blocks
+        rest = n_blocks - nsb
+        nq = qs.size
+        qb = np.empty(nq, np.int64)
+        for k in range(nq):
+            qb[k] = np.searchsorted(c, qs[k] * (m - 1), side="right")
+        # per block, its count below each percentile's bin and through it, in one pass
+        edge = np.zeros((nsb, nq, 2))
+        for i in range(nsb):
+            t = 0
+            k = 0
+            for j in range(nb):
+                while k < nq and qb[k] == j:
+                    edge[i, k, 0] = t
+                    edge[i, k, 1] = t + hists[i, j]
+                    k += 1
+                if k == nq:
+                    break
+                t += hists[i, j]
+        for k in range(nq):
+            q = qs[k]
+            var_b = deff * q * (1 - q) / mean_size
+            if nsb > 1:
+                for e in range(2):
+                    mu = 0.0
+                    for i in range(nsb):
+                        mu += edge[i, k, e] / sizes[i]
+                    mu /= nsb
+                    ss = 0.0
+                    for i in range(nsb):
+                        x = edge[i, k, e] / sizes[i] - mu
+                        ss += x * x
+                    var_b = max(var_b, ss / (nsb - 1))
+            se = (1 - f) * np.sqrt(var_b * (1 / nsb + (1 / rest if rest else 0.0)))
+            delta = z * se + 2.0 / m
+            bl = 0 if q - delta <= 0 else np.searchsorted(c, np.floor((q - delta) * (m - 1)), side="right")
+            bh = nb - 1 if q + delta >= 1 else np.searchsorted(c, np.ceil((q + delta) * (m - 1)), side="right")
+            bins[k, 0] = bl
+            bins[k, 1] = min(bh, nb - 1)
+        inside = np.zeros(nb, np.bool_)
+        for k in range(nq):
+            inside[bins[k, 0]:bins[k, 1] + 1] = True
+        got = 0
+        for j in range(1, nb):
+            if inside[j]:
+                got += h[j]
+        return got, m
+
+
+def hist_interval_bins(hists: np.ndarray, qs, n_blocks: int, z: float, deff: float):
+    """(bins int64 [len(qs), 2], count inside, sample size) for ``fused.hist_intervals``; None
+    without numba."""
+    if not AVAILABLE:
+        return None
+    bins = np.empty((len(qs), 2), np.int64)
+    got, m = _hist_intervals(np.ascontiguousarray(hists, np.int32), np.asarray(qs, np.float64), int(n_blocks),
+                             float(z), float(deff), bins)
+    return bins, int(got), int(m)
+
+
 def count_lt32(vals: np.ndarray, lims: np.ndarray) -> np.ndarray:
     """Per float32 limit, how many float64 ``vals`` round (to float32) below it. Needs numba,
     like the one-pass sweep that uses it (:mod:`..fused`)."""
