@@ -284,6 +284,12 @@ def test_kth_values_exact():
                  np.concatenate([np.zeros(500), RNG.random(300) * 1e-30, RNG.random(300) * 1e3])):
         pos = [len(vals) - 1, 0, 7, len(vals) // 2, len(vals) // 2]
         np.testing.assert_array_equal(fast.kth_values(vals, pos), np.sort(vals)[pos])
+    # more wanted buckets than one pass takes (four), a tie bucket among them, and a range of
+    # hundreds of octaves (more buckets than the interleaved tables take)
+    ties = np.concatenate([RNG.random(20_000), np.full(30_000, 0.25)])
+    for vals in (ties, 10.0 ** RNG.uniform(-30, 30, 40_000)):
+        pos = sorted(RNG.choice(len(vals), 11, replace=False).tolist() + [len(vals) // 2])
+        np.testing.assert_array_equal(fast.kth_values(vals, pos), np.sort(vals)[pos])
     assert fast.kth_values(np.array([1.0, np.inf]), [0]) is None
     assert fast.kth_values(np.array([1.0, np.nan]), [0]) is None
 

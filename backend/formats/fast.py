@@ -759,6 +759,62 @@ if AVAILABLE:
 
 if AVAILABLE:
     @njit(nogil=True, cache=True)
+    def _count_keys(bits, sh, kmin, nk):
+        # how many nonzero values have each key (bits >> sh) - kmin. Four interleaved tables
+        # when they are small: one bucket often holds half the values (ties), and increments
+        # of one counter wait on each other (store to load), 1.6 -> 1.0 ns per value here
+        counts = np.zeros(nk, np.int64)
+        n = bits.size
+        if nk > (1 << 16):
+            for i in range(n):
+                if bits[i] != 0:
+                    counts[np.int64((bits[i] >> sh) - kmin)] += 1
+            return counts
+        c4 = np.zeros((4, nk + 1), np.int32)
+        for i in range(n):
+            u = bits[i]
+            c4[i & 3, np.int64((u >> sh) - kmin) if u != 0 else nk] += 1
+        for j in range(nk):
+            counts[j] = np.int64(c4[0, j]) + c4[1, j] + c4[2, j] + c4[3, j]
+        return counts
+
+    @njit(nogil=True, cache=True)
+    def _key_minmax4(sbits, sh, keys, bmin, bmax):
+        # the least and greatest bits (int64: non-negative floats order like their bits) of the
+        # values of each of up to four keys, in registers without a branch (a per-bucket
+        # min/max in memory waited on itself: 8 ns per value, 1.2 now)
+        big = np.int64(0x7FFFFFFFFFFFFFFF)
+        none = np.int64(-1)
+        w = np.full(4, none, np.int64)
+        for q in range(keys.size):
+            w[q] = keys[q]
+        w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+        m0 = big
+        m1 = big
+        m2 = big
+        m3 = big
+        x0 = none
+        x1 = none
+        x2 = none
+        x3 = none
+        for j in range(sbits.size):
+            b = sbits[j]
+            k = b >> sh
+            m0 = min(m0, b if k == w0 else big)
+            x0 = max(x0, b if k == w0 else none)
+            m1 = min(m1, b if k == w1 else big)
+            x1 = max(x1, b if k == w1 else none)
+            m2 = min(m2, b if k == w2 else big)
+            x2 = max(x2, b if k == w2 else none)
+            m3 = min(m3, b if k == w3 else big)
+            x3 = max(x3, b if k == w3 else none)
+        ms = (m0, m1, m2, m3)
+        xs = (x0, x1, x2, x3)
+        for q in range(keys.size):
+            bmin[q] = ms[q]
+            bmax[q] = xs[q]
+
+    @njit(nogil=True, cache=True)
     def _kth(vals, pos, out):
         # out[i] = the pos[i]-th smallest of vals (float64 >= 0, pos ascending); False (nothing
         # written) for NaN/inf or a range too wide. Zeros rank first; the rest are bucketed by
@@ -784,10 +840,7 @@ if AVAILABLE:
         nk = np.int64(kmax - kmin) + 1
         if nk > (1 << 24):
             return False
-        counts = np.zeros(nk, np.int64)
-        for i in range(n):
-            if bits[i] != 0:
-                counts[np.int64((bits[i] >> sh) - kmin)] += 1
+        counts = _count_keys(bits, sh, kmin, nk)
         m = pos.size
         wb = np.full(m, -1, np.int64)  # bucket of each wanted position (-1: a zero)
         start = np.zeros(m, np.int64)
@@ -802,19 +855,18 @@ if AVAILABLE:
             wb[i] = b
             start[i] = c
         ub = np.unique(wb[wb >= 0])
+        # a bucket of equal values (ties: bf16-rounded decodes) needs no gathering or sorting
+        sbits = vals.view(np.int64)
+        lo_bits = np.empty(ub.size, np.int64)
+        hi_bits = np.empty(ub.size, np.int64)
+        for g in range(0, ub.size, 4):
+            e = min(ub.size, g + 4)
+            _key_minmax4(sbits, np.int64(sh), ub[g:e] + np.int64(kmin), lo_bits[g:e], hi_bits[g:e])
+        bmin = lo_bits.view(np.float64)
+        bmax = hi_bits.view(np.float64)
         slot = np.full(nk, -1, np.int32)  # bucket -> its index in ub (-1: not wanted)
         for q in range(ub.size):
             slot[ub[q]] = q
-        # a bucket of equal values (ties: bf16-rounded decodes) needs no gathering or sorting
-        bmin = np.full(ub.size, np.inf)
-        bmax = np.zeros(ub.size)
-        for j in range(n):
-            u = bits[j]
-            if u != 0:
-                q = slot[np.int64((u >> sh) - kmin)]
-                if q >= 0:
-                    bmin[q] = min(bmin[q], vals[j])
-                    bmax[q] = max(bmax[q], vals[j])
         # one pass gathers every other wanted bucket into its own slice of sel
         off = np.zeros(ub.size + 1, np.int64)
         for q in range(ub.size):
