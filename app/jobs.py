@@ -34,15 +34,15 @@ def job_load(paths, reference=None, *, progress=None, cancel=None):
 
 def reduce_rows(m: np.ndarray, max_rows: int = MAX_HEATMAP_ROWS) -> tuple[np.ndarray, int]:
     """Reduce a [rows, groups] map to at most ``max_rows`` rows by the max over row blocks
-    (a hot group stays visible when the map is shrunk to the screen)."""
+    (a hot group stays visible when the map is shrunk to the screen; so does a NaN one)."""
     rows = m.shape[0]
     per = max(1, -(-rows // max_rows))
     if per == 1:
         return m, 1
     pad = (-rows) % per
-    if pad:
-        m = np.concatenate([m, np.full((pad, m.shape[1]), np.nan, m.dtype)])
-    return np.nanmax(m.reshape(-1, per, m.shape[1]), axis=1), per
+    if pad:  # below every value: the last block's max is its own rows'
+        m = np.concatenate([m, np.full((pad, m.shape[1]), -np.inf, m.dtype)])
+    return np.max(m.reshape(-1, per, m.shape[1]), axis=1), per
 
 
 def _finite_range(arrays: dict[str, np.ndarray]):
@@ -98,7 +98,7 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
              and variants[k].layers[name].scheme != "mlx-affine"}
     zero_edges, zero_counts = zero_histogram(zeros)
     return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts,
-            "scale_view": scale_view, "maps": maps, "zero_edges": zero_edges, "zero_counts": zero_counts}
+            "scale_view": scale_view, "maps": maps, "by_index": set(d.grouped_by_index), "zero_edges": zero_edges, "zero_counts": zero_counts}
 
 
 def job_sweep(reference, variants: dict, *, engine="auto", cache=None, layers=None, progress=None, cancel=None):

@@ -586,10 +586,16 @@ class MainWindow(QMainWindow):
                                                         note=r["name"], view=d.value_view,
                                                         nonfinite=d.nonfinite, absent=absent))
         alone = d.error_edges is None  # no reference layer: nothing to measure the error against
-        no_ref = f"{r['name']}: " + ("no reference to measure the error against (File ▸ Set reference… opens the "
-                                     "original model)" if self.workspace.reference is None else
-                                     "the reference has no layer of that name to measure the error against "
-                                     "(a variant's own name: select the reference's layer it stands for)")
+        ws = self.workspace
+        no_ref = f"{r['name']}: " + (
+            "no reference to measure the error against (File ▸ Set reference… opens the original model)"
+            if ws.reference is None else
+            "no variant is open to measure against the reference (File ▸ Add variant… opens a quantized "
+            "checkpoint)" if not ws.variants else
+            "no open variant has this layer to measure against the reference"
+            if r["name"] in ws.reference.layers else
+            "the reference has no layer of that name to measure the error against "
+            "(a variant's own name: select the reference's layer it stands for)")
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
                                                                 note=no_ref if alone else r["name"],
                                                                 view=d.error_view, nonfinite=d.nonfinite,
@@ -606,7 +612,8 @@ class MainWindow(QMainWindow):
             r["zero_edges"], r["zero_counts"], colors,
             note="integer zero points" if r["zero_counts"] else "No variant stores integer zero points for this layer"))
         upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note=no_ref if alone else
-                                                        "No variant quantizes this layer in groups"))
+                                                        "No variant quantizes this layer in groups",
+                                                        by_index=r.get("by_index", ())))
         self._shown_layer = d.name
         self._detail_errors = (d.name, d, no_ref if alone else None)
         self._refresh_result()

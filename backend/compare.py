@@ -1254,6 +1254,8 @@ class LayerDetail:
     nonfinite: dict[str, int] = field(default_factory=dict)
     #: Variants left out of every view of this layer, with why (no partner, cannot be decoded).
     left_out: dict[str, str] = field(default_factory=dict)
+    #: Variants whose group error map groups the columns by their act-order index (g_idx).
+    grouped_by_index: set[str] = field(default_factory=set)
 
 
 def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
@@ -1343,7 +1345,10 @@ def _stack_of_experts_target(al: Alignment, name: str, reference: Model) -> Targ
     return Target(name, name, E * n, k, segs)
 
 
-def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> np.ndarray:
+def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> tuple[np.ndarray, bool]:
+    """(``[..., rows, groups]`` relative error of each group, whether the columns were grouped by
+    the file's act-order index). Each group's sums take only its own columns: a NaN or inf weight
+    makes its own group's cell non-finite, not its whole row."""
     K = w.shape[-1]
     d2 = np.square(wh.astype(np.float64) - w.astype(np.float64))
     w2 = np.square(w.astype(np.float64))
@@ -1356,16 +1361,23 @@ def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> 
         g_idx = np.asarray(model.ckpt.tensor(layer.tensors[key].name)).astype(np.int64).reshape(-1)
         if g_idx.shape != (K,) or (g_idx < 0).any():
             g_idx = None
+    by_index = g_idx is not None and bool((np.diff(g_idx) < 0).any())  # a real permutation
     if g_idx is None:
         if gs is None or K % gs:
             gs = K
         g_idx = np.arange(K) // gs
     ng = int(g_idx.max()) + 1 if K else 0
-    onehot = np.zeros((K, ng))
-    onehot[np.arange(K), g_idx] = 1.0
-    num, den = d2 @ onehot, w2 @ onehot
+    num = np.zeros(d2.shape[:-1] + (ng,))
+    den = np.zeros_like(num)
+    if K:
+        order = np.argsort(g_idx, kind="stable") if by_index else None
+        counts = np.bincount(g_idx, minlength=ng)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        used = counts > 0  # a group no column names stays 0
+        for src, dst in ((d2, num), (w2, den)):
+            dst[..., used] = np.add.reduceat(src if order is None else src[..., order], starts[used], axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, 0.0))
+        return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, np.where(num == 0, 0.0, num))), by_index
 
 
 def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bins: int = 256, engine="auto",
@@ -1451,15 +1463,18 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     error_edges, error_counts, error_view = bulk_histograms(errs, bins)
     del errs
     code_counts, scales, zeros, group_error = {}, {}, {}, {}
+    grouped_by_index: set[str] = set()
     for vs in states:
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
         vl = vs.model.layers[t.var_layers[0]]
         _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments)
-        group_error[vs.label] = _group_errors(w, wh_of[vs.label], vl, vs.model)
+        group_error[vs.label], by_index = _group_errors(w, wh_of[vs.label], vl, vs.model)
+        if by_index:
+            grouped_by_index.add(vs.label)
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
                        group_error, metrics, value_view, error_view,
-                       _nonfinite({"reference": w, **wh_of}, value_counts), left_out)
+                       _nonfinite({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index)
 
 
 def _nonfinite(values: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, int]:

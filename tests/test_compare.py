@@ -478,6 +478,7 @@ def test_layer_detail(ref_pair, mlx_variant, tmp_path):
         assert np.array_equal(d.code_counts[label], np.bincount(codes.reshape(-1), minlength=16))
     assert "dense" not in d.code_counts
     assert d.group_error["m"].shape == (H, F // 64) and d.group_error["g"].shape == (H, F // 64)
+    assert d.grouped_by_index == set()  # GPTQ's g_idx in column order: runs of group_size
     ge = d.group_error["g"]
     blk = (slice(3, 4), slice(64, 128))
     assert ge[3, 1] == pytest.approx(_direct(w[blk], wh[blk]), rel=1e-9)
@@ -820,10 +821,17 @@ def test_group_error_follows_compressed_tensors_act_order(tmp_path):
     w[:, gi == 0] += rng.standard_normal((w.shape[0], int((gi == 0).sum()))).astype(np.float32) * 0.5 * np.abs(
         exp[:, gi == 0]).mean()
     ref = _model(tmp_path / "ref", {name + ".weight": w})
-    ge = layer_detail(ref, {"ct": var}, name, engine="numpy").group_error["ct"]
+    d = layer_detail(ref, {"ct": var}, name, engine="numpy")
+    ge = d.group_error["ct"]
     assert ge.shape == (w.shape[0], 3)
     # outside group 0 only the library output dtype rounding of the expected decode (~1e-3)
     assert ge[:, 0].min() > 0.1 and ge[:, 1:].max() < 0.01
+    assert d.grouped_by_index == {"ct"}  # the view says so on its axis
+    # a NaN weight spoils its own group's cell only (a one-hot product spread it over the row)
+    w[5, np.flatnonzero(gi == 1)[3]] = np.nan
+    ge = layer_detail(_model(tmp_path / "ref_nan", {name + ".weight": w}), {"ct": var}, name,
+                      engine="numpy").group_error["ct"]
+    assert np.isnan(ge[5, 1]) and np.isfinite(np.delete(ge.ravel(), 5 * 3 + 1)).all()
 
 
 def test_smoothing_labels_in_words():

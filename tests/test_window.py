@@ -657,6 +657,29 @@ def test_layers_heatmap_colours_on_its_own_or_a_shared_scale(qtbot):
     assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.34))
 
 
+def test_group_error_map_marks_nonfinite_cells_and_names_act_order(qtbot):
+    """A NaN group was drawn blank (it looked like padding) and an inf one in the top colour;
+    the x-axis said "act-order: by g_idx" for every variant."""
+    from quantscope.app.jobs import reduce_rows
+    from quantscope.widgets.group_error_heatmap import GroupErrorHeatmap
+    hm = GroupErrorHeatmap()
+    qtbot.addWidget(hm)
+    m = np.full((6, 4), 0.1)
+    m[2, 1], m[4, 3] = np.nan, np.inf
+    hm.set_maps({"gptq-act": (m, 1), "mlx": (np.full((6, 4), 0.2), 1)}, by_index={"gptq-act"})
+    hm.variant.setCurrentText("gptq-act")
+    assert hm.note.text() == "2 cells NaN or inf (red)"
+    assert hm.bad.image is not None and hm.bad.image[2, 1, 3] == 255 and hm.bad.image[0, 0, 3] == 0
+    assert "by g_idx" in hm.plot.getAxis("bottom").labelText
+    hm.variant.setCurrentText("mlx")
+    assert hm.note.text() == "" and "g_idx" not in hm.plot.getAxis("bottom").labelText
+    # shrunk to the screen, a block of rows holding a NaN cell stays NaN (nanmax dropped it)
+    big = np.full((10, 2), 0.1)
+    big[7, 0] = np.nan
+    red, per = reduce_rows(big, max_rows=3)
+    assert per == 4 and red.shape == (3, 2) and np.isnan(red[1, 0]) and (red[:, 1] == 0.1).all()
+
+
 def test_config_table_rows_copy_whole_with_their_header(win, qtbot):
     from PySide6.QtGui import QGuiApplication
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
@@ -763,6 +786,18 @@ def test_adding_a_variant_shows_it_in_the_views_and_drops_the_old_comparison(win
     assert win.sweep_result is None and not any(win.tree.model._errors.values())
     qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
     assert not win.layers._rows and "Compare all layers" in win.layers.info.text()
+
+
+def test_a_reference_alone_says_no_variant_is_open(win, qtbot, demo):
+    # the error views said "the reference has no layer of that name" of a layer it has
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([], str(demo.reference))
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.0.mlp.up_proj")
+    for i in range(win.tabs.count()):
+        win.tabs.setCurrentIndex(i)
+    for text in (win.err_hist.hint.text(), win.heatmap.hint.text(), win.config.whatif_result.text()):
+        assert "no variant is open" in text.replace("\u200b", "") and "no layer of that name" not in text
 
 
 def test_without_a_reference_the_views_show_what_the_checkpoint_holds(win, qtbot, demo):

@@ -20,6 +20,10 @@ from .plots import Hint, IntAxis, plain_axes, shrinkable
 class GroupErrorHeatmap(QWidget):
     """One variant at a time; the map arrives already reduced to screen resolution."""
 
+    _XLABEL = "group of in_features columns"
+    _BAD_RGBA = (228, 26, 28, 255)  # not in viridis
+    _BAD_HEX = "#e41a1c"
+
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.variant = shrinkable(QComboBox(), 24)  # long variant names differ at their ends
@@ -29,13 +33,19 @@ class GroupErrorHeatmap(QWidget):
         self.scale.setToolTip("Colours from 0 to the 99.5th percentile of every variant's group errors; unchecked, "
                               "of the shown variant's only")
         self.hover = QLabel(" ")
+        self.note = QLabel("")  # non-finite cells of the shown variant, if any
+        self.note.setStyleSheet(f"color: {self._BAD_HEX}")
         self.glw = pg.GraphicsLayoutWidget()
         self.plot = self.glw.addPlot(axisItems={"bottom": IntAxis("bottom"), "left": IntAxis("left")})
-        self.plot.setLabel("bottom", "group of in_features columns (act-order: by g_idx)")
+        self.plot.setLabel("bottom", self._XLABEL)
         self.plot.setLabel("left", "output row")
         self.plot.invertY(True)
         self.image = pg.ImageItem(axisOrder="row-major")
         self.plot.addItem(self.image)
+        # NaN / inf cells (a NaN or inf weight or scale in the group) on top, in one colour the
+        # map never uses; the colour map alone would leave NaN blank and clip inf to its top
+        self.bad = pg.ImageItem(axisOrder="row-major")
+        self.plot.addItem(self.bad)
         self.cbar = pg.ColorBarItem(colorMap=pg.colormap.get("viridis"), label="relative error per group",
                                     interactive=False)
         self.cbar.setImageItem(self.image, insert_in=self.plot)
@@ -46,6 +56,7 @@ class GroupErrorHeatmap(QWidget):
         bar.addWidget(QLabel("variant"))
         bar.addWidget(self.variant)
         bar.addWidget(self.scale)
+        bar.addWidget(self.note)
         bar.addStretch(1)
         bar.addWidget(self.hover)
         lay = QVBoxLayout(self)
@@ -53,6 +64,7 @@ class GroupErrorHeatmap(QWidget):
         lay.addLayout(bar)
         lay.addWidget(self.glw, 1)
         self._maps: dict[str, tuple[np.ndarray, int]] = {}
+        self._by_index: set[str] = set()
         self.hint = Hint(self.glw, "Select a quantized layer in the Tensors tree: the relative error of each "
                                    "quantization group (rows × groups), one variant at a time", right=110)
         self.variant.currentTextChanged.connect(self._show)
@@ -64,10 +76,12 @@ class GroupErrorHeatmap(QWidget):
         return [self.glw, "colour scale shared by all variants" if self.scale.isChecked()
                 else f"colour scale: {self.variant.currentText()}'s own"]
 
-    def set_maps(self, maps: dict[str, tuple[np.ndarray, int]], empty_note: str = "") -> None:
+    def set_maps(self, maps: dict[str, tuple[np.ndarray, int]], empty_note: str = "", by_index=()) -> None:
         """``maps``: variant → (map [rows', groups], rows per displayed row); ``empty_note``: what
-        the view says when there is none."""
+        the view says when there is none; ``by_index``: the variants whose columns are grouped by
+        their act-order index (g_idx), not in runs of group_size."""
         self._maps = dict(maps)
+        self._by_index = set(by_index)
         if maps:
             self.hint.set("")
         else:
@@ -83,14 +97,29 @@ class GroupErrorHeatmap(QWidget):
 
     def _show(self, label: str) -> None:
         m = self._maps.get(label)
+        self.plot.setLabel("bottom", self._XLABEL + (" (act-order: by g_idx)" if label in self._by_index else ""))
         if m is None:
             self.image.clear()
+            self.bad.clear()
+            self.note.setText("")
             return
         data, per = m
         hi = self._top(None if self.scale.isChecked() else label)
         self.image.setImage(data, autoLevels=False)
         # in the layer's own units: a displayed row covers ``per`` output rows
-        self.image.setRect(QRectF(0, 0, data.shape[1], data.shape[0] * per))
+        rect = QRectF(0, 0, data.shape[1], data.shape[0] * per)
+        self.image.setRect(rect)
+        bad = ~np.isfinite(data)
+        nbad = int(bad.sum())
+        if nbad:
+            rgba = np.zeros(data.shape + (4,), np.uint8)
+            rgba[bad] = self._BAD_RGBA
+            self.bad.setImage(rgba, autoLevels=False, levels=(0, 255))
+            self.bad.setRect(rect)
+            self.note.setText(f"{nbad} cell{'s' if nbad > 1 else ''} NaN or inf (red)")
+        else:
+            self.bad.clear()
+            self.note.setText("")
         self.cbar.setLevels((0.0, max(hi, 1e-12)))
         self.plot.autoRange()
 
