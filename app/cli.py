@@ -162,6 +162,11 @@ def cmd_info(args) -> int:
             out.append(f"  {len(q['overrides'])} per-layer override(s)")
         for n in q["notes"]:
             out.append(f"  note: {n}")
+    inferred = sorted({part for ly in s["layers"] for part in (ly.get("source") or "").split("; ")
+                       if "inferred" in part})
+    if inferred:  # no config said it: what was read off the tensors (the JSON has it per layer)
+        out.append(f"no config gives the quantization{'' if not q['kind'] else ' of some layers'}: "
+                   + "; ".join(inferred[:3]) + (f"; … ({len(inferred)} in all)" if len(inferred) > 3 else ""))
     out.append("schemes: " + ", ".join(f"{k} ×{v}" for k, v in s["schemes"].items()))
     out.append(f"logical parameters: {human_count(s['logical_params'])}")
     by_name = {t["name"]: t for t in s["tensors"]}

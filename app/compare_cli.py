@@ -86,7 +86,7 @@ def format_table(result, labels: list[str]) -> str:
     unmatched = [u for u in result.unmatched if u.variant not in result.failed]  # (those: one error each)
     if unmatched:
         lines.append("")
-        lines.append(f"without partner ({len(unmatched)}):")
+        lines.append(f"not compared ({len(unmatched)}):")
         for u in unmatched:
             lines.append(f"  {short.get(u.variant, u.variant)}: {u.layer}: {u.reason}")
     return "\n".join(lines)
@@ -105,8 +105,12 @@ def run_compare(args) -> int:
             check_output_path(out)
     if args.json_out == "-" and args.csv_out == "-":
         raise QuantscopeError("--json - and --csv - cannot both write to stdout")
+    if (args.json_out and args.csv_out and args.json_out != "-"
+            and os.path.realpath(args.json_out) == os.path.realpath(args.csv_out)):
+        raise QuantscopeError(f"--json and --csv both name {args.csv_out}: the CSV would replace the JSON")
     ref = analyze(open_checkpoint(args.reference))
     variants = {}
+    unopened: dict[str, Exception] = {}  # said and counted as not compared; the others are
     seen: dict[str, str] = {}  # the reference itself may be a variant: a check that gives 0 error
     for path in args.variants:
         real = os.path.realpath(path)
@@ -115,7 +119,12 @@ def run_compare(args) -> int:
             print(f"quantscope: {again}: compared once", file=sys.stderr)
             continue
         seen[real] = path
-        variants[path] = analyze(open_checkpoint(path))
+        try:
+            variants[path] = analyze(open_checkpoint(path))
+        except (QuantscopeError, OSError) as exc:
+            unopened[path] = exc
+    if not variants:  # nothing to compare: the (first) reason is the error
+        raise next(iter(unopened.values()))
     for out in (args.json_out, args.csv_out):
         refuse_writing_into(out, [ref, *variants.values()])
     bar = ProgressBar("comparing")
@@ -127,6 +136,8 @@ def run_compare(args) -> int:
         bar.close()
     data = result.to_json()
     data = {"reference": args.reference, "variants": list(variants), **data}
+    data["failed"] = data.get("failed", []) + [{"variant": v, "file": getattr(e, "file", None) or getattr(e, "filename", v),
+                                                "reason": _reason(e)} for v, e in unopened.items()]
     if getattr(args, "layers", None) is not None:  # what was asked, and what came along with it
         data["layers_pattern"] = args.layers
         data["added_layers"] = result.added
@@ -145,7 +156,16 @@ def run_compare(args) -> int:
         result.to_csv(sys.stdout if args.csv_out == "-" else args.csv_out)
     if not to_stdout:
         sys.stdout.write(format_table(result, labels) + "\n")
-    for err in result.failed.values():  # the others were compared: still a failure to say
+    for err in [*result.failed.values(), *map(_reason, unopened.values())]:  # the others were compared
         print(f"quantscope: error: {err}", file=sys.stderr)
-    # 1: compared, but a variant's config is contradicted by its own tensors (as dequant/convert)
-    return 2 if result.failed else 1 if result.data_warnings else 0
+    # 1: compared, but a variant's config is contradicted by its own tensors (as dequant/convert),
+    # or some of its layers could not be decoded (listed with the layers not compared)
+    undecodable = any("cannot be decoded" in u.reason for u in result.unmatched)
+    return 2 if result.failed or unopened else 1 if result.data_warnings or undecodable else 0
+
+
+def _reason(exc: Exception) -> str:
+    """One line for a checkpoint that could not be opened (as ``main`` says it when it is the only one)."""
+    if isinstance(exc, OSError) and not isinstance(exc, QuantscopeError):
+        return f"{exc.filename}: {exc.strerror or exc}" if exc.filename is not None else str(exc)
+    return str(exc)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
+from quantscope.backend.errors import QuantscopeError
+
 
 def _app():
     from PySide6.QtWidgets import QApplication
@@ -128,8 +130,15 @@ class Script:
 
 def run_window(args) -> int:
     """Open the window (the demo workspace when no path is given)."""
-    if args.screenshot and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY"):
+    headless = (sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
+                and not os.environ.get("WAYLAND_DISPLAY"))
+    if args.screenshot and headless:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    elif headless and not os.environ.get("QT_QPA_PLATFORM"):
+        # Qt would print its plugin help and abort the process (SIGABRT)
+        raise QuantscopeError("no display to open the window on (DISPLAY is not set): run it on a desktop, "
+                              "or save a picture with --screenshot FILE; the command-line tools (info, "
+                              "compare, doctor, …) need none")
     from PySide6.QtCore import QSettings
 
     from .main_window import MainWindow

@@ -169,7 +169,7 @@ class SafetensorsFile:
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_SIZE or n > self.size - 8:
                 what = "larger than the 100 MB limit" if n > MAX_HEADER_SIZE else \
-                    f"larger than the file ({self.size} bytes)"
+                    f"more than the {self.size - 8} bytes the file holds after it ({self.size} bytes in all)"
                 cause = _likely_cause(os.pread(fd, 64, 0))
                 if not cause and n <= MAX_HEADER_SIZE:
                     cause = " — the file is truncated (incomplete download?)"

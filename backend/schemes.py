@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,9 +134,21 @@ class Model:
         try:
             return self.layers[path]
         except KeyError:
-            raise LayerError("no such layer in this checkpoint (give the module path without the component "
-                             "suffix, e.g. model.layers.0.self_attn.q_proj)", file=self.ckpt.source,
-                             tensor=path, rule="layer.missing") from None
+            pass
+        # a tensor's name (module path + component), or a stack's name where the experts are
+        # stored one by one: say which layer(s) were meant
+        head, _, tail = path.rpartition(".")
+        if head in self.layers and tail in self.layers[head].tensors:
+            hint = f"{path} is a tensor of the layer {head}: give that"
+        else:
+            m = re.match(r"(.*)\.switch_mlp\.(\w+)$", path)
+            experts = [p for p in self.layers if m and re.fullmatch(
+                re.escape(m[1]) + r"\.experts\.\d+\." + re.escape(m[2]), p)]
+            hint = (f"this checkpoint stores that stack's experts one by one: {experts[0]} … "
+                    f"({len(experts)} of them)" if experts else
+                    "give the module path without the component suffix, e.g. model.layers.0.self_attn.q_proj")
+        raise LayerError(f"no such layer in this checkpoint ({hint})", file=self.ckpt.source, tensor=path,
+                         rule="layer.missing") from None
 
     @property
     def schemes(self) -> dict[str, int]:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from helpers import write_raw, write_st
 from quantscope.app.cli import main
@@ -118,6 +119,33 @@ def test_a_variant_whose_every_layer_fails_to_decode_is_not_compared(tmp_path, c
     assert main(["compare", "--reference", ref, str(bad), "--layers", "q_proj"]) == 2
     err = capsys.readouterr().err
     assert "no layer matching --layers 'q_proj' can be compared" in err and "down_proj" not in err
+
+
+def test_a_variant_that_cannot_be_opened_leaves_the_others_compared(tmp_path, capsys, real_fixtures):
+    # a missing path (or a broken file) among the variants stopped the whole comparison
+    ref, good = str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad}")
+    missing = str(tmp_path / "nonexistent")
+    assert main(["compare", "--reference", ref, missing, good, str(broken), "--json", "-"]) == 2
+    cap = capsys.readouterr()
+    data = json.loads(cap.out)
+    assert {r["variant"] for r in data["layers"]} == {good}
+    assert [f["variant"] for f in data["failed"]] == [missing, str(broken)]
+    err = cap.err.strip().splitlines()
+    assert any(missing in ln and ln.startswith("quantscope: error:") for ln in err)
+    assert any(str(broken) in ln and ln.startswith("quantscope: error:") for ln in err)
+    # none opens: that one line, exit 2
+    assert main(["compare", "--reference", ref, missing]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and missing in err[0]
+
+
+def test_compare_refuses_one_file_for_both_json_and_csv(tmp_path, capsys, real_fixtures):
+    out = tmp_path / "same.out"
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
+                 "--json", str(out), "--csv", str(out)]) == 2
+    assert "--json and --csv both name" in capsys.readouterr().err and not out.exists()
 
 
 def test_compare_warns_of_a_file_its_own_tensors_contradict(tmp_path, capsys, real_fixtures):
@@ -390,3 +418,35 @@ def test_an_output_through_a_symlink_writes_its_target(tmp_path):
     with atomic_output(link) as fh:
         fh.write("new")
     assert link.is_symlink() and target.read_text() == "new"
+
+
+def test_window_without_a_display_is_one_line_exit_2(monkeypatch, capsys):
+    # Qt printed its platform-plugin help and aborted the process (exit 134)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("DISPLAY decides only on Linux")
+    for var in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(var, raising=False)
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quantscope: error: no display") and "--screenshot" in err and err.count("\n") == 1
+
+
+def test_dequant_names_the_layer_a_wrong_name_meant(tmp_path, capsys):
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    out = str(tmp_path / "o.npy")
+    assert main(["dequant", str(real / "gptqmodel-gptq-w4g128"), "model.layers.0.self_attn.q_proj.qweight",
+                 "-o", out]) == 2
+    assert "is a tensor of the layer model.layers.0.self_attn.q_proj" in capsys.readouterr().err
+    assert main(["dequant", str(real / "gptqmodel-qwen3moe-w4g64"), "model.layers.0.mlp.switch_mlp.down_proj",
+                 "-o", out]) == 2
+    assert "experts one by one: model.layers.0.mlp.experts.0.down_proj" in capsys.readouterr().err
+
+
+def test_info_says_when_the_quantization_was_read_off_the_tensors(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+    lone = tmp_path / "gptq.safetensors"
+    shutil.copy(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128" / "model.safetensors", lone)
+    assert main(["info", str(lone)]) == 0
+    assert "no config gives the quantization: bits inferred from shapes: 4" in capsys.readouterr().out

@@ -104,7 +104,7 @@ def test_scalars_and_empty_tensors(tmp_path):
     ("html", "container.header-too-large", "HTML"),
     ("json", "container.header-too-large", "JSON file"),
     ("gguf", "container.header-too-large", "GGUF"),
-    ("len-past-file", "container.header-too-large", "larger than the file"),
+    ("len-past-file", "container.header-too-large", "bytes the file holds after it"),
     ("not-json", "container.header-json", "not valid JSON"),
     ("not-object", "container.header-json", "not a JSON object"),
     ("bad-utf8", "container.header-json", "UTF-8"),
