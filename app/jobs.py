@@ -88,8 +88,9 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
         d = layer_alone(variants, name, engine=engine, cancel=cancel)
     if progress:
         progress(0.9)
-    scale_edges, scale_counts, scale_view = shared_histogram(
-        {k: np.asarray(v, np.float64).ravel() for k, v in d.scales.items() if v is not None})
+    scales = {k: np.asarray(v, np.float64).ravel() for k, v in d.scales.items() if v is not None}
+    scale_edges, scale_counts, scale_view = shared_histogram(scales)
+    scale_nonfinite = {k: n for k, a in scales.items() if (n := int(a.size - np.isfinite(a).sum()))}
     maps = {k: reduce_rows(np.asarray(v, np.float64)) for k, v in d.group_error.items() if v is not None}
     # Integer zero points (GPTQ/AWQ/compressed-tensors) on one bin per level; MLX's float biases
     # are offsets in weight units, not zero points, so they are left out of this plot.
@@ -98,7 +99,7 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
              and variants[k].layers[name].scheme != "mlx-affine"}
     zero_edges, zero_counts = zero_histogram(zeros)
     return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts,
-            "scale_view": scale_view, "maps": maps, "by_index": set(d.grouped_by_index), "zero_edges": zero_edges, "zero_counts": zero_counts}
+            "scale_view": scale_view, "scale_nonfinite": scale_nonfinite, "maps": maps, "by_index": set(d.grouped_by_index), "zero_edges": zero_edges, "zero_counts": zero_counts}
 
 
 def job_sweep(reference, variants: dict, *, engine="auto", cache=None, layers=None, progress=None, cancel=None):

@@ -446,6 +446,8 @@ class MainWindow(QMainWindow):
         return res.warnings().get(label, ("", ""))[1] if res is not None else ""
 
     def _checkpoint_changed(self, label: str) -> None:
+        if self.current_layer is not None:  # the layer shown, in this checkpoint's tree (or what holds it)
+            self._highlight(self.current_layer)
         self.config.set_checkpoint(label, self.workspace.models().get(label))
         self.doctor.set_compare_note(self._compare_note(label))
         # The doctor's findings belong to one checkpoint: show that one's, or none.
@@ -466,13 +468,19 @@ class MainWindow(QMainWindow):
             path = split_name(path)[0]
         if self.tree.select(path):
             return
-        # the shown checkpoint holds it under another name (a switch_mlp stack, a fused qkv_proj):
-        # that module highlighted, this layer shown
+        self._highlight(path)
+        self.select_layer(path)
+
+    def _highlight(self, path: str) -> None:
+        """Make the tree's current row the layer shown, quietly: itself, or the module of the shown
+        checkpoint that holds it under another name (a switch_mlp stack, a fused qkv_proj), or
+        none (switching checkpoints left no row current, or a stack's for an expert)."""
+        if self.tree.current_path() == path or self.tree.select(path, quiet=True):
+            return
         shown = self.workspace.models().get(self.tree.current_label())
         hit = counterpart(path, shown) if shown is not None else None
         if hit is None or not self.tree.select(hit[0], quiet=True):
             self.tree.unselect()  # no row of the tree is the layer shown
-        self.select_layer(path)
 
     def _all_paths(self) -> set[str]:
         out = set()
@@ -607,10 +615,14 @@ class MainWindow(QMainWindow):
         upd(self.scales, lambda: self.scales.set_histograms(
             r["scale_edges"], r["scale_counts"], colors,
             note="per-group scales" if r["scale_counts"] else "No variant stores per-group scales for this layer",
-            view=r.get("scale_view")))
+            view=r.get("scale_view"), nonfinite=r.get("scale_nonfinite")))
+        no_zeros = [v for v in (d.value_counts if alone else d.metrics)
+                    if v != "reference" and v not in r["zero_counts"]]
         upd(self.zeros, lambda: self.zeros.set_histograms(
             r["zero_edges"], r["zero_counts"], colors,
-            note="integer zero points" if r["zero_counts"] else "No variant stores integer zero points for this layer"))
+            note="integer zero points" if r["zero_counts"] else "No variant stores integer zero points for this layer",
+            absent=(f"No integer zero points: {', '.join(no_zeros)} (symmetric or float formats store none; MLX's "
+                    "biases are offsets in weight units)" if no_zeros and r["zero_counts"] else "")))
         upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note=no_ref if alone else
                                                         "No variant quantizes this layer in groups",
                                                         by_index=r.get("by_index", ())))
@@ -673,10 +685,12 @@ class MainWindow(QMainWindow):
         def shown(result) -> None:
             self._show_sweep(result)
             if only is not None:
-                n = len({r.name for r in result.rows})
-                more = f" (and {len(result.added)} the smoothing is undone from)" if result.added else ""
-                self._status(f"Compared the {n} layer(s) matching the search “{only.pattern}”{more}; "
-                             "Compare all layers (Ctrl+Shift+C) measures the rest")
+                added = set(result.added)
+                n = len({r.name for r in result.rows} - added)
+                more = (f", and {len(added)} more whose rows AWQ-style smoothing is undone from: "
+                        + ", ".join(sorted(added)) if added else "")
+                self._status(f"Compared {n} layer{'s' if n != 1 else ''} matching the search “{only.pattern}”"
+                             f"{more}. Compare all layers (Ctrl+Shift+C) measures the rest")
 
         self.service.submit("sweep", "Comparing all layers" if only is None else f"Comparing layers matching "
                             f"“{only.pattern}”", jobs.job_sweep, ws.reference, dict(ws.variants),

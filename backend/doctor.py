@@ -645,8 +645,9 @@ class _Doctor:
             self.col.add("container.missing", "index file not found", file=index_path)
             return None
         except (ValueError, OSError, RecursionError) as exc:
-            self.col.add("index.json", f"index is not valid JSON ({exc}); loaders cannot find the shards — "
-                         "re-download it", file=index_path)
+            self.col.add("index.json", f"index is not valid JSON ({exc}); loaders (and quantscope's other "
+                         "commands) cannot find the shards — re-download it; the .safetensors files beside it "
+                         "are checked here instead", file=index_path)
             return self._fallback_shards(index_path.parent)
         if isinstance(data, dict) and data.get("metadata") is not None and not isinstance(data["metadata"], dict):
             self.col.add("index.json", f"index 'metadata' is {type(data['metadata']).__name__}, not an object: "

@@ -80,9 +80,16 @@ def test_compare_only_the_layers_matching_the_search(win, qtbot):
     names = {r.name for r in win.sweep_result.rows}
     assert names == {f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")}
     assert {r.variant for r in win.sweep_result.rows} == set(win.workspace.variants)
-    assert "Compared the 3 layer(s) matching the search “layers.1. mlp”" in win.statusBar().toolTip()
+    assert "Compared 3 layers matching the search “layers.1. mlp”. Compare all" in win.statusBar().toolTip()
     before = len(win._sweep_cache)
     assert before == 3 * len(win.workspace.variants)  # measured once, kept for a comparison of all
+    # a down_proj alone: AWQ's smoothing is undone from up_proj's rows, measured too and named
+    # (the count had added it to the layers matching: "Compared the 2 layer(s)", 1 in the tree)
+    win.tree.search.setText("layers.2. down")
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_matching()
+    assert ("Compared 1 layer matching the search “layers.2. down”, and 1 more whose rows AWQ-style smoothing "
+            "is undone from: model.layers.2.mlp.up_proj." in win.statusBar().toolTip())
     win.tree.search.clear()
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):
         win.compare_all()
@@ -657,6 +664,21 @@ def test_layers_heatmap_colours_on_its_own_or_a_shared_scale(qtbot):
     assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.34))
 
 
+def test_an_empty_histogram_keeps_no_range_or_axis_of_the_layer_before(qtbot):
+    # a 1-D layer after a matrix: the disabled range boxes kept -1.265…1.094, and log y said
+    # "count" on an empty Error view while the Values view said "log10(count)"
+    from quantscope.widgets.histogram_view import HistogramView
+    h = HistogramView("weight value")
+    qtbot.addWidget(h)
+    h.set_histograms(np.linspace(-1.25, 1.0, 9), {"a": np.arange(8)}, {"a": "#000000"})
+    assert h.lo.text().startswith("-1.25")
+    h.set_histograms(None, {}, {}, note="x is not a weight matrix")
+    assert h.lo.text().strip() == "" and h.hi.text().strip() == "" and not h.lo.isEnabled()
+    assert h.plot.getAxis("left").labelText == "log10(count)"
+    h.set_histograms(np.linspace(0.0, 2.0, 9), {"a": np.arange(8)}, {"a": "#000000"})
+    assert h.lo.text().startswith("0.0") and h.lo.isEnabled()
+
+
 def test_group_error_map_marks_nonfinite_cells_and_names_act_order(qtbot):
     """A NaN group was drawn blank (it looked like padding) and an inf one in the top colour;
     the x-axis said "act-order: by g_idx" for every variant."""
@@ -1016,6 +1038,55 @@ def test_an_expert_against_a_stacked_reference(qtbot, tmp_path):
             w.compare_all()
         names = {r.name for r in w.sweep_result.rows if r.variant == "qwen3moe-bf16"}
         assert {f"model.layers.1.mlp.experts.{e}.down_proj" for e in range(4)} <= names
+    finally:
+        w.service.shutdown()
+
+
+def test_switching_checkpoints_keeps_the_layer_shown_highlighted(qtbot, tmp_path):
+    # an expert shown, the tree switched from the stacked MLX checkpoint to GPTQ's experts:
+    # no row was current, though that expert's row is in the list
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "mlxlm-qwen3moe-q4-g64", real / "gptqmodel-qwen3moe-w4g64"],
+                   real / "qwen3moe-bf16")
+    try:
+        expert = "model.layers.1.mlp.experts.2.down_proj"
+        w.tree.set_checkpoints(w.workspace.models(), "mlxlm-qwen3moe-q4-g64")
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.select_layer_everywhere(expert)
+        assert w.tree.current_path() == "model.layers.1.mlp.switch_mlp.down_proj"  # the stack holding it
+        shown = w._detail_job
+        w.tree.combo.setCurrentText("gptqmodel-qwen3moe-w4g64")
+        assert w.tree.current_path() == expert and w.current_layer == expert
+        assert w._detail_job == shown  # highlighted quietly: nothing decoded again
+        w.tree.combo.setCurrentText("qwen3moe-bf16")
+        assert w.tree.current_path() == expert
+    finally:
+        w.service.shutdown()
+
+
+def test_scales_say_nonfinite_and_zeros_say_who_stores_none(qtbot, tmp_path, real_fixtures):
+    # the Scales footer said nothing of NaN scales (the doctor found them); the zero points left
+    # MLX out of the plot without a word
+    import shutil
+    from pathlib import Path
+
+    from safetensors.numpy import load_file, save_file
+    real = Path(__file__).parent / "fixtures" / "real"
+    bad = tmp_path / "gptq-nan"
+    shutil.copytree(real / "gptqmodel-gptq-w4g128", bad)
+    t = load_file(bad / "model.safetensors")
+    t["model.layers.1.mlp.down_proj.scales"][0, :3] = np.nan
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    w = _window_on(qtbot, tmp_path, [bad, real_fixtures / "mlx-affine-q4-g64"], real_fixtures / "base-bf16")
+    try:
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.select_layer_everywhere("model.layers.1.mlp.down_proj")
+        for i in range(w.tabs.count()):  # hidden tabs update when shown
+            w.tabs.setCurrentIndex(i)
+        assert "gptq-nan 3" in w.scales.footer.text() and "NaN" in w.scales.footer.text()
+        assert "No integer zero points: mlx-affine-q4-g64" in w.zeros.footer.text()
+        assert "gptq-nan" in w.zeros._counts
     finally:
         w.service.shutdown()
 

@@ -82,6 +82,12 @@ class HistogramView(QWidget):
     def _enable_range(self, on: bool) -> None:
         for w in (self.lo, self.hi, self.apply, self.reset):
             w.setEnabled(on)
+        for box in (self.lo, self.hi):  # no stale range of the layer before (a 1-D layer has none)
+            box.setSpecialValueText("" if on else " ")
+            if not on:
+                box.blockSignals(True)
+                box.setValue(box.minimum())
+                box.blockSignals(False)
         self.bulk.setEnabled(on and self._view is not None)
 
     def set_histograms(self, edges: np.ndarray | None, counts: dict[str, np.ndarray], colors: dict,
@@ -190,9 +196,10 @@ class HistogramView(QWidget):
                 self.plot.addItem(mark)
                 self._marks[label] = mark
         self.legend.set_entries([(label, self._colors.get(label), LINE_GLYPH) for label in labels])
+        log = self.log_y.isChecked()
+        self.plot.setLabel("left", "log10(count)" if log else "count")  # an empty view says it the same
         if self._edges is None:
             return
-        log = self.log_y.isChecked()
         for label, c in self._counts.items():
             y = np.asarray(c, dtype=np.float64)
             if log and self.discrete:
@@ -212,4 +219,3 @@ class HistogramView(QWidget):
                 e = np.asarray(self._edges)
                 sel = np.flatnonzero(outside & (np.asarray(c) > 0)) if outside is not None else np.zeros(0, int)
                 mark.setData((e[sel] + e[sel + 1]) / 2, y[sel], brush=pg.mkBrush(color))
-        self.plot.setLabel("left", "log10(count)" if log else "count")

@@ -206,6 +206,11 @@ class TensorTree(QWidget):
     def current_label(self) -> str:
         return self.combo.currentText()
 
+    def current_path(self) -> str | None:
+        """The module of the current row, if any."""
+        cur = self.view.currentIndex()
+        return cur.data(TensorTreeModel.PathRole) if cur.isValid() else None
+
     def select(self, path: str, quiet: bool = False) -> bool:
         """Select a module by path (clearing the search if it hides it); ``quiet``: highlight it
         without announcing it (the caller shows a layer of its own, which this module holds)."""
