@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     pconv.add_argument("--bits", type=int,
                        help="quantize every layer to B bits, the ones the source kept dense (embeddings, lm_head) "
                             "too, as mlx_lm.convert does; without --bits/--group-size/--mode, quantized layers keep "
-                            "their settings (repacked exactly where possible, else 4 bit) and dense ones stay dense")
+                            "their settings (repacked exactly where possible, else requantized at their own bit "
+                            "width, group 64) and dense ones stay dense")
     pconv.add_argument("--group-size", type=int, help="group size, with the same reach as --bits (default: mode's)")
     pconv.add_argument("--mode", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], default="affine",
                        help="affine (default), or a block-float mode (fixed bits and group), with the same reach as --bits")
@@ -296,7 +297,7 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     ws = build_demo(args.dir)
     print(f"demo workspace written to {ws.root} in {time.perf_counter() - t0:.1f} s")
-    print(f"  reference  {ws.reference}")
+    print(f"  {'reference':<22} {ws.reference}")
     for label, path in ws.variants.items():
         print(f"  {label:<22} {path}")
     return 0

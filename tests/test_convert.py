@@ -389,6 +389,18 @@ def test_real_fixture_exact(name, tmp_path):
         np.testing.assert_allclose(got, dec[key], rtol=0, atol=1e-6 * float(np.abs(dec[key]).max()))
 
 
+def test_fp8_is_requantized_at_8_bits_unless_told(tmp_path):
+    # without --bits an FP8 checkpoint became 4-bit affine: its error grew fourfold, said nowhere
+    src = REAL / "llmcompressor-fp8"
+    rep = convert(src, tmp_path / "keep", to="mlx", engine="numpy")
+    q = [r for r in rep.layers if r.source_scheme == "ct-fp8"]
+    assert q and all(r.action.startswith("requantized 8/64 affine") and r.bits == 8 for r in q)
+    assert max(r.rel_fro for r in q) < 0.02
+    rep4 = convert(src, tmp_path / "four", to="mlx", bits=4, engine="numpy")
+    assert all(r.bits == 4 for r in rep4.layers if r.source_scheme == "ct-fp8")
+    assert min(r.rel_fro for r in rep4.layers if r.source_scheme == "ct-fp8") > 0.05
+
+
 def test_moe_conversion_equals_mlx_lm_convert(tmp_path):
     # the tiny Qwen3-MoE in transformers' per-expert layout and what `mlx_lm.convert -q` made of it
     # (make/mlxlm_moe_make.py): experts stacked into switch_mlp, the routers at 8 bits as

@@ -33,7 +33,8 @@ class ConvertDialog(QDialog):
         self.to = QComboBox()
         self.to.addItems(["mlx", "dense"])
         # "keep" converts exactly where the source is representable as MLX and requantizes the
-        # rest at 4 bits; a number requantizes every layer whose settings differ from it.
+        # rest at their own bit width (8 for FP8); a number requantizes every layer whose settings
+        # differ from it.
         self.bits = QComboBox()
         self.bits.addItems([KEEP, "2", "3", "4", "5", "6", "8"])
         self.group = QComboBox()
