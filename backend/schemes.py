@@ -436,7 +436,10 @@ def _detect_gptq_awq(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
             layer.problem = "GPTQ layer without qzeros"
         exp_ng = 1 if g in (-1, 0) else -(-k // g)
         if ng != exp_ng:
-            layer.problem = f"scales have {ng} groups; K={k} with group size {g} needs {exp_ng}"
+            fits = k // ng if ng > 1 and k % ng == 0 else None
+            layer.problem = (f"scales have {ng} groups; K={k} with group size {g} needs {exp_ng}"
+                             + (f" — they fit group size {fits}: the config's group_size is wrong?"
+                                if fits and fits & (fits - 1) == 0 and fits >= 16 else ""))
         if "g_idx" in comps and comps["g_idx"].shape != (k,):
             layer.problem = f"g_idx has shape {list(comps['g_idx'].shape)}, expected [{k}]"
         settings["act_order"] = gi_trivial  # decided lazily by reading g_idx (see engines)

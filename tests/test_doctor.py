@@ -1052,3 +1052,20 @@ def test_nvfp4_zero_scales_of_empty_groups_are_not_flagged(tmp_path):
     sc = open_checkpoint(tmp_path / "nv").tensor("model.layers.1.mlp.down_proj.scales")
     assert (sc == 0).any()  # the case is there
     assert not [f for f in diagnose(tmp_path / "nv") if f.severity in ("error", "warning")]
+
+
+def test_a_config_group_size_the_tensors_contradict_is_said_once_per_layer(tmp_path):
+    # group_size 64 in the config of a g128 file: 14 layer errors and 14 g_idx errors, none of
+    # which said that the tensors fit 128
+    src = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
+    dst = tmp_path / "wrong-group"
+    shutil.copytree(src, dst)
+    for name in ("config.json", "quantize_config.json"):
+        cfg = json.loads((dst / name).read_text())
+        (cfg.get("quantization_config") or cfg)["group_size"] = 64
+        (dst / name).write_text(json.dumps(cfg))
+    found = diagnose(dst)
+    rules = [f.rule for f in found if f.severity == "error"]
+    assert rules == ["layer.inconsistent"] * 14
+    msg = next(f.message for f in found if f.rule == "layer.inconsistent")
+    assert "they fit group size 128: the config's group_size is wrong?" in msg
