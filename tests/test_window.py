@@ -679,6 +679,19 @@ def test_an_empty_histogram_keeps_no_range_or_axis_of_the_layer_before(qtbot):
     assert h.lo.text().startswith("0.0") and h.lo.isEnabled()
 
 
+def test_a_discrete_log_histogram_starts_at_the_empty_bins_floor(qtbot):
+    # every level used at least 4 times: the axis began at log10(4), so that level looked unused
+    from quantscope.widgets.histogram_view import LOG_FLOOR, HistogramView
+    h = HistogramView("zero point", discrete=True)
+    qtbot.addWidget(h)
+    h.set_histograms(np.arange(-0.5, 16), {"a": np.r_[4, np.full(15, 300)]}, {"a": "#000000"})
+    y0, y1 = h.plot.getViewBox().viewRange()[1]
+    assert y0 < LOG_FLOOR < math.log10(4) and y1 >= math.log10(300)
+    assert not h.plot.getViewBox().autoRangeEnabled()[1]
+    h.log_y.setChecked(False)  # linear again: autoranged over the counts
+    assert h.plot.getViewBox().autoRangeEnabled()[1]
+
+
 def test_group_error_map_marks_nonfinite_cells_and_names_act_order(qtbot):
     """A NaN group was drawn blank (it looked like padding) and an inf one in the top colour;
     the x-axis said "act-order: by g_idx" for every variant."""

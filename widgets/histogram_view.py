@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
@@ -62,7 +64,7 @@ class HistogramView(QWidget):
         lay.addWidget(self.legend)
         lay.addWidget(self.plot, 1)
         lay.addWidget(self.footer)
-        self.log_y.toggled.connect(lambda _: self._redraw())
+        self.log_y.toggled.connect(lambda _: (self._redraw(), self._y_range()))
         self.apply.clicked.connect(lambda: self.plot.setXRange(self.lo.value(), self.hi.value(), padding=0))
         self.reset.clicked.connect(self._full_range)
         self.bulk.clicked.connect(self._bulk_range)
@@ -163,7 +165,16 @@ class HistogramView(QWidget):
         self.lo.setValue(lo)
         self.hi.setValue(hi)
         self.plot.setXRange(lo, hi, padding=0.02)
-        self.plot.enableAutoRange(axis="y")
+        self._y_range()
+
+    def _y_range(self) -> None:
+        top = max((float(np.max(c)) for c in self._counts.values() if np.size(c)), default=0.0)
+        if self.discrete and self.log_y.isChecked() and top > 0:
+            # from the empty bins' floor: autoranged, the axis began at the smallest count, so a
+            # level used by 4 groups sat on it and read as unused
+            self.plot.setYRange(LOG_FLOOR, math.log10(top), padding=0.05)
+        else:
+            self.plot.enableAutoRange(axis="y")
 
     def _full_range(self) -> None:
         if self._edges is not None and len(self._edges) > 1:
