@@ -662,6 +662,10 @@ def test_layers_heatmap_colours_on_its_own_or_a_shared_scale(qtbot):
     assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.0912))
     plot.hm_scale.setChecked(True)
     assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.34))
+    # bright is worse in every metric: SQNR, where higher is better, runs the colours backwards
+    worst = plot.hm_bar.colorMap().map(1.0, mode="qcolor").lightness()
+    plot.metric_box.setCurrentIndex(plot.metric_box.findData("sqnr_db"))
+    assert plot.hm_bar.colorMap().map(0.0, mode="qcolor").lightness() == worst
 
 
 def test_an_empty_histogram_keeps_no_range_or_axis_of_the_layer_before(qtbot):

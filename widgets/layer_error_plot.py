@@ -139,6 +139,7 @@ class LayerErrorPlot(QWidget):
         self.series: dict[str, pg.PlotDataItem] = {}
         self._ylabel = None
         self._hm_frame = None
+        self._hm_reversed = False  # the colour map runs backwards (SQNR: higher is better)
 
     #: Below this width the plot and the heatmap are stacked, each getting the whole width (side by
     #: side at 1280 px the legend ran off the plot and the heatmap lost columns and colour bar).
@@ -347,6 +348,14 @@ class LayerErrorPlot(QWidget):
                 grid[i, j] = v
                 self._hm_names[(i, j)] = r.name
         self.hm_image.setImage(grid, autoLevels=False)
+        # bright is worse whatever the metric: SQNR (higher is better) runs the colours backwards
+        better_high = self.metric_box.currentData() == "sqnr_db"
+        if better_high != self._hm_reversed:
+            self._hm_reversed = better_high
+            cmap = pg.colormap.get("viridis")
+            if better_high:
+                cmap.reverse()
+            self.hm_bar.setColorMap(cmap)
         shared = self.hm_scale.isChecked()
         values = np.array([self._value(r) for r in self._rows]) if shared else grid
         finite = values[np.isfinite(values)]
