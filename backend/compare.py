@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -502,6 +503,7 @@ def _check_cancel(cancel) -> None:
 
 # -- the sweep -----------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1 << 16)  # asked for every layer of a sweep, in its order and its loop
 def _group_key(name: str):
     m = layer_index(name)
     if m is None:

@@ -14,6 +14,7 @@ same arrays, for a layer decoded in row blocks it is a second decode.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -119,14 +120,20 @@ class ErrorStats:
         such a layer's own work; a 128-expert MoE has tens of thousands of them."""
         if self.n or self.raw_only:
             raise RuntimeError("add_small takes a whole layer, on a fresh full accumulator")
-        a = np.asarray(w, dtype=np.float32).reshape(-1).astype(np.float64)
-        d = np.asarray(wh, dtype=np.float32).reshape(-1).astype(np.float64)
-        d -= a  # exact: the difference of two float32 values fits a float64
+        a32 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+        b32 = np.ascontiguousarray(wh, dtype=np.float32).reshape(-1)
+        got = fast.small_stats(a32, b32)
+        if got is not None:
+            self.sdd, self.sww, self.swd, d = got
+        else:
+            a = a32.astype(np.float64)
+            d = b32.astype(np.float64)
+            d -= a  # exact: the difference of two float32 values fits a float64
+            self.sdd = float(np.vdot(d, d))
+            self.sww = float(np.vdot(a, a))
+            self.swd = float(np.vdot(a, d))
+            np.abs(d, out=d)
         self.n = d.size
-        self.sdd = float(np.vdot(d, d))
-        self.sww = float(np.vdot(a, a))
-        self.swd = float(np.vdot(a, d))
-        np.abs(d, out=d)
         self.max_abs = float(d.max()) if d.size else 0.0
         if not d.size:
             self.exact_percentiles = {p: math.nan for p in PERCENTILES}
@@ -262,7 +269,8 @@ def sqnr_db(rel_fro: float) -> float:
     return -math.inf if rel_fro > 0 else math.nan
 
 
-def percentile_ranks(n: int) -> list[tuple[float, int, int, float]]:
+@functools.lru_cache(maxsize=4096)  # a MoE sweep asks for the same few sizes tens of thousands of times
+def percentile_ranks(n: int) -> tuple[tuple[float, int, int, float], ...]:
     """Per percentile of :data:`PERCENTILES` over ``n`` values: ``(p, lower rank, upper rank,
     weight of the upper)``, numpy's "linear" interpolation between two order statistics."""
     out = []
@@ -270,7 +278,7 @@ def percentile_ranks(n: int) -> list[tuple[float, int, int, float]]:
         pos = p / 100.0 * (n - 1)
         lo = int(math.floor(pos))
         out.append((p, lo, min(lo + 1, n - 1), pos - lo))
-    return out
+    return tuple(out)
 
 
 def _lerp(a: float, b: float, t: float) -> float:

@@ -1088,6 +1088,26 @@ def error_stats(a: np.ndarray, b: np.ndarray, counts: np.ndarray | None):
     return _stats(a, b, c, counts is not None)
 
 
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _small_stats(a, b, out):
+        # (Σd², ΣW², ΣW·d) in float64 and out[i] = |b[i] - a[i]| exactly (float64), NaN kept
+        sdd, sww, swd = _row_sums(a, b, True)
+        for i in range(a.size):
+            out[i] = abs(np.float64(b[i]) - np.float64(a[i]))
+        return sdd, sww, swd
+
+
+def small_stats(a: np.ndarray, b: np.ndarray):
+    """``(Σd², ΣW², ΣW·d, |d| float64)`` of float32 1-D ``a`` (reference) and ``b`` in one compiled
+    call (numpy took six, more than a small layer's own work); None without numba."""
+    if not AVAILABLE:
+        return None
+    out = np.empty(a.size)
+    sdd, sww, swd = _small_stats(a, b, out)
+    return sdd, sww, swd, out
+
+
 def gather(a: np.ndarray, b: np.ndarray, lut: np.ndarray, bound: int):
     """(exact |d| float64, bucket keys) of the nonzero elements of the wanted buckets (at most
     ``bound``); None without numba."""
@@ -1132,6 +1152,7 @@ def warm_up() -> None:
     awq.decode_gemm(ro(rng.integers(0, 2**31, size=(k, n // 8), dtype=np.int32)), qz, sc, group_size=128)
     a = rng.standard_normal(4096).astype(np.float32)
     metrics.error_metrics(a, a + np.float32(0.01))
+    metrics.ErrorStats().add_small(a, a + np.float32(0.01))  # small layers (MoE experts)
     # the sweep's one-pass path: block decode, pair statistics, interval selection
     from .. import fused
     ref = ro((rng.standard_normal((64, k)) * 0.02).astype(ml_dtypes.bfloat16))
