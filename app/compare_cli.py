@@ -110,7 +110,7 @@ def run_compare(args) -> int:
         raise QuantscopeError(f"--json and --csv both name {args.csv_out}: the CSV would replace the JSON")
     ref = analyze(open_checkpoint(args.reference))
     variants = {}
-    unopened: dict[str, Exception] = {}  # said and counted as not compared; the others are
+    unopened: dict[str, Exception] = {}  # variants that cannot be opened: each said, the others compared
     seen: dict[str, str] = {}  # the reference itself may be a variant: a check that gives 0 error
     for path in args.variants:
         real = os.path.realpath(path)
@@ -136,8 +136,9 @@ def run_compare(args) -> int:
         bar.close()
     data = result.to_json()
     data = {"reference": args.reference, "variants": list(variants), **data}
-    data["failed"] = data.get("failed", []) + [{"variant": v, "file": getattr(e, "file", None) or getattr(e, "filename", v),
-                                                "reason": _reason(e)} for v, e in unopened.items()]
+    data["failed"] = data.get("failed", []) + [
+        {"variant": v, "file": getattr(e, "file", None) or getattr(e, "filename", None) or v, "reason": _reason(e)}
+        for v, e in unopened.items()]
     if getattr(args, "layers", None) is not None:  # what was asked, and what came along with it
         data["layers_pattern"] = args.layers
         data["added_layers"] = result.added

@@ -99,7 +99,8 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
              and variants[k].layers[name].scheme != "mlx-affine"}
     zero_edges, zero_counts = zero_histogram(zeros)
     return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts,
-            "scale_view": scale_view, "scale_nonfinite": scale_nonfinite, "maps": maps, "by_index": set(d.grouped_by_index), "zero_edges": zero_edges, "zero_counts": zero_counts}
+            "scale_view": scale_view, "scale_nonfinite": scale_nonfinite, "maps": maps,
+            "by_index": set(d.grouped_by_index), "zero_edges": zero_edges, "zero_counts": zero_counts}
 
 
 def job_sweep(reference, variants: dict, *, engine="auto", cache=None, layers=None, progress=None, cancel=None):

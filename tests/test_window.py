@@ -663,9 +663,11 @@ def test_layers_heatmap_colours_on_its_own_or_a_shared_scale(qtbot):
     plot.hm_scale.setChecked(True)
     assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.34))
     # bright is worse in every metric: SQNR, where higher is better, runs the colours backwards
+    import pyqtgraph as pg
     worst = plot.hm_bar.colorMap().map(1.0, mode="qcolor").lightness()
     plot.metric_box.setCurrentIndex(plot.metric_box.findData("sqnr_db"))
     assert plot.hm_bar.colorMap().map(0.0, mode="qcolor").lightness() == worst
+    assert pg.colormap.get("viridis").map(1.0, mode="qcolor").lightness() == worst  # the shared map untouched
 
 
 def test_an_empty_histogram_keeps_no_range_or_axis_of_the_layer_before(qtbot):
@@ -674,6 +676,7 @@ def test_an_empty_histogram_keeps_no_range_or_axis_of_the_layer_before(qtbot):
     from quantscope.widgets.histogram_view import HistogramView
     h = HistogramView("weight value")
     qtbot.addWidget(h)
+    assert h.plot.getAxis("left").labelText == "log10(count)"  # before any layer too
     h.set_histograms(np.linspace(-1.25, 1.0, 9), {"a": np.arange(8)}, {"a": "#000000"})
     assert h.lo.text().startswith("-1.25")
     h.set_histograms(None, {}, {}, note="x is not a weight matrix")

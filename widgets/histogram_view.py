@@ -26,11 +26,11 @@ class HistogramView(QWidget):
         self.plot = plot_widget()
         self.hint = Hint(self.plot, empty_hint)
         self.plot.setLabel("bottom", xlabel)
-        self.plot.setLabel("left", ylabel)
         self.plot.showGrid(x=True, y=True, alpha=0.2)
         self.legend = Legend()
         self.log_y = QCheckBox("log y")
         self.log_y.setChecked(True)
+        self.plot.setLabel("left", f"log10({ylabel})")  # as _redraw says it (log y starts ticked)
         self.lo = QDoubleSpinBox(decimals=6, minimum=-1e9, maximum=1e9)
         self.hi = QDoubleSpinBox(decimals=6, minimum=-1e9, maximum=1e9)
         for box in (self.lo, self.hi):

@@ -352,9 +352,10 @@ class LayerErrorPlot(QWidget):
         better_high = self.metric_box.currentData() == "sqnr_db"
         if better_high != self._hm_reversed:
             self._hm_reversed = better_high
-            cmap = pg.colormap.get("viridis")
+            cmap = pg.colormap.get("viridis")  # pyqtgraph's one shared map: never changed in place
             if better_high:
-                cmap.reverse()
+                pos, color = cmap.getStops()
+                cmap = pg.ColorMap(1.0 - pos[::-1], color[::-1])
             self.hm_bar.setColorMap(cmap)
         shared = self.hm_scale.isChecked()
         values = np.array([self._value(r) for r in self._rows]) if shared else grid
