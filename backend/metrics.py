@@ -150,7 +150,7 @@ class ErrorStats:
                                   for i, (p, _, _, t) in enumerate(ranks)}
 
     # -- pass two ---------------------------------------------------------------------------
-    def _ranks(self) -> list[tuple[float, int, int, float]]:
+    def _ranks(self) -> tuple[tuple[float, int, int, float], ...]:
         return percentile_ranks(self.n)
 
     def plan(self) -> None:
