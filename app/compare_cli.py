@@ -115,6 +115,8 @@ def run_compare(args) -> int:
     for path in args.variants:
         real = os.path.realpath(path)
         if real in seen:  # the same folder twice: one column, said so (the rows were merged silently)
+            if seen[real] in unopened:
+                continue  # (its error is said once)
             again = f"{path} given twice" if path == seen[real] else f"{path} is {seen[real]} again"
             print(f"quantscope: {again}: compared once", file=sys.stderr)
             continue

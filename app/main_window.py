@@ -447,7 +447,7 @@ class MainWindow(QMainWindow):
 
     def _checkpoint_changed(self, label: str) -> None:
         if self.current_layer is not None:  # the layer shown, in this checkpoint's tree (or what holds it)
-            self._highlight(self.current_layer)
+            self._highlight(self.current_layer, keep_search=True)  # (what the user searched for stays)
         self.config.set_checkpoint(label, self.workspace.models().get(label))
         self.doctor.set_compare_note(self._compare_note(label))
         # The doctor's findings belong to one checkpoint: show that one's, or none.
@@ -471,15 +471,16 @@ class MainWindow(QMainWindow):
         self._highlight(path)
         self.select_layer(path)
 
-    def _highlight(self, path: str) -> None:
+    def _highlight(self, path: str, keep_search: bool = False) -> None:
         """Make the tree's current row the layer shown, quietly: itself, or the module of the shown
         checkpoint that holds it under another name (a switch_mlp stack, a fused qkv_proj), or
-        none (switching checkpoints left no row current, or a stack's for an expert)."""
-        if self.tree.current_path() == path or self.tree.select(path, quiet=True):
+        none (switching checkpoints left no row current, or a stack's for an expert).
+        ``keep_search``: a row the search hides stays hidden (none is current)."""
+        if self.tree.current_path() == path or self.tree.select(path, quiet=True, keep_search=keep_search):
             return
         shown = self.workspace.models().get(self.tree.current_label())
         hit = counterpart(path, shown) if shown is not None else None
-        if hit is None or not self.tree.select(hit[0], quiet=True):
+        if hit is None or not self.tree.select(hit[0], quiet=True, keep_search=keep_search):
             self.tree.unselect()  # no row of the tree is the layer shown
 
     def _all_paths(self) -> set[str]:

@@ -241,6 +241,17 @@ class Report:
                 "values_checked": self.values}
 
 
+def _groups_contradict(layer) -> bool:
+    """Whether a GPTQ layer's scales hold another number of groups than its group size gives
+    (the config's group size is wrong: the layer's problem says so, and every g_idx check
+    would only repeat it)."""
+    sc = layer.tensors.get("scales")
+    if sc is None or not sc.shape or not layer.shape:
+        return False
+    g, k = layer.group_size, layer.shape[-1]
+    return sc.shape[0] != (1 if not g or g <= 0 else -(-k // g))
+
+
 class _Collector:
     """Accumulates findings, capping each (rule, file) at _MAX_PER_RULE individual entries."""
 
@@ -1182,8 +1193,8 @@ class _Doctor:
             try:
                 if layer.scheme == "gptq" and layer.shape and layer.bits:
                     self._check_gptq_zeros(layer)
-                    if not layer.problem:  # (a config that contradicts the tensors: said once per layer)
-                        self._check_g_idx(layer, "g_idx")
+                    if not _groups_contradict(layer):  # (a config group size the scales contradict:
+                        self._check_g_idx(layer, "g_idx")  # said once, as the layer's problem)
                 elif layer.scheme == "ct-pack" and layer.shape and "weight_g_idx" in layer.tensors:
                     self._check_g_idx(layer, "weight_g_idx")
                 self._check_nvfp4(layer)

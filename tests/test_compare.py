@@ -886,3 +886,11 @@ def test_experts_of_a_stacked_reference_take_the_one_pass_by_their_own_size(tmp_
         g = slow[r.name]
         assert (r.p50, r.p99, r.max_abs) == (g.p50, g.p99, g.max_abs)
         assert r.rel_fro == pytest.approx(g.rel_fro, rel=1e-9)
+
+
+def test_small_stats_refuses_arrays_of_different_sizes():
+    from quantscope.backend.formats import fast
+    if not fast.AVAILABLE:
+        pytest.skip("numba absent")
+    with pytest.raises(ValueError, match="shapes differ"):
+        ErrorStats().add_small(np.ones(4, np.float32), np.ones(3, np.float32))

@@ -1069,3 +1069,17 @@ def test_a_config_group_size_the_tensors_contradict_is_said_once_per_layer(tmp_p
     assert rules == ["layer.inconsistent"] * 14
     msg = next(f.message for f in found if f.rule == "layer.inconsistent")
     assert "they fit group size 128: the config's group_size is wrong?" in msg
+
+
+def test_a_bad_g_idx_is_found_beside_another_problem_of_its_layer(tmp_path):
+    # the g_idx check was skipped for any layer problem, not only a contradicted group size
+    from safetensors.numpy import load_file, save_file
+    src = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128-actorder"
+    dst = tmp_path / "two-faults"
+    shutil.copytree(src, dst)
+    t = load_file(dst / "model.safetensors")
+    del t["model.layers.0.self_attn.q_proj.qzeros"]
+    t["model.layers.0.self_attn.q_proj.g_idx"][:] = 9999
+    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    rules = {f.rule for f in diagnose(dst) if f.layer == "model.layers.0.self_attn.q_proj"}
+    assert {"layer.inconsistent", "gptq.g-idx-invalid"} <= rules

@@ -1081,6 +1081,10 @@ def test_switching_checkpoints_keeps_the_layer_shown_highlighted(qtbot, tmp_path
         assert w._detail_job == shown  # highlighted quietly: nothing decoded again
         w.tree.combo.setCurrentText("qwen3moe-bf16")
         assert w.tree.current_path() == expert
+        # a search that hides that row stays as typed (the switch cleared it to show the row)
+        w.tree.search.setText("self_attn")
+        w.tree.combo.setCurrentText("mlxlm-qwen3moe-q4-g64")
+        assert w.tree.search.text() == "self_attn" and w.tree.current_path() is None
     finally:
         w.service.shutdown()
 

@@ -211,11 +211,12 @@ class TensorTree(QWidget):
         cur = self.view.currentIndex()
         return cur.data(TensorTreeModel.PathRole) if cur.isValid() else None
 
-    def select(self, path: str, quiet: bool = False) -> bool:
-        """Select a module by path (clearing the search if it hides it); ``quiet``: highlight it
-        without announcing it (the caller shows a layer of its own, which this module holds)."""
+    def select(self, path: str, quiet: bool = False, keep_search: bool = False) -> bool:
+        """Select a module by path (clearing the search if it hides it, unless ``keep_search``);
+        ``quiet``: highlight it without announcing it (the caller shows a layer of its own, which
+        this module holds)."""
         idx = self.model.row_of(path)
-        if not idx.isValid() and self.search.text():
+        if not idx.isValid() and self.search.text() and not keep_search:
             self.search.clear()
             self._apply_search()
             idx = self.model.row_of(path)
