@@ -7,7 +7,13 @@ import numpy as np
 
 # Imported here, at window start-up, not inside the job functions: a worker thread importing a
 # module holds the GIL for the whole import and froze the GUI for ~70 ms (bench_gui).
-from quantscope.backend.compare import CompareError, layer_alone, layer_detail, sweep
+from quantscope.backend.compare import (
+    CompareError,
+    layer_alone,
+    layer_detail,
+    nonfinite_counts,
+    sweep,
+)
 from quantscope.backend.compare_align import stacked_expert
 from quantscope.backend.convert import convert
 from quantscope.backend.demo import demo_workspace
@@ -90,7 +96,7 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
         progress(0.9)
     scales = {k: np.asarray(v, np.float64).ravel() for k, v in d.scales.items() if v is not None}
     scale_edges, scale_counts, scale_view = shared_histogram(scales)
-    scale_nonfinite = {k: n for k, a in scales.items() if (n := int(a.size - np.isfinite(a).sum()))}
+    scale_nonfinite = nonfinite_counts(scales, scale_counts)
     maps = {k: reduce_rows(np.asarray(v, np.float64)) for k, v in d.group_error.items() if v is not None}
     # Integer zero points (GPTQ/AWQ/compressed-tensors) on one bin per level; MLX's float biases
     # are offsets in weight units, not zero points, so they are left out of this plot.

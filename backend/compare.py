@@ -159,15 +159,14 @@ class SweepResult:
         tooltips."""
         out = {}
         for v, err in self.failed.items():
-            short = err.message if len(err.message) <= 200 else err.message[:199] + "…"
-            out[v] = (f"not compared: {short}", str(err))
+            out[v] = (f"not compared: {_clip(err.message)}", str(err))
         for v, c in self.smoothing_checks.items():
             if c.warning and v not in self.failed:
                 out[v] = (c.short, c.message)
         for v, msg in self.data_warnings.items():
             if v in self.failed:
                 continue
-            short = msg if len(msg) <= 200 else msg[:199] + "…"
+            short = _clip(msg)
             out[v] = (f"{out[v][0]}; {short}", f"{out[v][1]}\n{msg}") if v in out else (short, msg)
         return out
 
@@ -197,6 +196,11 @@ class SweepResult:
         for r in self.rows:
             out.setdefault(r.variant, []).append(r)
         return out
+
+
+def _clip(msg: str, n: int = 200) -> str:
+    """``msg`` cut to ``n`` characters (a one-line summary; the whole in the details)."""
+    return msg if len(msg) <= n else msg[:n - 1] + "…"
 
 
 def _nothing_matches(vm: Model, unmatched: list[Unmatched], rx=None) -> CompareError:
@@ -1152,8 +1156,8 @@ def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, na
         row = rows_out.get(name, {}).get(vs.label)
         if row is None:
             continue
-        if _group_key(name) != group:
-            group = _group_key(name)
+        if (g := _group_key(name)) != group:
+            group = g
             stacks.clear()
         t = vs.alignment.targets[name]
         entry = entries.get(name)
@@ -1379,7 +1383,8 @@ def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> 
         for src, dst in ((d2, num), (w2, den)):
             dst[..., used] = np.add.reduceat(src if order is None else src[..., order], starts[used], axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, np.where(num == 0, 0.0, num))), by_index
+        # (no weight in the group: inf for any error, 0 for none, NaN stays NaN)
+        return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, num)), by_index
 
 
 def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bins: int = 256, engine="auto",
@@ -1476,10 +1481,10 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
             grouped_by_index.add(vs.label)
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
                        group_error, metrics, value_view, error_view,
-                       _nonfinite({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index)
+                       nonfinite_counts({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index)
 
 
-def _nonfinite(values: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, int]:
+def nonfinite_counts(values: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, int]:
     """Per key with any, how many values are NaN or inf: every finite value lies within the
     histogram's edges, so what its counts miss is (no counts at all: no finite value anywhere)."""
     out = {k: a.size - int(counts[k].sum()) if k in counts else a.size for k, a in values.items()}
@@ -1554,7 +1559,7 @@ def layer_alone(models: dict[str, Model], name: str, *, bins: int = 256, engine=
                            + "".join(f"; {k}: {why}" for k, why in left_out.items()), tensor=name)
     edges, counts, view = bulk_histograms(values, bins)
     return LayerDetail(name, edges, counts, None, {}, code_counts, scales, zeros, {}, {}, view, None,
-                       _nonfinite(values, counts), left_out)
+                       nonfinite_counts(values, counts), left_out)
 
 
-__all__ += ["error_metrics", "stored_codes", "load_cache", "save_cache", "layer_alone"]
+__all__ += ["error_metrics", "stored_codes", "load_cache", "save_cache", "layer_alone", "nonfinite_counts"]

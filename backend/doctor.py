@@ -46,7 +46,7 @@ from .errors import Cancelled, QuantscopeError
 from .formats.gptq import mislabelled_format
 from .formats.mlx import E4M3, E8M0, MODE_DEFAULTS, affine_fits
 from .safetensors_file import SafetensorsFile
-from .schemes import QUANT_PARTS
+from .schemes import QUANT_PARTS, gptq_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -246,10 +246,9 @@ def _groups_contradict(layer) -> bool:
     (the config's group size is wrong: the layer's problem says so, and every g_idx check
     would only repeat it)."""
     sc = layer.tensors.get("scales")
-    if sc is None or not sc.shape or not layer.shape:
+    if sc is None or not sc.shape or not layer.shape or layer.group_size is None:
         return False
-    g, k = layer.group_size, layer.shape[-1]
-    return sc.shape[0] != (1 if not g or g <= 0 else -(-k // g))
+    return sc.shape[0] != gptq_groups(layer.shape[-1], layer.group_size)
 
 
 class _Collector:

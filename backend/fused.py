@@ -43,7 +43,7 @@ import numpy as np
 from .errors import Cancelled
 from .formats import fast
 from .formats.kernel import pool, workers
-from .metrics import PERCENTILES, ErrorStats, _lerp, percentile_ranks
+from .metrics import PERCENTILES, ErrorStats, _lerp, order_statistics, percentile_ranks
 
 #: Elements per block: the decoded block (float32) stays within L2/L3 of the core decoding it.
 BLOCK_ELEMENTS = 1 << 18
@@ -62,13 +62,6 @@ Z = 5.0
 DEFF = 4.0
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _QS = [p / 100.0 for p in PERCENTILES]
-
-
-def _kth(vals: np.ndarray, pos: list[int]) -> np.ndarray:
-    got = fast.kth_values(vals, pos)
-    if got is None:
-        return np.sort(vals)[np.asarray(pos, np.int64)]
-    return got
 
 
 def _merge(ivs: list[list]) -> tuple[np.ndarray, np.ndarray]:
@@ -239,7 +232,7 @@ class _Found:
                 if base <= r < base + cnt:
                     where[r] = off + r - base
         kth = sorted({p for p in where.values() if p is not None and p >= 0})
-        got = dict(zip(kth, _kth(vals, kth))) if kth else {}
+        got = dict(zip(kth, order_statistics(vals, kth))) if kth else {}
         return {r: (None if p is None else 0.0 if p < 0 else float(got[p])) for r, p in where.items()}
 
     def narrowed(self, block_below: list[np.ndarray], block_sizes: list[int], n_blocks: int

@@ -116,7 +116,7 @@ class ErrorStats:
     def add_small(self, w: np.ndarray, wh: np.ndarray) -> None:
         """:meth:`add`, :meth:`plan` and :meth:`gather` at once for a whole small layer (at most
         :data:`SMALL_ELEMENTS`): the exact percentiles straight from all its float64 |error|
-        values, sorted. The bucket histogram costs a scan of 2^15 counts per layer, more than
+        values (:func:`order_statistics`). The bucket histogram costs a scan of 2^15 counts per layer, more than
         such a layer's own work; a 128-expert MoE has tens of thousands of them."""
         if self.n or self.raw_only:
             raise RuntimeError("add_small takes a whole layer, on a fresh full accumulator")
@@ -139,13 +139,7 @@ class ErrorStats:
             self.exact_percentiles = {p: math.nan for p in PERCENTILES}
             return
         ranks = self._ranks()
-        # the wanted order statistics by bucket selection (fast.kth_values: 3 passes), else a
-        # whole sort (numpy's vectorised one: 3x faster here than np.partition at six ranks;
-        # NaN sorts last, as in np.percentile's own partition)
-        got = fast.kth_values(d, [r for _, lo, hi, _ in ranks for r in (lo, hi)])
-        if got is None:
-            d.sort()
-            got = [d[r] for _, lo, hi, _ in ranks for r in (lo, hi)]
+        got = order_statistics(d, [r for _, lo, hi, _ in ranks for r in (lo, hi)])
         self.exact_percentiles = {p: _lerp(float(got[2 * i]), float(got[2 * i + 1]), t)
                                   for i, (p, _, _, t) in enumerate(ranks)}
 
@@ -285,6 +279,14 @@ def percentile_ranks(n: int) -> tuple[tuple[float, int, int, float], ...]:
         lo = int(math.floor(pos))
         out.append((p, lo, min(lo + 1, n - 1), pos - lo))
     return tuple(out)
+
+
+def order_statistics(vals: np.ndarray, pos) -> np.ndarray:
+    """The ``pos``-th smallest (exact) of non-negative float64 ``vals``: by bucket selection
+    (:func:`~.formats.fast.kth_values`), else (no numba, NaN/inf) a whole sort, numpy's
+    vectorised one (3x faster than np.partition at six ranks), NaN last as in np.percentile."""
+    got = fast.kth_values(vals, pos)
+    return np.sort(vals)[np.asarray(pos, np.int64)] if got is None else got
 
 
 def _lerp(a: float, b: float, t: float) -> float:

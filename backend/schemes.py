@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,9 +140,9 @@ class Model:
         if head in self.layers and tail in self.layers[head].tensors:
             hint = f"{path} is a tensor of the layer {head}: give that"
         else:
-            m = re.match(r"(.*)\.switch_mlp\.(\w+)$", path)
-            experts = [p for p in self.layers if m and re.fullmatch(
-                re.escape(m[1]) + r"\.experts\.\d+\." + re.escape(m[2]), p)]
+            # (mlx-lm's mapping of experts to stacks, Mixtral's w1/w3/w2 included)
+            from .compare_align import switch_path
+            experts = [p for p in self.layers if (sw := switch_path(p)) is not None and sw[0] == path]
             hint = (f"this checkpoint stores that stack's experts one by one: {experts[0]} … "
                     f"({len(experts)} of them)" if experts else
                     "give the module path without the component suffix, e.g. model.layers.0.self_attn.q_proj")
@@ -162,6 +161,11 @@ class Model:
         """The most common quantized scheme (or ``dense``)."""
         q = {k: v for k, v in self.schemes.items() if k not in ("dense", "unknown")}
         return max(q, key=q.get) if q else "dense"
+
+
+def gptq_groups(k: int, g: int) -> int:
+    """Rows of a GPTQ layer's scales for K input columns at group size ``g`` (-1 or 0: one group)."""
+    return 1 if g in (-1, 0) else -(-k // g)
 
 
 def data_warning(model: Model, layer: Layer) -> str | None:
@@ -434,7 +438,7 @@ def _detect_gptq_awq(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
         settings.setdefault("version", 1)
         if "qzeros" not in comps:
             layer.problem = "GPTQ layer without qzeros"
-        exp_ng = 1 if g in (-1, 0) else -(-k // g)
+        exp_ng = gptq_groups(k, g)
         if ng != exp_ng:
             fits = k // ng if ng > 1 and k % ng == 0 else None
             layer.problem = (f"scales have {ng} groups; K={k} with group size {g} needs {exp_ng}"
