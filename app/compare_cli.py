@@ -71,11 +71,17 @@ def format_table(result, labels: list[str]) -> str:
             continue  # said on stderr, as an error
         lines.append("")
         lines.append(f"! {short.get(variant, variant)}: {warning}")
-    bad = [r for r in result.rows if not math.isfinite(r.rel_fro)]
+    ref_bad = set(result.reference_nonfinite)
+    if ref_bad:
+        lines.append("")
+        lines.append(f"NaN/inf in the reference's own weights ({len(ref_bad)} layer(s); every variant's error there "
+                     "is NaN) — `quantscope doctor` on the reference names the tensors:")
+        lines.extend(f"  reference: {n}" for n in result.reference_nonfinite)
+    bad = [r for r in result.rows if not math.isfinite(r.rel_fro) and r.name not in ref_bad]
     if bad:
         lines.append("")
-        lines.append(f"non-finite error ({len(bad)}): NaN/inf in the variant's decode or in the reference, "
-                     "or an all-zero reference layer — `quantscope doctor` on each names the tensors:")
+        lines.append(f"non-finite error ({len(bad)}): NaN/inf in the variant's decode, or an all-zero reference "
+                     "layer — `quantscope doctor` on each variant names the tensors:")
         for r in bad:
             lines.append(f"  {short.get(r.variant, r.variant)}: {r.name}")
     if result.added:

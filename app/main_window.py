@@ -311,6 +311,10 @@ class MainWindow(QMainWindow):
         doctor with nothing open), the one named first."""
         def failed(message: str, details: str) -> None:
             self._unopened = [str(p) for p in paths]
+            named = [str(p) for p in [*paths, reference] if p is not None and message.startswith(str(p))]
+            if named:  # our own error, naming the file: its details say what to do, not the traceback
+                details = (f"{message}\n\nTools ▸ Run doctor (Ctrl+D) lists every problem of {named[0]} "
+                           "(`quantscope doctor PATH` on the command line).")
             if reference is not None and message.startswith(str(reference)):
                 message = "The reference could not be opened: " + message
             self._job_failed(message, details)
@@ -708,7 +712,8 @@ class MainWindow(QMainWindow):
         # In turns, each repainted before the next: the tab, the per-layer plot, its heatmap,
         # the tree's error columns.
         self._in_turns("sweep", [lambda: self.tabs.setCurrentWidget(self.layers),
-                                 lambda: self.layers.set_rows(result.rows, colors, heatmap=False),
+                                 lambda: (self.layers.set_reference_nonfinite(result.reference_nonfinite),
+                                          self.layers.set_rows(result.rows, colors, heatmap=False)),
                                  lambda: self.layers.set_warnings(result.warnings()),
                                  lambda: self.doctor.set_compare_note(self._compare_note(self.tree.current_label())),
                                  self.layers.redraw_heatmap,

@@ -388,6 +388,13 @@ class Checkpoint:
         """Read one tensor (or rows ``[start, stop)`` of it) through mmap; read-only array."""
         return self.file_of(name).read(name, rows)
 
+    def release(self, names, rows: tuple[int, int] | None = None) -> None:
+        """Drop this process's mapped pages of tensors ``names`` (of rows ``[r0, r1)`` of each,
+        flattened to ``[rows, last axis]``, when given): what a sweep has finished reading (they stay in the page cache)."""
+        for name in names:
+            if name in self._where:
+                self._where[name].release_tensor(name, rows)
+
     def modules(self) -> dict[str, Module]:
         """Modules in natural order, each with its stored tensors by component."""
         if self._modules is None:

@@ -121,6 +121,10 @@ def _json_safe(v):
     return v
 
 
+#: The reason given for a layer a variant's decoder refuses (listed, its others compared).
+UNDECODABLE = "the variant's layer cannot be decoded"
+
+
 @dataclass
 class SweepResult:
     """Rows (layer × variant) in reference order, and every layer that found no partner."""
@@ -138,6 +142,9 @@ class SweepResult:
     #: checkpoint_format; bits/group that the shapes rule out): what ``dequant`` warns of, as its
     #: figures are then the misreading's, not the quantization's.
     data_warnings: dict[str, str] = field(default_factory=dict)
+    #: Layers whose error is non-finite because the reference's own weights hold NaN/inf (not a
+    #: variant's decode): every variant's error there is NaN, and the fault is the reference's.
+    reference_nonfinite: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         """Plain JSON data: ``layers`` (one object per row), ``unmatched`` (with ``reason``) and
@@ -151,7 +158,8 @@ class SweepResult:
                 "unmatched": [{"variant": u.variant, "layer": u.layer, "reason": u.reason} for u in self.unmatched],
                 "smoothing_checks": {v: c.to_dict() for v, c in self.smoothing_checks.items()},
                 "failed": [{"variant": v, "file": e.file, "reason": e.message} for v, e in self.failed.items()],
-                "data_warnings": dict(self.data_warnings)}
+                "data_warnings": dict(self.data_warnings),
+                "reference_nonfinite": list(self.reference_nonfinite)}
 
     def warnings(self) -> dict[str, tuple[str, str]]:
         """Per variant not compared, or whose checkpoint does not compute what the reference
@@ -163,7 +171,18 @@ class SweepResult:
         for v, c in self.smoothing_checks.items():
             if c.warning and v not in self.failed:
                 out[v] = (c.short, c.message)
-        for v, msg in self.data_warnings.items():
+        undecodable: dict[str, list[Unmatched]] = {}
+        for u in self.unmatched:
+            # refused by its decoder, or known undecodable when aligned (compare_align's reason)
+            if u.reason.startswith("the variant's layer") and "cannot be decoded" in u.reason \
+                    and u.variant not in self.failed:
+                undecodable.setdefault(u.variant, []).append(u)
+        notes = dict(self.data_warnings)
+        for v, us in undecodable.items():  # the window listed none of these: only the CLI's table did
+            why = us[0].reason.partition("cannot be decoded")[2].lstrip(": ")
+            msg = f"{len(us)} layer(s) cannot be decoded, not compared (first: {us[0].layer}: {why})"
+            notes[v] = f"{notes[v]}\n{msg}" if v in notes else msg
+        for v, msg in notes.items():
             if v in self.failed:
                 continue
             short = _clip(msg)
@@ -472,6 +491,17 @@ def _reference_rows(reference: Model, t: Target, eng, keep: bool, shared: dict |
     return _RowView(base, t.ref_row0, t.rows)
 
 
+def _rows_releaser(reference: Model, ref_rows: _Rows | _RowView):
+    """``done_rows`` for :func:`.fused.measure`: drops the mapped pages of the reference rows it
+    has measured (a dense layer read in place; None otherwise)."""
+    release = getattr(reference.ckpt, "release", None)
+    w = ref_rows.layer.tensors.get("weight")
+    if release is None or ref_rows.layer.scheme != "dense" or w is None:
+        return None
+    row0 = ref_rows.row0 if isinstance(ref_rows, _RowView) else 0
+    return lambda r0, r1: release([w.name], (row0 + r0, row0 + r1))
+
+
 def _resolve_engine(engine):
     if isinstance(engine, str):
         return get_engine(engine)
@@ -593,14 +623,17 @@ def _smoothing_for(vs: _VariantState, t: Target, row_scales: dict | None = None)
     return col, label
 
 
-#: Layers from this size are measured in one fused pass where they can be (:mod:`.fused`); up
-#: to the other: the values it collects (a few % of the elements, float64) stay well under the
-#: memory a sweep may use, where the general path's row blocks are bounded whatever the size.
+#: Layers from this size are measured in one fused pass where they can be (:mod:`.fused`).
 #: Below it, a layer is small enough to sort (:meth:`~.metrics.ErrorStats.add_small`). Layers of
 #: 64k-1M elements (q/k/v/o of 0.5-1.5B models) took the general path until 2026-12: the one pass
-#: measures them in half the time.
+#: measures them in half the time. So do layers over 2**27 (70B's MLP layers, 235M weights):
+#: they kept the general path until 2026-12 for the values the pass collects, but those are a
+#: few MB once narrowed (measured: 57 MB at most for such a layer), and the general path took
+#: 4x as long (8.2 s against 2.2 s for one down_proj and three variants).
 FUSED_MIN_ELEMENTS = SMALL_ELEMENTS + 1
-FUSED_MAX_ELEMENTS = 1 << 27
+FUSED_MAX_ELEMENTS = 1 << 40
+#: A layer from this size is measured alone, its blocks spread over all cores (see ``sweep``).
+WIDE_ELEMENTS = 1 << 25
 
 
 def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], engine):
@@ -800,7 +833,7 @@ def _config_warning(vs) -> str | None:
     checked = 0
     for p in paths:
         lay = model.layers[p]
-        if lay.scheme != "gptq":
+        if lay.scheme not in ("gptq", "ct-pack"):
             continue
         w = data_warning(model, lay)
         if w is not None:
@@ -977,6 +1010,10 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     caches: dict[tuple[str, str], _Rows] = OrderedDict()
     ref_stacks: dict[str, _Rows] = {}  # a stacked reference layer, shared by its experts' rows (this group)
     uses: dict[tuple[str, str], int] = {}
+    # targets of this group still to finish, per layer read (the reference's: label None): its
+    # mapped pages are dropped once the last is done, so the resident set holds the layers in
+    # flight, not a whole decoder layer (1.7 GB of bf16 reference in one layer of a 70B model)
+    unread: dict[tuple[str | None, str], int] = {}
     rows_out: dict[str, dict[str, LayerMetrics]] = {}
 
     report_lock = threading.Lock()
@@ -1010,6 +1047,27 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 entry["row_scale"] = None if rs is None else rs.tolist()
             cache[_cache_key(ref_id, var_ids[vs.label], name, eng_name)] = entry
 
+    def done_with(name: str) -> None:
+        """Target ``name`` is measured (or was cached): release the pages of the layers it was the
+        last of this group to read."""
+        read: dict[tuple[str | None, str], Model] = {}
+        for vs in states:
+            t = vs.alignment.targets.get(name)
+            if t is not None:
+                read[(None, t.ref_layer)] = reference
+                read.update({(vs.label, p): vs.model for p in t.var_layers})
+        for key, model in read.items():
+            n = unread.get(key)
+            if n is None:
+                continue
+            if n > 1:
+                unread[key] = n - 1
+                continue
+            del unread[key]
+            release = getattr(model.ckpt, "release", None)
+            if release is not None and key[1] in model.layers:
+                release([i.name for i in model.layers[key[1]].tensors.values()])
+
     def drain(limit: int) -> None:
         """Finish layer jobs, in the order they end, until at most ``limit`` are in flight (a
         short layer ending before a long one frees its core for the next at once)."""
@@ -1028,6 +1086,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 out.update(dropping_undecodable(name, rest, lambda vs_, name=name, ref_rows=ref_rows: _measure_general(
                     name, ref_rows, vs_, rows_cache, cancel, lambda k: None)))
             finish(name, [vs for vs in todo if vs.label in out], out)
+            done_with(name)
 
     def dropping_undecodable(name: str, todo: list[_VariantState], measure) -> dict[str, dict]:
         """``measure(todo)``; a variant whose layer its decoder refuses (LayerError naming its
@@ -1041,8 +1100,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 if bad is None:
                     raise  # the reference's, or not one variant's: nothing to compare against
                 with report_lock:
-                    result.unmatched.append(Unmatched(bad.label, name, f"the variant's layer cannot be decoded: "
-                                                                        f"{exc.message}"))
+                    result.unmatched.append(Unmatched(bad.label, name, f"{UNDECODABLE}: {exc.message}"))
                 todo = [vs for vs in todo if vs is not bad]
         return {}
 
@@ -1055,12 +1113,18 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 ref_stacks.clear()
                 _release_pages([reference] + [vs.model for vs in states])
                 uses.clear()
+                unread.clear()
                 for n2 in by_group[repr(g)]:
+                    read = set()
                     for vs in states:
                         t2 = vs.alignment.targets.get(n2)
                         if t2 is not None:
+                            read.add((None, t2.ref_layer))
                             for p in t2.var_layers:
                                 uses[(vs.label, p)] = uses.get((vs.label, p), 0) + 1
+                                read.add((vs.label, p))
+                    for key in read:  # once per target, as done_with counts them
+                        unread[key] = unread.get(key, 0) + 1
             present = [vs for vs in states if name in vs.alignment.targets]
             todo = []
             for vs in present:
@@ -1077,6 +1141,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             n_el = t0.rows * t0.cols
             if not todo:
                 report(n_el)
+                done_with(name)
                 continue
             ref_rows = _reference_rows(reference, t0, eng, keep=True, shared=ref_stacks)
             ref, picked, labels = _fused_candidates(name, ref_rows, todo, eng)
@@ -1084,11 +1149,17 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 # one job per layer on its own thread: while one layer's serial steps run,
                 # another's blocks keep the other cores busy. The last layer spreads its blocks
                 # over all cores: alone at the end, on one thread it would leave the others idle.
+                # So does a layer of WIDE_ELEMENTS or more, alone: two at once held two layers'
+                # variant pages and buffers (70B's MLP layers: over 1.5 GB together).
+                wide = n_el >= WIDE_ELEMENTS
+                if wide:
+                    drain(0)
                 fut = pool("layer").submit(fused.measure, ref, picked, cancel=cancel,
                                           on_rows=lambda k, c=t0.cols: report(k * c),
-                                          parallel=n_jobs > 1 and name == names[-1])
+                                          parallel=n_jobs > 1 and (wide or name == names[-1]),
+                                          done_rows=_rows_releaser(reference, ref_rows))
                 pending.append((name, todo, ref_rows, fut, labels))
-                drain(n_jobs - 1)  # at most n_jobs running
+                drain(0 if wide else n_jobs - 1)  # at most n_jobs running
             else:
                 drain(0)
                 def measure(vs_, name=name, ref_rows=ref_rows, cols=t0.cols, ref=ref, picked=picked, labels=labels):
@@ -1099,6 +1170,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
 
                 res = dropping_undecodable(name, todo, measure)
                 finish(name, [vs for vs in todo if vs.label in res], res)
+                done_with(name)
             del ref_rows
             for vs in present:  # release variant decodes this target was the last user of
                 for p in vs.alignment.targets[name].var_layers:
@@ -1134,7 +1206,25 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                                                        rx)
     if not got:
         raise _none_compared(result)
+    targets = {n: t for vs in states for n, t in vs.alignment.targets.items()}
+    result.reference_nonfinite = _nonfinite_references(reference, result.rows, targets, eng)
     return result
+
+
+def _nonfinite_references(reference: Model, rows: list[LayerMetrics], targets: dict[str, Target], eng) -> list[str]:
+    """The compared layers with a non-finite error whose reference weights (an expert's rows of
+    a stack: its own) hold NaN/inf; read again, only for those layers."""
+    out = []
+    for name in dict.fromkeys(r.name for r in rows if not math.isfinite(r.rel_fro)):
+        try:
+            w = _reference_rows(reference, targets[name], eng, keep=False)
+            a = w.stored(0, w.rows)
+            a = w.full() if a is None else a
+        except (QuantscopeError, KeyError):
+            continue
+        if not np.isfinite(a).all():
+            out.append(name)
+    return out
 
 
 def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, names: list[str],

@@ -119,6 +119,7 @@ RULES: dict[str, Rule] = _rules(
     ("config.bad-value", "error", None, "a quantization setting no loader can use (0 bits, \"x\", a list for the block)"),
     ("config.method-mismatch", "warning", None, "quant_method names a format the tensors do not have"),
     ("config.number-type", "warning", None, "a bits / group size setting written as a string or a float (\"4\", 4.0)"),
+    ("config.disagree", "warning", None, "quantize_config.json and config.json's quantization_config disagree"),
     # MLX quantization triples
     ("mlx.biases-without-scales", "error", "R18", "`.biases` stored without `.scales`"),
     ("mlx.scales-not-quantized", "error", "R18", "`.scales` on a layer the config (or its float weight) marks unquantized"),
@@ -146,6 +147,7 @@ RULES: dict[str, Rule] = _rules(
     # compressed-tensors / NVFP4 / FP8 / MX / bnb
     ("ct.packing", "error", "R9", "weight_packed width fits neither packing generation, or contradicts `version`"),
     ("ct.zero-point", "error", "R10", "weight_zero_point layout (packed vs unpacked) contradicts `version`"),
+    ("ct.sym-zero-point", "error", "R10", "symmetric: true but weight_zero_point stored (symmetric schemes write none)"),
     ("nvfp4.global-scale", "error", "R11", "NVFP4 global scale looks inverted (divisor vs multiplier)"),
     ("fp8.block-size", "error", "R12", "FP8 block scales do not tile the weight with weight_block_size"),
     ("fp8.converted", "error", "R13", "quant_method fp8 but no FP8 weights (converted checkpoint)"),
@@ -294,6 +296,30 @@ class _Collector:
 
 
 # ---------------------------------------------------------------------------------- public API
+
+#: The doctor's errors of a layer's tensors against its own config: what ``dequant``, ``compare``
+#: and ``convert`` warn of (exit 1), since a loader that follows the config reads such a layer
+#: otherwise than its tensors say.
+CONFIG_RULES = ("gptq.sym-zeros", "ct.packing", "ct.zero-point", "ct.sym-zero-point")
+
+
+def layer_config_error(model, layer) -> str | None:
+    """The first of the doctor's :data:`CONFIG_RULES` errors of one layer (its small side tensors
+    read: qzeros, zero points), or None. Cheap: no weights are read."""
+    if layer.problem or layer.scheme not in ("gptq", "ct-pack"):
+        return None
+    d = _Doctor(model.ckpt.source, full=False, values=False, progress=None, cancel=None, budget_s=0.0,
+                rows_per_tensor=0)
+    d.ckpt, d.model = model.ckpt, model
+    try:
+        if layer.scheme == "gptq" and layer.bits and layer.shape:
+            d._check_gptq_zeros(layer)
+        elif layer.scheme == "ct-pack":
+            d._check_ct_pack(layer, next(iter(layer.tensors.values())).file if layer.tensors else None)
+    except (QuantscopeError, ValueError, IndexError, TypeError):
+        return None
+    return next((f.message for f in d.col.findings if f.rule in CONFIG_RULES and f.severity == "error"), None)
+
 
 def diagnose(path: str | os.PathLike, *, full: bool = False, values: bool = True,
              progress: Callable[[float], None] | None = None, cancel=None,
@@ -999,6 +1025,11 @@ class _Doctor:
             else:
                 col.add("config.bad-value", f"{message} — loaders fail on it or misread the file; write what "
                         "the tensors were quantized with", file=self.root / _cfg_file(cfg))
+        if cfg.conflicts:
+            col.add("config.disagree", f"quantize_config.json disagrees with config.json's quantization_config: "
+                    f"{', '.join(cfg.conflicts)}. transformers, GPTQModel and vLLM read config.json (quantscope "
+                    "too); AutoGPTQ-era loaders read quantize_config.json and misread the layers — make them agree",
+                    file=self.root / "quantize_config.json")
         if cfg.kind == "gptq":
             missing = [k for k in ("sym", "checkpoint_format", "quant_method") if k not in cfg.raw]
             if missing:
@@ -1116,6 +1147,11 @@ class _Doctor:
                         "version unpack garbage — fix `version`", file=file, tensor=f"{path}.weight_packed",
                         layer=path)
         zp = comps.get("weight_zero_point")
+        if zp is not None and st.get("symmetric") is True:
+            col.add("ct.sym-zero-point", "the config says symmetric: true but weight_zero_point is stored (symmetric "
+                    "schemes write none): compressed-tensors and vLLM go by the flag and drop the zero points or "
+                    "fail on them, while quantscope decodes with them — set symmetric: false if they are real",
+                    file=file, tensor=f"{path}.weight_zero_point", layer=path)
         strategy = st.get("strategy")
         if zp is not None and strategy == "group" and layer.group_size and len(zp.shape) == 2:
             ng = -(-K // layer.group_size)

@@ -55,6 +55,12 @@ MIN_BLOCK_ELEMENTS = 1 << 15
 #: decoded until the end).
 SAMPLE_SHARE = 1 / 8
 MAX_SAMPLE_BLOCKS = 16
+#: Most bytes of sample blocks kept decoded until their second look (all variants): above it
+#: (wide layers: 16 of GPTQ's 32-row blocks of a 28672-wide layer are 59 MB a variant) they are
+#: decoded again then, a sixteenth of such a layer's decoding, rather than held.
+KEEP_BYTES = 64 << 20
+#: Most elements measured before the first narrowing (see :func:`_steps`).
+STEP_ELEMENTS = 1 << 25
 #: Interval half-width in standard errors of the estimated rank.
 Z = 5.0
 #: Least design effect assumed: quantization errors in a group share its scale (measured 2-4
@@ -303,18 +309,31 @@ class _Found:
         self._offs = None
 
 
-def _steps(rest: list[int]) -> list[list[int]]:
+def _steps(rest: list[int], block_elements: int = 1) -> list[list[int]]:
     """Blocks measured in turn: a spread-out quarter, then the rest, with the intervals narrowed
     in between; all at once when there are too few blocks to measure both before and after a
-    narrowing (fewer than 12)."""
+    narrowing (fewer than 12). Where a quarter is over :data:`STEP_ELEMENTS`, the steps start
+    at that many elements and grow fourfold, narrowing after each: what a step collects (its
+    share inside the intervals, ~5% before the first narrowing) stays tens of MB in a layer of
+    a billion weights."""
     if len(rest) < 12:
         return [rest]
-    pick = {int(round(i)) for i in np.linspace(0, len(rest) - 1, max(4, len(rest) // 4))}
-    return [[rest[i] for i in sorted(pick)], [b for j, b in enumerate(rest) if j not in pick]]
+    first = max(4, len(rest) // 4)
+    sizes = [first]
+    if first * block_elements > STEP_ELEMENTS:
+        sizes = [max(4, STEP_ELEMENTS // block_elements)]
+        while sum(sizes) + 4 * sizes[-1] < len(rest) - sizes[-1]:  # the last step holds the rest
+            sizes.append(4 * sizes[-1])
+    steps, left = [], list(rest)
+    for size in sizes:
+        pick = {int(round(i)) for i in np.linspace(0, len(left) - 1, size)}
+        steps.append([left[i] for i in sorted(pick)])
+        left = [b for j, b in enumerate(left) if j not in pick]
+    return steps + [left]
 
 
 def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.RowDecoder, int, np.ndarray | None]], *,
-            cancel=None, on_rows=None, parallel: bool = True) -> dict[str, dict | None]:
+            cancel=None, on_rows=None, parallel: bool = True, done_rows=None) -> dict[str, dict | None]:
     """Metrics of each variant against the reference rows ``ref``: float32 or bfloat16 ``[R, K]``,
     or a row decoder (a quantized reference, as when verifying a conversion), decoded block by
     block alongside the variants.
@@ -324,16 +343,18 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
     Returns per label the :meth:`ErrorStats.result` dict plus ``rel_fro_raw``, or None where
     the exact percentiles need the general path. ``on_rows(k)`` reports progress (any thread);
     ``cancel.is_set()`` is checked before every block. ``parallel=False`` keeps all the work on
-    the calling thread (a sweep then measures several layers at once instead).
+    the calling thread (a sweep then measures several layers at once instead). ``done_rows(r0,
+    r1)`` is called (any thread) once reference rows ``[r0, r1)`` will not be read again: a sweep
+    drops their mapped pages, so a layer of 1.7 GB is not all resident at its end.
     """
     held = _Held()
     try:
-        return _measure(ref, variants, cancel, on_rows, parallel, held)
+        return _measure(ref, variants, cancel, on_rows, parallel, held, done_rows)
     finally:
         held.release()
 
 
-def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held) -> dict[str, dict | None]:
+def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_rows) -> dict[str, dict | None]:
     nwork = workers() if parallel else 1
     if isinstance(ref, fast.RowDecoder):
         R, K = ref.rows, ref.cols
@@ -360,8 +381,9 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held) -> dic
     nbk = len(blocks)
     ns = min(nbk, MAX_SAMPLE_BLOCKS, max(3, math.ceil(nbk * SAMPLE_SHARE)))
     sample_ids = sorted({int(round(i)) for i in np.linspace(0, nbk - 1, ns)})
-    rest = [i for i in range(nbk) if i not in set(sample_ids)]
-    steps = _steps(rest)
+    sample_set = set(sample_ids)
+    rest = [i for i in range(nbk) if i not in sample_set]
+    steps = _steps(rest, step * K)
     cols = {lb: (np.empty(0, np.float32) if c is None else np.ascontiguousarray(c, np.float32))
             for lb, (_, _, c) in variants.items()}
     first = labels[0]
@@ -393,6 +415,7 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held) -> dic
     def ref_buffer():
         return held.array((step, K), np.float32) if isinstance(ref, fast.RowDecoder) else None
 
+    keep_samples = len(sample_ids) * step * K * 4 * len(labels) <= KEEP_BYTES
     hists = {lb: np.zeros((len(sample_ids), fast.HIST_BINS), np.int32) for lb in labels}
     row_of = {i: j for j, i in enumerate(sample_ids)}
 
@@ -400,20 +423,25 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held) -> dic
         accs = {lb: _Acc(0, 0) for lb in labels}
         wbuf = ref_buffer()
         # one buffer per variant for the blocks kept decoded (a take per block cost more than
-        # a small layer's block)
-        keep = {lb: held.array((len(ids), step, K), np.float32) for lb in labels}
+        # a small layer's block); a wide layer's (GPTQ's 32-row blocks of a 28672-wide layer
+        # are 3.7 MB each) are decoded again at the end instead
+        if keep_samples:
+            keep = {lb: held.array((len(ids), step, K), np.float32) for lb in labels}
+        else:
+            scratch = held.array((step, K), np.float32)
         for j, i in enumerate(ids):
             check_cancel()
             r0, r1 = blocks[i]
             w = ref_block(r0, r1, wbuf)
             for lb in labels:
                 dec, v0, _ = variants[lb]
-                dst = keep[lb][j, :r1 - r0]
+                dst = keep[lb][j, :r1 - r0] if keep_samples else scratch[:r1 - r0]
                 dec.fn(v0 + r0, v0 + r1, dst)
                 a = accs[lb]
                 fast.pair_stats(w, dst, cols[lb], empty, empty, 3 if lb == first else 1, a.acc, a.cnt, a.buf,
                                 hists[lb][row_of[i]])
-                kept[(lb, i)] = dst
+                if keep_samples:
+                    kept[(lb, i)] = dst
         progress(rows_of(ids))
         return accs
 
@@ -453,12 +481,17 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held) -> dic
                 dec, v0, _ = variants[lb]
                 dst = scratch[:r1 - r0]
                 dec.fn(v0 + r0, v0 + r1, dst)
+                if i in sample_set:  # a sample block not kept: decoded again, sums taken already
+                    fast.pair_stats(w, dst, cols[lb], lo, hi, 0, a.acc, a.cnt, a.buf)
+                    continue
                 before = a.cnt[4:].copy() if record else None
                 fast.pair_stats(w, dst, cols[lb], lo, hi, 3 if lb == first else 1, a.acc, a.cnt, a.buf)
                 if record:
                     per_block[lb].append((a.cnt[4:] - before, (r1 - r0) * K))
-            if (first, i) not in kept:
+            if i not in sample_set:
                 progress(r1 - r0)
+            if done_rows is not None:  # (a sample block's second look comes last)
+                done_rows(r0, r1)
         return accs, per_block
 
     sums = {lb: np.zeros(5) for lb in labels}

@@ -65,6 +65,9 @@ class QuantConfig:
     overrides: list[tuple[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     bad_values: list = field(default_factory=list)
+    #: Settings config.json's quantization_config and quantize_config.json give differently:
+    #: ``"bits 4 against 8"`` (config.json's first, the one used).
+    conflicts: list[str] = field(default_factory=list)
     #: config.json describes a multimodal model (``text_config``/``vision_config``): its per-layer
     #: keys may carry the `language_model.` prefixes loaders map between; a text model's may not.
     multimodal: bool = False
@@ -143,6 +146,7 @@ def _parse_found(configs: dict[str, dict]) -> QuantConfig:
                 if diff:
                     parsed.notes.append("quantize_config.json disagrees with config.json on "
                                         + ", ".join(diff) + "; config.json's block is used (as transformers does)")
+                    parsed.conflicts = [f"{k} {qc[k]!r} against {other[k]!r}" for k in diff]
             return parsed
     for name in ("quantize_config.json", "quant_config.json"):
         q = configs.get(name)
@@ -257,6 +261,11 @@ def _parse_gptq(q: dict, where: str) -> QuantConfig:
                          "sym=true and checkpoint_format=gptq (v1), as GPTQModel does (R4)")
     if q.get("is_marlin_format"):
         fmt = "marlin"
+    for key in ("bits", "group_size"):
+        if key in q and q[key] is None:  # (compressed-tensors' null group_size means "by channel"; GPTQ's none)
+            out.notes.append(f"{where}: {key} is null, which no GPTQ loader can use: ignored (the tensors' shapes "
+                             "decide)")
+            out.bad_values.append((out.notes[-1], False))
     out.globals = {
         "bits": _number(out, q, "bits", "w_bit", "wbits"),
         "group_size": _number(out, q, "group_size", "q_group_size"),

@@ -110,7 +110,10 @@ def _likely_cause(head: bytes) -> str:
         return " — this is an HTML/XML page saved under a .safetensors name (a failed download?)"
     if head[:2] == b"PK":
         return " — this is a zip archive (a PyTorch .bin/.pt checkpoint?), not safetensors"
-    if head[:1] == b"\x80":
+    # a pickle's PROTO opcode and protocol (2-5), then an opcode (from protocol 4 a FRAME; none is
+    # 0): not just a first byte of 0x80, which any header length of 128 + 256k bytes also has
+    if head[:1] == b"\x80" and len(head) > 2 and 2 <= head[1] <= 5 and head[2] != 0 \
+            and (head[1] < 4 or head[2] == 0x95):
         return " — this is a Python pickle, not safetensors"
     if text.startswith((b"{", b"[")):
         return " — this is a JSON file (a config or an index?), not safetensors"
@@ -406,6 +409,33 @@ class SafetensorsFile:
                 mm.madvise(mmap.MADV_DONTNEED)
             except (OSError, ValueError):
                 pass
+
+    def release_range(self, start: int, end: int) -> None:
+        """Drop this process's mapped pages lying wholly inside bytes ``[start, end)`` of the file
+        (one tensor's, or some of its rows'); a page shared with a neighbour stays. Only the
+        resident set changes: a later read maps the pages again from the page cache."""
+        mm = self._mm
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        a = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        b = min(end, len(mm)) // mmap.PAGESIZE * mmap.PAGESIZE
+        if b > a:
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+            except (OSError, ValueError):
+                pass
+
+    def release_tensor(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """:meth:`release_range` of tensor ``name``'s bytes (of rows ``[r0, r1)`` of it flattened to
+        ``[rows, last axis]``)."""
+        e = self._entries.get(name)
+        if e is None or self._mm is None:
+            return
+        begin, end = (self.data_offset + o for o in e.data_offsets)
+        if rows is not None and e.shape:
+            row_bytes = (end - begin) // max(1, math.prod(e.shape[:-1]))
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+        self.release_range(begin, end)
 
     def close(self) -> None:
         """Drop the mapping (arrays still referencing it keep it alive until they are freed)."""

@@ -170,26 +170,15 @@ def gptq_groups(k: int, g: int) -> int:
 
 def data_warning(model: Model, layer: Layer) -> str | None:
     """What a layer's small side tensors say against its config, read cheaply before a decode
-    (``dequant`` and ``convert`` warn and exit 1 on it, as for :attr:`Layer.warning`): a
-    symmetric GPTQ layer whose every stored zero point is the other checkpoint_format's
-    constant decodes one scale step off (the doctor's ``gptq.sym-zeros``)."""
-    if layer.scheme != "gptq" or layer.settings.get("sym") is not True or "qzeros" not in layer.tensors:
+    (``dequant``, ``compare`` and ``convert`` warn and exit 1 on it, as for :attr:`Layer.warning`):
+    the doctor's errors of that kind (:data:`~.doctor.CONFIG_RULES`) — a symmetric GPTQ layer whose
+    zero points are not the constant (every one of them the other checkpoint_format's: each
+    weight one scale step off), compressed-tensors zero points or packing that contradict its
+    ``version`` or ``symmetric``."""
+    if layer.scheme not in ("gptq", "ct-pack") or layer.problem:
         return None
-    if not layer.bits or not layer.shape or layer.problem:
-        return None
-    from .bitpack import unpack_bits
-    from .formats.gptq import mislabelled_format
-    b, version = layer.bits, int(layer.settings.get("version", 1))
-    try:
-        z = unpack_bits(np.ascontiguousarray(model.ckpt.tensor(layer.tensors["qzeros"].name)), b, layer.shape[0])
-    except (QuantscopeError, ValueError):
-        return None
-    fmt = mislabelled_format(z, b, version)
-    if fmt is None:
-        return None
-    return (f"every stored zero point is {int(z.flat[0])}, the symmetric constant of checkpoint_format {fmt!r}, "
-            f"not of the configured v{version}: decoded as configured, every weight is one scale step off — set "
-            f"checkpoint_format to {fmt!r}")
+    from .doctor import layer_config_error
+    return layer_config_error(model, layer)
 
 
 def _awq_bits(bits) -> str:
@@ -561,6 +550,16 @@ def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: s
         return Layer(module.path, "ct-fp8", comps, shape=w.shape, bits=8,
                      group_size=eff.group_size if st.get("strategy") == "group" else None,
                      dtype=s.dtype, settings=st, source=eff.source)
+    if eff.quantized is not False and eff.bits == 8 and (
+            cfg.kind == "fp8" or (cfg.kind == "compressed-tensors" and eff.settings.get("type") == "float")):
+        # the config quantizes it to FP8: its scale was lost, not never there (read as plain fp8,
+        # a per-channel scale of ~1/1500 went missing unseen)
+        ct = cfg.kind == "compressed-tensors"
+        return Layer(module.path, "ct-fp8" if ct else "fp8-block", comps, shape=w.shape, bits=8, dtype=w.dtype,
+                     source=eff.source,
+                     problem=f"{'weight_scale' if ct else 'weight_scale_inv'} missing: the config quantizes this "
+                             "layer to FP8, and its values read without their scale would be off by that factor "
+                             "(a tensor lost in a merge or a rename?)")
     return Layer(module.path, "dense", comps, shape=w.shape, bits=8, dtype=w.dtype,
                  source="fp8 weight without a scale: read as plain fp8 values")
 

@@ -1,10 +1,16 @@
-"""Comparing a Mixture-of-Experts model: tens of thousands of small expert layers.
+"""Comparing a Mixture-of-Experts model, at two shapes.
 
-A Qwen3-MoE-shaped bf16 reference in transformers' layout — 40 decoder layers of 128 experts,
-each expert's gate/up/down_proj one module of [64, 128] / [128, 64], plus a router and q/k/v/o
-per layer: 15,560 expert and 320 other layers, 246 MB — and its MLX 4-bit conversion by
+A Qwen3-MoE-shaped bf16 reference in transformers' layout (each expert's gate/up/down_proj one
+module, plus a router and q/k/v/o per decoder layer) and its MLX 4-bit conversion by
 ``quantscope convert`` (experts stacked in switch_mlp, as mlx-lm loads them), built once under
-``benchmarks/.cache``. In a fresh process: the files are read once (page cache warm), then the
+``benchmarks/.cache``:
+
+* ``toy-40x128``: 40 decoder layers of 128 experts of [64, 128] / [128, 64]: 15,560 expert and
+  320 other layers, 246 MB — tens of thousands of tiny layers;
+* ``qwen3-30b-experts-2x32``: 2 decoder layers of 32 experts shaped like Qwen3-30B-A3B's
+  (hidden 2048, expert intermediate 768: [768, 2048] / [2048, 768], 1.6M weights each), 0.6 GB —
+  real expert sizes, where each layer's fixed work (sampling, selection) weighs on its decode.
+ In a fresh process: the files are read once (page cache warm), then the
 comparison (``sweep``, every expert against its slice of the stack) is timed against
 dequantizing the same MLX layers alone, in interleaved pairs (``QUANTSCOPE_BENCH_REPEAT``,
 default 3), best of each; and peak RSS. Per-layer overhead, not decoding, dominates here: the
@@ -23,10 +29,11 @@ from pathlib import Path
 import numpy as np
 from _common import CACHE, emit, peak_rss_bytes
 
-LAYERS, EXPERTS, HIDDEN, MOE_INTER = 40, 128, 128, 64
+#: label: (decoder layers, experts, hidden, expert intermediate)
+SIZES = {"toy-40x128": (40, 128, 128, 64), "qwen3-30b-experts-2x32": (2, 32, 2048, 768)}
 
 
-def build(folder: Path) -> tuple[Path, Path]:
+def build(folder: Path, layers: int, experts: int, hidden: int, moe_inter: int) -> tuple[Path, Path]:
     import ml_dtypes
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -40,25 +47,25 @@ def build(folder: Path) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     bf16 = np.dtype(ml_dtypes.bfloat16)
     wm = {}
-    for i in range(LAYERS):
+    for i in range(layers):
         t = {}
-        for e in range(EXPERTS):
-            for p, shp in (("gate_proj", (MOE_INTER, HIDDEN)), ("up_proj", (MOE_INTER, HIDDEN)),
-                           ("down_proj", (HIDDEN, MOE_INTER))):
+        for e in range(experts):
+            for p, shp in (("gate_proj", (moe_inter, hidden)), ("up_proj", (moe_inter, hidden)),
+                           ("down_proj", (hidden, moe_inter))):
                 t[f"model.layers.{i}.mlp.experts.{e}.{p}.weight"] = (
                     rng.standard_normal(shp, dtype=np.float32) * 0.02).astype(bf16)
-        t[f"model.layers.{i}.mlp.gate.weight"] = (rng.standard_normal((EXPERTS, HIDDEN), dtype=np.float32)
+        t[f"model.layers.{i}.mlp.gate.weight"] = (rng.standard_normal((experts, hidden), dtype=np.float32)
                                                   * 0.02).astype(bf16)
         for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            t[f"model.layers.{i}.self_attn.{p}.weight"] = (rng.standard_normal((HIDDEN, HIDDEN), dtype=np.float32)
+            t[f"model.layers.{i}.self_attn.{p}.weight"] = (rng.standard_normal((hidden, hidden), dtype=np.float32)
                                                             * 0.02).astype(bf16)
         shard = f"model-{i:05d}.safetensors"
         write_st(ref / shard, t, {"format": "pt"})
         wm.update(dict.fromkeys(t, shard))
     (ref / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
-    (ref / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": HIDDEN,
-                                                 "num_hidden_layers": LAYERS, "num_experts": EXPERTS,
-                                                 "moe_intermediate_size": MOE_INTER, "torch_dtype": "bfloat16"}))
+    (ref / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "hidden_size": hidden,
+                                                 "num_hidden_layers": layers, "num_experts": experts,
+                                                 "moe_intermediate_size": moe_inter, "torch_dtype": "bfloat16"}))
     convert(ref, mlx, to="mlx", bits=4, overwrite=True, verify=False)
     (folder / "done").write_text("ok")
     return ref, mlx
@@ -77,7 +84,9 @@ def measure(folder: Path) -> dict:
     var = analyze(open_checkpoint(folder / "mlx-q4"))
     eng = get_engine("numpy")
     fast.warm_up()
-    eng.dequantize(var, next(iter(var.layers.values())))
+    # warm-up on the smallest quantized layer (a whole 32-expert stack would set the peak RSS)
+    eng.dequantize(var, min((lay for lay in var.layers.values() if lay.quantized), key=lambda lay: lay.numel))
+    rss0 = peak_rss_bytes()
 
     def sweep_once():
         t0 = time.perf_counter()
@@ -103,20 +112,22 @@ def measure(folder: Path) -> dict:
             "dequant_alone_s": round(min(deqs), 3), "ratio": round(min(sweeps) / min(deqs), 2),
             "sweep_ms_per_layer": round(min(sweeps) / n * 1e3, 3),
             "sweep_runs_s": [round(x, 3) for x in sweeps], "dequant_runs_s": [round(x, 3) for x in deqs],
-            "peak_rss_sweep_mb": round(rss / 2**20)}
+            "peak_rss_after_open_mb": round(rss0 / 2**20), "peak_rss_sweep_mb": round(rss / 2**20)}
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--measure":
         emit(measure(Path(sys.argv[2])))
         return
-    folder = CACHE / "moe_40x128"
-    t0 = time.perf_counter()
-    build(folder)
-    build_s = time.perf_counter() - t0
-    r = subprocess.run([sys.executable, __file__, "--measure", str(folder)], capture_output=True, text=True,
-                       check=True)
-    out = {"benchmark": "moe", "cpus": os.cpu_count(), "build_s": round(build_s, 1), **json.loads(r.stdout)}
+    out = {"benchmark": "moe", "cpus": os.cpu_count(), "sizes": {}}
+    for label, dims in SIZES.items():
+        folder = CACHE / ("moe_40x128" if label == "toy-40x128" else f"moe_{label}")
+        t0 = time.perf_counter()
+        build(folder, *dims)
+        build_s = time.perf_counter() - t0
+        r = subprocess.run([sys.executable, __file__, "--measure", str(folder)], capture_output=True, text=True,
+                           check=True)
+        out["sizes"][label] = {"build_s": round(build_s, 1), **json.loads(r.stdout)}
     emit(out)
 
 

@@ -1,10 +1,16 @@
-"""Comparison sweep cost against dequantization alone, and its memory, at two model sizes.
+"""Comparison sweep cost against dequantization alone, and its memory, at four model sizes.
 
-A Llama-shaped bf16 reference (hidden 2048, intermediate 5632, no embeddings) of ~0.5 GB
-(5 decoder layers) and ~2 GB (20 layers), and a third of 0.2 GB shaped like Qwen2.5-0.5B
-(8 decoder layers, hidden 896, k/v 128 rows), whose layers are mostly small; three variants in their real layouts — GPTQ 4-bit
-g128 (v1), AWQ GEMM 4-bit g128, MLX affine 4-bit g64 — quantized by fast round-to-nearest (not
-the slow algorithms), one shard per decoder layer, built once under ``benchmarks/.cache``.
+Llama-shaped bf16 references (no embeddings):
+
+* ``0.5GB`` and ``2GB``: hidden 2048, intermediate 5632, 5 and 20 decoder layers;
+* ``small-0.2GB``: shaped like Qwen2.5-0.5B (8 decoder layers, hidden 896, k/v 128 rows), whose
+  layers are mostly small;
+* ``wide-1.7GB``: one decoder layer of a 70B model (hidden 8192, intermediate 28672, k/v 1024
+  rows), layers of 235M weights: memory must stay flat in a layer's size too.
+
+Three variants of each in their real layouts — GPTQ 4-bit g128 (v1), AWQ GEMM 4-bit g128, MLX
+affine 4-bit g64 — quantized by fast round-to-nearest (not the slow algorithms), one shard per
+decoder layer, built once under ``benchmarks/.cache``.
 
 Each size is measured in a fresh subprocess: the files are read once (page cache warm), then
 ``sweep`` over all three variants is timed and the peak RSS taken, then the same variant layers
@@ -30,7 +36,9 @@ H, F = 2048, 5632
 #: label: (decoder layers, hidden, intermediate, k/v rows). The third is shaped like Qwen2.5-0.5B
 #: (hidden 896, k/v 128 rows): most of its layers are under 1M elements, where a sweep's cost per
 #: layer weighs most.
-SIZES = {"0.5GB": (5, H, F, H), "2GB": (20, H, F, H), "small-0.2GB": (8, 896, 4864, 128)}
+#: The fourth is one decoder layer of a 70B model: its reference alone is 1.7 GB.
+SIZES = {"0.5GB": (5, H, F, H), "2GB": (20, H, F, H), "small-0.2GB": (8, 896, 4864, 128),
+         "wide-1.7GB": (1, 8192, 28672, 1024)}
 
 
 def linears(h: int, f: int, kv: int):

@@ -409,6 +409,41 @@ def test_a_gptq_file_labelled_with_the_other_format_version_is_decoded_but_said(
     assert "set checkpoint_format to 'gptq'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("case", ["gptq-sym", "ct-sym", "ct-version"])
+def test_configs_their_zero_points_contradict_give_exit_1_as_the_doctor_finds(tmp_path, capsys, case):
+    # the doctor found these (R3, R10) while dequant and compare exited 0 without a word
+    import shutil
+    from pathlib import Path
+    src = tmp_path / "m"
+    real = Path(__file__).parent / "fixtures" / "real"
+    shutil.copytree(real / ("gptqmodel-gptq-w4g128-actorder" if case == "gptq-sym" else "llmcompressor-w4a16-asym"),
+                    src)
+    for name in ("config.json", "quantize_config.json"):
+        if not (src / name).exists():
+            continue
+        cfg = json.loads((src / name).read_text())
+        block = cfg.get("quantization_config", cfg)
+        if case == "gptq-sym":
+            block["sym"] = True  # its asymmetric zero points are not the constant
+        elif case == "ct-sym":
+            block["config_groups"]["group_0"]["weights"]["symmetric"] = True
+        else:
+            block["version"] = "0.9.0"  # before zero points were packed along N
+        (src / name).write_text(json.dumps(cfg))
+    rule = {"gptq-sym": "gptq.sym-zeros", "ct-sym": "ct.sym-zero-point", "ct-version": "ct.zero-point"}[case]
+    from quantscope.backend.doctor import diagnose
+    found = {f.rule for f in diagnose(src) if f.severity == "error"}
+    assert rule in found
+    layer = "model.layers.0.self_attn.q_proj"
+    assert main(["dequant", str(src), layer, "-o", str(tmp_path / "q.npy")]) == 1
+    err = capsys.readouterr().err
+    assert f"warning: {src}: {layer}: " in err
+    ref = Path(__file__).parents[2] / "shared" / "fixtures" / "real" / "base-bf16"
+    if ref.exists():
+        assert main(["compare", "--reference", str(ref), str(src), "--layers", r"layers\.0\.self_attn\.q"]) == 1
+        assert "!" in capsys.readouterr().out
+
+
 def test_an_output_through_a_symlink_writes_its_target(tmp_path):
     from quantscope.backend.outfile import atomic_output
     target = tmp_path / "real.json"

@@ -628,6 +628,47 @@ def test_nan_in_a_variant_is_reported_not_hidden(ref_pair, mlx_variant, tmp_path
     assert "non-finite error (1)" in out and "  nan: model.layers.1.self_attn.v_proj" in out
 
 
+def test_nan_in_the_reference_is_blamed_on_the_reference(ref_pair, mlx_variant, tmp_path, capsys):
+    # the table's note used to list the variant beside a NaN of the reference: doctor was then
+    # run on the wrong checkpoint
+    from quantscope.app.cli import main
+    root, rw, ref, _, _ = ref_pair
+    t = dict(rw)
+    w = t["model.layers.0.self_attn.o_proj.weight"].copy()
+    w[5, 7] = np.nan
+    t["model.layers.0.self_attn.o_proj.weight"] = w
+    nanref = _model(tmp_path / "nanref", t)
+    res = sweep(nanref, {"m": mlx_variant}, engine="numpy")
+    rows = {r.name: r for r in res.rows}
+    assert math.isnan(rows["model.layers.0.self_attn.o_proj"].rel_fro)
+    assert res.reference_nonfinite == ["model.layers.0.self_attn.o_proj"]
+    assert res.to_json()["reference_nonfinite"] == ["model.layers.0.self_attn.o_proj"]
+    # a NaN of the variant's own stays the variant's
+    assert sweep(ref, {"m": mlx_variant}, engine="numpy").reference_nonfinite == []
+    rc = main(["compare", "--reference", str(tmp_path / "nanref"), str(root / "var"), "--engine", "numpy"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "NaN/inf in the reference's own weights (1 layer(s)" in out
+    assert "  reference: model.layers.0.self_attn.o_proj" in out and "non-finite error" not in out
+
+
+def test_a_variant_with_layers_that_cannot_be_decoded_is_warned_of(ref_pair, mlx_variant, tmp_path):
+    # the window showed no sign of them (only the CLI's "not compared" list named them)
+    root, _, ref, _, _ = ref_pair
+    import shutil
+    shutil.copytree(root / "mlx", tmp_path / "wrongbits")
+    cfg = json.loads((tmp_path / "wrongbits" / "config.json").read_text())
+    for m in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj"):  # 4-bit tensors: not 3-bit
+        cfg["quantization"][m] = {"group_size": 64, "bits": 3}
+    (tmp_path / "wrongbits" / "config.json").write_text(json.dumps(cfg))
+    bad = analyze(open_checkpoint(tmp_path / "wrongbits"))
+    res = sweep(ref, {"m": mlx_variant, "w": bad}, engine="numpy")
+    n = sum(1 for u in res.unmatched if u.variant == "w" and "cannot be decoded" in u.reason)
+    assert n == 2
+    short, full = res.warnings()["w"]
+    assert short.startswith(f"{n} layer(s) cannot be decoded, not compared (first: ") and "3-bit" in full
+    assert "m" not in res.warnings()
+
+
 # -- the demo workspace and real fixtures ------------------------------------------------------------
 
 @pytest.fixture(scope="module")

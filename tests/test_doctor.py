@@ -1083,3 +1083,53 @@ def test_a_bad_g_idx_is_found_beside_another_problem_of_its_layer(tmp_path):
     save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
     rules = {f.rule for f in diagnose(dst) if f.layer == "model.layers.0.self_attn.q_proj"}
     assert {"layer.inconsistent", "gptq.g-idx-invalid"} <= rules
+
+
+def test_fp8_layer_whose_scale_was_lost_is_an_error_not_plain_fp8(tmp_path):
+    # read without its per-channel scale, llm-compressor's FP8 q_proj came out ~1500x too large
+    # while doctor, info, dequant and convert all reported success
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.engines import get_engine
+    from quantscope.backend.errors import LayerError
+    from quantscope.backend.safetensors_file import SafetensorsFile
+    from quantscope.backend.schemes import analyze
+    src = Path(__file__).parent / "fixtures" / "real" / "llmcompressor-fp8"
+    dst = tmp_path / "fp8-noscale"
+    shutil.copytree(src, dst)
+    f = SafetensorsFile(dst / "model.safetensors")
+    t = {n: np.array(f.read(n)) for n in f.names if n != "model.layers.0.self_attn.q_proj.weight_scale"}
+    f.close()
+    write_st(dst / "model.safetensors", t, {"format": "pt"})
+    name = "model.layers.0.self_attn.q_proj"
+    found = [x for x in diagnose(dst) if x.severity == "error"]
+    assert [x.layer for x in found] == [name]
+    assert "weight_scale missing" in found[0].message
+    m = analyze(open_checkpoint(dst))
+    assert m.layers[name].scheme == "ct-fp8" and m.layers[name].problem
+    with pytest.raises(LayerError, match="weight_scale missing"):
+        get_engine("numpy").dequantize(m, m.layers[name])
+    other = m.layers["model.layers.0.self_attn.k_proj"]  # its neighbours decode as before
+    assert other.scheme == "ct-fp8" and other.problem is None
+
+
+@pytest.mark.parametrize("case", ["disagree", "null-group"])
+def test_gptq_configs_that_disagree_or_hold_null_are_found(tmp_path, case):
+    # info noted both; the doctor said "no problems found"
+    src = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
+    dst = tmp_path / case
+    shutil.copytree(src, dst)
+    if case == "disagree":
+        q = json.loads((dst / "quantize_config.json").read_text())
+        q["bits"], q["group_size"] = 8, 32
+        (dst / "quantize_config.json").write_text(json.dumps(q))
+        f = next(f for f in diagnose(dst) if f.rule == "config.disagree")
+        assert f.severity == "warning" and "bits 4 against 8, group_size 128 against 32" in f.message
+        assert f.file.endswith("quantize_config.json")
+    else:
+        for name in ("config.json", "quantize_config.json"):
+            cfg = json.loads((dst / name).read_text())
+            cfg.get("quantization_config", cfg)["group_size"] = None
+            (dst / name).write_text(json.dumps(cfg))
+        f = next(f for f in diagnose(dst) if f.rule == "config.bad-value")
+        assert f.severity == "error" and "group_size is null" in f.message
+    assert not any(f.rule == "config.disagree" for f in diagnose(src))

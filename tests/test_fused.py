@@ -4,6 +4,7 @@ direct float64 numpy computation on the whole decoded layer."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import ml_dtypes
@@ -559,3 +560,83 @@ def test_narrowing_keeps_only_the_missed_percentile_whole():
         assert a <= new_lo[j] and new_hi[j] <= b and (new_hi[j] - new_lo[j]) < (b - a)
         assert new_lo[j] <= d[int(q * (n - 1))] <= new_hi[j]
     assert (new_lo[2], new_hi[2]) == (lo[2], hi[2])  # p99's missed: kept whole
+
+
+@pytest.mark.parametrize("kind", ["mlx4", "gptq"])
+def test_sample_blocks_decoded_again_when_too_many_bytes_to_keep(kind, monkeypatch):
+    # wide layers: the sample blocks are not held until their second look but decoded again,
+    # their sums taken once; the figures are numpy's all the same, and every row is handed to
+    # done_rows once, after its last look
+    monkeypatch.setattr(fused, "KEEP_BYTES", 0)
+    w = _ref(seed=21)
+    dec, full = _mlx(w) if kind == "mlx4" else _gptq(w)
+    calls = []
+    real = dec.fn
+    dec = dec._replace(fn=lambda r0, r1, dst: calls.append((r0, r1)) or real(r0, r1, dst))
+    done = []
+    res = fused.measure(w, {"v": (dec, 0, None)}, done_rows=lambda r0, r1: done.append((r0, r1)))["v"]
+    _check(res, w, full)
+    assert res["rel_fro_raw"] == res["rel_fro"]
+    blocks = sorted(set(calls))
+    assert len(calls) > len(blocks)  # the sample blocks twice
+    assert sorted(done) == blocks and blocks[0][0] == 0 and blocks[-1][1] == N
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
+
+
+def test_wide_layers_measured_alone_and_their_pages_released(tmp_path, monkeypatch):
+    from quantscope.backend.checkpoint import Checkpoint
+    rng = np.random.default_rng(14)
+    ref_t, var_t = {}, {}
+    for i in range(2):
+        w = (rng.standard_normal((N, K)) * 0.02).astype(BF16)
+        ref_t[f"model.layers.{i}.mlp.up_proj.weight"] = w
+        wq, s, b = mx.quantize(mx.array(w.view(np.uint16)).view(mx.bfloat16), group_size=64, bits=4)
+        var_t[f"model.layers.{i}.mlp.up_proj.weight"] = to_np(wq)
+        var_t[f"model.layers.{i}.mlp.up_proj.scales"] = to_np(s.view(mx.uint16)).view(BF16)
+        var_t[f"model.layers.{i}.mlp.up_proj.biases"] = to_np(b.view(mx.uint16)).view(BF16)
+    ref = _big_model(tmp_path / "ref", ref_t)
+    var = _big_model(tmp_path / "var", var_t, {"quantization": {"group_size": 64, "bits": 4}})
+    calls, released = [], []
+    real = fused.measure
+    monkeypatch.setattr(fused, "measure", lambda *a, **k: calls.append(k["parallel"]) or real(*a, **k))
+    real_release = Checkpoint.release
+    monkeypatch.setattr(Checkpoint, "release", lambda self, names, rows=None: released.append(
+        (self.root.name, tuple(names), rows)) or real_release(self, names, rows))
+    monkeypatch.setattr(compare, "FUSED_MIN_ELEMENTS", 1 << 19)
+    got = {r.name: r for r in compare.sweep(ref, {"m": var}, engine="numpy", jobs=2).rows}
+    assert calls == [False, True]  # the last layer spreads its blocks; the first runs beside nothing
+    monkeypatch.setattr(compare, "WIDE_ELEMENTS", 1 << 20)
+    calls.clear()
+    released.clear()
+    wide = {r.name: r for r in compare.sweep(ref, {"m": var}, engine="numpy", jobs=2).rows}
+    assert calls == [True, True]  # each alone, over all cores
+    for name, r in got.items():  # (float64 sums in another order: within 1e-12)
+        for key in ("p50", "p95", "p99", "max_abs"):
+            assert getattr(wide[name], key) == getattr(r, key), (name, key)
+        for key in ("rel_fro", "mse", "cosine"):
+            assert getattr(wide[name], key) == pytest.approx(getattr(r, key), rel=1e-12), (name, key)
+    for i in range(2):
+        name = f"model.layers.{i}.mlp.up_proj"
+        # the reference's rows as they are measured, then each whole layer once it is done
+        rows = [x[2] for x in released if x[:2] == ("ref", (f"{name}.weight",)) and x[2] is not None]
+        assert min(rows)[0] == 0 and max(r1 for _, r1 in rows) == N
+        assert ("ref", (f"{name}.weight",), None) in released
+        assert any(x[0] == "var" and set(x[1]) == {f"{name}.{c}" for c in ("weight", "scales", "biases")}
+                   and x[2] is None for x in released)
+
+
+@pytest.mark.parametrize("n, per_block", [(11, 1), (100, 1), (100, 1 << 18), (880, 917504), (4000, 1 << 18)])
+def test_steps_cover_every_block_once_and_start_small_in_huge_layers(n, per_block):
+    steps = fused._steps(list(range(n)), per_block)
+    flat = [b for s in steps for b in s]
+    assert sorted(flat) == list(range(n))  # each block in exactly one step
+    if n < 12:
+        assert len(steps) == 1
+    elif n // 4 * per_block <= fused.STEP_ELEMENTS:
+        assert [len(s) for s in steps] == [n // 4, n - n // 4]
+    else:  # a first step of STEP_ELEMENTS, then growing fourfold, narrowing after each
+        sizes = [len(s) for s in steps]
+        assert sizes[0] * per_block <= fused.STEP_ELEMENTS and len(sizes) >= 3
+        assert all(b == 4 * a for a, b in itertools.pairwise(sizes[:-1]))
+    for s in steps[:-1]:  # spread over the layer, not its first blocks
+        assert s[-1] - s[0] > n // 2

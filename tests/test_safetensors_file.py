@@ -255,3 +255,53 @@ def test_fuzz_arbitrary_json_headers(tmp_path, header):
         SafetensorsFile(tmp_path / "j.safetensors")
     except QuantscopeError:
         pass
+
+
+def test_release_drops_only_whole_pages_inside_a_tensor_and_reads_stay_right(tmp_path):
+    import mmap
+
+    page = mmap.PAGESIZE
+    a = np.arange(3 * page + 100, dtype=np.float32).reshape(-1, 4)  # rows of 16 bytes
+    b = np.arange(2 * page, dtype=np.uint8)
+    p = tmp_path / "m.safetensors"
+    save_file({"a": a, "b": b}, str(p))
+    f = SafetensorsFile(p)
+    before = f.read("a").copy()
+
+    class Spy:  # the real mapping's length, and the ranges asked to be dropped
+        def __init__(self, mm):
+            self.mm, self.calls = mm, []
+
+        def __len__(self):
+            return len(self.mm)
+
+        def madvise(self, option, start=0, length=None):
+            self.calls.append((start, length))
+            self.mm.madvise(option, start, length)
+
+    spy = f._mm = Spy(f._mm)
+    info = f.info("a")
+    f.release_tensor("a")
+    f.release_tensor("a", (10, 700))
+    for start, length in spy.calls:  # whole pages, all inside the tensor's bytes
+        assert start % page == 0 and length % page == 0 and length > 0
+        assert info.start <= start and start + length <= info.end
+    (s0, l0), (s1, l1) = spy.calls
+    assert s0 == -(-info.start // page) * page and s0 + l0 == info.end // page * page
+    assert s1 >= info.start + 10 * 16 and s1 + l1 <= info.start + 700 * 16
+    f.release_tensor("a", (0, 1))  # less than a page: nothing to drop
+    assert len(spy.calls) == 2
+    f._mm = spy.mm
+    np.testing.assert_array_equal(f.read("a"), before)  # mapped again from the page cache
+    np.testing.assert_array_equal(f.read("b"), b)
+
+
+def test_a_pickle_is_named_but_a_header_length_ending_in_0x80_is_not():
+    import pickle
+
+    from quantscope.backend.safetensors_file import _likely_cause
+    for proto in (2, 3, 4, 5):
+        assert "pickle" in _likely_cause(pickle.dumps({"w": [1.0, 2.0]}, protocol=proto)[:64])
+    # 50,000,000 is 0x02FAF080: a corrupt length whose low byte is 0x80 is no pickle
+    assert "pickle" not in _likely_cause(struct.pack("<Q", 50_000_000) + b'{"a": {"dtype": "F32"')
+    assert "pickle" not in _likely_cause(struct.pack("<Q", 0x0280) + b'{"a": {"dtype": "F32"')

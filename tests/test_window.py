@@ -220,6 +220,20 @@ def test_one_broken_checkpoint_does_not_keep_the_others_from_opening(win, qtbot,
     assert sig.args[0].startswith("The reference could not be opened, so no error can be measured")
 
 
+def test_the_only_checkpoint_failing_to_open_gives_details_not_a_traceback(win, qtbot, tmp_path, monkeypatch):
+    # "Show Details…" held a service/jobs/workspace traceback where the doctor hint was needed most
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"\xff" * 64)
+    shown = []
+    monkeypatch.setattr(win, "_show_error", lambda title, message, details: shown.append((message, details)))
+    win.open_workspace([str(bad)], None)
+    qtbot.waitUntil(lambda: bool(shown), timeout=30_000)
+    message, details = shown[0]
+    assert message.startswith(str(bad)) and "Traceback" not in details and "File \"" not in details
+    assert details.startswith(message) and f"Run doctor (Ctrl+D) lists every problem of {bad}" in details
+
+
 def test_whatif_requantizes_from_the_reference(win, qtbot):
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         win.tree.select("model.layers.0.mlp.up_proj")
@@ -385,6 +399,40 @@ def test_layers_view_names_layers_whose_error_is_not_finite(qtbot):
     assert "1 with a non-finite error" in plot.info.text() and "v: model.layers.1.mlp.down_proj" in plot.info.text()
     x, y = plot.series["v"].getData()
     assert list(x) == [0, 1, 2] and np.isnan(y[1]) and plot.hint.text() == ""
+    assert plot.info.text().startswith("2 (layer, variant) points")  # the NaN one is not plotted
+    # the heatmap paints that cell red (blank was the look of a projection the layer lacks)
+    bad = plot.hm_bad.image
+    assert bad is not None and bad.shape[:2] == (3, 1) and bad[1, 0, 0] == 228 and bad[[0, 2], 0, 3].max() == 0
+    # where the reference's own weights hold the NaN, the summary blames the reference
+    plot.set_reference_nonfinite(["model.layers.1.mlp.down_proj"])
+    assert "NaN/inf in the reference's own weights (e.g. model.layers.1.mlp.down_proj)" in plot.info.text()
+    assert "v: model.layers.1" not in plot.info.text()
+
+
+def test_layers_view_summary_counts_the_projection_shown_and_fits_its_text(qtbot):
+    from types import SimpleNamespace
+
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+    plot.resize(520, 600)
+    plot.show()
+    rows = [SimpleNamespace(name=f"model.layers.{i}.{p}", variant=v, layer_index=i, proj=p.rpartition(".")[2],
+                            rel_fro=0.1, sqnr_db=20.0, rel_fro_raw=0.1)
+            for i in range(4) for p in ("self_attn.q_proj", "mlp.down_proj") for v in ("a", "b")]
+    rows[0].rel_fro = math.nan
+    plot.set_rows(rows, {"a": "#f00", "b": "#00f"})
+    assert plot.info.text().startswith("15 (layer, variant) points from 2 variant(s);")
+    plot.proj.setCurrentIndex(plot.proj.findData("down_proj"))
+    assert plot.info.text().startswith("8 (layer, variant) points from 2 variant(s) (down_proj).")
+    plot.proj.setCurrentIndex(0)
+    # the label is as tall as its wrapped text (a fixed three lines cut a four-line summary)
+    assert plot.info.height() >= plot.info.heightForWidth(plot.info.width())
+    # emptied (another workspace): no colour bar or axis key left from the last one
+    assert plot.hm_bar.isVisible()
+    plot.set_rows([], {})
+    assert not plot.hm_bar.isVisible() and plot.hm.getAxis("bottom").labelText == "projection"
+    assert "Compare all layers" in plot.info.text()
 
 
 def test_layers_view_offers_the_quantization_own_error_only_when_a_variant_has_it(qtbot):

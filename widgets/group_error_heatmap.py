@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from .palette import BAD_HEX, BAD_RGBA
 from .plots import Hint, IntAxis, plain_axes, shrinkable
 
 
@@ -21,8 +22,6 @@ class GroupErrorHeatmap(QWidget):
     """One variant at a time; the map arrives already reduced to screen resolution."""
 
     _XLABEL = "group of in_features columns"
-    _BAD_RGBA = (228, 26, 28, 255)  # not in viridis
-    _BAD_HEX = "#e41a1c"
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -34,7 +33,7 @@ class GroupErrorHeatmap(QWidget):
                               "of the shown variant's only")
         self.hover = QLabel(" ")
         self.note = QLabel("")  # non-finite cells of the shown variant, if any
-        self.note.setStyleSheet(f"color: {self._BAD_HEX}")
+        self.note.setStyleSheet(f"color: {BAD_HEX}")
         self.glw = pg.GraphicsLayoutWidget()
         self.plot = self.glw.addPlot(axisItems={"bottom": IntAxis("bottom"), "left": IntAxis("left")})
         self.plot.setLabel("bottom", self._XLABEL)
@@ -102,7 +101,9 @@ class GroupErrorHeatmap(QWidget):
             self.image.clear()
             self.bad.clear()
             self.note.setText("")
+            self.cbar.setVisible(False)  # no colour scale beside nothing
             return
+        self.cbar.setVisible(True)
         data, per = m
         hi = self._top(None if self.scale.isChecked() else label)
         self.image.setImage(data, autoLevels=False)
@@ -113,7 +114,7 @@ class GroupErrorHeatmap(QWidget):
         nbad = int(bad.sum())
         if nbad:
             rgba = np.zeros(data.shape + (4,), np.uint8)
-            rgba[bad] = self._BAD_RGBA
+            rgba[bad] = BAD_RGBA
             self.bad.setImage(rgba, autoLevels=False, levels=(0, 255))
             self.bad.setRect(rect)
             self.note.setText(f"{nbad} cell{'s' if nbad > 1 else ''} NaN or inf (red)")

@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (
 )
 from quantscope.backend.metrics import worse
 
-from .palette import variant_symbol
+from .palette import BAD_RGBA, variant_symbol
 from .plots import (
     SYMBOL_GLYPHS,
     Hint,
@@ -82,11 +82,12 @@ class LayerErrorPlot(QWidget):
         self.hm_scale.setToolTip("Heatmap colours on the range of every variant (a colour reads the same whichever "
                                  "is shown); unchecked, on the shown variant's own range (which layers it hurts)")
         self.proj.setToolTip("Which projections the plot shows (all, or one with its points joined by depth)")
-        self.info = QLabel("Run “Compare all layers” to fill this view.")
-        # Wrapped in a fixed two lines: a long summary must neither widen the window (an
-        # unwrapped label's minimum width is its text's) nor change the plots' height.
+        self.info = QLabel(self._EMPTY)
+        # Wrapped: a long summary must not widen the window (an unwrapped label's minimum width is
+        # its text's). Its height follows the text at the label's width (_fit_info), at least
+        # three lines, so that the plots' height changes only when a summary needs more.
         self.info.setWordWrap(True)
-        self.info.setFixedHeight(3 * self.info.fontMetrics().lineSpacing() + 4)
+        self._fit_info()
         # What the sweep found wrong with a variant as a whole (smoothing applied twice): shown
         # only then, above the plots, in full.
         self.warn = QLabel()
@@ -106,6 +107,10 @@ class LayerErrorPlot(QWidget):
         self.hm.invertY(True)
         self.hm_image = pg.ImageItem(axisOrder="row-major")
         self.hm.addItem(self.hm_image)
+        # cells whose error is NaN/inf, on top in the colour the group-error map gives them (the
+        # colour map alone leaves NaN blank, like a projection the layer does not have)
+        self.hm_bad = pg.ImageItem(axisOrder="row-major")
+        self.hm.addItem(self.hm_bad)
         self.hm_bar = pg.ColorBarItem(colorMap=pg.colormap.get("viridis"), interactive=False)
         self.hm_bar.setImageItem(self.hm_image, insert_in=self.hm.getPlotItem())
         plain_axes(self.hm_bar)
@@ -134,6 +139,8 @@ class LayerErrorPlot(QWidget):
         self.hm_scale.toggled.connect(lambda _: self.redraw_heatmap())
         self.hm.scene().sigMouseClicked.connect(self._hm_clicked)
         self._rows = []
+        self._n_rows = 0
+        self._ref_bad: set[str] = set()
         self._colors = {}
         self._hm_names: dict[tuple[int, int], str] = {}
         self.series: dict[str, pg.PlotDataItem] = {}
@@ -145,12 +152,29 @@ class LayerErrorPlot(QWidget):
     #: side at 1280 px the legend ran off the plot and the heatmap lost columns and colour bar).
     STACK_BELOW = 900
 
+    _EMPTY = "Run “Compare all layers” to fill this view."
+
     def resizeEvent(self, ev) -> None:
         want = Qt.Orientation.Vertical if ev.size().width() < self.STACK_BELOW else Qt.Orientation.Horizontal
         if self.split.orientation() != want:
             self.split.setOrientation(want)
             self.split.setSizes([600, 400])
         super().resizeEvent(ev)
+        self._fit_info(ev.size().width() - 4)
+
+    def _fit_info(self, width: int | None = None) -> None:
+        """The summary's height: its wrapped text's at ``width`` (the label's own when None), at
+        least three lines (a fixed three cut a four-line summary at both ends)."""
+        line = self.info.fontMetrics().lineSpacing()
+        w = width if width is not None else self.info.width()
+        h = max(3 * line, self.info.heightForWidth(max(w, 100))) + 4
+        if h != self.info.height():
+            self.info.setFixedHeight(h)
+
+    def _set_info(self, text: str) -> None:
+        if text != self.info.text():
+            self.info.setText(text)
+            self._fit_info()
 
     def set_rows(self, rows, colors: dict, heatmap: bool = True) -> None:
         """Show these sweep rows; ``heatmap=False`` leaves the heatmap to :meth:`redraw_heatmap`
@@ -194,17 +218,38 @@ class LayerErrorPlot(QWidget):
             if was:  # back to the first metric (Qt picks the neighbour)
                 self.metric_box.setCurrentIndex(0)
             self.metric_box.blockSignals(False)
-        other = len(rows) - len(self._rows)
-        bad = [r for r in rows if not math.isfinite(r.rel_fro)]
-        moe = any(".experts." in r.name for r in self._rows)
-        self.info.setText("Run “Compare all layers” to fill this view." if not rows else
-                          f"{len(self._rows)} (layer, variant) points from {len(variants)} variant(s)"
-                          + (f"; {other} outside decoder layers (embeddings, head) not plotted" if other else "")
-                          + (f"; {len(bad)} with a non-finite error, not plotted (NaN/inf weights, e.g. "
-                             f"{bad[0].variant}: {bad[0].name}; Tools ▸ Run doctor)" if bad else "")
-                          + ("; a heatmap cell holds its layer's worst expert" if moe else "")
-                          + ". Click a point or a heatmap cell to select the layer.")
+        self._n_rows = len(rows)
         self._redraw(heatmap)
+
+    def set_reference_nonfinite(self, names) -> None:
+        """The layers whose reference weights hold NaN/inf (the sweep's ``reference_nonfinite``):
+        the summary blames the reference for those, not a variant."""
+        self._ref_bad = set(names)
+        self._summary()
+
+    def _summary(self) -> None:
+        """The line under the plots, for the rows shown (the projection chosen)."""
+        if not self._n_rows:
+            self._set_info(self._EMPTY)
+            return
+        proj = self.proj.currentData() if self.proj.currentIndex() > 0 else None
+        shown = [r for r in self._rows if proj is None or r.proj == proj]
+        bad = [r for r in shown if not math.isfinite(self._value(r))]
+        other = self._n_rows - len(self._rows)
+        variants = {r.variant for r in shown}
+        moe = any(".experts." in r.name for r in shown)
+        ref_bad = sorted({r.name for r in bad if r.name in self._ref_bad})
+        var_bad = [r for r in bad if r.name not in self._ref_bad]
+        self._set_info(
+            f"{len(shown) - len(bad)} (layer, variant) points from {len(variants)} variant(s)"
+            + (f" ({proj})" if proj else "")
+            + (f"; {other} outside decoder layers (embeddings, head) not plotted" if other and not proj else "")
+            + (f"; {len(ref_bad)} layer(s) with NaN/inf in the reference's own weights (e.g. {ref_bad[0]}), not "
+               "plotted, red in the heatmap" if ref_bad else "")
+            + (f"; {len(var_bad)} with a non-finite error, not plotted, red in the heatmap (NaN/inf weights, e.g. "
+               f"{var_bad[0].variant}: {var_bad[0].name}; Tools ▸ Run doctor)" if var_bad else "")
+            + ("; a heatmap cell holds its layer's worst expert" if moe else "")
+            + ". Click a point or a heatmap cell to select the layer.")
 
     def figure_parts(self) -> list:
         """What an exported figure shows: the warning, legend, plot and heatmap (stacked), and
@@ -317,6 +362,7 @@ class LayerErrorPlot(QWidget):
         # pyqtgraph defers range, matrix and axis updates to the start of a paint, where they
         # dirty the scene again: a cascade of repaints. Done here, the next paint is the only one.
         self.plot.scene().prepareForPaint()
+        self._summary()
         if heatmap:
             self.redraw_heatmap()
 
@@ -329,12 +375,16 @@ class LayerErrorPlot(QWidget):
         rows = [r for r in self._rows if r.variant == variant]
         if not rows:
             self.hm_image.clear()
+            self.hm_bad.clear()
             if self._hm_frame != "empty":  # no numbered axes around nothing (they read -0.5..0.5)
                 self._hm_frame = "empty"
                 for side in ("bottom", "left"):
                     self.hm.getAxis(side).setTicks([[]])
                 self.hm.setTitle("")
+                self.hm.setLabel("bottom", "projection")  # not the last workspace's key to them
+                self.hm_bar.setVisible(False)  # nor its colour scale
             return
+        self.hm_bar.setVisible(True)
         layers = sorted({r.layer_index for r in rows})
         projs = sorted({r.proj for r in rows}, key=_proj_order)
         grid = np.full((len(layers), len(projs)), np.nan)
@@ -348,6 +398,15 @@ class LayerErrorPlot(QWidget):
                 grid[i, j] = v
                 self._hm_names[(i, j)] = r.name
         self.hm_image.setImage(grid, autoLevels=False)
+        bad = np.zeros(grid.shape, bool)  # a measured cell whose error is not finite (not an absent one)
+        for i, j in self._hm_names:
+            bad[i, j] = not math.isfinite(grid[i, j])
+        if bad.any():
+            rgba = np.zeros(grid.shape + (4,), np.uint8)
+            rgba[bad] = BAD_RGBA
+            self.hm_bad.setImage(rgba, autoLevels=False, levels=(0, 255))
+        else:
+            self.hm_bad.clear()
         # bright is worse whatever the metric: SQNR (higher is better) runs the colours backwards
         better_high = self.metric_box.currentData() == "sqnr_db"
         if better_high != self._hm_reversed:

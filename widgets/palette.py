@@ -11,6 +11,10 @@ VARIANT_COLORS = ["#E69F00", "#0072B2", "#009E73", "#D55E00", "#CC79A7", "#56B4E
 #: and sky blue) are still told apart as 7 px dots.
 VARIANT_SYMBOLS = ["o", "s", "t", "d", "t1", "p", "h", "star"]
 REFERENCE_COLOR = "#7f7f7f"
+#: Heatmap cells whose error is NaN/inf: a red no viridis colour comes near (group-error map and
+#: the layers heatmap alike).
+BAD_HEX = "#e41a1c"
+BAD_RGBA = (228, 26, 28, 255)
 
 
 def variant_color(index: int) -> QColor:
