@@ -79,6 +79,9 @@ def errors_by_module(rows) -> dict[str, dict[str, float]]:
     return per
 
 
+_NEEDS_BOTH = "Open a reference and at least one variant first."
+
+
 class MainWindow(QMainWindow):
     """The quantscope window. ``settings`` is injected (tests pass an isolated QSettings)."""
 
@@ -352,13 +355,13 @@ class MainWindow(QMainWindow):
                     again.append(f"{m.ckpt.source} is open already (as {open_[os.path.realpath(m.ckpt.source)]})")
                 else:
                     added.append(ws.add_variant(m))
-            if again:
-                self._status("; ".join(again))
             for p in paths:
                 if p not in {f for f, _ in new.failed}:
                     self._remember(p)
             # the tree shows what was just added (a conversion's output), not the first variant
             self.set_workspace(ws, show=added[0] if added else None)
+            if again:  # (after: a new workspace clears the status bar)
+                self._status("; ".join(again))
             self._report_failed(new.failed, len(paths))
 
         self.service.submit("add", "Opening checkpoint", jobs.job_load, list(paths), None,
@@ -380,6 +383,8 @@ class MainWindow(QMainWindow):
             self.colors["reference"] = REFERENCE_COLOR
             self.colors[ws.reference_label] = REFERENCE_COLOR
         self.tree.model.dark = is_dark(self.palette())
+        if self.statusBar().currentMessage().startswith(_NEEDS_BOTH[:24]):  # said of the last workspace
+            self.statusBar().clearMessage()
         if ws.reference is not None and any(lay.quantized for lay in ws.reference.layers.values()):
             schemes = sorted({lay.scheme for lay in ws.reference.layers.values() if lay.quantized})
             self._status(f"The reference is quantized ({', '.join(schemes)}): errors are measured against its "
@@ -684,7 +689,7 @@ class MainWindow(QMainWindow):
         ws = self.workspace
         title = "Compare all layers" if only is None else "Compare layers matching the search"
         if ws.reference is None or not ws.variants:
-            self._show_error(title, "Open a reference and at least one variant first.", "")
+            self._show_error(title, _NEEDS_BOTH, "")
             return
 
         def shown(result) -> None:
@@ -813,12 +818,15 @@ class MainWindow(QMainWindow):
         if not path or not self._may_write(path):
             return
         from quantscope.backend.outfile import atomic_output
+        # variants named by path, as `quantscope compare` writes them (design.md), not by the
+        # window's short labels
+        result = self.sweep_result.relabelled({lb: str(m.ckpt.source) for lb, m in self.workspace.variants.items()})
         try:
             if kind == "csv":
-                self.sweep_result.to_csv(path)
+                result.to_csv(path)
             else:
                 with atomic_output(path) as fh:
-                    json.dump(self.sweep_result.to_json(), fh, indent=1)
+                    json.dump(result.to_json(), fh, indent=1)
         except QuantscopeError as e:  # names the file; nothing half-written is left
             self._show_error("Export", str(e), "")
             return

@@ -146,6 +146,18 @@ class SweepResult:
     #: variant's decode): every variant's error there is NaN, and the fault is the reference's.
     reference_nonfinite: list[str] = field(default_factory=list)
 
+    def relabelled(self, names: dict[str, str]) -> SweepResult:
+        """A copy with each variant's label replaced by ``names[label]`` where given (the window
+        labels variants by folder; its exports name them by path, as ``compare`` does)."""
+        def n(v: str) -> str:
+            return names.get(v, v)
+        return SweepResult(rows=[dataclasses.replace(r, variant=n(r.variant)) for r in self.rows],
+                           unmatched=[dataclasses.replace(u, variant=n(u.variant)) for u in self.unmatched],
+                           smoothing_checks={n(v): c for v, c in self.smoothing_checks.items()},
+                           failed={n(v): e for v, e in self.failed.items()}, added=list(self.added),
+                           data_warnings={n(v): w for v, w in self.data_warnings.items()},
+                           reference_nonfinite=list(self.reference_nonfinite))
+
     def to_json(self) -> dict:
         """Plain JSON data: ``layers`` (one object per row), ``unmatched`` (with ``reason``) and
         ``smoothing_checks`` (per variant whose smoothing was checked: ``smoothing_power``, the

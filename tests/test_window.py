@@ -271,9 +271,25 @@ def test_exports(win, qtbot, tmp_path):
     with qtbot.waitSignal(win.failed, timeout=5000) as sig:
         win.export_plot("png", str(tmp_path / "no-such-dir" / "x.png"))
     assert "no-such-dir" in sig.args[0]
-    win.sweep_result.to_csv(tmp_path / "m.csv")
-    header = (tmp_path / "m.csv").read_text().splitlines()[0]
-    assert "rel_fro" in header and "variant" in header
+    # File ▸ Export ▸ Metrics names each variant by its path, as `quantscope compare --csv` does
+    from PySide6.QtWidgets import QFileDialog
+    for kind in ("csv", "json"):
+        out = tmp_path / f"m.{kind}"
+        orig = QFileDialog.getSaveFileName
+        QFileDialog.getSaveFileName = staticmethod(lambda *a, o=out, **k: (str(o), ""))
+        try:
+            win.export_metrics(kind)
+        finally:
+            QFileDialog.getSaveFileName = orig
+    import csv
+    import json
+    with (tmp_path / "m.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    paths = {str(m.ckpt.source) for m in win.workspace.variants.values()}
+    assert "rel_fro" in rows[0] and {r["variant"] for r in rows} <= paths
+    assert {r["variant"] for r in json.loads((tmp_path / "m.json").read_text())["layers"]} == \
+        {r["variant"] for r in rows if r["rel_fro"]}
+    assert len(rows) >= len(win.sweep_result.rows)
 
 
 def test_convert_from_the_window_opens_the_result_with_its_error(win, qtbot, tmp_path, demo):
