@@ -13,8 +13,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from .checkpoint import Checkpoint, Module
 from .dtypes import DTYPES
 from .errors import LayerError, QuantscopeError

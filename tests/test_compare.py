@@ -933,7 +933,6 @@ def test_the_experts_of_a_quantized_stack_share_one_row_decoder(tmp_path, monkey
     # each expert built the stack's decoder anew, converting all its scales: a fifth of an MoE
     # sweep's time (Qwen3-30B-shaped experts)
     import mlx.core as mx
-
     from quantscope.backend import compare as cmp
     from quantscope.backend.engines import NumpyEngine
     from quantscope.backend.formats import fast
