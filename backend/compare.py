@@ -62,7 +62,7 @@ _ROW_BLOCK_ELEMENTS = 16 * 1024 * 1024
 _LSTSQ_THRESHOLD = 0.02
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 CACHE_FILE = "compare-cache.json"
-CACHE_VERSION = 2  # 2: file identities as digests
+CACHE_VERSION = 3  # 2: file identities as digests; 3: entries say when the reference held NaN/inf
 
 #: Keys of one JSON/CSV row, in order (the command-line contract plus what the window uses).
 LAYER_KEYS = ("name", "variant", "scheme", "bits", "group_size", "rel_fro", "sqnr_db", "cosine", "max_abs", "mse",
@@ -644,8 +644,10 @@ def _smoothing_for(vs: _VariantState, t: Target, row_scales: dict | None = None)
 #: 4x as long (8.2 s against 2.2 s for one down_proj and three variants).
 FUSED_MIN_ELEMENTS = SMALL_ELEMENTS + 1
 FUSED_MAX_ELEMENTS = 1 << 40
-#: A layer from this size is measured alone, its blocks spread over all cores (see ``sweep``).
-WIDE_ELEMENTS = 1 << 25
+#: A layer from this size is measured alone, its blocks spread over all cores (see ``sweep``):
+#: 70B's MLP layers (235M), not 8B's (59M), whose sweep two at a time was 15% faster (and
+#: under 0.7 GB).
+WIDE_ELEMENTS = 1 << 27
 
 
 def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], engine, decoders: dict | None = None):
@@ -1030,6 +1032,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     caches: dict[tuple[str, str], _Rows] = OrderedDict()
     ref_stacks: dict[str, _Rows] = {}  # a stacked reference layer, shared by its experts' rows (this group)
     decoders: dict[tuple[str, str], object] = {}  # variant layers' row decoders (this group: a stack's experts)
+    ref_nonfinite: set[str] = set()  # targets whose reference holds NaN/inf
     uses: dict[tuple[str, str], int] = {}
     # targets of this group still to finish, per layer read (the reference's: label None): its
     # mapped pages are dropped once the last is done, so the resident set holds the layers in
@@ -1063,6 +1066,9 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             row = _row(t, vs, res[vs.label])
             rows_out.setdefault(name, {})[vs.label] = row
             entry = {"metrics": row.fields()}
+            if res[vs.label].get("ref_finite") is False:  # (known from ΣW²: nothing to read again)
+                ref_nonfinite.add(name)
+                entry["ref_nonfinite"] = True
             if t.row_fit_for:
                 rs = vs.row_scales.get(t.row_fit_for)
                 entry["row_scale"] = None if rs is None else rs.tolist()
@@ -1134,8 +1140,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 decoders.clear()
                 ref_stacks.clear()
                 _release_pages([reference] + [vs.model for vs in states])
-                uses.clear()
-                unread.clear()
+                uses.clear()  # (unread is not: jobs of the last group may still be running; its keys are theirs)
                 for n2 in by_group[repr(g)]:
                     read = set()
                     for vs in states:
@@ -1155,6 +1160,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 t = vs.alignment.targets[name]
                 if hit is not None:
                     rows_out.setdefault(name, {})[vs.label] = LayerMetrics(**hit["metrics"])
+                    if hit.get("ref_nonfinite"):
+                        ref_nonfinite.add(name)
                     if hit.get("row_scale") is not None and t.row_fit_for:
                         vs.row_scales[t.row_fit_for] = np.asarray(hit["row_scale"], np.float64)
                 else:
@@ -1230,25 +1237,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                                                        rx)
     if not got:
         raise _none_compared(result)
-    targets = {n: t for vs in states for n, t in vs.alignment.targets.items()}
-    result.reference_nonfinite = _nonfinite_references(reference, result.rows, targets, eng)
+    result.reference_nonfinite = [n for n in names if n in ref_nonfinite]
     return result
-
-
-def _nonfinite_references(reference: Model, rows: list[LayerMetrics], targets: dict[str, Target], eng) -> list[str]:
-    """The compared layers with a non-finite error whose reference weights (an expert's rows of
-    a stack: its own) hold NaN/inf; read again, only for those layers."""
-    out = []
-    for name in dict.fromkeys(r.name for r in rows if not math.isfinite(r.rel_fro)):
-        try:
-            w = _reference_rows(reference, targets[name], eng, keep=False)
-            a = w.stored(0, w.rows)
-            a = w.full() if a is None else a
-        except (QuantscopeError, KeyError):
-            continue
-        if not np.isfinite(a).all():
-            out.append(name)
-    return out
 
 
 def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, names: list[str],

@@ -229,7 +229,7 @@ class ErrorStats:
         return math.sqrt(self.sdd / self.sww)
 
     def result(self) -> dict[str, float]:
-        """``rel_fro, sqnr_db, cosine, max_abs, mse, p50, p95, p99`` as floats."""
+        """``rel_fro, sqnr_db, cosine, max_abs, mse, p50, p95, p99`` as floats, and ``ref_finite``."""
         rel = self.rel_fro
         sqnr = sqnr_db(rel)
         whwh = self.sww + 2.0 * self.swd + self.sdd  # Σ Ŵ² = Σ (W + d)²
@@ -242,9 +242,11 @@ class ErrorStats:
         pct = self.percentiles()
         if math.isnan(self.sdd):  # a NaN error: its percentiles are NaN too, as numpy gives them
             pct = dict.fromkeys(pct, math.nan)
+        # ref_finite: whether the reference's own values are finite (ΣW² is): a NaN error is then
+        # the variant's, else the reference's
         return {"rel_fro": rel, "sqnr_db": sqnr, "cosine": cosine, "max_abs": self.max_abs,
                 "mse": self.sdd / self.n if self.n else math.nan,
-                "p50": pct[50.0], "p95": pct[95.0], "p99": pct[99.0]}
+                "p50": pct[50.0], "p95": pct[95.0], "p99": pct[99.0], "ref_finite": math.isfinite(self.sww)}
 
 
 def worse(new: float, old: float | None) -> bool:

@@ -113,7 +113,7 @@ def _likely_cause(head: bytes) -> str:
     # a pickle's PROTO opcode and protocol (2-5), then an opcode (from protocol 4 a FRAME; none is
     # 0): not just a first byte of 0x80, which any header length of 128 + 256k bytes also has
     if head[:1] == b"\x80" and len(head) > 2 and 2 <= head[1] <= 5 and head[2] != 0 \
-            and (head[1] < 4 or head[2] == 0x95):
+            and (head[1] < 4 or head[2] == 0x95) and head[8:9] != b"{":  # ("{": a safetensors header)
         return " — this is a Python pickle, not safetensors"
     if text.startswith((b"{", b"[")):
         return " — this is a JSON file (a config or an index?), not safetensors"

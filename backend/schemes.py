@@ -552,10 +552,11 @@ def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: s
             cfg.kind == "fp8" or (cfg.kind == "compressed-tensors" and eff.settings.get("type") == "float")):
         # the config quantizes it to FP8: its scale was lost, not never there (read as plain fp8,
         # a per-channel scale of ~1/1500 went missing unseen)
-        ct = cfg.kind == "compressed-tensors"
-        return Layer(module.path, "ct-fp8" if ct else "fp8-block", comps, shape=w.shape, bits=8, dtype=w.dtype,
+        block = cfg.kind == "fp8" and bool(eff.settings.get("weight_block_size")
+                                           or cfg.globals.get("weight_block_size"))
+        return Layer(module.path, "fp8-block" if block else "ct-fp8", comps, shape=w.shape, bits=8, dtype=w.dtype,
                      source=eff.source,
-                     problem=f"{'weight_scale' if ct else 'weight_scale_inv'} missing: the config quantizes this "
+                     problem=f"{'weight_scale_inv' if block else 'weight_scale'} missing: the config quantizes this "
                              "layer to FP8, and its values read without their scale would be off by that factor "
                              "(a tensor lost in a merge or a rename?)")
     return Layer(module.path, "dense", comps, shape=w.shape, bits=8, dtype=w.dtype,

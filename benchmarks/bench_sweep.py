@@ -1,10 +1,12 @@
-"""Comparison sweep cost against dequantization alone, and its memory, at four model sizes.
+"""Comparison sweep cost against dequantization alone, and its memory, at five model sizes.
 
 Llama-shaped bf16 references (no embeddings):
 
 * ``0.5GB`` and ``2GB``: hidden 2048, intermediate 5632, 5 and 20 decoder layers;
 * ``small-0.2GB``: shaped like Qwen2.5-0.5B (8 decoder layers, hidden 896, k/v 128 rows), whose
   layers are mostly small;
+* ``8b-layer-0.4GB``: one decoder layer of Llama-3-8B (hidden 4096, intermediate 14336, k/v 1024
+  rows), layers of up to 59M weights;
 * ``wide-1.7GB``: one decoder layer of a 70B model (hidden 8192, intermediate 28672, k/v 1024
   rows), layers of 235M weights: memory must stay flat in a layer's size too.
 
@@ -36,9 +38,10 @@ H, F = 2048, 5632
 #: label: (decoder layers, hidden, intermediate, k/v rows). The third is shaped like Qwen2.5-0.5B
 #: (hidden 896, k/v 128 rows): most of its layers are under 1M elements, where a sweep's cost per
 #: layer weighs most.
-#: The fourth is one decoder layer of a 70B model: its reference alone is 1.7 GB.
+#: The fourth and fifth are one decoder layer of an 8B model (MLP layers of 59M weights) and of a
+#: 70B model (235M; its reference alone is 1.7 GB).
 SIZES = {"0.5GB": (5, H, F, H), "2GB": (20, H, F, H), "small-0.2GB": (8, 896, 4864, 128),
-         "wide-1.7GB": (1, 8192, 28672, 1024)}
+         "8b-layer-0.4GB": (1, 4096, 14336, 1024), "wide-1.7GB": (1, 8192, 28672, 1024)}
 
 
 def linears(h: int, f: int, kv: int):

@@ -632,7 +632,7 @@ def test_nan_in_the_reference_is_blamed_on_the_reference(ref_pair, mlx_variant, 
     # the table's note used to list the variant beside a NaN of the reference: doctor was then
     # run on the wrong checkpoint
     from quantscope.app.cli import main
-    root, rw, ref, _, _ = ref_pair
+    root, rw, ref, vw, _ = ref_pair
     t = dict(rw)
     w = t["model.layers.0.self_attn.o_proj.weight"].copy()
     w[5, 7] = np.nan
@@ -644,7 +644,18 @@ def test_nan_in_the_reference_is_blamed_on_the_reference(ref_pair, mlx_variant, 
     assert res.reference_nonfinite == ["model.layers.0.self_attn.o_proj"]
     assert res.to_json()["reference_nonfinite"] == ["model.layers.0.self_attn.o_proj"]
     # a NaN of the variant's own stays the variant's
-    assert sweep(ref, {"m": mlx_variant}, engine="numpy").reference_nonfinite == []
+    t = dict(vw)
+    v = t["model.layers.1.mlp.up_proj.weight"].copy()
+    v[3, 3] = np.nan
+    t["model.layers.1.mlp.up_proj.weight"] = v
+    own = sweep(ref, {"n": _model(tmp_path / "nanvar", t)}, engine="numpy")
+    assert [r.name for r in own.rows if math.isnan(r.rel_fro)] == ["model.layers.1.mlp.up_proj"]
+    assert own.reference_nonfinite == []
+    # known from the sweep's sums, also for rows taken from a resumed sweep's cache
+    cache: dict = {}
+    sweep(nanref, {"m": mlx_variant}, engine="numpy", cache=cache)
+    assert sweep(nanref, {"m": mlx_variant}, engine="numpy", cache=cache).reference_nonfinite == \
+        ["model.layers.0.self_attn.o_proj"]
     rc = main(["compare", "--reference", str(tmp_path / "nanref"), str(root / "var"), "--engine", "numpy"])
     out = capsys.readouterr().out
     assert rc == 0 and "NaN/inf in the reference's own weights (1 layer(s)" in out

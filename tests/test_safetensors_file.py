@@ -305,3 +305,4 @@ def test_a_pickle_is_named_but_a_header_length_ending_in_0x80_is_not():
     # 50,000,000 is 0x02FAF080: a corrupt length whose low byte is 0x80 is no pickle
     assert "pickle" not in _likely_cause(struct.pack("<Q", 50_000_000) + b'{"a": {"dtype": "F32"')
     assert "pickle" not in _likely_cause(struct.pack("<Q", 0x0280) + b'{"a": {"dtype": "F32"')
+    assert "pickle" not in _likely_cause(struct.pack("<Q", 0x010280) + b'{"a": {"dtype": "F32"')  # 66,176 bytes

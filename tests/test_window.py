@@ -425,6 +425,25 @@ def test_layers_view_names_layers_whose_error_is_not_finite(qtbot):
     assert "v: model.layers.1" not in plot.info.text()
 
 
+def test_an_exact_layer_is_not_flagged_non_finite_under_sqnr(qtbot):
+    # rel_fro 0 (a layer a mixed-precision variant left unquantized) has an SQNR of +inf: it was
+    # painted red and counted "with a non-finite error … Run doctor" under the SQNR metric
+    from types import SimpleNamespace
+
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+    rows = [SimpleNamespace(name=f"model.layers.{i}.mlp.down_proj", variant="v", layer_index=i, proj="down_proj",
+                            rel_fro=r, sqnr_db=math.inf if r == 0 else -20 * np.log10(r), rel_fro_raw=r)
+            for i, r in enumerate([0.1, 0.0, np.nan])]
+    plot.set_rows(rows, {"v": "#f00"})
+    for metric in ("rel_fro", "sqnr_db"):
+        plot.metric_box.setCurrentIndex(plot.metric_box.findData(metric))
+        assert "1 with a non-finite error" in plot.info.text() and "v: model.layers.2.mlp.down_proj" in plot.info.text()
+        red = plot.hm_bad.image[:, 0, 3] > 0
+        assert list(red) == [False, False, True], metric
+
+
 def test_layers_view_summary_counts_the_projection_shown_and_fits_its_text(qtbot):
     from types import SimpleNamespace
 

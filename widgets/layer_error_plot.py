@@ -234,7 +234,9 @@ class LayerErrorPlot(QWidget):
             return
         proj = self.proj.currentData() if self.proj.currentIndex() > 0 else None
         shown = [r for r in self._rows if proj is None or r.proj == proj]
-        bad = [r for r in shown if not math.isfinite(self._value(r))]
+        # a non-finite error (not an exact copy's SQNR of +inf, nor the quantization-only figure
+        # a variant without inconsistent smoothing does not have)
+        bad = [r for r in shown if not math.isfinite(r.rel_fro)]
         other = self._n_rows - len(self._rows)
         variants = {r.variant for r in shown}
         moe = any(".experts." in r.name for r in shown)
@@ -391,16 +393,15 @@ class LayerErrorPlot(QWidget):
         self._hm_names = {}
         li = {x: i for i, x in enumerate(layers)}
         pj = {x: j for j, x in enumerate(projs)}
+        bad = np.zeros(grid.shape, bool)  # a cell holding a non-finite error (not an absent projection)
         for r in rows:  # several rows to a cell (MoE experts): the worst one, NaN first
             i, j = li[r.layer_index], pj[r.proj]
             v = self._value(r)
             if worse(v, grid[i, j] if (i, j) in self._hm_names else None):
                 grid[i, j] = v
                 self._hm_names[(i, j)] = r.name
+            bad[i, j] |= not math.isfinite(r.rel_fro)  # (an exact copy's SQNR is +inf: not that)
         self.hm_image.setImage(grid, autoLevels=False)
-        bad = np.zeros(grid.shape, bool)  # a measured cell whose error is not finite (not an absent one)
-        for i, j in self._hm_names:
-            bad[i, j] = not math.isfinite(grid[i, j])
         if bad.any():
             rgba = np.zeros(grid.shape + (4,), np.uint8)
             rgba[bad] = BAD_RGBA
