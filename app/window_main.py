@@ -132,8 +132,8 @@ def run_window(args) -> int:
     """Open the window (the demo workspace when no path is given)."""
     headless = (sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
                 and not os.environ.get("WAYLAND_DISPLAY"))
-    if args.screenshot and headless:
-        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    if args.screenshot and headless and not os.environ.get("QT_QPA_PLATFORM"):  # (unset or empty: Qt's default)
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
     elif headless and not os.environ.get("QT_QPA_PLATFORM"):
         # Qt would print its plugin help and abort the process (SIGABRT)
         raise QuantscopeError("no display to open the window on (DISPLAY is not set): run it on a desktop, "

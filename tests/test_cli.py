@@ -464,6 +464,8 @@ def test_window_without_a_display_is_one_line_exit_2(monkeypatch, capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("quantscope: error: no display") and "--screenshot" in err and err.count("\n") == 1
+    monkeypatch.setenv("QT_QPA_PLATFORM", "")  # set but empty: Qt's default platform, as unset
+    assert main([]) == 2 and capsys.readouterr().err.startswith("quantscope: error: no display")
 
 
 def test_dequant_names_the_layer_a_wrong_name_meant(tmp_path, capsys):
