@@ -390,7 +390,8 @@ class Checkpoint:
 
     def release(self, names, rows: tuple[int, int] | None = None) -> None:
         """Drop this process's mapped pages of tensors ``names`` (of rows ``[r0, r1)`` of each,
-        flattened to ``[rows, last axis]``, when given): what a sweep has finished reading (they stay in the page cache)."""
+        flattened to ``[rows, last axis]``, when given): what a sweep has finished reading (they
+        stay in the page cache)."""
         for name in names:
             if name in self._where:
                 self._where[name].release_tensor(name, rows)

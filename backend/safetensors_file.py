@@ -403,22 +403,19 @@ class SafetensorsFile:
         A sweep reads every tensor through mmap once; without this the resident set would grow to
         the size of all files touched.
         """
-        mm = self._mm
-        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            try:
-                mm.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):
-                pass
+        if self._mm is not None:
+            self.release_range(0, len(self._mm))
 
     def release_range(self, start: int, end: int) -> None:
         """Drop this process's mapped pages lying wholly inside bytes ``[start, end)`` of the file
-        (one tensor's, or some of its rows'); a page shared with a neighbour stays. Only the
-        resident set changes: a later read maps the pages again from the page cache."""
+        (one tensor's, or some of its rows'); a page shared with a neighbour stays (the file's
+        last page has none after it). Only the resident set changes: a later read maps the pages
+        again from the page cache."""
         mm = self._mm
         if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return
         a = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
-        b = min(end, len(mm)) // mmap.PAGESIZE * mmap.PAGESIZE
+        b = len(mm) if end >= len(mm) else end // mmap.PAGESIZE * mmap.PAGESIZE
         if b > a:
             try:
                 mm.madvise(mmap.MADV_DONTNEED, a, b - a)

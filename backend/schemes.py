@@ -173,8 +173,6 @@ def data_warning(model: Model, layer: Layer) -> str | None:
     zero points are not the constant (every one of them the other checkpoint_format's: each
     weight one scale step off), compressed-tensors zero points or packing that contradict its
     ``version`` or ``symmetric``."""
-    if layer.scheme not in ("gptq", "ct-pack") or layer.problem:
-        return None
     from .doctor import layer_config_error
     return layer_config_error(model, layer)
 
