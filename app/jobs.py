@@ -132,6 +132,11 @@ def job_whatif(reference, name: str, bits: int, group_size: int, mode: str, *, p
         raise Cancelled()
     if w.ndim < 2:
         raise QuantscopeError("only matrices can be quantized", tensor=name)
+    block = group_size if mode == "affine" else MODE_DEFAULTS[mode][1]
+    if w.shape[-1] % block:
+        # said before MLX says it of "the matrix" in its own words
+        raise QuantscopeError(f"in_features {w.shape[-1]} is not a multiple of the "
+                              f"{'group size' if mode == 'affine' else mode + ' block'} {block}", tensor=name)
 
     def requantize():
         import mlx.core as mx

@@ -389,8 +389,11 @@ class MainWindow(QMainWindow):
             schemes = sorted({lay.scheme for lay in ws.reference.layers.values() if lay.quantized})
             self._status(f"The reference is quantized ({', '.join(schemes)}): errors are measured against its "
                          "decode, and the what-if requantizes that")
-        self.tree.model.set_variants(list(ws.variants))
-        self.tree.model.set_all_errors({v: {} for v in ws.variants})  # the last comparison's, gone with it
+        # an error column per variant, when there is a reference to measure them against (without
+        # one they stayed empty whatever the user did)
+        errs = list(ws.variants) if ws.reference is not None else []
+        self.tree.model.set_variants(errs)
+        self.tree.model.set_all_errors({v: {} for v in errs})  # the last comparison's, gone with it
         models = ws.models()
         first = show if show in models else kept if kept in models else next(iter(ws.variants), ws.reference_label)
         self.tree.set_checkpoints(models, current=first)
@@ -399,7 +402,13 @@ class MainWindow(QMainWindow):
         # The layers plot (emptied, then one series per variant, built ahead of the first sweep
         # result) in later turns of the event loop: each turn and its repaint stay short.
         variants, colors = list(ws.variants), dict(self.colors)
-        self._in_turns("workspace", [lambda: self.layers.set_rows([], colors), lambda: self.layers.set_warnings({}),
+        # said where the comparison's results would be: what it needs, when it cannot run
+        needs = ("" if ws.reference is not None and ws.variants else
+                 "A comparison needs a reference: File ▸ Set reference… opens the original (unquantized) model."
+                 if ws.reference is None else
+                 "A comparison needs a variant beside the reference: File ▸ Add variant… opens a quantized one.")
+        self._in_turns("workspace", [lambda: self.layers.set_rows([], colors, empty_note=needs),
+                                     lambda: self.layers.set_warnings({}),
                                      *self.layers.prepare_steps(variants, colors),
                                      self._reselect, self.workspace_loaded.emit])
 
@@ -510,6 +519,7 @@ class MainWindow(QMainWindow):
             self._said_stands = False
         self.current_layer = path
         self.config.set_layer(path, self.workspace.models())
+        self._whatif_target(path)
         self._refresh_result()  # what belongs to this layer (a conversion's summary), nothing of another's
         if ws.reference is not None and (path in ws.reference.layers or path == "lm_head"
                                          or expert_of_stack(path, ws.reference) is not None):
@@ -528,6 +538,24 @@ class MainWindow(QMainWindow):
         job = self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ref, models, path,
                                   engine=self.engine, on_result=self._show_detail, on_error=self._job_failed)
         self._detail_job = job.id
+
+    def _whatif_target(self, path: str) -> None:
+        """Tell the what-if which reference layer it would requantize: its in_features, or why it
+        cannot (a norm); without a reference every choice stays (a click says what is missing)."""
+        ref = self.workspace.reference
+        lay = None if ref is None else ref.layers.get(path)
+        if lay is None and ref is not None:  # an expert of the reference's stack: the stack's columns
+            try:
+                held = stacked_expert(path, ref)
+            except QuantscopeError:
+                held = None
+            lay = None if held is None else held[0]
+        if lay is None:
+            self.config.set_whatif_target(None)
+        elif not lay.is_matrix:
+            self.config.set_whatif_target(None, f"{path} is not a weight matrix: only matrices can be requantized")
+        else:
+            self.config.set_whatif_target(int(lay.shape[-1]) if lay.shape else None)
 
     def _reference_layer_for(self, path: str) -> tuple[str, str] | None:
         """(the reference layer a variant's module named otherwise stands for, a status message
@@ -630,7 +658,9 @@ class MainWindow(QMainWindow):
                     if v != "reference" and v not in r["zero_counts"]]
         upd(self.zeros, lambda: self.zeros.set_histograms(
             r["zero_edges"], r["zero_counts"], colors,
-            note="integer zero points" if r["zero_counts"] else "No variant stores integer zero points for this layer",
+            # (the floor under log10(1) = 0 read as a count: said what it is)
+            note=("integer zero points (a level no group uses: the line under 0)" if r["zero_counts"]
+                  else "No variant stores integer zero points for this layer"),
             absent=(f"No integer zero points: {', '.join(no_zeros)} (symmetric or float formats store none; MLX's "
                     "biases are offsets in weight units)" if no_zeros and r["zero_counts"] else "")))
         upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note=no_ref if alone else
@@ -736,13 +766,16 @@ class MainWindow(QMainWindow):
             path = self._unopened[0]  # the one the error named
         if path is not None:
             label, source, m = Path(path).name, path, None
+            for lb, mm in self.workspace.models().items():  # a folder chosen that is open after all
+                if Path(mm.ckpt.source).resolve() == Path(path).resolve():
+                    label, source, m = lb, mm.ckpt.source, mm
         else:
             source = m.ckpt.source
         self.doctor_dock.raise_()
 
         def show(findings):
             if m is None:  # a checkpoint not in the tree: its findings stand until another is shown
-                self.doctor.set_findings(label, findings)
+                self.doctor.set_findings(label, findings, linked=False)
             else:
                 self._doctor_found[label] = findings
                 if self.tree.current_label() == label:  # the user may have switched meanwhile
@@ -778,8 +811,18 @@ class MainWindow(QMainWindow):
             self._whatif_line = (r["name"], line)
             self._refresh_result()
 
+        name = self.current_layer
+
+        def failed(message: str, details: str) -> None:
+            # said in the what-if box, beside the figures it would have joined (the status bar
+            # alone kept it after another layer's what-if had succeeded)
+            _logger.info("what-if: %s", message)
+            if name == self.current_layer:
+                self._whatif_line = (name, f"What-if {mode} {bits} bit / {group} failed: {message}")
+                self._refresh_result()
+
         self.service.submit("whatif", "Requantizing (what-if)", jobs.job_whatif, self.workspace.reference,
-                            self.current_layer, bits, group, mode, on_result=show, on_error=self._job_failed)
+                            name, bits, group, mode, on_result=show, on_error=failed)
 
     def convert_dialog(self) -> None:
         from quantscope.widgets.convert_dialog import ConvertDialog

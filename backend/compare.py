@@ -1518,7 +1518,8 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     states = []
     left_out: dict[str, str] = {}
     for label, vm in variants.items():
-        al = align(reference, vm, label=label)
+        # a layer the variant keeps unquantized is shown too (the user may have picked it there)
+        al = align(reference, vm, label=label, keep_unquantized=True)
         if name not in al.targets:
             # an expert of a stacked reference in a variant that stacks them too (its slice), or a
             # stack of the reference in a variant that stores its experts one by one (all of them)

@@ -277,7 +277,8 @@ def _norm_vector(model: Model, layer: Layer) -> np.ndarray | None:
     return np.asarray(model.ckpt.tensor(t.name)).astype(np.float64)
 
 
-def align(reference: Model, variant: Model, *, label: str = "", interleaved: bool | None = None) -> Alignment:
+def align(reference: Model, variant: Model, *, label: str = "", interleaved: bool | None = None,
+          keep_unquantized: bool = False) -> Alignment:
     """Match ``variant``'s layers to ``reference``'s (see the module docstring).
 
     Parameters
@@ -289,6 +290,9 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
     interleaved
         Whether fused ``gate_up_proj`` rows interleave gate and up (gpt-oss); None decides from
         ``model_type`` in either config.
+    keep_unquantized
+        Match the layers a quantized variant left unquantized too (one selected layer's view
+        shows them); a sweep leaves them out as "skipped by the variant".
 
     Returns
     -------
@@ -306,7 +310,7 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
         """Why the variant layer cannot be used (None when it can)."""
         if not vl.decodable:
             return f"the variant's layer {vl.path} cannot be decoded: {vl.problem or vl.scheme}"
-        if not vl.quantized and not var_dense_model:
+        if not vl.quantized and not var_dense_model and not keep_unquantized:
             return f"skipped by the variant: {vl.path} is stored unquantized ({vl.dtype})"
         return None
 

@@ -347,6 +347,8 @@ def histogram_counts(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
 FINE_BINS = 16384
 #: Most bins a merged histogram keeps (a plot of more costs paint time for nothing).
 MAX_BINS = 4096
+#: Fewest bins of a histogram of a small array (about sqrt(n) above that).
+MIN_BINS = 16
 #: Share of each array's values, at each end, that may lie outside the bulk (a view's default).
 BULK_TAIL = 1e-5
 
@@ -362,7 +364,7 @@ def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: 
     set aside at each end. The fine
     bins are then merged by a power of two so that the union of the bulks gets at least
     ``bins / 2`` bins where :data:`MAX_BINS` in all allow it (``bins`` in all when there are no
-    outliers). ``view`` is the bulk's ``(lo, hi)`` on those edges, a tenth wider each side, or
+    outliers; fewer for an array of under ``bins**2`` values: about its square root). ``view`` is the bulk's ``(lo, hi)`` on those edges, a tenth wider each side, or
     None when it spans at least half of the range (nothing to gain). Counts stay exact on the edges returned; NaN and ±inf are not counted. ``(None, {},
     None)`` when no array has a finite value.
     """
@@ -390,6 +392,10 @@ def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: 
     if b1 >= b0:
         pad = max(1, (b1 - b0 + 1) // 10)
         b0, b1 = max(0, b0 - pad), min(fine - 1, b1 + pad)
+    # a small array (a router's 512 weights, an expert's 128 scales) in 256 bins was a comb of
+    # counts 0-10: about sqrt(n) bins (a power of two, at least MIN_BINS) for the largest array
+    n_max = max(int(c.sum()) for c in counts.values())
+    bins = min(bins, max(MIN_BINS, 1 << max(0, math.ceil(math.log2(max(1.0, math.sqrt(n_max)))))))
     top = 1  # the merge (a power of two, dividing ``fine``) that gives ``bins`` bins in all
     while top * 2 * bins <= fine and fine % (top * 2) == 0:
         top *= 2

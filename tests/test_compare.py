@@ -983,3 +983,15 @@ def test_small_stats_refuses_arrays_of_different_sizes():
         pytest.skip("numba absent")
     with pytest.raises(ValueError, match="shapes differ"):
         ErrorStats().add_small(np.ones(4, np.float32), np.ones(3, np.float32))
+
+
+def test_a_small_array_gets_about_sqrt_n_bins_on_exact_counts():
+    # a router's 512 weights in 256 bins were a comb of counts 0-10
+    from quantscope.backend.metrics import MIN_BINS, bulk_histograms
+    rng = np.random.default_rng(5)
+    for n, bins in ((40, MIN_BINS), (512, 32), (5000, 128), (200_000, 256)):
+        a = rng.standard_normal(n)
+        edges, counts, _ = bulk_histograms({"a": a, "b": a[: n // 2] * 2})
+        assert len(edges) - 1 == bins, n
+        for k, x in (("a", a), ("b", a[: n // 2] * 2)):
+            assert np.array_equal(counts[k], np.histogram(x, bins=edges)[0])

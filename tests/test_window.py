@@ -1252,3 +1252,118 @@ def test_selecting_a_stacked_module_shows_an_expert_of_the_reference(qtbot, tmp_
     want = mx.dequantize(t[f"{sw}.weight"][3], t[f"{sw}.scales"][3], t[f"{sw}.biases"][3], group_size=64, bits=4)
     assert np.array_equal(np.load(out), np.array(want.astype(mx.float32)))
     w.service.shutdown()
+
+
+# -- a window user's review (2026-12-06) --------------------------------------------------------
+
+def test_group_error_ticks_name_the_column_above_them(qtbot):
+    # cell g spanned [g, g+1): a 2-group layer was labelled 0, 1, 2 along the cells' edges
+    from quantscope.widgets.group_error_heatmap import GroupErrorHeatmap
+    hm = GroupErrorHeatmap()
+    qtbot.addWidget(hm)
+    hm.resize(600, 400)
+    hm.show()
+    hm.set_maps({"v": (np.array([[0.1, 0.2], [0.3, 0.4]]), 1)})
+    rect = hm.image.mapRectToParent(hm.image.boundingRect())
+    assert (rect.left(), rect.right()) == (-0.5, 1.5)  # group 0 centred on 0, group 1 on 1
+    # the hover names the group under the pointer: x = 0.9 lies in group 1's cell
+    hm._on_move(hm.plot.vb.mapViewToScene(__import__("PySide6.QtCore", fromlist=["QPointF"]).QPointF(0.9, 0.5)))
+    assert "group 1: 0.2" in hm.hover.text()
+
+
+def test_doctor_findings_of_a_checkpoint_not_open_are_not_links(qtbot):
+    # a click on one said the layer "cannot be decoded" of a tree that does not hold it
+    from quantscope.widgets.doctor_panel import DoctorPanel
+    panel = DoctorPanel()
+    qtbot.addWidget(panel)
+    f = [{"rule": "container.out-of-file", "severity": "error", "message": "past the end",
+          "tensor": "model.layers.1.mlp.down_proj.qweight", "layer": "model.layers.1.mlp.down_proj"}]
+    panel.set_findings("broken", f, linked=False)
+    assert "href" not in panel.text.toHtml() and "not open in the window" in panel.title.text()
+    assert "model.layers.1.mlp.down_proj.qweight" in panel.text.toPlainText()
+    panel.set_findings("open", f)
+    assert 'href="layer:model.layers.1.mlp.down_proj"' in panel.text.toHtml()
+
+
+def test_tree_name_column_follows_the_window_and_the_shown_error_keeps_its_digits(qtbot, tmp_path, demo):
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    w.quiet_errors = True
+    qtbot.addWidget(w)
+    w.resize(900, 600)  # opens at its least width, 1024
+    w.show()
+    tree = w.tree
+
+    def fits():  # the shown checkpoint's error (second from the left) ends inside the viewport
+        col = tree.view.header().logicalIndex(1)
+        return tree.view.header().sectionViewportPosition(col) + tree.view.columnWidth(col) \
+            <= tree.view.viewport().width()
+
+    try:
+        with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
+            w.open_workspace([str(p) for p in demo.variants.values()], str(demo.reference))
+        with qtbot.waitSignal(w.sweep_done, timeout=120_000):
+            w.compare_all()
+        qtbot.wait(100)
+        assert fits()  # the vertical scroll bar had covered its last digit ("0.305")
+        narrow = tree.view.columnWidth(0)
+        w.resize(1920, 1080)
+        # it stayed narrow: now as wide as the dock allows again
+        qtbot.waitUntil(lambda: tree.view.columnWidth(0) == tree._name_width() > narrow, timeout=2000)
+        assert fits()
+        w.resize(1024, 600)
+        qtbot.waitUntil(lambda: tree.view.columnWidth(0) <= narrow, timeout=2000)
+        assert fits()
+    finally:
+        w.service.shutdown()
+
+
+def test_without_a_reference_the_views_say_a_comparison_needs_one(qtbot, tmp_path, demo):
+    w = _window_on(qtbot, tmp_path, [demo.variants["gptq-w4g128"]], "")
+    try:
+        qtbot.waitUntil(lambda: "needs a reference" in w.layers.info.text(), timeout=10_000)
+        assert "needs a reference" in w.layers.hint.text()
+        assert w.tree.model.variants == []  # no error column that nothing could fill
+    finally:
+        w.service.shutdown()
+
+
+def test_whatif_offers_what_fits_the_layer_and_says_in_its_box_why_not(qtbot, tmp_path):
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "mlxlm-qwen3moe-q4-g64"], real / "qwen3moe-bf16")
+    cfg = w.config
+    try:
+        expert = "model.layers.1.mlp.experts.2.down_proj"  # [128, 64]: only group 32 and 64 divide 64
+        cfg.group.setCurrentText("128")
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.select_layer(expert)
+        enabled = {cfg.group.itemText(i): cfg.group.model().item(i).isEnabled() for i in range(cfg.group.count())}
+        assert enabled == {"32": True, "64": True, "128": False} and cfg.group.currentText() == "64"
+        assert cfg.run.isEnabled()
+        w.run_whatif(4, 128, "affine")  # (as a stale click would ask): said in the box, in our words
+        qtbot.waitUntil(lambda: "failed" in cfg.whatif_result.text(), timeout=30_000)
+        assert "in_features 64 is not a multiple of the group size 128" in cfg.whatif_result.text()
+        w.select_layer("model.layers.0.input_layernorm")
+        assert not cfg.run.isEnabled() and "not a weight matrix" in cfg.run.toolTip()
+        w.select_layer("model.layers.0.self_attn.q_proj")  # [.., 128]: every group again
+        assert cfg.run.isEnabled() and all(cfg.group.model().item(i).isEnabled() for i in range(cfg.group.count()))
+    finally:
+        w.service.shutdown()
+
+
+def test_a_layer_a_variant_keeps_unquantized_is_shown_with_the_others(qtbot, tmp_path):
+    # GPTQModel keeps the MoE router in bf16: selected in its tree, it was left out of every view
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "gptqmodel-qwen3moe-w4g64", real / "mlxlm-qwen3moe-q4-g64"],
+                   real / "qwen3moe-bf16")
+    try:
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.select_layer("model.layers.0.mlp.gate")
+        d = w._detail_errors[1]
+        assert not d.left_out
+        assert d.metrics["gptqmodel-qwen3moe-w4g64"].rel_fro == 0.0  # the reference's weights, kept as they were
+        assert 0 < d.metrics["mlxlm-qwen3moe-q4-g64"].rel_fro < 0.02  # mlx-lm's 8-bit router
+        assert "gptqmodel-qwen3moe-w4g64" in w.hist._counts
+    finally:
+        w.service.shutdown()

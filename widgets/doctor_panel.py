@@ -49,7 +49,9 @@ class DoctorPanel(QWidget):
         """The findings shown, by severity (empty severities left out)."""
         return {s: list(fs) for s, fs in self._groups.items() if fs}
 
-    def set_findings(self, label: str, findings: list[dict]) -> None:
+    def set_findings(self, label: str, findings: list[dict], linked: bool = True) -> None:
+        """``linked=False``: a checkpoint that is not open (one that failed to): its layers are
+        named, not links (a click said the layer "cannot be decoded" of a tree without it)."""
         counts = {s: 0 for s in SEVERITIES}
         self._groups = {s: [] for s in SEVERITIES}
         for f in findings:
@@ -63,16 +65,17 @@ class DoctorPanel(QWidget):
                 continue  # no empty headings
             parts.append(f'<h4 style="color:{_COLORS[sev]}; margin-bottom:2px">{sev} ({counts[sev]})</h4>')
             for f in self._groups[sev]:
-                parts.append(self._finding(f))
+                parts.append(self._finding(f, linked))
         self.text.setHtml("".join(parts))
-        self.title.setText(f"<b>{escape(label)}</b>: {counts['error']} error(s), {counts['warning']} warning(s), "
-                           f"{counts['info']} info" if findings else f"<b>{escape(label)}</b>: no problems found.")
+        self.title.setText((f"<b>{escape(label)}</b>: {counts['error']} error(s), {counts['warning']} warning(s), "
+                            f"{counts['info']} info" if findings else f"<b>{escape(label)}</b>: no problems found.")
+                           + ("" if linked else " (not open in the window)"))
 
     @staticmethod
-    def _finding(f: dict) -> str:
+    def _finding(f: dict, linked: bool = True) -> str:
         layer, tensor, file = f.get("layer"), f.get("tensor"), f.get("file")
         where = tensor or layer or file or ""
-        target = layer or tensor
+        target = (layer or tensor) if linked else None
         place = (f'<a href="{_SCHEME}:{escape(target, quote=True)}">{escape(where)}</a>' if target
                  else escape(where))
         if file and where != file:

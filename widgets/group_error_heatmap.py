@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QRectF
@@ -107,8 +109,10 @@ class GroupErrorHeatmap(QWidget):
         data, per = m
         hi = self._top(None if self.scale.isChecked() else label)
         self.image.setImage(data, autoLevels=False)
-        # in the layer's own units: a displayed row covers ``per`` output rows
-        rect = QRectF(0, 0, data.shape[1], data.shape[0] * per)
+        # in the layer's own units: a displayed row covers ``per`` output rows; group g spans
+        # [g - 0.5, g + 0.5), so each integer tick names the column above it (from 0, a 12-group
+        # layer's ticks ran 0-12 along the cells' edges)
+        rect = QRectF(-0.5, 0, data.shape[1], data.shape[0] * per)
         self.image.setRect(rect)
         bad = ~np.isfinite(data)
         nbad = int(bad.sum())
@@ -141,7 +145,7 @@ class GroupErrorHeatmap(QWidget):
             return
         p = self.plot.vb.mapSceneToView(pos)
         data, per = m
-        r, g = int(p.y() // per), int(p.x())
+        r, g = int(p.y() // per), math.floor(p.x() + 0.5)
         if 0 <= r < data.shape[0] and 0 <= g < data.shape[1]:
             rows = f"rows {r * per}–{(r + 1) * per - 1}" if per > 1 else f"row {r}"
             self.hover.setText(f"{rows}, group {g}: {data[r, g]:.4g}" + (" (max over rows)" if per > 1 else ""))

@@ -53,7 +53,7 @@ class HistogramView(QWidget):
         bar.addWidget(self.apply)
         bar.addWidget(self.reset)
         bar.addWidget(self.bulk)
-        bar.addWidget(self.note, 1)
+        bar.addStretch(1)
         # what the default range leaves out, and values in no bin (NaN/inf): one line, always
         # there (shown and hidden, it would change the plot's height at every selection)
         self.footer = ElidedLabel()
@@ -61,6 +61,9 @@ class HistogramView(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(bar)
+        # the note on a line of its own: beside the range controls it had 40 px at 1280 px wide
+        # ("…proj", "per-…")
+        lay.addWidget(self.note)
         lay.addWidget(self.legend)
         lay.addWidget(self.plot, 1)
         lay.addWidget(self.footer)

@@ -31,7 +31,7 @@ from .plots import (
 )
 
 #: key: (the chooser's short name, the axis label and the item's tooltip)
-METRICS = {"rel_fro": ("rel. error", "relative Frobenius error ‖Ŵ−W‖/‖W‖"), "sqnr_db": ("SQNR (dB)", "SQNR (dB)"),
+METRICS = {"rel_fro": ("rel. error", "relative error ||Ŵ−W|| / ||W||"), "sqnr_db": ("SQNR (dB)", "SQNR (dB)"),
            "rel_fro_raw": ("rel. error, raw", "rel. error without undoing smoothing")}
 #: Offered only when a compared variant folds its smoothing inconsistently (the sweep's
 #: ``rel_fro_quant``); the other variants' points are their rel_fro, which is their quantization's.
@@ -140,6 +140,7 @@ class LayerErrorPlot(QWidget):
         self.hm.scene().sigMouseClicked.connect(self._hm_clicked)
         self._rows = []
         self._n_rows = 0
+        self._empty_note = ""  # what an empty view says instead of _EMPTY (set_rows)
         self._ref_bad: set[str] = set()
         self._colors = {}
         self._hm_names: dict[tuple[int, int], str] = {}
@@ -176,14 +177,16 @@ class LayerErrorPlot(QWidget):
             self.info.setText(text)
             self._fit_info()
 
-    def set_rows(self, rows, colors: dict, heatmap: bool = True) -> None:
+    def set_rows(self, rows, colors: dict, heatmap: bool = True, empty_note: str = "") -> None:
         """Show these sweep rows; ``heatmap=False`` leaves the heatmap to :meth:`redraw_heatmap`
-        (a separate step, so that each repaints on its own)."""
+        (a separate step, so that each repaints on its own); ``empty_note``: what an empty view
+        says instead of how to fill it (a workspace without a reference cannot be compared)."""
         self._rows = [r for r in rows if r.layer_index is not None]
         self._colors = dict(colors)
+        self._empty_note = empty_note
         show_values(self.plot, bool(self._rows))
         if not rows:
-            self.hint.empty()
+            self.hint.empty(empty_note)
         else:
             self.hint.set("" if self._rows else
                           "None of the compared layers is in a numbered decoder layer: nothing to plot by depth")
@@ -230,7 +233,7 @@ class LayerErrorPlot(QWidget):
     def _summary(self) -> None:
         """The line under the plots, for the rows shown (the projection chosen)."""
         if not self._n_rows:
-            self._set_info(self._EMPTY)
+            self._set_info(self._empty_note or self._EMPTY)
             return
         proj = self.proj.currentData() if self.proj.currentIndex() > 0 else None
         shown = [r for r in self._rows if proj is None or r.proj == proj]

@@ -240,6 +240,47 @@ class QuantConfigPanel(QWidget):
             self._fill(self.group, [str(fixed[1])], str(fixed[1]))
         self.bits.setEnabled(fixed is None)
         self.group.setEnabled(fixed is None)
+        self._fit_choices()
+
+    def set_whatif_target(self, cols: int | None, why_not: str = "") -> None:
+        """The layer a what-if would requantize: ``cols`` its in_features (None: unknown, every
+        choice offered); ``why_not`` (e.g. a norm: not a matrix) disables Requantize, with the
+        reason in its tooltip. Group sizes and block-float modes whose block does not divide
+        ``cols`` are greyed out (MLX refused them with a message about the matrix's shape)."""
+        self._cols = cols
+        self._why_not = why_not
+        self._fit_choices()
+
+    def _fit_choices(self) -> None:
+        cols, why = getattr(self, "_cols", None), getattr(self, "_why_not", "")
+
+        def fits(block: int) -> bool:
+            return cols is None or cols % block == 0
+
+        modes = self.mode.model()
+        for i in range(self.mode.count()):
+            m = self.mode.itemText(i)
+            modes.item(i).setEnabled(m == "affine" or fits(MODE_DEFAULTS[m][1]))
+        groups = self.group.model()
+        ok = []
+        for i in range(self.group.count()):
+            good = fits(int(self.group.itemText(i)))
+            groups.item(i).setEnabled(good)
+            if good:
+                ok.append(i)
+        if ok and self.group.currentIndex() not in ok:
+            # the largest group that divides it below the one chosen, else the smallest
+            cur = int(self.group.currentText() or 0)
+            below = [i for i in ok if int(self.group.itemText(i)) <= cur]
+            self.group.blockSignals(True)
+            self.group.setCurrentIndex(below[-1] if below else ok[0])
+            self.group.blockSignals(False)
+        if not why and not ok:
+            why = f"in_features {cols} is not a multiple of any group size offered ({', '.join(_AFFINE_GROUPS)})"
+        elif not why and not fits(MODE_DEFAULTS.get(self.mode.currentText(), (0, 1))[1]):
+            why = f"in_features {cols} is not a multiple of {self.mode.currentText()}'s block"
+        self.run.setEnabled(not why)
+        self.run.setToolTip(why or "Quantize the reference's layer with mx.quantize and measure its error")
 
     @staticmethod
     def _fill(box: QComboBox, items: list[str], current: str) -> None:

@@ -83,6 +83,10 @@ class TensorTree(QWidget):
         self.view.clicked.connect(self._on_click)
         self.view.customContextMenuRequested.connect(self._menu)
         self.search.installEventFilter(self)
+        # the viewport's width changes without the widget's when the vertical scroll bar comes
+        # (a comparison's figures, more rows): the shown error's last digit went under it
+        self.view.viewport().installEventFilter(self)
+        self._auto_name = -1  # the Name width last set here (a width the user dragged differs)
         self._models = {}
         # A sort or a search rebuilds the rows: the selected module stays selected (and is not
         # announced again: the window would decode it again)
@@ -91,6 +95,10 @@ class TensorTree(QWidget):
         self.model.modelReset.connect(self._restore_current)
 
     def eventFilter(self, obj, event) -> bool:
+        if obj is self.view.viewport():
+            if event.type() == QEvent.Type.Resize and event.oldSize().width() != event.size().width():
+                self._fit_name()
+            return False
         # Esc in the search box clears it (or, when empty, goes back to the tree); the window's
         # Esc shortcut ("Cancel all jobs") used to take it and cancel a running comparison.
         if obj is self.search and event.type() in (QEvent.Type.ShortcutOverride, QEvent.Type.KeyPress) \
@@ -145,6 +153,8 @@ class TensorTree(QWidget):
             elif nb <= c < n - 1:  # another variant's: its header cut, never its figures ("0.09…")
                 want = max(self._own_width(), min(want, fm.horizontalAdvance("gptq…w4g128__")))
             self.view.setColumnWidth(c, want)
+            if c == 0:
+                self._auto_name = want
         self._order_columns()
         self.checkpoint_changed.emit(label)
 
@@ -163,13 +173,15 @@ class TensorTree(QWidget):
         avail = vw - self._own_width()
         return max(110, min(self._name_need, max(self.NAME_WIDTH, vw // 2), avail))
 
-    def resizeEvent(self, ev) -> None:
-        super().resizeEvent(ev)
-        # narrowed only when it would push the shown error's figures out of the dock (a width the
-        # user gave it, wider, stays while there is room)
+    def _fit_name(self) -> None:
+        """On a new viewport width: the Name width set here follows it both ways (it stayed
+        narrow after the window had been made small and large again); a width the user dragged is
+        only narrowed, when it would push the shown error's figures out of the dock."""
         want = self._name_width()
-        if self.view.columnWidth(0) > want and ev.oldSize().width() != ev.size().width():
+        cur = self.view.columnWidth(0)
+        if cur > want or (cur == self._auto_name and want != cur):
             self.view.setColumnWidth(0, want)
+            self._auto_name = want
 
     def _order_columns(self) -> None:
         """Shown in the order a reader wants them: the name, the shown checkpoint's own error
