@@ -7,6 +7,7 @@ traceback only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import re
 import sys
 
 from quantscope.backend.errors import QuantscopeError
+from quantscope.backend.outfile import printable
 
 SUBCOMMANDS = ("info", "dequant", "compare", "doctor", "convert", "demo")
 
@@ -29,10 +31,15 @@ ENGINE_HELP = ("numpy: compiled kernels / vectorised numpy; mlx: mx.dequantize (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantscope", description="Inspect quantized LLM checkpoints.")
+    p = argparse.ArgumentParser(prog="quantscope", description="Inspect quantized LLM checkpoints.",
+                                epilog="Exit status: 0 done; 1 done, but the checkpoint's config looks wrong (doctor: "
+                                       "errors found); 2 refused or failed (nothing written); 3 internal error; "
+                                       "130 interrupted. COMMAND -h gives each command's.")
     _add_common(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    pi = sub.add_parser("info", help="files, tensors and layers of a checkpoint")
+    pi = sub.add_parser("info", help="files, tensors and layers of a checkpoint",
+                        description="Files, tensors and layers of a checkpoint. Exit 0: shown (its warnings "
+                                    "included); 2: it cannot be opened.")
     pi.add_argument("path", help=".safetensors file, model folder, index .json, or HF-cache repo id")
     pi.add_argument("--json", action="store_true", help="machine-readable output")
     _add_common(pi)
@@ -73,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "failed, nothing written.")
     pconv.add_argument("src", help="source checkpoint")
     pconv.add_argument("dst", help="output folder (must not exist unless --overwrite)")
-    pconv.add_argument("--to", required=True, choices=["mlx", "dense"])
+    pconv.add_argument("--to", required=True, choices=["mlx", "dense"],
+                       help="mlx: an MLX checkpoint mlx-lm loads (quantized layers repacked exactly where possible); "
+                            "dense: every layer decoded to a float dtype (--dtype)")
     pconv.add_argument("--bits", type=int,
                        help="quantize every layer to B bits, the ones the source kept dense (embeddings, lm_head) "
                             "too, as mlx_lm.convert does; without --bits/--group-size/--mode, quantized layers keep "
@@ -114,10 +123,10 @@ def _strict_json(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
     if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
+        return {printable(k): _strict_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_strict_json(v) for v in obj]
-    return obj
+    return printable(obj)  # (a string: a path that is not UTF-8 keeps its odd bytes as \\xNN)
 
 
 def cmd_info(args) -> int:
@@ -358,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = [argv[i], *argv[:i], *argv[i + 1:]]
     is_sub = any(a in SUBCOMMANDS for a in argv[:1]) or (argv[:1] and argv[0] in ("-h", "--help"))
     debug = "--debug" in argv
+    for stream in (sys.stdout, sys.stderr):  # a path that is not UTF-8, printed: \xNN, not a traceback
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         if is_sub:
             args = build_parser().parse_args(argv)

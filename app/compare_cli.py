@@ -10,7 +10,7 @@ import sys
 import threading
 
 from quantscope.backend.errors import QuantscopeError
-from quantscope.backend.outfile import atomic_output
+from quantscope.backend.outfile import atomic_output, printable
 
 from .progress_bar import ProgressBar
 
@@ -78,10 +78,18 @@ def format_table(result, labels: list[str]) -> str:
                      "is NaN) — `quantscope doctor` on the reference names the tensors:")
         lines.extend(f"  reference: {n}" for n in result.reference_nonfinite)
     bad = [r for r in result.rows if not math.isfinite(r.rel_fro) and r.name not in ref_bad]
+    # a finite error over ‖W‖ = 0: the reference layer is all zero (the variant was blamed)
+    zero = sorted({r.name for r in bad if math.isfinite(r.mse)})
+    if zero:
+        lines.append("")
+        lines.append(f"all-zero reference layer ({len(zero)}): ‖W‖ = 0, no relative error — `quantscope doctor` on "
+                     "the reference flags it:")
+        lines.extend(f"  reference: {n}" for n in zero)
+    bad = [r for r in bad if r.name not in zero]
     if bad:
         lines.append("")
-        lines.append(f"non-finite error ({len(bad)}): NaN/inf in the variant's decode, or an all-zero reference "
-                     "layer — `quantscope doctor` on each variant names the tensors:")
+        lines.append(f"non-finite error ({len(bad)}): NaN/inf in the variant's decode — `quantscope doctor` on "
+                     "each variant names the tensors:")
         for r in bad:
             lines.append(f"  {short.get(r.variant, r.variant)}: {r.name}")
     if result.added:
@@ -150,6 +158,7 @@ def run_compare(args) -> int:
     if getattr(args, "layers", None) is not None:  # what was asked, and what came along with it
         data["layers_pattern"] = args.layers
         data["added_layers"] = result.added
+    data = printable(data)  # a variant's path that is not UTF-8: its odd bytes as \\xNN, valid JSON
     to_stdout = "-" in (args.json_out, args.csv_out)
     labels = [v for v in variants if v not in result.failed]
     if to_stdout:  # the table first, on stderr: a reader that closes the pipe early (| head) must not lose it

@@ -12,10 +12,11 @@ import sys
 def run_doctor(args) -> int:
     """Run the doctor on ``args.path``; print the report (text or ``--json``); return the exit code."""
     from quantscope.backend.doctor import format_report, run_diagnosis
+    from quantscope.backend.outfile import printable
 
     report = run_diagnosis(args.path, full=bool(getattr(args, "full", False)))
     if getattr(args, "json", False):
-        json.dump(report.to_dict(), sys.stdout, indent=1)
+        json.dump(printable(report.to_dict()), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(format_report(report) + "\n")

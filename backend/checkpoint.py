@@ -184,6 +184,8 @@ class Checkpoint:
         self.source = str(path)
         self.notes: list[str] = []
         self.warnings: list[str] = []
+        #: Tensors the index lists that their shard does not hold (an incomplete download).
+        self.index_missing: list[str] = []
         self.unsupported: list[Path] = []
         self.index: dict | None = None
         self.index_path: Path | None = None
@@ -322,6 +324,7 @@ class Checkpoint:
             wm = self.index["weight_map"]
             by_name = self._shard_names
             missing = [t for t, s in wm.items() if t not in by_name[s]]
+            self.index_missing = missing
             if missing:
                 self.warnings.append(f"{len(missing)} tensor(s) listed in the index are absent from "
                                      f"their shard, e.g. {missing[0]!r}")

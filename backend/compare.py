@@ -212,15 +212,16 @@ class SweepResult:
             self._write_csv(fh)
 
     def _write_csv(self, fh) -> None:
+        from .outfile import printable
         w = csv.writer(fh)
         w.writerow(LAYER_KEYS + ("reason",))
         for r in self.rows:
             d = r.to_dict()
-            w.writerow(["" if d[k] is None else d[k] for k in LAYER_KEYS] + [""])
+            w.writerow(printable(["" if d[k] is None else d[k] for k in LAYER_KEYS] + [""]))
         for u in self.unmatched:
             row = dict.fromkeys(LAYER_KEYS, "")
             row.update(name=u.layer, variant=u.variant)
-            w.writerow([row[k] for k in LAYER_KEYS] + [u.reason])
+            w.writerow(printable([row[k] for k in LAYER_KEYS] + [u.reason]))
 
     def by_variant(self) -> dict[str, list[LayerMetrics]]:
         out: dict[str, list[LayerMetrics]] = {}
@@ -723,7 +724,7 @@ def _measure_general(t_name: str, ref_rows: _Rows, todo: list[_VariantState],
     """Metrics of every variant in ``todo`` on reference target ``t_name`` (decoded layers)."""
     R = ref_rows.rows
     K = ref_rows.cols
-    step = max(1, _ROW_BLOCK_ELEMENTS // max(K, 1)) if ref_rows.layer.numel > BLOCK_ELEMENTS else R
+    step = max(1, _ROW_BLOCK_ELEMENTS // max(K, 1) if ref_rows.layer.numel > BLOCK_ELEMENTS else R)
     blocks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)] or [(0, 0)]
     stats = {vs.label: (ErrorStats(), ErrorStats(raw_only=True)) for vs in todo}
     extra = {}

@@ -332,6 +332,10 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
         if not rl.decodable:
             al.unmatched.append(Unmatched(label, rl.path, f"the reference layer cannot be decoded: {rl.problem}"))
             continue
+        if not rl.numel:  # (its error was 0/0: the sweep failed with an internal error)
+            al.unmatched.append(Unmatched(label, rl.path, "the reference layer is empty (shape "
+                                          + "×".join(map(str, rl.shape)) + "): nothing to compare"))
+            continue
         rr, rk = _flat_rows(rl.shape)
         proj = proj_of(cname)
         parent = cname[:-len(proj) - 1] if "." in cname else ""

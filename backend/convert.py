@@ -713,11 +713,19 @@ def _aux(layer: Layer, keep_all: bool) -> tuple[list[str], list[str]]:
     return keep, dropped
 
 
+#: Components that only a quantized layer has: an unrecognised layer holding one is broken.
+_QUANT_PARTS = {"qweight", "weight_packed", "qzeros", "scales", "biases", "g_idx", "weight_scale",
+                "weight_zero_point", "weight_g_idx", "weight_shape", "SCB", "absmax", "quant_map"}
+
+
 def _refuse_broken(model: Model, layer: Layer) -> None:
-    """A layer with packed codes (qweight, weight_packed) that no scheme decodes (its scales are
-    missing, say) is broken, not unknown: carrying it through (its int32 words in a "dense"
-    output) hid that."""
-    if layer.scheme == "unknown" and any(c in layer.tensors for c in ("qweight", "weight_packed")):
+    """A layer that no scheme decodes but that holds quantization parts (packed codes whose
+    scales are missing, scales beside no codes, an unknown MLX mode) or integer weights is
+    broken, not unknown: carrying it through (int32 words or stray scales in a "dense" output,
+    exit 0) hid that."""
+    w = layer.tensors.get("weight")
+    if layer.scheme == "unknown" and (any(c in layer.tensors for c in _QUANT_PARTS)
+                                      or (w is not None and w.dtype not in _FLOAT_ST)):
         raise ConversionError(f"cannot convert: {layer.problem or 'packed codes that nothing decodes'}",
                               file=model.ckpt.source, tensor=layer.path, rule="convert.undecodable")
 
@@ -740,6 +748,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         reason = None
         if w.dtype not in _FLOAT_ST:
             reason = f"{w.dtype} weight"
+        elif not layer.numel:
+            reason = "empty: " + "×".join(map(str, layer.shape))
         elif len(layer.shape) > 3:
             reason = f"{len(layer.shape)}-D weight"
         elif target is None and source_quantized:
@@ -1176,7 +1186,8 @@ def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) ->
         if not top:
             return
         # every file, in subfolders too (an output may hold copies like original/params.json)
-        entries = sorted(str(q.relative_to(dst)) for q in dst.rglob("*") if not q.is_dir()) or top
+        # (a link counts as a file, whatever it points to: a link to a folder was deleted unasked)
+        entries = sorted(str(q.relative_to(dst)) for q in dst.rglob("*") if q.is_symlink() or not q.is_dir()) or top
         listed = _marker_files(dst)
         if listed is None:
             raise ConversionError(f"was not written by quantscope convert (it holds {', '.join(entries[:3])}"
@@ -1342,6 +1353,11 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
     try:
         model = analyze(ckpt)
         _check_destination(ckpt.root, src_p, dst_p, overwrite)
+        if ckpt.index_missing:  # written without them, exit 0 (the doctor calls it an error)
+            miss = ckpt.index_missing
+            raise ConversionError(f"cannot convert: the index lists {len(miss)} tensor(s) that their shard does not "
+                                  "hold: the checkpoint is incomplete (download it again)", file=ckpt.source,
+                                  tensor=miss[0], rule="convert.incomplete")
         rep = ConversionReport(src=str(ckpt.root if src_p.is_dir() else src_p.resolve()),
                                dst=str(dst_p.resolve()), to=to, source_bytes=ckpt.total_bytes)
         rep.suspect = [f"{p}: {w}" for p, lay in model.layers.items()

@@ -138,6 +138,7 @@ RULES: dict[str, Rule] = _rules(
     ("gptq.v1-zero-wrap", "error", "R1", "v1 qzeros field 2^b−1: a true zero of 0 wrapped by the −1"),
     ("gptq.sym-zeros", "error", "R3", "sym=true but the zero points are not the constant 2^(b−1)"),
     ("gptq.config-keys", "warning", "R4", "GPTQ config lacks sym / checkpoint_format / quant_method"),
+    ("config.missing", "warning", "R4", "quantized tensors but no quantization config: loaders and quantscope guess"),
     ("gptq.act-order", "info", "R5", "non-monotonic g_idx (desc_act): MLX/AWQ-style converters cannot keep it"),
     ("gptq.act-order-no-g-idx", "warning", "R5", "desc_act true but layers store no g_idx: loaders assume k // group"),
     ("gptq.g-idx-invalid", "error", "R5", "g_idx values out of range or groups of the wrong size"),
@@ -162,6 +163,7 @@ RULES: dict[str, Rule] = _rules(
     ("values.zero-scale", "warning", None, "scales equal to zero: whole groups decode to 0"),
     ("values.denormal-scale", "warning", None, "subnormal scales: precision loss, flushed to 0 by some kernels"),
     ("values.constant", "warning", None, "a weight or scale tensor is all zero or constant"),
+    ("values.empty", "warning", None, "a weight matrix with a dimension of 0"),
     ("values.few-levels", "warning", None, "a layer's codes use only a few of the 2^b levels"),
     ("values.saturated", "warning", None, "most codes sit at the ends of the range"),
     ("values.scale-outlier", "warning", None, "median |scale| ≥100× off the median of the same projection"),
@@ -1015,6 +1017,13 @@ class _Doctor:
                         f"the tensors have the {', '.join(found)} layout and were decoded as that — loaders that "
                         f"follow the config treat them as {cfg.kind}; fix quant_method",
                         file=self.root / _cfg_file(cfg))
+        if cfg.kind is None and model is not None and "config.json" in ck.configs:
+            found = sorted({lay.scheme for lay in model.layers.values() if lay.quantized})
+            if found:
+                col.add("config.missing", f"the tensors have the {', '.join(found)} layout but config.json has no "
+                        "quantization config: loaders build plain layers and fail on (or misread) the packed "
+                        "tensors, and the settings quantscope uses (bits, group, sym, v1/v2) are guesses from "
+                        "the shapes — add the config the quantizer wrote", file=self.root / "config.json")
         if self.complete and not ck.names:
             col.add("container.empty", (f"the config describes a {cfg.kind} model but " if cfg.kind else "")
                     + "the checkpoint stores no tensor: loaders find no weights — the download or conversion is "
@@ -1410,6 +1419,12 @@ class _Doctor:
     def _check_layer_values(self, layer) -> float | None:
         """Check one layer's sampled values; return its median |scale| (for the peer comparison)."""
         comps, sch = layer.tensors, layer.scheme
+        if layer.shape and len(layer.shape) >= 2 and not layer.numel:
+            t = comps.get("weight") or next(iter(comps.values()))
+            self.col.add("values.empty", f"the weight matrix is empty ({'×'.join(map(str, layer.shape))}): nothing "
+                         "to load into the module, and nothing to compare", file=t.file, tensor=t.name,
+                         layer=layer.path)
+            return None
         if sch == "dense":
             w = comps.get("weight")
             if w is not None and w.dtype in _FLOAT_DTYPES:

@@ -90,3 +90,24 @@ def save_npy(path: str | os.PathLike, a) -> None:
     """``a`` as .npy at ``path`` exactly (np.save(path) would add ".npy"), whole or not at all."""
     with atomic_output(path, "wb") as fh:
         write_npy(fh, a)
+
+
+def printable(obj):
+    """``obj`` (str, or dicts/lists/tuples of them) with every string encodable as UTF-8: a path
+    that is not valid UTF-8 (Python reads its odd bytes as lone surrogates) keeps them as ``\\xNN``.
+    Written as they were, a CSV failed with UnicodeEncodeError after the whole sweep, and a JSON
+    held ``"\\udcff"``, which strict parsers refuse."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+            return obj
+        except UnicodeEncodeError:
+            try:
+                return obj.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:  # a surrogate no byte was read as
+                return obj.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(obj, dict):
+        return {printable(k): printable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(printable(v) for v in obj) if isinstance(obj, list) else tuple(printable(v) for v in obj)
+    return obj

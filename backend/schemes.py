@@ -173,6 +173,11 @@ def data_warning(model: Model, layer: Layer) -> str | None:
     zero points are not the constant (every one of them the other checkpoint_format's: each
     weight one scale step off), compressed-tensors zero points or packing that contradict its
     ``version`` or ``symmetric``."""
+    # a setting no loader can use (0 bits, "four", a group size of -7: the doctor's config.bad-value),
+    # ignored here for what the shapes say; dequant/compare/convert said nothing and exited 0
+    bad = [msg for msg, usable in model.config.bad_values if not usable]
+    if bad and layer.quantized:
+        return f"{bad[0]}: loaders that follow the config fail on it or misread the layer"
     from .doctor import layer_config_error
     return layer_config_error(model, layer)
 
@@ -273,6 +278,9 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
     mode = eff.mode
     if mode is None or (mode == "affine" and not has_biases and s.dtype == "U8"):
         mode = "affine" if has_biases else _guess_fp_mode(w.shape, s.shape)
+    if mode not in MODE_DEFAULTS:  # (a TypeError of the shape arithmetic said it before)
+        return Layer(module.path, "unknown", comps, mode=str(mode), source=eff.source,
+                     problem=f"unknown MLX mode {mode!r} ({eff.source}); mlx knows {', '.join(MODE_DEFAULTS)}")
     scheme = "mlx-affine" if mode == "affine" else f"mlx-{mode}"
     layer = Layer(module.path, scheme, comps, mode=mode, dtype=s.dtype if mode == "affine" else "F32",
                   source=eff.source)

@@ -487,3 +487,157 @@ def test_info_says_when_the_quantization_was_read_off_the_tensors(tmp_path, caps
     shutil.copy(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128" / "model.safetensors", lone)
     assert main(["info", str(lone)]) == 0
     assert "no config gives the quantization: bits inferred from shapes: 4" in capsys.readouterr().out
+
+
+# -- a command-line user's review (2026-12-06) ---------------------------------------------------
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(folder, **qc):
+    p = folder / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["quantization_config"].update(qc)
+    p.write_text(json.dumps(cfg))
+
+
+def _drop_tensor(folder, name):
+    from safetensors.numpy import load_file, save_file
+    f = next(folder.glob("*.safetensors"))
+    t = load_file(str(f))
+    del t[name]
+    save_file(t, str(f), metadata={"format": "pt"})
+    idx = folder / "model.safetensors.index.json"
+    if idx.exists():  # gone from the index too (else: an incomplete checkpoint, another refusal)
+        data = json.loads(idx.read_text())
+        data["weight_map"].pop(name, None)
+        idx.write_text(json.dumps(data))
+
+
+def test_convert_refuses_a_layer_that_nothing_decodes_and_writes_nothing(tmp_path, capsys, real_fixtures):
+    """An unknown MLX mode, MLX codes without scales, GPTQ scales without codes: the layer was
+    carried through (int32 words or stray scales in a "dense" output) with exit 0."""
+    from pathlib import Path
+    bogus = _copy(real_fixtures / "mlx-affine-q4-g64", tmp_path / "bogus")
+    cfg = json.loads((bogus / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        if isinstance(cfg.get(key), dict):
+            cfg[key]["mode"] = "bogus"
+    (bogus / "config.json").write_text(json.dumps(cfg))
+    noscales = _copy(real_fixtures / "mlx-affine-q4-g64", tmp_path / "noscales")
+    _drop_tensor(noscales, "model.layers.0.self_attn.q_proj.scales")
+    noqweight = _copy(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128", tmp_path / "noqweight")
+    _drop_tensor(noqweight, "model.layers.0.self_attn.q_proj.qweight")
+    for src, says in ((bogus, "unknown MLX mode 'bogus'"), (noscales, "matches no known scheme"),
+                      (noqweight, "without the weights they decode")):
+        for to in ("dense", "mlx"):
+            out = tmp_path / f"{src.name}-{to}"
+            assert main(["convert", str(src), str(out), "--to", to]) == 2
+            err = capsys.readouterr().err
+            assert says in err and "cannot convert" in err, err
+            assert not out.exists()
+    assert main(["dequant", str(bogus), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "x.npy")]) == 2
+    assert "unknown MLX mode 'bogus'" in capsys.readouterr().err  # (a Python TypeError's text before)
+
+
+def test_an_empty_weight_matrix_is_said_not_an_internal_error(tmp_path, capsys, real_fixtures):
+    import ml_dtypes
+    from safetensors.numpy import load_file
+    src = real_fixtures / "base-bf16"
+    t = {k: v for k, v in load_file(str(next(src.glob("*.safetensors")))).items()}
+    t["model.layers.0.self_attn.q_proj.weight"] = np.zeros((0, 384), ml_dtypes.bfloat16)
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    write_st(folder / "model.safetensors", t, {"format": "pt"})
+    (folder / "config.json").write_text((src / "config.json").read_text())
+    assert main(["compare", "--reference", str(folder), str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0.self_attn.q_proj: the reference layer is empty (shape 0×384)" in out
+    assert main(["convert", str(folder), str(tmp_path / "mlx"), "--to", "mlx"]) == 0
+    assert "kept dense (empty: 0×384)" in capsys.readouterr().out
+    assert main(["doctor", str(folder)]) == 0
+    assert "[values.empty]" in capsys.readouterr().out
+
+
+def test_a_variant_path_that_is_not_utf8_gives_valid_csv_and_json(tmp_path, capsys, real_fixtures):
+    import csv
+    import os
+    from pathlib import Path
+    odd = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/dir\xff"))
+    _copy(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128", odd)
+    j, c = tmp_path / "m.json", tmp_path / "m.csv"
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(odd), "--json", str(j),
+                 "--csv", str(c), "--layers", "layers.0.self_attn.q_proj"]) == 0
+    capsys.readouterr()
+    data = json.loads(j.read_text(encoding="utf-8"))  # (a lone surrogate "\udcff" is not strict JSON)
+    assert data["variants"][0].endswith("dir\\xff") and "\udcff" not in j.read_text(encoding="utf-8")
+    with c.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["variant"].endswith("dir\\xff") and float(rows[0]["rel_fro"]) > 0
+
+
+@pytest.mark.parametrize("key,value", [("bits", 0), ("bits", "four"), ("group_size", -7)])
+def test_a_config_value_no_loader_can_use_gives_exit_1(tmp_path, capsys, key, value):
+    from pathlib import Path
+    src = _copy(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128", tmp_path / "g")
+    _edit_config(src, **{key: value})
+    assert main(["dequant", str(src), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "x.npy")]) == 1
+    err = capsys.readouterr().err
+    assert "warning" in err and "which no loader can use" in err and (tmp_path / "x.npy").exists()
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "mlx"]) == 1
+
+
+def test_convert_refuses_a_checkpoint_whose_index_lists_a_tensor_its_shard_lacks(tmp_path, capsys, real_fixtures):
+    src = _copy(real_fixtures / "base-bf16", tmp_path / "b")
+    shard = next(src.glob("*.safetensors")).name
+    from safetensors.numpy import load_file
+    names = list(load_file(str(src / shard)))
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {**dict.fromkeys(names, shard), "model.layers.9.mlp.up_proj.weight": shard}}))
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "dense"]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.9.mlp.up_proj.weight" in err and "incomplete" in err and not (tmp_path / "out").exists()
+
+
+def test_overwrite_refuses_a_link_it_did_not_write(tmp_path, capsys, real_fixtures):
+    out, keep = tmp_path / "out", tmp_path / "keep"
+    keep.mkdir()
+    assert main(["convert", str(real_fixtures / "base-bf16"), str(out), "--to", "dense"]) == 0
+    (out / "results").symlink_to(keep, target_is_directory=True)
+    assert main(["convert", str(real_fixtures / "base-bf16"), str(out), "--to", "dense", "--overwrite"]) == 2
+    assert "results" in capsys.readouterr().err and (out / "results").is_symlink()
+
+
+def test_doctor_warns_of_quantized_tensors_without_a_quantization_config(tmp_path, capsys):
+    from pathlib import Path
+    src = _copy(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128", tmp_path / "g")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["quantization_config"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "quantize_config.json").unlink(missing_ok=True)
+    assert main(["doctor", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert "[config.missing] (R4)" in out and "gptq layout" in out
+
+
+def test_an_all_zero_reference_layer_is_blamed_on_the_reference(tmp_path, capsys, real_fixtures):
+    from pathlib import Path
+
+    import ml_dtypes
+    from safetensors.numpy import load_file
+    src = real_fixtures / "base-bf16"
+    t = load_file(str(next(src.glob("*.safetensors"))))
+    name = "model.layers.0.self_attn.k_proj.weight"
+    t[name] = np.zeros(t[name].shape, ml_dtypes.bfloat16)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    write_st(ref / "model.safetensors", t, {"format": "pt"})
+    (ref / "config.json").write_text((src / "config.json").read_text())
+    var = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
+    main(["compare", "--reference", str(ref), str(var), "--layers", "layers.0.self_attn"])
+    out = capsys.readouterr().out
+    assert "all-zero reference layer (1)" in out and "reference: model.layers.0.self_attn.k_proj" in out
+    assert "NaN/inf in the variant's decode" not in out
