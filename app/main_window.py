@@ -114,6 +114,7 @@ class MainWindow(QMainWindow):
         # the status bar's tooltip (the whole message) goes with its message, cleared or timed out
         self.statusBar().messageChanged.connect(lambda m: m or self.statusBar().setToolTip(""))
         self._sweep_cache: dict = {}
+        self._compared: tuple = (None, None)  # (the reference, the layers asked) of the comparison shown
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
         # The what-if box holds, for the layer shown, each of these that belongs to it: a what-if
         # result, the variants' errors (from its detail), a conversion's summary (_result_text).
@@ -371,13 +372,19 @@ class MainWindow(QMainWindow):
         """Show ``ws``; the tree shows the checkpoint ``show``, else the one it showed (when still
         open), else the first variant."""
         kept = self.tree.current_label()
+        # a variant added to (or converted into) the workspace whose layers were compared: compared
+        # again at once, the others' figures from the cache (only the new one is measured); the
+        # comparison was dropped, and its cache with it, so a second run measured everything again
+        again = (self.sweep_result is not None and ws is self.workspace and ws.reference is not None
+                 and ws.reference is self._compared[0] and bool(ws.variants))
+        only = self._compared[1]
         self.workspace = ws
         self._doctor_found = {}
         self.service.cancel_channel("sweep")  # a comparison of the old set of checkpoints: its result would land here
         self.sweep_result = None
         self._quant_only = {}
         self._detail_errors = self._whatif_line = None  # of the checkpoints before (the reference may differ)
-        self._sweep_cache = {}
+        # (the sweep cache stays: its keys hold each file's identity, so what it has is still true)
         self.colors = colors_for(list(ws.variants))
         if ws.reference_label:
             self.colors["reference"] = REFERENCE_COLOR
@@ -410,7 +417,8 @@ class MainWindow(QMainWindow):
         self._in_turns("workspace", [lambda: self.layers.set_rows([], colors, empty_note=needs),
                                      lambda: self.layers.set_warnings({}),
                                      *self.layers.prepare_steps(variants, colors),
-                                     self._reselect, self.workspace_loaded.emit])
+                                     self._reselect, self.workspace_loaded.emit]
+                       + ([lambda: self._compare(only)] if again else []))
 
     def _reselect(self) -> None:
         """After the workspace changed (a variant added, a conversion opened): the layer shown
@@ -723,6 +731,7 @@ class MainWindow(QMainWindow):
             return
 
         def shown(result) -> None:
+            self._compared = (ws.reference, only)
             self._show_sweep(result)
             if only is not None:
                 added = set(result.added)

@@ -1367,3 +1367,20 @@ def test_a_layer_a_variant_keeps_unquantized_is_shown_with_the_others(qtbot, tmp
         assert "gptqmodel-qwen3moe-w4g64" in w.hist._counts
     finally:
         w.service.shutdown()
+
+
+def test_a_variant_added_after_a_comparison_is_compared_and_only_it_is_measured(win, qtbot, tmp_path, demo):
+    # adding a variant dropped the comparison and its cache: the next one measured every variant again
+    import shutil
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    before = len(win._sweep_cache)
+    n_layers = sum(r.variant == "rtn-w4g128" for r in win.sweep_result.rows)
+    extra = shutil.copytree(demo.variants["rtn-w4g128"], tmp_path / "rtn-copy")
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.add_paths([str(extra)])
+    assert {r.variant for r in win.sweep_result.rows} >= {"rtn-copy", "rtn-w4g128", "gptq-w4g128"}
+    assert len(win._sweep_cache) == before + n_layers  # the new variant's layers, and nothing else
+    copy = {r.name: r.rel_fro for r in win.sweep_result.rows if r.variant == "rtn-copy"}
+    orig = {r.name: r.rel_fro for r in win.sweep_result.rows if r.variant == "rtn-w4g128"}
+    assert copy == pytest.approx(orig, rel=1e-12)  # the same files: the same figures (summed in other blocks)
