@@ -640,3 +640,41 @@ def test_steps_cover_every_block_once_and_start_small_in_huge_layers(n, per_bloc
         assert all(b == 4 * a for a, b in itertools.pairwise(sizes[:-1]))
     for s in steps[:-1]:  # spread over the layer, not its first blocks
         assert s[-1] - s[0] > n // 2
+
+
+@pytest.mark.parametrize("flags", [0, 1, 3])
+def test_pair_stats_vector_pass_with_nan_overflow_and_every_flag(flags):
+    # the explicit 16-lane pass (fast._make_vpass) and its scalar tail: a NaN counts nowhere and
+    # makes the sums NaN, a buffer too small still counts every hit, each flag adds only its sums,
+    # and every hit's exact value is collected
+    rng = np.random.default_rng(flags)
+    k = 3 * fast.PIECE + 37
+    w = (rng.standard_normal((3, k)) * 0.02).astype(np.float32)
+    v = w + (rng.standard_normal(w.shape) * 1e-3).astype(np.float32)
+    v[1, 5] = np.nan
+    t = np.abs(v - w)
+    lo = np.array([np.float32(np.nanquantile(t, 0.5))], np.float32)
+    hi = np.array([np.float32(np.nanquantile(t, 0.6))], np.float32)
+    inside = (t >= lo[0]) & (t <= hi[0])
+    cap = int(inside.sum()) // 2
+    acc, cnt, buf = np.zeros(5), np.zeros(5, np.int64), np.empty(cap)
+    fast.pair_stats(w, v, np.empty(0, np.float32), lo, hi, flags, acc, cnt, buf)
+    assert cnt[1] == inside.sum() and cnt[4] == int((t < lo[0]).sum())  # counted past the buffer's end
+    # (what the buffer then holds is undefined: the caller takes the general path)
+    if flags & 1:
+        ww = (w.astype(np.float64) ** 2).sum() if flags & 2 else 0.0  # (the NaN is the variant's)
+        assert np.isnan(acc[0]) and np.isnan(acc[2]) and acc[1] == pytest.approx(ww, rel=1e-12)
+    else:
+        assert not acc[:3].any()
+    fin = np.isfinite(t)
+    v[~fin] = w[~fin]
+    acc, cnt, buf = np.zeros(5), np.zeros(5, np.int64), np.empty(v.size)
+    fast.pair_stats(w, v, np.empty(0, np.float32), lo, hi, flags, acc, cnt, buf)
+    a, d = w.astype(np.float64), v.astype(np.float64) - w.astype(np.float64)
+    want = [(d * d).sum(), (a * a).sum() if flags & 2 else 0.0, (a * d).sum()] if flags & 1 else [0.0, 0.0, 0.0]
+    assert acc[:3] == pytest.approx(want, rel=1e-12)
+    assert acc[4] == np.abs(d).max() and cnt[0] == int((d == 0).sum())
+    t = np.abs(v - w)
+    inside = (t >= lo[0]) & (t <= hi[0])
+    assert cnt[1] == inside.sum()
+    np.testing.assert_array_equal(np.sort(buf[:cnt[1]]), np.sort(np.abs(d)[inside]))

@@ -5,8 +5,8 @@ numpy needs 5-8 passes over each block to dequantize (unpack, scale, MLX's two r
 compiled loop needs one; bench_dequant measured the numpy path at 4-11x the time of copying the
 output, these kernels at about the copy's own cost. Every decoder computes exactly what its numpy
 twin computes (no fast-math, so no fused multiply-add): tests compare both with the formats'
-reference values. Only the float64 error sums (``_row_sums``) may reorder and fuse their
-additions.
+reference values. Only the float64 error sums (``_row_sums``, and the explicit vector pass of
+``_pair_stats``, :func:`_make_vpass`) may reorder and fuse their additions.
 """
 
 from __future__ import annotations
@@ -485,6 +485,9 @@ HIST_BINS = 64 << (23 - HIST_SHIFT)
 BYTE_INDEX = np.uint64(0x0001020304050607)
 #: Elements of a row that ``_pair_stats`` takes at a time (its buffers then stay in L1).
 PIECE = 1024
+#: Elements its vector pass takes at a time (no buffers: only the per-call work and the rescan
+#: of a piece that reaches the largest |error| so far weigh).
+VPIECE = 2048
 
 
 def hist_edges(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -599,6 +602,204 @@ if AVAILABLE:
         return vals[:k], keys[:k]
 
 
+#: Lanes of the explicit vector pass (:func:`_make_vpass`): one AVX-512 register of float32.
+LANES = 16
+
+
+def _make_vpass(sums: bool, ww: bool):
+    """The core of ``_pair_stats`` as explicit 16-lane vector code (LLVM IR through a numba
+    intrinsic): ``_vpass(w, x, nv, lims, acc, cnt, buf, st)`` takes the first ``nv * 16``
+    elements of ``w`` (reference: float32, or bfloat16 bits as uint16, widened in registers) and
+    float32 ``x`` (variant), and for d = x − w in float32:
+
+    * ``cnt[0]`` += exact zeros, ``cnt[1..3]`` += how many |d| < lims[0..2], ``cnt[5]`` =
+      max(cnt[5], largest bits of |d| as int32);
+    * the exact float64 |x − w| of each hit (|d| in some [lims[q], lims[3 + q]]) is stored at
+      ``buf[st[0]]`` on (compressed 8 lanes at a time) and ``st[0]`` counts it; past ``st[1]``
+      (the buffer's size) hits are counted, not stored; ``st[2]`` nonzero: many hits are
+      expected (a store for every 16 elements, not a branch on whether they hold one);
+    * with ``sums``: ``acc[0]`` += Σd², ``acc[2]`` += ΣW·d of the exact float64 differences, and
+      with ``ww`` ``acc[1]`` += ΣW², in 8-lane float64 fused multiply-adds.
+
+    LLVM's loop vectoriser made of the same loop, written in numba, code that took twice the
+    time: the float32 and float64 parts vectorised at different widths, the counts went through
+    memory, and the hits were gathered one by one afterwards. Here every operation is one
+    512-bit instruction where the CPU has them (elsewhere LLVM splits them into the widths it
+    has, or into scalar code: the same results).
+    """
+    f32, f64, i32, i16, i64, i8, i1 = (ir.FloatType(), ir.DoubleType(), ir.IntType(32), ir.IntType(16),
+                                       ir.IntType(64), ir.IntType(8), ir.IntType(1))
+    vf, vi, vd, v8f = (ir.VectorType(f32, LANES), ir.VectorType(i32, LANES), ir.VectorType(f64, 8),
+                       ir.VectorType(f32, 8))
+    m8 = ir.VectorType(i1, 8)
+
+    def decl(mod, name, ret, args):
+        return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, args), name)
+
+    @intrinsic
+    def _vpass(typingctx, w, x, nv, lims, acc, cnt, buf, st):
+        sig = types.void(w, x, nv, lims, acc, cnt, buf, st)
+
+        def codegen(context, builder, signature, args):
+            ptr = [context.make_array(t)(context, builder, a).data if isinstance(t, types.Array) else a
+                   for t, a in zip(signature.args, args)]
+            pw, px, n, pl, pa, pc, pb, pst = ptr
+            mod = builder.module
+            fma = decl(mod, "llvm.fma.v8f64", vd, [vd, vd, vd])
+            fabs = decl(mod, "llvm.fabs.v16f32", vf, [vf])
+            fabs8 = decl(mod, "llvm.fabs.v8f64", vd, [vd])
+            smax = decl(mod, "llvm.smax.v16i32", vi, [vi, vi])
+            pop = decl(mod, "llvm.ctpop.i16", i16, [i16])
+            pop8 = decl(mod, "llvm.ctpop.i8", i8, [i8])
+            cstore = decl(mod, "llvm.masked.compressstore.v8f64", ir.VoidType(), [vd, pb.type, m8])
+            # LLVM 19 on has a compress into a register
+            compress = (decl(mod, "llvm.experimental.vector.compress.v8f64", vd, [vd, m8, vd])
+                        if _LLVM >= (19,) else None)
+            undef = ir.Constant(vf, ir.Undefined)
+            splat0 = ir.Constant(vi, [0] * LANES)
+            bf16 = signature.args[0].dtype == types.uint16  # the reference as bfloat16 bits
+
+            def ref_at(off):
+                # 16 reference values from element ``off``, as float32 (bf16: its bits << 16)
+                if not bf16:
+                    return builder.load(builder.bitcast(builder.gep(pw, [off]), vf.as_pointer()), align=4)
+                h = builder.load(builder.bitcast(builder.gep(pw, [off]), ir.VectorType(i16, LANES).as_pointer()),
+                                 align=2)
+                wide = builder.shl(builder.zext(h, vi), ir.Constant(vi, [16] * LANES))
+                return builder.bitcast(wide, vf)
+
+            def bcast(k):
+                one = builder.insert_element(undef, builder.load(builder.gep(pl, [ir.Constant(i64, k)])),
+                                             ir.Constant(i32, 0))
+                return builder.shuffle_vector(one, undef, splat0)
+
+            los = [bcast(k) for k in range(3)]
+            his = [bcast(3 + k) for k in range(3)]
+            zero_d = ir.Constant(vd, [0.0] * 8)
+            sacc = [cgutils.alloca_once_value(builder, zero_d) for _ in range(6)]  # dd, wd, ww × 2 halves
+            rmax = cgutils.alloca_once_value(builder, splat0)
+            counts = [cgutils.alloca_once_value(builder, ir.Constant(i32, 0)) for _ in range(4)]
+            nb = cgutils.alloca_once_value(builder, builder.load(pst))
+            cap = builder.load(builder.gep(pst, [ir.Constant(i64, 1)]))
+            # many hits (wide intervals): the store taken always (a branch on each group's hits
+            # mispredicted most of the time); few: only where a group has one
+            dense = builder.icmp_signed("!=", builder.load(builder.gep(pst, [ir.Constant(i64, 2)])),
+                                        ir.Constant(i64, 0))
+            no_hits = ir.Constant(m8, [0] * 8)
+            halves = [ir.Constant(ir.VectorType(i32, 8), list(range(8 * h, 8 * h + 8))) for h in range(2)]
+
+            def count(mask, k):
+                c = builder.zext(builder.call(pop, [builder.bitcast(mask, i16)]), i32)
+                builder.store(builder.add(builder.load(counts[k]), c), counts[k])
+
+            with cgutils.for_range(builder, n) as loop:
+                i = loop.index
+                off = builder.mul(i, ir.Constant(i64, LANES))
+                wv = ref_at(off)
+                xv = builder.load(builder.bitcast(builder.gep(px, [off]), vf.as_pointer()), align=4)
+                a = builder.call(fabs, [builder.fsub(xv, wv)])
+                u = builder.bitcast(a, vi)
+                builder.store(builder.call(smax, [builder.load(rmax), u]), rmax)
+                count(builder.icmp_signed("==", u, splat0), 0)
+                hit = None
+                for q in range(3):
+                    below = builder.fcmp_ordered("<", a, los[q])
+                    count(below, 1 + q)
+                    inside = builder.and_(builder.fcmp_ordered("<=", a, his[q]), builder.not_(below))
+                    hit = inside if hit is None else builder.or_(hit, inside)
+
+                def exact_half(h):
+                    # the reference's half h in float64, and the exact differences: shuffled out
+                    # of the registers (loading them again, LLVM made of the second half a
+                    # gather of single lanes)
+                    wd = builder.fpext(builder.shuffle_vector(wv, undef, halves[h]), vd)
+                    return wd, builder.fsub(builder.fpext(builder.shuffle_vector(xv, undef, halves[h]), vd), wd)
+
+                ds = []
+                for h in range(2 if sums else 0):
+                    wd, d = exact_half(h)
+                    ds.append(d)
+                    if sums:
+                        terms = [(d, d), (wd, d)] + ([(wd, wd)] if ww else [])
+                        for k, (p, q_) in enumerate(terms):
+                            slot = sacc[2 * k + h]
+                            builder.store(builder.call(fma, [p, q_, builder.load(slot)]), slot)
+                # the hits, compressed into buf while they fit (a mask of none past it); behind a
+                # branch: a compress-store costs several cycles even with no lane set
+                any_hit = builder.icmp_unsigned("!=", builder.bitcast(hit, i16), ir.Constant(i16, 0))
+                with cgutils.if_unlikely(builder, builder.or_(any_hit, dense)):
+                    for h in range(2):
+                        mh = builder.shuffle_vector(hit, ir.Constant(hit.type, ir.Undefined), halves[h])
+                        c = builder.zext(builder.call(pop8, [builder.bitcast(mh, i8)]), i64)
+                        at = builder.load(nb)
+                        vals = builder.call(fabs8, [ds[h] if sums else exact_half(h)[1]])  # (without sums: here only)
+                        dst = builder.gep(pb, [at])
+                        if compress is None:
+                            fits = builder.icmp_signed("<=", builder.add(at, c), cap)
+                            builder.call(cstore, [vals, dst, builder.select(fits, mh, no_hits)])
+                        else:
+                            # compressed in a register and stored whole (the memory form of the
+                            # compress-store is microcoded on Intel: several times slower); the
+                            # lanes past the hits are overwritten by the next ones. Near the
+                            # buffer's end, the exact masked store.
+                            whole = builder.icmp_signed("<=", builder.add(at, ir.Constant(i64, 8)), cap)
+                            with builder.if_else(whole, likely=True) as (fast_, exact):
+                                with fast_:
+                                    packed = builder.call(compress, [vals, mh, ir.Constant(vd, ir.Undefined)])
+                                    builder.store(packed, builder.bitcast(dst, vd.as_pointer()), align=8)
+                                with exact:
+                                    fits = builder.icmp_signed("<=", builder.add(at, c), cap)
+                                    builder.call(cstore, [vals, dst, builder.select(fits, mh, no_hits)])
+                        builder.store(builder.add(at, c), nb)
+
+            def hsum(v):
+                t = builder.extract_element(v, ir.Constant(i32, 0))
+                for j in range(1, 8):
+                    t = builder.fadd(t, builder.extract_element(v, ir.Constant(i32, j)))
+                return t
+
+            if sums:
+                for k, dst in ((0, 0), (1, 2), (2, 1)) if ww else ((0, 0), (1, 2)):
+                    tot = builder.fadd(hsum(builder.load(sacc[2 * k])), hsum(builder.load(sacc[2 * k + 1])))
+                    p = builder.gep(pa, [ir.Constant(i64, dst)])
+                    builder.store(builder.fadd(builder.load(p), tot), p)
+            for k in range(4):
+                p = builder.gep(pc, [ir.Constant(i64, k)])
+                builder.store(builder.add(builder.load(p), builder.sext(builder.load(counts[k]), i64)), p)
+            builder.store(builder.load(nb), pst)
+            rv = builder.load(rmax)
+            r = builder.sext(builder.extract_element(rv, ir.Constant(i32, 0)), i64)
+            for j in range(1, LANES):
+                e = builder.sext(builder.extract_element(rv, ir.Constant(i32, j)), i64)
+                r = builder.select(builder.icmp_signed(">", e, r), e, r)
+            p = builder.gep(pc, [ir.Constant(i64, 5)])
+            old = builder.load(p)
+            builder.store(builder.select(builder.icmp_signed(">", r, old), r, old), p)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _vpass
+
+
+if AVAILABLE:
+    from llvmlite import binding as _llvm_binding
+    from numba.core import cgutils
+
+    _LLVM = tuple(_llvm_binding.llvm_version_info)
+
+    _vpass_none = _make_vpass(False, False)
+    _vpass_sums = _make_vpass(True, False)
+    _vpass_all = _make_vpass(True, True)
+
+    @njit(cache=True, inline="always")
+    def _wval(rp, j, bf16):
+        # reference element j of a piece as float32 (bf16: from its bits)
+        if bf16:
+            return _from_bits(np.int32(np.uint32(rp[j]) << np.uint32(16)))
+        return np.float32(rp[j])
+
+
 if AVAILABLE:
     @njit(nogil=True, cache=True)
     def _pair_stats(ref, bf16, v, col, lo, hi, flags, acc, cnt, buf, hist):
@@ -607,8 +808,8 @@ if AVAILABLE:
         # still in the CPU cache. ``col`` (float32 [K], or empty): divide the variant by it first,
         # keeping Σ(v-W)² of the undivided variant in acc[3]. flags: 1 = the float64 sums,
         # 2 = Σ W² too. acc: Σd², ΣW², ΣW·d, Σd_raw², max|d| (float64). cnt: number of exact zeros,
-        # number collected (beyond buf.size: overflowed, not stored), float32 bits of the running
-        # max |d|, then per interval q how many |d| < lo[q]. The exact float64 |d| of the nonzero
+        # number collected (beyond buf.size: overflowed, what buf holds then is undefined), float32
+        # bits of the running max |d|, then per interval q how many |d| < lo[q]. The exact float64 |d| of the nonzero
         # elements whose float32 |d| lies in a [lo[q], hi[q]] (disjoint, ascending, float32) go to
         # buf: float32 rounding is monotone, so every element not collected is ranked strictly
         # below or above all collected ones, and the percentiles' order statistics are found
@@ -647,13 +848,73 @@ if AVAILABLE:
         zero_lo = m > 0 and lo[0] <= 0
         l0, l1, l2 = lq[0], lq[1], lq[2]
         h0, h1, h2 = hq[0], hq[1], hq[2]
+        # the vector pass (_make_vpass) takes what it can: no divisor, no histogram (the sample
+        # blocks and undone smoothing keep the loops below)
+        vec = not has_col and nbins == 0 and v.strides[1] == 4 and ref.strides[1] == ref.itemsize  # (rows in runs)
+        lims = np.empty(6, np.float32)
+        lims[:3] = lq
+        lims[3:] = hq
+        vc = np.zeros(6, np.int64)
+        vst = np.array([0, cap, 0], np.int64)  # hits so far, the buffer's size, many hits expected
+        step = VPIECE if vec else PIECE
         for r in range(rows):
             rr = ref[r]
             vr = v[r]
-            for o in range(0, k, PIECE):
-                n = min(PIECE, k - o)
+            for o in range(0, k, step):
+                n = min(step, k - o)
                 rp = rr[o:o + n]
                 vp = vr[o:o + n]
+                if vec:
+                    nv = n // LANES
+                    vc[:] = 0
+                    vst[0] = nb
+                    if not flags & 1:
+                        _vpass_none(rp, vp, nv, lims, acc, vc, buf, vst)
+                    elif flags & 2:
+                        _vpass_all(rp, vp, nv, lims, acc, vc, buf, vst)
+                    else:
+                        _vpass_sums(rp, vp, nv, lims, acc, vc, buf, vst)
+                    vst[2] = (vst[0] - nb) * 64 > n  # over 1 in 64 of this piece: the next takes the store always
+                    nb = vst[0]
+                    vrm = np.int32(vc[5])
+                    vnz = np.int32(vc[0])
+                    vc0, vc1, vc2 = np.int32(vc[1]), np.int32(vc[2]), np.int32(vc[3])
+                    for vj in range(nv * LANES, n):  # the tail, as the loops below
+                        va = _wval(rp, vj, bf16)
+                        vd = abs(vp[vj] - va)
+                        vu = _bits(vd)
+                        vrm = max(vrm, vu)
+                        vnz += np.int32(vu == 0)
+                        vb0, vb1, vb2 = vd < l0, vd < l1, vd < l2
+                        vc0 += np.int32(vb0)
+                        vc1 += np.int32(vb1)
+                        vc2 += np.int32(vb2)
+                        vdd = np.float64(vp[vj]) - np.float64(va)
+                        if (vd <= h0 and not vb0) or (vd <= h1 and not vb1) or (vd <= h2 and not vb2):
+                            if nb < cap:
+                                buf[nb] = abs(vdd)
+                            nb += 1
+                        if flags & 1:
+                            acc[0] += vdd * vdd
+                            acc[2] += np.float64(va) * vdd
+                            if flags & 2:
+                                acc[1] += np.float64(va) * np.float64(va)
+                    cnt[0] += vnz
+                    if np.uint32(vrm) >= mb:  # the exact maximum is among the elements reaching the float32 one
+                        mb = np.uint32(vrm)
+                        for vj in range(n):
+                            va = _wval(rp, vj, bf16)
+                            if _bits(abs(vp[vj] - va)) == vrm:
+                                ve = abs(np.float64(vp[vj]) - np.float64(va))
+                                if ve > acc[4] or ve != ve:
+                                    acc[4] = ve
+                    if m > 0:
+                        cnt[4] += vc0 - (vnz if zero_lo else 0)
+                    if m > 1:
+                        cnt[5] += vc1
+                    if m > 2:
+                        cnt[6] += vc2
+                    continue
                 if bf16:
                     for j in range(n):
                         wu[j] = np.uint32(rp[j]) << np.uint32(16)
