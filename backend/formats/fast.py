@@ -629,8 +629,7 @@ def _make_vpass(sums: bool, ww: bool):
     """
     f32, f64, i32, i16, i64, i8, i1 = (ir.FloatType(), ir.DoubleType(), ir.IntType(32), ir.IntType(16),
                                        ir.IntType(64), ir.IntType(8), ir.IntType(1))
-    vf, vi, vd, v8f = (ir.VectorType(f32, LANES), ir.VectorType(i32, LANES), ir.VectorType(f64, 8),
-                       ir.VectorType(f32, 8))
+    vf, vi, vd = ir.VectorType(f32, LANES), ir.VectorType(i32, LANES), ir.VectorType(f64, 8)
     m8 = ir.VectorType(i1, 8)
 
     def decl(mod, name, ret, args):
@@ -906,7 +905,7 @@ if AVAILABLE:
                             va = _wval(rp, vj, bf16)
                             if _bits(abs(vp[vj] - va)) == vrm:
                                 ve = abs(np.float64(vp[vj]) - np.float64(va))
-                                if ve > acc[4] or ve != ve:
+                                if ve > acc[4] or np.isnan(ve):
                                     acc[4] = ve
                     if m > 0:
                         cnt[4] += vc0 - (vnz if zero_lo else 0)
