@@ -847,9 +847,11 @@ if AVAILABLE:
         zero_lo = m > 0 and lo[0] <= 0
         l0, l1, l2 = lq[0], lq[1], lq[2]
         h0, h1, h2 = hq[0], hq[1], hq[2]
-        # the vector pass (_make_vpass) takes what it can: no divisor, no histogram (the sample
-        # blocks and undone smoothing keep the loops below)
-        vec = not has_col and nbins == 0 and v.strides[1] == 4 and ref.strides[1] == ref.itemsize  # (rows in runs)
+        # the vector pass (_make_vpass) takes what it can: no divisor (undone smoothing keeps the
+        # loops below); the sample blocks' histogram is a loop after it
+        vec = not has_col and v.strides[1] == 4 and ref.strides[1] == ref.itemsize  # (rows in runs)
+        ht = np.empty(VPIECE if vec and nbins else 0, np.float32)
+        hti = ht.view(np.int32)
         lims = np.empty(6, np.float32)
         lims[:3] = lq
         lims[3:] = hq
@@ -913,6 +915,12 @@ if AVAILABLE:
                         cnt[5] += vc1
                     if m > 2:
                         cnt[6] += vc2
+                    if nbins:
+                        for vj in range(n):
+                            ht[vj] = abs(vp[vj] - _wval(rp, vj, bf16))
+                        for vj in range(n):
+                            hb = (hti[vj] >> HIST_SHIFT) - HIST_BASE
+                            hist[min(max(hb, 0), nbins - 1)] += 1
                     continue
                 if bf16:
                     for j in range(n):
