@@ -399,7 +399,7 @@ class MainWindow(QMainWindow):
         # an error column per variant, when there is a reference to measure them against (without
         # one they stayed empty whatever the user did)
         errs = list(ws.variants) if ws.reference is not None else []
-        self.tree.model.set_variants(errs)
+        self.tree.model.set_variants(errs, self.colors)
         self.tree.model.set_all_errors({v: {} for v in errs})  # the last comparison's, gone with it
         models = ws.models()
         first = show if show in models else kept if kept in models else next(iter(ws.variants), ws.reference_label)

@@ -1384,3 +1384,15 @@ def test_a_variant_added_after_a_comparison_is_compared_and_only_it_is_measured(
     copy = {r.name: r.rel_fro for r in win.sweep_result.rows if r.variant == "rtn-copy"}
     orig = {r.name: r.rel_fro for r in win.sweep_result.rows if r.variant == "rtn-w4g128"}
     assert copy == pytest.approx(orig, rel=1e-12)  # the same files: the same figures (summed in other blocks)
+
+
+def test_each_error_column_header_shows_its_variants_plot_colour(win):
+    # the titles are elided ("gp…28"): the swatch says which legend entry a column is
+    from PySide6.QtGui import QColor
+    from quantscope.widgets.tensor_tree_model import BASE_COLUMNS
+    model = win.tree.model
+    for i, label in enumerate(model.variants):
+        icon = model.headerData(len(BASE_COLUMNS) + i, Qt.Orientation.Horizontal, Qt.ItemDataRole.DecorationRole)
+        assert icon is not None, label
+        assert icon.pixmap(10, 10).toImage().pixelColor(5, 5) == QColor(win.colors[label]), label
+    assert model.headerData(0, Qt.Orientation.Horizontal, Qt.ItemDataRole.DecorationRole) is None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from PySide6.QtCore import QAbstractItemModel, QModelIndex, Qt
-from PySide6.QtGui import QColor
+from PySide6.QtGui import QColor, QIcon, QPixmap
 
 from quantscope.backend.checkpoint import natural_key
 from quantscope.backend.info import human_bytes
@@ -51,6 +51,7 @@ class TensorTreeModel(QAbstractItemModel):
         self._visible: list[int] = []
         self._children: dict[int, list] = {}
         self._variants: list[str] = []
+        self._swatches: dict = {}  # variant -> QIcon of its plot colour (set_variants)
         self._errors: dict[str, dict[str, float]] = {}
         self._flags: dict[str, tuple[str, str]] = {}
         self.dark = False
@@ -134,9 +135,17 @@ class TensorTreeModel(QAbstractItemModel):
         """The variants with an error column, in column order."""
         return list(self._variants)
 
-    def set_variants(self, labels: list[str]) -> None:
+    def set_variants(self, labels: list[str], colors: dict | None = None) -> None:
+        """The variants with an error column; ``colors``: each one's plot colour, shown as a
+        swatch in its header (a title elided to "gp…28" then still says which legend entry it is)."""
         self.beginResetModel()
         self._variants = list(labels)
+        self._swatches = {}
+        for lb, c in (colors or {}).items():
+            if lb in labels and c is not None:
+                pm = QPixmap(10, 10)
+                pm.fill(QColor(c))
+                self._swatches[lb] = QIcon(pm)
         self._errors = {k: v for k, v in self._errors.items() if k in labels}
         self._shown = {k: v for k, v in self._shown.items() if k in labels}
         self.endResetModel()
@@ -220,6 +229,9 @@ class TensorTreeModel(QAbstractItemModel):
         return self.createIndex(index.internalId() - 1, 0, 0)
 
     def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole):
+        if (orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DecorationRole
+                and len(BASE_COLUMNS) <= section < len(BASE_COLUMNS) + len(self._variants)):
+            return self._swatches.get(self._variants[section - len(BASE_COLUMNS)])
         if orientation != Qt.Orientation.Horizontal or role not in (Qt.ItemDataRole.DisplayRole,
                                                                     Qt.ItemDataRole.ToolTipRole):
             return None
