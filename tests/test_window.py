@@ -889,9 +889,10 @@ def test_doctor_panel_says_what_the_comparison_found_about_the_checkpoint(win, q
     assert win.doctor.compare_note.isHidden()
 
 
-def test_adding_a_variant_shows_it_in_the_views_and_drops_the_old_comparison(win, qtbot, demo):
+def test_adding_a_variant_shows_it_in_the_views_and_compares_it_with_the_others(win, qtbot, demo):
     # The views of the shown layer, the config table and the tree's error columns were left as
-    # they were before the variant came in (and the Layers view kept an empty heatmap).
+    # they were before the variant came in (and the Layers view kept an empty heatmap); then the
+    # comparison was dropped: now it is made again at once, the new variant in it.
     labels = list(win.workspace.variants)
     keep, new = labels[:-1], labels[-1]
     with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
@@ -901,16 +902,18 @@ def test_adding_a_variant_shows_it_in_the_views_and_drops_the_old_comparison(win
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):
         win.compare_all()
     assert win.tree.model._errors[keep[0]]
-    with qtbot.waitSignal(win.detail_shown, timeout=60_000) as sig:
+    shown = []
+    win.detail_shown.connect(shown.append)
+    with qtbot.waitSignals([win.detail_shown, win.sweep_done], timeout=120_000):
         win.add_paths([str(demo.variants[new])])
-    win.tabs.setCurrentWidget(win.hist)  # the Layers tab showed the comparison
-    assert sig.args[0] == "model.layers.1.mlp.down_proj" and new in win.hist._counts
+    qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
+    win.tabs.setCurrentWidget(win.hist)  # the Layers tab shows the comparison
+    assert shown[0] == "model.layers.1.mlp.down_proj" and new in win.hist._counts
     assert new in win.config.whatif_result.text()
     t = win.config.layer_table
     assert new in {t.item(r, 0).text() for r in range(t.rowCount())}
-    assert win.sweep_result is None and not any(win.tree.model._errors.values())
-    qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
-    assert not win.layers._rows and "Compare all layers" in win.layers.info.text()
+    assert {r.variant for r in win.sweep_result.rows} == set(labels)
+    assert win.tree.model._errors[new] and {r.variant for r in win.layers._rows} == set(labels)
 
 
 def test_a_reference_alone_says_no_variant_is_open(win, qtbot, demo):
