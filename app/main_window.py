@@ -114,7 +114,8 @@ class MainWindow(QMainWindow):
         # the status bar's tooltip (the whole message) goes with its message, cleared or timed out
         self.statusBar().messageChanged.connect(lambda m: m or self.statusBar().setToolTip(""))
         self._sweep_cache: dict = {}
-        self._compared: tuple = (None, None)  # (the reference, the layers asked) of the comparison shown
+        self._compared: tuple = (None, None)  # (the reference, the layers asked) of the last comparison
+        self._cache_ref: str | None = None  # the reference whose comparisons _sweep_cache holds
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
         # The what-if box holds, for the layer shown, each of these that belongs to it: a what-if
         # result, the variants' errors (from its detail), a conversion's summary (_result_text).
@@ -372,19 +373,26 @@ class MainWindow(QMainWindow):
         """Show ``ws``; the tree shows the checkpoint ``show``, else the one it showed (when still
         open), else the first variant."""
         kept = self.tree.current_label()
-        # a variant added to (or converted into) the workspace whose layers were compared: compared
-        # again at once, the others' figures from the cache (only the new one is measured); the
-        # comparison was dropped, and its cache with it, so a second run measured everything again
-        again = (self.sweep_result is not None and ws is self.workspace and ws.reference is not None
-                 and ws.reference is self._compared[0] and bool(ws.variants))
+        # a variant added to (or converted into) the workspace whose layers were compared (or were
+        # being compared): compared again at once, the others' figures from the cache (only the
+        # new one is measured); the comparison was dropped, and its cache with it, so a second run
+        # measured everything again
+        again = (ws is self.workspace and ws.reference is not None and ws.reference is self._compared[0]
+                 and bool(ws.variants))
         only = self._compared[1]
+        # the cache stays while the reference does (its keys hold each file's identity, so what
+        # it has is still true); another reference's comparisons share nothing with it
+        ref_src = None if ws.reference is None else ws.reference.ckpt.source
+        if ref_src != self._cache_ref:
+            self._sweep_cache, self._cache_ref = {}, ref_src
+        if ws.reference is not self._compared[0]:
+            self._compared = (None, None)
         self.workspace = ws
         self._doctor_found = {}
         self.service.cancel_channel("sweep")  # a comparison of the old set of checkpoints: its result would land here
         self.sweep_result = None
         self._quant_only = {}
         self._detail_errors = self._whatif_line = None  # of the checkpoints before (the reference may differ)
-        # (the sweep cache stays: its keys hold each file's identity, so what it has is still true)
         self.colors = colors_for(list(ws.variants))
         if ws.reference_label:
             self.colors["reference"] = REFERENCE_COLOR
@@ -730,8 +738,9 @@ class MainWindow(QMainWindow):
             self._show_error(title, _NEEDS_BOTH, "")
             return
 
+        self._compared = (ws.reference, only)  # asked: a variant added meanwhile is compared with it
+
         def shown(result) -> None:
-            self._compared = (ws.reference, only)
             self._show_sweep(result)
             if only is not None:
                 added = set(result.added)

@@ -856,8 +856,8 @@ def _config_warning(vs) -> str | None:
     checked = 0
     for p in paths:
         lay = model.layers[p]
-        if lay.scheme not in ("gptq", "ct-pack"):
-            continue
+        if not lay.quantized:  # (a config value no loader can use is said of any scheme's layers;
+            continue           # the zero points are read for GPTQ and compressed-tensors ones)
         w = data_warning(model, lay)
         if w is not None:
             return f"the figures are of a misread file ({p}): {w}"
@@ -1160,7 +1160,9 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 hit = cache.get(key)
                 t = vs.alignment.targets[name]
                 if hit is not None:
-                    rows_out.setdefault(name, {})[vs.label] = LayerMetrics(**hit["metrics"])
+                    # under this run's name: the key holds the files, the figures the name the
+                    # variant had then (a checkpoint opened beside another of its name is "x (2)")
+                    rows_out.setdefault(name, {})[vs.label] = LayerMetrics(**{**hit["metrics"], "variant": vs.label})
                     if hit.get("ref_nonfinite"):
                         ref_nonfinite.add(name)
                     if hit.get("row_scale") is not None and t.row_fit_for:

@@ -52,7 +52,7 @@ from .formats import awq, ct, fast, gptq
 from .formats.kernel import for_row_blocks, round_inplace
 from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS
 from .metrics import worst
-from .schemes import AUX_COMPONENTS, Layer, Model, analyze, data_warning
+from .schemes import AUX_COMPONENTS, QUANT_PARTS, Layer, Model, analyze, data_warning
 
 __all__ = ["convert", "ConversionReport", "LayerResult", "ConversionError", "RECIPES", "MAX_SHARD_BYTES",
            "PARTIAL_TAG", "mixed_recipe_settings"]
@@ -713,9 +713,9 @@ def _aux(layer: Layer, keep_all: bool) -> tuple[list[str], list[str]]:
     return keep, dropped
 
 
-#: Components that only a quantized layer has: an unrecognised layer holding one is broken.
-_QUANT_PARTS = {"qweight", "weight_packed", "qzeros", "scales", "biases", "g_idx", "weight_scale",
-                "weight_zero_point", "weight_g_idx", "weight_shape", "SCB", "absmax", "quant_map"}
+#: Components that only a quantized layer has: an unrecognised layer holding one is broken (the
+#: analysis's own list, and the packed codes and bitsandbytes' state).
+_QUANT_PARTS = frozenset(QUANT_PARTS) | {"qweight", "weight_packed", "biases", "SCB", "absmax", "quant_map"}
 
 
 def _refuse_broken(model: Model, layer: Layer) -> None:

@@ -641,3 +641,26 @@ def test_an_all_zero_reference_layer_is_blamed_on_the_reference(tmp_path, capsys
     out = capsys.readouterr().out
     assert "all-zero reference layer (1)" in out and "reference: model.layers.0.self_attn.k_proj" in out
     assert "NaN/inf in the variant's decode" not in out
+
+
+def test_compare_warns_of_a_config_value_no_loader_can_use_for_any_scheme(tmp_path, capsys, real_fixtures):
+    from pathlib import Path
+    src = _copy(Path(__file__).parent / "fixtures" / "real" / "autoawq-gemm-w4g128", tmp_path / "a")
+    _edit_config(src, bits="four")
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(src),
+                 "--layers", "layers.0.self_attn.q_proj"]) == 1
+    assert "which no loader can use" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("part", ["weight_scale_inv", "weight_global_scale", "scaled_zeros"])
+def test_convert_refuses_quantization_parts_without_their_weights(tmp_path, capsys, real_fixtures, part):
+    from safetensors.numpy import load_file
+    src = real_fixtures / "base-bf16"
+    t = load_file(str(next(src.glob("*.safetensors"))))
+    t[f"model.layers.0.self_attn.extra.{part}"] = np.ones((4, 4), np.float32)
+    folder = tmp_path / "orphan"
+    folder.mkdir()
+    write_st(folder / "model.safetensors", t, {"format": "pt"})
+    (folder / "config.json").write_text((src / "config.json").read_text())
+    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "dense"]) == 2
+    assert "model.layers.0.self_attn.extra" in capsys.readouterr().err and not (tmp_path / "out").exists()

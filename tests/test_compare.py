@@ -995,3 +995,22 @@ def test_a_small_array_gets_about_sqrt_n_bins_on_exact_counts():
         assert len(edges) - 1 == bins, n
         for k, x in (("a", a), ("b", a[: n // 2] * 2)):
             assert np.array_equal(counts[k], np.histogram(x, bins=edges)[0])
+
+
+def test_a_cache_hit_is_named_as_the_variant_is_in_this_run(real_fixtures):
+    # the cache is keyed by the files; its figures held the name of the run that measured them: a
+    # checkpoint opened again as "q4 (2)" (another one now "q4") had its rows under "q4", twice
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.compare import sweep
+    from quantscope.backend.schemes import analyze
+    here = Path(__file__).parent / "fixtures" / "real"
+    ref = analyze(open_checkpoint(real_fixtures / "base-bf16"))
+    gptq = analyze(open_checkpoint(here / "gptqmodel-gptq-w4g128"))
+    awq = analyze(open_checkpoint(here / "autoawq-gemm-w4g128"))
+    cache: dict = {}
+    first = sweep(ref, {"q4": gptq}, engine="numpy", cache=cache, layers="layers.0.self_attn")
+    again = sweep(ref, {"q4": awq, "q4 (2)": gptq}, engine="numpy", cache=cache, layers="layers.0.self_attn")
+    assert not again.failed
+    got = {(r.variant, r.name): r.rel_fro for r in again.rows}
+    assert {r.name: r.rel_fro for r in first.rows} == {n: v for (lb, n), v in got.items() if lb == "q4 (2)"}
+    assert len(got) == 2 * len(first.rows)

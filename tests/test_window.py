@@ -1338,6 +1338,7 @@ def test_whatif_offers_what_fits_the_layer_and_says_in_its_box_why_not(qtbot, tm
     try:
         expert = "model.layers.1.mlp.experts.2.down_proj"  # [128, 64]: only group 32 and 64 divide 64
         cfg.group.setCurrentText("128")
+        cfg.group.activated.emit(cfg.group.currentIndex())  # as a user's choice
         with qtbot.waitSignal(w.detail_shown, timeout=60_000):
             w.select_layer(expert)
         enabled = {cfg.group.itemText(i): cfg.group.model().item(i).isEnabled() for i in range(cfg.group.count())}
@@ -1350,6 +1351,12 @@ def test_whatif_offers_what_fits_the_layer_and_says_in_its_box_why_not(qtbot, tm
         assert not cfg.run.isEnabled() and "not a weight matrix" in cfg.run.toolTip()
         w.select_layer("model.layers.0.self_attn.q_proj")  # [.., 128]: every group again
         assert cfg.run.isEnabled() and all(cfg.group.model().item(i).isEnabled() for i in range(cfg.group.count()))
+        assert cfg.group.currentText() == "128"  # the user's choice back where it divides
+        cfg.mode.setCurrentText("nvfp4")
+        w.select_layer(expert)  # 64 = 4 blocks of 16: fine; a width no block divides says which
+        assert cfg.run.isEnabled()
+        cfg.set_whatif_target(40)
+        assert not cfg.run.isEnabled() and "nvfp4's block of 16" in cfg.run.toolTip()
     finally:
         w.service.shutdown()
 

@@ -90,6 +90,12 @@ class QuantConfigPanel(QWidget):
         self.group = QComboBox()
         self.group.addItems(_AFFINE_GROUPS)
         self.group.setCurrentText("64")
+        # the what-if's target layer (set_whatif_target) and the group the user chose, kept across
+        # layers that it does not divide
+        self._cols: int | None = None
+        self._why_not = ""
+        self._want_group: str | None = None
+        self.group.activated.connect(lambda i: setattr(self, "_want_group", self.group.itemText(i)))
         self._affine_choice = ("4", "64")  # restored when the mode returns to affine
         self.mode = QComboBox()
         self.mode.addItems(["affine", "mxfp4", "nvfp4", "mxfp8"])
@@ -252,7 +258,7 @@ class QuantConfigPanel(QWidget):
         self._fit_choices()
 
     def _fit_choices(self) -> None:
-        cols, why = getattr(self, "_cols", None), getattr(self, "_why_not", "")
+        cols, why = self._cols, self._why_not
 
         def fits(block: int) -> bool:
             return cols is None or cols % block == 0
@@ -268,17 +274,20 @@ class QuantConfigPanel(QWidget):
             groups.item(i).setEnabled(good)
             if good:
                 ok.append(i)
-        if ok and self.group.currentIndex() not in ok:
-            # the largest group that divides it below the one chosen, else the smallest
-            cur = int(self.group.currentText() or 0)
-            below = [i for i in ok if int(self.group.itemText(i)) <= cur]
+        # the group the user chose (kept across layers), else the largest that divides below it,
+        # else the smallest
+        want = self._want_group or self.group.currentText()
+        at = self.group.findText(want)
+        if ok and (at in ok or self.group.currentIndex() not in ok):
+            below = [i for i in ok if int(self.group.itemText(i)) <= int(want or 0)]
             self.group.blockSignals(True)
-            self.group.setCurrentIndex(below[-1] if below else ok[0])
+            self.group.setCurrentIndex(at if at in ok else below[-1] if below else ok[0])
             self.group.blockSignals(False)
-        if not why and not ok:
+        mode = self.mode.currentText()
+        if not why and mode != "affine" and not fits(MODE_DEFAULTS[mode][1]):
+            why = f"in_features {cols} is not a multiple of {mode}'s block of {MODE_DEFAULTS[mode][1]}"
+        elif not why and not ok:
             why = f"in_features {cols} is not a multiple of any group size offered ({', '.join(_AFFINE_GROUPS)})"
-        elif not why and not fits(MODE_DEFAULTS.get(self.mode.currentText(), (0, 1))[1]):
-            why = f"in_features {cols} is not a multiple of {self.mode.currentText()}'s block"
         self.run.setEnabled(not why)
         self.run.setToolTip(why or "Quantize the reference's layer with mx.quantize and measure its error")
 

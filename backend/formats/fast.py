@@ -637,6 +637,12 @@ def _make_vpass(sums: bool, ww: bool):
 
     @intrinsic
     def _vpass(typingctx, w, x, nv, lims, acc, cnt, buf, st):
+        # the code below reads and writes raw memory as these types: any other is refused at
+        # compile time (a float64 reference read as float32 gave wrong figures without a word)
+        want = ((w, (types.float32, types.uint16)), (x, (types.float32,)), (lims, (types.float32,)),
+                (acc, (types.float64,)), (buf, (types.float64,)), (cnt, (types.int64,)), (st, (types.int64,)))
+        if not all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype in ok for a, ok in want):
+            return None
         sig = types.void(w, x, nv, lims, acc, cnt, buf, st)
 
         def codegen(context, builder, signature, args):
