@@ -361,12 +361,13 @@ def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: 
     min/max edges, and with a fixed number of bins everything else fell into a handful of them.
     Here the values are counted in ``fine`` bins over the whole range and each array's bulk is
     found: the bins left once at most ``tail`` of its values (at least ``min(8, n // 1000)``) are
-    set aside at each end. The fine
-    bins are then merged by a power of two so that the union of the bulks gets at least
-    ``bins / 2`` bins where :data:`MAX_BINS` in all allow it (``bins`` in all when there are no
-    outliers; fewer for an array of under ``bins**2`` values: about its square root). ``view`` is the bulk's ``(lo, hi)`` on those edges, a tenth wider each side, or
-    None when it spans at least half of the range (nothing to gain). Counts stay exact on the edges returned; NaN and ±inf are not counted. ``(None, {},
-    None)`` when no array has a finite value.
+    set aside at each end. The fine bins are then merged by a power of two so that the union of
+    the bulks gets at least ``bins / 2`` bins where :data:`MAX_BINS` in all allow it (``bins`` in
+    all when there are no outliers; fewer for an array of under ``bins**2`` values: about its
+    square root, at least :data:`MIN_BINS`). ``view`` is the bulk's ``(lo, hi)`` on those edges,
+    a tenth wider each side, or None when it spans at least half of the range (nothing to gain).
+    Counts stay exact on the edges returned; NaN and ±inf are not counted. ``(None, {}, None)``
+    when no array has a finite value.
     """
     arrays = {k: np.asarray(a).reshape(-1) for k, a in arrays.items() if a is not None and np.asarray(a).size}
     lo, hi = math.inf, -math.inf
