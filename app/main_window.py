@@ -784,9 +784,10 @@ class MainWindow(QMainWindow):
             path = self._unopened[0]  # the one the error named
         if path is not None:
             label, source, m = Path(path).name, path, None
-            for lb, mm in self.workspace.models().items():  # a folder chosen that is open after all
-                if Path(mm.ckpt.source).resolve() == Path(path).resolve():
+            for lb, mm in self.workspace.models().items():  # a folder chosen that is open after all:
+                if Path(mm.ckpt.source).resolve() == Path(path).resolve():  # shown in the tree, linked
                     label, source, m = lb, mm.ckpt.source, mm
+                    self.tree.combo.setCurrentText(lb)
         else:
             source = m.ckpt.source
         self.doctor_dock.raise_()
