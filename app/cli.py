@@ -126,7 +126,7 @@ def _strict_json(obj):
         return {printable(k): _strict_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_strict_json(v) for v in obj]
-    return printable(obj)  # (a string: a path that is not UTF-8 keeps its odd bytes as \\xNN)
+    return printable(obj)  # (a string: a path that is not UTF-8 keeps its odd bytes as \xNN)
 
 
 def cmd_info(args) -> int:

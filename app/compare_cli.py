@@ -158,7 +158,7 @@ def run_compare(args) -> int:
     if getattr(args, "layers", None) is not None:  # what was asked, and what came along with it
         data["layers_pattern"] = args.layers
         data["added_layers"] = result.added
-    data = printable(data)  # a variant's path that is not UTF-8: its odd bytes as \\xNN, valid JSON
+    data = printable(data)  # a variant's path that is not UTF-8: its odd bytes as \xNN, valid JSON
     to_stdout = "-" in (args.json_out, args.csv_out)
     labels = [v for v in variants if v not in result.failed]
     if to_stdout:  # the table first, on stderr: a reader that closes the pipe early (| head) must not lose it

@@ -109,5 +109,6 @@ def printable(obj):
     if isinstance(obj, dict):
         return {printable(k): printable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(printable(v) for v in obj) if isinstance(obj, list) else tuple(printable(v) for v in obj)
+        out = [printable(v) for v in obj]
+        return out if isinstance(obj, list) else tuple(out)
     return obj
