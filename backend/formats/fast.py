@@ -693,6 +693,11 @@ def _make_vpass(sums: bool, ww: bool):
             no_hits = ir.Constant(m8, [0] * 8)
             halves = [ir.Constant(ir.VectorType(i32, 8), list(range(8 * h, 8 * h + 8))) for h in range(2)]
 
+            def exact_store(vals, dst, at, c, mh):
+                # the c hit lanes of mh from buf[at] on, or none when they do not all fit
+                fits = builder.icmp_signed("<=", builder.add(at, c), cap)
+                builder.call(cstore, [vals, dst, builder.select(fits, mh, no_hits)])
+
             def count(mask, k):
                 c = builder.zext(builder.call(pop, [builder.bitcast(mask, i16)]), i32)
                 builder.store(builder.add(builder.load(counts[k]), c), counts[k])
@@ -724,11 +729,10 @@ def _make_vpass(sums: bool, ww: bool):
                 for h in range(2 if sums else 0):
                     wd, d = exact_half(h)
                     ds.append(d)
-                    if sums:
-                        terms = [(d, d), (wd, d)] + ([(wd, wd)] if ww else [])
-                        for k, (p, q_) in enumerate(terms):
-                            slot = sacc[2 * k + h]
-                            builder.store(builder.call(fma, [p, q_, builder.load(slot)]), slot)
+                    terms = [(d, d), (wd, d)] + ([(wd, wd)] if ww else [])
+                    for k, (p, q_) in enumerate(terms):
+                        slot = sacc[2 * k + h]
+                        builder.store(builder.call(fma, [p, q_, builder.load(slot)]), slot)
                 # the hits, compressed into buf while they fit (a mask of none past it); behind a
                 # branch: a compress-store costs several cycles even with no lane set
                 any_hit = builder.icmp_unsigned("!=", builder.bitcast(hit, i16), ir.Constant(i16, 0))
@@ -740,8 +744,7 @@ def _make_vpass(sums: bool, ww: bool):
                         vals = builder.call(fabs8, [ds[h] if sums else exact_half(h)[1]])  # (without sums: here only)
                         dst = builder.gep(pb, [at])
                         if compress is None:
-                            fits = builder.icmp_signed("<=", builder.add(at, c), cap)
-                            builder.call(cstore, [vals, dst, builder.select(fits, mh, no_hits)])
+                            exact_store(vals, dst, at, c, mh)
                         else:
                             # compressed in a register and stored whole (the memory form of the
                             # compress-store is microcoded on Intel: several times slower); the
@@ -753,8 +756,7 @@ def _make_vpass(sums: bool, ww: bool):
                                     packed = builder.call(compress, [vals, mh, ir.Constant(vd, ir.Undefined)])
                                     builder.store(packed, builder.bitcast(dst, vd.as_pointer()), align=8)
                                 with exact:
-                                    fits = builder.icmp_signed("<=", builder.add(at, c), cap)
-                                    builder.call(cstore, [vals, dst, builder.select(fits, mh, no_hits)])
+                                    exact_store(vals, dst, at, c, mh)
                         builder.store(builder.add(at, c), nb)
 
             def hsum(v):
@@ -803,6 +805,37 @@ if AVAILABLE:
         if bf16:
             return _from_bits(np.int32(np.uint32(rp[j]) << np.uint32(16)))
         return np.float32(rp[j])
+
+    @njit(cache=True, inline="always")
+    def _exact_max(w, x, n, bf16, bits, acc):
+        # acc[4]: the exact float64 maximum |x - w| among the first n elements whose float32 |d|
+        # has these bits (float32 rounding is monotone: the maximum is among them), NaN kept
+        for j in range(n):
+            a = _wval(w, j, bf16)
+            if _bits(abs(x[j] - a)) == bits:
+                e = abs(np.float64(x[j]) - np.float64(a))
+                if e > acc[4] or np.isnan(e):
+                    acc[4] = e
+
+    @njit(cache=True, inline="always")
+    def _add_below(cnt, m, c0, c1, c2, nz, zero_lo):
+        # each of the m intervals' count below it (the zeros taken out of a first one from 0)
+        if m > 0:
+            cnt[4] += c0 - (nz if zero_lo else 0)
+        if m > 1:
+            cnt[5] += c1
+        if m > 2:
+            cnt[6] += c2
+
+    @njit(cache=True, inline="always")
+    def _add_hist(hist, w, x, n, bf16, t, ti):
+        # the float32 |x - w| of the first n elements into the bins of their top bits
+        for j in range(n):
+            t[j] = abs(x[j] - _wval(w, j, bf16))
+        nbins = hist.size
+        for j in range(n):
+            hb = (ti[j] >> HIST_SHIFT) - HIST_BASE
+            hist[min(max(hb, 0), nbins - 1)] += 1
 
 
 if AVAILABLE:
@@ -873,6 +906,7 @@ if AVAILABLE:
                 vp = vr[o:o + n]
                 if vec:
                     nv = n // LANES
+                    n16 = nv * LANES
                     vc[:] = 0
                     vst[0] = nb
                     if not flags & 1:
@@ -883,51 +917,17 @@ if AVAILABLE:
                         _vpass_sums(rp, vp, nv, lims, acc, vc, buf, vst)
                     vst[2] = (vst[0] - nb) * 64 > n  # over 1 in 64 of this piece: the next takes the store always
                     nb = vst[0]
+                    cnt[0] += vc[0]
                     vrm = np.int32(vc[5])
-                    vnz = np.int32(vc[0])
-                    vc0, vc1, vc2 = np.int32(vc[1]), np.int32(vc[2]), np.int32(vc[3])
-                    for vj in range(nv * LANES, n):  # the tail, as the loops below
-                        va = _wval(rp, vj, bf16)
-                        vd = abs(vp[vj] - va)
-                        vu = _bits(vd)
-                        vrm = max(vrm, vu)
-                        vnz += np.int32(vu == 0)
-                        vb0, vb1, vb2 = vd < l0, vd < l1, vd < l2
-                        vc0 += np.int32(vb0)
-                        vc1 += np.int32(vb1)
-                        vc2 += np.int32(vb2)
-                        vdd = np.float64(vp[vj]) - np.float64(va)
-                        if (vd <= h0 and not vb0) or (vd <= h1 and not vb1) or (vd <= h2 and not vb2):
-                            if nb < cap:
-                                buf[nb] = abs(vdd)
-                            nb += 1
-                        if flags & 1:
-                            acc[0] += vdd * vdd
-                            acc[2] += np.float64(va) * vdd
-                            if flags & 2:
-                                acc[1] += np.float64(va) * np.float64(va)
-                    cnt[0] += vnz
-                    if np.uint32(vrm) >= mb:  # the exact maximum is among the elements reaching the float32 one
+                    if np.uint32(vrm) >= mb:
                         mb = np.uint32(vrm)
-                        for vj in range(n):
-                            va = _wval(rp, vj, bf16)
-                            if _bits(abs(vp[vj] - va)) == vrm:
-                                ve = abs(np.float64(vp[vj]) - np.float64(va))
-                                if ve > acc[4] or np.isnan(ve):
-                                    acc[4] = ve
-                    if m > 0:
-                        cnt[4] += vc0 - (vnz if zero_lo else 0)
-                    if m > 1:
-                        cnt[5] += vc1
-                    if m > 2:
-                        cnt[6] += vc2
+                        _exact_max(rp, vp, n16, bf16, vrm, acc)
+                    _add_below(cnt, m, vc[1], vc[2], vc[3], vc[0], zero_lo)
                     if nbins:
-                        for vj in range(n):
-                            ht[vj] = abs(vp[vj] - _wval(rp, vj, bf16))
-                        for vj in range(n):
-                            hb = (hti[vj] >> HIST_SHIFT) - HIST_BASE
-                            hist[min(max(hb, 0), nbins - 1)] += 1
-                    continue
+                        _add_hist(hist, rp, vp, n16, bf16, ht, hti)
+                    if n16 == n:
+                        continue
+                    rp, vp, n = rp[n16:], vp[n16:], n - n16  # the last few: the loops below
                 if bf16:
                     for j in range(n):
                         wu[j] = np.uint32(rp[j]) << np.uint32(16)
@@ -945,11 +945,7 @@ if AVAILABLE:
                 else:
                     x = vp
                 if nbins:
-                    for j in range(n):
-                        t[j] = abs(x[j] - w[j])
-                    for j in range(n):
-                        hb = (ti[j] >> HIST_SHIFT) - HIST_BASE
-                        hist[min(max(hb, 0), nbins - 1)] += 1
+                    _add_hist(hist, w, x, n, False, t, ti)
                 # one pass (int32 lanes: numba would widen a plain count to 64 bits): the largest
                 # bits, exact zeros, and per interval the count below it and the hits inside
                 rm = np.int32(0)
@@ -987,19 +983,9 @@ if AVAILABLE:
                     acc[2] += p_wd
                 if np.uint32(rm) >= mb:  # the exact maximum is among the elements reaching the float32 one
                     mb = np.uint32(rm)
-                    for j in range(n):
-                        if _bits(abs(x[j] - w[j])) == rm:
-                            e = abs(np.float64(x[j]) - np.float64(w[j]))
-                            if e > acc[4] or e != e:
-                                acc[4] = e
-                if m == 0:
-                    continue
-                cnt[4] += c0 - (nz if zero_lo else 0)
-                if m > 1:
-                    cnt[5] += c1
-                if m > 2:
-                    cnt[6] += c2
-                if nh == 0:
+                    _exact_max(w, x, n, False, rm, acc)
+                _add_below(cnt, m, c0, c1, c2, nz, zero_lo)
+                if m == 0 or nh == 0:
                     continue
                 nw = (n + 7) // 8
                 for j in range(n, 8 * nw):
