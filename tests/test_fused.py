@@ -678,3 +678,39 @@ def test_pair_stats_vector_pass_with_nan_overflow_and_every_flag(flags):
     inside = (t >= lo[0]) & (t <= hi[0])
     assert cnt[1] == inside.sum()
     np.testing.assert_array_equal(np.sort(buf[:cnt[1]]), np.sort(np.abs(d)[inside]))
+
+
+@pytest.mark.parametrize("ref_dtype", [np.float32, BF16])
+@pytest.mark.parametrize("n_iv", [1, 2, 3])
+def test_pair_stats_counts_and_hits_at_the_bounds_themselves(ref_dtype, n_iv):
+    # The vector pass compares the bits of |d| with those of the bounds (integer arithmetic): an
+    # element exactly on a bound, an exact zero, inf and NaN, a bfloat16 reference, and the unused
+    # intervals (bounds inf / -inf) must count as the definition says: below lo[q] is |d| < lo[q],
+    # a hit is lo[q] <= |d| <= hi[q] for some q, zeros are never hits, NaN is nowhere.
+    rng = np.random.default_rng(n_iv)
+    k = 2 * fast.VPIECE + 21  # whole pieces and the scalar tail
+    w = (rng.standard_normal((2, k)) * 0.02).astype(ref_dtype)
+    wf = w.astype(np.float32)
+    d = np.round(rng.standard_normal(w.shape) * 64) / 2**16  # many ties: quantization-like steps
+    v = (wf + d).astype(np.float32)
+    v[0, :50] = wf[0, :50]  # exact zeros
+    v[1, 7], v[1, 9] = np.nan, np.inf
+    t = np.abs(v - wf)
+    fin = t[np.isfinite(t)]
+    qs = np.quantile(fin, [0.3, 0.5, 0.8, 0.9, 0.95, 0.99])
+    lo = np.array([qs[2 * q] for q in range(n_iv)], np.float32)
+    hi = np.array([qs[2 * q + 1] for q in range(n_iv)], np.float32)
+    assert all(np.isin(np.concatenate([lo, hi]), t))  # the bounds are values that occur
+    for flags in (0, 1, 3):
+        acc, cnt, buf = np.zeros(5), np.zeros(4 + n_iv, np.int64), np.empty(v.size)
+        fast.pair_stats(w, v, np.empty(0, np.float32), lo, hi, flags, acc, cnt, buf)
+        with np.errstate(invalid="ignore"):
+            inside = np.zeros(t.shape, bool)
+            for q in range(n_iv):
+                inside |= (t >= lo[q]) & (t <= hi[q])
+            assert cnt[0] == int((t == 0).sum()) >= 50
+            assert cnt[4:].tolist() == [int((t < lo[q]).sum()) for q in range(n_iv)]
+        assert cnt[1] == inside.sum()
+        exact = np.abs(v.astype(np.float64) - wf.astype(np.float64))
+        np.testing.assert_array_equal(np.sort(buf[:cnt[1]]), np.sort(exact[inside]))
+        assert np.isnan(acc[4])  # the NaN, like numpy's max

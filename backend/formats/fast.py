@@ -654,7 +654,6 @@ def _make_vpass(sums: bool, ww: bool):
             fabs = decl(mod, "llvm.fabs.v16f32", vf, [vf])
             fabs8 = decl(mod, "llvm.fabs.v8f64", vd, [vd])
             smax = decl(mod, "llvm.smax.v16i32", vi, [vi, vi])
-            pop = decl(mod, "llvm.ctpop.i16", i16, [i16])
             pop8 = decl(mod, "llvm.ctpop.i8", i8, [i8])
             cstore = decl(mod, "llvm.masked.compressstore.v8f64", ir.VoidType(), [vd, pb.type, m8])
             # LLVM 19 on has a compress into a register
@@ -678,12 +677,20 @@ def _make_vpass(sums: bool, ww: bool):
                                              ir.Constant(i32, 0))
                 return builder.shuffle_vector(one, undef, splat0)
 
-            los = [bcast(k) for k in range(3)]
-            his = [bcast(3 + k) for k in range(3)]
+            # the bounds as the bits of non-negative float32, which order like them: an
+            # unused interval's upper bound (-inf) as 0, below every lower bound (>= 1)
+            los = [builder.bitcast(bcast(k), vi) for k in range(3)]
+            his = [builder.call(smax, [builder.bitcast(bcast(3 + k), vi), splat0]) for k in range(3)]
             zero_d = ir.Constant(vd, [0.0] * 8)
             sacc = [cgutils.alloca_once_value(builder, zero_d) for _ in range(6)]  # dd, wd, ww × 2 halves
             rmax = cgutils.alloca_once_value(builder, splat0)
-            counts = [cgutils.alloca_once_value(builder, ir.Constant(i32, 0)) for _ in range(4)]
+            # per-lane counters (a count through a mask register, a move to a general register,
+            # an insert and a popcount took the port the compares need): the exact zeros, then
+            # below each interval; summed over the lanes at the end (nv * 16 < 2**31)
+            counts = [cgutils.alloca_once_value(builder, splat0) for _ in range(4)]
+            one_i = ir.Constant(vi, [1] * LANES)
+            sign = ir.Constant(vi, [31] * LANES)
+            vsum = decl(mod, "llvm.vector.reduce.add.v16i32", i32, [vi])
             nb = cgutils.alloca_once_value(builder, builder.load(pst))
             cap = builder.load(builder.gep(pst, [ir.Constant(i64, 1)]))
             # many hits (wide intervals): the store taken always (a branch on each group's hits
@@ -698,9 +705,8 @@ def _make_vpass(sums: bool, ww: bool):
                 fits = builder.icmp_signed("<=", builder.add(at, c), cap)
                 builder.call(cstore, [vals, dst, builder.select(fits, mh, no_hits)])
 
-            def count(mask, k):
-                c = builder.zext(builder.call(pop, [builder.bitcast(mask, i16)]), i32)
-                builder.store(builder.add(builder.load(counts[k]), c), counts[k])
+            def count(lanes, k):
+                builder.store(builder.add(builder.load(counts[k]), lanes), counts[k])
 
             with cgutils.for_range(builder, n) as loop:
                 i = loop.index
@@ -710,13 +716,20 @@ def _make_vpass(sums: bool, ww: bool):
                 a = builder.call(fabs, [builder.fsub(xv, wv)])
                 u = builder.bitcast(a, vi)
                 builder.store(builder.call(smax, [builder.load(rmax), u]), rmax)
-                count(builder.icmp_signed("==", u, splat0), 0)
-                hit = None
+                # Integer arithmetic on the bits, not compares: on AVX-512 every compare goes
+                # into a mask register on the one port that also shuffles and converts (the
+                # float64 half below), and a count from a mask takes one more there. u, the
+                # bounds and their differences lie in [0, 2**31): no overflow, and the sign bit
+                # of u - b says u < b (NaN's bits exceed every bound: never below, never inside).
+                count(builder.lshr(builder.sub(u, one_i), sign), 0)  # 1 where |d| is zero
+                miss = None
                 for q in range(3):
-                    below = builder.fcmp_ordered("<", a, los[q])
-                    count(below, 1 + q)
-                    inside = builder.and_(builder.fcmp_ordered("<=", a, his[q]), builder.not_(below))
-                    hit = inside if hit is None else builder.or_(hit, inside)
+                    t = builder.sub(u, los[q])
+                    count(builder.lshr(t, sign), 1 + q)
+                    # outside [lo, hi]: u - lo < 0 or hi - u < 0, the sign of their or
+                    out = builder.or_(t, builder.sub(his[q], u))
+                    miss = out if miss is None else builder.and_(miss, out)
+                hit = builder.icmp_signed(">=", miss, splat0)
 
                 def exact_half(h):
                     # the reference's half h in float64, and the exact differences: shuffled out
@@ -738,7 +751,12 @@ def _make_vpass(sums: bool, ww: bool):
                 any_hit = builder.icmp_unsigned("!=", builder.bitcast(hit, i16), ir.Constant(i16, 0))
                 with cgutils.if_unlikely(builder, builder.or_(any_hit, dense)):
                     for h in range(2):
-                        mh = builder.shuffle_vector(hit, ir.Constant(hit.type, ir.Undefined), halves[h])
+                        # the half's 8 mask bits as an integer shift (a shuffle of the i1 vector went
+                        # through memory: a 16-bit store read back as 128 bits, a stall on every group)
+                        hb = builder.bitcast(hit, i16)
+                        if h:
+                            hb = builder.lshr(hb, ir.Constant(i16, 8))
+                        mh = builder.bitcast(builder.trunc(hb, i8), m8)
                         c = builder.zext(builder.call(pop8, [builder.bitcast(mh, i8)]), i64)
                         at = builder.load(nb)
                         vals = builder.call(fabs8, [ds[h] if sums else exact_half(h)[1]])  # (without sums: here only)
@@ -772,7 +790,8 @@ def _make_vpass(sums: bool, ww: bool):
                     builder.store(builder.fadd(builder.load(p), tot), p)
             for k in range(4):
                 p = builder.gep(pc, [ir.Constant(i64, k)])
-                builder.store(builder.add(builder.load(p), builder.sext(builder.load(counts[k]), i64)), p)
+                c = builder.zext(builder.call(vsum, [builder.load(counts[k])]), i64)
+                builder.store(builder.add(builder.load(p), c), p)
             builder.store(builder.load(nb), pst)
             rv = builder.load(rmax)
             r = builder.sext(builder.extract_element(rv, ir.Constant(i32, 0)), i64)
