@@ -27,6 +27,9 @@ class QuantscopeError(Exception):
     """
 
     default_rule = "error"
+    #: What ``tensor`` names, in the message: a layer's errors name the layer (its path), not a
+    #: tensor of that name.
+    subject = "tensor"
 
     def __init__(self, message: str, *, file: str | Path | None = None,
                  tensor: str | None = None, rule: str | None = None) -> None:
@@ -41,7 +44,7 @@ class QuantscopeError(Exception):
         if self.file:
             parts.append(self.file)
         if self.tensor:
-            parts.append(f"tensor {self.tensor!r}")
+            parts.append(f"{self.subject} {self.tensor!r}")
         parts.append(self.message)
         return ": ".join(parts)
 
@@ -77,9 +80,11 @@ class UnsupportedFormatError(CheckpointError):
 
 
 class LayerError(QuantscopeError):
-    """A quantized layer's parts do not fit together (shapes, dtypes, config)."""
+    """A quantized layer's parts do not fit together (shapes, dtypes, config). ``tensor`` holds
+    the layer's path (every decoder is given it as ``name``)."""
 
     default_rule = "layer"
+    subject = "layer"
 
     def naming(self, file, tensor: str | None = None, rule: str | None = None) -> LayerError:
         """This error with its file (and tensor, rule) filled in where the decoder, which sees

@@ -1106,8 +1106,9 @@ def test_fp8_layer_whose_scale_was_lost_is_an_error_not_plain_fp8(tmp_path):
     assert "weight_scale missing" in found[0].message
     m = analyze(open_checkpoint(dst))
     assert m.layers[name].scheme == "ct-fp8" and m.layers[name].problem
-    with pytest.raises(LayerError, match="weight_scale missing"):
+    with pytest.raises(LayerError, match="weight_scale missing") as ei:
         get_engine("numpy").dequantize(m, m.layers[name])
+    assert f"fp8-noscale: layer '{name}': " in str(ei.value)  # a layer, not a tensor of that name
     other = m.layers["model.layers.0.self_attn.k_proj"]  # its neighbours decode as before
     assert other.scheme == "ct-fp8" and other.problem is None
 
