@@ -360,6 +360,16 @@ class MainWindow(QMainWindow):
             for p in paths:
                 if p not in {f for f, _ in new.failed}:
                     self._remember(p)
+            if not as_reference and not added:
+                # nothing new: the workspace, its comparison and the views stay as they are (they
+                # were rebuilt and the comparison run again, from its cache); the tree shows the
+                # checkpoint asked for
+                if again:
+                    first = next(iter(new.variants.values()))
+                    self.tree.combo.setCurrentText(open_[os.path.realpath(first.ckpt.source)])
+                    self._status("; ".join(again))
+                self._report_failed(new.failed, len(paths))
+                return
             # the tree shows what was just added (a conversion's output), not the first variant
             self.set_workspace(ws, show=added[0] if added else None)
             if again:  # (after: a new workspace clears the status bar)

@@ -1406,3 +1406,23 @@ def test_each_error_column_header_shows_its_variants_plot_colour(win):
         assert icon is not None, label
         assert icon.pixmap(10, 10).toImage().pixelColor(5, 5) == QColor(win.colors[label]), label
     assert model.headerData(0, Qt.Orientation.Horizontal, Qt.ItemDataRole.DecorationRole) is None
+
+
+def test_adding_a_checkpoint_that_is_open_already_changes_nothing_but_the_shown_one(win, qtbot, demo):
+    # It rebuilt the workspace's views and ran the comparison again (from its cache) for nothing
+    labels = list(win.workspace.variants)
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(demo.variants[v]) for v in labels], str(demo.reference))
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    result, errors = win.sweep_result, dict(win.tree.model._errors)
+    assert win.tree.current_label() != labels[-1]
+    swept = []
+    win.sweep_done.connect(lambda *a: swept.append(a))
+    win.add_paths([str(demo.variants[labels[-1]])])
+    qtbot.waitUntil(lambda: "is open already" in win.statusBar().currentMessage(), timeout=30_000)
+    qtbot.wait(300)
+    assert not swept and win.sweep_result is result and win.tree.model._errors == errors
+    assert list(win.workspace.variants) == labels
+    assert win.tree.current_label() == labels[-1]  # the one asked for is shown
+    assert "is open already" in win.statusBar().currentMessage()
