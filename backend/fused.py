@@ -198,15 +198,19 @@ class _Found:
         self.ok = True
         self._offs: list[int] | None = None
 
-    def add(self, acc: _Acc) -> None:
+    def add(self, acc: _Acc) -> int:
+        """Take one worker's counts and collected values; returns where its values begin among
+        :meth:`values` (until :meth:`restrict`)."""
         self._offs = None
         self.nzero += int(acc.cnt[0])
         self.below += acc.cnt[4:4 + self.lo.size]
+        at = sum(p.size for p in self.parts)
         c = acc.collected()
         if c is None:
             self.ok = False
         elif c.size:
             self.parts.append(c)
+        return at
 
     def values(self) -> np.ndarray:
         if len(self.parts) != 1:
@@ -244,27 +248,36 @@ class _Found:
         got = dict(zip(kth, order_statistics(vals, kth))) if kth else {}
         return {r: (None if p is None else 0.0 if p < 0 else float(got[p])) for r, p in where.items()}
 
-    def narrowed(self, block_below: list[np.ndarray], block_sizes: list[int], n_blocks: int
-                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    def narrowed(self, block_below: list[np.ndarray], block_sizes: list[int], n_blocks: int,
+                 block_spans: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """Intervals nested in the current ones, holding each percentile of the whole layer (of
         ``n_blocks`` blocks) with a margin of ``Z`` standard errors of its rank estimated from the
         elements known here (a finite population: only the blocks not measured add error).
 
-        The standard error comes from how the share below each interval varies between the
-        blocks measured (``block_below``: per block, the counts below each interval): errors
-        within a quantization group share its scale, so they are far from independent and the
-        binomial error alone (its floor here) would be several times too small."""
+        The standard error comes from how the share below each percentile's estimate varies
+        between the blocks measured: errors within a quantization group share its scale, and
+        rows of different heads or channels differ, so they are far from independent and the
+        binomial error alone (its floor here) would be several times too small. Per block,
+        ``block_below`` holds its counts below each interval and ``block_spans`` where its
+        collected values lie among :meth:`values`: the share below the estimate itself is the
+        count below its interval plus its values inside under the estimate. (Without
+        ``block_spans``, the share below the interval's lower bound stands in: where that
+        interval was wide, as the first one is when the sample blocks differ much, it says
+        nothing of the variance at the estimate: every block had none below 0, the margin came
+        out at the binomial floor, and the narrowed interval missed.)"""
         if not self.ok or self.n < 2:
             return None
         n = self.n
-        spans = self._spans(self.values())
+        vals = self.values()
+        spans = self._spans(vals)
         sizes = np.asarray(block_sizes, np.float64)
         fr = np.asarray(block_below, np.float64) / sizes[:, None]  # [blocks, intervals]
         nb = len(sizes)
         done = max(nb, round(n / float(sizes.mean())))  # blocks measured so far, in all steps
+        ranks = [int(q * (n - 1)) for q in _QS]
+        est = self.at_ranks(ranks) if block_spans is not None and nb > 1 else {}
         want, bounds = [], []
-        for q in _QS:
-            r = int(q * (n - 1))
+        for q, r in zip(_QS, ranks):
             home = next((j for j, (base, cnt, _) in enumerate(spans) if base <= r < base + cnt), None)
             if home is None:
                 # the estimate is outside every interval: the intervals either side of it stay
@@ -279,7 +292,15 @@ class _Found:
             # binomial one (a few blocks estimate a variance poorly)
             var_b = DEFF * q * (1 - q) / float(sizes.mean())
             if nb > 1:
-                var_b = max(var_b, float(np.var(fr[:, home], ddof=1)))
+                share = fr[:, home]
+                if est.get(r) is not None:
+                    # per block: below the interval, plus its values inside the interval that are
+                    # under the estimate (those in lower intervals are below it already)
+                    v, lo = est[r], self.lo[home]
+                    share = share + np.array([
+                        (np.count_nonzero(seg < v) - np.count_nonzero(seg.astype(np.float32) < lo)) / k
+                        for seg, k in ((vals[a:b], k) for (a, b), k in zip(block_spans, block_sizes))])
+                var_b = max(var_b, float(np.var(share, ddof=1)))
             left = max(0, n_blocks - done)
             se = left / n_blocks * math.sqrt(var_b * (1 / done + (1 / left if left else 0.0)))
             delta = Z * se + 2.0 / n
@@ -488,9 +509,10 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
                     fast.pair_stats(w, dst, cols[lb], lo, hi, 0, a.acc, a.cnt, a.buf)
                     continue
                 before = a.cnt[4:].copy() if record else None
+                n0 = int(a.cnt[1])
                 fast.pair_stats(w, dst, cols[lb], lo, hi, 3 if lb == first else 1, a.acc, a.cnt, a.buf)
-                if record:
-                    per_block[lb].append((a.cnt[4:] - before, (r1 - r0) * K))
+                if record:  # its counts below the intervals, its size, where its values went
+                    per_block[lb].append((a.cnt[4:] - before, (r1 - r0) * K, (n0, int(a.cnt[1]))))
             if i not in sample_set:
                 progress(r1 - r0)
             if done_rows is not None:  # (a sample block's second look comes last)
@@ -516,19 +538,21 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
     for si, ids in enumerate(steps):
         last = si == len(steps) - 1
         parts = spread(ids + (sample_ids if last else []), lambda b, p=plan, r=not last: measure_task(b, p, r))
+        blk: dict[str, list] = {lb: [] for lb in labels}  # per block: counts, size, its values' span
         for lb in labels:
-            for accs, _ in parts:
+            for accs, per in parts:
                 take_sums(lb, accs[lb])
                 zeros[lb] += int(accs[lb].cnt[0])
-                found[lb].add(accs[lb])
+                at = found[lb].add(accs[lb])
+                blk[lb] += [(c, k, (at + s0, at + s1)) for c, k, (s0, s1) in per[lb]]
             found[lb].n += rows_of(ids) * K
         if last:
             break
 
-        def narrow(lb, parts=parts, plan=plan):
+        def narrow(lb, plan=plan):
             f = found[lb]
-            blk = [b for _, per in parts for b in per[lb]]
-            nar = f.narrowed([c for c, _ in blk], [k for _, k in blk], nbk)
+            b = blk[lb]
+            nar = f.narrowed([c for c, _, _ in b], [k for _, k, _ in b], nbk, [s for _, _, s in b])
             if nar is None:
                 return plan[lb]
             f.restrict(*nar)
