@@ -47,6 +47,17 @@ from .metrics import PERCENTILES, ErrorStats, _lerp, order_statistics, percentil
 
 #: Elements per block: the decoded block (float32) stays within L2/L3 of the core decoding it.
 BLOCK_ELEMENTS = 1 << 18
+#: Where the sample blocks differ much (their first intervals hold over MIX_SHARE of them), the
+#: other blocks are remade of runs of rows of at least RUN_ELEMENTS (whole granules) from across
+#: the layer (block j of the rest holds its runs j, j + m, j + 2m, ...), so that each sees every
+#: part of it: rows of one attention head, or one range of channels, share a scale, and blocks
+#: of consecutive rows then differ so much (the share of a trained model's q_proj below its
+#: median varied between such blocks 450 times the binomial variance; between blocks of runs
+#: from across the layer, 5 times) that the intervals had to hold most of the layer (78% of a
+#: test layer of heads of different scale; 45% with runs). Each run costs a decoder and a
+#: kernel call, 8-13% of a layer's time where blocks are alike, hence only where they are not.
+MIX_SHARE = 0.15
+RUN_ELEMENTS = 1 << 16
 #: A smaller layer is cut into blocks of at least MIN_BLOCK_ELEMENTS so that it has MIN_BLOCKS:
 #: with only a few, most of it is sampled (histogram and a second look) and nothing narrows.
 MIN_BLOCKS = 24
@@ -401,8 +412,11 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
     # the two around ``per`` (rounding up halved a 896-row layer's blocks: no narrowing step)
     want = max(1, per // K)
     step = max(gran, min((want // gran * gran, -(-want // gran) * gran), key=lambda r: (abs(r - want), r)))
-    blocks = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
+    # each block: its runs of rows (r0, r1) and where each lies in the block's buffer; one run
+    # of consecutive rows, until the sample shows the blocks differ (see MIX_SHARE)
+    blocks = [[(r0, min(R, r0 + step), 0)] for r0 in range(0, R, step)]
     nbk = len(blocks)
+    run = max(gran, -(-(-(-RUN_ELEMENTS // K)) // gran) * gran)  # rows of a run: whole granules
     ns = min(nbk, MAX_SAMPLE_BLOCKS, max(3, math.ceil(nbk * SAMPLE_SHARE)))
     sample_ids = sorted({int(round(i)) for i in np.linspace(0, nbk - 1, ns)})
     sample_set = set(sample_ids)
@@ -433,7 +447,7 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
         return [f.result() for f in futs]
 
     def rows_of(ids) -> int:
-        return sum(blocks[i][1] - blocks[i][0] for i in ids)
+        return sum(r1 - r0 for i in ids for r0, r1, _ in blocks[i])
 
     # -- 0: sample blocks, kept, with their float64 sums and the histogram of |d| ----------------
     def ref_buffer():
@@ -455,17 +469,18 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
             scratch = held.array((step, K), np.float32)
         for j, i in enumerate(ids):
             check_cancel()
-            r0, r1 = blocks[i]
-            w = ref_block(r0, r1, wbuf)
-            for lb in labels:
-                dec, v0, _ = variants[lb]
-                dst = keep[lb][j, :r1 - r0] if keep_samples else scratch[:r1 - r0]
-                dec.fn(v0 + r0, v0 + r1, dst)
-                a = accs[lb]
-                fast.pair_stats(w, dst, cols[lb], empty, empty, 3 if lb == first else 1, a.acc, a.cnt, a.buf,
-                                hists[lb][row_of[i]])
-                if keep_samples:
-                    kept[(lb, i)] = dst
+            for r0, r1, off in blocks[i]:
+                w = ref_block(r0, r1, wbuf)
+                for lb in labels:
+                    dec, v0, _ = variants[lb]
+                    dst = keep[lb][j, off:off + r1 - r0] if keep_samples else scratch[:r1 - r0]
+                    dec.fn(v0 + r0, v0 + r1, dst)
+                    a = accs[lb]
+                    fast.pair_stats(w, dst, cols[lb], empty, empty, 3 if lb == first else 1, a.acc, a.cnt, a.buf,
+                                    hists[lb][row_of[i]])
+            if keep_samples:
+                for lb in labels:
+                    kept[(lb, i)] = keep[lb][j]
         progress(rows_of(ids))
         return accs
 
@@ -480,6 +495,13 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
 
     first_iv = each(lambda lb: hist_intervals(hists[lb], nbk))
     found = {lb: _Found(lo, hi, held) for lb, (lo, hi, _) in first_iv.items()}
+    if run < step and len(rest) > 1 and max(f for _, _, f in first_iv.values()) > MIX_SHARE:
+        # the sample blocks differ: the other blocks remade of runs from across the layer
+        runs = [(a, min(r1, a + run)) for i in rest for r0, r1, _ in blocks[i] for a in range(r0, r1, run)]
+        for j, i in enumerate(rest):
+            mine = runs[j::len(rest)]
+            offs = np.cumsum([0] + [b - a for a, b in mine])
+            blocks[i] = [(a, b, int(o)) for (a, b), o in zip(mine, offs)]
 
     # -- 1 and 2: the other blocks measured in full; at the end, the sample blocks' intervals --
     def measure_task(ids, plan, record=False):
@@ -494,29 +516,33 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
         wbuf = ref_buffer()
         for i in ids:
             check_cancel()
-            r0, r1 = blocks[i]
-            w = ref_block(r0, r1, wbuf)
-            for lb in labels:
-                lo, hi, _ = plan[lb]
-                a = accs[lb]
-                if (lb, i) in kept:  # sums already taken: only the intervals
-                    fast.pair_stats(w, kept[(lb, i)], cols[lb], lo, hi, 0, a.acc, a.cnt, a.buf)
-                    continue
-                dec, v0, _ = variants[lb]
-                dst = scratch[:r1 - r0]
-                dec.fn(v0 + r0, v0 + r1, dst)
-                if i in sample_set:  # a sample block not kept: decoded again, sums taken already
-                    fast.pair_stats(w, dst, cols[lb], lo, hi, 0, a.acc, a.cnt, a.buf)
-                    continue
-                before = a.cnt[4:].copy() if record else None
-                n0 = int(a.cnt[1])
-                fast.pair_stats(w, dst, cols[lb], lo, hi, 3 if lb == first else 1, a.acc, a.cnt, a.buf)
-                if record:  # its counts below the intervals, its size, where its values went
-                    per_block[lb].append((a.cnt[4:] - before, (r1 - r0) * K, (n0, int(a.cnt[1]))))
-            if i not in sample_set:
-                progress(r1 - r0)
-            if done_rows is not None:  # (a sample block's second look comes last)
-                done_rows(r0, r1)
+            sample = i in sample_set
+            if record and not sample:
+                before = {lb: (accs[lb].cnt[4:].copy(), int(accs[lb].cnt[1])) for lb in labels}
+            for r0, r1, off in blocks[i]:
+                w = ref_block(r0, r1, wbuf)
+                for lb in labels:
+                    lo, hi, _ = plan[lb]
+                    a = accs[lb]
+                    if (lb, i) in kept:  # sums already taken: only the intervals
+                        fast.pair_stats(w, kept[(lb, i)][off:off + r1 - r0], cols[lb], lo, hi, 0, a.acc, a.cnt, a.buf)
+                        continue
+                    dec, v0, _ = variants[lb]
+                    dst = scratch[:r1 - r0]
+                    dec.fn(v0 + r0, v0 + r1, dst)
+                    # a sample block not kept is decoded again, its sums taken already
+                    fast.pair_stats(w, dst, cols[lb], lo, hi, 0 if sample else 3 if lb == first else 1,
+                                    a.acc, a.cnt, a.buf)
+                if done_rows is not None:  # (a sample block's second look comes last)
+                    done_rows(r0, r1)
+            rows = rows_of([i])
+            if record and not sample:  # its counts below the intervals, its size, where its values went
+                for lb in labels:
+                    c0, n0 = before[lb]
+                    a = accs[lb]
+                    per_block[lb].append((a.cnt[4:] - c0, rows * K, (n0, int(a.cnt[1]))))
+            if not sample:
+                progress(rows)
         return accs, per_block
 
     sums = {lb: np.zeros(5) for lb in labels}

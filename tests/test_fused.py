@@ -716,9 +716,17 @@ def test_pair_stats_counts_and_hits_at_the_bounds_themselves(ref_dtype, n_iv):
         assert np.isnan(acc[4])  # the NaN, like numpy's max
 
 
+def _rows_of_different_scale(kind, seed, n=N, head=32):
+    rng = np.random.default_rng(seed)
+    scale = (np.repeat(np.exp(rng.normal(0, 0.6, n // head)), head) if kind == "heads"
+             else np.linspace(0.3, 3, n))
+    return _ref(n=n, seed=seed, rows_scale=scale)
+
+
 @pytest.mark.parametrize("kind", ["heads", "trend"])
 @pytest.mark.parametrize("seed", [3, 4, 5])
-def test_rows_of_different_scale_narrow_without_missing_the_percentiles(kind, seed, monkeypatch):
+@pytest.mark.parametrize("run", [1 << 16, 1 << 13])  # blocks of 32 rows: kept whole, or remade of runs of 4
+def test_rows_of_different_scale_narrow_without_missing_the_percentiles(kind, seed, run, monkeypatch):
     # Rows of different scale (attention heads, a drift along the rows) make blocks differ. The
     # narrowing took its margin from each block's share below its interval's lower bound; after a
     # wide first interval (from 0) that share was nil in every block, the margin fell to the
@@ -727,11 +735,37 @@ def test_rows_of_different_scale_narrow_without_missing_the_percentiles(kind, se
     narrowed = []
     real = fused._Found.restrict
     monkeypatch.setattr(fused._Found, "restrict", lambda self, lo, hi: narrowed.append(lo) or real(self, lo, hi))
-    rng = np.random.default_rng(seed)
-    scale = (np.repeat(np.exp(rng.normal(0, 0.6, N // 32)), 32) if kind == "heads"
-             else np.linspace(0.3, 3, N))
-    w = _ref(seed=seed, rows_scale=scale)
+    monkeypatch.setattr(fused, "RUN_ELEMENTS", run)
+    w = _rows_of_different_scale(kind, seed)
     dec, full = _mlx(w)
     res = fused.measure(w, {"v": (dec, 0, None)}, parallel=False)["v"]
     assert narrowed and res is not None
     _check(res, w, full)
+
+
+@pytest.mark.parametrize("kind", ["heads", "trend"])
+def test_blocks_whose_sample_differs_are_remade_of_runs_from_across_the_layer(kind, monkeypatch):
+    # Blocks of consecutive rows of such a layer differ so much that the narrowed intervals held
+    # most of it; remade of runs from across the layer, they are alike and hold far less
+    inside, calls = {}, {}
+    real = fused._Found.restrict
+
+    def restrict(self, lo, hi):
+        real(self, lo, hi)
+        inside[run] = self.values().size / self.n
+
+    monkeypatch.setattr(fused._Found, "restrict", restrict)
+    n = 2048  # 64 blocks of 32 rows; heads of 128 rows
+    w = _rows_of_different_scale(kind, 3, n=n, head=128)
+    dec, full = _mlx(w)
+    for run in (1 << 16, 1 << 13):
+        monkeypatch.setattr(fused, "RUN_ELEMENTS", run)
+        calls[run] = []
+        counted = dec._replace(fn=lambda r0, r1, out, c=calls[run]: c.append((r0, r1)) or dec.fn(r0, r1, out))
+        res = fused.measure(w, {"v": (counted, 0, None)}, parallel=False)["v"]
+        _check(res, w, full)
+        rows = sorted(r for a, b in calls[run] for r in range(a, b))
+        assert rows == list(range(n))  # every row decoded once (the sample blocks are kept)
+    assert {b - a for a, b in calls[1 << 16]} == {32}  # a decode per block
+    assert sum(b - a == 4 for a, b in calls[1 << 13]) > len(calls[1 << 16])  # after the sample: runs of 4
+    assert inside[1 << 13] < 0.5 * inside[1 << 16], inside
