@@ -22,7 +22,8 @@ are then read from the collected values by rank. The intervals narrow in steps:
    from how many blocks are still unseen;
 1. for larger layers, a spread-out quarter of the other blocks is measured; the values it
    collects fix each percentile of the part measured so far exactly, so narrower intervals,
-   nested in the first ones, follow;
+   nested in the first ones, follow (where the sample blocks differ much, the other blocks are
+   first remade of runs of rows from across the layer: see ``MIX_SHARE``);
 2. the remaining blocks and the kept sample blocks are measured with the narrowest intervals,
    and the earlier collections are cut down to them.
 
@@ -54,7 +55,7 @@ BLOCK_ELEMENTS = 1 << 18
 #: of consecutive rows then differ so much (the share of a trained model's q_proj below its
 #: median varied between such blocks 450 times the binomial variance; between blocks of runs
 #: from across the layer, 5 times) that the intervals had to hold most of the layer (78% of a
-#: test layer of heads of different scale; 45% with runs). Each run costs a decoder and a
+#: test layer of heads of different scale; 24% with runs). Each run costs a decoder and a
 #: kernel call, 8-13% of a layer's time where blocks are alike, hence only where they are not.
 MIX_SHARE = 0.15
 RUN_ELEMENTS = 1 << 16
@@ -416,7 +417,8 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
     # of consecutive rows, until the sample shows the blocks differ (see MIX_SHARE)
     blocks = [[(r0, min(R, r0 + step), 0)] for r0 in range(0, R, step)]
     nbk = len(blocks)
-    run = max(gran, -(-(-(-RUN_ELEMENTS // K)) // gran) * gran)  # rows of a run: whole granules
+    run_rows = -(-RUN_ELEMENTS // K)
+    run = max(gran, -(-run_rows // gran) * gran)  # rows of a run (see MIX_SHARE): whole granules
     ns = min(nbk, MAX_SAMPLE_BLOCKS, max(3, math.ceil(nbk * SAMPLE_SHARE)))
     sample_ids = sorted({int(round(i)) for i in np.linspace(0, nbk - 1, ns)})
     sample_set = set(sample_ids)
