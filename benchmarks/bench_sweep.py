@@ -8,7 +8,11 @@ Llama-shaped bf16 references (no embeddings):
 * ``8b-layer-0.4GB``: one decoder layer of Llama-3-8B (hidden 4096, intermediate 14336, k/v 1024
   rows), layers of up to 59M weights;
 * ``wide-1.7GB``: one decoder layer of a 70B model (hidden 8192, intermediate 28672, k/v 1024
-  rows), layers of 235M weights: memory must stay flat in a layer's size too.
+  rows), layers of 235M weights: memory must stay flat in a layer's size too;
+* ``heads-0.5GB``: the 0.5 GB model with rows of different scale, as trained layers have: each
+  attention head's 128 rows scaled by one lognormal factor (sigma 0.5), each MLP row by its own
+  (sigma 0.25). The others' rows are alike, which suits the one pass's sampling best; here blocks
+  of rows differ, its intervals must be wider and it collects more.
 
 Three variants of each in their real layouts — GPTQ 4-bit g128 (v1), AWQ GEMM 4-bit g128, MLX
 affine 4-bit g64 — quantized by fast round-to-nearest (not the slow algorithms), one shard per
@@ -41,7 +45,10 @@ H, F = 2048, 5632
 #: The fourth and fifth are one decoder layer of an 8B model (MLP layers of 59M weights) and of a
 #: 70B model (235M; its reference alone is 1.7 GB).
 SIZES = {"0.5GB": (5, H, F, H), "2GB": (20, H, F, H), "small-0.2GB": (8, 896, 4864, 128),
-         "8b-layer-0.4GB": (1, 4096, 14336, 1024), "wide-1.7GB": (1, 8192, 28672, 1024)}
+         "8b-layer-0.4GB": (1, 4096, 14336, 1024), "wide-1.7GB": (1, 8192, 28672, 1024),
+         "heads-0.5GB": (5, H, F, H)}
+#: Sizes whose rows differ in scale (see the module's docstring).
+HETERO = {"heads-0.5GB"}
 
 
 def linears(h: int, f: int, kv: int):
@@ -64,7 +71,7 @@ def _rtn(w: np.ndarray, group: int):
     return q.astype(np.uint8).reshape(n, k), scale.T.astype(np.float16), zero.T.astype(np.uint8)
 
 
-def build(folder: Path, n_layers: int, h: int = H, f: int = F, kv: int = H) -> dict[str, Path]:
+def build(folder: Path, n_layers: int, h: int = H, f: int = F, kv: int = H, hetero: bool = False) -> dict[str, Path]:
     import ml_dtypes
     import mlx.core as mx
 
@@ -97,7 +104,12 @@ def build(folder: Path, n_layers: int, h: int = H, f: int = F, kv: int = H) -> d
         t = {n: {} for n in names}
         for m, shape in linears(h, f, kv):
             key = f"model.layers.{i}.{m}"
-            w = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(bf16)
+            w = rng.standard_normal(shape, dtype=np.float32) * 0.02
+            if hetero:  # a scale per head of 128 rows (attention), per row (MLP)
+                attn = m.startswith("self_attn")
+                per = rng.lognormal(0.0, 0.5 if attn else 0.25, -(-shape[0] // 128) if attn else shape[0])
+                w *= (np.repeat(per, 128)[:shape[0]] if attn else per)[:, None].astype(np.float32)
+            w = w.astype(bf16)
             t["reference"][f"{key}.weight"] = w
             wf = w.astype(np.float32)
             q, s, z = _rtn(wf, 128)
@@ -195,7 +207,7 @@ def main() -> None:
     for label, dims in SIZES.items():
         folder = CACHE / f"sweep_{label}"
         t0 = time.perf_counter()
-        build(folder, *dims)
+        build(folder, *dims, hetero=label in HETERO)
         build_s = time.perf_counter() - t0
         r = subprocess.run([sys.executable, __file__, "--measure", str(folder), engine], capture_output=True,
                            text=True, check=True)
