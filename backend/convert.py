@@ -1429,6 +1429,9 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
                 _verify(model, tmp, rep, eng, cancel, lambda f: report_progress(w_write + (1 - w_write) * f))
                 rep.timings["verify"] = time.perf_counter() - t0
             _check(cancel)
+            # again at the end: the destination checked at the start may have been made since (by
+            # a person, or another conversion to it), and the move would have replaced it unasked
+            _check_destination(ckpt.root, src_p, dst_p, overwrite)
             _move_into_place(tmp, dst_p)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

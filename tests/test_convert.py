@@ -700,3 +700,25 @@ def test_experts_stored_in_different_float_dtypes_stack_in_float32(tmp_path):
                           group_size=64, bits=4)
         assert mx.array_equal(tensors[f"{sw}.weight"][e], ref[0]).item()
         assert mx.array_equal(tensors[f"{sw}.scales"][e], ref[1].astype(mx.float32)).item()
+
+
+def test_a_destination_made_during_the_conversion_is_not_replaced(demo, tmp_path, monkeypatch):
+    # The destination was checked at the start only: a folder made there while the conversion ran
+    # (minutes on a real model), or a second conversion to the same place, was replaced unasked
+    import quantscope.backend.convert as conv
+    dst = tmp_path / "out"
+    real = conv._write_config
+
+    def meanwhile(*a, **k):
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+        return real(*a, **k)
+
+    monkeypatch.setattr(conv, "_write_config", meanwhile)
+    with pytest.raises(ConversionError, match="already exists"):
+        convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False)
+    assert (dst / "notes.txt").read_text() == "mine" and sorted(p.name for p in dst.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial folder left
+    with pytest.raises(ConversionError, match="did not write|not written"):  # nor with --overwrite
+        convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False, overwrite=True)
+    assert (dst / "notes.txt").read_text() == "mine"
