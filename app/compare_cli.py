@@ -86,6 +86,13 @@ def format_table(result, labels: list[str]) -> str:
                      "the reference flags it:")
         lines.extend(f"  reference: {n}" for n in zero)
     bad = [r for r in bad if r.name not in zero]
+    odd = result.implausible()
+    if odd:
+        lines.append("")
+        lines.append(f"! implausible error ({len(odd)}): rel_fro >= 0.99, the decode holds next to nothing of the "
+                     "reference (all zeros give 1) — broken or mislabelled scales? `quantscope doctor` on the variant "
+                     "checks them:")
+        lines.extend(f"  {short.get(r.variant, r.variant)}: {r.name} (rel_fro {r.rel_fro:.4g})" for r in odd)
     if bad:
         lines.append("")
         lines.append(f"non-finite error ({len(bad)}): NaN/inf in the variant's decode — `quantscope doctor` on "
@@ -179,7 +186,7 @@ def run_compare(args) -> int:
     # 1: compared, but a variant's config is contradicted by its own tensors (as dequant/convert),
     # or some of its layers could not be decoded (listed with the layers not compared)
     undecodable = any("cannot be decoded" in u.reason for u in result.unmatched)
-    return 2 if result.failed or unopened else 1 if result.data_warnings or undecodable else 0
+    return 2 if result.failed or unopened else 1 if result.data_warnings or undecodable or result.implausible() else 0
 
 
 def _reason(exc: Exception) -> str:

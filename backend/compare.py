@@ -125,6 +125,10 @@ def _json_safe(v):
 UNDECODABLE = "the variant's layer cannot be decoded"
 
 
+#: A layer's error from which on it is said to be implausible (see :meth:`SweepResult.implausible`).
+IMPLAUSIBLE_REL_FRO = 0.99
+
+
 @dataclass
 class SweepResult:
     """Rows (layer × variant) in reference order, and every layer that found no partner."""
@@ -171,7 +175,16 @@ class SweepResult:
                 "smoothing_checks": {v: c.to_dict() for v, c in self.smoothing_checks.items()},
                 "failed": [{"variant": v, "file": e.file, "reason": e.message} for v, e in self.failed.items()],
                 "data_warnings": dict(self.data_warnings),
-                "reference_nonfinite": list(self.reference_nonfinite)}
+                "reference_nonfinite": list(self.reference_nonfinite),
+                "implausible": [{"variant": r.variant, "layer": r.name, "rel_fro": r.rel_fro}
+                                for r in self.implausible()]}
+
+    def implausible(self) -> list[LayerMetrics]:
+        """Rows whose error is about the reference itself or more (rel_fro >= 0.99; an all-zero
+        layer has 1: the decode holds next to nothing of it). No quantization does that, at any
+        bit width: the layer's scales are broken or mislabelled (zero, F16 bits read as BF16 give
+        ~1e-14, one scale of 60,000), and its figures are of a misread file."""
+        return [r for r in self.rows if math.isfinite(r.rel_fro) and r.rel_fro >= IMPLAUSIBLE_REL_FRO]
 
     def warnings(self) -> dict[str, tuple[str, str]]:
         """Per variant not compared, or whose checkpoint does not compute what the reference

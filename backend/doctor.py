@@ -161,14 +161,15 @@ RULES: dict[str, Rule] = _rules(
     # values
     ("values.non-finite", "error", None, "NaN or Inf in weights, scales or biases"),
     ("values.zero-scale", "warning", None, "scales equal to zero: whole groups decode to 0"),
+    ("values.zero-layer", "error", None, "every checked scale of a layer is zero: it decodes to all zeros"),
     ("values.denormal-scale", "warning", None, "subnormal scales: precision loss, flushed to 0 by some kernels"),
     ("values.constant", "warning", None, "a weight or scale tensor is all zero or constant"),
     ("values.empty", "warning", None, "a weight matrix with a dimension of 0"),
     ("values.few-levels", "warning", None, "a layer's codes use only a few of the 2^b levels"),
     ("values.saturated", "warning", None, "most codes sit at the ends of the range"),
     ("values.scale-outlier", "warning", None, "median |scale| ≥100× off the median of the same projection"),
-    ("values.scale-magnitude", "warning", None, ("median |scale| outside 1e-9…1e4: scales stored in another dtype "
-                                                 "(F16 labelled BF16) or unit")),
+    ("values.scale-magnitude", "error", None, ("median |scale| outside 1e-9…1e4: scales stored in another dtype "
+                                               "(F16 labelled BF16) or unit; every weight decodes wrong")),
     ("doctor.budget", "info", None, "value checks stopped at the time budget (use --full)"),
 )
 
@@ -1017,13 +1018,16 @@ class _Doctor:
                         f"the tensors have the {', '.join(found)} layout and were decoded as that — loaders that "
                         f"follow the config treat them as {cfg.kind}; fix quant_method",
                         file=self.root / _cfg_file(cfg))
-        if cfg.kind is None and model is not None and "config.json" in ck.configs:
+        # (a model folder with no config.json at all got a clean bill: its settings are guesses too)
+        bare = "config.json" not in ck.configs and Path(self.source).is_dir()
+        if cfg.kind is None and model is not None and ("config.json" in ck.configs or bare):
             found = sorted({lay.scheme for lay in model.layers.values() if lay.quantized})
             if found:
-                col.add("config.missing", f"the tensors have the {', '.join(found)} layout but config.json has no "
-                        "quantization config: loaders build plain layers and fail on (or misread) the packed "
-                        "tensors, and the settings quantscope uses (bits, group, sym, v1/v2) are guesses from "
-                        "the shapes — add the config the quantizer wrote", file=self.root / "config.json")
+                where = "there is no config.json" if bare else "config.json has no quantization config"
+                col.add("config.missing", f"the tensors have the {', '.join(found)} layout but {where}: loaders "
+                        "build plain layers and fail on (or misread) the packed tensors, and the settings "
+                        "quantscope uses (bits, group, sym, v1/v2) are guesses from the shapes — add the config "
+                        "the quantizer wrote", file=self.root / "config.json" if not bare else self.root)
         if self.complete and not ck.names:
             col.add("container.empty", (f"the config describes a {cfg.kind} model but " if cfg.kind else "")
                     + "the checkpoint stores no tensor: loaders find no weights — the download or conversion is "
@@ -1494,7 +1498,11 @@ class _Doctor:
         zeros = int(np.count_nonzero(a == 0))
         # (MLX affine: the group's bias still holds its value, so a constant group decodes exactly;
         # nvfp4: the E4M3 scale encodes amax/6, which is 0 for a group of zeros)
-        if zeros and layer.scheme not in ("mlx-affine", "mlx-nvfp4", "ct-nvfp4"):
+        if zeros == f.size and layer.scheme not in ("mlx-affine", "mlx-nvfp4", "ct-nvfp4"):
+            # (a warning left the exit status 0 while compare measured the layer as all zero)
+            self.col.add("values.zero-layer", f"all {f.size} checked scales are 0: the layer decodes to all zeros "
+                         "whatever its codes (the scales were lost or overwritten) — re-quantize the layer", **common)
+        elif zeros and layer.scheme not in ("mlx-affine", "mlx-nvfp4", "ct-nvfp4"):
             self.col.add("values.zero-scale", f"{zeros} of {f.size} checked scales are 0: those whole groups decode "
                          "to 0 whatever the codes (quantizers clamp scales away from 0) — re-quantize the layer",
                          **common)

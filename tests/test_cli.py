@@ -664,3 +664,35 @@ def test_convert_refuses_quantization_parts_without_their_weights(tmp_path, caps
     (folder / "config.json").write_text((src / "config.json").read_text())
     assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "dense"]) == 2
     assert "model.layers.0.self_attn.extra" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["zero", "f16-as-bf16", "one-huge"])
+def test_compare_flags_a_layer_that_decodes_no_closer_than_zeros(tmp_path, capsys, real_fixtures, damage):
+    """Scales zeroed, F16 scales labelled BF16, one scale of 60,000: compare showed rel_fro 1.0 (or
+    50,000) with exit 0 and no word; doctor only warned or found nothing."""
+    import shutil
+    from pathlib import Path
+
+    import ml_dtypes
+
+    from helpers import write_st
+    from quantscope.backend.safetensors_file import SafetensorsFile
+    ref = str(real_fixtures / "base-bf16")
+    src = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
+    bad = tmp_path / "broken"
+    shutil.copytree(src, bad)
+    f = SafetensorsFile(src / "model.safetensors")
+    t = {n: np.array(f.read(n)) for n in f.names}
+    f.close()
+    name = "model.layers.0.self_attn.q_proj"
+    s = t[f"{name}.scales"]
+    t[f"{name}.scales"] = {"zero": np.zeros_like(s), "f16-as-bf16": s.view(np.uint16).view(ml_dtypes.bfloat16),
+                           "one-huge": np.where(np.arange(s.size).reshape(s.shape) == 7, np.float16(60000), s)}[damage]
+    write_st(bad / "model.safetensors", t, {"format": "pt"})
+    assert main(["compare", "--reference", ref, str(bad), "--layers", r"layers\.0\.self_attn", "--json", "-"]) == 1
+    cap = capsys.readouterr()
+    data = json.loads(cap.out)
+    assert [(x["variant"], x["layer"]) for x in data["implausible"]] == [(str(bad), name)]
+    assert "! implausible error (1)" in cap.err and f"broken: {name}" in cap.err
+    if damage != "one-huge":  # (one odd scale among thousands: the doctor samples, compare sees it)
+        assert main(["doctor", str(bad)]) == 1

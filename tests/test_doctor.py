@@ -676,6 +676,13 @@ def c_zero_scale(tmp):
     return make_gptq(tmp / "m", t), "values.zero-scale", f"{Q0}.scales"
 
 
+def c_zero_layer(tmp):
+    # every scale zero: the layer decodes to zeros (compare measured rel_fro 1.0, doctor said exit 0)
+    t = _gptq_tensors()
+    t[f"{Q0}.scales"] = np.zeros_like(t[f"{Q0}.scales"])
+    return make_gptq(tmp / "m", t), "values.zero-layer", f"{Q0}.scales"
+
+
 def c_scale_dtype(tmp):
     # F16 scales written under a BF16 label: every layer's scales read ~1e-19 (no outlier among peers)
     t = _gptq_tensors()
@@ -794,7 +801,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
          c_ct_packing, c_ct_zero_point, c_ct_zero_point_missing, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,
-         c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale, c_scale_dtype,
+         c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale, c_zero_layer, c_scale_dtype,
          c_denormal_scale, c_constant_dense, c_constant_scales, c_few_levels, c_saturated, c_scale_outlier,
          c_padding, c_offset_order, c_no_metadata, c_bad_entry, c_bad_offsets, c_index_entry, c_several_indexes,
          c_pickle_beside]
@@ -1134,3 +1141,14 @@ def test_gptq_configs_that_disagree_or_hold_null_are_found(tmp_path, case):
         f = next(f for f in diagnose(dst) if f.rule == "config.bad-value")
         assert f.severity == "error" and "group_size is null" in f.message
     assert not any(f.rule == "config.disagree" for f in diagnose(src))
+
+
+def test_a_quantized_folder_without_any_config_is_told_its_settings_are_guesses(tmp_path):
+    # a GPTQ file alone in a folder (no config.json at all) got "no problems found", while one whose
+    # config.json lacked the quantization config got config.missing
+    src = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128" / "model.safetensors"
+    (tmp_path / "m").mkdir()
+    shutil.copyfile(src, tmp_path / "m" / "model.safetensors")
+    hits = [f for f in diagnose(tmp_path / "m") if f.rule == "config.missing"]
+    assert len(hits) == 1 and "there is no config.json" in hits[0].message
+    assert not [f for f in diagnose(src) if f.rule == "config.missing"]  # a file given alone: nothing to expect
