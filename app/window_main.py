@@ -119,6 +119,13 @@ class Script:
         if self.errors:  # bad input: exit 2, as every command gives it
             print("quantscope: error: " + "; ".join(self.errors), file=sys.stderr)
             code = 2
+        from quantscope.backend.checkpoint import refuse_writing_into
+        try:  # never into a checkpoint it opened (as -o, --json and --csv)
+            refuse_writing_into(self.args.screenshot, list(self.win.workspace.models().values()))
+        except QuantscopeError as exc:
+            print(f"quantscope: error: {exc}", file=sys.stderr)
+            self.app.exit(2)
+            return
         ok = self.win.grab().save(self.args.screenshot)
         if not ok:
             print(f"quantscope: error: could not write {self.args.screenshot}", file=sys.stderr)

@@ -350,6 +350,12 @@ class _Targets:
             if v is False:
                 self.table[k] = False
             elif isinstance(v, dict):
+                odd = [x for x in v if x not in ("bits", "group_size", "mode")]
+                if odd:  # a misspelt key (group_sise) left the layer at the default without a word
+                    near = difflib.get_close_matches(str(odd[0]), ["bits", "group_size", "mode"], n=1)
+                    raise ConversionError(f"entry {k!r} has key(s) {', '.join(map(repr, odd))} "
+                                          + (f"(did you mean {near[0]!r}?) " if near else "")
+                                          + "; an entry takes bits, group_size and mode", file=p)
                 self.table[k] = _make_q(v.get("bits"), v.get("group_size"), v.get("mode", "affine"), f"{p}: {k}")
             else:
                 raise ConversionError(f"entry {k!r} is {v!r}; expected {{bits, group_size, mode}} or false", file=p)

@@ -227,6 +227,11 @@ def test_json_recipe_false_and_overrides(demo, out_root, tmp_path):
     assert m.layers["model.layers.1.self_attn.k_proj"].scheme == "mlx-mxfp4"
     assert m.layers["model.layers.2.mlp.up_proj"].bits == 4  # default for unlisted layers
     assert {r.path: r.kind for r in rep.layers}["model.layers.0.mlp.down_proj"] == "kept dense"
+    # a misspelt key of an entry quantized that layer by the defaults without a word
+    recipe.write_text(json.dumps({"model.layers.1.self_attn.q_proj": {"bits": 8, "group_sise": 32}}))
+    with pytest.raises(ConversionError, match="'group_sise' .did you mean 'group_size'"):
+        convert(demo.reference, out_root / "ref-typo", to="mlx", recipe=str(recipe), verify=False)
+    assert not (out_root / "ref-typo").exists()
 
 
 def test_group_size_not_dividing_stays_dense(tmp_path):

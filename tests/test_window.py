@@ -330,6 +330,21 @@ def test_screenshot_mode_exits_nonzero_with_a_message_when_nothing_opens(tmp_pat
     assert (tmp_path / "s.png").exists()  # the window (with its error) is still saved
 
 
+def test_screenshot_is_never_written_into_an_opened_checkpoint(tmp_path, demo):
+    # -o, --json and --csv refused it; --screenshot wrote its PNG into the checkpoint folder
+    import shutil
+    import subprocess
+    import sys
+    ck = tmp_path / "ck"
+    shutil.copytree(demo.variants["gptq-w4g128"], ck)
+    before = sorted(p.name for p in ck.iterdir())
+    r = subprocess.run([sys.executable, "-m", "quantscope", str(ck), "--screenshot", str(ck / "s.png")],
+                       capture_output=True, text=True, timeout=180,
+                       env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert r.returncode == 2 and "never writes into a checkpoint it opened" in r.stderr
+    assert sorted(p.name for p in ck.iterdir()) == before
+
+
 def test_screenshot_script_goes_on_when_one_checkpoint_of_several_fails(qtbot, tmp_path, demo, monkeypatch):
     """One path that cannot be opened stopped the script: the others opened, but --select and
     --compare were skipped and an empty window was saved. Now they run; the exit status is 2."""
