@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import math
@@ -382,6 +383,14 @@ def main(argv: list[str] | None = None) -> int:
             _setup_logging(args.verbose)
             _terminate_as_interrupt()
             return COMMANDS[args.command](args)
+        # a misspelt command (doctr) was opened as a path in the window (and, without a display,
+        # said there was none to open it on)
+        first = argv[0] if argv and not argv[0].startswith("-") else None
+        if first is not None and not os.path.lexists(first) and "/" not in first:
+            near = difflib.get_close_matches(first, list(SUBCOMMANDS), n=1, cutoff=0.6)
+            if near:
+                raise QuantscopeError(f"unknown command {first!r} (did you mean {near[0]!r}?); "
+                                      f"{first!r} is not a file or folder either")
         args = build_window_parser().parse_args(argv)
         _setup_logging(args.verbose)
         from quantscope.app.window_main import run_window

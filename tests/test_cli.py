@@ -696,3 +696,18 @@ def test_compare_flags_a_layer_that_decodes_no_closer_than_zeros(tmp_path, capsy
     assert "! implausible error (1)" in cap.err and f"broken: {name}" in cap.err
     if damage != "one-huge":  # (one odd scale among thousands: the doctor samples, compare sees it)
         assert main(["doctor", str(bad)]) == 1
+
+
+def test_a_misspelt_command_is_said_as_such(capsys, tmp_path, monkeypatch):
+    # `quantscope doctr x` opened "doctr" as a path in the window (headless: "no display")
+    monkeypatch.chdir(tmp_path)
+    assert main(["doctr", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'doctr' (did you mean 'doctor'?)" in err and "display" not in err
+    if not __import__("sys").platform.startswith("linux"):
+        return  # (below: the headless refusal, which only Linux has)
+    (tmp_path / "doctr").mkdir()  # a folder of that name is a path to open, not a typo
+    monkeypatch.setenv("QT_QPA_PLATFORM", "")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert main(["doctr"]) == 2 and "no display" in capsys.readouterr().err
