@@ -27,6 +27,7 @@ written before its data and memory stays bounded by one layer. Everything is wri
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import math
@@ -1143,9 +1144,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _hidden_name(dst: Path, tag: str) -> Path:
+    """``.DST.<tag>-<pid>`` beside ``dst``, with DST cut (and a digest of it added) where the
+    whole would pass the file system's 255 bytes: a destination name of 230 characters failed
+    with "File name too long" for the hidden folder, not for itself."""
+    stem = dst.name
+    if len(stem.encode()) > 120:
+        stem = stem.encode()[:100].decode(errors="ignore") + "-" + hashlib.sha1(stem.encode()).hexdigest()[:8]
+    return dst.parent / f".{stem}.{tag}-{os.getpid()}"
+
+
 def _clean_stale(dst: Path) -> None:
-    """Remove ``.DST.quantscope-partial-<pid>`` folders left by killed conversions."""
-    for p in dst.parent.glob(f".{dst.name}.{PARTIAL_TAG}-*"):
+    """Remove ``.NAME.quantscope-partial-<pid>`` folders beside ``dst`` left by killed
+    conversions (of whatever destination: a conversion killed and not run again to the same
+    name left its partial output, tens of GB on a real model, for good)."""
+    for p in dst.parent.glob(f".*.{PARTIAL_TAG}-*"):
         tail = p.name.rsplit("-", 1)[-1]
         if tail.isdigit() and not _pid_alive(int(tail)):
             _logger.info("removing stale partial conversion %s", p)
@@ -1389,7 +1402,7 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
         rep.timings["plan"] = time.perf_counter() - t_start
         report_progress(w_plan)
         _clean_stale(dst_p)
-        tmp = dst_p.parent / f".{dst_p.name}.{PARTIAL_TAG}-{os.getpid()}"
+        tmp = _hidden_name(dst_p, PARTIAL_TAG)
         try:  # the hidden folder it is written in, beside dst: a refusal names dst's folder, not that one
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -1501,7 +1514,7 @@ def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, prog
 def _move_into_place(tmp: Path, dst: Path) -> None:
     os.chmod(tmp, 0o755)
     if dst.exists() or dst.is_symlink():
-        old = dst.parent / f".{dst.name}.quantscope-old-{os.getpid()}"
+        old = _hidden_name(dst, "quantscope-old")
         if old.exists():
             shutil.rmtree(old)
         os.rename(dst, old)

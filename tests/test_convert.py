@@ -349,8 +349,22 @@ def test_stale_partial_is_cleaned(demo, tmp_path):
     stale = tmp_path / f".out.{PARTIAL_TAG}-999999999"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"x")
+    other = tmp_path / f".elsewhere.{PARTIAL_TAG}-999999998"  # a killed conversion to another name
+    other.mkdir()
+    mine = tmp_path / f".x.{PARTIAL_TAG}-{os.getpid()}"  # a live conversion's: left alone
+    mine.mkdir()
     convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False)
-    assert not stale.exists() and dst.exists()
+    assert not stale.exists() and not other.exists() and mine.exists() and dst.exists()
+
+
+def test_a_destination_name_near_the_length_limit_converts(demo, tmp_path):
+    # the hidden folder it is written in (.NAME.quantscope-partial-PID) passed 255 bytes: "File
+    # name too long" for a name the file system takes
+    dst = tmp_path / ("m" * 240)
+    convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False)
+    assert (dst / "model.safetensors").exists() and sorted(p.name for p in tmp_path.iterdir()) == [dst.name]
+    convert(demo.variants["awq-w4g128"], dst, to="mlx", verify=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name]
 
 
 def test_bad_settings(demo, tmp_path):
