@@ -181,6 +181,10 @@ def run_compare(args) -> int:
         result.to_csv(sys.stdout if args.csv_out == "-" else args.csv_out)
     if not to_stdout:
         sys.stdout.write(format_table(result, labels) + "\n")
+    quantized = sorted({lay.scheme for lay in ref.layers.values() if lay.quantized})
+    if quantized:  # (verifying a conversion, or the paths swapped): said, as the window says it
+        print(f"quantscope: note: the reference {args.reference} is quantized ({', '.join(quantized)}): the errors "
+              "are measured against its decode, not against dense weights", file=sys.stderr)
     for err in [*result.failed.values(), *map(_reason, unopened.values())]:  # the others were compared
         print(f"quantscope: error: {err}", file=sys.stderr)
     # 1: compared, but a variant's config is contradicted by its own tensors (as dequant/convert),

@@ -711,3 +711,14 @@ def test_a_misspelt_command_is_said_as_such(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
     assert main(["doctr"]) == 2 and "no display" in capsys.readouterr().err
+
+
+def test_compare_says_when_the_reference_is_quantized(capsys, real_fixtures):
+    # the paths swapped (or a conversion verified): plausible figures, exit 0, and no word of it
+    from pathlib import Path
+    gptq = str(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128")
+    assert main(["compare", "--reference", gptq, str(real_fixtures / "base-bf16"), "--layers", r"layers\.0\.mlp"]) == 0
+    err = capsys.readouterr().err
+    assert f"the reference {gptq} is quantized (gptq)" in err
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), gptq, "--layers", r"layers\.0\.mlp"]) == 0
+    assert "quantized" not in capsys.readouterr().err
