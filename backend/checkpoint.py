@@ -348,9 +348,13 @@ class Checkpoint:
             try:
                 if q.stat().st_size > _MAX_CONFIG_BYTES:
                     raise ValueError("larger than 16 MB")
-                data = json.loads(q.read_bytes())
+                raw = q.read_bytes()
+                data = json.loads(raw)
                 if not isinstance(data, dict):
                     raise ValueError("not a JSON object")
+                if raw.startswith(b"\xef\xbb\xbf"):  # json.loads of bytes skips it; a loader reading text does not
+                    self.warnings.append(f"{name} starts with a UTF-8 byte-order mark: transformers' loader fails "
+                                         "on it (Unexpected UTF-8 BOM); read here as if it had none")
             except RecursionError:  # a pathologically nested file: json recurses per level
                 self.warnings.append(f"{name} ignored: nested too deeply to read")
                 continue

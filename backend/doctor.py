@@ -115,7 +115,7 @@ RULES: dict[str, Rule] = _rules(
     ("index.stray-file", "warning", "R23", "a .safetensors file not in the index sits beside the shards"),
     ("index.total-size", "warning", "R23", "metadata.total_size differs from the tensors' bytes"),
     ("index.several", "warning", "R23", "several index files in one folder"),
-    ("config.unreadable", "warning", None, "a JSON config could not be parsed"),
+    ("config.unreadable", "error", None, "a JSON config could not be parsed (loaders fail on it)"),
     ("config.bad-value", "error", None, "a quantization setting no loader can use (0 bits, \"x\", a list for the block)"),
     ("config.method-mismatch", "warning", None, "quant_method names a format the tensors do not have"),
     ("config.number-type", "warning", None, "a bits / group size setting written as a string or a float (\"4\", 4.0)"),
@@ -815,7 +815,9 @@ class _Doctor:
             self.col.add("layer.inconsistent", f"layers not analysed: {exc}", file=self.source)
             return
         for w in ck.warnings:
-            if " ignored: " in w:
+            if "byte-order mark" in w:
+                self.col.add("config.unreadable", f"{w} — save it without one", file=self.root / w.split(" ")[0])
+            elif " ignored: " in w:
                 name = w.split(" ignored: ")[0]
                 fix = "make it readable" if "cannot be read" in w else "fix the JSON"
                 self.col.add("config.unreadable", f"{w}; its quantization settings are not used by quantscope, and "

@@ -354,6 +354,14 @@ def c_config_unreadable(tmp):
     return tmp / "m", "config.unreadable", None
 
 
+def c_config_bom(tmp):
+    # json.loads of the bytes skips a UTF-8 BOM; transformers reads text and fails on it
+    make_mlx(tmp / "m")
+    c = tmp / "m" / "config.json"
+    c.write_bytes(b"\xef\xbb\xbf" + c.read_bytes())
+    return tmp / "m", "config.unreadable", None
+
+
 # MLX triples
 
 def c_biases_without_scales(tmp):
@@ -795,7 +803,7 @@ def c_pickle_beside(tmp):
 CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object, c_unknown_dtype,
          c_size_mismatch, c_truncated, c_overlap, c_gap, c_trailing, c_metadata_nonstring, c_duplicate_key,
          c_metadata_format, c_pickle, c_index_no_weight_map, c_index_bad_json, c_missing_shard, c_unsafe_path,
-         c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable,
+         c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable, c_config_bom,
          c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
          c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_fused_and_split,
          c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys,
