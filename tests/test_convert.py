@@ -741,3 +741,19 @@ def test_a_destination_made_during_the_conversion_is_not_replaced(demo, tmp_path
     with pytest.raises(ConversionError, match="did not write|not written"):  # nor with --overwrite
         convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False, overwrite=True)
     assert (dst / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("name, mode", [("ct_mxfp4", "mxfp4"), ("ct_mxfp8", "mxfp8")])
+def test_an_mx_source_stays_mx_by_default_and_exact(tmp_path, name, mode):
+    # compressed-tensors' MXFP4/MXFP8 are MLX's mxfp4/mxfp8: by default they were made affine 4/64
+    # (rel_fro 0.09, "not representable as MLX affine"), though the same format keeps every value
+    src = Path(__file__).parent / "fixtures" / "golden" / name
+    rep = convert(src, tmp_path / "out", to="mlx")
+    (row,) = [r for r in rep.layers if r.kind != "carried"]
+    assert row.mode == mode and row.group_size == 32 and row.action.startswith("re-encoded")
+    assert row.rel_fro == 0.0 and row.max_abs == 0.0
+    m = analyze(open_checkpoint(tmp_path / "out"))
+    assert {lay.scheme for lay in m.layers.values() if lay.quantized} == {f"mlx-{mode}"}
+    rep = convert(src, tmp_path / "affine", to="mlx", bits=4, group_size=64)  # asked for: affine
+    (row,) = [r for r in rep.layers if r.kind != "carried"]
+    assert row.mode == "affine" and "not representable as MLX affine" in row.action
