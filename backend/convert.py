@@ -1384,12 +1384,18 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
     try:
         model = analyze(ckpt)
         _check_destination(ckpt.root, src_p, dst_p, overwrite)
+        if ckpt.holds(dst_p) or ckpt.holds(dst_p / CONVERT_MARKER):  # an HF cache repo's blobs, beside its snapshot
+            raise ConversionError(f"is in the checkpoint {ckpt.source} that this reads; quantscope never writes "
+                                  "into a checkpoint it opened: choose a folder elsewhere", file=dst_p,
+                                  rule="convert.dst-in-src")
         if ckpt.index_missing:  # written without them, exit 0 (the doctor calls it an error)
             miss = ckpt.index_missing
             raise ConversionError(f"cannot convert: the index lists {len(miss)} tensor(s) that their shard does not "
                                   "hold: the checkpoint is incomplete (download it again)", file=ckpt.source,
                                   tensor=miss[0], rule="convert.incomplete")
-        rep = ConversionReport(src=str(ckpt.root if src_p.is_dir() else src_p.resolve()),
+        # (a Hugging Face cache repo id is no local path: its snapshot, not the current folder joined with it)
+        local = src_p.exists()
+        rep = ConversionReport(src=str(ckpt.root if src_p.is_dir() else src_p.resolve() if local else ckpt.root),
                                dst=str(dst_p.resolve()), to=to, source_bytes=ckpt.total_bytes)
         rep.suspect = [f"{p}: {w}" for p, lay in model.layers.items()
                        if (w := lay.warning or data_warning(model, lay))]
@@ -1450,7 +1456,8 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
             rep.files = sorted(names + [str(p.relative_to(ckpt.root)) for p in copies] + ["config.json"])
             # every file written: --overwrite later replaces this folder only while it holds no other
             (tmp / CONVERT_MARKER).write_text(json.dumps(
-                {"written_by": "quantscope convert", "source": str(src_p.resolve()), "to": to,
+                {"written_by": "quantscope convert", "source": str(src_p.resolve()) if local else f"{src} ({ckpt.root})",
+                 "to": to,
                  "quantization": rep.quantization, "files": rep.files}, indent=1) + "\n", encoding="utf-8")
             rep.output_bytes = sum(q.stat().st_size for q in tmp.rglob("*") if q.is_file())
             rep.timings["write"] = time.perf_counter() - t0

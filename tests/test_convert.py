@@ -757,3 +757,30 @@ def test_an_mx_source_stays_mx_by_default_and_exact(tmp_path, name, mode):
     rep = convert(src, tmp_path / "affine", to="mlx", bits=4, group_size=64)  # asked for: affine
     (row,) = [r for r in rep.layers if r.kind != "carried"]
     assert row.mode == "affine" and "not representable as MLX affine" in row.action
+
+
+def test_a_hugging_face_cache_repo_is_converted_out_of_the_cache_and_named_as_such(demo, tmp_path, monkeypatch):
+    # Writing into the cache (its blobs/, beside its snapshots) was allowed, and the source was
+    # recorded as the current folder joined with the repo id (a path that does not exist)
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-gptq"
+    commit = "b" * 40
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(Path(demo.variants["gptq-w4g128"]).iterdir())):
+        if f.is_file():
+            (repo / "blobs" / f"blob{i}").write_bytes(f.read_bytes())
+            os.symlink(f"../../blobs/blob{i}", snap / f.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    for inside in (repo / "blobs" / "conv", repo / "conv"):
+        with pytest.raises(ConversionError, match="never writes into a checkpoint"):
+            convert("acme/tiny-gptq", inside, to="mlx", verify=False)
+        assert not inside.exists()
+    rep = convert("acme/tiny-gptq", tmp_path / "out", to="mlx", verify=False)
+    marker = json.loads((tmp_path / "out" / ".quantscope-convert.json").read_text())
+    assert marker["source"].startswith("acme/tiny-gptq (") and str(snap) in marker["source"]
+    assert not (tmp_path / "acme").exists() and "acme/tiny-gptq" not in rep.src.replace(str(snap), "")
