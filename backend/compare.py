@@ -261,7 +261,8 @@ def _nothing_matches(vm: Model, unmatched: list[Unmatched], rx=None) -> CompareE
         n = len(us) - 1
         more = f" ({n} more layer{'s' if n > 1 else ''} like it)" if n else ""
         parts.append(f"{u.reason if u.layer in u.reason else f'{u.layer}: {u.reason}'}{more}")
-    names_differ = all(u.reason == "absent in the variant" or u.reason.startswith("shape mismatch")
+    names_differ = all(u.reason == "absent in the variant" or (u.reason.startswith("shape mismatch")
+                                                             and "as its config reads it" not in u.reason)
                        for u in unmatched)
     which = "no layer" if rx is None else f"no layer matching {_selection(rx)}"
     return CompareError(f"{which} can be compared with the reference"
@@ -873,6 +874,8 @@ def _config_warning(vs) -> str | None:
             continue           # the zero points are read for GPTQ and compressed-tensors ones)
         w = data_warning(model, lay)
         if w is not None:
+            if "shapes decide" in w:  # a config value ignored: the figures are right, loaders are not
+                return f"the figures are right, but loaders would not read this file ({p}): {w}"
             return f"the figures are of a misread file ({p}): {w}"
         checked += 1
         if checked >= _DATA_CHECK_LAYERS:

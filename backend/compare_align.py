@@ -348,6 +348,10 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                 reason = why
             elif vl.shape is None or _flat_rows(vl.shape) != (rr, rk):
                 reason = f"shape mismatch: reference {list(rl.shape)} vs variant {list(vl.shape or ())}"
+                if vl.warning and str(rk) in vl.warning:
+                    # the config's bits/group size make the packed tensors another shape (its warning
+                    # names the reading that fits): a misread config, not a different model
+                    reason += f" as its config reads it — {vl.warning}"
             else:
                 segs = [Segment((0, rr, 1), vl.path, (0, rr, 1))]
         elif proj in _PART_OF and f"{parent}.{_PART_OF[proj]}" in var:
