@@ -722,3 +722,19 @@ def test_compare_says_when_the_reference_is_quantized(capsys, real_fixtures):
     assert f"the reference {gptq} is quantized (gptq)" in err
     assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), gptq, "--layers", r"layers\.0\.mlp"]) == 0
     assert "quantized" not in capsys.readouterr().err
+
+
+def test_compare_blames_a_misread_config_not_a_different_model(tmp_path, capsys, real_fixtures):
+    # MLX bits/group_size swapped in config.json: the packed tensors read as [1536, 192], and
+    # compare asked "is it a quantization of a different model?" while info and doctor blamed the config
+    import shutil
+    bad = tmp_path / "mlx-b8g32"
+    shutil.copytree(real_fixtures / "mlx-affine-q4-g64", bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        if key in cfg:
+            cfg[key].update(bits=8, group_size=32)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(bad), "--layers", r"layers\.0\.mlp"]) == 2
+    err = capsys.readouterr().err
+    assert "as its config reads it" in err and "4 bit / group 64 give K=" in err and "different model" not in err
