@@ -34,7 +34,7 @@ from quantscope.backend.compare_align import (
 from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.metrics import worse
 from quantscope.backend.search import NameTerms
-from quantscope.backend.workspace import Workspace
+from quantscope.backend.workspace import Workspace, identity
 from quantscope.widgets.code_usage_view import CodeUsageView
 from quantscope.widgets.doctor_panel import DoctorPanel
 from quantscope.widgets.group_error_heatmap import GroupErrorHeatmap
@@ -348,25 +348,33 @@ class MainWindow(QMainWindow):
         ws = self.workspace
 
         def merge(new: Workspace) -> None:
-            open_ = {os.path.realpath(m.ckpt.source): lb for lb, m in ws.models().items()}
+            # by the files it reads, not the path given: a folder's model.safetensors, or a link,
+            # opened it a second time as "name (2)"
+            open_ = {identity(m): lb for lb, m in ws.models().items()}
             again, added = [], []
             for label, m in new.variants.items():
-                if as_reference:
+                known = open_.get(identity(m))
+                if as_reference and known is not None and known in ws.variants:
+                    # an open variant made the reference: moved, not opened again beside itself
+                    ws.set_reference(ws.variants.pop(known), known)
+                elif as_reference and known is not None:
+                    again.append(f"{m.ckpt.source} is the reference already")
+                elif as_reference:
                     ws.set_reference(m)
-                elif os.path.realpath(m.ckpt.source) in open_:  # it opened as "name (2)", twice the same
-                    again.append(f"{m.ckpt.source} is open already (as {open_[os.path.realpath(m.ckpt.source)]})")
+                elif known is not None:  # it opened as "name (2)", twice the same
+                    again.append(f"{m.ckpt.source} is open already (as {known})")
                 else:
                     added.append(ws.add_variant(m))
             for p in paths:
                 if p not in {f for f, _ in new.failed}:
                     self._remember(p)
-            if not as_reference and not added:
+            if not added and (not as_reference or (again and len(again) == len(new.variants))):
                 # nothing new: the workspace, its comparison and the views stay as they are (they
                 # were rebuilt and the comparison run again, from its cache); the tree shows the
                 # checkpoint asked for
                 if again:
                     first = next(iter(new.variants.values()))
-                    self.tree.combo.setCurrentText(open_[os.path.realpath(first.ckpt.source)])
+                    self.tree.combo.setCurrentText(open_[identity(first)])
                     self._status("; ".join(again))
                 self._report_failed(new.failed, len(paths))
                 return
@@ -414,6 +422,8 @@ class MainWindow(QMainWindow):
             schemes = sorted({lay.scheme for lay in ws.reference.layers.values() if lay.quantized})
             self._status(f"The reference is quantized ({', '.join(schemes)}): errors are measured against its "
                          "decode, and the what-if requantizes that")
+        elif self.statusBar().currentMessage().startswith("The reference is quantized"):  # of the one before
+            self.statusBar().clearMessage()
         # an error column per variant, when there is a reference to measure them against (without
         # one they stayed empty whatever the user did)
         errs = list(ws.variants) if ws.reference is not None else []

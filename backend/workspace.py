@@ -22,6 +22,12 @@ def label_for(path: str | os.PathLike, taken: set[str] | None = None) -> str:
     return label
 
 
+def identity(model: Model) -> frozenset[str]:
+    """What a checkpoint is, whatever path opened it: the real paths of the files it reads (its
+    folder and the model.safetensors in it, or a link to either, are the same checkpoint)."""
+    return frozenset(os.path.realpath(f.path) for f in model.ckpt.files)
+
+
 def open_model(path: str | os.PathLike) -> Model:
     """Open a checkpoint and detect its schemes (headers and small configs only)."""
     return analyze(open_checkpoint(path))

@@ -1441,3 +1441,24 @@ def test_adding_a_checkpoint_that_is_open_already_changes_nothing_but_the_shown_
     assert list(win.workspace.variants) == labels
     assert win.tree.current_label() == labels[-1]  # the one asked for is shown
     assert "is open already" in win.statusBar().currentMessage()
+
+
+def test_a_checkpoint_opened_by_another_path_or_made_the_reference_is_not_opened_twice(win, qtbot, demo):
+    # its model.safetensors added beside its folder gave "x (2)", a second column and plot series;
+    # an open variant set as the reference was opened again beside itself ("x (2)", rel_fro 0)
+    labels = list(win.workspace.variants)
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(demo.variants[v]) for v in labels], str(demo.reference))
+    mlx = next(v for v in labels if v.startswith("mlx"))
+    win.add_paths([str(demo.variants[mlx] / "model.safetensors")])
+    qtbot.waitUntil(lambda: "is open already" in win.statusBar().currentMessage(), timeout=30_000)
+    assert list(win.workspace.variants) == labels
+    awq = next(v for v in labels if v.startswith("awq"))
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.add_paths([str(demo.variants[awq])], as_reference=True)
+    assert win.workspace.reference_label == awq and awq not in win.workspace.variants
+    assert sorted(win.workspace.variants) == sorted(v for v in labels if v != awq)
+    assert win.statusBar().currentMessage().startswith("The reference is quantized (awq")
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):  # a dense one again: that is not said still
+        win.add_paths([str(demo.reference)], as_reference=True)
+    assert not win.statusBar().currentMessage().startswith("The reference is quantized")
