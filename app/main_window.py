@@ -269,6 +269,7 @@ class MainWindow(QMainWindow):
         self.recent_menu = f.addMenu("Open recent")
         self._refresh_recent()
         self._action(f, "Open demo workspace", lambda: self.open_workspace([], None))
+        self._action(f, "Remove shown checkpoint from the workspace", self.remove_shown, "Ctrl+W")
         f.addSeparator()
         ex = f.addMenu("Export")
         self._action(ex, "Metrics as CSV…", lambda: self.export_metrics("csv"))
@@ -386,6 +387,20 @@ class MainWindow(QMainWindow):
 
         self.service.submit("add", "Opening checkpoint", jobs.job_load, list(paths), None,
                             on_result=merge, on_error=self._open_failed(paths))
+
+    def remove_shown(self) -> None:
+        """Take the checkpoint the tree shows out of the workspace (a wrong or broken variant, a
+        conversion's output, the reference): the others stay, and their comparison, from its
+        cache. There was no way to drop one but opening another workspace."""
+        ws, label = self.workspace, self.tree.current_label()
+        if label and label == ws.reference_label:
+            ws.reference, ws.reference_label = None, None
+        elif label in ws.variants:
+            ws.remove(label)
+        else:
+            return
+        self.set_workspace(ws)
+        self._status(f"{label} removed from the workspace (its files are untouched)")
 
     def set_workspace(self, ws: Workspace, show: str | None = None) -> None:
         """Show ``ws``; the tree shows the checkpoint ``show``, else the one it showed (when still

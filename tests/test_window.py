@@ -1462,3 +1462,22 @@ def test_a_checkpoint_opened_by_another_path_or_made_the_reference_is_not_opened
     with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):  # a dense one again: that is not said still
         win.add_paths([str(demo.reference)], as_reference=True)
     assert not win.statusBar().currentMessage().startswith("The reference is quantized")
+
+
+def test_the_shown_checkpoint_can_be_removed_from_the_workspace(win, qtbot, demo):
+    labels = list(win.workspace.variants)
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(demo.variants[v]) for v in labels], str(demo.reference))
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    gone = labels[1]
+    win.tree.combo.setCurrentText(gone)
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):  # the others compared again, from the cache
+        win.remove_shown()
+    assert gone not in win.workspace.variants and gone not in win.tree.model._errors
+    assert {r.variant for r in win.sweep_result.rows} == set(labels) - {gone}
+    assert "removed from the workspace" in win.statusBar().currentMessage()
+    assert demo.variants[gone].exists()
+    win.tree.combo.setCurrentText(win.workspace.reference_label)
+    win.remove_shown()
+    assert win.workspace.reference is None and list(win.workspace.variants) == [v for v in labels if v != gone]
