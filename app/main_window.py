@@ -914,7 +914,7 @@ class MainWindow(QMainWindow):
         path, _ = QFileDialog.getSaveFileName(self, "Export metrics", f"quantscope-metrics.{kind}")
         if not path or not self._may_write(path):
             return
-        from quantscope.backend.outfile import atomic_output
+        from quantscope.backend.outfile import atomic_output, printable
         # variants named by path, as `quantscope compare` writes them (design.md), not by the
         # window's short labels
         result = self.sweep_result.relabelled({lb: str(m.ckpt.source) for lb, m in self.workspace.variants.items()})
@@ -922,8 +922,14 @@ class MainWindow(QMainWindow):
             if kind == "csv":
                 result.to_csv(path)
             else:
+                # what it was measured against, as `quantscope compare --json` writes it
+                ref, measured = self.workspace.reference, {r.variant for r in result.rows}
+                data = {"reference": None if ref is None else str(ref.ckpt.source),
+                        "variants": [v for v in (str(m.ckpt.source) for m in self.workspace.variants.values())
+                                     if v in measured],
+                        **result.to_json()}
                 with atomic_output(path) as fh:
-                    json.dump(result.to_json(), fh, indent=1)
+                    json.dump(printable(data), fh, indent=1)
         except QuantscopeError as e:  # names the file; nothing half-written is left
             self._show_error("Export", str(e), "")
             return

@@ -290,6 +290,8 @@ def test_exports(win, qtbot, tmp_path):
     assert {r["variant"] for r in json.loads((tmp_path / "m.json").read_text())["layers"]} == \
         {r["variant"] for r in rows if r["rel_fro"]}
     assert len(rows) >= len(win.sweep_result.rows)
+    data = json.loads((tmp_path / "m.json").read_text())  # what it was measured against, as the CLI says
+    assert data["reference"] == str(win.workspace.reference.ckpt.source) and set(data["variants"]) <= paths
 
 
 def test_convert_from_the_window_opens_the_result_with_its_error(win, qtbot, tmp_path, demo):
