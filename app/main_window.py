@@ -788,7 +788,9 @@ class MainWindow(QMainWindow):
         self.service.submit("sweep", "Comparing all layers" if only is None else f"Comparing layers matching "
                             f"“{only.pattern}”", jobs.job_sweep, ws.reference, dict(ws.variants),
                             engine=self.engine, cache=self._sweep_cache, layers=only, on_result=shown,
-                            on_error=self._job_failed)
+                            on_error=self._job_failed, on_cancel=lambda: self._status(
+                                "Comparison cancelled: Tools ▸ Compare all layers (Ctrl+Shift+C) runs it again; "
+                                "the layers measured so far are kept and not measured twice"))
 
     def _show_sweep(self, result) -> None:
         self.sweep_result = result

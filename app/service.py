@@ -38,6 +38,9 @@ class Job:
     progress: float = 0.0
     on_result: Callable[[Any], None] | None = None
     on_error: Callable[[str, str], None] | None = None
+    #: called when the job is cancelled (Esc, Cancel all), not when a newer one on its channel
+    #: replaces it
+    on_cancel: Callable[[], None] | None = None
     runnable: Any = None
 
 
@@ -115,12 +118,12 @@ class JobService(QObject):
     # -- API -------------------------------------------------------------------------------------
 
     def submit(self, channel: str, title: str, fn: Callable, *args, on_result=None, on_error=None,
-               pass_tokens: bool = True, **kwargs) -> Job:
+               on_cancel=None, pass_tokens: bool = True, **kwargs) -> Job:
         """Run ``fn(*args, **kwargs)`` off the GUI thread; a newer job on ``channel`` supersedes it."""
         if self._closed:
             raise RuntimeError("service is shut down")
         self.cancel_channel(channel)
-        job = Job(next(self._ids), channel, title, on_result=on_result, on_error=on_error)
+        job = Job(next(self._ids), channel, title, on_result=on_result, on_error=on_error, on_cancel=on_cancel)
         if not pass_tokens:
             f = fn
 
@@ -144,7 +147,10 @@ class JobService(QObject):
             return
         job.cancel.set()
         if self._pool.tryTake(job.runnable):  # never started: finish it here
+            replaced = self._latest.get(job.channel) != job.id
             self._forget(job)
+            if not replaced and job.on_cancel is not None:
+                job.on_cancel()
 
     def cancel_all(self) -> None:
         for jid in list(self._jobs):
@@ -192,7 +198,10 @@ class JobService(QObject):
         if job is None:
             return
         stale = self._stale(job)
+        replaced = self._latest.get(job.channel) != job.id
         self._forget(job)
+        if cancelled and not replaced and job.on_cancel is not None:
+            job.on_cancel()
         if cancelled or stale:
             return
         if job.on_error is not None:

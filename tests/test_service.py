@@ -97,3 +97,20 @@ def test_zero_histogram_one_bin_per_level_and_bounded_on_garbage():
     edges, counts = zero_histogram({"a": np.array([-2.0e9, 2.0e9, np.nan])})
     assert edges.size == 17 and counts["a"].sum() == 2
     assert zero_histogram({"a": np.array([np.nan])}) == (None, {})
+
+
+def test_a_cancelled_job_says_so_unless_a_newer_one_replaced_it(service, qtbot):
+    # cancelling the comparison (Esc) dropped it without a word
+    said = []
+
+    def slow(tag, cancel, progress):
+        while not cancel.is_set():
+            time.sleep(0.01)
+        raise Cancelled()
+
+    service.submit("sweep", "old", slow, "old", on_cancel=lambda: said.append("old"))
+    service.submit("sweep", "new", slow, "new", on_cancel=lambda: said.append("new"))  # replaces "old"
+    time.sleep(0.05)
+    service.cancel_all()
+    qtbot.waitUntil(service.is_idle, timeout=5000)
+    assert said == ["new"]
