@@ -439,6 +439,14 @@ class MainWindow(QMainWindow):
                          "decode, and the what-if requantizes that")
         elif self.statusBar().currentMessage().startswith("The reference is quantized"):  # of the one before
             self.statusBar().clearMessage()
+        if ws.reference is not None:  # a reference of another model: said now, not after a Compare
+            rl = ws.reference.layers
+            odd = [lb for lb, m in ws.variants.items()
+                   if any(n in rl and lay.shape != rl[n].shape for n, lay in m.layers.items())
+                   and not any(n in rl and lay.shape == rl[n].shape and lay.quantized for n, lay in m.layers.items())]
+            if odd:
+                self._status(f"Is the reference another model? No quantized layer of {', '.join(odd)} has the "
+                             "shape of the reference's of that name (Compare lists each layer and why)")
         # an error column per variant, when there is a reference to measure them against (without
         # one they stayed empty whatever the user did)
         errs = list(ws.variants) if ws.reference is not None else []
@@ -671,6 +679,20 @@ class MainWindow(QMainWindow):
         self._update_view(self.codes, lambda: self.codes.set_counts({}, {}, empty_note=why))
         self._update_view(self.heatmap, lambda: self.heatmap.set_maps({}, empty_note=why))
 
+    def _no_partner_why(self, name: str) -> str:
+        """Why no open variant is measured on reference layer ``name``: none has it, or theirs
+        have another shape (a reference of another model: said as such, not as a missing layer)."""
+        ws = self.workspace
+        ref = ws.reference.layers[name]
+        other = {lb: m.layers[name].shape for lb, m in ws.variants.items()
+                 if name in m.layers and m.layers[name].shape != ref.shape}
+        if not other:
+            return "no open variant has this layer to measure against the reference"
+        lb, shape = next(iter(other.items()))
+        dims = "×".join(map(str, shape or ()))
+        return (f"the variants' layer of that name has another shape ({dims} in {lb}, "
+                f"{'×'.join(map(str, ref.shape or ()))} in the reference): is the reference another model?")
+
     def _show_detail(self, r: dict) -> None:
         d = r["detail"]
         ref_label = "reference"
@@ -689,7 +711,7 @@ class MainWindow(QMainWindow):
             if ws.reference is None else
             "no variant is open to measure against the reference (File ▸ Add variant… opens a quantized "
             "checkpoint)" if not ws.variants else
-            "no open variant has this layer to measure against the reference"
+            self._no_partner_why(r["name"])
             if r["name"] in ws.reference.layers else
             "the reference has no layer of that name to measure the error against "
             "(a variant's own name: select the reference's layer it stands for)")

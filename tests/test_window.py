@@ -1483,3 +1483,17 @@ def test_the_shown_checkpoint_can_be_removed_from_the_workspace(win, qtbot, demo
     win.tree.combo.setCurrentText(win.workspace.reference_label)
     win.remove_shown()
     assert win.workspace.reference is None and list(win.workspace.variants) == [v for v in labels if v != gone]
+
+
+def test_a_reference_of_another_model_is_said_as_such(win, qtbot, demo, real_fixtures):
+    # the views said "no open variant has this layer" of a layer every variant has (another shape),
+    # and nothing was said when the reference was switched
+    labels = list(win.workspace.variants)[:2]
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(demo.variants[v]) for v in labels], str(demo.reference))
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.add_paths([str(real_fixtures / "base-bf16")], as_reference=True)
+    assert win.statusBar().currentMessage().startswith("Is the reference another model?")
+    assert "another shape" in win._no_partner_why("model.layers.1.mlp.down_proj")
