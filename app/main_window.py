@@ -907,7 +907,9 @@ class MainWindow(QMainWindow):
         sources = {label: m.ckpt.source for label, m in self.workspace.models().items()}
         if not sources:
             return
-        dlg = ConvertDialog(sources, self.tree.current_label(), self)
+        dense = {label for label, m in self.workspace.models().items()
+                 if not any(lay.quantized for lay in m.layers.values())}
+        dlg = ConvertDialog(sources, self.tree.current_label(), self, dense=dense)
         if dlg.exec() == ConvertDialog.DialogCode.Accepted:
             self.run_convert(dlg.options())
 

@@ -1497,3 +1497,28 @@ def test_a_reference_of_another_model_is_said_as_such(win, qtbot, demo, real_fix
         win.add_paths([str(real_fixtures / "base-bf16")], as_reference=True)
     assert win.statusBar().currentMessage().startswith("Is the reference another model?")
     assert "another shape" in win._no_partner_why("model.layers.1.mlp.down_proj")
+
+
+def test_the_convert_dialog_keeps_a_typed_destination_and_offers_only_settings_that_apply(qtbot, demo):
+    # a typed destination was replaced when "Convert to" or the source changed; mxfp4 kept bits and
+    # group open (3 / 128 failed after Convert); a recipe went with explicit bits (failed, in CLI
+    # flag names) and was offered for a GPTQ source (requantized it at 2 bits)
+    from quantscope.widgets.convert_dialog import KEEP, ConvertDialog
+    srcs = {"ref": str(demo.reference), "gptq": str(demo.variants["gptq-w4g128"])}
+    dlg = ConvertDialog(srcs, "gptq", dense={"ref"})
+    qtbot.addWidget(dlg)
+    assert dlg.dst.text().endswith("gptq-w4g128-mlx")
+    dlg.to.setCurrentText("dense")
+    assert dlg.dst.text().endswith("gptq-w4g128-dense")  # a suggestion follows the choices
+    dlg.dst.setText("/tmp/my-name")
+    dlg.to.setCurrentText("mlx")
+    dlg.source.setCurrentText("ref")
+    assert dlg.dst.text() == "/tmp/my-name"  # a typed one stays
+    dlg.mode.setCurrentText("mxfp4")
+    assert not dlg.bits.isEnabled() and not dlg.group.isEnabled() and dlg.bits.currentText() == KEEP
+    dlg.mode.setCurrentText("affine")
+    dlg.bits.setCurrentText("3")
+    dlg.recipe.setCurrentText("mixed_3_6")
+    assert not dlg.bits.isEnabled() and dlg.options()["bits"] is None and dlg.options()["recipe"] == "mixed_3_6"
+    dlg.source.setCurrentText("gptq")
+    assert not dlg.recipe.isEnabled() and dlg.options()["recipe"] is None and dlg.bits.isEnabled()

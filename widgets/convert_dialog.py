@@ -14,10 +14,15 @@ KEEP = "exact where possible"
 class ConvertDialog(QDialog):
     """Collects options only; the window runs the conversion on a worker thread."""
 
-    def __init__(self, sources: dict[str, str], current: str | None = None, parent=None) -> None:
+    def __init__(self, sources: dict[str, str], current: str | None = None, parent=None,
+                 dense: set[str] | None = None) -> None:
+        """``sources``: label → path; ``dense``: the labels of dense checkpoints (a recipe
+        quantizes a dense model; given for another, it requantized a GPTQ checkpoint at 2 bits)."""
         super().__init__(parent)
         self.setWindowTitle("Convert checkpoint")
         self.sources = dict(sources)
+        self.dense = set(sources) if dense is None else set(dense)
+        self._suggested = ""  # the destination last filled in here: replaced on a change, a typed one is not
         self.source = QComboBox()
         self.source.addItems(list(sources))
         if current in sources:
@@ -62,9 +67,10 @@ class ConvertDialog(QDialog):
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
         self.to.currentTextChanged.connect(self._sync)
-        self.source.currentTextChanged.connect(self._suggest)
-        self._sync(self.to.currentText())
-        self._suggest(self.source.currentText())
+        self.source.currentTextChanged.connect(self._sync)
+        self.mode.currentTextChanged.connect(self._sync)
+        self.recipe.currentTextChanged.connect(self._sync)
+        self._sync()
 
     def _browse(self) -> None:
         p = QFileDialog.getExistingDirectory(self, "Parent folder of the destination")
@@ -73,17 +79,33 @@ class ConvertDialog(QDialog):
 
     def _suggest(self, label: str) -> None:
         src = self.sources.get(label)
-        if src:
+        if src and self.dst.text().strip() in ("", self._suggested):  # (a destination typed in stays)
             p = Path(src)
             base = p.parent if p.suffix else p
-            self.dst.setText(str(base.parent / f"{base.name}-{self.to.currentText()}"))
+            self._suggested = str(base.parent / f"{base.name}-{self.to.currentText()}")
+            self.dst.setText(self._suggested)
 
-    def _sync(self, to: str) -> None:
-        mlx = to == "mlx"
-        for w in (self.bits, self.group, self.mode, self.recipe):
-            w.setEnabled(mlx)
+    def _sync(self, *_) -> None:
+        """Only the settings that apply are open: none of MLX's for --to dense; a recipe for a
+        dense source only, and it fixes bits, group size and mode; an MX or NV mode fixes bits and
+        group size (those failed only after Convert, in the command line's words)."""
+        mlx = self.to.currentText() == "mlx"
+        label = self.source.currentText()
+        if label not in self.dense and self.recipe.currentText() != "uniform":
+            self.recipe.setCurrentText("uniform")
+        recipe = mlx and self.recipe.currentText() != "uniform"
+        fixed = self.mode.currentText() != "affine"
+        if recipe:
+            self.mode.setCurrentText("affine")
+        if recipe or fixed:
+            self.bits.setCurrentText(KEEP)
+            self.group.setCurrentText(KEEP)
+        self.recipe.setEnabled(mlx and label in self.dense)
+        self.mode.setEnabled(mlx and not recipe)
+        self.bits.setEnabled(mlx and not recipe and not fixed)
+        self.group.setEnabled(mlx and not recipe and not fixed)
         self.dtype.setEnabled(not mlx)
-        self._suggest(self.source.currentText())
+        self._suggest(label)
 
     def options(self) -> dict:
         """Keyword arguments for ``quantscope.backend.convert.convert`` (plus src/dst)."""
