@@ -138,9 +138,17 @@ def job_whatif(reference, name: str, bits: int, group_size: int, mode: str, *, p
         raise QuantscopeError(f"in_features {w.shape[-1]} is not a multiple of the "
                               f"{'group size' if mode == 'affine' else mode + ' block'} {block}", tensor=name)
 
+    # in the dtype the reference stores, as mlx-lm converts it (its scales, biases and output in
+    # bf16 too): in float32 it missed the MLX variant it mimics (0.1331 against 0.1335)
+    stored = layer.tensors.get("weight")
+    as_dtype = {"BF16": "bfloat16", "F16": "float16"}.get(stored.dtype) if stored is not None and \
+        layer.scheme == "dense" else None
+
     def requantize():
         import mlx.core as mx
         x = mx.array(w)
+        if as_dtype is not None:
+            x = x.astype(getattr(mx, as_dtype))
         try:
             if mode == "affine":
                 q = mx.quantize(x, group_size=group_size, bits=bits)

@@ -1522,3 +1522,16 @@ def test_the_convert_dialog_keeps_a_typed_destination_and_offers_only_settings_t
     assert not dlg.bits.isEnabled() and dlg.options()["bits"] is None and dlg.options()["recipe"] == "mixed_3_6"
     dlg.source.setCurrentText("gptq")
     assert not dlg.recipe.isEnabled() and dlg.options()["recipe"] is None and dlg.bits.isEnabled()
+
+
+def test_whatif_affine_reproduces_the_mlx_variant_made_the_same_way(demo):
+    # it quantized float32 weights (float32 scales and output): 0.1331 against the MLX variant's 0.1335
+    from quantscope.app import jobs
+    from quantscope.backend.compare import sweep
+    from quantscope.backend.workspace import open_model
+    ref = open_model(demo.reference)
+    mlx = open_model(demo.variants["mlx-affine-q4g64"])
+    name = "model.layers.1.mlp.down_proj"
+    got = jobs.job_whatif(ref, name, 4, 64, "affine")
+    row = next(r for r in sweep(ref, {"m": mlx}, engine="numpy", layers=name.replace(".", r"\.")).rows if r.name == name)
+    assert got["rel_fro"] == pytest.approx(row.rel_fro, rel=1e-9)
