@@ -10,6 +10,24 @@ import sys
 from quantscope.backend.errors import QuantscopeError
 
 
+def _quiet_offscreen_notes() -> None:
+    """Drop the offscreen platform's note that it "does not support propagateSizeHints()": a
+    screenshot run printed it on stderr one to four times, success or not, and scripts that take
+    stderr for errors tripped on it. Every other Qt message goes on as before."""
+    from PySide6.QtCore import qInstallMessageHandler
+    previous = None
+
+    def handler(kind, context, message):
+        if "propagateSizeHints" in message:
+            return
+        if previous is not None:
+            previous(kind, context, message)
+        else:
+            sys.stderr.write(message + "\n")
+
+    previous = qInstallMessageHandler(handler)
+
+
 def _app():
     from PySide6.QtWidgets import QApplication
     app = QApplication.instance()
@@ -141,6 +159,8 @@ def run_window(args) -> int:
                 and not os.environ.get("WAYLAND_DISPLAY"))
     if args.screenshot and headless and not os.environ.get("QT_QPA_PLATFORM"):  # (unset or empty: Qt's default)
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
+    if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
+        _quiet_offscreen_notes()
     elif headless and not os.environ.get("QT_QPA_PLATFORM"):
         # Qt would print its plugin help and abort the process (SIGABRT)
         raise QuantscopeError("no display to open the window on (DISPLAY is not set): run it on a desktop, "

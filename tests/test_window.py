@@ -332,6 +332,17 @@ def test_screenshot_mode_exits_nonzero_with_a_message_when_nothing_opens(tmp_pat
     assert (tmp_path / "s.png").exists()  # the window (with its error) is still saved
 
 
+def test_a_screenshot_run_that_succeeds_prints_nothing_on_stderr(tmp_path, demo):
+    # the offscreen platform's "does not support propagateSizeHints()" came one to four times
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "quantscope", str(demo.variants["gptq-w4g128"]), "--reference",
+                        str(demo.reference), "--screenshot", str(tmp_path / "s.png")], capture_output=True, text=True,
+                       timeout=180, env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert r.returncode == 0 and (tmp_path / "s.png").stat().st_size > 10_000
+    assert r.stderr == "", r.stderr
+
+
 def test_screenshot_is_never_written_into_an_opened_checkpoint(tmp_path, demo):
     # -o, --json and --csv refused it; --screenshot wrote its PNG into the checkpoint folder
     import shutil
