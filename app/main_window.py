@@ -755,7 +755,15 @@ class MainWindow(QMainWindow):
         if self._detail_errors is not None and self._detail_errors[0] == name:
             _, d, no_ref = self._detail_errors
             quant = self._quant_only
-            lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" + (
+
+            def kept(v):  # a layer the variant stores unquantized: its copy's error, said as such (the
+                # tree, the Layers plot and `compare` leave it out: "skipped by the variant")
+                vm = self.workspace.variants.get(v)
+                lay = None if vm is None else vm.layers.get(d.name)
+                return lay is not None and not lay.quantized
+
+            lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)"
+                     + (" — stored unquantized: a copy, not a quantization" if kept(v) else "") + (
                 f", raw {m.rel_fro_raw:.4f}, smoothing undone ({describe_smoothing(m.smoothing)})"
                 if m.smoothing != "none" else "") + (
                 f"; the quantization alone: {quant[(d.name, v)]:.4f}" if (d.name, v) in quant else "")

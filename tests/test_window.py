@@ -1546,3 +1546,13 @@ def test_whatif_affine_reproduces_the_mlx_variant_made_the_same_way(demo):
     got = jobs.job_whatif(ref, name, 4, 64, "affine")
     row = next(r for r in sweep(ref, {"m": mlx}, engine="numpy", layers=name.replace(".", r"\.")).rows if r.name == name)
     assert got["rel_fro"] == pytest.approx(row.rel_fro, rel=1e-9)
+
+
+def test_a_layer_a_variant_keeps_unquantized_is_said_to_be_a_copy(win, qtbot):
+    # the box gave "rel_fro 0.0000 (156.9 dB)" for embed_tokens, which the tree, the Layers plot
+    # and `compare` leave out as "skipped by the variant": now it says what that figure is
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.embed_tokens")
+    qtbot.waitUntil(lambda: "Current error" in win.config.whatif_result.text(), timeout=30_000)
+    text = win.config.whatif_result.text().replace("\u200b", "")
+    assert "stored unquantized: a copy, not a quantization" in text
