@@ -736,6 +736,7 @@ def test_rows_of_different_scale_narrow_without_missing_the_percentiles(kind, se
     real = fused._Found.restrict
     monkeypatch.setattr(fused._Found, "restrict", lambda self, lo, hi: narrowed.append(lo) or real(self, lo, hi))
     monkeypatch.setattr(fused, "RUN_ELEMENTS", run)
+    monkeypatch.setattr(fused, "BAIL_SHARE", 1.0)  # (the narrowing itself: such layers now go elsewhere)
     w = _rows_of_different_scale(kind, seed)
     dec, full = _mlx(w)
     res = fused.measure(w, {"v": (dec, 0, None)}, parallel=False)["v"]
@@ -755,6 +756,7 @@ def test_blocks_whose_sample_differs_are_remade_of_runs_from_across_the_layer(ki
         inside[run] = self.values().size / self.n
 
     monkeypatch.setattr(fused._Found, "restrict", restrict)
+    monkeypatch.setattr(fused, "BAIL_SHARE", 1.0)  # (the remaking itself: such layers now go elsewhere)
     n = 2048  # 64 blocks of 32 rows; heads of 128 rows
     w = _rows_of_different_scale(kind, 3, n=n, head=128)
     dec, full = _mlx(w)
@@ -769,3 +771,15 @@ def test_blocks_whose_sample_differs_are_remade_of_runs_from_across_the_layer(ki
     assert {b - a for a, b in calls[1 << 16]} == {32}  # a decode per block
     assert sum(b - a == 4 for a, b in calls[1 << 13]) > len(calls[1 << 16])  # after the sample: runs of 4
     assert inside[1 << 13] < 0.5 * inside[1 << 16], inside
+
+
+def test_a_layer_whose_sample_blocks_differ_too_much_goes_to_the_general_path_at_once(monkeypatch):
+    # its intervals would stay wide to the end and collect most of it (9 ns per element against
+    # the general path's 6): given up after the sample, nothing else decoded
+    w = _rows_of_different_scale("heads", 3, n=2048, head=128)
+    dec, _ = _mlx(w)
+    calls = []
+    res = fused.measure(w, {"v": (dec._replace(fn=lambda r0, r1, out: calls.append(r1 - r0) or dec.fn(r0, r1, out)),
+                                  0, None)}, parallel=False)
+    assert res == {"v": None}
+    assert sum(calls) < 2048 // 4  # the sample blocks only
