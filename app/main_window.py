@@ -6,7 +6,6 @@ import gc
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 

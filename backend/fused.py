@@ -584,7 +584,7 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
         if last:
             break
 
-        def narrow(lb, plan=plan):
+        def narrow(lb, plan=plan, blk=blk):
             f = found[lb]
             b = blk[lb]
             nar = f.narrowed([c for c, _, _ in b], [k for _, k, _ in b], nbk, [s for _, _, s in b])

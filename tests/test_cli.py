@@ -674,7 +674,6 @@ def test_compare_flags_a_layer_that_decodes_no_closer_than_zeros(tmp_path, capsy
     from pathlib import Path
 
     import ml_dtypes
-
     from helpers import write_st
     from quantscope.backend.safetensors_file import SafetensorsFile
     ref = str(real_fixtures / "base-bf16")
