@@ -1436,13 +1436,19 @@ def test_each_error_column_header_shows_its_variants_plot_colour(win):
     assert model.headerData(0, Qt.Orientation.Horizontal, Qt.ItemDataRole.DecorationRole) is None
 
 
-def test_adding_a_checkpoint_that_is_open_already_changes_nothing_but_the_shown_one(win, qtbot, demo):
-    # It rebuilt the workspace's views and ran the comparison again (from its cache) for nothing
+def _demo_compared(win, qtbot, demo) -> list[str]:
+    """The whole demo open again and compared; its variants' labels."""
     labels = list(win.workspace.variants)
     with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
         win.open_workspace([str(demo.variants[v]) for v in labels], str(demo.reference))
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):
         win.compare_all()
+    return labels
+
+
+def test_adding_a_checkpoint_that_is_open_already_changes_nothing_but_the_shown_one(win, qtbot, demo):
+    # It rebuilt the workspace's views and ran the comparison again (from its cache) for nothing
+    labels = _demo_compared(win, qtbot, demo)
     result, errors = win.sweep_result, dict(win.tree.model._errors)
     assert win.tree.current_label() != labels[-1]
     swept = []
@@ -1478,11 +1484,7 @@ def test_a_checkpoint_opened_by_another_path_or_made_the_reference_is_not_opened
 
 
 def test_the_shown_checkpoint_can_be_removed_from_the_workspace(win, qtbot, demo):
-    labels = list(win.workspace.variants)
-    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
-        win.open_workspace([str(demo.variants[v]) for v in labels], str(demo.reference))
-    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
-        win.compare_all()
+    labels = _demo_compared(win, qtbot, demo)
     gone = labels[1]
     win.tree.combo.setCurrentText(gone)
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):  # the others compared again, from the cache
