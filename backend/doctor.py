@@ -138,6 +138,8 @@ RULES: dict[str, Rule] = _rules(
     ("gptq.v1-zero-wrap", "error", "R1", "v1 qzeros field 2^b−1: a true zero of 0 wrapped by the −1"),
     ("gptq.sym-zeros", "error", "R3", "sym=true but the zero points are not the constant 2^(b−1)"),
     ("gptq.config-keys", "warning", "R4", "GPTQ config lacks sym / checkpoint_format / quant_method"),
+    ("gptq.dynamic", "error", None, ("a `dynamic` override that is not a regular expression, or that marks a layer "
+                                     "not quantized that is stored quantized")),
     ("config.missing", "warning", "R4", "quantized tensors but no quantization config: loaders and quantscope guess"),
     ("gptq.act-order", "info", "R5", "non-monotonic g_idx (desc_act): MLX/AWQ-style converters cannot keep it"),
     ("gptq.act-order-no-g-idx", "warning", "R5", "desc_act true but layers store no g_idx: loaders assume k // group"),
@@ -1051,6 +1053,8 @@ class _Doctor:
                 col.add("gptq.config-keys", f"{cfg.file} lacks {', '.join(missing)}: loaders guess sym=true and "
                         "checkpoint_format=gptq (v1) (GPTQModel warns); a v2 or asymmetric file then decodes "
                         "wrongly — add the keys", file=self.root / _cfg_file(cfg))
+        if cfg.kind == "gptq":
+            self._check_gptq_dynamic(cfg)
         if cfg.kind == "awq" and not isinstance((ck.configs.get("config.json") or {}).get("quantization_config"), dict):
             col.add("awq.legacy-config", f"AWQ settings are only in {cfg.file} (AutoAWQ's deprecated keys "
                     "w_bit/q_group_size); transformers and vLLM read config.json's quantization_config with "
@@ -1262,6 +1266,28 @@ class _Doctor:
                 except (ValueError, IndexError, TypeError) as exc:  # a decoder's unforeseen failure
                     self.col.add("layer.undecodable", f"decoding fails: {type(exc).__name__}: {exc}", file=file,
                                  layer=path)
+
+    def _check_gptq_dynamic(self, cfg) -> None:
+        """GPTQModel's per-module ``dynamic`` overrides (``+:regex`` / ``-:regex``): one that does
+        not compile fails GPTQModel's load (quantscope skipped it without a word), and a ``-:`` one
+        (not quantized) matching a layer stored quantized makes loaders build a plain layer that
+        its packed tensors do not fit (the doctor found nothing)."""
+        where = self.root / _cfg_file(cfg)
+        for pattern, _ in cfg.overrides:
+            rx = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
+            try:
+                re.compile(rx)
+            except re.error as exc:
+                self.col.add("gptq.dynamic", f"dynamic override {pattern!r} is not a regular expression ({exc}): "
+                             "GPTQModel fails to load the model; quantscope ignores it — fix the pattern", file=where)
+        if self.model is None:
+            return
+        for path, layer in self.model.layers.items():
+            if layer.scheme == "gptq" and layer.quantized and cfg.effective(path).quantized is False:
+                self.col.add("gptq.dynamic", f"the config marks this layer not quantized "
+                             f"({cfg.effective(path).source}) but it is stored quantized: loaders build a plain "
+                             "layer and fail on (or ignore) its qweight — drop the override or the layer's "
+                             "quantized tensors", file=where, layer=path)
 
     def _check_gptq_zeros(self, layer) -> None:
         comps, path = layer.tensors, layer.path

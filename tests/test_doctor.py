@@ -513,6 +513,22 @@ def c_gptq_config_keys(tmp):
         "gptq.config-keys", None
 
 
+def _gptq_dynamic(tmp, dynamic):
+    q = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "desc_act": False,
+         "checkpoint_format": "gptq", "dynamic": dynamic}
+    return make_gptq(tmp / "m", qcfg=q)
+
+
+def c_gptq_dynamic_not_quantized(tmp):
+    # "-:" marks the layer unquantized, but it is stored quantized: the doctor found nothing
+    return _gptq_dynamic(tmp, {r"-:.*q_proj": {}}), "gptq.dynamic", Q0
+
+
+def c_gptq_dynamic_bad_regex(tmp):
+    # a pattern that does not compile: GPTQModel fails to load, quantscope skipped it silently
+    return _gptq_dynamic(tmp, {r"+:.*(down_proj": {"bits": 8}}), "gptq.dynamic", None
+
+
 def c_g_idx_out_of_range(tmp):
     t = _gptq_tensors()
     g = t[f"{Q0}.g_idx"].copy()
@@ -806,7 +822,8 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable, c_config_bom,
          c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
          c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_fused_and_split,
-         c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys,
+         c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys, c_gptq_dynamic_not_quantized,
+         c_gptq_dynamic_bad_regex,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
          c_ct_packing, c_ct_zero_point, c_ct_zero_point_missing, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,
          c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale, c_zero_layer, c_scale_dtype,
