@@ -1272,20 +1272,23 @@ class _Doctor:
         not compile fails GPTQModel's load (quantscope skipped it without a word), and a ``-:`` one
         (not quantized) matching a layer stored quantized makes loaders build a plain layer that
         its packed tensors do not fit (the doctor found nothing)."""
+        from .qconfig import gptq_pattern
         where = self.root / _cfg_file(cfg)
         for pattern, _ in cfg.overrides:
-            rx = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
             try:
-                re.compile(rx)
+                re.compile(gptq_pattern(pattern)[1])
             except re.error as exc:
                 self.col.add("gptq.dynamic", f"dynamic override {pattern!r} is not a regular expression ({exc}): "
                              "GPTQModel fails to load the model; quantscope ignores it — fix the pattern", file=where)
         if self.model is None:
             return
         for path, layer in self.model.layers.items():
-            if layer.scheme == "gptq" and layer.quantized and cfg.effective(path).quantized is False:
+            if layer.scheme != "gptq" or not layer.quantized:
+                continue
+            eff = cfg.effective(path)
+            if eff.quantized is False:
                 self.col.add("gptq.dynamic", f"the config marks this layer not quantized "
-                             f"({cfg.effective(path).source}) but it is stored quantized: loaders build a plain "
+                             f"({eff.source}) but it is stored quantized: loaders build a plain "
                              "layer and fail on (or ignore) its qweight — drop the override or the layer's "
                              "quantized tensors", file=where, layer=path)
 
@@ -1526,11 +1529,12 @@ class _Doctor:
         zeros = int(np.count_nonzero(a == 0))
         # (MLX affine: the group's bias still holds its value, so a constant group decodes exactly;
         # nvfp4: the E4M3 scale encodes amax/6, which is 0 for a group of zeros)
-        if zeros == f.size and layer.scheme not in ("mlx-affine", "mlx-nvfp4", "ct-nvfp4"):
+        zero_ok = layer.scheme in ("mlx-affine", "mlx-nvfp4", "ct-nvfp4")
+        if zeros == f.size and not zero_ok:
             # (a warning left the exit status 0 while compare measured the layer as all zero)
             self.col.add("values.zero-layer", f"all {f.size} checked scales are 0: the layer decodes to all zeros "
                          "whatever its codes (the scales were lost or overwritten) — re-quantize the layer", **common)
-        elif zeros and layer.scheme not in ("mlx-affine", "mlx-nvfp4", "ct-nvfp4"):
+        elif zeros and not zero_ok:
             self.col.add("values.zero-scale", f"{zeros} of {f.size} checked scales are 0: those whole groups decode "
                          "to 0 whatever the codes (quantizers clamp scales away from 0) — re-quantize the layer",
                          **common)

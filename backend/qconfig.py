@@ -404,6 +404,11 @@ def _resolve_mlx_native(cfg: QuantConfig, path: str) -> Effective:
     return Effective(quantized=None, bits=g["bits"], group_size=g["group_size"], mode=g["mode"], source=src)
 
 
+def gptq_pattern(pattern: str) -> tuple[bool, str]:
+    """GPTQModel's ``dynamic`` key: (whether it marks modules not quantized, its regex)."""
+    return pattern.startswith("-:"), pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
+
+
 def _resolve_gptq(cfg: QuantConfig, path: str) -> Effective:
     g = cfg.globals
     fmt = str(g["checkpoint_format"]).lower()
@@ -413,8 +418,7 @@ def _resolve_gptq(cfg: QuantConfig, path: str) -> Effective:
                     source=f"{cfg.file}: {g['bits']} bit, group {g['group_size']}, sym={g['sym']}, "
                            f"desc_act={g['desc_act']}, format {fmt}")
     for pattern, value in cfg.overrides:
-        neg = pattern.startswith("-:")
-        rx = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
+        neg, rx = gptq_pattern(pattern)
         try:
             hit = re.search(rx, path) is not None
         except re.error:

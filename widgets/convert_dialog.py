@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PySide6.QtCore import QSignalBlocker
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QFileDialog, QFormLayout,
                                QHBoxLayout, QLineEdit, QPushButton, QWidget)
 
@@ -91,12 +92,14 @@ class ConvertDialog(QDialog):
         group size (those failed only after Convert, in the command line's words)."""
         mlx = self.to.currentText() == "mlx"
         label = self.source.currentText()
-        if label not in self.dense and self.recipe.currentText() != "uniform":
-            self.recipe.setCurrentText("uniform")
-        recipe = mlx and self.recipe.currentText() != "uniform"
+        # the choices it changes itself do not call it again (each change came back here)
+        with QSignalBlocker(self.recipe), QSignalBlocker(self.mode):
+            if label not in self.dense and self.recipe.currentText() != "uniform":
+                self.recipe.setCurrentText("uniform")
+            recipe = mlx and self.recipe.currentText() != "uniform"
+            if recipe:
+                self.mode.setCurrentText("affine")
         fixed = self.mode.currentText() != "affine"
-        if recipe:
-            self.mode.setCurrentText("affine")
         if recipe or fixed:
             self.bits.setCurrentText(KEEP)
             self.group.setCurrentText(KEEP)
