@@ -27,6 +27,10 @@ are then read from the collected values by rank. The intervals narrow in steps:
 2. the remaining blocks and the kept sample blocks are measured with the narrowest intervals,
    and the earlier collections are cut down to them.
 
+Where the sample blocks differ too much for any estimate to be narrow (``EXACT_SHARE``), two
+passes replace the steps: the whole layer's exact histogram first, then only the bins that hold
+the wanted ranks are collected.
+
 If an interval misses its rank in the end (a layer whose blocks differ more than the samples
 showed) or a buffer overflows, :func:`measure` returns None for that variant and the caller
 takes the general path: the figures are exact either way; the shortcut only changes the time.
@@ -59,11 +63,16 @@ BLOCK_ELEMENTS = 1 << 18
 #: kernel call, 8-13% of a layer's time where blocks are alike, hence only where they are not.
 MIX_SHARE = 0.15
 RUN_ELEMENTS = 1 << 16
-#: Where the sample blocks differ so much that their first intervals hold over BAIL_SHARE of
-#: them, the one pass gives up at once (None: the general path measures the layer). Its intervals
-#: would stay wide to the end and collect most of the layer: attention layers whose heads differ
-#: in scale took 9 ns per element that way, the general path 6.
-BAIL_SHARE = 0.5
+#: Where the sample blocks differ so much that their first intervals hold over EXACT_SHARE of
+#: them, narrowing is given up for two passes that need no estimate: the first decodes every
+#: block and adds its float32 |error| into the exact histogram (as the sample blocks' are),
+#: which then says in which bin each wanted rank lies; the second decodes every block again and
+#: collects only those bins' values. Narrowing would keep wide intervals to the end and collect
+#: most of the layer, or miss (attention layers whose heads differ in scale: 9 ns per element,
+#: or the general path's 5.5-6); the two passes take 3.8-4.1 there, and the same wherever the
+#: values lie. Measured on layers of heads of different scale, one core: narrowing faster at a
+#: share of 0.35 (4.9 against 5.7 ns), even at 0.41, slower from 0.49 (6.1 against 5.7).
+EXACT_SHARE = 0.4
 #: A smaller layer is cut into blocks of at least MIN_BLOCK_ELEMENTS so that it has MIN_BLOCKS:
 #: with only a few, most of it is sampled (histogram and a second look) and nothing narrows.
 MIN_BLOCKS = 24
@@ -350,6 +359,28 @@ class _Found:
         self._offs = None
 
 
+def _exact_intervals(tot: np.ndarray, nzero: int, n: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Intervals ``(lo, hi)`` of float32 |error| holding each wanted rank of a layer of ``n``
+    elements, ``nzero`` of them exact zeros, from its whole exact histogram ``tot`` (int64
+    [HIST_BINS]): per percentile, the bins of its two order statistics (so at most three
+    intervals, as the kernel takes); and the share of the layer inside them (an upper bound:
+    the first bin's zeros are never collected)."""
+    cum = np.cumsum(tot)
+    ivs = []
+    inside = np.zeros(tot.size, bool)
+    for _, a, b, _ in percentile_ranks(n):
+        if b < nzero:
+            continue  # both exact zeros: no value to collect
+        ba, bb = (int(np.searchsorted(cum, max(r, nzero), "right")) for r in (a, b))
+        lo, hi = fast.hist_edges(np.array([ba, bb]))
+        ivs.append([lo[0], hi[1]])
+        inside[ba:bb + 1] = True
+    if not ivs:  # every wanted rank an exact zero: one empty interval
+        return np.array([np.inf], np.float32), np.array([-np.inf], np.float32), 0.0
+    lo, hi = _merge(ivs)
+    return lo, hi, float(tot[inside].sum()) / max(1, n)
+
+
 def _steps(rest: list[int], block_elements: int = 1) -> list[list[int]]:
     """Blocks measured in turn: a spread-out quarter, then the rest, with the intervals narrowed
     in between; all at once when there are too few blocks to measure both before and after a
@@ -501,10 +532,9 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
         return {lb: f.result() for lb, f in futs.items()}
 
     first_iv = each(lambda lb: hist_intervals(hists[lb], nbk))
-    if max(f for _, _, f in first_iv.values()) > BAIL_SHARE:
-        return {lb: None for lb in labels}  # (see BAIL_SHARE)
+    exact = max(f for _, _, f in first_iv.values()) > EXACT_SHARE  # (see EXACT_SHARE)
     found = {lb: _Found(lo, hi, held) for lb, (lo, hi, _) in first_iv.items()}
-    if run < step and len(rest) > 1 and max(f for _, _, f in first_iv.values()) > MIX_SHARE:
+    if not exact and run < step and len(rest) > 1 and max(f for _, _, f in first_iv.values()) > MIX_SHARE:
         # the sample blocks differ: the other blocks remade of runs from across the layer
         runs = [(a, min(r1, a + run)) for i in rest for r0, r1, _ in blocks[i] for a in range(r0, r1, run)]
         for j, i in enumerate(rest):
@@ -513,7 +543,27 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
             blocks[i] = [(a, b, int(o)) for (a, b), o in zip(mine, offs)]
 
     # -- 1 and 2: the other blocks measured in full; at the end, the sample blocks' intervals --
-    def measure_task(ids, plan, record=False):
+    def hist_task(ids):
+        # exact mode's first pass over the blocks not sampled: sums, zeros and the histogram
+        accs = {lb: _Acc(0, 0) for lb in labels}
+        hist = {lb: np.zeros(fast.HIST_BINS, np.int32) for lb in labels}
+        wbuf = ref_buffer()
+        scratch = held.array((step, K), np.float32)
+        for i in ids:
+            check_cancel()
+            for r0, r1, _ in blocks[i]:
+                w = ref_block(r0, r1, wbuf)
+                for lb in labels:
+                    dec, v0, _ = variants[lb]
+                    dst = scratch[:r1 - r0]
+                    dec.fn(v0 + r0, v0 + r1, dst)
+                    a = accs[lb]
+                    fast.pair_stats(w, dst, cols[lb], empty, empty, 3 if lb == first else 1, a.acc, a.cnt, a.buf,
+                                    hist[lb])
+            progress(rows_of([i]))
+        return accs, hist
+
+    def measure_task(ids, plan, record=False, sums=True):
         n_el = rows_of(ids) * K
         accs = {}
         per_block = {lb: [] for lb in labels}
@@ -540,7 +590,7 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
                     dst = scratch[:r1 - r0]
                     dec.fn(v0 + r0, v0 + r1, dst)
                     # a sample block not kept is decoded again, its sums taken already
-                    fast.pair_stats(w, dst, cols[lb], lo, hi, 0 if sample else 3 if lb == first else 1,
+                    fast.pair_stats(w, dst, cols[lb], lo, hi, 0 if sample or not sums else 3 if lb == first else 1,
                                     a.acc, a.cnt, a.buf)
                 if done_rows is not None:  # (a sample block's second look comes last)
                     done_rows(r0, r1)
@@ -550,7 +600,7 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
                     c0, n0 = before[lb]
                     a = accs[lb]
                     per_block[lb].append((a.cnt[4:] - c0, rows * K, (n0, int(a.cnt[1]))))
-            if not sample:
+            if not sample and sums:
                 progress(rows)
         return accs, per_block
 
@@ -567,6 +617,19 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
         for lb in labels:
             take_sums(lb, accs[lb])
             zeros[lb] += int(accs[lb].cnt[0])
+    if exact:
+        tot = {lb: hists[lb].sum(axis=0, dtype=np.int64) for lb in labels}
+        for accs, hist in spread(rest, hist_task):
+            for lb in labels:
+                take_sums(lb, accs[lb])
+                zeros[lb] += int(accs[lb].cnt[0])
+                tot[lb] += hist[lb]
+        plan = each(lambda lb: _exact_intervals(tot[lb], zeros[lb], n))
+        found = {lb: _Found(lo, hi, held) for lb, (lo, hi, _) in plan.items()}
+        for accs, _ in spread(list(range(nbk)), lambda b: measure_task(b, plan, sums=False)):
+            for lb in labels:
+                found[lb].add(accs[lb])
+        steps = []
     # steps of spread-out blocks, each measured with intervals narrowed from all before it;
     # the last also takes the kept sample blocks (their sums are in already)
     plan = first_iv
@@ -597,8 +660,8 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
         plan = each(narrow)
     for lb in labels:
         f = found[lb]
-        # the last step counted the sample blocks' zeros again (step 0 had them)
-        zeros[lb] -= sum(int(accs[lb].cnt[0]) for accs in parts0)
+        if not exact:  # the last step counted the sample blocks' zeros again (step 0 had them)
+            zeros[lb] -= sum(int(accs[lb].cnt[0]) for accs in parts0)
         f.n = n
         f.nzero = zeros[lb]
     sww = float(sums[first][1])

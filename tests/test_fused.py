@@ -736,7 +736,7 @@ def test_rows_of_different_scale_narrow_without_missing_the_percentiles(kind, se
     real = fused._Found.restrict
     monkeypatch.setattr(fused._Found, "restrict", lambda self, lo, hi: narrowed.append(lo) or real(self, lo, hi))
     monkeypatch.setattr(fused, "RUN_ELEMENTS", run)
-    monkeypatch.setattr(fused, "BAIL_SHARE", 1.0)  # (the narrowing itself: such layers now go elsewhere)
+    monkeypatch.setattr(fused, "EXACT_SHARE", 1.0)  # (the narrowing itself: such layers now go elsewhere)
     w = _rows_of_different_scale(kind, seed)
     dec, full = _mlx(w)
     res = fused.measure(w, {"v": (dec, 0, None)}, parallel=False)["v"]
@@ -756,7 +756,7 @@ def test_blocks_whose_sample_differs_are_remade_of_runs_from_across_the_layer(ki
         inside[run] = self.values().size / self.n
 
     monkeypatch.setattr(fused._Found, "restrict", restrict)
-    monkeypatch.setattr(fused, "BAIL_SHARE", 1.0)  # (the remaking itself: such layers now go elsewhere)
+    monkeypatch.setattr(fused, "EXACT_SHARE", 1.0)  # (the remaking itself: such layers now go elsewhere)
     n = 2048  # 64 blocks of 32 rows; heads of 128 rows
     w = _rows_of_different_scale(kind, 3, n=n, head=128)
     dec, full = _mlx(w)
@@ -773,13 +773,58 @@ def test_blocks_whose_sample_differs_are_remade_of_runs_from_across_the_layer(ki
     assert inside[1 << 13] < 0.5 * inside[1 << 16], inside
 
 
-def test_a_layer_whose_sample_blocks_differ_too_much_goes_to_the_general_path_at_once(monkeypatch):
-    # its intervals would stay wide to the end and collect most of it (9 ns per element against
-    # the general path's 6): given up after the sample, nothing else decoded
-    w = _rows_of_different_scale("heads", 3, n=2048, head=128)
-    dec, _ = _mlx(w)
-    calls = []
-    res = fused.measure(w, {"v": (dec._replace(fn=lambda r0, r1, out: calls.append(r1 - r0) or dec.fn(r0, r1, out)),
-                                  0, None)}, parallel=False)
-    assert res == {"v": None}
-    assert sum(calls) < 2048 // 4  # the sample blocks only
+def _counting(dec, calls):
+    return dec._replace(fn=lambda r0, r1, out: calls.append((r0, r1)) or dec.fn(r0, r1, out))
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_a_layer_whose_sample_blocks_differ_too_much_is_measured_in_two_exact_passes(seed, monkeypatch):
+    # Narrowed intervals would stay wide to the end and collect most of it (9 ns per element on
+    # such attention layers); the general path took 6. Instead: a first pass adds every block's
+    # |error| into the exact histogram, which says in which bin each wanted rank lies; a second
+    # collects only those bins. No estimate, no narrowing, no miss.
+    w = _rows_of_different_scale("heads", seed, n=2048, head=128)
+    dec, full = _mlx(w)
+    narrowed, calls, kept = [], [], []
+    monkeypatch.setattr(fused._Found, "narrowed", lambda *a, **k: narrowed.append(1))
+    real_add = fused._Found.add
+
+    def add(self, acc):
+        kept.append(int(acc.cnt[1]))
+        return real_add(self, acc)
+
+    monkeypatch.setattr(fused._Found, "add", add)
+    res = fused.measure(w, {"v": (_counting(dec, calls), 0, None)}, parallel=False)["v"]
+    _check(res, w, full)
+    assert not narrowed
+    rows = [r for a, b in calls for r in range(a, b)]
+    assert sorted(set(rows)) == list(range(2048))
+    assert len(rows) < 2 * 2048  # every block twice but the sample blocks, kept decoded
+    assert 0 < sum(kept) < 0.03 * w.size  # the second pass collects the wanted bins only
+
+
+def test_exact_passes_with_most_errors_zero(monkeypatch):
+    # three quarters of the variant equal to the reference: p50 is an exact zero, never collected
+    w = _rows_of_different_scale("heads", 5, n=2048, head=128)
+    full = _mlx(w)[1]
+    wf = np.asarray(w, np.float32)
+    same = np.random.default_rng(1).random(wf.shape) < 0.75
+    wh = np.where(same, wf, full).astype(np.float32)
+    d2 = fast.RowDecoder(lambda r0, r1, dst: np.copyto(dst, wh[r0:r1]), wh.shape[0], wh.shape[1], 1)
+    monkeypatch.setattr(fused, "EXACT_SHARE", 0.0)  # (whatever the sample says)
+    res = fused.measure(w, {"v": (d2, 0, None)}, parallel=False)["v"]
+    _check(res, w, wh)
+    assert res["p50"] == 0.0 < res["p95"]
+
+
+def test_exact_intervals_hold_the_ranks():
+    # one bin per order statistic (two at most per percentile), merged; zeros below every bin
+    tot = np.zeros(fast.HIST_BINS, np.int64)
+    tot[0], tot[5000], tot[5001], tot[6000] = 10, 80, 5, 5
+    lo, hi, share = fused._exact_intervals(tot, nzero=10, n=100)
+    # p50 (ranks 49, 50) in bin 5000; p95 (94, 95) from bin 5001 to 6000; p99 (98, 99) in 6000
+    l, h = fast.hist_edges(np.array([5000, 5001, 6000]))
+    assert lo.tolist() == [l[0], l[1]] and hi.tolist() == [h[0], h[2]]
+    assert share == pytest.approx(0.9)
+    lo, hi, share = fused._exact_intervals(tot, nzero=100, n=100)  # all zeros: nothing to collect
+    assert share == 0.0 and lo[0] > hi[0]

@@ -849,12 +849,13 @@ if AVAILABLE:
     @njit(cache=True, inline="always")
     def _add_hist(hist, w, x, n, bf16, t, ti):
         # the float32 |x - w| of the first n elements into the bins of their top bits
+        # the bins first, in a loop that vectorises; then only the increments one by one
+        top = np.int32(hist.size - 1)
         for j in range(n):
-            t[j] = abs(x[j] - _wval(w, j, bf16))
-        nbins = hist.size
+            hb = (_bits(abs(x[j] - _wval(w, j, bf16))) >> HIST_SHIFT) - HIST_BASE
+            ti[j] = min(max(hb, np.int32(0)), top)
         for j in range(n):
-            hb = (ti[j] >> HIST_SHIFT) - HIST_BASE
-            hist[min(max(hb, 0), nbins - 1)] += 1
+            hist[np.uint32(ti[j])] += 1
 
 
 if AVAILABLE:
