@@ -81,6 +81,17 @@ if AVAILABLE:
             u[i] = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
 
     @njit(cache=True, inline="always")
+    def _bf16_then_add(seg, bg):
+        # MLX's bf16 affine on s*q already in seg: round it to bfloat16, add the bias, round the
+        # sum; one loop (the three of _round_row, add, _round_row took 1.7x its time)
+        u = seg.view(np.uint32)
+        for i in range(u.size):
+            x = u[i]
+            x = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+            x = np.uint32(_bits(_from_bits(np.int32(x)) + bg))
+            u[i] = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+
+    @njit(cache=True, inline="always")
     def _round_row(row, mode):
         # Same bit operations as kernel.round_inplace (round half to even).
         if mode == BF16:
@@ -152,6 +163,15 @@ if AVAILABLE:
         per = 32 // bits
         wpg = group // per
         ng = out.shape[1] // group
+        if mode == BF16:  # (a loop nest of its own: sharing the one below, it took 1.6x the time)
+            for r in range(r0, r1):
+                wr = wd[r]
+                orow = out[r - o0]
+                for g in range(ng):
+                    seg = orow[g * group:(g + 1) * group]
+                    _words_to(wr, g * wpg, wpg, bits, s[r, g], np.float32(0.0), False, seg)
+                    _bf16_then_add(seg, b[r, g])
+            return
         for r in range(r0, r1):
             wr = wd[r]
             orow = out[r - o0]
@@ -185,6 +205,9 @@ if AVAILABLE:
                 # Per group, while it is in L1: MLX rounds s*q to the scale dtype, then the sum.
                 bg = b[r, g]
                 seg = row[base:base + group]
+                if mode == BF16:
+                    _bf16_then_add(seg, bg)
+                    continue
                 _round_row(seg, mode)
                 for i in range(group):
                     seg[i] = seg[i] + bg
