@@ -629,6 +629,11 @@ class _Doctor:
             f.close()  # findings hold no arrays; release the mappings now rather than at GC
         self._tick(1.0)
         self.report.findings = self.col.finish()
+        if self.model is not None:  # findings on a layer's tensor name the layer too
+            owner = {t.name: lay.path for lay in self.model.layers.values() for t in lay.tensors.values()}
+            for f in self.report.findings:
+                if f.layer is None and f.tensor is not None:
+                    f.layer = owner.get(f.tensor)
         return self.report
 
     def _locate(self) -> list[Path] | None:

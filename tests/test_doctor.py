@@ -1177,3 +1177,12 @@ def test_a_quantized_folder_without_any_config_is_told_its_settings_are_guesses(
     hits = [f for f in diagnose(tmp_path / "m") if f.rule == "config.missing"]
     assert len(hits) == 1 and "there is no config.json" in hits[0].message
     assert not [f for f in diagnose(src) if f.rule == "config.missing"]  # a file given alone: nothing to expect
+
+
+def test_a_finding_on_a_layers_tensor_names_the_layer(tmp_path):
+    # the index's findings name a tensor; where it is one of a layer's, the JSON's ``layer`` says
+    # which (it was null: a script grouping findings by layer lost them)
+    path, rule, tensor = c_tensor_unlisted(tmp_path)
+    (f,) = [f for f in diagnose(path) if f.rule == rule]
+    assert f.tensor == tensor and f.layer == "model.layers.1.mlp.down_proj"
+    assert f.to_dict()["layer"] == "model.layers.1.mlp.down_proj"
