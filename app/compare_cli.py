@@ -60,12 +60,15 @@ def format_table(result, labels: list[str]) -> str:
     if undone:
         kinds = sorted({k.split(":")[0] for r in undone for k in r.smoothing.split("+")})
         how = {"norm": "norm: exact, the reference's norm weights over the variant's",
+               "match": "match: the variant brought to the quantized reference's norm weights, which may be the "
+                        "smoothed ones",
                "lstsq": "lstsq: estimated by least squares from the preceding layer's rows",
                "rows": "rows: the rows of that preceding layer, rescaled by the same estimate"}
         lines.append("")
-        lines.append(f"* {len(undone)} measured after undoing AWQ-style smoothing ("
+        what = "matching" if "match" in kinds else "undoing"
+        lines.append(f"* {len(undone)} measured after {what} AWQ-style smoothing ("
                      + "; ".join(how.get(k, k) for k in kinds)
-                     + "); rel_fro_raw in --json/--csv is the error without undoing it")
+                     + "); rel_fro_raw in --json/--csv is the error of the layers as stored")
     for variant, (_, warning) in result.warnings().items():
         if variant in result.failed:
             continue  # said on stderr, as an error

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
     QTabWidget,
 )
 from quantscope.backend.checkpoint import refuse_writing_into
-from quantscope.backend.compare import describe_smoothing
+from quantscope.backend.compare import describe_smoothing, smoothing_action
 from quantscope.backend.compare_align import (
     canonical,
     containers,
@@ -763,7 +763,7 @@ class MainWindow(QMainWindow):
 
             lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)"
                      + (" — stored unquantized: a copy, not a quantization" if kept(v) else "") + (
-                f", raw {m.rel_fro_raw:.4f}, smoothing undone ({describe_smoothing(m.smoothing)})"
+                f", raw {m.rel_fro_raw:.4f}, {smoothing_action(m.smoothing)} ({describe_smoothing(m.smoothing)})"
                 if m.smoothing != "none" else "") + (
                 f"; the quantization alone: {quant[(d.name, v)]:.4f}" if (d.name, v) in quant else "")
                 for v, m in d.metrics.items()]

@@ -577,18 +577,27 @@ _PROJ_RANK = {p: i for i, p in enumerate(("q_proj", "k_proj", "v_proj", "qkv_pro
 
 
 def describe_smoothing(label: str) -> str:
-    """A row's ``smoothing`` label (``norm:PATH``, ``lstsq:PATH``, ``rows:PATH`` joined by ``+``)
-    in words, short enough for a one-line summary: ``"none"`` for none."""
+    """A row's ``smoothing`` label (``norm:PATH``, ``match:PATH``, ``lstsq:PATH``, ``rows:PATH``
+    joined by ``+``) in words, short enough for a one-line summary: ``"none"`` for none."""
     if not label or label == "none":
         return "none"
     # rows:CONSUMER marks a preceding layer (up_proj) whose own rows were rescaled by the estimate
-    # made for its consumer (down_proj)
-    words = {"norm": "exact, from {}", "lstsq": "fitted to {}'s rows", "rows": "rows rescaled by the estimate for {}"}
+    # made for its consumer (down_proj); match:NORM a variant brought to a quantized reference's
+    # norms (the reference may be the smoothed side)
+    words = {"norm": "exact, from {}", "match": "to the reference's {}", "lstsq": "fitted to {}'s rows",
+             "rows": "rows rescaled by the estimate for {}"}
     out = []
     for part in label.split("+"):
         kind, _, path = part.partition(":")
         out.append(words.get(kind, kind + " {}").format(path.rpartition(".")[2] or path))
     return "; ".join(out)
+
+
+def smoothing_action(label: str) -> str:
+    """What was done to a row whose ``smoothing`` label is not ``none``: the variant's smoothing
+    undone (an unquantized reference), or the variant matched to a quantized reference's
+    smoothing (which side is smoothed is not known then)."""
+    return "smoothing matched" if "match:" in label else "smoothing undone"
 
 
 def _order_key(name: str):

@@ -484,6 +484,10 @@ def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[s
         m = _LAYER_RE.search(t.name)
         if m:
             by_prefix.setdefault(t.name[:m.end() - 1], []).append(t)
+    # An unquantized reference is the unsmoothed side: the variant's smoothing is undone ("norm").
+    # A quantized one (an AWQ checkpoint as reference) may be the smoothed side itself: the
+    # variant is then brought to the reference's norms ("match"), nothing "undone".
+    kind = "match" if any(lay.quantized for lay in reference.layers.values()) else "norm"
     for prefix in sorted(by_prefix, key=natural_key):
         cprefix = canonical(prefix)
         for norm, consumers, subs in _norm_rules(cprefix, ref):
@@ -503,7 +507,7 @@ def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[s
                 rel = canonical(t.name)[len(cprefix) + 1:]
                 if proj_of(rel) in consumers and any(rel.startswith(p) for p in subs) and t.cols == s.size:
                     t.col_scale = s
-                    t.smoothing = f"norm:{rn.path}"
+                    t.smoothing = f"{kind}:{rn.path}"
     if not al.shows_folding:
         return
     # Folding into a preceding Linear (v -> o, up -> down): estimated from rows in the sweep.

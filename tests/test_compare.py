@@ -787,6 +787,19 @@ def test_table_marks_undone_smoothing_aligns_inf_and_cosine_stays_in_range(ref_p
     out = capsys.readouterr().out
     q = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.self_attn.q_proj"))
     assert "*" in q and "measured after undoing AWQ-style smoothing" in out and "norm: exact" in out
+    # an AWQ checkpoint as the reference: it may be the smoothed side itself, so the unquantized
+    # model compared to it is brought to its norms ("match"), not said to have its smoothing undone
+    assert main(["compare", "--reference", str(ws.variants["awq-w4g128"]), str(ws.reference),
+                 "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "measured after matching AWQ-style smoothing" in out and "match: the variant brought" in out
+    assert "undoing" not in out
+    rows = json.loads((tmp_path / "m.json").read_text())["layers"]
+    q = next(r for r in rows if r["name"] == "model.layers.0.self_attn.q_proj")
+    assert q["smoothing"].startswith("match:") and q["rel_fro"] < 0.8 * q["rel_fro_raw"]
+    from quantscope.backend.compare import describe_smoothing, smoothing_action
+    assert smoothing_action(q["smoothing"]) == "smoothing matched"
+    assert describe_smoothing(q["smoothing"]) == "to the reference's input_layernorm"
 
 
 def test_bulk_histograms_are_exact_on_their_edges_and_find_the_bulk_beside_outliers():
