@@ -416,8 +416,9 @@ def measure(ref: np.ndarray | fast.RowDecoder, variants: dict[str, tuple[fast.Ro
     the exact percentiles need the general path. ``on_rows(k)`` reports progress (any thread);
     ``cancel.is_set()`` is checked before every block. ``parallel=False`` keeps all the work on
     the calling thread (a sweep then measures several layers at once instead). ``done_rows(r0,
-    r1)`` is called (any thread) once reference rows ``[r0, r1)`` will not be read again: a sweep
-    drops their mapped pages, so a layer of 1.7 GB is not all resident at its end.
+    r1)`` is called (any thread) once reference rows ``[r0, r1)`` are measured, in the last
+    pass that reads them or (the two exact passes) in each: a sweep drops their mapped pages,
+    so a layer of 1.7 GB is not all resident at its end.
     """
     held = _Held()
     try:
@@ -560,7 +561,9 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
                     a = accs[lb]
                     fast.pair_stats(w, dst, cols[lb], empty, empty, 3 if lb == first else 1, a.acc, a.cnt, a.buf,
                                     hist[lb])
-            progress(rows_of([i]))
+                if done_rows is not None:  # (read again by the second pass: a page fault each then,
+                    done_rows(r0, r1)      # where holding a wide layer's pages held its size)
+            progress(rows_of([i]) // 2)  # (the second pass reports the other half)
         return accs, hist
 
     def measure_task(ids, plan, record=False, sums=True):
@@ -600,8 +603,8 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
                     c0, n0 = before[lb]
                     a = accs[lb]
                     per_block[lb].append((a.cnt[4:] - c0, rows * K, (n0, int(a.cnt[1]))))
-            if not sample and sums:
-                progress(rows)
+            if not sample:
+                progress(rows if sums else rows - rows // 2)
         return accs, per_block
 
     sums = {lb: np.zeros(5) for lb in labels}
@@ -629,7 +632,7 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
         for accs, _ in spread(list(range(nbk)), lambda b: measure_task(b, plan, sums=False)):
             for lb in labels:
                 found[lb].add(accs[lb])
-        steps = []
+        steps = []  # (the two passes replace them)
     # steps of spread-out blocks, each measured with intervals narrowed from all before it;
     # the last also takes the kept sample blocks (their sums are in already)
     plan = first_iv

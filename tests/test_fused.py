@@ -794,9 +794,13 @@ def test_a_layer_whose_sample_blocks_differ_too_much_is_measured_in_two_exact_pa
         return real_add(self, acc)
 
     monkeypatch.setattr(fused._Found, "add", add)
-    res = fused.measure(w, {"v": (_counting(dec, calls), 0, None)}, parallel=False)["v"]
+    reported, done = [], []
+    res = fused.measure(w, {"v": (_counting(dec, calls), 0, None)}, parallel=False, on_rows=reported.append,
+                        done_rows=lambda r0, r1: done.append((r0, r1)))["v"]
     _check(res, w, full)
     assert not narrowed
+    assert sum(reported) == 2048  # half of each block's rows per pass: the bar moves through both
+    assert sorted({r for a, b in done for r in range(a, b)}) == list(range(2048))  # every row's pages dropped
     rows = [r for a, b in calls for r in range(a, b)]
     assert sorted(set(rows)) == list(range(2048))
     assert len(rows) < 2 * 2048  # every block twice but the sample blocks, kept decoded
