@@ -105,7 +105,10 @@ class HistogramView(QWidget):
         self._edges, self._counts, self._colors = edges, dict(counts), dict(colors)
         self._view = view if edges is not None else None
         self.note.setText(note)
-        self.footer.setText(". ".join(p for p in (absent, self._footer(nonfinite or {})) if p))
+        # values in no bin first (NaN or inf: a broken checkpoint), so that they survive the
+        # elision of a narrow window; the tooltip has the whole line
+        nan = ("NaN/inf, in no bin: " + ", ".join(f"{k} {n:,}" for k, n in nonfinite.items())) if nonfinite else ""
+        self.footer.setText(". ".join(p for p in (nan, absent, self._footer()) if p))
         empty = edges is None or not counts
         # an empty view says why (the caller's note: "not a weight matrix", "no scales"), or
         # what to do to fill it
@@ -129,10 +132,9 @@ class HistogramView(QWidget):
         lo, hi = self._view
         return (e[1:] <= lo) | (e[:-1] >= hi)
 
-    def _footer(self, nonfinite: dict[str, int]) -> str:
+    def _footer(self) -> str:
         """What lies beyond the bulk, per series that has any (how many, how far), and the full
-        range; then values in no bin. Said the same whichever range is shown (it goes into
-        exported figures too)."""
+        range. Said the same whichever range is shown (it goes into exported figures too)."""
         parts = []
         outside = self._outside()
         if outside is not None:
@@ -157,8 +159,6 @@ class HistogramView(QWidget):
             if shown:
                 parts.append(f"Beyond the bulk {lo:.4g} … {hi:.4g}: {', '.join(shown)}; full range "
                              f"{float(e[0]):.4g} … {float(e[-1]):.4g} (All)")
-        if nonfinite:
-            parts.append("NaN/inf, in no bin: " + ", ".join(f"{k} {n:,}" for k, n in nonfinite.items()))
         return ". ".join(parts)
 
     def clear(self) -> None:
