@@ -197,10 +197,13 @@ def analyze(ckpt: Checkpoint) -> Model:
 
 
 def _model_dims(cfg: dict) -> set[int]:
-    """Input dimensions a layer of this model can have (from config.json), for shape inference."""
+    """Input dimensions a layer of this model can have (from config.json), for shape inference.
+    Not the vocabulary: no layer takes it as input (the embedding's and the head's rows are
+    tokens, their inputs the hidden size), and as a candidate it made a small model's shapes
+    ambiguous (vocab 2048: 2 bit / 128 as likely as 8 bit / 32 for a 512-wide layer)."""
     dims = set()
     for c in (cfg, cfg.get("text_config") or {}):
-        for k in ("hidden_size", "intermediate_size", "moe_intermediate_size", "vocab_size", "d_model",
+        for k in ("hidden_size", "intermediate_size", "moe_intermediate_size", "d_model",
                   "ffn_dim", "shared_expert_intermediate_size", "intermediate_size_mlp", "mamba_d_ssm", "d_inner",
                   "d_ssm"):
             v = c.get(k)
@@ -290,6 +293,10 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
             bits, group, how = _infer_affine(w.shape, s.shape, dims)
             layer.source = how
         layer.bits, layer.group_size = bits, group
+        if bits is None or group is None:
+            layer.problem = (f"{how}: config.json gives no \"quantization\" {{\"bits\", \"group_size\"}} — "
+                             "add them (mlx-lm writes both)")
+            return layer
         if not has_biases:
             layer.problem = "affine layer without `.biases` (an mxfp4/nvfp4 layer missing its per-layer mode?)"
             return layer
@@ -354,7 +361,10 @@ def _infer_affine(wshape, sshape, dims: set[int]):
             f" (also possible: {[f for f in (with_dim or fits) if f != (4, 64)]})" if len(with_dim or fits) > 1 else "")
     if len(fits) == 1:
         return fits[0][0], fits[0][1], f"inferred from shapes: {fits[0][0]} bit / {fits[0][1]}"
-    return None, None, f"bits/group not in config and ambiguous from shapes ({fits})"
+    cand = with_dim or fits
+    return None, None, ("bits/group not in config and ambiguous from the shapes: "
+                        + (", ".join(f"{b} bit / group {g} (K={wp * 32 // b})" for b, g in cand) if cand
+                           else "no bits/group fits them"))
 
 
 _INT_WORDS = ("I32", "U32", "I16", "U16", "I8", "U8", "I64", "U64")

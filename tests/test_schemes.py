@@ -106,6 +106,21 @@ def test_mlx_without_config_infers_from_model_dims(tmp_path):
     np.testing.assert_array_equal(NumpyEngine().dequantize(m, layer).shape, (128, 384))
 
 
+def test_mlx_without_config_the_vocabulary_is_no_input_width(tmp_path):
+    # a small model of vocab 1536 (a fuzzed conversion with its "quantization" dropped): the
+    # vocabulary counted as an input width made 2/128 (K=1536) as likely as 8/32 (K=384), and the
+    # layer failed with "unsupported operand type(s) for %: 'int' and 'NoneType'"
+    t = mlx_triplet("model.layers.0.mlp.up_proj", RNG.normal(size=(128, 384)).astype(np.float32), 8, 32)
+    cfg = {"hidden_size": 384, "vocab_size": 1536}
+    layer = analyze(open_checkpoint(write_model(tmp_path / "a", t, cfg))).layers["model.layers.0.mlp.up_proj"]
+    assert (layer.bits, layer.group_size, layer.problem) == (8, 32, None)
+    # where the shapes stay ambiguous (two widths of the model fit), the layer says so and what to add
+    cfg = {"hidden_size": 384, "intermediate_size": 1536}
+    layer = analyze(open_checkpoint(write_model(tmp_path / "b", t, cfg))).layers["model.layers.0.mlp.up_proj"]
+    assert layer.problem.startswith("bits/group not in config and ambiguous from the shapes: 2 bit / group 128 "
+                                    "(K=1536), 8 bit / group 32 (K=384)") and '"bits", "group_size"' in layer.problem
+
+
 def gptq_tensors(path, n, k, bits, group, *, v1=True, actorder=False):
     q = RNG.integers(0, 2 ** bits, size=(k, n))
     ng = k // group
