@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     pc = sub.add_parser("compare", help="per-layer error of variants against a reference",
                         description="Per-layer error of each variant against the reference. Exit 0: all compared; "
                                     "1: compared, but a variant looks broken: its config contradicted by its own "
-                                    "tensors, layers that cannot be decoded, or an implausible error (rel_fro >= 0.99: "
-                                    "next to nothing of the reference; zeros give 1), each said below the table (its figures "
-                                    "are of the misread file); 2: a variant could not be compared (named on stderr; "
+                                    "tensors, layers that cannot be decoded, an implausible error (rel_fro >= 0.99: "
+                                    "next to nothing of the reference; zeros give 1) or NaN/inf in its decode, or the "
+                                    "reference's own weights are NaN/inf or all zero in a layer; each said below the "
+                                    "table (its figures are of the misread file); 2: a variant could not be compared (named on stderr; "
                                     "the others are compared and their figures written). A '!' line on AWQ-style "
                                     "smoothing alone is a note (exit 0).")
     pc.add_argument("--reference", required=True, help="the dense reference checkpoint")

@@ -193,7 +193,11 @@ def run_compare(args) -> int:
     # 1: compared, but a variant's config is contradicted by its own tensors (as dequant/convert),
     # or some of its layers could not be decoded (listed with the layers not compared)
     undecodable = any("cannot be decoded" in u.reason for u in result.unmatched)
-    return 2 if result.failed or unopened else 1 if result.data_warnings or undecodable or result.implausible() else 0
+    # and figures that are no figures: NaN/inf in a variant's decode or the reference's weights,
+    # an all-zero reference layer (each listed below the table; they exited 0)
+    nonfinite = any(not math.isfinite(r.rel_fro) for r in result.rows)
+    return 2 if result.failed or unopened else 1 if (result.data_warnings or undecodable or result.implausible()
+                                                      or nonfinite) else 0
 
 
 def _reason(exc: Exception) -> str:

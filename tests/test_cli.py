@@ -637,7 +637,7 @@ def test_an_all_zero_reference_layer_is_blamed_on_the_reference(tmp_path, capsys
     write_st(ref / "model.safetensors", t, {"format": "pt"})
     (ref / "config.json").write_text((src / "config.json").read_text())
     var = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
-    main(["compare", "--reference", str(ref), str(var), "--layers", "layers.0.self_attn"])
+    assert main(["compare", "--reference", str(ref), str(var), "--layers", "layers.0.self_attn"]) == 1
     out = capsys.readouterr().out
     assert "all-zero reference layer (1)" in out and "reference: model.layers.0.self_attn.k_proj" in out
     assert "NaN/inf in the variant's decode" not in out
