@@ -1397,8 +1397,14 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
         local = src_p.exists()
         rep = ConversionReport(src=str(ckpt.root if src_p.is_dir() else src_p.resolve() if local else ckpt.root),
                                dst=str(dst_p.resolve()), to=to, source_bytes=ckpt.total_bytes)
-        rep.suspect = [f"{p}: {w}" for p, lay in model.layers.items()
-                       if (w := lay.warning or data_warning(model, lay))]
+        # one line per warning, with how many layers it concerns (a config file that cannot be
+        # read concerns them all: it was said once for each)
+        same: dict[str, list[str]] = {}
+        for p, lay in model.layers.items():
+            if (w := lay.warning or data_warning(model, lay)):
+                same.setdefault(w, []).append(p)
+        rep.suspect = [f"{ps[0]}: {w}" if len(ps) == 1 else f"{len(ps)} layers (first {ps[0]}): {w}"
+                       for w, ps in same.items()]
         w_plan, w_write = (0.05, 0.65) if verify else (0.05, 0.95)
         if to == "mlx":
             targets = _Targets(bits=bits, group_size=group_size, mode=mode, recipe=recipe, model=model)
@@ -1574,7 +1580,7 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table
     for w in rep.suspect[:3]:  # the window's summary too
         lines.append(f"warning: {w}")
     if len(rep.suspect) > 3:
-        lines.append(f"warning: … and {len(rep.suspect) - 3} more layers like it")
+        lines.append(f"warning: … and {len(rep.suspect) - 3} more (`quantscope doctor` lists them)")
     if not table:
         return lines
     shown = [r for r in rep.layers if r.kind != "carried"]

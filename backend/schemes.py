@@ -173,6 +173,13 @@ def data_warning(model: Model, layer: Layer) -> str | None:
     zero points are not the constant (every one of them the other checkpoint_format's: each
     weight one scale step off), compressed-tensors zero points or packing that contradict its
     ``version`` or ``symmetric``."""
+    # a config file that cannot be read (not JSON, a list, unreadable): ignored here, the settings
+    # taken from the tensors; dequant/compare/convert said nothing and exited 0 (a conversion wrote
+    # a config.json of its quantization keys alone)
+    from .checkpoint import CONFIG_FILES
+    unread = [w for w in model.ckpt.warnings if w.split(" ", 1)[0] in CONFIG_FILES]
+    if unread:
+        return f"{unread[0]}: loaders fail on this checkpoint; here its tensors' shapes decide the settings"
     # a setting no loader can use (0 bits, "four", a group size of -7: the doctor's config.bad-value),
     # ignored here for what the shapes say; dequant/compare/convert said nothing and exited 0
     bad = [msg for msg, usable in model.config.bad_values if not usable]

@@ -590,6 +590,19 @@ def test_a_config_value_no_loader_can_use_gives_exit_1(tmp_path, capsys, key, va
     assert main(["convert", str(src), str(tmp_path / "out"), "--to", "mlx"]) == 1
 
 
+def test_a_config_that_cannot_be_read_gives_exit_1_with_one_warning(tmp_path, capsys):
+    # not JSON: ignored, the settings taken from the tensors; dequant, compare and convert said
+    # nothing and exited 0 (the conversion wrote a config.json of its quantization keys alone)
+    from pathlib import Path
+    src = _copy(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128", tmp_path / "g")
+    (src / "config.json").write_text("{bits: 4")
+    assert main(["dequant", str(src), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "x.npy")]) == 1
+    assert "config.json ignored" in capsys.readouterr().err and (tmp_path / "x.npy").exists()
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "mlx"]) == 1
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("quantscope: warning")]
+    assert len(warned) == 1 and "layers (first " in warned[0] and "config.json ignored" in warned[0]
+
+
 def test_convert_refuses_a_checkpoint_whose_index_lists_a_tensor_its_shard_lacks(tmp_path, capsys, real_fixtures):
     src = _copy(real_fixtures / "base-bf16", tmp_path / "b")
     shard = next(src.glob("*.safetensors")).name

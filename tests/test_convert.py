@@ -691,7 +691,7 @@ def test_a_config_the_shapes_contradict_is_converted_but_said(tmp_path, capsys):
     (src / "config.json").write_text(json.dumps(cfg))
     assert main(["convert", str(src), str(tmp_path / "d"), "--to", "dense"]) == 1
     io = capsys.readouterr()
-    assert "quantscope: warning: model.layers.0.mlp" in io.err and "not a dimension of this model" in io.err
+    assert "quantscope: warning: 2 layers (first model.layers.0.mlp" in io.err and "not a dimension of this model" in io.err
     assert "warning: " in io.out and (tmp_path / "d" / "config.json").exists()
 
 
