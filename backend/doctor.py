@@ -1338,8 +1338,8 @@ class _Doctor:
 
     def _check_g_idx(self, layer, comp: str) -> None:
         comps, path = layer.tensors, layer.path
-        if comp not in comps:
-            return
+        if comp not in comps or not comps[comp].dtype.startswith(("I", "U")):
+            return  # (not integers: the layer's own finding says so; their values mean nothing)
         K = layer.shape[-1]
         G = layer.group_size if layer.group_size and layer.group_size > 0 else K
         ng = -(-K // G)

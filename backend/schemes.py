@@ -456,6 +456,11 @@ def _detect_gptq_awq(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
                                 if fits and fits & (fits - 1) == 0 and fits >= 16 else ""))
         if "g_idx" in comps and comps["g_idx"].shape != (k,):
             layer.problem = f"g_idx has shape {list(comps['g_idx'].shape)}, expected [{k}]"
+        elif "g_idx" in comps and comps["g_idx"].dtype not in _INT_WORDS:
+            # int32 bits labelled F32 read as denormals: every column in group 0, the figures
+            # twice the error without a word
+            layer.problem = (f"g_idx is {comps['g_idx'].dtype}, not integer group indices (GPTQ stores int32): "
+                             "the file was damaged in a conversion")
         settings["act_order"] = gi_trivial  # decided lazily by reading g_idx (see engines)
         settings["word_bits"] = word
         return layer
