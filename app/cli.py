@@ -201,7 +201,8 @@ def cmd_info(args) -> int:
             t = by_name[f"{mpath}.{c}" if c else mpath]
             tshape = "×".join(map(str, t["shape"])) or "scalar"
             out.append(f"      .{c:<22} {t['dtype']:<8} {tshape:<16} {human_bytes(t['bytes']):>10}  {t['file']}")
-    sys.stdout.write("\n".join(out) + "\n")
+    from quantscope.backend.outfile import terminal_text
+    sys.stdout.write("\n".join(map(terminal_text, out)) + "\n")  # (names from the file: no control characters)
     return 0
 
 
@@ -212,6 +213,7 @@ def cmd_dequant(args) -> int:
     from quantscope.backend.compare_align import stacked_expert
     from quantscope.backend.engines import get_engine
     from quantscope.backend.errors import LayerError
+    from quantscope.backend.outfile import terminal_text
     from quantscope.backend.schemes import analyze, data_warning
 
     check_output_path(args.output)
@@ -229,10 +231,10 @@ def cmd_dequant(args) -> int:
         else:
             layer = model.layer(args.layer)
         suspect = layer.warning or data_warning(model, layer)
-        if suspect:
-            print(f"quantscope: warning: {ckpt.source}: {layer.path}: {suspect}", file=sys.stderr)
         engine = get_engine(args.engine)
         w = engine.dequantize(model, layer)
+        if suspect:  # (once decoded: a layer that cannot be is one error line, nothing before it)
+            print(f"quantscope: warning: {ckpt.source}: {layer.path}: {terminal_text(suspect)}", file=sys.stderr)
         if expert is not None:
             w = np.ascontiguousarray(w[expert])
         _save_npy(args.output, w)
@@ -399,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     except QuantscopeError as exc:
         if debug:
             raise
-        print(f"quantscope: error: {exc}", file=sys.stderr)
+        from quantscope.backend.outfile import terminal_text
+        print(f"quantscope: error: {terminal_text(str(exc))}", file=sys.stderr)  # one line, whatever a name holds
         return 2
     except KeyboardInterrupt:
         print("quantscope: interrupted", file=sys.stderr)

@@ -19,7 +19,13 @@ def run_doctor(args) -> int:
         json.dump(printable(report.to_dict()), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(format_report(report) + "\n")
+        sys.stdout.write(_lines(format_report(report)) + "\n")
     if not report.opened:
         return 2
     return 1 if report.summary["error"] else 0
+
+
+def _lines(text: str) -> str:
+    """Each line for a terminal (names from the file may hold control characters)."""
+    from quantscope.backend.outfile import terminal_text
+    return "\n".join(terminal_text(ln) for ln in text.split("\n"))

@@ -112,3 +112,14 @@ def printable(obj):
         out = [printable(v) for v in obj]
         return out if isinstance(obj, list) else tuple(out)
     return obj
+
+
+#: Control characters (C0, DEL, C1) as ``\\xNN``: see :func:`terminal_text`.
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def terminal_text(text: str) -> str:
+    """``text`` for a terminal: :func:`printable`, and every control character (newline, escape,
+    tab included) as ``\\xNN``. A tensor name from a file holding ``\\n\\x1b[31m`` broke the
+    line it was printed on and turned the terminal red; an error message must stay one line."""
+    return printable(text).translate(_CONTROL)

@@ -750,3 +750,20 @@ def test_compare_blames_a_misread_config_not_a_different_model(tmp_path, capsys,
     assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(bad), "--layers", r"layers\.0\.mlp"]) == 2
     err = capsys.readouterr().err
     assert "as its config reads it" in err and "4 bit / group 64 give K=" in err and "different model" not in err
+
+
+def test_names_holding_control_characters_reach_the_terminal_escaped(tmp_path, capsys):
+    # a tensor name with a newline and an escape sequence broke info's line and turned the
+    # terminal red; in an error, it made the one line two
+    name = "model.layers.0.mlp.up_proj.\n\x1b[31mRED"
+    (tmp_path / "m").mkdir()
+    write_st(tmp_path / "m" / "model.safetensors", {name: np.ones((4, 8), np.float32)}, {"format": "pt"})
+    assert main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x0a\\x1b[31mRED" in out
+    assert main(["dequant", str(tmp_path / "m"), "model.layers.0.mlp.up_proj.\n\x1b[31mRED", "-o",
+                 str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and err.count("\n") == 1 and err.startswith("quantscope: error:")
+    assert main(["doctor", str(tmp_path / "m")]) in (0, 1)
+    assert "\x1b" not in capsys.readouterr().out
