@@ -735,8 +735,11 @@ def _refuse_broken(model: Model, layer: Layer) -> None:
     broken, not unknown: carrying it through (int32 words or stray scales in a "dense" output,
     exit 0) hid that."""
     w = layer.tensors.get("weight")
-    if layer.scheme == "unknown" and (any(c in layer.tensors for c in _QUANT_PARTS)
-                                      or (w is not None and w.dtype not in _FLOAT_ST)):
+    # (a float weight beside quantization parts too: a quantized layer saved unquantized or
+    # relabelled F32; dequant refused it, convert copied weight and stale scales, exit 0)
+    stale = layer.scheme == "dense" and layer.problem is not None and any(c in layer.tensors for c in _QUANT_PARTS)
+    if stale or layer.scheme == "unknown" and (any(c in layer.tensors for c in _QUANT_PARTS)
+                                               or (w is not None and w.dtype not in _FLOAT_ST)):
         raise ConversionError(f"cannot convert: {layer.problem or 'packed codes that nothing decodes'}",
                               file=model.ckpt.source, tensor=layer.path, rule="convert.undecodable")
 
@@ -1393,6 +1396,9 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
             raise ConversionError(f"cannot convert: the index lists {len(miss)} tensor(s) that their shard does not "
                                   "hold: the checkpoint is incomplete (download it again)", file=ckpt.source,
                                   tensor=miss[0], rule="convert.incomplete")
+        if not model.layers:  # (a header of no tensors: an output of a config alone, exit 0)
+            raise ConversionError("cannot convert: the checkpoint stores no tensors", file=ckpt.source,
+                                  rule="convert.incomplete")
         # (a Hugging Face cache repo id is no local path: its snapshot, not the current folder joined with it)
         local = src_p.exists()
         rep = ConversionReport(src=str(ckpt.root if src_p.is_dir() else src_p.resolve() if local else ckpt.root),

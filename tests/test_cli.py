@@ -603,6 +603,28 @@ def test_a_config_that_cannot_be_read_gives_exit_1_with_one_warning(tmp_path, ca
     assert len(warned) == 1 and "layers (first " in warned[0] and "config.json ignored" in warned[0]
 
 
+def test_convert_refuses_what_dequant_refuses_and_a_checkpoint_of_no_tensors(tmp_path, capsys):
+    # a float weight beside MLX scales (dequant refused it; convert copied it, exit 0), and a
+    # header of no tensors (an output of a config alone, exit 0)
+    import mlx.core as mx
+    from mx_util import to_np
+    (tmp_path / "m").mkdir()
+    wq, s, b = mx.quantize(mx.array(np.ones((8, 64), np.float32)), group_size=64, bits=4)
+    t = {"model.layers.0.mlp.up_proj.weight": to_np(wq).view(np.float32), "model.layers.0.mlp.up_proj.scales": to_np(s),
+         "model.layers.0.mlp.up_proj.biases": to_np(b)}
+    write_st(tmp_path / "m" / "model.safetensors", t, {"format": "mlx"})
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"hidden_size": 64, "quantization": {"bits": 4, "group_size": 64}}))
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "out"), "--to", "mlx"]) == 2
+    err = capsys.readouterr().err
+    assert "float weight next to `.scales`" in err and not (tmp_path / "out").exists()
+    (tmp_path / "e").mkdir()
+    write_st(tmp_path / "e" / "model.safetensors", {}, {"format": "pt"})
+    (tmp_path / "e" / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    for to in ("mlx", "dense"):
+        assert main(["convert", str(tmp_path / "e"), str(tmp_path / "out"), "--to", to]) == 2
+        assert "stores no tensors" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_convert_refuses_a_checkpoint_whose_index_lists_a_tensor_its_shard_lacks(tmp_path, capsys, real_fixtures):
     src = _copy(real_fixtures / "base-bf16", tmp_path / "b")
     shard = next(src.glob("*.safetensors")).name
