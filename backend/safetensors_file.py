@@ -212,8 +212,14 @@ class SafetensorsFile:
         return meta, obj
 
     def _explain_invalid_json(self, raw: bytes) -> None:
+        objects: list[list] = []  # each object's pairs as parsed; the header's own comes last
+
+        def pairs(p):
+            objects.append(p)
+            return dict(p)
+
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, object_pairs_hook=pairs)
         except UnicodeDecodeError:
             raise self._err("header is not valid UTF-8" + _length_hint(raw), rule="container.header-json") from None
         except (json.JSONDecodeError, RecursionError) as exc:
@@ -222,6 +228,12 @@ class SafetensorsFile:
                             rule="container.header-json") from None
         if not isinstance(obj, dict):
             raise self._err("header is JSON but not an object", rule="container.header-json")
+        seen: set = set()
+        for name, _ in objects[-1]:  # (the last entry of a name wins a parse: the first's bytes were
+            if name in seen:          # then called an overlap or a gap, the cause unsaid)
+                raise self._err("the name appears twice in the header (the safetensors reference parser "
+                                "refuses the file)", name, rule="container.duplicate-key")
+            seen.add(name)
         meta = obj.pop("__metadata__", None)
         if meta is not None:
             if not isinstance(meta, dict):
