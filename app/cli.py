@@ -285,6 +285,12 @@ def check_output_path(path: str) -> None:
             raise QuantscopeError(f"cannot write {path}: it is not writable")
         return
     if not os.path.isdir(parent):
+        # the nearest existing part of it: a file where a folder is wanted is said as such
+        up = parent
+        while up and not os.path.exists(up) and os.path.dirname(up) != up:
+            up = os.path.dirname(up)
+        if os.path.exists(up) and not os.path.isdir(up):
+            raise QuantscopeError(f"cannot write {path}: {up} is a file, not a folder")
         raise QuantscopeError(f"cannot write {path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise QuantscopeError(f"cannot write {path}: the folder {parent} is not writable")

@@ -7,6 +7,7 @@ path without the component suffix) so scheme detection sees ``…q_proj`` with i
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -194,8 +195,7 @@ class Checkpoint:
         if not p.exists():
             resolved = _resolve_hf_repo(str(path))
             if resolved is None:
-                raise CheckpointError("no such file or folder (and no model with that repo id in the "
-                                      "local Hugging Face cache)", file=path, rule="container.missing")
+                raise CheckpointError(missing_reason(p), file=path, rule="container.missing")
             p, self._containment = resolved
             self.notes.append(f"found in the Hugging Face cache: {p}")
         self.path = p
@@ -466,6 +466,22 @@ def hf_cache_dir() -> str:
         return os.path.join(os.environ["HF_HOME"], "hub")
     from huggingface_hub import constants
     return constants.HF_HUB_CACHE
+
+
+def missing_reason(p: Path) -> str:
+    """Why a path that does not exist cannot be opened, in words: a symbolic link loop and a
+    broken link were both "no such file or folder"."""
+    try:
+        os.stat(p)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link loop (a link that leads back to itself)"
+    if os.path.islink(p):
+        try:
+            return f"a broken symbolic link (to {os.readlink(p)}, which does not exist)"
+        except OSError:
+            pass
+    return "no such file or folder (and no model with that repo id in the local Hugging Face cache)"
 
 
 def _resolve_hf_repo(repo_id: str) -> tuple[Path, Path] | None:

@@ -1196,6 +1196,11 @@ CONVERT_MARKER = ".quantscope-convert.json"
 
 
 def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) -> None:
+    up = dst.parent  # a file where a folder of the path is wanted ("File exists", the cause unsaid)
+    while not up.exists() and up.parent != up:
+        up = up.parent
+    if up.exists() and not up.is_dir():
+        raise ConversionError(f"cannot create it: {up} is a file, not a folder", file=dst, rule="convert.destination")
     s, d = src_root.resolve(), dst.resolve()
     if d == s or _is_within(d, s):
         raise ConversionError("the destination is the source folder or inside it; choose a folder elsewhere",

@@ -38,7 +38,7 @@ import ml_dtypes
 import numpy as np
 
 from .bitpack import unpack_bits
-from .checkpoint import (INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within,
+from .checkpoint import (INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within, missing_reason,
                          natural_key, split_name)
 from .compare_align import _FUSED, EXPERT_RE
 from .dtypes import DTYPES
@@ -643,8 +643,7 @@ class _Doctor:
         if not p.exists():
             resolved = _resolve_hf_repo(self.source)
             if resolved is None:
-                self.col.add("container.missing", "no such file or folder (and no model with that repo id in the "
-                             "local Hugging Face cache)", file=self.source)
+                self.col.add("container.missing", missing_reason(p), file=self.source)
                 return None
             p, containment = resolved
         if p.is_dir():

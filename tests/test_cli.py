@@ -789,3 +789,23 @@ def test_names_holding_control_characters_reach_the_terminal_escaped(tmp_path, c
     assert "\x1b" not in err and err.count("\n") == 1 and err.startswith("quantscope: error:")
     assert main(["doctor", str(tmp_path / "m")]) in (0, 1)
     assert "\x1b" not in capsys.readouterr().out
+
+
+def test_paths_that_cannot_be_used_say_why(tmp_path, capsys):
+    # a symbolic link loop and a broken link were "no such file or folder"; a file where a folder
+    # of the output path is wanted was "the folder ... does not exist" or "File exists"
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "c").symlink_to(tmp_path / "nowhere")
+    assert main(["info", str(tmp_path / "a")]) == 2
+    assert "a symbolic link loop" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "c")]) == 2
+    assert "a broken symbolic link (to " in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    demo = tmp_path / "d"
+    assert main(["demo", str(demo)]) == 0
+    capsys.readouterr()
+    assert main(["dequant", str(demo / "reference"), "model.layers.0.mlp.up_proj", "-o", str(tmp_path / "f" / "x.npy")]) == 2
+    assert f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
+    assert main(["convert", str(demo / "reference"), str(tmp_path / "f" / "out"), "--to", "dense"]) == 2
+    assert f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
