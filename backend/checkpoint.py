@@ -323,11 +323,20 @@ class Checkpoint:
         if self.index is not None:
             wm = self.index["weight_map"]
             by_name = self._shard_names
-            missing = [t for t, s in wm.items() if t not in by_name[s]]
+            listed_wrong = [t for t, s in wm.items() if t not in by_name[s]]
+            # absent from every shard (an incomplete download), or held by another shard than the
+            # index says (a wrong index: read from where it is; a conversion writes a right one)
+            missing = [t for t in listed_wrong if t not in where]
+            elsewhere = [t for t in listed_wrong if t in where]
             self.index_missing = missing
             if missing:
                 self.warnings.append(f"{len(missing)} tensor(s) listed in the index are absent from "
                                      f"their shard, e.g. {missing[0]!r}")
+            if elsewhere:
+                t = elsewhere[0]
+                self.warnings.append(f"{len(elsewhere)} tensor(s) listed in the index under another shard than "
+                                     f"the one holding them, e.g. {t!r} under {wm[t]} but in {where[t].path.name}: "
+                                     "the index is wrong (loaders that follow it fail); read from where they are")
             extra = [t for t in where if t not in wm]
             if extra:
                 self.warnings.append(f"{len(extra)} tensor(s) in the shards are not in the index, "

@@ -90,6 +90,22 @@ def test_index_stray_and_inconsistent_entries_are_warned(tmp_path):
     assert "stray" not in c
 
 
+def test_a_tensor_the_index_lists_under_another_shard_is_read_where_it_is(tmp_path):
+    # "absent from their shard" and convert's "incomplete (download it again)" for a tensor that
+    # another shard holds: the index is wrong, the download whole
+    from quantscope.backend.convert import convert
+    (tmp_path / "m").mkdir()
+    wm = _sharded(tmp_path / "m")
+    wm["model.layers.2.mlp.up_proj.weight"] = "model-00001-of-00003.safetensors"
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    c = open_checkpoint(tmp_path / "m")
+    assert c.index_missing == [] and "absent from their shard" not in " ".join(c.warnings)
+    assert "under another shard than the one holding them" in " ".join(c.warnings)
+    np.testing.assert_array_equal(c.tensor("model.layers.2.mlp.up_proj.weight"), np.full((4, 8), 2, np.float32))
+    convert(tmp_path / "m", tmp_path / "out", to="dense")  # (its own index is right)
+    assert open_checkpoint(tmp_path / "out").tensor("model.layers.2.mlp.up_proj.weight").shape == (4, 8)
+
+
 def test_pickles_are_never_opened(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     with pytest.raises(UnsupportedFormatError, match="never unpickled"):
