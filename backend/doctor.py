@@ -865,6 +865,7 @@ class _Doctor:
             file = next(iter(comps.values())).file if comps else None
             self._check_mlx_triple(layer, cfg, file)
             self._check_formats(layer, cfg, file)
+            self._check_extra_parts(layer)
             if layer.problem and len(col.findings) == before and layer.problem != "no weight tensor recognised":
                 # A module no scheme recognises may be a format quantscope does not know: a warning.
                 # ...but a packed qweight (GPTQ/AWQ) without what decodes it is a broken layer
@@ -876,6 +877,22 @@ class _Doctor:
         self._check_per_expert()
         self._check_fused_and_split()
         self._check_config(cfg, ck)
+
+    def _check_extra_parts(self, layer) -> None:
+        """A bias that does not fit the layer's outputs, a float weight beside packed codes: the
+        decode is right, but loaders fail on the layer (a size mismatch) or take the other one."""
+        comps, path = layer.tensors, layer.path
+        b = comps.get("bias")
+        if b is not None and layer.shape and len(layer.shape) >= 2 and tuple(b.shape) != tuple(layer.shape[:-1]):
+            self.col.add("layer.inconsistent", f"bias {list(b.shape)} does not fit the layer's outputs "
+                         f"{list(layer.shape[:-1])}: loaders fail on it (size mismatch) — a stale or damaged file",
+                         file=b.file, tensor=f"{path}.bias", layer=path)
+        packed = next((c for c in ("qweight", "weight_packed") if c in comps), None)
+        w = comps.get("weight")
+        if packed and w is not None and w.dtype in ("F32", "F16", "BF16"):
+            self.col.add("layer.inconsistent", f"both a float `.weight` {list(w.shape)} and packed `.{packed}`: "
+                         "quantscope reads the packed codes; a loader may take either — one of them is stale",
+                         file=w.file, tensor=f"{path}.weight", layer=path)
 
     def _check_mlx_triple(self, layer, cfg, file) -> None:
         comps, path, col = layer.tensors, layer.path, self.col
