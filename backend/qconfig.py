@@ -95,6 +95,10 @@ def parse_configs(configs: dict[str, dict]) -> QuantConfig:
 #: by them (it was taken for MLX's, whose block also has bits and group_size).
 _GPTQ_KEYS = ("desc_act", "sym", "checkpoint_format", "damp_percent", "static_groups", "true_sequential",
               "pack_dtype", "act_group_aware")
+#: checkpoint_format values of GPTQ loaders (GPTQModel's FORMAT, optimum, AutoGPTQ).
+_GPTQ_FORMATS = ("gptq", "gptq_v2", "marlin", "bitblas", "qqq", "ipex")
+#: AutoAWQ's versions (quantization_config "version", case-insensitive).
+_AWQ_VERSIONS = ("gemm", "gemv", "gemv_fast", "marlin", "exllama", "ipex")
 _AWQ_KEYS = ("zero_point", "version", "w_bit", "q_group_size", "modules_to_not_convert")
 
 
@@ -266,10 +270,15 @@ def _parse_gptq(q: dict, where: str) -> QuantConfig:
             out.notes.append(f"{where}: {key} is null, which no GPTQ loader can use: ignored (the tensors' shapes "
                              "decide)")
             out.bad_values.append((out.notes[-1], False))
+    if fmt is not None and str(fmt).lower() not in _GPTQ_FORMATS:
+        out.notes.append(f"{where}: checkpoint_format {fmt!r} is none GPTQ loaders know ({', '.join(_GPTQ_FORMATS)}): "
+                         "read as 'gptq' (v1), which the zero points are checked against")
+        out.bad_values.append((out.notes[-1], True))
+        fmt = "gptq"
     out.globals = {
         "bits": _number(out, q, "bits", "w_bit", "wbits"),
         "group_size": _number(out, q, "group_size", "q_group_size"),
-        "sym": q.get("sym", True),
+        "sym": _flag(out, q, "sym", where, default=True),
         "desc_act": bool(q.get("desc_act", False)),
         "static_groups": bool(q.get("static_groups", False)),
         "checkpoint_format": fmt or "gptq",
@@ -282,11 +291,28 @@ def _parse_gptq(q: dict, where: str) -> QuantConfig:
     return out
 
 
+def _flag(out: QuantConfig, q: dict, key: str, where: str, default: bool) -> bool:
+    """A boolean setting; the strings "true"/"false" read as such and said (truthy, "false" was
+    read as true)."""
+    v = q.get(key, default)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        got = v.strip().lower() == "true"
+        out.notes.append(f'{where}: {key} is the string "{v}", read as {got} (loaders expect true/false and may '
+                         "read any string as true)")
+        out.bad_values.append((out.notes[-1], True))
+        return got
+    return v
+
+
 def _parse_awq(q: dict, where: str) -> QuantConfig:
     out = QuantConfig(kind="awq", file=where, raw=q)
     version = str(_first(q, "version", default="gemm")).lower()
+    if version not in _AWQ_VERSIONS:
+        out.notes.append(f"{where}: version {version!r} is none AutoAWQ knows ({', '.join(_AWQ_VERSIONS)}): "
+                         "the tensors' shapes decide the layout")
+        out.bad_values.append((out.notes[-1], True))
     out.globals = {"bits": _number(out, q, "bits", "w_bit"), "group_size": _number(out, q, "group_size", "q_group_size"),
-                   "zero_point": q.get("zero_point", True), "version": version,
+                   "zero_point": _flag(out, q, "zero_point", where, default=True), "version": version,
                    "modules_to_not_convert": q.get("modules_to_not_convert")}
     if "w_bit" in q and "bits" not in q:
         out.notes.append(f"{where} uses AutoAWQ's own keys (w_bit/q_group_size); transformers reads "
