@@ -38,7 +38,7 @@ import ml_dtypes
 import numpy as np
 
 from .bitpack import unpack_bits
-from .checkpoint import (INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within, missing_reason,
+from .checkpoint import (CONFIG_FILES, INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within, missing_reason,
                          natural_key, split_name)
 from .compare_align import _FUSED, EXPERT_RE
 from .dtypes import DTYPES
@@ -1059,10 +1059,13 @@ class _Doctor:
                     "incomplete", file=self.root / _cfg_file(cfg) if cfg.kind else self.source)
         for message, usable in cfg.bad_values:
             if usable:
-                col.add("config.number-type", f"{message} — write it as an integer", file=self.root / _cfg_file(cfg))
+                col.add("config.number-type", f"{message} — write it as an integer", file=self.root / _cfg_file(cfg, message))
             else:
                 col.add("config.bad-value", f"{message} — loaders fail on it or misread the file; write what "
-                        "the tensors were quantized with", file=self.root / _cfg_file(cfg))
+                        "the tensors were quantized with", file=self.root / _cfg_file(cfg, message))
+        for message in cfg.odd_values:
+            col.add("config.bad-value", f"{message} — loaders fail on it or misread the file; write what the "
+                    "tensors were quantized with", file=self.root / _cfg_file(cfg, message))
         if cfg.conflicts:
             col.add("config.disagree", f"quantize_config.json disagrees with config.json's quantization_config: "
                     f"{', '.join(cfg.conflicts)}. transformers, GPTQModel and vLLM read config.json (quantscope "
@@ -1639,7 +1642,13 @@ def _scale_component(layer) -> str | None:
     return None
 
 
-def _cfg_file(cfg) -> str:
+def _cfg_file(cfg, message: str = "") -> str:
+    """The config file a finding concerns: the one its message begins with (a list for
+    config.json's quantization_config was filed under the quantize_config.json read instead),
+    else the one the quantization settings came from."""
+    head = re.split(r'[\[:\s]', message, maxsplit=1)[0]
+    if head in CONFIG_FILES:
+        return head
     return (cfg.file or "config.json").split("[")[0]
 
 

@@ -56,6 +56,9 @@ class QuantConfig:
         ``(message, usable)`` per bits / group size value not written as an integer — usable ones
         (``"4"``, ``4.0``) were read as the number, the others (``0``, ``"x"``) ignored — and for
         a ``quantization_config`` that is not an object (ignored).
+    odd_values
+        Messages for settings read one way here that loaders read otherwise or fail on: a flag
+        written as a string, a GPTQ ``checkpoint_format`` or AWQ ``version`` no loader knows.
     """
 
     kind: str | None = None
@@ -65,6 +68,7 @@ class QuantConfig:
     overrides: list[tuple[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     bad_values: list = field(default_factory=list)
+    odd_values: list[str] = field(default_factory=list)
     #: Settings config.json's quantization_config and quantize_config.json give differently:
     #: ``"bits 4 against 8"`` (config.json's first, the one used).
     conflicts: list[str] = field(default_factory=list)
@@ -273,7 +277,7 @@ def _parse_gptq(q: dict, where: str) -> QuantConfig:
     if fmt is not None and str(fmt).lower() not in _GPTQ_FORMATS:
         out.notes.append(f"{where}: checkpoint_format {fmt!r} is none GPTQ loaders know ({', '.join(_GPTQ_FORMATS)}): "
                          "read as 'gptq' (v1), which the zero points are checked against")
-        out.bad_values.append((out.notes[-1], True))
+        out.odd_values.append(out.notes[-1])
         fmt = "gptq"
     out.globals = {
         "bits": _number(out, q, "bits", "w_bit", "wbits"),
@@ -299,7 +303,7 @@ def _flag(out: QuantConfig, q: dict, key: str, where: str, default: bool) -> boo
         got = v.strip().lower() == "true"
         out.notes.append(f'{where}: {key} is the string "{v}", read as {got} (loaders expect true/false and may '
                          "read any string as true)")
-        out.bad_values.append((out.notes[-1], True))
+        out.odd_values.append(out.notes[-1])
         return got
     return v
 
@@ -310,7 +314,7 @@ def _parse_awq(q: dict, where: str) -> QuantConfig:
     if version not in _AWQ_VERSIONS:
         out.notes.append(f"{where}: version {version!r} is none AutoAWQ knows ({', '.join(_AWQ_VERSIONS)}): "
                          "the tensors' shapes decide the layout")
-        out.bad_values.append((out.notes[-1], True))
+        out.odd_values.append(out.notes[-1])
     out.globals = {"bits": _number(out, q, "bits", "w_bit"), "group_size": _number(out, q, "group_size", "q_group_size"),
                    "zero_point": _flag(out, q, "zero_point", where, default=True), "version": version,
                    "modules_to_not_convert": q.get("modules_to_not_convert")}

@@ -182,7 +182,7 @@ def data_warning(model: Model, layer: Layer) -> str | None:
         return f"{unread[0]}: loaders fail on this checkpoint; here its tensors' shapes decide the settings"
     # a setting no loader can use (0 bits, "four", a group size of -7: the doctor's config.bad-value),
     # ignored here for what the shapes say; dequant/compare/convert said nothing and exited 0
-    bad = [msg for msg, usable in model.config.bad_values if not usable]
+    bad = [msg for msg, usable in model.config.bad_values if not usable] + model.config.odd_values
     if bad and layer.quantized:
         return f"{bad[0]}: loaders that follow the config fail on it or misread the layer"
     from .doctor import layer_config_error

@@ -809,3 +809,14 @@ def test_paths_that_cannot_be_used_say_why(tmp_path, capsys):
     assert f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
     assert main(["convert", str(demo / "reference"), str(tmp_path / "f" / "out"), "--to", "dense"]) == 2
     assert f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_checkpoint_format_no_loader_knows_gives_exit_1_and_a_doctor_error(tmp_path, capsys):
+    from pathlib import Path
+    src = _copy(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128", tmp_path / "g")
+    _edit_config(src, checkpoint_format="gptq_v9")
+    assert main(["dequant", str(src), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "x.npy")]) == 1
+    assert "checkpoint_format 'gptq_v9' is none GPTQ loaders know" in capsys.readouterr().err
+    assert main(["doctor", str(src)]) == 1
+    out = capsys.readouterr().out
+    assert "[config.bad-value]" in out and "gptq_v9" in out and "write it as an integer" not in out
