@@ -311,9 +311,9 @@ def test_a_pickle_is_named_but_a_header_length_ending_in_0x80_is_not():
 def test_a_name_twice_in_the_header_is_said_as_such(tmp_path):
     # the last entry of a name wins a JSON parse: the first's bytes were then called a gap or an
     # overlap with another tensor, the cause unsaid
-    e = '{"dtype": "F32", "shape": [2], "data_offsets": %s}'
-    raw = ('{"__metadata__": {"format": "pt"}, "a": %s, "b": %s, "a": %s}'
-           % (e % "[0, 8]", e % "[8, 16]", e % "[16, 24]")).encode()
+    def e(a, b):
+        return f'{{"dtype": "F32", "shape": [2], "data_offsets": [{a}, {b}]}}'
+    raw = f'{{"__metadata__": {{"format": "pt"}}, "a": {e(0, 8)}, "b": {e(8, 16)}, "a": {e(16, 24)}}}'.encode()
     path = write_raw(tmp_path / "x.safetensors", raw, np.zeros(6, np.float32).tobytes())
     with pytest.raises(HeaderError) as exc:
         SafetensorsFile(path)
