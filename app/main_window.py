@@ -102,6 +102,9 @@ class MainWindow(QMainWindow):
         self.current_layer: str | None = None
         self._convert_note: tuple[str | None, str] | None = None  # (layer shown, summary) of a conversion
         self._unopened: list[str] = []  # the checkpoints of the last open that failed: for the doctor
+        # and why, said where a comparison's results would be until the next open (the error box
+        # goes, and a screenshot run shows none)
+        self._open_errors: list[tuple[str, str]] = []
         self._quant_only: dict[tuple[str, str], float] = {}  # the last comparison's rel_fro_quant by (layer, variant)
         self._resize_timer = QTimer(self, singleShot=True, interval=120)
         self._resize_timer.timeout.connect(self._rescale_docks)
@@ -303,6 +306,7 @@ class MainWindow(QMainWindow):
         n = len(paths) + bool(reference)
 
         def opened(ws: Workspace) -> None:
+            self._open_errors = list(ws.failed)
             self.set_workspace(ws)
             self._report_failed(ws.failed, n, reference)
 
@@ -310,12 +314,28 @@ class MainWindow(QMainWindow):
                             on_result=opened, on_error=self._open_failed([*([reference] if reference else []), *paths],
                                                                          reference))
 
+    def _needs_note(self) -> str:
+        """What a comparison needs that the workspace lacks ("" when it can run), after what
+        could not be opened and why."""
+        ws = self.workspace
+        needs = ("" if ws.reference is not None and ws.variants else
+                 "A comparison needs a reference: File ▸ Set reference… opens the original (unquantized) model."
+                 if ws.reference is None else
+                 "A comparison needs a variant beside the reference: File ▸ Add variant… opens a quantized one.")
+        if not needs or not self._open_errors:
+            return needs
+        failed = " · ".join(msg if msg.startswith(p) else f"{p}: {msg}" for p, msg in self._open_errors)
+        return f"Could not be opened: {failed}. {needs}"
+
     def _open_failed(self, paths: list[str], reference: str | None = None):
         """The error handler of a load where none of ``paths`` opened (in the order they were
         tried: the error names the first): they are what the doctor checks next (Tools ▸ Run
         doctor with nothing open), the one named first."""
         def failed(message: str, details: str) -> None:
             self._unopened = [str(p) for p in paths]
+            self._open_errors = [(self._unopened[0] if self._unopened else "", message)]
+            if not self.workspace.models():  # nothing open at all: the empty views say it
+                self.layers.set_rows([], {}, empty_note=self._needs_note())
             named = [str(p) for p in [*paths, reference] if p is not None and message.startswith(str(p))]
             if named:  # our own error, naming the file: its details say what to do, not the traceback
                 details = (f"{message}\n\nTools ▸ Run doctor (Ctrl+D) lists every problem of {named[0]} "
@@ -460,10 +480,7 @@ class MainWindow(QMainWindow):
         # result) in later turns of the event loop: each turn and its repaint stay short.
         variants, colors = list(ws.variants), dict(self.colors)
         # said where the comparison's results would be: what it needs, when it cannot run
-        needs = ("" if ws.reference is not None and ws.variants else
-                 "A comparison needs a reference: File ▸ Set reference… opens the original (unquantized) model."
-                 if ws.reference is None else
-                 "A comparison needs a variant beside the reference: File ▸ Add variant… opens a quantized one.")
+        needs = self._needs_note()
         self._in_turns("workspace", [lambda: self.layers.set_rows([], colors, empty_note=needs),
                                      lambda: self.layers.set_warnings({}),
                                      *self.layers.prepare_steps(variants, colors),
@@ -799,7 +816,7 @@ class MainWindow(QMainWindow):
         ws = self.workspace
         title = "Compare all layers" if only is None else "Compare layers matching the search"
         if ws.reference is None or not ws.variants:
-            self._show_error(title, _NEEDS_BOTH, "")
+            self._show_error(title, _NEEDS_BOTH + (f" {self._needs_note()}" if self._open_errors else ""), "")
             return
 
         self._compared = (ws.reference, only)  # asked: a variant added meanwhile is compared with it

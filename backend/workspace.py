@@ -95,5 +95,7 @@ def load_workspace(paths: list[str], reference: str | None = None, progress=None
         if progress:
             progress((i + 1) / len(todo))
     if first_error is not None and ws.reference is None and not ws.variants:
+        if len(ws.failed) > 1:  # each named (only the first was)
+            raise QuantscopeError(" · ".join(msg for _, msg in ws.failed), rule=first_error.rule)
         raise first_error
     return ws

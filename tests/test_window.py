@@ -218,6 +218,10 @@ def test_one_broken_checkpoint_does_not_keep_the_others_from_opening(win, qtbot,
     with qtbot.waitSignal(win.failed, timeout=30_000) as sig:
         win.open_workspace([str(demo.variants["awq-w4g128"])], str(broken))
     assert sig.args[0].startswith("The reference could not be opened, so no error can be measured")
+    # and it stays said where the comparison's results would be (the error box goes; a
+    # screenshot run shows none): the Layers view blamed nothing but a missing reference
+    qtbot.waitUntil(lambda: "Could not be opened: " in win.layers.hint.text(), timeout=10_000)
+    assert str(broken) in win.layers.hint.text() and "A comparison needs a reference" in win.layers.hint.text()
 
 
 def test_the_only_checkpoint_failing_to_open_gives_details_not_a_traceback(win, qtbot, tmp_path, monkeypatch):
@@ -232,6 +236,14 @@ def test_the_only_checkpoint_failing_to_open_gives_details_not_a_traceback(win, 
     message, details = shown[0]
     assert message.startswith(str(bad)) and "Traceback" not in details and "File \"" not in details
     assert details.startswith(message) and f"Run doctor (Ctrl+D) lists every problem of {bad}" in details
+    # several, none opening: each is named (only the first was)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"{" * 64)
+    shown.clear()
+    win.open_workspace([str(bad), str(other)], None)
+    qtbot.waitUntil(lambda: bool(shown), timeout=30_000)
+    assert str(bad) in shown[0][0] and str(other) in shown[0][0]
 
 
 def test_whatif_requantizes_from_the_reference(win, qtbot):
@@ -1559,3 +1571,24 @@ def test_a_layer_a_variant_keeps_unquantized_is_said_to_be_a_copy(win, qtbot):
     qtbot.waitUntil(lambda: "Current error" in win.config.whatif_result.text(), timeout=30_000)
     text = win.config.whatif_result.text().replace("\u200b", "")
     assert "stored unquantized: a copy, not a quantization" in text
+
+
+def test_an_empty_window_says_what_could_not_be_opened(qtbot, tmp_path):
+    # nothing open and the only checkpoint broken: the Layers view blamed a missing reference
+    # (the error box goes; a screenshot run shows none)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"\xff" * 64)
+    win = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(win)
+    win.quiet_errors = True
+    try:
+        with qtbot.waitSignal(win.failed, timeout=30_000):
+            win.open_workspace([str(bad)], None)
+        assert "Could not be opened: " in win.layers.hint.text() and str(bad) in win.layers.hint.text()
+        shown = []
+        win.failed.connect(shown.append)
+        win.compare_all()
+        assert shown and str(bad) in shown[0]  # Compare says why there is nothing to compare
+    finally:
+        win.service.shutdown()
