@@ -695,11 +695,23 @@ class MainWindow(QMainWindow):
         self._update_view(self.codes, lambda: self.codes.set_counts({}, {}, empty_note=why))
         self._update_view(self.heatmap, lambda: self.heatmap.set_maps({}, empty_note=why))
 
-    def _no_partner_why(self, name: str) -> str:
-        """Why no open variant is measured on reference layer ``name``: none has it, or theirs
-        have another shape (a reference of another model: said as such, not as a missing layer)."""
+    def _no_partner_why(self, name: str, left_out: dict | None = None) -> str:
+        """Why no open variant is measured on reference layer ``name``: theirs could not be
+        decoded (``left_out``: the detail job's reasons by variant), none has it, or theirs have
+        another shape (a reference of another model: said as such, not as a missing layer)."""
         ws = self.workspace
+        if left_out:
+            return " · ".join(f"{v}: not shown, {why}" for v, why in left_out.items())
         ref = ws.reference.layers[name]
+        # a variant's layer of that name that cannot be decoded: its own reason (it was "no open
+        # variant has this layer", or another shape "( in x)" blamed on the reference)
+        broken = {lb: m.layers[name] for lb, m in ws.variants.items()
+                  if name in m.layers and (m.layers[name].problem or not m.layers[name].decodable)}
+        if broken:
+            lb, lay = next(iter(broken.items()))
+            more = f" (and {len(broken) - 1} more variant(s))" if len(broken) > 1 else ""
+            return (f"{lb}'s layer cannot be decoded{more}: {lay.problem or f'scheme {lay.scheme!r}'} — Tools ▸ Run "
+                    "doctor lists what is wrong with it")
         other = {lb: m.layers[name].shape for lb, m in ws.variants.items()
                  if name in m.layers and m.layers[name].shape != ref.shape}
         if not other:
@@ -727,7 +739,7 @@ class MainWindow(QMainWindow):
             if ws.reference is None else
             "no variant is open to measure against the reference (File ▸ Add variant… opens a quantized "
             "checkpoint)" if not ws.variants else
-            self._no_partner_why(r["name"])
+            self._no_partner_why(r["name"], d.left_out)
             if r["name"] in ws.reference.layers else
             "the reference has no layer of that name to measure the error against "
             "(a variant's own name: select the reference's layer it stands for)")

@@ -1015,6 +1015,14 @@ def test_a_variant_that_cannot_be_compared_is_named_and_the_others_compared(win,
     assert "Not shown: bits8" in win.hist.footer.text() and "bits8" not in win.hist._counts
     assert "bits8: not shown, the variant's layer model.layers.0.mlp.up_proj cannot be decoded" in \
         win.config.whatif_result.text().replace("\u200b", "")  # (break chances in long words)
+    # the only variant: the box said "no open variant has this layer", which it has
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(bad)], str(demo.reference))
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.0.mlp.up_proj")
+    text = win.config.whatif_result.text().replace("\u200b", "")
+    assert "bits8: not shown, the variant's layer model.layers.0.mlp.up_proj cannot be decoded" in text
+    assert "no open variant has this layer" not in text
 
 
 def test_the_doctor_runs_on_a_checkpoint_that_could_not_be_opened(win, qtbot, tmp_path, demo):
