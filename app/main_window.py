@@ -862,7 +862,7 @@ class MainWindow(QMainWindow):
         self._in_turns("sweep", [lambda: self.tabs.setCurrentWidget(self.layers),
                                  lambda: (self.layers.set_reference_nonfinite(result.reference_nonfinite),
                                           self.layers.set_rows(result.rows, colors, heatmap=False)),
-                                 lambda: self.layers.set_warnings(result.warnings()),
+                                 lambda: self.layers.set_warnings(_with_implausible(result)),
                                  lambda: self.doctor.set_compare_note(self._compare_note(self.tree.current_label())),
                                  self.layers.redraw_heatmap,
                                  lambda: self.tree.model.set_all_errors(per),
@@ -1159,3 +1159,24 @@ class MainWindow(QMainWindow):
             self.settings.setValue("window/state", self.saveState())
         self.service.shutdown()
         super().closeEvent(ev)
+
+
+def _with_implausible(result) -> dict[str, tuple[str, str]]:
+    """The sweep's warnings per variant, with its layers of implausible error (rel_fro >= 0.99:
+    the decode holds next to nothing of the reference; `compare` exits 1 on them): broken or
+    mislabelled scales, whose figures (rel. error 5e6, 1.0 for zeroed scales) were plotted and
+    coloured without a word."""
+    out = dict(result.warnings())
+    odd: dict[str, list] = {}
+    for r in result.implausible():
+        odd.setdefault(r.variant, []).append(r)
+    for v, rows in odd.items():
+        worst = max(rows, key=lambda r: r.rel_fro)
+        short = (f"implausible error in {len(rows)} layer(s), up to {worst.rel_fro:.4g} ({worst.name}): broken or "
+                 "mislabelled scales? Tools ▸ Run doctor checks them")
+        full = (f"{len(rows)} layer(s) whose decode holds next to nothing of the reference (rel_fro >= 0.99; all "
+                "zeros give 1): " + ", ".join(f"{r.name} ({r.rel_fro:.4g})" for r in rows[:8])
+                + (" …" if len(rows) > 8 else "") + ". No quantization does that at any bit width: the layer's "
+                "scales are broken or mislabelled, and its figures are of a misread file.")
+        out[v] = (f"{out[v][0]}; {short}", f"{out[v][1]}\n{full}") if v in out else (short, full)
+    return out

@@ -1600,3 +1600,25 @@ def test_an_empty_window_says_what_could_not_be_opened(qtbot, tmp_path):
         assert shown and str(bad) in shown[0]  # Compare says why there is nothing to compare
     finally:
         win.service.shutdown()
+
+
+def test_implausible_errors_are_said_above_the_plot(win, qtbot, tmp_path, demo):
+    # one layer's scales 1e6 times too large: its rel. error (4e5) was plotted and coloured without
+    # a word in the window (`compare` lists it and exits 1)
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+    bad = tmp_path / "huge"
+    shutil.copytree(demo.variants["gptq-w4g128"], bad)
+    f = next(bad.glob("*.safetensors"))
+    t = load_file(str(f))
+    name = "model.layers.0.self_attn.q_proj.scales"
+    t[name] = (t[name].astype(np.float32) * 1000).astype(t[name].dtype)
+    save_file(t, str(f), {"format": "pt"})
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(bad)], str(demo.reference))
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
+    assert "huge: implausible error in 1 layer(s)" in win.layers.warn.text() and not win.layers.warn.isHidden()
+    assert "model.layers.0.self_attn.q_proj" in win.layers.warn.toolTip()
