@@ -71,6 +71,10 @@ def _rules(*rows) -> dict[str, Rule]:
 
 #: Median |scale| outside this range: the scales are not read as they were written.
 _SCALE_SANE = (1e-9, 1e4)
+#: Schemes whose quantizers write scales >= 0 (a group's range over its levels, an absmax): MLX
+#: affine is not one of them (it negates a group's scale to make its zero exact).
+_POSITIVE_SCALES = frozenset({"gptq", "awq-gemm", "awq-gemv", "ct-pack", "ct-naive", "ct-fp8", "fp8-block",
+                              "bnb-nf4", "bnb-fp4", "bnb-int8"})
 #: Model types whose mlx-lm class (0.32) stacks per-expert weight, scales and biases alike when it
 #: loads (its ``sanitize``), so experts MLX-quantized one by one load; mlx-lm's aliases included.
 STACKS_QUANTIZED_EXPERTS = frozenset({
@@ -169,6 +173,8 @@ RULES: dict[str, Rule] = _rules(
     ("values.empty", "warning", None, "a weight matrix with a dimension of 0"),
     ("values.few-levels", "warning", None, "a layer's codes use only a few of the 2^b levels"),
     ("values.saturated", "warning", None, "most codes sit at the ends of the range"),
+    ("values.negative-scale", "error", None, "negative scales in a scheme whose quantizers write none (GPTQ, AWQ, "
+                                             "compressed-tensors, FP8, bitsandbytes)"),
     ("values.scale-outlier", "warning", None, "median |scale| ≥100× off the median of the same projection"),
     ("values.scale-magnitude", "error", None, ("median |scale| outside 1e-9…1e4: scales stored in another dtype "
                                                "(F16 labelled BF16) or unit; every weight decodes wrong")),
@@ -1550,6 +1556,13 @@ class _Doctor:
             if not f.size:
                 return None
         a = np.abs(f)
+        neg = int(np.count_nonzero(f < 0))
+        if neg and layer.scheme in _POSITIVE_SCALES:
+            # (MLX affine's may be negative: it flips a group's scale so that its zero is exact)
+            self.col.add("values.negative-scale", f"{neg} of {f.size} checked scales are negative: "
+                         f"{layer.scheme} quantizers write a group's range over its levels, never below 0 — the "
+                         "scales were damaged (a sign flipped, bytes of another tensor); every weight of those "
+                         "groups decodes mirrored", **common)
         zeros = int(np.count_nonzero(a == 0))
         # (MLX affine: the group's bias still holds its value, so a constant group decodes exactly;
         # nvfp4: the E4M3 scale encodes amax/6, which is 0 for a group of zeros)

@@ -600,6 +600,14 @@ def c_g_idx_float(tmp):
     return make_gptq(tmp / "m", t), "layer.inconsistent", Q0
 
 
+def c_negative_scales(tmp):
+    # GPTQ scales are a group's range over its levels: negated, every weight decodes mirrored
+    # (a fuzzed copy: rel_fro 2.0, "no problems found")
+    t = _gptq_tensors()
+    t[f"{Q0}.scales"] = -t[f"{Q0}.scales"]
+    return make_gptq(tmp / "m", t), "values.negative-scale", f"{Q0}.scales"
+
+
 def c_bias_misfit(tmp):
     # a bias of 7 on a layer of HIDDEN outputs: "no problems found", convert carried it over
     t = _gptq_tensors()
@@ -857,7 +865,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys, c_gptq_dynamic_not_quantized,
          c_gptq_dynamic_bad_regex,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
-         c_awq_qzeros_missing, c_g_idx_float, c_bias_misfit, c_weight_beside_qweight,
+         c_awq_qzeros_missing, c_g_idx_float, c_bias_misfit, c_weight_beside_qweight, c_negative_scales,
          c_ct_packing, c_ct_zero_point, c_ct_zero_point_missing, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,
          c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale, c_zero_layer, c_scale_dtype,
          c_denormal_scale, c_constant_dense, c_constant_scales, c_few_levels, c_saturated, c_scale_outlier,
