@@ -846,9 +846,17 @@ class MainWindow(QMainWindow):
         self.service.submit("sweep", "Comparing all layers" if only is None else f"Comparing layers matching "
                             f"“{only.pattern}”", jobs.job_sweep, ws.reference, dict(ws.variants),
                             engine=self.engine, cache=self._sweep_cache, layers=only, on_result=shown,
-                            on_error=self._job_failed, on_cancel=lambda: self._status(
+                            on_error=self._sweep_failed, on_cancel=lambda: self._status(
                                 "Comparison cancelled: Tools ▸ Compare all layers (Ctrl+Shift+C) runs it again; "
                                 "the layers measured so far are kept and not measured twice"))
+
+    def _sweep_failed(self, message: str, details: str) -> None:
+        """A comparison that compared nothing (no variant has a layer that can be): said where its
+        results would be, not only in the error box and the status bar (the view still said "Tools ▸
+        Compare all layers measures…")."""
+        self.layers.set_rows([], dict(self.colors), empty_note=f"Nothing compared: {message}")
+        self.tabs.setCurrentWidget(self.layers)
+        self._job_failed(message, details)
 
     def _show_sweep(self, result) -> None:
         self.sweep_result = result

@@ -1023,6 +1023,12 @@ def test_a_variant_that_cannot_be_compared_is_named_and_the_others_compared(win,
     text = win.config.whatif_result.text().replace("\u200b", "")
     assert "bits8: not shown, the variant's layer model.layers.0.mlp.up_proj cannot be decoded" in text
     assert "no open variant has this layer" not in text
+    # nothing to compare at all: said where the results would be (it still said "Tools ▸ Compare
+    # all layers measures…"), and that view shown
+    with qtbot.waitSignal(win.failed, timeout=120_000):
+        win.compare_all()
+    assert win.layers.hint.text().startswith("Nothing compared: ") and "bits are wrong" in win.layers.hint.text()
+    assert win.tabs.currentWidget() is win.layers
 
 
 def test_the_doctor_runs_on_a_checkpoint_that_could_not_be_opened(win, qtbot, tmp_path, demo):
