@@ -439,14 +439,21 @@ def gptq_pattern(pattern: str) -> tuple[bool, str]:
     return pattern.startswith("-:"), pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
 
 
+def _bits_group(g: dict) -> str:
+    """``"4 bit, group 128"`` of global settings; a value the config lacks or gives unusably
+    (ignored, the shapes decide) as such, not "None bit"."""
+    bits = f"{g['bits']} bit" if g.get("bits") is not None else "bits from the shapes"
+    group = f"group {g['group_size']}" if g.get("group_size") is not None else "group from the shapes"
+    return f"{bits}, {group}"
+
+
 def _resolve_gptq(cfg: QuantConfig, path: str) -> Effective:
     g = cfg.globals
     fmt = str(g["checkpoint_format"]).lower()
     settings = {"sym": g["sym"], "desc_act": g["desc_act"], "static_groups": g["static_groups"],
                 "checkpoint_format": fmt, "version": 2 if fmt == "gptq_v2" else 1, "pack_dtype": g["pack_dtype"]}
     eff = Effective(quantized=None, bits=g["bits"], group_size=g["group_size"], settings=settings,
-                    source=f"{cfg.file}: {g['bits']} bit, group {g['group_size']}, sym={g['sym']}, "
-                           f"desc_act={g['desc_act']}, format {fmt}")
+                    source=f"{cfg.file}: {_bits_group(g)}, sym={g['sym']}, desc_act={g['desc_act']}, format {fmt}")
     for pattern, value in cfg.overrides:
         neg, rx = gptq_pattern(pattern)
         try:
@@ -481,8 +488,7 @@ def _resolve_awq(cfg: QuantConfig, path: str) -> Effective:
             return Effective(quantized=False, source=f"modules_to_not_convert contains `{key}`")
     return Effective(quantized=None, bits=g["bits"], group_size=g["group_size"],
                      settings={"zero_point": g["zero_point"], "version": g["version"]},
-                     source=f"{cfg.file}: {g['bits']} bit, group {g['group_size']}, version {g['version']}, "
-                            f"zero_point={g['zero_point']}")
+                     source=f"{cfg.file}: {_bits_group(g)}, version {g['version']}, zero_point={g['zero_point']}")
 
 
 def _ct_matches(target: str, path: str) -> bool:
