@@ -166,8 +166,9 @@ class SafetensorsFile:
             self._stat = (st.st_size, st.st_mtime_ns, st.st_ino)
             head = os.pread(fd, 8, 0)
             if len(head) < 8:
+                cause = _likely_cause(head)  # (a short text file was said to be "truncated")
                 raise HeaderError(f"file is {self.size} bytes, shorter than the 8-byte header length"
-                                  " field; it is empty or truncated", file=self.path,
+                                  " field" + (cause or "; it is empty or truncated"), file=self.path,
                                   rule="container.too-short")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_SIZE or n > self.size - 8:

@@ -318,3 +318,12 @@ def test_a_name_twice_in_the_header_is_said_as_such(tmp_path):
     with pytest.raises(HeaderError) as exc:
         SafetensorsFile(path)
     assert exc.value.tensor == "a" and "appears twice" in str(exc.value) and exc.value.rule == "container.duplicate-key"
+
+
+def test_a_short_text_file_is_said_to_be_text_not_truncated(tmp_path):
+    (tmp_path / "t.safetensors").write_bytes(b"hello\n")
+    with pytest.raises(HeaderError, match="a text file, not safetensors"):
+        SafetensorsFile(tmp_path / "t.safetensors")
+    (tmp_path / "e.safetensors").write_bytes(b"")
+    with pytest.raises(HeaderError, match="empty or truncated"):
+        SafetensorsFile(tmp_path / "e.safetensors")
