@@ -1232,6 +1232,10 @@ class _Doctor:
         except (TypeError, ValueError):
             self.col.add("fp8.block-size", f"weight_block_size {bs!r} is not two integers", file=file, layer=path)
             return
+        if bn <= 0 or bk <= 0:  # (a ZeroDivisionError of the doctor itself)
+            self.col.add("fp8.block-size", f"weight_block_size {bs!r} is not two positive integers", file=file,
+                         layer=path)
+            return
         *lead, N, K = w.shape
         grid = tuple(lead) + (-(-N // bn), -(-K // bk))
         if tuple(s.shape) != grid:

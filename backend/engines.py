@@ -132,7 +132,7 @@ def _np_ct_mxfp8(layer, p):
 
 
 def _np_fp8_block(layer, p):
-    return fp8.decode_fp8_block(p["weight"], p["weight_scale_inv"], tuple(layer.settings["weight_block_size"]),
+    return fp8.decode_fp8_block(p["weight"], p["weight_scale_inv"], layer.settings["weight_block_size"],
                                 name=layer.path)
 
 
@@ -195,6 +195,12 @@ class NumpyEngine:
             return fn(layer, parts)
         except LayerError as exc:
             raise exc.naming(model.ckpt.source, layer.path) from None
+        except KeyError as exc:  # a part the decoder needs is not stored ("internal error: KeyError")
+            raise LayerError(f"cannot be decoded: its {exc.args[0]!r} is not stored", file=model.ckpt.source,
+                             tensor=layer.path, rule="layer.undecodable") from None
+        except (ValueError, TypeError, IndexError, ZeroDivisionError) as exc:  # odd settings or shapes
+            raise LayerError(f"cannot be decoded: {exc}", file=model.ckpt.source, tensor=layer.path,
+                             rule="layer.undecodable") from None
 
     def row_decoder(self, model: Model, layer: Layer) -> fast.RowDecoder | None:
         """A prepared compiled decode of ``layer`` by row ranges (see :class:`fast.RowDecoder`),
@@ -205,7 +211,7 @@ class NumpyEngine:
             return None
         try:
             return fn(layer, read_parts(model, layer))
-        except LayerError:
+        except (LayerError, KeyError, ValueError, TypeError, IndexError, ZeroDivisionError):
             return None  # the whole-layer decode reports it, with the file named
 
     def close(self) -> None:

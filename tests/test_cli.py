@@ -820,3 +820,36 @@ def test_a_checkpoint_format_no_loader_knows_gives_exit_1_and_a_doctor_error(tmp
     assert main(["doctor", str(src)]) == 1
     out = capsys.readouterr().out
     assert "[config.bad-value]" in out and "gptq_v9" in out and "write it as an integer" not in out
+
+
+@pytest.mark.parametrize("bs", [[128], "128", [0, 128]])
+def test_a_malformed_fp8_block_size_is_one_error_line_and_no_doctor_crash(tmp_path, capsys, bs):
+    # [128] and "128" were "internal error: ValueError", and [0, 128] crashed the doctor itself
+    from pathlib import Path
+    src = _copy(Path(__file__).parent / "fixtures" / "golden" / "fp8_block_partial", tmp_path / "f")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["weight_block_size"] = bs
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert main(["dequant", str(src), "model.layers.0.mlp.down_proj", "-o", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quantscope: error: ") and err.count("\n") == 1 and "internal error" not in err
+    assert "model.layers.0.mlp.down_proj" in err
+    assert main(["doctor", str(src)]) == 1
+    assert "[fp8.block-size]" in capsys.readouterr().out
+
+
+def test_a_bnb_layer_missing_a_part_is_one_error_line(tmp_path, capsys):
+    # its absmax deleted: "internal error: KeyError: 'weight.absmax'" (exit 3) from dequant
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+    src = _copy(Path(__file__).parent / "fixtures" / "golden" / "bnb_nf4", tmp_path / "b")
+    f = next(src.glob("*.safetensors"))
+    t = load_file(str(f))
+    victim = next(k for k in t if k.endswith(".weight.absmax"))
+    del t[victim]
+    write_st(f, t, {"format": "pt"})
+    layer = victim[:-len(".weight.absmax")]
+    assert main(["dequant", str(src), layer, "-o", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "internal error" not in err and layer in err and "'weight.absmax' is not stored" in err

@@ -72,6 +72,10 @@ def decode_fp8_block(weight: np.ndarray, weight_scale_inv: np.ndarray,
     w = _as_fp8(weight, name)
     s = np.asarray(weight_scale_inv)
     check(s.dtype in _SCALE_FLOATS, f"weight_scale_inv must be F32/BF16/F16, got {s.dtype}", name)
+    check(isinstance(block_size, (list, tuple)) and len(block_size) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in block_size),
+          f"weight_block_size {list(block_size) if isinstance(block_size, (list, tuple)) else block_size!r} is not "
+          "two integers [rows, columns]", name)
     bn, bk = (int(v) for v in block_size)
     check(bn > 0 and bk > 0, f"block size {[bn, bk]} must be positive", name)
     *lead, N, K = w.shape
