@@ -86,8 +86,21 @@ def _np_mlx_affine(layer, p, out=None):
                                 group_size=layer.group_size, name=layer.path, out=out)
 
 
+def _global_scale(layer, p) -> float | None:
+    """An MLX nvfp4 layer's stored per-tensor ``global_scale`` (mx.dequantize's argument: weights
+    × global/2688), or None. It was ignored: the decode differed from mx.dequantize's by its factor."""
+    g = p.get("global_scale")
+    if g is None or layer.mode != "nvfp4":
+        return None
+    g = np.asarray(g, np.float32).reshape(-1)
+    if g.size != 1:
+        raise LayerError(f"global_scale holds {g.size} values; nvfp4's is one per tensor", tensor=layer.path)
+    return float(g[0])
+
+
 def _np_mlx_fp(layer, p, out=None):
-    return mlxfmt.decode_fp(p["weight"], p["scales"], mode=layer.mode, name=layer.path, out=out)
+    return mlxfmt.decode_fp(p["weight"], p["scales"], mode=layer.mode, global_scale=_global_scale(layer, p),
+                            name=layer.path, out=out)
 
 
 def _np_gptq(layer, p, out=None):
@@ -162,7 +175,8 @@ _ROW_DECODERS = {
                                                        group_size=layer.group_size, name=layer.path),
     "mlx-mxfp4": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode, name=layer.path),
     "mlx-mxfp8": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode, name=layer.path),
-    "mlx-nvfp4": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode, name=layer.path),
+    "mlx-nvfp4": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode,
+                                                 global_scale=_global_scale(layer, p), name=layer.path),
     "gptq": lambda layer, p: gptq.rows(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
                                        group_size=layer.group_size, version=_gptq_version(layer), name=layer.path),
     "awq-gemm": lambda layer, p: awq.gemm_rows(p["qweight"], p.get("qzeros"), p["scales"],
@@ -274,7 +288,9 @@ class MlxEngine:
             return from_mx(y.astype(mx.float32))
         if s in ("mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4"):
             self.last_path = "mx.dequantize"
-            y = mx.dequantize(to_mx(p["weight"]), to_mx(p["scales"]), mode=layer.mode, dtype=mx.float32)
+            gs = _global_scale(layer, p)
+            y = mx.dequantize(to_mx(p["weight"]), to_mx(p["scales"]), mode=layer.mode, dtype=mx.float32,
+                              **({} if gs is None else {"global_scale": mx.array([gs], mx.float32)}))
             return from_mx(y.astype(mx.float32))
         rep = None
         if s == "gptq":

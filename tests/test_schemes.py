@@ -215,3 +215,28 @@ def test_model_dimensions_include_widths_named_by_other_architectures():
     cfg = {"hidden_size": 1024, "text_config": {"intermediate_size_mlp": 8192, "num_heads": 32, "head_dim": 64,
                                                 "mamba_num_heads": 48, "mamba_head_dim": 64, "mamba_d_ssm": 3072}}
     assert {1024, 8192, 2048, 3072} <= _model_dims(cfg)
+
+
+def test_a_stored_nvfp4_global_scale_is_applied_by_every_route(tmp_path):
+    # a `.global_scale` beside an nvfp4 layer was listed by info and ignored by the decode: the
+    # figures differed from mx.dequantize's by its factor, with no word
+    from quantscope.backend.formats import fast
+    w = mx.array(RNG.normal(size=(64, 128)).astype(np.float32))
+    gs = mx.array([41.25], mx.float32)
+    wq, s = mx.quantize(w, mode="nvfp4", global_scale=gs)[:2]
+    ref = to_np(mx.dequantize(wq, s, mode="nvfp4", global_scale=gs, dtype=mx.float32))
+    p = "model.layers.0.mlp.up_proj"
+    t = {f"{p}.weight": to_np(wq), f"{p}.scales": to_np(s), f"{p}.global_scale": np.array([41.25], np.float32)}
+    m = analyze(open_checkpoint(write_model(tmp_path, t, {**LLAMA, "hidden_size": 128,
+                                                          "quantization": {"mode": "nvfp4", "group_size": 16,
+                                                                           "bits": 4}},
+                                            metadata={"format": "mlx"})))
+    layer = m.layers[p]
+    assert layer.scheme == "mlx-nvfp4" and layer.problem is None
+    np.testing.assert_array_equal(NumpyEngine().dequantize(m, layer), ref)
+    np.testing.assert_array_equal(MlxEngine().dequantize(m, layer), ref)
+    if fast.AVAILABLE:
+        dec = NumpyEngine().row_decoder(m, layer)
+        out = np.empty(ref.shape, np.float32)
+        dec.fn(0, dec.rows, out)
+        np.testing.assert_array_equal(out, ref)
