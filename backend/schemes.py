@@ -558,9 +558,14 @@ def _detect_ct_packed(module: Module, cfg: QuantConfig, eff: Effective, ckpt: Ch
 def _detect_ct_naive(module: Module, cfg: QuantConfig, eff: Effective) -> Layer:
     w = module.tensors["weight"]
     s = module.tensors["weight_scale"]
-    return Layer(module.path, "ct-int", module.tensors, shape=w.shape, bits=eff.bits or 8,
-                 group_size=eff.group_size, dtype=s.dtype, settings=_naive_settings(eff, s),
-                 source=eff.source)
+    layer = Layer(module.path, "ct-int", module.tensors, shape=w.shape, bits=eff.bits or 8,
+                  group_size=eff.group_size, dtype=s.dtype, settings=_naive_settings(eff, s),
+                  source=eff.source)
+    if str(eff.settings.get("type") or "").lower() == "float":
+        # (FP8 bytes labelled I8 decoded as integers: rel_fro 0.76, exit 0 and no word)
+        layer.problem = (f"the config says float ({eff.source}) but the weight is stored as I8 integers: FP8 bytes "
+                         "labelled I8? Loaders that follow the config misread it — re-export with the F8_E4M3 dtype")
+    return layer
 
 
 def _naive_settings(eff: Effective, scale: TensorInfo) -> dict:
@@ -584,14 +589,27 @@ def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: s
             layer.problem = "weight_block_size missing from the config; the block size cannot be read (R12)"
         return layer
     s = comps.get("weight_scale")
+    # (a config that says otherwise than the stored dtypes: read as the tensors say, figures of a
+    # misread file with exit 0 and "no problems found")
+    ctype = str(eff.settings.get("type") or "").lower() if cfg.kind == "compressed-tensors" else ""
     if s is not None and s.dtype == "U8":
-        return Layer(module.path, "ct-mxfp8", comps, shape=w.shape, bits=8, group_size=32, dtype="BF16",
-                     settings={"scale": "E8M0"}, source=eff.source)
+        layer = Layer(module.path, "ct-mxfp8", comps, shape=w.shape, bits=8, group_size=32, dtype="BF16",
+                      settings={"scale": "E8M0"}, source=eff.source)
+        strategy = str(eff.settings.get("strategy") or "").lower() if cfg.kind == "compressed-tensors" else ""
+        if strategy in ("channel", "tensor", "block"):
+            layer.problem = (f"U8 scales (MX exponents, a group of 32 each) but the config says {strategy} strategy "
+                             f"({eff.source}), whose scales are floats of another shape: a damaged or mixed-up "
+                             "weight_scale")
+        return layer
     if s is not None:
         st = _naive_settings(eff, s)
-        return Layer(module.path, "ct-fp8", comps, shape=w.shape, bits=8,
-                     group_size=eff.group_size if st.get("strategy") == "group" else None,
-                     dtype=s.dtype, settings=st, source=eff.source)
+        layer = Layer(module.path, "ct-fp8", comps, shape=w.shape, bits=8,
+                      group_size=eff.group_size if st.get("strategy") == "group" else None,
+                      dtype=s.dtype, settings=st, source=eff.source)
+        if ctype == "int":
+            layer.problem = (f"the config says int ({eff.source}) but the weight is stored as {w.dtype}: loaders that "
+                             "follow the config read FP8 bytes as integers")
+        return layer
     if eff.quantized is not False and eff.bits == 8 and (
             cfg.kind == "fp8" or (cfg.kind == "compressed-tensors" and eff.settings.get("type") == "float")):
         # the config quantizes it to FP8: its scale was lost, not never there (read as plain fp8,

@@ -853,3 +853,34 @@ def test_a_bnb_layer_missing_a_part_is_one_error_line(tmp_path, capsys):
     assert main(["dequant", str(src), layer, "-o", str(tmp_path / "x.npy")]) == 2
     err = capsys.readouterr().err
     assert "internal error" not in err and layer in err and "'weight.absmax' is not stored" in err
+
+
+@pytest.mark.parametrize("case", ["i8_label", "cfg_int", "u8_grid"])
+def test_fp8_tensors_the_config_contradicts_are_refused(tmp_path, capsys, case):
+    # llm-compressor's FP8 with the weight relabelled I8 (decoded as integers: rel_fro 0.76), the
+    # config's type set to int, or a channel-strategy scale replaced by U8 MX exponents (decoded
+    # as MXFP8: rel_fro 10): each exit 0 with "no problems found"
+    from pathlib import Path
+
+    from quantscope.backend.safetensors_file import SafetensorsFile
+    src = _copy(Path(__file__).parent / "fixtures" / "real" / "llmcompressor-fp8", tmp_path / "f")
+    f = next(src.glob("*.safetensors"))
+    sf = SafetensorsFile(f)
+    t = {n: np.array(sf.read(n)) for n in sf.names}  # (copies: the file is rewritten below)
+    sf.close()
+    p = "model.layers.0.self_attn.q_proj"
+    if case == "i8_label":
+        t[f"{p}.weight"] = t[f"{p}.weight"].view(np.int8)
+    elif case == "u8_grid":
+        n, k = t[f"{p}.weight"].shape
+        t[f"{p}.weight_scale"] = np.full((n, k // 32), 120, np.uint8)
+    write_st(f, t, {"format": "pt"})
+    if case == "cfg_int":
+        cfg = json.loads((src / "config.json").read_text())
+        for g in cfg["quantization_config"]["config_groups"].values():
+            g["weights"]["type"] = "int"
+        (src / "config.json").write_text(json.dumps(cfg))
+    assert main(["dequant", str(src), p, "-o", str(tmp_path / "x.npy")]) == 2
+    assert p in capsys.readouterr().err
+    assert main(["doctor", str(src)]) == 1
+    assert "[layer.inconsistent]" in capsys.readouterr().out
