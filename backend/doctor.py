@@ -958,6 +958,9 @@ class _Doctor:
                     "rejects them as parameters not in model — the layer is affine and its per-layer mode is "
                     "wrong, or the biases are stale", file=file, tensor=f"{path}.biases", layer=path)
             return
+        if mode != "affine" and layer.warning:  # (the config's mode/bits/group against block-float tensors)
+            col.add("mlx.bits-group", layer.warning, file=file, tensor=tname, layer=path)
+            return
         if mode != "affine" and s.dtype != "U8":
             col.add("mx.e8m0-scale", f"{mode} scales are {s.dtype}; they must be U8 exponent (E8M0) / E4M3 bytes. "
                     "Decoded-to-linear scales read as exponents give weights off by ~10^5 (omlx #2159) — store "

@@ -286,6 +286,7 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
     w, s = comps["weight"], comps["scales"]
     has_biases = "biases" in comps
     mode = eff.mode
+    said = mode
     if mode is None or (mode == "affine" and not has_biases and s.dtype == "U8"):
         mode = "affine" if has_biases else _guess_fp_mode(w.shape, s.shape)
     if mode not in MODE_DEFAULTS:  # (a TypeError of the shape arithmetic said it before)
@@ -333,6 +334,19 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
                                  "the config's bits/group_size are wrong, this decode is garbage (R18)")
         return layer
     layer.bits, layer.group_size = MODE_DEFAULTS.get(mode, (None, None))
+    if said in (None, "affine") and eff.source and "inferred" not in eff.source and (
+            eff.bits is not None or eff.group_size is not None):
+        # the config gives bits/group for affine (its mode said, or left to the default) but the
+        # tensors are block-float: read as they are; mlx-lm builds an affine layer and fails on
+        # the missing biases (and "mxfp4 requires group size 32")
+        layer.warning = (f"the config reads as affine {eff.bits} bit / group {eff.group_size} ({eff.source}), but "
+                         f"the tensors are {mode} (U8 scales, no biases): mlx-lm fails to load the layer — set "
+                         f"\"mode\": \"{mode}\" for it")
+    elif said == mode and (eff.bits not in (None, layer.bits) or eff.group_size not in (None, layer.group_size)):
+        # (mlx fixes both for the block-float modes: "mxfp4 requires group size 32")
+        layer.warning = (f"the config gives {mode} {eff.bits} bit / group {eff.group_size} ({eff.source}), but {mode} "
+                         f"is {layer.bits} bit / group {layer.group_size} (as the tensors are): mlx refuses the "
+                         "config's values — drop them or set these")
     if has_biases:
         layer.problem = f"{mode} layer with `.biases` (only affine has biases)"
     if s.dtype != "U8":

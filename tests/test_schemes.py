@@ -240,3 +240,23 @@ def test_a_stored_nvfp4_global_scale_is_applied_by_every_route(tmp_path):
         out = np.empty(ref.shape, np.float32)
         dec.fn(0, dec.rows, out)
         np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("q", [{"bits": 4, "group_size": 32}, {"bits": 4, "group_size": 32, "mode": "affine"},
+                               {"bits": 4, "group_size": 64, "mode": "mxfp4"}])
+def test_mxfp4_tensors_a_config_reads_otherwise_are_decoded_and_said(tmp_path, q, capsys):
+    # read as the tensors are (mxfp4), as before; but mlx-lm builds what the config says (affine:
+    # "Missing parameters: biases"; mxfp4 at group 64: "mxfp4 requires group size 32"): it was
+    # "no problems found" and exit 0
+    from quantscope.backend.doctor import diagnose
+    w = mx.array(RNG.normal(size=(64, 128)).astype(np.float32))
+    wq, s = mx.quantize(w, mode="mxfp4")[:2]
+    p = "model.layers.0.mlp.up_proj"
+    folder = write_model(tmp_path / "m", {f"{p}.weight": to_np(wq), f"{p}.scales": to_np(s)},
+                         {**LLAMA, "hidden_size": 128, "quantization": q}, metadata={"format": "mlx"})
+    layer = analyze(open_checkpoint(folder)).layers[p]
+    assert layer.scheme == "mlx-mxfp4" and layer.problem is None and "mlx" in layer.warning
+    ref = to_np(mx.dequantize(wq, s, mode="mxfp4", dtype=mx.float32))
+    assert main(["dequant", str(folder), p, "-o", str(tmp_path / "x.npy")]) == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), ref)
+    assert any(f.rule == "mlx.bits-group" and f.layer == p for f in diagnose(folder))
