@@ -71,6 +71,11 @@ def _rules(*rows) -> dict[str, Rule]:
 
 #: Median |scale| outside this range: the scales are not read as they were written.
 _SCALE_SANE = (1e-9, 1e4)
+#: The compressed-tensors formats (quantization_config "format", or a config group's) that write
+#: each scheme's tensors: its decompressor is chosen by that name.
+_CT_FORMATS = {"ct-pack": {"pack-quantized"}, "ct-int": {"int-quantized", "naive-quantized"},
+               "ct-fp8": {"float-quantized", "naive-quantized"}, "ct-nvfp4": {"nvfp4-pack-quantized"},
+               "ct-mxfp4": {"mxfp4-pack-quantized"}, "ct-mxfp8": {"mxfp8-quantized"}}
 #: Schemes whose quantizers write scales >= 0 (a group's range over its levels, an absmax): MLX
 #: affine is not one of them (it negates a group's scale to make its zero exact).
 _POSITIVE_SCALES = frozenset({"gptq", "awq-gemm", "awq-gemv", "ct-pack", "ct-naive", "ct-fp8", "fp8-block",
@@ -152,6 +157,8 @@ RULES: dict[str, Rule] = _rules(
     ("awq.version", "error", "R7", "AWQ version disagrees with the stored layout, or is not GEMM"),
     ("awq.legacy-config", "warning", "R7", "AWQ settings only in AutoAWQ's quant_config.json"),
     # compressed-tensors / NVFP4 / FP8 / MX / bnb
+    ("ct.format", "error", None, "the config's format (or quantization_status) names another compressor than the "
+                                 "tensors were written by"),
     ("ct.packing", "error", "R9", "weight_packed width fits neither packing generation, or contradicts `version`"),
     ("ct.zero-point", "error", "R10", "weight_zero_point layout (packed vs unpacked) contradicts `version`"),
     ("ct.sym-zero-point", "error", "R10", "symmetric: true but weight_zero_point stored (symmetric schemes write none)"),
@@ -1126,6 +1133,20 @@ class _Doctor:
 
     def _check_formats(self, layer, cfg, file) -> None:
         col, path, comps, sch = self.col, layer.path, layer.tensors, layer.scheme
+        if sch in _CT_FORMATS and cfg.kind == "compressed-tensors":
+            fmt = layer.settings.get("format")
+            status = cfg.globals.get("quantization_status")
+            if fmt is not None and str(fmt) not in _CT_FORMATS[sch]:
+                # compressed-tensors picks its decompressor by this name: another one fails on
+                # these tensors or unpacks them wrongly
+                col.add("ct.format", f"the config's format is {fmt!r} but the tensors are {sch} (stored as "
+                        f"{', '.join(sorted(_CT_FORMATS[sch]))}): compressed-tensors picks its decompressor by the "
+                        "format and fails on them or unpacks them wrongly — set the format the tensors were written "
+                        "in", file=file, layer=path)
+            elif status is not None and str(status) != "compressed":
+                col.add("ct.format", f"quantization_status is {status!r} but the tensors are compressed ({sch}): "
+                        "loaders take a frozen checkpoint for fake-quantized dense weights — set it to "
+                        "'compressed'", file=file, layer=path)
         if sch == "gptq-marlin":
             col.add("gptq.marlin", "Marlin-serialized GPTQ (tile-permuted `.B`/`.s`, or checkpoint_format "
                     "'marlin'): plain GPTQ decoders produce silent garbage — convert it back to plain GPTQ with "

@@ -1227,3 +1227,23 @@ def test_a_finding_on_a_layers_tensor_names_the_layer(tmp_path):
     (f,) = [f for f in diagnose(path) if f.rule == rule]
     assert f.tensor == tensor and f.layer == "model.layers.1.mlp.down_proj"
     assert f.to_dict()["layer"] == "model.layers.1.mlp.down_proj"
+
+
+@pytest.mark.parametrize("key,value", [("format", "int-quantized"), ("format", "dense"),
+                                       ("quantization_status", "frozen")])
+def test_a_compressed_tensors_format_the_tensors_contradict_is_an_error(tmp_path, key, value):
+    # compressed-tensors picks its decompressor by the format: "no problems found" before
+    src = Path(__file__).parent / "fixtures" / "real" / "llmcompressor-w4a16"
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    cfg = json.loads((dst / "config.json").read_text())
+    q = cfg["quantization_config"]
+    q[key] = value
+    for g in q.get("config_groups", {}).values():
+        if key == "format" and "format" in g:
+            g["format"] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    hits = [f for f in diagnose(dst) if f.rule == "ct.format"]
+    assert hits and value in hits[0].message and hits[0].severity == "error"
