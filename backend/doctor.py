@@ -40,7 +40,7 @@ import numpy as np
 from .bitpack import unpack_bits
 from .checkpoint import (CONFIG_FILES, INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within, missing_reason,
                          natural_key, split_name)
-from .compare_align import _FUSED, EXPERT_RE
+from .compare_align import _FUSED, _SWITCH_RE, EXPERT_RE
 from .dtypes import DTYPES
 from .errors import Cancelled, QuantscopeError
 from .formats.gptq import mislabelled_format
@@ -157,8 +157,10 @@ RULES: dict[str, Rule] = _rules(
     ("awq.version", "error", "R7", "AWQ version disagrees with the stored layout, or is not GEMM"),
     ("awq.legacy-config", "warning", "R7", "AWQ settings only in AutoAWQ's quant_config.json"),
     # compressed-tensors / NVFP4 / FP8 / MX / bnb
-    ("ct.format", "error", None, "the config's format (or quantization_status) names another compressor than the "
-                                 "tensors were written by"),
+    ("moe.experts", "error", None, ("an MoE block's experts: one missing, lacking a projection, of another shape, "
+                                    "or not as many as the config says")),
+    ("ct.format", "error", None, ("the config's format (or quantization_status) names another compressor than "
+                                  "the tensors were written by")),
     ("ct.packing", "error", "R9", "weight_packed width fits neither packing generation, or contradicts `version`"),
     ("ct.zero-point", "error", "R10", "weight_zero_point layout (packed vs unpacked) contradicts `version`"),
     ("ct.sym-zero-point", "error", "R10", "symmetric: true but weight_zero_point stored (symmetric schemes write none)"),
@@ -180,8 +182,8 @@ RULES: dict[str, Rule] = _rules(
     ("values.empty", "warning", None, "a weight matrix with a dimension of 0"),
     ("values.few-levels", "warning", None, "a layer's codes use only a few of the 2^b levels"),
     ("values.saturated", "warning", None, "most codes sit at the ends of the range"),
-    ("values.negative-scale", "error", None, "negative scales in a scheme whose quantizers write none (GPTQ, AWQ, "
-                                             "compressed-tensors, FP8, bitsandbytes)"),
+    ("values.negative-scale", "error", None, ("negative scales in a scheme whose quantizers write none (GPTQ, AWQ, "
+                                              "compressed-tensors, FP8, bitsandbytes)")),
     ("values.scale-outlier", "warning", None, "median |scale| ≥100× off the median of the same projection"),
     ("values.scale-magnitude", "error", None, ("median |scale| outside 1e-9…1e4: scales stored in another dtype "
                                                "(F16 labelled BF16) or unit; every weight decodes wrong")),
@@ -888,6 +890,7 @@ class _Doctor:
                         file=file, layer=path, severity="warning" if unknown else None)
         self._check_overrides(cfg)
         self._check_per_expert()
+        self._check_expert_set()
         self._check_fused_and_split()
         self._check_config(cfg, ck)
 
@@ -1011,6 +1014,60 @@ class _Doctor:
                                  "has either the fused projection or its parts, so one set matches no parameter "
                                  "(strict loaders refuse the file; others use one set silently) — keep one",
                                  file=next(iter(layers[path].tensors.values())).file, layer=path)
+
+    def _check_expert_set(self) -> None:
+        """Every MoE block's experts: numbered 0..E−1 with none missing, the same projections and
+        shapes each, and as many as the config's expert count (a stacked switch_mlp: its first
+        dimension). A missing or misshapen expert was "no problems found", and loaders fail on
+        the block (a missing key, a size mismatch)."""
+        if not self.complete:
+            return
+        cfg = self.model.ckpt.configs.get("config.json") or {}
+        sub = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+        want = next((c.get(k) for c in (cfg, sub) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                     if isinstance(c.get(k), int) and c.get(k) > 0), None)
+        blocks: dict[str, dict[int, dict[str, tuple]]] = {}
+        for p, lay in self.model.layers.items():
+            m = EXPERT_RE.match(p)
+            if m:
+                blocks.setdefault(m["pre"], {}).setdefault(int(m["e"]), {})[m["proj"]] = tuple(lay.shape or ())
+        for pre, experts in blocks.items():
+            n = max(experts) + 1
+            missing = [e for e in range(n) if e not in experts]
+            projs = set().union(*(set(v) for v in experts.values()))
+            lacking = [(e, sorted(projs - set(v))) for e, v in sorted(experts.items()) if projs - set(v)]
+            shapes = {pr: {} for pr in projs}
+            for e, v in experts.items():
+                for pr, sh in v.items():
+                    shapes[pr].setdefault(sh, []).append(e)
+            odd = [(pr, min(d.items(), key=lambda kv: len(kv[1]))) for pr, d in shapes.items() if len(d) > 1]
+            where = {"file": self._file_of(f"{pre}.experts.{min(experts)}"), "layer": f"{pre}.experts"}
+            if missing:
+                self.col.add("moe.experts", f"{pre}: experts {missing[:8]} of 0..{n - 1} are not stored: loaders "
+                             "fail on the missing keys", **where)
+            if lacking:
+                e, gone = lacking[0]
+                self.col.add("moe.experts", f"{pre}: expert {e} lacks {', '.join(gone)}, which the other experts "
+                             f"have ({len(lacking)} expert(s) so): loaders fail on the missing keys", **where)
+            for pr, (sh, es) in odd:
+                self.col.add("moe.experts", f"{pre}: {pr} of expert(s) {es[:8]} has shape {list(sh)}, unlike the "
+                             "others: loaders fail with a size mismatch", **where)
+            if want is not None and not missing and n != want:
+                self.col.add("moe.experts", f"{pre}: {n} experts stored, but the config says {want}: loaders "
+                             "build that many and fail on the difference", **where)
+        if want is None:
+            return
+        for p, lay in self.model.layers.items():
+            m = _SWITCH_RE.match(p)
+            if m and lay.shape and len(lay.shape) == 3 and lay.shape[0] != want:
+                self.col.add("moe.experts", f"{p} stacks {lay.shape[0]} experts, but the config says {want}: "
+                             "loaders build that many and fail on the difference", file=self._file_of(p), layer=p)
+
+    def _file_of(self, path: str):
+        lay = self.model.layers.get(path)
+        if lay is None:
+            lay = next((l for q, l in self.model.layers.items() if q.startswith(path)), None)
+        return next(iter(lay.tensors.values())).file if lay is not None and lay.tensors else None
 
     def _check_per_expert(self) -> None:
         """MLX-quantized experts stored one by one (experts.{e}.*.scales). When mlx-lm loads a

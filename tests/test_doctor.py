@@ -1247,3 +1247,34 @@ def test_a_compressed_tensors_format_the_tensors_contradict_is_an_error(tmp_path
     (dst / "config.json").write_text(json.dumps(cfg))
     hits = [f for f in diagnose(dst) if f.rule == "ct.format"]
     assert hits and value in hits[0].message and hits[0].severity == "error"
+
+
+@pytest.mark.parametrize("damage", ["missing", "count", "stack"])
+def test_an_moe_block_with_an_expert_missing_or_miscounted_is_an_error(tmp_path, damage):
+    # GPTQModel's Qwen3-MoE with expert 1 deleted, or its config saying 8 experts; mlx-lm's with
+    # the config saying 8 beside a stack of 4: "no problems found", loaders fail on them
+    from quantscope.backend.safetensors_file import SafetensorsFile
+    real = Path(__file__).parent / "fixtures" / "real"
+    src = real / ("mlxlm-qwen3moe-q4-g64" if damage == "stack" else "gptqmodel-qwen3moe-w4g64")
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    if damage == "missing":
+        for f in dst.glob("*.safetensors"):
+            sf = SafetensorsFile(f)
+            t = {n: np.array(sf.read(n)) for n in sf.names if ".experts.1." not in n}
+            sf.close()
+            write_st(f, t, {"format": "pt"})
+        idx = dst / "model.safetensors.index.json"
+        if idx.exists():
+            d = json.loads(idx.read_text())
+            d["weight_map"] = {k: v for k, v in d["weight_map"].items() if ".experts.1." not in k}
+            idx.write_text(json.dumps(d))
+    else:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["num_experts"] = 8
+        (dst / "config.json").write_text(json.dumps(cfg))
+    hits = [f for f in diagnose(dst) if f.rule == "moe.experts"]
+    assert hits and all(f.severity == "error" for f in hits)
+    assert ("experts [1] of 0..3" if damage == "missing" else "the config says 8") in hits[0].message
