@@ -1673,7 +1673,14 @@ class _Doctor:
                          "were lost or overwritten — re-quantize the layer", **common)
         nz = a[a > 0]
         med = float(np.median(nz)) if nz.size else None
-        if med is not None and not _SCALE_SANE[0] <= med <= _SCALE_SANE[1]:
+        if med is not None and layer.scheme in ("fp8-block", "ct-fp8") and med > 1.0 and _SCALE_SANE[0] <= med:
+            # an FP8 value (up to 448) times its scale is the weight: a median scale over 1 makes
+            # weights of hundreds, the reciprocal stored (scale for scale_inv: weights ~5e5 with
+            # "no problems found")
+            self.col.add("values.scale-magnitude", f"median scale {med:.3g} makes weights of up to {448 * med:.3g} "
+                         f"(FP8 values reach 448): the reciprocal was stored ({t.name.rsplit('.', 1)[-1]} holds 1/s?) "
+                         "— loaders decode every weight off by the square of the scale", **common)
+        elif med is not None and not _SCALE_SANE[0] <= med <= _SCALE_SANE[1]:
             # whatever the scheme, a weight's scale is about its group's range over the levels
             # (1e-4…1e-1 for LLM weights; E4M3 block scales up to 448): far outside, the bytes are
             # read in another dtype than written (F16 as BF16 gives ~1e-19) or another unit

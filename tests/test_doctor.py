@@ -1278,3 +1278,24 @@ def test_an_moe_block_with_an_expert_missing_or_miscounted_is_an_error(tmp_path,
     hits = [f for f in diagnose(dst) if f.rule == "moe.experts"]
     assert hits and all(f.severity == "error" for f in hits)
     assert ("experts [1] of 0..3" if damage == "missing" else "the config says 8") in hits[0].message
+
+
+def test_reciprocal_fp8_block_scales_are_an_error(tmp_path):
+    # 1/s stored as weight_scale_inv: weights of ~4e5, "no problems found" (the median scale, ~1e3,
+    # was inside the bounds that catch F16 read as BF16)
+    from quantscope.backend.safetensors_file import SafetensorsFile
+    src = Path(__file__).parent / "fixtures" / "golden" / "fp8_block_partial"
+    dst = tmp_path / "m"
+    shutil.copytree(src, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    f = dst / "model.safetensors"
+    sf = SafetensorsFile(f)
+    t = {n: np.array(sf.read(n)) for n in sf.names}
+    sf.close()
+    k = next(n for n in t if n.endswith("weight_scale_inv"))
+    t[k] = (1.0 / t[k].astype(np.float32)).astype(t[k].dtype)
+    write_st(f, t, {"format": "pt"})
+    hits = [x for x in diagnose(dst) if x.rule == "values.scale-magnitude"]
+    assert hits and "reciprocal" in hits[0].message
+    assert not [x for x in diagnose(src) if x.rule == "values.scale-magnitude"]
