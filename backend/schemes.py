@@ -557,6 +557,11 @@ def _detect_ct_packed(module: Module, cfg: QuantConfig, eff: Effective, ckpt: Ch
         # group would be off by its zero point
         layer.problem = ("the config says symmetric: false but no weight_zero_point is stored; decoding it as "
                          "symmetric would give wrong values (a tensor lost in a merge or a rename?)")
+    elif str(settings.get("actorder") or "").lower() in ("group", "dynamic") and "weight_g_idx" not in comps:
+        # activation order "group" saves each column's group; without it, the columns were read in
+        # plain order (the scales of other groups: wrong values, no word)
+        layer.problem = (f"the config says actorder: {settings.get('actorder')!r} but no weight_g_idx is stored: which "
+                         "group each input column belongs to is lost (a tensor dropped in a merge or a rename?)")
     else:
         from .formats.ct import detect_packing
         try:

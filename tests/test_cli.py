@@ -884,3 +884,20 @@ def test_fp8_tensors_the_config_contradicts_are_refused(tmp_path, capsys, case):
     assert p in capsys.readouterr().err
     assert main(["doctor", str(src)]) == 1
     assert "[layer.inconsistent]" in capsys.readouterr().out
+
+
+def test_a_compressed_tensors_actorder_layer_without_its_g_idx_is_refused(tmp_path, capsys):
+    # actorder "group" saves each column's group: without weight_g_idx the columns were read in
+    # plain order, wrong values with exit 0
+    from pathlib import Path
+
+    from quantscope.backend.safetensors_file import SafetensorsFile
+    src = _copy(Path(__file__).parent / "fixtures" / "golden" / "ct016_w4a16_actorder", tmp_path / "c")
+    f = src / "model.safetensors"
+    sf = SafetensorsFile(f)
+    t = {n: np.array(sf.read(n)) for n in sf.names if not n.endswith("weight_g_idx")}
+    sf.close()
+    write_st(f, t, {"format": "pt"})
+    layer = next(n for n in t if n.endswith(".weight_packed"))[:-len(".weight_packed")]
+    assert main(["dequant", str(src), layer, "-o", str(tmp_path / "x.npy")]) == 2
+    assert "actorder: 'group' but no weight_g_idx is stored" in capsys.readouterr().err
