@@ -1228,6 +1228,8 @@ class _Doctor:
             self._check_ct_pack(layer, file)
         elif sch == "fp8-block":
             self._check_fp8_block(layer, file)
+            if layer.warning:  # (the config leaves it unquantized: schemes' warning)
+                col.add("layer.inconsistent", layer.warning, file=file, layer=path)
         elif sch in ("ct-mxfp8", "ct-mxfp4"):
             s = comps.get("weight_scale")
             if s is not None and s.dtype not in ("U8", "F8_E8M0"):

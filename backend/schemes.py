@@ -604,6 +604,12 @@ def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: s
         s = comps["weight_scale_inv"]
         layer = Layer(module.path, "fp8-block", comps, shape=w.shape, bits=8, dtype=model_dtype,
                       settings={"weight_block_size": bs, "scale_dtype": s.dtype}, source=eff.source)
+        if eff.quantized is False:
+            # decoded with its scale, as stored; a loader that follows the config builds a plain
+            # Linear and loads the FP8 values unscaled
+            layer.warning = (f"the config leaves this layer unquantized ({eff.source}) but it is stored FP8 with "
+                             "weight_scale_inv: loaders that follow the config load the FP8 values without their "
+                             "scale — drop it from modules_to_not_convert, or store it dense")
         if not bs:
             layer.problem = "weight_block_size missing from the config; the block size cannot be read (R12)"
         return layer

@@ -901,3 +901,17 @@ def test_a_compressed_tensors_actorder_layer_without_its_g_idx_is_refused(tmp_pa
     layer = next(n for n in t if n.endswith(".weight_packed"))[:-len(".weight_packed")]
     assert main(["dequant", str(src), layer, "-o", str(tmp_path / "x.npy")]) == 2
     assert "actorder: 'group' but no weight_g_idx is stored" in capsys.readouterr().err
+
+
+def test_an_fp8_layer_the_config_leaves_unconverted_is_said(tmp_path, capsys):
+    # modules_to_not_convert naming a layer stored FP8: transformers builds a plain Linear and
+    # loads the FP8 values unscaled; it was "no problems found", exit 0
+    from pathlib import Path
+    src = _copy(Path(__file__).parent / "fixtures" / "golden" / "fp8_block_partial", tmp_path / "f")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"] = ["model.layers.0.mlp.down_proj"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert main(["dequant", str(src), "model.layers.0.mlp.down_proj", "-o", str(tmp_path / "x.npy")]) == 1
+    assert "loaders that follow the config load the FP8 values without their scale" in capsys.readouterr().err
+    assert main(["doctor", str(src)]) == 1
+    assert "[layer.inconsistent]" in capsys.readouterr().out
