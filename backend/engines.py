@@ -214,7 +214,7 @@ class NumpyEngine:
                              tensor=layer.path, rule="layer.undecodable") from None
         except (ValueError, TypeError, IndexError, ZeroDivisionError) as exc:  # odd settings or shapes
             raise LayerError(f"cannot be decoded: {exc}", file=model.ckpt.source, tensor=layer.path,
-                             rule="layer.undecodable") from None
+                             rule="layer.undecodable") from exc  # (--debug shows where)
 
     def row_decoder(self, model: Model, layer: Layer) -> fast.RowDecoder | None:
         """A prepared compiled decode of ``layer`` by row ranges (see :class:`fast.RowDecoder`),
