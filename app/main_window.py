@@ -512,8 +512,8 @@ class MainWindow(QMainWindow):
         self._turns_left[channel] = len(steps)
 
         def run(i: int) -> None:
-            if self._turn_gen.get(channel) != gen:
-                return
+            if self._turn_gen.get(channel) != gen or self.service.closed:
+                return  # (superseded, or the window is closing: a step's job would find no service)
             self._turns_left[channel] = len(steps) - i - 1
             steps[i]()
             if i + 1 < len(steps):

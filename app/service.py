@@ -117,6 +117,11 @@ class JobService(QObject):
 
     # -- API -------------------------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`shutdown` ran (no job is taken after it)."""
+        return self._closed
+
     def submit(self, channel: str, title: str, fn: Callable, *args, on_result=None, on_error=None,
                on_cancel=None, pass_tokens: bool = True, **kwargs) -> Job:
         """Run ``fn(*args, **kwargs)`` off the GUI thread; a newer job on ``channel`` supersedes it."""
