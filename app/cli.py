@@ -202,7 +202,8 @@ def cmd_info(args) -> int:
             tshape = "×".join(map(str, t["shape"])) or "scalar"
             out.append(f"      .{c:<22} {t['dtype']:<8} {tshape:<16} {human_bytes(t['bytes']):>10}  {t['file']}")
     from quantscope.backend.outfile import terminal_text
-    sys.stdout.write("\n".join(map(terminal_text, out)) + "\n")  # (names from the file: no control characters)
+    # each line escaped whole (a name's own newline is escaped, not taken for a line break)
+    sys.stdout.write("\n".join(map(terminal_text, out)) + "\n")
     return 0
 
 
@@ -285,11 +286,9 @@ def check_output_path(path: str) -> None:
             raise QuantscopeError(f"cannot write {path}: it is not writable")
         return
     if not os.path.isdir(parent):
-        # the nearest existing part of it: a file where a folder is wanted is said as such
-        up = parent
-        while up and not os.path.exists(up) and os.path.dirname(up) != up:
-            up = os.path.dirname(up)
-        if os.path.exists(up) and not os.path.isdir(up):
+        from quantscope.backend.outfile import file_in_the_way
+        up = file_in_the_way(os.path.abspath(path))  # a file where a folder is wanted: said as such
+        if up is not None:
             raise QuantscopeError(f"cannot write {path}: {up} is a file, not a folder")
         raise QuantscopeError(f"cannot write {path}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK):

@@ -10,7 +10,7 @@ import sys
 import threading
 
 from quantscope.backend.errors import QuantscopeError
-from quantscope.backend.outfile import atomic_output, printable, terminal_text
+from quantscope.backend.outfile import atomic_output, printable, terminal_lines
 
 from .progress_bar import ProgressBar
 
@@ -172,7 +172,7 @@ def run_compare(args) -> int:
     to_stdout = "-" in (args.json_out, args.csv_out)
     labels = [v for v in variants if v not in result.failed]
     if to_stdout:  # the table first, on stderr: a reader that closes the pipe early (| head) must not lose it
-        sys.stderr.write(_lines(format_table(result, labels)) + "\n")
+        sys.stderr.write(terminal_lines(format_table(result, labels)) + "\n")
     if args.json_out == "-":
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -183,7 +183,7 @@ def run_compare(args) -> int:
     if args.csv_out:
         result.to_csv(sys.stdout if args.csv_out == "-" else args.csv_out)
     if not to_stdout:
-        sys.stdout.write(_lines(format_table(result, labels)) + "\n")
+        sys.stdout.write(terminal_lines(format_table(result, labels)) + "\n")
     quantized = sorted({lay.scheme for lay in ref.layers.values() if lay.quantized})
     if quantized:  # (verifying a conversion, or the paths swapped): said, as the window says it
         print(f"quantscope: note: the reference {args.reference} is quantized ({', '.join(quantized)}): the errors "
@@ -206,7 +206,3 @@ def _reason(exc: Exception) -> str:
         return f"{exc.filename}: {exc.strerror or exc}" if exc.filename is not None else str(exc)
     return str(exc)
 
-
-def _lines(text: str) -> str:
-    """Each line for a terminal (layer names from the files may hold control characters)."""
-    return "\n".join(terminal_text(ln) for ln in text.split("\n"))

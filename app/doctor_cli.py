@@ -12,20 +12,15 @@ import sys
 def run_doctor(args) -> int:
     """Run the doctor on ``args.path``; print the report (text or ``--json``); return the exit code."""
     from quantscope.backend.doctor import format_report, run_diagnosis
-    from quantscope.backend.outfile import printable
+    from quantscope.backend.outfile import printable, terminal_lines
 
     report = run_diagnosis(args.path, full=bool(getattr(args, "full", False)))
     if getattr(args, "json", False):
         json.dump(printable(report.to_dict()), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(_lines(format_report(report)) + "\n")
+        sys.stdout.write(terminal_lines(format_report(report)) + "\n")
     if not report.opened:
         return 2
     return 1 if report.summary["error"] else 0
 
-
-def _lines(text: str) -> str:
-    """Each line for a terminal (names from the file may hold control characters)."""
-    from quantscope.backend.outfile import terminal_text
-    return "\n".join(terminal_text(ln) for ln in text.split("\n"))

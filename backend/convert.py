@@ -53,6 +53,7 @@ from .formats import awq, ct, fast, gptq
 from .formats.kernel import for_row_blocks, round_inplace
 from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS
 from .metrics import worst
+from .outfile import file_in_the_way
 from .schemes import AUX_COMPONENTS, QUANT_PARTS, Layer, Model, analyze, data_warning
 
 __all__ = ["convert", "ConversionReport", "LayerResult", "ConversionError", "RECIPES", "MAX_SHARD_BYTES",
@@ -1196,10 +1197,8 @@ CONVERT_MARKER = ".quantscope-convert.json"
 
 
 def _check_destination(src_root: Path, src: Path, dst: Path, overwrite: bool) -> None:
-    up = dst.parent  # a file where a folder of the path is wanted ("File exists", the cause unsaid)
-    while not up.exists() and up.parent != up:
-        up = up.parent
-    if up.exists() and not up.is_dir():
+    up = file_in_the_way(dst)  # a file where a folder of the path is wanted ("File exists", the cause unsaid)
+    if up is not None:
         raise ConversionError(f"cannot create it: {up} is a file, not a folder", file=dst, rule="convert.destination")
     s, d = src_root.resolve(), dst.resolve()
     if d == s or _is_within(d, s):

@@ -46,7 +46,7 @@ from .errors import Cancelled, QuantscopeError
 from .formats.gptq import mislabelled_format
 from .formats.mlx import E4M3, E8M0, MODE_DEFAULTS, affine_fits
 from .safetensors_file import SafetensorsFile
-from .schemes import QUANT_PARTS, gptq_groups
+from .schemes import QUANT_PARTS, Layer, gptq_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ _CT_FORMATS = {"ct-pack": {"pack-quantized"}, "ct-int": {"int-quantized", "naive
                "ct-mxfp4": {"mxfp4-pack-quantized"}, "ct-mxfp8": {"mxfp8-quantized"}}
 #: Schemes whose quantizers write scales >= 0 (a group's range over its levels, an absmax): MLX
 #: affine is not one of them (it negates a group's scale to make its zero exact).
-_POSITIVE_SCALES = frozenset({"gptq", "awq-gemm", "awq-gemv", "ct-pack", "ct-naive", "ct-fp8", "fp8-block",
+_POSITIVE_SCALES = frozenset({"gptq", "awq-gemm", "awq-gemv", "ct-pack", "ct-int", "ct-fp8", "fp8-block",
                               "bnb-nf4", "bnb-fp4", "bnb-int8"})
 #: Model types whose mlx-lm class (0.32) stacks per-expert weight, scales and biases alike when it
 #: loads (its ``sanitize``), so experts MLX-quantized one by one load; mlx-lm's aliases included.
@@ -335,7 +335,7 @@ def layer_config_error(model, layer) -> str | None:
         if layer.scheme == "gptq" and layer.bits and layer.shape:
             d._check_gptq_zeros(layer)
         elif layer.scheme == "ct-pack":
-            d._check_ct_pack(layer, next(iter(layer.tensors.values())).file if layer.tensors else None)
+            d._check_ct_pack(layer, _layer_file(layer))
     except (QuantscopeError, ValueError, IndexError, TypeError):
         return None
     return next((f.message for f in d.col.findings if f.rule in CONFIG_RULES and f.severity == "error"), None)
@@ -877,7 +877,7 @@ class _Doctor:
         for path, layer in model.layers.items():
             before = len(col.findings)
             comps = layer.tensors
-            file = next(iter(comps.values())).file if comps else None
+            file = _layer_file(layer)
             self._check_mlx_triple(layer, cfg, file)
             self._check_formats(layer, cfg, file)
             self._check_extra_parts(layer)
@@ -1013,7 +1013,7 @@ class _Doctor:
                     self.col.add("layer.fused-and-split", f"{path} is stored, and so {'is' if len(split) == 1 else 'are'} {', '.join(split)}: a model "
                                  "has either the fused projection or its parts, so one set matches no parameter "
                                  "(strict loaders refuse the file; others use one set silently) — keep one",
-                                 file=next(iter(layers[path].tensors.values())).file, layer=path)
+                                 file=_layer_file(layers[path]), layer=path)
 
     def _check_expert_set(self) -> None:
         """Every MoE block's experts: numbered 0..E−1 with none missing, the same projections and
@@ -1027,10 +1027,12 @@ class _Doctor:
         want = next((c.get(k) for c in (cfg, sub) for k in ("num_experts", "num_local_experts", "n_routed_experts")
                      if isinstance(c.get(k), int) and c.get(k) > 0), None)
         blocks: dict[str, dict[int, dict[str, tuple]]] = {}
+        first: dict[str, Layer] = {}  # a layer of each block: its file is named
         for p, lay in self.model.layers.items():
             m = EXPERT_RE.match(p)
             if m:
                 blocks.setdefault(m["pre"], {}).setdefault(int(m["e"]), {})[m["proj"]] = tuple(lay.shape or ())
+                first.setdefault(m["pre"], lay)
         for pre, experts in blocks.items():
             n = max(experts) + 1
             missing = [e for e in range(n) if e not in experts]
@@ -1041,7 +1043,7 @@ class _Doctor:
                 for pr, sh in v.items():
                     shapes[pr].setdefault(sh, []).append(e)
             odd = [(pr, min(d.items(), key=lambda kv: len(kv[1]))) for pr, d in shapes.items() if len(d) > 1]
-            where = {"file": self._file_of(f"{pre}.experts.{min(experts)}"), "layer": f"{pre}.experts"}
+            where = {"file": _layer_file(first[pre]), "layer": f"{pre}.experts"}
             if missing:
                 self.col.add("moe.experts", f"{pre}: experts {missing[:8]} of 0..{n - 1} are not stored: loaders "
                              "fail on the missing keys", **where)
@@ -1061,13 +1063,8 @@ class _Doctor:
             m = _SWITCH_RE.match(p)
             if m and lay.shape and len(lay.shape) == 3 and lay.shape[0] != want:
                 self.col.add("moe.experts", f"{p} stacks {lay.shape[0]} experts, but the config says {want}: "
-                             "loaders build that many and fail on the difference", file=self._file_of(p), layer=p)
+                             "loaders build that many and fail on the difference", file=_layer_file(lay), layer=p)
 
-    def _file_of(self, path: str):
-        lay = self.model.layers.get(path)
-        if lay is None:
-            lay = next((l for q, l in self.model.layers.items() if q.startswith(path)), None)
-        return next(iter(lay.tensors.values())).file if lay is not None and lay.tensors else None
 
     def _check_per_expert(self) -> None:
         """MLX-quantized experts stored one by one (experts.{e}.*.scales). When mlx-lm loads a
@@ -1083,7 +1080,7 @@ class _Doctor:
                          f"model type {mt or '(none)'!r} it stacks only their .weight, so their .scales/.biases "
                          "match no parameter and loading fails — convert the source with `quantscope convert "
                          "--to mlx` or mlx_lm.convert (both stack the experts)",
-                         file=next(iter(self.model.layers[per[0]].tensors.values())).file, layer=per[0])
+                         file=_layer_file(self.model.layers[per[0]]), layer=per[0])
 
     def _check_overrides(self, cfg) -> None:
         if cfg.kind != "mlx" or not self.complete:
@@ -1130,15 +1127,13 @@ class _Doctor:
             col.add("container.empty", (f"the config describes a {cfg.kind} model but " if cfg.kind else "")
                     + "the checkpoint stores no tensor: loaders find no weights — the download or conversion is "
                     "incomplete", file=self.root / _cfg_file(cfg) if cfg.kind else self.source)
-        for message, usable in cfg.bad_values:
+        # (odd values: read here one way, loaders another, as unusable ones)
+        for message, usable in [*cfg.bad_values, *((m, False) for m in cfg.odd_values)]:
             if usable:
                 col.add("config.number-type", f"{message} — write it as an integer", file=self.root / _cfg_file(cfg, message))
             else:
                 col.add("config.bad-value", f"{message} — loaders fail on it or misread the file; write what "
                         "the tensors were quantized with", file=self.root / _cfg_file(cfg, message))
-        for message in cfg.odd_values:
-            col.add("config.bad-value", f"{message} — loaders fail on it or misread the file; write what the "
-                    "tensors were quantized with", file=self.root / _cfg_file(cfg, message))
         if cfg.conflicts:
             col.add("config.disagree", f"quantize_config.json disagrees with config.json's quantization_config: "
                     f"{', '.join(cfg.conflicts)}. transformers, GPTQModel and vLLM read config.json (quantscope "
@@ -1346,7 +1341,7 @@ class _Doctor:
                 self.col.add("gptq.act-order-no-g-idx", f"desc_act is true but {len(bare)} GPTQ layer(s) store no "
                              f"g_idx (e.g. {bare[0]}): loaders then assume k // group_size, which is right only if "
                              "the columns were never reordered — restore g_idx, or set desc_act false if they were not",
-                             file=next(iter(lay.tensors.values())).file, layer=bare[0])
+                             file=_layer_file(lay), layer=bare[0])
         if self._act_order:
             # One finding for the checkpoint: act-order is a property of the export, not a layer.
             file, tname, path = self._act_order[0]
@@ -1375,7 +1370,7 @@ class _Doctor:
                 # After the specific checks (they name a problem better): what a decode would
                 # refuse. Zero points with the wrong number of groups passed every check, then
                 # dequant and compare failed on them. Small models are decoded whole.
-                file = next(iter(layer.tensors.values())).file if layer.tensors else None
+                file = _layer_file(layer)
                 try:
                     check_layer(self.model, layer, decode=self.full)
                 except QuantscopeError as exc:
@@ -1675,7 +1670,7 @@ class _Doctor:
                          "were lost or overwritten — re-quantize the layer", **common)
         nz = a[a > 0]
         med = float(np.median(nz)) if nz.size else None
-        if med is not None and layer.scheme in ("fp8-block", "ct-fp8") and med > 1.0 and _SCALE_SANE[0] <= med:
+        if med is not None and layer.scheme in ("fp8-block", "ct-fp8") and med > 1.0:
             # an FP8 value (up to 448) times its scale is the weight: a median scale over 1 makes
             # weights of hundreds, the reciprocal stored (scale for scale_inv: weights ~5e5 with
             # "no problems found")
@@ -1747,6 +1742,11 @@ def _scale_component(layer) -> str | None:
         if c in comps:
             return c
     return None
+
+
+def _layer_file(layer):
+    """The file of a layer's first tensor (None for a layer of none): where its findings point."""
+    return next(iter(layer.tensors.values())).file if layer.tensors else None
 
 
 def _cfg_file(cfg, message: str = "") -> str:

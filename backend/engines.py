@@ -86,6 +86,11 @@ def _np_mlx_affine(layer, p, out=None):
                                 group_size=layer.group_size, name=layer.path, out=out)
 
 
+#: What a decoder raises on a file's odd parts or settings (a part missing, a block size of
+#: "128"): said as the layer's error, naming the file, not as an internal one.
+_DECODE_ERRORS = (KeyError, ValueError, TypeError, IndexError, ZeroDivisionError)
+
+
 def _global_scale(layer, p) -> float | None:
     """An MLX nvfp4 layer's stored per-tensor ``global_scale`` (mx.dequantize's argument: weights
     × global/2688), or None. It was ignored: the decode differed from mx.dequantize's by its factor."""
@@ -209,12 +214,10 @@ class NumpyEngine:
             return fn(layer, parts)
         except LayerError as exc:
             raise exc.naming(model.ckpt.source, layer.path) from None
-        except KeyError as exc:  # a part the decoder needs is not stored ("internal error: KeyError")
-            raise LayerError(f"cannot be decoded: its {exc.args[0]!r} is not stored", file=model.ckpt.source,
-                             tensor=layer.path, rule="layer.undecodable") from None
-        except (ValueError, TypeError, IndexError, ZeroDivisionError) as exc:  # odd settings or shapes
-            raise LayerError(f"cannot be decoded: {exc}", file=model.ckpt.source, tensor=layer.path,
-                             rule="layer.undecodable") from exc  # (--debug shows where)
+        except _DECODE_ERRORS as exc:  # ("internal error: KeyError" before; --debug shows where)
+            why = f"its {exc.args[0]!r} is not stored" if isinstance(exc, KeyError) else str(exc)
+            raise LayerError(f"cannot be decoded: {why}", file=model.ckpt.source, tensor=layer.path,
+                             rule="layer.undecodable") from exc
 
     def row_decoder(self, model: Model, layer: Layer) -> fast.RowDecoder | None:
         """A prepared compiled decode of ``layer`` by row ranges (see :class:`fast.RowDecoder`),
@@ -225,7 +228,7 @@ class NumpyEngine:
             return None
         try:
             return fn(layer, read_parts(model, layer))
-        except (LayerError, KeyError, ValueError, TypeError, IndexError, ZeroDivisionError):
+        except (LayerError, *_DECODE_ERRORS):
             return None  # the whole-layer decode reports it, with the file named
 
     def close(self) -> None:

@@ -123,3 +123,18 @@ def terminal_text(text: str) -> str:
     tab included) as ``\\xNN``. A tensor name from a file holding ``\\n\\x1b[31m`` broke the
     line it was printed on and turned the terminal red; an error message must stay one line."""
     return printable(text).translate(_CONTROL)
+
+
+def terminal_lines(text: str) -> str:
+    """Each line of ``text`` as :func:`terminal_text` (the line breaks kept)."""
+    return "\n".join(terminal_text(ln) for ln in text.split("\n"))
+
+
+def file_in_the_way(path) -> Path | None:
+    """The nearest existing part of ``path``'s folder when it is a file, not a folder (a file
+    where a folder of an output path is wanted: the cause of "does not exist" or "File exists"),
+    else None."""
+    up = Path(path).parent
+    while not up.exists() and up.parent != up:
+        up = up.parent
+    return up if up.exists() and not up.is_dir() else None

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint, Module
+from .checkpoint import CONFIG_FILES, Checkpoint, Module
 from .dtypes import DTYPES
 from .errors import LayerError, QuantscopeError
 from .formats.mlx import MODE_DEFAULTS, affine_fits, affine_shape
@@ -176,7 +176,6 @@ def data_warning(model: Model, layer: Layer) -> str | None:
     # a config file that cannot be read (not JSON, a list, unreadable): ignored here, the settings
     # taken from the tensors; dequant/compare/convert said nothing and exited 0 (a conversion wrote
     # a config.json of its quantization keys alone)
-    from .checkpoint import CONFIG_FILES
     unread = [w for w in model.ckpt.warnings if w.split(" ", 1)[0] in CONFIG_FILES]
     if unread:
         return f"{unread[0]}: loaders fail on this checkpoint; here its tensors' shapes decide the settings"

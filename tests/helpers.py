@@ -50,3 +50,22 @@ def load_npz(path) -> dict[str, np.ndarray]:
     """All arrays of an .npz, with the file closed (ResourceWarning is an error in the suite)."""
     with np.load(path) as z:
         return dict(z)
+
+
+def read_all(path: Path) -> tuple[dict, dict | None]:
+    """Every tensor of a safetensors file (copies: the file may be rewritten) and its metadata."""
+    from quantscope.backend.safetensors_file import SafetensorsFile
+    sf = SafetensorsFile(path)
+    out = {n: np.array(sf.read(n)) for n in sf.names}
+    meta = sf.metadata
+    sf.close()
+    return out, meta
+
+
+def writable_copy(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint folder to break (the fixtures' files may be read-only)."""
+    import shutil
+    shutil.copytree(src, dst)
+    for f in Path(dst).iterdir():
+        f.chmod(0o644)
+    return Path(dst)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import write_raw, write_st
+from helpers import read_all, write_raw, write_st
 from quantscope.app.cli import main
 
 
@@ -862,12 +862,9 @@ def test_fp8_tensors_the_config_contradicts_are_refused(tmp_path, capsys, case):
     # as MXFP8: rel_fro 10): each exit 0 with "no problems found"
     from pathlib import Path
 
-    from quantscope.backend.safetensors_file import SafetensorsFile
     src = _copy(Path(__file__).parent / "fixtures" / "real" / "llmcompressor-fp8", tmp_path / "f")
     f = next(src.glob("*.safetensors"))
-    sf = SafetensorsFile(f)
-    t = {n: np.array(sf.read(n)) for n in sf.names}  # (copies: the file is rewritten below)
-    sf.close()
+    t = read_all(f)[0]
     p = "model.layers.0.self_attn.q_proj"
     if case == "i8_label":
         t[f"{p}.weight"] = t[f"{p}.weight"].view(np.int8)
@@ -892,12 +889,9 @@ def test_a_compressed_tensors_actorder_layer_without_its_g_idx_is_refused(tmp_pa
     # plain order, wrong values with exit 0
     from pathlib import Path
 
-    from quantscope.backend.safetensors_file import SafetensorsFile
     src = _copy(Path(__file__).parent / "fixtures" / "golden" / "ct016_w4a16_actorder", tmp_path / "c")
     f = src / "model.safetensors"
-    sf = SafetensorsFile(f)
-    t = {n: np.array(sf.read(n)) for n in sf.names if not n.endswith("weight_g_idx")}
-    sf.close()
+    t = {n: a for n, a in read_all(f)[0].items() if not n.endswith("weight_g_idx")}
     write_st(f, t, {"format": "pt"})
     layer = next(n for n in t if n.endswith(".weight_packed"))[:-len(".weight_packed")]
     assert main(["dequant", str(src), layer, "-o", str(tmp_path / "x.npy")]) == 2

@@ -15,7 +15,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import write_raw, write_st
+from helpers import read_all, writable_copy, write_raw, write_st
 from quantscope.backend import doctor
 from quantscope.backend.bitpack import pack_bits
 from quantscope.backend.doctor import RULES, Finding, diagnose, run_diagnosis
@@ -149,14 +149,6 @@ def make_dense_sharded(folder: Path, n_shards=2) -> Path:
                                                                      "weight_map": wm}))
     _write_cfg(folder, _cfg())
     return folder
-
-
-def read_all(path: Path) -> tuple[dict, dict | None]:
-    sf = SafetensorsFile(path)
-    out = {n: np.array(sf.read(n)) for n in sf.names}
-    meta = sf.metadata
-    sf.close()
-    return out, meta
 
 
 def copy_golden(name: str, dest: Path) -> Path:
@@ -1234,10 +1226,7 @@ def test_a_finding_on_a_layers_tensor_names_the_layer(tmp_path):
 def test_a_compressed_tensors_format_the_tensors_contradict_is_an_error(tmp_path, key, value):
     # compressed-tensors picks its decompressor by the format: "no problems found" before
     src = Path(__file__).parent / "fixtures" / "real" / "llmcompressor-w4a16"
-    dst = tmp_path / "m"
-    shutil.copytree(src, dst)
-    for f in dst.iterdir():
-        f.chmod(0o644)
+    dst = writable_copy(src, tmp_path / "m")
     cfg = json.loads((dst / "config.json").read_text())
     q = cfg["quantization_config"]
     q[key] = value
@@ -1253,18 +1242,12 @@ def test_a_compressed_tensors_format_the_tensors_contradict_is_an_error(tmp_path
 def test_an_moe_block_with_an_expert_missing_or_miscounted_is_an_error(tmp_path, damage):
     # GPTQModel's Qwen3-MoE with expert 1 deleted, or its config saying 8 experts; mlx-lm's with
     # the config saying 8 beside a stack of 4: "no problems found", loaders fail on them
-    from quantscope.backend.safetensors_file import SafetensorsFile
     real = Path(__file__).parent / "fixtures" / "real"
     src = real / ("mlxlm-qwen3moe-q4-g64" if damage == "stack" else "gptqmodel-qwen3moe-w4g64")
-    dst = tmp_path / "m"
-    shutil.copytree(src, dst)
-    for f in dst.iterdir():
-        f.chmod(0o644)
+    dst = writable_copy(src, tmp_path / "m")
     if damage == "missing":
         for f in dst.glob("*.safetensors"):
-            sf = SafetensorsFile(f)
-            t = {n: np.array(sf.read(n)) for n in sf.names if ".experts.1." not in n}
-            sf.close()
+            t = {n: a for n, a in read_all(f)[0].items() if ".experts.1." not in n}
             write_st(f, t, {"format": "pt"})
         idx = dst / "model.safetensors.index.json"
         if idx.exists():
@@ -1283,19 +1266,26 @@ def test_an_moe_block_with_an_expert_missing_or_miscounted_is_an_error(tmp_path,
 def test_reciprocal_fp8_block_scales_are_an_error(tmp_path):
     # 1/s stored as weight_scale_inv: weights of ~4e5, "no problems found" (the median scale, ~1e3,
     # was inside the bounds that catch F16 read as BF16)
-    from quantscope.backend.safetensors_file import SafetensorsFile
     src = Path(__file__).parent / "fixtures" / "golden" / "fp8_block_partial"
-    dst = tmp_path / "m"
-    shutil.copytree(src, dst)
-    for f in dst.iterdir():
-        f.chmod(0o644)
+    dst = writable_copy(src, tmp_path / "m")
     f = dst / "model.safetensors"
-    sf = SafetensorsFile(f)
-    t = {n: np.array(sf.read(n)) for n in sf.names}
-    sf.close()
+    t = read_all(f)[0]
     k = next(n for n in t if n.endswith("weight_scale_inv"))
     t[k] = (1.0 / t[k].astype(np.float32)).astype(t[k].dtype)
     write_st(f, t, {"format": "pt"})
     hits = [x for x in diagnose(dst) if x.rule == "values.scale-magnitude"]
     assert hits and "reciprocal" in hits[0].message
     assert not [x for x in diagnose(src) if x.rule == "values.scale-magnitude"]
+
+
+def test_negative_scales_of_a_compressed_tensors_int8_layer_are_an_error(tmp_path):
+    # (its scheme, ct-int, was missing from the schemes whose scales are never negative)
+    src = Path(__file__).parent / "fixtures" / "golden" / "ct_int8_w8a8_channel"
+    dst = writable_copy(src, tmp_path / "m")
+    f = dst / "model.safetensors"
+    t = read_all(f)[0]
+    k = next(n for n in t if n.endswith(".weight_scale"))
+    t[k] = -t[k]
+    write_st(f, t, {"format": "pt"})
+    hits = [x for x in diagnose(dst) if x.rule == "values.negative-scale"]
+    assert hits and hits[0].tensor == k and "ct-int" in hits[0].message

@@ -72,13 +72,16 @@ F32, BF16, F16 = 0, 1, 2
 
 if AVAILABLE:
     @njit(cache=True, inline="always")
+    def _rbf16(x):
+        # float32 bits rounded to bfloat16's (half to even), as uint32 arithmetic (it wraps
+        # exactly like the uint64 form masked to 32 bits) so LLVM can keep 8 lanes per AVX2 register
+        return (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+
+    @njit(cache=True, inline="always")
     def _round_bf16(seg):
-        # uint32 arithmetic (wraps exactly like the uint64 form masked to 32 bits) so LLVM can
-        # keep 8 lanes per AVX2 register.
         u = seg.view(np.uint32)
         for i in range(u.size):
-            x = u[i]
-            u[i] = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+            u[i] = _rbf16(u[i])
 
     @njit(cache=True, inline="always")
     def _bf16_then_add(seg, bg):
@@ -86,10 +89,7 @@ if AVAILABLE:
         # sum; one loop (the three of _round_row, add, _round_row took 1.7x its time)
         u = seg.view(np.uint32)
         for i in range(u.size):
-            x = u[i]
-            x = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-            x = np.uint32(_bits(_from_bits(np.int32(x)) + bg))
-            u[i] = (x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+            u[i] = _rbf16(np.uint32(_bits(_from_bits(np.int32(_rbf16(u[i]))) + bg)))
 
     @njit(cache=True, inline="always")
     def _round_row(row, mode):
@@ -870,9 +870,9 @@ if AVAILABLE:
             cnt[6] += c2
 
     @njit(cache=True, inline="always")
-    def _add_hist(hist, w, x, n, bf16, t, ti):
-        # the float32 |x - w| of the first n elements into the bins of their top bits
-        # the bins first, in a loop that vectorises; then only the increments one by one
+    def _add_hist(hist, w, x, n, bf16, ti):
+        # the float32 |x - w| of the first n elements into the bins of their top bits: the bins
+        # first (int32 ti), in a loop that vectorises; then only the increments one by one
         top = np.int32(hist.size - 1)
         for j in range(n):
             hb = (_bits(abs(x[j] - _wval(w, j, bf16))) >> HIST_SHIFT) - HIST_BASE
@@ -906,8 +906,7 @@ if AVAILABLE:
         w = np.empty(PIECE, np.float32)
         wu = w.view(np.uint32)
         xs = np.empty(PIECE, np.float32)
-        t = np.empty(PIECE, np.float32)
-        ti = t.view(np.int32)
+        ti = np.empty(PIECE, np.int32)  # histogram bins
         f = np.zeros(PIECE + 8, np.uint8)  # hit flags, 8 to a word
         fu = f.view(np.uint64)
         words = np.empty(PIECE // 8 + 1, np.int64)
@@ -932,8 +931,7 @@ if AVAILABLE:
         # the vector pass (_make_vpass) takes what it can: no divisor (undone smoothing keeps the
         # loops below); the sample blocks' histogram is a loop after it
         vec = not has_col and v.strides[1] == 4 and ref.strides[1] == ref.itemsize  # (rows in runs)
-        ht = np.empty(VPIECE if vec and nbins else 0, np.float32)
-        hti = ht.view(np.int32)
+        hti = np.empty(VPIECE if vec and nbins else 0, np.int32)
         lims = np.empty(6, np.float32)
         lims[:3] = lq
         lims[3:] = hq
@@ -967,7 +965,7 @@ if AVAILABLE:
                         _exact_max(rp, vp, n16, bf16, vrm, acc)
                     _add_below(cnt, m, vc[1], vc[2], vc[3], vc[0], zero_lo)
                     if nbins:
-                        _add_hist(hist, rp, vp, n16, bf16, ht, hti)
+                        _add_hist(hist, rp, vp, n16, bf16, hti)
                     if n16 == n:
                         continue
                     rp, vp, n = rp[n16:], vp[n16:], n - n16  # the last few: the loops below
@@ -988,7 +986,7 @@ if AVAILABLE:
                 else:
                     x = vp
                 if nbins:
-                    _add_hist(hist, w, x, n, False, t, ti)
+                    _add_hist(hist, w, x, n, False, ti)
                 # one pass (int32 lanes: numba would widen a plain count to 64 bits): the largest
                 # bits, exact zeros, and per interval the count below it and the hits inside
                 rm = np.int32(0)
