@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import traceback
 
 from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.outfile import printable
@@ -404,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         from quantscope.app.window_main import run_window
         return run_window(args)
     except QuantscopeError as exc:
-        if debug:
-            raise
+        if debug:  # the traceback, then the same line and exit status as without --debug
+            traceback.print_exc()
         from quantscope.backend.outfile import terminal_text
         print(f"quantscope: error: {terminal_text(str(exc))}", file=sys.stderr)  # one line, whatever a name holds
         return 2
@@ -417,16 +418,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as exc:  # a file or folder that cannot be read or written: the user's to fix
         if debug:
-            raise
+            traceback.print_exc()
         where = exc.filename if exc.filename is not None else ("standard output" if _stdout_failing(exc) else "")
         print(f"quantscope: error: {where}{': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # never a bare traceback for the user
         if debug:
-            raise
+            traceback.print_exc()
         if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl+C inside a compiled kernel (SystemError)
             print("quantscope: interrupted", file=sys.stderr)
             return 130
-        print(f"quantscope: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+        hint = "" if debug else " (run with --debug for details)"
+        print(f"quantscope: internal error: {type(exc).__name__}: {exc}{hint}",
               file=sys.stderr)
         return 3

@@ -60,6 +60,17 @@ def test_options_before_the_command_run_the_command(tmp_path, capsys):
     assert "tensors: 1" in capsys.readouterr().out
 
 
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(tmp_path, capsys):
+    # --debug re-raised: Python printed the traceback and exited 1, whatever the error (a script
+    # checking for 2, "cannot open", saw another status only when debugging)
+    assert main(["--debug", "info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "CheckpointError" in err
+    assert err.rstrip().splitlines()[-1].startswith("quantscope: error: ") and "missing" in err
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
 def test_outputs_are_checked_before_any_work_and_written_where_named(tmp_path, capsys, real_fixtures):
     ref = str(real_fixtures / "base-bf16")
     var = str(real_fixtures / "mlx-affine-q4-g64")
