@@ -168,6 +168,8 @@ RULES: dict[str, Rule] = _rules(
     ("fp8.block-size", "error", "R12", "FP8 block scales do not tile the weight with weight_block_size"),
     ("fp8.converted", "error", "R13", "quant_method fp8 but no FP8 weights (converted checkpoint)"),
     ("mx.e8m0-scale", "error", "R14", "MX scales are not E8M0 exponent bytes"),
+    ("config.static-activations", "warning", None, ("the config quantizes activations with stored scales "
+                                                    "(static) but a layer stores no input scale")),
     ("config.tied-lm-head", "error", "R24", "lm_head present with tie_word_embeddings: true (or absent while false)"),
     ("bnb.quant-state", "error", "R25", "bitsandbytes 4-bit quant state incomplete or inconsistent"),
     ("layer.inconsistent", "error", None, "a layer's tensors do not fit together (see message)"),
@@ -1199,6 +1201,7 @@ class _Doctor:
                 col.add("ct.format", f"quantization_status is {status!r} but the tensors are compressed ({sch}): "
                         "loaders take a frozen checkpoint for fake-quantized dense weights — set it to "
                         "'compressed'", file=file, layer=path)
+        self._check_input_scale(layer, file)
         if sch == "gptq-marlin":
             col.add("gptq.marlin", "Marlin-serialized GPTQ (tile-permuted `.B`/`.s`, or checkpoint_format "
                     "'marlin'): plain GPTQ decoders produce silent garbage — convert it back to plain GPTQ with "
@@ -1250,6 +1253,24 @@ class _Doctor:
             col.add("fp8.block-size", "quantization_config has no weight_block_size: the block size cannot be "
                     "derived from shapes when N or K is not a multiple of it — add weight_block_size",
                     file=file, layer=path)
+
+    def _check_input_scale(self, layer, file) -> None:
+        """Static activation quantization in the config, and no calibrated input scale stored."""
+        st, comps = layer.settings or {}, layer.tensors
+        if not layer.quantized:
+            return
+        if st.get("activation_scheme") == "static":
+            said, want = "activation_scheme is 'static'", "input_scale"
+        elif st.get("input_dynamic") is False or st.get("input_dynamic") == "local":
+            said = f"input_activations has dynamic: {st['input_dynamic']!r}"
+            want = "input_global_scale" if layer.scheme == "ct-nvfp4" else "input_scale"
+        else:
+            return
+        if want not in comps:
+            self.col.add("config.static-activations", f"{said} (activations quantized with a calibrated scale stored "
+                         f"beside the weights) but the layer stores no `{want}`: runtimes that quantize activations "
+                         "(vLLM) find none to load — store the calibrated scales, or declare the activations "
+                         "dynamic", file=file, tensor=f"{layer.path}.{want}", layer=layer.path)
 
     def _check_ct_pack(self, layer, file) -> None:
         from .formats.ct import _dense_cols, _legacy_cols, _version_tuple

@@ -515,9 +515,13 @@ def _resolve_ct(cfg: QuantConfig, path: str) -> Effective:
             continue
         w = group.get("weights") or {}
         fmt = group.get("format") or cfg.globals.get("format")
+        acts = group.get("input_activations")
         settings = {"type": w.get("type"), "symmetric": w.get("symmetric"), "strategy": w.get("strategy"),
                     "block_structure": w.get("block_structure"), "actorder": w.get("actorder"),
-                    "format": fmt, "version": cfg.globals.get("version")}
+                    "format": fmt, "version": cfg.globals.get("version"),
+                    # activations quantized with calibrated scales stored beside the weights
+                    # (NVFP4's "local": a stored global scale, per-group ones at run time)
+                    "input_dynamic": acts.get("dynamic", True) if isinstance(acts, dict) else None}
         return Effective(quantized=None, bits=w.get("num_bits"), group_size=w.get("group_size"),
                          settings=settings,
                          source=f"config_groups.{gname} (target `{hit}`), format {fmt}, "
@@ -531,7 +535,8 @@ def _resolve_fp8(cfg: QuantConfig, path: str) -> Effective:
         if key in path:
             return Effective(quantized=False, source=f"modules_to_not_convert contains `{key}`")
     bs = g.get("weight_block_size")
-    return Effective(quantized=None, bits=8, settings={"weight_block_size": bs, "fmt": g.get("fmt")},
+    return Effective(quantized=None, bits=8, settings={"weight_block_size": bs, "fmt": g.get("fmt"),
+                                                       "activation_scheme": g.get("activation_scheme")},
                      source=f"{cfg.file}: fp8 {g.get('fmt')}, weight_block_size {bs}")
 
 

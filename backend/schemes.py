@@ -601,8 +601,11 @@ def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: s
     if "weight_scale_inv" in comps:
         bs = eff.settings.get("weight_block_size") or cfg.globals.get("weight_block_size")
         s = comps["weight_scale_inv"]
+        settings = {"weight_block_size": bs, "scale_dtype": s.dtype}
+        if eff.settings.get("activation_scheme") is not None:
+            settings["activation_scheme"] = eff.settings["activation_scheme"]
         layer = Layer(module.path, "fp8-block", comps, shape=w.shape, bits=8, dtype=model_dtype,
-                      settings={"weight_block_size": bs, "scale_dtype": s.dtype}, source=eff.source)
+                      settings=settings, source=eff.source)
         if eff.quantized is False:
             # decoded with its scale, as stored; a loader that follows the config builds a plain
             # Linear and loads the FP8 values unscaled

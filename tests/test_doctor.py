@@ -1238,6 +1238,26 @@ def test_a_compressed_tensors_format_the_tensors_contradict_is_an_error(tmp_path
     assert hits and value in hits[0].message and hits[0].severity == "error"
 
 
+
+@pytest.mark.parametrize("fixture", ["real/llmcompressor-fp8", "golden/fp8_block_partial"])
+def test_static_activations_without_their_stored_scales_are_warned_of(tmp_path, fixture):
+    # llm-compressor's FP8_DYNAMIC (real) and a DeepSeek-style block FP8 file declared static:
+    # a static scheme stores each layer's calibrated input_scale; none is here ("no problems" before)
+    dst = writable_copy(Path(__file__).parent / "fixtures" / fixture, tmp_path / "m")
+    cfg = json.loads((dst / "config.json").read_text())
+    assert not [f for f in diagnose(dst) if f.rule == "config.static-activations"]  # as written: dynamic
+    q = cfg["quantization_config"]
+    if "config_groups" in q:
+        q["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
+    else:
+        q["activation_scheme"] = "static"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    hits = [f for f in diagnose(dst) if f.rule == "config.static-activations"]
+    quantized = {f.layer for f in diagnose(dst) if f.layer}
+    assert hits and all(f.severity == "warning" and f.tensor == f"{f.layer}.input_scale" for f in hits)
+    assert "input_scale" in hits[0].message and ("static" in hits[0].message or "dynamic: False" in hits[0].message)
+    assert len({f.layer for f in hits}) == len(hits) and {f.layer for f in hits} <= quantized
+
 @pytest.mark.parametrize("damage", ["missing", "count", "stack"])
 def test_an_moe_block_with_an_expert_missing_or_miscounted_is_an_error(tmp_path, damage):
     # GPTQModel's Qwen3-MoE with expert 1 deleted, or its config saying 8 experts; mlx-lm's with
