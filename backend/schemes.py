@@ -535,6 +535,17 @@ def _detect_ct_packed(module: Module, cfg: QuantConfig, eff: Effective, ckpt: Ch
         except QuantscopeError:
             shape = None
     scale = comps.get("weight_scale")
+    int_pack = settings.get("format") == "pack-quantized" or settings.get("type") == "int"
+    if wp.dtype == "U8" and int_pack and scale is not None and scale.dtype in ("F32", "F16", "BF16") \
+            and "weight_global_scale" not in comps:
+        # bytes where pack-quantized writes int32 words (its float scales are no MX exponents):
+        # said as such, not taken for MXFP4 with the wrong kind of scales
+        layer = Layer(path, "ct-pack", comps, bits=eff.bits, group_size=eff.group_size, dtype=scale.dtype,
+                      settings=settings, source=eff.source, shape=shape)
+        layer.problem = (f"weight_packed is stored as U8 {list(wp.shape)} but the config says pack-quantized "
+                         f"({eff.bits}-bit int), which packs into int32 words: compressed-tensors' unpacker fails on "
+                         "bytes, and quantscope does not guess their order — re-export with int32 packing")
+        return layer
     if wp.dtype == "U8":
         if "weight_global_scale" in comps:
             scheme, bits, group = "ct-nvfp4", 4, 16

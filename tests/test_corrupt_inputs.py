@@ -273,3 +273,34 @@ def test_nan_scales_are_said_by_dequant_and_by_the_conversion_summary(tmp_path, 
     assert "max rel_fro nan" in cap.out and "not finite in 1 layer(s), e.g. " + q in cap.out
     assert "RuntimeWarning" not in cap.err
 
+
+
+def test_int4_codes_stored_as_bytes_are_named_as_such_not_taken_for_mxfp4(tmp_path, capsys):
+    """llm-compressor's W4A16 (pack-quantized, int32 words) with its words relabelled U8 bytes:
+    quantscope called the layers MXFP4 and blamed their BF16 scales for not being E8M0
+    exponents. Now: a pack-quantized layer in the wrong storage, refused by dequant, an error
+    of the doctor, with what the config says."""
+    from helpers import write_raw
+    folder = tmp_path / "u8"
+    shutil.copytree(FIXTURES / "llmcompressor-w4a16", folder)
+    f = folder / "model.safetensors"
+    f.chmod(0o644)
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    for name, e in header.items():
+        if name.endswith(".weight_packed"):
+            assert e["dtype"] == "I32"
+            e["dtype"], e["shape"] = "U8", [e["shape"][0], e["shape"][1] * 4]
+    write_raw(f, header, raw[8 + n:])
+    layer = "model.layers.0.mlp.up_proj"
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "ct-pack ×14" in out and "mxfp4" not in out
+    assert main(["dequant", str(folder), layer, "-o", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and layer in err[0] and "U8 [1536, 192]" in err[0] and "pack-quantized" in err[0]
+    assert "E8M0" not in err[0] and not (tmp_path / "o.npy").exists()
+    assert main(["doctor", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "int32 words" in out and "mx.e8m0-scale" not in out and "ct.format" not in out
