@@ -609,6 +609,21 @@ def _naive_settings(eff: Effective, scale: TensorInfo) -> dict:
 def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: str = "BF16") -> Layer:
     comps = module.tensors
     w = comps["weight"]
+    # each format's loader looks for its own name of the scale: a renamed one is found by none
+    # (read by the other format's rules, it was blamed for a missing block size or group size)
+    if cfg.kind == "compressed-tensors" and "weight_scale_inv" in comps and "weight_scale" not in comps:
+        return Layer(module.path, "ct-fp8", comps, shape=w.shape, bits=8, dtype=w.dtype, source=eff.source,
+                     problem=f"the scale is stored as `weight_scale_inv` {list(comps['weight_scale_inv'].shape)}, "
+                             "DeepSeek's FP8 name, but the config is compressed-tensors, which loads `weight_scale`: a "
+                             "renamed tensor (or a config from another checkpoint) — rename it, or use the config it "
+                             "was written with")
+    if cfg.kind == "fp8" and "weight_scale" in comps and "weight_scale_inv" not in comps \
+            and comps["weight_scale"].dtype in ("F32", "F16", "BF16"):  # (U8: MXFP8's exponents, named so)
+        return Layer(module.path, "fp8-block", comps, shape=w.shape, bits=8, dtype=w.dtype, source=eff.source,
+                     problem=f"the scale is stored as `weight_scale` {list(comps['weight_scale'].shape)}, but the "
+                             "config's quant_method 'fp8' (transformers' FP8) loads `weight_scale_inv`: a renamed "
+                             "tensor (or a config from another checkpoint) — rename it, or use the config it was "
+                             "written with")
     if "weight_scale_inv" in comps:
         bs = eff.settings.get("weight_block_size") or cfg.globals.get("weight_block_size")
         s = comps["weight_scale_inv"]

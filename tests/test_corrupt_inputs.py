@@ -304,3 +304,31 @@ def test_int4_codes_stored_as_bytes_are_named_as_such_not_taken_for_mxfp4(tmp_pa
     assert main(["doctor", str(folder)]) == 1
     out = capsys.readouterr().out
     assert "int32 words" in out and "mx.e8m0-scale" not in out and "ct.format" not in out
+
+
+@pytest.mark.parametrize("case", ["fp8-block", "compressed-tensors"])
+def test_a_renamed_fp8_scale_is_named_as_a_rename(case, tmp_path, capsys):
+    """DeepSeek-style FP8's `weight_scale_inv` renamed `weight_scale` (compressed-tensors' name)
+    was blamed on "group strategy needs a positive group_size"; llm-compressor FP8's
+    `weight_scale` renamed `weight_scale_inv`, on a missing weight_block_size. Each format's
+    loader finds no scale of its own name: that is what is said now."""
+    from helpers import write_raw
+    golden = Path(__file__).parent / "fixtures" / "golden"
+    src, old, new, layer = ((golden / "fp8_block_partial", ".weight_scale_inv", ".weight_scale",
+                             "model.layers.0.mlp.down_proj") if case == "fp8-block" else
+                            (FIXTURES / "llmcompressor-fp8", ".weight_scale", ".weight_scale_inv",
+                             "model.layers.0.mlp.up_proj"))
+    folder = tmp_path / case
+    shutil.copytree(src, folder)
+    f = folder / "model.safetensors"
+    f.chmod(0o644)
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = {(k[:-len(old)] + new if k.endswith(old) else k): v for k, v in json.loads(raw[8:8 + n]).items()}
+    write_raw(f, header, raw[8 + n:])
+    assert main(["dequant", str(folder), layer, "-o", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and layer in err[0] and f"stored as `{new[1:]}`" in err[0] and "renamed" in err[0], err
+    assert "group_size" not in err[0] and "weight_block_size" not in err[0]
+    assert main(["doctor", str(folder)]) == 1
+    assert "renamed tensor" in capsys.readouterr().out
