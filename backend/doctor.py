@@ -22,6 +22,7 @@ parse. Work is done in three phases:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -1244,6 +1245,8 @@ class _Doctor:
                 col.add("bnb.quant-state", f"{p}; bitsandbytes/transformers fail to rebuild the QuantState — "
                         "re-save the model with bitsandbytes ≥ 0.41.3", file=file, layer=path,
                         tensor=f"{path}.weight")
+            if not probs:
+                self._check_bnb_labels(layer, cfg, file)
         # a layer whose problem is one of these rules is fully reported by them
         if layer.problem and "(R9)" in layer.problem and not col.has("ct.packing", layer=path):
             col.add("ct.packing", f"{layer.problem}; unpacking with the wrong generation gives silent garbage",
@@ -1271,6 +1274,40 @@ class _Doctor:
                          f"beside the weights) but the layer stores no `{want}`: runtimes that quantize activations "
                          "(vLLM) find none to load — store the calibrated scales, or declare the activations "
                          "dynamic", file=file, tensor=f"{layer.path}.{want}", layer=layer.path)
+
+    def _check_bnb_labels(self, layer, cfg, file) -> None:
+        """The 4-bit type as named by the quant_state tensor, its JSON and the config, against the
+        code book stored in quant_map. bitsandbytes rebuilds the state from its JSON, and its
+        kernels pick their table by that quant_type (quant_map is not read on GPU); quantscope
+        decodes with quant_map: where those two disagree the decodes differ (an error); the other
+        names only misdescribe the file (a warning)."""
+        from .formats.bnb import FP4_VALUES, NF4_VALUES
+        path, comps = layer.path, layer.tensors
+        state = (layer.settings or {}).get("quant_type")
+        book = None
+        with contextlib.suppress(QuantscopeError, ValueError, TypeError):
+            qm = np.asarray(self.ckpt.tensor(f"{path}.weight.quant_map"), np.float32).reshape(-1)
+            for label, table in (("nf4", NF4_VALUES), ("fp4", FP4_VALUES)):
+                if qm.size == table.size and np.allclose(qm, np.asarray(table, np.float32), rtol=1e-3, atol=1e-6):
+                    book = label
+        state = None if state is None else str(state).lower()
+        if state and book and state != book:
+            self.col.add("bnb.quant-state", f"the quant_state's quant_type is {state!r} but quant_map holds the "
+                         f"{book.upper()} code book: bitsandbytes' kernels pick their table by quant_type (they do "
+                         f"not read quant_map), quantscope decodes with quant_map — the two decodes differ; "
+                         "re-save the model", file=file, layer=path, tensor=f"{path}.weight")
+            return
+        stored = state or book
+        names = {"the quant_state tensor's name": next((k.rsplit("__", 1)[1] for k in comps
+                                                        if k.startswith("weight.quant_state.bitsandbytes__")), None)}
+        if cfg.kind == "bitsandbytes":
+            names["the config's bnb_4bit_quant_type"] = cfg.globals.get("bnb_4bit_quant_type")
+        off = [f"{k} says {str(v).lower()!r}" for k, v in names.items() if v is not None and str(v).lower() != stored]
+        if stored and off:
+            self.col.add("bnb.quant-state", f"the layer is stored {stored.upper()} (its quant_state and code book) "
+                         f"but {' and '.join(off)}: loaders follow the stored state, tools that go by the "
+                         "names (requantizing, model cards) do not — make them agree", file=file, layer=path,
+                         tensor=f"{path}.weight", severity="warning")
 
     def _check_ct_pack(self, layer, file) -> None:
         from .formats.ct import _dense_cols, _legacy_cols, _version_tuple

@@ -1258,6 +1258,30 @@ def test_static_activations_without_their_stored_scales_are_warned_of(tmp_path, 
     assert "input_scale" in hits[0].message and ("static" in hits[0].message or "dynamic: False" in hits[0].message)
     assert len({f.layer for f in hits}) == len(hits) and {f.layer for f in hits} <= quantized
 
+
+@pytest.mark.parametrize("where", ["state", "config"])
+def test_bnb_4bit_type_labels_that_disagree_with_the_code_book(tmp_path, where):
+    # an NF4 layer whose quant_state JSON says fp4: bitsandbytes' kernels take the FP4 table by
+    # that name, quantscope decodes with the stored NF4 quant_map (an error: the decodes differ);
+    # only the config saying fp4: loaders follow the stored state (a warning). Both were clean.
+    dst = writable_copy(GOLDEN / "bnb_nf4", tmp_path / "m")
+    if where == "config":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["quantization_config"]["bnb_4bit_quant_type"] = "fp4"
+        (dst / "config.json").write_text(json.dumps(cfg))
+    else:
+        raw = bytearray((dst / "model.safetensors").read_bytes())
+        at = raw.index(b'"quant_type": "nf4"')  # the JSON inside the U8 quant_state tensor
+        raw[at:at + 19] = b'"quant_type": "fp4"'
+        (dst / "model.safetensors").write_bytes(bytes(raw))
+    hits = [f for f in diagnose(dst) if f.rule == "bnb.quant-state"]
+    assert len(hits) == 1 and hits[0].layer == "model.layers.0.mlp.up_proj", hits
+    if where == "state":
+        assert hits[0].severity == "error" and "'fp4'" in hits[0].message and "NF4 code book" in hits[0].message
+    else:
+        assert hits[0].severity == "warning" and "stored NF4" in hits[0].message
+        assert "bnb_4bit_quant_type says 'fp4'" in hits[0].message
+
 @pytest.mark.parametrize("damage", ["missing", "count", "stack"])
 def test_an_moe_block_with_an_expert_missing_or_miscounted_is_an_error(tmp_path, damage):
     # GPTQModel's Qwen3-MoE with expert 1 deleted, or its config saying 8 experts; mlx-lm's with
