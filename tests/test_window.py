@@ -880,6 +880,28 @@ def test_side_panels_keep_their_share_when_the_window_grows(win, qtbot):
     assert win.minimumSizeHint().width() <= 1024
 
 
+
+def test_the_window_fits_half_a_full_hd_screen_and_the_controls_wrap(win, qtbot):
+    """Its least width was 1024 px (the views' rows of controls in one line between the side
+    panels): more than half a 1920 px screen. The rows now wrap onto a second line instead."""
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    assert win.minimumSizeHint().width() <= 900
+    hist = win.hist
+
+    def line_of(w):
+        return w.mapTo(hist, w.rect().topLeft()).y()
+
+    win.resize(1600, 900)
+    qtbot.waitUntil(lambda: line_of(hist.apply) == line_of(hist.log_y), timeout=3000)  # one line when wide
+    win.resize(900, 700)
+    qtbot.waitUntil(lambda: win.width() <= 900 and line_of(hist.apply) > line_of(hist.log_y), timeout=3000)
+    # the range boxes stay beside their label, the buttons together; nothing is cut off
+    assert line_of(hist.lo) == line_of(hist.hi) and line_of(hist.reset) == line_of(hist.apply)
+    for w in (hist.log_y, hist.lo, hist.hi, hist.apply, hist.reset, hist.bulk):
+        right = w.mapTo(hist, w.rect().topRight()).x()
+        assert 0 <= right <= hist.width() and w.isVisible()
+
 def test_qt_hands_python_empty_values_without_losing_a_reference_to_none(qtbot):
     """PySide6 6.12.0 dropped a reference to None each time Qt returned an empty value to Python;
     on Python < 3.12 a long session ended in "Fatal Python error: none_dealloc". pyproject pins

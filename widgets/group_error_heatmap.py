@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
 )
 
 from .palette import BAD_HEX, BAD_RGBA
-from .plots import Hint, IntAxis, plain_axes, shrinkable
+from .plots import ElidedLabel, Hint, IntAxis, controls_row, plain_axes, shrinkable
 
 
 class GroupErrorHeatmap(QWidget):
@@ -33,7 +33,7 @@ class GroupErrorHeatmap(QWidget):
         self.scale = QCheckBox("shared scale")
         self.scale.setToolTip("Colours from 0 to the 99.5th percentile of every variant's group errors; unchecked, "
                               "of the shown variant's only")
-        self.hover = QLabel(" ")
+        self.hover = ElidedLabel(" ")
         self.note = QLabel("")  # non-finite cells of the shown variant, if any
         self.note.setStyleSheet(f"color: {BAD_HEX}")
         self.glw = pg.GraphicsLayoutWidget()
@@ -53,12 +53,10 @@ class GroupErrorHeatmap(QWidget):
         plain_axes(self.plot)
         plain_axes(self.cbar)
         self.cbar.getAxis("right").setWidth(56)  # room for "0.0925"
+        # the value under the pointer at the right, cut to the room left (a flowing row would
+        # change its height as the text changes)
         bar = QHBoxLayout()
-        bar.addWidget(QLabel("variant"))
-        bar.addWidget(self.variant)
-        bar.addWidget(self.scale)
-        bar.addWidget(self.note)
-        bar.addStretch(1)
+        bar.addWidget(controls_row((QLabel("variant"), self.variant), self.scale, self.note), 1)
         bar.addWidget(self.hover)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)

@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QDoubleSpinBox, QLabel, QPushButton, QVBoxLayout, QWidget
 
-from .plots import LINE_GLYPH, ElidedLabel, Hint, Legend, plot_widget, show_values
+from .plots import LINE_GLYPH, ElidedLabel, Hint, Legend, controls_row, plot_widget, show_values
 
 
 #: Where an empty bin is drawn on the log10(count) axis: just under a count of 1.
@@ -44,23 +44,15 @@ class HistogramView(QWidget):
         for b in (self.apply, self.reset, self.bulk):  # the style's 80 px minimum is wider than "Apply"
             b.setMinimumWidth(b.fontMetrics().horizontalAdvance(b.text()) + 20)
         self.note = ElidedLabel()  # the layer's name, or why the view is empty: never widens the window
-        bar = QHBoxLayout()
-        bar.addWidget(self.log_y)
-        bar.addWidget(QLabel("x:"))
-        bar.addWidget(self.lo)
-        bar.addWidget(QLabel("–"))
-        bar.addWidget(self.hi)
-        bar.addWidget(self.apply)
-        bar.addWidget(self.reset)
-        bar.addWidget(self.bulk)
-        bar.addStretch(1)
+        bar = controls_row(self.log_y, (QLabel("x:"), self.lo, QLabel("–"), self.hi),
+                           (self.apply, self.reset, self.bulk))
         # what the default range leaves out, and values in no bin (NaN/inf): one line, always
         # there (shown and hidden, it would change the plot's height at every selection)
         self.footer = ElidedLabel()
         self.footer.setFixedHeight(self.footer.fontMetrics().lineSpacing() + 2)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
-        lay.addLayout(bar)
+        lay.addWidget(bar)
         # the note on a line of its own: beside the range controls it had 40 px at 1280 px wide
         # ("…proj", "per-…")
         lay.addWidget(self.note)

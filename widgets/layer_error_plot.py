@@ -11,7 +11,6 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QHBoxLayout,
     QLabel,
     QSplitter,
     QVBoxLayout,
@@ -24,6 +23,7 @@ from .plots import (
     SYMBOL_GLYPHS,
     Hint,
     Legend,
+    controls_row,
     plain_axes,
     plot_widget,
     show_values,
@@ -115,20 +115,15 @@ class LayerErrorPlot(QWidget):
         self.hm_bar.setImageItem(self.hm_image, insert_in=self.hm.getPlotItem())
         plain_axes(self.hm_bar)
         self.hm_bar.getAxis("right").setWidth(56)  # room for "0.0925" (the numbers were cut to "0.")
-        bar = QHBoxLayout()
-        bar.addWidget(self.metric_box)
-        bar.addWidget(self.proj)  # its first item, "all projections", says what it is
-        bar.addWidget(QLabel("heatmap:"))
-        bar.addWidget(self.hm_variant)
-        bar.addWidget(self.hm_scale)
-        bar.addStretch(1)
+        # (the projection box's first item, "all projections", says what it is)
+        bar = controls_row(self.metric_box, self.proj, (QLabel("heatmap:"), self.hm_variant), self.hm_scale)
         split = self.split = QSplitter()
         split.addWidget(self.plot)
         split.addWidget(self.hm)
         split.setSizes([560, 440])
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
-        lay.addLayout(bar)
+        lay.addWidget(bar)
         lay.addWidget(self.warn)
         lay.addWidget(self.legend)
         lay.addWidget(split, 1)

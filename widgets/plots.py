@@ -8,7 +8,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QEvent, QObject, QPoint, QRect, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QFontMetrics, QFontMetricsF, QPainter, QPalette
-from PySide6.QtWidgets import QComboBox, QLabel, QLayout, QWidget
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QLayout, QWidget
 
 #: Fixed axis sizes (px). pyqtgraph sizes an axis to its widest tick label by default; new data
 #: then changes the axis width, which relays out the plot, resizes its view box, and makes the
@@ -177,6 +177,26 @@ def shrinkable(combo: QComboBox, chars: int = 12) -> QComboBox:
     combo.setMinimumContentsLength(chars)
     combo.currentTextChanged.connect(combo.setToolTip)  # the whole choice, when it is cut
     return combo
+
+
+def controls_row(*parts) -> QWidget:
+    """A views' row of controls that wraps onto more lines where the view is narrow (in one
+    line, its controls set the window's minimum width: 1024 px with both side panels). A tuple
+    among ``parts`` stays together on one line (a label and its box)."""
+    row = QWidget()
+    flow = FlowLayout(row, hspace=10, vspace=2)
+    flow.setContentsMargins(0, 0, 0, 0)
+    for part in parts:
+        if isinstance(part, tuple):
+            unit = QWidget()
+            box = QHBoxLayout(unit)
+            box.setContentsMargins(0, 0, 0, 0)
+            box.setSpacing(4)
+            for w in part:
+                box.addWidget(w)
+            part = unit
+        flow.addWidget(part)
+    return row
 
 
 #: Each marker shape of :data:`.palette.VARIANT_SYMBOLS` as a text glyph, for :class:`Legend`.
