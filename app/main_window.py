@@ -158,9 +158,11 @@ class MainWindow(QMainWindow):
         if isinstance(state, QByteArray):
             self.restoreState(state)
         else:
-            # Dock sizes only apply once the window has a size: set them after the first show.
-            QTimer.singleShot(0, lambda: self.resizeDocks([self.tree_dock, self.config_dock], [520, 420],
-                                                          Qt.Orientation.Horizontal))
+            # Dock sizes only apply once the window has a size: set them after the first show, as
+            # shares of its width (520 and 420 px left the views 340 px of a 1280 px window)
+            QTimer.singleShot(0, lambda: self.resizeDocks(
+                [self.tree_dock, self.config_dock], [max(240, round(self.width() * f)) for f in (0.3, 0.25)],
+                Qt.Orientation.Horizontal))
 
     def resizeEvent(self, ev) -> None:
         super().resizeEvent(ev)
@@ -336,6 +338,12 @@ class MainWindow(QMainWindow):
             self._open_errors = [(self._unopened[0] if self._unopened else "", message)]
             if not self.workspace.models():  # nothing open at all: the empty views say it
                 self.layers.set_rows([], {}, empty_note=self._needs_note())
+                # (they said "Select a weight matrix in the Tensors tree", of a tree left empty)
+                failed_ = " · ".join(m if m.startswith(p) else f"{p}: {m}" for p, m in self._open_errors)
+                self._clear_views(f"Nothing is open. Could not be opened: {failed_}. File ▸ Add variant… or Set "
+                                  "reference… opens another; Tools ▸ Run doctor (Ctrl+D) lists what is wrong with "
+                                  "this one.")
+                self.config.set_whatif_target(None, why_not="nothing is open")
             named = [str(p) for p in [*paths, reference] if p is not None and message.startswith(str(p))]
             if named:  # our own error, naming the file: its details say what to do, not the traceback
                 details = (f"{message}\n\nTools ▸ Run doctor (Ctrl+D) lists every problem of {named[0]} "
@@ -729,8 +737,11 @@ class MainWindow(QMainWindow):
         upd = self._update_view
         # a variant without this layer (cannot be decoded, no partner) is said, not just missing
         absent = f"Not shown: {', '.join(d.left_out)} (the what-if box says why)" if d.left_out else ""
+        # a variant whose AWQ-style smoothing is undone is shown (and measured) undone: said
+        undone = [v for v, m in d.metrics.items() if m.smoothing != "none"]
+        tag = f" · smoothing undone, as measured: {', '.join(undone)}" if undone else ""
         upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors,
-                                                        note=r["name"], view=d.value_view,
+                                                        note=r["name"] + tag, view=d.value_view,
                                                         nonfinite=d.nonfinite, absent=absent))
         alone = d.error_edges is None  # no reference layer: nothing to measure the error against
         ws = self.workspace
@@ -744,7 +755,7 @@ class MainWindow(QMainWindow):
             "the reference has no layer of that name to measure the error against "
             "(a variant's own name: select the reference's layer it stands for)")
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
-                                                                note=no_ref if alone else r["name"],
+                                                                note=no_ref if alone else r["name"] + tag,
                                                                 view=d.error_view, nonfinite=d.nonfinite,
                                                                 absent=absent))
         no_codes = [v for v in (d.value_counts if alone else d.metrics) if v not in d.code_counts]
@@ -790,7 +801,8 @@ class MainWindow(QMainWindow):
                 lay = None if vm is None else vm.layers.get(d.name)
                 return lay is not None and not lay.quantized
 
-            lines = [f"{v}: rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)"
+            lines = [f"{v}: " + (f"rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" if math.isfinite(m.rel_fro) else
+                                 "no figure (NaN or inf values in its decode or the reference, or a reference of zeros)")
                      + (" — stored unquantized: a copy, not a quantization" if kept(v) else "") + (
                 f", raw {m.rel_fro_raw:.4f}, {smoothing_action(m.smoothing)} ({describe_smoothing(m.smoothing)})"
                 if m.smoothing != "none" else "") + (

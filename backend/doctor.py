@@ -1722,7 +1722,8 @@ class _Doctor:
                 self.col.add("values.denormal-scale", f"{den} of {f.size} checked scales are subnormal in {t.dtype} "
                              f"(< {tiny:.3g}); kernels that flush denormals to zero zero the groups — re-quantize",
                              **common)
-        if f.size >= 16 and np.all(f == f[0]) and comp != "weight.absmax" and layer.scheme not in (
+        all_zero = zeros == f.size and not zero_ok  # (said above as an error: not again as constant)
+        if f.size >= 16 and np.all(f == f[0]) and not all_zero and comp != "weight.absmax" and layer.scheme not in (
                 "mlx-mxfp4", "mlx-mxfp8", "ct-mxfp4", "ct-mxfp8"):
             self.col.add("values.constant", f"all {f.size} checked scales equal {f[0]:g}: the quantizer's scales "
                          "were lost or overwritten — re-quantize the layer", **common)

@@ -80,7 +80,7 @@ class CodeUsageView(QWidget):
                          f"extremes (0 and {len(c) - 1}) hold {edge:.1f}%")
         if self._absent:
             lines.append("No integer codes (a float format or dense): " + ", ".join(self._absent))
-        self.plot.setLabel("bottom", "level ÷ highest level (mixed bit widths)"
+        self.plot.setLabel("bottom", "level ÷ top level (mixed bits)"
                            if norm else "code level")
         self.plot.setLabel("left", "log10(share %) + 6" if self.log_y.isChecked() else "share of weights (%)")
         self.summary.setText("<br>".join(lines) if lines else "No stored codes for this layer (dense or not decodable).")

@@ -67,8 +67,11 @@ class DoctorPanel(QWidget):
             for f in self._groups[sev]:
                 parts.append(self._finding(f, linked))
         self.text.setHtml("".join(parts))
-        self.title.setText((f"<b>{escape(label)}</b>: {counts['error']} error(s), {counts['warning']} warning(s), "
-                            f"{counts['info']} info" if findings else f"<b>{escape(label)}</b>: no problems found.")
+        # the counts there are (a narrow dock wrapped "0 info" onto a line of its own); with none,
+        # "in its files": what the comparison found about it is said below, not contradicted
+        said = ", ".join(f"{counts[s]} {s}{'s' if counts[s] != 1 and s != 'info' else ''}"
+                         for s in SEVERITIES if counts[s])
+        self.title.setText(f"<b>{escape(label)}</b>: " + (said if findings else "no problems found in its files.")
                            + ("" if linked else " (not open in the window)"))
 
     @staticmethod

@@ -227,8 +227,8 @@ class LayerErrorPlot(QWidget):
 
     def _summary(self) -> None:
         """The line under the plots, for the rows shown (the projection chosen)."""
-        if not self._n_rows:
-            self._set_info(self._empty_note or self._EMPTY)
+        if not self._n_rows:  # (a reason it cannot be filled is over the plot: not twice)
+            self._set_info("" if self._empty_note else self._EMPTY)
             return
         proj = self.proj.currentData() if self.proj.currentIndex() > 0 else None
         shown = [r for r in self._rows if proj is None or r.proj == proj]
