@@ -218,7 +218,9 @@ class MainWindow(QMainWindow):
         self.hist = HistogramView("weight value", empty_hint=pick + "its values in the reference and in every "
                                   "variant, on shared bin edges (exact counts)")
         self.err_hist = HistogramView("error Ŵ − W", empty_hint=pick + "the error of every variant against the "
-                                      "reference, on shared bin edges")
+                                      "reference, on shared bin edges", alt=("log |error|", "log10 |Ŵ − W|"))
+        self.err_hist.alt_box.setToolTip("log10 of |Ŵ − W| on shared edges: variants whose errors differ by orders "
+                                         "of magnitude each resolved (exact zeros are counted below the plot)")
         self.codes = CodeUsageView()
         self.scales = HistogramView("scale value", empty_hint="Select a quantized layer in the Tensors tree: "
                                     "the distribution of its per-group scales in every variant")
@@ -754,10 +756,13 @@ class MainWindow(QMainWindow):
             if r["name"] in ws.reference.layers else
             "the reference has no layer of that name to measure the error against "
             "(a variant's own name: select the reference's layer it stands for)")
+        zeros = ("exact zeros, not on a log axis: " + ", ".join(f"{k} {n:,}" for k, n in d.zero_errors.items())
+                 if d.zero_errors else "")
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
                                                                 note=no_ref if alone else r["name"] + tag,
                                                                 view=d.error_view, nonfinite=d.nonfinite,
-                                                                absent=absent))
+                                                                absent=absent, alt=(d.log_error_edges, d.log_error_counts,
+                                                                                    d.log_error_view, zeros)))
         no_codes = [v for v in (d.value_counts if alone else d.metrics) if v not in d.code_counts]
         upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors, empty_note="No variant stores "
                                                        "integer codes for this layer (dense, or a float format)",

@@ -1394,6 +1394,14 @@ class LayerDetail:
     left_out: dict[str, str] = field(default_factory=dict)
     #: Variants whose group error map groups the columns by their act-order index (g_idx).
     grouped_by_index: set[str] = field(default_factory=set)
+    #: Shared bin edges and exact counts of log10 |Ŵ − W| per variant, and its bulk's range: one
+    #: axis for variants whose errors differ by orders of magnitude (on the signed error's shared
+    #: edges, a 4-bit variant's error spread over a hundred bins left an 8-bit one in two).
+    log_error_edges: np.ndarray | None = None
+    log_error_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    log_error_view: tuple[float, float] | None = None
+    #: Per variant with any, how many errors are exactly 0 (no place on a log axis).
+    zero_errors: dict[str, int] = field(default_factory=dict)
 
 
 def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
@@ -1601,7 +1609,15 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of}, bins)
     errs = {k: a.astype(np.float64) - w.astype(np.float64) for k, a in wh_of.items()}
     error_edges, error_counts, error_view = bulk_histograms(errs, bins)
-    del errs
+    logs, zero_errors = {}, {}
+    for k, e in errs.items():
+        a = np.abs(e[np.isfinite(e)])
+        nz = a > 0
+        if a.size - int(nz.sum()):
+            zero_errors[k] = a.size - int(nz.sum())
+        logs[k] = np.log10(a[nz])
+    log_edges, log_counts, log_view = bulk_histograms(logs, bins)
+    del errs, logs
     code_counts, scales, zeros, group_error = {}, {}, {}, {}
     grouped_by_index: set[str] = set()
     for vs in states:
@@ -1614,7 +1630,8 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
             grouped_by_index.add(vs.label)
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
                        group_error, metrics, value_view, error_view,
-                       nonfinite_counts({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index)
+                       nonfinite_counts({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index,
+                       log_edges, log_counts, log_view, zero_errors)
 
 
 def nonfinite_counts(values: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, int]:

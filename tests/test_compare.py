@@ -484,6 +484,12 @@ def test_layer_detail(ref_pair, mlx_variant, tmp_path):
     assert ge[3, 1] == pytest.approx(_direct(w[blk], wh[blk]), rel=1e-9)
     assert d.scales["g"].shape == (F // 64, H) and d.zeros["g"].shape == (F // 64, H)
     assert d.metrics["g"].rel_fro == pytest.approx(_direct(w, wh), rel=1e-9)
+    # log10 |error| on shared edges: every nonzero error counted once, the exact zeros apart
+    err = np.abs(wh.astype(np.float64) - w)
+    assert np.array_equal(d.log_error_counts["g"], np.histogram(np.log10(err[err > 0]), d.log_error_edges)[0])
+    assert d.zero_errors.get("g", 0) == int(np.count_nonzero(err == 0)) > 0  # 4-bit codes hit some weights
+    assert d.log_error_counts["dense"].sum() + d.zero_errors.get("dense", 0) == n
+    assert set(d.log_error_counts) == {"m", "g", "dense"}
 
 
 # -- sweep: progress, cancel, resume ------------------------------------------------------------------

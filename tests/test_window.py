@@ -905,6 +905,34 @@ def test_the_window_fits_half_a_full_hd_screen_and_the_controls_wrap(win, qtbot)
         right = w.mapTo(hist, w.rect().topRight()).x()
         assert 0 <= right <= hist.width() and w.isVisible()
 
+
+def test_the_error_view_shows_log_abs_error_on_shared_edges_when_asked(win, qtbot):
+    """On the signed error's shared edges, a variant whose error is a tenth of another's sat in
+    a few bins; log10 |Ŵ − W| resolves each. The box switches between the two; exact zeros,
+    which have no place on a log axis, are counted under the plot."""
+    win.tabs.setCurrentWidget(win.err_hist)
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    view = win.err_hist
+    signed = {k: np.asarray(c).copy() for k, c in view._counts.items()}
+    n = {k: int(c.sum()) for k, c in signed.items()}
+    assert view.alt_box.isEnabled() and not view.alt_box.isChecked()
+    view.alt_box.setChecked(True)
+    assert view.plot.getAxis("bottom").labelText == "log10 |Ŵ − W|"
+    assert set(view._counts) == set(signed)
+    zeros = {}
+    if "exact zeros" in view.footer.text():
+        for part in view.footer.text().split("exact zeros, not on a log axis: ")[1].split(". ")[0].split(", "):
+            k, v = part.rsplit(" ", 1)
+            zeros[k] = int(v.replace(",", ""))
+    for k, c in view._counts.items():  # every error once: on the log axis, or an exact zero
+        assert int(np.asarray(c).sum()) + zeros.get(k, 0) == n[k], k
+    lo, hi = float(view._edges[0]), float(view._edges[-1])
+    assert -12 < lo < hi < 1  # log10 of errors of weights of about 0.02
+    view.alt_box.setChecked(False)
+    assert view.plot.getAxis("bottom").labelText == "error Ŵ − W"
+    assert all(np.array_equal(view._counts[k], c) for k, c in signed.items())
+
 def test_qt_hands_python_empty_values_without_losing_a_reference_to_none(qtbot):
     """PySide6 6.12.0 dropped a reference to None each time Qt returned an empty value to Python;
     on Python < 3.12 a long session ended in "Fatal Python error: none_dealloc". pyproject pins

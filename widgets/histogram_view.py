@@ -19,10 +19,13 @@ class HistogramView(QWidget):
     """Step histograms (one colour per variant) with log-y and x-range controls."""
 
     def __init__(self, xlabel: str, ylabel: str = "count", empty_hint: str = "", discrete: bool = False,
-                 parent=None) -> None:
-        """``discrete``: one bin per level (zero points): empty bins are drawn on a floor."""
+                 alt: tuple[str, str] | None = None, parent=None) -> None:
+        """``discrete``: one bin per level (zero points): empty bins are drawn on a floor.
+        ``alt``: (a checkbox's text, its x label) for a second set of histograms the caller may
+        give (:meth:`set_histograms`' ``alt``), shown instead while the box is ticked."""
         super().__init__(parent)
         self.discrete = discrete
+        self.xlabel = xlabel
         self.plot = plot_widget()
         self.hint = Hint(self.plot, empty_hint)
         self.plot.setLabel("bottom", xlabel)
@@ -44,8 +47,10 @@ class HistogramView(QWidget):
         for b in (self.apply, self.reset, self.bulk):  # the style's 80 px minimum is wider than "Apply"
             b.setMinimumWidth(b.fontMetrics().horizontalAdvance(b.text()) + 20)
         self.note = ElidedLabel()  # the layer's name, or why the view is empty: never widens the window
-        bar = controls_row(self.log_y, (QLabel("x:"), self.lo, QLabel("–"), self.hi),
-                           (self.apply, self.reset, self.bulk))
+        self.alt_box = QCheckBox(alt[0]) if alt else None
+        self.alt_xlabel = alt[1] if alt else ""
+        bar = controls_row(self.log_y, *([self.alt_box] if alt else []),
+                           (QLabel("x:"), self.lo, QLabel("–"), self.hi), (self.apply, self.reset, self.bulk))
         # what the default range leaves out, and values in no bin (NaN/inf): one line, always
         # there (shown and hidden, it would change the plot's height at every selection)
         self.footer = ElidedLabel()
@@ -60,6 +65,10 @@ class HistogramView(QWidget):
         lay.addWidget(self.plot, 1)
         lay.addWidget(self.footer)
         self.log_y.toggled.connect(lambda _: (self._redraw(), self._y_range()))
+        if self.alt_box is not None:
+            self.alt_box.toggled.connect(lambda _: self._show_set())
+        self._sets: dict = {"main": (None, {}, None, ""), "alt": None}  # (edges, counts, view, footer note)
+        self._said = ""  # the footer's part both sets share (NaN/inf, series left out)
         self.apply.clicked.connect(lambda: self.plot.setXRange(self.lo.value(), self.hi.value(), padding=0))
         self.reset.clicked.connect(self._full_range)
         self.bulk.clicked.connect(self._bulk_range)
@@ -89,18 +98,33 @@ class HistogramView(QWidget):
 
     def set_histograms(self, edges: np.ndarray | None, counts: dict[str, np.ndarray], colors: dict,
                        note: str = "", view: tuple[float, float] | None = None,
-                       nonfinite: dict[str, int] | None = None, absent: str = "") -> None:
+                       nonfinite: dict[str, int] | None = None, absent: str = "", alt: tuple | None = None) -> None:
         """``view``: the range shown first, where the bulk of the values is (a few outliers
         stretch ``edges`` far beyond it); ``nonfinite``: per key, values that are NaN or ±inf,
         in no bin; ``absent``: which series are left out and why. All are said in the line under
-        the plot (the toolbar's note has no room in a 1280 px window)."""
-        self._edges, self._counts, self._colors = edges, dict(counts), dict(colors)
-        self._view = view if edges is not None else None
+        the plot (the toolbar's note has no room in a 1280 px window). ``alt``: ``(edges, counts,
+        view, footer note)`` of the set the view's ``alt`` box shows."""
+        self._colors = dict(colors)
+        self._sets = {"main": (edges, dict(counts), view, ""), "alt": alt}
         self.note.setText(note)
         # values in no bin first (NaN or inf: a broken checkpoint), so that they survive the
         # elision of a narrow window; the tooltip has the whole line
         nan = ("NaN/inf, in no bin: " + ", ".join(f"{k} {n:,}" for k, n in nonfinite.items())) if nonfinite else ""
-        self.footer.setText(". ".join(p for p in (nan, absent, self._footer()) if p))
+        self._said = ". ".join(p for p in (nan, absent) if p)
+        if self.alt_box is not None:
+            self.alt_box.setEnabled(alt is not None and alt[0] is not None)
+        self._show_set(note)
+
+    def _show_set(self, note: str | None = None) -> None:
+        """Show the main set of histograms, or the alternate one while its box is ticked."""
+        use_alt = self.alt_box is not None and self.alt_box.isChecked() and self._sets["alt"] is not None \
+            and self._sets["alt"][0] is not None
+        edges, counts, view, extra = self._sets["alt" if use_alt else "main"]
+        self._edges, self._counts = edges, dict(counts)
+        self._view = view if edges is not None else None
+        self.plot.setLabel("bottom", self.alt_xlabel if use_alt else self.xlabel)
+        self.footer.setText(". ".join(p for p in (self._said, extra, self._footer()) if p))
+        note = self.note.text() if note is None else note
         empty = edges is None or not counts
         # an empty view says why (the caller's note: "not a weight matrix", "no scales"), or
         # what to do to fill it
