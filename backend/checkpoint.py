@@ -257,7 +257,7 @@ class Checkpoint:
                                   file=index_path, rule="index.no-weight-map")
         self.index = {"weight_map": data.weight_map, "metadata": data.metadata}
         folder = index_path.parent
-        root = (self._containment or folder).resolve()
+        root = (self._containment or link_root(folder)).resolve()
         shards: dict[str, Path] = {}
         first_tensor = {}
         for tensor, shard in data.weight_map.items():
@@ -284,9 +284,13 @@ class Checkpoint:
         files = [SafetensorsFile(t) for t in shards.values()]
         self._shard_names = dict(zip(shards, files))
         listed = {str(t.name) for t in shards.values()}
-        stray = [q.name for q in folder.glob("*.safetensors") if q.name not in listed]
-        if stray:
-            self.warnings.append("not in the index, not opened: " + ", ".join(sorted(stray)))
+        stray = sorted(q.name for q in folder.glob("*.safetensors") if q.name not in listed)
+        # a file that globbing loaders take for a shard is a warning; another (Mistral's
+        # consolidated.safetensors) only a note
+        for said, names in ((self.warnings, [n for n in stray if n.startswith("model")]),
+                            (self.notes, [n for n in stray if not n.startswith("model")])):
+            if names:
+                said.append("not in the index, not opened: " + ", ".join(names))
         return files
 
     def _build_tensor_map(self) -> None:
@@ -491,6 +495,17 @@ def missing_reason(p: Path) -> str:
         except OSError:
             pass
     return "no such file or folder (and no model with that repo id in the local Hugging Face cache)"
+
+
+def link_root(folder: Path) -> Path:
+    """The folder a model's shard links may resolve into: the model folder itself, or, for a
+    snapshot of the Hugging Face cache (``…/models--org--name/snapshots/REV``, by its path as
+    given), the repo's folder, whose ``blobs/`` its files link to (a sharded snapshot opened by
+    its path was refused: every shard "resolves outside the model folder")."""
+    folder = Path(os.path.abspath(folder))
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.resolve()
+    return folder.resolve()
 
 
 def _resolve_hf_repo(repo_id: str) -> tuple[Path, Path] | None:

@@ -39,8 +39,8 @@ import ml_dtypes
 import numpy as np
 
 from .bitpack import unpack_bits
-from .checkpoint import (CONFIG_FILES, INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within, missing_reason,
-                         natural_key, split_name)
+from .checkpoint import (CONFIG_FILES, INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within, link_root,
+                         missing_reason, natural_key, split_name)
 from .compare_align import _FUSED, _SWITCH_RE, EXPERT_RE
 from .dtypes import DTYPES
 from .errors import Cancelled, QuantscopeError
@@ -723,7 +723,7 @@ class _Doctor:
             return self._fallback_shards(index_path.parent)
         self.index = {"weight_map": wm, "metadata": data.get("metadata")}
         folder = index_path.parent
-        root = (containment or folder).resolve()
+        root = (containment or link_root(folder)).resolve()
         first_tensor: dict = {}
         for tensor, shard in wm.items():
             key = shard if isinstance(shard, str) else repr(shard)
@@ -750,8 +750,12 @@ class _Doctor:
                 continue
             self._listed[shard] = target
             out.append(target)
-        listed = {t.name for t in out} | set(self.missing)
-        for q in sorted(folder.glob("*.safetensors")):
+        # (the names listed, refused ones too: a refused shard is not also "not in the index"); only
+        # files that loaders which glob (mlx-lm: model*.safetensors) take for shards: Mistral's
+        # consolidated.safetensors beside the shards is no stray
+        listed = {t.name for t in out} | set(self.missing) | {Path(s).name for _, s in first_tensor.values()
+                                                               if isinstance(s, str)}
+        for q in sorted(folder.glob("model*.safetensors")):
             if q.name not in listed:
                 self.col.add("index.stray-file", f"{q.name} is not in the index but sits beside the shards; loaders "
                              "that glob model*.safetensors (mlx-lm) merge it with the shards, which duplicates or "

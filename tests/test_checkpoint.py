@@ -145,6 +145,18 @@ def test_hf_cache_repo_id(tmp_path, monkeypatch):
     assert [m["repo_id"] for m in list_hf_cache_models()] == ["acme/tiny"]
     with pytest.raises(CheckpointError, match="Hugging Face cache"):
         open_checkpoint("acme/absent")
+    # the snapshot by its path, as `huggingface-cli download` prints it: its index's shards are
+    # links into blobs/, outside the snapshot folder — refused before, as by the doctor
+    assert open_checkpoint(snap).tensor("w").tolist() == [0, 1, 2]
+    from quantscope.backend.doctor import diagnose
+    assert not [f for f in diagnose(snap) if f.severity != "info"]
+    # a folder of its own whose shard links out of it stays refused
+    other = tmp_path / "other"
+    other.mkdir()
+    os.symlink(repo / "blobs" / "deadbeef", other / "model.safetensors")
+    (other / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model.safetensors"}}))
+    with pytest.raises(UnsafePathError, match="resolves outside"):
+        open_checkpoint(other)
 
 
 def test_split_name_and_modules(tmp_path):

@@ -1241,6 +1241,15 @@ def test_a_compressed_tensors_format_the_tensors_contradict_is_an_error(tmp_path
 
 
 
+
+def test_a_consolidated_file_beside_the_shards_is_no_stray(tmp_path):
+    # Mistral ships consolidated.safetensors (its own format) beside the HF shards: loaders follow
+    # the index and mlx-lm globs model*.safetensors, so nothing merges it; the doctor told users
+    # to delete it. A model*.safetensors there is still a stray (c_stray_file).
+    make_dense_sharded(tmp_path / "m")
+    write_st(tmp_path / "m" / "consolidated.safetensors", {"norm.weight": np.ones(HIDDEN, BF16)}, {"format": "pt"})
+    assert not [f for f in diagnose(tmp_path / "m") if f.severity != "info"]
+
 @pytest.mark.parametrize("fixture", ["real/llmcompressor-fp8", "golden/fp8_block_partial"])
 def test_static_activations_without_their_stored_scales_are_warned_of(tmp_path, fixture):
     # llm-compressor's FP8_DYNAMIC (real) and a DeepSeek-style block FP8 file declared static:
