@@ -236,7 +236,10 @@ class ErrorStats:
         wwh = self.sww + self.swd                    # Σ W·Ŵ
         denom = math.sqrt(self.sww) * math.sqrt(max(whwh, 0.0))
         # the rounding of the sums can put identical arrays a hair past 1 (1.0000000000000002)
-        cosine = min(1.0, max(-1.0, wwh / denom)) if denom > 0 else math.nan
+        # (a NaN, as from an inf in the variant, stays NaN: clamped, it came out a perfect -1.0)
+        cosine = wwh / denom if denom > 0 else math.nan
+        if not math.isnan(cosine):
+            cosine = min(1.0, max(-1.0, cosine))
         if self.sdd == 0.0 and self.sww > 0:  # identical: exactly 1, not 0.9999999999999999
             cosine = 1.0
         pct = self.percentiles()

@@ -114,6 +114,14 @@ def test_metrics_blocks_equal_one_pass_and_ties():
     assert st.result() == pytest.approx(whole, rel=1e-12)
     assert whole["p50"] == np.percentile(np.abs(wh.astype(np.float64) - w), 50)
     assert error_metrics(w, w)["rel_fro"] == 0 and error_metrics(w, w)["sqnr_db"] == np.inf
+    # an inf in the variant (a bf16 outlier of 70000 cast to fp16): its cosine is undefined, as
+    # numpy's is (it was clamped to a perfect -1.0)
+    wi = w.copy()
+    wi[5, 5] = np.inf
+    with np.errstate(invalid="ignore"):
+        direct = float(np.dot(w.ravel().astype(np.float64), wi.ravel()) /
+                       (np.linalg.norm(w.astype(np.float64)) * np.linalg.norm(wi.astype(np.float64))))
+    assert np.isnan(direct) and np.isnan(error_metrics(w, wi)["cosine"])
 
 
 @pytest.mark.parametrize("case", ["noise", "ties", "zeros", "nan", "inf", "one"])
