@@ -336,15 +336,20 @@ def _setup_logging(verbose: int) -> None:
 
 def _terminate_as_interrupt() -> None:
     """SIGTERM (timeout, a CI runner, docker stop) takes the path of Ctrl+C: a conversion then
-    removes its partial output as it does when interrupted (it was left behind, hidden)."""
+    removes its partial output as it does when interrupted (it was left behind, hidden). Either
+    is taken once: a second (Ctrl+C pressed again; ``timeout -s INT`` signals the process and
+    then its group) interrupted the cleanup or the exit's wait for worker threads, with a
+    traceback."""
     import signal
 
     def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup and exit are not interrupted again
+        for sig in (signal.SIGTERM, signal.SIGINT):  # once: the cleanup and exit are not interrupted again
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     try:
         signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
     except (ValueError, OSError):  # not the main thread (an embedding caller): leave it as it is
         pass
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -921,3 +922,25 @@ def test_an_fp8_layer_the_config_leaves_unconverted_is_said(tmp_path, capsys):
     assert "loaders that follow the config load the FP8 values without their scale" in capsys.readouterr().err
     assert main(["doctor", str(src)]) == 1
     assert "[layer.inconsistent]" in capsys.readouterr().out
+
+
+def test_an_interrupt_is_taken_once_and_the_exit_is_not_interrupted_again():
+    # Ctrl+C pressed twice (or `timeout -s INT`, which signals the process, then its group): the
+    # second one hit the exit's wait for worker threads and printed a traceback
+    import os
+    import signal
+
+    from quantscope.app.cli import _terminate_as_interrupt
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            _terminate_as_interrupt()
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+                time.sleep(1)  # (delivered at the next bytecode)
+            assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)  # ignored now
+            time.sleep(0.05)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
