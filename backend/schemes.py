@@ -139,11 +139,29 @@ class Model:
             hint = f"{path} is a tensor of the layer {head}: give that"
         else:
             # (mlx-lm's mapping of experts to stacks, Mixtral's w1/w3/w2 included)
-            from .compare_align import switch_path
+            from .compare_align import _FUSED, _LAYER_RE, _PART_OF, switch_path
             experts = [p for p in self.layers if (sw := switch_path(p)) is not None and sw[0] == path]
-            hint = (f"this checkpoint stores that stack's experts one by one: {experts[0]} … "
-                    f"({len(experts)} of them)" if experts else
-                    "give the module path without the component suffix, e.g. model.layers.0.self_attn.q_proj")
+            fused = f"{head}.{_PART_OF[tail]}" if tail in _PART_OF else None
+            if experts:
+                hint = f"this checkpoint stores that stack's experts one by one: {experts[0]} … ({len(experts)} of them)"
+            elif fused in self.layers:
+                # (the hint named the path as given: "give the module path … e.g." that same path)
+                parts = ", ".join(f"then {p}" if i else p for i, p in enumerate(_FUSED[_PART_OF[tail]]))
+                hint = (f"this checkpoint stores it fused in {fused}, whose rows hold {parts}: dequantize that"
+                        "; compare splits it")
+            elif tail in QUANT_PARTS or tail in AUX_COMPONENTS or tail in ("weight", "qweight", "weight_packed"):
+                hint = "give the module path without the component suffix, e.g. model.layers.0.self_attn.q_proj"
+            elif (m := _LAYER_RE.search(path)) is not None and any(
+                    _LAYER_RE.sub(lambda _: m.group(0), p, count=1) == path for p in self.layers):
+                # a decoder layer past the last one: the ones there are
+                nums = sorted({int(x.group(1)) for p in self.layers if (x := _LAYER_RE.search(p))})
+                hint = f"its decoder layers are {nums[0]}–{nums[-1]}"
+            else:
+                import difflib
+                near = difflib.get_close_matches(path, list(self.layers), n=3, cutoff=0.8)
+                hint = (f"did you mean {' or '.join(near)}?" if near else
+                        f"its {len(self.layers)} layers run from {next(iter(self.layers))} to "
+                        f"{next(reversed(self.layers))}; `quantscope info` lists them")
         raise LayerError(f"no such layer in this checkpoint ({hint})", file=self.ckpt.source, tensor=path,
                          rule="layer.missing") from None
 

@@ -490,6 +490,29 @@ def test_dequant_names_the_layer_a_wrong_name_meant(tmp_path, capsys):
     assert main(["dequant", str(real / "gptqmodel-qwen3moe-w4g64"), "model.layers.0.mlp.switch_mlp.down_proj",
                  "-o", out]) == 2
     assert "experts one by one: model.layers.0.mlp.experts.0.down_proj" in capsys.readouterr().err
+    # the hint repeated the very path given ("give the module path … e.g. model.layers.0.self_attn.q_proj")
+    gptq = str(real / "gptqmodel-gptq-w4g128")
+    for name, said in (("model.layers.9.self_attn.q_proj", "its decoder layers are 0–1"),
+                       ("model.layers.0.self_attn.q_prj", "did you mean model.layers.0.self_attn.q_proj"),
+                       ("model.layers.0.mlp.down_proj.weight", "without the component suffix")):
+        assert main(["dequant", gptq, name, "-o", out]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    # a split projection of a checkpoint that stores it fused: the fused layer and its row order
+    from safetensors.numpy import load_file
+    t = load_file(str(real / "gptqmodel-gptq-w4g128" / "model.safetensors"))
+    attn = "model.layers.0.self_attn."
+    for c in ("qweight", "qzeros", "scales", "g_idx"):
+        parts = [t.pop(f"{attn}{p}.{c}") for p in ("q_proj", "k_proj", "v_proj")]
+        t[f"{attn}qkv_proj.{c}"] = parts[0] if c == "g_idx" else np.concatenate(parts, axis=1)
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    write_st(fused / "model.safetensors", t, {"format": "pt"})
+    for f in ("config.json", "quantize_config.json"):
+        (fused / f).write_bytes((real / "gptqmodel-gptq-w4g128" / f).read_bytes())
+    assert main(["dequant", str(fused), f"{attn}k_proj", "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert f"fused in {attn}qkv_proj, whose rows hold q_proj, then k_proj, then v_proj" in err, err
 
 
 def test_info_says_when_the_quantization_was_read_off_the_tensors(tmp_path, capsys):
