@@ -4,7 +4,8 @@ A *target* is one reference layer (its module path is the row name everywhere); 
 it with *segments*: rows of the reference's flattened weight ``[R, K]`` paired with rows of one
 variant layer's flattened weight. That one shape covers every alignment case:
 
-* same path, or the same path under a ``language_model.`` / ``model.language_model.`` prefix;
+* same path, or the same path under a ``language_model.`` / ``model.language_model.`` prefix, or
+  without the ``model.`` of a causal LM (a base model's save: ``layers.0.…``);
 * fused ``qkv_proj`` / ``gate_up_proj`` on either side (row concatenation, or gpt-oss's
   interleaved gate/up rows: gate = even rows, up = odd rows);
 * per-expert ``experts.{e}.proj`` against stacked ``switch_mlp.proj`` ``[E, N, K]``;
@@ -60,14 +61,23 @@ def switch_path(expert_path: str) -> tuple[str, int] | None:
     return f"{m['pre']}.switch_mlp.{_SWITCH_OF_EXPERT.get(m['proj'], m['proj'])}", int(m["e"])
 
 
+#: Modules of a decoder saved without its causal-LM wrapper (transformers' ``AutoModel``, a base
+#: model's own save): ``layers.0.…``, ``embed_tokens``, ``norm``, where ``…ForCausalLM`` writes
+#: ``model.layers.0.…``.
+_HEADLESS = ("layers.", "embed_tokens", "norm")
+
+
 def canonical(path: str) -> str:
-    """Path without a multimodal wrapper prefix (``model.language_model.`` → ``model.``)."""
+    """Path without a multimodal wrapper prefix (``model.language_model.`` → ``model.``), and
+    with the ``model.`` of a causal LM where a base model's save has none (``layers.0.…``)."""
     if path.startswith("model.language_model."):
         return "model." + path[len("model.language_model."):]
     if path.startswith("language_model.model."):
         return "model." + path[len("language_model.model."):]
     if path.startswith("language_model."):
-        return path[len("language_model."):]
+        path = path[len("language_model."):]
+    if path.startswith(_HEADLESS[0]) or path in _HEADLESS[1:]:
+        return "model." + path
     return path
 
 

@@ -211,6 +211,17 @@ def test_same_names_and_prefix(ref_pair, tmp_path):
     assert _canonical_names(pref) is first
     pref.layers["model.language_model.layers.0.extra_proj"] = pref.layers[row.variant_layer]
     assert counterpart("model.layers.0.extra_proj", pref)[0] == "model.language_model.layers.0.extra_proj"
+    # a base model's save (transformers' AutoModel): no "model." at all, no lm_head ("no layer can
+    # be compared" before); either way round
+    bare = _model(tmp_path / "bare", {k[6:]: v for k, v in vw.items() if k.startswith("model.")})
+    assert "layers.0.self_attn.q_proj" in bare.layers
+    res = sweep(ref, {"v": bare}, engine="numpy")
+    row = next(r for r in res.rows if r.name == name)
+    assert row.variant_layer == "layers.0.self_attn.q_proj" and row.rel_fro == pytest.approx(
+        _direct(_f32(rw[name + ".weight"]), vw[name + ".weight"]), rel=1e-9)
+    assert {r.name for r in res.rows} >= {n for n, lay in ref.layers.items() if n.startswith("model.layers.") and lay.is_matrix}
+    back = sweep(bare, {"v": var}, engine="numpy")
+    assert next(r for r in back.rows if r.name == "layers.0.self_attn.q_proj").variant_layer == name
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
