@@ -44,6 +44,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from . import bitpack
 from .bitpack import unpack_bits
 from .checkpoint import Checkpoint, open_checkpoint
 from .compare_align import switch_path
@@ -587,17 +588,21 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
     st = layer.settings
     if (st.get("strategy") or "group") != "group":
         return None, f"{st.get('strategy')} strategy"
-    if st.get("packing") == "legacy" and 32 % bits:
-        return None, "pre-0.17 packing of a 3/5/6-bit layer"
     if "weight_g_idx" in t and not gptq.is_trivial_g_idx(read(t["weight_g_idx"].name), k, g):
         return None, "act-order g_idx"
     wp = read(t["weight_packed"].name)
     sc = read(t["weight_scale"].name)
+    legacy = st.get("packing") == "legacy" and 32 % bits != 0
+    if legacy and wp.ndim == 2 and wp.shape[-1] * (32 // bits) >= k:
+        # before 0.17, floor(32/b) codes a word and the word's top bits unused: the codes
+        # repacked into MLX's bit stream (the dense layout) are the same codes (they were
+        # requantized: rel_fro 0.11 of a 3-bit layer that MLX holds exactly)
+        wp = bitpack.pack_bits(ct._unpack_legacy(wp, bits, k), bits)
     if wp.shape[-1] * 32 != k * bits or sc.shape != (n, k // g) or _st_name(sc.dtype) not in _FLOAT_ST:
         return None, "packed layout does not match MLX's"
     zp = t.get("weight_zero_point")
     zs = np.zeros((n, k // g), np.int16) if zp is None else ct._zero_points(
-        read(zp.name), n, k // g, bits, "dense", (), layer.path)
+        read(zp.name), n, k // g, bits, "legacy" if legacy else "dense", (), layer.path)
     z = (np.broadcast_to(zs, (n, k // g)).astype(np.float32) + np.float32(1 << (bits - 1)))
     u = wp.view(np.uint32)
     return _Repack(lambda: np.ascontiguousarray(u), lambda r0, r1: (sc[r0:r1].astype(np.float32), z[r0:r1]), n,

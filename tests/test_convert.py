@@ -408,6 +408,25 @@ def test_real_fixture_exact(name, tmp_path):
         np.testing.assert_allclose(got, dec[key], rtol=0, atol=1e-6 * float(np.abs(dec[key]).max()))
 
 
+
+@pytest.mark.parametrize("name, bits", [("ct016_w3a16_asym_legacy", 3), ("ct016_w5a16_legacy", 5)])
+def test_pre_017_compressed_tensors_3_and_5_bit_repack_exactly(tmp_path, name, bits):
+    # floor(32/b) codes a word (compressed-tensors < 0.17) were requantized (rel_fro 0.11 at 3
+    # bits): the same codes in MLX's bit stream hold every value
+    src = Path(__file__).parent / "fixtures" / "golden" / name
+    rep = convert(src, tmp_path / "out", to="mlx")
+    (row,) = [r for r in rep.layers if r.kind != "carried"]
+    assert row.action == "repacked exact" and row.bits == bits and row.rel_fro == 0.0
+    tensors, _ = _load_mlx(tmp_path / "out")
+    key = "model.layers.0.mlp.up_proj"
+    got = _mx_f32(mx.dequantize(tensors[f"{key}.weight"], tensors[f"{key}.scales"], tensors[f"{key}.biases"],
+                                group_size=row.group_size, bits=bits))
+    with np.load(src / "expected.npz") as z:  # compressed-tensors' own decode, in its compute dtype
+        want, lib = z[f"{key}.weight"], str(z["library_dtype"]).replace("torch.", "")
+    import ml_dtypes
+    dt = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}[lib]
+    np.testing.assert_array_equal(got.astype(dt).astype(np.float32), want)
+
 def test_fp8_is_requantized_at_8_bits_unless_told(tmp_path):
     # without --bits an FP8 checkpoint became 4-bit affine: its error grew fourfold, said nowhere
     src = REAL / "llmcompressor-fp8"
