@@ -175,7 +175,7 @@ class Checkpoint:
         ck = cls.__new__(cls)
         ck.source, ck.path, ck.root = str(source), Path(source), Path(root)
         ck.notes, ck.warnings, ck.unsupported = [], [], []
-        ck.index, ck.index_path, ck._containment = None, None, None
+        ck.index, ck.index_path, ck._containment, ck.shard_of = None, None, None, None
         ck.files = list(files)
         ck._build_tensor_map()
         ck.configs = ck._read_configs()
@@ -190,6 +190,8 @@ class Checkpoint:
         self.unsupported: list[Path] = []
         self.index: dict | None = None
         self.index_path: Path | None = None
+        #: (index, weight map) of the index beside a file opened alone that lists it as a shard
+        self.shard_of: tuple[Path, dict[str, str]] | None = None
         p = Path(path).expanduser()
         self._containment: Path | None = None
         if not p.exists():
@@ -212,6 +214,7 @@ class Checkpoint:
         else:
             self.root = p.parent
             files = [SafetensorsFile(p)]
+            self._note_shard_of(p)
         self.files: list[SafetensorsFile] = files
         self._build_tensor_map()
         self.configs = self._read_configs()
@@ -238,6 +241,25 @@ class Checkpoint:
         if len(st_files) > 1:
             self.notes.append(f"no index file: opened all {len(st_files)} .safetensors files in the folder")
         return [SafetensorsFile(f) for f in st_files]
+
+    def _note_shard_of(self, file: Path) -> None:
+        """A file opened alone that an index beside it lists among other shards: ``shard_of``
+        is ``(index path, {tensor: shard})`` and a warning says so (each layer split across
+        shards looked broken: "qzeros stored without the weights they decode")."""
+        for index_path in sorted(file.parent.glob("*" + INDEX_SUFFIX)):
+            try:
+                wm = json.loads(index_path.read_bytes()).get("weight_map")
+            except (OSError, ValueError, AttributeError, RecursionError):
+                continue
+            if not isinstance(wm, dict):
+                continue
+            shards = {v for v in wm.values() if isinstance(v, str)}
+            if file.name in shards and len(shards) > 1:
+                self.shard_of = (index_path, {k: v for k, v in wm.items() if isinstance(v, str)})
+                self.warnings.append(f"this file is one of the {len(shards)} shards that {index_path.name} lists: "
+                                     f"a layer split across shards is incomplete here — open the folder "
+                                     f"{file.parent} for the whole model")
+                return
 
     def _open_index(self, index_path: Path) -> list[SafetensorsFile]:
         self.index_path = index_path

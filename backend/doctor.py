@@ -838,6 +838,11 @@ class _Doctor:
         try:
             ck = Checkpoint.from_files(self.source, self.root, self.files)
             ck.index_path = self.index_path
+            if self.index_path is None and len(self.files) == 1 and Path(self.source).is_file():
+                ck.path = Path(self.source)
+                ck._note_shard_of(ck.path)  # one shard of an index beside it, opened alone
+                for w in ck.warnings[-1:] if ck.shard_of else []:
+                    self.col.add("layer.inconsistent", w, file=self.source, severity="warning")
         except Exception as exc:  # never crash on odd files; report structure findings only
             _logger.debug("could not assemble a checkpoint", exc_info=True)
             self.col.add("layer.inconsistent", f"layers not analysed: {exc}", file=self.source)
@@ -873,8 +878,9 @@ class _Doctor:
 
     @property
     def complete(self) -> bool:
-        """True when every shard parsed (absence-based rules are only trusted then)."""
-        return not self.failed and not self.missing
+        """True when every shard parsed (absence-based rules are only trusted then), and the file
+        checked is not one shard of an index opened alone."""
+        return not self.failed and not self.missing and getattr(self.ckpt, "shard_of", None) is None
 
     # -- phase 1: layers and configs -----------------------------------------------------------
 
@@ -893,6 +899,9 @@ class _Doctor:
                 # ...but a packed qweight (GPTQ/AWQ) without what decodes it is a broken layer
                 unknown = layer.scheme == "unknown" and not any(c in comps for c in ("qweight", "weight_packed")) \
                     and not (comps.keys() & QUANT_PARTS)
+                if layer.settings.get("split_across_shards"):  # (the file is one shard: said as such)
+                    col.add("layer.inconsistent", layer.problem, file=file, layer=path, severity="warning")
+                    continue
                 col.add("layer.inconsistent", f"{layer.problem}; loaders fail on this layer or decode it wrongly",
                         file=file, layer=path, severity="warning" if unknown else None)
         self._check_overrides(cfg)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint import CONFIG_FILES, Checkpoint, Module
+from .checkpoint import CONFIG_FILES, Checkpoint, Module, split_name
 from .dtypes import DTYPES
 from .errors import LayerError, QuantscopeError
 from .formats.mlx import MODE_DEFAULTS, affine_fits, affine_shape
@@ -126,6 +126,27 @@ class Model:
                 _logger.debug("detection failed for %s", path, exc_info=True)
                 layer = Layer(path, "unknown", module.tensors, problem=f"could not recognise: {exc}")
             self.layers[path] = layer
+        if ckpt.shard_of is not None:
+            self._split_across_shards()
+
+    def _split_across_shards(self) -> None:
+        """A file opened alone that is one shard of an index: a layer whose other tensors the
+        index puts in other shards is said to continue there (not "stored without the weights
+        they decode", as if the file were broken)."""
+        index, wm = self.ckpt.shard_of
+        mine = self.ckpt.path.name
+        for path, layer in self.layers.items():
+            if layer.problem is None and layer.scheme != "unknown":
+                continue
+            elsewhere = {}
+            for t, shard in wm.items():
+                if shard != mine and t.startswith(path + ".") and split_name(t)[0] == path:
+                    elsewhere.setdefault(shard, []).append(split_name(t)[1])
+            if elsewhere:
+                where = "; ".join(f"{', '.join(sorted(c))} in {sh}" for sh, c in sorted(elsewhere.items()))
+                layer.problem = (f"split across shards: its {where} (this file is one shard of {index.name}) — open "
+                                 f"the folder {index.parent} for the whole layer")
+                layer.settings = {**layer.settings, "split_across_shards": True}
 
     def layer(self, path: str) -> Layer:
         try:

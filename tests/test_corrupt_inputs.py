@@ -332,3 +332,39 @@ def test_a_renamed_fp8_scale_is_named_as_a_rename(case, tmp_path, capsys):
     assert "group_size" not in err[0] and "weight_block_size" not in err[0]
     assert main(["doctor", str(folder)]) == 1
     assert "renamed tensor" in capsys.readouterr().out
+
+
+def test_one_shard_opened_alone_says_where_the_rest_of_each_layer_is(tmp_path, capsys):
+    """A shard of an indexed GPTQ checkpoint opened by its file name: every layer split across
+    the shards was an error ("qzeros stored without the weights they decode", "qweight without
+    2-D scales"), a missing lm_head too. Now the file is said to be one shard, each split layer
+    where the rest of it is, and the doctor finds warnings, not errors."""
+    from helpers import write_st
+    from safetensors.numpy import load_file
+    src = FIXTURES / "gptqmodel-gptq-w4g128"
+    dst = tmp_path / "sharded"
+    dst.mkdir()
+    for f in ("config.json", "quantize_config.json"):
+        shutil.copy(src / f, dst / f)
+    t = load_file(str(src / "model.safetensors"))
+    wm = {}
+    for k in sorted(t):  # each layer's components in turns across two shards
+        wm[k] = "model-00001-of-00002.safetensors" if k.endswith((".qweight", ".g_idx", "lm_head.weight")) \
+            else "model-00002-of-00002.safetensors"
+    for fn in set(wm.values()):
+        write_st(dst / fn, {k: t[k] for k, f in wm.items() if f == fn}, {"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    one = dst / "model-00002-of-00002.safetensors"
+    layer = "model.layers.0.self_attn.q_proj"
+    assert main(["info", str(one)]) == 0
+    out = capsys.readouterr().out
+    assert "one of the 2 shards that model.safetensors.index.json lists" in out
+    assert "split across shards: its g_idx, qweight in model-00001-of-00002.safetensors" in out
+    assert main(["dequant", str(one), layer, "-o", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "split across shards" in err and f"open the folder {dst}" in err and "stored without" not in err
+    assert main(["doctor", str(one)]) == 0
+    out = capsys.readouterr().out
+    assert "0 error(s)" in out and "split across shards" in out and "tie_word_embeddings" not in out
+    assert main(["dequant", str(dst), layer, "-o", str(tmp_path / "o.npy")]) == 0  # the folder: whole
+    capsys.readouterr()
