@@ -530,6 +530,9 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
     if not layer.shape or len(layer.shape) != 2:
         return None, "not a 2-D layer"
     n, k = layer.shape
+    if g is None:  # (it read "group size None is not one of (32, 64, 128)")
+        strategy = (layer.settings or {}).get("strategy")
+        return None, f"{strategy or 'per-row'} scales, no groups: MLX affine's groups are {AFFINE_GROUPS}"
     if g not in AFFINE_GROUPS or k % g:
         return None, f"group size {g} is not one of {AFFINE_GROUPS}"
     if bits not in AFFINE_BITS:
