@@ -668,6 +668,22 @@ def test_moe_heatmap_cells_hold_the_worst_expert_and_the_router_is_named(qtbot):
     assert "worst expert" in plot.info.text()
     left = plot.hm.getAxis("left")._tickLevels[0]
     assert 8 <= len(left) <= 16 and left[0][1] == "0"
+    # the router's 0.01 set the colours' bottom and every expert cell (0.1-0.13) came out one
+    # yellow: the colours span the experts', the router sits below the scale, said in the title
+    def title():
+        return plot.hm.getPlotItem().titleLabel.text
+
+    assert plot.hm_bar.levels() == (0.1, 0.13) and title() == "v (r: below the colour scale)"
+    plot.metric_box.setCurrentIndex(plot.metric_box.findData("sqnr_db"))  # the same in dB
+    assert plot.hm_bar.levels() == pytest.approx((-20 * np.log10(0.13), 20.0)) and "below" in title()
+    # in dB too a cell holds its worst expert: the lowest SQNR (it showed the best one's, 21.9 dB)
+    assert plot.hm_image.image[3, 2] == pytest.approx(-20 * np.log10(0.13)) and plot._hm_names[(3, 2)].endswith(
+        "experts.1.up_proj")
+    plot.metric_box.setCurrentIndex(plot.metric_box.findData("rel_fro"))
+    like = [SimpleNamespace(**{**vars(r), "rel_fro": 0.095, "rel_fro_raw": 0.095, "sqnr_db": -20 * np.log10(0.095)})
+            for r in rows[:40]]
+    plot.set_rows(like + rows[40:], {"v": "#f00"})  # a router like the rest: in the range
+    assert plot.hm_bar.levels() == (0.095, 0.13) and title() == "v"
 
 def test_code_usage_of_different_bit_widths_is_drawn_on_each_ones_range(qtbot):
     from quantscope.widgets.code_usage_view import CodeUsageView

@@ -392,10 +392,12 @@ class LayerErrorPlot(QWidget):
         li = {x: i for i, x in enumerate(layers)}
         pj = {x: j for j, x in enumerate(projs)}
         bad = np.zeros(grid.shape, bool)  # a cell holding a non-finite error (not an absent projection)
+        better_high = self.metric_box.currentData() == "sqnr_db"
+        sign = -1.0 if better_high else 1.0  # the worst SQNR is the lowest (a cell showed the best expert's)
         for r in rows:  # several rows to a cell (MoE experts): the worst one, NaN first
             i, j = li[r.layer_index], pj[r.proj]
             v = self._value(r)
-            if worse(v, grid[i, j] if (i, j) in self._hm_names else None):
+            if worse(sign * v, sign * grid[i, j] if (i, j) in self._hm_names else None):
                 grid[i, j] = v
                 self._hm_names[(i, j)] = r.name
             bad[i, j] |= not math.isfinite(r.rel_fro)  # (an exact copy's SQNR is +inf: not that)
@@ -407,7 +409,6 @@ class LayerErrorPlot(QWidget):
         else:
             self.hm_bad.clear()
         # bright is worse whatever the metric: SQNR (higher is better) runs the colours backwards
-        better_high = self.metric_box.currentData() == "sqnr_db"
         if better_high != self._hm_reversed:
             self._hm_reversed = better_high
             cmap = pg.colormap.get("viridis")  # pyqtgraph's one shared map: never changed in place
@@ -416,7 +417,12 @@ class LayerErrorPlot(QWidget):
                 cmap = pg.ColorMap(1.0 - pos[::-1], color[::-1])
             self.hm_bar.setColorMap(cmap)
         shared = self.hm_scale.isChecked()
-        values = np.array([self._value(r) for r in self._rows]) if shared else grid
+        # a projection far below the others (an MoE router kept at 8 bits: 0.008 beside 0.09)
+        # left every other cell one colour: the colours span the rest, it sits at the scale's end
+        apart = self._apart(grid, projs, better_high)
+        keep = [j for j, p in enumerate(projs) if p not in apart]
+        values = (np.array([self._value(r) for r in self._rows if r.proj not in apart]) if shared
+                  else grid[:, keep])
         finite = values[np.isfinite(values)]
         if finite.size:
             lo, hi = float(finite.min()), float(finite.max())
@@ -425,7 +431,7 @@ class LayerErrorPlot(QWidget):
         # pyqtgraph's deferred updates then run now, not at the start of the paint (where they
         # would dirty the scene again and repaint it twice).
         metric = self._metric_label()
-        frame = (tuple(projs), tuple(layers), variant, metric)
+        frame = (tuple(projs), tuple(layers), variant, metric, tuple(apart))
         if frame != self._hm_frame:
             self._hm_frame = frame
             short, legend = _proj_labels(projs)
@@ -434,9 +440,29 @@ class LayerErrorPlot(QWidget):
             every = max(1, math.ceil(len(layers) / 16))  # labels ~14 px tall: no more than fit
             self.hm.getAxis("left").setTicks([[(i + 0.5, str(layer)) for i, layer in enumerate(layers)
                                                if i % every == 0]])
-            self.hm.setTitle(variant)
+            short_of = dict(zip(projs, short))
+            self.hm.setTitle(variant + (f" ({', '.join(short_of[p] for p in apart)}: below the colour scale)"
+                                        if apart else ""))
             self.hm.autoRange()
         self.hm.scene().prepareForPaint()
+
+    @staticmethod
+    def _apart(grid: np.ndarray, projs: list, better_high: bool) -> list:
+        """Projections whose errors lie far below the others' (a median 4x lower, 12 dB higher),
+        where at least two others remain: left out of the colour range."""
+        if len(projs) < 3:
+            return []
+        with np.errstate(all="ignore"):
+            cols = np.where(np.isfinite(grid), grid, np.nan)
+            if not better_high:
+                cols = np.log10(np.where(cols > 0, cols, np.nan)) * 20  # in dB, as SQNR
+            med = np.array([np.nanmedian(c) if np.isfinite(c).any() else np.nan for c in cols.T])
+        if not np.isfinite(med).any():
+            return []
+        centre = float(np.nanmedian(med))
+        low = (med - centre > 12) if better_high else (centre - med > 12)
+        out = [p for p, lo_ in zip(projs, low) if lo_]
+        return out if len(projs) - len(out) >= 2 else []
 
     def _hm_clicked(self, ev) -> None:
         p = self.hm.getPlotItem().vb.mapSceneToView(ev.scenePos())
