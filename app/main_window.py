@@ -328,8 +328,11 @@ class MainWindow(QMainWindow):
                  "A comparison needs a variant beside the reference: File ▸ Add variant… opens a quantized one.")
         if not needs or not self._open_errors:
             return needs
-        failed = " · ".join(msg if msg.startswith(p) else f"{p}: {msg}" for p, msg in self._open_errors)
-        return f"Could not be opened: {failed}. {needs}"
+        return f"Could not be opened: {self._failed_text()}. {needs}"
+
+    def _failed_text(self) -> str:
+        """What could not be opened, and why (each message names its file, or is given it)."""
+        return " · ".join(msg if msg.startswith(p) else f"{p}: {msg}" for p, msg in self._open_errors)
 
     def _open_failed(self, paths: list[str], reference: str | None = None):
         """The error handler of a load where none of ``paths`` opened (in the order they were
@@ -341,10 +344,9 @@ class MainWindow(QMainWindow):
             if not self.workspace.models():  # nothing open at all: the empty views say it
                 self.layers.set_rows([], {}, empty_note=self._needs_note())
                 # (they said "Select a weight matrix in the Tensors tree", of a tree left empty)
-                failed_ = " · ".join(m if m.startswith(p) else f"{p}: {m}" for p, m in self._open_errors)
-                self._clear_views(f"Nothing is open. Could not be opened: {failed_}. File ▸ Add variant… or Set "
-                                  "reference… opens another; Tools ▸ Run doctor (Ctrl+D) lists what is wrong with "
-                                  "this one.")
+                self._clear_views(f"Nothing is open. Could not be opened: {self._failed_text()}. File ▸ Add "
+                                  "variant… or Set reference… opens another; Tools ▸ Run doctor (Ctrl+D) lists what "
+                                  "is wrong with this one.")
                 self.config.set_whatif_target(None, why_not="nothing is open")
             named = [str(p) for p in [*paths, reference] if p is not None and message.startswith(str(p))]
             if named:  # our own error, naming the file: its details say what to do, not the traceback

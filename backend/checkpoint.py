@@ -242,10 +242,10 @@ class Checkpoint:
             self.notes.append(f"no index file: opened all {len(st_files)} .safetensors files in the folder")
         return [SafetensorsFile(f) for f in st_files]
 
-    def _note_shard_of(self, file: Path) -> None:
+    def _note_shard_of(self, file: Path) -> str | None:
         """A file opened alone that an index beside it lists among other shards: ``shard_of``
         is ``(index path, {tensor: shard})`` and a warning says so (each layer split across
-        shards looked broken: "qzeros stored without the weights they decode")."""
+        shards looked broken: "qzeros stored without the weights they decode"); returns it."""
         for index_path in sorted(file.parent.glob("*" + INDEX_SUFFIX)):
             try:
                 wm = json.loads(index_path.read_bytes()).get("weight_map")
@@ -256,10 +256,11 @@ class Checkpoint:
             shards = {v for v in wm.values() if isinstance(v, str)}
             if file.name in shards and len(shards) > 1:
                 self.shard_of = (index_path, {k: v for k, v in wm.items() if isinstance(v, str)})
-                self.warnings.append(f"this file is one of the {len(shards)} shards that {index_path.name} lists: "
-                                     f"a layer split across shards is incomplete here — open the folder "
-                                     f"{file.parent} for the whole model")
-                return
+                said = (f"this file is one of the {len(shards)} shards that {index_path.name} lists: a layer split "
+                        f"across shards is incomplete here — open the folder {file.parent} for the whole model")
+                self.warnings.append(said)
+                return said
+        return None
 
     def _open_index(self, index_path: Path) -> list[SafetensorsFile]:
         self.index_path = index_path

@@ -840,9 +840,9 @@ class _Doctor:
             ck.index_path = self.index_path
             if self.index_path is None and len(self.files) == 1 and Path(self.source).is_file():
                 ck.path = Path(self.source)
-                ck._note_shard_of(ck.path)  # one shard of an index beside it, opened alone
-                for w in ck.warnings[-1:] if ck.shard_of else []:
-                    self.col.add("layer.inconsistent", w, file=self.source, severity="warning")
+                said = ck._note_shard_of(ck.path)  # one shard of an index beside it, opened alone
+                if said:
+                    self.col.add("layer.inconsistent", said, file=self.source, severity="warning")
         except Exception as exc:  # never crash on odd files; report structure findings only
             _logger.debug("could not assemble a checkpoint", exc_info=True)
             self.col.add("layer.inconsistent", f"layers not analysed: {exc}", file=self.source)
@@ -1278,7 +1278,7 @@ class _Doctor:
         if st.get("activation_scheme") == "static":
             said, want = "activation_scheme is 'static'", "input_scale"
         elif st.get("input_dynamic") is False or st.get("input_dynamic") == "local":
-            said = f"input_activations has dynamic: {st['input_dynamic']!r}"
+            said = f"input_activations has dynamic: {json.dumps(st['input_dynamic'])}"
             want = "input_global_scale" if layer.scheme == "ct-nvfp4" else "input_scale"
         else:
             return

@@ -135,14 +135,14 @@ class Model:
         they decode", as if the file were broken)."""
         index, wm = self.ckpt.shard_of
         mine = self.ckpt.path.name
+        others: dict[str, dict[str, list[str]]] = {}  # module -> other shard -> its components there
+        for t, shard in wm.items():
+            if shard != mine:
+                module, comp = split_name(t)
+                others.setdefault(module, {}).setdefault(shard, []).append(comp)
         for path, layer in self.layers.items():
-            if layer.problem is None and layer.scheme != "unknown":
-                continue
-            elsewhere = {}
-            for t, shard in wm.items():
-                if shard != mine and t.startswith(path + ".") and split_name(t)[0] == path:
-                    elsewhere.setdefault(shard, []).append(split_name(t)[1])
-            if elsewhere:
+            elsewhere = others.get(path)
+            if (layer.problem is not None or layer.scheme == "unknown") and elsewhere:
                 where = "; ".join(f"{', '.join(sorted(c))} in {sh}" for sh, c in sorted(elsewhere.items()))
                 layer.problem = (f"split across shards: its {where} (this file is one shard of {index.name}) — open "
                                  f"the folder {index.parent} for the whole layer")
