@@ -265,9 +265,12 @@ def _nothing_matches(vm: Model, unmatched: list[Unmatched], rx=None) -> CompareE
                                                              and "as its config reads it" not in u.reason)
                        for u in unmatched)
     which = "no layer" if rx is None else f"no layer matching {_selection(rx)}"
+    # a selection the variant merely lacks (a partial checkpoint) is no sign of another model
+    lacks = rx is not None and all(u.reason == "absent in the variant" for u in unmatched)
+    ask = (f" — the variant stores none of them ({len(vm.layers)} layers of its own; `quantscope info` lists them)"
+           if lacks else " — is it a quantization of a different model?" if names_differ else "")
     return CompareError(f"{which} can be compared with the reference"
-                        + (f" — {'; '.join(parts)}" if parts else "")
-                        + (" — is it a quantization of a different model?" if names_differ else ""),
+                        + (f" — {'; '.join(parts)}" if parts and not lacks else "") + ask,
                         file=vm.ckpt.source, rule="compare.no-common-layers")
 
 

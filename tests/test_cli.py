@@ -133,6 +133,27 @@ def test_a_variant_whose_every_layer_fails_to_decode_is_not_compared(tmp_path, c
     assert "no layer matching --layers 'q_proj' can be compared" in err and "down_proj" not in err
 
 
+def test_a_selection_a_partial_variant_lacks_is_said_as_such(tmp_path, capsys, real_fixtures):
+    # a checkpoint of decoder layer 0 only, asked for layer 1: "is it a quantization of a
+    # different model?" — it is the same model, it just does not hold those layers
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+    src = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
+    part = tmp_path / "layer0"
+    part.mkdir()
+    t = {k: v for k, v in load_file(str(src / "model.safetensors")).items() if "layers.1." not in k}
+    write_st(part / "model.safetensors", t, {"format": "pt"})
+    for f in ("config.json", "quantize_config.json"):
+        (part / f).write_bytes((src / f).read_bytes())
+    ref = str(real_fixtures / "base-bf16")
+    assert main(["compare", "--reference", ref, str(part), "--layers", r"layers\.1\.mlp"]) == 2
+    err = capsys.readouterr().err
+    assert "the variant stores none of them" in err and "different model" not in err and err.count("\n") == 1
+    assert main(["compare", "--reference", ref, str(part), "--layers", r"layers\.0\.mlp"]) == 0
+    capsys.readouterr()
+
+
 def test_a_variant_that_cannot_be_opened_leaves_the_others_compared(tmp_path, capsys, real_fixtures):
     # a missing path (or a broken file) among the variants stopped the whole comparison
     ref, good = str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64")
