@@ -168,9 +168,19 @@ class SweepResult:
         layer it was measured on, and a ``warning`` where it is not 1) and ``failed`` (the
         variants of which no layer could be compared, with the reason).
 
-        Non-finite floats (sqnr of an exact copy: +inf) are written as null.
+        Non-finite floats (sqnr of an exact copy: +inf) are written as null, and named in the
+        row's ``nonfinite`` (``{"sqnr_db": "inf"}``): null alone could not tell an exact copy's
+        +inf from a NaN, as the CSV's ``inf`` / ``nan`` do.
         """
-        return {"layers": [{k: _json_safe(v) for k, v in r.to_dict().items()} for r in self.rows],
+        def row(r) -> dict:
+            d = r.to_dict()
+            out = {k: _json_safe(v) for k, v in d.items()}
+            odd = {k: str(v) for k, v in d.items() if isinstance(v, float) and not math.isfinite(v)}
+            if odd:
+                out["nonfinite"] = odd
+            return out
+
+        return {"layers": [row(r) for r in self.rows],
                 "unmatched": [{"variant": u.variant, "layer": u.layer, "reason": u.reason} for u in self.unmatched],
                 "smoothing_checks": {v: c.to_dict() for v, c in self.smoothing_checks.items()},
                 "failed": [{"variant": v, "file": e.file, "reason": e.message} for v, e in self.failed.items()],

@@ -646,6 +646,13 @@ def test_nan_in_a_variant_is_reported_not_hidden(ref_pair, mlx_variant, tmp_path
     assert math.isnan(r.rel_fro) and math.isnan(r.sqnr_db)
     assert math.isnan(r.p50) and math.isnan(r.p99)  # as np.percentile gives them over a NaN
     assert rows["model.layers.1.self_attn.q_proj"].rel_fro == good["model.layers.1.self_attn.q_proj"].rel_fro
+    # JSON has no NaN: null, and the row says which it was (an exact copy's sqnr is null too: "inf")
+    js = {d["name"]: d for d in sweep(ref, {"m": bad}, engine="numpy").to_json()["layers"]}
+    v = js["model.layers.1.self_attn.v_proj"]
+    assert v["rel_fro"] is None and v["nonfinite"]["rel_fro"] == "nan" and v["nonfinite"]["sqnr_db"] == "nan"
+    assert "nonfinite" not in js["model.layers.1.self_attn.q_proj"]
+    same = sweep(ref, {"r": ref}, engine="numpy").to_json()["layers"][0]
+    assert same["sqnr_db"] is None and same["nonfinite"] == {"sqnr_db": "inf"} and same["rel_fro"] == 0
     rc = main(["compare", "--reference", str(root / "ref"), str(tmp_path / "nan"), "--engine", "numpy"])
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("model.layers.1.self_attn.v_proj"))
