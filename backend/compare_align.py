@@ -74,8 +74,7 @@ def canonical(path: str) -> str:
         return "model." + path[len("model.language_model."):]
     if path.startswith("language_model.model."):
         return "model." + path[len("language_model.model."):]
-    if path.startswith("language_model."):
-        path = path[len("language_model."):]
+    path = path.removeprefix("language_model.")
     if path.startswith(_HEADLESS[0]) or path in _HEADLESS[1:]:
         return "model." + path
     return path
