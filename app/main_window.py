@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import math
@@ -105,6 +106,8 @@ class MainWindow(QMainWindow):
         # and why, said where a comparison's results would be until the next open (the error box
         # goes, and a screenshot run shows none)
         self._open_errors: list[tuple[str, str]] = []
+        self._adds_since_open: list[dict] = []  # (see open_workspace)
+        self._job_ids = itertools.count(1)  # channels of their own: adds, conversions, exports
         self._quant_only: dict[tuple[str, str], float] = {}  # the last comparison's rel_fro_quant by (layer, variant)
         self._resize_timer = QTimer(self, singleShot=True, interval=120)
         self._resize_timer.timeout.connect(self._rescale_docks)
@@ -309,10 +312,20 @@ class MainWindow(QMainWindow):
         title = "Opening demo workspace" if not paths and not reference else "Opening checkpoints"
         n = len(paths) + bool(reference)
 
+        # adds asked for after this open (a file dropped while it loads): the ones that land in the
+        # old workspace first are made again in this one (one of the two was lost, at random)
+        self._adds_since_open = []
+
         def opened(ws: Workspace) -> None:
             self._open_errors = list(ws.failed)
+            for p in paths + ([reference] if reference else []):
+                self._remember(p)  # (Open recent listed only what Add variant / Set reference opened)
+            landed = [a for a in self._adds_since_open if a["merged"]]
+            self._adds_since_open = []
             self.set_workspace(ws)
             self._report_failed(ws.failed, n, reference)
+            for a in landed:
+                self.add_paths(a["paths"], a["as_reference"])
 
         self.service.submit("workspace", title, jobs.job_load, list(paths), reference,
                             on_result=opened, on_error=self._open_failed([*([reference] if reference else []), *paths],
@@ -377,9 +390,14 @@ class MainWindow(QMainWindow):
                          + " lists every problem of a checkpoint (`quantscope doctor PATH` on the command line).")
 
     def add_paths(self, paths: list[str], as_reference: bool = False) -> None:
-        ws = self.workspace
+        asked = {"paths": list(paths), "as_reference": as_reference, "merged": False}
+        self._adds_since_open.append(asked)
 
         def merge(new: Workspace) -> None:
+            # into the workspace open now (one opened meanwhile replaced the one open when asked:
+            # the add took the old one back)
+            ws = self.workspace
+            asked["merged"] = True
             # by the files it reads, not the path given: a folder's model.safetensors, or a link,
             # opened it a second time as "name (2)"
             open_ = {identity(m): lb for lb, m in ws.models().items()}
@@ -416,7 +434,8 @@ class MainWindow(QMainWindow):
                 self._status("; ".join(again))
             self._report_failed(new.failed, len(paths))
 
-        self.service.submit("add", "Opening checkpoint", jobs.job_load, list(paths), None,
+        # a channel of its own: a second add (two files dropped in turn) cancelled the first
+        self.service.submit(f"add:{next(self._job_ids)}", "Opening checkpoint", jobs.job_load, list(paths), None,
                             on_result=merge, on_error=self._open_failed(paths))
 
     def remove_shown(self) -> None:
@@ -854,6 +873,9 @@ class MainWindow(QMainWindow):
 
         def shown(result) -> None:
             self._show_sweep(result)
+            if self.statusBar().currentMessage().startswith("Comparison cancelled"):  # (the run before's)
+                self.statusBar().clearMessage()
+                self.statusBar().setToolTip("")
             if only is not None:
                 added = set(result.added)
                 n = len({r.name for r in result.rows} - added)
@@ -980,6 +1002,8 @@ class MainWindow(QMainWindow):
         """Convert on a worker thread; the result opens as a new variant with its error."""
         opts = dict(options)
         src, dst = opts.pop("src"), opts.pop("dst")
+        if not self._may_write(dst):  # (inside another open checkpoint's folder: written there)
+            return
 
         def done(report) -> None:
             from quantscope.backend.convert import summary_lines
@@ -991,8 +1015,9 @@ class MainWindow(QMainWindow):
             self.add_paths([dst])
             self.convert_done.emit(report)
 
-        self.service.submit("convert", f"Converting to {Path(dst).name}", jobs.job_convert, src, dst, opts,
-                            engine=self.engine, on_result=done, on_error=self._job_failed)
+        # a channel of its own: a second conversion cancelled the first, without a word
+        self.service.submit(f"convert:{next(self._job_ids)}", f"Converting to {Path(dst).name}", jobs.job_convert,
+                            src, dst, opts, engine=self.engine, on_result=done, on_error=self._job_failed)
 
     # -- export ----------------------------------------------------------------------------------
 
@@ -1089,14 +1114,16 @@ class MainWindow(QMainWindow):
             path = hit[0]
         out = self._ask_npy(f"{path}.npy" if expert is None else f"{path}.{expert}.npy")
         if out and self._may_write(out):
-            self.service.submit("export", f"Exporting {path}", jobs.job_export_dequant, m, path, out,
-                                expert=expert, engine=self.engine, on_error=self._job_failed)
+            self.service.submit(f"export:{next(self._job_ids)}", f"Exporting {path}", jobs.job_export_dequant, m,
+                                path, out, expert=expert, engine=self.engine,
+                                on_result=lambda _: self._status(f"Saved {out}"), on_error=self._job_failed)
 
     def export_tensor(self, tensor: str) -> None:
         m = self.workspace.models().get(self.tree.current_label())
         out = self._ask_npy(f"{tensor}.npy") if m else None
         if out and self._may_write(out):
-            self.service.submit("export", f"Exporting {tensor}", jobs.job_export_tensor, m, tensor, out,
+            self.service.submit(f"export:{next(self._job_ids)}", f"Exporting {tensor}", jobs.job_export_tensor, m,
+                                tensor, out, on_result=lambda _: self._status(f"Saved {out}"),
                                 on_error=self._job_failed)
 
     # -- files -----------------------------------------------------------------------------------

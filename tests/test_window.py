@@ -1,6 +1,7 @@
 """The real window, offscreen: demo workspace, selection, views, compare, doctor, errors, jobs."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,11 @@ def test_cancelling_a_sweep_stops_it(win, qtbot):
     win.service.cancel(job.id)
     qtbot.waitUntil(win.service.is_idle, timeout=30_000)
     assert win.sweep_result is None
+    # run again to the end: the cancelled one's message goes (it stayed up beside the results)
+    win.statusBar().showMessage("Comparison cancelled: Tools ▸ Compare all layers runs it again", 15000)
+    with qtbot.waitSignal(win.sweep_done, timeout=60_000):
+        win.compare_all()
+    qtbot.waitUntil(lambda: not win.statusBar().currentMessage().startswith("Comparison cancelled"), timeout=5000)
 
 
 def test_esc_in_the_search_box_clears_it_and_cancels_no_job(win, qtbot):
@@ -335,6 +341,44 @@ def test_convert_from_the_window_opens_the_result_with_its_error(win, qtbot, tmp
         assert win.tree.select("model.layers.1.mlp.up_proj")
     assert "Last conversion" not in win.config.whatif_result.text()
 
+
+
+def test_concurrent_jobs_of_one_kind_all_land(win, qtbot, tmp_path, demo, real_fixtures):
+    """A third review's findings: a second conversion cancelled the first without a word; a
+    conversion could write into an open checkpoint's folder; a layer's .npy export never said it
+    was saved; a variant added while another workspace was opening was lost, or brought the old
+    workspace back, at random."""
+    shown = []
+    win._show_error = lambda title, message, details: shown.append(message)
+    # two conversions at once: both written, both opened
+    done = []
+    win.convert_done.connect(done.append)
+    for lb in ("gptq-w4g128", "awq-w4g128"):
+        win.run_convert({"src": str(demo.variants[lb]), "dst": str(tmp_path / f"{lb}-mlx"), "to": "mlx"})
+    qtbot.waitUntil(lambda: len(done) == 2, timeout=120_000)
+    qtbot.waitUntil(lambda: {"gptq-w4g128-mlx", "awq-w4g128-mlx"} <= set(win.workspace.variants), timeout=30_000)
+    # into an open checkpoint's folder: refused, nothing written
+    inside = Path(demo.reference) / "sub"
+    win.run_convert({"src": str(demo.variants["rtn-w4g128"]), "dst": str(inside), "to": "mlx"})
+    assert shown and "never writes into" in shown[-1] and not inside.exists()
+    # a layer's .npy: said when saved
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.0.mlp.up_proj")
+    out = tmp_path / "up.npy"
+    win._ask_npy = lambda default: str(out)
+    win.export_dequant(win.current_layer)
+    qtbot.waitUntil(lambda: win.statusBar().currentMessage() == f"Saved {out}", timeout=30_000)
+    assert np.load(out).shape == (1536, 512)
+    # a workspace being opened, and a variant added meanwhile: both land, whichever loads first
+    gptq = str(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128")
+    ref, mlx = str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64")
+    for _ in range(3):
+        win.open_workspace([mlx], ref)
+        win.add_paths([gptq])
+        qtbot.waitUntil(lambda: set(win.workspace.models()) == {"base-bf16", "mlx-affine-q4-g64",
+                                                              "gptqmodel-gptq-w4g128"}, timeout=60_000)
+        qtbot.waitUntil(win.service.is_idle, timeout=60_000)
+        assert set(win.workspace.models()) == {"base-bf16", "mlx-affine-q4-g64", "gptqmodel-gptq-w4g128"}
 
 def test_screenshot_mode_exits_nonzero_with_a_message_when_nothing_opens(tmp_path):
     import subprocess

@@ -259,6 +259,8 @@ class LayerErrorPlot(QWidget):
         # as on screen: side by side in a wide view (stacked at their on-screen sizes, a 1920 px
         # export was half empty with the heatmap 1300 px tall), stacked in a narrow one
         plots = [self.split] if self.split.orientation() == Qt.Orientation.Horizontal else [self.plot, self.hm]
+        if not self._rows:  # nothing compared yet: no scale of nobody's ("heatmap colour scale 's own")
+            return [self.warn, self.legend, *plots, self._empty_note or self._EMPTY]
         return [self.warn, self.legend, *plots, f"{self._metric_label()}, {proj}; heatmap colour scale {scale}"]
 
     def set_warnings(self, warnings: dict[str, tuple[str, str]]) -> None:
