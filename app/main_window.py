@@ -318,8 +318,10 @@ class MainWindow(QMainWindow):
 
         def opened(ws: Workspace) -> None:
             self._open_errors = list(ws.failed)
+            failed = {f for f, _ in ws.failed}
             for p in paths + ([reference] if reference else []):
-                self._remember(p)  # (Open recent listed only what Add variant / Set reference opened)
+                if p not in failed:  # (Open recent listed only what Add variant / Set reference opened)
+                    self._remember(p)
             landed = [a for a in self._adds_since_open if a["merged"]]
             self._adds_since_open = []
             self.set_workspace(ws)
