@@ -379,6 +379,7 @@ def test_concurrent_jobs_of_one_kind_all_land(win, qtbot, tmp_path, demo, real_f
                                                               "gptqmodel-gptq-w4g128"}, timeout=60_000)
         qtbot.waitUntil(win.service.is_idle, timeout=60_000)
         assert set(win.workspace.models()) == {"base-bf16", "mlx-affine-q4-g64", "gptqmodel-gptq-w4g128"}
+    assert {ref, mlx, gptq} <= set(win.settings.value("recent"))  # what a workspace opened is in Open recent
 
 def test_screenshot_mode_exits_nonzero_with_a_message_when_nothing_opens(tmp_path):
     import subprocess
