@@ -400,6 +400,8 @@ class MainWindow(QMainWindow):
             # the add took the old one back)
             ws = self.workspace
             asked["merged"] = True
+            if "workspace" not in self._busy_channels():  # no open to make it again in: done with
+                self._forget_add(asked)
             # by the files it reads, not the path given: a folder's model.safetensors, or a link,
             # opened it a second time as "name (2)"
             open_ = {identity(m): lb for lb, m in ws.models().items()}
@@ -437,8 +439,17 @@ class MainWindow(QMainWindow):
             self._report_failed(new.failed, len(paths))
 
         # a channel of its own: a second add (two files dropped in turn) cancelled the first
+        failed = self._open_failed(paths)
+
+        def not_opened(message: str, details: str) -> None:
+            self._forget_add(asked)
+            failed(message, details)
+
         self.service.submit(f"add:{next(self._job_ids)}", "Opening checkpoint", jobs.job_load, list(paths), None,
-                            on_result=merge, on_error=self._open_failed(paths))
+                            on_result=merge, on_error=not_opened)
+
+    def _forget_add(self, asked: dict) -> None:
+        self._adds_since_open = [a for a in self._adds_since_open if a is not asked]
 
     def remove_shown(self) -> None:
         """Take the checkpoint the tree shows out of the workspace (a wrong or broken variant, a
