@@ -318,10 +318,8 @@ class MainWindow(QMainWindow):
 
         def opened(ws: Workspace) -> None:
             self._open_errors = list(ws.failed)
-            failed = {f for f, _ in ws.failed}
-            for p in paths + ([reference] if reference else []):
-                if p not in failed:  # (Open recent listed only what Add variant / Set reference opened)
-                    self._remember(p)
+            # (Open recent listed only what Add variant / Set reference opened)
+            self._remember_opened(paths + ([reference] if reference else []), ws.failed)
             landed = [a for a in self._adds_since_open if a["merged"]]
             self._adds_since_open = []
             self.set_workspace(ws)
@@ -419,9 +417,7 @@ class MainWindow(QMainWindow):
                     again.append(f"{m.ckpt.source} is open already (as {known})")
                 else:
                     added.append(ws.add_variant(m))
-            for p in paths:
-                if p not in {f for f, _ in new.failed}:
-                    self._remember(p)
+            self._remember_opened(paths, new.failed)
             if not added and (not as_reference or (again and len(again) == len(new.variants))):
                 # nothing new: the workspace, its comparison and the views stay as they are (they
                 # were rebuilt and the comparison run again, from its cache); the tree shows the
@@ -1165,6 +1161,13 @@ class MainWindow(QMainWindow):
                                         [m["repo_id"] for m in models], 0, False)
         if ok and item:
             self.add_paths([item])
+
+    def _remember_opened(self, paths: list[str], failed: list[tuple[str, str]]) -> None:
+        """Each of ``paths`` that opened (not among a load's ``failed``) into Open recent."""
+        bad = {f for f, _ in failed}
+        for p in paths:
+            if p not in bad:
+                self._remember(p)
 
     def _remember(self, path: str) -> None:
         recent = [p for p in (self.settings.value("recent", []) or []) if p != path]

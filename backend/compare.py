@@ -1626,8 +1626,9 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     for k, e in errs.items():
         a = np.abs(e[np.isfinite(e)])
         nz = a > 0
-        if a.size - int(nz.sum()):
-            zero_errors[k] = a.size - int(nz.sum())
+        n_zero = a.size - int(nz.sum())
+        if n_zero:
+            zero_errors[k] = n_zero
         logs[k] = np.log10(a[nz])
     log_edges, log_counts, log_view = bulk_histograms(logs, bins)
     del errs, logs

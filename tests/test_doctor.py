@@ -1318,16 +1318,24 @@ def test_an_moe_block_with_an_expert_missing_or_miscounted_is_an_error(tmp_path,
     assert ("experts [1] of 0..3" if damage == "missing" else "the config says 8") in hits[0].message
 
 
-def test_reciprocal_fp8_block_scales_are_an_error(tmp_path):
-    # 1/s stored as weight_scale_inv: weights of ~4e5, "no problems found" (the median scale, ~1e3,
-    # was inside the bounds that catch F16 read as BF16)
-    src = Path(__file__).parent / "fixtures" / "golden" / "fp8_block_partial"
+def _golden_with_scales(tmp_path, name: str, suffix: str, change) -> tuple[Path, Path, str]:
+    """A writable copy of golden ``name`` whose tensor ending in ``suffix`` is ``change(it)``:
+    (the golden folder, the copy, the tensor's name)."""
+    src = GOLDEN / name
     dst = writable_copy(src, tmp_path / "m")
     f = dst / "model.safetensors"
     t = read_all(f)[0]
-    k = next(n for n in t if n.endswith("weight_scale_inv"))
-    t[k] = (1.0 / t[k].astype(np.float32)).astype(t[k].dtype)
+    k = next(n for n in t if n.endswith(suffix))
+    t[k] = change(t[k])
     write_st(f, t, {"format": "pt"})
+    return src, dst, k
+
+
+def test_reciprocal_fp8_block_scales_are_an_error(tmp_path):
+    # 1/s stored as weight_scale_inv: weights of ~4e5, "no problems found" (the median scale, ~1e3,
+    # was inside the bounds that catch F16 read as BF16)
+    src, dst, _ = _golden_with_scales(tmp_path, "fp8_block_partial", "weight_scale_inv",
+                                      lambda s: (1.0 / s.astype(np.float32)).astype(s.dtype))
     hits = [x for x in diagnose(dst) if x.rule == "values.scale-magnitude"]
     assert hits and "reciprocal" in hits[0].message
     assert not [x for x in diagnose(src) if x.rule == "values.scale-magnitude"]
@@ -1335,12 +1343,6 @@ def test_reciprocal_fp8_block_scales_are_an_error(tmp_path):
 
 def test_negative_scales_of_a_compressed_tensors_int8_layer_are_an_error(tmp_path):
     # (its scheme, ct-int, was missing from the schemes whose scales are never negative)
-    src = Path(__file__).parent / "fixtures" / "golden" / "ct_int8_w8a8_channel"
-    dst = writable_copy(src, tmp_path / "m")
-    f = dst / "model.safetensors"
-    t = read_all(f)[0]
-    k = next(n for n in t if n.endswith(".weight_scale"))
-    t[k] = -t[k]
-    write_st(f, t, {"format": "pt"})
+    _, dst, k = _golden_with_scales(tmp_path, "ct_int8_w8a8_channel", ".weight_scale", lambda s: -s)
     hits = [x for x in diagnose(dst) if x.rule == "values.negative-scale"]
     assert hits and hits[0].tensor == k and "ct-int" in hits[0].message
