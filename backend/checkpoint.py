@@ -282,6 +282,7 @@ class Checkpoint:
         folder = index_path.parent
         root = (self._containment or link_root(folder)).resolve()
         shards: dict[str, Path] = {}
+        linked_out: list[str] = []
         first_tensor = {}
         for tensor, shard in data.weight_map.items():
             if shard not in first_tensor:
@@ -296,14 +297,23 @@ class Checkpoint:
                                       file=index_path, tensor=tensor)
             target = folder / rel
             if not _within(target.resolve(), root):
-                raise UnsafePathError(f"shard {shard!r} is a link that resolves outside the model folder "
-                                      f"({target.resolve()}); refused", file=index_path, tensor=tensor)
+                # a folder of links to shards stored elsewhere (made with `ln -s` to assemble or
+                # rename a model; transformers and mlx-lm follow them): the user's own links, read
+                # as the files they name; only names in the index that leave the folder are refused
+                linked_out.append(shard)
             if not target.is_file():
+                if target.exists():  # a folder, a pipe, a device (a link to one): never opened
+                    raise ShardIndexError(f"index names shard {shard!r}, which is not a regular file", file=index_path,
+                                          tensor=tensor, rule="index.missing-shard")
                 raise ShardIndexError(f"index names shard {shard!r}, which is missing", file=index_path,
                                       tensor=tensor, rule="index.missing-shard")
             shards[shard] = target
         if not shards:
             raise ShardIndexError("weight_map is empty", file=index_path, rule="index.no-weight-map")
+        if linked_out:
+            where = sorted({str(shards[n].resolve().parent) for n in linked_out})
+            self.notes.append(f"{len(linked_out)} of {len(shards)} shard(s) are links to files outside the folder, "
+                              f"read where they point: {', '.join(where[:3])}{' …' if len(where) > 3 else ''}")
         files = [SafetensorsFile(t) for t in shards.values()]
         self._shard_names = dict(zip(shards, files))
         listed = {str(t.name) for t in shards.values()}
@@ -523,8 +533,8 @@ def missing_reason(p: Path) -> str:
 def link_root(folder: Path) -> Path:
     """The folder a model's shard links may resolve into: the model folder itself, or, for a
     snapshot of the Hugging Face cache (``…/models--org--name/snapshots/REV``, by its path as
-    given), the repo's folder, whose ``blobs/`` its files link to (a sharded snapshot opened by
-    its path was refused: every shard "resolves outside the model folder")."""
+    given), the repo's folder, whose ``blobs/`` its files link to (its shards are then not said
+    to be links out of the folder)."""
     folder = Path(os.path.abspath(folder))
     if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
         return folder.parent.parent.resolve()

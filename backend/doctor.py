@@ -39,7 +39,7 @@ import ml_dtypes
 import numpy as np
 
 from .bitpack import unpack_bits
-from .checkpoint import (CONFIG_FILES, INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within, link_root,
+from .checkpoint import (CONFIG_FILES, INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo,
                          missing_reason, natural_key, split_name)
 from .compare_align import _FUSED, _SWITCH_RE, EXPERT_RE
 from .dtypes import DTYPES
@@ -657,26 +657,25 @@ class _Doctor:
     def _locate(self) -> list[Path] | None:
         """The shard files to parse (None: nothing to open; a finding says why)."""
         p = Path(self.source).expanduser()
-        containment = None
         if not p.exists():
             resolved = _resolve_hf_repo(self.source)
             if resolved is None:
                 self.col.add("container.missing", missing_reason(p), file=self.source)
                 return None
-            p, containment = resolved
+            p, _ = resolved
         if p.is_dir():
             self.root = p
-            return self._locate_folder(p, containment)
+            return self._locate_folder(p)
         self.root = p.parent
         if p.name.endswith(".index.json"):
-            return self._read_index(p, containment)
+            return self._read_index(p)
         if p.suffix in PICKLE_SUFFIXES:
             self.col.add("container.unsupported", "pickle checkpoints are never unpickled (they can run arbitrary "
                          "code); convert it to safetensors first", file=p)
             return None
         return [p]
 
-    def _locate_folder(self, folder: Path, containment) -> list[Path] | None:
+    def _locate_folder(self, folder: Path) -> list[Path] | None:
         indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
         st_files = sorted(folder.glob("*.safetensors"), key=lambda q: natural_key(q.name))
         pickles = sorted(q.name for q in folder.iterdir() if q.suffix in PICKLE_SUFFIXES and q.is_file())
@@ -684,7 +683,7 @@ class _Doctor:
             if len(indexes) > 1:
                 self.col.add("index.several", "several index files here (" + ", ".join(q.name for q in indexes)
                              + f"); {indexes[0].name} is used — delete the stale one", file=folder)
-            out = self._read_index(indexes[0], containment)
+            out = self._read_index(indexes[0])
         elif st_files:
             out = st_files
         else:
@@ -699,7 +698,7 @@ class _Doctor:
                          file=folder)
         return out
 
-    def _read_index(self, index_path: Path, containment) -> list[Path] | None:
+    def _read_index(self, index_path: Path) -> list[Path] | None:
         self.index_path = index_path
         self.root = index_path.parent
         try:
@@ -723,7 +722,6 @@ class _Doctor:
             return self._fallback_shards(index_path.parent)
         self.index = {"weight_map": wm, "metadata": data.get("metadata")}
         folder = index_path.parent
-        root = (containment or link_root(folder)).resolve()
         first_tensor: dict = {}
         for tensor, shard in wm.items():
             key = shard if isinstance(shard, str) else repr(shard)
@@ -737,8 +735,10 @@ class _Doctor:
                 continue
             rel = Path(shard)
             target = folder / rel
-            if rel.is_absolute() or ".." in rel.parts or not _within(target.resolve(), root):
-                self.col.add("index.unsafe-path", f"shard path {shard!r} resolves outside the model folder; it is "
+            # (a shard that is a link to a file elsewhere is followed, as loaders do: the user's
+            # own folder of links; a name in the index that leaves the folder is not)
+            if rel.is_absolute() or ".." in rel.parts:
+                self.col.add("index.unsafe-path", f"shard path {shard!r} points outside the model folder; it is "
                              "refused, never followed — fix the index", file=index_path, tensor=tensor)
                 continue
             if not target.is_file():

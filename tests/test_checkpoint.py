@@ -68,13 +68,34 @@ def test_index_escaping_paths_refused(tmp_path, shard):
         open_checkpoint(model)
 
 
-def test_index_symlink_escaping_refused(tmp_path):
+def test_a_folder_of_links_to_shards_elsewhere_opens(tmp_path):
+    # a model assembled with `ln -s` (transformers and mlx-lm follow such links): read where the
+    # links point, said in a note; never written to, through the link or at its target
+    model, store = tmp_path / "model", tmp_path / "store"
+    model.mkdir()
+    store.mkdir()
+    write_st(store / "a.safetensors", {"w": np.arange(2, dtype=np.float32)})
+    write_st(model / "model-00002.safetensors", {"v": np.ones(3, np.float32)})
+    os.symlink(store / "a.safetensors", model / "model-00001.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"w": "model-00001.safetensors", "v": "model-00002.safetensors"}}))
+    c = open_checkpoint(model)
+    assert c.tensor("w").tolist() == [0, 1] and c.tensor("v").tolist() == [1, 1, 1]
+    assert any(n.startswith("1 of 2 shard(s) are links to files outside the folder") and str(store) in n
+               for n in c.notes)
+    assert c.holds(store / "a.safetensors") and c.holds(model / "model-00001.safetensors")
+    assert not c.holds(store / "out.npy")
+    from quantscope.backend.doctor import diagnose
+    assert not [f for f in diagnose(model) if f.severity != "info"]
+
+
+def test_an_index_shard_that_is_a_pipe_is_refused_not_opened(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
-    write_st(tmp_path / "outside.safetensors", {"w": np.zeros(2, np.float32)})
-    os.symlink(tmp_path / "outside.safetensors", model / "model-00001.safetensors")
-    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001.safetensors"}}))
-    with pytest.raises(UnsafePathError, match="resolves outside"):
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink(tmp_path / "fifo", model / "model.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model.safetensors"}}))
+    with pytest.raises(ShardIndexError, match="not a regular file"):
         open_checkpoint(model)
 
 
@@ -150,13 +171,14 @@ def test_hf_cache_repo_id(tmp_path, monkeypatch):
     assert open_checkpoint(snap).tensor("w").tolist() == [0, 1, 2]
     from quantscope.backend.doctor import diagnose
     assert not [f for f in diagnose(snap) if f.severity != "info"]
-    # a folder of its own whose shard links out of it stays refused
+    assert not any("links to files outside" in n for n in open_checkpoint(snap).notes)
+    # a folder of its own whose shard links into the cache: followed, and said
     other = tmp_path / "other"
     other.mkdir()
     os.symlink(repo / "blobs" / "deadbeef", other / "model.safetensors")
     (other / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model.safetensors"}}))
-    with pytest.raises(UnsafePathError, match="resolves outside"):
-        open_checkpoint(other)
+    c = open_checkpoint(other)
+    assert c.tensor("w").tolist() == [0, 1, 2] and any("links to files outside" in n for n in c.notes)
 
 
 def test_split_name_and_modules(tmp_path):
