@@ -775,7 +775,8 @@ class MainWindow(QMainWindow):
         upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors,
                                                         note=r["name"] + tag, view=d.value_view,
                                                         nonfinite=d.nonfinite, absent=absent))
-        alone = d.error_edges is None  # no reference layer: nothing to measure the error against
+        # no reference layer: nothing to measure the error against
+        alone = d.error_edges is None and not d.exact_copies
         ws = self.workspace
         no_ref = f"{r['name']}: " + (
             "no reference to measure the error against (File ▸ Set reference… opens the original model)"
@@ -788,10 +789,16 @@ class MainWindow(QMainWindow):
             "(a variant's own name: select the reference's layer it stands for)")
         zeros = ("exact zeros, not on a log axis: " + ", ".join(f"{k} {n:,}" for k, n in d.zero_errors.items())
                  if d.zero_errors else "")
+        copies = ", ".join(d.exact_copies)
+        err_note = (no_ref if alone else
+                    f"{r['name']}: every variant stores this layer exactly as the reference does — every error is 0, "
+                    "nothing to draw" if d.error_edges is None else r["name"] + tag)
+        err_absent = ". ".join(p for p in (absent, f"Not drawn, every error 0 (stored as the reference stores it): "
+                                                   f"{copies}" if copies and d.error_edges is not None else "") if p)
         upd(self.err_hist, lambda: self.err_hist.set_histograms(d.error_edges, d.error_counts, colors,
-                                                                note=no_ref if alone else r["name"] + tag,
+                                                                note=err_note,
                                                                 view=d.error_view, nonfinite=d.nonfinite,
-                                                                absent=absent, alt=(d.log_error_edges, d.log_error_counts,
+                                                                absent=err_absent, alt=(d.log_error_edges, d.log_error_counts,
                                                                                     d.log_error_view, zeros)))
         no_codes = [v for v in (d.value_counts if alone else d.metrics) if v not in d.code_counts]
         upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors, empty_note="No variant stores "

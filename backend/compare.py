@@ -1415,6 +1415,9 @@ class LayerDetail:
     log_error_view: tuple[float, float] | None = None
     #: Per variant with any, how many errors are exactly 0 (no place on a log axis).
     zero_errors: dict[str, int] = field(default_factory=dict)
+    #: Variants whose every error is exactly 0 (the layer stored as the reference stores it): in
+    #: neither error histogram.
+    exact_copies: list[str] = field(default_factory=list)
 
 
 def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
@@ -1621,6 +1624,12 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
         wh_of[vs.label] = wh
     value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of}, bins)
     errs = {k: a.astype(np.float64) - w.astype(np.float64) for k, a in wh_of.items()}
+    # a variant that stores the layer as the reference does (left unquantized: lm_head, norms)
+    # has one bin of every weight at 0: drawn, its spike set the count axis and its one-bin
+    # step hid behind the others' curves; it is said instead
+    copies = [k for k, e in errs.items() if e.size and not np.any(e)]
+    for k in copies:
+        del errs[k]
     error_edges, error_counts, error_view = bulk_histograms(errs, bins)
     logs, zero_errors = {}, {}
     for k, e in errs.items():
@@ -1645,7 +1654,7 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
                        group_error, metrics, value_view, error_view,
                        nonfinite_counts({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index,
-                       log_edges, log_counts, log_view, zero_errors)
+                       log_edges, log_counts, log_view, zero_errors, copies)
 
 
 def nonfinite_counts(values: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, int]:

@@ -511,6 +511,21 @@ def test_layer_detail(ref_pair, mlx_variant, tmp_path):
     assert set(d.log_error_counts) == {"m", "g", "dense"}
 
 
+
+def test_layer_detail_says_exact_copies_instead_of_drawing_them(ref_pair, tmp_path):
+    # a variant that stores the layer as the reference does (lm_head left unquantized): every
+    # error 0 — one spike that set the count axis; it is named and left out of both error views
+    _, rw, ref, _, _ = ref_pair
+    gq = _gptq_variant(tmp_path / "gptq", rw)
+    name = "model.layers.0.mlp.down_proj"
+    d = layer_detail(ref, {"g": gq, "copy": ref}, name, bins=64, engine="numpy")
+    assert d.exact_copies == ["copy"]
+    assert set(d.error_counts) == {"g"} and set(d.log_error_counts) == {"g"} and "copy" not in d.zero_errors
+    assert d.error_counts["g"].sum() == H * F and "copy" in d.value_counts and d.metrics["copy"].rel_fro == 0
+    alone = layer_detail(ref, {"copy": ref}, name, bins=64, engine="numpy")
+    assert alone.exact_copies == ["copy"] and alone.error_edges is None and not alone.error_counts
+
+
 # -- sweep: progress, cancel, resume ------------------------------------------------------------------
 
 class CountingEngine:

@@ -994,6 +994,27 @@ def test_the_error_view_shows_log_abs_error_on_shared_edges_when_asked(win, qtbo
     assert view.plot.getAxis("bottom").labelText == "error Ŵ − W"
     assert all(np.array_equal(view._counts[k], c) for k, c in signed.items())
 
+def test_the_error_view_names_exact_copies_instead_of_drawing_their_spike(qtbot, tmp_path, real_fixtures):
+    """lm_head, left unquantized by GPTQModel and AutoAWQ: their every error is 0, one spike that
+    set the count axis (and hid behind each other); they are named under the plot instead. Where
+    every variant is such a copy, the view says so."""
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "autoawq-gemm-w4g128"], real_fixtures / "base-bf16")
+    try:
+        w.tabs.setCurrentWidget(w.err_hist)
+        view = w.err_hist
+        with qtbot.waitSignal(w.detail_shown, timeout=30_000):
+            assert w.tree.select("lm_head")
+        assert not view._counts and "every variant stores this layer exactly" in view.hint.text()
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.add_paths([str(real_fixtures / "mlx-affine-q4-g64")])
+        qtbot.waitUntil(lambda: set(view._counts) == {"mlx-affine-q4-g64"}, timeout=30_000)
+        assert "every error 0" in view.footer.text() and "autoawq-gemm-w4g128" in view.footer.text()
+    finally:
+        w.service.shutdown()
+
+
 def test_qt_hands_python_empty_values_without_losing_a_reference_to_none(qtbot):
     """PySide6 6.12.0 dropped a reference to None each time Qt returned an empty value to Python;
     on Python < 3.12 a long session ended in "Fatal Python error: none_dealloc". pyproject pins
