@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QEvent, Qt, QTimer, Signal
@@ -51,6 +52,8 @@ from .service import JobService
 
 _logger = logging.getLogger(__name__)
 MAX_RECENT = 10
+#: Layers whose views are kept for going back to them (select_layer)
+RECENT_DETAILS = 4
 
 
 def _worst_per_layer(findings: list[dict]) -> dict[str, tuple[str, str]]:
@@ -127,6 +130,9 @@ class MainWindow(QMainWindow):
         self._whatif_line: tuple[str, str] | None = None  # (layer, result line)
         self._detail_errors: tuple[str, object, str | None] | None = None  # (layer, LayerDetail, why no error)
         self._detail_job: int | None = None
+        #: The last few layers' views (key: layer, reference, variants, engine): going back to a
+        #: layer just looked at shows it at once (a 58M-weight layer takes seconds to measure)
+        self._recent_details: OrderedDict = OrderedDict()
         self._shown_layer: str | None = None  # the layer the views show
         self.setWindowTitle("quantscope")
         self.setAcceptDrops(True)
@@ -481,6 +487,7 @@ class MainWindow(QMainWindow):
             self._compared = (None, None)
         self.workspace = ws
         self._doctor_found = {}
+        self._recent_details.clear()  # (they hold the checkpoints before)
         self.service.cancel_channel("sweep")  # a comparison of the old set of checkpoints: its result would land here
         self.sweep_result = None
         self._quant_only = {}
@@ -650,8 +657,23 @@ class MainWindow(QMainWindow):
                 self._clear_views(f"{path} is not a weight matrix" if held and not any(lay.is_matrix for lay in held)
                                   else f"{path} cannot be decoded (the Quantization config panel says why)")
                 return
+        key = (path, id(ref), tuple((k, id(m)) for k, m in models.items()), self.engine)
+        hit = self._recent_details.get(key)
+        if hit is not None and hit[0] is ref and all(a is b for a, b in zip(hit[1], models.values())):
+            self.service.cancel_channel("detail")  # a layer asked for before: it must not land after
+            self._recent_details.move_to_end(key)
+            self._show_detail(hit[2])
+            return
+
+        held = (ref, tuple(models.values()))
+
+        def shown(r, key=key, held=held):
+            self._recent_details[key] = (*held, r)
+            while len(self._recent_details) > RECENT_DETAILS:
+                self._recent_details.popitem(last=False)
+            self._show_detail(r)
         job = self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ref, models, path,
-                                  engine=self.engine, on_result=self._show_detail, on_error=self._job_failed)
+                                  engine=self.engine, on_result=shown, on_error=self._job_failed)
         self._detail_job = job.id
 
     def _whatif_target(self, path: str) -> None:

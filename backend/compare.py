@@ -45,8 +45,16 @@ from .compare_align import (
 )
 from .engines import get_engine
 from .errors import Cancelled, LayerError, QuantscopeError
+from .formats import fast, histo
 from .formats.kernel import pool, workers
-from .metrics import SMALL_ELEMENTS, ErrorStats, bulk_histograms, error_metrics
+from .metrics import (
+    SMALL_ELEMENTS,
+    ErrorStats,
+    LogAbsDiff,
+    bulk_histograms,
+    diff_of,
+    error_metrics,
+)
 from .schemes import Layer, Model
 
 __all__ = ["LayerMetrics", "Unmatched", "SweepResult", "LayerDetail", "Alignment", "CompareError", "align",
@@ -1512,8 +1520,6 @@ def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> 
     the file's act-order index). Each group's sums take only its own columns: a NaN or inf weight
     makes its own group's cell non-finite, not its whole row."""
     K = w.shape[-1]
-    d2 = np.square(wh.astype(np.float64) - w.astype(np.float64))
-    w2 = np.square(w.astype(np.float64))
     gs = layer.group_size if layer.group_size and layer.group_size > 0 else None
     g_idx = None
     # act-order: each column's group from the file (GPTQ's g_idx, compressed-tensors' weight_g_idx;
@@ -1529,18 +1535,30 @@ def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> 
             gs = K
         g_idx = np.arange(K) // gs
     ng = int(g_idx.max()) + 1 if K else 0
+    if K and fast.AVAILABLE and w.dtype in (np.float32, np.float64) and wh.dtype in (np.float32, np.float64):
+        # one compiled pass, no float64 copies of the layer (histo.group_sums)
+        num, den = histo.group_sums(w.reshape(-1, K), wh.reshape(-1, K), g_idx, ng)
+        num, den = num.reshape(w.shape[:-1] + (ng,)), den.reshape(w.shape[:-1] + (ng,))
+    else:
+        num, den = _group_sums_numpy(w, wh, g_idx, ng, by_index)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # (no weight in the group: inf for any error, 0 for none, NaN stays NaN)
+        return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, num)), by_index
+
+
+def _group_sums_numpy(w, wh, g_idx, ng: int, by_index: bool):
+    d2 = np.square(wh.astype(np.float64) - w.astype(np.float64))
+    w2 = np.square(w.astype(np.float64))
     num = np.zeros(d2.shape[:-1] + (ng,))
     den = np.zeros_like(num)
-    if K:
+    if w.shape[-1]:
         order = np.argsort(g_idx, kind="stable") if by_index else None
         counts = np.bincount(g_idx, minlength=ng)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         used = counts > 0  # a group no column names stays 0
         for src, dst in ((d2, num), (w2, den)):
             dst[..., used] = np.add.reduceat(src if order is None else src[..., order], starts[used], axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # (no weight in the group: inf for any error, 0 for none, NaN stays NaN)
-        return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, num)), by_index
+    return num, den
 
 
 def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bins: int = 256, engine="auto",
@@ -1623,24 +1641,21 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
             wh = wh * vs.row_scales[t.row_fit_for][:, None].astype(np.float32)
         wh_of[vs.label] = wh
     value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of}, bins)
-    errs = {k: a.astype(np.float64) - w.astype(np.float64) for k, a in wh_of.items()}
+    # the errors in float64, element by element, never stored whole (Diff)
+    errs, zero_errors = {}, {}
+    for k, a in wh_of.items():
+        errs[k], n_zero = diff_of(a, w)
+        if n_zero:
+            zero_errors[k] = n_zero
     # a variant that stores the layer as the reference does (left unquantized: lm_head, norms)
     # has one bin of every weight at 0: drawn, its spike set the count axis and its one-bin
     # step hid behind the others' curves; it is said instead
-    copies = [k for k, e in errs.items() if e.size and not np.any(e)]
+    copies = [k for k, e in errs.items() if e.size and zero_errors.get(k) == e.size]
     for k in copies:
-        del errs[k]
+        del errs[k], zero_errors[k]
     error_edges, error_counts, error_view = bulk_histograms(errs, bins)
-    logs, zero_errors = {}, {}
-    for k, e in errs.items():
-        a = np.abs(e[np.isfinite(e)])
-        nz = a > 0
-        n_zero = a.size - int(nz.sum())
-        if n_zero:
-            zero_errors[k] = n_zero
-        logs[k] = np.log10(a[nz])
-    log_edges, log_counts, log_view = bulk_histograms(logs, bins)
-    del errs, logs
+    log_edges, log_counts, log_view = bulk_histograms({k: LogAbsDiff(*e) for k, e in errs.items()}, bins)
+    del errs
     code_counts, scales, zeros, group_error = {}, {}, {}, {}
     grouped_by_index: set[str] = set()
     for vs in states:
@@ -1678,7 +1693,9 @@ def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scale
     if vl.quantized and vl.bits and vl.bits <= 8:
         codes = [_take_rows(stored_codes(model, model.layers[p]), pick.get(p), model.layers[p]) for p in paths]
         if all(c is not None for c in codes):
-            code_counts[label] = sum(np.bincount(c.reshape(-1), minlength=2 ** vl.bits)[:2 ** vl.bits] for c in codes)
+            code_counts[label] = sum(histo.level_counts(c, 2 ** vl.bits) if fast.AVAILABLE and c.dtype == np.uint8
+                                     else np.bincount(c.reshape(-1), minlength=2 ** vl.bits)[:2 ** vl.bits]
+                                     for c in codes)
     sc, zp = _scales_zeros(model, vl)
     if sc is not None:
         scales[label] = _take_rows(sc, pick.get(paths[0]), vl, per_group=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -321,13 +322,90 @@ def uniform_edges(lo: float, hi: float, bins: int) -> np.ndarray:
     return np.linspace(lo, hi, bins + 1)
 
 
-def histogram_counts(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Exact counts of ``x`` in uniform bins ``edges`` (last bin closed, like np.histogram).
+class Diff(NamedTuple):
+    """``a - b`` element by element in float64, for :func:`bulk_histograms` and
+    :func:`histogram_counts`: never stored whole (a float64 copy of a 58M-weight layer is 470 MB)."""
 
-    Bin indices are computed arithmetically and counted with ``np.bincount`` chunk by chunk,
-    then corrected at the edges so the result equals ``np.histogram(x, edges)`` exactly; values
-    outside the edges (and NaN) are not counted.
+    a: np.ndarray
+    b: np.ndarray
+    #: ``diff_range(a, b)`` when already taken (it is one pass over both arrays)
+    rng: tuple | None = None
+
+    @property
+    def size(self) -> int:
+        return int(np.asarray(self.a).size)
+
+    def values(self) -> np.ndarray:
+        with np.errstate(invalid="ignore"):  # inf - inf: NaN, in no bin
+            return np.asarray(self.a, np.float64) - np.asarray(self.b, np.float64)
+
+
+class LogAbsDiff(Diff):
+    """``log10 |a - b|`` of the nonzero finite differences (float64), as :class:`Diff`."""
+
+    def values(self) -> np.ndarray:
+        d = np.abs(super().values())
+        with np.errstate(invalid="ignore"):
+            return np.log10(d[(d > 0) & np.isfinite(d)])
+
+
+def _compiled(x) -> bool:
+    """Whether the compiled kernels take ``x`` (float arrays, :class:`Diff` of them)."""
+    if not fast.AVAILABLE:
+        return False
+    arrs = (x.a, x.b) if isinstance(x, Diff) else (x,)
+    return all(np.asarray(a).dtype in (np.float32, np.float64) for a in arrs)
+
+
+def _finite_range(x) -> tuple[float, float, int]:
+    """(min, max, number of finite values) of an array, a :class:`Diff` or a :class:`LogAbsDiff`
+    (min > max: none)."""
+    if _compiled(x):
+        from .formats import histo
+        if isinstance(x, LogAbsDiff):
+            d_lo, d_hi, least, _ = x.rng or histo.finite_range(x.a, x.b)
+            hi = max(abs(d_lo), abs(d_hi)) if d_lo <= d_hi else 0.0
+            if not (least < math.inf and hi > 0):
+                return math.inf, -math.inf, 0
+            # log10 is monotone: the extremes of the logs are the logs of the extremes (numpy's)
+            lo_hi = np.log10(np.array([least, hi]))
+            return float(lo_hi[0]), float(lo_hi[1]), 1
+        lo, hi, _, _ = (x.rng or histo.finite_range(x.a, x.b)) if isinstance(x, Diff) else histo.finite_range(x)
+        return lo, hi, int(lo <= hi)
+    a = x.values() if isinstance(x, Diff) else np.asarray(x).reshape(-1)
+    f = a[np.isfinite(a)]
+    return (float(f.min()), float(f.max()), int(f.size)) if f.size else (math.inf, -math.inf, 0)
+
+
+def diff_of(a: np.ndarray, b: np.ndarray) -> tuple[Diff, int]:
+    """(``Diff(a, b)`` with its range taken, how many of ``a - b`` are exactly 0), in one pass
+    over both arrays where compiled."""
+    x = Diff(a, b)
+    if _compiled(x):
+        from .formats import histo
+        rng = histo.finite_range(a, b)
+        return Diff(a, b, rng), rng[3]
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    with np.errstate(invalid="ignore"):
+        return x, sum(int(np.count_nonzero(np.subtract(a[i:i + HIST_CHUNK], b[i:i + HIST_CHUNK], dtype=np.float64)
+                                           == 0)) for i in range(0, a.size, HIST_CHUNK))
+
+
+def histogram_counts(x, edges: np.ndarray) -> np.ndarray:
+    """Exact counts of ``x`` (an array, a :class:`Diff` or a :class:`LogAbsDiff`) in uniform bins
+    ``edges`` (last bin closed, like np.histogram).
+
+    Bin indices are computed arithmetically and corrected at the edges so the result equals
+    ``np.histogram(x, edges)`` exactly; values outside the edges (and NaN) are not counted. One
+    compiled pass on all cores (:mod:`.formats.histo`); numpy chunk by chunk without numba.
     """
+    if _compiled(x):
+        from .formats import histo
+        if isinstance(x, LogAbsDiff):
+            return histo.log_abs_counts(x.a, x.b, edges)
+        return histo.counts(x.a, edges, x.b) if isinstance(x, Diff) else histo.counts(x, edges)
+    if isinstance(x, Diff):
+        x = x.values()
     bins = len(edges) - 1
     lo, hi = float(edges[0]), float(edges[-1])
     scale = bins / (hi - lo)
@@ -357,8 +435,8 @@ BULK_TAIL = 1e-5
 
 
 def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: float = BULK_TAIL):
-    """Exact histograms of several arrays on shared uniform edges, fine enough where the values
-    are: ``(edges, {key: counts}, view)``.
+    """Exact histograms of several arrays (or :class:`Diff` / :class:`LogAbsDiff` of two) on
+    shared uniform edges, fine enough where the values are: ``(edges, {key: counts}, view)``.
 
     A few outliers (a weight of 12 among weights within ±0.7; a damaged scale) set the range of
     min/max edges, and with a fixed number of bins everything else fell into a handful of them.
@@ -372,12 +450,13 @@ def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: 
     Counts stay exact on the edges returned; NaN and ±inf are not counted. ``(None, {}, None)``
     when no array has a finite value.
     """
-    arrays = {k: np.asarray(a).reshape(-1) for k, a in arrays.items() if a is not None and np.asarray(a).size}
+    arrays = {k: a if isinstance(a, Diff) else np.asarray(a).reshape(-1) for k, a in arrays.items()
+              if a is not None and a.size}
     lo, hi = math.inf, -math.inf
     for a in arrays.values():
-        f = a[np.isfinite(a)]
-        if f.size:
-            lo, hi = min(lo, float(f.min())), max(hi, float(f.max()))
+        a_lo, a_hi, n = _finite_range(a)
+        if n:
+            lo, hi = min(lo, a_lo), max(hi, a_hi)
     if lo > hi:
         return None, {}, None
     edges = uniform_edges(lo, hi, fine)

@@ -187,6 +187,68 @@ def test_histogram_counts_equal_np_histogram():
     assert c.sum() == x.size
 
 
+def _awkward(n, dtype, seed):
+    """Values on and beside the edges, NaN, ±inf, and more than one piece of the pool's work."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * 0.02).astype(dtype)
+    x[::1001] = np.nan
+    x[5::2003] = np.inf
+    x[7::3001] = -np.inf
+    x[11::97] = 0
+    return x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_views_histograms_equal_numpy_on_awkward_values(kernel_path, dtype, monkeypatch):
+    """Values, errors (a - b in float64, never stored) and log10 |error| counted by the compiled
+    kernels on all cores, or by numpy: both equal np.histogram on the same edges, bin for bin."""
+    from quantscope.backend.formats import histo
+    from quantscope.backend.metrics import Diff, LogAbsDiff, _finite_range, diff_of
+    monkeypatch.setattr(histo, "PIECE", 1 << 16)  # several pieces over the pool
+    n = 300_001
+    a, b = _awkward(n, dtype, 1), _awkward(n, np.float32, 2)
+    b[13::17] = a[13::17]  # exact zeros of the difference
+    fa = a[np.isfinite(a)].astype(np.float64)
+    edges = uniform_edges(fa.min(), fa.max(), 1000)
+    edges = np.concatenate([edges[:1], edges[1:-1], edges[-1:]])
+    x = a.copy()
+    x[1:200:2] = edges[1:101]  # values exactly on edges
+    assert np.array_equal(histogram_counts(x, edges), np.histogram(x, edges)[0])
+    with np.errstate(invalid="ignore"):
+        d = a.astype(np.float64) - b.astype(np.float64)
+    fd = d[np.isfinite(d)]
+    diff, zeros = diff_of(a, b)
+    assert zeros == int(np.count_nonzero(fd == 0)) > 0
+    assert _finite_range(diff)[:2] == (fd.min(), fd.max())
+    de = uniform_edges(fd.min(), fd.max(), 513)
+    assert np.array_equal(histogram_counts(diff, de), np.histogram(fd, de)[0])
+    logs = np.log10(np.abs(fd[fd != 0]))
+    assert _finite_range(LogAbsDiff(*diff))[:2] == (logs.min(), logs.max())
+    le = uniform_edges(logs.min(), logs.max(), 700)
+    assert np.array_equal(histogram_counts(LogAbsDiff(*diff), le), np.histogram(logs, le)[0])
+    assert np.array_equal(histogram_counts(Diff(a, b), de), np.histogram(fd, de)[0])
+
+
+def test_group_sums_and_level_counts_equal_numpy():
+    from quantscope.backend.formats import fast, histo
+    if not fast.AVAILABLE:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((37, 256)).astype(np.float32)
+    wh = w + rng.standard_normal(w.shape).astype(np.float32) * np.float32(0.01)
+    w[4, 70] = np.nan  # its own group's cell only
+    g = rng.permutation(np.arange(256) // 64)  # act-order: groups scattered over the columns
+    num, den = histo.group_sums(w, wh, g, 4)
+    d2, w2 = (wh.astype(np.float64) - w) ** 2, w.astype(np.float64) ** 2
+    for j in range(4):
+        np.testing.assert_allclose(num[:, j], d2[:, g == j].sum(1), rtol=1e-12)
+        np.testing.assert_allclose(den[:, j], w2[:, g == j].sum(1), rtol=1e-12)
+    assert np.isnan(num[4, g[70]]) and np.isfinite(num[4]).sum() == 3
+    codes = rng.integers(0, 16, size=1_000_003).astype(np.uint8)
+    codes[:5000] = 15  # a saturated run
+    assert np.array_equal(histo.level_counts(codes, 16), np.bincount(codes, minlength=16))
+
+
 # -- alignment ----------------------------------------------------------------------------------
 
 def test_same_names_and_prefix(ref_pair, tmp_path):

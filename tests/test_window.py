@@ -71,6 +71,29 @@ def test_selecting_a_layer_fills_config_and_every_view(win, qtbot):
         assert win.hist._counts[label].sum() == 512 * 1536
 
 
+
+def test_going_back_to_a_layer_just_seen_shows_it_without_decoding_again(win, qtbot, monkeypatch):
+    from quantscope.app import jobs as jobs_mod
+    calls = []
+    real = jobs_mod.job_detail
+    monkeypatch.setattr(jobs_mod, "job_detail", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    for name in ("model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"):
+        with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+            assert win.tree.select(name)
+    first = dict(win.hist._counts)
+    with qtbot.waitSignal(win.detail_shown, timeout=1000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    assert calls == ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    assert win.hist.note.text().startswith("model.layers.1.mlp.down_proj") and set(win.hist._counts) == set(first)
+    # another set of checkpoints: measured anew, without the one removed
+    gone = "gptq-w4g128"
+    win.tree.combo.setCurrentText(gone)
+    win.remove_shown()
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.0.self_attn.q_proj")
+    assert calls[-1] == "model.layers.0.self_attn.q_proj" and gone not in win.hist._counts
+
+
 def test_compare_only_the_layers_matching_the_search(win, qtbot):
     """Tools ▸ Compare layers matching the search: the layers whose names hold every term typed;
     a later Compare all reuses them. With nothing typed it says what to do."""
