@@ -28,12 +28,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
 
 
-ENGINE_HELP = ("numpy: compiled kernels / vectorised numpy; mlx: mx.dequantize (formats MLX cannot take fall back "
-               "to numpy, as the output says); auto (default): mlx on a GPU, numpy on a CPU")
+ENGINE_HELP = ("numpy: compiled kernels / vectorised numpy; mlx: mx.dequantize (formats MLX cannot take — FP8, "
+               "bitsandbytes, act-order GPTQ, compressed-tensors — are decoded by numpy; dequant says so); auto "
+               "(default): mlx on a GPU, numpy on a CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantscope", description="Inspect quantized LLM checkpoints.",
+    p = argparse.ArgumentParser(prog="quantscope", description="Inspect quantized LLM checkpoints. Without a COMMAND, "
+                                "the window: quantscope [PATH ...] [--reference REF] [--select LAYER] [--compare] "
+                                "[--screenshot FILE] (quantscope --compare -h lists its options).",
                                 epilog="Exit status: 0 done; 1 done, but the checkpoint's config looks wrong (doctor: "
                                        "errors found); 2 refused or failed (nothing written); 3 internal error; "
                                        "130 interrupted. COMMAND -h gives each command's.")
@@ -75,10 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
                          r"(searched anywhere in the name: 'down_proj', 'layers\.(0|1)\.', 'mlp'); "
                          "a layer whose AWQ smoothing is undone from the layer before it brings that one along")
     _add_common(pc)
-    pdoc = sub.add_parser("doctor", help="find what is wrong with a checkpoint (exit 0 ok, 1 errors, 2 cannot open)")
+    pdoc = sub.add_parser("doctor", help="find what is wrong with a checkpoint (exit 0 ok, 1 errors, 2 cannot open)",
+                          description="Find what is wrong with a checkpoint: structure, index and shards, configs, "
+                                      "each quantization format's tensors, and their values (every value of a model "
+                                      "up to 128 MB; larger ones sampled for about 2 s unless --full). The report "
+                                      "goes to stdout, also when the checkpoint cannot be opened. Exit 0: no errors "
+                                      "(warnings allowed); 1: errors found; 2: it cannot be opened.")
     pdoc.add_argument("path", help="checkpoint")
     pdoc.add_argument("--json", action="store_true", help="machine-readable findings")
-    pdoc.add_argument("--full", action="store_true", help="check every value, not a time-boxed sample")
+    pdoc.add_argument("--full", action="store_true", help="check every value of a model over 128 MB too, not a time-boxed sample")
     _add_common(pdoc)
     pconv = sub.add_parser("convert", help="convert to MLX (exact repack where possible) or to dense",
                            epilog="Exit status: 0 converted; 1 converted as the config says, but the shapes "
@@ -98,14 +106,22 @@ def build_parser() -> argparse.ArgumentParser:
     pconv.add_argument("--mode", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], default="affine",
                        help="affine (default), or a block-float mode (fixed bits and group), with the same reach as --bits")
     pconv.add_argument("--overwrite", action="store_true",
-                       help="replace an existing DST, if it holds only model files (an earlier output)")
-    pconv.add_argument("--recipe", help="mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6, or a JSON file path → bits/group/mode or false")
+                       help="replace an existing DST, if quantscope convert wrote it (its .quantscope-convert.json "
+                            "says so) or it is empty; never a folder of other files")
+    pconv.add_argument("--recipe", help="mlx-lm's mixed_2_6, mixed_3_4, mixed_3_6 or mixed_4_6; or a JSON file of module "
+                                        "paths as stored: {\"model.layers.0.mlp.down_proj\": {\"bits\": 8, "
+                                        "\"group_size\": 64, \"mode\": \"affine\"}, \"lm_head\": false} (false: kept "
+                                        "dense); the layers it does not name get what they would without it")
     pconv.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None,
                        help="dense output dtype (--to dense; default bf16)")
     pconv.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)
     _add_common(pconv)
-    pdemo = sub.add_parser("demo", help="write the demo workspace (reference + GPTQ/AWQ/MLX variants) to DIR")
-    pdemo.add_argument("dir", help="a folder that does not exist yet")
+    pdemo = sub.add_parser("demo", help="write the demo workspace (reference + GPTQ/AWQ/MLX variants) to DIR",
+                           description="Write the demo workspace to DIR: a dense bf16 reference and six variants of "
+                                       "it (GPTQ, act-order GPTQ, round-to-nearest GPTQ layout, AWQ, MLX 4-bit, MLX "
+                                       "mixed 3/6-bit), and under truth/ the true AWQ smoothing scales; `quantscope "
+                                       "DIR` opens it. Exit 0: written; 2: refused (DIR holds files) or failed.")
+    pdemo.add_argument("dir", help="a folder that does not exist yet, or an empty one")
     _add_common(pdemo)
     return p
 
@@ -184,7 +200,13 @@ def cmd_info(args) -> int:
         out.append(f"no config gives the quantization{'' if not q['kind'] else ' of some layers'}: "
                    + "; ".join(inferred[:3]) + (f"; … ({len(inferred)} in all)" if len(inferred) > 3 else ""))
     out.append("schemes: " + ", ".join(f"{k} ×{v}" for k, v in s["schemes"].items()))
-    out.append(f"logical parameters: {human_count(s['logical_params'])}")
+    broken = [lay for lay in s["layers"] if lay.get("problem")]
+    out.append(f"logical parameters: {human_count(s['logical_params'])}"
+               + (f" (without the {len(broken)} layer(s) below that cannot be decoded)" if broken else ""))
+    if broken:
+        # said once near the top: each row said it, far down, and the summary undercounted unseen
+        out.append(f"{len(broken)} layer(s) cannot be decoded (each says why below; `quantscope doctor` "
+                   f"gives the findings), e.g. {printable(broken[0]['name'])}: {printable(broken[0]['problem'])}")
     by_name = {t["name"]: t for t in s["tensors"]}
     out.append("layers:")
     for layer in s["layers"]:
@@ -322,6 +344,10 @@ def cmd_demo(args) -> int:
     print(f"  {'reference':<22} {ws.reference}")
     for label, path in ws.variants.items():
         print(f"  {label:<22} {path}")
+    import shlex
+    root = shlex.quote(str(ws.root))
+    print(f"open it: quantscope {root}\ncompare it: quantscope compare --reference {shlex.quote(str(ws.reference))} "
+          + " ".join(shlex.quote(str(p)) for p in ws.variants.values()))
     return 0
 
 
@@ -437,3 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quantscope: internal error: {type(exc).__name__}: {exc}{hint}",
               file=sys.stderr)
         return 3
+
+
+if __name__ == "__main__":  # python -m quantscope.app.cli did nothing and exited 0
+    sys.exit(main())

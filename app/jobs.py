@@ -3,6 +3,8 @@ views need (histograms on shared edges, heatmaps reduced to screen resolution); 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 # Imported here, at window start-up, not inside the job functions: a worker thread importing a
@@ -16,7 +18,7 @@ from quantscope.backend.compare import (
 )
 from quantscope.backend.compare_align import stacked_expert
 from quantscope.backend.convert import convert
-from quantscope.backend.demo import demo_workspace
+from quantscope.backend.demo import demo_workspace, load_demo_workspace
 from quantscope.backend.doctor import diagnose
 from quantscope.backend.engines import get_engine, run_on_mlx_thread
 from quantscope.backend.errors import Cancelled, QuantscopeError
@@ -35,6 +37,12 @@ def job_load(paths, reference=None, *, progress=None, cancel=None):
         demo = demo_workspace()
         return load_workspace([str(p) for p in demo.variants.values()], str(demo.reference),
                               progress=progress, cancel=cancel)
+    if len(paths) == 1 and not reference:
+        # a folder `quantscope demo DIR` wrote: its reference and variants, as the demo opens
+        demo = load_demo_workspace(Path(paths[0]).expanduser())
+        if demo is not None:
+            return load_workspace([str(p) for p in demo.variants.values()], str(demo.reference),
+                                  progress=progress, cancel=cancel)
     return load_workspace(list(paths), reference, progress=progress, cancel=cancel, keep_going=True)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from . import fused
 from .checkpoint import natural_key
 from .compare_align import (
+    _SWITCH_RE,
     EXPERT_RE,
     Alignment,
     Segment,
@@ -70,12 +71,13 @@ _ROW_BLOCK_ELEMENTS = 16 * 1024 * 1024
 _LSTSQ_THRESHOLD = 0.02
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 CACHE_FILE = "compare-cache.json"
-CACHE_VERSION = 3  # 2: file identities as digests; 3: entries say when the reference held NaN/inf
+CACHE_VERSION = 4  # 2: file identities as digests; 3: entries say when the reference held NaN/inf;
+#: 4: rows name the reference layer holding an expert or a tied head
 
 #: Keys of one JSON/CSV row, in order (the command-line contract plus what the window uses).
 LAYER_KEYS = ("name", "variant", "scheme", "bits", "group_size", "rel_fro", "sqnr_db", "cosine", "max_abs", "mse",
               "p50", "p95", "p99", "bits_per_weight", "rel_fro_raw", "smoothing", "variant_layer", "layer_index",
-              "proj", "rel_fro_quant")
+              "proj", "rel_fro_quant", "reference_layer", "expert")
 
 
 class CompareError(QuantscopeError):
@@ -110,6 +112,11 @@ class LayerMetrics:
     #: Where the smoothing is folded inconsistently (:class:`SmoothingCheck`): the error once the
     #: smoothing is undone to the power measured, i.e. the quantization's alone; else None.
     rel_fro_quant: float | None = None
+    #: The reference layer that holds the weights, where it is not ``name``: the stack
+    #: (``…switch_mlp.down_proj``) of an expert row named ``…experts.{e}.down_proj``, the tied
+    #: embeddings of ``lm_head``; and the expert's index in that stack (else None).
+    reference_layer: str | None = None
+    expert: int | None = None
 
     def fields(self) -> dict:
         """Every field by name (a flat record: dataclasses.asdict's deep copy took a third of a
@@ -275,7 +282,9 @@ def _nothing_matches(vm: Model, unmatched: list[Unmatched], rx=None) -> CompareE
         kinds.setdefault(u.reason.split(":")[0].replace(u.layer, "…"), []).append(u)
     parts = []
     for us in sorted(kinds.values(), key=len, reverse=True)[:3]:
-        u = us[0]
+        # the one that says why, where some do (a shape the config's bits/group size misread;
+        # lm_head, whose input width says nothing, came first and hid it)
+        u = next((x for x in us if "as its config reads it" in x.reason), us[0])
         n = len(us) - 1
         more = f" ({n} more layer{'s' if n > 1 else ''} like it)" if n else ""
         parts.append(f"{u.reason if u.layer in u.reason else f'{u.layer}: {u.reason}'}{more}")
@@ -854,7 +863,9 @@ def _row(t: Target, vs: _VariantState, res: dict) -> LayerMetrics:
                         rel_fro=res["rel_fro"], sqnr_db=res["sqnr_db"], cosine=res["cosine"], max_abs=res["max_abs"],
                         mse=res["mse"], p50=res["p50"], p95=res["p95"], p99=res["p99"], bits_per_weight=bpw,
                         rel_fro_raw=res["rel_fro_raw"], smoothing=res["smoothing"], layer_index=layer_index(t.name),
-                        proj=proj_of(t.name))
+                        proj=proj_of(t.name), reference_layer=t.ref_layer if t.ref_layer != t.name else None,
+                        expert=t.ref_row0 // t.rows if t.ref_layer != t.name and _SWITCH_RE.match(t.ref_layer)
+                        and t.rows else None)
 
 
 def _cache_key(ref_id, var_id, name: str, engine_name: str) -> str:

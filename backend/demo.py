@@ -43,10 +43,11 @@ from .blas import single_threaded_blas
 from .errors import Cancelled, CheckpointError
 from .formats.awq import ORDER
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"
 MANIFEST = "demo.json"
 #: Where the AWQ variant's true smoothing scales are kept (outside every model folder).
-AWQ_SMOOTHING_FILE = "awq-w4g128-smoothing.safetensors"
+#: (in a folder of its own: beside the checkpoints, `info DIR` and `compare DIR/*` took it for one)
+AWQ_SMOOTHING_FILE = "truth/awq-w4g128-smoothing.safetensors"
 
 #: Model shape: the proportions of a real Llama, scaled down so the whole build takes seconds.
 ARCH = {"hidden": 512, "intermediate": 1536, "heads": 8, "head_dim": 64, "kv_heads": 8,
@@ -845,6 +846,7 @@ def _build_into(root: Path, ctx: _Context) -> dict:
                                 f"The true s are in ../{AWQ_SMOOTHING_FILE}."),
                  extra={"quant_config.json": {"zero_point": True, "q_group_size": 128, "w_bit": 4,
                                               "version": "GEMM", "modules_to_not_convert": None}})
+    (root / AWQ_SMOOTHING_FILE).parent.mkdir(exist_ok=True)
     write_safetensors(root / AWQ_SMOOTHING_FILE, {f"{k}.smooth": v for k, v in smoothing.items()},
                       {"format": "pt", "what": "AWQ input-channel scales s of awq-w4g128 per Linear"})
     ctx.advance(write)
@@ -970,7 +972,7 @@ def demo_workspace(cache_dir: Path | None = None, *, progress: Callable[[float],
     Parameters
     ----------
     cache_dir
-        Cache root (default :func:`default_cache_dir`); the workspace is ``cache_dir/demo-v1``.
+        Cache root (default :func:`default_cache_dir`); the workspace is ``cache_dir/demo-v2``.
     progress, cancel
         As for :func:`build_demo` (used only when it has to be built).
 

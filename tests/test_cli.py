@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -560,6 +561,24 @@ def _edit_config(folder, **qc):
     p.write_text(json.dumps(cfg))
 
 
+
+def test_compare_says_a_misread_config_when_no_layer_fits(tmp_path, capsys, real_fixtures):
+    """An MLX model whose config says 8 bit / group 32 for 4 bit / group 64 tensors: every layer's
+    shape is off. The reason shown was lm_head's bare shape mismatch, whose input width says
+    nothing; now a layer whose shapes name the reading that fits."""
+    src = _copy(real_fixtures / "mlx-affine-q4-g64", tmp_path / "m")
+    p = src / "config.json"
+    cfg = json.loads(p.read_text())
+    for k in ("quantization", "quantization_config"):
+        if k in cfg:
+            cfg[k].update(bits=8, group_size=32)
+    p.write_text(json.dumps(cfg))
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(src)]) == 2
+    err = capsys.readouterr().err
+    assert "as its config reads it" in err and "4 bit / group 64 give K=" in err
+    assert "different model" not in err
+
+
 def _drop_tensor(folder, name):
     from safetensors.numpy import load_file, save_file
     f = next(folder.glob("*.safetensors"))
@@ -865,6 +884,23 @@ def test_paths_that_cannot_be_used_say_why(tmp_path, capsys):
     assert f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
     assert main(["convert", str(demo / "reference"), str(tmp_path / "f" / "out"), "--to", "dense"]) == 2
     assert f"{tmp_path / 'f'} is a file, not a folder" in capsys.readouterr().err
+
+
+
+def test_the_demo_folder_opens_as_its_workspace_and_says_how(tmp_path, capsys):
+    """`quantscope demo DIR` wrote a folder that `quantscope DIR` refused ("Open a reference and
+    at least one variant first") and whose AWQ-smoothing file `compare DIR/*` took for a model."""
+    from quantscope.app.jobs import job_load
+    demo = tmp_path / "d"
+    assert main(["demo", str(demo)]) == 0
+    out = capsys.readouterr().out
+    assert f"open it: quantscope {demo}" in out and f"compare --reference {demo / 'reference'}" in out
+    assert sorted(q.name for q in demo.glob("*.safetensors")) == []  # the truth in a folder of its own
+    ws = job_load([str(demo)])
+    assert ws.reference is not None and Path(ws.reference.ckpt.source) == demo / "reference"
+    assert sorted(ws.variants) == sorted(q.name for q in demo.iterdir() if q.is_dir() and q.name not in
+                                         ("reference", "truth"))
+    assert len(ws.variants) == 6 and not ws.failed
 
 
 def test_a_checkpoint_format_no_loader_knows_gives_exit_1_and_a_doctor_error(tmp_path, capsys):

@@ -1054,6 +1054,11 @@ def test_experts_of_a_stacked_reference_take_the_one_pass_by_their_own_size(tmp_
     monkeypatch.setattr(cmp, "FUSED_MAX_ELEMENTS", F * H * 2)  # an expert fits, the stack (4x) does not
     res = sweep(var, {"p": ref}, engine="numpy")
     assert len(res.rows) == E and len(calls) == E
+    # each row says which of the reference's layers holds it, and where: the row's own name
+    # (experts.{e}.up_proj, the variant's naming) is no layer of the stacked reference
+    for r in res.to_json()["layers"]:
+        e = int(r["name"].split(".experts.")[1].split(".")[0])
+        assert (r["reference_layer"], r["expert"]) == ("model.layers.0.mlp.switch_mlp.up_proj", e)
     monkeypatch.setattr(cmp, "FUSED_MIN_ELEMENTS", 1 << 40)  # the general path gives the same figures
     slow = {r.name: r for r in sweep(var, {"p": ref}, engine="numpy").rows}
     for r in res.rows:

@@ -234,6 +234,25 @@ def test_json_recipe_false_and_overrides(demo, out_root, tmp_path):
     assert not (out_root / "ref-typo").exists()
 
 
+
+def test_a_json_recipe_on_a_quantized_source_changes_only_the_layers_it_names(demo, out_root, tmp_path):
+    """The layers a recipe does not name follow the rule without one: GPTQ layers repacked
+    exactly, the source's dense layers kept dense. They were all requantized at 4/64 and the
+    embeddings quantized (an exact repack lost 9%, and nothing said the recipe did it)."""
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model.layers.0.mlp.down_proj": {"bits": 8}, "lm_head": False}))
+    src = demo.variants["gptq-w4g128"]
+    dst = out_root / "gptq-recipe"
+    rep = convert(src, dst, to="mlx", recipe=str(recipe), verify=False, engine="numpy")
+    kinds = {r.path: r.action for r in rep.layers}
+    assert kinds["model.layers.0.mlp.down_proj"].startswith("requantized 8/64")
+    assert sum(a == "repacked exact" for a in kinds.values()) == 27
+    assert not any(a.startswith("requantized") for p, a in kinds.items() if p != "model.layers.0.mlp.down_proj")
+    m = analyze(open_checkpoint(dst))
+    assert m.layers["model.embed_tokens"].scheme == "dense" and m.layers["lm_head"].scheme == "dense"
+    assert assert_exact(src, dst, rep) == 27
+
+
 def test_group_size_not_dividing_stays_dense(tmp_path):
     from helpers import write_st
     src = tmp_path / "src"
