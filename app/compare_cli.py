@@ -53,7 +53,8 @@ def format_table(result, labels: list[str]) -> str:
         cells = []
         for lb, c in zip(labels, cols):
             r = by.get((n, lb))
-            mark = "*" if r and r.smoothing != "none" else " "
+            # how the smoothing was undone, per cell: * exactly (from the norms), ~ an estimate
+            mark = " " if not r or r.smoothing == "none" else "~" if "lstsq" in r.smoothing else "*"
             cells.append((f"{_fmt(r.rel_fro, '8.5f')}{mark}{_fmt(r.sqnr_db, '8.2f')}" if r else "—").rjust(c))
         lines.append("  ".join([n.ljust(w0)] + cells))
     undone = [r for r in result.rows if r.smoothing != "none"]
@@ -66,9 +67,12 @@ def format_table(result, labels: list[str]) -> str:
                "rows": "rows: the rows of that preceding layer, rescaled by the same estimate"}
         lines.append("")
         what = "matching" if "match" in kinds else "undoing"
-        lines.append(f"* {len(undone)} measured after {what} AWQ-style smoothing ("
+        est = sum("lstsq" in r.smoothing for r in undone)
+        marks = ("* exactly, ~ estimated" if est and est < len(undone) else "~ estimated" if est else "* exactly")
+        lines.append(f"{marks}: {len(undone)} measured after {what} AWQ-style smoothing ("
                      + "; ".join(how.get(k, k) for k in kinds)
-                     + "); rel_fro_raw in --json/--csv is the error of the layers as stored")
+                     + "); the JSON/CSV's `smoothing` says how for each, and `rel_fro_raw` is the error of the "
+                       "layers as stored")
     for variant, (_, warning) in result.warnings().items():
         if variant in result.failed:
             continue  # said on stderr, as an error

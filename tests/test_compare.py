@@ -896,6 +896,9 @@ def test_table_marks_undone_smoothing_aligns_inf_and_cosine_stays_in_range(ref_p
     out = capsys.readouterr().out
     q = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.self_attn.q_proj"))
     assert "*" in q and "measured after undoing AWQ-style smoothing" in out and "norm: exact" in out
+    # the demo folds up→down too: down_proj's s is a least-squares estimate, marked ~, not *
+    d = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.mlp.down_proj"))
+    assert "~" in d and "*" not in d and "* exactly, ~ estimated" in out
     # an AWQ checkpoint as the reference: it may be the smoothed side itself, so the unquantized
     # model compared to it is brought to its norms ("match"), not said to have its smoothing undone
     assert main(["compare", "--reference", str(ws.variants["awq-w4g128"]), str(ws.reference),
