@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{first!r} is not a file or folder either")
         args = build_window_parser().parse_args(argv)
         _setup_logging(args.verbose)
+        if args.screenshot:  # before the workspace is built and opened, not after
+            check_output_path(args.screenshot)
         from quantscope.app.window_main import run_window
         return run_window(args)
     except QuantscopeError as exc:

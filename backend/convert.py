@@ -108,6 +108,13 @@ class ConversionError(QuantscopeError):
     default_rule = "convert"
 
 
+class LayerConversionError(ConversionError):
+    """A layer that cannot be converted: named as a layer ("layer 'model.layers.0.mlp.down_proj'"),
+    not as a tensor of that name."""
+
+    subject = "layer"
+
+
 @dataclass
 class LayerResult:
     """What happened to one module.
@@ -751,7 +758,7 @@ def _refuse_broken(model: Model, layer: Layer) -> None:
     stale = layer.scheme == "dense" and layer.problem is not None and any(c in layer.tensors for c in _QUANT_PARTS)
     if stale or layer.scheme == "unknown" and (any(c in layer.tensors for c in _QUANT_PARTS)
                                                or (w is not None and w.dtype not in _FLOAT_ST)):
-        raise ConversionError(f"cannot convert: {layer.problem or 'packed codes that nothing decodes'}",
+        raise LayerConversionError(f"cannot convert: {layer.problem or 'packed codes that nothing decodes'}",
                               file=model.ckpt.source, tensor=layer.path, rule="convert.undecodable")
 
 
@@ -805,7 +812,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         return _Item(res, outputs, make_dense_q, config=q, raw=raw)
     # quantized source layer
     if not layer.decodable:
-        raise ConversionError(f"cannot convert: {layer.problem or 'not decodable'}", file=model.ckpt.source,
+        raise LayerConversionError(f"cannot convert: {layer.problem or 'not decodable'}", file=model.ckpt.source,
                               tensor=path, rule="convert.undecodable")
     keep, dropped = _aux(layer, False)
     if dropped:
@@ -975,7 +982,7 @@ def _plan_dense(model: Model, dtype: np.dtype, engine, notes: list[str], cancel)
         outputs, raw, casts = [], {}, {}
         if layer.quantized:
             if not layer.decodable:
-                raise ConversionError(f"cannot convert: {layer.problem or 'not decodable'}", file=model.ckpt.source,
+                raise LayerConversionError(f"cannot convert: {layer.problem or 'not decodable'}", file=model.ckpt.source,
                                       tensor=path, rule="convert.undecodable")
             keep, dropped = _aux(layer, False)
             if dropped:

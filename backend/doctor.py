@@ -876,6 +876,18 @@ class _Doctor:
                 return False
         return True
 
+    def _in_missing_shards(self) -> dict[str, dict[str, list[str]]]:
+        """module → missing shard → the module's components the index puts there."""
+        if not self.missing or not self.index:
+            return {}
+        gone = set(self.missing)
+        out: dict[str, dict[str, list[str]]] = {}
+        for t, shard in self.index["weight_map"].items():
+            if shard in gone and isinstance(t, str):
+                module, comp = split_name(t)
+                out.setdefault(module, {}).setdefault(shard, []).append(comp)
+        return out
+
     @property
     def complete(self) -> bool:
         """True when every shard parsed (absence-based rules are only trusted then), and the file
@@ -901,6 +913,12 @@ class _Doctor:
                     and not (comps.keys() & QUANT_PARTS)
                 if layer.settings.get("split_across_shards"):  # (the file is one shard: said as such)
                     col.add("layer.inconsistent", layer.problem, file=file, layer=path, severity="warning")
+                    continue
+                lost = self._in_missing_shards().get(path)
+                if lost:  # the cause is the missing shard (an error of its own): said as such
+                    where = "; ".join(f"its {', '.join(sorted(c))} in {sh}" for sh, c in sorted(lost.items()))
+                    col.add("layer.inconsistent", f"{layer.problem} — {where}, which is missing", file=file,
+                            layer=path, severity="warning")
                     continue
                 col.add("layer.inconsistent", f"{layer.problem}; loaders fail on this layer or decode it wrongly",
                         file=file, layer=path, severity="warning" if unknown else None)

@@ -562,6 +562,12 @@ def _edit_config(folder, **qc):
 
 
 
+
+def test_a_screenshot_that_cannot_be_written_is_refused_before_the_window_opens(tmp_path, capsys):
+    assert main(["--screenshot", str(tmp_path / "nowhere" / "x.png")]) == 2
+    assert f"the folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
 def test_compare_says_a_misread_config_when_no_layer_fits(tmp_path, capsys, real_fixtures):
     """An MLX model whose config says 8 bit / group 32 for 4 bit / group 64 tensors: every layer's
     shape is off. The reason shown was lm_head's bare shape mismatch, whose input width says

@@ -951,6 +951,32 @@ def test_every_shard_reported(tmp_path):
     assert len(rules) == 3, rules
 
 
+
+def test_a_layer_whose_parts_are_in_a_missing_shard_blames_the_shard(tmp_path):
+    """GPTQ scales in a shard that is gone: the layers said "qweight without scales; loaders fail"
+    as errors of their own, beside the missing shard. The missing shard is the error; each layer
+    says its scales were there."""
+    import json as _json
+
+    from safetensors.numpy import load_file, save_file
+    src = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
+    m = tmp_path / "m"
+    m.mkdir()
+    t = load_file(str(src / "model.safetensors"))
+    one = {k: v for k, v in t.items() if not k.endswith(".scales")}
+    save_file(one, str(m / "model-00001-of-00002.safetensors"), {"format": "pt"})
+    wm = {k: "model-00001-of-00002.safetensors" if k in one else "model-00002-of-00002.safetensors" for k in t}
+    (m / "model.safetensors.index.json").write_text(_json.dumps({"metadata": {}, "weight_map": wm}))
+    for f in ("config.json", "quantize_config.json"):
+        (m / f).write_bytes((src / f).read_bytes())
+    findings = diagnose(m)
+    errors = [f for f in findings if f.severity == "error"]
+    assert [f.rule for f in errors] == ["index.missing-shard"], [(f.rule, f.message) for f in errors]
+    lay = [f for f in findings if f.rule == "layer.inconsistent" and f.layer == "model.layers.0.mlp.down_proj"]
+    assert lay and lay[0].severity == "warning"
+    assert "its scales in model-00002-of-00002.safetensors, which is missing" in lay[0].message
+
+
 def test_all_problems_of_one_header(tmp_path):
     write_raw(tmp_path / "x.safetensors", {"a": {"dtype": "F7", "shape": [2], "data_offsets": [0, 8]},
                                            "b": {"dtype": "F32", "shape": [3], "data_offsets": [8, 16]},
