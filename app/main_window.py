@@ -640,6 +640,7 @@ class MainWindow(QMainWindow):
             self.statusBar().clearMessage()
             self._said_stands = False
         self.current_layer = path
+        self.layers.mark_layer(path)
         self.config.set_layer(path, self.workspace.models())
         self._whatif_target(path)
         self._refresh_result()  # what belongs to this layer (a conversion's summary), nothing of another's

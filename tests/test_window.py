@@ -856,6 +856,46 @@ def test_histograms_open_on_the_bulk_and_say_what_lies_outside(qtbot):
     assert x0 < -3.0 and x1 > 12.0
 
 
+
+def test_layers_plot_says_what_a_point_is_and_rings_the_selected_layer(qtbot):
+    """Hovering a point or a heatmap cell showed nothing (a click, which changes the selection,
+    was the only way to know which of a variant's seven points at one depth was which); the
+    selected layer was not marked. Eight variants stay within ±0.2 of their layer."""
+    from types import SimpleNamespace
+
+    from PySide6.QtCore import QPointF
+
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+    plot.resize(1200, 600)
+    plot.show()
+    qtbot.waitExposed(plot)
+    variants = [f"v{k}" for k in range(8)]
+    rows = [SimpleNamespace(name=f"model.layers.{i}.mlp.{p}", variant=v, layer_index=i, proj=p,
+                            rel_fro=0.05 * (k + 1) + (0.3 if p == "down_proj" else 0), sqnr_db=0.0, rel_fro_raw=0.1)
+            for k, v in enumerate(variants) for i in range(3) for p in ("up_proj", "down_proj")]
+    plot.set_rows(rows, {v: "#E69F00" for v in variants})
+    xs = np.concatenate([x for x, _, _ in plot._pts.values()])
+    assert np.abs(xs - np.rint(xs)).max() <= 0.2 + 1e-9
+    x, y, names = plot._pts["v3"]
+    i = names.index("model.layers.1.mlp.down_proj")
+    vb = plot.plot.getPlotItem().vb
+    plot._plot_hover(vb.mapViewToScene(QPointF(x[i], y[i])))
+    tip = plot.plot.toolTip()
+    assert tip.startswith("model.layers.1.mlp.down_proj\nv3: ") and f"{y[i]:.5g}" in tip
+    plot._plot_hover(vb.mapViewToScene(QPointF(x[i] + 0.5, y[i] + 10)))  # far from every point
+    assert plot.plot.toolTip() == ""
+    plot.mark_layer("model.layers.1.mlp.down_proj")
+    rx, ry = plot.ring.getData()
+    assert len(rx) == 8 and set(np.round(ry, 6)) == {round(0.05 * (k + 1) + 0.3, 6) for k in range(8)}
+    hv = plot.hm.getPlotItem().vb
+    plot.hm_variant.setCurrentText("v2")
+    cell = next(k for k, n in plot._hm_names.items() if n == "model.layers.2.mlp.up_proj")
+    plot._hm_hover(hv.mapViewToScene(QPointF(cell[1] + 0.5, cell[0] + 0.5)))
+    assert plot.hm.toolTip().startswith("model.layers.2.mlp.up_proj\nv2: ")
+
+
 def test_layers_heatmap_colours_on_its_own_or_a_shared_scale(qtbot):
     """Each variant's heatmap stretched its colours over its own range, so a noise-level spread
     (0.0910-0.0912) looked dramatic and two variants could not be compared by colour."""
@@ -870,7 +910,12 @@ def test_layers_heatmap_colours_on_its_own_or_a_shared_scale(qtbot):
     plot.set_rows(rows, {"q4": "#E69F00", "q3": "#0072B2"})
     plot.hm_variant.setCurrentText("q4")
     assert not plot.hm_scale.isChecked()  # its own range: which of its layers it hurts
-    assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.0912))
+    # ... but 0.0910 against 0.0912 is no contrast of darkest against brightest: the colours
+    # span at least a tenth of the error's size around its middle
+    assert plot.hm_bar.levels() == pytest.approx((0.0911 - 0.004555, 0.0911 + 0.004555))
+    plot.hm_variant.setCurrentText("q3")  # a spread wider than that: its own range exactly
+    assert plot.hm_bar.levels() == pytest.approx((0.30, 0.34))
+    plot.hm_variant.setCurrentText("q4")
     plot.hm_scale.setChecked(True)
     assert plot.hm_bar.levels() == pytest.approx((0.0910, 0.34))
     # bright is worse in every metric: SQNR, where higher is better, runs the colours backwards

@@ -133,6 +133,16 @@ class LayerErrorPlot(QWidget):
         self.hm_variant.currentIndexChanged.connect(lambda _: self.redraw_heatmap())
         self.hm_scale.toggled.connect(lambda _: self.redraw_heatmap())
         self.hm.scene().sigMouseClicked.connect(self._hm_clicked)
+        # what a point or a cell is, under the pointer (a click selects it: the only way to
+        # find out which of seven AWQ points at one depth was the 0.60 one)
+        self.plot.scene().sigMouseMoved.connect(self._plot_hover)
+        self.hm.scene().sigMouseMoved.connect(self._hm_hover)
+        # a ring around the selected layer's points (one per variant)
+        self.ring = pg.ScatterPlotItem(size=15, brush=None, pen=pg.mkPen(self.palette().text().color(), width=1.5))
+        self.ring.setZValue(10)
+        self.plot.addItem(self.ring)
+        self._marked: str | None = None
+        self._pts: dict[str, tuple[np.ndarray, np.ndarray, list]] = {}
         self._rows = []
         self._n_rows = 0
         self._empty_note = ""  # what an empty view says instead of _EMPTY (set_rows)
@@ -306,6 +316,54 @@ class LayerErrorPlot(QWidget):
     def _clear_series(self) -> None:
         self.plot.clear()
         self.series = {}
+        self.plot.addItem(self.ring)
+
+    def mark_layer(self, name: str | None) -> None:
+        """Ring the points of layer ``name`` (the one selected), every variant's."""
+        self._marked = name
+        xs, ys = [], []
+        for x, y, names in self._pts.values():
+            for i, n in enumerate(names):
+                if n == name and math.isfinite(y[i]):
+                    xs.append(x[i])
+                    ys.append(y[i])
+        self.ring.setData(xs, ys)
+
+    def _near_point(self, pos) -> tuple[str, str, float] | None:
+        """(variant, layer, value) of the point within 8 px of scene position ``pos``, if any."""
+        vb = self.plot.getPlotItem().vb
+        if not self._pts or not vb.sceneBoundingRect().contains(pos):
+            return None
+        px = vb.viewPixelSize()
+        v = vb.mapSceneToView(pos)
+        best = None
+        for variant, (x, y, names) in self._pts.items():
+            if not len(x):
+                continue
+            d = np.hypot((x - v.x()) / px[0], (y - v.y()) / px[1])
+            d[~np.isfinite(d)] = np.inf
+            i = int(np.argmin(d))
+            if d[i] <= 8 and (best is None or d[i] < best[0]):
+                best = (float(d[i]), variant, names[i], float(y[i]))
+        return None if best is None else best[1:]
+
+    def _plot_hover(self, pos) -> None:
+        hit = self._near_point(pos)
+        tip = "" if hit is None else f"{hit[1]}\n{hit[0]}: {self._metric_label()} {hit[2]:.5g}\n(click: select it)"
+        if tip != self.plot.toolTip():
+            self.plot.setToolTip(tip)
+
+    def _hm_hover(self, pos) -> None:
+        p = self.hm.getPlotItem().vb.mapSceneToView(pos)
+        i, j = int(math.floor(p.y())), int(math.floor(p.x()))
+        name = self._hm_names.get((i, j))
+        tip = ""
+        if name:
+            r = next((r for r in self._rows if r.name == name and r.variant == self.hm_variant.currentText()), None)
+            if r is not None:
+                tip = f"{name}\n{r.variant}: {self._metric_label()} {self._value(r):.5g}\n(click: select it)"
+        if tip != self.hm.toolTip():
+            self.hm.setToolTip(tip)
 
     def _show_legend(self, variants: list[str]) -> None:
         # the marker of each variant is the one _add_series gives it: by its place in the list
@@ -347,11 +405,15 @@ class LayerErrorPlot(QWidget):
         self._ensure_series(list(by_var))
         n = max(1, len(by_var))
         self.plot.disableAutoRange()  # one range update for all series, below
+        # small horizontal offset per variant so overlapping points stay visible, all of them
+        # within ±0.2 of their layer (8 variants at 0.08 apart put the outer ones 0.28 away)
+        step = min(0.08, 0.4 / max(1, n - 1))
+        self._pts = {}
         for i, (variant, rows) in enumerate(by_var.items()):
             rows.sort(key=lambda r: (r.layer_index, r.proj))
-            # small horizontal offset per variant so overlapping points stay visible
-            x = np.array([r.layer_index for r in rows], float) + (i - (n - 1) / 2) * 0.08
+            x = np.array([r.layer_index for r in rows], float) + (i - (n - 1) / 2) * step
             y = np.array([self._value(r) for r in rows])
+            self._pts[variant] = (x, y, [r.name for r in rows])
             color = self._colors.get(variant)
             # one projection: a line along depth, unless a layer has several (MoE experts), where
             # joining them in name order would zigzag meaninglessly
@@ -360,7 +422,8 @@ class LayerErrorPlot(QWidget):
                                          symbolBrush=color, data=[r.name for r in rows])
         # The range set now, from the new data: left to auto-range, it is found while painting,
         # which then changes the axes and repaints the whole plot a second time.
-        self.plot.getViewBox().autoRange(padding=0.05)
+        self.mark_layer(self._marked)
+        self.plot.getViewBox().autoRange(padding=0.05, items=list(self.series.values()))
         # pyqtgraph defers range, matrix and axis updates to the start of a paint, where they
         # dirty the scene again: a cascade of repaints. Done here, the next paint is the only one.
         self.plot.scene().prepareForPaint()
@@ -428,6 +491,13 @@ class LayerErrorPlot(QWidget):
         finite = values[np.isfinite(values)]
         if finite.size:
             lo, hi = float(finite.min()), float(finite.max())
+            # no full contrast for a difference nobody would care about (0.09107 against 0.09110
+            # was darkest against brightest): the colours span at least 1 dB of SQNR, or a tenth
+            # of the error's size
+            least = 1.0 if better_high else 0.1 * abs(lo + hi) / 2
+            if hi - lo < least:
+                mid = (lo + hi) / 2
+                lo, hi = mid - least / 2, mid + least / 2
             self.hm_bar.setLevels((lo, hi if hi > lo else lo + 1e-12))
         # Ticks, title and range only when they change: each relays out the plot item, and
         # pyqtgraph's deferred updates then run now, not at the start of the paint (where they
