@@ -679,19 +679,39 @@ def test_status_messages_are_not_covered_by_the_jobs_strip(win, qtbot):
     assert bar.toolTip() == long
 
 
+
+def test_whatif_offers_the_shown_layers_settings_until_the_user_picks(win, qtbot):
+    """It offered 4 bit / 64 for a GPTQ g128 layer (so Requantize compared unlike settings)."""
+    win.tree.combo.setCurrentText("mlx-mixed-3-6")
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        win.tree.select("model.layers.2.mlp.down_proj")  # 6 bit there
+    assert (win.config.bits.currentText(), win.config.group.currentText()) == ("6", "64")
+    win.tree.combo.setCurrentText("gptq-w4g128")
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        win.tree.select("model.layers.0.mlp.up_proj")
+    assert (win.config.bits.currentText(), win.config.group.currentText()) == ("4", "128")
+    i = win.config.bits.findText("3")
+    win.config.bits.setCurrentIndex(i)
+    win.config.bits.activated.emit(i)  # the user's pick: kept from then on
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        win.tree.select("model.layers.1.mlp.up_proj")
+    assert win.config.bits.currentText() == "3"
+
+
 def test_whatif_block_float_modes_show_their_own_bits_and_block(win, qtbot):
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         win.tree.select("model.layers.0.mlp.up_proj")
     win.config.bits.setCurrentText("3")
+    group = win.config.group.currentText()  # (the shown layer's: gptq-w4g128's 128)
     win.config.mode.setCurrentText("nvfp4")
     assert not win.config.bits.isEnabled() and win.config.bits.currentText() == "4"
     assert win.config.group.currentText() == "16"
     qtbot.mouseClick(win.config.run, __import__("PySide6.QtCore", fromlist=["Qt"]).Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: "What-if nvfp4 4 bit / 16" in win.config.whatif_result.text(), timeout=30_000)
     win.config.mode.setCurrentText("mxfp8")
-    win.config.mode.setCurrentText("affine")  # its choices and last setting return (3 bit / 64)
+    win.config.mode.setCurrentText("affine")  # its choices and last setting return (3 bit / 128)
     assert win.config.bits.isEnabled() and win.config.group.isEnabled()
-    assert win.config.bits.currentText() == "3" and win.config.group.currentText() == "64"
+    assert win.config.bits.currentText() == "3" and win.config.group.currentText() == group == "128"
     assert [win.config.group.itemText(i) for i in range(win.config.group.count())] == ["32", "64", "128"]
 
 
@@ -971,6 +991,11 @@ def test_group_error_map_marks_nonfinite_cells_and_names_act_order(qtbot):
     assert "by g_idx" in hm.plot.getAxis("bottom").labelText
     hm.variant.setCurrentText("mlx")
     assert hm.note.text() == "" and "g_idx" not in hm.plot.getAxis("bottom").labelText
+    # a few cells far above the rest: the bar stops at the 99.5th percentile, and says so
+    hot = np.full((40, 10), 0.1)
+    hot[3, 4] = 1.16
+    hm.set_maps({"w3": (hot, 1)})
+    assert hm.note.text() == "colours stop at 0.1 (99.5th percentile); the brightest cells reach 1.16"
     # shrunk to the screen, a block of rows holding a NaN cell stays NaN (nanmax dropped it)
     big = np.full((10, 2), 0.1)
     big[7, 0] = np.nan

@@ -114,15 +114,20 @@ class GroupErrorHeatmap(QWidget):
         self.image.setRect(rect)
         bad = ~np.isfinite(data)
         nbad = int(bad.sum())
+        said = []
         if nbad:
             rgba = np.zeros(data.shape + (4,), np.uint8)
             rgba[bad] = BAD_RGBA
             self.bad.setImage(rgba, autoLevels=False, levels=(0, 255))
             self.bad.setRect(rect)
-            self.note.setText(f"{nbad} cell{'s' if nbad > 1 else ''} NaN or inf (red)")
+            said.append(f"{nbad} cell{'s' if nbad > 1 else ''} NaN or inf (red)")
         else:
             self.bad.clear()
-            self.note.setText("")
+        top = float(np.max(data[~bad])) if nbad < data.size else hi
+        if top > hi:  # the bar stopped at the 99.5th percentile without a word: cells reach beyond it
+            said.append(f"colours stop at {hi:.3g} (99.5th percentile{' of every variant' if self.scale.isChecked() else ''}); "
+                        f"the brightest cells reach {top:.3g}")
+        self.note.setText("; ".join(said))
         self.cbar.setLevels((0.0, max(hi, 1e-12)))
         self.plot.autoRange()
 

@@ -96,10 +96,16 @@ class QuantConfigPanel(QWidget):
         self._why_not = ""
         self._want_group: str | None = None
         self.group.activated.connect(lambda i: setattr(self, "_want_group", self.group.itemText(i)))
+        # until the user picks bits, group or mode, the what-if offers the settings of the layer
+        # shown (a GPTQ g128 layer: 4 bit / 128, not 64), so that Requantize compares like for like
+        self._picked = False
+        for box in (self.bits, self.group):
+            box.activated.connect(lambda _: setattr(self, "_picked", True))
         self._affine_choice = ("4", "64")  # restored when the mode returns to affine
         self.mode = QComboBox()
         self.mode.addItems(["affine", "mxfp4", "nvfp4", "mxfp8"])
         self.mode.currentTextChanged.connect(self._mode_changed)
+        self.mode.activated.connect(lambda _: setattr(self, "_picked", True))
         self.run = QPushButton("Requantize")
         self.run.setToolTip("Quantize the reference's layer with mx.quantize and measure its error")
         self.run.clicked.connect(lambda: self.whatif_requested.emit(int(self.bits.currentText()),
@@ -226,6 +232,13 @@ class QuantConfigPanel(QWidget):
             (r for r in range(1, len(labels)) if t.item(r, 1) and t.item(r, 1).text() != "absent"), 0)
         t.setCurrentCell(row, 0)
         self._show_rule(row)
+        bits, group = (t.item(row, c).text() if t.item(row, c) else "" for c in (2, 3))
+        if not self._picked and self.mode.currentText() == "affine" and bits in _AFFINE_BITS:
+            self.bits.setCurrentText(bits)
+            if group in _AFFINE_GROUPS:
+                self._want_group = group
+                self.group.setCurrentText(group)
+            self._fit_choices()
 
     def _show_rule(self, row: int) -> None:
         name, rule = self.layer_table.item(row, 0), self.layer_table.item(row, 5)
