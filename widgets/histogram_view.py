@@ -53,8 +53,7 @@ class HistogramView(QWidget):
                            (QLabel("x:"), self.lo, QLabel("–"), self.hi), (self.apply, self.reset, self.bulk))
         # what the default range leaves out, and values in no bin (NaN/inf): one line, always
         # there (shown and hidden, it would change the plot's height at every selection)
-        self.footer = ElidedLabel()
-        self.footer.setFixedHeight(self.footer.fontMetrics().lineSpacing() + 2)
+        self.footer = ElidedLabel(lines=2)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(bar)

@@ -144,10 +144,15 @@ class ElidedLabel(QLabel):
     the whole text in its tooltip (a plain QLabel's minimum width is its text's, so a long layer
     name in a toolbar widened the window)."""
 
-    def __init__(self, text: str = "", parent=None) -> None:
+    def __init__(self, text: str = "", parent=None, lines: int = 1) -> None:
         super().__init__(text, parent)
         self.setMinimumWidth(40)
         self.setToolTip(text)
+        #: lines it may wrap onto before the rest is cut (a plot's footer: what lies beyond the
+        #: bulk, exact zeros, variants left out, cut at 1600 px on one line)
+        self.lines = lines
+        if lines > 1:
+            self.setFixedHeight(lines * self.fontMetrics().lineSpacing() + 2)
 
     def setText(self, text: str) -> None:
         super().setText(text)
@@ -165,6 +170,21 @@ class ElidedLabel(QLabel):
         # a module path keeps its end and layer number ("…1.mlp.experts.2.up_proj"): cut at the
         # right, every layer read "model.layer…"
         dotted = " " not in text and "." in text
+        if self.lines > 1 and not dotted and fm.horizontalAdvance(text) > self.width():
+            out, rest = [], text
+            for _ in range(self.lines - 1):
+                cut = len(rest)
+                while cut > 0 and fm.horizontalAdvance(rest[:cut]) > self.width():
+                    cut = rest.rfind(" ", 0, cut)
+                if cut <= 0:
+                    break
+                out.append(rest[:cut])
+                rest = rest[cut:].lstrip()
+            out.append(fm.elidedText(rest, Qt.TextElideMode.ElideRight, self.width()))
+            line = fm.lineSpacing()
+            for i, t in enumerate(out):
+                p.drawText(0, i * line, self.width(), line, int(self.alignment()), t)
+            return
         shown = elide_path(text, fm, self.width()) if dotted else fm.elidedText(text, Qt.TextElideMode.ElideRight,
                                                                                   self.width())
         p.drawText(self.rect(), int(self.alignment()), shown)
