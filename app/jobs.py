@@ -102,7 +102,13 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
         d = layer_alone(variants, name, engine=engine, cancel=cancel)
     if progress:
         progress(0.9)
-    scales = {k: np.asarray(v, np.float64).ravel() for k, v in d.scales.items() if v is not None}
+    # MLX's affine scales are signed (mx.quantize points the scale from a group's bias to its far
+    # end, so about half are negative): shown as |scale|, the step between levels, beside the
+    # other formats' positive scales (two mirrored lobes, half hidden under GPTQ's, before)
+    signed = [k for k in d.scales if d.scales[k] is not None and k in variants
+              and (lay := variants[k].layers.get(name)) is not None and lay.scheme == "mlx-affine"]
+    scales = {k: np.abs(np.asarray(v, np.float64).ravel()) if k in signed else np.asarray(v, np.float64).ravel()
+              for k, v in d.scales.items() if v is not None}
     scale_edges, scale_counts, scale_view = shared_histogram(scales)
     scale_nonfinite = nonfinite_counts(scales, scale_counts)
     maps = {k: reduce_rows(np.asarray(v, np.float64)) for k, v in d.group_error.items() if v is not None}
@@ -112,7 +118,7 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
              if v is not None and variants[k].layers.get(name) is not None
              and variants[k].layers[name].scheme != "mlx-affine"}
     zero_edges, zero_counts = zero_histogram(zeros)
-    return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts,
+    return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts, "scale_abs": signed,
             "scale_view": scale_view, "scale_nonfinite": scale_nonfinite, "maps": maps,
             "by_index": set(d.grouped_by_index), "zero_edges": zero_edges, "zero_counts": zero_counts}
 

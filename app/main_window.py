@@ -829,7 +829,9 @@ class MainWindow(QMainWindow):
                                                        absent=no_codes))
         upd(self.scales, lambda: self.scales.set_histograms(
             r["scale_edges"], r["scale_counts"], colors,
-            note="per-group scales" if r["scale_counts"] else "No variant stores per-group scales for this layer",
+            note=("per-group scales" + (f" (|scale| of {', '.join(r['scale_abs'])}: MLX's are signed, the step "
+                                        "is their size)" if r.get("scale_abs") else "")
+                  if r["scale_counts"] else "No variant stores per-group scales for this layer"),
             view=r.get("scale_view"), nonfinite=r.get("scale_nonfinite")))
         no_zeros = [v for v in (d.value_counts if alone else d.metrics)
                     if v != "reference" and v not in r["zero_counts"]]

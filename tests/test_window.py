@@ -64,6 +64,10 @@ def test_selecting_a_layer_fills_config_and_every_view(win, qtbot):
     assert set(variants) <= set(win.codes._counts)
     assert len(win.heatmap._maps) == len(variants)
     assert set(win.scales._counts) == set(variants)
+    # MLX's signed scales as |scale| (the step), said above the plot; every edge at or above 0
+    assert "|scale| of mlx-affine-q4g64, mlx-mixed-3-6" in win.scales.note.text()
+    mlx_counts = win.scales._counts["mlx-affine-q4g64"]
+    assert win.scales._edges[np.flatnonzero(mlx_counts)[0]] >= 0
     assert {"gptq-w4g128", "awq-w4g128"} <= set(win.zeros._counts)
     level8 = int(np.flatnonzero((win.zeros._edges[:-1] < 8) & (win.zeros._edges[1:] > 8))[0])  # one bin per level
     assert win.zeros._counts["gptq-w4g128"][level8] == win.zeros._counts["gptq-w4g128"].sum()  # sym: all 8
