@@ -67,6 +67,33 @@ def _worst_per_layer(findings: list[dict]) -> dict[str, tuple[str, str]]:
     return worst
 
 
+def cell_notes(rows, quant_only: dict | None = None) -> dict[str, dict[str, tuple[str, str]]]:
+    """Per variant and module path (the same keys as :func:`errors_by_module`): the mark its error
+    cell gets (``*`` smoothing undone exactly, ``~`` estimated, as the command line's table) and
+    what its tooltip says of that row: raw error, how the smoothing was undone, the quantization
+    alone. The worst row of a module holding several."""
+    out: dict[str, dict[str, tuple[str, str]]] = {}
+    chosen: dict[tuple[str, str], float] = {}
+    for r in rows:
+        mark = "" if r.smoothing == "none" else "~" if "lstsq" in r.smoothing else "*"
+        lines = [f"{r.name} in {r.variant_layer}" if r.variant_layer != r.name else r.name,
+                 f"rel. error {r.rel_fro:.4f} ({r.sqnr_db:.1f} dB), max |error| {r.max_abs:.3g}"]
+        if r.smoothing != "none":
+            lines.append(f"{smoothing_action(r.smoothing)} ({describe_smoothing(r.smoothing)}); "
+                         f"as stored: {r.rel_fro_raw:.4f}")
+        q = (quant_only or {}).get((r.name, r.variant))
+        if q is not None:
+            lines.append(f"the quantization alone (smoothing folded inconsistently): {q:.4f}")
+        note = (mark, "\n".join(lines))
+        got = out.setdefault(r.variant, {})
+        for key in dict.fromkeys([r.variant_layer, *containers(r.name)]):  # as errors_by_module
+            if worse(r.rel_fro, chosen.get((r.variant, key))):
+                chosen[(r.variant, key)] = r.rel_fro
+                got[key] = note
+        got.setdefault(r.name, note)
+    return out
+
+
 def errors_by_module(rows) -> dict[str, dict[str, float]]:
     """Per variant, the rel_fro the tree shows beside each module path: a compared layer's under
     its reference name, the variant's module, and the modules other checkpoints hold it in (a
@@ -955,7 +982,7 @@ class MainWindow(QMainWindow):
                                  lambda: self.layers.set_warnings(_with_implausible(result)),
                                  lambda: self.doctor.set_compare_note(self._compare_note(self.tree.current_label())),
                                  self.layers.redraw_heatmap,
-                                 lambda: self.tree.model.set_all_errors(per),
+                                 lambda: self.tree.model.set_all_errors(per, cell_notes(result.rows, self._quant_only)),
                                  self.sweep_done.emit])
 
     def run_doctor(self, path: str | None = None) -> None:

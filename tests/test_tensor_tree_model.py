@@ -154,3 +154,14 @@ def test_tree_sorts_by_a_column_keeps_the_selection_and_puts_missing_values_last
     w.view.sortByColumn(-1, Qt.SortOrder.AscendingOrder)  # back to the checkpoint's order
     qtbot.waitUntil(lambda: m.rowCount() == len(paths), timeout=2000)
     assert [m.index(r, 0).data() for r in range(m.rowCount())] == natural
+
+
+def test_error_columns_are_titled_by_what_tells_each_variant_apart():
+    from quantscope.widgets.tensor_tree_model import column_names
+    names = column_names(["mlx-affine-q4-g64", "gptqmodel-gptq-w4g128", "gptqmodel-gptq-w3g128",
+                          "gptqmodel-gptq-w4g128-actorder", "autoawq-gemm-w4g128", "a (2)"])
+    assert names == {"mlx-affine-q4-g64": "mlx-affine-q4-g64", "gptqmodel-gptq-w4g128": "gptqmodel-w4g128",
+                     "gptqmodel-gptq-w3g128": "gptqmodel-w3g128",
+                     "gptqmodel-gptq-w4g128-actorder": "gptqmodel-w4g128-actorder",
+                     "autoawq-gemm-w4g128": "autoawq-gemm-w4g128", "a (2)": "a (2)"}
+    assert len(set(column_names(["x-1", "x-1-b", "x-2"]).values())) == 3

@@ -792,10 +792,10 @@ def test_code_usage_of_different_bit_widths_is_drawn_on_each_ones_range(qtbot):
 
 def test_tree_shows_name_then_the_shown_checkpoints_error_then_scheme_and_bits(win, qtbot):
     h, model = win.tree.view.header(), win.tree.model
-    for label in ("awq-w4g128", "gptq-w4g128"):
+    for label, title in (("awq-w4g128", "awq-w4g128"), ("gptq-w4g128", "gptq")):
         win.tree.combo.setCurrentText(label)
         first = [model.headerData(h.logicalIndex(i), Qt.Orientation.Horizontal) for i in range(4)]
-        assert first == ["Name", label, "Scheme", "Bits"]
+        assert first == ["Name", title, "Scheme", "Bits"]
     win.tree.combo.setCurrentIndex(0)  # the reference: no error of its own
     first = [model.headerData(h.logicalIndex(i), Qt.Orientation.Horizontal) for i in range(3)]
     assert first == ["Name", "Scheme", "Bits"]
@@ -1145,7 +1145,10 @@ def test_a_narrow_tree_keeps_room_for_the_figures_of_the_shown_error(win, qtbot)
     shown = view.viewport().width() - view.columnWidth(0)
     assert shown >= fm.horizontalAdvance("0.0000") + 4, (view.viewport().width(), view.columnWidth(0))
     assert view.columnWidth(col) <= shown  # the right-aligned figures inside the dock, not past it
-    assert win.tree.model.headerData(col, Qt.Orientation.Horizontal) == "gptq-w4g128"
+    # the column's title keeps what tells it apart from its family (gptq-w4g128-actorder); its
+    # tooltip has the whole name
+    assert win.tree.model.headerData(col, Qt.Orientation.Horizontal) == "gptq"
+    assert "gptq-w4g128" in win.tree.model.headerData(col, Qt.Orientation.Horizontal, Qt.ItemDataRole.ToolTipRole)
 
 
 def test_doctor_panel_says_what_the_comparison_found_about_the_checkpoint(win, qtbot):
@@ -1866,3 +1869,24 @@ def test_implausible_errors_are_said_above_the_plot(win, qtbot, tmp_path, demo):
     qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
     assert "huge: implausible error in 1 layer(s)" in win.layers.warn.text() and not win.layers.warn.isHidden()
     assert "model.layers.0.self_attn.q_proj" in win.layers.warn.toolTip()
+
+
+def test_error_cells_mark_undone_smoothing_and_say_their_own_variants_figures(win, qtbot, demo):
+    """AWQ's cells read a bare 0.60 beside the command line's 0.60*, and every error cell's
+    tooltip gave the rule of the checkpoint the tree shows, in every variant's column."""
+    _demo_compared(win, qtbot, demo)
+    model = win.tree.model
+    win.tree.combo.setCurrentText("gptq-w4g128")
+    from quantscope.widgets.tensor_tree_model import BASE_COLUMNS
+    col = len(BASE_COLUMNS) + model._variants.index("awq-w4g128")
+    row = model.row_of("model.layers.0.self_attn.q_proj").row()
+    r = next(x for x in win.sweep_result.rows if x.variant == "awq-w4g128" and x.name == "model.layers.0.self_attn.q_proj")
+    assert model.index(row, col).data() == f"{r.rel_fro:.4f}*"
+    tip = model.index(row, col).data(Qt.ItemDataRole.ToolTipRole)
+    assert tip.startswith("awq-w4g128\n") and "smoothing undone (exact, from input_layernorm)" in tip
+    assert f"as stored: {r.rel_fro_raw:.4f}" in tip
+    down = model.row_of("model.layers.0.mlp.down_proj").row()
+    assert model.index(down, col).data().endswith("~")  # estimated from up_proj's rows
+    gcol = len(BASE_COLUMNS) + model._variants.index("gptq-w4g128")
+    assert not model.index(row, gcol).data().endswith(("*", "~"))
+    assert model.index(row, gcol).data(Qt.ItemDataRole.ToolTipRole).startswith("gptq-w4g128\n")

@@ -38,6 +38,31 @@ def _shape(shape) -> str:
     return "×".join(str(d) for d in shape) if shape else ""
 
 
+
+def column_names(labels: list[str]) -> dict[str, str]:
+    """Each variant's column title: its name without the parts it shares with every other name
+    of its family (the names that begin alike). Elided in the middle, gptqmodel-gptq-w4g128 and
+    gptqmodel-gptq-w3g128 were both "gptq…g128"; now "gptqmodel-w4g128" and "gptqmodel-w3g128"
+    keep what tells them apart at both ends."""
+    import re
+    toks = {lb: [t for t in re.split(r"[-_]+", lb) if t] for lb in labels}
+    out = {}
+    for lb in labels:
+        t = toks[lb]
+        family = [toks[o] for o in labels if toks[o][:1] == t[:1]]
+        if len(family) < 2 or len(t) < 2:
+            out[lb] = lb
+            continue
+        common = set(t[1:]).intersection(*(set(f[1:]) for f in family))
+        if not common:
+            out[lb] = lb
+            continue
+        kept = [t[0]] + [x for x in t[1:] if x not in common]
+        name = "-".join(kept)
+        out[lb] = name if sum(1 for o in labels if "-".join(
+            [toks[o][0]] + [x for x in toks[o][1:] if x not in common]) == name) == 1 else lb
+    return out
+
 class TensorTreeModel(QAbstractItemModel):
     """Modules of one checkpoint with per-variant error and doctor columns."""
 
@@ -53,6 +78,9 @@ class TensorTreeModel(QAbstractItemModel):
         self._variants: list[str] = []
         self._swatches: dict = {}  # variant -> QIcon of its plot colour (set_variants)
         self._errors: dict[str, dict[str, float]] = {}
+        self._headers: dict[str, str] = {}
+        #: per variant and module: (mark after the figure, tooltip) of its error cell
+        self._notes: dict[str, dict[str, tuple[str, str]]] = {}
         self._flags: dict[str, tuple[str, str]] = {}
         self.dark = False
         self._sort: tuple[int, object] = (-1, Qt.SortOrder.AscendingOrder)  # -1: the checkpoint's order
@@ -148,6 +176,7 @@ class TensorTreeModel(QAbstractItemModel):
                 self._swatches[lb] = QIcon(pm)
         self._errors = {k: v for k, v in self._errors.items() if k in labels}
         self._shown = {k: v for k, v in self._shown.items() if k in labels}
+        self._headers = column_names(self._variants)
         self.endResetModel()
 
     def set_errors(self, label: str, errors: dict[str, float]) -> None:
@@ -167,13 +196,16 @@ class TensorTreeModel(QAbstractItemModel):
             if v is None:
                 return None
             bg = error_color(v, self.dark)
-            cell = shown[path] = (f"{v:.4f}", bg, None if bg is None else text_color_on(bg))
+            mark = self._notes.get(label, {}).get(path, ("", ""))[0]
+            cell = shown[path] = (f"{v:.4f}{mark}", bg, None if bg is None else text_color_on(bg))
         return cell
 
-    def set_all_errors(self, per: dict[str, dict[str, float]]) -> None:
-        """rel_fro per module path for several variants, with one ``dataChanged`` for all."""
+    def set_all_errors(self, per: dict[str, dict[str, float]], notes: dict | None = None) -> None:
+        """rel_fro per module path for several variants, with one ``dataChanged`` for all;
+        ``notes``: per variant and path, (mark, tooltip) of the cell (see ``cell_notes``)."""
         for label, errors in per.items():
             self._errors[label] = dict(errors)
+            self._notes[label] = dict((notes or {}).get(label, {}))
             self._shown[label] = {}
         cols = [len(BASE_COLUMNS) + self._variants.index(v) for v in per if v in self._variants]
         if self._sort[0] in cols:  # sorted by an error that just changed
@@ -243,7 +275,7 @@ class TensorTreeModel(QAbstractItemModel):
             name = self._variants[section - len(BASE_COLUMNS)]
             if role == Qt.ItemDataRole.ToolTipRole:
                 return f"Error of {name}: ‖Ŵ−W‖/‖W‖ of each layer against the reference\n{ERROR_KEY}"
-            return name
+            return self._headers.get(name, name)
         return "Doctor"
 
     def flags(self, index: QModelIndex):
@@ -311,6 +343,12 @@ class TensorTreeModel(QAbstractItemModel):
         if role == _TOOLTIP:
             if col == self.columnCount() - 1 and layer.path in self._flags:
                 return self._flags[layer.path][1]
+            if nb <= col < nb + len(self._variants):  # that variant's figure, not this checkpoint's rule
+                label = self._variants[col - nb]
+                v = self._errors.get(label, {}).get(layer.path)
+                if v is not None:
+                    note = self._notes.get(label, {}).get(layer.path)
+                    return f"{label}\n" + (note[1] if note else f"{layer.path}\nrel. error {v:.4f}")
             tip = f"{layer.path}\n{layer.scheme}: {layer.source}"
             if layer.path in self._flags:
                 tip += f"\ndoctor ({self._flags[layer.path][0]}): {self._flags[layer.path][1]}"
