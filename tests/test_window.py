@@ -888,7 +888,6 @@ def test_layers_plot_says_what_a_point_is_and_rings_the_selected_layer(qtbot):
     from types import SimpleNamespace
 
     from PySide6.QtCore import QPointF
-
     from quantscope.widgets.layer_error_plot import LayerErrorPlot
     plot = LayerErrorPlot()
     qtbot.addWidget(plot)

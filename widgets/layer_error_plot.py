@@ -355,7 +355,7 @@ class LayerErrorPlot(QWidget):
 
     def _hm_hover(self, pos) -> None:
         p = self.hm.getPlotItem().vb.mapSceneToView(pos)
-        i, j = int(math.floor(p.y())), int(math.floor(p.x()))
+        i, j = math.floor(p.y()), math.floor(p.x())
         name = self._hm_names.get((i, j))
         tip = ""
         if name:
