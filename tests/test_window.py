@@ -1889,3 +1889,20 @@ def test_error_cells_mark_undone_smoothing_and_say_their_own_variants_figures(wi
     gcol = len(BASE_COLUMNS) + model._variants.index("gptq-w4g128")
     assert not model.index(row, gcol).data().endswith(("*", "~"))
     assert model.index(row, gcol).data(Qt.ItemDataRole.ToolTipRole).startswith("gptq-w4g128\n")
+
+
+def test_a_legend_shortens_its_names_rather_than_take_more_than_three_lines(qtbot):
+    from quantscope.widgets.plots import Legend
+    lg = Legend()
+    qtbot.addWidget(lg)
+    names = [f"gptqmodel-gptq-w{b}g128-variant-{i}" for i, b in enumerate((2, 3, 4, 5, 6, 8, 3, 4))]
+    lg.resize(330, 200)
+    lg.show()
+    lg.set_entries([(n, "#E69F00", "●") for n in names])
+    shown = [lg._flow.itemAt(i).widget().text() for i in range(len(names))]
+    assert lg._chars < 36 and all("…" in t for t in shown)
+    assert lg._flow.heightForWidth(330) <= 3 * (lg.fontMetrics().lineSpacing() + 8)
+    assert [lg._flow.itemAt(i).widget().toolTip() for i in range(len(names))] == names  # whole in the tooltip
+    lg.resize(2000, 200)  # room again: whole names
+    lg._fit(2000)
+    assert lg._chars == 36 and lg._flow.itemAt(0).widget().text().endswith(names[0])

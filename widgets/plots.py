@@ -305,7 +305,45 @@ class Legend(QWidget):
         self._flow = FlowLayout(self)
         self._flow.setContentsMargins(LEFT_AXIS_WIDTH, 0, 4, 0)  # aligned with the plot's view box
         self._entries: list[tuple[str, str, str]] = []
+        self._chars = LEGEND_NAME_CHARS  # how much of each name is shown (less where it is narrow)
         self.setHidden(True)
+
+    #: Most lines a legend takes before its names are shortened (at 835 px, eight variants took a
+    #: line each, 160 px, and left the plot 170)
+    MAX_LINES = 3
+
+    def resizeEvent(self, ev) -> None:
+        super().resizeEvent(ev)
+        self._fit(ev.size().width())
+
+    def _fit(self, width: int) -> None:
+        """Shorten the names (down to 10 characters, elided in the middle) while the entries take
+        more than MAX_LINES lines at ``width``; lengthen them again where there is room."""
+        if not self._entries or width <= 0:
+            return
+        fm = self.fontMetrics()
+        m = self._flow.contentsMargins()
+        room = width - m.left() - m.right()
+
+        def lines(chars: int) -> int:  # the flow's lines, measured without touching the labels
+            n, x = 1, 0
+            for name, _, glyph in self._entries:
+                w = fm.horizontalAdvance(f"{glyph} {_middle(name, chars)}") + 4
+                if x and x + w > room:
+                    n, x = n + 1, 0
+                x += w + self._flow._hspace
+            return n
+        chars = next((c for c in (LEGEND_NAME_CHARS, 28, 22, 16, 12) if lines(c) <= self.MAX_LINES), 10)
+        if chars != self._chars:
+            self._chars = chars
+            for i, (name, color, glyph) in enumerate(self._entries):
+                item = self._flow.itemAt(i)
+                if item is not None and item.widget() is not None:
+                    item.widget().setText(self._text(name, color, glyph))
+            self._flow.invalidate()
+
+    def _text(self, name: str, color: str, glyph: str) -> str:
+        return f'<span style="color:{color}">{glyph}</span>&nbsp;{escape(_middle(name, self._chars))}'
 
     def entries(self) -> list[tuple[str, str, str]]:
         """``(name, colour as #rrggbb, glyph)`` shown, in order."""
@@ -321,12 +359,15 @@ class Legend(QWidget):
             w = self._flow.takeAt(0).widget()
             if w is not None:
                 w.deleteLater()
+        self._chars = LEGEND_NAME_CHARS
         for name, color, glyph in norm:
-            label = QLabel(f'<span style="color:{color}">{glyph}</span>&nbsp;{escape(_middle(name, LEGEND_NAME_CHARS))}')
+            label = QLabel(self._text(name, color, glyph))
             label.setTextFormat(Qt.TextFormat.RichText)
             label.setToolTip(name)
             self._flow.addWidget(label)
         self.setHidden(not norm)
+        if self.width() > 0:
+            self._fit(self.width())
 
     def clear(self) -> None:
         self.set_entries([])
