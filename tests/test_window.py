@@ -1906,3 +1906,30 @@ def test_a_legend_shortens_its_names_rather_than_take_more_than_three_lines(qtbo
     lg.resize(2000, 200)  # room again: whole names
     lg._fit(2000)
     assert lg._chars == 36 and lg._flow.itemAt(0).widget().text().endswith(names[0])
+
+
+def test_config_table_keeps_scheme_bits_and_shape_in_view(qtbot, tmp_path, real_fixtures):
+    """At 835 px only Checkpoint and Scheme were in view; at 1600 px a shape read "143…096" and
+    the Rule column "globa…tored" (the line under the table says the selected row's rule)."""
+    from pathlib import Path
+
+    from PySide6.QtWidgets import QApplication
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "gptqmodel-gptq-w4g128", real / "autoawq-gemm-w4g128"],
+                   real_fixtures / "base-bf16")
+    try:
+        w.resize(835, 700)
+        with qtbot.waitSignal(w.detail_shown, timeout=30_000):
+            assert w.tree.select("model.layers.0.mlp.gate_proj")
+        QApplication.processEvents()
+        t = w.config.layer_table
+        assert sum(t.columnWidth(c) for c in range(3)) <= t.viewport().width()  # checkpoint, scheme, bits
+        assert t.isColumnHidden(5)  # no room for the rule: said under the table
+        assert t.columnWidth(4) >= t.fontMetrics().horizontalAdvance("1536×384")
+        w.resize(1600, 1000)
+        w.resizeDocks([w.config_dock], [760], Qt.Orientation.Horizontal)
+        qtbot.waitUntil(lambda: w.config_dock.width() >= 700, timeout=3000)
+        QApplication.processEvents()
+        assert not t.isColumnHidden(5)
+    finally:
+        w.service.shutdown()

@@ -213,13 +213,38 @@ class QuantConfigPanel(QWidget):
                 item.setToolTip(v)
                 self.layer_table.setItem(r, c, item)
         self.layer_table.resizeColumnsToContents()
-        # Capped so that the Rule column (why these settings) keeps a share of a narrow dock;
-        # long checkpoint names are elided in the middle, whole in their tooltip.
-        for c, cap in enumerate((150, 80, 40, 50, 80)):
+        # Capped so that the Rule column (why these settings) keeps a share of a wide dock; long
+        # checkpoint names are elided in the middle, whole in their tooltip. A shape is never cut
+        # (14336×4096 read "143…096").
+        for c, cap in enumerate((150, 80, 40, 50, 120)):
             if self.layer_table.columnWidth(c) > cap:
                 self.layer_table.setColumnWidth(c, cap)
+        self._fit_rule_column()
         self.whatif_result.setText("")
         self._select_shown()
+
+    #: Least width the Rule column is shown at: narrower, it read "globa…tored" (the line under
+    #: the table says the selected row's rule in full)
+    RULE_MIN_WIDTH = 140
+
+    def resizeEvent(self, ev) -> None:
+        super().resizeEvent(ev)
+        self._fit_rule_column()
+
+    def _fit_rule_column(self) -> None:
+        t = self.layer_table
+        # a narrow dock: the checkpoint names give way (elided in the middle) so that scheme, bits
+        # and group stay in view (at 835 px only Checkpoint and Scheme were, the rest behind a
+        # scrollbar)
+        room = t.viewport().width() - sum(t.columnWidth(c) for c in (1, 2, 3))
+        want = min(150, t.sizeHintForColumn(0) + 8)
+        w0 = max(90, min(want, room))
+        if w0 != t.columnWidth(0):
+            t.setColumnWidth(0, w0)
+        used = sum(t.columnWidth(c) for c in range(5))
+        hide = t.viewport().width() - used < self.RULE_MIN_WIDTH
+        if hide != t.isColumnHidden(5):
+            t.setColumnHidden(5, hide)
 
     def _select_shown(self) -> None:
         """Highlight, and state the rule of, the checkpoint the tree shows (the panel's header
