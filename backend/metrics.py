@@ -434,6 +434,34 @@ MIN_BINS = 16
 BULK_TAIL = 1e-5
 
 
+#: A histogram is a comb (:func:`_combed`) where more than this share of its well-filled bins
+#: dip under half their neighbours' mean: counting noise does that to 1-2% of bins of 20.
+COMB_SHARE = 0.1
+
+
+def _combed(c: np.ndarray) -> bool:
+    """Whether histogram ``c`` swings from bin to bin where it is well filled: over
+    :data:`COMB_SHARE` of its bins whose neighbours both hold 20 or more dip below half their mean
+    (at least 8 such bins)."""
+    c = np.asarray(c, np.float64)
+    if c.size < 3 or c.sum() <= 0:
+        return False
+    # where the bulk of it is (5% to 95% of its mass): a sparse tail of a few distinct values,
+    # the small errors on a log axis, is combed at any width
+    cum = np.cumsum(c) / c.sum()
+    i0, i1 = int(np.searchsorted(cum, 0.05)), int(np.searchsorted(cum, 0.95)) + 1
+    c = c[i0:i1 + 1]
+    if c.size < 3:
+        return False
+    left, mid, right = c[:-2], c[1:-1], c[2:]
+    full = (left >= 20) & (right >= 20)
+    n = int(full.sum())
+    if n < 8:
+        return False
+    dips = int((full & (mid < 0.25 * (left + right))).sum())
+    return dips > COMB_SHARE * n
+
+
 def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: float = BULK_TAIL):
     """Exact histograms of several arrays (or :class:`Diff` / :class:`LogAbsDiff` of two) on
     shared uniform edges, fine enough where the values are: ``(edges, {key: counts}, view)``.
@@ -488,6 +516,14 @@ def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: 
         while k > max(1, fine // MAX_BINS) and width // k < bins // 2:
             k //= 2
     out = {key: c.reshape(-1, k).sum(1) for key, c in counts.items()}
+    # values on a grid (bf16 weights, errors of a bf16 reference) in bins about as wide as its
+    # step: neighbouring bins swing between thousands and a few, a comb of structure that is not
+    # there (a researcher reads it as such); wider bins until no array's bulk is such a comb
+    for _ in range(2):  # (at most 4x wider: beyond that the grid is the data's own shape)
+        if fine % (k * 2) or fine // (k * 2) < MIN_BINS or not any(_combed(c) for c in out.values()):
+            break
+        k *= 2
+        out = {key: c.reshape(-1, k).sum(1) for key, c in counts.items()}
     coarse = edges[::k]
     view = None
     if 0 < width < fine // 2 and hi > lo:

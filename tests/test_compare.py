@@ -548,9 +548,13 @@ def test_layer_detail(ref_pair, mlx_variant, tmp_path):
     d = layer_detail(ref, {"m": mlx_variant, "g": gq, "dense": var}, name, bins=64, engine="numpy")
     n = H * F
     assert set(d.value_counts) == {"reference", "m", "g", "dense"}
-    for c in list(d.value_counts.values()) + list(d.error_counts.values()):
-        assert c.shape == (64,) and c.sum() == n
-    assert len(d.value_edges) == 65 and len(d.error_edges) == 65
+    for c in d.value_counts.values():
+        assert c.shape == (len(d.value_edges) - 1,) and c.sum() == n
+    for c in d.error_counts.values():
+        assert c.shape == (len(d.error_edges) - 1,) and c.sum() == n
+    # 64 bins, or fewer where that many made a comb of values on the bf16 grid (bins of
+    # thousands beside bins of 0-2): here half as many
+    assert len(d.value_edges) == 33 and len(d.error_edges) == 65
     w = _f32(rw[name + ".weight"])
     wh = NumpyEngine().dequantize(gq, gq.layers[name])
     assert np.array_equal(d.error_counts["g"], np.histogram(wh.astype(np.float64) - w, d.error_edges)[0])
@@ -912,6 +916,23 @@ def test_table_marks_undone_smoothing_aligns_inf_and_cosine_stays_in_range(ref_p
     from quantscope.backend.compare import describe_smoothing, smoothing_action
     assert smoothing_action(q["smoothing"]) == "smoothing matched"
     assert describe_smoothing(q["smoothing"]) == "to the reference's input_layernorm"
+
+
+
+def test_histograms_of_values_on_a_grid_are_not_drawn_as_a_comb():
+    """Values on a grid (bf16) in bins about as wide as its step: neighbouring bins swung between
+    thousands and none. The bins widen (at most 4x) until the bulk is smooth; counts stay exact
+    on the edges returned. Smooth data keeps its bins, and a sparse tail does not count."""
+    from quantscope.backend.metrics import _combed, bulk_histograms
+    rng = np.random.default_rng(0)
+    grid = np.round(rng.standard_normal(400_000) * 40) / 400  # steps of 1/400, 256 bins over ±0.5
+    e, c, _ = bulk_histograms({"a": grid}, bins=256)
+    assert not _combed(c["a"]) and len(e) - 1 < 256
+    assert np.array_equal(c["a"], np.histogram(grid, e)[0])
+    smooth = rng.standard_normal(400_000)
+    e2, c2, _ = bulk_histograms({"a": smooth}, bins=256)
+    assert len(e2) - 1 >= 128 and not _combed(c2["a"])
+    assert not _combed(np.r_[np.full(50, 1000), [30, 0, 30, 0, 30, 0, 30, 0, 30, 0, 30, 0, 30]])  # tail only
 
 
 def test_bulk_histograms_are_exact_on_their_edges_and_find_the_bulk_beside_outliers():
