@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from quantscope.backend.errors import QuantscopeError
 
@@ -28,6 +29,13 @@ def _quiet_offscreen_notes() -> None:
     previous = qInstallMessageHandler(handler)
 
 
+def app_icon():
+    """The window's icon, ``resources/quantscope.svg`` (a QIcon; empty where the file is missing)."""
+    from PySide6.QtGui import QIcon
+    path = Path(__file__).resolve().parent.parent / "resources" / "quantscope.svg"
+    return QIcon(str(path)) if path.is_file() else QIcon()
+
+
 def _app():
     from PySide6.QtWidgets import QApplication
     app = QApplication.instance()
@@ -35,6 +43,7 @@ def _app():
         app = QApplication([sys.argv[0]])
         app.setApplicationName("quantscope")
         app.setOrganizationName("quantscope")
+        app.setWindowIcon(app_icon())
     import pyqtgraph as pg
     from PySide6.QtGui import QPalette
     pal = app.palette()

@@ -5,7 +5,7 @@ module, plus a router and q/k/v/o per decoder layer) and its MLX 4-bit conversio
 ``quantscope convert`` (experts stacked in switch_mlp, as mlx-lm loads them), built once under
 ``benchmarks/.cache``:
 
-* ``toy-40x128``: 40 decoder layers of 128 experts of [64, 128] / [128, 64]: 15,560 expert and
+* ``toy-40x128``: 40 decoder layers of 128 experts of [64, 128] / [128, 64]: 15,360 expert and
   320 other layers, 246 MB — tens of thousands of tiny layers;
 * ``qwen3-30b-experts-2x32``: 2 decoder layers of 32 experts shaped like Qwen3-30B-A3B's
   (hidden 2048, expert intermediate 768: [768, 2048] / [2048, 768], 1.6M weights each), 0.6 GB —

@@ -1933,3 +1933,9 @@ def test_config_table_keeps_scheme_bits_and_shape_in_view(qtbot, tmp_path, real_
         assert not t.isColumnHidden(5)
     finally:
         w.service.shutdown()
+
+
+def test_the_window_has_its_icon(qtbot):
+    from quantscope.app.window_main import app_icon
+    icon = app_icon()
+    assert not icon.isNull() and not icon.pixmap(64, 64).isNull()
