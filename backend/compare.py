@@ -1462,6 +1462,37 @@ def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
     return None
 
 
+#: The packed tensor of each scheme whose every ``bits``-wide field (2, 4 or 8 bits, LSB first
+#: in each byte; never across bytes) is one stored code, in whatever order.
+_PACKED_CODES = {"gptq": "qweight", "awq-gemm": "qweight", "awq-gemv": "qweight", "ct-pack": "weight_packed",
+                 "bnb-nf4": "weight", "bnb-fp4": "weight", "mlx-affine": "weight", "mlx-mxfp4": "weight",
+                 "mlx-nvfp4": "weight", "mlx-mxfp8": "weight"}
+
+
+def packed_level_counts(model: Model, layer: Layer, rows: np.ndarray | None = None) -> np.ndarray | None:
+    """How often each code level is stored, counted straight from the packed words where each
+    field of them is a code and ``rows`` (None: all) are the whole layer: one histogram of the
+    bytes, folded into levels, instead of unpacking every code (AWQ's interleaved order cost 0.45 s
+    of a 58M-weight layer). The order of the codes does not matter to their counts. None where
+    that does not apply (3/5/6 bits, padding, a subset of rows, no numba)."""
+    key = _PACKED_CODES.get(layer.scheme)
+    bits = layer.bits
+    if not fast.AVAILABLE or key is None or bits not in (2, 4, 8) or key not in layer.tensors or not layer.shape:
+        return None
+    n_rows = math.prod(layer.shape[:-1])
+    if rows is not None and not (len(rows) == n_rows and np.array_equal(rows, np.arange(n_rows))):
+        return None
+    t = layer.tensors[key]
+    if t.nbytes * 8 != layer.numel * bits:  # padding fields would count as codes
+        return None
+    by = np.ascontiguousarray(model.ckpt.tensor(t.name)).reshape(-1).view(np.uint8)
+    hist = histo.level_counts(by, 256)
+    per, mask = 8 // bits, (1 << bits) - 1
+    fields = (np.arange(256)[:, None] >> (bits * np.arange(per))[None, :]) & mask  # [byte, field]
+    return np.bincount(fields.ravel(), weights=np.repeat(hist, per).astype(np.float64),
+                       minlength=1 << bits).astype(np.int64)
+
+
 def _scales_zeros(model: Model, layer: Layer) -> tuple[np.ndarray | None, np.ndarray | None]:
     from .formats import awq, ct, gptq
     ck = model.ckpt
@@ -1702,11 +1733,15 @@ def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scale
     pick = {p: np.concatenate(r) for p, r in rows.items()}
     vl = model.layers[paths[0]]
     if vl.quantized and vl.bits and vl.bits <= 8:
-        codes = [_take_rows(stored_codes(model, model.layers[p]), pick.get(p), model.layers[p]) for p in paths]
-        if all(c is not None for c in codes):
-            code_counts[label] = sum(histo.level_counts(c, 2 ** vl.bits) if fast.AVAILABLE and c.dtype == np.uint8
-                                     else np.bincount(c.reshape(-1), minlength=2 ** vl.bits)[:2 ** vl.bits]
-                                     for c in codes)
+        packed = [packed_level_counts(model, model.layers[p], pick.get(p)) for p in paths]
+        if all(c is not None for c in packed):
+            code_counts[label] = sum(packed)
+        else:
+            codes = [_take_rows(stored_codes(model, model.layers[p]), pick.get(p), model.layers[p]) for p in paths]
+            if all(c is not None for c in codes):
+                code_counts[label] = sum(histo.level_counts(c, 2 ** vl.bits) if fast.AVAILABLE and c.dtype == np.uint8
+                                         else np.bincount(c.reshape(-1), minlength=2 ** vl.bits)[:2 ** vl.bits]
+                                         for c in codes)
     sc, zp = _scales_zeros(model, vl)
     if sc is not None:
         scales[label] = _take_rows(sc, pick.get(paths[0]), vl, per_group=True)

@@ -1165,3 +1165,38 @@ def test_a_cache_hit_is_named_as_the_variant_is_in_this_run(real_fixtures):
     got = {(r.variant, r.name): r.rel_fro for r in again.rows}
     assert {r.name: r.rel_fro for r in first.rows} == {n: v for (lb, n), v in got.items() if lb == "q4 (2)"}
     assert len(got) == 2 * len(first.rows)
+
+
+@pytest.mark.parametrize("folder", ["tests/fixtures/real/gptqmodel-gptq-w4g128", "tests/fixtures/real/autoawq-gemm-w4g128",
+                                    "tests/fixtures/real/llmcompressor-w4a16-asym", "tests/fixtures/real/mlxlm-qwen3moe-q4-g64",
+                                    "tests/fixtures/golden/bnb_nf4", "tests/fixtures/golden/ct_w4a16_g128",
+                                    "tests/fixtures/real/gptqmodel-gptq-w3g128"])
+def test_code_counts_from_the_packed_words_equal_the_unpacked_codes(folder):
+    """Counting each level straight from the packed bytes (order does not matter to counts) gives
+    exactly what counting the unpacked codes gives; where it does not apply (3 bits: fields across
+    bytes) it says so (None) and the codes are counted."""
+    from pathlib import Path
+
+    from quantscope.backend.compare import packed_level_counts
+    from quantscope.backend.formats import fast
+    if not fast.AVAILABLE:
+        pytest.skip("numba is not installed")
+    m = analyze(open_checkpoint(Path(__file__).parent.parent / folder))
+    seen = 0
+    for layer in m.layers.values():
+        if not layer.quantized or not layer.decodable:
+            continue
+        codes = stored_codes(m, layer)
+        got = packed_level_counts(m, layer)
+        if layer.bits == 3:
+            assert got is None
+            continue
+        if codes is None:
+            continue
+        assert got is not None, layer.path
+        assert np.array_equal(got, np.bincount(codes.reshape(-1), minlength=2 ** layer.bits)), layer.path
+        seen += 1
+        n = layer.shape[-2] if len(layer.shape) == 2 else None
+        if n:  # a subset of the rows (one of a fused layer's parts): not from the packed words
+            assert packed_level_counts(m, layer, np.arange(n // 2)) is None
+    assert seen or "w3g128" in folder
