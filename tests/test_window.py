@@ -1902,7 +1902,7 @@ def test_a_legend_shortens_its_names_rather_than_take_more_than_three_lines(qtbo
     shown = [lg._flow.itemAt(i).widget().text() for i in range(len(names))]
     assert lg._chars < 36 and all("…" in t for t in shown)
     assert lg._flow.heightForWidth(330) <= 3 * (lg.fontMetrics().lineSpacing() + 8)
-    assert [lg._flow.itemAt(i).widget().toolTip() for i in range(len(names))] == names  # whole in the tooltip
+    assert [lg._flow.itemAt(i).widget().toolTip().split("\n")[0] for i in range(len(names))] == names  # whole
     lg.resize(2000, 200)  # room again: whole names
     lg._fit(2000)
     assert lg._chars == 36 and lg._flow.itemAt(0).widget().text().endswith(names[0])
@@ -1939,3 +1939,27 @@ def test_the_window_has_its_icon(qtbot):
     from quantscope.app.window_main import app_icon
     icon = app_icon()
     assert not icon.isNull() and not icon.pixmap(64, 64).isNull()
+
+
+
+def test_a_legend_entry_click_hides_and_shows_its_series(qtbot):
+    """Nine overlaid step curves could not be told apart: a click on a legend entry hides that
+    series (the entry greyed and struck through), another shows it again; the count axis fits
+    the series shown."""
+    from PySide6.QtCore import QPoint
+    from quantscope.widgets.histogram_view import HistogramView
+    h = HistogramView("weight value")
+    qtbot.addWidget(h)
+    h.resize(900, 500)
+    h.show()
+    edges = np.linspace(-1, 1, 65)
+    h.set_histograms(edges, {"reference": np.full(64, 10), "big": np.full(64, 100_000)},
+                     {"reference": "#000000", "big": "#E69F00"})
+    h.log_y.setChecked(False)
+    entry = next(h.legend._flow.itemAt(i).widget() for i in range(2) if "big" in h.legend._flow.itemAt(i).widget().toolTip())
+    qtbot.mouseClick(entry, Qt.MouseButton.LeftButton, pos=QPoint(5, 5))
+    assert h.legend.hidden == {"big"} and not h._items["big"].isVisible() and h._items["reference"].isVisible()
+    assert "<s>" in entry.text()
+    qtbot.waitUntil(lambda: h.plot.getViewBox().viewRange()[1][1] < 1000, timeout=2000)  # fitted to the shown
+    qtbot.mouseClick(entry, Qt.MouseButton.LeftButton, pos=QPoint(5, 5))
+    assert not h.legend.hidden and h._items["big"].isVisible()

@@ -34,6 +34,7 @@ class CodeUsageView(QWidget):
         lay.addWidget(self.plot, 1)
         lay.addWidget(self.summary)
         self.log_y.toggled.connect(lambda _: self._redraw())
+        self.legend.toggled.connect(lambda *_: self._redraw())
         self._counts: dict[str, np.ndarray] = {}
         self._colors: dict = {}
         self._absent: list[str] = []
@@ -72,8 +73,8 @@ class CodeUsageView(QWidget):
             step = 1.0 / max(1, len(c) - 1) if norm else 1.0
             width = 0.8 * step / n
             x = np.arange(len(c)) * step - 0.4 * step + width * (i + 0.5)
-            item = pg.BarGraphItem(x=x, height=y, width=width, brush=self._colors.get(label), pen=None)
-            self.plot.addItem(item)
+            if label not in self.legend.hidden:  # (its place kept: the others' bars do not move)
+                self.plot.addItem(pg.BarGraphItem(x=x, height=y, width=width, brush=self._colors.get(label), pen=None))
             dead = [int(k) for k in np.flatnonzero(c == 0)]
             edge = share[0] + share[-1] if len(share) else 0
             lines.append(f"<b>{label}</b>: {len(c)} levels, unused {dead if dead else 'none'}, "

@@ -61,6 +61,7 @@ class HistogramView(QWidget):
         # ("…proj", "per-…")
         lay.addWidget(self.note)
         lay.addWidget(self.legend)
+        self.legend.toggled.connect(lambda *_: self._apply_hidden())
         lay.addWidget(self.plot, 1)
         lay.addWidget(self.footer)
         self.log_y.toggled.connect(lambda _: (self._redraw(), self._y_range()))
@@ -185,8 +186,18 @@ class HistogramView(QWidget):
         self.plot.setXRange(lo, hi, padding=0.02)
         self._y_range()
 
+    def _apply_hidden(self) -> None:
+        """Show only the series the legend does not hide, the count axis fitted to them."""
+        for label, item in self._items.items():
+            shown = label not in self.legend.hidden
+            item.setVisible(shown)
+            if label in self._marks:
+                self._marks[label].setVisible(shown)
+        self._y_range()
+
     def _y_range(self) -> None:
-        top = max((float(np.max(c)) for c in self._counts.values() if np.size(c)), default=0.0)
+        top = max((float(np.max(c)) for k, c in self._counts.items() if np.size(c) and k not in self.legend.hidden),
+                  default=0.0)
         if self.discrete and self.log_y.isChecked() and top > 0:
             # from the empty bins' floor: autoranged, the axis began at the smallest count, so a
             # level used by 4 groups sat on it and read as unused
@@ -248,3 +259,7 @@ class HistogramView(QWidget):
                 e = np.asarray(self._edges)
                 sel = np.flatnonzero(outside & (np.asarray(c) > 0)) if outside is not None else np.zeros(0, int)
                 mark.setData((e[sel] + e[sel + 1]) / 2, y[sel], brush=pg.mkBrush(color))
+        for label, item in self._items.items():  # (the legend's hidden series stay hidden)
+            shown = label not in self.legend.hidden
+            item.setVisible(shown)
+            self._marks[label].setVisible(shown)

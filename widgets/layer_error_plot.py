@@ -126,6 +126,7 @@ class LayerErrorPlot(QWidget):
         lay.addWidget(bar)
         lay.addWidget(self.warn)
         lay.addWidget(self.legend)
+        self.legend.toggled.connect(self._legend_toggled)
         lay.addWidget(split, 1)
         lay.addWidget(self.info)
         self.metric_box.currentIndexChanged.connect(lambda _: self._redraw())
@@ -318,11 +319,18 @@ class LayerErrorPlot(QWidget):
         self.series = {}
         self.plot.addItem(self.ring)
 
+    def _legend_toggled(self, variant: str, shown: bool) -> None:
+        if variant in self.series:
+            self.series[variant].setVisible(shown)
+        self.mark_layer(self._marked)
+
     def mark_layer(self, name: str | None) -> None:
-        """Ring the points of layer ``name`` (the one selected), every variant's."""
+        """Ring the points of layer ``name`` (the one selected), every shown variant's."""
         self._marked = name
         xs, ys = [], []
-        for x, y, names in self._pts.values():
+        for v, (x, y, names) in self._pts.items():
+            if v in self.legend.hidden:
+                continue
             for i, n in enumerate(names):
                 if n == name and math.isfinite(y[i]):
                     xs.append(x[i])
@@ -338,7 +346,7 @@ class LayerErrorPlot(QWidget):
         v = vb.mapSceneToView(pos)
         best = None
         for variant, (x, y, names) in self._pts.items():
-            if not len(x):
+            if not len(x) or variant in self.legend.hidden:
                 continue
             d = np.hypot((x - v.x()) / px[0], (y - v.y()) / px[1])
             d[~np.isfinite(d)] = np.inf
@@ -420,6 +428,7 @@ class LayerErrorPlot(QWidget):
             along = proj and len({r.layer_index for r in rows}) == len(rows)
             self.series[variant].setData(x, y, pen=pg.mkPen(color, width=1.5) if along else None,
                                          symbolBrush=color, data=[r.name for r in rows])
+            self.series[variant].setVisible(variant not in self.legend.hidden)
         # The range set now, from the new data: left to auto-range, it is found while painting,
         # which then changes the axes and repaints the whole plot a second time.
         self.mark_layer(self._marked)

@@ -6,7 +6,7 @@ from html import escape
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QEvent, QObject, QPoint, QRect, QRectF, QSize, Qt
+from PySide6.QtCore import QEvent, QObject, QPoint, QRect, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QFontMetrics, QFontMetricsF, QPainter, QPalette
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QLayout, QWidget
 
@@ -292,6 +292,19 @@ class FlowLayout(QLayout):
         return y + line - rect.y() + m.bottom()
 
 
+class _Entry(QLabel):
+    """A legend entry: a click shows or hides its series."""
+
+    clicked = Signal()
+
+    def mousePressEvent(self, ev) -> None:
+        if ev.button() == Qt.MouseButton.LeftButton:
+            self.clicked.emit()
+            ev.accept()
+            return
+        super().mousePressEvent(ev)
+
+
 class Legend(QWidget):
     """Which colour and mark is which variant: entries in a row above a plot, onto more lines
     when the plot is narrow. pyqtgraph's legend sits inside the plot and covered its data in the
@@ -300,8 +313,13 @@ class Legend(QWidget):
     Entries are ``(name, colour, glyph)``; :meth:`set_entries` rebuilds only when they change (a
     new set may change the legend's height, which relays out the plot below it)."""
 
+    #: (name, shown): an entry was clicked; the view shows or hides that series (with nine
+    #: variants overlaid, one could not be told from the others)
+    toggled = Signal(str, bool)
+
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
+        self.hidden: set[str] = set()
         self._flow = FlowLayout(self)
         self._flow.setContentsMargins(LEFT_AXIS_WIDTH, 0, 4, 0)  # aligned with the plot's view box
         self._entries: list[tuple[str, str, str]] = []
@@ -343,7 +361,17 @@ class Legend(QWidget):
             self._flow.invalidate()
 
     def _text(self, name: str, color: str, glyph: str) -> str:
+        if name in self.hidden:  # greyed and struck through: click again to show it
+            return f'<span style="color:#9a9a9a">{glyph}&nbsp;<s>{escape(_middle(name, self._chars))}</s></span>'
         return f'<span style="color:{color}">{glyph}</span>&nbsp;{escape(_middle(name, self._chars))}'
+
+    def _toggle(self, name: str) -> None:
+        shown = name in self.hidden
+        (self.hidden.discard if shown else self.hidden.add)(name)
+        for i, (n, color, glyph) in enumerate(self._entries):
+            if n == name:
+                self._flow.itemAt(i).widget().setText(self._text(n, color, glyph))
+        self.toggled.emit(name, shown)
 
     def entries(self) -> list[tuple[str, str, str]]:
         """``(name, colour as #rrggbb, glyph)`` shown, in order."""
@@ -360,10 +388,13 @@ class Legend(QWidget):
             if w is not None:
                 w.deleteLater()
         self._chars = LEGEND_NAME_CHARS
+        self.hidden &= {name for name, _, _ in norm}  # (a series gone is not hidden when it returns)
         for name, color, glyph in norm:
-            label = QLabel(self._text(name, color, glyph))
+            label = _Entry(self._text(name, color, glyph))
             label.setTextFormat(Qt.TextFormat.RichText)
-            label.setToolTip(name)
+            label.setToolTip(f"{name}\n(click: hide or show it)")
+            label.setCursor(Qt.CursorShape.PointingHandCursor)
+            label.clicked.connect(lambda n=name: self._toggle(n))
             self._flow.addWidget(label)
         self.setHidden(not norm)
         if self.width() > 0:
