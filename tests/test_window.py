@@ -1963,3 +1963,20 @@ def test_a_legend_entry_click_hides_and_shows_its_series(qtbot):
     qtbot.waitUntil(lambda: h.plot.getViewBox().viewRange()[1][1] < 1000, timeout=2000)  # fitted to the shown
     qtbot.mouseClick(entry, Qt.MouseButton.LeftButton, pos=QPoint(5, 5))
     assert not h.legend.hidden and h._items["big"].isVisible()
+
+
+def test_the_config_tab_says_there_are_no_overrides(qtbot, real_fixtures):
+    """An empty override table filled the dock and said nothing."""
+    from pathlib import Path
+
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.schemes import analyze
+    from quantscope.widgets.quant_config_panel import QuantConfigPanel
+    p = QuantConfigPanel()
+    qtbot.addWidget(p)
+    p.set_checkpoint("g", analyze(open_checkpoint(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128")))
+    assert p.overrides.rowCount() == 0 and p.overrides_hint.text().startswith("No per-layer overrides")
+    p.set_checkpoint("b", analyze(open_checkpoint(real_fixtures / "base-bf16")))
+    assert p.overrides_hint.text() == "No quantization config, so no per-layer overrides"
+    p.set_checkpoint("m", analyze(open_checkpoint(Path(__file__).parent / "fixtures" / "real" / "mlxlm-qwen3moe-q4-g64")))
+    assert p.overrides.rowCount() > 0 and p.overrides_hint.text() == ""  # mlx-lm's routers at 8 bits

@@ -8,13 +8,27 @@ import json
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QTextDocument
-from PySide6.QtWidgets import (QComboBox, QGridLayout, QGroupBox, QHeaderView, QLabel, QLineEdit, QPlainTextEdit,
-                               QPushButton, QScrollArea, QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout,
-                               QWidget)
-
+from PySide6.QtWidgets import (
+    QComboBox,
+    QGridLayout,
+    QGroupBox,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 from quantscope.backend.compare_align import counterpart
 from quantscope.backend.formats.mlx import MODE_DEFAULTS
 from quantscope.backend.schemes import Model
+
+from .plots import Hint
 
 
 def _short(v) -> str:
@@ -80,6 +94,7 @@ class QuantConfigPanel(QWidget):
         self.overrides.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.overrides.verticalHeader().setVisible(False)
         self.overrides.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.overrides_hint = Hint(self.overrides.viewport())
         self.raw = QPlainTextEdit(readOnly=True)
         self.raw_search = QLineEdit(placeholderText="Find in the raw JSON (Enter: next)…")
         self.raw_search.returnPressed.connect(self._find_next)
@@ -187,6 +202,10 @@ class QuantConfigPanel(QWidget):
         for r, (k, v) in enumerate(cfg.overrides):
             self.overrides.setItem(r, 0, QTableWidgetItem(str(k)))
             self.overrides.setItem(r, 1, QTableWidgetItem(_short(v)))
+        # an empty table filling the dock said nothing: that there are none is said over it
+        self.overrides_hint.set("" if cfg.overrides else
+                                "No per-layer overrides: every layer takes the settings above"
+                                if cfg.kind else "No quantization config, so no per-layer overrides")
         self.raw.setPlainText(json.dumps({name: data for name, data in model.ckpt.configs.items()}, indent=2))
 
     def set_layer(self, path: str, models: dict[str, Model]) -> None:
