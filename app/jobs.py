@@ -120,7 +120,8 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
     zero_edges, zero_counts = zero_histogram(zeros)
     return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts, "scale_abs": signed,
             "scale_view": scale_view, "scale_nonfinite": scale_nonfinite, "maps": maps,
-            "by_index": set(d.grouped_by_index), "zero_edges": zero_edges, "zero_counts": zero_counts}
+            "by_index": set(d.grouped_by_index), "blocks": dict(d.column_blocks), "zero_edges": zero_edges,
+            "zero_counts": zero_counts}
 
 
 def job_sweep(reference, variants: dict, *, engine="auto", cache=None, layers=None, progress=None, cancel=None):

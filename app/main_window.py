@@ -852,8 +852,8 @@ class MainWindow(QMainWindow):
                                                                                     d.log_error_view, zeros)))
         no_codes = [v for v in (d.value_counts if alone else d.metrics) if v not in d.code_counts]
         upd(self.codes, lambda: self.codes.set_counts(d.code_counts, colors, empty_note="No variant stores "
-                                                       "integer codes for this layer (dense, or a float format)",
-                                                       absent=no_codes))
+                                                       "codes for this layer (dense)",
+                                                       absent=no_codes, float_codes=d.float_codes))
         upd(self.scales, lambda: self.scales.set_histograms(
             r["scale_edges"], r["scale_counts"], colors,
             note=("per-group scales" + (f" (|scale| of {', '.join(r['scale_abs'])}: MLX's are signed, the step "
@@ -871,7 +871,7 @@ class MainWindow(QMainWindow):
                     "biases are offsets in weight units)" if no_zeros and r["zero_counts"] else "")))
         upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note=no_ref if alone else
                                                         "No variant quantizes this layer in groups",
-                                                        by_index=r.get("by_index", ())))
+                                                        by_index=r.get("by_index", ()), blocks=r.get("blocks", {})))
         self._shown_layer = d.name
         self._detail_errors = (d.name, d, no_ref if alone else None)
         self._refresh_result()

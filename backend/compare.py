@@ -1437,6 +1437,12 @@ class LayerDetail:
     #: Variants whose every error is exactly 0 (the layer stored as the reference stores it): in
     #: neither error histogram.
     exact_copies: list[str] = field(default_factory=list)
+    #: Variants quantized without groups (per-channel scales): their group error map's cells are
+    #: blocks of this many columns, not groups.
+    column_blocks: dict[str, int] = field(default_factory=dict)
+    #: Variants whose codes are floats (FP4, FP8): their code counts are in the order of the
+    #: codes' values (NaN codes left out), with the least and largest value.
+    float_codes: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
@@ -1557,6 +1563,10 @@ def _stack_of_experts_target(al: Alignment, name: str, reference: Model) -> Targ
     return Target(name, name, E * n, k, segs)
 
 
+#: Columns per cell of the group error map of a layer quantized without groups.
+BLOCK_COLUMNS = 128
+
+
 def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> tuple[np.ndarray, bool]:
     """(``[..., rows, groups]`` relative error of each group, whether the columns were grouped by
     the file's act-order index). Each group's sums take only its own columns: a NaN or inf weight
@@ -1574,7 +1584,9 @@ def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> 
     by_index = g_idx is not None and bool((np.diff(g_idx) < 0).any())  # a real permutation
     if g_idx is None:
         if gs is None or K % gs:
-            gs = K
+            # no groups (per-channel or per-tensor scales: FP8, int8, bnb): the map was one column
+            # of whole rows; blocks of BLOCK_COLUMNS columns show where along the row it errs
+            gs = BLOCK_COLUMNS if K > BLOCK_COLUMNS and K % BLOCK_COLUMNS == 0 else K
         g_idx = np.arange(K) // gs
     ng = int(g_idx.max()) + 1 if K else 0
     if K and fast.AVAILABLE and w.dtype in (np.float32, np.float64) and wh.dtype in (np.float32, np.float64):
@@ -1700,18 +1712,23 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     del errs
     code_counts, scales, zeros, group_error = {}, {}, {}, {}
     grouped_by_index: set[str] = set()
+    column_blocks: dict[str, int] = {}
+    float_codes: dict[str, tuple[float, float]] = {}
     for vs in states:
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
         vl = vs.model.layers[t.var_layers[0]]
-        _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments)
+        _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments, float_codes)
         group_error[vs.label], by_index = _group_errors(w, wh_of[vs.label], vl, vs.model)
         if by_index:
             grouped_by_index.add(vs.label)
+        if not (vl.group_size and vl.group_size > 0 and w.shape[-1] % vl.group_size == 0) and vl.quantized \
+                and w.shape[-1] > BLOCK_COLUMNS and w.shape[-1] % BLOCK_COLUMNS == 0 and not by_index:
+            column_blocks[vs.label] = BLOCK_COLUMNS
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
                        group_error, metrics, value_view, error_view,
                        nonfinite_counts({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index,
-                       log_edges, log_counts, log_view, zero_errors, copies)
+                       log_edges, log_counts, log_view, zero_errors, copies, column_blocks, float_codes)
 
 
 def nonfinite_counts(values: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, int]:
@@ -1721,8 +1738,29 @@ def nonfinite_counts(values: dict[str, np.ndarray], counts: dict[str, np.ndarray
     return {k: n for k, n in out.items() if n}
 
 
+_FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+_FP8_VALUES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+
+
+def float_code_order(layer: Layer) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """(the raw codes of a float-coded layer in the order of their values, NaN codes left out;
+    the least and largest value) for FP4 (MXFP4, NVFP4) and FP8 codes; None for integer codes."""
+    if layer.scheme in ("mlx-mxfp4", "mlx-nvfp4"):
+        vals = _FP4_VALUES
+    elif layer.scheme == "mlx-mxfp8":
+        vals = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    elif layer.scheme in ("ct-fp8", "fp8-block") and layer.tensors.get("weight") is not None \
+            and layer.tensors["weight"].dtype in _FP8_VALUES:
+        vals = np.arange(256, dtype=np.uint8).view(_FP8_VALUES[layer.tensors["weight"].dtype]).astype(np.float64)
+    else:
+        return None
+    keep = np.flatnonzero(np.isfinite(vals))
+    order = keep[np.argsort(vals[keep], kind="stable")]
+    return order, (float(vals[order[0]]), float(vals[order[-1]]))
+
+
 def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scales: dict, zeros: dict,
-            segments: list[Segment] | None = None) -> None:
+            segments: list[Segment] | None = None, float_codes: dict | None = None) -> None:
     """Add what ``model`` stores for the layers ``paths`` (one target's) under ``label``: the
     exact count of each code level, and the scales and zero points of the first. ``segments``
     (the target's): only the rows the target compares — one expert of a switch_mlp stack, q's
@@ -1732,7 +1770,15 @@ def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scale
         rows.setdefault(sg.var_layer, []).append(np.arange(*sg.var_rows))
     pick = {p: np.concatenate(r) for p, r in rows.items()}
     vl = model.layers[paths[0]]
-    if vl.quantized and vl.bits and vl.bits <= 8:
+    if vl.scheme in ("ct-fp8", "fp8-block") and vl.tensors.get("weight") is not None \
+            and vl.tensors["weight"].dtype in _FP8_VALUES:
+        # FP8 weights are their own codes: 256 of them (saturation at ±max, subnormals, dead codes)
+        parts = [np.ascontiguousarray(_take_rows(np.asarray(model.ckpt.tensor(model.layers[p].tensors["weight"].name)),
+                                                 pick.get(p), model.layers[p])).reshape(-1).view(np.uint8)
+                 for p in paths]
+        code_counts[label] = sum(histo.level_counts(c, 256) if fast.AVAILABLE else np.bincount(c, minlength=256)
+                                 for c in parts)
+    elif vl.quantized and vl.bits and vl.bits <= 8:
         packed = [packed_level_counts(model, model.layers[p], pick.get(p)) for p in paths]
         if all(c is not None for c in packed):
             code_counts[label] = sum(packed)
@@ -1742,6 +1788,13 @@ def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scale
                 code_counts[label] = sum(histo.level_counts(c, 2 ** vl.bits) if fast.AVAILABLE and c.dtype == np.uint8
                                          else np.bincount(c.reshape(-1), minlength=2 ** vl.bits)[:2 ** vl.bits]
                                          for c in codes)
+    order = float_code_order(vl)
+    if label in code_counts and order is not None and len(code_counts[label]) == (256 if len(order[0]) > 16 else 16):
+        # float codes in the order of their values (raw, +6 sat beside -0 and the extremes read
+        # 0 and 15); the NaN codes left out
+        code_counts[label] = code_counts[label][order[0]]
+        if float_codes is not None:
+            float_codes[label] = order[1]
     sc, zp = _scales_zeros(model, vl)
     if sc is not None:
         scales[label] = _take_rows(sc, pick.get(paths[0]), vl, per_group=True)
@@ -1774,6 +1827,7 @@ def layer_alone(models: dict[str, Model], name: str, *, bins: int = 256, engine=
     eng = _resolve_engine(engine)
     values: dict[str, np.ndarray] = {}
     code_counts, scales, zeros = {}, {}, {}
+    float_codes: dict[str, tuple[float, float]] = {}
     left_out: dict[str, str] = {}
     for label, m in models.items():
         _check_cancel(cancel)
@@ -1787,7 +1841,7 @@ def layer_alone(models: dict[str, Model], name: str, *, bins: int = 256, engine=
             continue
         try:
             values[label] = _Rows(m, lay, eng, keep=False, counter={}).full()
-            _stored(label, m, [name], code_counts, scales, zeros)
+            _stored(label, m, [name], code_counts, scales, zeros, float_codes=float_codes)
         except LayerError as exc:
             left_out[label] = f"cannot be decoded: {exc.message}"
     if not values:
@@ -1795,7 +1849,7 @@ def layer_alone(models: dict[str, Model], name: str, *, bins: int = 256, engine=
                            + "".join(f"; {k}: {why}" for k, why in left_out.items()), tensor=name)
     edges, counts, view = bulk_histograms(values, bins)
     return LayerDetail(name, edges, counts, None, {}, code_counts, scales, zeros, {}, {}, view, None,
-                       nonfinite_counts(values, counts), left_out)
+                       nonfinite_counts(values, counts), left_out, float_codes=float_codes)
 
 
 __all__ += ["error_metrics", "stored_codes", "load_cache", "save_cache", "layer_alone", "nonfinite_counts"]

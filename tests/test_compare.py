@@ -1200,3 +1200,49 @@ def test_code_counts_from_the_packed_words_equal_the_unpacked_codes(folder):
         if n:  # a subset of the rows (one of a fused layer's parts): not from the packed words
             assert packed_level_counts(m, layer, np.arange(n // 2)) is None
     assert seen or "w3g128" in folder
+
+
+def test_a_layer_without_groups_gets_its_error_map_in_column_blocks(real_fixtures):
+    """llm-compressor's FP8 (one scale per output channel): the map was a single column, "group
+    0", whole rows; now blocks of 128 columns, each cell its block's relative error."""
+    from pathlib import Path
+
+    from quantscope.backend.compare import BLOCK_COLUMNS
+    ref = analyze(open_checkpoint(real_fixtures / "base-bf16"))
+    fp8 = analyze(open_checkpoint(Path(__file__).parent / "fixtures" / "real" / "llmcompressor-fp8"))
+    name = "model.layers.0.mlp.gate_proj"  # [1536, 384]
+    d = layer_detail(ref, {"fp8": fp8}, name, engine="numpy")
+    assert d.column_blocks == {"fp8": BLOCK_COLUMNS} and d.group_error["fp8"].shape == (1536, 384 // BLOCK_COLUMNS)
+    w = _f32(ref.ckpt.tensor(f"{name}.weight"))
+    wh = NumpyEngine().dequantize(fp8, fp8.layers[name])
+    blk = (slice(7, 8), slice(128, 256))
+    assert d.group_error["fp8"][7, 1] == pytest.approx(_direct(w[blk], wh[blk]), rel=1e-9)
+
+
+def test_fp8_weights_are_counted_as_codes_in_the_order_of_their_values(real_fixtures):
+    """FP8 views said "no integer codes": an FP8 weight is its own code, 254 finite values. Their
+    counts, ordered by value, show saturation at ±448 and the codes no weight uses."""
+    import ml_dtypes
+
+    from pathlib import Path
+    ref = analyze(open_checkpoint(real_fixtures / "base-bf16"))
+    fp8 = analyze(open_checkpoint(Path(__file__).parent / "fixtures" / "real" / "llmcompressor-fp8"))
+    name = "model.layers.1.mlp.down_proj"
+    d = layer_detail(ref, {"fp8": fp8}, name, engine="numpy")
+    c = d.code_counts["fp8"]
+    assert len(c) == 254 and c.sum() == 384 * 1536 and d.float_codes["fp8"] == (-448.0, 448.0)
+    vals = np.asarray(fp8.ckpt.tensor(f"{name}.weight")).view(ml_dtypes.float8_e4m3fn).astype(np.float64).ravel()
+    grid = np.unique(np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64))
+    grid = grid[np.isfinite(grid)]  # 253 distinct values: +0 and -0 are two codes of one value
+    per_value = np.array([np.count_nonzero(vals == g) for g in grid])
+    zero = int(np.flatnonzero(grid == 0)[0])
+    merged = np.r_[c[:zero], c[zero] + c[zero + 1], c[zero + 2:]]  # -0 and +0 side by side
+    assert np.array_equal(merged, per_value)
+
+
+def test_fp4_codes_are_ordered_by_value():
+    from quantscope.backend.compare import float_code_order
+    from quantscope.backend.schemes import Layer
+    order, (lo, hi) = float_code_order(Layer("x", "mlx-mxfp4", {}))
+    assert order.tolist() == [15, 14, 13, 12, 11, 10, 9, 0, 8, 1, 2, 3, 4, 5, 6, 7] and (lo, hi) == (-6.0, 6.0)
+    assert float_code_order(Layer("x", "gptq", {})) is None

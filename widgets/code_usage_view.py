@@ -38,6 +38,7 @@ class CodeUsageView(QWidget):
         self._counts: dict[str, np.ndarray] = {}
         self._colors: dict = {}
         self._absent: list[str] = []
+        self._float: dict = {}
         show_values(self.plot, False)
 
     def figure_parts(self) -> list:
@@ -45,10 +46,13 @@ class CodeUsageView(QWidget):
         return [self.legend, self.plot, self.summary]
 
     def set_counts(self, counts: dict[str, np.ndarray], colors: dict, empty_note: str = "",
-                   absent: list[str] | None = None) -> None:
+                   absent: list[str] | None = None, float_codes: dict | None = None) -> None:
         """``empty_note``: what the view says over the plot when ``counts`` is empty; ``absent``:
-        variants with this layer but no integer codes (float formats), named under the plot."""
+        variants with this layer but no stored codes, named under the plot; ``float_codes``:
+        variants whose codes are floats (FP4, FP8), counted in the order of their values, with the
+        least and largest value."""
         self._counts, self._colors, self._absent = dict(counts), dict(colors), list(absent or [])
+        self._float = dict(float_codes or {})
         show_values(self.plot, bool(counts))
         if counts:
             self.hint.set("")
@@ -77,11 +81,18 @@ class CodeUsageView(QWidget):
                 self.plot.addItem(pg.BarGraphItem(x=x, height=y, width=width, brush=self._colors.get(label), pen=None))
             dead = [int(k) for k in np.flatnonzero(c == 0)]
             edge = share[0] + share[-1] if len(share) else 0
-            lines.append(f"<b>{label}</b>: {len(c)} levels, unused {dead if dead else 'none'}, "
-                         f"extremes (0 and {len(c) - 1}) hold {edge:.1f}%")
+            unused = (f"{len(dead)} unused" if len(dead) > 12 else f"unused {dead}") if dead else "none unused"
+            if label in self._float:
+                lo, hi = self._float[label]
+                lines.append(f"<b>{label}</b>: {len(c)} float codes in the order of their values ({lo:g} … {hi:g}), "
+                             f"{unused}; the largest magnitudes ({lo:g} and {hi:g}) hold {edge:.2f}%")
+            else:
+                lines.append(f"<b>{label}</b>: {len(c)} levels, {unused}, extremes (0 and {len(c) - 1}) hold "
+                             f"{edge:.1f}%")
         if self._absent:
-            lines.append("No integer codes (a float format or dense): " + ", ".join(self._absent))
-        self.plot.setLabel("bottom", "level ÷ top level (mixed bits)"
-                           if norm else "code level")
+            lines.append("No stored codes (dense, or not decodable): " + ", ".join(self._absent))
+        floats = all(lb in self._float for lb in self._counts) and self._counts
+        self.plot.setLabel("bottom", "code, in the order of its value" if floats else
+                           "level ÷ top level (mixed bits or float codes)" if norm else "code level")
         self.plot.setLabel("left", "log10(share %) + 6" if self.log_y.isChecked() else "share of weights (%)")
         self.summary.setText("<br>".join(lines) if lines else "No stored codes for this layer (dense or not decodable).")

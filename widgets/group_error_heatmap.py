@@ -64,6 +64,7 @@ class GroupErrorHeatmap(QWidget):
         lay.addWidget(self.glw, 1)
         self._maps: dict[str, tuple[np.ndarray, int]] = {}
         self._by_index: set[str] = set()
+        self._blocks: dict[str, int] = {}
         self.hint = Hint(self.glw, "Select a quantized layer in the Tensors tree: the relative error of each "
                                    "quantization group (rows × groups), one variant at a time", right=110)
         self.variant.currentTextChanged.connect(self._show)
@@ -75,12 +76,14 @@ class GroupErrorHeatmap(QWidget):
         return [self.glw, "colour scale shared by all variants" if self.scale.isChecked()
                 else f"colour scale: {self.variant.currentText()}'s own"]
 
-    def set_maps(self, maps: dict[str, tuple[np.ndarray, int]], empty_note: str = "", by_index=()) -> None:
+    def set_maps(self, maps: dict[str, tuple[np.ndarray, int]], empty_note: str = "", by_index=(),
+                 blocks: dict | None = None) -> None:
         """``maps``: variant → (map [rows', groups], rows per displayed row); ``empty_note``: what
         the view says when there is none; ``by_index``: the variants whose columns are grouped by
         their act-order index (g_idx), not in runs of group_size."""
         self._maps = dict(maps)
         self._by_index = set(by_index)
+        self._blocks = dict(blocks or {})  # variant -> columns per cell, where it has no groups
         if maps:
             self.hint.set("")
         else:
@@ -96,7 +99,9 @@ class GroupErrorHeatmap(QWidget):
 
     def _show(self, label: str) -> None:
         m = self._maps.get(label)
-        self.plot.setLabel("bottom", self._XLABEL + (" (act-order: by g_idx)" if label in self._by_index else ""))
+        self.plot.setLabel("bottom", f"block of {self._blocks[label]} in_features columns (per-channel scales: no "
+                                     "groups)" if label in self._blocks else
+                           self._XLABEL + (" (act-order: by g_idx)" if label in self._by_index else ""))
         if m is None:
             self.image.clear()
             self.bad.clear()
@@ -128,6 +133,9 @@ class GroupErrorHeatmap(QWidget):
             said.append(f"colours stop at {hi:.3g} (99.5th percentile{' of every variant' if self.scale.isChecked() else ''}); "
                         f"the brightest cells reach {top:.3g}")
         self.note.setText("; ".join(said))
+        # red only for the NaN/inf cells it names (drawn in that red); the colour scale's top in
+        # the text's own colour
+        self.note.setStyleSheet(f"color: {BAD_HEX}" if nbad else "")
         self.cbar.setLevels((0.0, max(hi, 1e-12)))
         self.plot.autoRange()
 
@@ -151,4 +159,6 @@ class GroupErrorHeatmap(QWidget):
         r, g = int(p.y() // per), math.floor(p.x() + 0.5)
         if 0 <= r < data.shape[0] and 0 <= g < data.shape[1]:
             rows = f"rows {r * per}–{(r + 1) * per - 1}" if per > 1 else f"row {r}"
-            self.hover.setText(f"{rows}, group {g}: {data[r, g]:.4g}" + (" (max over rows)" if per > 1 else ""))
+            b = self._blocks.get(self.variant.currentText())
+            where = f"columns {g * b}–{(g + 1) * b - 1}" if b else f"group {g}"
+            self.hover.setText(f"{rows}, {where}: {data[r, g]:.4g}" + (" (max over rows)" if per > 1 else ""))
