@@ -555,9 +555,10 @@ class MainWindow(QMainWindow):
         variants, colors = list(ws.variants), dict(self.colors)
         # said where the comparison's results would be: what it needs, when it cannot run
         needs = self._needs_note()
+        # (no series, and no legend over the empty plot, where no comparison can run)
         self._in_turns("workspace", [lambda: self.layers.set_rows([], colors, empty_note=needs),
                                      lambda: self.layers.set_warnings({}),
-                                     *self.layers.prepare_steps(variants, colors),
+                                     *self.layers.prepare_steps([] if needs else variants, colors),
                                      self._reselect, self.workspace_loaded.emit]
                        + ([lambda: self._compare(only)] if again else []))
 

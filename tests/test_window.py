@@ -1980,3 +1980,23 @@ def test_the_config_tab_says_there_are_no_overrides(qtbot, real_fixtures):
     assert p.overrides_hint.text() == "No quantization config, so no per-layer overrides"
     p.set_checkpoint("m", analyze(open_checkpoint(Path(__file__).parent / "fixtures" / "real" / "mlxlm-qwen3moe-q4-g64")))
     assert p.overrides.rowCount() > 0 and p.overrides_hint.text() == ""  # mlx-lm's routers at 8 bits
+
+
+def test_without_a_comparison_the_doctor_column_comes_last_and_no_legend_is_shown(qtbot, tmp_path):
+    """Opened without a reference: the Doctor column sat between Bits and Group, and the Layers
+    view listed the variants in a legend over a plot that could not be filled."""
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    w.quiet_errors = True
+    qtbot.addWidget(w)
+    w.show()
+    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
+        w.open_workspace([str(real / "gptqmodel-gptq-w4g128"), str(real / "llmcompressor-fp8")], None)
+    try:
+        h, model = w.tree.view.header(), w.tree.model
+        titles = [model.headerData(h.logicalIndex(i), Qt.Orientation.Horizontal) for i in range(model.columnCount())]
+        assert titles[:4] == ["Name", "Scheme", "Bits", "Group"] and titles[-1] == "Doctor"
+        assert not w.layers.legend.entries()  # no comparison can run: no legend over the empty plot
+    finally:
+        w.service.shutdown()

@@ -198,7 +198,10 @@ class TensorTree(QWidget):
         if shown in variants:
             own = [nb + variants.index(shown)]
             errors.remove(own[0])
-        order = [0, *own, 1, 2, *errors, n - 1, *range(3, nb)]
+        # (no error column at all, nothing compared: the doctor's flag after the layer's own
+        # columns, not between its bits and its group)
+        order = ([0, *own, 1, 2, *errors, n - 1, *range(3, nb)] if own or errors
+                 else [0, 1, 2, *range(3, nb), n - 1])
         for pos, logical in enumerate(order):
             if h.visualIndex(logical) != pos:
                 h.moveSection(h.visualIndex(logical), pos)
