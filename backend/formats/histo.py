@@ -25,35 +25,20 @@ PIECE = 1 << 22
 if AVAILABLE:
     from numba import njit
 
-    # (the bin index is written out in each kernel: through a shared inline helper numba made of
-    # the loop code 5x slower, 20 against 3.5 ns per element)
+    # (the bin index written out here, not in an inline helper: through one, numba made of the
+    # loop code 5x slower, 20 against 3.5 ns per element; the branch on ``diff`` is hoisted out of
+    # the loop, measured the same as two kernels)
     @njit(nogil=True, cache=True)
-    def _count(x, edges, counts):
-        nb = edges.size - 1
-        lo, hi = edges[0], edges[nb]
-        scale = nb / (hi - lo)
-        for i in range(x.size):
-            v = np.float64(x[i])
-            if v >= lo and v <= hi:  # (NaN is neither)
-                # np.histogram's arithmetic index, corrected against the edges themselves
-                j = int((v - lo) * scale)
-                j = min(j, nb - 1)
-                if v < edges[j]:
-                    j -= 1
-                elif j < nb - 1 and v >= edges[j + 1]:
-                    j += 1
-                counts[j] += 1
-
-    @njit(nogil=True, cache=True)
-    def _count_diff(a, b, edges, counts):
+    def _count(a, b, diff, edges, counts):
+        # counts of a (diff: of a - b in float64) in the uniform bins edges
         nb = edges.size - 1
         lo, hi = edges[0], edges[nb]
         scale = nb / (hi - lo)
         for i in range(a.size):
-            v = np.float64(a[i]) - np.float64(b[i])
-            if v >= lo and v <= hi:
-                j = int((v - lo) * scale)
-                j = min(j, nb - 1)
+            v = np.float64(a[i]) - np.float64(b[i]) if diff else np.float64(a[i])
+            if v >= lo and v <= hi:  # (NaN is neither)
+                # np.histogram's arithmetic index, corrected against the edges themselves
+                j = min(int((v - lo) * scale), nb - 1)
                 if v < edges[j]:
                     j -= 1
                 elif j < nb - 1 and v >= edges[j + 1]:
@@ -153,10 +138,7 @@ def counts(a: np.ndarray, edges: np.ndarray, b: np.ndarray | None = None) -> np.
 
     def one(i0, i1):
         c = np.zeros(edges.size - 1, np.int64)
-        if b is None:
-            _count(a[i0:i1], edges, c)
-        else:
-            _count_diff(a[i0:i1], b[i0:i1], edges, c)
+        _count(a[i0:i1], a[i0:i1] if b is None else b[i0:i1], b is not None, edges, c)
         return c
     return sum(map_pieces(one, a.size, PIECE))
 
@@ -176,7 +158,8 @@ def log_abs_counts(a: np.ndarray, b: np.ndarray, edges: np.ndarray) -> np.ndarra
             d = buf[:j1 - j0]
             _absdiff(a[j0:j1], b[j0:j1], d)
             d = d[(d > 0) & (d < np.inf)]
-            _count(np.log10(d), edges, c)
+            lg = np.log10(d)
+            _count(lg, lg, False, edges, c)
         return c
     return sum(map_pieces(one, a.size, PIECE))
 
