@@ -201,8 +201,7 @@ def cmd_info(args) -> int:
                    + "; ".join(inferred[:3]) + (f"; … ({len(inferred)} in all)" if len(inferred) > 3 else ""))
     out.append("schemes: " + ", ".join(f"{k} ×{v}" for k, v in s["schemes"].items()))
     broken = [lay for lay in s["layers"] if lay.get("problem")]
-    out.append(f"logical parameters: {human_count(s['logical_params'])}"
-               + (f" (without the {len(broken)} layer(s) below that cannot be decoded)" if broken else ""))
+    out.append(f"logical parameters: {human_count(s['logical_params'])}")
     if broken:
         # said once near the top: each row said it, far down, and the summary undercounted unseen
         out.append(f"{len(broken)} layer(s) cannot be decoded (each says why below; `quantscope doctor` "

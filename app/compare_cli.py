@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 
+from quantscope.backend.compare import smoothing_mark
 from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.outfile import atomic_output, printable, terminal_lines
 
@@ -54,7 +55,7 @@ def format_table(result, labels: list[str]) -> str:
         for lb, c in zip(labels, cols):
             r = by.get((n, lb))
             # how the smoothing was undone, per cell: * exactly (from the norms), ~ an estimate
-            mark = " " if not r or r.smoothing == "none" else "~" if "lstsq" in r.smoothing else "*"
+            mark = (smoothing_mark(r.smoothing) if r else "") or " "
             cells.append((f"{_fmt(r.rel_fro, '8.5f')}{mark}{_fmt(r.sqnr_db, '8.2f')}" if r else "—").rjust(c))
         lines.append("  ".join([n.ljust(w0)] + cells))
     undone = [r for r in result.rows if r.smoothing != "none"]
@@ -67,7 +68,7 @@ def format_table(result, labels: list[str]) -> str:
                "rows": "rows: the rows of that preceding layer, rescaled by the same estimate"}
         lines.append("")
         what = "matching" if "match" in kinds else "undoing"
-        est = sum("lstsq" in r.smoothing for r in undone)
+        est = sum(smoothing_mark(r.smoothing) == "~" for r in undone)
         marks = ("* exactly, ~ estimated" if est and est < len(undone) else "~ estimated" if est else "* exactly")
         lines.append(f"{marks}: {len(undone)} measured after {what} AWQ-style smoothing ("
                      + "; ".join(how.get(k, k) for k in kinds)

@@ -39,7 +39,7 @@ def job_load(paths, reference=None, *, progress=None, cancel=None):
                               progress=progress, cancel=cancel)
     if len(paths) == 1 and not reference:
         # a folder `quantscope demo DIR` wrote: its reference and variants, as the demo opens
-        demo = load_demo_workspace(Path(paths[0]).expanduser())
+        demo = load_demo_workspace(Path(paths[0]).expanduser(), any_version=True)
         if demo is not None:
             return load_workspace([str(p) for p in demo.variants.values()], str(demo.reference),
                                   progress=progress, cancel=cancel)
@@ -105,8 +105,13 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
     # MLX's affine scales are signed (mx.quantize points the scale from a group's bias to its far
     # end, so about half are negative): shown as |scale|, the step between levels, beside the
     # other formats' positive scales (two mirrored lobes, half hidden under GPTQ's, before)
-    signed = [k for k in d.scales if d.scales[k] is not None and k in variants
-              and (lay := variants[k].layers.get(name)) is not None and lay.scheme == "mlx-affine"]
+    # (by the compared row's scheme: a stacked expert or a fused part is stored under another name)
+    def scheme_of(k):
+        if k in d.metrics:
+            return d.metrics[k].scheme
+        lay = variants[k].layers.get(name) if k in variants else None
+        return None if lay is None else lay.scheme
+    signed = [k for k in d.scales if d.scales[k] is not None and scheme_of(k) == "mlx-affine"]
     scales = {k: np.abs(np.asarray(v, np.float64).ravel()) if k in signed else np.asarray(v, np.float64).ravel()
               for k, v in d.scales.items() if v is not None}
     scale_edges, scale_counts, scale_view = shared_histogram(scales)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import json
@@ -24,7 +25,11 @@ from PySide6.QtWidgets import (
     QTabWidget,
 )
 from quantscope.backend.checkpoint import refuse_writing_into
-from quantscope.backend.compare import describe_smoothing, smoothing_action
+from quantscope.backend.compare import (
+    describe_smoothing,
+    smoothing_action,
+    smoothing_mark,
+)
 from quantscope.backend.compare_align import (
     canonical,
     containers,
@@ -67,15 +72,17 @@ def _worst_per_layer(findings: list[dict]) -> dict[str, tuple[str, str]]:
     return worst
 
 
-def cell_notes(rows, quant_only: dict | None = None) -> dict[str, dict[str, tuple[str, str]]]:
-    """Per variant and module path (the same keys as :func:`errors_by_module`): the mark its error
-    cell gets (``*`` smoothing undone exactly, ``~`` estimated, as the command line's table) and
-    what its tooltip says of that row: raw error, how the smoothing was undone, the quantization
-    alone. The worst row of a module holding several."""
-    out: dict[str, dict[str, tuple[str, str]]] = {}
-    chosen: dict[tuple[str, str], float] = {}
+def errors_and_notes(rows, quant_only: dict | None = None):
+    """Per variant and module path: the rel_fro the tree shows beside it, and its cell's (mark,
+    tooltip), from the same row. A compared layer is shown under its reference name, the
+    variant's module, and the modules other checkpoints hold it in (a switch_mlp stack, a fused
+    qkv_proj: another checkpoint's tree may show those); a module holding several compared layers
+    shows the worst of them, NaN first. The mark says how the smoothing was undone (``*``
+    exactly, ``~`` with an estimate, as the command line's table); the tooltip, that row's raw
+    error, how the smoothing was undone and the quantization alone."""
+    per: dict[str, dict[str, float]] = {}
+    notes: dict[str, dict[str, tuple[str, str]]] = {}
     for r in rows:
-        mark = "" if r.smoothing == "none" else "~" if "lstsq" in r.smoothing else "*"
         lines = [f"{r.name} in {r.variant_layer}" if r.variant_layer != r.name else r.name,
                  f"rel. error {r.rel_fro:.4f} ({r.sqnr_db:.1f} dB), max |error| {r.max_abs:.3g}"]
         if r.smoothing != "none":
@@ -84,29 +91,20 @@ def cell_notes(rows, quant_only: dict | None = None) -> dict[str, dict[str, tupl
         q = (quant_only or {}).get((r.name, r.variant))
         if q is not None:
             lines.append(f"the quantization alone (smoothing folded inconsistently): {q:.4f}")
-        note = (mark, "\n".join(lines))
-        got = out.setdefault(r.variant, {})
-        for key in dict.fromkeys([r.variant_layer, *containers(r.name)]):  # as errors_by_module
-            if worse(r.rel_fro, chosen.get((r.variant, key))):
-                chosen[(r.variant, key)] = r.rel_fro
-                got[key] = note
-        got.setdefault(r.name, note)
-    return out
+        note = (smoothing_mark(r.smoothing), "\n".join(lines))
+        got, said = per.setdefault(r.variant, {}), notes.setdefault(r.variant, {})
+        for key in dict.fromkeys([r.variant_layer, *containers(r.name)]):
+            if worse(r.rel_fro, got.get(key)):
+                got[key], said[key] = r.rel_fro, note
+        if r.name not in got:
+            got[r.name], said[r.name] = r.rel_fro, note
+    return per, notes
 
 
 def errors_by_module(rows) -> dict[str, dict[str, float]]:
-    """Per variant, the rel_fro the tree shows beside each module path: a compared layer's under
-    its reference name, the variant's module, and the modules other checkpoints hold it in (a
-    switch_mlp stack, a fused qkv_proj: another checkpoint's tree may show those); a module
-    holding several compared layers shows the worst of them, NaN first."""
-    per: dict[str, dict[str, float]] = {}
-    for r in rows:
-        got = per.setdefault(r.variant, {})
-        for key in dict.fromkeys([r.variant_layer, *containers(r.name)]):
-            if worse(r.rel_fro, got.get(key)):
-                got[key] = r.rel_fro
-        got.setdefault(r.name, r.rel_fro)
-    return per
+    """Per variant, the rel_fro the tree shows beside each module path (see
+    :func:`errors_and_notes`)."""
+    return errors_and_notes(rows)[0]
 
 
 _NEEDS_BOTH = "Open a reference and at least one variant first."
@@ -515,6 +513,7 @@ class MainWindow(QMainWindow):
         self.workspace = ws
         self._doctor_found = {}
         self._recent_details.clear()  # (they hold the checkpoints before)
+        self.service.cancel_channel("detail")  # a layer of the checkpoints before: it must not land here
         self.service.cancel_channel("sweep")  # a comparison of the old set of checkpoints: its result would land here
         self.sweep_result = None
         self._quant_only = {}
@@ -697,7 +696,14 @@ class MainWindow(QMainWindow):
         held = (ref, tuple(models.values()))
 
         def shown(r, key=key, held=held):
-            self._recent_details[key] = (*held, r)
+            ws = self.workspace
+            if (held[0] is not None and held[0] is not ws.reference) or any(
+                    m not in ws.models().values() for m in held[1]):
+                return  # of checkpoints no longer open (a workspace opened meanwhile): not shown, not kept
+            # kept without the full-size arrays the views do not use (group error maps, scales
+            # and zero points: a stacked MoE layer's map alone is hundreds of MB)
+            lean = {**r, "detail": dataclasses.replace(r["detail"], group_error={}, scales={}, zeros={})}
+            self._recent_details[key] = (*held, lean)
             while len(self._recent_details) > RECENT_DETAILS:
                 self._recent_details.popitem(last=False)
             self._show_detail(r)
@@ -973,7 +979,7 @@ class MainWindow(QMainWindow):
         self._quant_only = {(q.name, q.variant): q.rel_fro_quant for q in result.rows
                             if q.rel_fro_quant is not None and math.isfinite(q.rel_fro_quant)}
         self._refresh_result()  # the layer shown: what the comparison found the quantization alone did
-        per = errors_by_module(result.rows)
+        per, notes = errors_and_notes(result.rows, self._quant_only)
         colors = dict(self.colors)
         # In turns, each repainted before the next: the tab, the per-layer plot, its heatmap,
         # the tree's error columns.
@@ -983,7 +989,7 @@ class MainWindow(QMainWindow):
                                  lambda: self.layers.set_warnings(_with_implausible(result)),
                                  lambda: self.doctor.set_compare_note(self._compare_note(self.tree.current_label())),
                                  self.layers.redraw_heatmap,
-                                 lambda: self.tree.model.set_all_errors(per, cell_notes(result.rows, self._quant_only)),
+                                 lambda: self.tree.model.set_all_errors(per, notes),
                                  self.sweep_done.emit])
 
     def run_doctor(self, path: str | None = None) -> None:

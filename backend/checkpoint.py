@@ -486,8 +486,11 @@ class Checkpoint:
         # say) only for itself and the configs it reads
         if any((self.root / n).is_file() for n in CONFIG_FILES) and o.parent == Path(os.path.realpath(self.root)):
             return True
-        read = [f.path for f in self.files] + [self.root / n for n in CONFIG_FILES]
-        return any(o == Path(os.path.realpath(q)) for q in read if q.exists())
+        read = [Path(os.path.realpath(q)) for q in [f.path for f in self.files] + [self.root / n for n in CONFIG_FILES]
+                if q.exists()]
+        # a file it reads, or a folder holding one (a shard linked from elsewhere: replacing the
+        # folder it lies in, `convert --overwrite`, destroyed the checkpoint being read)
+        return any(o == q or o in q.parents for q in read)
 
     def close(self) -> None:
         for f in self.files:

@@ -623,6 +623,14 @@ def describe_smoothing(label: str) -> str:
     return "; ".join(out)
 
 
+def smoothing_mark(label: str) -> str:
+    """The mark a figure gets for how its smoothing was undone: ``*`` exactly (from the norms), ``~``
+    where an estimate went in (a least-squares fit, or rows rescaled by one), ``""`` for none."""
+    if not label or label == "none":
+        return ""
+    return "~" if "lstsq:" in label or "rows:" in label else "*"
+
+
 def smoothing_action(label: str) -> str:
     """What was done to a row whose ``smoothing`` label is not ``none``: the variant's smoothing
     undone (an unquantized reference), or the variant matched to a quantized reference's
@@ -1567,10 +1575,11 @@ def _stack_of_experts_target(al: Alignment, name: str, reference: Model) -> Targ
 BLOCK_COLUMNS = 128
 
 
-def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> tuple[np.ndarray, bool]:
+def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> tuple[np.ndarray, bool, int | None]:
     """(``[..., rows, groups]`` relative error of each group, whether the columns were grouped by
-    the file's act-order index). Each group's sums take only its own columns: a NaN or inf weight
-    makes its own group's cell non-finite, not its whole row."""
+    the file's act-order index, and the width of the column blocks taken instead of groups for a
+    layer without any, else None). Each group's sums take only its own columns: a NaN or inf
+    weight makes its own group's cell non-finite, not its whole row."""
     K = w.shape[-1]
     gs = layer.group_size if layer.group_size and layer.group_size > 0 else None
     g_idx = None
@@ -1581,12 +1590,17 @@ def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> 
         g_idx = np.asarray(model.ckpt.tensor(layer.tensors[key].name)).astype(np.int64).reshape(-1)
         if g_idx.shape != (K,) or (g_idx < 0).any():
             g_idx = None
+    if g_idx is not None and K and not g_idx.any():  # one group of the whole row (GPTQ's group -1)
+        g_idx = None
+        gs = None
     by_index = g_idx is not None and bool((np.diff(g_idx) < 0).any())  # a real permutation
+    block = None
     if g_idx is None:
         if gs is None or K % gs:
             # no groups (per-channel or per-tensor scales: FP8, int8, bnb): the map was one column
             # of whole rows; blocks of BLOCK_COLUMNS columns show where along the row it errs
             gs = BLOCK_COLUMNS if K > BLOCK_COLUMNS and K % BLOCK_COLUMNS == 0 else K
+            block = gs if gs != K else None
         g_idx = np.arange(K) // gs
     ng = int(g_idx.max()) + 1 if K else 0
     if K and fast.AVAILABLE and w.dtype in (np.float32, np.float64) and wh.dtype in (np.float32, np.float64):
@@ -1597,7 +1611,7 @@ def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> 
         num, den = _group_sums_numpy(w, wh, g_idx, ng, by_index)
     with np.errstate(divide="ignore", invalid="ignore"):
         # (no weight in the group: inf for any error, 0 for none, NaN stays NaN)
-        return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, num)), by_index
+        return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, num)), by_index, block
 
 
 def _group_sums_numpy(w, wh, g_idx, ng: int, by_index: bool):
@@ -1719,12 +1733,11 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
         t = vs.alignment.targets[name]
         vl = vs.model.layers[t.var_layers[0]]
         _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments, float_codes)
-        group_error[vs.label], by_index = _group_errors(w, wh_of[vs.label], vl, vs.model)
+        group_error[vs.label], by_index, block = _group_errors(w, wh_of[vs.label], vl, vs.model)
         if by_index:
             grouped_by_index.add(vs.label)
-        if not (vl.group_size and vl.group_size > 0 and w.shape[-1] % vl.group_size == 0) and vl.quantized \
-                and w.shape[-1] > BLOCK_COLUMNS and w.shape[-1] % BLOCK_COLUMNS == 0 and not by_index:
-            column_blocks[vs.label] = BLOCK_COLUMNS
+        if block:  # (the map's cells are blocks of columns, not the layer's groups: said on its axis)
+            column_blocks[vs.label] = block
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
                        group_error, metrics, value_view, error_view,
                        nonfinite_counts({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index,
@@ -1755,7 +1768,7 @@ def float_code_order(layer: Layer) -> tuple[np.ndarray, tuple[float, float]] | N
     else:
         return None
     keep = np.flatnonzero(np.isfinite(vals))
-    order = keep[np.argsort(vals[keep], kind="stable")]
+    order = keep[np.lexsort((~np.signbit(vals[keep]), vals[keep]))]  # by value, -0 before +0
     return order, (float(vals[order[0]]), float(vals[order[-1]]))
 
 

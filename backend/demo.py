@@ -936,12 +936,13 @@ def build_demo(dest: Path, *, seed: int = 0, progress: Callable[[float], None] |
     return _workspace(dest, manifest)
 
 
-def load_demo_workspace(root: Path) -> DemoWorkspace | None:
-    """The workspace at ``root`` if it is a complete build of this version, else None."""
+def load_demo_workspace(root: Path, any_version: bool = False) -> DemoWorkspace | None:
+    """The workspace at ``root`` if it is a complete build of this version (``any_version``: of
+    any version, as a folder ``quantscope demo DIR`` wrote before is opened), else None."""
     root = Path(root)
     try:
         manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        if manifest.get("version") != DEMO_VERSION:
+        if manifest.get("version") != DEMO_VERSION and not any_version:
             return None
         for rel, size in manifest["files"].items():
             if (root / rel).stat().st_size != size:

@@ -741,6 +741,12 @@ class _Doctor:
                 self.col.add("index.unsafe-path", f"shard path {shard!r} points outside the model folder; it is "
                              "refused, never followed — fix the index", file=index_path, tensor=tensor)
                 continue
+            if not target.is_file() and target.exists():  # a folder, a pipe, a device (a link to one)
+                self.col.add("index.missing-shard", f"index names shard {shard!r}, which is not a regular file (a "
+                             "folder, a pipe or a device); it is never opened — put the shard file there",
+                             file=index_path, tensor=tensor)
+                self.missing.append(shard)
+                continue
             if not target.is_file():
                 self.missing.append(shard)
                 n = sum(1 for s in wm.values() if s == shard)
@@ -877,16 +883,18 @@ class _Doctor:
         return True
 
     def _in_missing_shards(self) -> dict[str, dict[str, list[str]]]:
-        """module → missing shard → the module's components the index puts there."""
+        """module → missing shard → the module's components the index puts there (made once)."""
+        if getattr(self, "_lost", None) is not None:
+            return self._lost
+        self._lost: dict[str, dict[str, list[str]]] = {}
         if not self.missing or not self.index:
-            return {}
+            return self._lost
         gone = set(self.missing)
-        out: dict[str, dict[str, list[str]]] = {}
         for t, shard in self.index["weight_map"].items():
             if shard in gone and isinstance(t, str):
                 module, comp = split_name(t)
-                out.setdefault(module, {}).setdefault(shard, []).append(comp)
-        return out
+                self._lost.setdefault(module, {}).setdefault(shard, []).append(comp)
+        return self._lost
 
     @property
     def complete(self) -> bool:

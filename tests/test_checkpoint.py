@@ -5,11 +5,14 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers import write_st
 from quantscope.backend.checkpoint import natural_key, open_checkpoint, split_name
-from quantscope.backend.errors import (CheckpointError, ShardIndexError, UnsafePathError,
-                                       UnsupportedFormatError)
+from quantscope.backend.errors import (
+    CheckpointError,
+    ShardIndexError,
+    UnsafePathError,
+    UnsupportedFormatError,
+)
 
 
 def _sharded(tmp_path, n=3):
@@ -85,6 +88,8 @@ def test_a_folder_of_links_to_shards_elsewhere_opens(tmp_path):
                for n in c.notes)
     assert c.holds(store / "a.safetensors") and c.holds(model / "model-00001.safetensors")
     assert not c.holds(store / "out.npy")
+    # the folder a linked shard lies in: `convert L store --overwrite` replaced it, the source too
+    assert c.holds(store)
     from quantscope.backend.doctor import diagnose
     assert not [f for f in diagnose(model) if f.severity != "info"]
 
@@ -97,6 +102,11 @@ def test_an_index_shard_that_is_a_pipe_is_refused_not_opened(tmp_path):
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model.safetensors"}}))
     with pytest.raises(ShardIndexError, match="not a regular file"):
         open_checkpoint(model)
+    from quantscope.backend.doctor import (
+        diagnose,  # the doctor says the same, and opens nothing
+    )
+    found = [f for f in diagnose(model) if f.rule == "index.missing-shard"]
+    assert found and "not a regular file" in found[0].message
 
 
 def test_index_stray_and_inconsistent_entries_are_warned(tmp_path):

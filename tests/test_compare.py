@@ -11,15 +11,26 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-
 from helpers import write_st
 from quantscope.backend.bitpack import pack_bits
 from quantscope.backend.checkpoint import open_checkpoint
-from quantscope.backend.compare import (LAYER_KEYS, CompareError, align, layer_detail, stored_codes, sweep)
+from quantscope.backend.compare import (
+    LAYER_KEYS,
+    CompareError,
+    align,
+    layer_detail,
+    stored_codes,
+    sweep,
+)
 from quantscope.backend.compare_align import counterpart
 from quantscope.backend.engines import NumpyEngine
 from quantscope.backend.errors import Cancelled
-from quantscope.backend.metrics import ErrorStats, error_metrics, histogram_counts, uniform_edges
+from quantscope.backend.metrics import (
+    ErrorStats,
+    error_metrics,
+    histogram_counts,
+    uniform_edges,
+)
 from quantscope.backend.schemes import analyze
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -711,9 +722,8 @@ def test_table_names_keep_variants_with_the_same_folder_name_apart():
 def test_nan_in_a_variant_is_reported_not_hidden(ref_pair, mlx_variant, tmp_path, capsys):
     # one NaN scale: that layer's error is NaN (sqnr NaN too, as numpy's -20·log10 gives, not
     # -inf or inf), the others stay exact, and the table says where and what to run
-    from safetensors.numpy import load_file
-
     from quantscope.app.cli import main
+    from safetensors.numpy import load_file
     root, rw, ref, vw, var = ref_pair
     t = load_file(str(root / "mlx" / "model.safetensors"))
     s = t["model.layers.1.self_attn.v_proj.scales"].view(BF16).copy()
@@ -903,6 +913,9 @@ def test_table_marks_undone_smoothing_aligns_inf_and_cosine_stays_in_range(ref_p
     # the demo folds up→down too: down_proj's s is a least-squares estimate, marked ~, not *
     d = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.mlp.down_proj"))
     assert "~" in d and "*" not in d and "* exactly, ~ estimated" in out
+    # up_proj's own rows were rescaled by that estimate: ~ too, not exact
+    u = next(ln for ln in out.splitlines() if ln.startswith("model.layers.0.mlp.up_proj"))
+    assert "~" in u and "*" not in u
     # an AWQ checkpoint as the reference: it may be the smoothed side itself, so the unquantized
     # model compared to it is brought to its norms ("match"), not said to have its smoothing undone
     assert main(["compare", "--reference", str(ws.variants["awq-w4g128"]), str(ws.reference),
@@ -1222,9 +1235,9 @@ def test_a_layer_without_groups_gets_its_error_map_in_column_blocks(real_fixture
 def test_fp8_weights_are_counted_as_codes_in_the_order_of_their_values(real_fixtures):
     """FP8 views said "no integer codes": an FP8 weight is its own code, 254 finite values. Their
     counts, ordered by value, show saturation at ±448 and the codes no weight uses."""
-    import ml_dtypes
-
     from pathlib import Path
+
+    import ml_dtypes
     ref = analyze(open_checkpoint(real_fixtures / "base-bf16"))
     fp8 = analyze(open_checkpoint(Path(__file__).parent / "fixtures" / "real" / "llmcompressor-fp8"))
     name = "model.layers.1.mlp.down_proj"
@@ -1244,5 +1257,37 @@ def test_fp4_codes_are_ordered_by_value():
     from quantscope.backend.compare import float_code_order
     from quantscope.backend.schemes import Layer
     order, (lo, hi) = float_code_order(Layer("x", "mlx-mxfp4", {}))
-    assert order.tolist() == [15, 14, 13, 12, 11, 10, 9, 0, 8, 1, 2, 3, 4, 5, 6, 7] and (lo, hi) == (-6.0, 6.0)
+    assert order.tolist() == [15, 14, 13, 12, 11, 10, 9, 8, 0, 1, 2, 3, 4, 5, 6, 7]  # -0 (code 8) before +0
+    assert (lo, hi) == (-6.0, 6.0)
     assert float_code_order(Layer("x", "gptq", {})) is None
+
+
+
+def test_the_view_kernels_refuse_arrays_of_different_sizes():
+    from quantscope.backend.formats import fast, histo
+    if not fast.AVAILABLE:
+        pytest.skip("numba is not installed")
+    a, b = np.zeros(10, np.float32), np.zeros(9, np.float32)
+    for call in (lambda: histo.counts(a, np.linspace(0, 1, 5), b), lambda: histo.finite_range(a, b),
+                 lambda: histo.log_abs_counts(a, b, np.linspace(0, 1, 5)),
+                 lambda: histo.group_sums(a.reshape(2, 5), a.reshape(2, 5), np.array([0, 0, 1, 1, 2]), 2)):
+        with pytest.raises(ValueError):
+            call()
+
+
+
+def test_a_gptq_layer_of_one_group_per_row_gets_column_blocks_on_its_map():
+    """GPTQ's group -1 stores a g_idx of zeros: the map was one column of whole rows (and was
+    labelled as 128-column blocks it did not have); now it has the blocks its label names."""
+    from types import SimpleNamespace
+
+    from quantscope.backend.compare import _group_errors
+    from quantscope.backend.schemes import Layer
+    model = SimpleNamespace(ckpt=SimpleNamespace(tensor=lambda name: np.zeros(512, np.int32)))
+    layer = Layer("x", "gptq", {"g_idx": SimpleNamespace(name="x.g_idx", dtype="I32")}, shape=(4, 512), bits=4,
+                  group_size=-1)
+    w = np.random.default_rng(0).random((4, 512)).astype(np.float32)
+    wh = w + np.float32(0.01)
+    m, by_index, block = _group_errors(w, wh, layer, model)
+    assert m.shape == (4, 4) and block == 128 and not by_index
+    assert m[1, 2] == pytest.approx(_direct(w[1, 256:384], wh[1, 256:384]), rel=1e-9)

@@ -822,3 +822,29 @@ def test_a_hugging_face_cache_repo_is_converted_out_of_the_cache_and_named_as_su
     marker = json.loads((tmp_path / "out" / ".quantscope-convert.json").read_text())
     assert marker["source"].startswith("acme/tiny-gptq (") and str(snap) in marker["source"]
     assert not (tmp_path / "acme").exists() and "acme/tiny-gptq" not in rep.src.replace(str(snap), "")
+
+
+def test_overwrite_never_replaces_the_folder_a_linked_source_shard_lies_in(demo, out_root, tmp_path):
+    """A model folder whose shard is a link into an earlier conversion's output: converting it
+    with --overwrite into that output replaced the folder, and the source with it."""
+    import os
+    first = out_root / "linked-first"
+    convert(demo.variants["gptq-w4g128"], first, to="mlx", verify=False)
+    src = tmp_path / "L"
+    src.mkdir()
+    os.symlink(first / "model.safetensors", src / "model.safetensors")
+    names = json.loads(_tensor_names(first / "model.safetensors"))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, "model.safetensors")}))
+    (src / "config.json").write_bytes((first / "config.json").read_bytes())
+    before = (first / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(ConversionError, match="never writes into a checkpoint it opened"):
+        convert(src, first, to="mlx", bits=8, overwrite=True, verify=False)
+    assert (first / "model.safetensors").stat().st_mtime_ns == before
+
+
+def _tensor_names(path):
+    import struct
+    with open(path, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    return json.dumps([k for k in header if k != "__metadata__"])

@@ -1391,17 +1391,22 @@ def test_tree_error_of_a_stacked_module_is_its_worst_expert():
 
     from quantscope.app.main_window import errors_by_module
     sw = "model.layers.0.mlp.switch_mlp.up_proj"
-    rows = [SimpleNamespace(variant="v", name=f"model.layers.0.mlp.experts.{e}.up_proj", variant_layer=sw, rel_fro=r)
-            for e, r in enumerate((0.09, 0.12, 0.1))]
+    figs = {"sqnr_db": 20.0, "max_abs": 0.1, "smoothing": "none", "rel_fro_raw": 0.1}
+    rows = [SimpleNamespace(variant="v", name=f"model.layers.0.mlp.experts.{e}.up_proj", variant_layer=sw, rel_fro=r,
+                            **figs) for e, r in enumerate((0.09, 0.12, 0.1))]
     per = errors_by_module(rows)["v"]
     assert per[sw] == 0.12 and per["model.layers.0.mlp.experts.2.up_proj"] == 0.1
     rows[1].rel_fro = float("nan")
     assert math.isnan(errors_by_module(rows)["v"][sw])
     # a per-expert variant, shown beside a stacked checkpoint's tree: its worst expert there too
     per_expert = [SimpleNamespace(variant="g", name=f"model.layers.0.mlp.experts.{e}.up_proj",
-                                  variant_layer=f"model.layers.0.mlp.experts.{e}.up_proj", rel_fro=r)
+                                  variant_layer=f"model.layers.0.mlp.experts.{e}.up_proj", rel_fro=r, **figs)
                   for e, r in enumerate((0.11, 0.13))]
     assert errors_by_module(per_expert)["g"][sw] == 0.13
+    # the cell's tooltip is the row whose figure it shows (the worst expert's)
+    from quantscope.app.main_window import errors_and_notes
+    per, notes = errors_and_notes(per_expert)
+    assert notes["g"][sw][1].startswith("model.layers.0.mlp.experts.1.up_proj") and "0.1300" in notes["g"][sw][1]
 
 
 def test_an_expert_against_a_stacked_reference(qtbot, tmp_path):

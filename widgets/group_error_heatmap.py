@@ -99,8 +99,8 @@ class GroupErrorHeatmap(QWidget):
 
     def _show(self, label: str) -> None:
         m = self._maps.get(label)
-        self.plot.setLabel("bottom", f"block of {self._blocks[label]} in_features columns (per-channel scales: no "
-                                     "groups)" if label in self._blocks else
+        self.plot.setLabel("bottom", f"block of {self._blocks[label]} in_features columns (the layer has no groups: "
+                                     "per-channel scales, or none)" if label in self._blocks else
                            self._XLABEL + (" (act-order: by g_idx)" if label in self._by_index else ""))
         if m is None:
             self.image.clear()

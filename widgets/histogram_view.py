@@ -186,14 +186,15 @@ class HistogramView(QWidget):
         self.plot.setXRange(lo, hi, padding=0.02)
         self._y_range()
 
-    def _apply_hidden(self) -> None:
-        """Show only the series the legend does not hide, the count axis fitted to them."""
+    def _apply_hidden(self, refit: bool = True) -> None:
+        """Show only the series the legend does not hide (``refit``: the count axis fitted to them)."""
         for label, item in self._items.items():
             shown = label not in self.legend.hidden
             item.setVisible(shown)
             if label in self._marks:
                 self._marks[label].setVisible(shown)
-        self._y_range()
+        if refit:
+            self._y_range()
 
     def _y_range(self) -> None:
         top = max((float(np.max(c)) for k, c in self._counts.items() if np.size(c) and k not in self.legend.hidden),
@@ -259,7 +260,4 @@ class HistogramView(QWidget):
                 e = np.asarray(self._edges)
                 sel = np.flatnonzero(outside & (np.asarray(c) > 0)) if outside is not None else np.zeros(0, int)
                 mark.setData((e[sel] + e[sel + 1]) / 2, y[sel], brush=pg.mkBrush(color))
-        for label, item in self._items.items():  # (the legend's hidden series stay hidden)
-            shown = label not in self.legend.hidden
-            item.setVisible(shown)
-            self._marks[label].setVisible(shown)
+        self._apply_hidden(refit=False)  # (the legend's hidden series stay hidden)

@@ -180,13 +180,17 @@ class ElidedLabel(QLabel):
                     break
                 out.append(rest[:cut])
                 rest = rest[cut:].lstrip()
-            out.append(fm.elidedText(rest, Qt.TextElideMode.ElideRight, self.width()))
+            if rest:
+                out.append(fm.elidedText(rest, Qt.TextElideMode.ElideRight, self.width()))
             line = fm.lineSpacing()
             for i, t in enumerate(out):
                 p.drawText(0, i * line, self.width(), line, int(self.alignment()), t)
             return
         shown = elide_path(text, fm, self.width()) if dotted else fm.elidedText(text, Qt.TextElideMode.ElideRight,
                                                                                   self.width())
+        if self.lines > 1:  # one line of a taller label: at its top, where a second would follow
+            p.drawText(0, 0, self.width(), fm.lineSpacing(), int(self.alignment()), shown)
+            return
         p.drawText(self.rect(), int(self.alignment()), shown)
 
 

@@ -41,26 +41,32 @@ def _shape(shape) -> str:
 
 def column_names(labels: list[str]) -> dict[str, str]:
     """Each variant's column title: its name without the parts it shares with every other name
-    of its family (the names that begin alike). Elided in the middle, gptqmodel-gptq-w4g128 and
-    gptqmodel-gptq-w3g128 were both "gptq…g128"; now "gptqmodel-w4g128" and "gptqmodel-w3g128"
-    keep what tells them apart at both ends."""
+    of its family (the names that begin alike), its own separators kept. Elided in the middle,
+    gptqmodel-gptq-w4g128 and gptqmodel-gptq-w3g128 were both "gptq…g128"; now "gptqmodel-w4g128"
+    and "gptqmodel-w3g128" keep what tells them apart at both ends."""
     import re
-    toks = {lb: [t for t in re.split(r"[-_]+", lb) if t] for lb in labels}
+    parts = {lb: re.split(r"([-_]+)", lb) for lb in labels}  # token, separator, token, ...
+
+    def tokens(lb):
+        return [t for t in parts[lb][::2] if t]
     out = {}
     for lb in labels:
-        t = toks[lb]
-        family = [toks[o] for o in labels if toks[o][:1] == t[:1]]
-        if len(family) < 2 or len(t) < 2:
-            out[lb] = lb
-            continue
-        common = set(t[1:]).intersection(*(set(f[1:]) for f in family))
+        t = tokens(lb)
+        family = [tokens(o) for o in labels if tokens(o)[:1] == t[:1]]
+        common = set(t[1:]).intersection(*(set(f[1:]) for f in family)) if len(family) > 1 and len(t) > 1 else set()
         if not common:
             out[lb] = lb
             continue
-        kept = [t[0]] + [x for x in t[1:] if x not in common]
-        name = "-".join(kept)
-        out[lb] = name if sum(1 for o in labels if "-".join(
-            [toks[o][0]] + [x for x in toks[o][1:] if x not in common]) == name) == 1 else lb
+        ps = parts[lb]
+        kept = ps[0]
+        for i in range(1, len(ps) - 1, 2):  # (separator, token) pairs after the first token
+            if ps[i + 1] not in common:
+                kept += ps[i] + ps[i + 1]
+        out[lb] = kept
+    # a title two variants would share: their whole names
+    for lb, title in list(out.items()):
+        if sum(1 for t in out.values() if t == title) > 1:
+            out[lb] = lb
     return out
 
 class TensorTreeModel(QAbstractItemModel):

@@ -108,10 +108,18 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(-1)
 
 
+def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both flat, of one size (the kernels index b by a's positions, unchecked)."""
+    a, b = _flat(a), _flat(b)
+    if a.size != b.size:
+        raise ValueError(f"sizes differ: {a.size} and {b.size}")
+    return a, b
+
+
 def finite_range(a: np.ndarray, b: np.ndarray | None = None) -> tuple[float, float, float, int]:
     """``(min, max, least nonzero |v|, exact zeros)`` of the finite values ``v`` of ``a`` (or of
     ``a - b`` in float64); the last two only for a difference (inf, 0 otherwise). Needs numba."""
-    a = _flat(a)
+    a = _flat(a) if b is None else _pair(a, b)[0]
     if b is None:
         def one(i0, i1):
             out = np.empty(2)
@@ -132,9 +140,8 @@ def counts(a: np.ndarray, edges: np.ndarray, b: np.ndarray | None = None) -> np.
     """Exact counts of ``a`` (or of ``a - b`` in float64) in the uniform bins ``edges``, as
     ``np.histogram(values, edges)`` gives them; NaN, inf and values beyond the edges in none.
     Needs numba."""
-    a = _flat(a)
+    a, b = (_flat(a), None) if b is None else _pair(a, b)
     edges = np.ascontiguousarray(edges, np.float64)
-    b = None if b is None else _flat(b)
 
     def one(i0, i1):
         c = np.zeros(edges.size - 1, np.int64)
@@ -147,7 +154,7 @@ def log_abs_counts(a: np.ndarray, b: np.ndarray, edges: np.ndarray) -> np.ndarra
     """Exact counts of ``log10 |a - b|`` (float64, nonzero finite differences) in ``edges``, as
     ``np.histogram(np.log10(d[d > 0]), edges)`` gives them: the logarithm is numpy's, taken piece
     by piece. Needs numba."""
-    a, b = _flat(a), _flat(b)
+    a, b = _pair(a, b)
     edges = np.ascontiguousarray(edges, np.float64)
 
     def one(i0, i1):
@@ -169,6 +176,9 @@ def group_sums(w: np.ndarray, wh: np.ndarray, gidx: np.ndarray, ng: int) -> tupl
     ``wh``, column ``c`` in group ``gidx[c]``. Needs numba."""
     w, wh = np.ascontiguousarray(w), np.ascontiguousarray(wh)
     gidx = np.ascontiguousarray(gidx, np.int64)
+    if w.shape != wh.shape or w.ndim != 2 or gidx.shape != (w.shape[1],) or (gidx.size and not 0 <= gidx.min()
+                                                                               <= gidx.max() < ng):
+        raise ValueError(f"shapes {w.shape}, {wh.shape} and group index {gidx.shape} (of {ng} groups) do not fit")
     num = np.zeros((w.shape[0], ng))
     den = np.zeros_like(num)
     rows = max(1, PIECE // max(1, w.shape[1]))
