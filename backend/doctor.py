@@ -39,7 +39,7 @@ import ml_dtypes
 import numpy as np
 
 from .bitpack import unpack_bits
-from .checkpoint import (CONFIG_FILES, INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo,
+from .checkpoint import (CONFIG_FILES, INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within, link_root,
                          missing_reason, natural_key, split_name)
 from .compare_align import _FUSED, _SWITCH_RE, EXPERT_RE
 from .dtypes import DTYPES
@@ -119,6 +119,7 @@ RULES: dict[str, Rule] = _rules(
     ("index.entry", "error", "R23", "a weight_map value is not a file name"),
     ("index.unsafe-path", "error", "R23", "a weight_map entry points outside the model folder"),
     ("index.missing-shard", "error", "R23", "a shard named by the index is missing"),
+    ("index.linked-shard", "info", None, "a shard is a link to a file outside the model folder (followed)"),
     ("index.tensor-missing", "error", "R23", "a tensor listed in the index is absent from its shard"),
     ("index.tensor-unlisted", "warning", "R23", "a tensor stored in a shard is not in the index"),
     ("index.duplicate-tensor", "error", "R23", "the same tensor is stored in two files"),
@@ -722,6 +723,7 @@ class _Doctor:
             return self._fallback_shards(index_path.parent)
         self.index = {"weight_map": wm, "metadata": data.get("metadata")}
         folder = index_path.parent
+        root = link_root(folder).resolve()  # (an HF cache snapshot's blobs are its own)
         first_tensor: dict = {}
         for tensor, shard in wm.items():
             key = shard if isinstance(shard, str) else repr(shard)
@@ -741,6 +743,12 @@ class _Doctor:
                 self.col.add("index.unsafe-path", f"shard path {shard!r} points outside the model folder; it is "
                              "refused, never followed — fix the index", file=index_path, tensor=tensor)
                 continue
+            if target.is_file() and target.is_symlink() and not _within(target.resolve(), root):
+                # followed, as loaders do; said, since a copy of the folder (cp -r, an upload of
+                # its links) may not carry the file, and it is not where the folder is
+                self.col.add("index.linked-shard", f"shard {shard!r} is a link to {target.resolve()}, outside the "
+                             "model folder: read from there; a copy of this folder may take the link, not the file",
+                             file=index_path, tensor=tensor)
             if not target.is_file() and target.exists():  # a folder, a pipe, a device (a link to one)
                 self.col.add("index.missing-shard", f"index names shard {shard!r}, which is not a regular file (a "
                              "folder, a pipe or a device); it is never opened — put the shard file there",
