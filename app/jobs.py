@@ -33,16 +33,13 @@ MAX_HEATMAP_ROWS = 768
 def job_load(paths, reference=None, *, progress=None, cancel=None):
     """Open checkpoints (headers and configs only) into a Workspace; those that cannot be opened
     are listed in its ``failed`` (an error only when none opens)."""
-    if not paths and not reference:
-        demo = demo_workspace()
+    # nothing given: the demo; a folder `quantscope demo DIR` wrote: its reference and variants
+    demo = (demo_workspace() if not paths and not reference else
+            load_demo_workspace(Path(paths[0]).expanduser(), any_version=True) if len(paths) == 1 and not reference
+            else None)
+    if demo is not None:
         return load_workspace([str(p) for p in demo.variants.values()], str(demo.reference),
                               progress=progress, cancel=cancel)
-    if len(paths) == 1 and not reference:
-        # a folder `quantscope demo DIR` wrote: its reference and variants, as the demo opens
-        demo = load_demo_workspace(Path(paths[0]).expanduser(), any_version=True)
-        if demo is not None:
-            return load_workspace([str(p) for p in demo.variants.values()], str(demo.reference),
-                                  progress=progress, cancel=cancel)
     return load_workspace(list(paths), reference, progress=progress, cancel=cancel, keep_going=True)
 
 

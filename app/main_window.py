@@ -686,8 +686,8 @@ class MainWindow(QMainWindow):
                                   else f"{path} cannot be decoded (the Quantization config panel says why)")
                 return
         key = (path, id(ref), tuple((k, id(m)) for k, m in models.items()), self.engine)
-        hit = self._recent_details.get(key)
-        if hit is not None and hit[0] is ref and all(a is b for a, b in zip(hit[1], models.values())):
+        hit = self._recent_details.get(key)  # (an entry holds its checkpoints: their ids are not reused)
+        if hit is not None:
             self.service.cancel_channel("detail")  # a layer asked for before: it must not land after
             self._recent_details.move_to_end(key)
             self._show_detail(hit[2])

@@ -866,14 +866,14 @@ def _row(t: Target, vs: _VariantState, res: dict) -> LayerMetrics:
     nb = sum(l.stored_bytes for l in layers)
     ne = sum(l.numel for l in layers)
     bpw = nb * 8 / ne if ne else None
+    held = t.ref_layer if t.ref_layer != t.name else None  # (a stack holding the expert, a tied head's embeddings)
     return LayerMetrics(name=t.name, variant=vs.label, variant_layer=",".join(t.var_layers), scheme=first.scheme,
                         bits=first.bits, group_size=first.group_size,
                         rel_fro=res["rel_fro"], sqnr_db=res["sqnr_db"], cosine=res["cosine"], max_abs=res["max_abs"],
                         mse=res["mse"], p50=res["p50"], p95=res["p95"], p99=res["p99"], bits_per_weight=bpw,
                         rel_fro_raw=res["rel_fro_raw"], smoothing=res["smoothing"], layer_index=layer_index(t.name),
-                        proj=proj_of(t.name), reference_layer=t.ref_layer if t.ref_layer != t.name else None,
-                        expert=t.ref_row0 // t.rows if t.ref_layer != t.name and _SWITCH_RE.match(t.ref_layer)
-                        and t.rows else None)
+                        proj=proj_of(t.name), reference_layer=held,
+                        expert=t.ref_row0 // t.rows if held and _SWITCH_RE.match(held) and t.rows else None)
 
 
 def _cache_key(ref_id, var_id, name: str, engine_name: str) -> str:
@@ -1772,6 +1772,13 @@ def float_code_order(layer: Layer) -> tuple[np.ndarray, tuple[float, float]] | N
     return order, (float(vals[order[0]]), float(vals[order[-1]]))
 
 
+def _level_counts(codes: np.ndarray, levels: int) -> np.ndarray:
+    """How often each of ``levels`` code values occurs in ``codes`` (compiled for 8-bit codes)."""
+    if fast.AVAILABLE and codes.dtype == np.uint8:
+        return histo.level_counts(codes, levels)
+    return np.bincount(codes.reshape(-1), minlength=levels)[:levels]
+
+
 def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scales: dict, zeros: dict,
             segments: list[Segment] | None = None, float_codes: dict | None = None) -> None:
     """Add what ``model`` stores for the layers ``paths`` (one target's) under ``label``: the
@@ -1783,14 +1790,13 @@ def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scale
         rows.setdefault(sg.var_layer, []).append(np.arange(*sg.var_rows))
     pick = {p: np.concatenate(r) for p, r in rows.items()}
     vl = model.layers[paths[0]]
-    if vl.scheme in ("ct-fp8", "fp8-block") and vl.tensors.get("weight") is not None \
-            and vl.tensors["weight"].dtype in _FP8_VALUES:
+    order = float_code_order(vl)
+    if order is not None and vl.scheme in ("ct-fp8", "fp8-block"):
         # FP8 weights are their own codes: 256 of them (saturation at ±max, subnormals, dead codes)
-        parts = [np.ascontiguousarray(_take_rows(np.asarray(model.ckpt.tensor(model.layers[p].tensors["weight"].name)),
-                                                 pick.get(p), model.layers[p])).reshape(-1).view(np.uint8)
-                 for p in paths]
-        code_counts[label] = sum(histo.level_counts(c, 256) if fast.AVAILABLE else np.bincount(c, minlength=256)
-                                 for c in parts)
+        code_counts[label] = sum(_level_counts(
+            np.ascontiguousarray(_take_rows(np.asarray(model.ckpt.tensor(model.layers[p].tensors["weight"].name)),
+                                            pick.get(p), model.layers[p])).reshape(-1).view(np.uint8), 256)
+            for p in paths)
     elif vl.quantized and vl.bits and vl.bits <= 8:
         packed = [packed_level_counts(model, model.layers[p], pick.get(p)) for p in paths]
         if all(c is not None for c in packed):
@@ -1798,11 +1804,8 @@ def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scale
         else:
             codes = [_take_rows(stored_codes(model, model.layers[p]), pick.get(p), model.layers[p]) for p in paths]
             if all(c is not None for c in codes):
-                code_counts[label] = sum(histo.level_counts(c, 2 ** vl.bits) if fast.AVAILABLE and c.dtype == np.uint8
-                                         else np.bincount(c.reshape(-1), minlength=2 ** vl.bits)[:2 ** vl.bits]
-                                         for c in codes)
-    order = float_code_order(vl)
-    if label in code_counts and order is not None and len(code_counts[label]) == (256 if len(order[0]) > 16 else 16):
+                code_counts[label] = sum(_level_counts(c, 2 ** vl.bits) for c in codes)
+    if label in code_counts and order is not None and len(code_counts[label]) > order[0].max():
         # float codes in the order of their values (raw, +6 sat beside -0 and the extremes read
         # 0 and 15); the NaN codes left out
         code_counts[label] = code_counts[label][order[0]]

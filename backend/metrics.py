@@ -328,7 +328,7 @@ class Diff(NamedTuple):
 
     a: np.ndarray
     b: np.ndarray
-    #: ``diff_range(a, b)`` when already taken (it is one pass over both arrays)
+    #: ``histo.finite_range(a, b)`` when already taken (:func:`diff_of`: one pass over both arrays)
     rng: tuple | None = None
 
     @property

@@ -81,13 +81,13 @@ class CodeUsageView(QWidget):
                 self.plot.addItem(pg.BarGraphItem(x=x, height=y, width=width, brush=self._colors.get(label), pen=None))
             dead = [int(k) for k in np.flatnonzero(c == 0)]
             edge = share[0] + share[-1] if len(share) else 0
-            unused = (f"{len(dead)} unused" if len(dead) > 12 else f"unused {dead}") if dead else "none unused"
             if label in self._float:  # (positions in value order name no code: only how many)
                 lo, hi = self._float[label]
                 lines.append(f"<b>{label}</b>: {len(c)} float codes in the order of their values ({lo:g} … {hi:g}), "
                              f"{len(dead) or 'none'} unused; the largest magnitudes ({lo:g} and {hi:g}) hold "
                              f"{edge:.2f}%")
             else:
+                unused = (f"{len(dead)} unused" if len(dead) > 12 else f"unused {dead}") if dead else "none unused"
                 lines.append(f"<b>{label}</b>: {len(c)} levels, {unused}, extremes (0 and {len(c) - 1}) hold "
                              f"{edge:.1f}%")
         if self._absent:

@@ -150,6 +150,7 @@ class LayerErrorPlot(QWidget):
         self._ref_bad: set[str] = set()
         self._colors = {}
         self._hm_names: dict[tuple[int, int], str] = {}
+        self._hm_grid = np.zeros((0, 0))  # the heatmap's values, for its hover
         self.series: dict[str, pg.PlotDataItem] = {}
         self._ylabel = None
         self._hm_frame = None
@@ -365,11 +366,10 @@ class LayerErrorPlot(QWidget):
         p = self.hm.getPlotItem().vb.mapSceneToView(pos)
         i, j = math.floor(p.y()), math.floor(p.x())
         name = self._hm_names.get((i, j))
-        tip = ""
-        if name:
-            r = next((r for r in self._rows if r.name == name and r.variant == self.hm_variant.currentText()), None)
-            if r is not None:
-                tip = f"{name}\n{r.variant}: {self._metric_label()} {self._value(r):.5g}\n(click: select it)"
+        # (the cell's own value: a scan of every row for it, on each move of the pointer, was
+        # 15,000 rows for a large MoE)
+        tip = (f"{name}\n{self.hm_variant.currentText()}: {self._metric_label()} {self._hm_grid[i, j]:.5g}\n"
+               "(click: select it)" if name else "")
         if tip != self.hm.toolTip():
             self.hm.setToolTip(tip)
 
@@ -476,6 +476,7 @@ class LayerErrorPlot(QWidget):
                 self._hm_names[(i, j)] = r.name
             bad[i, j] |= not math.isfinite(r.rel_fro)  # (an exact copy's SQNR is +inf: not that)
         self.hm_image.setImage(grid, autoLevels=False)
+        self._hm_grid = grid
         if bad.any():
             rgba = np.zeros(grid.shape + (4,), np.uint8)
             rgba[bad] = BAD_RGBA

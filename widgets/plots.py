@@ -170,28 +170,26 @@ class ElidedLabel(QLabel):
         # a module path keeps its end and layer number ("…1.mlp.experts.2.up_proj"): cut at the
         # right, every layer read "model.layer…"
         dotted = " " not in text and "." in text
-        if self.lines > 1 and not dotted and fm.horizontalAdvance(text) > self.width():
-            out, rest = [], text
-            for _ in range(self.lines - 1):
-                cut = len(rest)
-                while cut > 0 and fm.horizontalAdvance(rest[:cut]) > self.width():
-                    cut = rest.rfind(" ", 0, cut)
-                if cut <= 0:
-                    break
-                out.append(rest[:cut])
-                rest = rest[cut:].lstrip()
-            if rest:
-                out.append(fm.elidedText(rest, Qt.TextElideMode.ElideRight, self.width()))
-            line = fm.lineSpacing()
-            for i, t in enumerate(out):
-                p.drawText(0, i * line, self.width(), line, int(self.alignment()), t)
+        if self.lines == 1:
+            shown = elide_path(text, fm, self.width()) if dotted else fm.elidedText(
+                text, Qt.TextElideMode.ElideRight, self.width())
+            p.drawText(self.rect(), int(self.alignment()), shown)
             return
-        shown = elide_path(text, fm, self.width()) if dotted else fm.elidedText(text, Qt.TextElideMode.ElideRight,
-                                                                                  self.width())
-        if self.lines > 1:  # one line of a taller label: at its top, where a second would follow
-            p.drawText(0, 0, self.width(), fm.lineSpacing(), int(self.alignment()), shown)
-            return
-        p.drawText(self.rect(), int(self.alignment()), shown)
+        # wrapped at spaces onto up to ``lines`` lines from the top, the last cut with "…"
+        out, rest = [], text
+        while len(out) < self.lines - 1 and not dotted and fm.horizontalAdvance(rest) > self.width():
+            cut = len(rest)
+            while cut > 0 and fm.horizontalAdvance(rest[:cut]) > self.width():
+                cut = rest.rfind(" ", 0, cut)
+            if cut <= 0:
+                break
+            out.append(rest[:cut])
+            rest = rest[cut:].lstrip()
+        out.append(elide_path(rest, fm, self.width()) if dotted else
+                   fm.elidedText(rest, Qt.TextElideMode.ElideRight, self.width()))
+        line = fm.lineSpacing()
+        for i, t in enumerate(out):
+            p.drawText(0, i * line, self.width(), line, int(self.alignment()), t)
 
 
 def shrinkable(combo: QComboBox, chars: int = 12) -> QComboBox:

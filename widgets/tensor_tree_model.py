@@ -9,6 +9,7 @@ backend's :class:`~quantscope.backend.search.PathIndex`, never a recursive proxy
 from __future__ import annotations
 
 import math
+import re
 
 from PySide6.QtCore import QAbstractItemModel, QModelIndex, Qt
 from PySide6.QtGui import QColor, QIcon, QPixmap
@@ -44,7 +45,6 @@ def column_names(labels: list[str]) -> dict[str, str]:
     of its family (the names that begin alike), its own separators kept. Elided in the middle,
     gptqmodel-gptq-w4g128 and gptqmodel-gptq-w3g128 were both "gptq…g128"; now "gptqmodel-w4g128"
     and "gptqmodel-w3g128" keep what tells them apart at both ends."""
-    import re
     parts = {lb: re.split(r"([-_]+)", lb) for lb in labels}  # token, separator, token, ...
 
     def tokens(lb):
@@ -181,13 +181,15 @@ class TensorTreeModel(QAbstractItemModel):
                 pm.fill(QColor(c))
                 self._swatches[lb] = QIcon(pm)
         self._errors = {k: v for k, v in self._errors.items() if k in labels}
+        self._notes = {k: v for k, v in self._notes.items() if k in labels}
         self._shown = {k: v for k, v in self._shown.items() if k in labels}
         self._headers = column_names(self._variants)
         self.endResetModel()
 
     def set_errors(self, label: str, errors: dict[str, float]) -> None:
-        """rel_fro per module path for one variant (updates the column in place)."""
+        """rel_fro per module path for one variant (updates the column in place; no marks)."""
         self._errors[label] = dict(errors)
+        self._notes[label] = {}  # (another comparison's marks would sit beside these figures)
         self._shown[label] = {}
         if label in self._variants and self._visible:
             col = len(BASE_COLUMNS) + self._variants.index(label)
@@ -208,7 +210,7 @@ class TensorTreeModel(QAbstractItemModel):
 
     def set_all_errors(self, per: dict[str, dict[str, float]], notes: dict | None = None) -> None:
         """rel_fro per module path for several variants, with one ``dataChanged`` for all;
-        ``notes``: per variant and path, (mark, tooltip) of the cell (see ``cell_notes``)."""
+        ``notes``: per variant and path, (mark, tooltip) of the cell (see ``errors_and_notes``)."""
         for label, errors in per.items():
             self._errors[label] = dict(errors)
             self._notes[label] = dict((notes or {}).get(label, {}))

@@ -119,15 +119,13 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def finite_range(a: np.ndarray, b: np.ndarray | None = None) -> tuple[float, float, float, int]:
     """``(min, max, least nonzero |v|, exact zeros)`` of the finite values ``v`` of ``a`` (or of
     ``a - b`` in float64); the last two only for a difference (inf, 0 otherwise). Needs numba."""
-    a = _flat(a) if b is None else _pair(a, b)[0]
+    a, b = (_flat(a), None) if b is None else _pair(a, b)
     if b is None:
         def one(i0, i1):
             out = np.empty(2)
             _range(a[i0:i1], out)
             return out[0], out[1], np.inf, 0
     else:
-        b = _flat(b)
-
         def one(i0, i1):
             out = np.empty(4)
             _range_diff(a[i0:i1], b[i0:i1], out)
