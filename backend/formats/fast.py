@@ -1483,6 +1483,20 @@ def warm_up() -> None:
     wq = ro(rng.integers(0, 2**32, size=(64, k // 8), dtype=np.uint32))
     sq = ro(np.full((64, k // 64), 0.01, ml_dtypes.bfloat16))
     fused.measure(ref, {"w": (mlx.affine_rows(wq, sq, sq, bits=4, group_size=64), 0, None)}, parallel=False)
+    # the layer views' kernels (a selected layer's histograms, group error map and code counts):
+    # loaded here, not during the first selection, where their loading held the GIL for seconds
+    from . import histo
+    b = a + np.float32(0.01)
+    edges = np.linspace(-1.0, 1.0, 65)
+    histo.finite_range(a)
+    histo.finite_range(a, b)
+    histo.counts(a, edges)
+    histo.counts(a, edges, b)
+    histo.log_abs_counts(a, b, np.linspace(-5.0, 0.0, 9))
+    histo.group_sums(a.reshape(64, 64), b.reshape(64, 64), np.arange(64) // 32, 2)
+    codes = np.zeros(64, np.uint8)
+    histo.level_counts(codes, 16)
+    histo.level_counts(ro(codes), 256)  # (packed bytes of a checkpoint: read-only)
 
 # -- conversion (AWQ GEMM -> MLX 4-bit) --------------------------------------------------------
 
