@@ -444,12 +444,22 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
             return ref[r0:r1]
     n = R * K
     labels = list(variants)
-    gran = math.lcm(ref_gran, *(d.granule for d, _, _ in variants.values()))
+    decs = [d for d, _, _ in variants.values()] + ([ref] if isinstance(ref, fast.RowDecoder) else [])
+    gran = math.lcm(ref_gran, *(d.granule for d in decs))
     per = min(BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, n // MIN_BLOCKS))
     # rows per block: a whole number of granules (GPTQ decodes 32 rows at a time), the nearer of
     # the two around ``per`` (rounding up halved a 896-row layer's blocks: no narrowing step)
     want = max(1, per // K)
-    step = max(gran, min((want // gran * gran, -(-want // gran) * gran), key=lambda r: (abs(r - want), r)))
+
+    def nearest(unit: int) -> int:
+        return max(unit, min((want // unit * unit, -(-want // unit) * unit), key=lambda r: (abs(r - want), r)))
+
+    step = nearest(gran)
+    # whole tiles of the decoders that prefer larger ones (AWQ: 64 rows), where the layer still
+    # has MIN_BLOCKS of them (a wide layer's blocks then outgrow BLOCK_ELEMENTS: measured faster)
+    tile = math.lcm(gran, *(d.tile or d.granule for d in decs))
+    if tile > gran and R // nearest(tile) >= MIN_BLOCKS:
+        gran, step = tile, nearest(tile)  # (runs of rows below: whole tiles too)
     # each block: its runs of rows (r0, r1) and where each lies in the block's buffer; one run
     # of consecutive rows, until the sample shows the blocks differ (see MIX_SHARE)
     blocks = [[(r0, min(R, r0 + step), 0)] for r0 in range(0, R, step)]

@@ -169,6 +169,23 @@ def test_mid_size_blocks_round_to_the_nearer_whole_granules(monkeypatch):
     assert narrowed  # enough blocks left after the sample for a narrowing step
 
 
+@pytest.mark.parametrize("rows, want", [(2048, {64}), (896, {32})])
+def test_awq_beside_gptq_gets_whole_64_row_tiles_where_enough_blocks_remain(monkeypatch, rows, want):
+    """AWQ decodes any multiple of 8 rows, but fastest in 64-row tiles (whole 8x8 word blocks):
+    a wide layer (8B down_proj-like, ~18 rows wanted) measured with GPTQ (32-row granule) gets
+    64-row blocks; a layer that would then have fewer than MIN_BLOCKS blocks keeps 32."""
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1 << 18)
+    w = _ref(n=rows, k=14336 if rows == 2048 else 896, seed=9)
+    (dg, fg), (da, fa) = _gptq(w), _awq(w)
+    assert da.granule == 8 and da.tile == 64 and dg.granule == 32
+    calls = []
+    spy = da._replace(fn=lambda r0, r1, out: calls.append((r0, r1)) or da.fn(r0, r1, out))
+    res = fused.measure(w, {"gptq": (dg, 0, None), "awq": (spy, 0, None)}, parallel=False)
+    _check(res["gptq"], w, fg)
+    _check(res["awq"], w, fa)
+    assert {r1 - r0 for r0, r1 in calls if r1 != rows} == want
+
+
 def test_several_variants_share_one_pass_and_one_thread_gives_the_same():
     w = _ref(seed=3)
     decs, fulls = {}, {}

@@ -384,12 +384,14 @@ def _rows(n_rows: int, row_elems: int, fn, align: int = 1, min_rows: int = 16) -
 class RowDecoder(NamedTuple):
     """A prepared compiled decode of one layer: ``fn(r0, r1, dst)`` writes flattened rows
     ``[r0, r1)`` into ``dst`` (float32 ``[r1-r0, cols]``); ``r0`` and ``r1`` must be multiples of
-    ``granule`` (or ``r1 == rows``)."""
+    ``granule`` (or ``r1 == rows``). ``tile`` (0: the granule) is the multiple of rows the
+    kernel decodes fastest, for callers that choose their own blocks (:mod:`..fused`)."""
 
     fn: Callable
     rows: int
     cols: int
     granule: int
+    tile: int = 0
 
 
 def _whole(n_rows: int, k: int, fn, out: np.ndarray, **kw) -> bool:
