@@ -20,7 +20,9 @@ decoder layer, built once under ``benchmarks/.cache``.
 
 Each size is measured in a fresh subprocess: the files are read once (page cache warm), then
 ``sweep`` over all three variants is timed and the peak RSS taken, then the same variant layers
-are dequantized alone with the same engine; that pair is repeated (``QUANTSCOPE_BENCH_REPEAT``,
+are dequantized alone with the same engine (wall time, and the process's CPU time over all
+threads: ``cpu_ratio``, steadier where other work shares the machine, since a thread waiting
+for a core costs wall time but no CPU time); that pair is repeated (``QUANTSCOPE_BENCH_REPEAT``,
 default 3) and the best of each side is reported, with every run and each pair's ratio. Targets (issue 4): sweep ≤ 1.3× dequantization,
 peak RSS < 1.5 GB and flat in model size.
 
@@ -174,16 +176,20 @@ def measure(folder: Path, engine: str) -> dict:
     fast.warm_up()  # also the sweep's one-pass kernels
     rss0 = peak_rss_bytes()
 
+    cpu = {"sweep": [], "dequant": []}  # the process's CPU time (all threads) of each run
+
     def sweep_once():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = sweep(ref, variants, engine=engine)
+        cpu["sweep"].append(time.process_time() - c0)
         return time.perf_counter() - t0, res
 
     def dequant_once(rows):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for r in rows:
             m = variants[r.variant]
             eng.dequantize(m, m.layers[r.variant_layer])
+        cpu["dequant"].append(time.process_time() - c0)
         return time.perf_counter() - t0
 
     def floor_once(rows):
@@ -231,6 +237,8 @@ def measure(folder: Path, engine: str) -> dict:
             "sweep_s": round(t_sweep, 3), "dequant_alone_s": round(t_deq, 3), "ratio": round(t_sweep / t_deq, 3),
             "sweep_runs_s": [round(x, 3) for x in sweeps], "dequant_runs_s": [round(x, 3) for x in deqs],
             "pair_ratios": [round(a / b, 3) for a, b in zip(sweeps, deqs)],
+            "cpu_ratio": round(min(cpu["sweep"]) / min(cpu["dequant"]), 3),
+            "cpu_pair_ratios": [round(a / b, 3) for a, b in zip(cpu["sweep"], cpu["dequant"])],
             "floor_s": round(t_floor, 3), "floor_ratio": round(t_floor / t_deq, 3),
             "floor_pair_ratios": [round(a / b, 3) for a, b in zip(floors, deqs)],
             "peak_rss_after_open_mb": round(rss0 / 2**20), "peak_rss_sweep_mb": round(rss_sweep / 2**20),
