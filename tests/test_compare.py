@@ -209,6 +209,20 @@ def _awkward(n, dtype, seed):
     return x
 
 
+@pytest.mark.parametrize("offset", [0.0, 1000.0, -3e5])
+def test_counts_equal_numpy_on_and_beside_every_edge_far_from_zero(kernel_path, offset):
+    """The compiled count reads the edges only where its arithmetic position is within a few
+    ulps of one: values on every edge and one ulp either side, in a range narrow beside its
+    magnitude (1e-3 wide at 1000: the edges' own rounding is a thousandth of a bin), are still
+    binned as np.histogram bins them."""
+    rng = np.random.default_rng(4)
+    edges = uniform_edges(offset, offset + 1e-3, 16384)
+    x = np.concatenate([edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf),
+                        offset + rng.random(200_000) * 1e-3])
+    assert np.array_equal(histogram_counts(x, edges), np.histogram(x, edges)[0])
+    assert np.array_equal(histogram_counts(x.astype(np.float32), edges), np.histogram(x.astype(np.float32), edges)[0])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_views_histograms_equal_numpy_on_awkward_values(kernel_path, dtype, monkeypatch):
     """Values, errors (a - b in float64, never stored) and log10 |error| counted by the compiled

@@ -34,15 +34,22 @@ if AVAILABLE:
         nb = edges.size - 1
         lo, hi = edges[0], edges[nb]
         scale = nb / (hi - lo)
+        # how far (in bins) the arithmetic position can be from the edges' own: a few ulps of
+        # the largest magnitude in bins, and of the position itself
+        near = max(abs(lo), abs(hi)) * scale * 2e-15 + 1e-9
         for i in range(a.size):
             v = np.float64(a[i]) - np.float64(b[i]) if diff else np.float64(a[i])
             if v >= lo and v <= hi:  # (NaN is neither)
-                # np.histogram's arithmetic index, corrected against the edges themselves
-                j = min(int((v - lo) * scale), nb - 1)
-                if v < edges[j]:
-                    j -= 1
-                elif j < nb - 1 and v >= edges[j + 1]:
-                    j += 1
+                # np.histogram's arithmetic index, corrected against the edges themselves where
+                # it is next to one (reading the edges for every value cost a fifth of the time)
+                f = (v - lo) * scale
+                j = min(int(f), nb - 1)
+                r = f - j
+                if r < near or r > 1.0 - near:
+                    if v < edges[j]:
+                        j -= 1
+                    elif j < nb - 1 and v >= edges[j + 1]:
+                        j += 1
                 counts[j] += 1
 
     @njit(nogil=True, cache=True)
