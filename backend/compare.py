@@ -1675,39 +1675,21 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
             raise CompareError("no variant covers this layer", file=reference.ckpt.source, tensor=name)
         ref_rows = _reference_rows(reference, states[0].alignment.targets[name], eng, keep=True)
     else:
-        ref_rows = _Rows(reference, ref_layer, eng, keep=True, counter={})
+        streamed = ref_layer.numel > BLOCK_ELEMENTS and ref_layer.is_matrix
+        ref_rows = _Rows(reference, ref_layer, eng, keep=not streamed, counter={})
+        if streamed:  # (a 70B model's 235M-weight layer: four float32 copies were 3.8 GB)
+            return _layer_detail_in_blocks(reference, states, name, ref_rows, bins, eng, cancel, left_out)
     w = ref_rows.full()
-    counter: dict = {}
     wh_of: dict[str, np.ndarray] = {}
     metrics: dict[str, LayerMetrics] = {}
     for vs in list(states):
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
         try:
-            # v_proj/o_proj smoothing needs the preceding layer's fit: measure it first.
-            if t.col_fit_from is not None:
-                pt = vs.alignment.targets[t.col_fit_from]
-                pref = _reference_rows(reference, pt, eng, keep=True)
-                cache_rows: dict = {}
-                _measure_target(pt.name, pref, [vs], [vs], lambda v, p: cache_rows.setdefault(
-                    p, _Rows(v.model, v.model.layers[p], eng, True, counter)), cancel, lambda k: None)
-            cache_rows = {}
-            rows_of = (lambda v, p, c=cache_rows: c.setdefault(p, _Rows(v.model, v.model.layers[p], eng, True, counter)))
-            res = _measure_target(name, ref_rows, [vs], [vs], rows_of, cancel, lambda k: None)
-            wh = _assemble(t, lambda p: rows_of(vs, p), 0, t.rows)
+            metrics[vs.label], block_of = _detail_metrics(reference, vs, name, ref_rows, eng, cancel, keep=True)
+            wh_of[vs.label] = block_of(0, t.rows)
         except LayerError as exc:  # this variant's decoder refuses it: the others are still shown
-            if exc.file is not None and exc.file != vs.model.ckpt.source:
-                raise  # the reference's
-            left_out[vs.label] = f"cannot be decoded: {exc.message}"
-            states.remove(vs)
-            continue
-        metrics[vs.label] = _row(t, vs, res[vs.label])
-        col, _ = _smoothing_for(vs, t)
-        if col is not None:
-            wh = wh / col[None, :].astype(np.float32)
-        if t.row_fit_for is not None and "rows:" in metrics[vs.label].smoothing:
-            wh = wh * vs.row_scales[t.row_fit_for][:, None].astype(np.float32)
-        wh_of[vs.label] = wh
+            _decode_refused(exc, vs, states, left_out)
     value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of}, bins)
     # the errors in float64, element by element, never stored whole (Diff)
     errs, zero_errors = {}, {}
@@ -1742,6 +1724,157 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
                        group_error, metrics, value_view, error_view,
                        nonfinite_counts({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index,
                        log_edges, log_counts, log_view, zero_errors, copies, column_blocks, float_codes)
+
+
+def _decode_refused(exc: LayerError, vs: _VariantState, states: list, left_out: dict[str, str]) -> None:
+    """A variant whose decoder refuses the layer is left out (said); the reference's refusal is raised."""
+    if exc.file is not None and exc.file != vs.model.ckpt.source:
+        raise exc  # the reference's
+    left_out[vs.label] = f"cannot be decoded: {exc.message}"
+    states.remove(vs)
+
+
+def _detail_metrics(reference: Model, vs: _VariantState, name: str, ref_rows, eng, cancel, keep: bool):
+    """(the sweep's row of target ``name`` for one variant, ``block(r0, r1)``: the variant's rows
+    matching reference rows [r0, r1) as the views show them, float32, its smoothing undone).
+    ``keep``: whole layers decoded once and kept; else decoded by row blocks on each call."""
+    t = vs.alignment.targets[name]
+    counter: dict = {}
+    # v_proj/o_proj smoothing needs the preceding layer's fit: measure it first.
+    if t.col_fit_from is not None:
+        pt = vs.alignment.targets[t.col_fit_from]
+        pref = _reference_rows(reference, pt, eng, keep=keep)
+        fit_rows: dict = {}
+        _measure_target(pt.name, pref, [vs], [vs], lambda v, p: fit_rows.setdefault(
+            p, _Rows(v.model, v.model.layers[p], eng, keep, counter)), cancel, lambda k: None, engine=eng)
+    cache_rows: dict = {}
+
+    def rows_of(v, p):
+        return cache_rows.setdefault(p, _Rows(v.model, v.model.layers[p], eng, keep, counter))
+    # (the one-pass path where the layout allows, as the sweep measures: the same figures)
+    res = _measure_target(name, ref_rows, [vs], [vs], rows_of, cancel, lambda k: None, engine=eng)
+    row = _row(t, vs, res[vs.label])
+    col, _ = _smoothing_for(vs, t)
+    col = None if col is None else col[None, :].astype(np.float32)
+    rs = vs.row_scales[t.row_fit_for].astype(np.float32) if (t.row_fit_for is not None
+                                                              and "rows:" in row.smoothing) else None
+
+    def block(r0: int, r1: int) -> np.ndarray:
+        wh = _assemble(t, lambda p: rows_of(vs, p), r0, r1)
+        if col is not None:
+            wh = wh / col
+        if rs is not None:
+            wh = wh * rs[r0:r1, None]
+        return wh
+    return row, block
+
+
+def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows: _Rows, bins: int, eng, cancel,
+                            left_out: dict[str, str]) -> LayerDetail:
+    """:func:`layer_detail` of a layer too large to hold decoded (over :data:`BLOCK_ELEMENTS`):
+    the same figures, read in row blocks twice, so that memory stays a few blocks whatever the
+    layer's size. The first pass takes the ranges (of the values, of the errors and of their
+    magnitudes), exact zeros and the group error map; the histograms' fine edges follow from the
+    ranges, and the second pass counts on them (:func:`~.metrics.bulk_from_counts` then finds the
+    bulk and merges the bins exactly as for a layer held whole)."""
+    from .metrics import (
+        FINE_BINS,
+        Diff,
+        bulk_from_counts,
+        histogram_counts,
+        uniform_edges,
+    )
+    R, K = ref_rows.rows, ref_rows.cols
+    metrics: dict[str, LayerMetrics] = {}
+    block_of: dict = {}
+    for vs in list(states):
+        _check_cancel(cancel)
+        try:
+            metrics[vs.label], block_of[vs.label] = _detail_metrics(reference, vs, name, ref_rows, eng, cancel,
+                                                                     keep=False)
+        except LayerError as exc:
+            _decode_refused(exc, vs, states, left_out)
+    labels = [vs.label for vs in states]
+    step = max(1, _ROW_BLOCK_ELEMENTS // max(1, K))
+    spans = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
+
+    release = _rows_releaser(reference, ref_rows)
+
+    def blocks():
+        for r0, r1 in spans:
+            _check_cancel(cancel)
+            w = ref_rows.get(r0, r1)
+            yield r0, r1, w, {lb: block_of[lb](r0, r1) for lb in labels}
+            if release is not None:  # (its mapped pages: the reference's layer alone is 470 MB)
+                release(r0, r1)
+
+    # pass 1: ranges, zeros, the group error map
+    inf = math.inf
+    vrange = {k: [inf, -inf] for k in ["reference", *labels]}
+    drange = {lb: [inf, -inf, inf, 0] for lb in labels}  # min, max, least nonzero |d|, zeros
+    gmaps: dict[str, list] = {lb: [] for lb in labels}
+    grouped_by_index: set[str] = set()
+    column_blocks: dict[str, int] = {}
+    vl_of = {vs.label: vs.model.layers[vs.alignment.targets[name].var_layers[0]] for vs in states}
+    model_of = {vs.label: vs.model for vs in states}
+    for _, _, w, whs in blocks():
+        for k, a in (("reference", w), *whs.items()):
+            lo, hi, _, _ = histo.finite_range(a)
+            vrange[k] = [min(vrange[k][0], lo), max(vrange[k][1], hi)]
+        for lb, wh in whs.items():
+            lo, hi, least, zeros = histo.finite_range(wh, w)
+            r = drange[lb]
+            drange[lb] = [min(r[0], lo), max(r[1], hi), min(r[2], least), r[3] + zeros]
+            g, by_index, blk = _group_errors(w, wh, vl_of[lb], model_of[lb])
+            gmaps[lb].append(g)
+            if by_index:
+                grouped_by_index.add(lb)
+            if blk:
+                column_blocks[lb] = blk
+    n = R * K
+    copies = [lb for lb in labels if n and drange[lb][3] == n]  # (see layer_detail)
+    zero_errors = {lb: r[3] for lb, r in drange.items() if r[3] and lb not in copies}
+    err_labels = [lb for lb in labels if lb not in copies]
+
+    def edges_of(rngs):
+        lo = min((r[0] for r in rngs), default=inf)
+        hi = max((r[1] for r in rngs), default=-inf)
+        return (None, (lo, hi)) if lo > hi else (uniform_edges(lo, hi, FINE_BINS), (lo, hi))
+    ve, vspan = edges_of(list(vrange.values()))
+    ee, espan = edges_of([drange[lb] for lb in err_labels])
+    mags = [(math.log10(r[2]), math.log10(max(abs(r[0]), abs(r[1]))))
+            for r in (drange[lb] for lb in err_labels) if r[2] < inf and max(abs(r[0]), abs(r[1])) > 0]
+    le, lspan = edges_of(mags)
+    # pass 2: exact counts on the fine edges
+    vc = {k: np.zeros(FINE_BINS, np.int64) for k in vrange}
+    ec = {lb: np.zeros(FINE_BINS, np.int64) for lb in err_labels}
+    lc = {lb: np.zeros(FINE_BINS, np.int64) for lb in err_labels}
+    for _, _, w, whs in blocks():
+        if ve is not None:
+            for k, a in (("reference", w), *whs.items()):
+                vc[k] += histogram_counts(a, ve)
+        for lb in err_labels:
+            if ee is not None:
+                ec[lb] += histogram_counts(Diff(whs[lb], w), ee)
+            if le is not None:
+                lc[lb] += histogram_counts(LogAbsDiff(whs[lb], w), le)
+
+    def bulk(edges, counts, span):
+        return (None, {}, None) if edges is None or not counts else bulk_from_counts(edges, counts, span, bins)
+    value_edges, value_counts, value_view = bulk(ve, vc, vspan)
+    error_edges, error_counts, error_view = bulk(ee, ec, espan)
+    log_edges, log_counts, log_view = bulk(le, lc, lspan)
+    code_counts, scales, zeros, float_codes = {}, {}, {}, {}
+    group_error = {}
+    for vs in states:
+        t = vs.alignment.targets[name]
+        _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments, float_codes)
+        group_error[vs.label] = np.concatenate(gmaps[vs.label], axis=-2)
+    nonfinite = {k: n - int(value_counts[k].sum()) if k in value_counts else n for k in ["reference", *labels]}
+    return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
+                       group_error, metrics, value_view, error_view, {k: v for k, v in nonfinite.items() if v},
+                       left_out, grouped_by_index, log_edges, log_counts, log_view, zero_errors, copies,
+                       column_blocks, float_codes)
 
 
 def nonfinite_counts(values: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, int]:

@@ -489,6 +489,16 @@ def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: 
         return None, {}, None
     edges = uniform_edges(lo, hi, fine)
     counts = {k: histogram_counts(a, edges) for k, a in arrays.items()}
+    return bulk_from_counts(edges, counts, (lo, hi), bins, tail)
+
+
+def bulk_from_counts(edges: np.ndarray, counts: dict[str, np.ndarray], span: tuple[float, float], bins: int = 256,
+                     tail: float = BULK_TAIL):
+    """:func:`bulk_histograms` from its fine counts: ``counts`` per key on the uniform ``edges``
+    (``uniform_edges(*span, fine)``, ``span`` the values' finite range), taken however the values
+    were read (a layer too large to hold is counted block by block)."""
+    fine = edges.size - 1
+    lo, hi = span
     b0, b1 = fine, -1
     for c in counts.values():
         cum = np.cumsum(c)

@@ -854,6 +854,53 @@ def test_demo_end_to_end(demo):
     assert set(res.smoothing_checks) == {"awq-w4g128"}  # nothing else shows folded norms
 
 
+@pytest.mark.parametrize("layer", ["model.layers.1.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+                                   "model.layers.2.self_attn.q_proj"])
+def test_a_layer_too_large_to_hold_gets_the_same_views_read_in_row_blocks(demo, monkeypatch, layer):
+    """Over BLOCK_ELEMENTS a layer's views are read in row blocks, twice (ranges, then counts on
+    the edges they give), never held whole: every figure equals the whole-layer path's, with the
+    AWQ smoothing undone from the norms (q_proj), from v_proj's rows (o_proj) and from up_proj's
+    (down_proj), GPTQ act-order's group map and MLX's mixed bits. Here a block is 2,048 weights."""
+    import dataclasses
+
+    from quantscope.backend import compare as cmp
+    ref = analyze(open_checkpoint(demo.reference))
+    variants = {lb: analyze(open_checkpoint(p)) for lb, p in demo.variants.items()}
+    whole = layer_detail(ref, variants, layer, bins=64, engine="numpy")
+    calls = []
+    real = cmp._layer_detail_in_blocks
+    monkeypatch.setattr(cmp, "_layer_detail_in_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cmp, "BLOCK_ELEMENTS", 1024)
+    monkeypatch.setattr(cmp, "_ROW_BLOCK_ELEMENTS", 2048)
+    blocks = layer_detail(ref, variants, layer, bins=64, engine="numpy")
+    assert calls  # (the block path ran)
+    assert set(blocks.metrics) == set(whole.metrics) and len(whole.metrics) >= 5
+    for f in dataclasses.fields(whole):
+        a, b = getattr(whole, f.name), getattr(blocks, f.name)
+        if f.name == "metrics":
+            for lb, m in a.items():
+                for key in ("rel_fro", "rel_fro_raw", "sqnr_db", "cosine", "mse"):
+                    assert getattr(b[lb], key) == pytest.approx(getattr(m, key), rel=1e-9), (lb, key)
+                for key in ("p50", "p95", "p99", "max_abs", "smoothing", "bits", "scheme"):
+                    assert getattr(b[lb], key) == getattr(m, key), (lb, key)
+        elif f.name == "group_error":
+            assert set(a) == set(b)
+            for lb in a:
+                np.testing.assert_allclose(b[lb], a[lb], rtol=1e-12, err_msg=lb)
+        elif isinstance(a, dict):
+            assert set(a) == set(b), f.name
+            for k in a:
+                if a[k] is None or isinstance(a[k], (int, float, str, tuple)):
+                    assert a[k] == b[k], (f.name, k)
+                else:
+                    assert np.array_equal(a[k], b[k]), (f.name, k)
+        elif isinstance(a, np.ndarray):
+            assert np.array_equal(a, b), f.name
+        else:
+            assert a == b, f.name
+    assert blocks.log_error_counts and blocks.error_counts and blocks.zero_errors is not None
+
+
 def test_layers_filter_measures_the_chosen_layers_as_a_whole_sweep_does(demo):
     """``layers``: only the matching reference layers, with the figures of a whole sweep; AWQ's
     down_proj (smoothing undone from up_proj's rows) brings up_proj along, named in ``added``."""
