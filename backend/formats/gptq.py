@@ -116,7 +116,8 @@ def rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.
     """The compiled row decoder of a GPTQ layer, or None (no kernel for it)."""
     n, k, g, _, trivial, gi, s32, z32 = _prep(qweight, qzeros, scales, g_idx, bits, group_size, version, name)
     fn = fast.gptq_rows(qweight, s32, z32, gi, bits, k, trivial_group=g if trivial else 0)
-    return None if fn is None else fast.RowDecoder(fn, n, k, fast.TILE)
+    # (rows in granules of 32, fastest in whole tiles of 64: fast.GPTQ_TILE)
+    return None if fn is None else fast.RowDecoder(fn, n, k, fast.TILE, fast.GPTQ_TILE)
 
 
 def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None, *,
