@@ -164,6 +164,10 @@ class SweepResult:
     #: Layers whose error is non-finite because the reference's own weights hold NaN/inf (not a
     #: variant's decode): every variant's error there is NaN, and the fault is the reference's.
     reference_nonfinite: list[str] = field(default_factory=list)
+    #: What decoded the layers: ``name`` (numpy, mlx), ``device``, and for numpy whether its
+    #: compiled kernels ran (``compiled``) or the pure-numpy fallback. The figures are the same
+    #: either way (every engine decodes bit for bit as the format's reference does); the time is not.
+    engine: dict = field(default_factory=dict)
 
     def relabelled(self, names: dict[str, str]) -> SweepResult:
         """A copy with each variant's label replaced by ``names[label]`` where given (the window
@@ -175,7 +179,7 @@ class SweepResult:
                            smoothing_checks={n(v): c for v, c in self.smoothing_checks.items()},
                            failed={n(v): e for v, e in self.failed.items()}, added=list(self.added),
                            data_warnings={n(v): w for v, w in self.data_warnings.items()},
-                           reference_nonfinite=list(self.reference_nonfinite))
+                           reference_nonfinite=list(self.reference_nonfinite), engine=dict(self.engine))
 
     def to_json(self) -> dict:
         """Plain JSON data: ``layers`` (one object per row), ``unmatched`` (with ``reason``) and
@@ -202,7 +206,8 @@ class SweepResult:
                 "data_warnings": dict(self.data_warnings),
                 "reference_nonfinite": list(self.reference_nonfinite),
                 "implausible": [{"variant": r.variant, "layer": r.name, "rel_fro": r.rel_fro}
-                                for r in self.implausible()]}
+                                for r in self.implausible()],
+                "engine": dict(self.engine)}
 
     def implausible(self) -> list[LayerMetrics]:
         """Rows whose error is about the reference itself or more (rel_fro >= 0.99; an all-zero
@@ -563,6 +568,17 @@ def _resolve_engine(engine):
     if isinstance(engine, str):
         return get_engine(engine)
     return engine
+
+
+def engine_info(engine) -> dict:
+    """``{"name", "device"}`` of an engine (a name or an instance), and for numpy ``compiled``:
+    whether its compiled kernels run (numba installed) or the pure-numpy fallback."""
+    eng = _resolve_engine(engine)
+    name = getattr(eng, "name", type(eng).__name__)
+    out = {"name": name, "device": str(getattr(eng, "device", ""))}
+    if name == "numpy":
+        out["compiled"] = bool(fast.AVAILABLE)
+    return out
 
 
 def _engine_name(engine) -> str:
@@ -1056,7 +1072,7 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         for k, v in load_cache(cache_dir).items():
             cache.setdefault(k, v)
     states = []
-    result = SweepResult()
+    result = SweepResult(engine=engine_info(eng))
     rx = _layers_pattern(reference, layers) if layers is not None else None
     for label, vm in variants.items():
         al = align(reference, vm, label=label)

@@ -697,6 +697,9 @@ def test_cli_json_csv_and_error(ref_pair, mlx_variant, tmp_path, capsys):
     assert data["layers"] and all(set(LAYER_KEYS) <= set(r) for r in data["layers"])
     assert data["layers"][0]["variant"] == str(root / "mlx")
     assert any(u["reason"] for u in data["unmatched"])
+    # what decoded the layers is said (the figures are the same on any engine; the time is not)
+    from quantscope.backend.formats import fast
+    assert data["engine"] == {"name": "numpy", "device": "cpu (numpy)", "compiled": fast.AVAILABLE}
     rows = list(csv.DictReader(cs.read_text().splitlines()))
     assert set(LAYER_KEYS) <= set(rows[0]) and len(rows) == len(data["layers"]) + len(data["unmatched"])
     other = tmp_path / "other"
