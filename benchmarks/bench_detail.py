@@ -4,8 +4,9 @@ metrics), against dequantizing the same variant layers alone.
 
 Uses ``bench_sweep``'s one decoder layer of Llama-3-8B (reference bf16, GPTQ 4-bit g128, AWQ GEMM
 4-bit g128, MLX affine 4-bit g64; built there once under ``benchmarks/.cache``): ``mlp.down_proj``
-and ``mlp.up_proj`` (58.7M weights each) and ``self_attn.q_proj`` (16.8M). Each layer's detail
-(``app.jobs.job_detail``, as the window runs it on a worker thread) and its dequantization alone
+and ``mlp.up_proj`` (58.7M weights each) and ``self_attn.q_proj`` (16.8M); and, in a process of
+its own, ``mlp.down_proj`` of ``bench_sweep``'s decoder layer of a 70B model (235M weights, read
+in row blocks). Each layer's detail (``app.jobs.job_detail``, as the window runs it on a worker thread) and its dequantization alone
 are timed in interleaved pairs (``QUANTSCOPE_BENCH_REPEAT``, default 3), best of each; the peak RSS
 of the process is reported after them. Before the compiled view kernels (2026-12-07) a 58M-weight
 layer with two MLX variants took 16-20 s to show.
@@ -22,9 +23,12 @@ from pathlib import Path
 from _common import CACHE, emit, peak_rss_bytes
 
 LAYERS = ("model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj")
+#: A layer too large to hold decoded (235M weights, over compare.BLOCK_ELEMENTS): its views are
+#: read in row blocks; measured in a process of its own, so that its peak RSS is its own.
+WIDE_LAYERS = ("model.layers.0.mlp.down_proj",)
 
 
-def measure(folder: Path) -> dict:
+def measure(folder: Path, layers=LAYERS) -> dict:
     from quantscope.app.jobs import job_detail
     from quantscope.backend.checkpoint import open_checkpoint
     from quantscope.backend.engines import get_engine
@@ -37,7 +41,7 @@ def measure(folder: Path) -> dict:
     fast.warm_up()
     job_detail(ref, variants, "model.layers.0.self_attn.k_proj", engine="numpy")  # compiled kernels loaded
     out = {}
-    for name in LAYERS:
+    for name in layers:
         details, deqs = [], []
         for _ in range(int(os.environ.get("QUANTSCOPE_BENCH_REPEAT", "3"))):
             t0 = time.perf_counter()
@@ -55,16 +59,19 @@ def measure(folder: Path) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--measure":
-        emit(measure(Path(sys.argv[2])))
+        emit(measure(Path(sys.argv[2]), sys.argv[3].split(",")))
         return
-    import bench_sweep
-    folder = CACHE / "sweep_8b-layer-0.4GB"
-    bench_sweep.build(folder, *bench_sweep.SIZES["8b-layer-0.4GB"])
-    r = subprocess.run([sys.executable, __file__, "--measure", str(folder)], capture_output=True, text=True,
-                       check=True)
     import json
-    res = json.loads(r.stdout)
-    emit({"benchmark": "detail", "variants": ["gptq", "awq", "mlx"], "cpus": os.cpu_count(), **res})
+
+    import bench_sweep
+    out = {"benchmark": "detail", "variants": ["gptq", "awq", "mlx"], "cpus": os.cpu_count()}
+    for size, layers in (("8b-layer-0.4GB", LAYERS), ("wide-1.7GB", WIDE_LAYERS)):
+        folder = CACHE / f"sweep_{size}"
+        bench_sweep.build(folder, *bench_sweep.SIZES[size])
+        r = subprocess.run([sys.executable, __file__, "--measure", str(folder), ",".join(layers)],
+                           capture_output=True, text=True, check=True)
+        out[size] = json.loads(r.stdout)
+    emit(out)
 
 
 if __name__ == "__main__":
