@@ -1796,6 +1796,7 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
     from .metrics import (
         FINE_BINS,
         Diff,
+        _finite_range,
         bulk_from_counts,
         histogram_counts,
         uniform_edges,
@@ -1824,23 +1825,27 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
             if release is not None:  # (its mapped pages: the reference's layer alone is 470 MB)
                 release(r0, r1)
 
-    # pass 1: ranges, zeros, the group error map
+    # pass 1: ranges (as bulk_histograms takes them, compiled or numpy), zeros, the group error map
     inf = math.inf
     vrange = {k: [inf, -inf] for k in ["reference", *labels]}
-    drange = {lb: [inf, -inf, inf, 0] for lb in labels}  # min, max, least nonzero |d|, zeros
+    drange = {lb: [inf, -inf, 0] for lb in labels}  # min, max, exact zeros
+    lrange = {lb: [inf, -inf] for lb in labels}  # of log10 |d| (nonzero)
     gmaps: dict[str, list] = {lb: [] for lb in labels}
     grouped_by_index: set[str] = set()
     column_blocks: dict[str, int] = {}
     vl_of = {vs.label: vs.model.layers[vs.alignment.targets[name].var_layers[0]] for vs in states}
     model_of = {vs.label: vs.model for vs in states}
+    def widen(r, lo, hi):
+        r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
     for _, _, w, whs in blocks():
         for k, a in (("reference", w), *whs.items()):
-            lo, hi, _, _ = histo.finite_range(a)
-            vrange[k] = [min(vrange[k][0], lo), max(vrange[k][1], hi)]
+            widen(vrange[k], *_finite_range(a.reshape(-1))[:2])
         for lb, wh in whs.items():
-            lo, hi, least, zeros = histo.finite_range(wh, w)
-            r = drange[lb]
-            drange[lb] = [min(r[0], lo), max(r[1], hi), min(r[2], least), r[3] + zeros]
+            d, zeros = diff_of(wh, w)
+            widen(drange[lb], *_finite_range(d)[:2])
+            drange[lb][2] += zeros
+            widen(lrange[lb], *_finite_range(LogAbsDiff(*d))[:2])
             g, by_index, blk = _group_errors(w, wh, vl_of[lb], model_of[lb])
             gmaps[lb].append(g)
             if by_index:
@@ -1848,8 +1853,8 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
             if blk:
                 column_blocks[lb] = blk
     n = R * K
-    copies = [lb for lb in labels if n and drange[lb][3] == n]  # (see layer_detail)
-    zero_errors = {lb: r[3] for lb, r in drange.items() if r[3] and lb not in copies}
+    copies = [lb for lb in labels if n and drange[lb][2] == n]  # (see layer_detail)
+    zero_errors = {lb: r[2] for lb, r in drange.items() if r[2] and lb not in copies}
     err_labels = [lb for lb in labels if lb not in copies]
 
     def edges_of(rngs):
@@ -1858,9 +1863,7 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
         return (None, (lo, hi)) if lo > hi else (uniform_edges(lo, hi, FINE_BINS), (lo, hi))
     ve, vspan = edges_of(list(vrange.values()))
     ee, espan = edges_of([drange[lb] for lb in err_labels])
-    mags = [(math.log10(r[2]), math.log10(max(abs(r[0]), abs(r[1]))))
-            for r in (drange[lb] for lb in err_labels) if r[2] < inf and max(abs(r[0]), abs(r[1])) > 0]
-    le, lspan = edges_of(mags)
+    le, lspan = edges_of([lrange[lb] for lb in err_labels])
     # pass 2: exact counts on the fine edges
     vc = {k: np.zeros(FINE_BINS, np.int64) for k in vrange}
     ec = {lb: np.zeros(FINE_BINS, np.int64) for lb in err_labels}

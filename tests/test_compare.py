@@ -859,11 +859,12 @@ def test_demo_end_to_end(demo):
 
 @pytest.mark.parametrize("layer", ["model.layers.1.self_attn.o_proj", "model.layers.0.mlp.down_proj",
                                    "model.layers.2.self_attn.q_proj"])
-def test_a_layer_too_large_to_hold_gets_the_same_views_read_in_row_blocks(demo, monkeypatch, layer):
+def test_a_layer_too_large_to_hold_gets_the_same_views_read_in_row_blocks(demo, monkeypatch, layer, kernel_path):
     """Over BLOCK_ELEMENTS a layer's views are read in row blocks, twice (ranges, then counts on
     the edges they give), never held whole: every figure equals the whole-layer path's, with the
     AWQ smoothing undone from the norms (q_proj), from v_proj's rows (o_proj) and from up_proj's
-    (down_proj), GPTQ act-order's group map and MLX's mixed bits. Here a block is 2,048 weights."""
+    (down_proj), GPTQ act-order's group map and MLX's mixed bits; with the compiled kernels and
+    without (numpy). Here a block is 2,048 weights."""
     import dataclasses
 
     from quantscope.backend import compare as cmp
