@@ -55,8 +55,8 @@ try:  # numba is optional: without it (or with QUANTSCOPE_NO_NUMBA=1) the numpy 
 except ImportError:  # pragma: no cover - exercised where numba is absent
     AVAILABLE = False
 
-#: Output rows per tile of the transposed GPTQ/AWQ reads: 32 uint32 = two cache lines of each
-#: packed row (16 and 64 measured within noise of it, 8 clearly slower).
+#: Rows a GPTQ row decoder takes at a time (its granule: whole packed zero-point words at any bit
+#: width); it decodes fastest in whole GPTQ_TILE tiles.
 TILE = 32
 #: Output rows per tile of the GPTQ kernel: 64 uint32 = four cache lines of each packed row, read
 #: ahead (PREFETCH_ROWS). With the prefetch, 64 measured faster than 32 where rows are long: one
