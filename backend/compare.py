@@ -67,6 +67,8 @@ _logger = logging.getLogger(__name__)
 BLOCK_ELEMENTS = 64 * 1024 * 1024
 #: Rows per block are chosen so a block holds at most this many elements.
 _ROW_BLOCK_ELEMENTS = 16 * 1024 * 1024
+#: Elements per row block of a selected layer's views read in blocks (:func:`_layer_detail_in_blocks`).
+_VIEW_BLOCK_ELEMENTS = _ROW_BLOCK_ELEMENTS
 #: Significance of a least-squares smoothing estimate: median |log s| above this.
 _LSTSQ_THRESHOLD = 0.02
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -1702,10 +1704,12 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
         try:
-            metrics[vs.label], block_of = _detail_metrics(reference, vs, name, ref_rows, eng, cancel, keep=True)
+            row, block_of = _detail_metrics(reference, vs, name, ref_rows, eng, cancel, keep=True)
             wh_of[vs.label] = block_of(0, t.rows)
         except LayerError as exc:  # this variant's decoder refuses it: the others are still shown
             _decode_refused(exc, vs, states, left_out)
+            continue
+        metrics[vs.label] = row
     value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of}, bins)
     # the errors in float64, element by element, never stored whole (Diff)
     errs, zero_errors = {}, {}
@@ -1757,16 +1761,21 @@ def _detail_metrics(reference: Model, vs: _VariantState, name: str, ref_rows, en
     t = vs.alignment.targets[name]
     counter: dict = {}
     # v_proj/o_proj smoothing needs the preceding layer's fit: measure it first.
+    # (a layer not read in row blocks is decoded whole on every call: kept, whatever ``keep``)
+    def held(layer: Layer) -> bool:
+        return keep or layer.numel <= BLOCK_ELEMENTS
+
     if t.col_fit_from is not None:
         pt = vs.alignment.targets[t.col_fit_from]
-        pref = _reference_rows(reference, pt, eng, keep=keep)
+        pref = _reference_rows(reference, pt, eng, keep=held(reference.layers[pt.ref_layer]))
         fit_rows: dict = {}
         _measure_target(pt.name, pref, [vs], [vs], lambda v, p: fit_rows.setdefault(
-            p, _Rows(v.model, v.model.layers[p], eng, keep, counter)), cancel, lambda k: None, engine=eng)
+            p, _Rows(v.model, v.model.layers[p], eng, held(v.model.layers[p]), counter)), cancel, lambda k: None,
+            engine=eng)
     cache_rows: dict = {}
 
     def rows_of(v, p):
-        return cache_rows.setdefault(p, _Rows(v.model, v.model.layers[p], eng, keep, counter))
+        return cache_rows.setdefault(p, _Rows(v.model, v.model.layers[p], eng, held(v.model.layers[p]), counter))
     # (the one-pass path where the layout allows, as the sweep measures: the same figures)
     res = _measure_target(name, ref_rows, [vs], [vs], rows_of, cancel, lambda k: None, engine=eng)
     row = _row(t, vs, res[vs.label])
@@ -1811,9 +1820,16 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
                                                                      keep=False)
         except LayerError as exc:
             _decode_refused(exc, vs, states, left_out)
-    labels = [vs.label for vs in states]
-    step = max(1, _ROW_BLOCK_ELEMENTS // max(1, K))
+    step = max(1, _VIEW_BLOCK_ELEMENTS // max(1, K))
     spans = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
+    for vs in list(states):  # a decoder that refuses the layer does so on its first block: left out
+        try:
+            if spans:
+                block_of[vs.label](*spans[0])
+        except LayerError as exc:
+            _decode_refused(exc, vs, states, left_out)
+            metrics.pop(vs.label, None)
+    labels = [vs.label for vs in states]
 
     release = _rows_releaser(reference, ref_rows)
 

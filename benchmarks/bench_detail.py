@@ -59,7 +59,7 @@ def measure(folder: Path, layers=LAYERS) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--measure":
-        emit(measure(Path(sys.argv[2]), sys.argv[3].split(",")))
+        emit(measure(Path(sys.argv[2]), sys.argv[3].split(",") if len(sys.argv) > 3 else LAYERS))
         return
     import json
 

@@ -875,7 +875,7 @@ def test_a_layer_too_large_to_hold_gets_the_same_views_read_in_row_blocks(demo, 
     real = cmp._layer_detail_in_blocks
     monkeypatch.setattr(cmp, "_layer_detail_in_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(cmp, "BLOCK_ELEMENTS", 1024)
-    monkeypatch.setattr(cmp, "_ROW_BLOCK_ELEMENTS", 2048)
+    monkeypatch.setattr(cmp, "_VIEW_BLOCK_ELEMENTS", 2048)  # (the metrics' blocks as for the whole path)
     blocks = layer_detail(ref, variants, layer, bins=64, engine="numpy")
     assert calls  # (the block path ran)
     assert set(blocks.metrics) == set(whole.metrics) and len(whole.metrics) >= 5
@@ -903,6 +903,33 @@ def test_a_layer_too_large_to_hold_gets_the_same_views_read_in_row_blocks(demo, 
         else:
             assert a == b, f.name
     assert blocks.log_error_counts and blocks.error_counts and blocks.zero_errors is not None
+
+
+def test_a_variant_whose_decoder_refuses_a_selected_layer_is_left_out_with_no_figures(demo, monkeypatch):
+    """Whole or read in blocks, a variant whose decode of the layer fails is left out, said, and
+    has no metrics row in the views (it kept one when the failure came after its metrics)."""
+    from quantscope.backend import compare as cmp
+    from quantscope.backend.engines import NumpyEngine
+    from quantscope.backend.errors import LayerError as LErr
+    ref = analyze(open_checkpoint(demo.reference))
+    variants = {lb: analyze(open_checkpoint(p)) for lb, p in demo.variants.items()}
+    bad = variants["gptq-w4g128"]
+    real = NumpyEngine.dequantize
+
+    def refuse(self, model, layer, out=None):
+        if model.ckpt.source == bad.ckpt.source:  # (a row block's decode is of a stand-in model)
+            raise LErr("simulated refusal", file=model.ckpt.source, tensor=layer.path)
+        return real(self, model, layer, out)
+    monkeypatch.setattr(NumpyEngine, "dequantize", refuse)
+    name = "model.layers.0.mlp.down_proj"
+    for blocks in (False, True):
+        if blocks:
+            monkeypatch.setattr(cmp, "BLOCK_ELEMENTS", 1024)
+            monkeypatch.setattr(cmp, "_VIEW_BLOCK_ELEMENTS", 2048)
+        d = layer_detail(ref, variants, name, bins=64, engine="numpy")
+        assert "simulated refusal" in d.left_out["gptq-w4g128"], blocks
+        assert "gptq-w4g128" not in d.metrics and "gptq-w4g128" not in d.value_counts, blocks
+        assert set(d.metrics) == set(variants) - {"gptq-w4g128"}, blocks
 
 
 def test_layers_filter_measures_the_chosen_layers_as_a_whole_sweep_does(demo):
