@@ -1760,11 +1760,12 @@ def _detail_metrics(reference: Model, vs: _VariantState, name: str, ref_rows, en
     ``keep``: whole layers decoded once and kept; else decoded by row blocks on each call."""
     t = vs.alignment.targets[name]
     counter: dict = {}
-    # v_proj/o_proj smoothing needs the preceding layer's fit: measure it first.
-    # (a layer not read in row blocks is decoded whole on every call: kept, whatever ``keep``)
+
     def held(layer: Layer) -> bool:
+        # (a layer not read in row blocks is decoded whole on every call: kept, whatever ``keep``)
         return keep or layer.numel <= BLOCK_ELEMENTS
 
+    # v_proj/o_proj smoothing needs the preceding layer's fit: measure it first.
     if t.col_fit_from is not None:
         pt = vs.alignment.targets[t.col_fit_from]
         pref = _reference_rows(reference, pt, eng, keep=held(reference.layers[pt.ref_layer]))
