@@ -1691,7 +1691,12 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     if ref_layer is None:
         if not states:
             raise CompareError("no variant covers this layer", file=reference.ckpt.source, tensor=name)
-        ref_rows = _reference_rows(reference, states[0].alignment.targets[name], eng, keep=True)
+        t0 = states[0].alignment.targets[name]
+        ref_rows = _reference_rows(reference, t0, eng, keep=True)
+        if isinstance(ref_rows, _Rows) and t0.rows * t0.cols > BLOCK_ELEMENTS:
+            # a tied lm_head: the embeddings' rows, read in blocks too (Llama-3.2-3B's: 394M weights)
+            ref_rows = _Rows(reference, ref_rows.layer, eng, keep=False, counter={})
+            return _layer_detail_in_blocks(reference, states, name, ref_rows, bins, eng, cancel, left_out)
     else:
         streamed = ref_layer.numel > BLOCK_ELEMENTS and ref_layer.is_matrix
         ref_rows = _Rows(reference, ref_layer, eng, keep=not streamed, counter={})

@@ -905,6 +905,40 @@ def test_a_layer_too_large_to_hold_gets_the_same_views_read_in_row_blocks(demo, 
     assert blocks.log_error_counts and blocks.error_counts and blocks.zero_errors is not None
 
 
+def test_a_tied_head_too_large_to_hold_is_read_in_row_blocks_too(ref_pair, mlx_variant, tmp_path, monkeypatch):
+    """A reference that ties its head to the embeddings: the selected lm_head is the embeddings'
+    rows, read in blocks like any large layer, with the whole path's figures."""
+    import dataclasses
+
+    from quantscope.backend import compare as cmp
+    root, rw, ref, vw, var = ref_pair
+    tied = _model(tmp_path / "tied", {k: v for k, v in rw.items() if k != "lm_head.weight"},
+                  {"tie_word_embeddings": True})
+    variants = {"v": var, "m": mlx_variant}
+    whole = layer_detail(tied, variants, "lm_head", bins=64, engine="numpy")
+    calls = []
+    real = cmp._layer_detail_in_blocks
+    monkeypatch.setattr(cmp, "_layer_detail_in_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(cmp, "BLOCK_ELEMENTS", 1024)
+    monkeypatch.setattr(cmp, "_VIEW_BLOCK_ELEMENTS", 2048)
+    blocks = layer_detail(tied, variants, "lm_head", bins=64, engine="numpy")
+    assert calls and set(whole.metrics) == {"v", "m"} == set(blocks.metrics)
+    for f in dataclasses.fields(whole):
+        a, b = getattr(whole, f.name), getattr(blocks, f.name)
+        if f.name == "metrics":
+            for lb, m in a.items():
+                assert b[lb].rel_fro == pytest.approx(m.rel_fro, rel=1e-9) and b[lb].p99 == m.p99, lb
+        elif f.name == "group_error":
+            for lb in a:
+                np.testing.assert_allclose(b[lb], a[lb], rtol=1e-12, err_msg=lb)
+        elif isinstance(a, dict):
+            assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a), f.name
+        elif isinstance(a, np.ndarray):
+            assert np.array_equal(a, b), f.name
+        else:
+            assert a == b, f.name
+
+
 def test_a_variant_whose_decoder_refuses_a_selected_layer_is_left_out_with_no_figures(demo, monkeypatch):
     """Whole or read in blocks, a variant whose decode of the layer fails is left out, said, and
     has no metrics row in the views (it kept one when the failure came after its metrics)."""

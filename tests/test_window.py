@@ -1605,10 +1605,13 @@ def test_tree_name_column_follows_the_window_and_the_shown_error_keeps_its_digit
         narrow = tree.view.columnWidth(0)
         w.resize(1920, 1080)
         # it stayed narrow: now as wide as the dock allows again
-        qtbot.waitUntil(lambda: tree.view.columnWidth(0) == tree._name_width() > narrow, timeout=2000)
+        qtbot.waitUntil(lambda: tree.view.columnWidth(0) == tree._name_width() > narrow, timeout=5000)
         assert fits()
+        wide = tree.view.columnWidth(0)
         w.resize(1024, 600)
-        qtbot.waitUntil(lambda: tree.view.columnWidth(0) <= narrow, timeout=2000)
+        # narrow again, as the viewport allows now (the splitter need not give the dock back its
+        # pixel-exact width of before: "<= narrow" failed by a few pixels on a slower machine)
+        qtbot.waitUntil(lambda: tree.view.columnWidth(0) == tree._name_width() < wide, timeout=5000)
         assert fits()
     finally:
         w.service.shutdown()
