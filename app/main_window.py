@@ -228,9 +228,14 @@ class MainWindow(QMainWindow):
 
         def settled() -> None:
             self._rescaling = False
-            for d in docks:
-                self._dock_widths[d] = d.width()
-            self._dock_win_w = self.width()
+            # the widths the docks took, and the window width they are for; where a resize began
+            # before this ran (the window already narrower, the docks already squeezed by it),
+            # the widths asked for: it must still rescale them from these (recording the window's
+            # width now found old == new and left the docks 576 px wide in a 1024-px window)
+            moved = self.width() != new
+            for d, w in zip(docks, widths):
+                self._dock_widths[d] = w if moved else d.width()
+            self._dock_win_w = new
         QTimer.singleShot(0, settled)
 
     # -- composition -----------------------------------------------------------------------------
