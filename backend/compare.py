@@ -1705,7 +1705,7 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     w = ref_rows.full()
     wh_of: dict[str, np.ndarray] = {}
     metrics: dict[str, LayerMetrics] = {}
-    for vs in list(states):
+    for vs in list(states):  # noqa: PERF101  (a copy: _decode_refused removes from states)
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
         try:

@@ -911,7 +911,7 @@ def test_a_tied_head_too_large_to_hold_is_read_in_row_blocks_too(ref_pair, mlx_v
     import dataclasses
 
     from quantscope.backend import compare as cmp
-    root, rw, ref, vw, var = ref_pair
+    _, rw, _, _, var = ref_pair
     tied = _model(tmp_path / "tied", {k: v for k, v in rw.items() if k != "lm_head.weight"},
                   {"tie_word_embeddings": True})
     variants = {"v": var, "m": mlx_variant}
