@@ -1828,10 +1828,13 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
             _decode_refused(exc, vs, states, left_out)
     step = max(1, _VIEW_BLOCK_ELEMENTS // max(1, K))
     spans = [(r0, min(R, r0 + step)) for r0 in range(0, R, step)]
-    for vs in list(states):  # a decoder that refuses the layer does so on its first block: left out
+    # a decoder that refuses the layer does so on its first block: that variant is left out (the
+    # blocks decoded here are the first pass's first)
+    first: dict[str, np.ndarray] = {}
+    for vs in list(states):
         try:
             if spans:
-                block_of[vs.label](*spans[0])
+                first[vs.label] = block_of[vs.label](*spans[0])
         except LayerError as exc:
             _decode_refused(exc, vs, states, left_out)
             metrics.pop(vs.label, None)
@@ -1843,7 +1846,8 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
         for r0, r1 in spans:
             _check_cancel(cancel)
             w = ref_rows.get(r0, r1)
-            yield r0, r1, w, {lb: block_of[lb](r0, r1) for lb in labels}
+            whs = {lb: first.pop(lb) if lb in first else block_of[lb](r0, r1) for lb in labels}
+            yield r0, r1, w, whs
             if release is not None:  # (its mapped pages: the reference's layer alone is 470 MB)
                 release(r0, r1)
 
@@ -1911,17 +1915,19 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
         t = vs.alignment.targets[name]
         _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments, float_codes)
         group_error[vs.label] = np.concatenate(gmaps[vs.label], axis=-2)
-    nonfinite = {k: n - int(value_counts[k].sum()) if k in value_counts else n for k in ["reference", *labels]}
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
-                       group_error, metrics, value_view, error_view, {k: v for k, v in nonfinite.items() if v},
+                       group_error, metrics, value_view, error_view,
+                       nonfinite_counts(dict.fromkeys(["reference", *labels], n), value_counts),
                        left_out, grouped_by_index, log_edges, log_counts, log_view, zero_errors, copies,
                        column_blocks, float_codes)
 
 
-def nonfinite_counts(values: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, int]:
+def nonfinite_counts(values: dict[str, np.ndarray | int], counts: dict[str, np.ndarray]) -> dict[str, int]:
     """Per key with any, how many values are NaN or inf: every finite value lies within the
-    histogram's edges, so what its counts miss is (no counts at all: no finite value anywhere)."""
-    out = {k: a.size - int(counts[k].sum()) if k in counts else a.size for k, a in values.items()}
+    histogram's edges, so what its counts miss is (no counts at all: no finite value anywhere).
+    ``values``: the arrays, or their sizes (a layer read in blocks is never held)."""
+    size = {k: a if isinstance(a, int) else a.size for k, a in values.items()}
+    out = {k: n - int(counts[k].sum()) if k in counts else n for k, n in size.items()}
     return {k: n for k, n in out.items() if n}
 
 

@@ -431,21 +431,20 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
     nwork = workers() if parallel else 1
     if isinstance(ref, fast.RowDecoder):
         R, K = ref.rows, ref.cols
-        ref_gran = ref.granule
 
         def ref_block(r0, r1, buf):
             ref.fn(r0, r1, buf[:r1 - r0])
             return buf[:r1 - r0]
     else:
         R, K = ref.shape
-        ref_gran = 1
 
         def ref_block(r0, r1, buf):
             return ref[r0:r1]
     n = R * K
     labels = list(variants)
+    # the decoders read block by block: the variants' and a quantized reference's
     decs = [d for d, _, _ in variants.values()] + ([ref] if isinstance(ref, fast.RowDecoder) else [])
-    gran = math.lcm(ref_gran, *(d.granule for d in decs))
+    gran = math.lcm(*(d.granule for d in decs))
     per = min(BLOCK_ELEMENTS, max(MIN_BLOCK_ELEMENTS, n // MIN_BLOCKS))
     # rows per block: a whole number of granules (GPTQ decodes 32 rows at a time), the nearer of
     # the two around ``per`` (rounding up halved a 896-row layer's blocks: no narrowing step)
