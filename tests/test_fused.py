@@ -308,6 +308,11 @@ def test_kth_values_exact():
     for vals in (ties, 10.0 ** RNG.uniform(-30, 30, 40_000)):
         pos = sorted(RNG.choice(len(vals), 11, replace=False).tolist() + [len(vals) // 2])
         np.testing.assert_array_equal(fast.kth_values(vals, pos), np.sort(vals)[pos])
+    # hundreds of wanted buckets (the table pass, one sort of all gathered values), and all zeros
+    vals = np.concatenate([RNG.standard_t(3, 60_000) ** 2, np.zeros(1000), np.full(5000, 0.5)])
+    pos = RNG.choice(len(vals), 400, replace=False)
+    np.testing.assert_array_equal(fast.kth_values(vals, pos), np.sort(vals)[pos])
+    np.testing.assert_array_equal(fast.kth_values(np.zeros(10), [9, 0, 3]), np.zeros(3))
     assert fast.kth_values(np.array([1.0, np.inf]), [0]) is None
     assert fast.kth_values(np.array([1.0, np.nan]), [0]) is None
 
