@@ -13,7 +13,7 @@ from quantscope.backend.compare import smoothing_mark
 from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.outfile import atomic_output, printable, terminal_lines
 
-from .progress_bar import ProgressBar
+from .progress_bar import ProgressBar, kernels_ready
 
 _logger = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def run_compare(args) -> int:
         raise next(iter(unopened.values()))
     for out in (args.json_out, args.csv_out):
         refuse_writing_into(out, [ref, *variants.values()])
+    kernels_ready()
     bar = ProgressBar("comparing")
     cancel = threading.Event()
     try:

@@ -30,6 +30,17 @@ from quantscope.backend.workspace import load_workspace
 MAX_HEATMAP_ROWS = 768
 
 
+def job_warm_up(*, progress=None, cancel=None) -> None:
+    """The compiled kernels, ready: compiled by other processes on a first run (see
+    :mod:`quantscope.backend.precompile`), then loaded into this one."""
+    from quantscope.backend.formats import fast
+    from quantscope.backend.precompile import precompile
+    precompile(cancel, progress=progress)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
+    fast.warm_up()
+
+
 def job_load(paths, reference=None, *, progress=None, cancel=None):
     """Open checkpoints (headers and configs only) into a Workspace; those that cannot be opened
     are listed in its ``failed`` (an error only when none opens)."""

@@ -182,9 +182,17 @@ class MainWindow(QMainWindow):
         if sys.getswitchinterval() > 0.0005:
             sys.setswitchinterval(0.0005)
         # Load the compiled kernels now, in the background (0.3 s), rather than with the GIL held
-        # in the middle of the first decode or comparison the user asks for.
-        from quantscope.backend.formats import fast
-        self.service.submit("warm-up", "Loading compiled kernels", fast.warm_up, pass_tokens=False)
+        # in the middle of the first decode or comparison the user asks for; on a first run, compile
+        # them in other processes first (12 s on 2 cores; 18 s in this one, the GIL held most of
+        # it: the event loop stalled up to 270 ms at a time). The jobs that use them wait for it.
+        from quantscope.backend.precompile import kernels_cached
+        cached = kernels_cached()
+        self.service.submit("warm-up", "Loading compiled kernels" if cached else "Compiling kernels",
+                            jobs.job_warm_up, gating=True,
+                            on_error=lambda m, d: _logger.warning("loading the compiled kernels failed: %s", m))
+        if not cached:  # (once shown: the status bar's room is known then)
+            QTimer.singleShot(0, lambda: self._status(
+                "First run: compiling the numerical kernels, once (10-20 s); decoding and comparing start after"))
         geo = settings.value("window/geometry") if restore else None
         state = settings.value("window/state") if restore else None
         if isinstance(geo, QByteArray):
@@ -713,7 +721,7 @@ class MainWindow(QMainWindow):
                 self._recent_details.popitem(last=False)
             self._show_detail(r)
         job = self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ref, models, path,
-                                  engine=self.engine, on_result=shown, on_error=self._job_failed)
+                                  engine=self.engine, on_result=shown, on_error=self._job_failed, gated=True)
         self._detail_job = job.id
 
     def _whatif_target(self, path: str) -> None:
@@ -966,7 +974,7 @@ class MainWindow(QMainWindow):
 
         self.service.submit("sweep", "Comparing all layers" if only is None else f"Comparing layers matching "
                             f"“{only.pattern}”", jobs.job_sweep, ws.reference, dict(ws.variants),
-                            engine=self.engine, cache=self._sweep_cache, layers=only, on_result=shown,
+                            engine=self.engine, cache=self._sweep_cache, layers=only, on_result=shown, gated=True,
                             on_error=self._sweep_failed, on_cancel=lambda: self._status(
                                 "Comparison cancelled: Tools ▸ Compare all layers (Ctrl+Shift+C) runs it again; "
                                 "the layers measured so far are kept and not measured twice"))
@@ -1027,7 +1035,7 @@ class MainWindow(QMainWindow):
             self.doctor_done.emit()
 
         self.service.submit("doctor", f"Doctor: {label}", jobs.job_doctor, source, on_result=show,
-                            on_error=self._job_failed)
+                            on_error=self._job_failed, gated=True)
 
     def doctor_dialog(self) -> None:
         """Tools ▸ Doctor on a checkpoint folder…: any checkpoint, open or not (one that fails to open)."""
@@ -1065,7 +1073,7 @@ class MainWindow(QMainWindow):
                 self._refresh_result()
 
         self.service.submit("whatif", "Requantizing (what-if)", jobs.job_whatif, self.workspace.reference,
-                            name, bits, group, mode, on_result=show, on_error=failed)
+                            name, bits, group, mode, on_result=show, on_error=failed, gated=True)
 
     def convert_dialog(self) -> None:
         from quantscope.widgets.convert_dialog import ConvertDialog
@@ -1097,7 +1105,7 @@ class MainWindow(QMainWindow):
 
         # a channel of its own: a second conversion cancelled the first, without a word
         self.service.submit(f"convert:{next(self._job_ids)}", f"Converting to {Path(dst).name}", jobs.job_convert,
-                            src, dst, opts, engine=self.engine, on_result=done, on_error=self._job_failed)
+                            src, dst, opts, engine=self.engine, on_result=done, on_error=self._job_failed, gated=True)
 
     # -- export ----------------------------------------------------------------------------------
 
@@ -1195,7 +1203,7 @@ class MainWindow(QMainWindow):
         out = self._ask_npy(f"{path}.npy" if expert is None else f"{path}.{expert}.npy")
         if out and self._may_write(out):
             self.service.submit(f"export:{next(self._job_ids)}", f"Exporting {path}", jobs.job_export_dequant, m,
-                                path, out, expert=expert, engine=self.engine,
+                                path, out, expert=expert, engine=self.engine, gated=True,
                                 on_result=lambda _: self._status(f"Saved {out}"), on_error=self._job_failed)
 
     def export_tensor(self, tensor: str) -> None:

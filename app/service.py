@@ -6,6 +6,9 @@
   cancel token) and any late result of the old one is dropped.
 * Results, errors and progress (throttled to ~10/s) reach the GUI thread through signals of an
   object living there; callbacks therefore run on the GUI thread.
+* A *gating* job (loading the compiled kernels at start) holds back the *gated* ones (those that
+  decode or measure) until it ends, however it ends: they are listed as started but wait
+  unscheduled, so the lighter jobs (opening files) still get the pool's threads meanwhile.
 * ``shutdown()`` on ``aboutToQuit`` cancels everything and waits.
 """
 
@@ -114,6 +117,8 @@ class JobService(QObject):
         self._jobs: dict[int, Job] = {}
         self._latest: dict[str, int] = {}
         self._closed = False
+        self._gates: set[int] = set()  # gating jobs not ended
+        self._parked: dict[int, Job] = {}  # gated jobs waiting for them, by id
 
     # -- API -------------------------------------------------------------------------------------
 
@@ -123,8 +128,10 @@ class JobService(QObject):
         return self._closed
 
     def submit(self, channel: str, title: str, fn: Callable, *args, on_result=None, on_error=None,
-               on_cancel=None, pass_tokens: bool = True, **kwargs) -> Job:
-        """Run ``fn(*args, **kwargs)`` off the GUI thread; a newer job on ``channel`` supersedes it."""
+               on_cancel=None, pass_tokens: bool = True, gating: bool = False, gated: bool = False,
+               **kwargs) -> Job:
+        """Run ``fn(*args, **kwargs)`` off the GUI thread; a newer job on ``channel`` supersedes it.
+        ``gated``: start only once no ``gating`` job is left (see the module docstring)."""
         if self._closed:
             raise RuntimeError("service is shut down")
         self.cancel_channel(channel)
@@ -137,8 +144,13 @@ class JobService(QObject):
         job.runnable = _Runnable(job, fn, args, kwargs, self._bridge)
         self._jobs[job.id] = job
         self._latest[channel] = job.id
-        self.job_started.emit(job.id, title)
-        self._pool.start(job.runnable)
+        if gating:
+            self._gates.add(job.id)
+        if gated and self._gates:
+            self._parked[job.id] = job
+        self.job_started.emit(job.id, title)  # (after: a listener may ask whether it waits)
+        if job.id not in self._parked:
+            self._pool.start(job.runnable)
         return job
 
     def cancel_channel(self, channel: str) -> None:
@@ -151,7 +163,8 @@ class JobService(QObject):
         if job is None:
             return
         job.cancel.set()
-        if self._pool.tryTake(job.runnable):  # never started: finish it here
+        # never started (waiting for a gate, or queued in the pool): finish it here
+        if self._parked.pop(job.id, None) is not None or self._pool.tryTake(job.runnable):
             replaced = self._latest.get(job.channel) != job.id
             self._forget(job)
             if not replaced and job.on_cancel is not None:
@@ -163,6 +176,10 @@ class JobService(QObject):
 
     def running(self) -> list[Job]:
         return list(self._jobs.values())
+
+    def is_waiting(self, job_id: int) -> bool:
+        """Whether the job is gated and still waiting for its gate (not started)."""
+        return job_id in self._parked
 
     def is_idle(self) -> bool:
         return not self._jobs
@@ -180,6 +197,12 @@ class JobService(QObject):
         self._jobs.pop(job.id, None)
         if self._latest.get(job.channel) == job.id:
             del self._latest[job.channel]
+        self._gates.discard(job.id)
+        if not self._gates and self._parked:  # the last gate ended: the gated jobs start
+            parked, self._parked = self._parked, {}
+            for p in parked.values():
+                if not self._closed:
+                    self._pool.start(p.runnable)
         self.job_done.emit(job.id)
         if not self._jobs:
             self.idle.emit()

@@ -114,3 +114,102 @@ def test_a_cancelled_job_says_so_unless_a_newer_one_replaced_it(service, qtbot):
     service.cancel_all()
     qtbot.waitUntil(service.is_idle, timeout=5000)
     assert said == ["new"]
+
+
+def _blocker():
+    release = threading.Event()
+
+    def work(cancel, progress):
+        while not release.wait(0.01):
+            if cancel.is_set():
+                raise Cancelled()
+        return "warm"
+    return release, work
+
+
+def _failing_after(release):
+    def work(cancel, progress):
+        release.wait(5)
+        raise QuantscopeError("no compiler")
+    return work
+
+
+@pytest.mark.parametrize("ending", ["result", "error", "cancel"])
+def test_gated_jobs_wait_for_the_gating_job_however_it_ends(service, qtbot, ending):
+    """The kernels' warm-up at start holds back the jobs that decode; opening files goes on."""
+    release, work = _blocker()
+    if ending == "error":
+        work = _failing_after(release)
+    ran = []
+    gate = service.submit("warm-up", "warm-up", work, gating=True, on_error=lambda m, d: None)
+    service.submit("sweep", "sweep", lambda cancel, progress: ran.append("sweep") or 1, gated=True)
+    service.submit("open", "open", lambda cancel, progress: ran.append("open") or 1)
+    qtbot.waitUntil(lambda: ran == ["open"], timeout=5000)
+    time.sleep(0.1)
+    assert ran == ["open"]  # the gated job has not started
+    assert len(service.running()) == 2  # but it is listed (the jobs bar shows it)
+    if ending == "cancel":
+        service.cancel(gate.id)
+    release.set()
+    qtbot.waitUntil(service.is_idle, timeout=5000)
+    assert ran == ["open", "sweep"]
+    # with no gating job left, a gated job starts at once
+    service.submit("sweep", "sweep", lambda cancel, progress: ran.append("again") or 1, gated=True)
+    qtbot.waitUntil(lambda: ran[-1:] == ["again"], timeout=5000)
+
+
+def test_a_waiting_gated_job_can_be_cancelled_or_replaced(service, qtbot):
+    release, work = _blocker()
+    service.submit("warm-up", "warm-up", work, gating=True)
+    ran, cancelled, results = [], [], []
+    a = service.submit("detail", "a", lambda cancel, progress: ran.append("a") or "a", gated=True,
+                       on_cancel=lambda: cancelled.append("a"))
+    service.submit("sweep", "b", lambda cancel, progress: ran.append("b") or "b", gated=True,
+                   on_cancel=lambda: cancelled.append("b"))
+    service.submit("sweep", "c", lambda cancel, progress: ran.append("c") or "c", gated=True,
+                   on_result=results.append, on_cancel=lambda: cancelled.append("c"))  # replaces b
+    service.cancel(a.id)
+    assert cancelled == ["a"]  # at once, it never started; b was replaced, not cancelled
+    assert len(service.running()) == 2  # the gate and c
+    release.set()
+    qtbot.waitUntil(service.is_idle, timeout=5000)
+    assert ran == ["c"] and results == ["c"] and cancelled == ["a"]
+
+
+def test_shutdown_drops_the_waiting_gated_jobs(qtbot):
+    s = JobService()
+    release, work = _blocker()
+    s.submit("warm-up", "warm-up", work, gating=True)
+    ran = []
+    s.submit("sweep", "sweep", lambda cancel, progress: ran.append(1), gated=True)
+    s.shutdown()
+    release.set()
+    assert s.is_idle() and ran == []
+
+
+def test_jobs_bar_shows_the_job_that_runs_not_the_one_waiting_for_it(service, qtbot):
+    from quantscope.widgets.jobs_bar import JobsBar
+    bar = JobsBar(service)
+    qtbot.addWidget(bar)
+    bar.setFixedWidth(440)
+    bar.show()
+    release, work = _blocker()
+    service.submit("warm-up", "Compiling kernels", work, gating=True)
+    sweep = service.submit("sweep", "Comparing all layers matching a very long pattern indeed", lambda cancel, progress: 1,
+                           gated=True)
+    assert service.is_waiting(sweep.id)
+    assert bar.label.text() == "Compiling kernels (+1 more)"
+    assert bar.label.toolTip().splitlines() == ["Compiling kernels",
+                                                "Comparing all layers matching a very long pattern indeed (waiting)"]
+    release.set()
+    qtbot.waitUntil(service.is_idle, timeout=5000)
+    assert bar.label.text() == "Ready"
+    # a title longer than the room is cut with "…", the count of the others kept whole
+    release, work = _blocker()
+    service.submit("a", "Comparing all layers matching a very long pattern indeed, longer than the strip", work)
+    service.submit("b", "Exporting model.layers.0.mlp.down_proj.weight to a file with a long name", work)
+    text = bar.label.text()
+    assert text.endswith("… (+1 more)") and text.startswith("Exporting model")
+    assert bar.label.fontMetrics().horizontalAdvance(text) <= bar.label.contentsRect().width()
+    release.set()
+    qtbot.waitUntil(service.is_idle, timeout=5000)

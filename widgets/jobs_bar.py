@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import QRectF
+from PySide6.QtCore import QRectF, Qt
 from PySide6.QtGui import QPainter
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QSizePolicy, QToolButton, QWidget
 
@@ -79,9 +79,19 @@ class JobsBar(QWidget):
         self._progress.pop(jid, None)
         self._refresh()
 
+    def resizeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+        super().resizeEvent(ev)
+        self._refresh()  # (the title is elided to the label's width)
+
+    def _shown(self) -> int:
+        # the latest job that runs: a job waiting for another (a comparison for the kernels'
+        # compilation on a first run) shows that one, with its progress
+        running = [j for j in self._titles if not self.service.is_waiting(j)]
+        return max(running or self._titles)
+
     def _cancel_latest(self) -> None:
         if self._titles:
-            self.service.cancel(max(self._titles))
+            self.service.cancel(self._shown())
 
     def _refresh(self) -> None:
         busy = bool(self._titles)
@@ -90,8 +100,12 @@ class JobsBar(QWidget):
         if not busy:
             self.label.setText("Ready")
             return
-        jid = max(self._titles)
+        jid = self._shown()
         more = f" (+{len(self._titles) - 1} more)" if len(self._titles) > 1 else ""
-        self.label.setText(f"{self._titles[jid]}{more}")
-        self.label.setToolTip(self.label.text())
+        # the title elided to the room left, so that the count of the others stays readable
+        fm = self.label.fontMetrics()
+        room = max(0, self.label.contentsRect().width() - fm.horizontalAdvance(more))
+        self.label.setText(fm.elidedText(self._titles[jid], Qt.TextElideMode.ElideRight, room) + more)
+        self.label.setToolTip("\n".join(t + (" (waiting)" if self.service.is_waiting(j) else "")
+                                         for j, t in sorted(self._titles.items(), key=lambda x: x[0] != jid)))
         self.bar.set_fraction(self._progress.get(jid, 0.0))

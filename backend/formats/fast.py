@@ -1518,52 +1518,70 @@ def gather(a: np.ndarray, b: np.ndarray, lut: np.ndarray, bound: int):
     return _gather(a, b, lut, bound)
 
 
-def warm_up() -> None:
-    """Load the compiled kernels the common decodes and the metrics use (numba's on-disk cache,
-    compiling on a first run), on tiny arrays through the real decoders so the signatures match.
+def _ro(x):  # checkpoint tensors are read-only mmap views: a distinct compiled signature
+    x.flags.writeable = False
+    return x
 
-    The first call of each kernel otherwise costs tenths of a second with the GIL held, in the
-    middle of the user's first comparison; the window runs this in the background at start.
-    """
-    if not AVAILABLE:
-        return
+
+def _warm_mlx() -> None:
     import ml_dtypes
 
-    from .. import metrics
-    from . import awq, gptq, mlx
-
-    def ro(x):  # checkpoint tensors are read-only mmap views: a distinct compiled signature
-        x.flags.writeable = False
-        return x
-
+    from . import mlx
     rng = np.random.default_rng(0)
     n, k = 16, 256
-    w = ro(rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32))
-    s = ro(np.full((n, k // 64), 0.01, ml_dtypes.bfloat16))
+    w = _ro(rng.integers(0, 2**32, size=(n, k // 8), dtype=np.uint32))
+    s = _ro(np.full((n, k // 64), 0.01, ml_dtypes.bfloat16))
     mlx.decode_affine(w, s, s, bits=4, group_size=64)
-    mlx.decode_fp(w, ro(np.full((n, k // 32), 127, np.uint8)), mode="mxfp4")
-    qw = ro(rng.integers(0, 2**31, size=(k // 8, n), dtype=np.int32))
-    qz = ro(np.zeros((k // 128, n // 8), np.int32))
-    sc = ro(np.full((k // 128, n), 0.01, np.float16))
-    gptq.decode(qw, qz, sc, None, bits=4, group_size=128)
-    gptq.decode(qw, qz, sc, ro(rng.permutation(np.arange(k) // 128).astype(np.int32)), bits=4, group_size=128)
-    w3 = ro(rng.integers(0, 2**32, size=(n, k * 3 // 32), dtype=np.uint32))  # 3/5/6-bit: byte path
+    mlx.decode_fp(w, _ro(np.full((n, k // 32), 127, np.uint8)), mode="mxfp4")
+    w3 = _ro(rng.integers(0, 2**32, size=(n, k * 3 // 32), dtype=np.uint32))  # 3/5/6-bit: byte path
     mlx.decode_affine(w3, s, s, bits=3, group_size=64)
-    mlx.decode_fp(ro(rng.integers(0, 2**32, size=(n, k // 4), dtype=np.uint32)),
-                  ro(np.full((n, k // 32), 127, np.uint8)), mode="mxfp8")
-    awq.decode_gemm(ro(rng.integers(0, 2**31, size=(k, n // 8), dtype=np.int32)), qz, sc, group_size=128)
+    mlx.decode_fp(_ro(rng.integers(0, 2**32, size=(n, k // 4), dtype=np.uint32)),
+                  _ro(np.full((n, k // 32), 127, np.uint8)), mode="mxfp8")
+    # the one-pass sweep's row decoder of MLX layers
+    wq = _ro(rng.integers(0, 2**32, size=(64, k // 8), dtype=np.uint32))
+    sq = _ro(np.full((64, k // 64), 0.01, ml_dtypes.bfloat16))
+    mlx.affine_rows(wq, sq, sq, bits=4, group_size=64).fn(0, 64, np.empty((64, k), np.float32))
+
+
+def _warm_gptq_awq() -> None:
+    from .. import metrics
+    from . import awq, gptq
+    rng = np.random.default_rng(0)
+    n, k = 16, 256
+    qw = _ro(rng.integers(0, 2**31, size=(k // 8, n), dtype=np.int32))
+    qz = _ro(np.zeros((k // 128, n // 8), np.int32))
+    sc = _ro(np.full((k // 128, n), 0.01, np.float16))
+    gptq.decode(qw, qz, sc, None, bits=4, group_size=128)
+    gptq.decode(qw, qz, sc, _ro(rng.permutation(np.arange(k) // 128).astype(np.int32)), bits=4, group_size=128)
+    awq.decode_gemm(_ro(rng.integers(0, 2**31, size=(k, n // 8), dtype=np.int32)), qz, sc, group_size=128)
     a = rng.standard_normal(4096).astype(np.float32)
     metrics.error_metrics(a, a + np.float32(0.01))
     metrics.ErrorStats().add_small(a, a + np.float32(0.01))  # small layers (MoE experts)
-    # the sweep's one-pass path: block decode, pair statistics, interval selection
+
+
+def _warm_measure() -> None:
+    # the sweep's one-pass path: block decode, pair statistics, interval selection (a float32
+    # reference and a plain row decoder: the MLX one is _warm_mlx's, not compiled twice)
+    import ml_dtypes
+
     from .. import fused
-    ref = ro((rng.standard_normal((64, k)) * 0.02).astype(ml_dtypes.bfloat16))
-    wq = ro(rng.integers(0, 2**32, size=(64, k // 8), dtype=np.uint32))
-    sq = ro(np.full((64, k // 64), 0.01, ml_dtypes.bfloat16))
-    fused.measure(ref, {"w": (mlx.affine_rows(wq, sq, sq, bits=4, group_size=64), 0, None)}, parallel=False)
+    rng = np.random.default_rng(0)
+    k = 256
+    ref = _ro((rng.standard_normal((64, k)) * 0.02).astype(ml_dtypes.bfloat16))
+    v = ref.astype(np.float32) + np.float32(1e-3) * rng.standard_normal((64, k)).astype(np.float32)
+
+    def rows(r0, r1, out):
+        out[:] = v[r0:r1]
+
+    fused.measure(ref, {"w": (RowDecoder(rows, 64, k, 1), 0, None)}, parallel=False)
+
+
+def _warm_views() -> None:
     # the layer views' kernels (a selected layer's histograms, group error map and code counts):
     # loaded here, not during the first selection, where their loading held the GIL for seconds
     from . import histo
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(4096).astype(np.float32)
     b = a + np.float32(0.01)
     edges = np.linspace(-1.0, 1.0, 65)
     histo.finite_range(a)
@@ -1574,7 +1592,27 @@ def warm_up() -> None:
     histo.group_sums(a.reshape(64, 64), b.reshape(64, 64), np.arange(64) // 32, 2)
     codes = np.zeros(64, np.uint8)
     histo.level_counts(codes, 16)
-    histo.level_counts(ro(codes), 256)  # (packed bytes of a checkpoint: read-only)
+    histo.level_counts(_ro(codes), 256)  # (packed bytes of a checkpoint: read-only)
+
+
+#: warm_up's parts, by name (precompile runs them in separate processes).
+WARM_PARTS = {"mlx": _warm_mlx, "gptq-awq": _warm_gptq_awq, "measure": _warm_measure, "views": _warm_views}
+
+
+def warm_up(parts=None) -> None:
+    """Load the compiled kernels the common decodes and the metrics use (numba's on-disk cache,
+    compiling on a first run), on tiny arrays through the real decoders so the signatures match;
+    ``parts``: names of :data:`WARM_PARTS` (all by default).
+
+    The first call of each kernel otherwise costs tenths of a second with the GIL held, in the
+    middle of the user's first comparison; the window runs this in the background at start
+    (after :mod:`..precompile` has compiled them in other processes on a first run).
+    """
+    if not AVAILABLE:
+        return
+    for name in WARM_PARTS if parts is None else parts:
+        WARM_PARTS[name]()
+
 
 # -- conversion (AWQ GEMM -> MLX 4-bit) --------------------------------------------------------
 
