@@ -181,16 +181,16 @@ class MainWindow(QMainWindow):
         # compiled kernels that release the GIL anyway.
         if sys.getswitchinterval() > 0.0005:
             sys.setswitchinterval(0.0005)
-        # Load the compiled kernels now, in the background (0.3 s), rather than with the GIL held
-        # in the middle of the first decode or comparison the user asks for; on a first run, compile
-        # them in other processes first (12 s on 2 cores; 18 s in this one, the GIL held most of
-        # it: the event loop stalled up to 270 ms at a time). The jobs that use them wait for it.
+        # On a first run (numba's cache empty), compile the kernels in other processes (12 s on 2
+        # cores; 18 s in this one, the GIL held most of it: the event loop stalled up to 270 ms at
+        # a time); the jobs that use them wait for it. Otherwise nothing to do: they are loaded by
+        # the jobs that use them (see jobs.job_warm_up).
         from quantscope.backend.precompile import kernels_cached
         cached = kernels_cached()
-        self.service.submit("warm-up", "Loading compiled kernels" if cached else "Compiling kernels",
-                            jobs.job_warm_up, gating=True,
-                            on_error=lambda m, d: _logger.warning("loading the compiled kernels failed: %s", m))
-        if not cached:  # (once shown: the status bar's room is known then)
+        if not cached:
+            self.service.submit("warm-up", "Compiling kernels", jobs.job_warm_up, gating=True,
+                                on_error=lambda m, d: _logger.warning("compiling the kernels failed: %s", m))
+            # (once shown: the status bar's room is known then)
             QTimer.singleShot(0, lambda: self._status(
                 "First run: compiling the numerical kernels, once (10-20 s); decoding and comparing start after"))
         geo = settings.value("window/geometry") if restore else None

@@ -76,9 +76,10 @@ def main():
     win.quiet_errors = True
     win.resize(1280, 800)
     win.show()
-    # Let start-up finish before measuring (the first paint of the freshly shown window, and the
-    # background job that loads the compiled kernels): the heartbeat is about opening and
-    # comparing, not about starting the application.
+    # Let start-up finish before measuring (the first paint of the freshly shown window, and on a
+    # first run the kernels' compilation): the heartbeat is about opening and comparing, not about
+    # starting the application. The first comparison loads the compiled kernels it uses (0.3 s;
+    # they were loaded ahead, during start-up, until 2026-12-07: see app/jobs.job_warm_up).
     t_settle = time.perf_counter()
     while time.perf_counter() - t_settle < 0.5 or (not win.service.is_idle() and time.perf_counter() - t_settle < 60):
         app.processEvents()
