@@ -283,18 +283,19 @@ class Checkpoint:
         root = (self._containment or link_root(folder)).resolve()
         shards: dict[str, Path] = {}
         linked_out: list[str] = []
-        first_tensor = {}
-        for tensor, shard in data.weight_map.items():
-            if shard not in first_tensor:
-                first_tensor[shard] = tensor
-        for shard, tensor in first_tensor.items():
+        wm = data.weight_map
+
+        def first_tensor(shard):  # (named in an error only: a loop over 100,000 names cost 12 ms)
+            return next(t for t, s in wm.items() if s == shard)
+
+        for shard in dict.fromkeys(wm.values()):  # each shard once, in order
             if not isinstance(shard, str) or not shard:
                 raise ShardIndexError(f"weight_map entry is {shard!r}, not a file name", file=index_path,
-                                      tensor=tensor, rule="index.entry")
+                                      tensor=first_tensor(shard), rule="index.entry")
             rel = Path(shard)
             if rel.is_absolute() or ".." in rel.parts:
                 raise UnsafePathError(f"shard path {shard!r} points outside the model folder; refused",
-                                      file=index_path, tensor=tensor)
+                                      file=index_path, tensor=first_tensor(shard))
             target = folder / rel
             if not _within(target.resolve(), root):
                 # a folder of links to shards stored elsewhere (made with `ln -s` to assemble or
@@ -304,9 +305,9 @@ class Checkpoint:
             if not target.is_file():
                 if target.exists():  # a folder, a pipe, a device (a link to one): never opened
                     raise ShardIndexError(f"index names shard {shard!r}, which is not a regular file", file=index_path,
-                                          tensor=tensor, rule="index.missing-shard")
+                                          tensor=first_tensor(shard), rule="index.missing-shard")
                 raise ShardIndexError(f"index names shard {shard!r}, which is missing", file=index_path,
-                                      tensor=tensor, rule="index.missing-shard")
+                                      tensor=first_tensor(shard), rule="index.missing-shard")
             shards[shard] = target
         if not shards:
             raise ShardIndexError("weight_map is empty", file=index_path, rule="index.no-weight-map")

@@ -230,3 +230,19 @@ def test_nothing_is_written_into_the_opened_folder(tmp_path):
         c.tensor(n)
     c.close()
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_index_errors_name_the_first_tensor_of_the_shard_at_fault(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    write_st(model / "a.safetensors", {"w": np.zeros(2, np.float32)})
+    wm = {"w": "a.safetensors", "layers.0.q": "b.safetensors", "layers.0.k": "b.safetensors"}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(ShardIndexError, match="which is missing") as exc:
+        open_checkpoint(model)
+    assert exc.value.tensor == "layers.0.q" and str(exc.value.file).endswith("model.safetensors.index.json")
+    wm = {"w": "a.safetensors", "x": "../elsewhere.safetensors"}
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(UnsafePathError) as exc:
+        open_checkpoint(model)
+    assert exc.value.tensor == "x"
