@@ -6,7 +6,7 @@
   cancel token) and any late result of the old one is dropped.
 * Results, errors and progress (throttled to ~10/s) reach the GUI thread through signals of an
   object living there; callbacks therefore run on the GUI thread.
-* A *gating* job (loading the compiled kernels at start) holds back the *gated* ones (those that
+* A *gating* job (compiling the kernels on a first run) holds back the *gated* ones (those that
   decode or measure) until it ends, however it ends: they are listed as started but wait
   unscheduled, so the lighter jobs (opening files) still get the pool's threads meanwhile.
 * ``shutdown()`` on ``aboutToQuit`` cancels everything and waits.
@@ -198,11 +198,10 @@ class JobService(QObject):
         if self._latest.get(job.channel) == job.id:
             del self._latest[job.channel]
         self._gates.discard(job.id)
-        if not self._gates and self._parked:  # the last gate ended: the gated jobs start
+        if not self._gates and self._parked and not self._closed:  # the last gate ended: they start
             parked, self._parked = self._parked, {}
             for p in parked.values():
-                if not self._closed:
-                    self._pool.start(p.runnable)
+                self._pool.start(p.runnable)
         self.job_done.emit(job.id)
         if not self._jobs:
             self.idle.emit()

@@ -79,7 +79,7 @@ class JobsBar(QWidget):
         self._progress.pop(jid, None)
         self._refresh()
 
-    def resizeEvent(self, ev) -> None:  # noqa: N802 - Qt's name
+    def resizeEvent(self, ev) -> None:  # (Qt's name)
         super().resizeEvent(ev)
         self._refresh()  # (the title is elided to the label's width)
 
