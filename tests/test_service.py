@@ -144,8 +144,9 @@ def test_gated_jobs_wait_for_the_gating_job_however_it_ends(service, qtbot, endi
     gate = service.submit("warm-up", "warm-up", work, gating=True, on_error=lambda m, d: None)
     service.submit("sweep", "sweep", lambda cancel, progress: ran.append("sweep") or 1, gated=True)
     service.submit("open", "open", lambda cancel, progress: ran.append("open") or 1)
-    qtbot.waitUntil(lambda: ran == ["open"], timeout=5000)
-    time.sleep(0.1)
+    # (the open job's end reaches the GUI thread after its function returned: wait for both)
+    qtbot.waitUntil(lambda: ran == ["open"] and len(service.running()) == 2, timeout=5000)
+    qtbot.wait(100)
     assert ran == ["open"]  # the gated job has not started
     assert len(service.running()) == 2  # but it is listed (the jobs bar shows it)
     if ending == "cancel":
