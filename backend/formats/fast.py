@@ -67,11 +67,13 @@ AWQ_TILE = 8
 #: Packed rows per AWQ panel: 1024 rows of a 14336-wide layer span 2 MB (measured: 256-2048
 #: within noise of each other, whole columns clearly slower).
 AWQ_PANEL = 1024
-#: Words of padding after each row of the AWQ kernels' gather buffers: rows of 1024 words lie
-#: 4 KB apart, so the 8 stores of each gathered packed row went to one L1 set (and 4K-aliased
-#: the loads). Padded, one core: AWQ -> MLX repack of a 4096x11008 layer 10.1-11.3 -> 6.1-6.6 ms
-#: (11008x4096: 6.3-7.6 -> 4.7-5.4); pads of 4-32 words measured alike (AMD EPYC).
-AWQ_PAD = 16
+#: Words of padding after each row of the GPTQ/AWQ kernels' gather buffers (a packed row's words
+#: stored one per buffer row): rows a power-of-two 1-4 KB long put all the stores of a gathered
+#: row in one or two L1 sets (and 4K-aliased the loads). Padded, one core (AMD EPYC): AWQ -> MLX
+#: repack of a 4096x11008 layer 10.1-11.3 -> 5.6-6.6 ms; AWQ row decoder, 2048x2048, 0.245 ->
+#: 0.215 ns per element; GPTQ's, 4096x14336 (2 KB rows), 0.52-0.54 -> 0.45-0.46. Pads of 4-32
+#: words measured alike.
+GATHER_PAD = 16
 #: Output floats per tile chunk: large enough that each output row is written in long runs
 #: (whole rows for a 14336-wide layer); smaller chunks measured slower.
 CHUNK = 1 << 20
@@ -294,7 +296,7 @@ if AVAILABLE:
         per = 32 // bits
         wpg = group // per
         ng = qw.shape[0] // wpg
-        local = np.empty((tile, wpg * gpc), np.uint32)
+        local = np.empty((tile, wpg * gpc + GATHER_PAD), np.uint32)  # (see GATHER_PAD)
         for c0 in range(c_lo, c_hi, tile):
             c1 = min(c_hi, c0 + tile)
             for gb in range(0, ng, gpc):
@@ -331,7 +333,7 @@ if AVAILABLE:
         # paired: 2.0-2.1x the copy that way, 1.3-1.6x this way).
         k = qw.shape[0]
         ng = k // group
-        local = np.empty((AWQ_TILE, group * gpp + AWQ_PAD), np.uint32)  # (see AWQ_PAD)
+        local = np.empty((AWQ_TILE, group * gpp + GATHER_PAD), np.uint32)  # (see GATHER_PAD)
         for gb in range(0, ng, gpp):
             ge = min(ng, gb + gpp)
             for c0 in range(c_lo, c_hi, AWQ_TILE):
@@ -1644,7 +1646,7 @@ if AVAILABLE:
         # 4-bit blocks), vectorised across q. Panels of packed rows as in _awq_tiled; a
         # [8 columns, 8, panel/8] buffer puts each (column, i) run of q in a line of its own.
         k = qw.shape[0]
-        loc = np.empty((AWQ_TILE, 8, panel // 8 + AWQ_PAD), np.uint32)  # (see AWQ_PAD)
+        loc = np.empty((AWQ_TILE, 8, panel // 8 + GATHER_PAD), np.uint32)  # (see GATHER_PAD)
         m16, m8, m4 = np.uint32(0x0000FFFF), np.uint32(0x00FF00FF), np.uint32(0x0F0F0F0F)
         s16, s8, s4 = np.uint32(16), np.uint32(8), np.uint32(4)
         for p0 in range(0, k, panel):
