@@ -269,6 +269,14 @@ def test_group_sums_and_level_counts_equal_numpy():
         np.testing.assert_allclose(num[:, j], d2[:, g == j].sum(1), rtol=1e-12)
         np.testing.assert_allclose(den[:, j], w2[:, g == j].sum(1), rtol=1e-12)
     assert np.isnan(num[4, g[70]]) and np.isfinite(num[4]).sum() == 3
+    # groups in runs of columns (every layout but act-order's): summed run by run, four lanes;
+    # runs of unequal lengths whose tails are not whole fours, one group in two runs
+    for g in (np.arange(256) // 64, np.repeat([0, 1, 2, 0], [70, 101, 77, 8])):
+        num, den = histo.group_sums(w, wh, g, 4)
+        for j in range(4):
+            np.testing.assert_allclose(num[:, j], d2[:, g == j].sum(1), rtol=1e-12)
+            np.testing.assert_allclose(den[:, j], w2[:, g == j].sum(1), rtol=1e-12)
+        assert np.isnan(num[4, g[70]]) and np.isfinite(num[4]).sum() == 3  # (a group of no column: 0)
     codes = rng.integers(0, 16, size=1_000_003).astype(np.uint8)
     codes[:5000] = 15  # a saturated run
     assert np.array_equal(histo.level_counts(codes, 16), np.bincount(codes, minlength=16))

@@ -1602,7 +1602,8 @@ def _warm_views() -> None:
     histo.counts(a, edges)
     histo.counts(a, edges, b)
     histo.log_abs_counts(a, b, np.linspace(-5.0, 0.0, 9))
-    histo.group_sums(a.reshape(64, 64), b.reshape(64, 64), np.arange(64) // 32, 2)
+    histo.group_sums(a.reshape(64, 64), b.reshape(64, 64), np.arange(64) // 32, 2)  # groups in runs
+    histo.group_sums(a.reshape(64, 64), b.reshape(64, 64), np.arange(64) % 2, 2)  # act-order's
     codes = np.zeros(64, np.uint8)
     histo.level_counts(codes, 16)
     histo.level_counts(_ro(codes), 256)  # (packed bytes of a checkpoint: read-only)

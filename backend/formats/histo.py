@@ -110,6 +110,44 @@ if AVAILABLE:
                 num[r, g] += d * d
                 den[r, g] += x * x
 
+    @njit(nogil=True, cache=True)
+    def _group_sums_runs(w, wh, starts, gid, num, den):
+        # as _group_sums where the columns come in runs of one group (starts[k]..starts[k + 1]
+        # in group gid[k]): each run summed in registers, four lanes of each sum, then added to
+        # its cell once. _group_sums added every element into its cell in memory, each add
+        # waiting on the one before (the same cell): 1.6 ns per element.
+        for r in range(w.shape[0]):
+            wr = w[r]
+            hr = wh[r]
+            for k in range(gid.size):
+                s0, s1 = starts[k], starts[k + 1]
+                a0 = a1 = a2 = a3 = 0.0
+                b0 = b1 = b2 = b3 = 0.0
+                c = s0
+                while c + 4 <= s1:
+                    x0, x1, x2, x3 = (np.float64(wr[c]), np.float64(wr[c + 1]), np.float64(wr[c + 2]),
+                                      np.float64(wr[c + 3]))
+                    d0, d1 = np.float64(hr[c]) - x0, np.float64(hr[c + 1]) - x1
+                    d2, d3 = np.float64(hr[c + 2]) - x2, np.float64(hr[c + 3]) - x3
+                    a0 += d0 * d0
+                    a1 += d1 * d1
+                    a2 += d2 * d2
+                    a3 += d3 * d3
+                    b0 += x0 * x0
+                    b1 += x1 * x1
+                    b2 += x2 * x2
+                    b3 += x3 * x3
+                    c += 4
+                while c < s1:
+                    x0 = np.float64(wr[c])
+                    d0 = np.float64(hr[c]) - x0
+                    a0 += d0 * d0
+                    b0 += x0 * x0
+                    c += 1
+                g = gid[k]
+                num[r, g] += (a0 + a1) + (a2 + a3)
+                den[r, g] += (b0 + b1) + (b2 + b3)
+
 
 def _flat(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(-1)
@@ -189,9 +227,18 @@ def group_sums(w: np.ndarray, wh: np.ndarray, gidx: np.ndarray, ng: int) -> tupl
     num = np.zeros((w.shape[0], ng))
     den = np.zeros_like(num)
     rows = max(1, PIECE // max(1, w.shape[1]))
+    # runs of columns in one group (every grouped layout but act-order's scattered g_idx): summed
+    # run by run; runs of a few columns (act-order) element by element into the cells
+    starts = np.flatnonzero(np.diff(gidx)) + 1 if gidx.size else np.zeros(0, np.int64)
+    if gidx.size and starts.size + 1 <= gidx.size // 8:
+        starts = np.concatenate([[0], starts, [gidx.size]]).astype(np.int64)
+        gid = gidx[starts[:-1]]
 
-    def one(r0, r1):
-        _group_sums(w[r0:r1], wh[r0:r1], gidx, num[r0:r1], den[r0:r1])
+        def one(r0, r1):
+            _group_sums_runs(w[r0:r1], wh[r0:r1], starts, gid, num[r0:r1], den[r0:r1])
+    else:
+        def one(r0, r1):
+            _group_sums(w[r0:r1], wh[r0:r1], gidx, num[r0:r1], den[r0:r1])
     map_pieces(one, w.shape[0], rows)
     return num, den
 
