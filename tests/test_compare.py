@@ -245,6 +245,8 @@ def test_the_views_histograms_equal_numpy_on_awkward_values(kernel_path, dtype, 
     diff, zeros = diff_of(a, b)
     assert zeros == int(np.count_nonzero(fd == 0)) > 0
     assert _finite_range(diff)[:2] == (fd.min(), fd.max())
+    assert tuple(histo.finite_range(a)[:2]) == (fa.min(), fa.max())  # (float32: through integer keys)
+    assert histo.finite_range(a, b)[2:] == (np.abs(fd[fd != 0]).min(), zeros)
     de = uniform_edges(fd.min(), fd.max(), 513)
     assert np.array_equal(histogram_counts(diff, de), np.histogram(fd, de)[0])
     logs = np.log10(np.abs(fd[fd != 0]))

@@ -587,6 +587,19 @@ if AVAILABLE:
             return builder.bitcast(args[0], ir.FloatType())
         return types.float32(types.int32), codegen
 
+    @intrinsic
+    def _bits64(typingctx, x):
+        # a float64's bit pattern as int64 (as _bits)
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(64))
+        return types.int64(types.float64), codegen
+
+    @intrinsic
+    def _from_bits64(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.DoubleType())
+        return types.float64(types.int64), codegen
+
     @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
     def _row_sums(w, x, want_ww):
         # Σd², ΣW² (when want_ww), ΣW·d of reference w and variant x in float64. "reassoc" lets

@@ -25,6 +25,15 @@ PIECE = 1 << 22
 if AVAILABLE:
     from numba import njit
 
+    from .fast import _bits, _bits64, _from_bits, _from_bits64
+
+    # Finite ranges through integer keys: a float's bits, its magnitude bits flipped where the sign
+    # is set, order as the float does (-0 just below +0), and integer minima and maxima vectorise,
+    # where float ones do not unless NaN is ruled out (which the finite test itself needs). NaN's
+    # bits make the keys past the largest and least finite ones: the sentinels.
+    _K32_MAX, _K32_MIN = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
+    _K64_MAX, _K64_MIN = np.int64(0x7FFFFFFFFFFFFFFF), np.int64(-0x8000000000000000)
+
     # (the bin index written out here, not in an inline helper: through one, numba made of the
     # loop code 5x slower, 20 against 3.5 ns per element; the branch on ``diff`` is hoisted out of
     # the loop, measured the same as two kernels)
@@ -64,20 +73,47 @@ if AVAILABLE:
         out[0], out[1] = lo, hi
 
     @njit(nogil=True, cache=True)
-    def _range_diff(a, b, out):
-        # out: [min, max] of the finite differences, [least nonzero |d|, exact zeros]
-        lo, hi, least, zeros = np.inf, -np.inf, np.inf, 0
+    def _range32(x, out):
+        # _range of float32 x, through integer keys (2 threads: 0.59 -> 0.12 ns per element)
+        m = np.int32(0x7FFFFFFF)
+        e = np.int32(0x7F800000)
+        kmin, kmax = _K32_MAX, _K32_MIN
+        for i in range(x.size):
+            v = _bits(x[i])
+            k = v ^ ((v >> np.int32(31)) & m)
+            fin = (v & e) != e
+            kmin = min(kmin, k if fin else _K32_MAX)
+            kmax = max(kmax, k if fin else _K32_MIN)
+        out[0] = np.inf if kmin == _K32_MAX else np.float64(_from_bits(kmin ^ ((kmin >> np.int32(31)) & m)))
+        out[1] = -np.inf if kmax == _K32_MIN else np.float64(_from_bits(kmax ^ ((kmax >> np.int32(31)) & m)))
+
+    @njit(nogil=True, cache=True)
+    def _range_diff_keys(a, b, out):
+        # The finite range of the float64 differences a - b, the least nonzero |d| and the exact
+        # zeros, through integer keys: out (int64) = the least and largest finite keys, the bits
+        # of the least nonzero finite |d|, the count of zeros (sentinels where none);
+        # _diff_range turns them back into floats (turned back here, after the loop, the loop
+        # was no longer vectorised: 5x slower). 2 threads: 0.70 -> 0.23 ns per element.
+        m = np.int64(0x7FFFFFFFFFFFFFFF)
+        e = np.int64(0x7FF0000000000000)
+        kmin, kmax, least = _K64_MAX, _K64_MIN, _K64_MAX
+        zeros = 0
         for i in range(a.size):
-            v = np.float64(a[i]) - np.float64(b[i])
-            if v - v == 0.0:
-                lo = min(lo, v)
-                hi = max(hi, v)
-                d = abs(v)
-                if d == 0.0:
-                    zeros += 1
-                elif d < least:
-                    least = d
-        out[0], out[1], out[2], out[3] = lo, hi, least, zeros
+            v = _bits64(np.float64(a[i]) - np.float64(b[i]))
+            k = v ^ ((v >> np.int64(63)) & m)
+            fin = (v & e) != e
+            kmin = min(kmin, k if fin else _K64_MAX)
+            kmax = max(kmax, k if fin else _K64_MIN)
+            mag = v & m  # |d|'s bits: 0 for a zero of either sign, finite
+            z = mag == 0
+            zeros += np.int64(z)
+            # (two selects: one on `fin and not z` made a branch, and the loop 3x slower)
+            cand = mag if fin else _K64_MAX
+            least = min(least, _K64_MAX if z else cand)
+        out[0] = kmin
+        out[1] = kmax
+        out[2] = least
+        out[3] = zeros
 
     @njit(nogil=True, cache=True)
     def _absdiff(a, b, out):
@@ -161,20 +197,34 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def _diff_range(keys: np.ndarray) -> tuple[float, float, float, int]:
+    """_range_diff_keys' keys as (min, max, least nonzero |d|, exact zeros)."""
+    kmin, kmax, least, zeros = (int(k) for k in keys)
+    mx, mn = int(_K64_MAX), int(_K64_MIN)
+
+    def value(k: int) -> float:  # a key's float64: its magnitude bits flipped back where negative
+        k = np.int64(k)
+        return float(np.array([k ^ ((k >> np.int64(63)) & _K64_MAX)], np.int64).view(np.float64)[0])
+    return (np.inf if kmin == mx else value(kmin), -np.inf if kmax == mn else value(kmax),
+            np.inf if least == mx else value(least), zeros)
+
+
 def finite_range(a: np.ndarray, b: np.ndarray | None = None) -> tuple[float, float, float, int]:
     """``(min, max, least nonzero |v|, exact zeros)`` of the finite values ``v`` of ``a`` (or of
     ``a - b`` in float64); the last two only for a difference (inf, 0 otherwise). Needs numba."""
     a, b = (_flat(a), None) if b is None else _pair(a, b)
     if b is None:
+        values = _range32 if a.dtype == np.float32 else _range
+
         def one(i0, i1):
             out = np.empty(2)
-            _range(a[i0:i1], out)
+            values(a[i0:i1], out)
             return out[0], out[1], np.inf, 0
     else:
         def one(i0, i1):
-            out = np.empty(4)
-            _range_diff(a[i0:i1], b[i0:i1], out)
-            return out[0], out[1], out[2], int(out[3])
+            out = np.empty(4, np.int64)
+            _range_diff_keys(a[i0:i1], b[i0:i1], out)
+            return _diff_range(out)
     parts = map_pieces(one, a.size, PIECE)
     return (min(p[0] for p in parts), max(p[1] for p in parts), min(p[2] for p in parts), sum(p[3] for p in parts))
 
