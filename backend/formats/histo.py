@@ -34,27 +34,62 @@ if AVAILABLE:
     _K32_MAX, _K32_MIN = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
     _K64_MAX, _K64_MIN = np.int64(0x7FFFFFFFFFFFFFFF), np.int64(-0x8000000000000000)
 
-    # (the bin index written out here, not in an inline helper: through one, numba made of the
-    # loop code 5x slower, 20 against 3.5 ns per element; the branch on ``diff`` is hoisted out of
-    # the loop, measured the same as two kernels)
+    # The count in two loops per run of values: the bin indices of the run (vectorised: a value
+    # outside the edges, or NaN, goes to a spare bin past the last; one whose arithmetic position
+    # lies within a few ulps of an edge gets -1 - its index), then the increments, where those
+    # few are corrected against the edges themselves, as np.histogram does. One loop doing both
+    # took 1.8 (values) and 2.3 (differences) ns per element on one core; this 1.2 and 1.2.
+    # The index loops take slices: indexed from an offset, numba's wraparound checks on a[c0 + t]
+    # kept LLVM from vectorising them (2.0 ns against 0.47).
+    @njit(nogil=True, cache=True)
+    def _bin_index(a, lo, hi, scale, near, top, idx):
+        for t in range(a.size):
+            v = np.float64(a[t])
+            inside = (v >= lo) & (v <= hi)  # (NaN is neither)
+            f = (v - lo) * scale if inside else 0.0
+            j = min(np.int32(f), top)
+            r = f - j
+            edge = (r < near) | (r > 1.0 - near)
+            code = np.int32(-1) - j if edge else j
+            idx[t] = code if inside else top + np.int32(1)  # (the spare bin, nb)
+
+    @njit(nogil=True, cache=True)
+    def _bin_index_diff(a, b, lo, hi, scale, near, top, idx):
+        for t in range(a.size):
+            v = np.float64(a[t]) - np.float64(b[t])
+            inside = (v >= lo) & (v <= hi)
+            f = (v - lo) * scale if inside else 0.0
+            j = min(np.int32(f), top)
+            r = f - j
+            edge = (r < near) | (r > 1.0 - near)
+            code = np.int32(-1) - j if edge else j
+            idx[t] = code if inside else top + np.int32(1)  # (the spare bin, nb)
+
     @njit(nogil=True, cache=True)
     def _count(a, b, diff, edges, counts):
-        # counts of a (diff: of a - b in float64) in the uniform bins edges
+        # counts (nb + 1 entries, the last for the values outside the edges) of a (diff: of
+        # a - b in float64) in the uniform bins edges
         nb = edges.size - 1
         lo, hi = edges[0], edges[nb]
         scale = nb / (hi - lo)
         # how far (in bins) the arithmetic position can be from the edges' own: a few ulps of
         # the largest magnitude in bins, and of the position itself
         near = max(abs(lo), abs(hi)) * scale * 2e-15 + 1e-9
-        for i in range(a.size):
-            v = np.float64(a[i]) - np.float64(b[i]) if diff else np.float64(a[i])
-            if v >= lo and v <= hi:  # (NaN is neither)
-                # np.histogram's arithmetic index, corrected against the edges themselves where
-                # it is next to one (reading the edges for every value cost a fifth of the time)
-                f = (v - lo) * scale
-                j = min(int(f), nb - 1)
-                r = f - j
-                if r < near or r > 1.0 - near:
+        top = np.int32(nb - 1)
+        run = 2048
+        idx = np.empty(run, np.int32)
+        n = a.size
+        for c0 in range(0, n, run):
+            m = min(run, n - c0)
+            if diff:
+                _bin_index_diff(a[c0:c0 + m], b[c0:c0 + m], lo, hi, scale, near, top, idx)
+            else:
+                _bin_index(a[c0:c0 + m], lo, hi, scale, near, top, idx)
+            for t in range(m):
+                j = idx[t]
+                if j < 0:  # next to an edge: np.histogram's correction, against the edges
+                    j = -1 - j
+                    v = np.float64(a[c0 + t]) - np.float64(b[c0 + t]) if diff else np.float64(a[c0 + t])
                     if v < edges[j]:
                         j -= 1
                     elif j < nb - 1 and v >= edges[j + 1]:
@@ -237,10 +272,10 @@ def counts(a: np.ndarray, edges: np.ndarray, b: np.ndarray | None = None) -> np.
     edges = np.ascontiguousarray(edges, np.float64)
 
     def one(i0, i1):
-        c = np.zeros(edges.size - 1, np.int64)
+        c = np.zeros(edges.size, np.int64)  # (the last: outside the edges)
         _count(a[i0:i1], a[i0:i1] if b is None else b[i0:i1], b is not None, edges, c)
         return c
-    return sum(map_pieces(one, a.size, PIECE))
+    return sum(map_pieces(one, a.size, PIECE))[:-1]
 
 
 def log_abs_counts(a: np.ndarray, b: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -251,7 +286,7 @@ def log_abs_counts(a: np.ndarray, b: np.ndarray, edges: np.ndarray) -> np.ndarra
     edges = np.ascontiguousarray(edges, np.float64)
 
     def one(i0, i1):
-        c = np.zeros(edges.size - 1, np.int64)
+        c = np.zeros(edges.size, np.int64)  # (the last: outside the edges)
         buf = np.empty(min(i1 - i0, 1 << 18))
         for j0 in range(i0, i1, buf.size):
             j1 = min(i1, j0 + buf.size)
@@ -263,7 +298,7 @@ def log_abs_counts(a: np.ndarray, b: np.ndarray, edges: np.ndarray) -> np.ndarra
                 np.log10(d, out=d)
             _count(d, d, False, edges, c)
         return c
-    return sum(map_pieces(one, a.size, PIECE))
+    return sum(map_pieces(one, a.size, PIECE))[:-1]
 
 
 def group_sums(w: np.ndarray, wh: np.ndarray, gidx: np.ndarray, ng: int) -> tuple[np.ndarray, np.ndarray]:
