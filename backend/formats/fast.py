@@ -572,33 +572,20 @@ def hist_edges(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 if AVAILABLE:
-    @intrinsic
-    def _bits(typingctx, x):
-        # the float32's bit pattern as int32 (for |d| >= 0 it orders like the value; NaN's above
-        # every number's): numba has no scalar view, and a store and load through a view array
-        # splits the loop that uses it
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-        return types.int32(types.float32), codegen
+    def _bitcast(src, dst, to):
+        # a scalar's bit pattern read as another type of its width: numba has no scalar view, and
+        # a store and load through a view array splits the loop that uses it
+        @intrinsic
+        def cast(typingctx, x):
+            def codegen(context, builder, signature, args):
+                return builder.bitcast(args[0], to)
+            return dst(src), codegen
+        return cast
 
-    @intrinsic
-    def _from_bits(typingctx, x):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.FloatType())
-        return types.float32(types.int32), codegen
-
-    @intrinsic
-    def _bits64(typingctx, x):
-        # a float64's bit pattern as int64 (as _bits)
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(64))
-        return types.int64(types.float64), codegen
-
-    @intrinsic
-    def _from_bits64(typingctx, x):
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.DoubleType())
-        return types.float64(types.int64), codegen
+    # float32 <-> int32 (for |d| >= 0 the bits order like the value; NaN's above every number's), float64 -> int64
+    _bits = _bitcast(types.float32, types.int32, ir.IntType(32))
+    _from_bits = _bitcast(types.int32, types.float32, ir.FloatType())
+    _bits64 = _bitcast(types.float64, types.int64, ir.IntType(64))
 
     @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
     def _row_sums(w, x, want_ww):

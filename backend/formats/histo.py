@@ -25,7 +25,7 @@ PIECE = 1 << 22
 if AVAILABLE:
     from numba import njit
 
-    from .fast import _bits, _bits64, _from_bits, _from_bits64
+    from .fast import _bits, _bits64, _from_bits
 
     # Finite ranges through integer keys: a float's bits, its magnitude bits flipped where the sign
     # is set, order as the float does (-0 just below +0), and integer minima and maxima vectorise,
@@ -41,29 +41,26 @@ if AVAILABLE:
     # took 1.8 (values) and 2.3 (differences) ns per element on one core; this 1.2 and 1.2.
     # The index loops take slices: indexed from an offset, numba's wraparound checks on a[c0 + t]
     # kept LLVM from vectorising them (2.0 ns against 0.47).
+    @njit(nogil=True, cache=True, inline="always")
+    def _bin_code(v, lo, hi, scale, near, top):
+        # v's bin index, -1 - it next to an edge, or the spare bin top + 1 outside (or NaN)
+        inside = (v >= lo) & (v <= hi)  # (NaN is neither)
+        f = (v - lo) * scale if inside else 0.0
+        j = min(np.int32(f), top)
+        r = f - j
+        edge = (r < near) | (r > 1.0 - near)
+        code = np.int32(-1) - j if edge else j
+        return code if inside else top + np.int32(1)
+
     @njit(nogil=True, cache=True)
     def _bin_index(a, lo, hi, scale, near, top, idx):
         for t in range(a.size):
-            v = np.float64(a[t])
-            inside = (v >= lo) & (v <= hi)  # (NaN is neither)
-            f = (v - lo) * scale if inside else 0.0
-            j = min(np.int32(f), top)
-            r = f - j
-            edge = (r < near) | (r > 1.0 - near)
-            code = np.int32(-1) - j if edge else j
-            idx[t] = code if inside else top + np.int32(1)  # (the spare bin, nb)
+            idx[t] = _bin_code(np.float64(a[t]), lo, hi, scale, near, top)
 
     @njit(nogil=True, cache=True)
     def _bin_index_diff(a, b, lo, hi, scale, near, top, idx):
         for t in range(a.size):
-            v = np.float64(a[t]) - np.float64(b[t])
-            inside = (v >= lo) & (v <= hi)
-            f = (v - lo) * scale if inside else 0.0
-            j = min(np.int32(f), top)
-            r = f - j
-            edge = (r < near) | (r > 1.0 - near)
-            code = np.int32(-1) - j if edge else j
-            idx[t] = code if inside else top + np.int32(1)  # (the spare bin, nb)
+            idx[t] = _bin_code(np.float64(a[t]) - np.float64(b[t]), lo, hi, scale, near, top)
 
     @njit(nogil=True, cache=True)
     def _count(a, b, diff, edges, counts):
