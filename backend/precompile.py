@@ -3,7 +3,7 @@
 numba compiles a kernel on its first call and keeps the machine code in its on-disk cache
 (``__pycache__`` beside the module, or ``NUMBA_CACHE_DIR``). With that cache empty (a fresh
 install) the kernels :func:`.formats.fast.warm_up` loads take ~18 s of compilation on one core,
-most of it with the GIL held: a window's event loop then stalls for 100-270 ms at a time, and one
+most of it with the GIL held: a window's event loop then stalls for 100-400 ms at a time, and one
 process compiles one kernel at a time whatever the number of cores.
 
 :func:`precompile` runs :data:`.formats.fast.WARM_PARTS` in child processes instead (at most one
