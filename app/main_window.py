@@ -56,6 +56,8 @@ from . import jobs
 from .service import JobService
 
 _logger = logging.getLogger(__name__)
+#: The status bar's note while a first run compiles the kernels.
+_FIRST_RUN = "First run: compiling the numerical kernels, once (10-20 s); decoding and comparing start after"
 MAX_RECENT = 10
 #: Layers whose views are kept for going back to them (select_layer)
 RECENT_DETAILS = 4
@@ -188,11 +190,19 @@ class MainWindow(QMainWindow):
         from quantscope.backend.precompile import kernels_cached
         cached = kernels_cached()
         if not cached:
+            def compiled() -> None:  # the note goes once it is no longer true
+                bar = self.statusBar()
+                if bar.toolTip() == _FIRST_RUN:
+                    bar.clearMessage()
+                    bar.setToolTip("")
+
+            def failed(message: str, details: str) -> None:
+                _logger.warning("compiling the kernels failed: %s", message)
+                compiled()
             self.service.submit("warm-up", "Compiling kernels", jobs.job_warm_up, gating=True,
-                                on_error=lambda m, d: _logger.warning("compiling the kernels failed: %s", m))
+                                on_result=lambda _: compiled(), on_error=failed, on_cancel=compiled)
             # (once shown: the status bar's room is known then)
-            QTimer.singleShot(0, lambda: self._status(
-                "First run: compiling the numerical kernels, once (10-20 s); decoding and comparing start after"))
+            QTimer.singleShot(0, lambda: self._status(_FIRST_RUN))
         geo = settings.value("window/geometry") if restore else None
         state = settings.value("window/state") if restore else None
         if isinstance(geo, QByteArray):

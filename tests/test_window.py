@@ -2031,3 +2031,35 @@ def test_without_a_comparison_the_doctor_column_comes_last_and_no_legend_is_show
         assert not w.layers.legend.entries()  # no comparison can run: no legend over the empty plot
     finally:
         w.service.shutdown()
+
+
+def test_first_run_compiles_first_says_so_and_the_comparison_waits_for_it(qtbot, tmp_path, demo, monkeypatch):
+    """numba's cache empty: the kernels compile in a gating job (here a stand-in that waits for a
+    signal); the status bar says why, the comparison waits listed, then runs; the note goes."""
+    import threading
+
+    from quantscope.app import jobs, main_window
+    from quantscope.backend import precompile
+    release = threading.Event()
+    monkeypatch.setattr(precompile, "kernels_cached", lambda: False)
+    monkeypatch.setattr(jobs, "job_warm_up", lambda progress=None, cancel=None: release.wait(10))
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    w.quiet_errors = True
+    qtbot.addWidget(w)
+    w.resize(1280, 800)
+    w.show()
+    qtbot.waitUntil(lambda: w.statusBar().toolTip() == main_window._FIRST_RUN, timeout=5000)
+    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):  # opening is not held back
+        w.open_workspace([str(p) for p in demo.variants.values()], str(demo.reference))
+    done = []
+    w.sweep_done.connect(lambda: done.append(1))
+    w.compare_all()
+    waiting = [j for j in w.service.running() if w.service.is_waiting(j.id)]
+    assert [j.channel for j in waiting] == ["sweep"]
+    assert w.jobs_bar.label.text().startswith("Compiling kernels")
+    qtbot.wait(200)
+    assert not done
+    release.set()
+    qtbot.waitUntil(lambda: bool(done), timeout=30_000)
+    assert not w.statusBar().currentMessage().startswith("First run")  # (not its 15 s out)
+    assert w.statusBar().toolTip() != main_window._FIRST_RUN
