@@ -184,12 +184,11 @@ class MainWindow(QMainWindow):
         if sys.getswitchinterval() > 0.0005:
             sys.setswitchinterval(0.0005)
         # On a first run (numba's cache empty), compile the kernels in other processes (12 s on 2
-        # cores; 18 s in this one, the GIL held most of it: the event loop stalled up to 270 ms at
+        # cores; 18 s in this one, the GIL held most of it: the event loop stalled up to 400 ms at
         # a time); the jobs that use them wait for it. Otherwise nothing to do: they are loaded by
         # the jobs that use them (see jobs.job_warm_up).
         from quantscope.backend.precompile import kernels_cached
-        cached = kernels_cached()
-        if not cached:
+        if not kernels_cached():
             def compiled() -> None:  # the note goes once it is no longer true
                 bar = self.statusBar()
                 if bar.toolTip() == _FIRST_RUN:

@@ -576,7 +576,7 @@ def engine_info(engine) -> dict:
     """``{"name", "device"}`` of an engine (a name or an instance), and for numpy ``compiled``:
     whether its compiled kernels run (numba installed) or the pure-numpy fallback."""
     eng = _resolve_engine(engine)
-    name = getattr(eng, "name", type(eng).__name__)
+    name = _engine_name(eng)
     out = {"name": name, "device": str(getattr(eng, "device", ""))}
     if name == "numpy":
         out["compiled"] = bool(fast.AVAILABLE)
@@ -1861,6 +1861,7 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
     column_blocks: dict[str, int] = {}
     vl_of = {vs.label: vs.model.layers[vs.alignment.targets[name].var_layers[0]] for vs in states}
     model_of = {vs.label: vs.model for vs in states}
+
     def widen(r, lo, hi):
         r[0], r[1] = min(r[0], lo), max(r[1], hi)
 
