@@ -558,6 +558,12 @@ PIECE = 1024
 #: Elements its vector pass takes at a time (no buffers: only the per-call work and the rescan
 #: of a piece that reaches the largest |error| so far weigh).
 VPIECE = 2048
+#: The vector pass stores its hits without a branch (each 16 elements' compress-store taken
+#: whether they hold one or not) once more than 1 in DENSE_HITS of the previous piece's elements
+#: were hits: the branch mispredicts on most groups long before hits are common. Measured on
+#: bench_sweep's 5632×2048 layers, one core, ns per element with the branch against without:
+#: 0.536 / 0.563 at 0.5% hits, 0.585 / 0.562 at 0.8%, 0.650 / 0.557 at 1.4% (1 in 64 before).
+DENSE_HITS = 192
 
 
 def hist_edges(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1004,7 +1010,7 @@ if AVAILABLE:
                         _vpass_all(rp, vp, nv, lims, acc, vc, buf, vst)
                     else:
                         _vpass_sums(rp, vp, nv, lims, acc, vc, buf, vst)
-                    vst[2] = (vst[0] - nb) * 64 > n  # over 1 in 64 of this piece: the next takes the store always
+                    vst[2] = (vst[0] - nb) * DENSE_HITS > n  # the next piece stores without a branch
                     nb = vst[0]
                     cnt[0] += vc[0]
                     vrm = np.int32(vc[5])
