@@ -223,6 +223,28 @@ def test_counts_equal_numpy_on_and_beside_every_edge_far_from_zero(kernel_path, 
     assert np.array_equal(histogram_counts(x.astype(np.float32), edges), np.histogram(x.astype(np.float32), edges)[0])
 
 
+@pytest.mark.parametrize("lo, hi", [(-0.07, 0.11), (1000.0, 1000.0625), (-3e5, -2.5e5), (0.0, 2.0 ** -20)])
+def test_float32_counts_equal_numpy_on_and_beside_every_edge(kernel_path, lo, hi):
+    """Float32 values between float32 bounds are binned in float32 arithmetic, whose position
+    may be off by a few parts in 1e7: every value on an edge, and the float32 values one and
+    two ulps either side of each, still land where np.histogram puts them (so does a test with
+    the margin of 4e-7 cut to 4e-8: -0.07 to 0.11 fails it)."""
+    lo, hi = float(np.float32(lo)), float(np.float32(hi))
+    edges = uniform_edges(lo, hi, 16384)
+    e32 = edges.astype(np.float32)
+    x = [e32]
+    for k in (1, 2):
+        up, down = e32.copy(), e32.copy()
+        for _ in range(k):
+            up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        x += [up, down]
+    rng = np.random.default_rng(5)
+    x.append((lo + rng.random(300_000) * (hi - lo)).astype(np.float32))
+    x.append(np.array([np.nan, np.inf, -np.inf, lo, hi], np.float32))
+    x = np.concatenate(x)
+    assert np.array_equal(histogram_counts(x, edges), np.histogram(x[np.isfinite(x)], edges)[0])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_views_histograms_equal_numpy_on_awkward_values(kernel_path, dtype, monkeypatch):
     """Values, errors (a - b in float64, never stored) and log10 |error| counted by the compiled

@@ -34,11 +34,11 @@ if AVAILABLE:
     _K32_MAX, _K32_MIN = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
     _K64_MAX, _K64_MIN = np.int64(0x7FFFFFFFFFFFFFFF), np.int64(-0x8000000000000000)
 
-    # The count in two loops per run of values: the bin indices of the run (vectorised: a value
+    # The count in loops per run of values: the bin indices of the run (vectorised: a value
     # outside the edges, or NaN, goes to a spare bin past the last; one whose arithmetic position
-    # lies within a few ulps of an edge gets -1 - its index), then the increments, where those
-    # few are corrected against the edges themselves, as np.histogram does. One loop doing both
-    # took 1.8 (values) and 2.3 (differences) ns per element on one core; this 1.2 and 1.2.
+    # lies within a few ulps of an edge gets -1 - its index), then the increments, then the few
+    # next to an edge, corrected against the edges themselves as np.histogram does. One loop
+    # doing both took 1.8 (values) and 2.3 (differences) ns per element on one core; two 1.2.
     # The index loops take slices: indexed from an offset, numba's wraparound checks on a[c0 + t]
     # kept LLVM from vectorising them (2.0 ns against 0.47).
     @njit(nogil=True, cache=True, inline="always")
@@ -63,9 +63,27 @@ if AVAILABLE:
             idx[t] = _bin_code(np.float64(a[t]) - np.float64(b[t]), lo, hi, scale, near, top)
 
     @njit(nogil=True, cache=True)
-    def _count(a, b, diff, edges, counts):
-        # counts (nb + 1 entries, the last for the values outside the edges) of a (diff: of
-        # a - b in float64) in the uniform bins edges
+    def _bin_index32(a, lo, hi, scale, rel, base, top, idx):
+        # _bin_index of float32 values in float32 arithmetic (16 lanes, not 8: 0.48 -> 0.23 ns per
+        # element), where lo and hi are float32 values. The position f = (v - lo) * scale takes
+        # three roundings of 2**-24: it lies within 1.8e-7 f of the exact one, and ``rel`` (4e-7)
+        # f + ``base`` (the edges' own rounding) of an edge sends v to the correction.
+        one = np.float32(1.0)
+        for t in range(a.size):
+            v = a[t]
+            inside = (v >= lo) & (v <= hi)  # (NaN is neither)
+            f = (v - lo) * scale if inside else np.float32(0.0)
+            j = min(np.int32(f), top)
+            r = f - np.float32(j)
+            near = f * rel + base
+            edge = (r < near) | (r > one - near)
+            code = np.int32(-1) - j if edge else j
+            idx[t] = code if inside else top + np.int32(1)
+
+    @njit(nogil=True, cache=True)
+    def _count(a, b, diff, as32, edges, counts):
+        # counts (nb + 1 entries, the last for the values outside the edges: not kept exact) of a
+        # (diff: of a - b in float64) in the uniform bins edges; as32: a is float32
         nb = edges.size - 1
         lo, hi = edges[0], edges[nb]
         scale = nb / (hi - lo)
@@ -73,15 +91,31 @@ if AVAILABLE:
         # the largest magnitude in bins, and of the position itself
         near = max(abs(lo), abs(hi)) * scale * 2e-15 + 1e-9
         top = np.int32(nb - 1)
+        # float32 values between float32 bounds: the positions in float32 (see _bin_index32)
+        lo32, hi32, scale32 = np.float32(lo), np.float32(hi), np.float32(scale)
+        f32 = (as32 and not diff and np.float64(lo32) == lo and np.float64(hi32) == hi
+               and np.isfinite(scale32) and nb < (1 << 22))
+        base32 = np.float32(near + 1e-6)
+        rel32 = np.float32(4e-7)
         run = 2048
         idx = np.empty(run, np.int32)
+        # The increments go to 16-bit counts, added to ``counts`` before any can overflow: the
+        # fine histogram's 16,385 int64 counts (128 KB) did not stay in L1 beside the values
+        # read, and each increment waited on L2 (0.85 against 0.6 ns per element)
+        local = np.zeros(nb + 1, np.uint16)
+        held = 0
         n = a.size
         for c0 in range(0, n, run):
             m = min(run, n - c0)
             if diff:
                 _bin_index_diff(a[c0:c0 + m], b[c0:c0 + m], lo, hi, scale, near, top, idx)
+            elif f32:
+                _bin_index32(a[c0:c0 + m], lo32, hi32, scale32, rel32, base32, top, idx)
             else:
                 _bin_index(a[c0:c0 + m], lo, hi, scale, near, top, idx)
+            for t in range(m):  # (next to an edge: into the spare bin here, corrected below)
+                j = idx[t]
+                local[np.uint32(j) if j >= 0 else np.uint32(nb)] += 1
             for t in range(m):
                 j = idx[t]
                 if j < 0:  # next to an edge: np.histogram's correction, against the edges
@@ -91,7 +125,15 @@ if AVAILABLE:
                         j -= 1
                     elif j < nb - 1 and v >= edges[j + 1]:
                         j += 1
-                counts[j] += 1
+                    counts[j] += 1
+            held += m
+            if held > 65535 - run:
+                for q in range(nb + 1):
+                    counts[q] += local[q]
+                    local[q] = 0
+                held = 0
+        for q in range(nb + 1):
+            counts[q] += local[q]
 
     @njit(nogil=True, cache=True)
     def _range(x, out):
@@ -270,7 +312,7 @@ def counts(a: np.ndarray, edges: np.ndarray, b: np.ndarray | None = None) -> np.
 
     def one(i0, i1):
         c = np.zeros(edges.size, np.int64)  # (the last: outside the edges)
-        _count(a[i0:i1], a[i0:i1] if b is None else b[i0:i1], b is not None, edges, c)
+        _count(a[i0:i1], a[i0:i1] if b is None else b[i0:i1], b is not None, a.dtype == np.float32, edges, c)
         return c
     return sum(map_pieces(one, a.size, PIECE))[:-1]
 
@@ -293,7 +335,7 @@ def log_abs_counts(a: np.ndarray, b: np.ndarray, edges: np.ndarray) -> np.ndarra
             # count takes none of them (the mask and its compress cost more than the logarithm)
             with np.errstate(divide="ignore", invalid="ignore"):
                 np.log10(d, out=d)
-            _count(d, d, False, edges, c)
+            _count(d, d, False, False, edges, c)
         return c
     return sum(map_pieces(one, a.size, PIECE))[:-1]
 
