@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import subprocess
 import sys
 import tempfile
 import time
 
 from .errors import Cancelled
+from .formats.kernel import usable_cores
 
 _logger = logging.getLogger(__name__)
 
@@ -50,13 +50,6 @@ def kernels_cached() -> bool:
         return True
     except Exception:  # noqa: BLE001 - numba's internals moved: assume not, precompiling costs a second then
         return False
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def plan(processes: int, parts=None) -> list[list[str]]:

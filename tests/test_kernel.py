@@ -35,3 +35,23 @@ def test_row_blocks_cover_everything_once():
 
     for_row_blocks(1000, 1 << 14, fn, align=8, min_rows=16)
     assert (seen == 1).all()
+
+
+def test_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    """One count of cores for the pools and the first run's compilation: the process's CPU
+    affinity (a container or taskset), not the machine's cores; at most 8 threads."""
+    import os
+
+    from quantscope.backend import precompile
+    from quantscope.backend.formats import kernel
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert kernel.usable_cores() == 1 and kernel.workers() == 1
+    assert precompile.usable_cores is kernel.usable_cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert kernel.usable_cores() == 32 and kernel.workers() == 8
+
+    def no_affinity(pid):
+        raise OSError("not here")
+    monkeypatch.setattr(os, "sched_getaffinity", no_affinity, raising=False)
+    assert kernel.usable_cores() == 64

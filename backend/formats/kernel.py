@@ -40,8 +40,18 @@ def lower_thread_priority(nice: int = 10) -> None:
         pass
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system says; a container
+    or ``taskset`` often allows fewer than ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+    """Threads of each worker pool: one per usable core, at most 8."""
+    return max(1, min(8, usable_cores()))
 
 
 def pool(name: str = "decode") -> ThreadPoolExecutor:
