@@ -1,0 +1,94 @@
+"""Exact histograms of tens of millions of values against the dequantization that produced them
+(issue 4: "Histograms of tens of millions of values must not cost more than the dequantization
+that produced them").
+
+Uses ``bench_sweep``'s one decoder layer of Llama-3-8B (built there once under
+``benchmarks/.cache``): ``mlp.down_proj``, 58.7M weights, in its GPTQ, AWQ and MLX variants. For
+each variant, in interleaved rounds (``QUANTSCOPE_BENCH_REPEAT``, default 5; best of each):
+
+* ``dequant_s``: ``engine.dequantize`` of the layer (float32 out, on all cores);
+* ``values_s``: what a selected layer's value view takes of that output alone
+  (``metrics.bulk_histograms``): the finite range, exact counts in 16,384 fine bins on all cores
+  (equal to ``np.histogram`` on those edges), the bulk and its merged bins;
+* ``errors_s``: the same for the error against the bf16 reference, ``x - w`` taken in float64
+  element by element (``diff_of``: range and exact zeros in one pass, then the counts);
+* ``log_errors_s``: the same for ``log10 |x - w|`` of the nonzero errors (numpy's logarithm);
+
+and ``values_ratio`` etc. are each over ``dequant_s`` of the same round. ``numpy_s``: one
+``np.histogram`` of the same values in 256 bins over their range, for scale.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import CACHE, emit
+
+LAYER = "model.layers.0.mlp.down_proj"
+
+
+def measure(folder: Path) -> dict:
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.engines import get_engine
+    from quantscope.backend.formats import fast
+    from quantscope.backend.metrics import LogAbsDiff, bulk_histograms, diff_of
+    from quantscope.backend.schemes import analyze
+
+    eng = get_engine("numpy")
+    fast.warm_up()
+    ref = analyze(open_checkpoint(folder / "reference"))
+    w = np.asarray(eng.dequantize(ref, ref.layers[LAYER]), np.float32)
+    out = {"layer": LAYER, "values": int(w.size), "variants": {}}
+    for name in ("gptq", "awq", "mlx"):
+        m = analyze(open_checkpoint(folder / name))
+        layer = m.layers[LAYER]
+        x = np.asarray(eng.dequantize(m, layer))
+        rounds = {"dequant_s": [], "values_s": [], "errors_s": [], "log_errors_s": []}
+        for _ in range(int(os.environ.get("QUANTSCOPE_BENCH_REPEAT", "5"))):
+            t0 = time.perf_counter()
+            eng.dequantize(m, layer)
+            t1 = time.perf_counter()
+            bulk_histograms({name: x})
+            t2 = time.perf_counter()
+            d, _ = diff_of(x, w)
+            bulk_histograms({name: d})
+            t3 = time.perf_counter()
+            bulk_histograms({name: LogAbsDiff(*d)})
+            t4 = time.perf_counter()
+            for k, v in zip(rounds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                rounds[k].append(v)
+        best = {k: min(v) for k, v in rounds.items()}
+        res = {k: round(v, 4) for k, v in best.items()}
+        for k in ("values", "errors", "log_errors"):
+            res[f"{k}_ratio"] = round(best[f"{k}_s"] / best["dequant_s"], 2)
+            res[f"{k}_pair_ratios"] = [round(a / b, 2) for a, b in zip(rounds[f"{k}_s"], rounds["dequant_s"])]
+        t0 = time.perf_counter()
+        np.histogram(x, 256)
+        res["numpy_s"] = round(time.perf_counter() - t0, 3)
+        out["variants"][name] = res
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--measure":
+        emit(measure(Path(sys.argv[2])))
+        return
+    import json
+    import subprocess
+
+    import bench_sweep
+    folder = CACHE / "sweep_8b-layer-0.4GB"
+    bench_sweep.build(folder, *bench_sweep.SIZES["8b-layer-0.4GB"])
+    r = subprocess.run([sys.executable, __file__, "--measure", str(folder)], capture_output=True, text=True,
+                       check=True)
+    out = {"benchmark": "histogram", "cpus": os.cpu_count(), **json.loads(r.stdout), "target_ratio_max": 1.0}
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()
