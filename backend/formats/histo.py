@@ -25,7 +25,7 @@ PIECE = 1 << 22
 if AVAILABLE:
     from numba import njit
 
-    from .fast import _bits, _bits64, _from_bits
+    from .fast import _bits, _bits64, _from_bits, _prefetch
 
     # Finite ranges through integer keys: a float's bits, its magnitude bits flipped where the sign
     # is set, order as the float does (-0 just below +0), and integer minima and maxima vectorise,
@@ -99,12 +99,18 @@ if AVAILABLE:
         rel32 = np.float32(4e-7)
         run = 2048
         idx = np.empty(run, np.int32)
-        # The increments go to 16-bit counts, added to ``counts`` before any can overflow: the
-        # fine histogram's 16,385 int64 counts (128 KB) did not stay in L1 beside the values
-        # read, and each increment waited on L2 (0.85 against 0.6 ns per element)
+        # The increments go to 16-bit counts (a quarter of the int64 ones' cache lines), added to
+        # ``counts`` before any can overflow
         local = np.zeros(nb + 1, np.uint16)
         held = 0
         n = a.size
+        # While a run's increments go on, the next run's values are prefetched, a cache line
+        # every 16 increments (two for float64): the index loop streams them from memory, and
+        # in short bursts between the increments the hardware prefetcher did not keep ahead of
+        # it (one core, 16M float32 values: 1.20 -> 0.98 ns per element)
+        wide_a, wide_b = a.itemsize > 4, b.itemsize > 4
+        a2 = a.reshape(1, n)
+        b2 = b.reshape(1, n)
         for c0 in range(0, n, run):
             m = min(run, n - c0)
             if diff:
@@ -113,9 +119,24 @@ if AVAILABLE:
                 _bin_index32(a[c0:c0 + m], lo32, hi32, scale32, rel32, base32, top, idx)
             else:
                 _bin_index(a[c0:c0 + m], lo, hi, scale, near, top, idx)
-            for t in range(m):  # (next to an edge: into the spare bin here, corrected below)
-                j = idx[t]
-                local[np.uint32(j) if j >= 0 else np.uint32(nb)] += 1
+            # (next to an edge: into the spare bin here, corrected below)
+            if m == run and c0 + 2 * run <= n:
+                for q in range(0, run, 16):
+                    k = c0 + run + q
+                    _prefetch(a2, 0, k)
+                    if wide_a:
+                        _prefetch(a2, 0, k + 8)
+                    if diff:
+                        _prefetch(b2, 0, k)
+                        if wide_b:
+                            _prefetch(b2, 0, k + 8)
+                    for t in range(q, q + 16):
+                        j = idx[t]
+                        local[np.uint32(j) if j >= 0 else np.uint32(nb)] += 1
+            else:
+                for t in range(m):
+                    j = idx[t]
+                    local[np.uint32(j) if j >= 0 else np.uint32(nb)] += 1
             for t in range(m):
                 j = idx[t]
                 if j < 0:  # next to an edge: np.histogram's correction, against the edges
