@@ -799,12 +799,15 @@ def _counting(dec, calls):
     return dec._replace(fn=lambda r0, r1, out: calls.append((r0, r1)) or dec.fn(r0, r1, out))
 
 
-@pytest.mark.parametrize("seed", [3, 4])
-def test_a_layer_whose_sample_blocks_differ_too_much_is_measured_in_two_exact_passes(seed, monkeypatch):
+@pytest.mark.parametrize("seed, keep", [(3, True), (4, True), (3, False)])
+def test_a_layer_whose_sample_blocks_differ_too_much_is_measured_in_two_exact_passes(seed, keep, monkeypatch):
     # Narrowed intervals would stay wide to the end and collect most of it (9 ns per element on
     # such attention layers); the general path took 6. Instead: a first pass adds every block's
     # |error| into the exact histogram, which says in which bin each wanted rank lies; a second
-    # collects only those bins. No estimate, no narrowing, no miss.
+    # collects only those bins. No estimate, no narrowing, no miss. A layer within KEEP_BYTES
+    # keeps its blocks decoded from the first pass to the second; a larger one decodes them again.
+    if not keep:
+        monkeypatch.setattr(fused, "KEEP_BYTES", 0)
     w = _rows_of_different_scale("heads", seed, n=2048, head=128)
     dec, full = _mlx(w)
     narrowed, calls, kept = [], [], []
@@ -825,7 +828,7 @@ def test_a_layer_whose_sample_blocks_differ_too_much_is_measured_in_two_exact_pa
     assert sorted({r for a, b in done for r in range(a, b)}) == list(range(2048))  # every row's pages dropped
     rows = [r for a, b in calls for r in range(a, b)]
     assert sorted(set(rows)) == list(range(2048))
-    assert len(rows) < 2 * 2048  # every block twice but the sample blocks, kept decoded
+    assert len(rows) == (2048 if keep else 2 * 2048)  # each block decoded once, or once a pass
     assert 0 < sum(kept) < 0.03 * w.size  # the second pass collects the wanted bins only
 
 
