@@ -227,8 +227,8 @@ def test_counts_equal_numpy_on_and_beside_every_edge_far_from_zero(kernel_path, 
 def test_float32_counts_equal_numpy_on_and_beside_every_edge(kernel_path, lo, hi):
     """Float32 values between float32 bounds are binned in float32 arithmetic, whose position
     may be off by a few parts in 1e7: every value on an edge, and the float32 values one and
-    two ulps either side of each, still land where np.histogram puts them (so does a test with
-    the margin of 4e-7 cut to 4e-8: -0.07 to 0.11 fails it)."""
+    two ulps either side of each, still land where np.histogram puts them. (With the margin cut
+    from 4e-7 to 4e-8, the range -0.07 to 0.11 fails.)"""
     lo, hi = float(np.float32(lo)), float(np.float32(hi))
     edges = uniform_edges(lo, hi, 16384)
     e32 = edges.astype(np.float32)
