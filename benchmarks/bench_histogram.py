@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import CACHE, emit
 
 LAYER = "model.layers.0.mlp.down_proj"
