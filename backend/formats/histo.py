@@ -67,7 +67,9 @@ if AVAILABLE:
         # _bin_index of float32 values in float32 arithmetic (16 lanes, not 8: 0.48 -> 0.23 ns per
         # element), where lo and hi are float32 values. The position f = (v - lo) * scale takes
         # three roundings of 2**-24: it lies within 1.8e-7 f of the exact one, and ``rel`` (4e-7)
-        # f + ``base`` (the edges' own rounding) of an edge sends v to the correction.
+        # f + ``base`` (the edges' own rounding) of an edge sends v to the correction. (Written
+        # out, not through _bin_code given a margin term: that made both loops slower, this one
+        # 0.20 -> 0.50 ns per element and _bin_index 0.47 -> 0.56.)
         one = np.float32(1.0)
         for t in range(a.size):
             v = a[t]
