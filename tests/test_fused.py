@@ -29,6 +29,9 @@ N, K = 512, 2048  # 1M elements: 16 blocks of 64K (small_blocks), so every step 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(fused, "BLOCK_ELEMENTS", 1 << 16)
+    # narrowing wherever there are blocks enough, as in a layer too large to collect in one step
+    # (test_one_step_where_the_collection_fits_the_budget: the other way)
+    monkeypatch.setattr(fused, "COLLECT_BYTES", 0)
 
 
 def _ref(n=N, k=K, seed=0, rows_scale=None):
@@ -121,6 +124,28 @@ def test_one_pass_metrics_equal_numpy(kind, monkeypatch):
     _check(res, w, full)
     assert res["rel_fro_raw"] == res["rel_fro"]
     assert narrowed  # the second intervals were used
+
+
+@pytest.mark.parametrize("budget", ["fits", "exceeded"])
+def test_one_step_where_the_collection_fits_the_budget(budget, monkeypatch):
+    """Where the first intervals would collect under COLLECT_BYTES, every block not sampled is
+    measured with them in one step (no narrowing) and the ranks read from all they collected;
+    above it the blocks come in steps with narrower intervals between them. Exact either way."""
+    narrowed, adds = [], []
+    real_restrict, real_add = fused._Found.restrict, fused._Found.add
+    monkeypatch.setattr(fused._Found, "restrict", lambda self, lo, hi: narrowed.append(lo) or real_restrict(self, lo, hi))
+    monkeypatch.setattr(fused._Found, "add", lambda self, acc: adds.append(int(acc.cnt[1])) or real_add(self, acc))
+    w = _ref()
+    dec, full = _gptq(w)
+    # 16 blocks of 64K, 3 sampled: the 13 others' first collection is some hundreds of KB
+    monkeypatch.setattr(fused, "COLLECT_BYTES", 64 << 20 if budget == "fits" else 1 << 10)
+    res = fused.measure(w, {"v": (dec, 0, None)}, parallel=False)["v"]
+    _check(res, w, full)
+    if budget == "fits":
+        assert not narrowed and len(adds) == 1  # one step, one collection
+        assert adds[0] > 0.01 * w.size  # the first intervals' share of all the blocks
+    else:
+        assert narrowed and len(adds) == 2
 
 
 @pytest.mark.parametrize("block", [1 << 14, 1 << 18, 1 << 22])
