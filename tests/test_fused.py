@@ -727,6 +727,32 @@ def test_pair_stats_vector_pass_with_nan_overflow_and_every_flag(flags):
     np.testing.assert_array_equal(np.sort(buf[:cnt[1]]), np.sort(np.abs(d)[inside]))
 
 
+def test_pair_stats_max_is_exact_among_ties_of_its_float32_bits_across_calls():
+    # The exact float64 max |d| is looked for in each piece whose float32 max reaches the running
+    # one: here four elements, in several pieces and calls, share the float32 max's bits while
+    # their float64 |d| differ (the float64 difference keeps bits the float32 one rounds away),
+    # and the largest of them sits in the last call's last piece.
+    rng = np.random.default_rng(3)
+    k = 4 * fast.VPIECE + 5
+    w = (rng.standard_normal((3, k)) * 0.02).astype(np.float32)
+    v = (w + (rng.standard_normal(w.shape) * 1e-3).astype(np.float32)).astype(np.float32)
+    # v = 0.5 against w one float32 ulp apart near 0.01: their float64 |d| differ, their
+    # float32 |d| all round to 0.49; the largest (the least w) in the last row's last piece
+    spots = [(0, 10), (0, fast.VPIECE + 3), (1, 2 * fast.VPIECE + 7), (2, k - 2)]
+    u = np.spacing(np.float32(0.01))
+    for i, (r, c) in enumerate(spots):
+        w[r, c] = np.float32(0.01) + u * np.float32(3 - i)
+        v[r, c] = np.float32(0.5)
+    d64 = np.abs(v.astype(np.float64) - w.astype(np.float64))
+    t32 = np.abs(v - w)
+    assert len({float(d64[r, c]) for r, c in spots}) > 1 and len({float(t32[r, c]) for r, c in spots}) == 1
+    empty = np.empty(0, np.float32)
+    acc, cnt = np.zeros(5), np.zeros(4, np.int64)
+    for r in range(3):  # one call per row: the running float32 max carried in cnt[2]
+        fast.pair_stats(w[r:r + 1], v[r:r + 1], empty, empty, empty, 1, acc, cnt, np.empty(0))
+    assert acc[4] == d64.max()
+
+
 @pytest.mark.parametrize("ref_dtype", [np.float32, BF16])
 @pytest.mark.parametrize("n_iv", [1, 2, 3])
 def test_pair_stats_counts_and_hits_at_the_bounds_themselves(ref_dtype, n_iv):

@@ -592,6 +592,7 @@ if AVAILABLE:
     _bits = _bitcast(types.float32, types.int32, ir.IntType(32))
     _from_bits = _bitcast(types.int32, types.float32, ir.FloatType())
     _bits64 = _bitcast(types.float64, types.int64, ir.IntType(64))
+    _from_bits64 = _bitcast(types.int64, types.float64, ir.DoubleType())
 
     @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
     def _row_sums(w, x, want_ww):
@@ -903,14 +904,19 @@ if AVAILABLE:
 
     @njit(cache=True, inline="always")
     def _exact_max(w, x, n, bf16, bits, acc):
-        # acc[4]: the exact float64 maximum |x - w| among the first n elements whose float32 |d|
-        # has these bits (float32 rounding is monotone: the maximum is among them), NaN kept
+        # acc[4]: the exact float64 maximum |x - w| of the first n elements, NaN kept (called
+        # where the piece's float32 maximum reaches the running one: float32 rounding is
+        # monotone). Through integer keys (|d|'s bits order as |d| does, NaN's above inf), which
+        # vectorise: picking the elements of the float32 maximum's bits first, one by one with a
+        # branch, took 4.2 ns per element, 9 us of each 2048-element piece it ran on (the first
+        # of every block, and each where the maximum is tied, as quantized errors often are).
+        # (``bits`` is unused: kept for the call sites' shape.)
+        k = np.int64(0)
         for j in range(n):
-            a = _wval(w, j, bf16)
-            if _bits(abs(x[j] - a)) == bits:
-                e = abs(np.float64(x[j]) - np.float64(a))
-                if e > acc[4] or np.isnan(e):
-                    acc[4] = e
+            k = max(k, _bits64(abs(np.float64(x[j]) - np.float64(_wval(w, j, bf16)))))
+        e = _from_bits64(k)
+        if e > acc[4] or np.isnan(e):
+            acc[4] = e
 
     @njit(cache=True, inline="always")
     def _add_below(cnt, m, c0, c1, c2, nz, zero_lo):
