@@ -20,10 +20,13 @@ are then read from the collected values by rank. The intervals narrow in steps:
    of the whole layer's share below it, from how that share varies between the sample blocks
    (errors in a quantization group share its scale, so they are far from independent) and
    from how many blocks are still unseen;
-1. for larger layers, a spread-out quarter of the other blocks is measured; the values it
-   collects fix each percentile of the part measured so far exactly, so narrower intervals,
-   nested in the first ones, follow (where the sample blocks differ much, the other blocks are
-   first remade of runs of rows from across the layer: see ``MIX_SHARE``);
+1. where what the first intervals would collect fits ``COLLECT_BYTES`` (most layers: up to
+   tens of millions of weights), all the other blocks and the kept sample blocks are measured
+   with them at once and the ranks read from everything collected. Larger layers go in steps:
+   a spread-out quarter of the other blocks is measured; the values it collects fix each
+   percentile of the part measured so far exactly, so narrower intervals, nested in the first
+   ones, follow (where the sample blocks differ much, the other blocks are first remade of
+   runs of rows from across the layer: see ``MIX_SHARE``);
 2. the remaining blocks and the kept sample blocks are measured with the narrowest intervals,
    and the earlier collections are cut down to them.
 
@@ -396,7 +399,8 @@ def _exact_intervals(tot: np.ndarray, nzero: int, n: int) -> tuple[np.ndarray, n
 def _steps(rest: list[int], block_elements: int = 1) -> list[list[int]]:
     """Blocks measured in turn: a spread-out quarter, then the rest, with the intervals narrowed
     in between; all at once when there are too few blocks to measure both before and after a
-    narrowing (fewer than 12). Where a quarter is over :data:`STEP_ELEMENTS`, the steps start
+    narrowing (fewer than 12). (Used where the first intervals' collection would exceed
+    :data:`COLLECT_BYTES`; below it :func:`measure` takes all the blocks in one step.) Where a quarter is over :data:`STEP_ELEMENTS`, the steps start
     at that many elements and grow fourfold, narrowing after each: what a step collects (its
     share inside the intervals, ~5% before the first narrowing) stays tens of MB in a layer of
     a billion weights."""
