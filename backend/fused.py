@@ -94,16 +94,17 @@ MAX_SAMPLE_BLOCKS = 16
 KEEP_BYTES = 64 << 20
 #: Most elements measured before the first narrowing (see :func:`_steps`).
 STEP_ELEMENTS = 1 << 25
-#: Narrowing pays only where the first intervals would collect more than this many bytes of
+#: Narrowing is kept only where the first intervals would collect more than this many bytes of
 #: float64 values per variant (their sample share, with the buffers' margin, of the blocks not
-#: sampled): below it the other blocks are measured in one step with the first intervals and the
-#: ranks read from all they collected. Each narrowing costs a few kernel calls and their Python
-#: (0.3-0.5 ms) and splits the blocks into steps, for fewer hits in the later ones; measured
-#: one layer on one core, alternately (2026-12-07), one step was faster on every layer whose
-#: collection fits: Qwen3-30B-shaped MLX experts (1.6M weights) 2.09 -> 1.56 ns per element;
-#: 8B k_proj 1.34-1.77 -> 1.34-1.44, q_proj 1.24-1.40 -> 1.14-1.25, down_proj (59M weights)
-#: 1.10-1.35 -> 1.03-1.22, GPTQ, AWQ and MLX alike. Above it (a 70B layer's MLX variant:
-#: 5% of 235M weights, 94 MB) the steps keep what is held bounded.
+#: sampled), to bound what is held (a 70B layer's MLX variant: 5% of 235M weights, 94 MB).
+#: Below it the other blocks are measured in one step with the first intervals and the ranks
+#: read from all they collected. Each narrowing costs a few kernel calls and their Python
+#: (0.6 ms of a 1.6M-weight expert's 3.3) and splits the blocks into steps, for fewer hits in
+#: the later ones: a saving that was always smaller. Measured one layer on one core,
+#: alternately (2026-12-07), one step was faster on every layer tried that narrowed:
+#: Qwen3-30B-shaped MLX experts (1.6M weights) 2.09 -> 1.56 ns per element; 8B k_proj
+#: 1.54-1.77 -> 1.34-1.44, q_proj 1.24-1.40 -> 1.14-1.25, down_proj (59M weights) 1.10-1.35 ->
+#: 1.03-1.22, GPTQ, AWQ and MLX alike.
 COLLECT_BYTES = 48 << 20
 #: Interval half-width in standard errors of the estimated rank.
 Z = 5.0
@@ -399,11 +400,11 @@ def _exact_intervals(tot: np.ndarray, nzero: int, n: int) -> tuple[np.ndarray, n
 def _steps(rest: list[int], block_elements: int = 1) -> list[list[int]]:
     """Blocks measured in turn: a spread-out quarter, then the rest, with the intervals narrowed
     in between; all at once when there are too few blocks to measure both before and after a
-    narrowing (fewer than 12). (Used where the first intervals' collection would exceed
-    :data:`COLLECT_BYTES`; below it :func:`measure` takes all the blocks in one step.) Where a quarter is over :data:`STEP_ELEMENTS`, the steps start
+    narrowing (fewer than 12). Where a quarter is over :data:`STEP_ELEMENTS`, the steps start
     at that many elements and grow fourfold, narrowing after each: what a step collects (its
     share inside the intervals, ~5% before the first narrowing) stays tens of MB in a layer of
-    a billion weights."""
+    a billion weights. (Used where the first intervals' collection would exceed
+    :data:`COLLECT_BYTES`; below it :func:`measure` takes all the blocks in one step.)"""
     if len(rest) < 12:
         return [rest]
     first = max(4, len(rest) // 4)

@@ -909,8 +909,8 @@ if AVAILABLE:
         # monotone). Through integer keys (|d|'s bits order as |d| does, NaN's above inf), which
         # vectorise: picking the elements of the float32 maximum's bits first, one by one with a
         # branch, took 4.2 ns per element, 9 us of each 2048-element piece it ran on (the first
-        # of every block, and each where the maximum is tied, as quantized errors often are).
-        # (``bits`` is unused: kept for the call sites' shape.)
+        # of each task's blocks, and each that ties the running maximum). (``bits`` is unused:
+        # kept for the call sites' shape.)
         k = np.int64(0)
         for j in range(n):
             k = max(k, _bits64(abs(np.float64(x[j]) - np.float64(_wval(w, j, bf16)))))
