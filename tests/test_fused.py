@@ -305,6 +305,29 @@ def test_intervals_that_miss_return_none(monkeypatch):
     assert res is None or res["p50"] == _direct(w, full)["p50"]
 
 
+@pytest.mark.parametrize("budget", [-1, 64 << 20])  # steps with narrowing / one step
+def test_a_collection_past_its_buffer_returns_none(budget, monkeypatch):
+    """The buffers are sized from the sample's share inside the first intervals; where the
+    other blocks put far more inside (here: an interval holding every error above the median,
+    said to hold none), the collection overflows and the variant goes to the general path
+    (None), in one step as with narrowing, never a wrong figure."""
+    monkeypatch.setattr(fused, "COLLECT_BYTES", budget)
+    real = fused.hist_intervals
+
+    def wide(h, nb):
+        lo, _, _ = real(h, nb)
+        return np.array([lo[0]], np.float32), np.array([np.inf], np.float32), 0.0
+    monkeypatch.setattr(fused, "hist_intervals", wide)
+    overflowed = []
+    real_collected = fused._Acc.collected
+    monkeypatch.setattr(fused._Acc, "collected",
+                        lambda self: (lambda c: overflowed.append(c is None) or c)(real_collected(self)))
+    w = _ref(seed=9)
+    dec, _ = _gptq(w)
+    assert fused.measure(w, {"v": (dec, 0, None)}, parallel=False)["v"] is None
+    assert any(overflowed)  # (the overflow itself, seen by the measurement)
+
+
 def test_nan_errors_go_to_the_general_path():
     w = _ref(seed=10)
     wh = w.astype(np.float32)
