@@ -320,8 +320,12 @@ def test_a_collection_past_its_buffer_returns_none(budget, monkeypatch):
     monkeypatch.setattr(fused, "hist_intervals", wide)
     overflowed = []
     real_collected = fused._Acc.collected
-    monkeypatch.setattr(fused._Acc, "collected",
-                        lambda self: (lambda c: overflowed.append(c is None) or c)(real_collected(self)))
+
+    def collected(self):
+        c = real_collected(self)
+        overflowed.append(c is None)
+        return c
+    monkeypatch.setattr(fused._Acc, "collected", collected)
     w = _ref(seed=9)
     dec, _ = _gptq(w)
     assert fused.measure(w, {"v": (dec, 0, None)}, parallel=False)["v"] is None
