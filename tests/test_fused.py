@@ -308,7 +308,7 @@ def test_intervals_that_miss_return_none(monkeypatch):
 @pytest.mark.parametrize("budget", [-1, 64 << 20])  # steps with narrowing / one step
 def test_a_collection_past_its_buffer_returns_none(budget, monkeypatch):
     """The buffers are sized from the sample's share inside the first intervals; where the
-    other blocks put far more inside (here: an interval holding every error above the median,
+    other blocks put far more inside (here: one interval holding every error from about the median up,
     said to hold none), the collection overflows and the variant goes to the general path
     (None), in one step as with narrowing, never a wrong figure."""
     monkeypatch.setattr(fused, "COLLECT_BYTES", budget)
