@@ -133,7 +133,8 @@ def test_one_step_where_the_collection_fits_the_budget(budget, monkeypatch):
     above it the blocks come in steps with narrower intervals between them. Exact either way."""
     narrowed, adds = [], []
     real_restrict, real_add = fused._Found.restrict, fused._Found.add
-    monkeypatch.setattr(fused._Found, "restrict", lambda self, lo, hi: narrowed.append(lo) or real_restrict(self, lo, hi))
+    monkeypatch.setattr(fused._Found, "restrict",
+                        lambda self, lo, hi: narrowed.append(lo) or real_restrict(self, lo, hi))
     monkeypatch.setattr(fused._Found, "add", lambda self, acc: adds.append(int(acc.cnt[1])) or real_add(self, acc))
     w = _ref()
     dec, full = _gptq(w)
@@ -308,9 +309,9 @@ def test_intervals_that_miss_return_none(monkeypatch):
 @pytest.mark.parametrize("budget", [-1, 64 << 20])  # steps with narrowing / one step
 def test_a_collection_past_its_buffer_returns_none(budget, monkeypatch):
     """The buffers are sized from the sample's share inside the first intervals; where the
-    other blocks put far more inside (here: one interval holding every error from about the median up,
-    said to hold none), the collection overflows and the variant goes to the general path
-    (None), in one step as with narrowing, never a wrong figure."""
+    other blocks put far more inside (here: one interval holding every error from about the
+    median up, said to hold none), the collection overflows and the variant goes to the general
+    path (None), in one step as with narrowing, never a wrong figure."""
     monkeypatch.setattr(fused, "COLLECT_BYTES", budget)
     real = fused.hist_intervals
 
