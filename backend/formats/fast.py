@@ -903,14 +903,13 @@ if AVAILABLE:
         return np.float32(rp[j])
 
     @njit(cache=True, inline="always")
-    def _exact_max(w, x, n, bf16, bits, acc):
+    def _exact_max(w, x, n, bf16, acc):
         # acc[4]: the exact float64 maximum |x - w| of the first n elements, NaN kept (called
         # where the piece's float32 maximum reaches the running one: float32 rounding is
         # monotone). Through integer keys (|d|'s bits order as |d| does, NaN's above inf), which
         # vectorise: picking the elements of the float32 maximum's bits first, one by one with a
         # branch, took 4.2 ns per element, 9 us of each 2048-element piece it ran on (the first
-        # of each task's blocks, and each that ties the running maximum). (``bits`` is unused:
-        # kept for the call sites' shape.)
+        # of each task's blocks, and each that ties the running maximum).
         k = np.int64(0)
         for j in range(n):
             k = max(k, _bits64(abs(np.float64(x[j]) - np.float64(_wval(w, j, bf16)))))
@@ -1022,7 +1021,7 @@ if AVAILABLE:
                     vrm = np.int32(vc[5])
                     if np.uint32(vrm) >= mb:
                         mb = np.uint32(vrm)
-                        _exact_max(rp, vp, n16, bf16, vrm, acc)
+                        _exact_max(rp, vp, n16, bf16, acc)
                     _add_below(cnt, m, vc[1], vc[2], vc[3], vc[0], zero_lo)
                     if nbins:
                         _add_hist(hist, rp, vp, n16, bf16, hti)
@@ -1084,7 +1083,7 @@ if AVAILABLE:
                     acc[2] += p_wd
                 if np.uint32(rm) >= mb:  # the exact maximum is among the elements reaching the float32 one
                     mb = np.uint32(rm)
-                    _exact_max(w, x, n, False, rm, acc)
+                    _exact_max(w, x, n, False, acc)
                 _add_below(cnt, m, c0, c1, c2, nz, zero_lo)
                 if m == 0 or nh == 0:
                     continue
