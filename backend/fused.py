@@ -564,11 +564,12 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
         return {lb: f.result() for lb, f in futs.items()}
 
     first_iv = each(lambda lb: hist_intervals(hists[lb], nbk))
-    exact = max(f for _, _, f in first_iv.values()) > EXACT_SHARE  # (see EXACT_SHARE)
+    share = max(f for _, _, f in first_iv.values())  # inside the first intervals, the most of any variant
+    exact = share > EXACT_SHARE  # (see EXACT_SHARE)
     found = {lb: _Found(lo, hi, held) for lb, (lo, hi, _) in first_iv.items()}
-    if max(f for _, _, f in first_iv.values()) * 1.5 * len(rest) * step * K * 8 <= COLLECT_BYTES:
+    if share * 1.5 * len(rest) * step * K * 8 <= COLLECT_BYTES:
         steps = [rest]  # (see COLLECT_BYTES)
-    if not exact and run < step and len(rest) > 1 and max(f for _, _, f in first_iv.values()) > MIX_SHARE:
+    if not exact and run < step and len(rest) > 1 and share > MIX_SHARE:
         # the sample blocks differ: the other blocks remade of runs from across the layer
         runs = [(a, min(r1, a + run)) for i in rest for r0, r1, _ in blocks[i] for a in range(r0, r1, run)]
         for j, i in enumerate(rest):
