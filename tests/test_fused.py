@@ -817,6 +817,47 @@ def test_pair_stats_counts_and_hits_at_the_bounds_themselves(ref_dtype, n_iv):
         assert np.isnan(acc[4])  # the NaN, like numpy's max
 
 
+@pytest.mark.parametrize("masks", [False, True])
+@pytest.mark.parametrize("ref_dtype", [np.float32, BF16])
+def test_vector_pass_counts_the_same_both_ways(masks, ref_dtype):
+    # fast._make_vpass counts through mask registers on AMD Zen 4 and by integer arithmetic
+    # elsewhere: whichever this machine compiles into pair_stats, both are checked here, on a
+    # whole call (the most elements one call counts: 16-bit fields) with exact zeros, ties on
+    # the bounds, inf, NaN and an unused interval.
+    import numba
+
+    vpass = fast._make_vpass(True, True, masks)
+
+    @numba.njit
+    def call(w, x, nv, lims, acc, cnt, buf, st):
+        vpass(w, x, nv, lims, acc, cnt, buf, st)
+
+    rng = np.random.default_rng(11)
+    n = fast.VPIECE
+    w = (rng.standard_normal(n) * 0.02).astype(ref_dtype)
+    wf = w.astype(np.float32)
+    v = (wf + np.round(rng.standard_normal(n) * 64) / 2**16).astype(np.float32)
+    v[:40] = wf[:40]
+    v[100], v[200] = np.nan, np.inf
+    t = np.abs(v - wf)
+    qs = np.quantile(t[np.isfinite(t)], [0.3, 0.5, 0.8, 0.9])
+    lims = np.array([qs[0], qs[2], np.inf, qs[1], qs[3], -np.inf], np.float32)
+    assert np.isin(lims[[0, 1, 3, 4]], t).all()  # the bounds are values that occur
+    acc, cnt, buf = np.zeros(5), np.zeros(6, np.int64), np.empty(n)
+    st = np.array([0, n, 0], np.int64)
+    wr = w.view(np.uint16) if ref_dtype == BF16 else w
+    call(wr, v, n // fast.LANES, lims, acc, cnt, buf, st)
+    with np.errstate(invalid="ignore"):
+        assert cnt[0] == int((t == 0).sum()) >= 40
+        assert cnt[1:4].tolist() == [int((t < lim).sum()) for lim in lims[:3]]
+        inside = ((t >= lims[0]) & (t <= lims[3])) | ((t >= lims[1]) & (t <= lims[4]))
+    assert cnt[5] == t.view(np.int32).max()  # the largest bits: NaN's
+    exact = np.abs(v.astype(np.float64) - wf.astype(np.float64))
+    assert st[0] == inside.sum() > 0
+    np.testing.assert_array_equal(np.sort(buf[:st[0]]), np.sort(exact[inside]))
+    assert np.isnan(acc[0]) and acc[1] == pytest.approx((wf.astype(np.float64) ** 2).sum(), rel=1e-12)
+
+
 def _rows_of_different_scale(kind, seed, n=N, head=32):
     rng = np.random.default_rng(seed)
     scale = (np.repeat(np.exp(rng.normal(0, 0.6, n // head)), head) if kind == "heads"
