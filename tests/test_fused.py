@@ -445,21 +445,27 @@ def test_pair_stats_equals_numpy_on_rows_in_pieces(k, bf16, with_col):
     assert np.uint32(cnt[2]).view(np.float32) == t.max()
 
 
-def test_pair_stats_histogram_counts_float32_error_bits():
-    # the sample blocks' histogram: bin (bits >> HIST_SHIFT) - HIST_BASE of float32 |d|, clipped
-    w = _ref(n=64, seed=13)
+@pytest.mark.parametrize("flags", [0, 1, 3])
+def test_pair_stats_histogram_counts_float32_error_bits(flags):
+    # the sample blocks' histogram: bin (bits >> HIST_SHIFT) - HIST_BASE of float32 |d|, clipped,
+    # its bins found by the vector pass (with each flag's sums) and by the scalar tail
+    w = _ref(n=64, seed=13)[:, :2043]
     wf = w.astype(np.float32)
     x = wf + (RNG.standard_normal(wf.shape) * 1e-3).astype(np.float32)
     x[0, :5] = wf[0, :5]  # exact zeros: the first bin
     x[1, 0] = np.float32(1e30)  # above 2**24: the last bin
     hist = np.zeros(fast.HIST_BINS, np.int32)
     acc, cnt, empty = np.zeros(5), np.zeros(4, np.int64), np.empty(0, np.float32)
-    fast.pair_stats(w, x, empty, empty, empty, 1, acc, cnt, np.empty(0), hist)
+    fast.pair_stats(w, x, empty, empty, empty, flags, acc, cnt, np.empty(0), hist)
     bits = np.abs(x - wf).view(np.int32).ravel()
     want = np.bincount(np.clip((bits >> fast.HIST_SHIFT) - fast.HIST_BASE, 0, fast.HIST_BINS - 1),
                        minlength=fast.HIST_BINS)
     np.testing.assert_array_equal(hist, want)
     assert hist[0] >= 5 and hist[-1] == 1
+    assert cnt[0] == np.count_nonzero(bits == 0)
+    a, d = wf.astype(np.float64), x.astype(np.float64) - wf.astype(np.float64)
+    want = [(d * d).sum(), (a * a).sum() if flags & 2 else 0.0, (a * d).sum()] if flags & 1 else [0.0] * 3
+    assert acc[:3] == pytest.approx(want, rel=1e-12) and acc[4] == np.abs(d).max()
     lo, hi = fast.hist_edges(np.array([0, 1, fast.HIST_BINS - 1]))
     assert lo[0] == 0 and hi[-1] == np.inf
     assert np.nextafter(hi[0], np.float32(1)) == lo[1]  # bins meet: no |d| falls between them

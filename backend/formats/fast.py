@@ -683,7 +683,7 @@ if AVAILABLE:
 LANES = 16
 
 
-def _make_vpass(sums: bool, ww: bool, masks: bool):
+def _make_vpass(sums: bool, ww: bool, masks: bool, bins: bool = False):
     """The core of ``_pair_stats`` as explicit 16-lane vector code (LLVM IR through a numba
     intrinsic): ``_vpass(w, x, nv, lims, acc, cnt, buf, st)`` takes the first ``nv * 16``
     elements of ``w`` (reference: float32, or bfloat16 bits as uint16, widened in registers) and
@@ -697,6 +697,11 @@ def _make_vpass(sums: bool, ww: bool, masks: bool):
       expected (a store for every 16 elements, not a branch on whether they hold one);
     * with ``sums``: ``acc[0]`` += Σd², ``acc[2]`` += ΣW·d of the exact float64 differences, and
       with ``ww`` ``acc[1]`` += ΣW², in 8-lane float64 fused multiply-adds.
+
+    With ``bins`` there are no intervals (``lims`` and ``st`` unused, nothing collected) and
+    ``buf`` is int32: each element's histogram bin of its float32 |d| goes to ``buf[i]`` (as in
+    ``_add_hist``: the sample blocks' and the exact passes' histograms), the increments left to
+    the caller.
 
     ``nv`` is at most 4095 (VPIECE / 16 in ``_pair_stats``). ``masks`` picks how the zeros, the
     counts and the hits are found: by compares into mask registers, their 16 bits counted 64 at
@@ -724,7 +729,8 @@ def _make_vpass(sums: bool, ww: bool, masks: bool):
         # the code below reads and writes raw memory as these types: any other is refused at
         # compile time (a float64 reference read as float32 gave wrong figures without a word)
         want = ((w, (types.float32, types.uint16)), (x, (types.float32,)), (lims, (types.float32,)),
-                (acc, (types.float64,)), (buf, (types.float64,)), (cnt, (types.int64,)), (st, (types.int64,)))
+                (acc, (types.float64,)), (buf, (types.int32,) if bins else (types.float64,)), (cnt, (types.int64,)),
+                (st, (types.int64,)))
         if not all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype in ok for a, ok in want):
             return None
         sig = types.void(w, x, nv, lims, acc, cnt, buf, st)
@@ -738,8 +744,9 @@ def _make_vpass(sums: bool, ww: bool, masks: bool):
             fabs = decl(mod, "llvm.fabs.v16f32", vf, [vf])
             fabs8 = decl(mod, "llvm.fabs.v8f64", vd, [vd])
             smax = decl(mod, "llvm.smax.v16i32", vi, [vi, vi])
+            smin = decl(mod, "llvm.smin.v16i32", vi, [vi, vi])
             pop8 = decl(mod, "llvm.ctpop.i8", i8, [i8])
-            cstore = decl(mod, "llvm.masked.compressstore.v8f64", ir.VoidType(), [vd, pb.type, m8])
+            cstore = decl(mod, "llvm.masked.compressstore.v8f64", ir.VoidType(), [vd, f64.as_pointer(), m8])
             # LLVM 19 on has a compress into a register
             compress = (decl(mod, "llvm.experimental.vector.compress.v8f64", vd, [vd, m8, vd])
                         if _LLVM >= (19,) else None)
@@ -805,7 +812,16 @@ def _make_vpass(sums: bool, ww: bool, masks: bool):
                 builder.store(builder.call(smax, [builder.load(rmax), u]), rmax)
                 # u and the bounds compare as integers (the bits of non-negative floats; NaN's
                 # exceed every bound: never below, never inside)
-                if masks:
+                if bins:
+                    # the histogram's bins (see _add_hist), the zeros, and no intervals
+                    tb = builder.sub(builder.lshr(u, ir.Constant(vi, [HIST_SHIFT] * LANES)),
+                                     ir.Constant(vi, [HIST_BASE] * LANES))
+                    top = ir.Constant(vi, [HIST_BINS - 1] * LANES)
+                    tb = builder.call(smin, [builder.call(smax, [tb, splat0]), top])
+                    builder.store(tb, builder.bitcast(builder.gep(pb, [off]), vi.as_pointer()), align=4)
+                    count(builder.lshr(builder.sub(u, one_i), sign), 0)  # 1 where |d| is zero
+                    hit = None
+                elif masks:
                     # compares into mask registers, the four masks side by side in one integer
                     # and the set bits of each 16 counted at once (a popcount per mask: LLVM
                     # gathered them into a vector register through four inserts, slower)
@@ -858,36 +874,38 @@ def _make_vpass(sums: bool, ww: bool, masks: bool):
                     for k, (p, q_) in enumerate(terms):
                         slot = sacc[2 * k + h]
                         builder.store(builder.call(fma, [p, q_, builder.load(slot)]), slot)
-                # the hits, compressed into buf while they fit (a mask of none past it); behind a
-                # branch: a compress-store costs several cycles even with no lane set
-                any_hit = builder.icmp_unsigned("!=", builder.bitcast(hit, i16), ir.Constant(i16, 0))
-                with cgutils.if_unlikely(builder, builder.or_(any_hit, dense)):
-                    for h in range(2):
-                        # the half's 8 mask bits as an integer shift (a shuffle of the i1 vector went
-                        # through memory: a 16-bit store read back as 128 bits, a stall on every group)
-                        hb = builder.bitcast(hit, i16)
-                        if h:
-                            hb = builder.lshr(hb, ir.Constant(i16, 8))
-                        mh = builder.bitcast(builder.trunc(hb, i8), m8)
-                        c = builder.zext(builder.call(pop8, [builder.bitcast(mh, i8)]), i64)
-                        at = builder.load(nb)
-                        vals = builder.call(fabs8, [ds[h] if sums else exact_half(h)[1]])  # (without sums: here only)
-                        dst = builder.gep(pb, [at])
-                        if compress is None:
-                            exact_store(vals, dst, at, c, mh)
-                        else:
-                            # compressed in a register and stored whole (the memory form of the
-                            # compress-store is microcoded on Intel: several times slower); the
-                            # lanes past the hits are overwritten by the next ones. Near the
-                            # buffer's end, the exact masked store.
-                            whole = builder.icmp_signed("<=", builder.add(at, ir.Constant(i64, 8)), cap)
-                            with builder.if_else(whole, likely=True) as (fast_, exact):
-                                with fast_:
-                                    packed = builder.call(compress, [vals, mh, ir.Constant(vd, ir.Undefined)])
-                                    builder.store(packed, builder.bitcast(dst, vd.as_pointer()), align=8)
-                                with exact:
-                                    exact_store(vals, dst, at, c, mh)
-                        builder.store(builder.add(at, c), nb)
+                if hit is not None:
+                    # the hits, compressed into buf while they fit (a mask of none past it); behind a
+                    # branch: a compress-store costs several cycles even with no lane set
+                    any_hit = builder.icmp_unsigned("!=", builder.bitcast(hit, i16), ir.Constant(i16, 0))
+                    with cgutils.if_unlikely(builder, builder.or_(any_hit, dense)):
+                        for h in range(2):
+                            # the half's 8 mask bits as an integer shift (a shuffle of the i1 vector went
+                            # through memory: a 16-bit store read back as 128 bits, a stall on every group)
+                            hb = builder.bitcast(hit, i16)
+                            if h:
+                                hb = builder.lshr(hb, ir.Constant(i16, 8))
+                            mh = builder.bitcast(builder.trunc(hb, i8), m8)
+                            c = builder.zext(builder.call(pop8, [builder.bitcast(mh, i8)]), i64)
+                            at = builder.load(nb)
+                            # (without sums, the differences are found here only)
+                            vals = builder.call(fabs8, [ds[h] if sums else exact_half(h)[1]])
+                            dst = builder.gep(pb, [at])
+                            if compress is None:
+                                exact_store(vals, dst, at, c, mh)
+                            else:
+                                # compressed in a register and stored whole (the memory form of the
+                                # compress-store is microcoded on Intel: several times slower); the
+                                # lanes past the hits are overwritten by the next ones. Near the
+                                # buffer's end, the exact masked store.
+                                whole = builder.icmp_signed("<=", builder.add(at, ir.Constant(i64, 8)), cap)
+                                with builder.if_else(whole, likely=True) as (fast_, exact):
+                                    with fast_:
+                                        packed = builder.call(compress, [vals, mh, ir.Constant(vd, ir.Undefined)])
+                                        builder.store(packed, builder.bitcast(dst, vd.as_pointer()), align=8)
+                                    with exact:
+                                        exact_store(vals, dst, at, c, mh)
+                            builder.store(builder.add(at, c), nb)
 
             def hsum(v):
                 t = builder.extract_element(v, ir.Constant(i32, 0))
@@ -902,7 +920,7 @@ def _make_vpass(sums: bool, ww: bool, masks: bool):
                     builder.store(builder.fadd(builder.load(p), tot), p)
             for k in range(4):
                 p = builder.gep(pc, [ir.Constant(i64, k)])
-                if masks:
+                if masks and not bins:
                     c = builder.and_(builder.lshr(builder.load(fields), ir.Constant(i64, 16 * k)),
                                      ir.Constant(i64, 0xFFFF))
                     if k:  # at or above the bound: below it, the rest
@@ -939,6 +957,9 @@ if AVAILABLE:
     _vpass_none = _make_vpass(False, False, MASK_COUNTS)
     _vpass_sums = _make_vpass(True, False, MASK_COUNTS)
     _vpass_all = _make_vpass(True, True, MASK_COUNTS)
+    _vbins_none = _make_vpass(False, False, MASK_COUNTS, bins=True)
+    _vbins_sums = _make_vpass(True, False, MASK_COUNTS, bins=True)
+    _vbins_all = _make_vpass(True, True, MASK_COUNTS, bins=True)
 
     @njit(cache=True, inline="always")
     def _wval(rp, j, bf16):
@@ -980,6 +1001,10 @@ if AVAILABLE:
         for j in range(n):
             hb = (_bits(abs(x[j] - _wval(w, j, bf16))) >> HIST_SHIFT) - HIST_BASE
             ti[j] = min(max(hb, np.int32(0)), top)
+        _add_counts(hist, ti, n)
+
+    @njit(cache=True, inline="always")
+    def _add_counts(hist, ti, n):
         for j in range(n):
             hist[np.uint32(ti[j])] += 1
 
@@ -1032,7 +1057,9 @@ if AVAILABLE:
         l0, l1, l2 = lq[0], lq[1], lq[2]
         h0, h1, h2 = hq[0], hq[1], hq[2]
         # the vector pass (_make_vpass) takes what it can: no divisor (undone smoothing keeps the
-        # loops below); the sample blocks' histogram is a loop after it
+        # loops below); a histogram (the sample blocks', the exact passes': no intervals) has its
+        # bins found by the same pass (one pass over the piece: a quarter of such a call's time)
+        # and its increments in a loop after it
         vec = not has_col and v.strides[1] == 4 and ref.strides[1] == ref.itemsize  # (rows in runs)
         hti = np.empty(VPIECE if vec and nbins else 0, np.int32)
         lims = np.empty(6, np.float32)
@@ -1054,7 +1081,14 @@ if AVAILABLE:
                     n16 = nv * LANES
                     vc[:] = 0
                     vst[0] = nb
-                    if not flags & 1:
+                    if nbins and m == 0:  # the histogram's bins from the same pass
+                        if not flags & 1:
+                            _vbins_none(rp, vp, nv, lims, acc, vc, hti, vst)
+                        elif flags & 2:
+                            _vbins_all(rp, vp, nv, lims, acc, vc, hti, vst)
+                        else:
+                            _vbins_sums(rp, vp, nv, lims, acc, vc, hti, vst)
+                    elif not flags & 1:
                         _vpass_none(rp, vp, nv, lims, acc, vc, buf, vst)
                     elif flags & 2:
                         _vpass_all(rp, vp, nv, lims, acc, vc, buf, vst)
@@ -1068,7 +1102,9 @@ if AVAILABLE:
                         mb = np.uint32(vrm)
                         _exact_max(rp, vp, n16, bf16, acc)
                     _add_below(cnt, m, vc[1], vc[2], vc[3], vc[0], zero_lo)
-                    if nbins:
+                    if nbins and m == 0:
+                        _add_counts(hist, hti, n16)
+                    elif nbins:
                         _add_hist(hist, rp, vp, n16, bf16, hti)
                     if n16 == n:
                         continue
