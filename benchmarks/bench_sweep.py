@@ -36,6 +36,7 @@ to the percentiles and everything else.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -199,6 +200,8 @@ def measure(folder: Path, engine: str) -> dict:
         from concurrent.futures import ThreadPoolExecutor
 
         from quantscope.backend.fused import BLOCK_ELEMENTS
+        if not hasattr(eng, "row_decoder"):  # (the MLX engine decodes whole layers: no floor)
+            return math.nan
         by_layer: dict = {}
         for r in rows:
             by_layer.setdefault(r.name, []).append(r)
@@ -239,11 +242,15 @@ def measure(folder: Path, engine: str) -> dict:
             "pair_ratios": [round(a / b, 3) for a, b in zip(sweeps, deqs)],
             "cpu_ratio": round(min(cpu["sweep"]) / min(cpu["dequant"]), 3),
             "cpu_pair_ratios": [round(a / b, 3) for a, b in zip(cpu["sweep"], cpu["dequant"])],
-            "floor_s": round(t_floor, 3), "floor_ratio": round(t_floor / t_deq, 3),
-            "floor_pair_ratios": [round(a / b, 3) for a, b in zip(floors, deqs)],
+            "floor_s": _num(t_floor), "floor_ratio": _num(t_floor / t_deq),
+            "floor_pair_ratios": [_num(a / b) for a, b in zip(floors, deqs)],
             "peak_rss_after_open_mb": round(rss0 / 2**20), "peak_rss_sweep_mb": round(rss_sweep / 2**20),
             "rel_fro_mean": {n: round(float(np.mean([r.rel_fro for r in res.rows if r.variant == n])), 5)
                              for n in variants}}
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else round(x, 3)
 
 
 def main() -> None:
