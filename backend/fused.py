@@ -106,6 +106,9 @@ STEP_ELEMENTS = 1 << 25
 #: 1.54-1.77 -> 1.34-1.44, q_proj 1.24-1.40 -> 1.14-1.25, down_proj (59M weights) 1.10-1.35 ->
 #: 1.03-1.22, GPTQ, AWQ and MLX alike.
 COLLECT_BYTES = 48 << 20
+#: A variant's buffer for the values its intervals collect holds MARGIN times the share they are
+#: expected to hold (plus 64K values): what :data:`COLLECT_BYTES` is weighed against too.
+MARGIN = 1.5
 #: Interval half-width in standard errors of the estimated rank.
 Z = 5.0
 #: Least design effect assumed: quantization errors in a group share its scale (measured 2-4
@@ -527,30 +530,40 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
     hists = {lb: np.zeros((len(sample_ids), fast.HIST_BINS), np.int32) for lb in labels}
     row_of = {i: j for j, i in enumerate(sample_ids)}
 
-    def sample_task(ids):
+    def decode_with_hist(ids, keep_them, hist_of, release=False, after_block=None):
+        # the blocks ids of every variant decoded, their float64 sums, zeros and |d| histogram
+        # (into hist_of(lb, i)) taken; kept decoded for a second look where keep_them (one buffer
+        # per variant: a take per block cost more than a small layer's block), else decoded into
+        # a scratch block. release: the reference rows' pages dropped as they are measured
+        # (done_rows); after_block(i): called once block i is measured
         accs = {lb: _Acc(0, 0) for lb in labels}
         wbuf = ref_buffer()
-        # one buffer per variant for the blocks kept decoded (a take per block cost more than
-        # a small layer's block); a wide layer's (GPTQ's 32-row blocks of a 28672-wide layer
-        # are 3.7 MB each) are decoded again at the end instead
-        if keep_samples:
-            keep = {lb: held.array((len(ids), step, K), np.float32) for lb in labels}
-        else:
-            scratch = held.array((step, K), np.float32)
+        keep = {lb: held.array((len(ids), step, K), np.float32) for lb in labels} if keep_them else None
+        scratch = held.array((step, K), np.float32) if keep is None else None
         for j, i in enumerate(ids):
             check_cancel()
             for r0, r1, off in blocks[i]:
                 w = ref_block(r0, r1, wbuf)
                 for lb in labels:
                     dec, v0, _ = variants[lb]
-                    dst = keep[lb][j, off:off + r1 - r0] if keep_samples else scratch[:r1 - r0]
+                    dst = scratch[:r1 - r0] if keep is None else keep[lb][j, off:off + r1 - r0]
                     dec.fn(v0 + r0, v0 + r1, dst)
                     a = accs[lb]
                     fast.pair_stats(w, dst, cols[lb], empty, empty, 3 if lb == first else 1, a.acc, a.cnt, a.buf,
-                                    hists[lb][row_of[i]])
-            if keep_samples:
+                                    hist_of(lb, i))
+                if release and done_rows is not None:  # (read again by the second pass: a page fault
+                    done_rows(r0, r1)  # each then, where holding a wide layer's pages held its size)
+            if keep is not None:
                 for lb in labels:
                     kept[(lb, i)] = keep[lb][j]
+            if after_block is not None:
+                after_block(i)
+        return accs
+
+    def sample_task(ids):
+        # a wide layer's sample blocks (GPTQ's 32-row blocks of a 28672-wide layer are 3.7 MB
+        # each) are decoded again at the end instead of kept
+        accs = decode_with_hist(ids, keep_samples, lambda lb, i: hists[lb][row_of[i]])
         progress(rows_of(ids))
         return accs
 
@@ -567,7 +580,7 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
     share = max(f for _, _, f in first_iv.values())  # inside the first intervals, the most of any variant
     exact = share > EXACT_SHARE  # (see EXACT_SHARE)
     found = {lb: _Found(lo, hi, held) for lb, (lo, hi, _) in first_iv.items()}
-    if share * 1.5 * len(rest) * step * K * 8 <= COLLECT_BYTES:
+    if share * MARGIN * len(rest) * step * K * 8 <= COLLECT_BYTES:
         steps = [rest]  # (see COLLECT_BYTES)
     if not exact and run < step and len(rest) > 1 and share > MIX_SHARE:
         # the sample blocks differ: the other blocks remade of runs from across the layer
@@ -579,30 +592,12 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
 
     # -- 1 and 2: the other blocks measured in full; at the end, the sample blocks' intervals --
     def hist_task(ids):
-        # exact mode's first pass over the blocks not sampled: sums, zeros and the histogram
-        accs = {lb: _Acc(0, 0) for lb in labels}
+        # exact mode's first pass over the blocks not sampled: sums, zeros and the histogram; a
+        # layer small enough keeps its decoded blocks for the second pass (not decoded again)
         hist = {lb: np.zeros(fast.HIST_BINS, np.int32) for lb in labels}
-        wbuf = ref_buffer()
-        # a layer small enough keeps its decoded blocks for the second pass (not decoded again)
-        keep = {lb: held.array((len(ids), step, K), np.float32) for lb in labels} if keep_all else None
-        scratch = held.array((step, K), np.float32) if keep is None else None
-        for j, i in enumerate(ids):
-            check_cancel()
-            for r0, r1, off in blocks[i]:
-                w = ref_block(r0, r1, wbuf)
-                for lb in labels:
-                    dec, v0, _ = variants[lb]
-                    dst = scratch[:r1 - r0] if keep is None else keep[lb][j, off:off + r1 - r0]
-                    dec.fn(v0 + r0, v0 + r1, dst)
-                    a = accs[lb]
-                    fast.pair_stats(w, dst, cols[lb], empty, empty, 3 if lb == first else 1, a.acc, a.cnt, a.buf,
-                                    hist[lb])
-                if done_rows is not None:  # (read again by the second pass: a page fault each then,
-                    done_rows(r0, r1)      # where holding a wide layer's pages held its size)
-            if keep is not None:
-                for lb in labels:
-                    kept[(lb, i)] = keep[lb][j]
-            progress(rows_of([i]) // 2)  # (the second pass reports the other half)
+        # (the second pass reports the other half of each block's rows)
+        accs = decode_with_hist(ids, keep_all, lambda lb, i: hist[lb], release=True,
+                                after_block=lambda i: progress(rows_of([i]) // 2))
         return accs, hist
 
     def measure_task(ids, plan, record=False, sums=True):
@@ -611,7 +606,7 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
         per_block = {lb: [] for lb in labels}
         for lb in labels:
             lo, hi, frac = plan[lb]
-            cap = int(frac * n_el * 1.5) + 65536
+            cap = int(frac * n_el * MARGIN) + 65536
             accs[lb] = _Acc(lo.size, cap, held)
         scratch = held.array((step, K), np.float32)
         wbuf = ref_buffer()
