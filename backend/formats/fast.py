@@ -957,9 +957,10 @@ if AVAILABLE:
     _vpass_none = _make_vpass(False, False, MASK_COUNTS)
     _vpass_sums = _make_vpass(True, False, MASK_COUNTS)
     _vpass_all = _make_vpass(True, True, MASK_COUNTS)
-    _vbins_none = _make_vpass(False, False, MASK_COUNTS, bins=True)
-    _vbins_sums = _make_vpass(True, False, MASK_COUNTS, bins=True)
-    _vbins_all = _make_vpass(True, True, MASK_COUNTS, bins=True)
+    # (with bins, no intervals: only the zeros are counted, in the vector registers either way)
+    _vbins_none = _make_vpass(False, False, False, bins=True)
+    _vbins_sums = _make_vpass(True, False, False, bins=True)
+    _vbins_all = _make_vpass(True, True, False, bins=True)
 
     @njit(cache=True, inline="always")
     def _wval(rp, j, bf16):
