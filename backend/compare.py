@@ -44,9 +44,10 @@ from .compare_align import (
     stack_expert_row,
     switch_path,
 )
-from .engines import get_engine
+from .engines import get_engine, group_values
 from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import fast, histo
+from .formats.codehist import GroupValues
 from .formats.kernel import pool, workers
 from .metrics import (
     SMALL_ELEMENTS,
@@ -1704,18 +1705,21 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
             return _layer_detail_in_blocks(reference, states, name, ref_rows, bins, eng, cancel, left_out)
     w = ref_rows.full()
     wh_of: dict[str, np.ndarray] = {}
+    plain_of: dict = {}
     metrics: dict[str, LayerMetrics] = {}
     for vs in list(states):  # noqa: PERF101  (a copy: _decode_refused removes from states)
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
         try:
-            row, block_of = _detail_metrics(reference, vs, name, ref_rows, eng, cancel, keep=True)
+            row, block_of, plain_of[vs.label] = _detail_metrics(reference, vs, name, ref_rows, eng, cancel, keep=True)
             wh_of[vs.label] = block_of(0, t.rows)
         except LayerError as exc:  # this variant's decoder refuses it: the others are still shown
             _decode_refused(exc, vs, states, left_out)
             continue
         metrics[vs.label] = row
-    value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of}, bins)
+    # a variant's values counted from its codes where the layer's kernel allows (the same counts)
+    coded = {vs.label: gv for vs in states if (gv := _group_values(vs, plain_of[vs.label])) is not None}
+    value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of, **coded}, bins)
     # the errors in float64, element by element, never stored whole (Diff)
     errs, zero_errors = {}, {}
     for k, a in wh_of.items():
@@ -1739,7 +1743,8 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
         vl = vs.model.layers[t.var_layers[0]]
-        _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments, float_codes)
+        _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments, float_codes,
+                coded.get(vs.label))
         group_error[vs.label], by_index, block = _group_errors(w, wh_of[vs.label], vl, vs.model)
         if by_index:
             grouped_by_index.add(vs.label)
@@ -1761,7 +1766,8 @@ def _decode_refused(exc: LayerError, vs: _VariantState, states: list, left_out: 
 
 def _detail_metrics(reference: Model, vs: _VariantState, name: str, ref_rows, eng, cancel, keep: bool):
     """(the sweep's row of target ``name`` for one variant, ``block(r0, r1)``: the variant's rows
-    matching reference rows [r0, r1) as the views show them, float32, its smoothing undone).
+    matching reference rows [r0, r1) as the views show them, float32, its smoothing undone,
+    :func:`_plain_rows` where those are a run of one layer's own rows with nothing undone).
     ``keep``: whole layers decoded once and kept; else decoded by row blocks on each call."""
     t = vs.alignment.targets[name]
     counter: dict = {}
@@ -1797,7 +1803,29 @@ def _detail_metrics(reference: Model, vs: _VariantState, name: str, ref_rows, en
         if rs is not None:
             wh = wh * rs[r0:r1, None]
         return wh
-    return row, block
+    return row, block, None if col is not None or rs is not None else _plain_rows(t)
+
+
+def _plain_rows(t: Target) -> tuple[str, int, int] | None:
+    """(variant layer, first row, end row) where target ``t``'s rows are one run of one variant
+    layer's own rows, else None (assembled from several, interleaved, reversed)."""
+    if len(t.segments) != 1:
+        return None
+    s = t.segments[0]
+    if s.ref_rows != (0, t.rows, 1) or s.var_rows[2] != 1:
+        return None
+    return s.var_layer, s.var_rows[0], s.var_rows[0] + t.rows
+
+
+def _group_values(vs: _VariantState, plain: tuple[str, int, int] | None) -> GroupValues | None:
+    """The variant's values as its layer's code counts per group (exact histograms from the
+    packed codes, without the decoded layer: :mod:`.formats.codehist`), where the views show a
+    run of that layer's own rows (``plain``, from :func:`_detail_metrics`) and its scheme has
+    such a kernel; else None."""
+    if plain is None:
+        return None
+    layer = vs.model.layers[plain[0]]
+    return group_values(vs.model, layer, plain[1], plain[2])
 
 
 def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows: _Rows, bins: int, eng, cancel,
@@ -1819,11 +1847,12 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
     R, K = ref_rows.rows, ref_rows.cols
     metrics: dict[str, LayerMetrics] = {}
     block_of: dict = {}
+    plain_of: dict = {}
     for vs in list(states):
         _check_cancel(cancel)
         try:
-            metrics[vs.label], block_of[vs.label] = _detail_metrics(reference, vs, name, ref_rows, eng, cancel,
-                                                                     keep=False)
+            metrics[vs.label], block_of[vs.label], plain_of[vs.label] = _detail_metrics(
+                reference, vs, name, ref_rows, eng, cancel, keep=False)
         except LayerError as exc:
             _decode_refused(exc, vs, states, left_out)
     step = max(1, _VIEW_BLOCK_ELEMENTS // max(1, K))
@@ -1865,9 +1894,14 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
     def widen(r, lo, hi):
         r[0], r[1] = min(r[0], lo), max(r[1], hi)
 
+    # the values of a variant whose kernel counts them from its codes: its range and counts at once
+    coded = {vs.label: gv for vs in states if (gv := _group_values(vs, plain_of[vs.label])) is not None}
+    for k, gv in coded.items():
+        widen(vrange[k], *gv.finite_range())
     for _, _, w, whs in blocks():
         for k, a in (("reference", w), *whs.items()):
-            widen(vrange[k], *_finite_range(a.reshape(-1))[:2])
+            if k not in coded:
+                widen(vrange[k], *_finite_range(a.reshape(-1))[:2])
         for lb, wh in whs.items():
             d, zeros = diff_of(wh, w)
             widen(drange[lb], *_finite_range(d)[:2])
@@ -1895,10 +1929,14 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
     vc = {k: np.zeros(FINE_BINS, np.int64) for k in vrange}
     ec = {lb: np.zeros(FINE_BINS, np.int64) for lb in err_labels}
     lc = {lb: np.zeros(FINE_BINS, np.int64) for lb in err_labels}
+    if ve is not None:
+        for k, gv in coded.items():
+            vc[k] = gv.histogram(ve)
     for _, _, w, whs in blocks():
         if ve is not None:
             for k, a in (("reference", w), *whs.items()):
-                vc[k] += histogram_counts(a, ve)
+                if k not in coded:
+                    vc[k] += histogram_counts(a, ve)
         for lb in err_labels:
             if ee is not None:
                 ec[lb] += histogram_counts(Diff(whs[lb], w), ee)
@@ -1914,7 +1952,8 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
     group_error = {}
     for vs in states:
         t = vs.alignment.targets[name]
-        _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments, float_codes)
+        _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments, float_codes,
+                coded.get(vs.label))
         group_error[vs.label] = np.concatenate(gmaps[vs.label], axis=-2)
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
                        group_error, metrics, value_view, error_view,
@@ -1961,11 +2000,13 @@ def _level_counts(codes: np.ndarray, levels: int) -> np.ndarray:
 
 
 def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scales: dict, zeros: dict,
-            segments: list[Segment] | None = None, float_codes: dict | None = None) -> None:
+            segments: list[Segment] | None = None, float_codes: dict | None = None,
+            coded: GroupValues | None = None) -> None:
     """Add what ``model`` stores for the layers ``paths`` (one target's) under ``label``: the
     exact count of each code level, and the scales and zero points of the first. ``segments``
     (the target's): only the rows the target compares — one expert of a switch_mlp stack, q's
-    rows of a fused qkv_proj — not the whole stored tensor."""
+    rows of a fused qkv_proj — not the whole stored tensor. ``coded``: those rows' codes already
+    counted per group (:func:`_group_values`), whose sum the level counts are."""
     rows = {}
     for sg in segments or []:
         rows.setdefault(sg.var_layer, []).append(np.arange(*sg.var_rows))
@@ -1978,6 +2019,8 @@ def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scale
             np.ascontiguousarray(_take_rows(np.asarray(model.ckpt.tensor(model.layers[p].tensors["weight"].name)),
                                             pick.get(p), model.layers[p])).reshape(-1).view(np.uint8), 256)
             for p in paths)
+    elif coded is not None:
+        code_counts[label] = coded.counts.sum(0, dtype=np.int64)
     elif vl.quantized and vl.bits and vl.bits <= 8:
         packed = [packed_level_counts(model, model.layers[p], pick.get(p)) for p in paths]
         if all(c is not None for c in packed):

@@ -188,6 +188,31 @@ _ROW_DECODERS = {
                                                group_size=layer.group_size, name=layer.path),
 }
 
+_GROUP_VALUES = {
+    "mlx-affine": lambda layer, p, r0, r1: mlxfmt.affine_group_values(
+        p["weight"], p["scales"], p["biases"], bits=layer.bits, group_size=layer.group_size, name=layer.path, r0=r0,
+        r1=r1),
+    "gptq": lambda layer, p, r0, r1: gptq.group_values(
+        p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits, group_size=layer.group_size,
+        version=_gptq_version(layer), name=layer.path, n0=r0, n1=r1),
+    "awq-gemm": lambda layer, p, r0, r1: awq.gemm_group_values(
+        p["qweight"], p.get("qzeros"), p["scales"], group_size=layer.group_size, name=layer.path, n0=r0, n1=r1),
+}
+
+
+def group_values(model: Model, layer: Layer, r0: int = 0, r1: int | None = None):
+    """The decoded values of flattened rows ``[r0, r1)`` of ``layer`` as code counts per group
+    (:class:`~.formats.codehist.GroupValues`: exact histograms without decoding), or None where
+    its scheme or layout has no such kernel. Either engine decodes to these very values."""
+    fn = _GROUP_VALUES.get(layer.scheme)
+    if fn is None or not fast.AVAILABLE or not layer.decodable:
+        return None
+    try:
+        return fn(layer, read_parts(model, layer), r0, r1)
+    except (LayerError, *_DECODE_ERRORS):
+        return None  # the decode reports it, with the file named
+
+
 _OUT_CAPABLE = {_np_dense, _np_mlx_affine, _np_mlx_fp, _np_gptq, _np_awq_gemm}
 
 

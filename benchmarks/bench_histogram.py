@@ -7,9 +7,13 @@ Uses ``bench_sweep``'s one decoder layer of Llama-3-8B (built there once under
 each variant, in interleaved rounds (``QUANTSCOPE_BENCH_REPEAT``, default 5; best of each):
 
 * ``dequant_s``: ``engine.dequantize`` of the layer (float32 out, on all cores);
-* ``values_s``: what a selected layer's value view takes of that output alone
-  (``metrics.bulk_histograms``): the finite range, exact counts in 16,384 fine bins on all cores
-  (equal to ``np.histogram`` on those edges), the bulk and its merged bins;
+* ``values_s``: what a selected layer's value view takes for the variant
+  (``metrics.bulk_histograms`` of ``engines.group_values``): the codes counted per group from the
+  packed words, the finite range and exact counts in 16,384 fine bins from those counts and
+  each group's values (equal to ``np.histogram`` of the decoded layer on those edges: checked
+  here on each round's first), the bulk and its merged bins;
+* ``values_array_s``: the same histograms taken of the decoded output instead (the path of
+  layouts without a code-counting kernel, and of layers whose smoothing is undone);
 * ``errors_s``: the same for the error against the bf16 reference, ``x - w`` taken in float64
   element by element (``diff_of``: range and exact zeros in one pass, then the counts);
 * ``log_errors_s``: the same for ``log10 |x - w|`` of the nonzero errors (numpy's logarithm);
@@ -33,7 +37,7 @@ LAYER = "model.layers.0.mlp.down_proj"
 
 def measure(folder: Path) -> dict:
     from quantscope.backend.checkpoint import open_checkpoint
-    from quantscope.backend.engines import get_engine
+    from quantscope.backend.engines import get_engine, group_values
     from quantscope.backend.formats import fast
     from quantscope.backend.metrics import LogAbsDiff, bulk_histograms, diff_of
     from quantscope.backend.schemes import analyze
@@ -47,23 +51,27 @@ def measure(folder: Path) -> dict:
         m = analyze(open_checkpoint(folder / name))
         layer = m.layers[LAYER]
         x = np.asarray(eng.dequantize(m, layer))
-        rounds = {"dequant_s": [], "values_s": [], "errors_s": [], "log_errors_s": []}
-        for _ in range(int(os.environ.get("QUANTSCOPE_BENCH_REPEAT", "5"))):
+        rounds = {"dequant_s": [], "values_s": [], "values_array_s": [], "errors_s": [], "log_errors_s": []}
+        for i in range(int(os.environ.get("QUANTSCOPE_BENCH_REPEAT", "5"))):
             t0 = time.perf_counter()
             eng.dequantize(m, layer)
             t1 = time.perf_counter()
-            bulk_histograms({name: x})
+            coded = bulk_histograms({name: group_values(m, layer)})
             t2 = time.perf_counter()
+            arrayed = bulk_histograms({name: x})
+            t3 = time.perf_counter()
             d, _ = diff_of(x, w)
             bulk_histograms({name: d})
-            t3 = time.perf_counter()
-            bulk_histograms({name: LogAbsDiff(*d)})
             t4 = time.perf_counter()
-            for k, v in zip(rounds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            bulk_histograms({name: LogAbsDiff(*d)})
+            t5 = time.perf_counter()
+            for k, v in zip(rounds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 rounds[k].append(v)
+            if i == 0:  # (the same edges and counts either way)
+                assert np.array_equal(coded[0], arrayed[0]) and np.array_equal(coded[1][name], arrayed[1][name])
         best = {k: min(v) for k, v in rounds.items()}
         res = {k: round(v, 4) for k, v in best.items()}
-        for k in ("values", "errors", "log_errors"):
+        for k in ("values", "values_array", "errors", "log_errors"):
             res[f"{k}_ratio"] = round(best[f"{k}_s"] / best["dequant_s"], 2)
             res[f"{k}_pair_ratios"] = [round(a / b, 2) for a, b in zip(rounds[f"{k}_s"], rounds["dequant_s"])]
         t0 = time.perf_counter()

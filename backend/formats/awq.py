@@ -66,6 +66,16 @@ def gemm_rows(qweight, qzeros, scales, *, group_size: int | None = None, name=No
     return None if fn is None else fast.RowDecoder(fn, n, k, 8, 64)
 
 
+def gemm_group_values(qweight, qzeros, scales, *, group_size: int | None = None, name=None, n0: int = 0,
+                      n1: int | None = None):
+    """The decoded values of outputs ``[n0, n1)`` as code counts per group
+    (:class:`.codehist.GroupValues`, for exact histograms), or None (no kernel for it)."""
+    from . import codehist
+    n, _, g, ng, s32 = _gemm_prep(qweight, qzeros, scales, group_size, name)
+    z = np.full((ng, n), 8, np.float32) if qzeros is None else unpack_gemm(qzeros, n).astype(np.float32)
+    return codehist.awq_gemm(qweight, s32, z, g, _SHIFTS, n0, n if n1 is None else n1)
+
+
 def decode_gemm(qweight, qzeros, scales, *, group_size: int | None = None, name=None,
                 out: np.ndarray | None = None) -> np.ndarray:
     """Dequantize AWQ GEMM (4-bit) to float32 ``[N, K]``. ``qzeros`` None means symmetric (z = 8)."""

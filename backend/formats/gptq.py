@@ -120,6 +120,16 @@ def rows(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.
     return None if fn is None else fast.RowDecoder(fn, n, k, fast.TILE, fast.GPTQ_TILE)
 
 
+def group_values(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None, *, bits: int,
+                 group_size: int, version: int = 1, name: str | None = None, n0: int = 0, n1: int | None = None):
+    """The decoded values of outputs ``[n0, n1)`` as code counts per group
+    (:class:`.codehist.GroupValues`, for exact histograms), or None (no kernel for it)."""
+    from . import codehist
+    n, k, g, _, _, gi, s32, z32 = _prep(qweight, qzeros, scales, g_idx, bits, group_size, version, name)
+    gi = np.arange(k) // g if gi is None else gi
+    return codehist.gptq(qweight, s32, z32, gi, bits, n0, n if n1 is None else n1)
+
+
 def decode(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None, *,
            bits: int, group_size: int, version: int = 1, name: str | None = None,
            out: np.ndarray | None = None) -> np.ndarray:

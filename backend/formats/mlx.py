@@ -89,6 +89,16 @@ def affine_rows(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, *, b
     return None if fn is None else fast.RowDecoder(fn, w2.shape[0], shape[-1], 1)
 
 
+def affine_group_values(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, *, bits: int, group_size: int,
+                        name: str | None = None, r0: int = 0, r1: int | None = None):
+    """The decoded values of flattened rows ``[r0, r1)`` as code counts per group
+    (:class:`.codehist.GroupValues`, for exact histograms), or None (no kernel for it)."""
+    from . import codehist
+    shape, w2, _, _ = _affine_prep(weight, scales, biases, bits, group_size, name)
+    ng = shape[-1] // group_size
+    return codehist.mlx_affine(w2, scales.reshape(-1, ng), biases.reshape(-1, ng), bits, group_size, r0, r1)
+
+
 def decode_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, *, bits: int,
                   group_size: int, name: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Dequantize an MLX affine weight exactly as ``mx.dequantize`` does on the CPU.
