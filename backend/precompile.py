@@ -28,10 +28,10 @@ _logger = logging.getLogger(__name__)
 
 #: Seconds of one core each part took to compile from an empty cache (AMD EPYC, 2026-12): the
 #: longest go to different processes first.
-PART_COST = {"measure": 8.5, "gptq-awq": 7.5, "mlx": 5.6, "views": 1.4}
+PART_COST = {"measure": 8.5, "gptq-awq": 7.5, "mlx": 5.6, "codes": 4.5, "views": 1.4}
 #: Kernels whose cache entries stand for all of them: the costliest of each part's.
 _WITNESSES = ("fast._pair_stats", "fast._kth", "fast._hist_intervals", "fast._mlx_affine_words",
-              "fast._gptq_tiled", "fast._awq_tiled", "histo._count")
+              "fast._gptq_tiled", "fast._awq_tiled", "histo._count", "codehist._group_range")
 
 
 def kernels_cached() -> bool:
@@ -39,10 +39,10 @@ def kernels_cached() -> bool:
     witness whose source stamp matches; numba's own checks decide the rest at load time).
     False when numba is missing or its cache cannot be read this way."""
     try:
-        from .formats import fast, histo
+        from .formats import codehist, fast, histo
         if not fast.AVAILABLE:
             return False
-        mods = {"fast": fast, "histo": histo}
+        mods = {"fast": fast, "histo": histo, "codehist": codehist}
         for w in _WITNESSES:
             mod, name = w.split(".")
             if not getattr(mods[mod], name)._cache._cache_file._load_index():

@@ -150,7 +150,10 @@ if AVAILABLE:
                 for j in range(8):
                     cf[at + np.uint64(16 * j) + np.uint64((w >> shifts[j]) & np.uint32(15))] += 1
 
-    @njit(nogil=True, cache=True, inline="always")
+    # (the helpers below are called, not inlined at numba's level: inlined in each of their uses,
+    # with every rounding mode's branch, they took _group_range 4 s to compile)
+
+    @njit(nogil=True, cache=True)
     def _code_values(sc, bc, mode, codes, row):
         # row[i]: the value of code codes[i] in the group of scale sc[i] and bias bc[i], exactly as
         # the row decoders compute it (fast._words_to and the kernels around it: the float32
@@ -172,7 +175,7 @@ if AVAILABLE:
                 row[i] = row[i] + bc[i]
             _round_row(row, mode)
 
-    @njit(nogil=True, cache=True, inline="always")
+    @njit(nogil=True, cache=True)
     def _chunk_values(s, b, mode, t0, t1, L, qs, vals):
         # vals[q * CHUNK + t - t0]: the value of code q in group t, for t in [t0, t1)
         m = t1 - t0
@@ -180,7 +183,7 @@ if AVAILABLE:
             qs[:m] = np.float32(q)
             _code_values(s[t0:t1], b[t0:t1], mode, qs[:m], vals[q * CHUNK:q * CHUNK + m])
 
-    @njit(nogil=True, cache=True, inline="always")
+    @njit(nogil=True, cache=True)
     def _used_range(ct, s, b, mode, one, v, out):
         # out[0], out[1] = min, max with the finite values of the codes group (ct, s, b) uses
         for q in range(ct.size):

@@ -1700,25 +1700,30 @@ def _warm_views() -> None:
     codes = np.zeros(64, np.uint8)
     histo.level_counts(codes, 16)
     histo.level_counts(_ro(codes), 256)  # (packed bytes of a checkpoint: read-only)
+
+
+def _warm_codes() -> None:
     # value histograms counted from the codes (read-only packed words, as a checkpoint's)
     import ml_dtypes
 
     from . import awq, gptq, mlx
+    rng = np.random.default_rng(0)
     words = rng.integers(0, 2 ** 32, size=(16, 128), dtype=np.uint32)
     bf16 = (rng.random((16, 2)) * 0.01).astype(ml_dtypes.bfloat16)
     f16 = (rng.random((1, 128)) * 0.01).astype(np.float16)
     zeros = _ro(np.full((1, 16), 0x88888888, np.uint32).view(np.int32))
-    found = [mlx.affine_group_values(_ro(words[:, :16]), bf16, bf16, bits=4, group_size=64),
-             mlx.affine_group_values(_ro(words[:, :16]), bf16.astype(np.float32), bf16, bits=4, group_size=64),
+    mlx_words = _ro(np.ascontiguousarray(words[:, :16]))
+    found = [mlx.affine_group_values(mlx_words, bf16, bf16, bits=4, group_size=64),
+             mlx.affine_group_values(mlx_words, bf16.astype(np.float32), bf16, bits=4, group_size=64),
              gptq.group_values(_ro(words.view(np.int32)), zeros, f16, None, bits=4, group_size=128),
-             awq.gemm_group_values(_ro(words.reshape(128, 16).view(np.int32)), zeros[:, :16], f16,
-                                   group_size=128)]
+             awq.gemm_group_values(_ro(words.reshape(128, 16).view(np.int32)), zeros[:, :16], f16, group_size=128)]
     for gv in found:
         gv.histogram(np.linspace(*gv.finite_range(), 65))
 
 
 #: warm_up's parts, by name (precompile runs them in separate processes).
-WARM_PARTS = {"mlx": _warm_mlx, "gptq-awq": _warm_gptq_awq, "measure": _warm_measure, "views": _warm_views}
+WARM_PARTS = {"mlx": _warm_mlx, "gptq-awq": _warm_gptq_awq, "measure": _warm_measure, "views": _warm_views,
+              "codes": _warm_codes}
 
 
 def warm_up(parts=None) -> None:
