@@ -47,7 +47,7 @@ from .compare_align import (
 from .engines import get_engine, group_values
 from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import fast, histo
-from .formats.codehist import GroupValues
+from .formats.codehist import GroupValues, PatternValues, pattern_values
 from .formats.kernel import pool, workers
 from .metrics import (
     SMALL_ELEMENTS,
@@ -1717,9 +1717,12 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
             _decode_refused(exc, vs, states, left_out)
             continue
         metrics[vs.label] = row
-    # a variant's values counted from its codes where the layer's kernel allows (the same counts)
+    # values counted from their codes where a kernel allows (the same counts): a variant's per
+    # group, a bf16 or fp16 reference's per bit pattern
     coded = {vs.label: gv for vs in states if (gv := _group_values(vs, plain_of[vs.label])) is not None}
-    value_edges, value_counts, value_view = bulk_histograms({"reference": w, **wh_of, **coded}, bins)
+    ref_values = _pattern_values(ref_rows)
+    value_edges, value_counts, value_view = bulk_histograms(
+        {"reference": w if ref_values is None else ref_values, **wh_of, **coded}, bins)
     # the errors in float64, element by element, never stored whole (Diff)
     errs, zero_errors = {}, {}
     for k, a in wh_of.items():
@@ -1828,6 +1831,14 @@ def _group_values(vs: _VariantState, plain: tuple[str, int, int] | None) -> Grou
     return group_values(vs.model, layer, plain[1], plain[2])
 
 
+def _pattern_values(ref_rows) -> PatternValues | None:
+    """The reference rows' values as counts of their 16-bit patterns, where it stores them as bf16
+    or fp16 (:class:`~.formats.codehist.PatternValues`: two bytes read per weight, no range
+    pass); else None."""
+    stored = ref_rows.stored(0, ref_rows.rows) if hasattr(ref_rows, "stored") else None
+    return None if stored is None else pattern_values(stored)
+
+
 def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows: _Rows, bins: int, eng, cancel,
                             left_out: dict[str, str]) -> LayerDetail:
     """:func:`layer_detail` of a layer too large to hold decoded (over :data:`BLOCK_ELEMENTS`):
@@ -1896,6 +1907,8 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
 
     # the values of a variant whose kernel counts them from its codes: its range and counts at once
     coded = {vs.label: gv for vs in states if (gv := _group_values(vs, plain_of[vs.label])) is not None}
+    if (ref_values := _pattern_values(ref_rows)) is not None:
+        coded["reference"] = ref_values  # (the same: counts of 16-bit patterns)
     for k, gv in coded.items():
         widen(vrange[k], *gv.finite_range())
     for _, _, w, whs in blocks():

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .formats import fast
-from .formats.codehist import GroupValues
+from .formats.codehist import COUNTED
 from .formats.kernel import map_pieces
 
 #: Elements per inner chunk: float64 temporaries stay in the CPU cache.
@@ -360,8 +360,8 @@ def _compiled(x) -> bool:
 
 def _finite_range(x) -> tuple[float, float, int]:
     """(min, max, number of finite values) of an array, a :class:`Diff`, a :class:`LogAbsDiff`
-    or a layer's :class:`~.formats.codehist.GroupValues` (min > max: none)."""
-    if isinstance(x, GroupValues):
+    or values held as counts (:data:`~.formats.codehist.COUNTED`) (min > max: none)."""
+    if isinstance(x, COUNTED):
         lo, hi = x.finite_range()
         return lo, hi, int(lo <= hi)
     if _compiled(x):
@@ -396,15 +396,15 @@ def diff_of(a: np.ndarray, b: np.ndarray) -> tuple[Diff, int]:
 
 
 def histogram_counts(x, edges: np.ndarray) -> np.ndarray:
-    """Exact counts of ``x`` (an array, a :class:`Diff`, a :class:`LogAbsDiff` or a layer's
-    :class:`~.formats.codehist.GroupValues`: counted from its codes) in uniform bins
+    """Exact counts of ``x`` (an array, a :class:`Diff`, a :class:`LogAbsDiff` or values held as
+    counts, :data:`~.formats.codehist.COUNTED`) in uniform bins
     ``edges`` (last bin closed, like np.histogram).
 
     Bin indices are computed arithmetically and corrected at the edges so the result equals
     ``np.histogram(x, edges)`` exactly; values outside the edges (and NaN) are not counted. One
     compiled pass on all cores (:mod:`.formats.histo`); numpy chunk by chunk without numba.
     """
-    if isinstance(x, GroupValues):
+    if isinstance(x, COUNTED):
         return x.histogram(edges)
     if _compiled(x):
         from .formats import histo
@@ -470,8 +470,8 @@ def _combed(c: np.ndarray) -> bool:
 
 
 def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: float = BULK_TAIL):
-    """Exact histograms of several arrays (or :class:`Diff` / :class:`LogAbsDiff` of two, or a
-    layer's values as :class:`~.formats.codehist.GroupValues`) on shared uniform edges, fine enough where the values are: ``(edges, {key: counts}, view)``.
+    """Exact histograms of several arrays (or :class:`Diff` / :class:`LogAbsDiff` of two, or
+    values held as counts, :data:`~.formats.codehist.COUNTED`) on shared uniform edges, fine enough where the values are: ``(edges, {key: counts}, view)``.
 
     A few outliers (a weight of 12 among weights within ±0.7; a damaged scale) set the range of
     min/max edges, and with a fixed number of bins everything else fell into a handful of them.
@@ -485,7 +485,7 @@ def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: 
     Counts stay exact on the edges returned; NaN and ±inf are not counted. ``(None, {}, None)``
     when no array has a finite value.
     """
-    arrays = {k: a if isinstance(a, (Diff, GroupValues)) else np.asarray(a).reshape(-1) for k, a in arrays.items()
+    arrays = {k: a if isinstance(a, (Diff, *COUNTED)) else np.asarray(a).reshape(-1) for k, a in arrays.items()
               if a is not None and a.size}
     lo, hi = math.inf, -math.inf
     for a in arrays.values():

@@ -18,7 +18,9 @@ each variant, in interleaved rounds (``QUANTSCOPE_BENCH_REPEAT``, default 5; bes
   element by element (``diff_of``: range and exact zeros in one pass, then the counts);
 * ``log_errors_s``: the same for ``log10 |x - w|`` of the nonzero errors (numpy's logarithm);
 
-and ``values_ratio`` etc. are each over ``dequant_s`` of the same round. ``numpy_s``: one
+and ``values_ratio`` etc. are each over ``dequant_s`` of the same round. ``reference``: the
+same for the bf16 reference's values (counted per bit pattern from the stored tensor, against
+its decode to float32 and the histogram of that). ``numpy_s``: one
 ``np.histogram`` of the same values in 256 bins over their range, for scale.
 """
 
@@ -37,7 +39,8 @@ LAYER = "model.layers.0.mlp.down_proj"
 
 def measure(folder: Path) -> dict:
     from quantscope.backend.checkpoint import open_checkpoint
-    from quantscope.backend.engines import get_engine, group_values
+    from quantscope.backend.engines import get_engine, group_values, read_parts
+    from quantscope.backend.formats.codehist import pattern_values
     from quantscope.backend.formats import fast
     from quantscope.backend.metrics import LogAbsDiff, bulk_histograms, diff_of
     from quantscope.backend.schemes import analyze
@@ -45,8 +48,26 @@ def measure(folder: Path) -> dict:
     eng = get_engine("numpy")
     fast.warm_up()
     ref = analyze(open_checkpoint(folder / "reference"))
-    w = np.asarray(eng.dequantize(ref, ref.layers[LAYER]), np.float32)
+    rl = ref.layers[LAYER]
+    w = np.asarray(eng.dequantize(ref, rl), np.float32)
     out = {"layer": LAYER, "values": int(w.size), "variants": {}}
+    # the bf16 reference: its bit patterns counted, against its decode to float32
+    stored = read_parts(ref, rl)["weight"]
+    rounds = {"dequant_s": [], "values_s": [], "values_array_s": []}
+    for i in range(int(os.environ.get("QUANTSCOPE_BENCH_REPEAT", "5"))):
+        t0 = time.perf_counter()
+        eng.dequantize(ref, rl)
+        t1 = time.perf_counter()
+        coded = bulk_histograms({"reference": pattern_values(stored)})
+        t2 = time.perf_counter()
+        arrayed = bulk_histograms({"reference": w})
+        t3 = time.perf_counter()
+        for k, v in zip(rounds, (t1 - t0, t2 - t1, t3 - t2)):
+            rounds[k].append(v)
+        if i == 0:
+            assert np.array_equal(coded[0], arrayed[0]) and np.array_equal(coded[1]["reference"],
+                                                                           arrayed[1]["reference"])
+    out["reference"] = _summary(rounds, ("values", "values_array"))
     for name in ("gptq", "awq", "mlx"):
         m = analyze(open_checkpoint(folder / name))
         layer = m.layers[LAYER]
@@ -69,16 +90,22 @@ def measure(folder: Path) -> dict:
                 rounds[k].append(v)
             if i == 0:  # (the same edges and counts either way)
                 assert np.array_equal(coded[0], arrayed[0]) and np.array_equal(coded[1][name], arrayed[1][name])
-        best = {k: min(v) for k, v in rounds.items()}
-        res = {k: round(v, 4) for k, v in best.items()}
-        for k in ("values", "values_array", "errors", "log_errors"):
-            res[f"{k}_ratio"] = round(best[f"{k}_s"] / best["dequant_s"], 2)
-            res[f"{k}_pair_ratios"] = [round(a / b, 2) for a, b in zip(rounds[f"{k}_s"], rounds["dequant_s"])]
+        res = _summary(rounds, ("values", "values_array", "errors", "log_errors"))
         t0 = time.perf_counter()
         np.histogram(x, 256)
         res["numpy_s"] = round(time.perf_counter() - t0, 3)
         out["variants"][name] = res
     return out
+
+
+def _summary(rounds: dict, kinds) -> dict:
+    """The best of each timing, and each kind's ratio to the best dequantization (and per round)."""
+    best = {k: min(v) for k, v in rounds.items()}
+    res = {k: round(v, 4) for k, v in best.items()}
+    for k in kinds:
+        res[f"{k}_ratio"] = round(best[f"{k}_s"] / best["dequant_s"], 2)
+        res[f"{k}_pair_ratios"] = [round(a / b, 2) for a, b in zip(rounds[f"{k}_s"], rounds["dequant_s"])]
+    return res
 
 
 def main() -> None:

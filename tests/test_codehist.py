@@ -15,6 +15,7 @@ from quantscope.backend.bitpack import pack_bits
 from quantscope.backend.checkpoint import open_checkpoint
 from quantscope.backend.engines import NumpyEngine, group_values, read_parts, to_mx
 from quantscope.backend.formats import awq, fast, gptq
+from quantscope.backend.formats.codehist import pattern_values
 from quantscope.backend.formats import mlx as mlxfmt
 from quantscope.backend.metrics import uniform_edges
 from quantscope.backend.schemes import analyze
@@ -113,6 +114,16 @@ def test_awq_gemm_counts_equal_the_formula(n, k, group, sym):
     assert_counts_equal(part, want[8:n - 16])
 
 
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+def test_a_16_bit_reference_counts_its_bit_patterns(dtype):
+    a = (RNG.standard_normal((96, 700)) * 0.05).astype(dtype)
+    a[0, :3] = [np.inf, -np.inf, np.nan]
+    a[1, :2] = [-0.0, 0.0]
+    pv = pattern_values(a)
+    assert_counts_equal(pv, a.astype(np.float32))
+    assert pattern_values(a.astype(np.float32)) is None  # (float32: counted as an array)
+
+
 def test_damaged_scales_count_only_the_finite_values():
     # an inf scale (0 * inf is NaN, the other codes inf), a NaN scale, a scale so large that the
     # upper codes overflow while the lower stay finite, and a group using only its middle codes
@@ -175,9 +186,10 @@ def demo_models(tmp_path_factory):
             {label: analyze(open_checkpoint(p)) for label, p in ws.variants.items()})
 
 
-def detail_both_ways(monkeypatch, ref, variants, name):
-    """layer_detail with the values counted from the codes, and with the code path off; the
-    schemes that took the code path."""
+def detail_both_ways(monkeypatch, ref, variants, name, blocks=False):
+    """layer_detail with the values counted from the codes (and the reference's from its bit
+    patterns), and with those paths off; the schemes (and "reference") that took them.
+    ``blocks``: the path of layers too large to hold (here, blocks of 2,048 weights)."""
     coded = []
 
     def spy(model, layer, r0=0, r1=None):
@@ -185,9 +197,20 @@ def detail_both_ways(monkeypatch, ref, variants, name):
         if gv is not None:
             coded.append(layer.scheme)
         return gv
+
+    def spy_ref(stored):
+        pv = pattern_values(stored)
+        if pv is not None:
+            coded.append("reference")
+        return pv
+    if blocks:
+        monkeypatch.setattr(compare, "BLOCK_ELEMENTS", 1024)
+        monkeypatch.setattr(compare, "_VIEW_BLOCK_ELEMENTS", 2048)
     monkeypatch.setattr(compare, "group_values", spy)
+    monkeypatch.setattr(compare, "pattern_values", spy_ref)
     d = compare.layer_detail(ref, variants, name, engine="numpy")
     monkeypatch.setattr(compare, "group_values", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "pattern_values", lambda *a, **k: None)
     plain = compare.layer_detail(ref, variants, name, engine="numpy")
     monkeypatch.undo()
     np.testing.assert_array_equal(d.value_edges, plain.value_edges)
@@ -201,11 +224,13 @@ def detail_both_ways(monkeypatch, ref, variants, name):
     return coded
 
 
+@pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"])
-def test_layer_detail_counts_from_the_codes_what_the_decoded_layers_give(demo_models, monkeypatch, name):
+def test_layer_detail_counts_from_the_codes_what_the_decoded_layers_give(demo_models, monkeypatch, name, blocks):
     ref, variants = demo_models
-    coded = detail_both_ways(monkeypatch, ref, variants, name)
-    assert {"gptq", "mlx-affine"} <= set(coded)  # (AWQ's smoothing is undone: its decoded rows)
+    coded = detail_both_ways(monkeypatch, ref, variants, name, blocks)
+    # (AWQ's smoothing is undone: its decoded rows)
+    assert {"gptq", "mlx-affine", "reference"} <= set(coded)
 
 
 def test_layer_detail_of_an_expert_counts_its_rows_of_the_stack(monkeypatch):
@@ -214,4 +239,4 @@ def test_layer_detail_of_an_expert_counts_its_rows_of_the_stack(monkeypatch):
                 "gptq": analyze(open_checkpoint(REAL / "gptqmodel-qwen3moe-w4g64"))}
     name = next(n for n in ref.layers if ".experts.1." in n and n.endswith("down_proj"))
     coded = detail_both_ways(monkeypatch, ref, variants, name)
-    assert coded == ["mlx-affine", "gptq"]
+    assert sorted(coded) == ["gptq", "mlx-affine", "reference"]

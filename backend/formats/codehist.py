@@ -39,6 +39,8 @@ from .kernel import map_pieces, workers
 GROUP_PIECE = 1 << 15
 COL_PIECE = 1024
 ROW_PIECE = 512
+#: 16-bit values per piece of the pattern count.
+PATTERN_PIECE = 1 << 23
 #: Groups whose values are computed at once (then binned, vectorised).
 CHUNK = 256
 
@@ -149,6 +151,17 @@ if AVAILABLE:
                 at = at0 + np.uint64(128 * c)
                 for j in range(8):
                     cf[at + np.uint64(16 * j) + np.uint64((w >> shifts[j]) & np.uint32(15))] += 1
+
+    @njit(nogil=True, cache=True)
+    def _count_patterns(u, t0, t1):
+        # how often each 16-bit pattern occurs in u, into two tables taken in turn (a run of one
+        # pattern, common in bf16 weights, does not wait on its own increments)
+        n = u.size - u.size % 2
+        for i in range(0, n, 2):
+            t0[u[i]] += 1
+            t1[u[i + 1]] += 1
+        if n < u.size:
+            t0[u[n]] += 1
 
     # (the helpers below are called, not inlined at numba's level: inlined in each of their uses,
     # with every rounding mode's branch, they took _group_range 4 s to compile)
@@ -322,6 +335,54 @@ class GroupValues:
                          np.zeros(edges.size, np.uint32))
             return h
         return sum(self._pieces(one))[:-1]
+
+
+class PatternValues:
+    """A 16-bit float tensor's values (bf16 or fp16: a dense reference layer) as how often each
+    bit pattern occurs: one increment per weight read as stored (two bytes), no range pass, and
+    its histogram that of its few thousand distinct values weighted by their counts — equal to
+    ``np.histogram`` of the tensor as float32 (every bf16 and fp16 value is exact in float32)."""
+
+    def __init__(self, stored: np.ndarray) -> None:
+        u = np.ascontiguousarray(stored).reshape(-1).view(np.uint16)
+
+        def one(a, b):
+            t0, t1 = np.zeros(1 << 16, np.int64), np.zeros(1 << 16, np.int64)
+            _count_patterns(u[a:b], t0, t1)
+            return t0 + t1
+        counts = sum(map_pieces(one, u.size, PATTERN_PIECE))
+        with np.errstate(invalid="ignore"):  # (ml_dtypes warns casting bf16 NaN)
+            values = np.arange(1 << 16, dtype=np.uint16).view(stored.dtype).astype(np.float64)
+        keep = (counts > 0) & np.isfinite(values)
+        self.values, self.weights = values[keep], counts[keep]
+        self.size = int(u.size)
+
+    def finite_range(self) -> tuple[float, float]:
+        """(least, largest) finite value (inf, -inf when there is none)."""
+        if not self.values.size:
+            return math.inf, -math.inf
+        return float(self.values.min()), float(self.values.max())
+
+    def histogram(self, edges: np.ndarray) -> np.ndarray:
+        """Exact counts in the uniform bins ``edges`` (``np.histogram`` of the values)."""
+        # (np.histogram bins the weighted values as it would bin the values themselves; the
+        # weights, integers below 2**53, are summed exactly in float64)
+        h = np.histogram(self.values, np.asarray(edges, np.float64), weights=self.weights.astype(np.float64))[0]
+        return np.rint(h).astype(np.int64)
+
+
+#: The values held as counts (of codes per group, of bit patterns): what :mod:`..metrics` takes as
+#: an array, through their ``finite_range`` and ``histogram``.
+COUNTED = (GroupValues, PatternValues)
+
+
+def pattern_values(stored: np.ndarray) -> PatternValues | None:
+    """:class:`PatternValues` of a bf16 or fp16 array, or None for other dtypes (or without
+    numba)."""
+    import ml_dtypes
+    if not AVAILABLE or stored.dtype not in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)):
+        return None
+    return PatternValues(stored)
 
 
 def _count_type(most: int):
