@@ -40,8 +40,8 @@ LAYER = "model.layers.0.mlp.down_proj"
 def measure(folder: Path) -> dict:
     from quantscope.backend.checkpoint import open_checkpoint
     from quantscope.backend.engines import get_engine, group_values, read_parts
-    from quantscope.backend.formats.codehist import pattern_values
     from quantscope.backend.formats import fast
+    from quantscope.backend.formats.codehist import pattern_values
     from quantscope.backend.metrics import LogAbsDiff, bulk_histograms, diff_of
     from quantscope.backend.schemes import analyze
 

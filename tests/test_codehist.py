@@ -15,8 +15,8 @@ from quantscope.backend.bitpack import pack_bits
 from quantscope.backend.checkpoint import open_checkpoint
 from quantscope.backend.engines import NumpyEngine, group_values, read_parts, to_mx
 from quantscope.backend.formats import awq, fast, gptq
-from quantscope.backend.formats.codehist import pattern_values
 from quantscope.backend.formats import mlx as mlxfmt
+from quantscope.backend.formats.codehist import pattern_values
 from quantscope.backend.metrics import uniform_edges
 from quantscope.backend.schemes import analyze
 from ref_packers import autoawq_pack_gemm, autogptq_pack_rows
