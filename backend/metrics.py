@@ -471,7 +471,8 @@ def _combed(c: np.ndarray) -> bool:
 
 def bulk_histograms(arrays: dict, bins: int = 256, fine: int = FINE_BINS, tail: float = BULK_TAIL):
     """Exact histograms of several arrays (or :class:`Diff` / :class:`LogAbsDiff` of two, or
-    values held as counts, :data:`~.formats.codehist.COUNTED`) on shared uniform edges, fine enough where the values are: ``(edges, {key: counts}, view)``.
+    values held as counts, :data:`~.formats.codehist.COUNTED`) on shared uniform edges, fine
+    enough where the values are: ``(edges, {key: counts}, view)``.
 
     A few outliers (a weight of 12 among weights within ±0.7; a damaged scale) set the range of
     min/max edges, and with a fixed number of bins everything else fell into a handful of them.
