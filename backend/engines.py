@@ -197,6 +197,10 @@ _GROUP_VALUES = {
         version=_gptq_version(layer), name=layer.path, n0=r0, n1=r1),
     "awq-gemm": lambda layer, p, r0, r1: awq.gemm_group_values(
         p["qweight"], p.get("qzeros"), p["scales"], group_size=layer.group_size, name=layer.path, n0=r0, n1=r1),
+    "ct-pack": lambda layer, p, r0, r1: ct.pack_group_values(
+        p["weight_packed"], p["weight_scale"], layer.shape, bits=layer.bits, group_size=layer.group_size,
+        strategy=layer.settings.get("strategy") or "group", weight_zero_point=p.get("weight_zero_point"),
+        g_idx=p.get("weight_g_idx"), packing=layer.settings.get("packing", "auto"), name=layer.path, r0=r0, r1=r1),
 }
 
 

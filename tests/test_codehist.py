@@ -14,7 +14,7 @@ from quantscope.backend import compare
 from quantscope.backend.bitpack import pack_bits
 from quantscope.backend.checkpoint import open_checkpoint
 from quantscope.backend.engines import NumpyEngine, group_values, read_parts, to_mx
-from quantscope.backend.formats import awq, fast, gptq
+from quantscope.backend.formats import awq, ct, fast, gptq
 from quantscope.backend.formats import mlx as mlxfmt
 from quantscope.backend.formats.codehist import pattern_values
 from quantscope.backend.metrics import uniform_edges
@@ -93,10 +93,13 @@ def test_gptq_counts_equal_the_formula(bits, group, actorder, version):
 
 
 def test_gptq_one_group_and_bf16_scales():
-    qweight, qzeros, s, _, _ = make_gptq(16, 256, 4, 256)
+    qweight, qzeros, s, _, _ = make_gptq(16, 128, 4, 128)
     s = s.astype(np.float32).astype(ml_dtypes.bfloat16)
     want = gptq.decode(qweight, qzeros, s, None, bits=4, group_size=-1)
     assert_counts_equal(gptq.group_values(qweight, qzeros, s, None, bits=4, group_size=-1), want)
+    # a group of over 255 codes (8-bit counts): the decoded array's histogram instead
+    qweight, qzeros, s, _, _ = make_gptq(16, 512, 4, 512)
+    assert gptq.group_values(qweight, qzeros, s, None, bits=4, group_size=-1) is None
 
 
 @pytest.mark.parametrize("n,k,group", [(64, 256, 128), (88, 1024, 64), (200, 384, 32)])
@@ -124,6 +127,35 @@ def test_a_16_bit_reference_counts_its_bit_patterns(dtype):
     assert pattern_values(a.astype(np.float32)) is None  # (float32: counted as an array)
 
 
+@pytest.mark.parametrize("strategy,zero_points,dtype", [("group", False, np.float16), ("group", True, np.float32),
+                                                        ("channel", True, np.float16), ("tensor", False, np.float32)])
+def test_compressed_tensors_counts_equal_the_formula(strategy, zero_points, dtype):
+    # (float32 scales: (q - z) * s rounds once, q * s - z * s would differ in the last bit)
+    n, k, bits, group = 40, 192 if strategy in ("channel", "tensor") else 512, 4, 64  # (at most 255 per group)
+    q = RNG.integers(0, 16, size=(n, k))
+    ng = k // group if strategy == "group" else 1
+    s = (RNG.random((n, ng) if strategy != "tensor" else (1,)) * 0.02 + 0.001).astype(dtype)
+    zp = RNG.integers(-3, 4, size=(n, ng)) if zero_points else None
+    sc = np.broadcast_to(s.reshape(-1, 1) if strategy == "tensor" else s, (n, ng)).astype(np.float64)
+    zz = 0 if zp is None else zp
+    gi = np.arange(k) // (k // ng)
+    want = ((q - 8 - (zz if np.isscalar(zz) else zz[:, gi])) * sc[:, gi]).astype(np.float32)  # formats.md §5.2
+    packed = pack_bits(q, 4).view(np.int32)
+    stored_zp = None if zp is None else zp.astype(np.int8)  # (the older, unpacked form)
+    gv = ct.pack_group_values(packed, s, (n, k), bits=bits, group_size=group, strategy=strategy,
+                              weight_zero_point=stored_zp)
+    assert_counts_equal(gv, want)
+    assert_counts_equal(ct.pack_group_values(packed, s, (n, k), bits=bits, group_size=group, strategy=strategy,
+                                             weight_zero_point=stored_zp, r0=7, r1=33), want[7:33])
+    # a channel of 256 codes or more: 8-bit counts cannot hold it
+    wide = pack_bits(RNG.integers(0, 16, size=(n, 256)), 4).view(np.int32)
+    assert ct.pack_group_values(wide, s if strategy != "group" else s[:, :1], (n, 256), bits=bits,
+                                strategy="channel" if strategy == "group" else strategy) is None
+    # act-order: its groups are not runs of words
+    assert ct.pack_group_values(packed, s, (n, k), bits=bits, group_size=group, strategy=strategy,
+                                weight_zero_point=stored_zp, g_idx=np.arange(k)[::-1] // group) is None
+
+
 def test_damaged_scales_count_only_the_finite_values():
     # an inf scale (0 * inf is NaN, the other codes inf), a NaN scale, a scale so large that the
     # upper codes overflow while the lower stay finite, and a group using only its middle codes
@@ -143,7 +175,8 @@ def test_damaged_scales_count_only_the_finite_values():
     assert gv.finite_range()[1] == float(np.nanmax(np.where(np.isfinite(want), want, np.nan)))
 
 
-@pytest.mark.parametrize("case", ["gptqmodel-gptq-w4g128", "gptqmodel-gptq-w4g128-actorder", "autoawq-gemm-w4g128"])
+@pytest.mark.parametrize("case", ["gptqmodel-gptq-w4g128", "gptqmodel-gptq-w4g128-actorder", "autoawq-gemm-w4g128",
+                                  "llmcompressor-w4a16", "llmcompressor-w4a16-asym"])
 def test_real_checkpoints_count_what_the_tools_decode(case):
     folder = REAL / case
     model = analyze(open_checkpoint(folder))

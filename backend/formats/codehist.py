@@ -34,6 +34,16 @@ import numpy as np
 from .fast import AVAILABLE, BF16, F32, _mode
 from .kernel import map_pieces, workers
 
+#: The most codes a group may hold: counts are 8-bit. Larger groups (GPTQ's one group over all
+#: of K, a compressed-tensors channel) take the decoded array's histogram: 16-bit counts would
+#: double the kernels' signatures, and the first run's compilation with them (4.5 -> 8.9 s).
+MOST = 255
+
+#: A group's values as compressed-tensors decodes them: ``(q - bias) * scale``, one float32
+#: rounding (the bias the code of a real zero); the others are :mod:`.fast`'s modes (MLX's
+#: roundings, and F32: ``q * scale + bias``, two).
+OFFSET = 3
+
 #: Groups per piece of the value passes; word columns (GPTQ, AWQ) or rows (MLX) per piece of the
 #: counting passes: a piece's counts stay in L2.
 GROUP_PIECE = 1 << 15
@@ -176,11 +186,14 @@ if AVAILABLE:
         if mode == F32:
             for i in range(row.size):
                 row[i] = codes[i] * sc[i] + bc[i]
+        elif mode == OFFSET:  # (bc: the code of a real zero, an integer: q - bc is exact)
+            for i in range(row.size):
+                row[i] = (codes[i] - bc[i]) * sc[i]
         elif mode == BF16:  # (fast._bf16_then_add's steps, one loop: three took twice its time)
             for i in range(row.size):
                 p = _from_bits(np.int32(_rbf16(np.uint32(_bits(codes[i] * sc[i])))))
                 row[i] = _from_bits(np.int32(_rbf16(np.uint32(_bits(p + bc[i])))))
-        else:
+        else:  # F16
             for i in range(row.size):
                 row[i] = codes[i] * sc[i]
             _round_row(row, mode)
@@ -283,7 +296,7 @@ if AVAILABLE:
                             j += 1
                         hist[j] += c
             held += m
-            if held >= 32768:  # (a group adds at most 65535 to a bin: 2**32 / 65536 groups)
+            if held >= 32768:  # (a group adds at most MOST to a bin: far from 2**32 in 32768 groups)
                 for j in range(nb + 1):
                     hist[j] += local[j]
                     local[j] = 0
@@ -303,8 +316,9 @@ class GroupValues:
 
     def __init__(self, counts: np.ndarray, scale: np.ndarray, bias: np.ndarray, mode: int, size: int) -> None:
         self.counts = counts.reshape(-1, counts.shape[-1])
-        self.scale = np.ascontiguousarray(scale, np.float32).reshape(-1)
-        self.bias = np.ascontiguousarray(bias, np.float32).reshape(-1)
+        # (writable: a checkpoint's read-only float32 scales would be another compiled signature)
+        self.scale = np.require(scale, np.float32, ["C", "W"]).reshape(-1)
+        self.bias = np.require(bias, np.float32, ["C", "W"]).reshape(-1)
         if not (self.scale.size == self.bias.size == self.counts.shape[0]):
             raise ValueError(f"{self.counts.shape[0]} groups of counts, {self.scale.size} scales, "
                              f"{self.bias.size} biases")
@@ -385,11 +399,6 @@ def pattern_values(stored: np.ndarray) -> PatternValues | None:
     return PatternValues(stored)
 
 
-def _count_type(most: int):
-    """The narrowest unsigned type holding a count of up to ``most`` codes (a group's size)."""
-    return np.uint8 if most <= 255 else np.uint16
-
-
 def _col_piece(n: int, unit: int) -> int:
     """Columns per piece of ``n`` word columns (``unit`` outputs each): one piece per worker, each
     reading the packed rows' stretch of its columns row after row (narrow pieces re-read each
@@ -404,18 +413,38 @@ def mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits:
     uint32 ``[rows, K*bits/32]``, ``scales``/``biases`` ``[rows, K/group]`` in the scale dtype),
     or None where there is no kernel for it."""
     mode = _mode(scales.dtype)
-    per = 32 // bits if bits in (2, 4) else 0
-    if (not AVAILABLE or mode < 0 or not per or group % per or weight.dtype != np.uint32
-            or not 2 * (1 << bits) <= group <= 65535 or sys.byteorder != "little"):
+    if mode < 0:
         return None
     r1 = weight.shape[0] if r1 is None else r1
-    wd = np.ascontiguousarray(weight[r0:r1])
-    ng = scales.shape[-1]
-    counts = np.zeros(((r1 - r0) * ng, 1 << bits), _count_type(group))
+    return _row_groups(weight, bits, group, r0, r1, np.asarray(scales[r0:r1], np.float32),
+                       np.asarray(biases[r0:r1], np.float32), mode)
+
+
+def ct_pack(weight: np.ndarray, bits: int, group: int, scales: np.ndarray, offsets: np.ndarray,
+            r0: int = 0, r1: int | None = None) -> GroupValues | None:
+    """:class:`GroupValues` of rows ``[r0, r1)`` of a compressed-tensors ``pack-quantized`` layer
+    (``weight`` int32 ``[rows, K*bits/32]``, LSB-first codes; ``scales`` float32 and ``offsets``
+    — the code of a real zero: 2^(b-1) plus the zero point — ``[rows, K/group]``), or None where
+    there is no kernel for it."""
+    r1 = weight.shape[0] if r1 is None else r1
+    return _row_groups(weight, bits, group, r0, r1, np.asarray(scales[r0:r1], np.float32),
+                       np.asarray(offsets[r0:r1], np.float32), OFFSET)
+
+
+def _row_groups(weight, bits, group, r0, r1, s32, b32, mode) -> GroupValues | None:
+    """Rows of LSB-first codes in whole 32-bit words, a group a run of whole words (MLX affine,
+    compressed-tensors): their codes counted per group."""
+    per = 32 // bits if bits in (2, 4) else 0
+    if (not AVAILABLE or not per or group % per or weight.dtype.itemsize != 4 or weight.shape[-1] * per % group
+            or not 2 * (1 << bits) <= group <= MOST or sys.byteorder != "little"):
+        return None
+    wd = np.ascontiguousarray(weight[r0:r1]).view(np.uint32)
+    ng = wd.shape[1] * per // group
+    if s32.shape != (r1 - r0, ng) or b32.shape != s32.shape:
+        return None
+    counts = np.zeros(((r1 - r0) * ng, 1 << bits), np.uint8)
     wpg = group // per
     map_pieces(lambda a, b: _count_rows(wd[a:b], bits, wpg, counts[a * ng:b * ng]), r1 - r0, ROW_PIECE)
-    s32 = np.asarray(scales[r0:r1], np.float32)
-    b32 = np.asarray(biases[r0:r1], np.float32)
     return GroupValues(counts, s32, b32, mode, (r1 - r0) * ng * group)
 
 
@@ -431,10 +460,9 @@ def gptq(qweight: np.ndarray, s32: np.ndarray, z32: np.ndarray, g_idx: np.ndarra
     qw = np.ascontiguousarray(qweight).view(np.uint32)
     gi = np.ascontiguousarray(g_idx, np.int64)
     ng = s32.shape[0]
-    most = int(np.bincount(gi, minlength=ng).max(initial=0))
-    if most > 65535:  # (counts are 16-bit at most)
+    if np.bincount(gi, minlength=ng).max(initial=0) > MOST:
         return None
-    counts = np.zeros((ng, n1 - n0, 1 << bits), _count_type(most))
+    counts = np.zeros((ng, n1 - n0, 1 << bits), np.uint8)
     # (each piece its own outputs' counts)
     map_pieces(lambda a, b: _count_gptq(qw, bits, gi, n0 + a, n0 + b, n0, counts), n1 - n0, _col_piece(n1 - n0, 1))
     s = np.ascontiguousarray(s32[:, n0:n1])
@@ -447,12 +475,12 @@ def awq_gemm(qweight: np.ndarray, s32: np.ndarray, z32: np.ndarray, group: int, 
     (``qweight`` ``[K, N/8]``, ``s32``/``z32`` float32 ``[groups, N]`` in logical column order),
     or None where there is no kernel for it."""
     n1 = qweight.shape[1] * 8 if n1 is None else n1
-    if not AVAILABLE or qweight.dtype.itemsize != 4 or n0 % 8 or n1 % 8 or not 32 <= group <= 65535:
+    if not AVAILABLE or qweight.dtype.itemsize != 4 or n0 % 8 or n1 % 8 or not 32 <= group <= MOST:
         return None
     qw = np.ascontiguousarray(qweight).view(np.uint32)
     ng = s32.shape[0]
     sh = np.ascontiguousarray(shifts, np.uint32)
-    counts = np.zeros((ng, n1 - n0, 16), _count_type(group))
+    counts = np.zeros((ng, n1 - n0, 16), np.uint8)
     w = (n1 - n0) // 8
     map_pieces(lambda a, b: _count_awq(qw, sh, group, n0 // 8 + a, n0 // 8 + b, n0, counts), w, _col_piece(w, 8))
     s = np.ascontiguousarray(s32[:, n0:n1])

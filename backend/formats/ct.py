@@ -290,6 +290,46 @@ def decode_pack_quantized(weight_packed: np.ndarray, weight_scale: np.ndarray, w
                            group_size, bits, layout, name)
 
 
+def pack_group_values(weight_packed: np.ndarray, weight_scale: np.ndarray, weight_shape, *, bits: int,
+                      group_size: int | None = None, strategy: str = "group",
+                      weight_zero_point: np.ndarray | None = None, g_idx: np.ndarray | None = None,
+                      packing: str = "auto", name: str | None = None, r0: int = 0, r1: int | None = None):
+    """The decoded values (:func:`decode_pack_quantized`'s) of flattened rows ``[r0, r1)`` as code
+    counts per group (:class:`.codehist.GroupValues`, for exact histograms), or None where there
+    is no kernel for it (act-order, 3/5/6/7 bits, groups that are not whole words)."""
+    from . import codehist
+    shape = _shape_of(weight_shape)
+    if len(shape) < 2 or bits not in (2, 4):
+        return None
+    *lead, N, K = shape
+    rows = int(np.prod(lead, dtype=np.int64)) * N
+    wp = np.asarray(weight_packed)
+    layout = _resolve_packing(packing, wp.shape[-1], K, bits, name)
+    if g_idx is not None and not (np.asarray(g_idx) < 0).any():
+        return None  # (act-order: a group's codes are not a run of words)
+    if strategy in ("group", "tensor_group"):
+        G = int(group_size or 0)
+        if G <= 0 or K % G:
+            return None
+    elif strategy in ("channel", "tensor"):
+        G = K
+    else:
+        return None
+    ng = K // G
+    s = np.asarray(weight_scale)
+    _scale_dtype(s, name)
+    if s.size != (1 if strategy == "tensor" else rows * ng):
+        return None  # (the decode says what does not fit)
+    s32 = np.broadcast_to(s.astype(np.float32).reshape(-1, 1) if strategy == "tensor" else
+                          s.astype(np.float32).reshape(rows, -1), (rows, ng))
+    off = np.full((rows, ng), np.float32(1 << (bits - 1)))
+    if weight_zero_point is not None:
+        zp = _zero_points(weight_zero_point, N, ng, bits, layout, tuple(lead), name)
+        off = off + np.broadcast_to(zp.reshape(-1, 1) if zp.size == 1 else zp.reshape(rows, ng), (rows, ng))
+    return codehist.ct_pack(wp.reshape(rows, -1), bits, G, np.ascontiguousarray(s32), np.ascontiguousarray(off,
+                            np.float32), r0, rows if r1 is None else r1)
+
+
 def _apply_scale_zp(q, weight_scale, weight_zero_point, g_idx, shape, strategy, group_size,
                     bits, layout, name):
     """``(q - zp) * s`` with the scale broadcast by strategy (q is float32, signed)."""

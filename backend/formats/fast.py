@@ -1717,6 +1717,9 @@ def _warm_codes() -> None:
              mlx.affine_group_values(mlx_words, bf16.astype(np.float32), bf16, bits=4, group_size=64),
              gptq.group_values(_ro(words.view(np.int32)), zeros, f16, None, bits=4, group_size=128),
              awq.gemm_group_values(_ro(words.reshape(128, 16).view(np.int32)), zeros[:, :16], f16, group_size=128)]
+    from . import ct
+    found.append(ct.pack_group_values(_ro(words.view(np.int32)), f16.reshape(16, 8), (16, 1024), bits=4,
+                                      group_size=128))
     from .codehist import pattern_values
     found.append(pattern_values(_ro(bf16)))  # (a bf16 reference, per bit pattern)
     for gv in found:
