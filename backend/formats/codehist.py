@@ -2,26 +2,30 @@
 
 Every value an integer-coded layer decodes to is its group's value of its code: MLX affine
 ``round(round(s*q) + b)`` (the roundings in the scale dtype), GPTQ and AWQ ``s*q + (-(s*z))`` in
-float32. A group of 64 or 128 codes holds at most 16 distinct values (4-bit), so a histogram of
-the decoded layer is the histogram of each group's 16 values weighted by how often the group
-uses each code: the codes are counted per group straight from the packed words (half a byte per
-weight read, where a histogram of the decoded layer reads four and must first find its range),
-and each group's values are computed with the decoders' own arithmetic (the same inline helpers
-of :mod:`.fast`), so the counts equal ``np.histogram`` of the decoded array exactly.
+float32, compressed-tensors ``(q - z) * s``. A group of 64 or 128 codes holds at most 16
+distinct values (4-bit), so a histogram of the decoded layer is the histogram of each group's 16
+values weighted by how often the group uses each code: the codes are counted per group straight
+from the packed words (half a byte per weight read, where a histogram of the decoded layer reads
+four and must first find its range), and each group's values are computed with the decoders'
+own arithmetic (MLX's roundings through the same helpers of :mod:`.fast`), so the counts equal
+``np.histogram`` of the decoded array exactly.
 
 :class:`GroupValues` holds the per-group code counts ``[T, L]`` with each group's scale, bias
 and rounding mode; its :meth:`~GroupValues.finite_range` and :meth:`~GroupValues.histogram` are
 what :func:`~quantscope.backend.metrics.bulk_histograms` takes of an array. :func:`mlx_affine`,
-:func:`gptq` and :func:`awq_gemm` build it (through the format modules and
+:func:`gptq`, :func:`awq_gemm` and :func:`ct_pack` build it (through the format modules and
 :func:`~quantscope.backend.engines.group_values`) where there is a kernel here: codes of 2 or 4
-bits in groups of at least twice as many codes as levels (8-bit codes have about as many levels
-as a group has weights: counting them gains nothing); None otherwise, and the caller takes the
-histograms of the decoded array instead.
+bits in groups of at least twice as many codes as levels and at most :data:`MOST` codes (8-bit
+codes have about as many levels as a group has weights: counting them gains nothing); None
+otherwise, and the caller takes the histograms of the decoded array instead.
+:class:`PatternValues` does the same for a bf16 or fp16 tensor (a dense reference), per bit
+pattern.
 
 Measured (``benchmarks/bench_histogram.py``: a 58.7M-weight ``down_proj``): the value view's
-histograms of a GPTQ or AWQ variant take 0.7-1.0x the layer's dequantization and of an MLX
+histograms of a GPTQ or AWQ variant take 0.6-1.0x the layer's dequantization and of an MLX
 variant (groups of 64, so twice the values per weight) about 1.0x, where those of the decoded
-layer took 1.2-1.5x. Counting the codes is the most of it, one increment per weight.
+layer took 1.2-1.6x; the bf16 reference's 0.73x its decode. Counting the codes is the most of
+it, one increment per weight.
 """
 
 from __future__ import annotations
