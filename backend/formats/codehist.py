@@ -62,12 +62,23 @@ if AVAILABLE:
     from numba import njit
 
     from .fast import _bits, _from_bits, _rbf16, _round_row
-    from .histo import _bin_index, _bin_index32
+    from .histo import _bin_plan, _bin_values, _flush
 
     # The increments of one group's codes wait on each other where a code repeats (its
     # counter's store, then its load): the counting kernels take four groups' codes in turn,
     # whose counters differ (MLX rows, GPTQ outputs: 0.64 -> 0.38 ns per code on one core).
     # Index arithmetic is unsigned: with signed, numba's wraparound checks halved their speed.
+
+    @njit(nogil=True, cache=True, inline="always")
+    def _count4(cf, a0, a1, a2, a3, x0, x1, x2, x3, per, bits, mask):
+        # the codes of words x0..x3 (four groups') into their counts at cf[a0..a3 + code], one
+        # field of each in turn
+        for j in range(per):
+            sh = np.uint32(bits * j)
+            cf[a0 + np.uint64((x0 >> sh) & mask)] += 1
+            cf[a1 + np.uint64((x1 >> sh) & mask)] += 1
+            cf[a2 + np.uint64((x2 >> sh) & mask)] += 1
+            cf[a3 + np.uint64((x3 >> sh) & mask)] += 1
 
     @njit(nogil=True, cache=True)
     def _count_rows(wd, bits, wpg, counts):
@@ -89,13 +100,7 @@ if AVAILABLE:
                 a2 = a1 + step
                 a3 = a2 + step
                 for q in range(g * wpg, (g + 1) * wpg):
-                    x0, x1, x2, x3 = w0[q], w1[q], w2[q], w3[q]
-                    for j in range(per):
-                        sh = np.uint32(bits * j)
-                        cf[a0 + np.uint64((x0 >> sh) & mask)] += 1
-                        cf[a1 + np.uint64((x1 >> sh) & mask)] += 1
-                        cf[a2 + np.uint64((x2 >> sh) & mask)] += 1
-                        cf[a3 + np.uint64((x3 >> sh) & mask)] += 1
+                    _count4(cf, a0, a1, a2, a3, w0[q], w1[q], w2[q], w3[q], per, bits, mask)
         for r in range(R4, R):
             wr = wd[r]
             for g in range(ng):
@@ -127,17 +132,9 @@ if AVAILABLE:
                 at0 = np.uint64(gi[r * per]) * W * L
                 n4 = qr.size - qr.size % 4
                 for n in range(0, n4, 4):
-                    x0, x1, x2, x3 = qr[n], qr[n + 1], qr[n + 2], qr[n + 3]
                     a0 = at0 + np.uint64(n) * L
-                    a1 = a0 + L
-                    a2 = a1 + L
-                    a3 = a2 + L
-                    for j in range(per):
-                        sh = np.uint32(bits * j)
-                        cf[a0 + np.uint64((x0 >> sh) & mask)] += 1
-                        cf[a1 + np.uint64((x1 >> sh) & mask)] += 1
-                        cf[a2 + np.uint64((x2 >> sh) & mask)] += 1
-                        cf[a3 + np.uint64((x3 >> sh) & mask)] += 1
+                    _count4(cf, a0, a0 + L, a0 + np.uint64(2) * L, a0 + np.uint64(3) * L, qr[n], qr[n + 1],
+                            qr[n + 2], qr[n + 3], per, bits, mask)
                 for n in range(n4, qr.size):
                     w = qr[n]
                     at = at0 + np.uint64(n) * L
@@ -263,15 +260,8 @@ if AVAILABLE:
         # (vectorised), the adds, into ``local`` (uint32, half the cache lines of int64: the
         # table of 16k bins stays in L2) added to hist before it can overflow.
         T, L = counts.shape
-        nb = edges.size - 1
-        lo, hi = edges[0], edges[nb]
-        norm = nb / (hi - lo)
-        near = max(abs(lo), abs(hi)) * norm * 2e-15 + 1e-9
-        top = np.int32(nb - 1)
-        lo32, hi32, norm32 = np.float32(lo), np.float32(hi), np.float32(norm)
-        f32 = np.float64(lo32) == lo and np.float64(hi32) == hi and np.isfinite(norm32) and nb < (1 << 22)
-        base32 = np.float32(near + 1e-6)
-        rel32 = np.float32(4e-7)
+        plan, plan32 = _bin_plan(edges, True)
+        nb = plan[0]
         vals = np.empty(CHUNK * L, np.float32)
         idx = np.empty(CHUNK * L, np.int32)
         qs = np.empty(CHUNK, np.float32)
@@ -280,10 +270,7 @@ if AVAILABLE:
             t1 = min(T, t0 + CHUNK)
             m = t1 - t0
             _chunk_values(s, b, mode, t0, t1, L, qs, vals)  # (code-major: vals[q * CHUNK + t])
-            if f32:
-                _bin_index32(vals, lo32, hi32, norm32, rel32, base32, top, idx)
-            else:
-                _bin_index(vals, lo, hi, norm, near, top, idx)
+            _bin_values(vals, plan, plan32, idx)
             for t in range(m):
                 ct = counts[t0 + t]
                 for q in range(L):
@@ -301,13 +288,9 @@ if AVAILABLE:
                         hist[j] += c
             held += m
             if held >= 32768:  # (a group adds at most MOST to a bin: far from 2**32 in 32768 groups)
-                for j in range(nb + 1):
-                    hist[j] += local[j]
-                    local[j] = 0
+                _flush(local, hist)
                 held = 0
-        for j in range(nb + 1):
-            hist[j] += local[j]
-            local[j] = 0
+        _flush(local, hist)
 
 
 class GroupValues:

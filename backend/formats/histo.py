@@ -93,10 +93,18 @@ if AVAILABLE:
             return j + 1
         return j
 
-    @njit(nogil=True, cache=True)
-    def _count(a, b, diff, as32, edges, counts):
-        # counts (nb + 1 entries, the last for the values outside the edges: not kept exact) of a
-        # (diff: of a - b in float64) in the uniform bins edges; as32: a is float32
+    @njit(nogil=True, cache=True, inline="always")
+    def _flush(local, counts):
+        # a narrow table of counts added to the wide one, and emptied
+        for q in range(local.size):
+            counts[q] += local[q]
+            local[q] = 0
+
+    @njit(nogil=True, cache=True, inline="always")
+    def _bin_plan(edges, as32):
+        # what the index loops take of uniform edges: (nb, lo, hi, scale, near, top) and, where
+        # float32 values (as32) lie between float32 bounds, its float32 form (f32, lo32, hi32,
+        # scale32, rel32, base32: see _bin_index32)
         nb = edges.size - 1
         lo, hi = edges[0], edges[nb]
         scale = nb / (hi - lo)
@@ -104,12 +112,27 @@ if AVAILABLE:
         # the largest magnitude in bins, and of the position itself
         near = max(abs(lo), abs(hi)) * scale * 2e-15 + 1e-9
         top = np.int32(nb - 1)
-        # float32 values between float32 bounds: the positions in float32 (see _bin_index32)
         lo32, hi32, scale32 = np.float32(lo), np.float32(hi), np.float32(scale)
-        f32 = (as32 and not diff and np.float64(lo32) == lo and np.float64(hi32) == hi
-               and np.isfinite(scale32) and nb < (1 << 22))
-        base32 = np.float32(near + 1e-6)
-        rel32 = np.float32(4e-7)
+        f32 = (as32 and np.float64(lo32) == lo and np.float64(hi32) == hi and np.isfinite(scale32)
+               and nb < (1 << 22))
+        return (nb, lo, hi, scale, near, top), (f32, lo32, hi32, scale32, np.float32(4e-7), np.float32(near + 1e-6))
+
+    @njit(nogil=True, cache=True, inline="always")
+    def _bin_values(v, plan, plan32, idx):
+        # idx: the bin codes of values v (see _bin_code), in float32 where plan32 allows
+        _, lo, hi, scale, near, top = plan
+        f32, lo32, hi32, scale32, rel32, base32 = plan32
+        if f32:
+            _bin_index32(v, lo32, hi32, scale32, rel32, base32, top, idx)
+        else:
+            _bin_index(v, lo, hi, scale, near, top, idx)
+
+    @njit(nogil=True, cache=True)
+    def _count(a, b, diff, as32, edges, counts):
+        # counts (nb + 1 entries, the last for the values outside the edges: not kept exact) of a
+        # (diff: of a - b in float64) in the uniform bins edges; as32: a is float32
+        plan, plan32 = _bin_plan(edges, as32 and not diff)
+        nb, lo, hi, scale, near, top = plan
         run = 2048
         idx = np.empty(run, np.int32)
         # The increments go to 16-bit counts (a quarter of the int64 ones' cache lines), added to
@@ -128,10 +151,8 @@ if AVAILABLE:
             m = min(run, n - c0)
             if diff:
                 _bin_index_diff(a[c0:c0 + m], b[c0:c0 + m], lo, hi, scale, near, top, idx)
-            elif f32:
-                _bin_index32(a[c0:c0 + m], lo32, hi32, scale32, rel32, base32, top, idx)
             else:
-                _bin_index(a[c0:c0 + m], lo, hi, scale, near, top, idx)
+                _bin_values(a[c0:c0 + m], plan, plan32, idx)
             # (next to an edge: np.histogram's correction, against the edges, in the same loop:
             # a rare branch; a loop of its own over the run read it all again, 7% of the count)
             if m == run and c0 + 2 * run <= n:
@@ -159,12 +180,9 @@ if AVAILABLE:
                         counts[_edge_bin(a, b, diff, c0 + t, -1 - j, edges)] += 1
             held += m
             if held > 65535 - run:
-                for q in range(nb + 1):
-                    counts[q] += local[q]
-                    local[q] = 0
+                _flush(local, counts)
                 held = 0
-        for q in range(nb + 1):
-            counts[q] += local[q]
+        _flush(local, counts)
 
     @njit(nogil=True, cache=True)
     def _range(x, out):
