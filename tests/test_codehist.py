@@ -9,6 +9,8 @@ import ml_dtypes
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mx_util import to_np
 from quantscope.backend import compare
 from quantscope.backend.bitpack import pack_bits
@@ -273,3 +275,33 @@ def test_layer_detail_of_an_expert_counts_its_rows_of_the_stack(monkeypatch):
     name = next(n for n in ref.layers if ".experts.1." in n and n.endswith("down_proj"))
     coded = detail_both_ways(monkeypatch, ref, variants, name)
     assert sorted(coded) == ["gptq", "mlx-affine", "reference"]
+
+
+_AWKWARD = [0.0, -0.0, 1e-3, -2.5e-3, 7.0, -3e4, 6e4, 1e-38, 3e38, float("inf"), float("nan")]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_mlx_affine_layer_counts_what_mx_dequantize_gives(data):
+    # awkward scales and biases (zero, negative, tiny, huge, inf, NaN) in every dtype MLX takes
+    bits, group = data.draw(st.sampled_from([(4, 32), (4, 64), (4, 128), (2, 32), (2, 64)]))
+    dtype = data.draw(st.sampled_from([mx.bfloat16, mx.float16, mx.float32]))
+    rows, ng = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 3))
+    seed = data.draw(st.integers(0, 2 ** 31))
+    rng = np.random.default_rng(seed)
+    per = 32 // bits
+    wq = rng.integers(0, 2 ** 32, size=(rows, ng * group // per), dtype=np.uint32)
+    pick = st.one_of(st.sampled_from(_AWKWARD), st.floats(-1.0, 1.0, width=32))
+    s = np.array(data.draw(st.lists(pick, min_size=rows * ng, max_size=rows * ng)), np.float32).reshape(rows, ng)
+    b = np.array(data.draw(st.lists(pick, min_size=rows * ng, max_size=rows * ng)), np.float32).reshape(rows, ng)
+    sx, bx = mx.array(s).astype(dtype), mx.array(b).astype(dtype)
+    want = to_np(mx.dequantize(mx.array(wq), sx, bx, group_size=group, bits=bits).astype(mx.float32))
+    gv = mlxfmt.affine_group_values(wq, to_np(sx), to_np(bx), bits=bits, group_size=group)
+    finite = want[np.isfinite(want)]
+    lo, hi = gv.finite_range()
+    if not finite.size:
+        assert lo > hi
+        return
+    assert (lo, hi) == (float(finite.min()), float(finite.max()))
+    edges = uniform_edges(lo, hi, 257)
+    np.testing.assert_array_equal(gv.histogram(edges), np.histogram(finite, edges)[0])

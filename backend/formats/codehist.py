@@ -228,8 +228,10 @@ if AVAILABLE:
         # A group's values are monotone in the code (a product, a sum and roundings, each
         # monotone), so the values of its first and last codes bound them: computed across a
         # chunk of groups (vectorised), and only a group whose bounds reach beyond the extremes
-        # found so far, or are not finite (a damaged scale or bias), is looked at code by code
-        # (its used codes). Most groups use both end codes, so few are.
+        # found so far is looked at code by code (its used codes). Most groups use both end
+        # codes, so few are. An infinite bound (a scale whose upper codes overflow) always
+        # reaches beyond; a NaN one comes only from a NaN scale or bias, an infinite scale or an
+        # infinite bias with an overflowing product, where no code's value is finite.
         T, L = counts.shape
         qa = np.zeros(CHUNK, np.float32)
         qz = np.full(CHUNK, np.float32(L - 1))
@@ -246,7 +248,7 @@ if AVAILABLE:
             for i in range(m):
                 x0, x1 = np.float64(va[i]), np.float64(vz[i])
                 lo, hi = min(x0, x1), max(x0, x1)
-                if lo < out[0] or hi > out[1] or not (lo - lo == 0.0 and hi - hi == 0.0):
+                if lo < out[0] or hi > out[1]:
                     t = t0 + i
                     _used_range(counts[t], s[t:t + 1], b[t:t + 1], mode, one, v, out)
 
