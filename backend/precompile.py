@@ -26,9 +26,9 @@ from .formats.kernel import usable_cores
 
 _logger = logging.getLogger(__name__)
 
-#: Seconds of one core each part took to compile from an empty cache (AMD EPYC, 2026-12): the
-#: longest go to different processes first.
-PART_COST = {"measure": 8.5, "gptq-awq": 7.5, "mlx": 5.6, "codes": 4.5, "views": 1.4}
+#: Seconds of one core each part took to compile from an empty cache, each in a process of its
+#: own (AMD EPYC, 2026-12-07): the longest go to different processes first.
+PART_COST = {"measure": 7.7, "gptq-awq": 6.0, "codes": 4.7, "views": 4.1, "mlx": 3.6}
 #: Kernels whose cache entries stand for all of them: the costliest of each part's.
 _WITNESSES = ("fast._pair_stats", "fast._kth", "fast._hist_intervals", "fast._mlx_affine_words",
               "fast._gptq_tiled", "fast._awq_tiled", "histo._count", "codehist._group_range")
