@@ -1831,11 +1831,11 @@ def _group_values(vs: _VariantState, plain: tuple[str, int, int] | None) -> Grou
     return group_values(vs.model, layer, plain[1], plain[2])
 
 
-def _pattern_values(ref_rows) -> PatternValues | None:
+def _pattern_values(ref_rows: _Rows | _RowView) -> PatternValues | None:
     """The reference rows' values as counts of their 16-bit patterns, where it stores them as bf16
     or fp16 (:class:`~.formats.codehist.PatternValues`: two bytes read per weight, no range
     pass); else None."""
-    stored = ref_rows.stored(0, ref_rows.rows) if hasattr(ref_rows, "stored") else None
+    stored = ref_rows.stored(0, ref_rows.rows)
     return None if stored is None else pattern_values(stored)
 
 

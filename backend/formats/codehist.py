@@ -396,17 +396,16 @@ def _col_piece(n: int, unit: int) -> int:
     return -(-n // k)
 
 
-def mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group: int,
+def mlx_affine(weight: np.ndarray, s32: np.ndarray, b32: np.ndarray, sdtype, bits: int, group: int,
                r0: int = 0, r1: int | None = None) -> GroupValues | None:
     """:class:`GroupValues` of flattened rows ``[r0, r1)`` of an MLX affine layer (``weight``
-    uint32 ``[rows, K*bits/32]``, ``scales``/``biases`` ``[rows, K/group]`` in the scale dtype),
-    or None where there is no kernel for it."""
-    mode = _mode(scales.dtype)
+    uint32 ``[rows, K*bits/32]``, ``s32``/``b32`` float32 ``[rows, K/group]``, stored as
+    ``sdtype``, whose roundings the values take), or None where there is no kernel for it."""
+    mode = _mode(sdtype)
     if mode < 0:
         return None
     r1 = weight.shape[0] if r1 is None else r1
-    return _row_groups(weight, bits, group, r0, r1, np.asarray(scales[r0:r1], np.float32),
-                       np.asarray(biases[r0:r1], np.float32), mode)
+    return _row_groups(weight, bits, group, r0, r1, s32[r0:r1], b32[r0:r1], mode)
 
 
 def ct_pack(weight: np.ndarray, bits: int, group: int, scales: np.ndarray, offsets: np.ndarray,

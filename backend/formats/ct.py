@@ -307,21 +307,10 @@ def pack_group_values(weight_packed: np.ndarray, weight_scale: np.ndarray, weigh
     layout = _resolve_packing(packing, wp.shape[-1], K, bits, name)
     if g_idx is not None and not (np.asarray(g_idx) < 0).any():
         return None  # (act-order: a group's codes are not a run of words)
-    if strategy in ("group", "tensor_group"):
-        G = int(group_size or 0)
-        if G <= 0 or K % G:
-            return None
-    elif strategy in ("channel", "tensor"):
-        G = K
-    else:
-        return None
-    ng = K // G
-    s = np.asarray(weight_scale)
-    _scale_dtype(s, name)
-    if s.size != (1 if strategy == "tensor" else rows * ng):
-        return None  # (the decode says what does not fit)
-    s32 = np.broadcast_to(s.astype(np.float32).reshape(-1, 1) if strategy == "tensor" else
-                          s.astype(np.float32).reshape(rows, -1), (rows, ng))
+    s_full, ng, G = _scale_grid(weight_scale, strategy, group_size, None, tuple(lead), N, K, name)
+    if K % G:
+        return None  # (a last group of fewer codes)
+    s32 = np.broadcast_to(s_full.reshape(-1, ng), (rows, ng))
     off = np.full((rows, ng), np.float32(1 << (bits - 1)))
     if weight_zero_point is not None:
         zp = _zero_points(weight_zero_point, N, ng, bits, layout, tuple(lead), name)
@@ -330,26 +319,23 @@ def pack_group_values(weight_packed: np.ndarray, weight_scale: np.ndarray, weigh
                             np.float32), r0, rows if r1 is None else r1)
 
 
-def _apply_scale_zp(q, weight_scale, weight_zero_point, g_idx, shape, strategy, group_size,
-                    bits, layout, name):
-    """``(q - zp) * s`` with the scale broadcast by strategy (q is float32, signed)."""
-    *lead, N, K = shape
-    lead = tuple(lead)
+def _scale_grid(weight_scale, strategy, group_size, g_idx, lead: tuple, N: int, K: int, name):
+    """(the scales as float32 — ``[1, 1]`` for a tensor, ``[..., N, 1]`` per channel,
+    ``[..., N, groups]`` per group —, the number of groups, the group size) of a weight of shape
+    ``lead + (N, K)``, after the checks that they fit."""
     s = np.asarray(weight_scale)
     _scale_dtype(s, name)  # refuses non-float scales
     s32 = s.astype(np.float32)
     if strategy == "tensor":
         check(s.size == 1, f"tensor-strategy weight_scale must hold one value, has shape "
               f"{list(s.shape)}", name)
-        s_full = s32.reshape(1, 1)
-        ng, G = 1, K
-    elif strategy == "channel":
+        return s32.reshape(1, 1), 1, K
+    if strategy == "channel":
         check(s.shape in (lead + (N, 1), lead + (N,)),
               f"channel-strategy weight_scale has shape {list(s.shape)}, expected "
               f"{list(lead) + [N, 1]}", name)
-        s_full = s32.reshape(lead + (N, 1))
-        ng, G = 1, K
-    elif strategy in ("group", "tensor_group"):
+        return s32.reshape(lead + (N, 1)), 1, K
+    if strategy in ("group", "tensor_group"):
         check(group_size is not None and group_size > 0,
               "group strategy needs a positive group_size", name)
         G = int(group_size)
@@ -359,10 +345,16 @@ def _apply_scale_zp(q, weight_scale, weight_zero_point, g_idx, shape, strategy, 
         check(s.shape == lead + (N, ng) or (g_idx is not None and s.shape[:-1] == lead + (N,)),
               f"weight_scale has shape {list(s.shape)} but N={N}, K={K}, group_size={G} "
               f"need {list(lead) + [N, -(-K // G)]}", name)
-        s_full = s32
-    else:
-        raise LayerError(f"strategy {strategy!r} is not one of tensor/channel/group", tensor=name)
+        return s32, ng, G
+    raise LayerError(f"strategy {strategy!r} is not one of tensor/channel/group", tensor=name)
 
+
+def _apply_scale_zp(q, weight_scale, weight_zero_point, g_idx, shape, strategy, group_size,
+                    bits, layout, name):
+    """``(q - zp) * s`` with the scale broadcast by strategy (q is float32, signed)."""
+    *lead, N, K = shape
+    lead = tuple(lead)
+    s_full, ng, G = _scale_grid(weight_scale, strategy, group_size, g_idx, lead, N, K, name)
     zp = None
     if weight_zero_point is not None:
         zp = _zero_points(weight_zero_point, N, ng, bits, layout, lead, name).astype(np.float32)

@@ -94,9 +94,8 @@ def affine_group_values(weight: np.ndarray, scales: np.ndarray, biases: np.ndarr
     """The decoded values of flattened rows ``[r0, r1)`` as code counts per group
     (:class:`.codehist.GroupValues`, for exact histograms), or None (no kernel for it)."""
     from . import codehist
-    shape, w2, _, _ = _affine_prep(weight, scales, biases, bits, group_size, name)
-    ng = shape[-1] // group_size
-    return codehist.mlx_affine(w2, scales.reshape(-1, ng), biases.reshape(-1, ng), bits, group_size, r0, r1)
+    _, w2, s2, b2 = _affine_prep(weight, scales, biases, bits, group_size, name)
+    return codehist.mlx_affine(w2, s2, b2, scales.dtype, bits, group_size, r0, r1)
 
 
 def decode_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, *, bits: int,
