@@ -150,8 +150,13 @@ def _np_ct_mxfp8(layer, p):
 
 
 def _np_fp8_block(layer, p):
-    return fp8.decode_fp8_block(p["weight"], p["weight_scale_inv"], layer.settings["weight_block_size"],
-                                name=layer.path)
+    w, s, bs = p["weight"], p["weight_scale_inv"], layer.settings["weight_block_size"]
+    strategy = layer.settings.get("strategy")  # no block size: one scale per tensor or per row
+    if strategy is not None:
+        *lead, n, k = w.shape
+        s = np.asarray(s).reshape(*lead, 1 if strategy == "tensor" else n, 1)
+        bs = [n, k] if strategy == "tensor" else [1, k]
+    return fp8.decode_fp8_block(w, s, bs, name=layer.path)
 
 
 def _np_bnb4(layer, p):

@@ -667,6 +667,15 @@ def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: s
         bs = eff.settings.get("weight_block_size") or cfg.globals.get("weight_block_size")
         s = comps["weight_scale_inv"]
         settings = {"weight_block_size": bs, "scale_dtype": s.dtype}
+        if not bs:
+            # transformers' FP8 without a block size scales per tensor or per output channel
+            # (formats.md §6: weight_block_size null, e.g. Ministral/Devstral FP8); the scale's
+            # shape says which, and either reads the same whatever the block size would be
+            *lead, n_rows, _ = w.shape
+            if math.prod(s.shape) == math.prod(lead) and tuple(s.shape[:len(lead)]) == tuple(lead):
+                settings["strategy"] = "tensor"
+            elif tuple(s.shape) in ((*lead, n_rows), (*lead, n_rows, 1)):
+                settings["strategy"] = "channel"
         if eff.settings.get("activation_scheme") is not None:
             settings["activation_scheme"] = eff.settings["activation_scheme"]
         layer = Layer(module.path, "fp8-block", comps, shape=w.shape, bits=8, dtype=model_dtype,
@@ -677,8 +686,10 @@ def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: s
             layer.warning = (f"the config leaves this layer unquantized ({eff.source}) but it is stored FP8 with "
                              "weight_scale_inv: loaders that follow the config load the FP8 values without their "
                              "scale — drop it from modules_to_not_convert, or store it dense")
-        if not bs:
-            layer.problem = "weight_block_size missing from the config; the block size cannot be read (R12)"
+        if not bs and "strategy" not in settings:
+            layer.problem = (f"weight_block_size missing from the config and weight_scale_inv {list(s.shape)} is "
+                             "neither one scale per tensor nor one per output channel; the block size cannot be "
+                             "read (R12)")
         return layer
     s = comps.get("weight_scale")
     # (a config that says otherwise than the stored dtypes: read as the tensors say, figures of a

@@ -115,3 +115,59 @@ def test_mxfp8_rejects_linear_scales_and_decodes_nan():
     w = np.ones((1, 40), ml_dtypes.float8_e4m3fn)
     out = fp8.decode_mxfp8(w, np.array([[128, 255]], np.uint8))
     assert (out[0, :32] == 2).all() and np.isnan(out[0, 32:]).all()   # partial last group
+
+
+def _fp8_checkpoint(tmp_path, scale, block_size="absent", lead=()):
+    """A transformers-FP8 checkpoint (quant_method fp8) of one [*lead, 48, 80] layer."""
+    import json as _json
+
+    from helpers import write_st
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 60, (*lead, 48, 80)).astype(ml_dtypes.float8_e4m3fn)
+    q = {"quant_method": "fp8", "activation_scheme": "static"}
+    if block_size != "absent":
+        q["weight_block_size"] = block_size
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    write_st(d / "model.safetensors", {f"{LAYER}.weight": w, f"{LAYER}.weight_scale_inv": scale,
+                                       f"{LAYER}.input_scale": np.array([0.5], np.float32)})
+    (d / "config.json").write_text(_json.dumps({"quantization_config": q}))
+    return d, w
+
+
+@pytest.mark.parametrize("shape,strategy", [((), "tensor"), ((1,), "tensor"), ((1, 1), "tensor"),
+                                            ((48, 1), "channel"), ((48,), "channel")])
+@pytest.mark.parametrize("block_size", [None, "absent"])
+def test_no_block_size_scales_per_tensor_or_channel(tmp_path, shape, strategy, block_size):
+    # formats.md §6: weight_block_size null is transformers' per-tensor / per-channel FP8
+    # (Ministral, Devstral); it was refused as "weight_block_size missing" (R12)
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.doctor import diagnose
+    from quantscope.backend.engines import get_engine
+    from quantscope.backend.schemes import analyze
+    s = np.random.default_rng(6).uniform(1e-3, 5e-3, shape).astype(np.float32)
+    d, w = _fp8_checkpoint(tmp_path, s, block_size)
+    m = analyze(open_checkpoint(d))
+    lay = m.layers[LAYER]
+    assert (lay.scheme, lay.problem, lay.settings["strategy"]) == ("fp8-block", None, strategy)
+    expect = w.astype(np.float32) * (s.reshape(-1, 1) if strategy == "channel" else s.reshape(()))
+    np.testing.assert_array_equal(get_engine("numpy").dequantize(m, lay), expect)
+    assert not [f for f in diagnose(d) if f.severity == "error"]
+
+
+def test_no_block_size_stacked_and_unreadable(tmp_path):
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.doctor import diagnose
+    from quantscope.backend.engines import get_engine
+    from quantscope.backend.schemes import analyze
+    s = np.array([2e-3, 3e-3], np.float32)  # one scale per expert
+    d, w = _fp8_checkpoint(tmp_path, s, None, lead=(2,))
+    m = analyze(open_checkpoint(d))
+    np.testing.assert_array_equal(get_engine("numpy").dequantize(m, m.layers[LAYER]),
+                                  w.astype(np.float32) * s[:, None, None])
+    # a grid of blocks without its block size stays refused, saying why
+    (tmp_path / "b").mkdir()
+    d2, _ = _fp8_checkpoint(tmp_path / "b", np.ones((1, 2), np.float32), None)
+    lay = analyze(open_checkpoint(d2)).layers[LAYER]
+    assert "weight_block_size" in lay.problem and "[1, 2]" in lay.problem and "R12" in lay.problem
+    assert any(f.rule == "fp8.block-size" and f.ref == "R12" for f in diagnose(d2) if f.severity == "error")
