@@ -168,6 +168,7 @@ RULES: dict[str, Rule] = _rules(
     ("ct.sym-zero-point", "error", "R10", "symmetric: true but weight_zero_point stored (symmetric schemes write none)"),
     ("nvfp4.global-scale", "error", "R11", "NVFP4 global scale looks inverted (divisor vs multiplier)"),
     ("fp8.block-size", "error", "R12", "FP8 block scales do not tile the weight with weight_block_size"),
+    ("fp8.scale-name", "warning", "R12", "FP8 block scales stored under another name than `weight_scale_inv`"),
     ("fp8.converted", "error", "R13", "quant_method fp8 but no FP8 weights (converted checkpoint)"),
     ("mx.e8m0-scale", "error", "R14", "MX scales are not E8M0 exponent bytes"),
     ("config.static-activations", "warning", None, ("the config quantizes activations with stored scales "
@@ -1407,9 +1408,15 @@ class _Doctor:
     def _check_fp8_block(self, layer, file) -> None:
         comps, path = layer.tensors, layer.path
         bs = layer.settings.get("weight_block_size")
-        w, s = comps.get("weight"), comps.get("weight_scale_inv")
+        sname = layer.settings.get("scale_tensor", "weight_scale_inv")
+        w, s = comps.get("weight"), comps.get(sname)
         if not bs or w is None or s is None:
             return
+        if sname != "weight_scale_inv":
+            self.col.add("fp8.scale-name", f"block scales stored as `{sname}` {list(s.shape)}: transformers and vLLM "
+                         "load an FP8 layer with weight_block_size from `weight_scale_inv` and find no scale (read "
+                         "here as the block scales they are) — a renamed tensor: rename it `weight_scale_inv`",
+                         file=file, tensor=f"{path}.{sname}", layer=path)
         try:
             bn, bk = (int(v) for v in bs)
         except (TypeError, ValueError):
@@ -1425,10 +1432,10 @@ class _Doctor:
             floor = tuple(lead) + (N // bn, K // bk)
             why = (" — edge tiles are missing (the scale grid was floored, not ceiled)" if tuple(s.shape) == floor
                    else "")
-            self.col.add("fp8.block-size", f"weight_scale_inv {list(s.shape)} does not tile weight [{N}, {K}] with "
+            self.col.add("fp8.block-size", f"{sname} {list(s.shape)} does not tile weight [{N}, {K}] with "
                          f"weight_block_size [{bn}, {bk}]: expected {list(grid)} (ceil; edge tiles are partial)"
                          f"{why}. Loaders mis-scale rows or reject the layer — fix weight_block_size or the "
-                         "scales", file=file, tensor=f"{path}.weight_scale_inv", layer=path)
+                         "scales", file=file, tensor=f"{path}.{sname}", layer=path)
 
     # -- phase 2: small tensors read in full ---------------------------------------------------
 

@@ -150,7 +150,8 @@ def _np_ct_mxfp8(layer, p):
 
 
 def _np_fp8_block(layer, p):
-    w, s, bs = p["weight"], p["weight_scale_inv"], layer.settings["weight_block_size"]
+    w, s = p["weight"], p[layer.settings.get("scale_tensor", "weight_scale_inv")]
+    bs = layer.settings["weight_block_size"]
     strategy = layer.settings.get("strategy")  # no block size: one scale per tensor or per row
     if strategy is not None:
         *lead, n, k = w.shape

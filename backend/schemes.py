@@ -656,17 +656,14 @@ def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: s
                              "DeepSeek's FP8 name, but the config is compressed-tensors, which loads `weight_scale`: a "
                              "renamed tensor (or a config from another checkpoint) — rename it, or use the config it "
                              "was written with")
-    if cfg.kind == "fp8" and "weight_scale" in comps and "weight_scale_inv" not in comps \
-            and comps["weight_scale"].dtype in ("F32", "F16", "BF16"):  # (U8: MXFP8's exponents, named so)
-        return Layer(module.path, "fp8-block", comps, shape=w.shape, bits=8, dtype=w.dtype, source=eff.source,
-                     problem=f"the scale is stored as `weight_scale` {list(comps['weight_scale'].shape)}, but the "
-                             "config's quant_method 'fp8' (transformers' FP8) loads `weight_scale_inv`: a renamed "
-                             "tensor (or a config from another checkpoint) — rename it, or use the config it was "
-                             "written with")
-    if "weight_scale_inv" in comps:
+    # quant_method fp8 names its scale by layout (vLLM, transformers): `weight_scale_inv` for
+    # blocks (DeepSeek's name), `weight_scale` per tensor or channel (AutoFP8). R12: both read.
+    named = cfg.kind == "fp8" and "weight_scale" in comps and comps["weight_scale"].dtype in ("F32", "F16", "BF16")
+    if "weight_scale_inv" in comps or named:  # (a U8 weight_scale: MXFP8's exponents, below)
+        sname = "weight_scale_inv" if "weight_scale_inv" in comps else "weight_scale"
         bs = eff.settings.get("weight_block_size") or cfg.globals.get("weight_block_size")
-        s = comps["weight_scale_inv"]
-        settings = {"weight_block_size": bs, "scale_dtype": s.dtype}
+        s = comps[sname]
+        settings = {"weight_block_size": bs, "scale_dtype": s.dtype, "scale_tensor": sname}
         if not bs:
             # transformers' FP8 without a block size scales per tensor or per output channel
             # (formats.md §6: weight_block_size null, e.g. Ministral/Devstral FP8); the scale's
@@ -684,10 +681,10 @@ def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: s
             # decoded with its scale, as stored; a loader that follows the config builds a plain
             # Linear and loads the FP8 values unscaled
             layer.warning = (f"the config leaves this layer unquantized ({eff.source}) but it is stored FP8 with "
-                             "weight_scale_inv: loaders that follow the config load the FP8 values without their "
+                             f"{sname}: loaders that follow the config load the FP8 values without their "
                              "scale — drop it from modules_to_not_convert, or store it dense")
         if not bs and "strategy" not in settings:
-            layer.problem = (f"weight_block_size missing from the config and weight_scale_inv {list(s.shape)} is "
+            layer.problem = (f"weight_block_size missing from the config and {sname} {list(s.shape)} is "
                              "neither one scale per tensor nor one per output channel; the block size cannot be "
                              "read (R12)")
         return layer

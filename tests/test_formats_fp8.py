@@ -117,7 +117,7 @@ def test_mxfp8_rejects_linear_scales_and_decodes_nan():
     assert (out[0, :32] == 2).all() and np.isnan(out[0, 32:]).all()   # partial last group
 
 
-def _fp8_checkpoint(tmp_path, scale, block_size="absent", lead=()):
+def _fp8_checkpoint(tmp_path, scale, block_size="absent", lead=(), scale_name="weight_scale_inv"):
     """A transformers-FP8 checkpoint (quant_method fp8) of one [*lead, 48, 80] layer."""
     import json as _json
 
@@ -129,7 +129,7 @@ def _fp8_checkpoint(tmp_path, scale, block_size="absent", lead=()):
         q["weight_block_size"] = block_size
     d = tmp_path / "ckpt"
     d.mkdir()
-    write_st(d / "model.safetensors", {f"{LAYER}.weight": w, f"{LAYER}.weight_scale_inv": scale,
+    write_st(d / "model.safetensors", {f"{LAYER}.weight": w, f"{LAYER}.{scale_name}": scale,
                                        f"{LAYER}.input_scale": np.array([0.5], np.float32)})
     (d / "config.json").write_text(_json.dumps({"quantization_config": q}))
     return d, w
@@ -138,15 +138,17 @@ def _fp8_checkpoint(tmp_path, scale, block_size="absent", lead=()):
 @pytest.mark.parametrize("shape,strategy", [((), "tensor"), ((1,), "tensor"), ((1, 1), "tensor"),
                                             ((48, 1), "channel"), ((48,), "channel")])
 @pytest.mark.parametrize("block_size", [None, "absent"])
-def test_no_block_size_scales_per_tensor_or_channel(tmp_path, shape, strategy, block_size):
+@pytest.mark.parametrize("scale_name", ["weight_scale_inv", "weight_scale"])
+def test_no_block_size_scales_per_tensor_or_channel(tmp_path, shape, strategy, block_size, scale_name):
     # formats.md §6: weight_block_size null is transformers' per-tensor / per-channel FP8
-    # (Ministral, Devstral); it was refused as "weight_block_size missing" (R12)
+    # (Ministral, Devstral); it was refused as "weight_block_size missing" (R12). vLLM and
+    # AutoFP8 name such a scale `weight_scale` (refused as a renamed tensor before)
     from quantscope.backend.checkpoint import open_checkpoint
     from quantscope.backend.doctor import diagnose
     from quantscope.backend.engines import get_engine
     from quantscope.backend.schemes import analyze
     s = np.random.default_rng(6).uniform(1e-3, 5e-3, shape).astype(np.float32)
-    d, w = _fp8_checkpoint(tmp_path, s, block_size)
+    d, w = _fp8_checkpoint(tmp_path, s, block_size, scale_name=scale_name)
     m = analyze(open_checkpoint(d))
     lay = m.layers[LAYER]
     assert (lay.scheme, lay.problem, lay.settings["strategy"]) == ("fp8-block", None, strategy)
