@@ -47,7 +47,7 @@ from .errors import Cancelled, QuantscopeError
 from .formats.gptq import mislabelled_format
 from .formats.mlx import E4M3, E8M0, MODE_DEFAULTS, affine_fits
 from .safetensors_file import SafetensorsFile
-from .schemes import QUANT_PARTS, Layer, gptq_groups
+from .schemes import _FP_SCALE_DTYPES, QUANT_PARTS, Layer, gptq_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -1022,7 +1022,7 @@ class _Doctor:
         if mode != "affine" and layer.warning:  # (the config's mode/bits/group against block-float tensors)
             col.add("mlx.bits-group", layer.warning, file=file, tensor=tname, layer=path)
             return
-        if mode != "affine" and s.dtype != "U8":
+        if mode != "affine" and s.dtype not in _FP_SCALE_DTYPES.get(mode, ("U8",)):
             col.add("mx.e8m0-scale", f"{mode} scales are {s.dtype}; they must be U8 exponent (E8M0) / E4M3 bytes. "
                     "Decoded-to-linear scales read as exponents give weights off by ~10^5 (omlx #2159) — store "
                     "the raw scale bytes", file=file, tensor=tname, layer=path)

@@ -28,11 +28,16 @@ from .formats.kernel import lower_thread_priority
 from .schemes import Layer, Model
 
 ENGINES = ("auto", "numpy", "mlx")
+MLX_FP_SCHEMES = ("mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4")
 
 
 def read_parts(model: Model, layer: Layer) -> dict[str, np.ndarray]:
-    """Every stored component of a layer as numpy arrays (mmap views)."""
-    return {c: model.ckpt.tensor(t.name) for c, t in layer.tensors.items()}
+    """Every stored component of a layer as numpy arrays (mmap views). An MLX block-float
+    layer's scales typed F8_E8M0 / F8_E4M3 come as their raw bytes, as ``mx.load`` gives them."""
+    p = {c: model.ckpt.tensor(t.name) for c, t in layer.tensors.items()}
+    if layer.scheme in MLX_FP_SCHEMES and p.get("scales") is not None and p["scales"].dtype.itemsize == 1:
+        p["scales"] = p["scales"].view(np.uint8)
+    return p
 
 
 def _require_decodable(model: Model, layer: Layer) -> None:

@@ -75,3 +75,37 @@ def test_shape_mismatch_is_a_clear_error():
         decode_affine(to_np(wq), to_np(s), None, bits=4, group_size=64)
     with pytest.raises(LayerError, match="uint8"):
         decode_fp(to_np(wq), to_np(s), mode="mxfp4")
+
+
+@pytest.mark.parametrize("mode,f8", [("mxfp4", "float8_e8m0fnu"), ("mxfp8", "float8_e8m0fnu"),
+                                     ("nvfp4", "float8_e4m3fn")])
+@pytest.mark.parametrize("engine", ["numpy", "mlx"])
+def test_block_float_scales_typed_f8_read_as_mx_load_does(tmp_path, mode, f8, engine):
+    """Scales stored as F8_E8M0 / F8_E4M3 rather than U8: ``mx.load`` gives them as uint8 (since
+    0.32.0 / 0.30.3) and mlx-lm loads the layer. They were refused (a false R14 'not E8M0')."""
+    import json
+
+    import ml_dtypes
+    from helpers import write_st
+
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.doctor import diagnose
+    from quantscope.backend.engines import get_engine
+    from quantscope.backend.schemes import analyze
+    w = mx.array(RNG.normal(size=(32, 256)).astype(np.float32))
+    wq, s = mx.quantize(w, mode=mode)[:2]
+    name = "model.layers.0.mlp.up_proj"
+    d = tmp_path / "m"
+    d.mkdir()
+    write_st(d / "model.safetensors", {f"{name}.weight": to_np(wq),
+                                       f"{name}.scales": to_np(s).view(getattr(ml_dtypes, f8))})
+    (d / "config.json").write_text(json.dumps({"quantization": {"group_size": 32 if mode != "nvfp4" else 16,
+                                                                "bits": 4 if mode != "mxfp8" else 8, "mode": mode}}))
+    loaded = mx.load(str(d / "model.safetensors"))
+    assert loaded[f"{name}.scales"].dtype == mx.uint8
+    expect = to_np(mx.dequantize(loaded[f"{name}.weight"], loaded[f"{name}.scales"], mode=mode, dtype=mx.float32))
+    m = analyze(open_checkpoint(d))
+    lay = m.layers[name]
+    assert (lay.scheme, lay.problem) == (f"mlx-{mode}", None)
+    np.testing.assert_array_equal(get_engine(engine).dequantize(m, lay), expect)
+    assert not [f for f in diagnose(d) if f.severity == "error"]
