@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .checkpoint import CONFIG_FILES, Checkpoint, Module, split_name
 from .dtypes import DTYPES
 from .errors import LayerError, QuantscopeError
@@ -301,8 +303,7 @@ def detect(module: Module, cfg: QuantConfig, dims: set[int], ckpt: Checkpoint) -
     if any(k.startswith("weight.quant_state.") for k in c) or "weight.absmax" in c:
         return _detect_bnb4(module, eff, ckpt)
     if "SCB" in c and w.dtype == "I8":
-        return Layer(module.path, "bnb-int8", comps, shape=w.shape, bits=8, dtype="F32",
-                     source=eff.source, settings={"weight_format": "row"})
+        return _detect_bnb8(module, eff, ckpt)
     if w.dtype in ("F8_E4M3", "F8_E5M2"):
         return _detect_fp8(module, cfg, eff, _model_dtype(ckpt))
     if w.dtype == "I8" and "weight_scale" in c:
@@ -728,6 +729,34 @@ def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: s
                              "(a tensor lost in a merge or a rename?)")
     return Layer(module.path, "dense", comps, shape=w.shape, bits=8, dtype=w.dtype,
                  source="fp8 weight without a scale: read as plain fp8 values")
+
+
+#: bitsandbytes' int8 weight_format codes (formats.md §7.2): only row-major is written now.
+_BNB8_FORMATS = {0: "row", 1: "col32", 2: "col_turing", 3: "col_ampere"}
+
+
+def _detect_bnb8(module: Module, eff: Effective, ckpt: Checkpoint) -> Layer:
+    comps = module.tensors
+    layer = Layer(module.path, "bnb-int8", comps, shape=comps["weight"].shape, bits=8, dtype="F32",
+                  source=eff.source, settings={"weight_format": "row"})
+    f = comps.get("weight_format")
+    if f is None:
+        return layer  # (older files store none: row-major)
+    try:
+        code = np.asarray(ckpt.tensor(f.name)).reshape(-1)
+    except (QuantscopeError, OSError, ValueError) as exc:  # (a damaged scalar: the reader's own words)
+        layer.problem = f"weight_format cannot be read: {exc}"
+        return layer
+    fmt = _BNB8_FORMATS.get(int(code[0])) if code.size == 1 and code.dtype.kind in "iu" else None
+    if fmt is None:
+        shown = int(code[0]) if code.size == 1 and code.dtype.kind in "iu" else code.tolist()
+        layer.problem = f"weight_format {shown} is not one of bitsandbytes' int8 layouts (0: row)"
+    elif fmt != "row":
+        layer.settings["weight_format"] = fmt
+        layer.problem = (f"weight_format {int(code[0])} ({fmt}): a GPU-tiled int8 layout of old bitsandbytes, which "
+                         "current bitsandbytes refuses to load — re-save the model with a current bitsandbytes "
+                         "(row-major, weight_format 0)")
+    return layer
 
 
 def _detect_bnb4(module: Module, eff: Effective, ckpt: Checkpoint) -> Layer:

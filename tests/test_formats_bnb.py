@@ -118,3 +118,37 @@ def test_decode_4bit_errors():
                         t["weight.nested_absmax"], t["weight.nested_quant_map"])
     with pytest.raises(LayerError, match="JSON"):
         bnb.parse_quant_state(np.frombuffer(b"\xff{", np.uint8))
+
+
+@pytest.mark.parametrize("fmt", [0, 1, 2, 3, 7])
+def test_int8_weight_format_is_read(tmp_path, fmt):
+    """formats.md §7.2: weight_format 0 is row-major; 1/2/3 (col32/col_turing/col_ampere) are old
+    GPU-tiled layouts: decoding them row-major gave wrong weights and no word."""
+    import json
+
+    from helpers import write_st
+
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.doctor import diagnose
+    from quantscope.backend.engines import get_engine
+    from quantscope.backend.schemes import analyze
+    rng = np.random.default_rng(fmt)
+    q = rng.integers(-127, 128, (32, 64)).astype(np.int8)
+    scb = rng.uniform(0.5, 3, 32).astype(np.float32)
+    name = "model.layers.0.mlp.down_proj"
+    d = tmp_path / "m"
+    d.mkdir()
+    write_st(d / "model.safetensors", {f"{name}.weight": q, f"{name}.SCB": scb,
+                                       f"{name}.weight_format": np.array(fmt, np.uint8)})
+    (d / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes",
+                                                                       "load_in_8bit": True}}))
+    m = analyze(open_checkpoint(d))
+    lay = m.layers[name]
+    errors = [f for f in diagnose(d) if f.severity == "error" and f.layer == name]
+    if fmt == 0:
+        assert lay.problem is None and not errors
+        # (bit-exact against bitsandbytes in test_int8_matches_library_reciprocal)
+        np.testing.assert_allclose(get_engine("numpy").dequantize(m, lay), q * (scb[:, None] / 127.0), rtol=1e-6)
+    else:
+        assert not lay.decodable and f"weight_format {fmt}" in lay.problem and errors
+        assert ("col" in lay.problem) == (fmt != 7)
