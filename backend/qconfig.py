@@ -457,7 +457,7 @@ def _resolve_gptq(cfg: QuantConfig, path: str) -> Effective:
     for pattern, value in cfg.overrides:
         neg, rx = gptq_pattern(pattern)
         try:
-            hit = re.search(rx, path) is not None
+            hit = re.match(rx, path) is not None  # (GPTQModel's dynamic_get: anchored at the start)
         except re.error:
             continue
         if not hit:
@@ -506,13 +506,20 @@ def _resolve_ct(cfg: QuantConfig, path: str) -> Effective:
     for pat in cfg.globals.get("ignore") or []:
         if isinstance(pat, str) and not (pat[:1].isupper() and "." not in pat) and _ct_matches(pat, path):
             return Effective(quantized=False, source=f"ignore `{pat}` ({cfg.file})")
+    # compressed-tensors' apply: each target string names one group (a later group's same
+    # target replaces it, in its place), and of the targets a module matches the first by kind
+    # wins: exact names, then regexes, then class names (match_targets), in config order
+    by_target: dict[str, tuple[str, dict]] = {}
     for gname, group in cfg.overrides:
-        if not isinstance(group, dict):
-            continue
-        targets = group.get("targets") or []
-        hit = next((t for t in targets if isinstance(t, str) and _ct_matches(t, path)), None)
-        if hit is None:
-            continue
+        if isinstance(group, dict):
+            for t in group.get("targets") or []:
+                if isinstance(t, str):
+                    by_target[t] = (gname, group)
+    ranked = [(0 if not t.startswith("re:") and (t == path or path.endswith("." + t)) else
+               1 if t.startswith("re:") else 2, i, t)
+              for i, t in enumerate(by_target) if _ct_matches(t, path)]
+    for _, _, hit in sorted(ranked)[:1]:
+        gname, group = by_target[hit]
         w = group.get("weights") or {}
         fmt = group.get("format") or cfg.globals.get("format")
         acts = group.get("input_activations")

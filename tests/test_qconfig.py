@@ -97,6 +97,14 @@ def test_gptq_config_versions_dynamic_and_missing_keys():
     assert (e.bits, e.group_size, e.settings["version"]) == (8, 32, 2)
     assert "dynamic override" in e.source
     assert c.effective("lm_head").quantized is False
+    # GPTQModel's dynamic_get matches with re.match, from the start of the module's name: a
+    # pattern without its leading ".*" names no layer of "model.layers.…" (re.search found one)
+    c = parse_configs({"config.json": {"quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 128,
+        "dynamic": {r"-:mlp\.down_proj": {}, r"+:mlp\.up_proj": {"bits": 8}, r"+:model\.layers\.1\.": {"bits": 2}}}}})
+    assert c.effective("model.layers.0.mlp.down_proj").quantized is not False
+    assert c.effective("model.layers.0.mlp.up_proj").bits == 4
+    assert c.effective("model.layers.1.mlp.up_proj").bits == 2
     c = parse_configs({"quant_config.json": {"wbits": 3, "q_group_size": 64, "desc_act": False}})
     assert c.kind == "gptq" and c.globals["bits"] == 3 and c.globals["group_size"] == 64
 
@@ -204,3 +212,20 @@ def test_strings_for_flags_and_unknown_formats_are_read_and_said():
         c = parse_configs({"config.json": {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128,
                                                                    "sym": True, "checkpoint_format": fmt}}})
         assert not c.bad_values and not c.odd_values, fmt
+
+
+def test_compressed_tensors_target_precedence():
+    """compressed-tensors gives a module the group of its best target: an exact name, then a
+    regex, then a class name (match_targets), whatever the groups' order in the file. The first
+    group in file order won: a `re:.*down_proj` 8-bit group lost to an earlier `Linear` one."""
+    def group(bits, targets):
+        return {"targets": targets, "weights": {"num_bits": bits, "type": "int", "symmetric": True,
+                                                "strategy": "group", "group_size": 128}}
+    c = parse_configs({"config.json": {"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": group(4, ["Linear"]), "group_1": group(8, ["re:.*down_proj"]),
+                          "group_2": group(2, ["model.layers.0.mlp.down_proj"])}}}})
+    assert c.effective("model.layers.1.mlp.down_proj").bits == 8
+    assert c.effective("model.layers.0.mlp.down_proj").bits == 2
+    assert c.effective("model.layers.0.mlp.up_proj").bits == 4
+    assert "group_1" in c.effective("model.layers.1.mlp.down_proj").source
