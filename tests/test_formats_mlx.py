@@ -109,3 +109,39 @@ def test_block_float_scales_typed_f8_read_as_mx_load_does(tmp_path, mode, f8, en
     assert (lay.scheme, lay.problem) == (f"mlx-{mode}", None)
     np.testing.assert_array_equal(get_engine(engine).dequantize(m, lay), expect)
     assert not [f for f in diagnose(d) if f.severity == "error"]
+
+
+@pytest.mark.parametrize("mode,bits,group", [("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)])
+@pytest.mark.parametrize("engine", ["numpy", "mlx"])
+def test_block_float_extreme_scale_bytes_and_zero_global_scale(tmp_path, mode, bits, group, engine):
+    """Every scale byte, 0 and 255 included, and a stored nvfp4 global scale of 0, on both engines
+    against mx.dequantize: the numpy engine gave NaN for E8M0 byte 255 (MLX: ±inf), and took a
+    global scale of 0 for none (MLX: a layer of zeros)."""
+    import json
+
+    from helpers import write_st
+
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.engines import get_engine
+    from quantscope.backend.schemes import analyze
+    rng = np.random.default_rng(bits + group)
+    n, k = 16, 512
+    q = rng.integers(0, 2**32, (n, k * bits // 32), dtype=np.uint64).astype(np.uint32)
+    s = np.arange(n * k // group, dtype=np.int64).reshape(n, k // group).astype(np.uint8)  # every byte
+    name = "model.layers.0.mlp.up_proj"
+    for gs in ([None, 0.0, 3.5] if mode == "nvfp4" else [None]):
+        d = tmp_path / f"m{gs}"
+        d.mkdir()
+        parts = {f"{name}.weight": q, f"{name}.scales": s}
+        if gs is not None:
+            parts[f"{name}.global_scale"] = np.array([gs], np.float32)
+        write_st(d / "model.safetensors", parts)
+        (d / "config.json").write_text(json.dumps({"quantization": {"group_size": group, "bits": bits, "mode": mode}}))
+        kw = {} if gs is None else {"global_scale": mx.array(np.float32(gs))}
+        expect = to_np(mx.dequantize(mx.array(q), mx.array(s), group_size=group, bits=bits, mode=mode,
+                                     dtype=mx.float32, **kw))
+        m = analyze(open_checkpoint(d))
+        out = get_engine(engine).dequantize(m, m.layers[name])
+        np.testing.assert_array_equal(out, expect)  # (NaN where NaN, ±inf where ±inf)
+        if gs == 0.0:
+            assert not np.any(out[np.isfinite(out)])

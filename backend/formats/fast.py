@@ -363,9 +363,7 @@ if AVAILABLE:
             brow = by[r]
             orow = out[r - o0]
             for g in range(ng):
-                scale = scale_table[sc[r, g]]
-                if gscale != np.float32(0.0):
-                    scale = scale * gscale
+                scale = scale_table[sc[r, g]] * gscale  # (1 without a global scale: exact)
                 base = g * group
                 for i in range(group):  # 8-bit element codes (mxfp8): table lookup
                     orow[base + i] = elem_table[brow[base + i]] * scale
@@ -384,9 +382,7 @@ if AVAILABLE:
             wr = wd[r]
             orow = out[r - o0]
             for g in range(ng):
-                scale = scale_table[sc[r, g]]
-                if gscale != np.float32(0.0):
-                    scale = scale * gscale
+                scale = scale_table[sc[r, g]] * gscale  # (1 without a global scale: exact)
                 seg = orow[g * group:(g + 1) * group]
                 for q in range(wpg):
                     w = wr[g * wpg + q]
@@ -527,7 +523,8 @@ def block_float_rows(by: np.ndarray, sc: np.ndarray, elem_table: np.ndarray, sca
     if not AVAILABLE:
         return None
     by, sc = np.ascontiguousarray(by), np.ascontiguousarray(sc)
-    g = np.float32(gscale or 0.0)
+    # (a stored global scale of 0 zeroes the layer, as in mx.dequantize; it was taken for none)
+    g = np.float32(1.0 if gscale is None else gscale)
     if bits == 4:
         if by.shape[-1] % 4 or group % 8 or sys.byteorder != "little":
             return None  # numpy path

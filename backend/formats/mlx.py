@@ -26,9 +26,12 @@ _BYTE_LUTS = {b: unpack_bits(np.arange(256, dtype=np.uint8)[:, None], b, 8 // b)
 
 #: OCP E2M1 values of codes 0..15 (bit 3 = sign).
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
-#: E4M3 "fn" values of bytes 0..255 (NaN for 0x7F/0xFF) and E8M0 values (2**(s-127); 255 NaN).
+#: E4M3 "fn" values of bytes 0..255 (NaN for 0x7F/0xFF) and E8M0 values as MLX decodes them:
+#: 2**(s-127), byte 0 the subnormal 2**-127, and byte 255 +inf (MLX builds the bf16 bits s << 7:
+#: 2**128 overflows), where the OCP format says NaN — mx.dequantize is the reference here.
 E4M3 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 E8M0 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
+E8M0[255] = np.inf
 
 #: Rows per block: keeps a block's codes and products in cache while it is scaled.
 _BLOCK_ELEMS = 1 << 17
@@ -208,10 +211,11 @@ def decode_fp(weight: np.ndarray, scales: np.ndarray, *, mode: str, global_scale
         blk = o2[r0:r1]
         np.take(elem_table, codes, out=blk)
         sc = np.take(table, s2[r0:r1])
-        if gs is not None:
-            sc *= gs
         b3 = blk.reshape(r1 - r0, ng, group)
-        b3 *= sc[:, :, None]
+        with np.errstate(over="ignore", invalid="ignore"):  # (as MLX: ±inf past float32, 0·inf NaN)
+            if gs is not None:
+                sc *= gs
+            b3 *= sc[:, :, None]
 
     for_row_blocks(n_rows, k, block)
     return out
