@@ -1533,9 +1533,12 @@ class _Doctor:
                              f"(first: group {g}, column {col_}) in a v1 (checkpoint_format 'gptq') file: v1 stores "
                              f"z−1, so these are true zeros of 0, wrapped when stored as −1. Readers that add 1 per field "
                              f"(AutoGPTQ/exllama-era kernels) read {1 << b}, outside the code range, and those "
-                             "groups decode silently wrong (AutoGPTQ #325/#640); GPTQModel's word-level v1→v2 "
-                             "conversion (which quantscope follows) restores them. Re-export as gptq_v2 (zeros "
-                             "stored as-is) before using other runtimes", file=file, tensor=f"{path}.qzeros", layer=path)
+                             "groups decode silently wrong (AutoGPTQ #325/#640). quantscope reads them as GPTQModel "
+                             "does, adding 1 to every field of the packed word at once, which carries into the next "
+                             "field: exact for files GPTQModel wrote (its export subtracts the same way, borrowing), "
+                             "but where a writer stored each field on its own the next column's zero decodes one "
+                             "step off instead. Re-export as gptq_v2 (zeros stored as-is) before using other "
+                             "runtimes", file=file, tensor=f"{path}.qzeros", layer=path)
                 return
         if layer.settings.get("sym") is True:
             want = (1 << (b - 1)) - (1 if version == 1 else 0)
