@@ -51,7 +51,7 @@ import numpy as np
 from .errors import Cancelled
 from .formats import fast
 from .formats.kernel import pool, workers
-from .metrics import PERCENTILES, ErrorStats, _lerp, order_statistics, percentile_ranks
+from .metrics import PERCENTILES, ErrorStats, _lerp, cosine_cancels, order_statistics, percentile_ranks
 
 #: Elements per block: the decoded block (float32) stays within L2/L3 of the core decoding it.
 BLOCK_ELEMENTS = 1 << 18
@@ -714,8 +714,8 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
     out: dict[str, dict | None] = {}
     for lb, val in each(order_stats).items():
         acc = sums[lb]
-        if val is None:
-            out[lb] = None
+        if val is None or cosine_cancels(sww, float(acc[2]), float(acc[0])):
+            out[lb] = None  # (its cosine: the general path takes ΣŴ² and ΣW·Ŵ directly)
             continue
         st = ErrorStats()
         st.n, st.sdd, st.sww, st.swd, st.max_abs, st.nzero = n, float(acc[0]), sww, float(acc[2]), float(acc[4]), f.nzero

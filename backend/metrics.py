@@ -54,6 +54,11 @@ class ErrorStats:
         self.sww = 0.0  # Σ W²
         self.sdd = 0.0  # Σ d², d = Ŵ − W
         self.swd = 0.0  # Σ W·d
+        # Σ Ŵ² and Σ W·Ŵ taken directly (add, add_small); None where only the error sums are
+        # known (fused.measure), which then leaves a layer whose cosine they cannot give to this
+        # path (see cosine_cancels)
+        self.svv: float | None = None
+        self.swv: float | None = None
         self.max_abs = 0.0
         self.nzero = 0  # elements with d == 0 exactly: the lowest ranks, never gathered
         # bucket counts of |d| (2^15 int64: 256 KB), made by the first add(); add_small needs none
@@ -80,9 +85,16 @@ class ErrorStats:
             counts = None if raw else np.zeros(_NKEYS, np.int64)
             compiled = fast.error_stats(a1[i0:i1], b1[i0:i1], counts)
             if compiled is not None:  # one pass, same sums (float64) and buckets
-                return (*compiled, counts)
-            sdd = sww = swd = 0.0
+                sdd, sww, swd, mx, nz, svv, swv = compiled
+                return sdd, sww, swd, mx, nz, counts, svv, swv
+            with np.errstate(invalid="ignore", over="ignore"):  # (inf - inf: NaN, as numpy's own figures)
+                return numpy_piece(i0, i1)
+
+        def numpy_piece(i0: int, i1: int):
+            sdd = sww = swd = svv = swv = 0.0
             mx = 0.0
+            nz = 0
+            counts = None
             for i in range(i0, i1, CHUNK):
                 a, b = a1[i:min(i1, i + CHUNK)], b1[i:min(i1, i + CHUNK)]
                 d = np.subtract(b, a, dtype=np.float64)  # exact for float32 inputs
@@ -92,21 +104,28 @@ class ErrorStats:
                 if raw:
                     continue
                 swd += float(np.vdot(a64, d))
+                b64 = b.astype(np.float64)
+                svv += float(np.vdot(b64, b64))
+                swv += float(np.vdot(a64, b64))
+                # exact zeros as the compiled pass counts them: d == 0 (inf - inf is NaN, not a
+                # zero: counted as one, an inf shared by both sides was never gathered)
+                nz += int(np.count_nonzero(d == 0.0))
                 np.abs(d, out=d)
                 m = float(d.max())
                 if m > mx or m != m:
                     mx = m
-            nz = 0
             if not raw:
                 keys = _keys(a1[i0:i1], b1[i0:i1])
                 counts = np.bincount(keys, minlength=_NKEYS)
-                nz = int(np.count_nonzero(a1[i0:i1] == b1[i0:i1]))
-            return sdd, sww, swd, mx, nz, counts
+            return sdd, sww, swd, mx, nz, counts, svv, swv
 
-        for sdd, sww, swd, mx, nz, counts in map_pieces(piece, n, HIST_CHUNK):
+        for sdd, sww, swd, mx, nz, counts, svv, swv in map_pieces(piece, n, HIST_CHUNK):
             self.sdd += sdd
             self.sww += sww
             self.swd += swd
+            if not raw:
+                self.svv = (self.svv or 0.0) + svv
+                self.swv = (self.swv or 0.0) + swv
             if mx > self.max_abs or mx != mx:
                 self.max_abs = mx
             if counts is not None:
@@ -126,14 +145,16 @@ class ErrorStats:
         b32 = np.ascontiguousarray(wh, dtype=np.float32).reshape(-1)
         got = fast.small_stats(a32, b32)
         if got is not None:
-            self.sdd, self.sww, self.swd, d = got
+            self.sdd, self.sww, self.swd, self.svv, self.swv, d = got
         else:
             a = a32.astype(np.float64)
-            d = b32.astype(np.float64)
-            d -= a  # exact: the difference of two float32 values fits a float64
+            v = b32.astype(np.float64)
+            d = v - a  # exact: the difference of two float32 values fits a float64
             self.sdd = float(np.vdot(d, d))
             self.sww = float(np.vdot(a, a))
             self.swd = float(np.vdot(a, d))
+            self.svv = float(np.vdot(v, v))
+            self.swv = float(np.vdot(a, v))
             np.abs(d, out=d)
         self.n = d.size
         self.max_abs = float(d.max()) if d.size else 0.0
@@ -182,12 +203,15 @@ class ErrorStats:
             compiled = fast.gather(a1[i0:i1], b1[i0:i1], lut, bound)
             if compiled is not None:
                 return compiled if compiled[0].size else None
-            k = _keys(a1[i0:i1], b1[i0:i1])
-            idx = np.flatnonzero(lut[k] & (a1[i0:i1] != b1[i0:i1]))
-            if not idx.size:
-                return None
-            idx += i0
-            vals = np.abs(b1[idx].astype(np.float64) - a1[idx].astype(np.float64))
+            with np.errstate(invalid="ignore", over="ignore"):  # (inf - inf: NaN)
+                k = _keys(a1[i0:i1], b1[i0:i1])
+                # (the nonzero errors as pass one counts them: b - a != 0, an inf on both sides
+                # included: its NaN error is not a zero)
+                idx = np.flatnonzero(lut[k] & (np.subtract(b1[i0:i1], a1[i0:i1], dtype=np.float64) != 0.0))
+                if not idx.size:
+                    return None
+                idx += i0
+                vals = np.abs(b1[idx].astype(np.float64) - a1[idx].astype(np.float64))
             return vals, k[idx - i0]
 
         for found in map_pieces(piece, a1.size, HIST_CHUNK):
@@ -234,8 +258,11 @@ class ErrorStats:
         """``rel_fro, sqnr_db, cosine, max_abs, mse, p50, p95, p99`` as floats, and ``ref_finite``."""
         rel = self.rel_fro
         sqnr = sqnr_db(rel)
-        whwh = self.sww + 2.0 * self.swd + self.sdd  # Σ Ŵ² = Σ (W + d)²
-        wwh = self.sww + self.swd                    # Σ W·Ŵ
+        if self.svv is not None:  # taken directly
+            whwh, wwh = self.svv, self.swv
+        else:
+            whwh = self.sww + 2.0 * self.swd + self.sdd  # Σ Ŵ² = Σ (W + d)²
+            wwh = self.sww + self.swd                    # Σ W·Ŵ
         denom = math.sqrt(self.sww) * math.sqrt(max(whwh, 0.0))
         # the rounding of the sums can put identical arrays a hair past 1 (1.0000000000000002)
         # (a NaN, as from an inf in the variant, stays NaN: clamped, it came out a perfect -1.0)
@@ -244,14 +271,30 @@ class ErrorStats:
             cosine = min(1.0, max(-1.0, cosine))
         if self.sdd == 0.0 and self.sww > 0:  # identical: exactly 1, not 0.9999999999999999
             cosine = 1.0
-        pct = self.percentiles()
         if math.isnan(self.sdd):  # a NaN error: its percentiles are NaN too, as numpy gives them
-            pct = dict.fromkeys(pct, math.nan)
+            pct = dict.fromkeys(PERCENTILES, math.nan)
+        else:
+            pct = self.percentiles()
         # ref_finite: whether the reference's own values are finite (ΣW² is): a NaN error is then
         # the variant's, else the reference's
         return {"rel_fro": rel, "sqnr_db": sqnr, "cosine": cosine, "max_abs": self.max_abs,
                 "mse": self.sdd / self.n if self.n else math.nan,
                 "p50": pct[50.0], "p95": pct[95.0], "p99": pct[99.0], "ref_finite": math.isfinite(self.sww)}
+
+
+#: Where Σ Ŵ² or Σ W·Ŵ, made of the error sums, is below this share of the terms it is made of,
+#: their rounding (~1e-16 of those terms each) reaches the 1e-9 the metrics promise: the sums
+#: are taken directly instead (a variant whose Ŵ is small against W, or unrelated to it).
+CANCEL_SHARE = 1e-3
+
+
+def cosine_cancels(sww: float, swd: float, sdd: float) -> bool:
+    """Whether the cosine derived from ``(ΣW², ΣW·d, Σd²)`` alone is not exact enough (see
+    :data:`CANCEL_SHARE`); False for non-finite sums (NaN and inf come out as numpy's)."""
+    if not all(math.isfinite(x) for x in (sww, swd, sdd)) or sww <= 0.0:
+        return False
+    return (sww + 2.0 * swd + sdd < CANCEL_SHARE * (sww + sdd)
+            or abs(sww + swd) < CANCEL_SHARE * (sww + abs(swd)))
 
 
 def worse(new: float, old: float | None) -> bool:

@@ -518,7 +518,7 @@ def _resolve_ct(cfg: QuantConfig, path: str) -> Effective:
     ranked = [(0 if not t.startswith("re:") and (t == path or path.endswith("." + t)) else
                1 if t.startswith("re:") else 2, i, t)
               for i, t in enumerate(by_target) if _ct_matches(t, path)]
-    for _, _, hit in sorted(ranked)[:1]:
+    for rank, _, hit in sorted(ranked)[:1]:
         gname, group = by_target[hit]
         w = group.get("weights") or {}
         fmt = group.get("format") or cfg.globals.get("format")
@@ -529,6 +529,8 @@ def _resolve_ct(cfg: QuantConfig, path: str) -> Effective:
                     # activations quantized with calibrated scales stored beside the weights
                     # (NVFP4's "local": a stored global scale, per-group ones at run time)
                     "input_dynamic": acts.get("dynamic", True) if isinstance(acts, dict) else None}
+        if rank == 2:  # matched by a module class name only (which the checkpoint cannot show)
+            settings["class_target"] = hit
         return Effective(quantized=None, bits=w.get("num_bits"), group_size=w.get("group_size"),
                          settings=settings,
                          source=f"config_groups.{gname} (target `{hit}`), format {fmt}, "

@@ -110,6 +110,25 @@ def test_metrics_match_direct_numpy(n):
         assert m[k] == pytest.approx(v, rel=1e-9, abs=0), k
 
 
+@pytest.mark.parametrize("n", [1000, 100_000])
+def test_infs_shared_by_both_sides_without_numba(n, monkeypatch):
+    """+inf at the same places in reference and variant: inf - inf is NaN, not an exact zero. The
+    numpy fallback counted them as zeros (a == b) and never gathered them: its percentiles
+    indexed an empty array (IndexError, exit 3 from compare). Both paths now agree."""
+    from quantscope.backend.formats import fast
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal(n).astype(np.float32)
+    wh = (w + rng.standard_normal(n).astype(np.float32) * np.float32(0.01)).astype(np.float32)
+    at = rng.choice(n, n // 50, replace=False)
+    w[at] = wh[at] = np.inf
+    compiled = error_metrics(w, wh)
+    monkeypatch.setattr(fast, "AVAILABLE", False)
+    fallback = error_metrics(w, wh)
+    for m in (compiled, fallback):
+        assert all(np.isnan(m[k]) for k in ("rel_fro", "p50", "p95", "p99", "max_abs")), m
+    assert compiled.keys() == fallback.keys()
+
+
 def test_metrics_blocks_equal_one_pass_and_ties():
     rng = np.random.default_rng(3)
     w = rng.standard_normal((300, 40)).astype(np.float32)

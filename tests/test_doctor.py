@@ -1249,6 +1249,32 @@ def test_a_finding_on_a_layers_tensor_names_the_layer(tmp_path):
     assert f.to_dict()["layer"] == "model.layers.1.mlp.down_proj"
 
 
+@pytest.mark.parametrize("targets,hit", [(["Conv2d"], True), (["Linear"], False), (["re:.*_proj"], False),
+                                         (["Conv2d", "re:.*mlp.*"], True)])
+def test_a_config_group_reaching_linears_only_through_another_class_is_an_error(tmp_path, targets, hit):
+    # compressed-tensors matches a class target by the module's class: `Conv2d` gives the
+    # (Linear) layers no scheme, loaders drop their packed weights; "no problems found" before
+    src = Path(__file__).parent / "fixtures" / "real" / "llmcompressor-w4a16"
+    dst = writable_copy(src, tmp_path / "m")
+    cfg = json.loads((dst / "config.json").read_text())
+    (g,) = cfg["quantization_config"]["config_groups"].values()
+    g["targets"] = targets
+    (dst / "config.json").write_text(json.dumps(cfg))
+    found = [f for f in diagnose(dst) if f.rule == "ct.targets"]
+    attn = [f for f in found if "self_attn" in (f.layer or "")]
+    assert bool(attn) == hit and all(f.severity == "error" and "`Conv2d`" in f.message for f in found)
+    if targets == ["Conv2d", "re:.*mlp.*"]:  # the MLP layers are reached by the regex
+        assert found and not [f for f in found if ".mlp." in (f.layer or "")]
+
+
+def test_a_gptq_config_without_bits_is_an_error(tmp_path):
+    # transformers' GPTQConfig requires bits: the model fails to load ("no problems found" before)
+    path = make_gptq(tmp_path / "m", qcfg={"quant_method": "gptq", "group_size": 64, "sym": True,
+                                           "desc_act": False, "checkpoint_format": "gptq"})
+    hits = [f for f in diagnose(path) if f.rule == "gptq.config-keys" and f.severity == "error"]
+    assert len(hits) == 1 and "bits" in hits[0].message
+
+
 @pytest.mark.parametrize("key,value", [("format", "int-quantized"), ("format", "dense"),
                                        ("quantization_status", "frozen")])
 def test_a_compressed_tensors_format_the_tensors_contradict_is_an_error(tmp_path, key, value):

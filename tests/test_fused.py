@@ -341,6 +341,28 @@ def test_nan_errors_go_to_the_general_path():
     assert fused.measure(w, {"v": (dec, 0, None)})["v"] is None
 
 
+@pytest.mark.parametrize("case", ["scaled 1e-4", "scaled 1e-8", "unrelated, small"])
+def test_a_variant_small_against_the_reference_gets_its_cosine_exactly(case):
+    """Σ Ŵ² and Σ W·Ŵ made of the error sums cancel where Ŵ is small against W (a mis-scaled layer,
+    whose cosine is what shows it): the one pass leaves such a variant to the general path, which
+    takes them directly. The cosine came out NaN for W·1e-8 and 5e-4 off for a small unrelated
+    Ŵ; an ordinary variant beside it keeps the one pass."""
+    from quantscope.backend.metrics import error_metrics
+    w = _ref(seed=12)
+    w32 = w.astype(np.float32)
+    rng = np.random.default_rng(12)
+    wh = {"scaled 1e-4": w32 * np.float32(1e-4), "scaled 1e-8": w32 * np.float32(1e-8),
+          "unrelated, small": rng.standard_normal(w.shape).astype(np.float32) * np.float32(2e-8)}[case]
+    ok = (w32 + rng.standard_normal(w.shape).astype(np.float32) * np.float32(1e-3)).astype(np.float32)
+    decs = {lb: fast.RowDecoder(lambda r0, r1, dst, a=a: np.copyto(dst, a[r0:r1]), N, K, 1)
+            for lb, a in (("bad", wh), ("ok", ok))}
+    got = fused.measure(w, {lb: (d, 0, None) for lb, d in decs.items()})
+    assert got["bad"] is None
+    _check(got["ok"], w, ok)
+    _check(error_metrics(w32, wh), w, wh)  # (the general path)
+    _check(error_metrics(w32[:100], wh[:100]), w[:100], wh[:100])  # (a small layer's path)
+
+
 def test_cancel_stops_within_a_block():
     w = _ref(seed=11)
     dec, _ = _mlx(w)

@@ -616,14 +616,29 @@ if AVAILABLE:
                 swd += a * d
         return sdd, sww, swd
 
+    @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+    def _cos_sums(w, x):
+        # ΣŴ², ΣW·Ŵ of reference w and variant x in float64, taken directly: derived from the
+        # error sums (ΣW² + 2ΣW·d + Σd²) they cancel where Ŵ is small against W (a mis-scaled
+        # layer), and the cosine came out wrong or NaN. (As _row_sums: no NaN/inf assumptions.)
+        svv = 0.0
+        swv = 0.0
+        for j in range(w.size):
+            v = np.float64(x[j])
+            svv += v * v
+            swv += np.float64(w[j]) * v
+        return svv, swv
+
     @njit(nogil=True, cache=True)
     def _stats(a, b, counts, want_counts):
-        # Σd², ΣW², ΣW·d (per 4096-element block, then summed) and max|d|; with want_counts,
-        # bucket counts of |float32(b - a)| by its top 16 bits (metrics._keys).
+        # Σd², ΣW², ΣW·d, ΣŴ², ΣW·Ŵ (per 4096-element block, then summed) and max|d|; with
+        # want_counts, bucket counts of |float32(b - a)| by its top 16 bits (metrics._keys).
         n = a.size
         sdd = 0.0
         sww = 0.0
         swd = 0.0
+        svv = 0.0
+        swv = 0.0
         m32 = np.float32(-1.0)
         m64 = 0.0
         nz = 0
@@ -635,6 +650,9 @@ if AVAILABLE:
             sdd += p_dd
             sww += p_ww
             swd += p_wd
+            p_vv, p_wv = _cos_sums(a[j0:j1], b[j0:j1])
+            svv += p_vv
+            swv += p_wv
             if not want_counts:
                 continue
             for i in range(j1 - j0):
@@ -654,7 +672,7 @@ if AVAILABLE:
         # A NaN difference makes Σd² NaN (the other terms are >= 0 and cannot cancel to NaN);
         # report NaN like numpy's max does.
         mx = np.nan if sdd != sdd else m64
-        return sdd, sww, swd, mx, nz
+        return sdd, sww, swd, mx, nz, svv, swv
 
     @njit(nogil=True, cache=True)
     def _gather(a, b, lut, bound):
@@ -1576,9 +1594,9 @@ def pair_stats(ref: np.ndarray, v: np.ndarray, col: np.ndarray, lo: np.ndarray, 
 
 
 def error_stats(a: np.ndarray, b: np.ndarray, counts: np.ndarray | None):
-    """(Σd², ΣW², ΣW·d, max|d|, number of exact zeros of d) of float32 1-D ``a`` (reference) and
-    ``b``; bucket counts added into ``counts`` (int64 [2**15]) when given (the zero count only
-    then). None without numba."""
+    """(Σd², ΣW², ΣW·d, max|d|, number of exact zeros of d, ΣŴ², ΣW·Ŵ) of float32 1-D ``a``
+    (reference) and ``b``; bucket counts added into ``counts`` (int64 [2**15]) when given (the
+    zero count only then). None without numba."""
     if not AVAILABLE:
         return None
     c = counts if counts is not None else np.zeros(1, np.int64)
@@ -1588,23 +1606,23 @@ def error_stats(a: np.ndarray, b: np.ndarray, counts: np.ndarray | None):
 if AVAILABLE:
     @njit(nogil=True, cache=True)
     def _small_stats(a, b, out):
-        # (Σd², ΣW², ΣW·d) in float64 and out[i] = |b[i] - a[i]| exactly (float64), NaN kept
+        # (Σd², ΣW², ΣW·d, ΣŴ², ΣW·Ŵ) in float64 and out[i] = |b[i] - a[i]| exactly (float64), NaN kept
         sdd, sww, swd = _row_sums(a, b, True)
+        svv, swv = _cos_sums(a, b)
         for i in range(a.size):
             out[i] = abs(np.float64(b[i]) - np.float64(a[i]))
-        return sdd, sww, swd
+        return sdd, sww, swd, svv, swv
 
 
 def small_stats(a: np.ndarray, b: np.ndarray):
-    """``(Σd², ΣW², ΣW·d, |d| float64)`` of float32 1-D ``a`` (reference) and ``b`` in one compiled
-    call (numpy took six, more than a small layer's own work); None without numba."""
+    """``(Σd², ΣW², ΣW·d, ΣŴ², ΣW·Ŵ, |d| float64)`` of float32 1-D ``a`` (reference) and ``b`` in
+    one compiled call (numpy took six, more than a small layer's own work); None without numba."""
     if not AVAILABLE:
         return None
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
     out = np.empty(a.size)
-    sdd, sww, swd = _small_stats(a, b, out)
-    return sdd, sww, swd, out
+    return (*_small_stats(a, b, out), out)
 
 
 def gather(a: np.ndarray, b: np.ndarray, lut: np.ndarray, bound: int):
