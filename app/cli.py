@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(pdoc)
     pconv = sub.add_parser("convert", help="convert to MLX (exact repack where possible) or to dense",
                            epilog="Exit status: 0 converted; 1 converted as the config says, but the shapes "
-                                  "suggest the config is wrong (the warning on stderr says why); 2: refused or "
-                                  "failed, nothing written.")
+                                  "suggest the config is wrong, or the source holds NaN/inf values that the output "
+                                  "carries (the warning on stderr says why); 2: refused or failed, nothing written.")
     pconv.add_argument("src", help="source checkpoint")
     pconv.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     pconv.add_argument("--to", required=True, choices=["mlx", "dense"],

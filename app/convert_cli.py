@@ -28,5 +28,9 @@ def run_convert(args) -> int:
     sys.stdout.write("\n".join(summary_lines(rep)) + "\n")
     for w in rep.suspect[:3]:  # on stderr too: a script reading only the exit status must not miss it
         print(f"quantscope: warning: {w}", file=sys.stderr)
+    bad = rep.nonfinite_layers
+    if bad:  # NaN/inf carried into the output (as compare: done, but not a clean result)
+        print(f"quantscope: warning: NaN/inf values in {len(bad)} converted layer(s), e.g. {bad[0]}: the source "
+              "holds them (`quantscope doctor` names the tensors)", file=sys.stderr)
     # written as the config says, but likely not what the file holds (as dequant): not a success
-    return 1 if rep.suspect else 0
+    return 1 if rep.suspect or bad else 0

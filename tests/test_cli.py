@@ -598,6 +598,25 @@ def _drop_tensor(folder, name):
         idx.write_text(json.dumps(data))
 
 
+@pytest.mark.parametrize("to", ["dense", "mlx"])
+def test_convert_of_a_source_with_nan_scales_exits_1_and_says_so_on_stderr(tmp_path, capsys, to):
+    """NaN scales carried into the output: compare exits 1 on them, convert exited 0 with a note
+    on stdout only."""
+    from pathlib import Path
+
+    from safetensors.numpy import load_file, save_file
+    src = _copy(Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128", tmp_path / "src")
+    f = next(src.glob("*.safetensors"))
+    f.chmod(0o644)
+    t = load_file(str(f))
+    t["model.layers.0.mlp.up_proj.scales"][0, :3] = np.nan
+    save_file(t, str(f), metadata={"format": "pt"})
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", to]) == 1
+    err = capsys.readouterr().err
+    assert "NaN/inf" in err and "model.layers.0.mlp.up_proj" in err, err
+    assert (tmp_path / "out").is_dir()
+
+
 def test_convert_refuses_a_layer_that_nothing_decodes_and_writes_nothing(tmp_path, capsys, real_fixtures):
     """An unknown MLX mode, MLX codes without scales, GPTQ scales without codes: the layer was
     carried through (int32 words or stray scales in a "dense" output) with exit 0."""
