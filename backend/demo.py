@@ -909,26 +909,38 @@ def build_demo(dest: Path, *, seed: int = 0, progress: Callable[[float], None] |
         what = "is a folder that is not empty" if dest.is_dir() else "is a file"
         raise CheckpointError(f"{what}; the demo workspace needs a new or empty folder", file=dest,
                               rule="demo.dest-exists")
-    try:  # the hidden folder it is built in, beside dest: a refusal names dest's folder, not that one
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
+    # An existing empty folder is kept (its permissions, owner, a mount point) and filled: the
+    # build is made in a hidden folder inside it and its entries moved out, the manifest (which
+    # marks a complete workspace) last. A new one is built beside it and renamed into place.
+    keep = dest.is_dir()
+    where = dest if keep else dest.parent
+    try:  # a refusal names the folder written into, not the hidden one
+        where.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-" if keep else f".{dest.name}.building-", dir=where))
     except OSError as exc:
-        raise CheckpointError(f"cannot write into {dest.parent} ({exc.strerror or exc})", file=dest,
+        raise CheckpointError(f"cannot write into {where} ({exc.strerror or exc})", file=dest,
                               rule="demo.dest-exists") from None
+    moved: list[Path] = []
     try:
         ctx = _Context(seed, progress, cancel, _total_cost())
         with single_threaded_blas():
             manifest = _build_into(tmp, ctx)
         _write_json(tmp / MANIFEST, manifest)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        if dest.exists():
-            dest.rmdir()  # empty (checked above); a directory cannot be renamed over on Windows
-        try:
-            os.rename(tmp, dest)
-        except OSError as exc:  # another build got there first
-            raise CheckpointError(f"could not move the finished build into place ({exc})", file=dest,
-                                  rule="demo.dest-exists") from None
+        if keep:
+            for entry in sorted(tmp.iterdir(), key=lambda e: e.name == MANIFEST):
+                os.rename(entry, dest / entry.name)
+                moved.append(dest / entry.name)
+            tmp.rmdir()
+        else:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+            try:
+                os.rename(tmp, dest)
+            except OSError as exc:  # another build got there first
+                raise CheckpointError(f"could not move the finished build into place ({exc})", file=dest,
+                                      rule="demo.dest-exists") from None
     except BaseException:
+        for m in moved:  # (the folder left as it was found: empty)
+            shutil.rmtree(m, ignore_errors=True) if m.is_dir() else m.unlink(missing_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if progress is not None:

@@ -347,6 +347,26 @@ def test_cancel_midway_leaves_nothing(tmp_path):
     assert seen == sorted(seen) and 0.1 < seen[-1] < 0.5
 
 
+def test_an_existing_empty_folder_is_kept_and_filled(tmp_path):
+    """`quantscope demo DIR` on an empty folder replaced it (a new inode, mode 0755 for 0700, and
+    'Device or resource busy' on a mount point); it is filled in place now, and a cancelled build
+    leaves it empty."""
+    import os
+    import threading
+    dest = tmp_path / "mine"
+    dest.mkdir(mode=0o700)
+    before = os.stat(dest)
+    stop = threading.Event()
+    with pytest.raises(Cancelled):
+        demo.build_demo(dest, progress=lambda f: stop.set() if f > 0.2 else None, cancel=stop)
+    assert list(dest.iterdir()) == [] and os.stat(dest).st_ino == before.st_ino
+    got = demo.build_demo(dest)
+    after = os.stat(dest)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert got.root == dest and demo.load_demo_workspace(dest) is not None
+    assert not [p for p in dest.iterdir() if p.name.startswith(".")]  # no hidden build folder left
+
+
 def test_existing_destination_is_refused(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("mine")
