@@ -315,7 +315,18 @@ class Checkpoint:
             where = sorted({str(shards[n].resolve().parent) for n in linked_out})
             self.notes.append(f"{len(linked_out)} of {len(shards)} shard(s) are links to files outside the folder, "
                               f"read where they point: {', '.join(where[:3])}{' …' if len(where) > 3 else ''}")
-        files = [SafetensorsFile(t) for t in shards.values()]
+        files = []
+        try:
+            for shard, t in shards.items():
+                files.append(SafetensorsFile(t))
+        except CheckpointError as exc:  # which index entry sent it there, said too
+            for f in files:
+                f.close()
+            n = sum(1 for v in wm.values() if v == shard)
+            more = f" and {n - 1} more" if n > 1 else ""
+            exc.message = f"{exc.message} (named as a shard by {index_path.name}, for {first_tensor(shard)!r}{more})"
+            exc.args = (str(exc),)
+            raise
         self._shard_names = dict(zip(shards, files))
         listed = {str(t.name) for t in shards.values()}
         stray = sorted(q.name for q in folder.glob("*.safetensors") if q.name not in listed)

@@ -61,6 +61,18 @@ def test_index_naming_missing_shard(tmp_path):
     assert ei.value.tensor and "layers.1" in ei.value.tensor
 
 
+def test_an_index_entry_naming_a_file_that_is_no_safetensors_says_the_index_sent_it_there(tmp_path):
+    # the error named only config.json's bad header: not which index entry pointed at it
+    wm = _sharded(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    wm["model.layers.1.mlp.up_proj.weight"] = "config.json"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(CheckpointError) as ei:
+        open_checkpoint(tmp_path)
+    msg = str(ei.value)
+    assert "config.json" in msg and "model.safetensors.index.json" in msg and "model.layers.1.mlp.up_proj.weight" in msg
+
+
 @pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.safetensors", "sub/../../outside.safetensors"])
 def test_index_escaping_paths_refused(tmp_path, shard):
     model = tmp_path / "model"
