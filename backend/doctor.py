@@ -538,7 +538,8 @@ def _rescan(col: _Collector, path: Path) -> None:
             coverage = False
             continue
         if dt is not None and shape is not None and math.prod(shape) * dt.bits != (end - begin) * 8:
-            col.add("container.size-mismatch", f"shape {shape} × {dtype} needs {math.prod(shape) * dt.bits / 8:g} "
+            bits = math.prod(shape) * dt.bits  # (exact bytes: ":g" printed 2.3593e+06)
+            col.add("container.size-mismatch", f"shape {shape} × {dtype} needs {bits // 8 if bits % 8 == 0 else bits / 8} "
                     f"bytes but data_offsets [{begin}, {end}] span {end - begin}; readers refuse the file",
                     file=path, tensor=name)
         if end > data_size:

@@ -309,7 +309,7 @@ class SafetensorsFile:
                                 name, rule="container.offsets")
             bits = math.prod(shape) * dt.bits
             if bits != (end - begin) * 8:
-                raise self._err(f"shape {shape} × {dtype} needs {bits / 8:g} bytes but data_offsets "
+                raise self._err(f"shape {shape} × {dtype} needs {bits // 8 if bits % 8 == 0 else bits / 8} bytes but data_offsets "
                                 f"[{begin}, {end}] span {end - begin}", name, rule="container.size-mismatch")
             if end > data_size:
                 raise self._err(f"data_offsets [{begin}, {end}] run past the end of the file "
