@@ -482,8 +482,9 @@ def decode_nvfp4(weight_packed: np.ndarray, weight_scale: np.ndarray,
     compressed-tensors 0.19 computes ``bf16(E2M1[q] * f32(f32(E4M3(s)) / weight_global_scale))``:
     the E4M3 scale is first divided by the float32 global scale (a **divisor**, unlike
     ModelOpt's ``weight_scale_2``; rule R11), the product is taken in float32 and the result is
-    cast to bfloat16 (``unpack_fp4_from_uint8``'s default dtype). This function returns exactly
-    that, as float32.
+    cast to bfloat16 (``unpack_fp4_from_uint8``'s default dtype). This function returns the
+    float32 product before that cast (rounded to bfloat16 it is the library's value, bit for bit;
+    within 2^-9 relative of it unrounded), as the FP8 decoders return theirs.
 
     Parameters
     ----------
