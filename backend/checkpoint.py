@@ -29,7 +29,8 @@ _logger = logging.getLogger(__name__)
 INDEX_SUFFIX = ".safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: JSON files that describe quantization, in the order they are looked for.
-CONFIG_FILES = ("config.json", "quantize_config.json", "quant_config.json", "quantization_config.json")
+CONFIG_FILES = ("config.json", "quantize_config.json", "quant_config.json", "quantization_config.json",
+                "hf_quant_config.json")
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 # Component suffixes that span more than one dotted segment (bitsandbytes quant state).

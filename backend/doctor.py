@@ -1158,7 +1158,7 @@ class _Doctor:
         """Config-level rules; use only names and configs (also run when layers are not analysed)."""
         col = self.col
         model = self.model
-        known = {"mlx", "mlx-native", "gptq", "awq", "compressed-tensors", "fp8", "bitsandbytes"}
+        known = {"mlx", "mlx-native", "gptq", "awq", "compressed-tensors", "fp8", "bitsandbytes", "modelopt"}
         if cfg.kind and cfg.kind not in known and model is not None:
             found = sorted({lay.scheme for lay in model.layers.values() if lay.quantized})
             if found:
@@ -1748,7 +1748,7 @@ class _Doctor:
         for a in self._sample(t):
             a = np.asarray(a)
             if a.dtype == np.uint8:
-                table = E4M3 if layer.scheme in ("mlx-nvfp4", "ct-nvfp4") else E8M0
+                table = E4M3 if layer.scheme in ("mlx-nvfp4", "ct-nvfp4", "modelopt-nvfp4") else E8M0
                 if comp == "weight.absmax":
                     return None  # nested (double-quantized) absmax codes, not scales
                 chunks.append(table[a.reshape(-1)])
@@ -1778,7 +1778,7 @@ class _Doctor:
         zeros = int(np.count_nonzero(a == 0))
         # (MLX affine: the group's bias still holds its value, so a constant group decodes exactly;
         # nvfp4: the E4M3 scale encodes amax/6, which is 0 for a group of zeros)
-        zero_ok = layer.scheme in ("mlx-affine", "mlx-nvfp4", "ct-nvfp4")
+        zero_ok = layer.scheme in ("mlx-affine", "mlx-nvfp4", "ct-nvfp4", "modelopt-nvfp4")
         if zeros == f.size and not zero_ok:
             # (a warning left the exit status 0 while compare measured the layer as all zero)
             self.col.add("values.zero-layer", f"all {f.size} checked scales are 0: the layer decodes to all zeros "

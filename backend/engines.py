@@ -146,6 +146,10 @@ def _np_ct_nvfp4(layer, p):
     return ct.decode_nvfp4(p["weight_packed"], p["weight_scale"], p["weight_global_scale"], name=layer.path)
 
 
+def _np_modelopt_nvfp4(layer, p):
+    return ct.decode_modelopt_nvfp4(p["weight"], p["weight_scale"], p["weight_scale_2"], name=layer.path)
+
+
 def _np_ct_mxfp4(layer, p):
     return ct.decode_mxfp4(p["weight_packed"], p["weight_scale"], name=layer.path)
 
@@ -177,6 +181,7 @@ def _np_bnb8(layer, p):
 NUMPY_DECODERS = {
     "ct-pack": _np_ct_pack, "ct-int": _np_ct_naive, "ct-fp8": _np_ct_naive, "ct-nvfp4": _np_ct_nvfp4,
     "ct-mxfp4": _np_ct_mxfp4, "ct-mxfp8": _np_ct_mxfp8, "fp8-block": _np_fp8_block,
+    "modelopt-nvfp4": _np_modelopt_nvfp4,
     "bnb-nf4": _np_bnb4, "bnb-fp4": _np_bnb4, "bnb-int8": _np_bnb8,
     "dense": _np_dense,
     "mlx-affine": _np_mlx_affine,

@@ -7,6 +7,7 @@ produced a layer's settings — the question people debugging a mixed-precision 
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,9 @@ def _parse_found(configs: dict[str, dict]) -> QuantConfig:
                                         + ", ".join(diff) + "; config.json's block is used (as transformers does)")
                     parsed.conflicts = [f"{k} {qc[k]!r} against {other[k]!r}" for k in diff]
             return parsed
+    hq = configs.get("hf_quant_config.json")  # NVIDIA ModelOpt's own export (older ones: only this)
+    if isinstance(hq, dict) and isinstance(hq.get("quantization"), dict):
+        return _parse_modelopt(hq["quantization"], 'hf_quant_config.json["quantization"]')
     for name in ("quantize_config.json", "quant_config.json"):
         q = configs.get(name)
         if isinstance(q, dict):
@@ -181,6 +185,8 @@ def _parse_method(method: str, qc: dict, where: str) -> QuantConfig | None:
         return _parse_fp8(qc, where)
     if method == "bitsandbytes":
         return _parse_bnb(qc, where)
+    if method == "modelopt":
+        return _parse_modelopt(qc, where)
     if method:
         return QuantConfig(kind=method, file=where, raw=qc, globals=dict(qc))
     return None
@@ -348,6 +354,31 @@ def _parse_fp8(q: dict, where: str) -> QuantConfig:
                    "activation_scheme": q.get("activation_scheme"), "scale_fmt": q.get("scale_fmt"),
                    "modules_to_not_convert": q.get("modules_to_not_convert")}
     return out
+
+
+def _parse_modelopt(q: dict, where: str) -> QuantConfig:
+    """NVIDIA ModelOpt's export (``quant_method: "modelopt"``, or ``hf_quant_config.json``):
+    ``quant_algo`` (NVFP4, FP8, …), ``group_size`` and the ``exclude_modules`` left unquantized
+    (wildcard patterns)."""
+    out = QuantConfig(kind="modelopt", file=where, raw=q)
+    algo = q.get("quant_algo")
+    out.globals = {"quant_algo": str(algo).upper() if isinstance(algo, str) else None,
+                   "group_size": _number(out, q, "group_size") if "group_size" in q else None,
+                   "exclude_modules": _names(q.get("exclude_modules"))}
+    return out
+
+
+def _resolve_modelopt(cfg: QuantConfig, path: str) -> Effective:
+    g = cfg.globals
+    for pat in g["exclude_modules"]:
+        if fnmatch.fnmatchcase(path, pat) or path == pat:  # (ModelOpt and vLLM match wildcards)
+            return Effective(quantized=False, source=f"exclude_modules `{pat}` ({cfg.file})")
+    algo = g["quant_algo"]
+    bits = {"NVFP4": 4, "FP8": 8}.get(algo or "")
+    group = g["group_size"] if algo == "NVFP4" else None
+    return Effective(quantized=None, bits=bits, group_size=group, settings={"quant_algo": algo},
+                     source=f"{cfg.file}: ModelOpt {algo or 'quant_algo missing'}"
+                            + (f", group {group}" if group else ""))
 
 
 def _parse_bnb(q: dict, where: str) -> QuantConfig:
@@ -561,4 +592,4 @@ def _resolve_bnb(cfg: QuantConfig, path: str) -> Effective:
 
 _RESOLVERS = {"mlx": _resolve_mlx, "mlx-native": _resolve_mlx_native, "gptq": _resolve_gptq,
               "awq": _resolve_awq, "compressed-tensors": _resolve_ct, "fp8": _resolve_fp8,
-              "bitsandbytes": _resolve_bnb}
+              "bitsandbytes": _resolve_bnb, "modelopt": _resolve_modelopt}

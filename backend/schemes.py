@@ -25,11 +25,11 @@ from .safetensors_file import TensorInfo
 _logger = logging.getLogger(__name__)
 
 SCHEMES = ("dense", "mlx-affine", "mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4", "gptq", "awq-gemm", "awq-gemv",
-           "ct-pack", "ct-nvfp4", "ct-fp8", "fp8-block", "bnb-nf4", "bnb-fp4", "bnb-int8")
+           "ct-pack", "ct-nvfp4", "ct-fp8", "fp8-block", "modelopt-nvfp4", "bnb-nf4", "bnb-fp4", "bnb-int8")
 #: Components that are not part of the quantized weight (a Linear's own bias, activation scales).
 #: Components that only decode a layer's packed weights: stored without them, the weights are lost.
 QUANT_PARTS = {"qzeros", "scales", "g_idx", "scaled_zeros", "biases", "weight_scale", "weight_scale_inv",
-               "weight_zero_point", "weight_global_scale", "weight_shape", "weight_g_idx"}
+               "weight_zero_point", "weight_global_scale", "weight_shape", "weight_g_idx", "weight_scale_2"}
 AUX_COMPONENTS = {"bias", "input_scale", "input_zero_point", "input_global_scale", "output_scale", "k_scale",
                   "v_scale"}
 
@@ -306,6 +306,8 @@ def detect(module: Module, cfg: QuantConfig, dims: set[int], ckpt: Checkpoint) -
         return _detect_bnb8(module, eff, ckpt)
     if w.dtype in ("F8_E4M3", "F8_E5M2"):
         return _detect_fp8(module, cfg, eff, _model_dtype(ckpt))
+    if w.dtype == "U8" and "weight_scale_2" in c and "weight_scale" in c:
+        return _detect_modelopt_nvfp4(module, eff)
     if w.dtype == "I8" and "weight_scale" in c:
         return _detect_ct_naive(module, cfg, eff)
     if w.dtype == "U32" and "scales" in c:
@@ -649,6 +651,26 @@ def _naive_settings(eff: Effective, scale: TensorInfo) -> dict:
         n = math.prod(scale.shape)
         st["strategy"] = "tensor" if n == 1 else "channel" if scale.shape[-1:] == (1,) else "group"
     return st
+
+
+def _detect_modelopt_nvfp4(module: Module, eff: Effective) -> Layer:
+    """NVIDIA ModelOpt's NVFP4 (``weight`` U8 of E2M1 pairs, ``weight_scale`` F8_E4M3 per 16
+    columns, ``weight_scale_2`` F32, a multiplier)."""
+    comps = module.tensors
+    w, s, s2 = comps["weight"], comps["weight_scale"], comps["weight_scale_2"]
+    shape = (*w.shape[:-1], w.shape[-1] * 2) if w.shape else None
+    layer = Layer(module.path, "modelopt-nvfp4", comps, shape=shape, bits=4, group_size=16, dtype="BF16",
+                  settings={"quant_algo": "NVFP4"}, source=eff.source)
+    if shape is None or not w.shape[-1]:
+        layer.problem = f"weight {list(w.shape)} holds no rows of packed FP4 codes"
+    elif s.dtype not in ("F8_E4M3", "U8"):
+        layer.problem = f"weight_scale is {s.dtype}; NVFP4 block scales are F8_E4M3"
+    elif tuple(s.shape) != (*shape[:-1], -(-shape[-1] // 16)):
+        layer.problem = (f"weight_scale {list(s.shape)} does not give one scale per 16 of the {shape[-1]} columns "
+                         f"of weight {list(w.shape)} (two codes a byte): expected {[*shape[:-1], -(-shape[-1] // 16)]}")
+    elif math.prod(s2.shape) != 1 or s2.dtype not in ("F32", "F16", "BF16"):
+        layer.problem = f"weight_scale_2 is {s2.dtype} {list(s2.shape)}; ModelOpt stores one float32 multiplier"
+    return layer
 
 
 def _detect_fp8(module: Module, cfg: QuantConfig, eff: Effective, model_dtype: str = "BF16") -> Layer:

@@ -522,6 +522,33 @@ def decode_nvfp4(weight_packed: np.ndarray, weight_scale: np.ndarray,
     return out
 
 
+def decode_modelopt_nvfp4(weight: np.ndarray, weight_scale: np.ndarray, weight_scale_2: np.ndarray, *,
+                          group_size: int = 16, name: str | None = None) -> np.ndarray:
+    """Dequantize NVIDIA ModelOpt's NVFP4 export (formats.md §1.6 and R11): ``weight`` U8
+    ``[N, K/2]`` (two E2M1 codes a byte, low nibble = even element, as compressed-tensors'),
+    ``weight_scale`` F8_E4M3 ``[N, K/16]`` and ``weight_scale_2`` F32, one value.
+
+    ModelOpt's ``NVFP4QTensor.dequantize`` takes ``E2M1[q] * f32(f32(E4M3(s)) * weight_scale_2)``
+    in float32 and casts it to the model's dtype: the second-level scale is a **multiplier**
+    (``amax / (6·448)``), the reciprocal of compressed-tensors' ``weight_global_scale`` (rule
+    R11). Returned as that float32 product, before the cast.
+    """
+    codes = _unpack_fp4(weight, name)
+    s = np.asarray(weight_scale)
+    K = codes.shape[-1]
+    ng = -(-K // group_size)
+    check(s.shape == codes.shape[:-1] + (ng,),
+          f"weight_scale has shape {list(s.shape)} but weight {list(np.shape(weight))} (K={K}) with group size "
+          f"{group_size} needs {list(codes.shape[:-1]) + [ng]}", name)
+    check(s.dtype == np.dtype(ml_dtypes.float8_e4m3fn), f"nvfp4 weight_scale must be F8_E4M3, got {s.dtype}", name)
+    s2 = np.asarray(weight_scale_2).astype(np.float32)
+    check(s2.size == 1, f"weight_scale_2 must hold one value, has shape {list(s2.shape)}", name)
+    eff = s.astype(np.float32) * s2.reshape(())
+    out = E2M1_VALUES[codes]
+    out *= _expand_cols(eff, K, group_size)
+    return out
+
+
 def decode_mxfp4(weight_packed: np.ndarray, weight_scale: np.ndarray, *, group_size: int = 32,
                  name: str | None = None) -> np.ndarray:
     """Dequantize ``mxfp4-pack-quantized`` (formats.md §5.4): ``E2M1[q] * 2^(s-127)`` in bf16.
