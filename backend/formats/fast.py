@@ -617,17 +617,25 @@ if AVAILABLE:
         return sdd, sww, swd
 
     @njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-    def _cos_sums(w, x):
-        # ΣŴ², ΣW·Ŵ of reference w and variant x in float64, taken directly: derived from the
-        # error sums (ΣW² + 2ΣW·d + Σd²) they cancel where Ŵ is small against W (a mis-scaled
-        # layer), and the cosine came out wrong or NaN. (As _row_sums: no NaN/inf assumptions.)
+    def _all_sums(w, x):
+        # _row_sums' three and ΣŴ², ΣW·Ŵ, in one loop: those two taken directly, since derived
+        # from the error sums (ΣW² + 2ΣW·d + Σd²) they cancel where Ŵ is small against W (a
+        # mis-scaled layer), and the cosine came out wrong or NaN. (No NaN/inf assumptions.)
+        sdd = 0.0
+        sww = 0.0
+        swd = 0.0
         svv = 0.0
         swv = 0.0
         for j in range(w.size):
+            a = np.float64(w[j])
             v = np.float64(x[j])
+            d = v - a
+            sdd += d * d
+            sww += a * a
+            swd += a * d
             svv += v * v
-            swv += np.float64(w[j]) * v
-        return svv, swv
+            swv += a * v
+        return sdd, sww, swd, svv, swv
 
     @njit(nogil=True, cache=True)
     def _stats(a, b, counts, want_counts):
@@ -646,11 +654,10 @@ if AVAILABLE:
         tu = tmp.view(np.uint32)
         for j0 in range(0, n, 4096):
             j1 = min(n, j0 + 4096)
-            p_dd, p_ww, p_wd = _row_sums(a[j0:j1], b[j0:j1], True)
+            p_dd, p_ww, p_wd, p_vv, p_wv = _all_sums(a[j0:j1], b[j0:j1])
             sdd += p_dd
             sww += p_ww
             swd += p_wd
-            p_vv, p_wv = _cos_sums(a[j0:j1], b[j0:j1])
             svv += p_vv
             swv += p_wv
             if not want_counts:
@@ -1607,8 +1614,7 @@ if AVAILABLE:
     @njit(nogil=True, cache=True)
     def _small_stats(a, b, out):
         # (Σd², ΣW², ΣW·d, ΣŴ², ΣW·Ŵ) in float64 and out[i] = |b[i] - a[i]| exactly (float64), NaN kept
-        sdd, sww, swd = _row_sums(a, b, True)
-        svv, swv = _cos_sums(a, b)
+        sdd, sww, swd, svv, swv = _all_sums(a, b)
         for i in range(a.size):
             out[i] = abs(np.float64(b[i]) - np.float64(a[i]))
         return sdd, sww, swd, svv, swv
