@@ -1492,6 +1492,9 @@ def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
                                        packing=layer.settings.get("packing", "auto"))
     if s in ("bnb-nf4", "bnb-fp4"):
         return bnb.codes_4bit(t["weight"], layer.settings)
+    if s in ("ct-nvfp4", "ct-mxfp4", "modelopt-nvfp4"):  # E2M1 pairs, low nibble first
+        packed = np.asarray(t["weight_packed" if s.startswith("ct-") else "weight"])
+        return ct.codes_fp4(packed, layer.path).reshape(layer.shape)
     return None
 
 
@@ -1499,7 +1502,8 @@ def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
 #: in each byte; never across bytes) is one stored code, in whatever order.
 _PACKED_CODES = {"gptq": "qweight", "awq-gemm": "qweight", "awq-gemv": "qweight", "ct-pack": "weight_packed",
                  "bnb-nf4": "weight", "bnb-fp4": "weight", "mlx-affine": "weight", "mlx-mxfp4": "weight",
-                 "mlx-nvfp4": "weight", "mlx-mxfp8": "weight"}
+                 "mlx-nvfp4": "weight", "mlx-mxfp8": "weight", "ct-nvfp4": "weight_packed", "ct-mxfp4": "weight_packed",
+                 "modelopt-nvfp4": "weight"}
 
 
 def packed_level_counts(model: Model, layer: Layer, rows: np.ndarray | None = None) -> np.ndarray | None:
@@ -1991,7 +1995,7 @@ _FP8_VALUES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e
 def float_code_order(layer: Layer) -> tuple[np.ndarray, tuple[float, float]] | None:
     """(the raw codes of a float-coded layer in the order of their values, NaN codes left out;
     the least and largest value) for FP4 (MXFP4, NVFP4) and FP8 codes; None for integer codes."""
-    if layer.scheme in ("mlx-mxfp4", "mlx-nvfp4"):
+    if layer.scheme in ("mlx-mxfp4", "mlx-nvfp4", "ct-nvfp4", "ct-mxfp4", "modelopt-nvfp4"):
         vals = _FP4_VALUES
     elif layer.scheme == "mlx-mxfp8":
         vals = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)

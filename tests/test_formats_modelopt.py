@@ -118,3 +118,12 @@ def test_compared_against_its_reference(tmp_path):
     (row,) = res.rows
     w = ref.astype(np.float64)
     assert row.rel_fro == pytest.approx(np.linalg.norm(expect - w) / np.linalg.norm(w), rel=1e-9)
+    # the Code usage view: each of the 16 FP4 codes counted, in the order of their values (-0
+    # beside +0), straight from the packed bytes (the view was empty for this scheme)
+    from quantscope.backend.compare import layer_detail
+    det = layer_detail(analyze(open_checkpoint(tmp_path / "ref")), {"modelopt": analyze(open_checkpoint(var))}, DOWN,
+                       engine="numpy")
+    codes = np.stack([packed & 15, packed >> 4], -1).reshape(-1)
+    by_value = sorted(range(16), key=lambda c: (E2M1[c], not np.signbit(E2M1[c])))
+    np.testing.assert_array_equal(det.code_counts["modelopt"], np.bincount(codes, minlength=16)[by_value])
+    assert det.float_codes["modelopt"] == (-6.0, 6.0)

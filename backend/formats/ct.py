@@ -474,6 +474,12 @@ def _unpack_fp4(packed: np.ndarray, name) -> np.ndarray:
     return bitpack.unpack_bits(p, 4, p.shape[-1] * 2)
 
 
+def codes_fp4(packed: np.ndarray, name: str | None = None) -> np.ndarray:
+    """The E2M1 codes ``uint8 [..., N, K]`` of NVFP4/MXFP4 bytes ``[..., N, K/2]`` (compressed-tensors'
+    and ModelOpt's packing: low nibble = even element)."""
+    return _unpack_fp4(packed, name)
+
+
 def decode_nvfp4(weight_packed: np.ndarray, weight_scale: np.ndarray,
                  weight_global_scale: np.ndarray, *, group_size: int = 16,
                  name: str | None = None) -> np.ndarray:
