@@ -540,6 +540,20 @@ def test_layers_view_names_layers_whose_error_is_not_finite(qtbot):
     assert "v: model.layers.1" not in plot.info.text()
 
 
+def test_one_point_is_plotted_from_zero_not_centred_on_a_span_of_one(qtbot):
+    # a single-layer comparison: pyqtgraph centred a span of 1 on the value (-0.49 to 0.51 for a
+    # rel_fro of 0.01), which put the point on the zero line
+    from types import SimpleNamespace
+
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+    plot.set_rows([SimpleNamespace(name="model.layers.0.mlp.down_proj", variant="v", layer_index=0, proj="down_proj",
+                                   rel_fro=0.01, sqnr_db=40.0, rel_fro_raw=0.01)], {"v": "#f00"})
+    lo, hi = plot.plot.getViewBox().viewRange()[1]
+    assert -0.002 < lo <= 0.0 and 0.02 <= hi < 0.022
+
+
 def test_an_exact_layer_is_not_flagged_non_finite_under_sqnr(qtbot):
     # rel_fro 0 (a layer a mixed-precision variant left unquantized) has an SQNR of +inf: it was
     # painted red and counted "with a non-finite error … Run doctor" under the SQNR metric

@@ -433,6 +433,13 @@ class LayerErrorPlot(QWidget):
         # which then changes the axes and repaints the whole plot a second time.
         self.mark_layer(self._marked)
         self.plot.getViewBox().autoRange(padding=0.05, items=list(self.series.values()))
+        ys = [y[np.isfinite(y)] for _, y, _ in self._pts.values()]
+        ys = np.concatenate(ys) if ys else np.empty(0)
+        if ys.size and ys.min() == ys.max():
+            # one value (a single layer, or all alike): pyqtgraph centred a span of 1 on it (-0.49 to
+            # 0.51 for a rel_fro of 0.01, the point on the zero line); from 0 to twice it instead
+            v = float(ys[0])
+            self.plot.setYRange(*((0.0, 2 * v) if v > 0 else (2 * v, 0.0) if v < 0 else (-1.0, 1.0)), padding=0.05)
         # pyqtgraph defers range, matrix and axis updates to the start of a paint, where they
         # dirty the scene again: a cascade of repaints. Done here, the next paint is the only one.
         self.plot.scene().prepareForPaint()
