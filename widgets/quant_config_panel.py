@@ -277,7 +277,12 @@ class QuantConfigPanel(QWidget):
         t.setCurrentCell(row, 0)
         self._show_rule(row)
         bits, group = (t.item(row, c).text() if t.item(row, c) else "" for c in (2, 3))
-        if not self._picked and self.mode.currentText() == "affine" and bits in _AFFINE_BITS:
+        scheme = t.item(row, 1).text() if t.item(row, 1) else ""
+        fp = next((m for m in ("nvfp4", "mxfp4", "mxfp8") if scheme.endswith(m)), None)
+        if not self._picked and fp is not None and self.mode.findText(fp) >= 0:
+            # a block-float layer (MLX's, compressed-tensors', ModelOpt's): what if in its own mode
+            self.mode.setCurrentText(fp)
+        elif not self._picked and self.mode.currentText() == "affine" and bits in _AFFINE_BITS:
             self.bits.setCurrentText(bits)
             if group in _AFFINE_GROUPS:
                 self._want_group = group
