@@ -127,3 +127,18 @@ def test_compared_against_its_reference(tmp_path):
     by_value = sorted(range(16), key=lambda c: (E2M1[c], not np.signbit(E2M1[c])))
     np.testing.assert_array_equal(det.code_counts["modelopt"], np.bincount(codes, minlength=16)[by_value])
     assert det.float_codes["modelopt"] == (-6.0, 6.0)
+
+
+def test_what_if_starts_in_the_layers_own_block_float_mode(tmp_path, qtbot):
+    """The config panel's What if offered affine 4 bit / 64 for an NVFP4 layer."""
+    from quantscope.widgets.quant_config_panel import QuantConfigPanel
+    rng = np.random.default_rng(11)
+    packed, scale, ws2, _ = _layer(rng, 32, 128)
+    m = analyze(open_checkpoint(_checkpoint(tmp_path / "m", {
+        f"{DOWN}.weight": packed, f"{DOWN}.weight_scale": scale, f"{DOWN}.weight_scale_2": np.array(ws2, np.float32)})))
+    panel = QuantConfigPanel()
+    qtbot.addWidget(panel)
+    panel.set_checkpoint("mo", m)
+    panel.set_layer(DOWN, {"mo": m})
+    assert panel.mode.currentText() == "nvfp4"
+    assert (panel.bits.currentText(), panel.group.currentText()) == ("4", "16")
