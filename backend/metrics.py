@@ -362,7 +362,10 @@ def uniform_edges(lo: float, hi: float, bins: int) -> np.ndarray:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         lo, hi = 0.0, 1.0
     if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
+        # numpy's ±0.5 (np.histogram), or a millionth of the value where 0.5 is below its
+        # resolution: every weight 3e38 gave edges 3e38 to 3e38, and the view's histogram failed
+        pad = max(0.5, abs(lo) * 1e-6)
+        lo, hi = lo - pad, hi + pad
     return np.linspace(lo, hi, bins + 1)
 
 

@@ -280,6 +280,20 @@ def test_layer_detail_of_an_expert_counts_its_rows_of_the_stack(monkeypatch):
 _AWKWARD = [0.0, -0.0, 1e-3, -2.5e-3, 7.0, -3e4, 6e4, 1e-38, 3e38, float("inf"), float("nan")]
 
 
+def test_a_layer_of_one_huge_value_gets_a_histogram():
+    # hypothesis found it: scale 0 and a bias of 3e38, every weight 3e38. The range was widened
+    # by numpy's ±0.5, below the resolution of such a value: edges 3e38 to 3e38, a ValueError
+    from quantscope.backend.metrics import uniform_edges
+    wq = np.zeros((1, 4), np.uint32)
+    sx, bx = mx.array([[0.0]]).astype(mx.bfloat16), mx.array([[3e38]]).astype(mx.bfloat16)
+    want = to_np(mx.dequantize(mx.array(wq), sx, bx, group_size=32, bits=4).astype(mx.float32))
+    gv = mlxfmt.affine_group_values(wq, to_np(sx), to_np(bx), bits=4, group_size=32)
+    lo, hi = gv.finite_range()
+    edges = uniform_edges(lo, hi, 257)
+    assert lo == hi == want.max() and (np.diff(edges) > 0).all()
+    np.testing.assert_array_equal(gv.histogram(edges), np.histogram(want, edges)[0])
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_mlx_affine_layer_counts_what_mx_dequantize_gives(data):
