@@ -82,8 +82,9 @@ class _Runnable(QRunnable):
             result = self.fn(*self.args, **kwargs)
         except Cancelled:
             self.bridge.failed.emit(job.id, "cancelled", "", True)
-        except QuantscopeError as exc:
-            self.bridge.failed.emit(job.id, str(exc), traceback.format_exc(), False)
+        except QuantscopeError as exc:  # bad input, said in words: its traceback is for the log only
+            _logger.debug("job %s: %s", job.title, exc, exc_info=True)
+            self.bridge.failed.emit(job.id, str(exc), "", False)
         except Exception as exc:  # a bug must never take the window down
             _logger.exception("job %s failed", job.title)
             self.bridge.failed.emit(job.id, f"{type(exc).__name__}: {exc}", traceback.format_exc(), False)

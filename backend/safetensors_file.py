@@ -373,12 +373,31 @@ class SafetensorsFile:
                 mm = self._mm
         return mm
 
+    def _check_unchanged(self, name: str | None) -> None:
+        """Refuse a file that changed on disk since it was opened (re-quantized into the same
+        folder, re-downloaded, synced): its header no longer describes it, and bytes of a mapping
+        past a shortened file's end kill the process with a bus error, which Python cannot catch
+        (the window died selecting a layer). The page cache keeps the check cheap (a stat)."""
+        try:
+            st = os.stat(self.path)
+            now = (st.st_size, st.st_mtime_ns, st.st_ino)
+        except OSError as exc:
+            raise CheckpointError(f"can no longer be read ({exc.strerror or exc}): it was moved or deleted since "
+                                  "it was opened — open it again", file=self.path, tensor=name,
+                                  rule="container.changed") from None
+        if now != self._stat:
+            what = (f"now {now[0]:,} bytes, {self._stat[0]:,} when opened" if now[0] != self._stat[0]
+                    else "rewritten" if now[2] == self._stat[2] else "replaced by another file")
+            raise CheckpointError(f"changed on disk since it was opened ({what}): its header no longer describes "
+                                  "it — open it again", file=self.path, tensor=name, rule="container.changed")
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Return a tensor (or rows ``[start, stop)`` of its first axis) as a read-only numpy array.
 
         Only the requested bytes are touched; the array is a view of the mmap for byte-sized
         dtypes, and an unpacked copy for sub-byte dtypes (F4, F6).
         """
+        self._check_unchanged(name)
         info = self.info(name)
         dt = info.dtype_info
         shape = info.shape
@@ -410,6 +429,7 @@ class SafetensorsFile:
 
     def raw_bytes(self, name: str) -> memoryview:
         """The stored bytes of one tensor, as a read-only view of the mapping (no copy)."""
+        self._check_unchanged(name)
         info = self.info(name)
         return memoryview(self._buffer())[info.start:info.end]
 

@@ -327,3 +327,26 @@ def test_a_short_text_file_is_said_to_be_text_not_truncated(tmp_path):
     (tmp_path / "e.safetensors").write_bytes(b"")
     with pytest.raises(HeaderError, match="empty or truncated"):
         SafetensorsFile(tmp_path / "e.safetensors")
+
+
+def test_a_file_changed_on_disk_after_opening_is_refused_not_read(tmp_path):
+    """A file cut short while open (re-quantized into the same folder, re-downloaded): bytes of
+    the mapping past its new end killed the window with a bus error. Reads now check it first."""
+    import os
+
+    from quantscope.backend.errors import CheckpointError
+    p = tmp_path / "m.safetensors"
+    write_st(p, {"a": np.arange(4096, dtype=np.float32), "b": np.ones(4096, np.float32)})
+    f = SafetensorsFile(p)
+    assert f.read("b").sum() == 4096
+    with open(p, "r+b") as fh:
+        fh.truncate(p.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match="changed on disk since it was opened") as ei:
+        f.read("b")
+    assert ei.value.file == str(p) and ei.value.tensor == "b" and "bytes" in ei.value.message
+    with pytest.raises(CheckpointError, match="changed on disk"):
+        f.raw_bytes("a")
+    os.remove(p)
+    with pytest.raises(CheckpointError, match="moved or deleted"):
+        f.read("a")
+    f.close()

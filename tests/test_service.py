@@ -68,9 +68,10 @@ def test_errors_are_messages_not_crashes(service, qtbot):
         service.submit("x", "broken", lambda cancel, progress: 1 / 0)
     assert sig.args[0] == "broken" and "ZeroDivisionError" in sig.args[1] and "Traceback" in sig.args[2]
     service.submit("y", "bad input", lambda cancel, progress: (_ for _ in ()).throw(QuantscopeError("bad file", file="f")),
-                   on_error=lambda m, d: msgs.append(m))
+                   on_error=lambda m, d: msgs.append((m, d)))
     qtbot.waitUntil(lambda: bool(msgs), timeout=5000)
-    assert msgs == ["f: bad file"]
+    # bad input is said in words: no traceback under "Show Details…" (a review found one there)
+    assert msgs == [("f: bad file", "")]
 
 
 def test_progress_is_throttled_and_reported(service, qtbot):
