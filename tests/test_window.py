@@ -1013,6 +1013,8 @@ def test_group_error_map_marks_nonfinite_cells_and_names_act_order(qtbot):
     hot[3, 4] = 1.16
     hm.set_maps({"w3": (hot, 1)})
     assert hm.note.text() == "colours stop at 0.1 (99.5th percentile); the brightest cells reach 1.16"
+    # a narrow view cuts that line rather than widening the window (835 -> 981 px: a review)
+    assert hm.minimumSizeHint().width() < hm.note.fontMetrics().horizontalAdvance(hm.note.text())
     # shrunk to the screen, a block of rows holding a NaN cell stays NaN (nanmax dropped it)
     big = np.full((10, 2), 0.1)
     big[7, 0] = np.nan

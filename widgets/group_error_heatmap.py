@@ -34,7 +34,9 @@ class GroupErrorHeatmap(QWidget):
         self.scale.setToolTip("Colours from 0 to the 99.5th percentile of every variant's group errors; unchecked, "
                               "of the shown variant's only")
         self.hover = ElidedLabel(" ")
-        self.note = QLabel("")  # non-finite cells of the shown variant, if any
+        # non-finite cells of the shown variant, where the colours stop: cut to the row's width
+        # (its whole line had widened the window from 835 to 981 px), in full in its tooltip
+        self.note = ElidedLabel("")
         self.note.setStyleSheet(f"color: {BAD_HEX}")
         self.glw = pg.GraphicsLayoutWidget()
         self.plot = self.glw.addPlot(axisItems={"bottom": IntAxis("bottom"), "left": IntAxis("left")})

@@ -285,6 +285,9 @@ class FlowLayout(QLayout):
         x, y, line = r.x(), r.y(), 0
         for item in self._items:
             hint = item.sizeHint()
+            # (never wider than the row: an eliding label is cut to it, where it had widened the
+            # window to its whole text)
+            hint.setWidth(max(min(hint.width(), r.width()), item.minimumSize().width()))
             if x > r.x() and x + hint.width() > r.right() + 1:
                 x, y, line = r.x(), y + line + self._vspace, 0
             if move:
