@@ -13,6 +13,24 @@ def _terms(query: str) -> list[str]:
     return sorted({t for t in re.split(r"\s+", query.strip().lower()) if t}, key=len, reverse=True)
 
 
+#: Characters no module path holds: a query with one of them is a regular expression (as
+#: ``compare --layers`` takes), searched anywhere in the path, case-insensitive. Plain queries
+#: (letters, digits, dots, underscores, spaces) stay terms: ``layers.1.mlp`` finds what it says.
+_REGEX_CHARS = frozenset("^$|[](){}*+?\\")
+
+
+def as_regex(query: str) -> re.Pattern | None:
+    """``query`` as a regular expression where it reads as one (see :data:`_REGEX_CHARS`) and
+    compiles; None for a plain query or an invalid pattern (whose terms then match nothing)."""
+    q = query.strip()
+    if not q or not _REGEX_CHARS.intersection(q):
+        return None
+    try:
+        return re.compile(q, re.IGNORECASE)
+    except re.error:
+        return None
+
+
 class PathIndex:
     """Case-insensitive substring search over many paths.
 
@@ -30,10 +48,14 @@ class PathIndex:
             self._lower = ["\n".join([p, *extra]).lower() for p, extra in zip(self.paths, also)]
 
     def search(self, query: str) -> list[int] | None:
-        """Ids (ascending) of paths matching every term of ``query``; None for an empty query."""
+        """Ids (ascending) of paths matching every term of ``query`` (or the regular expression it
+        is, :func:`as_regex`); None for an empty query."""
         terms = _terms(query)
         if not terms:
             return None
+        rx = as_regex(query)
+        if rx is not None:  # (a path, or one of its tensors' names, in its own line)
+            return [i for i, p in enumerate(self._lower) if any(rx.search(line) for line in p.split("\n"))]
         low = self._lower
         first = terms[0]
         hits = [i for i, p in enumerate(low) if first in p]
@@ -44,13 +66,16 @@ class PathIndex:
 
 class NameTerms:
     """The search's rule as a filter of names (a sweep's ``layers``): every space-separated term
-    in the name, case-insensitive."""
+    in the name, case-insensitive, or the regular expression the query is (:func:`as_regex`)."""
 
     def __init__(self, query: str) -> None:
         self.pattern = query.strip()
         self.terms = _terms(query)
-        self.what = f"the search '{self.pattern}'"
+        self.regex = as_regex(query)
+        self.what = f"the search '{self.pattern}'" + (" (a regular expression)" if self.regex is not None else "")
 
     def search(self, name: str) -> bool:
+        if self.regex is not None:
+            return self.regex.search(name) is not None
         low = name.lower()
         return bool(self.terms) and all(t in low for t in self.terms)

@@ -103,6 +103,33 @@ def test_search_finds_a_module_by_its_stored_tensor_names():
     assert PathIndex(paths).search("qweight") == []
 
 
+def test_a_search_that_reads_as_a_regular_expression_is_one(qtbot, model_ckpt):
+    """`down_proj$`, `layers.[01].mlp`, `mlp|attn` found nothing and said nothing: a query holding
+    a character no path holds is a regular expression now (as `compare --layers` takes), in the
+    tree and in "Compare layers matching the search"; a plain one stays terms."""
+    from quantscope.backend.search import NameTerms
+    paths = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.q_proj",
+             "model.layers.10.mlp.down_proj"]
+    also = [[f"{p}.qweight"] for p in paths]
+    idx = PathIndex(paths, also)
+    assert idx.search("down_proj$") == [0, 3]  # (the path's own line: not …down_proj.qweight's end)
+    assert idx.search("layers.[01].mlp") == [0, 1]
+    assert idx.search(r"layers\.1\.(mlp|self_attn)") == [1, 2]
+    assert idx.search("DOWN_PROJ$") == [0, 3]  # case-insensitive, as the terms
+    assert idx.search("layers.1.mlp") == [1] and idx.search("up_proj layers.1") == [1]  # terms
+    assert idx.search("a[") == []  # not a valid pattern: matches nothing
+    assert [n for n in paths if NameTerms("mlp|attn").search(n)] == paths
+    assert "regular expression" in NameTerms("down_proj$").what and NameTerms("mlp").regex is None
+    w = TensorTree()
+    qtbot.addWidget(w)
+    w.set_checkpoints({"ckpt": model_ckpt})
+    qtbot.keyClicks(w.search, "layers.1.mlp.down_proj$")
+    qtbot.waitUntil(lambda: w.model.rowCount() == 1, timeout=2000)
+    assert w.count.text().endswith("(a regular expression)")
+    w.search.setText("down_proj[")
+    qtbot.waitUntil(lambda: "not a valid regular expression" in w.count.text(), timeout=2000)
+
+
 def test_error_colours_tell_real_errors_apart_and_keep_figures_readable():
     """The green-red ramp ended at 0.3 and was not colour-blind safe: 0.15, 0.38 and 0.60 came out
     the same red. A light-to-dark ramp over 0.01..1 (log) separates them; text stays readable."""

@@ -9,7 +9,7 @@ from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (QApplication, QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu, QStyle,
                                QStyledItemDelegate, QTreeView, QVBoxLayout, QWidget)
 
-from quantscope.backend.search import PathIndex
+from quantscope.backend.search import _REGEX_CHARS, PathIndex, as_regex
 
 from .plots import elide_path, shrinkable
 from .tensor_tree_model import BASE_COLUMNS, TensorTreeModel
@@ -45,7 +45,7 @@ class TensorTree(QWidget):
         self.combo = shrinkable(QComboBox(), 20)
         self.combo.setToolTip("Which checkpoint's modules the tree lists")
         self.search = QLineEdit()
-        self.search.setPlaceholderText("Search modules or tensors (e.g. layers.1.mlp.down_proj)…")
+        self.search.setPlaceholderText("Search modules or tensors (e.g. layers.1.mlp.down_proj, or a regex: down_proj$)…")
         self.search.setClearButtonEnabled(True)
         self.count = QLabel()
         self.view = QTreeView()
@@ -216,6 +216,10 @@ class TensorTree(QWidget):
         if shown == 0 and "expert" in query and any(".switch_mlp." in p for p in self._index.paths):
             # the experts of this checkpoint are stacked: no module is called experts.N
             hint = " (experts stacked: try switch_mlp)"
+        elif as_regex(query) is not None:  # (said: "down_proj$" found nothing, silently, as terms)
+            hint = " (a regular expression)"
+        elif _REGEX_CHARS.intersection(query):
+            hint = " (not a valid regular expression)"
         self.count.setText(f"{shown} of {total} modules{hint}")
 
     def current_label(self) -> str:
