@@ -991,9 +991,11 @@ class MainWindow(QMainWindow):
     def _sweep_failed(self, message: str, details: str) -> None:
         """A comparison that compared nothing (no variant has a layer that can be): said where its
         results would be, not only in the error box and the status bar (the view still said "Tools ▸
-        Compare all layers measures…")."""
-        self.layers.set_rows([], dict(self.colors), empty_note=f"Nothing compared: {message}")
-        self.tabs.setCurrentWidget(self.layers)
+        Compare all layers measures…"). A comparison shown already stays: a search that matches
+        nothing emptied the view while the tree kept its errors and Export wrote them."""
+        if self.sweep_result is None:
+            self.layers.set_rows([], dict(self.colors), empty_note=f"Nothing compared: {message}")
+            self.tabs.setCurrentWidget(self.layers)
         self._job_failed(message, details)
 
     def _show_sweep(self, result) -> None:

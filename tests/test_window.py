@@ -125,6 +125,15 @@ def test_compare_only_the_layers_matching_the_search(win, qtbot):
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):
         win.compare_all()
     assert len({r.name for r in win.sweep_result.rows}) > 3
+    # then a search that matches nothing (a typo): said, and the comparison shown stays (the view
+    # was emptied while the tree kept its errors and Export wrote them)
+    shown = {v: len(item.getData()[0]) for v, item in win.layers.series.items()}
+    win.tree.search.setText("layers.1.mlp.dwn_proj")
+    win.compare_matching()
+    qtbot.waitUntil(lambda: any("dwn_proj" in e for e in errors), timeout=30_000)
+    qtbot.waitUntil(lambda: win.service.is_idle(), timeout=30_000)
+    assert {v: len(item.getData()[0]) for v, item in win.layers.series.items()} == shown
+    assert "Nothing compared" not in win.layers.hint.text() and len({r.name for r in win.sweep_result.rows}) > 3
 
 
 def test_compare_all_layers_and_click_selects(win, qtbot):
