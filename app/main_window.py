@@ -555,12 +555,22 @@ class MainWindow(QMainWindow):
             self.statusBar().clearMessage()
         if ws.reference is not None:  # a reference of another model: said now, not after a Compare
             rl = ws.reference.layers
-            odd = [lb for lb, m in ws.variants.items()
-                   if any(n in rl and lay.shape != rl[n].shape for n, lay in m.layers.items())
-                   and not any(n in rl and lay.shape == rl[n].shape and lay.quantized for n, lay in m.layers.items())]
+
+            def unlike(m, misread: bool) -> bool:  # no quantized layer of the reference's shape
+                off = [lay for n, lay in m.layers.items() if n in rl and lay.shape != rl[n].shape]
+                return bool(off) and not any(n in rl and lay.shape == rl[n].shape and lay.quantized
+                                             for n, lay in m.layers.items()) \
+                    and all(bool(lay.problem or lay.warning) == misread for lay in off)
+            odd = [lb for lb, m in ws.variants.items() if unlike(m, False)]
+            # shapes read from a config its tensors contradict (bits 3 for 4-bit codes): the config,
+            # not the reference, is what is wrong ("another model?" was said of them)
+            misread = [lb for lb, m in ws.variants.items() if unlike(m, True)]
             if odd:
                 self._status(f"Is the reference another model? No quantized layer of {', '.join(odd)} has the "
                              "shape of the reference's of that name (Compare lists each layer and why)")
+            elif misread:
+                self._status(f"{', '.join(misread)}: the layers cannot be read as the config says (their shapes "
+                             "then differ from the reference's) — Tools ▸ Run doctor (Ctrl+D) says why")
         # an error column per variant, when there is a reference to measure them against (without
         # one they stayed empty whatever the user did)
         errs = list(ws.variants) if ws.reference is not None else []

@@ -1264,6 +1264,25 @@ def test_without_a_reference_the_views_show_what_the_checkpoint_holds(win, qtbot
     assert win.current_layer is None and "Select a layer" in win.hist.note.text() + win.hist.hint.text()
 
 
+def test_a_config_its_tensors_contradict_is_not_taken_for_another_model(win, qtbot, tmp_path, demo):
+    # bits 3 in the config of 4-bit codes: the layers' shapes, read that way, differ from the
+    # reference's, and the status bar asked "Is the reference another model?"
+    import json
+    import shutil
+    bad = tmp_path / "bits3"
+    shutil.copytree(demo.variants["gptq-w4g128"], bad)
+    for f in bad.glob("*config.json"):
+        d = json.loads(f.read_text())
+        q = d.get("quantization_config", d)
+        if "bits" in q:
+            q["bits"] = 3
+            f.write_text(json.dumps(d))
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(bad)], str(demo.reference))
+    said = win.statusBar().currentMessage()
+    assert "another model" not in said and said.startswith("bits3: the layers cannot be read as the config says")
+
+
 def test_a_variant_that_cannot_be_compared_is_named_and_the_others_compared(win, qtbot, tmp_path, demo):
     import json
     import shutil
