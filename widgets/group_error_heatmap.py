@@ -101,9 +101,13 @@ class GroupErrorHeatmap(QWidget):
 
     def _show(self, label: str) -> None:
         m = self._maps.get(label)
-        self.plot.setLabel("bottom", f"block of {self._blocks[label]} in_features columns (the layer has no groups: "
-                                     "per-channel scales, or none)" if label in self._blocks else
+        # (short: the axis is as wide as the view, and the longer label was cut at both ends)
+        self.plot.setLabel("bottom", f"{self._blocks[label]} in_features columns a cell (no groups)"
+                           if label in self._blocks else
                            self._XLABEL + (" (act-order: by g_idx)" if label in self._by_index else ""))
+        self.plot.getAxis("bottom").setToolTip(
+            "The layer has no quantization groups (per-channel scales, or none): each cell is a block of "
+            f"{self._blocks[label]} columns" if label in self._blocks else "")
         if m is None:
             self.image.clear()
             self.bad.clear()
