@@ -28,9 +28,13 @@ def run_convert(args) -> int:
     sys.stdout.write("\n".join(summary_lines(rep)) + "\n")
     for w in rep.suspect[:3]:  # on stderr too: a script reading only the exit status must not miss it
         print(f"quantscope: warning: {w}", file=sys.stderr)
-    bad = rep.nonfinite_layers
+    bad = [p for p in rep.nonfinite_layers if p not in rep.overflowed]
     if bad:  # NaN/inf carried into the output (as compare: done, but not a clean result)
         print(f"quantscope: warning: NaN/inf values in {len(bad)} converted layer(s), e.g. {bad[0]}: the source "
               "holds them (`quantscope doctor` names the tensors)", file=sys.stderr)
+    if rep.overflowed:
+        print(f"quantscope: warning: inf in {len(rep.overflowed)} converted layer(s), e.g. {rep.overflowed[0]}: "
+              "finite source values beyond the output dtype's range (f16: ±65504) — choose --dtype bf16 or f32",
+              file=sys.stderr)
     # written as the config says, but likely not what the file holds (as dequant): not a success
-    return 1 if rep.suspect or bad else 0
+    return 1 if rep.suspect or bad or rep.overflowed else 0

@@ -206,6 +206,9 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
     verified: bool = False
     suspect: list[str] = field(default_factory=list)
+    #: Converted layers whose output holds inf although the source's values are finite: beyond
+    #: the output dtype's range (f16's 65504), not the source's doing (the verification's finding).
+    overflowed: list[str] = field(default_factory=list)
 
     def by_kind(self) -> dict[str, int]:
         """Number of modules per action kind."""
@@ -535,6 +538,8 @@ def _repack_plan(model: Model, layer: Layer, target) -> tuple[_Repack | None, st
     t = layer.tensors
     bits, g = layer.bits, layer.group_size
     if s not in ("gptq", "awq-gemm", "awq-gemv", "ct-pack"):
+        if s == "mlx-affine" and target is not None and target != _Q(bits, g):
+            return None, f"settings {target.label()} requested"  # (an MLX affine source, other settings asked)
         return None, f"{s} is not representable as MLX affine"
     if not layer.shape or len(layer.shape) != 2:
         return None, "not a 2-D layer"
@@ -716,6 +721,19 @@ def _plan_mlx(model: Model, targets: _Targets, engine, notes: list[str], cancel,
     source_quantized = any(lay.quantized for lay in model.layers.values())
     model_dtype = _model_float_dtype(model)
     layers = list(model.layers.values())
+    conf = model.ckpt.configs.get("config.json") or {}
+    tied = conf.get("tie_word_embeddings")
+    if tied is None and isinstance(conf.get("text_config"), dict):
+        tied = conf["text_config"].get("tie_word_embeddings")
+    if tied is True:
+        # mlx-lm's models build no lm_head where the head is the embedding, and refuse the
+        # tensors of one ("parameters not in model: lm_head.biases, lm_head.scales"); its
+        # converter drops it, as here (it was quantized and written, and mlx-lm failed to load)
+        heads = [lay for lay in layers if lay.path == "lm_head" or lay.path.endswith(".lm_head")]
+        if heads:
+            layers = [lay for lay in layers if lay not in heads]
+            notes.append(f"dropped {', '.join(lay.path for lay in heads)}: tie_word_embeddings is true, so mlx-lm "
+                         "uses the embeddings as the output head and does not load a stored one")
 
     def plan_one(i_layer):
         i, layer = i_layer
@@ -1555,6 +1573,9 @@ def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, prog
             lr.rel_fro = worst(m.rel_fro_raw for m in got)
             lr.max_abs = worst(m.max_abs for m in got)
             lr.sqnr_db = worst((m.sqnr_db for m in got), min)
+    src_bad = set(res.reference_nonfinite)  # (the source is the sweep's reference)
+    rep.overflowed = [lr.path for lr in rep.layers if lr.rel_fro is not None and not math.isfinite(lr.rel_fro)
+                      and not src_bad.intersection(lr.experts or [lr.path])]
     converted = {p for lr in rep.layers if lr.kind not in ("kept dense", "carried", "cast")
                  for p in lr.experts or [lr.path]}
     for u in res.unmatched:
@@ -1600,10 +1621,13 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table
         mx_ = rep.max_rel_fro
         lines.append("verification against the source: "
                      + ("no layer compared" if mx_ is None else f"max rel_fro {mx_:.3g}"))
-        bad = rep.nonfinite_layers
+        bad = [p for p in rep.nonfinite_layers if p not in rep.overflowed]
         if bad:
             lines.append(f"  not finite in {len(bad)} layer(s), e.g. {bad[0]}: NaN/inf values in the source "
                          "(`quantscope doctor` on it names the tensors)")
+        if rep.overflowed:
+            lines.append(f"  inf in {len(rep.overflowed)} layer(s), e.g. {rep.overflowed[0]}: finite values of the "
+                         "source beyond the output dtype's range (f16: ±65504) — choose --dtype bf16 or f32")
     for w in rep.suspect[:3]:  # the window's summary too
         lines.append(f"warning: {w}")
     if len(rep.suspect) > 3:

@@ -617,6 +617,26 @@ def test_convert_of_a_source_with_nan_scales_exits_1_and_says_so_on_stderr(tmp_p
     assert (tmp_path / "out").is_dir()
 
 
+def test_convert_to_f16_of_values_beyond_its_range_says_so_not_blaming_the_source(tmp_path, capsys, real_fixtures):
+    """A finite bf16 weight of 1e6 is inf in f16: said as the output dtype's overflow (it was
+    blamed on "NaN/inf values in the source", which the doctor then found clean)."""
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+    src = _copy(real_fixtures / "base-bf16", tmp_path / "src")
+    f = next(src.glob("*.safetensors"))
+    f.chmod(0o644)
+    t = {k: np.asarray(v) for k, v in load_file(str(f)).items()}
+    name = "model.layers.0.mlp.down_proj.weight"
+    w = t[name].copy()
+    w.flat[5] = ml_dtypes.bfloat16(1e6)
+    t[name] = w
+    save_file(t, str(f), metadata={"format": "pt"})
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "dense", "--dtype", "f16"]) == 1
+    cap = capsys.readouterr()
+    assert "beyond the output dtype's range" in cap.err and "model.layers.0.mlp.down_proj" in cap.err
+    assert "the source holds them" not in cap.err and "not finite in" not in cap.out
+
+
 def test_convert_refuses_a_layer_that_nothing_decodes_and_writes_nothing(tmp_path, capsys, real_fixtures):
     """An unknown MLX mode, MLX codes without scales, GPTQ scales without codes: the layer was
     carried through (int32 words or stray scales in a "dense" output) with exit 0."""

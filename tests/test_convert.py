@@ -848,3 +848,25 @@ def _tensor_names(path):
         n = struct.unpack("<Q", fh.read(8))[0]
         header = json.loads(fh.read(n))
     return json.dumps([k for k in header if k != "__metadata__"])
+
+
+@pytest.mark.parametrize("tie_in", ["config", "text_config"])
+def test_a_stored_lm_head_of_tied_embeddings_is_dropped_for_mlx(demo, tmp_path, tie_in):
+    """tie_word_embeddings true and an lm_head stored anyway: mlx-lm's models build no head then
+    and refused the quantized lm_head's scales and biases ("parameters not in model"); mlx_lm.convert
+    drops it, and so does quantscope now, saying so."""
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(demo.reference, src)
+    cfg = json.loads((src / "config.json").read_text())
+    if tie_in == "config":
+        cfg["tie_word_embeddings"] = True
+    else:
+        cfg.pop("tie_word_embeddings", None)
+        cfg["text_config"] = {"tie_word_embeddings": True}
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert "lm_head" in analyze(open_checkpoint(src)).layers
+    rep = convert(src, tmp_path / "out", to="mlx")
+    tensors, _ = _load_mlx(tmp_path / "out")
+    assert not [n for n in tensors if n.startswith("lm_head")] and "model.embed_tokens.weight" in tensors
+    assert any("dropped lm_head: tie_word_embeddings is true" in n for n in rep.notes)
