@@ -27,6 +27,7 @@ written before its data and memory stays bounded by one layer. Everything is wri
 from __future__ import annotations
 
 import difflib
+import errno
 import hashlib
 import json
 import logging
@@ -1214,6 +1215,18 @@ def _clean_stale(dst: Path) -> None:
         if tail.isdigit() and not _pid_alive(int(tail)):
             _logger.info("removing stale partial conversion %s", p)
             shutil.rmtree(p, ignore_errors=True)
+    # an --overwrite killed between its two renames (systems without an atomic exchange): the
+    # previous output, moved aside, goes back where it was if nothing took its place, else away
+    for p in dst.parent.glob(".*.quantscope-old-*"):
+        stem, _, tail = p.name[1:].rpartition(".quantscope-old-")
+        if not (stem and tail.isdigit()) or _pid_alive(int(tail)):
+            continue
+        home = p.parent / stem
+        if not home.exists() and not home.is_symlink():
+            _logger.info("restoring %s, moved aside by a killed conversion", home)
+            os.rename(p, home)
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _is_within(a: Path, b: Path) -> bool:
@@ -1584,8 +1597,35 @@ def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, prog
     rep.verified = True
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system has no such call (then two renames, a moment with no ``dst``)."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):  # (a file system without it)
+            return False
+        raise OSError(err, os.strerror(err), str(b))
+    return True
+
+
 def _move_into_place(tmp: Path, dst: Path) -> None:
     os.chmod(tmp, 0o755)
+    if (dst.exists() and not dst.is_symlink()) and _exchange(tmp, dst):
+        # --overwrite: the new output and the old swapped at once (two renames left a moment with
+        # no dst: a kill then stranded the old output in a hidden folder and wrote no new one);
+        # the old is now at tmp's name, which the stale clean-up also removes if this dies here
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     if dst.exists() or dst.is_symlink():
         old = _hidden_name(dst, "quantscope-old")
         if old.exists():

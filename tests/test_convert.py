@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -349,6 +351,34 @@ def test_existing_destination_and_overwrite(demo, tmp_path):
     marker = json.loads((dst / ".quantscope-convert.json").read_text())
     assert marker["written_by"] == "quantscope convert" and marker["to"] == "mlx"
     assert marker["source"] == str(Path(demo.variants["gptq-w4g128"]).resolve())
+
+
+def test_overwrite_swaps_in_one_step_and_a_killed_swap_is_put_right(demo, tmp_path, monkeypatch):
+    """--overwrite moved the old output aside and the new one in, two renames: a kill between them
+    left no output and stranded the old one in a hidden folder for good. Where the system swaps
+    two paths at once (Linux), one step; elsewhere the next conversion beside it puts a stranded
+    output back (or removes it, where a new one took its place)."""
+    from quantscope.backend import convert as cv
+    dst = tmp_path / "out"
+    convert(demo.variants["awq-w4g128"], dst, to="dense", verify=False)
+    ino = dst.stat().st_ino
+    swapped = []
+    real = cv._exchange
+    monkeypatch.setattr(cv, "_exchange", lambda a, b: swapped.append(real(a, b)) or swapped[-1])
+    convert(demo.variants["gptq-w4g128"], dst, to="mlx", verify=False, overwrite=True)
+    if sys.platform == "linux":
+        assert swapped == [True] and dst.stat().st_ino != ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # a stranded previous output of a dead process (pid 2**22 + 1: none), with no output in place
+    before = sorted(p.name for p in dst.iterdir())
+    aside = tmp_path / f".out.quantscope-old-{2 ** 22 + 1}"
+    dst.rename(aside)
+    cv._clean_stale(dst)
+    assert sorted(p.name for p in dst.iterdir()) == before and not aside.exists()
+    # with one in place: the stranded one is removed
+    shutil.copytree(dst, aside)
+    cv._clean_stale(dst)
+    assert not aside.exists() and sorted(p.name for p in dst.iterdir()) == before
 
 
 def test_refuses_destination_inside_source(demo, tmp_path):
