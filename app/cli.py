@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "paths as stored: {\"model.layers.0.mlp.down_proj\": {\"bits\": 8, "
                                         "\"group_size\": 64, \"mode\": \"affine\"}, \"lm_head\": false} (false: kept "
                                         "dense); the layers it does not name get what they would without it")
+    pconv.add_argument("--scales", choices=["exact", "source"], default="exact",
+                       help="--to mlx, repacked GPTQ/AWQ/compressed-tensors layers: exact (default) keeps the "
+                            "scales' dtype where MLX reproduces every stored value with it, else writes float32 "
+                            "(mlx-lm then computes that layer in float32); source always keeps the source's dtype "
+                            "(fp16), rounding the biases -s·z as mlx-lm's own loaders do (the report gives the error)")
     pconv.add_argument("--dtype", choices=["bf16", "f16", "f32"], default=None,
                        help="dense output dtype (--to dense; default bf16)")
     pconv.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)

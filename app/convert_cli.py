@@ -22,7 +22,7 @@ def run_convert(args) -> int:
     try:
         rep = convert(args.src, args.dst, to=args.to, bits=args.bits, group_size=args.group_size,
                       mode=args.mode, recipe=args.recipe, dtype=args.dtype, overwrite=args.overwrite,
-                      engine=args.engine, progress=bar)
+                      engine=args.engine, progress=bar, scales=args.scales)
     finally:
         bar.close()
     sys.stdout.write("\n".join(summary_lines(rep)) + "\n")

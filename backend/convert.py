@@ -220,7 +220,13 @@ class ConversionReport:
 
     @property
     def exact_repacks(self) -> list[LayerResult]:
-        return [r for r in self.layers if r.kind in ("repacked", "copied")]
+        return [r for r in self.layers if r.kind in ("repacked", "copied") and r.action != "repacked, biases rounded"]
+
+    @property
+    def rounded_repacks(self) -> list[LayerResult]:
+        """Repacks whose scales and biases were kept in the source's dtype at the cost of rounding
+        the biases (``scales="source"``)."""
+        return [r for r in self.layers if r.action == "repacked, biases rounded"]
 
     @property
     def widened(self) -> list[LayerResult]:
@@ -340,6 +346,7 @@ class _Targets:
         self.model_type = str(cfg.get("model_type") or "")
         self.rules = MODEL_RULES.get(self.model_type, ())
         self.per_layer = False  # write a config entry for every quantized layer (mlx-lm does for recipes)
+        self.source_scales = False  # --scales source: repacks keep the source's scale dtype, rounding
         if recipe is None:
             return
         self.per_layer = True
@@ -856,13 +863,15 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         bits, g = layer.bits, layer.group_size
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf scales: the verification says so
             keep_dt = _keeps_dtype(rp, bits, g)
-        sdt = rp.src_dtype if keep_dt else np.dtype(np.float32)
+        rounded = not keep_dt and targets.source_scales  # (--scales source: the runtime's dtype)
+        sdt = rp.src_dtype if keep_dt or rounded else np.dtype(np.float32)
         st = _st_name(sdt)
         q = _Q(bits, g)
         outputs = _quant_outputs(path, layer.shape, st, q)
         _carry(model, layer, keep, outputs, raw)
-        res.action, res.bits, res.group_size, res.mode, res.scales_dtype = "repacked exact", bits, g, "affine", st
-        res.widened = not keep_dt
+        res.action = "repacked, biases rounded" if rounded else "repacked exact"
+        res.bits, res.group_size, res.mode, res.scales_dtype = bits, g, "affine", st
+        res.widened = not keep_dt and not rounded
 
         def make_repack():
             r, _ = _repack_plan(model, layer, target)
@@ -1373,7 +1382,7 @@ def _quantization_block(items: list[_Item], targets: _Targets) -> dict:
 def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: int | None = None,
             mode: str = "affine", recipe: str | None = None, dtype: str | None = None, overwrite: bool = False,
             engine="auto", verify: bool = True, progress: Callable[[float], None] | None = None,
-            cancel=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> ConversionReport:
+            cancel=None, max_shard_bytes: int = MAX_SHARD_BYTES, scales: str = "exact") -> ConversionReport:
     """Convert the checkpoint ``src`` into a new folder ``dst``.
 
     Parameters
@@ -1408,6 +1417,12 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
         Object with ``is_set()``, checked between tensors; cancelling leaves nothing at ``dst``.
     max_shard_bytes
         Shard size limit (mlx-lm's ``5 << 30``).
+    scales
+        ``"exact"`` (default): a repacked layer's scales and biases stay in the source's dtype
+        where MLX reproduces every stored value with them, else float32 (exact, but mlx-lm then
+        computes that layer's output, and the activations after it, in float32). ``"source"``:
+        always the source's dtype (fp16 for GPTQ/AWQ), as mlx-lm's own loaders do; the biases
+        ``-s·z`` round, and the report gives each such layer's error (``repacked, biases rounded``).
 
     Returns
     -------
@@ -1423,6 +1438,8 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
     t_start = time.perf_counter()
     if to not in ("mlx", "dense"):
         raise ConversionError(f"--to must be mlx or dense, not {to!r}")
+    if scales not in ("exact", "source"):
+        raise ConversionError(f"--scales must be exact or source, not {scales!r}")
     if to == "mlx" and dtype is not None:  # it was accepted and ignored
         raise ConversionError("--dtype applies to --to dense only (an MLX output keeps each tensor's dtype)")
     dtype = dtype or "bf16"
@@ -1466,6 +1483,7 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
         w_plan, w_write = (0.05, 0.65) if verify else (0.05, 0.95)
         if to == "mlx":
             targets = _Targets(bits=bits, group_size=group_size, mode=mode, recipe=recipe, model=model)
+            targets.source_scales = scales == "source"
             items = _stack_experts(model, _plan_mlx(model, targets, eng, rep.notes, cancel,
                                                     lambda f: report_progress(w_plan * f)))
             rep.quantization = _quantization_block(items, targets)
@@ -1657,6 +1675,11 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table
     if ex:
         lines.append(f"exact repacks: {len(ex)}; scales widened to float32: {len(rep.widened)} "
                      f"(kept in the source dtype: {len(ex) - len(rep.widened)})")
+    if rep.rounded_repacks:
+        rr = rep.rounded_repacks
+        errs = [r.rel_fro for r in rr if r.rel_fro is not None]
+        lines.append(f"repacked in the source's scale dtype, biases rounded (--scales source): {len(rr)}"
+                     + (f", rel_fro up to {max(errs):.3g}" if errs else ""))
     if rep.verified:
         mx_ = rep.max_rel_fro
         lines.append("verification against the source: "

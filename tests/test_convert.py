@@ -900,3 +900,28 @@ def test_a_stored_lm_head_of_tied_embeddings_is_dropped_for_mlx(demo, tmp_path, 
     tensors, _ = _load_mlx(tmp_path / "out")
     assert not [n for n in tensors if n.startswith("lm_head")] and "model.embed_tokens.weight" in tensors
     assert any("dropped lm_head: tie_word_embeddings is true" in n for n in rep.notes)
+
+
+def test_scales_in_the_source_dtype_round_the_biases_and_say_by_how_much(tmp_path):
+    """--scales source: a GPTQ repack keeps fp16 scales and biases (the exact repack writes float32
+    ones where fp16 cannot hold -s·z, and mlx-lm then computes those layers in float32); the
+    rounding's error is the verification's, checked here against mx.dequantize of the output."""
+    from quantscope.backend.engines import get_engine
+    src = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
+    rep = convert(src, tmp_path / "out", to="mlx", scales="source")
+    rounded = rep.rounded_repacks
+    assert rounded and not rep.widened and all(r.scales_dtype == "F16" for r in rounded)
+    tensors, _ = _load_mlx(tmp_path / "out")
+    m = analyze(open_checkpoint(src))
+    worst = 0.0
+    for r in rounded:
+        s, b = tensors[f"{r.path}.scales"], tensors[f"{r.path}.biases"]
+        assert s.dtype == mx.float16 and b.dtype == mx.float16
+        got = _mx_f32(mx.dequantize(tensors[f"{r.path}.weight"], s, b, group_size=r.group_size, bits=r.bits))
+        want = get_engine("numpy").dequantize(m, m.layers[r.path]).astype(np.float64)
+        rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert r.rel_fro == pytest.approx(rel, rel=1e-9, abs=1e-15)
+        worst = max(worst, rel)
+    assert 0 < worst < 2e-3
+    with pytest.raises(ConversionError, match="--scales"):
+        convert(src, tmp_path / "x", to="mlx", scales="fp16")
