@@ -1531,8 +1531,8 @@ def packed_level_counts(model: Model, layer: Layer, rows: np.ndarray | None = No
 
 
 def _scales_zeros(model: Model, layer: Layer) -> tuple[np.ndarray | None, np.ndarray | None]:
-    from .formats import awq, ct, gptq
     from .engines import read_parts
+    from .formats import awq, ct, gptq
     t = read_parts(model, layer)  # (an MLX block-float layer's F8-typed scales as their bytes, as U8 ones)
     s = layer.scheme
     f32 = (lambda a: None if a is None else np.asarray(a).astype(np.float32))

@@ -51,7 +51,14 @@ import numpy as np
 from .errors import Cancelled
 from .formats import fast
 from .formats.kernel import pool, workers
-from .metrics import PERCENTILES, ErrorStats, _lerp, cosine_cancels, order_statistics, percentile_ranks
+from .metrics import (
+    PERCENTILES,
+    ErrorStats,
+    _lerp,
+    cosine_cancels,
+    order_statistics,
+    percentile_ranks,
+)
 
 #: Elements per block: the decoded block (float32) stays within L2/L3 of the core decoding it.
 BLOCK_ELEMENTS = 1 << 18

@@ -11,9 +11,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-
 from helpers import load_npz
-
 from quantscope.backend.errors import LayerError
 from quantscope.backend.formats import bnb
 from quantscope.backend.formats.common import round_to
@@ -127,7 +125,6 @@ def test_int8_weight_format_is_read(tmp_path, fmt):
     import json
 
     from helpers import write_st
-
     from quantscope.backend.checkpoint import open_checkpoint
     from quantscope.backend.doctor import diagnose
     from quantscope.backend.engines import get_engine

@@ -3,7 +3,6 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from mx_util import to_np
 from quantscope.backend.errors import LayerError
 from quantscope.backend.formats.mlx import decode_affine, decode_fp
@@ -87,7 +86,6 @@ def test_block_float_scales_typed_f8_read_as_mx_load_does(tmp_path, mode, f8, en
 
     import ml_dtypes
     from helpers import write_st
-
     from quantscope.backend.checkpoint import open_checkpoint
     from quantscope.backend.doctor import diagnose
     from quantscope.backend.engines import get_engine
@@ -120,7 +118,6 @@ def test_block_float_extreme_scale_bytes_and_zero_global_scale(tmp_path, mode, b
     import json
 
     from helpers import write_st
-
     from quantscope.backend.checkpoint import open_checkpoint
     from quantscope.backend.engines import get_engine
     from quantscope.backend.schemes import analyze

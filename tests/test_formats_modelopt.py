@@ -13,7 +13,6 @@ import json
 import ml_dtypes
 import numpy as np
 import pytest
-
 from helpers import write_st
 from quantscope.backend.checkpoint import open_checkpoint
 from quantscope.backend.doctor import diagnose
