@@ -1264,19 +1264,25 @@ def test_without_a_reference_the_views_show_what_the_checkpoint_holds(win, qtbot
     assert win.current_layer is None and "Select a layer" in win.hist.note.text() + win.hist.hint.text()
 
 
-def test_a_config_its_tensors_contradict_is_not_taken_for_another_model(win, qtbot, tmp_path, demo):
-    # bits 3 in the config of 4-bit codes: the layers' shapes, read that way, differ from the
-    # reference's, and the status bar asked "Is the reference another model?"
+def _gptq_with_config_bits(demo, tmp_path, bits: int):
+    """A copy of the demo's 4-bit GPTQ variant, named bits{bits}, whose configs say ``bits``."""
     import json
     import shutil
-    bad = tmp_path / "bits3"
+    bad = tmp_path / f"bits{bits}"
     shutil.copytree(demo.variants["gptq-w4g128"], bad)
     for f in bad.glob("*config.json"):
         d = json.loads(f.read_text())
         q = d.get("quantization_config", d)
         if "bits" in q:
-            q["bits"] = 3
+            q["bits"] = bits
             f.write_text(json.dumps(d))
+    return bad
+
+
+def test_a_config_its_tensors_contradict_is_not_taken_for_another_model(win, qtbot, tmp_path, demo):
+    # bits 3 in the config of 4-bit codes: the layers' shapes, read that way, differ from the
+    # reference's, and the status bar asked "Is the reference another model?"
+    bad = _gptq_with_config_bits(demo, tmp_path, 3)
     with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
         win.open_workspace([str(bad)], str(demo.reference))
     said = win.statusBar().currentMessage()
@@ -1284,16 +1290,7 @@ def test_a_config_its_tensors_contradict_is_not_taken_for_another_model(win, qtb
 
 
 def test_a_variant_that_cannot_be_compared_is_named_and_the_others_compared(win, qtbot, tmp_path, demo):
-    import json
-    import shutil
-    bad = tmp_path / "bits8"
-    shutil.copytree(demo.variants["gptq-w4g128"], bad)
-    for f in bad.glob("*config.json"):
-        d = json.loads(f.read_text())
-        q = d.get("quantization_config", d)
-        if "bits" in q:
-            q["bits"] = 8
-            f.write_text(json.dumps(d))
+    bad = _gptq_with_config_bits(demo, tmp_path, 8)
     with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
         win.open_workspace([str(demo.variants["awq-w4g128"]), str(bad)], str(demo.reference))
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):

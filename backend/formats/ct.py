@@ -510,21 +510,31 @@ def decode_nvfp4(weight_packed: np.ndarray, weight_scale: np.ndarray,
     numpy.ndarray
         float32 ``[N, K]``.
     """
-    codes = _unpack_fp4(weight_packed, name)
+    codes, s, gs = _nvfp4_parts(weight_packed, "weight_packed", weight_scale, weight_global_scale,
+                                "weight_global_scale", group_size, name)
+    return _nvfp4_values(codes, s.astype(np.float32) / gs, group_size)
+
+
+def _nvfp4_parts(packed, packed_name: str, weight_scale, second, second_name: str, group_size: int, name):
+    """(codes, E4M3 block scales, the second-level scale as a float32 scalar) of an NVFP4 layer,
+    their shapes and dtypes checked."""
+    codes = _unpack_fp4(packed, name)
     s = np.asarray(weight_scale)
     K = codes.shape[-1]
     ng = -(-K // group_size)
     check(s.shape == codes.shape[:-1] + (ng,),
-          f"weight_scale has shape {list(s.shape)} but weight_packed {list(np.shape(weight_packed))}"
+          f"weight_scale has shape {list(s.shape)} but {packed_name} {list(np.shape(packed))}"
           f" (K={K}) with group size {group_size} needs {list(codes.shape[:-1]) + [ng]}", name)
-    check(s.dtype == np.dtype(ml_dtypes.float8_e4m3fn),
-          f"nvfp4 weight_scale must be F8_E4M3, got {s.dtype}", name)
-    gs = np.asarray(weight_global_scale).astype(np.float32)
-    check(gs.size == 1, f"weight_global_scale must hold one value, has shape {list(gs.shape)}",
-          name)
-    eff = s.astype(np.float32) / gs.reshape(())
+    check(s.dtype == np.dtype(ml_dtypes.float8_e4m3fn), f"nvfp4 weight_scale must be F8_E4M3, got {s.dtype}", name)
+    g = np.asarray(second).astype(np.float32)
+    check(g.size == 1, f"{second_name} must hold one value, has shape {list(g.shape)}", name)
+    return codes, s, g.reshape(())
+
+
+def _nvfp4_values(codes: np.ndarray, block: np.ndarray, group_size: int) -> np.ndarray:
+    """E2M1 values of ``codes`` times their group's float32 scale ``block``."""
     out = E2M1_VALUES[codes]
-    out *= _expand_cols(eff, K, group_size)
+    out *= _expand_cols(block, codes.shape[-1], group_size)
     return out
 
 
@@ -539,20 +549,8 @@ def decode_modelopt_nvfp4(weight: np.ndarray, weight_scale: np.ndarray, weight_s
     (``amax / (6·448)``), the reciprocal of compressed-tensors' ``weight_global_scale`` (rule
     R11). Returned as that float32 product, before the cast.
     """
-    codes = _unpack_fp4(weight, name)
-    s = np.asarray(weight_scale)
-    K = codes.shape[-1]
-    ng = -(-K // group_size)
-    check(s.shape == codes.shape[:-1] + (ng,),
-          f"weight_scale has shape {list(s.shape)} but weight {list(np.shape(weight))} (K={K}) with group size "
-          f"{group_size} needs {list(codes.shape[:-1]) + [ng]}", name)
-    check(s.dtype == np.dtype(ml_dtypes.float8_e4m3fn), f"nvfp4 weight_scale must be F8_E4M3, got {s.dtype}", name)
-    s2 = np.asarray(weight_scale_2).astype(np.float32)
-    check(s2.size == 1, f"weight_scale_2 must hold one value, has shape {list(s2.shape)}", name)
-    eff = s.astype(np.float32) * s2.reshape(())
-    out = E2M1_VALUES[codes]
-    out *= _expand_cols(eff, K, group_size)
-    return out
+    codes, s, s2 = _nvfp4_parts(weight, "weight", weight_scale, weight_scale_2, "weight_scale_2", group_size, name)
+    return _nvfp4_values(codes, s.astype(np.float32) * s2, group_size)
 
 
 def decode_mxfp4(weight_packed: np.ndarray, weight_scale: np.ndarray, *, group_size: int = 32,
