@@ -33,8 +33,8 @@ def run_convert(args) -> int:
         print(f"quantscope: warning: NaN/inf values in {len(bad)} converted layer(s), e.g. {bad[0]}: the source "
               "holds them (`quantscope doctor` names the tensors)", file=sys.stderr)
     if rep.overflowed:
+        from quantscope.backend.convert import _OVERFLOW_ADVICE
         print(f"quantscope: warning: inf in {len(rep.overflowed)} converted layer(s), e.g. {rep.overflowed[0]}: "
-              "finite source values beyond the output dtype's range (f16: ±65504) — choose --dtype bf16 or f32",
-              file=sys.stderr)
+              f"finite source values beyond the output's range{_OVERFLOW_ADVICE[rep.to]}", file=sys.stderr)
     # written as the config says, but likely not what the file holds (as dequant): not a success
     return 1 if rep.suspect or bad or rep.overflowed else 0

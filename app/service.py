@@ -83,7 +83,7 @@ class _Runnable(QRunnable):
         except Cancelled:
             self.bridge.failed.emit(job.id, "cancelled", "", True)
         except QuantscopeError as exc:  # bad input, said in words: its traceback is for the log only
-            _logger.debug("job %s: %s", job.title, exc, exc_info=True)
+            _logger.info("job %s: %s", job.title, exc, exc_info=True)
             self.bridge.failed.emit(job.id, str(exc), "", False)
         except Exception as exc:  # a bug must never take the window down
             _logger.exception("job %s failed", job.title)

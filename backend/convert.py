@@ -96,7 +96,8 @@ _TORCH_NAME = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 _FLOAT_ST = ("F16", "BF16", "F32", "F64")
 #: Source files that are weights or quantization configs of the source: never copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".npz")
-_SKIP_FILES = {"config.json", "quantize_config.json", "quant_config.json", "quantization_config.json"}
+_SKIP_FILES = {"config.json", "quantize_config.json", "quant_config.json", "quantization_config.json",
+               "hf_quant_config.json"}  # (ModelOpt's: copied, a dense output read as NVFP4)
 #: What a single-file source copies from its folder (the folder may be anything, e.g. Downloads).
 _SINGLE_FILE_COPIES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|generation_config\.json|"
                                  r"chat_template.*|.*\.jinja|vocab\.json|merges\.txt|added_tokens\.json)$")
@@ -1231,6 +1232,8 @@ def _clean_stale(dst: Path) -> None:
         if not (stem and tail.isdigit()) or _pid_alive(int(tail)):
             continue
         home = p.parent / stem
+        if _hidden_name(home, "quantscope-old").name.rsplit("-", 1)[0] != p.name.rsplit("-", 1)[0]:
+            continue  # (a name cut short for the file system: which folder it was is not known)
         if not home.exists() and not home.is_symlink():
             _logger.info("restoring %s, moved aside by a killed conversion", home)
             os.rename(p, home)
@@ -1440,6 +1443,8 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
         raise ConversionError(f"--to must be mlx or dense, not {to!r}")
     if scales not in ("exact", "source"):
         raise ConversionError(f"--scales must be exact or source, not {scales!r}")
+    if to == "dense" and scales != "exact":  # (as --dtype with --to mlx: not accepted and ignored)
+        raise ConversionError("--scales applies to --to mlx only (a dense output has no scales)")
     if to == "mlx" and dtype is not None:  # it was accepted and ignored
         raise ConversionError("--dtype applies to --to dense only (an MLX output keeps each tensor's dtype)")
     dtype = dtype or "bf16"
@@ -1455,6 +1460,8 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
     ckpt = open_checkpoint(src_p)
     try:
         model = analyze(ckpt)
+        if dst_p.parent.is_dir():  # (an output a killed --overwrite moved aside is back before the checks)
+            _clean_stale(dst_p)
         _check_destination(ckpt.root, src_p, dst_p, overwrite)
         if ckpt.holds(dst_p) or ckpt.holds(dst_p / CONVERT_MARKER):  # an HF cache repo's blobs, beside its snapshot
             raise ConversionError(f"is in the checkpoint {ckpt.source} that this reads; quantscope never writes "
@@ -1605,7 +1612,8 @@ def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, prog
             lr.max_abs = worst(m.max_abs for m in got)
             lr.sqnr_db = worst((m.sqnr_db for m in got), min)
     src_bad = set(res.reference_nonfinite)  # (the source is the sweep's reference)
-    rep.overflowed = [lr.path for lr in rep.layers if lr.rel_fro is not None and not math.isfinite(lr.rel_fro)
+    # (an inf in the output itself: a rel_fro of inf against an all-zero source layer is no overflow)
+    rep.overflowed = [lr.path for lr in rep.layers if lr.max_abs is not None and math.isinf(lr.max_abs)
                       and not src_bad.intersection(lr.experts or [lr.path])]
     converted = {p for lr in rep.layers if lr.kind not in ("kept dense", "carried", "cast")
                  for p in lr.experts or [lr.path]}
@@ -1662,6 +1670,11 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
         os.rename(tmp, dst)
 
 
+#: What to do about values beyond the output's range, by ``to``.
+_OVERFLOW_ADVICE = {"dense": " (f16: ±65504) — choose --dtype bf16 or f32",
+                    "mlx": " (the scales' dtype) — --scales exact keeps float32 where needed"}
+
+
 def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table: bool = True) -> list[str]:
     """A human-readable summary and per-layer table of a report (the command line prints it;
     ``table=False``: the summary alone, as the window shows it)."""
@@ -1690,7 +1703,7 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table
                          "(`quantscope doctor` on it names the tensors)")
         if rep.overflowed:
             lines.append(f"  inf in {len(rep.overflowed)} layer(s), e.g. {rep.overflowed[0]}: finite values of the "
-                         "source beyond the output dtype's range (f16: ±65504) — choose --dtype bf16 or f32")
+                         f"source beyond the output's range{_OVERFLOW_ADVICE[rep.to]}")
     for w in rep.suspect[:3]:  # the window's summary too
         lines.append(f"warning: {w}")
     if len(rep.suspect) > 3:

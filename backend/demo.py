@@ -905,6 +905,11 @@ def build_demo(dest: Path, *, seed: int = 0, progress: Callable[[float], None] |
         ``cancel`` was set.
     """
     dest = Path(dest).expanduser()
+    if dest.is_dir() and not dest.is_symlink():
+        # a build killed in this folder left its hidden build folder: the folder counts as empty
+        for e in dest.iterdir():
+            if e.name.startswith(".building-") and e.is_dir() and not e.is_symlink():
+                shutil.rmtree(e, ignore_errors=True)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         what = "is a folder that is not empty" if dest.is_dir() else "is a file"
         raise CheckpointError(f"{what}; the demo workspace needs a new or empty folder", file=dest,

@@ -163,7 +163,7 @@ RULES: dict[str, Rule] = _rules(
                                     "or not as many as the config says")),
     ("ct.format", "error", None, ("the config's format (or quantization_status) names another compressor than "
                                   "the tensors were written by")),
-    ("ct.targets", "error", None, "a config group reaches a layer only through a module class it is not (Linear)"),
+    ("ct.targets", "error", None, "a config group reaches a layer only through a module class it is not"),
     ("ct.packing", "error", "R9", "weight_packed width fits neither packing generation, or contradicts `version`"),
     ("ct.zero-point", "error", "R10", "weight_zero_point layout (packed vs unpacked) contradicts `version`"),
     ("ct.sym-zero-point", "error", "R10", "symmetric: true but weight_zero_point stored (symmetric schemes write none)"),
@@ -1244,13 +1244,15 @@ class _Doctor:
         col, path, comps, sch = self.col, layer.path, layer.tensors, layer.scheme
         if sch in _CT_FORMATS and cfg.kind == "compressed-tensors" and len(layer.shape or ()) == 2:
             target = cfg.effective(path).settings.get("class_target")
-            if target is not None and not str(target).endswith("Linear"):
-                # compressed-tensors matches a class target by the module's class name: a 2-D
-                # weight of a transformers model is an nn.Linear's
+            if target is not None:
+                # compressed-tensors matches a class target by the module's class name
+                from .qconfig import ct_module_class
+                own = ct_module_class(path)
                 col.add("ct.targets", f"the only config group that reaches this layer targets the module class "
-                        f"`{target}`, but the layer is a Linear: compressed-tensors gives it no scheme, loaders "
-                        "drop its compressed tensors as unexpected and keep untrained weights (quantscope decodes "
-                        "it as the tensors say) — target `Linear` or the layer's name", file=file, layer=path)
+                        f"`{target}`, but the layer is a{'n' if own[0] in 'AEIOU' else ''} {own}: compressed-tensors "
+                        "gives it no scheme, loaders drop its compressed tensors as unexpected and keep untrained "
+                        f"weights (quantscope decodes it as the tensors say) — target `{own}` or the layer's name",
+                        file=file, layer=path)
         if sch in _CT_FORMATS and cfg.kind == "compressed-tensors":
             fmt = layer.settings.get("format")
             status = cfg.globals.get("quantization_status")

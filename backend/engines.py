@@ -147,7 +147,9 @@ def _np_ct_nvfp4(layer, p):
 
 
 def _np_modelopt_nvfp4(layer, p):
-    return ct.decode_modelopt_nvfp4(p["weight"], p["weight_scale"], p["weight_scale_2"], name=layer.path)
+    s = p["weight_scale"]  # (raw bytes, U8, are the E4M3 scales too: read as such, as the doctor does)
+    s = s.view(ml_dtypes.float8_e4m3fn) if s.dtype == np.uint8 else s
+    return ct.decode_modelopt_nvfp4(p["weight"], s, p["weight_scale_2"], name=layer.path)
 
 
 def _np_ct_mxfp4(layer, p):

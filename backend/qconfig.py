@@ -364,7 +364,8 @@ def _parse_modelopt(q: dict, where: str) -> QuantConfig:
     algo = q.get("quant_algo")
     out.globals = {"quant_algo": str(algo).upper() if isinstance(algo, str) else None,
                    "group_size": _number(out, q, "group_size") if "group_size" in q else None,
-                   "exclude_modules": _names(q.get("exclude_modules"))}
+                   # (hf_quant_config.json says exclude_modules; config.json, as ModelOpt writes it, ignore)
+                   "exclude_modules": _names(q.get("exclude_modules")) + _names(q.get("ignore"))}
     return out
 
 
@@ -522,6 +523,20 @@ def _resolve_awq(cfg: QuantConfig, path: str) -> Effective:
                      source=f"{cfg.file}: {_bits_group(g)}, version {g['version']}, zero_point={g['zero_point']}")
 
 
+def _is_class_target(t: str) -> bool:
+    return "." not in t and t[:1].isupper() and not t.startswith("re:")
+
+
+#: Last segments of the modules transformers makes nn.Embedding (the rest with a 2-D weight:
+#: nn.Linear), for compressed-tensors' class targets.
+_EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "embed_in", "tok_embeddings")
+
+
+def ct_module_class(path: str) -> str:
+    """The module class a compressed-tensors class target would have to name for ``path``."""
+    return "Embedding" if path.rsplit(".", 1)[-1] in _EMBEDDING_NAMES else "Linear"
+
+
 def _ct_matches(target: str, path: str) -> bool:
     if target.startswith("re:"):
         try:
@@ -538,18 +553,26 @@ def _resolve_ct(cfg: QuantConfig, path: str) -> Effective:
         if isinstance(pat, str) and not (pat[:1].isupper() and "." not in pat) and _ct_matches(pat, path):
             return Effective(quantized=False, source=f"ignore `{pat}` ({cfg.file})")
     # compressed-tensors' apply: each target string names one group (a later group's same
-    # target replaces it, in its place), and of the targets a module matches the first by kind
-    # wins: exact names, then regexes, then class names (match_targets), in config order
+    # target replaces it), and of the targets a module matches the first wins (match_targets):
+    # names before classes, targets sorted by (regex or not, the string itself), so exact names
+    # before regexes and each kind in alphabetical order, not the config's; a class target
+    # matches the module's own class, which the checkpoint does not store: a 2-D weight is a
+    # Linear's, an embedding table an Embedding's (another class reaching it is kept last, and
+    # the doctor says it: ct.targets)
     by_target: dict[str, tuple[str, dict]] = {}
     for gname, group in cfg.overrides:
         if isinstance(group, dict):
             for t in group.get("targets") or []:
                 if isinstance(t, str):
                     by_target[t] = (gname, group)
-    ranked = [(0 if not t.startswith("re:") and (t == path or path.endswith("." + t)) else
-               1 if t.startswith("re:") else 2, i, t)
-              for i, t in enumerate(by_target) if _ct_matches(t, path)]
-    for rank, _, hit in sorted(ranked)[:1]:
+    own = ct_module_class(path)
+
+    def rank(t: str) -> int:
+        if _is_class_target(t):
+            return 2 if t == own or (own == "Linear" and t.endswith("Linear")) else 3
+        return 0 if not t.startswith("re:") else 1
+    ranked = sorted((rank(t), "re:" in t, t) for t in by_target if _ct_matches(t, path))
+    for r, _, hit in ranked[:1]:
         gname, group = by_target[hit]
         w = group.get("weights") or {}
         fmt = group.get("format") or cfg.globals.get("format")
@@ -560,7 +583,7 @@ def _resolve_ct(cfg: QuantConfig, path: str) -> Effective:
                     # activations quantized with calibrated scales stored beside the weights
                     # (NVFP4's "local": a stored global scale, per-group ones at run time)
                     "input_dynamic": acts.get("dynamic", True) if isinstance(acts, dict) else None}
-        if rank == 2:  # matched by a module class name only (which the checkpoint cannot show)
+        if r == 3:  # reached only through a module class it is not (loaders give it no scheme)
             settings["class_target"] = hit
         return Effective(quantized=None, bits=w.get("num_bits"), group_size=w.get("group_size"),
                          settings=settings,

@@ -15,6 +15,7 @@ import os
 import stat
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
@@ -170,6 +171,8 @@ class SafetensorsFile:
                                       ".safetensors files", file=self.path, rule="container.missing")
             self.size = st.st_size
             self._stat = (st.st_size, st.st_mtime_ns, st.st_ino)
+            self._checked_at = time.monotonic()  # (see _check_unchanged)
+            self._changed: str | None = None
             head = os.pread(fd, 8, 0)
             if len(head) < 8:
                 cause = _likely_cause(head)  # (a short text file was said to be "truncated")
@@ -377,19 +380,28 @@ class SafetensorsFile:
         """Refuse a file that changed on disk since it was opened (re-quantized into the same
         folder, re-downloaded, synced): its header no longer describes it, and bytes of a mapping
         past a shortened file's end kill the process with a bus error, which Python cannot catch
-        (the window died selecting a layer). The page cache keeps the check cheap (a stat)."""
-        try:
-            st = os.stat(self.path)
-            now = (st.st_size, st.st_mtime_ns, st.st_ino)
-        except OSError as exc:
-            raise CheckpointError(f"can no longer be read ({exc.strerror or exc}): it was moved or deleted since "
-                                  "it was opened — open it again", file=self.path, tensor=name,
-                                  rule="container.changed") from None
-        if now != self._stat:
-            what = (f"now {now[0]:,} bytes, {self._stat[0]:,} when opened" if now[0] != self._stat[0]
-                    else "rewritten" if now[2] == self._stat[2] else "replaced by another file")
-            raise CheckpointError(f"changed on disk since it was opened ({what}): its header no longer describes "
-                                  "it — open it again", file=self.path, tensor=name, rule="container.changed")
+        (the window died selecting a layer). At most one stat per file every 50 ms: a sweep reads
+        thousands of experts' tensors a second (a stat each cost an MoE sweep 5-10%); a change
+        between two reads that close together goes unseen until the next check."""
+        now_t = time.monotonic()
+        if self._changed is None and now_t - self._checked_at < 0.05:
+            return
+        self._checked_at = now_t
+        if self._changed is None:
+            try:
+                st = os.stat(self.path)
+                now = (st.st_size, st.st_mtime_ns, st.st_ino)
+            except OSError as exc:
+                self._changed = (f"can no longer be read ({exc.strerror or exc}): it was moved or deleted since it "
+                                 "was opened — open it again")
+            else:
+                if now != self._stat:
+                    what = (f"now {now[0]:,} bytes, {self._stat[0]:,} when opened" if now[0] != self._stat[0]
+                            else "rewritten" if now[2] == self._stat[2] else "replaced by another file")
+                    self._changed = (f"changed on disk since it was opened ({what}): its header no longer "
+                                     "describes it — open it again")
+        if self._changed is not None:  # (said on every read from then on)
+            raise CheckpointError(self._changed, file=self.path, tensor=name, rule="container.changed")
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Return a tensor (or rows ``[start, stop)`` of its first axis) as a read-only numpy array.

@@ -379,6 +379,14 @@ def test_overwrite_swaps_in_one_step_and_a_killed_swap_is_put_right(demo, tmp_pa
     shutil.copytree(dst, aside)
     cv._clean_stale(dst)
     assert not aside.exists() and sorted(p.name for p in dst.iterdir()) == before
+    # put back before the destination is checked: a conversion without --overwrite is refused
+    # at once, not after planning, writing and verifying the whole model
+    dst.rename(aside)
+    with pytest.raises(ConversionError, match="already exists") as ei:
+        convert(demo.variants["awq-w4g128"], dst, to="dense", verify=False)
+    assert ei.value.rule == "convert.dst-exists" and sorted(p.name for p in dst.iterdir()) == before
+    with pytest.raises(ConversionError, match="--scales applies to --to mlx only"):
+        convert(demo.variants["awq-w4g128"], tmp_path / "d2", to="dense", scales="source")
 
 
 def test_refuses_destination_inside_source(demo, tmp_path):

@@ -365,6 +365,12 @@ def test_an_existing_empty_folder_is_kept_and_filled(tmp_path):
     assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
     assert got.root == dest and demo.load_demo_workspace(dest) is not None
     assert not [p for p in dest.iterdir() if p.name.startswith(".")]  # no hidden build folder left
+    # a build killed in such a folder left its hidden build folder: the next one is not refused
+    again = tmp_path / "again"
+    (again / ".building-x1y2" / "reference").mkdir(parents=True)
+    with pytest.raises(Cancelled):
+        demo.build_demo(again, progress=lambda f: stop.set() if f > 0.01 else None, cancel=stop)
+    assert list(again.iterdir()) == []
 
 
 def test_existing_destination_is_refused(tmp_path):

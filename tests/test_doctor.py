@@ -1250,7 +1250,7 @@ def test_a_finding_on_a_layers_tensor_names_the_layer(tmp_path):
 
 
 @pytest.mark.parametrize("targets,hit", [(["Conv2d"], True), (["Linear"], False), (["re:.*_proj"], False),
-                                         (["Conv2d", "re:.*mlp.*"], True)])
+                                         (["Conv2d", "re:.*mlp.*"], True), (["Embedding", "Linear"], False)])
 def test_a_config_group_reaching_linears_only_through_another_class_is_an_error(tmp_path, targets, hit):
     # compressed-tensors matches a class target by the module's class: `Conv2d` gives the
     # (Linear) layers no scheme, loaders drop their packed weights; "no problems found" before

@@ -141,3 +141,21 @@ def test_what_if_starts_in_the_layers_own_block_float_mode(tmp_path, qtbot):
     panel.set_layer(DOWN, {"mo": m})
     assert panel.mode.currentText() == "nvfp4"
     assert (panel.bits.currentText(), panel.group.currentText()) == ("4", "16")
+
+
+def test_scales_stored_as_bytes_and_a_dense_conversion(tmp_path):
+    """E4M3 scales stored as U8 bytes are read as E4M3 (detected, then refused by the decoder);
+    converted to dense, ModelOpt's hf_quant_config.json is not copied (the dense output read as
+    NVFP4 again, by quantscope and by vLLM's fallback to that file)."""
+    from quantscope.backend.convert import convert
+    rng = np.random.default_rng(12)
+    packed, scale, ws2, expect = _layer(rng, 32, 128)
+    d = _checkpoint(tmp_path / "m", {f"{DOWN}.weight": packed, f"{DOWN}.weight_scale": scale.view(np.uint8),
+                                     f"{DOWN}.weight_scale_2": np.array(ws2, np.float32)})
+    m = analyze(open_checkpoint(d))
+    np.testing.assert_array_equal(get_engine("numpy").dequantize(m, m.layers[DOWN]), expect)
+    convert(d, tmp_path / "dense", to="dense", dtype="f32")
+    assert not (tmp_path / "dense" / "hf_quant_config.json").exists()
+    out = analyze(open_checkpoint(tmp_path / "dense"))
+    assert out.config.kind is None and out.layers[DOWN].scheme == "dense"
+    np.testing.assert_array_equal(get_engine("numpy").dequantize(out, out.layers[DOWN]), expect)

@@ -229,3 +229,28 @@ def test_compressed_tensors_target_precedence():
     assert c.effective("model.layers.0.mlp.down_proj").bits == 2
     assert c.effective("model.layers.0.mlp.up_proj").bits == 4
     assert "group_1" in c.effective("model.layers.1.mlp.down_proj").source
+    # within a kind, targets in alphabetical order (compressed-tensors sorts them), not the file's;
+    # a class target names the module's own class: Linear for a projection, Embedding for a table
+    c = parse_configs({"config.json": {"quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"a": group(3, ["re:.*mlp.*"]), "b": group(8, ["re:.*down_proj"]),
+                          "c": group(6, ["Embedding"]), "d": group(4, ["Linear"])}}}})
+    assert c.effective("model.layers.1.mlp.down_proj").bits == 8  # "re:.*down_proj" < "re:.*mlp.*"
+    assert c.effective("model.layers.1.mlp.up_proj").bits == 3
+    assert c.effective("model.layers.1.self_attn.q_proj").bits == 4  # Linear, not the first class listed
+    assert c.effective("model.embed_tokens").bits == 6
+    assert "class_target" not in c.effective("model.layers.1.self_attn.q_proj").settings
+
+
+def test_modelopt_config_json_ignore_and_hf_quant_config_exclude_modules():
+    """ModelOpt writes `ignore` into config.json's quantization_config and `exclude_modules` into
+    hf_quant_config.json: both leave layers unquantized (config.json's was not read)."""
+    q = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16, "ignore": ["lm_head", "*.mlp.gate"]}
+    c = parse_configs({"config.json": {"quantization_config": q}})
+    assert c.effective("lm_head").quantized is False and c.effective("model.layers.3.mlp.gate").quantized is False
+    e = c.effective("model.layers.3.mlp.down_proj")
+    assert (e.quantized, e.bits, e.group_size) == (None, 4, 16)
+    c = parse_configs({"config.json": {}, "hf_quant_config.json": {"quantization": {
+        "quant_algo": "FP8", "exclude_modules": ["model.layers.0.*"]}}})
+    assert c.kind == "modelopt" and c.effective("model.layers.0.mlp.up_proj").quantized is False
+    assert c.effective("model.layers.1.mlp.up_proj").bits == 8

@@ -119,7 +119,10 @@ def test_a_search_that_reads_as_a_regular_expression_is_one(qtbot, model_ckpt):
     assert idx.search("layers.1.mlp") == [1] and idx.search("up_proj layers.1") == [1]  # terms
     assert idx.search("a[") == []  # not a valid pattern: matches nothing
     assert [n for n in paths if NameTerms("mlp|attn").search(n)] == paths
-    assert "regular expression" in NameTerms("down_proj$").what and NameTerms("mlp").regex is None
+    assert "regular expression" in NameTerms("down_proj$").what and "regular" not in NameTerms("mlp").what
+    # terms still combine: a plain one and a regex (the whole query was one regex, its space literal)
+    assert idx.search("layers.1. proj$") == [1, 2] and idx.search("mlp down_proj$") == [0, 3]
+    assert [n for n in paths if NameTerms("layers.1. proj$").search(n)] == paths[1:3]
     w = TensorTree()
     qtbot.addWidget(w)
     w.set_checkpoints({"ckpt": model_ckpt})

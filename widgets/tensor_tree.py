@@ -9,7 +9,7 @@ from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import (QApplication, QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu, QStyle,
                                QStyledItemDelegate, QTreeView, QVBoxLayout, QWidget)
 
-from quantscope.backend.search import _REGEX_CHARS, PathIndex, as_regex
+from quantscope.backend.search import PathIndex, query_kind
 
 from .plots import elide_path, shrinkable
 from .tensor_tree_model import BASE_COLUMNS, TensorTreeModel
@@ -216,9 +216,9 @@ class TensorTree(QWidget):
         if shown == 0 and "expert" in query and any(".switch_mlp." in p for p in self._index.paths):
             # the experts of this checkpoint are stacked: no module is called experts.N
             hint = " (experts stacked: try switch_mlp)"
-        elif as_regex(query) is not None:  # (said: "down_proj$" found nothing, silently, as terms)
+        elif query_kind(query) == "regex":  # (said: "down_proj$" found nothing, silently, as a substring)
             hint = " (a regular expression)"
-        elif _REGEX_CHARS.intersection(query):
+        elif query_kind(query) == "bad regex":
             hint = " (not a valid regular expression)"
         self.count.setText(f"{shown} of {total} modules{hint}")
 
