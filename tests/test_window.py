@@ -1868,6 +1868,12 @@ def test_the_convert_dialog_keeps_a_typed_destination_and_offers_only_settings_t
     assert not dlg.bits.isEnabled() and dlg.options()["bits"] is None and dlg.options()["recipe"] == "mixed_3_6"
     dlg.source.setCurrentText("gptq")
     assert not dlg.recipe.isEnabled() and dlg.options()["recipe"] is None and dlg.bits.isEnabled()
+    # --scales source from the dialog (MLX output only)
+    assert dlg.options()["scales"] == "exact"
+    dlg.source_scales.setChecked(True)
+    assert dlg.options()["scales"] == "source"
+    dlg.to.setCurrentText("dense")
+    assert not dlg.source_scales.isEnabled() and dlg.options()["scales"] == "exact"
 
 
 def test_whatif_affine_reproduces_the_mlx_variant_made_the_same_way(demo):

@@ -51,6 +51,12 @@ class ConvertDialog(QDialog):
         self.recipe.addItems(RECIPES)
         self.dtype = QComboBox()
         self.dtype.addItems(["bf16", "f16", "f32"])
+        # exact repacks write float32 scales where fp16 cannot hold a layer's biases exactly, and
+        # mlx-lm then computes that layer in float32: this keeps fp16, rounding (--scales source)
+        self.source_scales = QCheckBox("keep the source's scale dtype, rounding biases (--scales source)")
+        self.source_scales.setToolTip("Repacked GPTQ/AWQ layers keep fp16 scales and biases, as mlx-lm's own loaders "
+                                      "do; the report gives each layer's error (unchecked: exact, float32 where "
+                                      "needed)")
         self.overwrite = QCheckBox("replace an earlier output (--overwrite)")
         form = QFormLayout(self)
         form.addRow("Source", self.source)
@@ -61,6 +67,7 @@ class ConvertDialog(QDialog):
         form.addRow("Mode", self.mode)
         form.addRow("Recipe (dense → MLX)", self.recipe)
         form.addRow("Dense dtype", self.dtype)
+        form.addRow("", self.source_scales)
         form.addRow("", self.overwrite)
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.button(QDialogButtonBox.StandardButton.Ok).setText("Convert")
@@ -108,6 +115,7 @@ class ConvertDialog(QDialog):
         self.bits.setEnabled(mlx and not recipe and not fixed)
         self.group.setEnabled(mlx and not recipe and not fixed)
         self.dtype.setEnabled(not mlx)
+        self.source_scales.setEnabled(mlx)
         self._suggest(label)
 
     def options(self) -> dict:
@@ -119,4 +127,5 @@ class ConvertDialog(QDialog):
                 "group_size": None if g == KEEP else int(g), "mode": self.mode.currentText(),
                 "recipe": None if recipe == "uniform" else recipe,
                 "dtype": self.dtype.currentText() if self.to.currentText() == "dense" else None,
+                "scales": "source" if self.to.currentText() == "mlx" and self.source_scales.isChecked() else "exact",
                 "overwrite": self.overwrite.isChecked()}
