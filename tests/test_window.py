@@ -561,6 +561,10 @@ def test_one_point_is_plotted_from_zero_not_centred_on_a_span_of_one(qtbot):
                                    rel_fro=0.01, sqnr_db=40.0, rel_fro_raw=0.01)], {"v": "#f00"})
     lo, hi = plot.plot.getViewBox().viewRange()[1]
     assert -0.002 < lo <= 0.0 and 0.02 <= hi < 0.022
+    # the heatmap's colour bar names the metric (it had no label; SQNR's scale runs the other way)
+    assert plot.hm_bar.getAxis("right").labelText == "rel. error"
+    plot.metric_box.setCurrentIndex(plot.metric_box.findData("sqnr_db"))
+    assert plot.hm_bar.getAxis("right").labelText == "SQNR (dB), higher is better"
 
 
 def test_an_exact_layer_is_not_flagged_non_finite_under_sqnr(qtbot):

@@ -402,6 +402,10 @@ class LayerErrorPlot(QWidget):
         if label != self._ylabel:  # a label set again relays out the whole plot item
             self._ylabel = label
             self.plot.setLabel("left", label)
+            # the heatmap's colours say the same metric (its bar had no label; SQNR's brighter is
+            # better, the errors' worse)
+            short = self.metric_box.currentText()
+            self.hm_bar.getAxis("right").setLabel(short + (", higher is better" if "SQNR" in short else ""))
         by_var: dict[str, list] = {v: [] for v in self.series}
         for r in self._rows:
             if proj is None or r.proj == proj:
