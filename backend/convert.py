@@ -1225,19 +1225,18 @@ def _clean_stale(dst: Path) -> None:
         if tail.isdigit() and not _pid_alive(int(tail)):
             _logger.info("removing stale partial conversion %s", p)
             shutil.rmtree(p, ignore_errors=True)
-    # an --overwrite killed between its two renames (systems without an atomic exchange): the
-    # previous output, moved aside, goes back where it was if nothing took its place, else away
+    # an --overwrite of dst killed between its two renames (systems without an atomic exchange):
+    # dst's previous output, moved aside, goes back if nothing took its place, else away (only
+    # dst's: whose another aside folder is, its name cut short for the file system may not say)
+    mine = _hidden_name(dst, "quantscope-old").name.rsplit("-", 1)[0]
     for p in dst.parent.glob(".*.quantscope-old-*"):
-        stem, _, tail = p.name[1:].rpartition(".quantscope-old-")
-        if not (stem and tail.isdigit()) or _pid_alive(int(tail)):
+        prefix, _, tail = p.name.rpartition("-")
+        if prefix != mine or not tail.isdigit() or _pid_alive(int(tail)) or p.is_symlink():
             continue
-        home = p.parent / stem
-        if _hidden_name(home, "quantscope-old").name.rsplit("-", 1)[0] != p.name.rsplit("-", 1)[0]:
-            continue  # (a name cut short for the file system: which folder it was is not known)
-        if not home.exists() and not home.is_symlink():
-            _logger.info("restoring %s, moved aside by a killed conversion", home)
-            os.rename(p, home)
-        elif p.is_dir() and not p.is_symlink():
+        if not dst.exists() and not dst.is_symlink():
+            _logger.info("restoring %s, moved aside by a killed conversion", dst)
+            os.rename(p, dst)
+        elif p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -1638,7 +1637,8 @@ def _exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
         err = ctypes.get_errno()
-        if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):  # (a file system without it)
+        if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP, errno.ENOENT):  # (a file system
+            # without it; dst gone meanwhile: the plain rename then)
             return False
         raise OSError(err, os.strerror(err), str(b))
     return True

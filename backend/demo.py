@@ -906,9 +906,12 @@ def build_demo(dest: Path, *, seed: int = 0, progress: Callable[[float], None] |
     """
     dest = Path(dest).expanduser()
     if dest.is_dir() and not dest.is_symlink():
-        # a build killed in this folder left its hidden build folder: the folder counts as empty
+        # a build killed in this folder left its hidden build folder (named with its process id):
+        # the folder counts as empty; a build still running there keeps it, and this one is refused
+        from .convert import _pid_alive
         for e in dest.iterdir():
-            if e.name.startswith(".building-") and e.is_dir() and not e.is_symlink():
+            pid = e.name[len(".building-"):].split("-", 1)[0] if e.name.startswith(".building-") else ""
+            if pid.isdigit() and not _pid_alive(int(pid)) and e.is_dir() and not e.is_symlink():
                 shutil.rmtree(e, ignore_errors=True)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         what = "is a folder that is not empty" if dest.is_dir() else "is a file"
@@ -921,7 +924,8 @@ def build_demo(dest: Path, *, seed: int = 0, progress: Callable[[float], None] |
     where = dest if keep else dest.parent
     try:  # a refusal names the folder written into, not the hidden one
         where.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".building-" if keep else f".{dest.name}.building-", dir=where))
+        tmp = Path(tempfile.mkdtemp(prefix=f".building-{os.getpid()}-" if keep else f".{dest.name}.building-",
+                                    dir=where))
     except OSError as exc:
         raise CheckpointError(f"cannot write into {where} ({exc.strerror or exc})", file=dest,
                               rule="demo.dest-exists") from None

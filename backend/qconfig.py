@@ -529,7 +529,9 @@ def _is_class_target(t: str) -> bool:
 
 #: Last segments of the modules transformers makes nn.Embedding (the rest with a 2-D weight:
 #: nn.Linear), for compressed-tensors' class targets.
-_EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "embed_in", "tok_embeddings")
+_EMBEDDING_NAMES = ("embed_tokens", "wte", "wpe", "word_embeddings", "embeddings", "embed_in", "tok_embeddings",
+                    "shared", "embed_positions", "position_embeddings", "token_type_embeddings",
+                    "embed_tokens_per_layer")
 
 
 def ct_module_class(path: str) -> str:
@@ -567,9 +569,9 @@ def _resolve_ct(cfg: QuantConfig, path: str) -> Effective:
                     by_target[t] = (gname, group)
     own = ct_module_class(path)
 
-    def rank(t: str) -> int:
+    def rank(t: str) -> int:  # (a subclass of Linear after Linear itself: compressed-tensors matches ancestry)
         if _is_class_target(t):
-            return 2 if t == own or (own == "Linear" and t.endswith("Linear")) else 3
+            return 2 if t == own else 3 if own == "Linear" and t.endswith("Linear") else 4
         return 0 if not t.startswith("re:") else 1
     ranked = sorted((rank(t), "re:" in t, t) for t in by_target if _ct_matches(t, path))
     for r, _, hit in ranked[:1]:
@@ -583,7 +585,7 @@ def _resolve_ct(cfg: QuantConfig, path: str) -> Effective:
                     # activations quantized with calibrated scales stored beside the weights
                     # (NVFP4's "local": a stored global scale, per-group ones at run time)
                     "input_dynamic": acts.get("dynamic", True) if isinstance(acts, dict) else None}
-        if r == 3:  # reached only through a module class it is not (loaders give it no scheme)
+        if r == 4:  # reached only through a module class it is not (loaders give it no scheme)
             settings["class_target"] = hit
         return Effective(quantized=None, bits=w.get("num_bits"), group_size=w.get("group_size"),
                          settings=settings,

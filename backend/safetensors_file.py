@@ -150,6 +150,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._mm: mmap.mmap | None = None
+        self._fd: int | None = None  # the mapped file, kept open for a cheap fstat per read
         try:
             # O_NONBLOCK: a FIFO named x.safetensors would block the open until a writer came
             # (it is refused below); regular files ignore the flag
@@ -373,6 +374,7 @@ class SafetensorsFile:
                     with open(self.path, "rb") as fh:
                         # Read-only mapping: nothing quantscope does can write into an opened checkpoint.
                         self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                        self._fd = os.dup(fh.fileno())
                 mm = self._mm
         return mm
 
@@ -380,28 +382,35 @@ class SafetensorsFile:
         """Refuse a file that changed on disk since it was opened (re-quantized into the same
         folder, re-downloaded, synced): its header no longer describes it, and bytes of a mapping
         past a shortened file's end kill the process with a bus error, which Python cannot catch
-        (the window died selecting a layer). At most one stat per file every 50 ms: a sweep reads
-        thousands of experts' tensors a second (a stat each cost an MoE sweep 5-10%); a change
-        between two reads that close together goes unseen until the next check."""
-        now_t = time.monotonic()
-        if self._changed is None and now_t - self._checked_at < 0.05:
-            return
-        self._checked_at = now_t
+        (the window died selecting a layer). The mapped file is looked at on every read (an
+        fstat); its path, for a file replaced or deleted, at most every 50 ms."""
         if self._changed is None:
+            fd = self._fd
             try:
-                st = os.stat(self.path)
-                now = (st.st_size, st.st_mtime_ns, st.st_ino)
-            except OSError as exc:
-                self._changed = (f"can no longer be read ({exc.strerror or exc}): it was moved or deleted since it "
-                                 "was opened — open it again")
-            else:
-                if now != self._stat:
-                    what = (f"now {now[0]:,} bytes, {self._stat[0]:,} when opened" if now[0] != self._stat[0]
-                            else "rewritten" if now[2] == self._stat[2] else "replaced by another file")
-                    self._changed = (f"changed on disk since it was opened ({what}): its header no longer "
-                                     "describes it — open it again")
+                if fd is not None:  # the mapped file itself, every read (~1 µs): cut short or rewritten
+                    st = os.fstat(fd)
+                    self._compare((st.st_size, st.st_mtime_ns, self._stat[2]))
+                now_t = time.monotonic()
+                if fd is None or now_t - self._checked_at >= 0.05:
+                    # the path, at most every 50 ms (a stat each cost an MoE sweep 5-10%):
+                    # replaced or deleted (the mapping keeps the old file: no crash, stale bytes)
+                    self._checked_at = now_t
+                    st = os.stat(self.path)
+                    self._compare((st.st_size, st.st_mtime_ns, st.st_ino))
+            except FileNotFoundError:
+                self._changed = "can no longer be read: it was moved or deleted since it was opened — open it again"
+            except OSError as exc:  # (a passing failure of a network file system: said, not kept)
+                raise CheckpointError(f"cannot be checked ({exc.strerror or exc})", file=self.path, tensor=name,
+                                      rule="container.changed") from None
         if self._changed is not None:  # (said on every read from then on)
             raise CheckpointError(self._changed, file=self.path, tensor=name, rule="container.changed")
+
+    def _compare(self, now: tuple) -> None:
+        if now != self._stat:
+            what = (f"now {now[0]:,} bytes, {self._stat[0]:,} when opened" if now[0] != self._stat[0]
+                    else "rewritten" if now[2] == self._stat[2] else "replaced by another file")
+            self._changed = (f"changed on disk since it was opened ({what}): its header no longer describes it "
+                             "— open it again")
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """Return a tensor (or rows ``[start, stop)`` of its first axis) as a read-only numpy array.
@@ -485,6 +494,9 @@ class SafetensorsFile:
     def close(self) -> None:
         """Drop the mapping (arrays still referencing it keep it alive until they are freed)."""
         mm, self._mm = self._mm, None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
         if mm is not None:
             try:
                 mm.close()

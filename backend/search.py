@@ -40,11 +40,20 @@ def query_kind(query: str) -> str:
 
 
 def _matcher(term: str):
-    """A test of one lower-cased line for ``term``: its regular expression, or the substring."""
+    """A test of one lower-cased line for ``term`` (as typed): its regular expression, compiled
+    from the term itself (lower-cased, ``\\D`` would read ``\\d``), or the lower-cased substring."""
     if _REGEX_CHARS.intersection(term):
         rx = as_regex(term)
         return (lambda line: False) if rx is None else (lambda line: rx.search(line) is not None)
-    return lambda line, t=term: t in line
+    low = term.lower()
+    return lambda line: low in line
+
+
+def _split(query: str) -> tuple[list[str], list[str]]:
+    """(plain terms lower-cased, the longest first; regex terms as typed) of ``query``."""
+    typed = dict.fromkeys(query.split())
+    plain = sorted({t.lower() for t in typed if not _REGEX_CHARS.intersection(t)}, key=len, reverse=True)
+    return plain, [t for t in typed if _REGEX_CHARS.intersection(t)]
 
 
 class PathIndex:
@@ -66,18 +75,18 @@ class PathIndex:
 
     def search(self, query: str) -> list[int] | None:
         """Ids (ascending) of paths matching every term of ``query``; None for an empty query."""
-        terms = _terms(query)
-        if not terms:
+        plain, regexes = _split(query)
+        if not plain and not regexes:
             return None
+        if any(as_regex(t) is None for t in regexes):
+            return []  # (a term that is no valid pattern matches nothing: no scan)
         low = self._lower
-        plain = [t for t in terms if not _REGEX_CHARS.intersection(t)]
         hits = list(range(len(low)))
         for t in plain:  # (the longest first: it narrows most)
             hits = [i for i in hits if t in low[i]]
-        for t in terms:
-            if t not in plain:  # a regex: a path, or one of its tensors' names, in its own line
-                m = _matcher(t)
-                hits = [i for i in hits if any(m(line) for line in low[i].split("\n"))]
+        for t in regexes:  # a path, or one of its tensors' names, in its own line
+            m = _matcher(t)
+            hits = [i for i in hits if any(m(line) for line in low[i].split("\n"))]
         return hits
 
 
@@ -88,7 +97,7 @@ class NameTerms:
     def __init__(self, query: str) -> None:
         self.pattern = query.strip()
         self.terms = _terms(query)
-        self._tests = [_matcher(t) for t in self.terms]
+        self._tests = [_matcher(t) for t in dict.fromkeys(query.split())]
         self.what = f"the search '{self.pattern}'" + (" (regular expressions)" if query_kind(query) == "regex"
                                                       else "")
 

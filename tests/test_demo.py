@@ -367,10 +367,15 @@ def test_an_existing_empty_folder_is_kept_and_filled(tmp_path):
     assert not [p for p in dest.iterdir() if p.name.startswith(".")]  # no hidden build folder left
     # a build killed in such a folder left its hidden build folder: the next one is not refused
     again = tmp_path / "again"
-    (again / ".building-x1y2" / "reference").mkdir(parents=True)
+    (again / f".building-{2 ** 22 + 1}-x1y2" / "reference").mkdir(parents=True)  # (no such process)
     with pytest.raises(Cancelled):
         demo.build_demo(again, progress=lambda f: stop.set() if f > 0.01 else None, cancel=stop)
     assert list(again.iterdir()) == []
+    # a build still running there (this process) keeps its folder, and another is refused
+    (again / f".building-{os.getpid()}-x1y2").mkdir()
+    with pytest.raises(CheckpointError, match="not empty"):
+        demo.build_demo(again)
+    assert [p.name for p in again.iterdir()] == [f".building-{os.getpid()}-x1y2"]
 
 
 def test_existing_destination_is_refused(tmp_path):

@@ -122,6 +122,9 @@ def test_a_search_that_reads_as_a_regular_expression_is_one(qtbot, model_ckpt):
     assert "regular expression" in NameTerms("down_proj$").what and "regular" not in NameTerms("mlp").what
     # terms still combine: a plain one and a regex (the whole query was one regex, its space literal)
     assert idx.search("layers.1. proj$") == [1, 2] and idx.search("mlp down_proj$") == [0, 3]
+    # compiled as typed: lower-cased, \D (a non-digit) read \d, and \Z did not compile
+    assert idx.search(r"layers\.\D") == [] and idx.search(r"layers\.1\d") == [3]
+    assert idx.search(r"proj\Z") == [0, 1, 2, 3]
     assert [n for n in paths if NameTerms("layers.1. proj$").search(n)] == paths[1:3]
     w = TensorTree()
     qtbot.addWidget(w)
