@@ -649,6 +649,7 @@ class MainWindow(QMainWindow):
             self._highlight(self.current_layer, keep_search=True)  # (what the user searched for stays)
         self.config.set_checkpoint(label, self.workspace.models().get(label))
         self.doctor.set_compare_note(self._compare_note(label))
+        self.heatmap.follow(label)  # the group errors of the checkpoint the tree shows
         # The doctor's findings belong to one checkpoint: show that one's, or none.
         found = self._doctor_found.get(label)
         if found is None:
@@ -908,9 +909,13 @@ class MainWindow(QMainWindow):
                   else "No variant stores integer zero points for this layer"),
             absent=(f"No integer zero points: {', '.join(no_zeros)} (symmetric or float formats store none; MLX's "
                     "biases are offsets in weight units)" if no_zeros and r["zero_counts"] else "")))
+        # the group errors of the variant the tree shows, where it has a map (it started on the
+        # first variant whatever the tree showed, an fp16 copy's rounding noise in full colour)
+        shown = self.tree.current_label()
         upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note=no_ref if alone else
                                                         "No variant quantizes this layer in groups",
-                                                        by_index=r.get("by_index", ()), blocks=r.get("blocks", {})))
+                                                        by_index=r.get("by_index", ()), blocks=r.get("blocks", {}),
+                                                        prefer=shown))
         self._shown_layer = d.name
         self._detail_errors = (d.name, d, no_ref if alone else None)
         self._refresh_result()

@@ -1005,6 +1005,24 @@ def test_a_discrete_log_histogram_starts_at_the_empty_bins_floor(qtbot):
     assert h.plot.getViewBox().autoRangeEnabled()[1]
 
 
+def test_group_error_map_shows_the_trees_checkpoint(win, qtbot):
+    # it started on the first variant whatever the tree showed, and did not follow the tree
+    win.tabs.setCurrentWidget(win.heatmap)  # (a hidden view is brought up to date when shown)
+    win.tree.combo.setCurrentText("awq-w4g128")
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    assert win.heatmap.variant.currentText() == "awq-w4g128"
+    win.tree.combo.setCurrentText("mlx-affine-q4g64")
+    assert win.heatmap.variant.currentText() == "mlx-affine-q4g64"
+    # a variant chosen in the view stays from layer to layer
+    i = win.heatmap.variant.findText("rtn-w4g128")
+    win.heatmap.variant.setCurrentIndex(i)
+    win.heatmap.variant.activated.emit(i)
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.2.mlp.down_proj")
+    assert win.heatmap.variant.currentText() == "rtn-w4g128"
+
+
 def test_group_error_map_marks_nonfinite_cells_and_names_act_order(qtbot):
     """A NaN group was drawn blank (it looked like padding) and an inf one in the top colour;
     the x-axis said "act-order: by g_idx" for every variant."""

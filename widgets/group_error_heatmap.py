@@ -70,6 +70,9 @@ class GroupErrorHeatmap(QWidget):
         self.hint = Hint(self.glw, "Select a quantized layer in the Tensors tree: the relative error of each "
                                    "quantization group (rows × groups), one variant at a time", right=110)
         self.variant.currentTextChanged.connect(self._show)
+        #: the user chose the variant shown: it stays from layer to layer, until the tree shows another
+        self._picked = False
+        self.variant.activated.connect(lambda _: setattr(self, "_picked", True))
         self.scale.toggled.connect(lambda _: self._show(self.variant.currentText()))
         self.glw.scene().sigMouseMoved.connect(self._on_move)
 
@@ -79,10 +82,12 @@ class GroupErrorHeatmap(QWidget):
                 else f"colour scale: {self.variant.currentText()}'s own"]
 
     def set_maps(self, maps: dict[str, tuple[np.ndarray, int]], empty_note: str = "", by_index=(),
-                 blocks: dict | None = None) -> None:
+                 blocks: dict | None = None, prefer: str | None = None) -> None:
         """``maps``: variant → (map [rows', groups], rows per displayed row); ``empty_note``: what
         the view says when there is none; ``by_index``: the variants whose columns are grouped by
-        their act-order index (g_idx), not in runs of group_size."""
+        their act-order index (g_idx), not in runs of group_size; ``prefer``: the variant to show
+        where it has a map (the tree's) and the user has not chosen another, else the one shown
+        stays."""
         self._maps = dict(maps)
         self._by_index = set(by_index)
         self._blocks = dict(blocks or {})  # variant -> columns per cell, where it has no groups
@@ -95,9 +100,18 @@ class GroupErrorHeatmap(QWidget):
         self.variant.clear()
         self.variant.addItems(list(maps))
         self.variant.blockSignals(False)
-        if cur in maps:
+        if prefer in maps and not self._picked:
+            self.variant.setCurrentText(prefer)
+        elif cur in maps:
             self.variant.setCurrentText(cur)
         self._show(self.variant.currentText())
+
+    def follow(self, label: str) -> None:
+        """The tree shows checkpoint ``label``: its map is shown (where it has one), a variant the
+        user chose here before is let go."""
+        self._picked = False
+        if label in self._maps:
+            self.variant.setCurrentText(label)
 
     def _show(self, label: str) -> None:
         m = self._maps.get(label)
