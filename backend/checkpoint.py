@@ -398,6 +398,16 @@ class Checkpoint:
                     where[t] = f
         return where
 
+    @property
+    def tied_embeddings(self) -> bool | None:
+        """config.json's ``tie_word_embeddings`` (a VLM's under ``text_config``): whether the
+        output head is the embedding table; None where the config does not say."""
+        conf = self.configs.get("config.json") or {}
+        tie = conf.get("tie_word_embeddings")
+        if tie is None and isinstance(conf.get("text_config"), dict):
+            tie = conf["text_config"].get("tie_word_embeddings")
+        return tie
+
     def _read_configs(self) -> dict[str, dict]:
         configs: dict[str, dict] = {}
         for name in CONFIG_FILES:

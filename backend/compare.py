@@ -1493,8 +1493,7 @@ def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
     if s in ("bnb-nf4", "bnb-fp4"):
         return bnb.codes_4bit(t["weight"], layer.settings)
     if s in ("ct-nvfp4", "ct-mxfp4", "modelopt-nvfp4"):  # E2M1 pairs, low nibble first
-        packed = np.asarray(t["weight_packed" if s.startswith("ct-") else "weight"])
-        return ct.codes_fp4(packed, layer.path).reshape(layer.shape)
+        return ct.codes_fp4(np.asarray(t[_PACKED_CODES[s]]), layer.path).reshape(layer.shape)
     return None
 
 

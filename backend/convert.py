@@ -730,11 +730,7 @@ def _plan_mlx(model: Model, targets: _Targets, engine, notes: list[str], cancel,
     source_quantized = any(lay.quantized for lay in model.layers.values())
     model_dtype = _model_float_dtype(model)
     layers = list(model.layers.values())
-    conf = model.ckpt.configs.get("config.json") or {}
-    tied = conf.get("tie_word_embeddings")
-    if tied is None and isinstance(conf.get("text_config"), dict):
-        tied = conf["text_config"].get("tie_word_embeddings")
-    if tied is True:
+    if model.ckpt.tied_embeddings is True:
         # mlx-lm's models build no lm_head where the head is the embedding, and refuse the
         # tensors of one ("parameters not in model: lm_head.biases, lm_head.scales"); its
         # converter drops it, as here (it was quantized and written, and mlx-lm failed to load)

@@ -47,7 +47,7 @@ from .errors import Cancelled, QuantscopeError
 from .formats.gptq import mislabelled_format
 from .formats.mlx import E4M3, E8M0, MODE_DEFAULTS, affine_fits
 from .safetensors_file import SafetensorsFile
-from .schemes import _FP_SCALE_DTYPES, QUANT_PARTS, Layer, gptq_groups
+from .schemes import FP_SCALE_DTYPES, QUANT_PARTS, Layer, gptq_groups
 
 _logger = logging.getLogger(__name__)
 
@@ -1024,7 +1024,7 @@ class _Doctor:
         if mode != "affine" and layer.warning:  # (the config's mode/bits/group against block-float tensors)
             col.add("mlx.bits-group", layer.warning, file=file, tensor=tname, layer=path)
             return
-        if mode != "affine" and s.dtype not in _FP_SCALE_DTYPES.get(mode, ("U8",)):
+        if mode != "affine" and s.dtype not in FP_SCALE_DTYPES.get(mode, ("U8",)):
             col.add("mx.e8m0-scale", f"{mode} scales are {s.dtype}; they must be U8 exponent (E8M0) / E4M3 bytes. "
                     "Decoded-to-linear scales read as exponents give weights off by ~10^5 (omlx #2159) — store "
                     "the raw scale bytes", file=file, tensor=tname, layer=path)
@@ -1223,10 +1223,7 @@ class _Doctor:
                         "checkpoint was converted to bf16 (fp8_cast_bf16.py) without removing the block; loaders "
                         "take the FP8 path and fail ('Unknown quantization type, got fp8') — delete "
                         "quantization_config from config.json", file=self.root / "config.json")
-        conf = ck.configs.get("config.json") or {}
-        tie = conf.get("tie_word_embeddings")
-        if tie is None and isinstance(conf.get("text_config"), dict):
-            tie = conf["text_config"].get("tie_word_embeddings")
+        tie = ck.tied_embeddings
         heads = [n for n in ck.names if n.startswith("lm_head.") or ".lm_head." in n]
         embeds = any("embed_tokens." in n for n in ck.names) if tie is False and not heads else False
         if tie is True and heads:

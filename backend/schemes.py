@@ -390,7 +390,7 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
                          "config's values — drop them or set these")
     if has_biases:
         layer.problem = f"{mode} layer with `.biases` (only affine has biases)"
-    if s.dtype not in _FP_SCALE_DTYPES.get(mode, ("U8",)):
+    if s.dtype not in FP_SCALE_DTYPES.get(mode, ("U8",)):
         layer.problem = f"{mode} scales are {s.dtype}, expected U8 exponent/E4M3 bytes"
     try:
         layer.shape = affine_shape(w.shape, s.shape, layer.bits, layer.group_size)
@@ -401,7 +401,7 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
 
 #: The scale dtypes an MLX block-float layer may carry: raw bytes, or the F8 type they are
 #: (``mx.load`` gives both as uint8: F8_E4M3 since mlx 0.30.3, F8_E8M0 since 0.32.0).
-_FP_SCALE_DTYPES = {"mxfp4": ("U8", "F8_E8M0"), "mxfp8": ("U8", "F8_E8M0"), "nvfp4": ("U8", "F8_E4M3")}
+FP_SCALE_DTYPES = {"mxfp4": ("U8", "F8_E8M0"), "mxfp8": ("U8", "F8_E8M0"), "nvfp4": ("U8", "F8_E4M3")}
 
 
 def _guess_fp_mode(wshape, sshape) -> str:

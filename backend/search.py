@@ -6,13 +6,6 @@ from __future__ import annotations
 
 import re
 
-
-def _terms(query: str) -> list[str]:
-    """A query's space-separated terms, lower case, distinct, the longest first (scanned first:
-    it narrows most)."""
-    return sorted({t for t in re.split(r"\s+", query.strip().lower()) if t}, key=len, reverse=True)
-
-
 #: Characters no module path holds: a term with one of them is a regular expression (as
 #: ``compare --layers`` takes), searched anywhere in the path, case-insensitive. Plain terms
 #: (letters, digits, dots, underscores) stay substrings: ``layers.1.mlp`` finds what it says.
@@ -96,7 +89,6 @@ class NameTerms:
 
     def __init__(self, query: str) -> None:
         self.pattern = query.strip()
-        self.terms = _terms(query)
         self._tests = [_matcher(t) for t in dict.fromkeys(query.split())]
         self.what = f"the search '{self.pattern}'" + (" (regular expressions)" if query_kind(query) == "regex"
                                                       else "")

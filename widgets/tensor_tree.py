@@ -211,15 +211,13 @@ class TensorTree(QWidget):
         self.model.set_visible(ids)
         total = len(self._index.paths)
         shown = total if ids is None else len(ids)
-        hint = ""
         query = self.search.text()
         if shown == 0 and "expert" in query and any(".switch_mlp." in p for p in self._index.paths):
             # the experts of this checkpoint are stacked: no module is called experts.N
             hint = " (experts stacked: try switch_mlp)"
-        elif query_kind(query) == "regex":  # (said: "down_proj$" found nothing, silently, as a substring)
-            hint = " (a regular expression)"
-        elif query_kind(query) == "bad regex":
-            hint = " (not a valid regular expression)"
+        else:  # (said: "down_proj$" found nothing, silently, as a substring)
+            hint = {"regex": " (a regular expression)", "bad regex": " (not a valid regular expression)"}.get(
+                query_kind(query), "")
         self.count.setText(f"{shown} of {total} modules{hint}")
 
     def current_label(self) -> str:

@@ -467,17 +467,13 @@ def e8m0_to_float32(scale: np.ndarray) -> np.ndarray:
     return s.astype(np.float32)
 
 
-def _unpack_fp4(packed: np.ndarray, name) -> np.ndarray:
+def codes_fp4(packed: np.ndarray, name: str | None = None) -> np.ndarray:
+    """The E2M1 codes ``uint8 [..., N, K]`` of NVFP4/MXFP4 bytes ``[..., N, K/2]`` (compressed-tensors'
+    and ModelOpt's packing: low nibble = even element)."""
     p = np.asarray(packed)
     check(p.dtype == np.uint8, f"weight_packed must be U8 for fp4 formats, got {p.dtype}", name)
     # Low nibble = even element (formats.md §5.4): the same byte layout as MLX nvfp4/mxfp4.
     return bitpack.unpack_bits(p, 4, p.shape[-1] * 2)
-
-
-def codes_fp4(packed: np.ndarray, name: str | None = None) -> np.ndarray:
-    """The E2M1 codes ``uint8 [..., N, K]`` of NVFP4/MXFP4 bytes ``[..., N, K/2]`` (compressed-tensors'
-    and ModelOpt's packing: low nibble = even element)."""
-    return _unpack_fp4(packed, name)
 
 
 def decode_nvfp4(weight_packed: np.ndarray, weight_scale: np.ndarray,
@@ -518,7 +514,7 @@ def decode_nvfp4(weight_packed: np.ndarray, weight_scale: np.ndarray,
 def _nvfp4_parts(packed, packed_name: str, weight_scale, second, second_name: str, group_size: int, name):
     """(codes, E4M3 block scales, the second-level scale as a float32 scalar) of an NVFP4 layer,
     their shapes and dtypes checked."""
-    codes = _unpack_fp4(packed, name)
+    codes = codes_fp4(packed, name)
     s = np.asarray(weight_scale)
     K = codes.shape[-1]
     ng = -(-K // group_size)
@@ -577,7 +573,7 @@ def decode_mxfp4(weight_packed: np.ndarray, weight_scale: np.ndarray, *, group_s
     numpy.ndarray
         float32 ``[N, K]``.
     """
-    codes = _unpack_fp4(weight_packed, name)
+    codes = codes_fp4(weight_packed, name)
     s = np.asarray(weight_scale)
     K = codes.shape[-1]
     ng = -(-K // group_size)
