@@ -370,9 +370,9 @@ def test_convert_from_the_window_opens_the_result_with_its_error(win, qtbot, tmp
     assert win.tree.current_label() == "awq-mlx"  # the tree shows the result (it jumped to the first variant)
     # the result opens beside the others: the shown layer's errors now include it, and the
     # conversion's summary stays under them (the refresh wiped it)
-    qtbot.waitUntil(lambda: "awq-mlx: rel_fro" in win.config.whatif_result.text().replace("\u200b", ""),
+    qtbot.waitUntil(lambda: "awq-mlx: rel_fro" in win.config.whatif_result.text(),
                     timeout=30_000)
-    assert "Last conversion: converted" in win.config.whatif_result.text().replace("\u200b", "")
+    assert "Last conversion: converted" in win.config.whatif_result.text()
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):  # another layer: the summary has been read
         assert win.tree.select("model.layers.1.mlp.up_proj")
     assert "Last conversion" not in win.config.whatif_result.text()
@@ -804,17 +804,32 @@ def test_moe_heatmap_cells_hold_the_worst_expert_and_the_router_is_named(qtbot):
     plot.set_rows(like + rows[40:], {"v": "#f00"})  # a router like the rest: in the range
     assert plot.hm_bar.levels() == (0.095, 0.13) and title() == "v"
 
-def test_code_usage_of_different_bit_widths_is_drawn_on_each_ones_range(qtbot):
+def test_code_usage_of_different_bit_widths_gets_a_plot_per_level_count(qtbot):
     from quantscope.widgets.code_usage_view import CodeUsageView
     view = CodeUsageView()
     qtbot.addWidget(view)
-    view.set_counts({"w3": np.ones(8), "w4": np.ones(16)}, {"w3": "#f00", "w4": "#00f"}, absent=["fp8"])
-    bars = [i for i in view.plot.getPlotItem().items if type(i).__name__ == "BarGraphItem"]
-    xs = [np.asarray(b.opts["x"]) for b in bars]
-    assert all(x.min() > -0.1 and x.max() < 1.1 for x in xs)  # both on 0..1: top level meets top level
-    assert "top level" in view.plot.getAxis("bottom").labelText and "fp8" in view.summary.text()
-    view.set_counts({"w4": np.ones(16)}, {"w4": "#00f"})
-    assert view.plot.getAxis("bottom").labelText == "code level"
+    view.show()
+    counts = {"w4a": np.arange(1, 17), "w3": np.r_[0, np.ones(7)], "w4b": np.ones(16)}
+    view.set_counts(counts, {"w3": "#f00", "w4a": "#00f", "w4b": "#0f0"}, absent=["fp8"])
+
+    def bars(plot):
+        return [i for i in plot.getPlotItem().items if type(i).__name__ == "BarGraphItem"]
+
+    plots = view.plots()
+    assert len(plots) == 2 and len(view.figure_parts()) == 4  # legend, two plots, summary
+    # fewest levels first, each on its own integer axis: a 3-bit bar never stands among 4-bit ones
+    assert plots[0].getPlotItem().titleLabel.text == "8 levels (3-bit)"
+    assert plots[1].getPlotItem().titleLabel.text == "16 levels (4-bit)"
+    (b3,) = bars(plots[0])
+    np.testing.assert_allclose(b3.opts["x"], np.arange(8))  # one variant: centred on its levels
+    np.testing.assert_allclose(b3.opts["height"], 100 * counts["w3"] / 7)
+    xa, xb = (np.asarray(b.opts["x"]) for b in bars(plots[1]))
+    np.testing.assert_allclose(xb - xa, 0.4)  # side by side within each level
+    assert np.all(np.abs(xa - np.arange(16)) < 0.5) and "fp8" in view.summary.text()
+    assert "unused [0]" in view.summary.text()
+    view.set_counts({"w4": np.ones(16)}, {"w4": "#00f"})  # one level count again: one plot, untitled
+    assert view.plots() == [view.plot] and not view.plot.getPlotItem().titleLabel.isVisible()
+    assert view.plot.getAxis("bottom").labelText == "code level" and len(bars(view.plot)) == 1
 
 
 def test_tree_shows_name_then_the_shown_checkpoints_error_then_scheme_and_bits(win, qtbot):
@@ -1263,7 +1278,7 @@ def test_a_reference_alone_says_no_variant_is_open(win, qtbot, demo):
     for i in range(win.tabs.count()):
         win.tabs.setCurrentIndex(i)
     for text in (win.err_hist.hint.text(), win.heatmap.hint.text(), win.config.whatif_result.text()):
-        assert "no variant is open" in text.replace("\u200b", "") and "no layer of that name" not in text
+        assert "no variant is open" in text and "no layer of that name" not in text
 
 
 def test_without_a_reference_the_views_show_what_the_checkpoint_holds(win, qtbot, demo):
@@ -1278,7 +1293,7 @@ def test_without_a_reference_the_views_show_what_the_checkpoint_holds(win, qtbot
     assert win.codes._counts["gptq-w4g128"].sum() == 1536 * 512
     assert "gptq-w4g128" in win.scales._counts and "gptq-w4g128" in win.zeros._counts
     for text in (win.err_hist.hint.text(), win.heatmap.hint.text(), win.config.whatif_result.text()):
-        assert "no reference to measure the error against" in text.replace("\u200b", "")
+        assert "no reference to measure the error against" in text
     # a layer no open checkpoint has any more (the workspace changed under it): views emptied
     win.current_layer = "model.layers.9.mlp.up_proj"
     win._reselect()
@@ -1327,13 +1342,13 @@ def test_a_variant_that_cannot_be_compared_is_named_and_the_others_compared(win,
         assert win.tree.select("model.layers.0.mlp.up_proj")
     assert "Not shown: bits8" in win.hist.footer.text() and "bits8" not in win.hist._counts
     assert "bits8: not shown, the variant's layer model.layers.0.mlp.up_proj cannot be decoded" in \
-        win.config.whatif_result.text().replace("\u200b", "")  # (break chances in long words)
+        win.config.whatif_result.text()
     # the only variant: the box said "no open variant has this layer", which it has
     with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
         win.open_workspace([str(bad)], str(demo.reference))
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         assert win.tree.select("model.layers.0.mlp.up_proj")
-    text = win.config.whatif_result.text().replace("\u200b", "")
+    text = win.config.whatif_result.text()
     assert "bits8: not shown, the variant's layer model.layers.0.mlp.up_proj cannot be decoded" in text
     assert "no open variant has this layer" not in text
     # nothing to compare at all: said where the results would be (it still said "Tools ▸ Compare
@@ -1437,7 +1452,7 @@ def test_a_comparison_adds_the_quantization_alone_to_the_layer_shown(qtbot, tmp_
         assert "quantization alone" not in w.config.whatif_result.text()
         with qtbot.waitSignal(w.sweep_done, timeout=120_000):
             w.compare_all()
-        text = w.config.whatif_result.text().replace("\u200b", "")
+        text = w.config.whatif_result.text()
         assert "the quantization alone: 0.12" in text  # without selecting the layer again
     finally:
         w.service.shutdown()
@@ -1917,7 +1932,7 @@ def test_a_layer_a_variant_keeps_unquantized_is_said_to_be_a_copy(win, qtbot):
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         assert win.tree.select("model.embed_tokens")
     qtbot.waitUntil(lambda: "Current error" in win.config.whatif_result.text(), timeout=30_000)
-    text = win.config.whatif_result.text().replace("\u200b", "")
+    text = win.config.whatif_result.text()
     assert "stored unquantized: a copy, not a quantization" in text
 
 
@@ -2132,3 +2147,18 @@ def test_first_run_compiles_first_says_so_and_the_comparison_waits_for_it(qtbot,
     qtbot.waitUntil(lambda: bool(done), timeout=30_000)
     assert not w.statusBar().currentMessage().startswith("First run")  # (not its 15 s out)
     assert w.statusBar().toolTip() != main_window._FIRST_RUN
+
+
+def test_what_if_text_wraps_long_words_and_copies_as_shown(win, qtbot):
+    dock_w = win.config.width()
+    text = ("awq-w4g128: rel_fro 0.1379, smoothing undone (lstsq:model.layers.1.mlp.up_proj."
+            "weight_with_a_very_long_name_that_has_no_space_in_it_at_all)")
+    win.config.set_whatif_result(text)
+    box = win.config.whatif_result
+    qtbot.waitUntil(lambda: box.document().size().width() <= box.viewport().width() + 1, timeout=2000)
+    assert box.text() == text and "\u200b" not in box.toPlainText()  # copied as shown
+    box.selectAll()
+    box.copy()
+    from PySide6.QtWidgets import QApplication
+    assert QApplication.clipboard().text() == text
+    assert win.config.width() == dock_w  # the long word wrapped: the panel kept its width

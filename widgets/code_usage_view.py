@@ -10,16 +10,19 @@ from .plots import BAR_GLYPH, Hint, Legend, plot_widget, show_values
 
 
 class CodeUsageView(QWidget):
-    """Bars per level and variant; dead levels (count 0) and saturation are listed."""
+    """Bars per level and variant; dead levels (count 0) and saturation are listed.
+
+    Variants with different numbers of levels (a mixed 3/6-bit MLX layer beside 4-bit ones) get
+    one plot each per number of levels, stacked, each on its own integer axis: on one shared
+    axis a 3-bit bar stood across several 4-bit ones, and a 6-bit variant's 64 bars were slivers
+    between them."""
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.plot = plot_widget()
-        self.plot.setLabel("bottom", "code level")
-        self.plot.setLabel("left", "share of weights (%)")
-        self.plot.showGrid(y=True, alpha=0.2)
+        self.plot = self._new_plot()
         self.hint = Hint(self.plot, "Select a quantized layer in the Tensors tree: how often each code level is "
                                     "used in every variant (dead levels, saturation at the extremes)")
+        self._more: list = []  # plots of the other level counts, created when first needed
         self.legend = Legend()
         self.log_y = QCheckBox("log y")
         self.summary = QLabel()
@@ -31,7 +34,10 @@ class CodeUsageView(QWidget):
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(bar)
         lay.addWidget(self.legend)
-        lay.addWidget(self.plot, 1)
+        self._plots_box = QVBoxLayout()
+        self._plots_box.setSpacing(0)
+        self._plots_box.addWidget(self.plot, 1)
+        lay.addLayout(self._plots_box, 1)
         lay.addWidget(self.summary)
         self.log_y.toggled.connect(lambda _: self._redraw())
         self.legend.toggled.connect(lambda *_: self._redraw())
@@ -41,9 +47,21 @@ class CodeUsageView(QWidget):
         self._float: dict = {}
         show_values(self.plot, False)
 
+    @staticmethod
+    def _new_plot():
+        plot = plot_widget(int_x=True)
+        plot.setLabel("bottom", "code level")
+        plot.setLabel("left", "share of weights (%)")
+        plot.showGrid(y=True, alpha=0.2)
+        return plot
+
+    def plots(self) -> list:
+        """The plots shown: one per number of levels among the variants."""
+        return [self.plot] + [p for p in self._more if not p.isHidden()]
+
     def figure_parts(self) -> list:
         """The widgets an exported figure shows (not the controls)."""
-        return [self.legend, self.plot, self.summary]
+        return [self.legend, *self.plots(), self.summary]
 
     def set_counts(self, counts: dict[str, np.ndarray], colors: dict, empty_note: str = "",
                    absent: list[str] | None = None, float_codes: dict | None = None) -> None:
@@ -61,24 +79,42 @@ class CodeUsageView(QWidget):
         self._redraw()
 
     def _redraw(self) -> None:
-        self.plot.clear()
         self.legend.set_entries([(label, self._colors.get(label), BAR_GLYPH) for label in self._counts])
-        n = max(1, len(self._counts))
-        sizes = {len(c) for c in self._counts.values()}
-        # Variants with different bit widths (3- and 4-bit) on one integer axis would put a 3-bit
-        # top level under a 4-bit middle one: then each level is placed at its position in its
-        # own range, 0 (lowest) to 1 (highest).
-        norm = len(sizes) > 1
+        groups: dict[int, list[str]] = {}  # number of levels: its variants, fewest levels first
+        for label, c in self._counts.items():
+            groups.setdefault(len(c), []).append(label)
+        groups = dict(sorted(groups.items())) or {0: []}
+        while len(self._more) < len(groups) - 1:
+            p = self._new_plot()
+            self._more.append(p)
+            self._plots_box.addWidget(p, 1)
+        for p in self._more[len(groups) - 1:]:
+            p.clear()
+            p.hide()
+        several = len(groups) > 1
         lines = []
-        for i, (label, c) in enumerate(self._counts.items()):
+        for plot, (levels, labels) in zip([self.plot, *self._more], groups.items()):
+            plot.show()
+            plot.clear()
+            floats = bool(labels) and all(lb in self._float for lb in labels)
+            plot.setLabel("bottom", "code, in the order of its value" if floats else "code level")
+            plot.setLabel("left", "log10(share %) + 6" if self.log_y.isChecked() else "share of weights (%)")
+            bits = int(np.log2(levels)) if levels > 1 and not levels & (levels - 1) else None
+            # (the legend's colours name the variants: a title listing them widened the plot past
+            # the view's edge, its last levels cut off)
+            plot.setTitle(f"{levels} levels" + (f" ({bits}-bit)" if bits else "") if several else None, size="9pt")
+            width = 0.8 / max(1, len(labels))
+            for i, label in enumerate(labels):
+                c = np.asarray(self._counts[label], dtype=np.float64)
+                share = 100.0 * c / max(1.0, c.sum())
+                y = np.log10(np.maximum(share, 1e-6)) + 6 if self.log_y.isChecked() else share
+                x = np.arange(len(c)) - 0.4 + width * (i + 0.5)
+                if label not in self.legend.hidden:  # (its place kept: the others' bars do not move)
+                    plot.addItem(pg.BarGraphItem(x=x, height=y, width=width, brush=self._colors.get(label), pen=None))
+            show_values(plot, bool(labels))
+        for label, c in self._counts.items():
             c = np.asarray(c, dtype=np.float64)
             share = 100.0 * c / max(1.0, c.sum())
-            y = np.log10(np.maximum(share, 1e-6)) + 6 if self.log_y.isChecked() else share
-            step = 1.0 / max(1, len(c) - 1) if norm else 1.0
-            width = 0.8 * step / n
-            x = np.arange(len(c)) * step - 0.4 * step + width * (i + 0.5)
-            if label not in self.legend.hidden:  # (its place kept: the others' bars do not move)
-                self.plot.addItem(pg.BarGraphItem(x=x, height=y, width=width, brush=self._colors.get(label), pen=None))
             dead = [int(k) for k in np.flatnonzero(c == 0)]
             edge = share[0] + share[-1] if len(share) else 0
             if label in self._float:  # (positions in value order name no code: only how many)
@@ -92,8 +128,4 @@ class CodeUsageView(QWidget):
                              f"{edge:.1f}%")
         if self._absent:
             lines.append("No stored codes (dense, or not decodable): " + ", ".join(self._absent))
-        floats = all(lb in self._float for lb in self._counts) and self._counts
-        self.plot.setLabel("bottom", "code, in the order of its value" if floats else
-                           "level ÷ top level (mixed bits or float codes)" if norm else "code level")
-        self.plot.setLabel("left", "log10(share %) + 6" if self.log_y.isChecked() else "share of weights (%)")
         self.summary.setText("<br>".join(lines) if lines else "No stored codes for this layer (dense or not decodable).")

@@ -7,9 +7,10 @@ import html
 import json
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QTextDocument
+from PySide6.QtGui import QTextDocument, QTextOption
 from PySide6.QtWidgets import (
     QComboBox,
+    QFrame,
     QGridLayout,
     QGroupBox,
     QHeaderView,
@@ -17,7 +18,6 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
-    QScrollArea,
     QTableWidget,
     QTableWidgetItem,
     QTabWidget,
@@ -126,10 +126,7 @@ class QuantConfigPanel(QWidget):
         self.run.clicked.connect(lambda: self.whatif_requested.emit(int(self.bits.currentText()),
                                                                     int(self.group.currentText()),
                                                                     self.mode.currentText()))
-        self.whatif_result = QLabel("")
-        self.whatif_result.setWordWrap(True)
-        self.whatif_result.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.whatif_result.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
+        self.whatif_result = ResultText()
 
         layer_box = QWidget()
         lv = QVBoxLayout(layer_box)
@@ -149,13 +146,7 @@ class QuantConfigPanel(QWidget):
         wg.addWidget(QLabel("mode"), 1, 0)
         wg.addWidget(self.mode, 1, 1)
         wg.addWidget(self.run, 1, 2, 1, 2)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # wraps instead
-        scroll.setWidget(self.whatif_result)
-        scroll.setMinimumHeight(6 * self.whatif_result.fontMetrics().lineSpacing())
-        wg.addWidget(scroll, 2, 0, 1, 4)
+        wg.addWidget(self.whatif_result, 2, 0, 1, 4)
         wg.setColumnStretch(1, 1)
         wg.setColumnStretch(3, 1)
         lv.addWidget(wi, 1)  # extra height shared with the table (the result box stayed 6 lines at 1920 px)
@@ -362,11 +353,7 @@ class QuantConfigPanel(QWidget):
         box.blockSignals(False)
 
     def set_whatif_result(self, text: str) -> None:
-        # in a long word a break is allowed after each dot and colon: "lstsq:model.layers.1.mlp.
-        # up_proj" has no space and widened the box past the panel (numbers are left whole)
-        import re
-        self.whatif_result.setText(re.sub(r"\S{25,}", lambda m: m.group(0).replace(".", ".\u200b")
-                                          .replace(":", ":\u200b"), text))
+        self.whatif_result.setText(text)
         self.whatif_result.setToolTip(text)
 
     def _find_next(self) -> None:
@@ -375,3 +362,27 @@ class QuantConfigPanel(QWidget):
             cur.movePosition(cur.MoveOperation.Start)
             self.raw.setTextCursor(cur)
             self.raw.find(self.raw_search.text(), QTextDocument.FindFlag(0))
+
+
+class ResultText(QPlainTextEdit):
+    """Read-only text that wraps at word boundaries, and inside a word too long for the width
+    ("lstsq:model.layers.1.mlp.up_proj" has no space: in a label it widened the box past the
+    panel, and the break chances put in for it were copied with the text); selectable and
+    copied as shown; scrolls when taller than its room. ``text``/``setText`` as a QLabel's."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setReadOnly(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setWordWrapMode(QTextOption.WrapMode.WrapAtWordBoundaryOrAnywhere)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.viewport().setAutoFillBackground(False)  # the panel's background, as a label's
+        self.document().setDocumentMargin(2)
+        self.setMinimumHeight(6 * self.fontMetrics().lineSpacing())
+
+    def text(self) -> str:
+        return self.toPlainText()
+
+    def setText(self, text: str) -> None:
+        if text != self.toPlainText():
+            self.setPlainText(text)
