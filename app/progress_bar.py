@@ -29,27 +29,38 @@ def kernels_ready(stream=None) -> None:
 class ProgressBar:
     """A one-line progress bar on stderr, drawn only when stderr is a terminal.
 
-    Call it with a fraction 0..1 (it is a backend ``progress`` callback); ``close()`` erases it.
+    Call it with a fraction 0..1 (it is a backend ``progress`` callback); where the value also
+    counts layers and bytes (a sweep's :class:`~quantscope.backend.compare.SweepProgress`), the
+    line says them. ``close()`` erases it.
     """
 
     def __init__(self, label: str, stream=None) -> None:
         self.label = label
         self.stream = stream or sys.stderr
         self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last = -1
+        self._last = None
+        self._width = 0
 
     def __call__(self, fraction: float) -> None:
         if not self.enabled:
             return
         pct = int(fraction * 100)
-        if pct == self._last:
+        layers = getattr(fraction, "layers_total", None)
+        state = (pct, getattr(fraction, "layers_done", None))
+        if state == self._last:
             return
-        self._last = pct
+        self._last = state
         fill = int(30 * fraction)
-        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (30 - fill)}] {pct:3d}%")
+        line = f"{self.label} [{'#' * fill}{'.' * (30 - fill)}] {pct:3d}%"
+        if layers:
+            line += "  " + fraction.text()
+        pad = " " * max(0, self._width - len(line))  # (a shorter line clears the last one's end)
+        self._width = len(line)
+        self.stream.write("\r" + line + pad)
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self._last >= 0:
-            self.stream.write("\r" + " " * 50 + "\r")
+        if self.enabled and self._last is not None:
+            self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
+

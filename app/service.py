@@ -52,7 +52,7 @@ class _Bridge(QObject):
 
     finished = Signal(int, object)
     failed = Signal(int, str, str, bool)
-    progressed = Signal(int, float)
+    progressed = Signal(int, float, str)
 
 
 class _Runnable(QRunnable):
@@ -71,7 +71,9 @@ class _Runnable(QRunnable):
             now = time.monotonic()
             if now - last[0] >= 0.1 or fraction >= 1.0:
                 last[0] = now
-                self.bridge.progressed.emit(job.id, float(fraction))
+                # (a sweep's progress also says its layers and bytes: SweepProgress.text)
+                text = fraction.text() if hasattr(fraction, "text") else ""
+                self.bridge.progressed.emit(job.id, float(fraction), text)
 
         try:
             if job.cancel.is_set():
@@ -100,7 +102,7 @@ class JobService(QObject):
     """
 
     job_started = Signal(int, str)
-    job_progress = Signal(int, float)
+    job_progress = Signal(int, float, str)
     job_done = Signal(int)
     error = Signal(str, str, str)  # title, message, details
     idle = Signal()
@@ -237,7 +239,7 @@ class JobService(QObject):
         else:
             self.error.emit(job.title, message, details)
 
-    @Slot(int, float)
-    def _on_progress(self, job_id: int, fraction: float) -> None:
+    @Slot(int, float, str)
+    def _on_progress(self, job_id: int, fraction: float, text: str) -> None:
         if job_id in self._jobs:
-            self.job_progress.emit(job_id, fraction)
+            self.job_progress.emit(job_id, fraction, text)

@@ -147,6 +147,38 @@ UNDECODABLE = "the variant's layer cannot be decoded"
 IMPLAUSIBLE_REL_FRO = 0.99
 
 
+class SweepProgress(float):
+    """A sweep's ``progress`` value: the fraction done (0..1, weighted by elements compared), a
+    float as every progress callback takes, carrying what it counts: ``layers_done`` of
+    ``layers_total`` (reference layers, an expert of a stack each, measured or found in the
+    cache) and ``bytes_done`` of ``bytes_total`` (the stored bytes of the reference's and the
+    variants' layers those read)."""
+
+    layers_done: int
+    layers_total: int
+    bytes_done: int
+    bytes_total: int
+
+    def __new__(cls, fraction: float, layers_done: int, layers_total: int, bytes_done: int, bytes_total: int):
+        p = super().__new__(cls, fraction)
+        p.layers_done, p.layers_total, p.bytes_done, p.bytes_total = layers_done, layers_total, bytes_done, bytes_total
+        return p
+
+    def text(self) -> str:
+        """``"3/7 layers, 1.5 MB of 4.2 GB"``."""
+        return f"{self.layers_done}/{self.layers_total} layers, {_size(self.bytes_done)} of {_size(self.bytes_total)}"
+
+    def __repr__(self) -> str:
+        return f"SweepProgress({float(self):.4f}, {self.text()})"
+
+
+def _size(n: int) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
 @dataclass
 class SweepResult:
     """Rows (layer × variant) in reference order, and every layer that found no partner."""
@@ -731,6 +763,26 @@ FUSED_MAX_ELEMENTS = 1 << 40
 WIDE_ELEMENTS = 1 << 27
 
 
+def _target_bytes(reference: Model, states: list[_VariantState], name: str) -> int:
+    """Stored bytes a sweep reads for target ``name``: its reference layer's (the share of a
+    stack holding its rows) and every variant's segments'."""
+    def share(layer: Layer, rows: int) -> int:
+        total_rows = max(1, math.prod(layer.shape[:-1]))
+        return layer.stored_bytes * min(rows, total_rows) // total_rows
+
+    out, ref_done = 0, False
+    for vs in states:
+        t = vs.alignment.targets.get(name)
+        if t is None:
+            continue
+        if not ref_done:
+            out += share(reference.layers[t.ref_layer], t.rows)
+            ref_done = True
+        for seg in t.segments:
+            out += share(vs.model.layers[seg.var_layer], seg.count)
+    return out
+
+
 def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], engine, decoders: dict | None = None):
     """(reference rows, {label: (decoder, v0, col)}, {label: smoothing label}) for the variants
     the one-pass path (:mod:`.fused`) can measure; ({} when none). ``decoders`` keeps each
@@ -1034,7 +1086,9 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     engine
         ``"auto"``, ``"numpy"``, ``"mlx"`` or an engine object with ``dequantize(model, layer)``.
     progress
-        Called with the fraction done (0..1, weighted by elements compared).
+        Called with the fraction done (0..1, weighted by elements compared) as a
+        :class:`SweepProgress`: a float that also says how many layers are done of how many,
+        and how many of the bytes they read.
     cancel
         Object with ``is_set()``; checked before every block, so a cancelled sweep stops within
         one block and raises :class:`~quantscope.backend.errors.Cancelled`.
@@ -1112,6 +1166,10 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                  for t in vs.alignment.targets.values())  # the quantization-only pass
     total = total or 1
     done = 0
+    # layers and bytes, as the progress says them: each target's stored bytes, the reference's
+    # and every variant's (a share of a stack for one expert's rows)
+    target_bytes = {n: _target_bytes(reference, states, n) for n in names}
+    layers_done, bytes_done, bytes_total = 0, 0, sum(target_bytes.values())
     counter: dict = {}
     group = None
     caches: dict[tuple[str, str], _Rows] = OrderedDict()
@@ -1127,12 +1185,17 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
 
     report_lock = threading.Lock()
 
-    def report(n_el: int) -> None:  # also from the layer jobs' threads: one at a time, in order
-        nonlocal done
+    def report(n_el: int, layer: str | None = None) -> None:
+        """``n_el`` more elements measured; ``layer``: that target is done (its bytes read). Also
+        from the layer jobs' threads: one at a time, in order."""
+        nonlocal done, layers_done, bytes_done
         with report_lock:
             done += n_el
+            if layer is not None:
+                layers_done += 1
+                bytes_done += target_bytes.get(layer, 0)
             if progress is not None:
-                progress(min(1.0, done / total))
+                progress(SweepProgress(min(1.0, done / total), layers_done, len(names), bytes_done, bytes_total))
 
     def rows_cache(vs: _VariantState, path: str) -> _Rows:
         key = (vs.label, path)
@@ -1160,8 +1223,9 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
             cache[_cache_key(ref_id, var_ids[vs.label], name, eng_name)] = entry
 
     def done_with(name: str) -> None:
-        """Target ``name`` is measured (or was cached): release the pages of the layers it was the
-        last of this group to read."""
+        """Target ``name`` is measured (or was cached): counted done, and the pages of the layers
+        it was the last of this group to read released."""
+        report(0, name)
         read: dict[tuple[str | None, str], Model] = {}
         for vs in states:
             t = vs.alignment.targets.get(name)

@@ -712,6 +712,55 @@ def test_cancel_and_resume(ref_pair, mlx_variant, tmp_path):
     assert eng3.calls == [] and len(again.rows) == n_targets
 
 
+def test_progress_counts_layers_and_bytes(ref_pair, mlx_variant, tmp_path):
+    root, rw, ref, vw, var = ref_pair
+    gq = _gptq_variant(tmp_path / "gptq", rw)
+    variants = {"m": mlx_variant, "g": gq}
+    seen = []
+    res = sweep(ref, variants, engine="numpy", progress=seen.append)
+    names = sorted({r.name for r in res.rows})
+    # the bytes each target reads, from the files' own tensor sizes: the reference's weight and
+    # every variant's weight components (codes, scales, zeros), not their biases
+    want = sum(ref.layers[n].stored_bytes for n in names)
+    for row in res.rows:
+        m = variants[row.variant]
+        want += sum(m.ckpt.tensor(t.name).nbytes for c, t in m.layers[row.variant_layer].tensors.items()
+                    if c != "bias")
+    last = seen[-1]
+    assert (last.layers_done, last.layers_total) == (len(names), len(names)) and float(last) == pytest.approx(1.0)
+    assert last.bytes_done == last.bytes_total == want
+    layers = [p.layers_done for p in seen]
+    assert layers == sorted(layers) and layers[0] <= 1 and {p.layers_total for p in seen} == {len(names)}
+    assert [float(p) for p in seen] == sorted(float(p) for p in seen)
+    # a cached run says its layers done too
+    cache: dict = {}
+    sweep(ref, variants, engine="numpy", cache=cache)
+    again = []
+    sweep(ref, variants, engine="numpy", cache=cache, progress=again.append)
+    assert (again[-1].layers_done, again[-1].bytes_done) == (len(names), want)
+
+
+def test_progress_bar_says_layers_and_bytes():
+    import io
+
+    from quantscope.app.progress_bar import ProgressBar
+    from quantscope.backend.compare import SweepProgress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    bar = ProgressBar("comparing", out)
+    bar(SweepProgress(0.5, 3, 7, 1_500_000, 4_200_000_000))
+    assert out.getvalue().endswith("]  50%  3/7 layers, 1.5 MB of 4.2 GB")
+    bar(0.75)  # a plain fraction: the bar alone, the longer line's end cleared
+    line = out.getvalue().split("\r")[-1]
+    assert line.startswith("comparing [") and "75%" in line and "layers" not in line
+    bar.close()
+    assert out.getvalue().endswith("\r")
+
+
 def test_each_variant_layer_decoded_once(ref_pair, tmp_path):
     root, rw, ref, vw, var = ref_pair
     gq = _gptq_variant(tmp_path / "gptq", rw)

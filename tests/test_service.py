@@ -76,7 +76,7 @@ def test_errors_are_messages_not_crashes(service, qtbot):
 
 def test_progress_is_throttled_and_reported(service, qtbot):
     seen = []
-    service.job_progress.connect(lambda jid, f: seen.append(f))
+    service.job_progress.connect(lambda jid, f, text: seen.append(f))
 
     def work(cancel, progress):
         for i in range(1, 2001):

@@ -2162,3 +2162,15 @@ def test_what_if_text_wraps_long_words_and_copies_as_shown(win, qtbot):
     from PySide6.QtWidgets import QApplication
     assert QApplication.clipboard().text() == text
     assert win.config.width() == dock_w  # the long word wrapped: the panel kept its width
+
+
+def test_jobs_strip_says_a_comparisons_layers_and_bytes(win, qtbot):
+    shown = []
+    win.service.job_progress.connect(lambda jid, f, text: shown.append((text, win.jobs_bar.label.text())))
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    texts = [t for t, _ in shown if t]
+    assert texts and all(" layers, " in t and " of " in t for t in texts)
+    done, total = texts[-1].split(" layers")[0].split("/")
+    assert done == total and int(total) == len({r.name for r in win.sweep_result.rows})
+    assert any(label.endswith(" · " + t) for t, label in shown if t)  # beside the job's title

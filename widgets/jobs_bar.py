@@ -59,6 +59,7 @@ class JobsBar(QWidget):
         self.setFixedHeight(max(self.cancel.sizeHint().height(), self.label.sizeHint().height()))
         self._titles: dict[int, str] = {}
         self._progress: dict[int, float] = {}
+        self._details: dict[int, str] = {}  # what a job's progress counts ("3/7 layers, 1.5 MB of 4.2 GB")
         service.job_started.connect(self._started)
         service.job_progress.connect(self._progressed)
         service.job_done.connect(self._done)
@@ -70,13 +71,15 @@ class JobsBar(QWidget):
         self._progress[jid] = 0.0
         self._refresh()
 
-    def _progressed(self, jid: int, f: float) -> None:
+    def _progressed(self, jid: int, f: float, text: str = "") -> None:
         self._progress[jid] = f
+        self._details[jid] = text
         self._refresh()
 
     def _done(self, jid: int) -> None:
         self._titles.pop(jid, None)
         self._progress.pop(jid, None)
+        self._details.pop(jid, None)
         self._refresh()
 
     def resizeEvent(self, ev) -> None:  # (Qt's name)
@@ -102,6 +105,8 @@ class JobsBar(QWidget):
             return
         jid = self._shown()
         more = f" (+{len(self._titles) - 1} more)" if len(self._titles) > 1 else ""
+        if self._details.get(jid):  # kept whole, like the count: the title is elided first
+            more = f" · {self._details[jid]}{more}"
         # the title elided to the room left, so that the count of the others stays readable
         fm = self.label.fontMetrics()
         room = max(0, self.label.contentsRect().width() - fm.horizontalAdvance(more))
