@@ -622,9 +622,13 @@ def _engine_name(engine) -> str:
 
 
 def _identity(model: Model) -> str:
-    """A digest of every file's (path, size, mtime): in each cache key, the list itself made the
-    keys of a 200-shard checkpoint 32 KB each (2 GB of keys for 50,000 layers)."""
-    return hashlib.sha256(json.dumps([list(f.identity[:3]) for f in model.ckpt.files]).encode()).hexdigest()[:32]
+    """A digest of every file's (path, size, mtime) and of the configs the model was read with
+    (a GPTQ checkpoint_format, bits or group size edited in config.json changes every figure,
+    and the cached ones were given back), in each cache key; the list itself made the keys of a
+    200-shard checkpoint 32 KB each (2 GB of keys for 50,000 layers)."""
+    configs = getattr(model.ckpt, "configs", None) or {}
+    return hashlib.sha256(json.dumps([[list(f.identity[:3]) for f in model.ckpt.files], configs], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:32]
 
 
 def _release_pages(models) -> None:

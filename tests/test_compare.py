@@ -712,6 +712,28 @@ def test_cancel_and_resume(ref_pair, mlx_variant, tmp_path):
     assert eng3.calls == [] and len(again.rows) == n_targets
 
 
+def test_cache_is_not_reused_once_the_config_changes(ref_pair, tmp_path):
+    """The configs are part of the key: checkpoint_format gptq -> gptq_v2 changes every zero
+    point, and the figures cached from the first reading were given back for the second."""
+    root, rw, ref, vw, var = ref_pair
+    gq = _gptq_variant(tmp_path / "gptq", rw)
+    cache: dict = {}
+    first = {r.name: r.rel_fro for r in sweep(ref, {"g": gq}, engine="numpy", cache=cache).rows}
+    cfg_path = tmp_path / "gptq" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"]["checkpoint_format"] = "gptq_v2"
+    cfg_path.write_text(json.dumps(cfg))
+    edited = analyze(open_checkpoint(tmp_path / "gptq"))
+    again = {r.name: r.rel_fro for r in sweep(ref, {"g": edited}, engine="numpy", cache=cache).rows}
+    fresh = {r.name: r.rel_fro for r in sweep(ref, {"g": edited}, engine="numpy").rows}
+    assert again == fresh and all(again[n] != first[n] for n in first)
+    # the same files and configs opened again: the cache serves it
+    reopened = analyze(open_checkpoint(tmp_path / "gptq"))
+    eng = CountingEngine()
+    sweep(ref, {"g": reopened}, engine=eng, cache=cache)
+    assert eng.calls == []
+
+
 def test_progress_counts_layers_and_bytes(ref_pair, mlx_variant, tmp_path):
     root, rw, ref, vw, var = ref_pair
     gq = _gptq_variant(tmp_path / "gptq", rw)
