@@ -159,6 +159,13 @@ def _canonical_names(model: Model) -> dict[str, str]:
     return got[1]
 
 
+def _ties(model: Model) -> bool:
+    """Whether a model without a stored ``lm_head`` has it tied to its embeddings: unless its
+    config says ``tie_word_embeddings: false`` (not saying is taken as tied, as transformers'
+    default and every MLX conversion of a tied model have it)."""
+    return getattr(model.ckpt, "tied_embeddings", None) is not False
+
+
 def counterpart(path: str, model: Model) -> tuple[str, str] | None:
     """The module of ``model`` that holds the weights of module ``path`` (named as in another
     checkpoint) and how, by name alone — ``(path, "")`` when it is there as such, else
@@ -193,7 +200,7 @@ def counterpart(path: str, model: Model) -> tuple[str, str] | None:
     for fused, parts in _FUSED.items():
         if proj == fused and (hit := find(f"{parent}.{parts[0]}")):
             return hit, f"stored split; {parts[0]} shown"
-    if proj == "lm_head" and (hit := find(f"{parent + '.' if parent else ''}model.embed_tokens")):
+    if proj == "lm_head" and _ties(model) and (hit := find(f"{parent + '.' if parent else ''}model.embed_tokens")):
         return hit, "no lm_head: tied to the embeddings"
     return None
 
@@ -327,11 +334,13 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
         r, k = _flat_rows(rl.shape)
         al.targets[rl.path] = Target(rl.path, rl.path, r, k, segs)
 
-    # Tied heads: an lm_head on one side only stands for the other side's embed_tokens.
+    # Tied heads: an lm_head on one side only stands for that side's embed_tokens, unless its
+    # config says the head is not tied (then the head is missing: an untied reference head was
+    # compared with the variant's embeddings, rel_fro 1.4, "implausible error")
     tied_ref_head = None
-    if "lm_head" in var and "lm_head" not in ref and "model.embed_tokens" in ref:
+    if "lm_head" in var and "lm_head" not in ref and "model.embed_tokens" in ref and _ties(reference):
         tied_ref_head = ref["model.embed_tokens"]
-    if "lm_head" in ref and "lm_head" not in var and "model.embed_tokens" in var:
+    if "lm_head" in ref and "lm_head" not in var and "model.embed_tokens" in var and _ties(variant):
         var = dict(var)
         var["lm_head"] = var["model.embed_tokens"]
 
@@ -439,6 +448,8 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
         if segs is None:
             if reason is None:
                 reason = "absent in the variant"
+                if cname == "lm_head" and "model.embed_tokens" in var and not _ties(variant):
+                    reason += " (its config says tie_word_embeddings: false, so its embeddings do not stand in)"
             al.unmatched.append(Unmatched(label, rl.path, reason))
             continue
         add_target(cname, rl, segs)

@@ -506,6 +506,25 @@ def test_tied_embeddings_both_ways(ref_pair, tmp_path):
     assert counterpart("lm_head", tied_var) == ("model.embed_tokens", "no lm_head: tied to the embeddings")
 
 
+def test_an_untied_head_is_missing_not_the_embeddings(ref_pair, tmp_path):
+    """A checkpoint without lm_head whose config says tie_word_embeddings: false has lost its
+    head: the other side's head is not compared with its embeddings (rel_fro 1.4, "implausible
+    error"), it is listed as absent, with the reason."""
+    root, rw, ref, vw, var = ref_pair
+    no_head = {k: v for k, v in vw.items() if k != "lm_head.weight"}
+    untied_var = _model(tmp_path / "untied", no_head, {"tie_word_embeddings": False})
+    res = sweep(ref, {"v": untied_var}, engine="numpy")
+    assert "lm_head" not in {r.name for r in res.rows}
+    (u,) = [u for u in res.unmatched if u.layer == "lm_head"]
+    assert u.reason.startswith("absent in the variant") and "tie_word_embeddings: false" in u.reason
+    assert counterpart("lm_head", untied_var) is None
+    # the reference's side: an untied reference without a head has nothing to compare a variant's with
+    untied_ref = _model(tmp_path / "untied_ref", {k: v for k, v in rw.items() if k != "lm_head.weight"},
+                        {"tie_word_embeddings": False})
+    res = sweep(untied_ref, {"v": var}, engine="numpy")
+    assert "lm_head" not in {r.name for r in res.rows}  # (it compared the variant's head with embed_tokens)
+
+
 def _mlx_quant(w_bf16, bits=4, group=64):
     import mlx.core as mx
     a = mx.array(np.ascontiguousarray(w_bf16).view(np.uint16)).view(mx.bfloat16)
