@@ -27,6 +27,7 @@ import re
 import weakref
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 
 from .checkpoint import natural_key
@@ -293,6 +294,15 @@ def _norm_vector(model: Model, layer: Layer) -> np.ndarray | None:
     return np.asarray(model.ckpt.tensor(t.name)).astype(np.float64)
 
 
+def _smallest_step(model: Model, layer: Layer) -> float:
+    """The smallest positive value the norm's stored dtype holds (its subnormals' step)."""
+    t = layer.tensors.get("weight")
+    try:
+        return float(ml_dtypes.finfo(model.ckpt.tensor(t.name).dtype).smallest_subnormal)
+    except (AttributeError, TypeError, ValueError):  # (no weight, or not a float)
+        return 0.0
+
+
 def align(reference: Model, variant: Model, *, label: str = "", interleaved: bool | None = None,
           keep_unquantized: bool = False) -> Alignment:
     """Match ``variant``'s layers to ``reference``'s (see the module docstring).
@@ -517,7 +527,10 @@ def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[s
             a, b = _norm_vector(reference, rn), _norm_vector(variant, vn)
             if a is None or b is None or a.shape != b.shape:
                 continue
-            if np.all(np.abs(a - b) <= NORM_TOLERANCE * np.abs(a) + 1e-30):
+            # (plus the coarser storage's smallest step: a weight of 1e-7 is an fp16 subnormal,
+            # stored 19% off, and was taken for smoothing of the whole norm)
+            floor = max(_smallest_step(reference, rn), _smallest_step(variant, vn))
+            if np.all(np.abs(a - b) <= NORM_TOLERANCE * np.abs(a) + floor):
                 continue
             with np.errstate(divide="ignore", invalid="ignore"):
                 s = np.where((b != 0) & (a != 0), a / b, 1.0)

@@ -580,6 +580,24 @@ def test_different_model_is_a_clear_error(ref_pair, tmp_path):
 
 # -- undoing smoothing ------------------------------------------------------------------------------
 
+def test_an_fp16_copy_with_a_subnormal_norm_weight_is_not_smoothed(tmp_path):
+    """1e-7 is an fp16 subnormal, stored 19% off: that is the dtype's step, not smoothing (the
+    whole norm was taken as folded and q/k/v "undone" to 100 times their error)."""
+    rw = _ref_weights(seed=9)
+    rw["model.layers.0.input_layernorm.weight"][5] = 1e-7
+    ref = _model(tmp_path / "ref", rw)
+    f16 = _model(tmp_path / "f16", {k: np.asarray(_f32(v), np.float16) for k, v in rw.items()})
+    al = align(ref, f16)
+    assert not al.shows_folding and all(t.smoothing == "none" for t in al.targets.values())
+    res = sweep(ref, {"f16": f16}, engine="numpy")
+    q = next(r for r in res.rows if r.name == "model.layers.0.self_attn.q_proj")
+    assert q.rel_fro == q.rel_fro_raw < 1e-3
+    # a real fold on the same norm is still found
+    smoothed = dict(rw)
+    smoothed["model.layers.0.input_layernorm.weight"] = rw["model.layers.0.input_layernorm.weight"] / 1.5
+    assert align(ref, _model(tmp_path / "s", smoothed)).shows_folding
+
+
 def test_undo_smoothing_norm_and_preceding_linear(ref_pair, tmp_path):
     root, rw, ref, vw, var = ref_pair
     rng = np.random.default_rng(9)
