@@ -720,13 +720,16 @@ def _assemble(t: Target, rows_of: Callable[[str], _Rows], r0: int, r1: int) -> n
     return out
 
 
-def _row_fit(w: np.ndarray, wh: np.ndarray) -> np.ndarray:
-    """Per row, s minimising ‖ŵ_r − w_r / s‖ (least squares in 1/s): s = (w·w) / (w·ŵ)."""
+def _row_fit(w: np.ndarray, wh: np.ndarray, skip: int = 0) -> np.ndarray:
+    """Per row, s minimising ‖ŵ_r − w_r / s‖ (least squares in 1/s): s = (w·w) / (w·ŵ); the first
+    ``skip`` rows are not fitted (1: a fused gate_up_proj's gate half, which nothing was folded
+    into)."""
     w64, h64 = w.astype(np.float64), wh.astype(np.float64)
     num = np.einsum("ij,ij->i", w64, w64)
     den = np.einsum("ij,ij->i", w64, h64)
     with np.errstate(divide="ignore", invalid="ignore"):
         s = np.where((den > 0) & (num > 0), num / den, 1.0)
+    s[:skip] = 1.0
     return s
 
 
@@ -746,6 +749,7 @@ def _smoothing_for(vs: _VariantState, t: Target, row_scales: dict | None = None)
     label = t.smoothing
     if t.col_fit_from is not None and t.name in row_scales:
         s = row_scales[t.name]
+        s = s[s.size - t.cols:]  # (the up half of a fused gate_up_proj: its last rows)
         col = s if col is None else col * s
         fit = f"lstsq:{t.col_fit_from}"
         label = fit if label == "none" else f"{label}+{fit}"
@@ -873,9 +877,10 @@ def _measure_general(t_name: str, ref_rows: _Rows, todo: list[_VariantState],
         if col is not None:
             wh = wh / col[None, :].astype(np.float32)
         if t.row_fit_for is not None and fit_rows:
-            s = _row_fit(w, wh)
+            skip = min(r1 - r0, max(0, t.fit_row0 - r0))
+            s = _row_fit(w, wh, skip)
             key = t.row_fit_for
-            ok = float(np.median(np.abs(np.log(s)))) > _LSTSQ_THRESHOLD if s.size else False
+            ok = float(np.median(np.abs(np.log(s[skip:])))) > _LSTSQ_THRESHOLD if s.size > skip else False
             if ok:
                 prev = vs.row_scales.get(key)
                 full = prev if prev is not None and prev.size == R else np.ones(R)
@@ -1447,7 +1452,7 @@ def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, na
                     if colp is not None:
                         x = x / colp[None, :]
                     if fit:
-                        s_all[r0:r1] = s = _row_fit(w, x)
+                        s_all[r0:r1] = s = _row_fit(w, x, min(r1 - r0, max(0, t.fit_row0 - r0)))
                         x = x * s[:, None].astype(np.float32)
                     w64 = w.astype(np.float64)
                     d = x.astype(np.float64) - w64

@@ -242,6 +242,7 @@ class Target:
     col_scale: np.ndarray | None = None     # undo Ŵ·diag(s): divide variant columns by this
     smoothing: str = "none"
     row_fit_for: str | None = None          # this is a preceding layer: fit s for that consumer
+    fit_row0: int = 0                       # ... on its rows from here (a fused gate_up_proj's up half)
     col_fit_from: str | None = None         # consumer: its s comes from this target's row fit
     ref_row0: int = 0                       # its rows begin here in the reference layer (an expert of a stack)
 
@@ -485,7 +486,7 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
             continue  # already reported from the reference side
         al.unmatched.append(Unmatched(label, vl.path, "quantized in the variant but absent in the reference"))
 
-    _find_smoothing(reference, variant, al, ref, var)
+    _find_smoothing(reference, variant, al, ref, var, interleaved)
     return al
 
 
@@ -508,7 +509,7 @@ def _norm_rules(layer_prefix: str, ref: dict[str, Layer]) -> list[tuple[str, set
 
 
 def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[str, Layer],
-                    var: dict[str, Layer]) -> None:
+                    var: dict[str, Layer], interleaved: bool = False) -> None:
     by_prefix: dict[str, list[Target]] = {}
     for t in al.targets.values():
         m = _LAYER_RE.search(t.name)
@@ -543,14 +544,21 @@ def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[s
                     t.smoothing = f"{kind}:{rn.path}"
     if not al.shows_folding:
         return
-    # Folding into a preceding Linear (v -> o, up -> down): estimated from rows in the sweep.
+    # Folding into a preceding Linear (v -> o, up -> down): estimated from rows in the sweep. A
+    # fused gate_up_proj (Phi-3) takes it in its up half, its last rows, as AutoAWQ folds it
+    # there; gpt-oss's interleaved rows are left alone.
     for t in al.targets.values():
         proj = proj_of(t.name)
         prev = PRECEDING.get(proj)
         if prev is None:
             continue
         pt = al.targets.get(t.name[:-len(proj)] + prev)
-        if pt is None or pt.rows != t.cols or pt.row_fit_for is not None:
+        row0 = 0
+        if pt is None and proj == "down_proj" and not interleaved:
+            pt = al.targets.get(t.name[:-len(proj)] + "gate_up_proj")
+            row0 = t.cols
+        if pt is None or pt.rows != row0 + t.cols or pt.row_fit_for is not None:
             continue
         pt.row_fit_for = t.name
+        pt.fit_row0 = row0
         t.col_fit_from = pt.name

@@ -630,6 +630,49 @@ def test_undo_smoothing_norm_and_preceding_linear(ref_pair, tmp_path):
     assert res["model.layers.1.self_attn.o_proj"].smoothing == "none"
 
 
+def test_undo_smoothing_folded_into_a_fused_gate_up_projs_up_half(ref_pair, tmp_path):
+    """Phi-3 stores gate_up_proj fused; AutoAWQ folds down_proj's scales into its last rows (the
+    up half). Both sides fused: down_proj was left "none" at several times its error."""
+    root, rw, ref, vw, var = ref_pair
+    rng = np.random.default_rng(11)
+    t = {k: _f32(v) for k, v in rw.items()}
+    for i in range(2):
+        m = f"model.layers.{i}.mlp."
+        t[m + "gate_up_proj.weight"] = np.concatenate([t.pop(m + "gate_proj.weight"), t.pop(m + "up_proj.weight")])
+    noise = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.002 for k, v in t.items() if v.ndim == 2}
+    out = {k: (v + noise[k]) if k in noise else v for k, v in t.items()}
+    p = "model.layers.0"
+    s_n = np.exp(rng.uniform(-0.7, 0.7, H)).astype(np.float32)  # into post_attention_layernorm
+    s_d = np.exp(rng.uniform(-0.7, 0.7, F)).astype(np.float32)  # into gate_up_proj's up rows
+    gu = t[f"{p}.mlp.gate_up_proj.weight"].copy()
+    gu[F:] /= s_d[:, None]
+    out[f"{p}.post_attention_layernorm.weight"] = t[f"{p}.post_attention_layernorm.weight"] / s_n
+    out[f"{p}.mlp.gate_up_proj.weight"] = (gu + noise[f"{p}.mlp.gate_up_proj.weight"]) * s_n
+    out[f"{p}.mlp.down_proj.weight"] = (t[f"{p}.mlp.down_proj.weight"] + noise[f"{p}.mlp.down_proj.weight"]) * s_d
+    fused_ref = _model(tmp_path / "ref", t, {"model_type": "phi3"})
+    sm = _model(tmp_path / "smooth", out, {"model_type": "phi3"})
+    res = {r.name: r for r in sweep(fused_ref, {"s": sm}, engine="numpy").rows}
+
+    def true(name):
+        return _direct(t[name + ".weight"], t[name + ".weight"] + noise[name + ".weight"])
+
+    down, gate_up = res[f"{p}.mlp.down_proj"], res[f"{p}.mlp.gate_up_proj"]
+    assert down.smoothing == f"lstsq:{p}.mlp.gate_up_proj"
+    assert down.rel_fro == pytest.approx(true(f"{p}.mlp.down_proj"), rel=0.05) and down.rel_fro_raw > 3 * down.rel_fro
+    assert gate_up.smoothing == f"norm:{p}.post_attention_layernorm+rows:{p}.mlp.down_proj"
+    # (its up rows were quantized divided by s_d: undone, their error is the noise times s_d)
+    w_gu = t[f"{p}.mlp.gate_up_proj.weight"]
+    d_gu = noise[f"{p}.mlp.gate_up_proj.weight"].astype(np.float64)
+    d_gu[F:] *= s_d[:, None]
+    assert gate_up.rel_fro == pytest.approx(np.linalg.norm(d_gu) / np.linalg.norm(w_gu.astype(np.float64)), rel=0.05)
+    assert res["model.layers.1.mlp.down_proj"].smoothing == "none"  # nothing folded in layer 1
+    # split on the reference's side (Llama), fused in the variant: the up_proj target takes the fit
+    split = _model(tmp_path / "split", {k: v for k, v in rw.items()})
+    res = {r.name: r for r in sweep(split, {"s": sm}, engine="numpy").rows}
+    assert res[f"{p}.mlp.down_proj"].smoothing.startswith("lstsq:") and res[f"{p}.mlp.down_proj"].rel_fro == \
+        pytest.approx(true(f"{p}.mlp.down_proj"), rel=0.05)
+
+
 # -- detail views -----------------------------------------------------------------------------------
 
 def _gptq_variant(folder, rw, bits=4, group=64):
