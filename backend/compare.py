@@ -341,6 +341,26 @@ def _nothing_matches(vm: Model, unmatched: list[Unmatched], rx=None) -> CompareE
                         file=vm.ckpt.source, rule="compare.no-common-layers")
 
 
+def _unrelated(label: str, rows_out: dict[str, dict[str, LayerMetrics]]) -> str | None:
+    """Why ``label``'s weights look like another model's (None where they do not): most of its
+    layers are as far from the reference as the reference is from zero, as stored. No
+    quantization does that; two unrelated sets of weights of the same size are √2 apart."""
+    rows = [r for by in rows_out.values() if (r := by.get(label)) is not None and math.isfinite(r.rel_fro_raw)]
+    raw = [r.rel_fro_raw for r in rows]
+    if len(raw) < 3 or float(np.median(raw)) < IMPLAUSIBLE_REL_FRO:
+        return None
+    # ... and as large as the reference, in another direction: a decode that holds next to nothing
+    # (misread scales: ‖Ŵ‖ ~ 1e-10 ‖W‖) or far too much (one scale of 60,000) is a broken file,
+    # said as such (SweepResult.implausible); ‖Ŵ‖/‖W‖ from rel² = r² + 1 - 2 r cos
+    ratio = [r.cosine + math.sqrt(max(0.0, r.cosine ** 2 + r.rel_fro ** 2 - 1)) for r in rows
+             if math.isfinite(r.cosine) and math.isfinite(r.rel_fro)]
+    if not ratio or not 0.5 <= float(np.median(ratio)) <= 2.0 or float(np.median([r.cosine for r in rows])) > 0.5:
+        return None
+    return (f"its layers are as far from the reference's as the reference's are from zero (rel_fro as stored: median "
+            f"{float(np.median(raw)):.3f} over {len(raw)} layers; two unrelated sets of weights of the same size "
+            "give 1.41): is it a quantization of a different model? Its figures say nothing of a quantization")
+
+
 # -- is the smoothing folded consistently? --------------------------------------------------------
 
 #: Least spread of log s over a norm's channels for the power to be measured at all.
@@ -1370,6 +1390,12 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                     if uses[k] <= 0:
                         caches.pop(k, None)
         drain(0)
+        for vs in states:
+            if (why := _unrelated(vs.label, rows_out)) is not None:
+                # the "smoothing" found between two models' norms, and its power, mean nothing
+                result.smoothing_checks.pop(vs.label, None)
+                old = result.data_warnings.get(vs.label)
+                result.data_warnings[vs.label] = why if old is None else f"{why}\n{old}"
         for vs in states:  # inconsistent smoothing: the quantization's own error besides
             chk = result.smoothing_checks.get(vs.label)
             if chk is not None and chk.warning:

@@ -525,6 +525,24 @@ def test_an_untied_head_is_missing_not_the_embeddings(ref_pair, tmp_path):
     assert "lm_head" not in {r.name for r in res.rows}  # (it compared the variant's head with embed_tokens)
 
 
+def test_another_model_of_the_same_shapes_is_said_to_be_one(ref_pair, tmp_path):
+    """Llama-3-8B against Mistral-7B: every layer's shape matches. Its norms differ, so it was
+    taken for smoothed (a "power 0.72" warning) and each layer listed as broken scales."""
+    root, rw, ref, vw, var = ref_pair
+    other = _model(tmp_path / "other", _ref_weights(seed=123))
+    res = sweep(ref, {"o": other}, engine="numpy")
+    assert "a quantization of a different model?" in res.data_warnings["o"]
+    assert "o" not in res.smoothing_checks  # (the norms' ratio between two models is no smoothing)
+    assert "different model" in res.warnings()["o"][1]
+    # a decode of next to nothing, or of far too much, is a broken file, not another model
+    for k, f in (("tiny", 1e-9), ("huge", 50.0)):
+        scaled = _model(tmp_path / k, {n: (_f32(v) * f if v.ndim == 2 else v) for n, v in vw.items()})
+        res = sweep(ref, {k: scaled}, engine="numpy")
+        assert res.implausible() and k not in res.data_warnings
+    res = sweep(ref, {"v": var}, engine="numpy")  # and the model itself is not another
+    assert not res.data_warnings and not res.implausible()
+
+
 def _mlx_quant(w_bf16, bits=4, group=64):
     import mlx.core as mx
     a = mx.array(np.ascontiguousarray(w_bf16).view(np.uint16)).view(mx.bfloat16)
