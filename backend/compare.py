@@ -542,9 +542,9 @@ class _Rows:
 
     def _decode(self, model, layer) -> np.ndarray:
         self._counter["bytes"] = self._counter.get("bytes", 0) + layer.numel * 4
-        if layer.scheme == "dense":  # a plain read: no engine needed
+        if layer.scheme == "dense":  # a plain read: no engine needed; F64 kept (the metrics take it)
             w = np.asarray(model.ckpt.tensor(layer.tensors["weight"].name))
-            return w.reshape(-1, w.shape[-1]).astype(np.float32)
+            return w.reshape(-1, w.shape[-1]).astype(np.float64 if w.dtype == np.float64 else np.float32)
         out = self.engine.dequantize(model, layer)
         return np.asarray(out, np.float32).reshape(-1, layer.shape[-1])
 
@@ -564,7 +564,7 @@ class _Rows:
         return np.asarray(self.model.ckpt.tensor(self.layer.tensors["weight"].name)).reshape(-1, self.cols)[r0:r1]
 
     def get(self, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) (float32, may be a view)."""
+        """Rows [r0, r1) (float32, or float64 for an F64 dense layer; may be a view)."""
         if not self.big or self._full is not None:
             return self.full()[r0:r1]
         g = _granule(self.layer)

@@ -1,7 +1,7 @@
 """Error metrics of a decoded weight against a reference, streamed over blocks.
 
-Everything is accumulated in float64 from float32 inputs so the figures agree with a direct
-float64 numpy computation to ~1e-12 relative; the |error| percentiles are exact order statistics
+Everything is accumulated in float64 from float32 inputs (float64 ones, an F64 checkpoint's, are
+taken as they are) so the figures agree with a direct float64 numpy computation to ~1e-12 relative; the |error| percentiles are exact order statistics
 (numpy's default "linear" interpolation) found without sorting or holding the whole error:
 
 1. pass one counts ``|Ŵ−W|`` per bucket of the top 16 bits of its float32 rounding (rounding is
@@ -32,9 +32,22 @@ _NKEYS = 1 << 15  # |d| as float32 has a clear sign bit: bits >> 16 < 2**15
 
 
 def _keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    d32 = np.subtract(b, a, dtype=np.float32)
+    if a.dtype == b.dtype == np.float32:  # (their float64 difference is exact: rounded once either way)
+        d32 = np.subtract(b, a, dtype=np.float32)
+    else:  # float64 weights: the float64 difference, then rounded (casting first rounds twice)
+        d32 = np.subtract(b, a, dtype=np.float64).astype(np.float32)
     np.abs(d32, out=d32)
     return d32.view(np.uint32) >> 16
+
+
+def _flat(w: np.ndarray, wh: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Both arrays 1-D and contiguous, in float32, or in float64 where either is float64 (an F64
+    checkpoint: rounded to float32, a float32 copy of it measured exactly 0); whether float32
+    (the compiled passes take float32 only; float64 takes numpy's)."""
+    wide = np.asarray(w).dtype == np.float64 or np.asarray(wh).dtype == np.float64
+    dt = np.float64 if wide else np.float32
+    return (np.ascontiguousarray(w, dtype=dt).reshape(-1), np.ascontiguousarray(wh, dtype=dt).reshape(-1),
+            not wide)
 
 
 #: Layers up to this many elements are measured by :meth:`ErrorStats.add_small`.
@@ -70,20 +83,19 @@ class ErrorStats:
 
     # -- pass one ---------------------------------------------------------------------------
     def add(self, w: np.ndarray, wh: np.ndarray) -> None:
-        """Accumulate one block (float32 arrays of the same shape).
+        """Accumulate one block (arrays of the same shape: float32, or float64 where either is).
 
         Large blocks are cut into pieces summed on the decode thread pool (numpy releases the
         GIL in these loops); float64 partial sums keep the ~1e-12 agreement.
         """
-        a1 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
-        b1 = np.ascontiguousarray(wh, dtype=np.float32).reshape(-1)
+        a1, b1, f32 = _flat(w, wh)
         n = a1.size
         self.n += n
         raw = self.raw_only
 
         def piece(i0: int, i1: int):
             counts = None if raw else np.zeros(_NKEYS, np.int64)
-            compiled = fast.error_stats(a1[i0:i1], b1[i0:i1], counts)
+            compiled = fast.error_stats(a1[i0:i1], b1[i0:i1], counts) if f32 else None
             if compiled is not None:  # one pass, same sums (float64) and buckets
                 sdd, sww, swd, mx, nz, svv, swv = compiled
                 return sdd, sww, swd, mx, nz, counts, svv, swv
@@ -97,7 +109,7 @@ class ErrorStats:
             counts = None
             for i in range(i0, i1, CHUNK):
                 a, b = a1[i:min(i1, i + CHUNK)], b1[i:min(i1, i + CHUNK)]
-                d = np.subtract(b, a, dtype=np.float64)  # exact for float32 inputs
+                d = np.subtract(b, a, dtype=np.float64)  # exact for float32 inputs (numpy's for float64)
                 a64 = a.astype(np.float64)
                 sdd += float(np.vdot(d, d))
                 sww += float(np.vdot(a64, a64))
@@ -141,15 +153,14 @@ class ErrorStats:
         such a layer's own work; a 128-expert MoE has tens of thousands of them."""
         if self.n or self.raw_only:
             raise RuntimeError("add_small takes a whole layer, on a fresh full accumulator")
-        a32 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
-        b32 = np.ascontiguousarray(wh, dtype=np.float32).reshape(-1)
-        got = fast.small_stats(a32, b32)
+        a32, b32, f32 = _flat(w, wh)
+        got = fast.small_stats(a32, b32) if f32 else None
         if got is not None:
             self.sdd, self.sww, self.swd, self.svv, self.swv, d = got
         else:
             a = a32.astype(np.float64)
             v = b32.astype(np.float64)
-            d = v - a  # exact: the difference of two float32 values fits a float64
+            d = v - a  # exact for two float32 values (a float64 fits their difference)
             self.sdd = float(np.vdot(d, d))
             self.sww = float(np.vdot(a, a))
             self.swd = float(np.vdot(a, d))
@@ -196,11 +207,10 @@ class ErrorStats:
         if self._plan is None:
             self.plan()
         lut, _, bound = self._plan
-        a1 = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
-        b1 = np.ascontiguousarray(wh, dtype=np.float32).reshape(-1)
+        a1, b1, f32 = _flat(w, wh)
 
         def piece(i0: int, i1: int):
-            compiled = fast.gather(a1[i0:i1], b1[i0:i1], lut, bound)
+            compiled = fast.gather(a1[i0:i1], b1[i0:i1], lut, bound) if f32 else None
             if compiled is not None:
                 return compiled if compiled[0].size else None
             with np.errstate(invalid="ignore", over="ignore"):  # (inf - inf: NaN)

@@ -92,6 +92,37 @@ def ref_pair(tmp_path_factory):
 
 # -- metrics ------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("n", [7, 70001, 300_000])
+def test_metrics_of_float64_arrays_are_float64s(n):
+    """An F64 checkpoint's weights were rounded to float32 first: a float32 copy of them measured
+    exactly 0, and float64 arrays 7.6e-9 where the error was 1e-9."""
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal(n) * 0.05
+    for wh in (w.astype(np.float32), w + rng.standard_normal(n) * 5e-11):  # (float32 vs float64 mixed, too)
+        m = error_metrics(w, wh)
+        d = wh.astype(np.float64) - w
+        rel = np.linalg.norm(d) / np.linalg.norm(w)
+        assert m["rel_fro"] == pytest.approx(rel, rel=1e-9) and 0 < m["rel_fro"] < 1e-7
+        assert m["max_abs"] == np.abs(d).max()
+        for p in (50, 95, 99):
+            assert m[f"p{p}"] == pytest.approx(np.percentile(np.abs(d), p), rel=1e-9)
+
+
+def test_an_f64_reference_is_compared_in_float64(ref_pair, tmp_path):
+    root, rw, ref, vw, var = ref_pair
+    rng = np.random.default_rng(3)
+    w64 = {k: _f32(v).astype(np.float64) + (rng.standard_normal(v.shape) * 1e-9 if v.ndim == 2 else 0)
+           for k, v in rw.items()}
+    ref64 = _model(tmp_path / "f64", w64)
+    copy32 = _model(tmp_path / "f32", {k: v.astype(np.float32) for k, v in w64.items()})
+    res = sweep(ref64, {"c": copy32}, engine="numpy")
+    name = "model.layers.0.mlp.down_proj"
+    row = next(r for r in res.rows if r.name == name)
+    w, wh = w64[name + ".weight"], w64[name + ".weight"].astype(np.float32).astype(np.float64)
+    assert row.rel_fro == pytest.approx(np.linalg.norm(wh - w) / np.linalg.norm(w), rel=1e-9) and row.rel_fro > 0
+    assert row.max_abs == np.abs(wh - w).max()
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 1000, 70001])
 def test_metrics_match_direct_numpy(n):
     rng = np.random.default_rng(n)
