@@ -915,8 +915,11 @@ def _measure_general(t_name: str, ref_rows: _Rows, todo: list[_VariantState],
     for r0, r1 in blocks:
         _check_cancel(cancel)
         w = ref_rows.get(r0, r1)
-        for vs in todo:
+        for i, vs in enumerate(todo):
             _check_cancel(cancel)
+            if i:  # the block's rows reported a share per variant measured (a layer of up to 64M
+                # weights is one block: three variants of it took seconds without a word)
+                on_block((r1 - r0) * i // len(todo) - (r1 - r0) * (i - 1) // len(todo))
             wh, raw, label = variant_block(vs, w, r0, r1, True)
             labels[vs.label] = label
             st, st_raw = stats[vs.label]
@@ -930,7 +933,8 @@ def _measure_general(t_name: str, ref_rows: _Rows, todo: list[_VariantState],
                 st.plan()
                 st.gather(w, wh)
             del wh, raw
-        on_block(r1 - r0)
+        n = len(todo)
+        on_block((r1 - r0) - (r1 - r0) * (n - 1) // n if n else r1 - r0)
     if two_pass_later:  # exact percentiles: second look at the row blocks
         for st, _ in stats.values():
             st.plan()
