@@ -21,9 +21,16 @@ _logger = logging.getLogger(__name__)
 def _fmt(v, spec: str) -> str:
     if v is None:
         return "—"
+    width = int(spec.split(".")[0])
     if isinstance(v, float) and math.isinf(v):  # as wide as the numbers around it
-        return format("inf" if v > 0 else "-inf", ">" + spec.split(".")[0])
-    return format(v, spec)
+        return format("inf" if v > 0 else "-inf", f">{width}")
+    # fewer decimals where the number is too wide, then the exponent form (rel_fro 672.21883
+    # widened its cell: the column lost its alignment)
+    for digits in range(int(spec.split(".")[1].rstrip("f")), -1, -1):
+        out = format(v, f"{width}.{digits}f")
+        if len(out) <= width:
+            return out
+    return format(v, f"{width}.{max(1, width - 6)}g")
 
 
 def short_names(labels: list[str]) -> dict[str, str]:

@@ -977,6 +977,13 @@ def test_cli_json_csv_and_error(ref_pair, mlx_variant, tmp_path, capsys):
     assert f"{other.name}:" not in out.out
 
 
+def test_table_cells_keep_their_width_for_large_errors():
+    from quantscope.app.compare_cli import _fmt
+    assert [_fmt(v, "8.5f") for v in (0.1234567, 672.21883, 12345.6, 1.5e20, -3.25)] == \
+        [" 0.12346", "672.2188", "12345.60", " 1.5e+20", "-3.25000"]
+    assert all(len(_fmt(v, "8.2f")) == 8 for v in (-3.0e9, 1e12, 0.5, float("inf"), float("nan")))
+
+
 def test_table_names_keep_variants_with_the_same_folder_name_apart():
     from quantscope.app.compare_cli import short_names
     assert short_names(["/x/a/model", "/y/b/model", "mlx", "./q4/"]) == {
