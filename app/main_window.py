@@ -150,7 +150,7 @@ class MainWindow(QMainWindow):
         self.statusBar().messageChanged.connect(lambda m: m or self.statusBar().setToolTip(""))
         self._sweep_cache: dict = {}
         self._compared: tuple = (None, None)  # (the reference, the layers asked) of the last comparison
-        self._cache_ref: str | None = None  # the reference whose comparisons _sweep_cache holds
+        self._color_slots: dict[str, int] = {}  # variant label -> its place in the palette, for the session
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
         # The what-if box holds, for the layer shown, each of these that belongs to it: a what-if
         # result, the variants' errors (from its detail), a conversion's summary (_result_text).
@@ -525,11 +525,9 @@ class MainWindow(QMainWindow):
         again = (ws is self.workspace and ws.reference is not None and ws.reference is self._compared[0]
                  and bool(ws.variants))
         only = self._compared[1]
-        # the cache stays while the reference does (its keys hold each file's identity, so what
-        # it has is still true); another reference's comparisons share nothing with it
-        ref_src = None if ws.reference is None else ws.reference.ckpt.source
-        if ref_src != self._cache_ref:
-            self._sweep_cache, self._cache_ref = {}, ref_src
+        # the cache stays for the session, whatever the reference (its keys hold both files'
+        # identities and configs, so what it has is still true): a reference closed and opened
+        # again was measured again from the start, minutes on a large model
         if ws.reference is not self._compared[0]:
             self._compared = (None, None)
         self.workspace = ws
@@ -540,7 +538,7 @@ class MainWindow(QMainWindow):
         self.sweep_result = None
         self._quant_only = {}
         self._detail_errors = self._whatif_line = None  # of the checkpoints before (the reference may differ)
-        self.colors = colors_for(list(ws.variants))
+        self.colors = colors_for(list(ws.variants), self._color_slots)  # (a label keeps its colour)
         if ws.reference_label:
             self.colors["reference"] = REFERENCE_COLOR
             self.colors[ws.reference_label] = REFERENCE_COLOR

@@ -1855,6 +1855,8 @@ def test_a_checkpoint_opened_by_another_path_or_made_the_reference_is_not_opened
 
 def test_the_shown_checkpoint_can_be_removed_from_the_workspace(win, qtbot, demo):
     labels = _demo_compared(win, qtbot, demo)
+    colors = {lb: win.colors[lb].name() for lb in labels}
+    symbols = {lb: win.layers.series[lb].opts["symbol"] for lb in labels}
     gone = labels[1]
     win.tree.combo.setCurrentText(gone)
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):  # the others compared again, from the cache
@@ -1863,9 +1865,24 @@ def test_the_shown_checkpoint_can_be_removed_from_the_workspace(win, qtbot, demo
     assert {r.variant for r in win.sweep_result.rows} == set(labels) - {gone}
     assert "removed from the workspace" in win.statusBar().currentMessage()
     assert demo.variants[gone].exists()
+    # the others keep their colours and markers (each after it took the one before's)
+    kept = [lb for lb in labels if lb != gone]
+    assert {lb: win.colors[lb].name() for lb in kept} == {lb: colors[lb] for lb in kept}
+    assert {lb: win.layers.series[lb].opts["symbol"] for lb in kept} == {lb: symbols[lb] for lb in kept}
+    cached = len(win._sweep_cache)
     win.tree.combo.setCurrentText(win.workspace.reference_label)
     win.remove_shown()
-    assert win.workspace.reference is None and list(win.workspace.variants) == [v for v in labels if v != gone]
+    assert win.workspace.reference is None and list(win.workspace.variants) == kept
+    # the reference opened again: its comparisons come from the cache, nothing measured again
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.add_paths([str(demo.reference)], as_reference=True)
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    assert len(win._sweep_cache) == cached and {r.variant for r in win.sweep_result.rows} == set(kept)
+    # a variant added anew takes a colour no open one has
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.add_paths([str(demo.variants[gone])])
+    assert len({win.colors[lb].name() for lb in win.workspace.variants}) == len(win.workspace.variants)
 
 
 def test_a_reference_of_another_model_is_said_as_such(win, qtbot, demo, real_fixtures):

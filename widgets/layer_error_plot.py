@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (
 )
 from quantscope.backend.metrics import worse
 
-from .palette import BAD_RGBA, variant_symbol
+from .palette import BAD_RGBA, symbol_for
 from .plots import (
     SYMBOL_GLYPHS,
     Hint,
@@ -374,15 +374,15 @@ class LayerErrorPlot(QWidget):
             self.hm.setToolTip(tip)
 
     def _show_legend(self, variants: list[str]) -> None:
-        # the marker of each variant is the one _add_series gives it: by its place in the list
-        self.legend.set_entries([(v, self._colors.get(v), SYMBOL_GLYPHS.get(variant_symbol(i), "●"))
-                                 for i, v in enumerate(variants)])
+        # the marker of each variant is the one _add_series gives it: its colour's
+        self.legend.set_entries([(v, self._colors.get(v), SYMBOL_GLYPHS.get(symbol_for(self._colors.get(v)), "●"))
+                                 for v in variants])
 
     def _add_series(self, variant: str) -> None:
         if variant in self.series:
             return
         color = self._colors.get(variant)
-        item = pg.PlotDataItem([], [], symbol=variant_symbol(len(self.series)), symbolSize=7, symbolBrush=color,
+        item = pg.PlotDataItem([], [], symbol=symbol_for(color), symbolSize=7, symbolBrush=color,
                                symbolPen=None)
         item.sigPointsClicked.connect(self._points_clicked)
         self.plot.addItem(item)

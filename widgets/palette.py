@@ -25,8 +25,30 @@ def variant_symbol(index: int) -> str:
     return VARIANT_SYMBOLS[index % len(VARIANT_SYMBOLS)]
 
 
-def colors_for(labels: list[str]) -> dict[str, QColor]:
-    return {label: variant_color(i) for i, label in enumerate(labels)}
+def colors_for(labels: list[str], slots: dict[str, int] | None = None) -> dict[str, QColor]:
+    """A colour per label. With ``slots`` (kept by the caller for a session: label -> place in
+    :data:`VARIANT_COLORS`), a label keeps the place it had, so removing a variant recolours no
+    other (each after it took the colour and marker of the one before); a new label takes the
+    first place no open label holds, one never used if there is one."""
+    if slots is None:
+        return {label: variant_color(i) for i, label in enumerate(labels)}
+    place: dict[str, int] = {}
+    for label in labels:  # the places labels had, where no earlier label has it now
+        if label in slots and slots[label] not in place.values():
+            place[label] = slots[label]
+    for label in labels:
+        if label not in place:
+            free = [i for i in range(len(VARIANT_COLORS)) if i not in place.values()]
+            fresh = [i for i in free if i not in slots.values()]
+            slots[label] = place[label] = (fresh or free or [len(place) % len(VARIANT_COLORS)])[0]
+    return {label: variant_color(place[label]) for label in labels}
+
+
+def symbol_for(color) -> str:
+    """The marker shape that goes with a variant's colour (its place in the palette)."""
+    name = QColor(color).name().upper() if color is not None else ""
+    up = [c.upper() for c in VARIANT_COLORS]
+    return VARIANT_SYMBOLS[up.index(name)] if name in up else VARIANT_SYMBOLS[0]
 
 
 def is_dark(palette: QPalette) -> bool:
