@@ -232,7 +232,21 @@ class MainWindow(QMainWindow):
                 and (self._dock_win_w is None or self.width() == self._dock_win_w):
             self._dock_widths[obj] = obj.width()
             self._dock_win_w = self.width()
+        if ev.type() == QEvent.Type.Resize and obj is self.tabs:
+            self._fit_tab_names()
         return super().eventFilter(obj, ev)
+
+    def _fit_tab_names(self) -> None:
+        """The tabs' full names where all fit the tab bar's width, else their short ones."""
+        bar = self.tabs.tabBar()
+        fm = bar.fontMetrics()
+        pad = bar.tabRect(0).width() - fm.horizontalAdvance(self.tabs.tabText(0).replace("&&", "&")) if \
+            self.tabs.count() else 0
+        need = sum(fm.horizontalAdvance(full.replace("&&", "&")) + pad for full, _ in self._tab_names)
+        use = 0 if need <= self.tabs.width() - 4 else 1
+        for i, names in enumerate(self._tab_names):
+            if self.tabs.tabText(i) != names[use]:
+                self.tabs.setTabText(i, names[use])
 
     def _rescale_docks(self) -> None:
         old, new = self._dock_win_w, self.width()
@@ -288,9 +302,17 @@ class MainWindow(QMainWindow):
         self.heatmap = GroupErrorHeatmap()
         self.layers = LayerErrorPlot()
         self.tabs = QTabWidget()
-        for w, name in ((self.hist, "Values"), (self.err_hist, "Error"), (self.codes, "Code usage"),
-                        (scales_tab, "Scales && zeros"), (self.heatmap, "Group error"), (self.layers, "Layers")):
-            self.tabs.addTab(w, name)
+        self._tab_names = []  # (full, short) per tab
+        for w, name, short in ((self.hist, "Values", "Values"), (self.err_hist, "Error", "Error"),
+                               (self.codes, "Code usage", "Codes"), (scales_tab, "Scales && zeros", "Scales"),
+                               (self.heatmap, "Group error", "Groups"), (self.layers, "Layers", "Layers")):
+            self.tabs.setTabToolTip(self.tabs.addTab(w, name), name.replace("&&", "&"))
+            self._tab_names.append((name, short))
+        # every tab in sight: their short names where the full ones do not fit, then elided (at
+        # 1024 px Layers, the comparison's own view, was behind the tab bar's scroll arrows)
+        self.tabs.setElideMode(Qt.TextElideMode.ElideRight)
+        self.tabs.setUsesScrollButtons(False)
+        self.tabs.installEventFilter(self)
         self.setCentralWidget(self.tabs)
         self._page = {self.hist: self.hist, self.err_hist: self.err_hist, self.codes: self.codes,
                       self.scales: scales_tab, self.zeros: scales_tab, self.heatmap: self.heatmap}
@@ -1176,7 +1198,7 @@ class MainWindow(QMainWindow):
         page = self.tabs.currentWidget()
         views = [self.scales, self.zeros] if page is self._page[self.scales] else [page]
         parts = [p for v in views for p in (v.figure_parts() if hasattr(v, "figure_parts") else [v])]
-        name = self.tabs.tabText(self.tabs.currentIndex()).replace("&&", "&")
+        name = self.tabs.tabToolTip(self.tabs.currentIndex())  # (its full name, whatever the tab shows)
         if page is self.heatmap:
             name = f"Group error of {self.heatmap.variant.currentText()}"
         elif page is self.layers:

@@ -2191,3 +2191,18 @@ def test_jobs_strip_says_a_comparisons_layers_and_bytes(win, qtbot):
     done, total = texts[-1].split(" layers")[0].split("/")
     assert done == total and int(total) == len({r.name for r in win.sweep_result.rows})
     assert any(label.endswith(" · " + t) for t, label in shown if t)  # beside the job's title
+
+
+def test_every_tab_is_in_sight_at_narrow_widths(win, qtbot):
+    bar = win.tabs.tabBar()
+    for width, layers_tab in ((1400, "Layers"), (1024, "Layers"), (835, None)):
+        win.resize(width, 700)
+        qtbot.waitUntil(lambda: win.width() == width, timeout=2000)
+        qtbot.wait(50)
+        # (it was behind the tab bar's scroll arrows at 1024 px)
+        assert all(bar.tabRect(i).right() <= bar.width() for i in range(bar.count()))
+        if layers_tab:
+            assert win.tabs.tabText(win.tabs.indexOf(win.layers)) == layers_tab
+        assert win.tabs.tabToolTip(win.tabs.indexOf(win.codes)) == "Code usage"
+    win.resize(1400, 800)
+    qtbot.waitUntil(lambda: win.tabs.tabText(win.tabs.indexOf(win.codes)) == "Code usage", timeout=2000)
