@@ -1020,6 +1020,20 @@ def test_a_discrete_log_histogram_starts_at_the_empty_bins_floor(qtbot):
     assert h.plot.getViewBox().autoRangeEnabled()[1]
 
 
+def test_a_log_histograms_lone_tall_bin_drops_to_the_floor(qtbot):
+    """Every exact zero of a layer in one bin between empty ones: the tallest bin was drawn as a
+    short dash floating high above the curve; a sparse tail stays gaps, no comb to a floor."""
+    from quantscope.widgets.histogram_view import LOG_FLOOR, HistogramView
+    h = HistogramView("error")
+    qtbot.addWidget(h)
+    counts = np.array([0, 0, 5, 9, 0, 100_000, 0, 7, 0, 0, 0, 1, 0, 0, 0], np.int64)
+    h.set_histograms(np.linspace(-1.0, 1.0, counts.size + 1), {"a": counts}, {"a": "#000000"})
+    y = h._items["a"].getData()[1]
+    assert y[5] == pytest.approx(5.0) and y[4] == y[6] == LOG_FLOOR  # the spike stands on the floor
+    assert y[11] == 0.0 and y[10] == y[12] == LOG_FLOOR  # one count: a short bar, not a dash on the axis
+    assert np.isnan(y[0]) and np.isnan(y[9]) and np.isnan(y[14])  # (runs of empty bins: gaps)
+
+
 def test_group_error_map_shows_the_trees_checkpoint(win, qtbot):
     # it started on the first variant whatever the tree showed, and did not follow the tree
     win.tabs.setCurrentWidget(win.heatmap)  # (a hidden view is brought up to date when shown)

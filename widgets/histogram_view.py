@@ -248,7 +248,14 @@ class HistogramView(QWidget):
                 # sit in one level (every zero point 8) was drawn as a lone floating dash.
                 y = np.where(y > 0, np.log10(np.maximum(y, 1)), LOG_FLOOR)
             elif log:
-                y = np.log10(np.where(y > 0, y, np.nan))  # sparse tails: gaps, not a comb to a floor
+                # empty bins are gaps (a sparse tail is no comb to a floor), but those beside a
+                # filled one drop to the floor: a tall bin between empty ones (every exact zero of
+                # a layer, the tallest bin) was a short dash floating high above the curve
+                filled = y > 0
+                beside = np.zeros_like(filled)
+                beside[1:] |= filled[:-1]
+                beside[:-1] |= filled[1:]
+                y = np.where(filled, np.log10(np.where(filled, y, 1.0)), np.where(beside, LOG_FLOOR, np.nan))
             color = self._colors.get(label)
             # The reference in its own colour, thinner; solid (a dashed curve cost 40% of the
             # plot's paint time).
