@@ -834,7 +834,7 @@ def test_code_usage_of_different_bit_widths_gets_a_plot_per_level_count(qtbot):
 
 def test_tree_shows_name_then_the_shown_checkpoints_error_then_scheme_and_bits(win, qtbot):
     h, model = win.tree.view.header(), win.tree.model
-    for label, title in (("awq-w4g128", "awq-w4g128"), ("gptq-w4g128", "gptq")):
+    for label, title in (("awq-w4g128", "error"), ("gptq-w4g128", "error")):
         win.tree.combo.setCurrentText(label)
         first = [model.headerData(h.logicalIndex(i), Qt.Orientation.Horizontal) for i in range(4)]
         assert first == ["Name", title, "Scheme", "Bits"]
@@ -1236,9 +1236,13 @@ def test_a_narrow_tree_keeps_room_for_the_figures_of_the_shown_error(win, qtbot)
     shown = view.viewport().width() - view.columnWidth(0)
     assert shown >= fm.horizontalAdvance("0.0000") + 4, (view.viewport().width(), view.columnWidth(0))
     assert view.columnWidth(col) <= shown  # the right-aligned figures inside the dock, not past it
-    # the column's title keeps what tells it apart from its family (gptq-w4g128-actorder); its
-    # tooltip has the whole name
-    assert win.tree.model.headerData(col, Qt.Orientation.Horizontal) == "gptq"
+    # the column's title says what it holds, the box above whose it is ("g…8" elided, "gptq" as
+    # short as its family allowed); its tooltip has the whole name. The other variants' columns
+    # keep what tells them apart
+    assert win.tree.model.headerData(col, Qt.Orientation.Horizontal) == "error"
+    from quantscope.widgets.tensor_tree_model import BASE_COLUMNS
+    other = win.tree.model.variants.index("gptq-w4g128-actorder") + len(BASE_COLUMNS)
+    assert win.tree.model.headerData(other, Qt.Orientation.Horizontal) != "error"
     assert "gptq-w4g128" in win.tree.model.headerData(col, Qt.Orientation.Horizontal, Qt.ItemDataRole.ToolTipRole)
 
 

@@ -145,6 +145,9 @@ class TensorTree(QWidget):
         n, nb = self.model.columnCount(), len(BASE_COLUMNS)
         variants = self.model.variants
         own = nb + variants.index(label) if label in variants else None
+        if self.model.own != label:
+            self.model.own = label
+            self.model.headerDataChanged.emit(Qt.Orientation.Horizontal, 0, n - 1)
         for c in range(n):
             text = str(self.model.headerData(c, Qt.Orientation.Horizontal) or "")
             want = max(widths.get(c, 0), fm.horizontalAdvance(text) + 24)

@@ -85,6 +85,9 @@ class TensorTreeModel(QAbstractItemModel):
         self._swatches: dict = {}  # variant -> QIcon of its plot colour (set_variants)
         self._errors: dict[str, dict[str, float]] = {}
         self._headers: dict[str, str] = {}
+        #: The checkpoint the tree shows: its error column, beside Name, is headed "error" (its
+        #: name is in the box above; elided to that column's width it read "g…8").
+        self.own: str | None = None
         #: per variant and module: (mark after the figure, tooltip) of its error cell
         self._notes: dict[str, dict[str, tuple[str, str]]] = {}
         self._flags: dict[str, tuple[str, str]] = {}
@@ -283,7 +286,7 @@ class TensorTreeModel(QAbstractItemModel):
             name = self._variants[section - len(BASE_COLUMNS)]
             if role == Qt.ItemDataRole.ToolTipRole:
                 return f"Error of {name}: ‖Ŵ−W‖/‖W‖ of each layer against the reference\n{ERROR_KEY}"
-            return self._headers.get(name, name)
+            return "error" if name == self.own else self._headers.get(name, name)
         return "Doctor"
 
     def flags(self, index: QModelIndex):
