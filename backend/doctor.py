@@ -1744,8 +1744,14 @@ class _Doctor:
     def _check_scales(self, layer, comp) -> float | None:
         t = layer.tensors[comp]
         chunks = []
+        # AWQ GEMV pads its scales with zero columns to a multiple of 8 (WQLinear_GEMV.from_linear):
+        # only the first K/G hold groups' scales (every valid GEMV file had "1536 of 6144 are 0")
+        groups = (-(-layer.shape[-1] // layer.group_size) if layer.scheme == "awq-gemv" and comp == "scales"
+                  and layer.shape and layer.group_size and layer.group_size > 0 else None)
         for a in self._sample(t):
             a = np.asarray(a)
+            if groups is not None and a.ndim == 2:
+                a = a[:, :groups]
             if a.dtype == np.uint8:
                 table = E4M3 if layer.scheme in ("mlx-nvfp4", "ct-nvfp4", "modelopt-nvfp4") else E8M0
                 if comp == "weight.absmax":

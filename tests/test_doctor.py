@@ -1398,3 +1398,27 @@ def test_negative_scales_of_a_compressed_tensors_int8_layer_are_an_error(tmp_pat
     _, dst, k = _golden_with_scales(tmp_path, "ct_int8_w8a8_channel", ".weight_scale", lambda s: -s)
     hits = [x for x in diagnose(dst) if x.rule == "values.negative-scale"]
     assert hits and hits[0].tensor == k and "ct-int" in hits[0].message
+
+
+def test_awq_gemv_scales_padding_is_not_taken_for_zero_scales(tmp_path):
+    """AutoAWQ's WQLinear_GEMV pads scales (and zeros) with zero columns to a multiple of 8: only
+    the first K/G are groups' scales. Every valid GEMV file had "1536 of 6144 checked scales are 0"."""
+    rng = np.random.default_rng(5)
+    n, k, g = HIDDEN, 5 * 64, 64  # 5 groups, padded to 8 columns
+    p = "model.layers.0.self_attn.q_proj"
+    scales = np.zeros((n, 8), np.float16)
+    scales[:, :5] = rng.uniform(0.005, 0.02, (n, 5))
+    zeros = np.zeros((n, 8), np.uint8)
+    zeros[:, :5] = rng.integers(0, 16, (n, 5))
+    t = {f"{p}.qweight": pack_bits(rng.integers(0, 16, (n, k), dtype=np.uint8), 4).view(np.int32),
+         f"{p}.qzeros": pack_bits(zeros, 4).view(np.int32), f"{p}.scales": scales}
+    folder = tmp_path / "gemv"
+    folder.mkdir()
+    write_st(folder / "model.safetensors", t, {"format": "pt"})
+    _write_cfg(folder, _cfg(quantization_config={"quant_method": "awq", "bits": 4, "group_size": g,
+                                                 "zero_point": True, "version": "gemv"}))
+    rules = {f.rule for f in diagnose(folder)}
+    assert "values.zero-scale" not in rules and "values.zero-layer" not in rules and "awq.version" in rules
+    scales[3, 1] = 0  # a real zero among the groups' scales is still found
+    write_st(folder / "model.safetensors", {**t, f"{p}.scales": scales}, {"format": "pt"})
+    assert "values.zero-scale" in {f.rule for f in diagnose(folder)}
