@@ -252,7 +252,7 @@ def _model_dims(cfg: dict) -> set[int]:
     for c in (cfg, cfg.get("text_config") or {}):
         for k in ("hidden_size", "intermediate_size", "moe_intermediate_size", "d_model",
                   "ffn_dim", "shared_expert_intermediate_size", "intermediate_size_mlp", "mamba_d_ssm", "d_inner",
-                  "d_ssm"):
+                  "d_ssm", "embedding_size", "word_embed_proj_dim", "n_embd"):
             v = c.get(k)
             if isinstance(v, int) and v > 0:
                 dims.add(v)
@@ -359,7 +359,7 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
             layer.problem = f"{exc.message}{hint} (R18)"
             return layer
         k = layer.shape[-1]
-        if dims and k not in dims and module.path.rsplit(".", 1)[-1] not in ("lm_head", "embed_tokens"):
+        if dims and k not in dims:  # (the embeddings and the head too: their inputs are the hidden size)
             # 4 bit / 64 and 8 bit / 32 (and others) fit the same shapes: a config that names the
             # wrong pair decodes silent garbage of the wrong width. Only when another pair gives a
             # dimension of this model is it called wrong.

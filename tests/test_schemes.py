@@ -97,6 +97,20 @@ def test_mlx_shapes_that_do_not_fit_config_are_reported(tmp_path):
         NumpyEngine().dequantize(m, layer)
 
 
+def test_a_swapped_bits_group_pair_is_warned_of_on_the_embeddings_and_head_too(tmp_path):
+    """8 bit / 32 read over a 4 bit / 64 file: the shapes fit both. Linear layers were warned of
+    (R18); the embeddings and the head decoded garbage of half the hidden size without a word."""
+    h = LLAMA["hidden_size"]
+    t = {}
+    for name, rows in (("model.embed_tokens", 96), ("lm_head", 96), ("model.layers.0.self_attn.q_proj", h)):
+        t.update(mlx_triplet(name, RNG.normal(size=(rows, h)).astype(np.float32), 4, 64))
+    m = analyze(open_checkpoint(write_model(tmp_path, t, {**LLAMA, "quantization": {"group_size": 32, "bits": 8}})))
+    for name in ("model.embed_tokens", "lm_head", "model.layers.0.self_attn.q_proj"):
+        layer = m.layers[name]
+        assert layer.shape == (96 if "." not in name or "embed" in name else h, h // 2)
+        assert "R18" in (layer.warning or "") and f"give K={h // 2} inputs, not a dimension" in layer.warning
+
+
 def test_mlx_without_config_infers_from_model_dims(tmp_path):
     t = mlx_triplet("model.layers.0.mlp.up_proj", RNG.normal(size=(128, 384)).astype(np.float32), 8, 32)
     m = analyze(open_checkpoint(write_model(tmp_path, t, {"hidden_size": 384})))
