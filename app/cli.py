@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "stderr says why); 2: refused or failed, nothing written.")
     pd.add_argument("path", help="checkpoint")
     pd.add_argument("layer", help="module path without the component suffix, e.g. model.layers.0.self_attn.q_proj")
-    pd.add_argument("-o", "--output", required=True, help="output .npy file (- for stdout)")
+    pd.add_argument("-o", "--output", required=True, help="output .npy file (- for stdout; an existing .npy "
+                    "is replaced, any other file refused)")
     pd.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)
     _add_common(pd)
     pc = sub.add_parser("compare", help="per-layer error of variants against a reference",
@@ -69,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--reference", required=True, help="the dense reference checkpoint")
     pc.add_argument("variants", nargs="+", metavar="CKPT", help="quantized checkpoints to compare")
     pc.add_argument("--json", dest="json_out", metavar="OUT",
-                    help="write the per-layer metrics as JSON (-: to stdout, the table then goes to stderr)")
+                    help="write the per-layer metrics as JSON (-: to stdout, the table then goes to stderr; an "
+                         "existing JSON file is replaced, any other file refused)")
     pc.add_argument("--csv", dest="csv_out", metavar="OUT",
-                    help="write the per-layer metrics as CSV (-: to stdout, the table then goes to stderr)")
+                    help="write the per-layer metrics as CSV (-: to stdout, the table then goes to stderr; a CSV "
+                         "compare wrote is replaced, any other file refused)")
     pc.add_argument("--engine", choices=["auto", "numpy", "mlx"], default="auto", help=ENGINE_HELP)
     pc.add_argument("--layers", metavar="REGEX",
                     help="compare only the layers whose reference name matches this regular expression "
@@ -244,7 +247,7 @@ def cmd_dequant(args) -> int:
     from quantscope.backend.outfile import terminal_text
     from quantscope.backend.schemes import analyze, data_warning
 
-    check_output_path(args.output)
+    check_output_path(args.output, (b"\x93NUMPY",), "a .npy file", binary=True)
     with open_checkpoint(args.path) as ckpt:
         refuse_writing_into(args.output, [ckpt])
         model = analyze(ckpt)
@@ -298,12 +301,18 @@ def _save_npy(path: str, w) -> None:
     save_npy(path, w)
 
 
-def check_output_path(path: str) -> None:
+def check_output_path(path: str, starts: tuple[bytes, ...] | None = None, what: str = "",
+                      binary: bool = False) -> None:
     """Refuse, before any work, an output file that cannot be written (a folder that does not
     exist, a path that is a folder): the error used to come after the whole comparison, as an
-    internal error."""
+    internal error. ``starts``: an existing regular file is replaced only if it begins with one
+    of these (one this command wrote before: ``what``), or is empty: ``-o notes.txt`` replaced the
+    notes. ``binary``: "-" is refused on a terminal (the bytes of a .npy were written to it)."""
     from quantscope.backend.errors import QuantscopeError
     if path == "-":
+        if binary and sys.stdout.isatty():
+            raise QuantscopeError("will not write binary .npy data to a terminal: give a file name, or "
+                                  "redirect stdout (-o - > w.npy)")
         return
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -311,6 +320,12 @@ def check_output_path(path: str) -> None:
     if os.path.exists(path):  # written in place (/dev/stdout, a FIFO, a file): its own permission counts
         if not os.access(path, os.W_OK):
             raise QuantscopeError(f"cannot write {path}: it is not writable")
+        if starts and os.path.isfile(path) and os.path.getsize(path) and not _is_stdout(path):
+            with open(path, "rb") as fh:
+                head = fh.read(max(len(x) for x in starts))
+            if not head.startswith(starts):
+                raise QuantscopeError(f"{path} exists and is not {what}: not replaced — remove it or give "
+                                      "another name")
         return
     if not os.path.isdir(parent):
         from quantscope.backend.outfile import file_in_the_way

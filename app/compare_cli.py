@@ -137,9 +137,9 @@ def run_compare(args) -> int:
 
     from .cli import check_output_path
 
-    for out in (args.json_out, args.csv_out):
-        if out:
-            check_output_path(out)
+    for out, starts, what in ((args.json_out, (b"{",), "a JSON file"), (args.csv_out, (b"name,",), "compare's CSV")):
+        if out:  # (an existing file of another kind is not replaced)
+            check_output_path(out, starts, what)
     if args.json_out == "-" and args.csv_out == "-":
         raise QuantscopeError("--json - and --csv - cannot both write to stdout")
     if (args.json_out and args.csv_out and args.json_out != "-"

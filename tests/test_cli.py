@@ -294,6 +294,36 @@ def test_dequant_to_stdout(tmp_path, real_fixtures):
     assert r.stdout.strip() == "0" and "error" not in r.stderr, r.stderr
 
 
+def test_outputs_replace_their_own_kind_of_file_only(tmp_path, capsys, real_fixtures, monkeypatch):
+    """dequant -o notes.txt replaced the notes, compare --json the same; -o - wrote binary to a terminal."""
+    src, layer = str(real_fixtures / "mlx-affine-q4-g64"), "model.layers.0.mlp.up_proj"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    assert main(["dequant", src, layer, "-o", str(notes)]) == 2
+    assert notes.read_text() == "precious" and "exists and is not a .npy file: not replaced" in capsys.readouterr().err
+    out = tmp_path / "w.npy"
+    np.save(out, np.zeros(3))
+    assert main(["dequant", src, layer, "-o", str(out)]) == 0 and np.load(out).shape == (1536, 384)  # its own kind
+    empty = tmp_path / "empty.npy"
+    empty.touch()
+    assert main(["dequant", src, layer, "-o", str(empty)]) == 0 and np.load(empty).shape == (1536, 384)
+    ref = str(real_fixtures / "base-bf16")
+    for flag, name in (("--json", "notes.json"), ("--csv", "notes.csv")):
+        other = tmp_path / name
+        other.write_text("precious")
+        assert main(["compare", "--reference", ref, src, "--layers", "layers.0.mlp.up", flag, str(other)]) == 2
+        assert other.read_text() == "precious"
+    capsys.readouterr()
+    js, cs = tmp_path / "c.json", tmp_path / "c.csv"
+    for _ in range(2):  # written, then replaced by the same command
+        assert main(["compare", "--reference", ref, src, "--layers", "layers.0.mlp.up", "--json", str(js),
+                     "--csv", str(cs)]) == 0
+    assert json.loads(js.read_text())["layers"] and cs.read_text().startswith("name,")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["dequant", src, layer, "-o", "-"]) == 2
+    assert "will not write binary .npy data to a terminal" in capsys.readouterr().err
+
+
 def test_doctor_reads_a_small_model_whole_and_says_what_it_checked(tmp_path, capsys, real_fixtures):
     import shutil
     import struct
