@@ -247,9 +247,10 @@ def cmd_dequant(args) -> int:
     from quantscope.backend.outfile import terminal_text
     from quantscope.backend.schemes import analyze, data_warning
 
-    check_output_path(args.output, (b"\x93NUMPY",), "a .npy file", binary=True)
+    check_output_path(args.output, binary=True)
     with open_checkpoint(args.path) as ckpt:
         refuse_writing_into(args.output, [ckpt])
+        refuse_another_kind(args.output, (b"\x93NUMPY",), "a .npy file")
         model = analyze(ckpt)
         try:
             stacked = stacked_expert(args.layer, model)
@@ -301,13 +302,26 @@ def _save_npy(path: str, w) -> None:
     save_npy(path, w)
 
 
-def check_output_path(path: str, starts: tuple[bytes, ...] | None = None, what: str = "",
-                      binary: bool = False) -> None:
+def refuse_another_kind(path: str, starts: tuple[bytes, ...], what: str) -> None:
+    """Refuse to replace an existing regular file unless it begins with one of ``starts`` (one
+    this command wrote before: ``what``) or is empty: ``-o notes.txt`` replaced the notes."""
+    from quantscope.backend.errors import QuantscopeError
+    if path == "-" or not os.path.isfile(path) or not os.path.getsize(path) or _is_stdout(path):
+        return
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(max(len(x) for x in starts))
+    except OSError:
+        return  # (said by the write itself)
+    if not head.startswith(starts):
+        raise QuantscopeError(f"{path} exists and is not {what}: not replaced — remove it or give another name")
+
+
+def check_output_path(path: str, binary: bool = False) -> None:
     """Refuse, before any work, an output file that cannot be written (a folder that does not
     exist, a path that is a folder): the error used to come after the whole comparison, as an
-    internal error. ``starts``: an existing regular file is replaced only if it begins with one
-    of these (one this command wrote before: ``what``), or is empty: ``-o notes.txt`` replaced the
-    notes. ``binary``: "-" is refused on a terminal (the bytes of a .npy were written to it)."""
+    internal error. ``binary``: "-" is refused on a terminal (the bytes of a .npy were written
+    to it)."""
     from quantscope.backend.errors import QuantscopeError
     if path == "-":
         if binary and sys.stdout.isatty():
@@ -320,12 +334,6 @@ def check_output_path(path: str, starts: tuple[bytes, ...] | None = None, what: 
     if os.path.exists(path):  # written in place (/dev/stdout, a FIFO, a file): its own permission counts
         if not os.access(path, os.W_OK):
             raise QuantscopeError(f"cannot write {path}: it is not writable")
-        if starts and os.path.isfile(path) and os.path.getsize(path) and not _is_stdout(path):
-            with open(path, "rb") as fh:
-                head = fh.read(max(len(x) for x in starts))
-            if not head.startswith(starts):
-                raise QuantscopeError(f"{path} exists and is not {what}: not replaced — remove it or give "
-                                      "another name")
         return
     if not os.path.isdir(parent):
         from quantscope.backend.outfile import file_in_the_way

@@ -135,11 +135,11 @@ def run_compare(args) -> int:
     from quantscope.backend.compare import sweep
     from quantscope.backend.schemes import analyze
 
-    from .cli import check_output_path
+    from .cli import check_output_path, refuse_another_kind
 
-    for out, starts, what in ((args.json_out, (b"{",), "a JSON file"), (args.csv_out, (b"name,",), "compare's CSV")):
-        if out:  # (an existing file of another kind is not replaced)
-            check_output_path(out, starts, what)
+    for out in (args.json_out, args.csv_out):
+        if out:
+            check_output_path(out)
     if args.json_out == "-" and args.csv_out == "-":
         raise QuantscopeError("--json - and --csv - cannot both write to stdout")
     if (args.json_out and args.csv_out and args.json_out != "-"
@@ -164,8 +164,10 @@ def run_compare(args) -> int:
             unopened[path] = exc
     if not variants:  # nothing to compare: the (first) reason is the error
         raise next(iter(unopened.values()))
-    for out in (args.json_out, args.csv_out):
+    for out, starts, what in ((args.json_out, (b"{",), "a JSON file"), (args.csv_out, (b"name,",), "compare's CSV")):
         refuse_writing_into(out, [ref, *variants.values()])
+        if out:  # (an existing file of another kind is not replaced)
+            refuse_another_kind(out, starts, what)
     kernels_ready()
     bar = ProgressBar("comparing")
     cancel = threading.Event()

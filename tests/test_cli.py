@@ -388,17 +388,17 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, capsys,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     out = tmp_path / "w.npy"
-    out.write_bytes(b"old")
+    out.write_bytes(b"\x93NUMPY old")  # (a .npy written before: a file of another kind is not replaced at all)
     monkeypatch.setattr(np, "save", full)
     assert main(["dequant", str(real_fixtures / "mlx-affine-q4-g64"), "model.layers.0.self_attn.q_proj",
                  "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"cannot write {out}: No space left on device" in err and "previous file is kept" in err
-    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
+    assert out.read_bytes() == b"\x93NUMPY old" and sorted(p.name for p in tmp_path.iterdir()) == ["w.npy"]
     monkeypatch.undo()
     # a report that fails half-way: the same
     rep = tmp_path / "r.json"
-    rep.write_text("old")
+    rep.write_text("{old}")
 
     def broken(obj, fh, **k):
         fh.write("{\"layers\": [")
@@ -407,7 +407,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, capsys,
     monkeypatch.setattr(json, "dump", broken)
     assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
                  "--json", str(rep)]) == 2
-    assert rep.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.npy"]
+    assert rep.read_text() == "{old}" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.npy"]
     assert f"cannot write {rep}" in capsys.readouterr().err
 
 
