@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quantize every layer to B bits, the ones the source kept dense (embeddings, lm_head) "
                             "too, as mlx_lm.convert does; without --bits/--group-size/--mode, quantized layers keep "
                             "their settings (repacked exactly where possible, else requantized at their own bit "
-                            "width, group 64) and dense ones stay dense")
+                            "width, group 64) and dense ones stay dense; a source with no quantized layer (a "
+                            "dense model) is quantized whole, as mlx_lm.convert -q does: 4 bit, group 64")
     pconv.add_argument("--group-size", type=int, help="group size, with the same reach as --bits (default: mode's)")
     pconv.add_argument("--mode", choices=["affine", "mxfp4", "nvfp4", "mxfp8"], default="affine",
                        help="affine (default), or a block-float mode (fixed bits and group), with the same reach as --bits")
