@@ -971,13 +971,18 @@ def _row(t: Target, vs: _VariantState, res: dict) -> LayerMetrics:
     ne = sum(l.numel for l in layers)
     bpw = nb * 8 / ne if ne else None
     held = t.ref_layer if t.ref_layer != t.name else None  # (a stack holding the expert, a tied head's embeddings)
+    if held and _SWITCH_RE.match(held) and t.rows:
+        expert = t.ref_row0 // t.rows  # the reference stacks the experts
+    elif first.shape and len(first.shape) == 3 and len(t.segments) == 1 and t.rows:
+        expert = t.segments[0].var_rows[0] // t.rows  # the variant does: which of its stack this is
+    else:
+        expert = None
     return LayerMetrics(name=t.name, variant=vs.label, variant_layer=",".join(t.var_layers), scheme=first.scheme,
                         bits=first.bits, group_size=first.group_size,
                         rel_fro=res["rel_fro"], sqnr_db=res["sqnr_db"], cosine=res["cosine"], max_abs=res["max_abs"],
                         mse=res["mse"], p50=res["p50"], p95=res["p95"], p99=res["p99"], bits_per_weight=bpw,
                         rel_fro_raw=res["rel_fro_raw"], smoothing=res["smoothing"], layer_index=layer_index(t.name),
-                        proj=proj_of(t.name), reference_layer=held,
-                        expert=t.ref_row0 // t.rows if held and _SWITCH_RE.match(held) and t.rows else None)
+                        proj=proj_of(t.name), reference_layer=held, expert=expert)
 
 
 def _cache_key(ref_id, var_id, name: str, engine_name: str) -> str:

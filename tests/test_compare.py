@@ -453,6 +453,8 @@ def test_experts_against_switch_mlp(tmp_path):
     assert len(res.rows) == 3 * E and not res.unmatched
     r2 = next(r for r in res.rows if r.name == "model.layers.0.mlp.experts.2.up_proj")
     assert r2.variant_layer == "model.layers.0.mlp.switch_mlp.up_proj"
+    # which of the variant's stack it is: said (it was null, the stack's name alone)
+    assert [r.expert for r in res.rows if r.proj == "down_proj"] == list(range(E)) and r2.expert == 2
     w = _f32(per["model.layers.0.mlp.experts.2.up_proj.weight"])
     assert r2.rel_fro == pytest.approx(_direct(w, w + np.float32(0.002)), rel=1e-6)
     # the other way round (a stacked reference, mlx-lm's bf16 for one): expert by expert too,
