@@ -1467,6 +1467,12 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
             raise ConversionError(f"cannot convert: the index lists {len(miss)} tensor(s) that their shard does not "
                                   "hold: the checkpoint is incomplete (download it again)", file=ckpt.source,
                                   tensor=miss[0], rule="convert.incomplete")
+        bad_cfg = [w for w in ckpt.warnings if w.startswith("config.json ignored")]
+        if to == "mlx" and bad_cfg and "config.json" not in ckpt.configs:
+            # (its output had a config of the quantization alone, no model_type: mlx-lm cannot load it)
+            raise ConversionError(f"cannot convert to MLX: {bad_cfg[0]} — mlx-lm needs the model's config "
+                                  "(model_type, sizes); fix the source's config.json", file=ckpt.root / "config.json",
+                                  rule="convert.no-config")
         if not model.layers:  # (a header of no tensors: an output of a config alone, exit 0)
             raise ConversionError("cannot convert: the checkpoint stores no tensors", file=ckpt.source,
                                   rule="convert.incomplete")

@@ -389,6 +389,17 @@ def test_overwrite_swaps_in_one_step_and_a_killed_swap_is_put_right(demo, tmp_pa
         convert(demo.variants["awq-w4g128"], tmp_path / "d2", to="dense", scales="source")
 
 
+def test_refuses_an_mlx_output_without_the_models_config(demo, tmp_path):
+    """An unreadable config.json was ignored with a warning, and the output's config held the
+    quantization alone: no model_type, mlx-lm could not load it."""
+    src = tmp_path / "src"
+    shutil.copytree(demo.variants["gptq-w4g128"], src)
+    (src / "config.json").write_text((src / "config.json").read_text() + "\n}")  # extra data: not JSON
+    with pytest.raises(ConversionError, match="mlx-lm needs the model's config") as e:
+        convert(src, tmp_path / "out", to="mlx")
+    assert str(e.value.file) == str(src / "config.json") and not (tmp_path / "out").exists()
+
+
 def test_refuses_destination_inside_source(demo, tmp_path):
     src = demo.variants["gptq-w4g128"]
     before = sorted((p.name, p.stat().st_size) for p in src.iterdir())
