@@ -1034,6 +1034,11 @@ def _config_warning(vs) -> str | None:
         if w is not None:
             if "shapes decide" in w:  # a config value ignored: the figures are right, loaders are not
                 return f"the figures are right, but loaders would not read this file ({p}): {w}"
+            if "runtimes that ignore qzeros" in w:
+                # sym=true over zero points that vary: decoded with the stored zeros, as GPTQModel
+                # does (right); runtimes that take the config's word are not
+                return (f"the figures are right (decoded with the stored zero points, as GPTQModel does), but "
+                        f"runtimes that trust the config misread this file ({p}): {w}")
             return f"the figures are of a misread file ({p}): {w}"
         checked += 1
         if checked >= _DATA_CHECK_LAYERS:
