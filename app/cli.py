@@ -84,12 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     pdoc = sub.add_parser("doctor", help="find what is wrong with a checkpoint (exit 0 ok, 1 errors, 2 cannot open)",
                           description="Find what is wrong with a checkpoint: structure, index and shards, configs, "
                                       "each quantization format's tensors, and their values (every value of a model "
-                                      "up to 128 MB; larger ones sampled for about 2 s unless --full). The report "
-                                      "goes to stdout, also when the checkpoint cannot be opened. Exit 0: no errors "
+                                      "up to 512 MB; of a larger one, 64 rows of each tensor, for at most about "
+                                      "2 s, unless --full). The report goes to stdout, also when the checkpoint "
+                                      "cannot be opened. Exit 0: no errors "
                                       "(warnings allowed); 1: errors found; 2: it cannot be opened.")
     pdoc.add_argument("path", help="checkpoint")
     pdoc.add_argument("--json", action="store_true", help="machine-readable findings")
-    pdoc.add_argument("--full", action="store_true", help="check every value of a model over 128 MB too, not a time-boxed sample")
+    pdoc.add_argument("--full", action="store_true", help="check every value of a model over 512 MB too, not a time-boxed sample")
     _add_common(pdoc)
     pconv = sub.add_parser("convert", help="convert to MLX (exact repack where possible) or to dense",
                            epilog="Exit status: 0 converted; 1 converted as the config says, but the shapes "

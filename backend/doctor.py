@@ -241,8 +241,9 @@ class Finding:
         return f"[{self.rule}]{ref} {where + ': ' if where else ''}{self.message}"
 
 
-#: Tensor data up to this size is checked value by value even without --full (~1 s).
-FULL_CHECK_BYTES = 128 << 20
+#: Tensor data up to this size is checked value by value even without --full (0.75 s for a 394 MB
+#: model in the page cache; at 128 MB, two NaN in such a model went unseen by the sample).
+FULL_CHECK_BYTES = 512 << 20
 
 
 @dataclass
