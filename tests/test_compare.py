@@ -109,7 +109,7 @@ def test_metrics_of_float64_arrays_are_float64s(n):
 
 
 def test_an_f64_reference_is_compared_in_float64(ref_pair, tmp_path):
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, _ref, _vw, _var = ref_pair
     rng = np.random.default_rng(3)
     w64 = {k: _f32(v).astype(np.float64) + (rng.standard_normal(v.shape) * 1e-9 if v.ndim == 2 else 0)
            for k, v in rw.items()}
@@ -359,7 +359,7 @@ def test_group_sums_and_level_counts_equal_numpy():
 # -- alignment ----------------------------------------------------------------------------------
 
 def test_same_names_and_prefix(ref_pair, tmp_path):
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, vw, var = ref_pair
     al = align(ref, var)
     assert "model.layers.1.mlp.down_proj" in al.targets and not al.unmatched
     pref = _model(tmp_path / "vlm", {("model.language_model." + k[6:] if k.startswith("model.") else
@@ -395,7 +395,7 @@ def test_same_names_and_prefix(ref_pair, tmp_path):
 
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_fused_variant_against_split_reference(ref_pair, tmp_path, interleaved):
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, vw, _var = ref_pair
     t = dict(vw)
     for i in range(2):
         p = f"model.layers.{i}"
@@ -524,7 +524,7 @@ def test_mixtral_experts_against_switch_mlp(tmp_path):
 
 
 def test_tied_embeddings_both_ways(ref_pair, tmp_path):
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, vw, var = ref_pair
     tied_rw = {k: v for k, v in rw.items() if k != "lm_head.weight"}
     tied = _model(tmp_path / "tied", tied_rw, {"tie_word_embeddings": True})
     res = sweep(tied, {"v": var}, engine="numpy")
@@ -543,7 +543,7 @@ def test_an_untied_head_is_missing_not_the_embeddings(ref_pair, tmp_path):
     """A checkpoint without lm_head whose config says tie_word_embeddings: false has lost its
     head: the other side's head is not compared with its embeddings (rel_fro 1.4, "implausible
     error"), it is listed as absent, with the reason."""
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, vw, var = ref_pair
     no_head = {k: v for k, v in vw.items() if k != "lm_head.weight"}
     untied_var = _model(tmp_path / "untied", no_head, {"tie_word_embeddings": False})
     res = sweep(ref, {"v": untied_var}, engine="numpy")
@@ -561,7 +561,7 @@ def test_an_untied_head_is_missing_not_the_embeddings(ref_pair, tmp_path):
 def test_another_model_of_the_same_shapes_is_said_to_be_one(ref_pair, tmp_path):
     """Llama-3-8B against Mistral-7B: every layer's shape matches. Its norms differ, so it was
     taken for smoothed (a "power 0.72" warning) and each layer listed as broken scales."""
-    root, rw, ref, vw, var = ref_pair
+    _root, _rw, ref, vw, var = ref_pair
     other = _model(tmp_path / "other", _ref_weights(seed=123))
     res = sweep(ref, {"o": other}, engine="numpy")
     assert "a quantization of a different model?" in res.data_warnings["o"]
@@ -586,7 +586,7 @@ def _mlx_quant(w_bf16, bits=4, group=64):
 
 @pytest.fixture(scope="module")
 def mlx_variant(ref_pair):
-    root, rw, ref, vw, var = ref_pair
+    root, rw, _ref, _vw, _var = ref_pair
     t = {}
     for k, v in rw.items():
         if v.ndim == 2 and "embed" not in k:  # embeddings stay dense: "skipped by the variant"
@@ -606,7 +606,7 @@ def mlx_variant(ref_pair):
 
 
 def test_unmatched_reasons(ref_pair, mlx_variant):
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, _vw, _var = ref_pair
     res = sweep(ref, {"m": mlx_variant}, engine="numpy")
     why = {u.layer: u.reason for u in res.unmatched}
     assert "skipped by the variant" in why["model.embed_tokens"]
@@ -623,7 +623,7 @@ def test_unmatched_reasons(ref_pair, mlx_variant):
 
 
 def test_different_model_is_a_clear_error(ref_pair, tmp_path):
-    root, rw, ref, vw, var = ref_pair
+    _root, _rw, ref, _vw, _var = ref_pair
     other = _model(tmp_path / "other", {"transformer.h.0.attn.c_attn.weight": np.ones((8, 8), np.float32)})
     with pytest.raises(CompareError, match="other"):
         sweep(ref, {"o": other}, engine="numpy")
@@ -650,7 +650,7 @@ def test_an_fp16_copy_with_a_subnormal_norm_weight_is_not_smoothed(tmp_path):
 
 
 def test_undo_smoothing_norm_and_preceding_linear(ref_pair, tmp_path):
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, _vw, _var = ref_pair
     rng = np.random.default_rng(9)
     t = {k: _f32(v) for k, v in rw.items()}
     noise = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.002 for k, v in t.items() if v.ndim == 2}
@@ -684,7 +684,7 @@ def test_undo_smoothing_norm_and_preceding_linear(ref_pair, tmp_path):
 def test_undo_smoothing_folded_into_a_fused_gate_up_projs_up_half(ref_pair, tmp_path):
     """Phi-3 stores gate_up_proj fused; AutoAWQ folds down_proj's scales into its last rows (the
     up half). Both sides fused: down_proj was left "none" at several times its error."""
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, _ref, _vw, _var = ref_pair
     rng = np.random.default_rng(11)
     t = {k: _f32(v) for k, v in rw.items()}
     for i in range(2):
@@ -749,7 +749,7 @@ def _gptq_variant(folder, rw, bits=4, group=64):
 
 
 def test_layer_detail(ref_pair, mlx_variant, tmp_path):
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, _vw, var = ref_pair
     gq = _gptq_variant(tmp_path / "gptq", rw)
     name = "model.layers.0.mlp.down_proj"
     d = layer_detail(ref, {"m": mlx_variant, "g": gq, "dense": var}, name, bins=64, engine="numpy")
@@ -817,7 +817,7 @@ class CountingEngine:
 
 
 def test_cancel_and_resume(ref_pair, mlx_variant, tmp_path):
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, _vw, _var = ref_pair
     gq = _gptq_variant(tmp_path / "gptq", rw)
     variants = {"m": mlx_variant, "g": gq}
     full = sweep(ref, variants, engine=CountingEngine())
@@ -846,7 +846,7 @@ def test_cancel_and_resume(ref_pair, mlx_variant, tmp_path):
 def test_cache_is_not_reused_once_the_config_changes(ref_pair, tmp_path):
     """The configs are part of the key: checkpoint_format gptq -> gptq_v2 changes every zero
     point, and the figures cached from the first reading were given back for the second."""
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, _vw, _var = ref_pair
     gq = _gptq_variant(tmp_path / "gptq", rw)
     cache: dict = {}
     first = {r.name: r.rel_fro for r in sweep(ref, {"g": gq}, engine="numpy", cache=cache).rows}
@@ -866,7 +866,7 @@ def test_cache_is_not_reused_once_the_config_changes(ref_pair, tmp_path):
 
 
 def test_progress_counts_layers_and_bytes(ref_pair, mlx_variant, tmp_path):
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, _vw, _var = ref_pair
     gq = _gptq_variant(tmp_path / "gptq", rw)
     variants = {"m": mlx_variant, "g": gq}
     seen = []
@@ -915,7 +915,7 @@ def test_progress_bar_says_layers_and_bytes():
 
 
 def test_each_variant_layer_decoded_once(ref_pair, tmp_path):
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, _vw, _var = ref_pair
     gq = _gptq_variant(tmp_path / "gptq", rw)
     eng = CountingEngine()
     res = sweep(ref, {"g": gq}, engine=eng)
@@ -924,7 +924,7 @@ def test_each_variant_layer_decoded_once(ref_pair, tmp_path):
 
 def test_row_blocks_give_the_same_metrics(ref_pair, mlx_variant, tmp_path, monkeypatch):
     import quantscope.backend.compare as cmp
-    root, rw, ref, vw, var = ref_pair
+    _root, rw, ref, _vw, _var = ref_pair
     gq = _gptq_variant(tmp_path / "gptq", rw)
     whole = sweep(ref, {"m": mlx_variant, "g": gq}, engine="numpy")
     monkeypatch.setattr(cmp, "BLOCK_ELEMENTS", 1000)
@@ -939,7 +939,7 @@ def test_row_blocks_give_the_same_metrics(ref_pair, mlx_variant, tmp_path, monke
 
 def test_cli_json_csv_and_error(ref_pair, mlx_variant, tmp_path, capsys):
     from quantscope.app.cli import main
-    root, rw, ref, vw, var = ref_pair
+    root, _rw, _ref, _vw, _var = ref_pair
     js, cs = tmp_path / "o.json", tmp_path / "o.csv"
     rc = main(["compare", "--reference", str(root / "ref"), str(root / "mlx"), "--json", str(js), "--csv", str(cs),
                "--engine", "numpy"])
@@ -1001,7 +1001,7 @@ def test_nan_in_a_variant_is_reported_not_hidden(ref_pair, mlx_variant, tmp_path
     # -inf or inf), the others stay exact, and the table says where and what to run
     from quantscope.app.cli import main
     from safetensors.numpy import load_file
-    root, rw, ref, vw, var = ref_pair
+    root, _rw, ref, _vw, _var = ref_pair
     t = load_file(str(root / "mlx" / "model.safetensors"))
     s = t["model.layers.1.self_attn.v_proj.scales"].view(BF16).copy()
     s[3, 0] = np.nan

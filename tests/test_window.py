@@ -2215,7 +2215,7 @@ def test_every_tab_is_in_sight_at_narrow_widths(win, qtbot):
     bar = win.tabs.tabBar()
     for width, layers_tab in ((1400, "Layers"), (1024, "Layers"), (835, None)):
         win.resize(width, 700)
-        qtbot.waitUntil(lambda: win.width() == width, timeout=2000)
+        qtbot.waitUntil(lambda w=width: win.width() == w, timeout=2000)
         qtbot.wait(50)
         # (it was behind the tab bar's scroll arrows at 1024 px)
         assert all(bar.tabRect(i).right() <= bar.width() for i in range(bar.count()))
