@@ -218,9 +218,14 @@ class JobService(QObject):
         if job is None:
             return
         stale = self._stale(job)
+        replaced = self._latest.get(job.channel) != job.id
         self._forget(job)
         if not stale and job.on_result is not None:
             job.on_result(result)
+        elif job.cancel.is_set() and not replaced and job.on_cancel is not None:
+            # cancelled as it finished: its result is dropped (a cancel that follows a change of
+            # checkpoints must not let it land), and said as cancelled: it went without a word
+            job.on_cancel()
 
     @Slot(int, str, str, bool)
     def _on_failed(self, job_id: int, message: str, details: str, cancelled: bool) -> None:

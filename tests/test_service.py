@@ -215,3 +215,31 @@ def test_jobs_bar_shows_the_job_that_runs_not_the_one_waiting_for_it(service, qt
     assert bar.label.fontMetrics().horizontalAdvance(text) <= bar.label.contentsRect().width()
     release.set()
     qtbot.waitUntil(service.is_idle, timeout=5000)
+
+
+def test_a_job_cancelled_as_it_finishes_is_said_cancelled_and_its_result_dropped(service, qtbot):
+    """Cancelled at 93%: the comparison ran to its end, its result was dropped and nothing said."""
+    started, go = threading.Event(), threading.Event()
+
+    def work(cancel, progress):
+        started.set()
+        go.wait(5)
+        return "done"  # (past its last check of the token)
+
+    got, cancelled = [], []
+    job = service.submit("sweep", "sweep", work, on_result=got.append, on_cancel=lambda: cancelled.append(1))
+    assert started.wait(5)
+    service.cancel(job.id)
+    go.set()
+    qtbot.waitUntil(service.is_idle, timeout=5000)
+    assert got == [] and cancelled == [1]
+    # replaced by a newer job on its channel: neither (the newer one speaks for it)
+    started.clear()
+    go.clear()
+    old = service.submit("sweep", "old", work, on_result=got.append, on_cancel=lambda: cancelled.append(2))
+    assert started.wait(5)
+    service.cancel(old.id)
+    service.submit("sweep", "new", lambda cancel, progress: "new", on_result=got.append)
+    go.set()
+    qtbot.waitUntil(service.is_idle, timeout=5000)
+    assert got == ["new"] and cancelled == [1]
