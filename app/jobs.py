@@ -83,15 +83,19 @@ def shared_histogram(arrays: dict[str, np.ndarray], bins: int = 128):
     return bulk_histograms(arrays, bins)
 
 
-def zero_histogram(zeros: dict[str, np.ndarray]):
+def zero_histogram(zeros: dict[str, np.ndarray], top: int | None = None):
     """(edges, counts per key) of zero points: one bin per level when they are integers within
     1024 levels of each other (as every format stores them), else 128 shared bins (a damaged
-    file: never one bin per value). (None, {}) when there are none."""
+    file: never one bin per value). (None, {}) when there are none. ``top``: the highest level
+    the bit width allows (2^bits - 1): the levels 0..top are all on the axis, so a level no group
+    uses shows as one (the axis ran over the levels used only: 0.5-14.5 for 4-bit zeros)."""
     finite, lo, hi = _finite_range(zeros)
     if finite is None:
         return None, {}
     if hi - lo > 1024 or not all(np.array_equal(z, np.round(z)) for z in finite):
         return shared_histogram(zeros)[:2]
+    if top is not None and 0 <= lo and hi <= top <= 1024:
+        lo, hi = 0.0, float(top)
     edges = np.arange(lo - 0.5, hi + 1.0, 1.0)
     return edges, {k: np.histogram(z, bins=edges)[0] for k, z in zeros.items() if z is not None and z.size}
 
@@ -129,7 +133,8 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
     zeros = {k: np.asarray(v).ravel() for k, v in d.zeros.items()
              if v is not None and variants[k].layers.get(name) is not None
              and variants[k].layers[name].scheme != "mlx-affine"}
-    zero_edges, zero_counts = zero_histogram(zeros)
+    bits = [variants[k].layers[name].bits for k in zeros]
+    zero_edges, zero_counts = zero_histogram(zeros, (1 << max(bits)) - 1 if bits and all(bits) else None)
     return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts, "scale_abs": signed,
             "scale_view": scale_view, "scale_nonfinite": scale_nonfinite, "maps": maps,
             "by_index": set(d.grouped_by_index), "blocks": dict(d.column_blocks), "zero_edges": zero_edges,

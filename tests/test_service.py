@@ -98,6 +98,12 @@ def test_zero_histogram_one_bin_per_level_and_bounded_on_garbage():
     edges, counts = zero_histogram({"a": np.array([-2.0e9, 2.0e9, np.nan])})
     assert edges.size == 17 and counts["a"].sum() == 2
     assert zero_histogram({"a": np.array([np.nan])}) == (None, {})
+    # with the bit width's top level: every level 0..15 on the axis, unused ones too (the axis ran
+    # over the levels used only, so "a level no group uses" never showed)
+    edges, counts = zero_histogram({"a": np.array([3.0, 7, 7, 12])}, top=15)
+    assert edges[0] == -0.5 and edges[-1] == 15.5 and counts["a"].sum() == 4 and counts["a"][0] == 0
+    edges, _ = zero_histogram({"a": np.array([3.0, 17])}, top=15)  # (a value past the top: the data's range)
+    assert edges[0] == 2.5 and edges[-1] == 17.5
 
 
 def test_a_cancelled_job_says_so_unless_a_newer_one_replaced_it(service, qtbot):
