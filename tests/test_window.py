@@ -1946,6 +1946,14 @@ def test_the_convert_dialog_keeps_a_typed_destination_and_offers_only_settings_t
     assert dlg.options()["scales"] == "source"
     dlg.to.setCurrentText("dense")
     assert not dlg.source_scales.isEnabled() and dlg.options()["scales"] == "exact"
+    # a relative destination is made absolute (written under the window's working folder, and
+    # reported as typed); a repo id's suggestion goes in the home folder, not in that one
+    from pathlib import Path
+    dlg.dst.setText("out/x")
+    assert dlg.options()["dst"] == str(Path.cwd() / "out" / "x")
+    hub = ConvertDialog({"repo": "org/tiny-gptq"}, "repo")
+    qtbot.addWidget(hub)
+    assert hub.dst.text() == str(Path.home() / "tiny-gptq-mlx")
 
 
 def test_whatif_affine_reproduces_the_mlx_variant_made_the_same_way(demo):

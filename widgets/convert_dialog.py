@@ -88,9 +88,14 @@ class ConvertDialog(QDialog):
     def _suggest(self, label: str) -> None:
         src = self.sources.get(label)
         if src and self.dst.text().strip() in ("", self._suggested):  # (a destination typed in stays)
-            p = Path(src)
-            base = p.parent if p.suffix else p
-            self._suggested = str(base.parent / f"{base.name}-{self.to.currentText()}")
+            p = Path(src).expanduser()
+            if p.exists():
+                p = p.absolute()
+                base = p.parent if p.suffix else p
+                parent = base.parent
+            else:  # a repo id of the Hugging Face cache: in the home folder, not the process's working one
+                base, parent = Path(p.name), Path.home()
+            self._suggested = str(parent / f"{base.name}-{self.to.currentText()}")
             self.dst.setText(self._suggested)
 
     def _sync(self, *_) -> None:
@@ -122,7 +127,11 @@ class ConvertDialog(QDialog):
         """Keyword arguments for ``quantscope.backend.convert.convert`` (plus src/dst)."""
         g, b = self.group.currentText(), self.bits.currentText()
         recipe = self.recipe.currentText()
-        return {"src": self.sources[self.source.currentText()], "dst": self.dst.text().strip(),
+        dst = self.dst.text().strip()
+        # (a relative path was written under the window's working folder, wherever that was, and
+        # reported as typed)
+        dst = str(Path(dst).expanduser().absolute()) if dst else dst
+        return {"src": self.sources[self.source.currentText()], "dst": dst,
                 "to": self.to.currentText(), "bits": None if b == KEEP else int(b),
                 "group_size": None if g == KEEP else int(g), "mode": self.mode.currentText(),
                 "recipe": None if recipe == "uniform" else recipe,
