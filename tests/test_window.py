@@ -325,6 +325,8 @@ def test_exports(win, qtbot, tmp_path):
         assert "model.layers.1.mlp.down_proj" in svg or win.tabs.currentWidget() is win.layers
         if page is not win.heatmap:  # every view with a legend has it in the file
             assert "awq-w4g128" in svg
+        if page in (win.hist, win.err_hist):  # and what the note above the plot says of its figures
+            assert "smoothing undone, as measured" in svg
     with qtbot.waitSignal(win.failed, timeout=5000) as sig:
         win.export_plot("png", str(tmp_path / "no-such-dir" / "x.png"))
     assert "no-such-dir" in sig.args[0]

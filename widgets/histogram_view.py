@@ -82,8 +82,13 @@ class HistogramView(QWidget):
         show_values(self.plot, False)
 
     def figure_parts(self) -> list:
-        """The widgets an exported figure shows (not the controls)."""
-        return [self.legend, self.plot, self.footer.text()]
+        """The widgets an exported figure shows (not the controls): the note above the plot too,
+        less the layer's name (the figure's title has it): an export left out "smoothing undone, as
+        measured", which its figures are."""
+        note = self.note.text()
+        head, sep, rest = note.partition(" · ")
+        note = rest if sep else (note if " " in note else "")  # (a layer's name alone has no space)
+        return [*([note] if note else []), self.legend, self.plot, self.footer.text()]
 
     def _enable_range(self, on: bool) -> None:
         for w in (self.lo, self.hi, self.apply, self.reset):
