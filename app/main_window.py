@@ -670,6 +670,7 @@ class MainWindow(QMainWindow):
         self.config.set_checkpoint(label, self.workspace.models().get(label))
         self.doctor.set_compare_note(self._compare_note(label))
         self.heatmap.follow(label)  # the group errors of the checkpoint the tree shows
+        self.layers.follow(label)  # and its layers' heatmap
         # The doctor's findings belong to one checkpoint: show that one's, or none.
         found = self._doctor_found.get(label)
         if found is None:

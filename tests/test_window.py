@@ -1054,6 +1054,26 @@ def test_group_error_map_shows_the_trees_checkpoint(win, qtbot):
     assert win.heatmap.variant.currentText() == "rtn-w4g128"
 
 
+def test_layers_heatmap_shows_the_trees_checkpoint(win, qtbot):
+    # it showed the first variant whatever the tree showed (the group error map follows the tree)
+    win.tree.combo.setCurrentText("awq-w4g128")
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
+    assert win.layers.hm_variant.currentText() == "awq-w4g128"
+    win.tree.combo.setCurrentText("mlx-affine-q4g64")
+    assert win.layers.hm_variant.currentText() == "mlx-affine-q4g64"
+    i = win.layers.hm_variant.findText("rtn-w4g128")  # chosen in the box: kept over a new comparison
+    win.layers.hm_variant.setCurrentIndex(i)
+    win.layers.hm_variant.activated.emit(i)
+    with qtbot.waitSignal(win.sweep_done, timeout=120_000):
+        win.compare_all()
+    qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
+    assert win.layers.hm_variant.currentText() == "rtn-w4g128"
+    win.tree.combo.setCurrentText("gptq-w4g128")  # until the tree shows another
+    assert win.layers.hm_variant.currentText() == "gptq-w4g128"
+
+
 def test_group_error_map_marks_nonfinite_cells_and_names_act_order(qtbot):
     """A NaN group was drawn blank (it looked like padding) and an inf one in the top colour;
     the x-axis said "act-order: by g_idx" for every variant."""

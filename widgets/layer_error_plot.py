@@ -132,6 +132,9 @@ class LayerErrorPlot(QWidget):
         self.metric_box.currentIndexChanged.connect(lambda _: self._redraw())
         self.proj.currentIndexChanged.connect(lambda _: self._redraw())
         self.hm_variant.currentIndexChanged.connect(lambda _: self.redraw_heatmap())
+        self.hm_variant.activated.connect(lambda _: setattr(self, "_hm_picked", True))
+        self._followed: str | None = None  # the checkpoint the tree shows (follow)
+        self._hm_picked = False  # a variant chosen in the box: kept until the tree shows another
         self.hm_scale.toggled.connect(lambda _: self.redraw_heatmap())
         self.hm.scene().sigMouseClicked.connect(self._hm_clicked)
         # what a point or a cell is, under the pointer (a click selects it: the only way to
@@ -215,6 +218,8 @@ class LayerErrorPlot(QWidget):
                 combo.addItem(text, value)
             if cur and combo.findText(cur) >= 0:
                 combo.setCurrentText(cur)
+            if combo is self.hm_variant and not self._hm_picked and combo.findText(self._followed or "") >= 0:
+                combo.setCurrentText(self._followed)  # (the tree's checkpoint, as the group error map)
             combo.blockSignals(False)
         # variants whose smoothing is inconsistent: a row without the figure (not decodable) has none
         self._quant_variants = {r.variant for r in self._rows if getattr(r, QUANT_ONLY[0], None) is not None}
@@ -262,6 +267,14 @@ class LayerErrorPlot(QWidget):
                f"{var_bad[0].variant}: {var_bad[0].name}; Tools ▸ Run doctor)" if var_bad else "")
             + ("; a heatmap cell holds its layer's worst expert" if moe else "")
             + ". Click a point or a heatmap cell to select the layer.")
+
+    def follow(self, label: str) -> None:
+        """The tree shows checkpoint ``label``: the heatmap shows it (where it was compared), as
+        the group error map does; a variant chosen in the box before is let go (the heatmap stayed
+        on the first variant whatever the tree showed)."""
+        self._followed, self._hm_picked = label, False
+        if self.hm_variant.findText(label) >= 0 and self.hm_variant.currentText() != label:
+            self.hm_variant.setCurrentText(label)
 
     def figure_parts(self) -> list:
         """What an exported figure shows: the warning, legend, plot and heatmap (stacked), and
