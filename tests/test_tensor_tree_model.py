@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 from helpers import write_st
+from PySide6.QtCore import Qt
 from quantscope.backend.checkpoint import open_checkpoint
 from quantscope.backend.schemes import analyze
 from quantscope.backend.search import PathIndex
@@ -44,12 +45,15 @@ def test_natural_order_children_and_columns(model_ckpt):
     assert m.rowCount(parent) == 1
     child = m.index(0, 0, parent)
     assert child.data() == ".weight" and m.index(0, 1, parent).data() == "F16"
-    assert "model.safetensors [" in m.index(0, 6, parent).data()
+    # its dtype's bits under Bits; the file and byte range in the tooltip, not under Bits/weight
+    assert m.index(0, 2, parent).data() == "16" and m.index(0, 6, parent).data() is None
+    assert "model.safetensors" in m.index(0, 0, parent).data(Qt.ItemDataRole.ToolTipRole)
+    assert m.index(0, 4, parent).data(Qt.ItemDataRole.TextAlignmentRole) == m.index(row, 4).data(
+        Qt.ItemDataRole.TextAlignmentRole)  # (numbers aligned as the module's)
     assert m.headerData(7, pg_orientation()) == "gptq"
     m.set_errors("gptq", {"model.layers.2.mlp.down_proj": 0.0312})
     assert m.index(row, 7).data() == "0.0312"
     assert m.index(row, 7).data(pg_role()) is not None  # coloured background
-    from PySide6.QtCore import Qt
     align = m.index(row, 2).data(Qt.ItemDataRole.TextAlignmentRole)  # numbers right-aligned
     assert align is not None and int(align) & int(Qt.AlignmentFlag.AlignRight.value)
     assert m.index(row, 0).data(Qt.ItemDataRole.TextAlignmentRole) is None

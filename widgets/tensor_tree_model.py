@@ -15,6 +15,7 @@ from PySide6.QtCore import QAbstractItemModel, QModelIndex, Qt
 from PySide6.QtGui import QColor, QIcon, QPixmap
 
 from quantscope.backend.checkpoint import natural_key
+from quantscope.backend.dtypes import DTYPES
 from quantscope.backend.info import human_bytes
 from quantscope.backend.schemes import Layer, Model
 
@@ -319,10 +320,15 @@ class TensorTreeModel(QAbstractItemModel):
         if role == _PATH:
             return self._layers[self._visible[prow]].path
         if role == _DISPLAY:
-            return {0: f".{comp}" if comp else t.name, 1: t.dtype, 4: _shape(t.shape),
-                    5: human_bytes(t.nbytes)}.get(col, f"{t.file.name} [{t.start}, {t.end})" if col == 6 else None)
+            # its dtype under Scheme, that dtype's bits under Bits, shape and bytes under theirs;
+            # the file and byte range in the tooltip (they stood under Bits/weight)
+            bits = DTYPES[t.dtype].bits if t.dtype in DTYPES else None
+            return {0: f".{comp}" if comp else t.name, 1: t.dtype, 2: "" if bits is None else str(bits),
+                    4: _shape(t.shape), 5: human_bytes(t.nbytes)}.get(col)
         if role == _TOOLTIP:
             return f"{t.name}\n{t.dtype} {list(t.shape)}\n{t.file}\nbytes [{t.start}, {t.end})"
+        if role == _ALIGN and col >= 2:  # (numbers right-aligned, as the modules' are)
+            return _RIGHT
         return None
 
     def _module_data(self, layer: Layer, col: int, role):
