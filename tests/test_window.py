@@ -829,6 +829,12 @@ def test_code_usage_of_different_bit_widths_gets_a_plot_per_level_count(qtbot):
     np.testing.assert_allclose(xb - xa, 0.4)  # side by side within each level
     assert np.all(np.abs(xa - np.arange(16)) < 0.5) and "fp8" in view.summary.text()
     assert "unused [0]" in view.summary.text()
+    view.log_y.setChecked(True)  # the log scale's ticks in percent, each decade
+    ticks = view.plot.getAxis("left")._tickLevels
+    assert ticks and (6, "1") in ticks[0] and (4, "0.01") in ticks[0]
+    assert view.plot.getAxis("left").labelText == "share (%, log)"
+    view.log_y.setChecked(False)
+    assert view.plot.getAxis("left")._tickLevels is None
     view.set_counts({"w4": np.ones(16)}, {"w4": "#00f"})  # one level count again: one plot, untitled
     assert view.plots() == [view.plot] and not view.plot.getPlotItem().titleLabel.isVisible()
     assert view.plot.getAxis("bottom").labelText == "code level" and len(bars(view.plot)) == 1

@@ -98,7 +98,12 @@ class CodeUsageView(QWidget):
             plot.clear()
             floats = bool(labels) and all(lb in self._float for lb in labels)
             plot.setLabel("bottom", "code, in the order of its value" if floats else "code level")
-            plot.setLabel("left", "log10(share %) + 6" if self.log_y.isChecked() else "share of weights (%)")
+            log = self.log_y.isChecked()
+            plot.setLabel("left", "share (%, log)" if log else "share of weights (%)")
+            # (on the log scale, ticks in percent, every other decade labelled: it read
+            # "log10(share %) + 6")
+            plot.getAxis("left").setTicks([[(v, f"{10.0 ** (v - 6):g}") for v in range(0, 9, 2)],
+                                           [(v, "") for v in range(1, 9, 2)]] if log else None)
             bits = int(np.log2(levels)) if levels > 1 and not levels & (levels - 1) else None
             # (the legend's colours name the variants: a title listing them widened the plot past
             # the view's edge, its last levels cut off)
