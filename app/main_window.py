@@ -12,6 +12,7 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 from PySide6.QtCore import QByteArray, QEvent, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
@@ -729,15 +730,17 @@ class MainWindow(QMainWindow):
                                          or expert_of_stack(path, ws.reference) is not None):
             # (lm_head: a tied reference compares it with its embeddings)
             if path in ws.reference.layers and not ws.reference.layers[path].is_matrix:
-                self._clear_views(f"{path} is not a weight matrix")
+                self._show_vectors(path)
                 return
             ref, models = ws.reference, dict(ws.variants)
         else:  # no reference for it: what the checkpoints hold (values, codes, scales), no error
             ref, models = None, ws.models()
             held = [m.layers[path] for m in models.values() if path in m.layers]
             if not any(lay.is_matrix and lay.decodable for lay in held):
-                self._clear_views(f"{path} is not a weight matrix" if held and not any(lay.is_matrix for lay in held)
-                                  else f"{path} cannot be decoded (the Quantization config panel says why)")
+                if held and not any(lay.is_matrix for lay in held):
+                    self._show_vectors(path)
+                else:
+                    self._clear_views(f"{path} cannot be decoded (the Quantization config panel says why)")
                 return
         key = (path, id(ref), tuple((k, id(m)) for k, m in models.items()), self.engine)
         hit = self._recent_details.get(key)  # (an entry holds its checkpoints: their ids are not reused)
@@ -838,6 +841,37 @@ class MainWindow(QMainWindow):
     def _apply_pending(self, index: int) -> None:
         for fn in self._pending.pop(self.tabs.widget(index), {}).values():
             fn()
+
+    def _show_vectors(self, path: str) -> None:
+        """A vector (a norm's weights, a bias): the values of each checkpoint's, on shared bins
+        in the Values view, the other views saying they are for matrices. Norms are what AWQ-style
+        smoothing divides: showing nothing ("not a weight matrix", twice) hid that."""
+        why = f"{path} is a vector, not a weight matrix: its values are in the Values view"
+        self._clear_views(why)
+        self.service.cancel_channel("detail")  # (another layer's views must not land over these)
+        ws = self.workspace
+        vecs = {}
+        for label, m in ([("reference", ws.reference)] if ws.reference is not None else []) + list(ws.variants.items()):
+            lay = m.layers.get(path)
+            t = None if lay is None else lay.tensors.get("weight")
+            if t is None or lay.is_matrix:
+                continue
+            try:
+                vecs[label] = np.asarray(m.ckpt.tensor(t.name), np.float64).ravel()
+            except (QuantscopeError, ValueError, TypeError):
+                continue  # (the doctor names what is wrong with it)
+        if not vecs:
+            return
+        ref = vecs.get("reference")
+        same = [k for k, v in vecs.items() if k != "reference" and ref is not None and np.array_equal(v, ref)]
+        drawn = {k: v for k, v in vecs.items() if k not in same}
+        edges, counts, view = jobs.shared_histogram(drawn, 64)
+        colors = {**self.colors, "reference": REFERENCE_COLOR}
+        nonfinite = {k: int(v.size - np.count_nonzero(np.isfinite(v))) for k, v in drawn.items()}
+        absent = f"Not drawn, the same values as the reference's: {', '.join(same)}" if same else ""
+        self._update_view(self.hist, lambda: self.hist.set_histograms(
+            edges, counts, colors, note=f"{path} · a vector of {max(v.size for v in vecs.values())} values",
+            view=view, nonfinite={k: n for k, n in nonfinite.items() if n}, absent=absent))
 
     def _clear_views(self, why: str) -> None:
         self._shown_layer = None

@@ -163,12 +163,21 @@ def test_empty_views_say_what_fills_them_and_why_they_are_empty(win, qtbot):
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         assert win.tree.select("model.layers.0.mlp.up_proj")
     assert win.hist.hint.text() == "" and win.hist.apply.isEnabled()
-    win.tree.select("model.norm")  # not a matrix: every view says so, at once or when shown
-    qtbot.waitUntil(lambda: win.hist.hint.text() == "model.norm is not a weight matrix", timeout=5000)
+    win.tree.select("model.norm")  # a vector: its values, and every other view says it is one
+    why = "model.norm is a vector, not a weight matrix: its values are in the Values view"
+    qtbot.waitUntil(lambda: win.hist.note.text().startswith("model.norm · a vector of 512 values"), timeout=5000)
+    assert set(win.hist._counts) == {"reference"}  # (every variant stores the reference's norm)
+    assert "the same values as the reference's: gptq-w4g128" in win.hist.footer.text()
     for i in range(win.tabs.count()):
         win.tabs.setCurrentIndex(i)
     for v in (win.err_hist, win.scales, win.zeros, win.codes, win.heatmap):
-        assert v.hint.text() == "model.norm is not a weight matrix", v
+        assert v.hint.text() == why, v
+    # AWQ divides the norms before q/k/v by its smoothing scales: its norm is drawn beside the reference's
+    win.tabs.setCurrentWidget(win.hist)
+    win.tree.select("model.layers.1.post_attention_layernorm")
+    qtbot.waitUntil(lambda: win.hist.note.text().startswith("model.layers.1.post_attention_layernorm"), timeout=5000)
+    assert set(win.hist._counts) == {"reference", "awq-w4g128"}
+    assert sum(win.hist._counts["awq-w4g128"]) == 512
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):
         win.compare_all()
     qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
@@ -682,7 +691,7 @@ def test_window_fits_1024_wide_whatever_is_selected(win, qtbot):
         win.tree.select(name)
         qtbot.waitUntil(lambda name=name: win.hist.note.text().startswith(name), timeout=30_000)
         assert win.minimumSizeHint().width() <= 1024, name
-    assert win.hist.note.toolTip() == "model.layers.0.post_attention_layernorm is not a weight matrix"
+    assert win.hist.note.text().startswith("model.layers.0.post_attention_layernorm · a vector")
 
 
 def test_doctor_findings_stay_with_their_checkpoint(win, qtbot):
