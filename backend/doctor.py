@@ -513,7 +513,7 @@ def _rescan(col: _Collector, path: Path) -> None:
                             "string; the safetensors reference parser rejects the file (safetensors #549) — "
                             "re-save it with string values", file=path)
     data_size = size - 8 - n
-    ranges = []
+    ranges, past = [], []
     # Coverage (gaps, trailing bytes) is only meaningful when every entry has a usable range.
     coverage = not pairs_seen
     for name, e in obj.items():
@@ -544,10 +544,15 @@ def _rescan(col: _Collector, path: Path) -> None:
                     f"bytes but data_offsets [{begin}, {end}] span {end - begin}; readers refuse the file",
                     file=path, tensor=name)
         if end > data_size:
-            col.add("container.out-of-file", f"data_offsets [{begin}, {end}] run past the end of the data "
-                    f"({data_size} bytes): the file is truncated (incomplete download?) — re-download it",
-                    file=path, tensor=name)
+            past.append((begin, end, name))
         ranges.append((begin, end, name))
+    if past:  # one finding for the file: a truncated shard gave one for each tensor past its end (38)
+        begin, end, name = min(past)
+        more = (f"{len(past)} tensors run past the end of the data ({data_size} bytes; the header describes "
+                f"{max(e for _, e, _ in past)}), the first at data_offsets [{begin}, {end}]" if len(past) > 1 else
+                f"data_offsets [{begin}, {end}] run past the end of the data ({data_size} bytes)")
+        col.add("container.out-of-file", f"{more}: the file is truncated (incomplete download?) — re-download it",
+                file=path, tensor=name)
     ranges.sort()
     pos, prev = 0, None
     for begin, end, name in ranges:

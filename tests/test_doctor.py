@@ -1422,3 +1422,13 @@ def test_awq_gemv_scales_padding_is_not_taken_for_zero_scales(tmp_path):
     scales[3, 1] = 0  # a real zero among the groups' scales is still found
     write_st(folder / "model.safetensors", {**t, f"{p}.scales": scales}, {"format": "pt"})
     assert "values.zero-scale" in {f.rule for f in diagnose(folder)}
+
+
+def test_a_truncated_shard_is_one_finding_not_one_per_tensor(tmp_path):
+    make_dense_sharded(tmp_path / "m")
+    p = tmp_path / "m" / "model-00002-of-00002.safetensors"
+    raw = p.read_bytes()
+    p.write_bytes(raw[:len(raw) // 3])  # both of its tensors past the end (38 findings for a real shard)
+    found = [f for f in diagnose(tmp_path / "m") if f.rule == "container.out-of-file"]
+    assert len(found) == 1 and found[0].tensor == "model.layers.1.mlp.up_proj.weight"
+    assert found[0].message.startswith("2 tensors run past the end of the data") and "re-download" in found[0].message
