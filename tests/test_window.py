@@ -1293,8 +1293,13 @@ def test_doctor_panel_says_what_the_comparison_found_about_the_checkpoint(win, q
     win.sweep_result = res
     win.tree.combo.setCurrentText("awq-w4g128")
     assert not win.doctor.compare_note.isHidden() and "power 2.00" in win.doctor.compare_note.text()
+    # its files alone have nothing wrong: said so, not "no problems found" above the warning
+    win.doctor.set_findings("awq-w4g128", [])
+    assert "no problems found in its files alone: the comparison with the reference did" in win.doctor.title.text()
     win.tree.combo.setCurrentText("gptq-w4g128")
     assert win.doctor.compare_note.isHidden()
+    win.doctor.set_findings("gptq-w4g128", [])
+    assert win.doctor.title.text().endswith("no problems found in its files.")
 
 
 def test_adding_a_variant_shows_it_in_the_views_and_compares_it_with_the_others(win, qtbot, demo):

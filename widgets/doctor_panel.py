@@ -44,6 +44,7 @@ class DoctorPanel(QWidget):
         lay.addWidget(self.compare_note)
         lay.addWidget(self.text, 1)
         self._groups: dict[str, list[dict]] = {}
+        self._title: tuple | None = None  # (label, counts said or None, linked) of the findings shown
 
     def groups(self) -> dict[str, list[dict]]:
         """The findings shown, by severity (empty severities left out)."""
@@ -71,8 +72,19 @@ class DoctorPanel(QWidget):
         # "in its files": what the comparison found about it is said below, not contradicted
         said = ", ".join(f"{counts[s]} {s}{'s' if counts[s] != 1 and s != 'info' else ''}"
                          for s in SEVERITIES if counts[s])
-        self.title.setText(f"<b>{escape(label)}</b>: " + (said if findings else "no problems found in its files.")
-                           + ("" if linked else " (not open in the window)"))
+        self._title = (label, said if findings else None, linked)
+        self._retitle()
+
+    def _retitle(self) -> None:
+        """The title line: the findings' counts, or none found; with none found and a comparison's
+        note below, "in its files alone" (it read "no problems found" right above the warning
+        that the file computes another function)."""
+        if self._title is None:
+            return
+        label, said, linked = self._title
+        none = ("no problems found in its files alone: the comparison with the reference did (below)."
+                if not self.compare_note.isHidden() else "no problems found in its files.")
+        self.title.setText(f"<b>{escape(label)}</b>: " + (said or none) + ("" if linked else " (not open in the window)"))
 
     @staticmethod
     def _finding(f: dict, linked: bool = True) -> str:
@@ -91,10 +103,12 @@ class DoctorPanel(QWidget):
         """What the comparison found about the shown checkpoint (empty: nothing)."""
         self.compare_note.setText(f"⚠ Compare all layers: {text}" if text else "")
         self.compare_note.setHidden(not text)
+        self._retitle()
 
     def not_run(self, label: str) -> None:
         """The checkpoint shown has not been checked (another one's findings must not stay up)."""
         self._groups = {}
+        self._title = None
         self.text.clear()
         self.title.setText(f"<b>{escape(label)}</b>: not checked yet. Tools ▸ Run doctor (Ctrl+D) checks it.")
 
