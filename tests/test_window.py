@@ -2180,6 +2180,11 @@ def test_the_config_tab_says_there_are_no_overrides(qtbot, real_fixtures):
     assert p.overrides_hint.text() == "No quantization config, so no per-layer overrides"
     p.set_checkpoint("m", analyze(open_checkpoint(Path(__file__).parent / "fixtures" / "real" / "mlxlm-qwen3moe-q4-g64")))
     assert p.overrides.rowCount() > 0 and p.overrides_hint.text() == ""  # mlx-lm's routers at 8 bits
+    # the value in few words, as wide as it needs (it was cut to '{"bits": 8, "group_size":…'),
+    # the whole in the tooltip
+    item = p.overrides.item(0, 1)
+    assert item.text() == "8 bit / 64" and '"group_size": 64' in item.toolTip()
+    assert p.overrides.columnWidth(1) >= p.overrides.fontMetrics().horizontalAdvance(item.text())
 
 
 def test_without_a_comparison_the_doctor_column_comes_last_and_no_legend_is_shown(qtbot, tmp_path):

@@ -7,7 +7,7 @@ import html
 import json
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QTextDocument, QTextOption
+from PySide6.QtGui import QFontDatabase, QTextDocument, QTextOption
 from PySide6.QtWidgets import (
     QComboBox,
     QFrame,
@@ -33,6 +33,22 @@ from .plots import Hint
 
 def _short(v) -> str:
     return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+def _setting(v) -> str:
+    """An override's value in few words: ``3 bit / 64, affine`` for ``{"bits": 3, "group_size": 64,
+    "mode": "affine"}``; its other keys as ``key=value``; not quantized for ``false``."""
+    if v is False:
+        return "not quantized"
+    if not isinstance(v, dict):
+        return _short(v)
+    d = dict(v)
+    bits, group = d.pop("bits", None), d.pop("group_size", None)
+    head = " / ".join(x for x in (f"{bits} bit" if bits is not None else "", str(group) if group is not None else "")
+                      if x)
+    rest = [f"{d.pop('mode')}" if isinstance(d.get("mode"), str) else ""] + [f"{k}={_short(x)}" for k, x in
+                                                                            sorted(d.items())]
+    return ", ".join(x for x in [head, *rest] if x) or "{}"
 
 
 _AFFINE_BITS = ["2", "3", "4", "5", "6", "8"]
@@ -92,10 +108,12 @@ class QuantConfigPanel(QWidget):
         self.overrides.horizontalHeaderItem(0).setToolTip("Per-layer override: a module path, or a pattern of "
                                                           "them (GPTQ dynamic, compressed-tensors targets)")
         self.overrides.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.overrides.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.overrides.verticalHeader().setVisible(False)
         self.overrides.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.overrides_hint = Hint(self.overrides.viewport())
         self.raw = QPlainTextEdit(readOnly=True)
+        self.raw.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))  # (JSON in a proportional font)
         self.raw_search = QLineEdit(placeholderText="Find in the raw JSON (Enter: next)…")
         self.raw_search.returnPressed.connect(self._find_next)
         # what-if
@@ -191,8 +209,13 @@ class QuantConfigPanel(QWidget):
         self.globals.setText(f"<b>{cfg.kind or 'no quantization config'}</b> {g}{notes}")
         self.overrides.setRowCount(len(cfg.overrides))
         for r, (k, v) in enumerate(cfg.overrides):
-            self.overrides.setItem(r, 0, QTableWidgetItem(str(k)))
-            self.overrides.setItem(r, 1, QTableWidgetItem(_short(v)))
+            for c, text in ((0, str(k)), (1, _setting(v))):
+                item = QTableWidgetItem(text)
+                item.setToolTip(f"{k}: {_short(v)}")  # (the whole, as stored)
+                self.overrides.setItem(r, c, item)
+        # the value as wide as it needs, the path the rest (elided in the middle): the value was
+        # cut to '{"bits": 3, "group_size":…' while the paths took the width
+        self.overrides.resizeColumnToContents(1)
         # an empty table filling the dock said nothing: that there are none is said over it
         self.overrides_hint.set("" if cfg.overrides else
                                 "No per-layer overrides: every layer takes the settings above"
