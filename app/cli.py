@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "tensors, layers that cannot be decoded, an implausible error (rel_fro >= 0.99: "
                                     "next to nothing of the reference; zeros give 1) or NaN/inf in its decode, or the "
                                     "reference's own weights are NaN/inf or all zero in a layer; each said below the "
-                                    "table (its figures are of the misread file); 2: a variant could not be compared (named on stderr; "
-                                    "the others are compared and their figures written). A '!' line on AWQ-style "
-                                    "smoothing alone is a note (exit 0).")
+                                    "table (its figures are of the misread file), or its AWQ-style smoothing is "
+                                    "folded unevenly (applied twice: it does not compute the reference's function); "
+                                    "2: a variant could not be compared (named on stderr; the others are compared "
+                                    "and their figures written).")
     pc.add_argument("--reference", required=True, help="the dense reference checkpoint")
     pc.add_argument("variants", nargs="+", metavar="CKPT", help="quantized checkpoints to compare")
     pc.add_argument("--json", dest="json_out", metavar="OUT",

@@ -212,8 +212,11 @@ def run_compare(args) -> int:
     # and figures that are no figures: NaN/inf in a variant's decode or the reference's weights,
     # an all-zero reference layer (each listed below the table; they exited 0)
     nonfinite = any(not math.isfinite(r.rel_fro) for r in result.rows)
+    # a file whose smoothing is folded unevenly (AutoAWQ on a CPU: applied twice) does not compute
+    # the reference's function: as broken as a misread config (it exited 0, "a note")
+    uneven = any(c.warning for v, c in result.smoothing_checks.items() if v not in result.failed)
     return 2 if result.failed or unopened else 1 if (result.data_warnings or undecodable or result.implausible()
-                                                      or nonfinite) else 0
+                                                      or nonfinite or uneven) else 0
 
 
 def _reason(exc: Exception) -> str:

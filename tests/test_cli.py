@@ -753,7 +753,10 @@ def test_a_config_that_cannot_be_read_gives_exit_1_with_one_warning(tmp_path, ca
     (src / "config.json").write_text("{bits: 4")
     assert main(["dequant", str(src), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "x.npy")]) == 1
     assert "config.json ignored" in capsys.readouterr().err and (tmp_path / "x.npy").exists()
-    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "mlx"]) == 1
+    # to MLX: refused, mlx-lm could not load an output without the model's config
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "mlx"]) == 2
+    assert "mlx-lm needs the model's config" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "dense"]) == 1
     warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("quantscope: warning")]
     assert len(warned) == 1 and "layers (first " in warned[0] and "config.json ignored" in warned[0]
 
@@ -1104,3 +1107,16 @@ def test_an_interrupt_is_taken_once_and_the_exit_is_not_interrupted_again():
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def test_compare_exits_1_on_smoothing_folded_twice(real_fixtures, capsys):
+    """AutoAWQ on a CPU folds its smoothing twice: the file does not compute the reference's
+    function; compare said so in a '!' line and exited 0 ("a note"), where a misread config is 1."""
+    from pathlib import Path
+    awq = Path(__file__).parent / "fixtures" / "real" / "autoawq-gemm-w4g128"
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(awq), "--layers",
+                 r"layers\.0\.self_attn"]) == 1
+    assert "power 2.0" in capsys.readouterr().out
+    gptq = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(gptq), "--layers",
+                 r"layers\.0\.self_attn"]) == 0
