@@ -28,9 +28,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
 
 
-ENGINE_HELP = ("numpy: compiled kernels / vectorised numpy; mlx: mx.dequantize (formats MLX cannot take — FP8, "
-               "bitsandbytes, act-order GPTQ, compressed-tensors — are decoded by numpy; dequant says so); auto "
-               "(default): mlx on a GPU, numpy on a CPU")
+ENGINE_HELP = ("numpy: compiled kernels / vectorised numpy; mlx: mx.dequantize (GPTQ, AWQ and compressed-tensors "
+               "integer layers repacked to MLX affine first; FP8, the FP4/MX layouts of other tools than MLX, "
+               "bitsandbytes and act-order GPTQ are decoded by numpy; dequant says which); auto (default): mlx on "
+               "a GPU, numpy on a CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
