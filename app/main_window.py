@@ -32,6 +32,7 @@ from quantscope.backend.compare import (
     smoothing_mark,
 )
 from quantscope.backend.compare_align import (
+    EXPERT_RE,
     canonical,
     containers,
     counterpart,
@@ -329,6 +330,7 @@ class MainWindow(QMainWindow):
         self.tabifyDockWidget(self.config_dock, self.doctor_dock)
         self.config_dock.raise_()
         self.tree.layer_selected.connect(self.select_layer)
+        self.tree.expert_picked.connect(self.select_layer)
         self.tree.checkpoint_changed.connect(self._checkpoint_changed)
         self.tree.export_tensor_requested.connect(self.export_tensor)
         self.tree.dequant_export_requested.connect(self.export_dequant)
@@ -722,6 +724,7 @@ class MainWindow(QMainWindow):
             self.statusBar().clearMessage()
             self._said_stands = False
         self.current_layer = path
+        self._offer_experts(path)
         self.layers.mark_layer(path)
         self.config.set_layer(path, self.workspace.models())
         self._whatif_target(path)
@@ -767,6 +770,28 @@ class MainWindow(QMainWindow):
         job = self.service.submit("detail", f"Decoding {path}", jobs.job_detail, ref, models, path,
                                   engine=self.engine, on_result=shown, on_error=self._job_failed, gated=True)
         self._detail_job = job.id
+
+    def _offer_experts(self, path: str) -> None:
+        """The tree's expert box for an expert of a MoE layer (stacked in some checkpoint, or
+        stored one by one): how many experts the open checkpoints hold, this one chosen. A stack's
+        row has no row per expert: the views showed expert 0, or the worst, with no way to pick."""
+        m = EXPERT_RE.match(path)
+        ws = self.workspace
+        if m is None or ws is None:
+            self.tree.show_experts(None)
+            return
+        pre, proj = m["pre"], m["proj"]
+        want = (canonical(pre), proj)
+        total = 0
+        for model in ws.models().values():
+            stack = counterpart(f"{pre}.switch_mlp.{proj}", model)
+            lay = None if stack is None else model.layers.get(stack[0])
+            if lay is not None and lay.shape and len(lay.shape) == 3:
+                total = max(total, lay.shape[0])
+            for name in model.layers:
+                if ".experts." in name and (e := EXPERT_RE.match(name)) and (canonical(e["pre"]), e["proj"]) == want:
+                    total = max(total, int(e["e"]) + 1)
+        self.tree.show_experts(pre, proj, int(m["e"]), total)
 
     def _whatif_target(self, path: str) -> None:
         """Tell the what-if which reference layer it would requantize: its in_features, or why it

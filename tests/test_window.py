@@ -1596,6 +1596,33 @@ def test_an_expert_against_a_stacked_reference(qtbot, tmp_path):
         w.service.shutdown()
 
 
+def test_the_expert_box_picks_an_expert_of_a_stack(qtbot, tmp_path):
+    """A stack's row has no row per expert: the views showed expert 0 (or the worst) with no way
+    to pick another. The tree's expert box offers every expert of the layer shown."""
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "mlxlm-qwen3moe-q4-g64", real / "gptqmodel-qwen3moe-w4g64"],
+                   real / "qwen3moe-bf16")
+    try:
+        w.tree.combo.setCurrentText("mlxlm-qwen3moe-q4-g64")
+        assert w.tree.expert.isHidden()
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            assert w.tree.select("model.layers.1.mlp.switch_mlp.down_proj")  # the stack: an expert shown
+        assert w.current_layer.startswith("model.layers.1.mlp.experts.") and not w.tree.expert.isHidden()
+        n = w.workspace.models()["mlxlm-qwen3moe-q4-g64"].layers["model.layers.1.mlp.switch_mlp.down_proj"].shape[0]
+        assert w.tree.expert.maximum() == n - 1 and w.tree.expert_of.text() == f"of {n}"
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.tree.expert.setValue(2)  # (the arrows, or a number and Enter)
+        assert w.current_layer == "model.layers.1.mlp.experts.2.down_proj"
+        assert w.hist.note.text().startswith("model.layers.1.mlp.experts.2.down_proj")
+        assert set(w._detail_errors[1].metrics) == {"mlxlm-qwen3moe-q4-g64", "gptqmodel-qwen3moe-w4g64"}
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            assert w.tree.select("model.layers.1.self_attn.q_proj")  # not an expert: no box
+        assert w.tree.expert.isHidden()
+    finally:
+        w.service.shutdown()
+
+
 def test_switching_checkpoints_keeps_the_layer_shown_highlighted(qtbot, tmp_path):
     # an expert shown, the tree switched from the stacked MLX checkpoint to GPTQ's experts:
     # no row was current, though that expert's row is in the list

@@ -6,7 +6,7 @@ import heapq
 
 from PySide6.QtCore import QEvent, QModelIndex, Qt, QTimer, Signal
 from PySide6.QtGui import QGuiApplication
-from PySide6.QtWidgets import (QApplication, QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu, QStyle,
+from PySide6.QtWidgets import (QApplication, QComboBox, QHBoxLayout, QLabel, QLineEdit, QMenu, QSpinBox, QStyle,
                                QStyledItemDelegate, QTreeView, QVBoxLayout, QWidget)
 
 from quantscope.backend.search import PathIndex, query_kind
@@ -38,6 +38,7 @@ class TensorTree(QWidget):
     checkpoint_changed = Signal(str)        # label of the checkpoint shown
     export_tensor_requested = Signal(str)   # stored tensor name
     dequant_export_requested = Signal(str)  # module path
+    expert_picked = Signal(str)             # an expert's path, chosen in the expert box
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
@@ -70,7 +71,24 @@ class TensorTree(QWidget):
         lay.addLayout(top)
         lay.addWidget(self.search)
         lay.addWidget(self.view, 1)
-        lay.addWidget(self.count)
+        # which expert of a stacked MoE layer the views show (a stack's row has no row per expert:
+        # the views showed expert 0, or the worst, with no way to pick another)
+        self.expert = QSpinBox()
+        self.expert.setToolTip("Which expert of the stacked experts the views show")
+        self.expert_of = QLabel()
+        self._expert_pattern: tuple[str, str] | None = None  # (block prefix, projection)
+        bottom = QHBoxLayout()
+        bottom.addWidget(self.count, 1)
+        self._expert_label = QLabel("expert")
+        for w in (self._expert_label, self.expert, self.expert_of):
+            bottom.addWidget(w)
+            sp = w.sizePolicy()
+            sp.setRetainSizeWhenHidden(True)  # (showing them moves nothing)
+            w.setSizePolicy(sp)
+            w.hide()
+        lay.addLayout(bottom)
+        self.expert.setKeyboardTracking(False)  # (a number typed is taken on Enter; the arrows at once)
+        self.expert.valueChanged.connect(lambda _: self._expert_chosen())
         self._index = PathIndex([])
         self._name_need = self.NAME_WIDTH
         self._debounce = QTimer(self, singleShot=True, interval=30)
@@ -160,6 +178,25 @@ class TensorTree(QWidget):
                 self._auto_name = want
         self._order_columns()
         self.checkpoint_changed.emit(label)
+
+    def show_experts(self, prefix: str | None, proj: str = "", current: int = 0, total: int = 0) -> None:
+        """Offer the experts ``0..total-1`` of ``{prefix}.experts.{e}.{proj}``, ``current`` shown;
+        ``prefix`` None (or fewer than two experts): hide the box."""
+        on = prefix is not None and total > 1
+        for w in (self._expert_label, self.expert, self.expert_of):
+            w.setVisible(on)
+        self._expert_pattern = (prefix, proj) if on else None
+        if on:
+            self.expert.blockSignals(True)
+            self.expert.setRange(0, total - 1)
+            self.expert.setValue(current)
+            self.expert.blockSignals(False)
+            self.expert_of.setText(f"of {total}")
+
+    def _expert_chosen(self) -> None:
+        if self._expert_pattern is not None:
+            prefix, proj = self._expert_pattern
+            self.expert_picked.emit(f"{prefix}.experts.{self.expert.value()}.{proj}")
 
     #: The Name column's width: up to this, as the dock allows.
     NAME_WIDTH = 200
