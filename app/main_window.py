@@ -114,6 +114,10 @@ def errors_by_module(rows) -> dict[str, dict[str, float]]:
 _NEEDS_BOTH = "Open a reference and at least one variant first."
 
 
+#: The widest a dock grows with the window, unless the user widens it (the views get the rest).
+DOCK_MAX = 560
+
+
 class MainWindow(QMainWindow):
     """The quantscope window. ``settings`` is injected (tests pass an isolated QSettings)."""
 
@@ -144,6 +148,7 @@ class MainWindow(QMainWindow):
         self._resize_timer = QTimer(self, singleShot=True, interval=120)
         self._resize_timer.timeout.connect(self._rescale_docks)
         self._dock_widths: dict = {}  # dock -> its width before the window's resize began...
+        self._dock_dragged: set = set()  # docks the user widened past DOCK_MAX
         self._dock_win_w: int | None = None  # ...and the window's width then
         self._rescaling = False
         self.sweep_result = None
@@ -214,8 +219,8 @@ class MainWindow(QMainWindow):
             # Dock sizes only apply once the window has a size: set them after the first show, as
             # shares of its width (520 and 420 px left the views 340 px of a 1280 px window)
             QTimer.singleShot(0, lambda: self.resizeDocks(
-                [self.tree_dock, self.config_dock], [max(240, round(self.width() * f)) for f in (0.3, 0.25)],
-                Qt.Orientation.Horizontal))
+                [self.tree_dock, self.config_dock],
+                [max(240, min(DOCK_MAX, round(self.width() * f))) for f in (0.3, 0.25)], Qt.Orientation.Horizontal))
 
     def resizeEvent(self, ev) -> None:
         super().resizeEvent(ev)
@@ -234,6 +239,8 @@ class MainWindow(QMainWindow):
                 and (self._dock_win_w is None or self.width() == self._dock_win_w):
             self._dock_widths[obj] = obj.width()
             self._dock_win_w = self.width()
+            if self.isVisible() and obj.width() > DOCK_MAX:  # widened by hand: kept as wide
+                self._dock_dragged.add(obj)
         if ev.type() == QEvent.Type.Resize and obj is self.tabs:
             self._fit_tab_names()
         return super().eventFilter(obj, ev)
@@ -255,7 +262,10 @@ class MainWindow(QMainWindow):
         docks = [d for d in (self.tree_dock, self.config_dock) if d.isVisible() and not d.isFloating()]
         if not old or abs(new - old) < 8 or not docks:
             return
+        # (a dock the user never widened stops at DOCK_MAX: at 2560 px each took 736, its panel
+        # mostly empty, and the plots 1076)
         widths = [max(240, round(self._dock_widths.get(d, d.width()) * new / old)) for d in docks]
+        widths = [w if d in self._dock_dragged else min(w, DOCK_MAX) for d, w in zip(docks, widths)]
         self._rescaling = True
         self.resizeDocks(docks, widths, Qt.Orientation.Horizontal)
 

@@ -1154,6 +1154,25 @@ def test_side_panels_keep_their_share_when_the_window_grows(win, qtbot):
 
 
 
+def test_side_panels_stop_growing_at_their_most_unless_widened_by_hand(win, qtbot):
+    """At 2560 px each side panel took 736 px, mostly empty, and the plots 1076."""
+    from quantscope.app.main_window import DOCK_MAX
+    win.resize(1400, 800)
+    qtbot.wait(300)
+    win.resize(2560, 1000)
+    qtbot.waitUntil(lambda: win.width() == 2560, timeout=3000)
+    qtbot.wait(400)
+    assert win.tree_dock.width() <= DOCK_MAX + 4 and win.config_dock.width() <= DOCK_MAX + 4
+    assert win.tabs.width() > 2560 - 2 * (DOCK_MAX + 20)
+    # widened by hand: kept as wide when the window changes
+    win.resizeDocks([win.tree_dock], [800], Qt.Orientation.Horizontal)
+    qtbot.waitUntil(lambda: win.tree_dock.width() >= 790, timeout=3000)
+    qtbot.wait(50)
+    win.resize(2500, 1000)
+    qtbot.wait(400)
+    assert win.tree_dock.width() > DOCK_MAX + 100
+
+
 def test_side_panels_rescale_when_a_resize_comes_before_the_last_rescale_settled(win, qtbot):
     """A rescale records the width it was for once its dock resizes have landed (a turn of the
     event loop later). It recorded the window's width at that moment instead: a resize in
