@@ -36,7 +36,10 @@ def _fmt(v, spec: str) -> str:
 def short_names(labels: list[str]) -> dict[str, str]:
     """Each path's last components, as few as keep the names apart (``a/model``, ``b/model``); a
     file (``model.safetensors``, an index) with its folder, which is what names the model."""
-    parts = {lb: os.path.normpath(lb).split(os.sep) for lb in labels}
+    # (".", "..", "model.safetensors" given from inside the folder: named by the folder, not as typed)
+    parts = {lb: os.path.abspath(lb).split(os.sep) if os.path.normpath(lb) in (".", "..") or os.sep not in
+             os.path.normpath(lb) and lb.endswith((".safetensors", ".json")) else os.path.normpath(lb).split(os.sep)
+             for lb in labels}
     out = {}
     for lb in labels:
         first = 2 if len(parts[lb]) > 1 and parts[lb][-1].endswith((".safetensors", ".json")) else 1

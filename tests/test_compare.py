@@ -996,6 +996,14 @@ def test_table_names_keep_variants_with_the_same_folder_name_apart():
         "/m/awq/model.safetensors.index.json": "awq/model.safetensors.index.json"}
 
 
+def test_table_names_a_variant_given_from_inside_its_folder_by_the_folder(tmp_path, monkeypatch):
+    from quantscope.app.compare_cli import short_names
+    (tmp_path / "gptq-4bit").mkdir()
+    monkeypatch.chdir(tmp_path / "gptq-4bit")
+    assert short_names([".", "../other"]) == {".": "gptq-4bit", "../other": "other"}  # it was "."
+    assert short_names(["model.safetensors"]) == {"model.safetensors": "gptq-4bit/model.safetensors"}
+
+
 def test_nan_in_a_variant_is_reported_not_hidden(ref_pair, mlx_variant, tmp_path, capsys):
     # one NaN scale: that layer's error is NaN (sqnr NaN too, as numpy's -20·log10 gives, not
     # -inf or inf), the others stay exact, and the table says where and what to run
