@@ -220,13 +220,27 @@ def cmd_info(args) -> int:
                    f"gives the findings), e.g. {printable(broken[0]['name'])}: {printable(broken[0]['problem'])}")
     by_name = {t["name"]: t for t in s["tensors"]}
     out.append("layers:")
+    # columns as wide as their longest entry (modelopt-nvfp4, a bitsandbytes quant_state's name
+    # pushed the rest out of line)
+    sw = max([11] + [len(ly["scheme"]) for ly in s["layers"]])
+    cw = max([22] + [len(c) for ly in s["layers"] for c in ly["tensors"]])
+
+    def group_of(layer) -> str:
+        g = layer["group_size"]
+        if g in (-1, 0):  # (GPTQ's one group over all of K: per channel, "g-1" said nothing)
+            return "per-ch"
+        block = (layer.get("settings") or {}).get("weight_block_size")
+        if layer["scheme"] == "fp8-block" and isinstance(block, list) and len(block) == 2:
+            return f"{block[0]}×{block[1]}"
+        return f"g{g}" if g else ""
+
     for layer in s["layers"]:
         mpath = layer["name"]
         shape = "×".join(map(str, layer["shape"])) if layer["shape"] else "?"
         bits = f"{layer['bits']}b" if layer["bits"] else ""
-        group = f"g{layer['group_size']}" if layer["group_size"] else ""
+        group = group_of(layer)
         bpw = f"{layer['bits_per_weight']:.2f} bpw" if layer["bits_per_weight"] else ""
-        out.append(f"  {mpath:<48} {layer['scheme']:<11} {bits:>4} {group:>5} {shape:>14} {bpw:>10}")
+        out.append(f"  {mpath:<48} {layer['scheme']:<{sw}} {bits:>4} {group:>7} {shape:>14} {bpw:>10}")
         if layer["problem"]:
             out.append(f"      problem: {layer['problem']}")
         if layer.get("warning"):
@@ -234,7 +248,7 @@ def cmd_info(args) -> int:
         for c in layer["tensors"]:
             t = by_name[f"{mpath}.{c}" if c else mpath]
             tshape = "×".join(map(str, t["shape"])) or "scalar"
-            out.append(f"      .{c:<22} {t['dtype']:<8} {tshape:<16} {human_bytes(t['bytes']):>10}  {t['file']}")
+            out.append(f"      .{c:<{cw}} {t['dtype']:<8} {tshape:<16} {human_bytes(t['bytes']):>10}  {t['file']}")
     from quantscope.backend.outfile import terminal_text
     # each line escaped whole (a name's own newline is escaped, not taken for a line break)
     sys.stdout.write("\n".join(map(terminal_text, out)) + "\n")

@@ -30,6 +30,18 @@ def test_info_text_and_json(tmp_path, capsys):
     assert data["files"][0]["metadata"] == {"format": "pt"}
 
 
+def test_info_columns_stay_in_line_and_say_blocks_and_channels(capsys):
+    """A bitsandbytes quant_state name or modelopt-nvfp4 pushed the columns out of line; an FP8
+    block layer showed no block size, per-channel GPTQ "g-1"."""
+    from pathlib import Path
+    golden = Path(__file__).parent / "fixtures" / "golden"
+    assert main(["info", str(golden / "fp8_block_aligned_bf16scale")]) == 0
+    assert "fp8-block     8b 128×128" in capsys.readouterr().out
+    assert main(["info", str(golden / "bnb_fp4")]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("      .")]
+    assert len({ln.index(" U8 ") if " U8 " in ln else ln.index(" F32 ") for ln in rows}) == 1  # dtypes in one column
+
+
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     p = write_raw(tmp_path / "bad.safetensors", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, bytes(8))
     assert main(["info", str(p)]) == 2
