@@ -570,6 +570,30 @@ def _awq_zeros_missing(layer: Layer, cfg: QuantConfig, eff: Effective) -> None:
                          "was quantized symmetric")
 
 
+def _infer_ct_pack(layer: Layer, wp, scale, shape) -> None:
+    """Bits, group and strategy of a pack-quantized layer stored without any config, from its
+    shapes: ``pack_to_int32`` puts 32 // bits codes in each int32 word along K, the scales hold
+    one column per group (one: per channel); symmetric where no zero points are stored. Only
+    where one bit width fits (a config-less file said "config gives no num_bits" of a config
+    that was not there)."""
+    k, cols = shape[-1], wp.shape[-1]
+    fits = [b for b in (2, 3, 4, 8) if -(-k // (32 // b)) == cols]
+    if len(fits) != 1 or wp.dtype != "I32" or len(scale.shape) != 2:
+        return
+    ng = scale.shape[-1]
+    if ng == 1:
+        strategy, group = "channel", None
+    elif k % ng == 0:
+        strategy, group = "group", k // ng
+    else:
+        return
+    layer.bits, layer.group_size = fits[0], group
+    layer.settings.update(strategy=strategy, symmetric="weight_zero_point" not in layer.tensors, type="int",
+                          format="pack-quantized")
+    layer.source = (f"no config: inferred from shapes: {fits[0]} bit, "
+                    + (f"group {group}" if group else "per channel"))
+
+
 def _detect_ct_packed(module: Module, cfg: QuantConfig, eff: Effective, ckpt: Checkpoint) -> Layer:
     comps = module.tensors
     wp = comps["weight_packed"]
@@ -603,8 +627,11 @@ def _detect_ct_packed(module: Module, cfg: QuantConfig, eff: Effective, ckpt: Ch
         return layer
     layer = Layer(path, "ct-pack", comps, bits=eff.bits, group_size=eff.group_size,
                   dtype=scale.dtype if scale else None, settings=settings, source=eff.source, shape=shape)
+    if layer.bits is None and cfg.kind != "compressed-tensors" and shape and scale is not None:
+        _infer_ct_pack(layer, wp, scale, shape)  # no config at all: read off the shapes, as for GPTQ/AWQ
     if layer.bits is None:
-        layer.problem = "compressed-tensors config gives no num_bits for this layer"
+        layer.problem = ("compressed-tensors config gives no num_bits for this layer" if cfg.kind == "compressed-tensors"
+                         else "no quantization config, and the shapes do not say the bits: add the model's config.json")
     elif shape is None:
         layer.problem = "weight_shape missing: logical shape unknown"
     elif scale is None:

@@ -254,3 +254,24 @@ def test_wrong_shapes_raise_helpful_errors():
                         strategy="block", block_structure=[128, 128])
     with pytest.raises(LayerError, match="I32"):
         ct.codes_pack_quantized(np.zeros((40, 36), np.float32), (40, 384), bits=3)
+
+
+@pytest.mark.parametrize("fixture", ["llmcompressor-w4a16", "llmcompressor-w4a16-asym"])
+def test_a_pack_quantized_file_without_any_config_is_read_off_its_shapes(tmp_path, fixture):
+    """The safetensors file alone (no config.json): every layer was "compressed-tensors config
+    gives no num_bits", of a config that was not there; the shapes say 4 bit / group 128."""
+    import shutil
+    from pathlib import Path
+
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.engines import NumpyEngine
+    from quantscope.backend.schemes import analyze
+    src = Path(__file__).parent / "fixtures" / "real" / fixture
+    shutil.copy(src / "model.safetensors", tmp_path / "model.safetensors")
+    m = analyze(open_checkpoint(tmp_path))
+    decoded = np.load(src / "decoded.npz")
+    for name in decoded.files:
+        lay = m.layers[name]
+        assert (lay.scheme, lay.bits, lay.group_size) == ("ct-pack", 4, 128) and lay.decodable, lay.problem
+        assert "no config: inferred from shapes: 4 bit, group 128" in lay.source
+        np.testing.assert_array_equal(NumpyEngine().dequantize(m, lay), decoded[name])  # llm-compressor's own
