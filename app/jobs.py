@@ -133,8 +133,11 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
     zeros = {k: np.asarray(v).ravel() for k, v in d.zeros.items()
              if v is not None and variants[k].layers.get(name) is not None
              and variants[k].layers[name].scheme != "mlx-affine"}
-    bits = [variants[k].layers[name].bits for k in zeros]
-    zero_edges, zero_counts = zero_histogram(zeros, (1 << max(bits)) - 1 if bits and all(bits) else None)
+    bits = {variants[k].layers[name].bits for k in zeros}
+    # (one bit width: its levels 0..2^b-1; mixed ones, the data's range: 4-bit zero points on an
+    # 8-bit variant's 0..255 would be a sliver)
+    zero_edges, zero_counts = zero_histogram(zeros, (1 << bits.pop()) - 1 if len(bits) == 1 and None not in bits
+                                             else None)
     return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts, "scale_abs": signed,
             "scale_view": scale_view, "scale_nonfinite": scale_nonfinite, "maps": maps,
             "by_index": set(d.grouped_by_index), "blocks": dict(d.column_blocks), "zero_edges": zero_edges,

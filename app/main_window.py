@@ -65,14 +65,33 @@ MAX_RECENT = 10
 RECENT_DETAILS = 4
 
 
+#: The most values of a vector (a norm, a bias) read on the GUI thread to show it.
+VECTOR_MAX = 1 << 20
+
+
+def _is_vector(layer) -> bool:
+    """A stored vector the Values view shows (a norm's weights): 1-D, dense, not too long. A
+    quantized layer whose shape is unknown (bits that fit none) is not one: its packed codes
+    were drawn as "a vector of 3072 values"."""
+    return (layer.scheme == "dense" and layer.shape is not None and len(layer.shape) == 1
+            and 0 < layer.shape[0] <= VECTOR_MAX)
+
+
 def _worst_per_layer(findings: list[dict]) -> dict[str, tuple[str, str]]:
     """The most severe (severity, message) per layer or tensor, for the tree's Doctor column."""
     worst: dict[str, tuple[str, str]] = {}
     rank = {"error": 3, "warning": 2, "info": 1}
+    from quantscope.backend.checkpoint import split_name
     for f in findings:
-        key = f.get("layer") or f.get("tensor")
-        if key and rank.get(f["severity"], 0) > rank.get(worst.get(key, ("", ""))[0], 0):
-            worst[key] = (f["severity"], f["message"])
+        # (and the further tensors one finding stands for, a truncated file's past its end: by
+        # their modules, which are the tree's rows)
+        first = f.get("layer") or f.get("tensor")
+        keys = [first, *(split_name(t)[0] for t in f.get("also") or ())]
+        if not f.get("layer") and first:  # a tensor's finding: its module's row too
+            keys.append(split_name(first)[0])
+        for key in keys:
+            if key and rank.get(f["severity"], 0) > rank.get(worst.get(key, ("", ""))[0], 0):
+                worst[key] = (f["severity"], f["message"])
     return worst
 
 
@@ -249,9 +268,11 @@ class MainWindow(QMainWindow):
         """The tabs' full names where all fit the tab bar's width, else their short ones."""
         bar = self.tabs.tabBar()
         fm = bar.fontMetrics()
-        pad = bar.tabRect(0).width() - fm.horizontalAdvance(self.tabs.tabText(0).replace("&&", "&")) if \
-            self.tabs.count() else 0
-        need = sum(fm.horizontalAdvance(full.replace("&&", "&")) + pad for full, _ in self._tab_names)
+        # each tab's room besides its text, from its size hint (its unsqueezed size; a squeezed
+        # tab's rect gave too little, and the choice depended on the widths before)
+        pads = [bar.tabSizeHint(i).width() - fm.horizontalAdvance(self.tabs.tabText(i).replace("&&", "&"))
+                for i in range(self.tabs.count())]
+        need = sum(fm.horizontalAdvance(full.replace("&&", "&")) + p for (full, _), p in zip(self._tab_names, pads))
         use = 0 if need <= self.tabs.width() - 4 else 1
         for i, names in enumerate(self._tab_names):
             if self.tabs.tabText(i) != names[use]:
@@ -743,14 +764,17 @@ class MainWindow(QMainWindow):
                                          or expert_of_stack(path, ws.reference) is not None):
             # (lm_head: a tied reference compares it with its embeddings)
             if path in ws.reference.layers and not ws.reference.layers[path].is_matrix:
-                self._show_vectors(path)
+                if _is_vector(ws.reference.layers[path]):
+                    self._show_vectors(path)
+                else:
+                    self._clear_views(f"{path} is not a weight matrix")
                 return
             ref, models = ws.reference, dict(ws.variants)
         else:  # no reference for it: what the checkpoints hold (values, codes, scales), no error
             ref, models = None, ws.models()
             held = [m.layers[path] for m in models.values() if path in m.layers]
             if not any(lay.is_matrix and lay.decodable for lay in held):
-                if held and not any(lay.is_matrix for lay in held):
+                if held and any(_is_vector(lay) for lay in held):
                     self._show_vectors(path)
                 else:
                     self._clear_views(f"{path} cannot be decoded (the Quantization config panel says why)")
@@ -889,7 +913,7 @@ class MainWindow(QMainWindow):
         for label, m in ([("reference", ws.reference)] if ws.reference is not None else []) + list(ws.variants.items()):
             lay = m.layers.get(path)
             t = None if lay is None else lay.tensors.get("weight")
-            if t is None or lay.is_matrix:
+            if t is None or not _is_vector(lay):
                 continue
             try:
                 vecs[label] = np.asarray(m.ckpt.tensor(t.name), np.float64).ravel()

@@ -52,8 +52,15 @@ class ProgressBar:
         self._last = state
         fill = int(30 * fraction)
         line = f"{self.label} [{'#' * fill}{'.' * (30 - fill)}] {pct:3d}%"
+        # within the terminal's width (a longer line wraps, and each redraw then adds a line): the
+        # bytes left out first, then the layers
+        import shutil
+        room = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
         if layers:
-            line += "  " + fraction.text()
+            full = f"{line}  {fraction.text()}"
+            short = f"{line}  {fraction.layers_done}/{layers} layers"
+            line = full if len(full) <= room else short if len(short) <= room else line
+        line = line[:room]
         pad = " " * max(0, self._width - len(line))  # (a shorter line clears the last one's end)
         self._width = len(line)
         self.stream.write("\r" + line + pad)

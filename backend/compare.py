@@ -74,8 +74,9 @@ _VIEW_BLOCK_ELEMENTS = _ROW_BLOCK_ELEMENTS
 _LSTSQ_THRESHOLD = 0.02
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 CACHE_FILE = "compare-cache.json"
-CACHE_VERSION = 4  # 2: file identities as digests; 3: entries say when the reference held NaN/inf;
-#: 4: rows name the reference layer holding an expert or a tied head
+CACHE_VERSION = 5  # 2: file identities as digests; 3: entries say when the reference held NaN/inf;
+#: 4: rows name the reference layer holding an expert or a tied head; 5: F64 weights in float64,
+#: the fold into a fused gate_up_proj, the norms' storage step (figures that changed)
 
 #: Keys of one JSON/CSV row, in order (the command-line contract plus what the window uses).
 LAYER_KEYS = ("name", "variant", "scheme", "bits", "group_size", "rel_fro", "sqnr_db", "cosine", "max_abs", "mse",
@@ -163,6 +164,11 @@ class SweepProgress(float):
         p = super().__new__(cls, fraction)
         p.layers_done, p.layers_total, p.bytes_done, p.bytes_total = layers_done, layers_total, bytes_done, bytes_total
         return p
+
+    def __reduce__(self):  # (pickled and copied as what it is: float's own needs one argument)
+        return (SweepProgress, (float(self), self.layers_done, self.layers_total, self.bytes_done, self.bytes_total))
+
+    __str__ = float.__repr__  # (a number where it is printed or formatted as one)
 
     def text(self) -> str:
         """``"3/7 layers, 1.5 MB of 4.2 GB"``."""
@@ -354,7 +360,8 @@ def _unrelated(label: str, rows_out: dict[str, dict[str, LayerMetrics]]) -> str 
     # said as such (SweepResult.implausible); ‖Ŵ‖/‖W‖ from rel² = r² + 1 - 2 r cos
     ratio = [r.cosine + math.sqrt(max(0.0, r.cosine ** 2 + r.rel_fro ** 2 - 1)) for r in rows
              if math.isfinite(r.cosine) and math.isfinite(r.rel_fro)]
-    if not ratio or not 0.5 <= float(np.median(ratio)) <= 2.0 or float(np.median([r.cosine for r in rows])) > 0.5:
+    cosines = [r.cosine for r in rows if math.isfinite(r.cosine)]  # (a decode of all zeros has none)
+    if not ratio or not 0.5 <= float(np.median(ratio)) <= 2.0 or float(np.median(cosines)) > 0.5:
         return None
     return (f"its layers are as far from the reference's as the reference's are from zero (rel_fro as stored: median "
             f"{float(np.median(raw)):.3f} over {len(raw)} layers; two unrelated sets of weights of the same size "
@@ -973,7 +980,7 @@ def _row(t: Target, vs: _VariantState, res: dict) -> LayerMetrics:
     held = t.ref_layer if t.ref_layer != t.name else None  # (a stack holding the expert, a tied head's embeddings)
     if held and _SWITCH_RE.match(held) and t.rows:
         expert = t.ref_row0 // t.rows  # the reference stacks the experts
-    elif first.shape and len(first.shape) == 3 and len(t.segments) == 1 and t.rows:
+    elif first.shape and len(first.shape) == 3 and len(t.segments) == 1 and t.rows == first.shape[-2]:
         expert = t.segments[0].var_rows[0] // t.rows  # the variant does: which of its stack this is
     else:
         expert = None
@@ -1407,7 +1414,9 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
         for vs in states:
             if (why := _unrelated(vs.label, rows_out)) is not None:
                 # the "smoothing" found between two models' norms, and its power, mean nothing
-                result.smoothing_checks.pop(vs.label, None)
+                chk = result.smoothing_checks.pop(vs.label, None)
+                if chk is not None and chk.warning:  # (its quantization-only pass, counted in the total, is not made)
+                    report(sum(t.rows * t.cols for t in vs.alignment.targets.values()))
                 old = result.data_warnings.get(vs.label)
                 result.data_warnings[vs.label] = why if old is None else f"{why}\n{old}"
         for vs in states:  # inconsistent smoothing: the quantization's own error besides

@@ -231,6 +231,9 @@ class Finding:
     layer: str | None = None
     ref: str | None = None
     count: int = 1
+    #: Further tensors the finding concerns, beside ``tensor`` (a truncated file's: every one past
+    #: its end, said in one finding; the window flags each one's layer).
+    also: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -289,13 +292,13 @@ class _Collector:
         self._overflow: dict[tuple, Finding] = {}
         self._error_layers: set[str] = set()  # capped findings too
 
-    def add(self, rule: str, message: str, *, file=None, tensor=None, layer=None, severity=None) -> None:
+    def add(self, rule: str, message: str, *, file=None, tensor=None, layer=None, severity=None, also=()) -> None:
         r = RULES[rule]
         key = (rule, str(file) if file else None)
         n = self._counts.get(key, 0) + 1
         self._counts[key] = n
         f = Finding(rule, severity or r.severity, message, str(file) if file is not None else None,
-                    tensor, layer, r.ref)
+                    tensor, layer, r.ref, also=list(also))
         if layer is not None and f.severity == "error":
             self._error_layers.add(layer)
         if n <= _MAX_PER_RULE:
@@ -552,7 +555,7 @@ def _rescan(col: _Collector, path: Path) -> None:
                 f"{max(e for _, e, _ in past)}), the first at data_offsets [{begin}, {end}]" if len(past) > 1 else
                 f"data_offsets [{begin}, {end}] run past the end of the data ({data_size} bytes)")
         col.add("container.out-of-file", f"{more}: the file is truncated (incomplete download?) — re-download it",
-                file=path, tensor=name)
+                file=path, tensor=name, also=[x for _, _, x in sorted(past)[1:]])
     ranges.sort()
     pos, prev = 0, None
     for begin, end, name in ranges:

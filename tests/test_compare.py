@@ -455,6 +455,9 @@ def test_experts_against_switch_mlp(tmp_path):
     assert r2.variant_layer == "model.layers.0.mlp.switch_mlp.up_proj"
     # which of the variant's stack it is: said (it was null, the stack's name alone)
     assert [r.expert for r in res.rows if r.proj == "down_proj"] == list(range(E)) and r2.expert == 2
+    # a stack against a stack of the same name: one row for all its experts, of no one expert
+    same = sweep(var, {"v": var}, engine="numpy")
+    assert same.rows and all(r.expert is None for r in same.rows if "switch_mlp" in r.name)
     w = _f32(per["model.layers.0.mlp.experts.2.up_proj.weight"])
     assert r2.rel_fro == pytest.approx(_direct(w, w + np.float32(0.002)), rel=1e-6)
     # the other way round (a stacked reference, mlx-lm's bf16 for one): expert by expert too,
@@ -574,6 +577,18 @@ def test_another_model_of_the_same_shapes_is_said_to_be_one(ref_pair, tmp_path):
         assert res.implausible() and k not in res.data_warnings
     res = sweep(ref, {"v": var}, engine="numpy")  # and the model itself is not another
     assert not res.data_warnings and not res.implausible()
+    # most layers decoding to zeros (their cosine NaN): a broken file, each layer listed as such
+    zeroed = dict(vw)
+    names2d = [n for n, v in vw.items() if v.ndim == 2]
+    for n in names2d[:len(names2d) * 2 // 3]:
+        zeroed[n] = np.zeros_like(_f32(vw[n]))
+    res = sweep(ref, {"z": _model(tmp_path / "z", zeroed)}, engine="numpy")
+    assert "z" not in res.data_warnings and len(res.implausible()) >= len(names2d) // 2
+    # another model whose norms look smoothed: its quantization-only pass is not made, and the
+    # progress still ends at 1 (it stopped at 0.5)
+    seen = []
+    res = sweep(ref, {"o": other}, engine="numpy", progress=seen.append)
+    assert float(seen[-1]) == pytest.approx(1.0) and seen[-1].layers_done == seen[-1].layers_total
 
 
 def _mlx_quant(w_bf16, bits=4, group=64):
@@ -893,6 +908,18 @@ def test_progress_counts_layers_and_bytes(ref_pair, mlx_variant, tmp_path):
     assert (again[-1].layers_done, again[-1].bytes_done) == (len(names), want)
 
 
+def test_sweep_progress_pickles_copies_and_prints_as_a_number():
+    import copy
+    import pickle
+
+    from quantscope.backend.compare import SweepProgress
+    p = SweepProgress(0.5, 3, 7, 1_500_000, 4_200_000_000)
+    for q in (pickle.loads(pickle.dumps(p)), copy.copy(p), copy.deepcopy(p)):
+        assert q == 0.5 and (q.layers_done, q.layers_total, q.bytes_done, q.bytes_total) == (3, 7, 1_500_000,
+                                                                                            4_200_000_000)
+    assert str(p) == "0.5" and f"{p:.0%}" == "50%"
+
+
 def test_progress_bar_says_layers_and_bytes():
     import io
 
@@ -912,6 +939,18 @@ def test_progress_bar_says_layers_and_bytes():
     assert line.startswith("comparing [") and "75%" in line and "layers" not in line
     bar.close()
     assert out.getvalue().endswith("\r")
+    # a narrow terminal: the bytes left out, then the layers (a wrapped line adds a line per redraw)
+    import shutil
+    for cols, want in ((70, "]  50%  3/7 layers"), (50, "]  50%")):
+        out = Tty()
+        bar = ProgressBar("comparing", out)
+        orig = shutil.get_terminal_size
+        shutil.get_terminal_size = lambda fallback=None, c=cols: __import__("os").terminal_size((c, 24))
+        try:
+            bar(SweepProgress(0.5, 3, 7, 1_500_000, 4_200_000_000))
+        finally:
+            shutil.get_terminal_size = orig
+        assert out.getvalue().rstrip().endswith(want) and len(out.getvalue()) <= cols
 
 
 def test_each_variant_layer_decoded_once(ref_pair, tmp_path):

@@ -1431,4 +1431,5 @@ def test_a_truncated_shard_is_one_finding_not_one_per_tensor(tmp_path):
     p.write_bytes(raw[:len(raw) // 3])  # both of its tensors past the end (38 findings for a real shard)
     found = [f for f in diagnose(tmp_path / "m") if f.rule == "container.out-of-file"]
     assert len(found) == 1 and found[0].tensor == "model.layers.1.mlp.up_proj.weight"
+    assert found[0].also == ["model.layers.1.mlp.down_proj.weight"]  # (the window flags its layer too)
     assert found[0].message.startswith("2 tensors run past the end of the data") and "re-download" in found[0].message

@@ -2325,3 +2325,52 @@ def test_every_tab_is_in_sight_at_narrow_widths(win, qtbot):
         assert win.tabs.tabToolTip(win.tabs.indexOf(win.codes)) == "Code usage"
     win.resize(1400, 800)
     qtbot.waitUntil(lambda: win.tabs.tabText(win.tabs.indexOf(win.codes)) == "Code usage", timeout=2000)
+    # straight from a narrow window to one where only the short names fit: chosen from the tabs'
+    # own sizes, not a squeezed one's (the full names were chosen, every tab elided)
+    for width in (835, 980, 835, 1000):
+        win.resize(width, 800)
+        qtbot.waitUntil(lambda w=width: win.width() == w, timeout=2000)
+        qtbot.wait(30)
+        elided = [i for i in range(bar.count()) if bar.tabRect(i).width() < bar.tabSizeHint(i).width() - 1]
+        assert not elided or win.tabs.tabText(win.tabs.indexOf(win.codes)) == "Codes", (width, elided)
+
+
+def test_a_finding_of_several_tensors_flags_each_ones_module():
+    from quantscope.app.main_window import _worst_per_layer
+    f = [{"rule": "container.out-of-file", "severity": "error", "message": "3 tensors run past the end",
+          "tensor": "model.layers.1.mlp.down_proj.weight", "layer": None,
+          "also": ["model.norm.weight", "lm_head.weight"]}]
+    flags = _worst_per_layer(f)
+    assert {"model.layers.1.mlp.down_proj", "model.norm", "lm_head"} <= set(flags)
+    assert flags["lm_head"][0] == "error"
+
+
+def test_a_quantized_layer_of_unknown_shape_is_not_drawn_as_a_vector(qtbot, tmp_path):
+    """MLX bits/group that fit none of its shapes leave the layer's shape unknown: its packed
+    codes were drawn as "a vector of 3072 values"."""
+    import mlx.core as mx
+    from helpers import write_st
+    from mx_util import to_np
+    wq, sc, bi = mx.quantize(mx.array(np.ones((64, 96), np.float32)), group_size=32, bits=4)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    write_st(folder / "model.safetensors", {"model.layers.0.mlp.up_proj.weight": to_np(wq),
+                                            "model.layers.0.mlp.up_proj.scales": to_np(sc)[:, :2],
+                                            "model.layers.0.mlp.up_proj.biases": to_np(bi)[:, :2]}, {"format": "mlx"})
+    (folder / "config.json").write_text('{"hidden_size": 96, "quantization": {"bits": 4, "group_size": 32}}')
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    w.quiet_errors = True
+    qtbot.addWidget(w)
+    w.show()
+    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
+        w.open_workspace([str(folder)], None)
+    try:
+        lay = w.workspace.models()[next(iter(w.workspace.models()))].layers["model.layers.0.mlp.up_proj"]
+        assert lay.shape is None or not lay.decodable
+        w.tabs.setCurrentWidget(w.hist)
+        w.select_layer("model.layers.0.mlp.up_proj")
+        qtbot.waitUntil(lambda: "cannot be decoded" in w.hist.note.text() or "cannot be decoded" in
+                        w.hist.hint.text(), timeout=5000)
+        assert not w.hist._counts
+    finally:
+        w.service.shutdown()

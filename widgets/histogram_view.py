@@ -87,7 +87,8 @@ class HistogramView(QWidget):
         measured", which its figures are."""
         note = self.note.text()
         head, sep, rest = note.partition(" · ")
-        note = rest if sep else (note if " " in note else "")  # (a layer's name alone has no space)
+        if " " not in head:  # (a layer's name, which the title has: what follows it)
+            note = rest
         return [*([note] if note else []), self.legend, self.plot, self.footer.text()]
 
     def _enable_range(self, on: bool) -> None:
