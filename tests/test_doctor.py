@@ -1000,7 +1000,7 @@ def test_finding_dict_and_refs(tmp_path):
     assert d["ref"] == "R1" and d["severity"] == "error" and d["layer"] == Q0 and d["tensor"] == f"{Q0}.qzeros"
     assert d["file"].endswith("model.safetensors") and "wrapped" in d["message"]
     assert isinstance(f, Finding) and set(d) == {"rule", "severity", "message", "file", "tensor", "layer", "ref",
-                                                 "count"} and d["count"] == 1
+                                                 "count", "also"} and d["count"] == 1 and d["also"] == []
 
 
 def test_structure_only_reads_no_data(tmp_path, monkeypatch):
