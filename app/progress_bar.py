@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 
 def kernels_ready(stream=None) -> None:
@@ -40,6 +41,7 @@ class ProgressBar:
         self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last = None
         self._width = 0
+        self._drawn = 0.0
 
     def __call__(self, fraction: float) -> None:
         if not self.enabled:
@@ -49,7 +51,12 @@ class ProgressBar:
         state = (pct, getattr(fraction, "layers_done", None))
         if state == self._last:
             return
-        self._last = state
+        # a new percentage is drawn at once, a new count of layers at most every 0.1 s (an MoE
+        # sweep finishes 15,000 expert layers: a line each)
+        now = time.monotonic()
+        if self._last is not None and pct == self._last[0] and now - self._drawn < 0.1:
+            return
+        self._last, self._drawn = state, now
         fill = int(30 * fraction)
         line = f"{self.label} [{'#' * fill}{'.' * (30 - fill)}] {pct:3d}%"
         # within the terminal's width (a longer line wraps, and each redraw then adds a line): the
