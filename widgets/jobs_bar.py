@@ -105,12 +105,14 @@ class JobsBar(QWidget):
             return
         jid = self._shown()
         more = f" (+{len(self._titles) - 1} more)" if len(self._titles) > 1 else ""
-        if self._details.get(jid):  # kept whole, like the count: the title is elided first
-            more = f" · {self._details[jid]}{more}"
+        if self._details.get(jid):  # its first part kept whole, like the count (the title is elided
+            # first); the bytes in the tooltip: "9216/18530 layers, 30.5 GB of 61.0 GB" left no title
+            more = f" · {self._details[jid].split(', ')[0]}{more}"
         # the title elided to the room left, so that the count of the others stays readable
         fm = self.label.fontMetrics()
         room = max(0, self.label.contentsRect().width() - fm.horizontalAdvance(more))
         self.label.setText(fm.elidedText(self._titles[jid], Qt.TextElideMode.ElideRight, room) + more)
         self.label.setToolTip("\n".join(t + (" (waiting)" if self.service.is_waiting(j) else "")
+                                         + (f" — {self._details[j]}" if self._details.get(j) else "")
                                          for j, t in sorted(self._titles.items(), key=lambda x: x[0] != jid)))
         self.bar.set_fraction(self._progress.get(jid, 0.0))
