@@ -361,7 +361,7 @@ class MainWindow(QMainWindow):
         self.tabifyDockWidget(self.config_dock, self.doctor_dock)
         self.config_dock.raise_()
         self.tree.layer_selected.connect(self.select_layer)
-        self.tree.expert_picked.connect(self.select_layer)
+        self.tree.expert_picked.connect(self.select_layer_everywhere)  # (the tree's row follows, where it has one)
         self.tree.checkpoint_changed.connect(self._checkpoint_changed)
         self.tree.export_tensor_requested.connect(self.export_tensor)
         self.tree.dequant_export_requested.connect(self.export_dequant)
@@ -431,6 +431,7 @@ class MainWindow(QMainWindow):
             self._remember_opened(paths + ([reference] if reference else []), ws.failed)
             landed = [a for a in self._adds_since_open if a["merged"]]
             self._adds_since_open = []
+            self._color_slots.clear()  # a new workspace: a fresh palette (colours kept across adds and removes)
             self.set_workspace(ws)
             self._report_failed(ws.failed, n, reference)
             for a in landed:
@@ -660,6 +661,8 @@ class MainWindow(QMainWindow):
             self.select_layer(path)
         else:
             self.current_layer = None
+            self.tree.show_experts(None)  # (it stayed up, picking experts of a workspace gone)
+            self.config.clear_layer()
             self._clear_views("Select a layer in the tree")
 
     def _in_turns(self, channel: str, steps: list) -> None:

@@ -1638,6 +1638,21 @@ def test_the_expert_box_picks_an_expert_of_a_stack(qtbot, tmp_path):
         with qtbot.waitSignal(w.detail_shown, timeout=60_000):
             assert w.tree.select("model.layers.1.self_attn.q_proj")  # not an expert: no box
         assert w.tree.expert.isHidden()
+        # in a checkpoint storing the experts one by one, the tree's row follows the box (it stayed
+        # on the expert before, so its cell, the arrow keys and exports started from that one)
+        w.tree.combo.setCurrentText("gptqmodel-qwen3moe-w4g64")
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            assert w.tree.select("model.layers.0.mlp.experts.2.up_proj")
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.tree.expert.setValue(0)
+        assert w.tree.current_path() == "model.layers.0.mlp.experts.0.up_proj" == w.current_layer
+        # another workspace: the box goes, and the config panel's rows of the checkpoints before
+        from quantscope.backend.demo import build_demo
+        demo = build_demo(tmp_path / "demo")
+        with qtbot.waitSignal(w.workspace_loaded, timeout=60_000):
+            w.open_workspace([str(p) for p in demo.variants.values()], str(demo.reference))
+        qtbot.waitUntil(lambda: not w.turns_pending(), timeout=10_000)
+        assert w.tree.expert.isHidden() and w.config.layer_table.rowCount() == 0
     finally:
         w.service.shutdown()
 

@@ -222,6 +222,14 @@ class QuantConfigPanel(QWidget):
                                 if cfg.kind else "No quantization config, so no per-layer overrides")
         self.raw.setPlainText(json.dumps({name: data for name, data in model.ckpt.configs.items()}, indent=2))
 
+    def clear_layer(self) -> None:
+        """No layer shown (it is gone with the workspace that held it: its rows of checkpoints no
+        longer open, and their errors, stayed)."""
+        self.layer_title.setText("")
+        self.layer_table.setRowCount(0)
+        self.rule.setText("")
+        self.set_whatif_result("")
+
     def set_layer(self, path: str, models: dict[str, Model]) -> None:
         """Effective settings of ``path`` in every open checkpoint, with the rule behind them."""
         self.layer_title.setText(f"<b>{path}</b>")
