@@ -2004,6 +2004,11 @@ def test_the_shown_checkpoint_can_be_removed_from_the_workspace(win, qtbot, demo
     with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
         win.add_paths([str(demo.variants[gone])])
     assert len({win.colors[lb].name() for lb in win.workspace.variants}) == len(win.workspace.variants)
+    # a new workspace starts a fresh palette (one opened after six variants took the seventh colour)
+    from quantscope.widgets.palette import VARIANT_COLORS
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(demo.variants["awq-w4g128"])], str(demo.reference))
+    assert win.colors["awq-w4g128"].name().upper() == VARIANT_COLORS[0].upper()
 
 
 def test_a_reference_of_another_model_is_said_as_such(win, qtbot, demo, real_fixtures):
