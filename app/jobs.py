@@ -134,10 +134,11 @@ def job_detail(reference, variants: dict, name: str, *, engine="auto", progress=
              if v is not None and variants[k].layers.get(name) is not None
              and variants[k].layers[name].scheme != "mlx-affine"}
     bits = {variants[k].layers[name].bits for k in zeros}
-    # (one bit width: its levels 0..2^b-1; mixed ones, the data's range: 4-bit zero points on an
-    # 8-bit variant's 0..255 would be a sliver)
-    zero_edges, zero_counts = zero_histogram(zeros, (1 << bits.pop()) - 1 if len(bits) == 1 and None not in bits
-                                             else None)
+    # (every level of the widest bit width, 0..2^b-1: with 3- and 4-bit variants, 0..15, where the
+    # data's range left a level no group uses out of sight; 4- beside 8-bit, the data's range:
+    # 0..255 would squeeze the 4-bit levels into a sliver)
+    even = bits and None not in bits and max(bits) - min(bits) <= 1
+    zero_edges, zero_counts = zero_histogram(zeros, (1 << max(bits)) - 1 if even else None)
     return {"name": name, "detail": d, "scale_edges": scale_edges, "scale_counts": scale_counts, "scale_abs": signed,
             "scale_view": scale_view, "scale_nonfinite": scale_nonfinite, "maps": maps,
             "by_index": set(d.grouped_by_index), "blocks": dict(d.column_blocks), "zero_edges": zero_edges,

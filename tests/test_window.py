@@ -839,9 +839,19 @@ def test_code_usage_of_different_bit_widths_gets_a_plot_per_level_count(qtbot):
     assert np.all(np.abs(xa - np.arange(16)) < 0.5) and "fp8" in view.summary.text()
     assert "unused [0]" in view.summary.text()
     view.log_y.setChecked(True)  # the log scale's ticks in percent, each decade
-    ticks = view.plot.getAxis("left")._tickLevels
-    assert ticks and (6, "1") in ticks[0] and (4, "0.01") in ticks[0]
-    assert view.plot.getAxis("left").labelText == "share (%, log)"
+    p4 = view.plots()[1]
+    ticks = p4.getAxis("left")._tickLevels
+    assert ticks and (0, "1") in ticks[0] and (-1, "0.1") in ticks[0]  # w4a's smallest share, 1/136: 0.7 %
+    assert p4.getAxis("left").labelText == "share (%, log)"
+    # the bars stand on the decade under the smallest share used (they stood on 1e-6 %)
+    b4 = bars(p4)[0]
+    assert float(np.min(b4.opts["y0"])) == pytest.approx(-1.25) and p4.getViewBox().viewRange()[1][0] > -1.5
+    # a number of levels whose variants are all hidden in the legend: its plot goes
+    view.legend.hidden.add("w3")
+    view._redraw()
+    assert len(view.plots()) == 1
+    view.legend.hidden.discard("w3")
+    view._redraw()
     view.log_y.setChecked(False)
     assert view.plot.getAxis("left")._tickLevels is None
     view.set_counts({"w4": np.ones(16)}, {"w4": "#00f"})  # one level count again: one plot, untitled
@@ -1043,12 +1053,14 @@ def test_a_log_histograms_lone_tall_bin_drops_to_the_floor(qtbot):
     from quantscope.widgets.histogram_view import LOG_FLOOR, HistogramView
     h = HistogramView("error")
     qtbot.addWidget(h)
-    counts = np.array([0, 0, 5, 9, 0, 100_000, 0, 7, 0, 0, 0, 1, 0, 0, 0], np.int64)
+    counts = np.array([0, 0, 5, 9, 0, 100_000, 0, 17, 0, 0, 0, 1, 0, 0, 0], np.int64)
     h.set_histograms(np.linspace(-1.0, 1.0, counts.size + 1), {"a": counts}, {"a": "#000000"})
     y = h._items["a"].getData()[1]
     assert y[5] == pytest.approx(5.0) and y[4] == y[6] == LOG_FLOOR  # the spike stands on the floor
-    assert y[11] == 0.0 and y[10] == y[12] == LOG_FLOOR  # one count: a short bar, not a dash on the axis
+    assert y[11] == 0.0 and np.isnan(y[10]) and np.isnan(y[12])  # a sparse tail's count: a dash, no comb
     assert np.isnan(y[0]) and np.isnan(y[9]) and np.isnan(y[14])  # (runs of empty bins: gaps)
+    # no tick labels below log10(1) = 0: the floor's ticks read -0.1, -0.2 as if counts
+    assert h.plot.getAxis("left").tickStrings([-0.2, 0.0, 1.0], 1, 0.2)[0] == ""
 
 
 def test_group_error_map_shows_the_trees_checkpoint(win, qtbot):

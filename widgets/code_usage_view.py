@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
@@ -80,10 +82,11 @@ class CodeUsageView(QWidget):
 
     def _redraw(self) -> None:
         self.legend.set_entries([(label, self._colors.get(label), BAR_GLYPH) for label in self._counts])
-        groups: dict[int, list[str]] = {}  # number of levels: its variants, fewest levels first
+        groups: dict[int, list[str]] = {}  # number of levels: its variants shown, fewest levels first
         for label, c in self._counts.items():
             groups.setdefault(len(c), []).append(label)
-        groups = dict(sorted(groups.items())) or {0: []}
+        # (a number of levels whose variants are all hidden in the legend: no plot, it stood empty)
+        groups = {k: v for k, v in sorted(groups.items()) if any(lb not in self.legend.hidden for lb in v)} or {0: []}
         while len(self._more) < len(groups) - 1:
             p = self._new_plot()
             self._more.append(p)
@@ -92,30 +95,41 @@ class CodeUsageView(QWidget):
             p.clear()
             p.hide()
         several = len(groups) > 1
+        log = self.log_y.isChecked()
         lines = []
         for plot, (levels, labels) in zip([self.plot, *self._more], groups.items()):
             plot.show()
             plot.clear()
             floats = bool(labels) and all(lb in self._float for lb in labels)
             plot.setLabel("bottom", "code, in the order of its value" if floats else "code level")
-            log = self.log_y.isChecked()
             plot.setLabel("left", "share (%, log)" if log else "share of weights (%)")
-            # (on the log scale, ticks in percent, every other decade labelled: it read
-            # "log10(share %) + 6")
-            plot.getAxis("left").setTicks([[(v, f"{10.0 ** (v - 6):g}") for v in range(0, 9, 2)],
-                                           [(v, "") for v in range(1, 9, 2)]] if log else None)
             bits = int(np.log2(levels)) if levels > 1 and not levels & (levels - 1) else None
             # (the legend's colours name the variants: a title listing them widened the plot past
             # the view's edge, its last levels cut off)
             plot.setTitle(f"{levels} levels" + (f" ({bits}-bit)" if bits else "") if several else None, size="9pt")
+            shares = {lb: 100.0 * np.asarray(self._counts[lb], np.float64) /
+                      max(1.0, float(np.sum(self._counts[lb]))) for lb in labels}
+            # on the log scale the bars stand on the decade under the smallest share used (they
+            # stood on 1e-6 %, three quarters of the plot below any share there is), ticks in
+            # percent at each decade
+            used = [v[v > 0] for v in shares.values()]
+            low = min((float(u.min()) for u in used if u.size), default=1.0)
+            base = math.floor(math.log10(low)) - 0.25 if log else 0.0
+            top = max((float(u.max()) for u in used if u.size), default=100.0)
+            decades = range(math.ceil(base), math.ceil(math.log10(top)) + 1) if log else ()
+            plot.getAxis("left").setTicks([[(v, f"{10.0 ** v:g}") for v in decades]] if log else None)
             width = 0.8 / max(1, len(labels))
             for i, label in enumerate(labels):
-                c = np.asarray(self._counts[label], dtype=np.float64)
-                share = 100.0 * c / max(1.0, c.sum())
-                y = np.log10(np.maximum(share, 1e-6)) + 6 if self.log_y.isChecked() else share
-                x = np.arange(len(c)) - 0.4 + width * (i + 0.5)
+                share = shares[label]
+                y = np.where(share > 0, np.log10(np.where(share > 0, share, 1.0)), base) if log else share
+                x = np.arange(len(share)) - 0.4 + width * (i + 0.5)
                 if label not in self.legend.hidden:  # (its place kept: the others' bars do not move)
-                    plot.addItem(pg.BarGraphItem(x=x, height=y, width=width, brush=self._colors.get(label), pen=None))
+                    plot.addItem(pg.BarGraphItem(x=x, y0=np.full(len(share), base), height=y - base, width=width,
+                                                 brush=self._colors.get(label), pen=None))
+            if log and labels:
+                plot.setYRange(base, math.log10(top), padding=0.05)
+            else:
+                plot.enableAutoRange(axis="y")
             show_values(plot, bool(labels))
         for label, c in self._counts.items():
             c = np.asarray(c, dtype=np.float64)

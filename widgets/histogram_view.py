@@ -26,7 +26,7 @@ class HistogramView(QWidget):
         super().__init__(parent)
         self.discrete = discrete
         self.xlabel = xlabel
-        self.plot = plot_widget()
+        self.plot = plot_widget(counts=True)
         self.hint = Hint(self.plot, empty_hint)
         self.plot.setLabel("bottom", xlabel)
         self.plot.showGrid(x=True, y=True, alpha=0.2)
@@ -255,12 +255,13 @@ class HistogramView(QWidget):
                 y = np.where(y > 0, np.log10(np.maximum(y, 1)), LOG_FLOOR)
             elif log:
                 # empty bins are gaps (a sparse tail is no comb to a floor), but those beside a
-                # filled one drop to the floor: a tall bin between empty ones (every exact zero of
-                # a layer, the tallest bin) was a short dash floating high above the curve
+                # bin of 10 or more drop to the floor: a tall bin between empty ones (every exact
+                # zero of a layer, the tallest bin) was a short dash floating high above the curve
                 filled = y > 0
+                tall = y >= 10
                 beside = np.zeros_like(filled)
-                beside[1:] |= filled[:-1]
-                beside[:-1] |= filled[1:]
+                beside[1:] |= tall[:-1]
+                beside[:-1] |= tall[1:]
                 y = np.where(filled, np.log10(np.where(filled, y, 1.0)), np.where(beside, LOG_FLOOR, np.nan))
             color = self._colors.get(label)
             # The reference in its own colour, thinner; solid (a dashed curve cost 40% of the

@@ -34,6 +34,14 @@ class IntAxis(pg.AxisItem):
         return out
 
 
+class CountAxis(pg.AxisItem):
+    """A log10(count) axis: no labels below 0 (a count under 1 means nothing: the empty bins'
+    floor sits there, and its ticks read -0.1, -0.2 as if counts)."""
+
+    def tickStrings(self, values, scale, spacing):
+        return ["" if v < -1e-9 else s for v, s in zip(values, super().tickStrings(values, scale, spacing))]
+
+
 def plain_axes(item) -> None:
     """No automatic SI prefix on a plot's axes: pyqtgraph would show a relative error of 0.29 as
     290 with "(x0.001)" in the axis label, which reads wrong beside the 0.29 in the table."""
@@ -52,10 +60,12 @@ def show_values(plot, on: bool) -> None:
             ax.setStyle(showValues=on)
 
 
-def plot_widget(int_x: bool = False) -> pg.PlotWidget:
+def plot_widget(int_x: bool = False, counts: bool = False) -> pg.PlotWidget:
     """A PlotWidget whose axes keep their size whatever the data, without SI prefixes;
-    ``int_x``: the x axis counts whole things (ticks at integers only)."""
-    w = pg.PlotWidget(axisItems={"bottom": IntAxis("bottom")} if int_x else None)
+    ``int_x``: the x axis counts whole things (ticks at integers only); ``counts``: the y axis is
+    log10(count) or count (:class:`CountAxis`)."""
+    axes = {**({"bottom": IntAxis("bottom")} if int_x else {}), **({"left": CountAxis("left")} if counts else {})}
+    w = pg.PlotWidget(axisItems=axes or None)
     w.getAxis("left").setWidth(LEFT_AXIS_WIDTH)
     w.getAxis("bottom").setHeight(BOTTOM_AXIS_HEIGHT)
     plain_axes(w.getPlotItem())
