@@ -177,6 +177,7 @@ class MainWindow(QMainWindow):
         self._sweep_cache: dict = {}
         self._compared: tuple = (None, None)  # (the reference, the layers asked) of the last comparison
         self._color_slots: dict[str, int] = {}  # variant label -> its place in the palette, for the session
+        self._expert_totals: dict = {}  # (workspace, its checkpoints, block, projection) -> experts held
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
         # The what-if box holds, for the layer shown, each of these that belongs to it: a what-if
         # result, the variants' errors (from its detail), a conversion's summary (_result_text).
@@ -575,6 +576,7 @@ class MainWindow(QMainWindow):
         """Show ``ws``; the tree shows the checkpoint ``show``, else the one it showed (when still
         open), else the first variant."""
         kept = self.tree.current_label()
+        self._expert_totals.clear()  # (counted of the checkpoints open before)
         # a variant added to (or converted into) the workspace whose layers were compared (or were
         # being compared): compared again at once, the others' figures from the cache (only the
         # new one is measured); the comparison was dropped, and its cache with it, so a second run
@@ -819,8 +821,15 @@ class MainWindow(QMainWindow):
             return
         pre, proj = m["pre"], m["proj"]
         want = (canonical(pre), proj)
+        key = (id(ws), tuple(id(x) for x in ws.models().values()), want)
+        total = self._expert_totals.get(key)
+        if total is None:  # (once per layer and workspace: a 70k-module MoE's names read on every click)
+            total = self._expert_totals[key] = self._count_experts(pre, proj, want)
+        self.tree.show_experts(pre, proj, int(m["e"]), total)
+
+    def _count_experts(self, pre: str, proj: str, want: tuple) -> int:
         total = 0
-        for model in ws.models().values():
+        for model in self.workspace.models().values():
             stack = counterpart(f"{pre}.switch_mlp.{proj}", model)
             lay = None if stack is None else model.layers.get(stack[0])
             if lay is not None and lay.shape and len(lay.shape) == 3:
@@ -828,7 +837,7 @@ class MainWindow(QMainWindow):
             for name in model.layers:
                 if ".experts." in name and (e := EXPERT_RE.match(name)) and (canonical(e["pre"]), e["proj"]) == want:
                     total = max(total, int(e["e"]) + 1)
-        self.tree.show_experts(pre, proj, int(m["e"]), total)
+        return total
 
     def _whatif_target(self, path: str) -> None:
         """Tell the what-if which reference layer it would requantize: its in_features, or why it
