@@ -1041,7 +1041,7 @@ class MainWindow(QMainWindow):
         upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note=no_ref if alone else
                                                         "No variant quantizes this layer in groups",
                                                         by_index=r.get("by_index", ()), blocks=r.get("blocks", {}),
-                                                        prefer=shown))
+                                                        prefer=shown, layer=r["name"]))
         self._shown_layer = d.name
         self._detail_errors = (d.name, d, no_ref if alone else None)
         self._refresh_result()

@@ -82,13 +82,15 @@ class GroupErrorHeatmap(QWidget):
                 else f"colour scale: {self.variant.currentText()}'s own"]
 
     def set_maps(self, maps: dict[str, tuple[np.ndarray, int]], empty_note: str = "", by_index=(),
-                 blocks: dict | None = None, prefer: str | None = None) -> None:
+                 blocks: dict | None = None, prefer: str | None = None, layer: str = "") -> None:
         """``maps``: variant → (map [rows', groups], rows per displayed row); ``empty_note``: what
         the view says when there is none; ``by_index``: the variants whose columns are grouped by
         their act-order index (g_idx), not in runs of group_size; ``prefer``: the variant to show
         where it has a map (the tree's) and the user has not chosen another, else the one shown
-        stays."""
+        stays. ``layer``: the layer (or expert) the maps are of, over the plot (the other views
+        name theirs; this one did not)."""
         self._maps = dict(maps)
+        self.plot.setTitle(layer if maps and layer else None, size="9pt")
         self._by_index = set(by_index)
         self._blocks = dict(blocks or {})  # variant -> columns per cell, where it has no groups
         if maps:
