@@ -178,6 +178,7 @@ class MainWindow(QMainWindow):
         self._compared: tuple = (None, None)  # (the reference, the layers asked) of the last comparison
         self._color_slots: dict[str, int] = {}  # variant label -> its place in the palette, for the session
         self._expert_totals: dict = {}  # (workspace, its checkpoints, block, projection) -> experts held
+        self._expert_auto = False  # the expert shown is the one the window chose for a stack
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
         # The what-if box holds, for the layer shown, each of these that belongs to it: a what-if
         # result, the variants' errors (from its detail), a conversion's summary (_result_text).
@@ -752,6 +753,8 @@ class MainWindow(QMainWindow):
     def select_layer(self, path: str) -> None:
         ws = self.workspace
         stands = self._reference_layer_for(path)
+        # (an expert the window chose for a stack, not one the user picked: the worst, once compared)
+        self._expert_auto = stands is not None and bool(EXPERT_RE.match(stands[0]))
         if stands is not None:  # a variant's own module (stacked experts, fused q/k/v): its error
             path, message = stands
             self._status(message)
@@ -1155,7 +1158,19 @@ class MainWindow(QMainWindow):
                                  lambda: self.doctor.set_compare_note(self._compare_note(self.tree.current_label())),
                                  self.layers.redraw_heatmap,
                                  lambda: self.tree.model.set_all_errors(per, notes),
+                                 self._to_worst_expert,
                                  self.sweep_done.emit])
+
+    def _to_worst_expert(self) -> None:
+        """A stack selected before the comparison showed expert 0 ("once compared: the worst
+        expert"): now compared, its worst expert, as the tree's cell says (the views stayed on
+        expert 0). An expert picked in the expert box stays."""
+        stack = self.tree.current_path()
+        if stack is None or stack == self.current_layer or not self._expert_auto:
+            return
+        stands = self._reference_layer_for(stack)
+        if stands is not None and stands[0] != self.current_layer and EXPERT_RE.match(stands[0]):
+            self.select_layer(stack)
 
     def run_doctor(self, path: str | None = None) -> None:
         """The doctor on the checkpoint the tree shows; on ``path`` when given, or when none is

@@ -1669,6 +1669,37 @@ def test_the_expert_box_picks_an_expert_of_a_stack(qtbot, tmp_path):
         w.service.shutdown()
 
 
+def test_a_stack_shown_before_a_comparison_moves_to_its_worst_expert_after(qtbot, tmp_path):
+    """It said "(once compared: the worst expert)", then stayed on expert 0 while the tree's cell
+    showed the worst expert's error."""
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "mlxlm-qwen3moe-q4-g64", real / "gptqmodel-qwen3moe-w4g64"],
+                   real / "qwen3moe-bf16")
+    try:
+        w.tree.combo.setCurrentText("mlxlm-qwen3moe-q4-g64")
+        stack = "model.layers.1.mlp.switch_mlp.down_proj"
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            assert w.tree.select(stack)
+        assert w.current_layer == "model.layers.1.mlp.experts.0.down_proj"
+        with qtbot.waitSignals([w.sweep_done, w.detail_shown], timeout=120_000):
+            w.compare_all()
+        rows = [r for r in w.sweep_result.rows if r.variant == "mlxlm-qwen3moe-q4-g64" and r.variant_layer == stack]
+        worst = max(rows, key=lambda r: r.rel_fro).name
+        assert worst != "model.layers.1.mlp.experts.0.down_proj"  # (else this test shows nothing)
+        assert w.current_layer == worst and w.tree.current_path() == stack
+        # an expert picked in the box stays over the next comparison
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.tree.expert.setValue(1 if ".experts.1." not in worst else 2)
+        picked = w.current_layer
+        with qtbot.waitSignal(w.sweep_done, timeout=120_000):
+            w.compare_all()
+        qtbot.waitUntil(lambda: not w.turns_pending(), timeout=10_000)
+        assert w.current_layer == picked
+    finally:
+        w.service.shutdown()
+
+
 def test_switching_checkpoints_keeps_the_layer_shown_highlighted(qtbot, tmp_path):
     # an expert shown, the tree switched from the stacked MLX checkpoint to GPTQ's experts:
     # no row was current, though that expert's row is in the list
