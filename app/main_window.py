@@ -37,6 +37,7 @@ from quantscope.backend.compare_align import (
     containers,
     counterpart,
     expert_of_stack,
+    stack_expert_row,
     stacked_expert,
 )
 from quantscope.backend.errors import QuantscopeError
@@ -753,6 +754,11 @@ class MainWindow(QMainWindow):
     def select_layer(self, path: str) -> None:
         ws = self.workspace
         stands = self._reference_layer_for(path)
+        if stands is None and ws.reference is None:  # no reference: a stack shows its expert 0, the box picks others
+            first = stack_expert_row(path, 0)
+            if first is not None and any((lay := m.layers.get(path)) is not None and lay.shape and len(lay.shape) == 3
+                                         for m in ws.models().values()):
+                stands = first, f"{path} stacks its experts: showing expert 0 (the expert box under the tree picks another)"
         # (an expert the window chose for a stack, not one the user picked: the worst, once compared)
         self._expert_auto = stands is not None and bool(EXPERT_RE.match(stands[0]))
         if stands is not None:  # a variant's own module (stacked experts, fused q/k/v): its error
@@ -781,6 +787,13 @@ class MainWindow(QMainWindow):
         else:  # no reference for it: what the checkpoints hold (values, codes, scales), no error
             ref, models = None, ws.models()
             held = [m.layers[path] for m in models.values() if path in m.layers]
+            for m in models.values():  # an expert of a stack a checkpoint holds: that stack
+                try:
+                    stack = None if path in m.layers else stacked_expert(path, m)
+                except QuantscopeError:
+                    stack = None
+                if stack is not None:
+                    held.append(stack[0])
             if not any(lay.is_matrix and lay.decodable for lay in held):
                 if held and any(_is_vector(lay) for lay in held):
                     self._show_vectors(path)

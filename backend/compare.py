@@ -42,6 +42,7 @@ from .compare_align import (
     proj_of,
     stack_expert_names,
     stack_expert_row,
+    stacked_expert,
     switch_path,
 )
 from .engines import get_engine, group_values
@@ -2212,17 +2213,28 @@ def layer_alone(models: dict[str, Model], name: str, *, bins: int = 256, engine=
     left_out: dict[str, str] = {}
     for label, m in models.items():
         _check_cancel(cancel)
-        lay = m.layers.get(name)
-        if lay is None:
-            continue
+        lay, seg = m.layers.get(name), None
+        if lay is None:  # an expert of a stack this model holds: that expert's rows of it
+            try:
+                held = stacked_expert(name, m)
+            except LayerError as exc:
+                left_out[label] = exc.message
+                continue
+            if held is None:
+                continue
+            lay, e = held
+            n = lay.shape[-2]
+            seg = Segment((0, n, 1), lay.path, (e * n, (e + 1) * n, 1))
         if not lay.decodable:
             left_out[label] = f"cannot be decoded: {lay.problem or 'not decodable'}"
             continue
         if not lay.is_matrix:
             continue
         try:
-            values[label] = _Rows(m, lay, eng, keep=False, counter={}).full()
-            _stored(label, m, [name], code_counts, scales, zeros, float_codes=float_codes)
+            rows = _Rows(m, lay, eng, keep=False, counter={})
+            values[label] = rows.full() if seg is None else rows.get(seg.var_rows[0], seg.var_rows[1])
+            _stored(label, m, [lay.path], code_counts, scales, zeros, segments=None if seg is None else [seg],
+                    float_codes=float_codes)
         except LayerError as exc:
             left_out[label] = f"cannot be decoded: {exc.message}"
     if not values:

@@ -1724,3 +1724,21 @@ def test_a_gptq_layer_of_one_group_per_row_gets_column_blocks_on_its_map():
     m, by_index, block = _group_errors(w, wh, layer, model)
     assert m.shape == (4, 4) and block == 128 and not by_index
     assert m[1, 2] == pytest.approx(_direct(w[1, 256:384], wh[1, 256:384]), rel=1e-9)
+
+
+def test_layer_alone_shows_an_expert_of_a_stack_by_its_rows():
+    """Without a reference, an expert of a stacked checkpoint was not shown (only the whole stack,
+    by its own name); one stored one by one was. Its values and codes are its rows of the stack."""
+    from pathlib import Path
+
+    from quantscope.backend.compare import layer_alone
+    real = Path(__file__).parent / "fixtures" / "real"
+    mlx = analyze(open_checkpoint(real / "mlxlm-qwen3moe-q4-g64"))
+    name = "model.layers.1.mlp.experts.2.down_proj"
+    d = layer_alone({"mlx": mlx}, name, engine="numpy")
+    stack = NumpyEngine().dequantize(mlx, mlx.layers["model.layers.1.mlp.switch_mlp.down_proj"])
+    expected, _ = np.histogram(stack[2].astype(np.float64), bins=d.value_edges)
+    np.testing.assert_array_equal(d.value_counts["mlx"], expected)
+    assert int(d.code_counts["mlx"].sum()) == stack[2].size and d.scales["mlx"].size == stack[2].size // 64
+    with pytest.raises(CompareError, match="no open checkpoint holds"):
+        layer_alone({"mlx": mlx}, "model.layers.1.mlp.experts.9.down_proj", engine="numpy")

@@ -1700,6 +1700,34 @@ def test_a_stack_shown_before_a_comparison_moves_to_its_worst_expert_after(qtbot
         w.service.shutdown()
 
 
+def test_without_a_reference_the_expert_box_shows_an_expert_of_a_stack(qtbot, tmp_path):
+    """No reference: a stack pooled its experts in the views and no box appeared; the other MoE
+    checkpoint (experts one by one) was left out without a word."""
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    w.quiet_errors = True
+    qtbot.addWidget(w)
+    w.resize(1280, 800)
+    w.show()
+    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
+        w.open_workspace([str(real / "mlxlm-qwen3moe-q4-g64"), str(real / "gptqmodel-qwen3moe-w4g64")], None)
+    try:
+        w.tree.combo.setCurrentText("mlxlm-qwen3moe-q4-g64")
+        w.tabs.setCurrentWidget(w.hist)
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            assert w.tree.select("model.layers.1.mlp.switch_mlp.down_proj")
+        assert w.current_layer == "model.layers.1.mlp.experts.0.down_proj" and not w.tree.expert.isHidden()
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.tree.expert.setValue(2)
+        assert w.current_layer == "model.layers.1.mlp.experts.2.down_proj"
+        counts = w.hist._counts
+        assert set(counts) == {"mlxlm-qwen3moe-q4-g64", "gptqmodel-qwen3moe-w4g64"}
+        assert int(counts["mlxlm-qwen3moe-q4-g64"].sum()) == 128 * 64  # one expert's rows, not the stack's
+    finally:
+        w.service.shutdown()
+
+
 def test_switching_checkpoints_keeps_the_layer_shown_highlighted(qtbot, tmp_path):
     # an expert shown, the tree switched from the stacked MLX checkpoint to GPTQ's experts:
     # no row was current, though that expert's row is in the list
