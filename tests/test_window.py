@@ -1529,7 +1529,7 @@ def _window_on(qtbot, tmp_path, variants: list, reference) -> MainWindow:
     w.resize(1280, 800)
     w.show()
     with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
-        w.open_workspace([str(v) for v in variants], str(reference))
+        w.open_workspace([str(v) for v in variants], None if reference is None else str(reference))
     return w
 
 
@@ -1705,13 +1705,7 @@ def test_without_a_reference_the_expert_box_shows_an_expert_of_a_stack(qtbot, tm
     checkpoint (experts one by one) was left out without a word."""
     from pathlib import Path
     real = Path(__file__).parent / "fixtures" / "real"
-    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    w.quiet_errors = True
-    qtbot.addWidget(w)
-    w.resize(1280, 800)
-    w.show()
-    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
-        w.open_workspace([str(real / "mlxlm-qwen3moe-q4-g64"), str(real / "gptqmodel-qwen3moe-w4g64")], None)
+    w = _window_on(qtbot, tmp_path, [real / "mlxlm-qwen3moe-q4-g64", real / "gptqmodel-qwen3moe-w4g64"], None)
     try:
         w.tree.combo.setCurrentText("mlxlm-qwen3moe-q4-g64")
         w.tabs.setCurrentWidget(w.hist)
@@ -2450,12 +2444,7 @@ def test_a_quantized_layer_of_unknown_shape_is_not_drawn_as_a_vector(qtbot, tmp_
                                             "model.layers.0.mlp.up_proj.scales": to_np(sc)[:, :2],
                                             "model.layers.0.mlp.up_proj.biases": to_np(bi)[:, :2]}, {"format": "mlx"})
     (folder / "config.json").write_text('{"hidden_size": 96, "quantization": {"bits": 4, "group_size": 32}}')
-    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    w.quiet_errors = True
-    qtbot.addWidget(w)
-    w.show()
-    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
-        w.open_workspace([str(folder)], None)
+    w = _window_on(qtbot, tmp_path, [folder], None)
     try:
         lay = w.workspace.models()[next(iter(w.workspace.models()))].layers["model.layers.0.mlp.up_proj"]
         assert lay.shape is None or not lay.decodable
