@@ -572,12 +572,21 @@ def _awq_zeros_missing(layer: Layer, cfg: QuantConfig, eff: Effective) -> None:
 
 def _infer_ct_pack(layer: Layer, wp, scale, shape) -> None:
     """Bits, group and strategy of a pack-quantized layer stored without any config, from its
-    shapes: ``pack_to_int32`` puts 32 // bits codes in each int32 word along K, the scales hold
-    one column per group (one: per channel); symmetric where no zero points are stored. Only
-    where one bit width fits (a config-less file said "config gives no num_bits" of a config
-    that was not there)."""
+    shapes: the bit widths whose packing (:func:`.formats.ct.detect_packing`, either generation)
+    gives the stored width of K, the scales one column per group (one: per channel); symmetric
+    where no zero points are stored. Only where one bit width fits (a config-less file said
+    "config gives no num_bits" of a config that was not there)."""
+    from .formats.ct import detect_packing
     k, cols = shape[-1], wp.shape[-1]
-    fits = [b for b in (2, 3, 4, 8) if -(-k // (32 // b)) == cols]
+
+    def fits_width(b: int) -> bool:
+        try:
+            detect_packing(cols, k, b)
+        except LayerError:
+            return False
+        return True
+
+    fits = [b for b in range(2, 9) if fits_width(b)]
     if len(fits) != 1 or wp.dtype != "I32" or len(scale.shape) != 2:
         return
     ng = scale.shape[-1]

@@ -275,3 +275,23 @@ def test_a_pack_quantized_file_without_any_config_is_read_off_its_shapes(tmp_pat
         assert (lay.scheme, lay.bits, lay.group_size) == ("ct-pack", 4, 128) and lay.decodable, lay.problem
         assert "no config: inferred from shapes: 4 bit, group 128" in lay.source
         np.testing.assert_array_equal(NumpyEngine().dequantize(m, lay), decoded[name])  # llm-compressor's own
+
+
+@pytest.mark.parametrize("case, packing", [("ct_w3a16_asym_fp16", "dense"), ("ct016_w3a16_asym_legacy", "legacy")])
+def test_a_3_bit_file_without_any_config_is_read_off_its_shapes_in_either_packing(tmp_path, case, packing):
+    """3 bits pack densely since compressed-tensors 0.17 and 10 to a word before: the shapes'
+    reading takes both, as the decode does (only the word-per-10 width was taken)."""
+    import shutil
+
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.engines import NumpyEngine
+    from quantscope.backend.schemes import analyze
+    src = GOLDEN / case
+    shutil.copy(src / "model.safetensors", tmp_path / "model.safetensors")
+    m = analyze(open_checkpoint(tmp_path))
+    lay = m.layers["model.layers.0.mlp.up_proj"]
+    assert (lay.bits, lay.group_size, lay.settings["packing"]) == (3, 128, packing) and lay.decodable
+    exp = np.load(src / "expected.npz")
+    lib = {"torch.float16": np.float16, "torch.bfloat16": ml_dtypes.bfloat16}[str(exp["library_dtype"])]
+    got = NumpyEngine().dequantize(m, lay).astype(lib).astype(np.float32)  # (the library's dtype, as its decode)
+    np.testing.assert_array_equal(got, exp["model.layers.0.mlp.up_proj.weight"].astype(np.float32))
