@@ -284,7 +284,8 @@ def cmd_dequant(args) -> int:
         engine = get_engine(args.engine)
         w = engine.dequantize(model, layer)
         if suspect:  # (once decoded: a layer that cannot be is one error line, nothing before it)
-            if "runtimes that ignore qzeros" in suspect:  # (the decode itself is right: said, not only the fault)
+            from quantscope.backend.doctor import STORED_ZEROS_VARY
+            if STORED_ZEROS_VARY in suspect:  # (the decode itself is right: said, not only the fault)
                 suspect += "; written with the stored zero points, as GPTQModel decodes them"
             print(f"quantscope: warning: {ckpt.source}: {layer.path}: {terminal_text(suspect)}", file=sys.stderr)
         if expert is not None:

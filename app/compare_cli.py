@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 
-from quantscope.backend.compare import smoothing_mark
+from quantscope.backend.compare import ANOTHER_MODEL, smoothing_mark
 from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.outfile import atomic_output, printable, terminal_lines
 
@@ -105,7 +105,7 @@ def format_table(result, labels: list[str]) -> str:
         lines.extend(f"  reference: {n}" for n in zero)
     bad = [r for r in bad if r.name not in zero]
     # (a variant that looks like another model is said so above, not layer by layer)
-    odd = [r for r in result.implausible() if "a different model?" not in result.data_warnings.get(r.variant, "")]
+    odd = [r for r in result.implausible() if ANOTHER_MODEL not in result.data_warnings.get(r.variant, "")]
     if odd:
         lines.append("")
         lines.append(f"! implausible error ({len(odd)}): rel_fro >= 0.99, the decode holds next to nothing of the "

@@ -145,6 +145,10 @@ def _json_safe(v):
 UNDECODABLE = "the variant's layer cannot be decoded"
 
 
+#: How a variant that looks like a quantization of another model is asked about (its data warning
+#: says it; the command line's table then lists its layers' implausible errors no more).
+ANOTHER_MODEL = "is it a quantization of a different model?"
+
 #: A layer's error from which on it is said to be implausible (see :meth:`SweepResult.implausible`).
 IMPLAUSIBLE_REL_FRO = 0.99
 
@@ -173,17 +177,12 @@ class SweepProgress(float):
 
     def text(self) -> str:
         """``"3/7 layers, 1.5 MB of 4.2 GB"``."""
-        return f"{self.layers_done}/{self.layers_total} layers, {_size(self.bytes_done)} of {_size(self.bytes_total)}"
+        from .info import human_bytes
+        return (f"{self.layers_done}/{self.layers_total} layers, {human_bytes(self.bytes_done)} of "
+                f"{human_bytes(self.bytes_total)}")
 
     def __repr__(self) -> str:
         return f"SweepProgress({float(self):.4f}, {self.text()})"
-
-
-def _size(n: int) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
 
 
 @dataclass
@@ -342,7 +341,7 @@ def _nothing_matches(vm: Model, unmatched: list[Unmatched], rx=None) -> CompareE
     # a selection the variant merely lacks (a partial checkpoint) is no sign of another model
     lacks = rx is not None and all(u.reason == "absent in the variant" for u in unmatched)
     ask = (f" — the variant stores none of them ({len(vm.layers)} layers of its own; `quantscope info` lists them)"
-           if lacks else " — is it a quantization of a different model?" if names_differ else "")
+           if lacks else f" — {ANOTHER_MODEL}" if names_differ else "")
     return CompareError(f"{which} can be compared with the reference"
                         + (f" — {'; '.join(parts)}" if parts and not lacks else "") + ask,
                         file=vm.ckpt.source, rule="compare.no-common-layers")
@@ -366,7 +365,7 @@ def _unrelated(label: str, rows_out: dict[str, dict[str, LayerMetrics]]) -> str 
         return None
     return (f"its layers are as far from the reference's as the reference's are from zero (rel_fro as stored: median "
             f"{float(np.median(raw)):.3f} over {len(raw)} layers; two unrelated sets of weights of the same size "
-            "give 1.41): is it a quantization of a different model? Its figures say nothing of a quantization")
+            f"give 1.41): {ANOTHER_MODEL} Its figures say nothing of a quantization")
 
 
 # -- is the smoothing folded consistently? --------------------------------------------------------
@@ -1025,6 +1024,7 @@ def _config_warning(vs) -> str | None:
     """What ``dequant`` would warn of for the layers compared of ``vs``: a config the shapes
     contradict (:attr:`Layer.warning`), or one the stored zero points contradict
     (:func:`~.schemes.data_warning`); with how many layers, the first one named."""
+    from .doctor import STORED_ZEROS_VARY
     from .schemes import data_warning
     model = vs.model
     paths = list(dict.fromkeys(p for t in vs.alignment.targets.values() for p in t.var_layers))  # reference order
@@ -1042,7 +1042,7 @@ def _config_warning(vs) -> str | None:
         if w is not None:
             if "shapes decide" in w:  # a config value ignored: the figures are right, loaders are not
                 return f"the figures are right, but loaders would not read this file ({p}): {w}"
-            if "runtimes that ignore qzeros" in w:
+            if STORED_ZEROS_VARY in w:
                 # sym=true over zero points that vary: decoded with the stored zeros, as GPTQModel
                 # does (right); runtimes that take the config's word are not
                 return (f"the figures are right (decoded with the stored zero points, as GPTQModel does), but "

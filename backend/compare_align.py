@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from .checkpoint import natural_key
+from .dtypes import DTYPES
 from .schemes import Layer, Model
 
 _logger = logging.getLogger(__name__)
@@ -295,12 +296,13 @@ def _norm_vector(model: Model, layer: Layer) -> np.ndarray | None:
     return np.asarray(model.ckpt.tensor(t.name)).astype(np.float64)
 
 
-def _smallest_step(model: Model, layer: Layer) -> float:
+def _smallest_step(layer: Layer) -> float:
     """The smallest positive value the norm's stored dtype holds (its subnormals' step)."""
     t = layer.tensors.get("weight")
+    dt = DTYPES.get(t.dtype) if t is not None else None  # (its header's dtype: no tensor read)
     try:
-        return float(ml_dtypes.finfo(model.ckpt.tensor(t.name).dtype).smallest_subnormal)
-    except (AttributeError, TypeError, ValueError):  # (no weight, or not a float)
+        return float(ml_dtypes.finfo(dt.numpy).smallest_subnormal) if dt is not None else 0.0
+    except (TypeError, ValueError):  # (not a float)
         return 0.0
 
 
@@ -530,7 +532,7 @@ def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[s
                 continue
             # (plus the coarser storage's smallest step: a weight of 1e-7 is an fp16 subnormal,
             # stored 19% off, and was taken for smoothing of the whole norm)
-            floor = max(_smallest_step(reference, rn), _smallest_step(variant, vn))
+            floor = max(_smallest_step(rn), _smallest_step(vn))
             if np.all(np.abs(a - b) <= NORM_TOLERANCE * np.abs(a) + floor):
                 continue
             with np.errstate(divide="ignore", invalid="ignore"):

@@ -327,6 +327,10 @@ class _Collector:
 
 # ---------------------------------------------------------------------------------- public API
 
+#: What the ``gptq.sym-zeros`` message says where the zero points merely vary (sym=true over an
+#: asymmetric file): quantscope decodes with the stored zeros, as GPTQModel does, so its figures
+#: are right and only runtimes that take the config's word misread it (dequant and compare say so).
+STORED_ZEROS_VARY = "runtimes that ignore qzeros"
 #: The doctor's errors of a layer's tensors against its own config: what ``dequant``, ``compare``
 #: and ``convert`` warn of (exit 1), since a loader that follows the config reads such a layer
 #: otherwise than its tensors say.
@@ -1577,7 +1581,7 @@ class _Doctor:
                                  file=file, tensor=f"{path}.qzeros", layer=path)
                     return
                 self.col.add("gptq.sym-zeros", f"config says sym=true but {bad} of {z.size} stored zero points differ "
-                             f"from the constant {want} (v{version}); runtimes that ignore qzeros for symmetric "
+                             f"from the constant {want} (v{version}); {STORED_ZEROS_VARY} for symmetric "
                              "models decode those groups wrongly (vLLM #45656) — set sym=false or re-quantize",
                              file=file, tensor=f"{path}.qzeros", layer=path)
 
