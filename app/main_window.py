@@ -178,7 +178,7 @@ class MainWindow(QMainWindow):
         self._sweep_cache: dict = {}
         self._compared: tuple = (None, None)  # (the reference, the layers asked) of the last comparison
         self._color_slots: dict[str, int] = {}  # variant label -> its place in the palette, for the session
-        self._expert_totals: dict = {}  # (workspace, its checkpoints, block, projection) -> experts held
+        self._expert_totals: dict = {}  # (block, projection) -> experts the open checkpoints hold (set_workspace clears it)
         self._expert_auto = False  # the expert shown is the one the window chose for a stack
         self._doctor_found: dict[str, list[dict]] = {}  # checkpoint label -> its doctor findings
         # The what-if box holds, for the layer shown, each of these that belongs to it: a what-if
@@ -837,10 +837,9 @@ class MainWindow(QMainWindow):
             return
         pre, proj = m["pre"], m["proj"]
         want = (canonical(pre), proj)
-        key = (id(ws), tuple(id(x) for x in ws.models().values()), want)
-        total = self._expert_totals.get(key)
+        total = self._expert_totals.get(want)
         if total is None:  # (once per layer and workspace: a 70k-module MoE's names read on every click)
-            total = self._expert_totals[key] = self._count_experts(pre, proj, want)
+            total = self._expert_totals[want] = self._count_experts(pre, proj, want)
         self.tree.show_experts(pre, proj, int(m["e"]), total)
 
     def _count_experts(self, pre: str, proj: str, want: tuple) -> int:

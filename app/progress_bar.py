@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 
@@ -61,7 +62,6 @@ class ProgressBar:
         line = f"{self.label} [{'#' * fill}{'.' * (30 - fill)}] {pct:3d}%"
         # within the terminal's width (a longer line wraps, and each redraw then adds a line): the
         # bytes left out first, then the layers
-        import shutil
         room = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
         if layers:
             full = f"{line}  {fraction.text()}"
