@@ -22,7 +22,9 @@ from PySide6.QtWidgets import (
     QInputDialog,
     QMainWindow,
     QMessageBox,
+    QProxyStyle,
     QSplitter,
+    QStyle,
     QTabWidget,
 )
 from quantscope.backend.checkpoint import refuse_writing_into
@@ -136,6 +138,27 @@ _NEEDS_BOTH = "Open a reference and at least one variant first."
 
 #: The widest a dock grows with the window, unless the user widens it (the views get the rest).
 DOCK_MAX = 560
+
+
+class _TabStyle(QProxyStyle):
+    """The application's style, with less room beside each tab's name while ``compact``."""
+
+    COMPACT_SPACE = 10  # px beside a tab's name (Fusion: 24)
+
+    def __init__(self) -> None:
+        super().__init__()  # (no base: the application's style, whichever it is)
+        self.compact = False
+
+    def saved(self) -> int:
+        """How much narrower each tab is while compact."""
+        space = super().pixelMetric(QStyle.PixelMetric.PM_TabBarTabHSpace)
+        return max(0, space - self.COMPACT_SPACE)
+
+    def pixelMetric(self, metric, option=None, widget=None) -> int:
+        space = super().pixelMetric(metric, option, widget)
+        if self.compact and metric == QStyle.PixelMetric.PM_TabBarTabHSpace:
+            return min(space, self.COMPACT_SPACE)
+        return space
 
 
 class MainWindow(QMainWindow):
@@ -268,18 +291,31 @@ class MainWindow(QMainWindow):
         return super().eventFilter(obj, ev)
 
     def _fit_tab_names(self) -> None:
-        """The tabs' full names where all fit the tab bar's width, else their short ones."""
+        """The tabs' full names where all fit the tab bar's width, else their short ones, else the
+        short ones with less room beside each (six short names at 835 px were elided to "Va…")."""
         bar = self.tabs.tabBar()
         fm = bar.fontMetrics()
+        style = self._tab_style
         # each tab's room besides its text, from its size hint (its unsqueezed size; a squeezed
-        # tab's rect gave too little, and the choice depended on the widths before)
-        pads = [bar.tabSizeHint(i).width() - fm.horizontalAdvance(self.tabs.tabText(i).replace("&&", "&"))
+        # tab's rect gave too little, and the choice depended on the widths before), as it is
+        # without the compact spacing
+        extra = style.saved() if style.compact else 0
+        pads = [bar.tabSizeHint(i).width() - fm.horizontalAdvance(self.tabs.tabText(i).replace("&&", "&")) + extra
                 for i in range(self.tabs.count())]
-        need = sum(fm.horizontalAdvance(full.replace("&&", "&")) + p for (full, _), p in zip(self._tab_names, pads))
-        use = 0 if need <= self.tabs.width() - 4 else 1
+        room = self.tabs.width() - 4
+
+        def need(k: int, less: int = 0) -> int:
+            return sum(fm.horizontalAdvance(names[k].replace("&&", "&")) + p - less
+                       for names, p in zip(self._tab_names, pads))
+
+        use = 0 if need(0) <= room else 1
+        compact = use == 1 and need(1) > room
         for i, names in enumerate(self._tab_names):
             if self.tabs.tabText(i) != names[use]:
                 self.tabs.setTabText(i, names[use])
+        if compact != style.compact:
+            style.compact = compact
+            QApplication.sendEvent(bar, QEvent(QEvent.Type.StyleChange))  # the bar lays its tabs out anew
 
     def _rescale_docks(self) -> None:
         old, new = self._dock_win_w, self.width()
@@ -348,6 +384,8 @@ class MainWindow(QMainWindow):
         # 1024 px Layers, the comparison's own view, was behind the tab bar's scroll arrows)
         self.tabs.setElideMode(Qt.TextElideMode.ElideRight)
         self.tabs.setUsesScrollButtons(False)
+        self._tab_style = _TabStyle()
+        self.tabs.tabBar().setStyle(self._tab_style)
         self.tabs.installEventFilter(self)
         self.setCentralWidget(self.tabs)
         self._page = {self.hist: self.hist, self.err_hist: self.err_hist, self.codes: self.codes,

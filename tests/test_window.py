@@ -1489,6 +1489,29 @@ def test_names_cut_to_fit_keep_their_layer_number_and_end(qtbot):
         assert elide_path(moe, fm, fm.horizontalAdvance(shown) + 1) == shown
 
 
+def test_a_column_of_names_cuts_alike(qtbot):
+    # cut one by one, "…layers.1.mlp.gate_proj" stood over "…1.mlp.down_proj": the layer numbers
+    # of a column were not aligned
+    from PySide6.QtGui import QFont, QFontMetrics
+    from quantscope.widgets.plots import elide_path, path_lead, path_leads
+    fm = QFontMetrics(QFont())
+    paths = ["lm_head", "model.norm"] + [f"model.layers.{i}.{m}" for i in range(12)
+                                         for m in ("mlp.up_proj", "mlp.down_proj", "self_attn.q_proj")]
+    leads = path_leads(paths, fm)
+    assert list(leads) == ["model.layers."]
+    widest = max(paths[2:], key=fm.horizontalAdvance)
+    room = fm.horizontalAdvance(widest) - 1  # the widest no longer fits whole
+    assert path_lead(leads, "model.layers.0.mlp.up_proj", room) == 1
+    shown = [elide_path(p, fm, room, path_lead(leads, p, room)) for p in paths[2:]]
+    assert all(s.startswith("…layers.") for s in shown), shown
+    room = fm.horizontalAdvance("…" + widest.split(".", 2)[2]) + 1
+    shown = [elide_path(p, fm, room, path_lead(leads, p, room)) for p in paths[2:]]
+    assert shown[:3] == ["…0.mlp.up_proj", "…0.mlp.down_proj", "…0.self_attn.q_proj"]
+    assert path_lead(leads, "lm_head", 10) == 0 and elide_path("lm_head", fm, 1000, 0) == "lm_head"
+    # with room for all, nothing is cut
+    assert path_lead(leads, widest, 10_000) == 0
+
+
 def test_tree_colours_the_names_of_layers_the_doctor_flagged(win, qtbot):
     from PySide6.QtCore import Qt
     m = win.tree.model
@@ -2419,6 +2442,19 @@ def test_every_tab_is_in_sight_at_narrow_widths(win, qtbot):
         qtbot.wait(30)
         elided = [i for i in range(bar.count()) if bar.tabRect(i).width() < bar.tabSizeHint(i).width() - 1]
         assert not elided or win.tabs.tabText(win.tabs.indexOf(win.codes)) == "Codes", (width, elided)
+    # at half a 1920 px screen the short names fit whole, with less room beside each (they were
+    # elided to "Va…", "Co…")
+    win.resize(835, 800)
+    qtbot.waitUntil(lambda: win.width() == 835, timeout=2000)
+    qtbot.wait(50)
+    assert [win.tabs.tabText(i) for i in range(bar.count())] == ["Values", "Error", "Codes", "Scales", "Groups",
+                                                                   "Layers"]
+    fm = bar.fontMetrics()
+    assert all(bar.tabRect(i).width() >= fm.horizontalAdvance(win.tabs.tabText(i)) for i in range(bar.count()))
+    assert win._tab_style.compact
+    win.resize(1400, 800)
+    qtbot.waitUntil(lambda: win.tabs.tabText(win.tabs.indexOf(win.codes)) == "Code usage", timeout=2000)
+    assert not win._tab_style.compact
 
 
 def test_a_finding_of_several_tensors_flags_each_ones_module():

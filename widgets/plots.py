@@ -115,20 +115,26 @@ class Hint(QObject):
         self.label.raise_()
 
 
-def elide_path(text: str, fm: QFontMetrics, width: int) -> str:
+def elide_path(text: str, fm: QFontMetrics, width: int, lead: int = 0) -> str:
     """``text`` (a dotted module path) cut to ``width`` pixels, keeping what tells rows apart: the
     end, and the last number in it (the layer index; with two, as in an MoE expert's path, the
     layer's and the expert's). Whole leading parts go first ("…layers.1.
     mlp.down_proj", "…1.post_attention_layernorm"); when even that is too long, the rest after
     the number is cut in the middle. A plain left cut made every post_attention_layernorm row
-    read the same."""
-    if fm.horizontalAdvance(text) <= width:
-        return text
+    read the same. ``lead``: at least that many leading parts go, where they come before the
+    first number (a column of names cut alike: :func:`path_leads`)."""
     parts = text.split(".")
     nums = [i for i, p in enumerate(parts) if p.isdigit()]
+    lead = min(lead, nums[0]) if nums else 0
+    if lead:
+        cand = "…" + ".".join(parts[lead:])
+        if fm.horizontalAdvance(cand) <= width:
+            return cand
+    elif fm.horizontalAdvance(text) <= width:
+        return text
     if len(nums) >= 2:  # a layer number and an expert's: both kept ("…33.…19.gate_proj")
         first, last = nums[0], nums[-1]
-        for k in range(1, first + 1):
+        for k in range(max(1, lead), first + 1):
             cand = "…" + ".".join(parts[k:])
             if fm.horizontalAdvance(cand) <= width:
                 return cand
@@ -137,7 +143,7 @@ def elide_path(text: str, fm: QFontMetrics, width: int) -> str:
             if fm.horizontalAdvance(cand) <= width:
                 return cand
     num = nums[-1] if nums else None
-    for k in range(1, len(parts) if num is None else num + 1):
+    for k in range(max(1, lead), len(parts) if num is None else num + 1):
         cand = "…" + ".".join(parts[k:])
         if fm.horizontalAdvance(cand) <= width:
             return cand
@@ -147,6 +153,35 @@ def elide_path(text: str, fm: QFontMetrics, width: int) -> str:
         if room >= fm.horizontalAdvance("m…m"):
             return head + fm.elidedText(".".join(parts[num + 1:]), Qt.TextElideMode.ElideMiddle, room)
     return fm.elidedText(text, Qt.TextElideMode.ElideLeft, width)
+
+
+def path_leads(paths, fm: QFontMetrics) -> dict[str, list[int]]:
+    """Per leading part of module paths (what comes before the first number: ``model.layers.``),
+    the widest of its paths with 0, 1, … of its leading parts cut ("…" in front): each row of a
+    column may then cut as many as the widest row of its kind needs, and a column of layer
+    numbers stays aligned (cut one by one, "…layers.1.mlp.gate_proj" stood over
+    "…1.mlp.down_proj")."""
+    out: dict[str, list[int]] = {}
+    for path in paths:
+        parts = path.split(".")
+        first = next((i for i, p in enumerate(parts) if p.isdigit()), 0)
+        if not first:
+            continue
+        head = ".".join(parts[:first]) + "."
+        ws = [fm.horizontalAdvance(path)] + [fm.horizontalAdvance("…" + ".".join(parts[k:])) for k in range(1, first + 1)]
+        have = out.get(head)
+        out[head] = ws if have is None else [max(a, b) for a, b in zip(have, ws)]
+    return out
+
+
+def path_lead(leads: dict[str, list[int]], path: str, width: int) -> int:
+    """How many leading parts every path of ``path``'s kind cuts at ``width`` (see :func:`path_leads`)."""
+    parts = path.split(".")
+    first = next((i for i, p in enumerate(parts) if p.isdigit()), 0)
+    ws = leads.get(".".join(parts[:first]) + ".") if first else None
+    if not ws:
+        return 0
+    return next((k for k, w in enumerate(ws) if w <= width), len(ws) - 1)
 
 
 class ElidedLabel(QLabel):

@@ -11,13 +11,24 @@ from PySide6.QtWidgets import (QApplication, QComboBox, QHBoxLayout, QLabel, QLi
 
 from quantscope.backend.search import PathIndex, query_kind
 
-from .plots import elide_path, shrinkable
+from .plots import elide_path, path_lead, path_leads, shrinkable
 from .tensor_tree_model import BASE_COLUMNS, TensorTreeModel
 
 
 class _PathDelegate(QStyledItemDelegate):
     """The Name column's cells, cut by :func:`elide_path` (module rows only: a tensor row's
-    ".qweight" is short)."""
+    ".qweight" is short), every path of a kind by as many leading parts (:func:`path_leads`)."""
+
+    def __init__(self, view) -> None:
+        super().__init__(view)
+        self._leads: dict = {}  # font -> path_leads of the model's paths
+        view.model().modelReset.connect(self._leads.clear)
+
+    def _lead(self, model, path: str, fm, room: int) -> int:
+        key = fm.height(), fm.averageCharWidth()
+        if key not in self._leads:
+            self._leads[key] = path_leads(model.paths(), fm)
+        return path_lead(self._leads[key], path, room)
 
     def initStyleOption(self, option, index) -> None:
         super().initStyleOption(option, index)
@@ -28,7 +39,8 @@ class _PathDelegate(QStyledItemDelegate):
             room = style.subElementRect(QStyle.SubElement.SE_ItemViewItemText, option, w).width()
             # (and 2 px: glyph advances are fractional, the metrics' sums rounded)
             room -= 2 * (style.pixelMetric(QStyle.PixelMetric.PM_FocusFrameHMargin, None, w) + 1) + 2
-            option.text = elide_path(option.text, option.fontMetrics, room)
+            fm = option.fontMetrics
+            option.text = elide_path(option.text, fm, room, self._lead(index.model(), option.text, fm, room))
 
 
 class TensorTree(QWidget):
