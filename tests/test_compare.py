@@ -1164,6 +1164,32 @@ def test_demo_end_to_end(demo):
     assert set(res.smoothing_checks) == {"awq-w4g128"}  # nothing else shows folded norms
 
 
+def test_row_scales_are_cached_as_arrays_and_resume_to_the_same_figures(demo, tmp_path):
+    """The row scales of smoothing fitted to a preceding layer's rows (AWQ's o_proj, down_proj)
+    are kept as float64 arrays in the cache (as lists of floats a 70B up_proj's took 0.9 MB in a
+    session), written to JSON as lists, and a sweep resumed from the file gives the same figures."""
+    from quantscope.backend.compare import load_cache
+    ref = analyze(open_checkpoint(demo.reference))
+    awq = {"awq": analyze(open_checkpoint(demo.variants["awq-w4g128"]))}
+    cache: dict = {}
+    first = sweep(ref, awq, engine="numpy", cache=cache, cache_dir=tmp_path)
+    scaled = [e["row_scale"] for e in cache.values() if e.get("row_scale") is not None]
+    assert scaled and all(isinstance(a, np.ndarray) and a.dtype == np.float64 for a in scaled)
+    on_disk = load_cache(tmp_path)
+    assert all(isinstance(e["row_scale"], list) for e in on_disk.values() if e.get("row_scale") is not None)
+    again = sweep(ref, {"awq": analyze(open_checkpoint(demo.variants["awq-w4g128"]))}, engine="numpy",
+                  cache=on_disk)
+    fitted = [r for r in first.rows if "rows:" in r.smoothing]
+    assert fitted  # (o_proj and down_proj, from v_proj's and up_proj's rows)
+    a = {r.name: (r.rel_fro, r.rel_fro_raw, r.p99, r.smoothing) for r in first.rows}
+    b = {r.name: (r.rel_fro, r.rel_fro_raw, r.p99, r.smoothing) for r in again.rows}
+    assert a == b
+    # the cached scales are copies: a sweep's fitting does not write into the cache's arrays
+    before = [x.copy() for x in scaled]
+    sweep(ref, {"awq": analyze(open_checkpoint(demo.variants["awq-w4g128"]))}, engine="numpy", cache={})
+    assert all(np.array_equal(x, y) for x, y in zip(scaled, before))
+
+
 @pytest.mark.parametrize("layer", ["model.layers.1.self_attn.o_proj", "model.layers.0.mlp.down_proj",
                                    "model.layers.2.self_attn.q_proj"])
 def test_a_layer_too_large_to_hold_gets_the_same_views_read_in_row_blocks(demo, monkeypatch, layer, kernel_path):
