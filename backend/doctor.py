@@ -47,7 +47,7 @@ from .errors import Cancelled, QuantscopeError
 from .formats.gptq import mislabelled_format
 from .formats.mlx import E4M3, E8M0, MODE_DEFAULTS, affine_fits
 from .safetensors_file import SafetensorsFile
-from .schemes import FP_SCALE_DTYPES, QUANT_PARTS, Layer, gptq_groups
+from .schemes import FP_SCALE_DTYPES, QUANT_PARTS, Layer, gptq_groups, hidden_input
 
 _logger = logging.getLogger(__name__)
 
@@ -1057,7 +1057,16 @@ class _Doctor:
                     f"settings ({layer.source}){hint}; MLX fails with a shape error — fix the per-layer "
                     "bits/group_size in config.json", file=file, tensor=tname, layer=path)
             return
-        if mode == "affine" and dims and not skip_dim and int(k_bits) not in dims:
+        hidden = hidden_input(path, dims)
+        if mode == "affine" and hidden and int(k_bits) not in hidden:
+            alt = [(b, g) for b, g in affine_fits(wp, S) if wp * 32 // b in hidden]
+            if alt:
+                b, g = alt[0]
+                col.add("mlx.bits-group", f"with the effective {bits} bit / group {group} ({layer.source}) the "
+                        f"layer has K={int(k_bits)} inputs, but it takes the hidden size ({wp * 32 // b}); {b} bit / "
+                        f"group {g} gives that. The shapes fit both, so loaders decode silent garbage (b·G swapped) "
+                        "— fix bits/group_size in config.json", file=file, tensor=tname, layer=path)
+        elif mode == "affine" and dims and not skip_dim and int(k_bits) not in dims:
             alt = [(b, g) for b, g in affine_fits(wp, S) if wp * 32 // b in dims]
             if alt:
                 b, g = alt[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,12 +244,42 @@ def analyze(ckpt: Checkpoint) -> Model:
     return m
 
 
-def _model_dims(cfg: dict) -> set[int]:
+class Dims(set):
+    """The input dimensions a layer of a model can have (a set), and ``hidden``: its hidden
+    sizes (the top level's and text_config's), the input of every layer that reads the residual
+    stream (:func:`hidden_input`)."""
+
+    hidden: frozenset = frozenset()
+
+
+#: Layers whose input is the model's hidden size: the embeddings and the head (their rows are
+#: tokens), attention's q/k/v (fused or not) and the MLP's gate/up (fused or not, dense, per
+#: expert, stacked or shared) in a decoder layer. A vision or audio tower's layers have hidden
+#: sizes of their own.
+_HIDDEN_INPUT = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|layers\.\d+\.(?:(?:self_attn|attention|attn)\."
+                           r"(?:q_proj|k_proj|v_proj|qkv_proj)|(?:mlp|feed_forward|block_sparse_moe)\."
+                           r"(?:(?:experts\.\d+|switch_mlp|shared_experts?)\.)?(?:gate_proj|up_proj|gate_up_proj)))$")
+_TOWERS = ("vision", "visual", "audio", "mm_projector", "encoder")
+
+
+def hidden_input(path: str, dims: set[int]) -> frozenset:
+    """The sizes ``path``'s input must have where it reads the residual stream (q/k/v, gate/up
+    of a decoder layer) and the model's hidden size is known; empty otherwise."""
+    hidden = getattr(dims, "hidden", frozenset())
+    if not hidden or not _HIDDEN_INPUT.search(path) or any(t in path for t in _TOWERS):
+        return frozenset()
+    return hidden
+
+
+def _model_dims(cfg: dict) -> Dims:
     """Input dimensions a layer of this model can have (from config.json), for shape inference.
     Not the vocabulary: no layer takes it as input (the embedding's and the head's rows are
     tokens, their inputs the hidden size), and as a candidate it made a small model's shapes
     ambiguous (vocab 2048: 2 bit / 128 as likely as 8 bit / 32 for a 512-wide layer)."""
-    dims = set()
+    dims = Dims()
+    dims.hidden = frozenset(v for c in (cfg, cfg.get("text_config") or {}) if isinstance(c, dict)
+                            for v in (c.get("hidden_size"), c.get("d_model"), c.get("n_embd"))
+                            if isinstance(v, int) and not isinstance(v, bool) and v > 0)
     for c in (cfg, cfg.get("text_config") or {}):
         for k in ("hidden_size", "intermediate_size", "moe_intermediate_size", "d_model",
                   "ffn_dim", "shared_expert_intermediate_size", "intermediate_size_mlp", "mamba_d_ssm", "d_inner",
@@ -359,7 +390,19 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
             layer.problem = f"{exc.message}{hint} (R18)"
             return layer
         k = layer.shape[-1]
-        if dims and k not in dims:  # (the embeddings and the head too: their inputs are the hidden size)
+        hidden = hidden_input(module.path, dims)
+        if hidden and k not in hidden:
+            # a layer that reads the residual stream takes the hidden size: another pair that
+            # gives it is the stronger reading (an up_proj read as 2 bit / 128 instead of 4 bit /
+            # 64 took K = the intermediate size, a dimension of the model, and passed)
+            wp = w.shape[-1]
+            alt = [(b, g) for b, g in affine_fits(wp, s.shape[-1]) if (b, g) != (bits, group) and wp * 32 // b in hidden]
+            if alt:
+                b, g = alt[0]
+                layer.warning = (f"{bits} bit / group {group} ({layer.source}) give K={k} inputs, but this layer "
+                                 f"takes the hidden size ({wp * 32 // b}); {b} bit / group {g} give it. The shapes "
+                                 "fit both: if the config's bits/group_size are wrong, this decode is garbage (R18)")
+        elif dims and k not in dims:  # (the embeddings and the head too: their inputs are the hidden size)
             # 4 bit / 64 and 8 bit / 32 (and others) fit the same shapes: a config that names the
             # wrong pair decodes silent garbage of the wrong width. Only when another pair gives a
             # dimension of this model is it called wrong.

@@ -413,6 +413,13 @@ def c_bits_group_swapped(tmp):
     return make_mlx(tmp / "m", quant=q), "mlx.bits-group", f"{Q0}.scales"
 
 
+def c_bits_group_reads_another_dimension(tmp):
+    # up_proj stored at 4 bit / group 64 read as 2 bit / group 128: K = 256, the intermediate
+    # size, a dimension of the model (it passed); an up_proj takes the hidden size (128)
+    q = {"group_size": 64, "bits": 4, "mode": "affine", "model.layers.0.mlp.up_proj": {"group_size": 128, "bits": 2}}
+    return make_mlx(tmp / "m", quant=q), "mlx.bits-group", "model.layers.0.mlp.up_proj.scales"
+
+
 def c_override_unmatched(tmp):
     q = {"group_size": 64, "bits": 4, "mode": "affine",
          "model.layers.0.mlp.down_prj": {"group_size": 64, "bits": 4}}
@@ -853,7 +860,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_metadata_format, c_pickle, c_index_no_weight_map, c_index_bad_json, c_missing_shard, c_unsafe_path,
          c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable, c_config_bom,
          c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
-         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_fused_and_split,
+         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_bits_group_reads_another_dimension, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_fused_and_split,
          c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys, c_gptq_dynamic_not_quantized,
          c_gptq_dynamic_bad_regex,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,

@@ -108,7 +108,28 @@ def test_a_swapped_bits_group_pair_is_warned_of_on_the_embeddings_and_head_too(t
     for name in ("model.embed_tokens", "lm_head", "model.layers.0.self_attn.q_proj"):
         layer = m.layers[name]
         assert layer.shape == (96 if "." not in name or "embed" in name else h, h // 2)
-        assert "R18" in (layer.warning or "") and f"give K={h // 2} inputs, not a dimension" in layer.warning
+        assert "R18" in (layer.warning or "") and f"give K={h // 2} inputs, but this layer takes the hidden size " \
+            f"({h}); 4 bit / group 64 give it" in layer.warning
+
+
+def test_a_pair_that_gives_another_dimension_is_warned_of_where_the_layer_takes_the_hidden_size(tmp_path):
+    """An up_proj stored at 4 bit / 64 (by mx.quantize), read as 2 bit / 128: K = twice the
+    hidden size, the intermediate size here, a dimension of the model, so it passed; an up_proj
+    takes the hidden size, which 4 bit / 64 give. down_proj (its input is the intermediate size)
+    and a vision tower's layers are not judged so."""
+    h, f = 128, 256
+    t = {}
+    for name, (n, k) in (("model.layers.0.mlp.up_proj", (f, h)), ("model.layers.0.mlp.down_proj", (h, f)),
+                         ("vision_tower.layers.0.mlp.up_proj", (f, h))):
+        t.update(mlx_triplet(name, RNG.normal(size=(n, k)).astype(np.float32) * 0.05, 4, 64))
+    cfg = {"model_type": "llama", "hidden_size": h, "intermediate_size": f,
+           "quantization": {"group_size": 64, "bits": 4, "model.layers.0.mlp.up_proj": {"group_size": 128, "bits": 2},
+                            "vision_tower.layers.0.mlp.up_proj": {"group_size": 128, "bits": 2}}}
+    m = analyze(open_checkpoint(write_model(tmp_path, t, cfg)))
+    up = m.layers["model.layers.0.mlp.up_proj"]
+    assert up.shape == (f, 2 * h) and "takes the hidden size (128); 4 bit / group 64 give it" in up.warning
+    assert m.layers["model.layers.0.mlp.down_proj"].warning is None
+    assert m.layers["vision_tower.layers.0.mlp.up_proj"].warning is None  # (K=256: a model dimension)
 
 
 def test_mlx_without_config_infers_from_model_dims(tmp_path):
