@@ -129,6 +129,8 @@ RULES: dict[str, Rule] = _rules(
     ("config.unreadable", "error", None, "a JSON config could not be parsed (loaders fail on it)"),
     ("config.bad-value", "error", None, "a quantization setting no loader can use (0 bits, \"x\", a list for the block)"),
     ("config.method-mismatch", "warning", None, "quant_method names a format the tensors do not have"),
+    ("config.unsupported-method", "warning", None, ("quant_method names a format quantscope does not decode, and no "
+                                                    "layer has a layout it knows: the quantized layers are left out")),
     ("config.number-type", "warning", None, "a bits / group size setting written as a string or a float (\"4\", 4.0)"),
     ("config.disagree", "warning", None, "quantize_config.json and config.json's quantization_config disagree"),
     # MLX quantization triples
@@ -177,6 +179,8 @@ RULES: dict[str, Rule] = _rules(
     ("config.tied-lm-head", "error", "R24", "lm_head present with tie_word_embeddings: true (or absent while false)"),
     ("bnb.quant-state", "error", "R25", "bitsandbytes 4-bit quant state incomplete or inconsistent"),
     ("layer.inconsistent", "error", None, "a layer's tensors do not fit together (see message)"),
+    ("layer.unsupported", "warning", None, ("a module stores packed (integer or 8-bit) tensors in a layout quantscope "
+                                            "does not decode: its figures are left out")),
     ("layer.undecodable", "error", None, ("the layer's decoder refuses its tensors (see message): loaders fail or "
                                           "decode it wrongly")),
     # values
@@ -938,7 +942,18 @@ class _Doctor:
             self._check_mlx_triple(layer, cfg, file)
             self._check_formats(layer, cfg, file)
             self._check_extra_parts(layer)
-            if layer.problem and len(col.findings) == before and layer.problem != "no weight tensor recognised":
+            if layer.problem == "no weight tensor recognised" and len(col.findings) == before:
+                packed = sorted((t for t in comps.values() if t.dtype not in DTYPES
+                                 or not DTYPES[t.dtype].is_float or DTYPES[t.dtype].bits <= 8), key=lambda t: t.name)
+                if packed:  # (a float buffer beside no weight, attention sinks say, is no format)
+                    what = ", ".join(f"{t.name} {t.dtype} {list(t.shape)}" for t in packed[:3])
+                    more = f" and {len(packed) - 3} more" if len(packed) > 3 else ""
+                    method = f" (quant_method {cfg.kind!r})" if cfg.kind else ""
+                    col.add("layer.unsupported", f"{what}{more}: packed data in a layout quantscope does not decode"
+                            f"{method}; this module's error is not measured", file=file, layer=path,
+                            tensor=packed[0].name)
+                continue
+            if layer.problem and len(col.findings) == before:
                 # A module no scheme recognises may be a format quantscope does not know: a warning.
                 # ...but a packed qweight (GPTQ/AWQ) without what decodes it is a broken layer
                 unknown = layer.scheme == "unknown" and not any(c in comps for c in ("qweight", "weight_packed")) \
@@ -1063,8 +1078,8 @@ class _Doctor:
             if alt:
                 b, g = alt[0]
                 col.add("mlx.bits-group", f"with the effective {bits} bit / group {group} ({layer.source}) the "
-                        f"layer has K={int(k_bits)} inputs, but it takes the hidden size ({wp * 32 // b}); {b} bit / "
-                        f"group {g} gives that. The shapes fit both, so loaders decode silent garbage (b·G swapped) "
+                        f"layer has K={int(k_bits)} inputs, but it takes the hidden size; {b} bit / group {g} gives "
+                        f"K={wp * 32 // b}. The shapes fit both, so loaders decode silent garbage (b·G swapped) "
                         "— fix bits/group_size in config.json", file=file, tensor=tname, layer=path)
         elif mode == "affine" and dims and not skip_dim and int(k_bits) not in dims:
             alt = [(b, g) for b, g in affine_fits(wp, S) if wp * 32 // b in dims]
@@ -1188,6 +1203,10 @@ class _Doctor:
                         f"the tensors have the {', '.join(found)} layout and were decoded as that — loaders that "
                         f"follow the config treat them as {cfg.kind}; fix quant_method",
                         file=self.root / _cfg_file(cfg))
+            elif any(lay.problem == "no weight tensor recognised" for lay in model.layers.values()):
+                col.add("config.unsupported-method", f"quant_method {cfg.kind!r} is a format quantscope does not "
+                        "decode (gpt-oss's mxfp4 blocks, say): its quantized modules are listed but not decoded "
+                        "or measured", file=self.root / _cfg_file(cfg))
         # (a model folder with no config.json at all got a clean bill: its settings are guesses too)
         bare = "config.json" not in ck.configs and Path(self.source).is_dir()
         if cfg.kind is None and model is not None and ("config.json" in ck.configs or bare):

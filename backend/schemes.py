@@ -400,8 +400,8 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
             if alt:
                 b, g = alt[0]
                 layer.warning = (f"{bits} bit / group {group} ({layer.source}) give K={k} inputs, but this layer "
-                                 f"takes the hidden size ({wp * 32 // b}); {b} bit / group {g} give it. The shapes "
-                                 "fit both: if the config's bits/group_size are wrong, this decode is garbage (R18)")
+                                 f"takes the hidden size; {b} bit / group {g} give K={wp * 32 // b}. The shapes fit "
+                                 "both: if the config's bits/group_size are wrong, this decode is garbage (R18)")
         elif dims and k not in dims:  # (the embeddings and the head too: their inputs are the hidden size)
             # 4 bit / 64 and 8 bit / 32 (and others) fit the same shapes: a config that names the
             # wrong pair decodes silent garbage of the wrong width. Only when another pair gives a

@@ -575,6 +575,33 @@ def c_method_mismatch(tmp):
     return make_gptq(tmp / "m", qcfg=q), "config.method-mismatch", None
 
 
+def _gpt_oss(tmp):
+    # gpt-oss's experts as openai ships them: U8 blocks of 32 FP4 codes (16 bytes) and E8M0 scale
+    # bytes per block, beside bf16 attention: a format quantscope does not decode, and its
+    # modules passed without a word
+    rng = _rng(13)
+    e, rows, k = 2, 2 * INTER, HIDDEN
+    ex = "model.layers.0.mlp.experts"
+    t = {"model.layers.0.self_attn.q_proj.weight": rng.normal(0, 0.02, (HIDDEN, HIDDEN)).astype(BF16),
+         "model.layers.0.input_layernorm.weight": np.ones(HIDDEN, BF16),
+         f"{ex}.gate_up_proj_blocks": rng.integers(0, 256, (e, rows, k // 32, 16), dtype=np.uint8),
+         f"{ex}.gate_up_proj_scales": rng.integers(120, 130, (e, rows, k // 32), dtype=np.uint8),
+         f"{ex}.gate_up_proj_bias": rng.normal(0, 0.02, (e, rows)).astype(BF16)}
+    folder = tmp / "m"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_st(folder / "model.safetensors", t, {"format": "pt"})
+    _write_cfg(folder, _cfg(model_type="gpt_oss", quantization_config={"quant_method": "mxfp4"}))
+    return folder
+
+
+def c_unsupported_layout(tmp):
+    return _gpt_oss(tmp), "layer.unsupported", "model.layers.0.mlp.experts"
+
+
+def c_unsupported_method(tmp):
+    return _gpt_oss(tmp), "config.unsupported-method", None
+
+
 def c_marlin(tmp):
     q = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "checkpoint_format": "marlin"}
     return make_gptq(tmp / "m", qcfg=q), "gptq.marlin", Q0
@@ -860,7 +887,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_metadata_format, c_pickle, c_index_no_weight_map, c_index_bad_json, c_missing_shard, c_unsafe_path,
          c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable, c_config_bom,
          c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
-         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_bits_group_reads_another_dimension, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_fused_and_split,
+         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_bits_group_reads_another_dimension, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_unsupported_layout, c_unsupported_method, c_fused_and_split,
          c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys, c_gptq_dynamic_not_quantized,
          c_gptq_dynamic_bad_regex,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,

@@ -108,8 +108,8 @@ def test_a_swapped_bits_group_pair_is_warned_of_on_the_embeddings_and_head_too(t
     for name in ("model.embed_tokens", "lm_head", "model.layers.0.self_attn.q_proj"):
         layer = m.layers[name]
         assert layer.shape == (96 if "." not in name or "embed" in name else h, h // 2)
-        assert "R18" in (layer.warning or "") and f"give K={h // 2} inputs, but this layer takes the hidden size " \
-            f"({h}); 4 bit / group 64 give it" in layer.warning
+        assert "R18" in (layer.warning or "") and f"give K={h // 2} inputs, but this layer takes the hidden size; " \
+            f"4 bit / group 64 give K={h}" in layer.warning
 
 
 def test_a_pair_that_gives_another_dimension_is_warned_of_where_the_layer_takes_the_hidden_size(tmp_path):
@@ -127,7 +127,7 @@ def test_a_pair_that_gives_another_dimension_is_warned_of_where_the_layer_takes_
                             "vision_tower.layers.0.mlp.up_proj": {"group_size": 128, "bits": 2}}}
     m = analyze(open_checkpoint(write_model(tmp_path, t, cfg)))
     up = m.layers["model.layers.0.mlp.up_proj"]
-    assert up.shape == (f, 2 * h) and "takes the hidden size (128); 4 bit / group 64 give it" in up.warning
+    assert up.shape == (f, 2 * h) and "takes the hidden size; 4 bit / group 64 give K=128" in up.warning
     assert m.layers["model.layers.0.mlp.down_proj"].warning is None
     assert m.layers["vision_tower.layers.0.mlp.up_proj"].warning is None  # (K=256: a model dimension)
 
