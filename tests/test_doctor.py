@@ -918,6 +918,19 @@ def test_rule_fires(case, tmp_path):
 
 
 
+def test_false_overrides_of_modules_without_parameters_are_no_finding(tmp_path):
+    # mlx-lm's mixed recipes (Dec 2024 - Aug 2025) wrote `false` for every leaf module, act_fn and
+    # rotary_emb included: a `false` that matches no stored module is harmless (the loader
+    # quantizes only modules whose .scales are stored); it was a warning predicting load failures
+    q = {"group_size": 64, "bits": 4, "mode": "affine", "model.layers.0.mlp.act_fn": False,
+         "model.layers.0.self_attn.rotary_emb": False, "model.norm": False}
+    findings = diagnose(make_mlx(tmp_path / "m", quant=q))
+    assert not [f for f in findings if f.rule == "mlx.override-unmatched"], [str(f) for f in findings]
+    q["model.layers.0.mlp.down_prj"] = {"group_size": 64, "bits": 4}  # (a dict that matches nothing still is)
+    findings = diagnose(make_mlx(tmp_path / "m2", quant=q))
+    assert [f.layer for f in findings if f.rule == "mlx.override-unmatched"] == ["model.layers.0.mlp.down_prj"]
+
+
 def test_per_expert_is_fine_where_mlx_lm_stacks_scales_too(tmp_path):
     # mixtral's and qwen2_moe's sanitize stack weight, scales and biases: such a file loads
     path, rule, _ = c_per_expert(tmp_path)
