@@ -1297,7 +1297,11 @@ class _Doctor:
         if sch in _CT_FORMATS and cfg.kind == "compressed-tensors":
             fmt = layer.settings.get("format")
             status = cfg.globals.get("quantization_status")
-            if fmt is not None and str(fmt) not in _CT_FORMATS[sch]:
+            sc = comps.get("weight_scale")
+            # an MX format whose scales are not exponent bytes reads as another scheme: the scales
+            # are the fault (mx.e8m0-scale), not the format
+            mx_floats = str(fmt).startswith("mx") and sc is not None and sc.dtype not in ("U8", "F8_E8M0")
+            if fmt is not None and str(fmt) not in _CT_FORMATS[sch] and not mx_floats:
                 # compressed-tensors picks its decompressor by this name: another one fails on
                 # these tensors or unpacks them wrongly
                 col.add("ct.format", f"the config's format is {fmt!r} but the tensors are {sch} (stored as "
@@ -1850,7 +1854,14 @@ class _Doctor:
                          "were lost or overwritten — re-quantize the layer", **common)
         nz = a[a > 0]
         med = float(np.median(nz)) if nz.size else None
-        if med is not None and layer.scheme in ("fp8-block", "ct-fp8") and med > 1.0:
+        if med is not None and med > 1.0 and 64 <= med <= 190 and layer.scheme in ("fp8-block", "ct-fp8") \
+                and bool(np.all(f == np.round(f))):
+            # whole numbers about 127 are E8M0 exponents (2^(s-127)) written as floats: an MX layer
+            # (mxfp8: FP8 values in groups of 32) whose raw scale bytes were converted (R14)
+            self.col.add("mx.e8m0-scale", f"the scales are whole numbers about {med:g}: E8M0 exponent bytes "
+                         f"(2^(s-127)) stored as {t.dtype} — an MX layer's scales must stay the raw U8 exponent "
+                         "bytes; read as linear scales every weight is off by a factor of ~2^120", **common)
+        elif med is not None and layer.scheme in ("fp8-block", "ct-fp8") and med > 1.0:
             # an FP8 value (up to 448) times its scale is the weight: a median scale over 1 makes
             # weights of hundreds, the reciprocal stored (scale for scale_inv: weights ~5e5 with
             # "no problems found")

@@ -466,6 +466,17 @@ def c_e8m0_scale(tmp):
     return make_mlx(tmp / "m", t, quant=q), "mx.e8m0-scale", f"{Q0}.scales"
 
 
+def c_e8m0_exponents_as_floats(tmp):
+    # llm-compressor's mxfp8 layer with its exponent bytes converted to F32 numbers (120.0, ...):
+    # it was said to hold reciprocals ("weight_scale holds 1/s?")
+    copy_golden("ct_mxfp8", tmp / "m")
+
+    def to_f32(t):
+        for k in [k for k in t if k.endswith("weight_scale") and t[k].dtype == np.uint8]:
+            t[k] = t[k].astype(np.float32)
+    return rewrite(tmp / "m", to_f32), "mx.e8m0-scale", None
+
+
 def c_tied_lm_head(tmp):
     return make_mlx(tmp / "m", cfg_extra={"tie_word_embeddings": True}), "config.tied-lm-head", "lm_head.weight"
 
@@ -888,7 +899,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable, c_config_bom,
          c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
          c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_bits_group_reads_another_dimension, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_unsupported_layout, c_unsupported_method, c_fused_and_split,
-         c_e8m0_scale, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys, c_gptq_dynamic_not_quantized,
+         c_e8m0_scale, c_e8m0_exponents_as_floats, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys, c_gptq_dynamic_not_quantized,
          c_gptq_dynamic_bad_regex,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
          c_awq_qzeros_missing, c_g_idx_float, c_bias_misfit, c_weight_beside_qweight, c_negative_scales,
