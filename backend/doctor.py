@@ -52,6 +52,11 @@ from .schemes import FP_SCALE_DTYPES, QUANT_PARTS, Layer, gptq_groups, hidden_in
 _logger = logging.getLogger(__name__)
 
 SEVERITIES = ("error", "warning", "info")
+#: The first MLX release that quantizes each affine bit width (formats.md §1.6; 2, 4 and 8 bit
+#: have always been there) and each mode: (version, what).
+MLX_BITS_SINCE = {3: ((0, 21, 0), "3 bit"), 6: ((0, 21, 0), "6 bit"), 5: ((0, 26, 0), "5 bit"),
+                  1: ((0, 32, 4), "1 bit")}
+MLX_MODE_SINCE = {"mxfp4": ((0, 29, 0), "mxfp4"), "mxfp8": ((0, 29, 4), "mxfp8"), "nvfp4": ((0, 29, 4), "nvfp4")}
 
 
 # ---------------------------------------------------------------------------------- the rules
@@ -143,6 +148,8 @@ RULES: dict[str, Rule] = _rules(
     ("mlx.scales-shape", "error", "R18", "`.scales`/`.biases` rank or leading dims differ from `.weight`"),
     ("mlx.bits-group", "error", "R18", "32·W/b ≠ G·S for the effective bits/group, or K is not a model dimension"),
     ("mlx.override-unmatched", "error", "R17", "a per-layer override names no module of the checkpoint"),
+    ("mlx.min-version", "info", "R16", ("the MLX release the checkpoint's bit widths or modes need (3/6 bit 0.21, "
+                                        "5 bit 0.26, mxfp4 0.29, mxfp8/nvfp4 0.29.4, 1 bit newer than 0.32.1)")),
     ("layer.fused-and-split", "warning", None, ("a projection stored both fused (qkv_proj, gate_up_proj) and split: "
                                                 "one set matches no parameter of the model")),
     ("mlx.per-expert", "warning", "R17", ("MoE experts quantized one by one for a model whose mlx-lm class stacks "
@@ -973,6 +980,7 @@ class _Doctor:
         self._check_per_expert()
         self._check_expert_set()
         self._check_fused_and_split()
+        self._check_mlx_version()
         self._check_config(cfg, ck)
 
     def _check_extra_parts(self, layer) -> None:
@@ -1171,6 +1179,25 @@ class _Doctor:
                          "match no parameter and loading fails — convert the source with `quantscope convert "
                          "--to mlx` or mlx_lm.convert (both stack the experts)",
                          file=_layer_file(self.model.layers[per[0]]), layer=per[0])
+
+    def _check_mlx_version(self) -> None:
+        """R16: the first MLX release that decodes every bit width and mode stored (older ones
+        fail with "[quantize] The requested number of bits N is not supported")."""
+        need: dict[tuple, list[str]] = {}
+        for path, lay in self.model.layers.items():
+            if lay.scheme == "mlx-affine" and lay.bits in MLX_BITS_SINCE:
+                need.setdefault(MLX_BITS_SINCE[lay.bits], []).append(path)
+            elif lay.scheme.startswith("mlx-") and lay.mode in MLX_MODE_SINCE:
+                need.setdefault(MLX_MODE_SINCE[lay.mode], []).append(path)
+        if not need:
+            return
+        kinds = sorted(need.items(), reverse=True)
+        (version, _), paths = kinds[0]
+        why = ", ".join(f"{w} ({len(ps)} layer{'s' * (len(ps) > 1)}) since {'.'.join(map(str, v))}"
+                        for (v, w), ps in kinds)
+        self.col.add("mlx.min-version", f"needs mlx {'.'.join(map(str, version))} or newer: {why}. Older runtimes "
+                     "(LM Studio's mlx-engine, pinned mlx-lm installs) fail with \"[quantize] The requested number "
+                     "of bits … is not supported\"", file=_layer_file(self.model.layers[paths[0]]), layer=paths[0])
 
     def _check_overrides(self, cfg) -> None:
         if cfg.kind != "mlx" or not self.complete:

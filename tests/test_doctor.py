@@ -175,6 +175,7 @@ def edit_cfg(folder: Path, fn, name="config.json") -> Path:
 # Each returns (checkpoint path, expected rule, expected tensor or layer or None, match field).
 
 Q0 = "model.layers.0.self_attn.q_proj"
+UP0 = "model.layers.0.mlp.up_proj"
 
 
 def c_missing(tmp):
@@ -942,6 +943,22 @@ def test_false_overrides_of_modules_without_parameters_are_no_finding(tmp_path):
     assert [f.layer for f in findings if f.rule == "mlx.override-unmatched"] == ["model.layers.0.mlp.down_prj"]
 
 
+def test_the_mlx_release_a_checkpoint_needs_is_said(tmp_path):
+    # R16: 3/6 bit need mlx 0.21, 5 bit 0.26, mxfp4 0.29; 2/4/8 bit any (no finding)
+    assert not [f for f in diagnose(make_mlx(tmp_path / "m4")) if f.rule == "mlx.min-version"]
+    q = {"group_size": 64, "bits": 4, "mode": "affine", Q0: {"group_size": 64, "bits": 3}}
+    t = _mlx_tensors()
+    t[f"{Q0}.weight"], t[f"{Q0}.scales"], t[f"{Q0}.biases"] = _mlx_layer(_rng(3), HIDDEN, HIDDEN, 3, 64)
+    got = [f for f in diagnose(make_mlx(tmp_path / "m3", t, quant=q)) if f.rule == "mlx.min-version"]
+    assert len(got) == 1 and got[0].severity == "info" and got[0].layer == Q0
+    assert got[0].message.startswith("needs mlx 0.21.0 or newer: 3 bit (1 layer) since 0.21.0")
+    t[f"{UP0}.weight"], t[f"{UP0}.scales"], t[f"{UP0}.biases"] = _mlx_layer(_rng(5), INTER, HIDDEN, 5, 64)
+    q[UP0] = {"group_size": 64, "bits": 5}
+    got = [f for f in diagnose(make_mlx(tmp_path / "m5", t, quant=q)) if f.rule == "mlx.min-version"]
+    assert got[0].message.startswith("needs mlx 0.26.0 or newer: 5 bit (1 layer) since 0.26.0, 3 bit (1 layer)")
+    assert got[0].layer == UP0
+
+
 def test_per_expert_is_fine_where_mlx_lm_stacks_scales_too(tmp_path):
     # mixtral's and qwen2_moe's sanitize stack weight, scales and biases: such a file loads
     path, rule, _ = c_per_expert(tmp_path)
@@ -989,7 +1006,7 @@ def test_demo_workspace_clean(tmp_path_factory):
     ws = demo.build_demo(tmp_path_factory.mktemp("demo") / "ws")
     for path in [ws.reference, *ws.variants.values()]:
         findings = _no_problems(path)
-        assert {f.rule for f in findings} <= {"gptq.act-order", "container.offset-order"}, path
+        assert {f.rule for f in findings} <= {"gptq.act-order", "container.offset-order", "mlx.min-version"}, path
 
 
 # ---------------------------------------------------------------------------------- behaviour
