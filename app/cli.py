@@ -24,6 +24,8 @@ SUBCOMMANDS = ("info", "dequant", "compare", "doctor", "convert", "demo")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from quantscope import __version__
+    p.add_argument("-V", "--version", action="version", version=f"quantscope {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
 
@@ -38,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantscope", description="Inspect quantized LLM checkpoints. Without a COMMAND, "
                                 "the window: quantscope [PATH ...] [--reference REF] [--select LAYER] [--compare] "
                                 "[--screenshot FILE] (quantscope --compare -h lists its options).",
-                                epilog="Exit status: 0 done; 1 done, but the checkpoint's config looks wrong (doctor: "
-                                       "errors found); 2 refused or failed (nothing written); 3 internal error; "
-                                       "130 interrupted. COMMAND -h gives each command's.")
+                                epilog="Exit status: 0 done; 1 done, but something looks wrong: a config its own "
+                                       "tensors contradict, NaN/inf values (compare, convert), an implausible error "
+                                       "or smoothing folded twice (compare), errors found (doctor); 2 refused or "
+                                       "failed (nothing written); 3 internal error; 130 interrupted. COMMAND -h gives "
+                                       "each command's.")
     _add_common(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     pi = sub.add_parser("info", help="files, tensors and layers of a checkpoint",
@@ -95,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     pdoc.add_argument("--full", action="store_true", help="check every value of a model over 512 MB too, not a time-boxed sample")
     _add_common(pdoc)
     pconv = sub.add_parser("convert", help="convert to MLX (exact repack where possible) or to dense",
+                           description="Write a new checkpoint folder: --to mlx (mlx-lm's layout: GPTQ, AWQ and "
+                                       "compressed-tensors integer layers repacked exactly where MLX has their "
+                                       "bits and group size, the others dequantized and requantized with "
+                                       "mx.quantize, each layer's action reported) or --to dense (every layer "
+                                       "decoded to a float dtype). The source is never written; the output folder "
+                                       "appears whole or not at all.",
                            epilog="Exit status: 0 converted; 1 converted as the config says, but the shapes "
                                   "suggest the config is wrong, or the source holds NaN/inf values that the output "
                                   "carries (the warning on stderr says why); 2: refused or failed, nothing written.")
@@ -170,7 +180,8 @@ def cmd_info(args) -> int:
     with open_checkpoint(args.path) as ckpt:
         s = checkpoint_summary(ckpt)
     if args.json:
-        json.dump(_strict_json(s), sys.stdout, indent=1, allow_nan=False)
+        from quantscope import __version__
+        json.dump(_strict_json({"quantscope_version": __version__, **s}), sys.stdout, indent=1, allow_nan=False)
         sys.stdout.write("\n")
         return 0
     out = [f"{s['path']}"]
@@ -396,6 +407,9 @@ def cmd_demo(args) -> int:
     root = shlex.quote(str(ws.root))
     print(f"open it: quantscope {root}\ncompare it: quantscope compare --reference {shlex.quote(str(ws.reference))} "
           + " ".join(shlex.quote(str(p)) for p in ws.variants.values()))
+    print("note: the GPTQ variants' weight error (what compare measures) is above round-to-nearest's by design: "
+          "GPTQ lowers the layers' output error on calibration inputs, and gptq-w4g128 is symmetric where "
+          "rtn-w4g128 is not; each variant's README.md says how it was made")
     return 0
 
 
@@ -475,10 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         # said there was none to open it on)
         first = argv[0] if argv and not argv[0].startswith("-") else None
         if first is not None and not os.path.lexists(first) and "/" not in first:
+            # (a bare name is no Hugging Face repo id either: those are org/name)
             near = difflib.get_close_matches(first, list(SUBCOMMANDS), n=1, cutoff=0.6)
             if near:
                 raise QuantscopeError(f"unknown command {first!r} (did you mean {near[0]!r}?); "
                                       f"{first!r} is not a file or folder either")
+            raise QuantscopeError(f"{first!r}: no such file or folder, and no command of that name (commands: "
+                                  f"{', '.join(SUBCOMMANDS)})")
         args = build_window_parser().parse_args(argv)
         _setup_logging(args.verbose)
         if args.screenshot:  # before the workspace is built and opened, not after

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import threading
 
@@ -51,6 +52,24 @@ def short_names(labels: list[str]) -> dict[str, str]:
     return out
 
 
+def _summary(result, labels: list[str], short: dict[str, str]) -> list[str]:
+    """Per variant: the mean and median rel_fro over its layers, its bit widths, and its worst
+    layer (the table alone left a researcher to scan hundreds of rows for it)."""
+    out = []
+    for lb in labels:
+        rows = [r for r in result.rows if r.variant == lb]
+        fin = [r for r in rows if math.isfinite(r.rel_fro)]
+        if not fin:
+            continue
+        errs = [r.rel_fro for r in fin]
+        worst = max(fin, key=lambda r: r.rel_fro)
+        bits = sorted({r.bits for r in rows if r.bits is not None})
+        extra = f" at {'/'.join(map(str, bits))} bit" if bits else ""
+        out.append(f"{short[lb]}: {len(rows)} layers{extra}; rel_fro mean {statistics.fmean(errs):.4f}, median "
+                   f"{statistics.median(errs):.4f}, worst {worst.rel_fro:.4f} ({worst.name})")
+    return [""] + out if out else []
+
+
 def format_table(result, labels: list[str]) -> str:
     """Layers × variants with rel_fro and sqnr_db per variant."""
     short = short_names(labels)
@@ -59,7 +78,7 @@ def format_table(result, labels: list[str]) -> str:
     w0 = max([len("layer")] + [len(n) for n in names])
     cols = [max(17, len(short[lb])) for lb in labels]
     lines = ["  ".join([" " * w0] + [short[lb].rjust(c) for lb, c in zip(labels, cols)]),
-             "  ".join(["layer".ljust(w0)] + [f"{'rel_fro':>8} {'sqnr_dB':>8}".rjust(c) for c in cols])]
+             "  ".join(["layer".ljust(w0)] + [f"{'rel_fro':>8} {'sqnr_db':>8}".rjust(c) for c in cols])]
     for n in names:
         cells = []
         for lb, c in zip(labels, cols):
@@ -68,6 +87,7 @@ def format_table(result, labels: list[str]) -> str:
             mark = (smoothing_mark(r.smoothing) if r else "") or " "
             cells.append((f"{_fmt(r.rel_fro, '8.5f')}{mark}{_fmt(r.sqnr_db, '8.2f')}" if r else "—").rjust(c))
         lines.append("  ".join([n.ljust(w0)] + cells))
+    lines.extend(_summary(result, labels, short))
     undone = [r for r in result.rows if r.smoothing != "none"]
     if undone:
         kinds = sorted({k.split(":")[0] for r in undone for k in r.smoothing.split("+")})
@@ -180,7 +200,8 @@ def run_compare(args) -> int:
     finally:
         bar.close()
     data = result.to_json()
-    data = {"reference": args.reference, "variants": list(variants), **data}
+    from quantscope import __version__
+    data = {"quantscope_version": __version__, "reference": args.reference, "variants": list(variants), **data}
     data["failed"] = data.get("failed", []) + [
         {"variant": v, "file": getattr(e, "file", None) or getattr(e, "filename", None) or v, "reason": _reason(e)}
         for v, e in unopened.items()]

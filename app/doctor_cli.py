@@ -16,7 +16,8 @@ def run_doctor(args) -> int:
 
     report = run_diagnosis(args.path, full=bool(getattr(args, "full", False)))
     if getattr(args, "json", False):
-        json.dump(printable(report.to_dict()), sys.stdout, indent=1)
+        from quantscope import __version__
+        json.dump(printable({"quantscope_version": __version__, **report.to_dict()}), sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(terminal_lines(format_report(report)) + "\n")

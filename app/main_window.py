@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QStyle,
     QTabWidget,
 )
+from quantscope import __version__
 from quantscope.backend.checkpoint import refuse_writing_into
 from quantscope.backend.compare import (
     describe_smoothing,
@@ -1343,7 +1344,7 @@ class MainWindow(QMainWindow):
             else:
                 # what it was measured against, as `quantscope compare --json` writes it
                 ref, measured = self.workspace.reference, {r.variant for r in result.rows}
-                data = {"reference": None if ref is None else str(ref.ckpt.source),
+                data = {"quantscope_version": __version__, "reference": None if ref is None else str(ref.ckpt.source),
                         "variants": [v for v in (str(m.ckpt.source) for m in self.workspace.variants.values())
                                      if v in measured],
                         **result.to_json()}

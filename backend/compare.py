@@ -297,7 +297,7 @@ class SweepResult:
 
     def _write_csv(self, fh) -> None:
         from .outfile import printable
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")  # (the csv module's default \r\n left \r in awk's last field)
         w.writerow(LAYER_KEYS + ("reason",))
         for r in self.rows:
             d = r.to_dict()
@@ -679,8 +679,9 @@ def _check_cancel(cancel) -> None:
 @functools.lru_cache(maxsize=1 << 16)  # asked for every layer of a sweep, in its order and its loop
 def _group_key(name: str):
     m = layer_index(name)
-    if m is None:
-        return (1, natural_key(name))
+    if m is None:  # the embeddings before the decoder layers, the head after them (as the model runs)
+        head = name.endswith(("lm_head", "embed_out")) or name == "output"
+        return (-1 if "embed" in name and not head else 2 if head else 1, natural_key(name))
     return (0, natural_key(name[:name.index(f".{m}.") + len(str(m)) + 1]))
 
 

@@ -54,6 +54,7 @@ from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import awq, ct, fast, gptq
 from .formats.kernel import for_row_blocks, round_inplace
 from .formats.mlx import AFFINE_BITS, AFFINE_GROUPS, MODE_DEFAULTS
+from .info import human_bytes
 from .metrics import worst
 from .outfile import file_in_the_way
 from .schemes import AUX_COMPONENTS, QUANT_PARTS, Layer, Model, analyze, data_warning
@@ -1310,14 +1311,6 @@ def _marker_files(folder: Path) -> set[str] | None:
     return {str(f) for f in data["files"]}
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _mlx_lm_names(cfg: dict) -> None:
     """Add the config keys mlx-lm (0.32) reads where a transformers-5 config has renamed them:
     ``rope_theta`` (and ``rope_scaling``) from ``rope_parameters``, ``num_experts`` from
@@ -1505,8 +1498,8 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
         dst_p.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dst_p.parent).free
         if free < estimate * 1.02 + (16 << 20):
-            raise ConversionError(f"not enough free disk space: the output needs about {_human(estimate)}, "
-                                  f"{_human(free)} is free", file=dst_p.parent, rule="convert.disk-space")
+            raise ConversionError(f"not enough free disk space: the output needs about {human_bytes(estimate)}, "
+                                  f"{human_bytes(free)} is free", file=dst_p.parent, rule="convert.disk-space")
         rep.timings["plan"] = time.perf_counter() - t_start
         report_progress(w_plan)
         _clean_stale(dst_p)
@@ -1684,7 +1677,7 @@ def summary_lines(rep: ConversionReport, *, max_layers: int | None = None, table
     lines = [f"converted {rep.src} -> {rep.dst} (--to {rep.to}) in {t.get('total', 0):.2f} s "
              f"(plan {t.get('plan', 0):.2f} s, write {t.get('write', 0):.2f} s"
              + (f", verify {t['verify']:.2f} s" if "verify" in t else "") + ")",
-             f"output: {len(rep.files)} files, {_human(rep.output_bytes)} (source tensors {_human(rep.source_bytes)})",
+             f"output: {len(rep.files)} files, {human_bytes(rep.output_bytes)} (source tensors {human_bytes(rep.source_bytes)})",
              "layers: " + ", ".join(f"{k} ×{v}" for k, v in rep.by_kind().items())]
     ex = rep.exact_repacks
     if ex:

@@ -1132,3 +1132,41 @@ def test_compare_exits_1_on_smoothing_folded_twice(real_fixtures, capsys):
     gptq = Path(__file__).parent / "fixtures" / "real" / "gptqmodel-gptq-w4g128"
     assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(gptq), "--layers",
                  r"layers\.0\.self_attn"]) == 0
+
+
+def test_compare_summarises_each_variant_and_writes_plain_csv_lines(tmp_path, capsys, real_fixtures):
+    """Per variant a summary below the table (mean, median and the worst layer: it took a scan of
+    every row); the table's column is named as in the JSON/CSV (sqnr_db); the CSV's lines end in
+    \\n (csv's \\r\\n left \\r in awk's last field); the JSON says which quantscope wrote it."""
+    import csv
+    ref, var = str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64")
+    out_csv, out_json = tmp_path / "c.csv", tmp_path / "c.json"
+    assert main(["compare", "--reference", ref, var, "--csv", str(out_csv), "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "sqnr_db" in text and "sqnr_dB" not in text
+    with out_csv.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    errs = [float(r["rel_fro"]) for r in rows]
+    worst = max(rows, key=lambda r: float(r["rel_fro"]))
+    line = next(ln for ln in text.splitlines() if ln.startswith("mlx-affine-q4-g64: "))
+    assert f"{len(rows)} layers at 4 bit" in line and f"mean {np.mean(errs):.4f}" in line
+    assert f"median {np.median(errs):.4f}" in line and f"worst {float(worst['rel_fro']):.4f} ({worst['name']})" in line
+    assert b"\r" not in out_csv.read_bytes()
+    from quantscope import __version__
+    assert json.loads(out_json.read_text())["quantscope_version"] == __version__
+    # the embeddings come first among the layers outside the decoder, the head last
+    names = [r["name"] for r in rows]
+    if "model.embed_tokens" in names and "lm_head" in names:
+        assert names.index("model.embed_tokens") < names.index("model.layers.0.self_attn.q_proj") < names.index("lm_head")
+
+
+def test_version_and_a_mistyped_command(capsys, monkeypatch):
+    from quantscope import __version__
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"quantscope {__version__}"
+    monkeypatch.delenv("DISPLAY", raising=False)
+    # a word that is no command and no file: said so (it was "no display to open the window on")
+    assert main(["bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "'bogus': no such file or folder, and no command of that name" in err and "compare" in err
