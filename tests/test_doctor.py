@@ -1167,7 +1167,7 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     assert rc == 1 and "Errors (1)" in out and "[gptq.v1-zero-wrap] (R1)" in out
     rc, out = _cli(capsys, broken, "--json", "--full")
     d = json.loads(out)
-    assert rc == 1 and set(d) == {"path", "findings", "summary", "values_checked"}
+    assert rc == 1 and set(d) == {"quantscope_version", "path", "findings", "summary", "values_checked"}
     assert d["summary"] == {"error": 1, "warning": 0, "info": 0}
     assert d["findings"][0]["rule"] == "gptq.v1-zero-wrap"
     rc, out = _cli(capsys, tmp_path / "does-not-exist", "--json")
