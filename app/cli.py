@@ -257,7 +257,8 @@ def cmd_info(args) -> int:
         if layer.get("warning"):
             out.append(f"      warning: {layer['warning']}")
         for c in layer["tensors"]:
-            t = by_name[f"{mpath}.{c}" if c else mpath]
+            # (by the module's own record of the name: gpt-oss's are …gate_up_proj_blocks)
+            t = by_name.get(f"{mpath}.{c}" if c else mpath) or by_name[f"{mpath}_{c}"]
             tshape = "×".join(map(str, t["shape"])) or "scalar"
             out.append(f"      .{c:<{cw}} {t['dtype']:<8} {tshape:<16} {human_bytes(t['bytes']):>10}  {t['file']}")
     from quantscope.backend.outfile import terminal_text

@@ -37,6 +37,10 @@ _MAX_CONFIG_BYTES = 16 * 1024 * 1024
 _MULTI_SEGMENT = re.compile(r"^(?P<module>.+?)\.(?P<component>weight\.(?:absmax|quant_map|nested_absmax|"
                             r"nested_quant_map|quant_state\..+))$")
 
+# gpt-oss's MXFP4 experts: one stacked projection's tensors named ``…experts.{proj}_blocks`` /
+# ``_scales`` / ``_bias`` (formats.md §2), the projection being the module.
+_PACKED_EXPERTS = re.compile(r"^(?P<module>.+\.experts\.[a-z_]+_proj)_(?P<component>blocks|scales|bias)$")
+
 
 def split_name(name: str) -> tuple[str, str]:
     """Split a tensor name into (module path, component suffix).
@@ -45,11 +49,16 @@ def split_name(name: str) -> tuple[str, str]:
     ('model.layers.0.self_attn.q_proj', 'qweight')
     >>> split_name("model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4")
     ('model.layers.0.mlp.up_proj', 'weight.quant_state.bitsandbytes__nf4')
+    >>> split_name("model.layers.0.mlp.experts.gate_up_proj_blocks")
+    ('model.layers.0.mlp.experts.gate_up_proj', 'blocks')
     """
     if ".weight." in name:
         m = _MULTI_SEGMENT.match(name)
         if m:
             return m["module"], m["component"]
+    m = _PACKED_EXPERTS.match(name)
+    if m:  # gpt-oss: experts.gate_up_proj_blocks -> (experts.gate_up_proj, blocks)
+        return m["module"], m["component"]
     module, dot, component = name.rpartition(".")
     if not dot:
         return name, ""

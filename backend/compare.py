@@ -509,6 +509,15 @@ def _sliced(model: Model, layer: Layer, r0: int, r1: int):
                 parts[info.name] = a.reshape(rows, a.shape[-1])[r0:r1]
             else:
                 parts[info.name] = ck.tensor(info.name)
+    elif layer.scheme == "gptoss-mxfp4":
+        for c, info in t.items():
+            a = ck.tensor(info.name)
+            if c == "blocks":
+                parts[info.name] = a.reshape(rows, *a.shape[-2:])[r0:r1]
+            elif c == "scales":
+                parts[info.name] = a.reshape(rows, a.shape[-1])[r0:r1]
+            else:
+                parts[info.name] = a
     elif layer.scheme == "gptq":
         bits = layer.bits
         for c, info in t.items():
@@ -1626,8 +1635,10 @@ def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
                                        packing=layer.settings.get("packing", "auto"))
     if s in ("bnb-nf4", "bnb-fp4"):
         return bnb.codes_4bit(t["weight"], layer.settings)
-    if s in ("ct-nvfp4", "ct-mxfp4", "modelopt-nvfp4"):  # E2M1 pairs, low nibble first
-        return ct.codes_fp4(np.asarray(t[_PACKED_CODES[s]]), layer.path).reshape(layer.shape)
+    if s in ("ct-nvfp4", "ct-mxfp4", "modelopt-nvfp4", "gptoss-mxfp4"):  # E2M1 pairs, low nibble first
+        a = np.asarray(t[_PACKED_CODES[s]])
+        return ct.codes_fp4(a.reshape(-1, a.shape[-2] * a.shape[-1]) if s == "gptoss-mxfp4" else a,
+                            layer.path).reshape(layer.shape)
     return None
 
 
@@ -1636,7 +1647,7 @@ def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
 _PACKED_CODES = {"gptq": "qweight", "awq-gemm": "qweight", "awq-gemv": "qweight", "ct-pack": "weight_packed",
                  "bnb-nf4": "weight", "bnb-fp4": "weight", "mlx-affine": "weight", "mlx-mxfp4": "weight",
                  "mlx-nvfp4": "weight", "mlx-mxfp8": "weight", "ct-nvfp4": "weight_packed", "ct-mxfp4": "weight_packed",
-                 "modelopt-nvfp4": "weight"}
+                 "modelopt-nvfp4": "weight", "gptoss-mxfp4": "blocks"}
 
 
 def packed_level_counts(model: Model, layer: Layer, rows: np.ndarray | None = None) -> np.ndarray | None:
@@ -2128,7 +2139,7 @@ _FP8_VALUES = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e
 def float_code_order(layer: Layer) -> tuple[np.ndarray, tuple[float, float]] | None:
     """(the raw codes of a float-coded layer in the order of their values, NaN codes left out;
     the least and largest value) for FP4 (MXFP4, NVFP4) and FP8 codes; None for integer codes."""
-    if layer.scheme in ("mlx-mxfp4", "mlx-nvfp4", "ct-nvfp4", "ct-mxfp4", "modelopt-nvfp4"):
+    if layer.scheme in ("mlx-mxfp4", "mlx-nvfp4", "ct-nvfp4", "ct-mxfp4", "modelopt-nvfp4", "gptoss-mxfp4"):
         vals = _FP4_VALUES
     elif layer.scheme == "mlx-mxfp8":
         vals = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)

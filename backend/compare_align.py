@@ -279,6 +279,14 @@ def _comparable(layer: Layer) -> bool:
     return layer.is_matrix
 
 
+def stacked_interleave(fused, part, interleaved: bool) -> bool:
+    """Whether ``fused`` (a stack ``[E, 2I, K]``) and ``part`` (``[E, I, K]``) are a stack of
+    interleaved gate/up rows and one half of it, as gpt-oss stores them; then row ``2r + half`` of
+    the flattened stack is row ``r`` of the flattened part (each expert's rows are even)."""
+    return bool(interleaved and fused is not None and part is not None and len(fused) == len(part) >= 3
+                and tuple(fused[:-2]) == tuple(part[:-2]) and fused[-1] == part[-1] and fused[-2] == 2 * part[-2])
+
+
 def _interleaved(reference: Model, variant: Model) -> bool:
     for m in (reference, variant):
         for name in ("config.json",):
@@ -394,6 +402,10 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
             why = usable(fused, cname)
             if why:
                 reason = why
+            elif stacked_interleave(fused.shape, rl.shape, interleaved and _PART_OF[proj] == "gate_up_proj"):
+                # stacks of experts (gpt-oss's [E, 2I, K]): gate and up interleave within each
+                # expert, so over the flattened rows too
+                segs = [Segment((0, rr, 1), fused.path, (parts.index(proj), 2 * rr, 2))]
             elif None in sizes or fused.shape is None or fused.shape[-1] != rk or sum(sizes) != fused.shape[-2] \
                     or len(fused.shape) != 2:
                 reason = (f"shape mismatch: fused {fused.path} {list(fused.shape or ())} is not the row "
@@ -412,6 +424,9 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
             sizes = [p.shape[-2] if p.shape else 0 for p in pl]
             if bad:
                 reason = bad[0]
+            elif all(stacked_interleave(rl.shape, p.shape, interleaved and proj == "gate_up_proj") for p in pl):
+                # (stacks of experts, as above: gpt-oss's original against mlx-lm's split conversion)
+                segs = [Segment((i, rr, 2), p.path, (0, rr // 2, 1)) for i, p in enumerate(pl)]
             elif any(p.shape is None or len(p.shape) != 2 or p.shape[-1] != rk for p in pl) or sum(sizes) != rr:
                 reason = f"shape mismatch: the variant's {', '.join(_FUSED[proj])} do not make up {list(rl.shape)}"
             else:

@@ -780,7 +780,11 @@ def _refuse_broken(model: Model, layer: Layer) -> None:
     # (a float weight beside quantization parts too: a quantized layer saved unquantized or
     # relabelled F32; dequant refused it, convert copied weight and stale scales, exit 0)
     stale = layer.scheme == "dense" and layer.problem is not None and any(c in layer.tensors for c in _QUANT_PARTS)
-    if stale or layer.scheme == "unknown" and (any(c in layer.tensors for c in _QUANT_PARTS)
+    # (and packed codes of a format quantscope does not know: HQQ's W_q was carried into a
+    # "dense" output, exit 0; I64 buffers such as position_ids are carried)
+    packed = any(t.dtype in ("U8", "I8", "U16", "I16", "U32", "I32") and len(t.shape) >= 2
+                 for t in layer.tensors.values())
+    if stale or layer.scheme == "unknown" and (any(c in layer.tensors for c in _QUANT_PARTS) or packed
                                                or (w is not None and w.dtype not in _FLOAT_ST)):
         raise LayerConversionError(f"cannot convert: {layer.problem or 'packed codes that nothing decodes'}",
                               file=model.ckpt.source, tensor=layer.path, rule="convert.undecodable")
@@ -1466,6 +1470,14 @@ def convert(src, dst, *, to: str = "mlx", bits: int | None = None, group_size: i
             raise ConversionError(f"cannot convert to MLX: {bad_cfg[0]} — mlx-lm needs the model's config "
                                   "(model_type, sizes); fix the source's config.json", file=ckpt.root / "config.json",
                                   rule="convert.no-config")
+        gptoss = [lay.path for lay in model.layers.values() if lay.scheme == "gptoss-mxfp4"]
+        if gptoss:
+            # (written as they were decoded, neither mlx-lm's gpt_oss, whose sanitize splits the
+            # interleaved gate/up rows, nor transformers, whose experts are [E, K, N], loads them)
+            raise ConversionError(f"cannot convert gpt-oss's MXFP4 experts ({len(gptoss)} stacks, e.g. {gptoss[0]}): "
+                                  "quantscope reads and measures them but does not write gpt-oss's layouts; mlx-lm "
+                                  "loads this checkpoint as it is (mlx_lm.convert for other settings)",
+                                  file=ckpt.source, tensor=gptoss[0], rule="convert.unsupported")
         if not model.layers:  # (a header of no tensors: an output of a config alone, exit 0)
             raise ConversionError("cannot convert: the checkpoint stores no tensors", file=ckpt.source,
                                   rule="convert.incomplete")

@@ -1225,7 +1225,8 @@ class _Doctor:
         """Config-level rules; use only names and configs (also run when layers are not analysed)."""
         col = self.col
         model = self.model
-        known = {"mlx", "mlx-native", "gptq", "awq", "compressed-tensors", "fp8", "bitsandbytes", "modelopt"}
+        known = {"mlx", "mlx-native", "gptq", "awq", "compressed-tensors", "fp8", "bitsandbytes", "modelopt",
+                 "mxfp4"}  # (mxfp4: gpt-oss's)
         if cfg.kind and cfg.kind not in known and model is not None:
             found = sorted({lay.scheme for lay in model.layers.values() if lay.quantized})
             if found:
@@ -1235,8 +1236,8 @@ class _Doctor:
                         file=self.root / _cfg_file(cfg))
             elif any(lay.problem == "no weight tensor recognised" for lay in model.layers.values()):
                 col.add("config.unsupported-method", f"quant_method {cfg.kind!r} is a format quantscope does not "
-                        "decode (gpt-oss's mxfp4 blocks, say): its quantized modules are listed but not decoded "
-                        "or measured", file=self.root / _cfg_file(cfg))
+                        "decode: its quantized modules are listed but not decoded or measured",
+                        file=self.root / _cfg_file(cfg))
         # (a model folder with no config.json at all got a clean bill: its settings are guesses too)
         bare = "config.json" not in ck.configs and Path(self.source).is_dir()
         if cfg.kind is None and model is not None and ("config.json" in ck.configs or bare):
@@ -1765,7 +1766,7 @@ class _Doctor:
                     self.col.add("values.scale-outlier", f"median |scale| {m:.3g} is {m / ref:.3g}× the median "
                                  f"{ref:.3g} of the {len(vals)} {proj} layers: a scale stored in the wrong unit or "
                                  "dtype, or a corrupted layer — compare this layer with its peers",
-                                 file=t.file if t else None, tensor=f"{path}.{comp}", layer=path)
+                                 file=t.file if t else None, tensor=t.name if t else f"{path}.{comp}", layer=path)
 
     def _check_layer_values(self, layer) -> float | None:
         """Check one layer's sampled values; return its median |scale| (for the peer comparison)."""
@@ -1876,7 +1877,7 @@ class _Doctor:
                              **common)
         all_zero = zeros == f.size and not zero_ok  # (said above as an error: not again as constant)
         if f.size >= 16 and np.all(f == f[0]) and not all_zero and comp != "weight.absmax" and layer.scheme not in (
-                "mlx-mxfp4", "mlx-mxfp8", "ct-mxfp4", "ct-mxfp8"):
+                "mlx-mxfp4", "mlx-mxfp8", "ct-mxfp4", "ct-mxfp8", "gptoss-mxfp4"):
             self.col.add("values.constant", f"all {f.size} checked scales equal {f[0]:g}: the quantizer's scales "
                          "were lost or overwritten — re-quantize the layer", **common)
         nz = a[a > 0]

@@ -113,6 +113,22 @@ def _np_mlx_fp(layer, p, out=None):
                             name=layer.path, out=out)
 
 
+def gptoss_as_mlx(p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """gpt-oss's mxfp4 ``blocks`` ``[..., N, K/32, 16]`` and ``scales`` as MLX's mxfp4 weight
+    words ``[..., N, K/8]`` and scale bytes (the same bytes: mlx-lm's gpt_oss sanitize views them
+    so). Unaligned bytes (a U8 tensor may start anywhere in the file) are copied first."""
+    b = p["blocks"]
+    b = b.reshape(*b.shape[:-2], b.shape[-2] * b.shape[-1])
+    if b.ctypes.data % 4 or not b.flags.c_contiguous:
+        b = np.ascontiguousarray(b).copy()
+    return b.view(np.uint32), p["scales"].view(np.uint8)
+
+
+def _np_gptoss_mxfp4(layer, p, out=None):
+    w, s = gptoss_as_mlx(p)
+    return mlxfmt.decode_fp(w, s, mode="mxfp4", name=layer.path, out=out)
+
+
 def _np_gptq(layer, p, out=None):
     return gptq.decode(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
                        group_size=layer.group_size, version=_gptq_version(layer), name=layer.path, out=out)
@@ -188,6 +204,7 @@ NUMPY_DECODERS = {
     "dense": _np_dense,
     "mlx-affine": _np_mlx_affine,
     "mlx-mxfp4": _np_mlx_fp, "mlx-mxfp8": _np_mlx_fp, "mlx-nvfp4": _np_mlx_fp,
+    "gptoss-mxfp4": _np_gptoss_mxfp4,
     "gptq": _np_gptq,
     "awq-gemm": _np_awq_gemm,
     "awq-gemv": _np_awq_gemv,
@@ -200,6 +217,7 @@ _ROW_DECODERS = {
     "mlx-mxfp8": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode, name=layer.path),
     "mlx-nvfp4": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode,
                                                  global_scale=_global_scale(layer, p), name=layer.path),
+    "gptoss-mxfp4": lambda layer, p: mlxfmt.fp_rows(*gptoss_as_mlx(p), mode="mxfp4", name=layer.path),
     "gptq": lambda layer, p: gptq.rows(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
                                        group_size=layer.group_size, version=_gptq_version(layer), name=layer.path),
     "awq-gemm": lambda layer, p: awq.gemm_rows(p["qweight"], p.get("qzeros"), p["scales"],
@@ -235,7 +253,7 @@ def group_values(model: Model, layer: Layer, r0: int = 0, r1: int | None = None)
         return None  # the decode reports it, with the file named
 
 
-_OUT_CAPABLE = {_np_dense, _np_mlx_affine, _np_mlx_fp, _np_gptq, _np_awq_gemm}
+_OUT_CAPABLE = {_np_dense, _np_mlx_affine, _np_mlx_fp, _np_gptoss_mxfp4, _np_gptq, _np_awq_gemm}
 
 
 class NumpyEngine:
@@ -341,6 +359,11 @@ class MlxEngine:
             gs = _global_scale(layer, p)
             y = mx.dequantize(to_mx(p["weight"]), to_mx(p["scales"]), mode=layer.mode, dtype=mx.float32,
                               **({} if gs is None else {"global_scale": mx.array([gs], mx.float32)}))
+            return from_mx(y.astype(mx.float32))
+        if s == "gptoss-mxfp4":  # (the bytes mlx-lm's gpt_oss sanitize hands to mx.dequantize)
+            self.last_path = "mx.dequantize"
+            w, sc = gptoss_as_mlx(p)
+            y = mx.dequantize(to_mx(w), to_mx(sc), mode="mxfp4", dtype=mx.float32)
             return from_mx(y.astype(mx.float32))
         rep = None
         if s == "gptq":

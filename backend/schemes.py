@@ -25,7 +25,7 @@ from .safetensors_file import TensorInfo
 
 _logger = logging.getLogger(__name__)
 
-SCHEMES = ("dense", "mlx-affine", "mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4", "gptq", "awq-gemm", "awq-gemv",
+SCHEMES = ("dense", "mlx-affine", "mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4", "gptoss-mxfp4", "gptq", "awq-gemm", "awq-gemv",
            "ct-pack", "ct-nvfp4", "ct-fp8", "fp8-block", "modelopt-nvfp4", "bnb-nf4", "bnb-fp4", "bnb-int8")
 #: Components that are not part of the quantized weight (a Linear's own bias, activation scales).
 #: Components that only decode a layer's packed weights: stored without them, the weights are lost.
@@ -322,6 +322,8 @@ def detect(module: Module, cfg: QuantConfig, dims: set[int], ckpt: Checkpoint) -
         return _detect_gptq_awq(module, cfg, eff)
     if "weight_packed" in c:
         return _detect_ct_packed(module, cfg, eff, ckpt)
+    if {"blocks", "scales"} <= c:
+        return _detect_gptoss_mxfp4(module, eff)
     if "weight" not in c:
         orphans = sorted(c & QUANT_PARTS)
         if orphans:  # what decodes packed weights, without them (a tensor lost in a merge or a rename)
@@ -351,6 +353,26 @@ def detect(module: Module, cfg: QuantConfig, dims: set[int], ckpt: Checkpoint) -
         return layer
     return Layer(module.path, "unknown", comps, source=eff.source,
                  problem=f"weight dtype {w.dtype} with components {sorted(c)} matches no known scheme")
+
+
+def _detect_gptoss_mxfp4(module: Module, eff: Effective) -> Layer:
+    """gpt-oss's MXFP4 experts (``quant_method: "mxfp4"``, formats.md §2): ``blocks`` U8
+    ``[E, N, K/32, 16]`` (32 FP4 codes per block, the low nibble the even element) and ``scales``
+    U8 ``[E, N, K/32]`` (E8M0 exponents), a stack of experts ``[E, N, K]``: MLX's mxfp4 bytes
+    in another shape. gate_up_proj's rows interleave gate (even) and up (odd)."""
+    comps = module.tensors
+    b, s = comps["blocks"], comps["scales"]
+    layer = Layer(module.path, "gptoss-mxfp4", comps, bits=4, group_size=32, mode="mxfp4", dtype="F32",
+                  source=eff.source or "gpt-oss mxfp4 blocks")
+    if b.dtype != "U8" or s.dtype not in ("U8", "F8_E8M0"):
+        layer.problem = (f"blocks {b.dtype} / scales {s.dtype}: gpt-oss's mxfp4 stores U8 blocks of packed FP4 codes "
+                         "and U8 (E8M0) exponents")
+    elif len(b.shape) < 3 or b.shape[-1] != 16 or tuple(s.shape) != tuple(b.shape[:-1]):
+        layer.problem = (f"blocks {list(b.shape)} and scales {list(s.shape)} do not fit gpt-oss's layout "
+                         "(blocks [..., N, K/32, 16], scales [..., N, K/32])")
+    else:
+        layer.shape = (*b.shape[:-2], b.shape[-2] * 32)
+    return layer
 
 
 def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]) -> Layer:

@@ -587,31 +587,29 @@ def c_method_mismatch(tmp):
     return make_gptq(tmp / "m", qcfg=q), "config.method-mismatch", None
 
 
-def _gpt_oss(tmp):
-    # gpt-oss's experts as openai ships them: U8 blocks of 32 FP4 codes (16 bytes) and E8M0 scale
-    # bytes per block, beside bf16 attention: a format quantscope does not decode, and its
-    # modules passed without a word
+def _hqq_like(tmp):
+    # HQQ's layout (W_q codes, scale and zero per group), which quantscope does not decode, beside
+    # bf16 attention: its modules passed without a word
     rng = _rng(13)
-    e, rows, k = 2, 2 * INTER, HIDDEN
-    ex = "model.layers.0.mlp.experts"
+    up = "model.layers.0.mlp.up_proj"
     t = {"model.layers.0.self_attn.q_proj.weight": rng.normal(0, 0.02, (HIDDEN, HIDDEN)).astype(BF16),
          "model.layers.0.input_layernorm.weight": np.ones(HIDDEN, BF16),
-         f"{ex}.gate_up_proj_blocks": rng.integers(0, 256, (e, rows, k // 32, 16), dtype=np.uint8),
-         f"{ex}.gate_up_proj_scales": rng.integers(120, 130, (e, rows, k // 32), dtype=np.uint8),
-         f"{ex}.gate_up_proj_bias": rng.normal(0, 0.02, (e, rows)).astype(BF16)}
+         f"{up}.W_q": rng.integers(0, 256, (INTER // 2, HIDDEN), dtype=np.uint8),
+         f"{up}.scale": rng.uniform(0.01, 0.02, (INTER * HIDDEN // 64, 1)).astype(np.float16),
+         f"{up}.zero": rng.uniform(7, 8, (INTER * HIDDEN // 64, 1)).astype(np.float16)}
     folder = tmp / "m"
     folder.mkdir(parents=True, exist_ok=True)
     write_st(folder / "model.safetensors", t, {"format": "pt"})
-    _write_cfg(folder, _cfg(model_type="gpt_oss", quantization_config={"quant_method": "mxfp4"}))
+    _write_cfg(folder, _cfg(quantization_config={"quant_method": "hqq", "nbits": 4, "group_size": 64}))
     return folder
 
 
 def c_unsupported_layout(tmp):
-    return _gpt_oss(tmp), "layer.unsupported", "model.layers.0.mlp.experts"
+    return _hqq_like(tmp), "layer.unsupported", "model.layers.0.mlp.up_proj"
 
 
 def c_unsupported_method(tmp):
-    return _gpt_oss(tmp), "config.unsupported-method", None
+    return _hqq_like(tmp), "config.unsupported-method", None
 
 
 def c_marlin(tmp):
