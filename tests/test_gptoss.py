@@ -98,7 +98,7 @@ def test_measured_against_mlx_lms_split_conversion_row_for_row(gptoss, tmp_path)
     experts.gate_proj / up_proj; here requantized at 8 bit affine, so every figure is that of
     the rows it names: a gate row set against an up row would give rel_fro ~1.4, not ~0.13 (the
     MXFP4 reference's own error against the 8-bit copy of the bf16 weights)."""
-    folder, expect, dense = gptoss
+    folder, _, dense = gptoss
     out = {}
     for proj, w in dense.items():
         halves = {"gate_proj": w[:, ::2], "up_proj": w[:, 1::2]} if proj == "gate_up_proj" else {proj: w}
