@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("variants", nargs="+", metavar="CKPT", help="quantized checkpoints to compare")
     pc.add_argument("--json", dest="json_out", metavar="OUT",
                     help="write the per-layer metrics as JSON (-: to stdout, the table then goes to stderr; an "
-                         "existing JSON file is replaced, any other file refused)")
+                         "existing JSON file compare wrote is replaced, any other file refused)")
     pc.add_argument("--csv", dest="csv_out", metavar="OUT",
                     help="write the per-layer metrics as CSV (-: to stdout, the table then goes to stderr; a CSV "
                          "compare wrote is replaced, any other file refused)")
@@ -229,7 +229,10 @@ def cmd_info(args) -> int:
         # said once near the top: each row said it, far down, and the summary undercounted unseen
         out.append(f"{len(broken)} layer(s) cannot be decoded (each says why below; `quantscope doctor` "
                    f"gives the findings), e.g. {printable(broken[0]['name'])}: {printable(broken[0]['problem'])}")
-    by_name = {t["name"]: t for t in s["tensors"]}
+    from quantscope.backend.checkpoint import split_name
+    # each module's tensors by (module, component), as the checkpoint split their names (gpt-oss's
+    # …gate_up_proj_blocks; a tensor named "." has an empty module and component: a KeyError)
+    by_part = {split_name(t["name"]): t for t in s["tensors"]}
     out.append("layers:")
     # columns as wide as their longest entry (modelopt-nvfp4, a bitsandbytes quant_state's name
     # pushed the rest out of line)
@@ -257,8 +260,9 @@ def cmd_info(args) -> int:
         if layer.get("warning"):
             out.append(f"      warning: {layer['warning']}")
         for c in layer["tensors"]:
-            # (by the module's own record of the name: gpt-oss's are …gate_up_proj_blocks)
-            t = by_name.get(f"{mpath}.{c}" if c else mpath) or by_name[f"{mpath}_{c}"]
+            t = by_part.get((mpath, c))
+            if t is None:
+                continue
             tshape = "×".join(map(str, t["shape"])) or "scalar"
             out.append(f"      .{c:<{cw}} {t['dtype']:<8} {tshape:<16} {human_bytes(t['bytes']):>10}  {t['file']}")
     from quantscope.backend.outfile import terminal_text

@@ -187,7 +187,9 @@ def run_compare(args) -> int:
             unopened[path] = exc
     if not variants:  # nothing to compare: the (first) reason is the error
         raise next(iter(unopened.values()))
-    for out, starts, what in ((args.json_out, (b"{",), "a JSON file"), (args.csv_out, (b"name,",), "compare's CSV")):
+    # (any JSON file was replaced: --json at another model's config.json or index destroyed it)
+    json_starts = (b'{\n "quantscope_version"', b'{\n "reference"')  # compare's, this version's and older
+    for out, starts, what in ((args.json_out, json_starts, "compare's JSON"), (args.csv_out, (b"name,",), "compare's CSV")):
         refuse_writing_into(out, [ref, *variants.values()])
         if out:  # (an existing file of another kind is not replaced)
             refuse_another_kind(out, starts, what)

@@ -1200,7 +1200,16 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
     result = SweepResult(engine=engine_info(eng))
     rx = _layers_pattern(reference, layers) if layers is not None else None
     for label, vm in variants.items():
-        al = align(reference, vm, label=label)
+        try:
+            al = align(reference, vm, label=label)
+        except (QuantscopeError, ValueError, TypeError, IndexError, KeyError) as exc:
+            # one variant's odd file costs that variant, named, never the others' figures (an
+            # IndexError here was exit 3 with no JSON for the good variants)
+            _logger.debug("aligning %s failed", label, exc_info=True)
+            err = exc if isinstance(exc, QuantscopeError) else CompareError(
+                f"cannot be aligned with the reference: {type(exc).__name__}: {exc}", file=vm.ckpt.source)
+            result.failed[label] = err
+            continue
         unmatched = al.unmatched if rx is None else [u for u in al.unmatched if rx.search(u.layer) or (
             (sw := switch_path(u.layer)) is not None and rx.search(sw[0]))]  # (an expert: by its stack's name too)
         result.unmatched.extend(unmatched)  # (a failed variant's too: the JSON/CSV list them)

@@ -272,6 +272,8 @@ class Alignment:
 
 
 def _flat_rows(shape) -> tuple[int, int]:
+    if not shape:  # (a scalar: no rows; detection calls such a layer broken)
+        return 0, 0
     return int(math.prod(shape[:-1])), int(shape[-1])
 
 
@@ -501,6 +503,10 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
             continue
         if cname in ref and _comparable(ref[cname]):
             continue  # already reported from the reference side
+        broken = ref.get(cname)
+        if broken is not None and broken.problem:  # (it is there, but nothing can read it: said so)
+            al.unmatched.append(Unmatched(label, vl.path, f"the reference's layer cannot be decoded: {broken.problem}"))
+            continue
         al.unmatched.append(Unmatched(label, vl.path, "quantized in the variant but absent in the reference"))
 
     _find_smoothing(reference, variant, al, ref, var, interleaved)

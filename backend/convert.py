@@ -785,6 +785,7 @@ def _refuse_broken(model: Model, layer: Layer) -> None:
     packed = any(t.dtype in ("U8", "I8", "U16", "I16", "U32", "I32") and len(t.shape) >= 2
                  for t in layer.tensors.values())
     if stale or layer.scheme == "unknown" and (any(c in layer.tensors for c in _QUANT_PARTS) or packed
+                                               or layer.settings.get("scalar_weight")
                                                or (w is not None and w.dtype not in _FLOAT_ST)):
         raise LayerConversionError(f"cannot convert: {layer.problem or 'packed codes that nothing decodes'}",
                               file=model.ckpt.source, tensor=layer.path, rule="convert.undecodable")

@@ -117,6 +117,8 @@ RULES: dict[str, Rule] = _rules(
     ("container.metadata-format", "error", "R22", "__metadata__.format not pt/tf/flax/mlx: transformers refuses the file"),
     ("container.header-padding", "info", None, "header padded beyond the 8-byte alignment"),
     ("container.offset-order", "info", None, "header order differs from the data order"),
+    ("container.odd-name", "warning", None, ("a tensor name no module path can be: empty, a leading or trailing dot, or "
+                                             "an empty part (..): loaders match it to no parameter")),
     ("container.pickle-beside", "info", None, "pickle checkpoint files next to the safetensors"),
     # index ↔ shards
     ("index.json", "error", "R23", "the index file is not valid JSON of the expected shape"),
@@ -964,7 +966,7 @@ class _Doctor:
                 # A module no scheme recognises may be a format quantscope does not know: a warning.
                 # ...but a packed qweight (GPTQ/AWQ) without what decodes it is a broken layer
                 unknown = layer.scheme == "unknown" and not any(c in comps for c in ("qweight", "weight_packed")) \
-                    and not (comps.keys() & QUANT_PARTS)
+                    and not (comps.keys() & QUANT_PARTS) and not layer.settings.get("scalar_weight")
                 if layer.settings.get("split_across_shards"):  # (the file is one shard: said as such)
                     col.add("layer.inconsistent", layer.problem, file=file, layer=path, severity="warning")
                     continue
@@ -981,6 +983,7 @@ class _Doctor:
         self._check_expert_set()
         self._check_fused_and_split()
         self._check_mlx_version()
+        self._check_names()
         self._check_config(cfg, ck)
 
     def _check_extra_parts(self, layer) -> None:
@@ -1097,6 +1100,18 @@ class _Doctor:
                         f"layer has K={int(k_bits)} inputs, which is not a dimension of this model; {b} bit / group "
                         f"{g} gives K={wp * 32 // b}. The shapes fit both, so loaders decode silent garbage "
                         "(b·G swapped) — fix bits/group_size in config.json", file=file, tensor=tname, layer=path)
+
+    def _check_names(self) -> None:
+        """Tensor names that no module path can be (``.``, ``a..b``, ``x.``): a loader maps names
+        to parameters by their dotted path, so such a tensor is "unexpected" and the parameter it
+        was meant for is left untrained, loudly or not."""
+        odd = [n for n in self.ckpt.names if not n or n.startswith(".") or n.endswith(".") or ".." in n]
+        if odd:
+            t = self.ckpt.info(odd[0])
+            more = f" and {len(odd) - 1} more" if len(odd) > 1 else ""
+            self.col.add("container.odd-name", f"tensor name {odd[0]!r}{more} is no module path (an empty part, or a "
+                         "leading or trailing dot): loaders match it to no parameter, and the one it was meant for "
+                         "is missing — rename it", file=getattr(t, "file", None), tensor=odd[0])
 
     def _check_fused_and_split(self) -> None:
         """``X.qkv_proj`` beside ``X.q_proj`` (or gate_up_proj beside gate_proj/up_proj): a model

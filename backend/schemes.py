@@ -313,6 +313,11 @@ def detect(module: Module, cfg: QuantConfig, dims: set[int], ckpt: Checkpoint) -
     comps = module.tensors
     eff = cfg.effective(module.path)
     c = set(comps)
+    scalar = [k for k in ("weight", "qweight", "weight_packed", "blocks") if k in comps and not comps[k].shape]
+    if scalar:  # (every decoder and the alignment indexed its last dimension: IndexError, exit 3)
+        return Layer(module.path, "unknown", comps, source=eff.source, settings={"scalar_weight": True},
+                     problem=f"its {scalar[0]} is a scalar (0-d): no layer stores its weights so, and loaders "
+                             "fail on it")
     if {"B", "s"} <= c or (cfg.kind == "gptq" and cfg.globals.get("checkpoint_format") == "marlin"
                            and "qweight" in c):
         return Layer(module.path, "gptq-marlin", comps, bits=eff.bits, group_size=eff.group_size,

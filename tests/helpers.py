@@ -27,17 +27,20 @@ def write_raw(path: Path, header: dict | bytes, data: bytes = b"", *, length: in
 
 
 def write_st(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None,
-             *, pad: bool = True) -> Path:
-    """Write a valid safetensors file (our own writer, used only to build fixtures)."""
+             *, pad: bool = True, scalars: bool = False) -> Path:
+    """Write a valid safetensors file (our own writer, used only to build fixtures). A 0-d array
+    is written as shape [1] (np.ascontiguousarray's way), or as [] with ``scalars``."""
     header: dict = {}
     if metadata is not None:
         header["__metadata__"] = metadata
     off = 0
     chunks = []
     for name, a in tensors.items():
+        shape = list(np.shape(a)) if scalars else None
         a = np.ascontiguousarray(a)
         b = a.tobytes()
-        header[name] = {"dtype": st_dtype(a), "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
+        header[name] = {"dtype": st_dtype(a), "shape": list(a.shape) if shape is None else shape,
+                        "data_offsets": [off, off + len(b)]}
         chunks.append(b)
         off += len(b)
     hb = json.dumps(header).encode()

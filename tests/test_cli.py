@@ -410,7 +410,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, capsys,
     monkeypatch.undo()
     # a report that fails half-way: the same
     rep = tmp_path / "r.json"
-    rep.write_text("{old}")
+    rep.write_text('{\n "quantscope_version": "old"}')  # (an earlier one of compare's)
 
     def broken(obj, fh, **k):
         fh.write("{\"layers\": [")
@@ -419,7 +419,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, capsys,
     monkeypatch.setattr(json, "dump", broken)
     assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
                  "--json", str(rep)]) == 2
-    assert rep.read_text() == "{old}" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.npy"]
+    assert rep.read_text() == '{\n "quantscope_version": "old"}' and sorted(p.name for p in tmp_path.iterdir()) == [
+        "r.json", "w.npy"]
     assert f"cannot write {rep}" in capsys.readouterr().err
 
 
@@ -1170,3 +1171,32 @@ def test_version_and_a_mistyped_command(capsys, monkeypatch):
     assert main(["bogus"]) == 2
     err = capsys.readouterr().err
     assert "'bogus': no such file or folder, and no command of that name" in err and "compare" in err
+
+
+def test_json_out_replaces_only_a_json_file_compare_wrote(tmp_path, capsys, real_fixtures):
+    """--json at another model's config.json (or index) replaced it: any JSON file was taken for
+    one of compare's. Now only compare's own JSON is replaced."""
+    ref, var = str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64")
+    other = tmp_path / "config.json"
+    other.write_text('{"model_type": "llama", "hidden_size": 64}')
+    assert main(["compare", "--reference", ref, var, "--json", str(other)]) == 2
+    assert "is not compare's JSON: not replaced" in capsys.readouterr().err
+    assert json.loads(other.read_text()) == {"model_type": "llama", "hidden_size": 64}
+    out = tmp_path / "c.json"
+    assert main(["compare", "--reference", ref, var, "--json", str(out)]) == 0
+    first = out.read_text()
+    assert main(["compare", "--reference", ref, var, "--json", str(out)]) == 0  # (its own: replaced)
+    assert json.loads(out.read_text())["layers"] == json.loads(first)["layers"]
+    capsys.readouterr()
+
+
+def test_info_lists_a_tensor_whatever_its_name(tmp_path, capsys, real_fixtures):
+    # a tensor named "." (empty module and component) was a KeyError in info: exit 3
+    import shutil
+    src = tmp_path / "m"
+    shutil.copytree(real_fixtures / "base-bf16", src)
+    t, meta = read_all(src / "model.safetensors")
+    t["."] = t.pop("model.norm.weight")
+    write_st(src / "model.safetensors", t, meta)
+    assert main(["info", str(src)]) == 0
+    assert "model.layers.1.self_attn.v_proj" in capsys.readouterr().out

@@ -383,3 +383,39 @@ def test_one_shard_opened_alone_says_where_the_rest_of_each_layer_is(tmp_path, c
     assert "0 error(s)" in out and "split across shards" in out and "tie_word_embeddings" not in out
     assert main(["dequant", str(dst), layer, "-o", str(tmp_path / "o.npy")]) == 0  # the folder: whole
     capsys.readouterr()
+
+
+def test_a_scalar_weight_costs_its_layer_alone(tmp_path, capsys, real_fixtures):
+    """A 0-d weight (one value where a matrix was): compare, convert and the window failed with
+    IndexError (exit 3, and no figures for the good variants beside it); the doctor said nothing
+    and convert copied it into an MLX output mlx-lm cannot load."""
+    from helpers import read_all, write_st
+    from quantscope.backend.doctor import diagnose
+    q = "model.layers.0.self_attn.q_proj"
+    for src, name in ((real_fixtures / "base-bf16", "dense"), (FIXTURES / "llmcompressor-fp8", "fp8")):
+        bad = tmp_path / name
+        shutil.copytree(src, bad)
+        t, meta = read_all(bad / "model.safetensors")
+        t[f"{q}.weight"] = t[f"{q}.weight"].reshape(-1)[:1].reshape(())
+        write_st(bad / "model.safetensors", t, meta, scalars=True)
+        assert main(["convert", str(bad), str(tmp_path / f"{name}-out"), "--to", "mlx"]) == 2
+        assert "its weight is a scalar (0-d)" in capsys.readouterr().err
+        assert not (tmp_path / f"{name}-out").exists()
+        hits = [f for f in diagnose(bad) if f.layer == q]
+        assert hits and hits[0].severity == "error" and "scalar (0-d)" in hits[0].message
+    out = tmp_path / "c.json"
+    rc = main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(FIXTURES / "gptqmodel-gptq-w4g128"),
+               str(tmp_path / "dense"), "--json", str(out)])
+    assert rc == 1  # (a layer that cannot be decoded)
+    data = json.loads(out.read_text())
+    good = [r for r in data["layers"] if r["variant"].endswith("gptqmodel-gptq-w4g128")]
+    assert len(good) >= 14 and all(0 < r["rel_fro"] < 0.3 for r in good)
+    why = [u["reason"] for u in data["unmatched"] if u["variant"].endswith("dense") and u["layer"] == q]
+    assert why and "scalar (0-d)" in why[0]
+    # as the reference, the variant's layer is said to meet a reference layer that cannot be read
+    assert main(["compare", "--reference", str(tmp_path / "dense"), str(FIXTURES / "gptqmodel-gptq-w4g128"),
+                 "--json", str(out)]) in (0, 1)
+    why = [u["reason"] for u in json.loads(out.read_text())["unmatched"] if u["layer"] == q]
+    assert why == ["the reference's layer cannot be decoded: its weight is a scalar (0-d): no layer stores its "
+                   "weights so, and loaders fail on it"]
+    capsys.readouterr()

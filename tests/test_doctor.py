@@ -612,6 +612,13 @@ def c_unsupported_method(tmp):
     return _hqq_like(tmp), "config.unsupported-method", None
 
 
+def c_odd_name(tmp):
+    # a tensor renamed "." (a bad merge script): it meets no parameter, and model.norm is missing
+    t = _mlx_tensors()
+    t["."] = t.pop("model.norm.weight")
+    return make_mlx(tmp / "m", t), "container.odd-name", "."
+
+
 def c_marlin(tmp):
     q = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "checkpoint_format": "marlin"}
     return make_gptq(tmp / "m", qcfg=q), "gptq.marlin", Q0
@@ -897,7 +904,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_metadata_format, c_pickle, c_index_no_weight_map, c_index_bad_json, c_missing_shard, c_unsafe_path,
          c_tensor_missing, c_tensor_unlisted, c_duplicate_tensor, c_stray_file, c_total_size, c_config_unreadable, c_config_bom,
          c_biases_without_scales, c_scales_not_quantized, c_missing_biases, c_fp_with_biases, c_weight_dtype,
-         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_bits_group_reads_another_dimension, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_unsupported_layout, c_unsupported_method, c_fused_and_split,
+         c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_bits_group_reads_another_dimension, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_odd_name, c_unsupported_layout, c_unsupported_method, c_fused_and_split,
          c_e8m0_scale, c_e8m0_exponents_as_floats, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys, c_gptq_dynamic_not_quantized,
          c_gptq_dynamic_bad_regex,
          c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
