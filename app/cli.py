@@ -309,11 +309,12 @@ def cmd_dequant(args) -> int:
         _save_npy(args.output, w)
     route = getattr(engine, "last_path", "")
     bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+    from quantscope.backend.outfile import terminal_text
     if bad:  # the file's values, written as they are: but said
-        print(f"quantscope: warning: {bad:,} of {w.size:,} values of {args.layer} are NaN or inf "
-              f"(`quantscope doctor {args.path}` names the tensors)", file=sys.stderr)
-    print(f"{args.layer}: {layer.scheme} {'×'.join(map(str, w.shape))} float32 -> {args.output} "
-          f"(engine {engine.name}{': ' + route if route else ''})",
+        print(terminal_text(f"quantscope: warning: {bad:,} of {w.size:,} values of {args.layer} are NaN or inf "
+                            f"(`quantscope doctor {args.path}` names the tensors)"), file=sys.stderr)
+    print(terminal_text(f"{args.layer}: {layer.scheme} {'×'.join(map(str, w.shape))} float32 -> {args.output} "
+                        f"(engine {engine.name}{': ' + route if route else ''})"),
           file=sys.stderr if args.output == "-" or _is_stdout(args.output) else sys.stdout)  # not into the data
     # written as the config says, but likely not what the file holds: a script must not take it as success
     return 1 if suspect else 0

@@ -12,7 +12,7 @@ import threading
 
 from quantscope.backend.compare import ANOTHER_MODEL, smoothing_mark
 from quantscope.backend.errors import QuantscopeError
-from quantscope.backend.outfile import atomic_output, printable, terminal_lines
+from quantscope.backend.outfile import atomic_output, printable, terminal_lines, terminal_text
 
 from .progress_bar import ProgressBar, kernels_ready
 
@@ -149,7 +149,8 @@ def format_table(result, labels: list[str]) -> str:
         lines.append(f"not compared ({len(unmatched)}):")
         for u in unmatched:
             lines.append(f"  {short.get(u.variant, u.variant)}: {u.layer}: {u.reason}")
-    return "\n".join(lines)
+    # each line escaped as a whole: a name holding a newline (a folder named so) split its line
+    return "\n".join(terminal_text(ln) for ln in lines)
 
 
 def run_compare(args) -> int:
@@ -178,7 +179,7 @@ def run_compare(args) -> int:
             if seen[real] in unopened:
                 continue  # (its error is said once)
             again = f"{path} given twice" if path == seen[real] else f"{path} is {seen[real]} again"
-            print(f"quantscope: {again}: compared once", file=sys.stderr)
+            print(terminal_text(f"quantscope: {again}: compared once"), file=sys.stderr)
             continue
         seen[real] = path
         try:
@@ -228,10 +229,10 @@ def run_compare(args) -> int:
         sys.stdout.write(terminal_lines(format_table(result, labels)) + "\n")
     quantized = sorted({lay.scheme for lay in ref.layers.values() if lay.quantized})
     if quantized:  # (verifying a conversion, or the paths swapped): said, as the window says it
-        print(f"quantscope: note: the reference {args.reference} is quantized ({', '.join(quantized)}): the errors "
-              "are measured against its decode, not against dense weights", file=sys.stderr)
+        print(terminal_text(f"quantscope: note: the reference {args.reference} is quantized ({', '.join(quantized)}): "
+                            "the errors are measured against its decode, not against dense weights"), file=sys.stderr)
     for err in [*result.failed.values(), *map(_reason, unopened.values())]:  # the others were compared
-        print(f"quantscope: error: {err}", file=sys.stderr)
+        print(terminal_text(f"quantscope: error: {err}"), file=sys.stderr)
     # 1: compared, but a variant's config is contradicted by its own tensors (as dequant/convert),
     # or some of its layers could not be decoded (listed with the layers not compared)
     undecodable = any("cannot be decoded" in u.reason for u in result.unmatched)

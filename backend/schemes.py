@@ -685,6 +685,13 @@ def _detect_ct_packed(module: Module, cfg: QuantConfig, eff: Effective, ckpt: Ch
         except QuantscopeError:
             shape = None
     scale = comps.get("weight_scale")
+    if shape is not None and (len(shape) < 2 or min(shape) <= 0):
+        # (read as a shape, [-384, 384] made a "shape mismatch" row and exit 0; the layer cannot be
+        # decoded, and loaders fail on it)
+        scheme = "ct-pack" if wp.dtype != "U8" else "ct-nvfp4" if "weight_global_scale" in comps else "ct-mxfp4"
+        return Layer(path, scheme, comps, bits=eff.bits, group_size=eff.group_size, settings=settings,
+                     source=eff.source, problem=f"weight_shape {list(shape)} is no shape of a weight matrix (its "
+                                                "sizes must be positive): the layer cannot be unpacked")
     int_pack = settings.get("format") == "pack-quantized" or settings.get("type") == "int"
     if wp.dtype == "U8" and int_pack and scale is not None and scale.dtype in ("F32", "F16", "BF16") \
             and "weight_global_scale" not in comps:

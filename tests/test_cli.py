@@ -1200,3 +1200,15 @@ def test_info_lists_a_tensor_whatever_its_name(tmp_path, capsys, real_fixtures):
     write_st(src / "model.safetensors", t, meta)
     assert main(["info", str(src)]) == 0
     assert "model.layers.1.self_attn.v_proj" in capsys.readouterr().out
+
+
+def test_a_name_holding_a_newline_never_splits_a_line(tmp_path, capsys, real_fixtures):
+    # the "not compared" lines, the summary and dequant's line printed a folder's newline as is
+    import shutil
+    odd = tmp_path / "odd\nname"
+    shutil.copytree(real_fixtures / "mlx-affine-q4-g64", odd)
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(odd)]) == 0
+    out = capsys.readouterr().out
+    assert "odd\\x0aname: 16 layers" in out and not any(ln == "name" or ln.startswith("name") for ln in out.splitlines())
+    assert main(["dequant", str(odd), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "x\ny.npy")]) == 0
+    assert "x\\x0ay.npy" in capsys.readouterr().out

@@ -419,3 +419,20 @@ def test_a_scalar_weight_costs_its_layer_alone(tmp_path, capsys, real_fixtures):
     assert why == ["the reference's layer cannot be decoded: its weight is a scalar (0-d): no layer stores its "
                    "weights so, and loaders fail on it"]
     capsys.readouterr()
+
+
+def test_a_weight_shape_that_is_no_shape_is_an_undecodable_layer(tmp_path, capsys, real_fixtures):
+    # compressed-tensors' weight_shape [-384, 384]: a "shape mismatch" row and exit 0 before
+    from helpers import read_all, write_st
+    bad = tmp_path / "neg"
+    shutil.copytree(FIXTURES / "llmcompressor-w4a16", bad)
+    f = next(bad.glob("*.safetensors"))
+    t, meta = read_all(f)
+    t["model.layers.0.self_attn.q_proj.weight_shape"] = np.array([-384, 384], np.int64)
+    write_st(f, t, meta)
+    out = tmp_path / "c.json"
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(bad), "--json", str(out)]) == 1
+    why = [u["reason"] for u in json.loads(out.read_text())["unmatched"]
+           if u["layer"] == "model.layers.0.self_attn.q_proj"]
+    assert why and "cannot be decoded: weight_shape [-384, 384] is no shape of a weight matrix" in why[0]
+    capsys.readouterr()
