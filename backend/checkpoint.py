@@ -422,6 +422,9 @@ class Checkpoint:
         for name in CONFIG_FILES:
             q = self.root / name
             if not q.is_file():
+                if q.is_dir() or (q.exists() and not q.is_file()):  # (a folder, a FIFO: loaders fail on it)
+                    kind = "a folder" if q.is_dir() else "not a regular file"
+                    self.warnings.append(f"{name} ignored: it is {kind}")
                 continue
             try:
                 if q.stat().st_size > _MAX_CONFIG_BYTES:

@@ -52,6 +52,9 @@ from .schemes import FP_SCALE_DTYPES, QUANT_PARTS, Layer, gptq_groups, hidden_in
 _logger = logging.getLogger(__name__)
 
 SEVERITIES = ("error", "warning", "info")
+#: Boolean settings of the quantization configs (GPTQ, AWQ, compressed-tensors' per-group args).
+_BOOL_KEYS = ("sym", "desc_act", "true_sequential", "static_groups", "zero_point", "symmetric", "lm_head",
+              "act_order", "is_marlin_format")
 #: The first MLX release that quantizes each affine bit width (formats.md §1.6; 2, 4 and 8 bit
 #: have always been there) and each mode: (version, what).
 MLX_BITS_SINCE = {3: ((0, 21, 0), "3 bit"), 6: ((0, 21, 0), "6 bit"), 5: ((0, 26, 0), "5 bit"),
@@ -139,6 +142,7 @@ RULES: dict[str, Rule] = _rules(
     ("config.unsupported-method", "warning", None, ("quant_method names a format quantscope does not decode, and no "
                                                     "layer has a layout it knows: the quantized layers are left out")),
     ("config.number-type", "warning", None, "a bits / group size setting written as a string or a float (\"4\", 4.0)"),
+    ("config.bool-type", "warning", None, "a boolean setting written as a string (\"false\" reads as true)"),
     ("config.disagree", "warning", None, "quantize_config.json and config.json's quantization_config disagree"),
     # MLX quantization triples
     ("mlx.biases-without-scales", "error", "R18", "`.biases` stored without `.scales`"),
@@ -167,7 +171,7 @@ RULES: dict[str, Rule] = _rules(
     ("gptq.act-order-no-g-idx", "warning", "R5", "desc_act true but layers store no g_idx: loaders assume k // group"),
     ("gptq.g-idx-invalid", "error", "R5", "g_idx values out of range or groups of the wrong size"),
     ("gptq.marlin", "error", "R6", "Marlin-serialized GPTQ is tile-permuted, not plain GPTQ"),
-    ("awq.version", "error", "R7", "AWQ version disagrees with the stored layout, or is not GEMM"),
+    ("awq.version", "error", "R7", "AWQ version disagrees with the stored layout, is not GEMM, or names a layout quantscope does not know"),
     ("awq.legacy-config", "warning", "R7", "AWQ settings only in AutoAWQ's quant_config.json"),
     # compressed-tensors / NVFP4 / FP8 / MX / bnb
     ("moe.experts", "error", None, ("an MoE block's experts: one missing, lacking a projection, of another shape, "
@@ -895,7 +899,8 @@ class _Doctor:
                 self.col.add("config.unreadable", f"{w} — save it without one", file=self.root / w.split(" ")[0])
             elif " ignored: " in w:
                 name = w.split(" ignored: ")[0]
-                fix = "make it readable" if "cannot be read" in w else "fix the JSON"
+                fix = ("make it readable" if "cannot be read" in w else "put the JSON file there" if " it is " in w
+                       else "fix the JSON")
                 self.col.add("config.unreadable", f"{w}; its quantization settings are not used by quantscope, and "
                              f"loaders will fail on it — {fix}", file=self.root / name)
         self.ckpt = ck
@@ -1101,6 +1106,40 @@ class _Doctor:
                         f"{g} gives K={wp * 32 // b}. The shapes fit both, so loaders decode silent garbage "
                         "(b·G swapped) — fix bits/group_size in config.json", file=file, tensor=tname, layer=path)
 
+    def _check_value_types(self, cfg, ck) -> None:
+        """Settings whose JSON type loaders read another way than meant: a boolean written as a
+        string ("false" is true to Python, and to every loader that tests it), an AWQ version whose
+        layout quantscope does not know, an MLX per-layer entry that is neither settings nor a
+        boolean (mlx-lm fails on it)."""
+        col = self.col
+        main = ck.configs.get("config.json") or {}
+        sources = [("config.json", main), (f"config.json[\"quantization_config\"]", main.get("quantization_config"))]
+        sources += [(n, ck.configs.get(n)) for n in ("quantize_config.json", "quant_config.json")]
+        for where, d in sources:
+            if not isinstance(d, dict):
+                continue
+            keys = _BOOL_KEYS if where != "config.json" else ("tie_word_embeddings",)
+            for k in keys:
+                v = d.get(k)
+                if isinstance(v, str):
+                    col.add("config.bool-type", f"{where}: {k} is the string {v!r}: Python and the loaders that test "
+                            f"it read any non-empty string as true — write {k}: "
+                            f"{'false' if v.strip().lower() in ('false', 'no', '0', 'off') else 'true'}",
+                            file=self.root / where.split("[")[0])
+        if cfg.kind == "awq":
+            version = cfg.globals.get("version")
+            if isinstance(version, str) and version.lower() not in ("gemm", "gemv", "gemv_fast"):
+                col.add("awq.version", f"version {version!r} is not a layout quantscope knows (gemm, gemv, gemv_fast): "
+                        "the tensors were read as their shapes say (GEMM), which is right only where the tool "
+                        "saved them in GEMM layout — compare a layer with the tool's own decode",
+                        file=self.root / _cfg_file(cfg), severity="warning")
+        if cfg.kind == "mlx":
+            for key, value in cfg.overrides:
+                if not isinstance(value, (dict, bool)):
+                    col.add("config.bad-value", f"per-layer entry {key!r} is {value!r}: mlx-lm takes a "
+                            "{bits, group_size, mode} object or false there and fails on anything else",
+                            file=self.root / "config.json", layer=key)
+
     def _check_names(self) -> None:
         """Tensor names that no module path can be (``.``, ``a..b``, ``x.``): a loader maps names
         to parameters by their dotted path, so such a tensor is "unexpected" and the parameter it
@@ -1274,6 +1313,7 @@ class _Doctor:
             else:
                 col.add("config.bad-value", f"{message} — loaders fail on it or misread the file; write what "
                         "the tensors were quantized with", file=self.root / _cfg_file(cfg, message))
+        self._check_value_types(cfg, ck)
         if cfg.conflicts:
             col.add("config.disagree", f"quantize_config.json disagrees with config.json's quantization_config: "
                     f"{', '.join(cfg.conflicts)}. transformers, GPTQModel and vLLM read config.json (quantscope "

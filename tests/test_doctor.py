@@ -628,6 +628,30 @@ def c_awq_version(tmp):
     return make_awq(tmp / "m", gemv_layout=True), "awq.version", f"{Q0}.qweight"
 
 
+def c_bool_string(tmp):
+    # desc_act "false": a non-empty string, true to Python and to the loaders that test it
+    q = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "desc_act": "false",
+         "checkpoint_format": "gptq"}
+    return make_gptq(tmp / "m", qcfg=q), "config.bool-type", None
+
+
+def c_awq_unknown_version(tmp):
+    # a version whose layout quantscope does not know (AutoAWQ's marlin packs its tiles otherwise)
+    return edit_cfg(make_awq(tmp / "m"), lambda c: c["quantization_config"].update(version="marlin")), \
+        "awq.version", None
+
+
+def c_mlx_override_value(tmp):
+    q = {"group_size": 64, "bits": 4, "mode": "affine", "model.layers.0.mlp.down_proj": "x"}
+    return make_mlx(tmp / "m", quant=q), "config.bad-value", "model.layers.0.mlp.down_proj"
+
+
+def c_config_folder(tmp):
+    m = make_mlx(tmp / "m")
+    (m / "quantize_config.json").mkdir()
+    return m, "config.unreadable", None
+
+
 def c_qweight_missing(tmp):
     # its qzeros, scales and g_idx left without the packed weights: "no problems found" before
     t = _gptq_tensors()
@@ -907,7 +931,7 @@ CASES = [c_missing, c_too_short, c_lfs_pointer, c_html_page, c_header_not_object
          c_rank, c_scales_shape, c_bits_group_mismatch, c_bits_group_swapped, c_bits_group_reads_another_dimension, c_override_unmatched, c_per_expert, c_config_bad_value, c_config_number_type, c_act_order_no_g_idx, c_empty, c_empty_bare, c_method_mismatch, c_odd_name, c_unsupported_layout, c_unsupported_method, c_fused_and_split,
          c_e8m0_scale, c_e8m0_exponents_as_floats, c_tied_lm_head, c_untied_no_head, c_v1_zero_wrap, c_sym_zeros, c_v1_labelled_v2, c_gptq_config_keys, c_gptq_dynamic_not_quantized,
          c_gptq_dynamic_bad_regex,
-         c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_qweight_missing,
+         c_g_idx_out_of_range, c_g_idx_group_sizes, c_act_order, c_marlin, c_awq_version, c_awq_legacy_config, c_bool_string, c_awq_unknown_version, c_mlx_override_value, c_config_folder, c_qweight_missing,
          c_awq_qzeros_missing, c_g_idx_float, c_bias_misfit, c_weight_beside_qweight, c_negative_scales,
          c_ct_packing, c_ct_zero_point, c_ct_zero_point_missing, c_nvfp4_global_scale, c_fp8_block_size, c_fp8_converted,
          c_bnb_quant_state, c_bnb_nested_half, c_nan_scale, c_inf_dense, c_nan_bias, c_zero_scale, c_zero_layer, c_scale_dtype,
