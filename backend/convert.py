@@ -388,6 +388,14 @@ class _Targets:
             raise ConversionError(f"{len(unknown)} recipe key(s) name no module of the source: "
                                   + ", ".join(repr(k) for k in unknown[:3]) + ("…" if len(unknown) > 3 else "")
                                   + (f" (did you mean {near[0]!r}?)" if near else ""), file=p)
+        # settings for a module that is no weight matrix (a norm, a bias vector) were dropped
+        # without a word: the recipe asked for something no converter does
+        flat = [k for k, v in self.table.items() if isinstance(v, _Q) and not model.layers[k].is_matrix]
+        if flat:
+            lay = model.layers[flat[0]]
+            raise ConversionError(f"recipe entry {flat[0]!r} asks for {self.table[flat[0]].bits}-bit settings, but it "
+                                  f"is no weight matrix (shape {list(lay.shape or ())}): only matrices are quantized "
+                                  "— drop the entry (or give it false)", file=p)
         # the layers it does not name follow the rule without a recipe (or --bits/--group-size/
         # --mode where given): repacked exactly where they can be, dense ones of a quantized
         # source kept dense; they were all requantized at 4/64 (an exact GPTQ source lost 9%)

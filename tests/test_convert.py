@@ -234,6 +234,11 @@ def test_json_recipe_false_and_overrides(demo, out_root, tmp_path):
     with pytest.raises(ConversionError, match="'group_sise' .did you mean 'group_size'"):
         convert(demo.reference, out_root / "ref-typo", to="mlx", recipe=str(recipe), verify=False)
     assert not (out_root / "ref-typo").exists()
+    # settings for a module that is no matrix (a norm) were dropped without a word, exit 0
+    recipe.write_text(json.dumps({"model.norm": {"bits": 4, "group_size": 64}}))
+    with pytest.raises(ConversionError, match="'model.norm' asks for 4-bit settings, but it is no weight matrix"):
+        convert(demo.reference, out_root / "ref-norm", to="mlx", recipe=str(recipe), verify=False)
+    assert not (out_root / "ref-norm").exists()
 
 
 
