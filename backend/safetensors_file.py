@@ -239,6 +239,14 @@ class SafetensorsFile:
                             rule="container.header-json") from None
         if not isinstance(obj, dict):
             raise self._err("header is JSON but not an object", rule="container.header-json")
+        for name, _ in objects[-1]:
+            # an escaped lone surrogate (\ud800) parses in Python but is no Unicode: the reference
+            # parser refuses the header ("header failed validation" said nothing of it)
+            if any("\ud800" <= ch <= "\udfff" for ch in name):
+                raise self._err("the tensor name holds an escaped lone surrogate (\\ud800-\\udfff), which is no "
+                                "Unicode text: the reference parser rejects the header", name.encode(
+                                    "utf-8", "backslashreplace").decode("ascii", "backslashreplace"),
+                                rule="container.header-json")
         seen: set = set()
         for name, _ in objects[-1]:  # (the last entry of a name wins a parse: the first's bytes were
             if name in seen:          # then called an overlap or a gap, the cause unsaid)

@@ -357,3 +357,13 @@ def test_a_file_changed_on_disk_after_opening_is_refused_not_read(tmp_path):
     with pytest.raises(CheckpointError, match="moved or deleted"):
         g.read("a")
     g.close()
+
+
+def test_a_name_holding_a_lone_surrogate_is_named(tmp_path):
+    # "\ud800" escaped in the header parses in Python but is no Unicode: the error said only
+    # "header failed validation"
+    hb = b'{"a\\ud800b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    p = write_raw(tmp_path / "s.safetensors", hb + b" " * (-len(hb) % 8), b"\0" * 4)
+    with pytest.raises(HeaderError, match="lone surrogate") as e:
+        SafetensorsFile(p)
+    assert e.value.tensor is not None and "ud800" in e.value.tensor and e.value.rule == "container.header-json"
