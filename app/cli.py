@@ -229,10 +229,9 @@ def cmd_info(args) -> int:
         # said once near the top: each row said it, far down, and the summary undercounted unseen
         out.append(f"{len(broken)} layer(s) cannot be decoded (each says why below; `quantscope doctor` "
                    f"gives the findings), e.g. {printable(broken[0]['name'])}: {printable(broken[0]['problem'])}")
-    from quantscope.backend.checkpoint import split_name
-    # each module's tensors by (module, component), as the checkpoint split their names (gpt-oss's
-    # …gate_up_proj_blocks; a tensor named "." has an empty module and component: a KeyError)
-    by_part = {split_name(t["name"]): t for t in s["tensors"]}
+    # each module's tensors by their own names (gpt-oss's …gate_up_proj_blocks are the stack's
+    # "blocks"; a tensor named "." has an empty module and component: rebuilt, a KeyError)
+    by_name = {t["name"]: t for t in s["tensors"]}
     out.append("layers:")
     # columns as wide as their longest entry (modelopt-nvfp4, a bitsandbytes quant_state's name
     # pushed the rest out of line)
@@ -260,7 +259,7 @@ def cmd_info(args) -> int:
         if layer.get("warning"):
             out.append(f"      warning: {layer['warning']}")
         for c in layer["tensors"]:
-            t = by_part.get((mpath, c))
+            t = by_name.get((layer.get("tensor_names") or {}).get(c, ""))
             if t is None:
                 continue
             tshape = "×".join(map(str, t["shape"])) or "scalar"
@@ -340,18 +339,19 @@ def _save_npy(path: str, w) -> None:
     save_npy(path, w)
 
 
-def refuse_another_kind(path: str, starts: tuple[bytes, ...], what: str) -> None:
+def refuse_another_kind(path: str, starts: tuple[bytes, ...] | None, what: str, ours=None) -> None:
     """Refuse to replace an existing regular file unless it begins with one of ``starts`` (one
-    this command wrote before: ``what``) or is empty: ``-o notes.txt`` replaced the notes."""
+    this command wrote before: ``what``), ``ours(head)`` says it is one, or it is empty:
+    ``-o notes.txt`` replaced the notes."""
     from quantscope.backend.errors import QuantscopeError
     if path == "-" or not os.path.isfile(path) or not os.path.getsize(path) or _is_stdout(path):
         return
     try:
         with open(path, "rb") as fh:
-            head = fh.read(max(len(x) for x in starts))
+            head = fh.read(512 if starts is None else max(len(x) for x in starts))
     except OSError:
         return  # (said by the write itself)
-    if not head.startswith(starts):
+    if not (ours(head) if ours is not None else head.startswith(starts)):
         raise QuantscopeError(f"{path} exists and is not {what}: not replaced — remove it or give another name")
 
 

@@ -153,6 +153,15 @@ def format_table(result, labels: list[str]) -> str:
     return "\n".join(terminal_text(ln) for ln in lines)
 
 
+def _compare_json(head: bytes) -> bool:
+    """Whether a file beginning with ``head`` is a JSON report compare (or the window's export of
+    it) wrote: any JSON file was replaced, another model's config.json or index among them, and
+    doctor's and info's reports begin with quantscope_version too."""
+    if head.startswith((b'{\n "reference"', b'{\n "layers"')):  # (before quantscope_version was written)
+        return True
+    return head.startswith(b'{\n "quantscope_version"') and b'\n "reference": ' in head
+
+
 def run_compare(args) -> int:
     """Run ``quantscope compare`` (args: reference, variants, json_out, csv_out, engine); exit status."""
     from quantscope.backend.checkpoint import open_checkpoint, refuse_writing_into
@@ -188,12 +197,10 @@ def run_compare(args) -> int:
             unopened[path] = exc
     if not variants:  # nothing to compare: the (first) reason is the error
         raise next(iter(unopened.values()))
-    # (any JSON file was replaced: --json at another model's config.json or index destroyed it)
-    json_starts = (b'{\n "quantscope_version"', b'{\n "reference"')  # compare's, this version's and older
-    for out, starts, what in ((args.json_out, json_starts, "compare's JSON"), (args.csv_out, (b"name,",), "compare's CSV")):
+    for out, starts, what in ((args.json_out, None, "compare's JSON"), (args.csv_out, (b"name,",), "compare's CSV")):
         refuse_writing_into(out, [ref, *variants.values()])
         if out:  # (an existing file of another kind is not replaced)
-            refuse_another_kind(out, starts, what)
+            refuse_another_kind(out, starts, what, ours=_compare_json if starts is None else None)
     kernels_ready()
     bar = ProgressBar("comparing")
     cancel = threading.Event()

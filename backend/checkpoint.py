@@ -38,8 +38,9 @@ _MULTI_SEGMENT = re.compile(r"^(?P<module>.+?)\.(?P<component>weight\.(?:absmax|
                             r"nested_quant_map|quant_state\..+))$")
 
 # gpt-oss's MXFP4 experts: one stacked projection's tensors named ``…experts.{proj}_blocks`` /
-# ``_scales`` / ``_bias`` (formats.md §2), the projection being the module.
-_PACKED_EXPERTS = re.compile(r"^(?P<module>.+\.experts\.[a-z_]+_proj)_(?P<component>blocks|scales|bias)$")
+# ``_scales`` (formats.md §2), the projection being the module (its ``_bias`` joins it in
+# :meth:`Checkpoint.modules`, where the blocks are known to be there).
+_PACKED_EXPERTS = re.compile(r"^(?P<module>.+\.experts\.[a-z_]+_proj)_(?P<component>blocks|scales)$")
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -56,7 +57,7 @@ def split_name(name: str) -> tuple[str, str]:
         m = _MULTI_SEGMENT.match(name)
         if m:
             return m["module"], m["component"]
-    if name.endswith(("_blocks", "_scales", "_bias")):  # (a cheap test first: an index lists 100,000 names)
+    if name.endswith(("_blocks", "_scales")):  # (a cheap test first: an index lists 100,000 names)
         m = _PACKED_EXPERTS.match(name)
         if m:  # gpt-oss: experts.gate_up_proj_blocks -> (experts.gate_up_proj, blocks)
             return m["module"], m["component"]
@@ -495,6 +496,16 @@ class Checkpoint:
                 if m is None:
                     m = mods[mpath] = Module(mpath)
                 m.tensors[comp] = f.info(name)
+            # a gpt-oss stack's bias (…experts.down_proj_bias) joins its blocks; a bf16 gpt-oss's
+            # stays where it was (its weights are the experts module's own parameters)
+            for path, m in list(mods.items()):
+                if "blocks" in m.tensors:
+                    parent, _, proj = path.rpartition(".")
+                    owner = mods.get(parent)
+                    if owner is not None and f"{proj}_bias" in owner.tensors:
+                        m.tensors["bias"] = owner.tensors.pop(f"{proj}_bias")
+                        if not owner.tensors:
+                            del mods[parent]
             self._modules = {k: mods[k] for k in sorted(mods, key=natural_key)}
         return self._modules
 

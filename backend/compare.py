@@ -301,11 +301,11 @@ class SweepResult:
         w.writerow(LAYER_KEYS + ("reason",))
         for r in self.rows:
             d = r.to_dict()
-            w.writerow(printable(["" if d[k] is None else d[k] for k in LAYER_KEYS] + [""]))
+            w.writerow(_csv_cells(["" if d[k] is None else d[k] for k in LAYER_KEYS] + [""]))
         for u in self.unmatched:
             row = dict.fromkeys(LAYER_KEYS, "")
             row.update(name=u.layer, variant=u.variant)
-            w.writerow(printable([row[k] for k in LAYER_KEYS] + [u.reason]))
+            w.writerow(_csv_cells([row[k] for k in LAYER_KEYS] + [u.reason]))
 
     def by_variant(self) -> dict[str, list[LayerMetrics]]:
         out: dict[str, list[LayerMetrics]] = {}
@@ -1014,6 +1014,13 @@ def load_cache(folder) -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _csv_cells(cells: list) -> list:
+    """:func:`printable` cells, a carriage return in a name escaped (``\\x0d``): with lines ending
+    in \\n the csv writer no longer quotes a field that holds one, and readers split the row there."""
+    from .outfile import printable
+    return [c.replace("\r", "\\x0d") if isinstance(c, str) else c for c in printable(cells)]
 
 
 def _listed(obj):

@@ -155,7 +155,8 @@ RULES: dict[str, Rule] = _rules(
     ("mlx.bits-group", "error", "R18", "32·W/b ≠ G·S for the effective bits/group, or K is not a model dimension"),
     ("mlx.override-unmatched", "error", "R17", "a per-layer override names no module of the checkpoint"),
     ("mlx.min-version", "info", "R16", ("the MLX release the checkpoint's bit widths or modes need (3/6 bit 0.21, "
-                                        "5 bit 0.26, mxfp4 0.29, mxfp8/nvfp4 0.29.4, 1 bit newer than 0.32.1)")),
+                                        "5 bit 0.26, mxfp4 0.29, mxfp8/nvfp4 0.29.4, 1 bit 0.32.4: the first known "
+                                        "to decode it)")),
     ("layer.fused-and-split", "warning", None, ("a projection stored both fused (qkv_proj, gate_up_proj) and split: "
                                                 "one set matches no parameter of the model")),
     ("mlx.per-expert", "warning", "R17", ("MoE experts quantized one by one for a model whose mlx-lm class stacks "
@@ -957,9 +958,12 @@ class _Doctor:
             self._check_formats(layer, cfg, file)
             self._check_extra_parts(layer)
             if layer.problem == "no weight tensor recognised" and len(col.findings) == before:
-                packed = sorted((t for t in comps.values() if t.dtype not in DTYPES
-                                 or not DTYPES[t.dtype].is_float or DTYPES[t.dtype].bits <= 8), key=lambda t: t.name)
-                if packed:  # (a float buffer beside no weight, attention sinks say, is no format)
+                # (packed codes are bytes or words of two dimensions or more: I64 position_ids, a BOOL
+                # attention mask, a float buffer such as attention sinks are no format)
+                packed = sorted((t for t in comps.values() if len(t.shape) >= 2 and (
+                    t.dtype in ("U8", "I8", "U16", "I16", "U32", "I32") or t.dtype.startswith("F8_"))),
+                    key=lambda t: t.name)
+                if packed:
                     what = ", ".join(f"{t.name} {t.dtype} {list(t.shape)}" for t in packed[:3])
                     more = f" and {len(packed) - 3} more" if len(packed) > 3 else ""
                     method = f" (quant_method {cfg.kind!r})" if cfg.kind else ""

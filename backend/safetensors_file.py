@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+import re
 import stat
 import struct
 import threading
@@ -73,6 +74,7 @@ class _MetaOnly(msgspec.Struct, rename={"metadata": "__metadata__"}):
 # (None: ``"__metadata__": null``, which mlx's save_safetensors writes without metadata and
 # every reader accepts; a null tensor entry is refused by the checks that follow.)
 _HEADER = msgspec.json.Decoder(dict[str, Entry | None])
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _META = msgspec.json.Decoder(_MetaOnly)
 _get_dtype = attrgetter("dtype")
 _get_shape = attrgetter("shape")
@@ -242,7 +244,7 @@ class SafetensorsFile:
         for name, _ in objects[-1]:
             # an escaped lone surrogate (\ud800) parses in Python but is no Unicode: the reference
             # parser refuses the header ("header failed validation" said nothing of it)
-            if any("\ud800" <= ch <= "\udfff" for ch in name):
+            if not name.isascii() and _SURROGATE.search(name):
                 raise self._err("the tensor name holds an escaped lone surrogate (\\ud800-\\udfff), which is no "
                                 "Unicode text: the reference parser rejects the header", name.encode(
                                     "utf-8", "backslashreplace").decode("ascii", "backslashreplace"),

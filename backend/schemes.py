@@ -109,7 +109,8 @@ class Layer:
                 "mode": self.mode, "shape": list(self.shape) if self.shape else None, "dtype": self.dtype,
                 "bits_per_weight": self.bits_per_weight, "stored_bytes": self.stored_bytes,
                 "settings": self.settings, "source": self.source, "problem": self.problem, "warning": self.warning,
-                "tensors": sorted(self.tensors)}
+                "tensors": sorted(self.tensors),
+                "tensor_names": {c: t.name for c, t in sorted(self.tensors.items())}}
 
 
 class Model:

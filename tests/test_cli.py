@@ -410,7 +410,8 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, capsys,
     monkeypatch.undo()
     # a report that fails half-way: the same
     rep = tmp_path / "r.json"
-    rep.write_text('{\n "quantscope_version": "old"}')  # (an earlier one of compare's)
+    old = '{\n "quantscope_version": "old",\n "reference": "r"}'
+    rep.write_text(old)  # (an earlier one of compare's)
 
     def broken(obj, fh, **k):
         fh.write("{\"layers\": [")
@@ -419,8 +420,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path, capsys,
     monkeypatch.setattr(json, "dump", broken)
     assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
                  "--json", str(rep)]) == 2
-    assert rep.read_text() == '{\n "quantscope_version": "old"}' and sorted(p.name for p in tmp_path.iterdir()) == [
-        "r.json", "w.npy"]
+    assert rep.read_text() == old and sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "w.npy"]
     assert f"cannot write {rep}" in capsys.readouterr().err
 
 
@@ -1212,3 +1212,25 @@ def test_a_name_holding_a_newline_never_splits_a_line(tmp_path, capsys, real_fix
     assert "odd\\x0aname: 16 layers" in out and not any(ln == "name" or ln.startswith("name") for ln in out.splitlines())
     assert main(["dequant", str(odd), "model.layers.0.self_attn.q_proj", "-o", str(tmp_path / "x\ny.npy")]) == 0
     assert "x\\x0ay.npy" in capsys.readouterr().out
+
+
+def test_json_out_keeps_a_doctor_report_and_csv_escapes_a_carriage_return(tmp_path, capsys, real_fixtures):
+    """doctor's and info's JSON begin with quantscope_version too: compare took them for its own
+    and replaced them. A name holding \\r was left unquoted once lines ended in \\n: readers split
+    the row there."""
+    import csv
+    import shutil
+    ref = str(real_fixtures / "base-bf16")
+    odd = tmp_path / "va\rr"
+    shutil.copytree(real_fixtures / "mlx-affine-q4-g64", odd)
+    rep = tmp_path / "doc.json"
+    assert main(["doctor", str(odd), "--json"]) == 0
+    rep.write_text(capsys.readouterr().out)
+    assert main(["compare", "--reference", ref, str(odd), "--json", str(rep)]) == 2
+    assert "is not compare's JSON" in capsys.readouterr().err and "findings" in json.loads(rep.read_text())
+    out = tmp_path / "c.csv"
+    assert main(["compare", "--reference", ref, str(odd), "--csv", str(out)]) == 0
+    with out.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert len({len(r) for r in rows}) == 1 and any("va\\x0dr" in r[1] for r in rows[1:])
+    capsys.readouterr()

@@ -1537,3 +1537,13 @@ def test_a_truncated_shard_is_one_finding_not_one_per_tensor(tmp_path):
     assert len(found) == 1 and found[0].tensor == "model.layers.1.mlp.up_proj.weight"
     assert found[0].also == ["model.layers.1.mlp.down_proj.weight"]  # (the window flags its layer too)
     assert found[0].message.startswith("2 tensors run past the end of the data") and "re-download" in found[0].message
+
+
+def test_integer_and_boolean_buffers_are_no_unknown_format(tmp_path):
+    # position_ids (I64, CLIP/BERT towers) and GPT-J's BOOL attention masks sit in modules with no
+    # weight: they were warned of as packed data of an unknown format
+    t = _mlx_tensors()
+    t["vision_tower.vision_model.embeddings.position_ids"] = np.arange(577, dtype=np.int64)[None]
+    t["transformer.h.0.attn.bias"] = np.tril(np.ones((1, 1, 8, 8), bool))
+    findings = diagnose(make_mlx(tmp_path / "m", t))
+    assert not [f for f in findings if f.rule == "layer.unsupported"], [str(f) for f in findings]

@@ -74,6 +74,7 @@ def test_read_and_decoded_as_mx_dequantize_decodes_the_same_bytes(gptoss):
         layer = m.layers[f"{EX}.{proj}"]
         assert (layer.scheme, layer.bits, layer.group_size, layer.shape) == ("gptoss-mxfp4", 4, 32, want.shape)
         assert set(layer.tensors) == {"blocks", "scales", "bias"} and layer.problem is None
+        assert layer.tensors["bias"].name == f"{EX}.{proj}_bias"
         np.testing.assert_array_equal(NumpyEngine().dequantize(m, layer), want)
         rows = NumpyEngine().row_decoder(m, layer)  # (the sweep's block decodes; none without numba)
         if rows is not None:
