@@ -12,7 +12,12 @@ import threading
 
 from quantscope.backend.compare import ANOTHER_MODEL, smoothing_mark
 from quantscope.backend.errors import QuantscopeError
-from quantscope.backend.outfile import atomic_output, printable, terminal_lines, terminal_text
+from quantscope.backend.outfile import (
+    atomic_output,
+    printable,
+    terminal_lines,
+    terminal_text,
+)
 
 from .progress_bar import ProgressBar, kernels_ready
 

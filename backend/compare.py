@@ -296,7 +296,6 @@ class SweepResult:
             self._write_csv(fh)
 
     def _write_csv(self, fh) -> None:
-        from .outfile import printable
         w = csv.writer(fh, lineterminator="\n")  # (the csv module's default \r\n left \r in awk's last field)
         w.writerow(LAYER_KEYS + ("reason",))
         for r in self.rows:

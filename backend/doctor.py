@@ -39,8 +39,18 @@ import ml_dtypes
 import numpy as np
 
 from .bitpack import unpack_bits
-from .checkpoint import (CONFIG_FILES, INDEX_SUFFIX, PICKLE_SUFFIXES, Checkpoint, _resolve_hf_repo, _within, link_root,
-                         missing_reason, natural_key, split_name)
+from .checkpoint import (
+    CONFIG_FILES,
+    INDEX_SUFFIX,
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    _resolve_hf_repo,
+    _within,
+    link_root,
+    missing_reason,
+    natural_key,
+    split_name,
+)
 from .compare_align import _FUSED, _SWITCH_RE, EXPERT_RE
 from .dtypes import DTYPES
 from .errors import Cancelled, QuantscopeError
@@ -1117,7 +1127,7 @@ class _Doctor:
         boolean (mlx-lm fails on it)."""
         col = self.col
         main = ck.configs.get("config.json") or {}
-        sources = [("config.json", main), (f"config.json[\"quantization_config\"]", main.get("quantization_config"))]
+        sources = [("config.json", main), ('config.json["quantization_config"]', main.get("quantization_config"))]
         sources += [(n, ck.configs.get(n)) for n in ("quantize_config.json", "quant_config.json")]
         for where, d in sources:
             if not isinstance(d, dict):
@@ -1966,7 +1976,8 @@ class _Doctor:
         return med
 
     def _check_codes(self, layer) -> None:
-        from .formats import awq as awqfmt, ct as ctfmt
+        from .formats import awq as awqfmt
+        from .formats import ct as ctfmt
         comps, path, sch, b = layer.tensors, layer.path, layer.scheme, layer.bits
         K = layer.shape[-1]
         seen = np.zeros(1 << b, dtype=np.int64)

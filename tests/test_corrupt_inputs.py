@@ -416,8 +416,8 @@ def test_a_scalar_weight_costs_its_layer_alone(tmp_path, capsys, real_fixtures):
     assert main(["compare", "--reference", str(tmp_path / "dense"), str(FIXTURES / "gptqmodel-gptq-w4g128"),
                  "--json", str(out)]) in (0, 1)
     why = [u["reason"] for u in json.loads(out.read_text())["unmatched"] if u["layer"] == q]
-    assert why == ["the reference's layer cannot be decoded: its weight is a scalar (0-d): no layer stores its "
-                   "weights so, and loaders fail on it"]
+    assert why == [("the reference's layer cannot be decoded: its weight is a scalar (0-d): no layer stores its "
+                    "weights so, and loaders fail on it")]
     capsys.readouterr()
 
 
