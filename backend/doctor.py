@@ -57,11 +57,13 @@ from .errors import Cancelled, QuantscopeError
 from .formats.gptq import mislabelled_format
 from .formats.mlx import E4M3, E8M0, MODE_DEFAULTS, affine_fits
 from .safetensors_file import SafetensorsFile
-from .schemes import FP_SCALE_DTYPES, QUANT_PARTS, Layer, gptq_groups, hidden_input
+from .schemes import FP_SCALE_DTYPES, QUANT_PARTS, Layer, gptq_groups, misread_pair
 
 _logger = logging.getLogger(__name__)
 
 SEVERITIES = ("error", "warning", "info")
+#: Parts of a path that name a tower with widths of its own (not judged against the model's).
+_TOWER_PARTS = ("vision", "visual", "audio", "mm_projector")
 #: Boolean settings of the quantization configs (GPTQ, AWQ, compressed-tensors' per-group args).
 _BOOL_KEYS = ("sym", "desc_act", "true_sequential", "static_groups", "zero_point", "symmetric", "lm_head",
               "act_order", "is_marlin_format")
@@ -1092,8 +1094,6 @@ class _Doctor:
             return
         wp, S = w.shape[-1], s.shape[-1]
         k_bits = wp * 32 / bits
-        dims = self.model.dims
-        skip_dim = any(x in path for x in ("vision", "visual", "audio", "mm_projector"))
         if k_bits != group * S:
             fits = affine_fits(wp, S) if mode == "affine" else []
             hint = f"; the shapes fit {', '.join(f'{b} bit/G{g}' for b, g in fits)}" if fits else ""
@@ -1102,23 +1102,13 @@ class _Doctor:
                     f"settings ({layer.source}){hint}; MLX fails with a shape error — fix the per-layer "
                     "bits/group_size in config.json", file=file, tensor=tname, layer=path)
             return
-        hidden = hidden_input(path, dims)
-        if mode == "affine" and hidden and int(k_bits) not in hidden:
-            alt = [(b, g) for b, g in affine_fits(wp, S) if wp * 32 // b in hidden]
-            if alt:
-                b, g = alt[0]
-                col.add("mlx.bits-group", f"with the effective {bits} bit / group {group} ({layer.source}) the "
-                        f"layer has K={int(k_bits)} inputs, but it takes the hidden size; {b} bit / group {g} gives "
-                        f"K={wp * 32 // b}. The shapes fit both, so loaders decode silent garbage (b·G swapped) "
-                        "— fix bits/group_size in config.json", file=file, tensor=tname, layer=path)
-        elif mode == "affine" and dims and not skip_dim and int(k_bits) not in dims:
-            alt = [(b, g) for b, g in affine_fits(wp, S) if wp * 32 // b in dims]
-            if alt:
-                b, g = alt[0]
-                col.add("mlx.bits-group", f"with the effective {bits} bit / group {group} ({layer.source}) the "
-                        f"layer has K={int(k_bits)} inputs, which is not a dimension of this model; {b} bit / group "
-                        f"{g} gives K={wp * 32 // b}. The shapes fit both, so loaders decode silent garbage "
-                        "(b·G swapped) — fix bits/group_size in config.json", file=file, tensor=tname, layer=path)
+        other = misread_pair(path, wp, S, bits, group, self.model.dims, _TOWER_PARTS) if mode == "affine" else None
+        if other is not None:
+            b, g, k2, why = other
+            col.add("mlx.bits-group", f"with the effective {bits} bit / group {group} ({layer.source}) the layer has "
+                    f"K={int(k_bits)} inputs, {why}; {b} bit / group {g} gives K={k2}. The shapes fit both, so "
+                    "loaders decode silent garbage (b·G swapped) — fix bits/group_size in config.json", file=file,
+                    tensor=tname, layer=path)
 
     def _check_value_types(self, cfg, ck) -> None:
         """Settings whose JSON type loaders read another way than meant: a boolean written as a

@@ -272,6 +272,29 @@ def hidden_input(path: str, dims: set[int]) -> frozenset:
     return hidden
 
 
+def misread_pair(path: str, wp: int, n_scales: int, bits: int, group: int, dims: set[int],
+                 skip: tuple[str, ...] = ()) -> tuple[int, int, int, str] | None:
+    """Another (bits, group) that MLX affine shapes (``wp`` packed words, ``n_scales`` scales a
+    row) fit and that gives the input width the layer should have, where ``bits``/``group`` do
+    not: (bits, group, K, why ``bits``/``group`` look wrong), else None. 4 bit / 64 and 8 bit / 32
+    (and others) fit the same shapes, so a config naming the wrong pair decodes silent garbage of
+    the wrong width. A layer that reads the residual stream (:func:`hidden_input`) must take the
+    hidden size (an up_proj read as 2 bit / 128 instead of 4 bit / 64 took K = the intermediate
+    size, a dimension of the model, and passed); any other one a dimension of the model (not
+    judged for paths holding one of ``skip``: a vision tower's widths are its own)."""
+    hidden = hidden_input(path, dims)
+    if hidden:
+        pool, why = hidden, "but this layer takes the hidden size"
+    elif dims and not any(t in path for t in skip):
+        pool, why = dims, "not a dimension of this model"
+    else:
+        return None
+    if wp * 32 // bits in pool:
+        return None
+    alt = [(b, g) for b, g in affine_fits(wp, n_scales) if (b, g) != (bits, group) and wp * 32 // b in pool]
+    return (alt[0][0], alt[0][1], wp * 32 // alt[0][0], why) if alt else None
+
+
 def _model_dims(cfg: dict) -> Dims:
     """Input dimensions a layer of this model can have (from config.json), for shape inference.
     Not the vocabulary: no layer takes it as input (the embedding's and the head's rows are
@@ -417,33 +440,15 @@ def _detect_mlx(module: Module, cfg: QuantConfig, eff: Effective, dims: set[int]
             hint = f"; the shapes fit {alt[0]} bit / group {alt[1]}" if alt[0] else ""
             layer.problem = f"{exc.message}{hint} (R18)"
             return layer
-        k = layer.shape[-1]
-        hidden = hidden_input(module.path, dims)
-        if hidden and k not in hidden:
-            # a layer that reads the residual stream takes the hidden size: another pair that
-            # gives it is the stronger reading (an up_proj read as 2 bit / 128 instead of 4 bit /
-            # 64 took K = the intermediate size, a dimension of the model, and passed)
-            wp = w.shape[-1]
-            alt = [(b, g) for b, g in affine_fits(wp, s.shape[-1]) if (b, g) != (bits, group) and wp * 32 // b in hidden]
-            if alt:
-                b, g = alt[0]
-                layer.warning = (f"{bits} bit / group {group} ({layer.source}) give K={k} inputs, but this layer "
-                                 f"takes the hidden size; {b} bit / group {g} give K={wp * 32 // b}. The shapes fit "
-                                 "both: if the config's bits/group_size are wrong, this decode is garbage (R18)")
-        elif dims and k not in dims:  # (the embeddings and the head too: their inputs are the hidden size)
-            # 4 bit / 64 and 8 bit / 32 (and others) fit the same shapes: a config that names the
-            # wrong pair decodes silent garbage of the wrong width. Only when another pair gives a
-            # dimension of this model is it called wrong.
-            wp = w.shape[-1]
-            alt = [(b, g) for b, g in affine_fits(wp, s.shape[-1]) if (b, g) != (bits, group) and wp * 32 // b in dims]
-            if alt:
-                # a warning, not a refusal: the model's dimensions come from config keys, and an
-                # architecture with a width under another key (Llama 4's intermediate_size_mlp,
-                # a Mamba mixer) would otherwise have a healthy layer refused
-                b, g = alt[0]
-                layer.warning = (f"{bits} bit / group {group} ({layer.source}) give K={k} inputs, not a dimension of "
-                                 f"this model; {b} bit / group {g} give K={wp * 32 // b}. The shapes fit both: if "
-                                 "the config's bits/group_size are wrong, this decode is garbage (R18)")
+        # a warning, not a refusal: the model's dimensions come from config keys, and an
+        # architecture with a width under another key (Llama 4's intermediate_size_mlp, a Mamba
+        # mixer) would otherwise have a healthy layer refused
+        other = misread_pair(module.path, w.shape[-1], s.shape[-1], bits, group, dims)
+        if other is not None:
+            b, g, k2, why = other
+            layer.warning = (f"{bits} bit / group {group} ({layer.source}) give K={layer.shape[-1]} inputs, {why}; "
+                             f"{b} bit / group {g} give K={k2}. The shapes fit both: if the config's bits/group_size "
+                             "are wrong, this decode is garbage (R18)")
         return layer
     layer.bits, layer.group_size = MODE_DEFAULTS.get(mode, (None, None))
     if said in (None, "affine") and eff.source and "inferred" not in eff.source and (
