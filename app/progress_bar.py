@@ -55,7 +55,9 @@ class ProgressBar:
         # a new percentage is drawn at once, a new count of layers at most every 0.1 s (an MoE
         # sweep finishes 15,000 expert layers: a line each)
         now = time.monotonic()
-        if self._last is not None and pct == self._last[0] and now - self._drawn < 0.1:
+        finished = layers is not None and fraction.layers_done == layers  # (the last count always drawn:
+        # throttled, "100% 13/14 layers" stood as the last frame)
+        if self._last is not None and pct == self._last[0] and now - self._drawn < 0.1 and not finished:
             return
         self._last, self._drawn = state, now
         fill = int(30 * fraction)

@@ -939,6 +939,12 @@ def test_progress_bar_says_layers_and_bytes():
     assert line.startswith("comparing [") and "75%" in line and "layers" not in line
     bar.close()
     assert out.getvalue().endswith("\r")
+    # the last count is drawn however soon after the one before (throttled, "13/14" stood last)
+    out = Tty()
+    bar = ProgressBar("comparing", out)
+    bar(SweepProgress(0.999, 13, 14, 1, 2))
+    bar(SweepProgress(0.9999, 14, 14, 2, 2))
+    assert "14/14 layers" in out.getvalue().split("\r")[-1]
     # a narrow terminal: the bytes left out, then the layers (a wrapped line adds a line per redraw)
     import shutil
     for cols, want in ((70, "]  50%  3/7 layers"), (50, "]  50%")):
