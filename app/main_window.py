@@ -386,6 +386,8 @@ class MainWindow(QMainWindow):
         self.tabs.setElideMode(Qt.TextElideMode.ElideRight)
         self.tabs.setUsesScrollButtons(False)
         self._tab_style = _TabStyle()
+        # (a widget does not own its style: parented to the bar, it lives as long as the bar)
+        self._tab_style.setParent(self.tabs.tabBar())
         self.tabs.tabBar().setStyle(self._tab_style)
         self.tabs.installEventFilter(self)
         self.setCentralWidget(self.tabs)
