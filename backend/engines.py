@@ -35,6 +35,8 @@ def read_parts(model: Model, layer: Layer) -> dict[str, np.ndarray]:
     """Every stored component of a layer as numpy arrays (mmap views). An MLX block-float
     layer's scales typed F8_E8M0 / F8_E4M3 come as their raw bytes, as ``mx.load`` gives them."""
     p = {c: model.ckpt.tensor(t.name) for c, t in layer.tensors.items()}
+    if layer.scheme == "gptoss-mxfp4":  # (MLX's mxfp4 bytes in another shape: its decoders read them)
+        p["weight"], p["scales"] = gptoss_as_mlx(p)
     if layer.scheme in MLX_FP_SCHEMES and p.get("scales") is not None and p["scales"].dtype.itemsize == 1:
         p["scales"] = p["scales"].view(np.uint8)
     return p
@@ -124,11 +126,6 @@ def gptoss_as_mlx(p: dict) -> tuple[np.ndarray, np.ndarray]:
     return b.view(np.uint32), p["scales"].view(np.uint8)
 
 
-def _np_gptoss_mxfp4(layer, p, out=None):
-    w, s = gptoss_as_mlx(p)
-    return mlxfmt.decode_fp(w, s, mode="mxfp4", name=layer.path, out=out)
-
-
 def _np_gptq(layer, p, out=None):
     return gptq.decode(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
                        group_size=layer.group_size, version=_gptq_version(layer), name=layer.path, out=out)
@@ -204,7 +201,7 @@ NUMPY_DECODERS = {
     "dense": _np_dense,
     "mlx-affine": _np_mlx_affine,
     "mlx-mxfp4": _np_mlx_fp, "mlx-mxfp8": _np_mlx_fp, "mlx-nvfp4": _np_mlx_fp,
-    "gptoss-mxfp4": _np_gptoss_mxfp4,
+    "gptoss-mxfp4": _np_mlx_fp,
     "gptq": _np_gptq,
     "awq-gemm": _np_awq_gemm,
     "awq-gemv": _np_awq_gemv,
@@ -217,7 +214,7 @@ _ROW_DECODERS = {
     "mlx-mxfp8": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode, name=layer.path),
     "mlx-nvfp4": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode,
                                                  global_scale=_global_scale(layer, p), name=layer.path),
-    "gptoss-mxfp4": lambda layer, p: mlxfmt.fp_rows(*gptoss_as_mlx(p), mode="mxfp4", name=layer.path),
+    "gptoss-mxfp4": lambda layer, p: mlxfmt.fp_rows(p["weight"], p["scales"], mode=layer.mode, name=layer.path),
     "gptq": lambda layer, p: gptq.rows(p["qweight"], p["qzeros"], p["scales"], p.get("g_idx"), bits=layer.bits,
                                        group_size=layer.group_size, version=_gptq_version(layer), name=layer.path),
     "awq-gemm": lambda layer, p: awq.gemm_rows(p["qweight"], p.get("qzeros"), p["scales"],
@@ -253,7 +250,7 @@ def group_values(model: Model, layer: Layer, r0: int = 0, r1: int | None = None)
         return None  # the decode reports it, with the file named
 
 
-_OUT_CAPABLE = {_np_dense, _np_mlx_affine, _np_mlx_fp, _np_gptoss_mxfp4, _np_gptq, _np_awq_gemm}
+_OUT_CAPABLE = {_np_dense, _np_mlx_affine, _np_mlx_fp, _np_gptq, _np_awq_gemm}
 
 
 class NumpyEngine:
@@ -354,16 +351,12 @@ class MlxEngine:
             y = mx.dequantize(to_mx(p["weight"]), to_mx(p["scales"]), to_mx(p["biases"]),
                               group_size=layer.group_size, bits=layer.bits)
             return from_mx(y.astype(mx.float32))
-        if s in ("mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4"):
+        if s in ("mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4", "gptoss-mxfp4"):  # (gpt-oss's: the bytes mlx-lm's
+            # gpt_oss sanitize hands to mx.dequantize, as read_parts gives them)
             self.last_path = "mx.dequantize"
             gs = _global_scale(layer, p)
             y = mx.dequantize(to_mx(p["weight"]), to_mx(p["scales"]), mode=layer.mode, dtype=mx.float32,
                               **({} if gs is None else {"global_scale": mx.array([gs], mx.float32)}))
-            return from_mx(y.astype(mx.float32))
-        if s == "gptoss-mxfp4":  # (the bytes mlx-lm's gpt_oss sanitize hands to mx.dequantize)
-            self.last_path = "mx.dequantize"
-            w, sc = gptoss_as_mlx(p)
-            y = mx.dequantize(to_mx(w), to_mx(sc), mode="mxfp4", dtype=mx.float32)
             return from_mx(y.astype(mx.float32))
         rep = None
         if s == "gptq":
