@@ -305,9 +305,8 @@ class MainWindow(QMainWindow):
                 for i in range(self.tabs.count())]
         room = self.tabs.width() - 4
 
-        def need(k: int, less: int = 0) -> int:
-            return sum(fm.horizontalAdvance(names[k].replace("&&", "&")) + p - less
-                       for names, p in zip(self._tab_names, pads))
+        def need(k: int) -> int:
+            return sum(fm.horizontalAdvance(names[k].replace("&&", "&")) + p for names, p in zip(self._tab_names, pads))
 
         use = 0 if need(0) <= room else 1
         compact = use == 1 and need(1) > room
