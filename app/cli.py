@@ -263,7 +263,10 @@ def cmd_info(args) -> int:
             if t is None:
                 continue
             tshape = "×".join(map(str, t["shape"])) or "scalar"
-            out.append(f"      .{c:<{cw}} {t['dtype']:<8} {tshape:<16} {human_bytes(t['bytes']):>10}  {t['file']}")
+            stored = "" if t["name"] == f"{mpath}.{c}" else f"  as {t['name'].rsplit('.', 1)[-1]}" + (
+                " [E, K, N], read transposed" if c in layer.get("transposed", ()) else "")
+            out.append(f"      .{c:<{cw}} {t['dtype']:<8} {tshape:<16} {human_bytes(t['bytes']):>10}  {t['file']}"
+                       + stored)
     from quantscope.backend.outfile import terminal_text
     # each line escaped whole (a name's own newline is escaped, not taken for a line break)
     sys.stdout.write("\n".join(map(terminal_text, out)) + "\n")

@@ -120,7 +120,9 @@ def errors_and_notes(rows, quant_only: dict | None = None):
             lines.append(f"the quantization alone (smoothing folded inconsistently): {q:.4f}")
         note = (smoothing_mark(r.smoothing), "\n".join(lines))
         got, said = per.setdefault(r.variant, {}), notes.setdefault(r.variant, {})
-        for key in dict.fromkeys([r.variant_layer, *containers(r.name)]):
+        # (a layer compared with several of the variant's, comma-joined: gate_proj and up_proj of
+        # a stack that a reference keeps fused as gate_up_proj, each shows it)
+        for key in dict.fromkeys([*r.variant_layer.split(","), *containers(r.name)]):
             if worse(r.rel_fro, got.get(key)):
                 got[key], said[key] = r.rel_fro, note
         if r.name not in got:
@@ -935,6 +937,8 @@ class MainWindow(QMainWindow):
                 if top is None or worse(r.rel_fro, top.rel_fro):
                     top = r
             return top.name, f"{path} holds {len(rows)} layers of the reference: showing the worst, {top.name}"
+        if found[1].startswith("its rows of the fused"):  # (gate_proj of a stack the reference keeps as gate_up_proj)
+            return found[0], f"{path} is part of the reference's fused {found[0]}: showing that"
         if ".experts." in found[0]:
             return found[0], (f"{path} stacks the reference's experts: showing {found[0]} "
                               "(once compared: the worst expert)")

@@ -11,6 +11,7 @@ import errno
 import gc
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import msgspec
 
+from .dtypes import DTYPES
 from .errors import CheckpointError, ShardIndexError, UnsafePathError, UnsupportedFormatError
 from .safetensors_file import SafetensorsFile, TensorInfo
 
@@ -41,6 +43,15 @@ _MULTI_SEGMENT = re.compile(r"^(?P<module>.+?)\.(?P<component>weight\.(?:absmax|
 # ``_scales`` (formats.md §2), the projection being the module (its ``_bias`` joins it in
 # :meth:`Checkpoint.modules`, where the blocks are known to be there).
 _PACKED_EXPERTS = re.compile(r"^(?P<module>.+\.experts\.[a-z_]+_proj)_(?P<component>blocks|scales)$")
+# transformers' stacked expert parameters: ``…experts.gate_up_proj`` / ``…experts.down_proj`` are
+# the parameters themselves (no ``.weight``), ``[E, K, N]`` where the model multiplies ``x @ W``
+# (gpt-oss, Llama 4, Qwen3-VL-MoE) or ``[E, N, K]`` (Gemma 4, Qwen3.5-MoE), with gpt-oss's
+# ``…experts.gate_up_proj_bias`` ``[E, N]`` beside them. Each is read as its projection's weight
+# and bias (:meth:`Checkpoint.modules`), ``[E, N, K]`` like every other weight.
+_PARAM_EXPERTS = re.compile(r"^(?P<module>.+\.experts\.(?:gate_up_proj|down_proj|gate_proj|up_proj))(?P<bias>_bias)?$")
+#: model types whose stacked expert parameters are ``[E, N, K]`` (their mlx-lm sanitize splits
+#: gate/up along axis -2 without swapping): where the shapes cannot tell
+_EXPERTS_ROW_MAJOR = ("gemma4", "qwen3_5_moe")
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -52,6 +63,8 @@ def split_name(name: str) -> tuple[str, str]:
     ('model.layers.0.mlp.up_proj', 'weight.quant_state.bitsandbytes__nf4')
     >>> split_name("model.layers.0.mlp.experts.gate_up_proj_blocks")
     ('model.layers.0.mlp.experts.gate_up_proj', 'blocks')
+    >>> split_name("model.layers.0.mlp.experts.down_proj_bias")
+    ('model.layers.0.mlp.experts.down_proj', 'bias')
     """
     if ".weight." in name:
         m = _MULTI_SEGMENT.match(name)
@@ -61,6 +74,10 @@ def split_name(name: str) -> tuple[str, str]:
         m = _PACKED_EXPERTS.match(name)
         if m:  # gpt-oss: experts.gate_up_proj_blocks -> (experts.gate_up_proj, blocks)
             return m["module"], m["component"]
+    if name.endswith(("_proj", "_proj_bias")) and "experts." in name:
+        m = _PARAM_EXPERTS.match(name)
+        if m:  # experts.gate_up_proj -> (experts.gate_up_proj, weight); …_bias -> (…, bias)
+            return m["module"], "bias" if m["bias"] else "weight"
     module, dot, component = name.rpartition(".")
     if not dot:
         return name, ""
@@ -360,6 +377,8 @@ class Checkpoint:
         else:
             self._where = self._merge_files()
         self._modules: dict[str, Module] | None = None
+        self._views: dict[str, TensorInfo] = {}
+        self._expert_copy: tuple[tuple[str | None, int], np.ndarray | None] = ((None, -1), None)
 
     def _index_consistent(self) -> bool:
         """True when every shard holds exactly the tensors the index assigns to it."""
@@ -463,8 +482,19 @@ class Checkpoint:
     def __len__(self) -> int:
         return len(self._where)
 
+    def _view(self, name: str) -> TensorInfo | None:
+        """The view named ``name`` of a stored tensor (see :class:`TensorInfo`'s ``source``);
+        None for a stored name."""
+        if name in self._where:
+            return None
+        if self._modules is None:
+            self.modules()
+        return self._views.get(name)
+
     def file_of(self, name: str) -> SafetensorsFile:
         """The shard holding ``name`` (a CheckpointError naming it if there is none)."""
+        if (v := self._view(name)) is not None:
+            name = v.source
         try:
             return self._where[name]
         except KeyError:
@@ -472,11 +502,43 @@ class Checkpoint:
                                   rule="container.no-tensor") from None
 
     def info(self, name: str) -> TensorInfo:
+        if (v := self._view(name)) is not None:
+            return v
         return self.file_of(name).info(name)
 
     def tensor(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """Read one tensor (or rows ``[start, stop)`` of it) through mmap; read-only array."""
+        """Read one tensor (or rows ``[start, stop)`` of its first axis) through mmap; read-only
+        array. A transposed view (:class:`TensorInfo`) is the stored array with its last two axes
+        swapped: not contiguous (:meth:`rows` reads its flattened rows contiguous)."""
+        if (v := self._view(name)) is not None:
+            a = self.file_of(v.source).read(v.source, rows)
+            return np.swapaxes(a, -1, -2) if v.transposed else a
         return self.file_of(name).read(name, rows)
+
+    def rows(self, name: str, r0: int, r1: int) -> np.ndarray:
+        """Rows ``[r0, r1)`` of tensor ``name`` flattened to ``[rows, last axis]``, in its stored
+        dtype: a view of the mapping, or for a transposed view a contiguous copy made from one
+        expert ``[N, K]`` at a time (the last one kept, so that a sweep's row blocks of an expert
+        transpose it once; its mapped pages are dropped once it is copied)."""
+        v = self._view(name)
+        if v is None or not v.transposed:
+            a = self.tensor(name)
+            return a.reshape(-1, a.shape[-1] if a.ndim else 1)[r0:r1]
+        n = v.shape[-2]
+        r0, r1 = max(0, r0), min(math.prod(v.shape[:-1]), r1)
+        parts = []
+        for e in range(r0 // n, -(-r1 // n)):
+            key, t = self._expert_copy
+            if key != (name, e):
+                f = self.file_of(v.source)
+                t = np.ascontiguousarray(f.read(v.source, (e, e + 1))[0].T)
+                self._expert_copy = ((name, e), t)
+                stride = (v.end - v.start) // v.shape[0]
+                f.release_range(v.start + e * stride, v.start + (e + 1) * stride)
+            parts.append(t[max(r0 - e * n, 0):min(r1 - e * n, n)])
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.empty((0, v.shape[-1]), DTYPES[v.dtype].numpy)
 
     def release(self, names, rows: tuple[int, int] | None = None) -> None:
         """Drop this process's mapped pages of tensors ``names`` (of rows ``[r0, r1)`` of each,
@@ -485,29 +547,68 @@ class Checkpoint:
         for name in names:
             if name in self._where:
                 self._where[name].release_tensor(name, rows)
+            elif (v := self._view(name)) is not None:
+                if not v.transposed or rows is None:  # (a transposed view's rows are no byte range)
+                    self._where[v.source].release_tensor(v.source, rows)
+                if rows is None and self._expert_copy[0][0] == name:
+                    self._expert_copy = ((None, -1), None)
 
     def modules(self) -> dict[str, Module]:
         """Modules in natural order, each with its stored tensors by component."""
         if self._modules is None:
             mods: dict[str, Module] = {}
+            params = []  # (module, component) of transformers' stacked expert parameters
             for name, f in self._where.items():
                 mpath, comp = split_name(name)
                 m = mods.get(mpath)
                 if m is None:
                     m = mods[mpath] = Module(mpath)
-                m.tensors[comp] = f.info(name)
-            # a gpt-oss stack's bias (…experts.down_proj_bias) joins its blocks; a bf16 gpt-oss's
-            # stays where it was (its weights are the experts module's own parameters)
-            for path, m in list(mods.items()):
-                if "blocks" in m.tensors:
-                    parent, _, proj = path.rpartition(".")
-                    owner = mods.get(parent)
-                    if owner is not None and f"{proj}_bias" in owner.tensors:
-                        m.tensors["bias"] = owner.tensors.pop(f"{proj}_bias")
-                        if not owner.tensors:
-                            del mods[parent]
+                info = m.tensors[comp] = f.info(name)
+                if comp == "weight" and name != f"{mpath}.weight":  # (a bias is read under its own name)
+                    params.append((m, comp))
+            self._views = {}
+            # (every orientation decided from the stored shapes before any becomes a view)
+            turn = [comp == "weight" and len(m.tensors[comp].shape) == 3 and self._experts_transposed(m.path, mods)
+                    for m, comp in params]
+            for (m, comp), t in zip(params, turn):
+                info = m.tensors[comp]
+                view = f"{m.path}.{comp}"
+                if view in self._where:  # (a tensor of that name is stored too: it is the module's)
+                    m.tensors[comp] = self._where[view].info(view)
+                    continue
+                shape = info.shape[:-2] + info.shape[-1:] + info.shape[-2:-1] if t else info.shape
+                m.tensors[comp] = self._views[view] = TensorInfo(view, info.dtype, shape, info.file, info.start,
+                                                                 info.end, source=info.name, transposed=t)
             self._modules = {k: mods[k] for k in sorted(mods, key=natural_key)}
         return self._modules
+
+    def _experts_transposed(self, path: str, mods: dict[str, Module]) -> bool:
+        """Whether the stacked expert parameter of projection ``path`` (``…experts.down_proj``) is
+        stored ``[E, K, N]``. gate/up ``[E, a, b]`` and down ``[E, c, d]`` are ``[E, K, N]`` when
+        b = 2c and a = d (gate/up's N is twice down's K), ``[E, N, K]`` when a = 2d and b = c: never
+        both. Without the pair, the hidden size decides (gate/up's K, down's N), then the model type
+        (transformers' experts multiply ``x @ W``, but for Gemma 4's and Qwen3.5-MoE's)."""
+        parent, _, proj = path.rpartition(".")
+
+        def shape(p):
+            m = mods.get(f"{parent}.{p}")
+            t = None if m is None else m.tensors.get("weight")
+            return t.shape if t is not None and len(t.shape) == 3 else None
+
+        gu, dn = shape("gate_up_proj"), shape("down_proj")
+        if gu is not None and dn is not None:
+            if gu[2] == 2 * dn[1] and gu[1] == dn[2]:
+                return True
+            if gu[1] == 2 * dn[2] and gu[2] == dn[1]:
+                return False
+        cfg = self.configs.get("config.json") or {}
+        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+        hidden = text.get("hidden_size", cfg.get("hidden_size"))
+        s = shape(proj)
+        if isinstance(hidden, int) and s is not None and (s[1] == hidden) != (s[2] == hidden):
+            return (s[2] == hidden) == (proj == "down_proj")
+        kind = f"{cfg.get('model_type', '')} {text.get('model_type', '')}"
+        return not any(k in kind for k in _EXPERTS_ROW_MAJOR)
 
     @property
     def total_bytes(self) -> int:

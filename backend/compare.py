@@ -504,8 +504,7 @@ def _sliced(model: Model, layer: Layer, r0: int, r1: int):
     if layer.scheme == "dense" or layer.scheme in ("mlx-affine", "mlx-mxfp4", "mlx-mxfp8", "mlx-nvfp4"):
         for c, info in t.items():
             if c in ("weight", "scales", "biases"):
-                a = ck.tensor(info.name)
-                parts[info.name] = a.reshape(rows, a.shape[-1])[r0:r1]
+                parts[info.name] = ck.rows(info.name, r0, r1)  # (a transposed stack's too)
             else:
                 parts[info.name] = ck.tensor(info.name)
     elif layer.scheme == "gptoss-mxfp4":
@@ -559,7 +558,8 @@ class _Rows:
         self._counter["bytes"] = self._counter.get("bytes", 0) + layer.numel * 4
         if layer.scheme == "dense":  # a plain read: no engine needed; F64 kept (the metrics take it)
             w = np.asarray(model.ckpt.tensor(layer.tensors["weight"].name))
-            return w.reshape(-1, w.shape[-1]).astype(np.float64 if w.dtype == np.float64 else np.float32)
+            w = w.reshape(-1, w.shape[-1])  # (a transposed stack's: a copy in rows)
+            return w.astype(np.float64 if w.dtype == np.float64 else np.float32)
         out = self.engine.dequantize(model, layer)
         return np.asarray(out, np.float32).reshape(-1, layer.shape[-1])
 
@@ -576,7 +576,7 @@ class _Rows:
         for a quantized one."""
         if self.layer.scheme != "dense" or "weight" not in self.layer.tensors:
             return None
-        return np.asarray(self.model.ckpt.tensor(self.layer.tensors["weight"].name)).reshape(-1, self.cols)[r0:r1]
+        return self.model.ckpt.rows(self.layer.tensors["weight"].name, r0, r1)
 
     def get(self, r0: int, r1: int) -> np.ndarray:
         """Rows [r0, r1) (float32, or float64 for an F64 dense layer; may be a view)."""
@@ -2212,10 +2212,15 @@ def _stored(label: str, model: Model, paths: list[str], code_counts: dict, scale
         code_counts[label] = code_counts[label][order[0]]
         if float_codes is not None:
             float_codes[label] = order[1]
-    sc, zp = _scales_zeros(model, vl)
-    if sc is not None:
-        scales[label] = _take_rows(sc, pick.get(paths[0]), vl, per_group=True)
-        zeros[label] = None if zp is None else _take_rows(zp, pick.get(paths[0]), vl, per_group=True)
+    # (each part's: gate_proj and up_proj of a stack that the reference keeps fused)
+    got = [(_scales_zeros(model, model.layers[p]), p) for p in paths]
+    if all(sz[0] is not None for sz, _ in got):
+        taken = [[None if a is None else _take_rows(a, pick.get(p), model.layers[p], per_group=True) for a in sz]
+                 for sz, p in got]
+        for out, i in ((scales, 0), (zeros, 1)):
+            parts = [t[i] for t in taken]
+            out[label] = parts[0] if len(parts) == 1 or parts[0] is None else \
+                np.concatenate([np.asarray(a).ravel() for a in parts])
 
 
 def _take_rows(a: np.ndarray | None, rows: np.ndarray | None, layer: Layer, per_group: bool = False):

@@ -168,7 +168,21 @@ def _ties(model: Model) -> bool:
     return getattr(model.ckpt, "tied_embeddings", None) is not False
 
 
-def counterpart(path: str, model: Model) -> tuple[str, str] | None:
+_PARAM_STACK_RE = re.compile(r"^(?P<pre>.*?)\.(?:experts|switch_mlp|experts\.switch_glu)\.(?P<proj>[a-z_]+_proj)$")
+
+
+def _other_stack_homes(path: str) -> list[str]:
+    """The same projection of a stack of experts where the other layouts keep it: transformers'
+    ``{block}.experts.{proj}`` parameters, mlx-lm's ``{block}.switch_mlp.{proj}`` or
+    ``{block}.experts.switch_glu.{proj}`` (see :data:`_STACK_HOMES`)."""
+    m = _PARAM_STACK_RE.match(path)
+    if m is None:
+        return []
+    homes = [f"{m['pre']}.experts"] + [h.format(pre=m["pre"]) for h in _STACK_HOMES]
+    return [f"{h}.{m['proj']}" for h in homes if f"{h}.{m['proj']}" != path]
+
+
+def counterpart(path: str, model: Model, _homes: bool = True) -> tuple[str, str] | None:
     """The module of ``model`` that holds the weights of module ``path`` (named as in another
     checkpoint) and how, by name alone — ``(path, "")`` when it is there as such, else
     ``(other path, note)`` across the naming differences :func:`align` handles (a wrapper prefix,
@@ -204,6 +218,10 @@ def counterpart(path: str, model: Model) -> tuple[str, str] | None:
             return hit, f"stored split; {parts[0]} shown"
     if proj == "lm_head" and _ties(model) and (hit := find(f"{parent + '.' if parent else ''}model.embed_tokens")):
         return hit, "no lm_head: tied to the embeddings"
+    for alt in _other_stack_homes(can) if _homes else ():
+        # (transformers' experts.gate_up_proj against mlx-lm's switch_mlp.gate_proj, and back)
+        if (got := counterpart(alt, model, False)) is not None:
+            return got[0], got[1] or "the same stack where mlx-lm keeps it"
     return None
 
 
@@ -287,6 +305,45 @@ def stacked_interleave(fused, part, interleaved: bool) -> bool:
     the flattened stack is row ``r`` of the flattened part (each expert's rows are even)."""
     return bool(interleaved and fused is not None and part is not None and len(fused) == len(part) >= 3
                 and tuple(fused[:-2]) == tuple(part[:-2]) and fused[-1] == part[-1] and fused[-2] == 2 * part[-2])
+
+
+def _stacked_concat(fused, parts) -> list[list[tuple[tuple, tuple]]] | None:
+    """Where ``fused`` is a stack of experts ``[E, N, K]`` whose rows are, in each expert, the
+    concatenation of ``parts`` (stacks ``[E, n_i, K]``, Σ n_i = N), each part's pieces as
+    ((fused rows), (part rows)) ranges of the flattened stacks, one per expert; None otherwise."""
+    if fused is None or len(fused) != 3 or any(p is None or len(p) != 3 or p[0] != fused[0] or p[2] != fused[2]
+                                               for p in parts) or sum(p[1] for p in parts) != fused[1]:
+        return None
+    e_n, n = fused[0], fused[1]
+    out, off = [], 0
+    for p in parts:
+        m = p[1]
+        out.append([((e * n + off, e * n + off + m, 1), (e * m, (e + 1) * m, 1)) for e in range(e_n)])
+        off += m
+    return out
+
+
+#: Where mlx-lm puts a stack of experts that transformers keeps as ``{block}.experts.{proj}``
+#: parameters: ``{block}.switch_mlp`` (Qwen3-VL-MoE, Qwen3.5-MoE) or ``{block}.experts.switch_glu``
+#: (Gemma 4); gpt-oss and Llama 4 keep ``{block}.experts``.
+_STACK_HOMES = ("{pre}.switch_mlp", "{pre}.experts.switch_glu")
+
+
+def _stack_parent(parent: str, proj: str, rl: Layer, var: dict[str, Layer]) -> str:
+    """The variant's module holding the projections of reference stack ``{parent}.{proj}``
+    (``parent`` = ``{block}.experts``): ``parent`` itself unless the variant has none of them
+    there and has them where mlx-lm puts them."""
+    if not parent.endswith(".experts") or not rl.shape or len(rl.shape) != 3:
+        return parent
+    names = (proj, *_FUSED.get(proj, ()), *((_PART_OF[proj],) if proj in _PART_OF else ()))
+    if any(f"{parent}.{n}" in var for n in names):
+        return parent
+    pre = parent[:-len(".experts")]
+    for home in _STACK_HOMES:
+        home = home.format(pre=pre)
+        if any(f"{home}.{n}" in var for n in names):
+            return home
+    return parent
 
 
 def _interleaved(reference: Model, variant: Model) -> bool:
@@ -380,9 +437,10 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
         rr, rk = _flat_rows(rl.shape)
         proj = proj_of(cname)
         parent = cname[:-len(proj) - 1] if "." in cname else ""
+        vparent = _stack_parent(parent, proj, rl, var)  # (where the variant keeps this stack's projections)
         segs: list[Segment] | None = None
         reason = None
-        vl = var.get(cname)
+        vl = var.get(cname if vparent == parent else f"{vparent}.{proj}")
         if vl is not None:
             why = usable(vl, cname)
             if why:
@@ -395,9 +453,9 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                     reason += f" as its config reads it — {vl.warning}"
             else:
                 segs = [Segment((0, rr, 1), vl.path, (0, rr, 1))]
-        elif proj in _PART_OF and f"{parent}.{_PART_OF[proj]}" in var:
+        elif proj in _PART_OF and f"{vparent}.{_PART_OF[proj]}" in var:
             # Reference split, variant fused: this reference layer is a row range of the fused one.
-            fused = var[f"{parent}.{_PART_OF[proj]}"]
+            fused = var[f"{vparent}.{_PART_OF[proj]}"]
             parts = _FUSED[_PART_OF[proj]]
             sizes = [ref[f"{parent}.{p}"].shape[-2] if f"{parent}.{p}" in ref and ref[f"{parent}.{p}"].shape
                      else None for p in parts]
@@ -408,6 +466,11 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                 # stacks of experts (gpt-oss's [E, 2I, K]): gate and up interleave within each
                 # expert, so over the flattened rows too
                 segs = [Segment((0, rr, 1), fused.path, (parts.index(proj), 2 * rr, 2))]
+            elif (cat := _stacked_concat(fused.shape, [ref[f"{parent}.{p}"].shape if f"{parent}.{p}" in ref
+                                                       else None for p in parts])) is not None:
+                # stacks of experts, gate and up concatenated in each expert (Llama 4, Qwen3-VL-MoE)
+                i = parts.index(proj)
+                segs = [Segment(p_rows, fused.path, f_rows) for f_rows, p_rows in cat[i]]
             elif None in sizes or fused.shape is None or fused.shape[-1] != rk or sum(sizes) != fused.shape[-2] \
                     or len(fused.shape) != 2:
                 reason = (f"shape mismatch: fused {fused.path} {list(fused.shape or ())} is not the row "
@@ -419,9 +482,9 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                 else:
                     off = sum(sizes[:i])
                     segs = [Segment((0, rr, 1), fused.path, (off, off + rr, 1))]
-        elif proj in _FUSED and all(f"{parent}.{p}" in var for p in _FUSED[proj]):
+        elif proj in _FUSED and all(f"{vparent}.{p}" in var for p in _FUSED[proj]):
             # Reference fused, variant split: the variant's parts concatenate (or interleave).
-            pl = [var[f"{parent}.{p}"] for p in _FUSED[proj]]
+            pl = [var[f"{vparent}.{p}"] for p in _FUSED[proj]]
             bad = [w for w in (usable(p, cname) for p in pl) if w]
             sizes = [p.shape[-2] if p.shape else 0 for p in pl]
             if bad:
@@ -429,6 +492,9 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
             elif all(stacked_interleave(rl.shape, p.shape, interleaved and proj == "gate_up_proj") for p in pl):
                 # (stacks of experts, as above: gpt-oss's original against mlx-lm's split conversion)
                 segs = [Segment((i, rr, 2), p.path, (0, rr // 2, 1)) for i, p in enumerate(pl)]
+            elif (cat := _stacked_concat(rl.shape, [p.shape for p in pl])) is not None:
+                # (stacks, gate and up concatenated in each expert: against mlx-lm's split conversion)
+                segs = [Segment(f_rows, p.path, p_rows) for p, pieces in zip(pl, cat) for f_rows, p_rows in pieces]
             elif any(p.shape is None or len(p.shape) != 2 or p.shape[-1] != rk for p in pl) or sum(sizes) != rr:
                 reason = f"shape mismatch: the variant's {', '.join(_FUSED[proj])} do not make up {list(rl.shape)}"
             else:

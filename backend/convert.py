@@ -722,8 +722,8 @@ class _Item:
 def _carry(model: Model, layer: Layer, comps, item_outputs, raw):
     for c in comps:
         info = layer.tensors[c]
-        name = info.name
-        item_outputs.append((name, info.dtype, info.shape))
+        name = info.stored_name  # (a stacked expert parameter under its own name, as stored)
+        item_outputs.append((name, info.dtype, info.stored_shape))
         raw[name] = name
 
 
@@ -817,6 +817,11 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         reason = None
         if w.dtype not in _FLOAT_ST:
             reason = f"{w.dtype} weight"
+        elif w.source is not None:
+            # (mlx-lm's loaders split and transpose such parameters into their own stacks; written
+            # quantized under the name read here, nothing would load them)
+            reason = (f"transformers' stacked expert parameter {w.source.rsplit('.', 1)[-1]}"
+                      + (" [E, K, N]" if w.transposed else "") + ", carried as stored: mlx-lm splits it when it loads")
         elif not layer.numel:
             reason = "empty: " + "×".join(map(str, layer.shape))
         elif len(layer.shape) > 3:
@@ -1040,13 +1045,15 @@ def _plan_dense(model: Model, dtype: np.dtype, engine, notes: list[str], cancel)
         for c in comps:
             info = layer.tensors[c]
             if info.dtype in _FLOAT_ST:
-                outputs.append((info.name, st, info.shape))
-                casts[info.name] = info.name
+                # (a stacked expert parameter under its own name and in its stored layout:
+                # transformers loads it so)
+                outputs.append((info.stored_name, st, info.stored_shape))
+                casts[info.stored_name] = info.stored_name
                 if not layer.quantized and info.dtype != st:
                     res.action = f"cast to {dname}"
             else:
-                outputs.append((info.name, info.dtype, info.shape))
-                raw[info.name] = info.name
+                outputs.append((info.stored_name, info.dtype, info.stored_shape))
+                raw[info.stored_name] = info.stored_name
 
         def make_all(make=make, casts=casts):
             out = make()

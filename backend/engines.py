@@ -82,8 +82,8 @@ def check_layer(model: Model, layer: Layer, *, decode: bool = False) -> None:
 
 def _np_dense(layer, p, out=None):
     w = np.asarray(p["weight"])
-    if out is None:
-        return w.astype(np.float32)
+    if out is None:  # (C order: a transposed stack of experts is read as a view)
+        return w.astype(np.float32, order="C")
     out[...] = w
     return out
 

@@ -96,6 +96,22 @@ class TensorInfo:
     file: Path
     start: int
     end: int
+    #: The stored tensor this one is a view of (None: stored under its own name). transformers'
+    #: stacked expert parameters (``…experts.gate_up_proj``) are read as their module's weight
+    #: (``…experts.gate_up_proj.weight``), of logical shape ``[E, N, K]``.
+    source: str | None = None
+    #: Whether the stored tensor is ``[E, K, N]`` (the view swaps its last two axes).
+    transposed: bool = False
+
+    @property
+    def stored_name(self) -> str:
+        """The name the file stores these bytes under."""
+        return self.source or self.name
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape the file's header gives."""
+        return self.shape[:-2] + self.shape[-1:] + self.shape[-2:-1] if self.transposed else self.shape
 
     @property
     def nbytes(self) -> int:

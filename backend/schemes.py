@@ -110,7 +110,11 @@ class Layer:
                 "bits_per_weight": self.bits_per_weight, "stored_bytes": self.stored_bytes,
                 "settings": self.settings, "source": self.source, "problem": self.problem, "warning": self.warning,
                 "tensors": sorted(self.tensors),
-                "tensor_names": {c: t.name for c, t in sorted(self.tensors.items())}}
+                # (the names the files store: a stacked expert parameter's own, which is read
+                # as the weight [E, N, K], swapped from its stored [E, K, N] where "transposed")
+                "tensor_names": {c: t.stored_name for c, t in sorted(self.tensors.items())},
+                **({"transposed": sorted(c for c, t in self.tensors.items() if t.transposed)}
+                   if any(t.transposed for t in self.tensors.values()) else {})}
 
 
 class Model:

@@ -326,7 +326,10 @@ class TensorTreeModel(QAbstractItemModel):
             return {0: f".{comp}" if comp else t.name, 1: t.dtype, 2: "" if bits is None else str(bits),
                     4: _shape(t.shape), 5: human_bytes(t.nbytes)}.get(col)
         if role == _TOOLTIP:
-            return f"{t.name}\n{t.dtype} {list(t.shape)}\n{t.file}\nbytes [{t.start}, {t.end})"
+            stored = "" if t.source is None else (
+                f"\nstored as {t.source} {list(t.stored_shape)}"
+                + (" ([E, K, N], read transposed)" if t.transposed else ""))
+            return f"{t.name}\n{t.dtype} {list(t.shape)}{stored}\n{t.file}\nbytes [{t.start}, {t.end})"
         if role == _ALIGN and col >= 2:  # (numbers right-aligned, as the modules' are)
             return _RIGHT
         return None

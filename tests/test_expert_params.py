@@ -1,0 +1,295 @@
+"""transformers' stacked expert parameters (``…experts.gate_up_proj`` / ``…experts.down_proj``,
+no ``.weight``): ``[E, K, N]`` in gpt-oss, Llama 4 and Qwen3-VL-MoE (multiplied as ``x @ W``),
+``[E, N, K]`` in Gemma 4 and Qwen3.5-MoE. Read as their projection's weight ``[E, N, K]``; compared
+with mlx-lm's conversions, which split gate/up (concatenated, or interleaved in gpt-oss) and
+transpose; carried as stored by convert.
+
+The Llama 4 pair in tests/fixtures/real was written by mlx-lm 0.32.2 itself (``mlx_lm.convert``,
+see the fixtures' README); the other layouts are made here with ``mx.quantize`` of weights laid
+out as mlx-lm's sanitize lays them (each model's ``sanitize`` in mlx_lm/models, read for this), and
+every expected error is computed with numpy from ``mx.dequantize`` of the stored tensors.
+"""
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import write_st
+from quantscope.app.cli import main
+from quantscope.backend.checkpoint import open_checkpoint, split_name
+from quantscope.backend.compare import layer_detail, sweep
+from quantscope.backend.compare_align import counterpart
+from quantscope.backend.doctor import diagnose
+from quantscope.backend.engines import MlxEngine, NumpyEngine
+from quantscope.backend.schemes import analyze
+
+REAL = Path(__file__).parent / "fixtures" / "real"
+L4, L4_MLX = REAL / "llama4-bf16", REAL / "mlxlm-llama4-q4-g32"
+L4_EXP = "language_model.model.layers.{l}.feed_forward.experts"
+BF16 = ml_dtypes.bfloat16
+E, I, H = 4, 96, 128
+
+
+def _f64(a) -> np.ndarray:
+    return np.array(mx.array(a).astype(mx.float32), np.float64) if isinstance(a, mx.array) else a.astype(np.float64)
+
+
+def _rel(got, want) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_split_name_takes_a_parameter_for_its_projections_weight():
+    assert split_name("m.layers.0.mlp.experts.gate_up_proj") == ("m.layers.0.mlp.experts.gate_up_proj", "weight")
+    assert split_name("m.layers.0.mlp.experts.gate_up_proj_bias") == ("m.layers.0.mlp.experts.gate_up_proj", "bias")
+    assert split_name("m.layers.0.mlp.experts.0.down_proj.weight") == ("m.layers.0.mlp.experts.0.down_proj", "weight")
+    assert split_name("m.layers.0.mlp.gate_up_proj") == ("m.layers.0.mlp", "gate_up_proj")  # (not an experts' one)
+
+
+# -- the real Llama 4 pair -----------------------------------------------------------------------------
+
+def test_llama4_experts_read_as_weights_of_their_transpose():
+    ck = open_checkpoint(L4)
+    model = analyze(ck)
+    raw = mx.load(str(L4 / "model.safetensors"))
+    for proj, shape in (("gate_up_proj", (E, 2 * I, H)), ("down_proj", (E, H, I))):
+        path = f"{L4_EXP.format(l=1)}.{proj}"
+        layer = model.layers[path]
+        assert (layer.scheme, tuple(layer.shape)) == ("dense", shape)
+        w = layer.tensors["weight"]
+        assert (w.name, w.source, w.transposed) == (f"{path}.weight", path, True)
+        assert w.stored_shape == (shape[0], shape[2], shape[1]) == tuple(raw[path].shape)
+        want = np.array(raw[path].astype(mx.float32)).transpose(0, 2, 1)
+        for eng in (NumpyEngine(), MlxEngine()):
+            got = eng.dequantize(model, layer)
+            assert got.flags.c_contiguous
+            np.testing.assert_array_equal(got, want)
+        # flattened rows across experts, as a sweep's row blocks read them
+        n = shape[1]
+        np.testing.assert_array_equal(ck.rows(w.name, n - 5, 2 * n + 3).astype(np.float32),
+                                      want.reshape(-1, shape[2])[n - 5:2 * n + 3])
+        np.testing.assert_array_equal(ck.tensor(w.name, (1, 3)).astype(np.float32), want[1:3])
+        ck.release([w.name])  # (nothing to assert but that it is accepted, and reads still work)
+        np.testing.assert_array_equal(ck.rows(w.name, 0, 7).astype(np.float32), want.reshape(-1, shape[2])[:7])
+
+
+def test_llama4_against_mlx_lms_own_conversion():
+    # mlx-lm split each gate_up_proj [E, K, 2I] into gate_proj and up_proj [E, I, K] (quantized);
+    # the sweep puts them back in rows and measures every element
+    res = sweep(analyze(open_checkpoint(L4)), {"mlx": analyze(open_checkpoint(L4_MLX))}, engine="numpy")
+    assert not res.unmatched
+    rows = {r.name: r for r in res.rows}
+    ref, q = mx.load(str(L4 / "model.safetensors")), mx.load(str(L4_MLX / "model.safetensors"))
+
+    def deq(n):
+        return _f64(mx.dequantize(q[f"{n}.weight"], q[f"{n}.scales"], q[f"{n}.biases"], group_size=32, bits=4))
+
+    for l in (0, 1):
+        ex = L4_EXP.format(l=l)
+        w = _f64(ref[f"{ex}.gate_up_proj"]).transpose(0, 2, 1)
+        wh = np.concatenate([deq(f"{ex}.gate_proj"), deq(f"{ex}.up_proj")], axis=1)
+        r = rows[f"{ex}.gate_up_proj"]
+        assert r.rel_fro == pytest.approx(_rel(wh, w), rel=1e-9)
+        assert r.max_abs == pytest.approx(np.abs(wh - w).max(), rel=1e-6)
+        assert set(r.variant_layer.split(",")) == {f"{ex}.gate_proj", f"{ex}.up_proj"}
+        d = _f64(ref[f"{ex}.down_proj"]).transpose(0, 2, 1)
+        assert rows[f"{ex}.down_proj"].rel_fro == pytest.approx(_rel(deq(f"{ex}.down_proj"), d), rel=1e-9)
+
+
+def test_llama4_layer_detail_counts_both_halves():
+    ex = L4_EXP.format(l=0)
+    d = layer_detail(analyze(open_checkpoint(L4)), {"mlx": analyze(open_checkpoint(L4_MLX))}, f"{ex}.gate_up_proj")
+    assert d.code_counts["mlx"].sum() == E * 2 * I * H  # gate's codes and up's
+    q = mx.load(str(L4_MLX / "model.safetensors"))
+    ref = np.array(mx.load(str(L4 / "model.safetensors"))[f"{ex}.gate_up_proj"].astype(mx.float32))
+    assert d.value_counts["reference"].sum() == ref.size
+    want = [np.array(q[f"{ex}.{p}.scales"].astype(mx.float32)).reshape(-1) for p in ("gate_proj", "up_proj")]
+    assert sorted(np.asarray(d.scales["mlx"]).reshape(-1)) == sorted(np.concatenate(want))
+
+
+def test_llama4_cli_info_and_doctor(capsys):
+    assert main(["info", str(L4)]) == 0
+    out = capsys.readouterr().out
+    assert "as gate_up_proj [E, K, N], read transposed" in out
+    assert f"{L4_EXP.format(l=0)}.gate_up_proj" in out and "4×192×128" in out
+    findings = diagnose(L4)
+    assert not [f for f in findings if f.severity in ("error", "warning")], [str(f) for f in findings]
+
+
+def test_counterparts_across_the_layouts():
+    l4 = analyze(open_checkpoint(L4))
+    mlx = analyze(open_checkpoint(L4_MLX))
+    ex = L4_EXP.format(l=0)
+    assert counterpart(f"{ex}.gate_up_proj", mlx)[0] == f"{ex}.gate_proj"
+    assert counterpart(f"{ex}.up_proj", l4)[0] == f"{ex}.gate_up_proj"
+
+
+def test_the_trees_error_shows_beside_both_parts():
+    from quantscope.app.main_window import errors_and_notes
+    res = sweep(analyze(open_checkpoint(L4)), {"mlx": analyze(open_checkpoint(L4_MLX))}, engine="numpy")
+    per, _ = errors_and_notes(res.rows)
+    ex = L4_EXP.format(l=1)
+    row = next(r for r in res.rows if r.name == f"{ex}.gate_up_proj")
+    assert per["mlx"][f"{ex}.gate_proj"] == per["mlx"][f"{ex}.up_proj"] == row.rel_fro
+
+
+# -- the other layouts, made here ----------------------------------------------------------------------
+
+def _weights(seed=0):
+    rng = np.random.default_rng(seed)
+    # [E, N, K] as the model computes, gate rows then up rows in each expert
+    gate, up = (rng.standard_t(5, (E, I, H)) * 0.02 for _ in range(2))
+    down = rng.standard_t(5, (E, H, I)) * 0.02
+    return {k: np.asarray(v.astype(np.float32).astype(BF16)) for k, v in
+            {"gate": gate, "up": up, "down": down}.items()}
+
+
+def _write(folder: Path, tensors: dict, cfg: dict) -> Path:
+    folder.mkdir(parents=True)
+    write_st(folder / "model.safetensors", tensors, {"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _q(w: np.ndarray, prefix: str, out: dict, **kw) -> np.ndarray:
+    """mx.quantize of ``w`` [E, N, K] as mlx-lm stores it under ``prefix``; its mx.dequantize."""
+    a = mx.array(w.astype(np.float32)).astype(mx.bfloat16)
+    parts = mx.quantize(a, **kw)
+    names = ("weight", "scales", "biases")[:len(parts)]
+    for n, p in zip(names, parts):
+        out[f"{prefix}.{n}"] = np.array(p) if p.dtype != mx.bfloat16 else np.array(p.astype(mx.float32)).astype(BF16)
+    return _f64(mx.dequantize(*parts, **kw))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "gemma4"])
+def test_concatenated_stacks_where_mlx_lm_moves_them(tmp_path, model_type):
+    # Qwen3-VL-MoE: [E, K, 2I] -> switch_mlp.{gate,up}_proj (split on the last axis, swapped);
+    # Gemma 4: [E, 2I, K] -> experts.switch_glu.{gate,up}_proj (split on axis -2, as stored)
+    w = _weights()
+    gu = np.concatenate([w["gate"], w["up"]], axis=1)  # [E, 2I, K]
+    block = "model.language_model.layers.0.mlp" if model_type == "qwen3_vl_moe" else "model.language_model.layers.0"
+    if model_type == "qwen3_vl_moe":
+        stored = {f"{block}.experts.gate_up_proj": np.ascontiguousarray(gu.transpose(0, 2, 1)),
+                  f"{block}.experts.down_proj": np.ascontiguousarray(w["down"].transpose(0, 2, 1))}
+        home, vblock = "switch_mlp", "language_model.model.layers.0.mlp"
+    else:
+        stored = {f"{block}.experts.gate_up_proj": gu, f"{block}.experts.down_proj": w["down"]}
+        home, vblock = "experts.switch_glu", "language_model.model.layers.0"
+    cfg = {"model_type": model_type, "text_config": {"hidden_size": H, "model_type": model_type + "_text"}}
+    ref = _write(tmp_path / "ref", stored, cfg)
+    var, expect = {}, {}
+    for p in ("gate", "up", "down"):
+        expect[p] = _q(w[p], f"{vblock}.{home}.{p}_proj", var, group_size=32, bits=4)
+    var_dir = _write(tmp_path / "mlx", var, {**cfg, "quantization": {"group_size": 32, "bits": 4}})
+    rm = analyze(open_checkpoint(ref))
+    t = rm.layers[f"{block}.experts.gate_up_proj"].tensors["weight"]
+    assert t.transposed == (model_type == "qwen3_vl_moe") and tuple(rm.layers[t.source].shape) == (E, 2 * I, H)
+    res = sweep(rm, {"mlx": analyze(open_checkpoint(var_dir))}, engine="numpy")
+    assert not res.unmatched
+    rows = {r.name: r for r in res.rows}
+    want = np.concatenate([expect["gate"], expect["up"]], axis=1)
+    assert rows[f"{block}.experts.gate_up_proj"].rel_fro == pytest.approx(_rel(want, gu.astype(np.float64)), rel=1e-9)
+    assert rows[f"{block}.experts.down_proj"].rel_fro == pytest.approx(
+        _rel(expect["down"], w["down"].astype(np.float64)), rel=1e-9)
+    assert counterpart(f"{vblock}.{home}.up_proj", rm)[0] == f"{block}.experts.gate_up_proj"
+
+
+@pytest.fixture(scope="module")
+def gptoss_bf16(tmp_path_factory):
+    """A bf16 gpt-oss (transformers' GptOssExperts: gate_up_proj [E, K, 2I], gate and up
+    interleaved along the last axis; biases), its MXFP4 original layout (OpenAI's) and mlx-lm's
+    split conversion, both from mx.quantize(mode="mxfp4") of the same weights."""
+    root = tmp_path_factory.mktemp("gptoss_bf16")
+    w = _weights(1)
+    rng = np.random.default_rng(2)
+    gu = np.empty((E, 2 * I, H), BF16)
+    gu[:, 0::2], gu[:, 1::2] = w["gate"], w["up"]
+    ex = "model.layers.0.mlp.experts"
+    bias = {"gate_up_proj": rng.normal(0, 0.01, (E, 2 * I)).astype(BF16), "down_proj": rng.normal(0, 0.01, (E, H)).astype(BF16)}
+    q = {"model.layers.0.self_attn.q_proj.weight": rng.normal(0, 0.02, (H, H)).astype(BF16)}
+    cfg = {"model_type": "gpt_oss", "hidden_size": H, "intermediate_size": I, "num_local_experts": E}
+    ref = _write(root / "bf16", {**q, f"{ex}.gate_up_proj": np.ascontiguousarray(gu.transpose(0, 2, 1)),
+                                 f"{ex}.gate_up_proj_bias": bias["gate_up_proj"],
+                                 f"{ex}.down_proj": np.ascontiguousarray(w["down"].transpose(0, 2, 1)),
+                                 f"{ex}.down_proj_bias": bias["down_proj"]}, cfg)
+    oai, split, expect = dict(q), dict(q), {}
+    for proj, m in (("gate_up_proj", gu), ("down_proj", w["down"])):
+        a = mx.array(m.astype(np.float32)).astype(mx.bfloat16)
+        wq, sc = mx.quantize(a, group_size=32, bits=4, mode="mxfp4")
+        expect[proj] = _f64(mx.dequantize(wq, sc, group_size=32, bits=4, mode="mxfp4"))
+        words, scales = np.array(wq), np.array(sc).view(np.uint8)
+        oai[f"{ex}.{proj}_blocks"] = words.view(np.uint8).reshape(E, m.shape[1], -1, 16)
+        oai[f"{ex}.{proj}_scales"], oai[f"{ex}.{proj}_bias"] = scales, bias[proj]
+        if proj == "gate_up_proj":  # mlx-lm's gpt_oss sanitize: gate = even rows, up = odd rows
+            for name, sl in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):
+                split[f"{ex}.{name}.weight"] = np.ascontiguousarray(words[:, sl])
+                split[f"{ex}.{name}.scales"] = np.ascontiguousarray(scales[:, sl])
+        else:
+            split[f"{ex}.down_proj.weight"], split[f"{ex}.down_proj.scales"] = words, scales
+    orig = _write(root / "mxfp4", oai, {**cfg, "quantization_config": {"quant_method": "mxfp4"}})
+    mlx = _write(root / "mlx", split, {**cfg, "quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}})
+    return ref, orig, mlx, {"gate_up_proj": gu.astype(np.float64), "down_proj": w["down"].astype(np.float64)}, expect
+
+
+def test_bf16_gptoss_is_the_reference_for_openais_mxfp4_and_mlx_lms(gptoss_bf16):
+    ref, orig, mlx, dense, expect = gptoss_bf16
+    rm = analyze(open_checkpoint(ref))
+    ex = "model.layers.0.mlp.experts"
+    layer = rm.layers[f"{ex}.gate_up_proj"]
+    assert tuple(layer.shape) == (E, 2 * I, H) and set(layer.tensors) == {"weight", "bias"}
+    np.testing.assert_array_equal(NumpyEngine().dequantize(rm, layer), dense["gate_up_proj"].astype(np.float32))
+    res = sweep(rm, {"oai": analyze(open_checkpoint(orig)), "mlx": analyze(open_checkpoint(mlx))}, engine="numpy")
+    rows = {(r.name, r.variant): r for r in res.rows}
+    for proj in ("gate_up_proj", "down_proj"):
+        want = _rel(expect[proj], dense[proj])
+        for v in ("oai", "mlx"):
+            assert rows[(f"{ex}.{proj}", v)].rel_fro == pytest.approx(want, rel=1e-9), (proj, v)
+    assert {u.layer for u in res.unmatched} == {"model.layers.0.self_attn.q_proj"}  # (unquantized in both)
+
+
+def test_orientation_without_the_pair(tmp_path):
+    # one projection alone: the hidden size decides; where it cannot, the model type
+    rng = np.random.default_rng(3)
+    a = rng.normal(0, 0.02, (E, H, 2 * I)).astype(BF16)  # [E, K=hidden, N]
+    for cfg, transposed in (({"model_type": "llama4", "text_config": {"hidden_size": H}}, True),
+                            ({"model_type": "x", "hidden_size": 2 * I}, False),  # (hidden 192: the last axis is K)
+                            ({"model_type": "gemma4"}, False),
+                            ({"model_type": "llama4"}, True)):
+        d = _write(tmp_path / f"m{len(list(tmp_path.iterdir()))}", {"m.layers.0.mlp.experts.gate_up_proj": a}, cfg)
+        t = open_checkpoint(d).modules()["m.layers.0.mlp.experts.gate_up_proj"].tensors["weight"]
+        assert t.transposed is transposed, cfg
+
+
+# -- convert -------------------------------------------------------------------------------------------
+
+def test_convert_keeps_the_parameters_as_transformers_stores_them(tmp_path, capsys):
+    from safetensors import safe_open
+    for to in ("dense", "mlx"):
+        out = tmp_path / to
+        assert main(["convert", str(L4), str(out), "--to", to]) == 0
+        text = capsys.readouterr().out
+        ex = L4_EXP.format(l=0)
+        with safe_open(str(L4 / "model.safetensors"), "np") as a, safe_open(str(next(out.glob("*.safetensors"))), "np") as b:
+            for p in ("gate_up_proj", "down_proj"):
+                assert b.get_slice(f"{ex}.{p}").get_shape() == a.get_slice(f"{ex}.{p}").get_shape()
+                assert f"{ex}.{p}.weight" not in set(b.keys())
+        if to == "mlx":  # (mlx-lm's llama4 sanitize splits them when it loads the folder)
+            assert "transformers' stacked expert parameter" in text
+        back, src = analyze(open_checkpoint(out)), analyze(open_checkpoint(L4))
+        path = f"{ex}.gate_up_proj"
+        np.testing.assert_array_equal(NumpyEngine().dequantize(back, back.layers[path]),
+                                      NumpyEngine().dequantize(src, src.layers[path]))
+
+
+def test_the_tree_says_how_the_parameter_is_stored(qtbot):
+    from PySide6.QtCore import Qt
+    from quantscope.widgets.tensor_tree_model import TensorTreeModel
+    m = TensorTreeModel()
+    m.set_checkpoint(analyze(open_checkpoint(L4)))
+    names = [m.index(r, 0).data() for r in range(m.rowCount())]
+    parent = m.index(names.index(f"{L4_EXP.format(l=0)}.gate_up_proj"), 0)
+    assert m.index(0, 0, parent).data() == ".weight" and m.index(0, 4, parent).data().replace(" ", "") in ("4×192×128",)
+    tip = m.index(0, 0, parent).data(Qt.ItemDataRole.ToolTipRole)
+    assert f"stored as {L4_EXP.format(l=0)}.gate_up_proj [4, 128, 192] ([E, K, N], read transposed)" in tip
