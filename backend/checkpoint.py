@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,7 +379,8 @@ class Checkpoint:
             self._where = self._merge_files()
         self._modules: dict[str, Module] | None = None
         self._views: dict[str, TensorInfo] = {}
-        self._expert_copy: tuple[tuple[str | None, int], np.ndarray | None] = ((None, -1), None)
+        self._expert_copies: tuple[tuple[tuple[str, int], np.ndarray], ...] = ()  # (see rows)
+        self._transposing = threading.Lock()
 
     def _index_consistent(self) -> bool:
         """True when every shard holds exactly the tensors the index assigns to it."""
@@ -518,7 +520,7 @@ class Checkpoint:
     def rows(self, name: str, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` of tensor ``name`` flattened to ``[rows, last axis]``, in its stored
         dtype: a view of the mapping, or for a transposed view a contiguous copy made from one
-        expert ``[N, K]`` at a time (the last one kept, so that a sweep's row blocks of an expert
+        expert ``[N, K]`` at a time (the last two kept, so that a sweep's row blocks of an expert
         transpose it once; its mapped pages are dropped once it is copied)."""
         v = self._view(name)
         if v is None or not v.transposed:
@@ -528,17 +530,46 @@ class Checkpoint:
         r0, r1 = max(0, r0), min(math.prod(v.shape[:-1]), r1)
         parts = []
         for e in range(r0 // n, -(-r1 // n)):
-            key, t = self._expert_copy
-            if key != (name, e):
-                f = self.file_of(v.source)
-                t = np.ascontiguousarray(f.read(v.source, (e, e + 1))[0].T)
-                self._expert_copy = ((name, e), t)
-                stride = (v.end - v.start) // v.shape[0]
-                f.release_range(v.start + e * stride, v.start + (e + 1) * stride)
+            t = self._expert_copy(name, e)
+            if t is None:
+                with self._transposing:  # (a sweep's other worker wants the same expert: made once)
+                    t = self._expert_copy(name, e)
+                    if t is None:
+                        from .formats.fast import transposed
+                        f = self.file_of(v.source)
+                        t = transposed(f.read(v.source, (e, e + 1))[0])
+                        # two kept: the workers read neighbouring blocks, across an expert's end too
+                        self._expert_copies = (((name, e), t), *self._expert_copies[:1])
+                        stride = (v.end - v.start) // v.shape[0]
+                        f.release_range(v.start + e * stride, v.start + (e + 1) * stride)
             parts.append(t[max(r0 - e * n, 0):min(r1 - e * n, n)])
         if len(parts) == 1:
             return parts[0]
         return np.concatenate(parts) if parts else np.empty((0, v.shape[-1]), DTYPES[v.dtype].numpy)
+
+    def rows_into(self, name: str, r0: int, r1: int, dst: np.ndarray) -> None:
+        """:meth:`rows` as float32 into ``dst`` ``[r1 - r0, K]``; for a transposed view of bf16 or
+        float32, straight from the mapping by a compiled kernel (no copy of an expert, no lock:
+        a sweep's workers each read their own blocks), dropping an expert's mapped pages once its
+        last row is read."""
+        from .formats.fast import columns_as_rows
+        v = self._view(name)
+        if v is None or not v.transposed:
+            dst[...] = self.rows(name, r0, r1)
+            return
+        n = v.shape[-2]
+        f = self.file_of(v.source)
+        stride = (v.end - v.start) // v.shape[0]
+        for e in range(r0 // n, -(-r1 // n)):
+            a, b = max(r0, e * n), min(r1, (e + 1) * n)
+            if not columns_as_rows(f.read(v.source, (e, e + 1))[0], a - e * n, dst[a - r0:b - r0]):
+                dst[a - r0:b - r0] = self.rows(name, a, b)
+            elif b == (e + 1) * n:
+                f.release_range(v.start + e * stride, v.start + (e + 1) * stride)
+
+    def _expert_copy(self, name: str, e: int) -> np.ndarray | None:
+        # (the tuple is replaced whole, never changed: threads read it without the lock)
+        return next((a for k, a in self._expert_copies if k == (name, e)), None)
 
     def release(self, names, rows: tuple[int, int] | None = None) -> None:
         """Drop this process's mapped pages of tensors ``names`` (of rows ``[r0, r1)`` of each,
@@ -550,8 +581,8 @@ class Checkpoint:
             elif (v := self._view(name)) is not None:
                 if not v.transposed or rows is None:  # (a transposed view's rows are no byte range)
                     self._where[v.source].release_tensor(v.source, rows)
-                if rows is None and self._expert_copy[0][0] == name:
-                    self._expert_copy = ((None, -1), None)
+                if rows is None:
+                    self._expert_copies = tuple(h for h in self._expert_copies if h[0][0] != name)
 
     def modules(self) -> dict[str, Module]:
         """Modules in natural order, each with its stored tensors by component."""

@@ -839,7 +839,17 @@ def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], e
     if row_decoder is None or not FUSED_MIN_ELEMENTS <= ref_rows.rows * ref_rows.cols <= FUSED_MAX_ELEMENTS:
         return None, {}, {}
     R, K = ref_rows.rows, ref_rows.cols
-    if lay.scheme == "dense":
+    w = lay.tensors.get("weight")
+    if lay.scheme == "dense" and w is not None and w.transposed:
+        # a stack stored [E, K, N]: read block by block, an expert transposed at a time (as one
+        # array, the whole stack's copy: 4 GB for gpt-oss-120b's gate_up_proj)
+        ck, row0 = ref_rows.model.ckpt, ref_rows.row0 if isinstance(ref_rows, _RowView) else 0
+
+        def transposed_rows(r0, r1, dst, name=w.name):
+            ck.rows_into(name, row0 + r0, row0 + r1, dst)
+
+        ref = fast.RowDecoder(transposed_rows, R, K, 1)
+    elif lay.scheme == "dense":
         ref = ref_rows.stored(0, R)  # (an expert's rows, of a stack)
         if ref is None or ref.dtype not in (np.dtype(np.float32), _BF16):
             return None, {}, {}

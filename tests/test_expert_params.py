@@ -26,6 +26,8 @@ from quantscope.backend.doctor import diagnose
 from quantscope.backend.engines import MlxEngine, NumpyEngine
 from quantscope.backend.schemes import analyze
 
+pytestmark = pytest.mark.usefixtures("kernel_path")  # (the compiled transposing reads, and numpy's)
+
 REAL = Path(__file__).parent / "fixtures" / "real"
 L4, L4_MLX = REAL / "llama4-bf16", REAL / "mlxlm-llama4-q4-g32"
 L4_EXP = "language_model.model.layers.{l}.feed_forward.experts"
@@ -71,6 +73,10 @@ def test_llama4_experts_read_as_weights_of_their_transpose():
         np.testing.assert_array_equal(ck.rows(w.name, n - 5, 2 * n + 3).astype(np.float32),
                                       want.reshape(-1, shape[2])[n - 5:2 * n + 3])
         np.testing.assert_array_equal(ck.tensor(w.name, (1, 3)).astype(np.float32), want[1:3])
+        # as float32 straight into a block (a sweep's reference rows), across an expert's end
+        dst = np.full((2 * n + 8, shape[2]), np.nan, np.float32)
+        ck.rows_into(w.name, n - 5, 3 * n + 3, dst)
+        np.testing.assert_array_equal(dst, want.reshape(-1, shape[2])[n - 5:3 * n + 3])
         ck.release([w.name])  # (nothing to assert but that it is accepted, and reads still work)
         np.testing.assert_array_equal(ck.rows(w.name, 0, 7).astype(np.float32), want.reshape(-1, shape[2])[:7])
 
@@ -293,3 +299,24 @@ def test_the_tree_says_how_the_parameter_is_stored(qtbot):
     assert m.index(0, 0, parent).data() == ".weight" and m.index(0, 4, parent).data().replace(" ", "") in ("4×192×128",)
     tip = m.index(0, 0, parent).data(Qt.ItemDataRole.ToolTipRole)
     assert f"stored as {L4_EXP.format(l=0)}.gate_up_proj [4, 128, 192] ([E, K, N], read transposed)" in tip
+
+
+def test_a_transposed_reference_read_in_blocks_across_experts(tmp_path):
+    # 3 experts of 200 rows × 512: the sweep reads the reference in blocks that end inside
+    # experts; every figure equals numpy's on the whole stack
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((3, 200, 512)) * 0.02).astype(np.float32).astype(BF16)  # [E, N, K]
+    ex = "model.layers.0.mlp.experts"
+    cfg = {"model_type": "llama4", "text_config": {"hidden_size": 200}}  # (down_proj: N is the hidden size)
+    ref = _write(tmp_path / "ref", {f"{ex}.down_proj": np.ascontiguousarray(w.transpose(0, 2, 1))}, cfg)
+    var = {}
+    got = _q(w, f"{ex}.down_proj", var, group_size=64, bits=3)
+    vdir = _write(tmp_path / "mlx", var, {**cfg, "quantization": {"group_size": 64, "bits": 3}})
+    rm = analyze(open_checkpoint(ref))
+    assert rm.layers[f"{ex}.down_proj"].tensors["weight"].transposed
+    row = sweep(rm, {"mlx": analyze(open_checkpoint(vdir))}, engine="numpy").rows[0]
+    d = got - w.astype(np.float64)
+    assert row.rel_fro == pytest.approx(np.linalg.norm(d) / np.linalg.norm(w.astype(np.float64)), rel=1e-9)
+    assert row.max_abs == np.abs(d).max()
+    for p in (50, 95, 99):
+        assert getattr(row, f"p{p}") == pytest.approx(np.percentile(np.abs(d), p), rel=1e-9), p

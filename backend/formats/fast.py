@@ -1875,6 +1875,65 @@ def awq_scales_biases(scales: np.ndarray, qzeros: np.ndarray | None, shifts: np.
     return s_out, b_out
 
 
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _transpose_tiles(src, dst):
+        # dst[c, r] = src[r, c] in 32×32 tiles: both sides' cache lines stay in L1 (numpy's
+        # copy of a transposed view walks one side a whole row apart: 5 ns per 2-byte element)
+        rows, cols = src.shape
+        for cb in range(0, cols, 32):
+            ce = min(cb + 32, cols)
+            for rb in range(0, rows, 32):
+                re_ = min(rb + 32, rows)
+                for c in range(cb, ce):
+                    for r in range(rb, re_):
+                        dst[c, r] = src[r, c]
+
+
+    @njit(nogil=True, cache=True)
+    def _columns_as_rows(src, n0, bf16, dst):
+        # dst[r, k] = float32(src[k, n0 + r]): rows of an expert stored [K, N] (bf16 as its bits),
+        # read in 32×32 tiles
+        kk = src.shape[0]
+        nr = dst.shape[0]
+        for rb in range(0, nr, 32):
+            re_ = min(rb + 32, nr)
+            for kb in range(0, kk, 32):
+                ke = min(kb + 32, kk)
+                for r in range(rb, re_):
+                    for k in range(kb, ke):
+                        if bf16:
+                            dst[r, k] = _from_bits(np.int32(np.uint32(src[k, n0 + r]) << np.uint32(16)))
+                        else:
+                            dst[r, k] = src[k, n0 + r]
+
+
+def columns_as_rows(src: np.ndarray, n0: int, dst: np.ndarray) -> bool:
+    """Write columns ``[n0, n0 + len(dst))`` of ``src`` ``[K, N]`` (bf16 or float32) into ``dst``
+    (float32 ``[rows, K]``) as its rows; False where there is no kernel for it."""
+    if not AVAILABLE or src.ndim != 2 or dst.ndim != 2 or dst.dtype != np.float32 or not dst.flags.c_contiguous \
+            or dst.shape[1] != src.shape[0] or not 0 <= n0 <= n0 + dst.shape[0] <= src.shape[1]:
+        return False  # (the kernel does not check its indices)
+    if src.dtype == np.float32:
+        _columns_as_rows(src, n0, False, dst)
+    elif src.dtype.itemsize == 2 and src.dtype.name == "bfloat16":
+        _columns_as_rows(src.view(np.uint16), n0, True, dst)
+    else:
+        return False
+    return True
+
+
+def transposed(a: np.ndarray) -> np.ndarray:
+    """``a.T`` of a 2-D array as a new C-contiguous array, in the calling thread (a sweep's
+    worker calls it: no pool of its own)."""
+    if not AVAILABLE or a.ndim != 2 or a.dtype.itemsize not in (2, 4, 8):
+        return np.ascontiguousarray(a.T)
+    raw = a.view(f"u{a.dtype.itemsize}")  # (bf16 included: numba knows no bfloat16)
+    out = np.empty(a.shape[::-1], raw.dtype)
+    _transpose_tiles(raw, out)
+    return out.view(a.dtype)
+
+
 def awq_to_mlx_weight(qweight: np.ndarray, order: np.ndarray) -> np.ndarray | None:
     """AWQ GEMM ``qweight [K, N/8]`` → MLX 4-bit ``uint32 [N, K/8]`` (nibble slot p of word column
     c is output row ``8c + order[p]``); None without numba or for a K not a multiple of 8."""
