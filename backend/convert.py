@@ -717,6 +717,9 @@ class _Item:
     make: Callable[[], dict[str, np.ndarray]]
     config: Any = None                          # _Q, False or None: its entry in "quantization"
     raw: dict[str, str] = field(default_factory=dict)   # output name -> source tensor carried byte for byte
+    #: the output modules its "quantization" entry names, where they are not its own path (a
+    #: stacked gate_up_proj written as mlx-lm's gate_proj and up_proj)
+    config_paths: list[str] | None = None
 
 
 def _carry(model: Model, layer: Layer, comps, item_outputs, raw):
@@ -765,6 +768,64 @@ def _plan_mlx(model: Model, targets: _Targets, engine, notes: list[str], cancel,
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="quantscope-plan") as pool:
         items.extend(pool.map(plan_one, enumerate(layers)))
     return items
+
+
+#: model types whose stacked expert parameters (``{block}.experts.gate_up_proj`` / ``down_proj``)
+#: convert writes as mlx-lm's model loads them, and how its sanitize splits gate_up_proj's rows
+#: into ``{block}.experts.gate_proj`` / ``up_proj`` (checked by loading the output with mlx-lm
+#: 0.32.2: tests/fixtures/real's README); other models' are carried as stored.
+_MLX_EXPERT_SPLIT = {"llama4": "concat", "gpt_oss": "interleave"}
+
+
+def _expert_split(model: Model) -> str | None:
+    cfg = model.ckpt.configs.get("config.json") or {}
+    return _MLX_EXPERT_SPLIT.get(str(cfg.get("model_type") or ""))
+
+
+def _plan_expert_param(model: Model, layer: Layer, q: _Q, dt: str, res: LayerResult) -> _Item:
+    """A stacked expert parameter (``[E, N, K]`` as read) quantized as mlx-lm lays it out: its
+    gate_up_proj split into gate_proj and up_proj (rows concatenated or interleaved per expert,
+    :data:`_MLX_EXPERT_SPLIT`), its bias split the same way; one expert at a time through
+    ``mx.quantize`` (a gpt-oss-120b stack is 4 GB)."""
+    path, w, bias = layer.path, layer.tensors["weight"], layer.tensors.get("bias")
+    e_n, n, k = layer.shape
+    dropped = [c for c in layer.tensors if c not in ("weight", "bias")]
+    if dropped or (bias is not None and tuple(bias.shape) != (e_n, n)):
+        raise LayerConversionError(f"cannot convert: stacked expert parameter with {', '.join(dropped) or 'a bias'} "
+                                   "of a shape mlx-lm does not load", file=model.ckpt.source, tensor=path,
+                                   rule="convert.undecodable")
+    parent, _, proj = path.rpartition(".")
+    halves = (slice(0, n // 2), slice(n // 2, n)) if _expert_split(model) == "concat" else \
+        (slice(0, None, 2), slice(1, None, 2))
+    parts = [(f"{parent}.gate_proj", halves[0]), (f"{parent}.up_proj", halves[1])] \
+        if proj == "gate_up_proj" and n % 2 == 0 else [(path, slice(None))]
+    outputs, planned = [], []
+    for p, sl in parts:
+        rows = len(range(n)[sl])
+        outs = _quant_outputs(p, (e_n, rows, k), dt, q)
+        if bias is not None:
+            outs.append((f"{p}.bias", bias.dtype, (e_n, rows)))
+        outputs += outs
+        planned.append((p, sl, outs))
+    res.action, res.bits, res.group_size, res.mode, res.scales_dtype = \
+        f"quantized {q.label()}" + (" as gate_proj + up_proj" if len(parts) > 1 else ""), q.bits, q.group_size, \
+        q.mode, dt
+
+    def make():
+        a = model.ckpt.tensor(w.name)  # [E, N, K] (a view of [E, K, N] where stored so)
+        b = None if bias is None else model.ckpt.tensor(bias.name)
+        out = {name: np.empty(shape, np.uint32 if st == "U32" else np.uint8 if st == "U8" else
+                              DTYPES[st].numpy) for p, _, outs in planned for name, st, shape in outs}
+        for p, sl, outs in planned:
+            names = [o[0] for o in outs if not o[0].endswith(".bias")]
+            for e in range(e_n):
+                for name, got in zip(names, _mx_quantize(np.ascontiguousarray(a[e, sl]), a.dtype, q)):
+                    out[name][e] = got
+            if b is not None:
+                out[f"{p}.bias"][...] = b[:, sl]
+        return out
+
+    return _Item(res, outputs, make, config=q, config_paths=[p for p, _ in parts])
 
 
 def _aux(layer: Layer, keep_all: bool) -> tuple[list[str], list[str]]:
@@ -817,7 +878,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         reason = None
         if w.dtype not in _FLOAT_ST:
             reason = f"{w.dtype} weight"
-        elif w.source is not None:
+        elif w.source is not None and (len(layer.shape) != 3 or _expert_split(model) is None):
             # (mlx-lm's loaders split and transpose such parameters into their own stacks; written
             # quantized under the name read here, nothing would load them)
             reason = (f"transformers' stacked expert parameter {w.source.rsplit('.', 1)[-1]}"
@@ -841,6 +902,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             _carry(model, layer, list(layer.tensors), outputs, raw)
             return _Item(res, outputs, dict, config=False, raw=raw)
         dt = w.dtype if q.mode == "affine" else "U8"
+        if w.source is not None:
+            return _plan_expert_param(model, layer, q, dt, res)
         outputs = _quant_outputs(path, layer.shape, dt, q)
         _carry(model, layer, others, outputs, raw)
         res.action, res.bits, res.group_size, res.mode, res.scales_dtype = \
@@ -1381,10 +1444,11 @@ def _quantization_block(items: list[_Item], targets: _Targets) -> dict:
     block: dict = {"group_size": glob.group_size, "bits": glob.bits, "mode": glob.mode}
     for it in items:
         c = it.config
-        if c is False:
-            block[it.result.path] = False
-        elif isinstance(c, _Q) and (targets.per_layer or c != glob):
-            block[it.result.path] = c.as_config()
+        for path in it.config_paths or [it.result.path]:
+            if c is False:
+                block[path] = False
+            elif isinstance(c, _Q) and (targets.per_layer or c != glob):
+                block[path] = c.as_config()
     return block
 
 

@@ -270,23 +270,44 @@ def test_orientation_without_the_pair(tmp_path):
 
 # -- convert -------------------------------------------------------------------------------------------
 
-def test_convert_keeps_the_parameters_as_transformers_stores_them(tmp_path, capsys):
+@pytest.mark.parametrize("src, theirs", [(L4, L4_MLX), (REAL / "gptoss-bf16", REAL / "mlxlm-gptoss-q4-g32")])
+def test_convert_to_mlx_writes_what_mlx_lm_writes(tmp_path, src, theirs):
+    # Llama 4 (gate and up concatenated) by mlx_lm.convert, gpt-oss (interleaved, with biases) by
+    # mlx-lm's quantize_model: every tensor of theirs, bit for bit, and nothing more
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--to", "mlx", "--bits", "4", "--group-size", "32"]) == 0
+    ours, want = mx.load(str(out / "model.safetensors")), {}
+    for f in theirs.glob("*.safetensors"):
+        want.update(mx.load(str(f)))
+    assert set(ours) == set(want)
+    for k, v in want.items():
+        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and mx.array_equal(ours[k], v).item(), k
+    cfg = json.loads((out / "config.json").read_text())["quantization"]
+    assert (cfg["bits"], cfg["group_size"]) == (4, 32)
+
+
+def test_convert_carries_the_parameters_it_cannot_lay_out_as_mlx_lm(tmp_path, capsys):
+    # --to dense keeps every model's as stored; --to mlx, a model whose mlx-lm layout is not
+    # known here (Qwen3-VL-MoE's switch_mlp): carried as stored, and said so
     from safetensors import safe_open
+    w = _weights()
+    ex = "model.language_model.layers.0.mlp.experts"
+    gu = np.ascontiguousarray(np.concatenate([w["gate"], w["up"]], axis=1).transpose(0, 2, 1))
+    src = _write(tmp_path / "src", {f"{ex}.gate_up_proj": gu,
+                                    f"{ex}.down_proj": np.ascontiguousarray(w["down"].transpose(0, 2, 1))},
+                 {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": H}})
     for to in ("dense", "mlx"):
         out = tmp_path / to
-        assert main(["convert", str(L4), str(out), "--to", to]) == 0
+        assert main(["convert", str(src), str(out), "--to", to]) == 0
         text = capsys.readouterr().out
-        ex = L4_EXP.format(l=0)
-        with safe_open(str(L4 / "model.safetensors"), "np") as a, safe_open(str(next(out.glob("*.safetensors"))), "np") as b:
-            for p in ("gate_up_proj", "down_proj"):
-                assert b.get_slice(f"{ex}.{p}").get_shape() == a.get_slice(f"{ex}.{p}").get_shape()
-                assert f"{ex}.{p}.weight" not in set(b.keys())
-        if to == "mlx":  # (mlx-lm's llama4 sanitize splits them when it loads the folder)
-            assert "transformers' stacked expert parameter" in text
-        back, src = analyze(open_checkpoint(out)), analyze(open_checkpoint(L4))
-        path = f"{ex}.gate_up_proj"
-        np.testing.assert_array_equal(NumpyEngine().dequantize(back, back.layers[path]),
-                                      NumpyEngine().dequantize(src, src.layers[path]))
+        with safe_open(str(out / "model.safetensors"), "np") as b:
+            assert sorted(b.keys()) == [f"{ex}.down_proj", f"{ex}.gate_up_proj"]
+            assert b.get_slice(f"{ex}.gate_up_proj").get_shape() == list(gu.shape)
+        if to == "mlx":
+            assert "transformers' stacked expert parameter gate_up_proj [E, K, N], carried as stored" in text
+        back = analyze(open_checkpoint(out))
+        np.testing.assert_array_equal(NumpyEngine().dequantize(back, back.layers[f"{ex}.gate_up_proj"]),
+                                      gu.transpose(0, 2, 1).astype(np.float32))
 
 
 def test_the_tree_says_how_the_parameter_is_stored(qtbot):
