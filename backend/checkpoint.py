@@ -493,6 +493,11 @@ class Checkpoint:
             self.modules()
         return self._views.get(name)
 
+    def stored_name(self, name: str) -> str:
+        """The name the file stores tensor ``name`` under (a view's source; else ``name``)."""
+        v = self._view(name) if isinstance(name, str) else None
+        return name if v is None else v.source
+
     def file_of(self, name: str) -> SafetensorsFile:
         """The shard holding ``name`` (a CheckpointError naming it if there is none)."""
         if (v := self._view(name)) is not None:
@@ -524,11 +529,13 @@ class Checkpoint:
         transpose it once; its mapped pages are dropped once it is copied)."""
         v = self._view(name)
         if v is None or not v.transposed:
-            a = self.tensor(name)
-            return a.reshape(-1, a.shape[-1] if a.ndim else 1)[r0:r1]
+            a = self.tensor(name)  # (sizes named: -1 is no size where a dimension is 0)
+            return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])[r0:r1] if a.ndim else a.reshape(1, 1)[r0:r1]
         n = v.shape[-2]
         r0, r1 = max(0, r0), min(math.prod(v.shape[:-1]), r1)
         parts = []
+        if n == 0 or r1 <= r0:
+            return np.empty((max(0, r1 - r0), v.shape[-1]), DTYPES[v.dtype].numpy)
         for e in range(r0 // n, -(-r1 // n)):
             t = self._expert_copy(name, e)
             if t is None:
@@ -538,6 +545,7 @@ class Checkpoint:
                         from .formats.fast import transposed
                         f = self.file_of(v.source)
                         t = transposed(f.read(v.source, (e, e + 1))[0])
+                        t.flags.writeable = False  # (as the mapping's own views: shared by every reader)
                         # two kept: the workers read neighbouring blocks, across an expert's end too
                         self._expert_copies = (((name, e), t), *self._expert_copies[:1])
                         stride = (v.end - v.start) // v.shape[0]
@@ -558,6 +566,8 @@ class Checkpoint:
             dst[...] = self.rows(name, r0, r1)
             return
         n = v.shape[-2]
+        if n == 0 or r1 <= r0:
+            return
         f = self.file_of(v.source)
         stride = (v.end - v.start) // v.shape[0]
         for e in range(r0 // n, -(-r1 // n)):
@@ -596,16 +606,18 @@ class Checkpoint:
                     m = mods[mpath] = Module(mpath)
                 info = m.tensors[comp] = f.info(name)
                 if comp == "weight" and name != f"{mpath}.weight":  # (a bias is read under its own name)
-                    params.append((m, comp))
+                    params.append((m, comp, info))
             self._views = {}
             # (every orientation decided from the stored shapes before any becomes a view)
-            turn = [comp == "weight" and len(m.tensors[comp].shape) == 3 and self._experts_transposed(m.path, mods)
-                    for m, comp in params]
-            for (m, comp), t in zip(params, turn):
-                info = m.tensors[comp]
+            turn = [len(info.shape) == 3 and self._experts_transposed(m.path, mods) for m, _, info in params]
+            for (m, comp, info), t in zip(params, turn):
                 view = f"{m.path}.{comp}"
-                if view in self._where:  # (a tensor of that name is stored too: it is the module's)
+                if view in self._where:
+                    # (a tensor of that name is stored too: it is the module's weight, and the bare
+                    # parameter stays its parent's component, as before these were read)
                     m.tensors[comp] = self._where[view].info(view)
+                    parent, _, proj = m.path.rpartition(".")
+                    mods.setdefault(parent, Module(parent)).tensors[proj] = info
                     continue
                 shape = info.shape[:-2] + info.shape[-1:] + info.shape[-2:-1] if t else info.shape
                 m.tensors[comp] = self._views[view] = TensorInfo(view, info.dtype, shape, info.file, info.start,

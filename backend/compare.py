@@ -558,10 +558,11 @@ class _Rows:
         self._counter["bytes"] = self._counter.get("bytes", 0) + layer.numel * 4
         if layer.scheme == "dense":  # a plain read: no engine needed; F64 kept (the metrics take it)
             w = np.asarray(model.ckpt.tensor(layer.tensors["weight"].name))
-            w = w.reshape(-1, w.shape[-1])  # (a transposed stack's: a copy in rows)
+            # (a transposed stack's: a copy in rows; rows named, -1 is no size for an empty K)
+            w = w.reshape(math.prod(w.shape[:-1]), w.shape[-1])
             return w.astype(np.float64 if w.dtype == np.float64 else np.float32)
         out = self.engine.dequantize(model, layer)
-        return np.asarray(out, np.float32).reshape(-1, layer.shape[-1])
+        return np.asarray(out, np.float32).reshape(math.prod(layer.shape[:-1]), layer.shape[-1])
 
     def full(self) -> np.ndarray:
         if self._full is not None:
@@ -1756,10 +1757,11 @@ def _stack_of_experts_target(al: Alignment, name: str, reference: Model) -> Targ
     segs = []
     for e in range(E):
         t = al.targets.get(stack_expert_row(name, e))
-        if t is None or len(t.segments) != 1 or t.col_scale is not None or t.col_fit_from or t.rows != n:
+        if t is None or t.col_scale is not None or t.col_fit_from or t.rows != n:
             return None
-        seg = t.segments[0]
-        segs.append(Segment((e * n, (e + 1) * n, 1), seg.var_layer, seg.var_rows))
+        # (each expert's segments moved to its rows: a gate_up_proj's gate and up parts too)
+        segs += [Segment((s.ref_rows[0] + e * n, s.ref_rows[1] + e * n, s.ref_rows[2]), s.var_layer, s.var_rows)
+                 for s in t.segments]
     return Target(name, name, E * n, k, segs)
 
 

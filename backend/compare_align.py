@@ -89,6 +89,9 @@ def containers(path: str) -> list[str]:
     sw = switch_path(path)
     if sw is not None:
         out.append(sw[0])
+    m = EXPERT_RE.match(path)
+    if m is not None:  # (transformers' stack of the experts: experts.gate_up_proj of experts.3.gate_proj)
+        out += [f"{m['pre']}.experts.{p}" for p in dict.fromkeys((m["proj"], _PART_OF.get(m["proj"], m["proj"])))]
     parent, _, proj = path.rpartition(".")
     if proj in _PART_OF:
         out.append(f"{parent}.{_PART_OF[proj]}")
@@ -114,10 +117,22 @@ def stacked_expert(path: str, model: Model) -> tuple[Layer, int] | None:
 
 def stack_expert_row(stack: str, e: int) -> str | None:
     """The row name :func:`align` gives expert ``e`` of a reference's stack
-    ``{block}.switch_mlp.{proj}`` (against a variant storing the experts one by one):
-    ``{block}.experts.{e}.{proj}``, in the reference's naming. None for a path that is no stack."""
-    m = _SWITCH_RE.match(stack)
+    ``{block}.switch_mlp.{proj}`` or transformers' ``{block}.experts.{proj}`` (against a variant
+    storing the experts one by one): ``{block}.experts.{e}.{proj}``, in the reference's naming.
+    None for a path that is no stack."""
+    m = _SWITCH_RE.match(stack) or _BARE_STACK_RE.match(stack)
     return None if m is None else f"{m['pre']}.experts.{e}.{m['proj']}"
+
+
+#: transformers' stacked expert parameters read as a module (see checkpoint.split_name).
+_BARE_STACK_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<proj>gate_up_proj|down_proj|gate_proj|up_proj)$")
+
+
+def _bare_stack(layer: Layer) -> bool:
+    """Whether ``layer`` is transformers' stack of experts ``{block}.experts.{proj}`` [E, N, K]."""
+    w = layer.tensors.get("weight")
+    return (w is not None and w.source is not None and layer.shape is not None and len(layer.shape) == 3
+            and _BARE_STACK_RE.match(layer.path) is not None)
 
 
 def expert_of_stack(path: str, reference: Model) -> str | None:
@@ -131,8 +146,13 @@ def expert_of_stack(path: str, reference: Model) -> str | None:
     if sw is None:
         return None
     stack = _canonical_names(reference).get(canonical(sw[0]))
-    if stack is None:
-        return None
+    if stack is None:  # transformers' stack: experts.3.gate_proj is a part of experts.gate_up_proj's expert 3
+        m = EXPERT_RE.match(canonical(path))
+        names = _canonical_names(reference)
+        stack = next((names[n] for p in dict.fromkeys((m["proj"], _PART_OF.get(m["proj"], m["proj"])))
+                      if (n := f"{m['pre']}.experts.{p}") in names and _bare_stack(reference.layers[names[n]])), None)
+        if stack is None:
+            return None
     shape = reference.layers[stack].shape
     if not shape or len(shape) != 3 or sw[1] >= shape[0]:
         return None
@@ -144,7 +164,7 @@ def stack_expert_names(reference: Model) -> list[str]:
     for each ``{block}.switch_mlp.{proj}`` ``[E, N, K]``), against a variant storing them one by one."""
     out = []
     for path, layer in reference.layers.items():
-        if _SWITCH_RE.match(path) and layer.shape and len(layer.shape) == 3:
+        if (_SWITCH_RE.match(path) or _bare_stack(layer)) and layer.shape and len(layer.shape) == 3:
             out += [stack_expert_row(path, e) for e in range(layer.shape[0])]
     return out
 
@@ -205,6 +225,13 @@ def counterpart(path: str, model: Model, _homes: bool = True) -> tuple[str, str]
         if shape and len(shape) == 3 and sw[1] >= shape[0]:
             return None  # the stack has fewer experts
         return hit, f"expert {sw[1]} of the stacked experts"
+    if (m := EXPERT_RE.match(can)) is not None:  # (transformers' stack of the experts, gate/up fused or not)
+        for proj in dict.fromkeys((m["proj"], _PART_OF.get(m["proj"], m["proj"]))):
+            if (hit := find(f"{m['pre']}.experts.{proj}")) and _bare_stack(model.layers[hit]):
+                if int(m["e"]) >= model.layers[hit].shape[0]:
+                    return None
+                return hit, f"expert {m['e']} of the stacked experts" + (
+                    f", its rows of the fused {proj}" if proj != m["proj"] else "")
     m = _SWITCH_RE.match(can)
     if m is not None:
         for proj in dict.fromkeys((m["proj"], _EXPERT_OF_SWITCH.get(m["proj"], m["proj"]))):
@@ -307,6 +334,15 @@ def stacked_interleave(fused, part, interleaved: bool) -> bool:
                 and tuple(fused[:-2]) == tuple(part[:-2]) and fused[-1] == part[-1] and fused[-2] == 2 * part[-2])
 
 
+def _expert_parts(pre: str, proj: str, e: int, var: dict[str, Layer]) -> list[Layer] | None:
+    """Expert ``e``'s modules of projection ``proj`` in a variant storing the experts one by one:
+    ``{pre}.experts.{e}.{proj}``, or for a fused ``gate_up_proj`` its ``gate_proj`` and ``up_proj``."""
+    if (one := var.get(f"{pre}.experts.{e}.{proj}")) is not None:
+        return [one]
+    parts = [var.get(f"{pre}.experts.{e}.{p}") for p in _FUSED.get(proj, ())]
+    return parts if parts and None not in parts else None
+
+
 def _stacked_concat(fused, parts) -> list[list[tuple[tuple, tuple]]] | None:
     """Where ``fused`` is a stack of experts ``[E, N, K]`` whose rows are, in each expert, the
     concatenation of ``parts`` (stacks ``[E, n_i, K]``, Σ n_i = N), each part's pieces as
@@ -331,17 +367,21 @@ _STACK_HOMES = ("{pre}.switch_mlp", "{pre}.experts.switch_glu")
 
 def _stack_parent(parent: str, proj: str, rl: Layer, var: dict[str, Layer]) -> str:
     """The variant's module holding the projections of reference stack ``{parent}.{proj}``
-    (``parent`` = ``{block}.experts``): ``parent`` itself unless the variant has none of them
-    there and has them where mlx-lm puts them."""
-    if not parent.endswith(".experts") or not rl.shape or len(rl.shape) != 3:
+    (``parent`` = ``{block}.experts``, or where mlx-lm puts stacks): ``parent`` itself unless the
+    variant has none of them there and has them in another of those homes."""
+    if not rl.shape or len(rl.shape) != 3:
+        return parent
+    pre = next((parent[:-len(h) + len("{pre}")] for h in ("{pre}.experts.switch_glu", "{pre}.switch_mlp",
+                                                          "{pre}.experts")
+                if parent.endswith(h[len("{pre}"):])), None)
+    if pre is None:
         return parent
     names = (proj, *_FUSED.get(proj, ()), *((_PART_OF[proj],) if proj in _PART_OF else ()))
     if any(f"{parent}.{n}" in var for n in names):
         return parent
-    pre = parent[:-len(".experts")]
-    for home in _STACK_HOMES:
+    for home in ("{pre}.experts", *_STACK_HOMES):
         home = home.format(pre=pre)
-        if any(f"{home}.{n}" in var for n in names):
+        if home != parent and any(f"{home}.{n}" in var for n in names):
             return home
     return parent
 
@@ -350,7 +390,8 @@ def _interleaved(reference: Model, variant: Model) -> bool:
     for m in (reference, variant):
         for name in ("config.json",):
             cfg = m.ckpt.configs.get(name) or {}
-            mt = str(cfg.get("model_type", "")) + str((cfg.get("text_config") or {}).get("model_type", ""))
+            text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+            mt = str(cfg.get("model_type", "")) + str(text.get("model_type", ""))
             if "gpt_oss" in mt:
                 return True
     return False
@@ -518,6 +559,29 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                 reason = f"shape mismatch: stacked {st.path} {list(st.shape or ())} has no expert {e} of shape {[rr, rk]}"
             else:
                 segs = [Segment((0, rr, 1), st.path, (e * rr, (e + 1) * rr, 1))]
+        elif _bare_stack(rl) and (m := _BARE_STACK_RE.match(cname)) and any(
+                _expert_parts(m["pre"], m["proj"], e, var) for e in range(rl.shape[0])):
+            # transformers' stack against a variant storing the experts one by one (llm-compressor's
+            # and GPTQModel's Llama 4 / gpt-oss): each expert a row of its own, gate_up_proj's made
+            # of the variant's gate_proj and up_proj (concatenated, or interleaved in gpt-oss)
+            n_exp, n = rl.shape[0], rl.shape[1]
+            for e in range(n_exp):
+                name = stack_expert_row(rl.path, e)
+                parts = _expert_parts(m["pre"], m["proj"], e, var)
+                why = "absent in the variant" if parts is None else next(
+                    (w for w in (usable(p, cname) for p in parts) if w), None)
+                if why is None and any(p.shape is None or tuple(p.shape) != (n // len(parts), rk) for p in parts):
+                    why = (f"shape mismatch: reference expert {[n, rk]} of {rl.path} vs variant "
+                           + " + ".join(str(list(p.shape or ())) for p in parts))
+                if why is not None:
+                    al.unmatched.append(Unmatched(label, name, why))
+                    continue
+                h = n // len(parts)
+                segs = [Segment((i, n, 2) if interleaved and len(parts) > 1 else (i * h, (i + 1) * h, 1),
+                                p.path, (0, h, 1)) for i, p in enumerate(parts)]
+                al.targets[name] = Target(name, rl.path, n, rk, segs, ref_row0=e * n)
+                used_var.update(p.path for p in parts)
+            continue
         elif (m := _SWITCH_RE.match(cname)) and len(rl.shape) == 3:
             n_exp, n = rl.shape[0], rl.shape[1]
             parts = [var.get(f"{m['pre']}.experts.{e}.{m['proj']}") for e in range(n_exp)]

@@ -321,9 +321,15 @@ class _Collector:
         self._counts: dict[tuple, int] = {}
         self._overflow: dict[tuple, Finding] = {}
         self._error_layers: set[str] = set()  # capped findings too
+        #: the name a file stores a tensor under (a stacked expert parameter is read as its
+        #: projection's ``.weight``; a finding names what the user can find in the file)
+        self.stored_name = None
 
     def add(self, rule: str, message: str, *, file=None, tensor=None, layer=None, severity=None, also=()) -> None:
         r = RULES[rule]
+        if self.stored_name is not None:
+            tensor = None if tensor is None else self.stored_name(tensor)
+            also = [self.stored_name(t) for t in also]
         key = (rule, str(file) if file else None)
         n = self._counts.get(key, 0) + 1
         self._counts[key] = n
@@ -917,6 +923,7 @@ class _Doctor:
                 self.col.add("config.unreadable", f"{w}; its quantization settings are not used by quantscope, and "
                              f"loaders will fail on it — {fix}", file=self.root / name)
         self.ckpt = ck
+        self.col.stored_name = ck.stored_name
         from .qconfig import parse_configs
         from .schemes import analyze
         self.qconfig = parse_configs(ck.configs)
@@ -1015,7 +1022,7 @@ class _Doctor:
         if b is not None and layer.shape and len(layer.shape) >= 2 and tuple(b.shape) != tuple(layer.shape[:-1]):
             self.col.add("layer.inconsistent", f"bias {list(b.shape)} does not fit the layer's outputs "
                          f"{list(layer.shape[:-1])}: loaders fail on it (size mismatch) — a stale or damaged file",
-                         file=b.file, tensor=f"{path}.bias", layer=path)
+                         file=b.file, tensor=b.name, layer=path)
         packed = next((c for c in ("qweight", "weight_packed") if c in comps), None)
         w = comps.get("weight")
         if packed and w is not None and w.dtype in ("F32", "F16", "BF16"):

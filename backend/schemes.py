@@ -305,10 +305,11 @@ def _model_dims(cfg: dict) -> Dims:
     tokens, their inputs the hidden size), and as a candidate it made a small model's shapes
     ambiguous (vocab 2048: 2 bit / 128 as likely as 8 bit / 32 for a 512-wide layer)."""
     dims = Dims()
-    dims.hidden = frozenset(v for c in (cfg, cfg.get("text_config") or {}) if isinstance(c, dict)
-                            for v in (c.get("hidden_size"), c.get("d_model"), c.get("n_embd"))
+    # (a text_config that is no object, a list or a string, is left out: it crashed, exit 3)
+    configs = [c for c in (cfg, cfg.get("text_config")) if isinstance(c, dict)]
+    dims.hidden = frozenset(v for c in configs for v in (c.get("hidden_size"), c.get("d_model"), c.get("n_embd"))
                             if isinstance(v, int) and not isinstance(v, bool) and v > 0)
-    for c in (cfg, cfg.get("text_config") or {}):
+    for c in configs:
         for k in ("hidden_size", "intermediate_size", "moe_intermediate_size", "d_model",
                   "ffn_dim", "shared_expert_intermediate_size", "intermediate_size_mlp", "mamba_d_ssm", "d_inner",
                   "d_ssm", "embedding_size", "word_embed_proj_dim", "n_embd"):

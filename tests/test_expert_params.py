@@ -341,3 +341,96 @@ def test_a_transposed_reference_read_in_blocks_across_experts(tmp_path):
     assert row.max_abs == np.abs(d).max()
     for p in (50, 95, 99):
         assert getattr(row, f"p{p}") == pytest.approx(np.percentile(np.abs(d), p), rel=1e-9), p
+
+
+@pytest.mark.parametrize("src", [L4, REAL / "gptoss-bf16"])
+def test_a_stack_against_experts_stored_one_by_one(tmp_path, src):
+    # llm-compressor and GPTQModel unpack these stacks into one module per expert: each expert
+    # is a row of its own, gate_up_proj's made of the variant's gate_proj and up_proj
+    ck = open_checkpoint(src)
+    ref = analyze(ck)
+    stacks = [p for p, lay in ref.layers.items() if lay.tensors.get("weight") is not None
+              and lay.tensors["weight"].source is not None]
+    assert len(stacks) == 4
+    var, want = {}, {}
+    for path in stacks:
+        w = np.asarray(NumpyEngine().dequantize(ref, ref.layers[path]), np.float64)  # [E, N, K]
+        pre, proj = path.rsplit(".", 1)
+        for e in range(w.shape[0]):
+            if proj == "gate_up_proj":
+                gate, up = (w[e, 0::2], w[e, 1::2]) if "gptoss" in src.name else np.split(w[e], 2)
+                got = np.concatenate([_q(gate, f"{pre}.{e}.gate_proj", var, group_size=32, bits=4),
+                                      _q(up, f"{pre}.{e}.up_proj", var, group_size=32, bits=4)])
+                if "gptoss" in src.name:  # (back in the stack's interleaved order)
+                    got = np.stack([got[:len(gate)], got[len(gate):]], 1).reshape(w[e].shape)
+            else:
+                got = _q(w[e], f"{pre}.{e}.{proj}", var, group_size=32, bits=4)
+            want[f"{pre}.{e}.{proj}"] = _rel(got, w[e])
+    vdir = _write(tmp_path / "per_expert", var, {**json.loads((src / "config.json").read_text()),
+                                                 "quantization": {"group_size": 32, "bits": 4}})
+    vm = analyze(open_checkpoint(vdir))
+    res = sweep(ref, {"v": vm}, engine="numpy")
+    rows = {r.name: r for r in res.rows}
+    assert not [u for u in res.unmatched if ".experts." in u.layer]
+    assert set(want) <= set(rows)
+    for name, rel in want.items():
+        assert rows[name].rel_fro == pytest.approx(rel, rel=1e-9), name
+    # the window's one layer: a whole stack joined from its experts, an expert alone
+    stack = next(p for p in stacks if p.endswith("gate_up_proj"))
+    d = layer_detail(ref, {"v": vm}, stack)
+    assert d.metrics["v"].rel_fro == pytest.approx(
+        np.sqrt(sum(rows[f"{stack.rsplit('.', 1)[0]}.{e}.gate_up_proj"].mse for e in range(E))
+                / sum(rows[f"{stack.rsplit('.', 1)[0]}.{e}.gate_up_proj"].mse / rows[f"{stack.rsplit('.', 1)[0]}.{e}.gate_up_proj"].rel_fro ** 2
+                      for e in range(E))), rel=1e-9)
+    one = f"{stack.rsplit('.', 1)[0]}.2.gate_up_proj"
+    assert layer_detail(ref, {"v": vm}, one).metrics["v"].rel_fro == pytest.approx(want[one], rel=1e-9)
+
+
+def test_mlx_lms_split_bf16_as_reference_for_transformers_stack(tmp_path):
+    # the reverse: an mlx-lm bf16 (switch_mlp.gate_proj / up_proj) as the reference, the stack as
+    # the variant (Qwen3-VL-MoE's layout, and Gemma 4's experts.switch_glu)
+    w = _weights(4)
+    gu = np.concatenate([w["gate"], w["up"]], axis=1)
+    for model_type, home, stored in (("qwen3_vl_moe", "switch_mlp", lambda a: np.ascontiguousarray(a.transpose(0, 2, 1))),
+                                     ("gemma4", "experts.switch_glu", lambda a: a)):
+        cfg = {"model_type": model_type, "text_config": {"hidden_size": H}}
+        ref = _write(tmp_path / f"{model_type}_mlx", {f"model.layers.0.mlp.{home}.{p}_proj.weight": w[p]
+                                                      for p in ("gate", "up", "down")}, cfg)
+        var = _write(tmp_path / f"{model_type}_hf", {"model.layers.0.mlp.experts.gate_up_proj": stored(gu),
+                                                     "model.layers.0.mlp.experts.down_proj": stored(w["down"])}, cfg)
+        res = sweep(analyze(open_checkpoint(ref)), {"hf": analyze(open_checkpoint(var))}, engine="numpy")
+        assert not res.unmatched and len(res.rows) == 3, model_type
+        assert all(r.rel_fro == 0 for r in res.rows)
+
+
+def test_odd_files(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    ex = "model.layers.0.mlp.experts"
+    gu = rng.normal(0, 0.02, (4, 64, 96)).astype(BF16)
+    # a parameter stored beside a tensor of its view's name: that one is the weight, the parameter
+    # stays its parent's, and both are carried
+    both = _write(tmp_path / "both", {f"{ex}.gate_up_proj": gu, f"{ex}.gate_up_proj.weight": gu[:, :, :64].copy()},
+                  {"model_type": "llama4"})
+    mods = open_checkpoint(both).modules()
+    assert mods[f"{ex}.gate_up_proj"].tensors["weight"].name == f"{ex}.gate_up_proj.weight"
+    assert mods[ex].tensors["gate_up_proj"].name == f"{ex}.gate_up_proj"
+    assert main(["convert", str(both), str(tmp_path / "both_out"), "--to", "dense"]) == 0
+    assert set(mx.load(str(tmp_path / "both_out" / "model.safetensors"))) == {f"{ex}.gate_up_proj",
+                                                                             f"{ex}.gate_up_proj.weight"}
+    # no rows: nothing read, nothing divided by zero
+    empty = _write(tmp_path / "empty", {f"{ex}.gate_up_proj": np.zeros((4, 64, 0), BF16)}, {"model_type": "llama4"})
+    ck = open_checkpoint(empty)
+    assert ck.rows(f"{ex}.gate_up_proj.weight", 0, 5).shape == (0, 64)
+    d = layer_detail(analyze(ck), {"same": analyze(open_checkpoint(empty))}, f"{ex}.gate_up_proj")
+    assert d is not None and all(c.sum() == 0 for c in d.value_counts.values())
+    # the doctor names what the file stores
+    bad = gu.copy()
+    bad[1, 2, 3] = np.nan
+    nan = _write(tmp_path / "nan", {f"{ex}.gate_up_proj": bad, f"{ex}.down_proj_bias": np.zeros(3, BF16),
+                                    f"{ex}.down_proj": rng.normal(0, 0.02, (4, 48, 64)).astype(BF16)},
+                 {"model_type": "llama4", "text_config": ["not", "an", "object"]})
+    found = {(f.rule, f.tensor) for f in diagnose(nan, full=True)}
+    assert ("values.non-finite", f"{ex}.gate_up_proj") in found
+    assert ("layer.inconsistent", f"{ex}.down_proj_bias") in found
+    assert main(["info", str(nan)]) == 0  # (a text_config that is no object: exit 3 before)
+    capsys.readouterr()
