@@ -556,8 +556,8 @@ class Checkpoint:
         return np.concatenate(parts) if parts else np.empty((0, v.shape[-1]), DTYPES[v.dtype].numpy)
 
     def rows_into(self, name: str, r0: int, r1: int, dst: np.ndarray) -> None:
-        """:meth:`rows` as float32 into ``dst`` ``[r1 - r0, K]``; for a transposed view of bf16 or
-        float32, straight from the mapping by a compiled kernel (no copy of an expert, no lock:
+        """:meth:`rows` into ``dst`` ``[r1 - r0, K]`` (float32, or the stored dtype); for a
+        transposed view, straight from the mapping by a compiled kernel (no copy of an expert, no lock:
         a sweep's workers each read their own blocks), dropping an expert's mapped pages once its
         last row is read."""
         from .formats.fast import columns_as_rows

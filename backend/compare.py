@@ -849,7 +849,8 @@ def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], e
         def transposed_rows(r0, r1, dst, name=w.name):
             ck.rows_into(name, row0 + r0, row0 + r1, dst)
 
-        ref = fast.RowDecoder(transposed_rows, R, K, 1)
+        # (bf16 rows as stored: the measuring kernel widens them itself, as it does the mapping's)
+        ref = fast.RowDecoder(transposed_rows, R, K, 1, dtype=_BF16 if w.dtype == "BF16" else None)
     elif lay.scheme == "dense":
         ref = ref_rows.stored(0, R)  # (an expert's rows, of a stack)
         if ref is None or ref.dtype not in (np.dtype(np.float32), _BF16):

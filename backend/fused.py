@@ -526,7 +526,7 @@ def _measure(ref, variants, cancel, on_rows, parallel: bool, held: _Held, done_r
 
     # -- 0: sample blocks, kept, with their float64 sums and the histogram of |d| ----------------
     def ref_buffer():
-        return held.array((step, K), np.float32) if isinstance(ref, fast.RowDecoder) else None
+        return held.array((step, K), ref.dtype or np.float32) if isinstance(ref, fast.RowDecoder) else None
 
     keep_samples = len(sample_ids) * step * K * 4 * len(labels) <= KEEP_BYTES
     # exact mode's first pass keeps the other blocks decoded too where the whole layer fits

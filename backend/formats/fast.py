@@ -432,6 +432,8 @@ class RowDecoder(NamedTuple):
     cols: int
     granule: int
     tile: int = 0
+    #: the dtype ``dst`` is given in (None: float32); a reference's rows read as stored (bf16)
+    dtype: object = None
 
 
 def _whole(n_rows: int, k: int, fn, out: np.ndarray, **kw) -> bool:
@@ -1695,6 +1697,13 @@ def _warm_measure() -> None:
         out[:] = v[r0:r1]
 
     fused.measure(ref, {"w": (RowDecoder(rows, 64, k, 1), 0, None)}, parallel=False)
+    # a stack of experts stored [E, K, N] (transformers' parameters): its rows read transposed,
+    # as stored and as float32, from the read-only mapping
+    stored = _ro(np.ascontiguousarray(ref.T))
+    columns_as_rows(stored, 0, np.empty((8, 64), ml_dtypes.bfloat16))
+    columns_as_rows(stored, 0, np.empty((8, 64), np.float32))
+    columns_as_rows(_ro(np.ascontiguousarray(v.T)), 0, np.empty((8, 64), np.float32))
+    transposed(stored)
     # the narrowing steps of larger layers (not reached by a layer this small)
     vals = np.abs(rng.standard_normal(256))
     lo, hi = np.array([0.5, 1.0], np.float32), np.array([0.6, 1.2], np.float32)
@@ -1908,12 +1917,33 @@ if AVAILABLE:
                             dst[r, k] = src[k, n0 + r]
 
 
+    @njit(nogil=True, cache=True)
+    def _columns_copied(src, n0, dst):
+        # dst[r, k] = src[k, n0 + r], the same bits (a bf16 reference's rows, as stored)
+        kk = src.shape[0]
+        nr = dst.shape[0]
+        for rb in range(0, nr, 32):
+            re_ = min(rb + 32, nr)
+            for kb in range(0, kk, 32):
+                ke = min(kb + 32, kk)
+                for r in range(rb, re_):
+                    for k in range(kb, ke):
+                        dst[r, k] = src[k, n0 + r]
+
+
 def columns_as_rows(src: np.ndarray, n0: int, dst: np.ndarray) -> bool:
-    """Write columns ``[n0, n0 + len(dst))`` of ``src`` ``[K, N]`` (bf16 or float32) into ``dst``
-    (float32 ``[rows, K]``) as its rows; False where there is no kernel for it."""
-    if not AVAILABLE or src.ndim != 2 or dst.ndim != 2 or dst.dtype != np.float32 or not dst.flags.c_contiguous \
+    """Write columns ``[n0, n0 + len(dst))`` of ``src`` ``[K, N]`` into ``dst`` ``[rows, K]`` as its
+    rows: float32 from bf16 or float32, or src's own dtype (2 or 4 bytes); False where there is no
+    kernel for it."""
+    if not AVAILABLE or src.ndim != 2 or dst.ndim != 2 or not dst.flags.c_contiguous \
             or dst.shape[1] != src.shape[0] or not 0 <= n0 <= n0 + dst.shape[0] <= src.shape[1]:
         return False  # (the kernel does not check its indices)
+    if dst.dtype == src.dtype and src.dtype.itemsize in (2, 4):
+        u = f"u{src.dtype.itemsize}"
+        _columns_copied(src.view(u), n0, dst.view(u))
+        return True
+    if dst.dtype != np.float32:
+        return False
     if src.dtype == np.float32:
         _columns_as_rows(src, n0, False, dst)
     elif src.dtype.itemsize == 2 and src.dtype.name == "bfloat16":
