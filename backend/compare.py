@@ -30,6 +30,7 @@ import numpy as np
 from . import fused
 from .checkpoint import natural_key
 from .compare_align import (
+    _BARE_STACK_RE,
     _SWITCH_RE,
     EXPERT_RE,
     Alignment,
@@ -999,7 +1000,7 @@ def _row(t: Target, vs: _VariantState, res: dict) -> LayerMetrics:
     ne = sum(l.numel for l in layers)
     bpw = nb * 8 / ne if ne else None
     held = t.ref_layer if t.ref_layer != t.name else None  # (a stack holding the expert, a tied head's embeddings)
-    if held and _SWITCH_RE.match(held) and t.rows:
+    if held and (_SWITCH_RE.match(held) or _BARE_STACK_RE.match(held)) and t.rows:
         expert = t.ref_row0 // t.rows  # the reference stacks the experts
     elif first.shape and len(first.shape) == 3 and len(t.segments) == 1 and t.rows == first.shape[-2]:
         expert = t.segments[0].var_rows[0] // t.rows  # the variant does: which of its stack this is

@@ -107,6 +107,10 @@ def stacked_expert(path: str, model: Model) -> tuple[Layer, int] | None:
     if path in model.layers:
         return None
     sw = switch_path(path)
+    if sw is not None and sw[0] not in model.layers and (m := EXPERT_RE.match(path)) is not None \
+            and f"{m['pre']}.experts.{m['proj']}" in model.layers \
+            and _bare_stack(model.layers[f"{m['pre']}.experts.{m['proj']}"]):
+        sw = (f"{m['pre']}.experts.{m['proj']}", sw[1])  # (a stack at experts.{proj}: transformers', mlx-lm's Llama 4)
     if sw is None or sw[0] not in model.layers:
         return None
     layer = model.layers[sw[0]]
@@ -129,10 +133,10 @@ _BARE_STACK_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<proj>gate_up_proj|down_
 
 
 def _bare_stack(layer: Layer) -> bool:
-    """Whether ``layer`` is transformers' stack of experts ``{block}.experts.{proj}`` [E, N, K]."""
-    w = layer.tensors.get("weight")
-    return (w is not None and w.source is not None and layer.shape is not None and len(layer.shape) == 3
-            and _BARE_STACK_RE.match(layer.path) is not None)
+    """Whether ``layer`` is a stack of experts ``{block}.experts.{proj}`` [E, N, K]: transformers'
+    parameters, or mlx-lm's own stacks of Llama 4 and gpt-oss (bf16 or quantized), or OpenAI's
+    MXFP4 blocks."""
+    return layer.shape is not None and len(layer.shape) == 3 and _BARE_STACK_RE.match(layer.path) is not None
 
 
 def expert_of_stack(path: str, reference: Model) -> str | None:
@@ -568,13 +572,19 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
             for e in range(n_exp):
                 name = stack_expert_row(rl.path, e)
                 parts = _expert_parts(m["pre"], m["proj"], e, var)
-                why = "absent in the variant" if parts is None else next(
-                    (w for w in (usable(p, cname) for p in parts) if w), None)
+                if parts is None:
+                    have = [q for q in _FUSED.get(m["proj"], ()) if f"{m['pre']}.experts.{e}.{q}" in var]
+                    why = "absent in the variant" + (f" (it has only {', '.join(have)})" if have else "")
+                else:
+                    why = next((w for w in (usable(p, cname) for p in parts) if w), None)
                 if why is None and any(p.shape is None or tuple(p.shape) != (n // len(parts), rk) for p in parts):
                     why = (f"shape mismatch: reference expert {[n, rk]} of {rl.path} vs variant "
                            + " + ".join(str(list(p.shape or ())) for p in parts))
                 if why is not None:
                     al.unmatched.append(Unmatched(label, name, why))
+                    # (a part whose partner is missing is this row's, not a layer the reference lacks)
+                    used_var.update(p.path for q in (m["proj"], *_FUSED.get(m["proj"], ()))
+                                    if (p := var.get(f"{m['pre']}.experts.{e}.{q}")) is not None)
                     continue
                 h = n // len(parts)
                 segs = [Segment((i, n, 2) if interleaved and len(parts) > 1 else (i * h, (i + 1) * h, 1),

@@ -782,11 +782,11 @@ def _expert_split(model: Model) -> str | None:
     return _MLX_EXPERT_SPLIT.get(str(cfg.get("model_type") or ""))
 
 
-def _plan_expert_param(model: Model, layer: Layer, q: _Q, dt: str, res: LayerResult) -> _Item:
-    """A stacked expert parameter (``[E, N, K]`` as read) quantized as mlx-lm lays it out: its
-    gate_up_proj split into gate_proj and up_proj (rows concatenated or interleaved per expert,
-    :data:`_MLX_EXPERT_SPLIT`), its bias split the same way; one expert at a time through
-    ``mx.quantize`` (a gpt-oss-120b stack is 4 GB)."""
+def _plan_expert_param(model: Model, layer: Layer, q: _Q | None, dt: str, res: LayerResult) -> _Item:
+    """A stacked expert parameter (``[E, N, K]`` as read) quantized as mlx-lm lays it out (or,
+    ``q`` None, kept dense in that layout, ``dt`` its dtype): its gate_up_proj split into gate_proj
+    and up_proj (rows concatenated or interleaved per expert, :data:`_MLX_EXPERT_SPLIT`), its bias
+    split the same way; one expert at a time through ``mx.quantize`` (a gpt-oss-120b stack is 4 GB)."""
     path, w, bias = layer.path, layer.tensors["weight"], layer.tensors.get("bias")
     e_n, n, k = layer.shape
     dropped = [c for c in layer.tensors if c not in ("weight", "bias")]
@@ -802,14 +802,17 @@ def _plan_expert_param(model: Model, layer: Layer, q: _Q, dt: str, res: LayerRes
     outputs, planned = [], []
     for p, sl in parts:
         rows = len(range(n)[sl])
-        outs = _quant_outputs(p, (e_n, rows, k), dt, q)
+        outs = _quant_outputs(p, (e_n, rows, k), dt, q) if q is not None else [(f"{p}.weight", dt, (e_n, rows, k))]
         if bias is not None:
             outs.append((f"{p}.bias", bias.dtype, (e_n, rows)))
         outputs += outs
         planned.append((p, sl, outs))
-    res.action, res.bits, res.group_size, res.mode, res.scales_dtype = \
-        f"quantized {q.label()}" + (" as gate_proj + up_proj" if len(parts) > 1 else ""), q.bits, q.group_size, \
-        q.mode, dt
+    split = " as gate_proj + up_proj" if len(parts) > 1 else ""
+    if q is None:
+        res.action += split
+    else:
+        res.action, res.bits, res.group_size, res.mode, res.scales_dtype = \
+            f"quantized {q.label()}{split}", q.bits, q.group_size, q.mode, dt
 
     def make():
         a = model.ckpt.tensor(w.name)  # [E, N, K] (a view of [E, K, N] where stored so)
@@ -819,13 +822,16 @@ def _plan_expert_param(model: Model, layer: Layer, q: _Q, dt: str, res: LayerRes
         for p, sl, outs in planned:
             names = [o[0] for o in outs if not o[0].endswith(".bias")]
             for e in range(e_n):
+                if q is None:
+                    out[f"{p}.weight"][e] = a[e, sl]
+                    continue
                 for name, got in zip(names, _mx_quantize(np.ascontiguousarray(a[e, sl]), a.dtype, q)):
                     out[name][e] = got
             if b is not None:
                 out[f"{p}.bias"][...] = b[:, sl]
         return out
 
-    return _Item(res, outputs, make, config=q, config_paths=[p for p, _ in parts])
+    return _Item(res, outputs, make, config=q if q is not None else False, config_paths=[p for p, _ in parts])
 
 
 def _aux(layer: Layer, keep_all: bool) -> tuple[list[str], list[str]]:
@@ -899,6 +905,10 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             reason = f"input dimension {k} is not a multiple of group size {q.group_size}"
         if reason is not None:
             res.action = f"kept dense ({reason})"
+            if w.source is not None and len(layer.shape) == 3 and _expert_split(model) is not None:
+                # (in mlx-lm's layout all the same: its gpt_oss sanitize leaves a file holding any
+                # experts.gate_proj.weight as it is, and refused the stored parameter beside it)
+                return _plan_expert_param(model, layer, None, w.dtype, res)
             _carry(model, layer, list(layer.tensors), outputs, raw)
             return _Item(res, outputs, dict, config=False, raw=raw)
         dt = w.dtype if q.mode == "affine" else "U8"

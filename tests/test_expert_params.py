@@ -434,3 +434,79 @@ def test_odd_files(tmp_path, capsys):
     assert ("layer.inconsistent", f"{ex}.down_proj_bias") in found
     assert main(["info", str(nan)]) == 0  # (a text_config that is no object: exit 3 before)
     capsys.readouterr()
+
+
+def test_convert_keeps_a_stack_dense_in_mlx_lms_layout(tmp_path):
+    # gpt-oss's down_proj (96 inputs) cannot take groups of 64: kept dense, but as mlx-lm's
+    # experts.down_proj.weight [E, N, K] with its bias: mlx-lm's gpt_oss sanitize leaves a file
+    # holding experts.gate_proj.weight as it is, and refused the stored parameter beside it
+    src = REAL / "gptoss-bf16"
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--to", "mlx", "--group-size", "64"]) == 0
+    got, raw = mx.load(str(out / "model.safetensors")), mx.load(str(src / "model.safetensors"))
+    ex = "model.layers.1.mlp.experts"
+    assert f"{ex}.down_proj" not in got and f"{ex}.down_proj_bias" not in got
+    assert mx.array_equal(got[f"{ex}.down_proj.weight"], raw[f"{ex}.down_proj"].swapaxes(1, 2)).item()
+    assert mx.array_equal(got[f"{ex}.down_proj.bias"], raw[f"{ex}.down_proj_bias"]).item()
+    assert got[f"{ex}.gate_proj.weight"].dtype == mx.uint32 and got[f"{ex}.gate_proj.bias"].shape == (E, I)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q[f"{ex}.down_proj"] is False and q["group_size"] == 64
+
+
+def test_experts_with_a_missing_or_odd_partner(tmp_path):
+    # expert 1 lacks its up_proj, expert 3's gate_proj has the wrong shape: the others compared,
+    # those two said once (their present parts are theirs, not layers the reference lacks); the
+    # window's one layer shows the reference's rows of a missing expert
+    from quantscope.backend.compare import layer_alone
+    ref = analyze(open_checkpoint(REAL / "gptoss-bf16"))
+    ex = "model.layers.0.mlp.experts"
+    w = np.asarray(NumpyEngine().dequantize(ref, ref.layers[f"{ex}.gate_up_proj"]))
+    var = {}
+    for e in range(E):
+        if e != 3:
+            _q(w[e, 0::2], f"{ex}.{e}.gate_proj", var, group_size=32, bits=4)
+        else:
+            _q(w[e, 0::2, :64], f"{ex}.{e}.gate_proj", var, group_size=32, bits=4)
+        if e != 1:
+            _q(w[e, 1::2], f"{ex}.{e}.up_proj", var, group_size=32, bits=4)
+    vdir = _write(tmp_path / "v", var, {"model_type": "gpt_oss", "hidden_size": H,
+                                        "quantization": {"group_size": 32, "bits": 4}})
+    res = sweep(ref, {"v": analyze(open_checkpoint(vdir))}, engine="numpy")
+    rows = {r.name: r for r in res.rows}
+    assert sorted(rows) == [f"{ex}.0.gate_up_proj", f"{ex}.2.gate_up_proj"]
+    assert [r.expert for r in res.rows] == [0, 2]
+    why = {u.layer: u.reason for u in res.unmatched}
+    assert why[f"{ex}.1.gate_up_proj"] == "absent in the variant (it has only gate_proj)"
+    assert why[f"{ex}.3.gate_up_proj"].startswith("shape mismatch")
+    assert not [u for u in res.unmatched if u.layer.endswith((".gate_proj", ".up_proj"))]
+    d = layer_alone({"ref": ref}, f"{ex}.1.gate_up_proj")
+    assert d.value_counts["ref"].sum() == 2 * I * H
+
+
+def test_mlx_lms_own_stacks_as_reference_for_experts_one_by_one(tmp_path):
+    # mlx-lm's bf16 Llama 4 keeps experts.{gate,up,down}_proj [E, N, K] (split, .weight): against
+    # experts stored one by one, expert by expert too
+    ref = analyze(open_checkpoint(L4))
+    ex = L4_EXP.format(l=0)
+    w = np.asarray(NumpyEngine().dequantize(ref, ref.layers[f"{ex}.gate_up_proj"]))
+    stacks = {"gate_proj": w[:, :I], "up_proj": w[:, I:]}
+    mref = _write(tmp_path / "mlx_bf16", {f"{ex}.{p}.weight": a.astype(BF16) for p, a in stacks.items()},
+                  {"model_type": "llama4"})
+    var, want = {}, {}
+    for p, a in stacks.items():
+        for e in range(E):
+            want[f"{ex}.{e}.{p}"] = _rel(_q(a[e], f"{ex}.{e}.{p}", var, group_size=32, bits=4), a[e].astype(np.float64))
+    vdir = _write(tmp_path / "v", var, {"model_type": "llama4", "quantization": {"group_size": 32, "bits": 4}})
+    res = sweep(analyze(open_checkpoint(mref)), {"v": analyze(open_checkpoint(vdir))}, engine="numpy")
+    assert not res.unmatched
+    assert {r.name: r.rel_fro for r in res.rows} == pytest.approx(want, rel=1e-9)
+    assert sorted({r.expert for r in res.rows}) == list(range(E))
+
+
+def test_attention_sinks_are_no_undecodable_layer():
+    # gpt-oss's self_attn.sinks [heads] (a float parameter of no layer): every decoder layer was
+    # "cannot be decoded: no weight tensor recognised"
+    m = analyze(open_checkpoint(REAL / "gptoss-bf16"))
+    sinks = m.layers["model.layers.0.self_attn"]
+    assert set(sinks.tensors) == {"sinks"} and sinks.problem is None
+    assert not [p for p, lay in m.layers.items() if lay.problem]
