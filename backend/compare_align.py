@@ -129,7 +129,8 @@ def stack_expert_row(stack: str, e: int) -> str | None:
 
 
 #: transformers' stacked expert parameters read as a module (see checkpoint.split_name).
-_BARE_STACK_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<proj>gate_up_proj|down_proj|gate_proj|up_proj)$")
+#: (and mlx-lm's Gemma 4 stacks, ``{block}.experts.switch_glu.{proj}``)
+_BARE_STACK_RE = re.compile(r"^(?P<pre>.*)\.experts(?:\.switch_glu)?\.(?P<proj>gate_up_proj|down_proj|gate_proj|up_proj)$")
 
 
 def _bare_stack(layer: Layer) -> bool:
@@ -336,6 +337,20 @@ def stacked_interleave(fused, part, interleaved: bool) -> bool:
     the flattened stack is row ``r`` of the flattened part (each expert's rows are even)."""
     return bool(interleaved and fused is not None and part is not None and len(fused) == len(part) >= 3
                 and tuple(fused[:-2]) == tuple(part[:-2]) and fused[-1] == part[-1] and fused[-2] == 2 * part[-2])
+
+
+def _within(segs: list[Segment], a: int, b: int) -> list[Segment]:
+    """The parts of ``segs`` that cover reference rows ``[a, b)``, those rows counted from ``a``."""
+    out = []
+    for s in segs:
+        s0, s1, st = s.ref_rows
+        v0, _, vst = s.var_rows
+        i0 = max(0, -(-(a - s0) // st))
+        i1 = min(len(range(s0, s1, st)), -(-(b - s0) // st))
+        if i1 > i0:
+            out.append(Segment((s0 + i0 * st - a, s0 + (i1 - 1) * st + 1 - a, st), s.var_layer,
+                               (v0 + i0 * vst, v0 + (i1 - 1) * vst + 1, vst)))
+    return out
 
 
 def _expert_parts(pre: str, proj: str, e: int, var: dict[str, Layer]) -> list[Layer] | None:
@@ -622,7 +637,16 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                     reason += " (its config says tie_word_embeddings: false, so its embeddings do not stand in)"
             al.unmatched.append(Unmatched(label, rl.path, reason))
             continue
-        add_target(cname, rl, segs)
+        if (rl.shape is not None and len(rl.shape) == 3 and rl.shape[1]
+                and (_SWITCH_RE.match(rl.path) or _BARE_STACK_RE.match(rl.path))):
+            # a stack of experts against a stack (or its split parts): each expert a row of its
+            # own, as against experts stored one by one (which experts the quantization hurt)
+            n = int(rl.shape[1])
+            for e in range(int(rl.shape[0])):
+                name = stack_expert_row(rl.path, e)
+                al.targets[name] = Target(name, rl.path, n, rk, _within(segs, e * n, (e + 1) * n), ref_row0=e * n)
+        else:
+            add_target(cname, rl, segs)
         used_var.update(s.var_layer for s in segs)
 
     if tied_ref_head is not None:

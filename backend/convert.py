@@ -1702,7 +1702,9 @@ def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, prog
         out.close()
     by = {r.name: r for r in res.rows}
     for lr in rep.layers:
-        got = [by[p] for p in lr.experts or [lr.path] if p in by]  # stacked experts: the worst one's
+        # stacked experts: the worst one's (rows of a stack, or of the experts it was made of)
+        got = [by[p] for p in lr.experts or [lr.path] if p in by] or [
+            m for m in res.rows if m.reference_layer is not None and m.reference_layer in (lr.experts or [lr.path])]
         if got:
             lr.rel_fro = worst(m.rel_fro_raw for m in got)
             lr.max_abs = worst(m.max_abs for m in got)

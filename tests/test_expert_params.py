@@ -81,9 +81,20 @@ def test_llama4_experts_read_as_weights_of_their_transpose():
         np.testing.assert_array_equal(ck.rows(w.name, 0, 7).astype(np.float32), want.reshape(-1, shape[2])[:7])
 
 
+def _expert_rows(rows: dict, stack: str, wh: np.ndarray, w: np.ndarray, layer: str | None = None) -> None:
+    """Each expert's row of ``stack`` (named ``{block}.experts.{e}.{proj}``) against numpy's
+    figures of ``wh`` against ``w`` ``[E, N, K]`` for that expert."""
+    pre, proj = stack.rsplit(".", 1)
+    for e in range(w.shape[0]):
+        r = rows[f"{pre}.{e}.{proj}"]
+        assert r.rel_fro == pytest.approx(_rel(wh[e], w[e]), rel=1e-9), (stack, e)
+        assert r.max_abs == pytest.approx(np.abs(wh[e] - w[e]).max(), rel=1e-6), (stack, e)
+        assert r.expert == e and r.reference_layer == (layer or stack)
+
+
 def test_llama4_against_mlx_lms_own_conversion():
     # mlx-lm split each gate_up_proj [E, K, 2I] into gate_proj and up_proj [E, I, K] (quantized);
-    # the sweep puts them back in rows and measures every element
+    # the sweep puts them back in rows and measures every element, expert by expert
     res = sweep(analyze(open_checkpoint(L4)), {"mlx": analyze(open_checkpoint(L4_MLX))}, engine="numpy")
     assert not res.unmatched
     rows = {r.name: r for r in res.rows}
@@ -96,12 +107,11 @@ def test_llama4_against_mlx_lms_own_conversion():
         ex = L4_EXP.format(l=l)
         w = _f64(ref[f"{ex}.gate_up_proj"]).transpose(0, 2, 1)
         wh = np.concatenate([deq(f"{ex}.gate_proj"), deq(f"{ex}.up_proj")], axis=1)
-        r = rows[f"{ex}.gate_up_proj"]
-        assert r.rel_fro == pytest.approx(_rel(wh, w), rel=1e-9)
-        assert r.max_abs == pytest.approx(np.abs(wh - w).max(), rel=1e-6)
-        assert set(r.variant_layer.split(",")) == {f"{ex}.gate_proj", f"{ex}.up_proj"}
+        _expert_rows(rows, f"{ex}.gate_up_proj", wh, w)
+        assert set(rows[f"{ex}.2.gate_up_proj"].variant_layer.split(",")) == {f"{ex}.gate_proj", f"{ex}.up_proj"}
         d = _f64(ref[f"{ex}.down_proj"]).transpose(0, 2, 1)
-        assert rows[f"{ex}.down_proj"].rel_fro == pytest.approx(_rel(deq(f"{ex}.down_proj"), d), rel=1e-9)
+        _expert_rows(rows, f"{ex}.down_proj", deq(f"{ex}.down_proj"), d)
+    assert len(rows) == 2 * 2 * E + 2 * 8 + 2  # (experts; q, k, v, o, router, the shared expert; embeddings, head)
 
 
 def test_llama4_layer_detail_counts_both_halves():
@@ -137,8 +147,9 @@ def test_the_trees_error_shows_beside_both_parts():
     res = sweep(analyze(open_checkpoint(L4)), {"mlx": analyze(open_checkpoint(L4_MLX))}, engine="numpy")
     per, _ = errors_and_notes(res.rows)
     ex = L4_EXP.format(l=1)
-    row = next(r for r in res.rows if r.name == f"{ex}.gate_up_proj")
-    assert per["mlx"][f"{ex}.gate_proj"] == per["mlx"][f"{ex}.up_proj"] == row.rel_fro
+    worst = max(r.rel_fro for r in res.rows if r.reference_layer == f"{ex}.gate_up_proj")
+    # (beside the variant's parts, and the reference's stack in its own tree: the worst expert)
+    assert per["mlx"][f"{ex}.gate_proj"] == per["mlx"][f"{ex}.up_proj"] == per["mlx"][f"{ex}.gate_up_proj"] == worst
 
 
 # -- the other layouts, made here ----------------------------------------------------------------------
@@ -196,9 +207,8 @@ def test_concatenated_stacks_where_mlx_lm_moves_them(tmp_path, model_type):
     assert not res.unmatched
     rows = {r.name: r for r in res.rows}
     want = np.concatenate([expect["gate"], expect["up"]], axis=1)
-    assert rows[f"{block}.experts.gate_up_proj"].rel_fro == pytest.approx(_rel(want, gu.astype(np.float64)), rel=1e-9)
-    assert rows[f"{block}.experts.down_proj"].rel_fro == pytest.approx(
-        _rel(expect["down"], w["down"].astype(np.float64)), rel=1e-9)
+    _expert_rows(rows, f"{block}.experts.gate_up_proj", want, gu.astype(np.float64))
+    _expert_rows(rows, f"{block}.experts.down_proj", expect["down"], w["down"].astype(np.float64))
     assert counterpart(f"{vblock}.{home}.up_proj", rm)[0] == f"{block}.experts.gate_up_proj"
 
 
@@ -247,11 +257,10 @@ def test_bf16_gptoss_is_the_reference_for_openais_mxfp4_and_mlx_lms(gptoss_bf16)
     assert tuple(layer.shape) == (E, 2 * I, H) and set(layer.tensors) == {"weight", "bias"}
     np.testing.assert_array_equal(NumpyEngine().dequantize(rm, layer), dense["gate_up_proj"].astype(np.float32))
     res = sweep(rm, {"oai": analyze(open_checkpoint(orig)), "mlx": analyze(open_checkpoint(mlx))}, engine="numpy")
-    rows = {(r.name, r.variant): r for r in res.rows}
-    for proj in ("gate_up_proj", "down_proj"):
-        want = _rel(expect[proj], dense[proj])
-        for v in ("oai", "mlx"):
-            assert rows[(f"{ex}.{proj}", v)].rel_fro == pytest.approx(want, rel=1e-9), (proj, v)
+    for v in ("oai", "mlx"):
+        rows = {r.name: r for r in res.rows if r.variant == v}
+        for proj in ("gate_up_proj", "down_proj"):
+            _expert_rows(rows, f"{ex}.{proj}", expect[proj], dense[proj])
     assert {u.layer for u in res.unmatched} == {"model.layers.0.self_attn.q_proj"}  # (unquantized in both)
 
 
@@ -322,9 +331,9 @@ def test_the_tree_says_how_the_parameter_is_stored(qtbot):
     assert f"stored as {L4_EXP.format(l=0)}.gate_up_proj [4, 128, 192] ([E, K, N], read transposed)" in tip
 
 
-def test_a_transposed_reference_read_in_blocks_across_experts(tmp_path):
-    # 3 experts of 200 rows × 512: the sweep reads the reference in blocks that end inside
-    # experts; every figure equals numpy's on the whole stack
+def test_a_transposed_reference_read_in_blocks(tmp_path):
+    # 3 experts of 200 rows × 512: the sweep reads each expert's rows of the reference in blocks
+    # (of 64 rows, the last one short), transposed; every figure equals numpy's on that expert
     rng = np.random.default_rng(5)
     w = (rng.standard_normal((3, 200, 512)) * 0.02).astype(np.float32).astype(BF16)  # [E, N, K]
     ex = "model.layers.0.mlp.experts"
@@ -335,12 +344,14 @@ def test_a_transposed_reference_read_in_blocks_across_experts(tmp_path):
     vdir = _write(tmp_path / "mlx", var, {**cfg, "quantization": {"group_size": 64, "bits": 3}})
     rm = analyze(open_checkpoint(ref))
     assert rm.layers[f"{ex}.down_proj"].tensors["weight"].transposed
-    row = sweep(rm, {"mlx": analyze(open_checkpoint(vdir))}, engine="numpy").rows[0]
-    d = got - w.astype(np.float64)
-    assert row.rel_fro == pytest.approx(np.linalg.norm(d) / np.linalg.norm(w.astype(np.float64)), rel=1e-9)
-    assert row.max_abs == np.abs(d).max()
-    for p in (50, 95, 99):
-        assert getattr(row, f"p{p}") == pytest.approx(np.percentile(np.abs(d), p), rel=1e-9), p
+    rows = sweep(rm, {"mlx": analyze(open_checkpoint(vdir))}, engine="numpy").rows
+    assert [r.expert for r in rows] == [0, 1, 2]
+    for e, row in enumerate(rows):
+        d = got[e] - w[e].astype(np.float64)
+        assert row.rel_fro == pytest.approx(np.linalg.norm(d) / np.linalg.norm(w[e].astype(np.float64)), rel=1e-9)
+        assert row.max_abs == np.abs(d).max()
+        for p in (50, 95, 99):
+            assert getattr(row, f"p{p}") == pytest.approx(np.percentile(np.abs(d), p), rel=1e-9), p
 
 
 @pytest.mark.parametrize("src", [L4, REAL / "gptoss-bf16"])
@@ -399,7 +410,7 @@ def test_mlx_lms_split_bf16_as_reference_for_transformers_stack(tmp_path):
         var = _write(tmp_path / f"{model_type}_hf", {"model.layers.0.mlp.experts.gate_up_proj": stored(gu),
                                                      "model.layers.0.mlp.experts.down_proj": stored(w["down"])}, cfg)
         res = sweep(analyze(open_checkpoint(ref)), {"hf": analyze(open_checkpoint(var))}, engine="numpy")
-        assert not res.unmatched and len(res.rows) == 3, model_type
+        assert not res.unmatched and len(res.rows) == 3 * E, model_type
         assert all(r.rel_fro == 0 for r in res.rows)
 
 
