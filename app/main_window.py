@@ -939,7 +939,7 @@ class MainWindow(QMainWindow):
             return top.name, f"{path} holds {len(rows)} layers of the reference: showing the worst, {top.name}"
         if found[1].startswith("its rows of the fused"):  # (gate_proj of a stack the reference keeps as gate_up_proj)
             return found[0], f"{path} is part of the reference's fused {found[0]}: showing that"
-        if ".experts." in found[0]:
+        if EXPERT_RE.match(found[0]):  # (an expert of a reference storing them one by one)
             return found[0], (f"{path} stacks the reference's experts: showing {found[0]} "
                               "(once compared: the worst expert)")
         return found[0], f"{path}: showing the reference's {found[0]}"
@@ -1409,7 +1409,7 @@ class MainWindow(QMainWindow):
         expert = None
         if path not in m.layers:  # the layer shown is the reference's name: this checkpoint's module
             try:
-                stacked = stacked_expert(canonical(path), m)
+                stacked = stacked_expert(path, m) or stacked_expert(canonical(path), m)
             except QuantscopeError as exc:
                 self._show_error("Export", f"{label}: {exc}", "")
                 return

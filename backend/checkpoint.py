@@ -607,7 +607,7 @@ class Checkpoint:
                 info = m.tensors[comp] = f.info(name)
                 if comp == "weight" and name != f"{mpath}.weight":  # (a bias is read under its own name)
                     params.append((m, comp, info))
-            self._views = {}
+            views: dict[str, TensorInfo] = {}  # (published whole, before the modules: see _view)
             # (every orientation decided from the stored shapes before any becomes a view)
             turn = [len(info.shape) == 3 and self._experts_transposed(m.path, mods) for m, _, info in params]
             for (m, comp, info), t in zip(params, turn):
@@ -620,8 +620,9 @@ class Checkpoint:
                     mods.setdefault(parent, Module(parent)).tensors[proj] = info
                     continue
                 shape = info.shape[:-2] + info.shape[-1:] + info.shape[-2:-1] if t else info.shape
-                m.tensors[comp] = self._views[view] = TensorInfo(view, info.dtype, shape, info.file, info.start,
-                                                                 info.end, source=info.name, transposed=t)
+                m.tensors[comp] = views[view] = TensorInfo(view, info.dtype, shape, info.file, info.start,
+                                                           info.end, source=info.name, transposed=t)
+            self._views = views
             self._modules = {k: mods[k] for k in sorted(mods, key=natural_key)}
         return self._modules
 

@@ -39,6 +39,7 @@ from .compare_align import (
     Unmatched,
     align,
     canonical,
+    expert_stacks,
     layer_index,
     proj_of,
     stack_expert_names,
@@ -1142,7 +1143,8 @@ def _nothing_selected(reference: Model, vm: Model, rx) -> CompareError:
 def _picked(rx, t: Target) -> bool:
     """Whether a ``layers`` filter takes target ``t``: by its name, or an expert of a stacked
     reference by the stack's (the name ``quantscope info`` shows)."""
-    return bool(rx.search(t.name)) or (t.name != t.ref_layer and ".switch_mlp." in t.ref_layer
+    return bool(rx.search(t.name)) or (t.name != t.ref_layer and t.name == stack_expert_row(t.ref_layer, t.ref_row0
+                                                                                            // max(1, t.rows))
                                        and bool(rx.search(t.ref_layer)))
 
 
@@ -1229,8 +1231,8 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                 f"cannot be aligned with the reference: {type(exc).__name__}: {exc}", file=vm.ckpt.source)
             result.failed[label] = err
             continue
-        unmatched = al.unmatched if rx is None else [u for u in al.unmatched if rx.search(u.layer) or (
-            (sw := switch_path(u.layer)) is not None and rx.search(sw[0]))]  # (an expert: by its stack's name too)
+        unmatched = al.unmatched if rx is None else [u for u in al.unmatched if rx.search(u.layer) or any(
+            rx.search(st) for st in expert_stacks(u.layer, reference))]  # (an expert: by its stack's name too)
         result.unmatched.extend(unmatched)  # (a failed variant's too: the JSON/CSV list them)
         if not any(rx is None or _picked(rx, t) for t in al.targets.values()):  # not compared; the others are
             result.failed[label] = (_nothing_matches(vm, unmatched, rx) if rx is None or unmatched
@@ -1853,7 +1855,9 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     left_out: dict[str, str] = {}
     for label, vm in variants.items():
         # a layer the variant keeps unquantized is shown too (the user may have picked it there)
-        al = align(reference, vm, label=label, keep_unquantized=True)
+        # (a stack selected whole is aligned whole, its smoothing undone once for all its experts,
+        # as one target; an expert of it, as the sweep measures it)
+        al = align(reference, vm, label=label, keep_unquantized=True, split_stacks=ref_layer is None)
         if name not in al.targets:
             # an expert of a stacked reference in a variant that stacks them too (its slice), or a
             # stack of the reference in a variant that stores its experts one by one (all of them)

@@ -90,8 +90,10 @@ def containers(path: str) -> list[str]:
     if sw is not None:
         out.append(sw[0])
     m = EXPERT_RE.match(path)
-    if m is not None:  # (transformers' stack of the experts: experts.gate_up_proj of experts.3.gate_proj)
-        out += [f"{m['pre']}.experts.{p}" for p in dict.fromkeys((m["proj"], _PART_OF.get(m["proj"], m["proj"])))]
+    if m is not None:  # (transformers' stack of the experts: experts.gate_up_proj of experts.3.gate_proj;
+        # mlx-lm's Gemma 4 stack experts.switch_glu.gate_proj)
+        out += [f"{m['pre']}.{home}.{p}" for home in ("experts", "experts.switch_glu")
+                for p in dict.fromkeys((m["proj"], _PART_OF.get(m["proj"], m["proj"])))]
     parent, _, proj = path.rpartition(".")
     if proj in _PART_OF:
         out.append(f"{parent}.{_PART_OF[proj]}")
@@ -162,6 +164,17 @@ def expert_of_stack(path: str, reference: Model) -> str | None:
     if not shape or len(shape) != 3 or sw[1] >= shape[0]:
         return None
     return stack_expert_row(stack, sw[1])
+
+
+def expert_stacks(row: str, reference: Model) -> list[str]:
+    """The stacks of ``reference`` that expert row ``row`` (``{block}.experts.{e}.{proj}``) may be
+    an expert of (its switch_mlp, transformers' or mlx-lm's stack at experts.{proj}, Gemma 4's)."""
+    m = EXPERT_RE.match(row)
+    if m is None:
+        return []
+    sw = switch_path(row)
+    names = [sw[0]] + [f"{m['pre']}.{home}.{m['proj']}" for home in ("experts", "experts.switch_glu")]
+    return [n for n in names if n in reference.layers]
 
 
 def stack_expert_names(reference: Model) -> list[str]:
@@ -434,7 +447,7 @@ def _smallest_step(layer: Layer) -> float:
 
 
 def align(reference: Model, variant: Model, *, label: str = "", interleaved: bool | None = None,
-          keep_unquantized: bool = False) -> Alignment:
+          keep_unquantized: bool = False, split_stacks: bool = True) -> Alignment:
     """Match ``variant``'s layers to ``reference``'s (see the module docstring).
 
     Parameters
@@ -449,6 +462,10 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
     keep_unquantized
         Match the layers a quantized variant left unquantized too (one selected layer's view
         shows them); a sweep leaves them out as "skipped by the variant".
+    split_stacks
+        Measure an unquantized reference's stacks of experts expert by expert, a target per
+        expert (``{block}.experts.{e}.{proj}``), as the sweep does; False: a stack against a stack
+        is one target (one selected stack's view).
 
     Returns
     -------
@@ -637,10 +654,11 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                     reason += " (its config says tie_word_embeddings: false, so its embeddings do not stand in)"
             al.unmatched.append(Unmatched(label, rl.path, reason))
             continue
-        if (rl.shape is not None and len(rl.shape) == 3 and rl.shape[1]
+        if (split_stacks and not rl.quantized and rl.shape is not None and len(rl.shape) == 3 and rl.shape[1]
                 and (_SWITCH_RE.match(rl.path) or _BARE_STACK_RE.match(rl.path))):
             # a stack of experts against a stack (or its split parts): each expert a row of its
-            # own, as against experts stored one by one (which experts the quantization hurt)
+            # own, as against experts stored one by one (which experts the quantization hurt); a
+            # quantized reference's (a conversion verified) stays whole: measured in one pass
             n = int(rl.shape[1])
             for e in range(int(rl.shape[0])):
                 name = stack_expert_row(rl.path, e)

@@ -1701,20 +1701,25 @@ def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, prog
     finally:
         out.close()
     by = {r.name: r for r in res.rows}
+    rows_of: dict[str, list[str]] = {}  # a stack's expert rows (the sweep measures experts one by one)
+    for r in res.rows:
+        if r.reference_layer is not None:
+            rows_of.setdefault(r.reference_layer, []).append(r.name)
     for lr in rep.layers:
         # stacked experts: the worst one's (rows of a stack, or of the experts it was made of)
-        got = [by[p] for p in lr.experts or [lr.path] if p in by] or [
-            m for m in res.rows if m.reference_layer is not None and m.reference_layer in (lr.experts or [lr.path])]
+        got = [by[p] for p in [n for p in lr.experts or [lr.path] for n in [p, *rows_of.get(p, ())]] if p in by]
         if got:
             lr.rel_fro = worst(m.rel_fro_raw for m in got)
             lr.max_abs = worst(m.max_abs for m in got)
             lr.sqnr_db = worst((m.sqnr_db for m in got), min)
     src_bad = set(res.reference_nonfinite)  # (the source is the sweep's reference)
     # (an inf in the output itself: a rel_fro of inf against an all-zero source layer is no overflow)
+    def rows(lr):
+        return [n for p in lr.experts or [lr.path] for n in [p, *rows_of.get(p, ())]]
+
     rep.overflowed = [lr.path for lr in rep.layers if lr.max_abs is not None and math.isinf(lr.max_abs)
-                      and not src_bad.intersection(lr.experts or [lr.path])]
-    converted = {p for lr in rep.layers if lr.kind not in ("kept dense", "carried", "cast")
-                 for p in lr.experts or [lr.path]}
+                      and not src_bad.intersection(rows(lr))]
+    converted = {p for lr in rep.layers if lr.kind not in ("kept dense", "carried", "cast") for p in rows(lr)}
     for u in res.unmatched:
         if u.layer in converted:
             rep.notes.append(f"not compared: {u.layer} ({u.reason})")

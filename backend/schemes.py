@@ -364,10 +364,10 @@ def detect(module: Module, cfg: QuantConfig, dims: set[int], ckpt: Checkpoint) -
             return Layer(module.path, "unknown", comps, source=eff.source,
                          problem=f"{', '.join(orphans)} stored without the weights they decode (no qweight, "
                                  "weight_packed or weight): the layer's packed weights are missing")
-        # float parameters that are no layer's weights (gpt-oss's attention sinks, an SSM's A_log
+        # float vectors that are no layer's weights (gpt-oss's attention sinks, an SSM's A_log
         # and D, a logit scale) are nothing to decode: no problem ("cannot be decoded" was said of
         # every gpt-oss decoder layer)
-        plain = all(_float_name(t) for t in comps.values())
+        plain = all(_float_name(t) and len(t.shape) <= 1 for t in comps.values())  # (weight_v of a weight norm: 2-D)
         return Layer(module.path, "unknown", comps, source=eff.source,
                      problem=None if not c - AUX_COMPONENTS or plain else "no weight tensor recognised")
     w = comps["weight"]

@@ -21,7 +21,7 @@ from helpers import write_st
 from quantscope.app.cli import main
 from quantscope.backend.checkpoint import open_checkpoint, split_name
 from quantscope.backend.compare import layer_detail, sweep
-from quantscope.backend.compare_align import counterpart
+from quantscope.backend.compare_align import containers, counterpart
 from quantscope.backend.doctor import diagnose
 from quantscope.backend.engines import MlxEngine, NumpyEngine
 from quantscope.backend.schemes import analyze
@@ -521,3 +521,62 @@ def test_attention_sinks_are_no_undecodable_layer():
     sinks = m.layers["model.layers.0.self_attn"]
     assert set(sinks.tensors) == {"sinks"} and sinks.problem is None
     assert not [p for p, lay in m.layers.items() if lay.problem]
+
+
+@pytest.fixture(scope="module")
+def l4_smoothed(tmp_path_factory):
+    """mlx-lm's Llama 4 with AWQ-style smoothing folded into each post-attention norm: the
+    experts' and the shared expert's gate/up inputs multiplied by s, the norm divided by it."""
+    out = tmp_path_factory.mktemp("l4_smoothed")
+    ref, var = mx.load(str(L4 / "model.safetensors")), dict(mx.load(str(L4_MLX / "model.safetensors")))
+    rng = np.random.default_rng(0)
+    for l in (0, 1):
+        s = rng.uniform(0.5, 2.0, H).astype(np.float32)
+        ex, sh = L4_EXP.format(l=l), f"language_model.model.layers.{l}.feed_forward.shared_expert"
+        w = np.array(ref[f"{ex}.gate_up_proj"].astype(mx.float32)).transpose(0, 2, 1) * s
+        parts = {f"{ex}.gate_proj": w[:, :I], f"{ex}.up_proj": w[:, I:]}
+        parts.update({f"{sh}.{p}": np.array(ref[f"{sh}.{p}.weight"].astype(mx.float32)) * s for p in ("gate_proj", "up_proj")})
+        for name, a in parts.items():
+            for c, q in zip(("weight", "scales", "biases"),
+                            mx.quantize(mx.array(a).astype(mx.bfloat16), group_size=32, bits=4)):
+                var[f"{name}.{c}"] = q
+        nk = f"language_model.model.layers.{l}.post_attention_layernorm.weight"
+        var[nk] = mx.array(np.array(ref[nk].astype(mx.float32)) / s).astype(ref[nk].dtype)
+    mx.save_safetensors(str(out / "model.safetensors"), var, metadata={"format": "mlx"})
+    (out / "config.json").write_text((L4_MLX / "config.json").read_text())
+    return out
+
+
+def test_a_smoothed_stack_expert_by_expert_and_whole(l4_smoothed):
+    # the sweep undoes the norm's smoothing expert by expert; the window's whole stack (one
+    # target, smoothing undone once) gives the figure of all its experts' rows together
+    ref, vm = analyze(open_checkpoint(L4)), analyze(open_checkpoint(l4_smoothed))
+    res = sweep(ref, {"v": vm}, engine="numpy")
+    ex = L4_EXP.format(l=1)
+    rows = [r for r in res.rows if r.reference_layer == f"{ex}.gate_up_proj"]
+    assert len(rows) == E and all(r.smoothing.startswith("norm:") and r.rel_fro < r.rel_fro_raw / 3 for r in rows)
+    d = layer_detail(ref, {"v": vm}, f"{ex}.gate_up_proj")
+    assert "v" in d.metrics and d.metrics["v"].smoothing.startswith("norm:")
+    whole = np.sqrt(sum(r.mse for r in rows) / sum(r.mse / r.rel_fro ** 2 for r in rows))
+    assert d.metrics["v"].rel_fro == pytest.approx(whole, rel=1e-9)
+    assert "v" in layer_detail(ref, {"v": vm}, f"{ex}.down_proj").metrics
+
+
+def test_layers_by_a_stacks_name_and_the_trees_stacks():
+    from quantscope.app.main_window import errors_and_notes
+    ref, vm = analyze(open_checkpoint(L4)), analyze(open_checkpoint(L4_MLX))
+    ex = L4_EXP.format(l=0)
+    res = sweep(ref, {"mlx": vm}, engine="numpy", layers=rf"layers\.0\.feed_forward\.experts\.gate_up_proj$")
+    assert sorted(r.name for r in res.rows) == [f"{ex}.{e}.gate_up_proj" for e in range(E)]
+    # (Gemma 4's stack at experts.switch_glu: its worst expert beside it in the tree)
+    assert "language_model.model.layers.0.experts.switch_glu.gate_proj" in containers(
+        "language_model.model.layers.0.experts.2.gate_proj")
+    per, _ = errors_and_notes(res.rows)
+    assert per["mlx"][f"{ex}.gate_up_proj"] == max(r.rel_fro for r in res.rows)
+
+
+def test_a_quantized_stack_as_reference_stays_one_row():
+    # (a conversion verified against its quantized source: each stack in one pass)
+    vm = analyze(open_checkpoint(L4_MLX))
+    res = sweep(vm, {"same": vm}, engine="numpy", layers=r"layers\.0\.feed_forward\.experts\.")
+    assert sorted(r.name for r in res.rows) == [f"{L4_EXP.format(l=0)}.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
