@@ -566,7 +566,7 @@ def test_layers_by_a_stacks_name_and_the_trees_stacks():
     from quantscope.app.main_window import errors_and_notes
     ref, vm = analyze(open_checkpoint(L4)), analyze(open_checkpoint(L4_MLX))
     ex = L4_EXP.format(l=0)
-    res = sweep(ref, {"mlx": vm}, engine="numpy", layers=rf"layers\.0\.feed_forward\.experts\.gate_up_proj$")
+    res = sweep(ref, {"mlx": vm}, engine="numpy", layers=r"layers\.0\.feed_forward\.experts\.gate_up_proj$")
     assert sorted(r.name for r in res.rows) == [f"{ex}.{e}.gate_up_proj" for e in range(E)]
     # (Gemma 4's stack at experts.switch_glu: its worst expert beside it in the tree)
     assert "language_model.model.layers.0.experts.switch_glu.gate_proj" in containers(
