@@ -68,6 +68,20 @@ def paired_ratio(fn, base, repeat: int = 9, warmup: int = 1) -> dict:
             "median_s": statistics.median(tf), "base_median_s": statistics.median(tb)}
 
 
+def sweep_against_dequant(sweep_once, dequant_once) -> tuple[object, int, list[float], list[float]]:
+    """A comparison and the dequantization it is measured against, alternated
+    (``QUANTSCOPE_BENCH_REPEAT`` rounds, default 3): (the first sweep's result, peak RSS after
+    it, the sweeps' seconds, the dequantizations' seconds). ``sweep_once`` returns (seconds,
+    result), ``dequant_once`` seconds."""
+    t, res = sweep_once()
+    rss = peak_rss_bytes()
+    sweeps, deqs = [t], [dequant_once()]
+    for _ in range(int(os.environ.get("QUANTSCOPE_BENCH_REPEAT", "3")) - 1):
+        sweeps.append(sweep_once()[0])
+        deqs.append(dequant_once())
+    return res, rss, sweeps, deqs
+
+
 def emit(result: dict) -> None:
     json.dump(result, sys.stdout, indent=1)
     sys.stdout.write("\n")

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import CACHE, emit, peak_rss_bytes
+from _common import CACHE, emit, peak_rss_bytes, sweep_against_dequant
 
 #: label: (decoder layers, experts, hidden, expert intermediate)
 SIZES = {"toy-40x128": (40, 128, 128, 64), "qwen3-30b-experts-2x32": (2, 32, 2048, 768)}
@@ -100,12 +100,7 @@ def measure(folder: Path) -> dict:
                 eng.dequantize(var, lay)
         return time.perf_counter() - t0
 
-    t, res = sweep_once()
-    rss = peak_rss_bytes()
-    sweeps, deqs = [t], [dequant_once()]
-    for _ in range(int(os.environ.get("QUANTSCOPE_BENCH_REPEAT", "3")) - 1):
-        sweeps.append(sweep_once()[0])
-        deqs.append(dequant_once())
+    res, rss, sweeps, deqs = sweep_against_dequant(sweep_once, dequant_once)
     n = len(res.rows)
     return {"compared_layers": n, "expert_layers": sum(".experts." in r.name for r in res.rows),
             "unmatched": len(res.unmatched), "sweep_s": round(min(sweeps), 3),

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import CACHE, emit, peak_rss_bytes
+from _common import CACHE, emit, peak_rss_bytes, sweep_against_dequant
 
 E, HIDDEN, INTER = 8, 2880, 2880
 EX = "model.layers.0.mlp.experts"
@@ -88,12 +88,7 @@ def measure(folder: Path, which: str) -> dict:
             eng.dequantize(var, lay)
         return time.perf_counter() - t0
 
-    t, res = sweep_once()
-    rss = peak_rss_bytes()
-    sweeps, deqs = [t], [dequant_once()]
-    for _ in range(int(os.environ.get("QUANTSCOPE_BENCH_REPEAT", "3")) - 1):
-        sweeps.append(sweep_once()[0])
-        deqs.append(dequant_once())
+    res, rss, sweeps, deqs = sweep_against_dequant(sweep_once, dequant_once)
     worst: dict[str, float] = {}
     for r in res.rows:  # (a row per expert: the worst of each stack)
         p = r.name.rsplit(".", 1)[1]

@@ -1886,23 +1886,10 @@ def awq_scales_biases(scales: np.ndarray, qzeros: np.ndarray | None, shifts: np.
 
 if AVAILABLE:
     @njit(nogil=True, cache=True)
-    def _transpose_tiles(src, dst):
-        # dst[c, r] = src[r, c] in 32×32 tiles: both sides' cache lines stay in L1 (numpy's
-        # copy of a transposed view walks one side a whole row apart: 5 ns per 2-byte element)
-        rows, cols = src.shape
-        for cb in range(0, cols, 32):
-            ce = min(cb + 32, cols)
-            for rb in range(0, rows, 32):
-                re_ = min(rb + 32, rows)
-                for c in range(cb, ce):
-                    for r in range(rb, re_):
-                        dst[c, r] = src[r, c]
-
-
-    @njit(nogil=True, cache=True)
-    def _columns_as_rows(src, n0, bf16, dst):
-        # dst[r, k] = float32(src[k, n0 + r]): rows of an expert stored [K, N] (bf16 as its bits),
-        # read in 32×32 tiles
+    def _columns(src, n0, widen, dst):
+        # dst[r, k] = src[k, n0 + r] in 32×32 tiles, both sides' cache lines kept in L1 (numpy's
+        # copy of a transposed view walks one side a whole row apart: 2-13 ns per element):
+        # rows of an expert stored [K, N]; with ``widen``, src holds bf16 bits and dst float32
         kk = src.shape[0]
         nr = dst.shape[0]
         for rb in range(0, nr, 32):
@@ -1911,24 +1898,10 @@ if AVAILABLE:
                 ke = min(kb + 32, kk)
                 for r in range(rb, re_):
                     for k in range(kb, ke):
-                        if bf16:
+                        if widen:
                             dst[r, k] = _from_bits(np.int32(np.uint32(src[k, n0 + r]) << np.uint32(16)))
                         else:
                             dst[r, k] = src[k, n0 + r]
-
-
-    @njit(nogil=True, cache=True)
-    def _columns_copied(src, n0, dst):
-        # dst[r, k] = src[k, n0 + r], the same bits (a bf16 reference's rows, as stored)
-        kk = src.shape[0]
-        nr = dst.shape[0]
-        for rb in range(0, nr, 32):
-            re_ = min(rb + 32, nr)
-            for kb in range(0, kk, 32):
-                ke = min(kb + 32, kk)
-                for r in range(rb, re_):
-                    for k in range(kb, ke):
-                        dst[r, k] = src[k, n0 + r]
 
 
 def columns_as_rows(src: np.ndarray, n0: int, dst: np.ndarray) -> bool:
@@ -1938,16 +1911,11 @@ def columns_as_rows(src: np.ndarray, n0: int, dst: np.ndarray) -> bool:
     if not AVAILABLE or src.ndim != 2 or dst.ndim != 2 or not dst.flags.c_contiguous \
             or dst.shape[1] != src.shape[0] or not 0 <= n0 <= n0 + dst.shape[0] <= src.shape[1]:
         return False  # (the kernel does not check its indices)
-    if dst.dtype == src.dtype and src.dtype.itemsize in (2, 4):
-        u = f"u{src.dtype.itemsize}"
-        _columns_copied(src.view(u), n0, dst.view(u))
-        return True
-    if dst.dtype != np.float32:
-        return False
-    if src.dtype == np.float32:
-        _columns_as_rows(src, n0, False, dst)
-    elif src.dtype.itemsize == 2 and src.dtype.name == "bfloat16":
-        _columns_as_rows(src.view(np.uint16), n0, True, dst)
+    if dst.dtype == src.dtype and src.dtype.itemsize in (2, 4, 8):
+        u = f"u{src.dtype.itemsize}"  # (the bits as they are: bf16 included, which numba does not know)
+        _columns(src.view(u), n0, False, dst.view(u))
+    elif dst.dtype == np.float32 and src.dtype.name == "bfloat16":
+        _columns(src.view(np.uint16), n0, True, dst)
     else:
         return False
     return True
@@ -1956,12 +1924,10 @@ def columns_as_rows(src: np.ndarray, n0: int, dst: np.ndarray) -> bool:
 def transposed(a: np.ndarray) -> np.ndarray:
     """``a.T`` of a 2-D array as a new C-contiguous array, in the calling thread (a sweep's
     worker calls it: no pool of its own)."""
-    if not AVAILABLE or a.ndim != 2 or a.dtype.itemsize not in (2, 4, 8):
+    out = np.empty(a.shape[::-1], a.dtype)
+    if a.ndim != 2 or not columns_as_rows(a, 0, out):
         return np.ascontiguousarray(a.T)
-    raw = a.view(f"u{a.dtype.itemsize}")  # (bf16 included: numba knows no bfloat16)
-    out = np.empty(a.shape[::-1], raw.dtype)
-    _transpose_tiles(raw, out)
-    return out.view(a.dtype)
+    return out
 
 
 def awq_to_mlx_weight(qweight: np.ndarray, order: np.ndarray) -> np.ndarray | None:
