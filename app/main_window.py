@@ -767,7 +767,9 @@ class MainWindow(QMainWindow):
 
     def select_layer_everywhere(self, path: str) -> None:
         """Select a layer from any view (layers plot, doctor): tree, config panel and views."""
-        if path not in self._all_paths():  # a tensor name (e.g. from the doctor): its module
+        # a tensor name (e.g. from the doctor): its module; not an expert's row of a stack, which
+        # no checkpoint holds as a module (…experts.2.gate_up_proj of a stack compared with a stack)
+        if path not in self._all_paths() and not EXPERT_RE.match(path):
             from quantscope.backend.checkpoint import split_name
             path = split_name(path)[0]
         if self.tree.select(path):

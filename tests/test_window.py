@@ -2491,3 +2491,35 @@ def test_a_quantized_layer_of_unknown_shape_is_not_drawn_as_a_vector(qtbot, tmp_
         assert not w.hist._counts
     finally:
         w.service.shutdown()
+
+
+def test_experts_of_transformers_stacks_in_the_window(qtbot, tmp_path):
+    """Llama 4's experts as transformers stores them ([E, K, N] stacks) against mlx-lm's split
+    conversion: a comparison gives each expert a point; a point clicked shows that expert, the
+    stack selected in the tree shows the whole stack, its cell the worst expert."""
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "mlxlm-llama4-q4-g32"], real / "llama4-bf16")
+    try:
+        with qtbot.waitSignal(w.sweep_done, timeout=120_000):
+            w.compare_all()
+        stack = "language_model.model.layers.1.feed_forward.experts.gate_up_proj"
+        rows = {r.name: r for r in w.sweep_result.rows if r.reference_layer == stack}
+        assert len(rows) == 4
+        expert = "language_model.model.layers.1.feed_forward.experts.2.gate_up_proj"
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.select_layer_everywhere(expert)  # (what a click on its point sends)
+        assert w.current_layer == expert
+        d = w._detail_errors[1]
+        assert d.metrics["mlxlm-llama4-q4-g32"].rel_fro == pytest.approx(rows[expert].rel_fro, rel=1e-9)
+        w.tree.combo.setCurrentText("llama4-bf16")
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            assert w.tree.select("language_model.model.layers.1.self_attn.q_proj")
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            assert w.tree.select(stack)  # (the row the expert's highlight made current: another first)
+        assert w.current_layer == stack
+        whole = w._detail_errors[1].metrics["mlxlm-llama4-q4-g32"].rel_fro
+        assert min(r.rel_fro for r in rows.values()) < whole < max(r.rel_fro for r in rows.values())
+        assert w.tree.model._errors["mlxlm-llama4-q4-g32"][stack] == max(r.rel_fro for r in rows.values())
+    finally:
+        w.service.shutdown()
