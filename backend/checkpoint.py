@@ -41,14 +41,15 @@ _MULTI_SEGMENT = re.compile(r"^(?P<module>.+?)\.(?P<component>weight\.(?:absmax|
                             r"nested_quant_map|quant_state\..+))$")
 
 # gpt-oss's MXFP4 experts: one stacked projection's tensors named ``…experts.{proj}_blocks`` /
-# ``_scales`` (formats.md §2), the projection being the module (its ``_bias`` joins it in
-# :meth:`Checkpoint.modules`, where the blocks are known to be there).
+# ``_scales`` (formats.md §2), the projection being the module (its ``_bias`` joins it as its
+# ``bias``: :data:`_PARAM_EXPERTS`).
 _PACKED_EXPERTS = re.compile(r"^(?P<module>.+\.experts\.[a-z_]+_proj)_(?P<component>blocks|scales)$")
 # transformers' stacked expert parameters: ``…experts.gate_up_proj`` / ``…experts.down_proj`` are
 # the parameters themselves (no ``.weight``), ``[E, K, N]`` where the model multiplies ``x @ W``
 # (gpt-oss, Llama 4, Qwen3-VL-MoE) or ``[E, N, K]`` (Gemma 4, Qwen3.5-MoE), with gpt-oss's
-# ``…experts.gate_up_proj_bias`` ``[E, N]`` beside them. Each is read as its projection's weight
-# and bias (:meth:`Checkpoint.modules`), ``[E, N, K]`` like every other weight.
+# ``…experts.gate_up_proj_bias`` ``[E, N]`` beside them. Each is its projection's weight, read
+# through a view ``{projection}.weight`` of ``[E, N, K]`` like every other weight
+# (:meth:`Checkpoint.modules`), and its bias, read under its own name.
 _PARAM_EXPERTS = re.compile(r"^(?P<module>.+\.experts\.(?:gate_up_proj|down_proj|gate_proj|up_proj))(?P<bias>_bias)?$")
 #: model types whose stacked expert parameters are ``[E, N, K]`` (their mlx-lm sanitize splits
 #: gate/up along axis -2 without swapping): where the shapes cannot tell

@@ -8,7 +8,12 @@ variant layer's flattened weight. That one shape covers every alignment case:
   without the ``model.`` of a causal LM (a base model's save: ``layers.0.…``);
 * fused ``qkv_proj`` / ``gate_up_proj`` on either side (row concatenation, or gpt-oss's
   interleaved gate/up rows: gate = even rows, up = odd rows);
-* per-expert ``experts.{e}.proj`` against stacked ``switch_mlp.proj`` ``[E, N, K]``;
+* per-expert ``experts.{e}.proj`` against stacked ``switch_mlp.proj`` ``[E, N, K]``, and against
+  transformers' stacked parameters ``experts.proj`` (Llama 4, gpt-oss, Qwen3-VL-MoE: read as
+  ``[E, N, K]``); such a stack against mlx-lm's split stacks (``experts.gate_proj`` /
+  ``up_proj``, ``switch_mlp.…``, Gemma 4's ``experts.switch_glu.…``), gate and up concatenated or
+  interleaved in each expert; an unquantized reference's stack measured expert by expert, a
+  target per expert named ``experts.{e}.proj``;
 * tied embeddings: a reference without ``lm_head`` is compared through its ``embed_tokens``, and
   a variant without ``lm_head`` through its own.
 
@@ -130,8 +135,9 @@ def stack_expert_row(stack: str, e: int) -> str | None:
     return None if m is None else f"{m['pre']}.experts.{e}.{m['proj']}"
 
 
-#: transformers' stacked expert parameters read as a module (see checkpoint.split_name).
-#: (and mlx-lm's Gemma 4 stacks, ``{block}.experts.switch_glu.{proj}``)
+#: A stack of experts at ``{block}.experts.{proj}``: transformers' parameters read as a module
+#: (see checkpoint.split_name), mlx-lm's Llama 4 / gpt-oss stacks, OpenAI's MXFP4 blocks; and
+#: mlx-lm's Gemma 4 stacks, ``{block}.experts.switch_glu.{proj}``.
 _BARE_STACK_RE = re.compile(r"^(?P<pre>.*)\.experts(?:\.switch_glu)?\.(?P<proj>gate_up_proj|down_proj|gate_proj|up_proj)$")
 
 
@@ -179,7 +185,7 @@ def expert_stacks(row: str, reference: Model) -> list[str]:
 
 def stack_expert_names(reference: Model) -> list[str]:
     """The rows :func:`align` makes of the experts a reference stacks (``{block}.experts.{e}.{proj}``
-    for each ``{block}.switch_mlp.{proj}`` ``[E, N, K]``), against a variant storing them one by one."""
+    for each ``{block}.switch_mlp.{proj}`` or ``{block}.experts.{proj}`` ``[E, N, K]``)."""
     out = []
     for path, layer in reference.layers.items():
         if (_SWITCH_RE.match(path) or _bare_stack(layer)) and layer.shape and len(layer.shape) == 3:

@@ -1705,18 +1705,18 @@ def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, prog
     for r in res.rows:
         if r.reference_layer is not None:
             rows_of.setdefault(r.reference_layer, []).append(r.name)
+
+    def rows(lr):  # (a layer's rows: its own, its experts', a stack's rows per expert)
+        return [n for p in lr.experts or [lr.path] for n in [p, *rows_of.get(p, ())]]
+
     for lr in rep.layers:
-        # stacked experts: the worst one's (rows of a stack, or of the experts it was made of)
-        got = [by[p] for p in [n for p in lr.experts or [lr.path] for n in [p, *rows_of.get(p, ())]] if p in by]
+        got = [by[p] for p in rows(lr) if p in by]  # stacked experts: the worst one's
         if got:
             lr.rel_fro = worst(m.rel_fro_raw for m in got)
             lr.max_abs = worst(m.max_abs for m in got)
             lr.sqnr_db = worst((m.sqnr_db for m in got), min)
     src_bad = set(res.reference_nonfinite)  # (the source is the sweep's reference)
     # (an inf in the output itself: a rel_fro of inf against an all-zero source layer is no overflow)
-    def rows(lr):
-        return [n for p in lr.experts or [lr.path] for n in [p, *rows_of.get(p, ())]]
-
     rep.overflowed = [lr.path for lr in rep.layers if lr.max_abs is not None and math.isinf(lr.max_abs)
                       and not src_bad.intersection(rows(lr))]
     converted = {p for lr in rep.layers if lr.kind not in ("kept dense", "carried", "cast") for p in rows(lr)}
