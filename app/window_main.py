@@ -121,9 +121,20 @@ class Script:
             self._finish()
 
     def _select(self) -> None:
+        from quantscope.backend.compare_align import stacked_expert
+        from quantscope.backend.errors import QuantscopeError
         layer = self.args.select
         models = self.win.workspace.models()
-        if not any(layer in m.layers for m in models.values()):
+
+        def holds(m) -> bool:  # the layer, or an expert of a stack it holds (…experts.2.gate_up_proj)
+            if layer in m.layers:
+                return True
+            try:
+                return stacked_expert(layer, m) is not None
+            except QuantscopeError:  # (the stack has fewer experts)
+                return False
+
+        if not any(holds(m) for m in models.values()):
             self.errors.append(f"--select: no layer {layer!r} in the opened checkpoints")
             return
         self.win.select_layer_everywhere(layer)

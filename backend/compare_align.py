@@ -249,13 +249,14 @@ def counterpart(path: str, model: Model, _homes: bool = True) -> tuple[str, str]
         if shape and len(shape) == 3 and sw[1] >= shape[0]:
             return None  # the stack has fewer experts
         return hit, f"expert {sw[1]} of the stacked experts"
-    if (m := EXPERT_RE.match(can)) is not None:  # (transformers' stack of the experts, gate/up fused or not)
-        for proj in dict.fromkeys((m["proj"], _PART_OF.get(m["proj"], m["proj"]))):
+    if (m := EXPERT_RE.match(can)) is not None:  # (a stack at experts.{proj}, gate/up fused, split or not)
+        for proj in dict.fromkeys((m["proj"], _PART_OF.get(m["proj"], m["proj"]), *_FUSED.get(m["proj"], ())[:1])):
             if (hit := find(f"{m['pre']}.experts.{proj}")) and _bare_stack(model.layers[hit]):
                 if int(m["e"]) >= model.layers[hit].shape[0]:
                     return None
                 return hit, f"expert {m['e']} of the stacked experts" + (
-                    f", its rows of the fused {proj}" if proj != m["proj"] else "")
+                    "" if proj == m["proj"] else f", its rows of the fused {proj}" if proj in _FUSED
+                    else f", stored split; {proj} shown")
     m = _SWITCH_RE.match(can)
     if m is not None:
         for proj in dict.fromkeys((m["proj"], _EXPERT_OF_SWITCH.get(m["proj"], m["proj"]))):

@@ -140,6 +140,11 @@ def test_counterparts_across_the_layouts():
     ex = L4_EXP.format(l=0)
     assert counterpart(f"{ex}.gate_up_proj", mlx)[0] == f"{ex}.gate_proj"
     assert counterpart(f"{ex}.up_proj", l4)[0] == f"{ex}.gate_up_proj"
+    # an expert's row of the reference's stack: that expert of the variant's split stacks
+    assert counterpart(f"{ex}.2.gate_up_proj", mlx) == (f"{ex}.gate_proj",
+                                                       "expert 2 of the stacked experts, stored split; gate_proj shown")
+    assert counterpart(f"{ex}.2.up_proj", l4) == (f"{ex}.gate_up_proj",
+                                                 "expert 2 of the stacked experts, its rows of the fused gate_up_proj")
 
 
 def test_the_trees_error_shows_beside_both_parts():

@@ -2523,3 +2523,21 @@ def test_experts_of_transformers_stacks_in_the_window(qtbot, tmp_path):
         assert w.tree.model._errors["mlxlm-llama4-q4-g32"][stack] == max(r.rel_fro for r in rows.values())
     finally:
         w.service.shutdown()
+
+
+def test_select_takes_an_expert_of_a_stack(tmp_path):
+    # --select …experts.2.gate_up_proj (a row of a stack compared expert by expert, no module of
+    # any checkpoint) was refused; an expert the stack does not have still is
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    ex = "language_model.model.layers.1.feed_forward.experts"
+    for e, rc in ((2, 0), (7, 2)):
+        r = subprocess.run([sys.executable, "-m", "quantscope", str(real / "mlxlm-llama4-q4-g32"), "--reference",
+                            str(real / "llama4-bf16"), "--select", f"{ex}.{e}.gate_up_proj", "--screenshot",
+                            str(tmp_path / f"{e}.png")], capture_output=True, text=True, timeout=180,
+                           env={**os.environ, "QT_QPA_PLATFORM": "offscreen", "HOME": str(tmp_path)}, check=False)
+        assert r.returncode == rc, r.stderr
+        assert (tmp_path / f"{e}.png").exists() if rc == 0 else "--select: no layer" in r.stderr
