@@ -40,6 +40,7 @@ from quantscope.backend.compare_align import (
     containers,
     counterpart,
     expert_of_stack,
+    expert_stacks,
     stack_expert_row,
     stacked_expert,
 )
@@ -772,6 +773,11 @@ class MainWindow(QMainWindow):
         if path not in self._all_paths() and not EXPERT_RE.match(path):
             from quantscope.backend.checkpoint import split_name
             path = split_name(path)[0]
+        if self.tree.current_path() == path and self.current_layer != path:
+            # (the row an expert's highlight made current: selecting it again changes no row, so
+            # the tree says nothing; "all" in the expert box)
+            self.select_layer(path)
+            return
         if self.tree.select(path):
             return
         self._highlight(path)
@@ -876,15 +882,26 @@ class MainWindow(QMainWindow):
         row has no row per expert: the views showed expert 0, or the worst, with no way to pick."""
         m = EXPERT_RE.match(path)
         ws = self.workspace
-        if m is None or ws is None:
+        ref = None if ws is None else ws.reference
+        # a stack of the reference's that a comparison measures expert by expert: shown whole,
+        # the box offering its experts and "all" (the stack itself)
+        whole = next((s for s in ([path] if m is None else expert_stacks(path, ref) if ref is not None else [])
+                      if ref is not None and s in ref.layers and stack_expert_row(s, 0) is not None
+                      and (lay := ref.layers[s]).shape and len(lay.shape) == 3 and not lay.quantized), None)
+        if m is None and whole is not None:
+            m = EXPERT_RE.match(stack_expert_row(whole, 0))
+            current = -1
+        elif m is None or ws is None:
             self.tree.show_experts(None)
             return
+        else:
+            current = int(m["e"])
         pre, proj = m["pre"], m["proj"]
         want = (canonical(pre), proj)
         total = self._expert_totals.get(want)
         if total is None:  # (once per layer and workspace: a 70k-module MoE's names read on every click)
             total = self._expert_totals[want] = self._count_experts(pre, proj, want)
-        self.tree.show_experts(pre, proj, int(m["e"]), total)
+        self.tree.show_experts(pre, proj, current, total, whole=whole)
 
     def _count_experts(self, pre: str, proj: str, want: tuple) -> int:
         total = 0

@@ -2521,6 +2521,16 @@ def test_experts_of_transformers_stacks_in_the_window(qtbot, tmp_path):
         whole = w._detail_errors[1].metrics["mlxlm-llama4-q4-g32"].rel_fro
         assert min(r.rel_fro for r in rows.values()) < whole < max(r.rel_fro for r in rows.values())
         assert w.tree.model._errors["mlxlm-llama4-q4-g32"][stack] == max(r.rel_fro for r in rows.values())
+        # the expert box under the tree: "all" for the stack, an expert picked, "all" again
+        assert not w.tree.expert.isHidden() and w.tree.expert.value() == -1 and w.tree.expert.text() == "all"
+        with qtbot.waitSignal(w.detail_shown, timeout=60_000):
+            w.tree.expert.setValue(3)
+        assert w.current_layer == stack.replace("experts.", "experts.3.")
+        assert w._detail_errors[1].metrics["mlxlm-llama4-q4-g32"].rel_fro == pytest.approx(
+            rows[w.current_layer].rel_fro, rel=1e-9)
+        assert w.tree.expert.minimum() == -1  # ("all" still offered beside an expert)
+        w.tree.expert.setValue(-1)  # (the stack's views are kept: shown again at once)
+        qtbot.waitUntil(lambda: w.current_layer == stack and w._shown_layer == stack, timeout=60_000)
     finally:
         w.service.shutdown()
 

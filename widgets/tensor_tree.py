@@ -89,6 +89,7 @@ class TensorTree(QWidget):
         self.expert.setToolTip("Which expert of the stacked experts the views show")
         self.expert_of = QLabel()
         self._expert_pattern: tuple[str, str] | None = None  # (block prefix, projection)
+        self._expert_whole: str | None = None  # the stack, where "all" (below 0) shows it whole
         bottom = QHBoxLayout()
         bottom.addWidget(self.count, 1)
         self._expert_label = QLabel("expert")
@@ -191,16 +192,20 @@ class TensorTree(QWidget):
         self._order_columns()
         self.checkpoint_changed.emit(label)
 
-    def show_experts(self, prefix: str | None, proj: str = "", current: int = 0, total: int = 0) -> None:
-        """Offer the experts ``0..total-1`` of ``{prefix}.experts.{e}.{proj}``, ``current`` shown;
-        ``prefix`` None (or fewer than two experts): hide the box."""
+    def show_experts(self, prefix: str | None, proj: str = "", current: int = 0, total: int = 0,
+                     whole: str | None = None) -> None:
+        """Offer the experts ``0..total-1`` of ``{prefix}.experts.{e}.{proj}``, ``current`` shown
+        (-1: "all", the stack ``whole`` itself, offered where it is given); ``prefix`` None (or
+        fewer than two experts): hide the box."""
         on = prefix is not None and total > 1
         for w in (self._expert_label, self.expert, self.expert_of):
             w.setVisible(on)
         self._expert_pattern = (prefix, proj) if on else None
+        self._expert_whole = whole if on else None
         if on:
             self.expert.blockSignals(True)
-            self.expert.setRange(0, total - 1)
+            self.expert.setSpecialValueText("all" if whole is not None else "")
+            self.expert.setRange(-1 if whole is not None else 0, total - 1)
             self.expert.setValue(current)
             self.expert.blockSignals(False)
             self.expert_of.setText(f"of {total}")
@@ -208,7 +213,9 @@ class TensorTree(QWidget):
     def _expert_chosen(self) -> None:
         if self._expert_pattern is not None:
             prefix, proj = self._expert_pattern
-            self.expert_picked.emit(f"{prefix}.experts.{self.expert.value()}.{proj}")
+            e = self.expert.value()
+            self.expert_picked.emit(self._expert_whole if e < 0 and self._expert_whole
+                                    else f"{prefix}.experts.{e}.{proj}")
 
     #: The Name column's width: up to this, as the dock allows.
     NAME_WIDTH = 200
