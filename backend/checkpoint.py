@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -380,8 +379,6 @@ class Checkpoint:
             self._where = self._merge_files()
         self._modules: dict[str, Module] | None = None
         self._views: dict[str, TensorInfo] = {}
-        self._expert_copies: tuple[tuple[tuple[str, int], np.ndarray], ...] = ()  # (see rows)
-        self._transposing = threading.Lock()
 
     def _index_consistent(self) -> bool:
         """True when every shard holds exactly the tensors the index assigns to it."""
@@ -525,42 +522,23 @@ class Checkpoint:
 
     def rows(self, name: str, r0: int, r1: int) -> np.ndarray:
         """Rows ``[r0, r1)`` of tensor ``name`` flattened to ``[rows, last axis]``, in its stored
-        dtype: a view of the mapping, or for a transposed view a contiguous copy made from one
-        expert ``[N, K]`` at a time (the last two kept, so that a sweep's row blocks of an expert
-        transpose it once; its mapped pages are dropped once it is copied)."""
+        dtype: a view of the mapping, or for a transposed view a contiguous copy of those rows
+        (:meth:`rows_into`)."""
         v = self._view(name)
         if v is None or not v.transposed:
             a = self.tensor(name)  # (sizes named: -1 is no size where a dimension is 0)
             return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])[r0:r1] if a.ndim else a.reshape(1, 1)[r0:r1]
-        n = v.shape[-2]
         r0, r1 = max(0, r0), min(math.prod(v.shape[:-1]), r1)
-        parts = []
-        if n == 0 or r1 <= r0:
-            return np.empty((max(0, r1 - r0), v.shape[-1]), DTYPES[v.dtype].numpy)
-        for e in range(r0 // n, -(-r1 // n)):
-            t = self._expert_copy(name, e)
-            if t is None:
-                with self._transposing:  # (a sweep's other worker wants the same expert: made once)
-                    t = self._expert_copy(name, e)
-                    if t is None:
-                        from .formats.fast import transposed
-                        f = self.file_of(v.source)
-                        t = transposed(f.read(v.source, (e, e + 1))[0])
-                        t.flags.writeable = False  # (as the mapping's own views: shared by every reader)
-                        # two kept: the workers read neighbouring blocks, across an expert's end too
-                        self._expert_copies = (((name, e), t), *self._expert_copies[:1])
-                        stride = (v.end - v.start) // v.shape[0]
-                        f.release_range(v.start + e * stride, v.start + (e + 1) * stride)
-            parts.append(t[max(r0 - e * n, 0):min(r1 - e * n, n)])
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.empty((0, v.shape[-1]), DTYPES[v.dtype].numpy)
+        out = np.empty((max(0, r1 - r0), v.shape[-1]), DTYPES[v.dtype].numpy)
+        self.rows_into(name, r0, r1, out)
+        return out
 
     def rows_into(self, name: str, r0: int, r1: int, dst: np.ndarray) -> None:
         """:meth:`rows` into ``dst`` ``[r1 - r0, K]`` (float32, or the stored dtype); for a
-        transposed view, straight from the mapping by a compiled kernel (no copy of an expert, no lock:
-        a sweep's workers each read their own blocks), dropping an expert's mapped pages once its
-        last row is read."""
+        transposed view, straight from the mapping, expert by expert, by a compiled kernel that
+        gathers the rows from the stored columns (numpy's transposing copy without it), dropping
+        an expert's mapped pages once its last row is read (a sweep's workers each read their own
+        blocks)."""
         from .formats.fast import columns_as_rows
         v = self._view(name)
         if v is None or not v.transposed:
@@ -573,14 +551,11 @@ class Checkpoint:
         stride = (v.end - v.start) // v.shape[0]
         for e in range(r0 // n, -(-r1 // n)):
             a, b = max(r0, e * n), min(r1, (e + 1) * n)
-            if not columns_as_rows(f.read(v.source, (e, e + 1))[0], a - e * n, dst[a - r0:b - r0]):
-                dst[a - r0:b - r0] = self.rows(name, a, b)
-            elif b == (e + 1) * n:
+            src = f.read(v.source, (e, e + 1))[0]  # [K, N]
+            if not columns_as_rows(src, a - e * n, dst[a - r0:b - r0]):
+                dst[a - r0:b - r0] = src[:, a - e * n:b - e * n].T
+            if b == (e + 1) * n:
                 f.release_range(v.start + e * stride, v.start + (e + 1) * stride)
-
-    def _expert_copy(self, name: str, e: int) -> np.ndarray | None:
-        # (the tuple is replaced whole, never changed: threads read it without the lock)
-        return next((a for k, a in self._expert_copies if k == (name, e)), None)
 
     def release(self, names, rows: tuple[int, int] | None = None) -> None:
         """Drop this process's mapped pages of tensors ``names`` (of rows ``[r0, r1)`` of each,
@@ -589,11 +564,9 @@ class Checkpoint:
         for name in names:
             if name in self._where:
                 self._where[name].release_tensor(name, rows)
-            elif (v := self._view(name)) is not None:
-                if not v.transposed or rows is None:  # (a transposed view's rows are no byte range)
-                    self._where[v.source].release_tensor(v.source, rows)
-                if rows is None:
-                    self._expert_copies = tuple(h for h in self._expert_copies if h[0][0] != name)
+            elif (v := self._view(name)) is not None and (not v.transposed or rows is None):
+                # (a transposed view's rows are no byte range: those pages go expert by expert)
+                self._where[v.source].release_tensor(v.source, rows)
 
     def modules(self) -> dict[str, Module]:
         """Modules in natural order, each with its stored tensors by component."""

@@ -1703,7 +1703,6 @@ def _warm_measure() -> None:
     columns_as_rows(stored, 0, np.empty((8, 64), ml_dtypes.bfloat16))
     columns_as_rows(stored, 0, np.empty((8, 64), np.float32))
     columns_as_rows(_ro(np.ascontiguousarray(v.T)), 0, np.empty((8, 64), np.float32))
-    transposed(stored)
     # the narrowing steps of larger layers (not reached by a layer this small)
     vals = np.abs(rng.standard_normal(256))
     lo, hi = np.array([0.5, 1.0], np.float32), np.array([0.6, 1.2], np.float32)
@@ -1906,8 +1905,8 @@ if AVAILABLE:
 
 def columns_as_rows(src: np.ndarray, n0: int, dst: np.ndarray) -> bool:
     """Write columns ``[n0, n0 + len(dst))`` of ``src`` ``[K, N]`` into ``dst`` ``[rows, K]`` as its
-    rows: float32 from bf16 or float32, or src's own dtype (2 or 4 bytes); False where there is no
-    kernel for it."""
+    rows: float32 from bf16, or src's own dtype (2, 4 or 8 bytes); False where there is no kernel
+    for it (the kernel runs in the calling thread: a sweep's worker calls it)."""
     if not AVAILABLE or src.ndim != 2 or dst.ndim != 2 or not dst.flags.c_contiguous \
             or dst.shape[1] != src.shape[0] or not 0 <= n0 <= n0 + dst.shape[0] <= src.shape[1]:
         return False  # (the kernel does not check its indices)
@@ -1919,15 +1918,6 @@ def columns_as_rows(src: np.ndarray, n0: int, dst: np.ndarray) -> bool:
     else:
         return False
     return True
-
-
-def transposed(a: np.ndarray) -> np.ndarray:
-    """``a.T`` of a 2-D array as a new C-contiguous array, in the calling thread (a sweep's
-    worker calls it: no pool of its own)."""
-    out = np.empty(a.shape[::-1], a.dtype)
-    if a.ndim != 2 or not columns_as_rows(a, 0, out):
-        return np.ascontiguousarray(a.T)
-    return out
 
 
 def awq_to_mlx_weight(qweight: np.ndarray, order: np.ndarray) -> np.ndarray | None:
