@@ -51,6 +51,10 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
 #: A per-expert MoE layer path (transformers' layout; mlx-lm stacks them into switch_mlp).
 EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
 _SWITCH_RE = re.compile(r"^(?P<pre>.*)\.switch_mlp\.(?P<proj>[^.]+)$")
+#: Where a decoder block ``{block}`` keeps a stack of experts: transformers' parameters, and
+#: mlx-lm's gpt-oss / Llama 4 stacks, at ``{block}.experts``; mlx-lm's ``{block}.switch_mlp``
+#: (Qwen3-MoE, Qwen3-VL-MoE, Qwen3.5-MoE) and ``{block}.experts.switch_glu`` (Gemma 4).
+_STACK_HOMES = ("experts", "switch_mlp", "experts.switch_glu")
 #: Mixtral-style experts (w1/w3/w2) stack into switch_mlp's gate/up/down (mlx-lm's sanitize), and back.
 _SWITCH_OF_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _EXPERT_OF_SWITCH = {v: k for k, v in _SWITCH_OF_EXPERT.items()}
@@ -212,18 +216,18 @@ def _ties(model: Model) -> bool:
     return getattr(model.ckpt, "tied_embeddings", None) is not False
 
 
-_PARAM_STACK_RE = re.compile(r"^(?P<pre>.*?)\.(?:experts|switch_mlp|experts\.switch_glu)\.(?P<proj>[a-z_]+_proj)$")
+_PARAM_STACK_RE = re.compile(r"^(?P<pre>.*?)\.(?:" + "|".join(map(re.escape, _STACK_HOMES))
+                             + r")\.(?P<proj>[a-z_]+_proj)$")
 
 
 def _other_stack_homes(path: str) -> list[str]:
     """The same projection of a stack of experts where the other layouts keep it: transformers'
     ``{block}.experts.{proj}`` parameters, mlx-lm's ``{block}.switch_mlp.{proj}`` or
-    ``{block}.experts.switch_glu.{proj}`` (see :data:`_STACK_HOMES`)."""
+    ``{block}.experts.switch_glu.{proj}`` (:data:`_STACK_HOMES`)."""
     m = _PARAM_STACK_RE.match(path)
     if m is None:
         return []
-    homes = [f"{m['pre']}.experts"] + [h.format(pre=m["pre"]) for h in _STACK_HOMES]
-    return [f"{h}.{m['proj']}" for h in homes if f"{h}.{m['proj']}" != path]
+    return [f"{m['pre']}.{h}.{m['proj']}" for h in _STACK_HOMES if f"{m['pre']}.{h}.{m['proj']}" != path]
 
 
 def counterpart(path: str, model: Model, _homes: bool = True) -> tuple[str, str] | None:
@@ -398,31 +402,22 @@ def _stacked_concat(fused, parts) -> list[list[tuple[tuple, tuple]]] | None:
     return out
 
 
-#: Where mlx-lm puts a stack of experts that transformers keeps as ``{block}.experts.{proj}``
-#: parameters: ``{block}.switch_mlp`` (Qwen3-VL-MoE, Qwen3.5-MoE) or ``{block}.experts.switch_glu``
-#: (Gemma 4); gpt-oss and Llama 4 keep ``{block}.experts``.
-_STACK_HOMES = ("{pre}.switch_mlp", "{pre}.experts.switch_glu")
-
-
 def _stack_parent(parent: str, proj: str, rl: Layer, var: dict[str, Layer]) -> str:
     """The variant's module holding the projections of reference stack ``{parent}.{proj}``
     (``parent`` = ``{block}.experts``, or where mlx-lm puts stacks): ``parent`` itself unless the
     variant has none of them there and has them in another of those homes."""
     if not rl.shape or len(rl.shape) != 3:
         return parent
-    pre = next((parent[:-len(h) + len("{pre}")] for h in ("{pre}.experts.switch_glu", "{pre}.switch_mlp",
-                                                          "{pre}.experts")
-                if parent.endswith(h[len("{pre}"):])), None)
+    # (the longest home first: …experts.switch_glu also ends in a home's name)
+    pre = next((parent[:-len(h) - 1] for h in sorted(_STACK_HOMES, key=len, reverse=True)
+                if parent.endswith(f".{h}")), None)
     if pre is None:
         return parent
     names = (proj, *_FUSED.get(proj, ()), *((_PART_OF[proj],) if proj in _PART_OF else ()))
     if any(f"{parent}.{n}" in var for n in names):
         return parent
-    for home in ("{pre}.experts", *_STACK_HOMES):
-        home = home.format(pre=pre)
-        if home != parent and any(f"{home}.{n}" in var for n in names):
-            return home
-    return parent
+    return next((f"{pre}.{h}" for h in _STACK_HOMES
+                 if f"{pre}.{h}" != parent and any(f"{pre}.{h}.{n}" in var for n in names)), parent)
 
 
 def _interleaved(reference: Model, variant: Model) -> bool:

@@ -879,12 +879,14 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         return _Item(res, outputs, dict, raw=raw)
     if layer.scheme == "dense":
         w = layer.tensors["weight"]
+        # (transformers' stacked expert parameter of a model whose mlx-lm layout convert writes)
+        mlx_stack = w.source is not None and len(layer.shape) == 3 and _expert_split(model) is not None
         others = [c for c in layer.tensors if c != "weight"]
         k = layer.shape[-1]
         reason = None
         if w.dtype not in _FLOAT_ST:
             reason = f"{w.dtype} weight"
-        elif w.source is not None and (len(layer.shape) != 3 or _expert_split(model) is None):
+        elif w.source is not None and not mlx_stack:
             # (mlx-lm's loaders split and transpose such parameters into their own stacks; written
             # quantized under the name read here, nothing would load them)
             reason = (f"transformers' stacked expert parameter {w.source.rsplit('.', 1)[-1]}"
@@ -905,14 +907,14 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             reason = f"input dimension {k} is not a multiple of group size {q.group_size}"
         if reason is not None:
             res.action = f"kept dense ({reason})"
-            if w.source is not None and len(layer.shape) == 3 and _expert_split(model) is not None:
+            if mlx_stack:
                 # (in mlx-lm's layout all the same: its gpt_oss sanitize leaves a file holding any
                 # experts.gate_proj.weight as it is, and refused the stored parameter beside it)
                 return _plan_expert_param(model, layer, None, w.dtype, res)
             _carry(model, layer, list(layer.tensors), outputs, raw)
             return _Item(res, outputs, dict, config=False, raw=raw)
         dt = w.dtype if q.mode == "affine" else "U8"
-        if w.source is not None:
+        if mlx_stack:
             return _plan_expert_param(model, layer, q, dt, res)
         outputs = _quant_outputs(path, layer.shape, dt, q)
         _carry(model, layer, others, outputs, raw)
