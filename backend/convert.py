@@ -771,21 +771,25 @@ def _plan_mlx(model: Model, targets: _Targets, engine, notes: list[str], cancel,
 
 
 #: model types whose stacked expert parameters (``{block}.experts.gate_up_proj`` / ``down_proj``)
-#: convert writes as mlx-lm's model loads them, and how its sanitize splits gate_up_proj's rows
-#: into ``{block}.experts.gate_proj`` / ``up_proj`` (checked by loading the output with mlx-lm
-#: 0.32.2: tests/fixtures/real's README); other models' are carried as stored.
-_MLX_EXPERT_SPLIT = {"llama4": "concat", "gpt_oss": "interleave"}
+#: convert writes as mlx-lm's model loads them: how its sanitize splits gate_up_proj's rows into
+#: gate_proj and up_proj (concatenated or interleaved), and the module that holds the three
+#: projections in place of ``experts`` (each equal, tensor for tensor, to mlx_lm.convert's or
+#: mlx-lm's own quantization of the same model, which loads it: tests/fixtures/real's README);
+#: other models' are carried as stored.
+_MLX_EXPERT_LAYOUT = {"llama4": ("concat", "experts"), "gpt_oss": ("interleave", "experts"),
+                      "qwen3_vl_moe": ("concat", "switch_mlp"),
+                      "gemma4": ("concat", "experts.switch_glu"), "gemma4_text": ("concat", "experts.switch_glu")}
 
 
-def _expert_split(model: Model) -> str | None:
+def _expert_layout(model: Model) -> tuple[str, str] | None:
     cfg = model.ckpt.configs.get("config.json") or {}
-    return _MLX_EXPERT_SPLIT.get(str(cfg.get("model_type") or ""))
+    return _MLX_EXPERT_LAYOUT.get(str(cfg.get("model_type") or ""))
 
 
 def _plan_expert_param(model: Model, layer: Layer, q: _Q | None, dt: str, res: LayerResult) -> _Item:
     """A stacked expert parameter (``[E, N, K]`` as read) quantized as mlx-lm lays it out (or,
     ``q`` None, kept dense in that layout, ``dt`` its dtype): its gate_up_proj split into gate_proj
-    and up_proj (rows concatenated or interleaved per expert, :data:`_MLX_EXPERT_SPLIT`), its bias
+    and up_proj (rows concatenated or interleaved per expert, in the module :data:`_MLX_EXPERT_LAYOUT` names), its bias
     split the same way; one expert at a time through ``mx.quantize`` (a gpt-oss-120b stack is 4 GB)."""
     path, w, bias = layer.path, layer.tensors["weight"], layer.tensors.get("bias")
     e_n, n, k = layer.shape
@@ -795,10 +799,12 @@ def _plan_expert_param(model: Model, layer: Layer, q: _Q | None, dt: str, res: L
                                    "of a shape mlx-lm does not load", file=model.ckpt.source, tensor=path,
                                    rule="convert.undecodable")
     parent, _, proj = path.rpartition(".")
-    halves = (slice(0, n // 2), slice(n // 2, n)) if _expert_split(model) == "concat" else \
-        (slice(0, None, 2), slice(1, None, 2))
+    split, home = _expert_layout(model)
+    if parent == "experts" or parent.endswith(".experts"):  # (…experts → …switch_mlp, …experts.switch_glu)
+        parent = parent[:-len("experts")] + home
+    halves = (slice(0, n // 2), slice(n // 2, n)) if split == "concat" else (slice(0, None, 2), slice(1, None, 2))
     parts = [(f"{parent}.gate_proj", halves[0]), (f"{parent}.up_proj", halves[1])] \
-        if proj == "gate_up_proj" and n % 2 == 0 else [(path, slice(None))]
+        if proj == "gate_up_proj" and n % 2 == 0 else [(f"{parent}.{proj}", slice(None))]
     outputs, planned = [], []
     for p, sl in parts:
         rows = len(range(n)[sl])
@@ -880,7 +886,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
     if layer.scheme == "dense":
         w = layer.tensors["weight"]
         # (transformers' stacked expert parameter of a model whose mlx-lm layout convert writes)
-        mlx_stack = w.source is not None and len(layer.shape) == 3 and _expert_split(model) is not None
+        mlx_stack = w.source is not None and len(layer.shape) == 3 and _expert_layout(model) is not None
         others = [c for c in layer.tensors if c != "weight"]
         k = layer.shape[-1]
         reason = None

@@ -316,11 +316,17 @@ def _model_dims(cfg: dict) -> Dims:
             v = c.get(k)
             if isinstance(v, int) and v > 0:
                 dims.add(v)
+        # (Gemma 3n/4: full-attention layers' heads of global_head_dim; the per-layer inputs,
+        # hidden_size_per_layer_input wide, embedded for all layers at once)
         for heads, size in (("num_attention_heads", "head_dim"), ("num_heads", "head_dim"),
-                            ("mamba_num_heads", "mamba_head_dim")):
+                            ("mamba_num_heads", "mamba_head_dim"), ("num_attention_heads", "global_head_dim"),
+                            ("num_hidden_layers", "hidden_size_per_layer_input")):
             h, d = c.get(heads), c.get(size)
             if isinstance(h, int) and isinstance(d, int):
                 dims.add(h * d)
+        v = c.get("hidden_size_per_layer_input")
+        if isinstance(v, int) and v > 0:
+            dims.add(v)
     return dims
 
 

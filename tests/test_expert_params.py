@@ -114,6 +114,42 @@ def test_llama4_against_mlx_lms_own_conversion():
     assert len(rows) == 2 * 2 * E + 2 * 8 + 2  # (experts; q, k, v, o, router, the shared expert; embeddings, head)
 
 
+@pytest.mark.parametrize("name, home", [("qwen3vlmoe", "mlp.switch_mlp"), ("gemma4", "experts.switch_glu")])
+def test_against_mlx_lms_conversion_where_it_moves_the_stacks(name, home):
+    # mlx_lm.convert's output renames the text model (language_model.model.…) and moves the
+    # experts (Qwen3-VL-MoE: [E, K, 2I] into mlp.switch_mlp; Gemma 4: [E, 2I, K] into
+    # experts.switch_glu): every expert of both stacks measured against mx.dequantize of theirs
+    src, theirs = REAL / f"{name}-bf16", REAL / f"mlxlm-{name}-q4-g32"
+    res = sweep(analyze(open_checkpoint(src)), {"mlx": analyze(open_checkpoint(theirs))}, engine="numpy")
+    rows = {r.name: r for r in res.rows}
+    ref, q = mx.load(str(src / "model.safetensors")), mx.load(str(theirs / "model.safetensors"))
+    moves = "mlp." if name == "qwen3vlmoe" else ""
+    for l in (0, 1):
+        ex = f"model.language_model.layers.{l}.{moves}experts"
+        mine = f"language_model.model.layers.{l}.{home}"
+
+        def deq(p, mine=mine):
+            return _f64(mx.dequantize(q[f"{mine}.{p}.weight"], q[f"{mine}.{p}.scales"], q[f"{mine}.{p}.biases"],
+                                      group_size=32, bits=4))
+
+        gu, dn = _f64(ref[f"{ex}.gate_up_proj"]), _f64(ref[f"{ex}.down_proj"])
+        if name == "qwen3vlmoe":  # ([E, K, N] as stored)
+            gu, dn = gu.transpose(0, 2, 1), dn.transpose(0, 2, 1)
+        _expert_rows(rows, f"{ex}.gate_up_proj", np.concatenate([deq("gate_proj"), deq("up_proj")], axis=1), gu)
+        _expert_rows(rows, f"{ex}.down_proj", deq("down_proj"), dn)
+    # (Gemma 4's per-layer projection, 16 inputs, is kept dense by mlx-lm: listed, not compared)
+    assert all("per_layer_projection" in u.layer for u in res.unmatched), res.unmatched
+
+
+def test_gemma4s_per_layer_widths_are_dimensions_of_the_model(capsys):
+    # embed_tokens_per_layer takes num_hidden_layers × hidden_size_per_layer_input inputs (32
+    # here): R18 warned that 4 bit / 32 were "not a dimension of this model" on every Gemma 4
+    assert main(["info", str(REAL / "mlxlm-gemma4-q4-g32")]) == 0
+    out = capsys.readouterr().out
+    assert "language_model.model.embed_tokens_per_layer      mlx-affine    4b     g32        1024×32" in out
+    assert "R18" not in out and "warning" not in out
+
+
 def test_llama4_layer_detail_counts_both_halves():
     ex = L4_EXP.format(l=0)
     d = layer_detail(analyze(open_checkpoint(L4)), {"mlx": analyze(open_checkpoint(L4_MLX))}, f"{ex}.gate_up_proj")
@@ -284,15 +320,25 @@ def test_orientation_without_the_pair(tmp_path):
 
 # -- convert -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("src, theirs", [(L4, L4_MLX), (REAL / "gptoss-bf16", REAL / "mlxlm-gptoss-q4-g32")])
-def test_convert_to_mlx_writes_what_mlx_lm_writes(tmp_path, src, theirs):
+def _hf_name(name: str) -> str:
+    """mlx-lm's name of a multimodal model's tensor as the source names it (convert keeps the
+    source's names; mlx-lm's sanitize renames them when it loads)."""
+    return name.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head", "lm_head")
+
+
+@pytest.mark.parametrize("src, theirs, renamed", [
+    (L4, L4_MLX, False), (REAL / "gptoss-bf16", REAL / "mlxlm-gptoss-q4-g32", False),
+    (REAL / "qwen3vlmoe-bf16", REAL / "mlxlm-qwen3vlmoe-q4-g32", True),
+    (REAL / "gemma4-bf16", REAL / "mlxlm-gemma4-q4-g32", True)])
+def test_convert_to_mlx_writes_what_mlx_lm_writes(tmp_path, src, theirs, renamed):
     # Llama 4 (gate and up concatenated) by mlx_lm.convert, gpt-oss (interleaved, with biases) by
-    # mlx-lm's quantize_model: every tensor of theirs, bit for bit, and nothing more
+    # mlx-lm's quantize_model; Qwen3-VL-MoE (into mlp.switch_mlp) and Gemma 4 (stored rows first,
+    # into experts.switch_glu) by mlx_lm.convert: every tensor of theirs, bit for bit, and nothing more
     out = tmp_path / "out"
     assert main(["convert", str(src), str(out), "--to", "mlx", "--bits", "4", "--group-size", "32"]) == 0
     ours, want = mx.load(str(out / "model.safetensors")), {}
     for f in theirs.glob("*.safetensors"):
-        want.update(mx.load(str(f)))
+        want.update({_hf_name(k) if renamed else k: v for k, v in mx.load(str(f)).items()})
     assert set(ours) == set(want)
     for k, v in want.items():
         assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and mx.array_equal(ours[k], v).item(), k
@@ -301,15 +347,15 @@ def test_convert_to_mlx_writes_what_mlx_lm_writes(tmp_path, src, theirs):
 
 
 def test_convert_carries_the_parameters_it_cannot_lay_out_as_mlx_lm(tmp_path, capsys):
-    # --to dense keeps every model's as stored; --to mlx, a model whose mlx-lm layout is not
-    # known here (Qwen3-VL-MoE's switch_mlp): carried as stored, and said so
+    # --to dense keeps every model's as stored; --to mlx, a model whose mlx-lm layout was not
+    # checked here (Qwen3.5-MoE's switch_mlp): carried as stored, and said so
     from safetensors import safe_open
     w = _weights()
     ex = "model.language_model.layers.0.mlp.experts"
     gu = np.ascontiguousarray(np.concatenate([w["gate"], w["up"]], axis=1).transpose(0, 2, 1))
     src = _write(tmp_path / "src", {f"{ex}.gate_up_proj": gu,
                                     f"{ex}.down_proj": np.ascontiguousarray(w["down"].transpose(0, 2, 1))},
-                 {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": H}})
+                 {"model_type": "qwen3_5_moe", "text_config": {"hidden_size": H}})
     for to in ("dense", "mlx"):
         out = tmp_path / to
         assert main(["convert", str(src), str(out), "--to", to]) == 0
