@@ -777,7 +777,7 @@ def _plan_mlx(model: Model, targets: _Targets, engine, notes: list[str], cancel,
 #: mlx-lm's own quantization of the same model, which loads it: tests/fixtures/real's README);
 #: other models' are carried as stored.
 _MLX_EXPERT_LAYOUT = {"llama4": ("concat", "experts"), "gpt_oss": ("interleave", "experts"),
-                      "qwen3_vl_moe": ("concat", "switch_mlp"),
+                      "qwen3_vl_moe": ("concat", "switch_mlp"), "qwen3_5_moe": ("concat", "switch_mlp"),
                       "gemma4": ("concat", "experts.switch_glu"), "gemma4_text": ("concat", "experts.switch_glu")}
 
 

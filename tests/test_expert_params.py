@@ -329,17 +329,27 @@ def _hf_name(name: str) -> str:
 @pytest.mark.parametrize("src, theirs, renamed", [
     (L4, L4_MLX, False), (REAL / "gptoss-bf16", REAL / "mlxlm-gptoss-q4-g32", False),
     (REAL / "qwen3vlmoe-bf16", REAL / "mlxlm-qwen3vlmoe-q4-g32", True),
-    (REAL / "gemma4-bf16", REAL / "mlxlm-gemma4-q4-g32", True)])
+    (REAL / "gemma4-bf16", REAL / "mlxlm-gemma4-q4-g32", True),
+    (REAL / "qwen35moe-bf16", REAL / "mlxlm-qwen35moe-q4-g32", True)])
 def test_convert_to_mlx_writes_what_mlx_lm_writes(tmp_path, src, theirs, renamed):
     # Llama 4 (gate and up concatenated) by mlx_lm.convert, gpt-oss (interleaved, with biases) by
-    # mlx-lm's quantize_model; Qwen3-VL-MoE (into mlp.switch_mlp) and Gemma 4 (stored rows first,
-    # into experts.switch_glu) by mlx_lm.convert: every tensor of theirs, bit for bit, and nothing more
+    # mlx-lm's quantize_model; Qwen3-VL-MoE (into mlp.switch_mlp), Gemma 4 (stored rows first, into
+    # experts.switch_glu) and Qwen3.5-MoE (rows first, into mlp.switch_mlp) by mlx_lm.convert: every
+    # tensor of theirs, bit for bit, and nothing more
     out = tmp_path / "out"
     assert main(["convert", str(src), str(out), "--to", "mlx", "--bits", "4", "--group-size", "32"]) == 0
     ours, want = mx.load(str(out / "model.safetensors")), {}
     for f in theirs.glob("*.safetensors"):
         want.update({_hf_name(k) if renamed else k: v for k, v in mx.load(str(f)).items()})
     assert set(ours) == set(want)
+    if "qwen35" in src.name:
+        # (mlx-lm's qwen3_5 sanitize moved the conv1d's axes and added 1 to the norms of the
+        # transformers file it read; convert keeps them as stored, and mlx-lm's loader, seeing the
+        # conv1d as transformers stores it, does the same to convert's output)
+        for k in [k for k in want if k.endswith(("conv1d.weight", "norm.weight")) and "linear_attn.norm" not in k]:
+            fixed = ours.pop(k)
+            fixed = fixed.swapaxes(1, 2) if k.endswith("conv1d.weight") else fixed + 1.0
+            assert mx.array_equal(fixed, want.pop(k)).item(), k
     for k, v in want.items():
         assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and mx.array_equal(ours[k], v).item(), k
     cfg = json.loads((out / "config.json").read_text())["quantization"]
@@ -348,14 +358,14 @@ def test_convert_to_mlx_writes_what_mlx_lm_writes(tmp_path, src, theirs, renamed
 
 def test_convert_carries_the_parameters_it_cannot_lay_out_as_mlx_lm(tmp_path, capsys):
     # --to dense keeps every model's as stored; --to mlx, a model whose mlx-lm layout was not
-    # checked here (Qwen3.5-MoE's switch_mlp): carried as stored, and said so
+    # checked here: carried as stored, and said so
     from safetensors import safe_open
     w = _weights()
     ex = "model.language_model.layers.0.mlp.experts"
     gu = np.ascontiguousarray(np.concatenate([w["gate"], w["up"]], axis=1).transpose(0, 2, 1))
     src = _write(tmp_path / "src", {f"{ex}.gate_up_proj": gu,
                                     f"{ex}.down_proj": np.ascontiguousarray(w["down"].transpose(0, 2, 1))},
-                 {"model_type": "qwen3_5_moe", "text_config": {"hidden_size": H}})
+                 {"model_type": "some_new_moe", "text_config": {"hidden_size": H}})
     for to in ("dense", "mlx"):
         out = tmp_path / to
         assert main(["convert", str(src), str(out), "--to", to]) == 0
