@@ -343,6 +343,7 @@ class Alignment:
     unmatched: list[Unmatched] = field(default_factory=list)
     folded_norms: dict[str, np.ndarray] = field(default_factory=dict)  # ref norm path -> s
     shows_folding: bool = False
+    norms_plus_one: list[str] = field(default_factory=list)  # ref norm paths stored as 1 + w on one side
 
 
 def _flat_rows(shape) -> tuple[int, int]:
@@ -715,6 +716,15 @@ def _norm_rules(layer_prefix: str, ref: dict[str, Layer]) -> list[tuple[str, set
     return rules
 
 
+def _plus_one(a: np.ndarray, b: np.ndarray, floor: float) -> bool:
+    """Whether norm weights ``b`` are ``a`` + 1 (to the storage's rounding): Qwen3.5's and
+    Qwen3-Next's RMSNorm multiplies by 1 + w in transformers; mlx-lm's sanitize adds the 1 to
+    the stored weights when it converts them, its runtime multiplies by them as stored. The same
+    norm, nothing folded (taken for smoothing, it made every layer after it "implausible")."""
+    c = a + 1.0
+    return bool(np.all(np.abs(b - c) <= NORM_TOLERANCE * np.abs(c) + floor))
+
+
 def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[str, Layer],
                     var: dict[str, Layer], interleaved: bool = False) -> None:
     by_prefix: dict[str, list[Target]] = {}
@@ -739,6 +749,9 @@ def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[s
             # stored 19% off, and was taken for smoothing of the whole norm)
             floor = max(_smallest_step(rn), _smallest_step(vn))
             if np.all(np.abs(a - b) <= NORM_TOLERANCE * np.abs(a) + floor):
+                continue
+            if _plus_one(a, b, floor) or _plus_one(b, a, floor):
+                al.norms_plus_one.append(rn.path)
                 continue
             with np.errstate(divide="ignore", invalid="ignore"):
                 s = np.where((b != 0) & (a != 0), a / b, 1.0)

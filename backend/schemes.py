@@ -317,10 +317,13 @@ def _model_dims(cfg: dict) -> Dims:
             if isinstance(v, int) and v > 0:
                 dims.add(v)
         # (Gemma 3n/4: full-attention layers' heads of global_head_dim; the per-layer inputs,
-        # hidden_size_per_layer_input wide, embedded for all layers at once)
+        # hidden_size_per_layer_input wide, embedded for all layers at once. Qwen3-Next/3.5: the
+        # linear attention's value heads, its out_proj's inputs)
         for heads, size in (("num_attention_heads", "head_dim"), ("num_heads", "head_dim"),
                             ("mamba_num_heads", "mamba_head_dim"), ("num_attention_heads", "global_head_dim"),
-                            ("num_hidden_layers", "hidden_size_per_layer_input")):
+                            ("num_hidden_layers", "hidden_size_per_layer_input"),
+                            ("linear_num_value_heads", "linear_value_head_dim"),
+                            ("linear_num_key_heads", "linear_key_head_dim")):
             h, d = c.get(heads), c.get(size)
             if isinstance(h, int) and isinstance(d, int):
                 dims.add(h * d)

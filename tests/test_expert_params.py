@@ -114,16 +114,18 @@ def test_llama4_against_mlx_lms_own_conversion():
     assert len(rows) == 2 * 2 * E + 2 * 8 + 2  # (experts; q, k, v, o, router, the shared expert; embeddings, head)
 
 
-@pytest.mark.parametrize("name, home", [("qwen3vlmoe", "mlp.switch_mlp"), ("gemma4", "experts.switch_glu")])
+@pytest.mark.parametrize("name, home", [("qwen3vlmoe", "mlp.switch_mlp"), ("gemma4", "experts.switch_glu"),
+                                        ("qwen35moe", "mlp.switch_mlp")])
 def test_against_mlx_lms_conversion_where_it_moves_the_stacks(name, home):
     # mlx_lm.convert's output renames the text model (language_model.model.…) and moves the
     # experts (Qwen3-VL-MoE: [E, K, 2I] into mlp.switch_mlp; Gemma 4: [E, 2I, K] into
-    # experts.switch_glu): every expert of both stacks measured against mx.dequantize of theirs
+    # experts.switch_glu; Qwen3.5-MoE: [E, 2I, K] into mlp.switch_mlp): every expert of both
+    # stacks measured against mx.dequantize of theirs
     src, theirs = REAL / f"{name}-bf16", REAL / f"mlxlm-{name}-q4-g32"
     res = sweep(analyze(open_checkpoint(src)), {"mlx": analyze(open_checkpoint(theirs))}, engine="numpy")
     rows = {r.name: r for r in res.rows}
     ref, q = mx.load(str(src / "model.safetensors")), mx.load(str(theirs / "model.safetensors"))
-    moves = "mlp." if name == "qwen3vlmoe" else ""
+    moves = "mlp." if name.startswith("qwen") else ""
     for l in (0, 1):
         ex = f"model.language_model.layers.{l}.{moves}experts"
         mine = f"language_model.model.layers.{l}.{home}"
@@ -137,17 +139,34 @@ def test_against_mlx_lms_conversion_where_it_moves_the_stacks(name, home):
             gu, dn = gu.transpose(0, 2, 1), dn.transpose(0, 2, 1)
         _expert_rows(rows, f"{ex}.gate_up_proj", np.concatenate([deq("gate_proj"), deq("up_proj")], axis=1), gu)
         _expert_rows(rows, f"{ex}.down_proj", deq("down_proj"), dn)
-    # (Gemma 4's per-layer projection, 16 inputs, is kept dense by mlx-lm: listed, not compared)
-    assert all("per_layer_projection" in u.layer for u in res.unmatched), res.unmatched
+    # (Gemma 4's per-layer projection, 16 inputs, and Qwen3.5's conv1d are kept dense by mlx-lm:
+    # listed, not compared)
+    assert all("per_layer_projection" in u.layer or "conv1d" in u.layer for u in res.unmatched), res.unmatched
+    # nothing taken for smoothing: mlx-lm stores Qwen3.5's norms as 1 + w (the same norm); taken
+    # for AWQ's folded scales, they made the layers after them "implausible" (rel_fro 0.7–1.03)
+    assert {r.smoothing for r in res.rows} == {"none"} and max(r.rel_fro for r in res.rows) < 0.09
 
 
-def test_gemma4s_per_layer_widths_are_dimensions_of_the_model(capsys):
-    # embed_tokens_per_layer takes num_hidden_layers × hidden_size_per_layer_input inputs (32
-    # here): R18 warned that 4 bit / 32 were "not a dimension of this model" on every Gemma 4
+def test_gemma4s_and_qwen35s_widths_are_dimensions_of_the_model(capsys):
+    # Gemma 4's embed_tokens_per_layer takes num_hidden_layers × hidden_size_per_layer_input
+    # inputs (32 here), Qwen3.5's linear_attn.out_proj its value heads (2 × 32): R18 warned that
+    # 4 bit / 32 were "not a dimension of this model" on every such MLX checkpoint
     assert main(["info", str(REAL / "mlxlm-gemma4-q4-g32")]) == 0
     out = capsys.readouterr().out
     assert "language_model.model.embed_tokens_per_layer      mlx-affine    4b     g32        1024×32" in out
     assert "R18" not in out and "warning" not in out
+    assert main(["info", str(REAL / "mlxlm-qwen35moe-q4-g32")]) == 0
+    out = capsys.readouterr().out
+    assert "linear_attn.out_proj" in out and "R18" not in out and "warning" not in out
+
+
+def test_norms_stored_as_one_plus_w_are_no_smoothing():
+    # either side may be mlx-lm's (1 + w)
+    from quantscope.backend.compare_align import align
+    ref, mine = analyze(open_checkpoint(REAL / "qwen35moe-bf16")), analyze(open_checkpoint(REAL / "mlxlm-qwen35moe-q4-g32"))
+    for a, b in ((ref, mine), (mine, ref)):
+        al = align(a, b)
+        assert not al.folded_norms and len(al.norms_plus_one) == 4  # (two layers' input and post-attention norms)
 
 
 def test_llama4_layer_detail_counts_both_halves():
