@@ -414,7 +414,8 @@ class SmoothingCheck:
                 f"rel_fro {lo:.3f}–{hi:.3f}, median {med:.3f} (rel_fro_quant per layer in the JSON/CSV)")
 
     def to_dict(self) -> dict:
-        d = {"smoothing_power": round(self.power, 3), "checked_on": self.layer, "warning": self.message or None}
+        # (unrounded: rel_fro_quant undoes this very power; rounded to 1.999 it could not be rebuilt)
+        d = {"smoothing_power": float(self.power), "checked_on": self.layer, "warning": self.message or None}
         if self.quant_only is not None:
             d["rel_fro_quant_median"], d["rel_fro_quant_min"], d["rel_fro_quant_max"] = self.quant_only
         return d

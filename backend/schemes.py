@@ -96,8 +96,11 @@ class Layer:
 
     @property
     def bits_per_weight(self) -> float | None:
+        """Bits stored per weight: codes, scales, zeros, g_idx (not compressed-tensors' 16-byte
+        ``weight_shape``, which is no part of the quantization: 4.125868 for 4.125 on a 1024² layer)."""
         n = self.numel
-        return self.stored_bytes * 8 / n if n else None
+        meta = self.tensors.get("weight_shape")
+        return (self.stored_bytes - (meta.nbytes if meta is not None else 0)) * 8 / n if n else None
 
     @property
     def is_matrix(self) -> bool:

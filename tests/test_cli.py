@@ -361,6 +361,10 @@ def test_info_describes_compressed_tensors_config_groups(capsys):
     out = capsys.readouterr().out
     assert "config group group_0: targets ['Linear'] → 4 bit int, group 128, asymmetric" in out
     assert "override" not in out
+    # bits per weight: codes, bf16 scales and 4-bit zero points, not the 16-byte weight_shape
+    main(["info", "--json", str(real / "llmcompressor-w4a16")])
+    q = next(x for x in json.loads(capsys.readouterr().out)["layers"] if x["name"] == "model.layers.0.self_attn.q_proj")
+    assert q["bits_per_weight"] == 4 + 16 / 128  # (was 4.125868: weight_shape's 128 bits counted)
 
 
 def test_info_json_says_which_gptq_layers_are_act_order(capsys):
