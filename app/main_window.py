@@ -773,9 +773,9 @@ class MainWindow(QMainWindow):
         if path not in self._all_paths() and not EXPERT_RE.match(path):
             from quantscope.backend.checkpoint import split_name
             path = split_name(path)[0]
-        if self.tree.current_path() == path and self.current_layer != path:
-            # (the row an expert's highlight made current: selecting it again changes no row, so
-            # the tree says nothing; "all" in the expert box)
+        if self.tree.current_path() == path and (self.current_layer != path or self._unshown(path)):
+            # (the row an expert's highlight made current, or a layer whose decoding was cancelled:
+            # selecting it again changes no row, so the tree says nothing; "all" in the expert box)
             self.select_layer(path)
             return
         if self.tree.select(path):
@@ -973,6 +973,12 @@ class MainWindow(QMainWindow):
         path = self.current_layer
         if path is not None and self._shown_layer != path and "detail" not in self._busy_channels():
             self._clear_views(f"{path}: not shown, its decoding was cancelled or failed — select it again")
+            self.tree.click_selects(path)
+
+    def _unshown(self, path: str) -> bool:
+        """``path`` is the layer selected, but its views are not shown nor being made (its
+        decoding was cancelled or failed)."""
+        return self.current_layer == path and self._shown_layer != path and "detail" not in self._busy_channels()
 
     def _busy_channels(self) -> set[str]:
         return {j.channel for j in self.service.running()}

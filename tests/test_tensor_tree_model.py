@@ -202,3 +202,20 @@ def test_error_columns_are_titled_by_what_tells_each_variant_apart():
                      "gptqmodel-gptq-w4g128-actorder": "gptqmodel-w4g128-actorder",
                      "autoawq-gemm-w4g128": "autoawq-gemm-w4g128", "a (2)": "a (2)"}
     assert len(set(column_names(["x-1", "x-1-b", "x-2"]).values())) == 3
+
+
+def test_sixteen_variants_are_each_drawn_their_own_way():
+    # the demo's six variants and three conversions: the ninth took the first's colour and
+    # marker (8 of each, both wrapping); a session's slots give each its own up to 16
+    from quantscope.widgets.palette import colors_for, symbol_for
+    slots: dict[str, int] = {}
+    labels = []
+    for i in range(16):
+        labels.append(f"v{i}")
+        colors = colors_for(labels, slots)
+    drawn = {(c.name(), symbol_for(c)) for c in colors.values()}
+    assert len(drawn) == 16 and len({c.name() for c in colors.values()}) == 16
+    # a label removed frees its place, taken again only once no place was never used
+    del labels[3]
+    labels.append("late")
+    assert colors_for(labels, slots)["late"].name() == colors["v3"].name()

@@ -2551,3 +2551,26 @@ def test_select_takes_an_expert_of_a_stack(tmp_path):
                            env={**os.environ, "QT_QPA_PLATFORM": "offscreen", "HOME": str(tmp_path)}, check=False)
         assert r.returncode == rc, r.stderr
         assert (tmp_path / f"{e}.png").exists() if rc == 0 else "--select: no layer" in r.stderr
+
+
+def test_a_layer_whose_decoding_was_cancelled_is_selected_again_by_a_click(win, qtbot):
+    # Esc while a layer decodes: the views say "select it again", but its row stayed current, so a
+    # click on it (or on its point in the Layers plot) changed nothing and did nothing
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+    path = "model.layers.3.mlp.down_proj"
+    assert win.tree.select(path)
+    win.service.cancel_all()
+    qtbot.waitUntil(lambda: "select it again" in win.hist.note.text(), timeout=30_000)
+    assert win.tree.current_path() == path and win._shown_layer != path
+    rect = win.tree.view.visualRect(win.tree.model.row_of(path))
+    with qtbot.waitSignal(win.detail_shown, timeout=60_000):
+        QTest.mouseClick(win.tree.view.viewport(), Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
+                         rect.center())
+    assert win._shown_layer == path
+    # the same from another view (a plot point, a doctor link): select_layer_everywhere
+    win.service.cancel_all()
+    win._shown_layer = None  # (as a cancelled decoding leaves it)
+    with qtbot.waitSignal(win.detail_shown, timeout=60_000):
+        win.select_layer_everywhere(path)
+    assert win._shown_layer == path

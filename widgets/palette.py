@@ -6,10 +6,13 @@ from PySide6.QtGui import QColor, QPalette
 
 #: Okabe & Ito (2008): distinguishable under the common colour-vision deficiencies; their yellow
 #: (#F0E442) all but vanishes on a white plot, so Tol's wine (#882255) takes its place.
-VARIANT_COLORS = ["#E69F00", "#0072B2", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#882255", "#000000"]
+#: A ninth variant and later (the demo's six and three conversions) take Tol's muted scheme, each
+#: with another shape than the Okabe–Ito hue nearest it (it took the first's colour and marker).
+VARIANT_COLORS = ["#E69F00", "#0072B2", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#882255", "#000000",
+                  "#332288", "#44AA99", "#999933", "#DDCC77", "#CC6677", "#117733", "#88CCEE", "#AA4499"]
 #: Marker shapes, one per variant beside its colour: two similar hues (orange and vermilion, blue
 #: and sky blue) are still told apart as 7 px dots.
-VARIANT_SYMBOLS = ["o", "s", "t", "d", "t1", "p", "h", "star"]
+VARIANT_SYMBOLS = ["o", "s", "t", "d", "t1", "p", "h", "star", "d", "o", "s", "t", "p", "h", "star", "s"]
 REFERENCE_COLOR = "#7f7f7f"
 #: Heatmap cells whose error is NaN/inf: a red no viridis colour comes near (group-error map and
 #: the layers heatmap alike).

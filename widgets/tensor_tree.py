@@ -317,6 +317,12 @@ class TensorTree(QWidget):
             self._quiet = False
         self._quiet_path = None
 
+    def click_selects(self, path: str) -> None:
+        """A click on ``path``'s row, if current, selects it again (its decoding was cancelled or
+        failed: the row stays current, so the click changed nothing and said nothing)."""
+        if self.current_path() == path:
+            self._quiet_path = path
+
     def _on_current(self, cur: QModelIndex, _prev) -> None:
         path = cur.data(TensorTreeModel.PathRole) if cur.isValid() else None
         if path and not self._quiet:
