@@ -2574,3 +2574,27 @@ def test_a_layer_whose_decoding_was_cancelled_is_selected_again_by_a_click(win, 
     with qtbot.waitSignal(win.detail_shown, timeout=60_000):
         win.select_layer_everywhere(path)
     assert win._shown_layer == path
+
+
+def test_a_search_that_hid_the_shown_layer_gives_back_its_row(win, qtbot):
+    # the selected row hidden by a search, then the search cleared: no row was current, while the
+    # views, the config panel and the Layers plot still showed that layer
+    from PySide6.QtCore import Qt
+    path = "model.layers.2.mlp.up_proj"
+    with qtbot.waitSignal(win.detail_shown, timeout=60_000):
+        assert win.tree.select(path)
+    qtbot.keyClicks(win.tree.search, "layers.0.")
+    qtbot.waitUntil(lambda: win.tree.model.rowCount() < 10, timeout=2000)
+    assert win.tree.current_path() is None
+    with qtbot.assertNotEmitted(win.tree.layer_selected, wait=200):  # (not decoded again)
+        qtbot.keyClick(win.tree.search, Qt.Key.Key_Escape)
+        qtbot.waitUntil(lambda: win.tree.current_path() == path, timeout=2000)
+    # a row picked while the search hid the shown one is the one kept
+    qtbot.keyClicks(win.tree.search, "layers.0.")
+    qtbot.waitUntil(lambda: win.tree.model.rowCount() < 10, timeout=2000)
+    with qtbot.waitSignal(win.detail_shown, timeout=60_000):
+        assert win.tree.select("model.layers.0.mlp.up_proj")
+    qtbot.keyClick(win.tree.search, Qt.Key.Key_Escape)
+    qtbot.waitUntil(lambda: not win.tree.search.text(), timeout=2000)
+    qtbot.wait(100)
+    assert win.tree.current_path() == "model.layers.0.mlp.up_proj"

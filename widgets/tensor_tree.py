@@ -122,6 +122,7 @@ class TensorTree(QWidget):
         # A sort or a search rebuilds the rows: the selected module stays selected (and is not
         # announced again: the window would decode it again)
         self._keep: str | None = None
+        self._hidden: str | None = None  # the current row a search hides
         self.model.modelAboutToBeReset.connect(self._remember_current)
         self.model.modelReset.connect(self._restore_current)
 
@@ -315,7 +316,7 @@ class TensorTree(QWidget):
             self.view.setCurrentIndex(QModelIndex())
         finally:
             self._quiet = False
-        self._quiet_path = None
+        self._quiet_path = self._hidden = None
 
     def click_selects(self, path: str) -> None:
         """A click on ``path``'s row, if current, selects it again (its decoding was cancelled or
@@ -325,6 +326,7 @@ class TensorTree(QWidget):
 
     def _on_current(self, cur: QModelIndex, _prev) -> None:
         path = cur.data(TensorTreeModel.PathRole) if cur.isValid() else None
+        self._hidden = None
         if path and not self._quiet:
             self._quiet_path = None
             self.layer_selected.emit(path)
@@ -339,14 +341,19 @@ class TensorTree(QWidget):
 
     def _remember_current(self) -> None:
         cur = self.view.currentIndex()
-        self._keep = cur.data(TensorTreeModel.PathRole) if cur.isValid() else None
+        # (a row a search hid stays the one to restore, until another is selected: cleared, the
+        # search showed the layer shown without a current row)
+        self._keep = cur.data(TensorTreeModel.PathRole) if cur.isValid() else self._hidden
 
     def _restore_current(self) -> None:
         path, self._keep = self._keep, None
+        self._hidden = None
         if not path:
             return
         idx = self.model.row_of(path)
-        if idx.isValid():
+        if not idx.isValid():
+            self._hidden = path
+        else:
             sm = self.view.selectionModel()
             sm.blockSignals(True)
             self.view.setCurrentIndex(idx)
