@@ -1143,15 +1143,18 @@ class MainWindow(QMainWindow):
             _, d, no_ref = self._detail_errors
             quant = self._quant_only
 
-            def kept(v):  # a layer the variant stores unquantized: its copy's error, said as such (the
-                # tree, the Layers plot and `compare` leave it out: "skipped by the variant")
+            def kept(v, m):  # a layer a quantized variant left unquantized, said as such (the tree, the
+                # Layers plot and `compare` leave it out: "skipped by the variant"); a dense variant's
+                # (converted to dense, a fine-tune) is no "copy": 0.32 was called one
                 vm = self.workspace.variants.get(v)
                 lay = None if vm is None else vm.layers.get(d.name)
-                return lay is not None and not lay.quantized
+                if lay is None or lay.quantized or not any(x.quantized for x in vm.layers.values()):
+                    return ""
+                return " — left unquantized by the variant" + (": an exact copy" if m.rel_fro == 0 else "")
 
             lines = [f"{v}: " + (f"rel_fro {m.rel_fro:.4f} ({m.sqnr_db:.1f} dB)" if math.isfinite(m.rel_fro) else
                                  "no figure (NaN or inf values in its decode or the reference, or a reference of zeros)")
-                     + (" — stored unquantized: a copy, not a quantization" if kept(v) else "") + (
+                     + kept(v, m) + (
                 f", raw {m.rel_fro_raw:.4f}, {smoothing_action(m.smoothing)} ({describe_smoothing(m.smoothing)})"
                 if m.smoothing != "none" else "") + (
                 f"; the quantization alone: {quant[(d.name, v)]:.4f}" if (d.name, v) in quant else "")

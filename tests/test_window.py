@@ -2172,7 +2172,24 @@ def test_a_layer_a_variant_keeps_unquantized_is_said_to_be_a_copy(win, qtbot):
         assert win.tree.select("model.embed_tokens")
     qtbot.waitUntil(lambda: "Current error" in win.config.whatif_result.text(), timeout=30_000)
     text = win.config.whatif_result.text()
-    assert "stored unquantized: a copy, not a quantization" in text
+    assert "gptq-w4g128: rel_fro 0.0000 (156.9 dB) — left unquantized by the variant\n" in text  # (fp16 of bf16: no exact copy)
+
+
+def test_a_dense_variants_error_is_not_called_a_copy(qtbot, tmp_path, demo):
+    # GPTQ converted to dense (or a fine-tune): "stored unquantized: a copy, not a quantization"
+    # stood beside its error of 0.32
+    from quantscope.app.cli import main
+    dense = tmp_path / "gptq-dense"
+    assert main(["convert", str(demo.variants["gptq-w4g128"]), str(dense), "--to", "dense"]) == 0
+    w = _window_on(qtbot, tmp_path, [dense], demo.reference)
+    try:
+        with qtbot.waitSignal(w.detail_shown, timeout=30_000):
+            assert w.tree.select("model.layers.1.self_attn.q_proj")
+        qtbot.waitUntil(lambda: "Current error" in w.config.whatif_result.text(), timeout=30_000)
+        text = w.config.whatif_result.text()
+        assert "gptq-dense: rel_fro 0.32" in text and "unquantized" not in text and "copy" not in text
+    finally:
+        w.service.shutdown()
 
 
 def test_an_empty_window_says_what_could_not_be_opened(qtbot, tmp_path):
@@ -2598,3 +2615,24 @@ def test_a_search_that_hid_the_shown_layer_gives_back_its_row(win, qtbot):
     qtbot.waitUntil(lambda: not win.tree.search.text(), timeout=2000)
     qtbot.wait(100)
     assert win.tree.current_path() == "model.layers.0.mlp.up_proj"
+
+
+def test_an_emptied_layers_heatmap_names_no_layer(qtbot):
+    # its rows gone (the reference removed, another workspace): hovering the blank heatmap named
+    # the last comparison's layer, and a click selected it
+    from types import SimpleNamespace
+
+    from PySide6.QtCore import QPointF
+    from quantscope.widgets.layer_error_plot import LayerErrorPlot
+    plot = LayerErrorPlot()
+    qtbot.addWidget(plot)
+    rows = [SimpleNamespace(name=f"model.layers.{i}.self_attn.q_proj", variant="q4", layer_index=i, proj="q_proj",
+                            rel_fro=0.09, sqnr_db=20.9, rel_fro_raw=0.09) for i in range(3)]
+    plot.set_rows(rows, {"q4": "#E69F00"})
+    assert plot._hm_names
+    plot.set_rows([], {})
+    assert not plot._hm_names and plot._hm_grid.size == 0
+    picked = []
+    plot.layer_selected.connect(picked.append)
+    plot._hm_hover(plot.hm.getPlotItem().vb.mapViewToScene(QPointF(0.5, 1.5)))
+    assert plot.hm.toolTip() == "" and not picked

@@ -474,6 +474,9 @@ class LayerErrorPlot(QWidget):
         if not rows:
             self.hm_image.clear()
             self.hm_bad.clear()
+            # (the cells gone, their names too: hovering the blank heatmap named the last
+            # comparison's layers, and a click selected one)
+            self._hm_names, self._hm_grid = {}, np.zeros((0, 0))
             if self._hm_frame != "empty":  # no numbered axes around nothing (they read -0.5..0.5)
                 self._hm_frame = "empty"
                 for side in ("bottom", "left"):
