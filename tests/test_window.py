@@ -2535,6 +2535,7 @@ def test_experts_of_transformers_stacks_in_the_window(qtbot, tmp_path):
         with qtbot.waitSignal(w.detail_shown, timeout=60_000):
             assert w.tree.select(stack)  # (the row the expert's highlight made current: another first)
         assert w.current_layer == stack
+        assert len(w.layers.ring.getData()[0]) == 4  # (its experts' points ringed: none were)
         whole = w._detail_errors[1].metrics["mlxlm-llama4-q4-g32"].rel_fro
         assert min(r.rel_fro for r in rows.values()) < whole < max(r.rel_fro for r in rows.values())
         assert w.tree.model._errors["mlxlm-llama4-q4-g32"][stack] == max(r.rel_fro for r in rows.values())

@@ -342,11 +342,13 @@ class LayerErrorPlot(QWidget):
         """Ring the points of layer ``name`` (the one selected), every shown variant's."""
         self._marked = name
         xs, ys = [], []
+        # (a stack shown whole: its experts' points, each a row of its own)
+        whole = {r.name for r in self._rows if getattr(r, "reference_layer", None) == name} if name else set()
         for v, (x, y, names) in self._pts.items():
             if v in self.legend.hidden:
                 continue
             for i, n in enumerate(names):
-                if n == name and math.isfinite(y[i]):
+                if (n == name or n in whole) and math.isfinite(y[i]):
                     xs.append(x[i])
                     ys.append(y[i])
         self.ring.setData(xs, ys)
