@@ -74,12 +74,22 @@ RECENT_DETAILS = 4
 VECTOR_MAX = 1 << 20
 
 
+def _vector_of(layer):
+    """The stored vector the Values view shows for ``layer`` (a norm's weights; a module's one
+    float vector of another name, gpt-oss's attention ``sinks``): 1-D, dense, not too long; None
+    where there is none. A quantized layer whose shape is unknown (bits that fit none) has none:
+    its packed codes were drawn as "a vector of 3072 values"."""
+    if layer.scheme == "dense" and layer.shape is not None and len(layer.shape) == 1 and 0 < layer.shape[0] <= VECTOR_MAX:
+        return layer.tensors.get("weight")
+    if layer.scheme == "unknown" and len(layer.tensors) == 1:
+        (t,) = layer.tensors.values()
+        if t.dtype in ("F16", "BF16", "F32", "F64") and len(t.shape) == 1 and 0 < t.shape[0] <= VECTOR_MAX:
+            return t
+    return None
+
+
 def _is_vector(layer) -> bool:
-    """A stored vector the Values view shows (a norm's weights): 1-D, dense, not too long. A
-    quantized layer whose shape is unknown (bits that fit none) is not one: its packed codes
-    were drawn as "a vector of 3072 values"."""
-    return (layer.scheme == "dense" and layer.shape is not None and len(layer.shape) == 1
-            and 0 < layer.shape[0] <= VECTOR_MAX)
+    return _vector_of(layer) is not None
 
 
 def _worst_per_layer(findings: list[dict]) -> dict[str, tuple[str, str]]:
@@ -1006,11 +1016,14 @@ class MainWindow(QMainWindow):
         self.service.cancel_channel("detail")  # (another layer's views must not land over these)
         ws = self.workspace
         vecs = {}
+        shown = path  # (a vector of another name than weight: its tensor's, gpt-oss's …self_attn.sinks)
         for label, m in ([("reference", ws.reference)] if ws.reference is not None else []) + list(ws.variants.items()):
             lay = m.layers.get(path)
-            t = None if lay is None else lay.tensors.get("weight")
-            if t is None or not _is_vector(lay):
+            t = None if lay is None else _vector_of(lay)
+            if t is None:
                 continue
+            if not t.name.endswith(".weight") and shown == path:
+                shown = t.name
             try:
                 vecs[label] = np.asarray(m.ckpt.tensor(t.name), np.float64).ravel()
             except (QuantscopeError, ValueError, TypeError):
@@ -1025,7 +1038,7 @@ class MainWindow(QMainWindow):
         nonfinite = {k: int(v.size - np.count_nonzero(np.isfinite(v))) for k, v in drawn.items()}
         absent = f"Not drawn, the same values as the reference's: {', '.join(same)}" if same else ""
         self._update_view(self.hist, lambda: self.hist.set_histograms(
-            edges, counts, colors, note=f"{path} · a vector of {max(v.size for v in vecs.values())} values",
+            edges, counts, colors, note=f"{shown} · a vector of {max(v.size for v in vecs.values())} values",
             view=view, nonfinite={k: n for k, n in nonfinite.items() if n}, absent=absent))
 
     def _clear_views(self, why: str) -> None:

@@ -2637,3 +2637,19 @@ def test_an_emptied_layers_heatmap_names_no_layer(qtbot):
     plot.layer_selected.connect(picked.append)
     plot._hm_hover(plot.hm.getPlotItem().vb.mapViewToScene(QPointF(0.5, 1.5)))
     assert plot.hm.toolTip() == "" and not picked
+
+
+def test_gpt_oss_attention_sinks_are_drawn_as_a_vector(qtbot, tmp_path):
+    # a module whose one tensor is a float vector of another name than weight (gpt-oss's
+    # self_attn.sinks): "is not a weight matrix", nothing drawn, where a norm's values are
+    from pathlib import Path
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = _window_on(qtbot, tmp_path, [real / "mlxlm-gptoss-q4-g32"], real / "gptoss-bf16")
+    try:
+        w.tabs.setCurrentWidget(w.hist)
+        assert w.tree.select("model.layers.0.self_attn")
+        qtbot.waitUntil(lambda: "a vector of" in w.hist.note.text(), timeout=5000)
+        assert w.hist.note.text().startswith("model.layers.0.self_attn.sinks · a vector of 2 values")
+        assert sum(int(c.sum()) for c in w.hist._counts.values()) == 2  # (the reference's two; mlx-lm's the same: not drawn)
+    finally:
+        w.service.shutdown()
