@@ -1487,6 +1487,13 @@ def test_names_cut_to_fit_keep_their_layer_number_and_end(qtbot):
     # with room, the layer number stays too (sorted by error, "…experts.19.gate_proj" hid layer 33)
     for shown in ("…3.mlp.experts.117.down_proj", "…3.…experts.117.down_proj", "…3.…117.down_proj"):
         assert elide_path(moe, fm, fm.horizontalAdvance(shown) + 1) == shown
+    # after the layer number, whole parts go before a cut in the middle: Llama 4's experts and its
+    # shared expert read "…0.feed_forward.…rts.down_proj" and "…ert.down_proj"
+    for name, shown in (("language_model.model.layers.0.feed_forward.experts.down_proj", "…0.…experts.down_proj"),
+                        ("language_model.model.layers.0.feed_forward.shared_expert.down_proj",
+                         "…0.…shared_expert.down_proj")):
+        assert elide_path(name, fm, fm.horizontalAdvance(shown) + 1) == shown
+        assert elide_path(name, fm, fm.horizontalAdvance(shown) - 1) != shown
 
 
 def test_a_column_of_names_cuts_alike(qtbot):

@@ -148,6 +148,12 @@ def elide_path(text: str, fm: QFontMetrics, width: int, lead: int = 0) -> str:
         if fm.horizontalAdvance(cand) <= width:
             return cand
     if num is not None and num + 1 < len(parts):
+        # whole parts after the number first, the end kept ("…0.…shared_expert.down_proj"): cut
+        # in the middle, Llama 4's experts and its shared expert read "…rts.down_proj", "…ert.down_proj"
+        for k in range(num + 2, len(parts)):
+            cand = f"…{parts[num]}.…" + ".".join(parts[k:])
+            if fm.horizontalAdvance(cand) <= width:
+                return cand
         head = f"…{parts[num]}."
         room = width - fm.horizontalAdvance(head)
         if room >= fm.horizontalAdvance("m…m"):
