@@ -369,6 +369,38 @@ def _unrelated(label: str, rows_out: dict[str, dict[str, LayerMetrics]]) -> str 
             f"give 1.41): {ANOTHER_MODEL} Its figures say nothing of a quantization")
 
 
+#: A layer whose best constant factor c (Ŵ ≈ c·W) is this far from 1 ...
+_SCALED_BY = 0.1
+#: ... and whose error once divided by c is under this share of its error: said to be scaled.
+_SCALED_LEAVES = 0.5
+
+
+def _scaled(label: str, rows_out: dict[str, dict[str, LayerMetrics]]) -> str | None:
+    """Why ``label``'s layers look like the reference's times a constant (None where none does):
+    a multiplier its converter folded into the weights (mlx-lm's Falcon-H1 sanitize multiplies
+    embed_tokens, lm_head, q/k/o, gate/down and the SSM projections by the config's muP
+    multipliers, its runtime no longer does), measured as quantization error. From a row's sums:
+    ‖Ŵ‖/‖W‖ = r (rel² = r² + 1 − 2 r cos), the best c = r cos, and what is left once Ŵ is divided
+    by it is tan θ of the angle between them (a quantization's own error: a 2-bit layer's shrinkage
+    of 10% leaves most of its error, and is not said)."""
+    found = []
+    for by in rows_out.values():
+        r = by.get(label)
+        if r is None or not (math.isfinite(r.rel_fro) and math.isfinite(r.cosine)) or r.cosine <= 0:
+            continue
+        ratio = r.cosine + math.sqrt(max(0.0, r.cosine ** 2 + r.rel_fro ** 2 - 1))
+        c = ratio * r.cosine
+        left = math.sqrt(max(0.0, 1.0 / r.cosine ** 2 - 1.0))
+        if abs(c - 1.0) > _SCALED_BY and left < _SCALED_LEAVES * r.rel_fro:
+            found.append((r.name, c, r.rel_fro, left))
+    if not found:
+        return None
+    name, c, rel, left = found[0]
+    return (f"{len(found)} layer(s) are the reference's times a constant (first: {name} × {c:.4g}: rel_fro {rel:.3g}, "
+            f"{left:.3g} once divided by it): a multiplier folded into the weights by the converter (mlx-lm does so "
+            "for Falcon-H1's muP multipliers), which their errors include; not a quantization's")
+
+
 # -- is the smoothing folded consistently? --------------------------------------------------------
 
 #: Least spread of log s over a norm's channels for the power to be measured at all.
@@ -1471,6 +1503,9 @@ def sweep(reference: Model, variants: dict[str, Model], *, engine="auto", progre
                     report(sum(t.rows * t.cols for t in vs.alignment.targets.values()))
                 old = result.data_warnings.get(vs.label)
                 result.data_warnings[vs.label] = why if old is None else f"{why}\n{old}"
+            elif (why := _scaled(vs.label, rows_out)) is not None:
+                old = result.data_warnings.get(vs.label)
+                result.data_warnings[vs.label] = why if old is None else f"{old}\n{why}"
         for vs in states:  # inconsistent smoothing: the quantization's own error besides
             chk = result.smoothing_checks.get(vs.label)
             if chk is not None and chk.warning:

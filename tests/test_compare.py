@@ -574,7 +574,8 @@ def test_another_model_of_the_same_shapes_is_said_to_be_one(ref_pair, tmp_path):
     for k, f in (("tiny", 1e-9), ("huge", 50.0)):
         scaled = _model(tmp_path / k, {n: (_f32(v) * f if v.ndim == 2 else v) for n, v in vw.items()})
         res = sweep(ref, {k: scaled}, engine="numpy")
-        assert res.implausible() and k not in res.data_warnings
+        assert res.implausible() and "different model" not in res.data_warnings.get(k, "")
+        assert "the reference's times a constant" in res.data_warnings[k]  # (what it is, said)
     res = sweep(ref, {"v": var}, engine="numpy")  # and the model itself is not another
     assert not res.data_warnings and not res.implausible()
     # most layers decoding to zeros (their cosine NaN): a broken file, each layer listed as such
@@ -589,6 +590,28 @@ def test_another_model_of_the_same_shapes_is_said_to_be_one(ref_pair, tmp_path):
     seen = []
     res = sweep(ref, {"o": other}, engine="numpy", progress=seen.append)
     assert float(seen[-1]) == pytest.approx(1.0) and seen[-1].layers_done == seen[-1].layers_total
+
+
+def test_layers_scaled_by_a_constant_are_said_to_be(ref_pair, tmp_path):
+    # mlx-lm's Falcon-H1 sanitize folds the config's muP multipliers into embed_tokens, lm_head,
+    # q/k/o, gate/down: compared with the transformers weights, errors of 4.7 (× 5.66) or 0.5
+    # (× 0.5) that no quantization made. Said, with what is left once the constant is divided out
+    _root, _rw, ref, vw, var = ref_pair
+    q = "model.layers.1.self_attn.q_proj.weight"
+    folded = dict(vw)
+    folded["model.embed_tokens.weight"] = _f32(vw["model.embed_tokens.weight"]) * 5.66
+    folded[q] = _f32(vw[q]) * 0.5
+    res = sweep(ref, {"f": _model(tmp_path / "f", folded)}, engine="numpy")
+    why = res.data_warnings["f"]
+    import re
+    m = re.match(r"2 layer\(s\) are the reference's times a constant \(first: model\.embed_tokens × ([0-9.]+): "
+                 r"rel_fro ([0-9.]+), ([0-9.]+) once divided by it\)", why)
+    assert m, why
+    plain = {r.name: r for r in sweep(ref, {"v": var}, engine="numpy").rows}["model.embed_tokens"]
+    c, rel, left = map(float, m.groups())
+    assert c == pytest.approx(5.66, rel=0.01) and rel == pytest.approx(4.66, rel=0.02)
+    assert left == pytest.approx(plain.rel_fro, rel=0.05)  # (the noise's own error, about)
+    assert "times a constant" in res.warnings()["f"][1]
 
 
 def _mlx_quant(w_bf16, bits=4, group=64):
