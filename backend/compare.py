@@ -785,9 +785,12 @@ def _assemble(t: Target, rows_of: Callable[[str], _Rows], r0: int, r1: int) -> n
         i1 = min(len(range(a, b, st)), -(-(r1 - a) // st))
         if i1 <= i0:
             continue
-        va, _, vst = s.var_rows
-        lo, hi = va + i0 * vst, va + (i1 - 1) * vst + 1
-        src = rows_of(s.var_layer).get(lo, hi)[::vst]
+        va, vb, vst = s.var_rows
+        if s.var_transposed:  # (the columns of a block of rows: MLA's embed_q, per head)
+            src = rows_of(s.var_layer).get(va, vb).T[i0:i1]
+        else:
+            lo, hi = va + i0 * vst, va + (i1 - 1) * vst + 1
+            src = rows_of(s.var_layer).get(lo, hi)[::vst]
         out[a + i0 * st - r0: a + (i1 - 1) * st + 1 - r0: st] = src
     return out
 

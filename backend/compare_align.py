@@ -269,6 +269,11 @@ def counterpart(path: str, model: Model, _homes: bool = True) -> tuple[str, str]
     parent, _, proj = can.rpartition(".")
     if proj in _PART_OF and (hit := find(f"{parent}.{_PART_OF[proj]}")):
         return hit, f"its rows of the fused {_PART_OF[proj]}"
+    if proj in ("embed_q", "unembed_out") and (hit := find(f"{parent}.kv_b_proj")):
+        return hit, ("mlx-lm's split of MLA's kv_b_proj: per head, embed_q its first rows transposed, unembed_out "
+                     "the rest")
+    if proj == "kv_b_proj" and (hit := find(f"{parent}.embed_q")) and find(f"{parent}.unembed_out"):
+        return hit, "split by mlx-lm into embed_q and unembed_out (per head); embed_q shown"
     for fused, parts in _FUSED.items():
         if proj == fused and (hit := find(f"{parent}.{parts[0]}")):
             return hit, f"stored split; {parts[0]} shown"
@@ -294,11 +299,14 @@ def proj_of(path: str) -> str:
 @dataclass(frozen=True)
 class Segment:
     """Reference rows ``ref_rows`` (start, stop, step) of the flattened reference weight are
-    compared with rows ``var_rows`` of the flattened weight of variant layer ``var_layer``."""
+    compared with rows ``var_rows`` of the flattened weight of variant layer ``var_layer``;
+    ``var_transposed``: with the columns of those rows (a block ``[b, a]`` of the variant, read as
+    ``[a, b]``: MLA's embed_q, each head's slab of kv_b_proj transposed)."""
 
     ref_rows: tuple[int, int, int]
     var_layer: str
     var_rows: tuple[int, int, int]
+    var_transposed: bool = False
 
     @property
     def count(self) -> int:
@@ -362,6 +370,24 @@ def stacked_interleave(fused, part, interleaved: bool) -> bool:
     the flattened stack is row ``r`` of the flattened part (each expert's rows are even)."""
     return bool(interleaved and fused is not None and part is not None and len(fused) == len(part) >= 3
                 and tuple(fused[:-2]) == tuple(part[:-2]) and fused[-1] == part[-1] and fused[-2] == 2 * part[-2])
+
+
+def _mla_segments(shape, eq: Layer, uo: Layer) -> list[Segment] | None:
+    """kv_b_proj ``[H·(n+v), L]`` as mlx-lm's split of it: per head h, its rows
+    ``h(n+v) … h(n+v)+n`` are embed_q's slab ``[L, n]`` of head h transposed, the ``v`` rows after
+    them unembed_out's rows of head h; None where the shapes do not say so."""
+    if not shape or len(shape) != 2 or not eq.shape or not uo.shape or len(eq.shape) != 3 or len(uo.shape) != 3:
+        return None
+    h, lat, n = eq.shape
+    v = uo.shape[1]
+    if tuple(uo.shape) != (h, v, lat) or tuple(shape) != (h * (n + v), lat):
+        return None
+    segs = []
+    for i in range(h):
+        r = i * (n + v)
+        segs.append(Segment((r, r + n, 1), eq.path, (i * lat, (i + 1) * lat, 1), var_transposed=True))
+        segs.append(Segment((r + n, r + n + v, 1), uo.path, (i * v, (i + 1) * v, 1)))
+    return segs
 
 
 def _within(segs: list[Segment], a: int, b: int) -> list[Segment]:
@@ -586,6 +612,17 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                     else:
                         segs.append(Segment((off, off + n, 1), p.path, (0, n, 1)))
                         off += n
+        elif proj == "kv_b_proj" and f"{vparent}.embed_q" in var and f"{vparent}.unembed_out" in var:
+            # MLA (DeepSeek-V3, Kimi K2, GLM-4.7-Flash): mlx-lm splits kv_b_proj [H·(nope+v), L] per
+            # head into embed_q [H, L, nope] (its nope rows, transposed) and unembed_out [H, v, L]
+            eq, uo = var[f"{vparent}.embed_q"], var[f"{vparent}.unembed_out"]
+            why = usable(eq, cname) or usable(uo, cname)
+            if why:
+                reason = why
+            elif (segs := _mla_segments(rl.shape, eq, uo)) is None:
+                reason = (f"shape mismatch: the variant's embed_q {list(eq.shape or ())} and unembed_out "
+                          f"{list(uo.shape or ())} do not make up {list(rl.shape)} (per head: embed_q's rows "
+                          "transposed, then unembed_out's)")
         elif (m := EXPERT_RE.match(cname)) and (
                 (sw := f"{m['pre']}.switch_mlp.{m['proj']}") in var
                 or (sw := f"{m['pre']}.switch_mlp.{_SWITCH_OF_EXPERT.get(m['proj'], m['proj'])}") in var):

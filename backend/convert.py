@@ -92,6 +92,13 @@ MODEL_RULES: dict[str, tuple[tuple[str, int | bool], ...]] = {
     "laguna": (("mlp.gate.proj", 8),), "longcat_flash": (("classifier", 8),),
     "afmoe": (("router.gate", 8),), "step3p5": (("mlp.gate.gate", 8),),
 }
+#: mlx-lm model types whose MoE router is no Linear but a module holding its weight itself
+#: (MoEGate: DeepSeek's, Kimi K2's, GLM-4.5's…): ``nn.quantize`` leaves it dense whatever the
+#: settings or recipe, and a file holding its scales does not load ("parameters not in model").
+_GATE_HOLDS_WEIGHT = {**{t: "mlp.gate" for t in ("deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2",
+                                                  "joyai_llm_flash", "glm4_moe", "glm4_moe_lite", "exaone_moe",
+                                                  "mimo_v2_flash", "dots1")},
+                      "nemotron_h": "mixer.gate"}
 _DTYPE_ARG = {"bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
 _TORCH_NAME = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 _FLOAT_ST = ("F16", "BF16", "F32", "F64")
@@ -400,7 +407,14 @@ class _Targets:
         # --mode where given): repacked exactly where they can be, dense ones of a quantized
         # source kept dense; they were all requantized at 4/64 (an exact GPTQ source lost 9%)
 
+    def holds_weight(self, path: str) -> bool:
+        """``path`` is a module mlx-lm's model cannot quantize (:data:`_GATE_HOLDS_WEIGHT`)."""
+        gate = _GATE_HOLDS_WEIGHT.get(self.model_type)
+        return gate is not None and (path == gate or path.endswith("." + gate))
+
     def for_layer(self, path: str):
+        if self.holds_weight(path):
+            return False
         if self.recipe_name is not None:
             return mixed_recipe_settings(self.recipe_name, path, self.n_layers)
         if self.table is not None and path in self.table:
@@ -840,6 +854,49 @@ def _plan_expert_param(model: Model, layer: Layer, q: _Q | None, dt: str, res: L
     return _Item(res, outputs, make, config=q if q is not None else False, config_paths=[p for p, _ in parts])
 
 
+#: mlx-lm model types whose sanitize splits MLA's ``self_attn.kv_b_proj`` ``[H·(nope+v), L]`` per
+#: head into ``embed_q`` ``[H, L, nope]`` (the nope rows, transposed) and ``unembed_out``
+#: ``[H, v, L]``: quantized as a whole, it is dequantized and quantized again when mlx-lm loads
+#: it (the embed_q half along other groups: two roundings).
+_MLA_SPLIT = frozenset({"deepseek_v3", "deepseek_v32", "kimi_k2", "joyai_llm_flash", "glm4_moe_lite"})
+
+
+def _mla_dims(model: Model, layer: Layer) -> tuple[int, int, int, int] | None:
+    """(heads, nope, v, kv_lora) of an MLA kv_b_proj convert splits as mlx-lm does, else None."""
+    cfg = model.ckpt.configs.get("config.json") or {}
+    if str(cfg.get("model_type") or "") not in _MLA_SPLIT or not layer.path.endswith("self_attn.kv_b_proj"):
+        return None
+    dims = [cfg.get(k) for k in ("num_attention_heads", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank")]
+    if not all(isinstance(d, int) and d > 0 for d in dims) or layer.shape is None:
+        return None
+    h, n, v, lat = dims
+    return (h, n, v, lat) if tuple(layer.shape) == (h * (n + v), lat) else None
+
+
+def _plan_mla(model: Model, layer: Layer, q: _Q, dt: str, res: LayerResult) -> _Item:
+    """MLA's kv_b_proj quantized as mlx-lm lays it out: per head, its nope rows transposed as
+    ``embed_q`` ``[H, L, nope]`` and its v rows as ``unembed_out`` ``[H, v, L]``, each quantized
+    along its last axis (as mlx-lm's sanitize and quantization do)."""
+    h, n, v, lat = _mla_dims(model, layer)
+    parent = layer.path.rpartition(".")[0]
+    eq, uo = f"{parent}.embed_q", f"{parent}.unembed_out"
+    outputs = _quant_outputs(eq, (h, lat, n), dt, q) + _quant_outputs(uo, (h, v, lat), dt, q)
+    res.action, res.bits, res.group_size, res.mode, res.scales_dtype = \
+        f"quantized {q.label()} as embed_q + unembed_out", q.bits, q.group_size, q.mode, dt
+
+    def make():
+        a = np.asarray(model.ckpt.tensor(layer.tensors["weight"].name)).reshape(h, n + v, lat)
+        out = {}
+        for path, part in ((eq, a[:, :n].transpose(0, 2, 1)), (uo, a[:, n:])):
+            names = [o[0] for o in _quant_outputs(path, part.shape, dt, q)]
+            # (head by head: groups run along the last axis, so each head is quantized alone)
+            got = [_mx_quantize(np.ascontiguousarray(part[i]), a.dtype, q) for i in range(h)]
+            out.update({name: np.stack([g[j] for g in got]) for j, name in enumerate(names)})
+        return out
+
+    return _Item(res, outputs, make, config=q, config_paths=[eq, uo])
+
+
 def _aux(layer: Layer, keep_all: bool) -> tuple[list[str], list[str]]:
     """Components carried next to a quantized/converted weight, and those dropped."""
     keep = [c for c in ("bias",) if c in layer.tensors]
@@ -906,8 +963,9 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         elif target is None:
             target = targets.uniform(path)
         if reason is None and target is False:
-            reason = (f"mlx-lm keeps it dense for {targets.model_type}" if targets.rule(path) is False
-                      else "recipe: false")
+            reason = ("mlx-lm's router for " + targets.model_type + " is no Linear: it holds its weight itself"
+                      if targets.holds_weight(path) else f"mlx-lm keeps it dense for {targets.model_type}"
+                      if targets.rule(path) is False else "recipe: false")
         q = target if isinstance(target, _Q) else targets.default
         if reason is None and k % q.group_size:
             reason = f"input dimension {k} is not a multiple of group size {q.group_size}"
@@ -922,6 +980,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         dt = w.dtype if q.mode == "affine" else "U8"
         if mlx_stack:
             return _plan_expert_param(model, layer, q, dt, res)
+        if not others and _mla_dims(model, layer) is not None and not _mla_dims(model, layer)[1] % q.group_size:
+            return _plan_mla(model, layer, q, dt, res)
         outputs = _quant_outputs(path, layer.shape, dt, q)
         _carry(model, layer, others, outputs, raw)
         res.action, res.bits, res.group_size, res.mode, res.scales_dtype = \
