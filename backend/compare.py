@@ -398,7 +398,8 @@ def _scaled(label: str, rows_out: dict[str, dict[str, LayerMetrics]]) -> str | N
     name, c, rel, left = found[0]
     return (f"{len(found)} layer(s) are the reference's times a constant (first: {name} × {c:.4g}: rel_fro {rel:.3g}, "
             f"{left:.3g} once divided by it): a multiplier folded into the weights by the converter (mlx-lm does so "
-            "for Falcon-H1's muP multipliers), which their errors include; not a quantization's")
+            "for Falcon-H1's muP multipliers), or scales stored that many times too large or small; their errors "
+            "include it, a quantization's do not")
 
 
 # -- is the smoothing folded consistently? --------------------------------------------------------

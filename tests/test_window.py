@@ -2244,7 +2244,10 @@ def test_implausible_errors_are_said_above_the_plot(win, qtbot, tmp_path, demo):
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):
         win.compare_all()
     qtbot.waitUntil(lambda: not win.turns_pending(), timeout=10_000)
-    assert "huge: implausible error in 1 layer(s)" in win.layers.warn.text() and not win.layers.warn.isHidden()
+    text = win.layers.warn.text()
+    assert "implausible error in 1 layer(s)" in text and not win.layers.warn.isHidden()
+    # (its decode is the reference's × ~1000: said as well)
+    assert text.startswith("⚠ huge: 1 layer(s) are the reference's times a constant (first: model.layers.0.self_attn.q_proj")
     assert "model.layers.0.self_attn.q_proj" in win.layers.warn.toolTip()
 
 
