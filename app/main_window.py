@@ -981,7 +981,7 @@ class MainWindow(QMainWindow):
 
     def _check_shown(self) -> None:
         path = self.current_layer
-        if path is not None and self._shown_layer != path and "detail" not in self._busy_channels():
+        if path is not None and self._unshown(path):
             self._clear_views(f"{path}: not shown, its decoding was cancelled or failed — select it again")
             self.tree.click_selects(path)
 
@@ -1040,6 +1040,9 @@ class MainWindow(QMainWindow):
         self._update_view(self.hist, lambda: self.hist.set_histograms(
             edges, counts, colors, note=f"{shown} · a vector of {max(v.size for v in vecs.values())} values",
             view=view, nonfinite={k: n for k, n in nonfinite.items() if n}, absent=absent))
+        # (what is shown: the end of a layer's decoding cancelled above must not clear it, saying
+        # "its decoding was cancelled")
+        self._shown_layer = path
 
     def _clear_views(self, why: str) -> None:
         self._shown_layer = None

@@ -124,6 +124,8 @@ class LayerMetrics:
     #: embeddings of ``lm_head``; and the expert's index in that stack (else None).
     reference_layer: str | None = None
     expert: int | None = None
+    #: ‖Ŵ‖/‖W‖ (not in the JSON/CSV: it tells a layer scaled by a constant, :func:`_scaled`)
+    norm_ratio: float | None = None
 
     def fields(self) -> dict:
         """Every field by name (a flat record: dataclasses.asdict's deep copy took a third of a
@@ -380,16 +382,17 @@ def _scaled(label: str, rows_out: dict[str, dict[str, LayerMetrics]]) -> str | N
     a multiplier its converter folded into the weights (mlx-lm's Falcon-H1 sanitize multiplies
     embed_tokens, lm_head, q/k/o, gate/down and the SSM projections by the config's muP
     multipliers, its runtime no longer does), measured as quantization error. From a row's sums:
-    ‖Ŵ‖/‖W‖ = r (rel² = r² + 1 − 2 r cos), the best c = r cos, and what is left once Ŵ is divided
-    by it is tan θ of the angle between them (a quantization's own error: a 2-bit layer's shrinkage
-    of 10% leaves most of its error, and is not said)."""
+    ‖Ŵ‖/‖W‖ = r (``norm_ratio``: rel_fro and cosine alone leave two values of it), the best
+    c = r cos, and what is left once Ŵ is divided by it is tan θ of the angle between them (a
+    quantization's own error: a 2-bit layer's shrinkage of 10% leaves most of its error, and is not
+    said)."""
     found = []
     for by in rows_out.values():
         r = by.get(label)
-        if r is None or not (math.isfinite(r.rel_fro) and math.isfinite(r.cosine)) or r.cosine <= 0:
+        if r is None or r.norm_ratio is None or not all(map(math.isfinite, (r.rel_fro, r.cosine, r.norm_ratio))) \
+                or r.cosine <= 0:
             continue
-        ratio = r.cosine + math.sqrt(max(0.0, r.cosine ** 2 + r.rel_fro ** 2 - 1))
-        c = ratio * r.cosine
+        c = r.norm_ratio * r.cosine
         left = math.sqrt(max(0.0, 1.0 / r.cosine ** 2 - 1.0))
         if abs(c - 1.0) > _SCALED_BY and left < _SCALED_LEAVES * r.rel_fro:
             found.append((r.name, c, r.rel_fro, left))
@@ -862,8 +865,8 @@ def _target_bytes(reference: Model, states: list[_VariantState], name: str) -> i
         if not ref_done:
             out += share(reference.layers[t.ref_layer], t.rows)
             ref_done = True
-        for seg in t.segments:
-            out += share(vs.model.layers[seg.var_layer], seg.count)
+        for seg in t.segments:  # (a transposed segment reads its block's rows: var_rows, not count)
+            out += share(vs.model.layers[seg.var_layer], len(range(*seg.var_rows)) if seg.var_transposed else seg.count)
     return out
 
 
@@ -1034,9 +1037,9 @@ def _row(t: Target, vs: _VariantState, res: dict) -> LayerMetrics:
     vm = vs.model
     layers = [vm.layers[p] for p in t.var_layers]
     first = layers[0]
-    nb = sum(l.stored_bytes for l in layers)
     ne = sum(l.numel for l in layers)
-    bpw = nb * 8 / ne if ne else None
+    # (each layer's own figure, weighted: compressed-tensors' weight_shape is no part of it)
+    bpw = sum(l.bits_per_weight * l.numel for l in layers if l.numel) / ne if ne else None
     held = t.ref_layer if t.ref_layer != t.name else None  # (a stack holding the expert, a tied head's embeddings)
     if held and (_SWITCH_RE.match(held) or _BARE_STACK_RE.match(held)) and t.rows:
         expert = t.ref_row0 // t.rows  # the reference stacks the experts
@@ -1049,7 +1052,7 @@ def _row(t: Target, vs: _VariantState, res: dict) -> LayerMetrics:
                         rel_fro=res["rel_fro"], sqnr_db=res["sqnr_db"], cosine=res["cosine"], max_abs=res["max_abs"],
                         mse=res["mse"], p50=res["p50"], p95=res["p95"], p99=res["p99"], bits_per_weight=bpw,
                         rel_fro_raw=res["rel_fro_raw"], smoothing=res["smoothing"], layer_index=layer_index(t.name),
-                        proj=proj_of(t.name), reference_layer=held, expert=expert)
+                        proj=proj_of(t.name), reference_layer=held, expert=expert, norm_ratio=res.get("norm_ratio"))
 
 
 def _cache_key(ref_id, var_id, name: str, engine_name: str) -> str:

@@ -351,7 +351,7 @@ class Alignment:
     unmatched: list[Unmatched] = field(default_factory=list)
     folded_norms: dict[str, np.ndarray] = field(default_factory=dict)  # ref norm path -> s
     shows_folding: bool = False
-    norms_plus_one: list[str] = field(default_factory=list)  # ref norm paths stored as 1 + w on one side
+    norms_plus_one: list[str] = field(default_factory=list)  # ref norms compared as 1 + w (_norm_offset)
 
 
 def _flat_rows(shape) -> tuple[int, int]:
@@ -382,18 +382,19 @@ def _mla_segments(shape, eq: Layer, uo: Layer) -> list[Segment] | None:
     v = uo.shape[1]
     if tuple(uo.shape) != (h, v, lat) or tuple(shape) != (h * (n + v), lat):
         return None
-    segs = []
-    for i in range(h):
-        r = i * (n + v)
-        segs.append(Segment((r, r + n, 1), eq.path, (i * lat, (i + 1) * lat, 1), var_transposed=True))
-        segs.append(Segment((r + n, r + n + v, 1), uo.path, (i * v, (i + 1) * v, 1)))
-    return segs
+    k_part = [Segment((i * (n + v), i * (n + v) + n, 1), eq.path, (i * lat, (i + 1) * lat, 1), var_transposed=True)
+              for i in range(h)]
+    v_part = [Segment((i * (n + v) + n, (i + 1) * (n + v), 1), uo.path, (i * v, (i + 1) * v, 1)) for i in range(h)]
+    # (the quantized part first: the row's scheme, bits and group are its)
+    return v_part + k_part if uo.quantized and not eq.quantized else k_part + v_part
 
 
 def _within(segs: list[Segment], a: int, b: int) -> list[Segment]:
     """The parts of ``segs`` that cover reference rows ``[a, b)``, those rows counted from ``a``."""
     out = []
     for s in segs:
+        # (a transposed segment's rows are its block's columns: no range of them is a segment)
+        assert not s.var_transposed, "a transposed segment is not cut by rows"
         s0, s1, st = s.ref_rows
         v0, _, vst = s.var_rows
         i0 = max(0, -(-(a - s0) // st))
@@ -616,9 +617,11 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
             # MLA (DeepSeek-V3, Kimi K2, GLM-4.7-Flash): mlx-lm splits kv_b_proj [H·(nope+v), L] per
             # head into embed_q [H, L, nope] (its nope rows, transposed) and unembed_out [H, v, L]
             eq, uo = var[f"{vparent}.embed_q"], var[f"{vparent}.unembed_out"]
-            why = usable(eq, cname) or usable(uo, cname)
-            if why:
-                reason = why
+            # (one part may be kept dense: mlx-lm leaves embed_q so where nope is no multiple of the
+            # group size; the layer is the variant's quantization all the same)
+            why = [w for w in (usable(eq, cname), usable(uo, cname)) if w]
+            if why and (len(why) == 2 or not why[0].startswith("skipped by the variant")):
+                reason = why[0]
             elif (segs := _mla_segments(rl.shape, eq, uo)) is None:
                 reason = (f"shape mismatch: the variant's embed_q {list(eq.shape or ())} and unembed_out "
                           f"{list(uo.shape or ())} do not make up {list(rl.shape)} (per head: embed_q's rows "
@@ -753,13 +756,33 @@ def _norm_rules(layer_prefix: str, ref: dict[str, Layer]) -> list[tuple[str, set
     return rules
 
 
-def _plus_one(a: np.ndarray, b: np.ndarray, floor: float) -> bool:
-    """Whether norm weights ``b`` are ``a`` + 1 (to the storage's rounding): Qwen3.5's and
-    Qwen3-Next's RMSNorm multiplies by 1 + w in transformers; mlx-lm's sanitize adds the 1 to
-    the stored weights when it converts them, its runtime multiplies by them as stored. The same
-    norm, nothing folded (taken for smoothing, it made every layer after it "implausible")."""
-    c = a + 1.0
-    return bool(np.all(np.abs(b - c) <= NORM_TOLERANCE * np.abs(c) + floor))
+#: Models whose RMSNorm multiplies by 1 + w, in transformers and in mlx-lm alike (AutoAWQ folds its
+#: scales in as (1 + w) / s − 1).
+_ONE_PLUS_W = {"gemma", "gemma2", "gemma3", "gemma3_text", "recurrent_gemma"}
+
+
+def _norm_offset(model: Model) -> float | None:
+    """What to add to ``model``'s stored norm weights for the multiplier its runtime applies: 1
+    for Gemma 1–3 (:data:`_ONE_PLUS_W`) and where Qwen3.5's or Qwen3-Next's norms are stored as
+    transformers stores them (its RMSNorm multiplies by 1 + w), 0 where mlx-lm's conversion of
+    those added the 1 to them (its runtime multiplies by them as stored); None for other models
+    (their norms are the multipliers). A Qwen file's form is told as mlx-lm's sanitize tells it:
+    Qwen3.5's linear attention's conv1d as transformers stores it (``[C, 1, k]``), Qwen3-Next's
+    experts one by one."""
+    cfg = model.ckpt.configs.get("config.json") or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    kind = {str(cfg.get("model_type") or ""), str(text.get("model_type") or "")}
+    if kind & _ONE_PLUS_W:
+        return 1.0
+    if kind & {"qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text"}:
+        conv = [lay.tensors["weight"].shape for p, lay in model.layers.items()
+                if p.endswith("conv1d") and "weight" in lay.tensors]
+        return None if not conv else 1.0 if any(shape[-1] != 1 for shape in conv) else 0.0
+    if "qwen3_next" in kind:
+        if any(".mlp.experts.0." in p for p in model.layers):
+            return 1.0
+        return 0.0 if any(".switch_mlp." in p for p in model.layers) else None
+    return None
 
 
 def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[str, Layer],
@@ -773,6 +796,10 @@ def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[s
     # A quantized one (an AWQ checkpoint as reference) may be the smoothed side itself: the
     # variant is then brought to the reference's norms ("match"), nothing "undone".
     kind = "match" if any(lay.quantized for lay in reference.layers.values()) else "norm"
+    # the multipliers the norms apply (Gemma: 1 + w on both sides; Qwen3.5 / Qwen3-Next: 1 + w
+    # where stored as transformers stores them, w in mlx-lm's conversion): s is their ratio
+    off_r, off_v = _norm_offset(reference), _norm_offset(variant)
+    shift = off_r is not None and off_v is not None and (off_r or off_v)
     for prefix in sorted(by_prefix, key=natural_key):
         cprefix = canonical(prefix)
         for norm, consumers, subs in _norm_rules(cprefix, ref):
@@ -782,13 +809,14 @@ def _find_smoothing(reference: Model, variant: Model, al: Alignment, ref: dict[s
             a, b = _norm_vector(reference, rn), _norm_vector(variant, vn)
             if a is None or b is None or a.shape != b.shape:
                 continue
+            if shift:
+                a, b = a + off_r, b + off_v
+                if off_r != off_v:
+                    al.norms_plus_one.append(rn.path)
             # (plus the coarser storage's smallest step: a weight of 1e-7 is an fp16 subnormal,
             # stored 19% off, and was taken for smoothing of the whole norm)
             floor = max(_smallest_step(rn), _smallest_step(vn))
             if np.all(np.abs(a - b) <= NORM_TOLERANCE * np.abs(a) + floor):
-                continue
-            if _plus_one(a, b, floor) or _plus_one(b, a, floor):
-                al.norms_plus_one.append(rn.path)
                 continue
             with np.errstate(divide="ignore", invalid="ignore"):
                 s = np.where((b != 0) & (a != 0), a / b, 1.0)

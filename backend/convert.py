@@ -397,6 +397,11 @@ class _Targets:
                                   + (f" (did you mean {near[0]!r}?)" if near else ""), file=p)
         # settings for a module that is no weight matrix (a norm, a bias vector) were dropped
         # without a word: the recipe asked for something no converter does
+        held = [k for k, v in self.table.items() if isinstance(v, _Q) and self.holds_weight(k)]
+        if held:  # (turned dense without a word but the action column's)
+            raise ConversionError(f"recipe entry {held[0]!r} asks for {self.table[held[0]].bits}-bit settings, but "
+                                  f"mlx-lm's {self.model_type} router holds its weight itself (no Linear): it is "
+                                  "never quantized — drop the entry (or give it false)", file=p)
         flat = [k for k, v in self.table.items() if isinstance(v, _Q) and not model.layers[k].is_matrix]
         if flat:
             lay = model.layers[flat[0]]
@@ -873,28 +878,42 @@ def _mla_dims(model: Model, layer: Layer) -> tuple[int, int, int, int] | None:
     return (h, n, v, lat) if tuple(layer.shape) == (h * (n + v), lat) else None
 
 
-def _plan_mla(model: Model, layer: Layer, q: _Q, dt: str, res: LayerResult) -> _Item:
-    """MLA's kv_b_proj quantized as mlx-lm lays it out: per head, its nope rows transposed as
-    ``embed_q`` ``[H, L, nope]`` and its v rows as ``unembed_out`` ``[H, v, L]``, each quantized
-    along its last axis (as mlx-lm's sanitize and quantization do)."""
+def _plan_mla(model: Model, layer: Layer, q: _Q, dt: str, res: LayerResult, read=None, how="quantized") -> _Item:
+    """MLA's kv_b_proj as mlx-lm lays it out: per head, its nope rows transposed as ``embed_q``
+    ``[H, L, nope]`` and its v rows as ``unembed_out`` ``[H, v, L]``, each quantized along its last
+    axis where ``q``'s group size divides it, else kept dense (as mlx-lm's sanitize and
+    quantization do). ``read``: the layer's values (a quantized source's decode; default its
+    stored tensor); ``dt``: the scales' dtype, and a dense part's."""
     h, n, v, lat = _mla_dims(model, layer)
     parent = layer.path.rpartition(".")[0]
-    eq, uo = f"{parent}.embed_q", f"{parent}.unembed_out"
-    outputs = _quant_outputs(eq, (h, lat, n), dt, q) + _quant_outputs(uo, (h, v, lat), dt, q)
-    res.action, res.bits, res.group_size, res.mode, res.scales_dtype = \
-        f"quantized {q.label()} as embed_q + unembed_out", q.bits, q.group_size, q.mode, dt
+    parts = [(f"{parent}.embed_q", (h, lat, n)), (f"{parent}.unembed_out", (h, v, lat))]
+    quantized = [path for path, shape in parts if not shape[-1] % q.group_size]
+    outputs = [o for path, shape in parts
+               for o in (_quant_outputs(path, shape, dt, q) if path in quantized else [(f"{path}.weight", dt, shape)])]
+    names = " + ".join(path.rpartition(".")[2] for path in quantized)
+    dense = [path.rpartition(".")[2] for path, _ in parts if path not in quantized]
+    res.action = f"{how} {q.label()} as {names}" if quantized else "kept dense"
+    res.action += f" ({' and '.join(dense)} kept dense: inputs no multiple of {q.group_size})" if dense else ""
+    if quantized:
+        res.bits, res.group_size, res.mode, res.scales_dtype = q.bits, q.group_size, q.mode, dt
+    if read is None:
+        def read():
+            return np.asarray(model.ckpt.tensor(layer.tensors["weight"].name))
 
     def make():
-        a = np.asarray(model.ckpt.tensor(layer.tensors["weight"].name)).reshape(h, n + v, lat)
+        a = read().reshape(h, n + v, lat)
         out = {}
-        for path, part in ((eq, a[:, :n].transpose(0, 2, 1)), (uo, a[:, n:])):
-            names = [o[0] for o in _quant_outputs(path, part.shape, dt, q)]
+        for (path, shape), part in zip(parts, (a[:, :n].transpose(0, 2, 1), a[:, n:])):
+            if path not in quantized:
+                out[f"{path}.weight"] = np.ascontiguousarray(part).astype(DTYPES[dt].numpy)
+                continue
+            names = [o[0] for o in _quant_outputs(path, shape, dt, q)]
             # (head by head: groups run along the last axis, so each head is quantized alone)
-            got = [_mx_quantize(np.ascontiguousarray(part[i]), a.dtype, q) for i in range(h)]
+            got = [_mx_quantize(np.ascontiguousarray(part[i]), DTYPES[dt].numpy, q) for i in range(h)]
             out.update({name: np.stack([g[j] for g in got]) for j, name in enumerate(names)})
         return out
 
-    return _Item(res, outputs, make, config=q, config_paths=[eq, uo])
+    return _Item(res, outputs, make, config=q if quantized else False, config_paths=quantized or [p for p, _ in parts])
 
 
 def _aux(layer: Layer, keep_all: bool) -> tuple[list[str], list[str]]:
@@ -980,7 +999,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         dt = w.dtype if q.mode == "affine" else "U8"
         if mlx_stack:
             return _plan_expert_param(model, layer, q, dt, res)
-        if not others and _mla_dims(model, layer) is not None and not _mla_dims(model, layer)[1] % q.group_size:
+        if not others and _mla_dims(model, layer) is not None and q.mode == "affine":
             return _plan_mla(model, layer, q, dt, res)
         outputs = _quant_outputs(path, layer.shape, dt, q)
         _carry(model, layer, others, outputs, raw)
@@ -1001,7 +1020,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
     if dropped:
         notes.append(f"{path}: dropped {', '.join(n.rsplit('.', 1)[1] for n in dropped)} (not part of MLX layers)")
     if target is False:
-        res.action = "kept dense (recipe: false; dequantized)"
+        res.action = ("kept dense (mlx-lm's router for " + targets.model_type + " is no Linear; dequantized)"
+                      if targets.holds_weight(path) else "kept dense (recipe: false; dequantized)")
         dt = _st_name(model_dtype)
         outputs = [(f"{path}.weight", dt, layer.shape)]
         _carry(model, layer, keep, outputs, raw)
@@ -1015,6 +1035,15 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             res.scales_dtype = layer.tensors["scales"].dtype
             _carry(model, layer, list(layer.tensors), outputs, raw)
             return _Item(res, outputs, dict, config=same, raw=raw)
+    if not keep and _mla_dims(model, layer) is not None:
+        # MLA's kv_b_proj as mlx-lm lays it out (DeepSeek's FP8 release, Kimi K2's int4): written
+        # whole, mlx-lm's sanitize decoded it and quantized it again at every load
+        q = target if isinstance(target, _Q) else targets.uniform(path) or targets.default
+        if target is None and not targets.explicit and targets.rule(path) is None:
+            q = _Q(_bits_for_source(layer.bits, q.bits), q.group_size)
+        if q.mode == "affine":
+            return _plan_mla(model, layer, q, _st_name(model_dtype), res, how="requantized",
+                             read=lambda: np.asarray(engine.dequantize(model, layer)).astype(model_dtype))
     rp, why = _repack_plan(model, layer, target)
     if rp is not None:
         bits, g = layer.bits, layer.group_size

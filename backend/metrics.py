@@ -287,9 +287,12 @@ class ErrorStats:
             pct = self.percentiles()
         # ref_finite: whether the reference's own values are finite (ΣW² is): a NaN error is then
         # the variant's, else the reference's
+        # norm_ratio: ‖Ŵ‖/‖W‖ (rel_fro and cosine leave two values of it where rel_fro < 1)
+        norm_ratio = math.sqrt(max(whwh, 0.0) / self.sww) if self.sww > 0 else math.nan
         return {"rel_fro": rel, "sqnr_db": sqnr, "cosine": cosine, "max_abs": self.max_abs,
                 "mse": self.sdd / self.n if self.n else math.nan,
-                "p50": pct[50.0], "p95": pct[95.0], "p99": pct[99.0], "ref_finite": math.isfinite(self.sww)}
+                "p50": pct[50.0], "p95": pct[95.0], "p99": pct[99.0], "ref_finite": math.isfinite(self.sww),
+                "norm_ratio": norm_ratio}
 
 
 #: Where Σ Ŵ² or Σ W·Ŵ, made of the error sums, is below this share of the terms it is made of,

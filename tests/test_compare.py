@@ -611,7 +611,44 @@ def test_layers_scaled_by_a_constant_are_said_to_be(ref_pair, tmp_path):
     c, rel, left = map(float, m.groups())
     assert c == pytest.approx(5.66, rel=0.01) and rel == pytest.approx(4.66, rel=0.02)
     assert left == pytest.approx(plain.rel_fro, rel=0.05)  # (the noise's own error, about)
+    # scaled down: rel_fro and cosine leave two roots for ‖Ŵ‖/‖W‖ (× 0.5 was said to be × 1.5)
+    half = dict(vw)
+    half[q] = _f32(vw[q]) * 0.5
+    why = sweep(ref, {"h": _model(tmp_path / "h", half)}, engine="numpy").data_warnings["h"]
+    c = float(re.match(r"1 layer\(s\) are the reference's times a constant \(first: \S+ × ([0-9.]+)", why).group(1))
+    assert c == pytest.approx(0.5, rel=0.02), why
     assert "times a constant" in res.warnings()["f"][1]
+
+
+def test_gemmas_norms_multiply_by_one_plus_w(tmp_path):
+    # Gemma's RMSNorm multiplies by 1 + w: AutoAWQ folds s in as (1 + w) / s − 1, and s is the
+    # ratio of the multipliers, not of the stored weights (w / w' gave every consumer an error)
+    rw = _ref_weights(seed=4)
+    for k in [k for k in rw if k.endswith("layernorm.weight")]:
+        rw[k] = (_f32(rw[k]) - 1).astype(BF16)  # (Gemma's weights sit around 0)
+    cfg = {"model_type": "gemma2"}
+    ref = _model(tmp_path / "ref", rw, cfg)
+    s = np.exp(np.random.default_rng(5).normal(0, 0.3, H)).astype(np.float32)
+    vw = _noisy(rw)
+    for i in range(2):
+        p = f"model.layers.{i}"
+        for norm, cons in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                           ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            vw[f"{p}.{norm}.weight"] = ((1 + _f32(rw[f"{p}.{norm}.weight"])) / s - 1).astype(np.float32)
+            for c in cons:
+                vw[f"{p}.{c}.weight"] = vw[f"{p}.{c}.weight"] * s[None, :]
+    rows = {r.name: r for r in sweep(ref, {"awq": _model(tmp_path / "awq", vw, cfg)}, engine="numpy").rows}
+    plain = {r.name: r for r in sweep(ref, {"v": _model(tmp_path / "v", _noisy(rw), cfg)}, engine="numpy").rows}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        assert rows[name].smoothing.startswith("norm:")
+        assert rows[name].rel_fro == pytest.approx(plain[name].rel_fro, rel=1e-3)  # (the noise alone)
+        assert rows[name].rel_fro_raw > 2 * rows[name].rel_fro
+    # a Llama's norms are the multipliers themselves: one + 1 off is a fold of s = w / (1 + w)
+    lw = _noisy(_ref_weights(seed=4))
+    for k in [k for k in lw if k.endswith("layernorm.weight")]:
+        lw[k] = lw[k] + 1
+    res = sweep(_model(tmp_path / "lref", _ref_weights(seed=4)), {"p": _model(tmp_path / "p", lw)}, engine="numpy")
+    assert any(r.smoothing != "none" for r in res.rows)  # (not taken for the same norm: it is not)
 
 
 def _mlx_quant(w_bf16, bits=4, group=64):

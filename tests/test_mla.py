@@ -65,9 +65,9 @@ def test_kv_b_proj_against_mlx_lms_embed_q_and_unembed_out():
         ("model.layers.1.mlp.gate", "skipped by the variant")]
 
 
-def test_a_transposed_head_is_no_head_of_the_rows():
-    # the same tensors, embed_q's heads read untransposed (its [L, nope] as rows of nope...): the
-    # shapes say no, so the layer is listed with why, not compared with the wrong elements
+def test_shapes_that_do_not_make_up_kv_b_proj_are_no_split_of_it():
+    # a kv_b_proj whose rows or inputs are not those of the split (kv_lora and nope taken for each
+    # other, v for nope): no segments, so the layer is listed with why, not compared with wrong elements
     from quantscope.backend.compare_align import _mla_segments
     var = analyze(open_checkpoint(MLX))
     eq, uo = (var.layers[f"model.layers.0.self_attn.{m}"] for m in ("embed_q", "unembed_out"))
@@ -105,9 +105,67 @@ def test_convert_writes_what_mlx_lm_writes(tmp_path, capsys):
         assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and mx.array_equal(ours[k], v).item(), k
     q = json.loads((out / "config.json").read_text())["quantization"]
     assert q["model.layers.1.mlp.gate"] is False and (q["bits"], q["group_size"]) == (4, 32)
-    # a recipe asking to quantize the router does not make a file mlx-lm cannot load
+    # a recipe asking to quantize the router is refused, said why, nothing written
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"model.layers.1.mlp.gate": {"bits": 8, "group_size": 64}}))
     out2 = tmp_path / "out2"
-    assert main(["convert", str(SRC), str(out2), "--to", "mlx", "--recipe", str(recipe)]) == 0
-    assert "model.layers.1.mlp.gate.scales" not in mx.load(str(out2 / "model.safetensors"))
+    assert main(["convert", str(SRC), str(out2), "--to", "mlx", "--recipe", str(recipe)]) == 2
+    assert "router holds its weight itself (no Linear): it is never quantized" in capsys.readouterr().err
+    assert not out2.exists()
+
+
+def test_a_part_the_group_size_does_not_divide_is_kept_dense(tmp_path):
+    # groups of 128 along nope (64) cannot be: mlx_lm.convert then keeps embed_q bf16 and quantizes
+    # unembed_out alone (checked against its output by hand: every tensor equal); convert wrote
+    # kv_b_proj quantized whole, and mlx-lm's sanitize failed on it at load ("last dimension …
+    # divisible by the group size"). compare measures the layer all the same (it was "skipped")
+    out = tmp_path / "g128"
+    assert main(["convert", str(SRC), str(out), "--to", "mlx", "--bits", "4", "--group-size", "128"]) == 0
+    got, src = mx.load(str(out / "model.safetensors")), mx.load(str(SRC / "model.safetensors"))
+    p = "model.layers.0.self_attn"
+    kv = src[f"{p}.kv_b_proj.weight"].reshape(H, N + V, L)
+    assert f"{p}.embed_q.scales" not in got and f"{p}.kv_b_proj.weight" not in got
+    assert mx.array_equal(got[f"{p}.embed_q.weight"], kv[:, :N].swapaxes(1, 2)).item()
+    want = mx.quantize(kv[:, N:], group_size=128, bits=4)
+    for part, w in zip(("weight", "scales", "biases"), want):
+        assert mx.array_equal(got[f"{p}.unembed_out.{part}"], w).item(), part
+    res = sweep(analyze(open_checkpoint(SRC)), {"g128": analyze(open_checkpoint(out))}, engine="numpy")
+    r = {r.name: r for r in res.rows}[f"{p}.kv_b_proj"]
+    wh = np.concatenate([_f64(kv[:, :N]), _f64(mx.dequantize(*want, group_size=128, bits=4))], axis=1)
+    w = _f64(kv)
+    assert r.rel_fro == pytest.approx(np.linalg.norm(wh - w) / np.linalg.norm(w), rel=1e-9)
+    assert (r.scheme, r.bits, r.group_size) == ("mlx-affine", 4, 128)  # (the quantized part's)
+
+
+def test_a_quantized_source_is_split_too(tmp_path):
+    # DeepSeek ships FP8 with 128×128 block scales: its kv_b_proj was written quantized whole, and
+    # mlx-lm's sanitize decoded and quantized it again at every load
+    import ml_dtypes
+    from helpers import write_st
+    from quantscope.backend.engines import NumpyEngine
+    src = tmp_path / "fp8"
+    src.mkdir()
+    tensors = {k: np.array(v.astype(mx.float32)).astype(ml_dtypes.bfloat16)
+               for k, v in mx.load(str(SRC / "model.safetensors")).items()}
+    for k in [k for k in tensors if k.endswith("kv_b_proj.weight")]:
+        f = tensors[k].astype(np.float32)
+        sc = np.array([[np.abs(f[i:i + 128, j:j + 128]).max() / 448.0 for j in range(0, f.shape[1], 128)]
+                       for i in range(0, f.shape[0], 128)], np.float32)
+        tensors[k] = (f / np.kron(sc, np.ones((128, 128), np.float32))[:f.shape[0], :f.shape[1]]).astype(
+            ml_dtypes.float8_e4m3fn)
+        tensors[k.replace(".weight", ".weight_scale_inv")] = sc
+    write_st(src / "model.safetensors", tensors, {"format": "pt"})
+    cfg = json.loads((SRC / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--to", "mlx", "--bits", "4", "--group-size", "32"]) == 0
+    got = mx.load(str(out / "model.safetensors"))
+    p = "model.layers.1.self_attn"
+    assert f"{p}.kv_b_proj.weight" not in got and got[f"{p}.embed_q.weight"].shape == (H, L, N * 4 // 32)
+    m = analyze(open_checkpoint(src))
+    dec = np.asarray(NumpyEngine().dequantize(m, m.layers[f"{p}.kv_b_proj"])).reshape(H, N + V, L)
+    eq = mx.array(np.ascontiguousarray(dec[:, :N].transpose(0, 2, 1))).astype(mx.bfloat16)
+    for part, w in zip(("weight", "scales", "biases"), mx.quantize(eq, group_size=32, bits=4)):
+        assert mx.array_equal(got[f"{p}.embed_q.{part}"], w).item(), part

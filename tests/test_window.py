@@ -2663,3 +2663,14 @@ def test_gpt_oss_attention_sinks_are_drawn_as_a_vector(qtbot, tmp_path):
         assert sum(int(c.sum()) for c in w.hist._counts.values()) == 2  # (the reference's two; mlx-lm's the same: not drawn)
     finally:
         w.service.shutdown()
+
+
+def test_a_norm_selected_while_a_layer_decodes_stays_drawn(win, qtbot):
+    # showing the norm cancels the layer's decoding; that decoding's end took the norm for a
+    # cancelled layer and replaced its values with "not shown, … select it again"
+    win.tabs.setCurrentWidget(win.hist)
+    assert win.tree.select("model.layers.3.mlp.down_proj")  # (its decoding starts)
+    assert "detail" in win._busy_channels()
+    assert win.tree.select("model.layers.0.input_layernorm")
+    qtbot.wait(1500)
+    assert "a vector of" in win.hist.note.text() and win._shown_layer == "model.layers.0.input_layernorm"
