@@ -313,3 +313,16 @@ def test_awq_config_bits_other_than_4_are_refused_not_ignored(tmp_path):
     layer = analyze(open_checkpoint(src)).layers["model.layers.0.self_attn.q_proj"]
     assert not layer.decodable and "config says 8 bit" in layer.problem
     assert len([f for f in diagnose(src) if f.rule == "layer.inconsistent"]) == 14
+
+
+def test_compares_bits_per_weight_are_the_layers_own(real_fixtures):
+    # compare's rows counted compressed-tensors' 16-byte weight_shape (4.125868, info 4.125)
+    from pathlib import Path
+
+    from quantscope.backend.checkpoint import open_checkpoint
+    from quantscope.backend.compare import sweep
+    from quantscope.backend.schemes import analyze
+    var = analyze(open_checkpoint(Path(__file__).parent / "fixtures" / "real" / "llmcompressor-w4a16"))
+    res = sweep(analyze(open_checkpoint(real_fixtures / "base-bf16")), {"ct": var}, engine="numpy")
+    row = {r.name: r for r in res.rows}["model.layers.0.self_attn.q_proj"]
+    assert row.bits_per_weight == 4 + 16 / 128 == var.layers["model.layers.0.self_attn.q_proj"].bits_per_weight
