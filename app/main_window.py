@@ -44,6 +44,7 @@ from quantscope.backend.compare_align import (
     stack_expert_row,
     stacked_expert,
 )
+from quantscope.backend.dtypes import DENSE_FLOATS
 from quantscope.backend.errors import QuantscopeError
 from quantscope.backend.metrics import worse
 from quantscope.backend.search import NameTerms
@@ -83,7 +84,7 @@ def _vector_of(layer):
         return layer.tensors.get("weight")
     if layer.scheme == "unknown" and len(layer.tensors) == 1:
         (t,) = layer.tensors.values()
-        if t.dtype in ("F16", "BF16", "F32", "F64") and len(t.shape) == 1 and 0 < t.shape[0] <= VECTOR_MAX:
+        if t.dtype in DENSE_FLOATS and len(t.shape) == 1 and 0 < t.shape[0] <= VECTOR_MAX:
             return t
     return None
 

@@ -625,8 +625,14 @@ class Checkpoint:
         s = shape(proj)
         if isinstance(hidden, int) and s is not None and (s[1] == hidden) != (s[2] == hidden):
             return (s[2] == hidden) == (proj == "down_proj")
-        kind = f"{cfg.get('model_type', '')} {text.get('model_type', '')}"
-        return not any(k in kind for k in _EXPERTS_ROW_MAJOR)
+        return not any(k in kind for kind in self.model_types() for k in _EXPERTS_ROW_MAJOR)
+
+    def model_types(self) -> tuple[str, str]:
+        """config.json's ``model_type`` and its ``text_config``'s (a multimodal wrapper's text
+        model: ``qwen3_vl_moe`` and ``qwen3_vl_moe_text``), "" where absent."""
+        cfg = self.configs.get("config.json") or {}
+        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+        return str(cfg.get("model_type") or ""), str(text.get("model_type") or "")
 
     @property
     def total_bytes(self) -> int:

@@ -1807,7 +1807,7 @@ def _stack_of_experts_target(al: Alignment, name: str, reference: Model) -> Targ
         if t is None or t.col_scale is not None or t.col_fit_from or t.rows != n:
             return None
         # (each expert's segments moved to its rows: a gate_up_proj's gate and up parts too)
-        segs += [Segment((s.ref_rows[0] + e * n, s.ref_rows[1] + e * n, s.ref_rows[2]), s.var_layer, s.var_rows)
+        segs += [dataclasses.replace(s, ref_rows=(s.ref_rows[0] + e * n, s.ref_rows[1] + e * n, s.ref_rows[2]))
                  for s in t.segments]
     return Target(name, name, E * n, k, segs)
 

@@ -26,6 +26,7 @@ preceding layer's rows by least squares.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -400,8 +401,8 @@ def _within(segs: list[Segment], a: int, b: int) -> list[Segment]:
         i0 = max(0, -(-(a - s0) // st))
         i1 = min(len(range(s0, s1, st)), -(-(b - s0) // st))
         if i1 > i0:
-            out.append(Segment((s0 + i0 * st - a, s0 + (i1 - 1) * st + 1 - a, st), s.var_layer,
-                               (v0 + i0 * vst, v0 + (i1 - 1) * vst + 1, vst)))
+            out.append(dataclasses.replace(s, ref_rows=(s0 + i0 * st - a, s0 + (i1 - 1) * st + 1 - a, st),
+                                           var_rows=(v0 + i0 * vst, v0 + (i1 - 1) * vst + 1, vst)))
     return out
 
 
@@ -449,14 +450,7 @@ def _stack_parent(parent: str, proj: str, rl: Layer, var: dict[str, Layer]) -> s
 
 
 def _interleaved(reference: Model, variant: Model) -> bool:
-    for m in (reference, variant):
-        for name in ("config.json",):
-            cfg = m.ckpt.configs.get(name) or {}
-            text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-            mt = str(cfg.get("model_type", "")) + str(text.get("model_type", ""))
-            if "gpt_oss" in mt:
-                return True
-    return False
+    return any("gpt_oss" in t for m in (reference, variant) for t in m.ckpt.model_types())
 
 
 def _norm_vector(model: Model, layer: Layer) -> np.ndarray | None:
@@ -769,9 +763,7 @@ def _norm_offset(model: Model) -> float | None:
     (their norms are the multipliers). A Qwen file's form is told as mlx-lm's sanitize tells it:
     Qwen3.5's linear attention's conv1d as transformers stores it (``[C, 1, k]``), Qwen3-Next's
     experts one by one."""
-    cfg = model.ckpt.configs.get("config.json") or {}
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    kind = {str(cfg.get("model_type") or ""), str(text.get("model_type") or "")}
+    kind = set(model.ckpt.model_types())
     if kind & _ONE_PLUS_W:
         return 1.0
     if kind & {"qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text"}:

@@ -49,7 +49,7 @@ from . import bitpack
 from .bitpack import unpack_bits
 from .checkpoint import Checkpoint, open_checkpoint
 from .compare_align import switch_path
-from .dtypes import DTYPES
+from .dtypes import DENSE_FLOATS, DTYPES
 from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import awq, ct, fast, gptq
 from .formats.kernel import for_row_blocks, round_inplace
@@ -101,7 +101,7 @@ _GATE_HOLDS_WEIGHT = {**{t: "mlp.gate" for t in ("deepseek", "deepseek_v2", "dee
                       "nemotron_h": "mixer.gate"}
 _DTYPE_ARG = {"bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
 _TORCH_NAME = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
-_FLOAT_ST = ("F16", "BF16", "F32", "F64")
+_FLOAT_ST = DENSE_FLOATS
 #: Source files that are weights or quantization configs of the source: never copied.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".npz")
 _SKIP_FILES = {"config.json", "quantize_config.json", "quant_config.json", "quantization_config.json",
@@ -351,8 +351,7 @@ class _Targets:
         self.recipe_name = None
         self.table: dict[str, Any] | None = None
         self.n_layers = _n_layers(model)
-        cfg = model.ckpt.configs.get("config.json") or {}
-        self.model_type = str(cfg.get("model_type") or "")
+        self.model_type = model.ckpt.model_types()[0]
         self.rules = MODEL_RULES.get(self.model_type, ())
         self.per_layer = False  # write a config entry for every quantized layer (mlx-lm does for recipes)
         self.source_scales = False  # --scales source: repacks keep the source's scale dtype, rounding
@@ -801,8 +800,7 @@ _MLX_EXPERT_LAYOUT = {"llama4": ("concat", "experts"), "gpt_oss": ("interleave",
 
 
 def _expert_layout(model: Model) -> tuple[str, str] | None:
-    cfg = model.ckpt.configs.get("config.json") or {}
-    return _MLX_EXPERT_LAYOUT.get(str(cfg.get("model_type") or ""))
+    return _MLX_EXPERT_LAYOUT.get(model.ckpt.model_types()[0])
 
 
 def _plan_expert_param(model: Model, layer: Layer, q: _Q | None, dt: str, res: LayerResult) -> _Item:
@@ -868,9 +866,9 @@ _MLA_SPLIT = frozenset({"deepseek_v3", "deepseek_v32", "kimi_k2", "joyai_llm_fla
 
 def _mla_dims(model: Model, layer: Layer) -> tuple[int, int, int, int] | None:
     """(heads, nope, v, kv_lora) of an MLA kv_b_proj convert splits as mlx-lm does, else None."""
-    cfg = model.ckpt.configs.get("config.json") or {}
-    if str(cfg.get("model_type") or "") not in _MLA_SPLIT or not layer.path.endswith("self_attn.kv_b_proj"):
+    if model.ckpt.model_types()[0] not in _MLA_SPLIT or not layer.path.endswith("self_attn.kv_b_proj"):
         return None
+    cfg = model.ckpt.configs.get("config.json") or {}
     dims = [cfg.get(k) for k in ("num_attention_heads", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank")]
     if not all(isinstance(d, int) and d > 0 for d in dims) or layer.shape is None:
         return None
@@ -888,8 +886,9 @@ def _plan_mla(model: Model, layer: Layer, q: _Q, dt: str, res: LayerResult, read
     parent = layer.path.rpartition(".")[0]
     parts = [(f"{parent}.embed_q", (h, lat, n)), (f"{parent}.unembed_out", (h, v, lat))]
     quantized = [path for path, shape in parts if not shape[-1] % q.group_size]
-    outputs = [o for path, shape in parts
-               for o in (_quant_outputs(path, shape, dt, q) if path in quantized else [(f"{path}.weight", dt, shape)])]
+    planned = {path: _quant_outputs(path, shape, dt, q) if path in quantized else [(f"{path}.weight", dt, shape)]
+               for path, shape in parts}
+    outputs = [o for outs in planned.values() for o in outs]
     names = " + ".join(path.rpartition(".")[2] for path in quantized)
     dense = [path.rpartition(".")[2] for path, _ in parts if path not in quantized]
     res.action = f"{how} {q.label()} as {names}" if quantized else "kept dense"
@@ -903,14 +902,13 @@ def _plan_mla(model: Model, layer: Layer, q: _Q, dt: str, res: LayerResult, read
     def make():
         a = read().reshape(h, n + v, lat)
         out = {}
-        for (path, shape), part in zip(parts, (a[:, :n].transpose(0, 2, 1), a[:, n:])):
+        for (path, _), part in zip(parts, (a[:, :n].transpose(0, 2, 1), a[:, n:])):
             if path not in quantized:
                 out[f"{path}.weight"] = np.ascontiguousarray(part).astype(DTYPES[dt].numpy)
                 continue
-            names = [o[0] for o in _quant_outputs(path, shape, dt, q)]
             # (head by head: groups run along the last axis, so each head is quantized alone)
             got = [_mx_quantize(np.ascontiguousarray(part[i]), DTYPES[dt].numpy, q) for i in range(h)]
-            out.update({name: np.stack([g[j] for g in got]) for j, name in enumerate(names)})
+            out.update({name: np.stack([g[j] for g in got]) for j, (name, _, _) in enumerate(planned[path])})
         return out
 
     return _Item(res, outputs, make, config=q if quantized else False, config_paths=quantized or [p for p, _ in parts])
@@ -1038,9 +1036,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
     if not keep and _mla_dims(model, layer) is not None:
         # MLA's kv_b_proj as mlx-lm lays it out (DeepSeek's FP8 release, Kimi K2's int4): written
         # whole, mlx-lm's sanitize decoded it and quantized it again at every load
-        q = target if isinstance(target, _Q) else targets.uniform(path) or targets.default
-        if target is None and not targets.explicit and targets.rule(path) is None:
-            q = _Q(_bits_for_source(layer.bits, q.bits), q.group_size)
+        q = _requant_settings(layer, target, targets)
         if q.mode == "affine":
             return _plan_mla(model, layer, q, _st_name(model_dtype), res, how="requantized",
                              read=lambda: np.asarray(engine.dequantize(model, layer)).astype(model_dtype))
@@ -1066,12 +1062,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
                     f"{path}.biases": b.astype(sdt, copy=False)}
 
         return _Item(res, outputs, make_repack, config=q, raw=raw)
-    q = target if isinstance(target, _Q) else targets.uniform(path) or targets.default
     same_mx = _SAME_MX.get(layer.scheme)
-    if target is None and not targets.explicit and targets.rule(path) is None:
-        # by default an MX source stays MX (MLX's mxfp4/mxfp8 are the same format: its values
-        # come back exactly); made affine 4/64 it lost a tenth of its weight (rel_fro 0.09)
-        q = same_mx or _Q(_bits_for_source(layer.bits, q.bits), q.group_size)
+    q = _requant_settings(layer, target, targets, same_mx)
     if q.mode != "affine":
         why = None  # (that it is not representable as affine says nothing here)
     k = layer.shape[-1]
@@ -1098,6 +1090,17 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         return dict(zip([o[0] for o in outputs], parts))
 
     return _Item(res, outputs, make_requant, config=q, raw=raw)
+
+
+def _requant_settings(layer: Layer, target, targets: _Targets, same_mx: _Q | None = None) -> _Q:
+    """The settings a quantized source layer is quantized again at: the target's, else the
+    uniform ones; by default (no --bits, recipe or model rule) its own bit width, and an MX
+    source ``same_mx`` stays MX (MLX's mxfp4/mxfp8 are the same format: its values come back
+    exactly; made affine 4/64 it lost a tenth of its weight, rel_fro 0.09)."""
+    q = target if isinstance(target, _Q) else targets.uniform(layer.path) or targets.default
+    if target is None and not targets.explicit and targets.rule(layer.path) is None:
+        q = same_mx or _Q(_bits_for_source(layer.bits, q.bits), q.group_size)
+    return q
 
 
 def _stack_experts(model: Model, items: list[_Item]) -> list[_Item]:

@@ -55,6 +55,10 @@ DTYPES: dict[str, DType] = {d.name: d for d in [
 ]}
 
 
+#: The float dtypes unquantized weights are stored in (no fp8 or sub-byte float: those are codes).
+DENSE_FLOATS = ("F16", "BF16", "F32", "F64")
+
+
 def nbytes_for(dtype: DType, numel: int) -> int | None:
     """Bytes a tensor of ``numel`` elements occupies, or None if not a whole number of bytes."""
     bits = numel * dtype.bits

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import CONFIG_FILES, Checkpoint, Module, split_name
-from .dtypes import DTYPES
+from .dtypes import DENSE_FLOATS, DTYPES
 from .errors import LayerError, QuantscopeError
 from .formats.mlx import MODE_DEFAULTS, affine_fits, affine_shape
 from .qconfig import Effective, QuantConfig, parse_configs
@@ -344,7 +344,7 @@ def _model_dtype(ckpt: Checkpoint) -> str:
 
 
 def _float_name(t: TensorInfo) -> bool:
-    return t.dtype in ("F16", "BF16", "F32", "F64")
+    return t.dtype in DENSE_FLOATS
 
 
 # -- detection ---------------------------------------------------------------------------------
