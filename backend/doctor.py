@@ -1236,7 +1236,7 @@ class _Doctor:
         (qwen3_moe, qwen3_next, minimax, …) only the .weight, which leaves the scales and biases
         over ("parameters not in model")."""
         per = [p for p, lay in self.model.layers.items() if lay.scheme.startswith("mlx-") and EXPERT_RE.match(p)]
-        mt = str((self.model.ckpt.configs.get("config.json") or {}).get("model_type") or "")
+        mt = self.model.ckpt.model_types()[0]
         if per and mt not in STACKS_QUANTIZED_EXPERTS:
             self.col.add("mlx.per-expert", f"{len(per)} MoE expert layers are MLX-quantized one by one (e.g. "
                          f"{per[0]}); mlx-lm loads experts stacked as switch_mlp.{{gate,up,down}}_proj, and for "
