@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QProxyStyle,
     QSplitter,
     QStyle,
+    QTabBar,
     QTabWidget,
 )
 from quantscope import __version__
@@ -52,6 +53,7 @@ from quantscope.backend.workspace import Workspace, identity
 from quantscope.widgets.code_usage_view import CodeUsageView
 from quantscope.widgets.doctor_panel import DoctorPanel
 from quantscope.widgets.group_error_heatmap import GroupErrorHeatmap
+from quantscope.widgets.head_error_plot import HeadErrorPlot
 from quantscope.widgets.histogram_view import HistogramView
 from quantscope.widgets.jobs_bar import JobsBar
 from quantscope.widgets.layer_error_plot import LayerErrorPlot
@@ -174,6 +176,26 @@ class _TabStyle(QProxyStyle):
         if self.compact and metric == QStyle.PixelMetric.PM_TabBarTabHSpace:
             return min(space, self.COMPACT_SPACE)
         return space
+
+
+class _TabBar(QTabBar):
+    """A tab bar whose least width is its tabs' with the compact spacing, whichever spacing they
+    have now: with the wider one's, a window could not go from 1400 to 835 px in one step (the
+    short names and the compact spacing are chosen once the tabs have shrunk; seven tabs at full
+    spacing held the window 11 px wider)."""
+
+    def minimumSizeHint(self):
+        s = super().minimumSizeHint()
+        st = self.style()
+        if isinstance(st, _TabStyle) and not st.compact:
+            s.setWidth(max(0, s.width() - st.saved() * self.count()))
+        return s
+
+
+class _Tabs(QTabWidget):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setTabBar(_TabBar())
 
 
 class MainWindow(QMainWindow):
@@ -386,12 +408,14 @@ class MainWindow(QMainWindow):
         scales_tab.addWidget(self.scales)
         scales_tab.addWidget(self.zeros)
         self.heatmap = GroupErrorHeatmap()
+        self.heads = HeadErrorPlot()
         self.layers = LayerErrorPlot()
-        self.tabs = QTabWidget()
+        self.tabs = _Tabs()
         self._tab_names = []  # (full, short) per tab
         for w, name, short in ((self.hist, "Values", "Values"), (self.err_hist, "Error", "Error"),
                                (self.codes, "Code usage", "Codes"), (scales_tab, "Scales && zeros", "Scales"),
-                               (self.heatmap, "Group error", "Groups"), (self.layers, "Layers", "Layers")):
+                               (self.heatmap, "Group error", "Groups"), (self.heads, "Heads", "Heads"),
+                               (self.layers, "Layers", "Layers")):
             self.tabs.setTabToolTip(self.tabs.addTab(w, name), name.replace("&&", "&"))
             self._tab_names.append((name, short))
         # every tab in sight: their short names where the full ones do not fit, then elided (at
@@ -405,7 +429,8 @@ class MainWindow(QMainWindow):
         self.tabs.installEventFilter(self)
         self.setCentralWidget(self.tabs)
         self._page = {self.hist: self.hist, self.err_hist: self.err_hist, self.codes: self.codes,
-                      self.scales: scales_tab, self.zeros: scales_tab, self.heatmap: self.heatmap}
+                      self.scales: scales_tab, self.zeros: scales_tab, self.heatmap: self.heatmap,
+                      self.heads: self.heads}
         self._pending: dict = {}  # tab page -> {view: update}, applied when the page is shown
         self._turn_gen: dict[str, int] = {}
         self._turns_left: dict[str, int] = {}
@@ -1051,6 +1076,7 @@ class MainWindow(QMainWindow):
             self._update_view(v, lambda v=v: v.set_histograms(None, {}, {}, note=why))
         self._update_view(self.codes, lambda: self.codes.set_counts({}, {}, empty_note=why))
         self._update_view(self.heatmap, lambda: self.heatmap.set_maps({}, empty_note=why))
+        self._update_view(self.heads, lambda: self.heads.set_heads({}, {}, empty_note=why))
 
     def _no_partner_why(self, name: str, left_out: dict | None = None) -> str:
         """Why no open variant is measured on reference layer ``name``: theirs could not be
@@ -1143,6 +1169,13 @@ class MainWindow(QMainWindow):
                                                         "No variant quantizes this layer in groups",
                                                         by_index=r.get("by_index", ()), blocks=r.get("blocks", {}),
                                                         prefer=shown, layer=r["name"]))
+        no_heads = (no_ref if alone else
+                    f"{r['name']}: no attention heads to split it into — only the q/k/v/o projections of an "
+                    "attention whose head counts the reference's config.json gives" if d.heads is None else
+                    f"{r['name']}: no variant is measured on this layer")
+        upd(self.heads, lambda: self.heads.set_heads(d.head_error, colors, d.heads,
+                                                     {k: m.rel_fro for k, m in d.metrics.items()},
+                                                     layer=r["name"], empty_note=no_heads))
         self._shown_layer = d.name
         self._detail_errors = (d.name, d, no_ref if alone else None)
         self._refresh_result()
@@ -1425,6 +1458,8 @@ class MainWindow(QMainWindow):
             name = f"Group error of {self.heatmap.variant.currentText()}"
         elif page is self.layers:
             name = "Error by layer"
+        elif page is self.heads:
+            name = "Error by head"
         ref = self.workspace.reference_label
         title = f"{name} — {self.current_layer}" if page is not self.layers and self.current_layer else name
         if ref:

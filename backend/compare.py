@@ -52,6 +52,7 @@ from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import fast, histo
 from .formats.codehist import GroupValues, PatternValues, pattern_values
 from .formats.kernel import pool, workers
+from .heads import HeadLayout, head_layout, head_sums, rel_error
 from .metrics import (
     SMALL_ELEMENTS,
     ErrorStats,
@@ -1686,6 +1687,11 @@ class LayerDetail:
     #: Variants whose codes are floats (FP4, FP8): their code counts are in the order of the
     #: codes' values (NaN codes left out), with the least and largest value.
     float_codes: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: How the layer's rows or columns fall into attention heads (from config.json), None for a
+    #: layer that is no attention projection or does not fit whole heads.
+    heads: HeadLayout | None = None
+    #: Per variant, the relative error ``‖Ŵ_h − W_h‖F / ‖W_h‖F`` of each head, in ``heads``' order.
+    head_error: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def stored_codes(model: Model, layer: Layer) -> np.ndarray | None:
@@ -1816,11 +1822,13 @@ def _stack_of_experts_target(al: Alignment, name: str, reference: Model) -> Targ
 BLOCK_COLUMNS = 128
 
 
-def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> tuple[np.ndarray, bool, int | None]:
+def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model, heads: HeadLayout | None = None,
+                  r0: int = 0) -> tuple[np.ndarray, bool, int | None, tuple[np.ndarray, np.ndarray] | None]:
     """(``[..., rows, groups]`` relative error of each group, whether the columns were grouped by
-    the file's act-order index, and the width of the column blocks taken instead of groups for a
-    layer without any, else None). Each group's sums take only its own columns: a NaN or inf
-    weight makes its own group's cell non-finite, not its whole row."""
+    the file's act-order index, the width of the column blocks taken instead of groups for a
+    layer without any, else None, and with ``heads``, the per-head sums ``(Σ (Ŵ − W)², Σ W²)``
+    of these rows, which are the layer's from row ``r0``). Each group's sums take only its own
+    columns: a NaN or inf weight makes its own group's cell non-finite, not its whole row."""
     K = w.shape[-1]
     gs = layer.group_size if layer.group_size and layer.group_size > 0 else None
     g_idx = None
@@ -1850,9 +1858,30 @@ def _group_errors(w: np.ndarray, wh: np.ndarray, layer: Layer, model: Model) -> 
         num, den = num.reshape(w.shape[:-1] + (ng,)), den.reshape(w.shape[:-1] + (ng,))
     else:
         num, den = _group_sums_numpy(w, wh, g_idx, ng, by_index)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # (no weight in the group: inf for any error, 0 for none, NaN stays NaN)
-        return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, num)), by_index, block
+    hs = None if heads is None or w.ndim != 2 else _head_part(w, wh, num, den, g_idx, ng, heads, r0)
+    # (no weight in the group: inf for any error, 0 for none, NaN stays NaN)
+    return rel_error(num, den), by_index, block, hs
+
+
+def _head_part(w, wh, num, den, g_idx, ng: int, heads: HeadLayout, r0: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-head sums of rows [r0, r0 + len(w)) of a 2-D layer, from its group sums where they
+    hold them (heads of rows: each row's groups; heads of columns made of whole groups), else
+    from one more pass over the rows (a group that spans two heads: o_proj's 64-wide heads in
+    groups of 128, or act-order's scattered columns)."""
+    n = heads.n
+    if heads.axis == "rows":
+        return head_sums(num.sum(axis=-1), den.sum(axis=-1), heads.index()[r0:r0 + w.shape[0]], n)
+    col = heads.index()
+    pair = np.unique(g_idx * n + col)
+    if np.unique(pair // n).size == pair.size:  # every group within one head
+        of_group = np.zeros(ng, np.int64)
+        of_group[pair // n] = pair % n
+        return head_sums(num.sum(axis=0), den.sum(axis=0), of_group, n)
+    if fast.AVAILABLE and w.dtype in (np.float32, np.float64) and wh.dtype in (np.float32, np.float64):
+        hn, hd = histo.group_sums(w, wh, col, n)
+    else:
+        hn, hd = _group_sums_numpy(w, wh, col, n, False)
+    return hn.sum(axis=0), hd.sum(axis=0)
 
 
 def _group_sums_numpy(w, wh, g_idx, ng: int, by_index: bool):
@@ -1966,13 +1995,17 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     grouped_by_index: set[str] = set()
     column_blocks: dict[str, int] = {}
     float_codes: dict[str, tuple[float, float]] = {}
+    heads = _heads_of(reference, ref_layer)
+    head_error = {}
     for vs in states:
         _check_cancel(cancel)
         t = vs.alignment.targets[name]
         vl = vs.model.layers[t.var_layers[0]]
         _stored(vs.label, vs.model, t.var_layers, code_counts, scales, zeros, t.segments, float_codes,
                 coded.get(vs.label))
-        group_error[vs.label], by_index, block = _group_errors(w, wh_of[vs.label], vl, vs.model)
+        group_error[vs.label], by_index, block, hs = _group_errors(w, wh_of[vs.label], vl, vs.model, heads)
+        if hs is not None:
+            head_error[vs.label] = rel_error(*hs)
         if by_index:
             grouped_by_index.add(vs.label)
         if block:  # (the map's cells are blocks of columns, not the layer's groups: said on its axis)
@@ -1980,7 +2013,15 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
     return LayerDetail(name, value_edges, value_counts, error_edges, error_counts, code_counts, scales, zeros,
                        group_error, metrics, value_view, error_view,
                        nonfinite_counts({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index,
-                       log_edges, log_counts, log_view, zero_errors, copies, column_blocks, float_codes)
+                       log_edges, log_counts, log_view, zero_errors, copies, column_blocks, float_codes,
+                       heads if head_error else None, head_error)
+
+
+def _heads_of(reference: Model, layer: Layer | None) -> HeadLayout | None:
+    """The attention heads of a reference layer (from its config.json), or None."""
+    if layer is None or not layer.is_matrix:
+        return None
+    return head_layout(reference.ckpt.configs.get("config.json"), layer.path, layer.shape)
 
 
 def _decode_refused(exc: LayerError, vs: _VariantState, states: list, left_out: dict[str, str]) -> None:
@@ -2125,6 +2166,8 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
     column_blocks: dict[str, int] = {}
     vl_of = {vs.label: vs.model.layers[vs.alignment.targets[name].var_layers[0]] for vs in states}
     model_of = {vs.label: vs.model for vs in states}
+    heads = _heads_of(reference, reference.layers.get(name))
+    hsums: dict[str, list] = {}  # per variant, per head (Σ (Ŵ − W)², Σ W²), summed over the blocks
 
     def widen(r, lo, hi):
         r[0], r[1] = min(r[0], lo), max(r[1], hi)
@@ -2135,7 +2178,7 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
         coded["reference"] = ref_values  # (the same: counts of 16-bit patterns)
     for k, gv in coded.items():
         widen(vrange[k], *gv.finite_range())
-    for _, _, w, whs in blocks():
+    for r0, _, w, whs in blocks():
         for k, a in (("reference", w), *whs.items()):
             if k not in coded:
                 widen(vrange[k], *_finite_range(a.reshape(-1))[:2])
@@ -2144,8 +2187,11 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
             widen(drange[lb], *_finite_range(d)[:2])
             drange[lb][2] += zeros
             widen(lrange[lb], *_finite_range(LogAbsDiff(*d))[:2])
-            g, by_index, blk = _group_errors(w, wh, vl_of[lb], model_of[lb])
+            g, by_index, blk, hs = _group_errors(w, wh, vl_of[lb], model_of[lb], heads, r0)
             gmaps[lb].append(g)
+            if hs is not None:
+                acc = hsums.setdefault(lb, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + hs[0], acc[1] + hs[1]
             if by_index:
                 grouped_by_index.add(lb)
             if blk:
@@ -2196,7 +2242,8 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
                        group_error, metrics, value_view, error_view,
                        nonfinite_counts(dict.fromkeys(["reference", *labels], n), value_counts),
                        left_out, grouped_by_index, log_edges, log_counts, log_view, zero_errors, copies,
-                       column_blocks, float_codes)
+                       column_blocks, float_codes, heads if hsums else None,
+                       {lb: rel_error(*acc) for lb, acc in hsums.items() if lb in group_error})
 
 
 def nonfinite_counts(values: dict[str, np.ndarray | int], counts: dict[str, np.ndarray]) -> dict[str, int]:

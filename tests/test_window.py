@@ -319,7 +319,7 @@ def test_exports(win, qtbot, tmp_path):
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):
         win.compare_all()
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
-        assert win.tree.select("model.layers.1.mlp.down_proj")
+        assert win.tree.select("model.layers.1.self_attn.o_proj")  # (an attention layer: the Heads tab too)
     for i in range(win.tabs.count()):
         win.tabs.setCurrentIndex(i)
         qtbot.wait(50)
@@ -331,7 +331,9 @@ def test_exports(win, qtbot, tmp_path):
         page = win.tabs.currentWidget()
         assert 2 * (page.width() - 8) <= img.width() <= 2 * page.width()
         svg = (tmp_path / f"tab{i}.svg").read_text()
-        assert "model.layers.1.mlp.down_proj" in svg or win.tabs.currentWidget() is win.layers
+        assert "model.layers.1.self_attn.o_proj" in svg or win.tabs.currentWidget() is win.layers
+        if page is win.heads:
+            assert "Error by head" in svg and "Worst head" in svg
         if page is not win.heatmap:  # every view with a legend has it in the file
             assert "awq-w4g128" in svg
         if page in (win.hist, win.err_hist):  # and what the note above the plot says of its figures
@@ -1079,6 +1081,40 @@ def test_group_error_map_shows_the_trees_checkpoint(win, qtbot):
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         assert win.tree.select("model.layers.2.mlp.down_proj")
     assert win.heatmap.variant.currentText() == "rtn-w4g128"
+
+
+def test_heads_tab_shows_each_heads_error_of_every_variant(win, qtbot, demo):
+    """The Heads tab: o_proj's input columns in the demo config's 8 heads of 64, one series per
+    variant with the detail's figures (held to numpy on the decoded layers in tests/test_heads.py),
+    each variant's worst head named; an MLP layer has no heads and says so."""
+    import numpy as np
+    from quantscope.backend.compare import layer_detail
+    win.tabs.setCurrentWidget(win.heads)
+    name = "model.layers.1.self_attn.o_proj"
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select(name)
+    view = win.heads
+    assert view.axis.names == [f"h{i}" for i in range(8)]
+    assert "8 heads of 64 input columns" in view.note.text() and "num_attention_heads 8" in view.note.text()
+    d = layer_detail(win.workspace.reference, win.workspace.variants, name)
+    assert set(view._series) == set(win.workspace.variants) == set(d.head_error)
+    for label, (item, line) in view._series.items():
+        x, y = item.getData()
+        np.testing.assert_array_equal(y, d.head_error[label])
+        assert np.array_equal(np.round(x), np.arange(8))  # (offset a little per variant)
+        assert line.value() == pytest.approx(d.metrics[label].rel_fro)  # the layer's own error, dotted
+    worst = max(d.head_error["gptq-w4g128"])
+    i = int(np.argmax(d.head_error["gptq-w4g128"]))
+    assert f"gptq-w4g128: worst h{i} {worst:.4g}" in view.worst.text()
+    assert not view.hint.text()
+    # hidden from the legend: its series and its line both
+    view.legend._toggle("gptq-w4g128")
+    assert not view._series["gptq-w4g128"][0].isVisible() and not view._series["gptq-w4g128"][1].isVisible()
+    view.legend._toggle("gptq-w4g128")
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.mlp.down_proj")
+    assert not view._series and "no attention heads" in view.hint.text()
+    assert view.worst.text() == ""
 
 
 def test_layers_heatmap_shows_the_trees_checkpoint(win, qtbot):
@@ -2475,7 +2511,7 @@ def test_every_tab_is_in_sight_at_narrow_widths(win, qtbot):
     qtbot.waitUntil(lambda: win.width() == 835, timeout=2000)
     qtbot.wait(50)
     assert [win.tabs.tabText(i) for i in range(bar.count())] == ["Values", "Error", "Codes", "Scales", "Groups",
-                                                                   "Layers"]
+                                                                   "Heads", "Layers"]
     fm = bar.fontMetrics()
     assert all(bar.tabRect(i).width() >= fm.horizontalAdvance(win.tabs.tabText(i)) for i in range(bar.count()))
     assert win._tab_style.compact

@@ -1,0 +1,149 @@
+"""Per-head error of attention layers: the heads read from config.json, and each head's relative
+error equal to a direct numpy computation on decodes made without quantscope's decoders."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from quantscope.backend.checkpoint import open_checkpoint
+from quantscope.backend.compare import layer_detail
+from quantscope.backend.heads import head_layout
+from quantscope.backend.schemes import analyze
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real"  # base-bf16, mlx-lm's
+FIXTURES = Path(__file__).parent / "fixtures" / "real"  # GPTQModel's, with its own decodes
+LLAMA = {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64, "hidden_size": 384}
+
+
+def _layout(cfg, path, shape):
+    h = head_layout(cfg, path, shape)
+    return None if h is None else (h.axis, h.sections)
+
+
+def test_heads_of_a_llama_come_from_its_config():
+    at = "model.layers.3.self_attn."
+    assert _layout(LLAMA, at + "q_proj", (384, 384)) == ("rows", (("q", 6, 64),))
+    assert _layout(LLAMA, at + "k_proj", (128, 384)) == ("rows", (("k", 2, 64),))  # the key/value heads
+    assert _layout(LLAMA, at + "v_proj", (128, 384)) == ("rows", (("v", 2, 64),))
+    assert _layout(LLAMA, at + "o_proj", (384, 384)) == ("columns", (("h", 6, 64),))
+    fused = head_layout(LLAMA, at + "qkv_proj", (640, 384))  # Phi-3: q, then k, then v rows
+    assert fused.sections == (("q", 6, 64), ("k", 2, 64), ("v", 2, 64))
+    assert fused.labels()[5:8] == ["q5", "k0", "k1"] and fused.n == 10
+    assert np.array_equal(fused.index(), np.repeat(np.arange(10), 64))
+    # head_dim left out: hidden_size / heads
+    no_hd = {k: v for k, v in LLAMA.items() if k != "head_dim"}
+    assert _layout(no_hd, at + "q_proj", (384, 384)) == ("rows", (("q", 6, 64),))
+
+
+def test_a_layer_heads_do_not_fit_gets_none_rather_than_wrong_heads():
+    at = "model.layers.0.self_attn."
+    assert head_layout(LLAMA, "model.layers.0.mlp.up_proj", (1536, 384)) is None  # no attention
+    assert head_layout(LLAMA, at + "q_proj", (300, 384)) is None  # no whole number of 64-wide heads
+    assert head_layout(LLAMA, at + "qkv_proj", (768, 384)) is None  # not q + 2 kv heads
+    assert head_layout(LLAMA, at + "q_proj", (2, 384, 384)) is None  # a stack
+    assert head_layout({}, at + "q_proj", (384, 384)) is None  # no config
+    assert head_layout(None, at + "q_proj", (384, 384)) is None
+    # Qwen3-Next's linear attention: its out_proj's inputs are value heads of another width
+    qn = {"num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "hidden_size": 2048}
+    assert head_layout(qn, "model.layers.0.linear_attn.out_proj", (2048, 4096)) is None
+    assert head_layout(qn, "model.layers.3.self_attn.o_proj", (2048, 4096)).sections == (("h", 16, 256),)
+
+
+def test_heads_of_multimodal_mla_and_gemma_layers():
+    # a multimodal wrapper: the text model's heads from text_config, a vision tower's from vision_config
+    vl = {"text_config": dict(LLAMA), "vision_config": {"num_heads": 16, "hidden_size": 1152}}
+    assert _layout(vl, "model.language_model.layers.0.self_attn.q_proj", (384, 384)) == ("rows", (("q", 6, 64),))
+    assert _layout(vl, "model.visual.blocks.0.attn.out_proj", (1152, 1152)) == ("columns", (("h", 16, 72),))
+    assert head_layout({"text_config": LLAMA}, "model.vision_tower.layers.0.self_attn.q_proj", (384, 384)) is None
+    # DeepSeek's MLA: q_b_proj rows of nope + rope per head, kv_b_proj of nope + v, o_proj of v
+    ds = {"num_attention_heads": 4, "num_key_value_heads": 4, "hidden_size": 256, "qk_nope_head_dim": 32,
+          "qk_rope_head_dim": 16, "v_head_dim": 24, "kv_lora_rank": 64, "q_lora_rank": 96}
+    at = "model.layers.0.self_attn."
+    assert _layout(ds, at + "q_b_proj", (4 * 48, 96)) == ("rows", (("q", 4, 48),))
+    assert _layout(ds, at + "kv_b_proj", (4 * 56, 64)) == ("rows", (("kv", 4, 56),))
+    assert _layout(ds, at + "o_proj", (256, 4 * 24)) == ("columns", (("h", 4, 24),))
+    # Gemma 3n/4: full-attention layers' heads are global_head_dim wide
+    g = {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256, "global_head_dim": 512,
+         "hidden_size": 2048}
+    assert _layout(g, at + "q_proj", (8 * 512, 2048)) == ("rows", (("q", 8, 512),))
+    assert _layout(g, at + "k_proj", (2 * 256, 2048)) == ("rows", (("k", 2, 256),))
+
+
+def _direct(w, wh, axis, n):
+    """Each head's ‖Ŵ − W‖F / ‖W‖F in float64 with plain numpy."""
+    w, wh = w.astype(np.float64), wh.astype(np.float64)
+    parts = np.split(w, n, axis=axis), np.split(wh, n, axis=axis)
+    return np.array([np.linalg.norm(b - a) / np.linalg.norm(a) for a, b in zip(*parts)])
+
+
+def _base(name):
+    """The base model's weights of ``name``, float32, read with safetensors (not quantscope)."""
+    import ml_dtypes
+    from safetensors.numpy import load_file
+    raw = load_file(str(REAL / "base-bf16" / "model.safetensors"))[name + ".weight"]
+    return raw.view(ml_dtypes.bfloat16).astype(np.float32) if raw.dtype == np.uint16 else raw.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def real_models():
+    if not REAL.is_dir():
+        pytest.skip("../shared/fixtures/real is not beside the checkout")
+    ref = analyze(open_checkpoint(REAL / "base-bf16"))
+    variants = {"gptq": analyze(open_checkpoint(FIXTURES / "gptqmodel-gptq-w4g128")),
+                "actorder": analyze(open_checkpoint(FIXTURES / "gptqmodel-gptq-w4g128-actorder")),
+                "mlx": analyze(open_checkpoint(REAL / "mlx-affine-q4-g64"))}
+    return ref, variants
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"])
+def test_head_errors_of_gptq_rows_equal_numpy_on_gptqmodel_own_decode(real_models, name, kernel_path):
+    """Heads of rows: GPTQModel's own dequantization (decoded.npz) against the base's bf16
+    weights (base-reference.npz), split into the config's heads, with numpy."""
+    ref, variants = real_models
+    d = layer_detail(ref, {k: variants[k] for k in ("gptq", "actorder")}, name)
+    base = np.load(FIXTURES / "base-reference.npz")[name]
+    n = 6 if name.endswith("q_proj") else 2
+    assert d.heads.n == n and d.heads.axis == "rows"
+    for label, folder in (("gptq", "gptqmodel-gptq-w4g128"), ("actorder", "gptqmodel-gptq-w4g128-actorder")):
+        tool = np.load(FIXTURES / folder / "decoded.npz")[name]
+        want = _direct(base, tool, 0, n)
+        np.testing.assert_allclose(d.head_error[label], want, rtol=1e-6)
+        # the heads differ: a real split, not the layer's figure n times
+        assert np.ptp(want) > 1e-3
+        # and together they make the layer's error
+        assert np.sqrt(np.mean(d.head_error[label] ** 2)) == pytest.approx(d.metrics[label].rel_fro, rel=2e-2)
+
+
+def test_head_errors_of_o_proj_columns_equal_numpy_on_mx_dequantize(real_models, kernel_path):
+    """Heads of columns (o_proj's inputs): MLX's groups of 64 are each within a 64-wide head;
+    mx.dequantize's values against the base's weights read with safetensors."""
+    mx = pytest.importorskip("mlx.core")
+    ref, variants = real_models
+    name = "model.layers.1.self_attn.o_proj"
+    d = layer_detail(ref, {"mlx": variants["mlx"]}, name)
+    m = mx.load(str(REAL / "mlx-affine-q4-g64" / "model.safetensors"))
+    wh = np.array(mx.dequantize(m[name + ".weight"], m[name + ".scales"], m[name + ".biases"], group_size=64,
+                                bits=4).astype(mx.float32))
+    base = _base(name)
+    assert d.heads.axis == "columns" and d.heads.n == 6
+    np.testing.assert_allclose(d.head_error["mlx"], _direct(base, wh, 1, 6), rtol=1e-9)
+
+
+def test_head_errors_where_groups_span_heads_take_one_more_pass(real_models, kernel_path):
+    """GPTQ's groups of 128 columns span two 64-wide heads of o_proj, and act-order's scatter
+    over all of them: each head's columns are summed by themselves (the decode held to numpy)."""
+    from quantscope.backend.engines import NumpyEngine
+    ref, variants = real_models
+    name = "model.layers.1.self_attn.o_proj"
+    d = layer_detail(ref, {k: variants[k] for k in ("gptq", "actorder")}, name)
+    w = _base(name)
+    for label in ("gptq", "actorder"):
+        wh = NumpyEngine().dequantize(variants[label], variants[label].layers[name])
+        np.testing.assert_allclose(d.head_error[label], _direct(w, wh, 1, 6), rtol=1e-9)
+        assert np.ptp(d.head_error[label]) > 1e-2
+
+
+def test_a_layer_without_heads_has_none(real_models):
+    ref, variants = real_models
+    d = layer_detail(ref, {"gptq": variants["gptq"]}, "model.layers.0.mlp.up_proj")
+    assert d.heads is None and d.head_error == {}
