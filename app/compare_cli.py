@@ -100,12 +100,16 @@ def format_table(result, labels: list[str]) -> str:
                "match": "match: the variant brought to the quantized reference's norm weights, which may be the "
                         "smoothed ones",
                "lstsq": "lstsq: estimated by least squares from the preceding layer's rows",
-               "rows": "rows: the rows of that preceding layer, rescaled by the same estimate"}
+               "rows": "rows: the rows of that preceding layer, rescaled by the same estimate",
+               "mup": "mup: a multiplier of config.json the converter folded into the weights (mlx-lm's Falcon-H1), "
+                      "divided out as it was multiplied in"}
         lines.append("")
-        what = "matching" if "match" in kinds else "undoing"
+        what = ("matching" if "match" in kinds else "undoing") + (
+            " AWQ-style smoothing" if set(kinds) - {"mup"} else "") + (
+            (" and" if set(kinds) - {"mup"} else "") + " folded multipliers" if "mup" in kinds else "")
         est = sum(smoothing_mark(r.smoothing) == "~" for r in undone)
         marks = ("* exactly, ~ estimated" if est and est < len(undone) else "~ estimated" if est else "* exactly")
-        lines.append(f"{marks}: {len(undone)} measured after {what} AWQ-style smoothing ("
+        lines.append(f"{marks}: {len(undone)} measured after {what} ("
                      + "; ".join(how.get(k, k) for k in kinds)
                      + "); the JSON/CSV's `smoothing` says how for each, and `rel_fro_raw` is the error of the "
                        "layers as stored")

@@ -1113,8 +1113,12 @@ class MainWindow(QMainWindow):
         # a variant without this layer (cannot be decoded, no partner) is said, not just missing
         absent = f"Not shown: {', '.join(d.left_out)} (the what-if box says why)" if d.left_out else ""
         # a variant whose AWQ-style smoothing is undone is shown (and measured) undone: said
-        undone = [v for v, m in d.metrics.items() if m.smoothing != "none"]
-        tag = f" · smoothing undone, as measured: {', '.join(undone)}" if undone else ""
+        # (or the multiplier a converter folded into the weights: Falcon-H1's in mlx-lm's conversion)
+        undone: dict[str, list] = {}
+        for v, m in d.metrics.items():
+            if m.smoothing != "none":
+                undone.setdefault(smoothing_action(m.smoothing), []).append(v)
+        tag = "".join(f" · {what}, as measured: {', '.join(vs)}" for what, vs in undone.items())
         upd(self.hist, lambda: self.hist.set_histograms(d.value_edges, d.value_counts, colors,
                                                         note=r["name"] + tag, view=d.value_view,
                                                         nonfinite=d.nonfinite, absent=absent))

@@ -483,7 +483,7 @@ def _check_smoothing(reference: Model, vs, eng) -> SmoothingCheck | None:
     al = vs.alignment
     if not al.folded_norms:
         return None
-    cand = [t for t in al.targets.values() if t.col_scale is not None]
+    cand = [t for t in al.targets.values() if t.col_scale is not None and t.smoothing != "none"]
     if not cand:
         return None
     t = min(cand, key=lambda t: _order_key(t.name))
@@ -747,7 +747,8 @@ def describe_smoothing(label: str) -> str:
     # made for its consumer (down_proj); match:NORM a variant brought to a quantized reference's
     # norms (the reference may be the smoothed side)
     words = {"norm": "exact, from {}", "match": "to the reference's {}", "lstsq": "fitted to {}'s rows",
-             "rows": "rows rescaled by the estimate for {}"}
+             "rows": "rows rescaled by the estimate for {}",
+             "mup": "the converter's folded {} divided out (config.json)"}
     out = []
     for part in label.split("+"):
         kind, _, path = part.partition(":")
@@ -763,10 +764,17 @@ def smoothing_mark(label: str) -> str:
     return "~" if "lstsq:" in label or "rows:" in label else "*"
 
 
+def only_multipliers(label: str) -> bool:
+    """Whether all a row's ``smoothing`` label undid is multipliers a converter folded in (mup)."""
+    return bool(label) and label != "none" and all(p.startswith("mup:") for p in label.split("+"))
+
+
 def smoothing_action(label: str) -> str:
     """What was done to a row whose ``smoothing`` label is not ``none``: the variant's smoothing
     undone (an unquantized reference), or the variant matched to a quantized reference's
     smoothing (which side is smoothed is not known then)."""
+    if only_multipliers(label):
+        return "multiplier undone"
     return "smoothing matched" if "match:" in label else "smoothing undone"
 
 
@@ -833,7 +841,17 @@ def _smoothing_for(vs: _VariantState, t: Target, row_scales: dict | None = None)
         col = s if col is None else col * s
         fit = f"lstsq:{t.col_fit_from}"
         label = fit if label == "none" else f"{label}+{fit}"
+    if t.fold:  # (a multiplier folded into the rows: divided out by _unfold)
+        label = t.fold if label == "none" else f"{label}+{t.fold}"
     return col, label
+
+
+def _unfold(t: Target, wh: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of the variant with the multiplier folded into them divided out (Falcon-H1's
+    muP multipliers in mlx-lm's conversion: :func:`~.compare_align._find_multipliers`)."""
+    if t.fold_rows is None:
+        return wh
+    return wh / t.fold_rows[r0:r1, None].astype(np.float32)
 
 
 #: Layers from this size are measured in one fused pass where they can be (:mod:`.fused`).
@@ -922,6 +940,11 @@ def _fused_candidates(t_name: str, ref_rows: _Rows, todo: list[_VariantState], e
                 or ((v0 + R) % dec.granule and v0 + R != dec.rows):
             continue
         col, label = _smoothing_for(vs, t)
+        if t.fold_rows is not None:  # one factor for every row: as one for every column
+            f = t.fold_rows[0]
+            if not np.all(t.fold_rows == f):
+                continue  # (a factor per row: the general path)
+            col = np.full(K, f) if col is None else col * f
         picked[vs.label] = (dec, v0, col)
         labels[vs.label] = label
     return ref, picked, labels
@@ -967,6 +990,7 @@ def _measure_general(t_name: str, ref_rows: _Rows, todo: list[_VariantState],
         col, label = _smoothing_for(vs, t)
         if col is not None:
             wh = wh / col[None, :].astype(np.float32)
+        wh = _unfold(t, wh, r0, r1)
         if t.row_fit_for is not None and fit_rows:
             skip = min(r1 - r0, max(0, t.fit_row0 - r0))
             s = _row_fit(w, wh, skip)
@@ -1018,6 +1042,7 @@ def _measure_general(t_name: str, ref_rows: _Rows, todo: list[_VariantState],
                 col, _ = _smoothing_for(vs, t)
                 if col is not None:
                     wh = wh / col[None, :].astype(np.float32)
+                wh = _unfold(t, wh, r0, r1)
                 if t.row_fit_for is not None and f"rows:{t.row_fit_for}" in extra.get(vs.label, ()):
                     wh = wh * vs.row_scales[t.row_fit_for][r0:r1, None].astype(np.float32)
                 stats[vs.label][0].gather(w, wh)
@@ -1595,6 +1620,7 @@ def _add_quant_only(reference: Model, vs: _VariantState, chk: SmoothingCheck, na
                         p, _Rows(vs.model, vs.model.layers[p], eng, keep=True, counter={})), r0, r1)
                     if colp is not None:
                         x = x / colp[None, :]
+                    x = _unfold(t, x, r0, r1)
                     if fit:
                         s_all[r0:r1] = s = _row_fit(w, x, min(r1 - r0, max(0, t.fit_row0 - r0)))
                         x = x * s[:, None].astype(np.float32)
@@ -2068,10 +2094,13 @@ def _detail_metrics(reference: Model, vs: _VariantState, name: str, ref_rows, en
         wh = _assemble(t, lambda p: rows_of(vs, p), r0, r1)
         if col is not None:
             wh = wh / col
+        wh = _unfold(t, wh, r0, r1)
         if rs is not None:
             wh = wh * rs[r0:r1, None]
         return wh
-    return row, block, None if col is not None or rs is not None else _plain_rows(t)
+    # (values counted from the codes only where the views show the layer's rows as decoded)
+    changed = col is not None or rs is not None or t.fold_rows is not None
+    return row, block, None if changed else _plain_rows(t)
 
 
 def _plain_rows(t: Target) -> tuple[str, int, int] | None:

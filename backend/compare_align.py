@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 
+from . import mup
 from .checkpoint import natural_key
 from .dtypes import DTYPES
 from .schemes import Layer, Model
@@ -329,6 +330,8 @@ class Target:
     fit_row0: int = 0                       # ... on its rows from here (a fused gate_up_proj's up half)
     col_fit_from: str | None = None         # consumer: its s comes from this target's row fit
     ref_row0: int = 0                       # its rows begin here in the reference layer (an expert of a stack)
+    fold_rows: np.ndarray | None = None     # undo a multiplier folded into Ŵ's rows: divide them by this
+    fold: str = ""                          # ... and which ("mup:attention_out_multiplier")
 
     @property
     def var_layers(self) -> list[str]:
@@ -729,10 +732,34 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
         al.unmatched.append(Unmatched(label, vl.path, "quantized in the variant but absent in the reference"))
 
     _find_smoothing(reference, variant, al, ref, var, interleaved)
+    _find_multipliers(reference, variant, al)
     return al
 
 
 # -- equivalent transformations -------------------------------------------------------------------
+
+def _find_multipliers(reference: Model, variant: Model, al: Alignment) -> None:
+    """Multipliers a converter folded into one side's weights and not the other's (Falcon-H1's
+    muP multipliers in mlx-lm's conversion, which transformers applies at run time: :mod:`.mup`):
+    each target's fold, so that the variant is measured with it divided out (or, where the
+    reference holds them folded, multiplied in)."""
+    if "falcon_h1" not in reference.ckpt.model_types() or "falcon_h1" not in variant.ckpt.model_types():
+        return
+    fr, fv = mup.falcon_folded(reference), mup.falcon_folded(variant)
+    if fr is None or fv is None or fr == fv:
+        return
+    folded, plain = (variant, reference) if fv else (reference, variant)
+    for t in al.targets.values():
+        lay = plain.layers.get(t.ref_layer if plain is reference else t.var_layers[0])
+        w = None if lay is None else lay.tensors.get("weight")
+        dtype = w.dtype if w is not None and not lay.quantized else "BF16"
+        got = mup.falcon_factors(folded, t.name, t.rows, dtype)
+        if got is None:
+            continue
+        rows, what = got
+        t.fold_rows = rows if folded is variant else 1.0 / rows
+        t.fold = f"mup:{what}"
+
 
 def _norm_rules(layer_prefix: str, ref: dict[str, Layer]) -> list[tuple[str, set[str], tuple[str, ...]]]:
     """(norm path, consumer projection names, sub-module prefixes) of one decoder layer."""

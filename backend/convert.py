@@ -45,7 +45,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from . import bitpack
+from . import bitpack, mup
 from .bitpack import unpack_bits
 from .checkpoint import Checkpoint, open_checkpoint
 from .compare_align import switch_path
@@ -760,6 +760,8 @@ def _plan_mlx(model: Model, targets: _Targets, engine, notes: list[str], cancel,
     source_quantized = any(lay.quantized for lay in model.layers.values())
     model_dtype = _model_float_dtype(model)
     layers = list(model.layers.values())
+    # a Falcon-H1 as transformers stores it: written as mlx-lm's conversion writes it (mup)
+    hf_falcon = "falcon_h1" in model.ckpt.model_types() and mup.falcon_folded(model) is False
     if model.ckpt.tied_embeddings is True:
         # mlx-lm's models build no lm_head where the head is the embedding, and refuse the
         # tensors of one ("parameters not in model: lm_head.biases, lm_head.scales"); its
@@ -776,7 +778,7 @@ def _plan_mlx(model: Model, targets: _Targets, engine, notes: list[str], cancel,
         if progress is not None and i % 16 == 0:
             progress(i / max(1, len(layers)))
         try:
-            return _plan_layer_mlx(model, layer, targets, engine, notes, source_quantized, model_dtype)
+            return _plan_layer_mlx(model, layer, targets, engine, notes, source_quantized, model_dtype, hf_falcon)
         except LayerError as exc:  # the file named, as a decode names it
             raise exc.naming(model.ckpt.source, layer.path) from None
 
@@ -946,13 +948,41 @@ def _refuse_broken(model: Model, layer: Layer) -> None:
                               file=model.ckpt.source, tensor=layer.path, rule="convert.undecodable")
 
 
-def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, source_quantized, model_dtype) -> _Item:
+def _falcon_conv(model: Model, layer: Layer, res: LayerResult) -> _Item:
+    """A Falcon-H1 Mamba conv1d as mlx-lm's conversion writes it: its weight ``[C, 1, k]`` as
+    ``[C, k, 1]`` (mlx-lm's sanitize tells a file to fold by this layout: left as transformers
+    stores it, its load multiplied the packed weights by the muP multipliers), its bias carried."""
+    w = layer.tensors["weight"]
+    c, one, k = w.stored_shape
+    outputs = [(w.stored_name, w.dtype, (c, k, one))]
+    raw: dict = {}
+    _carry(model, layer, [n for n in layer.tensors if n != "weight"], outputs, raw)
+    res.action = "carried, transposed to mlx-lm's [C, k, 1]"
+    return _Item(res, outputs, lambda: {w.stored_name: np.ascontiguousarray(
+        np.asarray(model.ckpt.tensor(w.name)).transpose(0, 2, 1))}, config=False, raw=raw)
+
+
+def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, source_quantized, model_dtype,
+                    hf_falcon: bool = False) -> _Item:
     path = layer.path
     _refuse_broken(model, layer)
     res = LayerResult(path, layer.scheme, "carried")
     outputs: list = []
     raw: dict = {}
     target = targets.for_layer(path)
+    # Falcon-H1's muP multipliers, folded into the rows as mlx-lm's conversion folds them (mup)
+    fold = None
+    if hf_falcon and layer.shape and len(layer.shape) == 2 and not layer.problem:
+        w0 = layer.tensors.get("weight")
+        got = mup.falcon_factors(model, path, int(layer.shape[0]),
+                                 w0.dtype if layer.scheme == "dense" and w0 is not None else _st_name(model_dtype))
+        fold = None if got is None else got[0]
+    if hf_falcon and path.endswith("mamba.conv1d") and layer.scheme == "dense" and "weight" in layer.tensors \
+            and len(layer.tensors["weight"].stored_shape or ()) == 3 and layer.tensors["weight"].stored_shape[1] == 1:
+        return _falcon_conv(model, layer, res)
+
+    def folded(a):
+        return a if fold is None else mup.fold(a, fold)
     if layer.scheme == "unknown" or (layer.scheme == "dense" and (layer.problem or not layer.is_matrix
                                                                    or "weight" not in layer.tensors)):
         _carry(model, layer, list(layer.tensors), outputs, raw)
@@ -992,6 +1022,12 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
                 # (in mlx-lm's layout all the same: its gpt_oss sanitize leaves a file holding any
                 # experts.gate_proj.weight as it is, and refused the stored parameter beside it)
                 return _plan_expert_param(model, layer, None, w.dtype, res)
+            if fold is not None and w.dtype in _FLOAT_ST:  # (dense, its multiplier folded in all the same)
+                res.action += ", muP multiplier folded in as mlx-lm does"
+                outputs.append((w.stored_name, w.dtype, w.stored_shape))
+                _carry(model, layer, others, outputs, raw)
+                return _Item(res, outputs, lambda: {w.stored_name: folded(np.asarray(model.ckpt.tensor(w.name)))},
+                             config=False, raw=raw)
             _carry(model, layer, list(layer.tensors), outputs, raw)
             return _Item(res, outputs, dict, config=False, raw=raw)
         dt = w.dtype if q.mode == "affine" else "U8"
@@ -1005,7 +1041,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             f"quantized {q.label()}", q.bits, q.group_size, q.mode, dt
 
         def make_dense_q():
-            a = model.ckpt.tensor(w.name)
+            a = folded(np.asarray(model.ckpt.tensor(w.name)))
             parts = _mx_quantize(a, a.dtype, q)
             return dict(zip([o[0] for o in outputs], parts))
 
@@ -1023,7 +1059,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         dt = _st_name(model_dtype)
         outputs = [(f"{path}.weight", dt, layer.shape)]
         _carry(model, layer, keep, outputs, raw)
-        return _Item(res, outputs, lambda: {f"{path}.weight": engine.dequantize(model, layer).astype(model_dtype)},
+        return _Item(res, outputs, lambda: {f"{path}.weight": folded(engine.dequantize(model, layer).astype(model_dtype))},
                      config=False, raw=raw)
     # MLX already in the requested settings: copy.
     if layer.scheme.startswith("mlx-"):
@@ -1044,7 +1080,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
     if rp is not None:
         bits, g = layer.bits, layer.group_size
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf scales: the verification says so
-            keep_dt = _keeps_dtype(rp, bits, g)
+            keep_dt = fold is None and _keeps_dtype(rp, bits, g)  # (a multiplier folded in: float32)
         rounded = not keep_dt and targets.source_scales  # (--scales source: the runtime's dtype)
         sdt = rp.src_dtype if keep_dt or rounded else np.dtype(np.float32)
         st = _st_name(sdt)
@@ -1052,12 +1088,17 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         outputs = _quant_outputs(path, layer.shape, st, q)
         _carry(model, layer, keep, outputs, raw)
         res.action = "repacked, biases rounded" if rounded else "repacked exact"
+        if fold is not None:
+            res.action += ", muP multiplier folded into its scales and biases"
         res.bits, res.group_size, res.mode, res.scales_dtype = bits, g, "affine", st
         res.widened = not keep_dt and not rounded
 
         def make_repack():
             r, _ = _repack_plan(model, layer, target)
             s, b = r.biased()
+            if fold is not None:  # f·(s·q + b) = (f·s)·q + f·b, row by row
+                f = fold.astype(np.float32)[:, None]
+                s, b = s * f, b * f
             return {f"{path}.weight": r.weight(), f"{path}.scales": s.astype(sdt, copy=False),
                     f"{path}.biases": b.astype(sdt, copy=False)}
 
@@ -1073,7 +1114,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         dt = _st_name(model_dtype)
         outputs = [(f"{path}.weight", dt, layer.shape)]
         _carry(model, layer, keep, outputs, raw)
-        return _Item(res, outputs, lambda: {f"{path}.weight": engine.dequantize(model, layer).astype(model_dtype)},
+        return _Item(res, outputs, lambda: {f"{path}.weight": folded(engine.dequantize(model, layer).astype(model_dtype))},
                      config=False, raw=raw)
     st = _st_name(model_dtype) if q.mode == "affine" else "U8"
     outputs = _quant_outputs(path, layer.shape, st, q)
@@ -1085,7 +1126,7 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
     res.bits, res.group_size, res.mode, res.scales_dtype = q.bits, q.group_size, q.mode, st
 
     def make_requant():
-        wf = engine.dequantize(model, layer)
+        wf = folded(np.asarray(engine.dequantize(model, layer)).astype(model_dtype))
         parts = _mx_quantize(wf, model_dtype, q)
         return dict(zip([o[0] for o in outputs], parts))
 
@@ -1791,7 +1832,7 @@ def _produce_ahead(items: list[_Item], cancel):
 
 
 def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, progress) -> None:
-    from .compare import sweep
+    from .compare import only_multipliers, sweep
     if not any(lay.is_matrix for lay in model.layers.values()):  # nothing a sweep could compare
         rep.notes.append("no weight matrix in the source: nothing to verify")
         return
@@ -1812,7 +1853,8 @@ def _verify(model: Model, folder: Path, rep: ConversionReport, eng, cancel, prog
     for lr in rep.layers:
         got = [by[p] for p in rows(lr) if p in by]  # stacked experts: the worst one's
         if got:
-            lr.rel_fro = worst(m.rel_fro_raw for m in got)
+            # as stored (nothing undone), but for the multipliers convert folded in itself (mup)
+            lr.rel_fro = worst(m.rel_fro if only_multipliers(m.smoothing) else m.rel_fro_raw for m in got)
             lr.max_abs = worst(m.max_abs for m in got)
             lr.sqnr_db = worst((m.sqnr_db for m in got), min)
     src_bad = set(res.reference_nonfinite)  # (the source is the sweep's reference)

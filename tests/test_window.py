@@ -1117,6 +1117,32 @@ def test_heads_tab_shows_each_heads_error_of_every_variant(win, qtbot, demo):
     assert view.worst.text() == ""
 
 
+def test_a_multiplier_divided_out_is_said_as_such(qtbot, tmp_path):
+    """mlx-lm's Falcon-H1 against transformers' weights: in_proj's rows divided by the muP
+    multipliers mlx-lm folded into them, said over the views ("multiplier undone", not "smoothing
+    undone"), the tree's tooltip saying which; the Mamba projection has no heads."""
+    real = Path(__file__).parent / "fixtures" / "real"
+    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    w.quiet_errors = True
+    qtbot.addWidget(w)
+    w.resize(1280, 800)
+    w.show()
+    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
+        w.open_workspace([str(real / "mlxlm-falconh1-q4-g32")], str(real / "falconh1-bf16"))
+    try:
+        with qtbot.waitSignal(w.detail_shown, timeout=30_000):
+            assert w.tree.select("model.layers.0.mamba.in_proj")
+        assert w.hist.note.text() == "model.layers.0.mamba.in_proj · multiplier undone, as measured: " \
+                                     "mlxlm-falconh1-q4-g32"
+        m = w._detail_errors[1].metrics["mlxlm-falconh1-q4-g32"]
+        assert 0.07 < m.rel_fro < 0.09 and m.rel_fro_raw > 0.5
+        assert "multiplier undone" in w._result_text() and "ssm_in_multiplier" in w._result_text()
+        w.tabs.setCurrentWidget(w.heads)  # (a hidden view is brought up to date when shown)
+        assert "no attention heads" in w.heads.hint.text()
+    finally:
+        w.service.shutdown()
+
+
 def test_layers_heatmap_shows_the_trees_checkpoint(win, qtbot):
     # it showed the first variant whatever the tree showed (the group error map follows the tree)
     win.tree.combo.setCurrentText("awq-w4g128")
