@@ -1451,6 +1451,13 @@ class MainWindow(QMainWindow):
             return False
         return True
 
+    def page_named(self, short: str):
+        """The tab page whose short name (``Values``, ``Heads``, …) is ``short``, any case."""
+        for i, (_, name) in enumerate(self._tab_names):
+            if name.lower() == short.lower():
+                return self.tabs.widget(i)
+        raise KeyError(short)
+
     def export_plot(self, kind: str, path: str | None = None) -> None:
         """The current tab's figure (legend, plots and notes, under a title naming the view and
         the layer) as PNG or SVG."""

@@ -117,6 +117,8 @@ class Script:
             step = self.steps.pop(0)
             step()
             return self._next_when_idle()
+        if getattr(self.args, "tab", None):
+            self.win.tabs.setCurrentWidget(self.win.page_named(self.args.tab))
         if self.args.screenshot:
             self._finish()
 
@@ -147,7 +149,7 @@ class Script:
         if self._finishing:
             return
         self._finishing = True
-        if self.args.select and self._loaded:
+        if self.args.select and self._loaded and not getattr(self.args, "tab", None):
             self.win.tabs.setCurrentWidget(self.win.layers if self.args.compare else self.win.hist)
         self.app.processEvents()
         QTimer.singleShot(50, self._save)

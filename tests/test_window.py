@@ -499,6 +499,37 @@ def test_screenshot_script_goes_on_when_one_checkpoint_of_several_fails(qtbot, t
     win.service.shutdown()
 
 
+def test_the_tab_option_shows_that_view_in_the_screenshot(qtbot, tmp_path, demo, monkeypatch):
+    """--tab heads with --select: the Heads view is the one shown (and saved), filled with the
+    layer's heads; every short name --tab takes names a tab."""
+    import argparse
+
+    from PySide6.QtWidgets import QApplication
+    from quantscope.app.cli import TABS, build_window_parser
+    from quantscope.app.window_main import Script
+    win = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    win.quiet_errors = True
+    qtbot.addWidget(win)
+    win.resize(1280, 800)
+    win.show()
+    assert [win.page_named(t) for t in TABS] == [win.tabs.widget(i) for i in range(win.tabs.count()) if
+                                                 win.tabs.widget(i) is not None][:len(TABS)]
+    assert build_window_parser().parse_args(["--tab", "heads"]).tab == "heads"
+    qtbot.waitUntil(win.service.is_idle, timeout=180_000)  # (as the test above: the warm-up done first)
+    app = QApplication.instance()
+    codes = []
+    monkeypatch.setattr(app, "exit", lambda code=0: codes.append(code))
+    args = argparse.Namespace(paths=[str(demo.variants["gptq-w4g128"])], reference=str(demo.reference),
+                              select="model.layers.0.self_attn.k_proj", compare=False, tab="heads",
+                              screenshot=str(tmp_path / "s.png"))
+    sc = Script(win, args, app)  # (kept: its slots die with it)
+    sc.start()
+    qtbot.waitUntil(lambda: bool(codes), timeout=180_000)
+    assert codes == [0] and (tmp_path / "s.png").exists()
+    assert win.tabs.currentWidget() is win.heads and win.heads.axis.names == [f"k{i}" for i in range(8)]
+    win.service.shutdown()
+
+
 def test_no_widget_attribute_hides_a_qt_virtual(qtbot):
     # an attribute named like a QWidget method (``metric`` was one) replaces Qt's virtual:
     # Qt then calls the attribute while painting and gets an error instead of the device metric
