@@ -4,7 +4,8 @@ metrics), against dequantizing the same variant layers alone.
 
 Uses ``bench_sweep``'s one decoder layer of Llama-3-8B (reference bf16, GPTQ 4-bit g128, AWQ GEMM
 4-bit g128, MLX affine 4-bit g64; built there once under ``benchmarks/.cache``): ``mlp.down_proj``
-and ``mlp.up_proj`` (58.7M weights each) and ``self_attn.q_proj`` (16.8M); and, in a process of
+and ``mlp.up_proj`` (58.7M weights each) ``self_attn.q_proj`` and ``o_proj`` (16.8M each, with their 32 heads of 128 rows or
+columns: the Heads view); and, in a process of
 its own, ``mlp.down_proj`` of ``bench_sweep``'s decoder layer of a 70B model (235M weights, read
 in row blocks). Each layer's detail (``app.jobs.job_detail``, as the window runs it on a worker thread) and its dequantization alone
 are timed in interleaved pairs (``QUANTSCOPE_BENCH_REPEAT``, default 3), best of each; the peak RSS
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from _common import CACHE, emit, peak_rss_bytes
 
-LAYERS = ("model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj")
+LAYERS = ("model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj",
+          "model.layers.0.self_attn.o_proj")
 #: A layer too large to hold decoded (235M weights, over compare.BLOCK_ELEMENTS): its views are
 #: read in row blocks; measured in a process of its own, so that its peak RSS is its own.
 WIDE_LAYERS = ("model.layers.0.mlp.down_proj",)
