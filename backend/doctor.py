@@ -38,6 +38,7 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from . import mup
 from .bitpack import unpack_bits
 from .checkpoint import (
     CONFIG_FILES,
@@ -173,6 +174,9 @@ RULES: dict[str, Rule] = _rules(
                                                 "one set matches no parameter of the model")),
     ("mlx.per-expert", "warning", "R17", ("MoE experts quantized one by one for a model whose mlx-lm class stacks "
                                           "only their .weight into switch_mlp: their scales/biases match no parameter")),
+    ("mlx.unfolded-multipliers", "error", None, ("an MLX-quantized Falcon-H1 whose Mamba conv1d is stored as "
+                                                 "transformers stores it: mlx-lm's load takes it for a transformers "
+                                                 "file and multiplies the packed weights by the muP multipliers")),
     # GPTQ / AWQ
     ("gptq.v1-zero-wrap", "error", "R1", "v1 qzeros field 2^b−1: a true zero of 0 wrapped by the −1"),
     ("gptq.sym-zeros", "error", "R3", "sym=true but the zero points are not the constant 2^(b−1)"),
@@ -1008,6 +1012,7 @@ class _Doctor:
                         file=file, layer=path, severity="warning" if unknown else None)
         self._check_overrides(cfg)
         self._check_per_expert()
+        self._check_falcon_layout()
         self._check_expert_set()
         self._check_fused_and_split()
         self._check_mlx_version()
@@ -1019,9 +1024,13 @@ class _Doctor:
         decode is right, but loaders fail on the layer (a size mismatch) or take the other one."""
         comps, path = layer.tensors, layer.path
         b = comps.get("bias")
-        if b is not None and layer.shape and len(layer.shape) >= 2 and tuple(b.shape) != tuple(layer.shape[:-1]):
+        # (a convolution's outputs are its weight's first axis, whatever its layout: [C, 1, k] as
+        # transformers stores a depthwise conv1d, [C, k, 1] as mlx-lm does)
+        conv = "conv" in path.rpartition(".")[2] and layer.shape and len(layer.shape) == 3
+        outs = tuple(layer.shape[:1]) if conv else tuple(layer.shape[:-1]) if layer.shape else ()
+        if b is not None and layer.shape and len(layer.shape) >= 2 and tuple(b.shape) != outs:
             self.col.add("layer.inconsistent", f"bias {list(b.shape)} does not fit the layer's outputs "
-                         f"{list(layer.shape[:-1])}: loaders fail on it (size mismatch) — a stale or damaged file",
+                         f"{list(outs)}: loaders fail on it (size mismatch) — a stale or damaged file",
                          file=b.file, tensor=b.name, layer=path)
         packed = next((c for c in ("qweight", "weight_packed") if c in comps), None)
         w = comps.get("weight")
@@ -1244,6 +1253,26 @@ class _Doctor:
                          "match no parameter and loading fails — convert the source with `quantscope convert "
                          "--to mlx` or mlx_lm.convert (both stack the experts)",
                          file=_layer_file(self.model.layers[per[0]]), layer=per[0])
+
+    def _check_falcon_layout(self) -> None:
+        """A Falcon-H1 quantized for MLX must be written as mlx-lm's conversion writes it: the muP
+        multipliers folded into the weights and conv1d ``[C, k, 1]``. mlx-lm's sanitize tells a file
+        to fold by its first conv1d alone: one stored ``[C, 1, k]`` (transformers') beside packed
+        weights is folded again at load, the multipliers applied to the uint32 words (mlx fails,
+        "[dequantize] The matrix should be given as a uint32"). quantscope's convert wrote such
+        files before 2026-12."""
+        if "falcon_h1" not in self.model.ckpt.model_types() or mup.falcon_folded(self.model) is not False:
+            return
+        packed = [p for p, lay in self.model.layers.items() if lay.scheme.startswith("mlx-")]
+        if not packed:
+            return
+        conv = next(lay for p, lay in self.model.layers.items() if p.endswith("mamba.conv1d") and "weight" in lay.tensors)
+        self.col.add("mlx.unfolded-multipliers", f"{len(packed)} layers are MLX-quantized (e.g. {packed[0]}), but "
+                     f"{conv.path}.weight is stored {list(conv.tensors['weight'].shape)}, as transformers stores it: "
+                     "mlx-lm's falcon_h1 sanitize then takes the file for a transformers one and multiplies the packed "
+                     "weights by the config's muP multipliers, and loading fails — convert the transformers source "
+                     "again with `quantscope convert --to mlx` or mlx_lm.convert (both fold the multipliers and write "
+                     "conv1d as [C, k, 1])", file=_layer_file(conv), tensor=f"{conv.path}.weight", layer=packed[0])
 
     def _check_mlx_version(self) -> None:
         """R16: the first MLX release that decodes every bit width and mode stored (older ones

@@ -168,3 +168,34 @@ def test_convert_folds_the_multipliers_into_a_gptq_sources_scales(tmp_path):
         np.testing.assert_allclose(wh, w * f, rtol=2e-6, atol=1e-9, err_msg=name)
     # and compared back with its source, each is its source's values again
     assert max(lr.rel_fro for lr in rep.layers if lr.rel_fro is not None) < 1e-5
+
+
+def test_doctor_names_an_mlx_falcon_whose_conv1d_is_as_transformers_stores_it(tmp_path):
+    """mlx-lm's own conversion: no finding. The same file with conv1d back in transformers'
+    layout (what quantscope's convert wrote before): mlx-lm's load folds the multipliers into the
+    packed weights and fails, an error naming the conv1d tensor."""
+    from quantscope.backend.doctor import diagnose
+    from safetensors.numpy import save_file
+    # (and no other error: a conv1d's bias fits its first axis, in either layout; it was said not
+    # to fit [192, 1] and [192, 4])
+    for folder in (HF, MLX):
+        assert not [f for f in diagnose(folder) if f.severity == "error"], folder
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((MLX / "config.json").read_text())
+    t = _st(MLX)
+    for k in [k for k in t if k.endswith("conv1d.weight")]:
+        t[k] = np.ascontiguousarray(t[k].transpose(0, 2, 1))
+    save_file(t, str(bad / "model.safetensors"), {"format": "mlx"})
+    found = [f for f in diagnose(bad) if f.rule == "mlx.unfolded-multipliers"]
+    assert len(found) == 1 and found[0].severity == "error"
+    assert found[0].tensor == "model.layers.0.mamba.conv1d.weight" and "[192, 1, 4]" in found[0].message
+    # a conv1d bias that fits no layout is still one
+    t = _st(MLX)
+    t["model.layers.1.mamba.conv1d.bias"] = t["model.layers.1.mamba.conv1d.bias"][:191]
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text((MLX / "config.json").read_text())
+    save_file(t, str(odd / "model.safetensors"), {"format": "mlx"})
+    found = [f for f in diagnose(odd) if f.rule == "layer.inconsistent"]
+    assert len(found) == 1 and "bias [191] does not fit the layer's outputs [192]" in found[0].message
