@@ -78,9 +78,10 @@ _VIEW_BLOCK_ELEMENTS = _ROW_BLOCK_ELEMENTS
 _LSTSQ_THRESHOLD = 0.02
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 CACHE_FILE = "compare-cache.json"
-CACHE_VERSION = 5  # 2: file identities as digests; 3: entries say when the reference held NaN/inf;
+CACHE_VERSION = 6  # 2: file identities as digests; 3: entries say when the reference held NaN/inf;
 #: 4: rows name the reference layer holding an expert or a tied head; 5: F64 weights in float64,
-#: the fold into a fused gate_up_proj, the norms' storage step (figures that changed)
+#: the fold into a fused gate_up_proj, the norms' storage step (figures that changed); 6: Falcon-H1's
+#: multipliers divided out, norms compared as the multipliers the runtime applies (Gemma, Qwen3.5)
 
 #: Keys of one JSON/CSV row, in order (the command-line contract plus what the window uses).
 LAYER_KEYS = ("name", "variant", "scheme", "bits", "group_size", "rel_fro", "sqnr_db", "cosine", "max_abs", "mse",
