@@ -102,11 +102,14 @@ def format_table(result, labels: list[str]) -> str:
                "lstsq": "lstsq: estimated by least squares from the preceding layer's rows",
                "rows": "rows: the rows of that preceding layer, rescaled by the same estimate",
                "mup": "mup: a multiplier of config.json the converter folded into the weights (mlx-lm's Falcon-H1), "
-                      "divided out as it was multiplied in"}
+                      "divided out as it was multiplied in",
+               "mup-in": "mup-in: a multiplier of config.json the reference's converter folded into its weights "
+                         "(mlx-lm's Falcon-H1), multiplied into the variant's"}
         lines.append("")
+        mult = {"mup", "mup-in"} & set(kinds)
         what = ("matching" if "match" in kinds else "undoing") + (
-            " AWQ-style smoothing" if set(kinds) - {"mup"} else "") + (
-            (" and" if set(kinds) - {"mup"} else "") + " folded multipliers" if "mup" in kinds else "")
+            " AWQ-style smoothing" if set(kinds) - mult else "") + (
+            (" and" if set(kinds) - mult else "") + " folded multipliers" if mult else "")
         est = sum(smoothing_mark(r.smoothing) == "~" for r in undone)
         marks = ("* exactly, ~ estimated" if est and est < len(undone) else "~ estimated" if est else "* exactly")
         lines.append(f"{marks}: {len(undone)} measured after {what} ("

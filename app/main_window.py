@@ -47,6 +47,7 @@ from quantscope.backend.compare_align import (
 )
 from quantscope.backend.dtypes import DENSE_FLOATS
 from quantscope.backend.errors import QuantscopeError
+from quantscope.backend.heads import no_heads_why
 from quantscope.backend.metrics import worse
 from quantscope.backend.search import NameTerms
 from quantscope.backend.workspace import Workspace, identity
@@ -1173,9 +1174,7 @@ class MainWindow(QMainWindow):
                                                         "No variant quantizes this layer in groups",
                                                         by_index=r.get("by_index", ()), blocks=r.get("blocks", {}),
                                                         prefer=shown, layer=r["name"]))
-        no_heads = (no_ref if alone else
-                    f"{r['name']}: no attention heads to split it into — only the q/k/v/o projections of an "
-                    "attention whose head counts the reference's config.json gives" if d.heads is None else
+        no_heads = (no_ref if alone else f"{r['name']}: {no_heads_why(r['name'])}" if d.heads is None else
                     f"{r['name']}: no variant is measured on this layer")
         upd(self.heads, lambda: self.heads.set_heads(d.head_error, colors, d.heads,
                                                      {k: m.rel_fro for k, m in d.metrics.items()},

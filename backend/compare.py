@@ -298,7 +298,7 @@ class SweepResult:
             self._write_csv(path)
             return
         from .outfile import atomic_output
-        with atomic_output(path, "w", newline="") as fh:
+        with atomic_output(path, "w", newline="", encoding="utf-8") as fh:  # (layer names may be any text)
             self._write_csv(fh)
 
     def _write_csv(self, fh) -> None:
@@ -749,7 +749,8 @@ def describe_smoothing(label: str) -> str:
     # norms (the reference may be the smoothed side)
     words = {"norm": "exact, from {}", "match": "to the reference's {}", "lstsq": "fitted to {}'s rows",
              "rows": "rows rescaled by the estimate for {}",
-             "mup": "the converter's folded {} divided out (config.json)"}
+             "mup": "the converter's folded {} divided out (config.json)",
+             "mup-in": "{} multiplied in, as the reference's converter folded it (config.json)"}
     out = []
     for part in label.split("+"):
         kind, _, path = part.partition(":")
@@ -767,7 +768,7 @@ def smoothing_mark(label: str) -> str:
 
 def only_multipliers(label: str) -> bool:
     """Whether all a row's ``smoothing`` label undid is multipliers a converter folded in (mup)."""
-    return bool(label) and label != "none" and all(p.startswith("mup:") for p in label.split("+"))
+    return bool(label) and label != "none" and all(p.startswith(("mup:", "mup-in:")) for p in label.split("+"))
 
 
 def smoothing_action(label: str) -> str:
@@ -2041,7 +2042,7 @@ def layer_detail(reference: Model, variants: dict[str, Model], name: str, *, bin
                        group_error, metrics, value_view, error_view,
                        nonfinite_counts({"reference": w, **wh_of}, value_counts), left_out, grouped_by_index,
                        log_edges, log_counts, log_view, zero_errors, copies, column_blocks, float_codes,
-                       heads if head_error else None, head_error)
+                       heads, head_error)
 
 
 def _heads_of(reference: Model, layer: Layer | None) -> HeadLayout | None:
@@ -2272,7 +2273,7 @@ def _layer_detail_in_blocks(reference: Model, states: list, name: str, ref_rows:
                        group_error, metrics, value_view, error_view,
                        nonfinite_counts(dict.fromkeys(["reference", *labels], n), value_counts),
                        left_out, grouped_by_index, log_edges, log_counts, log_view, zero_errors, copies,
-                       column_blocks, float_codes, heads if hsums else None,
+                       column_blocks, float_codes, heads,
                        {lb: rel_error(*acc) for lb, acc in hsums.items() if lb in group_error})
 
 

@@ -758,7 +758,7 @@ def _find_multipliers(reference: Model, variant: Model, al: Alignment) -> None:
             continue
         rows, what = got
         t.fold_rows = rows if folded is variant else 1.0 / rows
-        t.fold = f"mup:{what}"
+        t.fold = f"mup:{what}" if folded is variant else f"mup-in:{what}"
 
 
 def _norm_rules(layer_prefix: str, ref: dict[str, Layer]) -> list[tuple[str, set[str], tuple[str, ...]]]:

@@ -1064,7 +1064,25 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
     # MLX already in the requested settings: copy.
     if layer.scheme.startswith("mlx-"):
         same = _Q(layer.bits, layer.group_size, layer.mode)
-        if target is None or target == same:
+        if (target is None or target == same) and fold is not None and same.mode == "affine" \
+                and {"weight", "scales", "biases"} <= set(layer.tensors):
+            # an MLX Falcon-H1 written without its multipliers folded (what convert wrote before
+            # 2026-12): f·(s·q + b) = (f·s)·q + f·b, in float32; its codes kept
+            res.action = "copied, muP multiplier folded into its scales and biases"
+            res.bits, res.group_size, res.mode, res.scales_dtype = same.bits, same.group_size, same.mode, "F32"
+            sb = {c: layer.tensors[c] for c in ("scales", "biases")}
+            outputs = [(t.stored_name, "F32", t.stored_shape) for t in sb.values()]
+            _carry(model, layer, [c for c in layer.tensors if c not in sb], outputs, raw)
+
+            def make_scaled():
+                f = fold.astype(np.float32)[:, None]
+                return {t.stored_name: np.asarray(model.ckpt.tensor(t.name)).astype(np.float32) * f
+                        for t in sb.values()}
+
+            return _Item(res, outputs, make_scaled, config=same, raw=raw)
+        if (target is None or target == same) and fold is not None:
+            target = same  # (mxfp4 and the like: no exact fold; decoded, folded and requantized below)
+        elif target is None or target == same:
             res.action, res.bits, res.group_size, res.mode = "copied exact", same.bits, same.group_size, same.mode
             res.scales_dtype = layer.tensors["scales"].dtype
             _carry(model, layer, list(layer.tensors), outputs, raw)

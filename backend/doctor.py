@@ -1266,7 +1266,8 @@ class _Doctor:
         packed = [p for p, lay in self.model.layers.items() if lay.scheme.startswith("mlx-")]
         if not packed:
             return
-        conv = next(lay for p, lay in self.model.layers.items() if p.endswith("mamba.conv1d") and "weight" in lay.tensors)
+        conv = next(lay for p, lay in self.model.layers.items() if p.endswith("mamba.conv1d") and "weight" in lay.tensors
+                    and lay.tensors["weight"].shape is not None and len(lay.tensors["weight"].shape) == 3)
         self.col.add("mlx.unfolded-multipliers", f"{len(packed)} layers are MLX-quantized (e.g. {packed[0]}), but "
                      f"{conv.path}.weight is stored {list(conv.tensors['weight'].shape)}, as transformers stores it: "
                      "mlx-lm's falcon_h1 sanitize then takes the file for a transformers one and multiplies the packed "

@@ -19,14 +19,17 @@ import numpy as np
 #: Output rows per head: the query, key and value projections (MLA's ``q_b_proj`` and
 #: ``kv_b_proj`` included: their rows are per head, each head's key and value rows together).
 _ROWS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "q_b_proj": "q", "kv_b_proj": "kv"}
-#: Input columns per head: the output projection (a vision tower's ``out_proj``).
-_COLUMNS = {"o_proj": "o", "out_proj": "o"}
-#: Fused projections stored as the rows of q, then k, then v (Phi-3's ``qkv_proj``).
+#: Input columns per head: the output projection (a vision tower's ``out_proj``; Qwen-VL's
+#: ``attn.proj``).
+_COLUMNS = {"o_proj", "out_proj"}
+#: Fused projections stored as the rows of q, then k, then v (Phi-3's ``qkv_proj``, Qwen-VL's
+#: vision ``attn.qkv``).
 _FUSED = {"qkv_proj"}
 #: Attention modules whose heads these rules do not describe: linear attention (Qwen3-Next's
 #: gated delta net, MiniMax), whose projections are fused in their own orders.
 _OTHER = re.compile(r"linear_att|lightning_att")
 _ATTENTION = re.compile(r"attn|attention", re.IGNORECASE)
+_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class HeadLayout:
     axis: str
     sections: tuple[tuple[str, int, int], ...]
     source: str
+    #: Query heads per key/value head (grouped-query attention's q_proj), else 0.
+    group: int = 0
 
     @property
     def n(self) -> int:
@@ -67,68 +72,112 @@ class HeadLayout:
         return sum(h * w for _, h, w in self.sections)
 
 
-def _int(c: dict, *keys) -> int | None:
+def _int(c: dict, *keys) -> tuple[int, str] | tuple[None, None]:
+    """The first of ``keys`` ``c`` gives a positive integer for, and that key."""
     for k in keys:
         v = c.get(k)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None
+            return v, k
+    return None, None
 
 
-def _config_for(cfg: dict, path: str) -> dict | None:
-    """The part of config.json that describes the model ``path`` belongs to: a vision or audio
-    tower's own ``vision_config`` / ``audio_config``, else the text model's (``text_config`` of
-    a multimodal wrapper, or the whole config)."""
+def _config_for(cfg: dict, path: str) -> tuple[dict | None, str]:
+    """The part of config.json that describes the model ``path`` belongs to, and where it is: a
+    vision or audio tower's own ``vision_config`` / ``audio_config``, else the text model's
+    (``text_config`` of a multimodal wrapper, or the whole config)."""
     low = path.lower()
     for marks, key in ((("vision", "visual", "image"), "vision_config"), (("audio",), "audio_config")):
         if any(m in low for m in marks):
             sub = cfg.get(key)
-            return sub if isinstance(sub, dict) else None
+            return (sub, key) if isinstance(sub, dict) else (None, key)
     text = cfg.get("text_config")
-    return text if isinstance(text, dict) else cfg
+    return (text, "text_config") if isinstance(text, dict) else (cfg, "")
 
 
 def head_layout(cfg: dict | None, path: str, shape) -> HeadLayout | None:
     """The heads of layer ``path`` (a module path) of logical ``shape`` ``[out, in]``, from
     config.json ``cfg``; None where the layer is no attention projection these rules know, or its
-    size is no whole number of heads of a width the config names."""
+    size is no whole number of heads of a width the config names.
+
+    The counts and widths tried, in order: a layer's own kind first where ``layer_types`` names
+    it (Gemma's full-attention layers: ``num_global_key_value_heads`` of ``global_head_dim``;
+    sliding ones: ``num_key_value_heads`` of ``head_dim``), then ``hidden_size`` /
+    ``num_attention_heads``, MLA's widths (``qk_nope_head_dim + qk_rope_head_dim`` for queries,
+    ``qk_nope_head_dim + v_head_dim`` for kv_b_proj, ``v_head_dim`` for o_proj) and a gated
+    query's two head widths (Qwen3.5 / Qwen3-Next: each head's query rows, then its gate's)."""
     if not isinstance(cfg, dict) or shape is None or len(shape) != 2:
         return None
     parent, _, leaf = path.rpartition(".")
+    if leaf == "linear" and parent.rpartition(".")[2] in {*_ROWS, *_COLUMNS, *_FUSED}:
+        parent, _, leaf = parent.rpartition(".")  # (Gemma's vision tower wraps its projections)
     if not _ATTENTION.search(parent) or _OTHER.search(parent):
         return None
-    c = _config_for(cfg, path)
+    at_attn = _ATTENTION.search(parent.rpartition(".")[2]) is not None  # (Qwen-VL's ``attn.qkv`` / ``attn.proj``)
+    c, where = _config_for(cfg, path)
     if c is None:
         return None
-    h = _int(c, "num_attention_heads", "num_heads", "n_head", "n_heads")
+    h, h_key = _int(c, "num_attention_heads", "num_heads", "n_head", "n_heads")
     if h is None:
         return None
-    kvs = [v for k, v in c.items() if re.fullmatch(r"num_(\w+_)?key_value_heads|num_kv_heads|n_head_kv|"
-                                                   r"multi_query_group_num", k)
-           and isinstance(v, int) and not isinstance(v, bool) and v > 0]
-    kv = _int(c, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num") or h
-    hidden = _int(c, "hidden_size", "d_model", "n_embd")
-    hd = _int(c, "head_dim") or (hidden // h if hidden and hidden % h == 0 else None)
-    nope, rope, vd = (_int(c, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
-    widths = {w for w in (hd, _int(c, "global_head_dim"), hidden // h if hidden and hidden % h == 0 else None,
-                          nope + rope if nope and rope else None, vd, nope + vd if nope and vd else None) if w}
-    said = {"num_attention_heads": h, "num_key_value_heads": kv, "head_dim": hd}
-    src = "config.json: " + ", ".join(f"{k} {v}" for k, v in said.items() if v is not None)
+    hidden, _ = _int(c, "hidden_size", "d_model", "n_embd")
+    hd, hd_key = _int(c, "head_dim")
+    ghd, _ = _int(c, "global_head_dim")
+    kv, kv_key = _int(c, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
+    gkv, _ = _int(c, "num_global_key_value_heads")
+    nope, _ = _int(c, "qk_nope_head_dim")
+    rope, _ = _int(c, "qk_rope_head_dim")
+    vd, _ = _int(c, "v_head_dim")
+    # the layer's kind, where layer_types names it: its own head width and key/value count first
+    m = _LAYER.search(path)
+    kinds = c.get("layer_types")
+    full = None
+    if m and isinstance(kinds, list) and int(m.group(1)) < len(kinds):
+        full = "full" in str(kinds[int(m.group(1))]) or "global" in str(kinds[int(m.group(1))])
+    dims = [(hd, hd_key or "")] if hd else []
+    if ghd:
+        dims.insert(0 if full else len(dims), (ghd, "global_head_dim"))
+    if hidden and hidden % h == 0:
+        dims.append((hidden // h, f"hidden_size {hidden} / {h_key}"))
+    kvs = [(kv, kv_key)] if kv else []
+    if gkv:
+        kvs.insert(0 if full else len(kvs), (gkv, "num_global_key_value_heads"))
+    heads_q = [(h, h_key)]
     out, inp = int(shape[0]), int(shape[1])
-    if leaf in _FUSED:
-        if hd and out == (h + 2 * kv) * hd:
-            return HeadLayout("rows", (("q", h, hd), ("k", kv, hd), ("v", kv, hd)), src)
+    pre = f"config.json{' ' + where if where else ''}: "
+
+    def said(count, ck, width, wk):
+        return f"{pre}{ck} {count} × {wk} {width}" if wk and not wk.startswith("hidden") else \
+            f"{pre}{ck} {count} × {width} ({wk})" if wk else f"{pre}{ck} {count} × {width}"
+
+    if leaf in _FUSED or (leaf == "qkv" and at_attn):
+        for (w, wk) in dims:
+            for (k, kk) in kvs or [(h, h_key)]:
+                if out == (h + 2 * k) * w:
+                    return HeadLayout("rows", (("q", h, w), ("k", k, w), ("v", k, w)),
+                                      said(h, h_key, w, wk) + (f", {kk} {k}" if kvs else ""))
         return None
     if leaf in _ROWS:
         axis, n, prefix = "rows", out, _ROWS[leaf]
-        counts = [kv, *kvs, h] if prefix in ("k", "v") else [h]
-    elif leaf in _COLUMNS:
-        axis, n, prefix, counts = "columns", inp, "h", [h]
+        if prefix == "q":
+            cands = [(h, h_key, w, wk) for w, wk in dims]
+            if nope and rope:
+                cands.append((h, h_key, nope + rope, f"(qk_nope_head_dim {nope} + qk_rope_head_dim {rope})"))
+            cands += [(h, h_key, 2 * w, f"2 × {wk} {w} (query and gate rows)") for w, wk in dims if wk == "head_dim"]
+        elif prefix == "kv":
+            cands = [(h, h_key, nope + vd, f"(qk_nope_head_dim {nope} + v_head_dim {vd})")] if nope and vd else []
+        else:
+            cands = [(k, kk, w, wk) for k, kk in [*kvs, *heads_q] for w, wk in dims]
+    elif leaf in _COLUMNS or (leaf == "proj" and at_attn):
+        axis, n, prefix = "columns", inp, "h"
+        cands = [(h, h_key, w, wk) for w, wk in dims] + ([(h, h_key, vd, "v_head_dim")] if vd else [])
     else:
         return None
-    for count in counts:
-        if n % count == 0 and n // count in widths:
-            return HeadLayout(axis, ((prefix, count, n // count),), src)
+    for count, ck, width, wk in cands:
+        if n == count * width:
+            src = (f"{pre}{ck} {count} × {wk}" if wk.startswith(("(", "2 ×")) else said(count, ck, width, wk))
+            k = kvs[0][0] if kvs else 0
+            group = h // k if prefix == "q" and count == h and k and k < h and h % k == 0 else 0
+            return HeadLayout(axis, ((prefix, count, width),), src + (f"; {kvs[0][1]} {k}" if group else ""), group)
     return None
 
 
@@ -142,3 +191,16 @@ def rel_error(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """sqrt(num / den) per head: a head of no weight is inf for any error, 0 for none."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, num))
+
+
+def no_heads_why(path: str) -> str:
+    """Why layer ``path`` is not split into heads, in a few words (:func:`head_layout` gave None)."""
+    parent = path.rpartition(".")[0]
+    if _OTHER.search(parent):
+        return "a linear attention's projection (its heads fused in an order of its own): not split"
+    if "mamba" in parent or "mixer" in parent or "ssm" in parent:
+        return "a state-space (Mamba) mixer's projection: no attention heads"
+    if not _ATTENTION.search(parent):
+        return "not an attention projection: no heads"
+    return ("an attention layer whose size is no whole number of heads of a width the reference's config.json "
+            "names (num_attention_heads, num_key_value_heads, head_dim): not split")

@@ -69,7 +69,7 @@ def falcon_factors(model, path: str, rows: int, dtype: str = "BF16") -> tuple[np
     cfg = falcon_config(model)
     if path.endswith("in_proj"):
         f, what = _falcon_in_proj(cfg, _ROUND_TO.get(dtype, ml_dtypes.bfloat16), rows), \
-            "ssm_in_multiplier×ssm_multipliers"
+            "ssm_in_multiplier*ssm_multipliers"
     else:
         key = next((k for leaf, k in FALCON_FOLDS if path.endswith(leaf)), None)
         if key == "lm_head_multiplier" and not any(p.endswith("lm_head") for p in model.layers):

@@ -147,3 +147,40 @@ def test_a_layer_without_heads_has_none(real_models):
     ref, variants = real_models
     d = layer_detail(ref, {"gptq": variants["gptq"]}, "model.layers.0.mlp.up_proj")
     assert d.heads is None and d.head_error == {}
+
+
+def test_gated_queries_layer_kinds_and_vision_towers():
+    # Qwen3.5 / Qwen3-Next full attention: each head's query rows, then its gate's (2 × head_dim)
+    qn = {"hidden_size": 2048, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256}
+    h = head_layout(qn, "model.layers.3.self_attn.q_proj", (8192, 2048))
+    assert h.sections == (("q", 16, 512),) and "query and gate rows" in h.source and h.group == 8
+    # Gemma's full-attention layers (layer_types): their own key/value count and width first
+    g = {"hidden_size": 2048, "num_attention_heads": 8, "num_key_value_heads": 4, "num_global_key_value_heads": 2,
+         "head_dim": 256, "global_head_dim": 512, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]}
+    assert _layout(g, "model.layers.3.self_attn.k_proj", (1024, 2048)) == ("rows", (("k", 2, 512),))
+    assert _layout(g, "model.layers.0.self_attn.k_proj", (1024, 2048)) == ("rows", (("k", 4, 256),))
+    assert "num_global_key_value_heads 2 × global_head_dim 512" in \
+        head_layout(g, "model.layers.3.self_attn.k_proj", (1024, 2048)).source
+    # Qwen-VL's vision blocks (attn.qkv fused q, k, v; attn.proj), Gemma's wrapped projections
+    vl = {"text_config": LLAMA, "vision_config": {"hidden_size": 1152, "num_heads": 16}}
+    assert _layout(vl, "model.visual.blocks.0.attn.qkv", (3456, 1152)) == \
+        ("rows", (("q", 16, 72), ("k", 16, 72), ("v", 16, 72)))
+    assert _layout(vl, "model.visual.blocks.0.attn.proj", (1152, 1152)) == ("columns", (("h", 16, 72),))
+    assert head_layout(vl, "model.visual.blocks.0.mlp.proj", (1152, 1152)) is None
+    gv = {"text_config": LLAMA, "vision_config": {"num_attention_heads": 16, "head_dim": 72}}
+    assert _layout(gv, "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear", (1152, 1152)) == \
+        ("rows", (("q", 16, 72),))
+    # the source names the keys the split used: DeepSeek's heads are nope + rope wide, not hidden / heads
+    ds = {"num_attention_heads": 4, "num_key_value_heads": 4, "hidden_size": 128, "qk_nope_head_dim": 64,
+          "qk_rope_head_dim": 32, "v_head_dim": 32}
+    assert head_layout(ds, "model.layers.0.self_attn.q_b_proj", (384, 96)).source == \
+        "config.json: num_attention_heads 4 × (qk_nope_head_dim 64 + qk_rope_head_dim 32)"
+    assert head_layout(LLAMA, "model.layers.0.self_attn.q_proj", (384, 384)).group == 3  # 3 q heads per k/v head
+
+
+def test_a_layer_not_split_says_why():
+    from quantscope.backend.heads import no_heads_why
+    assert "linear attention" in no_heads_why("model.layers.0.linear_attn.out_proj")
+    assert "Mamba" in no_heads_why("model.layers.0.mamba.in_proj")
+    assert no_heads_why("model.layers.0.mlp.up_proj") == "not an attention projection: no heads"
+    assert "no whole number of heads" in no_heads_why("model.layers.0.self_attn.q_proj")

@@ -58,7 +58,7 @@ def test_compare_divides_out_the_multipliers_mlx_lm_folded(kernel_path):
     for r in rows.values():
         assert 0.075 < r.rel_fro < 0.09, (r.name, r.rel_fro)
     assert rows["model.embed_tokens"].rel_fro_raw > 4  # as stored: × 5.66
-    assert rows["model.layers.0.mamba.in_proj"].smoothing == "mup:ssm_in_multiplier×ssm_multipliers"
+    assert rows["model.layers.0.mamba.in_proj"].smoothing == "mup:ssm_in_multiplier*ssm_multipliers"
     assert rows["model.layers.1.self_attn.k_proj"].smoothing == "mup:attention_in_multiplier"
     assert rows["model.layers.0.feed_forward.down_proj"].smoothing == "mup:mlp_multipliers[1]"
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.feed_forward.up_proj"):
@@ -84,7 +84,7 @@ def test_compare_multiplies_them_in_where_the_reference_holds_them_folded():
     assert len(rows) == 20
     for r in rows.values():
         assert 0.075 < r.rel_fro < 0.09, (r.name, r.rel_fro)
-    assert rows["model.embed_tokens"].smoothing == "mup:embedding_multiplier"
+    assert rows["model.embed_tokens"].smoothing == "mup-in:embedding_multiplier"  # (multiplied in)
 
 
 def test_the_factors_are_mlx_lms_rounded_to_the_weights_dtype():
@@ -199,3 +199,36 @@ def test_doctor_names_an_mlx_falcon_whose_conv1d_is_as_transformers_stores_it(tm
     save_file(t, str(odd / "model.safetensors"), {"format": "mlx"})
     found = [f for f in diagnose(odd) if f.rule == "layer.inconsistent"]
     assert len(found) == 1 and "bias [191] does not fit the layer's outputs [192]" in found[0].message
+
+
+def test_an_mlx_falcon_written_without_its_multipliers_gets_them_folded_into_its_scales(tmp_path):
+    """The file the doctor names (MLX-quantized, multipliers not folded, conv1d as transformers
+    stores it) converted to MLX again: its codes kept, the multipliers folded into its scales and
+    biases (float32), conv1d as mlx-lm's; compared with transformers' weights it is then the 4-bit
+    error everywhere (it was 'copied exact', conv1d moved: mlx-lm loaded it without multipliers)."""
+    from quantscope.backend.convert import convert
+    from quantscope.backend.doctor import diagnose
+    disguised = tmp_path / "hf"
+    disguised.mkdir()
+    for f in HF.iterdir():
+        (disguised / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((HF / "config.json").read_text())
+    (disguised / "config.json").write_text(json.dumps({**cfg, "model_type": "not_falcon"}))
+    old = tmp_path / "old"
+    convert(disguised, old, to="mlx", bits=4, group_size=32)  # (written as the converter used to)
+    ocfg = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**ocfg, "model_type": "falcon_h1"}))
+    assert [f.rule for f in diagnose(old) if f.severity == "error"] == ["mlx.unfolded-multipliers"]
+    new = tmp_path / "new"
+    rep = convert(old, new, to="mlx")
+    acts = {lr.path: lr.action for lr in rep.layers}
+    assert acts["model.layers.0.self_attn.o_proj"] == "copied, muP multiplier folded into its scales and biases"
+    assert acts["model.layers.0.self_attn.v_proj"] == "copied exact"
+    assert not [f for f in diagnose(new) if f.severity == "error"]
+    o, n = _st(old), _st(new)
+    assert np.array_equal(o["model.layers.0.self_attn.o_proj.weight"], n["model.layers.0.self_attn.o_proj.weight"])
+    assert n["model.layers.0.self_attn.o_proj.scales"].dtype == np.float32
+    rows = {r.name: r for r in sweep(analyze(open_checkpoint(HF)), {"new": analyze(open_checkpoint(new))},
+                                     engine="numpy").rows}
+    for r in rows.values():
+        assert 0.075 < r.rel_fro < 0.09, (r.name, r.rel_fro)

@@ -1119,7 +1119,9 @@ def test_heads_tab_shows_each_heads_error_of_every_variant(win, qtbot, demo):
     variant with the detail's figures (held to numpy on the decoded layers in tests/test_heads.py),
     each variant's worst head named; an MLP layer has no heads and says so."""
     import numpy as np
+    import pyqtgraph as pg
     from quantscope.backend.compare import layer_detail
+    from quantscope.backend.heads import head_layout
     win.tabs.setCurrentWidget(win.heads)
     name = "model.layers.1.self_attn.o_proj"
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
@@ -1136,16 +1138,38 @@ def test_heads_tab_shows_each_heads_error_of_every_variant(win, qtbot, demo):
         assert line.value() == pytest.approx(d.metrics[label].rel_fro)  # the layer's own error, dotted
     worst = max(d.head_error["gptq-w4g128"])
     i = int(np.argmax(d.head_error["gptq-w4g128"]))
-    assert f"gptq-w4g128: worst h{i} {worst:.4g}" in view.worst.text()
+    ratio = worst / d.metrics["gptq-w4g128"].rel_fro
+    assert f"gptq-w4g128 h{i} {worst:.3g} ({ratio:.2f}×)" in view.worst.text()
     assert not view.hint.text()
+    # each head over its layer's error: the gptq series' worst point is that ratio, the dotted lines at 1
+    view.ratio.setChecked(True)
+    item, line = view._series["gptq-w4g128"]
+    assert item.getData()[1][i] == pytest.approx(ratio) and line.value() == 1.0
+    assert view.plot.getAxis("left").labelText == "head's error ÷ the layer's"
+    view.ratio.setChecked(False)
+    # the pointer over head 3, then off the plot: named, then cleared
+    vb = view.plot.getViewBox()
+    view._on_move(vb.mapViewToScene(pg.Point(3.0, 0.5 * worst)))
+    assert view.hover.text().startswith("h3: ") and "gptq-w4g128 " in view.hover.text()
+    view._on_move(vb.mapViewToScene(pg.Point(-5.0, -1.0)))
+    assert view.hover.text().strip() == ""
     # hidden from the legend: its series and its line both
     view.legend._toggle("gptq-w4g128")
     assert not view._series["gptq-w4g128"][0].isVisible() and not view._series["gptq-w4g128"][1].isVisible()
     view.legend._toggle("gptq-w4g128")
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         assert win.tree.select("model.layers.1.mlp.down_proj")
-    assert not view._series and "no attention heads" in view.hint.text()
-    assert view.worst.text() == ""
+    assert not view._series and "not an attention projection: no heads" in view.hint.text()
+    assert view.worst.text() == "" and view.plot.getAxis("bottom").labelText == "head"  # (not "head (input columns)")
+    # q_proj: 8 heads with a key/value head each (no groups drawn); a NaN head named, crossed at the top
+    view.set_heads({"x": np.array([0.1, np.nan, 0.3, 0.2])}, {"x": "#E69F00"},
+                   head_layout({"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 2},
+                               "m.layers.0.self_attn.q_proj", (8, 8)), {"x": 0.2}, layer="m")
+    assert "(2 query heads per key/value head)" in view.note.text()
+    assert view.worst.text() == "Worst head (× the layer's error) · x NaN/inf in q1; q2 0.3 (1.50×)"
+    crosses = [b for b in view._bounds if isinstance(b, pg.ScatterPlotItem)]
+    assert len(crosses) == 1 and crosses[0].getData()[1][0] == pytest.approx(1.04 * 0.3)
+    assert [b.value() for b in view._bounds if isinstance(b, pg.InfiniteLine)] == [1.5]  # the k/v group boundary
 
 
 def test_a_multiplier_divided_out_is_said_as_such(qtbot, tmp_path):
@@ -1169,7 +1193,7 @@ def test_a_multiplier_divided_out_is_said_as_such(qtbot, tmp_path):
         assert 0.07 < m.rel_fro < 0.09 and m.rel_fro_raw > 0.5
         assert "multiplier undone" in w._result_text() and "ssm_in_multiplier" in w._result_text()
         w.tabs.setCurrentWidget(w.heads)  # (a hidden view is brought up to date when shown)
-        assert "no attention heads" in w.heads.hint.text()
+        assert "a state-space (Mamba) mixer's projection: no attention heads" in w.heads.hint.text()
     finally:
         w.service.shutdown()
 

@@ -8,13 +8,10 @@ import math
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QHBoxLayout, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QVBoxLayout, QWidget
 
-from .palette import symbol_for
+from .palette import BAD_HEX, symbol_for
 from .plots import SYMBOL_GLYPHS, ElidedLabel, Hint, Legend, plot_widget, show_values
-
-#: Most heads named one by one on the axis; beyond, every few.
-_NAMED = 48
 
 
 class _HeadAxis(pg.AxisItem):
@@ -32,7 +29,8 @@ class _HeadAxis(pg.AxisItem):
         if hi < lo:
             return []
         room = max(1, int(size // 34))  # px per label
-        step = max(1, math.ceil((hi - lo + 1) / room))
+        need = max(1, math.ceil((hi - lo + 1) / room))
+        step = 1 << (need - 1).bit_length()  # (1, 2, 4, 8…: q0, q8, q16, not q0, q7, q14)
         return [(float(step), [float(i) for i in range(lo, hi + 1) if i % step == 0])]
 
     def tickStrings(self, values, scale, spacing):
@@ -54,26 +52,37 @@ class HeadErrorPlot(QWidget):
         self.plot.showGrid(x=False, y=True, alpha=0.2)
         self.plot.setLabel("left", "relative error of the head")
         self.plot.setLabel("bottom", "head")
+        # each head over its layer's error: variants of errors ten times apart on one scale (the
+        # better ones lay flat along the bottom)
+        self.ratio = QCheckBox("÷ the layer's error")
+        self.ratio.setToolTip("Each head's error over its layer's whole error, per variant: 1 is the layer's; "
+                              "above 1, a head the quantization hurt more than the rest")
+        self.ratio.toggled.connect(lambda _: self._draw())
         self.hint = Hint(self.plot, "Select an attention projection (q/k/v/o) in the Tensors tree: the error of each "
                                     "head, with the head counts of the reference's config.json")
         self.note = ElidedLabel()  # the layer, its heads and where their counts come from
-        self.worst = ElidedLabel(lines=2)  # each variant's worst head
+        self.worst = ElidedLabel(lines=3)  # each variant's worst head
+        # the heads under the pointer, on a line of its own (beside the note, it squeezed it)
         self.hover = ElidedLabel(" ")
         self.legend = Legend()
         self.legend.toggled.connect(lambda *_: self._apply_hidden())
         top = QHBoxLayout()
         top.addWidget(self.note, 1)
-        top.addWidget(self.hover)
+        top.addWidget(self.ratio)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addLayout(top)
         lay.addWidget(self.legend)
         lay.addWidget(self.plot, 1)
+        lay.addWidget(self.hover)
         lay.addWidget(self.worst)
         self._series: dict[str, tuple[pg.PlotDataItem, pg.InfiniteLine | None]] = {}
         self._bounds: list[pg.InfiniteLine] = []
         self._errors: dict[str, np.ndarray] = {}
         self._names: list[str] = []
+        self._colors: dict = {}
+        self._layer_error: dict = {}
+        self._heads = None
         self.plot.scene().sigMouseMoved.connect(self._on_move)
         show_values(self.plot, False)
 
@@ -85,13 +94,15 @@ class HeadErrorPlot(QWidget):
         """``errors``: variant → relative error of each head (in ``heads``' order); ``heads``: the
         :class:`~quantscope.backend.heads.HeadLayout`; ``layer_error``: variant → the layer's
         whole relative error (its dotted line); ``empty_note``: why there is nothing to show."""
-        self._clear()
         self._errors = {k: np.asarray(v, np.float64) for k, v in errors.items()} if heads is not None else {}
+        self._colors, self._layer_error, self._heads = dict(colors), dict(layer_error or {}), heads
         if not self._errors:
+            self._clear()
             self.note.setText("")
             self.worst.setText("")
             self.legend.clear()
             self.axis.names = []
+            self.plot.setLabel("bottom", "head")  # (not the last layer's rows or columns)
             self.hint.empty(empty_note)
             show_values(self.plot, False)
             return
@@ -99,56 +110,95 @@ class HeadErrorPlot(QWidget):
         show_values(self.plot, True)
         self._names = self.axis.names = heads.labels()
         what = "output rows" if heads.axis == "rows" else "input columns"
-        parts = [f"{h} {p} heads" if p in "qkv" and len(heads.sections) > 1 else f"{h} heads"
+        parts = [f"{h} {p} head{'s' * (h != 1)}" if len(heads.sections) > 1 else f"{h} head{'s' * (h != 1)}"
                  for p, h, _ in heads.sections]
-        widths = {w for _, _, w in heads.sections}
-        self.note.setText(f"{layer} · {' + '.join(parts)} of {'/'.join(map(str, sorted(widths)))} {what} "
-                          f"({heads.source})")
+        widths = sorted({w for _, _, w in heads.sections})
+        grouped = f" ({heads.group} query heads per key/value head)" if heads.group else ""
+        self.note.setText(f"{layer} · {' + '.join(parts)} of {'/'.join(map(str, widths))} {what}{grouped} · "
+                          f"{heads.source}")
         self.plot.setLabel("bottom", f"head ({what})")
+        self.legend.set_entries([(k, colors.get(k), SYMBOL_GLYPHS.get(symbol_for(colors.get(k)), "●"))
+                                 for k in self._errors])
+        self.worst.setText(self._worst_text(self._layer_error))
+        self._draw()
+
+    def _draw(self) -> None:
+        """The series of the heads set: each head's error, or its ratio to the layer's."""
+        self._clear()
+        heads = self._heads
+        if heads is None or not self._errors:
+            return
+        rel = self.ratio.isChecked()
+        self.plot.setLabel("left", "head's error ÷ the layer's" if rel else "relative error of the head")
         n, m = heads.n, len(self._errors)
         step = min(0.12, 0.5 / max(1, m - 1))
+        tops = []
         for i, (label, e) in enumerate(self._errors.items()):
-            color = colors.get(label)
+            color = self._colors.get(label)
+            whole = self._layer_error.get(label)
+            y = e / whole if rel and whole else e
             x = np.arange(n, dtype=float) + (i - (m - 1) / 2) * step
-            item = pg.PlotDataItem(x, e, pen=pg.mkPen(color, width=1.2), symbol=symbol_for(color), symbolSize=7,
+            item = pg.PlotDataItem(x, y, pen=pg.mkPen(color, width=1.2), symbol=symbol_for(color), symbolSize=7,
                                    symbolBrush=color, symbolPen=None)
             self.plot.addItem(item)
             line = None
-            whole = (layer_error or {}).get(label)
-            if whole is not None and math.isfinite(whole):
-                line = pg.InfiniteLine(pos=whole, angle=0, pen=pg.mkPen(color, width=1, style=Qt.PenStyle.DotLine))
+            level = 1.0 if rel else whole
+            if level is not None and math.isfinite(level):
+                line = pg.InfiniteLine(pos=level, angle=0, pen=pg.mkPen(color, width=1, style=Qt.PenStyle.DotLine))
                 self.plot.addItem(line)
             self._series[label] = (item, line)
+            finite = y[np.isfinite(y)]
+            if finite.size:
+                tops.append(float(finite.max()))
+            bad = np.flatnonzero(~np.isfinite(y))  # (NaN or inf: a cross at the top, in the map's red)
+            if bad.size:
+                cross = pg.ScatterPlotItem(x[bad], np.zeros(bad.size), symbol="x", size=10, brush=BAD_HEX,
+                                           pen=pg.mkPen(BAD_HEX))
+                self.plot.addItem(cross)
+                self._bounds.append(cross)
         start = 0
         for _, h, _ in heads.sections[:-1]:  # q | k | v of a fused layer
             start += h
-            b = pg.InfiniteLine(pos=start - 0.5, angle=90, pen=pg.mkPen("#9a9a9a", width=1, style=Qt.PenStyle.DashLine))
-            self.plot.addItem(b)
-            self._bounds.append(b)
-        self.legend.set_entries([(k, colors.get(k), SYMBOL_GLYPHS.get(symbol_for(colors.get(k)), "●"))
-                                 for k in self._errors])
+            self._bound(start - 0.5, Qt.PenStyle.DashLine)
+        if heads.group and heads.group < n:  # the query heads sharing one key/value head
+            for b in range(heads.group, n, heads.group):
+                self._bound(b - 0.5, Qt.PenStyle.DotLine)
         self._apply_hidden()
-        self.worst.setText(self._worst_text(layer_error or {}))
-        finite = np.concatenate([e[np.isfinite(e)] for e in self._errors.values()])
-        top = float(finite.max()) if finite.size else 1.0
+        top = max(tops) if tops else 1.0
+        if rel:
+            top = max(top, 1.0)
+        for item in self._bounds:  # (the NaN crosses sit at the top)
+            if isinstance(item, pg.ScatterPlotItem):
+                xs, _ = item.getData()
+                item.setData(xs, np.full(len(xs), 1.04 * top), symbol="x", size=10, brush=BAD_HEX,
+                             pen=pg.mkPen(BAD_HEX))
         self.plot.setXRange(-0.5, n - 0.5, padding=0.02)
         # from 0 (an error has no negative side), a little room above the worst head
         self.plot.setYRange(0.0, 1.08 * top if top > 0 else 1.0, padding=0)
 
+    def _bound(self, x: float, style) -> None:
+        b = pg.InfiniteLine(pos=x, angle=90, pen=pg.mkPen("#9a9a9a", width=1, style=style))
+        self.plot.addItem(b)
+        self._bounds.append(b)
+
     def _worst_text(self, layer_error: dict) -> str:
         said = []
         for label, e in self._errors.items():
-            bad = int(np.count_nonzero(~np.isfinite(e)))
-            if bad:
-                said.append(f"{label}: {bad} head{'s' if bad > 1 else ''} NaN or inf")
+            if e.size < 2:  # (one head: the layer's own figure)
                 continue
-            if not e.size:
-                continue
-            i = int(np.argmax(e))
-            whole = layer_error.get(label)
-            times = f", {e[i] / whole:.2f}× the layer's {whole:.4g}" if whole and math.isfinite(whole) else ""
-            said.append(f"{label}: worst {self._names[i]} {e[i]:.4g}{times}")
-        return "Worst head · " + " · ".join(said) if said else ""
+            part = label
+            bad = np.flatnonzero(~np.isfinite(e))
+            if bad.size:
+                names = ", ".join(self._names[i] for i in bad[:4]) + (" …" if bad.size > 4 else "")
+                part += f" NaN/inf in {names}"
+            fin = np.flatnonzero(np.isfinite(e))
+            if fin.size:
+                i = int(fin[np.argmax(e[fin])])
+                whole = layer_error.get(label)
+                times = f" ({e[i] / whole:.2f}×)" if whole and math.isfinite(whole) else ""
+                part += f"{';' if bad.size else ''} {self._names[i]} {e[i]:.3g}{times}"
+            said.append(part)
+        return "Worst head (× the layer's error) · " + " · ".join(said) if said else ""
 
     def _apply_hidden(self) -> None:
         for label, (item, line) in self._series.items():
@@ -168,9 +218,14 @@ class HeadErrorPlot(QWidget):
         self.hover.setText(" ")
 
     def _on_move(self, pos) -> None:
-        if not self._errors or not self.plot.sceneBoundingRect().contains(pos):
+        inside = bool(self._errors) and self.plot.getViewBox().sceneBoundingRect().contains(pos)
+        i = round(self.plot.getViewBox().mapSceneToView(pos).x()) if inside else -1
+        if not 0 <= i < len(self._names):
+            self.hover.setText(" ")  # (off the heads: nothing stale)
             return
-        i = round(self.plot.getViewBox().mapSceneToView(pos).x())
-        if 0 <= i < len(self._names):
-            self.hover.setText(f"{self._names[i]}: " + ", ".join(f"{k} {e[i]:.4g}" for k, e in self._errors.items()
-                                                                 if k not in self.legend.hidden))
+
+        def one(k, e):
+            whole = self._layer_error.get(k)
+            return f"{k} {e[i]:.4g}" + (f" ({e[i] / whole:.2f}×)" if whole and math.isfinite(whole) else "")
+        self.hover.setText(f"{self._names[i]}: " + ", ".join(one(k, e) for k, e in self._errors.items()
+                                                               if k not in self.legend.hidden))
