@@ -364,6 +364,13 @@ def _flat_rows(shape) -> tuple[int, int]:
     return int(math.prod(shape[:-1])), int(shape[-1])
 
 
+def _conv_layouts(a, b) -> bool:
+    """Whether shapes ``a`` and ``b`` are one depthwise conv1d's weight as transformers stores it
+    (``[C, 1, k]``) and as mlx-lm does (``[C, k, 1]``), either way round."""
+    return (a is not None and b is not None and len(a) == len(b) == 3 and a[0] == b[0] and a[1:] == b[1:][::-1]
+            and 1 in a[1:] and a[1] != a[2])
+
+
 def _comparable(layer: Layer) -> bool:
     return layer.is_matrix
 
@@ -551,6 +558,10 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                 reason = why
             elif vl.shape is None or _flat_rows(vl.shape) != (rr, rk):
                 reason = f"shape mismatch: reference {list(rl.shape)} vs variant {list(vl.shape or ())}"
+                if _conv_layouts(rl.shape, vl.shape):
+                    # (Mamba's and linear attention's depthwise conv1d: mlx-lm moves its axes)
+                    reason = (f"stored {list(vl.shape)} in the variant and {list(rl.shape)} in the reference: one "
+                              "depthwise conv1d in mlx-lm's layout and in transformers'")
                 if vl.warning and str(rk) in vl.warning:
                     # the config's bits/group size make the packed tensors another shape (its warning
                     # names the reading that fits): a misread config, not a different model

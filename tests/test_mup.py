@@ -232,3 +232,18 @@ def test_an_mlx_falcon_written_without_its_multipliers_gets_them_folded_into_its
                                      engine="numpy").rows}
     for r in rows.values():
         assert 0.075 < r.rel_fro < 0.09, (r.name, r.rel_fro)
+
+
+def test_a_dense_mlx_falcon_is_compared_and_its_conv1d_layout_is_said(tmp_path):
+    """mlx-lm's Falcon-H1 dequantized to a dense file (multipliers folded, conv1d [C, k, 1])
+    against transformers' weights: every linear layer the 4-bit error with the multipliers divided
+    out, and the conv1d not compared because its axes are mlx-lm's, said as such (it was a
+    "shape mismatch", which reads as another model)."""
+    from quantscope.backend.convert import convert
+    dense = tmp_path / "dense"
+    convert(MLX, dense, to="dense")
+    res = sweep(analyze(open_checkpoint(HF)), {"d": analyze(open_checkpoint(dense))}, engine="numpy")
+    assert len(res.rows) == 20 and all(0.075 < r.rel_fro < 0.09 for r in res.rows)
+    conv = [u for u in res.unmatched if u.layer.endswith("conv1d")]
+    assert len(conv) == 2 and all("one depthwise conv1d in mlx-lm's layout and in transformers'" in u.reason
+                                  and "[192, 4, 1]" in u.reason for u in conv)
