@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare only the layers whose reference name matches this regular expression "
                          r"(searched anywhere in the name: 'down_proj', 'layers\.(0|1)\.', 'mlp'); "
                          "a layer whose AWQ smoothing is undone from the layer before it brings that one along")
+    pc.add_argument("--heads", action="store_true",
+                    help="also measure every attention layer head by head (heads from the reference's config.json; "
+                         "q/k/v rows, o_proj columns): the JSON's `heads`, and each variant's worst heads below the "
+                         "table (another pass over those layers)")
     _add_common(pc)
     pdoc = sub.add_parser("doctor", help="find what is wrong with a checkpoint (exit 0 ok, 1 errors, 2 cannot open)",
                           description="Find what is wrong with a checkpoint: structure, index and shards, configs, "

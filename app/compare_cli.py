@@ -221,7 +221,19 @@ def run_compare(args) -> int:
                        layers=getattr(args, "layers", None))
     finally:
         bar.close()
+    head_rows = []
+    if getattr(args, "heads", False):
+        from quantscope.backend.compare import head_sweep
+        bar = ProgressBar("heads")
+        try:
+            head_rows = head_sweep(ref, {v: m for v, m in variants.items() if v not in result.failed},
+                                   engine=getattr(args, "engine", "auto") or "auto", layers=getattr(args, "layers", None),
+                                   cancel=cancel, progress=bar)
+        finally:
+            bar.close()
     data = result.to_json()
+    if getattr(args, "heads", False):
+        data["heads"] = [h.to_json() for h in head_rows]
     from quantscope import __version__
     data = {"quantscope_version": __version__, "reference": args.reference, "variants": list(variants), **data}
     data["failed"] = data.get("failed", []) + [
@@ -233,8 +245,9 @@ def run_compare(args) -> int:
     data = printable(data)  # a variant's path that is not UTF-8: its odd bytes as \xNN, valid JSON
     to_stdout = "-" in (args.json_out, args.csv_out)
     labels = [v for v in variants if v not in result.failed]
+    table = format_table(result, labels) + (("\n" + worst_heads(head_rows, labels)) if head_rows else "")
     if to_stdout:  # the table first, on stderr: a reader that closes the pipe early (| head) must not lose it
-        sys.stderr.write(terminal_lines(format_table(result, labels)) + "\n")
+        sys.stderr.write(terminal_lines(table) + "\n")
     if args.json_out == "-":
         json.dump(data, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -245,7 +258,7 @@ def run_compare(args) -> int:
     if args.csv_out:
         result.to_csv(sys.stdout if args.csv_out == "-" else args.csv_out)
     if not to_stdout:
-        sys.stdout.write(terminal_lines(format_table(result, labels)) + "\n")
+        sys.stdout.write(terminal_lines(table) + "\n")
     quantized = sorted({lay.scheme for lay in ref.layers.values() if lay.quantized})
     if quantized:  # (verifying a conversion, or the paths swapped): said, as the window says it
         print(terminal_text(f"quantscope: note: the reference {args.reference} is quantized ({', '.join(quantized)}): "
@@ -263,6 +276,26 @@ def run_compare(args) -> int:
     uneven = any(c.warning for v, c in result.smoothing_checks.items() if v not in result.failed)
     return 2 if result.failed or unopened else 1 if (result.data_warnings or undecodable or result.implausible()
                                                       or nonfinite or uneven) else 0
+
+
+#: Heads listed per variant below the table by ``--heads``.
+WORST_HEADS = 5
+
+
+def worst_heads(rows, labels: list[str]) -> str:
+    """Each variant's heads the quantization hurt most against the rest of their layer (their
+    error over the layer's), :data:`WORST_HEADS` of them, with their figures."""
+    n = len({r.name for r in rows})
+    lines = [f"worst heads (error of the head, × its layer's; {n} attention layers measured head by head):"]
+    short = short_names(labels)
+    for label in labels:
+        cand = [(e / r.layer_rel_fro, e, h, r.name) for r in rows if r.variant == label and r.layer_rel_fro > 0
+                for h, e in zip(r.heads, r.rel_fro) if math.isfinite(e) and len(r.heads) > 1]
+        cand.sort(key=lambda c: -c[0])
+        if cand:
+            lines.append(f"  {short.get(label, label)}:")
+            lines.extend(f"    {n} {h}  {e:.4g}  ({x:.2f}×)" for x, e, h, n in cand[:WORST_HEADS])
+    return "\n".join(lines)
 
 
 def _reason(exc: Exception) -> str:

@@ -2052,6 +2052,73 @@ def _heads_of(reference: Model, layer: Layer | None) -> HeadLayout | None:
     return head_layout(reference.ckpt.configs.get("config.json"), layer.path, layer.shape)
 
 
+@dataclass
+class HeadRow:
+    """One variant's per-head error of one reference attention layer (:func:`head_sweep`)."""
+
+    name: str
+    variant: str
+    heads: list[str]            # the heads' names (q0, q1, …, h0, …)
+    rel_fro: list[float]        # ‖Ŵ_h − W_h‖F / ‖W_h‖F per head, its smoothing undone as the sweep's
+    layer_rel_fro: float        # the layer's own, as the sweep measures it
+    axis: str                   # "rows" (q/k/v) or "columns" (o_proj)
+    source: str                 # the config keys the split took
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "variant": self.variant, "axis": self.axis, "source": self.source,
+                "layer_rel_fro": _finite_or_none(self.layer_rel_fro),
+                "heads": {h: _finite_or_none(v) for h, v in zip(self.heads, self.rel_fro)}}
+
+
+def _finite_or_none(x: float):
+    return float(x) if math.isfinite(x) else None
+
+
+def head_sweep(reference: Model, variants: dict[str, Model], *, engine="auto", layers: str | None = None,
+               cancel=None, progress=None) -> list[HeadRow]:
+    """The per-head error of every attention layer of the reference (its heads from config.json:
+    :func:`~.heads.head_layout`) that ``layers`` (a regular expression searched in the name, as
+    :func:`sweep`'s) selects, for every variant covering it: each variant's rows as the window's
+    views show them (smoothing and folded multipliers undone, as the sweep measures), summed per
+    head in float64. ``progress(fraction)``; ``cancel`` as for :func:`sweep`."""
+    eng = _resolve_engine(engine)
+    rx = re.compile(layers) if layers is not None else None
+    names = [n for n, lay in reference.layers.items() if (rx is None or rx.search(n)) and _heads_of(reference, lay)]
+    states = {label: _VariantState(label, vm, align(reference, vm, label=label)) for label, vm in variants.items()}
+    out: list[HeadRow] = []
+    for i, name in enumerate(sorted(names, key=_order_key)):
+        _check_cancel(cancel)
+        lay = reference.layers[name]
+        heads = _heads_of(reference, lay)
+        R, K = _flat_rows_of(lay)
+        step = max(1, _VIEW_BLOCK_ELEMENTS // max(1, K))
+        for label, vs in states.items():
+            t = vs.alignment.targets.get(name)
+            if t is None:
+                continue
+            ref_rows = _Rows(reference, lay, eng, keep=False, counter={})
+            try:
+                row, block_of, _ = _detail_metrics(reference, vs, name, ref_rows, eng, cancel, keep=False)
+                vl = vs.model.layers[t.var_layers[0]]
+                num = den = 0.0
+                for r0 in range(0, R, step):
+                    _check_cancel(cancel)
+                    r1 = min(R, r0 + step)
+                    _, _, _, hs = _group_errors(ref_rows.get(r0, r1), block_of(r0, r1), vl, vs.model, heads, r0)
+                    num, den = num + hs[0], den + hs[1]
+            except LayerError:
+                continue  # (the sweep lists a layer that cannot be decoded)
+            out.append(HeadRow(name, label, heads.labels(), [float(x) for x in rel_error(num, den)], row.rel_fro,
+                               heads.axis, heads.source))
+        if progress is not None:
+            progress((i + 1) / len(names))
+    return out
+
+
+def _flat_rows_of(layer: Layer) -> tuple[int, int]:
+    return int(math.prod(layer.shape[:-1])), int(layer.shape[-1])
+
+
 def _decode_refused(exc: LayerError, vs: _VariantState, states: list, left_out: dict[str, str]) -> None:
     """A variant whose decoder refuses the layer is left out (said); the reference's refusal is raised."""
     if exc.file is not None and exc.file != vs.model.ckpt.source:

@@ -184,3 +184,31 @@ def test_a_layer_not_split_says_why():
     assert "Mamba" in no_heads_why("model.layers.0.mamba.in_proj")
     assert no_heads_why("model.layers.0.mlp.up_proj") == "not an attention projection: no heads"
     assert "no whole number of heads" in no_heads_why("model.layers.0.self_attn.q_proj")
+
+
+def test_compare_heads_writes_each_attention_layers_heads(tmp_path, real_models):
+    """`compare --heads`: the JSON's `heads` holds every attention layer's per-head errors, the
+    same as the window's (layer_detail), AWQ's smoothing undone as the sweep undoes it; each
+    variant's worst heads (against their layer) are listed under the table."""
+    import json
+    import subprocess
+    import sys
+    ref = real_models[0]
+    out = tmp_path / "c.json"
+    awq = FIXTURES / "autoawq-gemm-w4g128"
+    r = subprocess.run([sys.executable, "-m", "quantscope", "compare", "--reference", str(REAL / "base-bf16"),
+                        str(FIXTURES / "gptqmodel-gptq-w4g128"), str(awq), "--heads", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode in (0, 1), r.stderr
+    data = json.loads(out.read_text())
+    rows = {(h["name"], h["variant"]): h for h in data["heads"]}
+    attn = [n for n in ref.layers if "self_attn." in n]
+    assert {n for n, _ in rows} == set(attn) and len(rows) == 2 * len(attn)
+    from quantscope.backend.workspace import open_model
+    d = layer_detail(ref, {"awq": open_model(awq)}, "model.layers.1.self_attn.o_proj")
+    got = rows[("model.layers.1.self_attn.o_proj", str(awq))]
+    assert list(got["heads"]) == [f"h{i}" for i in range(6)] and got["axis"] == "columns"
+    np.testing.assert_allclose(list(got["heads"].values()), d.head_error["awq"], rtol=1e-12)
+    assert got["layer_rel_fro"] == pytest.approx(d.metrics["awq"].rel_fro, rel=1e-12)
+    assert "worst heads (error of the head, × its layer's; 8 attention layers measured head by head):" in r.stdout
+    assert "    model.layers.1.self_attn.o_proj h4  0.1973  (1.31×)" in r.stdout
