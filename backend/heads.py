@@ -202,5 +202,9 @@ def no_heads_why(path: str) -> str:
         return "a state-space (Mamba) mixer's projection: no attention heads"
     if not _ATTENTION.search(parent):
         return "not an attention projection: no heads"
+    leaf = path.rpartition(".")[2]
+    if leaf not in {*_ROWS, *_COLUMNS, *_FUSED, "qkv", "proj", "linear"}:
+        return (f"an attention module's {leaf}: heads are read for q/k/v/o projections (q_proj, k_proj, v_proj, "
+                "o_proj, qkv_proj, MLA's q_b_proj and kv_b_proj), not this layout")
     return ("an attention layer whose size is no whole number of heads of a width the reference's config.json "
             "names (num_attention_heads, num_key_value_heads, head_dim): not split")

@@ -184,6 +184,7 @@ def test_a_layer_not_split_says_why():
     assert "Mamba" in no_heads_why("model.layers.0.mamba.in_proj")
     assert no_heads_why("model.layers.0.mlp.up_proj") == "not an attention projection: no heads"
     assert "no whole number of heads" in no_heads_why("model.layers.0.self_attn.q_proj")
+    assert "not this layout" in no_heads_why("transformer.encoder.layers.0.self_attention.query_key_value")
 
 
 def test_compare_heads_writes_each_attention_layers_heads(tmp_path, real_models):
