@@ -245,7 +245,8 @@ def run_compare(args) -> int:
     data = printable(data)  # a variant's path that is not UTF-8: its odd bytes as \xNN, valid JSON
     to_stdout = "-" in (args.json_out, args.csv_out)
     labels = [v for v in variants if v not in result.failed]
-    table = format_table(result, labels) + (("\n" + worst_heads(head_rows, labels)) if head_rows else "")
+    table = format_table(result, labels) + (("\n" + worst_heads(head_rows, labels))
+                                            if getattr(args, "heads", False) else "")
     if to_stdout:  # the table first, on stderr: a reader that closes the pipe early (| head) must not lose it
         sys.stderr.write(terminal_lines(table) + "\n")
     if args.json_out == "-":
@@ -286,15 +287,22 @@ def worst_heads(rows, labels: list[str]) -> str:
     """Each variant's heads the quantization hurt most against the rest of their layer (their
     error over the layer's), :data:`WORST_HEADS` of them, with their figures."""
     n = len({r.name for r in rows})
-    lines = [f"worst heads (error of the head, × its layer's; {n} attention layers measured head by head):"]
+    if not rows:
+        return ("--heads: no attention layer was split into heads (its counts come from the reference's config.json: "
+                "num_attention_heads, num_key_value_heads, head_dim; the window's Heads view says why for a layer)")
+    lines = ["", f"worst heads (error of the head, × its layer's; {n} attention layers measured head by head):"]
     short = short_names(labels)
     for label in labels:
         cand = [(e / r.layer_rel_fro, e, h, r.name) for r in rows if r.variant == label and r.layer_rel_fro > 0
                 for h, e in zip(r.heads, r.rel_fro) if math.isfinite(e) and len(r.heads) > 1]
         cand.sort(key=lambda c: -c[0])
-        if cand:
+        bad = [f"{r.name} {h}" for r in rows if r.variant == label for h, e in zip(r.heads, r.rel_fro)
+               if not math.isfinite(e)]
+        if cand or bad:
             lines.append(f"  {short.get(label, label)}:")
             lines.extend(f"    {n} {h}  {e:.4g}  ({x:.2f}×)" for x, e, h, n in cand[:WORST_HEADS])
+        if bad:  # (NaN or inf: a NaN weight or scale, or a reference head all zero)
+            lines.append(f"    NaN/inf in {len(bad)} head(s): " + ", ".join(bad[:6]) + (" …" if len(bad) > 6 else ""))
     return "\n".join(lines)
 
 

@@ -1174,7 +1174,8 @@ class MainWindow(QMainWindow):
                                                         "No variant quantizes this layer in groups",
                                                         by_index=r.get("by_index", ()), blocks=r.get("blocks", {}),
                                                         prefer=shown, layer=r["name"]))
-        no_heads = (no_ref if alone else f"{r['name']}: {no_heads_why(r['name'])}" if d.heads is None else
+        ref_cfg = ws.reference.ckpt.configs.get("config.json") if ws.reference is not None else None
+        no_heads = (no_ref if alone else f"{r['name']}: {no_heads_why(r['name'], ref_cfg)}" if d.heads is None else
                     f"{r['name']}: no variant is measured on this layer")
         upd(self.heads, lambda: self.heads.set_heads(d.head_error, colors, d.heads,
                                                      {k: m.rel_fro for k, m in d.metrics.items()},

@@ -776,7 +776,7 @@ def smoothing_action(label: str) -> str:
     undone (an unquantized reference), or the variant matched to a quantized reference's
     smoothing (which side is smoothed is not known then)."""
     if only_multipliers(label):
-        return "multiplier undone"
+        return "multiplier undone" if "mup:" in label else "multiplier matched"
     return "smoothing matched" if "match:" in label else "smoothing undone"
 
 
@@ -2065,9 +2065,16 @@ class HeadRow:
     source: str                 # the config keys the split took
 
     def to_json(self) -> dict:
-        return {"name": self.name, "variant": self.variant, "axis": self.axis, "source": self.source,
-                "layer_rel_fro": _finite_or_none(self.layer_rel_fro),
-                "heads": {h: _finite_or_none(v) for h, v in zip(self.heads, self.rel_fro)}}
+        """As a layer row: an inf or NaN figure null, and named in ``nonfinite`` ("inf" / "nan")."""
+        odd = {h: "nan" if math.isnan(v) else "inf" for h, v in zip(self.heads, self.rel_fro) if not math.isfinite(v)}
+        if not math.isfinite(self.layer_rel_fro):
+            odd["layer_rel_fro"] = "nan" if math.isnan(self.layer_rel_fro) else "inf"
+        out = {"name": self.name, "variant": self.variant, "axis": self.axis, "source": self.source,
+               "layer_rel_fro": _finite_or_none(self.layer_rel_fro),
+               "heads": {h: _finite_or_none(v) for h, v in zip(self.heads, self.rel_fro)}}
+        if odd:
+            out["nonfinite"] = odd
+        return out
 
 
 def _finite_or_none(x: float):

@@ -1068,16 +1068,20 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
                 and {"weight", "scales", "biases"} <= set(layer.tensors):
             # an MLX Falcon-H1 written without its multipliers folded (what convert wrote before
             # 2026-12): f·(s·q + b) = (f·s)·q + f·b, in float32; its codes kept
-            res.action = "copied, muP multiplier folded into its scales and biases"
-            res.bits, res.group_size, res.mode, res.scales_dtype = same.bits, same.group_size, same.mode, "F32"
             sb = {c: layer.tensors[c] for c in ("scales", "biases")}
-            outputs = [(t.stored_name, "F32", t.stored_shape) for t in sb.values()]
+            # (--scales source: in the source's dtype, rounded; else float32, widened and said)
+            st = sb["scales"].dtype if targets.source_scales else "F32"
+            res.action = "copied, muP multiplier folded into its scales and biases" + (
+                f", rounded to {st}" if targets.source_scales else "")
+            res.bits, res.group_size, res.mode, res.scales_dtype = same.bits, same.group_size, same.mode, st
+            res.widened = not targets.source_scales
+            outputs = [(t.stored_name, st, t.stored_shape) for t in sb.values()]
             _carry(model, layer, [c for c in layer.tensors if c not in sb], outputs, raw)
 
             def make_scaled():
                 f = fold.astype(np.float32)[:, None]
-                return {t.stored_name: np.asarray(model.ckpt.tensor(t.name)).astype(np.float32) * f
-                        for t in sb.values()}
+                return {t.stored_name: (np.asarray(model.ckpt.tensor(t.name)).astype(np.float32) * f).astype(
+                    _np_dtype(st), copy=False) for t in sb.values()}
 
             return _Item(res, outputs, make_scaled, config=same, raw=raw)
         if (target is None or target == same) and fold is not None:

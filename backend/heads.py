@@ -110,7 +110,9 @@ def head_layout(cfg: dict | None, path: str, shape) -> HeadLayout | None:
     parent, _, leaf = path.rpartition(".")
     if leaf == "linear" and parent.rpartition(".")[2] in {*_ROWS, *_COLUMNS, *_FUSED}:
         parent, _, leaf = parent.rpartition(".")  # (Gemma's vision tower wraps its projections)
-    if not _ATTENTION.search(parent) or _OTHER.search(parent):
+    # (Nemotron-H keeps its attention layers' q/k/v/o under ``mixer``, as its Mamba layers' in/out)
+    if (not _ATTENTION.search(parent) and not (parent.endswith("mixer") and leaf in {*_ROWS, "o_proj"})) \
+            or _OTHER.search(parent):
         return None
     at_attn = _ATTENTION.search(parent.rpartition(".")[2]) is not None  # (Qwen-VL's ``attn.qkv`` / ``attn.proj``)
     c, where = _config_for(cfg, path)
@@ -169,7 +171,9 @@ def head_layout(cfg: dict | None, path: str, shape) -> HeadLayout | None:
             cands = [(k, kk, w, wk) for k, kk in [*kvs, *heads_q] for w, wk in dims]
     elif leaf in _COLUMNS or (leaf == "proj" and at_attn):
         axis, n, prefix = "columns", inp, "h"
-        cands = [(h, h_key, w, wk) for w, wk in dims] + ([(h, h_key, vd, "v_head_dim")] if vd else [])
+        # (MLA's heads are v_head_dim wide at the output projection: named so where hidden / heads is too)
+        cands = ([(h, h_key, vd, "v_head_dim")] if vd and nope else []) + [(h, h_key, w, wk) for w, wk in dims] \
+            + ([(h, h_key, vd, "v_head_dim")] if vd else [])
     else:
         return None
     for count, ck, width, wk in cands:
@@ -193,18 +197,25 @@ def rel_error(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, num))
 
 
-def no_heads_why(path: str) -> str:
-    """Why layer ``path`` is not split into heads, in a few words (:func:`head_layout` gave None)."""
+def no_heads_why(path: str, cfg: dict | None = None) -> str:
+    """Why layer ``path`` is not split into heads, in a few words (:func:`head_layout` gave None
+    for it; ``cfg``: the reference's config.json, where it was read)."""
     parent = path.rpartition(".")[0]
     if _OTHER.search(parent):
         return "a linear attention's projection (its heads fused in an order of its own): not split"
-    if "mamba" in parent or "mixer" in parent or "ssm" in parent:
-        return "a state-space (Mamba) mixer's projection: no attention heads"
-    if not _ATTENTION.search(parent):
-        return "not an attention projection: no heads"
     leaf = path.rpartition(".")[2]
+    if ("mamba" in parent or "mixer" in parent or "ssm" in parent) and leaf not in {*_ROWS, "o_proj"}:
+        return "a state-space (Mamba) mixer's projection: no attention heads"
+    if not _ATTENTION.search(parent) and not parent.endswith("mixer"):
+        return "not an attention projection: no heads"
     if leaf not in {*_ROWS, *_COLUMNS, *_FUSED, "qkv", "proj", "linear"}:
         return (f"an attention module's {leaf}: heads are read for q/k/v/o projections (q_proj, k_proj, v_proj, "
                 "o_proj, qkv_proj, MLA's q_b_proj and kv_b_proj), not this layout")
+    if isinstance(cfg, dict):
+        c, where = _config_for(cfg, path)
+        if c is None or _int(c, "num_attention_heads", "num_heads", "n_head", "n_heads")[0] is None:
+            part = f"its {where}" if where else "it"
+            return (f"the reference's config.json gives no head count for this part of the model ({part} has no "
+                    "num_attention_heads): not split")
     return ("an attention layer whose size is no whole number of heads of a width the reference's config.json "
             "names (num_attention_heads, num_key_value_heads, head_dim): not split")

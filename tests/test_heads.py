@@ -213,3 +213,38 @@ def test_compare_heads_writes_each_attention_layers_heads(tmp_path, real_models)
     assert got["layer_rel_fro"] == pytest.approx(d.metrics["awq"].rel_fro, rel=1e-12)
     assert "worst heads (error of the head, × its layer's; 8 attention layers measured head by head):" in r.stdout
     assert "    model.layers.1.self_attn.o_proj h4  0.1973  (1.31×)" in r.stdout
+
+
+def test_review_cases_nemotron_mixers_mla_out_and_missing_counts():
+    from quantscope.backend.heads import no_heads_why
+    # Nemotron-H's attention layers keep q/k/v/o under ``mixer`` (its Mamba layers in_proj/out_proj)
+    nh = {"num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_size": 4096}
+    assert _layout(nh, "backbone.layers.5.mixer.q_proj", (4096, 4096)) == ("rows", (("q", 32, 128),))
+    assert head_layout(nh, "backbone.layers.0.mixer.in_proj", (8192, 4096)) is None
+    assert "Mamba" in no_heads_why("backbone.layers.0.mixer.in_proj")
+    # MLA's o_proj: v_head_dim named where hidden / heads is as wide
+    v2 = {"num_attention_heads": 16, "hidden_size": 2048, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+          "v_head_dim": 128}
+    assert head_layout(v2, "model.layers.0.self_attn.o_proj", (2048, 2048)).source == \
+        "config.json: num_attention_heads 16 × v_head_dim 128"
+    # no counts in the config's part for this layer: said so
+    why = no_heads_why("model.encoder.layers.0.self_attn.q_proj", {"encoder_attention_heads": 8})
+    assert "gives no head count" in why
+
+
+def test_the_worst_heads_table_names_nan_heads_and_says_when_none_were_split():
+    from quantscope.app.compare_cli import worst_heads
+    from quantscope.backend.compare import HeadRow
+    rows = [HeadRow("m.layers.0.self_attn.q_proj", "v", ["q0", "q1", "q2"], [0.1, float("nan"), 0.3], 0.2, "rows", "s")]
+    text = worst_heads(rows, ["v"])
+    assert "    m.layers.0.self_attn.q_proj q2  0.3  (1.50×)" in text
+    assert "    NaN/inf in 1 head(s): m.layers.0.self_attn.q_proj q1" in text
+    assert worst_heads([], ["v"]).startswith("--heads: no attention layer was split into heads")
+
+
+def test_head_rows_json_names_nan_and_inf():
+    from quantscope.backend.compare import HeadRow
+    row = HeadRow("m.q_proj", "v", ["q0", "q1", "q2"], [0.1, float("nan"), float("inf")], 0.2, "rows", "s")
+    js = row.to_json()
+    assert js["heads"] == {"q0": 0.1, "q1": None, "q2": None} and js["nonfinite"] == {"q1": "nan", "q2": "inf"}
+    assert "nonfinite" not in HeadRow("m", "v", ["q0"], [0.1], 0.1, "rows", "s").to_json()

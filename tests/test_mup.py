@@ -228,6 +228,13 @@ def test_an_mlx_falcon_written_without_its_multipliers_gets_them_folded_into_its
     o, n = _st(old), _st(new)
     assert np.array_equal(o["model.layers.0.self_attn.o_proj.weight"], n["model.layers.0.self_attn.o_proj.weight"])
     assert n["model.layers.0.self_attn.o_proj.scales"].dtype == np.float32
+    assert next(lr for lr in rep.layers if lr.path.endswith("0.self_attn.o_proj")).widened  # (said, starred)
+    # --scales source: in the source's dtype, rounded (as a repack's)
+    kept = tmp_path / "kept"
+    rep_k = convert(old, kept, to="mlx", scales="source")
+    lr = next(lr for lr in rep_k.layers if lr.path.endswith("0.self_attn.o_proj"))
+    assert lr.action.endswith("rounded to BF16") and not lr.widened and lr.scales_dtype == "BF16"
+    assert _st(kept)["model.layers.0.self_attn.o_proj.scales"].dtype == BF16
     rows = {r.name: r for r in sweep(analyze(open_checkpoint(HF)), {"new": analyze(open_checkpoint(new))},
                                      engine="numpy").rows}
     for r in rows.values():

@@ -1169,6 +1169,9 @@ def test_heads_tab_shows_each_heads_error_of_every_variant(win, qtbot, demo):
     assert view.worst.text() == "Worst head (× the layer's error) · x NaN/inf in q1; q2 0.3 (1.50×)"
     crosses = [b for b in view._bounds if isinstance(b, pg.ScatterPlotItem)]
     assert len(crosses) == 1 and crosses[0].getData()[1][0] == pytest.approx(1.04 * 0.3)
+    view.legend._toggle("x")  # (hidden from the legend: its crosses with it)
+    assert not crosses[0].isVisible() and not view._series["x"][0].isVisible()
+    view.legend._toggle("x")
     assert [b.value() for b in view._bounds if isinstance(b, pg.InfiniteLine)] == [1.5]  # the k/v group boundary
 
 

@@ -81,6 +81,7 @@ class HeadErrorPlot(QWidget):
         self._errors: dict[str, np.ndarray] = {}
         self._names: list[str] = []
         self._colors: dict = {}
+        self._crosses: dict = {}
         self._layer_error: dict = {}
         self._heads = None
         self.plot.scene().sigMouseMoved.connect(self._on_move)
@@ -156,6 +157,7 @@ class HeadErrorPlot(QWidget):
                                            pen=pg.mkPen(BAD_HEX))
                 self.plot.addItem(cross)
                 self._bounds.append(cross)
+                self._crosses[label] = cross
         start = 0
         for _, h, _ in heads.sections[:-1]:  # q | k | v of a fused layer
             start += h
@@ -206,6 +208,8 @@ class HeadErrorPlot(QWidget):
             item.setVisible(shown)
             if line is not None:
                 line.setVisible(shown)
+            if label in self._crosses:  # (its NaN/inf heads' crosses with it)
+                self._crosses[label].setVisible(shown)
 
     def _clear(self) -> None:
         for item, line in self._series.values():
@@ -214,7 +218,7 @@ class HeadErrorPlot(QWidget):
                 self.plot.removeItem(line)
         for b in self._bounds:
             self.plot.removeItem(b)
-        self._series, self._bounds = {}, []
+        self._series, self._bounds, self._crosses = {}, [], {}
         self.hover.setText(" ")
 
     def _on_move(self, pos) -> None:
