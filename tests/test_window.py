@@ -1180,13 +1180,7 @@ def test_a_multiplier_divided_out_is_said_as_such(qtbot, tmp_path):
     multipliers mlx-lm folded into them, said over the views ("multiplier undone", not "smoothing
     undone"), the tree's tooltip saying which; the Mamba projection has no heads."""
     real = Path(__file__).parent / "fixtures" / "real"
-    w = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
-    w.quiet_errors = True
-    qtbot.addWidget(w)
-    w.resize(1280, 800)
-    w.show()
-    with qtbot.waitSignal(w.workspace_loaded, timeout=30_000):
-        w.open_workspace([str(real / "mlxlm-falconh1-q4-g32")], str(real / "falconh1-bf16"))
+    w = _window_on(qtbot, tmp_path, [real / "mlxlm-falconh1-q4-g32"], real / "falconh1-bf16")
     try:
         with qtbot.waitSignal(w.detail_shown, timeout=30_000):
             assert w.tree.select("model.layers.0.mamba.in_proj")
