@@ -2099,11 +2099,13 @@ def head_sweep(reference: Model, variants: dict[str, Model], *, engine="auto", l
         heads = _heads_of(reference, lay)
         R, K = _flat_rows_of(lay)
         step = max(1, _VIEW_BLOCK_ELEMENTS // max(1, K))
+        # (the reference's rows read once for all variants where the layer is held whole; a
+        # quantized reference is decoded once, not once per variant and block)
+        ref_rows = _Rows(reference, lay, eng, keep=lay.numel <= BLOCK_ELEMENTS, counter={})
         for label, vs in states.items():
             t = vs.alignment.targets.get(name)
             if t is None:
                 continue
-            ref_rows = _Rows(reference, lay, eng, keep=False, counter={})
             try:
                 row, block_of, _ = _detail_metrics(reference, vs, name, ref_rows, eng, cancel, keep=False)
                 vl = vs.model.layers[t.var_layers[0]]
