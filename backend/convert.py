@@ -1145,6 +1145,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         res.action = f"re-encoded {q.label()} (the same format as {layer.scheme}: its values kept)"
     else:
         res.action = f"requantized {q.label()} ({why})" if why else f"requantized {q.label()}"
+    if fold is not None:
+        res.action += ", muP multiplier folded in"
     res.bits, res.group_size, res.mode, res.scales_dtype = q.bits, q.group_size, q.mode, st
 
     def make_requant():
