@@ -1173,7 +1173,7 @@ class MainWindow(QMainWindow):
         upd(self.heatmap, lambda: self.heatmap.set_maps(r["maps"], empty_note=no_ref if alone else
                                                         "No variant quantizes this layer in groups",
                                                         by_index=r.get("by_index", ()), blocks=r.get("blocks", {}),
-                                                        prefer=shown, layer=r["name"]))
+                                                        prefer=shown, layer=r["name"], heads=d.heads))
         ref_cfg = ws.reference.ckpt.configs.get("config.json") if ws.reference is not None else None
         no_heads = (no_ref if alone else f"{r['name']}: {no_heads_why(r['name'], ref_cfg)}" if d.heads is None else
                     f"{r['name']}: no variant is measured on this layer")

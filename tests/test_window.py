@@ -1157,10 +1157,27 @@ def test_heads_tab_shows_each_heads_error_of_every_variant(win, qtbot, demo):
     view.legend._toggle("gptq-w4g128")
     assert not view._series["gptq-w4g128"][0].isVisible() and not view._series["gptq-w4g128"][1].isVisible()
     view.legend._toggle("gptq-w4g128")
+    # the Group error map draws the heads' boundaries: o_proj's 8 heads of 64 columns in GPTQ's
+    # groups of 128 (every other boundary inside a cell), MLX's groups of 64 (between cells)
+    win.tabs.setCurrentWidget(win.heatmap)
+    win.heatmap.variant.setCurrentText("gptq-w4g128")
+    assert [ln.value() for ln in win.heatmap._head_lines] == [0.5 * k - 0.5 for k in range(1, 8)]
+    assert all(ln.angle == 90 for ln in win.heatmap._head_lines)
+    assert win.heatmap.plot.titleLabel.text.endswith("model.layers.1.self_attn.o_proj · dotted: its 8 heads")
+    win.heatmap.variant.setCurrentText("mlx-affine-q4g64")
+    assert [ln.value() for ln in win.heatmap._head_lines] == [k - 0.5 for k in range(1, 8)]
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.self_attn.q_proj")  # rows: across the map at 64, 128, …
+    assert [ln.value() for ln in win.heatmap._head_lines] == [64.0 * k for k in range(1, 8)]
+    assert all(ln.angle == 0 for ln in win.heatmap._head_lines)
+    win.tabs.setCurrentWidget(win.heads)
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         assert win.tree.select("model.layers.1.mlp.down_proj")
     assert not view._series and "not an attention projection: no heads" in view.hint.text()
     assert view.worst.text() == "" and view.plot.getAxis("bottom").labelText == "head"  # (not "head (input columns)")
+    win.tabs.setCurrentWidget(win.heatmap)
+    assert win.heatmap._head_lines == []  # (no heads: none drawn over the MLP's map)
+    win.tabs.setCurrentWidget(win.heads)
     # q_proj: 8 heads with a key/value head each (no groups drawn); a NaN head named, crossed at the top
     view.set_heads({"x": np.array([0.1, np.nan, 0.3, 0.2])}, {"x": "#E69F00"},
                    head_layout({"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 2},

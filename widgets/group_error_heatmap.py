@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QRectF
+from PySide6.QtCore import QRectF, Qt
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -65,6 +65,8 @@ class GroupErrorHeatmap(QWidget):
         lay.addLayout(bar)
         lay.addWidget(self.glw, 1)
         self._maps: dict[str, tuple[np.ndarray, int]] = {}
+        self._heads = None  # the layer's HeadLayout: its boundaries drawn over the map
+        self._head_lines: list = []
         self._by_index: set[str] = set()
         self._blocks: dict[str, int] = {}
         self.hint = Hint(self.glw, "Select a quantized layer in the Tensors tree: the relative error of each "
@@ -82,15 +84,18 @@ class GroupErrorHeatmap(QWidget):
                 else f"colour scale: {self.variant.currentText()}'s own"]
 
     def set_maps(self, maps: dict[str, tuple[np.ndarray, int]], empty_note: str = "", by_index=(),
-                 blocks: dict | None = None, prefer: str | None = None, layer: str = "") -> None:
+                 blocks: dict | None = None, prefer: str | None = None, layer: str = "", heads=None) -> None:
         """``maps``: variant → (map [rows', groups], rows per displayed row); ``empty_note``: what
         the view says when there is none; ``by_index``: the variants whose columns are grouped by
         their act-order index (g_idx), not in runs of group_size; ``prefer``: the variant to show
         where it has a map (the tree's) and the user has not chosen another, else the one shown
         stays. ``layer``: the layer (or expert) the maps are of, over the plot (the other views
-        name theirs; this one did not)."""
+        name theirs; this one did not). ``heads``: the layer's attention heads
+        (:class:`~quantscope.backend.heads.HeadLayout`), their boundaries drawn over the map."""
         self._maps = dict(maps)
-        self.plot.setTitle(layer if maps and layer else None, size="9pt")
+        self._heads = heads
+        heads_said = f" · dotted: its {heads.n} heads" if heads is not None and heads.n > 1 else ""
+        self.plot.setTitle(layer + heads_said if maps and layer else None, size="9pt")
         self._by_index = set(by_index)
         self._blocks = dict(blocks or {})  # variant -> columns per cell, where it has no groups
         if maps:
@@ -124,6 +129,7 @@ class GroupErrorHeatmap(QWidget):
         self.plot.getAxis("bottom").setToolTip(
             "The layer has no quantization groups (per-channel scales, or none): each cell is a block of "
             f"{self._blocks[label]} columns" if label in self._blocks else "")
+        self._draw_heads(label)
         if m is None:
             self.image.clear()
             self.bad.clear()
@@ -160,6 +166,30 @@ class GroupErrorHeatmap(QWidget):
         self.note.setStyleSheet(f"color: {BAD_HEX}" if nbad else "")
         self.cbar.setLevels((0.0, max(hi, 1e-12)))
         self.plot.autoRange()
+
+    def _draw_heads(self, label: str) -> None:
+        """Dotted lines between the attention heads: across the rows of q/k/v (in the layer's rows,
+        as the map's axis), along the groups of o_proj's columns (where its columns are grouped in
+        runs: not by an act-order index)."""
+        for item in self._head_lines:
+            self.plot.removeItem(item)
+        self._head_lines = []
+        h, m = self._heads, self._maps.get(label)
+        if h is None or m is None or h.n < 2:
+            return
+        ends = np.cumsum([w for _, n, w in h.sections for _ in range(n)])[:-1]
+        if h.axis == "rows":
+            at = [(float(e), 0) for e in ends]
+        elif label in self._by_index or h.size == 0:
+            return
+        else:
+            per_col = m[0].shape[1] / h.size  # (cells per column: 1 / group size, or 1 / block width)
+            at = [(e * per_col - 0.5, 90) for e in ends]
+        pen = pg.mkPen((255, 255, 255, 150), width=1, style=Qt.PenStyle.DotLine)
+        for pos, angle in at:
+            line = pg.InfiniteLine(pos=pos, angle=angle, pen=pen)
+            self.plot.addItem(line)
+            self._head_lines.append(line)
 
     def _top(self, label: str | None) -> float:
         """The colour scale's top: the 99.5th percentile of one variant's finite group errors, or
