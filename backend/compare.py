@@ -147,6 +147,12 @@ def _json_safe(v):
     return v
 
 
+def _nonfinite(values: dict) -> dict[str, str]:
+    """The figures of ``values`` JSON writes as null, named: ``{"sqnr_db": "inf"}`` (null alone
+    cannot tell +inf from NaN)."""
+    return {k: str(v) for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+
+
 #: The reason given for a layer a variant's decoder refuses (listed, its others compared).
 UNDECODABLE = "the variant's layer cannot be decoded"
 
@@ -241,7 +247,7 @@ class SweepResult:
         def row(r) -> dict:
             d = r.to_dict()
             out = {k: _json_safe(v) for k, v in d.items()}
-            odd = {k: str(v) for k, v in d.items() if isinstance(v, float) and not math.isfinite(v)}
+            odd = _nonfinite(d)
             if odd:
                 out["nonfinite"] = odd
             return out
@@ -2066,19 +2072,14 @@ class HeadRow:
 
     def to_json(self) -> dict:
         """As a layer row: an inf or NaN figure null, and named in ``nonfinite`` ("inf" / "nan")."""
-        odd = {h: "nan" if math.isnan(v) else "inf" for h, v in zip(self.heads, self.rel_fro) if not math.isfinite(v)}
-        if not math.isfinite(self.layer_rel_fro):
-            odd["layer_rel_fro"] = "nan" if math.isnan(self.layer_rel_fro) else "inf"
+        heads = dict(zip(self.heads, map(float, self.rel_fro)))
         out = {"name": self.name, "variant": self.variant, "axis": self.axis, "source": self.source,
-               "layer_rel_fro": _finite_or_none(self.layer_rel_fro),
-               "heads": {h: _finite_or_none(v) for h, v in zip(self.heads, self.rel_fro)}}
+               "layer_rel_fro": _json_safe(float(self.layer_rel_fro)),
+               "heads": {h: _json_safe(v) for h, v in heads.items()}}
+        odd = _nonfinite({**heads, "layer_rel_fro": float(self.layer_rel_fro)})
         if odd:
             out["nonfinite"] = odd
         return out
-
-
-def _finite_or_none(x: float):
-    return float(x) if math.isfinite(x) else None
 
 
 def head_sweep(reference: Model, variants: dict[str, Model], *, engine="auto", layers: str | None = None,
@@ -2097,11 +2098,11 @@ def head_sweep(reference: Model, variants: dict[str, Model], *, engine="auto", l
         _check_cancel(cancel)
         lay = reference.layers[name]
         heads = _heads_of(reference, lay)
-        R, K = _flat_rows_of(lay)
-        step = max(1, _VIEW_BLOCK_ELEMENTS // max(1, K))
         # (the reference's rows read once for all variants where the layer is held whole; a
         # quantized reference is decoded once, not once per variant and block)
         ref_rows = _Rows(reference, lay, eng, keep=lay.numel <= BLOCK_ELEMENTS, counter={})
+        R, K = ref_rows.rows, ref_rows.cols
+        step = max(1, _VIEW_BLOCK_ELEMENTS // max(1, K))
         for label, vs in states.items():
             t = vs.alignment.targets.get(name)
             if t is None:
@@ -2122,10 +2123,6 @@ def head_sweep(reference: Model, variants: dict[str, Model], *, engine="auto", l
         if progress is not None:
             progress((i + 1) / len(names))
     return out
-
-
-def _flat_rows_of(layer: Layer) -> tuple[int, int]:
-    return int(math.prod(layer.shape[:-1])), int(layer.shape[-1])
 
 
 def _decode_refused(exc: LayerError, vs: _VariantState, states: list, left_out: dict[str, str]) -> None:

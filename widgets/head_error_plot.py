@@ -133,11 +133,17 @@ class HeadErrorPlot(QWidget):
         self.plot.setLabel("left", "head's error ÷ the layer's" if rel else "relative error of the head")
         n, m = heads.n, len(self._errors)
         step = min(0.12, 0.5 / max(1, m - 1))
-        tops = []
-        for i, (label, e) in enumerate(self._errors.items()):
+        ys = {}
+        for label, e in self._errors.items():
+            whole = self._layer_error.get(label)
+            ys[label] = e / whole if rel and whole else e
+        finite = [float(y[np.isfinite(y)].max()) for y in ys.values() if np.isfinite(y).any()]
+        top = max(finite, default=1.0)
+        if rel:
+            top = max(top, 1.0)
+        for i, (label, y) in enumerate(ys.items()):
             color = self._colors.get(label)
             whole = self._layer_error.get(label)
-            y = e / whole if rel and whole else e
             x = np.arange(n, dtype=float) + (i - (m - 1) / 2) * step
             item = pg.PlotDataItem(x, y, pen=pg.mkPen(color, width=1.2), symbol=symbol_for(color), symbolSize=7,
                                    symbolBrush=color, symbolPen=None)
@@ -148,13 +154,10 @@ class HeadErrorPlot(QWidget):
                 line = pg.InfiniteLine(pos=level, angle=0, pen=pg.mkPen(color, width=1, style=Qt.PenStyle.DotLine))
                 self.plot.addItem(line)
             self._series[label] = (item, line)
-            finite = y[np.isfinite(y)]
-            if finite.size:
-                tops.append(float(finite.max()))
             bad = np.flatnonzero(~np.isfinite(y))  # (NaN or inf: a cross at the top, in the map's red)
             if bad.size:
-                cross = pg.ScatterPlotItem(x[bad], np.zeros(bad.size), symbol="x", size=10, brush=BAD_HEX,
-                                           pen=pg.mkPen(BAD_HEX))
+                cross = pg.ScatterPlotItem(x[bad], np.full(bad.size, 1.04 * top), symbol="x", size=10,
+                                           brush=BAD_HEX, pen=pg.mkPen(BAD_HEX))
                 self.plot.addItem(cross)
                 self._bounds.append(cross)
                 self._crosses[label] = cross
@@ -166,14 +169,6 @@ class HeadErrorPlot(QWidget):
             for b in range(heads.group, n, heads.group):
                 self._bound(b - 0.5, Qt.PenStyle.DotLine)
         self._apply_hidden()
-        top = max(tops) if tops else 1.0
-        if rel:
-            top = max(top, 1.0)
-        for item in self._bounds:  # (the NaN crosses sit at the top)
-            if isinstance(item, pg.ScatterPlotItem):
-                xs, _ = item.getData()
-                item.setData(xs, np.full(len(xs), 1.04 * top), symbol="x", size=10, brush=BAD_HEX,
-                             pen=pg.mkPen(BAD_HEX))
         self.plot.setXRange(-0.5, n - 0.5, padding=0.02)
         # from 0 (an error has no negative side), a little room above the worst head
         self.plot.setYRange(0.0, 1.08 * top if top > 0 else 1.0, padding=0)
