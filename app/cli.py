@@ -38,7 +38,7 @@ ENGINE_HELP = ("numpy: compiled kernels / vectorised numpy; mlx: mx.dequantize (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantscope", description="Inspect quantized LLM checkpoints. Without a COMMAND, "
-                                "the window: quantscope [PATH ...] [--reference REF] [--select LAYER] [--compare] [--tab VIEW] "
+                                "the window: quantscope [PATH ...] [--reference REF] [--select LAYER] [--compare] [--heads] [--tab VIEW] "
                                 "[--screenshot FILE] (quantscope --compare -h lists its options).",
                                 epilog="Exit status: 0 done; 1 done, but something looks wrong: a config its own "
                                        "tensors contradict, NaN/inf values (compare, convert), an implausible error "
@@ -163,6 +163,7 @@ def build_window_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="the dense reference checkpoint")
     p.add_argument("--select", help="layer to select")
     p.add_argument("--compare", action="store_true", help="run 'Compare all layers'")
+    p.add_argument("--heads", action="store_true", help="run 'Compare heads of every layer' (the Heads tab's map)")
     p.add_argument("--tab", choices=TABS, help="the view to show once the rest is done (default: Values after "
                                                "--select, Layers after --compare)")
     p.add_argument("--screenshot", help="save a PNG of the window when all jobs are done, then exit")

@@ -152,6 +152,12 @@ def job_sweep(reference, variants: dict, *, engine="auto", cache=None, layers=No
                  jobs=max(1, workers() - 1), layers=layers)
 
 
+def job_heads(reference, variants: dict, *, engine="auto", progress=None, cancel=None):
+    """Every attention layer's error head by head (:func:`~quantscope.backend.compare.head_sweep`)."""
+    from quantscope.backend.compare import head_sweep
+    return head_sweep(reference, variants, engine=engine, progress=progress, cancel=cancel)
+
+
 def job_doctor(path: str, *, progress=None, cancel=None) -> list[dict]:
     return [f.to_dict() for f in diagnose(path, progress=progress, cancel=cancel)]
 

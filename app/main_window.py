@@ -449,6 +449,8 @@ class MainWindow(QMainWindow):
         self.tree.export_tensor_requested.connect(self.export_tensor)
         self.tree.dequant_export_requested.connect(self.export_dequant)
         self.layers.layer_selected.connect(self.select_layer_everywhere)
+        self.heads.map.layer_selected.connect(self.select_layer_everywhere)
+        self.heads.map.measure_requested.connect(self.compare_heads)
         self.doctor.layer_activated.connect(self.select_layer_everywhere)
         self.config.whatif_requested.connect(self.run_whatif)
 
@@ -485,6 +487,7 @@ class MainWindow(QMainWindow):
         t = mb.addMenu("&Tools")
         self.compare_action = self._action(t, "Compare all layers", self.compare_all, "Ctrl+Shift+C")
         self._action(t, "Compare layers matching the search", self.compare_matching, "Ctrl+Shift+M")
+        self._action(t, "Compare heads of every layer", self.compare_heads, "Ctrl+Shift+H")
         self._action(t, "Run doctor on shown checkpoint", lambda: self.run_doctor(), "Ctrl+D")
         self._action(t, "Doctor on a checkpoint folder…", self.doctor_dialog)
         self._action(t, "Convert…", self.convert_dialog, "Ctrl+Shift+K")
@@ -676,6 +679,7 @@ class MainWindow(QMainWindow):
         self._recent_details.clear()  # (they hold the checkpoints before)
         self.service.cancel_channel("detail")  # a layer of the checkpoints before: it must not land here
         self.service.cancel_channel("sweep")  # a comparison of the old set of checkpoints: its result would land here
+        self.service.cancel_channel("heads")  # (as the comparison: of the checkpoints before)
         self.sweep_result = None
         self._quant_only = {}
         self._detail_errors = self._whatif_line = None  # of the checkpoints before (the reference may differ)
@@ -727,6 +731,7 @@ class MainWindow(QMainWindow):
         needs = self._needs_note()
         # (no series, and no legend over the empty plot, where no comparison can run)
         self._in_turns("workspace", [lambda: self.layers.set_rows([], colors, empty_note=needs),
+                                     lambda: self.heads.map.set_rows(None, empty_note=needs),
                                      lambda: self.layers.set_warnings({}),
                                      *self.layers.prepare_steps([] if needs else variants, colors),
                                      self._reselect, self.workspace_loaded.emit]
@@ -792,6 +797,7 @@ class MainWindow(QMainWindow):
         self.doctor.set_compare_note(self._compare_note(label))
         self.heatmap.follow(label)  # the group errors of the checkpoint the tree shows
         self.layers.follow(label)  # and its layers' heatmap
+        self.heads.map.follow(label)  # and every layer's heads
         # The doctor's findings belong to one checkpoint: show that one's, or none.
         found = self._doctor_found.get(label)
         if found is None:
@@ -858,6 +864,7 @@ class MainWindow(QMainWindow):
         self.current_layer = path
         self._offer_experts(path)
         self.layers.mark_layer(path)
+        self.heads.map.mark_layer(path)
         self.config.set_layer(path, self.workspace.models())
         self._whatif_target(path)
         self._refresh_result()  # what belongs to this layer (a conversion's summary), nothing of another's
@@ -1269,6 +1276,29 @@ class MainWindow(QMainWindow):
                             on_error=self._sweep_failed, on_cancel=lambda: self._status(
                                 "Comparison cancelled: Tools ▸ Compare all layers (Ctrl+Shift+C) runs it again; "
                                 "the layers measured so far are kept and not measured twice"))
+
+    def compare_heads(self) -> None:
+        """Tools ▸ Compare heads of every layer: each attention layer's error head by head, for
+        every variant (the Heads tab's map)."""
+        ws = self.workspace
+        title = "Compare heads of every layer"
+        if ws.reference is None or not ws.variants:
+            self._show_error(title, _NEEDS_BOTH + (f" {self._needs_note()}" if self._open_errors else ""), "")
+            return
+
+        def shown(rows) -> None:
+            self.heads.map.set_rows(rows)
+            self.tabs.setCurrentWidget(self.heads)
+            layers = len({r.name for r in rows})
+            self._status(f"Measured the heads of {layers} attention layer{'s' * (layers != 1)}: the Heads tab's map; "
+                         "click a cell to select its layer" if rows else
+                         "No attention layer was split into heads: the reference's config.json names no head counts "
+                         "(num_attention_heads, head_dim), or no variant covers one")
+
+        self.service.submit("heads", "Measuring every layer's heads", jobs.job_heads, ws.reference, dict(ws.variants),
+                            engine=self.engine, on_result=shown, gated=True, on_error=self._job_failed,
+                            on_cancel=lambda: self._status("Measuring heads cancelled: Tools ▸ Compare heads of "
+                                                           "every layer (Ctrl+Shift+H) runs it again"))
 
     def _sweep_failed(self, message: str, details: str) -> None:
         """A comparison that compared nothing (no variant has a layer that can be): said where its

@@ -1,5 +1,5 @@
 """Start the window: ``quantscope [PATH ...] [--reference REF] [--select LAYER] [--compare]
-[--screenshot FILE]``. With ``--screenshot`` the script runs, waits for every job, saves a PNG of
+[--heads] [--tab VIEW] [--screenshot FILE]``. With ``--screenshot`` the script runs, waits for every job, saves a PNG of
 the whole window and exits (non-zero with a message if anything failed)."""
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class Script:
             self.steps.append(self._select)
         if args.compare:
             self.steps.append(self._compare)
+        if getattr(args, "heads", False):
+            self.steps.append(self.win.compare_heads)
         win.failed.connect(self._failed)
         self._loaded = False
         self._finishing = False
@@ -150,7 +152,8 @@ class Script:
             return
         self._finishing = True
         if self.args.select and self._loaded and not getattr(self.args, "tab", None):
-            self.win.tabs.setCurrentWidget(self.win.layers if self.args.compare else self.win.hist)
+            self.win.tabs.setCurrentWidget(self.win.heads if getattr(self.args, "heads", False) else
+                                           self.win.layers if self.args.compare else self.win.hist)
         self.app.processEvents()
         QTimer.singleShot(50, self._save)
 

@@ -294,6 +294,16 @@ def layer_index(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def layer_template(path: str) -> tuple[str, int | None]:
+    """(the path with its decoder layer number as ``*``, that number):
+    ``model.layers.3.self_attn.q_proj`` → (``model.layers.*.self_attn.q_proj``, 3); a path outside
+    the decoder is its own template, with None."""
+    m = _LAYER_RE.search(path)
+    if m is None:
+        return path, None
+    return path[:m.start(1)] + "*" + path[m.end(1):], int(m.group(1))
+
+
 def proj_of(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 

@@ -318,6 +318,8 @@ def test_exports(win, qtbot, tmp_path):
     from PySide6.QtGui import QImage
     with qtbot.waitSignal(win.sweep_done, timeout=120_000):
         win.compare_all()
+    win.compare_heads()  # (and every layer's heads: their map goes with the Heads figure)
+    qtbot.waitUntil(win.heads.map.has_rows, timeout=60_000)
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         assert win.tree.select("model.layers.1.self_attn.o_proj")  # (an attention layer: the Heads tab too)
     for i in range(win.tabs.count()):
@@ -333,7 +335,7 @@ def test_exports(win, qtbot, tmp_path):
         svg = (tmp_path / f"tab{i}.svg").read_text()
         assert "model.layers.1.self_attn.o_proj" in svg or win.tabs.currentWidget() is win.layers
         if page is win.heads:
-            assert "Error by head" in svg and "Worst head" in svg
+            assert "Error by head" in svg and "Worst head" in svg and "Heads furthest above their layer" in svg
         if page is not win.heatmap:  # every view with a legend has it in the file
             assert "awq-w4g128" in svg
         if page in (win.hist, win.err_hist):  # and what the note above the plot says of its figures
@@ -1190,6 +1192,108 @@ def test_heads_tab_shows_each_heads_error_of_every_variant(win, qtbot, demo):
     assert not crosses[0].isVisible() and not view._series["x"][0].isVisible()
     view.legend._toggle("x")
     assert [b.value() for b in view._bounds if isinstance(b, pg.InfiniteLine)] == [1.5]  # the k/v group boundary
+
+
+def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot):
+    """Tools ▸ Compare heads of every layer: the Heads tab's map holds head_sweep's figures (held
+    to numpy in tests/test_heads.py) for the projection and variant chosen, layer by layer; the
+    ratio box divides each row by its layer's error; the layer shown is outlined and its
+    projection chosen; a click on a cell selects that cell's layer; a new workspace empties it."""
+    import numpy as np
+    import pyqtgraph as pg
+    from quantscope.backend.compare import head_sweep
+    view = win.heads.map
+    assert not view.has_rows() and "Measure every layer" in view.hint.text()
+    with qtbot.waitSignal(win.service.idle, timeout=120_000):
+        win.compare_heads()
+    qtbot.waitUntil(view.has_rows, timeout=60_000)
+    assert win.tabs.currentWidget() is win.heads and view.button.text() == "Measure again" and not view.hint.text()
+    ws = win.workspace
+    rows = head_sweep(ws.reference, ws.variants)
+    by = {(r.variant, r.name): r for r in rows}
+    assert [view.proj.itemText(i) for i in range(view.proj.count())] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert [view.variant.itemText(i) for i in range(view.variant.count())] == list(ws.variants)
+    view.proj.setCurrentText("o_proj")
+    view.variant.setCurrentText("awq-w4g128")
+    grid = view._grid
+    assert grid.shape == (4, 8)
+    for i in range(4):
+        r = by[("awq-w4g128", f"model.layers.{i}.self_attn.o_proj")]
+        np.testing.assert_array_equal(grid[i], r.rel_fro)
+    assert view.plot.titleLabel.text == "awq-w4g128 · model.layers.*.self_attn.o_proj"
+    assert view.plot.getAxis("bottom").labelText == "head (input columns)"
+    # the heads furthest above their layer's error, named with their layer
+    ratios = [(e / r.layer_rel_fro, i, h) for i in range(4)
+              for r in [by[("awq-w4g128", f"model.layers.{i}.self_attn.o_proj")]] for h, e in zip(r.heads, r.rel_fro)]
+    q, i, h = max(ratios)
+    assert view.worst.text().startswith(f"Heads furthest above their layer's error · layer {i} {h} ")
+    assert f"({q:.2f}×)" in view.worst.text()
+    win.heads.ratio.setChecked(True)
+    r2 = by[("awq-w4g128", "model.layers.2.self_attn.o_proj")]
+    np.testing.assert_allclose(view._grid[2], np.asarray(r2.rel_fro) / r2.layer_rel_fro, rtol=1e-12)
+    assert view.cbar.getAxis("left").labelText == "head's error ÷ the layer's"
+    win.heads.ratio.setChecked(False)
+    # the tree's checkpoint is the map's variant; a selected q_proj brings its projection, outlined
+    win.tree.combo.setCurrentText("mlx-affine-q4g64")
+    assert view.variant.currentText() == "mlx-affine-q4g64"
+    win.tree.combo.setCurrentText("gptq-w4g128")
+    assert view.variant.currentText() == "gptq-w4g128"
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        assert win.tree.select("model.layers.1.self_attn.q_proj")
+    assert view.proj.currentText() == "q_proj" and view.mark.isVisible()
+    assert view.mark.rect().top() == pytest.approx(0.5) and view.mark.rect().width() == 8
+    # the pointer over layer 3's head q5: named with its figure; a click selects layer 3
+    vb = view.plot.vb
+    at = vb.mapViewToScene(pg.Point(5.0, 3.0))
+    view._on_move(at)
+    r3 = by[("gptq-w4g128", "model.layers.3.self_attn.q_proj")]
+    assert view.hover.text().startswith(f"model.layers.3.self_attn.q_proj q5: {r3.rel_fro[5]:.4g} (")
+
+    class _Click:
+        def scenePos(self):
+            return at
+    with qtbot.waitSignal(win.detail_shown, timeout=30_000):
+        view._on_click(_Click())
+    assert win.current_layer == "model.layers.3.self_attn.q_proj"
+    assert view.mark.rect().top() == pytest.approx(2.5)
+    view._on_move(vb.mapViewToScene(pg.Point(-3.0, -3.0)))
+    assert view.hover.text().strip() == ""
+    # another workspace: the map of the checkpoints before is gone
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.remove_shown()
+    qtbot.waitUntil(lambda: not view.has_rows(), timeout=10_000)
+    assert view.button.text() == "Measure every layer" and view._grid.size == 0
+
+
+def test_head_map_pads_shorter_rows_and_marks_nan_heads(qtbot):
+    """Layers of different head counts (Gemma's sliding and full layers) in one map: the shorter
+    rows' missing cells are empty, not red; a NaN head is red and named; templates keep towers apart."""
+    import numpy as np
+    from quantscope.backend.compare import HeadRow
+    from quantscope.widgets.head_map import HeadMap, short_names, template_of
+    assert template_of("model.layers.12.self_attn.k_proj") == ("model.layers.*.self_attn.k_proj", 12)
+    assert template_of("visual.blocks.3.attn.qkv") == ("visual.blocks.*.attn.qkv", 3)
+    assert template_of("lm_head") == ("lm_head", None)
+    assert short_names(["a.layers.*.self_attn.q_proj", "v.layers.*.self_attn.q_proj", "a.layers.*.self_attn.o_proj"]) \
+        == {"a.layers.*.self_attn.q_proj": "a.layers.*.self_attn.q_proj",
+            "v.layers.*.self_attn.q_proj": "v.layers.*.self_attn.q_proj", "a.layers.*.self_attn.o_proj": "o_proj"}
+    m = HeadMap()
+    qtbot.addWidget(m)
+    m.resize(600, 400)
+    m.show()
+    rows = [HeadRow("m.layers.0.self_attn.k_proj", "x", ["k0", "k1"], [0.1, 0.2], 0.15, "rows", "c"),
+            HeadRow("m.layers.1.self_attn.k_proj", "x", ["k0"], [float("nan")], float("nan"), "rows", "c"),
+            HeadRow("m.layers.2.self_attn.k_proj", "x", ["k0", "k1"], [0.3, 0.1], 0.2, "rows", "c")]
+    m.set_rows(rows)
+    g = m._grid
+    assert g.shape == (3, 2) and g[0].tolist() == [0.1, 0.2] and np.isnan(g[1]).all()
+    bad = m.bad.image
+    assert bad[1, 0, 3] == 255 and bad[1, 1, 3] == 0 and bad[0, 0, 3] == 0  # (only the NaN head red)
+    assert (1, 1) not in m._cells and m._cells[(1, 0)] == ("m.layers.1.self_attn.k_proj", "k0")
+    assert m.worst.text() == ("Heads furthest above their layer's error · layer 2 k0 0.3 (1.50×) · layer 0 k1 0.2 "
+                              "(1.33×) · layer 0 k0 0.1 (0.67×) · layer 2 k1 0.1 (0.50×) · NaN/inf in layer 1 k0")
+    m.set_rows([])  # measured, nothing split: said
+    assert "No attention layer" in m.hint.text() and m._grid.size == 0
 
 
 def test_a_multiplier_divided_out_is_said_as_such(qtbot, tmp_path):

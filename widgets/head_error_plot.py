@@ -1,5 +1,5 @@
 """HeadErrorPlot: the relative error of each attention head of the selected layer, one series per
-variant, side by side."""
+variant, side by side; below it, every layer's heads at once (:class:`~.head_map.HeadMap`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QSplitter, QVBoxLayout, QWidget
 
+from .head_map import HeadMap
 from .palette import BAD_HEX, symbol_for
 from .plots import SYMBOL_GLYPHS, ElidedLabel, Hint, Legend, plot_widget, show_values
 
@@ -58,6 +59,8 @@ class HeadErrorPlot(QWidget):
         self.ratio.setToolTip("Each head's error over its layer's whole error, per variant: 1 is the layer's; "
                               "above 1, a head the quantization hurt more than the rest")
         self.ratio.toggled.connect(lambda _: self._draw())
+        self.map = HeadMap()  # every layer's heads (a head sweep), under the one layer's
+        self.ratio.toggled.connect(self.map.set_ratio)
         self.hint = Hint(self.plot, "Select an attention projection (q/k/v/o) in the Tensors tree: the error of each "
                                     "head, with the head counts of the reference's config.json")
         self.note = ElidedLabel()  # the layer, its heads and where their counts come from
@@ -69,13 +72,23 @@ class HeadErrorPlot(QWidget):
         top = QHBoxLayout()
         top.addWidget(self.note, 1)
         top.addWidget(self.ratio)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(2, 2, 2, 2)
+        one = QWidget()
+        lay = QVBoxLayout(one)
+        lay.setContentsMargins(0, 0, 0, 0)
         lay.addLayout(top)
         lay.addWidget(self.legend)
         lay.addWidget(self.plot, 1)
         lay.addWidget(self.hover)
         lay.addWidget(self.worst)
+        self.split = QSplitter(Qt.Orientation.Vertical)
+        self.split.addWidget(one)
+        self.split.addWidget(self.map)
+        self.split.setStretchFactor(0, 3)
+        self.split.setStretchFactor(1, 2)
+        self.split.setChildrenCollapsible(False)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(2, 2, 2, 2)
+        outer.addWidget(self.split)
         self._series: dict[str, tuple[pg.PlotDataItem, pg.InfiniteLine | None]] = {}
         self._bounds: list[pg.InfiniteLine] = []
         self._errors: dict[str, np.ndarray] = {}
@@ -88,7 +101,8 @@ class HeadErrorPlot(QWidget):
         show_values(self.plot, False)
 
     def figure_parts(self) -> list:
-        return [*([self.note.text()] if self.note.text() else []), self.legend, self.plot, self.worst.text()]
+        return [*([self.note.text()] if self.note.text() else []), self.legend, self.plot, self.worst.text(),
+                *self.map.figure_parts()]
 
     def set_heads(self, errors: dict[str, np.ndarray], colors: dict, heads=None, layer_error: dict | None = None,
                   layer: str = "", empty_note: str = "") -> None:
