@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also measure every attention layer head by head (heads from the reference's config.json; "
                          "q/k/v rows, o_proj columns): the JSON's `heads`, and each variant's worst heads below the "
                          "table (another pass over those layers)")
+    pc.add_argument("--heads-csv", dest="heads_csv", metavar="OUT",
+                    help="write the per-head errors as CSV, one line per (layer, variant, head): name, variant, "
+                         "head, index, axis, rel_fro, ratio (over the layer's), layer_rel_fro, source; implies "
+                         "--heads (-: to stdout, the table then goes to stderr)")
     _add_common(pc)
     pdoc = sub.add_parser("doctor", help="find what is wrong with a checkpoint (exit 0 ok, 1 errors, 2 cannot open)",
                           description="Find what is wrong with a checkpoint: structure, index and shards, configs, "

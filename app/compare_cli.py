@@ -182,14 +182,20 @@ def run_compare(args) -> int:
 
     from .cli import check_output_path, refuse_another_kind
 
-    for out in (args.json_out, args.csv_out):
+    heads_csv = getattr(args, "heads_csv", None)
+    if heads_csv:
+        args.heads = True
+    outs = {"--json": args.json_out, "--csv": args.csv_out, "--heads-csv": heads_csv}
+    for out in outs.values():
         if out:
             check_output_path(out)
-    if args.json_out == "-" and args.csv_out == "-":
-        raise QuantscopeError("--json - and --csv - cannot both write to stdout")
-    if (args.json_out and args.csv_out and args.json_out != "-"
-            and os.path.realpath(args.json_out) == os.path.realpath(args.csv_out)):
-        raise QuantscopeError(f"--json and --csv both name {args.csv_out}: the CSV would replace the JSON")
+    named = [(k, v) for k, v in outs.items() if v]
+    if sum(v == "-" for _, v in named) > 1:
+        raise QuantscopeError(" and ".join(f"{k} -" for k, v in named if v == "-") + " cannot both write to stdout")
+    for i, (k1, v1) in enumerate(named):
+        for k2, v2 in named[i + 1:]:
+            if "-" not in (v1, v2) and os.path.realpath(v1) == os.path.realpath(v2):
+                raise QuantscopeError(f"{k1} and {k2} both name {v2}: one would replace the other")
     ref = analyze(open_checkpoint(args.reference))
     variants = {}
     unopened: dict[str, Exception] = {}  # variants that cannot be opened: each said, the others compared
@@ -209,7 +215,8 @@ def run_compare(args) -> int:
             unopened[path] = exc
     if not variants:  # nothing to compare: the (first) reason is the error
         raise next(iter(unopened.values()))
-    for out, starts, what in ((args.json_out, None, "compare's JSON"), (args.csv_out, (b"name,",), "compare's CSV")):
+    for out, starts, what in ((args.json_out, None, "compare's JSON"), (args.csv_out, (b"name,",), "compare's CSV"),
+                              (heads_csv, (b"name,variant,head,",), "compare's per-head CSV")):
         refuse_writing_into(out, [ref, *variants.values()])
         if out:  # (an existing file of another kind is not replaced)
             refuse_another_kind(out, starts, what, ours=_compare_json if starts is None else None)
@@ -243,7 +250,7 @@ def run_compare(args) -> int:
         data["layers_pattern"] = args.layers
         data["added_layers"] = result.added
     data = printable(data)  # a variant's path that is not UTF-8: its odd bytes as \xNN, valid JSON
-    to_stdout = "-" in (args.json_out, args.csv_out)
+    to_stdout = "-" in (args.json_out, args.csv_out, heads_csv)
     labels = [v for v in variants if v not in result.failed]
     table = format_table(result, labels) + (("\n" + worst_heads(head_rows, labels))
                                             if getattr(args, "heads", False) else "")
@@ -258,6 +265,9 @@ def run_compare(args) -> int:
             fh.write("\n")
     if args.csv_out:
         result.to_csv(sys.stdout if args.csv_out == "-" else args.csv_out)
+    if heads_csv:
+        from quantscope.backend.compare import heads_to_csv
+        heads_to_csv(head_rows, sys.stdout if heads_csv == "-" else heads_csv)
     if not to_stdout:
         sys.stdout.write(terminal_lines(table) + "\n")
     quantized = sorted({lay.scheme for lay in ref.layers.values() if lay.quantized})

@@ -2082,6 +2082,32 @@ class HeadRow:
         return out
 
 
+#: The columns of :func:`heads_to_csv`: one line per (layer, variant, head).
+HEAD_CSV_KEYS = ("name", "variant", "head", "index", "axis", "rel_fro", "ratio", "layer_rel_fro", "source")
+
+
+def heads_to_csv(rows: list[HeadRow], path) -> None:
+    """One line per head of each :class:`HeadRow`: its error, that over its layer's (``ratio``),
+    the layer's; NaN and inf written as such (``nan``, ``inf``), never empty. ``path``: a file
+    name (written atomically), or an open text stream (stdout)."""
+    def write(fh) -> None:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(HEAD_CSV_KEYS)
+        for r in rows:
+            whole = float(r.layer_rel_fro)
+            for i, (h, e) in enumerate(zip(r.heads, r.rel_fro)):
+                with np.errstate(all="ignore"):
+                    ratio = float(np.float64(e) / whole) if whole else float("nan")
+                w.writerow(_csv_cells([r.name, r.variant, h, i, r.axis, repr(float(e)), repr(ratio), repr(whole),
+                                       r.source]))
+    if hasattr(path, "write"):
+        write(path)
+        return
+    from .outfile import atomic_output
+    with atomic_output(path, "w", newline="", encoding="utf-8") as fh:
+        write(fh)
+
+
 def head_sweep(reference: Model, variants: dict[str, Model], *, engine="auto", layers: str | None = None,
                cancel=None, progress=None) -> list[HeadRow]:
     """The per-head error of every attention layer of the reference (its heads from config.json:

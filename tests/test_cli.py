@@ -192,6 +192,18 @@ def test_compare_refuses_one_file_for_both_json_and_csv(tmp_path, capsys, real_f
     assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
                  "--json", str(out), "--csv", str(out)]) == 2
     assert "--json and --csv both name" in capsys.readouterr().err and not out.exists()
+    # the per-head CSV too: not the layers' file, not stdout twice, not over another kind of file
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
+                 "--csv", str(out), "--heads-csv", str(out)]) == 2
+    assert "--csv and --heads-csv both name" in capsys.readouterr().err and not out.exists()
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
+                 "--json", "-", "--heads-csv", "-"]) == 2
+    assert "--json - and --heads-csv - cannot both write to stdout" in capsys.readouterr().err
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own\n1,2\n")
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
+                 "--heads-csv", str(notes)]) == 2
+    assert "is not compare's per-head CSV" in capsys.readouterr().err and notes.read_text() == "my,own\n1,2\n"
 
 
 def test_compare_warns_of_a_file_its_own_tensors_contradict(tmp_path, capsys, real_fixtures):

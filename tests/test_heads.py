@@ -188,9 +188,10 @@ def test_a_layer_not_split_says_why():
 
 
 def test_compare_heads_writes_each_attention_layers_heads(tmp_path, real_models):
-    """`compare --heads`: the JSON's `heads` holds every attention layer's per-head errors, the
-    same as the window's (layer_detail), AWQ's smoothing undone as the sweep undoes it; each
-    variant's worst heads (against their layer) are listed under the table."""
+    """`compare --heads-csv` (implying --heads): the JSON's `heads` holds every attention layer's
+    per-head errors, the same as the window's (layer_detail), AWQ's smoothing undone as the sweep
+    undoes it; the CSV the same figures a line per head; each variant's worst heads (against
+    their layer) are listed under the table."""
     import json
     import subprocess
     import sys
@@ -198,7 +199,8 @@ def test_compare_heads_writes_each_attention_layers_heads(tmp_path, real_models)
     out = tmp_path / "c.json"
     awq = FIXTURES / "autoawq-gemm-w4g128"
     r = subprocess.run([sys.executable, "-m", "quantscope", "compare", "--reference", str(REAL / "base-bf16"),
-                        str(FIXTURES / "gptqmodel-gptq-w4g128"), str(awq), "--heads", "--json", str(out)],
+                        str(FIXTURES / "gptqmodel-gptq-w4g128"), str(awq), "--heads-csv", str(tmp_path / "h.csv"),
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode in (0, 1), r.stderr
     data = json.loads(out.read_text())
@@ -213,6 +215,16 @@ def test_compare_heads_writes_each_attention_layers_heads(tmp_path, real_models)
     assert got["layer_rel_fro"] == pytest.approx(d.metrics["awq"].rel_fro, rel=1e-12)
     assert "worst heads (error of the head, × its layer's; 8 attention layers measured head by head):" in r.stdout
     assert "    model.layers.1.self_attn.o_proj h4  0.1973  (1.31×)" in r.stdout
+    import csv
+    with (tmp_path / "h.csv").open(encoding="utf-8") as fh:
+        lines = list(csv.DictReader(fh))
+    assert len(lines) == sum(len(h["heads"]) for h in data["heads"])
+    for ln in lines:
+        js = rows[(ln["name"], ln["variant"])]
+        assert float(ln["rel_fro"]) == js["heads"][ln["head"]] and ln["axis"] == js["axis"]
+        assert float(ln["layer_rel_fro"]) == js["layer_rel_fro"] and ln["source"] == js["source"]
+        assert float(ln["ratio"]) == pytest.approx(js["heads"][ln["head"]] / js["layer_rel_fro"], rel=1e-15)
+        assert list(js["heads"])[int(ln["index"])] == ln["head"]
 
 
 def test_review_cases_nemotron_mixers_mla_out_and_missing_counts():
@@ -240,6 +252,23 @@ def test_the_worst_heads_table_names_nan_heads_and_says_when_none_were_split():
     assert "    m.layers.0.self_attn.q_proj q2  0.3  (1.50×)" in text
     assert "    NaN/inf in 1 head(s): m.layers.0.self_attn.q_proj q1" in text
     assert worst_heads([], ["v"]).startswith("--heads: no attention layer was split into heads")
+
+
+def test_heads_csv_writes_nan_and_inf_as_such(tmp_path):
+    import io
+
+    from quantscope.backend.compare import HeadRow, heads_to_csv
+    rows = [HeadRow("m.layers.0.self_attn.q_proj", "v", ["q0", "q1"], [0.1, float("nan")], 0.2, "rows", "s"),
+            HeadRow("m.layers.1.self_attn.q_proj", "v", ["q0"], [float("inf")], 0.0, "rows", "s")]
+    buf = io.StringIO()
+    heads_to_csv(rows, buf)
+    assert buf.getvalue().splitlines() == [
+        "name,variant,head,index,axis,rel_fro,ratio,layer_rel_fro,source",
+        "m.layers.0.self_attn.q_proj,v,q0,0,rows,0.1,0.5,0.2,s",
+        "m.layers.0.self_attn.q_proj,v,q1,1,rows,nan,nan,0.2,s",
+        "m.layers.1.self_attn.q_proj,v,q0,0,rows,inf,nan,0.0,s"]
+    heads_to_csv(rows, tmp_path / "h.csv")
+    assert (tmp_path / "h.csv").read_text(encoding="utf-8") == buf.getvalue()
 
 
 def test_head_rows_json_names_nan_and_inf():
