@@ -50,7 +50,8 @@ class HeadLayout:
     axis: str
     sections: tuple[tuple[str, int, int], ...]
     source: str
-    #: Query heads per key/value head (grouped-query attention's q_proj), else 0.
+    #: Query heads per key/value head (grouped-query attention's q_proj, and the q heads of a
+    #: fused qkv_proj), else 0.
     group: int = 0
 
     @property
@@ -155,8 +156,9 @@ def head_layout(cfg: dict | None, path: str, shape) -> HeadLayout | None:
         for (w, wk) in dims:
             for (k, kk) in kvs or [(h, h_key)]:
                 if out == (h + 2 * k) * w:
+                    group = h // k if kvs and k < h and h % k == 0 else 0  # (among the q heads)
                     return HeadLayout("rows", (("q", h, w), ("k", k, w), ("v", k, w)),
-                                      said(h, h_key, w, wk) + (f", {kk} {k}" if kvs else ""))
+                                      said(h, h_key, w, wk) + (f", {kk} {k}" if kvs else ""), group)
         return None
     if leaf in _ROWS:
         axis, n, prefix = "rows", out, _ROWS[leaf]

@@ -29,6 +29,8 @@ def test_heads_of_a_llama_come_from_its_config():
     fused = head_layout(LLAMA, at + "qkv_proj", (640, 384))  # Phi-3: q, then k, then v rows
     assert fused.sections == (("q", 6, 64), ("k", 2, 64), ("v", 2, 64))
     assert fused.labels()[5:8] == ["q5", "k0", "k1"] and fused.n == 10
+    assert fused.group == 3  # (6 query heads on 2 key/value heads, as the split q_proj's)
+    assert head_layout(LLAMA, at + "q_proj", (384, 384)).group == 3
     assert np.array_equal(fused.index(), np.repeat(np.arange(10), 64))
     # head_dim left out: hidden_size / heads
     no_hd = {k: v for k, v in LLAMA.items() if k != "head_dim"}

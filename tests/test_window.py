@@ -1192,6 +1192,13 @@ def test_heads_tab_shows_each_heads_error_of_every_variant(win, qtbot, demo):
     assert not crosses[0].isVisible() and not view._series["x"][0].isVisible()
     view.legend._toggle("x")
     assert [b.value() for b in view._bounds if isinstance(b, pg.InfiniteLine)] == [1.5]  # the k/v group boundary
+    # Phi-3's fused qkv_proj: q | k | v dashed, the query groups dotted among the q heads only
+    fused = head_layout({"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 2},
+                        "m.layers.0.self_attn.qkv_proj", (20, 8))
+    view.set_heads({"x": np.linspace(0.1, 0.2, 10)}, {"x": "#E69F00"}, fused, {"x": 0.15}, layer="m")
+    lines = [(b.value(), b.pen.style()) for b in view._bounds if isinstance(b, pg.InfiniteLine)]
+    assert sorted(lines) == [(2.5, Qt.PenStyle.DotLine), (5.5, Qt.PenStyle.DashLine), (7.5, Qt.PenStyle.DashLine)]
+    assert "(3 query heads per key/value head)" in view.note.text()
 
 
 def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot):

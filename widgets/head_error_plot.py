@@ -179,8 +179,11 @@ class HeadErrorPlot(QWidget):
         for _, h, _ in heads.sections[:-1]:  # q | k | v of a fused layer
             start += h
             self._bound(start - 0.5, Qt.PenStyle.DashLine)
-        if heads.group and heads.group < n:  # the query heads sharing one key/value head
-            for b in range(heads.group, n, heads.group):
+        # the query heads sharing one key/value head (a fused qkv_proj: among its q heads only)
+        first, count, _ = heads.sections[0]
+        qn = count if first == "q" and len(heads.sections) > 1 else n
+        if heads.group and heads.group < qn:
+            for b in range(heads.group, qn, heads.group):
                 self._bound(b - 0.5, Qt.PenStyle.DotLine)
         self._apply_hidden()
         self.plot.setXRange(-0.5, n - 0.5, padding=0.02)
