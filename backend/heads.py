@@ -82,6 +82,22 @@ def _int(c: dict, *keys) -> tuple[int, str] | tuple[None, None]:
     return None, None
 
 
+_SIDE = re.compile(r"(?:^|\.)(encoder|decoder)\.")
+
+
+def _head_count(c: dict, path: str) -> tuple[int, str] | tuple[None, None]:
+    """The query heads of the part of the model ``path`` is in: ``num_attention_heads`` (or the
+    other names of it), else an encoder-decoder's own count for its side (Whisper's, BART's
+    ``encoder_attention_heads`` / ``decoder_attention_heads``; a decoder's cross-attention takes
+    the decoder's)."""
+    h, key = _int(c, "num_attention_heads", "num_heads", "n_head", "n_heads")
+    if h is None:
+        m = _SIDE.search(path)
+        if m is not None:
+            h, key = _int(c, f"{m.group(1)}_attention_heads")
+    return h, key
+
+
 def _config_for(cfg: dict, path: str) -> tuple[dict | None, str]:
     """The part of config.json that describes the model ``path`` belongs to, and where it is: a
     vision or audio tower's own ``vision_config`` / ``audio_config``, else the text model's
@@ -119,10 +135,10 @@ def head_layout(cfg: dict | None, path: str, shape) -> HeadLayout | None:
     c, where = _config_for(cfg, path)
     if c is None:
         return None
-    h, h_key = _int(c, "num_attention_heads", "num_heads", "n_head", "n_heads")
+    h, h_key = _head_count(c, path)
     if h is None:
         return None
-    hidden, _ = _int(c, "hidden_size", "d_model", "n_embd")
+    hidden, hidden_key = _int(c, "hidden_size", "d_model", "n_embd")
     hd, hd_key = _int(c, "head_dim")
     ghd, _ = _int(c, "global_head_dim")
     kv, kv_key = _int(c, "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
@@ -140,7 +156,7 @@ def head_layout(cfg: dict | None, path: str, shape) -> HeadLayout | None:
     if ghd:
         dims.insert(0 if full else len(dims), (ghd, "global_head_dim"))
     if hidden and hidden % h == 0:
-        dims.append((hidden // h, f"hidden_size {hidden} / {h_key}"))
+        dims.append((hidden // h, f"{hidden_key} {hidden} / {h_key}"))
     kvs = [(kv, kv_key)] if kv else []
     if gkv:
         kvs.insert(0 if full else len(kvs), (gkv, "num_global_key_value_heads"))
@@ -149,7 +165,7 @@ def head_layout(cfg: dict | None, path: str, shape) -> HeadLayout | None:
     pre = f"config.json{' ' + where if where else ''}: "
 
     def said(count, ck, width, wk):
-        return f"{pre}{ck} {count} × {wk} {width}" if wk and not wk.startswith("hidden") else \
+        return f"{pre}{ck} {count} × {wk} {width}" if wk and " / " not in wk else \
             f"{pre}{ck} {count} × {width} ({wk})" if wk else f"{pre}{ck} {count} × {width}"
 
     if leaf in _FUSED or (leaf == "qkv" and at_attn):
@@ -215,7 +231,7 @@ def no_heads_why(path: str, cfg: dict | None = None) -> str:
                 "o_proj, qkv_proj, MLA's q_b_proj and kv_b_proj), not this layout")
     if isinstance(cfg, dict):
         c, where = _config_for(cfg, path)
-        if c is None or _int(c, "num_attention_heads", "num_heads", "n_head", "n_heads")[0] is None:
+        if c is None or _head_count(c, path)[0] is None:
             part = f"its {where}" if where else "it"
             return (f"the reference's config.json gives no head count for this part of the model ({part} has no "
                     "num_attention_heads): not split")

@@ -242,8 +242,20 @@ def test_review_cases_nemotron_mixers_mla_out_and_missing_counts():
     assert head_layout(v2, "model.layers.0.self_attn.o_proj", (2048, 2048)).source == \
         "config.json: num_attention_heads 16 × v_head_dim 128"
     # no counts in the config's part for this layer: said so
-    why = no_heads_why("model.encoder.layers.0.self_attn.q_proj", {"encoder_attention_heads": 8})
+    why = no_heads_why("model.layers.0.self_attn.q_proj", {"encoder_attention_heads": 8})
     assert "gives no head count" in why
+
+
+def test_an_encoder_decoder_takes_each_sides_own_head_count():
+    """Whisper (and BART) name their counts per side: the encoder's self-attention takes
+    encoder_attention_heads, the decoder's self- and cross-attention decoder_attention_heads."""
+    wh = {"model_type": "whisper", "d_model": 384, "encoder_attention_heads": 6, "decoder_attention_heads": 4}
+    enc = head_layout(wh, "model.encoder.layers.1.self_attn.q_proj", (384, 384))
+    assert (enc.axis, enc.sections) == ("rows", (("q", 6, 64),))
+    assert enc.source == "config.json: encoder_attention_heads 6 × 64 (d_model 384 / encoder_attention_heads)"
+    assert _layout(wh, "model.encoder.layers.1.self_attn.out_proj", (384, 384)) == ("columns", (("h", 6, 64),))
+    assert _layout(wh, "model.decoder.layers.0.self_attn.k_proj", (384, 384)) == ("rows", (("k", 4, 96),))
+    assert _layout(wh, "model.decoder.layers.0.encoder_attn.v_proj", (384, 384)) == ("rows", (("v", 4, 96),))
 
 
 def test_the_worst_heads_table_names_nan_heads_and_says_when_none_were_split():
