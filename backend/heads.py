@@ -157,6 +157,10 @@ def head_layout(cfg: dict | None, path: str, shape) -> HeadLayout | None:
         dims.insert(0 if full else len(dims), (ghd, "global_head_dim"))
     if hidden and hidden % h == 0:
         dims.append((hidden // h, f"{hidden_key} {hidden} / {h_key}"))
+    # (Qwen2-VL's vision_config: its hidden_size is the language model's, the tower's width embed_dim)
+    emb, _ = _int(c, "embed_dim")
+    if emb and emb != hidden and emb % h == 0:
+        dims.append((emb // h, f"embed_dim {emb} / {h_key}"))
     kvs = [(kv, kv_key)] if kv else []
     if gkv:
         kvs.insert(0 if full else len(kvs), (gkv, "num_global_key_value_heads"))

@@ -246,6 +246,19 @@ def test_review_cases_nemotron_mixers_mla_out_and_missing_counts():
     assert "gives no head count" in why
 
 
+def test_qwen2_vl_vision_blocks_take_the_towers_own_width():
+    """Qwen2-VL's vision_config gives hidden_size 3584 (the language model's, where its merger
+    leads) and the tower's own width as embed_dim 1280: the fused attn.qkv and attn.proj split in
+    16 heads of 80."""
+    cfg = {"model_type": "qwen2_vl", "hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4,
+           "vision_config": {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16}}
+    qkv = head_layout(cfg, "visual.blocks.3.attn.qkv", (3840, 1280))
+    assert qkv.sections == (("q", 16, 80), ("k", 16, 80), ("v", 16, 80))
+    assert qkv.source == "config.json vision_config: num_heads 16 × 80 (embed_dim 1280 / num_heads)"
+    assert _layout(cfg, "visual.blocks.3.attn.proj", (1280, 1280)) == ("columns", (("h", 16, 80),))
+    assert _layout(cfg, "model.layers.0.self_attn.q_proj", (3584, 3584)) == ("rows", (("q", 28, 128),))
+
+
 def test_an_encoder_decoder_takes_each_sides_own_head_count():
     """Whisper (and BART) name their counts per side: the encoder's self-attention takes
     encoder_attention_heads, the decoder's self- and cross-attention decoder_attention_heads."""
