@@ -169,7 +169,7 @@ def build_window_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="run 'Compare all layers'")
     p.add_argument("--heads", action="store_true", help="run 'Compare heads of every layer' (the Heads tab's map)")
     p.add_argument("--tab", choices=TABS, help="the view to show once the rest is done (default: Values after "
-                                               "--select, Layers after --compare)")
+                                               "--select, Layers after --compare, Heads after --heads)")
     p.add_argument("--screenshot", help="save a PNG of the window when all jobs are done, then exit")
     _add_common(p)
     return p

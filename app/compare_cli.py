@@ -174,13 +174,19 @@ def _compare_json(head: bytes) -> bool:
     return head.startswith(b'{\n "quantscope_version"') and b'\n "reference": ' in head
 
 
+def _layers_csv(head: bytes) -> bool:
+    """Whether a file beginning with ``head`` is a CSV of layer rows compare wrote (not its
+    per-head CSV, which begins with ``name,`` too)."""
+    return head.startswith(b"name,") and not head.startswith(b"name,variant,head,")
+
+
 def run_compare(args) -> int:
     """Run ``quantscope compare`` (args: reference, variants, json_out, csv_out, engine); exit status."""
     from quantscope.backend.checkpoint import open_checkpoint, refuse_writing_into
     from quantscope.backend.compare import sweep
     from quantscope.backend.schemes import analyze
 
-    from .cli import check_output_path, refuse_another_kind
+    from .cli import _is_stdout, check_output_path, refuse_another_kind
 
     heads_csv = getattr(args, "heads_csv", None)
     if heads_csv:
@@ -190,8 +196,11 @@ def run_compare(args) -> int:
         if out:
             check_output_path(out)
     named = [(k, v) for k, v in outs.items() if v]
-    if sum(v == "-" for _, v in named) > 1:
-        raise QuantscopeError(" and ".join(f"{k} -" for k, v in named if v == "-") + " cannot both write to stdout")
+    # (/dev/stdout, or the file stdout is redirected to, is stdout as "-" is)
+    out_std = [f"{k} {v}" for k, v in named if v in ("-", "/dev/stdout", "/dev/fd/1") or _is_stdout(v)]
+    if len(out_std) > 1:
+        raise QuantscopeError(", ".join(out_std[:-1]) + f" and {out_std[-1]} cannot "
+                              f"{'both' if len(out_std) == 2 else 'all'} write to stdout")
     for i, (k1, v1) in enumerate(named):
         for k2, v2 in named[i + 1:]:
             if "-" not in (v1, v2) and os.path.realpath(v1) == os.path.realpath(v2):
@@ -215,11 +224,11 @@ def run_compare(args) -> int:
             unopened[path] = exc
     if not variants:  # nothing to compare: the (first) reason is the error
         raise next(iter(unopened.values()))
-    for out, starts, what in ((args.json_out, None, "compare's JSON"), (args.csv_out, (b"name,",), "compare's CSV"),
-                              (heads_csv, (b"name,variant,head,",), "compare's per-head CSV")):
+    for out, ours, what in ((args.json_out, _compare_json, "compare's JSON"), (args.csv_out, _layers_csv, "compare's CSV"),
+                            (heads_csv, lambda h: h.startswith(b"name,variant,head,"), "compare's per-head CSV")):
         refuse_writing_into(out, [ref, *variants.values()])
         if out:  # (an existing file of another kind is not replaced)
-            refuse_another_kind(out, starts, what, ours=_compare_json if starts is None else None)
+            refuse_another_kind(out, None, what, ours=ours)
     kernels_ready()
     bar = ProgressBar("comparing")
     cancel = threading.Event()

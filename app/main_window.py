@@ -750,6 +750,8 @@ class MainWindow(QMainWindow):
             self.select_layer(path)
         else:
             self.current_layer = None
+            self.layers.mark_layer(None)  # (a layer of that name in a later comparison is not the one shown)
+            self.heads.map.mark_layer(None)
             self.tree.show_experts(None)  # (it stayed up, picking experts of a workspace gone)
             self.config.clear_layer()
             self._clear_views("Select a layer in the tree")

@@ -199,6 +199,21 @@ def test_compare_refuses_one_file_for_both_json_and_csv(tmp_path, capsys, real_f
     assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
                  "--json", "-", "--heads-csv", "-"]) == 2
     assert "--json - and --heads-csv - cannot both write to stdout" in capsys.readouterr().err
+    # /dev/stdout is stdout too (the atomic write of one replaced the other where stdout was a file)
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
+                 "--csv", "-", "--heads-csv", "/dev/stdout"]) == 2
+    assert "--csv - and --heads-csv /dev/stdout cannot both write to stdout" in capsys.readouterr().err
+    # a per-head CSV is not replaced by the layers' CSV (both begin with "name,"), nor the other way
+    heads = tmp_path / "h.csv"
+    heads.write_text("name,variant,head,index\n")
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
+                 "--csv", str(heads)]) == 2
+    assert "is not compare's CSV" in capsys.readouterr().err and heads.read_text() == "name,variant,head,index\n"
+    layers = tmp_path / "l.csv"
+    layers.write_text("name,variant,scheme\n")
+    assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),
+                 "--heads-csv", str(layers)]) == 2
+    assert "is not compare's per-head CSV" in capsys.readouterr().err
     notes = tmp_path / "notes.csv"
     notes.write_text("my,own\n1,2\n")
     assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),

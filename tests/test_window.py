@@ -1192,6 +1192,14 @@ def test_heads_tab_shows_each_heads_error_of_every_variant(win, qtbot, demo):
     assert not crosses[0].isVisible() and not view._series["x"][0].isVisible()
     view.legend._toggle("x")
     assert [b.value() for b in view._bounds if isinstance(b, pg.InfiniteLine)] == [1.5]  # the k/v group boundary
+    # ÷ the layer's error where the layer's is NaN (its NaN head): no ratio drawn, one cross still
+    view.set_heads({"x": np.array([0.1, np.nan, 0.3, 0.2])}, {"x": "#E69F00"},
+                   head_layout({"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 2},
+                               "m.layers.0.self_attn.q_proj", (8, 8)), {"x": float("nan")}, layer="m")
+    view.ratio.setChecked(True)
+    assert np.isnan(view._series["x"][0].getData()[1]).all()
+    assert [b.getData()[0].size for b in view._bounds if isinstance(b, pg.ScatterPlotItem)] == [1]
+    view.ratio.setChecked(False)
     # Phi-3's fused qkv_proj: q | k | v dashed, the query groups dotted among the q heads only
     fused = head_layout({"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 2},
                         "m.layers.0.self_attn.qkv_proj", (20, 8))
@@ -1211,9 +1219,11 @@ def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot):
     from quantscope.backend.compare import head_sweep
     view = win.heads.map
     assert not view.has_rows() and "Measure every layer" in view.hint.text()
+    win.tree.combo.setCurrentText("awq-w4g128")  # (the tree's checkpoint, before any measurement)
     with qtbot.waitSignal(win.service.idle, timeout=120_000):
         win.compare_heads()
     qtbot.waitUntil(view.has_rows, timeout=60_000)
+    assert view.variant.currentText() == "awq-w4g128"
     assert win.tabs.currentWidget() is win.heads and view.button.text() == "Measure again" and not view.hint.text()
     ws = win.workspace
     rows = head_sweep(ws.reference, ws.variants)
@@ -1257,8 +1267,19 @@ def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot):
     assert view.hover.text().startswith(f"model.layers.3.self_attn.q_proj q5: {r3.rel_fro[5]:.4g} (")
 
     class _Click:
+        def __init__(self, button=Qt.MouseButton.LeftButton):
+            self._b = button
+
         def scenePos(self):
             return at
+
+        def button(self):
+            return self._b
+
+        def double(self):
+            return False
+    view._on_click(_Click(Qt.MouseButton.RightButton))  # (a right click selects nothing)
+    assert win.current_layer == "model.layers.1.self_attn.q_proj"
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         view._on_click(_Click())
     assert win.current_layer == "model.layers.3.self_attn.q_proj"
@@ -1299,6 +1320,27 @@ def test_head_map_pads_shorter_rows_and_marks_nan_heads(qtbot):
     assert (1, 1) not in m._cells and m._cells[(1, 0)] == ("m.layers.1.self_attn.k_proj", "k0")
     assert m.worst.text() == ("Heads furthest above their layer's error · layer 2 k0 0.3 (1.50×) · layer 0 k1 0.2 "
                               "(1.33×) · layer 0 k0 0.1 (0.67×) · layer 2 k1 0.1 (0.50×) · NaN/inf in layer 1 k0")
+    # ÷ the layer's error: a NaN layer leaves its heads' ratios undefined (blank), its NaN head alone red
+    m.set_ratio(True)
+    assert m._grid[0].tolist() == pytest.approx([0.1 / 0.15, 0.2 / 0.15]) and np.isnan(m._grid[1]).all()
+    assert m.bad.image[1, 0, 3] == 255 and m.bad.image[1, 1, 3] == 0
+    m.set_ratio(False)
+    # the variant the tree shows (told before any measurement) is the one shown once measured
+    two = rows + [HeadRow("m.layers.0.self_attn.k_proj", "y", ["k0", "k1"], [0.5, 0.6], 0.55, "rows", "c"),
+                  HeadRow("m.layers.0.self_attn.o_proj", "x", ["h0", "h1"], [0.1, 0.1], 0.1, "columns", "c")]
+    m.set_rows(None)
+    m.follow("y")
+    m.set_rows(two)
+    assert m.variant.currentText() == "y" and m._grid.tolist() == [[0.5, 0.6]]
+    # a pair with nothing (y has no o_proj), then back: its ticks and title drawn again
+    m.variant.setCurrentText("x")
+    m.proj.setCurrentText("o_proj")
+    ticks = m.plot.getAxis("left")._tickLevels
+    m.variant.setCurrentText("y")
+    assert m._grid.size == 0
+    m.variant.setCurrentText("x")
+    assert m.plot.getAxis("left")._tickLevels == ticks and ticks and ticks[0]
+    assert m.plot.titleLabel.text == "x · m.layers.*.self_attn.o_proj" and m.plot.titleLabel.isVisible()
     m.set_rows([])  # measured, nothing split: said
     assert "No attention layer" in m.hint.text() and m._grid.size == 0
 

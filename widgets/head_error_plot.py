@@ -10,7 +10,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QSplitter, QVBoxLayout, QWidget
 
-from .head_map import HeadMap
+from .head_map import HeadMap, head_ratio
 from .palette import BAD_HEX, symbol_for
 from .plots import SYMBOL_GLYPHS, ElidedLabel, Hint, Legend, plot_widget, show_values
 
@@ -150,7 +150,7 @@ class HeadErrorPlot(QWidget):
         ys = {}
         for label, e in self._errors.items():
             whole = self._layer_error.get(label)
-            ys[label] = e / whole if rel and whole else e
+            ys[label] = head_ratio(e, np.nan if whole is None else whole) if rel else e
         finite = [float(y[np.isfinite(y)].max()) for y in ys.values() if np.isfinite(y).any()]
         top = max(finite, default=1.0)
         if rel:
@@ -168,7 +168,9 @@ class HeadErrorPlot(QWidget):
                 line = pg.InfiniteLine(pos=level, angle=0, pen=pg.mkPen(color, width=1, style=Qt.PenStyle.DotLine))
                 self.plot.addItem(line)
             self._series[label] = (item, line)
-            bad = np.flatnonzero(~np.isfinite(y))  # (NaN or inf: a cross at the top, in the map's red)
+            # (a NaN or inf head: a cross at the top, in the map's red; a ratio its NaN layer leaves
+            # undefined is not drawn)
+            bad = np.flatnonzero(~np.isfinite(self._errors[label]))
             if bad.size:
                 cross = pg.ScatterPlotItem(x[bad], np.full(bad.size, 1.04 * top), symbol="x", size=10,
                                            brush=BAD_HEX, pen=pg.mkPen(BAD_HEX))

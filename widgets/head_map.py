@@ -25,6 +25,16 @@ from .palette import BAD_RGBA
 from .plots import ElidedLabel, Hint, controls_row, plain_axes, shrinkable
 
 
+def head_ratio(errors, layer_error: float) -> np.ndarray:
+    """Each head's error over its layer's; NaN where that is undefined (the layer's error 0, NaN
+    or inf: a NaN head makes its layer's NaN, and its other heads have no ratio)."""
+    e = np.asarray(errors, np.float64)
+    whole = float(layer_error)
+    if not (math.isfinite(whole) and whole > 0):
+        return np.full(e.shape, np.nan)
+    return e / whole
+
+
 def short_names(templates: list[str]) -> dict[str, str]:
     """Each template by its shortest tail of dotted parts no other template ends with
     (``self_attn.q_proj`` → ``q_proj``; a vision tower's beside a language model's keeps more)."""
@@ -108,7 +118,8 @@ class HeadMap(QWidget):
         self._current: str | None = None
         self._grid = np.zeros((0, 0))
         self._cells: dict[tuple[int, int], tuple[str, str]] = {}  # (row, column) -> (layer, head)
-        self._picked = False
+        self._picked = False  # the user chose the variant here (it stays until the tree shows another)
+        self._followed = ""  # the checkpoint the tree shows: the variant shown once measured
         self._frame = None
         self.proj.currentIndexChanged.connect(lambda _: self._draw())
         self.variant.currentIndexChanged.connect(lambda _: self._draw())
@@ -137,10 +148,17 @@ class HeadMap(QWidget):
             self.proj.addItem(short[t], t)
             self.proj.setItemData(self.proj.count() - 1, t, Qt.ItemDataRole.ToolTipRole)
         self.variant.addItems(variants)
-        if keep_t in templates:
-            self.proj.setCurrentIndex(templates.index(keep_t))
-        if keep_v in variants:
-            self.variant.setCurrentText(keep_v)
+        # the projection of the layer shown, else the one shown before
+        want_t = template_of(self._current)[0] if self._current is not None else None
+        for t in (want_t, keep_t):
+            if t in templates:
+                self.proj.setCurrentIndex(templates.index(t))
+                break
+        # the tree's checkpoint, unless the user chose another here; else the one shown before
+        for v in ((keep_v, self._followed) if self._picked else (self._followed, keep_v)):
+            if v in variants:
+                self.variant.setCurrentText(v)
+                break
         for box in (self.proj, self.variant):
             box.blockSignals(False)
         self.button.setText("Measure every layer" if rows is None else "Measure again")
@@ -152,8 +170,6 @@ class HeadMap(QWidget):
         else:
             self.hint.set("")
         self._frame = None
-        if self._current is not None:
-            self.mark_layer(self._current)  # (its projection, where the map has it)
         self._draw()
 
     def has_rows(self) -> bool:
@@ -167,6 +183,7 @@ class HeadMap(QWidget):
     def follow(self, label: str) -> None:
         """The tree shows checkpoint ``label``: the map shows it (where it was measured)."""
         self._picked = False
+        self._followed = label
         if self.variant.findText(label) >= 0:
             self.variant.setCurrentText(label)
 
@@ -200,6 +217,7 @@ class HeadMap(QWidget):
             self.plot.getAxis("bottom").setTicks([[]])
             self.plot.getAxis("left").setTicks([[]])
             self.plot.setTitle(None)
+            self._frame = None  # (ticks and title gone: drawn again for the next pair shown)
             return
         self.cbar.setVisible(True)
         order = sorted(rows, key=lambda i: -1 if i is None else i)
@@ -209,15 +227,14 @@ class HeadMap(QWidget):
         for a, i in enumerate(order):
             r = rows[i]
             e = np.asarray(r.rel_fro, np.float64)
-            whole = float(r.layer_rel_fro)
-            with np.errstate(all="ignore"):
-                v = e / whole if self._ratio and whole and math.isfinite(whole) else e
+            v = head_ratio(e, r.layer_rel_fro) if self._ratio else e
             grid[a, :v.size] = v
-            bad[a, :v.size] = ~np.isfinite(v)
+            bad[a, :e.size] = ~np.isfinite(e)  # (a ratio undefined for a NaN layer: blank, not red)
             for j, h in enumerate(r.heads):
                 self._cells[(a, j)] = (r.name, h)
         self._grid = grid
         rect = QRectF(-0.5, -0.5, n, len(order))
+        self.hover.setText(" ")  # (of the pair shown before)
         self.image.setImage(np.where(bad, np.nan, grid), autoLevels=False)
         self.image.setRect(rect)
         if bad.any():
@@ -227,7 +244,7 @@ class HeadMap(QWidget):
             self.bad.setRect(rect)
         else:
             self.bad.clear()
-        finite = grid[np.isfinite(grid)]
+        finite = grid[np.isfinite(grid) & ~bad]
         if finite.size:
             lo, hi = float(finite.min()), float(finite.max())
             # no full contrast for a spread nobody would care about (heads within a few percent)
@@ -306,6 +323,8 @@ class HeadMap(QWidget):
         self.hover.setText(f"{name} {head}: {e:.4g}{times}")
 
     def _on_click(self, ev) -> None:
+        if ev.button() != Qt.MouseButton.LeftButton or ev.double():
+            return
         cell = self._cell_at(ev.scenePos())
         if cell is not None:
             self.layer_selected.emit(self._cells[cell][0])
