@@ -42,6 +42,7 @@ from quantscope.backend.compare_align import (
     counterpart,
     expert_of_stack,
     expert_stacks,
+    layer_index,
     stack_expert_row,
     stacked_expert,
 )
@@ -238,6 +239,7 @@ class MainWindow(QMainWindow):
         self.statusBar().messageChanged.connect(lambda m: m or self.statusBar().setToolTip(""))
         self._sweep_cache: dict = {}
         self._compared: tuple = (None, None)  # (the reference, the layers asked) of the last comparison
+        self._heads_measured: tuple = (None, {})  # (the reference, its variants) the heads map was measured of
         self._color_slots: dict[str, int] = {}  # variant label -> its place in the palette, for the session
         self._expert_totals: dict = {}  # (block, projection) -> experts the open checkpoints hold (set_workspace clears it)
         self._expert_auto = False  # the expert shown is the one the window chose for a stack
@@ -731,11 +733,23 @@ class MainWindow(QMainWindow):
         needs = self._needs_note()
         # (no series, and no legend over the empty plot, where no comparison can run)
         self._in_turns("workspace", [lambda: self.layers.set_rows([], colors, empty_note=needs),
-                                     lambda: self.heads.map.set_rows(None, empty_note=needs),
+                                     lambda: self._keep_heads(ws, needs),
                                      lambda: self.layers.set_warnings({}),
                                      *self.layers.prepare_steps([] if needs else variants, colors),
                                      self._reselect, self.workspace_loaded.emit]
                        + ([lambda: self._compare(only)] if again else []))
+
+    def _keep_heads(self, ws: Workspace, needs: str) -> None:
+        """The heads map of a workspace whose reference stayed (a variant added or removed): the
+        variants still open as they were keep their figures; another reference's, none."""
+        ref, measured = self._heads_measured
+        kept = [r for r in self.heads.map.rows() if ws.reference is not None and ws.reference is ref
+                and r.variant in ws.variants and ws.variants[r.variant] is measured.get(r.variant)]
+        if kept:
+            self.heads.map.set_rows(kept)
+        else:
+            self._heads_measured = (None, {})
+            self.heads.map.set_rows(None, empty_note=needs)
 
     def _reselect(self) -> None:
         """After the workspace changed (a variant added, a conversion opened): the layer shown
@@ -1288,12 +1302,16 @@ class MainWindow(QMainWindow):
             self._show_error(title, _NEEDS_BOTH + (f" {self._needs_note()}" if self._open_errors else ""), "")
             return
 
+        measured = (ws.reference, dict(ws.variants))
+
         def shown(rows) -> None:
+            self._heads_measured = measured  # (what a later workspace keeps of the map)
             self.heads.map.set_rows(rows)
             self.tabs.setCurrentWidget(self.heads)
-            layers = len({r.name for r in rows})
-            self._status(f"Measured the heads of {layers} attention layer{'s' * (layers != 1)}: the Heads tab's map; "
-                         "click a cell to select its layer" if rows else
+            n = len({r.name for r in rows})
+            blocks = len({layer_index(r.name) for r in rows})
+            self._status(f"Measured the heads of {n} attention projection{'s' * (n != 1)} in {blocks} layer"
+                         f"{'s' * (blocks != 1)}: the Heads tab's map; click a cell to select its layer" if rows else
                          "No attention layer was split into heads: the reference's config.json names no head counts "
                          "(num_attention_heads, head_dim), or no variant covers one")
 

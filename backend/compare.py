@@ -52,7 +52,7 @@ from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import fast, histo
 from .formats.codehist import GroupValues, PatternValues, pattern_values
 from .formats.kernel import pool, workers
-from .heads import HeadLayout, head_layout, head_sums, rel_error
+from .heads import HeadLayout, head_layout, head_ratio, head_sums, rel_error
 from .metrics import (
     SMALL_ELEMENTS,
     ErrorStats,
@@ -2069,12 +2069,13 @@ class HeadRow:
     layer_rel_fro: float        # the layer's own, as the sweep measures it
     axis: str                   # "rows" (q/k/v) or "columns" (o_proj)
     source: str                 # the config keys the split took
+    group: int = 0              # query heads per key/value head (GQA's q_proj), else 0
 
     def to_json(self) -> dict:
         """As a layer row: an inf or NaN figure null, and named in ``nonfinite`` ("inf" / "nan")."""
         heads = dict(zip(self.heads, map(float, self.rel_fro)))
         out = {"name": self.name, "variant": self.variant, "axis": self.axis, "source": self.source,
-               "layer_rel_fro": _json_safe(float(self.layer_rel_fro)),
+               "group": self.group, "layer_rel_fro": _json_safe(float(self.layer_rel_fro)),
                "heads": {h: _json_safe(v) for h, v in heads.items()}}
         odd = _nonfinite({**heads, "layer_rel_fro": float(self.layer_rel_fro)})
         if odd:
@@ -2095,11 +2096,10 @@ def heads_to_csv(rows: list[HeadRow], path) -> None:
         w.writerow(HEAD_CSV_KEYS)
         for r in rows:
             whole = float(r.layer_rel_fro)
+            ratios = head_ratio(r.rel_fro, whole)  # (as the window's: NaN where the layer's is NaN, inf or 0)
             for i, (h, e) in enumerate(zip(r.heads, r.rel_fro)):
-                with np.errstate(all="ignore"):
-                    ratio = float(np.float64(e) / whole) if whole else float("nan")
-                w.writerow(_csv_cells([r.name, r.variant, h, i, r.axis, repr(float(e)), repr(ratio), repr(whole),
-                                       r.source]))
+                w.writerow(_csv_cells([r.name, r.variant, h, i, r.axis, repr(float(e)), repr(float(ratios[i])),
+                                       repr(whole), r.source]))
     if hasattr(path, "write"):
         write(path)
         return
@@ -2145,7 +2145,7 @@ def head_sweep(reference: Model, variants: dict[str, Model], *, engine="auto", l
             except LayerError:
                 continue  # (the sweep lists a layer that cannot be decoded)
             out.append(HeadRow(name, label, heads.labels(), [float(x) for x in rel_error(num, den)], row.rel_fro,
-                               heads.axis, heads.source))
+                               heads.axis, heads.source, heads.group))
         if progress is not None:
             progress((i + 1) / len(names))
     return out

@@ -11,6 +11,7 @@ a linear attention) gets no heads rather than wrong ones.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -217,6 +218,16 @@ def rel_error(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """sqrt(num / den) per head: a head of no weight is inf for any error, 0 for none."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, np.sqrt(num / den), np.where(num > 0, np.inf, num))
+
+
+def head_ratio(errors, layer_error: float) -> np.ndarray:
+    """Each head's error over its layer's, float64; NaN where that is undefined (the layer's
+    error 0, NaN or inf: a NaN head makes its layer's NaN, and the other heads then have no ratio)."""
+    e = np.asarray(errors, np.float64)
+    whole = float(layer_error)
+    if not (math.isfinite(whole) and whole > 0):
+        return np.full(e.shape, np.nan)
+    return e / whole
 
 
 def no_heads_why(path: str, cfg: dict | None = None) -> str:

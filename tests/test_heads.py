@@ -213,6 +213,7 @@ def test_compare_heads_writes_each_attention_layers_heads(tmp_path, real_models)
     d = layer_detail(ref, {"awq": open_model(awq)}, "model.layers.1.self_attn.o_proj")
     got = rows[("model.layers.1.self_attn.o_proj", str(awq))]
     assert list(got["heads"]) == [f"h{i}" for i in range(6)] and got["axis"] == "columns"
+    assert got["group"] == 0 and rows[("model.layers.1.self_attn.q_proj", str(awq))]["group"] == 3  # (6 on 2 kv heads)
     np.testing.assert_allclose(list(got["heads"].values()), d.head_error["awq"], rtol=1e-12)
     assert got["layer_rel_fro"] == pytest.approx(d.metrics["awq"].rel_fro, rel=1e-12)
     assert "worst heads (error of the head, × its layer's; 8 attention layers measured head by head):" in r.stdout
@@ -286,14 +287,18 @@ def test_heads_csv_writes_nan_and_inf_as_such(tmp_path):
 
     from quantscope.backend.compare import HeadRow, heads_to_csv
     rows = [HeadRow("m.layers.0.self_attn.q_proj", "v", ["q0", "q1"], [0.1, float("nan")], 0.2, "rows", "s"),
-            HeadRow("m.layers.1.self_attn.q_proj", "v", ["q0"], [float("inf")], 0.0, "rows", "s")]
+            HeadRow("m.layers.1.self_attn.q_proj", "v", ["q0"], [float("inf")], 0.0, "rows", "s"),
+            HeadRow("m.layers.2.self_attn.q_proj", "v", ["q0", "q1"], [0.3, float("inf")], float("inf"), "rows", "s")]
     buf = io.StringIO()
     heads_to_csv(rows, buf)
     assert buf.getvalue().splitlines() == [
         "name,variant,head,index,axis,rel_fro,ratio,layer_rel_fro,source",
         "m.layers.0.self_attn.q_proj,v,q0,0,rows,0.1,0.5,0.2,s",
         "m.layers.0.self_attn.q_proj,v,q1,1,rows,nan,nan,0.2,s",
-        "m.layers.1.self_attn.q_proj,v,q0,0,rows,inf,nan,0.0,s"]
+        "m.layers.1.self_attn.q_proj,v,q0,0,rows,inf,nan,0.0,s",
+        # (an inf layer leaves its finite heads no ratio, as the window shows them: not 0)
+        "m.layers.2.self_attn.q_proj,v,q0,0,rows,0.3,nan,inf,s",
+        "m.layers.2.self_attn.q_proj,v,q1,1,rows,inf,nan,inf,s"]
     heads_to_csv(rows, tmp_path / "h.csv")
     assert (tmp_path / "h.csv").read_text(encoding="utf-8") == buf.getvalue()
 

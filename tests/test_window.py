@@ -1209,7 +1209,7 @@ def test_heads_tab_shows_each_heads_error_of_every_variant(win, qtbot, demo):
     assert "(3 query heads per key/value head)" in view.note.text()
 
 
-def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot):
+def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot, demo):
     """Tools ▸ Compare heads of every layer: the Heads tab's map holds head_sweep's figures (held
     to numpy in tests/test_heads.py) for the projection and variant chosen, layer by layer; the
     ratio box divides each row by its layer's error; the layer shown is outlined and its
@@ -1237,7 +1237,9 @@ def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot):
     for i in range(4):
         r = by[("awq-w4g128", f"model.layers.{i}.self_attn.o_proj")]
         np.testing.assert_array_equal(grid[i], r.rel_fro)
-    assert view.plot.titleLabel.text == "awq-w4g128 · model.layers.*.self_attn.o_proj"
+    assert view.figure_parts()[0].startswith("Every layer's heads: awq-w4g128 · model.layers.*.self_attn.o_proj ")
+    assert view.yaxis.names == ["0", "1", "2", "3"] and view.xaxis.names == [f"h{i}" for i in range(8)]
+    assert view.plot.getAxis("left").labelText == "decoder layer"
     assert view.plot.getAxis("bottom").labelText == "head (input columns)"
     # the heads furthest above their layer's error, named with their layer
     ratios = [(e / r.layer_rel_fro, i, h) for i in range(4)
@@ -1248,7 +1250,7 @@ def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot):
     win.heads.ratio.setChecked(True)
     r2 = by[("awq-w4g128", "model.layers.2.self_attn.o_proj")]
     np.testing.assert_allclose(view._grid[2], np.asarray(r2.rel_fro) / r2.layer_rel_fro, rtol=1e-12)
-    assert view.cbar.getAxis("left").labelText == "head's error ÷ the layer's"
+    assert view.cbar.getAxis("left").labelText == "head ÷ layer error"
     win.heads.ratio.setChecked(False)
     # the tree's checkpoint is the map's variant; a selected q_proj brings its projection, outlined
     win.tree.combo.setCurrentText("mlx-affine-q4g64")
@@ -1257,8 +1259,11 @@ def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot):
     assert view.variant.currentText() == "gptq-w4g128"
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         assert win.tree.select("model.layers.1.self_attn.q_proj")
-    assert view.proj.currentText() == "q_proj" and view.mark.isVisible()
-    assert view.mark.rect().top() == pytest.approx(0.5) and view.mark.rect().width() == 8
+    assert view.proj.currentText() == "q_proj" and all(m.isVisible() for m in view.marks)
+    assert view.marks[0].rect().top() == pytest.approx(0.5) and view.marks[0].rect().width() == 8
+    view.proj.setCurrentText("o_proj")  # (another projection of its decoder layer: that layer outlined still)
+    assert view.marks[1].isVisible() and view.marks[1].rect().top() == pytest.approx(0.5)
+    view.proj.setCurrentText("q_proj")
     # the pointer over layer 3's head q5: named with its figure; a click selects layer 3
     vb = view.plot.vb
     at = vb.mapViewToScene(pg.Point(5.0, 3.0))
@@ -1283,12 +1288,18 @@ def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot):
     with qtbot.waitSignal(win.detail_shown, timeout=30_000):
         view._on_click(_Click())
     assert win.current_layer == "model.layers.3.self_attn.q_proj"
-    assert view.mark.rect().top() == pytest.approx(2.5)
+    assert view.marks[1].rect().top() == pytest.approx(2.5)
     view._on_move(vb.mapViewToScene(pg.Point(-3.0, -3.0)))
     assert view.hover.text().strip() == ""
-    # another workspace: the map of the checkpoints before is gone
+    # a variant removed: the others' heads stay as measured (the same reference), its own go
+    shown = win.tree.current_label()
     with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
         win.remove_shown()
+    qtbot.waitUntil(lambda: shown not in {r.variant for r in view.rows()}, timeout=10_000)
+    assert {r.variant for r in view.rows()} == set(win.workspace.variants) and view.has_rows()
+    # another reference: nothing of the map measured against the one before
+    with qtbot.waitSignal(win.workspace_loaded, timeout=30_000):
+        win.open_workspace([str(p) for p in list(demo.variants.values())[:1]], str(demo.variants["awq-w4g128"]))
     qtbot.waitUntil(lambda: not view.has_rows(), timeout=10_000)
     assert view.button.text() == "Measure every layer" and view._grid.size == 0
 
@@ -1302,9 +1313,19 @@ def test_head_map_pads_shorter_rows_and_marks_nan_heads(qtbot):
     assert template_of("model.layers.12.self_attn.k_proj") == ("model.layers.*.self_attn.k_proj", 12)
     assert template_of("visual.blocks.3.attn.qkv") == ("visual.blocks.*.attn.qkv", 3)
     assert template_of("lm_head") == ("lm_head", None)
-    assert short_names(["a.layers.*.self_attn.q_proj", "v.layers.*.self_attn.q_proj", "a.layers.*.self_attn.o_proj"]) \
-        == {"a.layers.*.self_attn.q_proj": "a.layers.*.self_attn.q_proj",
-            "v.layers.*.self_attn.q_proj": "v.layers.*.self_attn.q_proj", "a.layers.*.self_attn.o_proj": "o_proj"}
+    # one tower: the projection alone; several: each tower's name before it
+    assert short_names(["m.layers.*.self_attn.q_proj", "m.layers.*.self_attn.o_proj"]) == {
+        "m.layers.*.self_attn.q_proj": "q_proj", "m.layers.*.self_attn.o_proj": "o_proj"}
+    assert short_names(["model.language_model.layers.*.self_attn.q_proj", "model.visual.blocks.*.attn.qkv",
+                        "model.language_model.layers.*.self_attn.o_proj", "model.visual.blocks.*.attn.proj"]) == {
+        "model.language_model.layers.*.self_attn.q_proj": "language_model · q_proj",
+        "model.language_model.layers.*.self_attn.o_proj": "language_model · o_proj",
+        "model.visual.blocks.*.attn.qkv": "visual · qkv", "model.visual.blocks.*.attn.proj": "visual · proj"}
+    assert short_names(["model.decoder.layers.*.self_attn.q_proj", "model.decoder.layers.*.encoder_attn.q_proj",
+                        "model.encoder.layers.*.self_attn.q_proj"]) == {
+        "model.decoder.layers.*.self_attn.q_proj": "decoder · self_attn.q_proj",
+        "model.decoder.layers.*.encoder_attn.q_proj": "decoder · encoder_attn.q_proj",
+        "model.encoder.layers.*.self_attn.q_proj": "encoder · q_proj"}
     m = HeadMap()
     qtbot.addWidget(m)
     m.resize(600, 400)
@@ -1335,12 +1356,29 @@ def test_head_map_pads_shorter_rows_and_marks_nan_heads(qtbot):
     # a pair with nothing (y has no o_proj), then back: its ticks and title drawn again
     m.variant.setCurrentText("x")
     m.proj.setCurrentText("o_proj")
-    ticks = m.plot.getAxis("left")._tickLevels
+    assert m.yaxis.names == ["0"] and m.xaxis.names == ["h0", "h1"]
     m.variant.setCurrentText("y")
-    assert m._grid.size == 0
+    assert m._grid.size == 0 and m.yaxis.names == [] and m.figure_parts() == []
     m.variant.setCurrentText("x")
-    assert m.plot.getAxis("left")._tickLevels == ticks and ticks and ticks[0]
-    assert m.plot.titleLabel.text == "x · m.layers.*.self_attn.o_proj" and m.plot.titleLabel.isVisible()
+    assert m.yaxis.names == ["0"] and m.xaxis.names == ["h0", "h1"]
+    assert m.figure_parts()[0] == "Every layer's heads: x · m.layers.*.self_attn.o_proj (colour scale x's own)"
+    # 36 layers in a short map: labels as many as fit, round numbers (0, 4, 8…), none overlapping
+    many = [HeadRow(f"m.layers.{i}.self_attn.q_proj", "x", ["q0", "q1"], [0.1, 0.2], 0.15, "rows", "c")
+            for i in range(36)]
+    m.set_rows(many)
+    m.resize(600, 300)
+    qtbot.wait(50)
+    size = m.yaxis.geometry().height()
+    vals = m.yaxis.tickValues(*m.yaxis.range, size)[0][1]  # (as the axis asks: inverted, 35.5 to -0.5)
+    assert m.yaxis.range[0] > m.yaxis.range[1]
+    assert len(vals) * 15 <= size and vals[:3] == [0.0, vals[1], 2 * vals[1]] and vals[1] in (2.0, 4.0, 8.0)
+    # GQA: the query heads sharing a key/value head, dotted apart (a fused qkv's among its q heads)
+    m.set_rows([HeadRow("m.layers.0.self_attn.q_proj", "x", [f"q{i}" for i in range(6)], [0.1] * 6, 0.1, "rows", "c", 3)])
+    assert [ln.value() for ln in m._lines] == [2.5]
+    m.set_rows([HeadRow("m.layers.0.self_attn.qkv_proj", "x", [*(f"q{i}" for i in range(4)), "k0", "k1", "v0", "v1"],
+                        [0.1] * 8, 0.1, "rows", "c", 2)])
+    assert [(ln.value(), ln.pen.style()) for ln in m._lines] == [
+        (1.5, Qt.PenStyle.DotLine), (3.5, Qt.PenStyle.DashLine), (5.5, Qt.PenStyle.DashLine)]
     m.set_rows([])  # measured, nothing split: said
     assert "No attention layer" in m.hint.text() and m._grid.size == 0
 

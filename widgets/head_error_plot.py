@@ -9,33 +9,11 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QSplitter, QVBoxLayout, QWidget
+from quantscope.backend.heads import head_ratio
 
-from .head_map import HeadMap, head_ratio
+from .head_map import HeadMap, NamedAxis
 from .palette import BAD_HEX, symbol_for
 from .plots import SYMBOL_GLYPHS, ElidedLabel, Hint, Legend, plot_widget, show_values
-
-
-class _HeadAxis(pg.AxisItem):
-    """Ticks at whole heads, named (``q0``, ``k1``, ``h7``), never between two."""
-
-    def __init__(self, *a, **k) -> None:
-        super().__init__(*a, **k)
-        self.names: list[str] = []
-
-    def tickValues(self, minVal, maxVal, size):
-        n = len(self.names)
-        if not n:
-            return []
-        lo, hi = max(0, math.ceil(minVal)), min(n - 1, math.floor(maxVal))
-        if hi < lo:
-            return []
-        room = max(1, int(size // 34))  # px per label
-        need = max(1, math.ceil((hi - lo + 1) / room))
-        step = 1 << (need - 1).bit_length()  # (1, 2, 4, 8…: q0, q8, q16, not q0, q7, q14)
-        return [(float(step), [float(i) for i in range(lo, hi + 1) if i % step == 0])]
-
-    def tickStrings(self, values, scale, spacing):
-        return [self.names[int(v)] if 0 <= int(v) < len(self.names) else "" for v in values]
 
 
 class HeadErrorPlot(QWidget):
@@ -45,7 +23,7 @@ class HeadErrorPlot(QWidget):
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.axis = _HeadAxis("bottom")
+        self.axis = NamedAxis("bottom", 34)
         self.plot = plot_widget()
         self.plot.getPlotItem().setAxisItems({"bottom": self.axis})
         self.axis.setHeight(40)
@@ -101,8 +79,9 @@ class HeadErrorPlot(QWidget):
         show_values(self.plot, False)
 
     def figure_parts(self) -> list:
-        return [*([self.note.text()] if self.note.text() else []), self.legend, self.plot, self.worst.text(),
-                *self.map.figure_parts()]
+        one = [*([self.note.text()] if self.note.text() else []), self.legend, self.plot, self.worst.text()]
+        # (no layer shown: the map alone, not the empty plot's "Select an attention projection…")
+        return [*(one if self._errors else []), *self.map.figure_parts()]
 
     def set_heads(self, errors: dict[str, np.ndarray], colors: dict, heads=None, layer_error: dict | None = None,
                   layer: str = "", empty_note: str = "") -> None:
@@ -116,14 +95,15 @@ class HeadErrorPlot(QWidget):
             self.note.setText("")
             self.worst.setText("")
             self.legend.clear()
-            self.axis.names = []
+            self.axis.set_names([])
             self.plot.setLabel("bottom", "head")  # (not the last layer's rows or columns)
             self.hint.empty(empty_note)
             show_values(self.plot, False)
             return
         self.hint.set("")
         show_values(self.plot, True)
-        self._names = self.axis.names = heads.labels()
+        self._names = heads.labels()
+        self.axis.set_names(list(self._names))
         what = "output rows" if heads.axis == "rows" else "input columns"
         parts = [f"{h} {p} head{'s' * (h != 1)}" if len(heads.sections) > 1 else f"{h} head{'s' * (h != 1)}"
                  for p, h, _ in heads.sections]
