@@ -479,6 +479,7 @@ class MainWindow(QMainWindow):
         ex = f.addMenu("Export")
         self._action(ex, "Metrics as CSV…", lambda: self.export_metrics("csv"))
         self._action(ex, "Metrics as JSON…", lambda: self.export_metrics("json"))
+        self._action(ex, "Heads as CSV…", self.export_heads)
         self._action(ex, "Current plot as PNG…", lambda: self.export_plot("png"), "Ctrl+E")
         self._action(ex, "Current plot as SVG…", lambda: self.export_plot("svg"))
         self._action(ex, "Selected layer, dequantized (.npy)…", lambda: self.export_dequant(self.current_layer))
@@ -1485,9 +1486,36 @@ class MainWindow(QMainWindow):
                         "variants": [v for v in (str(m.ckpt.source) for m in self.workspace.variants.values())
                                      if v in measured],
                         **result.to_json()}
+                heads = self._heads_by_path()
+                if heads:  # (measured: as `compare --heads` adds them)
+                    data["heads"] = [h.to_json() for h in heads]
                 with atomic_output(path) as fh:
                     json.dump(printable(data), fh, indent=1)
         except QuantscopeError as e:  # names the file; nothing half-written is left
+            self._show_error("Export", str(e), "")
+            return
+        self._status(f"Saved {path}")
+
+    def _heads_by_path(self) -> list:
+        """The heads map's rows, each variant named by its path (as `compare` names it)."""
+        paths = {lb: str(m.ckpt.source) for lb, m in self.workspace.variants.items()}
+        return [dataclasses.replace(r, variant=paths.get(r.variant, r.variant)) for r in self.heads.map.rows()]
+
+    def export_heads(self, path: str | None = None) -> None:
+        """File ▸ Export ▸ Heads as CSV: the heads map's figures, a line per (layer, variant,
+        head), as `quantscope compare --heads-csv` writes them."""
+        rows = self._heads_by_path()
+        if not rows:
+            self._show_error("Export", "Run “Compare heads of every layer” (Tools, Ctrl+Shift+H) first.", "")
+            return
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Export heads", "quantscope-heads.csv")
+        if not path or not self._may_write(path):
+            return
+        from quantscope.backend.compare import heads_to_csv
+        try:
+            heads_to_csv(rows, path)
+        except (QuantscopeError, OSError) as e:
             self._show_error("Export", str(e), "")
             return
         self._status(f"Saved {path}")

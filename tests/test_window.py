@@ -364,6 +364,16 @@ def test_exports(win, qtbot, tmp_path):
     assert len(rows) >= len(win.sweep_result.rows)
     data = json.loads((tmp_path / "m.json").read_text())  # what it was measured against, as the CLI says
     assert data["reference"] == str(win.workspace.reference.ckpt.source) and set(data["variants"]) <= paths
+    # the heads measured (Compare heads of every layer): in the JSON as `compare --heads` writes them,
+    # and as CSV (File ▸ Export ▸ Heads as CSV), variants by path, in the model's order
+    assert {h["variant"] for h in data["heads"]} == paths and len(data["heads"]) == 16 * len(paths)
+    win.export_heads(str(tmp_path / "h.csv"))
+    with (tmp_path / "h.csv").open() as fh:
+        heads = list(csv.DictReader(fh))
+    assert len(heads) == 8 * len(data["heads"]) and {r["variant"] for r in heads} == paths
+    assert heads[0]["name"] == "model.layers.0.self_attn.q_proj" and heads[-1]["name"].startswith("model.layers.3.")
+    first = next(h for h in data["heads"] if h["name"] == heads[0]["name"] and h["variant"] == heads[0]["variant"])
+    assert float(heads[0]["rel_fro"]) == first["heads"]["q0"]
 
 
 def test_convert_from_the_window_opens_the_result_with_its_error(win, qtbot, tmp_path, demo):
@@ -1219,6 +1229,9 @@ def test_every_layers_heads_in_one_map_and_a_cell_selects_its_layer(win, qtbot, 
     from quantscope.backend.compare import head_sweep
     view = win.heads.map
     assert not view.has_rows() and "Measure every layer" in view.hint.text()
+    with qtbot.waitSignal(win.failed, timeout=5000) as sig:  # (nothing measured: nothing to export, said)
+        win.export_heads("/nonexistent/h.csv")
+    assert "Compare heads of every layer" in sig.args[0]
     win.tree.combo.setCurrentText("awq-w4g128")  # (the tree's checkpoint, before any measurement)
     with qtbot.waitSignal(win.service.idle, timeout=120_000):
         win.compare_heads()

@@ -189,6 +189,7 @@ class HeadMap(QWidget):
         """``rows``: the :class:`~quantscope.backend.compare.HeadRow` of a head sweep ([] when it
         found no attention layer to split), None before one ran; ``empty_note``: why there is none."""
         self._rows = {}
+        self._all = list(rows or ())  # (in the sweep's order: the model's layers, then the variants)
         for r in rows or ():
             t, i = template_of(r.name)
             self._rows.setdefault((r.variant, t), {})[i] = r
@@ -230,8 +231,8 @@ class HeadMap(QWidget):
         return bool(self._rows)
 
     def rows(self) -> list:
-        """The head rows shown (of every variant and projection)."""
-        return [r for by in self._rows.values() for r in by.values()]
+        """The head rows shown (of every variant and projection), in the sweep's order."""
+        return list(self._all)
 
     def set_ratio(self, on: bool) -> None:
         """Each head over its layer's error (as the plot above), or the head's own."""
