@@ -742,7 +742,7 @@ def _group_key(name: str):
 
 
 _PROJ_RANK = {p: i for i, p in enumerate(("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj",
-                                          "gate_up_proj", "down_proj"))}
+                                          "gate_up_proj", "gate_and_up_proj", "down_proj"))}
 
 
 def describe_smoothing(label: str) -> str:

@@ -43,12 +43,15 @@ from .schemes import Layer, Model
 
 _logger = logging.getLogger(__name__)
 
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-_PART_OF = {p: f for f, parts in _FUSED.items() for p in parts}
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+          # (Hunyuan's original checkpoints: the up rows first; mlx-lm's sanitize splits it)
+          "gate_and_up_proj": ("up_proj", "gate_proj")}
+#: The fused layer each part is found in (gate_up_proj's: gate_and_up_proj is looked for by its own name).
+_PART_OF = {p: f for f, parts in _FUSED.items() if f != "gate_and_up_proj" for p in parts}
 #: consumer -> the Linear before it whose output rows can carry the consumer's input scale.
 PRECEDING = {"o_proj": "v_proj", "down_proj": "up_proj", "fc2": "fc1", "w2": "w3"}
 _ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "wq", "wk", "wv", "Wqkv"}
-_MLP_IN = {"gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc"}
+_MLP_IN = {"gate_proj", "up_proj", "gate_up_proj", "gate_and_up_proj", "w1", "w3", "fc1", "c_fc"}
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)\.")
 #: A per-expert MoE layer path (transformers' layout; mlx-lm stacks them into switch_mlp).
 EXPERT_RE = re.compile(r"^(?P<pre>.*)\.experts\.(?P<e>\d+)\.(?P<proj>[^.]+)$")
@@ -473,6 +476,36 @@ def _interleaved(reference: Model, variant: Model) -> bool:
     return any("gpt_oss" in t for m in (reference, variant) for t in m.ckpt.model_types())
 
 
+def grouped_qkv(reference: Model, variant: Model | None = None) -> tuple[int, int, int] | None:
+    """(query heads, key/value heads, head width) where a fused ``qkv_proj``'s rows go by
+    key/value group — per key/value head its query heads, then its key head, then its value
+    head — as Hunyuan's original checkpoints store it (``model_type`` "hunyuan"; mlx-lm's
+    sanitize splits it so); None for the row concatenation q | k | v of every other model."""
+    for m in (reference, variant):
+        if m is None or "hunyuan" not in m.ckpt.model_types():
+            continue
+        cfg = m.ckpt.configs.get("config.json") or {}
+        try:
+            h, kv, hidden = (int(cfg[k]) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
+        except (KeyError, TypeError, ValueError):
+            return None
+        if h > 0 and kv > 0 and h % kv == 0 and hidden % h == 0:
+            return h, kv, hidden // h
+    return None
+
+
+def _grouped_qkv_rows(h: int, kv: int, d: int) -> list[list[tuple[tuple[int, int, int], tuple[int, int, int]]]]:
+    """For q, k and v: (rows of the grouped fused qkv_proj, rows of the part) per key/value group."""
+    g = h // kv
+    out: list[list] = [[], [], []]
+    for j in range(kv):
+        base = j * (g + 2) * d
+        out[0].append(((base, base + g * d, 1), (j * g * d, (j + 1) * g * d, 1)))
+        out[1].append(((base + g * d, base + (g + 1) * d, 1), (j * d, (j + 1) * d, 1)))
+        out[2].append(((base + (g + 1) * d, base + (g + 2) * d, 1), (j * d, (j + 1) * d, 1)))
+    return out
+
+
 def _norm_vector(model: Model, layer: Layer) -> np.ndarray | None:
     t = layer.tensors.get("weight")
     if t is None or len(t.shape) != 1:
@@ -604,6 +637,10 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                 i = parts.index(proj)
                 if interleaved and _PART_OF[proj] == "gate_up_proj":
                     segs = [Segment((0, rr, 1), fused.path, (i, 2 * rr, 2))]
+                elif _PART_OF[proj] == "qkv_proj" and (hq := grouped_qkv(reference, variant)) is not None \
+                        and sum(sizes) == (hq[0] + 2 * hq[1]) * hq[2]:
+                    # (Hunyuan's: its rows by key/value group)
+                    segs = [Segment(p_rows, fused.path, f_rows) for f_rows, p_rows in _grouped_qkv_rows(*hq)[i]]
                 else:
                     off = sum(sizes[:i])
                     segs = [Segment((0, rr, 1), fused.path, (off, off + rr, 1))]
@@ -622,6 +659,11 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                 segs = [Segment(f_rows, p.path, p_rows) for p, pieces in zip(pl, cat) for f_rows, p_rows in pieces]
             elif any(p.shape is None or len(p.shape) != 2 or p.shape[-1] != rk for p in pl) or sum(sizes) != rr:
                 reason = f"shape mismatch: the variant's {', '.join(_FUSED[proj])} do not make up {list(rl.shape)}"
+            elif proj == "qkv_proj" and (hq := grouped_qkv(reference, variant)) is not None \
+                    and rr == (hq[0] + 2 * hq[1]) * hq[2]:
+                # (Hunyuan's: the reference's rows by key/value group, against mlx-lm's split)
+                segs = [Segment(f_rows, p.path, p_rows) for p, pieces in zip(pl, _grouped_qkv_rows(*hq))
+                        for f_rows, p_rows in pieces]
             else:
                 segs = []
                 off = 0

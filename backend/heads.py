@@ -60,8 +60,15 @@ class HeadLayout:
         return sum(h for _, h, _ in self.sections)
 
     def labels(self) -> list[str]:
-        """One name per head: ``q0``, ``q1``, …, ``k0``, …"""
-        return [f"{p}{i}" for p, h, _ in self.sections for i in range(h)]
+        """One name per head: ``q0``, ``q1``, …, ``k0``, … (numbered across sections of one kind:
+        Hunyuan's q0 q1 k0 v0 q2 q3 k1 v1)."""
+        seen: dict[str, int] = {}
+        out = []
+        for p, h, _ in self.sections:
+            i = seen.get(p, 0)
+            out += [f"{p}{i + j}" for j in range(h)]
+            seen[p] = i + h
+        return out
 
     def index(self) -> np.ndarray:
         """The head of each row (or column) of the layer, int64."""
@@ -173,6 +180,16 @@ def head_layout(cfg: dict | None, path: str, shape) -> HeadLayout | None:
         return f"{pre}{ck} {count} × {wk} {width}" if wk and " / " not in wk else \
             f"{pre}{ck} {count} × {width} ({wk})" if wk else f"{pre}{ck} {count} × {width}"
 
+    if leaf in _FUSED and "hunyuan" in str(cfg.get("model_type", "")) and kvs and h % kvs[0][0] == 0:
+        # Hunyuan's original checkpoints: the rows by key/value group (its query heads, its key
+        # head, its value head), as mlx-lm's sanitize splits them
+        k, kk = kvs[0]
+        g = h // k
+        for (w, wk) in dims:
+            if out == (h + 2 * k) * w:
+                sections = tuple(s for _ in range(k) for s in (("q", g, w), ("k", 1, w), ("v", 1, w)))
+                return HeadLayout("rows", sections, said(h, h_key, w, wk) + f", {kk} {k}, rows by key/value group")
+        return None
     if leaf in _FUSED or (leaf == "qkv" and at_attn):
         for (w, wk) in dims:
             for (k, kk) in kvs or [(h, h_key)]:

@@ -105,8 +105,11 @@ class HeadErrorPlot(QWidget):
         self._names = heads.labels()
         self.axis.set_names(list(self._names))
         what = "output rows" if heads.axis == "rows" else "input columns"
-        parts = [f"{h} {p} head{'s' * (h != 1)}" if len(heads.sections) > 1 else f"{h} head{'s' * (h != 1)}"
-                 for p, h, _ in heads.sections]
+        count: dict[str, int] = {}  # (by kind: Hunyuan's sections repeat q, k, v per key/value group)
+        for p, h, _ in heads.sections:
+            count[p] = count.get(p, 0) + h
+        parts = [f"{h} {p} head{'s' * (h != 1)}" if len(count) > 1 else f"{h} head{'s' * (h != 1)}"
+                 for p, h in count.items()]
         widths = sorted({w for _, _, w in heads.sections})
         grouped = f" ({heads.group} query heads per key/value head)" if heads.group else ""
         self.note.setText(f"{layer} · {' + '.join(parts)} of {'/'.join(map(str, widths))} {what}{grouped} · "

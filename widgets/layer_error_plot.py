@@ -38,7 +38,7 @@ METRICS = {"rel_fro": ("rel. error", "relative error ||Ŵ−W|| / ||W||"), "sqnr
 QUANT_ONLY = ("rel_fro_quant", ("quantization alone", "rel. error of the quantization alone"))
 
 
-_PROJ_ORDER = ["q", "k", "v", "qkv", "o", "router", "gate", "up", "gate_up", "down"]
+_PROJ_ORDER = ["q", "k", "v", "qkv", "o", "router", "gate", "up", "gate_up", "gate_and_up", "down"]
 
 
 def _proj_order(proj: str):
@@ -56,7 +56,7 @@ def _proj_labels(projs: list[str]) -> tuple[list[str], str]:
         return names, ""
     short, key = [], []
     for n in names:
-        s = n if len(n) <= 2 else ("gu" if n == "gate_up" else n[0])
+        s = n if len(n) <= 2 else ("gu" if n in ("gate_up", "gate_and_up") else n[0])
         if s in short or s in names:  # a clash: keep the name
             s = n
         short.append(s)
