@@ -259,7 +259,7 @@ def run_compare(args) -> int:
         data["layers_pattern"] = args.layers
         data["added_layers"] = result.added
     data = printable(data)  # a variant's path that is not UTF-8: its odd bytes as \xNN, valid JSON
-    to_stdout = "-" in (args.json_out, args.csv_out, heads_csv)
+    to_stdout = bool(out_std)  # ("-", /dev/stdout, or the file stdout goes to: the table to stderr)
     labels = [v for v in variants if v not in result.failed]
     table = format_table(result, labels) + (("\n" + worst_heads(head_rows, labels))
                                             if getattr(args, "heads", False) else "")

@@ -42,7 +42,7 @@ from quantscope.backend.compare_align import (
     counterpart,
     expert_of_stack,
     expert_stacks,
-    layer_index,
+    layer_template,
     stack_expert_row,
     stacked_expert,
 )
@@ -1310,7 +1310,8 @@ class MainWindow(QMainWindow):
             self.heads.map.set_rows(rows)
             self.tabs.setCurrentWidget(self.heads)
             n = len({r.name for r in rows})
-            blocks = len({layer_index(r.name) for r in rows})
+            # (the layers of each tower: a vision tower's blocks are not the language model's layers)
+            blocks = len({(layer_template(r.name)[0].split(".*.")[0], layer_template(r.name)[1]) for r in rows})
             self._status(f"Measured the heads of {n} attention projection{'s' * (n != 1)} in {blocks} layer"
                          f"{'s' * (blocks != 1)}: the Heads tab's map; click a cell to select its layer" if rows else
                          "No attention layer was split into heads: the reference's config.json names no head counts "

@@ -46,8 +46,13 @@ _logger = logging.getLogger(__name__)
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
           # (Hunyuan's original checkpoints: the up rows first; mlx-lm's sanitize splits it)
           "gate_and_up_proj": ("up_proj", "gate_proj")}
-#: The fused layer each part is found in (gate_up_proj's: gate_and_up_proj is looked for by its own name).
+#: The fused layer each part is found in first (gate_up_proj's; :func:`fused_homes` gives every one).
 _PART_OF = {p: f for f, parts in _FUSED.items() if f != "gate_and_up_proj" for p in parts}
+
+
+def fused_homes(proj: str) -> list[str]:
+    """The fused layers a part ``proj`` may be stored in (up_proj: gate_up_proj, gate_and_up_proj)."""
+    return [f for f, parts in _FUSED.items() if proj in parts]
 #: consumer -> the Linear before it whose output rows can carry the consumer's input scale.
 PRECEDING = {"o_proj": "v_proj", "down_proj": "up_proj", "fc2": "fc1", "w2": "w3"}
 _ATTN_IN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "wq", "wk", "wv", "Wqkv"}
@@ -272,8 +277,9 @@ def counterpart(path: str, model: Model, _homes: bool = True) -> tuple[str, str]
             if hit := find(f"{m['pre']}.experts.0.{proj}"):
                 return hit, "the experts are stored one by one; expert 0 shown"
     parent, _, proj = can.rpartition(".")
-    if proj in _PART_OF and (hit := find(f"{parent}.{_PART_OF[proj]}")):
-        return hit, f"its rows of the fused {_PART_OF[proj]}"
+    for fused in fused_homes(proj):
+        if hit := find(f"{parent}.{fused}"):
+            return hit, f"its rows of the fused {fused}"
     if proj in ("embed_q", "unembed_out") and (hit := find(f"{parent}.kv_b_proj")):
         return hit, ("mlx-lm's split of MLA's kv_b_proj: per head, embed_q its first rows transposed, unembed_out "
                      "the rest")
@@ -488,7 +494,7 @@ def grouped_qkv(reference: Model, variant: Model | None = None) -> tuple[int, in
         try:
             h, kv, hidden = (int(cfg[k]) for k in ("num_attention_heads", "num_key_value_heads", "hidden_size"))
         except (KeyError, TypeError, ValueError):
-            return None
+            continue  # (the other side's config may say)
         if h > 0 and kv > 0 and h % kv == 0 and hidden % h == 0:
             return h, kv, hidden // h
     return None
@@ -611,16 +617,16 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                     reason += f" as its config reads it — {vl.warning}"
             else:
                 segs = [Segment((0, rr, 1), vl.path, (0, rr, 1))]
-        elif proj in _PART_OF and f"{vparent}.{_PART_OF[proj]}" in var:
+        elif (home := next((f for f in fused_homes(proj) if f"{vparent}.{f}" in var), None)) is not None:
             # Reference split, variant fused: this reference layer is a row range of the fused one.
-            fused = var[f"{vparent}.{_PART_OF[proj]}"]
-            parts = _FUSED[_PART_OF[proj]]
+            fused = var[f"{vparent}.{home}"]
+            parts = _FUSED[home]
             sizes = [ref[f"{parent}.{p}"].shape[-2] if f"{parent}.{p}" in ref and ref[f"{parent}.{p}"].shape
                      else None for p in parts]
             why = usable(fused, cname)
             if why:
                 reason = why
-            elif stacked_interleave(fused.shape, rl.shape, interleaved and _PART_OF[proj] == "gate_up_proj"):
+            elif stacked_interleave(fused.shape, rl.shape, interleaved and home == "gate_up_proj"):
                 # stacks of experts (gpt-oss's [E, 2I, K]): gate and up interleave within each
                 # expert, so over the flattened rows too
                 segs = [Segment((0, rr, 1), fused.path, (parts.index(proj), 2 * rr, 2))]
@@ -635,9 +641,9 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                           f"concatenation of the reference's {', '.join(parts)}")
             else:
                 i = parts.index(proj)
-                if interleaved and _PART_OF[proj] == "gate_up_proj":
+                if interleaved and home == "gate_up_proj":
                     segs = [Segment((0, rr, 1), fused.path, (i, 2 * rr, 2))]
-                elif _PART_OF[proj] == "qkv_proj" and (hq := grouped_qkv(reference, variant)) is not None \
+                elif home == "qkv_proj" and (hq := grouped_qkv(reference, variant)) is not None \
                         and sum(sizes) == (hq[0] + 2 * hq[1]) * hq[2]:
                     # (Hunyuan's: its rows by key/value group)
                     segs = [Segment(p_rows, fused.path, f_rows) for f_rows, p_rows in _grouped_qkv_rows(*hq)[i]]

@@ -180,7 +180,7 @@ def head_layout(cfg: dict | None, path: str, shape) -> HeadLayout | None:
         return f"{pre}{ck} {count} × {wk} {width}" if wk and " / " not in wk else \
             f"{pre}{ck} {count} × {width} ({wk})" if wk else f"{pre}{ck} {count} × {width}"
 
-    if leaf in _FUSED and "hunyuan" in str(cfg.get("model_type", "")) and kvs and h % kvs[0][0] == 0:
+    if leaf in _FUSED and cfg.get("model_type") == "hunyuan" and kvs and h % kvs[0][0] == 0:
         # Hunyuan's original checkpoints: the rows by key/value group (its query heads, its key
         # head, its value head), as mlx-lm's sanitize splits them
         k, kk = kvs[0]

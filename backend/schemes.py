@@ -171,14 +171,23 @@ class Model:
             hint = f"{path} is a tensor of the layer {head}: give that"
         else:
             # (mlx-lm's mapping of experts to stacks, Mixtral's w1/w3/w2 included)
-            from .compare_align import _FUSED, _LAYER_RE, _PART_OF, switch_path
+            from .compare_align import (
+                _FUSED,
+                _LAYER_RE,
+                fused_homes,
+                grouped_qkv,
+                switch_path,
+            )
             experts = [p for p in self.layers if (sw := switch_path(p)) is not None and sw[0] == path]
-            fused = f"{head}.{_PART_OF[tail]}" if tail in _PART_OF else None
+            home = next((f for f in fused_homes(tail) if f"{head}.{f}" in self.layers), None)
+            fused = f"{head}.{home}" if home is not None else None
             if experts:
                 hint = f"this checkpoint stores that stack's experts one by one: {experts[0]} … ({len(experts)} of them)"
             elif fused in self.layers:
                 # (the hint named the path as given: "give the module path … e.g." that same path)
-                parts = ", ".join(f"then {p}" if i else p for i, p in enumerate(_FUSED[_PART_OF[tail]]))
+                parts = ", ".join(f"then {p}" if i else p for i, p in enumerate(_FUSED[home]))
+                if home == "qkv_proj" and grouped_qkv(self) is not None:  # (Hunyuan's)
+                    parts = "per key/value group its query heads, its key head, its value head"
                 hint = (f"this checkpoint stores it fused in {fused}, whose rows hold {parts}: dequantize that"
                         "; compare splits it")
             elif tail in QUANT_PARTS or tail in AUX_COMPONENTS or tail in ("weight", "qweight", "weight_packed"):

@@ -187,6 +187,24 @@ def test_a_variant_that_cannot_be_opened_leaves_the_others_compared(tmp_path, ca
     assert len(err) == 1 and missing in err[0]
 
 
+def test_compare_to_dev_stdout_keeps_the_table_off_it(tmp_path, real_fixtures):
+    """--json /dev/stdout (or --heads-csv) is stdout as "-" is: the table goes to stderr, the
+    JSON read back whole (the table followed it on stdout: "Extra data")."""
+    import json
+    import subprocess
+    import sys
+    for opt in ("--json", "--heads-csv"):
+        r = subprocess.run([sys.executable, "-m", "quantscope", "compare", "--reference", str(real_fixtures / "base-bf16"),
+                            str(real_fixtures / "mlx-affine-q4-g64"), opt, "/dev/stdout"],
+                           capture_output=True, text=True, timeout=300, check=False)
+        assert r.returncode == 0, r.stderr
+        assert "rel_fro" in r.stderr  # (the table)
+        if opt == "--json":
+            assert json.loads(r.stdout)["layers"]
+        else:
+            assert r.stdout.startswith("name,variant,head,") and "worst heads" not in r.stdout
+
+
 def test_compare_refuses_one_file_for_both_json_and_csv(tmp_path, capsys, real_fixtures):
     out = tmp_path / "same.out"
     assert main(["compare", "--reference", str(real_fixtures / "base-bf16"), str(real_fixtures / "mlx-affine-q4-g64"),

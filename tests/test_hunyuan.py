@@ -85,15 +85,16 @@ def test_compare_measures_the_fused_layers_against_mlx_lms_split():
 
 
 def test_heads_of_the_grouped_qkv_follow_its_rows():
-    """Hunyuan's qkv_proj split per key/value group: q0 q1 k0 v0 q2 q3 k1 v1, each head's error
+    """Hunyuan's qkv_proj split per key/value group: q0–q3 k0 v0 q4–q7 k1 v1, each head's error
     equal to numpy's on those rows; a Phi-3 qkv_proj of the same size stays q | k | v."""
     mx = pytest.importorskip("mlx.core")
     name = "model.layers.1.self_attn.qkv_proj"
     lay = head_layout(CFG, name, ((H + 2 * KV) * D, CFG["hidden_size"]))
-    assert lay.labels() == ["q0", "q1", "k0", "v0", "q2", "q3", "k1", "v1"]
+    assert G == 4 and KV == 2  # (a G unlike KV: a swap of the two shows)
+    assert lay.labels() == ["q0", "q1", "q2", "q3", "k0", "v0", "q4", "q5", "q6", "q7", "k1", "v1"]
     assert lay.source.endswith("num_key_value_heads 2, rows by key/value group")
     phi = head_layout({**CFG, "model_type": "phi3"}, name, ((H + 2 * KV) * D, CFG["hidden_size"]))
-    assert phi.labels() == ["q0", "q1", "q2", "q3", "k0", "k1", "v0", "v1"]
+    assert phi.labels() == [*(f"q{i}" for i in range(8)), "k0", "k1", "v0", "v1"]
     ref, var = analyze(open_checkpoint(HF)), analyze(open_checkpoint(MLX))
     d = layer_detail(ref, {"mlx": var}, name)
     assert d.heads.labels() == lay.labels()
@@ -106,3 +107,22 @@ def test_heads_of_the_grouped_qkv_follow_its_rows():
     want = [np.linalg.norm(got[j * D:(j + 1) * D] - ref_w[j * D:(j + 1) * D]) / np.linalg.norm(ref_w[j * D:(j + 1) * D])
             for j in range(H + 2 * KV)]
     np.testing.assert_allclose(d.head_error["mlx"], want, rtol=1e-9)
+
+
+def test_the_split_side_as_reference_finds_its_rows_in_the_fused_one():
+    """mlx-lm's split file as the reference, the original fused one as the variant (a dense copy):
+    q/k/v and up/gate each found in their fused layer's rows: the bf16 rows against the 4-bit
+    reference's decode, about 0.08, as the other way round."""
+    ref, var = analyze(open_checkpoint(MLX)), analyze(open_checkpoint(HF))
+    res = sweep(ref, {"hf": var})
+    assert res.unmatched == [] and not res.implausible()
+    rows = {r.name: r for r in res.rows}
+    for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.gate_proj"):
+        assert 0.05 < rows[f"model.layers.1.{proj}"].rel_fro < 0.12, proj
+    assert rows["model.layers.1.self_attn.k_proj"].variant_layer == "model.layers.1.self_attn.qkv_proj"
+    assert rows["model.layers.1.mlp.up_proj"].variant_layer == "model.layers.1.mlp.gate_and_up_proj"
+    # the hint of a checkpoint asked for a part it stores fused says how its rows go
+    with pytest.raises(Exception, match="per key/value group its query heads, its key head, its value head"):
+        var.layer("model.layers.0.self_attn.q_proj")
+    with pytest.raises(Exception, match="gate_and_up_proj, whose rows hold up_proj, then gate_proj"):
+        var.layer("model.layers.0.mlp.gate_proj")

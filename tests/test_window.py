@@ -1339,6 +1339,10 @@ def test_head_map_pads_shorter_rows_and_marks_nan_heads(qtbot):
         "model.decoder.layers.*.self_attn.q_proj": "decoder · self_attn.q_proj",
         "model.decoder.layers.*.encoder_attn.q_proj": "decoder · encoder_attn.q_proj",
         "model.encoder.layers.*.self_attn.q_proj": "encoder · q_proj"}
+    # towers named alike (model.layers, model.h): their whole paths, never one name for two
+    assert short_names(["model.layers.*.self_attn.q_proj", "model.h.*.self_attn.q_proj"]) == {
+        "model.layers.*.self_attn.q_proj": "model.layers.*.self_attn.q_proj",
+        "model.h.*.self_attn.q_proj": "model.h.*.self_attn.q_proj"}
     m = HeadMap()
     qtbot.addWidget(m)
     m.resize(600, 400)

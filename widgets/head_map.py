@@ -91,9 +91,20 @@ def short_names(templates: list[str]) -> dict[str, str]:
         out.update(_tail({t: (t.split(".*.", 1)[1] if ".*." in t else t).split(".") for t in mine}))
     if len(set(towers.values())) > 1:
         # (a tower's name without its trailing layers / blocks: model.visual.blocks → visual)
-        heads = _tail({tw: [p for p in tw.split(".")[:-1]] or [tw] for tw in set(towers.values())})
-        out = {t: f"{heads[towers[t]] or 'model'} · {out[t]}" for t in templates}
+        heads = tower_names(list(set(towers.values())))
+        out = {t: f"{heads[towers[t]]} · {out[t]}" for t in templates}
+    if len(set(out.values())) < len(out):  # (two towers named alike: their whole paths)
+        seen = list(out.values())
+        out = {t: (t if seen.count(v) > 1 else v) for t, v in out.items()}
     return out
+
+
+def tower_names(towers: list[str]) -> dict[str, str]:
+    """Each tower (a template's part before its layer number) by its shortest distinct name: its
+    path without the trailing ``layers`` / ``blocks``, cut to the tail no other tower's ends with
+    (``model.language_model.layers`` → ``language_model``; ``model.layers`` → ``model``)."""
+    out = _tail({tw: tw.split(".")[:-1] or [tw or "model"] for tw in towers})
+    return {tw: (v or "model") for tw, v in out.items()}
 
 
 def _order(template: str):
@@ -328,6 +339,10 @@ class HeadMap(QWidget):
         widest = rows[max(order, key=lambda i: len(rows[i].heads))]
         self.xaxis.set_names(list(widest.heads))
         self.yaxis.set_names(["–" if i is None else str(i) for i in order])
+        towers = {_tower(t) for _, t in self._rows}
+        tower = _tower(self.proj.currentData() or "")
+        self.plot.setLabel("left", f"layer ({tower_names(sorted(towers))[tower]})" if len(towers) > 1 else
+                           "decoder layer")
         self.plot.setLabel("bottom", "head (" + ("output rows" if widest.axis == "rows" else "input columns") + ")")
         self.plot.setRange(xRange=(-0.5, n - 0.5), yRange=(-0.5, len(order) - 0.5), padding=0)
         # the query heads sharing one key/value head (a fused qkv_proj's: among its q heads)
