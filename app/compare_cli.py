@@ -104,12 +104,17 @@ def format_table(result, labels: list[str]) -> str:
                "mup": "mup: a multiplier of config.json the converter folded into the weights (mlx-lm's Falcon-H1), "
                       "divided out as it was multiplied in",
                "mup-in": "mup-in: a multiplier of config.json the reference's converter folded into its weights "
-                         "(mlx-lm's Falcon-H1), multiplied into the variant's"}
+                         "(mlx-lm's Falcon-H1), multiplied into the variant's",
+               "norm-head": "norm-head: lm_head normalized by the converter (mlx-lm's Bailing norm_head columns, "
+                            "Baichuan-M1's rows; transformers normalizes at run time), the reference's own norms "
+                            "multiplied back in"}
         lines.append("")
         mult = {"mup", "mup-in"} & set(kinds)
-        what = ("matching" if "match" in kinds else "undoing") + (
-            " AWQ-style smoothing" if set(kinds) - mult else "") + (
-            (" and" if set(kinds) - mult else "") + " folded multipliers" if mult else "")
+        normed = "norm-head" in kinds
+        rest = set(kinds) - mult - {"norm-head"}
+        said = [*([" AWQ-style smoothing"] if rest else []), *([" folded multipliers"] if mult else []),
+                *([" the converter's normalization of lm_head"] if normed else [])]
+        what = ("matching" if "match" in kinds else "undoing") + " and".join(said)
         est = sum(smoothing_mark(r.smoothing) == "~" for r in undone)
         marks = ("* exactly, ~ estimated" if est and est < len(undone) else "~ estimated" if est else "* exactly")
         lines.append(f"{marks}: {len(undone)} measured after {what} ("

@@ -756,7 +756,8 @@ def describe_smoothing(label: str) -> str:
     words = {"norm": "exact, from {}", "match": "to the reference's {}", "lstsq": "fitted to {}'s rows",
              "rows": "rows rescaled by the estimate for {}",
              "mup": "the converter's folded {} divided out (config.json)",
-             "mup-in": "{} multiplied in, as the reference's converter folded it (config.json)"}
+             "mup-in": "{} multiplied in, as the reference's converter folded it (config.json)",
+             "norm-head": "the converter's normalization of the head's {} undone (its own norms)"}
     out = []
     for part in label.split("+"):
         kind, _, path = part.partition(":")
@@ -774,7 +775,8 @@ def smoothing_mark(label: str) -> str:
 
 def only_multipliers(label: str) -> bool:
     """Whether all a row's ``smoothing`` label undid is multipliers a converter folded in (mup)."""
-    return bool(label) and label != "none" and all(p.startswith(("mup:", "mup-in:")) for p in label.split("+"))
+    return bool(label) and label != "none" and all(p.startswith(("mup:", "mup-in:", "norm-head:"))
+                                                   for p in label.split("+"))
 
 
 def smoothing_action(label: str) -> str:
@@ -782,7 +784,9 @@ def smoothing_action(label: str) -> str:
     undone (an unquantized reference), or the variant matched to a quantized reference's
     smoothing (which side is smoothed is not known then)."""
     if only_multipliers(label):
-        return "multiplier undone" if "mup:" in label else "multiplier matched"
+        if all(p.startswith("norm-head:") for p in label.split("+")):
+            return "normalization undone"
+        return "multiplier undone" if "mup:" in label or "norm-head:" in label else "multiplier matched"
     return "smoothing matched" if "match:" in label else "smoothing undone"
 
 

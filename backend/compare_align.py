@@ -39,6 +39,7 @@ import numpy as np
 from . import mup
 from .checkpoint import natural_key
 from .dtypes import DTYPES
+from .errors import QuantscopeError
 from .schemes import Layer, Model
 
 _logger = logging.getLogger(__name__)
@@ -48,6 +49,16 @@ _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pro
           "gate_and_up_proj": ("up_proj", "gate_proj")}
 #: The fused layer each part is found in first (gate_up_proj's; :func:`fused_homes` gives every one).
 _PART_OF = {p: f for f, parts in _FUSED.items() if f != "gate_and_up_proj" for p in parts}
+
+
+def _router_home(name: str, layers) -> str | None:
+    """Where ``layers`` keep the MoE router ``name`` one module deeper or shallower: mlx-lm's
+    Bailing moves ``mlp.gate`` to ``mlp.gate.gate_proj`` (and back, for a reference of its own)."""
+    if name.endswith(".mlp.gate") and f"{name}.gate_proj" in layers:
+        return f"{name}.gate_proj"
+    if name.endswith(".mlp.gate.gate_proj") and name[:-len(".gate_proj")] in layers:
+        return name[:-len(".gate_proj")]
+    return None
 
 
 def fused_homes(proj: str) -> list[str]:
@@ -280,6 +291,10 @@ def counterpart(path: str, model: Model, _homes: bool = True) -> tuple[str, str]
     for fused in fused_homes(proj):
         if hit := find(f"{parent}.{fused}"):
             return hit, f"its rows of the fused {fused}"
+    if can.endswith(".mlp.gate") and (hit := find(f"{can}.gate_proj")):
+        return hit, "the router, kept one module deeper (mlx-lm's Bailing: mlp.gate.gate_proj)"
+    if can.endswith(".mlp.gate.gate_proj") and (hit := find(can[:-len(".gate_proj")])):
+        return hit, "the router, kept one module shallower (transformers' Bailing: mlp.gate)"
     if proj in ("embed_q", "unembed_out") and (hit := find(f"{parent}.kv_b_proj")):
         return hit, ("mlx-lm's split of MLA's kv_b_proj: per head, embed_q its first rows transposed, unembed_out "
                      "the rest")
@@ -617,6 +632,16 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                     reason += f" as its config reads it — {vl.warning}"
             else:
                 segs = [Segment((0, rr, 1), vl.path, (0, rr, 1))]
+        elif (moved := _router_home(cname, var)) is not None:
+            # (a router one module deeper or shallower: mlx-lm's Bailing keeps mlp.gate at mlp.gate.gate_proj)
+            rv = var[moved]
+            why = usable(rv, cname)
+            if why:
+                reason = why
+            elif rv.shape is None or _flat_rows(rv.shape) != (rr, rk):
+                reason = f"shape mismatch: reference {list(rl.shape)} vs variant {moved} {list(rv.shape or ())}"
+            else:
+                segs = [Segment((0, rr, 1), rv.path, (0, rr, 1))]
         elif (home := next((f for f in fused_homes(proj) if f"{vparent}.{f}" in var), None)) is not None:
             # Reference split, variant fused: this reference layer is a row range of the fused one.
             fused = var[f"{vparent}.{home}"]
@@ -802,6 +827,7 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
 
     _find_smoothing(reference, variant, al, ref, var, interleaved)
     _find_multipliers(reference, variant, al)
+    _find_norm_head(reference, variant, al)
     return al
 
 
@@ -828,6 +854,102 @@ def _find_multipliers(reference: Model, variant: Model, al: Alignment) -> None:
         rows, what = got
         t.fold_rows = rows if folded is variant else 1.0 / rows
         t.fold = f"mup:{what}" if folded is variant else f"mup-in:{what}"
+
+
+#: Models whose mlx-lm sanitize normalizes lm_head when converting (transformers normalizes it
+#: at run time): model_type → the axis of the norms (0: each input column, Bailing's ``norm_head``;
+#: -1: each output row, Baichuan-M1's), and the config flag that asks for it (None: always).
+_NORM_HEAD = {"bailing_moe": (0, "norm_head"), "bailing_moe_linear": (0, "norm_head"), "baichuan_m1": (-1, None)}
+#: Norms within this of 1 everywhere: a head stored normalized already.
+_UNIT_NORM_TOL = 1e-2
+
+
+def head_norms(model: Model, layer: Layer, axis: int) -> np.ndarray | None:
+    """The norms of a dense ``lm_head``'s columns (``axis`` 0) or rows (-1), in float64, read in
+    blocks of rows (a 150k-word head is 1.2 GB in bf16); None where it is not a dense matrix."""
+    w = layer.tensors.get("weight")
+    if layer.quantized or w is None or len(w.shape) != 2:
+        return None
+    a = model.ckpt.tensor(w.name)
+    rows, cols = w.shape
+    step = max(1, (1 << 22) // max(1, cols))
+    acc = np.zeros(cols if axis == 0 else rows)
+    for r0 in range(0, rows, step):
+        b = np.asarray(a[r0:r0 + step], np.float32).astype(np.float64)
+        if axis == 0:
+            acc += np.einsum("ij,ij->j", b, b)
+        else:
+            acc[r0:r0 + b.shape[0]] = np.einsum("ij,ij->i", b, b)
+    return np.sqrt(acc)
+
+
+#: Rows of lm_head sampled to tell whether a variant's head is the reference's normalized.
+_HEAD_SAMPLE_ROWS = 256
+
+
+def _scaled_by(reference: Model, rl: Layer, variant: Model, vl: Layer, f: np.ndarray, axis: int) -> bool:
+    """Whether the variant's head is the reference's with its columns (``axis`` 0) or rows (-1)
+    multiplied by ``f`` rather than as it is: the first rows of both (decoded, where the variant's
+    is MLX affine or dense), each column's (row's) least-squares factor nearer ``f`` than 1 in
+    log scale. A quantization's error moves each factor by a few percent at most; a normalization
+    by the norms, far from 1, by far more."""
+    from .formats.mlx import decode_affine
+    w = rl.tensors.get("weight")
+    n = min(_HEAD_SAMPLE_ROWS, int(rl.shape[0]))
+    ck = variant.ckpt
+    try:
+        r = np.asarray(reference.ckpt.rows(w.name, 0, n), np.float32).astype(np.float64)
+        if vl.scheme == "dense" and "weight" in vl.tensors:
+            v = np.asarray(ck.rows(vl.tensors["weight"].name, 0, n), np.float32).astype(np.float64)
+        elif vl.scheme == "mlx-affine" and {"weight", "scales", "biases"} <= set(vl.tensors):
+            t = vl.tensors
+            v = decode_affine(ck.rows(t["weight"].name, 0, n), ck.rows(t["scales"].name, 0, n),
+                              ck.rows(t["biases"].name, 0, n), bits=vl.bits, group_size=vl.group_size)
+            v = np.asarray(v, np.float64)
+        else:
+            return False
+    except (QuantscopeError, OSError, ValueError, KeyError, TypeError):
+        return False
+    if v.shape != r.shape:
+        return False
+    with np.errstate(all="ignore"):
+        c = np.einsum("ij,ij->j" if axis == 0 else "ij,ij->i", v, r) / np.einsum(
+            "ij,ij->j" if axis == 0 else "ij,ij->i", r, r)
+    want = f if axis == 0 else f[:n]
+    ok = np.isfinite(c) & (c > 0) & (want > 0)
+    if ok.sum() < max(1, c.size // 2):
+        return False
+    return bool(np.median(np.abs(np.log(c[ok] / want[ok]))) < np.median(np.abs(np.log(c[ok]))))
+
+
+def _find_norm_head(reference: Model, variant: Model, al: Alignment) -> None:
+    """lm_head normalized by mlx-lm's conversion and not in the reference (Bailing's norm_head
+    columns, Baichuan-M1's rows: transformers normalizes at run time): the variant measured with
+    the reference's own norms multiplied back in, as mlx-lm divided them out — ``1 / (‖·‖ + 1e-7)``
+    in float32, as its sanitize computes it. Only where the reference's head is dense and not
+    normalized already, and the variant's is an MLX conversion's or a dense one of unit norms."""
+    kinds = set(reference.ckpt.model_types()) | set(variant.ckpt.model_types())
+    rule = next((r for k, r in _NORM_HEAD.items() if k in kinds), None)
+    t = al.targets.get("lm_head")
+    if rule is None or t is None or t.ref_layer not in reference.layers or len(t.segments) != 1:
+        return
+    axis, flag = rule
+    if flag is not None and not any((m.ckpt.configs.get("config.json") or {}).get(flag) for m in (reference, variant)):
+        return
+    vl = variant.layers.get(t.var_layers[0])
+    rl = reference.layers[t.ref_layer]
+    norms = head_norms(reference, rl, axis)
+    if vl is None or norms is None or np.all(np.abs(norms - 1.0) < _UNIT_NORM_TOL):
+        return
+    f = (1.0 / (norms.astype(np.float32) + np.float32(1e-7))).astype(np.float64)
+    if not _scaled_by(reference, rl, variant, vl, f, axis):
+        return  # (not normalized: a GPTQ of the transformers file, quantscope's own conversion)
+    if axis == 0:
+        t.col_scale = f if t.col_scale is None else t.col_scale * f
+    else:
+        t.fold_rows = f if t.fold_rows is None else t.fold_rows * f
+    which = "columns" if axis == 0 else "rows"
+    t.fold = f"norm-head:{which}" if not t.fold else f"{t.fold}+norm-head:{which}"
 
 
 def _norm_rules(layer_prefix: str, ref: dict[str, Layer]) -> list[tuple[str, set[str], tuple[str, ...]]]:

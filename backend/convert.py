@@ -99,6 +99,14 @@ _GATE_HOLDS_WEIGHT = {**{t: "mlp.gate" for t in ("deepseek", "deepseek_v2", "dee
                                                   "joyai_llm_flash", "glm4_moe", "glm4_moe_lite", "exaone_moe",
                                                   "mimo_v2_flash", "dots1")},
                       "nemotron_h": "mixer.gate"}
+#: mlx-lm model types whose sanitize moves the MoE router from transformers' ``mlp.gate`` to
+#: ``mlp.gate.gate_proj`` by its weight (and bias) alone: a quantized router's scales and biases
+#: would stay behind ("parameters not in model"), so one of that name is kept dense.
+_ROUTER_MOVED = {"bailing_moe", "bailing_moe_linear", "bailing_hybrid"}
+#: mlx-lm model types whose sanitize divides lm_head by its column norms on every load where
+#: config.json has ``norm_head`` (the packed words of a quantized head, too: doctor's
+#: mlx.norm-head-quantized), so lm_head is kept dense.
+_NORM_HEAD_ON_LOAD = {"bailing_moe", "bailing_moe_linear"}
 _DTYPE_ARG = {"bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
 _TORCH_NAME = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 _FLOAT_ST = DENSE_FLOATS
@@ -353,6 +361,17 @@ class _Targets:
         self.n_layers = _n_layers(model)
         self.model_type = model.ckpt.model_types()[0]
         self.rules = MODEL_RULES.get(self.model_type, ())
+        # modules mlx-lm's loader for this model cannot take quantized, and why (before any recipe)
+        self.dense_why: dict[str, str] = {}
+        if self.model_type in _ROUTER_MOVED:
+            for p in model.layers:
+                if p.endswith(".mlp.gate") and model.layers[p].is_matrix:
+                    self.dense_why[p] = (f"mlx-lm's {self.model_type} loader moves mlp.gate to mlp.gate.gate_proj by "
+                                         "its weight alone: a quantized router's scales would match no parameter")
+        cfg = model.ckpt.configs.get("config.json") or {}
+        if self.model_type in _NORM_HEAD_ON_LOAD and cfg.get("norm_head") and "lm_head" in model.layers:
+            self.dense_why["lm_head"] = (f"norm_head: mlx-lm's {self.model_type} loader divides lm_head by its column "
+                                         "norms on every load, which a quantized head does not survive")
         self.per_layer = False  # write a config entry for every quantized layer (mlx-lm does for recipes)
         self.source_scales = False  # --scales source: repacks keep the source's scale dtype, rounding
         if recipe is None:
@@ -417,7 +436,7 @@ class _Targets:
         return gate is not None and (path == gate or path.endswith("." + gate))
 
     def for_layer(self, path: str):
-        if self.holds_weight(path):
+        if self.holds_weight(path) or path in self.dense_why:
             return False
         if self.recipe_name is not None:
             return mixed_recipe_settings(self.recipe_name, path, self.n_layers)
@@ -1011,7 +1030,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             target = targets.uniform(path)
         if reason is None and target is False:
             reason = ("mlx-lm's router for " + targets.model_type + " is no Linear: it holds its weight itself"
-                      if targets.holds_weight(path) else f"mlx-lm keeps it dense for {targets.model_type}"
+                      if targets.holds_weight(path) else targets.dense_why[path] if path in targets.dense_why
+                      else f"mlx-lm keeps it dense for {targets.model_type}"
                       if targets.rule(path) is False else "recipe: false")
         q = target if isinstance(target, _Q) else targets.default
         if reason is None and k % q.group_size:

@@ -174,6 +174,9 @@ RULES: dict[str, Rule] = _rules(
                                                 "one set matches no parameter of the model")),
     ("mlx.per-expert", "warning", "R17", ("MoE experts quantized one by one for a model whose mlx-lm class stacks "
                                           "only their .weight into switch_mlp: their scales/biases match no parameter")),
+    ("mlx.norm-head-quantized", "error", None, ("a Bailing (Ling) model with norm_head whose lm_head is "
+                                                "MLX-quantized: mlx-lm divides lm_head by its column norms on every "
+                                                "load, the packed words as numbers, and the head becomes zeros")),
     ("mlx.unfolded-multipliers", "error", None, ("an MLX-quantized Falcon-H1 whose Mamba conv1d is stored as "
                                                  "transformers stores it: mlx-lm's load takes it for a transformers "
                                                  "file and multiplies the packed weights by the muP multipliers")),
@@ -1013,6 +1016,7 @@ class _Doctor:
         self._check_overrides(cfg)
         self._check_per_expert()
         self._check_falcon_layout()
+        self._check_norm_head()
         self._check_expert_set()
         self._check_fused_and_split()
         self._check_mlx_version()
@@ -1253,6 +1257,24 @@ class _Doctor:
                          "match no parameter and loading fails — convert the source with `quantscope convert "
                          "--to mlx` or mlx_lm.convert (both stack the experts)",
                          file=_layer_file(self.model.layers[per[0]]), layer=per[0])
+
+    def _check_norm_head(self) -> None:
+        """Bailing's ``norm_head``: mlx-lm's bailing_moe / bailing_moe_linear sanitize (0.32.2)
+        divides ``lm_head.weight`` by its column norms whenever it loads the model, whatever the
+        file holds — for a dense head, the normalization transformers applies at run time; for a
+        quantized one, its uint32 words divided as numbers and cast back: all zeros (checked: every
+        logit 0). mlx_lm.convert itself writes such files (it quantizes lm_head)."""
+        cfg = self.model.ckpt.configs.get("config.json") or {}
+        if not ({"bailing_moe", "bailing_moe_linear"} & set(self.model.ckpt.model_types())) or not cfg.get("norm_head"):
+            return
+        head = self.model.layers.get("lm_head")
+        if head is None or not head.scheme.startswith("mlx-"):
+            return
+        self.col.add("mlx.norm-head-quantized", "lm_head is MLX-quantized and config.json has norm_head true: mlx-lm's "
+                     "bailing sanitize divides lm_head.weight by its column norms on every load, here the packed "
+                     "uint32 words as numbers, so the head loads as zeros and every logit is 0 — keep lm_head "
+                     "unquantized (`quantscope convert --to mlx` does so for these models), or store it normalized "
+                     "and set norm_head false", file=_layer_file(head), tensor="lm_head.weight", layer="lm_head")
 
     def _check_falcon_layout(self) -> None:
         """A Falcon-H1 quantized for MLX must be written as mlx-lm's conversion writes it: the muP

@@ -1,0 +1,98 @@
+"""Bailing-MoE (Ling) with ``norm_head``: mlx-lm's conversion divides lm_head's columns by their
+norms (transformers normalizes the head at run time) and moves the router from mlp.gate to
+mlp.gate.gate_proj. compare multiplies the norms back in and pairs the routers; doctor names the
+file mlx-lm's own load breaks (it normalizes a quantized head again, its packed words as
+numbers); convert keeps lm_head and the router dense so mlx-lm loads its output. Real files:
+tests/fixtures/real/bailing-bf16 and mlx_lm.convert's 4-bit of it (make/mlxlm_bailing_make.py)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from quantscope.backend.checkpoint import open_checkpoint
+from quantscope.backend.compare import sweep
+from quantscope.backend.schemes import analyze
+
+REAL = Path(__file__).parent / "fixtures" / "real"
+HF, MLX = REAL / "bailing-bf16", REAL / "mlxlm-bailing-q4-g32"
+
+
+def _mx_st(folder: Path) -> dict:
+    mx = pytest.importorskip("mlx.core")
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
+
+
+def _col_norms(mx, w) -> "mx.array":
+    """As mlx-lm's sanitize computes them: float32 column norms, plus 1e-7."""
+    return mx.linalg.norm(w.astype(mx.float32), axis=0, keepdims=True) + 1e-7
+
+
+def test_the_fixture_is_mlx_lms_normalized_head_and_moved_router():
+    """mx.quantize of the reference's lm_head over its column norms, and of its mlp.gate at 8 bits
+    in groups of 64, gives the variant's stored tensors bit for bit."""
+    mx = pytest.importorskip("mlx.core")
+    ref, var = _mx_st(HF), _mx_st(MLX)
+    w = ref["lm_head.weight"]
+    normed = (w / _col_norms(mx, w)).astype(w.dtype)
+    for got, name in ((mx.quantize(normed, group_size=32, bits=4), "lm_head"),
+                      (mx.quantize(ref["model.layers.1.mlp.gate.weight"], group_size=64, bits=8),
+                       "model.layers.1.mlp.gate.gate_proj")):
+        for a, part in zip(got, ("weight", "scales", "biases")):
+            assert np.array_equal(np.array(a.view(mx.uint32) if part == "weight" else a.view(mx.uint16)),
+                                  np.array(var[f"{name}.{part}"].view(mx.uint32 if part == "weight" else mx.uint16)))
+
+
+def test_compare_multiplies_the_norms_back_in_and_pairs_the_routers():
+    """lm_head measured with the reference's own column norms multiplied back into the variant:
+    its figure numpy's on mx.dequantize, the raw one (0.47) kept as rel_fro_raw; the router, one
+    module deeper in the variant, paired; nothing left unmatched; no "times a constant" warning."""
+    mx = pytest.importorskip("mlx.core")
+    ref, var = analyze(open_checkpoint(HF)), analyze(open_checkpoint(MLX))
+    res = sweep(ref, {"mlx": var})
+    assert res.unmatched == [] and not res.implausible() and "mlx" not in res.warnings()
+    rows = {r.name: r for r in res.rows}
+    st, w = _mx_st(MLX), _mx_st(HF)["lm_head.weight"]
+    deq = mx.dequantize(st["lm_head.weight"], st["lm_head.scales"], st["lm_head.biases"], group_size=32, bits=4)
+    got = np.array(deq.astype(mx.float32), np.float64) * np.array(_col_norms(mx, w), np.float64)
+    ref_w = np.array(w.astype(mx.float32), np.float64)
+    want = np.linalg.norm(got - ref_w) / np.linalg.norm(ref_w)
+    head = rows["lm_head"]
+    assert head.rel_fro == pytest.approx(want, rel=1e-6) and 0.05 < want < 0.12
+    assert head.smoothing == "norm-head:columns" and head.rel_fro_raw > 0.4
+    gate = rows["model.layers.1.mlp.gate"]
+    assert gate.variant_layer == "model.layers.1.mlp.gate.gate_proj" and gate.bits == 8 and gate.rel_fro < 0.02
+
+
+def test_a_head_left_as_it_is_is_not_taken_for_normalized(tmp_path):
+    """An MLX file whose lm_head is quantized as the reference stores it (no normalization) is
+    measured as it is, though the reference asks for norm_head: the first rows' factors say so."""
+    src = tmp_path / "src"
+    shutil.copytree(HF, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "norm_head": False}))
+    from quantscope.backend.convert import convert
+    convert(str(src), str(tmp_path / "out"), to="mlx", bits=4, group_size=32)
+    out = analyze(open_checkpoint(tmp_path / "out"))
+    assert out.layers["lm_head"].quantized
+    res = sweep(analyze(open_checkpoint(HF)), {"plain": out})
+    head = {r.name: r for r in res.rows}["lm_head"]
+    assert head.smoothing == "none" and 0.05 < head.rel_fro < 0.12
+
+
+def test_doctor_names_the_head_mlx_lm_breaks_and_convert_keeps_it_dense(tmp_path):
+    """mlx_lm.convert's own file: an error (its load turns the packed head to zeros). quantscope's
+    conversion keeps lm_head and the router dense, saying why, and doctor finds nothing."""
+    from quantscope.backend.convert import convert
+    from quantscope.backend.doctor import diagnose
+    found = [f for f in diagnose(str(MLX)) if f.rule == "mlx.norm-head-quantized"]
+    assert len(found) == 1 and found[0].severity == "error" and "zeros" in found[0].message
+    report = convert(str(HF), str(tmp_path / "out"), to="mlx", bits=4, group_size=32)
+    acts = {r.path: r.action for r in report.layers}
+    assert acts["lm_head"].startswith("kept dense (norm_head: mlx-lm's bailing_moe loader divides lm_head")
+    assert acts["model.layers.1.mlp.gate"].startswith("kept dense (mlx-lm's bailing_moe loader moves mlp.gate")
+    assert not [f for f in diagnose(str(tmp_path / "out")) if f.severity == "error"]
