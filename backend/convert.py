@@ -486,6 +486,27 @@ def _mx_quantize(w: np.ndarray, dtype: np.dtype, q: _Q) -> list[np.ndarray]:
     return run_on_mlx_thread(run)
 
 
+def _mx_normalize_rows(w: np.ndarray) -> np.ndarray:
+    """Each row of ``w`` over its norm, as mlx-lm's baichuan_m1 sanitize computes it (float32:
+    ``w / (‖w‖ + 1e-7)``, back in ``w``'s dtype), run on the MLX thread."""
+    from .engines import from_mx, run_on_mlx_thread, to_mx
+
+    def run():
+        import mlx.core as mx
+        a = to_mx(w)
+        f = a.astype(mx.float32)
+        out = (f / (mx.linalg.norm(f, axis=-1, keepdims=True) + 1e-7)).astype(a.dtype)
+        mx.eval(out)
+        return from_mx(out)
+
+    return run_on_mlx_thread(run)
+
+
+#: mlx-lm model types whose sanitize normalizes an unquantized lm_head's rows when it converts
+#: (their runtime uses the head as stored; transformers normalizes it at run time).
+_NORMALIZED_HEAD_ROWS = {"baichuan_m1"}
+
+
 def _quant_outputs(path: str, shape: tuple[int, ...], dtype: str, q: _Q) -> list[tuple[str, str, tuple]]:
     lead, k = tuple(shape[:-1]), shape[-1]
     outs = [(f"{path}.weight", "U32", lead + (k * q.bits // 32,))]
@@ -1000,8 +1021,13 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             and len(layer.tensors["weight"].stored_shape or ()) == 3 and layer.tensors["weight"].stored_shape[1] == 1:
         return _falcon_conv(model, layer, res)
 
+    # Baichuan-M1's head: its rows normalized, as mlx-lm's conversion writes it (a quantized head is
+    # taken as such by mlx-lm's load; a dense one it normalizes itself)
+    norm_rows = targets.model_type in _NORMALIZED_HEAD_ROWS and path == "lm_head" and layer.scheme == "dense"
+
     def folded(a):
-        return a if fold is None else mup.fold(a, fold)
+        a = a if fold is None else mup.fold(a, fold)
+        return _mx_normalize_rows(a) if norm_rows and target is not False else a
     if layer.scheme == "unknown" or (layer.scheme == "dense" and (layer.problem or not layer.is_matrix
                                                                    or "weight" not in layer.tensors)):
         _carry(model, layer, list(layer.tensors), outputs, raw)
@@ -1059,6 +1085,9 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         _carry(model, layer, others, outputs, raw)
         res.action, res.bits, res.group_size, res.mode, res.scales_dtype = \
             f"quantized {q.label()}", q.bits, q.group_size, q.mode, dt
+
+        if norm_rows:
+            res.action += ", rows normalized first as mlx-lm's baichuan_m1 does (its load then takes it as is)"
 
         def make_dense_q():
             a = folded(np.asarray(model.ckpt.tensor(w.name)))

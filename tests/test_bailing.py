@@ -96,3 +96,34 @@ def test_doctor_names_the_head_mlx_lm_breaks_and_convert_keeps_it_dense(tmp_path
     assert acts["lm_head"].startswith("kept dense (norm_head: mlx-lm's bailing_moe loader divides lm_head")
     assert acts["model.layers.1.mlp.gate"].startswith("kept dense (mlx-lm's bailing_moe loader moves mlp.gate")
     assert not [f for f in diagnose(str(tmp_path / "out")) if f.severity == "error"]
+
+
+BC_HF, BC_MLX = REAL / "baichuanm1-bf16", REAL / "mlxlm-baichuanm1-q4-g32"
+
+
+def test_baichuan_m1s_head_rows_normalized_by_mlx_lm_are_measured_and_written_alike(tmp_path):
+    """Baichuan-M1: mlx-lm's conversion divides each row of lm_head by its norm before
+    quantizing. compare multiplies the reference's row norms back in (norm-head:rows, numpy's
+    figure on mx.dequantize); convert normalizes the rows as mlx-lm does, every tensor then equal
+    to mlx_lm.convert's (before, its head was written unnormalized, and mlx-lm, which takes a
+    quantized head as normalized, computed other logits)."""
+    mx = pytest.importorskip("mlx.core")
+    from quantscope.backend.convert import convert
+    res = sweep(analyze(open_checkpoint(BC_HF)), {"mlx": analyze(open_checkpoint(BC_MLX))})
+    assert res.unmatched == [] and "mlx" not in res.warnings()
+    head = {r.name: r for r in res.rows}["lm_head"]
+    st, w = _mx_st(BC_MLX), _mx_st(BC_HF)["lm_head.weight"]
+    deq = mx.dequantize(st["lm_head.weight"], st["lm_head.scales"], st["lm_head.biases"], group_size=32, bits=4)
+    norms = mx.linalg.norm(w.astype(mx.float32), axis=-1, keepdims=True) + 1e-7
+    got = np.array(deq.astype(mx.float32), np.float64) * np.array(norms, np.float64)
+    ref_w = np.array(w.astype(mx.float32), np.float64)
+    assert head.rel_fro == pytest.approx(np.linalg.norm(got - ref_w) / np.linalg.norm(ref_w), rel=1e-6)
+    assert head.smoothing == "norm-head:rows" and head.rel_fro_raw > 0.5 and head.rel_fro < 0.12
+    convert(str(BC_HF), str(tmp_path / "out"), to="mlx", bits=4, group_size=32)
+    ours, theirs = _mx_st(tmp_path / "out"), _mx_st(BC_MLX)
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        a, b = ours[k], v
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        view = mx.uint32 if b.dtype == mx.uint32 else mx.uint16
+        assert np.array_equal(np.array(a.view(view)), np.array(b.view(view))), k
