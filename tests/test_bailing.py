@@ -27,7 +27,7 @@ def _mx_st(folder: Path) -> dict:
     return out
 
 
-def _col_norms(mx, w) -> "mx.array":
+def _col_norms(mx, w):
     """As mlx-lm's sanitize computes them: float32 column norms, plus 1e-7."""
     return mx.linalg.norm(w.astype(mx.float32), axis=0, keepdims=True) + 1e-7
 
