@@ -864,12 +864,24 @@ _NORM_HEAD = {"bailing_moe": (0, "norm_head"), "bailing_moe_linear": (0, "norm_h
 _UNIT_NORM_TOL = 1e-2
 
 
+_HEAD_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def head_norms(model: Model, layer: Layer, axis: int) -> np.ndarray | None:
     """The norms of a dense ``lm_head``'s columns (``axis`` 0) or rows (-1), in float64, read in
-    blocks of rows (a 150k-word head is 1.2 GB in bf16); None where it is not a dense matrix."""
+    blocks of rows (a 150k-word head is 1.2 GB in bf16) once per model (the window aligns on every
+    selection); None where it is not a dense matrix."""
     w = layer.tensors.get("weight")
     if layer.quantized or w is None or len(w.shape) != 2:
         return None
+    held = _HEAD_NORMS.setdefault(model, {})
+    key = (w.name, axis)
+    if key not in held:
+        held[key] = _head_norms(model, w, axis)
+    return held[key]
+
+
+def _head_norms(model: Model, w, axis: int) -> np.ndarray:
     a = model.ckpt.tensor(w.name)
     rows, cols = w.shape
     step = max(1, (1 << 22) // max(1, cols))
