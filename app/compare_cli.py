@@ -107,14 +107,17 @@ def format_table(result, labels: list[str]) -> str:
                          "(mlx-lm's Falcon-H1), multiplied into the variant's",
                "norm-head": "norm-head: lm_head normalized by the converter (mlx-lm's Bailing norm_head columns, "
                             "Baichuan-M1's rows; transformers normalizes at run time), the reference's own norms "
-                            "multiplied back in"}
+                            "multiplied back in",
+               "norm-head-in": "norm-head-in: the reference's lm_head normalized by its converter (mlx-lm's), the "
+                               "variant's divided by its own norms to match"}
         lines.append("")
         mult = {"mup", "mup-in"} & set(kinds)
-        normed = "norm-head" in kinds
-        rest = set(kinds) - mult - {"norm-head"}
+        normed = bool({"norm-head", "norm-head-in"} & set(kinds))
+        rest = set(kinds) - mult - {"norm-head", "norm-head-in"}
         said = [*([" AWQ-style smoothing"] if rest else []), *([" folded multipliers"] if mult else []),
                 *([" the converter's normalization of lm_head"] if normed else [])]
-        what = ("matching" if "match" in kinds else "undoing") + " and".join(said)
+        matched = "match" in kinds or all(k in ("mup-in", "norm-head-in") for k in kinds)
+        what = ("matching" if matched else "undoing") + " and".join(said)
         est = sum(smoothing_mark(r.smoothing) == "~" for r in undone)
         marks = ("* exactly, ~ estimated" if est and est < len(undone) else "~ estimated" if est else "* exactly")
         lines.append(f"{marks}: {len(undone)} measured after {what} ("

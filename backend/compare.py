@@ -78,10 +78,11 @@ _VIEW_BLOCK_ELEMENTS = _ROW_BLOCK_ELEMENTS
 _LSTSQ_THRESHOLD = 0.02
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 CACHE_FILE = "compare-cache.json"
-CACHE_VERSION = 6  # 2: file identities as digests; 3: entries say when the reference held NaN/inf;
+CACHE_VERSION = 7  # 2: file identities as digests; 3: entries say when the reference held NaN/inf;
 #: 4: rows name the reference layer holding an expert or a tied head; 5: F64 weights in float64,
 #: the fold into a fused gate_up_proj, the norms' storage step (figures that changed); 6: Falcon-H1's
-#: multipliers divided out, norms compared as the multipliers the runtime applies (Gemma, Qwen3.5)
+#: multipliers divided out, norms compared as the multipliers the runtime applies (Gemma, Qwen3.5);
+#: 7: Hunyuan's grouped qkv_proj and gate_and_up_proj, a head mlx-lm normalized (Bailing, Baichuan-M1)
 
 #: Keys of one JSON/CSV row, in order (the command-line contract plus what the window uses).
 LAYER_KEYS = ("name", "variant", "scheme", "bits", "group_size", "rel_fro", "sqnr_db", "cosine", "max_abs", "mse",
@@ -757,7 +758,8 @@ def describe_smoothing(label: str) -> str:
              "rows": "rows rescaled by the estimate for {}",
              "mup": "the converter's folded {} divided out (config.json)",
              "mup-in": "{} multiplied in, as the reference's converter folded it (config.json)",
-             "norm-head": "the converter's normalization of the head's {} undone (its own norms)"}
+             "norm-head": "the converter's normalization of the head's {} undone (its own norms)",
+             "norm-head-in": "the head's {} normalized, as the reference's converter did"}
     out = []
     for part in label.split("+"):
         kind, _, path = part.partition(":")
@@ -775,7 +777,7 @@ def smoothing_mark(label: str) -> str:
 
 def only_multipliers(label: str) -> bool:
     """Whether all a row's ``smoothing`` label undid is multipliers a converter folded in (mup)."""
-    return bool(label) and label != "none" and all(p.startswith(("mup:", "mup-in:", "norm-head:"))
+    return bool(label) and label != "none" and all(p.startswith(("mup:", "mup-in:", "norm-head:", "norm-head-in:"))
                                                    for p in label.split("+"))
 
 
@@ -784,9 +786,11 @@ def smoothing_action(label: str) -> str:
     undone (an unquantized reference), or the variant matched to a quantized reference's
     smoothing (which side is smoothed is not known then)."""
     if only_multipliers(label):
-        if all(p.startswith("norm-head:") for p in label.split("+")):
-            return "normalization undone"
-        return "multiplier undone" if "mup:" in label or "norm-head:" in label else "multiplier matched"
+        parts = label.split("+")
+        noun = "normalization" if all(p.startswith("norm-head") for p in parts) else "multiplier"
+        # (folded on the reference's side: the variant brought to it, not undone)
+        verb = "matched" if all(p.startswith(("mup-in:", "norm-head-in:")) for p in parts) else "undone"
+        return f"{noun} {verb}"
     return "smoothing matched" if "match:" in label else "smoothing undone"
 
 

@@ -860,10 +860,6 @@ def _find_multipliers(reference: Model, variant: Model, al: Alignment) -> None:
 #: at run time): model_type → the axis of the norms (0: each input column, Bailing's ``norm_head``;
 #: -1: each output row, Baichuan-M1's), and the config flag that asks for it (None: always).
 _NORM_HEAD = {"bailing_moe": (0, "norm_head"), "bailing_moe_linear": (0, "norm_head"), "baichuan_m1": (-1, None)}
-#: Norms within this of 1 everywhere: a head stored normalized already.
-_UNIT_NORM_TOL = 1e-2
-
-
 _HEAD_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -871,23 +867,25 @@ def head_norms(model: Model, layer: Layer, axis: int) -> np.ndarray | None:
     """The norms of a dense ``lm_head``'s columns (``axis`` 0) or rows (-1), in float64, read in
     blocks of rows (a 150k-word head is 1.2 GB in bf16) once per model (the window aligns on every
     selection); None where it is not a dense matrix."""
-    w = layer.tensors.get("weight")
-    if layer.quantized or w is None or len(w.shape) != 2:
+    if not layer.shape or len(layer.shape) != 2 or not layer.decodable:
         return None
     held = _HEAD_NORMS.setdefault(model, {})
-    key = (w.name, axis)
+    key = (layer.path, axis)
     if key not in held:
-        held[key] = _head_norms(model, w, axis)
+        held[key] = _head_norms(model, layer, axis)
     return held[key]
 
 
-def _head_norms(model: Model, w, axis: int) -> np.ndarray:
-    a = model.ckpt.tensor(w.name)
-    rows, cols = w.shape
+def _head_norms(model: Model, layer: Layer, axis: int) -> np.ndarray | None:
+    rows, cols = (int(x) for x in layer.shape)
     step = max(1, (1 << 22) // max(1, cols))
+    if layer.scheme != "dense":  # (decoded in blocks of whole quantization granules)
+        step = -(-step // 128) * 128
     acc = np.zeros(cols if axis == 0 else rows)
     for r0 in range(0, rows, step):
-        b = np.asarray(a[r0:r0 + step], np.float32).astype(np.float64)
+        b = head_rows(model, layer, min(rows, r0 + step), r0)
+        if b is None:
+            return None
         if axis == 0:
             acc += np.einsum("ij,ij->j", b, b)
         else:
@@ -895,51 +893,64 @@ def _head_norms(model: Model, w, axis: int) -> np.ndarray:
     return np.sqrt(acc)
 
 
-#: Rows of lm_head sampled to tell whether a variant's head is the reference's normalized.
+#: Rows of lm_head sampled to tell whether one side's head is the other's normalized.
 _HEAD_SAMPLE_ROWS = 256
+#: A median factor between the two heads' first rows this far from 1 (in log scale, ~5%): one
+#: of them is scaled (a quantization moves each column's or row's factor by well under 1%).
+_HEAD_SCALED = 0.05
 
 
-def _scaled_by(reference: Model, rl: Layer, variant: Model, vl: Layer, f: np.ndarray, axis: int) -> bool:
-    """Whether the variant's head is the reference's with its columns (``axis`` 0) or rows (-1)
-    multiplied by ``f`` rather than as it is: the first rows of both (decoded, where the variant's
-    is MLX affine or dense), each column's (row's) least-squares factor nearer ``f`` than 1 in
-    log scale. A quantization's error moves each factor by a few percent at most; a normalization
-    by the norms, far from 1, by far more."""
-    from .formats.mlx import decode_affine
-    w = rl.tensors.get("weight")
-    n = min(_HEAD_SAMPLE_ROWS, int(rl.shape[0]))
-    ck = variant.ckpt
+def head_rows(model: Model, layer: Layer, n: int, r0: int = 0) -> np.ndarray | None:
+    """Rows ``[r0, n)`` of ``layer``, decoded (any scheme quantscope decodes in row blocks),
+    float64; None where that cannot be done."""
+    from .compare import (  # (the decoders live there; compare imports this module)
+        _sliced,
+        get_engine,
+    )
     try:
-        r = np.asarray(reference.ckpt.rows(w.name, 0, n), np.float32).astype(np.float64)
-        if vl.scheme == "dense" and "weight" in vl.tensors:
-            v = np.asarray(ck.rows(vl.tensors["weight"].name, 0, n), np.float32).astype(np.float64)
-        elif vl.scheme == "mlx-affine" and {"weight", "scales", "biases"} <= set(vl.tensors):
-            t = vl.tensors
-            v = decode_affine(ck.rows(t["weight"].name, 0, n), ck.rows(t["scales"].name, 0, n),
-                              ck.rows(t["biases"].name, 0, n), bits=vl.bits, group_size=vl.group_size)
-            v = np.asarray(v, np.float64)
-        else:
-            return False
+        if layer.scheme == "dense":
+            return np.asarray(model.ckpt.rows(layer.tensors["weight"].name, r0, n), np.float32).astype(np.float64)
+        sl = _sliced(model, layer, r0, n)
+        if sl is None or not layer.decodable:
+            return None
+        a = np.asarray(get_engine("numpy").dequantize(*sl), np.float32)
+        return a.reshape(-1, a.shape[-1])[:n - r0].astype(np.float64)
     except (QuantscopeError, OSError, ValueError, KeyError, TypeError):
-        return False
-    if v.shape != r.shape:
-        return False
+        return None
+
+
+def rows_normalized(model: Model, layer: Layer) -> bool | None:
+    """Whether ``layer``'s first rows (decoded) have norm 1, as mlx-lm's Baichuan-M1 conversion
+    leaves its head (a quantization moves a row's norm by well under 1%); None where they cannot
+    be read."""
+    rows = head_rows(model, layer, _HEAD_SAMPLE_ROWS)
+    if rows is None or not rows.size:
+        return None
+    norms = np.linalg.norm(rows, axis=1)
+    ok = np.isfinite(norms) & (norms > 0)
+    if not ok.any():
+        return None
+    return bool(np.median(np.abs(np.log(norms[ok]))) < 0.02)
+
+
+def _row_factors(plain: np.ndarray, scaled: np.ndarray, axis: int) -> np.ndarray | None:
+    """Per column (``axis`` 0) or row (-1), the least-squares factor c of ``scaled ≈ c·plain``."""
+    if plain.shape != scaled.shape:
+        return None
+    sub = "ij,ij->j" if axis == 0 else "ij,ij->i"
     with np.errstate(all="ignore"):
-        c = np.einsum("ij,ij->j" if axis == 0 else "ij,ij->i", v, r) / np.einsum(
-            "ij,ij->j" if axis == 0 else "ij,ij->i", r, r)
-    want = f if axis == 0 else f[:n]
-    ok = np.isfinite(c) & (c > 0) & (want > 0)
-    if ok.sum() < max(1, c.size // 2):
-        return False
-    return bool(np.median(np.abs(np.log(c[ok] / want[ok]))) < np.median(np.abs(np.log(c[ok]))))
+        return np.einsum(sub, scaled, plain) / np.einsum(sub, plain, plain)
 
 
 def _find_norm_head(reference: Model, variant: Model, al: Alignment) -> None:
-    """lm_head normalized by mlx-lm's conversion and not in the reference (Bailing's norm_head
-    columns, Baichuan-M1's rows: transformers normalizes at run time): the variant measured with
-    the reference's own norms multiplied back in, as mlx-lm divided them out — ``1 / (‖·‖ + 1e-7)``
-    in float32, as its sanitize computes it. Only where the reference's head is dense and not
-    normalized already, and the variant's is an MLX conversion's or a dense one of unit norms."""
+    """lm_head normalized by mlx-lm's conversion on one side and not the other (Bailing's
+    ``norm_head`` columns, Baichuan-M1's rows; transformers normalizes at run time): the variant
+    measured as the reference's form, the unnormalized side's own norms ``‖·‖ + 1e-7`` (float32, as
+    mlx-lm's sanitize computes them) multiplied back into a normalized variant
+    (``norm-head:``), or divided out of an unnormalized one against a normalized reference
+    (``norm-head-in:``). Told from the first rows of both heads (decoded): their factors far from 1
+    and near the norms' — a head quantized as stored is measured as it is. The whole head's norms
+    are read only then (once per model: the window aligns on every selection)."""
     kinds = set(reference.ckpt.model_types()) | set(variant.ckpt.model_types())
     rule = next((r for k, r in _NORM_HEAD.items() if k in kinds), None)
     t = al.targets.get("lm_head")
@@ -950,18 +961,35 @@ def _find_norm_head(reference: Model, variant: Model, al: Alignment) -> None:
         return
     vl = variant.layers.get(t.var_layers[0])
     rl = reference.layers[t.ref_layer]
-    norms = head_norms(reference, rl, axis)
-    if vl is None or norms is None or np.all(np.abs(norms - 1.0) < _UNIT_NORM_TOL):
+    if vl is None or not rl.shape or len(rl.shape) != 2:
         return
-    f = (1.0 / (norms.astype(np.float32) + np.float32(1e-7))).astype(np.float64)
-    if not _scaled_by(reference, rl, variant, vl, f, axis):
-        return  # (not normalized: a GPTQ of the transformers file, quantscope's own conversion)
-    if axis == 0:
-        t.col_scale = f if t.col_scale is None else t.col_scale * f
-    else:
-        t.fold_rows = f if t.fold_rows is None else t.fold_rows * f
-    which = "columns" if axis == 0 else "rows"
-    t.fold = f"norm-head:{which}" if not t.fold else f"{t.fold}+norm-head:{which}"
+    n = min(_HEAD_SAMPLE_ROWS, int(rl.shape[0]))
+    r, v = head_rows(reference, rl, n), head_rows(variant, vl, n)
+    c = None if r is None or v is None else _row_factors(r, v, axis)
+    if c is None:
+        return
+    ok = np.isfinite(c) & (c > 0)
+    if ok.sum() < max(1, c.size // 2) or np.median(np.abs(np.log(c[ok]))) < _HEAD_SCALED:
+        return  # (the same scale on both sides: nothing to undo)
+    # the plain side: the one whose factor to the other is 1 / its norms (a dense head, read whole)
+    for plain, layer, sign in ((reference, rl, 1.0), (variant, vl, -1.0)):
+        norms = head_norms(plain, layer, axis)
+        if norms is None:
+            continue
+        f = (1.0 / (norms.astype(np.float32) + np.float32(1e-7))).astype(np.float64)
+        want = (f if axis == 0 else f[:n]) ** sign
+        if np.median(np.abs(np.log(c[ok] / want[ok]))) < _HEAD_SCALED:
+            # variant = reference · f (normalized variant): divide it by f; variant = reference / f
+            # (unnormalized variant against a normalized reference): multiply it by f
+            g = f if sign > 0 else 1.0 / f
+            if axis == 0:
+                t.col_scale = g if t.col_scale is None else t.col_scale * g
+            else:
+                t.fold_rows = g if t.fold_rows is None else t.fold_rows * g
+            which = "columns" if axis == 0 else "rows"
+            label = f"norm-head:{which}" if sign > 0 else f"norm-head-in:{which}"
+            t.fold = label if not t.fold else f"{t.fold}+{label}"
+            return
 
 
 def _norm_rules(layer_prefix: str, ref: dict[str, Layer]) -> list[tuple[str, set[str], tuple[str, ...]]]:

@@ -48,7 +48,7 @@ import numpy as np
 from . import bitpack, mup
 from .bitpack import unpack_bits
 from .checkpoint import Checkpoint, open_checkpoint
-from .compare_align import switch_path
+from .compare_align import rows_normalized, switch_path
 from .dtypes import DENSE_FLOATS, DTYPES
 from .errors import Cancelled, LayerError, QuantscopeError
 from .formats import awq, ct, fast, gptq
@@ -366,8 +366,9 @@ class _Targets:
         if self.model_type in _ROUTER_MOVED:
             for p in model.layers:
                 if p.endswith(".mlp.gate") and model.layers[p].is_matrix:
-                    self.dense_why[p] = (f"mlx-lm's {self.model_type} loader moves mlp.gate to mlp.gate.gate_proj by "
-                                         "its weight alone: a quantized router's scales would match no parameter")
+                    self.dense_why[p] = (f"mlx-lm's {self.model_type} loader takes mlp.gate by its weight alone "
+                                         "(moved to mlp.gate.gate_proj, or held by its gate module): a quantized "
+                                         "router's scales would match no parameter")
         cfg = model.ckpt.configs.get("config.json") or {}
         if self.model_type in _NORM_HEAD_ON_LOAD and cfg.get("norm_head") and "lm_head" in model.layers:
             self.dense_why["lm_head"] = (f"norm_head: mlx-lm's {self.model_type} loader divides lm_head by its column "
@@ -1023,7 +1024,10 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
 
     # Baichuan-M1's head: its rows normalized, as mlx-lm's conversion writes it (a quantized head is
     # taken as such by mlx-lm's load; a dense one it normalizes itself)
-    norm_rows = targets.model_type in _NORMALIZED_HEAD_ROWS and path == "lm_head" and layer.scheme == "dense"
+    # (a dense head always, as mlx-lm's sanitize does; a quantized one where its rows are not unit
+    # norms already: mlx-lm's load would take it as normalized)
+    norm_rows = targets.model_type in _NORMALIZED_HEAD_ROWS and path == "lm_head" and layer.is_matrix and (
+        layer.scheme == "dense" or (layer.decodable and rows_normalized(model, layer) is False))
 
     def folded(a):
         a = a if fold is None else mup.fold(a, fold)
@@ -1104,7 +1108,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         notes.append(f"{path}: dropped {', '.join(n.rsplit('.', 1)[1] for n in dropped)} (not part of MLX layers)")
     if target is False:
         res.action = ("kept dense (mlx-lm's router for " + targets.model_type + " is no Linear; dequantized)"
-                      if targets.holds_weight(path) else "kept dense (recipe: false; dequantized)")
+                      if targets.holds_weight(path) else f"kept dense ({targets.dense_why[path]}; dequantized)"
+                      if path in targets.dense_why else "kept dense (recipe: false; dequantized)")
         dt = _st_name(model_dtype)
         outputs = [(f"{path}.weight", dt, layer.shape)]
         _carry(model, layer, keep, outputs, raw)
@@ -1135,6 +1140,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             return _Item(res, outputs, make_scaled, config=same, raw=raw)
         if (target is None or target == same) and fold is not None:
             target = same  # (mxfp4 and the like: no exact fold; decoded, folded and requantized below)
+        elif norm_rows and (target is None or target == same):
+            target = same  # (its rows normalized: decoded, normalized and quantized again below)
         elif target is None or target == same:
             res.action, res.bits, res.group_size, res.mode = "copied exact", same.bits, same.group_size, same.mode
             res.scales_dtype = layer.tensors["scales"].dtype
@@ -1148,6 +1155,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
             return _plan_mla(model, layer, q, _st_name(model_dtype), res, how="requantized",
                              read=lambda: np.asarray(engine.dequantize(model, layer)).astype(model_dtype))
     rp, why = _repack_plan(model, layer, target)
+    if rp is not None and norm_rows:  # (the rows normalized first: no exact repack)
+        rp, why = None, "its rows normalized as mlx-lm's baichuan_m1 takes a quantized head"
     if rp is not None:
         bits, g = layer.bits, layer.group_size
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf scales: the verification says so
@@ -1196,6 +1205,8 @@ def _plan_layer_mlx(model, layer: Layer, targets: _Targets, engine, notes, sourc
         res.action = f"requantized {q.label()} ({why})" if why else f"requantized {q.label()}"
     if fold is not None:
         res.action += ", muP multiplier folded in"
+    if norm_rows and "normalized" not in res.action:
+        res.action += ", rows normalized first as mlx-lm's baichuan_m1 takes a quantized head"
     res.bits, res.group_size, res.mode, res.scales_dtype = q.bits, q.group_size, q.mode, st
 
     def make_requant():

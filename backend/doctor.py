@@ -52,7 +52,7 @@ from .checkpoint import (
     natural_key,
     split_name,
 )
-from .compare_align import _FUSED, _SWITCH_RE, EXPERT_RE
+from .compare_align import _FUSED, _SWITCH_RE, EXPERT_RE, rows_normalized
 from .dtypes import DTYPES
 from .errors import Cancelled, QuantscopeError
 from .formats.gptq import mislabelled_format
@@ -177,6 +177,9 @@ RULES: dict[str, Rule] = _rules(
     ("mlx.norm-head-quantized", "error", None, ("a Bailing (Ling) model with norm_head whose lm_head is "
                                                 "MLX-quantized: mlx-lm divides lm_head by its column norms on every "
                                                 "load, the packed words as numbers, and the head becomes zeros")),
+    ("mlx.head-not-normalized", "error", None, ("a Baichuan-M1 whose MLX-quantized lm_head's rows are not of "
+                                                "norm 1: mlx-lm takes a quantized head as normalized (it normalizes "
+                                                "only a dense one), so its logits are scaled wrong")),
     ("mlx.unfolded-multipliers", "error", None, ("an MLX-quantized Falcon-H1 whose Mamba conv1d is stored as "
                                                  "transformers stores it: mlx-lm's load takes it for a transformers "
                                                  "file and multiplies the packed weights by the muP multipliers")),
@@ -1017,6 +1020,7 @@ class _Doctor:
         self._check_per_expert()
         self._check_falcon_layout()
         self._check_norm_head()
+        self._check_head_rows()
         self._check_expert_set()
         self._check_fused_and_split()
         self._check_mlx_version()
@@ -1275,6 +1279,22 @@ class _Doctor:
                      "uint32 words as numbers, so the head loads as zeros and every logit is 0 — keep lm_head "
                      "unquantized (`quantscope convert --to mlx` does so for these models), or store it normalized "
                      "and set norm_head false", file=_layer_file(head), tensor="lm_head.weight", layer="lm_head")
+
+    def _check_head_rows(self) -> None:
+        """Baichuan-M1: mlx-lm's conversion normalizes the head's rows before quantizing, and its
+        load normalizes a dense head but takes a quantized one as it is. A quantized head whose
+        rows are not of norm 1 (quantscope's convert wrote one before 2026-12; any repack of a
+        transformers file) gives logits scaled row by row."""
+        if "baichuan_m1" not in self.model.ckpt.model_types():
+            return
+        head = self.model.layers.get("lm_head")
+        if head is None or not head.scheme.startswith("mlx-") or rows_normalized(self.model, head) is not False:
+            return
+        self.col.add("mlx.head-not-normalized", "lm_head is MLX-quantized, and its rows are not of norm 1: mlx-lm's "
+                     "baichuan_m1 normalizes a dense head at load but takes a quantized one as normalized already "
+                     "(its conversion divides each row by its norm before quantizing), so every logit is off by its "
+                     "row's norm — convert the source again with `quantscope convert --to mlx` or mlx_lm.convert "
+                     "(both normalize the rows)", file=_layer_file(head), tensor="lm_head.weight", layer="lm_head")
 
     def _check_falcon_layout(self) -> None:
         """A Falcon-H1 quantized for MLX must be written as mlx-lm's conversion writes it: the muP

@@ -94,7 +94,7 @@ def test_doctor_names_the_head_mlx_lm_breaks_and_convert_keeps_it_dense(tmp_path
     report = convert(str(HF), str(tmp_path / "out"), to="mlx", bits=4, group_size=32)
     acts = {r.path: r.action for r in report.layers}
     assert acts["lm_head"].startswith("kept dense (norm_head: mlx-lm's bailing_moe loader divides lm_head")
-    assert acts["model.layers.1.mlp.gate"].startswith("kept dense (mlx-lm's bailing_moe loader moves mlp.gate")
+    assert acts["model.layers.1.mlp.gate"].startswith("kept dense (mlx-lm's bailing_moe loader takes mlp.gate by its")
     assert not [f for f in diagnose(str(tmp_path / "out")) if f.severity == "error"]
 
 
@@ -127,3 +127,52 @@ def test_baichuan_m1s_head_rows_normalized_by_mlx_lm_are_measured_and_written_al
         assert a.dtype == b.dtype and a.shape == b.shape, k
         view = mx.uint32 if b.dtype == mx.uint32 else mx.uint16
         assert np.array_equal(np.array(a.view(view)), np.array(b.view(view))), k
+
+
+@pytest.mark.parametrize("plain, normed, which", [(HF, MLX, "columns"), (BC_HF, BC_MLX, "rows")])
+def test_the_normalized_side_as_reference_normalizes_the_variant(plain, normed, which):
+    """mlx-lm's file as the reference, the transformers one as the variant: the variant's head
+    divided by its own norms (norm-head-in:, "normalization matched"), about 0.08 as the other
+    way round, not 0.32 / 0.78 and a "times a constant" warning."""
+    from quantscope.backend.compare import smoothing_action
+    res = sweep(analyze(open_checkpoint(normed)), {"hf": analyze(open_checkpoint(plain))})
+    head = {r.name: r for r in res.rows}["lm_head"]
+    assert head.smoothing == f"norm-head-in:{which}" and 0.05 < head.rel_fro < 0.12
+    assert "hf" not in res.warnings() and not res.implausible()
+    assert smoothing_action(head.smoothing) == "normalization matched"
+    assert smoothing_action(f"norm-head:{which}") == "normalization undone"
+    assert smoothing_action("mup-in:x+norm-head-in:rows") == "multiplier matched"
+
+
+def test_a_head_in_a_block_float_mode_is_told_normalized_too(tmp_path):
+    """convert --mode mxfp4 of Baichuan-M1 normalizes the head's rows; compare tells so from the
+    decoded first rows whatever the format (it had read 3.31, "implausible")."""
+    from quantscope.backend.convert import convert
+    convert(str(BC_HF), str(tmp_path / "fp4"), to="mlx", mode="mxfp4")
+    res = sweep(analyze(open_checkpoint(BC_HF)), {"fp4": analyze(open_checkpoint(tmp_path / "fp4"))})
+    head = {r.name: r for r in res.rows}["lm_head"]
+    assert head.smoothing == "norm-head:rows" and 0.05 < head.rel_fro < 0.2 and not res.implausible()
+
+
+def test_an_unnormalized_quantized_head_is_named_and_mended(tmp_path):
+    """An MLX Baichuan-M1 whose quantized head's rows are not of norm 1 (what convert wrote before):
+    doctor's mlx.head-not-normalized; convert decodes, normalizes and quantizes it again (no
+    exact copy), after which doctor finds nothing and compare reads about 0.09, as it measures."""
+    mx = pytest.importorskip("mlx.core")
+    from quantscope.backend.convert import convert
+    from quantscope.backend.doctor import diagnose
+    bad = tmp_path / "bad"
+    shutil.copytree(BC_MLX, bad)
+    st = _mx_st(BC_MLX)
+    w, s, b = mx.quantize(_mx_st(BC_HF)["lm_head.weight"], group_size=32, bits=4)
+    st.update({"lm_head.weight": w, "lm_head.scales": s, "lm_head.biases": b})
+    mx.save_safetensors(str(bad / "model.safetensors"), st, metadata={"format": "mlx"})
+    assert [f.rule for f in diagnose(str(bad)) if f.severity == "error"] == ["mlx.head-not-normalized"]
+    report = convert(str(bad), str(tmp_path / "out"), to="mlx")
+    acts = {r.path: r.action for r in report.layers}
+    assert acts["lm_head"].startswith("requantized") and "rows normalized" in acts["lm_head"]
+    assert acts["model.layers.0.mlp.up_proj"] == "copied exact"
+    assert not [f for f in diagnose(str(tmp_path / "out")) if f.severity == "error"]
+    head = {r.name: r for r in sweep(analyze(open_checkpoint(BC_HF)),
+                                     {"o": analyze(open_checkpoint(tmp_path / "out"))}).rows}["lm_head"]
+    assert head.smoothing == "norm-head:rows" and 0.05 < head.rel_fro < 0.12
