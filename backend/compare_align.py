@@ -972,7 +972,8 @@ def _find_norm_head(reference: Model, variant: Model, al: Alignment) -> None:
     if ok.sum() < max(1, c.size // 2) or np.median(np.abs(np.log(c[ok]))) < _HEAD_SCALED:
         return  # (the same scale on both sides: nothing to undo)
     # the plain side: the one whose factor to the other is 1 / its norms (a dense head, read whole)
-    for plain, layer, sign in ((reference, rl, 1.0), (variant, vl, -1.0)):
+    # (a dense side first: its norms are a read, a quantized head's a decode of the whole head)
+    for plain, layer, sign in sorted(((reference, rl, 1.0), (variant, vl, -1.0)), key=lambda x: x[1].quantized):
         norms = head_norms(plain, layer, axis)
         if norms is None:
             continue
