@@ -176,3 +176,10 @@ def test_an_unnormalized_quantized_head_is_named_and_mended(tmp_path):
     head = {r.name: r for r in sweep(analyze(open_checkpoint(BC_HF)),
                                      {"o": analyze(open_checkpoint(tmp_path / "out"))}).rows}["lm_head"]
     assert head.smoothing == "norm-head:rows" and 0.05 < head.rel_fro < 0.12
+
+
+def test_the_router_pairs_from_mlx_lms_side_too():
+    """mlx-lm's file as the reference: its mlp.gate.gate_proj paired with transformers' mlp.gate."""
+    res = sweep(analyze(open_checkpoint(MLX)), {"hf": analyze(open_checkpoint(HF))})
+    gate = {r.name: r for r in res.rows}["model.layers.1.mlp.gate.gate_proj"]
+    assert gate.variant_layer == "model.layers.1.mlp.gate" and gate.rel_fro < 0.02 and res.unmatched == []

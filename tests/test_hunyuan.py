@@ -126,3 +126,15 @@ def test_the_split_side_as_reference_finds_its_rows_in_the_fused_one():
         var.layer("model.layers.0.self_attn.q_proj")
     with pytest.raises(Exception, match="gate_and_up_proj, whose rows hold up_proj, then gate_proj"):
         var.layer("model.layers.0.mlp.gate_proj")
+
+
+def test_head_sweep_of_the_grouped_qkv_is_the_views():
+    """compare --heads (head_sweep) splits Hunyuan's qkv_proj as the Heads view does, figure for
+    figure, with no key/value groups dotted (the groups are its sections)."""
+    from quantscope.backend.compare import head_sweep
+    ref, var = analyze(open_checkpoint(HF)), analyze(open_checkpoint(MLX))
+    rows = {r.name: r for r in head_sweep(ref, {"mlx": var})}
+    name = "model.layers.0.self_attn.qkv_proj"
+    d = layer_detail(ref, {"mlx": var}, name)
+    assert rows[name].heads == d.heads.labels() and rows[name].group == 0
+    np.testing.assert_allclose(rows[name].rel_fro, d.head_error["mlx"], rtol=1e-12)
