@@ -185,13 +185,14 @@ def _compare_json(head: bytes) -> bool:
 def _layers_csv(head: bytes) -> bool:
     """Whether a file beginning with ``head`` is a CSV of layer rows compare wrote (not its
     per-head CSV, which begins with ``name,`` too)."""
-    return head.startswith(b"name,") and not head.startswith(b"name,variant,head,")
+    from quantscope.backend.compare import HEAD_CSV_START
+    return head.startswith(b"name,") and not head.startswith(HEAD_CSV_START)
 
 
 def run_compare(args) -> int:
     """Run ``quantscope compare`` (args: reference, variants, json_out, csv_out, engine); exit status."""
     from quantscope.backend.checkpoint import open_checkpoint, refuse_writing_into
-    from quantscope.backend.compare import sweep
+    from quantscope.backend.compare import HEAD_CSV_START, sweep
     from quantscope.backend.schemes import analyze
 
     from .cli import _is_stdout, check_output_path, refuse_another_kind
@@ -233,7 +234,7 @@ def run_compare(args) -> int:
     if not variants:  # nothing to compare: the (first) reason is the error
         raise next(iter(unopened.values()))
     for out, ours, what in ((args.json_out, _compare_json, "compare's JSON"), (args.csv_out, _layers_csv, "compare's CSV"),
-                            (heads_csv, lambda h: h.startswith(b"name,variant,head,"), "compare's per-head CSV")):
+                            (heads_csv, lambda h: h.startswith(HEAD_CSV_START), "compare's per-head CSV")):
         refuse_writing_into(out, [ref, *variants.values()])
         if out:  # (an existing file of another kind is not replaced)
             refuse_another_kind(out, None, what, ours=ours)

@@ -1311,7 +1311,7 @@ class MainWindow(QMainWindow):
             self.tabs.setCurrentWidget(self.heads)
             n = len({r.name for r in rows})
             # (the layers of each tower: a vision tower's blocks are not the language model's layers)
-            blocks = len({(layer_template(r.name)[0].split(".*.")[0], layer_template(r.name)[1]) for r in rows})
+            blocks = len({(t.split(".*.")[0], i) for t, i in (layer_template(r.name) for r in rows)})
             self._status(f"Measured the heads of {n} attention projection{'s' * (n != 1)} in {blocks} layer"
                          f"{'s' * (blocks != 1)}: the Heads tab's map; click a cell to select its layer" if rows else
                          "No attention layer was split into heads: the reference's config.json names no head counts "
@@ -1476,7 +1476,7 @@ class MainWindow(QMainWindow):
         from quantscope.backend.outfile import atomic_output, printable
         # variants named by path, as `quantscope compare` writes them (design.md), not by the
         # window's short labels
-        result = self.sweep_result.relabelled({lb: str(m.ckpt.source) for lb, m in self.workspace.variants.items()})
+        result = self.sweep_result.relabelled(self._variant_paths())
         try:
             if kind == "csv":
                 result.to_csv(path)
@@ -1497,9 +1497,13 @@ class MainWindow(QMainWindow):
             return
         self._status(f"Saved {path}")
 
+    def _variant_paths(self) -> dict[str, str]:
+        """Each variant's label → its path, as `quantscope compare` names variants (design.md)."""
+        return {lb: str(m.ckpt.source) for lb, m in self.workspace.variants.items()}
+
     def _heads_by_path(self) -> list:
         """The heads map's rows, each variant named by its path (as `compare` names it)."""
-        paths = {lb: str(m.ckpt.source) for lb, m in self.workspace.variants.items()}
+        paths = self._variant_paths()
         return [dataclasses.replace(r, variant=paths.get(r.variant, r.variant)) for r in self.heads.map.rows()]
 
     def export_heads(self, path: str | None = None) -> None:

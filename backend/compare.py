@@ -301,12 +301,7 @@ class SweepResult:
     def to_csv(self, path) -> None:
         """One line per row with :data:`LAYER_KEYS`; unmatched layers follow with their ``reason``.
         ``path``: a file name, or an open text stream (stdout)."""
-        if hasattr(path, "write"):
-            self._write_csv(path)
-            return
-        from .outfile import atomic_output
-        with atomic_output(path, "w", newline="", encoding="utf-8") as fh:  # (layer names may be any text)
-            self._write_csv(fh)
+        _csv_to(path, self._write_csv)
 
     def _write_csv(self, fh) -> None:
         w = csv.writer(fh, lineterminator="\n")  # (the csv module's default \r\n left \r in awk's last field)
@@ -1109,6 +1104,17 @@ def load_cache(folder) -> dict:
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _csv_to(path, write: Callable) -> None:
+    """``write(fh)`` into ``path``: an open text stream (stdout) as it is, a file name atomically
+    in UTF-8 (layer names may be any text)."""
+    if hasattr(path, "write"):
+        write(path)
+        return
+    from .outfile import atomic_output
+    with atomic_output(path, "w", newline="", encoding="utf-8") as fh:
+        write(fh)
 
 
 def _csv_cells(cells: list) -> list:
@@ -2093,6 +2099,8 @@ class HeadRow:
 
 #: The columns of :func:`heads_to_csv`: one line per (layer, variant, head).
 HEAD_CSV_KEYS = ("name", "variant", "head", "index", "axis", "rel_fro", "ratio", "layer_rel_fro", "source")
+#: How a per-head CSV begins (a layer CSV begins with ``name,`` too): what compare tells them by.
+HEAD_CSV_START = ",".join(HEAD_CSV_KEYS[:3]).encode() + b","
 
 
 def heads_to_csv(rows: list[HeadRow], path) -> None:
@@ -2108,12 +2116,7 @@ def heads_to_csv(rows: list[HeadRow], path) -> None:
             for i, (h, e) in enumerate(zip(r.heads, r.rel_fro)):
                 w.writerow(_csv_cells([r.name, r.variant, h, i, r.axis, repr(float(e)), repr(float(ratios[i])),
                                        repr(whole), r.source]))
-    if hasattr(path, "write"):
-        write(path)
-        return
-    from .outfile import atomic_output
-    with atomic_output(path, "w", newline="", encoding="utf-8") as fh:
-        write(fh)
+    _csv_to(path, write)
 
 
 def head_sweep(reference: Model, variants: dict[str, Model], *, engine="auto", layers: str | None = None,
@@ -2125,13 +2128,13 @@ def head_sweep(reference: Model, variants: dict[str, Model], *, engine="auto", l
     head in float64. ``progress(fraction)``; ``cancel`` as for :func:`sweep`."""
     eng = _resolve_engine(engine)
     rx = re.compile(layers) if layers is not None else None
-    names = [n for n, lay in reference.layers.items() if (rx is None or rx.search(n)) and _heads_of(reference, lay)]
+    names = {n: h for n, lay in reference.layers.items()
+             if (rx is None or rx.search(n)) and (h := _heads_of(reference, lay)) is not None}
     states = {label: _VariantState(label, vm, align(reference, vm, label=label)) for label, vm in variants.items()}
     out: list[HeadRow] = []
     for i, name in enumerate(sorted(names, key=_order_key)):
         _check_cancel(cancel)
-        lay = reference.layers[name]
-        heads = _heads_of(reference, lay)
+        lay, heads = reference.layers[name], names[name]
         # (the reference's rows read once for all variants where the layer is held whole; a
         # quantized reference is decoded once, not once per variant and block)
         ref_rows = _Rows(reference, lay, eng, keep=lay.numel <= BLOCK_ELEMENTS, counter={})

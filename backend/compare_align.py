@@ -51,13 +51,13 @@ _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_pro
 _PART_OF = {p: f for f, parts in _FUSED.items() if f != "gate_and_up_proj" for p in parts}
 
 
-def _router_home(name: str, layers) -> str | None:
-    """Where ``layers`` keep the MoE router ``name`` one module deeper or shallower: mlx-lm's
-    Bailing moves ``mlp.gate`` to ``mlp.gate.gate_proj`` (and back, for a reference of its own)."""
-    if name.endswith(".mlp.gate") and f"{name}.gate_proj" in layers:
-        return f"{name}.gate_proj"
-    if name.endswith(".mlp.gate.gate_proj") and name[:-len(".gate_proj")] in layers:
-        return name[:-len(".gate_proj")]
+def _router_alias(name: str) -> tuple[str, str] | None:
+    """(where another layout keeps the MoE router ``name``, said as a reason): mlx-lm's Bailing
+    keeps transformers' ``mlp.gate`` one module deeper, at ``mlp.gate.gate_proj``, and back."""
+    if name.endswith(".mlp.gate"):
+        return f"{name}.gate_proj", "the router, kept one module deeper (mlx-lm's Bailing: mlp.gate.gate_proj)"
+    if name.endswith(".mlp.gate.gate_proj"):
+        return name[:-len(".gate_proj")], "the router, kept one module shallower (transformers' Bailing: mlp.gate)"
     return None
 
 
@@ -291,10 +291,8 @@ def counterpart(path: str, model: Model, _homes: bool = True) -> tuple[str, str]
     for fused in fused_homes(proj):
         if hit := find(f"{parent}.{fused}"):
             return hit, f"its rows of the fused {fused}"
-    if can.endswith(".mlp.gate") and (hit := find(f"{can}.gate_proj")):
-        return hit, "the router, kept one module deeper (mlx-lm's Bailing: mlp.gate.gate_proj)"
-    if can.endswith(".mlp.gate.gate_proj") and (hit := find(can[:-len(".gate_proj")])):
-        return hit, "the router, kept one module shallower (transformers' Bailing: mlp.gate)"
+    if (alias := _router_alias(can)) is not None and (hit := find(alias[0])):
+        return hit, alias[1]
     if proj in ("embed_q", "unembed_out") and (hit := find(f"{parent}.kv_b_proj")):
         return hit, ("mlx-lm's split of MLA's kv_b_proj: per head, embed_q its first rows transposed, unembed_out "
                      "the rest")
@@ -632,7 +630,7 @@ def align(reference: Model, variant: Model, *, label: str = "", interleaved: boo
                     reason += f" as its config reads it — {vl.warning}"
             else:
                 segs = [Segment((0, rr, 1), vl.path, (0, rr, 1))]
-        elif (moved := _router_home(cname, var)) is not None:
+        elif (alias := _router_alias(cname)) is not None and (moved := alias[0]) in var:
             # (a router one module deeper or shallower: mlx-lm's Bailing keeps mlp.gate at mlp.gate.gate_proj)
             rv = var[moved]
             why = usable(rv, cname)
@@ -864,9 +862,9 @@ _HEAD_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def head_norms(model: Model, layer: Layer, axis: int) -> np.ndarray | None:
-    """The norms of a dense ``lm_head``'s columns (``axis`` 0) or rows (-1), in float64, read in
-    blocks of rows (a 150k-word head is 1.2 GB in bf16) once per model (the window aligns on every
-    selection); None where it is not a dense matrix."""
+    """The norms of ``lm_head``'s columns (``axis`` 0) or rows (-1), in float64, read (a dense
+    head) or decoded (a quantized one) in blocks of rows (a 150k-word head is 1.2 GB in bf16), once
+    per model (the window aligns on every selection); None where it is no decodable matrix."""
     if not layer.shape or len(layer.shape) != 2 or not layer.decodable:
         return None
     held = _HEAD_NORMS.setdefault(model, {})
